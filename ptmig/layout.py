@@ -1,0 +1,131 @@
+"""The guest ABI on the VMM side: guest-physical layout, ports, hypercalls, boot structures.
+
+The same numbers live in `guest/abi.h`; `tests/test_layout.py` checks that the two agree.
+See docs/GUEST_ABI.md for the meaning of each.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+ABI_PML4_GPA = 0x1000
+ABI_PDPT_GPA = 0x2000
+ABI_PD_GPA = 0x3000
+ABI_PD_COUNT = 4  # identity map of the low 4 GiB
+ABI_GDT_GPA = 0x7000
+ABI_TSS_GPA = 0x100000  # 64-bit TSS with an all-zero I/O permission bitmap
+ABI_BOOT_INFO_GPA = 0x8000
+ABI_MAILBOX_GPA = 0x9000
+ABI_MAILBOX_SIZE = 256
+ABI_STATS_GPA = 0xA000
+ABI_STATS_SLOT_SIZE = 128
+ABI_WORKLOAD_STATS_GPA = 0xA800
+ABI_FW_LOAD_GPA = 0x200000
+ABI_FW_MAX_SIZE = 0x200000
+ABI_STACK_BASE_GPA = 0x400000
+ABI_STACK_SIZE = 0x10000
+ABI_HEAP_START_GPA = 0x600000
+ABI_MMIO_BASE_GPA = 0xD0000000
+ABI_MMIO_STRIDE = 0x1000
+ABI_MAX_VCPUS = 16
+ABI_MAX_DEVICES = 8
+ABI_PORT_CONSOLE = 0x3F8
+ABI_PORT_HYPERCALL = 0x500
+
+HC_EXIT = 1
+HC_HALT = 2
+HC_CONSOLE = 3
+HC_HEARTBEAT = 4
+
+BOOT_INFO_MAGIC = 0x31494247494D5450  # "PTMIGBI1"
+FW_HEADER_MAGIC = 0x31574647494D5450  # "PTMIGFW1"
+VCPU_STATS_MAGIC = 0x5354415453555043
+
+MIN_MEMORY = 16 << 20
+MAX_MEMORY = 3 << 30  # below the MMIO windows
+CMDLINE_MAX = 1024
+
+# GDT selectors (index << 3 | RPL)
+SEL_KERNEL_CODE = 1 << 3
+SEL_KERNEL_DATA = 2 << 3
+SEL_USER_DATA = (3 << 3) | 3
+SEL_USER_CODE = (4 << 3) | 3
+SEL_TSS = 5 << 3
+
+_BOOT_INFO_HEAD = struct.Struct("<QIIQQQII")
+_BOOT_DEVICE = struct.Struct("<QII")
+
+
+@dataclass(frozen=True)
+class BootDevice:
+    mmio_gpa: int
+    mmio_size: int
+    virtio_device_id: int
+
+
+def stack_top(cpu: int) -> int:
+    return ABI_STACK_BASE_GPA + (cpu + 1) * ABI_STACK_SIZE
+
+
+def mailbox_gpa(cpu: int) -> int:
+    return ABI_MAILBOX_GPA + cpu * ABI_MAILBOX_SIZE
+
+
+def stats_gpa(cpu: int) -> int:
+    return ABI_STATS_GPA + cpu * ABI_STATS_SLOT_SIZE
+
+
+def mmio_gpa(device_index: int) -> int:
+    return ABI_MMIO_BASE_GPA + device_index * ABI_MMIO_STRIDE
+
+
+def pack_boot_info(
+    nr_vcpus: int, mem_size: int, tsc_khz: int, cmdline: str, devices: list[BootDevice]
+) -> bytes:
+    """The boot-info page as the firmware reads it (`struct boot_info` in guest/abi.h)."""
+    raw_cmd = cmdline.encode("ascii")
+    if len(raw_cmd) >= CMDLINE_MAX:
+        raise ValueError(f"guest command line is {len(raw_cmd)} bytes, at most {CMDLINE_MAX - 1}")
+    if len(devices) > ABI_MAX_DEVICES:
+        raise ValueError(f"{len(devices)} devices, at most {ABI_MAX_DEVICES}")
+    out = bytearray(PAGE_SIZE)
+    _BOOT_INFO_HEAD.pack_into(
+        out, 0, BOOT_INFO_MAGIC, 1, nr_vcpus, mem_size, tsc_khz, ABI_HEAP_START_GPA,
+        len(devices), 0,
+    )
+    off = _BOOT_INFO_HEAD.size
+    for i in range(ABI_MAX_DEVICES):
+        if i < len(devices):
+            d = devices[i]
+            _BOOT_DEVICE.pack_into(out, off, d.mmio_gpa, d.mmio_size, d.virtio_device_id)
+        off += _BOOT_DEVICE.size
+    out[off : off + len(raw_cmd)] = raw_cmd
+    return bytes(out)
+
+
+BOOT_INFO_CMDLINE_OFFSET = _BOOT_INFO_HEAD.size + ABI_MAX_DEVICES * _BOOT_DEVICE.size
+
+_VCPU_STATS = struct.Struct("<16Q")
+
+
+@dataclass(frozen=True)
+class VcpuStats:
+    """One vCPU's statistics slot, as the guest workload maintains it."""
+
+    cpu: int
+    valid: bool
+    iterations: int
+    max_gap_tsc: int
+    last_tsc: int
+    pages_written: int
+    heartbeat: int
+    workload: tuple[int, ...]
+
+    @classmethod
+    def unpack(cls, cpu: int, raw: bytes) -> VcpuStats:
+        v = _VCPU_STATS.unpack_from(raw)
+        return cls(cpu, v[0] == VCPU_STATS_MAGIC, v[1], v[2], v[3], v[4], v[5], tuple(v[6:]))

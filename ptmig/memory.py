@@ -1,0 +1,124 @@
+"""Guest RAM: one memfd, mapped MAP_SHARED, registered with KVM as a dirty-logged memslot.
+
+`GuestMemory` owns the mapping and the VMM's own dirty bitmap. There is exactly one way for
+the VMM to write guest RAM — `write` (and the typed helpers built on it) — and it marks the pages
+it touches in that bitmap, because KVM's dirty log only sees vCPU writes. Device processes map
+the same memfd (`fd`); their writes are invisible to both logs, which is the problem ptmig
+solves. Every access is bounds-checked by GPA.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+
+import numpy as np
+import numpy.typing as npt
+
+from . import bitmap
+from .layout import PAGE_SHIFT, PAGE_SIZE
+
+
+class GuestMemoryError(ValueError):
+    """An access outside guest RAM."""
+
+
+class GuestMemory:
+    """Guest RAM at GPA 0 .. size, backed by a shareable memfd."""
+
+    def __init__(self, size: int, *, name: str = "ptmig-guest-ram", fd: int | None = None) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"guest memory size {size:#x} is not a positive page multiple")
+        self.size = size
+        self.npages = size >> PAGE_SHIFT
+        if fd is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.mmap)
+        self.array: npt.NDArray[np.uint8] = np.frombuffer(self.mmap, dtype=np.uint8)
+        self._vmm_dirty = bitmap.empty(self.npages)
+        self._dirty_lock = threading.Lock()
+
+    # --- address arithmetic -------------------------------------------------------------
+
+    def check(self, gpa: int, length: int) -> None:
+        if length < 0 or gpa < 0 or gpa + length > self.size:
+            raise GuestMemoryError(
+                f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM [0, {self.size:#x})"
+            )
+
+    @property
+    def host_address(self) -> int:
+        """The userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
+        import ctypes
+
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
+
+    # --- reads --------------------------------------------------------------------------
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self.check(gpa, length)
+        return self.mmap[gpa : gpa + length]
+
+    def slice(self, gpa: int, length: int) -> memoryview:
+        """A read-only view (no copy) of guest RAM; use `write` to modify."""
+        self.check(gpa, length)
+        return self.view[gpa : gpa + length].toreadonly()
+
+    def read_u16(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 2), "little")
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    # --- the VMM's one write path --------------------------------------------------------
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Write into guest RAM and mark the touched pages in the VMM dirty bitmap."""
+        length = len(data)
+        self.check(gpa, length)
+        if length == 0:
+            return
+        self.mmap[gpa : gpa + length] = data
+        self.mark_dirty(gpa, length)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<H", value))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<I", value))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<Q", value))
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        first = gpa >> PAGE_SHIFT
+        last = (gpa + length - 1) >> PAGE_SHIFT
+        words = self._vmm_dirty
+        with self._dirty_lock:
+            if first == last:
+                words[first >> 6] |= np.uint64(1 << (first & 63))
+            else:
+                bitmap.set_range(words, first, last - first + 1)
+
+    def take_vmm_dirty(self) -> bitmap.Bitmap:
+        """The VMM's dirty bitmap since the last call, and clear it."""
+        with self._dirty_lock:
+            out = self._vmm_dirty.copy()
+            self._vmm_dirty[:] = 0
+        return out
+
+    def close(self) -> None:
+        self.array = np.empty(0, dtype=np.uint8)
+        self.view.release()
+        self.mmap.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
