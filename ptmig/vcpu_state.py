@@ -97,10 +97,15 @@ class VcpuState:
             paused_ns = max(0, time.time_ns() - self.saved_at_ns)
             msrs[MSR_IA32_TSC] = self.tsc + paused_ns * self.tsc_khz // 1_000_000
         pairs = list(msrs.items())
-        written = fd.set_msrs(pairs)
-        if written != len(pairs):
-            idx = pairs[written][0]
-            raise KvmError("SET_MSRS", 22, f"MSR {idx:#x} (entry {written} of {len(pairs)}) rejected")
+        while pairs:
+            written = fd.set_msrs(pairs)
+            if written == len(pairs):
+                break
+            idx, val = pairs[written]
+            if not (_is_unused_paravirt_msr(idx, val)):
+                raise KvmError("SET_MSRS", 22,
+                               f"MSR {idx:#x}={val:#x} (entry {written} of {len(pairs)}) rejected")
+            pairs = pairs[written + 1 :]
         fd.set_blob(Ioctl.SET_VCPU_EVENTS, self.events)
 
     # --- serialisation -----------------------------------------------------------------
@@ -163,6 +168,12 @@ class VcpuState:
     @property
     def rip(self) -> int:
         return s.KvmRegs.from_buffer_copy(self.regs).rip
+
+
+def _is_unused_paravirt_msr(index: int, value: int) -> bool:
+    """KVM's paravirtual MSRs (0x4b564dxx) at 0 mean "feature not enabled by the guest"; KVM
+    lists them as saveable but rejects writing 0 to some of them (async-PF interrupt vector)."""
+    return 0x4B564D00 <= index <= 0x4B564DFF and value == 0
 
 
 def saveable_msrs(fd: VcpuFd, candidates: list[int]) -> list[int]:

@@ -1,0 +1,133 @@
+"""The VMM process's top object: a VM built from a config, its devices, and its QMP commands.
+
+`Machine` turns a `VmConfig` into a running guest (firmware built and loaded, devices spawned
+and attached) or into an empty destination waiting for an incoming migration, and registers the
+QMP commands a management layer drives it with. Migration commands are added by
+`ptmig.migration.qmp_commands`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, TextIO
+
+from .config import VmConfig
+from .firmware import build_firmware, load_firmware_image
+from .layout import ABI_MMIO_STRIDE, BootDevice
+from .qmp import ErrorClass, QmpError, QmpServer, RunStatus, query_status_reply
+from .vm import RunState, Vm, VmSpec
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID = {"net": 1, "disk": 2}
+
+
+class Machine:
+    def __init__(self, cfg: VmConfig, *, console: TextIO | None = None,
+                 qmp_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.vm = Vm(VmSpec(cfg.memory_bytes, cfg.vcpus, cfg.guest_cmdline(), cfg.name),
+                     console=console)
+        self.devices: list[Any] = []
+        self.qmp: QmpServer | None = None
+        self._quit = threading.Event()
+        self.vm.on_state_change(self._on_state_change)
+        if qmp_path is not None:
+            self.qmp = QmpServer(qmp_path)
+            self._register_qmp(self.qmp)
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def boot_devices(self) -> list[BootDevice]:
+        from .devices.attach import attach_devices
+
+        self.devices = attach_devices(self)
+        return [BootDevice(d.mmio_base, ABI_MMIO_STRIDE, VIRTIO_ID[d.kind]) for d in self.devices]
+
+    def boot(self) -> None:
+        """A fresh guest: build and load the firmware, spawn the devices."""
+        image = load_firmware_image(build_firmware())
+        boot_devices = self.boot_devices() if self.cfg.devices else []
+        self.vm.boot(image.data, image.entry, image.entry_ap, boot_devices)
+
+    def start_qmp(self) -> None:
+        if self.qmp is not None:
+            self.qmp.start()
+
+    def run(self) -> int:
+        """Run the guest until it exits or `quit`; returns the exit status."""
+        self.vm.start()
+        return self.wait()
+
+    def wait(self) -> int:
+        while True:
+            code = self.vm.wait(0.2)
+            if code is not None:
+                return code
+            if self._quit.is_set():
+                self.vm.shutdown(0, "quit")
+                return 0
+
+    def close(self) -> None:
+        self.vm.close()
+        for d in self.devices:
+            try:
+                d.close()
+            except Exception:
+                log.exception("closing device %s", getattr(d, "name", d))
+        if self.qmp is not None:
+            self.qmp.close()
+
+    # --- QMP ------------------------------------------------------------------------------
+
+    def _on_state_change(self, old: RunState, new: RunState) -> None:
+        if self.qmp is None:
+            return
+        if new == RunState.RUNNING:
+            self.qmp.emit("RESUME")
+        elif old == RunState.RUNNING and new in (RunState.PAUSED, RunState.FINISH_MIGRATE,
+                                                  RunState.POSTMIGRATE):
+            self.qmp.emit("STOP")
+        if new == RunState.SHUTDOWN:
+            self.qmp.emit("SHUTDOWN", {"guest": self.vm.exit_code is not None and
+                                       not self._quit.is_set(), "reason": "guest-shutdown"
+                                       if not self._quit.is_set() else "host-qmp-quit"})
+
+    def _register_qmp(self, qmp: QmpServer) -> None:
+        qmp.register("query-status", self._qmp_query_status)
+        qmp.register("stop", self._qmp_stop)
+        qmp.register("cont", self._qmp_cont)
+        qmp.register("quit", self._qmp_quit)
+        qmp.register("x-query-guest-stats", self._qmp_guest_stats)
+
+    def _qmp_query_status(self) -> dict[str, Any]:
+        return query_status_reply(RunStatus(self.vm.state.value))
+
+    def _qmp_stop(self) -> None:
+        if self.vm.state == RunState.RUNNING:
+            self.vm.pause()
+
+    def _qmp_cont(self) -> None:
+        if self.vm.state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+            raise QmpError(ErrorClass.GENERIC_ERROR,
+                           f"the guest is in state '{self.vm.state.value}' and cannot continue")
+        if self.vm.state == RunState.INMIGRATE:
+            raise QmpError(ErrorClass.GENERIC_ERROR, "an incoming migration is in progress")
+        if self.vm.state != RunState.RUNNING:
+            self.vm.resume()
+
+    def _qmp_quit(self) -> None:
+        self._quit.set()
+
+    def _qmp_guest_stats(self) -> dict[str, Any]:
+        stats = self.vm.vcpu_stats()
+        return {
+            "vcpus": [
+                {"cpu": s.cpu, "valid": s.valid, "iterations": s.iterations,
+                 "max-gap-us": s.max_gap_tsc * 1000 // max(1, self.vm.tsc_khz),
+                 "pages-written": s.pages_written, "workload": list(s.workload)}
+                for s in stats
+            ],
+            "console-tail": list(self.vm.console.lines)[-20:],
+        }

@@ -1,0 +1,41 @@
+"""Shared fixtures. KVM tests are marked `kvm` and skip (with the reason) where /dev/kvm is not
+usable; everything else runs anywhere."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _kvm_problem() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is absent on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible to this user"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problem = _kvm_problem()
+    for item in items:
+        if problem and "kvm" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=f"needs KVM: {problem}"))
+        if "root" in item.keywords and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="needs root (CAP_NET_ADMIN, namespaces)"))
+
+
+@pytest.fixture(scope="session")
+def firmware():
+    from ptmig.firmware import build_firmware, load_firmware_image
+
+    return load_firmware_image(build_firmware())
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
