@@ -1,0 +1,255 @@
+"""`ptmig load`: drive the guest's kv service and prove no acknowledged write is lost.
+
+Owns the load client's front end: `LoadOptions` (what the CLI passes), finding the guest from
+the VM config (its IP, the switch it sits on, the kv port), attaching to the network (as a
+host of its own on a UDP switch; through a plain socket for a TAP guest or with `--target`),
+running the engine in `ptmig.net.kvload`, and the result: `LoadResult`, its JSON form and its
+exit status (0 all good; 1 an acknowledged value was lost or wrong; 2 the run could not prove
+it, e.g. some acknowledged keys could not be read back, or the guest never answered).
+
+The lead wires `ptmig load CONFIG.toml ...` to `main(argv)` or to `run_load(LoadOptions)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ptmig.net.backend import NetBackendError, open_backend, parse_host_port
+from ptmig.net.frames import ip_aton, random_local_mac
+from ptmig.net.hoststack import Datapath, EthernetHost, SocketDatapath
+from ptmig.net.kvload import BUCKET_S, EngineConfig, EngineStats, LoadEngine, NotReadyError
+from ptmig.net.kvproto import DEFAULT_PORT
+
+EXIT_OK, EXIT_LOST_OR_WRONG, EXIT_UNPROVEN = 0, 1, 2
+CLIENT_PORT = 47000
+
+
+@dataclass
+class LoadOptions:
+    config: str | Path | None = None  # VM config TOML: guest IP, switch, kv port
+    target: str | None = None  # HOST:PORT: plain UDP socket (guest reachable via TAP)
+    switch: str | None = None  # udp:HOST:PORT override of the config's backend
+    guest_ip: str | None = None  # "10.0.0.2" or "10.0.0.2/24"; overrides the config
+    client_ip: str | None = None  # default: .200 of the guest's subnet (.201 if taken)
+    kv_port: int | None = None
+    rate: float | None = None  # ops/s; None = --max
+    duration_s: float = 10.0
+    window: int = 64
+    keys_prefix: str | None = None  # default: random, so that runs never share keys
+    value_size: int = 64
+    read_ratio: float = 0.0
+    durable: bool = True
+    rto_s: float = 0.2
+    verify: bool = True
+    verify_stall_s: float = 30.0
+    ready_timeout_s: float = 30.0
+    json_path: str | Path | None = None
+
+
+@dataclass
+class LoadResult:
+    ops: int
+    ops_per_s: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    max_gap_ms: float
+    max_gap_at_s: float
+    timeouts: int
+    retransmits: int
+    acked: int
+    lost: int
+    wrong: int
+    verified: int
+    unverified: int
+    unanswered: int
+    errors: int
+    stray_replies: int
+    malformed_replies: int
+    duration_s: float
+    verify_s: float
+    series: list[list[float]]
+    problems: list[str]
+
+    @property
+    def exit_status(self) -> int:
+        if self.lost or self.wrong:
+            return EXIT_LOST_OR_WRONG
+        if self.unverified or (self.acked == 0 and self.ops == 0):
+            return EXIT_UNPROVEN
+        return EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["exit_status"] = self.exit_status
+        return data
+
+    @classmethod
+    def from_stats(cls, st: EngineStats) -> LoadResult:
+        lat = np.frombuffer(st.latencies_ms, dtype=np.float64) if len(st.latencies_ms) else None
+        p50, p99, mx = (np.percentile(lat, [50, 99]).tolist() + [float(lat.max())]
+                        if lat is not None else (0.0, 0.0, 0.0))
+        series = [[round(i * BUCKET_S, 1), n] for i, n in enumerate(st.series)]
+        return cls(
+            ops=st.ops, ops_per_s=st.ops / st.load_elapsed_s if st.load_elapsed_s else 0.0,
+            p50_ms=float(p50), p99_ms=float(p99), max_ms=float(mx),
+            max_gap_ms=st.max_gap_s * 1000.0, max_gap_at_s=st.max_gap_at_s,
+            timeouts=st.timeouts, retransmits=st.retransmits, acked=st.puts_acked,
+            lost=st.lost, wrong=st.wrong, verified=st.verified, unverified=st.unverified,
+            unanswered=st.unanswered, errors=st.errors, stray_replies=st.stray_replies,
+            malformed_replies=st.malformed_replies, duration_s=st.load_elapsed_s,
+            verify_s=st.verify_elapsed_s, series=series, problems=list(st.problems))
+
+
+@dataclass(frozen=True)
+class _Where:
+    backend: str | None  # udp:HOST:PORT when attaching to a switch
+    guest: ipaddress.IPv4Interface | None
+    kv_port: int
+
+
+def _from_config(path: str | Path) -> _Where:
+    from ptmig.config import UdpBackend, load_config
+
+    cfg = load_config(path)
+    if not cfg.net:
+        raise ValueError(f"{path}: the VM has no [[net]] device to load")
+    nic = cfg.net[0]
+    port = DEFAULT_PORT
+    args = dict(cfg.workload.args)
+    if isinstance(args.get("port"), int):
+        port = int(args["port"])
+    backend = str(nic.backend) if isinstance(nic.backend, UdpBackend) else None
+    return _Where(backend, nic.ip, port)
+
+
+def _interface(text: str) -> ipaddress.IPv4Interface:
+    return ipaddress.IPv4Interface(text if "/" in text else f"{text}/24")
+
+
+def _client_ip(guest: ipaddress.IPv4Interface, wanted: str | None) -> bytes:
+    if wanted:
+        return ip_aton(wanted.split("/")[0])
+    hosts = guest.network.num_addresses
+    for offset in (200, 201, 2, 1):
+        if offset < hosts - 1:
+            candidate = guest.network.network_address + offset
+            if candidate != guest.ip:
+                return candidate.packed
+    raise ValueError(f"no free client address in {guest.network}; pass a client IP")
+
+
+def open_datapath(opts: LoadOptions) -> Datapath:
+    """Resolve where the guest is and attach to it."""
+    where = _from_config(opts.config) if opts.config else _Where(None, None, DEFAULT_PORT)
+    kv_port = opts.kv_port or where.kv_port
+    if opts.target:
+        host, port = parse_host_port(opts.target, what="--target")
+        return SocketDatapath(host, port)
+    guest = _interface(opts.guest_ip) if opts.guest_ip else where.guest
+    if guest is None:
+        raise ValueError("need a VM config (or --guest-ip), or --target HOST:PORT")
+    backend = opts.switch or where.backend
+    if backend is None:  # a TAP guest: reachable through the host's own network
+        return SocketDatapath(str(guest.ip), kv_port)
+    mac = random_local_mac()
+    link = open_backend(backend, mac=mac)
+    return EthernetHost(link, mac, _client_ip(guest, opts.client_ip),
+                        CLIENT_PORT + os.getpid() % 10000, guest.ip.packed, kv_port)
+
+
+def run_load(opts: LoadOptions) -> LoadResult:
+    """Run the load, the drain and the read-back; write `opts.json_path` if set."""
+    prefix = opts.keys_prefix or f"L{os.urandom(4).hex()}"
+    cfg = EngineConfig(window=opts.window, rate=opts.rate, duration_s=opts.duration_s,
+                       prefix=prefix.encode(), value_size=opts.value_size,
+                       read_ratio=opts.read_ratio, durable=opts.durable, rto_s=opts.rto_s,
+                       verify=opts.verify, verify_stall_s=opts.verify_stall_s,
+                       ready_timeout_s=opts.ready_timeout_s)
+    cfg.check()
+    datapath = open_datapath(opts)
+    try:
+        stats = LoadEngine(datapath, cfg).run()
+    finally:
+        datapath.close()
+    result = LoadResult.from_stats(stats)
+    if opts.json_path:
+        Path(opts.json_path).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    return result
+
+
+def summary(result: LoadResult) -> str:
+    lines = [
+        f"ops {result.ops} in {result.duration_s:.2f} s = {result.ops_per_s:,.0f} ops/s",
+        f"latency p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
+        f"max {result.max_ms:.1f} ms",
+        f"longest gap between replies {result.max_gap_ms:.0f} ms "
+        f"(at t={result.max_gap_at_s:.1f} s)",
+        f"timeouts {result.timeouts}, retransmits {result.retransmits}, "
+        f"errors {result.errors}, unanswered {result.unanswered}",
+        f"acked PUTs {result.acked}: verified {result.verified}, lost {result.lost}, "
+        f"wrong {result.wrong}, unverified {result.unverified}",
+        *result.problems,
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptmig load", description=__doc__.split("\n")[0])
+    p.add_argument("config", nargs="?", help="VM config TOML (guest IP, switch, kv port)")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, help="pace to N ops/s")
+    rate.add_argument("--max", action="store_true", help="unthrottled (the default)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load (default 10)")
+    p.add_argument("--json", dest="json_path", help="write the result as JSON to FILE")
+    p.add_argument("--target", help="HOST:PORT of the kv service through the host's network")
+    p.add_argument("--switch", help="udp:HOST:PORT of the switch (overrides the config)")
+    p.add_argument("--guest-ip", help="guest address (overrides the config)")
+    p.add_argument("--client-ip", help="this client's address on the switch")
+    p.add_argument("--port", type=int, dest="kv_port", help=f"kv port (default {DEFAULT_PORT})")
+    p.add_argument("--keys-prefix", help="key prefix (default: random)")
+    p.add_argument("--window", type=int, default=64, help="outstanding requests (default 64)")
+    p.add_argument("--value-size", type=int, default=64, help="value bytes (default 64)")
+    p.add_argument("--reads", type=float, default=0.0, dest="read_ratio",
+                   help="fraction of load ops that GET an acknowledged key (default 0)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reading every acknowledged key back")
+    p.add_argument("--ready-timeout", type=float, default=30.0,
+                   help="seconds to wait for the guest to answer ARP (default 30)")
+    p.add_argument("--no-durable", dest="durable", action="store_false",
+                   help="clear the durable flag on PUTs")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(
+        config=args.config, target=args.target, switch=args.switch, guest_ip=args.guest_ip,
+        client_ip=args.client_ip, kv_port=args.kv_port, rate=args.rate,
+        duration_s=args.duration, window=args.window, keys_prefix=args.keys_prefix,
+        value_size=args.value_size, read_ratio=args.read_ratio, durable=args.durable,
+        verify=args.verify, ready_timeout_s=args.ready_timeout, json_path=args.json_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_load(options_from_args(args))
+    except (ValueError, NetBackendError, NotReadyError, OSError) as exc:
+        print(f"ptmig load: {exc}", file=sys.stderr)
+        return EXIT_UNPROVEN
+    print(summary(result))
+    return result.exit_status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The kv load engine: a single-threaded request window over a `Datapath`.
+
+Owns the client's behaviour: unique keys `{prefix}-{n}`, self-checking values, a window of
+outstanding requests, pacing (`rate`) or none, timeout with exponential backoff and
+retransmission of the very same request (same req_id, key and value: a retransmitted PUT is
+idempotent), the record of every acknowledged PUT, the read-back of all of them at the end,
+and the measurements: latency percentiles, the longest gap between two successful replies
+(the client-observed outage), and completed operations per 100 ms.
+
+Phases: LOAD (new requests until the duration ends) → DRAIN (finish the outstanding ones) →
+VERIFY (GET every acknowledged key and compare with the value that was acknowledged).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import selectors
+import time
+import zlib
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ptmig.net.hoststack import Datapath
+from ptmig.net.kvproto import (
+    FLAG_DURABLE,
+    MAX_KEY,
+    MAX_VALUE,
+    REPLY_HEADER,
+    REPLY_MAGIC,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+)
+
+OP_PUT, OP_GET = 1, 2
+ST_OK, ST_NOT_FOUND = 0, 1
+BUCKET_S = 0.1
+RETRANSMIT_SCAN_S = 0.01
+_FILLER = bytes(range(0x30, 0x7B)) * 16  # printable, long enough for any value
+
+
+def make_key(prefix: bytes, n: int) -> bytes:
+    return b"%s-%d" % (prefix, n)
+
+
+def make_value(key: bytes, n: int, size: int) -> bytes:
+    """`key|n|filler...crc32hex`: a wrong or torn value fails `value_is_consistent` and
+    differs from what `make_value` gives for any other key or counter."""
+    head = b"%s|%d|" % (key, n)
+    fill = max(0, size - len(head) - 8)
+    off = n % 61
+    body = head + _FILLER[off:off + fill]
+    return body + b"%08x" % zlib.crc32(body)
+
+
+def value_is_consistent(value: bytes) -> bool:
+    return len(value) >= 8 and b"%08x" % zlib.crc32(value[:-8]) == value[-8:]
+
+
+@dataclass
+class EngineConfig:
+    window: int = 64
+    rate: float | None = None  # ops/s; None: as fast as the window allows
+    duration_s: float = 10.0
+    prefix: bytes = b"k"
+    value_size: int = 64
+    read_ratio: float = 0.0  # fraction of load-phase ops that GET an acknowledged key
+    durable: bool = True
+    rto_s: float = 0.2  # first retransmit timeout; doubles up to max_rto_s
+    max_rto_s: float = 1.0
+    drain_timeout_s: float = 30.0
+    verify: bool = True
+    verify_stall_s: float = 30.0  # give up verifying after this long without a reply
+    ready_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        if not 1 <= self.window <= 65536:
+            raise ValueError(f"window must be 1..65536, got {self.window}")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"rate must be positive, got {self.rate}")
+        if self.duration_s <= 0:
+            raise ValueError(f"duration must be positive, got {self.duration_s}")
+        if len(self.prefix) > MAX_KEY - 24:
+            raise ValueError(f"key prefix is {len(self.prefix)} bytes, max {MAX_KEY - 24}")
+        needed = len(make_value(make_key(self.prefix, 10**12), 10**12, 0))
+        if not needed <= self.value_size <= MAX_VALUE:
+            raise ValueError(f"value size must be {needed}..{MAX_VALUE} for prefix "
+                             f"{self.prefix!r}, got {self.value_size}")
+        if not 0.0 <= self.read_ratio < 1.0:
+            raise ValueError(f"read ratio must be in [0, 1), got {self.read_ratio}")
+
+
+@dataclass
+class EngineStats:
+    ops: int = 0  # load-phase requests completed (any status)
+    puts_acked: int = 0
+    gets_ok: int = 0
+    errors: int = 0  # BAD_REQUEST / IO_ERROR replies, and PUTs answered NOT_FOUND
+    timeouts: int = 0  # retransmit-timer expiries
+    retransmits: int = 0
+    stray_replies: int = 0  # late duplicates of already-answered requests
+    malformed_replies: int = 0
+    unanswered: int = 0  # load-phase requests still unanswered when the drain gave up
+    lost: int = 0
+    wrong: int = 0
+    verified: int = 0
+    unverified: int = 0
+    max_gap_s: float = 0.0
+    max_gap_at_s: float = 0.0
+    load_elapsed_s: float = 0.0
+    verify_elapsed_s: float = 0.0
+    latencies_ms: array = field(default_factory=lambda: array("d"))
+    series: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # first few lost/wrong keys
+
+
+class _Pending:
+    __slots__ = ("first", "deadline", "rto", "payload", "op", "n", "phase")
+
+    def __init__(self, first: float, rto: float, payload: bytes, op: int, n: int,
+                 phase: int) -> None:
+        self.first = first
+        self.deadline = first + rto
+        self.rto = rto
+        self.payload = payload
+        self.op = op
+        self.n = n
+        self.phase = phase
+
+
+LOAD, DRAIN, VERIFY, DONE = 0, 1, 2, 3
+
+
+class NotReadyError(TimeoutError):
+    """The data path never became ready (the peer never answered ARP)."""
+
+
+class LoadEngine:
+    def __init__(self, datapath: Datapath, config: EngineConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        config.check()
+        self.dp = datapath
+        self.cfg = config
+        self.clock = clock
+        self.stats = EngineStats()
+        self.acked: array = array("q")  # counters n of acknowledged PUTs
+        self._acked_seen: set[int] = set()
+        self._bad: set[int] = set()
+        self.pending: dict[int, _Pending] = {}
+        self._req_id = random.getrandbits(32)
+        self._next_n = 0
+        self._rng = random.Random(os.getpid())
+        self._flags = FLAG_DURABLE if config.durable else 0
+        self._last_ok = 0.0  # time of the last successful reply
+        self._verify_last = 0.0
+
+    # ------------------------------------------------------------------ requests
+
+    def _send_new(self, op: int, n: int, now: float, phase: int) -> None:
+        rid = self._req_id = (self._req_id + 1) & 0xFFFFFFFF
+        key = make_key(self.cfg.prefix, n)
+        if op == OP_PUT:
+            value = make_value(key, n, self.cfg.value_size)
+            payload = REQUEST_HEADER.pack(REQUEST_MAGIC, rid, OP_PUT, self._flags, len(key),
+                                          len(value), 0) + key + value
+        else:
+            payload = REQUEST_HEADER.pack(REQUEST_MAGIC, rid, OP_GET, 0, len(key), 0, 0) + key
+        self.pending[rid] = _Pending(now, self.cfg.rto_s, payload, op, n, phase)
+        self.dp.send(payload)
+
+    def _retransmit(self, now: float) -> None:
+        max_rto = self.cfg.max_rto_s
+        for p in self.pending.values():
+            if now >= p.deadline:
+                self.stats.timeouts += 1
+                self.stats.retransmits += 1
+                p.rto = min(p.rto * 2, max_rto)
+                p.deadline = now + p.rto
+                self.dp.send(p.payload)
+
+    # ------------------------------------------------------------------ replies
+
+    def _on_reply(self, data: bytes, now: float, t0: float) -> None:
+        st = self.stats
+        if len(data) < 12:
+            st.malformed_replies += 1
+            return
+        magic, rid, status, _res, vlen = REPLY_HEADER.unpack_from(data)
+        if magic != REPLY_MAGIC or len(data) != 12 + vlen:
+            st.malformed_replies += 1
+            return
+        p = self.pending.pop(rid, None)
+        if p is None:
+            st.stray_replies += 1
+            return
+        if status > 3:
+            st.malformed_replies += 1
+        if status <= ST_NOT_FOUND:
+            gap = now - self._last_ok
+            if gap > st.max_gap_s:
+                st.max_gap_s, st.max_gap_at_s = gap, self._last_ok - t0
+            self._last_ok = now
+        if p.phase != VERIFY:
+            st.ops += 1
+            st.latencies_ms.append((now - p.first) * 1000.0)
+            b = int((now - t0) / BUCKET_S)
+            series = st.series
+            if b >= len(series):
+                series.extend([0] * (b + 1 - len(series)))
+            series[b] += 1
+        if p.op == OP_PUT:
+            if status == ST_OK:
+                if p.n not in self._acked_seen:
+                    self._acked_seen.add(p.n)
+                    self.acked.append(p.n)
+                    st.puts_acked += 1
+            else:
+                st.errors += 1
+            return
+        # GET of an acknowledged key
+        if p.phase == VERIFY and status in (ST_OK, ST_NOT_FOUND):
+            st.verified += 1
+        if status == ST_OK:
+            key = make_key(self.cfg.prefix, p.n)
+            if data[12:] != make_value(key, p.n, self.cfg.value_size):
+                self._problem(p.n, "wrong", data[12:])
+            else:
+                st.gets_ok += 1
+        elif status == ST_NOT_FOUND:
+            self._problem(p.n, "lost", b"")
+        else:
+            st.errors += 1
+
+    def _problem(self, n: int, kind: str, value: bytes) -> None:
+        if n in self._bad:
+            return
+        self._bad.add(n)
+        if kind == "lost":
+            self.stats.lost += 1
+        else:
+            self.stats.wrong += 1
+        if len(self.stats.problems) < 20:
+            key = make_key(self.cfg.prefix, n).decode()
+            self.stats.problems.append(f"{kind}: {key}" + (f" got {value[:48]!r}" if value else ""))
+
+    # ------------------------------------------------------------------ loop
+
+    def _wait_ready(self, sel: selectors.BaseSelector) -> None:
+        deadline = self.clock() + self.cfg.ready_timeout_s
+        while not self.dp.ready():
+            now = self.clock()
+            if now >= deadline:
+                raise NotReadyError(f"peer did not answer ARP within {self.cfg.ready_timeout_s} s")
+            self.dp.tick(now, 0.0)
+            sel.select(0.05)
+            self.dp.recv_batch()
+
+    def run(self) -> EngineStats:
+        cfg, st = self.cfg, self.stats
+        sel = selectors.DefaultSelector()
+        sel.register(self.dp.fileno(), selectors.EVENT_READ)
+        try:
+            self._wait_ready(sel)
+            self._loop(sel)
+        finally:
+            sel.close()
+        st.unverified = len(self.acked) - st.verified if cfg.verify else 0
+        return st
+
+    def _loop(self, sel: selectors.BaseSelector) -> None:
+        cfg, st, pending = self.cfg, self.stats, self.pending
+        clock, dp = self.clock, self.dp
+        t0 = clock()
+        self._last_ok = t0
+        end_load = t0 + cfg.duration_s
+        interval = 1.0 / cfg.rate if cfg.rate else 0.0
+        next_send = t0
+        next_scan = t0 + RETRANSMIT_SCAN_S
+        next_tick = t0
+        phase = LOAD
+        phase_deadline = 0.0
+        verify_idx = 0
+        verify_t0 = 0.0
+        window = cfg.window
+        read_ratio = cfg.read_ratio
+        rand = self._rng.random
+        while phase != DONE:
+            now = clock()
+            for data in dp.recv_batch():
+                self._on_reply(data, now, t0)
+            if now >= next_scan:
+                self._retransmit(now)
+                next_scan = now + RETRANSMIT_SCAN_S
+            if now >= next_tick:
+                dp.tick(now, now - self._last_ok if pending else 0.0)
+                next_tick = now + 0.05
+            wait = 0.05
+            if phase == LOAD:
+                if now >= end_load:
+                    phase, phase_deadline = DRAIN, now + cfg.drain_timeout_s
+                    continue
+                if interval and next_send < now - 0.1:
+                    next_send = now - 0.1  # after a stall, catch up by at most 100 ms
+                sent = 0
+                while len(pending) < window and (not interval or next_send <= now) and sent < 64:
+                    acked = self.acked
+                    if read_ratio and acked and rand() < read_ratio:
+                        self._send_new(OP_GET, acked[int(rand() * len(acked))], now, LOAD)
+                    else:
+                        self._send_new(OP_PUT, self._next_n, now, LOAD)
+                        self._next_n += 1
+                    next_send += interval
+                    sent += 1
+                if len(pending) < window:
+                    wait = 0.0 if not interval else max(0.0, min(wait, next_send - now))
+            elif phase == DRAIN:
+                if not pending or now >= phase_deadline:
+                    st.unanswered = len(pending)
+                    st.load_elapsed_s = now - t0
+                    gap = now - self._last_ok
+                    if gap > st.max_gap_s:
+                        st.max_gap_s, st.max_gap_at_s = gap, self._last_ok - t0
+                    pending.clear()
+                    if not cfg.verify:
+                        phase = DONE
+                        continue
+                    phase, verify_t0 = VERIFY, now
+                    self._verify_last = now
+                    continue
+            else:  # VERIFY
+                acked = self.acked
+                while len(pending) < window and verify_idx < len(acked):
+                    self._send_new(OP_GET, acked[verify_idx], now, VERIFY)
+                    verify_idx += 1
+                if verify_idx >= len(acked) and not pending:
+                    phase = DONE
+                    st.verify_elapsed_s = now - verify_t0
+                    continue
+                if self._last_ok > self._verify_last:
+                    self._verify_last = self._last_ok
+                if now - self._verify_last > cfg.verify_stall_s:
+                    st.verify_elapsed_s = now - verify_t0
+                    pending.clear()
+                    phase = DONE
+                    continue
+            if wait > 0:
+                sel.select(min(wait, max(0.0, next_scan - now)))

@@ -1,0 +1,283 @@
+"""The learning L2 switch over UDP: the socket loop around `ptmig.net.fdb`.
+
+Owns the switch process: binding HOST:PORT (a second switch on the same address fails to
+bind and exits with status 3), answering control datagrams (`ptmig.net.switchproto`),
+forwarding frames as the forwarding database decides, aging, counters; `ensure_switch`
+starts one detached when none answers a probe; `query_stats` asks a running one for its
+counters. Run it as `python -m ptmig.net.switch HOST:PORT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ptmig.net import switchproto
+from ptmig.net.backend import SOCKET_BUFFER, parse_host_port
+from ptmig.net.fdb import DEFAULT_AGE_S, ForwardingDatabase
+from ptmig.net.frames import ETH_HEADER_LEN
+from ptmig.net.switchproto import Msg
+
+EXPIRE_EVERY_S = 1.0
+EXIT_ADDRESS_IN_USE = 3
+
+
+class SwitchError(OSError):
+    """The switch cannot bind, or cannot be started or reached."""
+
+
+class UdpSwitch:
+    """A bound switch socket; `serve()` runs the loop until `stop` is set."""
+
+    def __init__(self, host: str, port: int, *, age_s: float = DEFAULT_AGE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.fdb = ForwardingDatabase(age_s)
+        self.clock = clock
+        self.frames_in = 0
+        self.frames_out = 0
+        self.malformed = 0
+        self.controls = 0
+        self.send_errors = 0
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            self.sock.bind(addr)
+        except OSError as exc:
+            self.sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise SwitchError(exc.errno, f"switch: {host}:{port} is already in use "
+                                  "(another switch is probably running there)") from exc
+            raise SwitchError(exc.errno, f"switch: cannot bind {host}:{port}: {exc}") from exc
+        self.sock.setblocking(False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def counters(self) -> dict[str, int]:
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out,
+                "malformed": self.malformed, "controls": self.controls,
+                "send_errors": self.send_errors, "endpoints": len(self.fdb.endpoints),
+                "macs": len(self.fdb.macs), **self.fdb.counters.as_dict()}
+
+    def _sendto(self, data: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(data, addr)
+            self.frames_out += 1
+        except OSError:  # full buffer, vanished peer: a switch drops, it does not stall
+            self.send_errors += 1
+
+    def _control(self, data: bytes, addr: Any, now: float) -> None:
+        try:
+            msg = switchproto.decode(data)
+        except switchproto.ControlError:
+            self.malformed += 1
+            return
+        self.controls += 1
+        if msg.type == Msg.HELLO:
+            self.fdb.touch_endpoint(addr, now)
+            if msg.payload:
+                self.fdb.learn(msg.payload, addr, now, move=False)
+            self._reply(switchproto.encode(Msg.HELLO_ACK), addr)
+        elif msg.type == Msg.PROBE:
+            self._reply(switchproto.probe_reply(os.getpid()), addr)
+        elif msg.type == Msg.STATS:
+            self._reply(switchproto.stats_reply(self.counters()), addr)
+
+    def _reply(self, data: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            self.send_errors += 1
+
+    def handle(self, data: bytes, addr: Any, now: float) -> None:
+        """Process one received datagram."""
+        if len(data) < ETH_HEADER_LEN:
+            if switchproto.is_control(data):
+                self._control(data, addr, now)
+            else:
+                self.malformed += 1
+            return
+        self.frames_in += 1
+        for target in self.fdb.forward(addr, data, now):
+            self._sendto(data, target)
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to `timeout` for datagrams and handle every one that is pending."""
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return
+        recvfrom = self.sock.recvfrom
+        handle = self.handle
+        now = self.clock()
+        for _ in range(4096):
+            try:
+                data, addr = recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. ICMP errors reported on the socket
+                continue
+            handle(data, addr, now)
+
+    def serve(self, stop: threading.Event | None = None) -> None:
+        next_expire = self.clock() + EXPIRE_EVERY_S
+        while stop is None or not stop.is_set():
+            self.poll(0.2)
+            now = self.clock()
+            if now >= next_expire:
+                self.fdb.expire(now)
+                next_expire = now + EXPIRE_EVERY_S
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def run_switch(host: str, port: int, *, age_s: float = DEFAULT_AGE_S) -> None:
+    """Bind HOST:PORT and switch frames until interrupted. Raises SwitchError on bind."""
+    switch = UdpSwitch(host, port, age_s=age_s)
+    print(f"ptmig switch: listening on {host}:{port} (pid {os.getpid()}, age {age_s:g} s)",
+          file=sys.stderr, flush=True)
+    try:
+        switch.serve()
+    finally:
+        switch.close()
+
+
+def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S) -> int:
+    """CLI entry: `listen` is HOST:PORT. Returns the process exit status."""
+    try:
+        host, port = parse_host_port(listen, what="--listen")
+    except ValueError as exc:
+        print(f"ptmig switch: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_switch(host, port, age_s=age_s)
+    except SwitchError as exc:
+        print(exc.strerror or str(exc), file=sys.stderr)
+        return EXIT_ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _probe_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _request(host: str, port: int, msg: Msg, want: Msg, timeout: float,
+             tries: int) -> switchproto.Control | None:
+    infos = socket.getaddrinfo(_probe_host(host), port, type=socket.SOCK_DGRAM)
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(addr)
+        for _ in range(tries):
+            try:
+                sock.send(switchproto.encode(msg))
+            except OSError:
+                time.sleep(timeout)
+                continue
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([sock], [], [], left)[0]:
+                    break
+                try:
+                    data = sock.recv(65536)
+                except ConnectionRefusedError:  # nobody is listening
+                    time.sleep(left)
+                    break
+                try:
+                    reply = switchproto.decode(data)
+                except switchproto.ControlError:
+                    continue
+                if reply.type == want:
+                    return reply
+    return None
+
+
+def probe_switch(host: str, port: int, *, timeout: float = 0.2, tries: int = 3) -> int | None:
+    """The pid of the switch answering at host:port, or None if none answers."""
+    reply = _request(host, port, Msg.PROBE, Msg.PROBE_REPLY, timeout, tries)
+    return None if reply is None else switchproto.probe_reply_pid(reply)
+
+
+def query_stats(host: str, port: int, *, timeout: float = 0.5) -> dict[str, int]:
+    reply = _request(host, port, Msg.STATS, Msg.STATS_REPLY, timeout, 3)
+    if reply is None:
+        raise SwitchError(f"no switch answered at {host}:{port}")
+    return switchproto.stats_from_reply(reply)
+
+
+def ensure_switch(host: str, port: int, *, start_timeout: float = 5.0,
+                  age_s: float = DEFAULT_AGE_S) -> subprocess.Popen[bytes] | None:
+    """Make sure a switch listens on host:port. Returns the process started here, or None
+    when one was already running. Race-safe: if two callers start one at once, the second
+    fails to bind and exits, and the caller whose process lost gets None."""
+    if probe_switch(host, port) is not None:
+        return None
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptmig.net.switch", f"{host}:{port}", "--age", str(age_s)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env,
+        start_new_session=True)
+    deadline = time.monotonic() + start_timeout
+    while time.monotonic() < deadline:
+        pid = probe_switch(host, port, timeout=0.1, tries=1)
+        if pid is not None:
+            if pid == proc.pid:
+                return proc
+            proc.wait(timeout=start_timeout)  # it lost the bind race and exits
+            return None
+        if proc.poll() is not None and proc.returncode != EXIT_ADDRESS_IN_USE:
+            log.seek(0)
+            raise SwitchError(f"switch on {host}:{port} exited with status {proc.returncode}: "
+                              f"{log.read().decode(errors='replace').strip()}")
+    proc.kill()
+    proc.wait()
+    log.seek(0)
+    detail = log.read().decode(errors="replace").strip()
+    raise SwitchError(f"switch on {host}:{port} did not answer within {start_timeout} s "
+                      f"(exit status {proc.returncode}){': ' + detail if detail else ''}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ptmig.net.switch",
+                                     description="learning L2 switch over UDP")
+    parser.add_argument("listen", help="HOST:PORT to bind")
+    parser.add_argument("--age", type=float, default=DEFAULT_AGE_S,
+                        help="seconds before an unheard MAC or endpoint is forgotten")
+    parser.add_argument("--stats", action="store_true",
+                        help="print the counters of the switch running at HOST:PORT and exit")
+    args = parser.parse_args(argv)
+    if args.stats:
+        host, port = parse_host_port(args.listen, what="switch address")
+        try:
+            stats = query_stats(host, port)
+        except SwitchError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        for key, value in sorted(stats.items()):
+            print(f"{key:16} {value}")
+        return 0
+    return switch_main(args.listen, age_s=args.age)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The kv load client against a fake kv guest on a real UDP switch (loopback sockets).
+
+The fake guest speaks Ethernet/ARP/IPv4/UDP and the kv protocol itself, through its own UDP
+socket to the switch, and misbehaves on purpose: it drops requests, goes silent for a while
+(and can come back behind another switch port, as a migrated VM does), forgets acknowledged
+values or returns wrong ones. The client must measure the outage, keep going, and catch every
+lost or wrong value with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ptmig import load
+from ptmig.net import frames, kvproto, switchproto
+from ptmig.net.switch import UdpSwitch
+
+GUEST_MAC = bytes.fromhex("525400123456")
+GUEST_IP = "10.0.0.2"
+
+
+class FakeKvGuest(threading.Thread):
+    """A kv guest on the switch. Knobs are plain attributes, read on every request."""
+
+    def __init__(self, switch_addr: tuple[str, int], *, announce_on_move: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.switch_addr = switch_addr
+        self.ip = frames.ip_aton(GUEST_IP)
+        self.store: dict[bytes, bytes] = {}
+        self.drop_rate = 0.0
+        self.outage: tuple[float, float] | None = None  # seconds after the first request
+        self.move_after_outage = False
+        self.announce_on_move = announce_on_move
+        self.forget_every = 0  # forget every Nth acknowledged PUT
+        self.corrupt_every = 0  # answer every Nth GET of a stored key with a wrong value
+        self.requests = 0
+        self.acked_puts = 0
+        self.gets = 0
+        self.moved = False
+        self.stop = threading.Event()
+        self.rng = random.Random(1)
+        self.first_request: float | None = None
+        self.sock = self._new_socket()
+
+    def _new_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.01)
+        sock.sendto(switchproto.hello(None), self.switch_addr)
+        return sock
+
+    def _in_outage(self, now: float) -> bool:
+        if self.outage is None or self.first_request is None:
+            return False
+        return self.outage[0] <= now - self.first_request < self.outage[1]
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if (self.move_after_outage and not self.moved and self.outage is not None
+                    and self.first_request is not None
+                    and now - self.first_request >= self.outage[1]):
+                self._move()  # the old port is dead from now on, as the source VM is
+            try:
+                data = self.sock.recv(65536)
+            except (TimeoutError, OSError):
+                continue
+            if len(data) < frames.ETH_HEADER_LEN:
+                continue  # HELLO_ACK
+            if self._in_outage(time.monotonic()):
+                continue
+            self.handle(data)
+
+    def _move(self) -> None:
+        """Come back behind a new switch port, as a VM resumed on another host."""
+        self.sock.close()
+        self.sock = self._new_socket()
+        self.moved = True
+        if self.announce_on_move:
+            self.send(frames.gratuitous_arp_frame(GUEST_MAC, self.ip))
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendto(frame, self.switch_addr)
+
+    def handle(self, data: bytes) -> None:
+        eth = frames.parse_ethernet(data)  # strict: a bad frame from the client fails loudly
+        if eth.ethertype == frames.ETH_P_ARP:
+            arp = frames.parse_arp(eth.payload)
+            if arp.op == frames.ARP_REQUEST and arp.tpa == self.ip:
+                self.send(frames.arp_reply_frame(GUEST_MAC, self.ip, arp.sha, arp.spa))
+            return
+        if eth.ethertype != frames.ETH_P_IPV4 or eth.dst != GUEST_MAC:
+            return
+        ip = frames.parse_ipv4(eth.payload)
+        if ip.proto != frames.IPPROTO_UDP or ip.dst != self.ip:
+            return
+        udp = frames.parse_udp(ip.payload, ip.src, ip.dst)
+        if udp.dst_port != kvproto.DEFAULT_PORT:
+            return
+        if self.first_request is None:
+            self.first_request = time.monotonic()
+        self.requests += 1
+        if self.drop_rate and self.rng.random() < self.drop_rate:
+            return
+        req = kvproto.decode_request(udp.payload)
+        reply = self.execute(req)
+        payload = kvproto.encode_reply(reply)
+        self.send(frames.udp_frame(GUEST_MAC, eth.src, self.ip, ip.src, udp.dst_port,
+                                   udp.src_port, payload, checksum=True))
+
+    def execute(self, req: kvproto.KvRequest) -> kvproto.KvReply:
+        if req.op == kvproto.Op.PUT:
+            self.store[req.key] = req.value
+            self.acked_puts += 1
+            if self.forget_every and self.acked_puts % self.forget_every == 0:
+                del self.store[req.key]  # acknowledged, then lost
+            return kvproto.KvReply(req.req_id, kvproto.Status.OK)
+        if req.op == kvproto.Op.GET:
+            value = self.store.get(req.key)
+            if value is None:
+                return kvproto.KvReply(req.req_id, kvproto.Status.NOT_FOUND)
+            self.gets += 1
+            if self.corrupt_every and self.gets % self.corrupt_every == 0:
+                value = value[:-1] + bytes([value[-1] ^ 1])
+            return kvproto.KvReply(req.req_id, kvproto.Status.OK, value)
+        return kvproto.KvReply(req.req_id, kvproto.Status.BAD_REQUEST)
+
+
+@pytest.fixture
+def switch() -> Iterator[UdpSwitch]:
+    sw = UdpSwitch("127.0.0.1", 0)
+    stop = threading.Event()
+    thread = threading.Thread(target=sw.serve, args=(stop,), daemon=True)
+    thread.start()
+    yield sw
+    stop.set()
+    thread.join(timeout=5)
+    sw.close()
+
+
+@pytest.fixture
+def guest(switch: UdpSwitch) -> Iterator[FakeKvGuest]:
+    g = FakeKvGuest(switch.address)
+    g.start()
+    yield g
+    g.stop.set()
+    g.join(timeout=5)
+    g.sock.close()
+
+
+def options(switch: UdpSwitch, tmp_path: Path, **kw: object) -> load.LoadOptions:
+    host, port = switch.address
+    base: dict[str, object] = dict(switch=f"udp:{host}:{port}", guest_ip=f"{GUEST_IP}/24",
+                                   duration_s=1.0, rate=2000.0, rto_s=0.05,
+                                   verify_stall_s=5.0, ready_timeout_s=5.0,
+                                   json_path=tmp_path / "load.json")
+    base.update(kw)
+    return load.LoadOptions(**base)  # type: ignore[arg-type]
+
+
+def test_clean_run_verifies_every_acknowledged_put(switch: UdpSwitch, guest: FakeKvGuest,
+                                                   tmp_path: Path) -> None:
+    result = load.run_load(options(switch, tmp_path))
+    assert result.exit_status == 0, load.summary(result)
+    assert result.acked > 1000
+    assert result.verified == result.acked
+    assert result.lost == result.wrong == result.unverified == 0
+    assert result.acked == len(guest.store)
+    assert 1500 <= result.ops_per_s <= 2500  # paced to --rate 2000
+    data = json.loads((tmp_path / "load.json").read_text())
+    for key in ("ops", "ops_per_s", "p50_ms", "p99_ms", "max_ms", "max_gap_ms", "timeouts",
+                "acked", "lost", "wrong", "series"):
+        assert key in data
+    assert data["acked"] == result.acked
+    assert sum(n for _, n in data["series"]) == data["ops"]
+    assert data["series"][3][0] == pytest.approx(0.3)
+
+
+def test_drops_are_retransmitted_and_puts_stay_idempotent(
+        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    guest.drop_rate = 0.2
+    result = load.run_load(options(switch, tmp_path, rate=1000.0))
+    assert result.exit_status == 0, load.summary(result)
+    assert result.timeouts > 0 and result.retransmits > 0
+    assert result.verified == result.acked > 500
+
+
+@pytest.mark.parametrize("announce", [False, True], ids=["client-re-arps", "guest-announces"])
+def test_outage_is_measured_and_the_client_carries_on(switch: UdpSwitch, guest: FakeKvGuest,
+                                                      tmp_path: Path, announce: bool) -> None:
+    guest.outage = (0.5, 2.0)  # 1.5 s of silence, then the guest comes back on another port
+    guest.move_after_outage = True
+    guest.announce_on_move = announce
+    result = load.run_load(options(switch, tmp_path, duration_s=3.5, rate=1000.0))
+    assert guest.moved
+    assert result.exit_status == 0, load.summary(result)
+    assert 1400 <= result.max_gap_ms <= 3500
+    assert 0.3 <= result.max_gap_at_s <= 0.8
+    series = dict((round(t, 1), n) for t, n in result.series)
+    assert sum(series.get(round(0.1 * i, 1), 0) for i in range(8, 19)) == 0  # silent
+    assert sum(series.get(round(0.1 * i, 1), 0) for i in range(28, 34)) > 300  # back
+    assert result.timeouts > 0
+
+
+def test_lost_values_are_detected_and_exit_non_zero(switch: UdpSwitch, guest: FakeKvGuest,
+                                                    tmp_path: Path) -> None:
+    guest.forget_every = 97
+    result = load.run_load(options(switch, tmp_path))
+    assert result.lost == result.acked // 97 > 0
+    assert result.wrong == 0
+    assert result.exit_status == load.EXIT_LOST_OR_WRONG
+    assert any(p.startswith("lost: ") for p in result.problems)
+
+
+def test_wrong_values_are_detected_and_exit_non_zero(switch: UdpSwitch, guest: FakeKvGuest,
+                                                     tmp_path: Path) -> None:
+    guest.corrupt_every = 50
+    result = load.run_load(options(switch, tmp_path))
+    assert result.wrong == result.acked // 50 > 0
+    assert result.lost == 0
+    assert result.exit_status == load.EXIT_LOST_OR_WRONG
+
+
+def test_main_exit_status_and_json(switch: UdpSwitch, guest: FakeKvGuest,
+                                   tmp_path: Path) -> None:
+    guest.forget_every = 10
+    host, port = switch.address
+    out = tmp_path / "r.json"
+    status = load.main(["--switch", f"udp:{host}:{port}", "--guest-ip", GUEST_IP,
+                        "--duration", "0.5", "--rate", "500", "--json", str(out)])
+    assert status == load.EXIT_LOST_OR_WRONG
+    assert json.loads(out.read_text())["lost"] > 0
+
+
+def test_guest_found_from_the_vm_config(switch: UdpSwitch, guest: FakeKvGuest,
+                                        tmp_path: Path) -> None:
+    host, port = switch.address
+    config = tmp_path / "vm.toml"
+    config.write_text(f"""
+[vm]
+memory = "64M"
+vcpus = 1
+
+[workload]
+name = "kv"
+
+[[net]]
+id = "net0"
+mac = "52:54:00:12:34:56"
+ip = "{GUEST_IP}/24"
+backend = "udp:{host}:{port}"
+""")
+    out = tmp_path / "cfg.json"
+    status = load.main([str(config), "--duration", "0.3", "--rate", "300", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert status == 0 and data["acked"] > 0 and data["verified"] == data["acked"]
+    assert len(guest.store) == data["acked"]
+
+
+def test_unreachable_guest_is_an_error_not_a_pass(switch: UdpSwitch, tmp_path: Path) -> None:
+    host, port = switch.address
+    status = load.main(["--switch", f"udp:{host}:{port}", "--guest-ip", "10.0.0.9",
+                        "--duration", "0.2", "--ready-timeout", "0.5"])
+    assert status == load.EXIT_UNPROVEN
+
+
+FAST_SERVER = r"""
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+req, rep = struct.Struct("<IIBBHHH"), struct.Struct("<IIBBH")
+store = {}
+while True:
+    d, a = s.recvfrom(2048)
+    magic, rid, op, flags, klen, vlen, _ = req.unpack_from(d)
+    key = d[16:16 + klen]
+    if op == 1:
+        store[key] = d[16 + klen:]
+        s.sendto(rep.pack(0x3152564B, rid, 0, 0, 0), a)
+    else:
+        v = store.get(key)
+        s.sendto(rep.pack(0x3152564B, rid, 1 if v is None else 0, 0, len(v or b"")) + (v or b""), a)
+"""
+
+
+def test_client_sustains_20k_ops_per_second(tmp_path: Path) -> None:
+    """The client alone (a trivial server in another process, plain UDP) must do >= 20k ops/s:
+    the guest, not the client, has to be the bottleneck of every measurement."""
+    server = subprocess.Popen([sys.executable, "-c", FAST_SERVER], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        result = load.run_load(load.LoadOptions(target=f"127.0.0.1:{port}", duration_s=2.0,
+                                                json_path=tmp_path / "fast.json"))
+    finally:
+        server.kill()
+        server.wait()
+    assert result.exit_status == 0, load.summary(result)
+    assert result.ops_per_s >= 20000, load.summary(result)
+    assert result.verified == result.acked
