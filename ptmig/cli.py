@@ -46,6 +46,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     The exit status is the guest's exit code.
     """
     from .config import ConfigError, load_config
+    from .devices.handle import DeviceError
     from .firmware import FirmwareBuildError
     from .kvm import KvmUnavailable
     from .machine import Machine
@@ -69,7 +70,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
         else:
             try:
                 machine.boot()
-            except FirmwareBuildError as e:
+            except (FirmwareBuildError, DeviceError) as e:
                 raise click.ClickException(str(e)) from None
             code = machine.run()
     finally:

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .config import VmConfig
 from .firmware import build_firmware, load_firmware_image
 from .layout import ABI_MMIO_STRIDE, BootDevice
 from .qmp import ErrorClass, QmpError, QmpServer, RunStatus, query_status_reply
+from .shadow.pool import ShadowPool
 from .vm import RunState, Vm, VmSpec
+
+if TYPE_CHECKING:
+    from .devices.attach import AttachedDevice
+    from .devices.handle import DeviceEvent
 
 log = logging.getLogger(__name__)
 
 VIRTIO_ID = {"net": 1, "disk": 2}
+SHADOW_POOL_PAGES = 8192  # 32 MiB of device buffers while shadowing
 
 
 class Machine:
@@ -29,7 +35,9 @@ class Machine:
         self.cfg = cfg
         self.vm = Vm(VmSpec(cfg.memory_bytes, cfg.vcpus, cfg.guest_cmdline(), cfg.name),
                      console=console)
-        self.devices: list[Any] = []
+        self.devices: list[AttachedDevice] = []
+        self.shadow_pool = ShadowPool(SHADOW_POOL_PAGES, name=f"{cfg.name}-shadow-pool")
+        self.switch_process: Any = None
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()
         self.vm.on_state_change(self._on_state_change)
@@ -69,13 +77,24 @@ class Machine:
                 self.vm.shutdown(0, "quit")
                 return 0
 
+    def device_event(self, dev: AttachedDevice, ev: DeviceEvent) -> None:
+        """An asynchronous event from a device process (fault, needs-reset, gone)."""
+        if ev.name == "gone":
+            log.error("device %s is gone: %s", dev.id, ev.data.get("reason"))
+        else:
+            log.warning("device %s: %s %s", dev.id, ev.name, ev.data)
+        if self.qmp is not None:
+            self.qmp.emit("X_DEVICE_EVENT", {"device": dev.id, "event": ev.name,
+                                             "data": _jsonable(ev.data)})
+
     def close(self) -> None:
         self.vm.close()
         for d in self.devices:
             try:
                 d.close()
             except Exception:
-                log.exception("closing device %s", getattr(d, "name", d))
+                log.exception("closing device %s", d.id)
+        self.shadow_pool.close()
         if self.qmp is not None:
             self.qmp.close()
 
@@ -131,3 +150,10 @@ class Machine:
             ],
             "console-tail": list(self.vm.console.lines)[-20:],
         }
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v)
+    return out
