@@ -78,5 +78,25 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     sys.exit(code)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def load(args: tuple[str, ...]) -> None:
+    """Drive the guest's kv service and verify every acknowledged value (see --help)."""
+    from .load import main as load_main
+
+    sys.exit(load_main(list(args)))
+
+
+@main.command()
+@click.option("--listen", required=True, metavar="HOST:PORT", help="UDP address to serve on.")
+@click.option("--age", default=300.0, show_default=True, help="Seconds before a MAC is forgotten.")
+def switch(listen: str, age: float) -> None:
+    """A learning L2 switch carrying Ethernet frames in UDP datagrams."""
+    from .net.switch import switch_main
+
+    sys.exit(switch_main(listen, age_s=age))
+
+
 if __name__ == "__main__":
     main()
