@@ -58,7 +58,8 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     qmp_path = _unix_path(qmp_spec, "--qmp")
     console = open(console_file, "a", buffering=1) if console_file else sys.stdout
     try:
-        machine = Machine(cfg, console=console, qmp_path=qmp_path)
+        machine = Machine(cfg, console=console, qmp_path=qmp_path, psk_file=psk_file,
+                          insecure=insecure)
     except KvmUnavailable as e:
         raise click.ClickException(str(e)) from None
     try:
@@ -66,7 +67,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
         if incoming is not None:
             from .migration.destination import run_incoming
 
-            code = run_incoming(machine, incoming, psk_file=psk_file, insecure=insecure)
+            code = run_incoming(machine, incoming)
         else:
             try:
                 machine.boot()

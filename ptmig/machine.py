@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .config import VmConfig
 from .firmware import build_firmware, load_firmware_image
 from .layout import ABI_MMIO_STRIDE, BootDevice
 from .qmp import ErrorClass, QmpError, QmpServer, RunStatus, query_status_reply
+from .migration.control import MigrationControl
 from .shadow.pool import ShadowPool
 from .vm import RunState, Vm, VmSpec
 
@@ -31,19 +33,23 @@ SHADOW_POOL_PAGES = 8192  # 32 MiB of device buffers while shadowing
 
 class Machine:
     def __init__(self, cfg: VmConfig, *, console: TextIO | None = None,
-                 qmp_path: str | None = None) -> None:
+                 qmp_path: str | None = None, psk_file: Path | None = None,
+                 insecure: bool = False) -> None:
         self.cfg = cfg
         self.vm = Vm(VmSpec(cfg.memory_bytes, cfg.vcpus, cfg.guest_cmdline(), cfg.name),
                      console=console)
         self.devices: list[AttachedDevice] = []
         self.shadow_pool = ShadowPool(SHADOW_POOL_PAGES, name=f"{cfg.name}-shadow-pool")
         self.switch_process: Any = None
+        self.incoming: Any = None
+        self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()
         self.vm.on_state_change(self._on_state_change)
         if qmp_path is not None:
             self.qmp = QmpServer(qmp_path)
             self._register_qmp(self.qmp)
+            self.migration.register(self.qmp)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -76,6 +82,13 @@ class Machine:
             if self._quit.is_set():
                 self.vm.shutdown(0, "quit")
                 return 0
+
+    def migrated_away(self) -> None:
+        """The destination runs the guest now; this VMM has nothing left to do but exit."""
+        log.info("migration completed: the guest runs on the destination")
+
+    def after_incoming(self) -> None:
+        """Called on the destination once the guest runs."""
 
     def device_event(self, dev: AttachedDevice, ev: DeviceEvent) -> None:
         """An asynchronous event from a device process (fault, needs-reset, gone)."""

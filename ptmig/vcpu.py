@@ -28,6 +28,7 @@ from .kvm.ioctls import KVM_EXIT_IO_OUT
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
+THROTTLE_PERIOD_S = 0.01
 
 
 def install_kick_handler() -> None:
@@ -72,6 +73,7 @@ class RunControl:
         self.parked = 0
         self.vcpus: list[Vcpu] = []
         self.throttle_pct = 0
+        self._throttle_thread: threading.Thread | None = None
 
     def pause(self, timeout: float = 5.0) -> float:
         """Bring every vCPU out of the guest; returns the seconds it took."""
@@ -104,6 +106,33 @@ class RunControl:
             self.cond.notify_all()
         for v in self.vcpus:
             v.kick()
+
+    def set_throttle(self, pct: int) -> None:
+        """Throttle the vCPUs to (100 - pct)% of their time; 0 turns throttling off."""
+        if not 0 <= pct <= 99:
+            raise ValueError(f"throttle percentage must be in [0, 99], got {pct}")
+        with self.cond:
+            self.throttle_pct = pct
+            start = pct > 0 and self._throttle_thread is None
+            if start:
+                self._throttle_thread = threading.Thread(target=self._throttle_loop,
+                                                         name="cpu-throttle", daemon=True)
+        if start:
+            self._throttle_thread.start()
+
+    def _throttle_loop(self) -> None:
+        while True:
+            with self.cond:
+                if self.throttle_pct == 0 or self.stopping:
+                    self._throttle_thread = None
+                    return
+            for v in self.vcpus:
+                if v.thread.ident is not None and v.alive:
+                    try:
+                        signal.pthread_kill(v.thread.ident, KICK_SIGNAL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(THROTTLE_PERIOD_S)
 
     @property
     def paused(self) -> bool:
@@ -187,6 +216,7 @@ class Vcpu:
                 if e.errno in (errno.EINTR, errno.EAGAIN):
                     self.counters.intr += 1
                     self._pending_completion = False
+                    self._throttle_sleep()
                     continue
                 raise
             self._pending_completion = False
@@ -204,6 +234,16 @@ class Vcpu:
                 with self.control.cond:
                     self.control.pause_requested = True
                 return
+
+    def _throttle_sleep(self) -> None:
+        """Auto-converge: give up a share of each throttle period (QEMU's cpu-throttle)."""
+        pct = self.control.throttle_pct
+        if pct > 0 and not self.control.pause_requested:
+            self.kick_wait(THROTTLE_PERIOD_S * pct / (100 - pct))
+
+    def kick_wait(self, seconds: float) -> None:
+        """Sleep, but wake early when kicked (a pause must not wait for a throttle slice)."""
+        select.select([self.kick_fd], [], [], seconds)
 
     def _handle_io(self, run: object) -> None:
         io = self.fd.run_struct.exit.io

@@ -204,6 +204,10 @@ class Vm:
         self._set_state(RunState.RUNNING)
         self.control.resume()
 
+    def set_throttle(self, pct: int) -> None:
+        """Auto-converge: let the vCPUs run only (100 - pct)% of the time."""
+        self.control.set_throttle(pct)
+
     @property
     def running(self) -> bool:
         return self.state == RunState.RUNNING

@@ -1,0 +1,117 @@
+"""Migration as a management layer drives it: the QMP commands and the `MIGRATION` event.
+
+`MigrationControl` belongs to a `Machine`; it holds the parameters and capabilities
+(`migrate-set-parameters`, `migrate-set-capabilities`), starts and cancels the outgoing
+migration (`migrate`, `migrate_cancel`), and answers `query-migrate` with QEMU's field names.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..qmp import ErrorClass, QmpError, QmpServer
+from ..vm import RunState
+from . import transport
+from .params import PARAMS_SCHEMA, MigrationCapabilities, MigrationInfo, MigrationParams, Status
+from .source import SourceMigration
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+
+class MigrationControl:
+    def __init__(self, machine: Machine, *, psk_file: Path | None = None,
+                 insecure: bool = False) -> None:
+        self.m = machine
+        self.params = MigrationParams()
+        self.caps = MigrationCapabilities()
+        self.current: SourceMigration | None = None
+        self.insecure = insecure
+        cfg = machine.cfg.migration
+        psk_path = psk_file or cfg.psk_file
+        self.psk = psk_path.read_bytes().strip() if psk_path else None
+        self.tls = (transport.TlsConfig(str(cfg.tls_cert), str(cfg.tls_key), str(cfg.tls_ca))
+                    if cfg.tls else None)
+        self._lock = threading.Lock()
+
+    # --- the operations (also used directly by tests and the demo) ---------------------------
+
+    def migrate(self, uri: str) -> SourceMigration:
+        with self._lock:
+            if self.current is not None and not self.current.info.status.finished:
+                raise QmpError(ErrorClass.GENERIC_ERROR, "a migration is already in progress")
+            if self.m.vm.state not in (RunState.RUNNING, RunState.PAUSED):
+                raise QmpError(ErrorClass.GENERIC_ERROR,
+                               f"cannot migrate a guest in state '{self.m.vm.state.value}'")
+            try:
+                mig = SourceMigration(self.m, uri, self.params_snapshot(), self.caps_snapshot(),
+                                      psk=self.psk, tls=self.tls, insecure=self.insecure,
+                                      on_status=self._on_status)
+            except ValueError as e:
+                raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+            self.current = mig
+        mig.start()
+        return mig
+
+    def params_snapshot(self) -> MigrationParams:
+        p = self.params
+        return MigrationParams(p.downtime_limit_ms, p.max_bandwidth, p.x_dma_tracking,
+                               p.x_timeout_s, p.x_max_stalled_rounds)
+
+    def caps_snapshot(self) -> MigrationCapabilities:
+        return MigrationCapabilities(self.caps.auto_converge, self.caps.x_verify)
+
+    def info(self) -> MigrationInfo:
+        return self.current.info if self.current is not None else MigrationInfo()
+
+    def _on_status(self, status: Status) -> None:
+        if self.m.qmp is not None:
+            self.m.qmp.emit("MIGRATION", {"status": status.value})
+        if status == Status.COMPLETED:
+            self.m.migrated_away()
+
+    # --- QMP ---------------------------------------------------------------------------------
+
+    def register(self, qmp: QmpServer) -> None:
+        qmp.register("migrate", self._qmp_migrate,
+                     args_schema={"uri": str, "*detach": bool, "*resume": bool})
+        qmp.register("migrate_cancel", self._qmp_cancel)
+        qmp.register("query-migrate", lambda: self.info().to_qmp())
+        qmp.register("migrate-set-parameters", self._qmp_set_parameters,
+                     args_schema=PARAMS_SCHEMA)
+        qmp.register("query-migrate-parameters", lambda: self.params.to_qmp())
+        qmp.register("migrate-set-capabilities", self._qmp_set_capabilities,
+                     args_schema={"capabilities": list})
+        qmp.register("query-migrate-capabilities", lambda: self.caps.to_qmp())
+
+    def _qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
+        if resume:
+            raise QmpError(ErrorClass.GENERIC_ERROR, "postcopy resume is not supported")
+        self.migrate(uri)
+
+    def _qmp_cancel(self) -> None:
+        if self.current is not None:
+            self.current.cancel()
+
+    def _busy(self) -> bool:
+        return self.current is not None and not self.current.info.status.finished
+
+    def _qmp_set_parameters(self, **kw: Any) -> None:
+        if self._busy() and "x_dma_tracking" in kw:
+            raise QmpError(ErrorClass.GENERIC_ERROR,
+                           "x-dma-tracking cannot change while a migration runs")
+        try:
+            self.params.set(**kw)
+        except ValueError as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+
+    def _qmp_set_capabilities(self, capabilities: list[Any]) -> None:
+        if self._busy():
+            raise QmpError(ErrorClass.GENERIC_ERROR,
+                           "capabilities cannot change while a migration runs")
+        try:
+            self.caps.set(capabilities)
+        except (ValueError, AttributeError) as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None

@@ -1,0 +1,188 @@
+"""The destination side of a live migration (`ptmig run CONFIG --incoming tcp:HOST:PORT`).
+
+The destination owns fresh device processes (different hardware) and an empty guest. It accepts
+one authenticated connection, receives RAM straight into guest memory (page numbers from the
+peer are validated by the protocol before they become addresses), then the vCPU and device
+state. Only when everything is loaded does it acknowledge the switchover and start the guest —
+after that acknowledgement the source never runs the guest again. Any error before it ends the
+incoming migration with a clear message and the source resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..vcpu_state import MAX_STATE_BYTES, VcpuState
+from ..vm import RunState
+from . import transport
+from .events import (
+    Abort,
+    Complete,
+    DeviceStates,
+    Hello,
+    PageRunsHeader,
+    RemoteProtocolError,
+    Role,
+    RoundEnd,
+    RoundStart,
+    SwitchoverAck,
+    VcpuStates,
+    VerifyDigests,
+)
+from .protocol import Connection, ConnectionClosed, check_hello
+from .source import parse_uri
+from .strategies import decode_device_states
+from .verify import compare_digests, digests_from_bytes, page_digests
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+log = logging.getLogger(__name__)
+
+
+class IncomingError(RuntimeError):
+    pass
+
+
+def unpack_vcpu_states(blob: bytes, nvcpus: int) -> list[VcpuState]:
+    states: list[VcpuState] = []
+    off = 0
+    while off < len(blob):
+        if off + 4 > len(blob):
+            raise IncomingError("truncated vCPU state list")
+        (n,) = struct.unpack_from("<I", blob, off)
+        off += 4
+        if n > MAX_STATE_BYTES or off + n > len(blob):
+            raise IncomingError(f"vCPU state of {n} bytes does not fit the list")
+        states.append(VcpuState.from_bytes(blob[off : off + n]))
+        off += n
+    if len(states) != nvcpus:
+        raise IncomingError(f"{len(states)} vCPU states for a VM with {nvcpus} vCPUs")
+    if sorted(s.index for s in states) != list(range(nvcpus)):
+        raise IncomingError(f"vCPU states for indices {[s.index for s in states]}")
+    return sorted(states, key=lambda s: s.index)
+
+
+def program_devices(machine: Machine, devices: list[dict[str, Any]]) -> None:
+    """Program this host's fresh devices from the transferred state."""
+    for dev, entry in zip(machine.devices, devices, strict=True):
+        if entry.get("source") == "shadow":
+            from ..shadow.restore import restore_shadowed_device
+
+            restore_shadowed_device(machine, dev, entry)
+        else:
+            dev.handle.set_state(entry["state"])
+
+
+class Incoming:
+    def __init__(self, machine: Machine, uri: str, *, psk: bytes | None = None,
+                 tls: transport.TlsConfig | None = None, insecure: bool = False) -> None:
+        self.m = machine
+        self.host, self.port = parse_uri(uri)
+        self.listener = transport.listen(self.host, self.port, tls=tls, psk=psk,
+                                         insecure=insecure)
+        self.verify: dict[str, Any] | None = None
+        self.started_at: float | None = None
+        self.pages_received = 0
+
+    def receive(self) -> None:
+        """Accept one migration and run it to the switchover; the guest runs on return."""
+        m = self.m
+        vm = m.vm
+        vm._set_state(RunState.INMIGRATE)
+        log.info("waiting for an incoming migration on %s:%s", self.host, self.listener.port)
+        ch = self.listener.accept()
+        self.listener.close()
+        conn = Connection(Role.DESTINATION, guest_pages=vm.memory.npages)
+        vcpus: list[VcpuState] | None = None
+        devices: list[dict[str, Any]] | None = None
+        digests: dict[int, np.ndarray] = {}
+        try:
+            while True:
+                ev = transport.recv_event(ch, conn, vm.memory.view)
+                if isinstance(ev, Hello):
+                    ack = check_hello(ev, m.cfg.compat_fingerprint())
+                    transport.send_event(ch, conn, ack)
+                    if not ack.accepted:
+                        raise IncomingError(f"refused the migration: {ack.reason}")
+                elif isinstance(ev, PageRunsHeader):
+                    self.pages_received += int(ev.runs["npages"].sum())
+                elif isinstance(ev, (RoundStart, RoundEnd)):
+                    pass
+                elif isinstance(ev, VcpuStates):
+                    vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
+                elif isinstance(ev, DeviceStates):
+                    devices = decode_device_states(ev.blob, [d.id for d in m.devices])
+                elif isinstance(ev, VerifyDigests):
+                    digests[ev.start_page] = digests_from_bytes(ev.digests)
+                elif isinstance(ev, Complete):
+                    if vcpus is None or devices is None:
+                        raise IncomingError("Complete arrived before the vCPU and device state")
+                    self._switchover(ch, conn, vcpus, devices, digests)
+                    return
+                elif isinstance(ev, Abort):
+                    raise IncomingError(f"the source aborted the migration: {ev.reason}")
+                elif isinstance(ev, ConnectionClosed):
+                    raise IncomingError("the source closed the connection before completing")
+                else:
+                    raise IncomingError(f"unexpected event {type(ev).__name__}")
+        finally:
+            ch.close()
+
+    def _switchover(self, ch: transport.Channel, conn: Connection, vcpus: list[VcpuState],
+                    devices: list[dict[str, Any]], digests: dict[int, np.ndarray]) -> None:
+        vm = self.m.vm
+        report: dict[str, Any] = {}
+        if digests:
+            source = np.concatenate([digests[k] for k in sorted(digests)])
+            ours = page_digests(vm.memory.view)
+            if source.shape != ours.shape:
+                raise IncomingError(f"verification digests cover {source.shape[0]} pages, "
+                                    f"guest has {ours.shape[0]}")
+            res = compare_digests(source, ours)
+            self.verify = {"pages": res.pages, "mismatched": res.mismatched,
+                           "first-mismatched": [int(p) for p in res.first_mismatched]}
+            report["x-verify"] = self.verify
+            if res.mismatched:
+                log.error("verification: %d of %d pages differ (first %s)", res.mismatched,
+                          res.pages, self.verify["first-mismatched"])
+        vm.restore_vcpus(vcpus)
+        program_devices(self.m, devices)
+        transport.send_event(ch, conn, SwitchoverAck(True, json.dumps(report)))
+        vm.start()
+        self.started_at = time.monotonic()
+        for dev in self.m.devices:
+            if dev.kind == "net":
+                try:
+                    dev.handle.announce()
+                except Exception as e:
+                    log.warning("announce on %s failed: %s", dev.id, e)
+        self.m.after_incoming()
+
+
+def run_incoming(machine: Machine, uri: str) -> int:
+    """`ptmig run --incoming`: receive the guest, then run it until it exits or `quit`.
+
+    Credentials (pre-shared key, TLS) are the machine's migration settings."""
+    ctl = machine.migration
+    try:
+        incoming = Incoming(machine, uri, psk=ctl.psk, tls=ctl.tls, insecure=ctl.insecure)
+    except (transport.TransportError, ValueError) as e:
+        print(f"ptmig: cannot accept an incoming migration: {e}", flush=True)
+        return 2
+    if machine.cfg.devices:
+        machine.boot_devices()
+    machine.incoming = incoming
+    try:
+        incoming.receive()
+    except (IncomingError, RemoteProtocolError, transport.TransportError, OSError, ValueError) as e:
+        log.error("incoming migration failed: %s", e)
+        print(f"ptmig: incoming migration failed: {e}", flush=True)
+        return 1
+    return machine.wait()

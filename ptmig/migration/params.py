@@ -1,0 +1,167 @@
+"""Migration parameters, capabilities and the `query-migrate` status, with QEMU's names.
+
+`MigrationParams` and `MigrationCapabilities` are what `migrate-set-parameters` /
+`migrate-set-capabilities` change; `MigrationInfo` is what `query-migrate` returns. Field names
+on the wire are QEMU's (`downtime-limit`, `max-bandwidth`, `ram.dirty-sync-count`, ...); ptmig's
+own additions carry the `x-` prefix, as QEMU's experimental fields do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+DMA_TRACKING = ("none", "all-dirty", "device-log", "shadow")
+
+
+class Status(Enum):
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    DEVICE = "device"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Status.CANCELLED, Status.COMPLETED, Status.FAILED)
+
+
+@dataclass
+class MigrationParams:
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0  # bytes/s, 0 = unlimited
+    x_dma_tracking: str = "shadow"
+    x_timeout_s: float = 120.0  # give up (and resume the source) after this long
+    x_max_stalled_rounds: int = 5  # rounds without progress before forcing switchover
+
+    def set(self, **kw: Any) -> None:
+        """Apply `migrate-set-parameters` arguments (already type-checked by the QMP schema)."""
+        if "downtime_limit" in kw:
+            v = kw["downtime_limit"]
+            if not 1 <= v <= 2_000_000:
+                raise ValueError(f"downtime-limit must be in [1, 2000000] ms, got {v}")
+            self.downtime_limit_ms = v
+        if "max_bandwidth" in kw:
+            v = kw["max_bandwidth"]
+            if v < 0:
+                raise ValueError(f"max-bandwidth must be >= 0 bytes/s, got {v}")
+            self.max_bandwidth = v
+        if "x_dma_tracking" in kw:
+            v = kw["x_dma_tracking"]
+            if v not in DMA_TRACKING:
+                raise ValueError(f"x-dma-tracking must be one of {', '.join(DMA_TRACKING)}, got {v!r}")
+            self.x_dma_tracking = v
+        if "x_timeout" in kw:
+            v = kw["x_timeout"]
+            if not 1 <= v <= 86400:
+                raise ValueError(f"x-timeout must be in [1, 86400] s, got {v}")
+            self.x_timeout_s = float(v)
+
+    def to_qmp(self) -> dict[str, Any]:
+        return {
+            "downtime-limit": self.downtime_limit_ms,
+            "max-bandwidth": self.max_bandwidth,
+            "x-dma-tracking": self.x_dma_tracking,
+            "x-timeout": int(self.x_timeout_s),
+        }
+
+
+PARAMS_SCHEMA = {
+    "*downtime-limit": int,
+    "*max-bandwidth": int,
+    "*x-dma-tracking": DMA_TRACKING,
+    "*x-timeout": int,
+}
+
+
+@dataclass
+class MigrationCapabilities:
+    auto_converge: bool = False
+    x_verify: bool = False
+
+    NAMES = ("auto-converge", "x-verify")
+
+    def set(self, capabilities: list[dict[str, Any]]) -> None:
+        for cap in capabilities:
+            name, state = cap.get("capability"), cap.get("state")
+            if name not in self.NAMES or not isinstance(state, bool):
+                raise ValueError(
+                    f"capability must be {{'capability': one of {self.NAMES}, 'state': bool}}, "
+                    f"got {cap!r}"
+                )
+            setattr(self, name.replace("-", "_"), state)
+
+    def to_qmp(self) -> list[dict[str, Any]]:
+        return [{"capability": n, "state": getattr(self, n.replace("-", "_"))} for n in self.NAMES]
+
+
+@dataclass
+class RamStats:
+    total: int = 0
+    transferred: int = 0
+    remaining: int = 0
+    duplicate: int = 0  # zero pages (sent as markers)
+    normal: int = 0  # pages sent with data
+    normal_bytes: int = 0
+    dirty_pages_rate: int = 0  # pages/s
+    mbps: float = 0.0
+    dirty_sync_count: int = 0
+    pages_per_round: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MigrationInfo:
+    status: Status = Status.NONE
+    start: float = 0.0
+    end: float | None = None
+    setup_time_ms: int = 0
+    downtime_ms: int | None = None
+    expected_downtime_ms: int = 0
+    throttle_pct: int = 0
+    ram: RamStats = field(default_factory=RamStats)
+    error: str | None = None
+    verify: dict[str, Any] | None = None
+    shadow: dict[str, Any] | None = None
+    dma_tracking: str = "shadow"
+    forced_switchover: bool = False
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def total_time_ms(self) -> int:
+        end = self.end if self.end is not None else time.monotonic()
+        return int((end - self.start) * 1000) if self.start else 0
+
+    def to_qmp(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status.value}
+        if self.status == Status.NONE:
+            return out
+        r = self.ram
+        out["total-time"] = self.total_time_ms()
+        out["setup-time"] = self.setup_time_ms
+        if self.downtime_ms is not None:
+            out["downtime"] = self.downtime_ms
+        else:
+            out["expected-downtime"] = self.expected_downtime_ms
+        out["ram"] = {
+            "transferred": r.transferred, "remaining": r.remaining, "total": r.total,
+            "duplicate": r.duplicate, "normal": r.normal, "normal-bytes": r.normal_bytes,
+            "dirty-pages-rate": r.dirty_pages_rate, "mbps": round(r.mbps, 3),
+            "dirty-sync-count": r.dirty_sync_count, "page-size": 4096,
+        }
+        if self.throttle_pct:
+            out["cpu-throttle-percentage"] = self.throttle_pct
+        if self.error:
+            out["error-desc"] = self.error
+        out["x-dma-tracking"] = self.dma_tracking
+        out["x-rounds"] = self.rounds
+        if self.forced_switchover:
+            out["x-forced-switchover"] = True
+        if self.verify is not None:
+            out["x-verify"] = self.verify
+        if self.shadow is not None:
+            out["x-shadow"] = self.shadow
+        return out

@@ -1,0 +1,321 @@
+"""The source side of a live migration: pre-copy rounds, stop-and-copy, switchover.
+
+`SourceMigration` runs in its own thread, driven by the `migrate` QMP command. It speaks the
+sans-I/O protocol (`protocol.Connection`) over a `transport.Channel`; every decision about when
+to stop iterating comes from `policy`. If anything fails before the destination acknowledges the
+switchover — the peer disappears, the stream breaks, the migration is cancelled or times out — the
+strategy puts the devices back to normal and the guest resumes here, having lost nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import bitmap
+from ..layout import PAGE_SIZE
+from ..vm import RunState
+from . import pages, policy, transport
+from .events import (
+    Abort,
+    Complete,
+    DeviceStates,
+    HelloAck,
+    Role,
+    RoundEnd,
+    RoundStart,
+    SwitchoverAck,
+    VcpuStates,
+    VerifyDigests,
+)
+from .params import MigrationCapabilities, MigrationInfo, MigrationParams, Status
+from .protocol import Connection, hello
+from .strategies import DmaTracking, encode_device_states, make_strategy
+from .verify import digests_to_bytes, page_digests
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+log = logging.getLogger(__name__)
+
+BATCH_PAGES = 4096  # 16 MiB per PageRuns frame
+DIGESTS_PER_FRAME = 65536
+
+
+class MigrationCancelled(Exception):
+    pass
+
+
+def parse_uri(uri: str) -> tuple[str, int]:
+    if not uri.startswith("tcp:"):
+        raise ValueError(f"migration URI must be tcp:HOST:PORT, got {uri!r}")
+    host, sep, port = uri[4:].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"migration URI must be tcp:HOST:PORT, got {uri!r}")
+    return host.strip("[]"), int(port)
+
+
+def pack_vcpu_states(blobs: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+
+
+class SourceMigration:
+    def __init__(self, machine: Machine, uri: str, params: MigrationParams,
+                 caps: MigrationCapabilities, *, psk: bytes | None = None,
+                 tls: transport.TlsConfig | None = None, insecure: bool = False,
+                 on_status: Callable[[Status], None] | None = None) -> None:
+        self.m = machine
+        self.host, self.port = parse_uri(uri)
+        self.params = params
+        self.caps = caps
+        self.psk, self.tls, self.insecure = psk, tls, insecure
+        self.info = MigrationInfo(dma_tracking=params.x_dma_tracking)
+        self.on_status = on_status
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="migration-source", daemon=True)
+        self.strategy: DmaTracking = make_strategy(params.x_dma_tracking)
+        self.channel: transport.Channel | None = None
+        self.stopped_at: float | None = None
+
+    # --- control ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._set_status(Status.SETUP)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        if not self.info.status.finished:
+            self._set_status(Status.CANCELLING)
+            self._cancel.set()
+            ch = self.channel
+            if ch is not None:
+                ch.close()  # unblock a send/recv in progress
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _set_status(self, status: Status) -> None:
+        self.info.status = status
+        if self.on_status is not None:
+            try:
+                self.on_status(status)
+            except Exception:
+                log.exception("migration status listener failed")
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+        if self.info.start and time.monotonic() - self.info.start > self.params.x_timeout_s:
+            raise TimeoutError(f"migration did not complete within {self.params.x_timeout_s:.0f} s")
+
+    # --- the migration ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        m = self.m
+        vm = m.vm
+        self.info.start = time.monotonic()
+        self.info.ram.total = vm.memory.size
+        was_running = vm.state == RunState.RUNNING
+        began = False
+        switched = False
+        try:
+            ch = transport.connect(self.host, self.port, tls=self.tls, psk=self.psk,
+                                   insecure=self.insecure)
+            self.channel = ch
+            conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
+            transport.send_event(ch, conn, hello(m.cfg.compat_fingerprint()))
+            ack = transport.recv_event(ch, conn)
+            if not isinstance(ack, HelloAck) or not ack.accepted:
+                reason = getattr(ack, "reason", repr(ack))
+                raise ConnectionRefusedError(f"destination refused the migration: {reason}")
+            self._check()
+            self.strategy.begin(m)
+            began = True
+            vm.dirty.reset()
+            self.info.setup_time_ms = int((time.monotonic() - self.info.start) * 1000)
+            self._set_status(Status.ACTIVE)
+            pending = self._precopy(ch, conn)
+            switched = self._stop_and_copy(ch, conn, pending)
+        except Exception as e:
+            cancelled = isinstance(e, MigrationCancelled) or self._cancel.is_set()
+            self.info.error = "migration cancelled" if cancelled else f"{type(e).__name__}: {e}"
+            if not cancelled:
+                log.error("migration failed: %s", self.info.error)
+            self._recover(was_running, began)
+            self.info.end = time.monotonic()
+            self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
+        else:
+            self.info.end = time.monotonic()
+            if switched:
+                self.strategy.complete(m)
+                self._set_status(Status.COMPLETED)
+        finally:
+            if self.channel is not None:
+                self.channel.close()
+            self.info.shadow = self.strategy.stats()
+
+    def _recover(self, was_running: bool, began: bool) -> None:
+        """Failure before switchover: the guest continues here, devices as before."""
+        vm = self.m.vm
+        vm.set_throttle(0)
+        if began:
+            try:
+                self.strategy.abort(self.m)
+            except Exception:
+                log.exception("restoring devices after a failed migration")
+        if was_running and vm.state in (RunState.FINISH_MIGRATE, RunState.PAUSED):
+            vm.resume()
+
+    def _harvest(self) -> bitmap.Bitmap:
+        dirty = self.m.vm.dirty.harvest()
+        extra = self.strategy.round_dirty(self.m)
+        if extra is not None:
+            np.bitwise_or(dirty, extra, out=dirty)
+        self.info.ram.dirty_sync_count += 1
+        return dirty
+
+    def _send_round(self, ch: transport.Channel, conn: Connection, rnd: int,
+                    dirty: bitmap.Bitmap, *, throttle: policy.TokenBucket | None) -> int:
+        """Send one round's dirty pages; returns bytes sent."""
+        mem = self.m.vm.memory
+        npages = mem.npages
+        count = pages.count_dirty(dirty, npages)
+        sent = transport.send_event(ch, conn, RoundStart(rnd, count))
+        ram = self.info.ram
+        for runs in pages.bitmap_to_runs(dirty, BATCH_PAGES, npages):
+            self._check()
+            runs = pages.split_zero_runs(mem.view, runs)
+            n = transport.send_pages(ch, conn, runs, mem.view)
+            data = pages.data_pages(runs)
+            total = int(runs["npages"].sum())
+            ram.normal += data
+            ram.normal_bytes += data * PAGE_SIZE
+            ram.duplicate += total - data
+            ram.transferred += n
+            ram.remaining = max(0, ram.remaining - total * PAGE_SIZE)
+            sent += n
+            if throttle is not None:
+                delay = throttle.consume(n)
+                if delay > 0:
+                    time.sleep(delay)
+        sent += transport.send_event(ch, conn, RoundEnd(rnd))
+        return sent
+
+    def _precopy(self, ch: transport.Channel, conn: Connection) -> bitmap.Bitmap:
+        """Pre-copy rounds until the policy says stop; returns the dirty set not yet sent."""
+        vm = self.m.vm
+        npages = vm.memory.npages
+        params = self.params
+        limit_s = params.downtime_limit_ms / 1000
+        bw = policy.BandwidthEstimator()
+        auto = policy.AutoConverge() if self.caps.auto_converge else None
+        bucket = policy.TokenBucket(params.max_bandwidth) if params.max_bandwidth else None
+        dirty = bitmap.full(npages)
+        best_remaining: int | None = None
+        stalled = 0
+        rnd = 0
+        while True:
+            self._check()
+            count = pages.count_dirty(dirty, npages)
+            self.info.ram.remaining = count * PAGE_SIZE
+            t0 = time.monotonic()
+            nbytes = self._send_round(ch, conn, rnd, dirty, throttle=bucket)
+            took = time.monotonic() - t0
+            rate = bw.update(nbytes, took)
+            self.info.ram.mbps = rate * 8 / 1e6
+            dirty = self._harvest()
+            remaining_pages = pages.count_dirty(dirty, npages)
+            remaining = remaining_pages * PAGE_SIZE
+            self.info.ram.remaining = remaining
+            self.info.ram.dirty_pages_rate = int(remaining_pages / took) if took > 0 else 0
+            self.info.ram.pages_per_round.append(count)
+            self.info.expected_downtime_ms = int(policy.expected_downtime(remaining, rate) * 1000)
+            self.info.rounds.append({"round": rnd, "pages": count, "seconds": round(took, 4),
+                                     "remaining-pages": remaining_pages})
+            log.info("round %d: %d pages in %.3fs (%.0f MB/s), %d dirty after", rnd, count, took,
+                     rate / 1e6, remaining_pages)
+            rnd += 1
+            if policy.should_switchover(remaining, rate, limit_s):
+                return dirty
+            if best_remaining is None or remaining < best_remaining * 0.95:
+                best_remaining = remaining
+                stalled = 0
+            else:
+                stalled += 1
+            if auto is not None:
+                pct = auto.update(policy.RoundStats(
+                    dirty_bytes=remaining, transferred_bytes=nbytes, seconds=took))
+                if pct != self.info.throttle_pct:
+                    self.info.throttle_pct = pct
+                    vm.set_throttle(pct)
+            if stalled >= params.x_max_stalled_rounds and (auto is None or
+                                                           self.info.throttle_pct >= 99):
+                # The dirty set no longer shrinks (e.g. all-dirty resends every mapped page):
+                # stop iterating and pay for it in downtime, as QEMU eventually must.
+                self.info.forced_switchover = True
+                return dirty
+
+    def _stop_and_copy(self, ch: transport.Channel, conn: Connection,
+                       pending: bitmap.Bitmap) -> bool:
+        m = self.m
+        vm = m.vm
+        self._check()
+        vm.pause(RunState.FINISH_MIGRATE)
+        self.stopped_at = time.monotonic()
+        vm.set_throttle(0)
+        self._set_status(Status.DEVICE)
+        extra = self.strategy.stop_and_copy(m)
+        dirty = vm.dirty.harvest()
+        np.bitwise_or(dirty, pending, out=dirty)
+        if extra is not None:
+            np.bitwise_or(dirty, extra, out=dirty)
+        self.info.ram.dirty_sync_count += 1
+        vcpus = vm.save_vcpus()
+        devices = self.strategy.device_states(m)
+        rnd = len(self.info.rounds)
+        final_pages = pages.count_dirty(dirty, vm.memory.npages)
+        self._send_round(ch, conn, rnd, dirty, throttle=None)
+        self.info.rounds.append({"round": rnd, "pages": final_pages, "stop-and-copy": True})
+        self.info.ram.pages_per_round.append(final_pages)
+        transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
+        transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
+        digests = None
+        if self.caps.x_verify:
+            digests = page_digests(vm.memory.view)
+            for start in range(0, len(digests), DIGESTS_PER_FRAME):
+                chunk = digests[start : start + DIGESTS_PER_FRAME]
+                transport.send_event(ch, conn, VerifyDigests(start, digests_to_bytes(chunk)))
+        transport.send_event(ch, conn, Complete())
+        self._cancel_point_passed = True
+        reply = transport.recv_event(ch, conn)
+        if isinstance(reply, Abort):
+            raise RuntimeError(f"destination aborted: {reply.reason}")
+        if not isinstance(reply, SwitchoverAck):
+            raise RuntimeError(f"expected a switchover acknowledgement, got {reply!r}")
+        if not reply.ok:
+            raise RuntimeError(f"destination refused the switchover: {reply.reason}")
+        self.info.downtime_ms = int((time.monotonic() - self.stopped_at) * 1000)
+        self.info.ram.remaining = 0
+        self.info.verify = _verify_report(reply.reason)
+        vm._set_state(RunState.POSTMIGRATE)
+        return True
+
+
+def _verify_report(reason: str) -> dict | None:
+    """The destination puts its verification result in the ack's reason as JSON."""
+    import json
+
+    if not reason:
+        return None
+    try:
+        doc = json.loads(reason)
+    except json.JSONDecodeError:
+        return None
+    v = doc.get("x-verify") if isinstance(doc, dict) else None
+    return v if isinstance(v, dict) else None

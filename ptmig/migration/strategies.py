@@ -1,0 +1,177 @@
+"""Device-DMA tracking strategies: what each adds to the dirty set, and how devices are
+handled at the edges of a migration.
+
+A passthrough device writes guest RAM behind KVM's back, so a migration has to learn about
+those writes some other way. The engine asks the active strategy at four points:
+
+    begin(m)           before round 0 (the device keeps running)
+    round_dirty(m)     at every harvest: pages to add to the dirty set, or None
+    stop_and_copy(m)   vCPUs are paused: quiesce devices; final pages to add, or None
+    device_states(m)   what the destination needs to program its fresh devices
+    abort(m)           the migration failed before switchover: back to normal, devices running
+    complete(m)        the destination runs the guest now: this side stays stopped
+
+`none` adds nothing (and loses device writes: kept to show the corruption), `all-dirty` adds
+every page the IOMMU maps writable (QEMU's "perpetually dirty" fallback), `device-log` harvests
+the device's own DMA write log (hardware dirty tracking), and `shadow` (see `ptmig.shadow`)
+adds nothing because device writes reach guest RAM only through the VMM's marking write path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .. import bitmap
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+MAX_DEVICE_STATE_BYTES = 4 << 20
+
+
+class DeviceStateError(ValueError):
+    pass
+
+
+class DmaTracking(Protocol):
+    name: str
+
+    def begin(self, m: Machine) -> None: ...
+    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None: ...
+    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None: ...
+    def device_states(self, m: Machine) -> list[dict[str, Any]]: ...
+    def abort(self, m: Machine) -> None: ...
+    def complete(self, m: Machine) -> None: ...
+    def stats(self) -> dict[str, Any] | None: ...
+
+
+class _QuiesceAtStop:
+    """Shared behaviour of the baselines: devices run untouched until the vCPUs stop, then are
+    quiesced (in-flight DMA finishes) and their queue state is read through the admin interface."""
+
+    name = "none"
+
+    def begin(self, m: Machine) -> None:
+        pass
+
+    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+        return None
+
+    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+        for dev in m.devices:
+            dev.handle.quiesce()
+        return None
+
+    def device_states(self, m: Machine) -> list[dict[str, Any]]:
+        return [{"id": d.id, "kind": d.kind, "source": "device", "state": d.handle.get_state()}
+                for d in m.devices]
+
+    def abort(self, m: Machine) -> None:
+        for dev in m.devices:
+            if dev.handle.alive:
+                dev.handle.resume()
+
+    def complete(self, m: Machine) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any] | None:
+        return None
+
+
+class NoTracking(_QuiesceAtStop):
+    name = "none"
+
+
+class AllDirty(_QuiesceAtStop):
+    name = "all-dirty"
+
+    def _writable(self, m: Machine) -> bitmap.Bitmap:
+        out = bitmap.empty(m.vm.memory.npages)
+        flags = np.zeros(m.vm.memory.npages, dtype=bool)
+        for dev in m.devices:
+            pfns = dev.iommu.writable_guest_pfns()
+            flags[pfns[pfns < flags.size]] = True
+        out[:] = bitmap.from_bool(flags)
+        return out
+
+    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+        return self._writable(m)
+
+    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+        super().stop_and_copy(m)
+        return self._writable(m)
+
+
+class DeviceLog(_QuiesceAtStop):
+    name = "device-log"
+
+    def begin(self, m: Machine) -> None:
+        for dev in m.devices:
+            dev.handle.dma_log_start()
+
+    def _harvest(self, m: Machine) -> bitmap.Bitmap:
+        out = bitmap.empty(m.vm.memory.npages)
+        for dev in m.devices:
+            log_bytes = np.asarray(dev.handle.dma_log_harvest(), dtype=np.uint8)
+            words = np.zeros(out.size * 8, dtype=np.uint8)
+            n = min(words.size, log_bytes.size)
+            words[:n] = log_bytes[:n]
+            np.bitwise_or(out, words.view(np.uint64), out=out)
+        return out
+
+    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+        return self._harvest(m)
+
+    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+        super().stop_and_copy(m)
+        return self._harvest(m)
+
+    def abort(self, m: Machine) -> None:
+        for dev in m.devices:
+            if dev.handle.alive:
+                dev.handle.dma_log_stop()
+        super().abort(m)
+
+
+def make_strategy(name: str) -> DmaTracking:
+    if name == "shadow":
+        from ..shadow.strategy import ShadowTracking
+
+        return ShadowTracking()
+    table: dict[str, type[_QuiesceAtStop]] = {
+        "none": NoTracking, "all-dirty": AllDirty, "device-log": DeviceLog,
+    }
+    if name not in table:
+        raise ValueError(f"unknown x-dma-tracking strategy {name!r}")
+    return table[name]()
+
+
+# --- the device-state blob that crosses the wire ------------------------------------------
+
+
+def encode_device_states(states: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"version": 1, "devices": states}, separators=(",", ":")).encode()
+
+
+def decode_device_states(blob: bytes, expected_ids: list[str]) -> list[dict[str, Any]]:
+    """Parse the peer's device states; untrusted: shape and ids are checked here, each device's
+    own state is validated again by the device when it is programmed."""
+    if len(blob) > MAX_DEVICE_STATE_BYTES:
+        raise DeviceStateError(f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}")
+    try:
+        doc = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DeviceStateError(f"device state is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("devices"), list):
+        raise DeviceStateError("device state lacks version 1 and a device list")
+    devices = doc["devices"]
+    ids = [d.get("id") if isinstance(d, dict) else None for d in devices]
+    if ids != expected_ids:
+        raise DeviceStateError(f"device state is for devices {ids}, this VM has {expected_ids}")
+    for d in devices:
+        if not isinstance(d.get("state"), dict):
+            raise DeviceStateError(f"device {d.get('id')}: state is not an object")
+    return devices
