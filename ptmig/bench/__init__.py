@@ -1,0 +1,144 @@
+"""`ptmig bench`: the section table, running sections, and writing the report.
+
+A section is a module with a function `run(config: BenchConfig) -> list[Result]`. Adding one
+(devices, migration, strategies) means adding its module and one line to `SECTIONS`; nothing
+else changes. Modules are imported only when their section runs, so a section whose
+prerequisites are missing cannot break the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from .harness import (
+    DEFAULT_JSON_PATH,
+    BenchConfig,
+    Report,
+    Result,
+    SectionError,
+    machine_info,
+    print_section,
+)
+
+SectionFn = Callable[[BenchConfig], list[Result]]
+
+# name -> "module:function", in the order sections run.
+SECTIONS: dict[str, str] = {
+    "core": "ptmig.bench.core:run",
+}
+
+
+def load_section(name: str) -> SectionFn:
+    """The run function of the section called `name`."""
+    try:
+        target = SECTIONS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown bench section {name!r}; known sections: {', '.join(SECTIONS)}"
+        ) from None
+    module_name, _, func_name = target.partition(":")
+    fn: SectionFn = getattr(importlib.import_module(module_name), func_name)
+    return fn
+
+
+def select_sections(only: Sequence[str] | None) -> list[str]:
+    """Section names to run: all of them, or those in `only` (in table order)."""
+    if not only:
+        return list(SECTIONS)
+    unknown = [n for n in only if n not in SECTIONS]
+    if unknown:
+        raise KeyError(
+            f"unknown bench section(s) {', '.join(map(repr, unknown))}; known sections: "
+            f"{', '.join(SECTIONS)}"
+        )
+    return [n for n in SECTIONS if n in only]
+
+
+def run_bench(
+    config: BenchConfig,
+    sections: Sequence[tuple[str, SectionFn]],
+    console: Console | None = None,
+) -> Report:
+    """Run each section, print its table, and collect everything into one report.
+
+    A section that raises is recorded in `report.errors` (with its traceback printed); the
+    other sections still run.
+    """
+    console = console or Console()
+    report = Report(machine=machine_info())
+    for name, fn in sections:
+        console.print(f"[bold]bench {name}[/bold] ({config.runs} runs per measurement)")
+        try:
+            results = fn(config)
+        except Exception as e:
+            console.print(f"[red]section {name} crashed:[/red]\n{traceback.format_exc()}")
+            report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
+            continue
+        for r in results:
+            if r.section != name:
+                r.section = name
+        report.results.extend(results)
+        print_section(console, name, results)
+    missed = [r for r in report.results if r.ok is False]
+    if missed:
+        console.print(
+            f"[yellow]{len(missed)} goal(s) missed:[/yellow] "
+            + ", ".join(f"{r.section}/{r.name}" for r in missed)
+        )
+    return report
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _lazy(name: str) -> SectionFn:
+    """Import the section only when it runs, so an import failure is that section's crash."""
+
+    def run(config: BenchConfig) -> list[Result]:
+        return load_section(name)(config)
+
+    return run
+
+
+def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
+    """Entry point of `ptmig bench`. Returns 0 unless a section crashed (or `only` is bad).
+
+    Missed goals are reported in the table and the JSON, not in the exit status.
+    """
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a log file: do not squeeze the table to 80 columns
+    try:
+        names = select_sections(only)
+    except KeyError as e:
+        console.print(f"[red]{e.args[0]}[/red]")
+        return 2
+    config = BenchConfig.for_mode(quick)
+    report = run_bench(config, [(n, _lazy(n)) for n in names], console)
+    path = json_path if json_path is not None else DEFAULT_JSON_PATH
+    write_json(report, path)
+    console.print(f"results written to {path}")
+    return 1 if report.errors else 0
+
+
+__all__ = [
+    "SECTIONS",
+    "BenchConfig",
+    "Report",
+    "Result",
+    "load_section",
+    "main",
+    "run_bench",
+    "select_sections",
+    "write_json",
+]

@@ -1,0 +1,294 @@
+"""The benchmark harness: statistics, goals, the report and its JSON, section selection and
+crash handling (no KVM); and one quick smoke run of the `core` section on KVM."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
+
+import ptmig.bench as bench
+from ptmig.bench import guests
+from ptmig.bench.harness import (
+    BenchConfig,
+    BenchError,
+    Goal,
+    Report,
+    Result,
+    format_value,
+    machine_info,
+    measured,
+    median,
+    paired_ratios,
+    percentile,
+    section_table,
+)
+
+# ---- statistics -----------------------------------------------------------------------------
+
+
+def test_median_of_odd_and_even_counts() -> None:
+    assert median([5.0, 1.0, 3.0]) == 3.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    with pytest.raises(BenchError, match="no samples"):
+        median([])
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    samples = [10.0, 20.0, 30.0, 40.0, 50.0]
+    assert percentile(samples, 0) == 10.0
+    assert percentile(samples, 100) == 50.0
+    assert percentile(samples, 50) == 30.0
+    assert percentile(samples, 90) == pytest.approx(46.0)
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError, match="percentile 101"):
+        percentile(samples, 101)
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=50), st.floats(0, 100))
+def test_percentile_lies_within_the_samples(samples: list[float], pct: float) -> None:
+    assert min(samples) <= percentile(samples, pct) <= max(samples)
+
+
+def test_paired_ratios_are_per_run() -> None:
+    # the median of per-run ratios, not the ratio of medians: run 2 was slow on both sides
+    guest = [1.0, 2.0, 0.5]
+    native = [1.0, 2.5, 0.5]
+    assert paired_ratios(guest, native) == [1.0, 0.8, 1.0]
+    with pytest.raises(BenchError, match="got 2 and 1"):
+        paired_ratios([1.0, 2.0], [1.0])
+    with pytest.raises(BenchError, match="run 1: the ratio's denominator is 0"):
+        paired_ratios([1.0, 2.0], [1.0, 0.0])
+
+
+# ---- goals and results ----------------------------------------------------------------------
+
+
+def test_goal_bounds_are_inclusive_and_nan_fails() -> None:
+    at_most = Goal("<=", 30, "µs")
+    assert at_most.met_by(30) and at_most.met_by(1) and not at_most.met_by(30.01)
+    at_least = Goal(">=", 0.9)
+    assert at_least.met_by(0.9) and not at_least.met_by(0.89)
+    assert not at_most.met_by(math.nan) and not at_least.met_by(math.nan)
+    assert str(at_most) == "≤ 30 µs" and str(at_least) == "≥ 0.9"
+    with pytest.raises(ValueError, match="'<'"):
+        Goal("<", 1)  # type: ignore[arg-type]
+
+
+def test_measured_reports_the_median_and_checks_the_goal_against_it() -> None:
+    r = measured("s", "exit", [50.0, 10.0, 12.0, 11.0, 13.0], "µs", Goal("<=", 30, "µs"))
+    assert r.value == 12.0 and r.ok is True  # one outlier does not fail the goal
+    assert (r.min, r.max) == (10.0, 50.0)
+    assert r.runs == [50.0, 10.0, 12.0, 11.0, 13.0]
+    bad = measured("s", "exit", [40.0, 31.0, 35.0], "µs", Goal("<=", 30, "µs"))
+    assert bad.value == 35.0 and bad.ok is False
+    none = measured("s", "info", [1.0], "x")
+    assert none.goal is None and none.ok is None
+
+
+def test_measured_percentile_statistic() -> None:
+    r = measured("s", "pause.p99", [float(i) for i in range(1, 101)], "µs", statistic=99)
+    assert r.value == pytest.approx(99.01)
+    assert r.extra["statistic"] == "p99"
+
+
+def test_result_json_shape() -> None:
+    r = measured("core", "x", [1.0, 3.0, 2.0], "ms", Goal("<=", 5, "ms"), {"k": 1})
+    assert r.to_json() == {
+        "section": "core", "name": "x", "value": 2.0, "unit": "ms", "goal": "≤ 5 ms",
+        "ok": True, "min": 1.0, "max": 3.0, "runs": [1.0, 3.0, 2.0], "extra": {"k": 1},
+    }
+
+
+def test_non_finite_values_become_null_in_json() -> None:
+    r = Result("s", "n", math.nan, "u", None, None, [math.inf, 1.0])
+    doc = r.to_json()
+    assert doc["value"] is None and doc["runs"] == [None, 1.0] and doc["max"] is None
+    json.dumps(doc, allow_nan=False)  # strict JSON
+
+
+def test_machine_info_has_the_fields_the_report_promises() -> None:
+    info = machine_info()
+    assert set(info) == {"cpu_model", "cores", "kernel", "python", "date", "loadavg"}
+    assert info["cpu_model"] and info["python"].count(".") == 2
+
+
+def test_format_value() -> None:
+    assert format_value(141.53) == "141.5"
+    assert format_value(0.98765) == "0.9877"
+    assert format_value(2964.2) == "2964"
+    assert format_value(0.0) == "0"
+    assert format_value(math.nan) == "n/a"
+    assert format_value(1.5e-5) == "1.500e-05"
+
+
+def test_section_table_marks_missed_goals() -> None:
+    results = [
+        measured("core", "fast", [1.0], "µs", Goal("<=", 30, "µs")),
+        measured("core", "slow", [99.0], "µs", Goal("<=", 30, "µs")),
+    ]
+    console = Console(width=120, record=True)
+    console.print(section_table("core", results))
+    text = console.export_text()
+    fast = next(line for line in text.splitlines() if "fast" in line)
+    slow = next(line for line in text.splitlines() if "slow" in line)
+    assert "✓" in fast and "✗" in slow and "≤ 30 µs" in slow
+
+
+# ---- sections, main, JSON -------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_sections(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """Replace the section table with fake sections living in a throwaway module."""
+    mod = types.ModuleType("ptmig_bench_fake_sections")
+
+    def good(config: BenchConfig) -> list[Result]:
+        runs = [float(i) for i in range(config.runs)]
+        return [
+            measured("good", "met", runs, "ms", Goal("<=", 100, "ms")),
+            measured("good", "missed", [500.0] * config.runs, "ms", Goal("<=", 100, "ms")),
+        ]
+
+    def broken(config: BenchConfig) -> list[Result]:
+        raise RuntimeError("device exploded")
+
+    mod.good = good  # type: ignore[attr-defined]
+    mod.broken = broken  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(bench, "SECTIONS", {
+        "good": f"{mod.__name__}:good",
+        "broken": f"{mod.__name__}:broken",
+        "missing": "ptmig_bench_no_such_module:run",
+    })
+    return mod
+
+
+def test_select_sections_keeps_table_order_and_rejects_unknown(fake_sections) -> None:
+    assert bench.select_sections(None) == ["good", "broken", "missing"]
+    assert bench.select_sections(["broken", "good"]) == ["good", "broken"]
+    with pytest.raises(KeyError, match="'nope'.*known sections: good, broken, missing"):
+        bench.select_sections(["good", "nope"])
+
+
+def test_a_missed_goal_is_reported_not_an_error(fake_sections, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "bench.json"
+    assert bench.main(quick=True, json_path=out, only=["good"]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"format", "machine", "results", "errors"}
+    assert set(doc["machine"]) == {"cpu_model", "cores", "kernel", "python", "date", "loadavg"}
+    assert doc["errors"] == []
+    by_name = {r["name"]: r for r in doc["results"]}
+    assert by_name["met"]["ok"] is True and by_name["missed"]["ok"] is False
+    assert len(by_name["met"]["runs"]) == 3  # quick mode: 3 runs
+    assert by_name["met"]["value"] == 1.0  # median of 0, 1, 2
+
+
+def test_a_crashing_section_makes_main_fail_but_the_others_still_run(
+    fake_sections, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    assert bench.main(quick=False, json_path=out, only=None) == 1
+    doc = json.loads(out.read_text())
+    assert [r["name"] for r in doc["results"]] == ["met", "missed"]
+    assert len(doc["results"][0]["runs"]) == 5  # full mode: 5 runs
+    errors = {e["section"]: e["error"] for e in doc["errors"]}
+    assert errors["broken"] == "RuntimeError: device exploded"
+    assert "ModuleNotFoundError" in errors["missing"]
+
+
+def test_unknown_section_name_returns_2_and_writes_nothing(fake_sections, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    assert bench.main(quick=True, json_path=out, only=["nope"]) == 2
+    assert not out.exists()
+
+
+def test_run_bench_files_results_under_their_section() -> None:
+    def section(config: BenchConfig) -> list[Result]:
+        return [measured("wrong-name", "x", [1.0], "u")]
+
+    report = bench.run_bench(BenchConfig(runs=1), [("mine", section)],
+                             Console(quiet=True))
+    assert isinstance(report, Report) and report.results[0].section == "mine"
+
+
+def test_the_core_section_is_registered() -> None:
+    assert "core" in bench.SECTIONS
+    from ptmig.bench import core
+
+    assert bench.load_section("core") is core.run
+
+
+def test_bench_config_modes() -> None:
+    assert BenchConfig.for_mode(quick=True).runs == 3
+    assert BenchConfig.for_mode(quick=False).runs == 5
+    with pytest.raises(ValueError, match="runs=0"):
+        BenchConfig(runs=0)
+
+
+# ---- the micro-guests -----------------------------------------------------------------------
+
+
+def test_loop_guests_encode_their_iteration_count() -> None:
+    for make in (guests.port_io_loop, guests.mmio_store_loop):
+        code = make(20000)
+        assert code[0] == 0xB9 and struct.unpack_from("<I", code, 1)[0] == 20000
+        assert code.endswith(bytes.fromhex("EFEBFE"))  # out dx, eax (HC_EXIT); jmp $
+        with pytest.raises(ValueError, match="iterations=-1"):
+            make(-1)
+        with pytest.raises(ValueError, match="iterations=4294967296"):
+            make(1 << 32)
+    mmio = guests.mmio_store_loop(1)
+    assert struct.unpack_from("<I", mmio, 6)[0] == guests.UNBACKED_MMIO_GPA
+    with pytest.raises(ValueError, match="hypercall port"):
+        guests.port_io_loop(1, port=0x500)
+
+
+# ---- KVM smoke run --------------------------------------------------------------------------
+
+CORE_RESULT_NAMES = {
+    "storebw.guest", "storebw.native", "storebw.ratio",
+    "exit.pio", "exit.mmio", "exit.pio.kvm_run_floor", "exit.pio.vmm_path",
+    "harvest.64m.running", "harvest.64m.backlog", "harvest.64m.idle",
+    "pause.running", "pause.running.p99", "pause.halted", "pause.halted.p99",
+}
+
+
+@pytest.mark.kvm
+def test_core_section_quick_smoke(tmp_path: Path) -> None:
+    from ptmig.bench import core
+
+    def tiny_core(config: BenchConfig) -> list[Result]:
+        return core.run_core(config, core.CoreParams.tiny())
+
+    config = BenchConfig.for_mode(quick=True)
+    report = bench.run_bench(config, [("core", tiny_core)],
+                             Console(quiet=True))
+    out = tmp_path / "bench.json"
+    bench.write_json(report, out)
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == []
+    by_name = {r["name"]: r for r in doc["results"]}
+    assert set(by_name) == CORE_RESULT_NAMES
+    for name, r in by_name.items():
+        assert r["section"] == "core"
+        assert (r["ok"] is None) == (r["goal"] is None), name
+        assert len(r["runs"]) >= config.runs, f"{name}: {r}"
+        if name == "exit.pio.vmm_path":  # a difference of two noisy numbers: any sign
+            continue
+        assert r["value"] is not None and r["value"] > 0, f"{name}: {r}"
+        assert all(x > 0 for x in r["runs"]), f"{name}: {r}"
+    pio, floor = by_name["exit.pio"]["runs"], by_name["exit.pio.kvm_run_floor"]["runs"]
+    assert by_name["exit.pio.vmm_path"]["runs"] == pytest.approx(
+        [a - b for a, b in zip(pio, floor, strict=True)])
+    assert sum(by_name["harvest.64m.running"]["extra"]["dirty_pages"]) > 0
+    assert by_name["harvest.64m.idle"]["extra"]["dirty_pages"] == [0] * (3 * 2)
+    assert by_name["pause.halted"]["extra"]["halts"] >= 2
