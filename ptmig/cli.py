@@ -99,5 +99,17 @@ def switch(listen: str, age: float) -> None:
     sys.exit(switch_main(listen, age_s=age))
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="A smaller version that fits a few minutes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the results (default bench-results/bench.json).")
+@click.option("--only", multiple=True, help="Run only these sections (repeatable).")
+def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
+    """Run the benchmarks: tables on stdout, one JSON file."""
+    from .bench import main as bench_main
+
+    sys.exit(bench_main(quick, json_path, list(only) or None))
+
+
 if __name__ == "__main__":
     main()

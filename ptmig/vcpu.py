@@ -117,7 +117,7 @@ class RunControl:
             if start:
                 self._throttle_thread = threading.Thread(target=self._throttle_loop,
                                                          name="cpu-throttle", daemon=True)
-        if start:
+        if start and self._throttle_thread is not None:
             self._throttle_thread.start()
 
     def _throttle_loop(self) -> None:
@@ -155,7 +155,6 @@ class Vcpu:
         self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
         self.alive = True
         self._pending_completion = False
-        self._in_guest = False
 
     def start(self) -> None:
         self.thread.start()
@@ -180,6 +179,11 @@ class Vcpu:
     def _park_if_requested(self) -> bool:
         """Wait while paused. Returns False when the VM is stopping."""
         ctl = self.control
+        if (not ctl.pause_requested and not ctl.stopping and not self._pending_completion
+                and not self.fd.run_struct.immediate_exit):
+            # Fast path, no lock: pause() sets immediate_exit under the lock before kicking, so
+            # a stale read here costs one KVM_RUN that returns at once.
+            return True
         with ctl.cond:
             if ctl.pause_requested and not self._pending_completion:
                 ctl.parked += 1
@@ -209,7 +213,6 @@ class Vcpu:
         while True:
             if not self._park_if_requested():
                 return
-            self.drain_kick()
             try:
                 self.fd.run()
             except KvmError as e:
@@ -243,7 +246,9 @@ class Vcpu:
 
     def kick_wait(self, seconds: float) -> None:
         """Sleep, but wake early when kicked (a pause must not wait for a throttle slice)."""
-        select.select([self.kick_fd], [], [], seconds)
+        r, _, _ = select.select([self.kick_fd], [], [], seconds)
+        if r:
+            self.drain_kick()
 
     def _handle_io(self, run: object) -> None:
         io = self.fd.run_struct.exit.io

@@ -262,8 +262,13 @@ class VcpuFd:
         _ioctl(self.fd, req, cbuf)
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         del self.run_struct
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view of kvm_run is still alive; the mapping goes with it
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -1,0 +1,212 @@
+/*
+ * dirty.c - the dirty-page workload: `dirty ws=SIZE rate=MIB_PER_S seconds=N`.
+ *
+ * Every vCPU dirties its own share of a working set of ws bytes (default 64M), one 8-byte
+ * store per page per pass (value = pass + page index, so every pass changes every page), at
+ * rate MiB/s in total (0: as fast as possible; paced by busy-waiting on the TSC, never by
+ * halting), for seconds seconds (0: until the VM is stopped).
+ *
+ * Ground truth: a bitmap at boot_info.heap_start with one bit per 4 KiB page of guest RAM,
+ * set (atomically: the vCPUs share it) for every page the workload writes; struct
+ * dirty_report in the workload area says where it and the working set are.
+ *
+ * Per-vCPU stats slot: iterations and pages_written (pages written), max_gap_tsc (longest
+ * TSC gap between two consecutive loop iterations, pacing spins included, so it is the
+ * guest-observed pause), last_tsc; w[0] passes done, w[1] first page of this vCPU's share,
+ * w[2] pages in the share.
+ */
+#include <stdint.h>
+
+#include "runtime/console.h"
+#include "runtime/io.h"
+#include "runtime/smp.h"
+#include "runtime/string.h"
+#include "runtime/time.h"
+#include "workloads/workload.h"
+
+#define DEFAULT_WS (64ull << 20)
+#define PAGE_SHIFT 12
+#define CATCH_UP_LIMIT_MS 10 /* after a longer stall, pacing restarts instead of bursting */
+
+static const char *const dirty_keys[] = {"ws", "rate", "seconds", NULL};
+
+static struct {
+    uint64_t *bitmap;
+    uint64_t ws_gpa;
+    uint64_t ws_pages;
+    uint64_t rate_mib;
+    uint64_t seconds;
+    unsigned nr_vcpus;
+} cfg;
+
+static int dirty_setup(const struct boot_info *bi, const struct cmdline *c)
+{
+    uint64_t ws;
+    const char *bad = NULL;
+    if (cmdline_get_u64(c, "ws", DEFAULT_WS, &ws))
+        bad = "ws";
+    else if (cmdline_get_u64(c, "rate", 0, &cfg.rate_mib))
+        bad = "rate";
+    else if (cmdline_get_u64(c, "seconds", 0, &cfg.seconds))
+        bad = "seconds";
+    if (bad) {
+        printf("dirty: %s=%s is not a number; usage: %s\n", bad, cmdline_get(c, bad),
+               workload_dirty.usage);
+        return EXIT_BAD_ARGS;
+    }
+    uint64_t ram_pages = bi->mem_size >> PAGE_SHIFT;
+    uint64_t bitmap_bytes = ((ram_pages + 63) / 64) * 8;
+    uint64_t ws_gpa = (bi->heap_start + bitmap_bytes + ABI_PAGE_SIZE - 1) & ~(uint64_t)(ABI_PAGE_SIZE - 1);
+    uint64_t avail = bi->mem_size > ws_gpa ? bi->mem_size - ws_gpa : 0;
+    if (ws > avail) {
+        if (cmdline_get(c, "ws")) {
+            printf("dirty: ws=%lu bytes does not fit: %lu bytes free after the bitmap "
+                   "(mem_size %lu)\n",
+                   (unsigned long)ws, (unsigned long)avail, (unsigned long)bi->mem_size);
+            return EXIT_BAD_ARGS;
+        }
+        ws = avail; /* the default shrinks to fit a small VM */
+    }
+    cfg.ws_pages = ws >> PAGE_SHIFT;
+    if (cfg.ws_pages == 0) {
+        printf("dirty: working set of %lu bytes holds no whole page\n", (unsigned long)ws);
+        return EXIT_BAD_ARGS;
+    }
+    cfg.bitmap = (uint64_t *)(uintptr_t)bi->heap_start;
+    cfg.ws_gpa = ws_gpa;
+    cfg.nr_vcpus = bi->nr_vcpus;
+    memset(cfg.bitmap, 0, bitmap_bytes);
+
+    volatile struct dirty_report *r = workload_area();
+    r->bitmap_gpa = bi->heap_start;
+    r->bitmap_bytes = bitmap_bytes;
+    r->ws_gpa = ws_gpa;
+    r->ws_pages = cfg.ws_pages;
+    r->pass = 0;
+    __atomic_store_n(&r->magic, DIRTY_REPORT_MAGIC, __ATOMIC_RELEASE);
+    printf("dirty: %u vCPUs, ws %lu pages at 0x%lx, rate %lu MiB/s%s, seconds %lu%s\n",
+           cfg.nr_vcpus, (unsigned long)cfg.ws_pages, (unsigned long)ws_gpa,
+           (unsigned long)cfg.rate_mib, cfg.rate_mib ? "" : " (unlimited)",
+           (unsigned long)cfg.seconds, cfg.seconds ? "" : " (until stopped)");
+    return EXIT_OK;
+}
+
+/* Loop-iteration bookkeeping: the gap since the previous iteration. */
+struct gap_meter {
+    volatile struct vcpu_stats *stats;
+    uint64_t prev;
+    uint64_t max;
+};
+
+static inline uint64_t gap_tick(struct gap_meter *m)
+{
+    uint64_t now = rdtsc();
+    uint64_t gap = now - m->prev;
+    if (gap > m->max) {
+        m->max = gap;
+        m->stats->max_gap_tsc = gap;
+    }
+    m->prev = now;
+    return now;
+}
+
+static inline void mark_page(uint64_t gpa)
+{
+    uint64_t pfn = gpa >> PAGE_SHIFT;
+    uint64_t *word = &cfg.bitmap[pfn / 64];
+    uint64_t bit = 1ull << (pfn % 64);
+    if (!(__atomic_load_n(word, __ATOMIC_RELAXED) & bit))
+        __atomic_fetch_or(word, bit, __ATOMIC_RELAXED);
+}
+
+static int dirty_summary(const struct boot_info *bi, uint64_t elapsed)
+{
+    /* the APs stop within one iteration of the deadline; wait (bounded) for their counts */
+    if (!smp_wait_count(smp_done, bi->nr_vcpus, ms_to_tsc(2000)))
+        printf("dirty: only %u of %u vCPUs finished in time\n", smp_done(), bi->nr_vcpus);
+    uint64_t pages = 0, max_gap = 0;
+    for (unsigned i = 0; i < bi->nr_vcpus; i++) {
+        pages += stats_slot(i)->pages_written;
+        if (stats_slot(i)->max_gap_tsc > max_gap)
+            max_gap = stats_slot(i)->max_gap_tsc;
+    }
+    printf("dirty: %lu pages written (%lu MiB) in %lu ms by %u vCPUs, %lu passes, "
+           "max gap %lu us\n",
+           (unsigned long)pages, (unsigned long)(pages >> 8), (unsigned long)tsc_to_ms(elapsed),
+           bi->nr_vcpus, (unsigned long)stats_slot(0)->w[0], (unsigned long)tsc_to_us(max_gap));
+    return EXIT_OK;
+}
+
+static int dirty_run(unsigned cpu, const struct boot_info *bi)
+{
+    uint64_t first = cfg.ws_pages * cpu / cfg.nr_vcpus;
+    uint64_t last = cfg.ws_pages * (cpu + 1) / cfg.nr_vcpus;
+    volatile struct vcpu_stats *stats = stats_slot(cpu);
+    volatile struct dirty_report *report = workload_area();
+    stats->w[1] = first;
+    stats->w[2] = last - first;
+
+    uint64_t hz = time_tsc_khz() * 1000;
+    /* pacing: this vCPU's pages per second, and the TSC step per page (with remainder) */
+    uint64_t pps = cfg.rate_mib ? (cfg.rate_mib << 8) / cfg.nr_vcpus : 0;
+    if (cfg.rate_mib && pps == 0)
+        pps = 1;
+    uint64_t step = pps ? hz / pps : 0, step_rem = pps ? hz % pps : 0, acc = 0;
+    uint64_t catch_up = ms_to_tsc(CATCH_UP_LIMIT_MS);
+
+    struct gap_meter m = {stats, rdtsc(), 0};
+    uint64_t start = m.prev, deadline = start;
+    uint64_t end = cfg.seconds ? start + (cfg.seconds > UINT64_MAX / hz - 1 ? UINT64_MAX / 2
+                                                                             : cfg.seconds * hz)
+                               : UINT64_MAX;
+    uint64_t pages = 0, pass = 0;
+
+    if (first == last) { /* more vCPUs than pages: nothing to do but keep time */
+        while (rdtsc() < end)
+            gap_tick(&m);
+        goto done;
+    }
+    for (;;) {
+        for (uint64_t page = first; page < last; page++) {
+            uint64_t now = gap_tick(&m);
+            if (now >= end)
+                goto done;
+            if (pps) {
+                deadline += step;
+                acc += step_rem;
+                if (acc >= pps) {
+                    acc -= pps;
+                    deadline++;
+                }
+                if (now > deadline + catch_up)
+                    deadline = now; /* stalled (e.g. paused for migration): don't burst */
+                while (now < deadline)
+                    now = gap_tick(&m);
+            }
+            uint64_t gpa = cfg.ws_gpa + (page << PAGE_SHIFT);
+            *(volatile uint64_t *)(uintptr_t)gpa = pass + page;
+            mark_page(gpa);
+            pages++;
+            stats->iterations = pages;
+            stats->pages_written = pages;
+            stats->last_tsc = now;
+        }
+        pass++;
+        stats->w[0] = pass;
+        if (cpu == 0)
+            report->pass = pass;
+    }
+done:
+    smp_mark_done();
+    if (cpu != 0)
+        return EXIT_OK;
+    return dirty_summary(bi, rdtsc() - start);
+}
+
+const struct workload workload_dirty = {
+    .name = "dirty",
+    .usage = "dirty ws=SIZE rate=MIB_PER_S seconds=N",
+    .keys = dirty_keys,
+    .setup = dirty_setup,
+    .run = dirty_run,
+};

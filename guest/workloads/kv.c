@@ -1,0 +1,274 @@
+/*
+ * kv.c - `kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N`: a UDP key-value service whose
+ * writes go to a write-ahead log on a virtio-blk disk (protocol and log format:
+ * docs/KV_PROTOCOL.md).
+ *
+ * vCPU 0 does everything; the APs halt.  At start: bring up the first virtio-net and the
+ * first virtio-blk device of boot_info, replay the log into the table, announce the address
+ * (gratuitous ARP).  Then poll the NIC; when there is nothing to do for a while, halt until
+ * a device interrupt (or 10 ms).
+ *
+ * A PUT is acknowledged only after its record is written (and, for durable requests, after
+ * a FLUSH); the table is updated after the log write.  GET answers from the table.
+ *
+ * Stats slot of vCPU 0: iterations = poll-loop iterations, max_gap_tsc = longest gap between
+ * two iterations not counting time the loop itself chose to halt, last_tsc; w[0] requests,
+ * w[1] puts, w[2] gets, w[3] log bytes appended, w[4] bad requests, w[5] io errors,
+ * w[6] frames received, w[7] frames sent, w[8] halts.
+ */
+#include <stdint.h>
+
+#include "drivers/virtio_blk.h"
+#include "drivers/virtio_net.h"
+#include "net/net.h"
+#include "runtime/console.h"
+#include "runtime/heap.h"
+#include "runtime/hypercall.h"
+#include "runtime/io.h"
+#include "runtime/string.h"
+#include "runtime/time.h"
+#include "workloads/kv_log.h"
+#include "workloads/kv_table.h"
+#include "workloads/workload.h"
+
+#define KV_REQ_MAGIC 0x3151564bu /* "KVQ1" */
+#define KV_REPLY_MAGIC 0x3152564bu /* "KVR1" */
+#define KV_REQ_HEADER 16
+#define KV_REPLY_HEADER 12
+#define KV_OP_PUT 1
+#define KV_OP_GET 2
+#define KV_OP_STATS 3
+#define KV_FLAG_DURABLE 1
+#define KV_OK 0
+#define KV_NOT_FOUND 1
+#define KV_BAD_REQUEST 2
+#define KV_IO_ERROR 3
+
+#define IDLE_SPIN_US 200   /* keep polling this long after the last frame before halting */
+#define HALT_US 10000
+
+static const char *const kv_keys[] = {"ip", "mask", "gw", "port", "entries", NULL};
+
+static struct {
+    struct virtio_net nic;
+    struct virtio_blk blk;
+    struct net_if nif;
+    struct kv_table table;
+    struct kv_log log;
+    uint16_t port;
+    uint8_t reply[KV_REPLY_HEADER + KV_MAX_VALUE];
+} kv;
+
+static volatile struct kv_report *report(void)
+{
+    return workload_area();
+}
+
+static int apply_record(void *ctx, const uint8_t *key, uint16_t klen, const uint8_t *value,
+                        uint16_t vlen)
+{
+    return kv_table_put(ctx, key, klen, value, vlen);
+}
+
+static const struct boot_device *find_device(const struct boot_info *bi, uint32_t id)
+{
+    for (uint32_t i = 0; i < bi->nr_devices; i++) {
+        if (bi->devices[i].virtio_device_id == id)
+            return &bi->devices[i];
+    }
+    return NULL;
+}
+
+static void print_ip(const char *what, uint32_t ip)
+{
+    printf("%s%u.%u.%u.%u", what, ip >> 24, (ip >> 16) & 0xff, (ip >> 8) & 0xff, ip & 0xff);
+}
+
+static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
+{
+    uint32_t ip, gw;
+    uint64_t mask_bits, port, entries;
+    if (!cmdline_get(c, "ip")) {
+        printf("kv: ip= is required; usage: %s\n", workload_kv.usage);
+        return EXIT_BAD_ARGS;
+    }
+    if (cmdline_get_ipv4(c, "ip", 0, &ip) || cmdline_get_ipv4(c, "gw", 0, &gw) ||
+        cmdline_get_u64(c, "mask", 24, &mask_bits) || cmdline_get_u64(c, "port", 7000, &port) ||
+        cmdline_get_u64(c, "entries", 8192, &entries)) {
+        printf("kv: bad ip/gw/mask/port/entries value; usage: %s\n", workload_kv.usage);
+        return EXIT_BAD_ARGS;
+    }
+    if (mask_bits == 0 || mask_bits > 32 || port == 0 || port > 65535 || entries < 8 ||
+        entries > (1u << 20) || (entries & (entries - 1))) {
+        printf("kv: mask=%lu must be 1..32, port=%lu 1..65535, entries=%lu a power of two in "
+               "8..1048576\n",
+               (unsigned long)mask_bits, (unsigned long)port, (unsigned long)entries);
+        return EXIT_BAD_ARGS;
+    }
+    const struct boot_device *net = find_device(bi, VIRTIO_ID_NET);
+    const struct boot_device *disk = find_device(bi, VIRTIO_ID_BLOCK);
+    if (!net || !disk) {
+        printf("kv: needs a virtio-net and a virtio-blk device; boot_info lists %u devices%s%s\n",
+               bi->nr_devices, net ? "" : ", no net", disk ? "" : ", no disk");
+        return EXIT_FAILED;
+    }
+    heap_init(bi->heap_start, bi->mem_size);
+    if (virtio_net_init(&kv.nic, net->mmio_gpa) || virtio_blk_init(&kv.blk, disk->mmio_gpa))
+        return EXIT_FAILED;
+
+    struct kv_slot *slots = heap_alloc(kv_table_bytes((uint32_t)entries), 4096);
+    if (!slots || kv_table_init(&kv.table, slots, (uint32_t)entries))
+        return EXIT_FAILED;
+    struct kv_replay r;
+    if (kv_log_open(&kv.log, &kv.blk, apply_record, &kv.table, &r))
+        return EXIT_FAILED;
+
+    volatile struct kv_report *rep = report();
+    rep->replay_records = r.records;
+    rep->replay_bytes = r.bytes;
+    rep->replay_last_seq = r.last_seq;
+    rep->replay_stop = r.stop;
+    rep->formatted = (uint64_t)r.formatted;
+    rep->entries = kv.table.count;
+    __atomic_store_n(&rep->magic, KV_REPORT_MAGIC, __ATOMIC_RELEASE);
+
+    uint32_t mask = (uint32_t)(0xffffffffull << (32 - mask_bits));
+    kv.port = (uint16_t)port;
+    net_init(&kv.nif, &kv.nic, ip, mask, gw);
+    net_udp_bind(&kv.nif, kv.port, NULL, NULL); /* handler set in kv_run */
+    printf("kv: disk %lu sectors, log %s, replayed %lu records (%lu bytes, stop %lu), %u keys\n",
+           (unsigned long)kv.blk.capacity, r.formatted ? "formatted" : "found",
+           (unsigned long)r.records, (unsigned long)r.bytes, (unsigned long)r.stop,
+           kv.table.count);
+    print_ip("kv: serving on ", ip);
+    printf("/%lu port %u, mac %02x:%02x:%02x:%02x:%02x:%02x\n", (unsigned long)mask_bits,
+           kv.port, kv.nif.mac[0], kv.nif.mac[1], kv.nif.mac[2], kv.nif.mac[3], kv.nif.mac[4],
+           kv.nif.mac[5]);
+    return EXIT_OK;
+}
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t rd32(const uint8_t *p) { return rd16(p) | (uint32_t)rd16(p + 2) << 16; }
+
+static void send_reply(uint32_t ip, uint16_t port, uint32_t req_id, uint8_t status,
+                       const uint8_t *value, uint16_t vlen)
+{
+    uint8_t *r = kv.reply;
+    uint32_t magic = KV_REPLY_MAGIC;
+    memcpy(r, &magic, 4);
+    memcpy(r + 4, &req_id, 4);
+    r[8] = status;
+    r[9] = 0;
+    memcpy(r + 10, &vlen, 2);
+    if (vlen)
+        memcpy(r + KV_REPLY_HEADER, value, vlen);
+    net_udp_send(&kv.nif, ip, kv.port, port, r, KV_REPLY_HEADER + (size_t)vlen);
+}
+
+static void handle(void *ctx, uint32_t src_ip, uint16_t src_port, const uint8_t *d, size_t len)
+{
+    (void)ctx;
+    volatile struct kv_report *rep = report();
+    volatile struct vcpu_stats *st = stats_slot(0);
+    if (len < KV_REQ_HEADER || rd32(d) != KV_REQ_MAGIC)
+        return; /* not a kv request: no reply */
+    rep->requests++;
+    st->w[0] = rep->requests;
+    uint32_t req_id = rd32(d + 4);
+    uint8_t op = d[8], flags = d[9];
+    uint16_t klen = rd16(d + 10), vlen = rd16(d + 12), reserved = rd16(d + 14);
+    const uint8_t *key = d + KV_REQ_HEADER, *value = key + klen;
+    int valid = reserved == 0 && (flags & ~KV_FLAG_DURABLE) == 0 && klen <= KV_MAX_KEY &&
+                vlen <= KV_MAX_VALUE && len == (size_t)KV_REQ_HEADER + klen + vlen &&
+                (op == KV_OP_PUT || ((op == KV_OP_GET || op == KV_OP_STATS) && vlen == 0));
+    if (!valid) {
+        rep->bad_requests++;
+        st->w[4] = rep->bad_requests;
+        send_reply(src_ip, src_port, req_id, KV_BAD_REQUEST, NULL, 0);
+        return;
+    }
+    if (op == KV_OP_GET) {
+        const struct kv_slot *s = kv_table_get(&kv.table, key, klen);
+        rep->gets++;
+        st->w[2] = rep->gets;
+        if (s)
+            send_reply(src_ip, src_port, req_id, KV_OK, s->value, s->vlen);
+        else
+            send_reply(src_ip, src_port, req_id, KV_NOT_FOUND, NULL, 0);
+        return;
+    }
+    if (op == KV_OP_STATS) {
+        uint64_t v[8] = {rep->requests, rep->puts,    rep->gets,          rep->log_bytes,
+                         rep->entries,  rep->io_errors, rep->bad_requests, rep->replay_records};
+        send_reply(src_ip, src_port, req_id, KV_OK, (const uint8_t *)v, sizeof(v));
+        return;
+    }
+    /* PUT: log first, then the table, then the reply */
+    if (!kv_table_can_put(&kv.table, key, klen) ||
+        kv_log_append(&kv.log, key, klen, value, vlen, flags & KV_FLAG_DURABLE) !=
+            VIRTIO_BLK_S_OK) {
+        rep->io_errors++;
+        st->w[5] = rep->io_errors;
+        send_reply(src_ip, src_port, req_id, KV_IO_ERROR, NULL, 0);
+        return;
+    }
+    kv_table_put(&kv.table, key, klen, value, vlen);
+    rep->puts++;
+    rep->log_bytes = kv.log.appended_bytes;
+    rep->entries = kv.table.count;
+    st->w[1] = rep->puts;
+    st->w[3] = rep->log_bytes;
+    send_reply(src_ip, src_port, req_id, KV_OK, NULL, 0);
+}
+
+static int kv_run(unsigned cpu, const struct boot_info *bi)
+{
+    (void)bi;
+    if (cpu != 0)
+        return EXIT_OK;
+    volatile struct vcpu_stats *st = stats_slot(0);
+    net_udp_bind(&kv.nif, kv.port, handle, NULL);
+    net_announce(&kv.nif);
+
+    uint64_t spin = us_to_tsc(IDLE_SPIN_US), second = ms_to_tsc(1000);
+    uint64_t prev = rdtsc(), last_work = prev, next_hb = prev + second, max_gap = 0;
+    uint64_t iterations = 0, halts = 0, hb = 0;
+    for (;;) {
+        uint64_t now = rdtsc();
+        if (now - prev > max_gap) {
+            max_gap = now - prev;
+            st->max_gap_tsc = max_gap;
+        }
+        prev = now;
+        st->iterations = ++iterations;
+        st->last_tsc = now;
+
+        if (net_poll(&kv.nif, 32)) {
+            last_work = rdtsc();
+            st->w[6] = kv.nif.stats.rx_frames;
+            st->w[7] = kv.nif.stats.tx_frames;
+            continue;
+        }
+        if (now >= next_hb) {
+            hc_heartbeat(++hb);
+            next_hb = now + second;
+        }
+        if (now - last_work < spin) {
+            cpu_pause();
+            continue;
+        }
+        st->w[8] = ++halts;
+        if (hc_halt(HALT_US) == 0)
+            virtio_ack_interrupt(&kv.nic.dev);
+        prev = rdtsc(); /* a halt we chose is not a pause the guest suffered */
+        last_work = prev;
+    }
+}
+
+const struct workload workload_kv = {
+    .name = "kv",
+    .usage = "kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=8192",
+    .keys = kv_keys,
+    .setup = kv_setup,
+    .run = kv_run,
+};

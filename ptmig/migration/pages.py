@@ -1,0 +1,239 @@
+"""Page runs: dirty bitmap → run batches, zero-page detection, and run validation.
+
+A run is (start_page, npages, kind) in a `RUN_DTYPE` array. Nothing here loops over pages in
+Python: bitmaps are unpacked and diffed with numpy, zero pages are found with `.any(axis=1)` on a
+copy-free uint64 view of guest memory, and run lists are expanded with `np.repeat`. Loops that
+remain are per batch or per run (a scatter list needs one buffer per run anyway).
+
+`validate_runs` is the one place where run numbers from the peer are checked against guest RAM;
+`data_slices` / `zero_fill` are the only places where checked runs become memory addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ptmig.migration.events import RUN_DTYPE, RemoteProtocolError, RunKind, make_runs
+from ptmig.migration.frames import MAX_BATCH_PAYLOAD, MAX_RUNS_PER_BATCH
+
+PAGE_SIZE = 4096
+DEFAULT_BATCH_PAGES = MAX_BATCH_PAYLOAD // PAGE_SIZE  # 16384 pages = 64 MiB
+_ZERO_SCAN_CHUNK = 1024  # pages per numpy call when scanning for zero pages (4 MiB)
+
+
+def bitmap_to_bits(bitmap: np.ndarray, npages: int | None = None) -> np.ndarray:
+    """One uint8 0/1 per page. `bitmap` is uint8 bytes or uint64 words (KVM's layout: bit i of
+    word j is page 64*j + i, little-endian); `npages` truncates the padding of the last word."""
+    if bitmap.dtype not in (np.uint8, np.uint64):
+        raise ValueError(f"bitmap must be uint8 or uint64, not {bitmap.dtype}")
+    raw = np.ascontiguousarray(bitmap).view(np.uint8)
+    bits = np.unpackbits(raw, bitorder="little")
+    if npages is not None:
+        if npages > bits.size:
+            raise ValueError(f"npages {npages} exceeds the bitmap's {bits.size} bits")
+        bits = bits[:npages]
+    return bits
+
+
+def count_dirty(bitmap: np.ndarray, npages: int | None = None) -> int:
+    """Number of set bits (dirty pages) in a bitmap."""
+    if npages is None:
+        return int(np.bitwise_count(np.ascontiguousarray(bitmap).view(np.uint8)).sum())
+    return int(bitmap_to_bits(bitmap, npages).sum(dtype=np.int64))
+
+
+def bits_to_runs(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, counts) of the runs of 1s in a 0/1 array, found with np.diff."""
+    edges = np.diff(np.concatenate(([0], bits.astype(np.int8, copy=False), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return starts.astype(np.uint64), (ends - starts).astype(np.int64)
+
+
+def bitmap_to_runs(
+    bitmap: np.ndarray, max_pages_per_batch: int = DEFAULT_BATCH_PAGES, npages: int | None = None
+) -> Iterator[np.ndarray]:
+    """Yield DATA run arrays covering the set bits, each batch holding ≤ max_pages_per_batch
+    pages (a run crossing a batch limit is split). Loops once per batch, never per page."""
+    if not 1 <= max_pages_per_batch <= MAX_RUNS_PER_BATCH:
+        raise ValueError(
+            f"max_pages_per_batch must be 1..{MAX_RUNS_PER_BATCH}, not {max_pages_per_batch}"
+        )
+    starts, counts = bits_to_runs(bitmap_to_bits(bitmap, npages))
+    if starts.size == 0:
+        return
+    seq_end = np.cumsum(counts)
+    seq_start = seq_end - counts
+    total = int(seq_end[-1])
+    pos = 0
+    while pos < total:
+        end = min(pos + max_pages_per_batch, total)
+        i0 = int(np.searchsorted(seq_end, pos, side="right"))
+        i1 = int(np.searchsorted(seq_start, end, side="left"))
+        s = starts[i0:i1].copy()
+        c = counts[i0:i1].copy()
+        head = pos - int(seq_start[i0])
+        s[0] += np.uint64(head)
+        c[0] -= head
+        c[-1] -= int(seq_end[i1 - 1]) - end
+        yield make_runs(s, c, RunKind.DATA)
+        pos = end
+
+
+def expand_runs(runs: np.ndarray) -> np.ndarray:
+    """Page numbers (int64) of every page in `runs`, in run order, without a Python loop."""
+    counts = runs["npages"].astype(np.int64)
+    seq_start = np.cumsum(counts) - counts
+    offsets = runs["start"].astype(np.int64) - seq_start
+    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(offsets, counts)
+
+
+def page_rows(mem: memoryview | bytearray | np.ndarray, page_size: int = PAGE_SIZE) -> np.ndarray:
+    """Guest memory as a (pages, page_size/8) uint64 array: a view, never a copy."""
+    arr = np.frombuffer(mem, dtype=np.uint8) if not isinstance(mem, np.ndarray) else mem
+    arr = arr.reshape(-1)
+    if arr.size % page_size:
+        raise ValueError(f"guest memory size {arr.size} is not a multiple of {page_size}")
+    return arr.view(np.uint64).reshape(-1, page_size // 8)
+
+
+def nonzero_pages(rows: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """bool per page of `runs` (run order): True where the page has a non-zero byte."""
+    counts = runs["npages"].astype(np.int64)
+    total = int(counts.sum())
+    out = np.empty(total, dtype=bool)
+    if total == 0:
+        return out
+    if total >= 16 * len(runs):  # long runs: scan contiguous views of guest memory in place
+        pos = 0
+        for start, n in zip(runs["start"].tolist(), counts.tolist(), strict=True):
+            for off in range(0, n, _ZERO_SCAN_CHUNK):
+                k = min(_ZERO_SCAN_CHUNK, n - off)
+                rows[start + off : start + off + k].any(axis=1, out=out[pos : pos + k])
+                pos += k
+    else:  # short runs: gather the pages in chunks (small copies) and scan them
+        idx = expand_runs(runs)
+        for off in range(0, total, _ZERO_SCAN_CHUNK):
+            sel = idx[off : off + _ZERO_SCAN_CHUNK]
+            rows[sel].any(axis=1, out=out[off : off + sel.size])
+    return out
+
+
+def split_zero_runs(
+    mem: memoryview | bytearray | np.ndarray, runs: np.ndarray, page_size: int = PAGE_SIZE
+) -> np.ndarray:
+    """Re-split `runs` into DATA and ZERO runs according to the current memory contents."""
+    rows = page_rows(mem, page_size)
+    if runs.size == 0:
+        return runs.copy()
+    pages = expand_runs(runs)
+    kinds = np.where(nonzero_pages(rows, runs), RunKind.DATA, RunKind.ZERO).astype(np.int8)
+    brk = np.empty(pages.size, dtype=bool)
+    brk[0] = True
+    brk[1:] = (np.diff(pages) != 1) | (np.diff(kinds) != 0)
+    first = np.flatnonzero(brk)
+    counts = np.diff(np.append(first, pages.size))
+    return make_runs(pages[first], counts, kinds[first])
+
+
+def data_pages(runs: np.ndarray) -> int:
+    """Number of pages carried as payload (DATA runs)."""
+    return int(runs["npages"][runs["kind"] == RunKind.DATA].sum(dtype=np.uint64))
+
+
+def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE) -> int:
+    """Check a run list from the peer; return its payload size in bytes.
+
+    Rejects (RemoteProtocolError): no runs, too many runs, empty runs, unknown kinds, runs
+    reaching outside guest RAM, runs not sorted or overlapping, payload over the batch cap.
+    """
+    n = runs.size
+    if n == 0:
+        raise RemoteProtocolError("PAGE_RUNS frame with no runs")
+    if n > MAX_RUNS_PER_BATCH:
+        raise RemoteProtocolError(f"PAGE_RUNS frame with {n} runs, more than {MAX_RUNS_PER_BATCH}")
+    starts = runs["start"]
+    counts = runs["npages"].astype(np.uint64)
+    kinds = runs["kind"]
+    bad = np.flatnonzero(counts == 0)
+    if bad.size:
+        raise RemoteProtocolError(f"run {bad[0]} (start page {starts[bad[0]]}) has 0 pages")
+    bad = np.flatnonzero(kinds > RunKind.ZERO)
+    if bad.size:
+        raise RemoteProtocolError(f"run {bad[0]} has unknown kind {kinds[bad[0]]}")
+    limit = np.uint64(guest_pages)
+    bad = np.flatnonzero((starts >= limit) | (counts > limit - np.minimum(starts, limit)))
+    if bad.size:
+        i = bad[0]
+        raise RemoteProtocolError(
+            f"run {i} covers pages {starts[i]}..{int(starts[i]) + int(counts[i]) - 1}, "
+            f"outside guest RAM of {guest_pages} pages"
+        )
+    ends = starts + counts  # no overflow: both are ≤ guest_pages now
+    bad = np.flatnonzero(starts[1:] < ends[:-1])
+    if bad.size:
+        i = bad[0]
+        raise RemoteProtocolError(
+            f"runs {i} and {i + 1} overlap or are out of order: pages "
+            f"{starts[i]}..{ends[i] - 1} then {starts[i + 1]}..{ends[i + 1] - 1}"
+        )
+    payload = int(counts[kinds == RunKind.DATA].sum(dtype=np.uint64)) * page_size
+    if payload > MAX_BATCH_PAYLOAD:
+        raise RemoteProtocolError(
+            f"PAGE_RUNS payload of {payload} bytes exceeds the {MAX_BATCH_PAYLOAD}-byte batch cap"
+        )
+    return payload
+
+
+def data_slices(mem: memoryview, runs: np.ndarray, page_size: int = PAGE_SIZE) -> list[memoryview]:
+    """One memoryview of `mem` per DATA run, in run order (runs must be validated)."""
+    sel = runs[runs["kind"] == RunKind.DATA]
+    first = sel["start"].astype(np.uint64)
+    last = first + sel["npages"].astype(np.uint64)  # exclusive
+    if sel.size and (int(last.max()) * page_size > mem.nbytes or (last <= first).any()):
+        raise ValueError(f"runs reach past the {mem.nbytes}-byte memory: validate them first")
+    starts = (first.astype(np.int64) * page_size).tolist()
+    ends = (last.astype(np.int64) * page_size).tolist()
+    return [mem[a:b] for a, b in zip(starts, ends, strict=True)]
+
+
+def zero_fill(mem: memoryview, runs: np.ndarray, page_size: int = PAGE_SIZE) -> None:
+    """Zero the pages of the ZERO runs in `mem` (runs must be validated)."""
+    sel = runs[runs["kind"] == RunKind.ZERO]
+    if sel.size == 0:
+        return
+    rows = page_rows(mem, page_size)
+    if sel.size <= 64:
+        for start, n in zip(sel["start"].tolist(), sel["npages"].tolist(), strict=True):
+            rows[start : start + n] = 0
+    else:
+        rows[expand_runs(sel)] = 0
+
+
+def runs_to_bits(runs: np.ndarray, npages: int) -> np.ndarray:
+    """Inverse of bits_to_runs for tests and accounting: a 0/1 uint8 array of `npages`."""
+    bits = np.zeros(npages, dtype=np.uint8)
+    bits[expand_runs(runs)] = 1
+    return bits
+
+
+__all__ = [
+    "DEFAULT_BATCH_PAGES",
+    "PAGE_SIZE",
+    "RUN_DTYPE",
+    "bitmap_to_bits",
+    "bitmap_to_runs",
+    "bits_to_runs",
+    "count_dirty",
+    "data_pages",
+    "data_slices",
+    "expand_runs",
+    "nonzero_pages",
+    "page_rows",
+    "runs_to_bits",
+    "split_zero_runs",
+    "validate_runs",
+    "zero_fill",
+]

@@ -1,0 +1,497 @@
+"""The live-migration protocol as a sans-I/O state machine (the h11 model).
+
+`Connection(role, guest_pages=...)` turns events into bytes (`send`, `send_pages`) and bytes into
+events (`receive_data`, `next_event`). It never touches a socket. One transition table,
+`TRANSITIONS`, keyed by (role of the sender, state, event tag), serves both sides: a
+`Connection` applies it with its own role when sending (→ LocalProtocolError) and with the peer's
+role when receiving (→ RemoteProtocolError), so both ends walk the same states in lockstep.
+
+Conversation (see `events` for who sends what):
+
+    START --S Hello--> HELLO_SENT --D HelloAck(accepted)--> PRECOPY      (refused → REFUSED)
+    PRECOPY --S RoundStart--> IN_ROUND --S PageRuns*--> IN_ROUND --S RoundEnd--> PRECOPY
+    PRECOPY --S VcpuStates--> VCPU_SENT --S DeviceStates--> DEVICES_SENT
+    DEVICES_SENT --S VerifyDigests*--> VERIFYING --S Complete--> COMPLETE_SENT  (or skip verify)
+    COMPLETE_SENT --D SwitchoverAck(ok)--> SWITCHED_OVER   (not ok → SWITCHOVER_REFUSED)
+    any non-final state --S|D Abort--> ABORTED
+
+Zero-copy pages. Source: `send_pages(runs, guest_mem)` returns [header bytes, memoryview per
+DATA run] for `sendmsg`. Destination: `next_event()` yields `PageRunsHeader(runs, nbytes)` with
+runs already validated against guest RAM; the caller then calls `payload_targets(guest_mem)`,
+which zero-fills ZERO runs, moves any payload bytes already buffered into place, and returns
+the memoryview slices still to be filled in order; the caller `recv_into`s them and reports each
+chunk with `payload_received(n)` (or simply keeps calling `receive_data`, which copies into the
+targets). Peer page numbers become addresses only inside `pages.data_slices`/`zero_fill`, after
+`pages.validate_runs`, so a hostile stream cannot write outside guest RAM.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ptmig.migration import frames, pages
+from ptmig.migration.events import (
+    NEED_DATA,
+    RUN_DTYPE,
+    Abort,
+    Complete,
+    Event,
+    Hello,
+    HelloAck,
+    LocalProtocolError,
+    PageRuns,
+    PageRunsHeader,
+    ProtocolError,
+    RemoteProtocolError,
+    Role,
+    RoundEnd,
+    RoundStart,
+    SwitchoverAck,
+    VerifyDigests,
+    _NeedData,
+)
+from ptmig.migration.frames import HEADER_SIZE, MAGIC, PROTOCOL_VERSION, FrameType
+
+
+class State(enum.Enum):
+    START = "start"
+    HELLO_SENT = "hello-sent"
+    PRECOPY = "precopy"
+    IN_ROUND = "in-round"
+    VCPU_SENT = "vcpu-sent"
+    DEVICES_SENT = "devices-sent"
+    VERIFYING = "verifying"
+    COMPLETE_SENT = "complete-sent"
+    SWITCHED_OVER = "switched-over"
+    SWITCHOVER_REFUSED = "switchover-refused"
+    REFUSED = "refused"
+    ABORTED = "aborted"
+    ERROR = "error"
+
+
+FINAL_STATES = frozenset(
+    {State.SWITCHED_OVER, State.SWITCHOVER_REFUSED, State.REFUSED, State.ABORTED, State.ERROR}
+)
+
+S, D = Role.SOURCE, Role.DESTINATION
+TRANSITIONS: dict[tuple[Role, State, str], State] = {
+    (S, State.START, "Hello"): State.HELLO_SENT,
+    (D, State.HELLO_SENT, "HelloAck"): State.PRECOPY,
+    (D, State.HELLO_SENT, "HelloRefused"): State.REFUSED,
+    (S, State.PRECOPY, "RoundStart"): State.IN_ROUND,
+    (S, State.IN_ROUND, "PageRuns"): State.IN_ROUND,
+    (S, State.IN_ROUND, "RoundEnd"): State.PRECOPY,
+    (S, State.PRECOPY, "VcpuStates"): State.VCPU_SENT,
+    (S, State.VCPU_SENT, "DeviceStates"): State.DEVICES_SENT,
+    (S, State.DEVICES_SENT, "VerifyDigests"): State.VERIFYING,
+    (S, State.VERIFYING, "VerifyDigests"): State.VERIFYING,
+    (S, State.DEVICES_SENT, "Complete"): State.COMPLETE_SENT,
+    (S, State.VERIFYING, "Complete"): State.COMPLETE_SENT,
+    (D, State.COMPLETE_SENT, "SwitchoverAck"): State.SWITCHED_OVER,
+    (D, State.COMPLETE_SENT, "SwitchoverRefused"): State.SWITCHOVER_REFUSED,
+}
+for _state in State:
+    if _state not in FINAL_STATES:
+        for _role in Role:
+            TRANSITIONS[(_role, _state, "Abort")] = State.ABORTED
+
+
+def event_tag(event: object) -> str:
+    """The transition-table key of an event (acks split by outcome)."""
+    if isinstance(event, HelloAck):
+        return "HelloAck" if event.accepted else "HelloRefused"
+    if isinstance(event, SwitchoverAck):
+        return "SwitchoverAck" if event.ok else "SwitchoverRefused"
+    if isinstance(event, PageRunsHeader):
+        return "PageRuns"
+    return type(event).__name__
+
+
+def compare_fingerprints(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """None if the two VM fingerprints match, else a reason naming every differing key."""
+    diffs = [
+        f"{key}: source={theirs.get(key, '<missing>')!r} destination={ours.get(key, '<missing>')!r}"
+        for key in sorted(set(ours) | set(theirs), key=str)
+        if ours.get(key) != theirs.get(key)
+    ]
+    return "VM fingerprint mismatch: " + "; ".join(diffs) if diffs else None
+
+
+def check_hello(hello: Hello, own_fingerprint: dict[str, Any]) -> HelloAck:
+    """The destination's answer to a Hello: refuse an unknown version or a different VM."""
+    if hello.protocol_version != PROTOCOL_VERSION:
+        return HelloAck(
+            False,
+            f"unsupported protocol version {hello.protocol_version} "
+            f"(destination speaks {PROTOCOL_VERSION})",
+        )
+    reason = compare_fingerprints(own_fingerprint, hello.vm_fingerprint)
+    return HelloAck(False, reason) if reason else HelloAck(True, "")
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed the stream cleanly after the conversation reached a final state."""
+
+
+@dataclass
+class _Payload:
+    """Receive-side bookkeeping of one page-run batch's payload."""
+
+    runs: np.ndarray
+    total: int
+    crc: int | None
+    targets: list[memoryview] | None = None
+    received: int = 0
+    index: int = 0  # current target
+    offset: int = 0  # bytes filled in the current target
+    all_targets: list[memoryview] = field(default_factory=list)
+
+
+class Connection:
+    """One end of a migration stream; see the module docstring."""
+
+    def __init__(self, role: Role, *, guest_pages: int, page_size: int = pages.PAGE_SIZE) -> None:
+        if guest_pages <= 0:
+            raise ValueError(f"guest_pages must be positive, not {guest_pages}")
+        if page_size <= 0 or page_size % 8:
+            raise ValueError(f"page_size must be a positive multiple of 8, not {page_size}")
+        self.role = role
+        self.guest_pages = guest_pages
+        self.page_size = page_size
+        self.state = State.START
+        self._buf = bytearray()
+        self._preamble_sent = False
+        self._preamble_received = False
+        self._eof = False
+        self._aborted_locally = False
+        self._error: str | None = None
+        self._round = -1
+        self._round_dirty = 0
+        self._round_pages = 0
+        self._digest_next = 0
+        self._payload: _Payload | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # ---- shared bookkeeping: the same checks for both directions --------------------------
+
+    def _apply(self, sender: Role, event: object, err: type[ProtocolError]) -> None:
+        tag = event_tag(event)
+        nxt = TRANSITIONS.get((sender, self.state, tag))
+        if nxt is None:
+            raise err(f"{sender.value} may not send {tag} in state {self.state.value}")
+        match event:
+            case RoundStart(rnd, dirty):
+                if rnd != self._round + 1:
+                    raise err(f"RoundStart for round {rnd}, expected round {self._round + 1}")
+                if dirty > self.guest_pages:
+                    raise err(
+                        f"round {rnd} announces {dirty} dirty pages, guest has {self.guest_pages}"
+                    )
+                self._round, self._round_dirty, self._round_pages = rnd, dirty, 0
+            case PageRuns(runs) | PageRunsHeader(runs):
+                n = int(runs["npages"].sum(dtype=np.uint64))
+                if self._round_pages + n > self._round_dirty:
+                    raise err(
+                        f"round {self._round} announced {self._round_dirty} pages, "
+                        f"page runs now carry {self._round_pages + n}"
+                    )
+                self._round_pages += n
+            case RoundEnd(rnd):
+                if rnd != self._round:
+                    raise err(f"RoundEnd for round {rnd} inside round {self._round}")
+                if self._round_pages != self._round_dirty:
+                    raise err(
+                        f"round {rnd} announced {self._round_dirty} pages but carried "
+                        f"{self._round_pages}"
+                    )
+            case VerifyDigests(start, digests):
+                n = len(digests) // 8
+                if start != self._digest_next or n == 0 or start + n > self.guest_pages:
+                    raise err(
+                        f"VerifyDigests for pages {start}..{start + n - 1}, expected a non-empty "
+                        f"range starting at {self._digest_next} inside {self.guest_pages} pages"
+                    )
+                self._digest_next = start + n
+            case Complete() if self.state is State.VERIFYING:
+                if self._digest_next != self.guest_pages:
+                    raise err(
+                        f"Complete after digests of {self._digest_next} pages, "
+                        f"guest has {self.guest_pages}"
+                    )
+        self.state = nxt
+
+    # ---- sending ----------------------------------------------------------------------------
+
+    def _check_can_send(self) -> None:
+        if self.state is State.ERROR:
+            raise LocalProtocolError(f"connection failed earlier ({self._error}); cannot send")
+
+    def _out(self, data: bytes) -> bytes:
+        if not self._preamble_sent:
+            self._preamble_sent = True
+            data = MAGIC + data
+        self.bytes_sent += len(data)
+        return data
+
+    def send(self, event: Event) -> bytes:
+        """Bytes for one event. PageRuns here copies its payload; prefer `send_pages`."""
+        self._check_can_send()
+        if isinstance(event, PageRunsHeader):
+            raise LocalProtocolError("PageRunsHeader is a receive-side event; use send_pages")
+        if isinstance(event, PageRuns):
+            runs = self._local_runs(event.runs)
+            need = pages.data_pages(runs) * self.page_size
+            if len(event.payload) != need:
+                raise LocalProtocolError(
+                    f"PageRuns payload is {len(event.payload)} bytes, its DATA runs need {need}"
+                )
+            self._apply(self.role, event, LocalProtocolError)
+            return self._out(frames.encode_page_runs(runs, None) + bytes(event.payload))
+        try:
+            data = frames.encode_event(event)
+        except ValueError as e:
+            raise LocalProtocolError(str(e)) from None
+        self._apply(self.role, event, LocalProtocolError)
+        if isinstance(event, Abort):
+            self._aborted_locally = True
+        return self._out(data)
+
+    def _local_runs(self, runs: np.ndarray) -> np.ndarray:
+        runs = np.ascontiguousarray(runs, dtype=RUN_DTYPE)
+        try:
+            pages.validate_runs(runs, self.guest_pages, self.page_size)
+        except RemoteProtocolError as e:
+            raise LocalProtocolError(f"refusing to send bad runs: {e}") from None
+        return runs
+
+    def send_pages(
+        self, runs: np.ndarray, guest_mem: memoryview, *, checksum: bool = False
+    ) -> list[bytes | memoryview]:
+        """Buffers for one PAGE_RUNS frame: header bytes, then one slice of `guest_mem` per DATA
+        run (zero-copy: the guest may still write them; pre-copy resends pages it dirties).
+
+        With checksum=True the payload is snapshotted (one copy) so its crc32 matches what is
+        sent even while the guest runs; that costs throughput (see the benchmark)."""
+        self._check_can_send()
+        runs = self._local_runs(runs)
+        mem = _as_guest_view(guest_mem, self.guest_pages * self.page_size, LocalProtocolError)
+        slices: list[bytes | memoryview] = list(pages.data_slices(mem, runs, self.page_size))
+        crc: int | None = None
+        if checksum:
+            payload = b"".join(slices)
+            crc = zlib.crc32(payload)
+            slices = [payload] if payload else []
+        self._apply(self.role, PageRuns(runs, b""), LocalProtocolError)
+        head = self._out(frames.encode_page_runs(runs, crc))
+        self.bytes_sent += sum(len(s) for s in slices)
+        return [head, *slices]
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; b"" means the peer closed its end."""
+        if not data:
+            self._eof = True
+            return
+        self.bytes_received += len(data)
+        if self._aborted_locally:
+            return  # we gave up: whatever was in flight is dropped
+        p = self._payload
+        if p is not None and p.targets is not None and not self._buf:
+            n = min(len(data), p.total - p.received)
+            self._fill(p, memoryview(data)[:n])
+            data = memoryview(data)[n:]
+            if not data:
+                return
+        self._buf += data
+
+    def next_event(self) -> Event | ConnectionClosed | _NeedData:
+        """The next complete event from the peer, or NEED_DATA."""
+        if self.state is State.ERROR:
+            raise RemoteProtocolError(f"connection failed earlier: {self._error}")
+        if self._aborted_locally:
+            return NEED_DATA
+        try:
+            return self._next_event()
+        except RemoteProtocolError as e:
+            self.state = State.ERROR
+            self._error = str(e)
+            self._payload = None
+            raise
+
+    def _next_event(self) -> Event | ConnectionClosed | _NeedData:
+        p = self._payload
+        if p is not None:
+            if p.targets is None:
+                raise LocalProtocolError(
+                    "a page-run payload is pending: call payload_targets() first"
+                )
+            if p.received < p.total:
+                if self._eof:
+                    raise RemoteProtocolError(
+                        f"stream truncated inside a page-run payload: got {p.received} "
+                        f"of {p.total} bytes"
+                    )
+                return NEED_DATA
+        if not self._preamble_received:
+            got = bytes(self._buf[: len(MAGIC)])
+            if got != MAGIC[: len(got)]:
+                raise RemoteProtocolError(
+                    f"bad magic {got!r}: the peer is not a ptmig migration stream "
+                    f"(expected {MAGIC!r})"
+                )
+            if len(got) < len(MAGIC):
+                return self._need(f"the {len(MAGIC)}-byte stream preamble")
+            del self._buf[: len(MAGIC)]
+            self._preamble_received = True
+        if len(self._buf) < HEADER_SIZE:
+            return self._need("a frame header")
+        raw_header = bytes(self._buf[:HEADER_SIZE])
+        header = frames.parse_header(raw_header)
+        end = HEADER_SIZE + header.metadata_len
+        if len(self._buf) < end:
+            return self._need(f"a {header.type.name} frame ({header.metadata_len} metadata bytes)")
+        metadata = bytes(self._buf[HEADER_SIZE:end])
+        frames.check_crc(raw_header, header, metadata)
+        if self.state in FINAL_STATES:
+            raise RemoteProtocolError(
+                f"{header.type.name} frame after the end of the conversation ({self.state.value})"
+            )
+        if header.type is FrameType.PAGE_RUNS:
+            runs, crc = frames.decode_page_runs(metadata)
+            nbytes = pages.validate_runs(runs, self.guest_pages, self.page_size)
+            event: Event = PageRunsHeader(runs, nbytes)
+            self._apply(self.role.peer, event, RemoteProtocolError)
+            has_crc = bool(header.flags & frames.FLAG_PAYLOAD_CRC)
+            self._payload = _Payload(runs, nbytes, crc if has_crc else None)
+        else:
+            event = frames.decode_event(header.type, metadata)
+            self._apply(self.role.peer, event, RemoteProtocolError)
+        del self._buf[:end]
+        return event
+
+    def _need(self, what: str) -> ConnectionClosed | _NeedData:
+        if self._eof:
+            if not self._buf and self.state in FINAL_STATES:
+                return ConnectionClosed()
+            raise RemoteProtocolError(
+                f"stream truncated: peer closed in state {self.state.value} while waiting for "
+                f"{what} ({len(self._buf)} bytes buffered)"
+            )
+        return NEED_DATA
+
+    # ---- zero-copy payload ------------------------------------------------------------------
+
+    @property
+    def payload_pending(self) -> int:
+        """Payload bytes of the current page-run batch not yet received (0 if none)."""
+        p = self._payload
+        return 0 if p is None else p.total - p.received
+
+    def payload_targets(self, guest_mem: memoryview | bytearray) -> list[memoryview]:
+        """After a PageRunsHeader: zero the ZERO runs, place already-buffered payload bytes, and
+        return the slices of `guest_mem` still to be filled, in order (fill them front to back
+        and report with `payload_received`)."""
+        p = self._payload
+        if p is None or p.targets is not None:
+            raise LocalProtocolError("payload_targets() is only valid right after a PageRunsHeader")
+        mem = _as_guest_view(guest_mem, self.guest_pages * self.page_size, LocalProtocolError)
+        pages.zero_fill(mem, p.runs, self.page_size)
+        p.all_targets = pages.data_slices(mem, p.runs, self.page_size)
+        p.targets = p.all_targets
+        if self._buf and p.total:
+            n = min(len(self._buf), p.total)
+            with memoryview(self._buf) as buffered:
+                self._fill(p, buffered[:n])
+            del self._buf[:n]
+        elif p.total == 0:
+            self._finish(p)
+        if p.received == p.total:
+            return []
+        return [p.targets[p.index][p.offset :], *p.targets[p.index + 1 :]]
+
+    def payload_received(self, nbytes: int) -> None:
+        """The caller wrote `nbytes` more payload bytes straight into the targets, in order."""
+        p = self._payload
+        if p is None or p.targets is None:
+            raise LocalProtocolError("payload_received() without payload_targets()")
+        if nbytes < 0 or nbytes > p.total - p.received:
+            raise LocalProtocolError(
+                f"payload_received({nbytes}) but only {p.total - p.received} bytes are expected"
+            )
+        self.bytes_received += nbytes
+        self._advance(p, nbytes)
+
+    def _fill(self, p: _Payload, data: memoryview) -> None:
+        """Copy `data` into the targets at the cursor (one copy per run touched)."""
+        assert p.targets is not None
+        pos = 0
+        while pos < len(data):
+            t = p.targets[p.index]
+            k = min(len(t) - p.offset, len(data) - pos)
+            assert k > 0, "payload cursor stuck: targets shorter than the payload"
+            t[p.offset : p.offset + k] = data[pos : pos + k]
+            pos += k
+            self._advance(p, k)
+
+    def _advance(self, p: _Payload, n: int) -> None:
+        assert p.targets is not None
+        p.received += n
+        left = n
+        while left and p.index < len(p.targets):
+            k = min(len(p.targets[p.index]) - p.offset, left)
+            p.offset += k
+            left -= k
+            if p.offset == len(p.targets[p.index]):
+                p.index += 1
+                p.offset = 0
+        if p.received == p.total:
+            self._finish(p)
+
+    def _finish(self, p: _Payload) -> None:
+        """The batch's payload is complete: check its crc32 if the frame carried one."""
+        self._payload = None
+        if p.crc is not None:
+            crc = 0
+            for t in p.all_targets:
+                crc = zlib.crc32(t, crc)
+            if crc != p.crc:
+                self.state = State.ERROR
+                self._error = (
+                    f"page payload crc32 mismatch (frame says {p.crc:#010x}, got {crc:#010x})"
+                )
+                raise RemoteProtocolError(self._error)
+
+
+def _as_guest_view(mem: Any, size: int, err: type[ProtocolError]) -> memoryview:
+    view = memoryview(mem)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if view.nbytes != size:
+        raise err(f"guest memory view is {view.nbytes} bytes, the connection expects {size}")
+    return view
+
+
+def hello(vm_fingerprint: dict[str, Any], capabilities: tuple[str, ...] = ()) -> Hello:
+    """A Hello for this protocol version."""
+    return Hello(PROTOCOL_VERSION, vm_fingerprint, capabilities)
+
+
+__all__ = [
+    "FINAL_STATES",
+    "TRANSITIONS",
+    "Connection",
+    "ConnectionClosed",
+    "State",
+    "check_hello",
+    "compare_fingerprints",
+    "event_tag",
+    "hello",
+]

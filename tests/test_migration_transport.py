@@ -1,0 +1,326 @@
+"""The transport over real loopback sockets: PSK, mutual TLS, refusals, vanishing peers, and a
+full protocol session with pages received straight into guest memory."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ptmig.migration import (
+    Complete,
+    Connection,
+    DeviceStates,
+    Role,
+    RoundEnd,
+    RoundStart,
+    State,
+    SwitchoverAck,
+    VcpuStates,
+    check_hello,
+    hello,
+)
+from ptmig.migration.pages import bitmap_to_runs, split_zero_runs
+from ptmig.migration.transport import (
+    AuthenticationError,
+    Channel,
+    TlsConfig,
+    TransportError,
+    connect,
+    listen,
+    measure_loopback_stream,
+    recv_event,
+    send_event,
+    send_pages,
+)
+
+KEY = b"k" * 32
+
+
+def serve(
+    listener: Any, fn: Callable[[Channel], Any] | None = None
+) -> tuple[threading.Thread, dict]:
+    """Accept one connection in a thread; record the result or the exception."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            ch = listener.accept(timeout=10)
+            out["result"] = fn(ch) if fn else None
+            ch.close()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def echo_100(ch: Channel) -> bytes:
+    buf = bytearray(100)
+    ch.recv_into_exact(buf)
+    ch.sendall(bytes(buf[::-1]))
+    return bytes(buf)
+
+
+def test_plain_loopback_scatter_gather_roundtrip() -> None:
+    with listen("127.0.0.1", 0) as lst:
+        t, out = serve(lst, echo_100)
+        with connect("127.0.0.1", lst.port) as ch:
+            data = bytes(range(100))
+            ch.send_buffers([data[:10], memoryview(data)[10:60], bytearray(data[60:])])
+            back = bytearray(100)
+            ch.recv_into_exact(back)
+        t.join(10)
+    assert out == {"result": data} and bytes(back) == data[::-1]
+
+
+def test_send_buffers_handles_more_than_iov_max_and_partial_sends() -> None:
+    """5000 buffers of 1 KiB: several sendmsg calls, with partial sends on a full socket."""
+    bufs = [np.full(1024, i % 251, np.uint8).tobytes() for i in range(5000)]
+    want = b"".join(bufs)
+
+    def read_all(ch: Channel) -> bytes:
+        got = bytearray(len(want))
+        ch.recv_into_exact(got)
+        return bytes(got)
+
+    with listen("127.0.0.1", 0) as lst:
+        t, out = serve(lst, read_all)
+        with connect("127.0.0.1", lst.port) as ch:
+            ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            assert ch.send_buffers(bufs) == len(want)
+        t.join(10)
+    assert out["result"] == want
+
+
+def test_psk_right_key() -> None:
+    with listen("127.0.0.1", 0, psk=KEY) as lst:
+        t, out = serve(lst, echo_100)
+        with connect("127.0.0.1", lst.port, psk=KEY) as ch:
+            ch.sendall(b"x" * 100)
+            back = bytearray(100)
+            ch.recv_into_exact(back)
+        t.join(10)
+    assert out == {"result": b"x" * 100}
+
+
+def test_psk_wrong_key_fails_on_both_sides_before_any_data() -> None:
+    with listen("127.0.0.1", 0, psk=KEY) as lst:
+        t, out = serve(lst, echo_100)
+        with pytest.raises(AuthenticationError, match="server rejected our proof"):
+            connect("127.0.0.1", lst.port, psk=b"w" * 32)
+        t.join(10)
+    assert isinstance(out["error"], AuthenticationError)
+    assert "client's proof does not match" in str(out["error"])
+    assert "result" not in out
+
+
+def test_plain_client_against_psk_server_gets_no_data_through() -> None:
+    with listen("127.0.0.1", 0, psk=KEY) as lst:
+        t, out = serve(lst, echo_100)
+        with connect("127.0.0.1", lst.port) as ch:  # no PSK: sends migration bytes directly
+            ch.sendall(b"\x00" * 64)
+            assert ch.recv(100).startswith(b"PTMIG-PSK1")  # the server's challenge, not data
+        t.join(10)
+    assert isinstance(out["error"], AuthenticationError)
+
+
+def test_non_loopback_refused_without_auth() -> None:
+    with pytest.raises(TransportError, match="refusing to listen on '0.0.0.0' without TLS"):
+        listen("0.0.0.0", 0)
+    with pytest.raises(TransportError, match="refusing to connect to '192.0.2.1' without TLS"):
+        connect("192.0.2.1", 4444)
+    listen("0.0.0.0", 0, insecure=True).close()
+    listen("0.0.0.0", 0, psk=KEY).close()
+
+
+def test_peer_disappears_mid_stream() -> None:
+    def half_then_vanish(ch: Channel) -> None:
+        ch.sendall(b"y" * 1000)
+        ch.sock.close()  # no orderly goodbye
+
+    with listen("127.0.0.1", 0) as lst:
+        t, _ = serve(lst, half_then_vanish)
+        with connect("127.0.0.1", lst.port) as ch:
+            with pytest.raises(TransportError, match="closed the connection after 1000 of 4096"):
+                ch.recv_into_exact(bytearray(4096))
+        t.join(10)
+
+
+def test_silent_peer_hits_the_inactivity_timeout() -> None:
+    stop = threading.Event()
+    with listen("127.0.0.1", 0) as lst:
+        t, _ = serve(lst, lambda ch: stop.wait(10))
+        with connect("127.0.0.1", lst.port, inactivity_timeout=0.3) as ch:
+            with pytest.raises(TransportError, match="no progress .* for 0.3 s"):
+                ch.recv_into_exact(bytearray(10))
+        stop.set()
+        t.join(10)
+
+
+def test_protocol_session_over_tcp_into_guest_memory() -> None:
+    pages, ps = 256, 4096
+    rng = np.random.default_rng(7)
+    src_ram = bytearray(rng.integers(0, 256, pages * ps, dtype=np.uint8).tobytes())
+    np.frombuffer(src_ram, np.uint8).reshape(pages, ps)[::3] = 0
+    dst_ram = bytearray(b"\x55" * pages * ps)
+    fp = {"mem_size": pages * ps, "vcpus": 1}
+
+    def destination(ch: Channel) -> list[str]:
+        conn = Connection(Role.DESTINATION, guest_pages=pages)
+        seen = []
+        while True:
+            ev = recv_event(ch, conn, dst_ram)
+            seen.append(type(ev).__name__)
+            if type(ev).__name__ == "Hello":
+                send_event(ch, conn, check_hello(ev, fp))  # type: ignore[arg-type]
+            if isinstance(ev, Complete):
+                send_event(ch, conn, SwitchoverAck(True))
+                return seen
+
+    with listen("127.0.0.1", 0, psk=KEY) as lst:
+        t, out = serve(lst, destination)
+        with connect("127.0.0.1", lst.port, psk=KEY) as ch:
+            conn = Connection(Role.SOURCE, guest_pages=pages)
+            send_event(ch, conn, hello(fp))
+            assert recv_event(ch, conn).accepted  # type: ignore[union-attr]
+            bitmap = np.full(pages // 64, np.uint64(2**64 - 1))
+            send_event(ch, conn, RoundStart(0, pages))
+            for runs in bitmap_to_runs(bitmap, 100):
+                send_pages(ch, conn, split_zero_runs(src_ram, runs), memoryview(src_ram))
+            send_event(ch, conn, RoundEnd(0))
+            send_event(ch, conn, VcpuStates(b"regs"))
+            send_event(ch, conn, DeviceStates(b"devs"))
+            send_event(ch, conn, Complete())
+            assert recv_event(ch, conn) == SwitchoverAck(True)
+            assert conn.state is State.SWITCHED_OVER
+        t.join(10)
+    assert "error" not in out, out
+    assert out["result"].count("PageRunsHeader") >= 3
+    assert dst_ram == src_ram
+
+
+def test_measure_loopback_stream_reports_a_rate() -> None:
+    assert measure_loopback_stream(64 << 20) > 10e6
+
+
+# ---- TLS ------------------------------------------------------------------------------------
+
+OPENSSL = shutil.which("openssl")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([OPENSSL or "openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
+
+
+def _leaf(d: Path, name: str, ca: str) -> None:
+    (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if OPENSSL is None:
+        pytest.skip("the openssl command line tool is not installed: cannot generate test certs")
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "server", "ca")
+    _leaf(d, "client", "ca")
+    _leaf(d, "rogue", "rogue-ca")
+    return d
+
+
+def tls(d: Path, name: str, ca: str = "ca", host: str | None = None) -> TlsConfig:
+    return TlsConfig(str(d / f"{name}.pem"), str(d / f"{name}.key"), str(d / f"{ca}.pem"), host)
+
+
+def test_tls_mutual_auth_works(pki: Path) -> None:
+    with listen("127.0.0.1", 0, tls=tls(pki, "server")) as lst:
+        t, out = serve(lst, echo_100)
+        with connect("127.0.0.1", lst.port, tls=tls(pki, "client")) as ch:
+            assert ch.is_tls
+            ch.send_buffers([b"a" * 50, memoryview(b"b" * 50)])
+            back = bytearray(100)
+            ch.recv_into_exact(back)
+        t.join(10)
+    assert out == {"result": b"a" * 50 + b"b" * 50}
+    assert bytes(back) == b"b" * 50 + b"a" * 50
+
+
+def test_tls_rejects_client_cert_from_another_ca(pki: Path) -> None:
+    with listen("127.0.0.1", 0, tls=tls(pki, "server")) as lst:
+        t, out = serve(lst, echo_100)
+        with pytest.raises(TransportError):
+            ch = connect("127.0.0.1", lst.port, tls=tls(pki, "rogue"))
+            ch.sendall(b"z" * 100)  # TLS 1.3 reports the client-cert failure on first use
+            ch.recv_into_exact(bytearray(100))
+        t.join(10)
+    assert isinstance(out["error"], AuthenticationError)
+    assert "TLS handshake" in str(out["error"])
+
+
+def test_tls_client_rejects_server_from_another_ca(pki: Path) -> None:
+    with listen("127.0.0.1", 0, tls=tls(pki, "rogue", "ca")) as lst:
+        t, out = serve(lst, echo_100)
+        with pytest.raises(AuthenticationError, match="certificate verify failed"):
+            connect("127.0.0.1", lst.port, tls=tls(pki, "client"))
+        t.join(10)
+    assert "error" in out
