@@ -9,6 +9,9 @@ solves. Every access is bounds-checked by GPA.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import mmap
 import os
 import struct
@@ -115,6 +118,37 @@ class GuestMemory:
             self._vmm_dirty[:] = 0
         return out
 
+    # --- holes: pages the memfd never allocated read as zero ---------------------------------
+
+    def allocated(self) -> npt.NDArray[np.bool_]:
+        """One bool per page: False where the memfd has a hole (never written, or punched).
+
+        Found with lseek(SEEK_DATA/SEEK_HOLE), so an untouched page is never read (reading a
+        shmem hole through a shared mapping would allocate it)."""
+        out = np.zeros(self.npages, dtype=bool)
+        pos = 0
+        while pos < self.size:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            out[data >> PAGE_SHIFT : (hole + PAGE_SIZE - 1) >> PAGE_SHIFT] = True
+            pos = hole
+        return out
+
+    def punch_zero(self, first_page: int, npages: int) -> None:
+        """Make pages read as zero by returning them to the memfd (no write, no allocation).
+
+        Only for a guest that is not running (the destination of a migration)."""
+        self.check(first_page << PAGE_SHIFT, npages << PAGE_SHIFT)
+        if _libc.fallocate(self.fd, _FALLOC_PUNCH, ctypes.c_long(first_page << PAGE_SHIFT),
+                           ctypes.c_long(npages << PAGE_SHIFT)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fallocate(PUNCH_HOLE) on guest RAM: {os.strerror(err)}")
+
     def close(self) -> None:
         self.array = np.empty(0, dtype=np.uint8)
         self.view.release()
@@ -122,3 +156,7 @@ class GuestMemory:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE

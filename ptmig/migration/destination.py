@@ -31,6 +31,7 @@ from .events import (
     Role,
     RoundEnd,
     RoundStart,
+    RunKind,
     SwitchoverAck,
     VcpuStates,
     VerifyDigests,
@@ -99,7 +100,8 @@ class Incoming:
         log.info("waiting for an incoming migration on %s:%s", self.host, self.listener.port)
         ch = self.listener.accept()
         self.listener.close()
-        conn = Connection(Role.DESTINATION, guest_pages=vm.memory.npages)
+        conn = Connection(Role.DESTINATION, guest_pages=vm.memory.npages,
+                          zero_filler=self._punch_zero_runs)
         vcpus: list[VcpuState] | None = None
         devices: list[dict[str, Any]] | None = None
         digests: dict[int, np.ndarray] = {}
@@ -135,13 +137,19 @@ class Incoming:
         finally:
             ch.close()
 
+    def _punch_zero_runs(self, mem: memoryview, runs: np.ndarray) -> None:
+        """ZERO runs become holes in the guest memfd: nothing is written or allocated."""
+        sel = runs[runs["kind"] == RunKind.ZERO]
+        for start, n in zip(sel["start"].tolist(), sel["npages"].tolist(), strict=True):
+            self.m.vm.memory.punch_zero(start, n)
+
     def _switchover(self, ch: transport.Channel, conn: Connection, vcpus: list[VcpuState],
                     devices: list[dict[str, Any]], digests: dict[int, np.ndarray]) -> None:
         vm = self.m.vm
         report: dict[str, Any] = {}
         if digests:
             source = np.concatenate([digests[k] for k in sorted(digests)])
-            ours = page_digests(vm.memory.view)
+            ours = page_digests(vm.memory.view, allocated=vm.memory.allocated())
             if source.shape != ours.shape:
                 raise IncomingError(f"verification digests cover {source.shape[0]} pages, "
                                     f"guest has {ours.shape[0]}")

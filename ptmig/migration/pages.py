@@ -121,15 +121,38 @@ def nonzero_pages(rows: np.ndarray, runs: np.ndarray) -> np.ndarray:
     return out
 
 
+def pages_to_runs(page_numbers: np.ndarray) -> np.ndarray:
+    """DATA runs covering ascending page numbers."""
+    if page_numbers.size == 0:
+        return make_runs(np.empty(0, np.int64), np.empty(0, np.int64), RunKind.DATA)
+    brk = np.empty(page_numbers.size, dtype=bool)
+    brk[0] = True
+    brk[1:] = np.diff(page_numbers) != 1
+    first = np.flatnonzero(brk)
+    counts = np.diff(np.append(first, page_numbers.size))
+    return make_runs(page_numbers[first], counts, RunKind.DATA)
+
+
 def split_zero_runs(
-    mem: memoryview | bytearray | np.ndarray, runs: np.ndarray, page_size: int = PAGE_SIZE
+    mem: memoryview | bytearray | np.ndarray, runs: np.ndarray, page_size: int = PAGE_SIZE,
+    allocated: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Re-split `runs` into DATA and ZERO runs according to the current memory contents."""
+    """Re-split `runs` into DATA and ZERO runs according to the current memory contents.
+
+    `allocated` (one bool per guest page, e.g. `GuestMemory.allocated()`) marks pages that
+    can hold data; the others are holes, known to be zero, and are not read at all."""
     rows = page_rows(mem, page_size)
     if runs.size == 0:
         return runs.copy()
     pages = expand_runs(runs)
-    kinds = np.where(nonzero_pages(rows, runs), RunKind.DATA, RunKind.ZERO).astype(np.int8)
+    if allocated is None:
+        nonzero = nonzero_pages(rows, runs)
+    else:
+        alloc = allocated[pages]
+        nonzero = np.zeros(pages.size, dtype=bool)
+        if alloc.any():
+            nonzero[alloc] = nonzero_pages(rows, pages_to_runs(pages[alloc]))
+    kinds = np.where(nonzero, RunKind.DATA, RunKind.ZERO).astype(np.int8)
     brk = np.empty(pages.size, dtype=bool)
     brk[0] = True
     brk[1:] = (np.diff(pages) != 1) | (np.diff(kinds) != 0)

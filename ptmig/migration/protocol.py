@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,12 +157,17 @@ class _Payload:
 class Connection:
     """One end of a migration stream; see the module docstring."""
 
-    def __init__(self, role: Role, *, guest_pages: int, page_size: int = pages.PAGE_SIZE) -> None:
+    def __init__(self, role: Role, *, guest_pages: int, page_size: int = pages.PAGE_SIZE,
+                 zero_filler: Callable[[memoryview, np.ndarray], None] | None = None) -> None:
+        """`zero_filler(guest_mem, runs)` replaces the default zeroing of ZERO runs (the
+        destination VMM punches holes in its guest memfd instead of writing zeros)."""
         if guest_pages <= 0:
             raise ValueError(f"guest_pages must be positive, not {guest_pages}")
         if page_size <= 0 or page_size % 8:
             raise ValueError(f"page_size must be a positive multiple of 8, not {page_size}")
         self.role = role
+        self._zero_filler = zero_filler or (lambda mem, runs: pages.zero_fill(mem, runs,
+                                                                               page_size))
         self.guest_pages = guest_pages
         self.page_size = page_size
         self.state = State.START
@@ -403,7 +409,7 @@ class Connection:
         if p is None or p.targets is not None:
             raise LocalProtocolError("payload_targets() is only valid right after a PageRunsHeader")
         mem = _as_guest_view(guest_mem, self.guest_pages * self.page_size, LocalProtocolError)
-        pages.zero_fill(mem, p.runs, self.page_size)
+        self._zero_filler(mem, p.runs)
         p.all_targets = pages.data_slices(mem, p.runs, self.page_size)
         p.targets = p.all_targets
         if self._buf and p.total:

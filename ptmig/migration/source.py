@@ -188,9 +188,10 @@ class SourceMigration:
         count = pages.count_dirty(dirty, npages)
         sent = transport.send_event(ch, conn, RoundStart(rnd, count))
         ram = self.info.ram
+        allocated = mem.allocated()  # holes are zero pages we need not even read
         for runs in pages.bitmap_to_runs(dirty, BATCH_PAGES, npages):
             self._check()
-            runs = pages.split_zero_runs(mem.view, runs)
+            runs = pages.split_zero_runs(mem.view, runs, allocated=allocated)
             n = transport.send_pages(ch, conn, runs, mem.view)
             data = pages.data_pages(runs)
             total = int(runs["npages"].sum())
@@ -287,7 +288,7 @@ class SourceMigration:
         transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
         digests = None
         if self.caps.x_verify:
-            digests = page_digests(vm.memory.view)
+            digests = page_digests(vm.memory.view, allocated=vm.memory.allocated())
             for start in range(0, len(digests), DIGESTS_PER_FRAME):
                 chunk = digests[start : start + DIGESTS_PER_FRAME]
                 transport.send_event(ch, conn, VerifyDigests(start, digests_to_bytes(chunk)))

@@ -38,9 +38,15 @@ _KEYS: dict[int, np.ndarray] = {}
 
 
 def page_digests(
-    mem: Any, page_size: int = PAGE_SIZE, first_page: int = 0, npages: int | None = None
+    mem: Any, page_size: int = PAGE_SIZE, first_page: int = 0, npages: int | None = None,
+    *, allocated: np.ndarray | None = None,
 ) -> np.ndarray:
-    """uint64 digest of each page of `mem` (bytes-like or numpy), pages [first, first+npages)."""
+    """uint64 digest of each page of `mem` (bytes-like or numpy), pages [first, first+npages).
+
+    `allocated` (one bool per page of `mem`) marks pages that may hold data; the others are
+    known to be zero (holes in a memfd) and get the zero page's digest without being read."""
+    if allocated is not None:
+        return _digests_sparse(mem, page_size, allocated)
     rows = page_rows(mem, page_size)
     end = rows.shape[0] if npages is None else first_page + npages
     if not 0 <= first_page <= end <= rows.shape[0]:
@@ -68,6 +74,22 @@ def page_digests(
         h ^= h >> np.uint64(29)
         h *= _M3
         h ^= h >> np.uint64(32)
+    return out
+
+
+def _digests_sparse(mem: Any, page_size: int, allocated: np.ndarray) -> np.ndarray:
+    rows = page_rows(mem, page_size)
+    if allocated.shape != (rows.shape[0],):
+        raise ValueError(f"allocated mask has shape {allocated.shape}, memory has {rows.shape[0]} pages")
+    zero = page_digests(np.zeros(page_size, dtype=np.uint8), page_size)[0]
+    out = np.full(rows.shape[0], zero, dtype=np.uint64)
+    idx = np.flatnonzero(allocated)
+    if idx.size == 0:
+        return out
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    for run in np.split(idx, brk):
+        first, n = int(run[0]), int(run.size)
+        out[first : first + n] = page_digests(mem, page_size, first, n)
     return out
 
 
