@@ -42,6 +42,7 @@ class Machine:
         self.shadow_pool = ShadowPool(SHADOW_POOL_PAGES, name=f"{cfg.name}-shadow-pool")
         self.switch_process: Any = None
         self.incoming: Any = None
+        self.shadow: Any = None  # the ShadowEngine while a migration shadows DMA
         self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()

@@ -168,6 +168,10 @@ class Vcpu:
             except ProcessLookupError:
                 pass
 
+    def kick_halt(self) -> None:
+        """Make a halt wait return (and re-read the VM's wake sources); no signal."""
+        os.eventfd_write(self.kick_fd, 1)
+
     def drain_kick(self) -> None:
         try:
             os.eventfd_read(self.kick_fd)

@@ -9,6 +9,7 @@ a halted vCPU, and its register window routed to the control channel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,9 @@ class AttachedDevice:
     iommu: IommuTable
     handle: DeviceHandle
     direct_doorbells: bool = True
+    #: While shadowed, register writes go through this first; it returns True when it consumed
+    #: the write (a trapped doorbell) so the device never sees it directly.
+    mmio_hook: Callable[[int, int, int], bool] | None = None
 
     @property
     def mmio_base(self) -> int:
@@ -46,6 +50,9 @@ class AttachedDevice:
         return self.handle.mmio_read(offset, size)
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
+        hook = self.mmio_hook
+        if hook is not None and hook(offset, size, value):
+            return
         self.handle.mmio_write(offset, size, value)
 
     def close(self) -> None:

@@ -1,0 +1,18 @@
+"""DMA shadowing: live migration with passthrough devices (the seed's technique).
+
+While a migration runs, every DMA buffer a device uses exists twice: the **vCPU buffer** (the
+guest's own pages, which the guest keeps using) and the **device buffer** (a copy in the VMM's
+shadow pool, which the device is pointed at by remapping its IOMMU entries). The VMM keeps the
+two in sync by intercepting the **DMA work requests**: on a doorbell it copies the request and
+the data the device will read into the device buffer and forwards the doorbell; on the device's
+interrupt it copies back exactly the bytes the device wrote, then the used element and the used
+index, through its dirty-marking write path. Every byte that reaches guest RAM is therefore a
+VMM write and lands in the dirty set. Outside migration nothing here runs.
+
+    pool      the shadow page pool (memfd shared with device processes)
+    mapping   GPA page → device-buffer page, reference counts, the IOMMU remaps
+    device    one shadowed device: its queues, submission and completion interception
+    engine    the thread that services trapped doorbells and interrupts for all devices
+    strategy  the `shadow` value of x-dma-tracking, as the migration engine sees it
+    restore   the destination side: program a fresh device from the interception log
+"""
