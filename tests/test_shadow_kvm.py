@@ -17,7 +17,7 @@ from ptmig.load import LoadOptions, run_load
 from ptmig.machine import Machine
 from ptmig.shadow.strategy import ShadowTracking
 
-from .kvrig import Vmm, free_port, kv_config, migrate, start_load, wait_migration
+from kvrig import Vmm, free_port, kv_config, migrate, start_load, wait_migration
 
 pytestmark = pytest.mark.kvm
 
