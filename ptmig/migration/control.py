@@ -78,7 +78,7 @@ class MigrationControl:
         qmp.register("migrate", self._qmp_migrate,
                      args_schema={"uri": str, "*detach": bool, "*resume": bool})
         qmp.register("migrate_cancel", self._qmp_cancel)
-        qmp.register("query-migrate", lambda: self.info().to_qmp())
+        qmp.register("query-migrate", self._qmp_query)
         qmp.register("migrate-set-parameters", self._qmp_set_parameters,
                      args_schema=PARAMS_SCHEMA)
         qmp.register("query-migrate-parameters", lambda: self.params.to_qmp())
@@ -90,6 +90,12 @@ class MigrationControl:
         if resume:
             raise QmpError(ErrorClass.GENERIC_ERROR, "postcopy resume is not supported")
         self.migrate(uri)
+
+    def _qmp_query(self) -> dict[str, Any]:
+        mig = self.current
+        if mig is not None and not mig.info.status.finished:
+            mig.info.shadow = mig.strategy.stats()  # live counters while shadowing
+        return self.info().to_qmp()
 
     def _qmp_cancel(self) -> None:
         if self.current is not None:

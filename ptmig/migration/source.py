@@ -149,16 +149,17 @@ class SourceMigration:
                 log.error("migration failed: %s", self.info.error)
             self._recover(was_running, began)
             self.info.end = time.monotonic()
+            self.info.shadow = self.strategy.stats()  # before the status: pollers see both
             self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
         else:
             self.info.end = time.monotonic()
             if switched:
                 self.strategy.complete(m)
+                self.info.shadow = self.strategy.stats()
                 self._set_status(Status.COMPLETED)
         finally:
             if self.channel is not None:
                 self.channel.close()
-            self.info.shadow = self.strategy.stats()
 
     def _recover(self, was_running: bool, began: bool) -> None:
         """Failure before switchover: the guest continues here, devices as before."""
@@ -267,8 +268,10 @@ class SourceMigration:
         m = self.m
         vm = m.vm
         self._check()
-        vm.pause(RunState.FINISH_MIGRATE)
+        # Downtime starts when we ask the vCPUs to stop (they are all out of the guest when
+        # pause returns): counting from before the request never flatters the number.
         self.stopped_at = time.monotonic()
+        vm.pause(RunState.FINISH_MIGRATE)
         vm.set_throttle(0)
         self._set_status(Status.DEVICE)
         extra = self.strategy.stop_and_copy(m)

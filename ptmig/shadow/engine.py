@@ -238,8 +238,12 @@ class ShadowEngine:
     # --- visibility -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         per = {sd.dev.id: sd for sd in self.devices.values()}
-        total = {
+        total: dict[str, Any] = {
             "shadowed-pages": sum(len(sd.map.pages) for sd in per.values()),
             "shadowed-pages-peak": sum(sd.map.peak for sd in per.values()),
             "requests-forwarded": sum(sd.stats.requests_forwarded for sd in per.values()),
