@@ -78,7 +78,8 @@ def write_page_tables(mem: GuestMemory) -> None:
     )
     mem.write(ABI_PDPT_GPA, pdpt)
     flags = PTE_P | PTE_RW | PTE_US | PTE_PS
-    pds = struct.pack(f"<{512 * ABI_PD_COUNT}Q", *((i << 21) | flags for i in range(512 * ABI_PD_COUNT)))
+    n = 512 * ABI_PD_COUNT
+    pds = struct.pack(f"<{n}Q", *((i << 21) | flags for i in range(n)))
     mem.write(ABI_PD_GPA, pds)
 
 

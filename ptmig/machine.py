@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .config import VmConfig
 from .firmware import build_firmware, load_firmware_image
 from .layout import ABI_MMIO_STRIDE, BootDevice
-from .qmp import ErrorClass, QmpError, QmpServer, RunStatus, query_status_reply
 from .migration.control import MigrationControl
+from .qmp import ErrorClass, QmpError, QmpServer, RunStatus, query_status_reply
 from .shadow.pool import ShadowPool
 from .vm import RunState, Vm, VmSpec
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TextIO
 
 from . import boot
 from .dirty import DirtyTracker, KvmDirtyLog
-from .kvm import Kvm, KvmError
+from .kvm import Kvm
 from .kvm.ioctls import KVM_MEM_LOG_DIRTY_PAGES
 from .layout import (
     ABI_FW_LOAD_GPA,

@@ -30,7 +30,8 @@ def test_abi_constants_agree() -> None:
 def test_boot_info_cmdline_offset_matches_the_c_struct() -> None:
     # struct boot_info: 48-byte head, 8 devices of 16 bytes, then the command line.
     assert layout.BOOT_INFO_CMDLINE_OFFSET == 48 + 8 * 16
-    page = layout.pack_boot_info(2, 64 << 20, 1000, "hello", [layout.BootDevice(0xD0000000, 0x1000, 1)])
+    dev = layout.BootDevice(0xD0000000, 0x1000, 1)
+    page = layout.pack_boot_info(2, 64 << 20, 1000, "hello", [dev])
     assert page[layout.BOOT_INFO_CMDLINE_OFFSET:][:6] == b"hello\0"
 
 

@@ -33,8 +33,9 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) -> 
 @pytest.mark.kvm
 def test_hello_exit_status_and_console_file(tmp_path: Path) -> None:
     console = tmp_path / "console.txt"
-    out = subprocess.run([sys.executable, "-m", "ptmig.cli", "run", str(ROOT / "examples/hello.toml"),
-                          "--console", str(console)], capture_output=True, text=True, timeout=120)
+    hello = str(ROOT / "examples/hello.toml")
+    out = subprocess.run([sys.executable, "-m", "ptmig.cli", "run", hello, "--console",
+                          str(console)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "hello from ptmig guest" in console.read_text()
 

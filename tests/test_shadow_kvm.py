@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kvrig import Vmm, free_port, kv_config, migrate, start_load, wait_migration
 
 from ptmig import bitmap
 from ptmig.config import load_config
@@ -16,8 +17,6 @@ from ptmig.layout import PAGE_SIZE
 from ptmig.load import LoadOptions, run_load
 from ptmig.machine import Machine
 from ptmig.shadow.strategy import ShadowTracking
-
-from kvrig import Vmm, free_port, kv_config, migrate, start_load, wait_migration
 
 pytestmark = pytest.mark.kvm
 

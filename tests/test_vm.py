@@ -84,7 +84,8 @@ def test_pause_brings_every_vcpu_out_and_resume_continues(firmware) -> None:
 
 
 def _dirty_report(vm: Vm) -> tuple[int, int]:
-    magic, bitmap_gpa, bitmap_bytes = struct.unpack_from("<QQQ", vm.memory.read(ABI_WORKLOAD_STATS_GPA, 24))
+    raw = vm.memory.read(ABI_WORKLOAD_STATS_GPA, 24)
+    magic, bitmap_gpa, bitmap_bytes = struct.unpack_from("<QQQ", raw)
     assert magic == 0x3150525954524944, "dirty workload did not publish its report"
     return bitmap_gpa, bitmap_bytes
 

@@ -96,7 +96,7 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
                 vm.memory.size, iommu, machine.shadow_pool.fd, name=slot.id,
             )
             dev = AttachedDevice(slot.id, slot.kind, slot.index, cfg, iommu, handle)
-            handle.on_event(lambda ev, dev=dev: machine.device_event(dev, ev))
+            handle.on_event(_forward_events(machine, dev))
             bind_doorbells(machine, dev)
             vm.attach_device(slot.index, dev)
             vm.wake_fds.append(handle.irq_eventfd)
@@ -106,6 +106,13 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
             dev.close()
         raise
     return out
+
+
+def _forward_events(machine: Machine, dev: AttachedDevice) -> Callable[[DeviceEvent], None]:
+    def forward(ev: DeviceEvent) -> None:
+        machine.device_event(dev, ev)
+
+    return forward
 
 
 def describe_event(dev: AttachedDevice, ev: DeviceEvent) -> str:

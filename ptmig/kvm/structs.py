@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64
+from typing import Any
 
 
 class KvmUserspaceMemoryRegion(ctypes.Structure):
@@ -269,7 +270,7 @@ class KvmRun(ctypes.Structure):
     ]
 
 
-def array_with_header(header_type: type, entry_type: type, count: int) -> type:
+def array_with_header(header_type: type, entry_type: Any, count: int) -> Any:
     """A ctypes structure type: `header_type` followed by `count` entries (flexible array)."""
     return type(
         f"{header_type.__name__}x{count}",

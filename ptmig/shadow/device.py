@@ -173,7 +173,8 @@ class ShadowedDevice:
         pages: list[int] = []
         try:
             for d in chain.descriptors:
-                for gpfn in range(d.addr >> PAGE_SHIFT, ((d.addr + d.length - 1) >> PAGE_SHIFT) + 1):
+                last = (d.addr + d.length - 1) >> PAGE_SHIFT
+                for gpfn in range(d.addr >> PAGE_SHIFT, last + 1):
                     self.map.acquire(gpfn, copy=False)
                     pages.append(gpfn)
         except ShadowError:
