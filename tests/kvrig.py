@@ -42,12 +42,33 @@ size = "16M"
     return cfg
 
 
-class Vmm:
+class QmpEndpoint:
+    """A QMP socket, one short connection per command."""
+
+    def __init__(self, sock: Path) -> None:
+        self.sock = sock
+
+    def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        async def go() -> Any:
+            c = QMPClient("test")
+            await c.connect(str(self.sock))
+            try:
+                return await c.execute(cmd, args)
+            finally:
+                try:
+                    await c.disconnect()
+                except (EOFError, ConnectionError):
+                    pass
+
+        return asyncio.run(go())
+
+
+class Vmm(QmpEndpoint):
     """A `ptmig run` process with its QMP socket."""
 
     def __init__(self, cfg: Path, tmp: Path, tag: str, *, incoming: int | None = None,
                  extra: list[str] | None = None) -> None:
-        self.sock = tmp / f"{tag}.qmp"
+        super().__init__(tmp / f"{tag}.qmp")
         self.log = tmp / f"{tag}.log"
         args = [sys.executable, "-m", "ptmig.cli", "run", str(cfg), "--qmp", f"unix:{self.sock}",
                 "--console", str(tmp / f"{tag}.console")]
@@ -63,20 +84,6 @@ class Vmm:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{tag}: QMP socket never appeared")
             time.sleep(0.05)
-
-    def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        async def go() -> Any:
-            c = QMPClient("test")
-            await c.connect(str(self.sock))
-            try:
-                return await c.execute(cmd, args)
-            finally:
-                try:
-                    await c.disconnect()
-                except (EOFError, ConnectionError):
-                    pass
-
-        return asyncio.run(go())
 
     def quit(self) -> None:
         if self.proc.poll() is None:
@@ -96,7 +103,7 @@ class Vmm:
             self.proc.wait()
 
 
-def migrate(src: Vmm, port: int, *, strategy: str = "shadow", verify: bool = True,
+def migrate(src: QmpEndpoint, port: int, *, strategy: str = "shadow", verify: bool = True,
             params: dict[str, Any] | None = None, timeout: float = 120) -> dict[str, Any]:
     src.qmp("migrate-set-parameters", {"x-dma-tracking": strategy, **(params or {})})
     src.qmp("migrate-set-capabilities",
@@ -105,7 +112,7 @@ def migrate(src: Vmm, port: int, *, strategy: str = "shadow", verify: bool = Tru
     return wait_migration(src, timeout)
 
 
-def wait_migration(src: Vmm, timeout: float = 120) -> dict[str, Any]:
+def wait_migration(src: QmpEndpoint, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         st = src.qmp("query-migrate")
