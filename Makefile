@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-deps bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,27 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ptmig demo
+	$(VENV)/bin/ptmig demo --json demo-results/demo.json --report demo-results/report
 
-test: $(STAMP)
+# System packages the tests use: chromium renders the HTML report in a headless browser;
+# iputils-ping is the real `ping` the TAP test sends to the kv guest.
+# Installed only when missing and when we are root on a Debian-like system; otherwise that
+# test skips and says why.
+test-deps:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (for the report's browser test)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		    chromium >/dev/null) || echo "chromium could not be installed: that test skips"; \
+	fi
+	@if ! command -v ping >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing iputils-ping (for the TAP ping test)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		    iputils-ping >/dev/null) || echo "iputils-ping could not be installed: that test skips"; \
+	fi
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -29,4 +47,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy ptmig
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results
+	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results demo-results

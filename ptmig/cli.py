@@ -100,6 +100,40 @@ def switch(listen: str, age: float) -> None:
 
 
 @main.command()
+@click.option("--qmp", "qmp_spec", required=True, metavar="unix:PATH",
+              help="The source VMM's QMP socket.")
+@click.argument("destination", metavar="tcp:HOST:PORT")
+@click.option("--dma-tracking", type=click.Choice(["none", "all-dirty", "device-log", "shadow"]),
+              help="How device DMA writes are tracked (x-dma-tracking).")
+@click.option("--downtime-limit-ms", type=click.IntRange(min=1), help="downtime-limit, in ms.")
+@click.option("--max-bandwidth", type=click.IntRange(min=0), metavar="BYTES",
+              help="max-bandwidth in bytes/s (0: unlimited).")
+@click.option("--verify", is_flag=True, help="Compare every page of RAM after the switchover.")
+@click.option("--auto-converge", is_flag=True, help="Throttle the vCPUs if it does not converge.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the final query-migrate reply to FILE.")
+def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
+            downtime_limit_ms: int | None, max_bandwidth: int | None, verify: bool,
+            auto_converge: bool, json_path: Path | None) -> None:
+    """Live-migrate the VM behind --qmp to DESTINATION (a `ptmig run --incoming`).
+
+    Exit status: 0 completed; 1 failed or cancelled (the guest runs on the source);
+    2 completed but verification found differing pages; 3 the VMM refused or was unreachable.
+    """
+    from .migration.client import MigrateOptions
+    from .migration.client import run as run_migrate
+
+    path = _unix_path(qmp_spec, "--qmp")
+    assert path is not None
+    try:
+        opts = MigrateOptions(path, destination, dma_tracking, downtime_limit_ms,
+                              max_bandwidth, verify, auto_converge, json_path)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    sys.exit(run_migrate(opts))
+
+
+@main.command()
 @click.option("--quick", is_flag=True, help="A smaller version that fits a few minutes.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the results (default bench-results/bench.json).")
@@ -109,6 +143,56 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
     from .bench import main as bench_main
 
     sys.exit(bench_main(quick, json_path, list(only) or None))
+
+
+@main.command()
+@click.option("--dma-tracking", type=click.Choice(["shadow", "none", "all-dirty", "device-log"]),
+              default="shadow", show_default=True,
+              help="How device DMA writes are tracked; `none` shows what goes wrong without.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write {migration, load, guest, demo} to FILE.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write an HTML report with plots to DIR.")
+@click.option("--bench-json", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("bench-results") / "bench.json", show_default=True,
+              help="Bench results to add to the report (strategy comparison), if present.")
+@click.option("--quick", is_flag=True, help="256 MiB and about 7 s of load.")
+@click.option("--memory", default=None, help="Guest RAM (default 1G, 256M with --quick).")
+@click.option("--warmup", type=float, default=None, help="Seconds of load before migrating.")
+@click.option("--duration", type=float, default=None,
+              help="Seconds of load in all (warm-up, migration, after the switchover).")
+@click.option("--max-bandwidth", type=float, default=100.0, show_default=True,
+              help="Migration bandwidth in MiB/s (0: unlimited).")
+@click.option("--downtime-limit", type=int, default=300, show_default=True,
+              help="Maximum downtime in ms.")
+@click.option("--tap", is_flag=True, help="Real Linux networking through TAP (needs root).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep configs, disk image and logs here (default: a temporary directory).")
+@click.option("--no-live", is_flag=True, help="Plain progress lines instead of the live view.")
+def demo(dma_tracking: str, json_path: Path | None, report_dir: Path | None,
+         bench_json: Path, quick: bool, memory: str | None, warmup: float | None,
+         duration: float | None, max_bandwidth: float, downtime_limit: int, tap: bool,
+         run_dir: Path | None, no_live: bool) -> None:
+    """Live-migrate a kv VM with passthrough NIC and disk under load; verify nothing is lost.
+
+    Exit status: 0 everything verified; 1 the migration lost or corrupted something (expected
+    with --dma-tracking none); 2 the demo could not run.
+    """
+    from .demo import DemoOptions, run_demo
+
+    base = DemoOptions.quick() if quick else DemoOptions()
+    try:
+        opts = DemoOptions(
+            memory=memory or base.memory, dma_tracking=dma_tracking,
+            warmup_s=warmup if warmup is not None else base.warmup_s,
+            duration_s=duration if duration is not None else base.duration_s,
+            max_bandwidth_mib=max_bandwidth, downtime_limit_ms=downtime_limit, tap=tap,
+            json_path=json_path, report_dir=report_dir, bench_json=bench_json,
+            run_dir=run_dir, live=not no_live)
+        opts.check()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    sys.exit(run_demo(opts).exit_status)
 
 
 if __name__ == "__main__":

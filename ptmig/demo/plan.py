@@ -1,0 +1,117 @@
+"""What a demo run is made of, decided before anything starts: sizes, durations, ports, files.
+
+`DemoOptions` is what the command line asks for; `DemoPlan` adds the free ports and the run
+directory, and writes the VM config that both VMMs load (the same file on both sides: the disk
+image is "shared storage", as on two hosts with a shared datastore). Pure apart from
+`free_port` and `write_configs`.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..migration.params import DMA_TRACKING
+
+GUEST_IP = "10.0.0.2/24"
+GUEST_MAC = "52:54:00:12:34:56"
+KV_PORT = 7000
+DISK_SIZE = "64M"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    memory: str = "1G"
+    dma_tracking: str = "shadow"
+    warmup_s: float = 4.0  # load before the migration starts
+    duration_s: float = 15.0  # the whole load, warm-up included
+    max_bandwidth_mib: float = 100.0  # about a 1 GbE link; 0 = unlimited
+    downtime_limit_ms: int = 300
+    tap: bool = False
+    json_path: Path | None = None
+    report_dir: Path | None = None
+    bench_json: Path | None = None
+    run_dir: Path | None = None  # default: a fresh temporary directory, removed afterwards
+    live: bool = True  # rich live view when stdout is a terminal
+
+    def check(self) -> None:
+        if self.dma_tracking not in DMA_TRACKING:
+            raise ValueError(f"dma tracking must be one of {', '.join(DMA_TRACKING)}, "
+                             f"got {self.dma_tracking!r}")
+        if self.warmup_s <= 0:
+            raise ValueError(f"warm-up must be positive, got {self.warmup_s} s")
+        if self.duration_s < self.warmup_s + 2:
+            raise ValueError(f"duration {self.duration_s} s must exceed the warm-up "
+                             f"({self.warmup_s} s) by at least 2 s, to see the load after "
+                             "the switchover")
+        if self.max_bandwidth_mib < 0:
+            raise ValueError(f"max bandwidth must be >= 0 MiB/s, got {self.max_bandwidth_mib}")
+        if not 1 <= self.downtime_limit_ms <= 2_000_000:
+            raise ValueError(f"downtime limit must be 1..2000000 ms, got {self.downtime_limit_ms}")
+
+    @classmethod
+    def quick(cls, **kw: object) -> DemoOptions:
+        """The small version the tests run: 256 MiB and about 8 s of load."""
+        base: dict[str, object] = {"memory": "256M", "warmup_s": 2.0, "duration_s": 7.0}
+        base.update(kw)
+        return cls(**base)  # type: ignore[arg-type]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 that nobody uses right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DemoPlan:
+    opts: DemoOptions
+    run_dir: Path
+    switch_port: int  # UDP
+    migration_port: int  # TCP
+    tap_names: tuple[str, str] | None = None  # (source, destination) with --tap
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    @property
+    def qmp_src(self) -> Path:
+        return self.path("src.qmp")
+
+    @property
+    def qmp_dst(self) -> Path:
+        return self.path("dst.qmp")
+
+
+def config_text(memory: str, backend: str, disk: str, *, switch_auto: bool = False) -> str:
+    """The kv VM: 1 vCPU, a virtio-net on `backend`, a virtio-blk log on `disk`."""
+    switch = '\nswitch = "auto"' if switch_auto else ('\nswitch = "none"'
+                                                      if backend.startswith("udp:") else "")
+    return (
+        "# Written by `ptmig demo`: the kv VM that is migrated under load.\n"
+        f'[vm]\nmemory = "{memory}"\nvcpus = 1\n\n'
+        f'[workload]\nname = "kv"\nargs = {{ port = {KV_PORT} }}\n\n'
+        f'[[net]]\nid = "net0"\nmac = "{GUEST_MAC}"\nip = "{GUEST_IP}"\n'
+        f'backend = "{backend}"{switch}\n\n'
+        f'[[disk]]\nid = "disk0"\npath = "{disk}"\nsize = "{DISK_SIZE}"\n'
+        'serial = "ptmig-disk0"\n'
+    )
+
+
+def write_configs(plan: DemoPlan) -> tuple[Path, Path]:
+    """The source's and the destination's config (the same file unless TAP needs two)."""
+    disk = "kv.img"
+    if plan.tap_names is None:
+        cfg = plan.path("kv.toml")
+        cfg.write_text(config_text(plan.opts.memory, f"udp:127.0.0.1:{plan.switch_port}", disk))
+        plan.files["config"] = cfg
+        return cfg, cfg
+    src = plan.path("kv-src.toml")
+    dst = plan.path("kv-dst.toml")
+    src.write_text(config_text(plan.opts.memory, f"tap:{plan.tap_names[0]}", disk))
+    dst.write_text(config_text(plan.opts.memory, f"tap:{plan.tap_names[1]}", disk))
+    plan.files["config"] = src
+    return src, dst

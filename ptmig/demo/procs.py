@@ -1,0 +1,151 @@
+"""The demo's child processes: the UDP switch, the two VMMs, the load client.
+
+Each child runs in a session of its own (so a Ctrl-C meant for the demo reaches the demo, which
+then stops its children in order) and is stopped with its whole process group, device
+processes included: first politely (`quit` over QMP for a VMM), then SIGTERM, then SIGKILL.
+`Children` is a context manager; leaving it, by return, exception or Ctrl-C, stops them all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .qmpclient import QmpClient
+
+
+class DemoError(RuntimeError):
+    """The demo could not set up or run (as opposed to a migration that did not verify)."""
+
+
+def ptmig_command(*args: str) -> list[str]:
+    """`python -m ptmig.cli ...` with this interpreter, so it works from any virtualenv."""
+    return [sys.executable, "-m", "ptmig.cli", *args]
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path,
+                 stdout_pipe: bool = False) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            args, cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else self._log, stderr=self._log,
+            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.qmp: QmpClient | None = None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def died(self) -> DemoError:
+        return DemoError(f"{self.name} exited early with status {self.proc.returncode}; "
+                         f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+
+    def connect_qmp(self, path: Path, timeout: float = 60.0) -> QmpClient:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not self.alive():
+                raise self.died()
+            if time.monotonic() > deadline:
+                raise DemoError(f"{self.name}: no QMP socket at {path} after {timeout} s")
+            time.sleep(0.05)
+        self.qmp = QmpClient(str(path))
+        return self.qmp
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.qmp is not None:
+            if self.alive():
+                try:
+                    self.qmp.execute("quit")
+                except Exception:
+                    pass
+            self.qmp.close()
+            self.qmp = None
+        if self.alive() and self.name.startswith("vmm"):
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # The group: the child and whatever it spawned (device processes) that is still there.
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+class Children:
+    """The children of one demo run, stopped in reverse order of start."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.children: list[Child] = []
+
+    def start(self, name: str, args: list[str], *, stdout_pipe: bool = False) -> Child:
+        child = Child(name, args, self.cwd / f"{name}.log", cwd=self.cwd,
+                      stdout_pipe=stdout_pipe)
+        self.children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            try:
+                child.stop()
+            except Exception:
+                pass
+        self.children.clear()
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        # A second Ctrl-C during cleanup must not leave processes behind.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            self.stop_all()
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class LineReader:
+    """Reads a child's stdout lines in a thread and hands each to `on_line`."""
+
+    def __init__(self, stream: IO[bytes], on_line: Callable[[str], None]) -> None:
+        self._stream = stream
+        self._on_line = on_line
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for raw in self._stream:
+                self._on_line(raw.decode(errors="replace").rstrip("\n"))
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,158 @@
+"""The demo's verdict and its printed summary, computed from the demo document alone.
+
+The document is what `ptmig demo --json` writes: `{"migration": <final query-migrate of the
+source>, "load": <load client result>, "guest": <x-query-guest-stats of the destination>,
+"demo": <timeline, options, outages, throughput>}`. `verdict()` decides the exit status;
+`summary_lines()` is the text: QEMU's `info migrate` layout first, then what the load saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+EXIT_VERIFIED, EXIT_NOT_VERIFIED, EXIT_DEMO_FAILED = 0, 1, 2
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_VERIFIED if self.ok else EXIT_NOT_VERIFIED
+
+
+def verdict(doc: Mapping[str, Any]) -> Verdict:
+    """Everything verified: the migration completed, every page matched, no value was lost."""
+    mig, load = doc.get("migration") or {}, doc.get("load") or {}
+    problems: list[str] = []
+    status = mig.get("status")
+    if status != "completed":
+        problems.append(f"migration status is {status!r}, not 'completed'"
+                        + (f": {mig['error-desc']}" if mig.get("error-desc") else ""))
+    ver = mig.get("x-verify")
+    if not isinstance(ver, Mapping):
+        problems.append("no x-verify result: page-by-page verification did not run")
+    elif ver.get("mismatched", 0):
+        problems.append(f"{ver['mismatched']} of {ver.get('pages')} pages differ between "
+                        f"source and destination (first: {ver.get('first-mismatched')})")
+    if not load:
+        problems.append("the load client produced no result")
+    else:
+        if load.get("lost") or load.get("wrong"):
+            problems.append(f"{load.get('lost')} acknowledged values lost and "
+                            f"{load.get('wrong')} wrong after the migration")
+        if load.get("unverified"):
+            problems.append(f"{load['unverified']} acknowledged values could not be read back")
+        if not load.get("acked"):
+            problems.append("the guest acknowledged no value: nothing was proven")
+    return Verdict(not problems, problems)
+
+
+def _kib(n: Any) -> str:
+    return f"{int(n or 0) // 1024} kbytes"
+
+
+def migration_lines(mig: Mapping[str, Any]) -> list[str]:
+    """QEMU's `info migrate`, field for field, then ptmig's x- additions."""
+    ram = mig.get("ram") or {}
+    lines = [f"Migration status: {mig.get('status')}"]
+    if "total-time" in mig:
+        lines.append(f"total time: {mig['total-time']} ms")
+    if "downtime" in mig:
+        lines.append(f"downtime: {mig['downtime']} ms")
+    elif "expected-downtime" in mig:
+        lines.append(f"expected downtime: {mig['expected-downtime']} ms")
+    if "setup-time" in mig:
+        lines.append(f"setup: {mig['setup-time']} ms")
+    if ram:
+        lines += [
+            f"transferred ram: {_kib(ram.get('transferred'))}",
+            f"throughput: {float(ram.get('mbps', 0)):.2f} mbps",
+            f"remaining ram: {_kib(ram.get('remaining'))}",
+            f"total ram: {_kib(ram.get('total'))}",
+            f"duplicate: {ram.get('duplicate', 0)} pages",
+            f"normal: {ram.get('normal', 0)} pages",
+            f"normal bytes: {_kib(ram.get('normal-bytes'))}",
+            f"dirty sync count: {ram.get('dirty-sync-count', 0)}",
+            f"dirty pages rate: {ram.get('dirty-pages-rate', 0)} pages",
+        ]
+    if "error-desc" in mig:
+        lines.append(f"error: {mig['error-desc']}")
+    lines.append(f"x-dma-tracking: {mig.get('x-dma-tracking')}")
+    rounds = mig.get("x-rounds") or []
+    if rounds:
+        parts = [f"{r.get('pages')}" + ("*" if r.get("stop-and-copy") else "") for r in rounds]
+        lines.append(f"x-rounds (pages sent; * = stop-and-copy): {' '.join(parts)}")
+    ver = mig.get("x-verify")
+    if isinstance(ver, Mapping):
+        lines.append(f"x-verify: {ver.get('pages')} pages compared, "
+                     f"{ver.get('mismatched')} mismatched")
+    sh = mig.get("x-shadow")
+    if isinstance(sh, Mapping):
+        lines.append(f"x-shadow: {sh.get('requests-forwarded', 0)} DMA work requests "
+                     f"intercepted, {sh.get('completions-synced', 0)} completions copied back, "
+                     f"{sh.get('shadowed-pages-peak', 0)} device-buffer pages at peak")
+    return lines
+
+
+def _ms(v: Any) -> str:
+    return f"{float(v):.0f} ms" if isinstance(v, (int, float)) else "n/a"
+
+
+def _rate(v: Any) -> str:
+    return f"{float(v):,.0f} ops/s" if isinstance(v, (int, float)) else "n/a"
+
+
+def load_lines(doc: Mapping[str, Any]) -> list[str]:
+    load, demo = doc.get("load") or {}, doc.get("demo") or {}
+    mig = doc.get("migration") or {}
+    outage = demo.get("outage") or {}
+    tp = demo.get("throughput") or {}
+    ver_raw = mig.get("x-verify")
+    ver: Mapping[str, Any] = ver_raw if isinstance(ver_raw, Mapping) else {}
+    before = outage.get("guest-before-ms")
+    return [
+        f"outage seen by the client: {_ms(outage.get('client-ms'))} "
+        "(longest gap between two kv replies)",
+        f"outage seen by the guest:  {_ms(outage.get('guest-ms'))} "
+        f"(its longest pause, by its own TSC; {_ms(before)} before the migration)",
+        f"kv throughput: before {_rate(tp.get('before'))}, during {_rate(tp.get('during'))}, "
+        f"after {_rate(tp.get('after'))}",
+        f"acknowledged PUTs: {load.get('acked', 0)}, read back: {load.get('verified', 0)}, "
+        f"lost: {load.get('lost', 0)}, wrong: {load.get('wrong', 0)}",
+        f"mismatched pages: {ver.get('mismatched', 'n/a')} of {ver.get('pages', 'n/a')}",
+    ]
+
+
+WHY = {
+    "shadow": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log cannot "
+              "see them. While migrating, ptmig gave each device a copy of its DMA buffers and "
+              "copied every completion back itself, so every device write was marked dirty and "
+              "re-sent.",
+    "none": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log cannot "
+            "see them. Nothing tracked those writes, so pages they changed after being sent "
+            "reached the destination stale: this is what passthrough migration gets wrong.",
+    "all-dirty": "Every device-writable page was treated as dirty in every round (QEMU's "
+                 "fallback): correct, but the whole mapped RAM is re-sent at stop-and-copy.",
+    "device-log": "The devices logged their own DMA writes (hardware dirty tracking): correct, "
+                  "but it needs devices or an IOMMU that can do it.",
+}
+
+
+def summary_lines(doc: Mapping[str, Any]) -> list[str]:
+    mig = doc.get("migration") or {}
+    v = verdict(doc)
+    lines = migration_lines(mig) + [""] + load_lines(doc) + [""]
+    why = WHY.get(str(mig.get("x-dma-tracking")))
+    if why:
+        lines += [why, ""]
+    if v.ok:
+        lines.append("VERIFIED: migrated under load, 0 values lost, 0 pages mismatched.")
+    else:
+        lines.append("NOT VERIFIED:")
+        lines += [f"  - {p}" for p in v.problems]
+    return lines
