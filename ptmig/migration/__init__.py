@@ -32,6 +32,7 @@ from ptmig.migration.events import (
     SwitchoverAck,
     VcpuStates,
     VerifyDigests,
+    VerifyReport,
     make_runs,
 )
 from ptmig.migration.frames import MAGIC, PROTOCOL_VERSION
@@ -70,6 +71,7 @@ __all__ = [
     "SwitchoverAck",
     "VcpuStates",
     "VerifyDigests",
+    "VerifyReport",
     "check_hello",
     "compare_fingerprints",
     "hello",

@@ -207,6 +207,16 @@ class Abort:
     reason: str
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    """Destination → source, after a post-switchover verification: how many pages of the
+    destination's RAM (as it was before the guest resumed) differ from the source's digests."""
+
+    pages: int
+    mismatched: int
+    first_mismatched: tuple[int, ...] = ()
+
+
 Event = (
     Hello
     | HelloAck
@@ -219,5 +229,6 @@ Event = (
     | VerifyDigests
     | Complete
     | SwitchoverAck
+    | VerifyReport
     | Abort
 )

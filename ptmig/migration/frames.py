@@ -50,6 +50,7 @@ from ptmig.migration.events import (
     RoundEnd,
     RoundStart,
     SwitchoverAck,
+    VerifyReport,
     VcpuStates,
     VerifyDigests,
 )
@@ -76,6 +77,9 @@ _ROUND_START: Final = struct.Struct("<QQ")
 _U64: Final = struct.Struct("<Q")
 _U32: Final = struct.Struct("<I")
 
+_VERIFY_REPORT: Final = struct.Struct("<QQI")
+MAX_REPORTED_PAGES: Final = 16
+
 FLAG_PAYLOAD_CRC: Final = 0x01
 
 
@@ -91,6 +95,7 @@ class FrameType(enum.IntEnum):
     COMPLETE = 9
     SWITCHOVER_ACK = 10
     ABORT = 11
+    VERIFY_REPORT = 12
 
 
 # (minimum, maximum) metadata length per frame type.
@@ -105,6 +110,7 @@ METADATA_LIMITS: Final[dict[FrameType, tuple[int, int]]] = {
     FrameType.VERIFY_DIGESTS: (8, 8 + 8 * MAX_DIGESTS_PER_FRAME),
     FrameType.COMPLETE: (0, 0),
     FrameType.SWITCHOVER_ACK: (1, 1 + MAX_REASON),
+    FrameType.VERIFY_REPORT: (_VERIFY_REPORT.size, _VERIFY_REPORT.size + 8 * MAX_REPORTED_PAGES),
     FrameType.ABORT: (0, MAX_REASON),
 }
 
@@ -202,6 +208,13 @@ def encode_event(event: Event) -> bytes:
             )
         case Abort(reason):
             return encode_frame(FrameType.ABORT, _encode_text(reason, "abort reason"))
+        case VerifyReport(npages, mismatched, first):
+            first = tuple(first)[:MAX_REPORTED_PAGES]
+            return encode_frame(
+                FrameType.VERIFY_REPORT,
+                _VERIFY_REPORT.pack(npages, mismatched, len(first))
+                + struct.pack(f"<{len(first)}Q", *first),
+            )
     raise TypeError(f"encode_event cannot encode {type(event).__name__}")
 
 
@@ -268,4 +281,16 @@ def decode_event(ftype: FrameType, metadata: bytes) -> Event:
             return Complete()
         case FrameType.ABORT:
             return Abort(_decode_text(metadata, "ABORT reason"))
+        case FrameType.VERIFY_REPORT:
+            npages, mismatched, n = _VERIFY_REPORT.unpack_from(metadata)
+            if n > MAX_REPORTED_PAGES or len(metadata) != _VERIFY_REPORT.size + 8 * n:
+                raise RemoteProtocolError(
+                    f"VERIFY_REPORT lists {n} pages in {len(metadata)} metadata bytes"
+                )
+            if mismatched > npages or n > mismatched:
+                raise RemoteProtocolError(
+                    f"VERIFY_REPORT: {mismatched} mismatched of {npages} pages, {n} listed"
+                )
+            first = struct.unpack_from(f"<{n}Q", metadata, _VERIFY_REPORT.size)
+            return VerifyReport(npages, mismatched, tuple(first))
     raise RemoteProtocolError(f"decode_event cannot decode frame type {ftype!r}")

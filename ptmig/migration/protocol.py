@@ -54,6 +54,7 @@ from ptmig.migration.events import (
     RoundStart,
     SwitchoverAck,
     VerifyDigests,
+    VerifyReport,
     _NeedData,
 )
 from ptmig.migration.frames import HEADER_SIZE, MAGIC, PROTOCOL_VERSION, FrameType
@@ -69,6 +70,8 @@ class State(enum.Enum):
     VERIFYING = "verifying"
     COMPLETE_SENT = "complete-sent"
     SWITCHED_OVER = "switched-over"
+    POST_VERIFY = "post-verify"
+    VERIFIED = "verified"
     SWITCHOVER_REFUSED = "switchover-refused"
     REFUSED = "refused"
     ABORTED = "aborted"
@@ -76,8 +79,12 @@ class State(enum.Enum):
 
 
 FINAL_STATES = frozenset(
-    {State.SWITCHED_OVER, State.SWITCHOVER_REFUSED, State.REFUSED, State.ABORTED, State.ERROR}
+    {State.VERIFIED, State.SWITCHOVER_REFUSED, State.REFUSED, State.ABORTED, State.ERROR}
 )
+# The source may close after the switchover, or verify first: the peer's EOF is fine here.
+CLOSABLE_STATES = FINAL_STATES | {State.SWITCHED_OVER}
+# After the switchover the destination runs the guest: nothing can be aborted any more.
+_NO_ABORT = FINAL_STATES | {State.SWITCHED_OVER, State.POST_VERIFY}
 
 S, D = Role.SOURCE, Role.DESTINATION
 TRANSITIONS: dict[tuple[Role, State, str], State] = {
@@ -95,9 +102,14 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (S, State.VERIFYING, "Complete"): State.COMPLETE_SENT,
     (D, State.COMPLETE_SENT, "SwitchoverAck"): State.SWITCHED_OVER,
     (D, State.COMPLETE_SENT, "SwitchoverRefused"): State.SWITCHOVER_REFUSED,
+    # Post-switchover verification: the source's RAM is frozen for good once the destination
+    # runs, so hashing it is kept out of the downtime.
+    (S, State.SWITCHED_OVER, "VerifyDigests"): State.POST_VERIFY,
+    (S, State.POST_VERIFY, "VerifyDigests"): State.POST_VERIFY,
+    (D, State.POST_VERIFY, "VerifyReport"): State.VERIFIED,
 }
 for _state in State:
-    if _state not in FINAL_STATES:
+    if _state not in _NO_ABORT:
         for _role in Role:
             TRANSITIONS[(_role, _state, "Abort")] = State.ABORTED
 
@@ -225,6 +237,12 @@ class Connection:
                         f"range starting at {self._digest_next} inside {self.guest_pages} pages"
                     )
                 self._digest_next = start + n
+            case VerifyReport():
+                if self._digest_next != self.guest_pages:
+                    raise err(
+                        f"VerifyReport after digests of {self._digest_next} pages, "
+                        f"guest has {self.guest_pages}"
+                    )
             case Complete() if self.state is State.VERIFYING:
                 if self._digest_next != self.guest_pages:
                     raise err(
@@ -385,7 +403,7 @@ class Connection:
 
     def _need(self, what: str) -> ConnectionClosed | _NeedData:
         if self._eof:
-            if not self._buf and self.state in FINAL_STATES:
+            if not self._buf and self.state in CLOSABLE_STATES:
                 return ConnectionClosed()
             raise RemoteProtocolError(
                 f"stream truncated: peer closed in state {self.state.value} while waiting for "
