@@ -50,9 +50,9 @@ from ptmig.migration.events import (
     RoundEnd,
     RoundStart,
     SwitchoverAck,
-    VerifyReport,
     VcpuStates,
     VerifyDigests,
+    VerifyReport,
 )
 
 MAGIC: Final = b"PTMIG\r\n\x1a"
