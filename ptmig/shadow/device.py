@@ -71,6 +71,7 @@ class ShadowQueue:
     next_avail: int  # next guest avail index to forward (= shadow avail idx)
     next_used: int  # next used index to sync (same on both rings)
     inflight: OrderedDict[int, DmaWorkRequest] = field(default_factory=OrderedDict)
+    heads: dict[int, int] = field(default_factory=dict)  # in-flight head -> avail index
 
     def snapshot(self) -> QueueState:
         s = self.state
@@ -102,7 +103,7 @@ class ShadowedDevice:
     def __init__(self, dev: AttachedDevice, pool: ShadowPool, memory: GuestMemory) -> None:
         self.dev = dev
         self.memory = memory
-        self.map = ShadowMap(pool, dev.iommu, memory)
+        self.map = ShadowMap(pool, dev.iommu, memory, invalidate=self._invalidate)
         self.vcpu_buf = VcpuBufferView(memory)
         self.dev_buf = DeviceBufferView(self.map)
         self.queues: dict[int, ShadowQueue] = {}
@@ -110,6 +111,13 @@ class ShadowedDevice:
         self.broken: str | None = None
         self.mmio: dict[str, Any] | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
+
+    def _invalidate(self) -> None:
+        handle = getattr(self.dev, "handle", None)
+        if handle is None:
+            raise ShadowError("no device to invalidate the IOTLB of")
+        handle.iotlb_invalidate()
+        self.stats.iotlb_invalidations += 1
 
     # --- building the device buffers -------------------------------------------------------
 
@@ -137,6 +145,7 @@ class ShadowedDevice:
         """Drop every device buffer (the caller restores the identity map)."""
         for sq in self.queues.values():
             sq.inflight.clear()
+            sq.heads.clear()
         self.map.release_all()
 
     # --- submission ---------------------------------------------------------------------------
@@ -167,7 +176,7 @@ class ShadowedDevice:
 
     def _forward(self, sq: ShadowQueue, head: int) -> None:
         st = sq.state
-        if any(r.chain.head == head for r in sq.inflight.values()):
+        if head in sq.heads:
             raise QueueError(f"head {head} made available again while still in flight", head=head)
         chain = walk_chain(self.vcpu_buf, st.desc_addr, st.size, head)
         pages: list[int] = []
@@ -193,6 +202,7 @@ class ShadowedDevice:
             self.stats.bytes_to_device += d.length
         write_avail_entry(self.dev_buf, st, sq.next_avail, head)
         sq.inflight[sq.next_avail] = DmaWorkRequest(sq.next_avail, chain, pages)
+        sq.heads[head] = sq.next_avail
         sq.next_avail = (sq.next_avail + 1) & 0xFFFF
         self.stats.requests_forwarded += 1
 
@@ -221,9 +231,8 @@ class ShadowedDevice:
             raise ShadowError(f"device reports {count} completions on queue {sq.index} with "
                               f"{len(sq.inflight)} requests in flight")
         entries = read_used_entries(self.dev_buf, st, sq.next_used, count)
-        by_head = {r.chain.head: k for k, r in sq.inflight.items()}
         for n, (head, length) in enumerate(entries):
-            key = by_head.pop(head, None)
+            key = sq.heads.pop(head, None)
             if key is None:
                 raise ShadowError(f"device completed head {head} on queue {sq.index}, which is "
                                   "not in flight")

@@ -245,6 +245,8 @@ class ShadowEngine:
         per = {sd.dev.id: sd for sd in self.devices.values()}
         total: dict[str, Any] = {
             "shadowed-pages": sum(len(sd.map.pages) for sd in per.values()),
+            "idle-device-buffers": sum(len(sd.map.idle) for sd in per.values()),
+            "device-buffers-reused": sum(sd.map.reused for sd in per.values()),
             "shadowed-pages-peak": sum(sd.map.peak for sd in per.values()),
             "requests-forwarded": sum(sd.stats.requests_forwarded for sd in per.values()),
             "completions-synced": sum(sd.stats.completions_synced for sd in per.values()),

@@ -3,13 +3,23 @@
 While shadowing, the device's IOMMU domain maps *only* device buffers: every other IOVA is
 unmapped, so a DMA outside a forwarded request faults instead of reaching guest RAM unseen. A
 guest page is shadowed on demand (`acquire`) and released when no DMA work request references it
-any more (`release`): its IOVA is unmapped and its pool page waits in quarantine until the next
-IOTLB invalidation, so a stale IOTLB entry in the device can never hit a page reused for
-something else.
+any more (`release`).
+
+Released device buffers are reclaimed lazily: an unreferenced buffer stays mapped (idle, in LRU
+order) until the pool needs its page or there are more than `IDLE_MAX` idle buffers. A driver
+recycles the same receive buffers over and over; unmapping each one on completion and mapping it
+again on the next post would cost an IOTLB invalidation — a round trip to the device — per
+request. An idle buffer is harmless: the device only DMAs for requests the VMM forwarded, and
+the VMM copies data in (readable bytes at submission) and out (written bytes at completion)
+explicitly, never relying on what an idle page holds. A reclaimed page's IOVA is unmapped and its
+pool page waits in quarantine until the next IOTLB invalidation, so a stale IOTLB entry in the
+device can never hit a page reused for something else.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..devices.virtio.queue import QueueError
@@ -29,17 +39,27 @@ class _Shadow:
     refs: int
 
 
-class ShadowMap:
-    """GPA page → device-buffer page for one device's IOMMU domain."""
+IDLE_MAX = 1024  # unreferenced device buffers kept mapped for reuse
 
-    def __init__(self, pool: ShadowPool, iommu: IommuTable, memory: GuestMemory) -> None:
+
+class ShadowMap:
+    """GPA page → device-buffer page for one device's IOMMU domain.
+
+    `invalidate` flushes the device's IOTLB (synchronously); it is used when the pool runs out
+    and idle buffers must be reclaimed on the spot."""
+
+    def __init__(self, pool: ShadowPool, iommu: IommuTable, memory: GuestMemory,
+                 invalidate: Callable[[], None] | None = None) -> None:
         self.pool = pool
         self.iommu = iommu
         self.memory = memory
+        self.invalidate = invalidate
         self.pages: dict[int, _Shadow] = {}
+        self.idle: OrderedDict[int, int] = OrderedDict()  # gpfn -> pool pfn, still mapped
         self.quarantine: list[int] = []
         self.dirty_mappings = False  # the device's IOTLB must be invalidated before use
         self.peak = 0
+        self.reused = 0
 
     def acquire(self, gpfn: int, *, copy: bool) -> int:
         """Reference the device buffer of guest page `gpfn`, creating it if needed."""
@@ -49,10 +69,14 @@ class ShadowMap:
             return sh.pool_pfn
         if not 0 <= gpfn < self.memory.npages:
             raise ShadowError(f"guest page {gpfn} is outside guest RAM")
-        try:
-            pfn = self.pool.alloc()
-        except PoolExhausted as e:
-            raise ShadowError(str(e)) from None
+        idle = self.idle.pop(gpfn, None)
+        if idle is not None:
+            self.pages[gpfn] = _Shadow(idle, 1)
+            self.reused += 1
+            if copy:
+                self.pool.write(idle, 0, self.memory.slice(gpfn << PAGE_SHIFT, PAGE_SIZE))
+            return idle
+        pfn = self._alloc()
         if copy:
             self.pool.write(pfn, 0, self.memory.slice(gpfn << PAGE_SHIFT, PAGE_SIZE))
         self.pages[gpfn] = _Shadow(pfn, 1)
@@ -61,13 +85,34 @@ class ShadowMap:
         self.peak = max(self.peak, len(self.pages))
         return pfn
 
+    def _alloc(self) -> int:
+        try:
+            return self.pool.alloc()
+        except PoolExhausted as e:
+            if not self.idle or self.invalidate is None:
+                raise ShadowError(str(e)) from None
+        while self.idle:  # reclaim every idle buffer, flush the IOTLB, then retry
+            self._reclaim_oldest()
+        self.invalidate()
+        self.invalidated()
+        try:
+            return self.pool.alloc()
+        except PoolExhausted as e:
+            raise ShadowError(str(e)) from None
+
     def release(self, gpfn: int) -> None:
         sh = self.pages[gpfn]
         sh.refs -= 1
         if sh.refs == 0:
             del self.pages[gpfn]
-            self.iommu.unmap(gpfn, 1)
-            self.quarantine.append(sh.pool_pfn)
+            self.idle[gpfn] = sh.pool_pfn
+            if len(self.idle) > IDLE_MAX:
+                self._reclaim_oldest()
+
+    def _reclaim_oldest(self) -> None:
+        gpfn, pfn = self.idle.popitem(last=False)
+        self.iommu.unmap(gpfn, 1)
+        self.quarantine.append(pfn)
 
     def invalidated(self) -> None:
         """The device acknowledged an IOTLB invalidation: quarantined pages are free again."""
@@ -79,7 +124,9 @@ class ShadowMap:
     def release_all(self) -> None:
         for sh in self.pages.values():
             self.quarantine.append(sh.pool_pfn)
+        self.quarantine.extend(self.idle.values())
         self.pages.clear()
+        self.idle.clear()
 
     # --- the device buffers as memory, addressed by IOVA (= GPA) ----------------------------
 
@@ -93,7 +140,7 @@ class ShadowMap:
             n = min(PAGE_SIZE - off, length - done)
             sh = self.pages.get(gpfn)
             if sh is None:
-                raise ShadowError(f"IOVA {addr:#x} has no device buffer")
+                raise ShadowError(f"IOVA {addr:#x} has no device buffer in use")
             out.append((sh.pool_pfn, off, done, n))
             done += n
         return out
