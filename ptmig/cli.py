@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
                           insecure=insecure)
     except KvmUnavailable as e:
         raise click.ClickException(str(e)) from None
+    def on_sigterm(signum: int, frame: object) -> None:
+        if machine.vm.state.value in ("prelaunch", "inmigrate"):
+            raise SystemExit(128 + signum)  # nothing runs yet: unwind (and clean up) at once
+        machine.request_quit()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         machine.start_qmp()
         if incoming is not None:

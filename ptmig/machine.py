@@ -151,6 +151,10 @@ class Machine:
             self.vm.resume()
 
     def _qmp_quit(self) -> None:
+        self.request_quit()
+
+    def request_quit(self) -> None:
+        """Stop the guest and end `run`/`wait` (QMP `quit`, SIGTERM, SIGINT)."""
         self._quit.set()
 
     def _qmp_guest_stats(self) -> dict[str, Any]:
