@@ -46,6 +46,7 @@ class Machine:
         self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()
+        self._closing = False
         self.vm.on_state_change(self._on_state_change)
         if qmp_path is not None:
             self.qmp = QmpServer(qmp_path)
@@ -94,6 +95,8 @@ class Machine:
     def device_event(self, dev: AttachedDevice, ev: DeviceEvent) -> None:
         """An asynchronous event from a device process (fault, needs-reset, gone)."""
         if ev.name == "gone":
+            if self._closing:
+                return
             log.error("device %s is gone: %s", dev.id, ev.data.get("reason"))
         else:
             log.warning("device %s: %s %s", dev.id, ev.name, ev.data)
@@ -102,6 +105,7 @@ class Machine:
                                              "data": _jsonable(ev.data)})
 
     def close(self) -> None:
+        self._closing = True
         self.vm.close()
         for d in self.devices:
             try:
