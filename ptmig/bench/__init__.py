@@ -31,6 +31,9 @@ SectionFn = Callable[[BenchConfig], list[Result]]
 # name -> "module:function", in the order sections run.
 SECTIONS: dict[str, str] = {
     "core": "ptmig.bench.core:run",
+    "devices": "ptmig.bench.devices:run",
+    "migration": "ptmig.bench.migration:run",
+    "strategies": "ptmig.bench.strategies:run",
 }
 
 

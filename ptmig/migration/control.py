@@ -3,6 +3,7 @@
 `MigrationControl` belongs to a `Machine`; it holds the parameters and capabilities
 (`migrate-set-parameters`, `migrate-set-capabilities`), starts and cancels the outgoing
 migration (`migrate`, `migrate_cancel`), and answers `query-migrate` with QEMU's field names.
+`x-debug-fill-ram` is a benchmark hook that puts random bytes into guest RAM.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from ..layout import PAGE_SIZE
 from ..qmp import ErrorClass, QmpError, QmpServer
 from ..vm import RunState
 from . import transport
@@ -19,6 +23,8 @@ from .source import SourceMigration
 
 if TYPE_CHECKING:
     from ..machine import Machine
+
+FILL_CHUNK = 16 << 20
 
 
 class MigrationControl:
@@ -85,6 +91,8 @@ class MigrationControl:
         qmp.register("migrate-set-capabilities", self._qmp_set_capabilities,
                      args_schema={"capabilities": list})
         qmp.register("query-migrate-capabilities", lambda: self.caps.to_qmp())
+        qmp.register("x-debug-fill-ram", self._qmp_fill_ram,
+                     args_schema={"gpa": int, "size": int, "*seed": int})
 
     def _qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
         if resume:
@@ -112,6 +120,10 @@ class MigrationControl:
             self.params.set(**kw)
         except ValueError as e:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+        if self.current is not None and self._busy():
+            # As in QEMU, a running migration follows new limits at once.
+            self.current.params.downtime_limit_ms = self.params.downtime_limit_ms
+            self.current.params.max_bandwidth = self.params.max_bandwidth
 
     def _qmp_set_capabilities(self, capabilities: list[Any]) -> None:
         if self._busy():
@@ -121,3 +133,18 @@ class MigrationControl:
             self.caps.set(capabilities)
         except (ValueError, AttributeError) as e:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+
+    def _qmp_fill_ram(self, gpa: int, size: int, seed: int = 1) -> None:
+        """Benchmark/test hook: fill guest RAM [gpa, gpa+size) with pseudo-random bytes through
+        the VMM's own (dirty-marking) write path, so a migration has real data to carry. It
+        overwrites whatever the guest keeps there: only for a workload that leaves it unused."""
+        if self._busy():
+            raise QmpError(ErrorClass.GENERIC_ERROR, "cannot fill guest RAM while migrating")
+        mem = self.m.vm.memory
+        if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or gpa + size > mem.size:
+            raise QmpError(ErrorClass.GENERIC_ERROR,
+                           f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
+                           f"non-empty and inside guest RAM [0, {mem.size:#x})")
+        rng = np.random.default_rng(seed)
+        for pos in range(gpa, gpa + size, FILL_CHUNK):
+            mem.write(pos, rng.bytes(min(FILL_CHUNK, gpa + size - pos)))

@@ -54,7 +54,8 @@ class MigrationParams:
         if "x_dma_tracking" in kw:
             v = kw["x_dma_tracking"]
             if v not in DMA_TRACKING:
-                raise ValueError(f"x-dma-tracking must be one of {', '.join(DMA_TRACKING)}, got {v!r}")
+                raise ValueError(
+                    f"x-dma-tracking must be one of {', '.join(DMA_TRACKING)}, got {v!r}")
             self.x_dma_tracking = v
         if "x_timeout" in kw:
             v = kw["x_timeout"]

@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,17 @@ log = logging.getLogger(__name__)
 
 BATCH_PAGES = 4096  # 16 MiB per PageRuns frame
 DIGESTS_PER_FRAME = 65536
+
+
+SPARSE_PAGES = 4096  # a dirty set this small is listed from its non-zero bitmap words
+
+
+def dirty_pages(dirty: bitmap.Bitmap, npages: int) -> np.ndarray:
+    """Ascending page numbers of the set bits, touching only the bitmap's non-zero words."""
+    words = np.flatnonzero(dirty)
+    bits = np.unpackbits(dirty[words].view(np.uint8), bitorder="little").reshape(-1, 64)
+    pfns = (words[:, None].astype(np.int64) * 64 + np.arange(64, dtype=np.int64))[bits != 0]
+    return pfns[pfns < npages]
 
 
 class MigrationCancelled(Exception):
@@ -82,6 +93,8 @@ class SourceMigration:
         self.strategy: DmaTracking = make_strategy(params.x_dma_tracking)
         self.channel: transport.Channel | None = None
         self.stopped_at: float | None = None
+        self._bucket: policy.TokenBucket | None = None
+        self._bucket_rate = 0
 
     # --- control ----------------------------------------------------------------------------
 
@@ -173,6 +186,22 @@ class SourceMigration:
         if was_running and vm.state in (RunState.FINISH_MIGRATE, RunState.PAUSED):
             vm.resume()
 
+    def _rate_limit(self, nbytes: int) -> None:
+        """Sleep as `max-bandwidth` asks, in short steps: a cancel or a new limit cuts it short."""
+        rate = self.params.max_bandwidth
+        if rate != self._bucket_rate:
+            self._bucket_rate = rate
+            self._bucket = policy.TokenBucket(rate) if rate else None
+        bucket = self._bucket
+        if bucket is None:
+            return
+        end = time.monotonic() + bucket.consume(nbytes)
+        while (left := end - time.monotonic()) > 0:
+            self._check()
+            if self.params.max_bandwidth != self._bucket_rate:
+                return
+            time.sleep(min(left, 0.02))
+
     def _harvest(self) -> bitmap.Bitmap:
         dirty = self.m.vm.dirty.harvest()
         extra = self.strategy.round_dirty(self.m)
@@ -182,15 +211,21 @@ class SourceMigration:
         return dirty
 
     def _send_round(self, ch: transport.Channel, conn: Connection, rnd: int,
-                    dirty: bitmap.Bitmap, *, throttle: policy.TokenBucket | None) -> int:
+                    dirty: bitmap.Bitmap, *, throttle: bool) -> int:
         """Send one round's dirty pages; returns bytes sent."""
         mem = self.m.vm.memory
         npages = mem.npages
         count = pages.count_dirty(dirty, npages)
         sent = transport.send_event(ch, conn, RoundStart(rnd, count))
         ram = self.info.ram
-        allocated = mem.allocated()  # holes are zero pages we need not even read
-        for runs in pages.bitmap_to_runs(dirty, BATCH_PAGES, npages):
+        if count <= SPARSE_PAGES:
+            # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
+            allocated = None
+            batches = iter([pages.pages_to_runs(dirty_pages(dirty, npages))] if count else [])
+        else:
+            allocated = mem.allocated()  # holes are zero pages we need not even read
+            batches = pages.bitmap_to_runs(dirty, BATCH_PAGES, npages)
+        for runs in batches:
             self._check()
             runs = pages.split_zero_runs(mem.view, runs, allocated=allocated)
             n = transport.send_pages(ch, conn, runs, mem.view)
@@ -202,10 +237,8 @@ class SourceMigration:
             ram.transferred += n
             ram.remaining = max(0, ram.remaining - total * PAGE_SIZE)
             sent += n
-            if throttle is not None:
-                delay = throttle.consume(n)
-                if delay > 0:
-                    time.sleep(delay)
+            if throttle:
+                self._rate_limit(n)
         sent += transport.send_event(ch, conn, RoundEnd(rnd))
         return sent
 
@@ -214,10 +247,8 @@ class SourceMigration:
         vm = self.m.vm
         npages = vm.memory.npages
         params = self.params
-        limit_s = params.downtime_limit_ms / 1000
         bw = policy.BandwidthEstimator()
         auto = policy.AutoConverge() if self.caps.auto_converge else None
-        bucket = policy.TokenBucket(params.max_bandwidth) if params.max_bandwidth else None
         dirty = bitmap.full(npages)
         best_remaining: int | None = None
         stalled = 0
@@ -227,7 +258,7 @@ class SourceMigration:
             count = pages.count_dirty(dirty, npages)
             self.info.ram.remaining = count * PAGE_SIZE
             t0 = time.monotonic()
-            nbytes = self._send_round(ch, conn, rnd, dirty, throttle=bucket)
+            nbytes = self._send_round(ch, conn, rnd, dirty, throttle=True)
             took = time.monotonic() - t0
             rate = bw.update(nbytes, took)
             self.info.ram.mbps = rate * 8 / 1e6
@@ -243,7 +274,9 @@ class SourceMigration:
             log.info("round %d: %d pages in %.3fs (%.0f MB/s), %d dirty after", rnd, count, took,
                      rate / 1e6, remaining_pages)
             rnd += 1
-            if policy.should_switchover(remaining, rate, limit_s):
+            # downtime-limit and max-bandwidth apply at once when changed mid-migration (QEMU's
+            # behaviour): `MigrationControl` updates `self.params`.
+            if policy.should_switchover(remaining, rate, params.downtime_limit_ms / 1000):
                 return dirty
             if best_remaining is None or remaining < best_remaining * 0.95:
                 best_remaining = remaining
@@ -270,8 +303,9 @@ class SourceMigration:
         self._check()
         # Downtime starts when we ask the vCPUs to stop (they are all out of the guest when
         # pause returns): counting from before the request never flatters the number.
-        self.stopped_at = time.monotonic()
+        self.stopped_at = t0 = time.monotonic()
         vm.pause(RunState.FINISH_MIGRATE)
+        phases: dict[str, float] = {"pause": time.monotonic() - t0}
         vm.set_throttle(0)
         self._set_status(Status.DEVICE)
         extra = self.strategy.stop_and_copy(m)
@@ -282,10 +316,12 @@ class SourceMigration:
         self.info.ram.dirty_sync_count += 1
         vcpus = vm.save_vcpus()
         devices = self.strategy.device_states(m)
+        phases["sync"] = time.monotonic() - t0 - sum(phases.values())
         rnd = len(self.info.rounds)
         final_pages = pages.count_dirty(dirty, vm.memory.npages)
-        self._send_round(ch, conn, rnd, dirty, throttle=None)
-        self.info.rounds.append({"round": rnd, "pages": final_pages, "stop-and-copy": True})
+        self._send_round(ch, conn, rnd, dirty, throttle=False)
+        stop_round: dict[str, Any] = {"round": rnd, "pages": final_pages, "stop-and-copy": True}
+        self.info.rounds.append(stop_round)
         self.info.ram.pages_per_round.append(final_pages)
         transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
         transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
@@ -296,6 +332,7 @@ class SourceMigration:
                 chunk = digests[start : start + DIGESTS_PER_FRAME]
                 transport.send_event(ch, conn, VerifyDigests(start, digests_to_bytes(chunk)))
         transport.send_event(ch, conn, Complete())
+        phases["send"] = time.monotonic() - t0 - sum(phases.values())
         self._cancel_point_passed = True
         reply = transport.recv_event(ch, conn)
         if isinstance(reply, Abort):
@@ -305,10 +342,26 @@ class SourceMigration:
         if not reply.ok:
             raise RuntimeError(f"destination refused the switchover: {reply.reason}")
         self.info.downtime_ms = int((time.monotonic() - self.stopped_at) * 1000)
+        phases["ack"] = time.monotonic() - t0 - sum(phases.values())
+        # Where the downtime went: vCPU pause, device quiesce + final harvest + state save,
+        # sending the last pages and state (+ digests), waiting for the destination's ack.
+        stop_round["downtime-ms"] = {k: round(v * 1000, 2) for k, v in phases.items()}
         self.info.ram.remaining = 0
         self.info.verify = _verify_report(reply.reason)
+        stop_round["destination-ms"] = _ack_field(reply.reason, "x-switchover-ms")
         vm._set_state(RunState.POSTMIGRATE)
         return True
+
+
+def _ack_field(reason: str, key: str) -> Any:
+    """One field of the JSON report the destination puts in its ack (None if absent)."""
+    import json
+
+    try:
+        doc = json.loads(reason) if reason else None
+    except json.JSONDecodeError:
+        return None
+    return doc.get(key) if isinstance(doc, dict) else None
 
 
 def _verify_report(reason: str) -> dict | None:

@@ -160,12 +160,14 @@ def decode_device_states(blob: bytes, expected_ids: list[str]) -> list[dict[str,
     """Parse the peer's device states; untrusted: shape and ids are checked here, each device's
     own state is validated again by the device when it is programmed."""
     if len(blob) > MAX_DEVICE_STATE_BYTES:
-        raise DeviceStateError(f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}")
+        raise DeviceStateError(
+            f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}")
     try:
         doc = json.loads(blob)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DeviceStateError(f"device state is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("devices"), list):
+    if (not isinstance(doc, dict) or doc.get("version") != 1
+            or not isinstance(doc.get("devices"), list)):
         raise DeviceStateError("device state lacks version 1 and a device list")
     devices = doc["devices"]
     ids = [d.get("id") if isinstance(d, dict) else None for d in devices]

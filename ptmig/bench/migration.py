@@ -1,0 +1,333 @@
+"""The live-migration benchmark (section `migration`): ptmig against a TCP stream and QEMU.
+
+Per run, back to back:
+- **ptmig**: two `ptmig run` processes (source; destination with `--incoming`), a 1 GiB guest
+  running the `dirty` workload with a one-page working set (a near-idle guest), whose RAM above
+  `FILL_FROM` is first filled with random bytes by the VMM (QMP `x-debug-fill-ram`), so
+  the destination receives real data, never holes or zero pages. It is migrated over loopback
+  (no DMA tracking needed: no devices) with the default downtime limit, unlimited bandwidth.
+  Reported: total time, downtime, throughput = `ram.transferred` / `total-time`.
+- **stream**: a plain Python TCP loopback stream of the same number of bytes
+  (`transport.measure_loopback_stream`); `ptmig/stream` is what the engine achieves of it.
+- **QEMU** (only when `qemu-system-x86_64` is installed): two QEMU processes, `-m 1G` backed by
+  a file of random bytes (`memory-backend-file,share=on`), source started with `-S`, migrated
+  the same way through QMP with `max-bandwidth` set very high. `ptmig/qemu` ratios are per run.
+
+One extra verified ptmig migration (`x-verify`, not counted in the medians: hashing adds to
+the downtime) checks that what arrived is what was sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..migration.transport import measure_loopback_stream
+from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
+
+SECTION = "migration"
+MiB = 1 << 20
+GiB = 1 << 30
+FILL_FROM = 16 * MiB  # firmware, page tables, stacks and the workload's bitmap live below
+
+GOAL_STREAM_RATIO = Goal(">=", 0.6)
+GOAL_QEMU_THROUGHPUT_RATIO = Goal(">=", 3.0)
+GOAL_DOWNTIME_MS = Goal("<=", 10, "ms")
+QEMU_BINARY = "qemu-system-x86_64"
+QEMU_MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" (QEMU's default is 128 MiB/s)
+FINISHED = ("completed", "failed", "cancelled")
+SHM_DIR = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class MigrationBenchParams:
+    memory: int = 1 * GiB
+    start_timeout_s: float = 60.0
+    migration_timeout_s: float = 120.0
+
+    @classmethod
+    def for_config(cls, config: BenchConfig) -> MigrationBenchParams:
+        return cls()
+
+
+@dataclass
+class Sample:
+    total_ms: float
+    downtime_ms: float
+    transferred: int
+    info: dict[str, Any]
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.transferred / (self.total_ms / 1000) / 1e9 if self.total_ms else 0.0
+
+
+def run(config: BenchConfig) -> list[Result]:
+    return run_migration_bench(config, MigrationBenchParams.for_config(config))
+
+
+def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Result]:
+    qemu = shutil.which(QEMU_BINARY)
+    ptmig_s: list[Sample] = []
+    stream: list[float] = []
+    qemu_s: list[Sample] = []
+    qemu_accel: str | None = None
+    with tempfile.TemporaryDirectory(prefix="ptmig-bench-mig-") as d:
+        tmp = Path(d)
+        try:
+            for _ in range(config.runs):
+                ptmig_s.append(ptmig_migration(tmp, p))
+                stream.append(measure_loopback_stream(ptmig_s[-1].transferred) / 1e9)
+                if qemu is not None:
+                    sample, qemu_accel = qemu_migration(tmp, qemu, p, qemu_accel)
+                    qemu_s.append(sample)
+        finally:
+            remove_qemu_ram_files()
+        verified = ptmig_migration(tmp, p, verify=True).info.get("x-verify", {})
+    extra = {"memory_mib": p.memory // MiB, "filled_mib": (p.memory - FILL_FROM) // MiB,
+             "verify": verified}
+    tp = [s.gb_per_s for s in ptmig_s]
+    out = [
+        measured(SECTION, "ptmig.total", [s.total_ms for s in ptmig_s], "ms", extra=extra),
+        measured(SECTION, "ptmig.downtime", [s.downtime_ms for s in ptmig_s], "ms",
+                 GOAL_DOWNTIME_MS, extra=extra),
+        measured(SECTION, "ptmig.throughput", tp, "GB/s", extra=extra),
+        measured(SECTION, "stream.throughput", stream, "GB/s"),
+        measured(SECTION, "ptmig/stream", paired_ratios(tp, stream), "ratio", GOAL_STREAM_RATIO),
+    ]
+    if qemu is None:
+        out.append(Result(SECTION, "qemu", float("nan"), "", None, None, [],
+                          {"skipped": f"{QEMU_BINARY} is not installed"}))
+        return out
+    qx = {"accel": qemu_accel, "binary": qemu}
+    qtp = [s.gb_per_s for s in qemu_s]
+    out += [
+        measured(SECTION, "qemu.total", [s.total_ms for s in qemu_s], "ms", extra=qx),
+        measured(SECTION, "qemu.downtime", [s.downtime_ms for s in qemu_s], "ms", extra=qx),
+        measured(SECTION, "qemu.throughput", qtp, "GB/s", extra=qx),
+        measured(SECTION, "ptmig/qemu.throughput", paired_ratios(tp, qtp), "ratio",
+                 GOAL_QEMU_THROUGHPUT_RATIO),
+        measured(SECTION, "ptmig/qemu.total", paired_ratios([s.total_ms for s in ptmig_s],
+                                                             [s.total_ms for s in qemu_s]),
+                 "ratio"),
+        measured(SECTION, "ptmig/qemu.downtime",
+                 paired_ratios([s.downtime_ms for s in ptmig_s],
+                               [max(s.downtime_ms, 1.0) for s in qemu_s]), "ratio"),
+    ]
+    return out
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _qmp(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> Any:
+    """A connected synchronous QMP client (qemu.qmp's), once the socket exists."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # a refused early connect is retried
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"process {proc.pid} exited with status {proc.returncode} before "
+                             f"its QMP socket {path} appeared (log beside it)")
+        if path.exists():
+            q = QEMUMonitorProtocol(str(path))
+            try:
+                q.connect()
+                return q
+            except Exception:
+                q.close()
+        if time.monotonic() > deadline:
+            raise BenchError(f"no QMP socket at {path} after {timeout} s")
+        time.sleep(0.05)
+
+
+def _cmd(q: Any, name: str, args: dict[str, Any] | None = None) -> Any:
+    reply = q.cmd(name, args)
+    if "error" in reply:
+        raise BenchError(f"QMP {name} failed: {reply['error'].get('desc')}")
+    return reply["return"]
+
+
+def _wait_status(q: Any, wanted: tuple[str, ...], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = str(_cmd(q, "query-status")["status"])
+        if st in wanted:
+            return st
+        if time.monotonic() > deadline:
+            raise BenchError(f"guest still {st!r} after {timeout} s (wanted {wanted})")
+        time.sleep(0.05)
+
+
+def _wait_migration(q: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = _cmd(q, "query-migrate")
+        if info.get("status") in FINISHED:
+            if info["status"] != "completed":
+                raise BenchError(f"migration {info['status']}: {info.get('error-desc')}")
+            return info
+        if time.monotonic() > deadline:
+            raise BenchError(f"migration still {info.get('status')!r} after {timeout} s")
+        time.sleep(0.01)
+
+
+def _stop(proc: subprocess.Popen[bytes], q: Any | None) -> None:
+    if q is not None:
+        try:
+            q.cmd("quit")
+        except Exception:
+            pass
+        try:
+            q.close()
+        except Exception:
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def fill_random(path: Path | str, offset: int, length: int, seed: int = 1) -> None:
+    """Write `length` random bytes at `offset` of a file (or a memfd through /proc)."""
+    import mmap
+
+    rng = np.random.default_rng(seed)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < offset + length:
+            os.ftruncate(fd, offset + length)
+        with mmap.mmap(fd, offset + length, mmap.MAP_SHARED) as mm:
+            chunk = 64 * MiB
+            for pos in range(offset, offset + length, chunk):
+                n = min(chunk, offset + length - pos)
+                mm[pos : pos + n] = rng.bytes(n)
+    finally:
+        os.close(fd)
+
+
+# ---- ptmig ----------------------------------------------------------------------------------
+
+
+def _ptmig_config(tmp: Path, memory: int) -> Path:
+    path = tmp / "idle.toml"
+    path.write_text(f'[vm]\nname = "benchmig"\nmemory = "{memory // MiB}M"\nvcpus = 1\n\n'
+                    '[workload]\nname = "dirty"\nargs = { ws = "4K", rate = 1 }\n')
+    return path
+
+
+def _ptmig(tmp: Path, name: str, config: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
+    qmp = tmp / f"{name}.qmp"
+    if qmp.exists():
+        qmp.unlink()
+    with open(tmp / f"{name}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "ptmig.cli", "run", str(config),
+                                 "--qmp", f"unix:{qmp}", "--console", str(tmp / f"{name}.con"),
+                                 *extra], stdout=log, stderr=log, env=env)
+
+
+def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False) -> Sample:
+    config = _ptmig_config(tmp, p.memory)
+    port = free_port()
+    src = _ptmig(tmp, "src", config)
+    dst = _ptmig(tmp, "dst", config, "--incoming", f"tcp:127.0.0.1:{port}")
+    qs = qd = None
+    try:
+        qs = _qmp(tmp / "src.qmp", src, p.start_timeout_s)
+        qd = _qmp(tmp / "dst.qmp", dst, p.start_timeout_s)
+        _wait_status(qs, ("running",), p.start_timeout_s)
+        _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
+        _cmd(qs, "migrate-set-parameters", {"x-dma-tracking": "none", "max-bandwidth": 0})
+        _cmd(qs, "migrate-set-capabilities",
+             {"capabilities": [{"capability": "x-verify", "state": verify}]})
+        _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = _wait_migration(qs, p.migration_timeout_s)
+        _wait_status(qd, ("running",), 10)
+        if verify and info.get("x-verify", {}).get("mismatched"):
+            raise BenchError(f"verified migration found differing pages: {info['x-verify']}")
+        return Sample(float(info["total-time"]), float(info["downtime"]),
+                      int(info["ram"]["transferred"]), info)
+    finally:
+        _stop(src, qs)
+        _stop(dst, qd)
+
+
+# ---- QEMU -----------------------------------------------------------------------------------
+
+
+def _qemu(binary: str, tmp: Path, name: str, mem_file: Path, memory: int, accel: str,
+          *extra: str) -> subprocess.Popen[bytes]:
+    qmp = tmp / f"{name}.qmp"
+    if qmp.exists():
+        qmp.unlink()
+    args = [binary, "-machine", f"q35,memory-backend=ram0,accel={accel}",
+            "-m", f"{memory // MiB}M", "-object",
+            f"memory-backend-file,id=ram0,size={memory // MiB}M,mem-path={mem_file},share=on",
+            "-nodefaults", "-nographic", "-vga", "none", "-S",
+            "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
+    with open(tmp / f"{name}.log", "wb") as log:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+def qemu_migration(tmp: Path, binary: str, p: MigrationBenchParams,
+                   accel: str | None) -> tuple[Sample, str]:
+    """One QEMU migration; tries KVM first (then TCG) and remembers which one works."""
+    ram_dir = SHM_DIR if SHM_DIR.is_dir() else tmp  # tmpfs, like ptmig's memfd
+    src_mem = ram_dir / f"ptmig-bench-qemu-{os.getpid()}-src.ram"
+    dst_mem = ram_dir / f"ptmig-bench-qemu-{os.getpid()}-dst.ram"
+    if not src_mem.exists():
+        fill_random(src_mem, 0, p.memory, seed=2)
+    errors: list[str] = []
+    for acc in ([accel] if accel else ["kvm", "tcg"]):
+        if dst_mem.exists():
+            dst_mem.unlink()
+        with open(dst_mem, "wb") as f:
+            f.truncate(p.memory)
+        port = free_port()
+        src = _qemu(binary, tmp, "qsrc", src_mem, p.memory, acc)
+        dst = _qemu(binary, tmp, "qdst", dst_mem, p.memory, acc,
+                    "-incoming", f"tcp:127.0.0.1:{port}")
+        qs = qd = None
+        try:
+            qs = _qmp(tmp / "qsrc.qmp", src, p.start_timeout_s)
+            qd = _qmp(tmp / "qdst.qmp", dst, p.start_timeout_s)
+            _cmd(qs, "migrate-set-parameters", {"max-bandwidth": QEMU_MAX_BANDWIDTH})
+            _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            info = _wait_migration(qs, p.migration_timeout_s)
+            return (Sample(float(info["total-time"]), float(info.get("downtime", 0)),
+                           int(info["ram"]["transferred"]), info), acc)
+        except BenchError as e:
+            log = (tmp / "qsrc.log").read_text(errors="replace").strip()
+            errors.append(f"accel={acc}: {e} {log[-300:]}")
+        finally:
+            _stop(src, qs)
+            _stop(dst, qd)
+    raise BenchError(f"QEMU could not migrate: {'; '.join(errors)}")
+
+
+def remove_qemu_ram_files() -> None:
+    for f in SHM_DIR.glob(f"ptmig-bench-qemu-{os.getpid()}-*.ram"):
+        f.unlink(missing_ok=True)

@@ -1,0 +1,198 @@
+"""Live migration that fails, on real KVM: the source must keep the guest, intact.
+
+A migration is slowed down with `max-bandwidth` so that it is surely in flight when the test
+kills the destination, cuts the TCP link (through a proxy the test owns) or cancels it. In every
+case the source guest runs again, its counters keep increasing and (kv) no acknowledged value is
+lost. A hostile or broken stream makes the destination exit with a clear message, never a
+traceback; a wrong pre-shared key is refused on both sides.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from test_migration_e2e_support import (
+    Load,
+    TcpProxy,
+    Vmm,
+    dirty_config,
+    free_port,
+    iterations_increase,
+    kv_config,
+    switch,
+)
+
+pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
+
+SLOW = 16 << 20  # bytes/s: a 128 MiB guest with a 48 MiB working set takes ~3 s
+
+
+def _wait_status(vmm: Vmm, wanted: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = vmm.cmd("query-migrate")
+        if info["status"] == wanted:
+            return info
+        assert time.monotonic() < deadline, f"migration never reached {wanted!r}: {info}"
+        time.sleep(0.02)
+
+
+def _wait_transferred(vmm: Vmm, nbytes: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = vmm.cmd("query-migrate")
+        assert info["status"] in ("setup", "active"), info
+        if info["ram"]["transferred"] >= nbytes:
+            return
+        assert time.monotonic() < deadline, f"migration stalled: {info}"
+        time.sleep(0.02)
+
+
+def _assert_source_recovered(src: Vmm, info: dict, status: str) -> None:
+    assert info["status"] == status, info
+    assert src.status() == "running"
+    assert iterations_increase(src)
+    assert "downtime" not in info
+
+
+def test_killing_the_destination_mid_migration_leaves_the_source_running(tmp_path: Path) -> None:
+    cfg = dirty_config(tmp_path, ws="48M")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    try:
+        dst.wait_incoming()
+        src.wait_running()
+        src.migrate(port, max_bandwidth=SLOW)
+        _wait_transferred(src, 8 << 20)
+        dst.proc.kill()
+        info = src.wait_migration()
+        _assert_source_recovered(src, info, "failed")
+        assert info["error-desc"]
+    finally:
+        src.stop()
+        dst.stop()
+
+
+def test_migrate_cancel_resumes_the_source_and_allows_a_new_migration(tmp_path: Path) -> None:
+    cfg = dirty_config(tmp_path, ws="48M")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    try:
+        dst.wait_incoming()
+        src.wait_running()
+        src.migrate(port, max_bandwidth=SLOW)
+        _wait_transferred(src, 4 << 20)
+        src.cmd("migrate_cancel")
+        info = src.wait_migration()
+        _assert_source_recovered(src, info, "cancelled")
+        # The destination saw the stream end early and gave up, with a message, no traceback.
+        assert dst.proc.wait(timeout=20) != 0
+        assert "incoming migration failed" in dst.output()
+        assert "Traceback" not in dst.output()
+        # A second destination takes the guest: the first attempt left nothing behind.
+        port2 = free_port()
+        dst2 = Vmm(tmp_path, "dst2", cfg, incoming_port=port2)
+        try:
+            dst2.wait_incoming()
+            src.migrate(port2)
+            info = src.wait_migration()
+            assert info["status"] == "completed", info
+            assert info["x-verify"]["mismatched"] == 0
+            assert iterations_increase(dst2)
+        finally:
+            dst2.stop()
+    finally:
+        src.stop()
+        dst.stop()
+
+
+def test_cut_link_under_kv_load_loses_no_acknowledged_value(tmp_path: Path) -> None:
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = kv_config(tmp_path, sw)
+    with switch(sw):
+        port = free_port()
+        src = Vmm(tmp_path, "src", cfg)
+        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+        try:
+            src.wait_running()
+            dst.wait_incoming()
+            proxy = TcpProxy(port, cut_after=128 << 10)  # in round 0: the guest has more
+            load = Load(cfg, 5.0, tmp_path / "load.json").start()
+            time.sleep(1.0)
+            src.migrate(proxy.port, tracking="device-log", max_bandwidth=1 << 20)
+            info = src.wait_migration()
+            assert proxy.cut_done.is_set()
+            assert info["status"] == "failed", info
+            assert src.status() == "running"
+            result = load.result()
+            assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+            assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+            # Acknowledged after the failure too: the guest's devices were given back.
+            assert result["series"][-1][1] > 0, result["series"]
+            assert dst.proc.wait(timeout=40) != 0
+            assert "Traceback" not in dst.output()
+        finally:
+            src.stop()
+            dst.stop()
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4, id="garbage"),
+    pytest.param(None, id="truncated-valid-prefix"),
+])
+def test_malformed_stream_makes_the_destination_exit_cleanly(tmp_path: Path,
+                                                             garbage: bytes | None) -> None:
+    from ptmig.config import load_config
+    from ptmig.migration import Connection, Role, hello
+
+    cfg = dirty_config(tmp_path, memory="64M", ws="8M")
+    port = free_port()
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    try:
+        dst.wait_incoming()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            if garbage is None:
+                conn = Connection(Role.SOURCE, guest_pages=(64 << 20) // 4096)
+                data = conn.send(hello(load_config(cfg).compat_fingerprint()))
+                s.sendall(data)
+                s.recv(1 << 16)  # the HelloAck
+                s.sendall(b"\x00" * 7)  # half a frame header, then the link ends
+            else:
+                s.sendall(garbage)
+        assert dst.proc.wait(timeout=30) != 0
+        out = dst.output()
+        assert "incoming migration failed" in out, out
+        assert "Traceback" not in out, out
+    finally:
+        dst.stop()
+
+
+def test_wrong_pre_shared_key_is_refused_on_both_sides(tmp_path: Path) -> None:
+    cfg = dirty_config(tmp_path, memory="64M", ws="8M")
+    key_src, key_dst = tmp_path / "src.key", tmp_path / "dst.key"
+    key_src.write_text("a" * 32 + "\n")
+    key_dst.write_text("b" * 32 + "\n")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg, psk_file=key_src)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port, psk_file=key_dst)
+    try:
+        dst.wait_incoming()
+        src.wait_running()
+        src.migrate(port)
+        info = src.wait_migration()
+        assert info["status"] == "failed", info
+        assert "pre-shared key" in info["error-desc"], info
+        assert src.status() == "running"
+        assert iterations_increase(src)
+        assert dst.proc.wait(timeout=20) != 0
+        out = dst.output()
+        assert "PSK authentication failed" in out, out
+        assert "Traceback" not in out, out
+    finally:
+        src.stop()
+        dst.stop()
