@@ -33,6 +33,7 @@ from .events import (
     SwitchoverAck,
     VcpuStates,
     VerifyDigests,
+    VerifyReport,
 )
 from .params import MigrationCapabilities, MigrationInfo, MigrationParams, Status
 from .protocol import Connection, hello
@@ -57,6 +58,10 @@ def dirty_pages(dirty: bitmap.Bitmap, npages: int) -> np.ndarray:
     bits = np.unpackbits(dirty[words].view(np.uint8), bitorder="little").reshape(-1, 64)
     pfns = (words[:, None].astype(np.int64) * 64 + np.arange(64, dtype=np.int64))[bits != 0]
     return pfns[pfns < npages]
+
+
+#: Hello capability: the source will send digests after the switchover and wait for a report.
+VERIFY_CAPABILITY = "x-verify-after-switchover"
 
 
 class MigrationCancelled(Exception):
@@ -142,7 +147,8 @@ class SourceMigration:
                                    insecure=self.insecure)
             self.channel = ch
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
-            transport.send_event(ch, conn, hello(m.cfg.compat_fingerprint()))
+            caps = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
+            transport.send_event(ch, conn, hello(m.cfg.compat_fingerprint(), caps))
             ack = transport.recv_event(ch, conn)
             if not isinstance(ack, HelloAck) or not ack.accepted:
                 reason = getattr(ack, "reason", repr(ack))
@@ -325,12 +331,6 @@ class SourceMigration:
         self.info.ram.pages_per_round.append(final_pages)
         transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
         transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
-        digests = None
-        if self.caps.x_verify:
-            digests = page_digests(vm.memory.view, allocated=vm.memory.allocated())
-            for start in range(0, len(digests), DIGESTS_PER_FRAME):
-                chunk = digests[start : start + DIGESTS_PER_FRAME]
-                transport.send_event(ch, conn, VerifyDigests(start, digests_to_bytes(chunk)))
         transport.send_event(ch, conn, Complete())
         phases["send"] = time.monotonic() - t0 - sum(phases.values())
         self._cancel_point_passed = True
@@ -347,10 +347,35 @@ class SourceMigration:
         # sending the last pages and state (+ digests), waiting for the destination's ack.
         stop_round["downtime-ms"] = {k: round(v * 1000, 2) for k, v in phases.items()}
         self.info.ram.remaining = 0
-        self.info.verify = _verify_report(reply.reason)
         stop_round["destination-ms"] = _ack_field(reply.reason, "x-switchover-ms")
         vm._set_state(RunState.POSTMIGRATE)
+        if self.caps.x_verify:
+            self.info.verify = self._verify_after_switchover(ch, conn)
         return True
+
+    def _verify_after_switchover(self, ch: transport.Channel, conn: Connection) -> dict[str, Any]:
+        """Digests of this side's RAM as it was when the vCPUs stopped, compared by the
+        destination with its RAM as it was before its guest resumed.
+
+        Done after the switchover, so it costs no downtime: this side never runs the guest again,
+        its vCPUs stay stopped and its devices quiesced, so its RAM is still exactly what it was
+        at the stop. The destination's digests were computed from the pages as they arrived."""
+        vm = self.m.vm
+        t0 = time.monotonic()
+        try:
+            digests = page_digests(vm.memory.view, allocated=vm.memory.allocated())
+            for start in range(0, len(digests), DIGESTS_PER_FRAME):
+                chunk = digests[start : start + DIGESTS_PER_FRAME]
+                transport.send_event(ch, conn, VerifyDigests(start, digests_to_bytes(chunk)))
+            report = transport.recv_event(ch, conn)
+        except Exception as e:  # the guest runs on the destination: only the check is lost
+            log.error("verification after the switchover failed: %s", e)
+            return {"error": f"{type(e).__name__}: {e}"}
+        if not isinstance(report, VerifyReport):
+            return {"error": f"expected a verification report, got {type(report).__name__}"}
+        return {"pages": report.pages, "mismatched": report.mismatched,
+                "first-mismatched": list(report.first_mismatched),
+                "time-ms": round((time.monotonic() - t0) * 1000, 1)}
 
 
 def _ack_field(reason: str, key: str) -> Any:
@@ -362,17 +387,3 @@ def _ack_field(reason: str, key: str) -> Any:
     except json.JSONDecodeError:
         return None
     return doc.get(key) if isinstance(doc, dict) else None
-
-
-def _verify_report(reason: str) -> dict | None:
-    """The destination puts its verification result in the ack's reason as JSON."""
-    import json
-
-    if not reason:
-        return None
-    try:
-        doc = json.loads(reason)
-    except json.JSONDecodeError:
-        return None
-    v = doc.get("x-verify") if isinstance(doc, dict) else None
-    return v if isinstance(v, dict) else None

@@ -80,8 +80,10 @@ def page_digests(
 def _digests_sparse(mem: Any, page_size: int, allocated: np.ndarray) -> np.ndarray:
     rows = page_rows(mem, page_size)
     if allocated.shape != (rows.shape[0],):
-        raise ValueError(f"allocated mask has shape {allocated.shape}, memory has {rows.shape[0]} pages")
-    zero = page_digests(np.zeros(page_size, dtype=np.uint8), page_size)[0]
+        raise ValueError(f"allocated mask has shape {allocated.shape}, "
+                         f"memory has {rows.shape[0]} pages")
+    zero = ZERO_PAGE_DIGEST if page_size == PAGE_SIZE else page_digests(
+        np.zeros(page_size, dtype=np.uint8), page_size)[0]
     out = np.full(rows.shape[0], zero, dtype=np.uint64)
     idx = np.flatnonzero(allocated)
     if idx.size == 0:
@@ -91,6 +93,10 @@ def _digests_sparse(mem: Any, page_size: int, allocated: np.ndarray) -> np.ndarr
         first, n = int(run[0]), int(run.size)
         out[first : first + n] = page_digests(mem, page_size, first, n)
     return out
+
+
+#: The digest of an all-zero page (every page of a hole in guest memory).
+ZERO_PAGE_DIGEST = page_digests(np.zeros(PAGE_SIZE, dtype=np.uint8))[0]
 
 
 class VerifyResult(NamedTuple):
