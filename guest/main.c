@@ -22,6 +22,7 @@ static const struct workload *const workloads[] = {
     &workload_dirty,
     &workload_storebw,
     &workload_kv,
+    &workload_blkbench,
 };
 
 #define NR_WORKLOADS (sizeof(workloads) / sizeof(workloads[0]))

@@ -56,8 +56,8 @@ static int wait_done(struct virtio_blk *b, int head)
         }
         if (waited < spin) {
             cpu_pause();
-        } else if (hc_halt(HALT_US) == 0) {
-            virtio_ack_interrupt(&b->dev);
+        } else {
+            hc_halt(HALT_US); /* poll mode: the used ring, not InterruptStatus, says it's done */
         }
     }
 }

@@ -8,7 +8,7 @@
 #include "runtime/string.h"
 
 #define NET_BUF_SIZE 2048
-#define NET_QUEUE_MAX 128
+#define NET_QUEUE_MAX 256
 
 static void post_rx(struct virtio_net *n, uint16_t buf)
 {
@@ -59,8 +59,10 @@ int virtio_net_send(struct virtio_net *n, const void *frame, size_t len)
         n->tx_dropped++;
         return -1;
     }
-    if (n->tx_free_count == 0)
+    if (n->tx_free_count == 0) {
+        virtio_net_flush_tx(n); /* the device may still have frames it was not told about */
         virtio_net_reclaim_tx(n);
+    }
     if (n->tx_free_count == 0) {
         n->tx_dropped++;
         return -1;
@@ -77,9 +79,26 @@ int virtio_net_send(struct virtio_net *n, const void *frame, size_t len)
         return -1;
     }
     n->tx_buf_of_head[head] = buf;
-    virtq_kick(&n->tx);
     n->tx_frames++;
+    n->tx_unkicked++;
+    if (!n->tx_hold)
+        virtio_net_flush_tx(n);
     return 0;
+}
+
+void virtio_net_hold_tx(struct virtio_net *n, int hold)
+{
+    n->tx_hold = hold;
+    if (!hold)
+        virtio_net_flush_tx(n);
+}
+
+void virtio_net_flush_tx(struct virtio_net *n)
+{
+    if (n->tx_unkicked) {
+        n->tx_unkicked = 0;
+        virtq_kick(&n->tx);
+    }
 }
 
 unsigned virtio_net_poll(struct virtio_net *n, unsigned budget,

@@ -25,6 +25,8 @@ struct virtio_net {
     uint16_t tx_buf_of_head[VIRTQ_MAX];
     uint16_t rx_buf_of_head[VIRTQ_MAX];
     uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
+    int tx_hold;          /* queue frames without notifying until virtio_net_flush_tx() */
+    uint16_t tx_unkicked; /* frames queued since the last notification */
 };
 
 /* Initialise the device at base; 0 or -1 (printed). */
@@ -37,6 +39,11 @@ int virtio_net_send(struct virtio_net *n, const void *frame, size_t len);
  * returns the number of frames handled. */
 unsigned virtio_net_poll(struct virtio_net *n, unsigned budget,
                          void (*rx)(void *ctx, const uint8_t *frame, size_t len), void *ctx);
+
+/* hold != 0: virtio_net_send() queues frames without notifying the device (as a NIC driver
+ * batches doorbells); virtio_net_flush_tx() then notifies once for all of them. */
+void virtio_net_hold_tx(struct virtio_net *n, int hold);
+void virtio_net_flush_tx(struct virtio_net *n);
 
 /* Reclaim completed TX buffers. */
 void virtio_net_reclaim_tx(struct virtio_net *n);

@@ -9,12 +9,17 @@
  * a device interrupt (or 10 ms).
  *
  * A PUT is acknowledged only after its record is written (and, for durable requests, after
- * a FLUSH); the table is updated after the log write.  GET answers from the table.
+ * a FLUSH); the table is updated after the log write.  PUTs are group-committed: a pass over
+ * the NIC stages every PUT it receives, then one write (and one FLUSH) puts the whole batch
+ * on disk before the table is updated and the replies go out.  GET answers from the table
+ * (after committing the batch, so it sees every PUT received before it).  Replies are queued
+ * on the TX ring and the device is notified once per pass.
  *
  * Stats slot of vCPU 0: iterations = poll-loop iterations, max_gap_tsc = longest gap between
  * two iterations not counting time the loop itself chose to halt, last_tsc; w[0] requests,
  * w[1] puts, w[2] gets, w[3] log bytes appended, w[4] bad requests, w[5] io errors,
- * w[6] frames received, w[7] frames sent, w[8] halts.
+ * w[6] frames received, w[7] frames sent, w[8] halts, w[9] log commits (group commits:
+ * every PUT received in one pass over the NIC is written with one request and one FLUSH).
  */
 #include <stdint.h>
 
@@ -46,10 +51,24 @@
 
 #define IDLE_SPIN_US 200   /* keep polling this long after the last frame before halting */
 #define HALT_US 10000
+#define AUTO_ENTRIES_MIN 8192 /* entries= not given: at least this, more if RAM allows */
+#define PASS_FRAMES 256    /* frames taken per pass before the batch is committed */
 
 static const char *const kv_keys[] = {"ip", "mask", "gw", "port", "entries", NULL};
 
+/* A PUT whose record is staged in the log batch: acknowledged after the commit. */
+struct pending_put {
+    uint32_t ip;
+    uint32_t req_id;
+    uint32_t rec_off; /* the record's offset in kv.log.stage */
+    uint16_t port;
+};
+
 static struct {
+    struct pending_put pending[KV_LOG_BATCH_MAX];
+    uint32_t npending;
+    uint32_t batch_new_keys; /* staged records whose key was not in the table */
+    uint64_t commits;
     struct virtio_net nic;
     struct virtio_blk blk;
     struct net_if nif;
@@ -94,12 +113,13 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
     }
     if (cmdline_get_ipv4(c, "ip", 0, &ip) || cmdline_get_ipv4(c, "gw", 0, &gw) ||
         cmdline_get_u64(c, "mask", 24, &mask_bits) || cmdline_get_u64(c, "port", 7000, &port) ||
-        cmdline_get_u64(c, "entries", 8192, &entries)) {
+        cmdline_get_u64(c, "entries", 0, &entries)) {
         printf("kv: bad ip/gw/mask/port/entries value; usage: %s\n", workload_kv.usage);
         return EXIT_BAD_ARGS;
     }
-    if (mask_bits == 0 || mask_bits > 32 || port == 0 || port > 65535 || entries < 8 ||
-        entries > (1u << 20) || (entries & (entries - 1))) {
+    int auto_entries = entries == 0;
+    if (mask_bits == 0 || mask_bits > 32 || port == 0 || port > 65535 ||
+        (!auto_entries && (entries < 8 || entries > (1u << 20) || (entries & (entries - 1))))) {
         printf("kv: mask=%lu must be 1..32, port=%lu 1..65535, entries=%lu a power of two in "
                "8..1048576\n",
                (unsigned long)mask_bits, (unsigned long)port, (unsigned long)entries);
@@ -116,6 +136,10 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
     if (virtio_net_init(&kv.nic, net->mmio_gpa) || virtio_blk_init(&kv.blk, disk->mmio_gpa))
         return EXIT_FAILED;
 
+    if (auto_entries) /* the largest table that takes at most half of the free memory */
+        for (entries = AUTO_ENTRIES_MIN; entries < (1u << 20) &&
+             kv_table_bytes((uint32_t)entries * 2) <= heap_free() / 2;)
+            entries *= 2;
     struct kv_slot *slots = heap_alloc(kv_table_bytes((uint32_t)entries), 4096);
     if (!slots || kv_table_init(&kv.table, slots, (uint32_t)entries))
         return EXIT_FAILED;
@@ -136,10 +160,11 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
     kv.port = (uint16_t)port;
     net_init(&kv.nif, &kv.nic, ip, mask, gw);
     net_udp_bind(&kv.nif, kv.port, NULL, NULL); /* handler set in kv_run */
-    printf("kv: disk %lu sectors, log %s, replayed %lu records (%lu bytes, stop %lu), %u keys\n",
+    printf("kv: disk %lu sectors, log %s, replayed %lu records (%lu bytes, stop %lu), "
+           "%u keys (room for %u)\n",
            (unsigned long)kv.blk.capacity, r.formatted ? "formatted" : "found",
            (unsigned long)r.records, (unsigned long)r.bytes, (unsigned long)r.stop,
-           kv.table.count);
+           kv.table.count, kv.table.limit);
     print_ip("kv: serving on ", ip);
     printf("/%lu port %u, mac %02x:%02x:%02x:%02x:%02x:%02x\n", (unsigned long)mask_bits,
            kv.port, kv.nif.mac[0], kv.nif.mac[1], kv.nif.mac[2], kv.nif.mac[3], kv.nif.mac[4],
@@ -165,6 +190,10 @@ static void send_reply(uint32_t ip, uint16_t port, uint32_t req_id, uint8_t stat
     net_udp_send(&kv.nif, ip, kv.port, port, r, KV_REPLY_HEADER + (size_t)vlen);
 }
 
+static void commit_batch(void);
+static void stage_put(uint32_t ip, uint16_t port, uint32_t req_id, const uint8_t *key,
+                      uint16_t klen, const uint8_t *value, uint16_t vlen, int durable);
+
 static void handle(void *ctx, uint32_t src_ip, uint16_t src_port, const uint8_t *d, size_t len)
 {
     (void)ctx;
@@ -187,6 +216,8 @@ static void handle(void *ctx, uint32_t src_ip, uint16_t src_port, const uint8_t 
         send_reply(src_ip, src_port, req_id, KV_BAD_REQUEST, NULL, 0);
         return;
     }
+    if (op != KV_OP_PUT)
+        commit_batch(); /* a GET or STATS sees every PUT received before it */
     if (op == KV_OP_GET) {
         const struct kv_slot *s = kv_table_get(&kv.table, key, klen);
         rep->gets++;
@@ -203,22 +234,67 @@ static void handle(void *ctx, uint32_t src_ip, uint16_t src_port, const uint8_t 
         send_reply(src_ip, src_port, req_id, KV_OK, (const uint8_t *)v, sizeof(v));
         return;
     }
-    /* PUT: log first, then the table, then the reply */
-    if (!kv_table_can_put(&kv.table, key, klen) ||
-        kv_log_append(&kv.log, key, klen, value, vlen, flags & KV_FLAG_DURABLE) !=
-            VIRTIO_BLK_S_OK) {
-        rep->io_errors++;
-        st->w[5] = rep->io_errors;
-        send_reply(src_ip, src_port, req_id, KV_IO_ERROR, NULL, 0);
+    /* PUT: staged in the log batch; acknowledged by commit_batch() once it is on disk */
+    stage_put(src_ip, src_port, req_id, key, klen, value, vlen, flags & KV_FLAG_DURABLE);
+}
+
+/* Write the staged PUTs (one write, one FLUSH), then apply them to the table and reply. */
+static void commit_batch(void)
+{
+    if (kv.npending == 0)
         return;
+    volatile struct kv_report *rep = report();
+    volatile struct vcpu_stats *st = stats_slot(0);
+    int ok = kv_log_commit(&kv.log) == VIRTIO_BLK_S_OK;
+    for (uint32_t i = 0; i < kv.npending; i++) {
+        const struct pending_put *p = &kv.pending[i];
+        if (!ok) {
+            rep->io_errors++;
+            send_reply(p->ip, p->port, p->req_id, KV_IO_ERROR, NULL, 0);
+            continue;
+        }
+        const uint8_t *rec = kv.log.stage + p->rec_off;
+        uint16_t klen = rd16(rec + 16), vlen = rd16(rec + 18);
+        const uint8_t *key = rec + KV_LOG_RECORD_HEADER;
+        kv_table_put(&kv.table, key, klen, key + klen, vlen); /* room checked at staging */
+        rep->puts++;
+        send_reply(p->ip, p->port, p->req_id, KV_OK, NULL, 0);
     }
-    kv_table_put(&kv.table, key, klen, value, vlen);
-    rep->puts++;
+    kv.npending = 0;
+    kv.batch_new_keys = 0;
     rep->log_bytes = kv.log.appended_bytes;
     rep->entries = kv.table.count;
     st->w[1] = rep->puts;
     st->w[3] = rep->log_bytes;
-    send_reply(src_ip, src_port, req_id, KV_OK, NULL, 0);
+    st->w[5] = rep->io_errors;
+    st->w[9] = ++kv.commits;
+}
+
+static void stage_put(uint32_t ip, uint16_t port, uint32_t req_id, const uint8_t *key,
+                      uint16_t klen, const uint8_t *value, uint16_t vlen, int durable)
+{
+    /* room in the table for this key, counting the new keys already staged (conservatively:
+     * a key staged twice counts twice) */
+    int known = kv_table_get(&kv.table, key, klen) != NULL;
+    if (!known && kv.table.count + kv.batch_new_keys >= kv.table.limit && kv.npending)
+        commit_batch();
+    int room = known || kv.table.count + kv.batch_new_keys < kv.table.limit;
+    uint32_t off = 0;
+    int r = room ? kv_log_stage(&kv.log, key, klen, value, vlen, durable, &off)
+                 : KV_LOG_NO_ROOM;
+    if (r == KV_LOG_BATCH_FULL) {
+        commit_batch();
+        r = kv_log_stage(&kv.log, key, klen, value, vlen, durable, &off);
+    }
+    if (r != KV_LOG_STAGED) {
+        volatile struct kv_report *rep = report();
+        rep->io_errors++;
+        stats_slot(0)->w[5] = rep->io_errors;
+        send_reply(ip, port, req_id, KV_IO_ERROR, NULL, 0);
+        return;
+    }
+    kv.pending[kv.npending++] = (struct pending_put){ip, req_id, off, port};
+    kv.batch_new_keys += !known;
 }
 
 static int kv_run(unsigned cpu, const struct boot_info *bi)
@@ -233,6 +309,7 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
     uint64_t spin = us_to_tsc(IDLE_SPIN_US), second = ms_to_tsc(1000);
     uint64_t prev = rdtsc(), last_work = prev, next_hb = prev + second, max_gap = 0;
     uint64_t iterations = 0, halts = 0, hb = 0;
+    virtio_net_hold_tx(&kv.nic, 1); /* one TX notification per pass, not per reply */
     for (;;) {
         uint64_t now = rdtsc();
         if (now - prev > max_gap) {
@@ -243,7 +320,12 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
         st->iterations = ++iterations;
         st->last_tsc = now;
 
-        if (net_poll(&kv.nif, 32)) {
+        unsigned got = 0, n;
+        while (got < PASS_FRAMES && (n = net_poll(&kv.nif, 64)) > 0)
+            got += n;
+        commit_batch();
+        virtio_net_flush_tx(&kv.nic);
+        if (got) {
             last_work = rdtsc();
             st->w[6] = kv.nif.stats.rx_frames;
             st->w[7] = kv.nif.stats.tx_frames;
@@ -258,8 +340,7 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
             continue;
         }
         st->w[8] = ++halts;
-        if (hc_halt(HALT_US) == 0)
-            virtio_ack_interrupt(&kv.nic.dev);
+        hc_halt(HALT_US); /* poll mode: nothing to acknowledge, the rings say what happened */
         prev = rdtsc(); /* a halt we chose is not a pause the guest suffered */
         last_work = prev;
     }
@@ -267,7 +348,7 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
 
 const struct workload workload_kv = {
     .name = "kv",
-    .usage = "kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=8192",
+    .usage = "kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N (default: by RAM)",
     .keys = kv_keys,
     .setup = kv_setup,
     .run = kv_run,

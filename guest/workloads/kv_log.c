@@ -1,8 +1,8 @@
 /*
  * kv_log.c - write-ahead log (see kv_log.h).
  *
- * Appends rewrite the tail sector (whose bytes before `end` are already on disk, unchanged)
- * together with the sectors the new record reaches, in one write request; the log end moves
+ * A commit rewrites the tail sector (whose bytes before `end` are already on disk, unchanged)
+ * together with the sectors the staged records reach, in one write request; the log end moves
  * only after the device reported success.  Replay reads the log through a 64-sector cache
  * and stops at the first record that is not exactly what an append writes.
  */
@@ -123,7 +123,7 @@ int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, 
     memset(out, 0, sizeof(*out));
     log->blk = blk;
     log->tail = heap_alloc(SECTOR, SECTOR);
-    log->stage = heap_alloc(3 * SECTOR, SECTOR);
+    log->stage = heap_alloc(KV_LOG_STAGE_SECTORS * SECTOR, 4096);
     log->chunk = heap_alloc(CHUNK_SECTORS * SECTOR, 4096);
     if (!log->tail || !log->stage || !log->chunk)
         return -1;
@@ -163,38 +163,72 @@ int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, 
     return 0;
 }
 
-int kv_log_append(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
-                  uint16_t vlen, int durable)
+int kv_log_stage(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
+                 uint16_t vlen, int durable, uint32_t *rec_off)
 {
     uint32_t len = KV_LOG_RECORD_HEADER + klen + vlen + 4u;
-    uint64_t sector = log->end / SECTOR, in_sector = log->end % SECTOR;
-    uint32_t nsectors = (uint32_t)((in_sector + len + SECTOR - 1) / SECTOR);
-    if (klen > 128 || vlen > 512 || sector + nsectors > log->blk->capacity)
-        return VIRTIO_BLK_S_IOERR; /* the log is full */
-    uint8_t *s = log->stage;
-    memset(s, 0, (size_t)nsectors * SECTOR);
-    memcpy(s, log->tail, in_sector);
-    uint8_t *rec = s + in_sector;
+    uint64_t in_sector = log->end % SECTOR;
+    uint64_t used = in_sector + log->staged_bytes + len;
+    uint64_t nsectors = (used + SECTOR - 1) / SECTOR;
+    if (klen > 128 || vlen > 512)
+        return KV_LOG_NO_ROOM;
+    if (log->end / SECTOR + nsectors > log->blk->capacity)
+        return log->staged ? KV_LOG_BATCH_FULL : KV_LOG_NO_ROOM; /* the log is full */
+    if (log->staged >= KV_LOG_BATCH_MAX || nsectors > KV_LOG_STAGE_SECTORS)
+        return KV_LOG_BATCH_FULL;
+    if (log->staged == 0) /* the batch continues the on-disk tail sector */
+        memcpy(log->stage, log->tail, in_sector);
+    uint8_t *rec = log->stage + in_sector + log->staged_bytes;
     put32(rec, KV_LOG_RECORD_MAGIC);
     put32(rec + 4, len);
-    put64(rec + 8, log->next_seq);
+    put64(rec + 8, log->next_seq + log->staged);
     put16(rec + 16, klen);
     put16(rec + 18, vlen);
     memcpy(rec + KV_LOG_RECORD_HEADER, key, klen);
     memcpy(rec + KV_LOG_RECORD_HEADER + klen, value, vlen);
     put32(rec + len - 4, crc32(0, rec, len - 4));
+    *rec_off = (uint32_t)(rec - log->stage);
+    log->staged++;
+    log->staged_bytes += len;
+    log->staged_durable |= durable;
+    return KV_LOG_STAGED;
+}
 
+int kv_log_commit(struct kv_log *log)
+{
+    if (log->staged == 0)
+        return VIRTIO_BLK_S_OK;
+    uint64_t sector = log->end / SECTOR, in_sector = log->end % SECTOR;
+    uint64_t used = in_sector + log->staged_bytes;
+    uint32_t nsectors = (uint32_t)((used + SECTOR - 1) / SECTOR);
+    uint8_t *s = log->stage;
+    memset(s + used, 0, (size_t)nsectors * SECTOR - used); /* the rest of the last sector */
     int st = virtio_blk_write(log->blk, sector, s, nsectors);
-    if (st == VIRTIO_BLK_S_OK && durable)
+    if (st == VIRTIO_BLK_S_OK && log->staged_durable)
         st = virtio_blk_flush(log->blk);
+    uint32_t records = log->staged, bytes = log->staged_bytes;
+    log->staged = 0;
+    log->staged_bytes = 0;
+    log->staged_durable = 0;
     if (st != VIRTIO_BLK_S_OK)
         return st ? st : VIRTIO_BLK_S_IOERR;
-    log->end += len;
-    log->next_seq++;
-    log->appended_bytes += len;
+    log->end += bytes;
+    log->next_seq += records;
+    log->appended_bytes += bytes;
     uint64_t new_in_sector = log->end % SECTOR;
     memset(log->tail, 0, SECTOR);
     if (new_in_sector) /* the last staged sector is the new tail */
         memcpy(log->tail, s + (size_t)(nsectors - 1) * SECTOR, new_in_sector);
     return VIRTIO_BLK_S_OK;
+}
+
+int kv_log_append(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
+                  uint16_t vlen, int durable)
+{
+    uint32_t off;
+    if (log->staged && kv_log_commit(log) != VIRTIO_BLK_S_OK)
+        return VIRTIO_BLK_S_IOERR;
+    if (kv_log_stage(log, key, klen, value, vlen, durable, &off) != KV_LOG_STAGED)
+        return VIRTIO_BLK_S_IOERR; /* the log is full */
+    return kv_log_commit(log);
 }

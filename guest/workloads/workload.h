@@ -30,5 +30,6 @@ extern const struct workload workload_hello;
 extern const struct workload workload_dirty;
 extern const struct workload workload_storebw;
 extern const struct workload workload_kv;
+extern const struct workload workload_blkbench;
 
 #endif

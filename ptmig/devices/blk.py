@@ -76,7 +76,8 @@ class BlkConfig:
                                  or size % BLK_SECTOR_SIZE):
             raise ValueError(f"virtio-blk 'size' must be a positive multiple of "
                              f"{BLK_SECTOR_SIZE}, got {size!r}")
-        serial = raw.get("serial", "ptmig-blk")
+        serial = raw.get("serial")
+        serial = "ptmig-blk" if serial is None else serial
         if not isinstance(serial, str) or len(serial.encode()) > VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"virtio-blk 'serial' must be at most {VIRTIO_BLK_ID_BYTES} "
                              f"bytes, got {serial!r}")

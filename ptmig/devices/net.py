@@ -43,7 +43,7 @@ from ptmig.iommu import DmaView
 log = logging.getLogger("ptmig.devices.net")
 
 QUEUE_NUM_MAX: Final = 256
-RX_BACKLOG: Final = 64
+RX_BACKLOG: Final = 256
 MAX_FRAME: Final = 65535
 _RX_HDR: Final = struct.pack(NET_HDR_FORMAT, 0, 0, 0, 0, 0, 0, 1)  # num_buffers = 1
 
@@ -232,55 +232,79 @@ class NetDevice:
         raise QueueError(f"virtio-net has queues 0 and 1, got a kick for queue {index}")
 
     def _tx(self, queue: SplitQueue, budget: int) -> bool:
+        done: list[tuple[int, int]] = []
+        try:
+            return self._tx_chains(queue, budget, done)
+        finally:  # chains finished before a fault are still returned to the driver
+            queue.push_used_many(done)
+
+    def _tx_chains(self, queue: SplitQueue, budget: int, done: list[tuple[int, int]]) -> bool:
+        counters, read, send = self.counters, self.dma.read, self.backend.send
         for _ in range(budget):
             chain = queue.pop()
             if chain is None:
                 return False
-            total = chain.total_readable
+            readable = chain.readable
+            total = sum(d.length for d in readable)
             if total < NET_HDR_SIZE:
                 raise QueueError(f"virtio-net TX chain {chain.head} has {total} readable "
                                  f"bytes, less than the {NET_HDR_SIZE}-byte header",
                                  head=chain.head)
             if total - NET_HDR_SIZE > MAX_FRAME:
-                self.counters["tx_dropped"] += 1
-                queue.push_used(chain.head, 0)
+                counters["tx_dropped"] += 1
+                done.append((chain.head, 0))
                 continue
-            data = b"".join(self.dma.read(d.addr, d.length) for d in chain.readable)
-            frame = data[NET_HDR_SIZE:]
-            queue.push_used(chain.head, 0)
+            if len(readable) == 1:
+                d = readable[0]
+                frame = read(d.addr + NET_HDR_SIZE, d.length - NET_HDR_SIZE)
+            else:
+                frame = b"".join(read(d.addr, d.length) for d in readable)[NET_HDR_SIZE:]
+            done.append((chain.head, 0))
             if not frame:
-                self.counters["tx_dropped"] += 1
+                counters["tx_dropped"] += 1
                 continue
-            self.backend.send(frame)
-            self.counters["tx_frames"] += 1
-            self.counters["tx_bytes"] += len(frame)
+            send(frame)
+            counters["tx_frames"] += 1
+            counters["tx_bytes"] += len(frame)
         return True
 
     def _rx(self, queue: SplitQueue, budget: int) -> bool:
+        done: list[tuple[int, int]] = []
+        try:
+            self._rx_chains(queue, budget, done)
+        finally:  # chains finished before a fault are still returned to the driver
+            queue.push_used_many(done)
+        return bool(self.backlog)
+
+    def _rx_chains(self, queue: SplitQueue, budget: int, done: list[tuple[int, int]]) -> None:
+        counters, backlog, dma = self.counters, self.backlog, self.dma
         for _ in range(budget):
-            if not self.backlog:
-                return False
+            if not backlog:
+                return
             chain = queue.pop()
             if chain is None:
-                return False
-            frame = self.backlog.popleft()
+                return
+            frame = backlog.popleft()
             packet = _RX_HDR + frame
-            if len(packet) > chain.total_writable:
-                self.counters["rx_dropped_too_big"] += 1
-                queue.push_used(chain.head, 0)
+            writable = chain.writable
+            if len(packet) > sum(d.length for d in writable):
+                counters["rx_dropped_too_big"] += 1
+                done.append((chain.head, 0))
                 continue
-            pieces: list[tuple[int, int, int]] = []
-            pos = 0
-            for d in chain.writable:  # translate everything first: a fault touches nothing
-                if pos >= len(packet):
-                    break
-                n = min(d.length, len(packet) - pos)
-                self.dma.check(d.addr, n, write=True)
-                pieces.append((d.addr, pos, n))
-                pos += n
-            for addr, off, n in pieces:
-                self.dma.write(addr, packet[off:off + n])
-            queue.push_used(chain.head, len(packet))
-            self.counters["rx_frames"] += 1
-            self.counters["rx_bytes"] += len(frame)
-        return bool(self.backlog)
+            if len(writable) == 1:  # one buffer: the write itself is all-or-nothing
+                dma.write(writable[0].addr, packet)
+            else:
+                pieces: list[tuple[int, int, int]] = []
+                pos = 0
+                for d in writable:  # translate everything first: a fault touches nothing
+                    if pos >= len(packet):
+                        break
+                    n = min(d.length, len(packet) - pos)
+                    dma.check(d.addr, n, write=True)
+                    pieces.append((d.addr, pos, n))
+                    pos += n
+                for addr, off, n in pieces:
+                    dma.write(addr, packet[off:off + n])
+            done.append((chain.head, len(packet)))
+            counters["rx_frames"] += 1
+            counters["rx_bytes"] += len(frame)

@@ -361,8 +361,7 @@ class DeviceRuntime:
                                    f"{regs}")
             queues[i] = SplitQueue(saved, self.dma)
         self.regs.restore(state.mmio)  # validates; raises ValueError before anything changes
-        self.model.reset()
-        self.queues = queues
+        self.queues = queues  # (a net RX backlog is kept: those frames are still on the link)
         self.broken = self.regs.needs_reset_reason
         self.pending = set(queues)
         return {}, b""

@@ -336,38 +336,52 @@ def _read(mem: RingMemory, addr: int, length: int) -> bytes:
 
 # -- the device's queue ----------------------------------------------------------------------
 class SplitQueue:
-    """One split virtqueue as the device runs it: pop chains, push used elements."""
+    """One split virtqueue as the device runs it: pop chains, push used elements.
+
+    The device's two indices are kept as plain ints (the hot path pops and pushes tens of
+    thousands of chains a second); `state()` builds the `QueueState` snapshot on demand. The
+    driver's avail idx is re-read only when every entry seen so far has been popped: it only
+    moves forward, so entries already published stay published.
+    """
 
     def __init__(self, state: QueueState, mem: RingMemory, max_chain_len: int | None = None,
                  max_total_len: int = DEFAULT_MAX_TOTAL_LEN) -> None:
         self.mem = mem
         self.max_chain_len = max_chain_len
         self.max_total_len = max_total_len
-        self._state = state.validate()
+        self._set(state.validate())
+
+    def _set(self, state: QueueState) -> None:
+        self._geometry = state
+        self._next_avail = state.next_avail
+        self._next_used = state.next_used
+        self._seen_avail = state.next_avail  # the driver's avail idx as last read
 
     @property
     def size(self) -> int:
-        return self._state.size
+        return self._geometry.size
 
     @property
     def next_avail(self) -> int:
-        return self._state.next_avail
+        return self._next_avail
 
     @property
     def next_used(self) -> int:
-        return self._state.next_used
+        return self._next_used
 
     def state(self) -> QueueState:
         """A snapshot of the queue (for get-queue-state and migration)."""
-        return self._state
+        return replace(self._geometry, next_avail=self._next_avail, next_used=self._next_used)
 
     def set_state(self, state: QueueState) -> None:
         """Replace the queue state (untrusted: validated first)."""
-        self._state = state.validate()
+        self._set(state.validate())
 
     def pending(self) -> int:
         """Avail entries the driver published that the device has not popped."""
-        return avail_pending(self.mem, self._state)
+        n = avail_pending(self.mem, self.state())
+        self._seen_avail = (self._next_avail + n) & 0xFFFF
+        return n
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None if there is none.
@@ -375,10 +389,10 @@ class SplitQueue:
         The avail entry is consumed even when its chain is invalid (then QueueError is
         raised), so a caller can never spin on the same bad entry.
         """
-        if self.pending() == 0:
+        if self._seen_avail == self._next_avail and self.pending() == 0:
             return None
-        state = self._state
-        self._state = replace(state, next_avail=(state.next_avail + 1) & 0xFFFF)
+        state = self.state()
+        self._next_avail = (self._next_avail + 1) & 0xFFFF
         head = read_avail_entries(self.mem, state, 1)[0]
         return walk_chain(self.mem, state, None, head, max_chain_len=self.max_chain_len,
                           max_total_len=self.max_total_len)
@@ -391,16 +405,17 @@ class SplitQueue:
         """Return several chains with one used idx update (after all their elements)."""
         if not entries:
             return
-        if len(entries) > self._state.size:
+        geometry = self._geometry
+        if len(entries) > geometry.size:
             raise QueueError(f"{len(entries)} used elements at once exceed queue size "
-                             f"{self._state.size}")
-        idx = self._state.next_used
+                             f"{geometry.size}")
+        idx = self._next_used
         for n, (head, written_len) in enumerate(entries):
-            write_used_elem(self.mem, self._state, idx + n, head, written_len)
+            write_used_elem(self.mem, geometry, idx + n, head, written_len)
         idx = (idx + len(entries)) & 0xFFFF
-        write_used_idx(self.mem, self._state, idx)
-        self._state = replace(self._state, next_used=idx)
+        write_used_idx(self.mem, geometry, idx)
+        self._next_used = idx
 
     def interrupt_suppressed(self) -> bool:
         """True if the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (a hint; it may be ignored)."""
-        return bool(read_avail_flags(self.mem, self._state) & VIRTQ_AVAIL_F_NO_INTERRUPT)
+        return bool(read_avail_flags(self.mem, self._geometry) & VIRTQ_AVAIL_F_NO_INTERRUPT)

@@ -1,0 +1,230 @@
+"""Benchmark section `devices`: the passthrough devices under real guest workloads.
+
+- `kv.*`: the kv guest (virtio-net on the UDP backend through a `ptmig switch`, virtio-blk
+  write-ahead log) driven by the load client, in a fresh `ptmig run` VMM per run: ops/s and
+  p50/p99 latency unthrottled (`--max`), with and without the durable flag (durable PUTs wait
+  for a FLUSH, i.e. fdatasync of the image), then paced at half the unthrottled rate for the
+  latency goal. Every run must lose nothing (the client reads every acknowledged key back).
+- `blk.seqwrite`: the `blkbench` guest writing its disk sequentially in 64 KiB requests, MB/s.
+- `idle.cpu`: CPU the device processes burn while the kv guest is idle (% of one core, read
+  from /proc/PID/stat over a few seconds): a passthrough device must sleep when idle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..devices.handle import DeviceHandle
+from ..firmware import FirmwareImage, build_firmware, load_firmware_image
+from ..iommu import IommuTable
+from ..layout import BootDevice, mmio_gpa
+from ..load import LoadOptions, LoadResult, run_load
+from ..vm import Vm, VmSpec
+from .harness import BenchConfig, BenchError, Goal, Result, measured, median
+
+SECTION = "devices"
+MiB = 1 << 20
+GOAL_KV_OPS = Goal(">=", 20000, "ops/s")
+GOAL_KV_P99_MS = Goal("<=", 2.0, "ms")
+GOAL_IDLE_CPU_PCT = Goal("<=", 1.0, "%")
+_BLKBENCH = re.compile(r"blkbench: (\d+) bytes in (\d+) ticks, (\d+) requests, tsc_khz (\d+)")
+
+
+@dataclass(frozen=True)
+class DevicesParams:
+    kv_seconds: float = 5.0
+    kv_memory: str = "256M"
+    blk_size: int = 64 * MiB
+    blk_req: int = 64 * 1024
+    idle_seconds: float = 3.0
+
+    @classmethod
+    def for_config(cls, config: BenchConfig) -> DevicesParams:
+        return cls(kv_seconds=2.0, blk_size=32 * MiB, idle_seconds=2.0) if config.quick \
+            else cls()
+
+
+def run(config: BenchConfig) -> list[Result]:
+    return run_devices(config, DevicesParams.for_config(config))
+
+
+def run_devices(config: BenchConfig, p: DevicesParams) -> list[Result]:
+    results = bench_kv(config, p)
+    results += bench_blk(config, p, load_firmware_image(build_firmware()))
+    results += bench_idle_cpu(config, p)
+    return results
+
+
+# ---- a kv VMM in its own process --------------------------------------------------------------
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class KvVmm:
+    """`ptmig run` of a kv guest on a fresh disk and its own switch port; a context manager."""
+
+    def __init__(self, memory: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="ptmig-bench-kv-")
+        tmp = Path(self._tmp.name)
+        self.config = tmp / "kv.toml"
+        self.console = tmp / "console.txt"
+        self.config.write_text(
+            f'[vm]\nmemory = "{memory}"\nvcpus = 1\n[workload]\nname = "kv"\n'
+            f'[[net]]\nid = "net0"\nmac = "52:54:00:b0:00:01"\nip = "10.0.0.2/24"\n'
+            f'backend = "udp:127.0.0.1:{_free_udp_port()}"\nswitch = "auto"\n'
+            f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "256M"\n')
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ptmig.cli", "run", str(self.config), "--console",
+             str(self.console)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "kv: serving on" not in (self.console.read_text() if self.console.exists()
+                                       else ""):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode()[-1000:] if self.proc.stderr else ""
+                raise BenchError(f"kv VMM never started serving (exit {self.proc.poll()}): "
+                                 f"{err}")
+            time.sleep(0.05)
+
+    def device_pids(self) -> list[int]:
+        pids = []
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            text = Path(f"/proc/{self.proc.pid}/task/{task}/children").read_text()
+            for pid in map(int, text.split()):
+                try:
+                    if b"ptmig.devices.process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        pids.append(pid)
+                except FileNotFoundError:
+                    pass
+        if not pids:
+            raise BenchError(f"no device process under VMM pid {self.proc.pid}")
+        return pids
+
+    def __enter__(self) -> KvVmm:
+        try:
+            self.wait_serving()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._tmp.cleanup()
+
+
+def _kv_run(p: DevicesParams, *, durable: bool, rate: float | None) -> LoadResult:
+    with KvVmm(p.kv_memory) as vmm:
+        result = run_load(LoadOptions(config=vmm.config, duration_s=p.kv_seconds,
+                                      durable=durable, rate=rate))
+    if result.lost or result.wrong or result.unverified or result.errors:
+        raise BenchError(f"kv run lost {result.lost}, wrong {result.wrong}, unverified "
+                         f"{result.unverified}, errors {result.errors}: {result.problems[:3]}")
+    return result
+
+
+def bench_kv(config: BenchConfig, p: DevicesParams) -> list[Result]:
+    out: list[Result] = []
+    fast = [_kv_run(p, durable=False, rate=None) for _ in range(config.runs)]
+    extra = {"seconds": p.kv_seconds, "window": 64, "durable": False, "backend": "udp"}
+    out.append(measured(SECTION, "kv.max.ops", [r.ops_per_s for r in fast], "ops/s",
+                        GOAL_KV_OPS, extra))
+    out.append(measured(SECTION, "kv.max.p50", [r.p50_ms for r in fast], "ms", extra=extra))
+    out.append(measured(SECTION, "kv.max.p99", [r.p99_ms for r in fast], "ms", extra=extra))
+    half = median([r.ops_per_s for r in fast]) / 2
+    paced = [_kv_run(p, durable=False, rate=half) for _ in range(config.runs)]
+    extra_half = dict(extra, rate=round(half))
+    out.append(measured(SECTION, "kv.half.ops", [r.ops_per_s for r in paced], "ops/s",
+                        extra=extra_half))
+    out.append(measured(SECTION, "kv.half.p50", [r.p50_ms for r in paced], "ms",
+                        extra=extra_half))
+    out.append(measured(SECTION, "kv.half.p99", [r.p99_ms for r in paced], "ms",
+                        GOAL_KV_P99_MS, extra_half))
+    durable = [_kv_run(p, durable=True, rate=None) for _ in range(config.runs)]
+    extra_d = dict(extra, durable=True)
+    out.append(measured(SECTION, "kv.durable.ops", [r.ops_per_s for r in durable], "ops/s",
+                        extra=extra_d))
+    out.append(measured(SECTION, "kv.durable.p99", [r.p99_ms for r in durable], "ms",
+                        extra=extra_d))
+    return out
+
+
+# ---- virtio-blk sequential write ------------------------------------------------------------
+
+
+def _blkbench_once(fw: FirmwareImage, p: DevicesParams) -> float:
+    """MB/s of one `blkbench` run on a fresh image."""
+    memory = 64 * MiB
+    with tempfile.TemporaryDirectory(prefix="ptmig-bench-blk-") as tmp:
+        vm = Vm(VmSpec(memory, 1, f"blkbench size={p.blk_size} req={p.blk_req}", "blkbench"))
+        iommu = IommuTable.create(memory // 4096)
+        iommu.map_identity(memory // 4096)
+        handle = DeviceHandle.spawn("blk", 0, {"path": f"{tmp}/disk.img", "size": p.blk_size},
+                                    vm.memory.fd, memory, iommu)
+        try:
+            vm.attach_device(0, handle)
+            vm.wake_fds.append(handle.irq_eventfd)
+            vm.boot(fw.data, fw.entry, fw.entry_ap, [BootDevice(mmio_gpa(0), 0x1000, 2)])
+            vm.start()
+            code = vm.wait(300)
+            lines = list(vm.console.lines)
+        finally:
+            vm.close()
+            handle.close()
+            iommu.close()
+    match = next((m for m in map(_BLKBENCH.search, lines) if m), None)
+    if code != 0 or match is None:
+        raise BenchError(f"blkbench exited with {code}; console {lines[-3:]!r}")
+    nbytes, ticks, _, khz = map(int, match.groups())
+    return nbytes / (ticks / (khz * 1000.0)) / 1e6
+
+
+def bench_blk(config: BenchConfig, p: DevicesParams, fw: FirmwareImage) -> list[Result]:
+    runs = [_blkbench_once(fw, p) for _ in range(config.runs)]
+    return [measured(SECTION, "blk.seqwrite", runs, "MB/s",
+                     extra={"size": p.blk_size, "request": p.blk_req})]
+
+
+# ---- idle CPU --------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_idle_cpu(config: BenchConfig, p: DevicesParams) -> list[Result]:
+    runs: list[float] = []
+    for _ in range(config.runs):
+        with KvVmm(p.kv_memory) as vmm:
+            time.sleep(0.5)
+            pids = vmm.device_pids()
+            before = sum(_cpu_seconds(pid) for pid in pids)
+            t0 = time.monotonic()
+            time.sleep(p.idle_seconds)
+            used = sum(_cpu_seconds(pid) for pid in pids) - before
+            runs.append(100.0 * used / (time.monotonic() - t0))
+    return [measured(SECTION, "idle.cpu", runs, "%", GOAL_IDLE_CPU_PCT,
+                     {"seconds": p.idle_seconds, "what": "all device processes, % of a core"})]
