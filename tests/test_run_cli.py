@@ -51,6 +51,10 @@ def test_stop_cont_quit_over_qmp_with_the_qemu_client(tmp_path: Path) -> None:
         async def drive() -> list[str]:
             qmp = QMPClient("test")
             await qmp.connect(str(sock))
+            for _ in range(200):  # the socket is up before the guest starts running
+                if (await qmp.execute("query-status"))["status"] == "running":
+                    break
+                await asyncio.sleep(0.05)
             events: list[str] = []
             listener_task = None
 
@@ -99,6 +103,7 @@ def test_malformed_qmp_input_keeps_the_vmm_running(tmp_path: Path) -> None:
     try:
         wait_for_socket(sock, proc)
         s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)  # a missing reply fails the test instead of hanging it
         s.connect(str(sock))
         f = s.makefile("rwb")
         json.loads(f.readline())  # greeting
@@ -108,10 +113,18 @@ def test_malformed_qmp_input_keeps_the_vmm_running(tmp_path: Path) -> None:
             f.flush()
             reply = json.loads(f.readline())
             assert "error" in reply and reply["error"]["desc"]
-        f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
+        f.write(b'{"execute": "qmp_capabilities"}\n')
         f.flush()
         assert json.loads(f.readline()) == {"return": {}}
-        assert json.loads(f.readline())["return"]["status"] == "running"
+        status = None
+        for _ in range(200):  # the socket is up before the guest starts running
+            f.write(b'{"execute": "query-status"}\n')
+            f.flush()
+            status = json.loads(f.readline())["return"]["status"]
+            if status == "running":
+                break
+            time.sleep(0.05)
+        assert status == "running"
         f.write(b'{"execute": "stop", "arguments": {"now": true}}\n')
         f.flush()
         assert json.loads(f.readline())["error"]["class"] == "GenericError"
