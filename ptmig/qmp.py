@@ -267,8 +267,11 @@ def parse_json(message: bytes) -> Any:
 # parser, and the spec tells clients to send one to get the parser back into a known state.
 _BAD = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xff"
 _STRING_STOP = re.compile(rb'["\\' + _BAD + rb"]")
-_NESTED_STOP = re.compile(rb'[{}\[\]"' + _BAD + rb"]")
+# Inside a structure, outside strings: stop at anything that is not part of a number, a
+# keyword (true/false/null) or a separator — structural bytes and quotes, and garbage.
+_NESTED_STOP = re.compile(rb'[^ \t\r\n0-9:,.+\-eEtrufalsn]')
 _SCALAR_END = re.compile(rb'[\s{}\[\]"' + _BAD + rb"]")
+_RESYNC = re.compile(rb"[\n{]")
 _BAD_BYTES = frozenset(list(range(0x00, 0x09)) + [0x0B, 0x0C] + list(range(0x0E, 0x20)) + [0xFF])
 _WHITESPACE = frozenset(b" \t\r\n")
 
@@ -288,7 +291,9 @@ class JsonSplitter:
     with no newline. A text ends when its outermost brace or bracket closes (strings and
     escapes are tracked so braces inside strings do not count); a top-level scalar ends at the
     next whitespace or structural character. A control byte or 0xFF anywhere reports an error
-    and discards the partial text. A text longer than ``max_size`` is fatal.
+    and discards the partial text; so does any byte that cannot appear in JSON outside a string
+    (``{not json``), which also discards what follows up to the next newline or '{', so that
+    one malformed command gets one error and the next command is read intact. A text longer than ``max_size`` is fatal.
     Texts are returned unparsed; :func:`parse_json` decides whether they are valid.
     """
 
@@ -296,6 +301,7 @@ class JsonSplitter:
         self.max_size = max_size
         self._buf = bytearray()
         self._pos = 0  # next byte of _buf to examine
+        self._skip_line = False  # recovering from garbage: drop input up to the next newline
         self._forget()
 
     def _forget(self) -> None:
@@ -328,6 +334,14 @@ class JsonSplitter:
             self._forget()
 
         while i < n:
+            if self._skip_line:
+                m = _RESYNC.search(buf, i)
+                if m is None:
+                    i = n
+                    break
+                self._skip_line = False
+                i = m.start() + (1 if buf[m.start()] == 0x0A else 0)
+                continue
             if self._start < 0:
                 c = buf[i]
                 if c in _WHITESPACE:
@@ -390,7 +404,11 @@ class JsonSplitter:
             elif c == 0x22:
                 self._in_string = True
             else:
+                garbage = c not in _BAD_BYTES
                 bad(j)
+                # Not JSON at all (``{not json``): also drop what follows, up to the next
+                # newline or the next '{', where a new command most likely starts.
+                self._skip_line = garbage
         if self._start >= 0 and n - self._start > self.max_size:
             out.append(self._too_big())
             self._forget()

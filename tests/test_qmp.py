@@ -674,3 +674,12 @@ def test_splitter_recovers_every_object_whatever_the_chunking(
         pos, k = pos + step, k + 1
     assert all(isinstance(b, bytes) for b in out)
     assert [json.loads(b) for b in out if isinstance(b, bytes)] == objects
+
+
+def test_splitter_resyncs_after_garbage_inside_a_structure() -> None:
+    s = JsonSplitter()
+    out = s.feed(b'{not json\n{"execute": "a"}{"x": NaN}{"execute": "b"}\n')
+    assert isinstance(out[0], InputError)
+    assert out[1] == b'{"execute": "a"}'
+    assert isinstance(out[2], InputError)
+    assert out[3:] == [b'{"execute": "b"}']
