@@ -293,7 +293,8 @@ class JsonSplitter:
     next whitespace or structural character. A control byte or 0xFF anywhere reports an error
     and discards the partial text; so does any byte that cannot appear in JSON outside a string
     (``{not json``), which also discards what follows up to the next newline or '{', so that
-    one malformed command gets one error and the next command is read intact. A text longer than ``max_size`` is fatal.
+    one malformed command gets one error and the next command is read intact. A text longer
+    than ``max_size`` is fatal.
     Texts are returned unparsed; :func:`parse_json` decides whether they are valid.
     """
 
