@@ -145,10 +145,28 @@ class ShadowMap:
             done += n
         return out
 
+    def _within_page(self, iova: int, length: int) -> int | None:
+        """Pool byte offset of [iova, iova+length) when it lies in one device buffer (the
+        common case: ring fields, descriptors, packets): the hot path skips `_spans`."""
+        off = iova & (PAGE_SIZE - 1)
+        if off + length > PAGE_SIZE:
+            return None
+        sh = self.pages.get(iova >> PAGE_SHIFT)
+        if sh is None:
+            return None
+        return (sh.pool_pfn << PAGE_SHIFT) + off
+
     def read(self, iova: int, length: int) -> bytes:
+        at = self._within_page(iova, length)
+        if at is not None:
+            return self.pool.mmap[at : at + length]
         return b"".join(self.pool.read(p, off, n) for p, off, _, n in self._spans(iova, length))
 
     def write(self, iova: int, data: bytes | memoryview) -> None:
+        at = self._within_page(iova, len(data))
+        if at is not None:
+            self.pool.mmap[at : at + len(data)] = data
+            return
         mv = memoryview(data)
         for p, off, start, n in self._spans(iova, len(mv)):
             self.pool.write(p, off, mv[start : start + n])
