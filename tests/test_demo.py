@@ -84,6 +84,8 @@ def test_a_clean_run_is_verified() -> None:
     (lambda d: d["load"].update(acked=0), "acknowledged no value"),
     (lambda d: d["migration"].update(status="failed"), "'failed'"),
     (lambda d: d["migration"].pop("x-verify"), "verification did not run"),
+    (lambda d: d["migration"].update({"x-verify": {"error": "ConnectionResetError: peer gone"}}),
+     "verification did not conclude"),
 ])
 def test_any_loss_fails_the_verdict(change, expected: str) -> None:
     d = doc()

@@ -36,6 +36,8 @@ def verdict(doc: Mapping[str, Any]) -> Verdict:
     ver = mig.get("x-verify")
     if not isinstance(ver, Mapping):
         problems.append("no x-verify result: page-by-page verification did not run")
+    elif "mismatched" not in ver:
+        problems.append(f"page-by-page verification did not conclude: {ver.get('error', ver)}")
     elif ver.get("mismatched", 0):
         problems.append(f"{ver['mismatched']} of {ver.get('pages')} pages differ between "
                         f"source and destination (first: {ver.get('first-mismatched')})")

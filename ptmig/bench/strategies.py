@@ -1,0 +1,535 @@
+"""The DMA-tracking strategy comparison (section `strategies`): none, all-dirty, device-log and
+shadow, over guest RAM sizes, each migrated live under the kv load.
+
+Each cell (strategy × RAM size × run) is one `ptmig demo` run (`ptmig.demo.run_demo`): a source
+and a destination VMM on loopback, the kv guest with a passthrough virtio-net and virtio-blk, the
+load client checking every acknowledged value, `x-verify` on, the same `max-bandwidth` for every
+cell. From the demo document `cell_from_doc()` takes: total time, downtime (and where it went),
+bytes sent, rounds, the client's longest gap between replies, the guest's longest pause, kv
+ops/s before / during pre-copy / after, mismatched pages, and lost or wrong values.
+
+`none` is expected to lose device writes: its rows are marked, never counted as an error.
+
+Reported per cell (median of the runs; correctness as the worst run), with names the HTML report
+reads (`ptmig.report.bench`):
+
+    strategy.<name>.<ram>.downtime / .bytes / .total / .rounds / .client_gap /
+                          .guest_pause / .ops_before / .ops_during / .ops_after /
+                          .mismatched / .lost
+
+and the derived results with the issue's goals (`derived_results()`, pure):
+
+    strategy.shadow.correct                        every shadow run verified
+    strategy.shadow_vs_devicelog.downtime_ratio.<ram>   ≤ 1.5
+    strategy.shadow.downtime_spread                largest / smallest over RAM sizes, ≤ 1.5
+    strategy.alldirty.downtime_growth              largest RAM / smallest RAM, ≥ 2 (it grows)
+    strategy.shadow.during_vs_before               kv ops/s during pre-copy ÷ before, ≥ 0.7
+    strategy.shadow_vs_devicelog.during_vs_before  the same ÷ device-log's (no goal: context)
+
+The downtime's breakdown (query-migrate's stop-and-copy round: pause, sync, send, ack, the
+destination's share) is kept in `extra["downtime_parts"]` of each `.downtime` result. If the
+engine hashes pages for `x-verify` inside the downtime (it did before verification moved after
+the switchover), the destination's share shows in the table's `verify` column.
+
+Cells run interleaved (run i of every strategy and size before run i+1), so a noisy neighbour
+hits every strategy alike and the shadow / device-log ratio is paired within one round.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..migration.params import DMA_TRACKING
+from ..report.bench import parse_ram
+from .harness import BenchConfig, Goal, Result, format_value, measured, paired_ratios
+
+SECTION = "strategies"
+MiB = 1 << 20
+BUCKET_S = 0.1  # the load client's series resolution (ptmig.demo.timeline)
+FULL_RUNS = 3  # per cell in the full mode: 4 strategies × 3 sizes × 3 runs ≈ 20 minutes
+
+GOAL_SHADOW_CORRECT = Goal(">=", 1.0)
+GOAL_SHADOW_VS_DEVICELOG = Goal("<=", 1.5)
+GOAL_SHADOW_SPREAD = Goal("<=", 1.5)
+GOAL_ALLDIRTY_GROWTH = Goal(">=", 2.0)
+GOAL_DURING_VS_BEFORE = Goal(">=", 0.7)
+GOAL_ZERO = Goal("<=", 0)
+
+
+@dataclass(frozen=True)
+class StrategyBenchParams:
+    memories: tuple[str, ...] = ("256M", "1G", "2G")
+    strategies: tuple[str, ...] = DMA_TRACKING
+    runs: int = FULL_RUNS
+    warmup_s: float = 4.0  # kv load before the migration starts
+    after_s: float = 5.0  # kv load after the migration is expected to have ended
+    max_bandwidth_mib: float = 100.0  # about a 1 GbE link, the demo's default; 0 = unlimited
+    downtime_limit_ms: int = 300
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.strategies if s not in DMA_TRACKING]
+        if bad or not self.strategies:
+            raise ValueError(f"strategies {self.strategies} must be a non-empty subset of "
+                             f"{DMA_TRACKING}")
+        if not self.memories:
+            raise ValueError("at least one RAM size is needed, got none")
+        for m in self.memories:
+            parse_ram(m)  # raises on a size that is not like '256M'
+        if self.runs < 1:
+            raise ValueError(f"runs={self.runs} must be at least 1")
+        if self.warmup_s <= 0 or self.after_s <= 0:
+            raise ValueError(f"warm-up ({self.warmup_s} s) and after ({self.after_s} s) must "
+                             "both be positive")
+        if self.max_bandwidth_mib < 0:
+            raise ValueError(f"max bandwidth must be >= 0 MiB/s, got {self.max_bandwidth_mib}")
+
+    @classmethod
+    def for_config(cls, config: BenchConfig) -> StrategyBenchParams:
+        if config.quick:  # about 3 minutes: two sizes, one run each, a short load
+            return cls(memories=("256M", "1G"), runs=1, warmup_s=3.0, after_s=3.0)
+        return cls(runs=min(config.runs, FULL_RUNS))
+
+    def migration_allowance_s(self, strategy: str, memory: str) -> float:
+        """How long the migration may take, so the load outlasts it by `after_s`.
+
+        all-dirty resends every page the IOMMU maps writable (all of RAM) in each of its
+        rounds until the engine gives up on convergence: about 16 s per GiB at 100 MiB/s.
+        """
+        allowance = 3.0
+        if strategy == "all-dirty":
+            scale = 100.0 / self.max_bandwidth_mib if self.max_bandwidth_mib else 0.25
+            allowance += 16.0 * scale * parse_ram(memory) / (1 << 30)
+        return allowance
+
+    def duration_s(self, strategy: str, memory: str) -> float:
+        """The whole kv load of one cell: warm-up, the migration, then `after_s`."""
+        return self.warmup_s + self.migration_allowance_s(strategy, memory) + self.after_s
+
+    def bandwidth_text(self) -> str:
+        if self.max_bandwidth_mib:
+            return f"max-bandwidth {self.max_bandwidth_mib:g} MiB/s"
+        return "unlimited bandwidth"
+
+
+# ---- one cell ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CellRun:
+    """What one demo run measured (NaN where the run could not say)."""
+
+    strategy: str
+    memory: str
+    status: str = "failed"
+    total_ms: float = math.nan
+    downtime_ms: float = math.nan
+    bytes_sent: float = math.nan
+    rounds: float = math.nan
+    client_gap_ms: float = math.nan
+    guest_pause_ms: float = math.nan
+    ops_before: float = math.nan
+    ops_during: float = math.nan  # while pre-copy runs (the guest runs; devices tracked)
+    ops_after: float = math.nan
+    mismatched: float = math.nan
+    lost: float = math.nan  # lost + wrong acknowledged values
+    unverified: float = math.nan
+    acked: float = math.nan
+    verify_ms: float = math.nan  # the destination's page hashing, inside the downtime
+    downtime_parts: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None  # the demo could not run at all
+
+    @property
+    def ram_bytes(self) -> int:
+        return parse_ram(self.memory)
+
+    @property
+    def correct(self) -> bool:
+        """Completed, every page verified equal, every acknowledged value read back."""
+        return (self.error is None and self.status == "completed" and self.mismatched == 0
+                and self.lost == 0 and self.unverified == 0 and self.acked > 0)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def precopy_rate(series: Sequence[Sequence[float]], start_s: float, end_s: float) -> float:
+    """kv ops/s over the load buckets lying wholly inside [start_s, end_s].
+
+    A window shorter than any whole bucket falls back to the buckets overlapping it, so a very
+    short pre-copy still gets a number (diluted by its edges) rather than none.
+    """
+    inside = [n for t, n in series if t >= start_s - 1e-9 and t + BUCKET_S <= end_s + 1e-9]
+    if not inside:
+        inside = [n for t, n in series if t + BUCKET_S > start_s and t < end_s]
+    return sum(inside) / (len(inside) * BUCKET_S) if inside else math.nan
+
+
+def cell_from_doc(strategy: str, memory: str, doc: Mapping[str, Any]) -> CellRun:
+    """The cell's numbers out of a demo document (`DemoOutcome.doc`)."""
+    mig = doc.get("migration") or {}
+    load = doc.get("load") or {}
+    demo = doc.get("demo") or {}
+    ram = mig.get("ram") or {}
+    rounds = mig.get("x-rounds")
+    outage = demo.get("outage") or {}
+    tp = demo.get("throughput") or {}
+    ver = mig.get("x-verify") if isinstance(mig.get("x-verify"), Mapping) else {}
+    phases = {p.get("name"): p for p in demo.get("phases") or []}
+    pre = phases.get("pre-copy")
+    during = (precopy_rate(load.get("series") or [], float(pre["start_s"]), float(pre["end_s"]))
+              if pre else math.nan)
+    stop: Mapping[str, Any] = next(
+        (r for r in rounds or [] if isinstance(r, Mapping) and r.get("stop-and-copy")), {})
+    dest = stop.get("destination-ms") if isinstance(stop.get("destination-ms"), Mapping) else {}
+    parts: dict[str, Any] = dict(stop.get("downtime-ms") or {})
+    if "pages" in stop:
+        parts["final-pages"] = stop["pages"]
+    if dest:
+        parts["destination"] = dict(dest)
+    lost = _num(load.get("lost")) + _num(load.get("wrong"))
+    problems = list(demo.get("problems") or [])
+    if ver and "mismatched" not in ver:  # e.g. {"error": ...}: the check itself failed
+        problems.append(f"page verification did not conclude: {ver.get('error', dict(ver))}")
+    return CellRun(
+        strategy=strategy, memory=memory, status=str(mig.get("status", "failed")),
+        total_ms=_num(mig.get("total-time")), downtime_ms=_num(mig.get("downtime")),
+        bytes_sent=_num(ram.get("transferred")),
+        rounds=float(len(rounds)) if isinstance(rounds, list) and rounds
+        else _num(ram.get("dirty-sync-count")),
+        client_gap_ms=_num(outage.get("client-ms", load.get("max_gap_ms"))),
+        guest_pause_ms=_num(outage.get("guest-ms")),
+        ops_before=_num(tp.get("before")), ops_during=during, ops_after=_num(tp.get("after")),
+        mismatched=_num(ver.get("mismatched")) if ver else math.nan, lost=lost,
+        unverified=_num(load.get("unverified")), acked=_num(load.get("acked")),
+        verify_ms=_num(dest.get("verify")) if dest else math.nan,
+        downtime_parts=parts, problems=problems)
+
+
+# ---- results ----------------------------------------------------------------------------------
+
+# (result suffix, CellRun attribute, unit, scale, worst-run statistic)
+CELL_METRICS: tuple[tuple[str, str, str, float, bool], ...] = (
+    ("downtime", "downtime_ms", "ms", 1.0, False),
+    ("bytes", "bytes_sent", "MiB", 1 / MiB, False),
+    ("total", "total_ms", "ms", 1.0, False),
+    ("rounds", "rounds", "rounds", 1.0, False),
+    ("client_gap", "client_gap_ms", "ms", 1.0, False),
+    ("guest_pause", "guest_pause_ms", "ms", 1.0, False),
+    ("ops_before", "ops_before", "ops/s", 1.0, False),
+    ("ops_during", "ops_during", "ops/s", 1.0, False),
+    ("ops_after", "ops_after", "ops/s", 1.0, False),
+    ("mismatched", "mismatched", "pages", 1.0, True),
+    ("lost", "lost", "values", 1.0, True),
+)
+
+
+def cell_name(strategy: str, memory: str, metric: str) -> str:
+    return f"strategy.{strategy}.{memory}.{metric}"
+
+
+def _summary(name: str, values: Sequence[float], unit: str, goal: Goal | None = None,
+             extra: dict[str, Any] | None = None, worst: bool = False) -> Result:
+    """`measured()` over the finite values; NaN (no runs) when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return Result(SECTION, name, math.nan, unit, str(goal) if goal else None,
+                      False if goal else None, [], dict(extra or {}))
+    return measured(SECTION, name, finite, unit, goal, extra,
+                    statistic=100 if worst else None)
+
+
+def _cells(cells: Sequence[CellRun], strategy: str, memory: str) -> list[CellRun]:
+    return [c for c in cells if c.strategy == strategy and c.memory == memory]
+
+
+def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[Result]:
+    """Every metric of every (strategy, RAM size) cell, median over its runs."""
+    out: list[Result] = []
+    for memory in params.memories:
+        for strategy in params.strategies:
+            runs = _cells(cells, strategy, memory)
+            extra: dict[str, Any] = {
+                "ram_bytes": parse_ram(memory), "strategy": strategy,
+                "expected_incorrect": strategy == "none",
+                "correct_runs": sum(c.correct for c in runs), "runs": len(runs),
+            }
+            errors = [c.error for c in runs if c.error]
+            if errors:
+                extra["errors"] = errors
+            problems = [p for c in runs if not c.correct for p in c.problems]
+            if problems:
+                extra["problems"] = problems
+            for suffix, attr, unit, scale, worst in CELL_METRICS:
+                goal = GOAL_ZERO if worst and strategy != "none" else None
+                cx = dict(extra)
+                if suffix == "downtime":
+                    cx["verify_ms"] = [c.verify_ms for c in runs if math.isfinite(c.verify_ms)]
+                    cx["downtime_parts"] = [c.downtime_parts for c in runs]
+                out.append(_summary(cell_name(strategy, memory, suffix),
+                                    [getattr(c, attr) * scale for c in runs], unit, goal, cx,
+                                    worst))
+    return out
+
+
+def _median_of(cells: Sequence[CellRun], attr: str) -> float:
+    vals = sorted(v for v in (float(getattr(c, attr)) for c in cells) if math.isfinite(v))
+    if not vals:
+        return math.nan
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def _ram_ratio(cells: Sequence[CellRun], strategy: str, memories: Sequence[str],
+               name: str, goal: Goal, how: str) -> Result:
+    """Median downtime at the largest RAM size over the smallest (`how`="growth") or the
+    largest over the smallest median across all sizes (`how`="spread")."""
+    med = {m: _median_of(_cells(cells, strategy, m), "downtime_ms") for m in memories}
+    extra: dict[str, Any] = {"downtime_ms": med, "strategy": strategy}
+    by_size = sorted(memories, key=parse_ram)
+    vals = [v for v in med.values() if math.isfinite(v)]
+    if how == "growth":
+        lo, hi = med[by_size[0]], med[by_size[-1]]
+        value = hi / max(lo, 1.0) if math.isfinite(lo) and math.isfinite(hi) else math.nan
+        extra["sizes"] = [by_size[0], by_size[-1]]
+    else:
+        value = max(vals) / max(min(vals), 1.0) if len(vals) == len(med) else math.nan
+    return Result(SECTION, name, value, "ratio", str(goal), goal.met_by(value),
+                  [value] if math.isfinite(value) else [], extra)
+
+
+def _slowdown(c: CellRun) -> float:
+    """kv ops/s during pre-copy ÷ before the migration, in one run (NaN if unknown)."""
+    ok = math.isfinite(c.ops_during) and math.isfinite(c.ops_before) and c.ops_before > 0
+    return c.ops_during / c.ops_before if ok else math.nan
+
+
+def _during_vs_devicelog(cells: Sequence[CellRun], params: StrategyBenchParams) -> Result:
+    """Shadow's pre-copy slowdown over device-log's, run by run: the cost of shadowing itself,
+    with what any migration costs a 2-core host (sending pages) divided out. No goal."""
+    ratios: list[float] = []
+    for m in params.memories:
+        sh = _cells(cells, "shadow", m)
+        dl = _cells(cells, "device-log", m)
+        n = min(len(sh), len(dl))
+        for a, b in zip(sh[:n], dl[:n], strict=True):
+            r = _slowdown(a) / _slowdown(b) if _slowdown(b) > 0 else math.nan
+            if math.isfinite(r):
+                ratios.append(r)
+    return _summary("strategy.shadow_vs_devicelog.during_vs_before", ratios, "ratio", None,
+                    {"what": "(shadow ops/s pre-copy ÷ before) ÷ (device-log's), paired runs"})
+
+
+def expected_result_names(params: StrategyBenchParams) -> list[str]:
+    """The names `run_strategy_bench` reports for these parameters, in order."""
+    names = [cell_name(s, m, suffix) for m in params.memories for s in params.strategies
+             for suffix, *_ in CELL_METRICS]
+    return names + _derived_names(params)
+
+
+def _derived_names(params: StrategyBenchParams) -> list[str]:
+    s = set(params.strategies)
+    names: list[str] = []
+    if "shadow" in s:
+        names += ["strategy.shadow.correct", "strategy.shadow.during_vs_before"]
+    if {"shadow", "device-log"} <= s:
+        names += [f"strategy.shadow_vs_devicelog.downtime_ratio.{m}" for m in params.memories]
+        names.append("strategy.shadow_vs_devicelog.during_vs_before")
+    if len(params.memories) > 1:
+        if "shadow" in s:
+            names.append("strategy.shadow.downtime_spread")
+        if "all-dirty" in s:
+            names.append("strategy.alldirty.downtime_growth")
+    return names
+
+
+def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[Result]:
+    """The issue's goals, computed from the cells (pure: no KVM, no processes)."""
+    out: dict[str, Result] = {}
+    shadow = [c for c in cells if c.strategy == "shadow"]
+    if "shadow" in params.strategies:
+        ok = [1.0 if c.correct else 0.0 for c in shadow]
+        value = min(ok) if ok else math.nan  # every run, not the median one
+        bad = [f"{c.memory} run: {c.error or '; '.join(c.problems) or c.status}"
+               for c in shadow if not c.correct]
+        out["strategy.shadow.correct"] = Result(
+            SECTION, "strategy.shadow.correct", value, "all runs", str(GOAL_SHADOW_CORRECT),
+            GOAL_SHADOW_CORRECT.met_by(value), ok,
+            {"runs": len(ok), "correct_runs": int(sum(ok)), "incorrect": bad})
+        out["strategy.shadow.during_vs_before"] = _summary(
+            "strategy.shadow.during_vs_before", [_slowdown(c) for c in shadow], "ratio",
+            GOAL_DURING_VS_BEFORE, {"during": "kv ops/s while pre-copy runs (devices shadowed)",
+                                    "before": "kv ops/s before the migration (direct DMA)"})
+    if "shadow" in params.strategies and "device-log" in params.strategies:
+        for m in params.memories:
+            sh = _cells(cells, "shadow", m)
+            dl = _cells(cells, "device-log", m)
+            n = min(len(sh), len(dl))  # run i of each ran back to back
+            both = zip(sh[:n], dl[:n], strict=True)
+            pairs = [(a.downtime_ms, max(b.downtime_ms, 1.0)) for a, b in both
+                     if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)]
+            name = f"strategy.shadow_vs_devicelog.downtime_ratio.{m}"
+            out[name] = _summary(name, paired_ratios([a for a, _ in pairs],
+                                                     [b for _, b in pairs]),
+                                 "ratio", GOAL_SHADOW_VS_DEVICELOG,
+                                 {"ram_bytes": parse_ram(m), "paired_runs": len(pairs)})
+        out["strategy.shadow_vs_devicelog.during_vs_before"] = _during_vs_devicelog(cells, params)
+    if len(params.memories) > 1:
+        if "shadow" in params.strategies:
+            out["strategy.shadow.downtime_spread"] = _ram_ratio(
+                cells, "shadow", params.memories, "strategy.shadow.downtime_spread",
+                GOAL_SHADOW_SPREAD, "spread")
+        if "all-dirty" in params.strategies:
+            out["strategy.alldirty.downtime_growth"] = _ram_ratio(
+                cells, "all-dirty", params.memories, "strategy.alldirty.downtime_growth",
+                GOAL_ALLDIRTY_GROWTH, "growth")
+    return [out[n] for n in _derived_names(params)]
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+TABLE_COLUMNS: tuple[tuple[str, str, float], ...] = (
+    ("total", "total_ms", 1.0),
+    ("down", "downtime_ms", 1.0),
+    ("verify", "verify_ms", 1.0),
+    ("MiB", "bytes_sent", 1 / MiB),
+    ("rnds", "rounds", 1.0),
+    ("c.gap", "client_gap_ms", 1.0),
+    ("g.pause", "guest_pause_ms", 1.0),
+    ("before", "ops_before", 1.0),
+    ("pre-copy", "ops_during", 1.0),
+    ("after", "ops_after", 1.0),
+    ("bad pg", "mismatched", 1.0),
+    ("lost", "lost", 1.0),
+)
+TABLE_CAPTION = ("times in ms (verify: the destination's hashing, inside the downtime; c.gap: "
+                 "longest gap between kv replies; g.pause: longest pause the guest saw), MiB "
+                 "sent, kv ops/s before / during pre-copy / after, mismatched pages, lost or "
+                 "wrong values")
+
+
+def cell_table(cells: Sequence[CellRun], params: StrategyBenchParams, memory: str) -> Table:
+    """One RAM size: a row per strategy (medians; correctness over all runs)."""
+    t = Table(title=f"strategies, {memory} guest under kv load ({params.bandwidth_text()}, "
+                    "x-verify on; medians)", title_justify="left", caption=TABLE_CAPTION,
+              caption_justify="left")
+    t.add_column("strategy", no_wrap=True)
+    for head, _, _ in TABLE_COLUMNS:
+        t.add_column(head, justify="right")
+    t.add_column("correct", no_wrap=True)
+    for strategy in params.strategies:
+        runs = _cells(cells, strategy, memory)
+        good = sum(c.correct for c in runs)
+        verdict = f"{good}/{len(runs)}" + (" (expected ✗)" if strategy == "none" else "")
+        style = None
+        if good < len(runs):
+            style = "yellow" if strategy == "none" else "red"
+        t.add_row(strategy, *[_cell_text(_median_of(runs, attr) * scale)
+                              for _, attr, scale in TABLE_COLUMNS], verdict, style=style)
+    return t
+
+
+def _cell_text(v: float) -> str:
+    if not math.isfinite(v):
+        return "–"
+    if v == int(v) or abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+DemoRunner = Callable[[str, str, StrategyBenchParams, Path], CellRun]
+
+
+def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path) -> CellRun:
+    """One demo run (its own output kept in `run_dir`/demo.out); a cell with `error` set when
+    the demo could not run at all."""
+    from ..demo import DemoOptions, run_demo
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    opts = DemoOptions(memory=memory, dma_tracking=strategy, warmup_s=p.warmup_s,
+                       duration_s=p.duration_s(strategy, memory),
+                       max_bandwidth_mib=p.max_bandwidth_mib,
+                       downtime_limit_ms=p.downtime_limit_ms, run_dir=run_dir, live=False)
+    try:
+        outcome = run_demo(opts, Console(file=buf, width=120, highlight=False))
+    except Exception as e:  # e.g. the firmware does not build: this cell fails, not the section
+        return CellRun(strategy, memory, error=f"demo raised {type(e).__name__}: {e}")
+    text = buf.getvalue()
+    (run_dir / "demo.out").write_text(text)
+    if not outcome.doc:
+        tail = "\n".join(text.strip().splitlines()[-8:])
+        return CellRun(strategy, memory, error=f"demo exit {outcome.exit_status}: {tail}")
+    return cell_from_doc(strategy, memory, outcome.doc)
+
+
+def run_cells(params: StrategyBenchParams, workdir: Path, runner: DemoRunner = demo_cell,
+              console: Console | None = None) -> list[CellRun]:
+    """Every cell, interleaved; a cell whose demo fails to run is retried once (except `none`,
+    whose guest may legitimately break after losing device writes)."""
+    cells: list[CellRun] = []
+    total = len(params.memories) * len(params.strategies) * params.runs
+    for i in range(params.runs):
+        for memory in params.memories:
+            for strategy in params.strategies:
+                t0 = time.monotonic()
+                tag = f"{strategy}-{memory}-{i}"
+                cell = runner(strategy, memory, params, workdir / tag)
+                if cell.error is not None and strategy != "none":
+                    cell = runner(strategy, memory, params, workdir / f"{tag}-retry")
+                cells.append(cell)
+                if console is not None:
+                    console.print(_progress_line(cell, len(cells), total,
+                                                 time.monotonic() - t0), highlight=False,
+                                  markup=False, soft_wrap=True)
+    return cells
+
+
+def _progress_line(c: CellRun, n: int, total: int, took_s: float) -> str:
+    head = f"  [{n}/{total}] {c.strategy:<10} {c.memory:>5} ({took_s:4.0f} s): "
+    if c.error is not None:
+        return head + f"demo failed: {c.error.splitlines()[0] if c.error else ''}"
+    return head + (f"{c.status}, downtime {format_value(c.downtime_ms)} ms, "
+                   f"{format_value(c.bytes_sent / MiB)} MiB, mismatched "
+                   f"{format_value(c.mismatched)}, lost+wrong {format_value(c.lost)}"
+                   + ("" if c.correct else "  NOT VERIFIED"))
+
+
+def run_strategy_bench(params: StrategyBenchParams, console: Console | None = None,
+                       runner: DemoRunner = demo_cell,
+                       workdir: Path | None = None) -> list[Result]:
+    console = console or _console()
+    console.print(f"  {len(params.strategies)} strategies × {', '.join(params.memories)} × "
+                  f"{params.runs} run(s), kv load {params.warmup_s:g} s before and "
+                  f"{params.after_s:g} s after each migration, "
+                  f"{params.bandwidth_text()}", highlight=False)
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="ptmig-bench-strategies-") as d:
+            cells = run_cells(params, Path(d), runner, console)
+    else:
+        cells = run_cells(params, workdir, runner, console)
+    for memory in params.memories:
+        console.print(cell_table(cells, params, memory))
+    return cell_results(cells, params) + derived_results(cells, params)
+
+
+def _console() -> Console:
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
+def run(config: BenchConfig) -> list[Result]:
+    return run_strategy_bench(StrategyBenchParams.for_config(config))

@@ -1,0 +1,340 @@
+"""The strategy comparison benchmark: the cell numbers read out of a demo document, the derived
+results and their goals from synthetic cells, the interleaving and retry policy with a fake
+runner, and (on KVM) a tiny real run whose JSON holds every expected result name."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from ptmig.bench import load_section, run_bench, write_json
+from ptmig.bench.harness import BenchConfig
+from ptmig.bench.strategies import (
+    CellRun,
+    StrategyBenchParams,
+    cell_from_doc,
+    cell_results,
+    cell_table,
+    derived_results,
+    expected_result_names,
+    precopy_rate,
+    run_cells,
+    run_strategy_bench,
+)
+from ptmig.report.bench import strategy_points
+
+MiB = 1 << 20
+
+
+def demo_doc(*, downtime: int = 120, mismatched: int = 0, lost: int = 0, wrong: int = 0,
+             verify_ms: float = 40.0) -> dict[str, Any]:
+    """A demo document shaped like `run_demo`'s, with a load series of 100 ms buckets."""
+    series = [[round(i * 0.1, 1), 500 if i < 30 else (400 if i < 40 else 450)]
+              for i in range(80)]
+    return {
+        "migration": {
+            "status": "completed", "total-time": 1000, "downtime": downtime,
+            "ram": {"transferred": 64 * MiB, "dirty-sync-count": 3},
+            "x-rounds": [{"round": 0, "pages": 65536}, {"round": 1, "pages": 900},
+                         {"round": 2, "pages": 300, "stop-and-copy": True,
+                          "downtime-ms": {"pause": 1, "sync": 2, "send": 30, "ack": 80},
+                          "destination-ms": {"verify": verify_ms, "vcpus": 1, "devices": 5}}],
+            "x-verify": {"pages": 65536, "mismatched": mismatched, "first-mismatched": []},
+        },
+        "load": {"acked": 1000, "lost": lost, "wrong": wrong, "unverified": 0,
+                 "max_gap_ms": 150.0, "series": series},
+        "guest": {"vcpus": [{"max-gap-us": 140000}]},
+        "demo": {
+            "phases": [{"name": "warm-up", "start_s": 0.0, "end_s": 3.0},
+                       {"name": "setup", "start_s": 3.0, "end_s": 3.02},
+                       {"name": "pre-copy", "start_s": 3.02, "end_s": 3.9},
+                       {"name": "stop-and-copy", "start_s": 3.9, "end_s": 4.02},
+                       {"name": "after", "start_s": 4.02, "end_s": 8.0}],
+            "outage": {"client-ms": 150.0, "guest-ms": 140.0},
+            "throughput": {"before": 5000.0, "during": 3500.0, "after": 4500.0},
+            "problems": [],
+        },
+    }
+
+
+def cell(strategy: str, memory: str, downtime: float, *, correct: bool = True,
+         before: float = 5000.0, during: float = 4000.0) -> CellRun:
+    return CellRun(strategy, memory, status="completed", total_ms=1000.0,
+                   downtime_ms=downtime, bytes_sent=64.0 * MiB, rounds=3.0,
+                   client_gap_ms=downtime + 10, guest_pause_ms=downtime,
+                   ops_before=before, ops_during=during, ops_after=4800.0,
+                   mismatched=0.0 if correct else 12.0, lost=0.0 if correct else 3.0,
+                   unverified=0.0, acked=1000.0)
+
+
+def by_name(results: list[Any]) -> dict[str, Any]:
+    return {r.name: r for r in results}
+
+
+# ---- reading a demo document ---------------------------------------------------------------
+
+
+def test_cell_from_doc_reads_every_column() -> None:
+    c = cell_from_doc("shadow", "256M", demo_doc(lost=1, wrong=2))
+    assert (c.total_ms, c.downtime_ms, c.bytes_sent, c.rounds) == (1000, 120, 64 * MiB, 3)
+    assert (c.client_gap_ms, c.guest_pause_ms) == (150.0, 140.0)
+    assert (c.ops_before, c.ops_after) == (5000.0, 4500.0)
+    # pre-copy 3.02..3.9 s: whole buckets 3.1 .. 3.7 (400 ops each) -> 4000 ops/s
+    assert c.ops_during == pytest.approx(4000.0)
+    assert c.lost == 3 and c.mismatched == 0 and c.verify_ms == 40.0
+    assert c.downtime_parts["ack"] == 80 and c.downtime_parts["destination"]["verify"] == 40.0
+    assert not c.correct  # values were lost
+    assert cell_from_doc("shadow", "256M", demo_doc()).correct
+
+
+def test_cell_from_doc_without_verification_is_not_correct() -> None:
+    doc = demo_doc()
+    del doc["migration"]["x-verify"]
+    c = cell_from_doc("shadow", "1G", doc)
+    assert math.isnan(c.mismatched) and not c.correct
+    assert c.ram_bytes == 1 << 30
+
+
+def test_a_verification_that_failed_is_not_a_pass() -> None:
+    doc = demo_doc()
+    doc["migration"]["x-verify"] = {"error": "ConnectionResetError: peer went away"}
+    c = cell_from_doc("shadow", "1G", doc)
+    assert not c.correct and "peer went away" in c.problems[0]
+    p = StrategyBenchParams(memories=("1G",), strategies=("shadow",), runs=1)
+    lost = by_name(cell_results([c], p))["strategy.shadow.1G.lost"]
+    assert lost.extra["correct_runs"] == 0 and "peer went away" in lost.extra["problems"][0]
+
+
+def test_cell_from_an_empty_document_is_all_nan_and_incorrect() -> None:
+    c = cell_from_doc("device-log", "256M", {})
+    assert c.status == "failed" and math.isnan(c.downtime_ms) and not c.correct
+
+
+def test_precopy_rate_uses_whole_buckets_and_falls_back_to_overlap() -> None:
+    series = [[0.0, 10], [0.1, 20], [0.2, 30], [0.3, 40]]
+    assert precopy_rate(series, 0.1, 0.3) == pytest.approx(250.0)  # buckets 0.1, 0.2
+    assert precopy_rate(series, 0.12, 0.18) == pytest.approx(200.0)  # only overlapping: 0.1
+    assert math.isnan(precopy_rate(series, 5.0, 6.0))
+
+
+# ---- derived results -------------------------------------------------------------------------
+
+PARAMS = StrategyBenchParams(memories=("256M", "1G", "2G"), runs=2)
+
+
+def synthetic_cells(shadow_downtime: dict[str, float], alldirty_downtime: dict[str, float],
+                    devicelog_downtime: float = 100.0) -> list[CellRun]:
+    out = []
+    for _ in range(2):
+        for m in PARAMS.memories:
+            out += [cell("none", m, 90.0, correct=False),
+                    cell("all-dirty", m, alldirty_downtime[m]),
+                    cell("device-log", m, devicelog_downtime),
+                    cell("shadow", m, shadow_downtime[m])]
+    return out
+
+
+def test_derived_results_meet_their_goals_when_shadow_behaves() -> None:
+    cells = synthetic_cells({"256M": 110, "1G": 120, "2G": 130},
+                            {"256M": 300, "1G": 1200, "2G": 2400})
+    r = by_name(derived_results(cells, PARAMS))
+    assert list(r) == expected_result_names(PARAMS)[-len(r):]
+    assert r["strategy.shadow.correct"].value == 1.0 and r["strategy.shadow.correct"].ok
+    assert r["strategy.shadow_vs_devicelog.downtime_ratio.1G"].value == pytest.approx(1.2)
+    assert r["strategy.shadow.downtime_spread"].value == pytest.approx(130 / 110)
+    assert r["strategy.shadow.downtime_spread"].ok
+    assert r["strategy.alldirty.downtime_growth"].value == pytest.approx(8.0)
+    assert r["strategy.alldirty.downtime_growth"].ok
+    assert r["strategy.shadow.during_vs_before"].value == pytest.approx(0.8)
+    assert r["strategy.shadow_vs_devicelog.during_vs_before"].value == pytest.approx(1.0)
+    assert r["strategy.shadow_vs_devicelog.during_vs_before"].ok is None  # no goal: context
+    assert all(x.ok for x in r.values() if x.goal is not None)
+
+
+def test_shadow_slowdown_is_compared_with_device_logs_in_the_same_round() -> None:
+    p = StrategyBenchParams(memories=("256M",), strategies=("device-log", "shadow"), runs=2)
+    cells = [cell("device-log", "256M", 100, during=4000), cell("shadow", "256M", 100, during=3000),
+             cell("device-log", "256M", 100, during=5000), cell("shadow", "256M", 100, during=2500)]
+    r = by_name(derived_results(cells, p))
+    assert r["strategy.shadow.during_vs_before"].runs == [0.6, 0.5]
+    assert r["strategy.shadow.during_vs_before"].ok is False
+    assert r["strategy.shadow_vs_devicelog.during_vs_before"].runs == pytest.approx([0.75, 0.5])
+
+
+def test_derived_results_miss_their_goals_when_shadow_does_not() -> None:
+    cells = synthetic_cells({"256M": 100, "1G": 250, "2G": 400},
+                            {"256M": 300, "1G": 320, "2G": 330})
+    cells.append(cell("shadow", "1G", 120.0, correct=False, during=2000.0))
+    r = by_name(derived_results(cells, PARAMS))
+    assert r["strategy.shadow.correct"].value == 0.0 and r["strategy.shadow.correct"].ok is False
+    assert "1G run" in r["strategy.shadow.correct"].extra["incorrect"][0]
+    assert r["strategy.shadow_vs_devicelog.downtime_ratio.2G"].value == pytest.approx(4.0)
+    assert r["strategy.shadow_vs_devicelog.downtime_ratio.2G"].ok is False
+    assert r["strategy.shadow.downtime_spread"].ok is False
+    assert r["strategy.alldirty.downtime_growth"].value == pytest.approx(1.1)
+    assert r["strategy.alldirty.downtime_growth"].ok is False
+
+
+def test_none_losing_data_is_reported_but_has_no_goal() -> None:
+    cells = synthetic_cells({m: 100 for m in PARAMS.memories},
+                            {m: 100 for m in PARAMS.memories})
+    r = by_name(cell_results(cells, PARAMS))
+    none = r["strategy.none.256M.mismatched"]
+    assert none.value == 12 and none.goal is None and none.ok is None
+    assert none.extra["expected_incorrect"] is True and none.extra["correct_runs"] == 0
+    assert "problems" not in r["strategy.shadow.256M.downtime"].extra
+    shadow = r["strategy.shadow.256M.mismatched"]
+    assert shadow.value == 0 and shadow.ok is True
+
+
+def test_cell_correctness_is_the_worst_run_not_the_median() -> None:
+    cells = [cell("shadow", "256M", 100), cell("shadow", "256M", 100),
+             cell("shadow", "256M", 100, correct=False)]
+    p = StrategyBenchParams(memories=("256M",), strategies=("shadow",), runs=3)
+    r = by_name(cell_results(cells, p))
+    assert r["strategy.shadow.256M.mismatched"].value == 12
+    assert r["strategy.shadow.256M.mismatched"].ok is False
+    assert r["strategy.shadow.256M.downtime"].value == 100
+
+
+def test_cell_results_feed_the_report_plot() -> None:
+    cells = synthetic_cells({"256M": 110, "1G": 120, "2G": 130},
+                            {"256M": 300, "1G": 1200, "2G": 2400})
+    results = cell_results(cells, PARAMS)
+    doc = {"results": [r.to_json() for r in results]}
+    points = strategy_points(doc)
+    assert set(points) == {"none", "all-dirty", "device-log", "shadow"}
+    ad = points["all-dirty"]
+    assert [p.ram_bytes for p in ad] == [256 * MiB, 1 << 30, 2 << 30]
+    assert [p.downtime_ms for p in ad] == [300, 1200, 2400]
+    assert ad[0].bytes_sent == pytest.approx(64 * MiB)
+
+
+def test_a_failed_cell_gives_nan_not_a_crash() -> None:
+    p = StrategyBenchParams(memories=("256M",), strategies=("shadow", "device-log"), runs=1)
+    cells = [CellRun("shadow", "256M", error="demo exit 2: boom"), cell("device-log", "256M", 90)]
+    results = cell_results(cells, p) + derived_results(cells, p)
+    r = by_name(results)
+    assert [x.name for x in results] == expected_result_names(p)
+    assert math.isnan(r["strategy.shadow.256M.downtime"].value)
+    assert r["strategy.shadow.256M.downtime"].extra["errors"] == ["demo exit 2: boom"]
+    assert r["strategy.shadow.correct"].ok is False
+    assert math.isnan(r["strategy.shadow_vs_devicelog.downtime_ratio.256M"].value)
+    json.dumps([x.to_json() for x in results], allow_nan=False)
+
+
+def test_params_reject_unknown_strategies_and_sizes() -> None:
+    with pytest.raises(ValueError, match="subset"):
+        StrategyBenchParams(strategies=("shadow", "magic"))
+    with pytest.raises(ValueError, match="256M"):
+        StrategyBenchParams(memories=("lots",))
+    quick = StrategyBenchParams.for_config(BenchConfig.for_mode(True))
+    assert quick.runs == 1 and len(quick.memories) == 2
+    # all-dirty's load is long enough for its many full-RAM rounds
+    assert quick.duration_s("all-dirty", "1G") > quick.duration_s("shadow", "1G") + 10
+
+
+# ---- running, with a fake demo ---------------------------------------------------------------
+
+
+def test_run_cells_interleaves_and_retries_a_failed_demo_once(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def runner(strategy: str, memory: str, p: StrategyBenchParams, d: Path) -> CellRun:
+        calls.append(d.name)
+        if strategy == "shadow" and not d.name.endswith("retry"):
+            return CellRun(strategy, memory, error="demo exit 2: switch port taken")
+        if strategy == "none":
+            return CellRun(strategy, memory, error="demo exit 2: guest broke")
+        return cell(strategy, memory, 100)
+
+    p = StrategyBenchParams(memories=("256M", "1G"), strategies=("none", "shadow"), runs=2)
+    cells = run_cells(p, tmp_path, runner)
+    assert calls[:3] == ["none-256M-0", "shadow-256M-0", "shadow-256M-0-retry"]
+    assert len(cells) == 8 and sum(c.error is None for c in cells) == 4
+    assert not any(n.startswith("none") and n.endswith("retry") for n in calls)
+    assert [c.memory for c in cells[:4]] == ["256M", "256M", "1G", "1G"]
+
+
+def test_run_strategy_bench_prints_one_table_per_size(tmp_path: Path) -> None:
+    def runner(strategy: str, memory: str, p: StrategyBenchParams, d: Path) -> CellRun:
+        return cell(strategy, memory, 100, correct=strategy != "none")
+
+    p = StrategyBenchParams(memories=("256M", "1G"), runs=1)
+    console = Console(record=True, width=200)
+    results = run_strategy_bench(p, console, runner, tmp_path)
+    text = console.export_text()
+    assert text.count("strategies, ") == 2 and "(expected ✗)" in text
+    assert [r.name for r in results] == expected_result_names(p)
+    table = cell_table([cell("shadow", "1G", 100)], p, "1G")
+    assert table.row_count == len(p.strategies)
+
+
+# ---- on real KVM -----------------------------------------------------------------------------
+
+
+@pytest.mark.kvm
+@pytest.mark.timeout(300)
+def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) -> None:
+    import ptmig.bench.strategies as mod
+
+    tiny = StrategyBenchParams(memories=("256M",), strategies=("none", "shadow"), runs=1,
+                               warmup_s=2.0, after_s=2.0)
+    monkeypatch.setattr(mod.StrategyBenchParams, "for_config", classmethod(lambda cls, c: tiny))
+    report = run_bench(BenchConfig(quick=True, runs=1),
+                       [("strategies", load_section("strategies"))],
+                       Console(file=open(tmp_path / "out.txt", "w"), width=200))
+    path = tmp_path / "bench.json"
+    write_json(report, path)
+    doc = json.loads(path.read_text())
+    assert doc["errors"] == []
+    results = {r["name"]: r for r in doc["results"]}
+    assert list(results) == expected_result_names(tiny)
+    assert all(r["section"] == "strategies" for r in results.values())
+    for s in ("none", "shadow"):
+        downtime = results[f"strategy.{s}.256M.downtime"]
+        assert 0 < downtime["value"] < 10_000 and downtime["extra"]["ram_bytes"] == 256 * MiB
+        assert 0 < results[f"strategy.{s}.256M.bytes"]["value"] <= 300  # MiB
+        assert results[f"strategy.{s}.256M.rounds"]["value"] >= 2
+        assert results[f"strategy.{s}.256M.ops_before"]["value"] > 0
+        assert results[f"strategy.{s}.256M.total"]["value"] >= downtime["value"]
+        assert results[f"strategy.{s}.256M.mismatched"]["value"] is not None
+    assert results["strategy.shadow.correct"]["value"] in (0.0, 1.0)
+    assert results["strategy.shadow.during_vs_before"]["value"] > 0
+    points = strategy_points(doc)
+    assert set(points) == {"none", "shadow"}
+
+
+def test_demo_cell_turns_a_demo_that_cannot_run_into_a_failed_cell(tmp_path: Path,
+                                                                   monkeypatch: Any) -> None:
+    import ptmig.demo
+    from ptmig.bench.strategies import demo_cell
+    from ptmig.demo import DemoOutcome
+
+    seen: list[Any] = []
+
+    def broken(opts: Any, console: Any) -> DemoOutcome:
+        seen.append(opts)
+        raise RuntimeError("compiling workloads/kv.c failed (exit 1)")
+
+    monkeypatch.setattr(ptmig.demo, "run_demo", broken)
+    p = StrategyBenchParams(memories=("1G",), strategies=("all-dirty",), runs=1)
+    c = demo_cell("all-dirty", "1G", p, tmp_path / "cell")
+    assert c.error is not None and "kv.c failed" in c.error and not c.correct
+    opts = seen[0]
+    assert (opts.memory, opts.dma_tracking, opts.live) == ("1G", "all-dirty", False)
+    assert opts.duration_s == p.duration_s("all-dirty", "1G")
+
+    def printed(opts: Any, console: Any) -> DemoOutcome:
+        console.print("VERIFIED")
+        return DemoOutcome(demo_doc(), 0, tmp_path)
+
+    monkeypatch.setattr(ptmig.demo, "run_demo", printed)
+    c = demo_cell("shadow", "256M", p, tmp_path / "ok")
+    assert c.correct and c.downtime_ms == 120
+    assert "VERIFIED" in (tmp_path / "ok" / "demo.out").read_text()
