@@ -29,6 +29,7 @@ from ptmig.net.frames import ip_aton, random_local_mac
 from ptmig.net.hoststack import Datapath, EthernetHost, SocketDatapath
 from ptmig.net.kvload import BUCKET_S, EngineConfig, EngineStats, LoadEngine, NotReadyError
 from ptmig.net.kvproto import DEFAULT_PORT
+from ptmig.net.sched import batch_scheduling
 
 EXIT_OK, EXIT_LOST_OR_WRONG, EXIT_UNPROVEN = 0, 1, 2
 CLIENT_PORT = 47000
@@ -44,7 +45,7 @@ class LoadOptions:
     kv_port: int | None = None
     rate: float | None = None  # ops/s; None = --max
     duration_s: float = 10.0
-    window: int = 64
+    window: int = 128
     keys_prefix: str | None = None  # default: random, so that runs never share keys
     value_size: int = 64
     read_ratio: float = 0.0
@@ -179,7 +180,8 @@ def run_load(opts: LoadOptions) -> LoadResult:
     cfg.check()
     datapath = open_datapath(opts)
     try:
-        stats = LoadEngine(datapath, cfg).run()
+        with batch_scheduling():  # send whole bursts: the switch must not preempt us per frame
+            stats = LoadEngine(datapath, cfg).run()
     finally:
         datapath.close()
     result = LoadResult.from_stats(stats)
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-ip", help="this client's address on the switch")
     p.add_argument("--port", type=int, dest="kv_port", help=f"kv port (default {DEFAULT_PORT})")
     p.add_argument("--keys-prefix", help="key prefix (default: random)")
-    p.add_argument("--window", type=int, default=64, help="outstanding requests (default 64)")
+    p.add_argument("--window", type=int, default=128,
+                   help="outstanding requests (default 128)")
     p.add_argument("--value-size", type=int, default=64, help="value bytes (default 64)")
     p.add_argument("--reads", type=float, default=0.0, dest="read_ratio",
                    help="fraction of load ops that GET an acknowledged key (default 0)")

@@ -1,6 +1,8 @@
 /*
- * virtio_blk.h - poll-mode virtio-blk driver: one queue, synchronous IN/OUT/FLUSH/GET_ID
- * requests (one at a time), capacity from the config space.
+ * virtio_blk.h - poll-mode virtio-blk driver: one queue, IN/OUT/FLUSH/GET_ID requests,
+ * capacity from the config space.  Requests are either synchronous (submit and wait) or
+ * asynchronous (submit now, collect the completion later with virtio_blk_poll); each request
+ * has its own header and status byte, so several can be in flight and complete in any order.
  */
 #ifndef PTMIG_DRIVERS_VIRTIO_BLK_H
 #define PTMIG_DRIVERS_VIRTIO_BLK_H
@@ -26,8 +28,8 @@ struct virtio_blk {
         uint32_t type;
         uint32_t reserved;
         uint64_t sector;
-    } *hdr;            /* request header, device-readable */
-    uint8_t *status;   /* status byte, device-writable */
+    } *hdr;            /* request headers, one per descriptor head, device-readable */
+    uint8_t *status;   /* status bytes, one per descriptor head, device-writable */
     uint64_t reads, writes, flushes, errors;
 };
 
@@ -38,5 +40,16 @@ int virtio_blk_read(struct virtio_blk *b, uint64_t sector, void *buf, uint32_t n
 int virtio_blk_write(struct virtio_blk *b, uint64_t sector, const void *buf, uint32_t nsectors);
 int virtio_blk_flush(struct virtio_blk *b);
 int virtio_blk_get_id(struct virtio_blk *b, char id[VIRTIO_BLK_ID_BYTES + 1]);
+
+/* Asynchronous requests: return the request's head (its id until it completes), or -1 if the
+ * range is bad or the queue has no room.  The data must stay untouched until completion. */
+int virtio_blk_submit_write(struct virtio_blk *b, uint64_t sector, const void *buf,
+                            uint32_t nsectors);
+int virtio_blk_submit_flush(struct virtio_blk *b); /* device without FLUSH: see has_flush */
+int virtio_blk_has_flush(const struct virtio_blk *b);
+
+/* Take one completed request: 1 with *head and *status set, 0 if none has completed, -1 if
+ * the device returned a head that was not in flight (a broken device). */
+int virtio_blk_poll(struct virtio_blk *b, int *head, int *status);
 
 #endif

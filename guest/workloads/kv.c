@@ -9,17 +9,22 @@
  * a device interrupt (or 10 ms).
  *
  * A PUT is acknowledged only after its record is written (and, for durable requests, after
- * a FLUSH); the table is updated after the log write.  PUTs are group-committed: a pass over
- * the NIC stages every PUT it receives, then one write (and one FLUSH) puts the whole batch
- * on disk before the table is updated and the replies go out.  GET answers from the table
- * (after committing the batch, so it sees every PUT received before it).  Replies are queued
+ * a FLUSH); the table is updated after the log write.  PUTs are group-committed and the
+ * commits are pipelined: every request joins the open batch's ordered op list (a PUT also
+ * stages its log record); when no batch is in flight the open batch is submitted (one write,
+ * one FLUSH if a PUT asked for it) and the next one keeps collecting requests from the NIC
+ * while the disk works.  When a batch is done its ops are carried out in arrival order --
+ * PUTs applied to the table and acknowledged, GETs answered from the table as it stands
+ * after the PUTs before them -- so replies leave in arrival order and a GET sees every PUT
+ * received before it.  With nothing pending, a GET is answered at once.  Replies are queued
  * on the TX ring and the device is notified once per pass.
  *
  * Stats slot of vCPU 0: iterations = poll-loop iterations, max_gap_tsc = longest gap between
  * two iterations not counting time the loop itself chose to halt, last_tsc; w[0] requests,
  * w[1] puts, w[2] gets, w[3] log bytes appended, w[4] bad requests, w[5] io errors,
  * w[6] frames received, w[7] frames sent, w[8] halts, w[9] log commits (group commits:
- * every PUT received in one pass over the NIC is written with one request and one FLUSH).
+ * every PUT received while the previous batch was on its way to the disk is written with one
+ * request and at most one FLUSH).
  */
 #include <stdint.h>
 
@@ -49,25 +54,36 @@
 #define KV_BAD_REQUEST 2
 #define KV_IO_ERROR 3
 
-#define IDLE_SPIN_US 200   /* keep polling this long after the last frame before halting */
+#define IDLE_SPIN_US 50    /* keep polling this long after the last work before halting */
 #define HALT_US 10000
 #define AUTO_ENTRIES_MIN 8192 /* entries= not given: at least this, more if RAM allows */
-#define PASS_FRAMES 256    /* frames taken per pass before the batch is committed */
+#define PASS_FRAMES 256    /* frames taken per pass before the log is looked at */
+#define OPS_MAX (KV_LOG_BATCH_MAX + 256) /* ops per batch: its PUTs plus GETs and STATS */
 
 static const char *const kv_keys[] = {"ip", "mask", "gw", "port", "entries", NULL};
 
-/* A PUT whose record is staged in the log batch: acknowledged after the commit. */
-struct pending_put {
+/* A request waiting for its batch: a PUT (its record staged in the batch), a GET (its key
+ * copied: the RX buffer is reposted at once) or a STATS. */
+struct op {
     uint32_t ip;
     uint32_t req_id;
-    uint32_t rec_off; /* the record's offset in kv.log.stage */
+    uint32_t rec_off; /* PUT: the record's offset in its log batch */
     uint16_t port;
+    uint8_t kind;     /* KV_OP_PUT, KV_OP_GET, KV_OP_STATS */
+    uint8_t klen;
+    uint8_t key[KV_MAX_KEY];
+};
+
+/* The ops of one log batch, in arrival order. */
+struct batch_ops {
+    struct op *ops;    /* OPS_MAX */
+    uint32_t n;
+    uint32_t new_keys; /* staged PUTs whose key was not in the table */
 };
 
 static struct {
-    struct pending_put pending[KV_LOG_BATCH_MAX];
-    uint32_t npending;
-    uint32_t batch_new_keys; /* staged records whose key was not in the table */
+    struct batch_ops ops[2];
+    struct batch_ops *open, *flight; /* staging; on its way to the disk (kv.log.busy) */
     uint64_t commits;
     struct virtio_net nic;
     struct virtio_blk blk;
@@ -140,6 +156,13 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
         for (entries = AUTO_ENTRIES_MIN; entries < (1u << 20) &&
              kv_table_bytes((uint32_t)entries * 2) <= heap_free() / 2;)
             entries *= 2;
+    for (unsigned i = 0; i < 2; i++) {
+        kv.ops[i].ops = heap_alloc(sizeof(struct op) * OPS_MAX, 64);
+        if (!kv.ops[i].ops)
+            return EXIT_FAILED;
+    }
+    kv.open = &kv.ops[0];
+    kv.flight = &kv.ops[1];
     struct kv_slot *slots = heap_alloc(kv_table_bytes((uint32_t)entries), 4096);
     if (!slots || kv_table_init(&kv.table, slots, (uint32_t)entries))
         return EXIT_FAILED;
@@ -190,9 +213,36 @@ static void send_reply(uint32_t ip, uint16_t port, uint32_t req_id, uint8_t stat
     net_udp_send(&kv.nif, ip, kv.port, port, r, KV_REPLY_HEADER + (size_t)vlen);
 }
 
-static void commit_batch(void);
+static int progress(void);
+static void drain_one(void);
 static void stage_put(uint32_t ip, uint16_t port, uint32_t req_id, const uint8_t *key,
                       uint16_t klen, const uint8_t *value, uint16_t vlen, int durable);
+
+static void answer_get(uint32_t ip, uint16_t port, uint32_t req_id, const uint8_t *key,
+                       uint16_t klen)
+{
+    volatile struct kv_report *rep = report();
+    const struct kv_slot *s = kv_table_get(&kv.table, key, klen);
+    rep->gets++;
+    stats_slot(0)->w[2] = rep->gets;
+    if (s)
+        send_reply(ip, port, req_id, KV_OK, s->value, s->vlen);
+    else
+        send_reply(ip, port, req_id, KV_NOT_FOUND, NULL, 0);
+}
+
+static void answer_stats(uint32_t ip, uint16_t port, uint32_t req_id)
+{
+    volatile struct kv_report *rep = report();
+    uint64_t v[8] = {rep->requests, rep->puts,      rep->gets,         rep->log_bytes,
+                     rep->entries,  rep->io_errors, rep->bad_requests, rep->replay_records};
+    send_reply(ip, port, req_id, KV_OK, (const uint8_t *)v, sizeof(v));
+}
+
+static int pending_anything(void)
+{
+    return kv.open->n || kv.log.busy;
+}
 
 static void handle(void *ctx, uint32_t src_ip, uint16_t src_port, const uint8_t *d, size_t len)
 {
@@ -216,74 +266,114 @@ static void handle(void *ctx, uint32_t src_ip, uint16_t src_port, const uint8_t 
         send_reply(src_ip, src_port, req_id, KV_BAD_REQUEST, NULL, 0);
         return;
     }
-    if (op != KV_OP_PUT)
-        commit_batch(); /* a GET or STATS sees every PUT received before it */
-    if (op == KV_OP_GET) {
-        const struct kv_slot *s = kv_table_get(&kv.table, key, klen);
-        rep->gets++;
-        st->w[2] = rep->gets;
-        if (s)
-            send_reply(src_ip, src_port, req_id, KV_OK, s->value, s->vlen);
+    if (op == KV_OP_PUT) {
+        stage_put(src_ip, src_port, req_id, key, klen, value, vlen, flags & KV_FLAG_DURABLE);
+        return;
+    }
+    if (!pending_anything()) { /* nothing before it is unfinished: answer now */
+        if (op == KV_OP_GET)
+            answer_get(src_ip, src_port, req_id, key, klen);
         else
-            send_reply(src_ip, src_port, req_id, KV_NOT_FOUND, NULL, 0);
+            answer_stats(src_ip, src_port, req_id);
         return;
     }
-    if (op == KV_OP_STATS) {
-        uint64_t v[8] = {rep->requests, rep->puts,    rep->gets,          rep->log_bytes,
-                         rep->entries,  rep->io_errors, rep->bad_requests, rep->replay_records};
-        send_reply(src_ip, src_port, req_id, KV_OK, (const uint8_t *)v, sizeof(v));
-        return;
-    }
-    /* PUT: staged in the log batch; acknowledged by commit_batch() once it is on disk */
-    stage_put(src_ip, src_port, req_id, key, klen, value, vlen, flags & KV_FLAG_DURABLE);
+    if (kv.open->n >= OPS_MAX)
+        drain_one();
+    struct op *o = &kv.open->ops[kv.open->n++];
+    *o = (struct op){.ip = src_ip, .req_id = req_id, .port = src_port, .kind = op,
+                     .klen = (uint8_t)klen};
+    memcpy(o->key, key, klen);
 }
 
-/* Write the staged PUTs (one write, one FLUSH), then apply them to the table and reply. */
-static void commit_batch(void)
+/* Carry out a finished batch's ops in arrival order; ok: its log write succeeded.  The
+ * records are read from the log batch, `open_batch` says which (see kv_log_record). */
+static void finish(struct batch_ops *b, int ok, int open_batch)
 {
-    if (kv.npending == 0)
-        return;
     volatile struct kv_report *rep = report();
     volatile struct vcpu_stats *st = stats_slot(0);
-    int ok = kv_log_commit(&kv.log) == VIRTIO_BLK_S_OK;
-    for (uint32_t i = 0; i < kv.npending; i++) {
-        const struct pending_put *p = &kv.pending[i];
-        if (!ok) {
-            rep->io_errors++;
-            send_reply(p->ip, p->port, p->req_id, KV_IO_ERROR, NULL, 0);
+    for (uint32_t i = 0; i < b->n; i++) {
+        const struct op *o = &b->ops[i];
+        if (o->kind == KV_OP_GET) {
+            answer_get(o->ip, o->port, o->req_id, o->key, o->klen);
             continue;
         }
-        const uint8_t *rec = kv.log.stage + p->rec_off;
+        if (o->kind == KV_OP_STATS) {
+            answer_stats(o->ip, o->port, o->req_id);
+            continue;
+        }
+        if (!ok) {
+            rep->io_errors++;
+            send_reply(o->ip, o->port, o->req_id, KV_IO_ERROR, NULL, 0);
+            continue;
+        }
+        const uint8_t *rec = kv_log_record(&kv.log, open_batch, o->rec_off);
         uint16_t klen = rd16(rec + 16), vlen = rd16(rec + 18);
         const uint8_t *key = rec + KV_LOG_RECORD_HEADER;
         kv_table_put(&kv.table, key, klen, key + klen, vlen); /* room checked at staging */
         rep->puts++;
-        send_reply(p->ip, p->port, p->req_id, KV_OK, NULL, 0);
+        send_reply(o->ip, o->port, o->req_id, KV_OK, NULL, 0);
     }
-    kv.npending = 0;
-    kv.batch_new_keys = 0;
+    b->n = 0;
+    b->new_keys = 0;
     rep->log_bytes = kv.log.appended_bytes;
     rep->entries = kv.table.count;
     st->w[1] = rep->puts;
     st->w[3] = rep->log_bytes;
     st->w[5] = rep->io_errors;
-    st->w[9] = ++kv.commits;
+}
+
+/* Finish the batch in flight if the disk is done with it; then, if no batch is in flight,
+ * submit the open one.  Returns nonzero if anything happened. */
+static int progress(void)
+{
+    int status, did = 0;
+    if (kv_log_poll(&kv.log, &status)) {
+        finish(kv.flight, status == VIRTIO_BLK_S_OK, 0);
+        did = 1;
+    }
+    if (kv.log.busy || kv.open->n == 0)
+        return did;
+    int r = kv_log_submit(&kv.log);
+    if (r == KV_LOG_NOTHING) { /* only GETs and STATS: nothing to wait for */
+        finish(kv.open, 1, 1);
+        return 1;
+    }
+    struct batch_ops *t = kv.flight;
+    kv.flight = kv.open;
+    kv.open = t;
+    stats_slot(0)->w[9] = ++kv.commits;
+    if (r != KV_LOG_SUBMITTED) /* could not even be submitted: the batch failed */
+        finish(kv.flight, 0, 0);
+    return 1;
+}
+
+/* Block until the batch in flight is done, then submit the open batch. */
+static void drain_one(void)
+{
+    if (kv.log.busy)
+        finish(kv.flight, kv_log_wait(&kv.log) == VIRTIO_BLK_S_OK, 0);
+    progress();
 }
 
 static void stage_put(uint32_t ip, uint16_t port, uint32_t req_id, const uint8_t *key,
                       uint16_t klen, const uint8_t *value, uint16_t vlen, int durable)
 {
-    /* room in the table for this key, counting the new keys already staged (conservatively:
-     * a key staged twice counts twice) */
+    /* room in the table for this key, counting the new keys already staged or in flight
+     * (conservatively: a key staged twice counts twice) */
     int known = kv_table_get(&kv.table, key, klen) != NULL;
-    if (!known && kv.table.count + kv.batch_new_keys >= kv.table.limit && kv.npending)
-        commit_batch();
-    int room = known || kv.table.count + kv.batch_new_keys < kv.table.limit;
+    uint32_t staged_new = kv.open->new_keys + (kv.log.busy ? kv.flight->new_keys : 0);
+    while (!known && kv.table.count + staged_new >= kv.table.limit && pending_anything()) {
+        drain_one();
+        staged_new = kv.open->new_keys + (kv.log.busy ? kv.flight->new_keys : 0);
+    }
+    if (kv.open->n >= OPS_MAX)
+        drain_one();
+    int room = known || kv.table.count + staged_new < kv.table.limit;
     uint32_t off = 0;
     int r = room ? kv_log_stage(&kv.log, key, klen, value, vlen, durable, &off)
                  : KV_LOG_NO_ROOM;
-    if (r == KV_LOG_BATCH_FULL) {
-        commit_batch();
+    while (r == KV_LOG_BATCH_FULL && pending_anything()) {
+        drain_one();
         r = kv_log_stage(&kv.log, key, klen, value, vlen, durable, &off);
     }
     if (r != KV_LOG_STAGED) {
@@ -293,8 +383,10 @@ static void stage_put(uint32_t ip, uint16_t port, uint32_t req_id, const uint8_t
         send_reply(ip, port, req_id, KV_IO_ERROR, NULL, 0);
         return;
     }
-    kv.pending[kv.npending++] = (struct pending_put){ip, req_id, off, port};
-    kv.batch_new_keys += !known;
+    struct op *o = &kv.open->ops[kv.open->n++];
+    *o = (struct op){.ip = ip, .req_id = req_id, .rec_off = off, .port = port,
+                     .kind = KV_OP_PUT};
+    kv.open->new_keys += !known;
 }
 
 static int kv_run(unsigned cpu, const struct boot_info *bi)
@@ -323,7 +415,7 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
         unsigned got = 0, n;
         while (got < PASS_FRAMES && (n = net_poll(&kv.nif, 64)) > 0)
             got += n;
-        commit_batch();
+        got += (unsigned)progress();
         virtio_net_flush_tx(&kv.nic);
         if (got) {
             last_work = rdtsc();

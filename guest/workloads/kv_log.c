@@ -1,9 +1,11 @@
 /*
  * kv_log.c - write-ahead log (see kv_log.h).
  *
- * A commit rewrites the tail sector (whose bytes before `end` are already on disk, unchanged)
- * together with the sectors the staged records reach, in one write request; the log end moves
- * only after the device reported success.  Replay reads the log through a 64-sector cache
+ * A batch write rewrites the tail sector (whose bytes before `end` are already on disk,
+ * unchanged) together with the sectors the staged records reach, in one write request: the
+ * tail's bytes are copied just in front of the records (the sector reserved at the start of
+ * each batch buffer), so the request is one contiguous buffer.  The log end moves only after
+ * the device reported success (of the write, and of the FLUSH for a durable batch).  Replay reads the log through a 64-sector cache
  * and stops at the first record that is not exactly what an append writes.
  */
 #include "workloads/kv_log.h"
@@ -12,10 +14,16 @@
 #include "runtime/console.h"
 #include "runtime/crc32.h"
 #include "runtime/heap.h"
+#include "runtime/hypercall.h"
+#include "runtime/io.h"
 #include "runtime/string.h"
+#include "runtime/time.h"
 
 #define SECTOR VIRTIO_BLK_SECTOR
 #define CHUNK_SECTORS 64
+#define BATCH_BUF (SECTOR + KV_LOG_BATCH_BYTES + SECTOR)
+#define WAIT_SPIN_US 50
+#define WAIT_HALT_US 1000
 
 struct superblock {
     uint64_t magic;
@@ -54,7 +62,7 @@ static const uint8_t *view(struct kv_log *log, uint64_t off, uint64_t n, int *io
 
 static int format(struct kv_log *log)
 {
-    uint8_t *s = log->stage;
+    uint8_t *s = log->batch[0].buf;
     memset(s, 0, 2 * SECTOR);
     struct superblock sb = {KV_LOG_SUPER_MAGIC, KV_LOG_VERSION, SECTOR, KV_LOG_START};
     memcpy(s, &sb, sizeof(sb));
@@ -123,21 +131,22 @@ int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, 
     memset(out, 0, sizeof(*out));
     log->blk = blk;
     log->tail = heap_alloc(SECTOR, SECTOR);
-    log->stage = heap_alloc(KV_LOG_STAGE_SECTORS * SECTOR, 4096);
+    log->batch[0].buf = heap_alloc(BATCH_BUF, 4096);
+    log->batch[1].buf = heap_alloc(BATCH_BUF, 4096);
     log->chunk = heap_alloc(CHUNK_SECTORS * SECTOR, 4096);
-    if (!log->tail || !log->stage || !log->chunk)
+    if (!log->tail || !log->batch[0].buf || !log->batch[1].buf || !log->chunk)
         return -1;
     if (blk->capacity < 3) {
         printf("kv: disk of %lu sectors is too small for a log (at least 3)\n",
                (unsigned long)blk->capacity);
         return -1;
     }
-    if (virtio_blk_read(blk, 0, log->stage, 1) != VIRTIO_BLK_S_OK) {
+    if (virtio_blk_read(blk, 0, log->chunk, 1) != VIRTIO_BLK_S_OK) {
         printf("kv: reading the log superblock failed\n");
         return -1;
     }
     struct superblock sb;
-    memcpy(&sb, log->stage, sizeof(sb));
+    memcpy(&sb, log->chunk, sizeof(sb));
     if (sb.magic != KV_LOG_SUPER_MAGIC) {
         if (format(log))
             return -1;
@@ -166,69 +175,145 @@ int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, 
 int kv_log_stage(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
                  uint16_t vlen, int durable, uint32_t *rec_off)
 {
+    struct kv_log_batch *b = &log->batch[log->open];
     uint32_t len = KV_LOG_RECORD_HEADER + klen + vlen + 4u;
-    uint64_t in_sector = log->end % SECTOR;
-    uint64_t used = in_sector + log->staged_bytes + len;
-    uint64_t nsectors = (used + SECTOR - 1) / SECTOR;
     if (klen > 128 || vlen > 512)
         return KV_LOG_NO_ROOM;
-    if (log->end / SECTOR + nsectors > log->blk->capacity)
-        return log->staged ? KV_LOG_BATCH_FULL : KV_LOG_NO_ROOM; /* the log is full */
-    if (log->staged >= KV_LOG_BATCH_MAX || nsectors > KV_LOG_STAGE_SECTORS)
+    /* the disk must hold everything in flight and staged, plus this record */
+    uint64_t ahead = log->busy ? log->batch[!log->open].bytes : 0;
+    uint64_t end = log->end + ahead + b->bytes + len;
+    if ((end + SECTOR - 1) / SECTOR > log->blk->capacity)
+        return b->records || log->busy ? KV_LOG_BATCH_FULL : KV_LOG_NO_ROOM; /* log full */
+    if (b->records >= KV_LOG_BATCH_MAX || b->bytes + len > KV_LOG_BATCH_BYTES)
         return KV_LOG_BATCH_FULL;
-    if (log->staged == 0) /* the batch continues the on-disk tail sector */
-        memcpy(log->stage, log->tail, in_sector);
-    uint8_t *rec = log->stage + in_sector + log->staged_bytes;
+    uint8_t *rec = b->buf + SECTOR + b->bytes;
     put32(rec, KV_LOG_RECORD_MAGIC);
     put32(rec + 4, len);
-    put64(rec + 8, log->next_seq + log->staged);
     put16(rec + 16, klen);
     put16(rec + 18, vlen);
     memcpy(rec + KV_LOG_RECORD_HEADER, key, klen);
     memcpy(rec + KV_LOG_RECORD_HEADER + klen, value, vlen);
-    put32(rec + len - 4, crc32(0, rec, len - 4));
-    *rec_off = (uint32_t)(rec - log->stage);
-    log->staged++;
-    log->staged_bytes += len;
-    log->staged_durable |= durable;
+    *rec_off = b->bytes;
+    b->records++;
+    b->bytes += len;
+    b->durable |= durable;
     return KV_LOG_STAGED;
 }
 
-int kv_log_commit(struct kv_log *log)
+const uint8_t *kv_log_record(const struct kv_log *log, int open_batch, uint32_t rec_off)
 {
-    if (log->staged == 0)
-        return VIRTIO_BLK_S_OK;
-    uint64_t sector = log->end / SECTOR, in_sector = log->end % SECTOR;
-    uint64_t used = in_sector + log->staged_bytes;
-    uint32_t nsectors = (uint32_t)((used + SECTOR - 1) / SECTOR);
-    uint8_t *s = log->stage;
-    memset(s + used, 0, (size_t)nsectors * SECTOR - used); /* the rest of the last sector */
-    int st = virtio_blk_write(log->blk, sector, s, nsectors);
-    if (st == VIRTIO_BLK_S_OK && log->staged_durable)
-        st = virtio_blk_flush(log->blk);
-    uint32_t records = log->staged, bytes = log->staged_bytes;
-    log->staged = 0;
-    log->staged_bytes = 0;
-    log->staged_durable = 0;
-    if (st != VIRTIO_BLK_S_OK)
-        return st ? st : VIRTIO_BLK_S_IOERR;
-    log->end += bytes;
-    log->next_seq += records;
-    log->appended_bytes += bytes;
-    uint64_t new_in_sector = log->end % SECTOR;
+    unsigned which = open_batch ? log->open : !log->open;
+    return log->batch[which].buf + SECTOR + rec_off;
+}
+
+static void batch_clear(struct kv_log_batch *b)
+{
+    b->records = 0;
+    b->bytes = 0;
+    b->durable = 0;
+    b->nsectors = 0;
+}
+
+int kv_log_submit(struct kv_log *log)
+{
+    struct kv_log_batch *b = &log->batch[log->open];
+    if (log->busy)
+        return VIRTIO_BLK_S_IOERR; /* a caller bug: one batch in flight at a time */
+    if (b->records == 0)
+        return KV_LOG_NOTHING;
+    /* seq numbers and CRCs now that the batch's place in the log is known */
+    uint8_t *rec = b->buf + SECTOR;
+    for (uint32_t i = 0; i < b->records; i++) {
+        uint32_t len = get32(rec + 4);
+        put64(rec + 8, log->next_seq + i);
+        put32(rec + len - 4, crc32(0, rec, len - 4));
+        rec += len;
+    }
+    uint32_t in_sector = (uint32_t)(log->end % SECTOR);
+    uint8_t *start = b->buf + SECTOR - in_sector; /* the tail's bytes right before the records */
+    memcpy(start, log->tail, in_sector);
+    uint32_t used = in_sector + b->bytes;
+    b->nsectors = (used + SECTOR - 1) / SECTOR;
+    b->sector = log->end / SECTOR;
+    memset(start + used, 0, (size_t)b->nsectors * SECTOR - used); /* rest of the last sector */
+    int head = virtio_blk_submit_write(log->blk, b->sector, start, b->nsectors);
+    log->open = !log->open;
+    batch_clear(&log->batch[log->open]);
+    if (head < 0) {
+        batch_clear(&log->batch[!log->open]);
+        return VIRTIO_BLK_S_IOERR;
+    }
+    log->busy = KV_LOG_WRITING;
+    log->head = head;
+    return KV_LOG_SUBMITTED;
+}
+
+/* The batch in flight succeeded: move the log end past it, keep its last sector as the tail. */
+static void batch_done(struct kv_log *log)
+{
+    struct kv_log_batch *b = &log->batch[!log->open];
+    uint32_t in_sector = (uint32_t)(log->end % SECTOR);
+    const uint8_t *start = b->buf + SECTOR - in_sector;
+    log->end += b->bytes;
+    log->next_seq += b->records;
+    log->appended_bytes += b->bytes;
+    uint32_t new_in_sector = (uint32_t)(log->end % SECTOR);
     memset(log->tail, 0, SECTOR);
-    if (new_in_sector) /* the last staged sector is the new tail */
-        memcpy(log->tail, s + (size_t)(nsectors - 1) * SECTOR, new_in_sector);
-    return VIRTIO_BLK_S_OK;
+    if (new_in_sector) /* the last written sector is the new tail */
+        memcpy(log->tail, start + (size_t)(b->nsectors - 1) * SECTOR, new_in_sector);
+}
+
+int kv_log_poll(struct kv_log *log, int *status)
+{
+    int head, st;
+    if (!log->busy)
+        return 0;
+    int r = virtio_blk_poll(log->blk, &head, &st);
+    if (r == 0)
+        return 0;
+    if (r < 0 || head != log->head)
+        st = VIRTIO_BLK_S_IOERR; /* a completion we did not ask for: the device is broken */
+    if (st == VIRTIO_BLK_S_OK && log->busy == KV_LOG_WRITING &&
+        log->batch[!log->open].durable && virtio_blk_has_flush(log->blk)) {
+        log->head = virtio_blk_submit_flush(log->blk);
+        if (log->head >= 0) {
+            log->busy = KV_LOG_FLUSHING;
+            return 0;
+        }
+        st = VIRTIO_BLK_S_IOERR;
+    }
+    log->busy = 0;
+    if (st == VIRTIO_BLK_S_OK)
+        batch_done(log);
+    *status = st;
+    return 1;
+}
+
+int kv_log_wait(struct kv_log *log)
+{
+    uint64_t start = rdtsc(), spin = us_to_tsc(WAIT_SPIN_US);
+    int status = VIRTIO_BLK_S_OK;
+    while (log->busy) {
+        if (kv_log_poll(log, &status))
+            break;
+        if (rdtsc() - start < spin)
+            cpu_pause();
+        else
+            hc_halt(WAIT_HALT_US); /* the disk's interrupt ends it */
+    }
+    return status;
 }
 
 int kv_log_append(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
                   uint16_t vlen, int durable)
 {
     uint32_t off;
-    if (log->staged && kv_log_commit(log) != VIRTIO_BLK_S_OK)
+    if (log->busy || log->batch[log->open].records)
         return VIRTIO_BLK_S_IOERR;
     if (kv_log_stage(log, key, klen, value, vlen, durable, &off) != KV_LOG_STAGED)
         return VIRTIO_BLK_S_IOERR; /* the log is full */
-    return kv_log_commit(log);
+    int r = kv_log_submit(log);
+    if (r != KV_LOG_SUBMITTED)
+        return VIRTIO_BLK_S_IOERR;
+    return kv_log_wait(log);
 }

@@ -3,9 +3,12 @@
  * docs/KV_PROTOCOL.md): a superblock in sector 0, then records packed back to back from
  * sector 1, each {u32 magic, u32 len, u64 seq, u16 klen, u16 vlen, key, value, u32 crc32}.
  *
- * Appends are group commits: records are staged in memory (kv_log_stage) and written together,
- * with the tail sector they continue, in one multi-sector write followed by at most one FLUSH
- * (kv_log_commit).  The on-disk format does not depend on how records were batched.
+ * Appends are pipelined group commits.  Records are staged in memory (kv_log_stage) in the
+ * open batch; kv_log_submit() starts writing it -- the tail sector it continues plus the
+ * records, one multi-sector write, then one FLUSH if a record asked for durability -- and the
+ * next batch stages meanwhile.  At most one batch is in flight, so writes never overlap on
+ * the disk and each batch's FLUSH follows its own write; kv_log_poll() reports when the
+ * batch in flight is done.  The on-disk format does not depend on how records were batched.
  */
 #ifndef PTMIG_WORKLOADS_KV_LOG_H
 #define PTMIG_WORKLOADS_KV_LOG_H
@@ -20,22 +23,34 @@
 #define KV_LOG_RECORD_HEADER 20
 #define KV_LOG_RECORD_MAX (KV_LOG_RECORD_HEADER + 128 + 512 + 4)
 #define KV_LOG_START 512 /* byte offset of the first record (sector 1) */
-#define KV_LOG_STAGE_SECTORS 130 /* one batch: 64 KiB of records plus the tail sector */
-#define KV_LOG_BATCH_MAX 64     /* records per batch */
+#define KV_LOG_BATCH_BYTES (128 * 1024) /* record bytes per batch */
+#define KV_LOG_BATCH_MAX 512             /* records per batch */
+
+/* One batch: a sector reserved for the tail-sector prefix, then the staged records. */
+struct kv_log_batch {
+    uint8_t *buf;      /* SECTOR + KV_LOG_BATCH_BYTES + SECTOR bytes */
+    uint32_t records;  /* staged records */
+    uint32_t bytes;    /* their bytes, from buf + SECTOR */
+    int durable;       /* a record asked for a FLUSH */
+    uint32_t nsectors; /* once submitted: sectors written, from sector `sector` */
+    uint64_t sector;
+};
 
 struct kv_log {
     struct virtio_blk *blk;
-    uint64_t end;      /* byte offset just past the last record */
-    uint64_t next_seq; /* seq of the next record */
+    uint64_t end;      /* byte offset just past the last record on disk */
+    uint64_t next_seq; /* seq of the next record written */
     uint64_t appended_bytes;
     uint8_t *tail;     /* the sector holding `end`, as on disk up to `end`, zero after */
-    uint8_t *stage;    /* the batch: tail sector bytes, then staged records */
-    uint32_t staged;   /* records staged (not yet on disk) */
-    uint32_t staged_bytes; /* their bytes, starting at stage + end % SECTOR */
-    int staged_durable;    /* a staged record asked for a FLUSH */
+    struct kv_log_batch batch[2];
+    unsigned open;     /* batch[open] stages; batch[!open] is in flight when busy */
+    int busy;          /* 0 idle, KV_LOG_WRITING or KV_LOG_FLUSHING */
+    int head;          /* the blk request in flight */
     uint8_t *chunk;    /* replay read cache */
     uint64_t chunk_start, chunk_len;
 };
+#define KV_LOG_WRITING 1
+#define KV_LOG_FLUSHING 2
 
 struct kv_replay {
     uint64_t records, bytes, last_seq, stop; /* stop: KV_REPLAY_* (abi.h) */
@@ -51,22 +66,36 @@ typedef int (*kv_log_apply)(void *ctx, const uint8_t *key, uint16_t klen, const 
 int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, void *ctx,
                 struct kv_replay *out);
 
-/* Stage one record for the next commit; durable: the commit FLUSHes after its write.
- * Returns KV_LOG_STAGED with *rec_off = the record's offset in log->stage (it stays there
- * until the commit), KV_LOG_BATCH_FULL (commit, then stage again), or KV_LOG_NO_ROOM (the
- * record can never fit: bad lengths, or the disk is full even for a batch of one). */
+/* Stage one record in the open batch; durable: its batch FLUSHes after the write.  Returns
+ * KV_LOG_STAGED with *rec_off = the record's offset in the batch (kv_log_record() finds it
+ * until the batch is done), KV_LOG_BATCH_FULL (submit the batch, then stage again), or
+ * KV_LOG_NO_ROOM (the record can never fit: bad lengths, or the disk is full even for a batch
+ * of one).  The record's seq and CRC are filled in when its batch is submitted. */
 #define KV_LOG_STAGED 0
 #define KV_LOG_BATCH_FULL 1
 #define KV_LOG_NO_ROOM (-1)
 int kv_log_stage(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
                  uint16_t vlen, int durable, uint32_t *rec_off);
 
-/* Write every staged record in one request (and FLUSH if one of them was durable).  Returns
- * VIRTIO_BLK_S_OK (the log end moved past them), or nonzero: nothing was appended, the batch
- * is dropped and the log end does not move.  Committing an empty batch does nothing. */
-int kv_log_commit(struct kv_log *log);
+/* Start writing the open batch (only when no batch is in flight).  Returns 0 (in flight now;
+ * the open batch is a fresh empty one), 1 (the open batch had no records: nothing to do), or
+ * nonzero status (the request could not be submitted: the batch is dropped). */
+#define KV_LOG_SUBMITTED 0
+#define KV_LOG_NOTHING 1
+int kv_log_submit(struct kv_log *log);
 
-/* Stage and commit one record (a batch of one). */
+/* Advance the batch in flight.  Returns 1 when it is done, with *status VIRTIO_BLK_S_OK (the
+ * log end moved past its records) or an error (nothing was appended, the log end did not
+ * move); its records stay readable with kv_log_record() until the next submit.  0 otherwise. */
+int kv_log_poll(struct kv_log *log, int *status);
+
+/* Wait (spin, then halt) until the batch in flight is done; its status, or OK when idle. */
+int kv_log_wait(struct kv_log *log);
+
+/* The record at rec_off of the batch in flight (done or not) or of the open batch. */
+const uint8_t *kv_log_record(const struct kv_log *log, int open_batch, uint32_t rec_off);
+
+/* Stage, submit and wait for one record (a batch of one; nothing may be in flight). */
 int kv_log_append(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
                   uint16_t vlen, int durable);
 

@@ -244,8 +244,10 @@ class NetDevice:
             chain = queue.pop()
             if chain is None:
                 return False
-            readable = chain.readable
-            total = sum(d.length for d in readable)
+            descs = chain.descriptors
+            # the common case, one device-readable buffer, without building tuples
+            readable = descs if len(descs) == 1 and not descs[0].writable else chain.readable
+            total = readable[0].length if len(readable) == 1 else sum(d.length for d in readable)
             if total < NET_HDR_SIZE:
                 raise QueueError(f"virtio-net TX chain {chain.head} has {total} readable "
                                  f"bytes, less than the {NET_HDR_SIZE}-byte header",
@@ -269,25 +271,30 @@ class NetDevice:
         return True
 
     def _rx(self, queue: SplitQueue, budget: int) -> bool:
+        """Fill posted buffers from the backlog; True only if the budget ran out with frames
+        and buffers left. Out of buffers, the device waits for the driver's next RX notify
+        (or the next frame) instead of polling the ring."""
         done: list[tuple[int, int]] = []
         try:
-            self._rx_chains(queue, budget, done)
+            return self._rx_chains(queue, budget, done)
         finally:  # chains finished before a fault are still returned to the driver
             queue.push_used_many(done)
-        return bool(self.backlog)
 
-    def _rx_chains(self, queue: SplitQueue, budget: int, done: list[tuple[int, int]]) -> None:
+    def _rx_chains(self, queue: SplitQueue, budget: int, done: list[tuple[int, int]]) -> bool:
         counters, backlog, dma = self.counters, self.backlog, self.dma
         for _ in range(budget):
             if not backlog:
-                return
+                return False
             chain = queue.pop()
             if chain is None:
-                return
+                return False
             frame = backlog.popleft()
             packet = _RX_HDR + frame
-            writable = chain.writable
-            if len(packet) > sum(d.length for d in writable):
+            descs = chain.descriptors
+            # the common case, one device-writable buffer, without building tuples
+            writable = descs if len(descs) == 1 and descs[0].writable else chain.writable
+            room = writable[0].length if len(writable) == 1 else sum(d.length for d in writable)
+            if len(packet) > room:
                 counters["rx_dropped_too_big"] += 1
                 done.append((chain.head, 0))
                 continue
@@ -308,3 +315,4 @@ class NetDevice:
             done.append((chain.head, len(packet)))
             counters["rx_frames"] += 1
             counters["rx_bytes"] += len(frame)
+        return bool(backlog)

@@ -5,6 +5,11 @@ fds, the register file, the virtqueues, the single-threaded event loop and the d
 the control channel. Run as ``python -m ptmig.devices.process SPEC_JSON`` (the VMM's
 `DeviceHandle.spawn` does this, passing the fds with ``pass_fds``).
 
+A net device process runs under SCHED_BATCH (see `ptmig.net.sched`): an arriving frame or a TX
+doorbell queues it to run rather than preempting the process that sent or rang, so bursts
+reach it whole. A blk device keeps the default policy: it gets one doorbell per batch of log
+records and the guest is waiting for it, so it should run at once.
+
 The event loop (selectors/epoll, no busy polling: an idle device sleeps in epoll_wait) waits on
 
 * one doorbell eventfd per queue (the VMM binds it to QueueNotify with KVM_IOEVENTFD and
@@ -51,6 +56,7 @@ from ptmig.devices.control import (
 from ptmig.devices.virtio.mmio import VirtioMmioRegisters
 from ptmig.devices.virtio.queue import QueueError, QueueState, SplitQueue
 from ptmig.iommu import PAGE_SIZE, DmaFault, DmaView, IommuTable
+from ptmig.net.sched import use_batch_scheduling
 
 log = logging.getLogger("ptmig.devices.process")
 
@@ -444,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ptmig.devices.process LAUNCH_SPEC_JSON", file=sys.stderr)
         return 2
     spec = LaunchSpec.from_json(argv[0])
+    if spec.kind == "net":  # woken per frame: take bursts whole, do not preempt the sender
+        use_batch_scheduling()
     control = socket.socket(fileno=spec.control_fd)
     try:
         guest = mmap.mmap(spec.guest_fd, spec.guest_size, mmap.MAP_SHARED,

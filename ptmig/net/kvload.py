@@ -60,7 +60,7 @@ def value_is_consistent(value: bytes) -> bool:
 
 @dataclass
 class EngineConfig:
-    window: int = 64
+    window: int = 128
     rate: float | None = None  # ops/s; None: as fast as the window allows
     duration_s: float = 10.0
     prefix: bytes = b"k"

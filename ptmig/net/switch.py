@@ -27,6 +27,7 @@ from ptmig.net import switchproto
 from ptmig.net.backend import SOCKET_BUFFER, parse_host_port
 from ptmig.net.fdb import DEFAULT_AGE_S, ForwardingDatabase
 from ptmig.net.frames import ETH_HEADER_LEN
+from ptmig.net.sched import use_batch_scheduling
 from ptmig.net.switchproto import Msg
 
 EXPIRE_EVERY_S = 1.0
@@ -148,8 +149,10 @@ class UdpSwitch:
 
 
 def run_switch(host: str, port: int, *, age_s: float = DEFAULT_AGE_S) -> None:
-    """Bind HOST:PORT and switch frames until interrupted. Raises SwitchError on bind."""
+    """Bind HOST:PORT and switch frames until interrupted. Raises SwitchError on bind.
+    The process runs under SCHED_BATCH (`ptmig.net.sched`): it takes bursts whole."""
     switch = UdpSwitch(host, port, age_s=age_s)
+    use_batch_scheduling()  # only once it is the switch: a failed bind changes nothing
     print(f"ptmig switch: listening on {host}:{port} (pid {os.getpid()}, age {age_s:g} s)",
           file=sys.stderr, flush=True)
     try:

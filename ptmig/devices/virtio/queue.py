@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from ptmig.devices.virtio.constants import (
     AVAIL_ALIGN,
@@ -116,17 +116,18 @@ class QueueState:
         return self
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """One buffer of a chain: guest address, byte length, and whether the device writes it."""
+class Descriptor(NamedTuple):
+    """One buffer of a chain: guest address, byte length, and whether the device writes it.
+
+    (Immutable records built for every chain a device pops: named tuples, which cost a third
+    of a frozen dataclass to create.)"""
 
     addr: int
     length: int
     writable: bool
 
 
-@dataclass(frozen=True)
-class DescriptorChain:
+class DescriptorChain(NamedTuple):
     """A validated chain: device-readable buffers first, then device-writable ones."""
 
     head: int
@@ -235,26 +236,25 @@ def walk_chain(mem: RingMemory, table: QueueState | int, size: int | None, head:
             raise QueueError(f"chain at head {head} is longer than {limit} descriptors "
                              f"(a loop in the next links?)", head=head, index=index)
         addr, length, flags, nxt = read_descriptor(mem, desc_addr, index)
-        where = f"descriptor {index} (chain head {head})"
         if flags & ~VIRTQ_DESC_KNOWN_FLAGS:
-            raise QueueError(f"{where} flags={flags:#x} has reserved bits set",
+            raise QueueError(f"{_where(index, head)} flags={flags:#x} has reserved bits set",
                              head=head, index=index)
         if flags & VIRTQ_DESC_F_INDIRECT:
-            raise QueueError(f"{where} is INDIRECT but VIRTIO_F_INDIRECT_DESC was not "
-                             f"negotiated", head=head, index=index)
+            raise QueueError(f"{_where(index, head)} is INDIRECT but VIRTIO_F_INDIRECT_DESC "
+                             f"was not negotiated", head=head, index=index)
         if length == 0:
-            raise QueueError(f"{where} has length 0", head=head, index=index)
+            raise QueueError(f"{_where(index, head)} has length 0", head=head, index=index)
         if addr + length > _ADDR_LIMIT:
-            raise QueueError(f"{where} buffer {addr:#x}+{length} wraps the address space",
-                             head=head, index=index)
+            raise QueueError(f"{_where(index, head)} buffer {addr:#x}+{length} wraps the "
+                             f"address space", head=head, index=index)
         total += length
         if total > max_total_len:
             raise QueueError(f"chain at head {head} describes more than {max_total_len} bytes "
-                             f"(at {where})", head=head, index=index)
+                             f"(at {_where(index, head)})", head=head, index=index)
         writable = bool(flags & VIRTQ_DESC_F_WRITE)
         if seen_writable and not writable:
-            raise QueueError(f"{where} is device-readable after a device-writable descriptor",
-                             head=head, index=index)
+            raise QueueError(f"{_where(index, head)} is device-readable after a "
+                             f"device-writable descriptor", head=head, index=index)
         seen_writable |= writable
         descs.append(Descriptor(addr, length, writable))
         indices.append(index)
@@ -264,6 +264,10 @@ def walk_chain(mem: RingMemory, table: QueueState | int, size: int | None, head:
             raise QueueError(f"descriptor {index} next={nxt} out of range for queue size "
                              f"{size} (chain head {head})", head=head, index=index)
         index = nxt
+
+
+def _where(index: int, head: int) -> str:
+    return f"descriptor {index} (chain head {head})"
 
 
 def read_used_idx(mem: RingMemory, state: QueueState) -> int:
@@ -305,6 +309,7 @@ def write_used_idx(mem: RingMemory, state: QueueState, idx: int) -> None:
     mem.write(state.used_addr + 2, _U16.pack(idx & 0xFFFF))
 
 
+
 def ring_regions(state: QueueState) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(address, length) of the descriptor table, the avail ring and the used ring."""
     return ((state.desc_addr, desc_table_size(state.size)),
@@ -341,7 +346,8 @@ class SplitQueue:
     The device's two indices are kept as plain ints (the hot path pops and pushes tens of
     thousands of chains a second); `state()` builds the `QueueState` snapshot on demand. The
     driver's avail idx is re-read only when every entry seen so far has been popped: it only
-    moves forward, so entries already published stay published.
+    moves forward, so entries already published stay published. The heads of all the entries
+    seen are read (and validated) in one go and handed out one per `pop()`.
     """
 
     def __init__(self, state: QueueState, mem: RingMemory, max_chain_len: int | None = None,
@@ -356,6 +362,7 @@ class SplitQueue:
         self._next_avail = state.next_avail
         self._next_used = state.next_used
         self._seen_avail = state.next_avail  # the driver's avail idx as last read
+        self._heads: list[int] = []  # heads read from avail entries next_avail, +1, ...
 
     @property
     def size(self) -> int:
@@ -389,13 +396,27 @@ class SplitQueue:
         The avail entry is consumed even when its chain is invalid (then QueueError is
         raised), so a caller can never spin on the same bad entry.
         """
-        if self._seen_avail == self._next_avail and self.pending() == 0:
-            return None
-        state = self.state()
+        heads = self._heads
+        if not heads:
+            if self._seen_avail == self._next_avail and self.pending() == 0:
+                return None
+            count = (self._seen_avail - self._next_avail) & 0xFFFF
+            state = self.state()
+            try:
+                heads = read_avail_entries(self.mem, state, count)
+            except QueueError:  # a bad head among them: one at a time, so that it fails
+                heads = []      # at its own pop, after the good ones before it
+            if not heads:
+                self._next_avail = (self._next_avail + 1) & 0xFFFF
+                head = read_avail_entries(self.mem, state, 1)[0]
+                return walk_chain(self.mem, state, None, head, max_chain_len=self.max_chain_len,
+                                  max_total_len=self.max_total_len)
+            heads.reverse()  # popped from the end
+            self._heads = heads
         self._next_avail = (self._next_avail + 1) & 0xFFFF
-        head = read_avail_entries(self.mem, state, 1)[0]
-        return walk_chain(self.mem, state, None, head, max_chain_len=self.max_chain_len,
-                          max_total_len=self.max_total_len)
+        head = heads.pop()
+        return walk_chain(self.mem, self._geometry, None, head,
+                          max_chain_len=self.max_chain_len, max_total_len=self.max_total_len)
 
     def push_used(self, head: int, written_len: int) -> None:
         """Return a chain to the driver: the used element first, then the used idx."""
