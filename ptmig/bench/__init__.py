@@ -131,6 +131,10 @@ def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
     path = json_path if json_path is not None else DEFAULT_JSON_PATH
     write_json(report, path)
     console.print(f"results written to {path}")
+    from ..report import write_report
+
+    page = write_report(path.parent / "report", bench=report.to_json())
+    console.print(f"report written to {page}")
     return 1 if report.errors else 0
 
 
