@@ -184,7 +184,8 @@ def test_backend_hangup_is_link_down_not_a_busy_loop(net: tuple, guest: Guest) -
     wait_for(lambda: h.stats()["device"]["link_up"] == 0)
     wait_for(lambda: any(e.name == "log" and "hung up" in e.data["message"]
                          for e in guest.events))
+    time.sleep(0.3)  # let the one-off work of the hangup finish: what must be zero is the rest
     before = cpu_ticks(h.pid)
     time.sleep(0.5)
-    assert cpu_ticks(h.pid) - before <= 2
+    assert cpu_ticks(h.pid) - before <= 2  # a busy loop would burn ~50 ticks here
     assert h.alive

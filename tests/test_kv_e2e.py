@@ -69,11 +69,14 @@ def _call(dp: Datapath, requests: list[kp.KvRequest], timeout: float = 20.0,
     return replies
 
 
+LOAD_RATE = 20000  # ops/s: a 3 s run fits the table of a 512M guest and its 16M log disk
+
+
 def _load(cfg: Path, prefix: bytes, seconds: float) -> LoadEngine:
     dp = open_datapath(LoadOptions(config=cfg))
     try:
         engine = LoadEngine(dp, EngineConfig(window=64, duration_s=seconds, prefix=prefix,
-                                             value_size=VALUE_SIZE))
+                                             value_size=VALUE_SIZE, rate=LOAD_RATE))
         engine.run()
     finally:
         dp.close()
@@ -81,7 +84,7 @@ def _load(cfg: Path, prefix: bytes, seconds: float) -> LoadEngine:
 
 
 def test_kv_udp_load_loses_nothing_and_the_log_replays_after_restart(tmp_path: Path) -> None:
-    cfg = kv_config(tmp_path)
+    cfg = kv_config(tmp_path, memory="512M")  # room for every key the load can write
     vmm = Vmm(cfg, tmp_path, "first")
     try:
         engine = _load(cfg, b"restart", 3.0)
