@@ -90,11 +90,21 @@ def open_image(cfg: BlkConfig) -> tuple[int, int]:
     if not os.path.exists(cfg.path):
         if cfg.size is None:
             raise ValueError(f"image {cfg.path!r} does not exist and no size was given")
-        fd = os.open(cfg.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # Created full-size under a private name, then linked into place: two VMMs starting on
+        # the same shared image (a migration's source and destination) never see it half-made,
+        # and the one that loses the race simply opens the winner's.
+        tmp = f"{cfg.path}.{os.getpid()}.new"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, cfg.size)
         finally:
             os.close(fd)
+        try:
+            os.link(tmp, cfg.path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     fd = os.open(cfg.path, flags | os.O_CLOEXEC)
     size = os.fstat(fd).st_size
     if size < BLK_SECTOR_SIZE:
