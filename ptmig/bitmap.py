@@ -36,10 +36,22 @@ def _trim(bm: Bitmap, npages: int) -> None:
         bm[-1] &= np.uint64((1 << tail) - 1)
 
 
+def to_bits(bm: npt.NDArray[np.uint8] | Bitmap, npages: int | None = None) -> npt.NDArray[np.uint8]:
+    """One 0/1 byte per page. `bm` is uint64 words or the same bytes as uint8; `npages`
+    drops the padding of the last word."""
+    if bm.dtype not in (np.uint8, np.uint64):
+        raise ValueError(f"bitmap must be uint8 or uint64, not {bm.dtype}")
+    bits = np.unpackbits(np.ascontiguousarray(bm).view(np.uint8), bitorder="little")
+    if npages is not None:
+        if npages > bits.size:
+            raise ValueError(f"npages {npages} exceeds the bitmap's {bits.size} bits")
+        bits = bits[:npages]
+    return bits
+
+
 def to_bool(bm: Bitmap, npages: int) -> npt.NDArray[np.bool_]:
     """One bool per page."""
-    bits = np.unpackbits(bm.view(np.uint8), bitorder="little")
-    return bits[:npages].astype(bool)
+    return to_bits(bm, npages).astype(bool)
 
 
 def from_bool(flags: npt.NDArray[np.bool_]) -> Bitmap:
@@ -67,7 +79,7 @@ def set_range(bm: Bitmap, first: int, count: int) -> None:
 
 
 def count(bm: Bitmap) -> int:
-    return int(np.unpackbits(bm.view(np.uint8)).sum()) if bm.size else 0
+    return int(np.bitwise_count(np.ascontiguousarray(bm).view(np.uint8)).sum())
 
 
 def pages(bm: Bitmap, npages: int) -> npt.NDArray[np.int64]:
@@ -75,13 +87,18 @@ def pages(bm: Bitmap, npages: int) -> npt.NDArray[np.int64]:
     return np.flatnonzero(to_bool(bm, npages))
 
 
-def runs(bm: Bitmap, npages: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Runs of consecutive set pages as two arrays: starts and lengths."""
-    flags = to_bool(bm, npages).astype(np.int8)
-    edges = np.diff(np.concatenate(([0], flags, [0])))
+def bit_runs(bits: npt.NDArray[np.uint8] | npt.NDArray[np.bool_]
+             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Runs of 1s in a 0/1 (or bool) array, one per page: (starts, lengths), via np.diff."""
+    edges = np.diff(np.concatenate(([0], bits.astype(np.int8, copy=False), [0])))
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)
     return starts, ends - starts
+
+
+def runs(bm: Bitmap, npages: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Runs of consecutive set pages as two arrays: starts and lengths."""
+    return bit_runs(to_bits(bm, npages))
 
 
 def iter_runs(bm: Bitmap, npages: int) -> Iterator[tuple[int, int]]:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ptmig import bitmap as _bitmap
 from ptmig.migration.events import RUN_DTYPE, RemoteProtocolError, RunKind, make_runs
 from ptmig.migration.frames import MAX_BATCH_PAYLOAD, MAX_RUNS_PER_BATCH
 
@@ -26,30 +27,20 @@ _ZERO_SCAN_CHUNK = 1024  # pages per numpy call when scanning for zero pages (4 
 def bitmap_to_bits(bitmap: np.ndarray, npages: int | None = None) -> np.ndarray:
     """One uint8 0/1 per page. `bitmap` is uint8 bytes or uint64 words (KVM's layout: bit i of
     word j is page 64*j + i, little-endian); `npages` truncates the padding of the last word."""
-    if bitmap.dtype not in (np.uint8, np.uint64):
-        raise ValueError(f"bitmap must be uint8 or uint64, not {bitmap.dtype}")
-    raw = np.ascontiguousarray(bitmap).view(np.uint8)
-    bits = np.unpackbits(raw, bitorder="little")
-    if npages is not None:
-        if npages > bits.size:
-            raise ValueError(f"npages {npages} exceeds the bitmap's {bits.size} bits")
-        bits = bits[:npages]
-    return bits
+    return _bitmap.to_bits(bitmap, npages)
 
 
 def count_dirty(bitmap: np.ndarray, npages: int | None = None) -> int:
     """Number of set bits (dirty pages) in a bitmap."""
     if npages is None:
-        return int(np.bitwise_count(np.ascontiguousarray(bitmap).view(np.uint8)).sum())
+        return _bitmap.count(bitmap)
     return int(bitmap_to_bits(bitmap, npages).sum(dtype=np.int64))
 
 
 def bits_to_runs(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(starts, counts) of the runs of 1s in a 0/1 array, found with np.diff."""
-    edges = np.diff(np.concatenate(([0], bits.astype(np.int8, copy=False), [0])))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
-    return starts.astype(np.uint64), (ends - starts).astype(np.int64)
+    starts, counts = _bitmap.bit_runs(bits)
+    return starts.astype(np.uint64), counts
 
 
 def bitmap_to_runs(
