@@ -9,6 +9,7 @@ written between the two calls is never lost; without it, GET_DIRTY_LOG clears as
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,16 +42,40 @@ class KvmDirtyLog:
             return buf.copy()
 
 
+DirtySource = Callable[[], bitmap.Bitmap]
+
+
 class DirtyTracker:
-    """KVM log ∪ VMM bitmap for one guest memory."""
+    """KVM log ∪ VMM bitmap ∪ other VMM writers' bitmaps for one guest memory.
+
+    A writer that cannot share the VMM bitmap's lock (the native shadow data plane) keeps a
+    bitmap of its own and registers its take-and-clear function as a source while it runs."""
 
     def __init__(self, kvm_log: KvmDirtyLog, memory: GuestMemory) -> None:
         self.kvm_log = kvm_log
         self.memory = memory
+        self._sources: list[DirtySource] = []
+        self._lock = threading.Lock()
+
+    def add_source(self, take: DirtySource) -> None:
+        with self._lock:
+            self._sources.append(take)
+
+    def remove_source(self, take: DirtySource) -> None:
+        """Stop asking `take`; what it still holds moves to the VMM bitmap, so nothing is lost."""
+        with self._lock:
+            if take not in self._sources:
+                return
+            self._sources.remove(take)
+        self.memory.merge_vmm_dirty(take())
 
     def harvest(self) -> bitmap.Bitmap:
         out = self.kvm_log.harvest()
         np.bitwise_or(out, self.memory.take_vmm_dirty(), out=out)
+        with self._lock:
+            sources = list(self._sources)
+        for take in sources:
+            np.bitwise_or(out, take(), out=out)
         return out
 
     def reset(self) -> None:

@@ -111,6 +111,11 @@ class GuestMemory:
             else:
                 bitmap.set_range(words, first, last - first + 1)
 
+    def merge_vmm_dirty(self, other: bitmap.Bitmap) -> None:
+        """Add another writer's dirty pages to the VMM bitmap."""
+        with self._dirty_lock:
+            np.bitwise_or(self._vmm_dirty, other, out=self._vmm_dirty)
+
     def take_vmm_dirty(self) -> bitmap.Bitmap:
         """The VMM's dirty bitmap since the last call, and clear it."""
         with self._dirty_lock:

@@ -59,7 +59,8 @@ def _escaped_pages(tmp_path: Path, shadow: bool) -> tuple[np.ndarray, np.ndarray
     vm.pause()
     if shadow:
         assert strategy.engine is not None
-        with strategy.engine._lock:  # no completion is synced while we snapshot
+        assert strategy.engine.dataplane is not None
+        with strategy.engine.dataplane.locked():  # no completion is synced while we snapshot
             vm.dirty.harvest()
             before = vm.memory.array.copy()
     else:

@@ -85,7 +85,7 @@ def test_device_sees_only_device_buffers_and_guest_sees_only_synced_bytes(rig) -
     other = DATA + 0x100000
     mem.mmap[other : other + 4] = b"SAFE"
     dq = enter(sd, drv, dma)
-    mem.take_vmm_dirty()
+    sd.dataplane.take_dirty()
 
     chain = dq.pop()
     assert chain is not None and chain.head == head
@@ -100,7 +100,7 @@ def test_device_sees_only_device_buffers_and_guest_sees_only_synced_bytes(rig) -
     assert mem.read(rx, PAGE_SIZE) == b"D" * 60 + b"G" * (PAGE_SIZE - 60)  # never whole pages
     assert drv.take_used() == [(head, 60)]
     assert mem.read(other, 4) == b"SAFE"
-    dirty = bitmap.pages(mem.take_vmm_dirty(), mem.npages).tolist()
+    dirty = bitmap.pages(sd.dataplane.take_dirty(), mem.npages).tolist()
     assert rx // PAGE_SIZE in dirty and drv.used_addr // PAGE_SIZE in dirty
     assert sd.stats.bytes_to_guest == 60 and sd.stats.completions_synced == 1
 

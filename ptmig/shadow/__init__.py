@@ -12,7 +12,9 @@ VMM write and lands in the dirty set. Outside migration nothing here runs.
     pool      the shadow page pool (memfd shared with device processes)
     mapping   GPA page → device-buffer page, reference counts, the IOMMU remaps
     device    one shadowed device: its queues, submission and completion interception
-    engine    the thread that services trapped doorbells and interrupts for all devices
+    native    the data plane: per-request forwarding and syncing in C (native/dataplane.c),
+              on a thread of its own that services trapped doorbells and interrupts
+    engine    entering and leaving shadow mode; answers the data plane's calls for help
     strategy  the `shadow` value of x-dma-tracking, as the migration engine sees it
     restore   the destination side: program a fresh device from the interception log
 """

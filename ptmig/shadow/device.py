@@ -1,16 +1,21 @@
 """One shadowed device: the interception of its DMA work requests.
 
-Submission (`submit`, on a trapped doorbell): new avail entries are read from the guest's ring
-(vCPU buffer) and each chain is walked with the same validation the device uses
-(`walk_chain`). Every page a request touches gets a device buffer; the validated descriptors are
+Submission (on a trapped doorbell): new avail entries are read from the guest's ring (vCPU
+buffer) and each chain is walked and validated by the same rules the device applies
+(`walk_chain`). Every page a request touches has a device buffer; the validated descriptors are
 re-encoded into the shadow descriptor table, driver-written (device-readable) bytes are copied
 into the device buffer, the head is published on the shadow avail ring, and only then is the
 device kicked.
 
-Completion (`complete`, on the device's interrupt): new entries of the shadow used ring are
-synced back: exactly `used.len` bytes across the device-writable descriptors — never whole
-pages, the guest may be writing the rest of them — then the used element, then the used index,
-all through the VMM's marking write path. Then the guest is woken.
+Completion (on the device's interrupt): new entries of the shadow used ring are synced back:
+exactly `used.len` bytes across the device-writable descriptors -- never whole pages, the guest
+may be writing the rest of them -- then the used element, then the used index, each guest page
+written marked in the DMA dirty bitmap. Then the guest is woken.
+
+That per-request work runs natively (`native/dataplane.c`, bound in `native.py`). This class
+owns what is decided once or rarely: building the shadow rings at entry, shadowing the pages of
+a request the data plane stalled on (a guest page with no device buffer yet: map it, flush the
+device's IOTLB, let the data plane go on), reclaiming idle buffers, and the interception log.
 
 Queue numbering is shared: the k-th request the guest made available is the k-th request
 published to the device, and the k-th used element of the device is the k-th the guest sees,
@@ -20,28 +25,33 @@ so avail and used indices mean the same thing on both rings.
 from __future__ import annotations
 
 import logging
-import struct
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..devices.virtio.queue import (
-    DescriptorChain,
     QueueError,
     QueueState,
     avail_pending,
     read_avail_entries,
-    read_used_entries,
-    read_used_idx,
     ring_regions,
     walk_chain,
-    write_avail_entry,
     write_avail_idx,
-    write_used_elem,
-    write_used_idx,
 )
 from ..layout import PAGE_SHIFT
-from .mapping import DeviceBufferView, ShadowError, ShadowMap, VcpuBufferView
+from .mapping import IDLE_MAX, DeviceBufferView, ShadowError, ShadowMap, VcpuBufferView
+from .native import (
+    Q_INFLIGHT,
+    Q_STALLED,
+    ST_BYTES_TO_DEVICE,
+    ST_BYTES_TO_GUEST,
+    ST_COMPLETED,
+    ST_DOORBELLS,
+    ST_FORWARDED,
+    ST_INTERRUPTS,
+    ST_STALLS,
+    Dataplane,
+    DataplaneQueue,
+)
 
 if TYPE_CHECKING:
     from ..devices.attach import AttachedDevice
@@ -50,67 +60,80 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DESC = struct.Struct("<QIHH")
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-
-
-@dataclass
-class DmaWorkRequest:
-    """A request the guest submitted and the VMM forwarded to the device."""
-
-    avail_index: int
-    chain: DescriptorChain
-    pages: list[int]
-
 
 @dataclass
 class ShadowQueue:
     index: int
     state: QueueState  # the guest's ring addresses; next_avail/next_used as at entry
-    next_avail: int  # next guest avail index to forward (= shadow avail idx)
-    next_used: int  # next used index to sync (same on both rings)
-    inflight: OrderedDict[int, DmaWorkRequest] = field(default_factory=OrderedDict)
-    heads: dict[int, int] = field(default_factory=dict)  # in-flight head -> avail index
+    native: DataplaneQueue  # positions and in-flight heads, shared with the data plane
+
+    @property
+    def next_avail(self) -> int:
+        """Next guest avail index to forward (= the shadow avail idx)."""
+        return self.native.next_avail
+
+    @property
+    def next_used(self) -> int:
+        """Next used index to sync (the same on both rings)."""
+        return self.native.next_used
+
+    def first_inflight(self) -> int:
+        """Where a device must resume reading the guest's avail ring to redo every request
+        that was forwarded but not completed (requests complete in order per queue)."""
+        reqs = self.native.inflight()
+        return reqs[0][0] if reqs else self.next_avail
 
     def snapshot(self) -> QueueState:
         s = self.state
         return QueueState(s.size, s.desc_addr, s.avail_addr, s.used_addr,
                           self.first_inflight(), self.next_used, True)
 
-    def first_inflight(self) -> int:
-        """Where a device must resume reading the guest's avail ring to redo every request
-        that was forwarded but not completed (requests complete in order per queue)."""
-        if not self.inflight:
-            return self.next_avail
-        return next(iter(self.inflight.values())).avail_index
 
-
-@dataclass
 class ShadowStats:
-    requests_forwarded: int = 0
-    completions_synced: int = 0
-    bytes_to_device: int = 0
-    bytes_to_guest: int = 0
-    doorbells: int = 0
-    interrupts: int = 0
-    iotlb_invalidations: int = 0
+    """The device's counters, read from the data plane's shared array."""
+
+    def __init__(self, counters: Any) -> None:
+        self._c = counters
+        self.iotlb_invalidations = 0
+
+    def _get(self, i: int) -> int:
+        return int(self._c[i])
+
+    requests_forwarded = property(lambda self: self._get(ST_FORWARDED))
+    completions_synced = property(lambda self: self._get(ST_COMPLETED))
+    bytes_to_device = property(lambda self: self._get(ST_BYTES_TO_DEVICE))
+    bytes_to_guest = property(lambda self: self._get(ST_BYTES_TO_GUEST))
+    doorbells = property(lambda self: self._get(ST_DOORBELLS))
+    interrupts = property(lambda self: self._get(ST_INTERRUPTS))
+    stalls = property(lambda self: self._get(ST_STALLS))
 
 
 class ShadowedDevice:
-    """Shadow state of one attached device while a migration runs."""
+    """Shadow state of one attached device while a migration runs.
 
-    def __init__(self, dev: AttachedDevice, pool: ShadowPool, memory: GuestMemory) -> None:
+    `dataplane` is the VM's (the shadow engine runs its thread); without one the device gets a
+    private data plane, driven only by `submit` and `complete` (tests, tools)."""
+
+    def __init__(self, dev: AttachedDevice, pool: ShadowPool, memory: GuestMemory,
+                 dataplane: Dataplane | None = None, *, irq_fd: int = -1) -> None:
         self.dev = dev
         self.memory = memory
-        self.map = ShadowMap(pool, dev.iommu, memory, invalidate=self._invalidate)
+        self._own_dataplane = dataplane is None
+        self.dataplane = dataplane if dataplane is not None else Dataplane(memory, pool)
+        self.native = self.dataplane.add_device(irq_fd)
+        self.map = ShadowMap(pool, dev.iommu, memory, self.native, invalidate=self._invalidate)
         self.vcpu_buf = VcpuBufferView(memory)
         self.dev_buf = DeviceBufferView(self.map)
         self.queues: dict[int, ShadowQueue] = {}
-        self.stats = ShadowStats()
-        self.broken: str | None = None
+        self.stats = ShadowStats(self.native.stats)
+        self._broken: str | None = None
         self.mmio: dict[str, Any] | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
+
+    @property
+    def broken(self) -> str | None:
+        """Why shadowing stopped for this device (here or in the data plane), or None."""
+        return self._broken or self.native.error
 
     def _invalidate(self) -> None:
         handle = getattr(self.dev, "handle", None)
@@ -119,157 +142,155 @@ class ShadowedDevice:
         handle.iotlb_invalidate()
         self.stats.iotlb_invalidations += 1
 
+    def flush_mappings(self) -> None:
+        """Flush the device's IOTLB if new device buffers were mapped (before it may use them)."""
+        if self.map.dirty_mappings and getattr(self.dev, "handle", None) is not None:
+            self._invalidate()
+            self.map.invalidated()
+
     # --- building the device buffers -------------------------------------------------------
 
-    def build(self, device_state: dict[str, Any]) -> None:
+    def build(self, device_state: dict[str, Any], doorbells: dict[int, int] | None = None,
+              kicks: dict[int, int] | None = None) -> None:
         """After the device quiesced: shadow its rings, point its IOMMU domain at the device
-        buffers only. `device_state` is the device's own report of its queue positions."""
+        buffers only. `device_state` is the device's own report of its queue positions;
+        `doorbells` and `kicks` are, per queue, the VMM's trapping eventfd and the device's
+        doorbell, which the data plane thread waits on and rings."""
         self.mmio = device_state["mmio"]
         self.map.iommu.unmap(0, self.map.iommu.iova_pages)
-        for q in device_state["queues"]:
-            if not q.get("ready", True):
-                continue
-            st = QueueState(q["size"], q["desc_addr"], q["avail_addr"], q["used_addr"],
-                            q["next_avail"], q["next_used"], True).validate()
-            sq = ShadowQueue(q["index"], st, st.next_avail, st.next_used)
-            for addr, length in ring_regions(st):
-                for gpfn in range(addr >> PAGE_SHIFT, (addr + length - 1 >> PAGE_SHIFT) + 1):
-                    self.map.acquire(gpfn, copy=True)
-            # The device buffer's avail ring starts where the device stopped reading; requests
-            # the guest made available since are forwarded by the first submit().
-            write_avail_idx(self.dev_buf, st, sq.next_avail)
-            write_avail_flags_zero(self.dev_buf, st)
-            self.queues[sq.index] = sq
+        with self.dataplane.locked():
+            for q in device_state["queues"]:
+                if not q.get("ready", True):
+                    continue
+                st = QueueState(q["size"], q["desc_addr"], q["avail_addr"], q["used_addr"],
+                                q["next_avail"], q["next_used"], True).validate()
+                for addr, length in ring_regions(st):
+                    for gpfn in range(addr >> PAGE_SHIFT, (addr + length - 1 >> PAGE_SHIFT) + 1):
+                        self.map.acquire(gpfn, copy=True)
+                # The device buffer's avail ring starts where the device stopped reading;
+                # requests the guest made available since are forwarded by the first submit.
+                write_avail_idx(self.dev_buf, st, st.next_avail)
+                self.dev_buf.write(st.avail_addr, b"\0\0")  # see below: always interrupt us
+                native = self.native.add_queue(
+                    q["index"], st.size, st.desc_addr, st.avail_addr, st.used_addr,
+                    st.next_avail, st.next_used,
+                    (doorbells or {}).get(q["index"], -1), (kicks or {}).get(q["index"], -1))
+                self.queues[q["index"]] = ShadowQueue(q["index"], st, native)
+        # The guest's VIRTQ_AVAIL_F_NO_INTERRUPT is never copied to the shadow avail ring: the
+        # device must always interrupt the VMM, which then decides what the guest sees.
 
     def release(self) -> None:
         """Drop every device buffer (the caller restores the identity map)."""
-        for sq in self.queues.values():
-            sq.inflight.clear()
-            sq.heads.clear()
-        self.map.release_all()
+        with self.dataplane.locked():
+            for sq in self.queues.values():
+                sq.native.head_avail[:] = -1
+                sq.native.pos[Q_INFLIGHT] = 0
+            self.map.release_all()
+
+    def close(self) -> None:
+        if self._own_dataplane:
+            self.dataplane.close()
 
     # --- submission ---------------------------------------------------------------------------
 
     def submit(self, qi: int) -> bool:
-        """Forward the guest's new requests on queue `qi`. Returns True if any were forwarded
-        (the caller then invalidates the IOTLB if needed and kicks the device)."""
-        if self.broken is not None:
+        """Forward the guest's new requests on queue `qi`, shadowing pages as needed. Returns
+        True if any were forwarded (the caller then flushes mappings and kicks the device)."""
+        with self.dataplane.locked():
+            return self.submit_locked(qi)
+
+    def submit_locked(self, qi: int) -> bool:
+        if self.broken is not None or qi not in self.queues:
             return False
-        sq = self.queues.get(qi)
-        if sq is None:
-            return False
-        self.stats.doorbells += 1
-        try:
-            view = QueueState(sq.state.size, sq.state.desc_addr, sq.state.avail_addr,
-                              sq.state.used_addr, sq.next_avail, sq.next_used, True)
-            count = avail_pending(self.vcpu_buf, view)
-            if count == 0:
+        forwarded = 0
+        while True:
+            n = self.native.forward(qi)
+            if n < 0:
                 return False
-            heads = read_avail_entries(self.vcpu_buf, view, count)
-            for head in heads:
-                self._forward(sq, head)
-            write_avail_idx(self.dev_buf, sq.state, sq.next_avail)
+            forwarded += n
+            if not self.queues[qi].native.stalled:
+                return forwarded > 0
+            if not self.shadow_stalled(qi):
+                return False
+
+    def shadow_stalled(self, qi: int) -> bool:
+        """Give device buffers to the pages of the request queue `qi` stalled on -- and of the
+        requests behind it, so a burst costs one IOTLB flush -- then let the queue go on.
+        Returns False if the device broke (a hostile ring, the pool exhausted)."""
+        sq = self.queues[qi]
+        st = sq.state
+        try:
+            view = QueueState(st.size, st.desc_addr, st.avail_addr, st.used_addr,
+                              sq.next_avail, sq.next_used, True)
+            heads = read_avail_entries(self.vcpu_buf, view, avail_pending(self.vcpu_buf, view))
+            held: list[int] = []
+            try:
+                for n, head in enumerate(heads):
+                    try:
+                        held += self._acquire_chain(st, head)
+                    except (QueueError, ShadowError):
+                        if n == 0:
+                            raise  # the stalled request itself: the device cannot go on
+                        break  # a later one: the data plane will stall on it again
+            finally:
+                for gpfn in held:  # unreferenced again: the data plane takes them over
+                    self.map.release(gpfn, used=False)
+            self.flush_mappings()
         except (QueueError, ShadowError) as e:
             self.fail(f"queue {qi}: {e}")
             return False
+        sq.native.pos[Q_STALLED] = 0
         return True
 
-    def _forward(self, sq: ShadowQueue, head: int) -> None:
-        st = sq.state
-        if head in sq.heads:
-            raise QueueError(f"head {head} made available again while still in flight", head=head)
-        chain = walk_chain(self.vcpu_buf, st.desc_addr, st.size, head)
-        pages: list[int] = []
+    def _acquire_chain(self, st: QueueState, head: int) -> list[int]:
+        chain = walk_chain(self.vcpu_buf, st, None, head)
+        got: list[int] = []
         try:
             for d in chain.descriptors:
                 last = (d.addr + d.length - 1) >> PAGE_SHIFT
                 for gpfn in range(d.addr >> PAGE_SHIFT, last + 1):
                     self.map.acquire(gpfn, copy=False)
-                    pages.append(gpfn)
+                    got.append(gpfn)
         except ShadowError:
-            for gpfn in pages:
+            for gpfn in got:
                 self.map.release(gpfn)
             raise
-        # The validated chain, re-encoded: the device never sees a descriptor we did not check.
-        idx = chain.indices
-        for n, d in enumerate(chain.descriptors):
-            last = n == len(chain.descriptors) - 1
-            flags = (0 if last else VRING_DESC_F_NEXT) | (VRING_DESC_F_WRITE if d.writable else 0)
-            raw = _DESC.pack(d.addr, d.length, flags, 0 if last else idx[n + 1])
-            self.dev_buf.write(st.desc_addr + 16 * idx[n], raw)
-        for d in chain.readable:
-            self.map.write(d.addr, self.memory.slice(d.addr, d.length))
-            self.stats.bytes_to_device += d.length
-        write_avail_entry(self.dev_buf, st, sq.next_avail, head)
-        sq.inflight[sq.next_avail] = DmaWorkRequest(sq.next_avail, chain, pages)
-        sq.heads[head] = sq.next_avail
-        sq.next_avail = (sq.next_avail + 1) & 0xFFFF
-        self.stats.requests_forwarded += 1
+        return got
+
+    def reclaim_idle(self) -> None:
+        """Unmap the oldest idle device buffers once there are more than IDLE_MAX."""
+        if self.map.idle_count > IDLE_MAX:
+            self.map.reclaim()
 
     # --- completion ---------------------------------------------------------------------------
 
     def complete(self) -> int:
         """Sync every new completion of every queue into guest RAM. Returns how many."""
+        with self.dataplane.locked():
+            return self.complete_locked()
+
+    def complete_locked(self) -> int:
         if self.broken is not None:
             return 0
-        self.stats.interrupts += 1
-        done = 0
-        try:
-            for sq in self.queues.values():
-                done += self._complete_queue(sq)
-        except (QueueError, ShadowError) as e:
-            self.fail(f"completion: {e}")
-        return done
-
-    def _complete_queue(self, sq: ShadowQueue) -> int:
-        st = sq.state
-        used_idx = read_used_idx(self.dev_buf, st)
-        count = (used_idx - sq.next_used) & 0xFFFF
-        if count == 0:
-            return 0
-        if count > len(sq.inflight):
-            raise ShadowError(f"device reports {count} completions on queue {sq.index} with "
-                              f"{len(sq.inflight)} requests in flight")
-        entries = read_used_entries(self.dev_buf, st, sq.next_used, count)
-        for n, (head, length) in enumerate(entries):
-            key = sq.heads.pop(head, None)
-            if key is None:
-                raise ShadowError(f"device completed head {head} on queue {sq.index}, which is "
-                                  "not in flight")
-            req = sq.inflight.pop(key)
-            written = self._copy_back(req.chain, length)
-            write_used_elem(self.vcpu_buf, st, sq.next_used + n, head, written)
-            for gpfn in req.pages:
-                self.map.release(gpfn)
-        sq.next_used = (sq.next_used + count) & 0xFFFF
-        write_used_idx(self.vcpu_buf, st, sq.next_used)
-        self.stats.completions_synced += count
-        return count
-
-    def _copy_back(self, chain: DescriptorChain, length: int) -> int:
-        """Copy exactly the bytes the device wrote (used.len across the writable descriptors)."""
-        left = min(length, chain.total_writable)
-        total = left
-        for d in chain.writable:
-            if left <= 0:
-                break
-            n = min(left, d.length)
-            self.memory.write(d.addr, self.map.read(d.addr, n))
-            left -= n
-        self.stats.bytes_to_guest += total
-        return total
+        return max(self.native.complete(), 0)
 
     # --- state -------------------------------------------------------------------------------
 
     def inflight_writable_pages(self) -> list[int]:
-        return sorted({gpfn for sq in self.queues.values() for r in sq.inflight.values()
-                       for d in r.chain.writable
-                       for gpfn in range(d.addr >> PAGE_SHIFT,
-                                         ((d.addr + d.length - 1) >> PAGE_SHIFT) + 1)})
+        """Guest pages the device may write for a request in flight (from the shadow chains)."""
+        pages: set[int] = set()
+        for sq in self.queues.values():
+            for _, head in sq.native.inflight():
+                chain = walk_chain(self.dev_buf, sq.state, None, head)
+                for d in chain.writable:
+                    pages.update(range(d.addr >> PAGE_SHIFT,
+                                       ((d.addr + d.length - 1) >> PAGE_SHIFT) + 1))
+        return sorted(pages)
 
     def fail(self, reason: str) -> None:
         if self.broken is None:
-            self.broken = reason
+            self._broken = reason
+            self.native.fail(reason)
             log.error("shadowing %s stopped: %s", self.dev.id, reason)
 
     def interception_log(self) -> dict[str, Any]:
@@ -279,8 +300,7 @@ class ShadowedDevice:
             "mmio": self.mmio,
             "queues": [
                 {**_queue_json(sq.snapshot()), "index": sq.index,
-                 "inflight": [{"avail_index": r.avail_index, "head": r.chain.head}
-                              for r in sq.inflight.values()]}
+                 "inflight": [{"avail_index": a, "head": h} for a, h in sq.native.inflight()]}
                 for sq in self.queues.values()
             ],
         }
@@ -290,8 +310,3 @@ def _queue_json(st: QueueState) -> dict[str, Any]:
     return {"size": st.size, "desc_addr": st.desc_addr, "avail_addr": st.avail_addr,
             "used_addr": st.used_addr, "next_avail": st.next_avail, "next_used": st.next_used,
             "ready": True}
-
-
-def write_avail_flags_zero(mem: DeviceBufferView, st: QueueState) -> None:
-    """The device must always interrupt the VMM: the guest's NO_INTERRUPT flag is not copied."""
-    mem.write(st.avail_addr, b"\0\0")

@@ -1,5 +1,9 @@
-"""The shadow engine: enter and leave shadow mode, and the thread that services trapped
-doorbells and device interrupts for every device of a VM.
+"""The shadow engine: enter and leave shadow mode, and keep the data plane going.
+
+Trapped doorbells and device interrupts are serviced by the native data plane's thread
+(`native.py`): it forwards requests and syncs completions without the interpreter. The engine's
+own thread only answers the data plane's calls for help -- a request touching a guest page with
+no device buffer yet, too many idle device buffers, a device that broke.
 
 Entering (before round 0; each device keeps running except for a short quiesce):
   1. trap the doorbells: the device's ioeventfds are unbound from QueueNotify and the VMM's own
@@ -31,24 +35,25 @@ from ..devices.virtio.constants import (
     REG_STATUS,
 )
 from .device import ShadowedDevice
+from .mapping import IDLE_MAX
+from .native import Dataplane
 
 if TYPE_CHECKING:
     from ..machine import Machine
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05  # safety net: look at the used rings even without an interrupt
+POLL_S = 0.05  # safety net: look for stalled queues even without a call for help
 
 
 class ShadowEngine:
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.devices: dict[str, ShadowedDevice] = {}
-        self._doorbells: dict[int, tuple[ShadowedDevice, int]] = {}  # our eventfd -> (dev, q)
-        self._irqs: dict[int, ShadowedDevice] = {}
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
+        self.dataplane: Dataplane | None = None
         self.active = False
         self.entered_at: float | None = None
 
@@ -56,13 +61,19 @@ class ShadowEngine:
 
     def enter(self) -> None:
         vm = self.m.vm
+        dp = Dataplane(vm.memory, self.m.shadow_pool, guest_wake_fd=vm.guest_wake_fd,
+                       idle_limit=IDLE_MAX)
+        self.dataplane = dp
+        vm.dirty.add_source(dp.take_dirty)
         with self._lock:
             for dev in self.m.devices:
-                sd = ShadowedDevice(dev, self.m.shadow_pool, vm.memory)
+                sd = ShadowedDevice(dev, self.m.shadow_pool, vm.memory, dp,
+                                    irq_fd=dev.handle.irq_eventfd)
                 self.devices[dev.id] = sd
                 self._trap(sd)
                 dev.handle.quiesce()
-                sd.build(dev.handle.get_state())
+                kicks = dict(dev.handle.doorbell_eventfds)
+                sd.build(dev.handle.get_state(), sd.vmm_doorbells, kicks)
                 for qi in list(sd.queues):
                     sd.submit(qi)
                 dev.handle.iotlb_invalidate()
@@ -75,6 +86,7 @@ class ShadowEngine:
                     dev.handle.kick(qi)
             self.active = True
             self.entered_at = time.monotonic()
+        dp.start()
         self._thread = threading.Thread(target=self._loop, name="shadow-engine", daemon=True)
         self._thread.start()
         self._check_broken()
@@ -90,11 +102,9 @@ class ShadowEngine:
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             vm.vmfd.ioeventfd(fd, addr, 4, datamatch=q)
             sd.vmm_doorbells[q] = fd
-            self._doorbells[fd] = (sd, q)
         irq = dev.handle.irq_eventfd
         if irq in vm.wake_fds:
             vm.wake_fds.remove(irq)
-        self._irqs[irq] = sd
         for v in vm.vcpus:  # a vCPU halted on the old list must not swallow the interrupt
             v.kick_halt()
 
@@ -118,46 +128,36 @@ class ShadowEngine:
     # --- the service thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        vm = self.m.vm
+        """Answer the data plane: shadow the pages of stalled requests, reclaim idle device
+        buffers, notice broken devices."""
+        dp = self.dataplane
+        assert dp is not None
         while True:
-            fds = [self._stop_r, *self._doorbells, *self._irqs]
             try:
-                ready, _, _ = select.select(fds, [], [], POLL_S)
+                ready, _, _ = select.select([self._stop_r, dp.slow_fd], [], [], POLL_S)
             except (OSError, ValueError):
                 return
             if self._stop_r in ready:
                 return
+            _drain(dp.slow_fd)
             with self._lock:
                 if not self.active:
                     return
-                kicks: dict[ShadowedDevice, set[int]] = {}
-                for fd in ready:
-                    _drain(fd)
-                    if fd in self._doorbells:
-                        sd, q = self._doorbells[fd]
-                        if sd.submit(q):
-                            kicks.setdefault(sd, set()).add(q)
-                synced = 0
-                for sd in self.devices.values():  # every wakeup: cheap, and nothing is missed
-                    synced += sd.complete()
-                for sd, queues in kicks.items():
-                    self._publish(sd, queues)
-            if synced:
-                vm.wake_guest()
-
-    def _publish(self, sd: ShadowedDevice, queues: set[int]) -> None:
-        """Make new device buffers visible to the device, then ring its doorbells."""
-        try:
-            if sd.map.dirty_mappings:
-                sd.dev.handle.iotlb_invalidate()
-                sd.map.invalidated()
-                sd.stats.iotlb_invalidations += 1
-            for q in queues:
-                sd.dev.handle.kick(q)
-        except Exception as e:
-            sd.fail(f"device did not take the forwarded requests: {e}")
+                resumed = False
+                with dp.locked():
+                    for sd in self.devices.values():
+                        if sd.broken is not None:
+                            continue
+                        sd.reclaim_idle()  # first: never the pages reserved just below
+                        for qi, sq in sd.queues.items():
+                            if sq.native.stalled and sd.shadow_stalled(qi):
+                                resumed = True
+                if resumed:
+                    dp.poke()
 
     def _stop_thread(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.stop()
         if self._thread is not None:
             os.write(self._stop_w, b"x")
             self._thread.join(timeout=5)
@@ -181,6 +181,8 @@ class ShadowEngine:
             for sd in self.devices.values():
                 sd.dev.handle.quiesce()
                 sd.complete()
+        if self.devices:
+            self.m.vm.wake_guest()
         self._check_broken()
 
     def leave(self) -> None:
@@ -195,6 +197,7 @@ class ShadowEngine:
                 try:
                     dev.handle.quiesce()
                     sd.complete()
+                    vm.wake_guest()
                     state = dev.handle.get_state()
                     positions = {sq.index: sq.snapshot() for sq in sd.queues.values()}
                     for q in state["queues"]:
@@ -225,13 +228,11 @@ class ShadowEngine:
             try:
                 vm.vmfd.ioeventfd(fd, addr, 4, datamatch=q, deassign=True)
             finally:
-                self._doorbells.pop(fd, None)
                 os.close(fd)
         sd.vmm_doorbells = {}
         bind_doorbells(self.m, dev)
         dev.mmio_hook = None
         irq = dev.handle.irq_eventfd
-        self._irqs.pop(irq, None)
         if irq not in vm.wake_fds:
             vm.wake_fds.append(irq)
 
@@ -244,8 +245,8 @@ class ShadowEngine:
     def _stats(self) -> dict[str, Any]:
         per = {sd.dev.id: sd for sd in self.devices.values()}
         total: dict[str, Any] = {
-            "shadowed-pages": sum(len(sd.map.pages) for sd in per.values()),
-            "idle-device-buffers": sum(len(sd.map.idle) for sd in per.values()),
+            "shadowed-pages": sum(sd.map.active_count for sd in per.values()),
+            "idle-device-buffers": sum(sd.map.idle_count for sd in per.values()),
             "device-buffers-reused": sum(sd.map.reused for sd in per.values()),
             "shadowed-pages-peak": sum(sd.map.peak for sd in per.values()),
             "requests-forwarded": sum(sd.stats.requests_forwarded for sd in per.values()),
@@ -253,15 +254,17 @@ class ShadowEngine:
             "bytes-to-device": sum(sd.stats.bytes_to_device for sd in per.values()),
             "bytes-to-guest": sum(sd.stats.bytes_to_guest for sd in per.values()),
             "iotlb-invalidations": sum(sd.stats.iotlb_invalidations for sd in per.values()),
+            "stalls": sum(sd.stats.stalls for sd in per.values()),
             "pool-pages-in-use": self.m.shadow_pool.in_use,
         }
         total["devices"] = {
-            name: {"shadowed-pages": len(sd.map.pages),
+            name: {"shadowed-pages": sd.map.active_count,
                    "requests-forwarded": sd.stats.requests_forwarded,
                    "completions-synced": sd.stats.completions_synced,
                    "bytes-to-device": sd.stats.bytes_to_device,
                    "bytes-to-guest": sd.stats.bytes_to_guest,
-                   "inflight": sum(len(q.inflight) for q in sd.queues.values()),
+                   "inflight": sum(q.native.inflight_count for q in sd.queues.values()),
+                   "stalls": sd.stats.stalls,
                    "broken": sd.broken}
             for name, sd in per.items()
         }
@@ -269,6 +272,10 @@ class ShadowEngine:
 
     def close(self) -> None:
         self._stop_thread()
+        dp, self.dataplane = self.dataplane, None
+        if dp is not None:
+            self.m.vm.dirty.remove_source(dp.take_dirty)
+            dp.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
 

@@ -2,30 +2,36 @@
 
 While shadowing, the device's IOMMU domain maps *only* device buffers: every other IOVA is
 unmapped, so a DMA outside a forwarded request faults instead of reaching guest RAM unseen. A
-guest page is shadowed on demand (`acquire`) and released when no DMA work request references it
-any more (`release`).
+guest page gets a device buffer on demand (`acquire`) and loses its last reference when no DMA
+work request uses it any more (`release`; the native data plane does the same per request).
 
-Released device buffers are reclaimed lazily: an unreferenced buffer stays mapped (idle, in LRU
-order) until the pool needs its page or there are more than `IDLE_MAX` idle buffers. A driver
-recycles the same receive buffers over and over; unmapping each one on completion and mapping it
-again on the next post would cost an IOTLB invalidation — a round trip to the device — per
-request. An idle buffer is harmless: the device only DMAs for requests the VMM forwarded, and
-the VMM copies data in (readable bytes at submission) and out (written bytes at completion)
-explicitly, never relying on what an idle page holds. A reclaimed page's IOVA is unmapped and its
-pool page waits in quarantine until the next IOTLB invalidation, so a stale IOTLB entry in the
-device can never hit a page reused for something else.
+Released device buffers are reclaimed lazily: an unreferenced buffer stays mapped (idle) until
+the pool needs its page or there are more than `IDLE_MAX` idle buffers, and then the least
+recently used go first. A driver recycles the same receive buffers over and over; unmapping
+each one on completion and mapping it again on the next post would cost an IOTLB invalidation --
+a round trip to the device -- per request. An idle buffer is harmless: the device only DMAs for
+requests the VMM forwarded, and the VMM copies data in (readable bytes at submission) and out
+(written bytes at completion) explicitly, never relying on what an idle page holds. A reclaimed
+page's IOVA is unmapped and its pool page waits in quarantine until the next IOTLB
+invalidation, so a stale IOTLB entry in the device can never hit a page reused for something
+else.
+
+The table itself is three arrays shared with the native data plane (`DataplaneDevice`): pool
+page per guest page (-1: none), references, and the LRU stamp of when a page became idle.
+Callers hold the data plane's lock.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import numpy as np
 
 from ..devices.virtio.queue import QueueError
 from ..iommu import TARGET_POOL, IommuTable
 from ..layout import PAGE_SHIFT, PAGE_SIZE
 from ..memory import GuestMemory, GuestMemoryError
+from .native import ST_ACTIVE, ST_CLOCK, ST_IDLE, ST_PEAK, ST_REUSED, DataplaneDevice
 from .pool import PoolExhausted, ShadowPool
 
 
@@ -33,13 +39,8 @@ class ShadowError(Exception):
     """Shadowing cannot continue for this device (hostile ring, pool exhausted, device fault)."""
 
 
-@dataclass
-class _Shadow:
-    pool_pfn: int
-    refs: int
-
-
 IDLE_MAX = 1024  # unreferenced device buffers kept mapped for reuse
+IDLE_KEEP = IDLE_MAX * 3 // 4  # reclaiming goes down to this many, so it runs rarely
 
 
 class ShadowMap:
@@ -49,50 +50,97 @@ class ShadowMap:
     and idle buffers must be reclaimed on the spot."""
 
     def __init__(self, pool: ShadowPool, iommu: IommuTable, memory: GuestMemory,
+                 table: DataplaneDevice,
                  invalidate: Callable[[], None] | None = None) -> None:
         self.pool = pool
         self.iommu = iommu
         self.memory = memory
         self.invalidate = invalidate
-        self.pages: dict[int, _Shadow] = {}
-        self.idle: OrderedDict[int, int] = OrderedDict()  # gpfn -> pool pfn, still mapped
+        self.slot = table.slot
+        self.refs = table.refs
+        self.stamp = table.stamp
+        self.counters = table.stats
         self.quarantine: list[int] = []
         self.dirty_mappings = False  # the device's IOTLB must be invalidated before use
-        self.peak = 0
-        self.reused = 0
+
+    # --- what the table holds ------------------------------------------------------------------
+
+    @property
+    def pages(self) -> set[int]:
+        """Guest pages whose device buffer a request (or a ring) references."""
+        return set(np.flatnonzero(self.refs > 0).tolist())
+
+    @property
+    def idle(self) -> set[int]:
+        """Guest pages with a device buffer that nothing references (kept for reuse)."""
+        return set(self._idle_pages().tolist())
+
+    @property
+    def active_count(self) -> int:
+        return int(self.counters[ST_ACTIVE])
+
+    @property
+    def idle_count(self) -> int:
+        return int(self.counters[ST_IDLE])
+
+    @property
+    def reused(self) -> int:
+        return int(self.counters[ST_REUSED])
+
+    @property
+    def peak(self) -> int:
+        return int(self.counters[ST_PEAK])
+
+    def _idle_pages(self) -> np.ndarray:
+        return np.flatnonzero((self.slot >= 0) & (self.refs == 0))
+
+    # --- references ----------------------------------------------------------------------------
 
     def acquire(self, gpfn: int, *, copy: bool) -> int:
-        """Reference the device buffer of guest page `gpfn`, creating it if needed."""
-        sh = self.pages.get(gpfn)
-        if sh is not None:
-            sh.refs += 1
-            return sh.pool_pfn
+        """Reference the device buffer of guest page `gpfn`, creating it if needed; `copy`
+        fills a new or reused buffer with the guest page (the rings at entry)."""
         if not 0 <= gpfn < self.memory.npages:
             raise ShadowError(f"guest page {gpfn} is outside guest RAM")
-        idle = self.idle.pop(gpfn, None)
-        if idle is not None:
-            self.pages[gpfn] = _Shadow(idle, 1)
-            self.reused += 1
-            if copy:
-                self.pool.write(idle, 0, self.memory.slice(gpfn << PAGE_SHIFT, PAGE_SIZE))
-            return idle
-        pfn = self._alloc()
+        pfn = int(self.slot[gpfn])
+        c = self.counters
+        if pfn < 0:
+            pfn = self._alloc()
+            self.slot[gpfn] = pfn
+            self.stamp[gpfn] = 0  # never used: taking it is not a reuse
+            self.iommu.map(gpfn, 1, TARGET_POOL, pfn, read=True, write=True)
+            self.dirty_mappings = True
+            c[ST_IDLE] += 1  # a fresh buffer counts as idle until referenced
+        elif self.refs[gpfn] == 0 and self.stamp[gpfn]:
+            c[ST_REUSED] += 1
+        if self.refs[gpfn] == 0:
+            c[ST_IDLE] -= 1
+            c[ST_ACTIVE] += 1
+            c[ST_PEAK] = max(int(c[ST_PEAK]), int(c[ST_ACTIVE]))
+        self.refs[gpfn] += 1
         if copy:
             self.pool.write(pfn, 0, self.memory.slice(gpfn << PAGE_SHIFT, PAGE_SIZE))
-        self.pages[gpfn] = _Shadow(pfn, 1)
-        self.iommu.map(gpfn, 1, TARGET_POOL, pfn, read=True, write=True)
-        self.dirty_mappings = True
-        self.peak = max(self.peak, len(self.pages))
         return pfn
+
+    def release(self, gpfn: int, *, used: bool = True) -> None:
+        """Drop a reference. `used=False`: the page was only reserved for a request the data
+        plane will forward (its LRU stamp stays, 0 if the buffer is new)."""
+        if self.refs[gpfn] <= 0:
+            raise ShadowError(f"guest page {gpfn} released more often than acquired")
+        self.refs[gpfn] -= 1
+        if self.refs[gpfn] == 0:
+            self.counters[ST_ACTIVE] -= 1
+            self.counters[ST_IDLE] += 1
+            if used:
+                self.counters[ST_CLOCK] += 1
+                self.stamp[gpfn] = int(self.counters[ST_CLOCK]) & 0xFFFF_FFFF
 
     def _alloc(self) -> int:
         try:
             return self.pool.alloc()
         except PoolExhausted as e:
-            if not self.idle or self.invalidate is None:
+            if not self.idle_count or self.invalidate is None:
                 raise ShadowError(str(e)) from None
-        while self.idle:  # reclaim every idle buffer, flush the IOTLB, then retry
-            self._reclaim_oldest()
+        self.reclaim(keep=0)  # every idle buffer, flush the IOTLB, then retry
         self.invalidate()
         self.invalidated()
         try:
@@ -100,19 +148,20 @@ class ShadowMap:
         except PoolExhausted as e:
             raise ShadowError(str(e)) from None
 
-    def release(self, gpfn: int) -> None:
-        sh = self.pages[gpfn]
-        sh.refs -= 1
-        if sh.refs == 0:
-            del self.pages[gpfn]
-            self.idle[gpfn] = sh.pool_pfn
-            if len(self.idle) > IDLE_MAX:
-                self._reclaim_oldest()
-
-    def _reclaim_oldest(self) -> None:
-        gpfn, pfn = self.idle.popitem(last=False)
-        self.iommu.unmap(gpfn, 1)
-        self.quarantine.append(pfn)
+    def reclaim(self, keep: int = IDLE_KEEP) -> int:
+        """Unmap the least recently used idle buffers until `keep` remain; their pool pages
+        wait in quarantine for the next IOTLB invalidation. Returns how many."""
+        idle = self._idle_pages()
+        excess = idle.size - keep
+        if excess <= 0:
+            return 0
+        oldest = idle[np.argsort(self.stamp[idle], kind="stable")[:excess]]
+        for gpfn in oldest.tolist():
+            self.iommu.unmap(gpfn, 1)
+            self.quarantine.append(int(self.slot[gpfn]))
+            self.slot[gpfn] = -1
+        self.counters[ST_IDLE] -= excess
+        return int(excess)
 
     def invalidated(self) -> None:
         """The device acknowledged an IOTLB invalidation: quarantined pages are free again."""
@@ -122,11 +171,13 @@ class ShadowMap:
         self.dirty_mappings = False
 
     def release_all(self) -> None:
-        for sh in self.pages.values():
-            self.quarantine.append(sh.pool_pfn)
-        self.quarantine.extend(self.idle.values())
-        self.pages.clear()
-        self.idle.clear()
+        """Drop every device buffer (the caller restores the IOMMU map and invalidates)."""
+        mapped = np.flatnonzero(self.slot >= 0)
+        self.quarantine.extend(int(p) for p in self.slot[mapped])
+        self.slot[:] = -1
+        self.refs[:] = 0
+        self.counters[ST_ACTIVE] = 0
+        self.counters[ST_IDLE] = 0
 
     # --- the device buffers as memory, addressed by IOVA (= GPA) ----------------------------
 
@@ -138,35 +189,17 @@ class ShadowMap:
             addr = iova + done
             gpfn, off = addr >> PAGE_SHIFT, addr & (PAGE_SIZE - 1)
             n = min(PAGE_SIZE - off, length - done)
-            sh = self.pages.get(gpfn)
-            if sh is None:
-                raise ShadowError(f"IOVA {addr:#x} has no device buffer in use")
-            out.append((sh.pool_pfn, off, done, n))
+            pfn = int(self.slot[gpfn]) if 0 <= gpfn < self.slot.size else -1
+            if pfn < 0:
+                raise ShadowError(f"IOVA {addr:#x} has no device buffer")
+            out.append((pfn, off, done, n))
             done += n
         return out
 
-    def _within_page(self, iova: int, length: int) -> int | None:
-        """Pool byte offset of [iova, iova+length) when it lies in one device buffer (the
-        common case: ring fields, descriptors, packets): the hot path skips `_spans`."""
-        off = iova & (PAGE_SIZE - 1)
-        if off + length > PAGE_SIZE:
-            return None
-        sh = self.pages.get(iova >> PAGE_SHIFT)
-        if sh is None:
-            return None
-        return (sh.pool_pfn << PAGE_SHIFT) + off
-
     def read(self, iova: int, length: int) -> bytes:
-        at = self._within_page(iova, length)
-        if at is not None:
-            return self.pool.mmap[at : at + length]
         return b"".join(self.pool.read(p, off, n) for p, off, _, n in self._spans(iova, length))
 
     def write(self, iova: int, data: bytes | memoryview) -> None:
-        at = self._within_page(iova, len(data))
-        if at is not None:
-            self.pool.mmap[at : at + len(data)] = data
-            return
         mv = memoryview(data)
         for p, off, start, n in self._spans(iova, len(mv)):
             self.pool.write(p, off, mv[start : start + n])

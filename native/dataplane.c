@@ -1,0 +1,805 @@
+/*
+ * The shadow data plane: the per-request work of shadow mode, run by a native thread.
+ *
+ * While a migration shadows DMA, every request the guest makes available is forwarded from
+ * the guest's ring (vCPU buffers) to a shadow ring in device buffers, and every completion is
+ * synced back.  ptmig/shadow/ decides everything else -- which guest page is shadowed by which
+ * pool page, the IOMMU, IOTLB invalidations, entering and leaving -- in Python.  This file does
+ * only the part that runs for every request, without the interpreter:
+ *
+ *   forward:  read the guest's avail ring, walk and validate each chain (the same rules as
+ *             ptmig/devices/virtio/queue.py: bounded length, no loops, known flags, no INDIRECT,
+ *             non-zero lengths, readable before writable, inside guest RAM), re-encode the
+ *             validated descriptors into the shadow table, copy device-readable bytes into the
+ *             device buffers, publish the head, kick the device.
+ *   complete: read the shadow used ring, copy exactly used.len bytes back across the
+ *             device-writable descriptors, write the used element and then the used idx into
+ *             the guest's ring, mark every guest page written in the DMA dirty bitmap, wake
+ *             the guest.
+ *
+ * A request touching a guest page that has no device buffer yet stops its queue ("stalled"):
+ * the thread signals `slow_fd`, Python maps the pages (and flushes the device's IOTLB), then
+ * pokes the thread to go on.  Requests are forwarded strictly in avail order, so the k-th
+ * request the guest made available is the k-th the device sees.
+ *
+ * All state lives in arrays owned by the Python side (numpy); this file keeps pointers to them.
+ * One mutex guards everything: the thread holds it while it works, Python takes it through
+ * dp_lock() before it reads or changes any of it.
+ *
+ * The guest is an adversary: every value read from its memory is checked before use, and a
+ * violation marks the device broken (reason in `error`) -- it never touches memory outside
+ * guest RAM and the device buffers.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define PAGE_SHIFT 12
+#define PAGE_SIZE (1u << PAGE_SHIFT)
+
+#define DESC_F_NEXT 1u
+#define DESC_F_WRITE 2u
+#define DESC_F_INDIRECT 4u
+#define DESC_F_KNOWN (DESC_F_NEXT | DESC_F_WRITE | DESC_F_INDIRECT)
+#define MAX_CHAIN_BYTES (64ull << 20) /* queue.py DEFAULT_MAX_TOTAL_LEN */
+
+#define MAX_DEVICES 16
+#define MAX_QUEUES 8
+#define ERROR_LEN 256
+#define POLL_MS 50 /* safety net: look at the used rings even without an interrupt */
+
+/* Per-device counters (a Python-owned uint64 array; indices mirrored in ptmig/shadow/native.py). */
+enum {
+	ST_FORWARDED,
+	ST_COMPLETED,
+	ST_BYTES_TO_DEVICE,
+	ST_BYTES_TO_GUEST,
+	ST_DOORBELLS,
+	ST_INTERRUPTS,
+	ST_ACTIVE,   /* guest pages with a device buffer referenced by a request (or a ring) */
+	ST_IDLE,     /* guest pages with a device buffer nobody references (kept for reuse) */
+	ST_REUSED,   /* idle device buffers taken back into use (no new mapping needed) */
+	ST_PEAK,     /* highest ST_ACTIVE */
+	ST_STALLS,   /* requests that waited for Python to map a page */
+	ST_CLOCK,    /* LRU clock: ticks each time a page becomes idle */
+	ST_COUNT
+};
+
+/* Per-queue positions (a Python-owned int64 array). */
+enum { Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT, Q_COUNT };
+
+struct desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags; /* DESC_F_WRITE only: re-encoded links are our own */
+	uint16_t index;
+};
+
+struct dp_queue {
+	struct dp_dev *dev;
+	int qindex;
+	uint32_t size;
+	uint64_t desc_addr, avail_addr, used_addr;
+	int64_t *pos;          /* Q_* */
+	int32_t *head_avail;   /* [size]: avail index of the in-flight request with this head, or -1 */
+	struct desc *scratch;  /* [size]: one chain being forwarded */
+	int doorbell_fd;       /* the VMM's eventfd bound to the guest's QueueNotify */
+	int kick_fd;           /* the device's doorbell */
+	int pending;           /* a doorbell arrived: look at the avail ring */
+};
+
+struct dp_dev {
+	struct dp_engine *eng;
+	int32_t *slot;    /* [npages]: pool page shadowing this guest page, or -1 */
+	int32_t *refs;    /* [npages]: requests (and rings) referencing it */
+	uint32_t *stamp;  /* [npages]: when it last became idle (LRU for reclaiming) */
+	uint64_t *stats;  /* ST_* */
+	char *error;      /* [ERROR_LEN]: why shadowing stopped, "" while healthy */
+	int irq_fd;       /* the device's interrupt eventfd */
+	int nqueues;
+	struct dp_queue queues[MAX_QUEUES];
+};
+
+struct dp_engine {
+	uint8_t *guest;
+	uint64_t guest_size;
+	uint64_t npages;
+	uint8_t *pool;
+	uint64_t pool_pages;
+	uint64_t *dirty;  /* the DMA dirty bitmap, KVM layout: bit n%64 of word n/64 = page n */
+	int guest_wake_fd;
+	int slow_fd;      /* tells Python: a queue stalled, a device broke, or idle buffers piled up */
+	int wake_fd;      /* tells the thread: retry stalled queues, or stop */
+	int epfd;
+	uint32_t idle_limit;
+	int stop;
+	int running;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	int ndevs;
+	struct dp_dev *devs[MAX_DEVICES];
+};
+
+/* ---- small helpers -------------------------------------------------------------------------- */
+
+static void signal_fd(int fd)
+{
+	uint64_t one = 1;
+	if (fd >= 0) {
+		ssize_t r = write(fd, &one, sizeof(one));
+		(void)r; /* EAGAIN: the counter is already non-zero, the reader will wake anyway */
+	}
+}
+
+static void drain_fd(int fd)
+{
+	uint64_t v;
+	ssize_t r = read(fd, &v, sizeof(v));
+	(void)r;
+}
+
+static void dev_fail(struct dp_dev *d, const char *fmt, ...)
+{
+	if (d->error[0])
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(d->error, ERROR_LEN, fmt, ap);
+	va_end(ap);
+	if (!d->error[0])
+		snprintf(d->error, ERROR_LEN, "shadowing failed");
+	signal_fd(d->eng->slow_fd);
+}
+
+/* Guest RAM [gpa, gpa+len), or NULL if any of it is outside. */
+static uint8_t *guest_ptr(struct dp_engine *e, uint64_t gpa, uint64_t len)
+{
+	if (gpa > e->guest_size || len > e->guest_size - gpa)
+		return NULL;
+	return e->guest + gpa;
+}
+
+static void mark_dirty(struct dp_engine *e, uint64_t gpa, uint64_t len)
+{
+	if (len == 0)
+		return;
+	for (uint64_t pfn = gpa >> PAGE_SHIFT; pfn <= (gpa + len - 1) >> PAGE_SHIFT; pfn++)
+		e->dirty[pfn >> 6] |= 1ull << (pfn & 63);
+}
+
+/* The device buffer byte for IOVA `iova` (= GPA), or NULL if its page is not shadowed. */
+static uint8_t *devbuf_ptr(struct dp_dev *d, uint64_t iova)
+{
+	uint64_t pfn = iova >> PAGE_SHIFT;
+	if (pfn >= d->eng->npages)
+		return NULL;
+	int32_t s = d->slot[pfn];
+	if (s < 0 || (uint64_t)s >= d->eng->pool_pages)
+		return NULL;
+	return d->eng->pool + ((uint64_t)s << PAGE_SHIFT) + (iova & (PAGE_SIZE - 1));
+}
+
+/* Copy between guest RAM and device buffers, page piece by page piece. */
+static int devbuf_copy(struct dp_dev *d, uint64_t iova, uint8_t *mem, uint64_t len, int to_dev)
+{
+	while (len) {
+		uint64_t off = iova & (PAGE_SIZE - 1);
+		uint64_t n = PAGE_SIZE - off < len ? PAGE_SIZE - off : len;
+		uint8_t *p = devbuf_ptr(d, iova);
+		if (!p)
+			return -1;
+		if (to_dev)
+			memcpy(p, mem, n);
+		else
+			memcpy(mem, p, n);
+		iova += n;
+		mem += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int devbuf_u16(struct dp_dev *d, uint64_t iova, uint16_t *out)
+{
+	return devbuf_copy(d, iova, (uint8_t *)out, 2, 0);
+}
+
+/* ---- page references -------------------------------------------------------------------- */
+
+static void page_get(struct dp_dev *d, uint64_t pfn)
+{
+	if (d->refs[pfn]++ == 0) {
+		d->stats[ST_IDLE]--;
+		if (d->stamp[pfn]) /* 0: mapped for this request, never used before */
+			d->stats[ST_REUSED]++;
+		if (++d->stats[ST_ACTIVE] > d->stats[ST_PEAK])
+			d->stats[ST_PEAK] = d->stats[ST_ACTIVE];
+	}
+}
+
+static void page_put(struct dp_dev *d, uint64_t pfn)
+{
+	if (d->refs[pfn] <= 0)
+		return; /* cannot happen: every put matches a get */
+	if (--d->refs[pfn] == 0) {
+		d->stats[ST_ACTIVE]--;
+		d->stats[ST_IDLE]++;
+		d->stamp[pfn] = (uint32_t)++d->stats[ST_CLOCK];
+	}
+}
+
+/* Apply `fn` to every guest page the descriptors touch. */
+static void chain_pages(struct dp_dev *d, const struct desc *c, int n,
+			void (*fn)(struct dp_dev *, uint64_t))
+{
+	for (int i = 0; i < n; i++)
+		for (uint64_t p = c[i].addr >> PAGE_SHIFT;
+		     p <= (c[i].addr + c[i].len - 1) >> PAGE_SHIFT; p++)
+			fn(d, p);
+}
+
+/* ---- forwarding ------------------------------------------------------------------------- */
+
+/* Walk and validate the guest's chain at `head` into q->scratch. Returns its length, or -1
+ * (device marked broken). */
+static int walk_guest_chain(struct dp_queue *q, uint32_t head)
+{
+	struct dp_dev *d = q->dev;
+	struct dp_engine *e = d->eng;
+	uint64_t total = 0;
+	int seen_writable = 0;
+	uint32_t index = head;
+	for (uint32_t n = 0;; n++) {
+		if (n >= q->size) {
+			dev_fail(d, "queue %d: chain at head %u is longer than %u descriptors (a loop "
+				 "in the next links?)", q->qindex, head, q->size);
+			return -1;
+		}
+		uint8_t *raw = guest_ptr(e, q->desc_addr + 16ull * index, 16);
+		if (!raw) {
+			dev_fail(d, "queue %d: descriptor %u at %#llx is outside guest RAM", q->qindex,
+				 index, (unsigned long long)(q->desc_addr + 16ull * index));
+			return -1;
+		}
+		uint64_t addr;
+		uint32_t len;
+		uint16_t flags, next;
+		memcpy(&addr, raw, 8);
+		memcpy(&len, raw + 8, 4);
+		memcpy(&flags, raw + 12, 2);
+		memcpy(&next, raw + 14, 2);
+		if (flags & ~DESC_F_KNOWN) {
+			dev_fail(d, "queue %d: descriptor %u (chain head %u) flags=%#x has reserved "
+				 "bits set", q->qindex, index, head, flags);
+			return -1;
+		}
+		if (flags & DESC_F_INDIRECT) {
+			dev_fail(d, "queue %d: descriptor %u (chain head %u) is INDIRECT but "
+				 "VIRTIO_F_INDIRECT_DESC was not negotiated", q->qindex, index, head);
+			return -1;
+		}
+		if (len == 0) {
+			dev_fail(d, "queue %d: descriptor %u (chain head %u) has length 0",
+				 q->qindex, index, head);
+			return -1;
+		}
+		if (!guest_ptr(e, addr, len)) {
+			dev_fail(d, "queue %d: descriptor %u (chain head %u) buffer %#llx+%u is outside "
+				 "guest RAM", q->qindex, index, head, (unsigned long long)addr, len);
+			return -1;
+		}
+		total += len;
+		if (total > MAX_CHAIN_BYTES) {
+			dev_fail(d, "queue %d: chain at head %u describes more than %llu bytes",
+				 q->qindex, head, (unsigned long long)MAX_CHAIN_BYTES);
+			return -1;
+		}
+		int writable = (flags & DESC_F_WRITE) != 0;
+		if (seen_writable && !writable) {
+			dev_fail(d, "queue %d: descriptor %u (chain head %u) is device-readable after a "
+				 "device-writable descriptor", q->qindex, index, head);
+			return -1;
+		}
+		seen_writable |= writable;
+		q->scratch[n] = (struct desc){addr, len, (uint16_t)(flags & DESC_F_WRITE),
+					      (uint16_t)index};
+		if (!(flags & DESC_F_NEXT))
+			return (int)n + 1;
+		if (next >= q->size) {
+			dev_fail(d, "queue %d: descriptor %u next=%u out of range for queue size %u "
+				 "(chain head %u)", q->qindex, index, next, q->size, head);
+			return -1;
+		}
+		index = next;
+	}
+}
+
+static int chain_is_shadowed(struct dp_dev *d, const struct desc *c, int n)
+{
+	for (int i = 0; i < n; i++)
+		for (uint64_t p = c[i].addr >> PAGE_SHIFT;
+		     p <= (c[i].addr + c[i].len - 1) >> PAGE_SHIFT; p++)
+			if (d->slot[p] < 0)
+				return 0;
+	return 1;
+}
+
+/* Forward one validated chain (every page shadowed). Returns 0, or -1 (device broken). */
+static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avail_index)
+{
+	struct dp_dev *d = q->dev;
+	struct dp_engine *e = d->eng;
+	const struct desc *c = q->scratch;
+	chain_pages(d, c, n, page_get);
+	for (int i = 0; i < n; i++) {
+		uint8_t raw[16];
+		int last = i == n - 1;
+		uint16_t flags = (uint16_t)((last ? 0 : DESC_F_NEXT) | c[i].flags);
+		uint16_t next = last ? 0 : c[i + 1].index;
+		memcpy(raw, &c[i].addr, 8);
+		memcpy(raw + 8, &c[i].len, 4);
+		memcpy(raw + 12, &flags, 2);
+		memcpy(raw + 14, &next, 2);
+		if (devbuf_copy(d, q->desc_addr + 16ull * c[i].index, raw, 16, 1) < 0)
+			goto unmapped;
+		if (!(c[i].flags & DESC_F_WRITE)) {
+			if (devbuf_copy(d, c[i].addr, e->guest + c[i].addr, c[i].len, 1) < 0)
+				goto unmapped;
+			d->stats[ST_BYTES_TO_DEVICE] += c[i].len;
+		}
+	}
+	uint16_t h = (uint16_t)head;
+	if (devbuf_copy(d, q->avail_addr + 4 + 2ull * (avail_index % q->size), (uint8_t *)&h, 2, 1) < 0)
+		goto unmapped;
+	q->head_avail[head] = avail_index;
+	q->pos[Q_INFLIGHT]++;
+	d->stats[ST_FORWARDED]++;
+	return 0;
+unmapped:
+	chain_pages(d, c, n, page_put);
+	dev_fail(d, "queue %d: the shadow ring is not in device buffers", q->qindex);
+	return -1;
+}
+
+/* Forward every request the guest made available on `q`. Returns how many, or -1 (broken).
+ * Stops early, leaving Q_STALLED set, at a request with a page that has no device buffer. */
+static int forward_queue(struct dp_queue *q)
+{
+	struct dp_dev *d = q->dev;
+	struct dp_engine *e = d->eng;
+	if (d->error[0])
+		return -1;
+	if (q->pos[Q_STALLED])
+		return 0;
+	d->stats[ST_DOORBELLS]++;
+	uint8_t *idxp = guest_ptr(e, q->avail_addr + 2, 2);
+	if (!idxp) {
+		dev_fail(d, "queue %d: avail ring %#llx is outside guest RAM", q->qindex,
+			 (unsigned long long)q->avail_addr);
+		return -1;
+	}
+	uint16_t avail_idx = __atomic_load_n((uint16_t *)idxp, __ATOMIC_ACQUIRE);
+	uint16_t next = (uint16_t)q->pos[Q_NEXT_AVAIL];
+	uint32_t pending = (uint16_t)(avail_idx - next);
+	if (pending > q->size) {
+		dev_fail(d, "queue %d: avail idx %u is %u entries ahead of next_avail %u, more than "
+			 "the queue size %u", q->qindex, avail_idx, pending, next, q->size);
+		return -1;
+	}
+	int done = 0;
+	for (; pending; pending--, next++) {
+		uint8_t *entry = guest_ptr(e, q->avail_addr + 4 + 2ull * (next % q->size), 2);
+		if (!entry) {
+			dev_fail(d, "queue %d: avail ring entry outside guest RAM", q->qindex);
+			return -1;
+		}
+		uint16_t head;
+		memcpy(&head, entry, 2);
+		if (head >= q->size) {
+			dev_fail(d, "queue %d: avail ring entry %u (avail index %u) has head %u, out of "
+				 "range for queue size %u", q->qindex, next % q->size, next, head, q->size);
+			return -1;
+		}
+		if (q->head_avail[head] >= 0) {
+			dev_fail(d, "queue %d: head %u made available again while still in flight",
+				 q->qindex, head);
+			return -1;
+		}
+		int n = walk_guest_chain(q, head);
+		if (n < 0)
+			return -1;
+		if (!chain_is_shadowed(d, q->scratch, n)) {
+			q->pos[Q_STALLED] = 1;
+			d->stats[ST_STALLS]++;
+			signal_fd(e->slow_fd);
+			break;
+		}
+		if (forward_chain(q, head, n, next) < 0)
+			return -1;
+		done++;
+	}
+	if (done) {
+		uint16_t idx = next;
+		uint8_t *p = devbuf_ptr(d, q->avail_addr + 2);
+		if (!p || ((q->avail_addr + 2) & (PAGE_SIZE - 1)) > PAGE_SIZE - 2) {
+			dev_fail(d, "queue %d: the shadow avail ring is not in device buffers", q->qindex);
+			return -1;
+		}
+		__atomic_store_n((uint16_t *)p, idx, __ATOMIC_RELEASE);
+		q->pos[Q_NEXT_AVAIL] = next;
+	}
+	return done;
+}
+
+/* ---- completion ------------------------------------------------------------------------- */
+
+/* The shadow chain at `head` (re-encoded by us at forwarding) into q->scratch. */
+static int walk_shadow_chain(struct dp_queue *q, uint32_t head)
+{
+	struct dp_dev *d = q->dev;
+	uint32_t index = head;
+	for (uint32_t n = 0; n < q->size; n++) {
+		uint8_t raw[16];
+		if (devbuf_copy(d, q->desc_addr + 16ull * index, raw, 16, 0) < 0)
+			return -1;
+		struct desc *c = &q->scratch[n];
+		uint16_t flags, next;
+		memcpy(&c->addr, raw, 8);
+		memcpy(&c->len, raw + 8, 4);
+		memcpy(&flags, raw + 12, 2);
+		memcpy(&next, raw + 14, 2);
+		c->flags = flags & DESC_F_WRITE;
+		c->index = (uint16_t)index;
+		if (!guest_ptr(d->eng, c->addr, c->len) || c->len == 0)
+			return -1;
+		if (!(flags & DESC_F_NEXT))
+			return (int)n + 1;
+		if (next >= q->size)
+			return -1;
+		index = next;
+	}
+	return -1;
+}
+
+static int complete_queue(struct dp_queue *q)
+{
+	struct dp_dev *d = q->dev;
+	struct dp_engine *e = d->eng;
+	uint16_t used_idx;
+	if (devbuf_u16(d, q->used_addr + 2, &used_idx) < 0) {
+		dev_fail(d, "queue %d: the shadow used ring is not in device buffers", q->qindex);
+		return -1;
+	}
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	uint16_t next_used = (uint16_t)q->pos[Q_NEXT_USED];
+	uint32_t count = (uint16_t)(used_idx - next_used);
+	if (count == 0)
+		return 0;
+	if (count > (uint32_t)q->pos[Q_INFLIGHT]) {
+		dev_fail(d, "device reports %u completions on queue %d with %lld requests in flight",
+			 count, q->qindex, (long long)q->pos[Q_INFLIGHT]);
+		return -1;
+	}
+	uint64_t used_ring = q->used_addr + 4;
+	for (uint32_t i = 0; i < count; i++) {
+		uint16_t at = (uint16_t)(next_used + i);
+		uint32_t elem[2];
+		if (devbuf_copy(d, used_ring + 8ull * (at % q->size), (uint8_t *)elem, 8, 0) < 0) {
+			dev_fail(d, "queue %d: the shadow used ring is not in device buffers", q->qindex);
+			return -1;
+		}
+		uint32_t head = elem[0], len = elem[1];
+		if (head >= q->size || q->head_avail[head] < 0) {
+			dev_fail(d, "device completed head %u on queue %d, which is not in flight", head,
+				 q->qindex);
+			return -1;
+		}
+		int n = walk_shadow_chain(q, head);
+		if (n < 0) {
+			dev_fail(d, "queue %d: the shadow chain at head %u is unreadable", q->qindex, head);
+			return -1;
+		}
+		/* Exactly used.len bytes across the writable descriptors: never whole pages, the
+		 * guest may be writing the rest of them. */
+		uint64_t left = len, written = 0;
+		for (int k = 0; k < n && left; k++) {
+			if (!(q->scratch[k].flags & DESC_F_WRITE))
+				continue;
+			uint64_t m = q->scratch[k].len < left ? q->scratch[k].len : left;
+			if (devbuf_copy(d, q->scratch[k].addr, e->guest + q->scratch[k].addr, m, 0) < 0) {
+				dev_fail(d, "queue %d: a completed buffer has no device buffer", q->qindex);
+				return -1;
+			}
+			mark_dirty(e, q->scratch[k].addr, m);
+			left -= m;
+			written += m;
+		}
+		uint64_t elem_gpa = used_ring + 8ull * (at % q->size);
+		uint8_t *g = guest_ptr(e, elem_gpa, 8);
+		if (!g) {
+			dev_fail(d, "queue %d: used ring %#llx is outside guest RAM", q->qindex,
+				 (unsigned long long)q->used_addr);
+			return -1;
+		}
+		uint32_t out[2] = {head, (uint32_t)written};
+		memcpy(g, out, 8);
+		mark_dirty(e, elem_gpa, 8);
+		chain_pages(d, q->scratch, n, page_put);
+		q->head_avail[head] = -1;
+		q->pos[Q_INFLIGHT]--;
+		d->stats[ST_BYTES_TO_GUEST] += written;
+	}
+	uint8_t *idxp = guest_ptr(e, q->used_addr + 2, 2);
+	if (!idxp) {
+		dev_fail(d, "queue %d: used ring %#llx is outside guest RAM", q->qindex,
+			 (unsigned long long)q->used_addr);
+		return -1;
+	}
+	next_used = (uint16_t)(next_used + count);
+	__atomic_store_n((uint16_t *)idxp, next_used, __ATOMIC_RELEASE);
+	mark_dirty(e, q->used_addr + 2, 2);
+	q->pos[Q_NEXT_USED] = next_used;
+	d->stats[ST_COMPLETED] += count;
+	return (int)count;
+}
+
+static int complete_dev(struct dp_dev *d)
+{
+	if (d->error[0])
+		return -1;
+	d->stats[ST_INTERRUPTS]++;
+	int done = 0;
+	for (int i = 0; i < d->nqueues; i++) {
+		int r = complete_queue(&d->queues[i]);
+		if (r < 0)
+			return -1;
+		done += r;
+	}
+	if (d->stats[ST_IDLE] > d->eng->idle_limit)
+		signal_fd(d->eng->slow_fd);
+	return done;
+}
+
+/* ---- the thread ------------------------------------------------------------------------- */
+
+#define TAG_WAKE 0
+#define TAG_QUEUE 1
+#define TAG_DEV 2
+
+static uint64_t tag(void *p, int kind)
+{
+	return (uint64_t)(uintptr_t)p | (uint64_t)kind;
+}
+
+static void service(struct dp_engine *e, int poll_all)
+{
+	int synced = 0;
+	for (int i = 0; i < e->ndevs; i++) {
+		struct dp_dev *d = e->devs[i];
+		for (int k = 0; k < d->nqueues; k++) {
+			struct dp_queue *q = &d->queues[k];
+			if (!q->pending && !poll_all)
+				continue;
+			if (forward_queue(q) > 0)
+				signal_fd(q->kick_fd);
+			q->pending = q->pos[Q_STALLED] != 0; /* retried when Python pokes */
+		}
+		int r = complete_dev(d);
+		if (r > 0)
+			synced += r;
+	}
+	if (synced)
+		signal_fd(e->guest_wake_fd);
+}
+
+static void *run(void *arg)
+{
+	struct dp_engine *e = arg;
+	struct epoll_event ev[32];
+	for (;;) {
+		int n = epoll_wait(e->epfd, ev, 32, POLL_MS);
+		if (n < 0 && errno != EINTR)
+			break;
+		pthread_mutex_lock(&e->lock);
+		if (e->stop) {
+			pthread_mutex_unlock(&e->lock);
+			break;
+		}
+		int poll_all = n <= 0;
+		for (int i = 0; i < n; i++) {
+			uint64_t t = ev[i].data.u64;
+			void *p = (void *)(uintptr_t)(t & ~3ull);
+			switch (t & 3) {
+			case TAG_QUEUE: {
+				struct dp_queue *q = p;
+				drain_fd(q->doorbell_fd);
+				q->pending = 1;
+				break;
+			}
+			case TAG_DEV:
+				drain_fd(((struct dp_dev *)p)->irq_fd);
+				break;
+			default:
+				drain_fd(e->wake_fd);
+				poll_all = 1; /* Python mapped pages for stalled queues */
+				break;
+			}
+		}
+		service(e, poll_all);
+		pthread_mutex_unlock(&e->lock);
+	}
+	return NULL;
+}
+
+/* ---- the interface (ptmig/shadow/native.py) --------------------------------------------- */
+
+struct dp_engine *dp_engine_new(uint8_t *guest, uint64_t guest_size, uint8_t *pool,
+				uint64_t pool_pages, uint64_t *dirty, int guest_wake_fd, int slow_fd,
+				uint32_t idle_limit)
+{
+	struct dp_engine *e = calloc(1, sizeof(*e));
+	if (!e)
+		return NULL;
+	e->guest = guest;
+	e->guest_size = guest_size;
+	e->npages = guest_size >> PAGE_SHIFT;
+	e->pool = pool;
+	e->pool_pages = pool_pages;
+	e->dirty = dirty;
+	e->guest_wake_fd = guest_wake_fd;
+	e->slow_fd = slow_fd;
+	e->idle_limit = idle_limit;
+	e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	e->epfd = epoll_create1(EPOLL_CLOEXEC);
+	pthread_mutex_init(&e->lock, NULL);
+	if (e->wake_fd < 0 || e->epfd < 0)
+		goto fail;
+	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(e, TAG_WAKE)};
+	if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wake_fd, &ev) < 0)
+		goto fail;
+	return e;
+fail:
+	if (e->wake_fd >= 0)
+		close(e->wake_fd);
+	if (e->epfd >= 0)
+		close(e->epfd);
+	free(e);
+	return NULL;
+}
+
+struct dp_dev *dp_dev_add(struct dp_engine *e, int32_t *slot, int32_t *refs, uint32_t *stamp,
+			  uint64_t *stats, char *error, int irq_fd)
+{
+	if (e->ndevs >= MAX_DEVICES)
+		return NULL;
+	struct dp_dev *d = calloc(1, sizeof(*d));
+	if (!d)
+		return NULL;
+	*d = (struct dp_dev){.eng = e, .slot = slot, .refs = refs, .stamp = stamp, .stats = stats,
+			     .error = error, .irq_fd = irq_fd};
+	if (irq_fd >= 0) {
+		struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(d, TAG_DEV)};
+		if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, irq_fd, &ev) < 0) {
+			free(d);
+			return NULL;
+		}
+	}
+	e->devs[e->ndevs++] = d;
+	return d;
+}
+
+int dp_queue_add(struct dp_dev *d, int qindex, uint32_t size, uint64_t desc_addr,
+		 uint64_t avail_addr, uint64_t used_addr, int64_t *pos, int32_t *head_avail,
+		 int doorbell_fd, int kick_fd)
+{
+	if (d->nqueues >= MAX_QUEUES || size == 0 || (size & (size - 1)) || size > 32768)
+		return -EINVAL;
+	struct dp_queue *q = &d->queues[d->nqueues];
+	*q = (struct dp_queue){.dev = d, .qindex = qindex, .size = size, .desc_addr = desc_addr,
+			       .avail_addr = avail_addr, .used_addr = used_addr, .pos = pos,
+			       .head_avail = head_avail, .doorbell_fd = doorbell_fd,
+			       .kick_fd = kick_fd};
+	q->scratch = calloc(size, sizeof(struct desc));
+	if (!q->scratch)
+		return -ENOMEM;
+	if (doorbell_fd >= 0) {
+		struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(q, TAG_QUEUE)};
+		if (epoll_ctl(d->eng->epfd, EPOLL_CTL_ADD, doorbell_fd, &ev) < 0) {
+			int err = -errno;
+			free(q->scratch);
+			return err;
+		}
+	}
+	d->nqueues++;
+	return 0;
+}
+
+static struct dp_queue *find_queue(struct dp_dev *d, int qindex)
+{
+	for (int i = 0; i < d->nqueues; i++)
+		if (d->queues[i].qindex == qindex)
+			return &d->queues[i];
+	return NULL;
+}
+
+/* Callers hold the lock (dp_lock) for these three. */
+int dp_forward(struct dp_dev *d, int qindex)
+{
+	struct dp_queue *q = find_queue(d, qindex);
+	return q ? forward_queue(q) : -EINVAL;
+}
+
+int dp_complete(struct dp_dev *d)
+{
+	return complete_dev(d);
+}
+
+void dp_fail(struct dp_dev *d, const char *reason)
+{
+	dev_fail(d, "%s", reason);
+}
+
+void dp_lock(struct dp_engine *e)
+{
+	pthread_mutex_lock(&e->lock);
+}
+
+void dp_unlock(struct dp_engine *e)
+{
+	pthread_mutex_unlock(&e->lock);
+}
+
+/* Retry stalled queues (after Python shadowed their pages). */
+void dp_poke(struct dp_engine *e)
+{
+	signal_fd(e->wake_fd);
+}
+
+int dp_start(struct dp_engine *e)
+{
+	if (e->running)
+		return 0;
+	e->stop = 0;
+	int err = pthread_create(&e->thread, NULL, run, e);
+	if (err)
+		return -err;
+	pthread_setname_np(e->thread, "shadow-dataplane");
+	e->running = 1;
+	return 0;
+}
+
+void dp_stop(struct dp_engine *e)
+{
+	if (!e->running)
+		return;
+	pthread_mutex_lock(&e->lock);
+	e->stop = 1;
+	pthread_mutex_unlock(&e->lock);
+	signal_fd(e->wake_fd);
+	pthread_join(e->thread, NULL);
+	e->running = 0;
+}
+
+void dp_engine_free(struct dp_engine *e)
+{
+	if (!e)
+		return;
+	dp_stop(e);
+	for (int i = 0; i < e->ndevs; i++) {
+		for (int k = 0; k < e->devs[i]->nqueues; k++)
+			free(e->devs[i]->queues[k].scratch);
+		free(e->devs[i]);
+	}
+	close(e->wake_fd);
+	close(e->epfd);
+	pthread_mutex_destroy(&e->lock);
+	free(e);
+}

@@ -1,0 +1,268 @@
+"""The shadow data plane's native half: building `native/dataplane.c` and calling into it.
+
+The per-request work of shadow mode (forward a request, sync a completion) runs in C on a
+thread of its own, outside the interpreter; see the comment at the top of `native/dataplane.c`
+for what it does and why. Everything it works on is owned here, as numpy arrays the C side
+keeps pointers to: the page table of each device (guest page -> pool page, references, LRU
+stamps), each queue's positions and in-flight heads, the counters, and the DMA dirty bitmap.
+Python reads or changes any of it only inside `Dataplane.locked()`.
+
+The library is built with the system C compiler at first use and cached by the hash of its
+source, the flags and the compiler, exactly like the guest firmware.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import bitmap
+from ..firmware import (
+    FirmwareBuildError,
+    _digest,
+    _publish,
+    _run,
+    compiler_identity,
+    default_cache_dir,
+    find_compiler,
+)
+from ..memory import GuestMemory
+from .pool import ShadowPool
+
+NATIVE_DIR = Path(__file__).resolve().parent.parent.parent / "native"
+SOURCE = "dataplane.c"
+CFLAGS: tuple[str, ...] = ("-std=gnu11", "-O2", "-fPIC", "-shared", "-pthread", "-Wall",
+                           "-Wextra", "-Werror", "-fvisibility=default")
+
+# Counters per device (enum ST_* in dataplane.c).
+ST_FORWARDED, ST_COMPLETED, ST_BYTES_TO_DEVICE, ST_BYTES_TO_GUEST = 0, 1, 2, 3
+ST_DOORBELLS, ST_INTERRUPTS, ST_ACTIVE, ST_IDLE, ST_REUSED, ST_PEAK, ST_STALLS = range(4, 11)
+ST_CLOCK = 11
+ST_COUNT = 12
+# Positions per queue (enum Q_* in dataplane.c).
+Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT = range(4)
+Q_COUNT = 4
+ERROR_LEN = 256
+
+
+class DataplaneError(RuntimeError):
+    """The native data plane could not be built, loaded or set up."""
+
+
+def build_library(cache_dir: Path | None = None, *, source_dir: Path | None = None) -> Path:
+    """Build (or find in the cache) the data plane's shared library; returns its path."""
+    src = (source_dir or NATIVE_DIR).resolve()
+    source = src / SOURCE
+    if not source.is_file():
+        raise DataplaneError(f"data plane source {source} is missing")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "native"
+    compiler = find_compiler()
+    digest = _digest(src, [source], CFLAGS, compiler + "\n" + compiler_identity(compiler))
+    final = cache / f"dataplane-{digest[:24]}.so"
+    if final.is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp_name:
+        out = Path(tmp_name) / "dataplane.so"
+        _run([compiler, *CFLAGS, str(source), "-o", str(out)], Path(tmp_name),
+             "compiling the shadow data plane")
+        _publish(out, final)
+    return final
+
+
+_lib: ctypes.CDLL | None = None
+_lib_lock = threading.Lock()
+
+_P = ctypes.c_void_p
+_U64, _I32, _U32, _INT = ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_int
+_SIGNATURES: dict[str, tuple[object, list[object]]] = {
+    "dp_engine_new": (_P, [_P, _U64, _P, _U64, _P, _INT, _INT, _U32]),
+    "dp_engine_free": (None, [_P]),
+    "dp_dev_add": (_P, [_P, _P, _P, _P, _P, _P, _INT]),
+    "dp_queue_add": (_INT, [_P, _INT, _U32, _U64, _U64, _U64, _P, _P, _INT, _INT]),
+    "dp_forward": (_INT, [_P, _INT]),
+    "dp_complete": (_INT, [_P]),
+    "dp_fail": (None, [_P, ctypes.c_char_p]),
+    "dp_lock": (None, [_P]),
+    "dp_unlock": (None, [_P]),
+    "dp_poke": (None, [_P]),
+    "dp_start": (_INT, [_P]),
+    "dp_stop": (None, [_P]),
+}
+
+
+def library() -> ctypes.CDLL:
+    """The loaded data plane (built on first use). ctypes releases the GIL around each call."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            try:
+                lib = ctypes.CDLL(str(build_library()))
+            except (OSError, FirmwareBuildError) as e:
+                raise DataplaneError(f"the shadow data plane is unavailable: {e}") from e
+            for name, (restype, argtypes) in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype = restype
+                fn.argtypes = argtypes
+            _lib = lib
+        return _lib
+
+
+def _addr(a: npt.NDArray[np.generic]) -> int:
+    return int(a.ctypes.data)
+
+
+class DataplaneQueue:
+    """One queue as the data plane sees it: positions and in-flight heads (shared arrays)."""
+
+    def __init__(self, index: int, size: int) -> None:
+        self.index = index
+        self.pos = np.zeros(Q_COUNT, dtype=np.int64)
+        self.head_avail = np.full(size, -1, dtype=np.int32)
+
+    @property
+    def next_avail(self) -> int:
+        return int(self.pos[Q_NEXT_AVAIL])
+
+    @property
+    def next_used(self) -> int:
+        return int(self.pos[Q_NEXT_USED])
+
+    @property
+    def stalled(self) -> bool:
+        return bool(self.pos[Q_STALLED])
+
+    @property
+    def inflight_count(self) -> int:
+        return int(self.pos[Q_INFLIGHT])
+
+    def inflight(self) -> list[tuple[int, int]]:
+        """(avail index, head) of every forwarded, uncompleted request, oldest first."""
+        heads = np.flatnonzero(self.head_avail >= 0)
+        nxt = self.next_avail
+        reqs = [(int(self.head_avail[h]), int(h)) for h in heads]
+        reqs.sort(key=lambda r: (nxt - r[0]) & 0xFFFF, reverse=True)
+        return reqs
+
+
+class DataplaneDevice:
+    """One device's page table, counters and error text (shared arrays)."""
+
+    def __init__(self, dp: Dataplane, npages: int, irq_fd: int) -> None:
+        self.dp = dp
+        self.slot = np.full(npages, -1, dtype=np.int32)
+        self.refs = np.zeros(npages, dtype=np.int32)
+        self.stamp = np.zeros(npages, dtype=np.uint32)
+        self.stats = np.zeros(ST_COUNT, dtype=np.uint64)
+        self._error = ctypes.create_string_buffer(ERROR_LEN)
+        self.queues: dict[int, DataplaneQueue] = {}
+        handle = dp.lib.dp_dev_add(dp.handle, _addr(self.slot), _addr(self.refs),
+                                   _addr(self.stamp), _addr(self.stats),
+                                   ctypes.addressof(self._error), irq_fd)
+        if not handle:
+            raise DataplaneError("the data plane cannot take another device")
+        self.handle: int = handle
+
+    def add_queue(self, index: int, size: int, desc: int, avail: int, used: int, next_avail: int,
+                  next_used: int, doorbell_fd: int = -1, kick_fd: int = -1) -> DataplaneQueue:
+        q = DataplaneQueue(index, size)
+        q.pos[Q_NEXT_AVAIL], q.pos[Q_NEXT_USED] = next_avail, next_used
+        err = self.dp.lib.dp_queue_add(self.handle, index, size, desc, avail, used,
+                                       _addr(q.pos), _addr(q.head_avail), doorbell_fd, kick_fd)
+        if err:
+            raise DataplaneError(f"queue {index}: {os.strerror(-err)}")
+        self.queues[index] = q
+        return q
+
+    @property
+    def error(self) -> str | None:
+        text = self._error.value.decode(errors="replace")
+        return text or None
+
+    # The three calls below need the data plane locked.
+    def forward(self, index: int) -> int:
+        """Forward queue `index`'s new requests; how many, or -1 if the device broke."""
+        return int(self.dp.lib.dp_forward(self.handle, index))
+
+    def complete(self) -> int:
+        """Sync every completion of every queue; how many, or -1 if the device broke."""
+        return int(self.dp.lib.dp_complete(self.handle))
+
+    def fail(self, reason: str) -> None:
+        self.dp.lib.dp_fail(self.handle, reason.encode()[: ERROR_LEN - 1])
+
+
+class Dataplane:
+    """The native data plane of one VM's shadowed devices, and its thread.
+
+    `guest_wake_fd` is signalled after completions were synced (the guest's interrupt);
+    `slow_fd` is signalled when Python must act: a queue stalled on an unshadowed page, a device
+    broke, or too many idle device buffers piled up."""
+
+    def __init__(self, memory: GuestMemory, pool: ShadowPool, *, guest_wake_fd: int = -1,
+                 idle_limit: int = 1024) -> None:
+        self.lib = library()
+        self.memory = memory
+        self.dirty = bitmap.empty(memory.npages)
+        self.slow_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pool_base = ctypes.c_char.from_buffer(pool.mmap)
+        handle = self.lib.dp_engine_new(memory.host_address, memory.size,
+                                        ctypes.addressof(self._pool_base), pool.pages,
+                                        _addr(self.dirty), guest_wake_fd, self.slow_fd,
+                                        idle_limit)
+        if not handle:
+            os.close(self.slow_fd)
+            raise DataplaneError("could not create the data plane (out of memory or fds)")
+        self.handle: int = handle
+        self.devices: list[DataplaneDevice] = []
+        self.running = False
+
+    def add_device(self, irq_fd: int = -1) -> DataplaneDevice:
+        dev = DataplaneDevice(self, self.memory.npages, irq_fd)
+        self.devices.append(dev)
+        return dev
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.lib.dp_lock(self.handle)
+        try:
+            yield
+        finally:
+            self.lib.dp_unlock(self.handle)
+
+    def take_dirty(self) -> bitmap.Bitmap:
+        """Guest pages the data plane wrote since the last call (and forget them)."""
+        with self.locked():
+            out = self.dirty.copy()
+            self.dirty[:] = 0
+        return out
+
+    def start(self) -> None:
+        err = self.lib.dp_start(self.handle)
+        if err:
+            raise DataplaneError(f"could not start the data plane thread: {os.strerror(-err)}")
+        self.running = True
+
+    def stop(self) -> None:
+        """Stop the thread (it finishes the batch it is on). Idempotent."""
+        self.lib.dp_stop(self.handle)
+        self.running = False
+
+    def poke(self) -> None:
+        """Make the thread look at every queue again (after stalled pages were shadowed)."""
+        self.lib.dp_poke(self.handle)
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.dp_engine_free(self.handle)
+            self.handle = 0
+            os.close(self.slow_fd)
+            del self._pool_base  # the pool's mmap may be closed again
