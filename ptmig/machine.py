@@ -43,6 +43,7 @@ class Machine:
         self.switch_process: Any = None
         self.incoming: Any = None
         self.shadow: Any = None  # the ShadowEngine while a migration shadows DMA
+        self.manual_shadow: Any = None  # the ShadowTracking that x-shadow-start began
         self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()
@@ -106,6 +107,12 @@ class Machine:
 
     def close(self) -> None:
         self._closing = True
+        if self.shadow is not None:  # its data plane thread touches guest RAM: stop it first
+            try:
+                self.shadow.close()
+            except Exception:
+                log.exception("stopping the shadow engine")
+            self.shadow = None
         self.vm.close()
         for d in self.devices:
             try:
@@ -137,6 +144,9 @@ class Machine:
         qmp.register("cont", self._qmp_cont)
         qmp.register("quit", self._qmp_quit)
         qmp.register("x-query-guest-stats", self._qmp_guest_stats)
+        qmp.register("x-shadow-start", self._qmp_shadow_start)
+        qmp.register("x-shadow-stop", self._qmp_shadow_stop)
+        qmp.register("x-query-shadow", self._qmp_query_shadow)
 
     def _qmp_query_status(self) -> dict[str, Any]:
         return query_status_reply(RunStatus(self.vm.state.value))
@@ -160,6 +170,37 @@ class Machine:
     def request_quit(self) -> None:
         """Stop the guest and end `run`/`wait` (QMP `quit`, SIGTERM, SIGINT)."""
         self._quit.set()
+
+    # Shadow mode without a migration: to measure the data path's cost against direct DMA
+    # on the same guest, or to debug it. A migration cannot start while it is on.
+
+    def _qmp_shadow_start(self) -> None:
+        from .shadow.strategy import ShadowTracking
+
+        if self.shadow is not None or self.migration.busy():
+            raise QmpError(ErrorClass.GENERIC_ERROR, "DMA is already shadowed (x-shadow-start "
+                           "or a migration)")
+        if self.vm.state not in (RunState.RUNNING, RunState.PAUSED):
+            raise QmpError(ErrorClass.GENERIC_ERROR,
+                           f"cannot shadow DMA of a guest in state '{self.vm.state.value}'")
+        tracking = ShadowTracking()
+        try:
+            tracking.begin(self)
+        except Exception as e:
+            tracking.abort(self)
+            raise QmpError(ErrorClass.GENERIC_ERROR, f"entering shadow mode failed: {e}") from e
+        self.manual_shadow = tracking
+
+    def _qmp_shadow_stop(self) -> dict[str, Any]:
+        tracking, self.manual_shadow = self.manual_shadow, None
+        if tracking is None:
+            raise QmpError(ErrorClass.GENERIC_ERROR, "DMA is not shadowed by x-shadow-start")
+        tracking.abort(self)
+        return tracking.stats() or {}
+
+    def _qmp_query_shadow(self) -> dict[str, Any]:
+        active = self.shadow is not None and self.shadow.active
+        return {"active": active, **(self.shadow.stats() if active else {})}
 
     def _qmp_guest_stats(self) -> dict[str, Any]:
         stats = self.vm.vcpu_stats()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -211,3 +212,32 @@ def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path) -> Non
         assert blk.handle.alive and m.devices[0].handle.alive
     finally:
         m.close()
+
+
+def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
+    """x-shadow-start / x-shadow-stop: the data path alone, under load, loses nothing; a
+    migration is refused while it is on."""
+    cfg = kv_config(tmp_path, memory="64M")
+    vmm = Vmm(cfg, tmp_path, "vmm")
+    try:
+        out = tmp_path / "load.json"
+        load = start_load(cfg, out, duration=4, rate=2000)
+        time.sleep(1)
+        vmm.qmp("x-shadow-start")
+        with pytest.raises(Exception, match="already shadowed"):
+            vmm.qmp("x-shadow-start")
+        with pytest.raises(Exception, match="x-shadow-stop first"):
+            vmm.qmp("migrate", {"uri": f"tcp:127.0.0.1:{free_port(socket.SOCK_STREAM)}"})
+        time.sleep(1.5)
+        live = vmm.qmp("x-query-shadow")
+        assert live["active"] and live["requests-forwarded"] > 0
+        stats = vmm.qmp("x-shadow-stop")
+        assert stats["completions-synced"] > 0
+        assert vmm.qmp("x-query-shadow") == {"active": False}
+        with pytest.raises(Exception, match="not shadowed"):
+            vmm.qmp("x-shadow-stop")
+        assert load.wait(timeout=60) == 0, load.stdout.read() if load.stdout else ""
+        res = json.loads(out.read_text())
+        assert res["acked"] > 0 and res["lost"] == 0 and res["wrong"] == 0
+    finally:
+        vmm.quit()

@@ -26,6 +26,12 @@ and the derived results with the issue's goals (`derived_results()`, pure):
     strategy.shadow.during_vs_before               kv ops/s during pre-copy ÷ before, ≥ 0.7
     strategy.shadow_vs_devicelog.during_vs_before  the same ÷ device-log's (no goal: context)
 
+and, apart from any migration (`shadow_datapath()`): kv ops/s on one guest with direct DMA and
+with its devices shadowed (`x-shadow-start`), alternating, back to back:
+
+    strategy.shadow.datapath.direct_ops / .shadow_ops
+    strategy.shadow.datapath_vs_direct             shadowed ÷ direct, ≥ 0.7
+
 The downtime's breakdown (query-migrate's stop-and-copy round: pause, sync, send, ack, the
 destination's share) is kept in `extra["downtime_parts"]` of each `.downtime` result. If the
 engine hashes pages for `x-verify` inside the downtime (it did before verification moved after
@@ -51,7 +57,7 @@ from rich.table import Table
 
 from ..migration.params import DMA_TRACKING
 from ..report.bench import parse_ram
-from .harness import BenchConfig, Goal, Result, format_value, measured, paired_ratios
+from .harness import BenchConfig, BenchError, Goal, Result, format_value, measured, paired_ratios
 
 SECTION = "strategies"
 MiB = 1 << 20
@@ -531,5 +537,51 @@ def _console() -> Console:
     return c if c.is_terminal else Console(width=160)
 
 
+# ---- the data path alone: shadowed vs direct DMA on one guest, no migration ---------------------
+
+
+def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
+                    console: Console | None = None) -> list[Result]:
+    """kv ops/s (--max) with direct DMA, then with every device shadowed (`x-shadow-start`),
+    alternating `pairs` times on the same guest: the cost of the shadow data path by itself,
+    without migration traffic competing for the CPUs. Each pair's ratio is measured back to
+    back; the result is their median."""
+    from ..demo.qmpclient import QmpClient
+    from ..load import LoadOptions, run_load
+    from .devices import KvVmm
+
+    console = console or _console()
+    direct: list[float] = []
+    shadowed: list[float] = []
+    with KvVmm(memory, qmp=True) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
+        run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))  # warm up
+        for _ in range(pairs):
+            for mode, into in (("direct", direct), ("shadow", shadowed)):
+                if mode == "shadow":
+                    qmp.execute("x-shadow-start")
+                try:
+                    r = run_load(LoadOptions(config=vmm.config, duration_s=seconds))
+                finally:
+                    if mode == "shadow":
+                        qmp.execute("x-shadow-stop")
+                if r.lost or r.wrong:
+                    raise BenchError(f"kv under {mode} DMA lost {r.lost}, wrong {r.wrong}")
+                into.append(r.ops_per_s)
+            console.print(f"  data path: direct {direct[-1]:.0f} ops/s, shadowed "
+                          f"{shadowed[-1]:.0f} ops/s", highlight=False)
+    extra = {"memory": memory, "seconds": seconds, "pairs": pairs,
+             "what": "kv --max ops/s, shadowed ÷ direct, same guest, back to back, "
+                     "no migration"}
+    return [
+        measured(SECTION, "strategy.shadow.datapath.direct_ops", direct, "ops/s", extra=extra),
+        measured(SECTION, "strategy.shadow.datapath.shadow_ops", shadowed, "ops/s", extra=extra),
+        measured(SECTION, "strategy.shadow.datapath_vs_direct",
+                 [s / d for s, d in zip(shadowed, direct, strict=True)], "ratio",
+                 GOAL_DURING_VS_BEFORE, extra),
+    ]
+
+
 def run(config: BenchConfig) -> list[Result]:
-    return run_strategy_bench(StrategyBenchParams.for_config(config))
+    results = run_strategy_bench(StrategyBenchParams.for_config(config))
+    pairs = 3 if config.quick else 5
+    return results + shadow_datapath(pairs, 2.0 if config.quick else 4.0)

@@ -48,6 +48,9 @@ class MigrationControl:
         with self._lock:
             if self.current is not None and not self.current.info.status.finished:
                 raise QmpError(ErrorClass.GENERIC_ERROR, "a migration is already in progress")
+            if getattr(self.m, "manual_shadow", None) is not None:
+                raise QmpError(ErrorClass.GENERIC_ERROR,
+                               "DMA is shadowed by x-shadow-start: x-shadow-stop first")
             if self.m.vm.state not in (RunState.RUNNING, RunState.PAUSED):
                 raise QmpError(ErrorClass.GENERIC_ERROR,
                                f"cannot migrate a guest in state '{self.m.vm.state.value}'")
@@ -109,24 +112,25 @@ class MigrationControl:
         if self.current is not None:
             self.current.cancel()
 
-    def _busy(self) -> bool:
+    def busy(self) -> bool:
+        """A migration is running (not yet completed, failed or cancelled)."""
         return self.current is not None and not self.current.info.status.finished
 
     def _qmp_set_parameters(self, **kw: Any) -> None:
-        if self._busy() and "x_dma_tracking" in kw:
+        if self.busy() and "x_dma_tracking" in kw:
             raise QmpError(ErrorClass.GENERIC_ERROR,
                            "x-dma-tracking cannot change while a migration runs")
         try:
             self.params.set(**kw)
         except ValueError as e:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
-        if self.current is not None and self._busy():
+        if self.current is not None and self.busy():
             # As in QEMU, a running migration follows new limits at once.
             self.current.params.downtime_limit_ms = self.params.downtime_limit_ms
             self.current.params.max_bandwidth = self.params.max_bandwidth
 
     def _qmp_set_capabilities(self, capabilities: list[Any]) -> None:
-        if self._busy():
+        if self.busy():
             raise QmpError(ErrorClass.GENERIC_ERROR,
                            "capabilities cannot change while a migration runs")
         try:
@@ -138,7 +142,7 @@ class MigrationControl:
         """Benchmark/test hook: fill guest RAM [gpa, gpa+size) with pseudo-random bytes through
         the VMM's own (dirty-marking) write path, so a migration has real data to carry. It
         overwrites whatever the guest keeps there: only for a workload that leaves it unused."""
-        if self._busy():
+        if self.busy():
             raise QmpError(ErrorClass.GENERIC_ERROR, "cannot fill guest RAM while migrating")
         mem = self.m.vm.memory
         if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or gpa + size > mem.size:

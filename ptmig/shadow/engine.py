@@ -271,6 +271,9 @@ class ShadowEngine:
         return total
 
     def close(self) -> None:
+        """Stop both threads and free the data plane. Idempotent."""
+        if self._stop_r < 0:
+            return
         self._stop_thread()
         dp, self.dataplane = self.dataplane, None
         if dp is not None:
@@ -278,6 +281,7 @@ class ShadowEngine:
             dp.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
+        self._stop_r = self._stop_w = -1
 
 
 class ShadowFailed(RuntimeError):
