@@ -15,6 +15,7 @@ from rich.console import Console
 from ptmig.bench import load_section, run_bench, write_json
 from ptmig.bench.harness import BenchConfig
 from ptmig.bench.strategies import (
+    DATAPATH_RESULTS,
     CellRun,
     StrategyBenchParams,
     cell_from_doc,
@@ -284,7 +285,7 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
     import ptmig.bench.strategies as mod
 
     tiny = StrategyBenchParams(memories=("256M",), strategies=("none", "shadow"), runs=1,
-                               warmup_s=2.0, after_s=2.0)
+                               warmup_s=2.0, after_s=2.0, datapath_pairs=1, datapath_s=1.0)
     monkeypatch.setattr(mod.StrategyBenchParams, "for_config", classmethod(lambda cls, c: tiny))
     report = run_bench(BenchConfig(quick=True, runs=1),
                        [("strategies", load_section("strategies"))],
@@ -294,7 +295,8 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
     doc = json.loads(path.read_text())
     assert doc["errors"] == []
     results = {r["name"]: r for r in doc["results"]}
-    assert list(results) == expected_result_names(tiny)
+    assert list(results) == expected_result_names(tiny) + list(DATAPATH_RESULTS)
+    assert results["strategy.shadow.datapath_vs_direct"]["value"] > 0
     assert all(r["section"] == "strategies" for r in results.values())
     for s in ("none", "shadow"):
         downtime = results[f"strategy.{s}.256M.downtime"]

@@ -81,6 +81,8 @@ class StrategyBenchParams:
     after_s: float = 5.0  # kv load after the migration is expected to have ended
     max_bandwidth_mib: float = 100.0  # about a 1 GbE link, the demo's default; 0 = unlimited
     downtime_limit_ms: int = 300
+    datapath_pairs: int = 5  # direct/shadowed load pairs of `shadow_datapath()`
+    datapath_s: float = 4.0  # seconds of load in each
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in DMA_TRACKING]
@@ -102,7 +104,8 @@ class StrategyBenchParams:
     @classmethod
     def for_config(cls, config: BenchConfig) -> StrategyBenchParams:
         if config.quick:  # about 3 minutes: two sizes, one run each, a short load
-            return cls(memories=("256M", "1G"), runs=1, warmup_s=3.0, after_s=3.0)
+            return cls(memories=("256M", "1G"), runs=1, warmup_s=3.0, after_s=3.0,
+                       datapath_pairs=3, datapath_s=2.0)
         return cls(runs=min(config.runs, FULL_RUNS))
 
     def migration_allowance_s(self, strategy: str, memory: str) -> float:
@@ -540,6 +543,10 @@ def _console() -> Console:
 # ---- the data path alone: shadowed vs direct DMA on one guest, no migration ---------------------
 
 
+DATAPATH_RESULTS = ("strategy.shadow.datapath.direct_ops", "strategy.shadow.datapath.shadow_ops",
+                    "strategy.shadow.datapath_vs_direct")
+
+
 def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
                     console: Console | None = None) -> list[Result]:
     """kv ops/s (--max) with direct DMA, then with every device shadowed (`x-shadow-start`),
@@ -572,16 +579,17 @@ def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
     extra = {"memory": memory, "seconds": seconds, "pairs": pairs,
              "what": "kv --max ops/s, shadowed ÷ direct, same guest, back to back, "
                      "no migration"}
+    direct_name, shadow_name, ratio_name = DATAPATH_RESULTS
     return [
-        measured(SECTION, "strategy.shadow.datapath.direct_ops", direct, "ops/s", extra=extra),
-        measured(SECTION, "strategy.shadow.datapath.shadow_ops", shadowed, "ops/s", extra=extra),
-        measured(SECTION, "strategy.shadow.datapath_vs_direct",
+        measured(SECTION, direct_name, direct, "ops/s", extra=extra),
+        measured(SECTION, shadow_name, shadowed, "ops/s", extra=extra),
+        measured(SECTION, ratio_name,
                  [s / d for s, d in zip(shadowed, direct, strict=True)], "ratio",
                  GOAL_DURING_VS_BEFORE, extra),
     ]
 
 
 def run(config: BenchConfig) -> list[Result]:
-    results = run_strategy_bench(StrategyBenchParams.for_config(config))
-    pairs = 3 if config.quick else 5
-    return results + shadow_datapath(pairs, 2.0 if config.quick else 4.0)
+    params = StrategyBenchParams.for_config(config)
+    return run_strategy_bench(params) + shadow_datapath(params.datapath_pairs,
+                                                        params.datapath_s)
