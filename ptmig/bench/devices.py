@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from ..firmware import FirmwareImage, build_firmware, load_firmware_image
 from ..iommu import IommuTable
 from ..layout import BootDevice, mmio_gpa
 from ..load import LoadOptions, LoadResult, run_load
+from ..net.switch import probe_switch
 from ..vm import Vm, VmSpec
 from .harness import BenchConfig, BenchError, Goal, Result, measured, median
 
@@ -77,19 +79,23 @@ def _free_udp_port() -> int:
 class KvVmm:
     """`ptmig run` of a kv guest on a fresh disk and its own switch port; a context manager."""
 
-    def __init__(self, memory: str) -> None:
+    def __init__(self, memory: str, *, qmp: bool = False) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="ptmig-bench-kv-")
         tmp = Path(self._tmp.name)
+        self.qmp_socket = tmp / "qmp.sock" if qmp else None
+        self.switch_port = _free_udp_port()
         self.config = tmp / "kv.toml"
         self.console = tmp / "console.txt"
         self.config.write_text(
             f'[vm]\nmemory = "{memory}"\nvcpus = 1\n[workload]\nname = "kv"\n'
             f'[[net]]\nid = "net0"\nmac = "52:54:00:b0:00:01"\nip = "10.0.0.2/24"\n'
-            f'backend = "udp:127.0.0.1:{_free_udp_port()}"\nswitch = "auto"\n'
+            f'backend = "udp:127.0.0.1:{self.switch_port}"\nswitch = "auto"\n'
             f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "256M"\n')
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ptmig.cli", "run", str(self.config), "--console",
-             str(self.console)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             str(self.console),
+             *(["--qmp", f"unix:{self.qmp_socket}"] if self.qmp_socket else [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -127,6 +133,7 @@ class KvVmm:
         self.close()
 
     def close(self) -> None:
+        self._stop_switch()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -135,6 +142,17 @@ class KvVmm:
                 self.proc.kill()
                 self.proc.wait()
         self._tmp.cleanup()
+
+    def _stop_switch(self) -> None:
+        """End the switch `ptmig run` started for this VM: it is detached (it outlives its
+        VMM on purpose, other VMs may share it) and every run here has its own port, so
+        without this each run would leave one behind, taking CPU from the next ones."""
+        pid = probe_switch("127.0.0.1", self.switch_port, timeout=0.1, tries=2)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def _kv_run(p: DevicesParams, *, durable: bool, rate: float | None) -> LoadResult:
