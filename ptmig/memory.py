@@ -154,6 +154,29 @@ class GuestMemory:
             err = ctypes.get_errno()
             raise OSError(err, f"fallocate(PUNCH_HOLE) on guest RAM: {os.strerror(err)}")
 
+    # --- prefaulting: a migration destination pays for page allocation before it starts ----
+
+    def prefault(self) -> bool:
+        """Allocate every page of the memfd and map it writable in this process, now.
+
+        The first write to a page of fresh shared memory costs a page allocation and a page
+        fault (several µs each on nested KVM hosts, more than copying the 4 KiB): a destination
+        that receives into fresh RAM pays that 262144 times per GiB while the migration runs.
+        `posix_fallocate` allocates the pages in bulk, then `MADV_POPULATE_WRITE` (Linux 5.14+)
+        fills this mapping's page tables, so writes through `view` are plain copies. Like
+        QEMU's `-mem-prealloc`, it makes the whole guest resident at once.
+
+        Returns True when the mapping is populated; False when only the allocation was possible
+        (older kernel: receiving then faults each page in, as without prefaulting)."""
+        os.posix_fallocate(self.fd, 0, self.size)
+        try:
+            self.mmap.madvise(_MADV_POPULATE_WRITE)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS):
+                return False
+            raise
+        return True
+
     def close(self) -> None:
         self.array = np.empty(0, dtype=np.uint8)
         self.view.release()
@@ -165,3 +188,4 @@ class GuestMemory:
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+

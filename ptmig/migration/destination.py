@@ -11,11 +11,13 @@ incoming migration with a clear message and the source resumes.
 from __future__ import annotations
 
 import fcntl
+import hmac
 import json
 import logging
 import os
 import select
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,7 @@ from .events import (
     Complete,
     DeviceStates,
     Hello,
+    HelloAck,
     PageRunsHeader,
     RemoteProtocolError,
     Role,
@@ -41,7 +44,14 @@ from .events import (
     VerifyDigests,
     VerifyReport,
 )
-from .protocol import Connection, ConnectionClosed, check_hello
+from .protocol import (
+    DATA_CHANNEL_CAPABILITY,
+    DATA_CHANNELS_CAPABILITY,
+    Connection,
+    ConnectionClosed,
+    check_hello,
+    parse_channel_capability,
+)
 from .source import VERIFY_CAPABILITY, parse_uri
 from .strategies import decode_device_states
 from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests
@@ -52,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECV_CHUNK = 64 << 10  # bytes per plain read: frame headers, metadata, small frames
+DATA_CHANNEL_ACCEPT_S = 10.0  # the source connects its data channels right after the HelloAck
 
 
 class IncomingError(RuntimeError):
@@ -88,17 +99,25 @@ def program_devices(machine: Machine, devices: list[dict[str, Any]]) -> None:
             dev.handle.set_state(entry["state"])
 
 
-def preallocate(fd: int, size: int) -> None:
-    """Allocate the guest RAM's backing pages while nothing else happens yet.
+def prepare_guest_ram(machine: Machine, prefault: bool) -> bool:
+    """Take page allocation off the migration's clock; True if guest RAM is now mapped.
 
-    Receiving into never-touched memfd pages costs a page allocation per 4 KiB on the hot path
-    (on nested hosts several µs each, more than the copy itself); doing it before the source
-    connects takes it off the migration's clock. The destination has to hold the whole guest
-    anyway; pages the source sends as zero runs are punched back into holes."""
+    The destination waits for the source anyway, and must hold the whole guest once it arrives,
+    so it allocates and maps all of guest RAM up front (`GuestMemory.prefault`) instead of one
+    page fault per 4 KiB while the pages stream in. Pages the source sends as zero runs are
+    punched back into holes. Failure is not fatal: pages are then allocated as they arrive."""
+    if not prefault:
+        return False
+    mem = machine.vm.memory
+    t0 = time.monotonic()
     try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:  # not fatal: pages are then allocated as they arrive
-        log.warning("could not preallocate %d bytes of guest RAM: %s", size, e)
+        mapped = mem.prefault()
+    except OSError as e:
+        log.warning("could not prefault %d bytes of guest RAM: %s", mem.size, e)
+        return False
+    log.info("prefaulted %d MiB of guest RAM in %.0f ms%s", mem.size >> 20,
+             (time.monotonic() - t0) * 1000, "" if mapped else " (allocated, not mapped)")
+    return mapped
 
 
 class SpliceReceiver:
@@ -106,8 +125,10 @@ class SpliceReceiver:
 
     The kernel moves the bytes into the memfd's pages directly: no copy through this process's
     mapping, hence no page-table entry to populate per 4 KiB page (the dominant cost of
-    `recv_into` on fresh guest memory). `fill(target)` writes one memoryview slice of guest
-    memory (from `Connection.payload_targets`, so already validated) at the matching file offset."""
+    `recv_into` on guest memory that is not mapped yet). Used when guest RAM could not be
+    prefaulted; on prefaulted RAM a plain `recv_into` costs less CPU (no per-page trip through
+    the memfd's write path). `fill(target)` writes one memoryview slice of guest memory (from
+    `Connection.payload_targets`, so already validated) at the matching file offset."""
 
     PIPE_BYTES = 1 << 20
     _F_SETPIPE_SZ = 1031
@@ -160,10 +181,64 @@ class SpliceReceiver:
         os.close(self.wfd)
 
 
+class DataChannelReceiver:
+    """One data channel of an incoming migration: a thread that receives its rounds straight
+    into guest memory and reports, under `cond`, the last round it completed."""
+
+    def __init__(self, incoming: Incoming, index: int, ch: transport.Channel, conn: Connection,
+                 splicer: SpliceReceiver | None, cond: threading.Condition) -> None:
+        self.incoming, self.index, self.ch, self.conn = incoming, index, ch, conn
+        self.splicer, self.cond = splicer, cond
+        self.rounds_done = -1
+        self.closed = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"incoming-data-{index}",
+                                       daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                ev = self.incoming._recv_event(self.ch, self.conn, self.splicer)
+                if isinstance(ev, PageRunsHeader):
+                    self.incoming._pages_arrived(ev.runs)
+                elif isinstance(ev, RoundEnd):
+                    with self.cond:
+                        self.rounds_done = ev.round
+                        self.cond.notify_all()
+                elif isinstance(ev, ConnectionClosed):
+                    return
+                elif not isinstance(ev, RoundStart):  # the protocol allows nothing else
+                    raise IncomingError(f"unexpected {type(ev).__name__} on a data channel")
+        except Exception as e:
+            self.error = e
+        finally:
+            with self.cond:
+                self.closed = True
+                self.cond.notify_all()
+
+    def describe_lag(self, rnd: int) -> str | None:
+        """Why this channel will never complete round `rnd` (None: it still may)."""
+        if self.error is not None:
+            return f"data channel {self.index} failed: {self.error}"
+        if self.closed and self.rounds_done < rnd:
+            return (f"data channel {self.index} ended after round {self.rounds_done}, "
+                    f"before round {rnd}")
+        return None
+
+    def close(self) -> None:
+        self.ch.close()
+        self.thread.join(timeout=5)
+        if self.splicer is not None and not self.thread.is_alive():
+            self.splicer.close()
+
+
 class Incoming:
     def __init__(self, machine: Machine, uri: str, *, psk: bytes | None = None,
-                 tls: transport.TlsConfig | None = None, insecure: bool = False) -> None:
+                 tls: transport.TlsConfig | None = None, insecure: bool = False,
+                 prefault: bool = True) -> None:
+        """`prefault`: allocate and map all guest RAM before accepting (`prepare_guest_ram`)."""
         self.m = machine
+        self.prefault = prefault
         self.host, self.port = parse_uri(uri)
         self.listener = transport.listen(self.host, self.port, tls=tls, psk=psk,
                                          insecure=insecure)
@@ -171,13 +246,16 @@ class Incoming:
         self.digests: np.ndarray | None = None  # per page, as received (x-verify)
         self.started_at: float | None = None
         self.pages_received = 0
+        self.data_channels: list[DataChannelReceiver] = []
+        self._data_cond = threading.Condition()
+        self._mapped = False
 
     def receive(self) -> None:
         """Accept one migration and run it to the switchover; the guest runs on return."""
         m = self.m
         vm = m.vm
         vm._set_state(RunState.INMIGRATE)
-        preallocate(vm.memory.fd, vm.memory.size)
+        self._mapped = prepare_guest_ram(m, self.prefault)
         # vCPU threads start parked (a VM's vCPUs wait until it is started); creating them now
         # keeps thread start-up, which a busy host can stretch to tens of ms, out of the downtime.
         for v in vm.vcpus:
@@ -185,13 +263,11 @@ class Incoming:
                 v.start()
         log.info("waiting for an incoming migration on %s:%s", self.host, self.listener.port)
         ch = self.listener.accept()
-        self.listener.close()
-        conn = Connection(Role.DESTINATION, guest_pages=vm.memory.npages,
-                          zero_filler=self._punch_zero_runs)
-        splicer = (None if ch.is_tls or not hasattr(os, "splice")
-                   else SpliceReceiver(ch, vm.memory.fd, vm.memory.host_address))
+        conn = self._connection()
+        splicer = self._splicer(ch)
         vcpus: list[VcpuState] | None = None
         devices: list[dict[str, Any]] | None = None
+        rnd = -1
         try:
             while True:
                 ev = self._recv_event(ch, conn, splicer)
@@ -202,11 +278,15 @@ class Incoming:
                         raise IncomingError(f"refused the migration: {ack.reason}")
                     if VERIFY_CAPABILITY in ev.capabilities:
                         self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
+                    self._accept_data_channels(ev)
+                    self.listener.close()
                 elif isinstance(ev, PageRunsHeader):
-                    self.pages_received += int(ev.runs["npages"].sum())
-                    if self.digests is not None:
-                        self._digest_runs(ev.runs)
-                elif isinstance(ev, (RoundStart, RoundEnd)):
+                    self._pages_arrived(ev.runs)
+                elif isinstance(ev, RoundStart):
+                    # Nothing of this round may land before the data channels' previous round.
+                    rnd = ev.round
+                    self._await_data_rounds(rnd - 1)
+                elif isinstance(ev, RoundEnd):
                     pass
                 elif isinstance(ev, VcpuStates):
                     vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
@@ -215,6 +295,7 @@ class Incoming:
                 elif isinstance(ev, Complete):
                     if vcpus is None or devices is None:
                         raise IncomingError("Complete arrived before the vCPU and device state")
+                    self._finish_data_channels(rnd - 1)
                     self._switchover(ch, conn, vcpus, devices)
                     if self.digests is not None:
                         self._verify_after_switchover(ch, conn, splicer)
@@ -226,16 +307,103 @@ class Incoming:
                 else:
                     raise IncomingError(f"unexpected event {type(ev).__name__}")
         finally:
+            self.listener.close()
+            for d in self.data_channels:
+                d.close()
             ch.close()
             if splicer is not None:
                 splicer.close()
 
+    def _connection(self, *, data_channel: bool = False) -> Connection:
+        return Connection(Role.DESTINATION, guest_pages=self.m.vm.memory.npages,
+                          zero_filler=self._punch_zero_runs, data_channel=data_channel)
+
+    def _splicer(self, ch: transport.Channel) -> SpliceReceiver | None:
+        """A splice receiver where it beats `recv_into` (guest RAM not mapped, plain TCP)."""
+        if self._mapped or ch.is_tls or not hasattr(os, "splice"):
+            return None
+        mem = self.m.vm.memory
+        return SpliceReceiver(ch, mem.fd, mem.host_address)
+
+    def _accept_data_channels(self, hello: Hello) -> None:
+        """Accept the data channels the source's Hello announced, each authenticated by the
+        transport and naming this migration's token and a free channel index in its Hello."""
+        request = parse_channel_capability(hello, DATA_CHANNELS_CAPABILITY)
+        if request is None:
+            return
+        n, token = request
+        slots: list[DataChannelReceiver | None] = [None] * n
+        for _ in range(n):
+            ch = self.listener.accept(timeout=DATA_CHANNEL_ACCEPT_S)
+            try:
+                conn = self._connection(data_channel=True)
+                index = self._data_channel_hello(ch, conn, token, slots)
+            except BaseException:
+                ch.close()
+                raise
+            slots[index] = DataChannelReceiver(self, index, ch, conn, self._splicer(ch),
+                                               self._data_cond)
+        self.data_channels = [d for d in slots if d is not None]
+        for d in self.data_channels:
+            d.thread.start()
+
+    def _data_channel_hello(self, ch: transport.Channel, conn: Connection, token: str,
+                            slots: list[DataChannelReceiver | None]) -> int:
+        """Check a data channel's Hello and acknowledge it; returns its channel index."""
+        ev = self._recv_event(ch, conn, None)
+        if not isinstance(ev, Hello):
+            raise IncomingError(f"a data channel began with {type(ev).__name__}, not Hello")
+        got = parse_channel_capability(ev, DATA_CHANNEL_CAPABILITY)
+        ack = check_hello(ev, self.m.cfg.compat_fingerprint())
+        if got is None or not hmac.compare_digest(got[1], token):
+            ack = HelloAck(False, "data channel without this migration's token")
+        elif got[0] >= len(slots) or slots[got[0]] is not None:
+            ack = HelloAck(False, f"data channel index {got[0]} is not a free one of {len(slots)}")
+        transport.send_event(ch, conn, ack)
+        if not ack.accepted or got is None:
+            raise IncomingError(f"refused a data channel: {ack.reason}")
+        return got[0]
+
+    def _await_data_rounds(self, rnd: int) -> None:
+        """Wait until every data channel has completed round `rnd` (a channel that failed or
+        ended early fails the migration; a silent one times out in its own receive)."""
+        with self._data_cond:
+            while lagging := [d for d in self.data_channels if d.rounds_done < rnd]:
+                for d in lagging:
+                    if (why := d.describe_lag(rnd)) is not None:
+                        raise IncomingError(why)
+                self._data_cond.wait(1.0)
+
+    def _finish_data_channels(self, last_round: int) -> None:
+        """Before the switchover: every data channel ended cleanly after exactly the last
+        pre-copy round, so no page can still arrive once the guest runs."""
+        self._await_data_rounds(last_round)
+        with self._data_cond:
+            while open_ := [d for d in self.data_channels if not d.closed]:
+                if (why := open_[0].describe_lag(last_round)) is not None:
+                    raise IncomingError(why)
+                self._data_cond.wait(1.0)
+        for d in self.data_channels:
+            if d.error is not None:
+                raise IncomingError(f"data channel {d.index} failed: {d.error}")
+            if d.rounds_done != last_round:
+                raise IncomingError(f"data channel {d.index} ended after round {d.rounds_done}, "
+                                    f"not after the last pre-copy round {last_round}")
+
+    def _pages_arrived(self, runs: np.ndarray) -> None:
+        """Bookkeeping of one received batch (main stream or a data channel's thread)."""
+        n = int(runs["npages"].sum())
+        with self._data_cond:
+            self.pages_received += n
+        if self.digests is not None:
+            self._digest_runs(runs)  # distinct pages per stream: no lock needed
+
     def _recv_event(self, ch: transport.Channel, conn: Connection,
                     splicer: SpliceReceiver | None) -> Any:
-        """`transport.recv_event`, with page payloads spliced into guest memory when possible.
-        Reads are kept small so that little payload passes through the protocol's buffer."""
-        if splicer is None:
-            return transport.recv_event(ch, conn, self.m.vm.memory.view)
+        """`transport.recv_event`, with page payloads received straight into guest memory
+        (`recv_into` its mapping, or spliced into its memfd). Reads of frame headers are kept
+        small, so that little payload takes the detour through the protocol's buffer."""
+        fill = ch.recv_into_exact if splicer is None else splicer.fill
         while True:
             ev = conn.next_event()
             if ev is NEED_DATA:
@@ -243,7 +411,7 @@ class Incoming:
                 continue
             if isinstance(ev, PageRunsHeader):
                 for target in conn.payload_targets(self.m.vm.memory.view):
-                    splicer.fill(target)
+                    fill(target)
                     conn.payload_received(target.nbytes)
             return ev
 
@@ -317,13 +485,15 @@ class Incoming:
         self.m.after_incoming()
 
 
-def run_incoming(machine: Machine, uri: str) -> int:
+def run_incoming(machine: Machine, uri: str, *, prefault: bool = True) -> int:
     """`ptmig run --incoming`: receive the guest, then run it until it exits or `quit`.
 
-    Credentials (pre-shared key, TLS) are the machine's migration settings."""
+    Credentials (pre-shared key, TLS) are the machine's migration settings; `prefault` is
+    `Incoming`'s (on by default: the destination has nothing else to do while it waits)."""
     ctl = machine.migration
     try:
-        incoming = Incoming(machine, uri, psk=ctl.psk, tls=ctl.tls, insecure=ctl.insecure)
+        incoming = Incoming(machine, uri, psk=ctl.psk, tls=ctl.tls, insecure=ctl.insecure,
+                            prefault=prefault)
     except (transport.TransportError, ValueError) as e:
         print(f"ptmig: cannot accept an incoming migration: {e}", flush=True)
         return 2

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .protocol import MAX_DATA_CHANNELS
+
 DMA_TRACKING = ("none", "all-dirty", "device-log", "shadow")
 
 
@@ -38,6 +40,8 @@ class MigrationParams:
     x_dma_tracking: str = "shadow"
     x_timeout_s: float = 120.0  # give up (and resume the source) after this long
     x_max_stalled_rounds: int = 5  # rounds without progress before forcing switchover
+    # Parallel TCP streams for pre-copy RAM (QEMU's multifd-channels); 0: all on the main stream.
+    x_data_channels: int = 0
 
     def set(self, **kw: Any) -> None:
         """Apply `migrate-set-parameters` arguments (already type-checked by the QMP schema)."""
@@ -57,6 +61,11 @@ class MigrationParams:
                 raise ValueError(
                     f"x-dma-tracking must be one of {', '.join(DMA_TRACKING)}, got {v!r}")
             self.x_dma_tracking = v
+        if "x_data_channels" in kw:
+            v = kw["x_data_channels"]
+            if not 0 <= v <= MAX_DATA_CHANNELS:
+                raise ValueError(f"x-data-channels must be in [0, {MAX_DATA_CHANNELS}], got {v}")
+            self.x_data_channels = v
         if "x_timeout" in kw:
             v = kw["x_timeout"]
             if not 1 <= v <= 86400:
@@ -69,6 +78,7 @@ class MigrationParams:
             "max-bandwidth": self.max_bandwidth,
             "x-dma-tracking": self.x_dma_tracking,
             "x-timeout": int(self.x_timeout_s),
+            "x-data-channels": self.x_data_channels,
         }
 
 
@@ -77,6 +87,7 @@ PARAMS_SCHEMA = {
     "*max-bandwidth": int,
     "*x-dma-tracking": DMA_TRACKING,
     "*x-timeout": int,
+    "*x-data-channels": int,
 }
 
 

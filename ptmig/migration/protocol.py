@@ -23,6 +23,17 @@ the memoryview slices still to be filled in order; the caller `recv_into`s them 
 chunk with `payload_received(n)` (or simply keeps calling `receive_data`, which copies into the
 targets). Peer page numbers become addresses only inside `pages.data_slices`/`zero_fill`, after
 `pages.validate_runs`, so a hostile stream cannot write outside guest RAM.
+
+Data channels (parallel TCP streams for RAM, like QEMU's multifd). The main stream's Hello may
+carry the capability `x-data-channels=N:TOKEN` (1 ≤ N ≤ MAX_DATA_CHANNELS, TOKEN 32 hex digits).
+Once the destination has accepted it, the source opens N more authenticated connections; each
+is a stream of its own (preamble, Hello with `x-data-channel=I:TOKEN`, HelloAck) that then carries
+only rounds: RoundStart, PageRuns*, RoundEnd (`Connection(data_channel=True)` refuses anything
+else) and may end after any complete round. Page p of a pre-copy round travels on data channel
+(p // STRIPE_PAGES) % N, so a page resent in a later round never overtakes itself; the main
+stream carries these rounds with 0 pages, and the destination applies nothing of round r on the
+main stream before every data channel has ended round r - 1. The stop-and-copy round travels on
+the main stream only, after the source closed its data channels.
 """
 
 from __future__ import annotations
@@ -83,6 +94,14 @@ FINAL_STATES = frozenset(
 )
 # The source may close after the switchover, or verify first: the peer's EOF is fine here.
 CLOSABLE_STATES = FINAL_STATES | {State.SWITCHED_OVER}
+# A data channel carries rounds only, and ends after one of them.
+DATA_CHANNEL_EVENTS = frozenset({"Hello", "HelloAck", "HelloRefused", "RoundStart", "PageRuns",
+                                 "RoundEnd", "Abort"})
+DATA_CHANNEL_CLOSABLE = CLOSABLE_STATES | {State.PRECOPY}
+MAX_DATA_CHANNELS = 16
+STRIPE_PAGES = 4096  # 16 MiB: the unit of guest RAM that always travels on the same data channel
+DATA_CHANNELS_CAPABILITY = "x-data-channels"  # main Hello: "x-data-channels=N:TOKEN"
+DATA_CHANNEL_CAPABILITY = "x-data-channel"  # a data channel's Hello: "x-data-channel=I:TOKEN"
 # After the switchover the destination runs the guest: nothing can be aborted any more.
 _NO_ABORT = FINAL_STATES | {State.SWITCHED_OVER, State.POST_VERIFY}
 
@@ -170,14 +189,18 @@ class Connection:
     """One end of a migration stream; see the module docstring."""
 
     def __init__(self, role: Role, *, guest_pages: int, page_size: int = pages.PAGE_SIZE,
-                 zero_filler: Callable[[memoryview, np.ndarray], None] | None = None) -> None:
+                 zero_filler: Callable[[memoryview, np.ndarray], None] | None = None,
+                 data_channel: bool = False) -> None:
         """`zero_filler(guest_mem, runs)` replaces the default zeroing of ZERO runs (the
-        destination VMM punches holes in its guest memfd instead of writing zeros)."""
+        destination VMM punches holes in its guest memfd instead of writing zeros).
+        `data_channel`: this stream only carries rounds (see the module docstring)."""
         if guest_pages <= 0:
             raise ValueError(f"guest_pages must be positive, not {guest_pages}")
         if page_size <= 0 or page_size % 8:
             raise ValueError(f"page_size must be a positive multiple of 8, not {page_size}")
         self.role = role
+        self.data_channel = data_channel
+        self._closable = DATA_CHANNEL_CLOSABLE if data_channel else CLOSABLE_STATES
         self._zero_filler = zero_filler or (lambda mem, runs: pages.zero_fill(mem, runs,
                                                                                page_size))
         self.guest_pages = guest_pages
@@ -201,6 +224,8 @@ class Connection:
 
     def _apply(self, sender: Role, event: object, err: type[ProtocolError]) -> None:
         tag = event_tag(event)
+        if self.data_channel and tag not in DATA_CHANNEL_EVENTS:
+            raise err(f"{sender.value} may not send {tag} on a data channel (rounds only)")
         nxt = TRANSITIONS.get((sender, self.state, tag))
         if nxt is None:
             raise err(f"{sender.value} may not send {tag} in state {self.state.value}")
@@ -403,7 +428,7 @@ class Connection:
 
     def _need(self, what: str) -> ConnectionClosed | _NeedData:
         if self._eof:
-            if not self._buf and self.state in CLOSABLE_STATES:
+            if not self._buf and self.state in self._closable:
                 return ConnectionClosed()
             raise RemoteProtocolError(
                 f"stream truncated: peer closed in state {self.state.value} while waiting for "
@@ -508,14 +533,41 @@ def hello(vm_fingerprint: dict[str, Any], capabilities: tuple[str, ...] = ()) ->
     return Hello(PROTOCOL_VERSION, vm_fingerprint, capabilities)
 
 
+def channel_capability(name: str, number: int, token: str) -> str:
+    """`x-data-channels=N:TOKEN` (main Hello) or `x-data-channel=I:TOKEN` (a channel's Hello)."""
+    return f"{name}={number}:{token}"
+
+
+def parse_channel_capability(hello: Hello, name: str) -> tuple[int, str] | None:
+    """(number, token) of the capability `name` in a Hello, None if absent. The peer's values
+    are checked here: a number within 0..MAX_DATA_CHANNELS and a 32-hex-digit token."""
+    found = [c for c in hello.capabilities if c.startswith(name + "=")]
+    if not found:
+        return None
+    number, sep, token = found[0][len(name) + 1 :].partition(":")
+    if (len(found) > 1 or not sep or not number.isdigit() or len(number) > 2
+            or int(number) > MAX_DATA_CHANNELS or len(token) != 32
+            or any(ch not in "0123456789abcdef" for ch in token)):
+        raise RemoteProtocolError(
+            f"malformed {name} capability {found[0][:80]!r}: expected {name}=NUMBER:TOKEN with "
+            f"NUMBER ≤ {MAX_DATA_CHANNELS} and a 32-hex-digit TOKEN, once")
+    return int(number), token
+
+
 __all__ = [
+    "DATA_CHANNELS_CAPABILITY",
+    "DATA_CHANNEL_CAPABILITY",
     "FINAL_STATES",
+    "MAX_DATA_CHANNELS",
+    "STRIPE_PAGES",
     "TRANSITIONS",
     "Connection",
     "ConnectionClosed",
     "State",
+    "channel_capability",
     "check_hello",
     "compare_fingerprints",
     "event_tag",
     "hello",
+    "parse_channel_capability",
 ]

@@ -5,11 +5,17 @@ sans-I/O protocol (`protocol.Connection`) over a `transport.Channel`; every deci
 to stop iterating comes from `policy`. If anything fails before the destination acknowledges the
 switchover — the peer disappears, the stream breaks, the migration is cancelled or times out — the
 strategy puts the devices back to normal and the guest resumes here, having lost nothing.
+
+Pre-copy rounds go over `x-data-channels` parallel streams (see `protocol`): one sender thread
+per channel, each sending its stripes of the round's dirty set. Several streams keep both ends
+busy on a few cores (the copies happen in the kernel, outside the GIL) where one stream
+alternates between a full socket on one side and an empty one on the other.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import struct
 import threading
 import time
@@ -36,7 +42,14 @@ from .events import (
     VerifyReport,
 )
 from .params import MigrationCapabilities, MigrationInfo, MigrationParams, Status
-from .protocol import Connection, hello
+from .protocol import (
+    DATA_CHANNEL_CAPABILITY,
+    DATA_CHANNELS_CAPABILITY,
+    STRIPE_PAGES,
+    Connection,
+    channel_capability,
+    hello,
+)
 from .strategies import DmaTracking, encode_device_states, make_strategy
 from .verify import digests_to_bytes, page_digests
 
@@ -81,6 +94,21 @@ def pack_vcpu_states(blobs: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
 
 
+def stripe_masks(npages: int, nchannels: int) -> list[bitmap.Bitmap]:
+    """One bitmap per data channel selecting its pages: page p belongs to channel
+    (p // STRIPE_PAGES) % nchannels, so a page always travels on the same stream."""
+    words = np.arange(bitmap.words_for(npages)) // (STRIPE_PAGES // 64) % nchannels
+    ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    return [np.where(words == k, ones, np.uint64(0)) for k in range(nchannels)]
+
+
+class DataChannel:
+    """One extra authenticated stream of pre-copy pages, with its own protocol state."""
+
+    def __init__(self, channel: transport.Channel, conn: Connection, mask: bitmap.Bitmap) -> None:
+        self.channel, self.conn, self.mask = channel, conn, mask
+
+
 class SourceMigration:
     def __init__(self, machine: Machine, uri: str, params: MigrationParams,
                  caps: MigrationCapabilities, *, psk: bytes | None = None,
@@ -100,6 +128,8 @@ class SourceMigration:
         self.stopped_at: float | None = None
         self._bucket: policy.TokenBucket | None = None
         self._bucket_rate = 0
+        self.data_channels: list[DataChannel] = []
+        self._lock = threading.Lock()  # sender threads share the counters and the rate limit
 
     # --- control ----------------------------------------------------------------------------
 
@@ -111,9 +141,9 @@ class SourceMigration:
         if not self.info.status.finished:
             self._set_status(Status.CANCELLING)
             self._cancel.set()
-            ch = self.channel
-            if ch is not None:
-                ch.close()  # unblock a send/recv in progress
+            for ch in [self.channel, *(d.channel for d in self.data_channels)]:
+                if ch is not None:
+                    ch.close()  # unblock a send/recv in progress
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -147,12 +177,12 @@ class SourceMigration:
                                    insecure=self.insecure)
             self.channel = ch
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
-            caps = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
-            transport.send_event(ch, conn, hello(m.cfg.compat_fingerprint(), caps))
-            ack = transport.recv_event(ch, conn)
-            if not isinstance(ack, HelloAck) or not ack.accepted:
-                reason = getattr(ack, "reason", repr(ack))
-                raise ConnectionRefusedError(f"destination refused the migration: {reason}")
+            caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
+            nchannels, token = self.params.x_data_channels, secrets.token_hex(16)
+            if nchannels:
+                caps += (channel_capability(DATA_CHANNELS_CAPABILITY, nchannels, token),)
+            self._handshake(ch, conn, caps)
+            self._open_data_channels(nchannels, token)
             self._check()
             self.strategy.begin(m)
             began = True
@@ -177,8 +207,34 @@ class SourceMigration:
                 self.info.shadow = self.strategy.stats()
                 self._set_status(Status.COMPLETED)
         finally:
+            self._close_data_channels()
             if self.channel is not None:
                 self.channel.close()
+
+    def _handshake(self, ch: transport.Channel, conn: Connection, caps: tuple[str, ...]) -> None:
+        transport.send_event(ch, conn, hello(self.m.cfg.compat_fingerprint(), caps))
+        ack = transport.recv_event(ch, conn)
+        if not isinstance(ack, HelloAck) or not ack.accepted:
+            reason = getattr(ack, "reason", repr(ack))
+            raise ConnectionRefusedError(f"destination refused the migration: {reason}")
+
+    def _open_data_channels(self, n: int, token: str) -> None:
+        """Connect and authenticate the data channels the destination agreed to accept."""
+        npages = self.m.vm.memory.npages
+        for index, mask in enumerate(stripe_masks(npages, n) if n else []):
+            self._check()
+            ch = transport.connect(self.host, self.port, tls=self.tls, psk=self.psk,
+                                   insecure=self.insecure)
+            self.data_channels.append(DataChannel(ch, Connection(
+                Role.SOURCE, guest_pages=npages, data_channel=True), mask))
+            cap = channel_capability(DATA_CHANNEL_CAPABILITY, index, token)
+            self._handshake(ch, self.data_channels[-1].conn, (cap,))
+
+    def _close_data_channels(self) -> None:
+        """End the data channels after a complete round (the destination sees a clean end)."""
+        channels, self.data_channels = self.data_channels, []
+        for d in channels:
+            d.channel.close()
 
     def _recover(self, was_running: bool, began: bool) -> None:
         """Failure before switchover: the guest continues here, devices as before."""
@@ -201,7 +257,8 @@ class SourceMigration:
         bucket = self._bucket
         if bucket is None:
             return
-        end = time.monotonic() + bucket.consume(nbytes)
+        with self._lock:
+            end = time.monotonic() + bucket.consume(nbytes)
         while (left := end - time.monotonic()) > 0:
             self._check()
             if self.params.max_bandwidth != self._bucket_rate:
@@ -218,35 +275,78 @@ class SourceMigration:
 
     def _send_round(self, ch: transport.Channel, conn: Connection, rnd: int,
                     dirty: bitmap.Bitmap, *, throttle: bool) -> int:
-        """Send one round's dirty pages; returns bytes sent."""
+        """Send one round's dirty pages on the main stream, or on the data channels (the main
+        stream then carries the round with 0 pages); returns bytes sent."""
+        if not self.data_channels:
+            return self._send_stream_round(ch, conn, rnd, dirty, throttle=throttle)
+        sent = transport.send_event(ch, conn, RoundStart(rnd, 0))
+        allocated = self.m.vm.memory.allocated()  # holes: zero pages we need not even read
+        results: list[int | BaseException] = [0] * len(self.data_channels)
+
+        def send(i: int, d: DataChannel) -> None:
+            try:
+                results[i] = self._send_stream_round(
+                    d.channel, d.conn, rnd, dirty & d.mask, throttle=throttle,
+                    allocated=allocated)
+            except BaseException as e:  # re-raised below, in the migration thread
+                results[i] = e
+                self._unblock_senders()
+
+        threads = [threading.Thread(target=send, args=(i, d), name=f"migration-data-{i}")
+                   for i, d in enumerate(self.data_channels)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+            sent += r
+        return sent + transport.send_event(ch, conn, RoundEnd(rnd))
+
+    def _unblock_senders(self) -> None:
+        """A sender failed: unblock the others (the migration fails and the guest stays)."""
+        for d in self.data_channels:
+            d.channel.close()
+
+    def _send_stream_round(self, ch: transport.Channel, conn: Connection, rnd: int,
+                           dirty: bitmap.Bitmap, *, throttle: bool,
+                           allocated: np.ndarray | None = None) -> int:
+        """Send one round's dirty pages on one stream; returns bytes sent."""
         mem = self.m.vm.memory
         npages = mem.npages
         count = pages.count_dirty(dirty, npages)
         sent = transport.send_event(ch, conn, RoundStart(rnd, count))
-        ram = self.info.ram
         if count <= SPARSE_PAGES:
             # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
             allocated = None
             batches = iter([pages.pages_to_runs(dirty_pages(dirty, npages))] if count else [])
         else:
-            allocated = mem.allocated()  # holes are zero pages we need not even read
+            if allocated is None:
+                allocated = mem.allocated()  # holes are zero pages we need not even read
             batches = pages.bitmap_to_runs(dirty, BATCH_PAGES, npages)
         for runs in batches:
             self._check()
             runs = pages.split_zero_runs(mem.view, runs, allocated=allocated)
             n = transport.send_pages(ch, conn, runs, mem.view)
-            data = pages.data_pages(runs)
-            total = int(runs["npages"].sum())
-            ram.normal += data
-            ram.normal_bytes += data * PAGE_SIZE
-            ram.duplicate += total - data
-            ram.transferred += n
-            ram.remaining = max(0, ram.remaining - total * PAGE_SIZE)
+            self._account(runs, n)
             sent += n
             if throttle:
                 self._rate_limit(n)
         sent += transport.send_event(ch, conn, RoundEnd(rnd))
         return sent
+
+    def _account(self, runs: np.ndarray, nbytes: int) -> None:
+        """`query-migrate`'s RAM counters for one sent batch."""
+        data = pages.data_pages(runs)
+        total = int(runs["npages"].sum())
+        ram = self.info.ram
+        with self._lock:
+            ram.normal += data
+            ram.normal_bytes += data * PAGE_SIZE
+            ram.duplicate += total - data
+            ram.transferred += nbytes
+            ram.remaining = max(0, ram.remaining - total * PAGE_SIZE)
 
     def _precopy(self, ch: transport.Channel, conn: Connection) -> bitmap.Bitmap:
         """Pre-copy rounds until the policy says stop; returns the dirty set not yet sent."""
@@ -283,6 +383,7 @@ class SourceMigration:
             # downtime-limit and max-bandwidth apply at once when changed mid-migration (QEMU's
             # behaviour): `MigrationControl` updates `self.params`.
             if policy.should_switchover(remaining, rate, params.downtime_limit_ms / 1000):
+                self._close_data_channels()  # the stop-and-copy round uses the main stream
                 return dirty
             if best_remaining is None or remaining < best_remaining * 0.95:
                 best_remaining = remaining
@@ -300,6 +401,7 @@ class SourceMigration:
                 # The dirty set no longer shrinks (e.g. all-dirty resends every mapped page):
                 # stop iterating and pay for it in downtime, as QEMU eventually must.
                 self.info.forced_switchover = True
+                self._close_data_channels()
                 return dirty
 
     def _stop_and_copy(self, ch: transport.Channel, conn: Connection,

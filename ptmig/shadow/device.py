@@ -288,6 +288,7 @@ class ShadowedDevice:
         return sorted(pages)
 
     def fail(self, reason: str) -> None:
+        """Stop shadowing this device (the migration then fails). Needs the data plane lock."""
         if self.broken is None:
             self._broken = reason
             self.native.fail(reason)

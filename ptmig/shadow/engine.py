@@ -121,8 +121,9 @@ class ShadowEngine:
         if offset == REG_INTERRUPT_ACK or offset >= REG_CONFIG:
             return False
         # Feature, queue or reset writes would change what the device buffers describe.
-        sd.fail(f"the driver reconfigured the device while shadowed (register {offset:#x} "
-                f"<- {value:#x})")
+        with sd.dataplane.locked():
+            sd.fail(f"the driver reconfigured the device while shadowed (register {offset:#x} "
+                    f"<- {value:#x})")
         return False
 
     # --- the service thread -------------------------------------------------------------------
