@@ -40,8 +40,11 @@ def main(verbose: int) -> None:
               help="Pre-shared key the migration source must prove it knows.")
 @click.option("--insecure", is_flag=True,
               help="Allow an unauthenticated incoming listener on a non-loopback address.")
+@click.option("--prefault/--no-prefault", default=True, show_default=True,
+              help="With --incoming: allocate and map all guest RAM before accepting "
+                   "(like QEMU's -mem-prealloc), so receiving pages never faults.")
 def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming: str | None,
-        psk_file: Path | None, insecure: bool) -> None:
+        psk_file: Path | None, insecure: bool, prefault: bool) -> None:
     """Run the VM described by CONFIG until the guest exits or `quit`.
 
     The exit status is the guest's exit code.
@@ -74,7 +77,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
         if incoming is not None:
             from .migration.destination import run_incoming
 
-            code = run_incoming(machine, incoming)
+            code = run_incoming(machine, incoming, prefault=prefault)
         else:
             try:
                 machine.boot()

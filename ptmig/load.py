@@ -27,7 +27,14 @@ import numpy as np
 from ptmig.net.backend import NetBackendError, open_backend, parse_host_port
 from ptmig.net.frames import ip_aton, random_local_mac
 from ptmig.net.hoststack import Datapath, EthernetHost, SocketDatapath
-from ptmig.net.kvload import BUCKET_S, EngineConfig, EngineStats, LoadEngine, NotReadyError
+from ptmig.net.kvload import (
+    BUCKET_S,
+    DEFAULT_KEYS,
+    EngineConfig,
+    EngineStats,
+    LoadEngine,
+    NotReadyError,
+)
 from ptmig.net.kvproto import DEFAULT_PORT
 from ptmig.net.sched import batch_scheduling
 
@@ -47,6 +54,7 @@ class LoadOptions:
     duration_s: float = 10.0
     window: int = 128
     keys_prefix: str | None = None  # default: random, so that runs never share keys
+    keys: int = DEFAULT_KEYS  # key space the PUTs cycle through
     value_size: int = 64
     read_ratio: float = 0.0
     durable: bool = True
@@ -69,6 +77,7 @@ class LoadResult:
     timeouts: int
     retransmits: int
     acked: int
+    keys_written: int
     lost: int
     wrong: int
     verified: int
@@ -106,8 +115,9 @@ class LoadResult:
             p50_ms=float(p50), p99_ms=float(p99), max_ms=float(mx),
             max_gap_ms=st.max_gap_s * 1000.0, max_gap_at_s=st.max_gap_at_s,
             timeouts=st.timeouts, retransmits=st.retransmits, acked=st.puts_acked,
-            lost=st.lost, wrong=st.wrong, verified=st.verified, unverified=st.unverified,
-            unanswered=st.unanswered, errors=st.errors, stray_replies=st.stray_replies,
+            keys_written=st.keys_written, lost=st.lost, wrong=st.wrong, verified=st.verified,
+            unverified=st.unverified, unanswered=st.unanswered, errors=st.errors,
+            stray_replies=st.stray_replies,
             malformed_replies=st.malformed_replies, duration_s=st.load_elapsed_s,
             verify_s=st.verify_elapsed_s, series=series, problems=list(st.problems))
 
@@ -173,7 +183,7 @@ def run_load(opts: LoadOptions) -> LoadResult:
     """Run the load, the drain and the read-back; write `opts.json_path` if set."""
     prefix = opts.keys_prefix or f"L{os.urandom(4).hex()}"
     cfg = EngineConfig(window=opts.window, rate=opts.rate, duration_s=opts.duration_s,
-                       prefix=prefix.encode(), value_size=opts.value_size,
+                       prefix=prefix.encode(), keys=opts.keys, value_size=opts.value_size,
                        read_ratio=opts.read_ratio, durable=opts.durable, rto_s=opts.rto_s,
                        verify=opts.verify, verify_stall_s=opts.verify_stall_s,
                        ready_timeout_s=opts.ready_timeout_s)
@@ -199,8 +209,9 @@ def summary(result: LoadResult) -> str:
         f"(at t={result.max_gap_at_s:.1f} s)",
         f"timeouts {result.timeouts}, retransmits {result.retransmits}, "
         f"errors {result.errors}, unanswered {result.unanswered}",
-        f"acked PUTs {result.acked}: verified {result.verified}, lost {result.lost}, "
-        f"wrong {result.wrong}, unverified {result.unverified}",
+        f"acked PUTs {result.acked} to {result.keys_written} keys: verified "
+        f"{result.verified} keys, lost {result.lost}, wrong {result.wrong}, "
+        f"unverified {result.unverified}",
         *result.problems,
     ]
     return "\n".join(lines)
@@ -220,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-ip", help="this client's address on the switch")
     p.add_argument("--port", type=int, dest="kv_port", help=f"kv port (default {DEFAULT_PORT})")
     p.add_argument("--keys-prefix", help="key prefix (default: random)")
+    p.add_argument("--keys", type=int, default=DEFAULT_KEYS,
+                   help=f"key space the PUTs cycle through (default {DEFAULT_KEYS}); each key "
+                        "is checked against its latest acknowledged value")
     p.add_argument("--window", type=int, default=128,
                    help="outstanding requests (default 128)")
     p.add_argument("--value-size", type=int, default=64, help="value bytes (default 64)")
@@ -239,8 +253,9 @@ def options_from_args(args: argparse.Namespace) -> LoadOptions:
         config=args.config, target=args.target, switch=args.switch, guest_ip=args.guest_ip,
         client_ip=args.client_ip, kv_port=args.kv_port, rate=args.rate,
         duration_s=args.duration, window=args.window, keys_prefix=args.keys_prefix,
-        value_size=args.value_size, read_ratio=args.read_ratio, durable=args.durable,
-        verify=args.verify, ready_timeout_s=args.ready_timeout, json_path=args.json_path)
+        keys=args.keys, value_size=args.value_size, read_ratio=args.read_ratio,
+        durable=args.durable, verify=args.verify, ready_timeout_s=args.ready_timeout,
+        json_path=args.json_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,8 @@ class FakeKvGuest(threading.Thread):
         self.announce_on_move = announce_on_move
         self.forget_every = 0  # forget every Nth acknowledged PUT
         self.corrupt_every = 0  # answer every Nth GET of a stored key with a wrong value
+        self.stale_every = 0  # acknowledge every Nth overwrite but keep the old value
+        self.overwrites = 0
         self.requests = 0
         self.acked_puts = 0
         self.gets = 0
@@ -120,7 +122,11 @@ class FakeKvGuest(threading.Thread):
 
     def execute(self, req: kvproto.KvRequest) -> kvproto.KvReply:
         if req.op == kvproto.Op.PUT:
-            self.store[req.key] = req.value
+            if req.key in self.store:
+                self.overwrites += 1
+            if not (self.stale_every and req.key in self.store
+                    and self.overwrites % self.stale_every == 0):
+                self.store[req.key] = req.value  # else: a lost update, acknowledged
             self.acked_puts += 1
             if self.forget_every and self.acked_puts % self.forget_every == 0:
                 del self.store[req.key]  # acknowledged, then lost
@@ -173,7 +179,7 @@ def test_clean_run_verifies_every_acknowledged_put(switch: UdpSwitch, guest: Fak
     result = load.run_load(options(switch, tmp_path))
     assert result.exit_status == 0, load.summary(result)
     assert result.acked > 1000
-    assert result.verified == result.acked
+    assert result.verified == result.keys_written == result.acked  # no key written twice
     assert result.lost == result.wrong == result.unverified == 0
     assert result.acked == len(guest.store)
     assert 1500 <= result.ops_per_s <= 2500  # paced to --rate 2000
@@ -193,6 +199,30 @@ def test_drops_are_retransmitted_and_puts_stay_idempotent(
     assert result.exit_status == 0, load.summary(result)
     assert result.timeouts > 0 and result.retransmits > 0
     assert result.verified == result.acked > 500
+
+
+def test_bounded_key_space_is_cycled_and_the_latest_values_verified(
+        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    guest.drop_rate = 0.05  # retransmitted PUTs must never overwrite a newer value
+    result = load.run_load(options(switch, tmp_path, keys=200, window=32, read_ratio=0.2))
+    assert result.exit_status == 0, load.summary(result)
+    assert len(guest.store) == result.keys_written == result.verified == 200
+    assert result.acked > 5 * 200  # every key was overwritten several times
+    assert result.retransmits > 0
+
+
+def test_a_stale_value_after_an_overwrite_is_wrong(switch: UdpSwitch, guest: FakeKvGuest,
+                                                   tmp_path: Path) -> None:
+    guest.stale_every = 7  # acknowledged overwrites that never happened
+    result = load.run_load(options(switch, tmp_path, keys=200, window=32))
+    assert result.wrong > 0 and result.lost == 0
+    assert result.exit_status == load.EXIT_LOST_OR_WRONG
+    assert any(p.startswith("wrong: ") for p in result.problems)
+
+
+def test_key_space_must_exceed_the_window(switch: UdpSwitch, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="key space"):
+        load.run_load(options(switch, tmp_path, keys=64, window=64))
 
 
 @pytest.mark.parametrize("announce", [False, True], ids=["client-re-arps", "guest-announces"])
@@ -263,7 +293,7 @@ backend = "udp:{host}:{port}"
     out = tmp_path / "cfg.json"
     status = load.main([str(config), "--duration", "0.3", "--rate", "300", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert status == 0 and data["acked"] > 0 and data["verified"] == data["acked"]
+    assert status == 0 and data["acked"] > 0 and data["verified"] == data["keys_written"]
     assert len(guest.store) == data["acked"]
 
 
@@ -309,4 +339,4 @@ def test_client_sustains_20k_ops_per_second(tmp_path: Path) -> None:
         server.wait()
     assert result.exit_status == 0, load.summary(result)
     assert result.ops_per_s >= 20000, load.summary(result)
-    assert result.verified == result.acked
+    assert result.verified == result.keys_written == min(result.acked, load.DEFAULT_KEYS)

@@ -5,8 +5,8 @@
  *
  * vCPU 0 does everything; the APs halt.  At start: bring up the first virtio-net and the
  * first virtio-blk device of boot_info, replay the log into the table, announce the address
- * (gratuitous ARP).  Then poll the NIC; when there is nothing to do for a while, halt until
- * a device interrupt (or 10 ms).
+ * (gratuitous ARP).  Then poll the NIC; when there is nothing to do for `spin=` microseconds
+ * (default IDLE_SPIN_US), halt until a device interrupt (or 10 ms).
  *
  * A PUT is acknowledged only after its record is written (and, for durable requests, after
  * a FLUSH); the table is updated after the log write.  PUTs are group-committed and the
@@ -54,13 +54,13 @@
 #define KV_BAD_REQUEST 2
 #define KV_IO_ERROR 3
 
-#define IDLE_SPIN_US 50    /* keep polling this long after the last work before halting */
+#define IDLE_SPIN_US 50    /* default spin=: keep polling this long after the last work */
 #define HALT_US 10000
 #define AUTO_ENTRIES_MIN 8192 /* entries= not given: at least this, more if RAM allows */
 #define PASS_FRAMES 256    /* frames taken per pass before the log is looked at */
 #define OPS_MAX (KV_LOG_BATCH_MAX + 256) /* ops per batch: its PUTs plus GETs and STATS */
 
-static const char *const kv_keys[] = {"ip", "mask", "gw", "port", "entries", NULL};
+static const char *const kv_keys[] = {"ip", "mask", "gw", "port", "entries", "spin", NULL};
 
 /* A request waiting for its batch: a PUT (its record staged in the batch), a GET (its key
  * copied: the RX buffer is reposted at once) or a STATS. */
@@ -91,6 +91,7 @@ static struct {
     struct kv_table table;
     struct kv_log log;
     uint16_t port;
+    uint64_t spin_us;
     uint8_t reply[KV_REPLY_HEADER + KV_MAX_VALUE];
 } kv;
 
@@ -129,11 +130,17 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
     }
     if (cmdline_get_ipv4(c, "ip", 0, &ip) || cmdline_get_ipv4(c, "gw", 0, &gw) ||
         cmdline_get_u64(c, "mask", 24, &mask_bits) || cmdline_get_u64(c, "port", 7000, &port) ||
-        cmdline_get_u64(c, "entries", 0, &entries)) {
-        printf("kv: bad ip/gw/mask/port/entries value; usage: %s\n", workload_kv.usage);
+        cmdline_get_u64(c, "entries", 0, &entries) ||
+        cmdline_get_u64(c, "spin", IDLE_SPIN_US, &kv.spin_us)) {
+        printf("kv: bad ip/gw/mask/port/entries/spin value; usage: %s\n", workload_kv.usage);
         return EXIT_BAD_ARGS;
     }
     int auto_entries = entries == 0;
+    if (kv.spin_us > HALT_US) {
+        printf("kv: spin=%lu must be at most %u us (an idle guest must halt)\n",
+               (unsigned long)kv.spin_us, HALT_US);
+        return EXIT_BAD_ARGS;
+    }
     if (mask_bits == 0 || mask_bits > 32 || port == 0 || port > 65535 ||
         (!auto_entries && (entries < 8 || entries > (1u << 20) || (entries & (entries - 1))))) {
         printf("kv: mask=%lu must be 1..32, port=%lu 1..65535, entries=%lu a power of two in "
@@ -398,7 +405,7 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
     net_udp_bind(&kv.nif, kv.port, handle, NULL);
     net_announce(&kv.nif);
 
-    uint64_t spin = us_to_tsc(IDLE_SPIN_US), second = ms_to_tsc(1000);
+    uint64_t spin = us_to_tsc(kv.spin_us), second = ms_to_tsc(1000);
     uint64_t prev = rdtsc(), last_work = prev, next_hb = prev + second, max_gap = 0;
     uint64_t iterations = 0, halts = 0, hb = 0;
     virtio_net_hold_tx(&kv.nic, 1); /* one TX notification per pass, not per reply */
@@ -440,7 +447,7 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
 
 const struct workload workload_kv = {
     .name = "kv",
-    .usage = "kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N (default: by RAM)",
+    .usage = "kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N (default: by RAM) spin=US",
     .keys = kv_keys,
     .setup = kv_setup,
     .run = kv_run,

@@ -1,11 +1,18 @@
 """The kv load engine: a single-threaded request window over a `Datapath`.
 
-Owns the client's behaviour: unique keys `{prefix}-{n}`, self-checking values, a window of
-outstanding requests, pacing (`rate`) or none, timeout with exponential backoff and
-retransmission of the very same request (same req_id, key and value: a retransmitted PUT is
-idempotent), the record of every acknowledged PUT, the read-back of all of them at the end,
-and the measurements: latency percentiles, the longest gap between two successful replies
-(the client-observed outage), and completed operations per 100 ms.
+Owns the client's behaviour: a bounded key space `{prefix}-{slot}` (the n-th PUT writes slot
+n mod `keys` with a self-checking value naming n, so a guest's table never fills however long
+the run), a window of outstanding requests, pacing (`rate`) or none, timeout with exponential
+backoff and retransmission of the very same request (same req_id, key and value: a
+retransmitted PUT is idempotent), the latest acknowledged PUT of every key, the read-back of
+every written key at the end, and the measurements: latency percentiles, the longest gap
+between two successful replies (the client-observed outage), and completed operations per
+100 ms.
+
+At most one request per key is outstanding at any time: a retransmitted older PUT can then
+never land after a newer one, so the value the guest holds for a key is exactly the latest
+acknowledged one, and anything else read back (an older value, a torn one) is wrong. Only a
+PUT still unanswered when the drain gave up leaves a key with two acceptable values.
 
 Phases: LOAD (new requests until the duration ends) → DRAIN (finish the outstanding ones) →
 VERIFY (GET every acknowledged key and compare with the value that was acknowledged).
@@ -37,6 +44,7 @@ OP_PUT, OP_GET = 1, 2
 ST_OK, ST_NOT_FOUND = 0, 1
 BUCKET_S = 0.1
 RETRANSMIT_SCAN_S = 0.01
+DEFAULT_KEYS = 65536  # fits the table of the smallest kv guest (114,688 keys at 256 MiB)
 _FILLER = bytes(range(0x30, 0x7B)) * 16  # printable, long enough for any value
 
 
@@ -64,6 +72,7 @@ class EngineConfig:
     rate: float | None = None  # ops/s; None: as fast as the window allows
     duration_s: float = 10.0
     prefix: bytes = b"k"
+    keys: int = DEFAULT_KEYS  # key space: PUT n writes key n % keys
     value_size: int = 64
     read_ratio: float = 0.0  # fraction of load-phase ops that GET an acknowledged key
     durable: bool = True
@@ -77,6 +86,9 @@ class EngineConfig:
     def check(self) -> None:
         if not 1 <= self.window <= 65536:
             raise ValueError(f"window must be 1..65536, got {self.window}")
+        if not self.window < self.keys <= 1 << 32:
+            raise ValueError(f"key space must be larger than the window ({self.window}) "
+                             f"and at most 2**32, got {self.keys}")
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"rate must be positive, got {self.rate}")
         if self.duration_s <= 0:
@@ -95,6 +107,7 @@ class EngineConfig:
 class EngineStats:
     ops: int = 0  # load-phase requests completed (any status)
     puts_acked: int = 0
+    keys_written: int = 0  # distinct keys with an acknowledged PUT
     gets_ok: int = 0
     errors: int = 0  # BAD_REQUEST / IO_ERROR replies, and PUTs answered NOT_FOUND
     timeouts: int = 0  # retransmit-timer expiries
@@ -104,7 +117,7 @@ class EngineStats:
     unanswered: int = 0  # load-phase requests still unanswered when the drain gave up
     lost: int = 0
     wrong: int = 0
-    verified: int = 0
+    verified: int = 0  # keys read back (each key once, against its latest acknowledged PUT)
     unverified: int = 0
     max_gap_s: float = 0.0
     max_gap_at_s: float = 0.0
@@ -144,8 +157,10 @@ class LoadEngine:
         self.cfg = config
         self.clock = clock
         self.stats = EngineStats()
-        self.acked: array = array("q")  # counters n of acknowledged PUTs
-        self._acked_seen: set[int] = set()
+        self.latest: array = array("q", [-1]) * config.keys  # per key: n of its latest ack
+        self.acked: array = array("q")  # keys (slots) with an acknowledged PUT, first-ack order
+        self._busy: set[int] = set()  # keys with a request outstanding
+        self._unanswered: dict[int, int] = {}  # key -> n of a PUT the drain gave up on
         self._bad: set[int] = set()
         self.pending: dict[int, _Pending] = {}
         self._req_id = random.getrandbits(32)
@@ -157,9 +172,33 @@ class LoadEngine:
 
     # ------------------------------------------------------------------ requests
 
+    def key_of(self, n: int) -> bytes:
+        """The key the n-th PUT writes (and a GET expecting value n reads)."""
+        return make_key(self.cfg.prefix, n % self.cfg.keys)
+
+    def _next_put(self) -> int:
+        """The counter of the next PUT: the next n whose key has nothing outstanding (the key
+        space is larger than the window, so one is always near)."""
+        n, keys, busy = self._next_n, self.cfg.keys, self._busy
+        while n % keys in busy:
+            n += 1
+        self._next_n = n + 1
+        return n
+
+    def _pick_get(self) -> int | None:
+        """The latest acknowledged n of a random written key with nothing outstanding."""
+        acked = self.acked
+        for _ in range(4):
+            slot = acked[int(self._rng.random() * len(acked))]
+            if slot not in self._busy:
+                return self.latest[slot]
+        return None
+
     def _send_new(self, op: int, n: int, now: float, phase: int) -> None:
+        """Send a PUT of value n, or a GET of n's key expecting value n."""
         rid = self._req_id = (self._req_id + 1) & 0xFFFFFFFF
-        key = make_key(self.cfg.prefix, n)
+        key = self.key_of(n)
+        self._busy.add(n % self.cfg.keys)
         if op == OP_PUT:
             value = make_value(key, n, self.cfg.value_size)
             payload = REQUEST_HEADER.pack(REQUEST_MAGIC, rid, OP_PUT, self._flags, len(key),
@@ -194,6 +233,8 @@ class LoadEngine:
         if p is None:
             st.stray_replies += 1
             return
+        slot = p.n % self.cfg.keys
+        self._busy.discard(slot)
         if status > 3:
             st.malformed_replies += 1
         if status <= ST_NOT_FOUND:
@@ -211,10 +252,11 @@ class LoadEngine:
             series[b] += 1
         if p.op == OP_PUT:
             if status == ST_OK:
-                if p.n not in self._acked_seen:
-                    self._acked_seen.add(p.n)
-                    self.acked.append(p.n)
-                    st.puts_acked += 1
+                st.puts_acked += 1
+                if self.latest[slot] < 0:
+                    self.acked.append(slot)
+                    st.keys_written += 1
+                self.latest[slot] = p.n  # one request per key at a time: acks come in order
             else:
                 st.errors += 1
             return
@@ -222,26 +264,42 @@ class LoadEngine:
         if p.phase == VERIFY and status in (ST_OK, ST_NOT_FOUND):
             st.verified += 1
         if status == ST_OK:
-            key = make_key(self.cfg.prefix, p.n)
-            if data[12:] != make_value(key, p.n, self.cfg.value_size):
-                self._problem(p.n, "wrong", data[12:])
-            else:
+            if self._value_ok(p.n, data[12:]):
                 st.gets_ok += 1
+            else:
+                self._problem(p.n, "wrong", data[12:])
         elif status == ST_NOT_FOUND:
             self._problem(p.n, "lost", b"")
         else:
             st.errors += 1
 
+    def _value_ok(self, n: int, value: bytes) -> bool:
+        """Is `value` what n's key must hold: value n, or a PUT the drain gave up on?"""
+        key, size = self.key_of(n), self.cfg.value_size
+        if value == make_value(key, n, size):
+            return True
+        other = self._unanswered.get(n % self.cfg.keys)
+        return other is not None and value == make_value(key, other, size)
+
+    def _give_up_pending(self) -> None:
+        """The drain timed out: an unanswered PUT may or may not have been applied."""
+        for p in self.pending.values():
+            if p.op == OP_PUT:
+                self._unanswered[p.n % self.cfg.keys] = p.n
+        self.pending.clear()
+        self._busy.clear()
+
     def _problem(self, n: int, kind: str, value: bytes) -> None:
-        if n in self._bad:
+        slot = n % self.cfg.keys
+        if slot in self._bad:
             return
-        self._bad.add(n)
+        self._bad.add(slot)
         if kind == "lost":
             self.stats.lost += 1
         else:
             self.stats.wrong += 1
         if len(self.stats.problems) < 20:
-            key = make_key(self.cfg.prefix, n).decode()
+            key = self.key_of(n).decode()
             self.stats.problems.append(f"{kind}: {key}" + (f" got {value[:48]!r}" if value else ""))
 
     # ------------------------------------------------------------------ loop
@@ -304,12 +362,12 @@ class LoadEngine:
                     next_send = now - 0.1  # after a stall, catch up by at most 100 ms
                 sent = 0
                 while len(pending) < window and (not interval or next_send <= now) and sent < 64:
-                    acked = self.acked
-                    if read_ratio and acked and rand() < read_ratio:
-                        self._send_new(OP_GET, acked[int(rand() * len(acked))], now, LOAD)
+                    get = (self._pick_get() if read_ratio and self.acked
+                           and rand() < read_ratio else None)
+                    if get is not None:
+                        self._send_new(OP_GET, get, now, LOAD)
                     else:
-                        self._send_new(OP_PUT, self._next_n, now, LOAD)
-                        self._next_n += 1
+                        self._send_new(OP_PUT, self._next_put(), now, LOAD)
                     next_send += interval
                     sent += 1
                 if len(pending) < window:
@@ -321,7 +379,7 @@ class LoadEngine:
                     gap = now - self._last_ok
                     if gap > st.max_gap_s:
                         st.max_gap_s, st.max_gap_at_s = gap, self._last_ok - t0
-                    pending.clear()
+                    self._give_up_pending()
                     if not cfg.verify:
                         phase = DONE
                         continue
@@ -329,9 +387,9 @@ class LoadEngine:
                     self._verify_last = now
                     continue
             else:  # VERIFY
-                acked = self.acked
+                acked, latest = self.acked, self.latest
                 while len(pending) < window and verify_idx < len(acked):
-                    self._send_new(OP_GET, acked[verify_idx], now, VERIFY)
+                    self._send_new(OP_GET, latest[acked[verify_idx]], now, VERIFY)
                     verify_idx += 1
                 if verify_idx >= len(acked) and not pending:
                     phase = DONE
