@@ -8,7 +8,8 @@ This module owns:
   directory and are published with an atomic rename, so concurrent builders are safe.
 - `load_firmware_image()` / `parse_firmware_image()`: reading a flat image and validating its
   `struct fw_header` (see `guest/abi.h`) into a `FirmwareImage`.
-- `build_host_storebw()`: the native build of the store-bandwidth loop for the benchmark.
+- `build_host_program()`: host-side C (the store-bandwidth loop for the benchmark, the shadow
+  data plane library), built and cached the same way.
 - `read_abi_header()`: the `#define NAME value` constants of `guest/abi.h`, for cross-checks.
 
 The flat image comes from a second link with `-Wl,--oformat=binary`, so `objcopy` is not
@@ -299,39 +300,44 @@ def load_firmware_image(path: Path) -> FirmwareImage:
 # ---- host helpers ---------------------------------------------------------------------------
 
 
-def build_host_storebw(cache_dir: Path | None = None, *, source_dir: Path | None = None) -> Path:
-    """Build (or find in the cache) the native `storebw_host` program; returns its path.
-
-    Run it as `storebw_host SIZE PASSES`; it prints "storebw: <bytes> bytes in <ticks> ticks".
-    """
-    src = (source_dir or GUEST_DIR).resolve()
+def build_host_program(name: str, source_dir: Path, sources: Sequence[str],
+                       flags: Sequence[str], *, headers: Sequence[str] = (),
+                       cache_dir: Path | None = None) -> Path:
+    """Build (or find in the cache) a host program or shared library (`-shared` in `flags`)
+    from C `sources` under `source_dir`; returns its path. Cached like the firmware: by the
+    hash of the sources, `headers`, the flags and the compiler."""
+    src = source_dir.resolve()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     compiler = find_compiler()
     identity = compiler + "\n" + compiler_identity(compiler)
-    files = [src / name for name in (*HOST_STOREBW_SOURCES, "storebw_loop.h")]
+    files = [src / n for n in (*sources, *headers)]
     for f in files:
         if not f.is_file():
-            raise FirmwareBuildError(f"host storebw source {f} is missing")
-    digest = _digest(src, files, HOST_STOREBW_CFLAGS, identity)
-    final = cache / f"storebw_host-{digest[:24]}"
+            raise FirmwareBuildError(f"{name} source {f} is missing")
+    digest = _digest(src, files, flags, identity)
+    stem, dot, ext = name.partition(".")
+    final = cache / f"{stem}-{digest[:24]}{dot}{ext}"  # "dataplane.so" -> "dataplane-<hash>.so"
     if final.is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp_name:
         tmp = Path(tmp_name)
-        out = tmp / "storebw_host"
-        cmd = [
-            compiler,
-            *HOST_STOREBW_CFLAGS,
-            "-I",
-            str(src),
-            *(str(src / s) for s in HOST_STOREBW_SOURCES),
-            "-o",
-            str(out),
-        ]
-        _run(cmd, tmp, "compiling storebw_host")
+        out = tmp / name
+        cmd = [compiler, *flags, "-I", str(src), *(str(src / s) for s in sources),
+               "-o", str(out)]
+        _run(cmd, tmp, f"compiling {name}")
         _publish(out, final)
     return final
+
+
+def build_host_storebw(cache_dir: Path | None = None, *, source_dir: Path | None = None) -> Path:
+    """Build (or find in the cache) the native `storebw_host` program; returns its path.
+
+    Run it as `storebw_host SIZE PASSES`; it prints "storebw: <bytes> bytes in <ticks> ticks".
+    """
+    return build_host_program("storebw_host", source_dir or GUEST_DIR, HOST_STOREBW_SOURCES,
+                              HOST_STOREBW_CFLAGS, headers=("storebw_loop.h",),
+                              cache_dir=cache_dir)
 
 
 # ---- abi.h ----------------------------------------------------------------------------------

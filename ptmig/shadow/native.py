@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,15 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import bitmap
-from ..firmware import (
-    FirmwareBuildError,
-    _digest,
-    _publish,
-    _run,
-    compiler_identity,
-    default_cache_dir,
-    find_compiler,
-)
+from ..firmware import FirmwareBuildError, build_host_program
 from ..memory import GuestMemory
 from .pool import ShadowPool
 
@@ -59,23 +50,8 @@ class DataplaneError(RuntimeError):
 
 def build_library(cache_dir: Path | None = None, *, source_dir: Path | None = None) -> Path:
     """Build (or find in the cache) the data plane's shared library; returns its path."""
-    src = (source_dir or NATIVE_DIR).resolve()
-    source = src / SOURCE
-    if not source.is_file():
-        raise DataplaneError(f"data plane source {source} is missing")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "native"
-    compiler = find_compiler()
-    digest = _digest(src, [source], CFLAGS, compiler + "\n" + compiler_identity(compiler))
-    final = cache / f"dataplane-{digest[:24]}.so"
-    if final.is_file():
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp_name:
-        out = Path(tmp_name) / "dataplane.so"
-        _run([compiler, *CFLAGS, str(source), "-o", str(out)], Path(tmp_name),
-             "compiling the shadow data plane")
-        _publish(out, final)
-    return final
+    return build_host_program("dataplane.so", source_dir or NATIVE_DIR, (SOURCE,), CFLAGS,
+                              cache_dir=cache_dir)
 
 
 _lib: ctypes.CDLL | None = None
