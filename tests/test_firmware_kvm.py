@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import struct
 import time
 
@@ -47,12 +48,30 @@ def test_hello_reports_vcpus_and_memory(firmware: FirmwareImage) -> None:
         vm.close()
 
 
+def test_dirty_paced_by_halting_leaves_the_cpu(firmware: FirmwareImage) -> None:
+    """rate=1 MiB/s is one page per 4 ms: spinning between pages burns the whole second,
+    halting between them costs almost nothing, and both write the same pages."""
+    cpu = {}
+    for halt in (0, 1):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        vm, rc = run(firmware, f"dirty ws=64K rate=1 seconds=1 halt={halt}")
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            assert rc == 0, console(vm)
+            assert "pages written" in console(vm)
+        finally:
+            vm.close()
+        cpu[halt] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert cpu[1] < 0.5 * cpu[0], cpu
+
+
 @pytest.mark.parametrize(
     ("cmdline", "message"),
     [
         ("nosuch", 'unknown workload "nosuch"; known: hello dirty storebw kv'),
         ("dirty colour=blue", 'dirty: unknown key "colour"'),
-        ("dirty ws=lots", "dirty: ws=lots is not a number"),
+        ("dirty ws=lots", "dirty: ws=lots is not valid"),
+        ("dirty halt=2", "dirty: halt=2 is not valid"),
         ("dirty ws=1G", "dirty: ws=1073741824 bytes does not fit"),
         ("hello x", "bad command line: argument is not key=value at \"x\""),
         ("storebw size=0", "storebw: size=0 must be in [8,"),

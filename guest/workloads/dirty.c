@@ -3,8 +3,10 @@
  *
  * Every vCPU dirties its own share of a working set of ws bytes (default 64M), one 8-byte
  * store per page per pass (value = pass + page index, so every pass changes every page), at
- * rate MiB/s in total (0: as fast as possible; paced by busy-waiting on the TSC, never by
- * halting), for seconds seconds (0: until the VM is stopped).
+ * rate MiB/s in total (0: as fast as possible), for seconds seconds (0: until the VM is
+ * stopped). Pacing busy-waits on the TSC; with halt=1 a vCPU that is ahead of its schedule by
+ * more than HALT_MIN_US sleeps in the halt hypercall instead, so a slow writer leaves its CPU
+ * to the host (a near-idle guest); only a wake-up later than asked counts as a pause then.
  *
  * Ground truth: a bitmap at boot_info.heap_start with one bit per 4 KiB page of guest RAM,
  * set (atomically: the vCPUs share it) for every page the workload writes; struct
@@ -18,6 +20,7 @@
 #include <stdint.h>
 
 #include "runtime/console.h"
+#include "runtime/hypercall.h"
 #include "runtime/io.h"
 #include "runtime/smp.h"
 #include "runtime/string.h"
@@ -27,8 +30,9 @@
 #define DEFAULT_WS (64ull << 20)
 #define PAGE_SHIFT 12
 #define CATCH_UP_LIMIT_MS 10 /* after a longer stall, pacing restarts instead of bursting */
+#define HALT_MIN_US 200      /* halt=1: shorter waits spin (a halt costs a VM exit) */
 
-static const char *const dirty_keys[] = {"ws", "rate", "seconds", NULL};
+static const char *const dirty_keys[] = {"ws", "rate", "seconds", "halt", NULL};
 
 static struct {
     uint64_t *bitmap;
@@ -36,6 +40,7 @@ static struct {
     uint64_t ws_pages;
     uint64_t rate_mib;
     uint64_t seconds;
+    uint64_t halt;
     unsigned nr_vcpus;
 } cfg;
 
@@ -49,8 +54,10 @@ static int dirty_setup(const struct boot_info *bi, const struct cmdline *c)
         bad = "rate";
     else if (cmdline_get_u64(c, "seconds", 0, &cfg.seconds))
         bad = "seconds";
+    else if (cmdline_get_u64(c, "halt", 0, &cfg.halt) || cfg.halt > 1)
+        bad = "halt";
     if (bad) {
-        printf("dirty: %s=%s is not a number; usage: %s\n", bad, cmdline_get(c, bad),
+        printf("dirty: %s=%s is not valid; usage: %s\n", bad, cmdline_get(c, bad),
                workload_dirty.usage);
         return EXIT_BAD_ARGS;
     }
@@ -153,6 +160,7 @@ static int dirty_run(unsigned cpu, const struct boot_info *bi)
         pps = 1;
     uint64_t step = pps ? hz / pps : 0, step_rem = pps ? hz % pps : 0, acc = 0;
     uint64_t catch_up = ms_to_tsc(CATCH_UP_LIMIT_MS);
+    uint64_t halt_min = us_to_tsc(HALT_MIN_US);
 
     struct gap_meter m = {stats, rdtsc(), 0};
     uint64_t start = m.prev, deadline = start;
@@ -180,6 +188,13 @@ static int dirty_run(unsigned cpu, const struct boot_info *bi)
                 }
                 if (now > deadline + catch_up)
                     deadline = now; /* stalled (e.g. paused for migration): don't burst */
+                if (cfg.halt && deadline > now + halt_min) {
+                    hc_halt(tsc_to_us(deadline - now));
+                    /* the asked-for sleep is not a pause: count only a late wake-up */
+                    uint64_t woke = rdtsc();
+                    m.prev = woke < deadline ? woke : deadline;
+                    now = gap_tick(&m);
+                }
                 while (now < deadline)
                     now = gap_tick(&m);
             }
@@ -205,7 +220,7 @@ done:
 
 const struct workload workload_dirty = {
     .name = "dirty",
-    .usage = "dirty ws=SIZE rate=MIB_PER_S seconds=N",
+    .usage = "dirty ws=SIZE rate=MIB_PER_S seconds=N halt=0|1",
     .keys = dirty_keys,
     .setup = dirty_setup,
     .run = dirty_run,

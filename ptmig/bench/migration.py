@@ -2,7 +2,8 @@
 
 Per run, back to back:
 - **ptmig**: two `ptmig run` processes (source; destination with `--incoming`), a 1 GiB guest
-  running the `dirty` workload with a one-page working set (a near-idle guest), whose RAM above
+  running the `dirty` workload with a one-page working set, paced by halting (`halt=1`: a
+  near-idle guest that leaves its CPU to the host, as QEMU's stopped guest does), whose RAM above
   `FILL_FROM` is first filled with random bytes by the VMM (QMP `x-debug-fill-ram`), so
   the destination receives real data, never holes or zero pages. It is migrated over loopback
   (no DMA tracking needed: no devices) with the default downtime limit, unlimited bandwidth,
@@ -237,7 +238,7 @@ def fill_random(path: Path | str, offset: int, length: int, seed: int = 1) -> No
 def _ptmig_config(tmp: Path, memory: int) -> Path:
     path = tmp / "idle.toml"
     path.write_text(f'[vm]\nname = "benchmig"\nmemory = "{memory // MiB}M"\nvcpus = 1\n\n'
-                    '[workload]\nname = "dirty"\nargs = { ws = "4K", rate = 1 }\n')
+                    '[workload]\nname = "dirty"\nargs = { ws = "4K", rate = 1, halt = 1 }\n')
     return path
 
 
