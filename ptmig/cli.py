@@ -89,14 +89,64 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     sys.exit(code)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def load(args: tuple[str, ...]) -> None:
-    """Drive the guest's kv service and verify every acknowledged value (see --help)."""
+# `ptmig load`'s defaults are LoadOptions' (ptmig.load imports numpy: not at every start-up;
+# tests/test_load_client.py checks the two agree).
+LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_s": 30.0}
+
+
+@main.command()
+@click.argument("config", required=False,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="Pace to N ops/s (default: as fast as the window allows).")
+@click.option("--max", "unpaced", is_flag=True, help="Unthrottled (the default).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds of load.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the result as JSON to FILE.")
+@click.option("--target", metavar="HOST:PORT",
+              help="The kv service through the host's network (TAP) instead of a switch.")
+@click.option("--switch", metavar="udp:HOST:PORT", help="The switch (overrides the config).")
+@click.option("--guest-ip", help="Guest address (overrides the config).")
+@click.option("--client-ip", help="This client's address on the switch.")
+@click.option("--port", "kv_port", type=int, help="kv port (default: the config's, or 7000).")
+@click.option("--keys-prefix", help="Key prefix (default: random).")
+@click.option("--keys", type=int, default=LOAD_DEFAULTS["keys"], show_default=True,
+              help="Key space the PUTs cycle through; each key is checked against its latest "
+                   "acknowledged value.")
+@click.option("--window", type=int, default=LOAD_DEFAULTS["window"], show_default=True,
+              help="Outstanding requests.")
+@click.option("--value-size", type=int, default=LOAD_DEFAULTS["value_size"], show_default=True,
+              help="Value bytes.")
+@click.option("--reads", "read_ratio", type=click.FloatRange(0, 1), default=0.0,
+              show_default=True, help="Fraction of load ops that GET an acknowledged key.")
+@click.option("--verify/--no-verify", default=True,
+              help="Read every acknowledged key back at the end (default: verify).")
+@click.option("--ready-timeout", type=float, default=LOAD_DEFAULTS["ready_timeout_s"],
+              show_default=True, help="Seconds to wait for the guest to answer ARP.")
+@click.option("--durable/--no-durable", default=True,
+              help="Set the durable flag on PUTs (default: durable).")
+def load(config: Path | None, rate: float | None, unpaced: bool, duration: float,
+         json_path: Path | None, target: str | None, switch: str | None, guest_ip: str | None,
+         client_ip: str | None, kv_port: int | None, keys_prefix: str | None, keys: int,
+         window: int, value_size: int, read_ratio: float, verify: bool, ready_timeout: float,
+         durable: bool) -> None:
+    """Drive the guest's kv service and verify every acknowledged value.
+
+    CONFIG is the VM's config (it names the switch, the guest's IP and kv port). Exit status:
+    0 all verified, 1 an acknowledged value was lost or wrong, 2 the run proved nothing.
+    """
+    from .load import LoadOptions
     from .load import main as load_main
 
-    sys.exit(load_main(list(args)))
+    if rate is not None and unpaced:
+        raise click.UsageError("--rate and --max exclude each other")
+    sys.exit(load_main(LoadOptions(
+        config=str(config) if config else None, target=target, switch=switch,
+        guest_ip=guest_ip, client_ip=client_ip, kv_port=kv_port, rate=rate,
+        duration_s=duration, window=window, keys_prefix=keys_prefix, keys=keys,
+        value_size=value_size, read_ratio=read_ratio, durable=durable, verify=verify,
+        ready_timeout_s=ready_timeout, json_path=str(json_path) if json_path else None)))
 
 
 @main.command()

@@ -12,12 +12,10 @@ The lead wires `ptmig load CONFIG.toml ...` to `main(argv)` or to `run_load(Load
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,51 +215,10 @@ def summary(result: LoadResult) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptmig load", description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", help="VM config TOML (guest IP, switch, kv port)")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, help="pace to N ops/s")
-    rate.add_argument("--max", action="store_true", help="unthrottled (the default)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load (default 10)")
-    p.add_argument("--json", dest="json_path", help="write the result as JSON to FILE")
-    p.add_argument("--target", help="HOST:PORT of the kv service through the host's network")
-    p.add_argument("--switch", help="udp:HOST:PORT of the switch (overrides the config)")
-    p.add_argument("--guest-ip", help="guest address (overrides the config)")
-    p.add_argument("--client-ip", help="this client's address on the switch")
-    p.add_argument("--port", type=int, dest="kv_port", help=f"kv port (default {DEFAULT_PORT})")
-    p.add_argument("--keys-prefix", help="key prefix (default: random)")
-    p.add_argument("--keys", type=int, default=DEFAULT_KEYS,
-                   help=f"key space the PUTs cycle through (default {DEFAULT_KEYS}); each key "
-                        "is checked against its latest acknowledged value")
-    p.add_argument("--window", type=int, default=128,
-                   help="outstanding requests (default 128)")
-    p.add_argument("--value-size", type=int, default=64, help="value bytes (default 64)")
-    p.add_argument("--reads", type=float, default=0.0, dest="read_ratio",
-                   help="fraction of load ops that GET an acknowledged key (default 0)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip reading every acknowledged key back")
-    p.add_argument("--ready-timeout", type=float, default=30.0,
-                   help="seconds to wait for the guest to answer ARP (default 30)")
-    p.add_argument("--no-durable", dest="durable", action="store_false",
-                   help="clear the durable flag on PUTs")
-    return p
-
-
-def options_from_args(args: argparse.Namespace) -> LoadOptions:
-    return LoadOptions(
-        config=args.config, target=args.target, switch=args.switch, guest_ip=args.guest_ip,
-        client_ip=args.client_ip, kv_port=args.kv_port, rate=args.rate,
-        duration_s=args.duration, window=args.window, keys_prefix=args.keys_prefix,
-        keys=args.keys, value_size=args.value_size, read_ratio=args.read_ratio,
-        durable=args.durable, verify=args.verify, ready_timeout_s=args.ready_timeout,
-        json_path=args.json_path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(opts: LoadOptions) -> int:
+    """Run the load and print its summary; the exit status (`ptmig load`, see ptmig.cli)."""
     try:
-        result = run_load(options_from_args(args))
+        result = run_load(opts)
     except (ValueError, NetBackendError, NotReadyError, OSError) as exc:
         print(f"ptmig load: {exc}", file=sys.stderr)
         return EXIT_UNPROVEN
@@ -269,5 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result.exit_status
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m ptmig.load ...` is `ptmig load ...`
+    from ptmig.cli import main as cli_main
+
+    cli_main(["load", *sys.argv[1:]])

@@ -261,12 +261,21 @@ def test_wrong_values_are_detected_and_exit_non_zero(switch: UdpSwitch, guest: F
     assert result.exit_status == load.EXIT_LOST_OR_WRONG
 
 
+def cli_load(args: list[str]) -> int:
+    """`ptmig load ARGS` in this process; its exit status."""
+    from click.testing import CliRunner
+
+    from ptmig.cli import main
+
+    return CliRunner().invoke(main, ["load", *args]).exit_code
+
+
 def test_main_exit_status_and_json(switch: UdpSwitch, guest: FakeKvGuest,
                                    tmp_path: Path) -> None:
     guest.forget_every = 10
     host, port = switch.address
     out = tmp_path / "r.json"
-    status = load.main(["--switch", f"udp:{host}:{port}", "--guest-ip", GUEST_IP,
+    status = cli_load(["--switch", f"udp:{host}:{port}", "--guest-ip", GUEST_IP,
                         "--duration", "0.5", "--rate", "500", "--json", str(out)])
     assert status == load.EXIT_LOST_OR_WRONG
     assert json.loads(out.read_text())["lost"] > 0
@@ -291,7 +300,7 @@ ip = "{GUEST_IP}/24"
 backend = "udp:{host}:{port}"
 """)
     out = tmp_path / "cfg.json"
-    status = load.main([str(config), "--duration", "0.3", "--rate", "300", "--json", str(out)])
+    status = cli_load([str(config), "--duration", "0.3", "--rate", "300", "--json", str(out)])
     data = json.loads(out.read_text())
     assert status == 0 and data["acked"] > 0 and data["verified"] == data["keys_written"]
     assert len(guest.store) == data["acked"]
@@ -299,7 +308,7 @@ backend = "udp:{host}:{port}"
 
 def test_unreachable_guest_is_an_error_not_a_pass(switch: UdpSwitch, tmp_path: Path) -> None:
     host, port = switch.address
-    status = load.main(["--switch", f"udp:{host}:{port}", "--guest-ip", "10.0.0.9",
+    status = cli_load(["--switch", f"udp:{host}:{port}", "--guest-ip", "10.0.0.9",
                         "--duration", "0.2", "--ready-timeout", "0.5"])
     assert status == load.EXIT_UNPROVEN
 
@@ -340,3 +349,24 @@ def test_client_sustains_20k_ops_per_second(tmp_path: Path) -> None:
     assert result.exit_status == 0, load.summary(result)
     assert result.ops_per_s >= 20000, load.summary(result)
     assert result.verified == result.keys_written == min(result.acked, load.DEFAULT_KEYS)
+
+
+def test_the_command_line_defaults_are_the_load_options_defaults() -> None:
+    from dataclasses import fields
+
+    from ptmig.cli import LOAD_DEFAULTS
+    from ptmig.load import LoadOptions
+
+    defaults = {f.name: f.default for f in fields(LoadOptions)}
+    assert {k: defaults[k] for k in LOAD_DEFAULTS} == LOAD_DEFAULTS
+
+
+def test_the_command_line_rejects_bad_options_with_a_clear_error() -> None:
+    from click.testing import CliRunner
+
+    from ptmig.cli import main
+
+    r = CliRunner().invoke(main, ["load", "--rate", "5", "--max"])
+    assert r.exit_code == 2 and "exclude each other" in r.output
+    r = CliRunner().invoke(main, ["load", "--reads", "1.5"])
+    assert r.exit_code == 2 and "--reads" in r.output

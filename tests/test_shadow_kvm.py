@@ -215,6 +215,10 @@ def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
     cfg = kv_config(tmp_path, memory="64M")
     vmm = Vmm(cfg, tmp_path, "vmm")
     try:
+        deadline = time.monotonic() + 60
+        while vmm.qmp("query-status")["status"] != "running":
+            assert time.monotonic() < deadline, "the guest never ran"
+            time.sleep(0.05)
         out = tmp_path / "load.json"
         load = start_load(cfg, out, duration=4, rate=2000)
         time.sleep(1)
