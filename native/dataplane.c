@@ -606,8 +606,15 @@ static void *run(void *arg)
 	struct epoll_event ev[32];
 	for (;;) {
 		int n = epoll_wait(e->epfd, ev, 32, POLL_MS);
-		if (n < 0 && errno != EINTR)
+		if (n < 0 && errno != EINTR) { /* cannot wait any more: nobody would be serviced */
+			int err = errno;
+			pthread_mutex_lock(&e->lock);
+			for (int i = 0; i < e->ndevs; i++)
+				dev_fail(e->devs[i], "the data plane thread stopped: epoll_wait: %s",
+					 strerror(err));
+			pthread_mutex_unlock(&e->lock);
 			break;
+		}
 		pthread_mutex_lock(&e->lock);
 		if (e->stop) {
 			pthread_mutex_unlock(&e->lock);
