@@ -244,15 +244,21 @@ class TcpProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
-            return
-        upstream = socket.create_connection(("127.0.0.1", self.target))
-        with self._lock:
-            self._socks += [client, upstream]
-        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        """Every connection through the link (a migration may open parallel data channels)."""
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            with self._lock:
+                self._socks += [client, upstream]
+                cut = self.cut_done.is_set()
+            if cut:  # the link is down: what connects now fails at once
+                self.cut()
+                return
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         try:
@@ -261,7 +267,8 @@ class TcpProxy:
                 if not data:
                     break
                 b.sendall(data)
-                self.forwarded += len(data)
+                with self._lock:
+                    self.forwarded += len(data)
                 if self.cut_after is not None and self.forwarded >= self.cut_after:
                     self.cut()
                     break
@@ -269,7 +276,7 @@ class TcpProxy:
             pass
 
     def cut(self) -> None:
-        """Reset both connections at once, as a failing link would."""
+        """Reset every connection at once, as a failing link would."""
         import struct
 
         self.cut_done.set()

@@ -22,7 +22,14 @@ from ptmig.migration.events import (
     VcpuStates,
     make_runs,
 )
-from ptmig.migration.pages import nonzero_pages, page_rows, split_zero_runs
+from ptmig.migration.pages import (
+    data_pages,
+    expand_runs,
+    nonzero_pages,
+    page_rows,
+    split_by_data,
+    split_zero_runs,
+)
 from ptmig.migration.protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -91,6 +98,31 @@ def test_prefault_allocates_every_page_and_keeps_the_contents() -> None:
         assert mapped  # Linux 5.14+ (MADV_POPULATE_WRITE), as on every supported host
     finally:
         mem.close()
+
+
+# ---- pacing under max-bandwidth: pieces of bounded payload -----------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.booleans(), st.integers(0, 3)), min_size=1,
+                max_size=30), st.integers(1, 50))
+def test_split_by_data_bounds_each_piece_and_keeps_every_page(
+        spec: list[tuple[int, bool, int]], limit: int) -> None:
+    starts, counts, kinds, page = [], [], [], 0
+    for npages, is_data, gap in spec:
+        starts.append(page + gap)
+        counts.append(npages)
+        kinds.append(RunKind.DATA if is_data else RunKind.ZERO)
+        page += gap + npages
+    runs = make_runs(starts, counts, kinds)
+    pieces = split_by_data(runs, limit)
+    joined = np.concatenate(pieces)
+    per_page = np.repeat(joined["kind"], joined["npages"].astype(np.int64))
+    assert np.array_equal(expand_runs(joined), expand_runs(runs))
+    assert np.array_equal(per_page, np.repeat(runs["kind"], runs["npages"].astype(np.int64)))
+    loads = [data_pages(p) for p in pieces]
+    assert all(0 < n <= limit for n in loads[:-1]) and loads[-1] <= limit, loads
+    assert len(pieces) <= -(-data_pages(runs) // limit) + 1
 
 
 # ---- data channels: capabilities, striping, the rounds-only protocol ------------------------

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ptmig.migration.pages import bitmap_to_runs, split_zero_runs
 from ptmig.migration.transport import (
     AuthenticationError,
     Channel,
+    SharedActivity,
     TlsConfig,
     TransportError,
     connect,
@@ -164,6 +166,44 @@ def test_silent_peer_hits_the_inactivity_timeout() -> None:
                 ch.recv_into_exact(bytearray(10))
         stop.set()
         t.join(10)
+
+
+def test_streams_sharing_an_activity_clock_time_out_only_when_all_are_quiet() -> None:
+    """A data-channel migration leaves the main stream idle while the pages flow elsewhere:
+    with a shared clock the idle stream waits as long as a sibling makes progress, then gives
+    up one inactivity timeout after the last byte on any of them (alone it would after 0.3 s)."""
+    busy_for = 1.0
+    with listen("127.0.0.1", 0, inactivity_timeout=0.3) as lst:
+        activity = SharedActivity()
+        with connect("127.0.0.1", lst.port) as _, connect("127.0.0.1", lst.port) as busy_src:
+            quiet, busy = lst.accept(timeout=10), lst.accept(timeout=10)
+            quiet.activity = busy.activity = activity
+
+            def trickle() -> None:
+                end = time.monotonic() + busy_for
+                while time.monotonic() < end:
+                    busy_src.sendall(b"x")
+                    time.sleep(0.05)
+
+            def drain() -> None:
+                try:
+                    while busy.recv(100):
+                        pass
+                except TransportError:
+                    pass
+
+            threads = [threading.Thread(target=f, daemon=True) for f in (trickle, drain)]
+            t0 = time.monotonic()
+            for t in threads:
+                t.start()
+            with pytest.raises(TransportError, match="no progress .* for 0.3 s"):
+                quiet.recv_into_exact(bytearray(10))
+            waited = time.monotonic() - t0
+            assert busy_for + 0.25 < waited < busy_for + 1.5, waited
+            for t in threads:
+                t.join(10)
+            quiet.close()
+            busy.close()
 
 
 def test_protocol_session_over_tcp_into_guest_memory() -> None:

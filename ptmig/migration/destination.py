@@ -5,7 +5,13 @@ one authenticated connection, receives RAM straight into guest memory (page numb
 peer are validated by the protocol before they become addresses), then the vCPU and device
 state. Only when everything is loaded does it acknowledge the switchover and start the guest —
 after that acknowledgement the source never runs the guest again. Any error before it ends the
-incoming migration with a clear message and the source resumes.
+incoming migration with a clear message, sent to the source in an Abort where the main stream
+still works, and the source resumes.
+
+With data channels the streams of one migration share one watchdog (`transport.SharedActivity`):
+the main stream is silent while a round's pages flow on the data channels, so only a migration
+without progress on any stream for the inactivity timeout is given up. A data channel that fails
+wakes the main stream's receive, so the failure is reported at once, not at the next frame.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .events import (
     Hello,
     HelloAck,
     PageRunsHeader,
+    ProtocolError,
     RemoteProtocolError,
     Role,
     RoundEnd,
@@ -44,6 +51,7 @@ from .events import (
     VerifyDigests,
     VerifyReport,
 )
+from .frames import MAX_REASON
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -154,18 +162,14 @@ class SpliceReceiver:
                 moved += os.splice(self.rfd, self.mem_fd, k - moved,
                                    offset_dst=offset + done + moved)
             done += k
-            self.ch.bytes_received += k
+            self.ch.note_received(k)
 
     def _from_socket(self, want: int, total: int, done: int) -> int:
         while True:
             try:
                 k = os.splice(self.sock_fd, self.wfd, want, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                ready, _, _ = select.select([self.sock_fd], [], [], self.ch.inactivity_timeout)
-                if not ready:
-                    raise transport.TransportError(
-                        f"receiving {total} bytes (got {done}): no progress from {self.ch.peer} "
-                        f"for {self.ch.inactivity_timeout} s (peer unresponsive)") from None
+                self._wait_readable(total, done)
                 continue
             except OSError as e:
                 raise transport.TransportError(
@@ -175,6 +179,19 @@ class SpliceReceiver:
                 raise transport.TransportError(
                     f"peer {self.ch.peer} closed the connection after {done} of {total} bytes")
             return k
+
+    def _wait_readable(self, total: int, done: int) -> None:
+        """Until the socket has data, within the channel's inactivity timeout (extended while
+        the migration's other streams make progress, see `transport.Channel.patience`)."""
+        wait = self.ch.inactivity_timeout
+        while wait > 0:
+            ready, _, _ = select.select([self.sock_fd], [], [], wait)
+            if ready:
+                return
+            wait = self.ch.patience()
+        raise transport.TransportError(
+            f"receiving {total} bytes (got {done}): no progress from {self.ch.peer} "
+            f"for {self.ch.inactivity_timeout} s (peer unresponsive)")
 
     def close(self) -> None:
         os.close(self.rfd)
@@ -211,6 +228,7 @@ class DataChannelReceiver:
                     raise IncomingError(f"unexpected {type(ev).__name__} on a data channel")
         except Exception as e:
             self.error = e
+            self.incoming._data_channel_failed(self)
         finally:
             with self.cond:
                 self.closed = True
@@ -249,6 +267,9 @@ class Incoming:
         self.data_channels: list[DataChannelReceiver] = []
         self._data_cond = threading.Condition()
         self._mapped = False
+        self.activity = transport.SharedActivity()  # one watchdog for all streams (see there)
+        self._main: transport.Channel | None = None
+        self._failure: str | None = None  # the first data channel failure
 
     def receive(self) -> None:
         """Accept one migration and run it to the switchover; the guest runs on return."""
@@ -263,49 +284,20 @@ class Incoming:
                 v.start()
         log.info("waiting for an incoming migration on %s:%s", self.host, self.listener.port)
         ch = self.listener.accept()
+        ch.activity = self.activity
+        self.activity.touch()  # the watchdog starts with the migration, not with the wait for it
+        self._main = ch
         conn = self._connection()
         splicer = self._splicer(ch)
-        vcpus: list[VcpuState] | None = None
-        devices: list[dict[str, Any]] | None = None
-        rnd = -1
         try:
-            while True:
-                ev = self._recv_event(ch, conn, splicer)
-                if isinstance(ev, Hello):
-                    ack = check_hello(ev, m.cfg.compat_fingerprint())
-                    transport.send_event(ch, conn, ack)
-                    if not ack.accepted:
-                        raise IncomingError(f"refused the migration: {ack.reason}")
-                    if VERIFY_CAPABILITY in ev.capabilities:
-                        self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
-                    self._accept_data_channels(ev)
-                    self.listener.close()
-                elif isinstance(ev, PageRunsHeader):
-                    self._pages_arrived(ev.runs)
-                elif isinstance(ev, RoundStart):
-                    # Nothing of this round may land before the data channels' previous round.
-                    rnd = ev.round
-                    self._await_data_rounds(rnd - 1)
-                elif isinstance(ev, RoundEnd):
-                    pass
-                elif isinstance(ev, VcpuStates):
-                    vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
-                elif isinstance(ev, DeviceStates):
-                    devices = decode_device_states(ev.blob, [d.id for d in m.devices])
-                elif isinstance(ev, Complete):
-                    if vcpus is None or devices is None:
-                        raise IncomingError("Complete arrived before the vCPU and device state")
-                    self._finish_data_channels(rnd - 1)
-                    self._switchover(ch, conn, vcpus, devices)
-                    if self.digests is not None:
-                        self._verify_after_switchover(ch, conn, splicer)
-                    return
-                elif isinstance(ev, Abort):
-                    raise IncomingError(f"the source aborted the migration: {ev.reason}")
-                elif isinstance(ev, ConnectionClosed):
-                    raise IncomingError("the source closed the connection before completing")
-                else:
-                    raise IncomingError(f"unexpected event {type(ev).__name__}")
+            self._converse(ch, conn, splicer)
+        except Exception as e:
+            why = self._failure or (str(e) if isinstance(e, IncomingError) else None)
+            if why is not None:
+                self._abort_to_source(ch, conn, why)
+            if self._failure is not None and not isinstance(e, IncomingError):
+                raise IncomingError(self._failure) from e  # the cause, not its echo on this stream
+            raise
         finally:
             self.listener.close()
             for d in self.data_channels:
@@ -313,6 +305,71 @@ class Incoming:
             ch.close()
             if splicer is not None:
                 splicer.close()
+
+    def _converse(self, ch: transport.Channel, conn: Connection,
+                  splicer: SpliceReceiver | None) -> None:
+        """The main stream's conversation, from the Hello to the switchover (and verify)."""
+        m = self.m
+        vm = m.vm
+        vcpus: list[VcpuState] | None = None
+        devices: list[dict[str, Any]] | None = None
+        rnd = -1
+        while True:
+            ev = self._recv_event(ch, conn, splicer)
+            if isinstance(ev, Hello):
+                ack = check_hello(ev, m.cfg.compat_fingerprint())
+                transport.send_event(ch, conn, ack)
+                if not ack.accepted:
+                    raise IncomingError(f"refused the migration: {ack.reason}")
+                if VERIFY_CAPABILITY in ev.capabilities:
+                    self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
+                self._accept_data_channels(ev)
+                self.listener.close()
+            elif isinstance(ev, PageRunsHeader):
+                self._pages_arrived(ev.runs)
+            elif isinstance(ev, RoundStart):
+                # Nothing of this round may land before the data channels' previous round.
+                rnd = ev.round
+                self._await_data_rounds(rnd - 1)
+            elif isinstance(ev, RoundEnd):
+                pass
+            elif isinstance(ev, VcpuStates):
+                vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
+            elif isinstance(ev, DeviceStates):
+                devices = decode_device_states(ev.blob, [d.id for d in m.devices])
+            elif isinstance(ev, Complete):
+                if vcpus is None or devices is None:
+                    raise IncomingError("Complete arrived before the vCPU and device state")
+                self._finish_data_channels(rnd - 1)
+                self._switchover(ch, conn, vcpus, devices)
+                if self.digests is not None:
+                    self._verify_after_switchover(ch, conn, splicer)
+                return
+            elif isinstance(ev, Abort):
+                raise IncomingError(f"the source aborted the migration: {ev.reason}")
+            elif isinstance(ev, ConnectionClosed):
+                raise IncomingError("the source closed the connection before completing")
+            else:
+                raise IncomingError(f"unexpected event {type(ev).__name__}")
+
+    def _abort_to_source(self, ch: transport.Channel, conn: Connection, reason: str) -> None:
+        """Best effort: tell the source why this side gives up, so that its error says more
+        than "connection closed". Nothing is sent where the protocol allows no Abort (refused,
+        aborted, switched over) or the stream itself failed."""
+        try:
+            transport.send_event(ch, conn, Abort(reason[:MAX_REASON // 4]))
+        except (ProtocolError, transport.TransportError):
+            pass
+
+    def _data_channel_failed(self, d: DataChannelReceiver) -> None:
+        """A data channel failed, so the migration cannot complete: record the first such
+        failure and wake the main stream's receive, so that the main thread gives up now and
+        tells the source why (see `receive`) instead of waiting for the source's next frame."""
+        with self._data_cond:
+            if self._failure is None:
+                self._failure = f"data channel {d.index} failed: {d.error}"
+        if self._main is not None:
+            self._main.interrupt_receive()
 
     def _connection(self, *, data_channel: bool = False) -> Connection:
         return Connection(Role.DESTINATION, guest_pages=self.m.vm.memory.npages,
@@ -341,6 +398,7 @@ class Incoming:
             except BaseException:
                 ch.close()
                 raise
+            ch.activity = self.activity
             slots[index] = DataChannelReceiver(self, index, ch, conn, self._splicer(ch),
                                                self._data_cond)
         self.data_channels = [d for d in slots if d is not None]
@@ -407,7 +465,10 @@ class Incoming:
         while True:
             ev = conn.next_event()
             if ev is NEED_DATA:
-                conn.receive_data(ch.recv(RECV_CHUNK))
+                data = ch.recv(RECV_CHUNK)
+                if not data and self._failure is not None:
+                    raise IncomingError(self._failure)  # see `_data_channel_failed`
+                conn.receive_data(data)
                 continue
             if isinstance(ev, PageRunsHeader):
                 for target in conn.payload_targets(self.m.vm.memory.view):

@@ -154,6 +154,27 @@ def split_zero_runs(
     return make_runs(pages[first], counts, kinds[first])
 
 
+def split_by_data(runs: np.ndarray, max_data_pages: int) -> list[np.ndarray]:
+    """`runs` cut, in order, into pieces that each carry at most `max_data_pages` DATA pages
+    (a DATA run is split where a piece fills up; ZERO runs carry no payload and ride along).
+    For pacing: a rate-limited sender sends one piece, then waits what it cost."""
+    if max_data_pages <= 0:
+        raise ValueError(f"max_data_pages must be positive, not {max_data_pages}")
+    if data_pages(runs) <= max_data_pages:
+        return [runs]
+    pages = expand_runs(runs)
+    kinds = np.repeat(runs["kind"], runs["npages"].astype(np.int64))
+    is_data = (kinds == RunKind.DATA).astype(np.int64)
+    piece = (np.cumsum(is_data) - is_data) // max_data_pages  # by the DATA pages before it
+    brk = np.empty(pages.size, dtype=bool)
+    brk[0] = True
+    brk[1:] = (np.diff(pages) != 1) | (np.diff(kinds) != 0) | (np.diff(piece) != 0)
+    first = np.flatnonzero(brk)
+    counts = np.diff(np.append(first, pages.size))
+    pieces = make_runs(pages[first], counts, kinds[first])
+    return np.split(pieces, np.flatnonzero(np.diff(piece[first])) + 1)
+
+
 def data_pages(runs: np.ndarray) -> int:
     """Number of pages carried as payload (DATA runs)."""
     return int(runs["npages"][runs["kind"] == RunKind.DATA].sum(dtype=np.uint64))

@@ -41,7 +41,8 @@ class MigrationParams:
     x_timeout_s: float = 120.0  # give up (and resume the source) after this long
     x_max_stalled_rounds: int = 5  # rounds without progress before forcing switchover
     # Parallel TCP streams for pre-copy RAM (QEMU's multifd-channels); 0: all on the main stream.
-    x_data_channels: int = 0
+    # Two keep both ends busy on a small host (the copies run in the kernel, outside the GIL).
+    x_data_channels: int = 2
 
     def set(self, **kw: Any) -> None:
         """Apply `migrate-set-parameters` arguments (already type-checked by the QMP schema)."""

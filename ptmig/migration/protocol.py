@@ -33,7 +33,9 @@ else) and may end after any complete round. Page p of a pre-copy round travels o
 (p // STRIPE_PAGES) % N, so a page resent in a later round never overtakes itself; the main
 stream carries these rounds with 0 pages, and the destination applies nothing of round r on the
 main stream before every data channel has ended round r - 1. The stop-and-copy round travels on
-the main stream only, after the source closed its data channels.
+the main stream only, after the source closed its data channels. Failures travel on the main
+stream: a destination that gives up (a data channel failed, say) sends its Abort there, and the
+source watches it during every data-channel round.
 """
 
 from __future__ import annotations

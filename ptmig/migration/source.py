@@ -9,7 +9,11 @@ strategy puts the devices back to normal and the guest resumes here, having lost
 Pre-copy rounds go over `x-data-channels` parallel streams (see `protocol`): one sender thread
 per channel, each sending its stripes of the round's dirty set. Several streams keep both ends
 busy on a few cores (the copies happen in the kernel, outside the GIL) where one stream
-alternates between a full socket on one side and an empty one on the other.
+alternates between a full socket on one side and an empty one on the other. Meanwhile the
+migration thread watches the main stream, which carries nothing else during such a round: the
+destination's Abort, its end of stream or a reset there, like a failed sender, stops the round
+at once (`_watch_round`), so a destination that gives up or disappears never leaves the source
+waiting on a sender asleep in the rate limit.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from ..layout import PAGE_SIZE
 from ..vm import RunState
 from . import pages, policy, transport
 from .events import (
+    NEED_DATA,
     Abort,
     Complete,
     DeviceStates,
     HelloAck,
+    ProtocolError,
     Role,
     RoundEnd,
     RoundStart,
@@ -60,6 +66,10 @@ log = logging.getLogger(__name__)
 
 BATCH_PAGES = 4096  # 16 MiB per PageRuns frame
 DIGESTS_PER_FRAME = 65536
+PACE_S = 0.25  # under max-bandwidth, a send carries about this much time's worth of payload
+WATCH_INTERVAL_S = 0.02  # how often a data-channel round looks at the main stream
+ABORT_GRACE_S = 0.25  # for the destination's reason to follow a broken data channel
+SENDER_EXIT_S = 10.0  # a stopped sender leaves within one rate-limit step or aborted send
 
 
 SPARSE_PAGES = 4096  # a dirty set this small is listed from its non-zero bitmap words
@@ -79,6 +89,10 @@ VERIFY_CAPABILITY = "x-verify-after-switchover"
 
 class MigrationCancelled(Exception):
     pass
+
+
+class RoundStopped(Exception):
+    """A data-channel round was stopped: another sender or the destination failed first."""
 
 
 def parse_uri(uri: str) -> tuple[str, int]:
@@ -130,6 +144,8 @@ class SourceMigration:
         self._bucket_rate = 0
         self.data_channels: list[DataChannel] = []
         self._lock = threading.Lock()  # sender threads share the counters and the rate limit
+        self._round_stop = threading.Event()  # the current data-channel round failed
+        self._round_error: BaseException | None = None  # why (the first failure)
 
     # --- control ----------------------------------------------------------------------------
 
@@ -143,7 +159,7 @@ class SourceMigration:
             self._cancel.set()
             for ch in [self.channel, *(d.channel for d in self.data_channels)]:
                 if ch is not None:
-                    ch.close()  # unblock a send/recv in progress
+                    ch.abort()  # unblock a send/recv in progress; `_run` closes them
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -159,6 +175,8 @@ class SourceMigration:
     def _check(self) -> None:
         if self._cancel.is_set():
             raise MigrationCancelled("migration cancelled")
+        if self._round_stop.is_set():
+            raise RoundStopped("the round was stopped")
         if self.info.start and time.monotonic() - self.info.start > self.params.x_timeout_s:
             raise TimeoutError(f"migration did not complete within {self.params.x_timeout_s:.0f} s")
 
@@ -259,9 +277,11 @@ class SourceMigration:
             return
         with self._lock:
             end = time.monotonic() + bucket.consume(nbytes)
+        # Compared with this sleep's own rate: with several senders, another one may already
+        # have switched `_bucket_rate` to the new limit.
         while (left := end - time.monotonic()) > 0:
             self._check()
-            if self.params.max_bandwidth != self._bucket_rate:
+            if self.params.max_bandwidth != rate:
                 return
             time.sleep(min(left, 0.02))
 
@@ -281,33 +301,95 @@ class SourceMigration:
             return self._send_stream_round(ch, conn, rnd, dirty, throttle=throttle)
         sent = transport.send_event(ch, conn, RoundStart(rnd, 0))
         allocated = self.m.vm.memory.allocated()  # holes: zero pages we need not even read
-        results: list[int | BaseException] = [0] * len(self.data_channels)
+        counts = [0] * len(self.data_channels)
+        self._round_stop.clear()
+        self._round_error = None
 
         def send(i: int, d: DataChannel) -> None:
             try:
-                results[i] = self._send_stream_round(
+                counts[i] = self._send_stream_round(
                     d.channel, d.conn, rnd, dirty & d.mask, throttle=throttle,
                     allocated=allocated)
             except BaseException as e:  # re-raised below, in the migration thread
-                results[i] = e
-                self._unblock_senders()
+                self._stop_round(e)
 
         threads = [threading.Thread(target=send, args=(i, d), name=f"migration-data-{i}")
                    for i, d in enumerate(self.data_channels)]
         for t in threads:
             t.start()
+        try:
+            self._watch_round(ch, conn, rnd, threads)
+        except BaseException as e:
+            self._stop_round(e)
         for t in threads:
-            t.join()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-            sent += r
-        return sent + transport.send_event(ch, conn, RoundEnd(rnd))
+            t.join(SENDER_EXIT_S)
+            if t.is_alive():
+                log.error("%s did not stop within %.0f s", t.name, SENDER_EXIT_S)
+        if self._round_error is not None:
+            if isinstance(self._round_error, transport.TransportError):
+                raise self._destination_abort(ch, conn) or self._round_error
+            raise self._round_error
+        return sent + sum(counts) + transport.send_event(ch, conn, RoundEnd(rnd))
 
-    def _unblock_senders(self) -> None:
-        """A sender failed: unblock the others (the migration fails and the guest stays)."""
-        for d in self.data_channels:
-            d.channel.close()
+    def _watch_round(self, ch: transport.Channel, conn: Connection, rnd: int,
+                     threads: list[threading.Thread]) -> None:
+        """While the senders run: cancel, timeout, or the destination giving up on the main
+        stream (it carries nothing else now) ends the round at once. Waking every
+        WATCH_INTERVAL_S costs nothing; the senders' completion ends the wait immediately."""
+        while alive := [t for t in threads if t.is_alive()]:
+            if self._round_stop.is_set():
+                return
+            alive[0].join(WATCH_INTERVAL_S)
+            self._check()
+            data = ch.recv_nowait()
+            if data is None:
+                continue
+            if not data:
+                raise transport.TransportError(
+                    f"the migration stream to {ch.peer} ended during round {rnd}: the "
+                    "destination gave up or is gone")
+            conn.receive_data(data)
+            ev = conn.next_event()  # anything but an Abort is a RemoteProtocolError here
+            if isinstance(ev, Abort):
+                raise RuntimeError(f"destination aborted: {ev.reason}")
+            if ev is not NEED_DATA:
+                raise RuntimeError(f"unexpected {type(ev).__name__} from the destination")
+
+    def _destination_abort(self, ch: transport.Channel,
+                           conn: Connection) -> RuntimeError | None:
+        """After a stream broke: the destination's Abort, if it sent one, says why. It follows
+        closely the reset it causes on our data channels, so wait for it a moment."""
+        deadline = time.monotonic() + ABORT_GRACE_S
+        while time.monotonic() < deadline:
+            try:
+                data = ch.recv_nowait()
+                if data is None:
+                    time.sleep(0.01)
+                    continue
+                if not data:
+                    return None
+                conn.receive_data(data)
+                ev = conn.next_event()
+            except (transport.TransportError, ProtocolError):
+                return None
+            if isinstance(ev, Abort):
+                return RuntimeError(f"destination aborted: {ev.reason}")
+            if ev is not NEED_DATA:
+                return None
+        return None
+
+    def _stop_round(self, error: BaseException) -> None:
+        """End a data-channel round after a failure; the first one is the round's error. Every
+        sender stops: one asleep in the rate limit within a step (`_check`), one blocked in a
+        send because its stream is aborted (the migration fails; the guest stays here)."""
+        with self._lock:
+            if self._round_error is None and not isinstance(error, RoundStopped):
+                self._round_error = error
+            first = not self._round_stop.is_set()
+            self._round_stop.set()
+        if first:
+            for d in self.data_channels:
+                d.channel.abort()
 
     def _send_stream_round(self, ch: transport.Channel, conn: Connection, rnd: int,
                            dirty: bitmap.Bitmap, *, throttle: bool,
@@ -328,13 +410,24 @@ class SourceMigration:
         for runs in batches:
             self._check()
             runs = pages.split_zero_runs(mem.view, runs, allocated=allocated)
-            n = transport.send_pages(ch, conn, runs, mem.view)
-            self._account(runs, n)
-            sent += n
-            if throttle:
-                self._rate_limit(n)
+            for piece in self._paced(runs, throttle):
+                n = transport.send_pages(ch, conn, piece, mem.view)
+                self._account(piece, n)
+                sent += n
+                if throttle:
+                    self._rate_limit(n)
         sent += transport.send_event(ch, conn, RoundEnd(rnd))
         return sent
+
+    def _paced(self, runs: np.ndarray, throttle: bool) -> list[np.ndarray]:
+        """A batch as sent: whole, or under `max-bandwidth` in pieces of PACE_S worth of
+        payload. The rate limit waits after each send for what it cost, so a whole 16 MiB batch
+        at a low limit would mean minutes of silence on every stream (the destination gives up
+        after 30 s without progress) and a new limit or a cancel noticed only after them."""
+        rate = self.params.max_bandwidth if throttle else 0
+        if not rate:
+            return [runs]
+        return pages.split_by_data(runs, max(1, int(rate * PACE_S) // PAGE_SIZE))
 
     def _account(self, runs: np.ndarray, nbytes: int) -> None:
         """`query-migrate`'s RAM counters for one sent batch."""

@@ -107,11 +107,33 @@ def _tune(sock: socket.socket, inactivity_timeout: float) -> None:
     sock.settimeout(inactivity_timeout)
 
 
+class SharedActivity:
+    """When any stream of one migration last received bytes: the streams' common watchdog.
+
+    A migration with data channels is one conversation over several streams, and a silent stream
+    does not mean a silent peer: while a round's pages flow on the data channels the main stream
+    carries nothing, and a data channel whose stripes are done idles until the others finish the
+    round. So the streams share this clock, and a receive gives up only once *no* stream of the
+    migration has made progress for its inactivity timeout. (The alternative, keep-alive frames
+    on every idle stream, would put timers into the sender and a new frame into the protocol to
+    say what the receiving side can already see.)"""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def quiet_for(self) -> float:
+        return time.monotonic() - self.last
+
+
 class Channel:
     """An authenticated, connected byte stream with scatter/gather send and exact receives.
 
     Every blocking call fails with TransportError after `inactivity_timeout` seconds without
-    progress; TCP keepalive detects a peer host that vanished while we wait for nothing."""
+    progress (of any stream sharing its `activity` clock, for a receive); TCP keepalive detects
+    a peer host that vanished while we wait for nothing."""
 
     def __init__(self, sock: socket.socket, inactivity_timeout: float, peer: str) -> None:
         self.sock = sock
@@ -120,6 +142,33 @@ class Channel:
         self.is_tls = isinstance(sock, ssl.SSLSocket)
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.activity: SharedActivity | None = None
+        self._waiting_longer = False  # the socket's timeout is shortened (see `_wait_longer`)
+
+    def note_received(self, nbytes: int) -> None:
+        """Count bytes received (also by a caller reading the socket itself, e.g. splice)."""
+        self.bytes_received += nbytes
+        if self.activity is not None:
+            self.activity.touch()
+        if self._waiting_longer:  # progress: the whole timeout applies again, to sends too
+            self._waiting_longer = False
+            self.sock.settimeout(self.inactivity_timeout)
+
+    def patience(self) -> float:
+        """After a receive timed out: seconds it may still wait, because another stream of the
+        same migration made progress within the inactivity timeout (≤ 0: give up)."""
+        if self.activity is None:
+            return 0.0
+        return self.inactivity_timeout - self.activity.quiet_for()
+
+    def _wait_longer(self, e: BaseException) -> bool:
+        """True if the receive that raised `e` should be retried (see `patience`); the socket
+        then times out when the migration's shared clock says it has been quiet long enough."""
+        if not isinstance(e, TimeoutError) or (left := self.patience()) <= 0:
+            return False
+        self.sock.settimeout(left)
+        self._waiting_longer = True
+        return True
 
     def _fail(self, e: BaseException, doing: str) -> TransportError:
         if isinstance(e, TimeoutError | socket.timeout):
@@ -158,28 +207,68 @@ class Channel:
 
     def recv(self, max_bytes: int = 1 << 20) -> bytes:
         """Up to max_bytes; b"" when the peer closed its end cleanly."""
+        while True:
+            try:
+                data = self.sock.recv(max_bytes)
+                break
+            except (OSError, ssl.SSLError) as e:
+                if not self._wait_longer(e):
+                    raise self._fail(e, "receiving") from e
+        self.note_received(len(data))
+        return data
+
+    def recv_nowait(self, max_bytes: int = 1 << 16) -> bytes | None:
+        """What the peer has sent so far, without waiting: None if nothing (b"" once it closed).
+        For watching a stream this side otherwise only sends on; not while another thread
+        uses the stream."""
+        self.sock.settimeout(0)
         try:
             data = self.sock.recv(max_bytes)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return None
         except (OSError, ssl.SSLError) as e:
             raise self._fail(e, "receiving") from e
-        self.bytes_received += len(data)
+        finally:
+            self.sock.settimeout(self.inactivity_timeout)
+        self.note_received(len(data))
         return data
 
     def recv_into_exact(self, view: memoryview | bytearray) -> None:
         """Fill `view` completely (e.g. a slice of guest memory), or raise TransportError."""
         mv = memoryview(view).cast("B")
         pos, total = 0, mv.nbytes
-        try:
-            while pos < total:
+        while pos < total:
+            try:
                 n = self.sock.recv_into(mv[pos:], total - pos)
-                if n == 0:
-                    raise TransportError(
-                        f"peer {self.peer} closed the connection after {pos} of {total} bytes"
-                    )
-                pos += n
-                self.bytes_received += n
-        except (OSError, ssl.SSLError) as e:
-            raise self._fail(e, f"receiving {total} bytes (got {pos})") from e
+            except (OSError, ssl.SSLError) as e:
+                if self._wait_longer(e):
+                    continue
+                raise self._fail(e, f"receiving {total} bytes (got {pos})") from e
+            if n == 0:
+                raise TransportError(
+                    f"peer {self.peer} closed the connection after {pos} of {total} bytes"
+                )
+            pos += n
+            self.note_received(n)
+
+    def abort(self) -> None:
+        """Unblock every send and receive in progress on this stream, from any thread, and
+        drop the connection (the peer sees it end). The TLS layer is left alone: another
+        thread may be inside it; `close` releases everything later."""
+        self._shutdown(socket.SHUT_RDWR)
+
+    def interrupt_receive(self) -> None:
+        """Make a receive in progress (and every later one) return end-of-stream at once,
+        while this side can still send, e.g. the reason it gives up."""
+        self._shutdown(socket.SHUT_RD)
+
+    def _shutdown(self, how: int) -> None:
+        # The plain socket's shutdown: `SSLSocket.shutdown` would also drop the TLS state, and
+        # a later send would then go out unencrypted.
+        try:
+            socket.socket.shutdown(self.sock, how)
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Orderly close: tell the peer we are done sending, then release the socket."""
