@@ -161,6 +161,8 @@ class Machine:
                            f"the guest is in state '{self.vm.state.value}' and cannot continue")
         if self.vm.state == RunState.INMIGRATE:
             raise QmpError(ErrorClass.GENERIC_ERROR, "an incoming migration is in progress")
+        if self.vm.state == RunState.PRELAUNCH:  # booting, or preparing to receive a guest
+            raise QmpError(ErrorClass.GENERIC_ERROR, "the guest has not started yet")
         if self.vm.state != RunState.RUNNING:
             self.vm.resume()
 

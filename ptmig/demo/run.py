@@ -80,13 +80,15 @@ def _start_switch(kids: Children, tries: int = 5) -> tuple[Child, int]:
     raise DemoError(f"could not start a UDP switch on 127.0.0.1 after {tries} tries")
 
 
-def _wait_running(qmp: QmpClient, child: Child, timeout: float = 60.0) -> None:
+def _wait_status(qmp: QmpClient, child: Child, status: str, timeout: float = 60.0) -> None:
+    """Until `query-status` says `status` ("running": the guest runs; "inmigrate": the
+    destination has prepared its RAM and accepts the migration)."""
     deadline = time.monotonic() + timeout
-    while qmp.execute("query-status")["status"] != "running":
+    while qmp.execute("query-status")["status"] != status:
         if not child.alive():
             raise child.died()
         if time.monotonic() > deadline:
-            raise DemoError(f"{child.name}: the guest is not running after {timeout} s")
+            raise DemoError(f"{child.name}: not '{status}' after {timeout} s")
         time.sleep(0.05)
 
 
@@ -171,7 +173,8 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
             str(plan.path("dst.console")), "--incoming", f"tcp:127.0.0.1:{plan.migration_port}"))
         src_qmp = src.connect_qmp(plan.qmp_src)
         dst_qmp = dst.connect_qmp(plan.qmp_dst)
-        _wait_running(src_qmp, src)
+        _wait_status(src_qmp, src, "running")
+        _wait_status(dst_qmp, dst, "inmigrate")  # its RAM prefaulted: not during the warm-up
 
         view.progress.set_phase("warm-up: kv load on the source")
         view.update()

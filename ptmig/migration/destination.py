@@ -275,8 +275,10 @@ class Incoming:
         """Accept one migration and run it to the switchover; the guest runs on return."""
         m = self.m
         vm = m.vm
-        vm._set_state(RunState.INMIGRATE)
+        # 'inmigrate' once RAM is ready: a management layer waiting for it then knows the
+        # prefaulting is over (it would otherwise compete with whatever runs next).
         self._mapped = prepare_guest_ram(m, self.prefault)
+        vm._set_state(RunState.INMIGRATE)
         # vCPU threads start parked (a VM's vCPUs wait until it is started); creating them now
         # keeps thread start-up, which a busy host can stretch to tens of ms, out of the downtime.
         for v in vm.vcpus:
