@@ -39,3 +39,32 @@ def firmware():
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+def _switch_pids() -> set[int]:
+    """Running `ptmig.net.switch` processes (a VMM started with switch = "auto" starts one
+    detached, on purpose: it outlives the VMM, other VMs may share it)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ptmig.net.switch" in cmdline:
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _end_the_switches_tests_started():
+    """Switches the tests' VMMs started end with the session instead of idling forever."""
+    before = _switch_pids()
+    yield
+    import signal
+
+    for pid in _switch_pids() - before:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
