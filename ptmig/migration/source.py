@@ -72,7 +72,10 @@ ABORT_GRACE_S = 0.25  # for the destination's reason to follow a broken data cha
 SENDER_EXIT_S = 10.0  # a stopped sender leaves within one rate-limit step or aborted send
 
 
-SPARSE_PAGES = 4096  # a dirty set this small is listed from its non-zero bitmap words
+# A dirty set this small is listed from its non-zero bitmap words and its pages are read
+# directly; above it, whole-RAM passes (the memfd's holes, batched bitmap runs) pay off. A
+# stop-and-copy round of a busy guest (thousands of scattered pages) stays on the cheap path.
+SPARSE_PAGES = 32768
 
 
 def dirty_pages(dirty: bitmap.Bitmap, npages: int) -> np.ndarray:
