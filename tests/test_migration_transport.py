@@ -364,3 +364,33 @@ def test_tls_client_rejects_server_from_another_ca(pki: Path) -> None:
             connect("127.0.0.1", lst.port, tls=tls(pki, "client"))
         t.join(10)
     assert "error" in out
+
+
+def test_unacknowledged_counts_what_a_slow_receiver_has_not_taken() -> None:
+    """The source's view of a destination that is behind: with the listener's bounded receive
+    buffer, bytes the receiving process has not read stay unacknowledged at the sender."""
+    from ptmig.migration import transport
+
+    listener = transport.listen("127.0.0.1", 0, insecure=True)
+    port = listener.port
+    accepted: list[transport.Channel] = []
+    t = threading.Thread(target=lambda: accepted.append(listener.accept()))
+    t.start()
+    ch = transport.connect("127.0.0.1", port, insecure=True)
+    t.join(10)
+    try:
+        assert ch.unacknowledged() == 0
+        ch.sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < 64 << 20:
+                sent += ch.sock.send(b"x" * (1 << 20))
+        except (TimeoutError, BlockingIOError):
+            pass
+        assert ch.unacknowledged() > 0, "a full receive buffer leaves bytes at the sender"
+        assert sent < 32 << 20, "the destination's receive buffer is bounded"
+    finally:
+        ch.close()
+        for a in accepted:
+            a.close()
+        listener.close()

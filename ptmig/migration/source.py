@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 BATCH_PAGES = 4096  # 16 MiB per PageRuns frame
 DIGESTS_PER_FRAME = 65536
 PACE_S = 0.25  # under max-bandwidth, a send carries about this much time's worth of payload
+DRAIN_MAX_S = 2.0  # at most this long waiting for the destination before the stop
+DRAIN_SLACK = 64 << 10  # bytes still in flight that are not worth waiting for
 WATCH_INTERVAL_S = 0.02  # how often a data-channel round looks at the main stream
 ABORT_GRACE_S = 0.25  # for the destination's reason to follow a broken data channel
 SENDER_EXIT_S = 10.0  # a stopped sender leaves within one rate-limit step or aborted send
@@ -250,6 +252,22 @@ class SourceMigration:
                 Role.SOURCE, guest_pages=npages, data_channel=True), mask))
             cap = channel_capability(DATA_CHANNEL_CAPABILITY, index, token)
             self._handshake(ch, self.data_channels[-1].conn, (cap,))
+
+    def _drain(self, ch: transport.Channel) -> None:
+        """Before stopping the guest: let the destination catch up with what is in flight.
+
+        A busy destination can be hundreds of ms behind the stream (socket buffers hold MBs);
+        whatever it has not processed when the guest stops is processed inside the downtime.
+        The guest still runs while we wait here, and what it dirties meanwhile goes in the
+        stop-and-copy round, which is small by then."""
+        streams = [ch, *(d.channel for d in self.data_channels)]
+        deadline = time.monotonic() + DRAIN_MAX_S
+        while any(s.unacknowledged() > DRAIN_SLACK for s in streams):
+            self._check()
+            if time.monotonic() > deadline:
+                log.info("the destination did not catch up within %.1f s", DRAIN_MAX_S)
+                return
+            time.sleep(0.002)
 
     def _close_data_channels(self) -> None:
         """End the data channels after a complete round (the destination sees a clean end)."""
@@ -479,6 +497,7 @@ class SourceMigration:
             # downtime-limit and max-bandwidth apply at once when changed mid-migration (QEMU's
             # behaviour): `MigrationControl` updates `self.params`.
             if policy.should_switchover(remaining, rate, params.downtime_limit_ms / 1000):
+                self._drain(ch)
                 self._close_data_channels()  # the stop-and-copy round uses the main stream
                 return dirty
             if best_remaining is None or remaining < best_remaining * 0.95:
@@ -497,6 +516,7 @@ class SourceMigration:
                 # The dirty set no longer shrinks (e.g. all-dirty resends every mapped page):
                 # stop iterating and pay for it in downtime, as QEMU eventually must.
                 self.info.forced_switchover = True
+                self._drain(ch)
                 self._close_data_channels()
                 return dirty
 

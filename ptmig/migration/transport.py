@@ -18,6 +18,7 @@ Both proofs are compared with `hmac.compare_digest`. It authenticates; it does n
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -25,6 +26,8 @@ import os
 import secrets
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +45,7 @@ try:
 except (ValueError, OSError):  # pragma: no cover - every Linux has it
     IOV_MAX = 1024
 KEEPALIVE_IDLE_S = 10
+RECEIVE_BUFFER = 1 << 20  # bytes: the destination's socket receive buffer (see listen)
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
 
@@ -144,6 +148,16 @@ class Channel:
         self.bytes_received = 0
         self.activity: SharedActivity | None = None
         self._waiting_longer = False  # the socket's timeout is shortened (see `_wait_longer`)
+
+    def unacknowledged(self) -> int:
+        """Bytes sent that the peer's TCP has not acknowledged yet (SIOCOUTQ); 0 if unknown.
+        With the receiver's buffer bounded (`RECEIVE_BUFFER`), what is still here is what the
+        receiving process has not caught up with."""
+        try:
+            raw = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return 0
+        return int(struct.unpack("i", raw)[0])
 
     def note_received(self, nbytes: int) -> None:
         """Count bytes received (also by a caller reading the socket itself, e.g. splice)."""
@@ -435,6 +449,10 @@ def listen(
     _require_secure(host, tls, psk, insecure, "listen on")
     try:
         sock = socket.create_server((host, port))
+        # Set before any connection: accepted sockets inherit it, and a bounded receive buffer
+        # keeps the bytes the destination has not processed on the source's side, where the
+        # source can see them (`Channel.unacknowledged`) before it stops the guest.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
     except OSError as e:
         raise TransportError(f"cannot listen on {host}:{port}: {e}") from e
     return Listener(sock, tls, psk, inactivity_timeout)
