@@ -220,6 +220,18 @@ def test_run_bench_files_results_under_their_section() -> None:
     assert isinstance(report, Report) and report.results[0].section == "mine"
 
 
+def test_a_failing_section_keeps_what_it_measured_before_failing() -> None:
+    from ptmig.bench.harness import BenchError
+
+    def section(config: BenchConfig) -> list[Result]:
+        raise BenchError("the last part failed", partial=[measured("mine", "x", [1.0], "u")])
+
+    report = bench.run_bench(BenchConfig(runs=1), [("mine", section)], Console(quiet=True))
+    assert [r.name for r in report.results] == ["x"]
+    assert [e.section for e in report.errors] == ["mine"]
+    assert "the last part failed" in report.errors[0].error
+
+
 def test_the_core_section_is_registered() -> None:
     assert "core" in bench.SECTIONS
     from ptmig.bench import core

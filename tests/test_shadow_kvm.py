@@ -240,3 +240,25 @@ def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
         assert res["acked"] > 0 and res["lost"] == 0 and res["wrong"] == 0
     finally:
         vmm.quit()
+
+
+def test_an_idle_guest_answers_after_shadow_mode_ends(tmp_path: Path) -> None:
+    """Leaving shadow mode while the guest is halted: its vCPU must wait on the device's
+    interrupt again (a new client's ARP request gets an answer), every time."""
+    cfg = kv_config(tmp_path, memory="64M")
+    vmm = Vmm(cfg, tmp_path, "vmm")
+    try:
+        for n in range(4):
+            out = tmp_path / f"load{n}.json"
+            load = start_load(cfg, out, duration=0.5, rate=500)
+            assert load.wait(timeout=60) == 0, load.stdout.read() if load.stdout else ""
+            if n == 3:
+                break
+            vmm.qmp("x-shadow-start")
+            shadowed = start_load(cfg, tmp_path / f"shadowed{n}.json", duration=0.5, rate=500)
+            assert shadowed.wait(timeout=60) == 0
+            time.sleep(0.3)  # the guest goes idle (halts) before the stop
+            vmm.qmp("x-shadow-stop")
+            time.sleep(0.3)
+    finally:
+        vmm.quit()

@@ -82,7 +82,9 @@ def run_bench(
         except Exception as e:
             console.print(f"[red]section {name} crashed:[/red]\n{traceback.format_exc()}")
             report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
-            continue
+            results = list(getattr(e, "partial", []))
+            if not results:
+                continue
         for r in results:
             if r.section != name:
                 r.section = name

@@ -33,7 +33,12 @@ JSON_FORMAT_VERSION = 1
 
 
 class BenchError(RuntimeError):
-    """A benchmark could not produce a measurement (as opposed to missing its goal)."""
+    """A benchmark could not produce a measurement (as opposed to missing its goal).
+    `partial`: what the section had measured before it failed (kept in the report)."""
+
+    def __init__(self, message: str, *, partial: list[Result] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial or []
 
 
 @dataclass(frozen=True)

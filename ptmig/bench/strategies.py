@@ -591,5 +591,9 @@ def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
 
 def run(config: BenchConfig) -> list[Result]:
     params = StrategyBenchParams.for_config(config)
-    return run_strategy_bench(params) + shadow_datapath(params.datapath_pairs,
-                                                        params.datapath_s)
+    results = run_strategy_bench(params)
+    try:
+        results += shadow_datapath(params.datapath_pairs, params.datapath_s)
+    except Exception as e:  # keep the strategy cells: they took minutes
+        raise BenchError(f"the data path measurement failed: {e}", partial=results) from e
+    return results

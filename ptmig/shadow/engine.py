@@ -213,6 +213,8 @@ class ShadowEngine:
                 finally:
                     self._untrap(sd)
                 dev.handle.resume()
+                for qi in sd.queues:  # look at the guest's rings now: no doorbell may come
+                    dev.handle.kick(qi)
             self.active = False
 
     def finish(self) -> None:
@@ -236,6 +238,8 @@ class ShadowEngine:
         irq = dev.handle.irq_eventfd
         if irq not in vm.wake_fds:
             vm.wake_fds.append(irq)
+        for v in vm.vcpus:  # a vCPU halted on the shadowing list would miss the device's MSI
+            v.kick_halt()
 
     # --- visibility -----------------------------------------------------------------------------
 
