@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from kvrig import Vmm, kv_config
 from qemu.qmp import QMPClient
+from vmmrig import Vmm, kv_config
 
 from ptmig.load import LoadOptions, open_datapath
 from ptmig.net import kvproto as kp
@@ -85,18 +85,20 @@ def _load(cfg: Path, prefix: bytes, seconds: float) -> LoadEngine:
 
 def test_kv_udp_load_loses_nothing_and_the_log_replays_after_restart(tmp_path: Path) -> None:
     cfg = kv_config(tmp_path, memory="512M")  # room for every key the load can write
-    vmm = Vmm(cfg, tmp_path, "first")
+    vmm = Vmm(tmp_path, "first", cfg)
     try:
+        vmm.wait_ready()
         engine = _load(cfg, b"restart", 3.0)
     finally:
-        vmm.quit()
+        vmm.stop()
     st = engine.stats
     assert st.puts_acked > 200, f"only {st.puts_acked} PUTs acknowledged in 3 s"
     assert (st.lost, st.wrong, st.errors) == (0, 0, 0), st.problems
     assert st.verified == st.keys_written and st.unverified == 0
 
-    vmm = Vmm(cfg, tmp_path, "second")
+    vmm = Vmm(tmp_path, "second", cfg)
     try:
+        vmm.wait_ready()
         acked = [engine.latest[slot] for slot in engine.acked]  # each key's latest PUT
         reqs = [kp.KvRequest(i + 1, kp.Op.GET, engine.key_of(n))
                 for i, n in enumerate(acked)]
@@ -107,7 +109,7 @@ def test_kv_udp_load_loses_nothing_and_the_log_replays_after_restart(tmp_path: P
         finally:
             dp.close()
     finally:
-        vmm.quit()
+        vmm.stop()
     bad = [n for i, n in enumerate(acked)
            if replies[i + 1].status != kp.Status.OK
            or replies[i + 1].value != make_value(engine.key_of(n), n, VALUE_SIZE)]
@@ -134,8 +136,9 @@ def _device_pid(vmm: Vmm, device: str) -> int:
 
 def test_killed_device_is_reported_and_the_vmm_stays_responsive(tmp_path: Path) -> None:
     cfg = kv_config(tmp_path)
-    vmm = Vmm(cfg, tmp_path, "vmm")
+    vmm = Vmm(tmp_path, "vmm", cfg)
     try:
+        vmm.wait_ready()
         dp = open_datapath(LoadOptions(config=cfg))
         try:
             put = _call(dp, [kp.KvRequest(1, kp.Op.PUT, b"before", b"kill")])
@@ -143,7 +146,7 @@ def test_killed_device_is_reported_and_the_vmm_stays_responsive(tmp_path: Path) 
 
             async def kill_and_watch() -> tuple[dict[str, object], dict[str, object]]:
                 client = QMPClient("test")
-                await client.connect(str(vmm.sock))
+                await client.connect(str(vmm.qmp_path))
                 try:
                     os.kill(_device_pid(vmm, "disk0"), signal.SIGKILL)
                     while True:
@@ -163,6 +166,6 @@ def test_killed_device_is_reported_and_the_vmm_stays_responsive(tmp_path: Path) 
             assert (got[2].status, got[2].value) == (kp.Status.OK, b"kill")
         finally:
             dp.close()
-        assert vmm.qmp("query-status")["status"] == "running"
+        assert vmm.status() == "running"
     finally:
-        vmm.quit()
+        vmm.stop()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kvrig import Vmm
+from vmmrig import Vmm
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -51,8 +51,9 @@ def test_real_ping_reaches_the_kv_guest_over_tap(tmp_path: Path, tap: str) -> No
     text = re.sub(r'path = "[^"]*"', f'path = "{tmp_path / "kv.img"}"', text)
     cfg = tmp_path / "kv-tap.toml"
     cfg.write_text(text)
-    vmm = Vmm(cfg, tmp_path, "tap")
+    vmm = Vmm(tmp_path, "tap", cfg)
     try:
+        vmm.wait_ready()
         console = tmp_path / "tap.console"
         deadline = time.monotonic() + 30
         while "kv: serving on" not in (console.read_text() if console.exists() else ""):
@@ -61,6 +62,6 @@ def test_real_ping_reaches_the_kv_guest_over_tap(tmp_path: Path, tap: str) -> No
         ping = subprocess.run(["ping", "-c", "3", "-W", "2", "-I", tap, "10.0.0.2"],
                               capture_output=True, text=True, timeout=60)
     finally:
-        vmm.quit()
+        vmm.stop()
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert " 0% packet loss" in ping.stdout, ping.stdout

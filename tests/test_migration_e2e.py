@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
-from test_migration_e2e_support import Vmm, dirty_config, free_port, iterations_increase
+from vmmrig import Vmm, dirty_config, free_port, iterations_increase
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 

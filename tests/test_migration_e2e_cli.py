@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_migration_e2e_support import ROOT, Vmm, dirty_config, free_port, iterations_increase
+from vmmrig import ROOT, Vmm, dirty_config, free_port, iterations_increase
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_migration_e2e_support import (
+from vmmrig import (
     Load,
     TcpProxy,
     Vmm,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_migration_e2e_support import Load, Vmm, free_port, kv_config, switch
+from vmmrig import Load, Vmm, free_port, kv_config, switch
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 

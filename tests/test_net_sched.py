@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from kvrig import free_port
 from test_device_support import Guest, guest
+from vmmrig import free_port
 
 from ptmig.net.sched import batch_scheduling, use_batch_scheduling
 from ptmig.net.switch import EXIT_ADDRESS_IN_USE, ensure_switch, probe_switch, switch_main
@@ -86,7 +86,7 @@ def test_net_device_runs_under_sched_batch_and_blk_device_does_not(guest: Guest,
 
 
 def test_switch_process_runs_under_sched_batch() -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     proc = ensure_switch("127.0.0.1", port)
     assert proc is not None and probe_switch("127.0.0.1", port) == proc.pid
     try:

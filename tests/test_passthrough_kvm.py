@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kvrig import kv_config
 from test_kv_e2e import _call
+from vmmrig import kv_config
 
 from ptmig import bitmap
 from ptmig.config import load_config

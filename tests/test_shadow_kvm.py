@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kvrig import Vmm, free_port, kv_config, migrate, start_load, wait_migration
+from vmmrig import Load, Vmm, free_port, kv_config
 
 from ptmig import bitmap
 from ptmig.config import load_config
@@ -102,44 +101,46 @@ def test_without_shadowing_device_writes_escape_the_dirty_set(tmp_path: Path) ->
         m.close()
 
 
-def _kv_report(vmm: Vmm) -> list[int]:
-    return vmm.qmp("x-query-guest-stats")["vcpus"][0]["workload"]
-
-
 def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
     cfg = kv_config(tmp_path, memory="64M")
-    vmms = [Vmm(cfg, tmp_path, "vmm0")]
+    vmms = [Vmm(tmp_path, "vmm0", cfg)]
     load_json = tmp_path / "load.json"
     try:
+        vmms[0].wait_ready()
         time.sleep(1.0)
-        load = start_load(cfg, load_json, duration=60, rate=300)
+        load = Load(cfg, 60, load_json, rate=300, window=None).start()
         time.sleep(2.0)
         results = []
         for i in range(20):
             port = free_port(kind=1)
-            dst = Vmm(cfg, tmp_path, f"vmm{i + 1}", incoming=port)
+            dst = Vmm(tmp_path, f"vmm{i + 1}", cfg, incoming_port=port)
             vmms.append(dst)
-            st = migrate(vmms[-2], port, strategy="shadow", verify=True,
-                         params={"downtime-limit": 100})
+            dst.wait_ready()
+            vmms[-2].migrate(port, tracking="shadow", verify=True, downtime_limit=100)
+            st = vmms[-2].wait_migration(timeout=120)
             results.append(st)
             assert st["status"] == "completed", st.get("error-desc")
             assert st["x-verify"]["mismatched"] == 0, st["x-verify"]
-            assert dst.qmp("query-status")["status"] == "running"
-            vmms[-2].quit()
+            assert dst.status() == "running"
+            vmms[-2].stop()
         forwarded = sum(r["x-shadow"]["requests-forwarded"] for r in results)
         synced = sum(r["x-shadow"]["completions-synced"] for r in results)
         assert forwarded > 0 and synced > 0, "the load never went through the shadow rings"
-        out, _ = load.communicate(timeout=120)
-        summary = json.loads(load_json.read_text())
-        assert summary["acked"] > 0, out
-        assert summary["lost"] == 0 and summary["wrong"] == 0, out
+        summary = load.result(timeout=120)
+        assert summary["acked"] > 0, summary["output"]
+        assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
         # The guest's own write-ahead log, replayed by a fresh boot on the shared image,
         # holds at least every acknowledged PUT.
-        vmms[-1].quit()
-        fresh = Vmm(cfg, tmp_path, "replay")
+        vmms[-1].stop()
+        fresh = Vmm(tmp_path, "replay", cfg)
         vmms.append(fresh)
-        time.sleep(1.5)
-        console = (tmp_path / "replay.console").read_text()
+        fresh.wait_ready()
+        deadline = time.monotonic() + 30  # a fresh boot, on a host that may be busy
+        console = ""
+        while "replayed" not in console and time.monotonic() < deadline:
+            time.sleep(0.2)
+            path = tmp_path / "replay.console"
+            console = path.read_text() if path.exists() else ""
         assert "replayed" in console, console
         replayed = int(console.split("replayed")[1].split()[0])
         assert replayed >= summary["acked"], console
@@ -150,32 +151,32 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
 
 def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
     cfg = kv_config(tmp_path, memory="64M")
-    src = Vmm(cfg, tmp_path, "src")
+    src = Vmm(tmp_path, "src", cfg)
+    src.wait_ready()
     port = free_port(kind=1)
-    dst = Vmm(cfg, tmp_path, "dst", incoming=port)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    dst.wait_ready()
     load_json = tmp_path / "load.json"
     try:
         time.sleep(1.0)
-        load = start_load(cfg, load_json, duration=8, rate=300)
+        load = Load(cfg, 8, load_json, rate=300, window=None).start()
         time.sleep(1.5)
         # 1 MB/s: round 0 of 64 MiB takes long enough to cancel in the middle of shadowing
-        src.qmp("migrate-set-parameters", {"x-dma-tracking": "shadow", "max-bandwidth": 1 << 20})
-        src.qmp("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        src.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow", "max-bandwidth": 1 << 20})
+        src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         time.sleep(1.5)
-        assert src.qmp("query-migrate")["status"] == "active"
-        src.qmp("migrate_cancel")
-        st = wait_migration(src)
+        assert src.cmd("query-migrate")["status"] == "active"
+        src.cmd("migrate_cancel")
+        st = src.wait_migration(timeout=120)
         assert st["status"] == "cancelled"
         assert st["x-shadow"]["requests-forwarded"] > 0, "nothing went through the shadow rings"
-        assert src.qmp("query-status")["status"] == "running"
-        out, _ = load.communicate(timeout=60)
-        summary = json.loads(load_json.read_text())
-        assert summary["lost"] == 0 and summary["wrong"] == 0, out
+        assert src.status() == "running"
+        summary = load.result(timeout=60)
+        assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
         # the workload keeps running in direct mode: a second load after the cancel succeeds
-        again = start_load(cfg, tmp_path / "again.json", duration=2, rate=200)
-        out2, _ = again.communicate(timeout=60)
-        after = json.loads((tmp_path / "again.json").read_text())
-        assert after["acked"] > 0 and after["lost"] == 0, out2
+        again = Load(cfg, 2, tmp_path / "again.json", rate=200, window=None).start()
+        after = again.result(timeout=60)
+        assert after["acked"] > 0 and after["lost"] == 0, after["output"]
     finally:
         src.kill()
         dst.kill()
@@ -213,52 +214,51 @@ def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
     """x-shadow-start / x-shadow-stop: the data path alone, under load, loses nothing; a
     migration is refused while it is on."""
     cfg = kv_config(tmp_path, memory="64M")
-    vmm = Vmm(cfg, tmp_path, "vmm")
+    vmm = Vmm(tmp_path, "vmm", cfg)
     try:
-        deadline = time.monotonic() + 60
-        while vmm.qmp("query-status")["status"] != "running":
-            assert time.monotonic() < deadline, "the guest never ran"
-            time.sleep(0.05)
+        vmm.wait_running()
         out = tmp_path / "load.json"
-        load = start_load(cfg, out, duration=4, rate=2000)
+        load = Load(cfg, 4, out, rate=2000, window=None).start()
         time.sleep(1)
-        vmm.qmp("x-shadow-start")
+        vmm.cmd("x-shadow-start")
         with pytest.raises(Exception, match="already shadowed"):
-            vmm.qmp("x-shadow-start")
+            vmm.cmd("x-shadow-start")
         with pytest.raises(Exception, match="x-shadow-stop first"):
-            vmm.qmp("migrate", {"uri": f"tcp:127.0.0.1:{free_port(socket.SOCK_STREAM)}"})
+            vmm.cmd("migrate", {"uri": f"tcp:127.0.0.1:{free_port(socket.SOCK_STREAM)}"})
         time.sleep(1.5)
-        live = vmm.qmp("x-query-shadow")
+        live = vmm.cmd("x-query-shadow")
         assert live["active"] and live["requests-forwarded"] > 0
-        stats = vmm.qmp("x-shadow-stop")
+        stats = vmm.cmd("x-shadow-stop")
         assert stats["completions-synced"] > 0
-        assert vmm.qmp("x-query-shadow") == {"active": False}
+        assert vmm.cmd("x-query-shadow") == {"active": False}
         with pytest.raises(Exception, match="not shadowed"):
-            vmm.qmp("x-shadow-stop")
-        assert load.wait(timeout=60) == 0, load.stdout.read() if load.stdout else ""
-        res = json.loads(out.read_text())
+            vmm.cmd("x-shadow-stop")
+        assert load.wait(timeout=60) == 0, load.output
+        res = load.result()
         assert res["acked"] > 0 and res["lost"] == 0 and res["wrong"] == 0
     finally:
-        vmm.quit()
+        vmm.stop()
 
 
 def test_an_idle_guest_answers_after_shadow_mode_ends(tmp_path: Path) -> None:
     """Leaving shadow mode while the guest is halted: its vCPU must wait on the device's
     interrupt again (a new client's ARP request gets an answer), every time."""
     cfg = kv_config(tmp_path, memory="64M")
-    vmm = Vmm(cfg, tmp_path, "vmm")
+    vmm = Vmm(tmp_path, "vmm", cfg)
+    vmm.wait_ready()
     try:
         for n in range(4):
             out = tmp_path / f"load{n}.json"
-            load = start_load(cfg, out, duration=0.5, rate=500)
-            assert load.wait(timeout=60) == 0, load.stdout.read() if load.stdout else ""
+            load = Load(cfg, 0.5, out, rate=500, window=None).start()
+            assert load.wait(timeout=60) == 0, load.output
             if n == 3:
                 break
-            vmm.qmp("x-shadow-start")
-            shadowed = start_load(cfg, tmp_path / f"shadowed{n}.json", duration=0.5, rate=500)
+            vmm.cmd("x-shadow-start")
+            shadowed = Load(cfg, 0.5, tmp_path / f"shadowed{n}.json", rate=500,
+                            window=None).start()
             assert shadowed.wait(timeout=60) == 0
             time.sleep(0.3)  # the guest goes idle (halts) before the stop
-            vmm.qmp("x-shadow-stop")
+            vmm.cmd("x-shadow-stop")
             time.sleep(0.3)
     finally:
-        vmm.quit()
+        vmm.stop()

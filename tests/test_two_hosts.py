@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kvrig import QmpEndpoint, free_port, wait_migration
+from vmmrig import Monitor, free_port
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 
@@ -103,6 +103,7 @@ size = "16M"
     psk.write_text("a secret both hosts were given\n")
     port = free_port(kind=1)
     procs = []
+    monitors: list[Monitor] = []
     try:
         src_sock, dst_sock = tmp_path / "src.qmp", tmp_path / "dst.qmp"
         src_log, dst_log = tmp_path / "src.log", tmp_path / "dst.log"
@@ -124,16 +125,17 @@ size = "16M"
                      stderr=subprocess.STDOUT, text=True)
         procs.append(load)
         time.sleep(3)
-        source, dest = QmpEndpoint(src_sock), QmpEndpoint(dst_sock)
-        source.qmp("migrate-set-parameters", {"x-dma-tracking": "shadow"})
-        source.qmp("migrate-set-capabilities",
+        source, dest = Monitor(src_sock, "src"), Monitor(dst_sock, "dst")
+        monitors += [source, dest]
+        source.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow"})
+        source.cmd("migrate-set-capabilities",
                    {"capabilities": [{"capability": "x-verify", "state": True}]})
-        source.qmp("migrate", {"uri": f"tcp:192.168.50.2:{port}"})
-        st = wait_migration(source, timeout=120)
+        source.cmd("migrate", {"uri": f"tcp:192.168.50.2:{port}"})
+        st = source.wait_migration(timeout=120)
         assert st["status"] == "completed", (st, dst_log.read_text()[-2000:])
         assert st["x-verify"]["mismatched"] == 0
-        assert dest.qmp("query-status")["status"] == "running"
-        source.qmp("quit")
+        assert dest.status() == "running"
+        source.cmd("quit")
         out, _ = load.communicate(timeout=120)
         summary = json.loads(load_json.read_text())
         assert summary["acked"] > 0 and summary["lost"] == 0 and summary["wrong"] == 0, out
@@ -152,6 +154,8 @@ size = "16M"
                                    "10.0.0.2"], capture_output=True, text=True)
             assert ping.returncode == 0, ping.stdout
     finally:
+        for m in monitors:
+            m.close()
         for p in procs:
             if p.poll() is None:
                 p.kill()

@@ -1,0 +1,351 @@
+"""The rig for tests that run VMMs: `ptmig run` processes driven over QMP, their configs, a
+switch, the load client and a TCP link the test can cut.
+
+Each VMM is a separate process (as on two hosts), driven over QMP by the `qemu.qmp` client, so
+the tests exercise what a management tool would. Nothing here asserts; the tests do. This
+module holds no tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ptmig.net.switch import probe_switch
+
+ROOT = Path(__file__).resolve().parent.parent
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 that is free now: TCP (migrations) or SOCK_DGRAM (switches)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    """The child processes import this checkout's ptmig, whatever their working directory."""
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def dirty_config(tmp: Path, *, memory: str = "128M", vcpus: int = 2, ws: str = "32M") -> Path:
+    path = tmp / "dirty.toml"
+    path.write_text(f'[vm]\nmemory = "{memory}"\nvcpus = {vcpus}\n\n'
+                    f'[workload]\nname = "dirty"\nargs = {{ ws = "{ws}" }}\n')
+    return path
+
+
+def kv_config(tmp: Path, switch_port: int | None = None, *, memory: str = "128M") -> Path:
+    """A kv VM on its own switch port and disk image, so tests never share state.
+
+    Without `switch_port` the VM gets a free port and its VMM starts the switch there itself
+    (`switch = "auto"`); with one, the test runs the switch (see `switch()`) and decides when
+    it ends."""
+    mode = "none" if switch_port is not None else "auto"
+    port = switch_port if switch_port is not None else free_port(socket.SOCK_DGRAM)
+    path = tmp / "kv.toml"
+    path.write_text(
+        f'[vm]\nmemory = "{memory}"\nvcpus = 1\n\n'
+        '[workload]\nname = "kv"\nargs = { port = 7000 }\n\n'
+        '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
+        f'backend = "udp:127.0.0.1:{port}"\nswitch = "{mode}"\n\n'
+        f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "16M"\n'
+        'serial = "ptmig-disk0"\n')
+    return path
+
+
+def _ensure_event_loop() -> None:
+    """The legacy QMP client runs on the thread's default event loop, which a test's own
+    `asyncio.run()` closes and unsets: give it a fresh one then."""
+    try:
+        asyncio.get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+class Monitor:
+    """The QMP socket of a VMM, whoever started it. One connection, opened at the first
+    command and kept (as a management tool would); events that arrive with the replies are
+    collected in `events`."""
+
+    def __init__(self, qmp_path: Path, name: str) -> None:
+        self.qmp_path = qmp_path
+        self.name = name
+        self._qmp: QEMUMonitorProtocol | None = None
+        self.events: list[dict[str, Any]] = []
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        if self._qmp is None:
+            self._qmp = self._connect()
+        return self._qmp
+
+    def _connect(self) -> QEMUMonitorProtocol:
+        _ensure_event_loop()
+        q = QEMUMonitorProtocol(str(self.qmp_path))
+        q.connect()
+        return q
+
+    def close(self) -> None:
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception:
+                pass
+            self._qmp = None
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Run a QMP command; its `return` value, or RuntimeError with QMP's error text."""
+        reply = self.qmp.cmd(name, args)
+        self.events.extend(self.qmp.get_events(wait=False))
+        if "error" in reply:
+            raise RuntimeError(f"{self.name} {name}: {reply['error'].get('desc')}")
+        return reply["return"]
+
+    def status(self) -> str:
+        return str(self.cmd("query-status")["status"])
+
+    def iterations(self) -> list[int]:
+        return [v["iterations"] for v in self.cmd("x-query-guest-stats")["vcpus"]]
+
+    def migrate(self, port: int, *, tracking: str = "none", verify: bool = True,
+                downtime_limit: int = 50, max_bandwidth: int = 0) -> None:
+        """Start a migration to 127.0.0.1:port; `wait_migration()` waits for its end."""
+        self.cmd("migrate-set-parameters", {"x-dma-tracking": tracking,
+                                            "downtime-limit": downtime_limit,
+                                            "max-bandwidth": max_bandwidth})
+        self.cmd("migrate-set-capabilities",
+                 {"capabilities": [{"capability": "x-verify", "state": verify}]})
+        self.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+
+    def wait_migration(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The final `query-migrate` of the migration in flight (completed, failed, cancelled)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.cmd("query-migrate")
+            if info["status"] in FINISHED:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"migration still '{info['status']}' after {timeout} s")
+            time.sleep(0.02)
+
+
+class Vmm(Monitor):
+    """One `ptmig run` process with a QMP socket; stdout/stderr go to files in `tmp`, the
+    guest's console to `tmp/<name>.console`. The constructor does not wait: VMMs started one
+    after the other boot in parallel; `wait_ready()` (or the first command) waits for QMP."""
+
+    def __init__(self, tmp: Path, name: str, config: Path, *, incoming_port: int | None = None,
+                 psk_file: Path | None = None, extra: Sequence[str] = ()) -> None:
+        super().__init__(tmp / f"{name}.qmp", name)
+        self.out_path = tmp / f"{name}.out"
+        self.err_path = tmp / f"{name}.err"
+        args = [sys.executable, "-m", "ptmig.cli", "run", str(config),
+                "--qmp", f"unix:{self.qmp_path}", "--console", str(tmp / f"{name}.console")]
+        if incoming_port is not None:
+            args += ["--incoming", f"tcp:127.0.0.1:{incoming_port}"]
+        if psk_file is not None:
+            args += ["--psk-file", str(psk_file)]
+        args += extra
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err, env=_env(), cwd=tmp)
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace") + self.err_path.read_text(
+            errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the QMP socket exists; RuntimeError (with the output) if the VMM exited."""
+        deadline = time.monotonic() + timeout
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early ({self.proc.returncode}):\n"
+                                   f"{self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no QMP socket after {timeout} s")
+            time.sleep(0.05)
+
+    def _connect(self) -> QEMUMonitorProtocol:
+        self.wait_ready()
+        return super()._connect()
+
+    def wait_running(self, timeout: float = 60.0) -> None:
+        """Until the guest runs (devices spawned, firmware loaded)."""
+        self._wait_status("running", timeout)
+
+    def wait_incoming(self, timeout: float = 60.0) -> None:
+        """Until a `--incoming` VMM listens (its QMP socket comes up before its listener)."""
+        self._wait_status("inmigrate", timeout)
+
+    def _wait_status(self, wanted: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (status := self.status()) != wanted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: still {status!r}, not {wanted!r}, "
+                                   f"after {timeout} s")
+            time.sleep(0.05)
+
+    def stop(self) -> int | None:
+        """Quit (politely, then by force); returns the exit status."""
+        if self.proc.poll() is None:
+            try:
+                self.cmd("quit")
+            except Exception:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, no goodbye: for clean-ups that must not wait on a guest."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.close()
+
+
+def iterations_increase(vmm: Monitor, wait: float = 0.3) -> bool:
+    """True if every vCPU's loop counter moves forward within `wait` seconds."""
+    a = vmm.iterations()
+    time.sleep(wait)
+    b = vmm.iterations()
+    return all(y > x for x, y in zip(a, b, strict=True))
+
+
+@contextmanager
+def switch(port: int) -> Iterator[None]:
+    """A `ptmig switch` on 127.0.0.1:port for the duration of the block."""
+    proc = subprocess.Popen([sys.executable, "-m", "ptmig.net.switch", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        deadline = time.monotonic() + 10
+        while probe_switch("127.0.0.1", port, timeout=0.1, tries=1) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"switch on port {port} did not start")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Load:
+    """`ptmig load` in a background process; `wait()` gives its exit status, `result()` its
+    parsed JSON (with the output under "output").
+
+    `window` bounds the requests in flight (None: `ptmig load`'s own default); `rate` paces
+    the requests (None: as fast as the window allows)."""
+
+    config: Path
+    duration: float
+    json_path: Path
+    rate: float | None = None
+    window: int | None = 16
+    proc: subprocess.Popen[bytes] | None = None
+    output: str | None = field(default=None, init=False)
+
+    def start(self) -> Load:
+        args = [sys.executable, "-m", "ptmig.cli", "load", str(self.config),
+                "--duration", str(self.duration), "--json", str(self.json_path)]
+        if self.window is not None:
+            args += ["--window", str(self.window)]
+        if self.rate:
+            args += ["--rate", str(self.rate)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=_env())
+        return self
+
+    def wait(self, timeout: float = 90.0) -> int:
+        """The exit status (0: every acknowledged value read back intact); output in `output`."""
+        assert self.proc is not None
+        if self.output is None:
+            out, _ = self.proc.communicate(timeout=timeout)
+            self.output = out.decode(errors="replace")
+        return self.proc.returncode
+
+    def result(self, timeout: float = 90.0) -> dict[str, Any]:
+        status = self.wait(timeout)
+        if not self.json_path.exists():
+            raise RuntimeError(f"ptmig load wrote no result (status {status}):\n{self.output}")
+        doc: dict[str, Any] = json.loads(self.json_path.read_text())
+        doc["output"] = self.output
+        return doc
+
+
+class TcpProxy:
+    """A TCP forwarder 127.0.0.1:port → 127.0.0.1:target that the test can cut at will."""
+
+    def __init__(self, target: int, cut_after: int | None = None) -> None:
+        self.target = target
+        self.cut_after = cut_after  # bytes forwarded (either way) before the link fails
+        self.cut_done = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.forwarded = 0
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        """Every connection through the link (a migration may open parallel data channels)."""
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            with self._lock:
+                self._socks += [client, upstream]
+                cut = self.cut_done.is_set()
+            if cut:  # the link is down: what connects now fails at once
+                self.cut()
+                return
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                data = a.recv(1 << 16)
+                if not data:
+                    break
+                b.sendall(data)
+                with self._lock:
+                    self.forwarded += len(data)
+                if self.cut_after is not None and self.forwarded >= self.cut_after:
+                    self.cut()
+                    break
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        """Reset every connection at once, as a failing link would."""
+        self.cut_done.set()
+        self.listener.close()
+        with self._lock:
+            for s in self._socks:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv
+                    s.close()
+                except OSError:
+                    pass
