@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shadowrig import FakeAttached, GuestStores, device_state
 
 from ptmig import bitmap
 from ptmig.devices.virtio.queue import SplitQueue
@@ -32,28 +33,6 @@ DATA = 0x40000
 QSIZE = 16
 
 
-class GuestStores:
-    """The guest's own stores (vCPU writes): straight into guest RAM."""
-
-    def __init__(self, mem: GuestMemory) -> None:
-        self.mem = mem
-        self.base = 0
-        self.buf = mem.mmap
-
-    def read(self, addr: int, length: int) -> bytes:
-        return self.mem.mmap[addr : addr + length]
-
-    def write(self, addr: int, data: bytes) -> None:
-        self.mem.mmap[addr : addr + len(data)] = data
-
-
-@dataclass
-class FakeAttached:
-    id: str
-    iommu: IommuTable
-    handle: object = None
-
-
 @dataclass
 class Rig:
     mem: GuestMemory
@@ -64,11 +43,7 @@ class Rig:
     dma: DmaView
 
     def enter(self) -> SplitQueue:
-        st = self.drv.state(next_avail=0, next_used=0)
-        self.sd.build({"mmio": {"status": 15}, "queues": [
-            {"index": 0, "size": st.size, "desc_addr": st.desc_addr,
-             "avail_addr": st.avail_addr, "used_addr": st.used_addr, "next_avail": 0,
-             "next_used": 0, "ready": True}]})
+        self.sd.build(device_state(self.drv))
         self.sd.submit(0)
         self.dma.invalidate_iotlb()
         self.sd.map.invalidated()
@@ -227,12 +202,8 @@ def test_the_data_plane_thread_services_doorbells_and_interrupts() -> None:
     dp = holder[0]
     try:
         rx = rig.drv.alloc(PAGE_SIZE, align=PAGE_SIZE)
-        st_ = rig.drv.state()
         sd = ShadowedDevice(rig.sd.dev, rig.pool, rig.mem, dp, irq_fd=irq)
-        sd.build({"mmio": {"status": 15}, "queues": [
-            {"index": 0, "size": st_.size, "desc_addr": st_.desc_addr,
-             "avail_addr": st_.avail_addr, "used_addr": st_.used_addr, "next_avail": 0,
-             "next_used": 0, "ready": True}]}, doorbells={0: doorbell}, kicks={0: kick})
+        sd.build(device_state(rig.drv), doorbells={0: doorbell}, kicks={0: kick})
         rig.dma.invalidate_iotlb()
         sd.map.invalidated()
         dq = SplitQueue(rig.drv.state(), rig.dma)

@@ -7,10 +7,9 @@ remaps — exactly what a device process does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
+from shadowrig import FakeAttached, GuestStores, device_state
 
 from ptmig import bitmap
 from ptmig.devices.virtio.queue import SplitQueue
@@ -26,48 +25,18 @@ RING_BASE = 0x10000
 DATA = 0x40000
 
 
-class GuestDriverMemory:
-    """The guest's own stores (vCPU writes): straight into guest RAM."""
-
-    def __init__(self, mem: GuestMemory) -> None:
-        self.mem = mem
-        self.base = 0
-        self.buf = mem.mmap
-
-    def read(self, addr: int, length: int) -> bytes:
-        return self.mem.mmap[addr : addr + length]
-
-    def write(self, addr: int, data: bytes) -> None:
-        self.mem.mmap[addr : addr + len(data)] = data
-
-
-@dataclass
-class FakeAttached:
-    id: str
-    iommu: IommuTable
-    handle: object = None
-
-
 @pytest.fixture
 def rig():
     mem = GuestMemory(MEM)
     iommu = IommuTable.create(mem.npages)
     iommu.map_identity(mem.npages)
     pool = ShadowPool(64)
-    drv = DriverQueue(GuestDriverMemory(mem), 16, base=RING_BASE, data_start=DATA)
+    drv = DriverQueue(GuestStores(mem), 16, base=RING_BASE, data_start=DATA)
     sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem)
     dma = DmaView(iommu, mem.mmap, pool=pool.mmap, name="dev0")
     yield mem, iommu, pool, drv, sd, dma
     dma.close()
     iommu.close()
-
-
-def device_state(drv: DriverQueue, next_avail: int = 0) -> dict:
-    st = drv.state(next_avail=next_avail, next_used=next_avail)
-    return {"mmio": {"status": 15}, "queues": [
-        {"index": 0, "size": st.size, "desc_addr": st.desc_addr, "avail_addr": st.avail_addr,
-         "used_addr": st.used_addr, "next_avail": next_avail, "next_used": next_avail,
-         "ready": True}]}
 
 
 def enter(sd: ShadowedDevice, drv: DriverQueue, dma: DmaView) -> SplitQueue:
