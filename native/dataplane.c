@@ -62,8 +62,8 @@ enum {
 	ST_COMPLETED,
 	ST_BYTES_TO_DEVICE,
 	ST_BYTES_TO_GUEST,
-	ST_DOORBELLS,
-	ST_INTERRUPTS,
+	ST_DOORBELLS,  /* trapped guest doorbells the thread woke for */
+	ST_INTERRUPTS, /* device interrupts the thread woke for */
 	ST_ACTIVE,   /* guest pages with a device buffer referenced by a request (or a ring) */
 	ST_IDLE,     /* guest pages with a device buffer nobody references (kept for reuse) */
 	ST_REUSED,   /* idle device buffers taken back into use (no new mapping needed) */
@@ -379,7 +379,6 @@ static int forward_queue(struct dp_queue *q)
 		return -1;
 	if (q->pos[Q_STALLED])
 		return 0;
-	d->stats[ST_DOORBELLS]++;
 	uint8_t *idxp = guest_ptr(e, q->avail_addr + 2, 2);
 	if (!idxp) {
 		dev_fail(d, "queue %d: avail ring %#llx is outside guest RAM", q->qindex,
@@ -555,7 +554,6 @@ static int complete_dev(struct dp_dev *d)
 {
 	if (d->error[0])
 		return -1;
-	d->stats[ST_INTERRUPTS]++;
 	int done = 0;
 	for (int i = 0; i < d->nqueues; i++) {
 		int r = complete_queue(&d->queues[i]);
@@ -629,10 +627,12 @@ static void *run(void *arg)
 				struct dp_queue *q = p;
 				drain_fd(q->doorbell_fd);
 				q->pending = 1;
+				q->dev->stats[ST_DOORBELLS]++;
 				break;
 			}
 			case TAG_DEV:
 				drain_fd(((struct dp_dev *)p)->irq_fd);
+				((struct dp_dev *)p)->stats[ST_INTERRUPTS]++;
 				break;
 			default:
 				drain_fd(e->wake_fd);
