@@ -37,11 +37,18 @@ def frame(n: int, tag: int = 0) -> bytes:
     return dst + src + b"\x08\x00" + bytes((tag + i) & 0xFF for i in range(n - 14))
 
 
+@pytest.fixture(params=["native", "python"])
+def datapath(request: pytest.FixtureRequest) -> str:
+    """Every test runs on both frame paths: the native one (the default) and the Python one."""
+    return str(request.param)
+
+
 @pytest.fixture
-def net(guest: Guest) -> Iterator[tuple[DeviceHandle, socket.socket, DriverQueue, DriverQueue]]:
+def net(guest: Guest, datapath: str) -> Iterator[tuple[DeviceHandle, socket.socket,
+                                                       DriverQueue, DriverQueue]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    h = guest.spawn("net", {"mac": MAC, "backend": f"fd:{theirs.fileno()}"},
-                    pass_fds=[theirs.fileno()])
+    h = guest.spawn("net", {"mac": MAC, "backend": f"fd:{theirs.fileno()}",
+                            "datapath": datapath}, pass_fds=[theirs.fileno()])
     theirs.close()
     ours.settimeout(5.0)
     rxq, txq = guest.queue(0), guest.queue(1)
@@ -67,8 +74,9 @@ def rx_payload(guest: Guest, rxq: DriverQueue, head: int, length: int) -> tuple[
     return data[:12], data[12:length]
 
 
-def test_mac_in_config(net: tuple, guest: Guest) -> None:
+def test_mac_in_config(net: tuple, guest: Guest, datapath: str) -> None:
     h = net[0]
+    assert h.stats()["datapath"] == datapath  # the native path did not silently fall back
     mac = bytes(h.mmio_read(c.REG_CONFIG + i, 1) for i in range(6))
     assert mac == bytes.fromhex(MAC.replace(":", ""))
     assert h.mmio_read(c.REG_DEVICE_ID, 4) == c.VIRTIO_ID_NET
@@ -139,12 +147,13 @@ def test_tx_chain_shorter_than_header_needs_reset(net: tuple, guest: Guest) -> N
     assert h.alive and h.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
 
 
-def test_udp_backend_round_trip(guest: Guest) -> None:
+def test_udp_backend_round_trip(guest: Guest, datapath: str) -> None:
     switch = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     switch.bind(("127.0.0.1", 0))
     switch.settimeout(5.0)
     port = switch.getsockname()[1]
-    h = guest.spawn("net", {"mac": MAC, "backend": f"udp:127.0.0.1:{port}"})
+    h = guest.spawn("net", {"mac": MAC, "backend": f"udp:127.0.0.1:{port}",
+                            "datapath": datapath})
     rxq, txq = guest.queue(0), guest.queue(1)
     driver_init(h, {0: rxq, 1: txq}, FEATURES)
     f = frame(120, tag=9)
@@ -189,3 +198,26 @@ def test_backend_hangup_is_link_down_not_a_busy_loop(net: tuple, guest: Guest) -
     time.sleep(0.5)
     assert cpu_ticks(h.pid) - before <= 2  # a busy loop would burn ~50 ticks here
     assert h.alive
+
+
+def test_dma_write_log_has_exactly_the_pages_rx_wrote(net: tuple, guest: Guest) -> None:
+    h, sock, rxq, _ = net
+    page = 4096
+    h.dma_log_start()
+    (head,) = post_rx(rxq, 1)
+    kick(h, 0)
+    f = frame(300, tag=5)
+    sock.send(f)
+    assert kick_and_wait(h, rxq, 0) == [(head, 12 + len(f))]
+    bits = h.dma_log_harvest()
+    pages = {i for i in range(len(bits) * 8) if bits[i // 8] >> (i % 8) & 1}
+    buf = BUFFERS[head]
+    written = {buf // page, (buf + 12 + len(f) - 1) // page}
+    used = {(rxq.used_addr + 2) // page, (rxq.used_addr + 4 + 8 - 1) // page}  # idx, slot 0
+    assert pages == written | used
+    h.dma_log_stop()
+    (head,) = post_rx(rxq, 1)
+    kick(h, 0)
+    sock.send(f)
+    assert kick_and_wait(h, rxq, 0) == [(head, 12 + len(f))]
+    assert not h.dma_log_harvest().any()

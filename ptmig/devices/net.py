@@ -45,6 +45,7 @@ log = logging.getLogger("ptmig.devices.net")
 QUEUE_NUM_MAX: Final = 256
 RX_BACKLOG: Final = 256
 MAX_FRAME: Final = 65535
+DATAPATHS: Final = ("native", "python")
 _RX_HDR: Final = struct.pack(NET_HDR_FORMAT, 0, 0, 0, 0, 0, 0, 1)  # num_buffers = 1
 
 
@@ -75,18 +76,23 @@ class NetConfig:
 
     mac: bytes
     backend: str
+    datapath: str = "native"  # or "python": this module's frame path (the reference)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> NetConfig:
-        unknown = set(raw) - {"mac", "backend"}
+        unknown = set(raw) - {"mac", "backend", "datapath"}
         if unknown:
             raise ValueError(f"unknown virtio-net config keys {sorted(unknown)}")
         mac, backend = raw.get("mac", "52:54:00:12:34:56"), raw.get("backend")
+        datapath = raw.get("datapath", "native")
         if not isinstance(mac, str):
             raise ValueError(f"virtio-net 'mac' must be a string, got {mac!r}")
         if not isinstance(backend, str) or not backend:
             raise ValueError(f"virtio-net 'backend' must be a spec string, got {backend!r}")
-        return cls(parse_mac(mac), backend)
+        if datapath not in DATAPATHS:
+            raise ValueError(f"virtio-net 'datapath' must be one of {DATAPATHS}, got "
+                             f"{datapath!r}")
+        return cls(parse_mac(mac), backend, datapath)
 
 
 class FdBackend:

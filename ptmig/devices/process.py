@@ -38,6 +38,8 @@ import selectors
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -53,9 +55,11 @@ from ptmig.devices.control import (
     Response,
     encode,
 )
+from ptmig.devices.netnative import NativeFramePath
 from ptmig.devices.virtio.mmio import VirtioMmioRegisters
 from ptmig.devices.virtio.queue import QueueError, QueueState, SplitQueue
 from ptmig.iommu import PAGE_SIZE, DmaFault, DmaView, IommuTable
+from ptmig.nativelib import NativeLibraryError
 from ptmig.net.sched import use_batch_scheduling
 
 log = logging.getLogger("ptmig.devices.process")
@@ -141,8 +145,10 @@ class DeviceRuntime:
     """The device's event loop, register file, queues and control-channel server."""
 
     def __init__(self, name: str, kind: str, model: DeviceModel, dma: DmaView,
-                 control: socket.socket, doorbells: dict[int, int], irq_fd: int) -> None:
+                 control: socket.socket, doorbells: dict[int, int], irq_fd: int,
+                 native: NativeFramePath | None = None) -> None:
         self.name, self.kind, self.model, self.dma = name, kind, model, dma
+        self.native = native  # when set, its thread runs the data path (see netnative)
         self.control, self.doorbells, self.irq_fd = control, doorbells, irq_fd
         self.regs = VirtioMmioRegisters(model.device_id, model.device_features,
                                         model.num_queues, model.queue_num_max,
@@ -180,6 +186,9 @@ class DeviceRuntime:
         self.pending.clear()
         self.broken = None
         self.model.reset()
+        if self.native is not None:
+            self.native.clear_backlog()
+            self.native.clear_fault()
 
     def _kick(self, index: int) -> None:
         self.pending.add(index)
@@ -198,7 +207,7 @@ class DeviceRuntime:
 
     def run_pending(self) -> None:
         """One pass over the kicked queues: at most BATCH chains each, one interrupt."""
-        if not self.active or not self.pending:
+        if not self.active or not self.pending or self.native is not None:
             return
         completed = 0
         for index in sorted(self.pending):
@@ -223,29 +232,40 @@ class DeviceRuntime:
     def _fault(self, index: int, exc: QueueError | DmaFault) -> None:
         reason = exc.reason if isinstance(exc, QueueError) else str(exc)
         iova = exc.iova if isinstance(exc, DmaFault) else None
+        self._report_fault(index, reason, iova, type(exc).__name__)
+
+    def _report_fault(self, index: int, reason: str, iova: int | None, error: str) -> None:
         self.counters["faults"] += 1
         self.broken = reason
         self.pending.clear()
         log.warning("%s: queue %d: %s; device needs reset", self.name, index, reason)
         self.regs.needs_reset(f"queue {index}: {reason}")
         self.send(Event("fault", {"device": self.name, "queue": index, "reason": reason,
-                                  "iova": iova, "error": type(exc).__name__}))
+                                  "iova": iova, "error": error}))
         self.send(Event("needs_reset", {"device": self.name, "reason": reason}))
 
     # -- the event loop ----------------------------------------------------------------------
     def run(self) -> None:
-        for index, fd in self.doorbells.items():
-            self._sel.register(fd, selectors.EVENT_READ, ("doorbell", index))
         self._sel.register(self.control, selectors.EVENT_READ, ("control", 0))
-        for fd in self.model.extra_fds():
-            self._sel.register(fd, selectors.EVENT_READ, ("model", fd))
+        if self.native is not None:  # its thread waits on the doorbells and the backend
+            self._sel.register(self.native.event_fd, selectors.EVENT_READ, ("native", 0))
+        else:
+            for index, fd in self.doorbells.items():
+                self._sel.register(fd, selectors.EVENT_READ, ("doorbell", index))
+            for fd in self.model.extra_fds():
+                self._sel.register(fd, selectors.EVENT_READ, ("model", fd))
         self.send(Event("ready", {"device": self.name, "kind": self.kind, "pid": os.getpid(),
                                   "device_id": self.model.device_id,
                                   "num_queues": self.model.num_queues}))
+        if self.native is not None:
+            self.native.start()
         while self.running:
             for key, _ in self._sel.select(self._timeout()):
                 what, arg = key.data
-                if what == "doorbell":
+                if what == "native":
+                    eventfd.drain(key.fd)
+                    self._native_events()
+                elif what == "doorbell":
                     self.counters["doorbells"] += eventfd.drain(key.fd)
                     self._kick(arg)
                 elif what == "model":
@@ -261,7 +281,7 @@ class DeviceRuntime:
             self.run_pending()
 
     def _timeout(self) -> float | None:
-        if self.active and self.pending:
+        if self.active and self.pending and self.native is None:
             return 0.0
         if self._tick_interval is None:
             return None
@@ -297,10 +317,42 @@ class DeviceRuntime:
                 if not isinstance(msg, Request):
                     raise ControlProtocolError(f"device got a {type(msg).__name__}, not a "
                                                f"request")
-                self.send(self.handle(msg))
+                with self._native_section():
+                    response = self.handle(msg)
+                self.send(response)
         except ControlProtocolError as exc:
             log.error("%s: bad control message (%s); stopping", self.name, exc)
             self.running = False
+
+    @contextmanager
+    def _native_section(self) -> Iterator[None]:
+        """Around a control command: the native thread between passes, its state pulled into
+        the Python objects before and pushed back after (see `ptmig.devices.netnative`)."""
+        native = self.native
+        if native is None:
+            yield
+            return
+        with native.locked():
+            bits = native.pull(self.queues)
+            if bits:
+                self.regs.note_interrupt(bits)
+            try:
+                yield
+            finally:
+                native.push(self.queues, enabled=self.active, log=self.dma.write_log)
+
+    def _native_events(self) -> None:
+        """The native thread stopped the device on a fault, or the backend hung up."""
+        assert self.native is not None
+        with self._native_section():
+            fault = self.native.take_fault()
+            if fault is not None and self.broken is None:
+                if fault.dma:
+                    self.dma.fault_count += 1
+                self._report_fault(fault.queue, fault.reason, fault.iova,
+                                   "DmaFault" if fault.dma else "QueueError")
+            if self.native.link_went_down():
+                log.warning("%s: network backend hung up; link down", self.name)
 
     def handle(self, req: Request) -> Response:
         """Carry out one control command and build its response (never raises)."""
@@ -392,7 +444,13 @@ class DeviceRuntime:
 
     def cmd_stats(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         model = self.model.stats()
-        return {**self.counters, "bytes": model.get("bytes", 0),
+        counters = dict(self.counters)
+        if self.native is not None:  # the frame path's own counts replace the idle model's
+            model = self.native.device_counters()
+            for key, value in self.native.runtime_counters().items():
+                counters[key] = counters.get(key, 0) + value
+        return {**counters, "bytes": model.get("bytes", 0),
+                "datapath": "native" if self.native is not None else "python",
                 "dma_faults": self.dma.fault_count, "iotlb_hits": self.dma.iotlb_hits,
                 "iotlb_misses": self.dma.iotlb_misses, "quiesced": self.quiesced,
                 "broken": self.broken, "status": self.regs.status,
@@ -471,14 +529,34 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 1
+    native = native_frame_path(spec, model, guest, pool, table)
     runtime = DeviceRuntime(spec.name, spec.kind, model, dma, control, spec.doorbell_fds,
-                            spec.irq_fd)
+                            spec.irq_fd, native)
     logging.getLogger().addHandler(ControlLogHandler(runtime))
     try:
         runtime.run()
     finally:
+        if native is not None:  # its thread uses the backend fd: stop it first
+            native.close()
         model.close()
     return 0
+
+
+def native_frame_path(spec: LaunchSpec, model: DeviceModel, guest: mmap.mmap,
+                      pool: mmap.mmap | None, table: IommuTable) -> NativeFramePath | None:
+    """The native frame path for a net device that asks for it (the default), or None: then
+    the Python data path of `NetDevice` runs (and says why once, if it was asked for)."""
+    from ptmig.devices.net import NetDevice
+
+    if not isinstance(model, NetDevice) or model.cfg.datapath != "native":
+        return None
+    try:
+        return NativeFramePath(guest=guest, pool=pool, iommu=table.entries,
+                               backend=model.backend, doorbells=spec.doorbell_fds,
+                               irq_fd=spec.irq_fd)
+    except (NativeLibraryError, OSError) as exc:
+        log.info("%s: native frame path unavailable (%s); using the Python one", spec.name, exc)
+        return None
 
 
 if __name__ == "__main__":

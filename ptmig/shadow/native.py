@@ -7,31 +7,24 @@ keeps pointers to: the page table of each device (guest page -> pool page, refer
 stamps), each queue's positions and in-flight heads, the counters, and the DMA dirty bitmap.
 Python reads or changes any of it only inside `Dataplane.locked()`.
 
-The library is built with the system C compiler at first use and cached by the hash of its
-source, the flags and the compiler, exactly like the guest firmware.
+The library is built at first use and cached (`ptmig.nativelib`), exactly like the guest
+firmware.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import bitmap
-from ..firmware import FirmwareBuildError, build_host_program
 from ..memory import GuestMemory
+from ..nativelib import NativeLibraryError, load_library
 from .pool import ShadowPool
-
-NATIVE_DIR = Path(__file__).resolve().parent.parent.parent / "native"
-SOURCE = "dataplane.c"
-CFLAGS: tuple[str, ...] = ("-std=gnu11", "-O2", "-fPIC", "-shared", "-pthread", "-Wall",
-                           "-Wextra", "-Werror", "-fvisibility=default")
 
 # Counters per device (enum ST_* in dataplane.c).
 ST_FORWARDED, ST_COMPLETED, ST_BYTES_TO_DEVICE, ST_BYTES_TO_GUEST = 0, 1, 2, 3
@@ -42,20 +35,12 @@ ST_COUNT = 12
 Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT = range(4)
 Q_COUNT = 4
 ERROR_LEN = 256
+SOURCE = "dataplane.c"
 
 
 class DataplaneError(RuntimeError):
     """The native data plane could not be built, loaded or set up."""
 
-
-def build_library(cache_dir: Path | None = None, *, source_dir: Path | None = None) -> Path:
-    """Build (or find in the cache) the data plane's shared library; returns its path."""
-    return build_host_program("dataplane.so", source_dir or NATIVE_DIR, (SOURCE,), CFLAGS,
-                              cache_dir=cache_dir)
-
-
-_lib: ctypes.CDLL | None = None
-_lib_lock = threading.Lock()
 
 _P = ctypes.c_void_p
 _U64, _I32, _U32, _INT = ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_int
@@ -77,19 +62,10 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 
 def library() -> ctypes.CDLL:
     """The loaded data plane (built on first use). ctypes releases the GIL around each call."""
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            try:
-                lib = ctypes.CDLL(str(build_library()))
-            except (OSError, FirmwareBuildError) as e:
-                raise DataplaneError(f"the shadow data plane is unavailable: {e}") from e
-            for name, (restype, argtypes) in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.restype = restype
-                fn.argtypes = argtypes
-            _lib = lib
-        return _lib
+    try:
+        return load_library(SOURCE, _SIGNATURES)
+    except NativeLibraryError as e:
+        raise DataplaneError(f"the shadow data plane is unavailable: {e}") from e
 
 
 def _addr(a: npt.NDArray[np.generic]) -> int:

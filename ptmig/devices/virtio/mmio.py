@@ -144,6 +144,10 @@ class VirtioMmioRegisters:
             self._state.status & c.STATUS_FEATURES_OK)
 
     # -- device-side actions -----------------------------------------------------------------
+    def note_interrupt(self, bits: int) -> None:
+        """Record interrupt status bits a data path raised (and signalled) on its own."""
+        self._state.interrupt_status |= bits & 3
+
     def raise_interrupt(self, bits: int = c.INTERRUPT_USED_BUFFER) -> None:
         """Set interrupt status bits and tell the device model (which signals its MSI)."""
         self._state.interrupt_status |= bits & 3

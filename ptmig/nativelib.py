@@ -1,0 +1,55 @@
+"""Loading the host-side C libraries in `native/`: built at first use, cached, loaded once.
+
+Each library is compiled with the system C compiler by `ptmig.firmware.build_host_program`
+(cached by the hash of its source, the flags and the compiler, like the guest firmware) and
+loaded with ctypes, which releases the GIL around every call: the libraries run threads of
+their own and their calls may block on a mutex.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+from .firmware import FirmwareBuildError, build_host_program
+
+NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+CFLAGS: tuple[str, ...] = ("-std=gnu11", "-O2", "-fPIC", "-shared", "-pthread", "-Wall",
+                           "-Wextra", "-Werror", "-fvisibility=default")
+
+Signatures = dict[str, tuple[object, list[object]]]
+
+
+class NativeLibraryError(RuntimeError):
+    """A native library could not be built or loaded."""
+
+
+_loaded: dict[str, ctypes.CDLL] = {}
+_lock = threading.Lock()
+
+
+def build_library(source: str, *, cache_dir: Path | None = None,
+                  source_dir: Path | None = None) -> Path:
+    """Build (or find in the cache) `native/<source>` as a shared library; returns its path."""
+    name = Path(source).with_suffix(".so").name
+    return build_host_program(name, source_dir or NATIVE_DIR, (source,), CFLAGS,
+                              cache_dir=cache_dir)
+
+
+def load_library(source: str, signatures: Signatures) -> ctypes.CDLL:
+    """The library built from `native/<source>`, with the argument and result types of its
+    functions declared from `signatures` (name -> (restype, argtypes)); loaded once."""
+    with _lock:
+        lib = _loaded.get(source)
+        if lib is None:
+            try:
+                lib = ctypes.CDLL(str(build_library(source)))
+                for name, (restype, argtypes) in signatures.items():
+                    fn = getattr(lib, name)
+                    fn.restype = restype
+                    fn.argtypes = argtypes
+            except (OSError, AttributeError, FirmwareBuildError) as e:
+                raise NativeLibraryError(f"native/{source} is unavailable: {e}") from e
+            _loaded[source] = lib
+        return lib
