@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from .firmware import FirmwareBuildError, build_host_program
@@ -29,27 +30,30 @@ _loaded: dict[str, ctypes.CDLL] = {}
 _lock = threading.Lock()
 
 
-def build_library(source: str, *, cache_dir: Path | None = None,
-                  source_dir: Path | None = None) -> Path:
-    """Build (or find in the cache) `native/<source>` as a shared library; returns its path."""
-    name = Path(source).with_suffix(".so").name
-    return build_host_program(name, source_dir or NATIVE_DIR, (source,), CFLAGS,
-                              cache_dir=cache_dir)
+def build_library(sources: Sequence[str], headers: Sequence[str] = (), *,
+                  cache_dir: Path | None = None, source_dir: Path | None = None) -> Path:
+    """Build (or find in the cache) `native/<sources>` as one shared library, named after the
+    first source; returns its path."""
+    name = Path(sources[0]).with_suffix(".so").name
+    return build_host_program(name, source_dir or NATIVE_DIR, tuple(sources), CFLAGS,
+                              headers=tuple(headers), cache_dir=cache_dir)
 
 
-def load_library(source: str, signatures: Signatures) -> ctypes.CDLL:
-    """The library built from `native/<source>`, with the argument and result types of its
+def load_library(sources: Sequence[str], signatures: Signatures,
+                 headers: Sequence[str] = ()) -> ctypes.CDLL:
+    """The library built from `native/<sources>`, with the argument and result types of its
     functions declared from `signatures` (name -> (restype, argtypes)); loaded once."""
+    key = ",".join(sources)
     with _lock:
-        lib = _loaded.get(source)
+        lib = _loaded.get(key)
         if lib is None:
             try:
-                lib = ctypes.CDLL(str(build_library(source)))
+                lib = ctypes.CDLL(str(build_library(sources, headers)))
                 for name, (restype, argtypes) in signatures.items():
                     fn = getattr(lib, name)
                     fn.restype = restype
                     fn.argtypes = argtypes
             except (OSError, AttributeError, FirmwareBuildError) as e:
-                raise NativeLibraryError(f"native/{source} is unavailable: {e}") from e
-            _loaded[source] = lib
+                raise NativeLibraryError(f"native/{sources[0]} is unavailable: {e}") from e
+            _loaded[key] = lib
         return lib

@@ -25,6 +25,13 @@ def hdr(rtype: int, sector: int = 0) -> bytes:
     return struct.pack("<IIQ", rtype, 0, sector)
 
 
+@pytest.fixture(autouse=True, params=["native", "python"])
+def datapath(request: pytest.FixtureRequest, guest: Guest) -> str:
+    """Every test runs on both request paths: the native one (the default) and the Python one."""
+    guest.datapath = str(request.param)
+    return guest.datapath
+
+
 def start(guest: Guest, tmp_path: Path, **cfg: object) -> tuple[DeviceHandle, DriverQueue]:
     h = guest.spawn("blk", {"path": str(tmp_path / "disk.img"), "size": IMAGE_SIZE, **cfg})
     dq = guest.queue(0)
@@ -66,6 +73,8 @@ def test_write_then_read_back(guest: Guest, tmp_path: Path) -> None:
     assert got == data
     stats = h.stats()
     assert stats["requests"] == 2 and stats["bytes"] == 16384 and stats["faults"] == 0
+    assert stats["datapath"] == guest.datapath  # the native path did not silently fall back
+    assert stats["device"]["writes"] == 1 and stats["device"]["reads"] == 1
 
 
 def test_capacity_and_get_id(guest: Guest, tmp_path: Path) -> None:

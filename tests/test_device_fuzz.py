@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from ptmig.devices import eventfd
 from ptmig.devices.blk import BlkConfig, BlkDevice
 from ptmig.devices.control import Request
+from ptmig.devices.nativepath import BlkPath, NativePath, NetPath
 from ptmig.devices.net import NetConfig, NetDevice
-from ptmig.devices.netnative import NativeFramePath
 from ptmig.devices.process import DeviceModel, DeviceRuntime
 from ptmig.devices.virtio import constants as c
 from ptmig.iommu import PAGE_SIZE, TARGET_RAM, DmaView, IommuTable
@@ -197,49 +197,71 @@ def _close(rt: DeviceRuntime, fds: list[int]) -> None:
     rt.dma.table.close()
 
 
-@settings(max_examples=200, deadline=None,
+def _native(rt: DeviceRuntime, mem: bytearray, irq: int) -> NativePath:
+    common = {"guest": mem, "pool": None, "iommu": rt.dma.table.entries, "doorbells": {},
+              "irq_fd": irq}
+    model = rt.model
+    if isinstance(model, BlkDevice):
+        return BlkPath(image_fd=model.fd, capacity=model.capacity, readonly=model.cfg.readonly,
+                       serial=model.cfg.serial.encode(), **common)
+    assert isinstance(model, NetDevice)
+    return NetPath(backend=model.backend, **common)
+
+
+@settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(chains=st.lists(chain, min_size=1, max_size=4),
+@given(kind=st.sampled_from(["blk", "net"]),
+       chains=st.lists(chain, min_size=1, max_size=4),
        mutations=st.lists(mutation, max_size=2),
-       avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)))
-def test_native_frame_path_does_what_the_python_one_does(
-        image: str, chains: list[list[tuple[int, int, bool]]],
-        mutations: list[tuple[int, int, int]], avail_idx: int | None) -> None:
-    """The same hostile rings through both net data paths: the same guest memory afterwards
-    (buffers, used rings), the same frames on the wire, the same verdict (broken or not), and
-    never a byte outside what the IOMMU lets the device write."""
+       avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
+       blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)))
+def test_native_paths_do_what_the_python_ones_do(
+        image: str, kind: str, chains: list[list[tuple[int, int, bool]]],
+        mutations: list[tuple[int, int, int]], avail_idx: int | None,
+        blk_hdr: tuple[int, int]) -> None:
+    """The same hostile rings through both data paths of a device: the same guest memory
+    afterwards (buffers, statuses, used rings), the same frames on the wire or bytes in the
+    image, the same verdict (broken or not), and never a byte outside what the IOMMU lets the
+    device write."""
     protected = bytes(range(256)) * (16 * PAGE_SIZE // 256)
     results = []
     for native in (False, True):
         mem = bytearray(PAGES * PAGE_SIZE)
         mem[16 * PAGE_SIZE:] = protected
-        rt, fds = make_runtime("net", image, mem)
+        with open(image, "wb") as f:  # the same image contents for both runs
+            f.truncate(64 * 1024)
+        rt, fds = make_runtime(kind, image, mem)
         path = None
         try:
-            setup_driver(rt, 2)
-            for q in range(2):
+            nq = rt.model.num_queues
+            setup_driver(rt, nq)
+            for q in range(nq):
                 lay_out(mem, q * 0x400, chains, mutations, avail_idx)
+            struct.pack_into("<IIQ", mem, 0x1000, blk_hdr[0], 0, blk_hdr[1])
             if native:
-                path = NativeFramePath(guest=mem, pool=None, iommu=rt.dma.table.entries,
-                                       backend=rt.model.backend, doorbells={}, irq_fd=fds[0])
+                path = _native(rt, mem, fds[0])
                 with path.locked():
                     path.push(rt.queues, enabled=rt.active, log=None)
                     for _ in range(4):
                         path.run_once()
                     broken = path.take_fault() is not None
             else:
-                rt.model.on_fd_readable(rt.model.extra_fds()[0])
-                rt.pending.update(range(2))
+                if kind == "net":
+                    rt.model.on_fd_readable(rt.model.extra_fds()[0])
+                rt.pending.update(range(nq))
                 for _ in range(4):
                     rt.run_pending()
                 broken = rt.broken is not None
-            results.append((bytes(mem), _sent(rt), broken))
+            with open(image, "rb") as f:
+                disk = f.read()
+            results.append((bytes(mem), _sent(rt) if kind == "net" else [], disk, broken))
         finally:
             if path is not None:
                 path.close()
             _close(rt, fds)
-    (py_mem, py_sent, py_broken), (c_mem, c_sent, c_broken) = results
+    (py_mem, py_sent, py_disk, py_broken), (c_mem, c_sent, c_disk, c_broken) = results
     assert c_mem[16 * PAGE_SIZE:] == protected
     assert c_broken == py_broken
     assert c_sent == py_sent
+    assert c_disk == py_disk
     assert c_mem == py_mem

@@ -53,8 +53,11 @@ class Guest:
     iommu: IommuTable
     handles: list[DeviceHandle] = field(default_factory=list)
     events: list[DeviceEvent] = field(default_factory=list)
+    datapath: str | None = None  # the devices' data path, when a test module chooses one
 
     def spawn(self, kind: str, config: dict[str, Any], **kw: Any) -> DeviceHandle:
+        if self.datapath is not None:
+            config = {"datapath": self.datapath, **config}
         h = DeviceHandle.spawn(kind, len(self.handles), config, self.mem.fd, GUEST_SIZE,
                                self.iommu, **kw)
         h.on_event(self.events.append)

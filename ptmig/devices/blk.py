@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ptmig.devices.nativepath import check_datapath
 from ptmig.devices.virtio.constants import (
     BLK_REQ_HDR_FORMAT,
     BLK_REQ_HDR_SIZE,
@@ -45,7 +45,7 @@ from ptmig.devices.virtio.constants import (
     blk_config,
     feature_mask,
 )
-from ptmig.devices.virtio.queue import Descriptor, DescriptorChain, QueueError, SplitQueue
+from ptmig.devices.virtio.queue import DescriptorChain, QueueError, SplitQueue, byte_range
 from ptmig.iommu import DmaView
 
 QUEUE_NUM_MAX: Final = 256
@@ -63,10 +63,11 @@ class BlkConfig:
     size: int | None = None
     readonly: bool = False
     serial: str = "ptmig-blk"
+    datapath: str = "native"  # or "python": this module's request path (the reference)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> BlkConfig:
-        unknown = set(raw) - {"path", "size", "readonly", "serial"}
+        unknown = set(raw) - {"path", "size", "readonly", "serial", "datapath"}
         if unknown:
             raise ValueError(f"unknown virtio-blk config keys {sorted(unknown)}")
         path, size = raw.get("path"), raw.get("size")
@@ -81,7 +82,8 @@ class BlkConfig:
         if not isinstance(serial, str) or len(serial.encode()) > VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"virtio-blk 'serial' must be at most {VIRTIO_BLK_ID_BYTES} "
                              f"bytes, got {serial!r}")
-        return cls(path, size, bool(raw.get("readonly", False)), serial)
+        datapath = check_datapath(raw.get("datapath", "native"), "virtio-blk")
+        return cls(path, size, bool(raw.get("readonly", False)), serial, datapath)
 
 
 def open_image(cfg: BlkConfig) -> tuple[int, int]:
@@ -111,21 +113,6 @@ def open_image(cfg: BlkConfig) -> tuple[int, int]:
         os.close(fd)
         raise ValueError(f"image {cfg.path!r} is {size} bytes, smaller than one sector")
     return fd, size - size % BLK_SECTOR_SIZE
-
-
-def byte_range(descs: Sequence[Descriptor], offset: int, length: int) -> list[tuple[int, int]]:
-    """(address, length) pieces covering bytes [offset, offset+length) of a descriptor list."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    end = offset + length
-    for d in descs:
-        lo, hi = max(pos, offset), min(pos + d.length, end)
-        if lo < hi:
-            out.append((d.addr + lo - pos, hi - lo))
-        pos += d.length
-        if pos >= end:
-            break
-    return out
 
 
 class BlkDevice:

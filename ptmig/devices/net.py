@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from ptmig.devices.nativepath import check_datapath
 from ptmig.devices.virtio.constants import (
     NET_HDR_FORMAT,
     NET_HDR_SIZE,
@@ -37,7 +38,7 @@ from ptmig.devices.virtio.constants import (
     feature_mask,
     net_config,
 )
-from ptmig.devices.virtio.queue import QueueError, SplitQueue
+from ptmig.devices.virtio.queue import QueueError, SplitQueue, byte_range
 from ptmig.iommu import DmaView
 
 log = logging.getLogger("ptmig.devices.net")
@@ -45,7 +46,6 @@ log = logging.getLogger("ptmig.devices.net")
 QUEUE_NUM_MAX: Final = 256
 RX_BACKLOG: Final = 256
 MAX_FRAME: Final = 65535
-DATAPATHS: Final = ("native", "python")
 _RX_HDR: Final = struct.pack(NET_HDR_FORMAT, 0, 0, 0, 0, 0, 0, 1)  # num_buffers = 1
 
 
@@ -84,14 +84,11 @@ class NetConfig:
         if unknown:
             raise ValueError(f"unknown virtio-net config keys {sorted(unknown)}")
         mac, backend = raw.get("mac", "52:54:00:12:34:56"), raw.get("backend")
-        datapath = raw.get("datapath", "native")
+        datapath = check_datapath(raw.get("datapath", "native"), "virtio-net")
         if not isinstance(mac, str):
             raise ValueError(f"virtio-net 'mac' must be a string, got {mac!r}")
         if not isinstance(backend, str) or not backend:
             raise ValueError(f"virtio-net 'backend' must be a spec string, got {backend!r}")
-        if datapath not in DATAPATHS:
-            raise ValueError(f"virtio-net 'datapath' must be one of {DATAPATHS}, got "
-                             f"{datapath!r}")
         return cls(parse_mac(mac), backend, datapath)
 
 
@@ -262,11 +259,12 @@ class NetDevice:
                 counters["tx_dropped"] += 1
                 done.append((chain.head, 0))
                 continue
-            if len(readable) == 1:
+            if len(readable) == 1:  # the header is not read: no offload was offered
                 d = readable[0]
                 frame = read(d.addr + NET_HDR_SIZE, d.length - NET_HDR_SIZE)
             else:
-                frame = b"".join(read(d.addr, d.length) for d in readable)[NET_HDR_SIZE:]
+                frame = b"".join(read(a, n) for a, n in
+                                 byte_range(readable, NET_HDR_SIZE, total - NET_HDR_SIZE))
             done.append((chain.head, 0))
             if not frame:
                 counters["tx_dropped"] += 1

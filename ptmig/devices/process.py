@@ -55,7 +55,7 @@ from ptmig.devices.control import (
     Response,
     encode,
 )
-from ptmig.devices.netnative import NativeFramePath
+from ptmig.devices.nativepath import BlkPath, NativePath, NetPath
 from ptmig.devices.virtio.mmio import VirtioMmioRegisters
 from ptmig.devices.virtio.queue import QueueError, QueueState, SplitQueue
 from ptmig.iommu import PAGE_SIZE, DmaFault, DmaView, IommuTable
@@ -146,9 +146,9 @@ class DeviceRuntime:
 
     def __init__(self, name: str, kind: str, model: DeviceModel, dma: DmaView,
                  control: socket.socket, doorbells: dict[int, int], irq_fd: int,
-                 native: NativeFramePath | None = None) -> None:
+                 native: NativePath | None = None) -> None:
         self.name, self.kind, self.model, self.dma = name, kind, model, dma
-        self.native = native  # when set, its thread runs the data path (see netnative)
+        self.native = native  # when set, its thread runs the data path (see nativepath)
         self.control, self.doorbells, self.irq_fd = control, doorbells, irq_fd
         self.regs = VirtioMmioRegisters(model.device_id, model.device_features,
                                         model.num_queues, model.queue_num_max,
@@ -187,8 +187,7 @@ class DeviceRuntime:
         self.broken = None
         self.model.reset()
         if self.native is not None:
-            self.native.clear_backlog()
-            self.native.clear_fault()
+            self.native.reset()
 
     def _kick(self, index: int) -> None:
         self.pending.add(index)
@@ -247,7 +246,7 @@ class DeviceRuntime:
     # -- the event loop ----------------------------------------------------------------------
     def run(self) -> None:
         self._sel.register(self.control, selectors.EVENT_READ, ("control", 0))
-        if self.native is not None:  # its thread waits on the doorbells and the backend
+        if self.native is not None:  # its thread waits on the doorbells (and the backend)
             self._sel.register(self.native.event_fd, selectors.EVENT_READ, ("native", 0))
         else:
             for index, fd in self.doorbells.items():
@@ -327,7 +326,7 @@ class DeviceRuntime:
     @contextmanager
     def _native_section(self) -> Iterator[None]:
         """Around a control command: the native thread between passes, its state pulled into
-        the Python objects before and pushed back after (see `ptmig.devices.netnative`)."""
+        the Python objects before and pushed back after (see `ptmig.devices.nativepath`)."""
         native = self.native
         if native is None:
             yield
@@ -342,7 +341,7 @@ class DeviceRuntime:
                 native.push(self.queues, enabled=self.active, log=self.dma.write_log)
 
     def _native_events(self) -> None:
-        """The native thread stopped the device on a fault, or the backend hung up."""
+        """The native thread stopped the device on a fault, or has something to say."""
         assert self.native is not None
         with self._native_section():
             fault = self.native.take_fault()
@@ -351,8 +350,8 @@ class DeviceRuntime:
                     self.dma.fault_count += 1
                 self._report_fault(fault.queue, fault.reason, fault.iova,
                                    "DmaFault" if fault.dma else "QueueError")
-            if self.native.link_went_down():
-                log.warning("%s: network backend hung up; link down", self.name)
+            for notice in self.native.notices():
+                log.warning("%s: %s", self.name, notice)
 
     def handle(self, req: Request) -> Response:
         """Carry out one control command and build its response (never raises)."""
@@ -529,34 +528,40 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 1
-    native = native_frame_path(spec, model, guest, pool, table)
+    native = native_path(spec, model, guest, pool, table)
     runtime = DeviceRuntime(spec.name, spec.kind, model, dma, control, spec.doorbell_fds,
                             spec.irq_fd, native)
     logging.getLogger().addHandler(ControlLogHandler(runtime))
     try:
         runtime.run()
     finally:
-        if native is not None:  # its thread uses the backend fd: stop it first
+        if native is not None:  # its thread uses the backend or image fd: stop it first
             native.close()
         model.close()
     return 0
 
 
-def native_frame_path(spec: LaunchSpec, model: DeviceModel, guest: mmap.mmap,
-                      pool: mmap.mmap | None, table: IommuTable) -> NativeFramePath | None:
-    """The native frame path for a net device that asks for it (the default), or None: then
-    the Python data path of `NetDevice` runs (and says why once, if it was asked for)."""
+def native_path(spec: LaunchSpec, model: DeviceModel, guest: mmap.mmap, pool: mmap.mmap | None,
+                table: IommuTable) -> NativePath | None:
+    """The native data path of a device whose config asks for it (the default), or None: then
+    the model's Python data path runs (saying why once, if the native one was asked for)."""
+    from ptmig.devices.blk import BlkDevice
     from ptmig.devices.net import NetDevice
 
-    if not isinstance(model, NetDevice) or model.cfg.datapath != "native":
+    if getattr(getattr(model, "cfg", None), "datapath", "python") != "native":
         return None
+    common = {"guest": guest, "pool": pool, "iommu": table.entries,
+              "doorbells": spec.doorbell_fds, "irq_fd": spec.irq_fd}
     try:
-        return NativeFramePath(guest=guest, pool=pool, iommu=table.entries,
-                               backend=model.backend, doorbells=spec.doorbell_fds,
-                               irq_fd=spec.irq_fd)
+        if isinstance(model, NetDevice):
+            return NetPath(backend=model.backend, **common)
+        if isinstance(model, BlkDevice):
+            return BlkPath(image_fd=model.fd, capacity=model.capacity,
+                           readonly=model.cfg.readonly, serial=model.cfg.serial.encode(),
+                           **common)
     except (NativeLibraryError, OSError) as exc:
-        log.info("%s: native frame path unavailable (%s); using the Python one", spec.name, exc)
-        return None
+        log.info("%s: native data path unavailable (%s); using the Python one", spec.name, exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ treat the same way: mark the device DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final, NamedTuple, Protocol
 
@@ -264,6 +265,22 @@ def walk_chain(mem: RingMemory, table: QueueState | int, size: int | None, head:
             raise QueueError(f"descriptor {index} next={nxt} out of range for queue size "
                              f"{size} (chain head {head})", head=head, index=index)
         index = nxt
+
+
+def byte_range(descs: Sequence[Descriptor], offset: int, length: int) -> list[tuple[int, int]]:
+    """(address, length) pieces covering bytes [offset, offset+length) of a descriptor list
+    (requests are parsed by byte offset across a chain, never by descriptor boundaries)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    end = offset + length
+    for d in descs:
+        lo, hi = max(pos, offset), min(pos + d.length, end)
+        if lo < hi:
+            out.append((d.addr + lo - pos, hi - lo))
+        pos += d.length
+        if pos >= end:
+            break
+    return out
 
 
 def _where(index: int, head: int) -> str:

@@ -1,0 +1,419 @@
+/*
+ * virtq.c - DMA through the IOMMU, the device side of split virtqueues, and the device thread
+ * (see virtq.h for the rules and the shared state).
+ */
+#define _GNU_SOURCE
+#include "virtq.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#define ENTRY_VALID 1ull
+#define ENTRY_READ 2ull
+#define ENTRY_WRITE 4ull
+#define ENTRY_POOL 8ull
+
+#define DESC_F_NEXT 1u
+#define DESC_F_WRITE 2u
+#define DESC_F_INDIRECT 4u
+#define DESC_F_KNOWN (DESC_F_NEXT | DESC_F_WRITE | DESC_F_INDIRECT)
+#define MAX_CHAIN_BYTES (64ull << 20) /* queue.py DEFAULT_MAX_TOTAL_LEN */
+
+void vq_signal(int fd)
+{
+	uint64_t one = 1;
+	ssize_t r = write(fd, &one, sizeof(one));
+	(void)r; /* a full eventfd is already signalled */
+}
+
+static void drain(int fd)
+{
+	uint64_t v;
+	ssize_t r = read(fd, &v, sizeof(v));
+	(void)r;
+}
+
+/* Stop the device: the guest broke a rule.  The first reason is kept; Python reports it. */
+int vq_fail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, ...)
+{
+	if (!e->s[S_BROKEN]) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(e->error, VQ_ERROR_LEN, fmt, ap);
+		va_end(ap);
+		e->s[S_BROKEN] = 1;
+		e->s[S_FAULT_QUEUE] = q;
+		e->s[S_FAULT_IOVA] = iova;
+		e->s[S_FAULT_DMA] = dma;
+		if (dma)
+			e->s[C_DMA_FAULTS]++;
+		vq_signal(e->event_fd);
+	}
+	return -1;
+}
+
+/* ---- DMA through the IOMMU ------------------------------------------------------------------ */
+
+/* Where the byte at `iova` lives, if the access may touch its page; NULL (and why) if not. */
+uint8_t *vq_translate(struct vq_engine *e, uint64_t iova, int write, const char **why)
+{
+	uint64_t pfn = iova >> VQ_PAGE_SHIFT;
+	if (pfn >= e->iova_pages) {
+		*why = "runs past the IOVA limit";
+		return NULL;
+	}
+	uint64_t entry = e->iommu[pfn];
+	if (!(entry & ENTRY_VALID)) {
+		*why = "is not mapped";
+		return NULL;
+	}
+	if (!(entry & (write ? ENTRY_WRITE : ENTRY_READ))) {
+		*why = write ? "is not writable" : "is not readable";
+		return NULL;
+	}
+	uint64_t off = (entry >> VQ_PAGE_SHIFT) << VQ_PAGE_SHIFT;
+	uint8_t *base = (entry & ENTRY_POOL) ? e->pool : e->guest;
+	uint64_t size = (entry & ENTRY_POOL) ? e->pool_size : e->guest_size;
+	if (!base || off >= size || size - off < VQ_PAGE_SIZE) {
+		*why = "maps outside its target memory";
+		return NULL;
+	}
+	return base + off + (iova & (VQ_PAGE_SIZE - 1));
+}
+
+/* May the device access every page of [iova, iova+len)?  0, or -1 after vq_fail(). */
+int vq_dma_check(struct vq_engine *e, int q, uint64_t iova, uint64_t len, int write)
+{
+	const char *why = NULL;
+	if (len == 0)
+		return 0;
+	if (iova + len < iova)
+		return vq_fail(e, q, (int64_t)iova, 1, "DMA at IOVA %#llx+%llu wraps the address "
+			       "space", (unsigned long long)iova, (unsigned long long)len);
+	for (uint64_t pos = iova & ~(VQ_PAGE_SIZE - 1); pos < iova + len; pos += VQ_PAGE_SIZE) {
+		if (!vq_translate(e, pos < iova ? iova : pos, write, &why))
+			return vq_fail(e, q, (int64_t)iova, 1, "DMA %s IOVA %#llx (+%llu): page %#llx "
+				       "%s", write ? "to" : "from", (unsigned long long)iova,
+				       (unsigned long long)len,
+				       (unsigned long long)(pos >> VQ_PAGE_SHIFT), why);
+	}
+	return 0;
+}
+
+/* Mark the guest pages of a host range written (pool pages are not guest pages). */
+void vq_log_written(struct vq_engine *e, const uint8_t *p, uint64_t len)
+{
+	if (!e->log || !e->s[S_LOG_ON] || !len || p < e->guest || p >= e->guest + e->guest_size)
+		return;
+	uint64_t first = (uint64_t)(p - e->guest) >> VQ_PAGE_SHIFT;
+	uint64_t last = ((uint64_t)(p - e->guest) + len - 1) >> VQ_PAGE_SHIFT;
+	for (uint64_t page = first; page <= last; page++)
+		__atomic_fetch_or(&e->log[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+}
+
+/* Check every page first, then copy page by page: a fault touches nothing. */
+int vq_dma(struct vq_engine *e, int q, uint64_t iova, void *buf, uint64_t len, int write)
+{
+	const char *why = NULL;
+	uint8_t *b = buf;
+	if (vq_dma_check(e, q, iova, len, write))
+		return -1;
+	for (uint64_t done = 0; done < len;) {
+		uint64_t at = iova + done;
+		uint64_t n = VQ_PAGE_SIZE - (at & (VQ_PAGE_SIZE - 1));
+		if (n > len - done)
+			n = len - done;
+		uint8_t *p = vq_translate(e, at, write, &why);
+		if (!p) /* the owner unmapped it under us without waiting for an invalidation */
+			return vq_fail(e, q, (int64_t)at, 1, "IOVA page %#llx changed during a DMA",
+				       (unsigned long long)(at >> VQ_PAGE_SHIFT));
+		if (write) {
+			memcpy(p, b + done, n);
+			vq_log_written(e, p, n);
+		} else {
+			memcpy(b + done, p, n);
+		}
+		done += n;
+	}
+	return 0;
+}
+
+static int rd16(struct vq_engine *e, int q, uint64_t iova, uint16_t *v)
+{
+	uint8_t b[2];
+	if (vq_dma(e, q, iova, b, 2, 0))
+		return -1;
+	*v = (uint16_t)(b[0] | b[1] << 8);
+	return 0;
+}
+
+/* ---- the split ring ------------------------------------------------------------------------- */
+
+/* The next avail head: 0, 1 when there is none, -1 on a fault. */
+int vq_pop(struct vq_engine *e, int q, uint16_t *head)
+{
+	uint32_t size = (uint32_t)VQ(e, q, Q_SIZE);
+	uint16_t next = (uint16_t)VQ(e, q, Q_NEXT_AVAIL), idx, h;
+	if (rd16(e, q, (uint64_t)VQ(e, q, Q_AVAIL) + 2, &idx))
+		return -1;
+	uint16_t ahead = (uint16_t)(idx - next);
+	if (ahead == 0)
+		return 1;
+	if (ahead > size)
+		return vq_fail(e, q, -1, 0, "avail idx %u is %u entries ahead of next_avail %u, more "
+			       "than the queue size %u", idx, ahead, next, size);
+	__atomic_thread_fence(__ATOMIC_ACQUIRE); /* the entry after the idx that covers it */
+	if (rd16(e, q, (uint64_t)VQ(e, q, Q_AVAIL) + 4 + 2ull * (next % size), &h))
+		return -1;
+	VQ(e, q, Q_NEXT_AVAIL) = (uint16_t)(next + 1); /* consumed even if its chain is bad */
+	if (h >= size)
+		return vq_fail(e, q, -1, 0, "avail ring entry %u (avail index %u) has head %u, out "
+			       "of range for queue size %u", next % size, next, h, size);
+	*head = h;
+	return 0;
+}
+
+/* Walk and validate the chain at `head` into c[] (room for the queue size); its length. */
+int vq_walk(struct vq_engine *e, int q, uint16_t head, struct vq_desc *c)
+{
+	uint32_t size = (uint32_t)VQ(e, q, Q_SIZE);
+	uint64_t table = (uint64_t)VQ(e, q, Q_DESC), total = 0;
+	int n = 0, seen_writable = 0;
+	uint32_t index = head;
+	for (;;) {
+		if ((uint32_t)n >= size)
+			return vq_fail(e, q, -1, 0, "chain at head %u is longer than %u descriptors "
+				       "(a loop in the next links?)", head, size);
+		uint8_t raw[16];
+		if (vq_dma(e, q, table + 16ull * index, raw, 16, 0))
+			return -1;
+		uint64_t addr;
+		uint32_t len;
+		uint16_t flags, nxt;
+		memcpy(&addr, raw, 8);
+		memcpy(&len, raw + 8, 4);
+		memcpy(&flags, raw + 12, 2);
+		memcpy(&nxt, raw + 14, 2);
+		if (flags & ~DESC_F_KNOWN)
+			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) flags=%#x has "
+				       "reserved bits set", index, head, flags);
+		if (flags & DESC_F_INDIRECT)
+			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) is INDIRECT but "
+				       "VIRTIO_F_INDIRECT_DESC was not negotiated", index, head);
+		if (len == 0)
+			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) has length 0",
+				       index, head);
+		if (addr > (uint64_t)0 - len) /* ends past 2^64 (ending exactly there is fine) */
+			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) buffer %#llx+%u "
+				       "wraps the address space", index, head,
+				       (unsigned long long)addr, len);
+		total += len;
+		if (total > MAX_CHAIN_BYTES)
+			return vq_fail(e, q, -1, 0, "chain at head %u describes more than %llu bytes",
+				       head, (unsigned long long)MAX_CHAIN_BYTES);
+		int writable = !!(flags & DESC_F_WRITE);
+		if (seen_writable && !writable)
+			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) is device-readable "
+				       "after a device-writable descriptor", index, head);
+		seen_writable |= writable;
+		c[n++] = (struct vq_desc){addr, len, writable};
+		if (!(flags & DESC_F_NEXT))
+			return n;
+		if (nxt >= size)
+			return vq_fail(e, q, -1, 0, "descriptor %u next=%u out of range for queue size "
+				       "%u (chain head %u)", index, nxt, size, head);
+		index = nxt;
+	}
+}
+
+/* The used element at next_used; vq_service_queues publishes the idx after a pass. */
+int vq_push_used(struct vq_engine *e, int q, uint16_t head, uint32_t len)
+{
+	uint32_t size = (uint32_t)VQ(e, q, Q_SIZE);
+	uint16_t next = (uint16_t)VQ(e, q, Q_NEXT_USED);
+	uint8_t elem[8];
+	uint32_t id = head;
+	memcpy(elem, &id, 4);
+	memcpy(elem + 4, &len, 4);
+	if (vq_dma(e, q, (uint64_t)VQ(e, q, Q_USED) + 4 + 8ull * (next % size), elem, 8, 1))
+		return -1;
+	VQ(e, q, Q_NEXT_USED) = (uint16_t)(next + 1);
+	return 0;
+}
+
+static int push_idx(struct vq_engine *e, int q)
+{
+	uint16_t idx = (uint16_t)VQ(e, q, Q_NEXT_USED);
+	uint8_t b[2] = {(uint8_t)idx, (uint8_t)(idx >> 8)};
+	__atomic_thread_fence(__ATOMIC_RELEASE); /* elements before the idx that covers them */
+	return vq_dma(e, q, (uint64_t)VQ(e, q, Q_USED) + 2, b, 2, 1);
+}
+
+/* Run `pass` on every pending ready queue, publish what it completed (even when it faulted:
+ * requests finished before a fault are still returned to the driver) and raise one interrupt.
+ * A queue stays pending only when its pass says work is left.  Returns 1 when work is left. */
+int vq_service_queues(struct vq_engine *e, int (*pass)(struct vq_engine *, int q, int *more))
+{
+	int more = 0, completed = 0;
+	if (!e->s[S_ENABLED] || e->s[S_BROKEN])
+		return 0;
+	for (int q = 0; q < e->nqueues; q++) {
+		if (!e->pending[q] || !VQ(e, q, Q_READY))
+			continue;
+		int m = 0;
+		uint16_t before = (uint16_t)VQ(e, q, Q_NEXT_USED);
+		int r = pass(e, q, &m);
+		uint16_t done = (uint16_t)((uint16_t)VQ(e, q, Q_NEXT_USED) - before);
+		if (done && push_idx(e, q))
+			r = -1;
+		completed += done;
+		if (r < 0)
+			break;
+		e->pending[q] = m;
+		more |= m;
+	}
+	if (completed) {
+		e->s[C_REQUESTS] += completed;
+		e->s[S_ISR] |= 1;
+		e->s[C_INTERRUPTS]++;
+		vq_signal(e->irq_fd);
+	}
+	return more && !e->s[S_BROKEN];
+}
+
+/* ---- the thread ------------------------------------------------------------------------------ */
+
+enum { TAG_WAKE = VQ_MAX_QUEUES, TAG_EXTRA };
+
+static void *run(void *arg)
+{
+	struct vq_engine *e = arg;
+	struct epoll_event ev[8];
+	int more = 0;
+	for (;;) {
+		int n = epoll_wait(e->epfd, ev, 8, more ? 0 : -1);
+		if (n < 0 && errno != EINTR) { /* cannot wait: the device can do nothing */
+			int err = errno;
+			pthread_mutex_lock(&e->lock);
+			vq_fail(e, -1, -1, 0, "the device thread stopped: epoll_wait: %s",
+				strerror(err));
+			pthread_mutex_unlock(&e->lock);
+			break;
+		}
+		pthread_mutex_lock(&e->lock);
+		if (e->stop) {
+			pthread_mutex_unlock(&e->lock);
+			break;
+		}
+		for (int i = 0; i < n; i++) {
+			uint32_t tag = ev[i].data.u32;
+			if (tag < VQ_MAX_QUEUES) {
+				drain(e->doorbell_fd[tag]);
+				e->pending[tag] = 1;
+				e->s[C_DOORBELLS]++;
+			} else if (tag == TAG_EXTRA) {
+				e->ops->readable(e);
+			} else {
+				drain(e->wake_fd);
+				for (int q = 0; q < e->nqueues; q++) /* Python changed something */
+					e->pending[q] = 1;
+			}
+		}
+		more = e->ops->service(e);
+		pthread_mutex_unlock(&e->lock);
+	}
+	return NULL;
+}
+
+int vq_init(struct vq_engine *e, const struct vq_ops *ops, uint8_t *guest, uint64_t guest_size,
+	    uint8_t *pool, uint64_t pool_size, const uint64_t *iommu, uint64_t iova_pages,
+	    int64_t *shared, char *error, int nqueues, const int *doorbells, int irq_fd,
+	    int event_fd, int wake_fd, int extra_fd)
+{
+	if (nqueues < 1 || nqueues > VQ_MAX_QUEUES)
+		return -1;
+	*e = (struct vq_engine){.ops = ops, .guest = guest, .guest_size = guest_size, .pool = pool,
+				.pool_size = pool_size, .iommu = iommu, .iova_pages = iova_pages,
+				.s = shared, .error = error, .nqueues = nqueues, .irq_fd = irq_fd,
+				.event_fd = event_fd, .wake_fd = wake_fd, .extra_fd = extra_fd};
+	e->chain = calloc(VQ_MAX_SIZE, sizeof(*e->chain));
+	e->epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (!e->chain || e->epfd < 0 || pthread_mutex_init(&e->lock, NULL))
+		goto fail;
+	for (int q = 0; q < nqueues; q++)
+		e->doorbell_fd[q] = doorbells[q];
+	for (uint32_t tag = 0; tag <= TAG_EXTRA; tag++) {
+		int fd = tag < VQ_MAX_QUEUES ? (tag < (uint32_t)nqueues ? doorbells[tag] : -1)
+					     : tag == TAG_WAKE ? wake_fd : extra_fd;
+		struct epoll_event ev = {.events = EPOLLIN, .data.u32 = tag};
+		if (fd >= 0 && epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev))
+			goto fail_locked;
+	}
+	return 0;
+fail_locked:
+	pthread_mutex_destroy(&e->lock);
+fail:
+	if (e->epfd >= 0)
+		close(e->epfd);
+	free(e->chain);
+	return -1;
+}
+
+int vq_start(struct vq_engine *e)
+{
+	if (e->running)
+		return 0;
+	e->stop = 0;
+	if (pthread_create(&e->thread, NULL, run, e))
+		return -1;
+	e->running = 1;
+	return 0;
+}
+
+void vq_stop(struct vq_engine *e)
+{
+	if (!e->running)
+		return;
+	pthread_mutex_lock(&e->lock);
+	e->stop = 1;
+	pthread_mutex_unlock(&e->lock);
+	vq_signal(e->wake_fd);
+	pthread_join(e->thread, NULL);
+	e->running = 0;
+}
+
+void vq_destroy(struct vq_engine *e)
+{
+	vq_stop(e);
+	free(e->chain);
+	close(e->epfd);
+	pthread_mutex_destroy(&e->lock);
+}
+
+/* ---- the interface every device library exports (ptmig/devices/nativepath.py) ------------- */
+
+void vq_lock(struct vq_engine *e) { pthread_mutex_lock(&e->lock); }
+void vq_unlock(struct vq_engine *e) { pthread_mutex_unlock(&e->lock); }
+
+/* Under the lock: the DMA write log bitmap (NULL while logging is off). */
+void vq_set_log(struct vq_engine *e, uint8_t *log) { e->log = log; }
+
+/* Under the lock: the thread re-reads every ring after Python changed the state. */
+void vq_poke(struct vq_engine *e) { vq_signal(e->wake_fd); }
+
+/* Under the lock, with the thread not started: one pass on the caller's thread, as if every
+ * doorbell had rung and the device's own fd were readable (tests drive a device step by
+ * step).  Returns 1 when work is left. */
+int vq_run_once(struct vq_engine *e)
+{
+	for (int q = 0; q < e->nqueues; q++)
+		e->pending[q] = 1;
+	if (e->extra_fd >= 0)
+		e->ops->readable(e);
+	return e->ops->service(e);
+}
