@@ -10,6 +10,9 @@ Data moves with os.preadv/os.pwritev straight between the image file and the tra
 segments of guest memory: zero copies, and every page goes through the IOMMU first. The whole
 request is translated before any byte moves, so an IOMMU fault leaves memory untouched.
 
+This is the reference data path. By default a device process runs the same request path in C
+(`native/blkpath.c`, see `ptmig.devices.nativepath`); `datapath = "python"` selects this one.
+
 Errors the guest can cause by asking for something legitimate but impossible (a sector range
 past the end, a write to a read-only disk, a length that is not a whole number of sectors) get
 status IOERR; requests that break the virtio-blk framing (header shorter than 16 bytes, no

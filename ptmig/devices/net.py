@@ -9,6 +9,9 @@ Received frames wait in a small bounded backlog until the driver posts RX buffer
 they are dropped and counted, as a NIC drops when its ring is empty. A frame larger than the
 buffer it would land in is dropped too, and the buffer is returned with used.len 0.
 
+This is the reference data path. By default a device process runs the same frame path in C
+(`native/netpath.c`, see `ptmig.devices.nativepath`); `datapath = "python"` selects this one.
+
 Backends: anything with fileno()/send(frame)/recv() -> bytes | None/close() (see
 `ptmig.net.backend`). Specs: ``udp:HOST:PORT`` and ``tap:IFNAME`` (opened by
 `ptmig.net.backend.open_backend`) and ``fd:N``, an already-open datagram or seqpacket socket

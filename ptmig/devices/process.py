@@ -10,10 +10,18 @@ doorbell queues it to run rather than preempting the process that sent or rang, 
 reach it whole. A blk device keeps the default policy: it gets one doorbell per batch of log
 records and the guest is waiting for it, so it should run at once.
 
+The per-request work runs in native code by default (`ptmig.devices.nativepath`: C on a
+thread of this process, `native/netpath.c` and `native/blkpath.c`): that thread waits on the
+doorbell eventfds (the VMM binds each to QueueNotify with KVM_IOEVENTFD and datamatch = queue
+index, so a guest doorbell reaches the device without a VM exit to the VMM) and the net
+backend, and does what the Python data path below does, with the same rules. The Python event
+loop then waits only on the control socket and the thread's event fd, and takes the thread's
+lock around every command. With `datapath = "python"` in the device config, or without a C
+compiler, the device model's Python data path runs instead, in this loop:
+
 The event loop (selectors/epoll, no busy polling: an idle device sleeps in epoll_wait) waits on
 
-* one doorbell eventfd per queue (the VMM binds it to QueueNotify with KVM_IOEVENTFD and
-  datamatch = queue index, so a guest doorbell reaches the device without a VM exit),
+* one doorbell eventfd per queue,
 * the control socket (register accesses, admin commands),
 * the device model's own fds (the net backend).
 
@@ -21,7 +29,8 @@ A kick drains the eventfd and runs that queue in batches of at most BATCH chains
 pass that returned buffers it sets InterruptStatus bit 0 and writes the interrupt eventfd once
 (the device's MSI). Control messages are handled between batches, and every chain is completed
 before the next starts, so whenever a command is handled no DMA is in flight: quiesce and IOTLB
-invalidation can be acknowledged at once and are exact.
+invalidation can be acknowledged at once and are exact. (The native thread keeps the same
+promise: it completes every request of a pass before releasing its lock.)
 
 A guest that breaks the ring rules (QueueError) or points the device at memory the IOMMU does
 not allow (DmaFault) gets DEVICE_NEEDS_RESET, a ``fault`` and a ``needs_reset`` event on the
