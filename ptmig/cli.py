@@ -152,11 +152,13 @@ def load(config: Path | None, rate: float | None, unpaced: bool, duration: float
 @main.command()
 @click.option("--listen", required=True, metavar="HOST:PORT", help="UDP address to serve on.")
 @click.option("--age", default=300.0, show_default=True, help="Seconds before a MAC is forgotten.")
-def switch(listen: str, age: float) -> None:
+@click.option("--native/--no-native", default=None,
+              help="Forward known unicast frames in native code (default: when it builds).")
+def switch(listen: str, age: float, native: bool | None) -> None:
     """A learning L2 switch carrying Ethernet frames in UDP datagrams."""
     from .net.switch import switch_main
 
-    sys.exit(switch_main(listen, age_s=age))
+    sys.exit(switch_main(listen, age_s=age, native=native))
 
 
 @main.command()

@@ -1,18 +1,24 @@
 """The learning switch with real UDP sockets on loopback: learning, flooding, moving a MAC,
-aging, hellos, probes, and starting one (race-safe) in its own process."""
+aging, hellos, probes, and starting one (race-safe) in its own process. The switch tests run
+on both paths: pure Python (the reference) and the native fast path for known unicast."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from ptmig.net import switchproto
+from ptmig import nativelib
+from ptmig.net import switchnative, switchproto
 from ptmig.net.frames import BROADCAST_MAC, ETH_P_IPV4, EthernetFrame
 from ptmig.net.switch import (
     EXIT_ADDRESS_IN_USE,
@@ -68,9 +74,15 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=[False, True], ids=["python", "native"])
+def native(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture
-def sw(clock: Clock) -> Iterator[UdpSwitch]:
-    s = UdpSwitch("127.0.0.1", 0, age_s=300.0, clock=clock)
+def sw(clock: Clock, native: bool) -> Iterator[UdpSwitch]:
+    s = UdpSwitch("127.0.0.1", 0, age_s=300.0, clock=clock, native=native)
+    assert (s.fast is not None) == native
     yield s
     s.close()
 
@@ -222,3 +234,299 @@ def test_ensure_switch_is_race_safe() -> None:
         for p in started:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(10)
+
+
+# ---- the native fast path ------------------------------------------------------------------
+
+
+def _fast(sw: UdpSwitch) -> int:
+    return sw.counters()["fast_forwarded"]
+
+
+@contextmanager
+def serving(sw: UdpSwitch) -> Iterator[None]:
+    """Run the switch's own loop (aging, syncs) on a thread, as the switch process does."""
+    stop = threading.Event()
+    thread = threading.Thread(target=sw.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_fast_path_forwards_known_unicast_and_counts_it(sw: UdpSwitch, native: bool) -> None:
+    a, b = Port(sw), Port(sw)
+    a.send(BROADCAST_MAC, MAC_A)
+    b.send(BROADCAST_MAC, MAC_B)
+    a.received(), b.received()
+    sent = [a.send(MAC_B, MAC_A, b"%d" % i) for i in range(50)]
+    assert b.received() == sent and a.received() == []
+    stats = sw.counters()
+    assert stats["fast_forwarded"] == (50 if native else 0)
+    assert stats["frames_in"] == 52 and stats["frames_out"] == 52 and stats["unicast"] == 50
+    if native:  # the slow path saw the two hellos and the two broadcasts only
+        assert stats["handed_to_python"] == 4
+
+
+def test_a_moved_mac_goes_through_python_and_later_frames_follow_it(sw: UdpSwitch,
+                                                                    native: bool) -> None:
+    a, b, a_new = Port(sw), Port(sw), Port(sw)
+    a.send(BROADCAST_MAC, MAC_A)
+    b.send(BROADCAST_MAC, MAC_B)
+    for port in (a, b, a_new):
+        port.received()
+    before = b.send(MAC_A, MAC_B)
+    assert a.received() == [before]
+    fast = _fast(sw)
+    moved = a_new.send(MAC_B, MAC_A)  # known unicast, but its source moved: Python's business
+    assert b.received() == [moved] and _fast(sw) == fast
+    assert sw.fdb.counters.moved == 1
+    after = [b.send(MAC_A, MAC_B, b"%d" % i) for i in range(3)]
+    assert a_new.received() == after and a.received() == []
+    assert _fast(sw) == fast + (3 if native else 0)
+
+
+def test_frames_in_arrival_order_across_both_paths(sw: UdpSwitch) -> None:
+    """A broadcast (slow) between unicasts (fast) reaches the receiver in the order sent."""
+    a, b = Port(sw), Port(sw)
+    a.send(BROADCAST_MAC, MAC_A)
+    b.send(BROADCAST_MAC, MAC_B)
+    a.received(), b.received()
+    b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sent = []
+    for i in range(300):
+        dst = BROADCAST_MAC if i % 7 == 0 else MAC_B
+        frame = EthernetFrame(dst, MAC_A, ETH_P_IPV4, b"%d" % i).to_bytes()
+        a.sock.sendto(frame, sw.address)
+        sent.append(frame)
+    sw.poll(2.0)
+    got = b.received()
+    assert got == sent
+
+
+def _scenario(native: bool) -> list[list[bytes]]:
+    """Every kind of frame through a switch; what each of four ports received, in order."""
+    clock = Clock()
+    sw = UdpSwitch("127.0.0.1", 0, clock=clock, native=native)
+    try:
+        ports = [Port(sw), Port(sw), Port(sw), Port(sw, mac=bytes([2, 0, 0, 0, 0, 0xD]))]
+        a, b, c, d = ports
+        mac_d = bytes([2, 0, 0, 0, 0, 0xD])
+        script = [
+            (a, BROADCAST_MAC, MAC_A), (b, MAC_A, MAC_B), (c, MAC_A, MAC_C),
+            (a, MAC_B, MAC_A), (a, MAC_C, MAC_A), (a, mac_d, MAC_A), (d, MAC_A, mac_d),
+            (b, bytes([2, 9, 9, 9, 9, 9]), MAC_B), (b, bytes([1, 0, 0x5E, 0, 0, 1]), MAC_B),
+            (a, MAC_A, bytes([2, 0, 0, 0, 1, 1])), (c, MAC_B, MAC_A),  # MAC_A moves to c
+            (b, MAC_A, MAC_B), (a, MAC_A, MAC_B), (b, MAC_A, MAC_B),  # ...and MAC_B to a
+            (d, MAC_B, bytes([1, 2, 3, 4, 5, 6])),  # a multicast source is never learned
+        ]
+        for i in range(3):
+            for port, dst, src in script:
+                port.send(dst, src, b"round %d" % i)
+        return [port.received() for port in ports]
+    finally:
+        sw.close()
+
+
+def test_both_paths_deliver_the_same_frames_to_every_port() -> None:
+    python, native = _scenario(native=False), _scenario(native=True)
+    assert python == native
+    assert sum(map(len, python)) > 40
+
+
+def test_a_fast_path_mac_is_aged_out_when_it_goes_quiet() -> None:
+    """Real clock, short age: MACs that talk only through the fast path stay; a MAC that stops
+    sending is aged out of the table and the cache, and frames to it are flooded again."""
+    sw = UdpSwitch("127.0.0.1", 0, age_s=0.6, native=True)
+    try:
+        a, b, c = Port(sw), Port(sw), Port(sw)
+        a.send(BROADCAST_MAC, MAC_A)
+        b.send(BROADCAST_MAC, MAC_B)
+        with serving(sw):
+            deadline = time.monotonic() + 1.5  # 2.5 ages of traffic, mostly on the fast path
+            sent = 0
+            while time.monotonic() < deadline:
+                c.sock.sendto(switchproto.hello(None), sw.address)  # c stays alive, silent
+                time.sleep(0.01)
+                for sender, dst, src in ((a, MAC_B, MAC_A), (b, MAC_A, MAC_B)):
+                    sender.sock.sendto(EthernetFrame(dst, src, ETH_P_IPV4, b"x").to_bytes(),
+                                       sw.address)
+                    sent += 1
+                time.sleep(0.04)
+            assert MAC_A in sw.fdb.macs and MAC_B in sw.fdb.macs
+            assert sw.fdb.counters.aged_macs == 0 and _fast(sw) > sent // 2
+            assert sw.fdb.counters.learned == 2 and sw.fdb.counters.flooded == 2
+            for port in (a, b, c):
+                port.received()
+            quiet_since = time.monotonic()
+            while MAC_A in sw.fdb.macs and time.monotonic() - quiet_since < 5:
+                b.sock.sendto(EthernetFrame(BROADCAST_MAC, MAC_B, ETH_P_IPV4, b"b").to_bytes(),
+                              sw.address)
+                c.sock.sendto(switchproto.hello(None), sw.address)
+                time.sleep(0.05)
+            assert MAC_A not in sw.fdb.macs and MAC_A not in sw.fast.cached  # type: ignore[union-attr]
+            assert time.monotonic() - quiet_since > 0.6
+            c.received()
+            fast = _fast(sw)
+            to_a = EthernetFrame(MAC_A, MAC_B, ETH_P_IPV4, b"anyone?").to_bytes()
+            b.sock.sendto(to_a, sw.address)
+            time.sleep(0.2)
+            assert to_a in c.received() and _fast(sw) == fast  # unknown again: flooded
+    finally:
+        sw.close()
+
+
+def test_the_fast_path_forwards_only_while_python_keeps_it_valid(clock: Clock) -> None:
+    """When the Python side stops renewing (stalled), every frame goes through Python."""
+    sw = UdpSwitch("127.0.0.1", 0, age_s=0.4, clock=clock, native=True)
+    try:
+        a, b = Port(sw), Port(sw)
+        a.send(BROADCAST_MAC, MAC_A)
+        b.send(BROADCAST_MAC, MAC_B)
+        a.received()
+        fast = _fast(sw)
+        a.send(MAC_B, MAC_A)
+        assert _fast(sw) == fast + 1
+        time.sleep(0.3)  # past the horizon (2 syncs of 0.1 s): only Python may decide now
+        frame = EthernetFrame(MAC_B, MAC_A, ETH_P_IPV4, b"late").to_bytes()
+        a.sock.sendto(frame, sw.address)
+        time.sleep(0.1)
+        assert _fast(sw) == fast + 1 and frame not in b.received()  # waits for Python
+        sw.poll(1.0)
+        assert b.received() == [frame] and _fast(sw) == fast + 1
+        assert sw.counters()["unicast"] == 2
+    finally:
+        sw.close()
+
+
+def test_a_burst_of_thousands_loses_no_frame(native: bool) -> None:
+    sw = UdpSwitch("127.0.0.1", 0, native=native)
+    count = 20000
+    try:
+        a, b = Port(sw), Port(sw)
+        a.send(BROADCAST_MAC, MAC_A)
+        b.send(BROADCAST_MAC, MAC_B)
+        a.received(), b.received()
+        b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        frames = [EthernetFrame(MAC_B, MAC_A, ETH_P_IPV4, i.to_bytes(4, "big") * 16).to_bytes()
+                  for i in range(count)]
+        got: list[bytes] = []
+        receiver = threading.Thread(target=lambda: got.extend(_drain(b.sock, count)))
+        receiver.start()
+        with serving(sw):
+            for i in range(0, count, 500):
+                for frame in frames[i:i + 500]:
+                    a.sock.sendto(frame, sw.address)
+                time.sleep(0.005)
+            receiver.join(30)
+        assert len(got) == count and got == frames
+        stats = sw.counters()
+        assert stats["frames_out"] == count + 2 and stats["send_errors"] == 0
+        if native:
+            assert stats["fast_forwarded"] == count
+    finally:
+        sw.close()
+
+
+def _drain(sock: socket.socket, count: int) -> list[bytes]:
+    out: list[bytes] = []
+    sock.settimeout(5)
+    while len(out) < count:
+        try:
+            out.append(sock.recv(65536))
+        except TimeoutError:
+            break
+    return out
+
+
+def test_python_draining_late_stalls_the_loop_without_losing_frames() -> None:
+    """Slow-path datagrams beyond the native queue's size wait in the socket, not dropped."""
+    sw = UdpSwitch("127.0.0.1", 0, native=True)
+    try:
+        a, b = Port(sw), Port(sw)
+        b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        body = bytes(60000)
+        frames = [EthernetFrame(BROADCAST_MAC, MAC_A, ETH_P_IPV4, body[:-4] + i.to_bytes(4, "big"))
+                  .to_bytes() for i in range(100)]  # 6 MB: more than the 4 MB queue
+        got: list[bytes] = []
+        receiver = threading.Thread(target=lambda: got.extend(_drain(b.sock, len(frames))))
+        receiver.start()
+        for i, frame in enumerate(frames):
+            a.sock.sendto(frame, sw.address)
+            if i % 20 == 19:
+                time.sleep(0.02)  # the loop queues them; nobody on the Python side drains
+        with serving(sw):
+            receiver.join(30)
+        assert got == frames
+        stats = sw.counters()
+        assert stats["fast_stalls"] >= 1 and stats["frames_out"] == len(frames)
+    finally:
+        sw.close()
+
+
+def test_malformed_and_short_datagrams_never_break_the_switch(sw: UdpSwitch) -> None:
+    a, b = Port(sw), Port(sw)
+    a.send(BROADCAST_MAC, MAC_A)
+    b.send(BROADCAST_MAC, MAC_B)
+    a.received(), b.received()
+    junk = [b"", b"\x00", b"PTSW", b"PTSW\x01", b"PTSW\x01\x09", b"PTSW\x05\x01" + b"x" * 7,
+            bytes(13), bytes(14), b"\xff" * 14, MAC_B + MAC_A, MAC_C + MAC_C + b"\x08\x00",
+            bytes(range(256)) * 6, bytes(65507)]
+    for datagram in junk:
+        a.sock.sendto(datagram, sw.address)
+    sw.poll(1.0)
+    b.received()
+    a.received()
+    assert sw.malformed == 8  # every datagram under 14 bytes: none is a valid control message
+    frame = a.send(MAC_B, MAC_A)
+    assert b.received() == [frame]
+
+
+def test_ipv6_endpoints_take_the_fast_path() -> None:
+    sw = UdpSwitch("::1", 0, native=True)
+    try:
+        ports = []
+        for _ in range(2):
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.bind(("::1", 0))
+            sock.settimeout(1.0)
+            ports.append(sock)
+        a, b = ports
+        for sock, mac in ((a, MAC_A), (b, MAC_B)):
+            sock.sendto(EthernetFrame(BROADCAST_MAC, mac, ETH_P_IPV4, b"hi").to_bytes(),
+                        sw.address)
+            sw.poll(1.0)
+        a.recv(100)
+        frame = EthernetFrame(MAC_B, MAC_A, ETH_P_IPV4, b"six").to_bytes()
+        a.sendto(frame, sw.address)
+        sw.poll(1.0)
+        assert b.recv(100) == frame and _fast(sw) == 1
+        for sock in ports:
+            sock.close()
+    finally:
+        sw.close()
+
+
+def test_without_a_compiler_the_switch_forwards_in_python(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(nativelib, "_loaded", {})
+    monkeypatch.setattr(nativelib, "NATIVE_DIR", tmp_path)  # no source: the build fails
+    monkeypatch.setattr("ptmig.net.switch._fallback_logged", False)
+    with pytest.raises(switchnative.FastPathUnavailable):
+        UdpSwitch("127.0.0.1", 0, native=True)
+    with caplog.at_level(logging.INFO, logger="ptmig.net.switch"):
+        switches = [UdpSwitch("127.0.0.1", 0) for _ in range(2)]
+    try:
+        assert [s.fast for s in switches] == [None, None]
+        assert len([r for r in caplog.records if "Python" in r.getMessage()]) == 1
+        sw = switches[0]
+        a, b = Port(sw), Port(sw)
+        a.send(BROADCAST_MAC, MAC_A)
+        frame = b.send(MAC_A, MAC_B)
+        assert a.received() == [frame]
+    finally:
+        for s in switches:
+            s.close()

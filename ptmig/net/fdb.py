@@ -7,16 +7,48 @@ Owns the decisions of a learning L2 switch whose ports are UDP endpoints:
 - where a frame goes: to the learned endpoint for a known unicast destination, to every other
   endpoint for broadcast, multicast and unknown destinations, nowhere if the destination sits
   behind the endpoint the frame came from.
+
+A `Mirror` (the switch's native fast path) may keep a copy of the MAC table: it is told of
+every entry after the table gains it and before the table loses or moves it, so the copy never
+holds an entry the table does not; MACs it reports heard count as heard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 DEFAULT_AGE_S = 300.0
 
 Endpoint = Hashable  # a socket address such as ("127.0.0.1", 40000)
+
+
+class Mirror(Protocol):
+    """A copy of (part of) the MAC table kept elsewhere, e.g. by a native forwarding loop."""
+
+    def put(self, mac: bytes, endpoint: Endpoint) -> None:
+        """The table has `mac` behind `endpoint` (new, moved back, or heard again)."""
+
+    def drop(self, mac: bytes) -> None:
+        """The table is about to forget or move `mac`: stop using it before this returns."""
+
+    def heard(self) -> Iterable[bytes]:
+        """MACs that sent frames through the copy since the last call."""
+        return ()
+
+
+class NoMirror:
+    """No copy: the table is the only forwarding state."""
+
+    def put(self, mac: bytes, endpoint: Endpoint) -> None:
+        pass
+
+    def drop(self, mac: bytes) -> None:
+        pass
+
+    def heard(self) -> Iterable[bytes]:
+        return ()
 
 
 @dataclass
@@ -36,10 +68,11 @@ class FdbCounters:
 class ForwardingDatabase:
     """MAC → endpoint table plus the set of live endpoints, both aged after `age_s`."""
 
-    def __init__(self, age_s: float = DEFAULT_AGE_S) -> None:
+    def __init__(self, age_s: float = DEFAULT_AGE_S, *, mirror: Mirror | None = None) -> None:
         if age_s <= 0:
             raise ValueError(f"age must be positive, got {age_s}")
         self.age_s = age_s
+        self.mirror: Mirror = mirror if mirror is not None else NoMirror()
         self.endpoints: dict[Endpoint, float] = {}  # endpoint -> last heard
         self.macs: dict[bytes, tuple[Endpoint, float]] = {}  # mac -> (endpoint, last seen)
         self.counters = FdbCounters()
@@ -59,13 +92,17 @@ class ForwardingDatabase:
             if not move:
                 return
             self.counters.moved += 1
+        if entry is not None and entry[0] != endpoint:
+            self.mirror.drop(mac)  # before the move: the copy must not run ahead of the table
         self.macs[mac] = (endpoint, now)
+        self.mirror.put(mac, endpoint)
 
     def lookup(self, mac: bytes, now: float) -> Endpoint | None:
         entry = self.macs.get(mac)
         if entry is None:
             return None
         if now - entry[1] > self.age_s:
+            self.mirror.drop(mac)
             del self.macs[mac]
             self.counters.aged_macs += 1
             return None
@@ -91,8 +128,18 @@ class ForwardingDatabase:
         self.counters.flooded += 1
         return self.flood_targets(source, now)
 
+    def note_heard(self, now: float) -> None:
+        """Count the MACs the mirror forwarded frames from (and their endpoints) as heard `now`:
+        frames that never reached this table must still keep their senders from aging."""
+        for mac in self.mirror.heard():
+            entry = self.macs.get(mac)
+            if entry is not None:
+                self.macs[mac] = (entry[0], now)
+                self.endpoints[entry[0]] = now
+
     def expire(self, now: float) -> None:
         """Drop aged endpoints (and the MACs behind them) and aged MACs."""
+        self.note_heard(now)
         dead = [ep for ep, seen in self.endpoints.items() if now - seen > self.age_s]
         for ep in dead:
             del self.endpoints[ep]
@@ -101,5 +148,6 @@ class ForwardingDatabase:
         stale = [mac for mac, (ep, seen) in self.macs.items()
                  if ep in dead_set or now - seen > self.age_s]
         for mac in stale:
+            self.mirror.drop(mac)
             del self.macs[mac]
         self.counters.aged_macs += len(stale)

@@ -5,12 +5,18 @@ bind and exits with status 3), answering control datagrams (`ptmig.net.switchpro
 forwarding frames as the forwarding database decides, aging, counters; `ensure_switch`
 starts one detached when none answers a probe; `query_stats` asks a running one for its
 counters. Run it as `python -m ptmig.net.switch HOST:PORT`.
+
+Known unicast frames, nearly all of the traffic, are forwarded by a native loop when it can be
+built (`ptmig.net.switchnative`): it reads the socket, sends on what changes nothing in the
+forwarding database, and hands everything else here in arrival order. What the switch does is
+the same either way; the pure-Python loop is the reference and the fallback.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import select
 import socket
@@ -28,10 +34,14 @@ from ptmig.net.backend import SOCKET_BUFFER, parse_host_port
 from ptmig.net.fdb import DEFAULT_AGE_S, ForwardingDatabase
 from ptmig.net.frames import ETH_HEADER_LEN
 from ptmig.net.sched import use_batch_scheduling
+from ptmig.net.switchnative import DRAINED, SLOW_READY, FastPath, FastPathUnavailable
 from ptmig.net.switchproto import Msg
 
 EXPIRE_EVERY_S = 1.0
 EXIT_ADDRESS_IN_USE = 3
+
+log = logging.getLogger(__name__)
+_fallback_logged = False
 
 
 class SwitchError(OSError):
@@ -39,10 +49,14 @@ class SwitchError(OSError):
 
 
 class UdpSwitch:
-    """A bound switch socket; `serve()` runs the loop until `stop` is set."""
+    """A bound switch socket; `serve()` runs the loop until `stop` is set.
+
+    `native`: True requires the native fast path, False never uses it, None (the default) uses
+    it when it can be built and otherwise logs once and forwards everything in Python."""
 
     def __init__(self, host: str, port: int, *, age_s: float = DEFAULT_AGE_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 native: bool | None = None) -> None:
         self.fdb = ForwardingDatabase(age_s)
         self.clock = clock
         self.frames_in = 0
@@ -64,6 +78,31 @@ class UdpSwitch:
                                   "(another switch is probably running there)") from exc
             raise SwitchError(exc.errno, f"switch: cannot bind {host}:{port}: {exc}") from exc
         self.sock.setblocking(False)
+        try:
+            self.fast = self._open_fast_path(native)
+        except FastPathUnavailable:
+            self.sock.close()
+            raise
+        if self.fast is not None:
+            self.fdb.mirror = self.fast  # the database keeps the native cache a copy of itself
+        # The fast path forwards only for a horizon Python renews at each sync (see sync()).
+        self._sync_every = min(EXPIRE_EVERY_S, age_s / 4)
+        self._next_sync = 0.0
+        self._passes_seen = 0
+
+    def _open_fast_path(self, native: bool | None) -> FastPath | None:
+        global _fallback_logged
+        if native is False:
+            return None
+        try:
+            return FastPath(self.sock)
+        except FastPathUnavailable as exc:
+            if native:
+                raise
+            if not _fallback_logged:
+                log.info("switch: %s; forwarding every frame in Python", exc)
+                _fallback_logged = True
+            return None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -71,10 +110,17 @@ class UdpSwitch:
         return str(host), int(port)
 
     def counters(self) -> dict[str, int]:
-        return {"frames_in": self.frames_in, "frames_out": self.frames_out,
+        """The switch's counters, fast-path frames included (they are known unicast)."""
+        fast = self.fast.counters() if self.fast is not None else {}
+        fast_in, fast_out = fast.get("forwarded", 0), fast.get("sent", 0)
+        fdb = self.fdb.counters.as_dict()
+        fdb["unicast"] += fast_in
+        return {"frames_in": self.frames_in + fast_in, "frames_out": self.frames_out + fast_out,
                 "malformed": self.malformed, "controls": self.controls,
-                "send_errors": self.send_errors, "endpoints": len(self.fdb.endpoints),
-                "macs": len(self.fdb.macs), **self.fdb.counters.as_dict()}
+                "send_errors": self.send_errors + fast.get("send_errors", 0),
+                "endpoints": len(self.fdb.endpoints), "macs": len(self.fdb.macs), **fdb,
+                "fast_forwarded": fast_in, "handed_to_python": fast.get("handed", 0),
+                "fast_stalls": fast.get("stalls", 0)}
 
     def _sendto(self, data: bytes, addr: Any) -> None:
         try:
@@ -119,7 +165,15 @@ class UdpSwitch:
             self._sendto(data, target)
 
     def poll(self, timeout: float) -> None:
-        """Wait up to `timeout` for datagrams and handle every one that is pending."""
+        """Wait up to `timeout` for datagrams and handle every one that is pending. With the
+        fast path: return once its loop has taken in everything sent so far and whatever it
+        handed over is handled, so a caller sees the same effects as without it."""
+        if self.fast is None:
+            self._poll_socket(timeout)
+        else:
+            self._pump(timeout, progress=True)
+
+    def _poll_socket(self, timeout: float) -> None:
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if not ready:
             return
@@ -135,33 +189,96 @@ class UdpSwitch:
                 continue
             handle(data, addr, now)
 
+    def _pump(self, timeout: float, *, progress: bool) -> None:
+        """Handle what the fast path hands over, for up to `timeout`. With `progress` (poll),
+        until its loop has drained the socket; without (serve), until one batch was handled:
+        the serving thread is then never woken by frames the loop forwarded itself."""
+        assert self.fast is not None
+        self.fast.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._sync_if_due()
+            left = deadline - time.monotonic()
+            status = self.fast.wait(min(max(left, 0.0), self._sync_every), progress=progress,
+                                    seen=self._passes_seen)
+            if status == SLOW_READY:
+                self._handle_slow()
+                if not progress:
+                    return
+            elif status == DRAINED:
+                self._passes_seen = self.fast.counters()["passes"]
+                return
+            elif left <= 0:
+                return
+
+    def _handle_slow(self) -> None:
+        assert self.fast is not None
+        batch = self.fast.take()
+        now = self.clock()
+        try:
+            self.fdb.note_heard(now)  # lazy aging below must see what the loop heard
+            for data, addr in batch:
+                self.handle(data, addr, now)
+        finally:
+            self.fast.done(len(batch))  # the loop may take the fast path again
+
+    def _sync_if_due(self) -> None:
+        t = time.monotonic()
+        if t >= self._next_sync:
+            self._next_sync = t + self._sync_every
+            self.sync(self.clock())
+
+    def sync(self, now: float) -> None:
+        """Fold the MACs the fast path heard into the database, evict from its cache every MAC
+        that could age out before the next sync, and let it forward until then (with a margin):
+        so it never forwards to a MAC the database would have aged, even if this thread stalls
+        (it then hands everything over). Runs every `_sync_every` seconds of real time."""
+        if self.fast is None:
+            return
+        horizon = 2 * self._sync_every
+        self.fdb.note_heard(now)
+        for mac in list(self.fast.cached):
+            entry = self.fdb.macs.get(mac)
+            if entry is None or entry[1] + self.fdb.age_s - now < horizon:
+                self.fast.drop(mac)
+        self.fast.renew(horizon)
+
     def serve(self, stop: threading.Event | None = None) -> None:
         next_expire = self.clock() + EXPIRE_EVERY_S
         while stop is None or not stop.is_set():
-            self.poll(0.2)
+            if self.fast is None:
+                self._poll_socket(0.2)
+            else:
+                self._pump(0.2, progress=False)
             now = self.clock()
             if now >= next_expire:
                 self.fdb.expire(now)
                 next_expire = now + EXPIRE_EVERY_S
 
     def close(self) -> None:
+        """Stop the fast path (after `serve` returned) and close the socket."""
+        if self.fast is not None:
+            self.fast.close()
         self.sock.close()
 
 
-def run_switch(host: str, port: int, *, age_s: float = DEFAULT_AGE_S) -> None:
+def run_switch(host: str, port: int, *, age_s: float = DEFAULT_AGE_S,
+               native: bool | None = None) -> None:
     """Bind HOST:PORT and switch frames until interrupted. Raises SwitchError on bind.
-    The process runs under SCHED_BATCH (`ptmig.net.sched`): it takes bursts whole."""
-    switch = UdpSwitch(host, port, age_s=age_s)
+    The process runs under SCHED_BATCH (`ptmig.net.sched`): it takes bursts whole. The fast
+    path's thread starts in `serve`, so it inherits the policy."""
+    switch = UdpSwitch(host, port, age_s=age_s, native=native)
     use_batch_scheduling()  # only once it is the switch: a failed bind changes nothing
-    print(f"ptmig switch: listening on {host}:{port} (pid {os.getpid()}, age {age_s:g} s)",
-          file=sys.stderr, flush=True)
+    path = "native fast path" if switch.fast is not None else "Python only"
+    print(f"ptmig switch: listening on {host}:{port} (pid {os.getpid()}, age {age_s:g} s, "
+          f"{path})", file=sys.stderr, flush=True)
     try:
         switch.serve()
     finally:
         switch.close()
 
 
-def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S) -> int:
+def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S, native: bool | None = None) -> int:
     """CLI entry: `listen` is HOST:PORT. Returns the process exit status."""
     try:
         host, port = parse_host_port(listen, what="--listen")
@@ -169,7 +286,7 @@ def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S) -> int:
         print(f"ptmig switch: {exc}", file=sys.stderr)
         return 2
     try:
-        run_switch(host, port, age_s=age_s)
+        run_switch(host, port, age_s=age_s, native=native)
     except SwitchError as exc:
         print(exc.strerror or str(exc), file=sys.stderr)
         return EXIT_ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else 1
@@ -266,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("listen", help="HOST:PORT to bind")
     parser.add_argument("--age", type=float, default=DEFAULT_AGE_S,
                         help="seconds before an unheard MAC or endpoint is forgotten")
+    parser.add_argument("--no-native", action="store_true",
+                        help="forward every frame in Python (no native fast path)")
     parser.add_argument("--stats", action="store_true",
                         help="print the counters of the switch running at HOST:PORT and exit")
     args = parser.parse_args(argv)
@@ -279,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in sorted(stats.items()):
             print(f"{key:16} {value}")
         return 0
-    return switch_main(args.listen, age_s=args.age)
+    return switch_main(args.listen, age_s=args.age, native=False if args.no_native else None)
 
 
 if __name__ == "__main__":
