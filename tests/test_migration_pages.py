@@ -19,7 +19,7 @@ from ptmig.migration.pages import (
     validate_runs,
     zero_fill,
 )
-from ptmig.migration.verify import compare_digests, page_digests
+from ptmig.migration.verify import compare_digests, page_digests, page_digests_at
 
 PS = 4096
 
@@ -147,6 +147,20 @@ def test_swapped_pages_and_swapped_words_are_detected() -> None:
     d0 = page_digests(ram2)
     w[[0, 1]] = w[[1, 0]]
     assert page_digests(ram2)[0] != d0[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 199), max_size=300))
+def test_digests_of_scattered_pages_are_those_of_the_whole_ram(pages: list[int]) -> None:
+    """What a destination computes per received batch (any pages, any order, repeats) equals
+    what the whole-RAM digest says of the same pages; and a single page costs no more than it
+    needs (its digest is still the same)."""
+    ram = random_pages(200, 4)
+    whole = page_digests(ram)
+    assert (page_digests_at(ram, np.array(pages, dtype=np.int64)) == whole[pages]).all()
+    assert page_digests(ram, first_page=7, npages=1)[0] == whole[7]
+    with pytest.raises(ValueError, match="outside"):
+        page_digests_at(ram, np.array([200]))
 
 
 def test_zero_pages_and_equal_pages_have_equal_digests() -> None:

@@ -53,21 +53,44 @@ def page_digests(
         raise ValueError(
             f"pages {first_page}..{end - 1} are outside the {rows.shape[0]} pages of memory"
         )
-    keys = _KEYS.setdefault(page_size, _splitmix_keys(page_size // 8))
-    out = np.empty(end - first_page, dtype=np.uint64)
-    words = page_size // 8
-    x = np.empty((_CHUNK_PAGES, words), dtype=np.uint64)
+    return _digest(rows, end - first_page, lambda p, k, _buf: rows[first_page + p :
+                                                                   first_page + p + k])
+
+
+def page_digests_at(mem: Any, pages: np.ndarray, page_size: int = PAGE_SIZE) -> np.ndarray:
+    """The digests of the pages numbered in `pages` (any order), like `page_digests` gives
+    them: scattered pages (a later pre-copy round) are gathered a chunk at a time, so their
+    cost is the hashing, not one numpy call per page."""
+    rows = page_rows(mem, page_size)
+    idx = np.asarray(pages, dtype=np.int64)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
+        raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+    return _digest(rows, idx.size,
+                   lambda p, k, buf: np.take(rows, idx[p : p + k], axis=0, out=buf))
+
+
+def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
+    """Digests of `count` pages; `chunk(p, k, buf)` gives the rows of pages p..p+k-1 (a view,
+    or gathered into `buf`)."""
+    words = rows.shape[1]
+    keys = _KEYS.get(words)
+    if keys is None:
+        keys = _KEYS[words] = _splitmix_keys(words)
+    out = np.empty(count, dtype=np.uint64)
+    step = max(1, min(_CHUNK_PAGES, count))
+    x = np.empty((step, words), dtype=np.uint64)  # sized to the work: one page is 2 x 4 KiB
     t = np.empty_like(x)
+    g = np.empty_like(x)
     s31 = np.uint64(31)
     with np.errstate(over="ignore"):
-        for p in range(first_page, end, _CHUNK_PAGES):
-            k = min(_CHUNK_PAGES, end - p)
+        for p in range(0, count, step):
+            k = min(step, count - p)
             xv, tv = x[:k], t[:k]
-            np.bitwise_xor(rows[p : p + k], keys, out=xv)
+            np.bitwise_xor(chunk(p, k, g[:k]), keys, out=xv)
             np.multiply(xv, _M1, out=xv)
             np.right_shift(xv, s31, out=tv)
             np.bitwise_xor(xv, tv, out=xv)
-            np.sum(xv, axis=1, dtype=np.uint64, out=out[p - first_page : p - first_page + k])
+            np.sum(xv, axis=1, dtype=np.uint64, out=out[p : p + k])
         h = out
         h ^= h >> np.uint64(33)
         h *= _M2
@@ -86,12 +109,8 @@ def _digests_sparse(mem: Any, page_size: int, allocated: np.ndarray) -> np.ndarr
         np.zeros(page_size, dtype=np.uint8), page_size)[0]
     out = np.full(rows.shape[0], zero, dtype=np.uint64)
     idx = np.flatnonzero(allocated)
-    if idx.size == 0:
-        return out
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    for run in np.split(idx, brk):
-        first, n = int(run[0]), int(run.size)
-        out[first : first + n] = page_digests(mem, page_size, first, n)
+    if idx.size:
+        out[idx] = page_digests_at(mem, idx, page_size)
     return out
 
 
