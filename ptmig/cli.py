@@ -154,11 +154,13 @@ def load(config: Path | None, rate: float | None, unpaced: bool, duration: float
 @click.option("--age", default=300.0, show_default=True, help="Seconds before a MAC is forgotten.")
 @click.option("--native/--no-native", default=None,
               help="Forward known unicast frames in native code (default: when it builds).")
-def switch(listen: str, age: float, native: bool | None) -> None:
+@click.option("--idle-exit", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Exit after this long without a datagram (default: never).")
+def switch(listen: str, age: float, native: bool | None, idle_exit: float | None) -> None:
     """A learning L2 switch carrying Ethernet frames in UDP datagrams."""
     from .net.switch import switch_main
 
-    sys.exit(switch_main(listen, age_s=age, native=native))
+    sys.exit(switch_main(listen, age_s=age, native=native, idle_exit_s=idle_exit))
 
 
 @main.command()

@@ -43,7 +43,8 @@ def python() -> str:
 
 def _switch_pids() -> set[int]:
     """Running `ptmig.net.switch` processes (a VMM started with switch = "auto" starts one
-    detached, on purpose: it outlives the VMM, other VMs may share it)."""
+    detached, on purpose: it outlives the VMM, other VMs may share it; it ends itself a
+    minute after the last datagram, but a test session should not leave them behind)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -236,6 +236,26 @@ def test_ensure_switch_is_race_safe() -> None:
             p.wait(10)
 
 
+def test_a_started_switch_ends_itself_once_nothing_is_heard() -> None:
+    """`switch = "auto"` starts a detached switch: it must stay while any backend says hello
+    and go away on its own once all of them are gone, not idle forever."""
+    port = _free_udp_port()
+    proc = ensure_switch("127.0.0.1", port, idle_exit_s=1.0)
+    assert proc is not None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as backend:
+            for _ in range(10):  # a live backend: hellos every 0.3 s for 3 s
+                backend.sendto(switchproto.hello(bytes.fromhex("525400000001")),
+                               ("127.0.0.1", port))
+                time.sleep(0.3)
+                assert proc.poll() is None
+        assert proc.wait(15) == 0  # silence: it ends itself
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+
+
 # ---- the native fast path ------------------------------------------------------------------
 
 

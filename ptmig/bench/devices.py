@@ -145,8 +145,9 @@ class KvVmm:
 
     def _stop_switch(self) -> None:
         """End the switch `ptmig run` started for this VM: it is detached (it outlives its
-        VMM on purpose, other VMs may share it) and every run here has its own port, so
-        without this each run would leave one behind, taking CPU from the next ones."""
+        VMM on purpose, other VMs may share it, and only ends itself a minute after the last
+        one) and every run here has its own port, so without this each run would leave one
+        behind for that minute, taking CPU from the next ones."""
         pid = probe_switch("127.0.0.1", self.switch_port, timeout=0.1, tries=2)
         if pid is not None:
             try:

@@ -39,6 +39,10 @@ from ptmig.net.switchproto import Msg
 
 EXPIRE_EVERY_S = 1.0
 EXIT_ADDRESS_IN_USE = 3
+# A switch that `ptmig run` starts for a VM (switch = "auto") ends itself after this long
+# without a datagram: every UDP backend says hello every few seconds (HELLO_INTERVAL_S), so
+# only a switch whose VMs are all gone falls silent for that long.
+AUTO_IDLE_EXIT_S = 60.0
 
 log = logging.getLogger(__name__)
 _fallback_logged = False
@@ -64,6 +68,7 @@ class UdpSwitch:
         self.malformed = 0
         self.controls = 0
         self.send_errors = 0
+        self.last_heard = clock()  # when the last datagram reached Python (hellos do)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -154,6 +159,7 @@ class UdpSwitch:
 
     def handle(self, data: bytes, addr: Any, now: float) -> None:
         """Process one received datagram."""
+        self.last_heard = now
         if len(data) < ETH_HEADER_LEN:
             if switchproto.is_control(data):
                 self._control(data, addr, now)
@@ -243,9 +249,15 @@ class UdpSwitch:
                 self.fast.drop(mac)
         self.fast.renew(horizon)
 
-    def serve(self, stop: threading.Event | None = None) -> None:
+    def serve(self, stop: threading.Event | None = None, *,
+              idle_exit_s: float | None = None) -> None:
+        """Switch until `stop` is set, or (with `idle_exit_s`) until that long has passed
+        without a datagram reaching Python: hellos and every control message do, so a switch
+        with a live backend behind it never counts as idle."""
         next_expire = self.clock() + EXPIRE_EVERY_S
         while stop is None or not stop.is_set():
+            if idle_exit_s is not None and self.clock() - self.last_heard > idle_exit_s:
+                return
             if self.fast is None:
                 self._poll_socket(0.2)
             else:
@@ -263,22 +275,28 @@ class UdpSwitch:
 
 
 def run_switch(host: str, port: int, *, age_s: float = DEFAULT_AGE_S,
-               native: bool | None = None) -> None:
-    """Bind HOST:PORT and switch frames until interrupted. Raises SwitchError on bind.
+               native: bool | None = None, idle_exit_s: float | None = None) -> None:
+    """Bind HOST:PORT and switch frames until interrupted (or idle for `idle_exit_s`). Raises
+    SwitchError on bind.
     The process runs under SCHED_BATCH (`ptmig.net.sched`): it takes bursts whole. The fast
     path's thread starts in `serve`, so it inherits the policy."""
     switch = UdpSwitch(host, port, age_s=age_s, native=native)
     use_batch_scheduling()  # only once it is the switch: a failed bind changes nothing
     path = "native fast path" if switch.fast is not None else "Python only"
+    idle = f", ends after {idle_exit_s:g} s without traffic" if idle_exit_s is not None else ""
     print(f"ptmig switch: listening on {host}:{port} (pid {os.getpid()}, age {age_s:g} s, "
-          f"{path})", file=sys.stderr, flush=True)
+          f"{path}{idle})", file=sys.stderr, flush=True)
     try:
-        switch.serve()
+        switch.serve(idle_exit_s=idle_exit_s)
     finally:
         switch.close()
+    if idle_exit_s is not None:
+        print(f"ptmig switch: nothing heard for {idle_exit_s:g} s; exiting", file=sys.stderr,
+              flush=True)
 
 
-def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S, native: bool | None = None) -> int:
+def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S, native: bool | None = None,
+                idle_exit_s: float | None = None) -> int:
     """CLI entry: `listen` is HOST:PORT. Returns the process exit status."""
     try:
         host, port = parse_host_port(listen, what="--listen")
@@ -286,7 +304,7 @@ def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S, native: bool | Non
         print(f"ptmig switch: {exc}", file=sys.stderr)
         return 2
     try:
-        run_switch(host, port, age_s=age_s, native=native)
+        run_switch(host, port, age_s=age_s, native=native, idle_exit_s=idle_exit_s)
     except SwitchError as exc:
         print(exc.strerror or str(exc), file=sys.stderr)
         return EXIT_ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else 1
@@ -343,10 +361,13 @@ def query_stats(host: str, port: int, *, timeout: float = 0.5) -> dict[str, int]
 
 
 def ensure_switch(host: str, port: int, *, start_timeout: float = 5.0,
-                  age_s: float = DEFAULT_AGE_S) -> subprocess.Popen[bytes] | None:
+                  age_s: float = DEFAULT_AGE_S,
+                  idle_exit_s: float = AUTO_IDLE_EXIT_S) -> subprocess.Popen[bytes] | None:
     """Make sure a switch listens on host:port. Returns the process started here, or None
     when one was already running. Race-safe: if two callers start one at once, the second
-    fails to bind and exits, and the caller whose process lost gets None."""
+    fails to bind and exits, and the caller whose process lost gets None. The switch started
+    here is detached (other VMs may use it after this one) and ends itself once nothing has
+    been heard on it for `idle_exit_s`."""
     if probe_switch(host, port) is not None:
         return None
     env = dict(os.environ)
@@ -354,7 +375,8 @@ def ensure_switch(host: str, port: int, *, start_timeout: float = 5.0,
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ptmig.net.switch", f"{host}:{port}", "--age", str(age_s)],
+        [sys.executable, "-m", "ptmig.net.switch", f"{host}:{port}", "--age", str(age_s),
+         "--idle-exit", str(idle_exit_s)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env,
         start_new_session=True)
     deadline = time.monotonic() + start_timeout
@@ -383,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("listen", help="HOST:PORT to bind")
     parser.add_argument("--age", type=float, default=DEFAULT_AGE_S,
                         help="seconds before an unheard MAC or endpoint is forgotten")
+    parser.add_argument("--idle-exit", type=float, default=None, metavar="S",
+                        help="exit after S seconds without a datagram (default: never)")
     parser.add_argument("--no-native", action="store_true",
                         help="forward every frame in Python (no native fast path)")
     parser.add_argument("--stats", action="store_true",
@@ -398,7 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in sorted(stats.items()):
             print(f"{key:16} {value}")
         return 0
-    return switch_main(args.listen, age_s=args.age, native=False if args.no_native else None)
+    if args.idle_exit is not None and args.idle_exit <= 0:
+        print("ptmig switch: --idle-exit must be positive", file=sys.stderr)
+        return 2
+    return switch_main(args.listen, age_s=args.age, native=False if args.no_native else None,
+                       idle_exit_s=args.idle_exit)
 
 
 if __name__ == "__main__":
