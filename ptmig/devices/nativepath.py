@@ -103,8 +103,11 @@ class NativePath:
         self._log: npt.NDArray[np.uint8] | None = None
         self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pool_ref: Any = None
         guest_addr, self._guest_ref = _address(guest)
-        pool_addr, self._pool_ref = _address(pool) if pool is not None else (0, None)
+        pool_addr = 0
+        if pool is not None:
+            pool_addr, self._pool_ref = _address(pool)
         new = getattr(self.lib, f"{self.PREFIX}new")
         self.handle: int = new(guest_addr, len(guest), pool_addr or None,
                                len(pool) if pool is not None else 0, int(iommu.ctypes.data),
@@ -117,8 +120,9 @@ class NativePath:
     @classmethod
     def library(cls) -> ctypes.CDLL:
         """The loaded library (built on first use); raises NativeLibraryError."""
-        own = {f"{cls.PREFIX}new": (_P, _MEMORY + cls.NEW_ARGS),
-               f"{cls.PREFIX}start": (_INT, [_P]), f"{cls.PREFIX}free": (None, [_P])}
+        own: dict[str, tuple[object, list[object]]] = {
+            f"{cls.PREFIX}new": (_P, _MEMORY + cls.NEW_ARGS),
+            f"{cls.PREFIX}start": (_INT, [_P]), f"{cls.PREFIX}free": (None, [_P])}
         return load_library((cls.SOURCE, "virtq.c"), {**_COMMON, **own, **cls.extra_functions()},
                             HEADERS)
 

@@ -559,15 +559,16 @@ def native_path(spec: LaunchSpec, model: DeviceModel, guest: mmap.mmap, pool: mm
 
     if getattr(getattr(model, "cfg", None), "datapath", "python") != "native":
         return None
-    common = {"guest": guest, "pool": pool, "iommu": table.entries,
-              "doorbells": spec.doorbell_fds, "irq_fd": spec.irq_fd}
+    iommu = table.entries
     try:
         if isinstance(model, NetDevice):
-            return NetPath(backend=model.backend, **common)
+            return NetPath(guest=guest, pool=pool, iommu=iommu, backend=model.backend,
+                           doorbells=spec.doorbell_fds, irq_fd=spec.irq_fd)
         if isinstance(model, BlkDevice):
-            return BlkPath(image_fd=model.fd, capacity=model.capacity,
-                           readonly=model.cfg.readonly, serial=model.cfg.serial.encode(),
-                           **common)
+            return BlkPath(guest=guest, pool=pool, iommu=iommu, image_fd=model.fd,
+                           capacity=model.capacity, readonly=model.cfg.readonly,
+                           serial=model.cfg.serial.encode(), doorbells=spec.doorbell_fds,
+                           irq_fd=spec.irq_fd)
     except (NativeLibraryError, OSError) as exc:
         log.info("%s: native data path unavailable (%s); using the Python one", spec.name, exc)
     return None
