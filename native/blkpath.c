@@ -39,7 +39,7 @@ enum { S_OK = 0, S_IOERR = 1, S_UNSUPP = 2 };
 /* The blk device's counters in the shared array (mirrored in nativepath.py). */
 enum {
 	B_READS = C_DEVICE, B_WRITES, B_FLUSHES, B_GET_IDS, B_UNSUPPORTED, B_IOERRS, B_BYTES_READ,
-	B_BYTES_WRITTEN
+	B_BYTES_WRITTEN, B_COUNT
 };
 
 struct bp_dev {
@@ -269,6 +269,9 @@ struct bp_dev *bp_new(uint8_t *guest, uint64_t guest_size, uint8_t *pool, uint64
 }
 
 int bp_start(struct bp_dev *d) { return vq_start(&d->e); }
+
+/* The length of the shared array this device uses (Python checks its own). */
+int bp_shared_len(void) { return B_COUNT; }
 
 void bp_free(struct bp_dev *d)
 {

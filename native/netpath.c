@@ -38,7 +38,7 @@ enum { RXQ = 0, TXQ = 1 };
 enum {
 	N_LINK_DOWN = C_DEVICE, /* the backend hung up */
 	N_TX_FRAMES, N_TX_BYTES, N_TX_DROPPED, N_RX_FRAMES, N_RX_BYTES, N_RX_DROPPED_NO_BUFFER,
-	N_RX_DROPPED_TOO_BIG, N_RX_CONTROL, N_RX_BACKLOG
+	N_RX_DROPPED_TOO_BIG, N_RX_CONTROL, N_RX_BACKLOG, N_COUNT
 };
 
 struct frame {
@@ -291,6 +291,9 @@ void np_clear_backlog(struct np_dev *d)
 }
 
 int np_start(struct np_dev *d) { return vq_start(&d->e); }
+
+/* The length of the shared array this device uses (Python checks its own). */
+int np_shared_len(void) { return N_COUNT; }
 
 void np_free(struct np_dev *d)
 {

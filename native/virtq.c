@@ -397,6 +397,18 @@ void vq_destroy(struct vq_engine *e)
 
 /* ---- the interface every device library exports (ptmig/devices/nativepath.py) ------------- */
 
+/* The shared array's layout as compiled: Python checks it against its own copy. */
+int vq_layout(int what)
+{
+	switch (what) {
+	case 0: return Q_STRIDE;
+	case 1: return VQ_MAX_QUEUES;
+	case 2: return S_ENABLED;
+	case 3: return C_DEVICE;
+	default: return -1;
+	}
+}
+
 void vq_lock(struct vq_engine *e) { pthread_mutex_lock(&e->lock); }
 void vq_unlock(struct vq_engine *e) { pthread_mutex_unlock(&e->lock); }
 

@@ -104,6 +104,7 @@ void vq_log_written(struct vq_engine *e, const uint8_t *p, uint64_t len);
 int vq_pop(struct vq_engine *e, int q, uint16_t *head);
 int vq_walk(struct vq_engine *e, int q, uint16_t head, struct vq_desc *c);
 int vq_push_used(struct vq_engine *e, int q, uint16_t head, uint32_t len);
+int vq_layout(int what);
 void vq_lock(struct vq_engine *e);
 void vq_unlock(struct vq_engine *e);
 void vq_set_log(struct vq_engine *e, uint8_t *log);

@@ -265,3 +265,16 @@ def test_native_paths_do_what_the_python_ones_do(
     assert c_sent == py_sent
     assert c_disk == py_disk
     assert c_mem == py_mem
+
+
+def test_a_native_library_with_another_shared_layout_is_refused() -> None:
+    """Python and C index one shared array: a library compiled with a different layout is
+    refused (the device then runs its Python path) instead of mixing up flags and counters."""
+    from ptmig.nativelib import NativeLibraryError
+
+    class Skewed(NetPath):
+        COUNTERS = (*NetPath.COUNTERS, "one_more")
+
+    NetPath.library()  # the real one loads
+    with pytest.raises(NativeLibraryError, match="layout"):
+        Skewed.library()

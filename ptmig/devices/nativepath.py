@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ptmig.devices.virtio.queue import SplitQueue
-from ptmig.nativelib import load_library
+from ptmig.nativelib import NativeLibraryError, load_library
 
 ERROR_LEN: Final = 256
 DATAPATHS: Final = ("native", "python")  # a device config's `datapath`; native by default
@@ -56,6 +56,7 @@ _COMMON: dict[str, tuple[object, list[object]]] = {
     "vq_set_log": (None, [_P, _P]),
     "vq_poke": (None, [_P]),
     "vq_run_once": (_INT, [_P]),
+    "vq_layout": (_INT, [_INT]),
 }
 # guest, guest size, pool, pool size, IOMMU entries, IOVA pages, shared array, error text
 _MEMORY = [_P, _U64, _P, _U64, _P, _U64, _P, _P]
@@ -122,9 +123,23 @@ class NativePath:
         """The loaded library (built on first use); raises NativeLibraryError."""
         own: dict[str, tuple[object, list[object]]] = {
             f"{cls.PREFIX}new": (_P, _MEMORY + cls.NEW_ARGS),
-            f"{cls.PREFIX}start": (_INT, [_P]), f"{cls.PREFIX}free": (None, [_P])}
-        return load_library((cls.SOURCE, "virtq.c"), {**_COMMON, **own, **cls.extra_functions()},
-                            HEADERS)
+            f"{cls.PREFIX}start": (_INT, [_P]), f"{cls.PREFIX}free": (None, [_P]),
+            f"{cls.PREFIX}shared_len": (_INT, [])}
+        lib = load_library((cls.SOURCE, "virtq.c"), {**_COMMON, **own, **cls.extra_functions()},
+                           HEADERS)
+        cls.check_layout(lib)
+        return lib
+
+    @classmethod
+    def check_layout(cls, lib: ctypes.CDLL) -> None:
+        """The shared array as the library was compiled must be the one described here: a
+        mismatch would have each side read the other's counters as flags."""
+        ours = (QSTRIDE, MAX_QUEUES, S_ENABLED, C_DEVICE, C_DEVICE + len(cls.COUNTERS))
+        theirs = (*(lib.vq_layout(i) for i in range(4)),
+                  getattr(lib, f"{cls.PREFIX}shared_len")())
+        if ours != theirs:
+            raise NativeLibraryError(f"native/{cls.SOURCE}: shared layout {theirs} does not "
+                                     f"match nativepath.py's {ours}")
 
     @classmethod
     def extra_functions(cls) -> dict[str, tuple[object, list[object]]]:
