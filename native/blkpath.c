@@ -30,7 +30,6 @@
 #define HDR 16
 #define SECTOR 512ull
 #define ID_BYTES 20
-#define PASS_LIMIT 256
 #define MAX_IOV (((64ull << 20) >> VQ_PAGE_SHIFT) + 2 * 256) /* a 64 MiB chain, page by page */
 
 enum { T_IN = 0, T_OUT = 1, T_FLUSH = 4, T_GET_ID = 8 };
@@ -220,7 +219,7 @@ static int64_t execute(struct bp_dev *d, uint16_t head, const struct vq_desc *c,
 static int pass(struct vq_engine *e, int q, int *more)
 {
 	struct bp_dev *d = (struct bp_dev *)e;
-	for (int done = 0; done < PASS_LIMIT; done++) {
+	for (int done = 0; done < VQ_PASS_LIMIT; done++) {
 		uint16_t head;
 		int r = vq_pop(e, q, &head);
 		if (r)
@@ -229,8 +228,9 @@ static int pass(struct vq_engine *e, int q, int *more)
 		if (n < 0)
 			return -1;
 		int64_t used = execute(d, head, e->chain, n);
-		if (used < 0 || vq_push_used(e, q, head, (uint32_t)used))
+		if (used < 0)
 			return -1;
+		vq_complete(e, head, (uint32_t)used);
 	}
 	*more = 1;
 	return 0;

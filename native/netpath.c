@@ -30,7 +30,6 @@
 #define NET_HDR 12
 #define MAX_FRAME 65535  /* net.py MAX_FRAME */
 #define RX_BACKLOG 256   /* net.py RX_BACKLOG */
-#define PASS_LIMIT 256   /* chains per queue per pass: the lock is released between passes */
 
 enum { RXQ = 0, TXQ = 1 };
 
@@ -97,7 +96,7 @@ static int tx_pass(struct np_dev *d, int *more)
 {
 	struct vq_engine *e = &d->e;
 	struct vq_desc *c = e->chain;
-	for (int done = 0; done < PASS_LIMIT; done++) {
+	for (int done = 0; done < VQ_PASS_LIMIT; done++) {
 		uint16_t head;
 		int r = vq_pop(e, TXQ, &head);
 		if (r)
@@ -120,8 +119,7 @@ static int tx_pass(struct np_dev *d, int *more)
 		} else {
 			return -1;
 		}
-		if (vq_push_used(e, TXQ, head, 0))
-			return -1;
+		vq_complete(e, head, 0);
 	}
 	*more = 1;
 	return 0;
@@ -139,7 +137,7 @@ static void fill_backlog(struct vq_engine *e)
 		if (d->bl_count < RX_BACKLOG) {
 			f = &d->backlog[(d->bl_head + d->bl_count) % RX_BACKLOG];
 			if (!f->data && !(f->data = malloc(MAX_FRAME + 1)))
-				return; /* the frames wait in the socket until memory is back */
+				f = NULL; /* no memory for the slot: dropped, as without room */
 		}
 		/* without room only the size matters: the frame is dropped either way */
 		ssize_t n = f ? read(d->backend_fd, f->data, MAX_FRAME + 1)
@@ -209,7 +207,7 @@ static int rx_pass(struct np_dev *d, int *more)
 {
 	struct vq_engine *e = &d->e;
 	struct vq_desc *c = e->chain;
-	for (int done = 0; done < PASS_LIMIT; done++) {
+	for (int done = 0; done < VQ_PASS_LIMIT; done++) {
 		uint16_t head;
 		if (!d->bl_count)
 			return 0; /* the next frame makes the queue pending again */
@@ -235,8 +233,7 @@ static int rx_pass(struct np_dev *d, int *more)
 			e->s[N_RX_FRAMES]++;
 			e->s[N_RX_BYTES] += f->len;
 		}
-		if (vq_push_used(e, RXQ, head, used_len))
-			return -1;
+		vq_complete(e, head, used_len);
 	}
 	*more = d->bl_count > 0;
 	return 0;

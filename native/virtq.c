@@ -231,30 +231,40 @@ int vq_walk(struct vq_engine *e, int q, uint16_t head, struct vq_desc *c)
 	}
 }
 
-/* The used element at next_used; vq_service_queues publishes the idx after a pass. */
-int vq_push_used(struct vq_engine *e, int q, uint16_t head, uint32_t len)
+/* A chain this pass finished (at most VQ_PASS_LIMIT per pass); vq_service_queues returns it. */
+void vq_complete(struct vq_engine *e, uint16_t head, uint32_t len)
+{
+	e->done[e->ndone++] = (struct vq_used){head, len};
+}
+
+/* Return the pass's finished chains: every used element, then the used idx once.  If an
+ * element cannot be written, none is published (as SplitQueue.push_used_many).  The number
+ * returned, or -1 after vq_fail(). */
+static int publish(struct vq_engine *e, int q)
 {
 	uint32_t size = (uint32_t)VQ(e, q, Q_SIZE);
 	uint16_t next = (uint16_t)VQ(e, q, Q_NEXT_USED);
-	uint8_t elem[8];
-	uint32_t id = head;
-	memcpy(elem, &id, 4);
-	memcpy(elem + 4, &len, 4);
-	if (vq_dma(e, q, (uint64_t)VQ(e, q, Q_USED) + 4 + 8ull * (next % size), elem, 8, 1))
-		return -1;
-	VQ(e, q, Q_NEXT_USED) = (uint16_t)(next + 1);
-	return 0;
-}
-
-static int push_idx(struct vq_engine *e, int q)
-{
-	uint16_t idx = (uint16_t)VQ(e, q, Q_NEXT_USED);
+	int n = e->ndone;
+	e->ndone = 0;
+	for (int i = 0; i < n; i++) {
+		uint8_t elem[8];
+		uint32_t id = e->done[i].head, len = e->done[i].len;
+		memcpy(elem, &id, 4);
+		memcpy(elem + 4, &len, 4);
+		uint64_t at = (uint64_t)VQ(e, q, Q_USED) + 4 + 8ull * ((uint16_t)(next + i) % size);
+		if (vq_dma(e, q, at, elem, 8, 1))
+			return -1;
+	}
+	uint16_t idx = (uint16_t)(next + n);
 	uint8_t b[2] = {(uint8_t)idx, (uint8_t)(idx >> 8)};
 	__atomic_thread_fence(__ATOMIC_RELEASE); /* elements before the idx that covers them */
-	return vq_dma(e, q, (uint64_t)VQ(e, q, Q_USED) + 2, b, 2, 1);
+	if (vq_dma(e, q, (uint64_t)VQ(e, q, Q_USED) + 2, b, 2, 1))
+		return -1;
+	VQ(e, q, Q_NEXT_USED) = idx;
+	return n;
 }
 
-/* Run `pass` on every pending ready queue, publish what it completed (even when it faulted:
+/* Run `pass` on every pending ready queue, return what it finished (even when it faulted:
  * requests finished before a fault are still returned to the driver) and raise one interrupt.
  * A queue stays pending only when its pass says work is left.  Returns 1 when work is left. */
 int vq_service_queues(struct vq_engine *e, int (*pass)(struct vq_engine *, int q, int *more))
@@ -266,12 +276,13 @@ int vq_service_queues(struct vq_engine *e, int (*pass)(struct vq_engine *, int q
 		if (!e->pending[q] || !VQ(e, q, Q_READY))
 			continue;
 		int m = 0;
-		uint16_t before = (uint16_t)VQ(e, q, Q_NEXT_USED);
+		e->ndone = 0;
 		int r = pass(e, q, &m);
-		uint16_t done = (uint16_t)((uint16_t)VQ(e, q, Q_NEXT_USED) - before);
-		if (done && push_idx(e, q))
+		int done = e->ndone ? publish(e, q) : 0;
+		if (done < 0)
 			r = -1;
-		completed += done;
+		else
+			completed += done;
 		if (r < 0)
 			break;
 		e->pending[q] = m;

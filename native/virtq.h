@@ -27,6 +27,8 @@
 #define VQ_MAX_QUEUES 2
 #define VQ_MAX_SIZE 32768
 #define VQ_ERROR_LEN 256
+#define VQ_PASS_LIMIT 64 /* chains per queue per pass (process.py BATCH); the lock is released
+			  * between passes, so control commands are never starved */
 
 /* The shared int64 array. */
 enum {
@@ -50,6 +52,11 @@ struct vq_desc {
 	uint64_t addr;
 	uint32_t len;
 	int writable;
+};
+
+struct vq_used {
+	uint16_t head;
+	uint32_t len;
 };
 
 struct vq_engine;
@@ -77,6 +84,8 @@ struct vq_engine {
 	int pending[VQ_MAX_QUEUES];     /* a doorbell rang (or Python poked): look at the ring */
 	int irq_fd, event_fd, wake_fd, extra_fd, epfd;
 	struct vq_desc *chain;          /* one chain being walked: room for the largest queue */
+	struct vq_used done[VQ_PASS_LIMIT]; /* chains this pass finished, not yet returned */
+	int ndone;
 	int stop, running;
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -103,7 +112,7 @@ void vq_log_written(struct vq_engine *e, const uint8_t *p, uint64_t len);
 
 int vq_pop(struct vq_engine *e, int q, uint16_t *head);
 int vq_walk(struct vq_engine *e, int q, uint16_t head, struct vq_desc *c);
-int vq_push_used(struct vq_engine *e, int q, uint16_t head, uint32_t len);
+void vq_complete(struct vq_engine *e, uint16_t head, uint32_t len);
 int vq_layout(int what);
 void vq_lock(struct vq_engine *e);
 void vq_unlock(struct vq_engine *e);

@@ -85,18 +85,39 @@ def mmio(rt: DeviceRuntime, offset: int, value: int) -> None:
     assert resp.ok, resp.error
 
 
-def setup_driver(rt: DeviceRuntime, nq: int) -> None:
+def rings(q: int, placement: str = "normal") -> tuple[int, int, int]:
+    """(descriptor table, avail ring, used ring) of queue q. Besides the normal layout (page 0,
+    writable), rings a hostile driver may choose: a used ring the device may not write (read
+    only, unmapped, or running from a writable page into a read-only one) and an avail ring
+    running into an unmapped page (only its first heads readable)."""
+    base = q * 0x400
+    desc, avail, used = base + DESC, base + AVAIL, base + USED
+    if placement == "used_readonly":
+        used = 16 * PAGE_SIZE + q * 0x100
+    elif placement == "used_unmapped":
+        used = 24 * PAGE_SIZE + q * 0x100
+    elif placement == "used_straddles":
+        used = 16 * PAGE_SIZE - 0x10  # idx, element 0 writable; element 1 on the read-only page
+    elif placement == "avail_straddles":
+        avail = 24 * PAGE_SIZE - 8 - 2 * q  # idx and the first heads readable, then unmapped
+    return desc, avail, used
+
+
+PLACEMENTS = ["normal", "used_readonly", "used_unmapped", "used_straddles", "avail_straddles"]
+
+
+def setup_driver(rt: DeviceRuntime, nq: int, placement: str = "normal") -> None:
     mmio(rt, c.REG_STATUS, c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER)
     mmio(rt, c.REG_DRIVER_FEATURES_SEL, 1)
     mmio(rt, c.REG_DRIVER_FEATURES, 1)
     mmio(rt, c.REG_STATUS, c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK)
     for q in range(nq):
-        base = q * 0x400
+        desc, avail, used = rings(q, placement)
         mmio(rt, c.REG_QUEUE_SEL, q)
         mmio(rt, c.REG_QUEUE_NUM, QSIZE)
-        mmio(rt, c.REG_QUEUE_DESC_LOW, base + DESC)
-        mmio(rt, c.REG_QUEUE_DRIVER_LOW, base + AVAIL)
-        mmio(rt, c.REG_QUEUE_DEVICE_LOW, base + USED)
+        mmio(rt, c.REG_QUEUE_DESC_LOW, desc)
+        mmio(rt, c.REG_QUEUE_DRIVER_LOW, avail)
+        mmio(rt, c.REG_QUEUE_DEVICE_LOW, used)
         mmio(rt, c.REG_QUEUE_READY, 1)
     mmio(rt, c.REG_STATUS, c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK
          | c.STATUS_DRIVER_OK)
@@ -116,8 +137,10 @@ mutation = st.tuples(st.integers(0, QSIZE - 1), st.integers(0, 3),
 
 
 def lay_out(mem: bytearray, base: int, chains: list[list[tuple[int, int, bool]]],
-            mutations: list[tuple[int, int, int]], avail_idx: int | None) -> None:
-    """Write the chains as a well-formed driver would, then corrupt what `mutations` say."""
+            mutations: list[tuple[int, int, int]], avail_idx: int | None,
+            avail: int | None = None) -> None:
+    """Write the chains as a well-formed driver would, then corrupt what `mutations` say.
+    The descriptor table is at base + DESC, the avail ring at `avail` (base + AVAIL)."""
     table = [[0, 0, 0, 0] for _ in range(QSIZE)]
     heads: list[int] = []
     n = 0
@@ -136,7 +159,7 @@ def lay_out(mem: bytearray, base: int, chains: list[list[tuple[int, int, bool]]]
     for i, (addr, length, flags, nxt) in enumerate(table):
         struct.pack_into("<QIHH", mem, base + DESC + 16 * i, addr, length, flags, nxt)
     idx = len(heads) if avail_idx is None else avail_idx
-    struct.pack_into(f"<HH{QSIZE}H", mem, base + AVAIL, 0, idx,
+    struct.pack_into(f"<HH{QSIZE}H", mem, base + AVAIL if avail is None else avail, 0, idx,
                      *(heads + [0] * (QSIZE - len(heads))))
 
 
@@ -214,30 +237,31 @@ def _native(rt: DeviceRuntime, mem: bytearray, irq: int) -> NativePath:
        chains=st.lists(chain, min_size=1, max_size=4),
        mutations=st.lists(mutation, max_size=2),
        avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
-       blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)))
+       blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)),
+       placement=st.sampled_from(PLACEMENTS))
 def test_native_paths_do_what_the_python_ones_do(
         image: str, kind: str, chains: list[list[tuple[int, int, bool]]],
         mutations: list[tuple[int, int, int]], avail_idx: int | None,
-        blk_hdr: tuple[int, int]) -> None:
+        blk_hdr: tuple[int, int], placement: str) -> None:
     """The same hostile rings through both data paths of a device: the same guest memory
     afterwards (buffers, statuses, used rings), the same frames on the wire or bytes in the
     image, the same verdict (broken or not), and never a byte outside what the IOMMU lets the
     device write."""
-    protected = bytes(range(256)) * (16 * PAGE_SIZE // 256)
     results = []
     for native in (False, True):
         mem = bytearray(PAGES * PAGE_SIZE)
-        mem[16 * PAGE_SIZE:] = protected
+        mem[16 * PAGE_SIZE:] = bytes(range(256)) * (16 * PAGE_SIZE // 256)
         with open(image, "wb") as f:  # the same image contents for both runs
             f.truncate(64 * 1024)
         rt, fds = make_runtime(kind, image, mem)
         path = None
         try:
             nq = rt.model.num_queues
-            setup_driver(rt, nq)
+            setup_driver(rt, nq, placement)
             for q in range(nq):
-                lay_out(mem, q * 0x400, chains, mutations, avail_idx)
+                lay_out(mem, q * 0x400, chains, mutations, avail_idx, rings(q, placement)[1])
             struct.pack_into("<IIQ", mem, 0x1000, blk_hdr[0], 0, blk_hdr[1])
+            protected = bytes(mem[16 * PAGE_SIZE:])  # the device may not write any of it
             if native:
                 path = _native(rt, mem, fds[0])
                 with path.locked():
@@ -254,13 +278,13 @@ def test_native_paths_do_what_the_python_ones_do(
                 broken = rt.broken is not None
             with open(image, "rb") as f:
                 disk = f.read()
+            assert bytes(mem[16 * PAGE_SIZE:]) == protected
             results.append((bytes(mem), _sent(rt) if kind == "net" else [], disk, broken))
         finally:
             if path is not None:
                 path.close()
             _close(rt, fds)
     (py_mem, py_sent, py_disk, py_broken), (c_mem, c_sent, c_disk, c_broken) = results
-    assert c_mem[16 * PAGE_SIZE:] == protected
     assert c_broken == py_broken
     assert c_sent == py_sent
     assert c_disk == py_disk

@@ -165,12 +165,16 @@ class BlkDevice:
         """Complete up to `budget` requests; True if the budget ran out (more may wait)."""
         if index != 0:
             raise QueueError(f"virtio-blk has one queue, got a kick for queue {index}")
-        for _ in range(budget):
-            chain = queue.pop()
-            if chain is None:
-                return False
-            queue.push_used(chain.head, self.execute(chain))
-        return True
+        done: list[tuple[int, int]] = []
+        try:
+            for _ in range(budget):
+                chain = queue.pop()
+                if chain is None:
+                    return False
+                done.append((chain.head, self.execute(chain)))
+            return True
+        finally:  # one used idx update for the pass; requests finished before a fault too
+            queue.push_used_many(done)
 
     def execute(self, chain: DescriptorChain) -> int:
         """Run one request; return used.len (bytes written into guest memory)."""

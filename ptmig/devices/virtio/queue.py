@@ -41,6 +41,7 @@ from ptmig.devices.virtio.constants import (
     VIRTQ_DESC_KNOWN_FLAGS,
     VIRTQ_MAX_SIZE,
 )
+from ptmig.iommu import DmaFault
 
 #: Default cap on the bytes one chain may describe (readable + writable).
 DEFAULT_MAX_TOTAL_LEN: Final = 64 << 20
@@ -421,8 +422,9 @@ class SplitQueue:
             state = self.state()
             try:
                 heads = read_avail_entries(self.mem, state, count)
-            except QueueError:  # a bad head among them: one at a time, so that it fails
-                heads = []      # at its own pop, after the good ones before it
+            except (QueueError, DmaFault):  # a bad head among them, or a ring running into a
+                heads = []  # page the device may not read: one at a time, so that it fails at
+                #             its own pop, after the good ones before it
             if not heads:
                 self._next_avail = (self._next_avail + 1) & 0xFFFF
                 head = read_avail_entries(self.mem, state, 1)[0]
