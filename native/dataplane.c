@@ -42,6 +42,8 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "worker.h"
+
 #define PAGE_SHIFT 12
 #define PAGE_SIZE (1u << PAGE_SHIFT)
 
@@ -120,31 +122,13 @@ struct dp_engine {
 	int wake_fd;      /* tells the thread: retry stalled queues, or stop */
 	int epfd;
 	uint32_t idle_limit;
-	int stop;
-	int running;
-	pthread_t thread;
+	struct worker worker;
 	pthread_mutex_t lock;
 	int ndevs;
 	struct dp_dev *devs[MAX_DEVICES];
 };
 
 /* ---- small helpers -------------------------------------------------------------------------- */
-
-static void signal_fd(int fd)
-{
-	uint64_t one = 1;
-	if (fd >= 0) {
-		ssize_t r = write(fd, &one, sizeof(one));
-		(void)r; /* EAGAIN: the counter is already non-zero, the reader will wake anyway */
-	}
-}
-
-static void drain_fd(int fd)
-{
-	uint64_t v;
-	ssize_t r = read(fd, &v, sizeof(v));
-	(void)r;
-}
 
 static void dev_fail(struct dp_dev *d, const char *fmt, ...)
 {
@@ -156,7 +140,7 @@ static void dev_fail(struct dp_dev *d, const char *fmt, ...)
 	va_end(ap);
 	if (!d->error[0])
 		snprintf(d->error, ERROR_LEN, "shadowing failed");
-	signal_fd(d->eng->slow_fd);
+	fd_signal(d->eng->slow_fd);
 }
 
 /* Guest RAM [gpa, gpa+len), or NULL if any of it is outside. */
@@ -418,7 +402,7 @@ static int forward_queue(struct dp_queue *q)
 		if (!chain_is_shadowed(d, q->scratch, n)) {
 			q->pos[Q_STALLED] = 1;
 			d->stats[ST_STALLS]++;
-			signal_fd(e->slow_fd);
+			fd_signal(e->slow_fd);
 			break;
 		}
 		if (forward_chain(q, head, n, next) < 0)
@@ -562,7 +546,7 @@ static int complete_dev(struct dp_dev *d)
 		done += r;
 	}
 	if (d->stats[ST_IDLE] > d->eng->idle_limit)
-		signal_fd(d->eng->slow_fd);
+		fd_signal(d->eng->slow_fd);
 	return done;
 }
 
@@ -587,7 +571,7 @@ static void service(struct dp_engine *e, int poll_all)
 			if (!q->pending && !poll_all)
 				continue;
 			if (forward_queue(q) > 0)
-				signal_fd(q->kick_fd);
+				fd_signal(q->kick_fd);
 			q->pending = q->pos[Q_STALLED] != 0; /* retried when Python pokes */
 		}
 		int r = complete_dev(d);
@@ -595,7 +579,7 @@ static void service(struct dp_engine *e, int poll_all)
 			synced += r;
 	}
 	if (synced)
-		signal_fd(e->guest_wake_fd);
+		fd_signal(e->guest_wake_fd);
 }
 
 static void *run(void *arg)
@@ -614,7 +598,7 @@ static void *run(void *arg)
 			break;
 		}
 		pthread_mutex_lock(&e->lock);
-		if (e->stop) {
+		if (e->worker.stop) {
 			pthread_mutex_unlock(&e->lock);
 			break;
 		}
@@ -625,17 +609,17 @@ static void *run(void *arg)
 			switch (t & 3) {
 			case TAG_QUEUE: {
 				struct dp_queue *q = p;
-				drain_fd(q->doorbell_fd);
+				fd_drain(q->doorbell_fd);
 				q->pending = 1;
 				q->dev->stats[ST_DOORBELLS]++;
 				break;
 			}
 			case TAG_DEV:
-				drain_fd(((struct dp_dev *)p)->irq_fd);
+				fd_drain(((struct dp_dev *)p)->irq_fd);
 				((struct dp_dev *)p)->stats[ST_INTERRUPTS]++;
 				break;
 			default:
-				drain_fd(e->wake_fd);
+				fd_drain(e->wake_fd);
 				poll_all = 1; /* Python mapped pages for stalled queues */
 				break;
 			}
@@ -767,33 +751,15 @@ void dp_unlock(struct dp_engine *e)
 /* Retry stalled queues (after Python shadowed their pages). */
 void dp_poke(struct dp_engine *e)
 {
-	signal_fd(e->wake_fd);
+	fd_signal(e->wake_fd);
 }
 
 int dp_start(struct dp_engine *e)
 {
-	if (e->running)
-		return 0;
-	e->stop = 0;
-	int err = pthread_create(&e->thread, NULL, run, e);
-	if (err)
-		return -err;
-	pthread_setname_np(e->thread, "shadow-dataplane");
-	e->running = 1;
-	return 0;
+	return worker_start(&e->worker, run, e, "shadow-dataplane");
 }
 
-void dp_stop(struct dp_engine *e)
-{
-	if (!e->running)
-		return;
-	pthread_mutex_lock(&e->lock);
-	e->stop = 1;
-	pthread_mutex_unlock(&e->lock);
-	signal_fd(e->wake_fd);
-	pthread_join(e->thread, NULL);
-	e->running = 0;
-}
+void dp_stop(struct dp_engine *e) { worker_stop(&e->worker, &e->lock, e->wake_fd); }
 
 void dp_engine_free(struct dp_engine *e)
 {

@@ -151,7 +151,7 @@ static void fill_backlog(struct vq_engine *e)
 			e->s[N_LINK_DOWN] = 1; /* for good: stop polling it, tell Python */
 			epoll_ctl(e->epfd, EPOLL_CTL_DEL, d->backend_fd, NULL);
 			e->extra_fd = -1;
-			vq_signal(e->event_fd);
+			fd_signal(e->event_fd);
 			break;
 		}
 		if (n == 0 || (uint32_t)n < d->rx_min) { /* a switch control message */

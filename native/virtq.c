@@ -24,20 +24,6 @@
 #define DESC_F_KNOWN (DESC_F_NEXT | DESC_F_WRITE | DESC_F_INDIRECT)
 #define MAX_CHAIN_BYTES (64ull << 20) /* queue.py DEFAULT_MAX_TOTAL_LEN */
 
-void vq_signal(int fd)
-{
-	uint64_t one = 1;
-	ssize_t r = write(fd, &one, sizeof(one));
-	(void)r; /* a full eventfd is already signalled */
-}
-
-static void drain(int fd)
-{
-	uint64_t v;
-	ssize_t r = read(fd, &v, sizeof(v));
-	(void)r;
-}
-
 /* Stop the device: the guest broke a rule.  The first reason is kept; Python reports it. */
 int vq_fail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, ...)
 {
@@ -52,7 +38,7 @@ int vq_fail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, 
 		e->s[S_FAULT_DMA] = dma;
 		if (dma)
 			e->s[C_DMA_FAULTS]++;
-		vq_signal(e->event_fd);
+		fd_signal(e->event_fd);
 	}
 	return -1;
 }
@@ -116,11 +102,24 @@ void vq_log_written(struct vq_engine *e, const uint8_t *p, uint64_t len)
 		__atomic_fetch_or(&e->log[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
 }
 
-/* Check every page first, then copy page by page: a fault touches nothing. */
+/* Check every page first, then copy page by page: a fault touches nothing.  An access within
+ * one page (ring fields, most frames) is translated once. */
 int vq_dma(struct vq_engine *e, int q, uint64_t iova, void *buf, uint64_t len, int write)
 {
 	const char *why = NULL;
 	uint8_t *b = buf;
+	if (len && (iova & (VQ_PAGE_SIZE - 1)) + len <= VQ_PAGE_SIZE) {
+		uint8_t *p = vq_translate(e, iova, write, &why);
+		if (!p)
+			return vq_dma_check(e, q, iova, len, write); /* fails, saying why */
+		if (write) {
+			memcpy(p, b, len);
+			vq_log_written(e, p, len);
+		} else {
+			memcpy(b, p, len);
+		}
+		return 0;
+	}
 	if (vq_dma_check(e, q, iova, len, write))
 		return -1;
 	for (uint64_t done = 0; done < len;) {
@@ -292,7 +291,7 @@ int vq_service_queues(struct vq_engine *e, int (*pass)(struct vq_engine *, int q
 		e->s[C_REQUESTS] += completed;
 		e->s[S_ISR] |= 1;
 		e->s[C_INTERRUPTS]++;
-		vq_signal(e->irq_fd);
+		fd_signal(e->irq_fd);
 	}
 	return more && !e->s[S_BROKEN];
 }
@@ -317,20 +316,20 @@ static void *run(void *arg)
 			break;
 		}
 		pthread_mutex_lock(&e->lock);
-		if (e->stop) {
+		if (e->worker.stop) {
 			pthread_mutex_unlock(&e->lock);
 			break;
 		}
 		for (int i = 0; i < n; i++) {
 			uint32_t tag = ev[i].data.u32;
 			if (tag < VQ_MAX_QUEUES) {
-				drain(e->doorbell_fd[tag]);
+				fd_drain(e->doorbell_fd[tag]);
 				e->pending[tag] = 1;
 				e->s[C_DOORBELLS]++;
 			} else if (tag == TAG_EXTRA) {
 				e->ops->readable(e);
 			} else {
-				drain(e->wake_fd);
+				fd_drain(e->wake_fd);
 				for (int q = 0; q < e->nqueues; q++) /* Python changed something */
 					e->pending[q] = 1;
 			}
@@ -375,28 +374,9 @@ fail:
 	return -1;
 }
 
-int vq_start(struct vq_engine *e)
-{
-	if (e->running)
-		return 0;
-	e->stop = 0;
-	if (pthread_create(&e->thread, NULL, run, e))
-		return -1;
-	e->running = 1;
-	return 0;
-}
+int vq_start(struct vq_engine *e) { return worker_start(&e->worker, run, e, "ptmig-device"); }
 
-void vq_stop(struct vq_engine *e)
-{
-	if (!e->running)
-		return;
-	pthread_mutex_lock(&e->lock);
-	e->stop = 1;
-	pthread_mutex_unlock(&e->lock);
-	vq_signal(e->wake_fd);
-	pthread_join(e->thread, NULL);
-	e->running = 0;
-}
+void vq_stop(struct vq_engine *e) { worker_stop(&e->worker, &e->lock, e->wake_fd); }
 
 void vq_destroy(struct vq_engine *e)
 {
@@ -427,7 +407,7 @@ void vq_unlock(struct vq_engine *e) { pthread_mutex_unlock(&e->lock); }
 void vq_set_log(struct vq_engine *e, uint8_t *log) { e->log = log; }
 
 /* Under the lock: the thread re-reads every ring after Python changed the state. */
-void vq_poke(struct vq_engine *e) { vq_signal(e->wake_fd); }
+void vq_poke(struct vq_engine *e) { fd_signal(e->wake_fd); }
 
 /* Under the lock, with the thread not started: one pass on the caller's thread, as if every
  * doorbell had rung and the device's own fd were readable (tests drive a device step by

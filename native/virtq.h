@@ -22,6 +22,8 @@
 #include <pthread.h>
 #include <stdint.h>
 
+#include "worker.h"
+
 #define VQ_PAGE_SHIFT 12
 #define VQ_PAGE_SIZE (1ull << VQ_PAGE_SHIFT)
 #define VQ_MAX_QUEUES 2
@@ -86,8 +88,7 @@ struct vq_engine {
 	struct vq_desc *chain;          /* one chain being walked: room for the largest queue */
 	struct vq_used done[VQ_PASS_LIMIT]; /* chains this pass finished, not yet returned */
 	int ndone;
-	int stop, running;
-	pthread_t thread;
+	struct worker worker;
 	pthread_mutex_t lock;
 };
 
@@ -101,7 +102,6 @@ void vq_destroy(struct vq_engine *e);
 int vq_start(struct vq_engine *e);
 void vq_stop(struct vq_engine *e);
 
-void vq_signal(int fd);
 int vq_fail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, ...)
 	__attribute__((format(printf, 5, 6)));
 

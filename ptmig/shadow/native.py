@@ -63,7 +63,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 def library() -> ctypes.CDLL:
     """The loaded data plane (built on first use). ctypes releases the GIL around each call."""
     try:
-        return load_library((SOURCE,), _SIGNATURES)
+        return load_library((SOURCE,), _SIGNATURES, ("worker.h",))
     except NativeLibraryError as e:
         raise DataplaneError(f"the shadow data plane is unavailable: {e}") from e
 
