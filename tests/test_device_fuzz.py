@@ -163,6 +163,15 @@ def lay_out(mem: bytearray, base: int, chains: list[list[tuple[int, int, bool]]]
                      *(heads + [0] * (QSIZE - len(heads))))
 
 
+def _close(rt: DeviceRuntime, fds: list[int]) -> None:
+    rt.model.close()
+    rt.control.close()
+    rt._peer.close()  # type: ignore[attr-defined]
+    for fd in fds:
+        os.close(fd)
+    rt.dma.table.close()
+
+
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["blk", "net"]),
@@ -191,12 +200,7 @@ def test_hostile_rings_never_escape(image: str, kind: str,
         assert bytes(mem[16 * PAGE_SIZE:]) == protected
         assert rt.broken is None or rt.regs.status & c.STATUS_DEVICE_NEEDS_RESET
     finally:
-        rt.model.close()
-        rt.control.close()
-        rt._peer.close()  # type: ignore[attr-defined]
-        for fd in fds:
-            os.close(fd)
-        rt.dma.table.close()
+        _close(rt, fds)
 
 
 def _sent(rt: DeviceRuntime) -> list[bytes]:
@@ -209,15 +213,6 @@ def _sent(rt: DeviceRuntime) -> list[bytes]:
             out.append(peer.recv(65536))
         except BlockingIOError:
             return out
-
-
-def _close(rt: DeviceRuntime, fds: list[int]) -> None:
-    rt.model.close()
-    rt.control.close()
-    rt._peer.close()  # type: ignore[attr-defined]
-    for fd in fds:
-        os.close(fd)
-    rt.dma.table.close()
 
 
 def _native(rt: DeviceRuntime, mem: bytearray, irq: int) -> NativePath:

@@ -340,13 +340,13 @@ class BlkPath(NativePath):
                  doorbells: dict[int, int], irq_fd: int) -> None:
         from ptmig.devices.virtio.constants import VIRTIO_BLK_ID_BYTES
 
-        self._args = (doorbells.get(0, -1), irq_fd, image_fd, capacity, int(readonly),
-                      serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:VIRTIO_BLK_ID_BYTES])
+        self._doorbell, self._irq_fd = doorbells.get(0, -1), irq_fd
+        self._image = (image_fd, capacity, int(readonly),
+                       serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:VIRTIO_BLK_ID_BYTES])
         super().__init__(guest=guest, pool=pool, iommu=iommu, num_queues=1)
 
     def _device_args(self) -> tuple[Any, ...]:
-        doorbell, irq, *image = self._args
-        return (doorbell, irq, self.event_fd, self.wake_fd, *image)
+        return (self._doorbell, self._irq_fd, self.event_fd, self.wake_fd, *self._image)
 
     def _bytes(self, counts: dict[str, int]) -> int:
         return counts["bytes_read"] + counts["bytes_written"]
