@@ -41,18 +41,28 @@ def python() -> str:
     return sys.executable
 
 
-def _switch_pids() -> set[int]:
-    """Running `ptmig.net.switch` processes (a VMM started with switch = "auto" starts one
-    detached, on purpose: it outlives the VMM, other VMs may share it; it ends itself a
-    minute after the last datagram, but a test session should not leave them behind)."""
+# Every process this test session starts inherits this marker; teardown ends only the switches
+# that carry it, so two test sessions on one machine never end each other's switches.
+SESSION_MARK = f"PTMIG_TEST_SESSION={os.getpid()}-{os.urandom(4).hex()}"
+os.environ["PTMIG_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
+
+
+def _switch_pids_of_this_session() -> set[int]:
+    """Running `ptmig.net.switch` processes started under this session (a VMM started with
+    switch = "auto" starts one detached, on purpose: it outlives the VMM, other VMs may share
+    it; it ends itself a minute after the last datagram, but a test session should not leave
+    them behind)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
+                if b"ptmig.net.switch" not in cmdline:
+                    continue
+                environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"ptmig.net.switch" in cmdline:
+            if SESSION_MARK.encode() in environ:
                 pids.add(int(entry.name))
     return pids
 
@@ -60,11 +70,10 @@ def _switch_pids() -> set[int]:
 @pytest.fixture(scope="session", autouse=True)
 def _end_the_switches_tests_started():
     """Switches the tests' VMMs started end with the session instead of idling forever."""
-    before = _switch_pids()
     yield
     import signal
 
-    for pid in _switch_pids() - before:
+    for pid in _switch_pids_of_this_session():
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
