@@ -458,8 +458,11 @@ size_t sp_take(struct switchpath *sp, uint8_t *buf, size_t cap)
 	pthread_mutex_lock(&sp->lock);
 	size_t n = 0;
 	while (n < sp->slow_len) {
-		const struct slow_header *h = (const struct slow_header *)(sp->slow + n);
-		size_t size = sizeof(*h) + h->len;
+		/* Records are packed back to back, so a header may sit at any offset: copy it out
+		 * rather than dereference a misaligned pointer. */
+		struct slow_header h;
+		memcpy(&h, sp->slow + n, sizeof(h));
+		size_t size = sizeof(h) + h.len;
 		if (n + size > cap)
 			break;
 		n += size;

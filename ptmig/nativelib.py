@@ -4,11 +4,17 @@ Each library is compiled with the system C compiler by `ptmig.firmware.build_hos
 (cached by the hash of its source, the flags and the compiler, like the guest firmware) and
 loaded with ctypes, which releases the GIL around every call: the libraries run threads of
 their own and their calls may block on a mutex.
+
+`PTMIG_NATIVE_SANITIZE=address,undefined` (any list `-fsanitize=` takes) builds every library
+with those sanitizers instead (`-O1 -g`, a separate cache entry, every finding fatal). Python
+itself is not instrumented, so the ASan runtime must be loaded first: `make sanitize` sets
+`LD_PRELOAD` and the options and runs the native code's differential and fuzz tests that way.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +25,21 @@ NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
 CFLAGS: tuple[str, ...] = ("-std=gnu11", "-O2", "-fPIC", "-shared", "-pthread", "-Wall",
                            "-Wextra", "-Werror", "-fvisibility=default")
 
+SANITIZE_ENV = "PTMIG_NATIVE_SANITIZE"
+
 Signatures = dict[str, tuple[object, list[object]]]
+
+
+def build_flags(sanitize: str | None = None) -> tuple[str, ...]:
+    """The compiler flags for the native libraries; with `sanitize` (e.g. "address,undefined"),
+    an instrumented debug build that stops at the first finding."""
+    if not sanitize:
+        return CFLAGS
+    if not all(part.isidentifier() for part in sanitize.split(",")):
+        raise NativeLibraryError(f"{SANITIZE_ENV}={sanitize!r} is not a list of sanitizer names")
+    plain = tuple(f for f in CFLAGS if f != "-O2")
+    return (*plain, "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
+            "-fno-sanitize-recover=all")
 
 
 class NativeLibraryError(RuntimeError):
@@ -35,7 +55,8 @@ def build_library(sources: Sequence[str], headers: Sequence[str] = (), *,
     """Build (or find in the cache) `native/<sources>` as one shared library, named after the
     first source; returns its path."""
     name = Path(sources[0]).with_suffix(".so").name
-    return build_host_program(name, source_dir or NATIVE_DIR, tuple(sources), CFLAGS,
+    flags = build_flags(os.environ.get(SANITIZE_ENV))
+    return build_host_program(name, source_dir or NATIVE_DIR, tuple(sources), flags,
                               headers=tuple(headers), cache_dir=cache_dir)
 
 
