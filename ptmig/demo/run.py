@@ -2,9 +2,11 @@
 
 `run_demo(DemoOptions) -> DemoOutcome` builds the firmware, starts a UDP switch, a source VMM
 and a destination VMM (`--incoming`) on one shared config and disk image, runs the load client
-through a warm-up, the migration and the time after the switchover, then collects the source's
-final `query-migrate`, the destination guest's own statistics and the load client's result into
-the demo document (see `ptmig.demo.summary`). Every child is stopped on the way out.
+through a warm-up, the migration and `after_s` seconds after the switchover (timed by the
+events, however long pre-copy takes: the demo tells the client when to stop once the source
+says when the guest resumed), then collects the source's final `query-migrate`, the destination
+guest's own statistics, the load client's result and the VMMs' CPU time during the migration
+into the demo document (see `ptmig.demo.summary`). Every child is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -21,19 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
+from . import cpu
 from .live import LiveView
-from .plan import DemoOptions, DemoPlan, free_port, write_configs
+from .plan import DemoOptions, DemoPlan, free_port, latency_path, write_configs
 from .procs import Child, Children, DemoError, LineReader, ptmig_command
 from .qmpclient import QmpClient
 from .summary import EXIT_DEMO_FAILED, summary_lines, verdict
 from .tapnet import TapNetwork
-from .timeline import migration_phases, throughput
+from .timeline import (
+    Phase,
+    gap_contains,
+    latency_by_phase,
+    migration_phases,
+    stop_round,
+    switchover_gap,
+    throughput,
+)
 
 FINISHED = ("completed", "failed", "cancelled")
 POLL_S = 0.05
 MIGRATION_TIMEOUT_S = 120.0
+LOAD_MARGIN_S = 60.0  # the load client's own limit beyond the longest demo, a safety net
 EXIT_INTERRUPTED = 130
 
 
@@ -92,29 +105,50 @@ def _wait_status(qmp: QmpClient, child: Child, status: str, timeout: float = 60.
         time.sleep(0.05)
 
 
-def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView,
-             events: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
-    """Start the migration and poll it to the end; (CLOCK_MONOTONIC of `migrate`, final info)."""
+@dataclass
+class MigrationRun:
+    """The migration as the demo saw it: when `migrate` was sent (between `sent` and
+    `answered`, CLOCK_MONOTONIC), the source's final `query-migrate`, and the status changes."""
+
+    sent: float
+    answered: float
+    info: dict[str, Any]
+    events: list[dict[str, Any]]
+
+    def resumed_at(self) -> float | None:
+        """CLOCK_MONOTONIC when the guest resumed on the destination (None: not migrated)."""
+        stop_at = stop_round(self.info).get("stop-at-ms")
+        downtime = self.info.get("downtime")
+        if self.info.get("status") != "completed" or not isinstance(stop_at, (int, float)) \
+                or not isinstance(downtime, (int, float)):
+            return None
+        return self.sent + (float(stop_at) + float(downtime)) / 1000.0
+
+
+def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView) -> MigrationRun:
+    """Start the migration and poll it to the end."""
     src.execute("migrate-set-parameters", {
         "x-dma-tracking": opts.dma_tracking, "downtime-limit": opts.downtime_limit_ms,
         "max-bandwidth": int(opts.max_bandwidth_mib * (1 << 20))})
     src.execute("migrate-set-capabilities",
                 {"capabilities": [{"capability": "x-verify", "state": True}]})
-    t_migrate = time.monotonic()
+    sent = time.monotonic()
     src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-    deadline = t_migrate + MIGRATION_TIMEOUT_S
+    run = MigrationRun(sent, time.monotonic(), {}, [])
+    deadline = sent + MIGRATION_TIMEOUT_S
     last = ""
     while True:
         info: dict[str, Any] = src.execute("query-migrate")
         now = time.monotonic()
         if info["status"] != last:
             last = info["status"]
-            events.append({"status": last, "t": now})
+            run.events.append({"status": last, "t": now})
             view.progress.set_phase(f"migration: {last}")
         view.progress.migration(info)
         view.update()
         if last in FINISHED:
-            return t_migrate, info
+            run.info = info
+            return run
         if now > deadline:
             raise DemoError(f"the migration is still '{last}' after {MIGRATION_TIMEOUT_S} s")
         time.sleep(POLL_S)
@@ -126,26 +160,95 @@ def _max_gap_ms(stats: dict[str, Any] | None) -> float | None:
     return max(v.get("max-gap-us", 0) for v in stats["vcpus"]) / 1000.0
 
 
-def _demo_section(opts: DemoOptions, t0: float, t_migrate: float, info: dict[str, Any],
-                  load: dict[str, Any], guest: dict[str, Any] | None,
-                  guest_before: dict[str, Any] | None,
-                  events: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass
+class CpuWatch:
+    """CPU samples of the two VMM processes at the start and the end of the migration."""
+
+    src_pid: int
+    dst_pid: int
+    start: tuple[cpu.CpuSample | None, cpu.CpuSample | None] = (None, None)
+    end: tuple[cpu.CpuSample | None, cpu.CpuSample | None] = (None, None)
+
+    def take(self) -> tuple[cpu.CpuSample | None, cpu.CpuSample | None]:
+        return cpu.sample(self.src_pid), cpu.sample(self.dst_pid)
+
+    def to_json(self, transferred: Any) -> dict[str, Any]:
+        gib = float(transferred) / (1 << 30) if isinstance(transferred, (int, float)) else 0.0
+        out: dict[str, Any] = {"gib-transferred": round(gib, 4),
+                               "what": "VMM process CPU between migrate and the end of the "
+                                       "migration, vCPU threads left out"}
+        for side, a, b in (("source", self.start[0], self.end[0]),
+                           ("destination", self.start[1], self.end[1])):
+            if a is None or b is None:
+                continue
+            used = cpu.migration_cpu_s(a, b)
+            out[f"{side}-s"] = round(used, 3)
+            if gib > 0:
+                out[f"{side}-s-per-gib"] = round(used / gib, 3)
+        return out
+
+
+def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[str, Any],
+                       slack_s: float) -> dict[str, Any] | None:
+    """The client's gap at the switchover, and whether it contains the guest's pause."""
+    stop = next((p for p in phases if p.name == "stop-and-copy"), None)
+    if stop is None:
+        return None
+    gap = switchover_gap(gaps, stop)
+    if gap is None:
+        return {"contains-switchover": False, "slack-ms": round(slack_s * 1000, 2)}
+    parts = stop_round(info).get("downtime-ms")
+    # Until the devices are quiesced (pause + sync), replies they had queued still go out.
+    early_s = (sum(float(parts.get(k, 0)) for k in ("pause", "sync")) / 1000.0
+               if isinstance(parts, dict) else 0.0)
+    return {**gap.to_json(), "contains-switchover": gap_contains(gap, stop, early_s, slack_s),
+            "early-ms": round(early_s * 1000, 2), "slack-ms": round(slack_s * 1000, 2)}
+
+
+def _latency(path: Path, phases: list[Phase]) -> dict[str, Any]:
+    try:
+        rows = np.load(path)
+    except (OSError, ValueError):
+        return {}
+    return latency_by_phase(rows.reshape(-1, 2), phases)
+
+
+def _demo_section(opts: DemoOptions, t0: float, mig: MigrationRun, load_doc: dict[str, Any],
+                  lat_path: Path, guest: dict[str, Any] | None,
+                  guest_before: dict[str, Any] | None, cpu_watch: CpuWatch) -> dict[str, Any]:
+    info, load = mig.info, load_doc["result"]
     load_end = float(load.get("duration_s") or 0.0)
-    phases = migration_phases(info, t_migrate - t0, load_end)
+    phases = migration_phases(info, mig.sent - t0, load_end)
+    outage = _switchover_outage(phases, load_doc.get("gaps") or [], info,
+                                mig.answered - mig.sent + 0.002)
     return {
         "options": {"memory": opts.memory, "dma-tracking": opts.dma_tracking,
-                    "warmup-s": opts.warmup_s, "duration-s": opts.duration_s,
+                    "warmup-s": opts.warmup_s, "after-s": opts.after_s, "rate": opts.rate,
                     "max-bandwidth-mib": opts.max_bandwidth_mib,
                     "downtime-limit-ms": opts.downtime_limit_ms,
                     "network": "tap" if opts.tap else "udp"},
-        "migration-start-s": round(t_migrate - t0, 4),
+        "migration-start-s": round(mig.sent - t0, 4),
         "phases": [p.to_json() for p in phases],
-        "status-events": [{"status": e["status"], "t_s": round(e["t"] - t0, 4)} for e in events],
-        "outage": {"client-ms": load.get("max_gap_ms"), "guest-ms": _max_gap_ms(guest),
-                   "guest-before-ms": _max_gap_ms(guest_before),
+        "status-events": [{"status": e["status"], "t_s": round(e["t"] - t0, 4)}
+                          for e in mig.events],
+        "outage": {"client-ms": outage.get("ms") if outage else None,
+                   "client-switchover": outage,
+                   "client-longest-ms": load.get("max_gap_ms"),
+                   "client-longest-at-s": load.get("max_gap_at_s"),
+                   "guest-ms": _max_gap_ms(guest), "guest-before-ms": _max_gap_ms(guest_before),
                    "downtime-ms": info.get("downtime")},
         "throughput": throughput(load.get("series") or [], phases, load_end),
+        "latency": _latency(lat_path, phases),
+        "cpu": cpu_watch.to_json((info.get("ram") or {}).get("transferred")),
     }
+
+
+def _wait_loading(loader: Child, view: LiveView, until: float) -> None:
+    while time.monotonic() < until:
+        if not loader.alive():
+            raise loader.died()
+        view.update()
+        time.sleep(POLL_S)
 
 
 def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
@@ -180,31 +283,38 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         view.update()
         watch = _LoadWatch(view)
         load_out = plan.path("load.json")
-        load_args = ["-m", "ptmig.demo.loadproc", str(src_cfg), str(opts.duration_s),
-                     str(load_out)]
+        cap_s = opts.warmup_s + MIGRATION_TIMEOUT_S + opts.after_s + LOAD_MARGIN_S
+        load_args = ["-m", "ptmig.demo.loadproc", str(src_cfg), str(cap_s), str(load_out)]
         if tapnet is not None:
             load_args += ["--target", tapnet.guest_target]
-        loader = kids.start("load", [sys.executable, *load_args], stdout_pipe=True)
+        if opts.rate is not None:
+            load_args += ["--rate", str(opts.rate)]
+        loader = kids.start("load", [sys.executable, *load_args], stdout_pipe=True,
+                            stdin_pipe=True)
         assert loader.proc.stdout is not None
         LineReader(loader.proc.stdout, watch.on_line)
         if not watch.started.wait(45.0) or watch.t0 is None:
             raise DemoError(f"the load client never reached the guest: {watch.error or ''}\n"
                             f"{loader.log_tail()}")
         t0 = watch.t0
-        while time.monotonic() < t0 + opts.warmup_s:
-            if not loader.alive():
-                raise loader.died()
-            view.update()
-            time.sleep(POLL_S)
+        _wait_loading(loader, view, t0 + opts.warmup_s)
 
         guest_before = src_qmp.execute("x-query-guest-stats")
-        events: list[dict[str, Any]] = []
-        t_migrate, info = _migrate(src_qmp, opts, plan.migration_port, view, events)
+        cpu_watch = CpuWatch(src.proc.pid, dst.proc.pid)
+        cpu_watch.start = cpu_watch.take()
+        mig = _migrate(src_qmp, opts, plan.migration_port, view)
+        cpu_watch.end = cpu_watch.take()
+        info = mig.info
+        resumed = mig.resumed_at()
+        # The load goes on for after_s after the guest resumed on the destination (or, if the
+        # migration failed, after it ended with the guest still on the source).
+        stop_at = (resumed if resumed is not None else time.monotonic()) + opts.after_s
+        loader.tell(f"stop-at {stop_at:.4f}")
         view.progress.set_phase("after the switchover: kv load on the "
                                 + ("destination" if info["status"] == "completed"
                                    else "source"))
         while loader.alive():
-            if time.monotonic() > t0 + opts.duration_s:
+            if time.monotonic() > stop_at:
                 view.progress.set_phase("reading back every acknowledged value")
             view.update()
             time.sleep(POLL_S)
@@ -212,12 +322,11 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
             raise DemoError(f"the load client wrote no result (status "
                             f"{loader.proc.returncode}):\n{loader.log_tail()}")
         load_doc = json.loads(load_out.read_text())
-        load = load_doc["result"]
         runner = dst_qmp if info["status"] == "completed" else src_qmp
         guest = runner.execute("x-query-guest-stats")
-        return {"migration": info, "load": load, "guest": guest,
-                "demo": _demo_section(opts, t0, t_migrate, info, load, guest, guest_before,
-                                      events)}
+        return {"migration": info, "load": load_doc["result"], "guest": guest,
+                "demo": _demo_section(opts, t0, mig, load_doc, latency_path(load_out), guest,
+                                      guest_before, cpu_watch)}
     finally:
         kids.stop_all()
         if tapnet is not None:
@@ -230,7 +339,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
     console = console or Console(highlight=False)
     own_dir = opts.run_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="ptmig-demo-")) if opts.run_dir is None \
-        else opts.run_dir
+        else opts.run_dir.resolve()  # the children run inside it: relative paths would break
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = DemoPlan(opts, run_dir, switch_port=0, migration_port=free_port())
     old_term = _terminate_as_interrupt()
