@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..migration.transport import measure_loopback_stream
+from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
 
 SECTION = "migration"
@@ -93,14 +94,17 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
     with tempfile.TemporaryDirectory(prefix="ptmig-bench-mig-") as d:
         tmp = Path(d)
         try:
-            for _ in range(config.runs):
+            for i in range(config.runs):
+                progress.step("ptmig migration, then the plain stream", i + 1, config.runs)
                 ptmig_s.append(ptmig_migration(tmp, p))
                 stream.append(measure_loopback_stream(ptmig_s[-1].transferred) / 1e9)
                 if qemu is not None:
+                    progress.step("QEMU migration", i + 1, config.runs)
                     sample, qemu_accel = qemu_migration(tmp, qemu, p, qemu_accel)
                     qemu_s.append(sample)
         finally:
             remove_qemu_ram_files()
+        progress.step("one verified ptmig migration")
         verified = ptmig_migration(tmp, p, verify=True).info.get("x-verify", {})
     extra = {"memory_mib": p.memory // MiB, "filled_mib": (p.memory - FILL_FROM) // MiB,
              "verify": verified}

@@ -68,6 +68,7 @@ from rich.table import Table
 
 from ..migration.params import DMA_TRACKING
 from ..report.bench import parse_ram
+from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, format_value, measured, paired_ratios
 
 SECTION = "strategies"
@@ -571,6 +572,8 @@ def run_cells(params: StrategyBenchParams, workdir: Path, runner: DemoRunner = d
             for strategy in params.strategies:
                 t0 = time.monotonic()
                 tag = f"{strategy}-{memory}-{i}"
+                progress.step(f"{strategy}, {memory} guest (cell {len(cells) + 1}/{total})",
+                              i + 1, params.runs)
                 cell = runner(strategy, memory, params, workdir / tag)
                 if cell.error is not None and strategy != "none":
                     cell = runner(strategy, memory, params, workdir / f"{tag}-retry")
@@ -637,7 +640,8 @@ def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
     shadowed: list[float] = []
     with KvVmm(memory, qmp=True) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))  # warm up
-        for _ in range(pairs):
+        for k in range(pairs):
+            progress.step("data path: direct, then shadowed DMA", k + 1, pairs)
             for mode, into in (("direct", direct), ("shadow", shadowed)):
                 if mode == "shadow":
                     qmp.execute("x-shadow-start")
@@ -673,6 +677,7 @@ def max_rate(seconds: float, memory: str = "512M") -> float:
     from ..load import LoadOptions, run_load
     from .devices import KvVmm
 
+    progress.step("the maximum kv load, one guest, no migration")
     with KvVmm(memory) as vmm:
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))
         r = run_load(LoadOptions(config=vmm.config, duration_s=seconds))
