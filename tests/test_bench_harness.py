@@ -337,3 +337,13 @@ def test_sections_report_their_steps_to_the_running_bench() -> None:
     assert seen[0].startswith("bench first (1/2) │ cell a │ run 1/2 │ ")
     assert seen[1].startswith("bench second (2/2) │ cell a │ run 1/2 │ ")
     assert progress._current is None
+
+
+def test_a_missing_comparison_says_why_in_the_table() -> None:
+    from ptmig.bench.harness import section_table
+
+    skipped = Result("migration", "qemu", math.nan, "", None, None, [],
+                     {"skipped": "qemu-system-x86_64 is not installed"})
+    console = Console(record=True, width=200)
+    console.print(section_table("migration", [skipped]))
+    assert "not measured: qemu-system-x86_64 is not installed" in console.export_text()
