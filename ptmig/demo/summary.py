@@ -205,7 +205,9 @@ WHY = {
               "re-sent.",
     "none": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log cannot "
             "see them. Nothing tracked those writes, so pages they changed after being sent "
-            "reached the destination stale: this is what passthrough migration gets wrong.",
+            "reached the destination stale (in ptmig's runs: the NIC's receive buffers and the "
+            "used rings of its receive and transmit queues): this is what passthrough "
+            "migration gets wrong.",
     "all-dirty": "Every device-writable page was treated as dirty in every round (QEMU's "
                  "fallback): correct, but the whole mapped RAM is re-sent at stop-and-copy.",
     "device-log": "The devices logged their own DMA writes (hardware dirty tracking): correct, "
