@@ -196,3 +196,21 @@ def test_this_process_can_be_sampled() -> None:
 
     s = sample(os.getpid())
     assert s is not None and s.total_s >= 0 and os.getpid() in s.threads
+
+
+def test_the_migrations_origin_is_pinned_down_by_the_polls() -> None:
+    from ptmig.demo.run import MigrationRun
+
+    run = MigrationRun(10.0, 130.0, {}, [])
+    run.bound_start(10.050, 10.060, 47)  # origin in [10.002, 10.013]
+    run.bound_start(10.200, 10.203, 195)  # origin in [10.004, 10.008]
+    run.bound_start(10.300, 10.400, "n/a")  # no total-time: no information
+    assert (run.start_lo, run.start_hi) == (pytest.approx(10.004), pytest.approx(10.008))
+    assert run.started == pytest.approx(10.006) and run.slack_s == pytest.approx(0.002)
+    run.bound_start(11.0, 11.001, 10)  # contradicts the others (a stale reply): ignored
+    assert run.start_lo == pytest.approx(10.004)
+    run.info = {"status": "completed", "downtime": 30,
+                "x-rounds": [{"round": 3, "pages": 9, "stop-and-copy": True, "stop-at-ms": 900}]}
+    assert run.resumed_at() == pytest.approx(10.006 + 0.93)
+    run.info = {"status": "failed"}
+    assert run.resumed_at() is None

@@ -107,13 +107,34 @@ def _wait_status(qmp: QmpClient, child: Child, status: str, timeout: float = 60.
 
 @dataclass
 class MigrationRun:
-    """The migration as the demo saw it: when `migrate` was sent (between `sent` and
-    `answered`, CLOCK_MONOTONIC), the source's final `query-migrate`, and the status changes."""
+    """The migration as the demo saw it: when the source's migration began (its `total-time`
+    origin, between `start_lo` and `start_hi` on CLOCK_MONOTONIC), the source's final
+    `query-migrate`, and the status changes."""
 
-    sent: float
-    answered: float
+    start_lo: float
+    start_hi: float
     info: dict[str, Any]
     events: list[dict[str, Any]]
+
+    @property
+    def started(self) -> float:
+        return (self.start_lo + self.start_hi) / 2
+
+    @property
+    def slack_s(self) -> float:
+        """How far `started` may be from the source's own origin."""
+        return (self.start_hi - self.start_lo) / 2
+
+    def bound_start(self, asked: float, answered: float, total_ms: Any) -> None:
+        """A `query-migrate` asked at `asked` and answered at `answered` said `total_ms`
+        (whole ms since the origin): the origin lies in [asked - total - 1 ms, answered -
+        total]. Intersecting these over the polls pins it down to a few ms at worst."""
+        if not isinstance(total_ms, (int, float)) or isinstance(total_ms, bool):
+            return
+        lo = asked - float(total_ms) / 1000.0 - 0.001
+        hi = answered - float(total_ms) / 1000.0
+        if lo <= self.start_hi and hi >= self.start_lo:  # else: inconsistent, keep what we had
+            self.start_lo, self.start_hi = max(self.start_lo, lo), min(self.start_hi, hi)
 
     def resumed_at(self) -> float | None:
         """CLOCK_MONOTONIC when the guest resumed on the destination (None: not migrated)."""
@@ -122,7 +143,7 @@ class MigrationRun:
         if self.info.get("status") != "completed" or not isinstance(stop_at, (int, float)) \
                 or not isinstance(downtime, (int, float)):
             return None
-        return self.sent + (float(stop_at) + float(downtime)) / 1000.0
+        return self.started + (float(stop_at) + float(downtime)) / 1000.0
 
 
 def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView) -> MigrationRun:
@@ -134,12 +155,17 @@ def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView) -> Mi
                 {"capabilities": [{"capability": "x-verify", "state": True}]})
     sent = time.monotonic()
     src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-    run = MigrationRun(sent, time.monotonic(), {}, [])
+    migrate_answered = time.monotonic()
+    # The origin is after `sent`; its upper bound comes from the polls below.
+    run = MigrationRun(sent, sent + MIGRATION_TIMEOUT_S, {}, [])
     deadline = sent + MIGRATION_TIMEOUT_S
     last = ""
     while True:
+        asked = time.monotonic()
         info: dict[str, Any] = src.execute("query-migrate")
         now = time.monotonic()
+        if info["status"] not in FINISHED:  # a finished migration's total-time stands still
+            run.bound_start(asked, now, info.get("total-time"))
         if info["status"] != last:
             last = info["status"]
             run.events.append({"status": last, "t": now})
@@ -148,6 +174,8 @@ def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView) -> Mi
         view.update()
         if last in FINISHED:
             run.info = info
+            if run.start_hi > deadline - 1:  # no poll bounded it: assume the reply's time
+                run.start_hi = max(run.start_lo, migrate_answered)
             return run
         if now > deadline:
             raise DemoError(f"the migration is still '{last}' after {MIGRATION_TIMEOUT_S} s")
@@ -189,8 +217,13 @@ class CpuWatch:
 
 
 def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[str, Any],
-                       slack_s: float) -> dict[str, Any] | None:
-    """The client's gap at the switchover, and whether it contains the guest's pause."""
+                       latency: dict[str, Any], slack_s: float) -> dict[str, Any] | None:
+    """The client's gap at the switchover, and whether it contains the guest's pause.
+
+    Replies the guest sent before its pause still reach the client after the pause began:
+    the devices deliver what they had queued until they are quiesced (pause + sync of the
+    downtime's parts), and the switch and the client take about a median round trip of the
+    pre-copy phase to pass a reply on (longer on a busy host). The gap may begin that late."""
     stop = next((p for p in phases if p.name == "stop-and-copy"), None)
     if stop is None:
         return None
@@ -198,9 +231,10 @@ def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[
     if gap is None:
         return {"contains-switchover": False, "slack-ms": round(slack_s * 1000, 2)}
     parts = stop_round(info).get("downtime-ms")
-    # Until the devices are quiesced (pause + sync), replies they had queued still go out.
-    early_s = (sum(float(parts.get(k, 0)) for k in ("pause", "sync")) / 1000.0
-               if isinstance(parts, dict) else 0.0)
+    quiesce_s = (sum(float(parts.get(k, 0)) for k in ("pause", "sync")) / 1000.0
+                 if isinstance(parts, dict) else 0.0)
+    in_flight_s = float((latency.get("pre-copy") or {}).get("p50_ms", 0.0)) / 1000.0
+    early_s = quiesce_s + in_flight_s
     return {**gap.to_json(), "contains-switchover": gap_contains(gap, stop, early_s, slack_s),
             "early-ms": round(early_s * 1000, 2), "slack-ms": round(slack_s * 1000, 2)}
 
@@ -218,16 +252,17 @@ def _demo_section(opts: DemoOptions, t0: float, mig: MigrationRun, load_doc: dic
                   guest_before: dict[str, Any] | None, cpu_watch: CpuWatch) -> dict[str, Any]:
     info, load = mig.info, load_doc["result"]
     load_end = float(load.get("duration_s") or 0.0)
-    phases = migration_phases(info, mig.sent - t0, load_end)
-    outage = _switchover_outage(phases, load_doc.get("gaps") or [], info,
-                                mig.answered - mig.sent + 0.002)
+    phases = migration_phases(info, mig.started - t0, load_end)
+    latency = _latency(lat_path, phases)
+    outage = _switchover_outage(phases, load_doc.get("gaps") or [], info, latency,
+                                mig.slack_s + 0.002)
     return {
         "options": {"memory": opts.memory, "dma-tracking": opts.dma_tracking,
                     "warmup-s": opts.warmup_s, "after-s": opts.after_s, "rate": opts.rate,
                     "max-bandwidth-mib": opts.max_bandwidth_mib,
                     "downtime-limit-ms": opts.downtime_limit_ms,
                     "network": "tap" if opts.tap else "udp"},
-        "migration-start-s": round(mig.sent - t0, 4),
+        "migration-start-s": round(mig.started - t0, 4),
         "phases": [p.to_json() for p in phases],
         "status-events": [{"status": e["status"], "t_s": round(e["t"] - t0, 4)}
                           for e in mig.events],
@@ -238,7 +273,7 @@ def _demo_section(opts: DemoOptions, t0: float, mig: MigrationRun, load_doc: dic
                    "guest-ms": _max_gap_ms(guest), "guest-before-ms": _max_gap_ms(guest_before),
                    "downtime-ms": info.get("downtime")},
         "throughput": throughput(load.get("series") or [], phases, load_end),
-        "latency": _latency(lat_path, phases),
+        "latency": latency,
         "cpu": cpu_watch.to_json((info.get("ram") or {}).get("transferred")),
     }
 

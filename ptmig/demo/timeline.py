@@ -163,8 +163,9 @@ def switchover_gap(gaps: Sequence[Sequence[float]], stop: Phase) -> Gap | None:
 
 
 def gap_contains(gap: Gap, stop: Phase, early_s: float, slack_s: float) -> bool:
-    """Does the client's gap contain the switchover? Replies the devices had already queued
-    may still arrive for `early_s` after the pause began (until the devices are quiesced);
-    `slack_s` is how well the two clocks' origins are known."""
+    """Does the client's gap contain the switchover? It must last until the guest resumed,
+    and begin no later than `early_s` after the pause began (replies sent before the pause
+    still arrive for a while: the devices' queues, the switch, the client); `slack_s` is how
+    well the two time axes' origins are known."""
     return (gap.start_s <= stop.start_s + early_s + slack_s
             and gap.end_s >= stop.end_s - slack_s)
