@@ -77,7 +77,7 @@ def test_a_migration_longer_than_the_load_still_has_the_load_around_the_switchov
     assert after["end_s"] - after["start_s"] >= 2.5, phases  # --after 3, less clock slack
     gap = demo["outage"]["client-switchover"]
     assert gap["contains-switchover"], gap
-    assert gap["start_s"] < phases["stop-and-copy"]["end_s"] <= gap["end_s"] + 0.05
+    assert gap["start_s"] < phases["stop-and-copy"]["end_s"] and gap["end_s"] > pre["end_s"]
     assert demo["throughput"]["after"] > 0 and demo["latency"]["after"]["n"] > 0
     assert "VERIFIED" in output
 

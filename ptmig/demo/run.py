@@ -223,7 +223,10 @@ def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[
     Replies the guest sent before its pause still reach the client after the pause began:
     the devices deliver what they had queued until they are quiesced (pause + sync of the
     downtime's parts), and the switch and the client take about a median round trip of the
-    pre-copy phase to pass a reply on (longer on a busy host). The gap may begin that late."""
+    pre-copy phase to pass a reply on (longer on a busy host). The gap may begin that late.
+    At the other end the downtime runs until the source has the destination's
+    acknowledgement; the destination resumed the guest as it sent it, after restoring vCPUs
+    and devices, so the guest may have run for the ack's wait less that restore."""
     stop = next((p for p in phases if p.name == "stop-and-copy"), None)
     if stop is None:
         return None
@@ -235,8 +238,15 @@ def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[
                  if isinstance(parts, dict) else 0.0)
     in_flight_s = float((latency.get("pre-copy") or {}).get("p50_ms", 0.0)) / 1000.0
     early_s = quiesce_s + in_flight_s
-    return {**gap.to_json(), "contains-switchover": gap_contains(gap, stop, early_s, slack_s),
-            "early-ms": round(early_s * 1000, 2), "slack-ms": round(slack_s * 1000, 2)}
+    dest = stop_round(info).get("destination-ms")
+    restore_s = (sum(float(dest.get(k, 0)) for k in ("vcpus", "devices")) / 1000.0
+                 if isinstance(dest, dict) else 0.0)
+    ack_s = float(parts.get("ack", 0)) / 1000.0 if isinstance(parts, dict) else 0.0
+    late_s = max(0.0, ack_s - restore_s)
+    return {**gap.to_json(),
+            "contains-switchover": gap_contains(gap, stop, early_s, late_s, slack_s),
+            "early-ms": round(early_s * 1000, 2), "late-ms": round(late_s * 1000, 2),
+            "slack-ms": round(slack_s * 1000, 2)}
 
 
 def _latency(path: Path, phases: list[Phase]) -> dict[str, Any]:

@@ -162,10 +162,13 @@ def switchover_gap(gaps: Sequence[Sequence[float]], stop: Phase) -> Gap | None:
     return best
 
 
-def gap_contains(gap: Gap, stop: Phase, early_s: float, slack_s: float) -> bool:
-    """Does the client's gap contain the switchover? It must last until the guest resumed,
-    and begin no later than `early_s` after the pause began (replies sent before the pause
-    still arrive for a while: the devices' queues, the switch, the client); `slack_s` is how
-    well the two time axes' origins are known."""
+def gap_contains(gap: Gap, stop: Phase, early_s: float, late_s: float,
+                 slack_s: float) -> bool:
+    """Does the client's gap contain the switchover? It must begin no later than `early_s`
+    after the pause began (replies sent before the pause still arrive for a while: the
+    devices' queues, the switch, the client) and last until the guest resumed, which is at
+    most `late_s` before the end of the downtime (the source counts until the destination's
+    acknowledgement arrives; the destination resumes the guest as it sends it). `slack_s` is
+    how well the two time axes' origins are known."""
     return (gap.start_s <= stop.start_s + early_s + slack_s
-            and gap.end_s >= stop.end_s - slack_s)
+            and gap.end_s >= stop.end_s - late_s - slack_s)
