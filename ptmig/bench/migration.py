@@ -8,7 +8,9 @@ Per run, back to back:
   the destination receives real data, never holes or zero pages. It is migrated over loopback
   (no DMA tracking needed: no devices) with the default downtime limit, unlimited bandwidth,
   over `DATA_CHANNELS` parallel streams (`x-data-channels`, like QEMU's multifd). Reported:
-  total time, downtime, throughput = `ram.transferred` / `total-time`. `total-time` runs from
+  total time, downtime, throughput = `ram.transferred` / `total-time`, and each VMM process's
+  CPU seconds per GiB sent (user + system from `migrate` to `completed`, vCPU threads left
+  out; `ptmig.demo.cpu`). `total-time` runs from
   the `migrate` command to the switchover, as QEMU's does; it does not include the
   destination's start-up, during which it prefaults its guest RAM (on by default, like QEMU's
   `-mem-prealloc`; about 0.5 s per GiB here, long over by the time the source filled its RAM).
@@ -50,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from ..demo import cpu
 from ..migration.transport import measure_loopback_stream
 from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
@@ -62,6 +65,7 @@ FILL_FROM = 16 * MiB  # firmware, page tables, stacks and the workload's bitmap 
 GOAL_STREAM_RATIO = Goal(">=", 0.6)
 GOAL_QEMU_THROUGHPUT_RATIO = Goal(">=", 3.0)
 GOAL_DOWNTIME_MS = Goal("<=", 10, "ms")
+GOAL_CPU_PER_GIB = Goal("<=", 1.0, "s/GiB")
 DATA_CHANNELS = 2  # best of 0, 2, 4 measured on a 2-core host
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" (QEMU's default is 128 MiB/s)
@@ -86,6 +90,12 @@ class Sample:
     downtime_ms: float
     transferred: int
     info: dict[str, Any]
+    cpu_source_s: float = float("nan")  # VMM CPU from migrate to completed, vCPU threads out
+    cpu_destination_s: float = float("nan")
+
+    def cpu_per_gib(self, side: str) -> float:
+        used = self.cpu_source_s if side == "source" else self.cpu_destination_s
+        return used / (self.transferred / GiB) if self.transferred else float("nan")
 
     @property
     def gb_per_s(self) -> float:
@@ -132,6 +142,11 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
         measured(SECTION, "ptmig.throughput", tp, "GB/s", extra=extra),
         measured(SECTION, "stream.throughput", stream, "GB/s"),
         measured(SECTION, "ptmig/stream", paired_ratios(tp, stream), "ratio", GOAL_STREAM_RATIO),
+        *[measured(SECTION, f"ptmig.cpu_per_gib.{side}",
+                   [s.cpu_per_gib(side) for s in ptmig_s], "s/GiB", GOAL_CPU_PER_GIB,
+                   {**extra, "what": f"{side} VMM process CPU (user + system, vCPU threads "
+                                     "left out) from migrate to completed, per GiB sent"})
+          for side in ("source", "destination")],
     ]
     if qemu is None or qemu_error is not None or not qemu_s:
         why = (f"{QEMU_BINARY} is not installed (`make bench` installs qemu-system-x86 on "
@@ -295,13 +310,17 @@ def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False) ->
                                             "x-data-channels": DATA_CHANNELS})
         _cmd(qs, "migrate-set-capabilities",
              {"capabilities": [{"capability": "x-verify", "state": verify}]})
+        before = (cpu.sample(src.pid), cpu.sample(dst.pid))
         _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = _wait_migration(qs, p.migration_timeout_s)
+        after = (cpu.sample(src.pid), cpu.sample(dst.pid))
         _wait_status(qd, ("running",), 10)
         if verify and info.get("x-verify", {}).get("mismatched"):
             raise BenchError(f"verified migration found differing pages: {info['x-verify']}")
+        used = [cpu.migration_cpu_s(a, b) if a is not None and b is not None else float("nan")
+                for a, b in zip(before, after, strict=True)]
         return Sample(float(info["total-time"]), float(info["downtime"]),
-                      int(info["ram"]["transferred"]), info)
+                      int(info["ram"]["transferred"]), info, used[0], used[1])
     finally:
         _stop(src, qs)
         _stop(dst, qd)

@@ -146,13 +146,17 @@ class MigrationRun:
         return self.started + (float(stop_at) + float(downtime)) / 1000.0
 
 
-def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView) -> MigrationRun:
-    """Start the migration and poll it to the end."""
+def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView,
+             cpu_watch: CpuWatch) -> MigrationRun:
+    """Start the migration and poll it to the end; `cpu_watch` gets a sample at the start, when
+    the source has switched over (its run state `postmigrate`, before the verification that
+    follows; seen by the next poll) and at the end."""
     src.execute("migrate-set-parameters", {
         "x-dma-tracking": opts.dma_tracking, "downtime-limit": opts.downtime_limit_ms,
         "max-bandwidth": int(opts.max_bandwidth_mib * (1 << 20))})
     src.execute("migrate-set-capabilities",
                 {"capabilities": [{"capability": "x-verify", "state": True}]})
+    cpu_watch.start, cpu_watch.start_at = cpu_watch.take(), time.monotonic()
     sent = time.monotonic()
     src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
     migrate_answered = time.monotonic()
@@ -172,7 +176,11 @@ def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView) -> Mi
             view.progress.set_phase(f"migration: {last}")
         view.progress.migration(info)
         view.update()
+        if last == "device" and cpu_watch.switched == (None, None) \
+                and src.execute("query-status")["status"] == "postmigrate":
+            cpu_watch.switched, cpu_watch.switched_at = cpu_watch.take(), time.monotonic()
         if last in FINISHED:
+            cpu_watch.end = cpu_watch.take()
             run.info = info
             if run.start_hi > deadline - 1:  # no poll bounded it: assume the reply's time
                 run.start_hi = max(run.start_lo, migrate_answered)
@@ -188,31 +196,59 @@ def _max_gap_ms(stats: dict[str, Any] | None) -> float | None:
     return max(v.get("max-gap-us", 0) for v in stats["vcpus"]) / 1000.0
 
 
+Samples = tuple[cpu.CpuSample | None, cpu.CpuSample | None]  # (source, destination)
+
+
 @dataclass
 class CpuWatch:
-    """CPU samples of the two VMM processes at the start and the end of the migration."""
+    """CPU samples of the two VMM processes: when `migrate` is sent, at the switchover (before
+    the verification that follows it), and at the end of the migration."""
 
     src_pid: int
     dst_pid: int
-    start: tuple[cpu.CpuSample | None, cpu.CpuSample | None] = (None, None)
-    end: tuple[cpu.CpuSample | None, cpu.CpuSample | None] = (None, None)
+    warm: Samples = (None, None)  # when the warm-up load began
+    warm_at: float = 0.0
+    start_at: float = 0.0
+    switched_at: float = 0.0
+    start: Samples = (None, None)
+    switched: Samples = (None, None)
+    end: Samples = (None, None)
 
-    def take(self) -> tuple[cpu.CpuSample | None, cpu.CpuSample | None]:
+    def take(self) -> Samples:
         return cpu.sample(self.src_pid), cpu.sample(self.dst_pid)
 
+    def _baseline(self, i: int) -> float | None:
+        """The side's CPU over the migration's time at its warm-up rate (the guest's I/O
+        through the VMM, its QMP, ...: what it spends without migrating)."""
+        a, b = self.warm[i], self.start[i]
+        if a is None or b is None or self.start_at <= self.warm_at:
+            return None
+        rate = cpu.migration_cpu_s(a, b) / (self.start_at - self.warm_at)
+        return rate * (self.switched_at - self.start_at)
+
     def to_json(self, transferred: Any) -> dict[str, Any]:
+        """Per side: `-s` / `-s-per-gib` from `migrate` to the switchover (the migration
+        itself), `-baseline-s` what the side spent in as long during the warm-up (not
+        migrating), `-with-verify-s` to the end (the page verification after it included)."""
         gib = float(transferred) / (1 << 30) if isinstance(transferred, (int, float)) else 0.0
         out: dict[str, Any] = {"gib-transferred": round(gib, 4),
-                               "what": "VMM process CPU between migrate and the end of the "
-                                       "migration, vCPU threads left out"}
-        for side, a, b in (("source", self.start[0], self.end[0]),
-                           ("destination", self.start[1], self.end[1])):
-            if a is None or b is None:
+                               "what": "VMM process CPU (user + system, vCPU threads left "
+                                       "out) from migrate to the switchover, and to the end "
+                                       "of the migration with the verification after it"}
+        for i, side in enumerate(("source", "destination")):
+            a, mid, b = self.start[i], self.switched[i], self.end[i]
+            if a is None:
                 continue
-            used = cpu.migration_cpu_s(a, b)
-            out[f"{side}-s"] = round(used, 3)
-            if gib > 0:
-                out[f"{side}-s-per-gib"] = round(used / gib, 3)
+            if mid is not None:
+                used = cpu.migration_cpu_s(a, mid)
+                out[f"{side}-s"] = round(used, 3)
+                if gib > 0:
+                    out[f"{side}-s-per-gib"] = round(used / gib, 3)
+                base = self._baseline(i)
+                if base is not None:
+                    out[f"{side}-baseline-s"] = round(base, 3)
+            if b is not None:
+                out[f"{side}-with-verify-s"] = round(cpu.migration_cpu_s(a, b), 3)
         return out
 
 
@@ -342,13 +378,12 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
             raise DemoError(f"the load client never reached the guest: {watch.error or ''}\n"
                             f"{loader.log_tail()}")
         t0 = watch.t0
+        cpu_watch = CpuWatch(src.proc.pid, dst.proc.pid)
+        cpu_watch.warm, cpu_watch.warm_at = cpu_watch.take(), time.monotonic()
         _wait_loading(loader, view, t0 + opts.warmup_s)
 
         guest_before = src_qmp.execute("x-query-guest-stats")
-        cpu_watch = CpuWatch(src.proc.pid, dst.proc.pid)
-        cpu_watch.start = cpu_watch.take()
-        mig = _migrate(src_qmp, opts, plan.migration_port, view)
-        cpu_watch.end = cpu_watch.take()
+        mig = _migrate(src_qmp, opts, plan.migration_port, view, cpu_watch)
         info = mig.info
         resumed = mig.resumed_at()
         # The load goes on for after_s after the guest resumed on the destination (or, if the

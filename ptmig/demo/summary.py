@@ -163,14 +163,23 @@ def _outage_line(outage: Mapping[str, Any]) -> str:
 
 
 def _cpu_line(c: Mapping[str, Any]) -> str | None:
-    if "source-s" not in c and "destination-s" not in c:
+    if not any(k in c for k in ("source-s", "destination-s", "source-with-verify-s")):
         return None
     def side(name: str) -> str:
+        if f"{name}-s" not in c:
+            return f"{name} n/a (the switchover was not seen between two polls)"
         per = c.get(f"{name}-s-per-gib")
+        base = c.get(f"{name}-baseline-s")
         return (f"{name} {float(c.get(f'{name}-s', 0)):.2f} s"
-                + (f" ({float(per):.2f} s/GiB)" if isinstance(per, (int, float)) else ""))
-    return (f"VMM CPU during the migration (vCPU threads left out): {side('source')}, "
-            f"{side('destination')}, for {float(c.get('gib-transferred', 0)):.3f} GiB sent")
+                + (f" ({float(per):.2f} s/GiB)" if isinstance(per, (int, float)) else "")
+                + (f" [{float(base):.2f} s at its warm-up rate]"
+                   if isinstance(base, (int, float)) else ""))
+    verify = ", ".join(f"{name} {float(c[f'{name}-with-verify-s']):.2f} s"
+                       for name in ("source", "destination") if f"{name}-with-verify-s" in c)
+    return (f"VMM CPU from migrate to the switchover (vCPU threads left out): "
+            f"{side('source')}, {side('destination')}, for "
+            f"{float(c.get('gib-transferred', 0)):.3f} GiB sent"
+            + (f"; with the verification after it: {verify}" if verify else ""))
 
 
 def load_lines(doc: Mapping[str, Any]) -> list[str]:
