@@ -46,6 +46,10 @@ from .timeline import (
 FINISHED = ("completed", "failed", "cancelled")
 POLL_S = 0.05
 MIGRATION_TIMEOUT_S = 120.0
+# The report's phase names (`ptmig.demo.timeline`) for the source's statuses, so that the
+# live view and the report show the same phases.
+PHASE_OF_STATUS = {"setup": "setup", "active": "pre-copy", "device": "stop-and-copy",
+                   "completed": "switched over", "failed": "failed", "cancelled": "cancelled"}
 LOAD_MARGIN_S = 60.0  # the load client's own limit beyond the longest demo, a safety net
 EXIT_INTERRUPTED = 130
 
@@ -173,7 +177,7 @@ def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView,
         if info["status"] != last:
             last = info["status"]
             run.events.append({"status": last, "t": now})
-            view.progress.set_phase(f"migration: {last}")
+            view.progress.set_phase(f"{PHASE_OF_STATUS.get(last, last)} (migration: {last})")
         view.progress.migration(info)
         view.update()
         if last == "device" and cpu_watch.switched == (None, None) \
@@ -390,9 +394,9 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         # migration failed, after it ended with the guest still on the source).
         stop_at = (resumed if resumed is not None else time.monotonic()) + opts.after_s
         loader.tell(f"stop-at {stop_at:.4f}")
-        view.progress.set_phase("after the switchover: kv load on the "
-                                + ("destination" if info["status"] == "completed"
-                                   else "source"))
+        view.progress.set_phase("after: kv load on the "
+                                + ("destination, past the switchover" if resumed is not None
+                                   else "source, the migration having ended"))
         while loader.alive():
             if time.monotonic() > stop_at:
                 view.progress.set_phase("reading back every acknowledged value")
