@@ -372,14 +372,8 @@ def test_the_command_line_rejects_bad_options_with_a_clear_error() -> None:
     assert r.exit_code == 2 and "--reads" in r.output
 
 
-def test_the_demo_load_process_runs_until_told_and_records_its_gaps(
-        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
-    """`ptmig.demo.loadproc` loads until a `stop-at` line says when (not its 60 s limit), keeps
-    the gap of an outage with its start, and records every request's completion and latency."""
-    import numpy as np
-
-    from ptmig.demo.plan import latency_path
-
+def start_demo_load(switch: UdpSwitch, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """`python -m ptmig.demo.loadproc` against the fake guest, at most 60 s, 1000 ops/s."""
     host, port = switch.address
     config = tmp_path / "vm.toml"
     config.write_text(f'[vm]\nmemory = "64M"\nvcpus = 1\n\n[workload]\nname = "kv"\n\n'
@@ -389,6 +383,18 @@ def test_the_demo_load_process_runs_until_told_and_records_its_gaps(
     proc = subprocess.Popen([sys.executable, "-m", "ptmig.demo.loadproc", str(config), "60",
                              str(out), "--rate", "1000"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
+    return proc, out
+
+
+def test_the_demo_load_process_runs_until_told_and_records_its_gaps(
+        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    """`ptmig.demo.loadproc` loads until a `stop-at` line says when (not its 60 s limit), keeps
+    the gap of an outage with its start, and records every request's completion and latency."""
+    import numpy as np
+
+    from ptmig.demo.plan import latency_path
+
+    proc, out = start_demo_load(switch, tmp_path)
     assert proc.stdin is not None and proc.stdout is not None
     start = proc.stdout.readline().split()
     assert start[0] == "start", start
@@ -416,15 +422,7 @@ def test_the_demo_load_process_stops_when_the_demo_goes_away(
     assert parse_control("stop-at 12.5\n") == 12.5
     assert parse_control("stop-at nan") is None and parse_control("stop-at x") is None
     assert parse_control("go 1") is None
-    host, port = switch.address
-    config = tmp_path / "vm.toml"
-    config.write_text(f'[vm]\nmemory = "64M"\nvcpus = 1\n\n[workload]\nname = "kv"\n\n'
-                      f'[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "{GUEST_IP}/24"\n'
-                      f'backend = "udp:{host}:{port}"\n')
-    out = tmp_path / "load.json"
-    proc = subprocess.Popen([sys.executable, "-m", "ptmig.demo.loadproc", str(config), "60",
-                             str(out), "--rate", "1000"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc, out = start_demo_load(switch, tmp_path)
     assert proc.stdin is not None and proc.stdout is not None
     assert proc.stdout.readline().startswith("start ")
     while not (line := proc.stdout.readline()).startswith("progress") or line.endswith(" 0\n"):
