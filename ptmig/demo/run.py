@@ -230,12 +230,14 @@ class CpuWatch:
         rate = cpu.migration_cpu_s(a, b) / (self.start_at - self.warm_at)
         return rate * (self.switched_at - self.start_at)
 
-    def to_json(self, transferred: Any) -> dict[str, Any]:
+    def to_json(self, transferred: Any, ram_total: Any = None) -> dict[str, Any]:
         """Per side: `-s` / `-s-per-gib` from `migrate` to the switchover (the migration
         itself), `-baseline-s` what the side spent in as long during the warm-up (not
         migrating), `-with-verify-s` to the end (the page verification after it included)."""
         gib = float(transferred) / (1 << 30) if isinstance(transferred, (int, float)) else 0.0
-        out: dict[str, Any] = {"gib-transferred": round(gib, 4),
+        ram_gib = (float(ram_total) / (1 << 30) if isinstance(ram_total, (int, float))
+                   else 0.0)
+        out: dict[str, Any] = {"gib-transferred": round(gib, 4), "gib-ram": round(ram_gib, 4),
                                "what": "VMM process CPU (user + system, vCPU threads left "
                                        "out) from migrate to the switchover, and to the end "
                                        "of the migration with the verification after it"}
@@ -248,6 +250,8 @@ class CpuWatch:
                 out[f"{side}-s"] = round(used, 3)
                 if gib > 0:
                     out[f"{side}-s-per-gib"] = round(used / gib, 3)
+                if ram_gib > 0:  # every page of RAM is examined at least once
+                    out[f"{side}-s-per-ram-gib"] = round(used / ram_gib, 3)
                 base = self._baseline(i)
                 if base is not None:
                     out[f"{side}-baseline-s"] = round(base, 3)
@@ -324,7 +328,8 @@ def _demo_section(opts: DemoOptions, t0: float, mig: MigrationRun, load_doc: dic
                    "downtime-ms": info.get("downtime")},
         "throughput": throughput(load.get("series") or [], phases, load_end),
         "latency": latency,
-        "cpu": cpu_watch.to_json((info.get("ram") or {}).get("transferred")),
+        "cpu": cpu_watch.to_json((info.get("ram") or {}).get("transferred"),
+                                 (info.get("ram") or {}).get("total")),
     }
 
 
