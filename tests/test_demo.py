@@ -94,13 +94,18 @@ def test_throughput_before_precopy_after() -> None:
 
 def test_latency_percentiles_per_phase() -> None:
     phases = migration_phases(INFO, 4.0, 9.0)
-    rows = np.array([[1.0, 1.0], [2.0, 3.0], [4.5, 10.0], [4.6, 30.0], [4.95, 99.0],
-                     [6.0, 2.0]])
+    # (completed at, latency): phases are warm-up < 4.0, setup < 4.1, pre-copy < 4.8,
+    # stop-and-copy < 5.0, after
+    rows = np.array([[1.0, 1.0], [2.0, 3.0], [4.5, 10.0], [4.6, 30.0], [5.05, 300.0],
+                     [4.95, 99.0], [6.0, 2.0], [6.5, 4.0]])
     lat = latency_by_phase(rows, phases)
     assert lat["before"]["n"] == 2 and lat["before"]["max_ms"] == 3.0
-    assert lat["pre-copy"] == {"n": 2, "p50_ms": 20.0, "p99_ms": pytest.approx(29.8),
-                               "max_ms": 30.0}
-    assert lat["after"]["n"] == 1  # the request completed inside the pause counts nowhere
+    # sent at 4.49, 4.57 and 4.75 (that one waited through the pause, but was sent in
+    # pre-copy); the one sent at 4.851, inside the pause, counts nowhere
+    assert lat["pre-copy"] == {"n": 3, "p50_ms": 30.0, "p99_ms": pytest.approx(294.6),
+                               "max_ms": 300.0}
+    assert lat["after"] == {"n": 2, "p50_ms": 3.0, "p99_ms": pytest.approx(3.98),
+                            "max_ms": 4.0}
     assert "pre-copy" not in latency_by_phase(rows[:2], phases)
 
 
@@ -207,6 +212,7 @@ def test_the_migrations_origin_is_pinned_down_by_the_polls() -> None:
     run.bound_start(10.050, 10.060, 47)  # origin in [10.002, 10.013]
     run.bound_start(10.200, 10.203, 195)  # origin in [10.004, 10.008]
     run.bound_start(10.300, 10.400, "n/a")  # no total-time: no information
+    run.bound_start(10.500, 10.501, 0)  # 0: the source's clock had not started: none either
     assert (run.start_lo, run.start_hi) == (pytest.approx(10.004), pytest.approx(10.008))
     assert run.started == pytest.approx(10.006) and run.slack_s == pytest.approx(0.002)
     run.bound_start(11.0, 11.001, 10)  # contradicts the others (a stale reply): ignored

@@ -133,8 +133,8 @@ class MigrationRun:
         """A `query-migrate` asked at `asked` and answered at `answered` said `total_ms`
         (whole ms since the origin): the origin lies in [asked - total - 1 ms, answered -
         total]. Intersecting these over the polls pins it down to a few ms at worst."""
-        if not isinstance(total_ms, (int, float)) or isinstance(total_ms, bool):
-            return
+        if not isinstance(total_ms, (int, float)) or isinstance(total_ms, bool) or total_ms <= 0:
+            return  # 0: the source's clock has not started yet (its thread is starting)
         lo = asked - float(total_ms) / 1000.0 - 0.001
         hi = answered - float(total_ms) / 1000.0
         if lo <= self.start_hi and hi >= self.start_lo:  # else: inconsistent, keep what we had

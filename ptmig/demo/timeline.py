@@ -115,16 +115,19 @@ PERCENTILE_PHASES = ("warm-up", "pre-copy", "after")
 
 
 def latency_by_phase(rows: np.ndarray, phases: Sequence[Phase]) -> dict[str, dict[str, float]]:
-    """Latency p50 / p99 / max (ms) of the requests completed in each of warm-up ("before"),
-    pre-copy and after; `rows` is (completed at s, latency ms) per request. A phase with no
-    completed request is left out."""
+    """Latency p50 / p99 / max (ms) of the requests sent in each of warm-up ("before"),
+    pre-copy and after; `rows` is (completed at s, latency ms) per request, so a request was
+    sent at completion - latency. Requests sent during setup or the stop-and-copy are left out
+    (the latter wait for the switchover: that is the client's outage, reported apart), and so
+    is a phase in which no request was sent."""
     by = {p.name: p for p in phases}
     out: dict[str, dict[str, float]] = {}
     for name in PERCENTILE_PHASES:
         p = by.get(name)
         if p is None or not len(rows):
             continue
-        inside = rows[(rows[:, 0] >= p.start_s) & (rows[:, 0] < p.end_s), 1]
+        sent = rows[:, 0] - rows[:, 1] / 1000.0
+        inside = rows[(sent >= p.start_s) & (sent < p.end_s), 1]
         if len(inside):
             p50, p99 = np.percentile(inside, [50, 99]).tolist()
             out["before" if name == "warm-up" else name] = {
