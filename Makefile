@@ -1,6 +1,7 @@
 # make demo  — set up the virtual environment and run the main job
 # make test  — set up the virtual environment and run the test suite
-# make bench — set up and run the benchmarks (table on stdout, JSON in bench-results/)
+# make bench — set up and run the benchmarks (table on stdout, JSON in bench-results/);
+#              installs QEMU for the peer comparison when missing (root, Debian)
 # make sanitize — the native code's differential and fuzz tests under ASan + UBSan
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-deps bench lint sanitize clean
+.PHONY: demo test test-deps bench bench-deps lint sanitize clean
 
 # pyproject.toml takes compatible ranges; constraints.txt pins the versions the project is
 # tested with, and the virtual environment is installed from it.
@@ -43,7 +44,19 @@ test: $(STAMP) test-deps
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory sanitize
 
-bench: $(STAMP)
+# QEMU, the peer the migration bench compares with (qemu-system-x86 on Debian): installed only
+# when missing and when we are root on a Debian-like system; otherwise the bench says in its
+# table and JSON why the comparison is missing.
+bench-deps:
+	@if ! command -v qemu-system-x86_64 >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing qemu-system-x86 (the migration bench compares ptmig with QEMU)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		    --no-install-recommends qemu-system-x86 >/dev/null) \
+		    || echo "qemu-system-x86 could not be installed: the bench reports QEMU as missing"; \
+	fi
+
+bench: $(STAMP) bench-deps
 	$(VENV)/bin/ptmig bench
 
 lint: $(STAMP)

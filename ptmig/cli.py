@@ -220,11 +220,13 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 @click.option("--bench-json", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("bench-results") / "bench.json", show_default=True,
               help="Bench results to add to the report (strategy comparison), if present.")
-@click.option("--quick", is_flag=True, help="256 MiB and about 7 s of load.")
+@click.option("--quick", is_flag=True, help="256 MiB, a shorter load before and after.")
 @click.option("--memory", default=None, help="Guest RAM (default 1G, 256M with --quick).")
 @click.option("--warmup", type=float, default=None, help="Seconds of load before migrating.")
-@click.option("--duration", type=float, default=None,
-              help="Seconds of load in all (warm-up, migration, after the switchover).")
+@click.option("--after", type=float, default=None,
+              help="Seconds of load after the switchover (default 4, 3 with --quick).")
+@click.option("--rate", type=float, default=None,
+              help="Offered kv load in ops/s (default: as fast as the client can).")
 @click.option("--max-bandwidth", type=float, default=100.0, show_default=True,
               help="Migration bandwidth in MiB/s (0: unlimited).")
 @click.option("--downtime-limit", type=int, default=300, show_default=True,
@@ -235,12 +237,14 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 @click.option("--no-live", is_flag=True, help="Plain progress lines instead of the live view.")
 def demo(dma_tracking: str, json_path: Path | None, report_dir: Path | None,
          bench_json: Path, quick: bool, memory: str | None, warmup: float | None,
-         duration: float | None, max_bandwidth: float, downtime_limit: int, tap: bool,
-         run_dir: Path | None, no_live: bool) -> None:
+         after: float | None, rate: float | None, max_bandwidth: float, downtime_limit: int,
+         tap: bool, run_dir: Path | None, no_live: bool) -> None:
     """Live-migrate a kv VM with passthrough NIC and disk under load; verify nothing is lost.
 
-    Exit status: 0 everything verified; 1 the migration lost or corrupted something (expected
-    with --dma-tracking none); 2 the demo could not run.
+    The load runs from the warm-up until --after seconds after the switchover, however long
+    pre-copy takes. Exit status: 0 everything verified; 1 the migration lost or corrupted
+    something (expected with --dma-tracking none), or the load did not span the switchover
+    (the summary says which condition failed); 2 the demo could not run.
     """
     from .demo import DemoOptions, run_demo
 
@@ -249,7 +253,7 @@ def demo(dma_tracking: str, json_path: Path | None, report_dir: Path | None,
         opts = DemoOptions(
             memory=memory or base.memory, dma_tracking=dma_tracking,
             warmup_s=warmup if warmup is not None else base.warmup_s,
-            duration_s=duration if duration is not None else base.duration_s,
+            after_s=after if after is not None else base.after_s, rate=rate,
             max_bandwidth_mib=max_bandwidth, downtime_limit_ms=downtime_limit, tap=tap,
             json_path=json_path, report_dir=report_dir, bench_json=bench_json,
             run_dir=run_dir, live=not no_live)

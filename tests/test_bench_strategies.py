@@ -16,6 +16,7 @@ from ptmig.bench import load_section, run_bench, write_json
 from ptmig.bench.harness import BenchConfig
 from ptmig.bench.strategies import (
     DATAPATH_RESULTS,
+    MAX_RATE_RESULTS,
     CellRun,
     StrategyBenchParams,
     cell_from_doc,
@@ -26,6 +27,7 @@ from ptmig.bench.strategies import (
     precopy_rate,
     run_cells,
     run_strategy_bench,
+    with_offered_load,
 )
 from ptmig.report.bench import strategy_points
 
@@ -43,6 +45,7 @@ def demo_doc(*, downtime: int = 120, mismatched: int = 0, lost: int = 0, wrong: 
             "ram": {"transferred": 64 * MiB, "dirty-sync-count": 3},
             "x-rounds": [{"round": 0, "pages": 65536}, {"round": 1, "pages": 900},
                          {"round": 2, "pages": 300, "stop-and-copy": True,
+                          "stop-at-ms": 880.0,
                           "downtime-ms": {"pause": 1, "sync": 2, "send": 30, "ack": 80},
                           "destination-ms": {"verify": verify_ms, "vcpus": 1, "devices": 5}}],
             "x-verify": {"pages": 65536, "mismatched": mismatched, "first-mismatched": []},
@@ -56,21 +59,31 @@ def demo_doc(*, downtime: int = 120, mismatched: int = 0, lost: int = 0, wrong: 
                        {"name": "pre-copy", "start_s": 3.02, "end_s": 3.9},
                        {"name": "stop-and-copy", "start_s": 3.9, "end_s": 4.02},
                        {"name": "after", "start_s": 4.02, "end_s": 8.0}],
-            "outage": {"client-ms": 150.0, "guest-ms": 140.0},
-            "throughput": {"before": 5000.0, "during": 3500.0, "after": 4500.0},
+            "outage": {"client-ms": 150.0, "guest-ms": 140.0, "client-switchover": {
+                "start_s": 3.89, "end_s": 4.04, "ms": 150.0, "contains-switchover": True}},
+            "throughput": {"before": 5000.0, "pre-copy": 3500.0, "after": 4500.0},
+            "latency": {"before": {"n": 900, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0},
+                        "pre-copy": {"n": 300, "p50_ms": 1.5, "p99_ms": 5.0, "max_ms": 9.0},
+                        "after": {"n": 1800, "p50_ms": 1.1, "p99_ms": 2.5, "max_ms": 150.0}},
+            "cpu": {"source-s": 0.05, "source-s-per-gib": 0.8, "destination-s": 0.04,
+                    "destination-s-per-gib": 0.6},
             "problems": [],
         },
     }
 
 
 def cell(strategy: str, memory: str, downtime: float, *, correct: bool = True,
-         before: float = 5000.0, during: float = 4000.0) -> CellRun:
+         before: float = 5000.0, during: float = 4000.0, p99: tuple[float, float] = (2.0, 3.0),
+         cpu: float = 0.7) -> CellRun:
     return CellRun(strategy, memory, status="completed", total_ms=1000.0,
                    downtime_ms=downtime, bytes_sent=64.0 * MiB, rounds=3.0,
                    client_gap_ms=downtime + 10, guest_pause_ms=downtime,
-                   ops_before=before, ops_during=during, ops_after=4800.0,
+                   ops_before=before, ops_precopy=during, ops_after=4800.0,
                    mismatched=0.0 if correct else 12.0, lost=0.0 if correct else 3.0,
-                   unverified=0.0, acked=1000.0)
+                   wrong=0.0, unverified=0.0, acked=1000.0, covered=True,
+                   latency={"before": {"p50_ms": 1.0, "p99_ms": p99[0], "max_ms": 4.0},
+                            "precopy": {"p50_ms": 1.2, "p99_ms": p99[1], "max_ms": 9.0}},
+                   cpu_source=cpu, cpu_destination=cpu / 2)
 
 
 def by_name(results: list[Any]) -> dict[str, Any]:
@@ -86,11 +99,20 @@ def test_cell_from_doc_reads_every_column() -> None:
     assert (c.client_gap_ms, c.guest_pause_ms) == (150.0, 140.0)
     assert (c.ops_before, c.ops_after) == (5000.0, 4500.0)
     # pre-copy 3.02..3.9 s: whole buckets 3.1 .. 3.7 (400 ops each) -> 4000 ops/s
-    assert c.ops_during == pytest.approx(4000.0)
-    assert c.lost == 3 and c.mismatched == 0 and c.verify_ms == 40.0
+    assert c.ops_precopy == pytest.approx(4000.0)
+    assert (c.lost, c.wrong, c.mismatched) == (1, 2, 0)  # each on its own
+    assert c.lat("precopy", "p99_ms") == 5.0 and c.lat("after", "max_ms") == 150.0
+    assert (c.cpu_source, c.cpu_destination) == (0.8, 0.6)
     assert c.downtime_parts["ack"] == 80 and c.downtime_parts["destination"]["verify"] == 40.0
     assert not c.correct  # values were lost
     assert cell_from_doc("shadow", "256M", demo_doc()).correct
+
+
+def test_a_load_that_missed_the_switchover_is_not_a_correct_cell() -> None:
+    doc = demo_doc()
+    doc["demo"]["throughput"]["after"] = None  # the load ended before the switchover
+    c = cell_from_doc("shadow", "256M", doc)
+    assert not c.covered and not c.correct
 
 
 def test_cell_from_doc_without_verification_is_not_correct() -> None:
@@ -154,7 +176,21 @@ def test_derived_results_meet_their_goals_when_shadow_behaves() -> None:
     assert r["strategy.shadow.during_vs_before"].value == pytest.approx(0.8)
     assert r["strategy.shadow_vs_devicelog.during_vs_before"].value == pytest.approx(1.0)
     assert r["strategy.shadow_vs_devicelog.during_vs_before"].ok is None  # no goal: context
+    assert r["strategy.shadow.p99_precopy_vs_before"].value == pytest.approx(1.5)
+    assert r["strategy.all-dirty.cpu_per_gib.source"].value == pytest.approx(0.7)
+    assert r["strategy.all-dirty.cpu_per_gib.destination"].value == pytest.approx(0.35)
     assert all(x.ok for x in r.values() if x.goal is not None)
+
+
+def test_latency_and_cpu_goals_are_missed_when_exceeded() -> None:
+    p = StrategyBenchParams(memories=("256M",), strategies=("shadow",), runs=2)
+    cells = [cell("shadow", "256M", 100, p99=(2.0, 5.0), cpu=1.4),
+             cell("shadow", "256M", 100, p99=(2.0, 6.0), cpu=1.8)]
+    r = by_name(derived_results(cells, p))
+    assert r["strategy.shadow.p99_precopy_vs_before"].runs == [2.5, 3.0]
+    assert r["strategy.shadow.p99_precopy_vs_before"].ok is False
+    assert r["strategy.shadow.cpu_per_gib.source"].ok is False
+    assert r["strategy.shadow.cpu_per_gib.destination"].ok is True  # 0.7, 0.9
 
 
 def test_shadow_slowdown_is_compared_with_device_logs_in_the_same_round() -> None:
@@ -236,8 +272,15 @@ def test_params_reject_unknown_strategies_and_sizes() -> None:
         StrategyBenchParams(memories=("lots",))
     quick = StrategyBenchParams.for_config(BenchConfig.for_mode(True))
     assert quick.runs == 1 and len(quick.memories) == 2
-    # all-dirty's load is long enough for its many full-RAM rounds
-    assert quick.duration_s("all-dirty", "1G") > quick.duration_s("shadow", "1G") + 10
+    with pytest.raises(ValueError, match="got 1.5"):
+        StrategyBenchParams(load_fraction=1.5)
+
+
+def test_the_offered_load_is_the_fraction_of_the_maximum() -> None:
+    p, results = with_offered_load(StrategyBenchParams(load_fraction=0.5), 41_000.0)
+    assert p.rate == 20_500 and "20,500 ops/s offered" in p.load_text()
+    assert [(r.name, r.value) for r in results] == [(MAX_RATE_RESULTS[0], 41_000.0),
+                                                    (MAX_RATE_RESULTS[1], 20_500.0)]
 
 
 # ---- running, with a fake demo ---------------------------------------------------------------
@@ -295,7 +338,8 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
     doc = json.loads(path.read_text())
     assert doc["errors"] == []
     results = {r["name"]: r for r in doc["results"]}
-    assert list(results) == expected_result_names(tiny) + list(DATAPATH_RESULTS)
+    assert list(results) == (list(MAX_RATE_RESULTS) + expected_result_names(tiny)
+                             + list(DATAPATH_RESULTS))
     assert results["strategy.shadow.datapath_vs_direct"]["value"] > 0
     assert all(r["section"] == "strategies" for r in results.values())
     for s in ("none", "shadow"):
@@ -330,7 +374,7 @@ def test_demo_cell_turns_a_demo_that_cannot_run_into_a_failed_cell(tmp_path: Pat
     assert c.error is not None and "kv.c failed" in c.error and not c.correct
     opts = seen[0]
     assert (opts.memory, opts.dma_tracking, opts.live) == ("1G", "all-dirty", False)
-    assert opts.duration_s == p.duration_s("all-dirty", "1G")
+    assert (opts.after_s, opts.rate) == (p.after_s, p.rate)
 
     def printed(opts: Any, console: Any) -> DemoOutcome:
         console.print("VERIFIED")

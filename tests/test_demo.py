@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ptmig.config import parse_config
+from ptmig.demo.cpu import TICK_S, CpuSample, StatTimes, migration_cpu_s, parse_stat, sample
 from ptmig.demo.plan import DemoOptions, config_text
 from ptmig.demo.summary import EXIT_NOT_VERIFIED, EXIT_VERIFIED, summary_lines, verdict
-from ptmig.demo.timeline import migration_phases, rate_between, throughput
+from ptmig.demo.timeline import (
+    Gap,
+    Phase,
+    gap_contains,
+    latency_by_phase,
+    migration_phases,
+    rate_between,
+    switchover_gap,
+    throughput,
+)
 
 DEMO_DOC = Path(__file__).resolve().parent / "test_report_demo.json"
 
@@ -28,13 +39,27 @@ def test_generated_config_is_a_valid_kv_vm_with_net_and_disk(tmp_path: Path) -> 
 def test_options_are_checked_with_the_offending_value() -> None:
     with pytest.raises(ValueError, match="'bogus'"):
         DemoOptions(dma_tracking="bogus").check()
-    with pytest.raises(ValueError, match="duration 3.0 s"):
-        DemoOptions(warmup_s=2.0, duration_s=3.0).check()
+    with pytest.raises(ValueError, match="got 0.5 s"):
+        DemoOptions(after_s=0.5).check()
+    with pytest.raises(ValueError, match="got -3 ops/s"):
+        DemoOptions(rate=-3).check()
     DemoOptions.quick().check()
     assert DemoOptions.quick().memory == "256M"
 
 
 INFO = {"status": "completed", "total-time": 1000, "setup-time": 100, "downtime": 200}
+
+
+def test_the_pause_is_placed_where_the_source_says_it_began() -> None:
+    # total-time also counts the verification after the switchover: the pause is not its end
+    info = dict(INFO, **{"total-time": 3000, "x-rounds": [
+        {"round": 0, "pages": 10}, {"round": 1, "pages": 3, "stop-and-copy": True,
+                                    "stop-at-ms": 700.0}]})
+    phases = {p.name: p for p in migration_phases(info, 4.0, 12.0)}
+    assert phases["pre-copy"].end_s == pytest.approx(4.7)
+    assert (phases["stop-and-copy"].start_s, phases["stop-and-copy"].end_s) == (
+        pytest.approx(4.7), pytest.approx(4.9))
+    assert phases["after"].start_s == pytest.approx(4.9)
 
 
 def test_phases_follow_qemus_fields() -> None:
@@ -52,15 +77,61 @@ def test_a_failed_migration_has_no_stop_and_copy() -> None:
     assert names == ["warm-up", "setup", "pre-copy", "after"]
 
 
-def test_throughput_before_during_after() -> None:
-    # 100 ops per bucket before 4 s, 0 during [4, 5), 50 after; the last bucket is partial.
-    series = [[round(i * 0.1, 1), 100 if i < 40 else (0 if i < 50 else 50)] for i in range(100)]
+def test_throughput_before_precopy_after() -> None:
+    # 100 ops per bucket before 4 s, 20 in setup [4, 4.1), 0 in pre-copy [4.1, 4.8) and
+    # stop-and-copy, 50 after 5 s; the last bucket is partial.
+    def ops(i: int) -> int:
+        return 100 if i < 40 else 20 if i < 41 else 0 if i < 50 else 50
+
+    series = [[round(i * 0.1, 1), ops(i)] for i in range(100)]
     phases = migration_phases(INFO, 4.0, 9.95)
     tp = throughput(series, phases, 9.95)
     assert tp["before"] == pytest.approx(1000.0)
-    assert tp["during"] == pytest.approx(0.0)
+    assert tp["pre-copy"] == pytest.approx(0.0)  # pre-copy alone: setup's bucket left out
     assert tp["after"] == pytest.approx(500.0)
     assert rate_between(series, 20.0, 30.0) is None
+
+
+def test_latency_percentiles_per_phase() -> None:
+    phases = migration_phases(INFO, 4.0, 9.0)
+    # (completed at, latency): phases are warm-up < 4.0, setup < 4.1, pre-copy < 4.8,
+    # stop-and-copy < 5.0, after
+    rows = np.array([[1.0, 1.0], [2.0, 3.0], [4.5, 10.0], [4.6, 30.0], [5.05, 300.0],
+                     [4.95, 99.0], [6.0, 2.0], [6.5, 4.0]])
+    lat = latency_by_phase(rows, phases)
+    assert lat["before"]["n"] == 2 and lat["before"]["max_ms"] == 3.0
+    # sent at 4.49, 4.57 and 4.75 (that one waited through the pause, but was sent in
+    # pre-copy); the one sent at 4.851, inside the pause, counts nowhere
+    assert lat["pre-copy"] == {"n": 3, "p50_ms": 30.0, "p99_ms": pytest.approx(294.6),
+                               "max_ms": 300.0}
+    assert lat["after"] == {"n": 2, "p50_ms": 3.0, "p99_ms": pytest.approx(3.98),
+                            "max_ms": 4.0}
+    assert "pre-copy" not in latency_by_phase(rows[:2], phases)
+
+
+STOP = Phase("stop-and-copy", 5.0, 5.1)
+
+
+@pytest.mark.parametrize("gaps, expected", [
+    ([[1.0, 50.0], [4.99, 130.0], [6.0, 400.0]], (4.99, 5.12)),  # the one at the pause
+    ([[4.95, 60.0], [5.02, 100.0]], (5.02, 5.12)),  # the larger overlap wins
+    ([[1.0, 500.0], [5.2, 30.0]], None),  # none overlaps: served right through it
+])
+def test_the_gap_at_the_switchover_is_found(gaps, expected) -> None:
+    g = switchover_gap(gaps, STOP)
+    assert (None if g is None else (g.start_s, pytest.approx(g.end_s))) == expected
+
+
+@pytest.mark.parametrize("start, end, ok", [
+    (4.99, 5.12, True),
+    (5.004, 5.12, True),  # replies queued before the pause went out during the first 5 ms
+    (5.02, 5.12, False),  # began well after the pause began: the client was served inside it
+    (4.99, 5.085, True),  # the guest ran during the last 20 ms, while the ack travelled
+    (4.99, 5.05, False),  # ended before the guest can have resumed
+])
+def test_the_gap_must_contain_the_pause(start: float, end: float, ok: bool) -> None:
+    assert gap_contains(Gap(start, end), STOP, early_s=0.005, late_s=0.02,
+                        slack_s=0.001) is ok
 
 
 def doc() -> dict:
@@ -86,6 +157,16 @@ def test_a_clean_run_is_verified() -> None:
     (lambda d: d["migration"].pop("x-verify"), "verification did not run"),
     (lambda d: d["migration"].update({"x-verify": {"error": "ConnectionResetError: peer gone"}}),
      "verification did not conclude"),
+    # the load did not span the switchover
+    (lambda d: d["demo"]["throughput"].update(after=None), "not served after the switchover"),
+    (lambda d: d["demo"]["throughput"].update({"pre-copy": 0.0}), "not served during pre-copy"),
+    (lambda d: d["demo"]["throughput"].update(before=None), "not served before the migration"),
+    (lambda d: d["demo"]["phases"][-1].update(end_s=d["demo"]["phases"][-1]["start_s"]),
+     "no 'after' phase"),
+    (lambda d: d["demo"]["outage"].update({"client-switchover": None}),
+     "its outage there was not measured"),
+    (lambda d: d["demo"]["outage"]["client-switchover"].update({"contains-switchover": False}),
+     "does not contain the guest's pause"),
 ])
 def test_any_loss_fails_the_verdict(change, expected: str) -> None:
     d = doc()
@@ -94,3 +175,50 @@ def test_any_loss_fails_the_verdict(change, expected: str) -> None:
     assert not v.ok and v.exit_status == EXIT_NOT_VERIFIED
     assert any(expected in p for p in v.problems), v.problems
     assert "NOT VERIFIED:" in summary_lines(d)
+
+
+STAT = ("4242 (python -m (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 {ut} {st} 0 0 20 0 3 0 "
+        "100 1000 100 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 {gt} 0 0 0")
+
+
+def test_proc_stat_times_are_parsed_past_a_name_with_parentheses() -> None:
+    t = parse_stat(STAT.format(ut=150, st=50, gt=120))
+    assert t.cpu_s == pytest.approx(200 * TICK_S) and t.guest_s == pytest.approx(120 * TICK_S)
+    with pytest.raises(ValueError, match="not a /proc stat line"):
+        parse_stat("12 (short) S 1 2")
+
+
+def test_migration_cpu_leaves_out_the_threads_that_ran_a_guest() -> None:
+    # thread 1: main (no guest); 2: a vCPU on both samples; 3: a vCPU that first ran the
+    # guest after the start (the destination's)
+    start = CpuSample(10.0, {1: StatTimes(4.0, 0.0), 2: StatTimes(5.0, 4.0),
+                             3: StatTimes(1.0, 0.0)})
+    end = CpuSample(20.0, {1: StatTimes(9.0, 0.0), 2: StatTimes(8.0, 7.0),
+                           3: StatTimes(3.0, 1.5)})
+    assert migration_cpu_s(start, end) == pytest.approx(10.0 - 3.0 - 2.0)
+
+
+def test_this_process_can_be_sampled() -> None:
+    import os
+
+    s = sample(os.getpid())
+    assert s is not None and s.total_s >= 0 and os.getpid() in s.threads
+
+
+def test_the_migrations_origin_is_pinned_down_by_the_polls() -> None:
+    from ptmig.demo.run import MigrationRun
+
+    run = MigrationRun(10.0, 130.0, {}, [])
+    run.bound_start(10.050, 10.060, 47)  # origin in [10.002, 10.013]
+    run.bound_start(10.200, 10.203, 195)  # origin in [10.004, 10.008]
+    run.bound_start(10.300, 10.400, "n/a")  # no total-time: no information
+    run.bound_start(10.500, 10.501, 0)  # 0: the source's clock had not started: none either
+    assert (run.start_lo, run.start_hi) == (pytest.approx(10.004), pytest.approx(10.008))
+    assert run.started == pytest.approx(10.006) and run.slack_s == pytest.approx(0.002)
+    run.bound_start(11.0, 11.001, 10)  # contradicts the others (a stale reply): ignored
+    assert run.start_lo == pytest.approx(10.004)
+    run.info = {"status": "completed", "downtime": 30,
+                "x-rounds": [{"round": 3, "pages": 9, "stop-and-copy": True, "stop-at-ms": 900}]}
+    assert run.resumed_at() == pytest.approx(10.006 + 0.93)
+    run.info = {"status": "failed"}
+    assert run.resumed_at() is None

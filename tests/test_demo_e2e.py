@@ -51,13 +51,35 @@ def test_shadow_migrates_under_load_and_verifies(tmp_path: Path) -> None:
     assert guest["vcpus"][0]["max-gap-us"] > 0
     # the load ran before, during and after the migration, on the destination at the end
     tp = doc["demo"]["throughput"]
-    assert tp["before"] and tp["after"], tp
+    assert tp["before"] and tp["pre-copy"] and tp["after"], tp
+    assert doc["demo"]["outage"]["client-switchover"]["contains-switchover"]
     for field in ("Migration status: completed", "downtime:", "lost: 0",
                   "mismatched pages: 0 of 65536", "VERIFIED"):
         assert field in output, field
     assert (tmp_path / "report" / "index.html").exists()
     assert (tmp_path / "report" / "timeline.png").exists()
     assert no_children_left(tmp_path / "run")
+
+
+def test_a_migration_longer_than_the_load_still_has_the_load_around_the_switchover(
+        tmp_path: Path) -> None:
+    """10 MiB/s for a 256 MiB guest: pre-copy alone outlasts the warm-up and after-switchover
+    seconds together (the old fixed window), and the load still runs for 3 s past the resume."""
+    status, output, doc = run_demo(tmp_path, "--max-bandwidth", "10", "--rate", "4000",
+                                   "--after", "3")
+    assert status == 0, output
+    demo = doc["demo"]
+    phases = {p["name"]: p for p in demo["phases"]}
+    pre = phases["pre-copy"]
+    assert pre["end_s"] - pre["start_s"] > demo["options"]["warmup-s"] + 3.0, phases
+    after = phases["after"]
+    assert after["start_s"] == phases["stop-and-copy"]["end_s"]
+    assert after["end_s"] - after["start_s"] >= 2.5, phases  # --after 3, less clock slack
+    gap = demo["outage"]["client-switchover"]
+    assert gap["contains-switchover"], gap
+    assert gap["start_s"] < phases["stop-and-copy"]["end_s"] and gap["end_s"] > pre["end_s"]
+    assert demo["throughput"]["after"] > 0 and demo["latency"]["after"]["n"] > 0
+    assert "VERIFIED" in output
 
 
 def test_without_dma_tracking_the_loss_is_reported(tmp_path: Path) -> None:

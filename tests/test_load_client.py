@@ -370,3 +370,64 @@ def test_the_command_line_rejects_bad_options_with_a_clear_error() -> None:
     assert r.exit_code == 2 and "exclude each other" in r.output
     r = CliRunner().invoke(main, ["load", "--reads", "1.5"])
     assert r.exit_code == 2 and "--reads" in r.output
+
+
+def start_demo_load(switch: UdpSwitch, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """`python -m ptmig.demo.loadproc` against the fake guest, at most 60 s, 1000 ops/s."""
+    host, port = switch.address
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[vm]\nmemory = "64M"\nvcpus = 1\n\n[workload]\nname = "kv"\n\n'
+                      f'[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "{GUEST_IP}/24"\n'
+                      f'backend = "udp:{host}:{port}"\n')
+    out = tmp_path / "load.json"
+    proc = subprocess.Popen([sys.executable, "-m", "ptmig.demo.loadproc", str(config), "60",
+                             str(out), "--rate", "1000"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    return proc, out
+
+
+def test_the_demo_load_process_runs_until_told_and_records_its_gaps(
+        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    """`ptmig.demo.loadproc` loads until a `stop-at` line says when (not its 60 s limit), keeps
+    the gap of an outage with its start, and records every request's completion and latency."""
+    import numpy as np
+
+    from ptmig.demo.plan import latency_path
+
+    proc, out = start_demo_load(switch, tmp_path)
+    assert proc.stdin is not None and proc.stdout is not None
+    start = proc.stdout.readline().split()
+    assert start[0] == "start", start
+    t0 = float(start[1])
+    guest.outage = (0.5, 0.9)  # 400 ms of silence, 0.5 s after the guest's first request
+    proc.stdin.write(f"stop-at {t0 + 1.5}\n")
+    proc.stdin.flush()
+    proc.stdout.read()
+    assert proc.wait(timeout=30) == 0
+    doc = json.loads(out.read_text())
+    assert doc["t0"] == pytest.approx(t0, abs=1e-3)
+    assert 1.4 <= doc["result"]["duration_s"] < 30  # stopped when told, not at 60 s
+    longest = max(doc["gaps"], key=lambda g: g[1])
+    assert longest[1] >= 300 and 0.0 < longest[0] < 1.0
+    assert all(length >= 2.0 for _, length in doc["gaps"])
+    rows = np.load(latency_path(out))
+    assert rows.shape == (doc["result"]["ops"], 2)
+    assert (rows[:, 0] <= doc["result"]["duration_s"]).all() and (rows[:, 1] >= 0).all()
+
+
+def test_the_demo_load_process_stops_when_the_demo_goes_away(
+        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    from ptmig.demo.loadproc import parse_control
+
+    assert parse_control("stop-at 12.5\n") == 12.5
+    assert parse_control("stop-at nan") is None and parse_control("stop-at x") is None
+    assert parse_control("go 1") is None
+    proc, out = start_demo_load(switch, tmp_path)
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout.readline().startswith("start ")
+    while not (line := proc.stdout.readline()).startswith("progress") or line.endswith(" 0\n"):
+        assert line, "the load process ended on its own"
+    proc.stdin.close()  # end of stdin: stop now, then drain and verify as usual
+    proc.stdout.read()
+    assert proc.wait(timeout=30) == 0
+    assert json.loads(out.read_text())["result"]["duration_s"] < 30

@@ -19,3 +19,5 @@ def test_data_channels_migrate_a_filled_guest_page_for_page(tmp_path: Path) -> N
     assert info["x-verify"]["pages"] == 16384
     assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
     assert info["ram"]["normal"] >= (64 - 16) * 256  # the filled part travelled as data
+    # both VMM processes spent some CPU on it (their vCPU threads left out), and it was read
+    assert sample.cpu_source_s > 0 and sample.cpu_destination_s > 0

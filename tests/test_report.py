@@ -70,6 +70,10 @@ def test_report_page_has_its_plots_and_escapes_values(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test cpu &lt;x86&gt;" in text and "<x86>" not in text
     assert "VERIFIED" in text and "NOT VERIFIED" not in text
+    # the demo's phases as measured: pre-copy alone, the outage at the switchover, latency, CPU
+    assert "6470 / 1891 / 4814" in text  # kv ops/s before / during pre-copy / after
+    assert "2.00 / 6.50 / 20.2 ms" in text  # latency during pre-copy
+    assert "1.47 / 0.88 s per GiB sent" in text
 
 
 def test_report_of_a_failed_verification_says_so(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from .harness import (
     machine_info,
     print_section,
 )
+from .progress import BenchProgress
 
 SectionFn = Callable[[BenchConfig], list[Result]]
 
@@ -75,21 +76,10 @@ def run_bench(
     """
     console = console or Console()
     report = Report(machine=machine_info())
-    for name, fn in sections:
-        console.print(f"[bold]bench {name}[/bold] ({config.runs} runs per measurement)")
-        try:
-            results = fn(config)
-        except Exception as e:
-            console.print(f"[red]section {name} crashed:[/red]\n{traceback.format_exc()}")
-            report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
-            results = list(getattr(e, "partial", []))
-            if not results:
-                continue
-        for r in results:
-            if r.section != name:
-                r.section = name
-        report.results.extend(results)
-        print_section(console, name, results)
+    with BenchProgress(console) as status:
+        for number, (name, fn) in enumerate(sections, 1):
+            status.section(name, number, len(sections))
+            _run_section(console, config, name, fn, report)
     missed = [r for r in report.results if r.ok is False]
     if missed:
         console.print(
@@ -97,6 +87,24 @@ def run_bench(
             + ", ".join(f"{r.section}/{r.name}" for r in missed)
         )
     return report
+
+
+def _run_section(console: Console, config: BenchConfig, name: str, fn: SectionFn,
+                 report: Report) -> None:
+    console.print(f"[bold]bench {name}[/bold] ({config.runs} runs per measurement)")
+    try:
+        results = fn(config)
+    except Exception as e:
+        console.print(f"[red]section {name} crashed:[/red]\n{traceback.format_exc()}")
+        report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
+        results = list(getattr(e, "partial", []))
+        if not results:
+            return
+    for r in results:
+        if r.section != name:
+            r.section = name
+    report.results.extend(results)
+    print_section(console, name, results)
 
 
 def write_json(report: Report, path: Path) -> None:

@@ -32,6 +32,7 @@ from ..layout import BootDevice, mmio_gpa
 from ..load import LoadOptions, LoadResult, run_load
 from ..net.switch import probe_switch
 from ..vm import Vm, VmSpec
+from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, measured, median
 
 SECTION = "devices"
@@ -157,6 +158,8 @@ class KvVmm:
 
 
 def _kv_run(p: DevicesParams, *, durable: bool, rate: float | None) -> LoadResult:
+    progress.step("kv " + ("durable" if durable else "unpaced" if rate is None
+                           else f"at {rate:,.0f} ops/s"))
     with KvVmm(p.kv_memory) as vmm:
         result = run_load(LoadOptions(config=vmm.config, duration_s=p.kv_seconds,
                                       durable=durable, rate=rate))
@@ -226,6 +229,7 @@ def _blkbench_once(fw: FirmwareImage, p: DevicesParams) -> float:
 
 
 def bench_blk(config: BenchConfig, p: DevicesParams, fw: FirmwareImage) -> list[Result]:
+    progress.step("virtio-blk sequential write")
     runs = [_blkbench_once(fw, p) for _ in range(config.runs)]
     return [measured(SECTION, "blk.seqwrite", runs, "MB/s",
                      extra={"size": p.blk_size, "request": p.blk_req})]
@@ -240,6 +244,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def bench_idle_cpu(config: BenchConfig, p: DevicesParams) -> list[Result]:
+    progress.step("idle CPU")
     runs: list[float] = []
     for _ in range(config.runs):
         with KvVmm(p.kv_memory) as vmm:

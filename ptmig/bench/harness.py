@@ -278,14 +278,15 @@ def section_table(section: str, results: Sequence[Result]) -> Table:
     table.add_column("ok", justify="center")
     for r in results:
         style = "red" if r.ok is False else None
+        why = r.extra.get("skipped") if not math.isfinite(r.value) else None
         table.add_row(
             r.name,
             format_value(r.value),
-            f"{format_value(r.min)} … {format_value(r.max)}",
+            f"not measured: {why}" if why else f"{format_value(r.min)} … {format_value(r.max)}",
             r.unit,
             r.goal or "",
             verdict(r.ok),
-            style=style,
+            style="yellow" if why else style,
         )
     return table
 

@@ -4,9 +4,14 @@ shadow, over guest RAM sizes, each migrated live under the kv load.
 Each cell (strategy × RAM size × run) is one `ptmig demo` run (`ptmig.demo.run_demo`): a source
 and a destination VMM on loopback, the kv guest with a passthrough virtio-net and virtio-blk, the
 load client checking every acknowledged value, `x-verify` on, the same `max-bandwidth` for every
-cell. From the demo document `cell_from_doc()` takes: total time, downtime (and where it went),
-bytes sent, rounds, the client's longest gap between replies, the guest's longest pause, kv
-ops/s before / during pre-copy / after, mismatched pages, and lost or wrong values.
+cell. The load runs from a warm-up until `after_s` past the switchover, however long pre-copy
+takes, at a fixed offered load: half the maximum kv ops/s the client reaches against one guest
+that is not migrating, measured once at the start of the section (`max_rate()`). From the demo
+document `cell_from_doc()` takes: total time, downtime (and where it went), bytes sent, rounds,
+the client's outage at the switchover, the guest's longest pause, kv ops/s served before /
+during pre-copy (the pre-copy phase alone) / after the switchover, latency p50 / p99 / max in
+each of those phases, the VMM processes' CPU seconds per GiB sent (vCPU threads left out),
+mismatched pages, lost and wrong values, and whether the load spanned the switchover.
 
 `none` is expected to lose device writes: its rows are marked, never counted as an error.
 
@@ -14,17 +19,22 @@ Reported per cell (median of the runs; correctness as the worst run), with names
 reads (`ptmig.report.bench`):
 
     strategy.<name>.<ram>.downtime / .bytes / .total / .rounds / .client_gap /
-                          .guest_pause / .ops_before / .ops_during / .ops_after /
-                          .mismatched / .lost
+                          .guest_pause / .ops_before / .ops_precopy / .ops_after /
+                          .p50_before ... .max_after / .cpu_source / .cpu_destination /
+                          .mismatched / .lost / .wrong
 
 and the derived results with the issue's goals (`derived_results()`, pure):
 
-    strategy.shadow.correct                        every shadow run verified
+    strategy.shadow.correct                        every shadow run verified (and spanned the
+                                                   switchover)
     strategy.shadow_vs_devicelog.downtime_ratio.<ram>   ≤ 1.5
     strategy.shadow.downtime_spread                largest / smallest over RAM sizes, ≤ 1.5
     strategy.alldirty.downtime_growth              largest RAM / smallest RAM, ≥ 2 (it grows)
-    strategy.shadow.during_vs_before               kv ops/s during pre-copy ÷ before, ≥ 0.7
+    strategy.shadow.during_vs_before               kv ops/s served during pre-copy ÷ before,
+                                                   at the fixed offered load, ≥ 0.7
     strategy.shadow_vs_devicelog.during_vs_before  the same ÷ device-log's (no goal: context)
+    strategy.<name>.p99_precopy_vs_before          p99 latency during pre-copy ÷ before, ≤ 2
+    strategy.<name>.cpu_per_gib.source / .destination   VMM CPU s per GiB migrated, ≤ 1
 
 and, apart from any migration (`shadow_datapath()`): kv ops/s on one guest with direct DMA and
 with its devices shadowed (`x-shadow-start`), alternating, back to back:
@@ -33,9 +43,10 @@ with its devices shadowed (`x-shadow-start`), alternating, back to back:
     strategy.shadow.datapath_vs_direct             shadowed ÷ direct, ≥ 0.7
 
 The downtime's breakdown (query-migrate's stop-and-copy round: pause, sync, send, ack, the
-destination's share) is kept in `extra["downtime_parts"]` of each `.downtime` result. If the
-engine hashes pages for `x-verify` inside the downtime (it did before verification moved after
-the switchover), the destination's share shows in the table's `verify` column.
+destination's share) is kept in `extra["downtime_parts"]` of each `.downtime` result. `x-verify`
+adds one thing to the downtime: the destination hashes the stop-and-copy round's pages as they
+arrive (about 3 µs a page on a 2-core host, so 20-30 ms for a 7,000-page final round); the
+source hashes its RAM after the switchover, which costs no downtime.
 
 Cells run interleaved (run i of every strategy and size before run i+1), so a noisy neighbour
 hits every strategy alike and the shadow / device-log ratio is paired within one round.
@@ -48,7 +59,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +68,7 @@ from rich.table import Table
 
 from ..migration.params import DMA_TRACKING
 from ..report.bench import parse_ram
+from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, format_value, measured, paired_ratios
 
 SECTION = "strategies"
@@ -69,7 +81,10 @@ GOAL_SHADOW_VS_DEVICELOG = Goal("<=", 1.5)
 GOAL_SHADOW_SPREAD = Goal("<=", 1.5)
 GOAL_ALLDIRTY_GROWTH = Goal(">=", 2.0)
 GOAL_DURING_VS_BEFORE = Goal(">=", 0.7)
+GOAL_P99_PRECOPY_VS_BEFORE = Goal("<=", 2.0)
+GOAL_CPU_PER_GIB = Goal("<=", 1.0, "s/GiB")
 GOAL_ZERO = Goal("<=", 0)
+LATENCY_PHASES = (("before", "before"), ("precopy", "pre-copy"), ("after", "after"))
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,9 @@ class StrategyBenchParams:
     strategies: tuple[str, ...] = DMA_TRACKING
     runs: int = FULL_RUNS
     warmup_s: float = 4.0  # kv load before the migration starts
-    after_s: float = 5.0  # kv load after the migration is expected to have ended
+    after_s: float = 4.0  # kv load after the switchover, however long the migration took
+    load_fraction: float = 0.5  # the offered load, as a fraction of `max_rate()`
+    rate: float | None = None  # offered ops/s (set from `max_rate()`); None: unpaced
     max_bandwidth_mib: float = 100.0  # about a 1 GbE link, the demo's default; 0 = unlimited
     downtime_limit_ms: int = 300
     datapath_pairs: int = 5  # direct/shadowed load pairs of `shadow_datapath()`
@@ -100,6 +117,8 @@ class StrategyBenchParams:
                              "both be positive")
         if self.max_bandwidth_mib < 0:
             raise ValueError(f"max bandwidth must be >= 0 MiB/s, got {self.max_bandwidth_mib}")
+        if not 0 < self.load_fraction <= 1:
+            raise ValueError(f"load fraction must be in (0, 1], got {self.load_fraction}")
 
     @classmethod
     def for_config(cls, config: BenchConfig) -> StrategyBenchParams:
@@ -108,26 +127,15 @@ class StrategyBenchParams:
                        datapath_pairs=3, datapath_s=2.0)
         return cls(runs=min(config.runs, FULL_RUNS))
 
-    def migration_allowance_s(self, strategy: str, memory: str) -> float:
-        """How long the migration may take, so the load outlasts it by `after_s`.
-
-        all-dirty resends every page the IOMMU maps writable (all of RAM) in each of its
-        rounds until the engine gives up on convergence: about 16 s per GiB at 100 MiB/s.
-        """
-        allowance = 3.0
-        if strategy == "all-dirty":
-            scale = 100.0 / self.max_bandwidth_mib if self.max_bandwidth_mib else 0.25
-            allowance += 16.0 * scale * parse_ram(memory) / (1 << 30)
-        return allowance
-
-    def duration_s(self, strategy: str, memory: str) -> float:
-        """The whole kv load of one cell: warm-up, the migration, then `after_s`."""
-        return self.warmup_s + self.migration_allowance_s(strategy, memory) + self.after_s
-
     def bandwidth_text(self) -> str:
         if self.max_bandwidth_mib:
             return f"max-bandwidth {self.max_bandwidth_mib:g} MiB/s"
         return "unlimited bandwidth"
+
+    def load_text(self) -> str:
+        if self.rate is None:
+            return "kv load unpaced"
+        return f"kv load {self.rate:,.0f} ops/s offered"
 
 
 # ---- one cell ---------------------------------------------------------------------------------
@@ -144,16 +152,21 @@ class CellRun:
     downtime_ms: float = math.nan
     bytes_sent: float = math.nan
     rounds: float = math.nan
-    client_gap_ms: float = math.nan
+    client_gap_ms: float = math.nan  # the client's outage at the switchover
     guest_pause_ms: float = math.nan
     ops_before: float = math.nan
-    ops_during: float = math.nan  # while pre-copy runs (the guest runs; devices tracked)
+    ops_precopy: float = math.nan  # the pre-copy phase alone (the guest runs; devices tracked)
     ops_after: float = math.nan
     mismatched: float = math.nan
-    lost: float = math.nan  # lost + wrong acknowledged values
+    lost: float = math.nan  # acknowledged values missing when read back
+    wrong: float = math.nan  # acknowledged values read back different
     unverified: float = math.nan
     acked: float = math.nan
-    verify_ms: float = math.nan  # the destination's page hashing, inside the downtime
+    covered: bool = False  # the load spanned the switchover (`coverage_problems`)
+    # latency ms: {"before" | "precopy" | "after": {"p50_ms", "p99_ms", "max_ms"}}
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    cpu_source: float = math.nan  # VMM CPU s per GiB sent, vCPU threads left out
+    cpu_destination: float = math.nan
     downtime_parts: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     error: str | None = None  # the demo could not run at all
@@ -164,9 +177,14 @@ class CellRun:
 
     @property
     def correct(self) -> bool:
-        """Completed, every page verified equal, every acknowledged value read back."""
+        """Completed, every page verified equal, every acknowledged value read back, and the
+        load spanned the switchover."""
         return (self.error is None and self.status == "completed" and self.mismatched == 0
-                and self.lost == 0 and self.unverified == 0 and self.acked > 0)
+                and self.lost == 0 and self.wrong == 0 and self.unverified == 0
+                and self.acked > 0 and self.covered)
+
+    def lat(self, phase: str, stat: str) -> float:
+        return _num((self.latency.get(phase) or {}).get(stat))
 
 
 def _num(v: Any) -> float:
@@ -187,6 +205,9 @@ def precopy_rate(series: Sequence[Sequence[float]], start_s: float, end_s: float
 
 def cell_from_doc(strategy: str, memory: str, doc: Mapping[str, Any]) -> CellRun:
     """The cell's numbers out of a demo document (`DemoOutcome.doc`)."""
+    from ..demo.summary import coverage_problems
+    from ..demo.timeline import stop_round
+
     mig = doc.get("migration") or {}
     load = doc.get("load") or {}
     demo = doc.get("demo") or {}
@@ -199,30 +220,35 @@ def cell_from_doc(strategy: str, memory: str, doc: Mapping[str, Any]) -> CellRun
     pre = phases.get("pre-copy")
     during = (precopy_rate(load.get("series") or [], float(pre["start_s"]), float(pre["end_s"]))
               if pre else math.nan)
-    stop: Mapping[str, Any] = next(
-        (r for r in rounds or [] if isinstance(r, Mapping) and r.get("stop-and-copy")), {})
+    stop = stop_round(mig)
     dest = stop.get("destination-ms") if isinstance(stop.get("destination-ms"), Mapping) else {}
     parts: dict[str, Any] = dict(stop.get("downtime-ms") or {})
     if "pages" in stop:
         parts["final-pages"] = stop["pages"]
     if dest:
         parts["destination"] = dict(dest)
-    lost = _num(load.get("lost")) + _num(load.get("wrong"))
     problems = list(demo.get("problems") or [])
     if ver and "mismatched" not in ver:  # e.g. {"error": ...}: the check itself failed
         problems.append(f"page verification did not conclude: {ver.get('error', dict(ver))}")
+    lat = demo.get("latency") or {}
+    cpu = demo.get("cpu") or {}
     return CellRun(
         strategy=strategy, memory=memory, status=str(mig.get("status", "failed")),
         total_ms=_num(mig.get("total-time")), downtime_ms=_num(mig.get("downtime")),
         bytes_sent=_num(ram.get("transferred")),
         rounds=float(len(rounds)) if isinstance(rounds, list) and rounds
         else _num(ram.get("dirty-sync-count")),
-        client_gap_ms=_num(outage.get("client-ms", load.get("max_gap_ms"))),
+        client_gap_ms=_num(outage.get("client-ms")),
         guest_pause_ms=_num(outage.get("guest-ms")),
-        ops_before=_num(tp.get("before")), ops_during=during, ops_after=_num(tp.get("after")),
-        mismatched=_num(ver.get("mismatched")) if ver else math.nan, lost=lost,
+        ops_before=_num(tp.get("before")), ops_precopy=during, ops_after=_num(tp.get("after")),
+        mismatched=_num(ver.get("mismatched")) if ver else math.nan,
+        lost=_num(load.get("lost")), wrong=_num(load.get("wrong")),
         unverified=_num(load.get("unverified")), acked=_num(load.get("acked")),
-        verify_ms=_num(dest.get("verify")) if dest else math.nan,
+        covered=bool(demo) and not coverage_problems(demo),
+        latency={key: dict(lat[name]) for key, name in LATENCY_PHASES
+                 if isinstance(lat.get(name), Mapping)},
+        cpu_source=_num(cpu.get("source-s-per-gib")),
+        cpu_destination=_num(cpu.get("destination-s-per-gib")),
         downtime_parts=parts, problems=problems)
 
 
@@ -237,11 +263,24 @@ CELL_METRICS: tuple[tuple[str, str, str, float, bool], ...] = (
     ("client_gap", "client_gap_ms", "ms", 1.0, False),
     ("guest_pause", "guest_pause_ms", "ms", 1.0, False),
     ("ops_before", "ops_before", "ops/s", 1.0, False),
-    ("ops_during", "ops_during", "ops/s", 1.0, False),
+    ("ops_precopy", "ops_precopy", "ops/s", 1.0, False),
     ("ops_after", "ops_after", "ops/s", 1.0, False),
+    *((f"{stat}_{phase}", f"lat:{phase}:{stat}_ms", "ms", 1.0, False)
+      for phase, _ in LATENCY_PHASES for stat in ("p50", "p99", "max")),
+    ("cpu_source", "cpu_source", "s/GiB", 1.0, False),
+    ("cpu_destination", "cpu_destination", "s/GiB", 1.0, False),
     ("mismatched", "mismatched", "pages", 1.0, True),
     ("lost", "lost", "values", 1.0, True),
+    ("wrong", "wrong", "values", 1.0, True),
 )
+
+
+def metric_of(c: CellRun, attr: str) -> float:
+    """A CellRun attribute, or "lat:<phase>:<stat>" for a latency percentile."""
+    if attr.startswith("lat:"):
+        _, phase, stat = attr.split(":")
+        return c.lat(phase, stat)
+    return float(getattr(c, attr))
 
 
 def cell_name(strategy: str, memory: str, metric: str) -> str:
@@ -284,16 +323,15 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
                 goal = GOAL_ZERO if worst and strategy != "none" else None
                 cx = dict(extra)
                 if suffix == "downtime":
-                    cx["verify_ms"] = [c.verify_ms for c in runs if math.isfinite(c.verify_ms)]
                     cx["downtime_parts"] = [c.downtime_parts for c in runs]
                 out.append(_summary(cell_name(strategy, memory, suffix),
-                                    [getattr(c, attr) * scale for c in runs], unit, goal, cx,
+                                    [metric_of(c, attr) * scale for c in runs], unit, goal, cx,
                                     worst))
     return out
 
 
 def _median_of(cells: Sequence[CellRun], attr: str) -> float:
-    vals = sorted(v for v in (float(getattr(c, attr)) for c in cells) if math.isfinite(v))
+    vals = sorted(v for v in (metric_of(c, attr) for c in cells) if math.isfinite(v))
     if not vals:
         return math.nan
     mid = len(vals) // 2
@@ -320,8 +358,33 @@ def _ram_ratio(cells: Sequence[CellRun], strategy: str, memories: Sequence[str],
 
 def _slowdown(c: CellRun) -> float:
     """kv ops/s during pre-copy ÷ before the migration, in one run (NaN if unknown)."""
-    ok = math.isfinite(c.ops_during) and math.isfinite(c.ops_before) and c.ops_before > 0
-    return c.ops_during / c.ops_before if ok else math.nan
+    ok = math.isfinite(c.ops_precopy) and math.isfinite(c.ops_before) and c.ops_before > 0
+    return c.ops_precopy / c.ops_before if ok else math.nan
+
+
+def _p99_growth(c: CellRun) -> float:
+    """p99 latency during pre-copy ÷ before, in one run (NaN if unknown)."""
+    before, pre = c.lat("before", "p99_ms"), c.lat("precopy", "p99_ms")
+    return pre / before if math.isfinite(pre) and math.isfinite(before) and before > 0 \
+        else math.nan
+
+
+def _cost_results(cells: Sequence[CellRun], strategy: str) -> dict[str, Result]:
+    """What a migration costs a user of `strategy`, over every run and RAM size."""
+    runs = [c for c in cells if c.strategy == strategy]
+    what = {"offered_load": "half the client's maximum against a guest that is not migrating"}
+    out = {f"strategy.{strategy}.p99_precopy_vs_before": _summary(
+        f"strategy.{strategy}.p99_precopy_vs_before", [_p99_growth(c) for c in runs], "ratio",
+        GOAL_P99_PRECOPY_VS_BEFORE, dict(what, ratio="kv p99 latency during pre-copy ÷ before, "
+                                                     "per run"))}
+    for side in ("source", "destination"):
+        name = f"strategy.{strategy}.cpu_per_gib.{side}"
+        out[name] = _summary(name, [getattr(c, f"cpu_{side}") for c in runs], "s/GiB",
+                             GOAL_CPU_PER_GIB,
+                             {"what": f"{side} VMM process CPU (user + system, vCPU threads "
+                                      "left out) from migrate to the end of the migration "
+                                      "(x-verify included), per GiB sent"})
+    return out
 
 
 def _during_vs_devicelog(cells: Sequence[CellRun], params: StrategyBenchParams) -> Result:
@@ -360,6 +423,10 @@ def _derived_names(params: StrategyBenchParams) -> list[str]:
             names.append("strategy.shadow.downtime_spread")
         if "all-dirty" in s:
             names.append("strategy.alldirty.downtime_growth")
+    for strategy in params.strategies:
+        names += [f"strategy.{strategy}.p99_precopy_vs_before",
+                  f"strategy.{strategy}.cpu_per_gib.source",
+                  f"strategy.{strategy}.cpu_per_gib.destination"]
     return names
 
 
@@ -378,8 +445,10 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
             {"runs": len(ok), "correct_runs": int(sum(ok)), "incorrect": bad})
         out["strategy.shadow.during_vs_before"] = _summary(
             "strategy.shadow.during_vs_before", [_slowdown(c) for c in shadow], "ratio",
-            GOAL_DURING_VS_BEFORE, {"during": "kv ops/s while pre-copy runs (devices shadowed)",
-                                    "before": "kv ops/s before the migration (direct DMA)"})
+            GOAL_DURING_VS_BEFORE, {"during": "kv ops/s served in the pre-copy phase alone "
+                                              "(devices shadowed)",
+                                    "before": "kv ops/s before the migration (direct DMA)",
+                                    "offered": "the same fixed offered load in both"})
     if "shadow" in params.strategies and "device-log" in params.strategies:
         for m in params.memories:
             sh = _cells(cells, "shadow", m)
@@ -403,6 +472,8 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
             out["strategy.alldirty.downtime_growth"] = _ram_ratio(
                 cells, "all-dirty", params.memories, "strategy.alldirty.downtime_growth",
                 GOAL_ALLDIRTY_GROWTH, "growth")
+    for strategy in params.strategies:
+        out.update(_cost_results(cells, strategy))
     return [out[n] for n in _derived_names(params)]
 
 
@@ -411,28 +482,34 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
 TABLE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("total", "total_ms", 1.0),
     ("down", "downtime_ms", 1.0),
-    ("verify", "verify_ms", 1.0),
     ("MiB", "bytes_sent", 1 / MiB),
     ("rnds", "rounds", 1.0),
-    ("c.gap", "client_gap_ms", 1.0),
+    ("c.out", "client_gap_ms", 1.0),
     ("g.pause", "guest_pause_ms", 1.0),
     ("before", "ops_before", 1.0),
-    ("pre-copy", "ops_during", 1.0),
+    ("pre-copy", "ops_precopy", 1.0),
     ("after", "ops_after", 1.0),
+    ("p99 bef", "lat:before:p99_ms", 1.0),
+    ("p99 pre", "lat:precopy:p99_ms", 1.0),
+    ("p99 aft", "lat:after:p99_ms", 1.0),
+    ("cpu src", "cpu_source", 1.0),
+    ("cpu dst", "cpu_destination", 1.0),
     ("bad pg", "mismatched", 1.0),
     ("lost", "lost", 1.0),
+    ("wrong", "wrong", 1.0),
 )
-TABLE_CAPTION = ("times in ms (verify: the destination's hashing, inside the downtime; c.gap: "
-                 "longest gap between kv replies; g.pause: longest pause the guest saw), MiB "
-                 "sent, kv ops/s before / during pre-copy / after, mismatched pages, lost or "
+TABLE_CAPTION = ("times in ms (c.out: the client's outage at the switchover; g.pause: the "
+                 "longest pause the guest saw), MiB sent, kv ops/s served before / during the "
+                 "pre-copy phase / after the switchover, p99 latency in ms in the same phases, "
+                 "VMM CPU s per GiB sent (vCPU threads left out), mismatched pages, lost and "
                  "wrong values")
 
 
 def cell_table(cells: Sequence[CellRun], params: StrategyBenchParams, memory: str) -> Table:
     """One RAM size: a row per strategy (medians; correctness over all runs)."""
-    t = Table(title=f"strategies, {memory} guest under kv load ({params.bandwidth_text()}, "
-                    "x-verify on; medians)", title_justify="left", caption=TABLE_CAPTION,
-              caption_justify="left")
+    t = Table(title=f"strategies, {memory} guest ({params.load_text()}, "
+                    f"{params.bandwidth_text()}, x-verify on; medians)", title_justify="left",
+              caption=TABLE_CAPTION, caption_justify="left")
     t.add_column("strategy", no_wrap=True)
     for head, _, _ in TABLE_COLUMNS:
         t.add_column(head, justify="right")
@@ -470,8 +547,7 @@ def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path)
     run_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     opts = DemoOptions(memory=memory, dma_tracking=strategy, warmup_s=p.warmup_s,
-                       duration_s=p.duration_s(strategy, memory),
-                       max_bandwidth_mib=p.max_bandwidth_mib,
+                       after_s=p.after_s, rate=p.rate, max_bandwidth_mib=p.max_bandwidth_mib,
                        downtime_limit_ms=p.downtime_limit_ms, run_dir=run_dir, live=False)
     try:
         outcome = run_demo(opts, Console(file=buf, width=120, highlight=False))
@@ -496,6 +572,8 @@ def run_cells(params: StrategyBenchParams, workdir: Path, runner: DemoRunner = d
             for strategy in params.strategies:
                 t0 = time.monotonic()
                 tag = f"{strategy}-{memory}-{i}"
+                progress.step(f"{strategy}, {memory} guest (cell {len(cells) + 1}/{total})",
+                              i + 1, params.runs)
                 cell = runner(strategy, memory, params, workdir / tag)
                 if cell.error is not None and strategy != "none":
                     cell = runner(strategy, memory, params, workdir / f"{tag}-retry")
@@ -513,8 +591,8 @@ def _progress_line(c: CellRun, n: int, total: int, took_s: float) -> str:
         return head + f"demo failed: {c.error.splitlines()[0] if c.error else ''}"
     return head + (f"{c.status}, downtime {format_value(c.downtime_ms)} ms, "
                    f"{format_value(c.bytes_sent / MiB)} MiB, mismatched "
-                   f"{format_value(c.mismatched)}, lost+wrong {format_value(c.lost)}"
-                   + ("" if c.correct else "  NOT VERIFIED"))
+                   f"{format_value(c.mismatched)}, lost {format_value(c.lost)}, wrong "
+                   f"{format_value(c.wrong)}" + ("" if c.correct else "  NOT VERIFIED"))
 
 
 def run_strategy_bench(params: StrategyBenchParams, console: Console | None = None,
@@ -522,8 +600,8 @@ def run_strategy_bench(params: StrategyBenchParams, console: Console | None = No
                        workdir: Path | None = None) -> list[Result]:
     console = console or _console()
     console.print(f"  {len(params.strategies)} strategies × {', '.join(params.memories)} × "
-                  f"{params.runs} run(s), kv load {params.warmup_s:g} s before and "
-                  f"{params.after_s:g} s after each migration, "
+                  f"{params.runs} run(s), {params.load_text()}, {params.warmup_s:g} s before "
+                  f"each migration and {params.after_s:g} s after its switchover, "
                   f"{params.bandwidth_text()}", highlight=False)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ptmig-bench-strategies-") as d:
@@ -562,7 +640,8 @@ def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
     shadowed: list[float] = []
     with KvVmm(memory, qmp=True) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))  # warm up
-        for _ in range(pairs):
+        for k in range(pairs):
+            progress.step("data path: direct, then shadowed DMA", k + 1, pairs)
             for mode, into in (("direct", direct), ("shadow", shadowed)):
                 if mode == "shadow":
                     qmp.execute("x-shadow-start")
@@ -589,9 +668,42 @@ def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
     ]
 
 
+MAX_RATE_RESULTS = ("strategy.load.max_ops", "strategy.load.offered_ops")
+
+
+def max_rate(seconds: float, memory: str = "512M") -> float:
+    """kv ops/s the load client reaches, unpaced, against one kv guest that is not migrating
+    (after a 1 s warm-up): the maximum the cells' offered load is a fraction of."""
+    from ..load import LoadOptions, run_load
+    from .devices import KvVmm
+
+    progress.step("the maximum kv load, one guest, no migration")
+    with KvVmm(memory) as vmm:
+        run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))
+        r = run_load(LoadOptions(config=vmm.config, duration_s=seconds))
+    if r.lost or r.wrong or not r.ops_per_s > 0:
+        raise BenchError(f"the maximum kv load could not be measured: {r.ops_per_s:.0f} ops/s, "
+                         f"lost {r.lost}, wrong {r.wrong}")
+    return r.ops_per_s
+
+
+def with_offered_load(params: StrategyBenchParams, maximum: float) -> tuple[StrategyBenchParams,
+                                                                            list[Result]]:
+    """The parameters with `rate` set to `load_fraction` of `maximum`, and both as results."""
+    offered = maximum * params.load_fraction
+    extra = {"what": "kv ops/s of the load client, unpaced, against one guest that is not "
+                     "migrating; the cells offer load_fraction of it", "load_fraction":
+             params.load_fraction}
+    max_name, offered_name = MAX_RATE_RESULTS
+    return replace(params, rate=round(offered)), [
+        Result(SECTION, max_name, maximum, "ops/s", None, None, [maximum], extra),
+        Result(SECTION, offered_name, offered, "ops/s", None, None, [offered], extra)]
+
+
 def run(config: BenchConfig) -> list[Result]:
-    params = StrategyBenchParams.for_config(config)
-    results = run_strategy_bench(params)
+    params, results = with_offered_load(StrategyBenchParams.for_config(config),
+                                        max_rate(3.0 if config.quick else 5.0))
+    results += run_strategy_bench(params)
     try:
         results += shadow_datapath(params.datapath_pairs, params.datapath_s)
     except Exception as e:  # keep the strategy cells: they took minutes

@@ -32,18 +32,28 @@ def ptmig_command(*args: str) -> list[str]:
 
 class Child:
     def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path,
-                 stdout_pipe: bool = False) -> None:
+                 stdout_pipe: bool = False, stdin_pipe: bool = False) -> None:
         self.name = name
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            args, cwd=cwd, stdin=subprocess.DEVNULL,
+            args, cwd=cwd, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else self._log, stderr=self._log,
             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.qmp: QmpClient | None = None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def tell(self, line: str) -> None:
+        """A line on the child's stdin (started with `stdin_pipe`); a child that has already
+        exited is not an error here (its exit status says what happened)."""
+        assert self.proc.stdin is not None, f"{self.name} has no stdin pipe"
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -91,8 +101,12 @@ class Child:
                 self.proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 pass
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
         self._log.close()
 
 
@@ -103,9 +117,10 @@ class Children:
         self.cwd = cwd
         self.children: list[Child] = []
 
-    def start(self, name: str, args: list[str], *, stdout_pipe: bool = False) -> Child:
+    def start(self, name: str, args: list[str], *, stdout_pipe: bool = False,
+              stdin_pipe: bool = False) -> Child:
         child = Child(name, args, self.cwd / f"{name}.log", cwd=self.cwd,
-                      stdout_pipe=stdout_pipe)
+                      stdout_pipe=stdout_pipe, stdin_pipe=stdin_pipe)
         self.children.append(child)
         return child
 

@@ -2,9 +2,11 @@
 
 `run_demo(DemoOptions) -> DemoOutcome` builds the firmware, starts a UDP switch, a source VMM
 and a destination VMM (`--incoming`) on one shared config and disk image, runs the load client
-through a warm-up, the migration and the time after the switchover, then collects the source's
-final `query-migrate`, the destination guest's own statistics and the load client's result into
-the demo document (see `ptmig.demo.summary`). Every child is stopped on the way out.
+through a warm-up, the migration and `after_s` seconds after the switchover (timed by the
+events, however long pre-copy takes: the demo tells the client when to stop once the source
+says when the guest resumed), then collects the source's final `query-migrate`, the destination
+guest's own statistics, the load client's result and the VMMs' CPU time during the migration
+into the demo document (see `ptmig.demo.summary`). Every child is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -21,19 +23,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
+from . import cpu
 from .live import LiveView
-from .plan import DemoOptions, DemoPlan, free_port, write_configs
+from .plan import DemoOptions, DemoPlan, free_port, latency_path, write_configs
 from .procs import Child, Children, DemoError, LineReader, ptmig_command
 from .qmpclient import QmpClient
 from .summary import EXIT_DEMO_FAILED, summary_lines, verdict
 from .tapnet import TapNetwork
-from .timeline import migration_phases, throughput
+from .timeline import (
+    Phase,
+    gap_contains,
+    latency_by_phase,
+    migration_phases,
+    stop_round,
+    switchover_gap,
+    throughput,
+)
 
 FINISHED = ("completed", "failed", "cancelled")
 POLL_S = 0.05
 MIGRATION_TIMEOUT_S = 120.0
+# The report's phase names (`ptmig.demo.timeline`) for the source's statuses, so that the
+# live view and the report show the same phases.
+PHASE_OF_STATUS = {"setup": "setup", "active": "pre-copy", "device": "stop-and-copy",
+                   "completed": "switched over", "failed": "failed", "cancelled": "cancelled"}
+LOAD_MARGIN_S = 60.0  # the load client's own limit beyond the longest demo, a safety net
 EXIT_INTERRUPTED = 130
 
 
@@ -92,29 +109,86 @@ def _wait_status(qmp: QmpClient, child: Child, status: str, timeout: float = 60.
         time.sleep(0.05)
 
 
+@dataclass
+class MigrationRun:
+    """The migration as the demo saw it: when the source's migration began (its `total-time`
+    origin, between `start_lo` and `start_hi` on CLOCK_MONOTONIC), the source's final
+    `query-migrate`, and the status changes."""
+
+    start_lo: float
+    start_hi: float
+    info: dict[str, Any]
+    events: list[dict[str, Any]]
+
+    @property
+    def started(self) -> float:
+        return (self.start_lo + self.start_hi) / 2
+
+    @property
+    def slack_s(self) -> float:
+        """How far `started` may be from the source's own origin."""
+        return (self.start_hi - self.start_lo) / 2
+
+    def bound_start(self, asked: float, answered: float, total_ms: Any) -> None:
+        """A `query-migrate` asked at `asked` and answered at `answered` said `total_ms`
+        (whole ms since the origin): the origin lies in [asked - total - 1 ms, answered -
+        total]. Intersecting these over the polls pins it down to a few ms at worst."""
+        if not isinstance(total_ms, (int, float)) or isinstance(total_ms, bool) or total_ms <= 0:
+            return  # 0: the source's clock has not started yet (its thread is starting)
+        lo = asked - float(total_ms) / 1000.0 - 0.001
+        hi = answered - float(total_ms) / 1000.0
+        if lo <= self.start_hi and hi >= self.start_lo:  # else: inconsistent, keep what we had
+            self.start_lo, self.start_hi = max(self.start_lo, lo), min(self.start_hi, hi)
+
+    def resumed_at(self) -> float | None:
+        """CLOCK_MONOTONIC when the guest resumed on the destination (None: not migrated)."""
+        stop_at = stop_round(self.info).get("stop-at-ms")
+        downtime = self.info.get("downtime")
+        if self.info.get("status") != "completed" or not isinstance(stop_at, (int, float)) \
+                or not isinstance(downtime, (int, float)):
+            return None
+        return self.started + (float(stop_at) + float(downtime)) / 1000.0
+
+
 def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView,
-             events: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
-    """Start the migration and poll it to the end; (CLOCK_MONOTONIC of `migrate`, final info)."""
+             cpu_watch: CpuWatch) -> MigrationRun:
+    """Start the migration and poll it to the end; `cpu_watch` gets a sample at the start, when
+    the source has switched over (its run state `postmigrate`, before the verification that
+    follows; seen by the next poll) and at the end."""
     src.execute("migrate-set-parameters", {
         "x-dma-tracking": opts.dma_tracking, "downtime-limit": opts.downtime_limit_ms,
         "max-bandwidth": int(opts.max_bandwidth_mib * (1 << 20))})
     src.execute("migrate-set-capabilities",
                 {"capabilities": [{"capability": "x-verify", "state": True}]})
-    t_migrate = time.monotonic()
+    cpu_watch.start, cpu_watch.start_at = cpu_watch.take(), time.monotonic()
+    sent = time.monotonic()
     src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-    deadline = t_migrate + MIGRATION_TIMEOUT_S
+    migrate_answered = time.monotonic()
+    # The origin is after `sent`; its upper bound comes from the polls below.
+    run = MigrationRun(sent, sent + MIGRATION_TIMEOUT_S, {}, [])
+    deadline = sent + MIGRATION_TIMEOUT_S
     last = ""
     while True:
+        asked = time.monotonic()
         info: dict[str, Any] = src.execute("query-migrate")
         now = time.monotonic()
+        if info["status"] not in FINISHED:  # a finished migration's total-time stands still
+            run.bound_start(asked, now, info.get("total-time"))
         if info["status"] != last:
             last = info["status"]
-            events.append({"status": last, "t": now})
-            view.progress.set_phase(f"migration: {last}")
+            run.events.append({"status": last, "t": now})
+            view.progress.set_phase(f"{PHASE_OF_STATUS.get(last, last)} (migration: {last})")
         view.progress.migration(info)
         view.update()
+        if last == "device" and cpu_watch.switched == (None, None) \
+                and src.execute("query-status")["status"] == "postmigrate":
+            cpu_watch.switched, cpu_watch.switched_at = cpu_watch.take(), time.monotonic()
         if last in FINISHED:
-            return t_migrate, info
+            cpu_watch.end = cpu_watch.take()
+            run.info = info
+            if run.start_hi > deadline - 1:  # no poll bounded it: assume the reply's time
+                run.start_hi = max(run.start_lo, migrate_answered)
+            return run
         if now > deadline:
             raise DemoError(f"the migration is still '{last}' after {MIGRATION_TIMEOUT_S} s")
         time.sleep(POLL_S)
@@ -126,26 +200,145 @@ def _max_gap_ms(stats: dict[str, Any] | None) -> float | None:
     return max(v.get("max-gap-us", 0) for v in stats["vcpus"]) / 1000.0
 
 
-def _demo_section(opts: DemoOptions, t0: float, t_migrate: float, info: dict[str, Any],
-                  load: dict[str, Any], guest: dict[str, Any] | None,
-                  guest_before: dict[str, Any] | None,
-                  events: list[dict[str, Any]]) -> dict[str, Any]:
+Samples = tuple[cpu.CpuSample | None, cpu.CpuSample | None]  # (source, destination)
+
+
+@dataclass
+class CpuWatch:
+    """CPU samples of the two VMM processes: when `migrate` is sent, at the switchover (before
+    the verification that follows it), and at the end of the migration."""
+
+    src_pid: int
+    dst_pid: int
+    warm: Samples = (None, None)  # when the warm-up load began
+    warm_at: float = 0.0
+    start_at: float = 0.0
+    switched_at: float = 0.0
+    start: Samples = (None, None)
+    switched: Samples = (None, None)
+    end: Samples = (None, None)
+
+    def take(self) -> Samples:
+        return cpu.sample(self.src_pid), cpu.sample(self.dst_pid)
+
+    def _baseline(self, i: int) -> float | None:
+        """The side's CPU over the migration's time at its warm-up rate (the guest's I/O
+        through the VMM, its QMP, ...: what it spends without migrating)."""
+        a, b = self.warm[i], self.start[i]
+        if a is None or b is None or self.start_at <= self.warm_at:
+            return None
+        rate = cpu.migration_cpu_s(a, b) / (self.start_at - self.warm_at)
+        return rate * (self.switched_at - self.start_at)
+
+    def to_json(self, transferred: Any, ram_total: Any = None) -> dict[str, Any]:
+        """Per side: `-s` / `-s-per-gib` from `migrate` to the switchover (the migration
+        itself), `-baseline-s` what the side spent in as long during the warm-up (not
+        migrating), `-with-verify-s` to the end (the page verification after it included)."""
+        gib = float(transferred) / (1 << 30) if isinstance(transferred, (int, float)) else 0.0
+        ram_gib = (float(ram_total) / (1 << 30) if isinstance(ram_total, (int, float))
+                   else 0.0)
+        out: dict[str, Any] = {"gib-transferred": round(gib, 4), "gib-ram": round(ram_gib, 4),
+                               "what": "VMM process CPU (user + system, vCPU threads left "
+                                       "out) from migrate to the switchover, and to the end "
+                                       "of the migration with the verification after it"}
+        for i, side in enumerate(("source", "destination")):
+            a, mid, b = self.start[i], self.switched[i], self.end[i]
+            if a is None:
+                continue
+            if mid is not None:
+                used = cpu.migration_cpu_s(a, mid)
+                out[f"{side}-s"] = round(used, 3)
+                if gib > 0:
+                    out[f"{side}-s-per-gib"] = round(used / gib, 3)
+                if ram_gib > 0:  # every page of RAM is examined at least once
+                    out[f"{side}-s-per-ram-gib"] = round(used / ram_gib, 3)
+                base = self._baseline(i)
+                if base is not None:
+                    out[f"{side}-baseline-s"] = round(base, 3)
+            if b is not None:
+                out[f"{side}-with-verify-s"] = round(cpu.migration_cpu_s(a, b), 3)
+        return out
+
+
+def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[str, Any],
+                       latency: dict[str, Any], slack_s: float) -> dict[str, Any] | None:
+    """The client's gap at the switchover, and whether it contains the guest's pause.
+
+    Replies the guest sent before its pause still reach the client after the pause began:
+    the devices deliver what they had queued until they are quiesced (pause + sync of the
+    downtime's parts), and the switch and the client take about a median round trip of the
+    pre-copy phase to pass a reply on (longer on a busy host). The gap may begin that late.
+    At the other end the downtime runs until the source has the destination's
+    acknowledgement; the destination resumed the guest as it sent it, after restoring vCPUs
+    and devices, so the guest may have run for the ack's wait less that restore."""
+    stop = next((p for p in phases if p.name == "stop-and-copy"), None)
+    if stop is None:
+        return None
+    gap = switchover_gap(gaps, stop)
+    if gap is None:
+        return {"contains-switchover": False, "slack-ms": round(slack_s * 1000, 2)}
+    parts = stop_round(info).get("downtime-ms")
+    quiesce_s = (sum(float(parts.get(k, 0)) for k in ("pause", "sync")) / 1000.0
+                 if isinstance(parts, dict) else 0.0)
+    in_flight_s = float((latency.get("pre-copy") or {}).get("p50_ms", 0.0)) / 1000.0
+    early_s = quiesce_s + in_flight_s
+    dest = stop_round(info).get("destination-ms")
+    restore_s = (sum(float(dest.get(k, 0)) for k in ("vcpus", "devices")) / 1000.0
+                 if isinstance(dest, dict) else 0.0)
+    ack_s = float(parts.get("ack", 0)) / 1000.0 if isinstance(parts, dict) else 0.0
+    late_s = max(0.0, ack_s - restore_s)
+    return {**gap.to_json(),
+            "contains-switchover": gap_contains(gap, stop, early_s, late_s, slack_s),
+            "early-ms": round(early_s * 1000, 2), "late-ms": round(late_s * 1000, 2),
+            "slack-ms": round(slack_s * 1000, 2)}
+
+
+def _latency(path: Path, phases: list[Phase]) -> dict[str, Any]:
+    try:
+        rows = np.load(path)
+    except (OSError, ValueError):
+        return {}
+    return latency_by_phase(rows.reshape(-1, 2), phases)
+
+
+def _demo_section(opts: DemoOptions, t0: float, mig: MigrationRun, load_doc: dict[str, Any],
+                  lat_path: Path, guest: dict[str, Any] | None,
+                  guest_before: dict[str, Any] | None, cpu_watch: CpuWatch) -> dict[str, Any]:
+    info, load = mig.info, load_doc["result"]
     load_end = float(load.get("duration_s") or 0.0)
-    phases = migration_phases(info, t_migrate - t0, load_end)
+    phases = migration_phases(info, mig.started - t0, load_end)
+    latency = _latency(lat_path, phases)
+    outage = _switchover_outage(phases, load_doc.get("gaps") or [], info, latency,
+                                mig.slack_s + 0.002)
     return {
         "options": {"memory": opts.memory, "dma-tracking": opts.dma_tracking,
-                    "warmup-s": opts.warmup_s, "duration-s": opts.duration_s,
+                    "warmup-s": opts.warmup_s, "after-s": opts.after_s, "rate": opts.rate,
                     "max-bandwidth-mib": opts.max_bandwidth_mib,
                     "downtime-limit-ms": opts.downtime_limit_ms,
                     "network": "tap" if opts.tap else "udp"},
-        "migration-start-s": round(t_migrate - t0, 4),
+        "migration-start-s": round(mig.started - t0, 4),
         "phases": [p.to_json() for p in phases],
-        "status-events": [{"status": e["status"], "t_s": round(e["t"] - t0, 4)} for e in events],
-        "outage": {"client-ms": load.get("max_gap_ms"), "guest-ms": _max_gap_ms(guest),
-                   "guest-before-ms": _max_gap_ms(guest_before),
+        "status-events": [{"status": e["status"], "t_s": round(e["t"] - t0, 4)}
+                          for e in mig.events],
+        "outage": {"client-ms": outage.get("ms") if outage else None,
+                   "client-switchover": outage,
+                   "client-longest-ms": load.get("max_gap_ms"),
+                   "client-longest-at-s": load.get("max_gap_at_s"),
+                   "guest-ms": _max_gap_ms(guest), "guest-before-ms": _max_gap_ms(guest_before),
                    "downtime-ms": info.get("downtime")},
         "throughput": throughput(load.get("series") or [], phases, load_end),
+        "latency": latency,
+        "cpu": cpu_watch.to_json((info.get("ram") or {}).get("transferred"),
+                                 (info.get("ram") or {}).get("total")),
     }
+
+
+def _wait_loading(loader: Child, view: LiveView, until: float) -> None:
+    while time.monotonic() < until:
+        if not loader.alive():
+            raise loader.died()
+        view.update()
+        time.sleep(POLL_S)
 
 
 def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
@@ -180,31 +373,37 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         view.update()
         watch = _LoadWatch(view)
         load_out = plan.path("load.json")
-        load_args = ["-m", "ptmig.demo.loadproc", str(src_cfg), str(opts.duration_s),
-                     str(load_out)]
+        cap_s = opts.warmup_s + MIGRATION_TIMEOUT_S + opts.after_s + LOAD_MARGIN_S
+        load_args = ["-m", "ptmig.demo.loadproc", str(src_cfg), str(cap_s), str(load_out)]
         if tapnet is not None:
             load_args += ["--target", tapnet.guest_target]
-        loader = kids.start("load", [sys.executable, *load_args], stdout_pipe=True)
+        if opts.rate is not None:
+            load_args += ["--rate", str(opts.rate)]
+        loader = kids.start("load", [sys.executable, *load_args], stdout_pipe=True,
+                            stdin_pipe=True)
         assert loader.proc.stdout is not None
         LineReader(loader.proc.stdout, watch.on_line)
         if not watch.started.wait(45.0) or watch.t0 is None:
             raise DemoError(f"the load client never reached the guest: {watch.error or ''}\n"
                             f"{loader.log_tail()}")
         t0 = watch.t0
-        while time.monotonic() < t0 + opts.warmup_s:
-            if not loader.alive():
-                raise loader.died()
-            view.update()
-            time.sleep(POLL_S)
+        cpu_watch = CpuWatch(src.proc.pid, dst.proc.pid)
+        cpu_watch.warm, cpu_watch.warm_at = cpu_watch.take(), time.monotonic()
+        _wait_loading(loader, view, t0 + opts.warmup_s)
 
         guest_before = src_qmp.execute("x-query-guest-stats")
-        events: list[dict[str, Any]] = []
-        t_migrate, info = _migrate(src_qmp, opts, plan.migration_port, view, events)
-        view.progress.set_phase("after the switchover: kv load on the "
-                                + ("destination" if info["status"] == "completed"
-                                   else "source"))
+        mig = _migrate(src_qmp, opts, plan.migration_port, view, cpu_watch)
+        info = mig.info
+        resumed = mig.resumed_at()
+        # The load goes on for after_s after the guest resumed on the destination (or, if the
+        # migration failed, after it ended with the guest still on the source).
+        stop_at = (resumed if resumed is not None else time.monotonic()) + opts.after_s
+        loader.tell(f"stop-at {stop_at:.4f}")
+        view.progress.set_phase("after: kv load on the "
+                                + ("destination, past the switchover" if resumed is not None
+                                   else "source, the migration having ended"))
         while loader.alive():
-            if time.monotonic() > t0 + opts.duration_s:
+            if time.monotonic() > stop_at:
                 view.progress.set_phase("reading back every acknowledged value")
             view.update()
             time.sleep(POLL_S)
@@ -212,12 +411,11 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
             raise DemoError(f"the load client wrote no result (status "
                             f"{loader.proc.returncode}):\n{loader.log_tail()}")
         load_doc = json.loads(load_out.read_text())
-        load = load_doc["result"]
         runner = dst_qmp if info["status"] == "completed" else src_qmp
         guest = runner.execute("x-query-guest-stats")
-        return {"migration": info, "load": load, "guest": guest,
-                "demo": _demo_section(opts, t0, t_migrate, info, load, guest, guest_before,
-                                      events)}
+        return {"migration": info, "load": load_doc["result"], "guest": guest,
+                "demo": _demo_section(opts, t0, mig, load_doc, latency_path(load_out), guest,
+                                      guest_before, cpu_watch)}
     finally:
         kids.stop_all()
         if tapnet is not None:
@@ -230,7 +428,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
     console = console or Console(highlight=False)
     own_dir = opts.run_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="ptmig-demo-")) if opts.run_dir is None \
-        else opts.run_dir
+        else opts.run_dir.resolve()  # the children run inside it: relative paths would break
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = DemoPlan(opts, run_dir, switch_port=0, migration_port=free_port())
     old_term = _terminate_as_interrupt()

@@ -25,8 +25,40 @@ class Verdict:
         return EXIT_VERIFIED if self.ok else EXIT_NOT_VERIFIED
 
 
+def coverage_problems(demo: Mapping[str, Any]) -> list[str]:
+    """What the load failed to show about the switchover: the client must have been served
+    before the migration, during pre-copy and after the switchover, and its outage at the
+    switchover must be a measured gap that contains the guest's pause."""
+    tp = demo.get("throughput") or {}
+    phases = {p.get("name"): p for p in demo.get("phases") or [] if isinstance(p, Mapping)}
+    problems: list[str] = []
+    for key, when in (("before", "before the migration"), ("pre-copy", "during pre-copy"),
+                      ("after", "after the switchover")):
+        rate = tp.get(key)
+        if not isinstance(rate, (int, float)) or rate <= 0:
+            problems.append(f"the client was not served {when} (kv ops/s {key}: {rate})")
+    after = phases.get("after")
+    if after is None or float(after["end_s"]) <= float(after["start_s"]):
+        problems.append(f"the load ended before the switchover: no 'after' phase ({after})")
+    gap = (demo.get("outage") or {}).get("client-switchover")
+    stop = phases.get("stop-and-copy")
+    if not isinstance(gap, Mapping) or "ms" not in gap:
+        problems.append("no gap in the client's replies overlaps the switchover "
+                        f"({_window(stop)}): its outage there was not measured")
+    elif not gap.get("contains-switchover"):
+        problems.append(f"the client's outage at the switchover ({gap.get('start_s')} s to "
+                        f"{gap.get('end_s')} s) does not contain the guest's pause "
+                        f"({_window(stop)})")
+    return problems
+
+
+def _window(p: Mapping[str, Any] | None) -> str:
+    return "no stop-and-copy" if p is None else f"{p.get('start_s')} s to {p.get('end_s')} s"
+
+
 def verdict(doc: Mapping[str, Any]) -> Verdict:
-    """Everything verified: the migration completed, every page matched, no value was lost."""
+    """Everything verified: the migration completed, every page matched, no value was lost,
+    and the load spanned the switchover (`coverage_problems`)."""
     mig, load = doc.get("migration") or {}, doc.get("load") or {}
     problems: list[str] = []
     status = mig.get("status")
@@ -51,6 +83,8 @@ def verdict(doc: Mapping[str, Any]) -> Verdict:
             problems.append(f"{load['unverified']} acknowledged values could not be read back")
         if not load.get("acked"):
             problems.append("the guest acknowledged no value: nothing was proven")
+    if status == "completed":
+        problems += coverage_problems(doc.get("demo") or {})
     return Verdict(not problems, problems)
 
 
@@ -109,25 +143,68 @@ def _rate(v: Any) -> str:
     return f"{float(v):,.0f} ops/s" if isinstance(v, (int, float)) else "n/a"
 
 
+def _lat(v: Any) -> str:
+    if not isinstance(v, Mapping):
+        return "n/a"
+    return (f"p50 {float(v['p50_ms']):.2f} / p99 {float(v['p99_ms']):.2f} / "
+            f"max {float(v['max_ms']):.1f} ms")
+
+
+def _outage_line(outage: Mapping[str, Any]) -> str:
+    gap = outage.get("client-switchover")
+    longest = (f"; longest gap anywhere {_ms(outage.get('client-longest-ms'))} at "
+               f"t={float(outage.get('client-longest-at-s') or 0):.2f} s")
+    if not isinstance(gap, Mapping) or "ms" not in gap:
+        return "outage seen by the client at the switchover: not measured" + longest
+    where = "contains" if gap.get("contains-switchover") else "does NOT contain"
+    return (f"outage seen by the client at the switchover: {_ms(gap['ms'])} "
+            f"(t={float(gap['start_s']):.3f}..{float(gap['end_s']):.3f} s, {where} the "
+            f"guest's pause)" + longest)
+
+
+def _cpu_line(c: Mapping[str, Any]) -> str | None:
+    if not any(k in c for k in ("source-s", "destination-s", "source-with-verify-s")):
+        return None
+    def side(name: str) -> str:
+        if f"{name}-s" not in c:
+            return f"{name} n/a (the switchover was not seen between two polls)"
+        per = c.get(f"{name}-s-per-gib")
+        base = c.get(f"{name}-baseline-s")
+        return (f"{name} {float(c.get(f'{name}-s', 0)):.2f} s"
+                + (f" ({float(per):.2f} s/GiB)" if isinstance(per, (int, float)) else "")
+                + (f" [{float(base):.2f} s at its warm-up rate]"
+                   if isinstance(base, (int, float)) else ""))
+    verify = ", ".join(f"{name} {float(c[f'{name}-with-verify-s']):.2f} s"
+                       for name in ("source", "destination") if f"{name}-with-verify-s" in c)
+    return (f"VMM CPU from migrate to the switchover (vCPU threads left out): "
+            f"{side('source')}, {side('destination')}, for "
+            f"{float(c.get('gib-transferred', 0)):.3f} GiB sent"
+            + (f"; with the verification after it: {verify}" if verify else ""))
+
+
 def load_lines(doc: Mapping[str, Any]) -> list[str]:
     load, demo = doc.get("load") or {}, doc.get("demo") or {}
     mig = doc.get("migration") or {}
     outage = demo.get("outage") or {}
     tp = demo.get("throughput") or {}
+    lat = demo.get("latency") or {}
     ver_raw = mig.get("x-verify")
     ver: Mapping[str, Any] = ver_raw if isinstance(ver_raw, Mapping) else {}
     before = outage.get("guest-before-ms")
-    return [
-        f"outage seen by the client: {_ms(outage.get('client-ms'))} "
-        "(longest gap between two kv replies)",
+    lines = [
+        _outage_line(outage),
         f"outage seen by the guest:  {_ms(outage.get('guest-ms'))} "
         f"(its longest pause, by its own TSC; {_ms(before)} before the migration)",
-        f"kv throughput: before {_rate(tp.get('before'))}, during {_rate(tp.get('during'))}, "
-        f"after {_rate(tp.get('after'))}",
+        f"kv throughput: before {_rate(tp.get('before'))}, during pre-copy "
+        f"{_rate(tp.get('pre-copy'))}, after the switchover {_rate(tp.get('after'))}",
+        f"kv latency: before {_lat(lat.get('before'))}; pre-copy {_lat(lat.get('pre-copy'))}; "
+        f"after {_lat(lat.get('after'))}",
         f"acknowledged PUTs: {load.get('acked', 0)}, read back: {load.get('verified', 0)}, "
         f"lost: {load.get('lost', 0)}, wrong: {load.get('wrong', 0)}",
         f"mismatched pages: {ver.get('mismatched', 'n/a')} of {ver.get('pages', 'n/a')}",
     ]
+    cpu_line = _cpu_line(demo.get("cpu") or {})
+    return lines + ([cpu_line] if cpu_line else [])
 
 
 WHY = {
@@ -137,7 +214,9 @@ WHY = {
               "re-sent.",
     "none": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log cannot "
             "see them. Nothing tracked those writes, so pages they changed after being sent "
-            "reached the destination stale: this is what passthrough migration gets wrong.",
+            "reached the destination stale (in ptmig's runs: the NIC's receive buffers and the "
+            "used rings of its receive and transmit queues): this is what passthrough "
+            "migration gets wrong.",
     "all-dirty": "Every device-writable page was treated as dirty in every round (QEMU's "
                  "fallback): correct, but the whole mapped RAM is re-sent at stop-and-copy.",
     "device-log": "The devices logged their own DMA writes (hardware dirty tracking): correct, "

@@ -1,10 +1,14 @@
 """The demo's time axis: migration phases and kv throughput, on the load client's clock.
 
 t = 0 is the start of the load. The migration starts at `migration_start_s` (when the demo sent
-`migrate`); its phases follow from QEMU's own `query-migrate` fields: `setup-time` ends setup,
-the guest is paused for the last `downtime` ms before `total-time` (stop-and-copy and
-switchover). Throughput before / during / after comes from the client's 100 ms buckets.
-Pure functions over plain JSON values, so the report can redraw them from a stored document.
+`migrate`); its phases follow from the source's final `query-migrate`: `setup-time` ends setup,
+the stop-and-copy round of `x-rounds` says when the guest was paused (`stop-at-ms`) and
+`downtime` how long (stop-and-copy and switchover), and the destination runs it from then on.
+`total-time` also counts the page verification after the switchover. Throughput before /
+during pre-copy / after comes from the client's 100 ms buckets, latency percentiles per phase
+from its per-request record, and the client's outage at the switchover from its list of gaps
+between successful replies. Pure functions over plain values, so the report can redraw them
+from a stored document.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 BUCKET_S = 0.1  # the load client's series resolution
 
@@ -31,9 +37,23 @@ class Phase:
                 "end_s": round(self.end_s, 4)}
 
 
+def stop_round(info: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The stop-and-copy entry of `x-rounds` ({} when there is none)."""
+    rounds = info.get("x-rounds")
+    return next((r for r in rounds if isinstance(r, Mapping) and r.get("stop-and-copy")),
+                {}) if isinstance(rounds, list) else {}
+
+
 def migration_phases(info: Mapping[str, Any], migration_start_s: float,
                      load_end_s: float) -> list[Phase]:
-    """Phases from the final `query-migrate` object of the source."""
+    """Phases from the final `query-migrate` object of the source.
+
+    The guest is paused from the stop-and-copy round's `stop-at-ms` (after the migration
+    started) for `downtime` ms; the destination runs it from then on ("after"). Without
+    `stop-at-ms` (an older source) the pause is taken as the last `downtime` ms of
+    `total-time`. A migration that did not complete has no stop-and-copy, and "after" is the
+    source running on once the migration ended.
+    """
     total = float(info.get("total-time", 0)) / 1000.0
     setup = min(float(info.get("setup-time", 0)) / 1000.0, total)
     end = migration_start_s + total
@@ -41,9 +61,15 @@ def migration_phases(info: Mapping[str, Any], migration_start_s: float,
               Phase("setup", migration_start_s, migration_start_s + setup)]
     downtime = info.get("downtime")
     if info.get("status") == "completed" and isinstance(downtime, (int, float)):
-        pause = min(float(downtime) / 1000.0, total - setup)
-        phases += [Phase("pre-copy", migration_start_s + setup, end - pause),
-                   Phase("stop-and-copy", end - pause, end)]
+        stop_at = stop_round(info).get("stop-at-ms")
+        if isinstance(stop_at, (int, float)):
+            paused = migration_start_s + float(stop_at) / 1000.0
+        else:
+            paused = end - min(float(downtime) / 1000.0, total - setup)
+        resumed = paused + float(downtime) / 1000.0
+        phases += [Phase("pre-copy", migration_start_s + setup, paused),
+                   Phase("stop-and-copy", paused, resumed)]
+        end = resumed
     else:
         phases.append(Phase("pre-copy", migration_start_s + setup, end))
     phases.append(Phase("after", end, max(end, load_end_s)))
@@ -71,14 +97,81 @@ def rate_between(series: Sequence[Sequence[float]], start_s: float, end_s: float
 
 def throughput(series: Sequence[Sequence[float]], phases: Sequence[Phase],
                load_end_s: float) -> dict[str, float | None]:
-    """kv ops/s before, during and after the migration."""
+    """kv ops/s before the migration, during pre-copy alone (setup and the stop-and-copy
+    left out), and after the switchover."""
     by = {p.name: p for p in phases}
-    start = by["setup"].start_s
+    pre = by["pre-copy"]
     end = by["after"].start_s
     # The last bucket of the series is cut short by the end of the load: leave it out.
     last_full = int(load_end_s / BUCKET_S) * BUCKET_S
     return {
-        "before": rate_between(series, BUCKET_S, start),  # the first bucket includes ramp-up
-        "during": rate_between(series, start, max(end, start + 1e-6)),
+        "before": rate_between(series, BUCKET_S, by["setup"].start_s),  # 1st: ramp-up
+        "pre-copy": rate_between(series, pre.start_s, max(pre.end_s, pre.start_s + 1e-6)),
         "after": rate_between(series, end + BUCKET_S, last_full),
     }
+
+
+PERCENTILE_PHASES = ("warm-up", "pre-copy", "after")
+
+
+def latency_by_phase(rows: np.ndarray, phases: Sequence[Phase]) -> dict[str, dict[str, float]]:
+    """Latency p50 / p99 / max (ms) of the requests sent in each of warm-up ("before"),
+    pre-copy and after; `rows` is (completed at s, latency ms) per request, so a request was
+    sent at completion - latency. Requests sent during setup or the stop-and-copy are left out
+    (the latter wait for the switchover: that is the client's outage, reported apart), and so
+    is a phase in which no request was sent."""
+    by = {p.name: p for p in phases}
+    out: dict[str, dict[str, float]] = {}
+    for name in PERCENTILE_PHASES:
+        p = by.get(name)
+        if p is None or not len(rows):
+            continue
+        sent = rows[:, 0] - rows[:, 1] / 1000.0
+        inside = rows[(sent >= p.start_s) & (sent < p.end_s), 1]
+        if len(inside):
+            p50, p99 = np.percentile(inside, [50, 99]).tolist()
+            out["before" if name == "warm-up" else name] = {
+                "n": int(len(inside)), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+                "max_ms": round(float(inside.max()), 3)}
+    return out
+
+
+@dataclass(frozen=True)
+class Gap:
+    """The client's longest wait between two successful replies around an instant."""
+
+    start_s: float
+    end_s: float
+
+    @property
+    def ms(self) -> float:
+        return (self.end_s - self.start_s) * 1000.0
+
+    def to_json(self) -> dict[str, float]:
+        return {"start_s": round(self.start_s, 4), "end_s": round(self.end_s, 4),
+                "ms": round(self.ms, 3)}
+
+
+def switchover_gap(gaps: Sequence[Sequence[float]], stop: Phase) -> Gap | None:
+    """The client's gap (from `[[start_s, length_ms], ...]`) that overlaps the stop-and-copy
+    most; None when no recorded gap overlaps it (the client was served right through it)."""
+    best: Gap | None = None
+    best_overlap = 0.0
+    for start, length_ms in gaps:
+        g = Gap(float(start), float(start) + float(length_ms) / 1000.0)
+        overlap = min(g.end_s, stop.end_s) - max(g.start_s, stop.start_s)
+        if overlap > best_overlap:
+            best, best_overlap = g, overlap
+    return best
+
+
+def gap_contains(gap: Gap, stop: Phase, early_s: float, late_s: float,
+                 slack_s: float) -> bool:
+    """Does the client's gap contain the switchover? It must begin no later than `early_s`
+    after the pause began (replies sent before the pause still arrive for a while: the
+    devices' queues, the switch, the client) and last until the guest resumed, which is at
+    most `late_s` before the end of the downtime (the source counts until the destination's
+    acknowledgement arrives; the destination resumes the guest as it sends it). `slack_s` is
+    how well the two time axes' origins are known."""
+    return (gap.start_s <= stop.start_s + early_s + slack_s
+            and gap.end_s >= stop.end_s - late_s - slack_s)

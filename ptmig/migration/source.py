@@ -544,7 +544,8 @@ class SourceMigration:
         rnd = len(self.info.rounds)
         final_pages = pages.count_dirty(dirty, vm.memory.npages)
         self._send_round(ch, conn, rnd, dirty, throttle=False)
-        stop_round: dict[str, Any] = {"round": rnd, "pages": final_pages, "stop-and-copy": True}
+        stop_round: dict[str, Any] = {"round": rnd, "pages": final_pages, "stop-and-copy": True,
+                                      "stop-at-ms": round((t0 - self.info.start) * 1000, 1)}
         self.info.rounds.append(stop_round)
         self.info.ram.pages_per_round.append(final_pages)
         transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))

@@ -20,6 +20,7 @@ VERIFY (GET every acknowledged key and compare with the value that was acknowled
 
 from __future__ import annotations
 
+import heapq
 import os
 import random
 import selectors
@@ -43,6 +44,8 @@ from ptmig.net.kvproto import (
 OP_PUT, OP_GET = 1, 2
 ST_OK, ST_NOT_FOUND = 0, 1
 BUCKET_S = 0.1
+GAP_MIN_S = 0.002  # gaps between successful replies at least this long are kept (`gaps`)
+GAPS_KEPT = 4096  # the longest ones, when there are more
 RETRANSMIT_SCAN_S = 0.01
 DEFAULT_KEYS = 65536  # fits the table of the smallest kv guest (114,688 keys at 256 MiB)
 _FILLER = bytes(range(0x30, 0x7B)) * 16  # printable, long enough for any value
@@ -124,6 +127,8 @@ class EngineStats:
     load_elapsed_s: float = 0.0
     verify_elapsed_s: float = 0.0
     latencies_ms: array = field(default_factory=lambda: array("d"))
+    completed_at: array = field(default_factory=lambda: array("d"))  # s since t0, per latency
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # heap of (length, start)
     series: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # first few lost/wrong keys
 
@@ -168,6 +173,14 @@ class LoadEngine:
         self._rng = random.Random(os.getpid())
         self._flags = FLAG_DURABLE if config.durable else 0
         self._last_ok = 0.0  # time of the last successful reply
+        self.t0: float | None = None  # the clock when the load started
+        self._cap = float("inf")  # t0 + duration, once running
+        self._end_load = float("inf")  # new requests stop here (`stop_at`, the duration)
+
+    def stop_at(self, when: float) -> None:
+        """End the load phase at `when` on the engine's clock (or at the end of the duration,
+        whichever comes first); callable from another thread while `run` runs."""
+        self._end_load = min(when, self._cap)
         self._verify_last = 0.0
 
     # ------------------------------------------------------------------ requests
@@ -238,13 +251,12 @@ class LoadEngine:
         if status > 3:
             st.malformed_replies += 1
         if status <= ST_NOT_FOUND:
-            gap = now - self._last_ok
-            if gap > st.max_gap_s:
-                st.max_gap_s, st.max_gap_at_s = gap, self._last_ok - t0
+            self._gap(now, t0)
             self._last_ok = now
         if p.phase != VERIFY:
             st.ops += 1
             st.latencies_ms.append((now - p.first) * 1000.0)
+            st.completed_at.append(now - t0)
             b = int((now - t0) / BUCKET_S)
             series = st.series
             if b >= len(series):
@@ -272,6 +284,19 @@ class LoadEngine:
             self._problem(p.n, "lost", b"")
         else:
             st.errors += 1
+
+    def _gap(self, now: float, t0: float) -> None:
+        """The time since the last successful reply ends here: keep it if it is long."""
+        st = self.stats
+        gap = now - self._last_ok
+        if gap > st.max_gap_s:
+            st.max_gap_s, st.max_gap_at_s = gap, self._last_ok - t0
+        if gap >= GAP_MIN_S:
+            item = (gap, self._last_ok - t0)
+            if len(st.gaps) < GAPS_KEPT:
+                heapq.heappush(st.gaps, item)
+            elif item > st.gaps[0]:
+                heapq.heapreplace(st.gaps, item)
 
     def _value_ok(self, n: int, value: bytes) -> bool:
         """Is `value` what n's key must hold: value n, or a PUT the drain gave up on?"""
@@ -331,7 +356,9 @@ class LoadEngine:
         clock, dp = self.clock, self.dp
         t0 = clock()
         self._last_ok = t0
-        end_load = t0 + cfg.duration_s
+        self.t0 = t0
+        self._cap = t0 + cfg.duration_s
+        self._end_load = min(self._end_load, self._cap)
         interval = 1.0 / cfg.rate if cfg.rate else 0.0
         next_send = t0
         next_scan = t0 + RETRANSMIT_SCAN_S
@@ -355,7 +382,7 @@ class LoadEngine:
                 next_tick = now + 0.05
             wait = 0.05
             if phase == LOAD:
-                if now >= end_load:
+                if now >= self._end_load:
                     phase, phase_deadline = DRAIN, now + cfg.drain_timeout_s
                     continue
                 if interval and next_send < now - 0.1:
@@ -376,9 +403,7 @@ class LoadEngine:
                 if not pending or now >= phase_deadline:
                     st.unanswered = len(pending)
                     st.load_elapsed_s = now - t0
-                    gap = now - self._last_ok
-                    if gap > st.max_gap_s:
-                        st.max_gap_s, st.max_gap_at_s = gap, self._last_ok - t0
+                    self._gap(now, t0)
                     self._give_up_pending()
                     if not cfg.verify:
                         phase = DONE

@@ -35,6 +35,8 @@ def _demo_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
         s.para("NOT VERIFIED: " + "; ".join(v.problems), "bad")
     outage = demo.get("outage") or {}
     tp = demo.get("throughput") or {}
+    lat = demo.get("latency") or {}
+    cpu = demo.get("cpu") or {}
     ver = mig.get("x-verify") or {}
 
     def num(x: Any, spec: str = ".0f") -> str:
@@ -45,10 +47,19 @@ def _demo_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
         ("guest RAM", f"{num((mig.get('ram') or {}).get('total', 0) / (1 << 20))} MiB"),
         ("total migration time", f"{num(mig.get('total-time'))} ms"),
         ("downtime (VMM)", f"{num(mig.get('downtime'))} ms"),
-        ("outage seen by the client", f"{num(outage.get('client-ms'))} ms"),
+        ("outage seen by the client at the switchover", f"{num(outage.get('client-ms'))} ms"),
+        ("longest gap between the client's replies", f"{num(outage.get('client-longest-ms'))} ms"),
         ("outage seen by the guest", f"{num(outage.get('guest-ms'))} ms"),
-        ("kv ops/s before / during / after",
-         f"{num(tp.get('before'))} / {num(tp.get('during'))} / {num(tp.get('after'))}"),
+        ("kv ops/s before / during pre-copy / after the switchover",
+         f"{num(tp.get('before'))} / {num(tp.get('pre-copy'))} / {num(tp.get('after'))}"),
+        *[(f"kv latency {name} (p50 / p99 / max)",
+           f"{num(lat[key].get('p50_ms'), '.2f')} / {num(lat[key].get('p99_ms'), '.2f')} / "
+           f"{num(lat[key].get('max_ms'), '.1f')} ms")
+          for key, name in (("before", "before"), ("pre-copy", "during pre-copy"),
+                            ("after", "after the switchover")) if isinstance(lat.get(key), dict)],
+        ("VMM CPU, migrate to switchover (source / destination)",
+         f"{num(cpu.get('source-s-per-gib'), '.2f')} / "
+         f"{num(cpu.get('destination-s-per-gib'), '.2f')} s per GiB sent"),
         ("acknowledged values lost / wrong", f"{load.get('lost', 'n/a')} / "
                                              f"{load.get('wrong', 'n/a')}"),
         ("mismatched pages", f"{ver.get('mismatched', 'n/a')} of {ver.get('pages', 'n/a')}"),
