@@ -7,9 +7,9 @@ Per run, back to back:
   `FILL_FROM` is first filled with random bytes by the VMM (QMP `x-debug-fill-ram`), so
   the destination receives real data, never holes or zero pages. It is migrated over loopback
   (no DMA tracking needed: no devices) with the default downtime limit, unlimited bandwidth,
-  over `DATA_CHANNELS` parallel streams (`x-data-channels`, like QEMU's multifd). Reported:
-  total time, downtime, throughput = `ram.transferred` / `total-time`. `total-time` runs from
-  the `migrate` command to the switchover, as QEMU's does; it does not include the
+  over `DATA_CHANNELS` parallel streams (QEMU's `multifd` capability, `multifd-channels`).
+  Reported: total time, downtime, throughput = `ram.transferred` / `total-time`. `total-time`
+  runs from the `migrate` command to the switchover, as QEMU's does; it does not include the
   destination's start-up, during which it prefaults its guest RAM (on by default, like QEMU's
   `-mem-prealloc`; about 0.5 s per GiB here, long over by the time the source filled its RAM).
 - **stream**: a plain Python TCP loopback stream of the same number of bytes
@@ -267,9 +267,10 @@ def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False) ->
         _wait_status(qs, ("running",), p.start_timeout_s)
         _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
         _cmd(qs, "migrate-set-parameters", {"x-dma-tracking": "none", "max-bandwidth": 0,
-                                            "x-data-channels": DATA_CHANNELS})
+                                            "multifd-channels": DATA_CHANNELS})
         _cmd(qs, "migrate-set-capabilities",
-             {"capabilities": [{"capability": "x-verify", "state": verify}]})
+             {"capabilities": [{"capability": "x-verify", "state": verify},
+                               {"capability": "multifd", "state": True}]})
         _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = _wait_migration(qs, p.migration_timeout_s)
         _wait_status(qd, ("running",), 10)
