@@ -20,7 +20,7 @@ import click
 from . import __version__
 from .cliconv import EXIT_STATUS_TEXT, VMM_FAILED, Bandwidth, json_to_stdout
 
-JSON_HELP = "Write the result as JSON to FILE (- for stdout; the tables then go to stderr)."
+JSON_HELP = "Write the result as JSON to FILE (- for stdout; the summary then goes to stderr)."
 
 
 def _unix_path(spec: str | None, what: str) -> str | None:
@@ -165,7 +165,8 @@ LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_
 @click.option("--verify/--no-verify", default=True,
               help="Read every acknowledged key back at the end (default: verify).")
 @click.option("--ready-timeout", type=float, default=LOAD_DEFAULTS["ready_timeout_s"],
-              show_default=True, help="Seconds to wait for the guest to answer ARP.")
+              show_default=True, metavar="SECONDS",
+              help="Seconds to wait for the guest to answer ARP.")
 @click.option("--durable/--no-durable", default=True,
               help="Set the durable flag on PUTs (default: durable).")
 def load(config: Path | None, rate: float | None, unpaced: bool, duration: float,
@@ -195,7 +196,8 @@ def load(config: Path | None, rate: float | None, unpaced: bool, duration: float
 
 @main.command()
 @click.option("--listen", required=True, metavar="HOST:PORT", help="UDP address to serve on.")
-@click.option("--age", default=300.0, show_default=True, help="Seconds before a MAC is forgotten.")
+@click.option("--age", default=300.0, show_default=True, metavar="SECONDS",
+              help="Seconds before a MAC is forgotten.")
 @click.option("--native/--no-native", default=None,
               help="Forward known unicast frames in native code (default: when it builds).")
 @click.option("--idle-exit", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -130,7 +130,7 @@ def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
     try:
         names = select_sections(only)
     except KeyError as e:
-        Console(stderr=True).print(f"[red]{e.args[0]}[/red]")
+        Console(stderr=True, soft_wrap=True).print(f"[red]{e.args[0]}[/red]")
         return USAGE
     config = BenchConfig.for_mode(quick)
     report = run_bench(config, [(n, _lazy(n)) for n in names], console)

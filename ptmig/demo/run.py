@@ -226,7 +226,7 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
 
 
 def _stderr() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:

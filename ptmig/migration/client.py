@@ -234,7 +234,7 @@ def run(opts: MigrateOptions, console: Console | None = None,
         errors: Console | None = None) -> int:
     """`ptmig migrate`: live progress, summary table, optional JSON; returns the exit status.
     Errors go to `errors` (stderr); with `--json -` the tables go there too."""
-    errors = errors or Console(stderr=True)
+    errors = errors or Console(stderr=True, soft_wrap=True)
     console = console or (errors if json_to_stdout(opts.json_path) else Console())
     live_view = Live(Text("connecting ..."), console=console, refresh_per_second=10,
                      transient=True)
