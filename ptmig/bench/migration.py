@@ -18,6 +18,10 @@ Per run, back to back:
   a file of random bytes (`memory-backend-file,share=on`), source started with `-S`, migrated
   the same way through QMP with `max-bandwidth` set very high. `ptmig/qemu` ratios are per run.
 
+- **page scans**: the source's zero-page scan (`pages.split_zero_runs`, 64 MiB with every third
+  page non-zero) and the verification digest (`verify.page_digests`, 1 GiB), in GB/s: both run
+  on every page a migration moves, so each must keep well ahead of the link.
+
 One extra verified ptmig migration (`x-verify`, not counted in the medians: hashing adds to
 the downtime) checks that what arrived is what was sent.
 """
@@ -81,7 +85,8 @@ class Sample:
 
 
 def run(config: BenchConfig) -> list[Result]:
-    return run_migration_bench(config, MigrationBenchParams.for_config(config))
+    return (run_migration_bench(config, MigrationBenchParams.for_config(config))
+            + page_scan_results(config))
 
 
 def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Result]:
@@ -339,3 +344,40 @@ def qemu_migration(tmp: Path, binary: str, p: MigrationBenchParams,
 def remove_qemu_ram_files() -> None:
     for f in SHM_DIR.glob(f"ptmig-bench-qemu-{os.getpid()}-*.ram"):
         f.unlink(missing_ok=True)
+
+
+# ---- page scans ---------------------------------------------------------------------------
+
+GOAL_SCAN_GBS = Goal(">=", 1.0, "GB/s")  # a page scan may cost at most 1 s per GB migrated
+
+
+def _zero_scan_gbs() -> float:
+    from ..migration.events import make_runs
+    from ..migration.pages import PAGE_SIZE, split_zero_runs
+
+    ram = bytearray(64 * MiB)
+    np.frombuffer(ram, np.uint8).reshape(-1, PAGE_SIZE)[::3, 100] = 1
+    runs = make_runs([0], [len(ram) // PAGE_SIZE])
+    t = time.perf_counter()
+    split_zero_runs(ram, runs)
+    return len(ram) / (time.perf_counter() - t) / 1e9
+
+
+def _digest_gbs() -> float:
+    from ..migration.verify import page_digests
+
+    ram = np.ones(GiB, dtype=np.uint8)
+    page_digests(ram[:MiB])  # warm up
+    t = time.perf_counter()
+    page_digests(ram)
+    return GiB / (time.perf_counter() - t) / 1e9
+
+
+def page_scan_results(config: BenchConfig) -> list[Result]:
+    zero = [_zero_scan_gbs() for _ in range(config.runs)]
+    digest = [_digest_gbs() for _ in range(config.runs)]
+    return [
+        measured(SECTION, "pages.zero_scan", zero, "GB/s", GOAL_SCAN_GBS,
+                 {"ram_mib": 64, "nonzero": "every third page"}),
+        measured(SECTION, "verify.digest", digest, "GB/s", GOAL_SCAN_GBS, {"ram_mib": 1024}),
+    ]
