@@ -82,7 +82,9 @@ def run_bench(
         try:
             results = fn(config)
         except Exception as e:
-            console.print(f"[red]section {name} crashed:[/red]\n{traceback.format_exc()}")
+            errors = Console(stderr=True, soft_wrap=True, highlight=False)
+            errors.print(f"[red]section {name} crashed:[/red]")
+            errors.print(traceback.format_exc(), markup=False)
             report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
             results = list(getattr(e, "partial", []))
             if not results:
