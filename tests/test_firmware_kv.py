@@ -289,6 +289,27 @@ def test_a_log_that_does_not_fit_the_disk_is_refused(firmware: FirmwareImage,
         g.close()
 
 
+@pytest.mark.parametrize("superblock, message", [
+    (struct.pack("<QIIQ", 0x31474F4C564B4D50, 1, 512, 512),
+     "log superblock version 1 sector size 512 start 512 is not supported"),
+    (struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, DISK_SIZE, 0, 1),
+     f"areas of {DISK_SIZE} bytes, active 0, first seq 1 do not fit a disk of {DISK_SIZE}"),
+    (struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, 8192, 2, 1),
+     "areas of 8192 bytes, active 2, first seq 1 do not fit"),
+], ids=["version-1", "areas-too-big", "no-such-area"])
+def test_a_log_it_does_not_understand_is_refused_not_overwritten(
+        firmware: FirmwareImage, disk: Path, superblock: bytes, message: str) -> None:
+    image = superblock + bytes(DISK_SIZE - len(superblock))
+    disk.write_bytes(image)
+    g = KvGuest(firmware, disk)
+    try:
+        assert g.vm.wait(timeout=30) == 1, g.console()
+        assert message in g.console()
+    finally:
+        g.close()
+    assert disk.read_bytes() == image  # nothing was formatted away
+
+
 @pytest.mark.parametrize(
     "raw",
     [
