@@ -164,6 +164,11 @@ struct kv_report {
     uint64_t entries;         /* keys in the table */
     uint64_t io_errors;       /* requests answered IO_ERROR */
     uint64_t bad_requests;    /* requests answered BAD_REQUEST */
+    uint64_t log_area_bytes;  /* size of each of the log's two areas */
+    uint64_t log_active;      /* the area appended to (0 or 1) */
+    uint64_t log_first_seq;   /* seq of its first record (a checkpoint's, after one) */
+    uint64_t checkpoints;     /* checkpoints written since start */
+    uint64_t checkpoint_bytes; /* their record bytes */
 };
 
 #define KV_REPLAY_END 0       /* an all-zero record header: the clean end of the log */
@@ -172,7 +177,7 @@ struct kv_report {
 #define KV_REPLAY_BAD_CRC 3   /* a record whose CRC-32 does not match */
 #define KV_REPLAY_BAD_SEQ 4   /* a record whose seq is not the previous one + 1 */
 #define KV_REPLAY_IO_ERROR 5  /* the disk failed a read */
-#define KV_REPLAY_DISK_END 6  /* the log reaches the end of the disk */
+#define KV_REPLAY_DISK_END 6  /* the log reaches the end of its area */
 #define KV_REPLAY_TABLE_FULL 7 /* the in-memory table could not hold another key */
 
 _Static_assert(sizeof(struct fw_header) == FW_HEADER_SIZE, "fw_header size");
@@ -186,7 +191,7 @@ _Static_assert(sizeof(struct vcpu_stats) == ABI_STATS_SLOT_SIZE, "vcpu_stats siz
 _Static_assert(ABI_STATS_GPA + ABI_MAX_VCPUS * ABI_STATS_SLOT_SIZE == ABI_WORKLOAD_STATS_GPA,
                "workload area follows the stats slots");
 _Static_assert(sizeof(struct dirty_report) <= ABI_WORKLOAD_AREA_SIZE, "dirty_report size");
-_Static_assert(sizeof(struct kv_report) == 13 * 8, "kv_report size");
+_Static_assert(sizeof(struct kv_report) == 18 * 8, "kv_report size");
 
 #endif /* __ASSEMBLER__ */
 #endif /* PTMIG_ABI_H */

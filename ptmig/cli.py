@@ -1,15 +1,26 @@
-"""The `ptmig` command line."""
+"""The `ptmig` command line: one click group, a subcommand per tool.
+
+Every subcommand follows `cliconv`'s conventions: the exit statuses in its table (usage errors
+are click's 2), errors on stderr, `--json FILE` or `--json -` (stdout), QEMU's parameter names
+and units where QEMU has them (`--downtime-limit` in ms, `--max-bandwidth` in bytes/s with
+K/M/G suffixes). Heavy modules are imported inside the commands, not at start-up.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
 from . import __version__
+from .cliconv import EXIT_STATUS_TEXT, VMM_FAILED, Bandwidth, json_to_stdout
+
+JSON_HELP = "Write the result as JSON to FILE (- for stdout; the summary then goes to stderr)."
 
 
 def _unix_path(spec: str | None, what: str) -> str | None:
@@ -20,7 +31,36 @@ def _unix_path(spec: str | None, what: str) -> str | None:
     return spec[5:]
 
 
-@click.group()
+class VmmCommand(click.Command):
+    """`ptmig run` exits with the guest's code, so its own failures -- usage errors, a bad
+    config, no KVM, a crash -- exit with VMM_FAILED (125), never a code the guest could give."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as e:
+            e.exit_code = VMM_FAILED
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            e.exit_code = VMM_FAILED
+            raise
+        except (click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception:
+            traceback.print_exc()
+            print("ptmig run: internal error (above); exit status 125", file=sys.stderr)
+            sys.exit(VMM_FAILED)
+
+
+JSON_TYPE = click.Path(dir_okay=False, allow_dash=True, path_type=Path)
+
+
+@click.group(epilog=EXIT_STATUS_TEXT)
 @click.version_option(__version__, prog_name="ptmig")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -29,7 +69,7 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-@main.command()
+@main.command(cls=VmmCommand)
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--qmp", "qmp_spec", metavar="unix:PATH", help="QMP control socket.")
 @click.option("--console", "console_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -45,9 +85,12 @@ def main(verbose: int) -> None:
                    "(like QEMU's -mem-prealloc), so receiving pages never faults.")
 def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming: str | None,
         psk_file: Path | None, insecure: bool, prefault: bool) -> None:
-    """Run the VM described by CONFIG until the guest exits or `quit`.
+    """Run a VM until the guest exits or `quit`.
 
-    The exit status is the guest's exit code.
+    Runs the VM described by CONFIG (or, with --incoming, receives it from a migration). Exit
+    status: the guest's own exit code (0 after `quit` or a completed outgoing migration);
+    125 when ptmig run itself failed: bad options, a bad config, no KVM, the firmware or a
+    device process, a failed incoming migration.
     """
     from .config import ConfigError, load_config
     from .devices.handle import DeviceError
@@ -101,9 +144,8 @@ LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_
               help="Pace to N ops/s (default: as fast as the window allows).")
 @click.option("--max", "unpaced", is_flag=True, help="Unthrottled (the default).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="Seconds of load.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the result as JSON to FILE.")
+              show_default=True, metavar="SECONDS", help="Seconds of load.")
+@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE", help=JSON_HELP)
 @click.option("--target", metavar="HOST:PORT",
               help="The kv service through the host's network (TAP) instead of a switch.")
 @click.option("--switch", metavar="udp:HOST:PORT", help="The switch (overrides the config).")
@@ -123,7 +165,8 @@ LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_
 @click.option("--verify/--no-verify", default=True,
               help="Read every acknowledged key back at the end (default: verify).")
 @click.option("--ready-timeout", type=float, default=LOAD_DEFAULTS["ready_timeout_s"],
-              show_default=True, help="Seconds to wait for the guest to answer ARP.")
+              show_default=True, metavar="SECONDS",
+              help="Seconds to wait for the guest to answer ARP.")
 @click.option("--durable/--no-durable", default=True,
               help="Set the durable flag on PUTs (default: durable).")
 def load(config: Path | None, rate: float | None, unpaced: bool, duration: float,
@@ -131,10 +174,11 @@ def load(config: Path | None, rate: float | None, unpaced: bool, duration: float
          client_ip: str | None, kv_port: int | None, keys_prefix: str | None, keys: int,
          window: int, value_size: int, read_ratio: float, verify: bool, ready_timeout: float,
          durable: bool) -> None:
-    """Drive the guest's kv service and verify every acknowledged value.
+    """Drive a kv guest; verify what it acknowledged.
 
-    CONFIG is the VM's config (it names the switch, the guest's IP and kv port). Exit status:
-    0 all verified, 1 an acknowledged value was lost or wrong, 2 the run proved nothing.
+    Drives the guest's kv service and reads every acknowledged value back. CONFIG is the VM's
+    config (it names the switch, the guest's IP and kv port). Exit status: 0 all verified,
+    1 an acknowledged value was lost or wrong, 2 usage error, 3 the run proved nothing.
     """
     from .load import LoadOptions
     from .load import main as load_main
@@ -149,15 +193,21 @@ def load(config: Path | None, rate: float | None, unpaced: bool, duration: float
         ready_timeout_s=ready_timeout, json_path=str(json_path) if json_path else None)))
 
 
+
 @main.command()
 @click.option("--listen", required=True, metavar="HOST:PORT", help="UDP address to serve on.")
-@click.option("--age", default=300.0, show_default=True, help="Seconds before a MAC is forgotten.")
+@click.option("--age", default=300.0, show_default=True, metavar="SECONDS",
+              help="Seconds before a MAC is forgotten.")
 @click.option("--native/--no-native", default=None,
               help="Forward known unicast frames in native code (default: when it builds).")
 @click.option("--idle-exit", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Exit after this long without a datagram (default: never).")
 def switch(listen: str, age: float, native: bool | None, idle_exit: float | None) -> None:
-    """A learning L2 switch carrying Ethernet frames in UDP datagrams."""
+    """A learning L2 switch over UDP datagrams.
+
+    Carries Ethernet frames between VMs (and load clients) as UDP datagrams. Exit status:
+    0 after --idle-exit or a signal, 2 a bad --listen address.
+    """
     from .net.switch import switch_main
 
     sys.exit(switch_main(listen, age_s=age, native=native, idle_exit_s=idle_exit))
@@ -169,29 +219,39 @@ def switch(listen: str, age: float, native: bool | None, idle_exit: float | None
 @click.argument("destination", metavar="tcp:HOST:PORT")
 @click.option("--dma-tracking", type=click.Choice(["none", "all-dirty", "device-log", "shadow"]),
               help="How device DMA writes are tracked (x-dma-tracking).")
-@click.option("--downtime-limit-ms", type=click.IntRange(min=1), help="downtime-limit, in ms.")
-@click.option("--max-bandwidth", type=click.IntRange(min=0), metavar="BYTES",
-              help="max-bandwidth in bytes/s (0: unlimited).")
+@click.option("--downtime-limit", type=click.IntRange(min=1), metavar="MS",
+              help="Maximum downtime in ms (QEMU's downtime-limit).")
+@click.option("--downtime-limit-ms", "downtime_limit_old", type=click.IntRange(min=1),
+              hidden=True)
+@click.option("--max-bandwidth", type=Bandwidth(),
+              help="Bandwidth in bytes/s, K/M/G suffixes (100M), 0 unlimited (max-bandwidth).")
 @click.option("--verify", is_flag=True, help="Compare every page of RAM after the switchover.")
 @click.option("--auto-converge", is_flag=True, help="Throttle the vCPUs if it does not converge.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the final query-migrate reply to FILE.")
+@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE",
+              help="Write the final query-migrate reply to FILE (- for stdout; the tables then "
+                   "go to stderr).")
 def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
-            downtime_limit_ms: int | None, max_bandwidth: int | None, verify: bool,
-            auto_converge: bool, json_path: Path | None) -> None:
-    """Live-migrate the VM behind --qmp to DESTINATION (a `ptmig run --incoming`).
+            downtime_limit: int | None, downtime_limit_old: int | None,
+            max_bandwidth: int | None, verify: bool, auto_converge: bool,
+            json_path: Path | None) -> None:
+    """Live-migrate a VM to DESTINATION.
 
-    Exit status: 0 completed; 1 failed or cancelled (the guest runs on the source);
-    2 completed but verification found differing pages; 3 the VMM refused or was unreachable.
+    Migrates the VM behind --qmp to DESTINATION (a `ptmig run --incoming`). Exit status:
+    0 completed; 1 failed or cancelled (the guest runs on the source); 2 usage error; 3 the
+    VMM refused or was unreachable; 4 completed but verification found differing pages.
     """
     from .migration.client import MigrateOptions
     from .migration.client import run as run_migrate
 
     path = _unix_path(qmp_spec, "--qmp")
     assert path is not None
+    if downtime_limit is not None and downtime_limit_old is not None:
+        raise click.UsageError("--downtime-limit and --downtime-limit-ms are the same option")
     try:
-        opts = MigrateOptions(path, destination, dma_tracking, downtime_limit_ms,
-                              max_bandwidth, verify, auto_converge, json_path)
+        opts = MigrateOptions(path, destination, dma_tracking,
+                              downtime_limit if downtime_limit is not None
+                              else downtime_limit_old, max_bandwidth, verify, auto_converge,
+                              json_path)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     sys.exit(run_migrate(opts))
@@ -199,13 +259,24 @@ def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
 
 @main.command()
 @click.option("--quick", is_flag=True, help="A smaller version that fits a few minutes.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the results (default bench-results/bench.json).")
-@click.option("--only", multiple=True, help="Run only these sections (repeatable).")
+@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE",
+              help="Where to write the results (default bench-results/bench.json; - for "
+                   "stdout, the tables then go to stderr).")
+@click.option("--only", multiple=True, metavar="SECTION",
+              help="Run only these sections (repeatable).")
 def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
-    """Run the benchmarks: tables on stdout, one JSON file."""
-    from .bench import main as bench_main
+    """Run the benchmarks: tables and one JSON file.
 
+    Exit status: 0 every section ran (missed goals are in the tables and the JSON, not in the
+    status); 1 a section crashed; 2 usage error (an unknown --only section).
+    """
+    from .bench import main as bench_main
+    from .bench import select_sections
+
+    try:
+        select_sections(list(only) or None)
+    except KeyError as e:
+        raise click.BadParameter(e.args[0], param_hint="--only") from None
     sys.exit(bench_main(quick, json_path, list(only) or None))
 
 
@@ -213,8 +284,9 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 @click.option("--dma-tracking", type=click.Choice(["shadow", "none", "all-dirty", "device-log"]),
               default="shadow", show_default=True,
               help="How device DMA writes are tracked; `none` shows what goes wrong without.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write {migration, load, guest, demo} to FILE.")
+@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE",
+              help="Write {migration, load, guest, demo} to FILE (- for stdout; the live view "
+                   "and summary then go to stderr).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write an HTML report with plots to DIR.")
 @click.option("--bench-json", type=click.Path(dir_okay=False, path_type=Path),
@@ -222,30 +294,35 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
               help="Bench results to add to the report (strategy comparison), if present.")
 @click.option("--quick", is_flag=True, help="256 MiB, a shorter load before and after.")
 @click.option("--memory", default=None, help="Guest RAM (default 1G, 256M with --quick).")
-@click.option("--warmup", type=float, default=None, help="Seconds of load before migrating.")
-@click.option("--after", type=float, default=None,
+@click.option("--warmup", type=float, default=None, metavar="SECONDS",
+              help="Seconds of load before migrating.")
+@click.option("--after", type=float, default=None, metavar="SECONDS",
               help="Seconds of load after the switchover (default 4, 3 with --quick).")
-@click.option("--rate", type=float, default=None,
+@click.option("--rate", type=float, default=None, metavar="OPS",
               help="Offered kv load in ops/s (default: as fast as the client can).")
-@click.option("--max-bandwidth", type=float, default=100.0, show_default=True,
-              help="Migration bandwidth in MiB/s (0: unlimited).")
-@click.option("--downtime-limit", type=int, default=300, show_default=True,
-              help="Maximum downtime in ms.")
+@click.option("--max-bandwidth", type=Bandwidth(), default="100M", show_default=True,
+              help="Migration bandwidth in bytes/s, K/M/G suffixes, 0 unlimited "
+                   "(max-bandwidth).")
+@click.option("--downtime-limit", type=click.IntRange(min=1), default=300, show_default=True,
+              metavar="MS", help="Maximum downtime in ms (downtime-limit).")
 @click.option("--tap", is_flag=True, help="Real Linux networking through TAP (needs root).")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep configs, disk image and logs here (default: a temporary directory).")
 @click.option("--no-live", is_flag=True, help="Plain progress lines instead of the live view.")
 def demo(dma_tracking: str, json_path: Path | None, report_dir: Path | None,
          bench_json: Path, quick: bool, memory: str | None, warmup: float | None,
-         after: float | None, rate: float | None, max_bandwidth: float, downtime_limit: int,
+         after: float | None, rate: float | None, max_bandwidth: int, downtime_limit: int,
          tap: bool, run_dir: Path | None, no_live: bool) -> None:
-    """Live-migrate a kv VM with passthrough NIC and disk under load; verify nothing is lost.
+    """Migrate a kv VM under load; verify nothing is lost.
 
-    The load runs from the warm-up until --after seconds after the switchover, however long
-    pre-copy takes. Exit status: 0 everything verified; 1 the migration lost or corrupted
-    something (expected with --dma-tracking none), or the load did not span the switchover
-    (the summary says which condition failed); 2 the demo could not run.
+    Live-migrates a kv VM with passthrough NIC and disk while a client loads it; the load runs
+    from the warm-up until --after seconds after the switchover, however long pre-copy takes.
+    Exit status: 0 everything verified; 1 the migration lost or corrupted something (expected
+    with --dma-tracking none), or the load did not span the switchover (the summary says which
+    condition failed); 2 usage error; 3 the demo could not run.
     """
+    from rich.console import Console
+
     from .demo import DemoOptions, run_demo
 
     base = DemoOptions.quick() if quick else DemoOptions()
@@ -254,13 +331,15 @@ def demo(dma_tracking: str, json_path: Path | None, report_dir: Path | None,
             memory=memory or base.memory, dma_tracking=dma_tracking,
             warmup_s=warmup if warmup is not None else base.warmup_s,
             after_s=after if after is not None else base.after_s, rate=rate,
-            max_bandwidth_mib=max_bandwidth, downtime_limit_ms=downtime_limit, tap=tap,
+            max_bandwidth_mib=max_bandwidth / (1 << 20), downtime_limit_ms=downtime_limit,
+            tap=tap,
             json_path=json_path, report_dir=report_dir, bench_json=bench_json,
             run_dir=run_dir, live=not no_live)
         opts.check()
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    sys.exit(run_demo(opts).exit_status)
+    console = Console(stderr=True, highlight=False) if json_to_stdout(json_path) else None
+    sys.exit(run_demo(opts, console).exit_status)
 
 
 if __name__ == "__main__":

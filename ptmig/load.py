@@ -4,16 +4,17 @@ Owns the load client's front end: `LoadOptions` (what the CLI passes), finding t
 the VM config (its IP, the switch it sits on, the kv port), attaching to the network (as a
 host of its own on a UDP switch; through a plain socket for a TAP guest or with `--target`),
 running the engine in `ptmig.net.kvload`, and the result: `LoadResult`, its JSON form and its
-exit status (0 all good; 1 an acknowledged value was lost or wrong; 2 the run could not prove
-it, e.g. some acknowledged keys could not be read back, or the guest never answered).
+exit status (0 all good; 1 an acknowledged value was lost or wrong; 3 the run could not prove
+it, e.g. some acknowledged keys could not be read back, or the guest never answered; see
+`ptmig.cliconv`).
 
-The lead wires `ptmig load CONFIG.toml ...` to `main(argv)` or to `run_load(LoadOptions)`.
+`ptmig load CONFIG.toml ...` (ptmig.cli) calls `main(LoadOptions)`; `run_load` is the same
+without printing.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ptmig.cliconv import CANNOT_RUN, FAILED, OK, json_to_stdout, write_json
 from ptmig.net.backend import NetBackendError, open_backend, parse_host_port
 from ptmig.net.frames import ip_aton, random_local_mac
 from ptmig.net.hoststack import Datapath, EthernetHost, SocketDatapath
@@ -36,7 +38,7 @@ from ptmig.net.kvload import (
 from ptmig.net.kvproto import DEFAULT_PORT
 from ptmig.net.sched import batch_scheduling
 
-EXIT_OK, EXIT_LOST_OR_WRONG, EXIT_UNPROVEN = 0, 1, 2
+EXIT_OK, EXIT_LOST_OR_WRONG, EXIT_UNPROVEN = OK, FAILED, CANNOT_RUN
 CLIENT_PORT = 47000
 
 
@@ -194,7 +196,7 @@ def run_load(opts: LoadOptions) -> LoadResult:
         datapath.close()
     result = LoadResult.from_stats(stats)
     if opts.json_path:
-        Path(opts.json_path).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        write_json(result.to_json(), opts.json_path)
     return result
 
 
@@ -222,7 +224,7 @@ def main(opts: LoadOptions) -> int:
     except (ValueError, NetBackendError, NotReadyError, OSError) as exc:
         print(f"ptmig load: {exc}", file=sys.stderr)
         return EXIT_UNPROVEN
-    print(summary(result))
+    print(summary(result), file=sys.stderr if json_to_stdout(opts.json_path) else sys.stdout)
     return result.exit_status
 
 

@@ -211,6 +211,17 @@ def test_unknown_section_name_returns_2_and_writes_nothing(fake_sections, tmp_pa
     assert not out.exists()
 
 
+def test_json_to_stdout_puts_the_tables_on_stderr(fake_sections, capsys, tmp_path,
+                                                  monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(quick=True, json_path=Path("-"), only=["good"]) == 0
+    out = capsys.readouterr()
+    doc = json.loads(out.out)  # nothing but the document on stdout
+    assert [r["name"] for r in doc["results"]] == ["met", "missed"]
+    assert "bench good" in out.err
+    assert not (tmp_path / "-").exists() and not (tmp_path / "bench-results").exists()
+
+
 def test_run_bench_files_results_under_their_section() -> None:
     def section(config: BenchConfig) -> list[Result]:
         return [measured("wrong-name", "x", [1.0], "u")]

@@ -345,12 +345,16 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
     for s in ("none", "shadow"):
         downtime = results[f"strategy.{s}.256M.downtime"]
         assert 0 < downtime["value"] < 10_000 and downtime["extra"]["ram_bytes"] == 256 * MiB
-        assert 0 < results[f"strategy.{s}.256M.bytes"]["value"] <= 300  # MiB
-        assert results[f"strategy.{s}.256M.rounds"]["value"] >= 2
+        rounds = results[f"strategy.{s}.256M.rounds"]["value"]
+        assert rounds >= 2
+        # a round (the stop-and-copy too) sends each page of the 256 MiB at most once, plus a
+        # little framing: however fast the machine, the bytes are bounded by the rounds
+        assert 0 < results[f"strategy.{s}.256M.bytes"]["value"] <= rounds * 256 * 1.02  # MiB
         assert results[f"strategy.{s}.256M.ops_before"]["value"] > 0
         assert results[f"strategy.{s}.256M.total"]["value"] >= downtime["value"]
         assert results[f"strategy.{s}.256M.mismatched"]["value"] is not None
-    assert results["strategy.shadow.correct"]["value"] in (0.0, 1.0)
+    assert results["strategy.shadow.correct"]["value"] == 1.0, \
+        results["strategy.shadow.correct"]["extra"]
     assert results["strategy.shadow.during_vs_before"]["value"] > 0
     points = strategy_points(doc)
     assert set(points) == {"none", "shadow"}

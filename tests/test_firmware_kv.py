@@ -28,15 +28,15 @@ HOST_MAC = fr.parse_mac("52:54:00:aa:bb:cc")
 GUEST_IP, HOST_IP = fr.ip_aton("10.0.0.2"), fr.ip_aton("10.0.0.1")
 MEMORY = 64 << 20
 DISK_SIZE = 1 << 20
-_KV_REPORT = struct.Struct("<13Q")
+_KV_REPORT = struct.Struct("<18Q")
 LOG_START = 512
 
 
 class KvGuest:
     """A 1-vCPU VM running `kv`, with a net device on a socketpair and a disk image."""
 
-    def __init__(self, firmware: FirmwareImage, disk: Path) -> None:
-        self.vm = Vm(VmSpec(MEMORY, 1, "kv ip=10.0.0.2 mask=24 port=7000"))
+    def __init__(self, firmware: FirmwareImage, disk: Path, args: str = "") -> None:
+        self.vm = Vm(VmSpec(MEMORY, 1, f"kv ip=10.0.0.2 mask=24 port=7000 {args}".strip()))
         pages = MEMORY // 4096
         self.iommu = IommuTable.create(pages)
         self.iommu.map_identity(pages)
@@ -59,6 +59,28 @@ class KvGuest:
         self.req_id = 0
         self.closed = False
         self.vm.start()
+
+    def send(self, op: int, key: bytes = b"", value: bytes = b"", flags: int = 0) -> int:
+        """Send one request without waiting; its req_id."""
+        self.req_id += 1
+        payload = kp.encode_request(kp.KvRequest(self.req_id, kp.Op(op), key, value, flags))
+        self.host.send(fr.udp_frame(HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000,
+                                    payload))
+        return self.req_id
+
+    def replies(self, n: int) -> dict[int, kp.KvReply]:
+        """The next n kv replies, by req_id (ARP and other frames skipped)."""
+        out: dict[int, kp.KvReply] = {}
+        while len(out) < n:
+            f = self.frame()
+            assert f is not None, f"{len(out)} of {n} replies: {self.console()}"
+            eth = fr.parse_ethernet(f)
+            if eth.ethertype != 0x0800:
+                continue
+            ip = fr.parse_ipv4(eth.payload)
+            reply = kp.decode_reply(fr.parse_udp(ip.payload, ip.src, ip.dst).payload)
+            out[reply.req_id] = reply
+        return out
 
     def frame(self, timeout: float = 5.0) -> bytes | None:
         ready, _, _ = select.select([self.host], [], [], timeout)
@@ -108,8 +130,8 @@ def disk(tmp_path: Path) -> Path:
 def start(firmware: FirmwareImage) -> Iterator:
     guests: list[KvGuest] = []
 
-    def boot(disk: Path) -> KvGuest:
-        g = KvGuest(firmware, disk)
+    def boot(disk: Path, args: str = "") -> KvGuest:
+        g = KvGuest(firmware, disk, args)
         guests.append(g)
         first = g.frame()  # the gratuitous ARP comes once replay is done
         assert first is not None, g.console()
@@ -173,6 +195,119 @@ def test_replay_stops_at_a_corrupt_record(start, disk: Path) -> None:
     g3 = start(disk)
     assert g3.report()[1:5] == (2, 2 * record, 2, ABI["KV_REPLAY_END"])
     assert g3.request(kp.Op.GET, b"k9").value == b"v9"
+
+
+# report fields (struct kv_report)
+REPLAY_RECORDS, REPLAY_STOP, IO_ERRORS = 1, 4, 11
+AREA_BYTES, ACTIVE, FIRST_SEQ, CHECKPOINTS = 13, 14, 15, 16
+SMALL_LOG = 16 << 10  # two areas of 8 KiB
+
+
+def _drive(g: KvGuest, model: dict[bytes, bytes], rounds: int, keys: int, tag: str) -> int:
+    """PUT `rounds` bursts of one value per key (every other one durable), recording what was
+    acknowledged in `model`; the log bytes appended."""
+    appended = 0
+    for rnd in range(rounds):
+        sent = {}
+        for k in range(keys):
+            key, value = b"key-%02d" % k, (b"%s-%d-%d:" % (tag.encode(), rnd, k)) * 12
+            sent[g.send(kp.Op.PUT, key, value, flags=k % 2)] = (key, value)
+            appended += 24 + len(key) + len(value)
+        for req_id, reply in g.replies(len(sent)).items():
+            assert reply.status == kp.Status.OK, (reply, g.console())
+            key, value = sent[req_id]
+            model[key] = value
+    return appended
+
+
+def _check_all(g: KvGuest, model: dict[bytes, bytes]) -> None:
+    for key, value in model.items():
+        reply = g.request(kp.Op.GET, key)
+        assert reply is not None and (reply.status, reply.value) == (kp.Status.OK, value), key
+
+
+def test_the_log_wraps_through_checkpoints_and_loses_nothing(start, disk: Path) -> None:
+    """Many times the log's size goes through a 16 KiB log (two 8 KiB areas; 24 live keys of
+    about 130 bytes fill 3 KiB of one): every acknowledged value reads back, before and after a
+    restart, and again after more wraps following the restart."""
+    model: dict[bytes, bytes] = {}
+    g = start(disk, f"log={SMALL_LOG}")
+    appended = _drive(g, model, 40, 24, "a")
+    assert appended > 6 * SMALL_LOG
+    rep = g.report()
+    assert rep[AREA_BYTES] == SMALL_LOG // 2
+    assert rep[CHECKPOINTS] >= 6, (rep, g.console())
+    assert rep[IO_ERRORS] == 0
+    _check_all(g, model)
+    first_seq = rep[FIRST_SEQ]
+    g.close()
+
+    g2 = start(disk)  # no log=: the disk's superblock says how big the log is
+    rep = g2.report()
+    assert (rep[AREA_BYTES], rep[FIRST_SEQ]) == (SMALL_LOG // 2, first_seq), g2.console()
+    assert rep[REPLAY_STOP] in (ABI["KV_REPLAY_END"], ABI["KV_REPLAY_DISK_END"])
+    assert rep[REPLAY_RECORDS] >= len(model)  # the checkpoint, then what followed it
+    _check_all(g2, model)
+    _drive(g2, model, 10, 24, "b")
+    assert g2.report()[CHECKPOINTS] >= 2
+    g2.close()
+
+    g3 = start(disk)
+    assert g3.report()[FIRST_SEQ] > first_seq
+    _check_all(g3, model)
+
+
+def test_live_data_larger_than_an_area_fills_the_log_and_loses_nothing(start,
+                                                                        disk: Path) -> None:
+    """A 4 KiB log (two areas of 2 KiB) cannot hold more than a few 500-byte values: new keys
+    then get IO_ERROR, every acknowledged value stays readable, also after a restart."""
+    g = start(disk, "log=4K")
+    model: dict[bytes, bytes] = {}
+    errors = 0
+    for i in range(12):
+        key, value = b"big-%d" % i, bytes([65 + i]) * 500
+        reply = g.request(kp.Op.PUT, key, value)
+        assert reply is not None and reply.status in (kp.Status.OK, kp.Status.IO_ERROR)
+        if reply.status == kp.Status.OK:
+            model[key] = value
+        else:
+            errors += 1
+    assert 0 < len(model) < 12 and errors == 12 - len(model), g.console()
+    _check_all(g, model)
+    g.close()
+    g2 = start(disk)
+    _check_all(g2, model)
+
+
+def test_a_log_that_does_not_fit_the_disk_is_refused(firmware: FirmwareImage,
+                                                     disk: Path) -> None:
+    g = KvGuest(firmware, disk, f"log={2 * DISK_SIZE}")
+    try:
+        assert g.vm.wait(timeout=30) == 1, g.console()
+        assert f"log={2 * DISK_SIZE} must be at least 4096 bytes and at most" in g.console()
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("superblock, message", [
+    (struct.pack("<QIIQ", 0x31474F4C564B4D50, 1, 512, 512),
+     "log superblock version 1 sector size 512 start 512 is not supported"),
+    (struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, DISK_SIZE, 0, 1),
+     f"areas of {DISK_SIZE} bytes, active 0, first seq 1 do not fit a disk of {DISK_SIZE}"),
+    (struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, 8192, 2, 1),
+     "areas of 8192 bytes, active 2, first seq 1 do not fit"),
+], ids=["version-1", "areas-too-big", "no-such-area"])
+def test_a_log_it_does_not_understand_is_refused_not_overwritten(
+        firmware: FirmwareImage, disk: Path, superblock: bytes, message: str) -> None:
+    image = superblock + bytes(DISK_SIZE - len(superblock))
+    disk.write_bytes(image)
+    g = KvGuest(firmware, disk)
+    try:
+        assert g.vm.wait(timeout=30) == 1, g.console()
+        assert message in g.console()
+    finally:
+        g.close()
+    assert disk.read_bytes() == image  # nothing was formatted away
 
 
 @pytest.mark.parametrize(

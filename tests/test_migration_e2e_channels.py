@@ -1,4 +1,5 @@
-"""Parallel data channels (`x-data-channels`) on real KVM: slow, failing and hostile migrations.
+"""Parallel data channels (QEMU's `multifd`, `multifd-channels`) on real KVM: slow, failing
+and hostile migrations.
 
 During a pre-copy round the pages travel on the data channels and the main stream is silent:
 the destination's watchdog must count progress on every stream, and the source must notice at
@@ -37,7 +38,9 @@ WATCHDOG_S = 30.0  # the destination's inactivity timeout (`transport.listen`'s 
 
 
 def _migrate(src: Vmm, port: int, *, max_bandwidth: int, downtime_limit: int = 50) -> None:
-    src.cmd("migrate-set-parameters", {"x-data-channels": CHANNELS})
+    src.cmd("migrate-set-parameters", {"multifd-channels": CHANNELS})
+    src.cmd("migrate-set-capabilities",
+            {"capabilities": [{"capability": "multifd", "state": True}]})
     src.migrate(port, max_bandwidth=max_bandwidth, downtime_limit=downtime_limit)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -105,17 +103,15 @@ def test_validate_runs_rejects_with_values_in_the_message() -> None:
     assert validate_runs(make_runs([0, 3], [2, 7], [RunKind.DATA, RunKind.ZERO]), 10) == 2 * PS
 
 
-def test_zero_detection_is_fast_enough() -> None:
+def test_zero_detection_of_a_large_region() -> None:
+    """Its speed is the bench's `migration` result `pages.zero_scan`."""
     ram = bytearray(64 << 20)  # 64 MiB, every 3rd page non-zero
     np.frombuffer(ram, np.uint8).reshape(-1, PS)[::3, 100] = 1
     runs = make_runs([0], [len(ram) // PS])
-    t = time.perf_counter()
     out = split_zero_runs(ram, runs)
-    elapsed = time.perf_counter() - t
     npages = len(ram) // PS  # runs alternate: one DATA page, two ZERO pages
     assert int(out["npages"][out["kind"] == RunKind.DATA].sum()) == (npages + 2) // 3
     assert out.size == 2 * ((npages + 2) // 3) - 1
-    assert elapsed < 1.0, f"zero-page scan of 64 MiB took {elapsed:.3f} s"
 
 
 # ---- verification digests -------------------------------------------------------------------
@@ -171,11 +167,9 @@ def test_zero_pages_and_equal_pages_have_equal_digests() -> None:
     assert compare_digests(d, d).describe() == "verify: all 4 pages match"
 
 
-def test_digest_of_1gib_is_well_under_a_second() -> None:
+def test_digest_of_1gib() -> None:
+    """Its speed is the bench's `migration` result `verify.digest`."""
     ram = np.ones(1 << 30, dtype=np.uint8)
-    page_digests(ram[: 1 << 20])  # warm up
-    t = time.perf_counter()
     d = page_digests(ram)
-    elapsed = time.perf_counter() - t
     assert d.size == (1 << 30) // PS
-    assert elapsed < 1.0, f"hashing 1 GiB took {elapsed:.3f} s"
+    assert (d == d[0]).all()  # identical pages, identical digests

@@ -13,10 +13,11 @@ from vmmrig import Load, Vmm, free_port, kv_config
 
 from ptmig import bitmap
 from ptmig.config import load_config
-from ptmig.layout import PAGE_SIZE
+from ptmig.layout import ABI_WORKLOAD_STATS_GPA, PAGE_SIZE
 from ptmig.load import LoadOptions, run_load
 from ptmig.machine import Machine
 from ptmig.shadow.strategy import ShadowTracking
+from ptmig.vm import Vm
 
 pytestmark = pytest.mark.kvm
 
@@ -35,6 +36,19 @@ def _changed_pages(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     rows_b = before.view(np.uint64).reshape(-1, PAGE_SIZE // 8)
     rows_a = after.view(np.uint64).reshape(-1, PAGE_SIZE // 8)
     return np.flatnonzero((rows_b != rows_a).any(axis=1))
+
+
+def _kv_requests(vm: Vm) -> int:
+    """Requests the kv guest has taken (struct kv_report.requests, guest/abi.h)."""
+    return int.from_bytes(vm.memory.read(ABI_WORKLOAD_STATS_GPA + 6 * 8, 8), "little")
+
+
+def _wait_for_requests(vm: Vm, n: int, timeout: float = 30.0) -> None:
+    """Until the guest has taken n more requests (not a guess at how long that takes)."""
+    start, deadline = _kv_requests(vm), time.monotonic() + timeout
+    while _kv_requests(vm) < start + n:
+        assert time.monotonic() < deadline, f"the guest took {_kv_requests(vm) - start} requests"
+        time.sleep(0.02)
 
 
 def _escaped_pages(tmp_path: Path, shadow: bool) -> tuple[np.ndarray, np.ndarray, Machine]:
@@ -62,7 +76,7 @@ def _escaped_pages(tmp_path: Path, shadow: bool) -> tuple[np.ndarray, np.ndarray
     vm.dirty.harvest()
     before = vm.memory.array.copy()
     vm.resume()
-    time.sleep(1.0)
+    _wait_for_requests(vm, 50)  # the devices write guest RAM for them
     vm.pause()
     if shadow:
         strategy.stop_and_copy(m)
@@ -158,14 +172,21 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
     dst.wait_ready()
     load_json = tmp_path / "load.json"
     try:
-        time.sleep(1.0)
+        src.wait_running()
         load = Load(cfg, 8, load_json, rate=300, window=None).start()
-        time.sleep(1.5)
-        # 1 MB/s: round 0 of 64 MiB takes long enough to cancel in the middle of shadowing
-        src.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow", "max-bandwidth": 1 << 20})
+        # 4 KiB/s, one page a second: round 0 (tens of non-zero pages at the least) lasts far
+        # longer than it takes the load's requests to go through the shadow rings; cancel as
+        # soon as they do
+        src.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow", "max-bandwidth": 4096})
         src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        time.sleep(1.5)
-        assert src.cmd("query-migrate")["status"] == "active"
+        deadline = time.monotonic() + 30
+        while True:
+            info = src.cmd("query-migrate")
+            assert info["status"] in ("setup", "active"), info
+            if info["status"] == "active" and info["x-shadow"]["requests-forwarded"] > 0:
+                break
+            assert time.monotonic() < deadline, f"no request went through the shadow: {info}"
+            time.sleep(0.05)
         src.cmd("migrate_cancel")
         st = src.wait_migration(timeout=120)
         assert st["status"] == "cancelled"
@@ -225,9 +246,11 @@ def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
             vmm.cmd("x-shadow-start")
         with pytest.raises(Exception, match="x-shadow-stop first"):
             vmm.cmd("migrate", {"uri": f"tcp:127.0.0.1:{free_port(socket.SOCK_STREAM)}"})
-        time.sleep(1.5)
-        live = vmm.cmd("x-query-shadow")
-        assert live["active"] and live["requests-forwarded"] > 0
+        deadline = time.monotonic() + 30  # until the load's requests go through the shadow
+        while (live := vmm.cmd("x-query-shadow"))["requests-forwarded"] == 0:
+            assert live["active"] and time.monotonic() < deadline, live
+            time.sleep(0.05)
+        assert live["active"]
         stats = vmm.cmd("x-shadow-stop")
         assert stats["completions-synced"] > 0
         assert vmm.cmd("x-query-shadow") == {"active": False}

@@ -1,7 +1,8 @@
 /*
- * kv.c - `kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N`: a UDP key-value service whose
- * writes go to a write-ahead log on a virtio-blk disk (protocol and log format:
- * docs/KV_PROTOCOL.md).
+ * kv.c - `kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N log=SIZE`: a UDP key-value
+ * service whose writes go to a write-ahead log on a virtio-blk disk (protocol and log format:
+ * docs/KV_PROTOCOL.md).  The log is compacted by checkpoints of the table (kv_log.h), so it
+ * runs for any time at any rate while the live data fits in half of it.
  *
  * vCPU 0 does everything; the APs halt.  At start: bring up the first virtio-net and the
  * first virtio-blk device of boot_info, replay the log into the table, announce the address
@@ -60,7 +61,8 @@
 #define PASS_FRAMES 256    /* frames taken per pass before the log is looked at */
 #define OPS_MAX (KV_LOG_BATCH_MAX + 256) /* ops per batch: its PUTs plus GETs and STATS */
 
-static const char *const kv_keys[] = {"ip", "mask", "gw", "port", "entries", "spin", NULL};
+static const char *const kv_keys[] = {"ip", "mask", "gw", "port", "entries", "spin", "log",
+                                      NULL};
 
 /* A request waiting for its batch: a PUT (its record staged in the batch), a GET (its key
  * copied: the RX buffer is reposted at once) or a STATS. */
@@ -106,6 +108,36 @@ static int apply_record(void *ctx, const uint8_t *key, uint16_t klen, const uint
     return kv_table_put(ctx, key, klen, value, vlen);
 }
 
+/* The table's keys, slot by slot, for a log checkpoint. */
+static int live_record(void *ctx, uint32_t *cursor, const uint8_t **key, uint16_t *klen,
+                       const uint8_t **value, uint16_t *vlen)
+{
+    const struct kv_table *t = ctx;
+    for (; *cursor < t->capacity; (*cursor)++) {
+        const struct kv_slot *s = &t->slots[*cursor];
+        if (!s->used)
+            continue;
+        *key = s->key;
+        *klen = s->klen;
+        *value = s->value;
+        *vlen = s->vlen;
+        (*cursor)++;
+        return 1;
+    }
+    return 0;
+}
+
+/* The log's shape and checkpoints, for the VMM. */
+static void report_log(void)
+{
+    volatile struct kv_report *rep = report();
+    rep->log_area_bytes = kv.log.area_bytes;
+    rep->log_active = kv.log.active;
+    rep->log_first_seq = kv.log.first_seq;
+    rep->checkpoints = kv.log.checkpoints;
+    rep->checkpoint_bytes = kv.log.checkpoint_bytes;
+}
+
 static const struct boot_device *find_device(const struct boot_info *bi, uint32_t id)
 {
     for (uint32_t i = 0; i < bi->nr_devices; i++) {
@@ -123,7 +155,7 @@ static void print_ip(const char *what, uint32_t ip)
 static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
 {
     uint32_t ip, gw;
-    uint64_t mask_bits, port, entries;
+    uint64_t mask_bits, port, entries, log_bytes;
     if (!cmdline_get(c, "ip")) {
         printf("kv: ip= is required; usage: %s\n", workload_kv.usage);
         return EXIT_BAD_ARGS;
@@ -131,8 +163,9 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
     if (cmdline_get_ipv4(c, "ip", 0, &ip) || cmdline_get_ipv4(c, "gw", 0, &gw) ||
         cmdline_get_u64(c, "mask", 24, &mask_bits) || cmdline_get_u64(c, "port", 7000, &port) ||
         cmdline_get_u64(c, "entries", 0, &entries) ||
-        cmdline_get_u64(c, "spin", IDLE_SPIN_US, &kv.spin_us)) {
-        printf("kv: bad ip/gw/mask/port/entries/spin value; usage: %s\n", workload_kv.usage);
+        cmdline_get_u64(c, "spin", IDLE_SPIN_US, &kv.spin_us) ||
+        cmdline_get_u64(c, "log", 0, &log_bytes)) {
+        printf("kv: bad ip/gw/mask/port/entries/spin/log value; usage: %s\n", workload_kv.usage);
         return EXIT_BAD_ARGS;
     }
     int auto_entries = entries == 0;
@@ -174,7 +207,7 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
     if (!slots || kv_table_init(&kv.table, slots, (uint32_t)entries))
         return EXIT_FAILED;
     struct kv_replay r;
-    if (kv_log_open(&kv.log, &kv.blk, apply_record, &kv.table, &r))
+    if (kv_log_open(&kv.log, &kv.blk, log_bytes, apply_record, live_record, &kv.table, &r))
         return EXIT_FAILED;
 
     volatile struct kv_report *rep = report();
@@ -184,17 +217,19 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
     rep->replay_stop = r.stop;
     rep->formatted = (uint64_t)r.formatted;
     rep->entries = kv.table.count;
+    report_log();
     __atomic_store_n(&rep->magic, KV_REPORT_MAGIC, __ATOMIC_RELEASE);
 
     uint32_t mask = (uint32_t)(0xffffffffull << (32 - mask_bits));
     kv.port = (uint16_t)port;
     net_init(&kv.nif, &kv.nic, ip, mask, gw);
     net_udp_bind(&kv.nif, kv.port, NULL, NULL); /* handler set in kv_run */
-    printf("kv: disk %lu sectors, log %s, replayed %lu records (%lu bytes, stop %lu), "
-           "%u keys (room for %u)\n",
+    printf("kv: disk %lu sectors, log %s (two areas of %lu bytes, area %lu from seq %lu), "
+           "replayed %lu records (%lu bytes, stop %lu), %u keys (room for %u)\n",
            (unsigned long)kv.blk.capacity, r.formatted ? "formatted" : "found",
-           (unsigned long)r.records, (unsigned long)r.bytes, (unsigned long)r.stop,
-           kv.table.count, kv.table.limit);
+           (unsigned long)kv.log.area_bytes, (unsigned long)kv.log.active,
+           (unsigned long)r.first_seq, (unsigned long)r.records, (unsigned long)r.bytes,
+           (unsigned long)r.stop, kv.table.count, kv.table.limit);
     print_ip("kv: serving on ", ip);
     printf("/%lu port %u, mac %02x:%02x:%02x:%02x:%02x:%02x\n", (unsigned long)mask_bits,
            kv.port, kv.nif.mac[0], kv.nif.mac[1], kv.nif.mac[2], kv.nif.mac[3], kv.nif.mac[4],
@@ -324,6 +359,7 @@ static void finish(struct batch_ops *b, int ok, int open_batch)
     b->new_keys = 0;
     rep->log_bytes = kv.log.appended_bytes;
     rep->entries = kv.table.count;
+    report_log();
     st->w[1] = rep->puts;
     st->w[3] = rep->log_bytes;
     st->w[5] = rep->io_errors;
@@ -447,7 +483,8 @@ static int kv_run(unsigned cpu, const struct boot_info *bi)
 
 const struct workload workload_kv = {
     .name = "kv",
-    .usage = "kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N (default: by RAM) spin=US",
+    .usage = "kv ip=A.B.C.D mask=N gw=A.B.C.D port=7000 entries=N (default: by RAM) spin=US "
+             "log=SIZE (default: the disk)",
     .keys = kv_keys,
     .setup = kv_setup,
     .run = kv_run,

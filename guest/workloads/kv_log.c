@@ -5,8 +5,12 @@
  * unchanged) together with the sectors the staged records reach, in one write request: the
  * tail's bytes are copied just in front of the records (the sector reserved at the start of
  * each batch buffer), so the request is one contiguous buffer.  The log end moves only after
- * the device reported success (of the write, and of the FLUSH for a durable batch).  Replay reads the log through a 64-sector cache
- * and stops at the first record that is not exactly what an append writes.
+ * the device reported success (of the write, and of the FLUSH for a durable batch).  Each write
+ * also zeroes the sector after its records (when the area has one), so whatever an earlier
+ * pass over the area left there never looks like a continuation.  Replay reads the active area
+ * through a 64-sector cache and stops at the first record that is not exactly what an append
+ * writes.  Checkpoints (kv_log.h) reuse the batch path: records staged from the table, written
+ * and flushed batch by batch into the other area, then the superblock is rewritten.
  */
 #include "workloads/kv_log.h"
 
@@ -21,7 +25,7 @@
 
 #define SECTOR VIRTIO_BLK_SECTOR
 #define CHUNK_SECTORS 64
-#define BATCH_BUF (SECTOR + KV_LOG_BATCH_BYTES + SECTOR)
+#define BATCH_BUF (SECTOR + KV_LOG_BATCH_BYTES + 2 * SECTOR)
 #define WAIT_SPIN_US 50
 #define WAIT_HALT_US 1000
 
@@ -29,7 +33,10 @@ struct superblock {
     uint64_t magic;
     uint32_t version;
     uint32_t sector_size;
-    uint64_t log_start; /* byte offset of the first record */
+    uint64_t log_start;  /* byte offset of area 0; area 1 follows it */
+    uint64_t area_bytes; /* size of each area, a multiple of the sector size */
+    uint64_t active;     /* the area to replay: 0 or 1 */
+    uint64_t first_seq;  /* seq of its first record */
 };
 
 static void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
@@ -39,12 +46,12 @@ static uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v
 static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-/* Make [off, off+n) of the log readable from the cache; NULL on I/O error or past the disk. */
+/* Make [off, off+n) of the log readable from the cache; NULL on I/O error or past the area. */
 static const uint8_t *view(struct kv_log *log, uint64_t off, uint64_t n, int *io_error)
 {
     if (off >= log->chunk_start && off + n <= log->chunk_start + log->chunk_len)
         return log->chunk + (off - log->chunk_start);
-    uint64_t sector = off / SECTOR, cap = log->blk->capacity;
+    uint64_t sector = off / SECTOR, cap = log->area_end / SECTOR;
     if (sector >= cap)
         return NULL;
     uint64_t count = cap - sector < CHUNK_SECTORS ? cap - sector : CHUNK_SECTORS;
@@ -56,28 +63,93 @@ static const uint8_t *view(struct kv_log *log, uint64_t off, uint64_t n, int *io
     log->chunk_start = sector * SECTOR;
     log->chunk_len = count * SECTOR;
     if (off + n > log->chunk_start + log->chunk_len)
-        return NULL; /* runs past the end of the disk */
+        return NULL; /* runs past the end of the area */
     return log->chunk + (off - log->chunk_start);
 }
 
-static int format(struct kv_log *log)
+static void set_area(struct kv_log *log, uint64_t area)
+{
+    log->active = area;
+    log->area_start = KV_LOG_START + area * log->area_bytes;
+    log->area_end = log->area_start + log->area_bytes;
+    log->chunk_len = 0; /* the replay cache held the other area */
+}
+
+/* Write the superblock naming the active area and its first seq, then FLUSH. */
+static int write_superblock(struct kv_log *log, uint8_t *buf)
+{
+    struct superblock sb = {KV_LOG_SUPER_MAGIC, KV_LOG_VERSION, SECTOR, KV_LOG_START,
+                            log->area_bytes, log->active, log->first_seq};
+    memset(buf, 0, SECTOR);
+    memcpy(buf, &sb, sizeof(sb));
+    if (virtio_blk_write(log->blk, 0, buf, 1) != VIRTIO_BLK_S_OK ||
+        virtio_blk_flush(log->blk) != VIRTIO_BLK_S_OK)
+        return -1;
+    return 0;
+}
+
+/* The log's size: `log_bytes` (0: all of the disk after the superblock), two equal areas. */
+static int choose_areas(struct kv_log *log, uint64_t log_bytes)
+{
+    uint64_t room = (log->blk->capacity - 1) * SECTOR;
+    if (log_bytes == 0)
+        log_bytes = room;
+    if (log_bytes > room || log_bytes / 2 < KV_LOG_AREA_MIN) {
+        printf("kv: log=%lu must be at least %u bytes and at most the disk's %lu\n",
+               (unsigned long)log_bytes, 2 * KV_LOG_AREA_MIN, (unsigned long)room);
+        return -1;
+    }
+    log->area_bytes = log_bytes / 2 / SECTOR * SECTOR;
+    return 0;
+}
+
+static int format(struct kv_log *log, uint64_t log_bytes)
 {
     uint8_t *s = log->batch[0].buf;
-    memset(s, 0, 2 * SECTOR);
-    struct superblock sb = {KV_LOG_SUPER_MAGIC, KV_LOG_VERSION, SECTOR, KV_LOG_START};
-    memcpy(s, &sb, sizeof(sb));
-    /* sector 1 zeroed too: replay of the fresh log stops at once, whatever was there */
-    if (virtio_blk_write(log->blk, 0, s, 2) != VIRTIO_BLK_S_OK ||
-        virtio_blk_flush(log->blk) != VIRTIO_BLK_S_OK) {
+    if (choose_areas(log, log_bytes))
+        return -1;
+    log->first_seq = 1;
+    set_area(log, 0);
+    /* area 0's first sector zeroed: replay of the fresh log stops at once, whatever was there */
+    memset(s, 0, SECTOR);
+    if (virtio_blk_write(log->blk, 1, s, 1) != VIRTIO_BLK_S_OK ||
+        write_superblock(log, s)) {
         printf("kv: formatting the log failed\n");
         return -1;
     }
     return 0;
 }
 
+/* Check a superblock this firmware did not just write; take its areas. */
+static int adopt(struct kv_log *log, const struct superblock *sb, uint64_t log_bytes)
+{
+    uint64_t disk = log->blk->capacity * SECTOR;
+    if (sb->version != KV_LOG_VERSION || sb->sector_size != SECTOR ||
+        sb->log_start != KV_LOG_START) {
+        printf("kv: log superblock version %u sector size %u start %lu is not supported "
+               "(version %u, %u, %u is)\n", sb->version, sb->sector_size,
+               (unsigned long)sb->log_start, KV_LOG_VERSION, SECTOR, KV_LOG_START);
+        return -1;
+    }
+    if (sb->area_bytes % SECTOR || sb->area_bytes < KV_LOG_AREA_MIN ||
+        sb->area_bytes > (disk - KV_LOG_START) / 2 || sb->active > 1 || sb->first_seq == 0) {
+        printf("kv: log superblock areas of %lu bytes, active %lu, first seq %lu do not fit a "
+               "disk of %lu bytes\n", (unsigned long)sb->area_bytes, (unsigned long)sb->active,
+               (unsigned long)sb->first_seq, (unsigned long)disk);
+        return -1;
+    }
+    if (log_bytes && log_bytes / 2 / SECTOR * SECTOR != sb->area_bytes)
+        printf("kv: log=%lu ignored: the disk's log has two areas of %lu bytes\n",
+               (unsigned long)log_bytes, (unsigned long)sb->area_bytes);
+    log->area_bytes = sb->area_bytes;
+    log->first_seq = sb->first_seq;
+    set_area(log, sb->active);
+    return 0;
+}
+
 static void replay(struct kv_log *log, kv_log_apply apply, void *ctx, struct kv_replay *r)
 {
-    uint64_t off = KV_LOG_START, seq = 0;
+    uint64_t off = log->area_start, seq = log->first_seq - 1;
     int io_error = 0;
     for (;;) {
         const uint8_t *h = view(log, off, KV_LOG_RECORD_HEADER, &io_error);
@@ -118,27 +190,31 @@ static void replay(struct kv_log *log, kv_log_apply apply, void *ctx, struct kv_
         off += len;
         r->records++;
     }
-    r->bytes = off - KV_LOG_START;
+    r->bytes = off - log->area_start;
     r->last_seq = seq;
+    r->first_seq = log->first_seq;
     log->end = off;
     log->next_seq = seq + 1;
 }
 
-int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, void *ctx,
-                struct kv_replay *out)
+int kv_log_open(struct kv_log *log, struct virtio_blk *blk, uint64_t log_bytes,
+                kv_log_apply apply, kv_log_live live, void *ctx, struct kv_replay *out)
 {
     memset(log, 0, sizeof(*log));
     memset(out, 0, sizeof(*out));
     log->blk = blk;
+    log->live = live;
+    log->live_ctx = ctx;
     log->tail = heap_alloc(SECTOR, SECTOR);
+    log->spare = heap_alloc(SECTOR, SECTOR);
     log->batch[0].buf = heap_alloc(BATCH_BUF, 4096);
     log->batch[1].buf = heap_alloc(BATCH_BUF, 4096);
     log->chunk = heap_alloc(CHUNK_SECTORS * SECTOR, 4096);
-    if (!log->tail || !log->batch[0].buf || !log->batch[1].buf || !log->chunk)
+    if (!log->tail || !log->spare || !log->batch[0].buf || !log->batch[1].buf || !log->chunk)
         return -1;
-    if (blk->capacity < 3) {
-        printf("kv: disk of %lu sectors is too small for a log (at least 3)\n",
-               (unsigned long)blk->capacity);
+    if (blk->capacity < 1 + 2 * KV_LOG_AREA_MIN / SECTOR) {
+        printf("kv: disk of %lu sectors is too small for a log (at least %u)\n",
+               (unsigned long)blk->capacity, 1 + 2 * KV_LOG_AREA_MIN / SECTOR);
         return -1;
     }
     if (virtio_blk_read(blk, 0, log->chunk, 1) != VIRTIO_BLK_S_OK) {
@@ -148,13 +224,10 @@ int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, 
     struct superblock sb;
     memcpy(&sb, log->chunk, sizeof(sb));
     if (sb.magic != KV_LOG_SUPER_MAGIC) {
-        if (format(log))
+        if (format(log, log_bytes))
             return -1;
         out->formatted = 1;
-    } else if (sb.version != KV_LOG_VERSION || sb.sector_size != SECTOR ||
-               sb.log_start != KV_LOG_START) {
-        printf("kv: log superblock version %u sector size %u start %lu is not supported\n",
-               sb.version, sb.sector_size, (unsigned long)sb.log_start);
+    } else if (adopt(log, &sb, log_bytes)) {
         return -1;
     }
     replay(log, apply, ctx, out);
@@ -172,19 +245,23 @@ int kv_log_open(struct kv_log *log, struct virtio_blk *blk, kv_log_apply apply, 
     return 0;
 }
 
-int kv_log_stage(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
+/* Room in the active area for everything in flight and staged plus `len` more bytes? */
+static int fits(const struct kv_log *log, uint64_t len)
+{
+    uint64_t ahead = log->busy ? log->batch[!log->open].bytes : 0;
+    uint64_t end = log->end + ahead + log->batch[log->open].bytes + len;
+    return (end + SECTOR - 1) / SECTOR <= log->area_end / SECTOR;
+}
+
+/* kv_log_stage without checkpoints: KV_LOG_BATCH_FULL also when the area is full. */
+static int stage(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
                  uint16_t vlen, int durable, uint32_t *rec_off)
 {
     struct kv_log_batch *b = &log->batch[log->open];
     uint32_t len = KV_LOG_RECORD_HEADER + klen + vlen + 4u;
     if (klen > 128 || vlen > 512)
         return KV_LOG_NO_ROOM;
-    /* the disk must hold everything in flight and staged, plus this record */
-    uint64_t ahead = log->busy ? log->batch[!log->open].bytes : 0;
-    uint64_t end = log->end + ahead + b->bytes + len;
-    if ((end + SECTOR - 1) / SECTOR > log->blk->capacity)
-        return b->records || log->busy ? KV_LOG_BATCH_FULL : KV_LOG_NO_ROOM; /* log full */
-    if (b->records >= KV_LOG_BATCH_MAX || b->bytes + len > KV_LOG_BATCH_BYTES)
+    if (!fits(log, len) || b->records >= KV_LOG_BATCH_MAX || b->bytes + len > KV_LOG_BATCH_BYTES)
         return KV_LOG_BATCH_FULL;
     uint8_t *rec = b->buf + SECTOR + b->bytes;
     put32(rec, KV_LOG_RECORD_MAGIC);
@@ -198,6 +275,23 @@ int kv_log_stage(struct kv_log *log, const uint8_t *key, uint16_t klen, const ui
     b->bytes += len;
     b->durable |= durable;
     return KV_LOG_STAGED;
+}
+
+static int checkpoint(struct kv_log *log);
+
+int kv_log_stage(struct kv_log *log, const uint8_t *key, uint16_t klen, const uint8_t *value,
+                 uint16_t vlen, int durable, uint32_t *rec_off)
+{
+    uint32_t len = KV_LOG_RECORD_HEADER + klen + vlen + 4u;
+    if (klen > 128 || vlen > 512 || log->stuck)
+        return KV_LOG_NO_ROOM;
+    if (!fits(log, len)) {
+        if (log->batch[log->open].records || log->busy)
+            return KV_LOG_BATCH_FULL; /* the caller finishes those, then asks again */
+        if (log->cannot_compact || checkpoint(log) || !fits(log, len))
+            return KV_LOG_NO_ROOM;
+    }
+    return stage(log, key, klen, value, vlen, durable, rec_off);
 }
 
 const uint8_t *kv_log_record(const struct kv_log *log, int open_batch, uint32_t rec_off)
@@ -235,8 +329,10 @@ int kv_log_submit(struct kv_log *log)
     uint32_t used = in_sector + b->bytes;
     b->nsectors = (used + SECTOR - 1) / SECTOR;
     b->sector = log->end / SECTOR;
-    memset(start + used, 0, (size_t)b->nsectors * SECTOR - used); /* rest of the last sector */
-    int head = virtio_blk_submit_write(log->blk, b->sector, start, b->nsectors);
+    /* the zero sector after the records, if the area has one */
+    uint32_t write = b->nsectors + (b->sector + b->nsectors < log->area_end / SECTOR);
+    memset(start + used, 0, (size_t)write * SECTOR - used);
+    int head = virtio_blk_submit_write(log->blk, b->sector, start, write);
     log->open = !log->open;
     batch_clear(&log->batch[log->open]);
     if (head < 0) {
@@ -316,4 +412,75 @@ int kv_log_append(struct kv_log *log, const uint8_t *key, uint16_t klen, const u
     if (r != KV_LOG_SUBMITTED)
         return VIRTIO_BLK_S_IOERR;
     return kv_log_wait(log);
+}
+
+/* Submit the open batch (if it has records) and wait for it: VIRTIO_BLK_S_OK or an error. */
+static int write_open_batch(struct kv_log *log)
+{
+    int r = kv_log_submit(log);
+    if (r == KV_LOG_NOTHING)
+        return VIRTIO_BLK_S_OK;
+    if (r != KV_LOG_SUBMITTED)
+        return VIRTIO_BLK_S_IOERR;
+    return kv_log_wait(log);
+}
+
+/* Write every live record into the inactive area from its start (flushed batch by batch).
+ * 0, or -1 if they do not fit in an area or the disk failed. */
+static int write_live_records(struct kv_log *log)
+{
+    const uint8_t *key, *value;
+    uint16_t klen, vlen;
+    uint32_t cursor = 0, off;
+    while (log->live(log->live_ctx, &cursor, &key, &klen, &value, &vlen)) {
+        int r = stage(log, key, klen, value, vlen, 1, &off);
+        if (r == KV_LOG_BATCH_FULL && log->batch[log->open].records) {
+            if (write_open_batch(log) != VIRTIO_BLK_S_OK)
+                return -1;
+            r = stage(log, key, klen, value, vlen, 1, &off);
+        }
+        if (r != KV_LOG_STAGED)
+            return -1; /* the live data does not fit in an area */
+    }
+    return write_open_batch(log) == VIRTIO_BLK_S_OK ? 0 : -1;
+}
+
+/* The checkpoint (kv_log.h); only when nothing is staged or in flight, so the table the live
+ * records come from holds every record of the log.  On failure the log is as before. */
+static int checkpoint(struct kv_log *log)
+{
+    uint64_t end = log->end, next_seq = log->next_seq, appended = log->appended_bytes;
+    uint64_t first_seq = log->first_seq, area = log->active;
+    memcpy(log->spare, log->tail, SECTOR);
+    set_area(log, !area);
+    log->end = log->area_start;
+    log->first_seq = log->next_seq;
+    memset(log->tail, 0, SECTOR);
+    uint8_t *zero = log->batch[log->open].buf; /* free: nothing is staged */
+    memset(zero, 0, SECTOR);
+    int ok = virtio_blk_write(log->blk, log->area_start / SECTOR, zero, 1) == VIRTIO_BLK_S_OK &&
+             write_live_records(log) == 0;
+    if (ok && write_superblock(log, log->batch[log->open].buf)) {
+        /* the superblock may name either area now: appending to either could be lost */
+        printf("kv: writing the log superblock failed: no more appends\n");
+        log->stuck = 1;
+        return -1;
+    }
+    if (!ok) {
+        printf("kv: checkpoint into area %lu failed (%lu live record bytes so far, area %lu "
+               "bytes): the log is full\n", (unsigned long)log->active,
+               (unsigned long)(log->end - log->area_start), (unsigned long)log->area_bytes);
+        set_area(log, area);
+        log->end = end;
+        log->next_seq = next_seq;
+        log->first_seq = first_seq;
+        memcpy(log->tail, log->spare, SECTOR);
+        log->appended_bytes = appended;
+        log->cannot_compact = 1;
+        return -1;
+    }
+    log->checkpoints++;
+    log->checkpoint_bytes += log->end - log->area_start;
+    log->appended_bytes = appended; /* appended_bytes counts the records of requests only */
+    return 0;
 }

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..cliconv import FAILED, OK, USAGE, json_to_stdout
+from ..cliconv import write_json as write_conv_json
 from .harness import (
     DEFAULT_JSON_PATH,
     BenchConfig,
@@ -95,7 +97,9 @@ def _run_section(console: Console, config: BenchConfig, name: str, fn: SectionFn
     try:
         results = fn(config)
     except Exception as e:
-        console.print(f"[red]section {name} crashed:[/red]\n{traceback.format_exc()}")
+        errors = Console(stderr=True, soft_wrap=True, highlight=False)
+        errors.print(f"[red]section {name} crashed:[/red]")
+        errors.print(traceback.format_exc(), markup=False)
         report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
         results = list(getattr(e, "partial", []))
         if not results:
@@ -124,20 +128,25 @@ def _lazy(name: str) -> SectionFn:
 
 
 def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
-    """Entry point of `ptmig bench`. Returns 0 unless a section crashed (or `only` is bad).
+    """Entry point of `ptmig bench`. Returns 0 unless a section crashed (1) or `only` is bad (2).
 
-    Missed goals are reported in the table and the JSON, not in the exit status.
+    Missed goals are reported in the table and the JSON, not in the exit status. With
+    `json_path` `-` the JSON goes to stdout, the tables to stderr, and no HTML report is made.
     """
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # a log file: do not squeeze the table to 80 columns
+    to_stdout = json_to_stdout(json_path)
+    console = Console(stderr=to_stdout)
+    if not console.is_terminal:  # a log file: do not squeeze the table to 80 columns
+        console = Console(width=120, stderr=to_stdout)
     try:
         names = select_sections(only)
     except KeyError as e:
-        console.print(f"[red]{e.args[0]}[/red]")
-        return 2
+        Console(stderr=True, soft_wrap=True).print(f"[red]{e.args[0]}[/red]")
+        return USAGE
     config = BenchConfig.for_mode(quick)
     report = run_bench(config, [(n, _lazy(n)) for n in names], console)
+    if to_stdout:
+        write_conv_json(report.to_json(), "-", indent=2)
+        return FAILED if report.errors else OK
     path = json_path if json_path is not None else DEFAULT_JSON_PATH
     write_json(report, path)
     console.print(f"results written to {path}")
@@ -145,7 +154,7 @@ def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
 
     page = write_report(path.parent / "report", bench=report.to_json())
     console.print(f"report written to {page}")
-    return 1 if report.errors else 0
+    return FAILED if report.errors else OK
 
 
 __all__ = [

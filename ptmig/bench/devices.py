@@ -10,6 +10,9 @@
 - `blk.seqwrite`: the `blkbench` guest writing its disk sequentially in 64 KiB requests, MB/s.
 - `idle.cpu`: CPU the device processes burn while the kv guest is idle (% of one core, read
   from /proc/PID/stat over a few seconds): a passthrough device must sleep when idle.
+- `load.client_alone.ops`: the load client against a trivial kv server (another process,
+  plain UDP on loopback, a dict): the client must outrun the guest, so that every kv figure
+  above measures the guest, not the client.
 """
 
 from __future__ import annotations
@@ -65,7 +68,55 @@ def run_devices(config: BenchConfig, p: DevicesParams) -> list[Result]:
     results = bench_kv(config, p)
     results += bench_blk(config, p, load_firmware_image(build_firmware()))
     results += bench_idle_cpu(config, p)
+    results += bench_client_alone(config, p)
     return results
+
+
+# ---- the load client alone ----------------------------------------------------------------------
+
+# A kv server that does nothing but keep a dict: PUT stores, GET answers (kv wire protocol).
+TRIVIAL_KV_SERVER = r"""
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+req, rep = struct.Struct("<IIBBHHH"), struct.Struct("<IIBBH")
+store = {}
+while True:
+    d, a = s.recvfrom(2048)
+    magic, rid, op, flags, klen, vlen, _ = req.unpack_from(d)
+    key = d[16:16 + klen]
+    if op == 1:
+        store[key] = d[16 + klen:]
+        s.sendto(rep.pack(0x3152564B, rid, 0, 0, 0), a)
+    else:
+        v = store.get(key)
+        s.sendto(rep.pack(0x3152564B, rid, 1 if v is None else 0, 0, len(v or b"")) + (v or b""),
+                 a)
+"""
+
+
+def client_alone_run(seconds: float, json_path: Path | None = None) -> LoadResult:
+    """One load run against `TRIVIAL_KV_SERVER` in a child process."""
+    server = subprocess.Popen([sys.executable, "-c", TRIVIAL_KV_SERVER], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        return run_load(LoadOptions(target=f"127.0.0.1:{port}", duration_s=seconds,
+                                    json_path=json_path))
+    finally:
+        server.kill()
+        server.wait()
+
+
+def bench_client_alone(config: BenchConfig, p: DevicesParams) -> list[Result]:
+    runs = [client_alone_run(p.kv_seconds) for _ in range(config.runs)]
+    bad = [r for r in runs if r.exit_status != 0]
+    if bad:
+        raise BenchError(f"the load client lost values against a trivial server: {bad[0]}")
+    return [measured(SECTION, "load.client_alone.ops", [r.ops_per_s for r in runs], "ops/s",
+                     GOAL_KV_OPS, {"seconds": p.kv_seconds})]
 
 
 # ---- a kv VMM in its own process --------------------------------------------------------------

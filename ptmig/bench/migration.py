@@ -7,10 +7,10 @@ Per run, back to back:
   `FILL_FROM` is first filled with random bytes by the VMM (QMP `x-debug-fill-ram`), so
   the destination receives real data, never holes or zero pages. It is migrated over loopback
   (no DMA tracking needed: no devices) with the default downtime limit, unlimited bandwidth,
-  over `DATA_CHANNELS` parallel streams (`x-data-channels`, like QEMU's multifd). Reported:
-  total time, downtime, throughput = `ram.transferred` / `total-time`, and each VMM process's
-  CPU seconds per GiB sent (user + system from `migrate` to `completed`, vCPU threads left
-  out; `ptmig.demo.cpu`). `total-time` runs from
+  over `DATA_CHANNELS` parallel streams (QEMU's `multifd` capability, `multifd-channels`).
+  Reported: total time, downtime, throughput = `ram.transferred` / `total-time`, and each VMM
+  process's CPU seconds per GiB sent (user + system from `migrate` to `completed`, vCPU threads
+  left out; `ptmig.demo.cpu`). `total-time` runs from
   the `migrate` command to the switchover, as QEMU's does; it does not include the
   destination's start-up, during which it prefaults its guest RAM (on by default, like QEMU's
   `-mem-prealloc`; about 0.5 s per GiB here, long over by the time the source filled its RAM).
@@ -29,6 +29,10 @@ last stretch. ptmig's guest runs (halting), it sends on the main stream plus `DA
 channels, and it decides only at the end of a round; after the first round of an idle guest
 almost nothing is dirty, so its downtime is a few ms. `ptmig/qemu.downtime` is therefore a
 ratio of two different switchover policies, not of two engines doing the same thing.
+
+- **page scans**: the source's zero-page scan (`pages.split_zero_runs`, 64 MiB with every third
+  page non-zero) and the verification digest (`verify.page_digests`, 1 GiB), in GB/s: both run
+  on every page a migration moves, so each must keep well ahead of the link.
 
 One extra verified ptmig migration (`x-verify`, not counted in the medians: the destination
 hashes the stop-and-copy pages as they arrive, which adds to the downtime) checks that what
@@ -103,7 +107,8 @@ class Sample:
 
 
 def run(config: BenchConfig) -> list[Result]:
-    return run_migration_bench(config, MigrationBenchParams.for_config(config))
+    return (run_migration_bench(config, MigrationBenchParams.for_config(config))
+            + page_scan_results(config))
 
 
 def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Result]:
@@ -307,9 +312,10 @@ def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False) ->
         _wait_status(qs, ("running",), p.start_timeout_s)
         _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
         _cmd(qs, "migrate-set-parameters", {"x-dma-tracking": "none", "max-bandwidth": 0,
-                                            "x-data-channels": DATA_CHANNELS})
+                                            "multifd-channels": DATA_CHANNELS})
         _cmd(qs, "migrate-set-capabilities",
-             {"capabilities": [{"capability": "x-verify", "state": verify}]})
+             {"capabilities": [{"capability": "x-verify", "state": verify},
+                               {"capability": "multifd", "state": True}]})
         before = (cpu.sample(src.pid), cpu.sample(dst.pid))
         _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = _wait_migration(qs, p.migration_timeout_s)
@@ -382,3 +388,40 @@ def qemu_migration(tmp: Path, binary: str, p: MigrationBenchParams,
 def remove_qemu_ram_files() -> None:
     for f in SHM_DIR.glob(f"ptmig-bench-qemu-{os.getpid()}-*.ram"):
         f.unlink(missing_ok=True)
+
+
+# ---- page scans ---------------------------------------------------------------------------
+
+GOAL_SCAN_GBS = Goal(">=", 1.0, "GB/s")  # a page scan may cost at most 1 s per GB migrated
+
+
+def _zero_scan_gbs() -> float:
+    from ..migration.events import make_runs
+    from ..migration.pages import PAGE_SIZE, split_zero_runs
+
+    ram = bytearray(64 * MiB)
+    np.frombuffer(ram, np.uint8).reshape(-1, PAGE_SIZE)[::3, 100] = 1
+    runs = make_runs([0], [len(ram) // PAGE_SIZE])
+    t = time.perf_counter()
+    split_zero_runs(ram, runs)
+    return len(ram) / (time.perf_counter() - t) / 1e9
+
+
+def _digest_gbs() -> float:
+    from ..migration.verify import page_digests
+
+    ram = np.ones(GiB, dtype=np.uint8)
+    page_digests(ram[:MiB])  # warm up
+    t = time.perf_counter()
+    page_digests(ram)
+    return GiB / (time.perf_counter() - t) / 1e9
+
+
+def page_scan_results(config: BenchConfig) -> list[Result]:
+    zero = [_zero_scan_gbs() for _ in range(config.runs)]
+    digest = [_digest_gbs() for _ in range(config.runs)]
+    return [
+        measured(SECTION, "pages.zero_scan", zero, "GB/s", GOAL_SCAN_GBS,
+                 {"ram_mib": 64, "nonzero": "every third page"}),
+        measured(SECTION, "verify.digest", digest, "GB/s", GOAL_SCAN_GBS, {"ram_mib": 1024}),
+    ]

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from ..cliconv import json_to_stdout, write_json
 from . import cpu
 from .live import LiveView
 from .plan import DemoOptions, DemoPlan, free_port, latency_path, write_configs
@@ -422,6 +423,10 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
             tapnet.close()
 
 
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
 def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
     """Run the demo; print the live view and the summary on `console`."""
     opts.check()
@@ -436,14 +441,14 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
         with Children(run_dir) as kids, LiveView(console, live=opts.live) as view:
             doc = _drive(plan, kids, view)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: every child process was stopped[/yellow]")
+        _stderr().print("[yellow]interrupted: every child process was stopped[/yellow]")
         if own_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         return DemoOutcome({}, EXIT_INTERRUPTED, run_dir)
     except DemoError as e:
-        console.print(f"[red]ptmig demo failed:[/red] {e}")
+        _stderr().print(f"[red]ptmig demo failed:[/red] {e}")
         if own_dir:
-            console.print(f"(logs kept in {run_dir})")
+            _stderr().print(f"(logs kept in {run_dir})")
         return DemoOutcome({}, EXIT_DEMO_FAILED, run_dir)
     finally:
         if old_term is not None:
@@ -457,9 +462,9 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
             "bold red" if line.startswith("NOT VERIFIED") else None)
         console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
     if opts.json_path is not None:
-        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
-        opts.json_path.write_text(json.dumps(doc, indent=1) + "\n")
-        console.print(f"results written to {opts.json_path}")
+        write_json(doc, opts.json_path)
+        if not json_to_stdout(opts.json_path):
+            console.print(f"results written to {opts.json_path}")
     if opts.report_dir is not None:
         from ..report import write_report
 

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-EXIT_VERIFIED, EXIT_NOT_VERIFIED, EXIT_DEMO_FAILED = 0, 1, 2
+from ..cliconv import CANNOT_RUN, FAILED, OK
+
+EXIT_VERIFIED, EXIT_NOT_VERIFIED, EXIT_DEMO_FAILED = OK, FAILED, CANNOT_RUN
 
 
 @dataclass

@@ -24,12 +24,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..cliconv import CANNOT_RUN, FAILED, MISMATCH, OK, json_to_stdout, write_json
 from .params import DMA_TRACKING
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # failed or cancelled: the guest still runs on the source
-EXIT_MISMATCH = 2  # completed, but verification found pages that differ
-EXIT_ERROR = 3  # could not talk to the VMM, or it refused a command
+EXIT_OK = OK
+EXIT_FAILED = FAILED  # failed or cancelled: the guest still runs on the source
+EXIT_MISMATCH = MISMATCH  # completed, but verification found pages that differ
+EXIT_ERROR = CANNOT_RUN  # could not talk to the VMM, or it refused a command
 
 FINISHED = ("completed", "failed", "cancelled")
 MiB = 1 << 20
@@ -229,9 +230,12 @@ async def drive(opts: MigrateOptions,
             pass  # the VMM may already be gone
 
 
-def run(opts: MigrateOptions, console: Console | None = None) -> int:
-    """`ptmig migrate`: live progress, summary table, optional JSON; returns the exit status."""
-    console = console or Console()
+def run(opts: MigrateOptions, console: Console | None = None,
+        errors: Console | None = None) -> int:
+    """`ptmig migrate`: live progress, summary table, optional JSON; returns the exit status.
+    Errors go to `errors` (stderr); with `--json -` the tables go there too."""
+    errors = errors or Console(stderr=True, soft_wrap=True)
+    console = console or (errors if json_to_stdout(opts.json_path) else Console())
     live_view = Live(Text("connecting ..."), console=console, refresh_per_second=10,
                      transient=True)
 
@@ -242,19 +246,19 @@ def run(opts: MigrateOptions, console: Console | None = None) -> int:
         with live_view:
             info = asyncio.run(drive(opts, show))
     except MigrateClientError as e:
-        console.print(f"[red]ptmig migrate: {e}[/red]")
+        errors.print(f"[red]ptmig migrate: {e}[/red]")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        console.print("[yellow]ptmig migrate: interrupted; the migration was cancelled[/yellow]")
+        errors.print("[yellow]ptmig migrate: interrupted; the migration was cancelled[/yellow]")
         return EXIT_FAILED
     console.print(_table("migration", summary_rows(info)))
     if opts.json_path is not None:
-        opts.json_path.write_text(json.dumps(info, indent=1) + "\n")
+        write_json(info, opts.json_path)
     status = exit_status(info)
     if status == EXIT_FAILED:
-        console.print(f"[red]migration {info.get('status')}: "
-                      f"{info.get('error-desc', 'no reason given')}; the guest runs on the "
-                      "source[/red]")
+        errors.print(f"[red]migration {info.get('status')}: "
+                     f"{info.get('error-desc', 'no reason given')}; the guest runs on the "
+                     "source[/red]")
     elif status == EXIT_MISMATCH:
-        console.print("[red]verification found pages that differ on the destination[/red]")
+        errors.print("[red]verification found pages that differ on the destination[/red]")
     return status

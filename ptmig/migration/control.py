@@ -8,6 +8,7 @@ migration (`migrate`, `migrate_cancel`), and answers `query-migrate` with QEMU's
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,12 +66,10 @@ class MigrationControl:
         return mig
 
     def params_snapshot(self) -> MigrationParams:
-        p = self.params
-        return MigrationParams(p.downtime_limit_ms, p.max_bandwidth, p.x_dma_tracking,
-                               p.x_timeout_s, p.x_max_stalled_rounds)
+        return dataclasses.replace(self.params)
 
     def caps_snapshot(self) -> MigrationCapabilities:
-        return MigrationCapabilities(self.caps.auto_converge, self.caps.x_verify)
+        return dataclasses.replace(self.caps)
 
     def info(self) -> MigrationInfo:
         return self.current.info if self.current is not None else MigrationInfo()
@@ -103,6 +102,7 @@ class MigrationControl:
         self.migrate(uri)
 
     def _qmp_query(self) -> dict[str, Any]:
+        """QEMU's reply: `{}` before any migration, then the latest one's status and counters."""
         mig = self.current
         if mig is not None and not mig.info.status.finished:
             mig.info.shadow = mig.strategy.stats()  # live counters while shadowing

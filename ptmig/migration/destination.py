@@ -23,12 +23,14 @@ import logging
 import os
 import select
 import struct
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..cliconv import VMM_FAILED
 from ..vcpu_state import MAX_STATE_BYTES, VcpuState
 from ..vm import RunState
 from . import transport
@@ -579,8 +581,8 @@ def run_incoming(machine: Machine, uri: str, *, prefault: bool = True) -> int:
         incoming = Incoming(machine, uri, psk=ctl.psk, tls=ctl.tls, insecure=ctl.insecure,
                             prefault=prefault)
     except (transport.TransportError, ValueError) as e:
-        print(f"ptmig: cannot accept an incoming migration: {e}", flush=True)
-        return 2
+        print(f"ptmig: cannot accept an incoming migration: {e}", file=sys.stderr, flush=True)
+        return VMM_FAILED
     if machine.cfg.devices:
         machine.boot_devices()
     machine.incoming = incoming
@@ -588,6 +590,6 @@ def run_incoming(machine: Machine, uri: str, *, prefault: bool = True) -> int:
         incoming.receive()
     except (IncomingError, RemoteProtocolError, transport.TransportError, OSError, ValueError) as e:
         log.error("incoming migration failed: %s", e)
-        print(f"ptmig: incoming migration failed: {e}", flush=True)
-        return 1
+        print(f"ptmig: incoming migration failed: {e}", file=sys.stderr, flush=True)
+        return VMM_FAILED
     return machine.wait()

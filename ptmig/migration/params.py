@@ -40,9 +40,10 @@ class MigrationParams:
     x_dma_tracking: str = "shadow"
     x_timeout_s: float = 120.0  # give up (and resume the source) after this long
     x_max_stalled_rounds: int = 5  # rounds without progress before forcing switchover
-    # Parallel TCP streams for pre-copy RAM (QEMU's multifd-channels); 0: all on the main stream.
-    # Two keep both ends busy on a small host (the copies run in the kernel, outside the GIL).
-    x_data_channels: int = 2
+    # Parallel TCP streams for pre-copy RAM while the `multifd` capability is on (QEMU's
+    # multifd-channels). Two keep both ends busy on a small host (the copies run in the kernel,
+    # outside the GIL).
+    multifd_channels: int = 2
 
     def set(self, **kw: Any) -> None:
         """Apply `migrate-set-parameters` arguments (already type-checked by the QMP schema)."""
@@ -62,11 +63,12 @@ class MigrationParams:
                 raise ValueError(
                     f"x-dma-tracking must be one of {', '.join(DMA_TRACKING)}, got {v!r}")
             self.x_dma_tracking = v
-        if "x_data_channels" in kw:
-            v = kw["x_data_channels"]
-            if not 0 <= v <= MAX_DATA_CHANNELS:
-                raise ValueError(f"x-data-channels must be in [0, {MAX_DATA_CHANNELS}], got {v}")
-            self.x_data_channels = v
+        if "multifd_channels" in kw:
+            v = kw["multifd_channels"]
+            if not 1 <= v <= MAX_DATA_CHANNELS:
+                raise ValueError(
+                    f"multifd-channels must be in [1, {MAX_DATA_CHANNELS}], got {v}")
+            self.multifd_channels = v
         if "x_timeout" in kw:
             v = kw["x_timeout"]
             if not 1 <= v <= 86400:
@@ -79,7 +81,7 @@ class MigrationParams:
             "max-bandwidth": self.max_bandwidth,
             "x-dma-tracking": self.x_dma_tracking,
             "x-timeout": int(self.x_timeout_s),
-            "x-data-channels": self.x_data_channels,
+            "multifd-channels": self.multifd_channels,
         }
 
 
@@ -88,16 +90,23 @@ PARAMS_SCHEMA = {
     "*max-bandwidth": int,
     "*x-dma-tracking": DMA_TRACKING,
     "*x-timeout": int,
-    "*x-data-channels": int,
+    "*multifd-channels": int,
 }
 
 
 @dataclass
 class MigrationCapabilities:
     auto_converge: bool = False
+    # QEMU's `multifd`: pre-copy RAM on `multifd-channels` parallel streams. On by default here
+    # (QEMU's default is off), because two streams are what keeps a small host's link busy.
+    multifd: bool = True
     x_verify: bool = False
 
-    NAMES = ("auto-converge", "x-verify")
+    NAMES = ("auto-converge", "multifd", "x-verify")
+
+    def data_channels(self, params: MigrationParams) -> int:
+        """Parallel streams a migration opens besides the main one (0: multifd is off)."""
+        return params.multifd_channels if self.multifd else 0
 
     def set(self, capabilities: list[dict[str, Any]]) -> None:
         for cap in capabilities:
@@ -149,9 +158,9 @@ class MigrationInfo:
         return int((end - self.start) * 1000) if self.start else 0
 
     def to_qmp(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status.value}
         if self.status == Status.NONE:
-            return out
+            return {}  # as QEMU: no migration has happened, so there is no status to report
+        out: dict[str, Any] = {"status": self.status.value}
         r = self.ram
         out["total-time"] = self.total_time_ms()
         out["setup-time"] = self.setup_time_ms

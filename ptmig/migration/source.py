@@ -6,14 +6,14 @@ to stop iterating comes from `policy`. If anything fails before the destination 
 switchover — the peer disappears, the stream breaks, the migration is cancelled or times out — the
 strategy puts the devices back to normal and the guest resumes here, having lost nothing.
 
-Pre-copy rounds go over `x-data-channels` parallel streams (see `protocol`): one sender thread
-per channel, each sending its stripes of the round's dirty set. Several streams keep both ends
-busy on a few cores (the copies happen in the kernel, outside the GIL) where one stream
-alternates between a full socket on one side and an empty one on the other. Meanwhile the
-migration thread watches the main stream, which carries nothing else during such a round: the
-destination's Abort, its end of stream or a reset there, like a failed sender, stops the round
-at once (`_watch_round`), so a destination that gives up or disappears never leaves the source
-waiting on a sender asleep in the rate limit.
+Pre-copy rounds go over `multifd-channels` parallel streams while the `multifd` capability is
+on (see `protocol`): one sender thread per channel, each sending its stripes of the round's
+dirty set. Several streams keep both ends busy on a few cores (the copies happen in the kernel,
+outside the GIL) where one stream alternates between a full socket on one side and an empty one
+on the other. Meanwhile the migration thread watches the main stream, which carries nothing
+else during such a round: the destination's Abort, its end of stream or a reset there, like a
+failed sender, stops the round at once (`_watch_round`), so a destination that gives up or
+disappears never leaves the source waiting on a sender asleep in the rate limit.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class SourceMigration:
             self.channel = ch
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
             caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
-            nchannels, token = self.params.x_data_channels, secrets.token_hex(16)
+            nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
             if nchannels:
                 caps += (channel_capability(DATA_CHANNELS_CAPABILITY, nchannels, token),)
             self._handshake(ch, conn, caps)
@@ -490,7 +490,8 @@ class SourceMigration:
             self.info.ram.pages_per_round.append(count)
             self.info.expected_downtime_ms = int(policy.expected_downtime(remaining, rate) * 1000)
             self.info.rounds.append({"round": rnd, "pages": count, "seconds": round(took, 4),
-                                     "remaining-pages": remaining_pages})
+                                     "remaining-pages": remaining_pages,
+                                     "channels": len(self.data_channels)})
             log.info("round %d: %d pages in %.3fs (%.0f MB/s), %d dirty after", rnd, count, took,
                      rate / 1e6, remaining_pages)
             rnd += 1
