@@ -40,7 +40,6 @@ from ..devices.virtio.queue import (
 from ..layout import PAGE_SHIFT
 from .mapping import IDLE_MAX, DeviceBufferView, ShadowError, ShadowMap, VcpuBufferView
 from .native import (
-    Q_INFLIGHT,
     Q_STALLED,
     ST_BYTES_TO_DEVICE,
     ST_BYTES_TO_GUEST,
@@ -183,8 +182,7 @@ class ShadowedDevice:
         """Drop every device buffer (the caller restores the identity map)."""
         with self.dataplane.locked():
             for sq in self.queues.values():
-                sq.native.head_avail[:] = -1
-                sq.native.pos[Q_INFLIGHT] = 0
+                sq.native.forget()
             self.map.release_all()
 
     def close(self) -> None:
@@ -277,14 +275,15 @@ class ShadowedDevice:
     # --- state -------------------------------------------------------------------------------
 
     def inflight_writable_pages(self) -> list[int]:
-        """Guest pages the device may write for a request in flight (from the shadow chains)."""
+        """Guest pages the device may write for a request in flight (from the VMM's record of
+        the forwarded chains, never from the shadow rings the device can write)."""
         pages: set[int] = set()
         for sq in self.queues.values():
             for _, head in sq.native.inflight():
-                chain = walk_chain(self.dev_buf, sq.state, None, head)
-                for d in chain.writable:
-                    pages.update(range(d.addr >> PAGE_SHIFT,
-                                       ((d.addr + d.length - 1) >> PAGE_SHIFT) + 1))
+                for addr, length, writable in sq.native.recorded_chain(head):
+                    if writable:
+                        pages.update(range(addr >> PAGE_SHIFT,
+                                           ((addr + length - 1) >> PAGE_SHIFT) + 1))
         return sorted(pages)
 
     def fail(self, reason: str) -> None:
