@@ -19,20 +19,23 @@ from ptmig.layout import PAGE_SIZE
 from ptmig.memory import GuestMemory
 from ptmig.shadow.device import ShadowedDevice
 from ptmig.shadow.pool import ShadowPool
+from ptmig.shadow.reference import ReferenceDataplane
 
 MEM = 4 << 20
 RING_BASE = 0x10000
 DATA = 0x40000
 
 
-@pytest.fixture
-def rig():
+@pytest.fixture(params=["native", "reference"])
+def rig(request):
+    """Every test runs on both data paths: the native one and the Python reference."""
     mem = GuestMemory(MEM)
     iommu = IommuTable.create(mem.npages)
     iommu.map_identity(mem.npages)
     pool = ShadowPool(64)
     drv = DriverQueue(GuestStores(mem), 16, base=RING_BASE, data_start=DATA)
-    sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem)
+    dp = ReferenceDataplane(mem, pool) if request.param == "reference" else None
+    sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem, dp)
     dma = DmaView(iommu, mem.mmap, pool=pool.mmap, name="dev0")
     yield mem, iommu, pool, drv, sd, dma
     dma.close()

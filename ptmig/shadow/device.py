@@ -49,8 +49,10 @@ from .native import (
     ST_INTERRUPTS,
     ST_STALLS,
     Dataplane,
+    DataplaneDevice,
     DataplaneQueue,
 )
+from .reference import ReferenceDataplane, ReferenceDevice
 
 if TYPE_CHECKING:
     from ..devices.attach import AttachedDevice
@@ -111,15 +113,18 @@ class ShadowedDevice:
     """Shadow state of one attached device while a migration runs.
 
     `dataplane` is the VM's (the shadow engine runs its thread); without one the device gets a
-    private data plane, driven only by `submit` and `complete` (tests, tools)."""
+    private data plane, driven only by `submit` and `complete` (tests, tools). A
+    `ReferenceDataplane` (the Python reference of the same per-request work) may stand in for
+    the native one: the differential tests run both."""
 
     def __init__(self, dev: AttachedDevice, pool: ShadowPool, memory: GuestMemory,
-                 dataplane: Dataplane | None = None, *, irq_fd: int = -1) -> None:
+                 dataplane: Dataplane | ReferenceDataplane | None = None, *,
+                 irq_fd: int = -1) -> None:
         self.dev = dev
         self.memory = memory
         self._own_dataplane = dataplane is None
         self.dataplane = dataplane if dataplane is not None else Dataplane(memory, pool)
-        self.native = self.dataplane.add_device(irq_fd)
+        self.native: DataplaneDevice | ReferenceDevice = self.dataplane.add_device(irq_fd)
         self.map = ShadowMap(pool, dev.iommu, memory, self.native, invalidate=self._invalidate)
         self.vcpu_buf = VcpuBufferView(memory)
         self.dev_buf = DeviceBufferView(self.map)

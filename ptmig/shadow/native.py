@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -80,7 +81,8 @@ def library() -> ctypes.CDLL:
 
 def check_layout(lib: ctypes.CDLL) -> None:
     """Refuse a library whose forwarding record is laid out unlike REC_DTYPE."""
-    ours = (REC_DTYPE.itemsize, REC_DTYPE.fields["owner"][1], REC_DTYPE.fields["wlen"][1])
+    fields: Mapping[str, tuple[Any, ...]] = REC_DTYPE.fields or {}
+    ours = (REC_DTYPE.itemsize, int(fields["owner"][1]), int(fields["wlen"][1]))
     theirs = tuple(int(lib.dp_rec_layout(i)) for i in range(3))
     if theirs != ours:
         raise DataplaneError(f"native/{SOURCE}: record layout (size, owner, wlen) {theirs} "
