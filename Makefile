@@ -1,13 +1,14 @@
 # make demo  — set up the virtual environment and run the main job
 # make test  — set up the virtual environment and run the test suite
 # make bench — set up and run the benchmarks (table on stdout, JSON in bench-results/)
+# make fuzz  — the property-based differential and hostile-input tests with many more examples
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-deps bench lint clean
+.PHONY: demo test test-deps bench fuzz lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,12 @@ test: $(STAMP) test-deps
 
 bench: $(STAMP)
 	$(VENV)/bin/ptmig bench
+
+FUZZ_EXAMPLES ?= 2000
+
+fuzz: $(STAMP)
+	PTMIG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+	    tests/test_shadow_differential.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ptmig tests

@@ -88,8 +88,18 @@ class ReferenceDevice:
         self._rings: dict[int, _Ring] = {}
         self._error: str | None = None
 
-    def add_queue(self, index: int, size: int, desc: int, avail: int, used: int, next_avail: int,
-                  next_used: int, doorbell_fd: int = -1, kick_fd: int = -1) -> DataplaneQueue:
+    def add_queue(
+        self,
+        index: int,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        next_avail: int,
+        next_used: int,
+        doorbell_fd: int = -1,
+        kick_fd: int = -1,
+    ) -> DataplaneQueue:
         """As `DataplaneDevice.add_queue` (the fds are unused: there is no thread)."""
         if size == 0 or size & (size - 1) or size > 32768:
             raise DataplaneError(f"queue {index}: {errno.errorcode[errno.EINVAL]} (size {size})")
@@ -185,15 +195,19 @@ class ReferenceDevice:
         nxt = q.next_avail
         pending = (avail_idx - nxt) & 0xFFFF
         if pending > ring.size:
-            raise Broken(f"avail idx {avail_idx} is {pending} entries ahead of next_avail {nxt}, "
-                         f"more than the queue size {ring.size}")
+            raise Broken(
+                f"avail idx {avail_idx} is {pending} entries ahead of next_avail {nxt}, "
+                f"more than the queue size {ring.size}"
+            )
         done = 0
         for _ in range(pending):
-            (head,) = _U16.unpack(self._guest(ring.avail + 4 + 2 * (nxt % ring.size), 2,
-                                              "avail ring entry"))
+            (head,) = _U16.unpack(
+                self._guest(ring.avail + 4 + 2 * (nxt % ring.size), 2, "avail ring entry")
+            )
             if head >= ring.size:
-                raise Broken(f"avail index {nxt} has head {head}, out of range for queue size "
-                             f"{ring.size}")
+                raise Broken(
+                    f"avail index {nxt} has head {head}, out of range for queue size {ring.size}"
+                )
             if q.head_avail[head] >= 0:
                 raise Broken(f"head {head} made available again while still in flight")
             chain = self._walk(q, ring, head)
@@ -211,8 +225,7 @@ class ReferenceDevice:
             q.pos[Q_NEXT_AVAIL] = nxt
         return done
 
-    def _walk(self, q: DataplaneQueue, ring: _Ring,
-              head: int) -> list[tuple[int, int, int, bool]]:
+    def _walk(self, q: DataplaneQueue, ring: _Ring, head: int) -> list[tuple[int, int, int, bool]]:
         """The guest's chain at `head`, validated: (index, addr, len, writable) per
         descriptor."""
         out: list[tuple[int, int, int, bool]] = []
@@ -221,10 +234,13 @@ class ReferenceDevice:
         index = head
         while True:
             if len(out) >= ring.size:
-                raise Broken(f"chain at head {head} is longer than {ring.size} descriptors "
-                             "(a loop in the next links?)")
+                raise Broken(
+                    f"chain at head {head} is longer than {ring.size} descriptors "
+                    "(a loop in the next links?)"
+                )
             addr, length, flags, nxt = _DESC.unpack(
-                self._guest(ring.desc + 16 * index, 16, f"descriptor {index}"))
+                self._guest(ring.desc + 16 * index, 16, f"descriptor {index}")
+            )
             where = f"descriptor {index} (chain head {head})"
             if flags & ~VIRTQ_DESC_KNOWN_FLAGS:
                 raise Broken(f"{where} flags={flags:#x} has reserved bits set")
@@ -247,12 +263,20 @@ class ReferenceDevice:
             if not flags & VIRTQ_DESC_F_NEXT:
                 return out
             if nxt >= ring.size:
-                raise Broken(f"descriptor {index} next={nxt} out of range for queue size "
-                             f"{ring.size} (chain head {head})")
+                raise Broken(
+                    f"descriptor {index} next={nxt} out of range for queue size "
+                    f"{ring.size} (chain head {head})"
+                )
             index = nxt
 
-    def _forward_chain(self, q: DataplaneQueue, ring: _Ring, head: int,
-                       chain: list[tuple[int, int, int, bool]], avail_index: int) -> None:
+    def _forward_chain(
+        self,
+        q: DataplaneQueue,
+        ring: _Ring,
+        head: int,
+        chain: list[tuple[int, int, int, bool]],
+        avail_index: int,
+    ) -> None:
         for p in self._pages(chain):
             self._get(p)
         wlen = 0
@@ -292,15 +316,18 @@ class ReferenceDevice:
         try:
             (used_idx,) = _U16.unpack(self._devbuf_read(ring.used + 2, 2))
         except Broken:
-            raise Broken(f"queue {q.index}: the shadow used ring is not in device buffers"
-                         ) from None
+            raise Broken(
+                f"queue {q.index}: the shadow used ring is not in device buffers"
+            ) from None
         nxt = q.next_used
         count = (used_idx - nxt) & 0xFFFF
         if count == 0:
             return 0
         if count > q.inflight_count:
-            raise Broken(f"device reports {count} completions on queue {q.index} with "
-                         f"{q.inflight_count} requests in flight")
+            raise Broken(
+                f"device reports {count} completions on queue {q.index} with "
+                f"{q.inflight_count} requests in flight"
+            )
         for i in range(count):
             at = (nxt + i) & 0xFFFF
             head, length = _ELEM.unpack(self._devbuf_read(ring.used + 4 + 8 * (at % ring.size), 8))
@@ -312,15 +339,20 @@ class ReferenceDevice:
         self.stats[ST_COMPLETED] += count
         return count
 
-    def _complete_one(self, q: DataplaneQueue, ring: _Ring, at: int, head: int,
-                      length: int) -> None:
+    def _complete_one(
+        self, q: DataplaneQueue, ring: _Ring, at: int, head: int, length: int
+    ) -> None:
         if head >= ring.size or q.head_avail[head] < 0:
-            raise Broken(f"device completed head {head} on queue {q.index}, which is not in "
-                         "flight (unknown or completed twice)")
+            raise Broken(
+                f"device completed head {head} on queue {q.index}, which is not in "
+                "flight (unknown or completed twice)"
+            )
         wlen = int(q.rec[head]["wlen"])
         if length > wlen:
-            raise Broken(f"device reports used.len {length} for head {head} on queue "
-                         f"{q.index}, which has only {wlen} device-writable bytes")
+            raise Broken(
+                f"device reports used.len {length} for head {head} on queue "
+                f"{q.index}, which has only {wlen} device-writable bytes"
+            )
         elem_gpa = ring.used + 4 + 8 * (at % ring.size)
         elem = self._guest(elem_gpa, 8, "used ring")
         chain = q.recorded_chain(head)
