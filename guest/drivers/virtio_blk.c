@@ -14,11 +14,6 @@
 #include "runtime/string.h"
 #include "runtime/time.h"
 
-#define VIRTIO_BLK_T_IN 0
-#define VIRTIO_BLK_T_OUT 1
-#define VIRTIO_BLK_T_FLUSH 4
-#define VIRTIO_BLK_T_GET_ID 8
-
 #define SPIN_US 50          /* poll this long before halting */
 #define HALT_US 1000        /* then halt in slices of this */
 #define TIMEOUT_MS 30000    /* a request that takes longer means a broken device */
@@ -148,6 +143,12 @@ int virtio_blk_get_id(struct virtio_blk *b, char id[VIRTIO_BLK_ID_BYTES + 1])
 {
     memset(id, 0, VIRTIO_BLK_ID_BYTES + 1);
     return request(b, VIRTIO_BLK_T_GET_ID, 0, id, VIRTIO_BLK_ID_BYTES, 1);
+}
+
+int virtio_blk_raw(struct virtio_blk *b, uint32_t type, uint64_t sector, void *data,
+                   uint32_t len, int data_writable)
+{
+    return request(b, type, sector, data, len, data_writable);
 }
 
 int virtio_blk_submit_write(struct virtio_blk *b, uint64_t sector, const void *buf,
