@@ -20,9 +20,10 @@
  *             guest page written marked in the DMA dirty bitmap -- write the used element
  *             with the device's len unchanged, then the used idx, wake the guest.
  *
- * Why the whole writable area: used.len is a hint (virtio 1.x 2.7.8.2: the driver must not
- * rely on it for what was written), and virtio-blk writes its status byte at the *end* of the
- * writable bytes.  A device buffer that starts as a copy of the guest's bytes and is copied
+ * Why the whole writable area: used.len is not a map of what the device wrote (the virtio 1.x
+ * used-ring rules: the device writes at least len bytes from the first writable buffer and
+ * may write more; the driver must not assume anything beyond the first len bytes), and
+ * virtio-blk writes its status byte at the *end* of the writable bytes.  A device buffer that starts as a copy of the guest's bytes and is copied
  * back whole leaves the guest with exactly what direct DMA would: the bytes the device wrote,
  * and the guest's own bytes everywhere else.
  *

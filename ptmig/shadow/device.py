@@ -2,15 +2,19 @@
 
 Submission (on a trapped doorbell): new avail entries are read from the guest's ring (vCPU
 buffer) and each chain is walked and validated by the same rules the device applies
-(`walk_chain`). Every page a request touches has a device buffer; the validated descriptors are
-re-encoded into the shadow descriptor table, driver-written (device-readable) bytes are copied
-into the device buffer, the head is published on the shadow avail ring, and only then is the
-device kicked.
+(`walk_chain`). Every page a request touches has a device buffer; the chain is recorded in the
+VMM's private record (`DataplaneQueue.rec`, never device-reachable), the validated descriptors
+are re-encoded into the shadow descriptor table, every byte of the chain is copied into the
+device buffers (readable bytes for the device to read, writable ones so the device starts from
+the guest's bytes), the head is published on the shadow avail ring, and only then is the device
+kicked.
 
-Completion (on the device's interrupt): new entries of the shadow used ring are synced back:
-exactly `used.len` bytes across the device-writable descriptors -- never whole pages, the guest
-may be writing the rest of them -- then the used element, then the used index, each guest page
-written marked in the DMA dirty bitmap. Then the guest is woken.
+Completion (on the device's interrupt): each new element of the shadow used ring is checked
+against the record (a head in flight, used.len no larger than the chain's writable bytes; else
+the device is broken), the chain's whole device-writable area is copied back -- only the page
+pieces whose bytes differ, each marked in the DMA dirty bitmap -- then the used element with the
+device's len unchanged, then the used index. Then the guest is woken. Bytes the device did not
+write were the guest's own at forwarding, so the guest sees what direct DMA would have left.
 
 That per-request work runs natively (`native/dataplane.c`, bound in `native.py`). This class
 owns what is decided once or rarely: building the shadow rings at entry, shadowing the pages of
