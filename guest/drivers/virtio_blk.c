@@ -35,6 +35,15 @@ int virtio_blk_init(struct virtio_blk *b, uint64_t base)
     return 0;
 }
 
+int virtio_blk_open_first(struct virtio_blk *b, const struct boot_info *bi, const char *who)
+{
+    for (uint32_t i = 0; i < bi->nr_devices; i++)
+        if (bi->devices[i].virtio_device_id == VIRTIO_ID_BLOCK)
+            return virtio_blk_init(b, bi->devices[i].mmio_gpa);
+    printf("%s: needs a virtio-blk device; boot_info lists %u devices\n", who, bi->nr_devices);
+    return -1;
+}
+
 static int submit(struct virtio_blk *b, uint32_t type, uint64_t sector, void *data,
                   uint32_t len, int data_writable)
 {

@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 
+#include "abi.h"
 #include "drivers/virtio.h"
 
 #define VIRTIO_BLK_F_FLUSH 9
@@ -40,6 +41,10 @@ struct virtio_blk {
 };
 
 int virtio_blk_init(struct virtio_blk *b, uint64_t base);
+
+/* Initialise the first virtio-blk device boot_info lists (the heap must be set up); -1 if
+ * there is none (said on the console, after `who`) or it fails. */
+int virtio_blk_open_first(struct virtio_blk *b, const struct boot_info *bi, const char *who);
 
 /* Each returns VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, or -1. */
 int virtio_blk_read(struct virtio_blk *b, uint64_t sector, void *buf, uint32_t nsectors);

@@ -100,17 +100,8 @@ static int blkverify_setup(const struct boot_info *bi, const struct cmdline *c)
                (unsigned long)bv.blocks, (unsigned long)bv.bufs);
         return EXIT_BAD_ARGS;
     }
-    const struct boot_device *disk = NULL;
-    for (uint32_t i = 0; i < bi->nr_devices && !disk; i++)
-        if (bi->devices[i].virtio_device_id == VIRTIO_ID_BLOCK)
-            disk = &bi->devices[i];
-    if (!disk) {
-        printf("blkverify: needs a virtio-blk device; boot_info lists %u devices\n",
-               bi->nr_devices);
-        return EXIT_FAILED;
-    }
     heap_init(bi->heap_start, bi->mem_size);
-    if (virtio_blk_init(&bv.blk, disk->mmio_gpa))
+    if (virtio_blk_open_first(&bv.blk, bi, "blkverify"))
         return EXIT_FAILED;
     if (bv.blocks * SECTORS_PER_BLOCK > bv.blk.capacity) {
         printf("blkverify: blocks=%lu is larger than the disk (%lu sectors)\n",
