@@ -469,18 +469,20 @@ static int forward_queue(struct dp_queue *q)
 
 /* ---- completion ------------------------------------------------------------------------- */
 
-/* The recorded chain at `head` into q->scratch (from the record only).  Returns its length. */
+/* The recorded chain at `head` into q->scratch (from the record only).  Returns its length.
+ * The links were validated at forwarding (in range, no loop); the bound is only a guard. */
 static int recorded_chain(struct dp_queue *q, uint32_t head)
 {
 	uint32_t index = head;
-	for (int n = 0;; n++) {
+	for (uint32_t n = 0; n < q->size; n++) {
 		const struct rec *r = &q->rec[index];
 		q->scratch[n] = (struct desc){r->addr, r->len, (uint16_t)(r->flags & DESC_F_WRITE),
 					      (uint16_t)index};
-		if (!(r->flags & DESC_F_NEXT))
-			return n + 1;
-		index = r->next; /* validated at forwarding: in range, no loop */
+		if (!(r->flags & DESC_F_NEXT) || r->next >= q->size)
+			return (int)n + 1;
+		index = r->next;
 	}
+	return (int)q->size;
 }
 
 /* Copy a writable descriptor's device buffer back into guest RAM, only the page pieces whose

@@ -136,8 +136,8 @@ class DataplaneQueue:
         for _ in range(self.size):
             r = self.rec[index]
             out.append((int(r["addr"]), int(r["len"]), bool(r["flags"] & DESC_F_WRITE)))
-            if not r["flags"] & DESC_F_NEXT:
-                break
+            if not r["flags"] & DESC_F_NEXT or r["next"] >= self.size:
+                break  # (the links were validated at forwarding; this is only a guard)
             index = int(r["next"])
         return out
 

@@ -364,11 +364,8 @@ class ReferenceDevice:
         for addr, n, _ in chain:
             for p in range(addr >> PAGE_SHIFT, ((addr + n - 1) >> PAGE_SHIFT) + 1):
                 self._put(p)
-        index = head
-        for _ in chain:
-            r = q.rec[index]
-            r["owner"] = -1
-            index = int(r["next"])
+        owners = q.rec["owner"]
+        owners[owners == head] = -1
         q.head_avail[head] = -1
         q.pos[Q_INFLIGHT] -= 1
 
