@@ -584,3 +584,42 @@ def test_a_hostile_device_is_contained(
         rig.release()  # what leaving shadow mode does: no pool page stays taken
     finally:
         rig.close()
+
+
+# --- the native data plane against its Python reference ------------------------------------
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(steps=st.lists(st.lists(blk_request, min_size=1, max_size=3), min_size=1, max_size=5))
+def test_native_and_reference_data_paths_keep_the_same_books(
+    workdir: str, steps: list[list[BlkRequest]]
+) -> None:
+    """Beyond the same guest RAM: after every step both data paths hold the same page table,
+    reference counts, LRU stamps, counters, positions, private records and dirty pages."""
+    rigs = [Rig("blk", path, workdir) for path in PATHS]
+    try:
+        for batch in steps:
+            for rig in rigs:
+                cursor = [DATA]
+                for req in batch:
+                    post_blk(rig, req, cursor)
+                rig.step([0])
+            native, reference = (r.sd.native for r in rigs)
+            for name in ("slot", "refs", "stamp", "stats"):
+                a, b = getattr(native, name), getattr(reference, name)
+                assert (a == b).all(), f"{name}: native {a} reference {b}"
+            qa, qb = native.queues[0], reference.queues[0]
+            assert (qa.pos == qb.pos).all() and (qa.head_avail == qb.head_avail).all()
+            assert (qa.rec == qb.rec).all()
+            dirty = [r.sd.dataplane.take_dirty() for r in rigs]
+            assert (dirty[0] == dirty[1]).all()
+            assert bytes(rigs[0].shadow.mem.mmap) == bytes(rigs[1].shadow.mem.mmap)
+            for rig in rigs:
+                rig.drivers[0].take_used()
+    finally:
+        for rig in rigs:
+            rig.close()
