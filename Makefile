@@ -3,13 +3,14 @@
 # make bench — set up and run the benchmarks (table on stdout, JSON in bench-results/);
 #              installs QEMU for the peer comparison when missing (root, Debian)
 # make sanitize — the native code's differential and fuzz tests under ASan + UBSan
+# make fuzz  — the property-based differential and hostile-input tests with many more examples
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-deps bench bench-deps lint sanitize clean
+.PHONY: demo test test-deps bench bench-deps fuzz lint sanitize clean
 
 # pyproject.toml takes compatible ranges; constraints.txt pins the versions the project is
 # tested with, and the virtual environment is installed from it.
@@ -59,6 +60,12 @@ bench-deps:
 bench: $(STAMP) bench-deps
 	$(VENV)/bin/ptmig bench
 
+FUZZ_EXAMPLES ?= 2000
+
+fuzz: $(STAMP)
+	PTMIG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+	    tests/test_shadow_differential.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ptmig tests
 	$(VENV)/bin/ruff format --check ptmig tests
@@ -69,7 +76,7 @@ lint: $(STAMP)
 # $(SAN_DIR); the target fails if any report was written, even by a device process.
 SAN_DIR   := build/sanitize
 SAN_TESTS := tests/test_device_fuzz.py tests/test_shadow_native.py tests/test_device_net.py \
-             tests/test_device_blk.py tests/test_net_switch.py
+             tests/test_device_blk.py tests/test_net_switch.py tests/test_shadow_differential.py
 sanitize: $(STAMP)
 	@rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
 	PTMIG_NATIVE_SANITIZE=address,undefined PYTHONMALLOC=malloc \

@@ -23,6 +23,7 @@ static const struct workload *const workloads[] = {
     &workload_storebw,
     &workload_kv,
     &workload_blkbench,
+    &workload_blkverify,
 };
 
 #define NR_WORKLOADS (sizeof(workloads) / sizeof(workloads[0]))

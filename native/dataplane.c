@@ -9,13 +9,31 @@
  *
  *   forward:  read the guest's avail ring, walk and validate each chain (the same rules as
  *             ptmig/devices/virtio/queue.py: bounded length, no loops, known flags, no INDIRECT,
- *             non-zero lengths, readable before writable, inside guest RAM), re-encode the
- *             validated descriptors into the shadow table, copy device-readable bytes into the
- *             device buffers, publish the head, kick the device.
- *   complete: read the shadow used ring, copy exactly used.len bytes back across the
- *             device-writable descriptors, write the used element and then the used idx into
- *             the guest's ring, mark every guest page written in the DMA dirty bitmap, wake
- *             the guest.
+ *             non-zero lengths, readable before writable, inside guest RAM, no descriptor of
+ *             a request still in flight), keep a private record of it, re-encode it into the
+ *             shadow table, copy every byte of the chain into the device buffers (readable
+ *             bytes for the device, writable ones so the device starts from what the guest's
+ *             buffer holds), publish the head, kick the device.
+ *   complete: read the shadow used ring; check each element against the private record (a
+ *             head in flight, used.len no larger than its writable bytes), copy the chain's
+ *             whole device-writable area back -- only the pieces whose bytes differ, each
+ *             guest page written marked in the DMA dirty bitmap -- write the used element
+ *             with the device's len unchanged, then the used idx, wake the guest.
+ *
+ * Why the whole writable area: used.len is not a map of what the device wrote (the virtio 1.x
+ * used-ring rules: the device writes at least len bytes from the first writable buffer and
+ * may write more; the driver must not assume anything beyond the first len bytes), and
+ * virtio-blk writes its status byte at the *end* of the writable bytes.  A device buffer that starts as a copy of the guest's bytes and is copied
+ * back whole leaves the guest with exactly what direct DMA would: the bytes the device wrote,
+ * and the guest's own bytes everywhere else.
+ *
+ * Nothing is read back from memory the device can write except the used ring's (id, len)
+ * pairs, which are checked against the record: the shadow descriptor table and avail ring
+ * are the device's to scribble on, the record (`rec`, indexed like the descriptor table) is
+ * the VMM's.  A completion that does not match it -- an id not in flight, completed twice,
+ * a len larger than the writable area, more completions than requests -- marks the device
+ * broken, and guest memory outside the request's own buffers and its used element is never
+ * written.
  *
  * A request touching a guest page that has no device buffer yet stops its queue ("stalled"):
  * the thread signals `slow_fd`, Python maps the pages (and flushes the device's IOTLB), then
@@ -34,6 +52,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,6 +104,17 @@ struct desc {
 	uint16_t index;
 };
 
+/* The private record of one forwarded descriptor (a Python-owned array indexed like the
+ * descriptor table; layout mirrored in ptmig/shadow/native.py REC_DTYPE, checked at load). */
+struct rec {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags; /* DESC_F_WRITE | DESC_F_NEXT, as forwarded */
+	uint16_t next;
+	int32_t owner;  /* head of the in-flight chain this descriptor belongs to, or -1 */
+	uint32_t wlen;  /* at a head: the chain's device-writable bytes */
+};
+
 struct dp_queue {
 	struct dp_dev *dev;
 	int qindex;
@@ -92,6 +122,7 @@ struct dp_queue {
 	uint64_t desc_addr, avail_addr, used_addr;
 	int64_t *pos;          /* Q_* */
 	int32_t *head_avail;   /* [size]: avail index of the in-flight request with this head, or -1 */
+	struct rec *rec;       /* [size]: every in-flight chain as forwarded (never device memory) */
 	struct desc *scratch;  /* [size]: one chain being forwarded */
 	int doorbell_fd;       /* the VMM's eventfd bound to the guest's QueueNotify */
 	int kick_fd;           /* the device's doorbell */
@@ -286,6 +317,11 @@ static int walk_guest_chain(struct dp_queue *q, uint32_t head)
 				 q->qindex, head, (unsigned long long)MAX_CHAIN_BYTES);
 			return -1;
 		}
+		if (q->rec[index].owner >= 0) {
+			dev_fail(d, "queue %d: descriptor %u (chain head %u) belongs to the request at "
+				 "head %d, still in flight", q->qindex, index, head, q->rec[index].owner);
+			return -1;
+		}
 		int writable = (flags & DESC_F_WRITE) != 0;
 		if (seen_writable && !writable) {
 			dev_fail(d, "queue %d: descriptor %u (chain head %u) is device-readable after a "
@@ -316,12 +352,14 @@ static int chain_is_shadowed(struct dp_dev *d, const struct desc *c, int n)
 	return 1;
 }
 
-/* Forward one validated chain (every page shadowed). Returns 0, or -1 (device broken). */
+/* Forward one validated chain (every page shadowed): record it, re-encode it into the shadow
+ * table, copy all its bytes into the device buffers.  Returns 0, or -1 (device broken). */
 static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avail_index)
 {
 	struct dp_dev *d = q->dev;
 	struct dp_engine *e = d->eng;
 	const struct desc *c = q->scratch;
+	uint64_t wlen = 0;
 	chain_pages(d, c, n, page_get);
 	for (int i = 0; i < n; i++) {
 		uint8_t raw[16];
@@ -334,12 +372,17 @@ static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avai
 		memcpy(raw + 14, &next, 2);
 		if (devbuf_copy(d, q->desc_addr + 16ull * c[i].index, raw, 16, 1) < 0)
 			goto unmapped;
-		if (!(c[i].flags & DESC_F_WRITE)) {
-			if (devbuf_copy(d, c[i].addr, e->guest + c[i].addr, c[i].len, 1) < 0)
-				goto unmapped;
+		/* Readable bytes for the device; writable ones as the guest's buffer holds them, so
+		 * that copying the whole area back leaves unwritten bytes as they were. */
+		if (devbuf_copy(d, c[i].addr, e->guest + c[i].addr, c[i].len, 1) < 0)
+			goto unmapped;
+		if (c[i].flags & DESC_F_WRITE)
+			wlen += c[i].len;
+		else
 			d->stats[ST_BYTES_TO_DEVICE] += c[i].len;
-		}
+		q->rec[c[i].index] = (struct rec){c[i].addr, c[i].len, flags, next, (int32_t)head, 0};
 	}
+	q->rec[head].wlen = (uint32_t)wlen; /* <= MAX_CHAIN_BYTES */
 	uint16_t h = (uint16_t)head;
 	if (devbuf_copy(d, q->avail_addr + 4 + 2ull * (avail_index % q->size), (uint8_t *)&h, 2, 1) < 0)
 		goto unmapped;
@@ -348,6 +391,8 @@ static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avai
 	d->stats[ST_FORWARDED]++;
 	return 0;
 unmapped:
+	for (int i = 0; i < n; i++)
+		q->rec[c[i].index].owner = -1;
 	chain_pages(d, c, n, page_put);
 	dev_fail(d, "queue %d: the shadow ring is not in device buffers", q->qindex);
 	return -1;
@@ -424,32 +469,89 @@ static int forward_queue(struct dp_queue *q)
 
 /* ---- completion ------------------------------------------------------------------------- */
 
-/* The shadow chain at `head` (re-encoded by us at forwarding) into q->scratch. */
-static int walk_shadow_chain(struct dp_queue *q, uint32_t head)
+/* The recorded chain at `head` into q->scratch (from the record only).  Returns its length.
+ * The links were validated at forwarding (in range, no loop); the bound is only a guard. */
+static int recorded_chain(struct dp_queue *q, uint32_t head)
 {
-	struct dp_dev *d = q->dev;
 	uint32_t index = head;
 	for (uint32_t n = 0; n < q->size; n++) {
-		uint8_t raw[16];
-		if (devbuf_copy(d, q->desc_addr + 16ull * index, raw, 16, 0) < 0)
-			return -1;
-		struct desc *c = &q->scratch[n];
-		uint16_t flags, next;
-		memcpy(&c->addr, raw, 8);
-		memcpy(&c->len, raw + 8, 4);
-		memcpy(&flags, raw + 12, 2);
-		memcpy(&next, raw + 14, 2);
-		c->flags = flags & DESC_F_WRITE;
-		c->index = (uint16_t)index;
-		if (!guest_ptr(d->eng, c->addr, c->len) || c->len == 0)
-			return -1;
-		if (!(flags & DESC_F_NEXT))
+		const struct rec *r = &q->rec[index];
+		q->scratch[n] = (struct desc){r->addr, r->len, (uint16_t)(r->flags & DESC_F_WRITE),
+					      (uint16_t)index};
+		if (!(r->flags & DESC_F_NEXT) || r->next >= q->size)
 			return (int)n + 1;
-		if (next >= q->size)
-			return -1;
-		index = next;
+		index = r->next;
 	}
-	return -1;
+	return (int)q->size;
+}
+
+/* Copy a writable descriptor's device buffer back into guest RAM, only the page pieces whose
+ * bytes differ; each piece copied marks its page dirty.  Returns bytes copied, or -1. */
+static int64_t sync_back(struct dp_dev *d, uint64_t gpa, uint64_t len)
+{
+	struct dp_engine *e = d->eng;
+	int64_t copied = 0;
+	while (len) {
+		uint64_t n = PAGE_SIZE - (gpa & (PAGE_SIZE - 1));
+		if (n > len)
+			n = len;
+		uint8_t *src = devbuf_ptr(d, gpa);
+		if (!src)
+			return -1;
+		if (memcmp(e->guest + gpa, src, n)) {
+			memcpy(e->guest + gpa, src, n);
+			mark_dirty(e, gpa, n);
+			copied += (int64_t)n;
+		}
+		gpa += n;
+		len -= n;
+	}
+	return copied;
+}
+
+/* Sync one completion (id and len as the device reported them) from the record.  Returns 0,
+ * or -1 (device broken: an element that does not match the record writes nothing). */
+static int complete_one(struct dp_queue *q, uint16_t at, uint32_t head, uint32_t len)
+{
+	struct dp_dev *d = q->dev;
+	struct dp_engine *e = d->eng;
+	if (head >= q->size || q->head_avail[head] < 0) {
+		dev_fail(d, "device completed head %u on queue %d, which is not in flight (unknown "
+			 "or completed twice)", head, q->qindex);
+		return -1;
+	}
+	if (len > q->rec[head].wlen) {
+		dev_fail(d, "device reports used.len %u for head %u on queue %d, which has only %u "
+			 "device-writable bytes", len, head, q->qindex, q->rec[head].wlen);
+		return -1;
+	}
+	uint64_t elem_gpa = q->used_addr + 4 + 8ull * (at % q->size);
+	uint8_t *g = guest_ptr(e, elem_gpa, 8);
+	if (!g) {
+		dev_fail(d, "queue %d: used ring %#llx is outside guest RAM", q->qindex,
+			 (unsigned long long)q->used_addr);
+		return -1;
+	}
+	int n = recorded_chain(q, head);
+	for (int k = 0; k < n; k++) {
+		if (!(q->scratch[k].flags & DESC_F_WRITE))
+			continue;
+		int64_t m = sync_back(d, q->scratch[k].addr, q->scratch[k].len);
+		if (m < 0) {
+			dev_fail(d, "queue %d: a completed buffer has no device buffer", q->qindex);
+			return -1;
+		}
+		d->stats[ST_BYTES_TO_GUEST] += (uint64_t)m;
+	}
+	uint32_t out[2] = {head, len};
+	memcpy(g, out, 8);
+	mark_dirty(e, elem_gpa, 8);
+	chain_pages(d, q->scratch, n, page_put);
+	for (int k = 0; k < n; k++)
+		q->rec[q->scratch[k].index].owner = -1;
+	q->head_avail[head] = -1;
+	q->pos[Q_INFLIGHT]--;
+	return 0;
 }
 
 static int complete_queue(struct dp_queue *q)
@@ -479,46 +581,8 @@ static int complete_queue(struct dp_queue *q)
 			dev_fail(d, "queue %d: the shadow used ring is not in device buffers", q->qindex);
 			return -1;
 		}
-		uint32_t head = elem[0], len = elem[1];
-		if (head >= q->size || q->head_avail[head] < 0) {
-			dev_fail(d, "device completed head %u on queue %d, which is not in flight", head,
-				 q->qindex);
+		if (complete_one(q, at, elem[0], elem[1]) < 0)
 			return -1;
-		}
-		int n = walk_shadow_chain(q, head);
-		if (n < 0) {
-			dev_fail(d, "queue %d: the shadow chain at head %u is unreadable", q->qindex, head);
-			return -1;
-		}
-		/* Exactly used.len bytes across the writable descriptors: never whole pages, the
-		 * guest may be writing the rest of them. */
-		uint64_t left = len, written = 0;
-		for (int k = 0; k < n && left; k++) {
-			if (!(q->scratch[k].flags & DESC_F_WRITE))
-				continue;
-			uint64_t m = q->scratch[k].len < left ? q->scratch[k].len : left;
-			if (devbuf_copy(d, q->scratch[k].addr, e->guest + q->scratch[k].addr, m, 0) < 0) {
-				dev_fail(d, "queue %d: a completed buffer has no device buffer", q->qindex);
-				return -1;
-			}
-			mark_dirty(e, q->scratch[k].addr, m);
-			left -= m;
-			written += m;
-		}
-		uint64_t elem_gpa = used_ring + 8ull * (at % q->size);
-		uint8_t *g = guest_ptr(e, elem_gpa, 8);
-		if (!g) {
-			dev_fail(d, "queue %d: used ring %#llx is outside guest RAM", q->qindex,
-				 (unsigned long long)q->used_addr);
-			return -1;
-		}
-		uint32_t out[2] = {head, (uint32_t)written};
-		memcpy(g, out, 8);
-		mark_dirty(e, elem_gpa, 8);
-		chain_pages(d, q->scratch, n, page_put);
-		q->head_avail[head] = -1;
-		q->pos[Q_INFLIGHT]--;
-		d->stats[ST_BYTES_TO_GUEST] += written;
 	}
 	uint8_t *idxp = guest_ptr(e, q->used_addr + 2, 2);
 	if (!idxp) {
@@ -689,14 +753,14 @@ struct dp_dev *dp_dev_add(struct dp_engine *e, int32_t *slot, int32_t *refs, uin
 
 int dp_queue_add(struct dp_dev *d, int qindex, uint32_t size, uint64_t desc_addr,
 		 uint64_t avail_addr, uint64_t used_addr, int64_t *pos, int32_t *head_avail,
-		 int doorbell_fd, int kick_fd)
+		 struct rec *rec, int doorbell_fd, int kick_fd)
 {
 	if (d->nqueues >= MAX_QUEUES || size == 0 || (size & (size - 1)) || size > 32768)
 		return -EINVAL;
 	struct dp_queue *q = &d->queues[d->nqueues];
 	*q = (struct dp_queue){.dev = d, .qindex = qindex, .size = size, .desc_addr = desc_addr,
 			       .avail_addr = avail_addr, .used_addr = used_addr, .pos = pos,
-			       .head_avail = head_avail, .doorbell_fd = doorbell_fd,
+			       .head_avail = head_avail, .rec = rec, .doorbell_fd = doorbell_fd,
 			       .kick_fd = kick_fd};
 	q->scratch = calloc(size, sizeof(struct desc));
 	if (!q->scratch)
@@ -719,6 +783,22 @@ static struct dp_queue *find_queue(struct dp_dev *d, int qindex)
 		if (d->queues[i].qindex == qindex)
 			return &d->queues[i];
 	return NULL;
+}
+
+/* The record's layout as compiled: its size, then the offsets of owner and wlen (Python
+ * checks them against REC_DTYPE). */
+int dp_rec_layout(int what)
+{
+	switch (what) {
+	case 0:
+		return (int)sizeof(struct rec);
+	case 1:
+		return (int)offsetof(struct rec, owner);
+	case 2:
+		return (int)offsetof(struct rec, wlen);
+	default:
+		return -1;
+	}
 }
 
 /* Callers hold the lock (dp_lock) for these three. */

@@ -46,7 +46,7 @@ DISK_SIZE_MAX = 1 << 40
 SECTOR = 512
 SERIAL_MAX = 20  # virtio-blk GET_ID returns at most 20 bytes
 IFNAMSIZ = 16  # Linux interface names: 15 bytes plus the terminating NUL
-WORKLOADS = ("hello", "dirty", "storebw", "kv", "blkbench")
+WORKLOADS = ("hello", "dirty", "storebw", "kv", "blkbench", "blkverify")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGkmg]?)\s*$")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -13,6 +13,7 @@ from vmmrig import Load, Vmm, free_port, kv_config
 
 from ptmig import bitmap
 from ptmig.config import load_config
+from ptmig.devices.virtio import constants as c
 from ptmig.layout import ABI_WORKLOAD_STATS_GPA, PAGE_SIZE
 from ptmig.load import LoadOptions, run_load
 from ptmig.machine import Machine
@@ -227,6 +228,49 @@ def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path) -> Non
         # the other device was never affected
         blk = m.devices[1]
         assert blk.handle.alive and m.devices[0].handle.alive
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("device,writes", [
+    ("disk0", [(c.REG_STATUS, 0)]),  # reset
+    ("net0", [(c.REG_DRIVER_FEATURES_SEL, 1), (c.REG_DRIVER_FEATURES, 1)]),  # renegotiation
+    ("net0", [(c.REG_QUEUE_SEL, 0), (c.REG_QUEUE_READY, 0)]),  # re-creating a queue
+])
+def test_reconfiguring_a_shadowed_device_returns_to_direct_dma_first(
+        tmp_path: Path, device: str, writes: list[tuple[int, int]]) -> None:
+    """The driver resets, renegotiates or re-creates queues while its device is shadowed:
+    every device goes back to direct DMA before the write reaches the device (no device
+    buffer, no pool page, no trapped doorbell left), the write then takes effect, and the
+    migration fails."""
+    m, _ = _boot(tmp_path)
+    vm = m.vm
+    try:
+        strategy = ShadowTracking()
+        strategy.begin(m)
+        engine = strategy.engine
+        assert engine is not None and m.shadow_pool.in_use > 0
+        sd = engine.devices[device]
+        reg, value = writes[0]
+        sd.dev.mmio_write(reg, 4, value)  # as the vCPU's MMIO exit would
+        assert not engine.active
+        assert sd.broken is not None and "reconfigured" in sd.broken
+        assert m.shadow_pool.in_use == 0, "pool pages still taken after leaving shadow mode"
+        for dev in m.devices:
+            assert dev.mmio_hook is None and dev.direct_doorbells
+            assert dev.iommu.lookup(0x1000 // PAGE_SIZE) is not None, "identity map back"
+            assert engine.devices[dev.id].map.pages == set()
+        for reg, value in writes[1:]:
+            sd.dev.mmio_write(reg, 4, value)  # the driver goes on, directly
+        if reg == c.REG_STATUS:
+            assert sd.dev.handle.mmio_read(c.REG_STATUS, 4) == 0, "the reset reached the device"
+        with pytest.raises(Exception, match="reconfigured"):
+            strategy.round_dirty(m)  # the migration engine's next check fails the migration
+        with pytest.raises(Exception, match="reconfigured"):
+            strategy.stop_and_copy(m)  # ... and there is no switchover
+        strategy.abort(m)
+        assert vm.state.value == "running"
+        assert all(dev.handle.alive for dev in m.devices)
     finally:
         m.close()
 

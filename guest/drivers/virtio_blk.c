@@ -14,11 +14,6 @@
 #include "runtime/string.h"
 #include "runtime/time.h"
 
-#define VIRTIO_BLK_T_IN 0
-#define VIRTIO_BLK_T_OUT 1
-#define VIRTIO_BLK_T_FLUSH 4
-#define VIRTIO_BLK_T_GET_ID 8
-
 #define SPIN_US 50          /* poll this long before halting */
 #define HALT_US 1000        /* then halt in slices of this */
 #define TIMEOUT_MS 30000    /* a request that takes longer means a broken device */
@@ -38,6 +33,15 @@ int virtio_blk_init(struct virtio_blk *b, uint64_t base)
     b->capacity = virtio_config64(&b->dev, 0);
     virtio_driver_ok(&b->dev);
     return 0;
+}
+
+int virtio_blk_open_first(struct virtio_blk *b, const struct boot_info *bi, const char *who)
+{
+    for (uint32_t i = 0; i < bi->nr_devices; i++)
+        if (bi->devices[i].virtio_device_id == VIRTIO_ID_BLOCK)
+            return virtio_blk_init(b, bi->devices[i].mmio_gpa);
+    printf("%s: needs a virtio-blk device; boot_info lists %u devices\n", who, bi->nr_devices);
+    return -1;
 }
 
 static int submit(struct virtio_blk *b, uint32_t type, uint64_t sector, void *data,
@@ -148,6 +152,12 @@ int virtio_blk_get_id(struct virtio_blk *b, char id[VIRTIO_BLK_ID_BYTES + 1])
 {
     memset(id, 0, VIRTIO_BLK_ID_BYTES + 1);
     return request(b, VIRTIO_BLK_T_GET_ID, 0, id, VIRTIO_BLK_ID_BYTES, 1);
+}
+
+int virtio_blk_raw(struct virtio_blk *b, uint32_t type, uint64_t sector, void *data,
+                   uint32_t len, int data_writable)
+{
+    return request(b, type, sector, data, len, data_writable);
 }
 
 int virtio_blk_submit_write(struct virtio_blk *b, uint64_t sector, const void *buf,

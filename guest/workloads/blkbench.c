@@ -36,17 +36,8 @@ static int blkbench_setup(const struct boot_info *bi, const struct cmdline *c)
                "of req\n", (unsigned long)bb.req, (unsigned long)bb.size);
         return EXIT_BAD_ARGS;
     }
-    const struct boot_device *disk = NULL;
-    for (uint32_t i = 0; i < bi->nr_devices && !disk; i++)
-        if (bi->devices[i].virtio_device_id == VIRTIO_ID_BLOCK)
-            disk = &bi->devices[i];
-    if (!disk) {
-        printf("blkbench: needs a virtio-blk device; boot_info lists %u devices\n",
-               bi->nr_devices);
-        return EXIT_FAILED;
-    }
     heap_init(bi->heap_start, bi->mem_size);
-    if (virtio_blk_init(&bb.blk, disk->mmio_gpa))
+    if (virtio_blk_open_first(&bb.blk, bi, "blkbench"))
         return EXIT_FAILED;
     if (bb.size / VIRTIO_BLK_SECTOR > bb.blk.capacity) {
         printf("blkbench: size=%lu is larger than the disk (%lu sectors)\n",

@@ -31,5 +31,6 @@ extern const struct workload workload_dirty;
 extern const struct workload workload_storebw;
 extern const struct workload workload_kv;
 extern const struct workload workload_blkbench;
+extern const struct workload workload_blkverify;
 
 #endif

@@ -2,15 +2,19 @@
 
 Submission (on a trapped doorbell): new avail entries are read from the guest's ring (vCPU
 buffer) and each chain is walked and validated by the same rules the device applies
-(`walk_chain`). Every page a request touches has a device buffer; the validated descriptors are
-re-encoded into the shadow descriptor table, driver-written (device-readable) bytes are copied
-into the device buffer, the head is published on the shadow avail ring, and only then is the
-device kicked.
+(`walk_chain`). Every page a request touches has a device buffer; the chain is recorded in the
+VMM's private record (`DataplaneQueue.rec`, never device-reachable), the validated descriptors
+are re-encoded into the shadow descriptor table, every byte of the chain is copied into the
+device buffers (readable bytes for the device to read, writable ones so the device starts from
+the guest's bytes), the head is published on the shadow avail ring, and only then is the device
+kicked.
 
-Completion (on the device's interrupt): new entries of the shadow used ring are synced back:
-exactly `used.len` bytes across the device-writable descriptors -- never whole pages, the guest
-may be writing the rest of them -- then the used element, then the used index, each guest page
-written marked in the DMA dirty bitmap. Then the guest is woken.
+Completion (on the device's interrupt): each new element of the shadow used ring is checked
+against the record (a head in flight, used.len no larger than the chain's writable bytes; else
+the device is broken), the chain's whole device-writable area is copied back -- only the page
+pieces whose bytes differ, each marked in the DMA dirty bitmap -- then the used element with the
+device's len unchanged, then the used index. Then the guest is woken. Bytes the device did not
+write were the guest's own at forwarding, so the guest sees what direct DMA would have left.
 
 That per-request work runs natively (`native/dataplane.c`, bound in `native.py`). This class
 owns what is decided once or rarely: building the shadow rings at entry, shadowing the pages of
@@ -40,7 +44,6 @@ from ..devices.virtio.queue import (
 from ..layout import PAGE_SHIFT
 from .mapping import IDLE_MAX, DeviceBufferView, ShadowError, ShadowMap, VcpuBufferView
 from .native import (
-    Q_INFLIGHT,
     Q_STALLED,
     ST_BYTES_TO_DEVICE,
     ST_BYTES_TO_GUEST,
@@ -50,8 +53,10 @@ from .native import (
     ST_INTERRUPTS,
     ST_STALLS,
     Dataplane,
+    DataplaneDevice,
     DataplaneQueue,
 )
+from .reference import ReferenceDataplane, ReferenceDevice
 
 if TYPE_CHECKING:
     from ..devices.attach import AttachedDevice
@@ -112,15 +117,18 @@ class ShadowedDevice:
     """Shadow state of one attached device while a migration runs.
 
     `dataplane` is the VM's (the shadow engine runs its thread); without one the device gets a
-    private data plane, driven only by `submit` and `complete` (tests, tools)."""
+    private data plane, driven only by `submit` and `complete` (tests, tools). A
+    `ReferenceDataplane` (the Python reference of the same per-request work) may stand in for
+    the native one: the differential tests run both."""
 
     def __init__(self, dev: AttachedDevice, pool: ShadowPool, memory: GuestMemory,
-                 dataplane: Dataplane | None = None, *, irq_fd: int = -1) -> None:
+                 dataplane: Dataplane | ReferenceDataplane | None = None, *,
+                 irq_fd: int = -1) -> None:
         self.dev = dev
         self.memory = memory
         self._own_dataplane = dataplane is None
         self.dataplane = dataplane if dataplane is not None else Dataplane(memory, pool)
-        self.native = self.dataplane.add_device(irq_fd)
+        self.native: DataplaneDevice | ReferenceDevice = self.dataplane.add_device(irq_fd)
         self.map = ShadowMap(pool, dev.iommu, memory, self.native, invalidate=self._invalidate)
         self.vcpu_buf = VcpuBufferView(memory)
         self.dev_buf = DeviceBufferView(self.map)
@@ -183,8 +191,7 @@ class ShadowedDevice:
         """Drop every device buffer (the caller restores the identity map)."""
         with self.dataplane.locked():
             for sq in self.queues.values():
-                sq.native.head_avail[:] = -1
-                sq.native.pos[Q_INFLIGHT] = 0
+                sq.native.forget()
             self.map.release_all()
 
     def close(self) -> None:
@@ -277,14 +284,15 @@ class ShadowedDevice:
     # --- state -------------------------------------------------------------------------------
 
     def inflight_writable_pages(self) -> list[int]:
-        """Guest pages the device may write for a request in flight (from the shadow chains)."""
+        """Guest pages the device may write for a request in flight (from the VMM's record of
+        the forwarded chains, never from the shadow rings the device can write)."""
         pages: set[int] = set()
         for sq in self.queues.values():
             for _, head in sq.native.inflight():
-                chain = walk_chain(self.dev_buf, sq.state, None, head)
-                for d in chain.writable:
-                    pages.update(range(d.addr >> PAGE_SHIFT,
-                                       ((d.addr + d.length - 1) >> PAGE_SHIFT) + 1))
+                for addr, length, writable in sq.native.recorded_chain(head):
+                    if writable:
+                        pages.update(range(addr >> PAGE_SHIFT,
+                                           ((addr + length - 1) >> PAGE_SHIFT) + 1))
         return sorted(pages)
 
     def fail(self, reason: str) -> None:

@@ -12,10 +12,12 @@ Entering (before round 0; each device keeps running except for a short quiesce):
   3. shadow the rings, point the IOMMU domain at device buffers only, forward the requests the
      guest made available meanwhile, invalidate the IOTLB, mark in-flight device-writable pages
      dirty, resume.
-Leaving (a cancelled or failed migration): quiesce, sync every completion, restore the identity
-map, invalidate, set the device's queue positions to match the guest's rings (so requests that
-were forwarded but not completed are redone from the guest's own ring), restore direct doorbells
-and interrupts, resume. Outside shadow mode nothing here runs: zero steady-state overhead.
+Leaving (a cancelled or failed migration, or the driver resetting or reconfiguring a device
+while it is shadowed -- then at once, before the register write reaches the device): quiesce,
+sync every completion, restore the identity map, invalidate, set the device's queue positions
+to match the guest's rings (so requests that were forwarded but not completed are redone from
+the guest's own ring), restore direct doorbells and interrupts, resume. Outside shadow mode
+nothing here runs: zero steady-state overhead.
 """
 
 from __future__ import annotations
@@ -120,10 +122,14 @@ class ShadowEngine:
             return False
         if offset == REG_INTERRUPT_ACK or offset >= REG_CONFIG:
             return False
-        # Feature, queue or reset writes would change what the device buffers describe.
+        # A reset (status 0), feature or queue write would change what the shadow rings and
+        # device buffers describe. Rebuilding them under a live driver is not attempted: every
+        # device goes back to direct DMA *before* the write reaches this one (completions
+        # synced, identity map restored, pool pages returned), and the migration fails.
         with sd.dataplane.locked():
             sd.fail(f"the driver reconfigured the device while shadowed (register {offset:#x} "
-                    f"<- {value:#x})")
+                    f"<- {value:#x}); every device went back to direct DMA")
+        self.leave()
         return False
 
     # --- the service thread -------------------------------------------------------------------
@@ -179,6 +185,9 @@ class ShadowEngine:
         """vCPUs are paused: stop forwarding, let each device finish, sync every completion."""
         self._stop_thread()
         with self._lock:
+            if not self.active:  # left already (the driver reconfigured a device): failed
+                self._check_broken()
+                raise ShadowFailed("shadow mode ended before the switchover")
             for sd in self.devices.values():
                 sd.dev.handle.quiesce()
                 sd.complete()
@@ -187,10 +196,13 @@ class ShadowEngine:
         self._check_broken()
 
     def leave(self) -> None:
-        """Back to direct DMA (after a cancelled or failed migration)."""
+        """Back to direct DMA (after a cancelled or failed migration, or at once when the
+        driver reconfigures a device). Idempotent."""
         self._stop_thread()
         vm = self.m.vm
         with self._lock:
+            if not self.active:
+                return
             for sd in self.devices.values():
                 dev = sd.dev
                 if not dev.handle.alive:

@@ -24,6 +24,7 @@ Callers hold the data plane's lock.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from ..devices.virtio.queue import QueueError
 from ..iommu import TARGET_POOL, IommuTable
 from ..layout import PAGE_SHIFT, PAGE_SIZE
 from ..memory import GuestMemory, GuestMemoryError
-from .native import ST_ACTIVE, ST_CLOCK, ST_IDLE, ST_PEAK, ST_REUSED, DataplaneDevice
+from .native import ST_ACTIVE, ST_CLOCK, ST_IDLE, ST_PEAK, ST_REUSED
 from .pool import PoolExhausted, ShadowPool
 
 
@@ -43,6 +44,15 @@ IDLE_MAX = 1024  # unreferenced device buffers kept mapped for reuse
 IDLE_KEEP = IDLE_MAX * 3 // 4  # reclaiming goes down to this many, so it runs rarely
 
 
+class PageTable(Protocol):
+    """A data plane device's shared page table and counters (native or reference)."""
+
+    slot: np.ndarray
+    refs: np.ndarray
+    stamp: np.ndarray
+    stats: np.ndarray
+
+
 class ShadowMap:
     """GPA page → device-buffer page for one device's IOMMU domain.
 
@@ -50,7 +60,7 @@ class ShadowMap:
     and idle buffers must be reclaimed on the spot."""
 
     def __init__(self, pool: ShadowPool, iommu: IommuTable, memory: GuestMemory,
-                 table: DataplaneDevice,
+                 table: PageTable,
                  invalidate: Callable[[], None] | None = None) -> None:
         self.pool = pool
         self.iommu = iommu

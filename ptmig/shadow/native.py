@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import bitmap
+from ..devices.virtio.constants import VIRTQ_DESC_F_NEXT as DESC_F_NEXT
+from ..devices.virtio.constants import VIRTQ_DESC_F_WRITE as DESC_F_WRITE
 from ..memory import GuestMemory
 from ..nativelib import NativeLibraryError, load_library
 from .pool import ShadowPool
@@ -34,6 +37,11 @@ ST_COUNT = 12
 # Positions per queue (enum Q_* in dataplane.c).
 Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT = range(4)
 Q_COUNT = 4
+# The private record of forwarded descriptors, one per descriptor index (struct rec in
+# dataplane.c): the descriptor as forwarded (flags: WRITE | NEXT), the head of the in-flight
+# chain it belongs to (-1: none), and at a head the chain's device-writable bytes.
+REC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2"),
+                      ("owner", "<i4"), ("wlen", "<u4")])
 ERROR_LEN = 256
 SOURCE = "dataplane.c"
 
@@ -48,7 +56,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "dp_engine_new": (_P, [_P, _U64, _P, _U64, _P, _INT, _INT, _U32]),
     "dp_engine_free": (None, [_P]),
     "dp_dev_add": (_P, [_P, _P, _P, _P, _P, _P, _INT]),
-    "dp_queue_add": (_INT, [_P, _INT, _U32, _U64, _U64, _U64, _P, _P, _INT, _INT]),
+    "dp_queue_add": (_INT, [_P, _INT, _U32, _U64, _U64, _U64, _P, _P, _P, _INT, _INT]),
+    "dp_rec_layout": (_INT, [_INT]),
     "dp_forward": (_INT, [_P, _INT]),
     "dp_complete": (_INT, [_P]),
     "dp_fail": (None, [_P, ctypes.c_char_p]),
@@ -63,9 +72,21 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 def library() -> ctypes.CDLL:
     """The loaded data plane (built on first use). ctypes releases the GIL around each call."""
     try:
-        return load_library((SOURCE,), _SIGNATURES, ("worker.h",))
+        lib = load_library((SOURCE,), _SIGNATURES, ("worker.h",))
     except NativeLibraryError as e:
         raise DataplaneError(f"the shadow data plane is unavailable: {e}") from e
+    check_layout(lib)
+    return lib
+
+
+def check_layout(lib: ctypes.CDLL) -> None:
+    """Refuse a library whose forwarding record is laid out unlike REC_DTYPE."""
+    fields: Mapping[str, tuple[Any, ...]] = REC_DTYPE.fields or {}
+    ours = (REC_DTYPE.itemsize, int(fields["owner"][1]), int(fields["wlen"][1]))
+    theirs = tuple(int(lib.dp_rec_layout(i)) for i in range(3))
+    if theirs != ours:
+        raise DataplaneError(f"native/{SOURCE}: record layout (size, owner, wlen) {theirs} "
+                             f"does not match ptmig's {ours}; rebuild the library")
 
 
 def _addr(a: npt.NDArray[np.generic]) -> int:
@@ -73,12 +94,16 @@ def _addr(a: npt.NDArray[np.generic]) -> int:
 
 
 class DataplaneQueue:
-    """One queue as the data plane sees it: positions and in-flight heads (shared arrays)."""
+    """One queue as the data plane sees it: positions, in-flight heads and the private record
+    of every forwarded chain (shared arrays, never device-reachable)."""
 
     def __init__(self, index: int, size: int) -> None:
         self.index = index
+        self.size = size
         self.pos = np.zeros(Q_COUNT, dtype=np.int64)
         self.head_avail = np.full(size, -1, dtype=np.int32)
+        self.rec = np.zeros(size, dtype=REC_DTYPE)
+        self.rec["owner"] = -1
 
     @property
     def next_avail(self) -> int:
@@ -104,6 +129,24 @@ class DataplaneQueue:
         reqs.sort(key=lambda r: (nxt - r[0]) & 0xFFFF, reverse=True)
         return reqs
 
+    def recorded_chain(self, head: int) -> list[tuple[int, int, bool]]:
+        """(addr, len, device-writable) of the in-flight chain at `head`, from the record."""
+        out: list[tuple[int, int, bool]] = []
+        index = head
+        for _ in range(self.size):
+            r = self.rec[index]
+            out.append((int(r["addr"]), int(r["len"]), bool(r["flags"] & DESC_F_WRITE)))
+            if not r["flags"] & DESC_F_NEXT or r["next"] >= self.size:
+                break  # (the links were validated at forwarding; this is only a guard)
+            index = int(r["next"])
+        return out
+
+    def forget(self) -> None:
+        """Drop every in-flight request (the device buffers are being released)."""
+        self.head_avail[:] = -1
+        self.rec["owner"] = -1
+        self.pos[Q_INFLIGHT] = 0
+
 
 class DataplaneDevice:
     """One device's page table, counters and error text (shared arrays)."""
@@ -128,7 +171,8 @@ class DataplaneDevice:
         q = DataplaneQueue(index, size)
         q.pos[Q_NEXT_AVAIL], q.pos[Q_NEXT_USED] = next_avail, next_used
         err = self.dp.lib.dp_queue_add(self.handle, index, size, desc, avail, used,
-                                       _addr(q.pos), _addr(q.head_avail), doorbell_fd, kick_fd)
+                                       _addr(q.pos), _addr(q.head_avail), _addr(q.rec),
+                                       doorbell_fd, kick_fd)
         if err:
             raise DataplaneError(f"queue {index}: {os.strerror(-err)}")
         self.queues[index] = q
