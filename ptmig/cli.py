@@ -51,6 +51,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     """
     from .config import ConfigError, load_config
     from .devices.handle import DeviceError
+    from .disklock import DiskLockError
     from .firmware import FirmwareBuildError
     from .kvm import KvmUnavailable
     from .machine import Machine
@@ -81,7 +82,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
         else:
             try:
                 machine.boot()
-            except (FirmwareBuildError, DeviceError) as e:
+            except (FirmwareBuildError, DeviceError, DiskLockError) as e:
                 raise click.ClickException(str(e)) from None
             code = machine.run()
     finally:
