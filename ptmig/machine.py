@@ -99,6 +99,15 @@ class Machine:
     def after_incoming(self) -> None:
         """Called on the destination once the guest runs."""
 
+    def announce_nics(self) -> None:
+        """Tell the network where the guest's MACs are now (it just started running here)."""
+        for dev in self.devices:
+            if dev.kind == "net":
+                try:
+                    dev.handle.announce()
+                except Exception as e:
+                    log.warning("announce on %s failed: %s", dev.id, e)
+
     def device_event(self, dev: AttachedDevice, ev: DeviceEvent) -> None:
         """An asynchronous event from a device process (fault, needs-reset, gone)."""
         if ev.name == "gone":
@@ -202,6 +211,7 @@ class Machine:
             if dev.handle.alive:
                 dev.handle.resume()
         self.vm.resume()
+        self.announce_nics()
 
     def _qmp_quit(self) -> None:
         self.request_quit()

@@ -585,12 +585,7 @@ class Incoming:
                       "anyway; the source stays paused until x-migrate-resolve", e)
         vm.start()
         self.started_at = time.monotonic()
-        for dev in self.m.devices:
-            if dev.kind == "net":
-                try:
-                    dev.handle.announce()
-                except Exception as e:
-                    log.warning("announce on %s failed: %s", dev.id, e)
+        self.m.announce_nics()
         self.m.after_incoming()
 
 

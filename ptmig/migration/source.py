@@ -293,6 +293,7 @@ class SourceMigration:
             log.warning("migration: %s", self.ownership.reason)
             if winner is Role.SOURCE:
                 self._recover()
+                self.m.announce_nics()  # the destination may have announced them meanwhile
                 self.info.shadow = self.strategy.stats()
                 self._set_status(Status.FAILED)
             else:
