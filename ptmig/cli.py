@@ -183,7 +183,8 @@ def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
     """Live-migrate the VM behind --qmp to DESTINATION (a `ptmig run --incoming`).
 
     Exit status: 0 completed; 1 failed or cancelled (the guest runs on the source);
-    2 completed but verification found differing pages; 3 the VMM refused or was unreachable.
+    2 completed but verification found differing pages; 3 the VMM refused or was unreachable;
+    4 the switchover is unresolved (the guest is paused on the source: see x-migrate-resolve).
     """
     from .migration.client import MigrateOptions
     from .migration.client import run as run_migrate

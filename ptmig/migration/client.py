@@ -30,8 +30,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # failed or cancelled: the guest still runs on the source
 EXIT_MISMATCH = 2  # completed, but verification found pages that differ
 EXIT_ERROR = 3  # could not talk to the VMM, or it refused a command
+EXIT_UNRESOLVED = 4  # the switchover's answer was lost: the source waits for x-migrate-resolve
 
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
 MiB = 1 << 20
 
 
@@ -90,6 +91,8 @@ def setup_commands(opts: MigrateOptions) -> list[tuple[str, dict[str, Any]]]:
 
 def exit_status(info: dict[str, Any]) -> int:
     """What the final `query-migrate` reply means for the caller's exit status."""
+    if info.get("status") == "x-unresolved":
+        return EXIT_UNRESOLVED
     if info.get("status") != "completed":
         return EXIT_FAILED
     verify = info.get("x-verify")
@@ -255,6 +258,8 @@ def run(opts: MigrateOptions, console: Console | None = None) -> int:
         console.print(f"[red]migration {info.get('status')}: "
                       f"{info.get('error-desc', 'no reason given')}; the guest runs on the "
                       "source[/red]")
+    elif status == EXIT_UNRESOLVED:
+        console.print(f"[red]migration unresolved: {info.get('error-desc')}[/red]")
     elif status == EXIT_MISMATCH:
         console.print("[red]verification found pages that differ on the destination[/red]")
     return status
