@@ -14,13 +14,12 @@ running destination), and a second `ptmig run` on a locked image fails at start.
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, switch
+from vmmrig import Load, TcpProxy, Vmm, kv_config, kv_migration
 
 from ptmig.disklock import lock_holder, read_holder
 
@@ -68,110 +67,82 @@ def _migrate_into_the_dark(src: Vmm, relay: TcpProxy, timeout_s: int) -> None:
 
 def test_lost_ack_then_timeout_leaves_the_source_paused_until_destination_wins(
         tmp_path: Path) -> None:
-    sw = free_port(socket.SOCK_DGRAM)
-    cfg = kv_config(tmp_path, sw)
     image = tmp_path / "kv.img"
-    with switch(sw):
-        port = free_port()
-        src = Vmm(tmp_path, "src", cfg)
-        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-        try:
-            src.wait_running()
-            dst.wait_incoming()
-            assert _holder_pid(image) == src.proc.pid  # the destination opened it unlocked
-            relay = TcpProxy(port)
-            load = Load(cfg, 6.0, tmp_path / "load.json").start()
-            time.sleep(1.0)
-            _migrate_into_the_dark(src, relay, timeout_s=2)
-            info = _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
-            assert "no switchover acknowledgement" in info["error-desc"], info
-            assert "x-migrate-resolve" in info["error-desc"], info
-            assert info["x-guest-owner"] == "unresolved"
-            # The destination committed: it runs the guest, holds the disk, serves the load.
-            dst.wait_running()
-            _wait_dropped(relay)  # its acknowledgement was sent, and lost
-            assert _holder_pid(image) == dst.proc.pid
-            assert src.status() == "finish-migrate"
-            with pytest.raises(RuntimeError, match="switchover is unresolved"):
-                src.cmd("cont")
-            result = load.result()
-            assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
-            assert result["series"][-1][1] > 0, result["series"]  # served after the switch
-            assert src.status() == "finish-migrate"  # still paused after all that
-            src.cmd("x-migrate-resolve", {"winner": "destination"})
-            info = src.cmd("query-migrate")
-            assert info["status"] == "completed" and info["x-guest-owner"] == "destination"
-            assert src.status() == "postmigrate"
-            with pytest.raises(RuntimeError, match="no unresolved switchover"):
-                src.cmd("x-migrate-resolve", {"winner": "source"})
-            # One writer: once the destination is gone, the image stays as it left it.
-            assert dst.stop() == 0
-            written = _digest(image)
-            assert _holder_pid(image) is None
-            assert src.stop() == 0
-            assert _digest(image) == written
-        finally:
-            src.stop()
-            dst.stop()
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        assert _holder_pid(image) == src.proc.pid  # the destination opened it unlocked
+        relay = TcpProxy(port)
+        load = Load(cfg, 6.0, tmp_path / "load.json").start()
+        time.sleep(1.0)
+        _migrate_into_the_dark(src, relay, timeout_s=2)
+        info = _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
+        assert "no switchover acknowledgement" in info["error-desc"], info
+        assert "x-migrate-resolve" in info["error-desc"], info
+        assert info["x-guest-owner"] == "unresolved"
+        # The destination committed: it runs the guest, holds the disk, serves the load.
+        dst.wait_running()
+        _wait_dropped(relay)  # its acknowledgement was sent, and lost
+        assert _holder_pid(image) == dst.proc.pid
+        assert src.status() == "finish-migrate"
+        with pytest.raises(RuntimeError, match="switchover is unresolved"):
+            src.cmd("cont")
+        result = load.result()
+        assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+        assert result["series"][-1][1] > 0, result["series"]  # served after the switch
+        assert src.status() == "finish-migrate"  # still paused after all that
+        src.cmd("x-migrate-resolve", {"winner": "destination"})
+        info = src.cmd("query-migrate")
+        assert info["status"] == "completed" and info["x-guest-owner"] == "destination"
+        assert src.status() == "postmigrate"
+        with pytest.raises(RuntimeError, match="no unresolved switchover"):
+            src.cmd("x-migrate-resolve", {"winner": "source"})
+        # One writer: once the destination is gone, the image stays as it left it.
+        assert dst.stop() == 0
+        written = _digest(image)
+        assert _holder_pid(image) is None
+        assert src.stop() == 0
+        assert _digest(image) == written
 
 
 def test_migrate_cancel_while_waiting_for_the_ack_then_source_wins(tmp_path: Path) -> None:
-    sw = free_port(socket.SOCK_DGRAM)
-    cfg = kv_config(tmp_path, sw)
     image = tmp_path / "kv.img"
-    with switch(sw):
-        port = free_port()
-        src = Vmm(tmp_path, "src", cfg)
-        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-        try:
-            src.wait_running()
-            dst.wait_incoming()
-            relay = TcpProxy(port)
-            _migrate_into_the_dark(src, relay, timeout_s=120)
-            _wait_migrate(src, lambda i: i.get("x-guest-owner") == "in-doubt", "in doubt")
-            src.cmd("migrate_cancel")
-            info = _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
-            assert "migration cancelled" in info["error-desc"], info
-            dst.wait_running()
-            _wait_dropped(relay)
-            assert _holder_pid(image) == dst.proc.pid
-            # The source cannot take the guest back while the destination holds the disk.
-            with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
-                src.cmd("x-migrate-resolve", {"winner": "source"})
-            with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
-                src.cmd("cont", {"x-force": True})
-            assert src.cmd("query-migrate")["status"] == "x-unresolved"
-            assert src.status() == "finish-migrate"
-            # The operator stops the destination and gives the guest back to the source.
-            assert dst.stop() == 0
-            left_by_destination = _digest(image)
-            assert _holder_pid(image) is None
-            time.sleep(0.5)
-            assert _digest(image) == left_by_destination  # the paused source wrote nothing
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        relay = TcpProxy(port)
+        _migrate_into_the_dark(src, relay, timeout_s=120)
+        _wait_migrate(src, lambda i: i.get("x-guest-owner") == "in-doubt", "in doubt")
+        src.cmd("migrate_cancel")
+        info = _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
+        assert "migration cancelled" in info["error-desc"], info
+        dst.wait_running()
+        _wait_dropped(relay)
+        assert _holder_pid(image) == dst.proc.pid
+        # The source cannot take the guest back while the destination holds the disk.
+        with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
             src.cmd("x-migrate-resolve", {"winner": "source"})
-            info = src.cmd("query-migrate")
-            assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
-            assert "resolved by the operator" in info["error-desc"]
-            assert src.status() == "running"
-            assert _holder_pid(image) == src.proc.pid
-            load = Load(cfg, 2.0, tmp_path / "load.json").start()  # the source serves again
-            result = load.result()
-            assert result["acked"] > 0 and result["lost"] == 0, result["output"]
-        finally:
-            src.stop()
-            dst.stop()
+        with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
+            src.cmd("cont", {"x-force": True})
+        assert src.cmd("query-migrate")["status"] == "x-unresolved"
+        assert src.status() == "finish-migrate"
+        # The operator stops the destination and gives the guest back to the source.
+        assert dst.stop() == 0
+        left_by_destination = _digest(image)
+        assert _holder_pid(image) is None
+        time.sleep(0.5)
+        assert _digest(image) == left_by_destination  # the paused source wrote nothing
+        src.cmd("x-migrate-resolve", {"winner": "source"})
+        info = src.cmd("query-migrate")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "resolved by the operator" in info["error-desc"]
+        assert src.status() == "running"
+        assert _holder_pid(image) == src.proc.pid
+        load = Load(cfg, 2.0, tmp_path / "load.json").start()  # the source serves again
+        result = load.result()
+        assert result["acked"] > 0 and result["lost"] == 0, result["output"]
 
 
 def test_cont_on_a_migrated_source_is_refused_and_force_cannot_take_the_disk(
         tmp_path: Path) -> None:
-    cfg = kv_config(tmp_path)
     image = tmp_path / "kv.img"
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    try:
-        src.wait_running()
-        dst.wait_incoming()
+    with kv_migration(tmp_path) as (_, src, dst, port):
         src.migrate(port, verify=False)
         info = src.wait_migration()
         assert info["status"] == "completed" and info["x-guest-owner"] == "destination", info
@@ -184,9 +155,6 @@ def test_cont_on_a_migrated_source_is_refused_and_force_cannot_take_the_disk(
             src.cmd("cont", {"x-force": True})
         assert src.status() == "postmigrate"
         assert _holder_pid(image) == dst.proc.pid
-    finally:
-        src.stop()
-        dst.stop()
 
 
 def test_a_second_vmm_on_a_locked_image_fails_at_start(tmp_path: Path) -> None:

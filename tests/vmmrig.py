@@ -247,6 +247,25 @@ def switch(port: int) -> Iterator[None]:
         proc.wait()
 
 
+@contextmanager
+def kv_migration(tmp: Path) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
+    """A kv VM running on its own switch and a destination waiting for it on a free port:
+    (config, source, destination, port). Both VMMs are stopped at the end of the block."""
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = kv_config(tmp, sw)
+    with switch(sw):
+        port = free_port()
+        src = Vmm(tmp, "src", cfg)
+        dst = Vmm(tmp, "dst", cfg, incoming_port=port)
+        try:
+            src.wait_running()
+            dst.wait_incoming()
+            yield cfg, src, dst, port
+        finally:
+            src.stop()
+            dst.stop()
+
+
 @dataclass
 class Load:
     """`ptmig load` in a background process; `wait()` gives its exit status, `result()` its
