@@ -31,7 +31,7 @@ from .summary import EXIT_DEMO_FAILED, summary_lines, verdict
 from .tapnet import TapNetwork
 from .timeline import migration_phases, throughput
 
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
 POLL_S = 0.05
 MIGRATION_TIMEOUT_S = 120.0
 EXIT_INTERRUPTED = 130
