@@ -94,6 +94,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     """
     from .config import ConfigError, load_config
     from .devices.handle import DeviceError
+    from .disklock import DiskLockError
     from .firmware import FirmwareBuildError
     from .kvm import KvmUnavailable
     from .machine import Machine
@@ -124,7 +125,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
         else:
             try:
                 machine.boot()
-            except (FirmwareBuildError, DeviceError) as e:
+            except (FirmwareBuildError, DeviceError, DiskLockError) as e:
                 raise click.ClickException(str(e)) from None
             code = machine.run()
     finally:
@@ -238,7 +239,8 @@ def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
 
     Migrates the VM behind --qmp to DESTINATION (a `ptmig run --incoming`). Exit status:
     0 completed; 1 failed or cancelled (the guest runs on the source); 2 usage error; 3 the
-    VMM refused or was unreachable; 4 completed but verification found differing pages.
+    VMM refused or was unreachable; 4 completed but verification found differing pages; 5 the
+    switchover is unresolved (the guest is paused on the source: see x-migrate-resolve).
     """
     from .migration.client import MigrateOptions
     from .migration.client import run as run_migrate

@@ -21,6 +21,7 @@ FAILED = 1  # what the command checks did not hold
 USAGE = 2  # bad options or arguments (click's own status)
 CANNOT_RUN = 3  # the command could not do its job at all
 MISMATCH = 4  # a migration completed, but verification found pages that differ
+UNRESOLVED = 5  # the switchover's answer was lost: the guest waits paused for x-migrate-resolve
 VMM_FAILED = 125  # `ptmig run` itself failed (not the guest), as `docker run` reports it
 
 EXIT_STATUS_TEXT = """\b
@@ -33,6 +34,8 @@ Exit status:
   3    the command could not do its job: the VMM was unreachable or refused
        (migrate), the demo could not run, the load proved nothing
   4    the migration completed but verification found differing pages
+  5    the switchover is unresolved: the guest is paused on the source until
+       x-migrate-resolve names the side that keeps it (migrate)
   run  the guest's own exit code; 125 when ptmig run itself failed
 """
 

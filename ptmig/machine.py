@@ -3,7 +3,8 @@
 `Machine` turns a `VmConfig` into a running guest (firmware built and loaded, devices spawned
 and attached) or into an empty destination waiting for an incoming migration, and registers the
 QMP commands a management layer drives it with. Migration commands are added by
-`ptmig.migration.qmp_commands`.
+`ptmig.migration.control`. The machine holds its disks' locks (`ptmig.disklock`) while its guest
+may run here: from boot on, or from an incoming migration's commit point.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .config import VmConfig
+from .disklock import DiskLockError, DiskLocks, Holder
 from .firmware import build_firmware, load_firmware_image
 from .layout import ABI_MMIO_STRIDE, BootDevice
 from .migration.control import MigrationControl
@@ -45,6 +47,8 @@ class Machine:
         self.shadow: Any = None  # the ShadowEngine while a migration shadows DMA
         self.manual_shadow: Any = None  # the ShadowTracking that x-shadow-start began
         self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
+        self.disk_locks = DiskLocks((d.path for d in cfg.disk),
+                                    Holder.this_process(cfg.name, qmp_path))
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()
         self._closing = False
@@ -63,9 +67,11 @@ class Machine:
         return [BootDevice(d.mmio_base, ABI_MMIO_STRIDE, VIRTIO_ID[d.kind]) for d in self.devices]
 
     def boot(self) -> None:
-        """A fresh guest: build and load the firmware, spawn the devices."""
+        """A fresh guest: build and load the firmware, spawn the devices, lock the disks
+        (DiskLockError, naming the holder, if another VMM runs a guest on one of them)."""
         image = load_firmware_image(build_firmware())
         boot_devices = self.boot_devices() if self.cfg.devices else []
+        self.disk_locks.acquire()  # after the devices: they create a missing image
         self.vm.boot(image.data, image.entry, image.entry_ap, boot_devices)
 
     def start_qmp(self) -> None:
@@ -92,6 +98,15 @@ class Machine:
 
     def after_incoming(self) -> None:
         """Called on the destination once the guest runs."""
+
+    def announce_nics(self) -> None:
+        """Tell the network where the guest's MACs are now (it just started running here)."""
+        for dev in self.devices:
+            if dev.kind == "net":
+                try:
+                    dev.handle.announce()
+                except Exception as e:
+                    log.warning("announce on %s failed: %s", dev.id, e)
 
     def device_event(self, dev: AttachedDevice, ev: DeviceEvent) -> None:
         """An asynchronous event from a device process (fault, needs-reset, gone)."""
@@ -120,6 +135,7 @@ class Machine:
             except Exception:
                 log.exception("closing device %s", d.id)
         self.shadow_pool.close()
+        self.disk_locks.release()  # the guest and its devices are gone
         if self.qmp is not None:
             self.qmp.close()
 
@@ -141,7 +157,7 @@ class Machine:
     def _register_qmp(self, qmp: QmpServer) -> None:
         qmp.register("query-status", self._qmp_query_status)
         qmp.register("stop", self._qmp_stop)
-        qmp.register("cont", self._qmp_cont)
+        qmp.register("cont", self._qmp_cont, args_schema={"*x-force": bool})
         qmp.register("quit", self._qmp_quit)
         qmp.register("x-query-guest-stats", self._qmp_guest_stats)
         qmp.register("x-shadow-start", self._qmp_shadow_start)
@@ -155,7 +171,10 @@ class Machine:
         if self.vm.state == RunState.RUNNING:
             self.vm.pause()
 
-    def _qmp_cont(self) -> None:
+    def _qmp_cont(self, x_force: bool = False) -> None:
+        if self.vm.state in (RunState.POSTMIGRATE, RunState.FINISH_MIGRATE):
+            self._cont_after_migration(x_force)
+            return
         if self.vm.state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
             raise QmpError(ErrorClass.GENERIC_ERROR,
                            f"the guest is in state '{self.vm.state.value}' and cannot continue")
@@ -165,6 +184,34 @@ class Machine:
             raise QmpError(ErrorClass.GENERIC_ERROR, "the guest has not started yet")
         if self.vm.state != RunState.RUNNING:
             self.vm.resume()
+
+    def _cont_after_migration(self, force: bool) -> None:
+        """`cont` on a source that migrated (or is switching over, or unresolved): refused, as
+        the guest may run on the destination. `x-force` resumes it anyway, disks permitting."""
+        state = self.vm.state.value
+        if self.migration.busy():
+            raise QmpError(ErrorClass.GENERIC_ERROR, f"Guest is in state '{state}': a migration "
+                           "is switching over; use migrate_cancel, 'x-force' cannot help here")
+        if not force:
+            what = ("the migration's switchover is unresolved (see query-migrate); end it with "
+                    "x-migrate-resolve" if self.migration.unresolved()
+                    else "the guest was migrated and may be running on the destination")
+            raise QmpError(ErrorClass.GENERIC_ERROR, f"Guest is in state '{state}': {what}. "
+                           "Resuming it here too would run it twice and corrupt its disks; "
+                           "'cont' with 'x-force': true does it anyway")
+        if self.migration.unresolved():
+            self.migration.resolve("source")
+            return
+        try:
+            self.disk_locks.acquire()
+        except DiskLockError as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+        log.warning("cont with x-force in state '%s': the guest runs here again", state)
+        for dev in self.devices:
+            if dev.handle.alive:
+                dev.handle.resume()
+        self.vm.resume()
+        self.announce_nics()
 
     def _qmp_quit(self) -> None:
         self.request_quit()

@@ -8,6 +8,7 @@ from ptmig.migration.client import (
     EXIT_FAILED,
     EXIT_MISMATCH,
     EXIT_OK,
+    EXIT_UNRESOLVED,
     MigrateOptions,
     exit_status,
     progress_rows,
@@ -47,6 +48,7 @@ def test_exit_status() -> None:
     assert exit_status({"status": "completed", "x-verify": {"mismatched": 3}}) == EXIT_MISMATCH
     assert exit_status({"status": "failed"}) == EXIT_FAILED
     assert exit_status({"status": "cancelled"}) == EXIT_FAILED
+    assert exit_status({"status": "x-unresolved"}) == EXIT_UNRESOLVED
 
 
 def test_progress_and_summary_rows() -> None:

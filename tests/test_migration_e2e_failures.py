@@ -21,8 +21,7 @@ from vmmrig import (
     dirty_config,
     free_port,
     iterations_increase,
-    kv_config,
-    switch,
+    kv_migration,
 )
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
@@ -112,33 +111,22 @@ def test_migrate_cancel_resumes_the_source_and_allows_a_new_migration(tmp_path: 
 
 
 def test_cut_link_under_kv_load_loses_no_acknowledged_value(tmp_path: Path) -> None:
-    sw = free_port(socket.SOCK_DGRAM)
-    cfg = kv_config(tmp_path, sw)
-    with switch(sw):
-        port = free_port()
-        src = Vmm(tmp_path, "src", cfg)
-        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-        try:
-            src.wait_running()
-            dst.wait_incoming()
-            proxy = TcpProxy(port, cut_after=128 << 10)  # in round 0: the guest has more
-            load = Load(cfg, 5.0, tmp_path / "load.json").start()
-            time.sleep(1.0)
-            src.migrate(proxy.port, tracking="device-log", max_bandwidth=1 << 20)
-            info = src.wait_migration()
-            assert proxy.cut_done.is_set()
-            assert info["status"] == "failed", info
-            assert src.status() == "running"
-            result = load.result()
-            assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
-            assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
-            # Acknowledged after the failure too: the guest's devices were given back.
-            assert result["series"][-1][1] > 0, result["series"]
-            assert dst.proc.wait(timeout=40) != 0
-            assert "Traceback" not in dst.output()
-        finally:
-            src.stop()
-            dst.stop()
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        proxy = TcpProxy(port, cut_after=128 << 10)  # in round 0: the guest has more
+        load = Load(cfg, 5.0, tmp_path / "load.json").start()
+        time.sleep(1.0)
+        src.migrate(proxy.port, tracking="device-log", max_bandwidth=1 << 20)
+        info = src.wait_migration()
+        assert proxy.cut_done.is_set()
+        assert info["status"] == "failed", info
+        assert src.status() == "running"
+        result = load.result()
+        assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+        assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+        # Acknowledged after the failure too: the guest's devices were given back.
+        assert result["series"][-1][1] > 0, result["series"]
+        assert dst.proc.wait(timeout=40) != 0
+        assert "Traceback" not in dst.output()
 
 
 @pytest.mark.parametrize("garbage", [

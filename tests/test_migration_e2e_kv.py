@@ -10,13 +10,12 @@ second or more while the devices keep DMAing into guest RAM (RX buffers, used ri
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Load, Vmm, free_port, kv_config, switch
+from vmmrig import Load, kv_migration
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 
@@ -30,37 +29,26 @@ def _migrate_under_load(tmp_path: Path, tracking: str, max_bandwidth: int,
                         downtime_limit: int = 50) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (the source's final query-migrate, the load client's result); after a completed
     migration, the result of a second, short load against the destination is under "after"."""
-    sw = free_port(socket.SOCK_DGRAM)
-    cfg = kv_config(tmp_path, sw)
-    with switch(sw):
-        port = free_port()
-        src = Vmm(tmp_path, "src", cfg)
-        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-        try:
-            src.wait_running()
-            dst.wait_incoming()
-            load = Load(cfg, 5.0, tmp_path / "load.json").start()
-            time.sleep(1.0)
-            src.migrate(port, tracking=tracking, verify=True, max_bandwidth=max_bandwidth,
-                        downtime_limit=downtime_limit)
-            if max_bandwidth:
-                # Round 0 crawls while the devices keep writing guest RAM; then let it finish.
-                time.sleep(1.5)
-                src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
-            info = src.wait_migration()
-            result = load.result()
-            if info["status"] == "completed":
-                assert src.status() == "postmigrate"
-                assert dst.status() == "running"
-            if info["status"] == "completed" and tracking != "none":
-                # a client that starts once the switchover is over can only reach the
-                # destination (whose devices `none` may have left broken: not asked there)
-                result["after"] = Load(cfg, 1.0, tmp_path / "after.json", rate=200,
-                                       window=None).start().result()
-            return info, result
-        finally:
-            src.stop()
-            dst.stop()
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        load = Load(cfg, 5.0, tmp_path / "load.json").start()
+        time.sleep(1.0)
+        src.migrate(port, tracking=tracking, verify=True, max_bandwidth=max_bandwidth,
+                    downtime_limit=downtime_limit)
+        if max_bandwidth:
+            # Round 0 crawls while the devices keep writing guest RAM; then let it finish.
+            time.sleep(1.5)
+            src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
+        info = src.wait_migration()
+        result = load.result()
+        if info["status"] == "completed":
+            assert src.status() == "postmigrate"
+            assert dst.status() == "running"
+        if info["status"] == "completed" and tracking != "none":
+            # a client that starts once the switchover is over can only reach the
+            # destination (whose devices `none` may have left broken: not asked there)
+            result["after"] = Load(cfg, 1.0, tmp_path / "after.json", rate=200,
+                                   window=None).start().result()
+        return info, result
 
 
 def _served_after_migration(result: dict[str, Any]) -> bool:

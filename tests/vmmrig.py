@@ -28,7 +28,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from ptmig.net.switch import probe_switch
 
 ROOT = Path(__file__).resolve().parent.parent
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -247,6 +247,25 @@ def switch(port: int) -> Iterator[None]:
         proc.wait()
 
 
+@contextmanager
+def kv_migration(tmp: Path) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
+    """A kv VM running on its own switch and a destination waiting for it on a free port:
+    (config, source, destination, port). Both VMMs are stopped at the end of the block."""
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = kv_config(tmp, sw)
+    with switch(sw):
+        port = free_port()
+        src = Vmm(tmp, "src", cfg)
+        dst = Vmm(tmp, "dst", cfg, incoming_port=port)
+        try:
+            src.wait_running()
+            dst.wait_incoming()
+            yield cfg, src, dst, port
+        finally:
+            src.stop()
+            dst.stop()
+
+
 @dataclass
 class Load:
     """`ptmig load` in a background process; `wait()` gives its exit status, `result()` its
@@ -292,12 +311,16 @@ class Load:
 
 
 class TcpProxy:
-    """A TCP forwarder 127.0.0.1:port → 127.0.0.1:target that the test can cut at will."""
+    """A TCP forwarder 127.0.0.1:port → 127.0.0.1:target that the test can cut at will, or
+    darken one way: once `replies_dark` is set, what the target sends back is read and dropped
+    while both connections stay open (a link that went dark for the replies only)."""
 
     def __init__(self, target: int, cut_after: int | None = None) -> None:
         self.target = target
         self.cut_after = cut_after  # bytes forwarded (either way) before the link fails
         self.cut_done = threading.Event()
+        self.replies_dark = threading.Event()
+        self.dropped = 0  # reply bytes dropped since `replies_dark`
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.forwarded = 0
@@ -320,20 +343,26 @@ class TcpProxy:
                 self.cut()
                 return
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True),
+                             daemon=True).start()
 
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, replies: bool = False) -> None:
         try:
             while True:
                 data = a.recv(1 << 16)
                 if not data:
                     break
+                if replies and self.replies_dark.is_set():
+                    self.dropped += len(data)
+                    continue
                 b.sendall(data)
                 with self._lock:
                     self.forwarded += len(data)
                 if self.cut_after is not None and self.forwarded >= self.cut_after:
                     self.cut()
-                    break
+                    return
+            if not (replies and self.replies_dark.is_set()):
+                b.shutdown(socket.SHUT_WR)  # the end of one direction travels on, as over TCP
         except OSError:
             pass
 

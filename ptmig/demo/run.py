@@ -44,7 +44,7 @@ from .timeline import (
     throughput,
 )
 
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
 POLL_S = 0.05
 MIGRATION_TIMEOUT_S = 120.0
 # The report's phase names (`ptmig.demo.timeline`) for the source's statuses, so that the

@@ -24,15 +24,16 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ..cliconv import CANNOT_RUN, FAILED, MISMATCH, OK, json_to_stdout, write_json
+from ..cliconv import CANNOT_RUN, FAILED, MISMATCH, OK, UNRESOLVED, json_to_stdout, write_json
 from .params import DMA_TRACKING
 
 EXIT_OK = OK
 EXIT_FAILED = FAILED  # failed or cancelled: the guest still runs on the source
 EXIT_MISMATCH = MISMATCH  # completed, but verification found pages that differ
 EXIT_ERROR = CANNOT_RUN  # could not talk to the VMM, or it refused a command
+EXIT_UNRESOLVED = UNRESOLVED  # the switchover's answer was lost: x-migrate-resolve decides
 
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
 MiB = 1 << 20
 
 
@@ -91,6 +92,8 @@ def setup_commands(opts: MigrateOptions) -> list[tuple[str, dict[str, Any]]]:
 
 def exit_status(info: dict[str, Any]) -> int:
     """What the final `query-migrate` reply means for the caller's exit status."""
+    if info.get("status") == "x-unresolved":
+        return EXIT_UNRESOLVED
     if info.get("status") != "completed":
         return EXIT_FAILED
     verify = info.get("x-verify")
@@ -259,6 +262,8 @@ def run(opts: MigrateOptions, console: Console | None = None,
         errors.print(f"[red]migration {info.get('status')}: "
                      f"{info.get('error-desc', 'no reason given')}; the guest runs on the "
                      "source[/red]")
+    elif status == EXIT_UNRESOLVED:
+        errors.print(f"[red]migration unresolved: {info.get('error-desc')}[/red]")
     elif status == EXIT_MISMATCH:
         errors.print("[red]verification found pages that differ on the destination[/red]")
     return status

@@ -3,6 +3,7 @@
 `MigrationControl` belongs to a `Machine`; it holds the parameters and capabilities
 (`migrate-set-parameters`, `migrate-set-capabilities`), starts and cancels the outgoing
 migration (`migrate`, `migrate_cancel`), and answers `query-migrate` with QEMU's field names.
+`x-migrate-resolve` ends a switchover left unresolved (see `protocol.GuestOwnership`).
 `x-debug-fill-ram` is a benchmark hook that puts random bytes into guest RAM.
 """
 
@@ -15,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..disklock import DiskLockError
 from ..layout import PAGE_SIZE
 from ..qmp import ErrorClass, QmpError, QmpServer
 from ..vm import RunState
 from . import transport
+from .events import Role
 from .params import PARAMS_SCHEMA, MigrationCapabilities, MigrationInfo, MigrationParams, Status
 from .source import SourceMigration
 
@@ -93,6 +96,8 @@ class MigrationControl:
         qmp.register("migrate-set-capabilities", self._qmp_set_capabilities,
                      args_schema={"capabilities": list})
         qmp.register("query-migrate-capabilities", lambda: self.caps.to_qmp())
+        qmp.register("x-migrate-resolve", self.resolve,
+                     args_schema={"winner": ("source", "destination")})
         qmp.register("x-debug-fill-ram", self._qmp_fill_ram,
                      args_schema={"gpa": int, "size": int, "*seed": int})
 
@@ -111,6 +116,20 @@ class MigrationControl:
     def _qmp_cancel(self) -> None:
         if self.current is not None:
             self.current.cancel()
+
+    def unresolved(self) -> bool:
+        """The last migration's switchover is unresolved: the guest is paused here."""
+        return self.current is not None and self.current.info.status == Status.UNRESOLVED
+
+    def resolve(self, winner: str) -> None:
+        """End an unresolved switchover: `winner` ('source' or 'destination') keeps the guest.
+        Only an operator who knows which side runs it may say so."""
+        if self.current is None:
+            raise QmpError(ErrorClass.GENERIC_ERROR, "there is no migration to resolve")
+        try:
+            self.current.resolve(Role(winner))
+        except (ValueError, DiskLockError) as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     def busy(self) -> bool:
         """A migration is running (not yet completed, failed or cancelled)."""

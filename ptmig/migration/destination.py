@@ -3,10 +3,12 @@
 The destination owns fresh device processes (different hardware) and an empty guest. It accepts
 one authenticated connection, receives RAM straight into guest memory (page numbers from the
 peer are validated by the protocol before they become addresses), then the vCPU and device
-state. Only when everything is loaded does it acknowledge the switchover and start the guest —
-after that acknowledgement the source never runs the guest again. Any error before it ends the
-incoming migration with a clear message, sent to the source in an Abort where the main stream
-still works, and the source resumes.
+state. Its commit point (`protocol.GuestOwnership`) comes when everything is loaded and it has
+taken the disk locks (`ptmig.disklock`; it opened the images unlocked, the source held them):
+from then on it runs the guest whatever happens to the link, and its SwitchoverAck only reports
+the commit. Any error before it ends the incoming migration with a clear message, sent to the
+source in an Abort (or a refused SwitchoverAck) where the main stream still works, and the
+source resumes.
 
 With data channels the streams of one migration share one watchdog (`transport.SharedActivity`):
 the main stream is silent while a round's pages flow on the data channels, so only a migration
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..cliconv import VMM_FAILED
+from ..disklock import DiskLockError
 from ..vcpu_state import MAX_STATE_BYTES, VcpuState
 from ..vm import RunState
 from . import transport
@@ -58,8 +61,10 @@ from .pages import expand_runs
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
+    Commit,
     Connection,
     ConnectionClosed,
+    GuestOwnership,
     check_hello,
     parse_channel_capability,
 )
@@ -275,6 +280,7 @@ class Incoming:
         self._main: transport.Channel | None = None
         self._failure: str | None = None  # the first data channel failure
         self._scratch = threading.local()  # `_gather`'s receive buffer, per thread
+        self.ownership = GuestOwnership(Role.DESTINATION)
 
     def receive(self) -> None:
         """Accept one migration and run it to the switchover; the guest runs on return."""
@@ -537,6 +543,20 @@ class Incoming:
         except Exception as e:
             log.error("verification after the switchover failed: %s", e)
 
+    def _commit(self, ch: transport.Channel, conn: Connection) -> None:
+        """The commit point: take the disk locks, or refuse the switchover (the source then
+        resumes, its locks back). Past this, the guest runs here."""
+        try:
+            self.m.disk_locks.acquire()
+        except DiskLockError as e:
+            reason = f"cannot take the disk locks: {e}"
+            try:
+                transport.send_event(ch, conn, SwitchoverAck(False, reason[:MAX_REASON // 4]))
+            except (ProtocolError, transport.TransportError):
+                pass
+            raise IncomingError(f"refused the switchover: {reason}") from None
+        self.ownership.handle(Commit())
+
     def _punch_zero_runs(self, mem: memoryview, runs: np.ndarray) -> None:
         """ZERO runs become holes in the guest memfd: nothing is written or allocated."""
         sel = runs[runs["kind"] == RunKind.ZERO]
@@ -559,15 +579,15 @@ class Incoming:
         # downtime the source reports): vCPU restore, device programming.
         report["x-switchover-ms"] = {"vcpus": round((t2 - t1) * 1000, 2),
                                      "devices": round((t3 - t2) * 1000, 2)}
-        transport.send_event(ch, conn, SwitchoverAck(True, json.dumps(report)))
+        self._commit(ch, conn)
+        try:
+            transport.send_event(ch, conn, SwitchoverAck(True, json.dumps(report)))
+        except (ProtocolError, transport.TransportError) as e:
+            log.error("the switchover acknowledgement was not sent (%s): the guest runs here "
+                      "anyway; the source stays paused until x-migrate-resolve", e)
         vm.start()
         self.started_at = time.monotonic()
-        for dev in self.m.devices:
-            if dev.kind == "net":
-                try:
-                    dev.handle.announce()
-                except Exception as e:
-                    log.warning("announce on %s failed: %s", dev.id, e)
+        self.m.announce_nics()
         self.m.after_incoming()
 
 

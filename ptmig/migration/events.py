@@ -9,7 +9,7 @@ Who sends what (S = source, D = destination):
     S RoundStart  S PageRuns / PageRunsHeader ...  S RoundEnd      (repeated: pre-copy rounds)
     S VcpuStates  S DeviceStates  [S VerifyDigests ...]  S Complete
     D SwitchoverAck                                  (ok: the destination runs the guest)
-    S|D Abort                                        (any time before the end)
+    S|D Abort                                        (before the end; S not after Complete)
 """
 
 from __future__ import annotations
@@ -193,8 +193,9 @@ class Complete:
 
 @dataclass(frozen=True)
 class SwitchoverAck:
-    """Destination: ok=True means the guest state is loaded and it is about to run (only then
-    may the source stop for good); ok=False means it will not run the guest (source resumes)."""
+    """Destination: ok=True reports its commit (state loaded, disk locks taken: it runs the
+    guest, the source never will again); ok=False means it will not run the guest (the source
+    resumes). See `protocol.GuestOwnership` for what the source does when neither arrives."""
 
     ok: bool
     reason: str = ""

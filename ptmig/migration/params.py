@@ -27,10 +27,14 @@ class Status(Enum):
     CANCELLED = "cancelled"
     COMPLETED = "completed"
     FAILED = "failed"
+    # The destination may have started the guest and its answer was lost: the source stays
+    # paused until `x-migrate-resolve` names the winner (see protocol.GuestOwnership).
+    UNRESOLVED = "x-unresolved"
 
     @property
     def finished(self) -> bool:
-        return self in (Status.CANCELLED, Status.COMPLETED, Status.FAILED)
+        """The migration thread is done (an unresolved one waits for the operator, not it)."""
+        return self in (Status.CANCELLED, Status.COMPLETED, Status.FAILED, Status.UNRESOLVED)
 
 
 @dataclass
@@ -44,6 +48,9 @@ class MigrationParams:
     # multifd-channels). Two keep both ends busy on a small host (the copies run in the kernel,
     # outside the GIL).
     multifd_channels: int = 2
+    # How long the source waits for the destination's answer to Complete; past it the switchover
+    # is unresolved (the source may not resume: the destination may have committed).
+    x_switchover_timeout_s: float = 30.0
 
     def set(self, **kw: Any) -> None:
         """Apply `migrate-set-parameters` arguments (already type-checked by the QMP schema)."""
@@ -74,6 +81,11 @@ class MigrationParams:
             if not 1 <= v <= 86400:
                 raise ValueError(f"x-timeout must be in [1, 86400] s, got {v}")
             self.x_timeout_s = float(v)
+        if "x_switchover_timeout" in kw:
+            v = kw["x_switchover_timeout"]
+            if not 1 <= v <= 3600:
+                raise ValueError(f"x-switchover-timeout must be in [1, 3600] s, got {v}")
+            self.x_switchover_timeout_s = float(v)
 
     def to_qmp(self) -> dict[str, Any]:
         return {
@@ -82,6 +94,7 @@ class MigrationParams:
             "x-dma-tracking": self.x_dma_tracking,
             "x-timeout": int(self.x_timeout_s),
             "multifd-channels": self.multifd_channels,
+            "x-switchover-timeout": int(self.x_switchover_timeout_s),
         }
 
 
@@ -91,6 +104,7 @@ PARAMS_SCHEMA = {
     "*x-dma-tracking": DMA_TRACKING,
     "*x-timeout": int,
     "*multifd-channels": int,
+    "*x-switchover-timeout": int,
 }
 
 
@@ -151,6 +165,7 @@ class MigrationInfo:
     shadow: dict[str, Any] | None = None
     dma_tracking: str = "shadow"
     forced_switchover: bool = False
+    guest_owner: str | None = None  # the source's protocol.Owner, once it migrates
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def total_time_ms(self) -> int:
@@ -179,6 +194,8 @@ class MigrationInfo:
         if self.error:
             out["error-desc"] = self.error
         out["x-dma-tracking"] = self.dma_tracking
+        if self.guest_owner is not None:
+            out["x-guest-owner"] = self.guest_owner
         out["x-rounds"] = self.rounds
         if self.forced_switchover:
             out["x-forced-switchover"] = True

@@ -15,6 +15,26 @@ Conversation (see `events` for who sends what):
     COMPLETE_SENT --D SwitchoverAck(ok)--> SWITCHED_OVER   (not ok → SWITCHOVER_REFUSED)
     any non-final state --S|D Abort--> ABORTED
 
+Who runs the guest (`GuestOwnership`, table `OWNERSHIP`). The conversation above says what may
+be sent; ownership says which side may run the guest, and it has one commit point: the
+destination's, after it received Complete, loaded the vCPU and device state and took the disk
+locks. From there on the destination runs the guest whatever happens to the link; its
+SwitchoverAck only reports the commit. The source cannot see that point, so from the moment it
+sends Complete it is in doubt and must not resume on its own:
+
+    source's view                                    destination's view
+    SOURCE --S Complete--> IN_DOUBT                  SOURCE --D Commit--> DESTINATION
+    SOURCE --LinkLost--> SOURCE   (resume here)      SOURCE --LinkLost | Abort--> SOURCE
+    IN_DOUBT --D SwitchoverAck(ok)--> DESTINATION
+    IN_DOUBT --D SwitchoverAck(refused) | D Abort--> SOURCE   (the destination will not run it)
+    IN_DOUBT --LinkLost (broken stream, timeout, migrate_cancel)--> UNRESOLVED
+    UNRESOLVED --Resolve(source)--> SOURCE
+    UNRESOLVED --Resolve(destination)--> DESTINATION
+
+UNRESOLVED keeps the source paused (query-migrate says "x-unresolved" with the reason) until an
+operator, who can look at the destination, names the winner (`x-migrate-resolve`). The source
+sends no Abort after Complete: it could not know whether it arrived before the commit.
+
 Zero-copy pages. Source: `send_pages(runs, guest_mem)` returns [header bytes, memoryview per
 DATA run] for `sendmsg`. Destination: `next_event()` yields `PageRunsHeader(runs, nbytes)` with
 runs already validated against guest RAM; the caller then calls `payload_targets(guest_mem)`,
@@ -133,6 +153,101 @@ for _state in State:
     if _state not in _NO_ABORT:
         for _role in Role:
             TRANSITIONS[(_role, _state, "Abort")] = State.ABORTED
+# Once Complete is sent the destination may commit at any moment: an Abort from the source
+# could arrive after that and take nothing back (see GuestOwnership).
+del TRANSITIONS[(S, State.COMPLETE_SENT, "Abort")]
+
+
+class Owner(enum.Enum):
+    """Who may run the guest, as one side sees it (see the module docstring)."""
+
+    SOURCE = "source"  # the source runs it, or resumes it after any failure
+    IN_DOUBT = "in-doubt"  # Complete is sent: the destination may have committed
+    DESTINATION = "destination"  # the destination runs it; the source never will again
+    UNRESOLVED = "unresolved"  # in doubt and the answer is lost: paused until an operator decides
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Destination, local: state loaded and disk locks taken; it runs the guest from now on."""
+
+
+@dataclass(frozen=True)
+class LinkLost:
+    """Local: the stream to the peer broke, timed out, or the migration was cancelled."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """Source, local: an operator (`x-migrate-resolve`) named the side that keeps the guest."""
+
+    winner: Role
+
+
+OwnershipEvent = Complete | SwitchoverAck | Abort | Commit | LinkLost | Resolve
+OwnershipKey = tuple[Role, Owner, type, object]
+
+# (whose view, owner now, event type, outcome) → owner next. The outcome is SwitchoverAck.ok or
+# Resolve.winner, None for the other events. A pair missing here is a bug in the caller.
+OWNERSHIP: dict[OwnershipKey, Owner] = {
+    (S, Owner.SOURCE, LinkLost, None): Owner.SOURCE,
+    (S, Owner.SOURCE, Complete, None): Owner.IN_DOUBT,
+    (S, Owner.IN_DOUBT, SwitchoverAck, True): Owner.DESTINATION,
+    (S, Owner.IN_DOUBT, SwitchoverAck, False): Owner.SOURCE,
+    (S, Owner.IN_DOUBT, Abort, None): Owner.SOURCE,
+    (S, Owner.IN_DOUBT, LinkLost, None): Owner.UNRESOLVED,
+    (S, Owner.UNRESOLVED, Resolve, S): Owner.SOURCE,
+    (S, Owner.UNRESOLVED, Resolve, D): Owner.DESTINATION,
+    (D, Owner.SOURCE, Commit, None): Owner.DESTINATION,
+    (D, Owner.SOURCE, LinkLost, None): Owner.SOURCE,
+    (D, Owner.SOURCE, Abort, None): Owner.SOURCE,
+}
+
+
+def _ownership_key(role: Role, owner: Owner, event: OwnershipEvent) -> OwnershipKey:
+    outcome: object = None
+    if isinstance(event, SwitchoverAck):
+        outcome = event.ok
+    elif isinstance(event, Resolve):
+        outcome = event.winner
+    return role, owner, type(event), outcome
+
+
+class GuestOwnership:
+    """One side's view of who may run the guest; `handle` walks `OWNERSHIP`."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.owner = Owner.SOURCE
+        self.reason = ""  # why the owner is what it is (the last event's story)
+
+    @property
+    def runs_here(self) -> bool:
+        """This side may run the guest (the source may resume it)."""
+        return self.owner.value == self.role.value
+
+    def handle(self, event: OwnershipEvent) -> Owner:
+        nxt = OWNERSHIP.get(_ownership_key(self.role, self.owner, event))
+        if nxt is None:
+            raise LocalProtocolError(
+                f"{self.role.value}: {type(event).__name__} is not possible while the guest's "
+                f"owner is {self.owner.value}")
+        self.owner = nxt
+        self.reason = _ownership_reason(event)
+        return nxt
+
+
+def _ownership_reason(event: OwnershipEvent) -> str:
+    match event:
+        case LinkLost(reason) | Abort(reason):
+            return reason
+        case SwitchoverAck(ok, reason) if not ok:
+            return reason
+        case Resolve(winner):
+            return f"resolved by the operator: the guest belongs to the {winner.value}"
+    return ""
 
 
 def event_tag(event: object) -> str:
@@ -561,10 +676,16 @@ __all__ = [
     "DATA_CHANNEL_CAPABILITY",
     "FINAL_STATES",
     "MAX_DATA_CHANNELS",
+    "OWNERSHIP",
     "STRIPE_PAGES",
     "TRANSITIONS",
+    "Commit",
     "Connection",
     "ConnectionClosed",
+    "GuestOwnership",
+    "LinkLost",
+    "Owner",
+    "Resolve",
     "State",
     "channel_capability",
     "check_hello",

@@ -6,20 +6,30 @@ to stop iterating comes from `policy`. If anything fails before the destination 
 switchover — the peer disappears, the stream breaks, the migration is cancelled or times out — the
 strategy puts the devices back to normal and the guest resumes here, having lost nothing.
 
+The switchover has one commit point, the destination's (see `protocol.GuestOwnership`). Once
+Complete is sent this side is in doubt: a refusal or an Abort from the destination lets it resume,
+its acknowledgement ends the migration, and anything else (a broken stream, no answer within
+`x-switchover-timeout`, `migrate_cancel`) leaves the switchover unresolved: the guest stays
+paused here until `x-migrate-resolve` names the side that keeps it (`resolve`). The disk locks
+(`ptmig.disklock`) are released just before Complete, with the vCPUs stopped and the devices
+quiesced, and taken back before the guest ever resumes here.
+
 Pre-copy rounds go over `multifd-channels` parallel streams while the `multifd` capability is
 on (see `protocol`): one sender thread per channel, each sending its stripes of the round's
-dirty set. Several streams keep both ends busy on a few cores (the copies happen in the kernel,
-outside the GIL) where one stream alternates between a full socket on one side and an empty one
-on the other. Meanwhile the migration thread watches the main stream, which carries nothing
-else during such a round: the destination's Abort, its end of stream or a reset there, like a
-failed sender, stops the round at once (`_watch_round`), so a destination that gives up or
-disappears never leaves the source waiting on a sender asleep in the rate limit.
+dirty set. Several streams keep both ends
+busy on a few cores (the copies happen in the kernel, outside the GIL) where one stream
+alternates between a full socket on one side and an empty one on the other. Meanwhile the
+migration thread watches the main stream, which carries nothing else during such a round: the
+destination's Abort, its end of stream or a reset there, like a failed sender, stops the round
+at once (`_watch_round`), so a destination that gives up or disappears never leaves the source
+waiting on a sender asleep in the rate limit.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import select
 import struct
 import threading
 import time
@@ -29,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import bitmap
+from ..disklock import DiskLockError
 from ..layout import PAGE_SIZE
 from ..vm import RunState
 from . import pages, policy, transport
@@ -53,6 +64,10 @@ from .protocol import (
     DATA_CHANNELS_CAPABILITY,
     STRIPE_PAGES,
     Connection,
+    GuestOwnership,
+    LinkLost,
+    Owner,
+    Resolve,
     channel_capability,
     hello,
 )
@@ -72,6 +87,7 @@ DRAIN_SLACK = 64 << 10  # bytes still in flight that are not worth waiting for
 WATCH_INTERVAL_S = 0.02  # how often a data-channel round looks at the main stream
 ABORT_GRACE_S = 0.25  # for the destination's reason to follow a broken data channel
 SENDER_EXIT_S = 10.0  # a stopped sender leaves within one rate-limit step or aborted send
+REPLY_POLL_S = 0.05  # how often the wait for the switchover's answer looks for a cancel
 
 
 # A dirty set this small is listed from its non-zero bitmap words and its pages are read
@@ -151,6 +167,10 @@ class SourceMigration:
         self._lock = threading.Lock()  # sender threads share the counters and the rate limit
         self._round_stop = threading.Event()  # the current data-channel round failed
         self._round_error: BaseException | None = None  # why (the first failure)
+        self.ownership = GuestOwnership(Role.SOURCE)
+        self._was_running = False
+        self._began = False  # the strategy began: devices must be put back on a resume
+        self._resolve_lock = threading.Lock()  # `resolve` (QMP thread) against `_run`'s end
 
     # --- control ----------------------------------------------------------------------------
 
@@ -192,8 +212,8 @@ class SourceMigration:
         vm = m.vm
         self.info.start = time.monotonic()
         self.info.ram.total = vm.memory.size
-        was_running = vm.state == RunState.RUNNING
-        began = False
+        self._was_running = vm.state == RunState.RUNNING
+        self._note_owner()
         switched = False
         try:
             ch = transport.connect(self.host, self.port, tls=self.tls, psk=self.psk,
@@ -208,21 +228,14 @@ class SourceMigration:
             self._open_data_channels(nchannels, token)
             self._check()
             self.strategy.begin(m)
-            began = True
+            self._began = True
             vm.dirty.reset()
             self.info.setup_time_ms = int((time.monotonic() - self.info.start) * 1000)
             self._set_status(Status.ACTIVE)
             pending = self._precopy(ch, conn)
             switched = self._stop_and_copy(ch, conn, pending)
         except Exception as e:
-            cancelled = isinstance(e, MigrationCancelled) or self._cancel.is_set()
-            self.info.error = "migration cancelled" if cancelled else f"{type(e).__name__}: {e}"
-            if not cancelled:
-                log.error("migration failed: %s", self.info.error)
-            self._recover(was_running, began)
-            self.info.end = time.monotonic()
-            self.info.shadow = self.strategy.stats()  # before the status: pollers see both
-            self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
+            self._failed(e)
         else:
             self.info.end = time.monotonic()
             if switched:
@@ -233,6 +246,62 @@ class SourceMigration:
             self._close_data_channels()
             if self.channel is not None:
                 self.channel.close()
+
+    def _failed(self, e: Exception) -> None:
+        """The migration failed: resume here if the guest is still ours, else stay unresolved."""
+        cancelled = isinstance(e, MigrationCancelled) or self._cancel.is_set()
+        why = "migration cancelled" if cancelled else f"{type(e).__name__}: {e}"
+        if self.ownership.owner is Owner.DESTINATION:  # after the ack: the guest left anyway
+            log.exception("migration: after the switchover")
+            self.info.error = why
+            self.strategy.complete(self.m)
+            self._set_status(Status.COMPLETED)
+            return
+        self.ownership.handle(LinkLost(why))
+        self._note_owner()
+        self.info.end = time.monotonic()
+        if self.ownership.owner is Owner.UNRESOLVED:
+            self.info.error = (
+                f"switchover unresolved ({why}): the destination may be running the guest, so "
+                "it stays paused here; once you know which side runs it, name it with "
+                "x-migrate-resolve (winner 'source' or 'destination')")
+            log.error("migration: %s", self.info.error)
+            self._set_status(Status.UNRESOLVED)
+            return
+        self.info.error = why
+        if not cancelled:
+            log.error("migration failed: %s", self.info.error)
+        self._recover()
+        self.info.shadow = self.strategy.stats()  # before the status: pollers see both
+        self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
+
+    def _note_owner(self) -> None:
+        self.info.guest_owner = self.ownership.owner.value
+
+    def resolve(self, winner: Role) -> None:
+        """`x-migrate-resolve`: end an unresolved switchover. The source wins only with its
+        disk locks back (DiskLockError names their holder, and nothing changes)."""
+        with self._resolve_lock:
+            if self.ownership.owner is not Owner.UNRESOLVED:
+                raise ValueError(f"the migration has no unresolved switchover (status "
+                                 f"'{self.info.status.value}', guest owner "
+                                 f"'{self.ownership.owner.value}')")
+            if winner is Role.SOURCE:
+                self.m.disk_locks.acquire()
+            self.ownership.handle(Resolve(winner))
+            self._note_owner()
+            self.info.error = f"{self.ownership.reason}; was: {self.info.error}"
+            log.warning("migration: %s", self.ownership.reason)
+            if winner is Role.SOURCE:
+                self._recover()
+                self.m.announce_nics()  # the destination may have announced them meanwhile
+                self.info.shadow = self.strategy.stats()
+                self._set_status(Status.FAILED)
+            else:
+                self.strategy.complete(self.m)
+                self.info.shadow = self.strategy.stats()
+                self.m.vm._set_state(RunState.POSTMIGRATE)
+                self._set_status(Status.COMPLETED)
 
     def _handshake(self, ch: transport.Channel, conn: Connection, caps: tuple[str, ...]) -> None:
         transport.send_event(ch, conn, hello(self.m.cfg.compat_fingerprint(), caps))
@@ -275,16 +344,23 @@ class SourceMigration:
         for d in channels:
             d.channel.close()
 
-    def _recover(self, was_running: bool, began: bool) -> None:
-        """Failure before switchover: the guest continues here, devices as before."""
+    def _recover(self) -> None:
+        """The guest is ours again: its disk locks back, devices as before, vCPUs resumed. A
+        lock another process took meanwhile keeps the guest paused (error-desc says who)."""
         vm = self.m.vm
         vm.set_throttle(0)
-        if began:
+        try:
+            self.m.disk_locks.acquire()
+        except DiskLockError as e:
+            self.info.error = f"{self.info.error}; the guest stays paused: {e}"
+            log.error("migration: cannot resume the guest: %s", e)
+            return
+        if self._began:
             try:
                 self.strategy.abort(self.m)
             except Exception:
                 log.exception("restoring devices after a failed migration")
-        if was_running and vm.state in (RunState.FINISH_MIGRATE, RunState.PAUSED):
+        if self._was_running and vm.state in (RunState.FINISH_MIGRATE, RunState.PAUSED):
             vm.resume()
 
     def _rate_limit(self, nbytes: int) -> None:
@@ -551,14 +627,18 @@ class SourceMigration:
         self.info.ram.pages_per_round.append(final_pages)
         transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
         transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
+        # The vCPUs are stopped and the devices quiesced: the disks may change hands. From
+        # the first byte of Complete on, the destination may commit (GuestOwnership).
+        m.disk_locks.release()
+        self.ownership.handle(Complete())
+        self._note_owner()
         transport.send_event(ch, conn, Complete())
         phases["send"] = time.monotonic() - t0 - sum(phases.values())
-        self._cancel_point_passed = True
-        reply = transport.recv_event(ch, conn)
+        reply = self._switchover_reply(ch, conn)
+        self.ownership.handle(reply)
+        self._note_owner()
         if isinstance(reply, Abort):
             raise RuntimeError(f"destination aborted: {reply.reason}")
-        if not isinstance(reply, SwitchoverAck):
-            raise RuntimeError(f"expected a switchover acknowledgement, got {reply!r}")
         if not reply.ok:
             raise RuntimeError(f"destination refused the switchover: {reply.reason}")
         self.info.downtime_ms = int((time.monotonic() - self.stopped_at) * 1000)
@@ -572,6 +652,34 @@ class SourceMigration:
         if self.caps.x_verify:
             self.info.verify = self._verify_after_switchover(ch, conn)
         return True
+
+    def _switchover_reply(self, ch: transport.Channel,
+                          conn: Connection) -> SwitchoverAck | Abort:
+        """The destination's answer to Complete, within x-switchover-timeout; a cancel, the
+        timeout or a broken stream raise (and leave the switchover unresolved)."""
+        limit = self.params.x_switchover_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            ev = conn.next_event()
+            if isinstance(ev, SwitchoverAck | Abort):
+                return ev
+            if ev is not NEED_DATA:
+                raise RuntimeError(f"expected a switchover acknowledgement, got {ev!r}")
+            if self._cancel.is_set():
+                raise MigrationCancelled("migration cancelled while waiting for the "
+                                         "destination's switchover acknowledgement")
+            data = ch.recv_nowait()
+            if data is not None:
+                if not data:
+                    raise transport.TransportError(
+                        f"{ch.peer} closed the stream before acknowledging the switchover")
+                conn.receive_data(data)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no switchover acknowledgement from {ch.peer} within "
+                                   f"{limit:.0f} s (x-switchover-timeout)")
+            select.select([ch.sock], [], [], min(left, REPLY_POLL_S))
 
     def _verify_after_switchover(self, ch: transport.Channel, conn: Connection) -> dict[str, Any]:
         """Digests of this side's RAM as it was when the vCPUs stopped, compared by the

@@ -1,0 +1,210 @@
+"""The switchover on real KVM when its last message is lost: the guest runs in one place only.
+
+A relay between source and destination goes dark for the destination's replies once the
+migration is under way, so the switchover acknowledgement never reaches the source. Whether the
+source then times out or is cancelled, it must not resume: the destination committed and runs
+the guest. The source stays paused in `x-unresolved` until the operator's `x-migrate-resolve`
+names the winner, and the disk image has one writer throughout: its OFD lock (whose holder the
+owner record names) and its checksum, which only the side running the guest changes.
+
+Also here: `cont` on a migrated source is refused (and `x-force` cannot take the disk from a
+running destination), and a second `ptmig run` on a locked image fails at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, kv_migration
+
+from ptmig.disklock import DiskLock, Holder, lock_holder, read_holder
+
+pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+
+
+def _wait_migrate(vmm: Vmm, check: Any, what: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = vmm.cmd("query-migrate")
+        if check(info):
+            return info
+        assert time.monotonic() < deadline, f"migration never {what}: {info}"
+        time.sleep(0.02)
+
+
+def _holder_pid(image: Path) -> int | None:
+    """The pid of the process holding the image's lock, None if nobody holds it."""
+    if lock_holder(image) is None:
+        return None
+    record = read_holder(image)
+    assert record is not None
+    return record.pid
+
+
+def _wait_dropped(relay: TcpProxy) -> None:
+    deadline = time.monotonic() + 30
+    while relay.dropped == 0:
+        assert time.monotonic() < deadline, "the destination's reply never reached the relay"
+        time.sleep(0.01)
+
+
+def _digest(image: Path) -> str:
+    return hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def _migrate_into_the_dark(src: Vmm, relay: TcpProxy, timeout_s: int) -> None:
+    """Start a migration through `relay` and darken its replies once it is active: the
+    destination's SwitchoverAck will be lost."""
+    src.cmd("migrate-set-parameters", {"x-switchover-timeout": timeout_s})
+    src.migrate(relay.port, tracking="device-log", verify=False)
+    _wait_migrate(src, lambda i: i["status"] in ("active", "device"), "became active")
+    relay.replies_dark.set()
+
+
+def test_lost_ack_then_timeout_leaves_the_source_paused_until_destination_wins(
+        tmp_path: Path) -> None:
+    image = tmp_path / "kv.img"
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        assert _holder_pid(image) == src.proc.pid  # the destination opened it unlocked
+        relay = TcpProxy(port)
+        load = Load(cfg, 6.0, tmp_path / "load.json").start()
+        time.sleep(1.0)
+        _migrate_into_the_dark(src, relay, timeout_s=2)
+        info = _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
+        assert "no switchover acknowledgement" in info["error-desc"], info
+        assert "x-migrate-resolve" in info["error-desc"], info
+        assert info["x-guest-owner"] == "unresolved"
+        # The destination committed: it runs the guest, holds the disk, serves the load.
+        dst.wait_running()
+        _wait_dropped(relay)  # its acknowledgement was sent, and lost
+        assert _holder_pid(image) == dst.proc.pid
+        assert src.status() == "finish-migrate"
+        with pytest.raises(RuntimeError, match="switchover is unresolved"):
+            src.cmd("cont")
+        result = load.result()
+        assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+        after = Load(cfg, 2.0, tmp_path / "after.json").start().result()  # the destination's
+        assert after["acked"] > 0 and after["lost"] == 0, after["output"]
+        assert src.status() == "finish-migrate"  # still paused after all that
+        assert {"event": "MIGRATION", "status": "x-unresolved"} in [
+            {"event": e["event"], "status": e.get("data", {}).get("status")} for e in src.events]
+        src.cmd("x-migrate-resolve", {"winner": "destination"})
+        info = src.cmd("query-migrate")
+        assert info["status"] == "completed" and info["x-guest-owner"] == "destination"
+        assert src.status() == "postmigrate"
+        with pytest.raises(RuntimeError, match="no unresolved switchover"):
+            src.cmd("x-migrate-resolve", {"winner": "source"})
+        # One writer: once the destination is gone, the image stays as it left it.
+        assert dst.stop() == 0
+        written = _digest(image)
+        assert _holder_pid(image) is None
+        assert src.stop() == 0
+        assert _digest(image) == written
+
+
+def test_migrate_cancel_while_waiting_for_the_ack_then_source_wins(tmp_path: Path) -> None:
+    image = tmp_path / "kv.img"
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        relay = TcpProxy(port)
+        _migrate_into_the_dark(src, relay, timeout_s=120)
+        _wait_migrate(src, lambda i: i.get("x-guest-owner") == "in-doubt", "in doubt")
+        src.cmd("migrate_cancel")
+        info = _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
+        assert "migration cancelled" in info["error-desc"], info
+        dst.wait_running()
+        _wait_dropped(relay)
+        assert _holder_pid(image) == dst.proc.pid
+        # The source cannot take the guest back while the destination holds the disk.
+        with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
+            src.cmd("x-migrate-resolve", {"winner": "source"})
+        with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
+            src.cmd("cont", {"x-force": True})
+        assert src.cmd("query-migrate")["status"] == "x-unresolved"
+        assert src.status() == "finish-migrate"
+        # The operator stops the destination and gives the guest back to the source.
+        assert dst.stop() == 0
+        left_by_destination = _digest(image)
+        assert _holder_pid(image) is None
+        time.sleep(0.5)
+        assert _digest(image) == left_by_destination  # the paused source wrote nothing
+        src.cmd("x-migrate-resolve", {"winner": "source"})
+        info = src.cmd("query-migrate")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "resolved by the operator" in info["error-desc"]
+        assert src.status() == "running"
+        assert _holder_pid(image) == src.proc.pid
+        load = Load(cfg, 2.0, tmp_path / "load.json").start()  # the source serves again
+        result = load.result()
+        assert result["acked"] > 0 and result["lost"] == 0, result["output"]
+
+
+def test_cont_on_a_migrated_source_is_refused_and_force_cannot_take_the_disk(
+        tmp_path: Path) -> None:
+    image = tmp_path / "kv.img"
+    with kv_migration(tmp_path) as (_, src, dst, port):
+        src.migrate(port, verify=False)
+        info = src.wait_migration()
+        assert info["status"] == "completed" and info["x-guest-owner"] == "destination", info
+        assert src.status() == "postmigrate"
+        with pytest.raises(RuntimeError) as err:
+            src.cmd("cont")
+        assert "Guest is in state 'postmigrate'" in str(err.value)
+        assert "run it twice" in str(err.value) and "'x-force': true" in str(err.value)
+        with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
+            src.cmd("cont", {"x-force": True})
+        assert src.status() == "postmigrate"
+        assert _holder_pid(image) == dst.proc.pid
+
+
+def test_a_second_vmm_on_a_locked_image_fails_at_start(tmp_path: Path) -> None:
+    cfg = kv_config(tmp_path)
+    first = Vmm(tmp_path, "first", cfg)
+    try:
+        first.wait_running()
+        second = Vmm(tmp_path, "second", cfg)
+        assert second.proc.wait(timeout=60) != 0
+        out = second.output()
+        assert f"disk image {tmp_path / 'kv.img'} is in use: it is locked by ptmig pid " \
+               f"{first.proc.pid}" in out, out
+        assert "Traceback" not in out, out
+        assert first.status() == "running"
+    finally:
+        first.stop()
+
+
+def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
+        tmp_path: Path) -> None:
+    """The destination's commit point needs the disk locks; someone else holds them (here the
+    test, on the destination's copy of the image), so it refuses the switchover explicitly
+    and the source, which knows then that the guest is still its own, takes its lock back and
+    resumes."""
+    cfg = kv_config(tmp_path)
+    theirs = tmp_path / "kv-dst.img"
+    theirs.write_bytes(b"\0" * (16 << 20))
+    dst_cfg = tmp_path / "kv-dst.toml"
+    dst_cfg.write_text(cfg.read_text().replace(str(tmp_path / "kv.img"), str(theirs)))
+    squatter = DiskLock(theirs, Holder.this_process("squatter", None))
+    squatter.acquire()
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", dst_cfg, incoming_port=port)
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        src.migrate(port, verify=False)
+        info = src.wait_migration()
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "refused the switchover: cannot take the disk locks" in info["error-desc"], info
+        assert "VM 'squatter'" in info["error-desc"], info
+        assert src.status() == "running"
+        assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
+        assert dst.proc.wait(timeout=30) != 0
+        assert "refused the switchover" in dst.output() and "Traceback" not in dst.output()
+    finally:
+        squatter.release()
+        src.stop()
+        dst.stop()
