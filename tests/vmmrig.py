@@ -25,6 +25,7 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from ptmig.migration.seal import new_key_file
 from ptmig.net.switch import probe_switch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +152,10 @@ class Vmm(Monitor):
     after the other boot in parallel; `wait_ready()` (or the first command) waits for QMP."""
 
     def __init__(self, tmp: Path, name: str, config: Path, *, incoming_port: int | None = None,
-                 psk_file: Path | None = None, extra: Sequence[str] = ()) -> None:
+                 psk_file: Path | None = None, insecure: bool = False,
+                 extra: Sequence[str] = ()) -> None:
+        """Migrations are authenticated by default: without `psk_file` (or `insecure`) the VMM
+        uses `tmp/migration.key`, one key shared by the VMMs of a test (`migration_key`)."""
         super().__init__(tmp / f"{name}.qmp", name)
         self.out_path = tmp / f"{name}.out"
         self.err_path = tmp / f"{name}.err"
@@ -159,8 +163,10 @@ class Vmm(Monitor):
                 "--qmp", f"unix:{self.qmp_path}", "--console", str(tmp / f"{name}.console")]
         if incoming_port is not None:
             args += ["--incoming", f"tcp:127.0.0.1:{incoming_port}"]
-        if psk_file is not None:
-            args += ["--psk-file", str(psk_file)]
+        if insecure:
+            args += ["--insecure"]
+        else:
+            args += ["--psk-file", str(psk_file or migration_key(tmp))]
         args += extra
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(args, stdout=out, stderr=err, env=_env(), cwd=tmp)
@@ -221,6 +227,25 @@ class Vmm(Monitor):
             self.proc.kill()
             self.proc.wait()
         self.close()
+
+
+def assert_still_waiting(dst: Vmm, message: str, timeout: float = 30.0) -> None:
+    """The destination refused an attempt whose reason contains `message` (logged, no
+    traceback) and still waits for a valid source."""
+    deadline = time.monotonic() + timeout
+    while message not in (out := dst.output()) or "rejected an incoming migration" not in out:
+        assert dst.proc.poll() is None, f"the destination exited:\n{out}"
+        assert time.monotonic() < deadline, f"no rejection naming {message!r}:\n{out}"
+        time.sleep(0.05)
+    assert "Traceback" not in out, out
+    assert dst.status() == "inmigrate"
+    assert any(e["event"] == "X_MIGRATION_REJECTED" for e in dst.events), dst.events
+
+
+def migration_key(tmp: Path) -> Path:
+    """The pre-shared migration key of the VMMs started in `tmp` (made on first use, mode 0600)."""
+    path = tmp / "migration.key"
+    return path if path.exists() else new_key_file(path)
 
 
 def iterations_increase(vmm: Monitor, wait: float = 0.3) -> bool:

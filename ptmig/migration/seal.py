@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -152,6 +154,15 @@ def _stream_keys(session: Session, stream: int, nonces: bytes, server: bool) -> 
     c2s = Sealer(keys[0], CLIENT_TO_SERVER, stream)
     s2c = Sealer(keys[1], SERVER_TO_CLIENT, stream)
     return StreamKeys(session, stream, *((s2c, c2s) if server else (c2s, s2c)))
+
+
+def new_key_file(path: Path) -> Path:
+    """Write a fresh random pre-shared key (64 hex digits) to `path`, readable by its owner
+    only; for VMMs one program starts for itself (demo, bench, tests)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
 
 
 def check_psk(psk: bytes) -> None:
