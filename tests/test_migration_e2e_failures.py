@@ -93,7 +93,7 @@ def test_migrate_cancel_resumes_the_source_and_allows_a_new_migration(tmp_path: 
         info = src.wait_migration()
         _assert_source_recovered(src, info, "cancelled")
         # The destination saw the stream end early, refused the attempt, and waits on.
-        assert_still_waiting(dst, "the source")
+        assert_still_waiting(dst, "from 127.0.0.1")
         dst.stop()
         # A second destination takes the guest: the first attempt left nothing behind.
         port2 = free_port()
@@ -135,8 +135,7 @@ def test_cut_link_under_kv_load_loses_no_acknowledged_value(tmp_path: Path) -> N
             assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
             # Acknowledged after the failure too: the guest's devices were given back.
             assert result["series"][-1][1] > 0, result["series"]
-            assert dst.proc.wait(timeout=40) != 0
-            assert "Traceback" not in dst.output()
+            assert_still_waiting(dst, "from 127.0.0.1", timeout=40)
         finally:
             src.stop()
             dst.stop()
