@@ -149,8 +149,10 @@ class StreamKeys:
 
 
 def _stream_keys(session: Session, stream: int, nonces: bytes, server: bool) -> StreamKeys:
-    keys = [_hkdf(session.secret, b"ptmig stream" + bytes([d, stream]), salt=nonces)
-            for d in (CLIENT_TO_SERVER, SERVER_TO_CLIENT)]
+    keys = [
+        _hkdf(session.secret, b"ptmig stream" + bytes([d, stream]), salt=nonces)
+        for d in (CLIENT_TO_SERVER, SERVER_TO_CLIENT)
+    ]
     c2s = Sealer(keys[0], CLIENT_TO_SERVER, stream)
     s2c = Sealer(keys[1], SERVER_TO_CLIENT, stream)
     return StreamKeys(session, stream, *((s2c, c2s) if server else (c2s, s2c)))
@@ -174,8 +176,9 @@ Send = Callable[[bytes], None]
 Recv = Callable[[int, str], bytes]  # (exact byte count, what is awaited) → bytes
 
 
-def server_handshake(send: Send, recv: Recv, psk: bytes,
-                     sessions: dict[bytes, Session]) -> StreamKeys:
+def server_handshake(
+    send: Send, recv: Recv, psk: bytes, sessions: dict[bytes, Session]
+) -> StreamKeys:
     """The listening side. `sessions`: the sessions this listener started, which data
     channels may join (a NEW handshake adds its session)."""
     nonce_s = secrets.token_bytes(NONCE)
@@ -193,16 +196,20 @@ def server_handshake(send: Send, recv: Recv, psk: bytes,
         if known is None:
             recv(MAC, "the client's PSK proof")
             send(b"\x00" + bytes(MAC))
-            raise SealError("a data channel asked to join a migration session this side does "
-                            "not know (a stale or forged session id)")
+            raise SealError(
+                "a data channel asked to join a migration session this side does "
+                "not know (a stale or forged session id)"
+            )
         session, key, stream = known, known.join_key(), ref[SESSION_ID] + 1
     else:
         raise SealError(f"PSK handshake kind {kind} is neither new (0) nor join (1)")
     proof = recv(MAC, "the client's PSK proof")
     if not hmac.compare_digest(proof, _mac(key, b"client", transcript)):
         send(b"\x00" + bytes(MAC))
-        raise SealError("PSK authentication failed: the client's proof does not match our key "
-                        "(the two sides have different pre-shared keys)")
+        raise SealError(
+            "PSK authentication failed: the client's proof does not match our key "
+            "(the two sides have different pre-shared keys)"
+        )
     send(b"\x01" + _mac(key, b"server", transcript))
     if recv(1, "the client's PSK verdict") != b"\x01":
         raise SealError("PSK authentication failed: the client rejected our proof")
@@ -211,15 +218,18 @@ def server_handshake(send: Send, recv: Recv, psk: bytes,
     return _stream_keys(session, stream, nonce_s + nonce_c, server=True)
 
 
-def client_handshake(send: Send, recv: Recv, psk: bytes,
-                     join: tuple[Session, int] | None = None) -> StreamKeys:
+def client_handshake(
+    send: Send, recv: Recv, psk: bytes, join: tuple[Session, int] | None = None
+) -> StreamKeys:
     """The connecting side: a new session (main stream), or `join=(session, index)` for
     data channel `index` of an existing one."""
     hello = recv(len(GREETING) + NONCE, "the server's PSK challenge (does it use a PSK?)")
     if not hello.startswith(GREETING):
-        raise SealError(f"expected a PSK challenge, got {hello[: len(GREETING)]!r}: the server "
-                        "is not using a pre-shared key (or speaks another version)")
-    nonce_s, nonce_c = hello[len(GREETING):], secrets.token_bytes(NONCE)
+        raise SealError(
+            f"expected a PSK challenge, got {hello[: len(GREETING)]!r}: the server "
+            "is not using a pre-shared key (or speaks another version)"
+        )
+    nonce_s, nonce_c = hello[len(GREETING) :], secrets.token_bytes(NONCE)
     if join is None:
         session = Session.start(psk, nonce_s, nonce_c)
         sent, key, stream = bytes([KIND_NEW]) + nonce_c, _hkdf(psk, b"ptmig psk auth"), 0
@@ -233,9 +243,11 @@ def client_handshake(send: Send, recv: Recv, psk: bytes,
     send(sent + _mac(key, b"client", transcript))
     verdict = recv(1 + MAC, "the server's PSK verdict")
     if verdict[0] != 1:
-        raise SealError("PSK authentication failed: the server rejected our proof "
-                        "(the two sides have different pre-shared keys, or it does not know "
-                        "this migration)")
+        raise SealError(
+            "PSK authentication failed: the server rejected our proof "
+            "(the two sides have different pre-shared keys, or it does not know "
+            "this migration)"
+        )
     if not hmac.compare_digest(verdict[1:], _mac(key, b"server", transcript)):
         send(b"\x00")
         raise SealError("PSK authentication failed: the server's proof does not match our key")
