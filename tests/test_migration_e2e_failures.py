@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from vmmrig import (
     Load,
+    TamperProxy,
     TcpProxy,
     Vmm,
     assert_still_waiting,
@@ -226,5 +227,37 @@ def test_wrong_pre_shared_key_is_refused_on_both_sides(tmp_path: Path) -> None:
         assert iterations_increase(src)
         assert_still_waiting(dst, "PSK authentication failed")
     finally:
+        src.stop()
+        dst.stop()
+
+
+@pytest.mark.parametrize(("stream", "attack"), [
+    pytest.param(1, "flip", id="flip-a-page-payload-bit"),
+    pytest.param(1, "swap", id="swap-two-page-records"),
+    pytest.param(1, "replay", id="replay-a-page-record"),
+    pytest.param(0, "replay", id="replay-on-the-main-stream"),
+])
+def test_an_on_path_attacker_under_psk_is_refused_and_the_source_resumes(
+        tmp_path: Path, stream: int, attack: str) -> None:
+    cfg = dirty_config(tmp_path, memory="64M", ws="8M")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    relay = TamperProxy(port, stream, attack, min_size=64 << 10 if stream else 1)
+    try:
+        dst.wait_incoming()
+        src.wait_running()
+        src.migrate(relay.port)
+        info = src.wait_migration()
+        assert relay.tampered.is_set()
+        assert info["status"] == "failed", info
+        assert src.status() == "running" and iterations_increase(src)
+        assert_still_waiting(dst, "failed authentication")
+        if attack == "flip":  # the same destination then takes an untouched migration
+            src.migrate(port)
+            assert src.wait_migration()["status"] == "completed"
+            assert iterations_increase(dst)
+    finally:
+        relay.cut()
         src.stop()
         dst.stop()

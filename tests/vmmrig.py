@@ -374,3 +374,64 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+class TamperProxy(TcpProxy):
+    """An on-path attacker between a source and a destination under a PSK: it forwards every
+    connection, and on connection number `stream` (0: the main stream, i + 1: data channel i)
+    applies `attack` to the first sealed record of at least `min_size` bytes the source sends:
+    "flip" one bit in it, "swap" it with the next record, or "replay" it (send it twice)."""
+
+    HANDSHAKE = {0: 1 + 32 + 32 + 1}  # kind, nonce, proof, verdict (a NEW handshake)
+    JOIN_HANDSHAKE = 1 + 32 + 16 + 1 + 32 + 1  # kind, nonce, session id, index, proof, verdict
+
+    def __init__(self, target: int, stream: int, attack: str, min_size: int = 1) -> None:
+        self.stream, self.attack, self.min_size = stream, attack, min_size
+        self.connections = 0
+        self.tampered = threading.Event()
+        super().__init__(target)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        if a.getpeername()[1] == self.target:  # destination → source: untouched
+            return super()._pump(a, b)
+        with self._lock:
+            index, self.connections = self.connections, self.connections + 1
+        if index != self.stream:
+            return super()._pump(a, b)
+        try:
+            self._tamper(a, b, self.HANDSHAKE.get(index, self.JOIN_HANDSHAKE))
+        except OSError:
+            pass
+
+    def _tamper(self, a: socket.socket, b: socket.socket, handshake: int) -> None:
+        def exact(n: int) -> bytes:
+            buf = bytearray()
+            while len(buf) < n:
+                chunk = a.recv(n - len(buf))
+                if not chunk:
+                    raise OSError("closed")
+                buf += chunk
+            return bytes(buf)
+
+        b.sendall(exact(handshake - 1))  # the proof; the verdict follows the server's
+        b.sendall(exact(1))
+        held: bytes | None = None
+        while True:
+            head = exact(4)
+            record = head + exact(struct.unpack("<I", head)[0])
+            if held is not None:  # swap: the next record first, then the held one
+                b.sendall(record + held)
+                held = None
+                self.tampered.set()
+            elif self.tampered.is_set() or len(record) < self.min_size:
+                b.sendall(record)
+            elif self.attack == "flip":
+                bad = bytearray(record)
+                bad[len(bad) // 2] ^= 0x10
+                b.sendall(bytes(bad))
+                self.tampered.set()
+            elif self.attack == "replay":
+                b.sendall(record + record)
+                self.tampered.set()
+            else:
+                held = record
