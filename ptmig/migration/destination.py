@@ -62,7 +62,7 @@ from .protocol import (
     check_hello,
     parse_channel_capability,
 )
-from .source import VERIFY_CAPABILITY, parse_uri
+from .source import VERIFY_CAPABILITY
 from .strategies import decode_device_states
 from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests_at
 
@@ -274,7 +274,7 @@ class Incoming:
         self.m = machine
         self.prefault = prefault
         self.incoming_timeout = incoming_timeout
-        self.address = parse_uri(uri)
+        self.address = transport.parse_address(uri)  # port 0: any free port
         self.listener = transport.listen_at(self.address, tls=tls, psk=psk, insecure=insecure)
         self.rejected: list[str] = []  # why each failed attempt was refused, in order
         self.verify: dict[str, Any] | None = None
@@ -308,7 +308,8 @@ class Incoming:
         for v in vm.vcpus:
             if v.thread.ident is None:
                 v.start()
-        log.info("waiting for an incoming migration on %s", self.address)
+        log.info("waiting for an incoming migration on %s (port %d)", self.address,
+                 self.listener.port)
         deadline = (None if self.incoming_timeout is None
                     else time.monotonic() + self.incoming_timeout)
         try:
