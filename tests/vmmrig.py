@@ -153,9 +153,11 @@ class Vmm(Monitor):
 
     def __init__(self, tmp: Path, name: str, config: Path, *, incoming_port: int | None = None,
                  psk_file: Path | None = None, insecure: bool = False,
+                 incoming: str | None = None, keyless: bool = False,
                  extra: Sequence[str] = ()) -> None:
         """Migrations are authenticated by default: without `psk_file` (or `insecure`) the VMM
-        uses `tmp/migration.key`, one key shared by the VMMs of a test (`migration_key`)."""
+        uses `tmp/migration.key`, one key shared by the VMMs of a test (`migration_key`).
+        `incoming`: any migration URI to wait on; `keyless`: no credential option at all."""
         super().__init__(tmp / f"{name}.qmp", name)
         self.out_path = tmp / f"{name}.out"
         self.err_path = tmp / f"{name}.err"
@@ -163,9 +165,11 @@ class Vmm(Monitor):
                 "--qmp", f"unix:{self.qmp_path}", "--console", str(tmp / f"{name}.console")]
         if incoming_port is not None:
             args += ["--incoming", f"tcp:127.0.0.1:{incoming_port}"]
+        if incoming is not None:
+            args += ["--incoming", incoming]
         if insecure:
             args += ["--insecure"]
-        else:
+        elif not keyless:
             args += ["--psk-file", str(psk_file or migration_key(tmp))]
         args += extra
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
