@@ -346,6 +346,7 @@ class Incoming:
         self.rejected.append(reason)
 
     def _reset_attempt(self) -> None:
+        self.listener.sessions.clear()  # no data channel may join a refused attempt's session
         self.data_channels = []
         self.digests = None
         self.pages_received = 0

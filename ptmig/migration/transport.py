@@ -22,7 +22,6 @@ is authenticated, loopback included. The modes, and what each protects:
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import os
 import socket
 import ssl
@@ -72,21 +71,6 @@ class TlsConfig:
     key: str
     ca: str
     server_hostname: str | None = None
-
-
-def is_loopback(host: str) -> bool:
-    """True if `host` names only loopback addresses (resolving names)."""
-    if host in ("", "0.0.0.0", "::"):
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 @dataclass(frozen=True)
