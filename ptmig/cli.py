@@ -74,12 +74,13 @@ def main(verbose: int) -> None:
 @click.option("--qmp", "qmp_spec", metavar="unix:PATH", help="QMP control socket.")
 @click.option("--console", "console_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the guest console to FILE instead of stdout.")
-@click.option("--incoming", metavar="tcp:HOST:PORT",
+@click.option("--incoming", metavar="tcp:HOST:PORT|unix:PATH",
               help="Wait for an incoming migration instead of booting.")
 @click.option("--psk-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Pre-shared key the migration source must prove it knows.")
 @click.option("--insecure", is_flag=True,
-              help="Allow an unauthenticated incoming listener on a non-loopback address.")
+              help="Allow unauthenticated migrations (in and out), loopback included: anyone "
+                   "who reaches the port can feed or read the migration.")
 @click.option("--prefault/--no-prefault", default=True, show_default=True,
               help="With --incoming: allocate and map all guest RAM before accepting "
                    "(like QEMU's -mem-prealloc), so receiving pages never faults.")
@@ -217,7 +218,7 @@ def switch(listen: str, age: float, native: bool | None, idle_exit: float | None
 @main.command()
 @click.option("--qmp", "qmp_spec", required=True, metavar="unix:PATH",
               help="The source VMM's QMP socket.")
-@click.argument("destination", metavar="tcp:HOST:PORT")
+@click.argument("destination", metavar="tcp:HOST:PORT|unix:PATH")
 @click.option("--dma-tracking", type=click.Choice(["none", "all-dirty", "device-log", "shadow"]),
               help="How device DMA writes are tracked (x-dma-tracking).")
 @click.option("--downtime-limit", type=click.IntRange(min=1), metavar="MS",

@@ -265,14 +265,16 @@ def parse_json(message: bytes) -> Any:
 
 # Bytes that are never valid in JSON text: QEMU treats them as lexical errors that reset its
 # parser, and the spec tells clients to send one to get the parser back into a known state.
-_BAD = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xff"
+_BAD = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff"
 _STRING_STOP = re.compile(rb'["\\' + _BAD + rb"]")
 # Inside a structure, outside strings: stop at anything that is not part of a number, a
 # keyword (true/false/null) or a separator — structural bytes and quotes, and garbage.
 _NESTED_STOP = re.compile(rb'[^ \t\r\n0-9:,.+\-eEtrufalsn]')
 _SCALAR_END = re.compile(rb'[\s{}\[\]"' + _BAD + rb"]")
-_RESYNC = re.compile(rb"[\n{]")
-_BAD_BYTES = frozenset(list(range(0x00, 0x09)) + [0x0B, 0x0C] + list(range(0x0E, 0x20)) + [0xFF])
+_RESYNC = re.compile(rb"[{\[\x00-\x08\x0a-\x1f\xfe\xff]")  # not '\t': QEMU skips it too
+_BAD_BYTES = frozenset(
+    list(range(0x00, 0x09)) + [0x0B, 0x0C] + list(range(0x0E, 0x20)) + [0xFE, 0xFF]
+)
 _WHITESPACE = frozenset(b" \t\r\n")
 
 
@@ -290,11 +292,15 @@ class JsonSplitter:
     QMP input has no framing: clients (``qemu.qmp`` among them) send JSON objects back to back
     with no newline. A text ends when its outermost brace or bracket closes (strings and
     escapes are tracked so braces inside strings do not count); a top-level scalar ends at the
-    next whitespace or structural character. A control byte or 0xFF anywhere reports an error
-    and discards the partial text; so does any byte that cannot appear in JSON outside a string
-    (``{not json``), which also discards what follows up to the next newline or '{', so that
-    one malformed command gets one error and the next command is read intact. A text longer
-    than ``max_size`` is fatal.
+    next whitespace or structural character. A control byte, 0xFE or 0xFF anywhere (inside a
+    string too), or a byte that cannot appear in JSON outside a string (``{not json``), reports
+    one error and discards the partial text; then, as QEMU's lexer recovers, input is skipped
+    up to a point where a new command can start: '{', '[', a line end or another control byte
+    (QEMU also stops at '}', ']', ':' and ','; here those are skipped too, as at the top level
+    they could only produce more errors, each an extra reply that would put a client that
+    pairs replies with commands out of step). So the rest of a broken command (``op"}``) is
+    never read as the start of a string that swallows the next command, which is answered.
+    A text longer than ``max_size`` is fatal.
     Texts are returned unparsed; :func:`parse_json` decides whether they are valid.
     """
 
@@ -302,7 +308,7 @@ class JsonSplitter:
         self.max_size = max_size
         self._buf = bytearray()
         self._pos = 0  # next byte of _buf to examine
-        self._skip_line = False  # recovering from garbage: drop input up to the next newline
+        self._recovering = False  # after an invalid byte: drop input up to a resync point
         self._forget()
 
     def _forget(self) -> None:
@@ -333,15 +339,16 @@ class JsonSplitter:
                 )
             )
             self._forget()
+            self._recovering = True
 
         while i < n:
-            if self._skip_line:
+            if self._recovering:
                 m = _RESYNC.search(buf, i)
                 if m is None:
                     i = n
                     break
-                self._skip_line = False
-                i = m.start() + (1 if buf[m.start()] == 0x0A else 0)
+                self._recovering = False
+                i = m.start()  # the resync byte is read again, at the top level
                 continue
             if self._start < 0:
                 c = buf[i]
@@ -405,11 +412,7 @@ class JsonSplitter:
             elif c == 0x22:
                 self._in_string = True
             else:
-                garbage = c not in _BAD_BYTES
-                bad(j)
-                # Not JSON at all (``{not json``): also drop what follows, up to the next
-                # newline or the next '{', where a new command most likely starts.
-                self._skip_line = garbage
+                bad(j)  # not JSON at all (``{not json``), or a control byte
         if self._start >= 0 and n - self._start > self.max_size:
             out.append(self._too_big())
             self._forget()

@@ -31,7 +31,7 @@ def test_setup_commands_send_only_what_was_asked_then_migrate() -> None:
 
 
 @pytest.mark.parametrize("kw, what", [
-    ({"uri": "unix:/x"}, "tcp:HOST:PORT"),
+    ({"uri": "udp:1.2.3.4:5"}, "tcp:HOST:PORT or unix:PATH"),
     ({"dma_tracking": "magic"}, "magic"),
     ({"downtime_limit_ms": 0}, "at least 1 ms"),
     ({"max_bandwidth": -1}, ">= 0"),

@@ -350,16 +350,36 @@ def test_control_byte_resets_a_half_sent_request(raw: Raw) -> None:
     assert raw.execute("query-status", id=1)["id"] == 1
 
 
-def test_invalid_byte_mid_string_then_spec_recovery(raw: Raw) -> None:
+@pytest.mark.parametrize("bad", [b"\xff", b"\xfe", b"\x01", b"\x1f", b"\x00"])
+def test_an_invalid_byte_mid_string_costs_one_error_and_the_next_command_is_answered(
+    raw: Raw, bad: bytes
+) -> None:
+    """As QEMU's lexer recovers: the rest of the broken command (`op"}`) is skipped, not read
+    as a string that would swallow the next command; one error, then the next reply."""
     raw.negotiate()
-    raw.send(b'{"execute": "st\xffop"}')
-    assert "invalid byte 0xff" in raw.recv()["error"]["desc"]
-    # The parser restarted after 0xff and read `op` (an error), then `"}` opened a string.
-    assert raw.recv()["error"]["class"] == "GenericError"
-    # The spec's recovery: send a control character, then carry on.
+    raw.send(b'{"execute": "st' + bad + b'op", "id": 5}{"execute": "query-status", '
+             b'"id": "next"}')
+    assert f"invalid byte 0x{bad[0]:02x}" in raw.recv()["error"]["desc"]
+    assert raw.recv()["id"] == "next"
+    # A nested object after the bad byte is read as a text of its own (QEMU does the same):
+    # errors for the pieces, and still the next command is answered.
+    raw.send(b'{"execute": "st' + bad + b'op", "arguments": {"a": [1]}}{"execute": '
+             b'"query-status", "id": "later"}')
+    replies = [raw.recv()]
+    while replies[-1].get("id") != "later":
+        assert "error" in replies[-1] and len(replies) < 5, replies
+        replies.append(raw.recv())
+    # The spec's recovery byte still works on its own, then carry on.
     raw.send(b"\x01")
     assert "invalid byte 0x01" in raw.recv()["error"]["desc"]
     assert raw.execute("query-status", id="after")["id"] == "after"
+
+
+def test_invalid_utf8_inside_a_string_is_one_error(raw: Raw) -> None:
+    raw.negotiate()
+    raw.send(b'{"execute": "qu\xc3\x28ery-status"}{"execute": "query-status", "id": 2}')
+    assert "invalid UTF-8" in raw.recv()["error"]["desc"]
+    assert raw.recv()["id"] == 2
 
 
 def test_requests_split_and_batched_arbitrarily(raw: Raw) -> None:
@@ -674,6 +694,21 @@ def test_splitter_recovers_every_object_whatever_the_chunking(
         pos, k = pos + step, k + 1
     assert all(isinstance(b, bytes) for b in out)
     assert [json.loads(b) for b in out if isinstance(b, bytes)] == objects
+
+
+@given(
+    junk=st.binary(min_size=1, max_size=30),
+    bad=st.sampled_from([b"\x00", b"\x01", b"\x1b", b"\xfe", b"\xff"]),
+)
+def test_splitter_reads_the_next_command_after_a_bad_byte_in_a_string(
+    junk: bytes, bad: bytes
+) -> None:
+    """Whatever follows the bad byte inside the string up to the end of that line, short of a
+    new '{' or '[' (where a command may start), the command on the next line is read intact."""
+    junk = junk.translate(None, b"\n{[")
+    out = JsonSplitter().feed(b'{"execute": "x' + bad + junk + b'\n{"execute": "b"}')
+    assert isinstance(out[0], InputError)
+    assert out[-1] == b'{"execute": "b"}'
 
 
 def test_splitter_resyncs_after_garbage_inside_a_structure() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from ptmig.migration.seal import new_key_file
 from ptmig.net.switch import probe_switch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +152,12 @@ class Vmm(Monitor):
     after the other boot in parallel; `wait_ready()` (or the first command) waits for QMP."""
 
     def __init__(self, tmp: Path, name: str, config: Path, *, incoming_port: int | None = None,
-                 psk_file: Path | None = None, extra: Sequence[str] = ()) -> None:
+                 psk_file: Path | None = None, insecure: bool = False,
+                 incoming: str | None = None, keyless: bool = False,
+                 extra: Sequence[str] = ()) -> None:
+        """Migrations are authenticated by default: without `psk_file` (or `insecure`) the VMM
+        uses `tmp/migration.key`, one key shared by the VMMs of a test (`migration_key`).
+        `incoming`: any migration URI to wait on; `keyless`: no credential option at all."""
         super().__init__(tmp / f"{name}.qmp", name)
         self.out_path = tmp / f"{name}.out"
         self.err_path = tmp / f"{name}.err"
@@ -159,8 +165,12 @@ class Vmm(Monitor):
                 "--qmp", f"unix:{self.qmp_path}", "--console", str(tmp / f"{name}.console")]
         if incoming_port is not None:
             args += ["--incoming", f"tcp:127.0.0.1:{incoming_port}"]
-        if psk_file is not None:
-            args += ["--psk-file", str(psk_file)]
+        if incoming is not None:
+            args += ["--incoming", incoming]
+        if insecure:
+            args += ["--insecure"]
+        elif not keyless:
+            args += ["--psk-file", str(psk_file or migration_key(tmp))]
         args += extra
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(args, stdout=out, stderr=err, env=_env(), cwd=tmp)
@@ -221,6 +231,25 @@ class Vmm(Monitor):
             self.proc.kill()
             self.proc.wait()
         self.close()
+
+
+def assert_still_waiting(dst: Vmm, message: str, timeout: float = 30.0) -> None:
+    """The destination refused an attempt whose reason contains `message` (logged, no
+    traceback) and still waits for a valid source."""
+    deadline = time.monotonic() + timeout
+    while message not in (out := dst.output()) or "rejected an incoming migration" not in out:
+        assert dst.proc.poll() is None, f"the destination exited:\n{out}"
+        assert time.monotonic() < deadline, f"no rejection naming {message!r}:\n{out}"
+        time.sleep(0.05)
+    assert "Traceback" not in out, out
+    assert dst.status() == "inmigrate"
+    assert any(e["event"] == "X_MIGRATION_REJECTED" for e in dst.events), dst.events
+
+
+def migration_key(tmp: Path) -> Path:
+    """The pre-shared migration key of the VMMs started in `tmp` (made on first use, mode 0600)."""
+    path = tmp / "migration.key"
+    return path if path.exists() else new_key_file(path)
 
 
 def iterations_increase(vmm: Monitor, wait: float = 0.3) -> bool:
@@ -378,3 +407,64 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+class TamperProxy(TcpProxy):
+    """An on-path attacker between a source and a destination under a PSK: it forwards every
+    connection, and on connection number `stream` (0: the main stream, i + 1: data channel i)
+    applies `attack` to the first sealed record of at least `min_size` bytes the source sends:
+    "flip" one bit in it, "swap" it with the next record, or "replay" it (send it twice)."""
+
+    HANDSHAKE = {0: 1 + 32 + 32 + 1}  # kind, nonce, proof, verdict (a NEW handshake)
+    JOIN_HANDSHAKE = 1 + 32 + 16 + 1 + 32 + 1  # kind, nonce, session id, index, proof, verdict
+
+    def __init__(self, target: int, stream: int, attack: str, min_size: int = 1) -> None:
+        self.stream, self.attack, self.min_size = stream, attack, min_size
+        self.connections = 0
+        self.tampered = threading.Event()
+        super().__init__(target)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        if a.getpeername()[1] == self.target:  # destination → source: untouched
+            return super()._pump(a, b)
+        with self._lock:
+            index, self.connections = self.connections, self.connections + 1
+        if index != self.stream:
+            return super()._pump(a, b)
+        try:
+            self._tamper(a, b, self.HANDSHAKE.get(index, self.JOIN_HANDSHAKE))
+        except OSError:
+            pass
+
+    def _tamper(self, a: socket.socket, b: socket.socket, handshake: int) -> None:
+        def exact(n: int) -> bytes:
+            buf = bytearray()
+            while len(buf) < n:
+                chunk = a.recv(n - len(buf))
+                if not chunk:
+                    raise OSError("closed")
+                buf += chunk
+            return bytes(buf)
+
+        b.sendall(exact(handshake - 1))  # the proof; the verdict follows the server's
+        b.sendall(exact(1))
+        held: bytes | None = None
+        while True:
+            head = exact(4)
+            record = head + exact(struct.unpack("<I", head)[0])
+            if held is not None:  # swap: the next record first, then the held one
+                b.sendall(record + held)
+                held = None
+                self.tampered.set()
+            elif self.tampered.is_set() or len(record) < self.min_size:
+                b.sendall(record)
+            elif self.attack == "flip":
+                bad = bytearray(record)
+                bad[len(bad) // 2] ^= 0x10
+                b.sendall(bytes(bad))
+                self.tampered.set()
+            elif self.attack == "replay":
+                b.sendall(record + record)
+                self.tampered.set()
+            else:
+                held = record

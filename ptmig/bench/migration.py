@@ -14,6 +14,9 @@ Per run, back to back:
   the `migrate` command to the switchover, as QEMU's does; it does not include the
   destination's start-up, during which it prefaults its guest RAM (on by default, like QEMU's
   `-mem-prealloc`; about 0.5 s per GiB here, long over by the time the source filled its RAM).
+- **sealed**: the same ptmig migration under a pre-shared key (the default mode: every byte in
+  AES-GCM records, see `migration.seal`), run right after the plain (`--insecure`) one;
+  `ptmig.sealed/plain` is the throughput ratio of the two, per run.
 - **stream**: a plain Python TCP loopback stream of the same number of bytes
   (`transport.measure_loopback_stream`); `ptmig/stream` is what the engine achieves of it.
 - **QEMU** (when `qemu-system-x86_64` is installed; `make bench` installs it on Debian as root):
@@ -57,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from ..demo import cpu
+from ..migration.seal import new_key_file
 from ..migration.transport import measure_loopback_stream
 from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
@@ -67,6 +71,7 @@ GiB = 1 << 30
 FILL_FROM = 16 * MiB  # firmware, page tables, stacks and the workload's bitmap live below
 
 GOAL_STREAM_RATIO = Goal(">=", 0.6)
+GOAL_SEALED_RATIO = Goal(">=", 0.8)
 GOAL_QEMU_THROUGHPUT_RATIO = Goal(">=", 3.0)
 GOAL_DOWNTIME_MS = Goal("<=", 10, "ms")
 GOAL_CPU_PER_GIB = Goal("<=", 1.0, "s/GiB")
@@ -114,6 +119,7 @@ def run(config: BenchConfig) -> list[Result]:
 def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Result]:
     qemu = shutil.which(QEMU_BINARY)
     ptmig_s: list[Sample] = []
+    sealed_s: list[Sample] = []
     stream: list[float] = []
     qemu_s: list[Sample] = []
     qemu_accel: str | None = None
@@ -124,6 +130,7 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
             for i in range(config.runs):
                 progress.step("ptmig migration, then the plain stream", i + 1, config.runs)
                 ptmig_s.append(ptmig_migration(tmp, p))
+                sealed_s.append(ptmig_migration(tmp, p, sealed=True))
                 stream.append(measure_loopback_stream(ptmig_s[-1].transferred) / 1e9)
                 if qemu is not None and qemu_error is None:
                     progress.step("QEMU migration", i + 1, config.runs)
@@ -136,7 +143,7 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
         finally:
             remove_qemu_ram_files()
         progress.step("one verified ptmig migration")
-        verified = ptmig_migration(tmp, p, verify=True).info.get("x-verify", {})
+        verified = ptmig_migration(tmp, p, verify=True, sealed=True).info.get("x-verify", {})
     extra = {"memory_mib": p.memory // MiB, "filled_mib": (p.memory - FILL_FROM) // MiB,
              "verify": verified}
     tp = [s.gb_per_s for s in ptmig_s]
@@ -152,6 +159,12 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
                    {**extra, "what": f"{side} VMM process CPU (user + system, vCPU threads "
                                      "left out) from migrate to completed, per GiB sent"})
           for side in ("source", "destination")],
+        measured(SECTION, "ptmig.sealed.throughput", [s.gb_per_s for s in sealed_s], "GB/s",
+                 extra=extra),
+        measured(SECTION, "ptmig.sealed.downtime", [s.downtime_ms for s in sealed_s], "ms",
+                 extra=extra),
+        measured(SECTION, "ptmig.sealed/plain", paired_ratios(
+            [s.gb_per_s for s in sealed_s], tp), "ratio", GOAL_SEALED_RATIO),
     ]
     if qemu is None or qemu_error is not None or not qemu_s:
         why = (f"{QEMU_BINARY} is not installed (`make bench` installs qemu-system-x86 on "
@@ -300,11 +313,14 @@ def _ptmig(tmp: Path, name: str, config: Path, *extra: str) -> subprocess.Popen[
                                  *extra], stdout=log, stderr=log, env=env)
 
 
-def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False) -> Sample:
+def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False,
+                    sealed: bool = False) -> Sample:
+    """One migration: plain (`--insecure`, like QEMU's tcp:) or sealed under a fresh PSK."""
     config = _ptmig_config(tmp, p.memory)
     port = free_port()
-    src = _ptmig(tmp, "src", config)
-    dst = _ptmig(tmp, "dst", config, "--incoming", f"tcp:127.0.0.1:{port}")
+    auth = ("--psk-file", str(new_key_file(tmp / "migration.key"))) if sealed else ("--insecure",)
+    src = _ptmig(tmp, "src", config, *auth)
+    dst = _ptmig(tmp, "dst", config, "--incoming", f"tcp:127.0.0.1:{port}", *auth)
     qs = qd = None
     try:
         qs = _qmp(tmp / "src.qmp", src, p.start_timeout_s)

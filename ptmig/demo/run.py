@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 
 from ..cliconv import json_to_stdout, write_json
+from ..migration.seal import new_key_file
 from . import cpu
 from .live import LiveView
 from .plan import DemoOptions, DemoPlan, free_port, latency_path, write_configs
@@ -359,12 +360,15 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         src_cfg, dst_cfg = write_configs(plan)
         view.progress.set_phase("starting source and destination VMMs")
         view.update()
+        key = str(new_key_file(plan.path("migration.key")))  # the two VMMs' own key
         src = kids.start("vmm-src", ptmig_command("run", str(src_cfg), "--qmp",
                                                    f"unix:{plan.qmp_src}", "--console",
-                                                   str(plan.path("src.console"))))
+                                                   str(plan.path("src.console")),
+                                                   "--psk-file", key))
         dst = kids.start("vmm-dst", ptmig_command(
             "run", str(dst_cfg), "--qmp", f"unix:{plan.qmp_dst}", "--console",
-            str(plan.path("dst.console")), "--incoming", f"tcp:127.0.0.1:{plan.migration_port}"))
+            str(plan.path("dst.console")), "--incoming", f"tcp:127.0.0.1:{plan.migration_port}",
+            "--psk-file", key))
         src_qmp = src.connect_qmp(plan.qmp_src)
         dst_qmp = dst.connect_qmp(plan.qmp_dst)
         _wait_status(src_qmp, src, "running")

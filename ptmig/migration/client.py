@@ -44,7 +44,7 @@ class MigrateClientError(RuntimeError):
 @dataclass(frozen=True)
 class MigrateOptions:
     qmp_path: str  # the source VMM's QMP unix socket
-    uri: str  # tcp:HOST:PORT of the destination
+    uri: str  # tcp:HOST:PORT or unix:PATH of the destination
     dma_tracking: str | None = None  # x-dma-tracking; None leaves the VMM's setting alone
     downtime_limit_ms: int | None = None
     max_bandwidth: int | None = None  # bytes/s
@@ -55,8 +55,8 @@ class MigrateOptions:
     timeout_s: float | None = None  # give up waiting (the migration is cancelled) after this
 
     def __post_init__(self) -> None:
-        if not self.uri.startswith("tcp:"):
-            raise ValueError(f"destination must be tcp:HOST:PORT, got {self.uri!r}")
+        if not self.uri.startswith(("tcp:", "unix:")):
+            raise ValueError(f"destination must be tcp:HOST:PORT or unix:PATH, got {self.uri!r}")
         if self.dma_tracking is not None and self.dma_tracking not in DMA_TRACKING:
             raise ValueError(f"dma tracking must be one of {', '.join(DMA_TRACKING)}, "
                              f"got {self.dma_tracking!r}")

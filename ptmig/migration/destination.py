@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..cliconv import VMM_FAILED
+from ..devices.handle import DeviceError
 from ..disklock import DiskLockError
 from ..vcpu_state import MAX_STATE_BYTES, VcpuState
 from ..vm import RunState
@@ -68,7 +69,7 @@ from .protocol import (
     check_hello,
     parse_channel_capability,
 )
-from .source import VERIFY_CAPABILITY, parse_uri
+from .source import VERIFY_CAPABILITY
 from .strategies import decode_device_states
 from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests_at
 
@@ -84,6 +85,12 @@ DATA_CHANNEL_ACCEPT_S = 10.0  # the source connects its data channels right afte
 
 class IncomingError(RuntimeError):
     pass
+
+
+# What a failed attempt can raise; the destination then waits for the next source.
+ATTEMPT_FAILURES = (IncomingError, ProtocolError, transport.TransportError, ValueError)
+# Failures whose text is sent to the source in an Abort (the peer's own or our refusal).
+REFUSALS = (IncomingError, RemoteProtocolError, ValueError)
 
 
 def unpack_vcpu_states(blob: bytes, nvcpus: int) -> list[VcpuState]:
@@ -106,14 +113,20 @@ def unpack_vcpu_states(blob: bytes, nvcpus: int) -> list[VcpuState]:
 
 
 def program_devices(machine: Machine, devices: list[dict[str, Any]]) -> None:
-    """Program this host's fresh devices from the transferred state."""
+    """Program this host's fresh devices from the transferred state. The state is the peer's:
+    whatever a device or the shadow restore finds wrong with it (a rejected command, a field of
+    the wrong type) refuses the migration, naming the device."""
     for dev, entry in zip(machine.devices, devices, strict=True):
-        if entry.get("source") == "shadow":
-            from ..shadow.restore import restore_shadowed_device
+        try:
+            if entry.get("source") == "shadow":
+                from ..shadow.restore import restore_shadowed_device
 
-            restore_shadowed_device(machine, dev, entry)
-        else:
-            dev.handle.set_state(entry["state"])
+                restore_shadowed_device(machine, dev, entry)
+            else:
+                dev.handle.set_state(entry["state"])
+        except (DeviceError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IncomingError(f"device {dev.id} rejected the migrated state: "
+                                f"{type(e).__name__}: {e}") from e
 
 
 def prepare_guest_ram(machine: Machine, prefault: bool) -> bool:
@@ -262,13 +275,15 @@ class DataChannelReceiver:
 class Incoming:
     def __init__(self, machine: Machine, uri: str, *, psk: bytes | None = None,
                  tls: transport.TlsConfig | None = None, insecure: bool = False,
-                 prefault: bool = True) -> None:
-        """`prefault`: allocate and map all guest RAM before accepting (`prepare_guest_ram`)."""
+                 prefault: bool = True, incoming_timeout: float | None = None) -> None:
+        """`prefault`: allocate and map all guest RAM before accepting (`prepare_guest_ram`).
+        `incoming_timeout`: seconds to wait for a valid source (None: no limit)."""
         self.m = machine
         self.prefault = prefault
-        self.host, self.port = parse_uri(uri)
-        self.listener = transport.listen(self.host, self.port, tls=tls, psk=psk,
-                                         insecure=insecure)
+        self.incoming_timeout = incoming_timeout
+        self.address = transport.parse_address(uri)  # port 0: any free port
+        self.listener = transport.listen_at(self.address, tls=tls, psk=psk, insecure=insecure)
+        self.rejected: list[str] = []  # why each failed attempt was refused, in order
         self.verify: dict[str, Any] | None = None
         self.digests: np.ndarray | None = None  # per page, as received (x-verify)
         self.started_at: float | None = None
@@ -283,7 +298,13 @@ class Incoming:
         self.ownership = GuestOwnership(Role.DESTINATION)
 
     def receive(self) -> None:
-        """Accept one migration and run it to the switchover; the guest runs on return."""
+        """Wait for a source and run its migration to the switchover; the guest runs on return.
+
+        A connection that fails before the guest runs here — authentication, garbage, silence,
+        a refused Hello or state, a source that gives up — is closed, logged and reported
+        (`X_MIGRATION_REJECTED`), and the destination waits for the next one until
+        `incoming_timeout` (None: for ever). Each attempt sends all of RAM again (round 0
+        covers every page), so nothing of a failed one survives into the guest."""
         m = self.m
         vm = m.vm
         # 'inmigrate' once RAM is ready: a management layer waiting for it then knows the
@@ -295,8 +316,54 @@ class Incoming:
         for v in vm.vcpus:
             if v.thread.ident is None:
                 v.start()
-        log.info("waiting for an incoming migration on %s:%s", self.host, self.listener.port)
-        ch = self.listener.accept()
+        log.info("waiting for an incoming migration on %s (port %d)", self.address,
+                 self.listener.port)
+        deadline = (None if self.incoming_timeout is None
+                    else time.monotonic() + self.incoming_timeout)
+        try:
+            while True:
+                ch = self._accept_source(deadline)
+                try:
+                    self._attempt(ch)
+                    return
+                except ATTEMPT_FAILURES as e:
+                    if vm.state is not RunState.INMIGRATE:
+                        raise  # the guest ran here: this migration is over either way
+                    self._rejected(ch.peer, f"{type(e).__name__}: {e}")
+                    self._reset_attempt()
+        finally:
+            self.listener.close()
+
+    def _accept_source(self, deadline: float | None,
+                       what: str = "incoming migration") -> transport.Channel:
+        """The next connection that authenticates; failed ones are reported and skipped."""
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise transport.TransportError(f"no valid {what} within the time allowed")
+            try:
+                return self.listener.accept(timeout=left)
+            except transport.AuthenticationError as e:
+                self._rejected("a connection", str(e))
+
+    def _rejected(self, peer: str, reason: str) -> None:
+        """A peer's attempt failed: log it, tell the management layer, keep waiting."""
+        log.warning("rejected an incoming migration from %s: %s", peer, reason)
+        if self.m.qmp is not None:
+            self.m.qmp.emit("X_MIGRATION_REJECTED", {"peer": peer, "reason": reason[:MAX_REASON]})
+        self.rejected.append(reason)
+
+    def _reset_attempt(self) -> None:
+        self.listener.sessions.clear()  # no data channel may join a refused attempt's session
+        self.data_channels = []
+        self.digests = None
+        self.pages_received = 0
+        self.activity = transport.SharedActivity()
+        self._main = None
+        self._failure = None
+
+    def _attempt(self, ch: transport.Channel) -> None:
+        """One source's migration on its main stream `ch`, to the switchover."""
         ch.activity = self.activity
         self.activity.touch()  # the watchdog starts with the migration, not with the wait for it
         self._main = ch
@@ -305,14 +372,13 @@ class Incoming:
         try:
             self._converse(ch, conn, splicer)
         except Exception as e:
-            why = self._failure or (str(e) if isinstance(e, IncomingError) else None)
+            why = self._failure or (str(e) if isinstance(e, REFUSALS) else None)
             if why is not None:
                 self._abort_to_source(ch, conn, why)
             if self._failure is not None and not isinstance(e, IncomingError):
                 raise IncomingError(self._failure) from e  # the cause, not its echo on this stream
             raise
         finally:
-            self.listener.close()
             for d in self.data_channels:
                 d.close()
             ch.close()
@@ -337,7 +403,6 @@ class Incoming:
                 if VERIFY_CAPABILITY in ev.capabilities:
                     self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
                 self._accept_data_channels(ev)
-                self.listener.close()
             elif isinstance(ev, PageRunsHeader):
                 self._pages_arrived(ev.runs)
             elif isinstance(ev, RoundStart):
@@ -390,7 +455,7 @@ class Incoming:
 
     def _splicer(self, ch: transport.Channel) -> SpliceReceiver | None:
         """A splice receiver where it beats `recv_into` (guest RAM not mapped, plain TCP)."""
-        if self._mapped or ch.is_tls or not hasattr(os, "splice"):
+        if self._mapped or ch.is_tls or ch.sealed or not hasattr(os, "splice"):
             return None
         mem = self.m.vm.memory
         return SpliceReceiver(ch, mem.fd, mem.host_address)
@@ -403,8 +468,9 @@ class Incoming:
             return
         n, token = request
         slots: list[DataChannelReceiver | None] = [None] * n
+        deadline = time.monotonic() + DATA_CHANNEL_ACCEPT_S
         for _ in range(n):
-            ch = self.listener.accept(timeout=DATA_CHANNEL_ACCEPT_S)
+            ch = self._accept_source(deadline, "data channel")
             try:
                 conn = self._connection(data_channel=True)
                 index = self._data_channel_hello(ch, conn, token, slots)
@@ -426,8 +492,13 @@ class Incoming:
             raise IncomingError(f"a data channel began with {type(ev).__name__}, not Hello")
         got = parse_channel_capability(ev, DATA_CHANNEL_CAPABILITY)
         ack = check_hello(ev, self.m.cfg.compat_fingerprint())
+        main = self._main
         if got is None or not hmac.compare_digest(got[1], token):
             ack = HelloAck(False, "data channel without this migration's token")
+        elif main is not None and main.session is not None and (
+                ch.session != main.session or ch.stream != got[0] + 1):
+            ack = HelloAck(False, f"data channel {got[0]} did not join this migration's "
+                                  f"PSK session as that channel (stream {ch.stream})")
         elif got[0] >= len(slots) or slots[got[0]] is not None:
             ack = HelloAck(False, f"data channel index {got[0]} is not a free one of {len(slots)}")
         transport.send_event(ch, conn, ack)
@@ -568,7 +639,10 @@ class Incoming:
         vm = self.m.vm
         report: dict[str, Any] = {}
         t1 = time.monotonic()
-        vm.restore_vcpus(vcpus)
+        try:
+            vm.restore_vcpus(vcpus)
+        except OSError as e:
+            raise IncomingError(f"KVM rejected the migrated vCPU state: {e}") from e
         t2 = time.monotonic()
         program_devices(self.m, devices)
         # Everything but the final "go" happens before the acknowledgement, so that the source's

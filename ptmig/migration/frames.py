@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -81,6 +82,10 @@ _VERIFY_REPORT: Final = struct.Struct("<QQI")
 MAX_REPORTED_PAGES: Final = 16
 
 FLAG_PAYLOAD_CRC: Final = 0x01
+MAX_JSON_DEPTH: Final = 32  # nesting of arrays and objects in a peer's JSON (HELLO, DEVICE_STATES)
+_JSON_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
+_JSON_STRING: Final = re.compile(rb'"[^"]*"')  # once escapes are gone: linear on any input
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 class FrameType(enum.IntEnum):
@@ -164,6 +169,30 @@ def check_crc(
         )
 
 
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in `data`, read without parsing it (brackets
+    inside strings do not count). Linear and iterative: safe on any input."""
+    unescaped = _JSON_ESCAPE.sub(b"", data)
+    brackets = _JSON_STRING.sub(b"", unescaped).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    arr = np.frombuffer(brackets, np.uint8)
+    steps = np.where((arr == ord("[")) | (arr == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def load_json(data: bytes, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The one parser of JSON from the peer: nesting bounded before parsing (Python's parser
+    recurses), then UTF-8 and JSON syntax checked; RemoteProtocolError names `what`."""
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise RemoteProtocolError(f"{what} nests {depth} levels deep, more than {max_depth}")
+    try:
+        return json.loads(_decode_text(data, what))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise RemoteProtocolError(f"{what} is not valid JSON: {e}") from None
+
+
 def _decode_text(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
@@ -243,10 +272,7 @@ def decode_event(ftype: FrameType, metadata: bytes) -> Event:
     match ftype:
         case FrameType.HELLO:
             (version,) = _U32.unpack_from(metadata)
-            try:
-                body: Any = json.loads(_decode_text(metadata[4:], "HELLO body"))
-            except json.JSONDecodeError as e:
-                raise RemoteProtocolError(f"HELLO body is not valid JSON: {e}") from None
+            body: Any = load_json(metadata[4:], "HELLO body")
             if not isinstance(body, dict) or not isinstance(body.get("fingerprint"), dict):
                 raise RemoteProtocolError(
                     "HELLO body must be a JSON object with a 'fingerprint' object"

@@ -408,6 +408,10 @@ class Connection:
 
     def send(self, event: Event) -> bytes:
         """Bytes for one event. PageRuns here copies its payload; prefer `send_pages`."""
+        if self.state is State.ERROR and isinstance(event, Abort) and not self._aborted_locally:
+            # The peer broke the protocol: it may still learn why we give up.
+            self._aborted_locally = True
+            return self._out(frames.encode_event(event))
         self._check_can_send()
         if isinstance(event, PageRunsHeader):
             raise LocalProtocolError("PageRunsHeader is a receive-side event; use send_pages")

@@ -116,13 +116,12 @@ class RoundStopped(Exception):
     """A data-channel round was stopped: another sender or the destination failed first."""
 
 
-def parse_uri(uri: str) -> tuple[str, int]:
-    if not uri.startswith("tcp:"):
-        raise ValueError(f"migration URI must be tcp:HOST:PORT, got {uri!r}")
-    host, sep, port = uri[4:].rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"migration URI must be tcp:HOST:PORT, got {uri!r}")
-    return host.strip("[]"), int(port)
+def parse_uri(uri: str) -> transport.Address:
+    """A migration URI (`tcp:HOST:PORT` or `unix:PATH`); the source needs a port."""
+    address = transport.parse_address(uri)
+    if address.path is None and address.port == 0:
+        raise ValueError(f"migration URI must name a port (tcp:HOST:PORT), got {uri!r}")
+    return address
 
 
 def pack_vcpu_states(blobs: list[bytes]) -> bytes:
@@ -150,7 +149,7 @@ class SourceMigration:
                  tls: transport.TlsConfig | None = None, insecure: bool = False,
                  on_status: Callable[[Status], None] | None = None) -> None:
         self.m = machine
-        self.host, self.port = parse_uri(uri)
+        self.address = parse_uri(uri)
         self.params = params
         self.caps = caps
         self.psk, self.tls, self.insecure = psk, tls, insecure
@@ -216,8 +215,8 @@ class SourceMigration:
         self._note_owner()
         switched = False
         try:
-            ch = transport.connect(self.host, self.port, tls=self.tls, psk=self.psk,
-                                   insecure=self.insecure)
+            ch = transport.connect_to(self.address, tls=self.tls, psk=self.psk,
+                                      insecure=self.insecure)
             self.channel = ch
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
             caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
@@ -315,8 +314,10 @@ class SourceMigration:
         npages = self.m.vm.memory.npages
         for index, mask in enumerate(stripe_masks(npages, n) if n else []):
             self._check()
-            ch = transport.connect(self.host, self.port, tls=self.tls, psk=self.psk,
-                                   insecure=self.insecure)
+            main = self.channel
+            join = (main.session, index) if main is not None and main.session else None
+            ch = transport.connect_to(self.address, tls=self.tls, psk=self.psk,
+                                      insecure=self.insecure, join=join)
             self.data_channels.append(DataChannel(ch, Connection(
                 Role.SOURCE, guest_pages=npages, data_channel=True), mask))
             cap = channel_capability(DATA_CHANNEL_CAPABILITY, index, token)

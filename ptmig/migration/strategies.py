@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .. import bitmap
+from .events import RemoteProtocolError
+from .frames import load_json
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -163,9 +165,9 @@ def decode_device_states(blob: bytes, expected_ids: list[str]) -> list[dict[str,
         raise DeviceStateError(
             f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}")
     try:
-        doc = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DeviceStateError(f"device state is not valid JSON: {e}") from None
+        doc = load_json(bytes(blob), "device state")
+    except RemoteProtocolError as e:
+        raise DeviceStateError(str(e)) from None
     if (not isinstance(doc, dict) or doc.get("version") != 1
             or not isinstance(doc.get("devices"), list)):
         raise DeviceStateError("device state lacks version 1 and a device list")
@@ -176,4 +178,6 @@ def decode_device_states(blob: bytes, expected_ids: list[str]) -> list[dict[str,
     for d in devices:
         if not isinstance(d.get("state"), dict):
             raise DeviceStateError(f"device {d.get('id')}: state is not an object")
+        if "inflight" in d and not isinstance(d["inflight"], dict):
+            raise DeviceStateError(f"device {d.get('id')}: in-flight list is not an object")
     return devices

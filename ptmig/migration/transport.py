@@ -1,45 +1,43 @@
-"""The migration transport: TCP, mutual TLS or a pre-shared-key handshake, scatter/gather I/O.
+"""The migration transport: TCP or unix sockets; mutual TLS, a sealed PSK channel, or nothing.
 
 This is the only module of `ptmig.migration` that touches sockets. It carries bytes; the protocol
 (`protocol.Connection`) decides what they mean. `recv_event` / `send_event` / `send_pages` glue
 the two together for an engine.
 
-Security by default: `listen` and `connect` refuse a non-loopback address unless the stream is
-authenticated (TLS with mutual certificates, or a PSK), or the caller says `insecure=True`.
+Authenticated by default: `listen` and `connect` refuse to carry a migration unless the stream
+is authenticated, loopback included. The modes, and what each protects:
 
-PSK handshake (runs before any migration byte is accepted, over TLS too if both are given):
-    server → client   b"PTMIG-PSK1" + nonce_s (32 random bytes)
-    client → server   nonce_c (32) + HMAC-SHA256(key, b"client" + nonce_s + nonce_c)
-    server → client   b"\\x01" + HMAC-SHA256(key, b"server" + nonce_c + nonce_s)
-                      (or b"\\x00" + 32 zero bytes if the client's proof is wrong)
-    client → server   b"\\x01" if the server's proof is right, else b"\\x00"
-Both proofs are compared with `hmac.compare_digest`. It authenticates; it does not encrypt.
+- TLS (mutual certificates): the stream is encrypted and integrity-protected by TLS; each side
+  proves it holds a certificate signed by the other's CA.
+- PSK: every stream runs the handshake of `seal` (both sides prove they know the key), and every
+  byte after it travels in AES-GCM records with per-stream, per-direction keys and sequence
+  numbers (`SealedChannel`): secret, and any change, replay, reordering, drop or move between
+  streams is detected. Data channels join the main stream's session with a proof derived from
+  its key. (With TLS as well, the PSK handshake runs inside TLS and TLS protects the bytes.)
+- `unix:PATH` in a directory only this user can enter (mode 0700 or stricter, owned by us):
+  the file system decides who can connect; the listener also checks the peer's uid.
+- `insecure=True`: nothing; anyone who can reach the port can feed or read the migration.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import hmac
-import ipaddress
 import os
-import secrets
 import socket
 import ssl
+import stat
 import struct
 import termios
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ptmig.migration import seal
 from ptmig.migration.events import NEED_DATA, Event, PageRunsHeader
 from ptmig.migration.protocol import Connection, ConnectionClosed
 
-PSK_GREETING = b"PTMIG-PSK1"
-_NONCE = 32
-_MAC = 32
 try:
     IOV_MAX = min(int(os.sysconf("SC_IOV_MAX")), 1024)
 except (ValueError, OSError):  # pragma: no cover - every Linux has it
@@ -58,6 +56,10 @@ class AuthenticationError(TransportError):
     """The peer could not be authenticated (TLS or PSK); no migration data was exchanged."""
 
 
+class IntegrityError(TransportError):
+    """A sealed record failed its check: the stream was tampered with (or is corrupt)."""
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     """PEM paths: this side's certificate and key, and the CA that signs the peer's.
@@ -71,34 +73,67 @@ class TlsConfig:
     server_hostname: str | None = None
 
 
-def is_loopback(host: str) -> bool:
-    """True if `host` names only loopback addresses (resolving names)."""
-    if host in ("", "0.0.0.0", "::"):
-        return False
+@dataclass(frozen=True)
+class Address:
+    """Where a migration goes: `tcp:HOST:PORT` or `unix:PATH`."""
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+
+
+def parse_address(uri: str) -> Address:
+    """`tcp:HOST:PORT` (IPv6 hosts in brackets) or `unix:PATH` (QEMU's migration URIs)."""
+    if uri.startswith("unix:"):
+        path = uri[5:]
+        if not path or "\0" in path:
+            raise ValueError(f"migration URI must be unix:PATH with a non-empty PATH, got {uri!r}")
+        return Address(path=os.path.abspath(path))
+    if not uri.startswith("tcp:"):
+        raise ValueError(f"migration URI must be tcp:HOST:PORT or unix:PATH, got {uri!r}")
+    host, sep, port = uri[4:].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"migration URI must be tcp:HOST:PORT, got {uri!r}")
+    return Address(host=host.strip("[]"), port=int(port))
+
+
+def check_private_directory(path: str) -> None:
+    """A unix: socket is authenticated by its directory: refuse one that another user could
+    enter (group or other permission bits) or that is not ours."""
+    directory = os.path.dirname(os.path.abspath(path)) or "/"
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+        st = os.stat(directory)
+    except OSError as e:
+        raise TransportError(f"unix socket directory {directory!r}: {e}") from e
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise TransportError(
+            f"refusing unix:{path}: its directory {directory!r} has mode "
+            f"{st.st_mode & 0o777:#o} and owner uid {st.st_uid}; a migration socket must be in "
+            f"a directory only its owner (uid {os.getuid()}) can enter (chmod 700), or be "
+            "authenticated otherwise (--psk-file, TLS) or explicitly --insecure")
 
 
 def _require_secure(
-    host: str, tls: TlsConfig | None, psk: bytes | None, insecure: bool, what: str
+    where: str, tls: TlsConfig | None, psk: bytes | None, insecure: bool, what: str
 ) -> None:
-    if tls is None and psk is None and not insecure and not is_loopback(host):
+    if tls is None and psk is None and not insecure:
         raise TransportError(
-            f"refusing to {what} {host!r} without TLS or a pre-shared key: a migration stream "
-            "carries guest memory and vCPU state; pass tls=..., psk=..., or insecure=True"
+            f"refusing to {what} {where} without authentication: a migration stream carries "
+            "guest memory and vCPU state, and any local process can reach a loopback port; "
+            "give a pre-shared key (--psk-file) or TLS, use a unix: socket in a private "
+            "directory, or pass --insecure"
         )
-    if psk is not None and len(psk) < 16:
-        raise ValueError(f"pre-shared key is {len(psk)} bytes; use at least 16")
+    if psk is not None:
+        seal.check_psk(psk)
 
 
 def _tune(sock: socket.socket, inactivity_timeout: float) -> None:
+    sock.settimeout(inactivity_timeout)
+    if sock.family == socket.AF_UNIX:
+        return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for opt, val in (
@@ -148,6 +183,9 @@ class Channel:
         self.bytes_received = 0
         self.activity: SharedActivity | None = None
         self._waiting_longer = False  # the socket's timeout is shortened (see `_wait_longer`)
+        self.session: seal.Session | None = None  # the PSK session (SealedChannel only)
+        self.stream = 0  # this stream's index in its session (0: main, i + 1: data channel i)
+        self.sealed = False
 
     def unacknowledged(self) -> int:
         """Bytes sent that the peer's TCP has not acknowledged yet (SIOCOUTQ); 0 if unknown.
@@ -301,6 +339,186 @@ class Channel:
         self.close()
 
 
+_COALESCE = 64 << 10  # buffers smaller than this are gathered into one record
+
+
+class SealedChannel(Channel):
+    """A Channel whose bytes travel in AES-GCM records (`seal`): same interface, sealed.
+
+    Sending: buffers of at least `_COALESCE` bytes (page runs) are sealed straight from where
+    they are (guest memory), in records of up to `seal.MAX_RECORD`; smaller ones are gathered
+    first, so a frame header and its metadata share one record. Receiving: a record whose
+    plaintext fits the caller's buffer is opened straight into it (guest memory), anything else
+    through a buffer of one record. One thread sends and one receives at a time."""
+
+    def __init__(self, sock: socket.socket, inactivity_timeout: float, peer: str,
+                 keys: seal.StreamKeys) -> None:
+        super().__init__(sock, inactivity_timeout, peer)
+        self.keys = keys
+        self.session = keys.session
+        self.stream = keys.stream
+        self.sealed = True
+        self._out = bytearray(seal.RECORD_HEADER.size + seal.MAX_RECORD + seal.TAG)
+        self._stage = bytearray(seal.MAX_RECORD)  # small buffers gathered into one record
+        self._hdr = bytearray(seal.RECORD_HEADER.size)
+        self._hdr_got = 0
+        self._body = bytearray(seal.MAX_RECORD + seal.TAG)
+        self._body_need: int | None = None  # ciphertext bytes of the record being received
+        self._body_got = 0
+        self._plain_buf = bytearray(seal.MAX_RECORD)
+        self._plain = memoryview(self._plain_buf)[:0]  # opened, not yet consumed
+        self._eof = False
+
+    # ---- sending --------------------------------------------------------------------------
+
+    def send_buffers(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+        total = sum(v.nbytes for v in views)
+        staged = 0
+        for v in views:
+            if v.nbytes >= _COALESCE:
+                if staged:
+                    self._seal_send(memoryview(self._stage)[:staged])
+                    staged = 0
+                for pos in range(0, v.nbytes, seal.MAX_RECORD):
+                    self._seal_send(v[pos : pos + seal.MAX_RECORD])
+                continue
+            if staged + v.nbytes > seal.MAX_RECORD:
+                self._seal_send(memoryview(self._stage)[:staged])
+                staged = 0
+            self._stage[staged : staged + v.nbytes] = v
+            staged += v.nbytes
+        if staged:
+            self._seal_send(memoryview(self._stage)[:staged])
+        return total
+
+    def _seal_send(self, plaintext: memoryview) -> None:
+        n = seal.RECORD_HEADER.size + plaintext.nbytes + seal.TAG
+        with memoryview(self._out) as out:
+            self.keys.send.seal_into(plaintext, out[:n])
+            Channel.send_buffers(self, [out[:n]])
+
+    # ---- receiving ------------------------------------------------------------------------
+
+    def _raw_into(self, view: memoryview, wait: bool) -> int | None:
+        """One read of raw bytes into `view`: the count (0 at the peer's end), None if
+        `wait` is False and nothing is there."""
+        if not wait:
+            self.sock.settimeout(0)
+        try:
+            while True:
+                try:
+                    n = self.sock.recv_into(view)
+                    break
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    if wait:
+                        raise
+                    return None
+                except (OSError, ssl.SSLError) as e:
+                    if not wait or not self._wait_longer(e):
+                        raise self._fail(e, "receiving a sealed record") from e
+        finally:
+            if not wait:
+                self.sock.settimeout(self.inactivity_timeout)
+        self.note_received(n)
+        return n
+
+    def _next_record(self, wait: bool) -> bool:
+        """Receive the rest of the next record (not opened yet); False if `wait` is False and
+        it is not all here. At the peer's end between records, sets `_eof` and returns True."""
+        size = seal.RECORD_HEADER.size
+        with memoryview(self._hdr) as hdr, memoryview(self._body) as body:
+            while self._hdr_got < size:
+                n = self._raw_into(hdr[self._hdr_got :], wait)
+                if n is None:
+                    return False
+                if n == 0:
+                    if self._hdr_got:
+                        raise TransportError(f"peer {self.peer} closed the connection inside a "
+                                             "sealed record header")
+                    self._eof = True
+                    return True
+                self._hdr_got += n
+            if self._body_need is None:
+                try:
+                    self._body_need = seal.record_length(bytes(self._hdr))
+                except seal.SealError as e:
+                    raise IntegrityError(f"from {self.peer}: {e}") from None
+            while self._body_got < self._body_need:
+                n = self._raw_into(body[self._body_got : self._body_need], wait)
+                if n is None:
+                    return False
+                if n == 0:
+                    raise TransportError(
+                        f"peer {self.peer} closed the connection inside a sealed record "
+                        f"({self._body_got} of {self._body_need} bytes)")
+                self._body_got += n
+        return True
+
+    @property
+    def _record_plaintext(self) -> int:
+        assert self._body_need is not None
+        return self._body_need - seal.TAG
+
+    def _open_into(self, out: memoryview) -> None:
+        """Check and decrypt the received record into `out` (its plaintext size)."""
+        assert self._body_need is not None
+        try:
+            with memoryview(self._body) as body:
+                self.keys.recv.open_into(bytes(self._hdr), body[: self._body_need], out)
+        except seal.SealError as e:
+            raise IntegrityError(f"from {self.peer}: {e}") from None
+        finally:
+            self._hdr_got, self._body_need, self._body_got = 0, None, 0
+
+    def _buffer_record(self) -> None:
+        n = self._record_plaintext
+        self._open_into(memoryview(self._plain_buf)[:n])
+        self._plain = memoryview(self._plain_buf)[:n]
+
+    def _take(self, max_bytes: int) -> bytes:
+        data = bytes(self._plain[:max_bytes])
+        self._plain = self._plain[len(data) :]
+        return data
+
+    def recv(self, max_bytes: int = 1 << 20) -> bytes:
+        while not self._plain:
+            if self._eof or (self._next_record(wait=True) and self._eof):
+                return b""
+            self._buffer_record()
+        return self._take(max_bytes)
+
+    def recv_nowait(self, max_bytes: int = 1 << 16) -> bytes | None:
+        while not self._plain:
+            if self._eof:
+                return b""
+            if not self._next_record(wait=False):
+                return None
+            if not self._eof:
+                self._buffer_record()
+        return self._take(max_bytes)
+
+    def recv_into_exact(self, view: memoryview | bytearray) -> None:
+        mv = memoryview(view).cast("B")
+        pos, total = 0, mv.nbytes
+        while pos < total:
+            if self._plain:
+                k = min(len(self._plain), total - pos)
+                mv[pos : pos + k] = self._plain[:k]
+                self._plain = self._plain[k:]
+                pos += k
+                continue
+            if self._eof or (self._next_record(wait=True) and self._eof):
+                raise TransportError(
+                    f"peer {self.peer} closed the connection after {pos} of {total} bytes")
+            n = self._record_plaintext
+            if n <= total - pos:  # straight into the caller's buffer
+                self._open_into(mv[pos : pos + n])
+                pos += n
+            else:
+                self._buffer_record()
+
+
 def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     buf = bytearray()
     try:
@@ -316,50 +534,22 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def _mac(key: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
-    return hmac.new(key, label + a + b, hashlib.sha256).digest()
+def _psk_handshake(sock: socket.socket, run: Callable[..., seal.StreamKeys],
+                   *args: Any) -> seal.StreamKeys:
+    """Run one side of the PSK handshake on `sock` (see `seal`); failures → AuthenticationError."""
+    def send(data: bytes) -> None:
+        try:
+            sock.sendall(data)
+        except (OSError, ssl.SSLError) as e:
+            raise AuthenticationError(f"connection failed during the PSK handshake: {e}") from e
 
+    def recv(n: int, what: str) -> bytes:
+        return _recv_exact(sock, n, what)
 
-def _psk_server(sock: socket.socket, key: bytes) -> None:
-    nonce_s = secrets.token_bytes(_NONCE)
-    sock.sendall(PSK_GREETING + nonce_s)
-    reply = _recv_exact(sock, _NONCE + _MAC, "the client's PSK proof")
-    nonce_c, proof = reply[:_NONCE], reply[_NONCE:]
-    if not hmac.compare_digest(proof, _mac(key, b"client", nonce_s, nonce_c)):
-        sock.sendall(b"\x00" + bytes(_MAC))
-        raise AuthenticationError(
-            "PSK authentication failed: the client's proof does not match our key "
-            "(the two sides have different pre-shared keys)"
-        )
-    sock.sendall(b"\x01" + _mac(key, b"server", nonce_c, nonce_s))
-    if _recv_exact(sock, 1, "the client's PSK verdict") != b"\x01":
-        raise AuthenticationError("PSK authentication failed: the client rejected our proof")
-
-
-def _psk_client(sock: socket.socket, key: bytes) -> None:
-    hello = _recv_exact(
-        sock, len(PSK_GREETING) + _NONCE, "the server's PSK challenge (does it use a PSK?)"
-    )
-    if not hello.startswith(PSK_GREETING):
-        raise AuthenticationError(
-            f"expected a PSK challenge, got {hello[: len(PSK_GREETING)]!r}: "
-            "the server is not using a pre-shared key"
-        )
-    nonce_s = hello[len(PSK_GREETING) :]
-    nonce_c = secrets.token_bytes(_NONCE)
-    sock.sendall(nonce_c + _mac(key, b"client", nonce_s, nonce_c))
-    verdict = _recv_exact(sock, 1 + _MAC, "the server's PSK verdict")
-    if verdict[0] != 1:
-        raise AuthenticationError(
-            "PSK authentication failed: the server rejected our proof "
-            "(the two sides have different pre-shared keys)"
-        )
-    if not hmac.compare_digest(verdict[1:], _mac(key, b"server", nonce_c, nonce_s)):
-        sock.sendall(b"\x00")
-        raise AuthenticationError(
-            "PSK authentication failed: the server's proof does not match our key"
-        )
-    sock.sendall(b"\x01")
+    try:
+        return run(send, recv, *args)
+    except seal.SealError as e:
+        raise AuthenticationError(str(e)) from None
 
 
 def _server_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -379,8 +569,32 @@ def _client_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+def _secure_stream(sock: socket.socket, peer: str, server: bool, tls_ctx: ssl.SSLContext | None,
+                   psk: bytes | None, handshake: Callable[[socket.socket], seal.StreamKeys],
+                   inactivity_timeout: float, server_hostname: str | None = None) -> Channel:
+    """TLS (if configured), then the PSK handshake (if a key is given) on a connected socket;
+    the Channel it returns is sealed under the PSK unless TLS already protects it."""
+    try:
+        if tls_ctx is not None:
+            try:
+                sock = tls_ctx.wrap_socket(sock, server_side=server,
+                                           server_hostname=None if server else server_hostname)
+            except (ssl.SSLError, OSError) as e:
+                raise AuthenticationError(f"TLS handshake with {peer} failed: {e}") from e
+        keys = handshake(sock) if psk is not None else None
+    except BaseException:
+        sock.close()
+        raise
+    if keys is not None and tls_ctx is None:
+        return SealedChannel(sock, inactivity_timeout, peer, keys)
+    return Channel(sock, inactivity_timeout, peer)
+
+
 class Listener:
-    """A listening socket; `accept` returns an authenticated Channel."""
+    """A listening socket; `accept` returns an authenticated Channel.
+
+    Under a PSK the listener remembers the sessions its main streams started, so that a data
+    channel can join one (`Channel.session` names it; the destination checks it is its own)."""
 
     def __init__(
         self,
@@ -388,14 +602,20 @@ class Listener:
         tls: TlsConfig | None,
         psk: bytes | None,
         inactivity_timeout: float,
+        path: str | None = None,
     ) -> None:
         self.sock = sock
         self._ctx = _server_context(tls) if tls else None
         self._psk = psk
         self.inactivity_timeout = inactivity_timeout
+        self.handshake_timeout = min(inactivity_timeout, 10.0)
+        self.path = path
+        self.sessions: dict[bytes, seal.Session] = {}
 
     @property
     def address(self) -> tuple[str, int]:
+        if self.path is not None:
+            return self.path, 0
         host, port = self.sock.getsockname()[:2]
         return host, port
 
@@ -404,30 +624,43 @@ class Listener:
         return self.address[1]
 
     def accept(self, timeout: float | None = None) -> Channel:
-        """Wait for one source, authenticate it, and return the channel."""
+        """Wait for one source, authenticate it, and return the channel. A peer that fails
+        authentication raises AuthenticationError; the listener stays usable."""
         self.sock.settimeout(timeout)
         try:
             raw, addr = self.sock.accept()
         except TimeoutError as e:
             raise TransportError(f"no incoming migration within {timeout} s") from e
-        peer = f"{addr[0]}:{addr[1]}"
-        _tune(raw, self.inactivity_timeout)
-        sock: socket.socket = raw
-        try:
-            if self._ctx is not None:
-                try:
-                    sock = self._ctx.wrap_socket(raw, server_side=True)
-                except (ssl.SSLError, OSError) as e:
-                    raise AuthenticationError(f"TLS handshake with {peer} failed: {e}") from e
-            if self._psk is not None:
-                _psk_server(sock, self._psk)
-        except BaseException:
-            sock.close()
-            raise
-        return Channel(sock, self.inactivity_timeout, peer)
+        except OSError as e:
+            raise TransportError(f"accepting a connection failed: {e}") from e
+        peer = f"unix:{self.path}" if self.path is not None else f"{addr[0]}:{addr[1]}"
+        _tune(raw, self.handshake_timeout)  # a silent peer holds the listener this long at most
+        if self.path is not None:
+            self._check_peer_uid(raw, peer)
+        def handshake(sock: socket.socket) -> seal.StreamKeys:
+            return _psk_handshake(sock, seal.server_handshake, self._psk, self.sessions)
+
+        ch = _secure_stream(raw, peer, True, self._ctx, self._psk, handshake,
+                            self.inactivity_timeout)
+        ch.sock.settimeout(self.inactivity_timeout)
+        return ch
+
+    def _check_peer_uid(self, raw: socket.socket, peer: str) -> None:
+        cred = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", cred)
+        if uid != os.getuid():
+            raw.close()
+            raise AuthenticationError(f"{peer}: connection from uid {uid} (pid {pid}), not ours "
+                                      f"({os.getuid()})")
 
     def close(self) -> None:
         self.sock.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.path = None
 
     def __enter__(self) -> Listener:
         return self
@@ -445,8 +678,8 @@ def listen(
     *,
     inactivity_timeout: float = 30.0,
 ) -> Listener:
-    """Listen for an incoming migration (port 0 picks a free port: see `Listener.port`)."""
-    _require_secure(host, tls, psk, insecure, "listen on")
+    """Listen for an incoming migration on TCP (port 0 picks a free port: see `Listener.port`)."""
+    _require_secure(f"{host}:{port}", tls, psk, insecure, "listen on")
     try:
         sock = socket.create_server((host, port))
         # Set before any connection: accepted sockets inherit it, and a bounded receive buffer
@@ -458,6 +691,35 @@ def listen(
     return Listener(sock, tls, psk, inactivity_timeout)
 
 
+def listen_unix(path: str, tls: TlsConfig | None = None, psk: bytes | None = None,
+                insecure: bool = False, *, inactivity_timeout: float = 30.0) -> Listener:
+    """Listen on a unix socket. Without other credentials its directory must be private
+    (`check_private_directory`); a stale socket at `path` is replaced."""
+    if tls is None and psk is None and not insecure:
+        check_private_directory(path)
+    _require_secure(f"unix:{path}", tls, psk, True, "listen on")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        sock.bind(path)
+        sock.listen(16)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    except OSError as e:
+        sock.close()
+        raise TransportError(f"cannot listen on unix:{path}: {e}") from e
+    return Listener(sock, tls, psk, inactivity_timeout, path=path)
+
+
+def listen_at(address: Address, tls: TlsConfig | None = None, psk: bytes | None = None,
+              insecure: bool = False, *, inactivity_timeout: float = 30.0) -> Listener:
+    if address.path is not None:
+        return listen_unix(address.path, tls, psk, insecure,
+                           inactivity_timeout=inactivity_timeout)
+    return listen(address.host, address.port, tls, psk, insecure,
+                  inactivity_timeout=inactivity_timeout)
+
+
 def connect(
     host: str,
     port: int,
@@ -467,30 +729,47 @@ def connect(
     *,
     timeout: float = 10.0,
     inactivity_timeout: float = 30.0,
+    join: tuple[seal.Session, int] | None = None,
 ) -> Channel:
-    """Connect to a destination and authenticate both ends."""
-    _require_secure(host, tls, psk, insecure, "connect to")
-    peer = f"{host}:{port}"
+    """Connect to a destination and authenticate both ends. `join=(session, index)`: under a
+    PSK, open data channel `index` of the migration whose main stream has `session`."""
+    return connect_to(Address(host=host, port=port), tls, psk, insecure, timeout=timeout,
+                      inactivity_timeout=inactivity_timeout, join=join)
+
+
+def connect_to(address: Address, tls: TlsConfig | None = None, psk: bytes | None = None,
+               insecure: bool = False, *, timeout: float = 10.0,
+               inactivity_timeout: float = 30.0,
+               join: tuple[seal.Session, int] | None = None) -> Channel:
+    """`connect` to a tcp: or unix: address."""
+    peer = str(address)
+    if address.path is not None:
+        if tls is None and psk is None and not insecure:
+            check_private_directory(address.path)
+        insecure = True  # the private directory authenticates it
+    _require_secure(peer, tls, psk, insecure, "connect to")
     try:
-        raw = socket.create_connection((host, port), timeout=timeout)
+        if address.path is not None:
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(timeout)
+            try:
+                raw.connect(address.path)
+            except OSError:
+                raw.close()
+                raise
+        else:
+            raw = socket.create_connection((address.host, address.port), timeout=timeout)
     except OSError as e:
         raise TransportError(f"cannot connect to {peer}: {e}") from e
     _tune(raw, inactivity_timeout)
-    sock: socket.socket = raw
-    try:
-        if tls is not None:
-            try:
-                sock = _client_context(tls).wrap_socket(
-                    raw, server_hostname=tls.server_hostname or host
-                )
-            except (ssl.SSLError, OSError) as e:
-                raise AuthenticationError(f"TLS handshake with {peer} failed: {e}") from e
-        if psk is not None:
-            _psk_client(sock, psk)
-    except BaseException:
-        sock.close()
-        raise
-    return Channel(sock, inactivity_timeout, peer)
+    ctx = _client_context(tls) if tls is not None else None
+    hostname = (tls.server_hostname if tls is not None else None) or address.host or None
+
+    def handshake(sock: socket.socket) -> seal.StreamKeys:
+        return _psk_handshake(sock, seal.client_handshake, psk, join)
+
+    return _secure_stream(raw, peer, False, ctx, psk, handshake, inactivity_timeout,
+                          server_hostname=hostname)
 
 
 # ---- glue between a Channel and a protocol Connection --------------------------------------
