@@ -189,3 +189,24 @@ def _daemon_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent and comm.startswith("qemu-storage"):
             out.append(int(entry))
     return out
+
+
+def test_shadow_on_a_vhost_user_disk_is_refused_and_the_source_keeps_running(
+        tmp_path: Path) -> None:
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = vhost_kv_config(tmp_path, sw)
+    with switch(sw):
+        src = Vmm(tmp_path, "src", cfg)
+        port = free_port()
+        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+        try:
+            src.wait_running()
+            dst.wait_incoming()
+            src.migrate(port, tracking="shadow", verify=True)
+            info = src.wait_migration()
+            assert info["status"] == "failed", info
+            assert "vhost-user" in info["error-desc"] and "disk0" in info["error-desc"], info
+            assert src.status() == "running"
+        finally:
+            src.stop()
+            dst.stop()

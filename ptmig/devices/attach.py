@@ -43,6 +43,11 @@ class AttachedDevice:
     mmio_hook: Callable[[int, int, int], bool] | None = None
 
     @property
+    def shadowable(self) -> bool:
+        """Whether the shadow engine can take this device over (not yet a vhost-user one)."""
+        return isinstance(self.handle, DeviceHandle)
+
+    @property
     def mmio_base(self) -> int:
         return self.handle.mmio_base
 
