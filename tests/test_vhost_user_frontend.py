@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from test_vhost_user_backend import _bring_up, _GuestView
 
 from ptmig.devices.handle import DeviceCommandError, DeviceEvent, DeviceGoneError
 from ptmig.devices.vhost_user import codec
@@ -20,7 +21,6 @@ from ptmig.devices.vhost_user.frontend import VhostUserBlk
 from ptmig.devices.virtio import constants as c
 from ptmig.devices.virtio.testing import DriverQueue
 from ptmig.memory import GuestMemory
-from test_vhost_user_backend import _bring_up, _GuestView
 
 pytestmark = pytest.mark.timeout(30)
 
