@@ -28,9 +28,11 @@ from ptmig.devices.virtio.testing import Buffer, DriverQueue
 from ptmig.memory import GuestMemory
 
 pytestmark = [
-    pytest.mark.skipif(find_program() is None,
-                       reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
-                              "make test installs it as root)"),
+    pytest.mark.skipif(
+        find_program() is None,
+        reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
+        "make test installs it as root)",
+    ),
     pytest.mark.timeout(60),
 ]
 
@@ -62,8 +64,9 @@ def mem() -> Iterator[GuestMemory]:
 
 
 def _open(tmp_path: Path, mem: GuestMemory, name: str = "vd0") -> VhostUserBlk:
-    return VhostUserBlk.open(name, 0, mem, image=tmp_path / "disk.img", size=IMAGE,
-                             spawn="qemu-storage-daemon")
+    return VhostUserBlk.open(
+        name, 0, mem, image=tmp_path / "disk.img", size=IMAGE, spawn="qemu-storage-daemon"
+    )
 
 
 def _bring_up(dev: VhostUserBlk, q: DriverQueue) -> None:
@@ -78,18 +81,25 @@ def _bring_up(dev: VhostUserBlk, q: DriverQueue) -> None:
     assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_FEATURES_OK
     w(c.REG_QUEUE_SEL, 4, 0)
     w(c.REG_QUEUE_NUM, 4, q.size)
-    for reg, addr in ((c.REG_QUEUE_DESC_LOW, q.desc_addr), (c.REG_QUEUE_DRIVER_LOW, q.avail_addr),
-                      (c.REG_QUEUE_DEVICE_LOW, q.used_addr)):
+    for reg, addr in (
+        (c.REG_QUEUE_DESC_LOW, q.desc_addr),
+        (c.REG_QUEUE_DRIVER_LOW, q.avail_addr),
+        (c.REG_QUEUE_DEVICE_LOW, q.used_addr),
+    ):
         w(reg, 4, addr & 0xFFFFFFFF)
         w(reg + 4, 4, addr >> 32)
     w(c.REG_QUEUE_READY, 4, 1)
-    w(c.REG_STATUS, 4, c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK
-      | c.STATUS_DRIVER_OK)
+    w(
+        c.REG_STATUS,
+        4,
+        c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK | c.STATUS_DRIVER_OK,
+    )
     assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DRIVER_OK
 
 
-def _request(dev: VhostUserBlk, q: DriverQueue, kind: int, sector: int,
-             data: bytes | int) -> tuple[int, bytes]:
+def _request(
+    dev: VhostUserBlk, q: DriverQueue, kind: int, sector: int, data: bytes | int
+) -> tuple[int, bytes]:
     """One blk request (OUT with bytes, IN of n bytes); returns (status, data read)."""
     hdr = q.alloc(16, struct.pack("<IIQ", kind, 0, sector))
     status = q.alloc(1, b"\xff")
@@ -113,12 +123,12 @@ def _request(dev: VhostUserBlk, q: DriverQueue, kind: int, sector: int,
 
 
 def _queue(mem: GuestMemory) -> DriverQueue:
-    return DriverQueue(_GuestView(mem), QSIZE, base=RING_GPA, data_start=DATA_GPA,
-                       data_end=MEM)
+    return DriverQueue(_GuestView(mem), QSIZE, base=RING_GPA, data_start=DATA_GPA, data_end=MEM)
 
 
 def test_requests_through_the_backend_reach_the_image_and_guest_ram(
-        tmp_path: Path, mem: GuestMemory) -> None:
+    tmp_path: Path, mem: GuestMemory
+) -> None:
     with _open(tmp_path, mem) as dev:
         assert dev.config[:8] == struct.pack("<Q", IMAGE // 512)  # capacity from GET_CONFIG
         q = _queue(mem)
@@ -132,8 +142,7 @@ def test_requests_through_the_backend_reach_the_image_and_guest_ram(
         assert f.read(4096) == payload
 
 
-def test_the_backends_dirty_log_holds_the_pages_it_wrote(tmp_path: Path,
-                                                          mem: GuestMemory) -> None:
+def test_the_backends_dirty_log_holds_the_pages_it_wrote(tmp_path: Path, mem: GuestMemory) -> None:
     with _open(tmp_path, mem) as dev:
         q = _queue(mem)
         _bring_up(dev, q)
@@ -155,8 +164,9 @@ def test_the_backends_dirty_log_holds_the_pages_it_wrote(tmp_path: Path,
         assert not dev.dma_log_harvest().any()
 
 
-def test_exact_stop_and_a_second_backend_continues_the_ring(tmp_path: Path,
-                                                             mem: GuestMemory) -> None:
+def test_exact_stop_and_a_second_backend_continues_the_ring(
+    tmp_path: Path, mem: GuestMemory
+) -> None:
     src = _open(tmp_path, mem, "src")
     try:
         q = _queue(mem)
@@ -178,7 +188,8 @@ def test_exact_stop_and_a_second_backend_continues_the_ring(tmp_path: Path,
 
 
 def test_a_killed_backend_is_reported_gone_and_nothing_raises_in_the_vmm(
-        tmp_path: Path, mem: GuestMemory) -> None:
+    tmp_path: Path, mem: GuestMemory
+) -> None:
     with _open(tmp_path, mem) as dev:
         events: list[DeviceEvent] = []
         seen = threading.Event()

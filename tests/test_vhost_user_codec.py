@@ -33,14 +33,16 @@ u8, u16 = st.integers(0, 0xFF), st.integers(0, 0xFFFF)
 u32, u64 = st.integers(0, 0xFFFFFFFF), st.integers(0, (1 << 64) - 1)
 regions = st.builds(codec.MemRegion, u64, u64, u64, u64)
 config = st.binary(max_size=codec.MAX_CONFIG).flatmap(
-    lambda d: st.builds(codec.Config, u32, st.just(len(d)), u32, st.just(d)))
+    lambda d: st.builds(codec.Config, u32, st.just(len(d)), u32, st.just(d))
+)
 PAYLOADS: dict[type[codec.Payload], st.SearchStrategy[codec.Payload]] = {
     codec.Empty: st.just(codec.Empty()),
     codec.U64: st.builds(codec.U64, u64),
     codec.VringState: st.builds(codec.VringState, u32, u32),
     codec.VringAddr: st.builds(codec.VringAddr, u32, u32, u64, u64, u64, u64),
     codec.MemTable: st.lists(regions, max_size=codec.MAX_REGIONS).map(
-        lambda r: codec.MemTable(tuple(r))),
+        lambda r: codec.MemTable(tuple(r))
+    ),
     codec.SingleRegion: st.builds(codec.SingleRegion, regions),
     codec.LogBase: st.builds(codec.LogBase, u64, u64),
     codec.Config: config,
@@ -62,8 +64,11 @@ def _one_frame(data: bytes) -> codec.Frame:
     return frame
 
 
-@given(st.sampled_from(sorted(codec.REQUESTS)).flatmap(
-    lambda r: st.tuples(st.just(r), PAYLOADS[codec.REQUESTS[r].payload], st.booleans())))
+@given(
+    st.sampled_from(sorted(codec.REQUESTS)).flatmap(
+        lambda r: st.tuples(st.just(r), PAYLOADS[codec.REQUESTS[r].payload], st.booleans())
+    )
+)
 def test_every_frontend_request_round_trips(case: tuple[Request, codec.Payload, bool]) -> None:
     request, payload, need_reply = case
     nfds = _fds_for(codec.REQUESTS[request], payload)
@@ -72,8 +77,11 @@ def test_every_frontend_request_round_trips(case: tuple[Request, codec.Payload, 
     assert (msg.request, msg.payload, msg.need_reply) == (request, payload, need_reply)
 
 
-@given(st.sampled_from(sorted(codec.REQUESTS)).flatmap(
-    lambda r: st.tuples(st.just(r), PAYLOADS[codec.REQUESTS[r].payload])))
+@given(
+    st.sampled_from(sorted(codec.REQUESTS)).flatmap(
+        lambda r: st.tuples(st.just(r), PAYLOADS[codec.REQUESTS[r].payload])
+    )
+)
 def test_every_reply_round_trips(case: tuple[Request, codec.Payload]) -> None:
     request, payload = case
     for need_reply in (False, True):
@@ -90,8 +98,11 @@ def test_every_reply_round_trips(case: tuple[Request, codec.Payload]) -> None:
         assert codec.decode_reply(_one_frame(data), 0, expected) == reply
 
 
-@given(st.sampled_from(sorted(codec.BACKEND_REQUESTS)).flatmap(
-    lambda r: st.tuples(st.just(r), PAYLOADS[codec.BACKEND_REQUESTS[r].payload])))
+@given(
+    st.sampled_from(sorted(codec.BACKEND_REQUESTS)).flatmap(
+        lambda r: st.tuples(st.just(r), PAYLOADS[codec.BACKEND_REQUESTS[r].payload])
+    )
+)
 def test_every_backend_request_round_trips(case: tuple[BackendRequest, codec.Payload]) -> None:
     request, payload = case
     nfds = _fds_for(codec.BACKEND_REQUESTS[request], payload)
@@ -101,13 +112,14 @@ def test_every_backend_request_round_trips(case: tuple[BackendRequest, codec.Pay
 
 
 @given(st.binary(max_size=300), st.integers(0, 3))
-def test_arbitrary_bytes_never_raise_anything_but_a_protocol_error(data: bytes,
-                                                                   nfds: int) -> None:
+def test_arbitrary_bytes_never_raise_anything_but_a_protocol_error(data: bytes, nfds: int) -> None:
     reader = FrameReader()
     reader.feed(data)
-    for expected in (Expected(Request.GET_FEATURES, codec.U64),
-                     Expected(Request.GET_CONFIG, codec.Config, 60),
-                     Expected(Request.GET_VRING_BASE, codec.VringState)):
+    for expected in (
+        Expected(Request.GET_FEATURES, codec.U64),
+        Expected(Request.GET_CONFIG, codec.Config, 60),
+        Expected(Request.GET_VRING_BASE, codec.VringState),
+    ):
         try:
             frame = reader.next_frame()
             if frame is not None:
@@ -158,8 +170,9 @@ def test_requests_refuse_wrong_payloads_and_fd_counts() -> None:
         codec.encode_request(Request.SET_VRING_KICK, codec.U64(0), 0)
     codec.encode_request(Request.SET_VRING_KICK, codec.U64(codec.VRING_NOFD), 0)
     with pytest.raises(ValueError, match="2..2 fds"):
-        codec.encode_request(Request.SET_MEM_TABLE, codec.MemTable(
-            (codec.MemRegion(0, 1, 2, 0),) * 2), 1)
+        codec.encode_request(
+            Request.SET_MEM_TABLE, codec.MemTable((codec.MemRegion(0, 1, 2, 0),) * 2), 1
+        )
 
 
 # -- the connection against a scripted hostile backend ------------------------------------------
@@ -176,8 +189,9 @@ def _pair() -> tuple[VhostUserConnection, socket.socket, list[str]]:
 def _answer(peer: socket.socket, data: bytes, fds: tuple[int, ...] = ()) -> threading.Thread:
     def run() -> None:
         peer.recv(4096)
-        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-               if fds else [])
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
         peer.sendmsg([data], anc)
 
     t = threading.Thread(target=run, daemon=True)

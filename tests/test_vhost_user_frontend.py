@@ -24,11 +24,23 @@ from ptmig.memory import GuestMemory
 
 pytestmark = pytest.mark.timeout(30)
 
-FEATURES = (1 << c.VIRTIO_F_VERSION_1 | 1 << codec.F_PROTOCOL_FEATURES | 1 << codec.F_LOG_ALL
-            | 1 << 9 | 1 << c.VIRTIO_F_EVENT_IDX)
-PROTOCOL = sum(1 << f for f in (ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
-                                ProtocolFeature.LOG_SHMFD, ProtocolFeature.MQ,
-                                ProtocolFeature.BACKEND_REQ))
+FEATURES = (
+    1 << c.VIRTIO_F_VERSION_1
+    | 1 << codec.F_PROTOCOL_FEATURES
+    | 1 << codec.F_LOG_ALL
+    | 1 << 9
+    | 1 << c.VIRTIO_F_EVENT_IDX
+)
+PROTOCOL = sum(
+    1 << f
+    for f in (
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.CONFIG,
+        ProtocolFeature.LOG_SHMFD,
+        ProtocolFeature.MQ,
+        ProtocolFeature.BACKEND_REQ,
+    )
+)
 CONFIG = (8192).to_bytes(8, "little").ljust(60, b"\0")
 
 #: how the scripted backend answers one request: a reply payload, None for the default, or
@@ -55,7 +67,7 @@ class ScriptedBackend:
             fds: list[int] = []
             for _level, _kind, raw in anc:
                 got = array.array("i")
-                got.frombytes(raw[:len(raw) - len(raw) % 4])
+                got.frombytes(raw[: len(raw) - len(raw) % 4])
                 fds.extend(got)
             reader.feed(data)
             while (frame := reader.next_frame()) is not None:
@@ -74,8 +86,9 @@ class ScriptedBackend:
             return bool(custom)
         reply = custom if custom is not None else self._default(msg)
         if reply is not None:
-            self.sock.sendall(codec.encode_reply(msg.request, reply,
-                                                 need_reply_echo=msg.need_reply))
+            self.sock.sendall(
+                codec.encode_reply(msg.request, reply, need_reply_echo=msg.need_reply)
+            )
         return True
 
     def _default(self, msg: codec.Message) -> codec.Payload | None:
@@ -88,7 +101,7 @@ class ScriptedBackend:
             return codec.U64(1)
         if req == Request.GET_CONFIG:
             assert isinstance(msg.payload, codec.Config)
-            return codec.Config(0, msg.payload.size, 0, CONFIG[:msg.payload.size])
+            return codec.Config(0, msg.payload.size, 0, CONFIG[: msg.payload.size])
         if req == Request.GET_VRING_BASE:
             assert isinstance(msg.payload, codec.VringState)
             return codec.VringState(msg.payload.index, 0)
@@ -108,8 +121,7 @@ def mem() -> Iterator[GuestMemory]:
     m.close()
 
 
-def _frontend(mem: GuestMemory, hook: Hook | None = None) -> tuple[VhostUserBlk,
-                                                                    ScriptedBackend]:
+def _frontend(mem: GuestMemory, hook: Hook | None = None) -> tuple[VhostUserBlk, ScriptedBackend]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     backend = ScriptedBackend(b, hook)
     return VhostUserBlk("vd", 0, VhostUserConnection(a, "vd", timeout=5.0), mem), backend
@@ -123,51 +135,95 @@ def test_negotiation_and_a_queue_start_send_the_specified_messages(mem: GuestMem
         assert dev.device_features == 1 << c.VIRTIO_F_VERSION_1 | 1 << 9
         assert bytes(dev.config) == CONFIG
         assert backend.names() == [
-            "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM",
-            "SET_OWNER", "SET_FEATURES", "GET_CONFIG", "SET_MEM_TABLE"]
+            "GET_FEATURES",
+            "GET_PROTOCOL_FEATURES",
+            "SET_PROTOCOL_FEATURES",
+            "GET_QUEUE_NUM",
+            "SET_OWNER",
+            "SET_FEATURES",
+            "GET_CONFIG",
+            "SET_MEM_TABLE",
+        ]
         table = backend.requests[-1]
         assert isinstance(table.payload, codec.MemTable) and len(table.fds) == 1
         assert table.payload.regions == (codec.MemRegion(0, mem.size, mem.host_address, 0),)
         q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
         del backend.requests[:]
         _bring_up(dev, q)
-        assert backend.names() == ["SET_FEATURES", "SET_VRING_NUM", "SET_VRING_BASE",
-                                   "SET_VRING_ADDR", "SET_VRING_CALL", "SET_VRING_KICK",
-                                   "SET_VRING_ENABLE"]
+        assert backend.names() == [
+            "SET_FEATURES",
+            "SET_VRING_NUM",
+            "SET_VRING_BASE",
+            "SET_VRING_ADDR",
+            "SET_VRING_CALL",
+            "SET_VRING_KICK",
+            "SET_VRING_ENABLE",
+        ]
         assert all(m.need_reply for m in backend.requests)  # REPLY_ACK: every one acked
         addr = backend.requests[3].payload
-        assert addr == codec.VringAddr(0, codec.VRING_F_LOG, mem.host_address + q.desc_addr,
-                                       mem.host_address + q.used_addr,
-                                       mem.host_address + q.avail_addr, q.used_addr)
+        assert addr == codec.VringAddr(
+            0,
+            codec.VRING_F_LOG,
+            mem.host_address + q.desc_addr,
+            mem.host_address + q.used_addr,
+            mem.host_address + q.avail_addr,
+            q.used_addr,
+        )
         assert [len(m.fds) for m in backend.requests[4:6]] == [1, 1]
         # quiesce stops the ring with GET_VRING_BASE; resume restarts it from that base
         dev.quiesce()
         dev.resume()
-        assert backend.names()[7:] == ["GET_VRING_BASE", "SET_FEATURES", "SET_VRING_NUM",
-                                       "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_CALL",
-                                       "SET_VRING_KICK", "SET_VRING_ENABLE"]
+        assert backend.names()[7:] == [
+            "GET_VRING_BASE",
+            "SET_FEATURES",
+            "SET_VRING_NUM",
+            "SET_VRING_BASE",
+            "SET_VRING_ADDR",
+            "SET_VRING_CALL",
+            "SET_VRING_KICK",
+            "SET_VRING_ENABLE",
+        ]
 
 
-@pytest.mark.parametrize(("hook", "fragment"), [
-    (lambda m: codec.U64(1 << c.VIRTIO_F_VERSION_1) if m.request == Request.GET_FEATURES
-     else None, "without bit 30"),
-    (lambda m: codec.U64(0) if m.request == Request.GET_PROTOCOL_FEATURES else None,
-     "CONFIG protocol feature"),
-    (lambda m: codec.Config(0, 0, 0, b"") if m.request == Request.GET_CONFIG else None,
-     "refused GET_CONFIG"),
-    (lambda m: codec.U64(5) if m.request == Request.SET_OWNER else None, "ack 0x5"),
-    (lambda m: b"" if m.request == Request.SET_MEM_TABLE else None, "closed the connection"),
-    (lambda m: codec.HEADER.pack(m.request, 0x5, 1 << 20)
-     if m.request == Request.GET_FEATURES else None, "more than 4096"),
-])
+@pytest.mark.parametrize(
+    ("hook", "fragment"),
+    [
+        (
+            lambda m: (
+                codec.U64(1 << c.VIRTIO_F_VERSION_1) if m.request == Request.GET_FEATURES else None
+            ),
+            "without bit 30",
+        ),
+        (
+            lambda m: codec.U64(0) if m.request == Request.GET_PROTOCOL_FEATURES else None,
+            "CONFIG protocol feature",
+        ),
+        (
+            lambda m: codec.Config(0, 0, 0, b"") if m.request == Request.GET_CONFIG else None,
+            "refused GET_CONFIG",
+        ),
+        (lambda m: codec.U64(5) if m.request == Request.SET_OWNER else None, "ack 0x5"),
+        (lambda m: b"" if m.request == Request.SET_MEM_TABLE else None, "closed the connection"),
+        (
+            lambda m: (
+                codec.HEADER.pack(m.request, 0x5, 1 << 20)
+                if m.request == Request.GET_FEATURES
+                else None
+            ),
+            "more than 4096",
+        ),
+    ],
+)
 def test_a_backend_that_misbehaves_while_starting_is_refused_with_the_reason(
-        mem: GuestMemory, hook: Hook, fragment: str) -> None:
+    mem: GuestMemory, hook: Hook, fragment: str
+) -> None:
     with pytest.raises((DeviceCommandError, DeviceGoneError), match=fragment):
         _frontend(mem, hook)
 
 
 def test_a_backend_that_misbehaves_at_queue_start_breaks_the_device_not_the_vmm(
-        mem: GuestMemory) -> None:
+    mem: GuestMemory,
+) -> None:
     def hook(m: codec.Message) -> codec.Payload | bytes | None:
         if m.request == Request.SET_VRING_ADDR:  # a reply with the wrong request code
             return codec.encode_reply(Request.GET_FEATURES, codec.U64(0))
@@ -210,8 +266,11 @@ def _bring_up_until_driver_ok(dev: VhostUserBlk, q: DriverQueue) -> None:
     w(c.REG_DRIVER_FEATURES, 4, 0)
     w(c.REG_STATUS, 4, 0xB)
     w(c.REG_QUEUE_NUM, 4, q.size)
-    for reg, addr in ((c.REG_QUEUE_DESC_LOW, q.desc_addr), (c.REG_QUEUE_DRIVER_LOW, q.avail_addr),
-                      (c.REG_QUEUE_DEVICE_LOW, q.used_addr)):
+    for reg, addr in (
+        (c.REG_QUEUE_DESC_LOW, q.desc_addr),
+        (c.REG_QUEUE_DRIVER_LOW, q.avail_addr),
+        (c.REG_QUEUE_DEVICE_LOW, q.used_addr),
+    ):
         w(reg, 4, addr & 0xFFFFFFFF)
         w(reg + 4, 4, addr >> 32)
     w(c.REG_QUEUE_READY, 4, 1)

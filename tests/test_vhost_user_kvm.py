@@ -33,9 +33,11 @@ from ptmig.machine import Machine
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(find_program() is None,
-                       reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
-                              "make test installs it as root)"),
+    pytest.mark.skipif(
+        find_program() is None,
+        reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
+        "make test installs it as root)",
+    ),
 ]
 
 PAGE = 4096
@@ -52,7 +54,8 @@ def vhost_kv_config(tmp: Path, switch_port: int) -> Path:
         '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
         f'backend = "udp:127.0.0.1:{switch_port}"\nswitch = "none"\n\n'
         f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "16M"\n'
-        'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n')
+        'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
+    )
     return path
 
 
@@ -62,17 +65,20 @@ def test_daemon_writes_escape_kvms_dirty_log_but_not_the_vhost_log(tmp_path: Pat
     daemon's READ lands in a buffer nobody else wrote: the harvested dirty set (KVM's log and
     the VMM's bitmap) lacks its pages, the daemon's own log has them."""
     cfg = tmp_path / "vm.toml"
-    cfg.write_text('[vm]\nmemory = "128M"\nvcpus = 1\n\n[workload]\nname = "hello"\n\n'
-                   f'[[disk]]\nid = "disk0"\npath = "{tmp_path / "d.img"}"\nsize = "16M"\n'
-                   'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n')
+    cfg.write_text(
+        '[vm]\nmemory = "128M"\nvcpus = 1\n\n[workload]\nname = "hello"\n\n'
+        f'[[disk]]\nid = "disk0"\npath = "{tmp_path / "d.img"}"\nsize = "16M"\n'
+        'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
+    )
     machine = Machine(load_config(cfg))
     try:
         machine.boot()
         disk = next(d for d in machine.devices if d.kind == "disk")
         assert isinstance(disk.handle, VhostUserBlk)
         mem = machine.vm.memory
-        q = DriverQueue(_GuestView(mem), 64, base=96 << 20, data_start=100 << 20,
-                        data_end=128 << 20)
+        q = DriverQueue(
+            _GuestView(mem), 64, base=96 << 20, data_start=100 << 20, data_end=128 << 20
+        )
         _bring_up(disk.handle, q)
         payload = (MARKER * (8192 // len(MARKER) + 1))[:8192]
         assert _request(disk.handle, q, 1, 0, payload)[0] == 0
@@ -94,8 +100,9 @@ def test_daemon_writes_escape_kvms_dirty_log_but_not_the_vhost_log(tmp_path: Pat
         machine.close()
 
 
-def _migrate_chain(tmp_path: Path, tracking: str, hops: int) -> tuple[list[dict[str, Any]],
-                                                                       dict[str, Any]]:
+def _migrate_chain(
+    tmp_path: Path, tracking: str, hops: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """kv under load, migrated `hops` times back to back (src -> d1 -> d2 ...), each with its
     own daemon on the shared image; returns each migration's final query-migrate and the load
     client's result."""
@@ -114,9 +121,13 @@ def _migrate_chain(tmp_path: Path, tracking: str, hops: int) -> tuple[list[dict[
                 vmms.append(dst)
                 dst.wait_incoming()
                 src = vmms[-2]
-                src.migrate(port, tracking=tracking, verify=True,
-                            max_bandwidth=ROUND0_BANDWIDTH,
-                            downtime_limit=ROUND0_DOWNTIME_LIMIT_MS)
+                src.migrate(
+                    port,
+                    tracking=tracking,
+                    verify=True,
+                    max_bandwidth=ROUND0_BANDWIDTH,
+                    downtime_limit=ROUND0_DOWNTIME_LIMIT_MS,
+                )
                 time.sleep(1.5)  # round 0 crawls while the daemon keeps writing guest RAM
                 src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
                 info = src.wait_migration()
@@ -192,7 +203,8 @@ def _daemon_pids(parent: int) -> list[int]:
 
 
 def test_shadow_on_a_vhost_user_disk_is_refused_and_the_source_keeps_running(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     sw = free_port(socket.SOCK_DGRAM)
     cfg = vhost_kv_config(tmp_path, sw)
     with switch(sw):

@@ -132,8 +132,9 @@ class Payload:
     @classmethod
     def _fixed(cls, data: bytes, what: str) -> tuple[int, ...]:
         if len(data) != cls.FORMAT.size:
-            raise VhostUserProtocolError(f"{what}: payload of {len(data)} bytes, a "
-                                         f"{cls.__name__} has {cls.FORMAT.size}")
+            raise VhostUserProtocolError(
+                f"{what}: payload of {len(data)} bytes, a {cls.__name__} has {cls.FORMAT.size}"
+            )
         return cls.FORMAT.unpack(data)
 
 
@@ -190,8 +191,7 @@ class VringAddr(Payload):
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
 
     def pack(self) -> bytes:
-        return self.FORMAT.pack(self.index, self.flags, self.desc, self.used, self.avail,
-                                self.log)
+        return self.FORMAT.pack(self.index, self.flags, self.desc, self.used, self.avail, self.log)
 
     @classmethod
     def unpack(cls, data: bytes, what: str) -> VringAddr:
@@ -216,8 +216,7 @@ class MemTable(Payload):
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<II")
 
     def pack(self) -> bytes:
-        return (self.FORMAT.pack(len(self.regions), 0)
-                + b"".join(r.pack() for r in self.regions))
+        return self.FORMAT.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
 
     @classmethod
     def unpack(cls, data: bytes, what: str) -> MemTable:
@@ -228,8 +227,12 @@ class MemTable(Payload):
             raise VhostUserProtocolError(f"{what}: {n} memory regions, at most {MAX_REGIONS}")
         if len(data) != cls.FORMAT.size + n * MemRegion.FORMAT.size:
             raise VhostUserProtocolError(f"{what}: {len(data)} bytes for {n} memory regions")
-        regions = tuple(MemRegion(*MemRegion.FORMAT.unpack_from(
-            data, cls.FORMAT.size + i * MemRegion.FORMAT.size)) for i in range(n))
+        regions = tuple(
+            MemRegion(
+                *MemRegion.FORMAT.unpack_from(data, cls.FORMAT.size + i * MemRegion.FORMAT.size)
+            )
+            for i in range(n)
+        )
         return cls(regions)
 
 
@@ -279,9 +282,10 @@ class Config(Payload):
             raise VhostUserProtocolError(f"{what}: config payload of {len(data)} bytes")
         offset, size, flags = cls.FORMAT.unpack_from(data)
         if size > MAX_CONFIG or len(data) != cls.FORMAT.size + size:
-            raise VhostUserProtocolError(f"{what}: config size {size} with "
-                                         f"{len(data) - cls.FORMAT.size} bytes of data")
-        return cls(offset, size, flags, bytes(data[cls.FORMAT.size:]))
+            raise VhostUserProtocolError(
+                f"{what}: config size {size} with {len(data) - cls.FORMAT.size} bytes of data"
+            )
+        return cls(offset, size, flags, bytes(data[cls.FORMAT.size :]))
 
 
 @dataclass(frozen=True)
@@ -373,8 +377,13 @@ def _expected_fds(spec: Spec, payload: Payload) -> tuple[int, int]:
         assert isinstance(payload, MemTable)
         return len(payload.regions), len(payload.regions)
     if rule == "vring":
-        word = (payload.value if isinstance(payload, U64)
-                else payload.u64 if isinstance(payload, VringArea) else 0)
+        word = (
+            payload.value
+            if isinstance(payload, U64)
+            else payload.u64
+            if isinstance(payload, VringArea)
+            else 0
+        )
         return (0, 0) if word & VRING_NOFD else (1, 1)
     return 0, 1
 
@@ -393,14 +402,16 @@ class Message:
         return bool(self.flags & FLAG_NEED_REPLY)
 
 
-def encode_request(request: Request, payload: Payload | None = None, nfds: int = 0, *,
-                   need_reply: bool = False) -> bytes:
+def encode_request(
+    request: Request, payload: Payload | None = None, nfds: int = 0, *, need_reply: bool = False
+) -> bytes:
     """The bytes of one front-end request carrying `nfds` fds (sent alongside by the caller)."""
     spec = REQUESTS[request]
     payload = Empty() if payload is None else payload
     if not isinstance(payload, spec.payload):
-        raise TypeError(f"{request.name} takes a {spec.payload.__name__} payload, "
-                        f"got {type(payload).__name__}")
+        raise TypeError(
+            f"{request.name} takes a {spec.payload.__name__} payload, got {type(payload).__name__}"
+        )
     _check_outgoing(request.name, spec, payload, nfds)
     flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
     return _frame(request, flags, payload.pack())
@@ -412,12 +423,14 @@ def encode_reply(request: int, payload: Payload, *, need_reply_echo: bool = Fals
     return _frame(request, flags, payload.pack())
 
 
-def encode_backend_request(request: BackendRequest, payload: Payload, nfds: int = 0, *,
-                           need_reply: bool = False) -> bytes:
+def encode_backend_request(
+    request: BackendRequest, payload: Payload, nfds: int = 0, *, need_reply: bool = False
+) -> bytes:
     spec = BACKEND_REQUESTS[request]
     if not isinstance(payload, spec.payload):
-        raise TypeError(f"{request.name} takes a {spec.payload.__name__} payload, "
-                        f"got {type(payload).__name__}")
+        raise TypeError(
+            f"{request.name} takes a {spec.payload.__name__} payload, got {type(payload).__name__}"
+        )
     _check_outgoing(request.name, spec, payload, nfds)
     return _frame(request, VERSION | (FLAG_NEED_REPLY if need_reply else 0), payload.pack())
 
@@ -466,24 +479,27 @@ class FrameReader:
             return None
         request, flags, size = HEADER.unpack_from(self._buf)
         if size > MAX_PAYLOAD:
-            raise VhostUserProtocolError(f"message {request} declares a payload of {size} "
-                                         f"bytes, more than {MAX_PAYLOAD}")
+            raise VhostUserProtocolError(
+                f"message {request} declares a payload of {size} bytes, more than {MAX_PAYLOAD}"
+            )
         if len(self._buf) < HEADER.size + size:
             return None
-        body = bytes(self._buf[HEADER.size:HEADER.size + size])
-        del self._buf[:HEADER.size + size]
+        body = bytes(self._buf[HEADER.size : HEADER.size + size])
+        del self._buf[: HEADER.size + size]
         return Frame(request, flags, body)
 
 
 def _check_flags(flags: int, what: str, *, reply: bool) -> None:
     if flags & FLAG_VERSION_MASK != VERSION:
-        raise VhostUserProtocolError(f"{what}: version {flags & FLAG_VERSION_MASK} in flags "
-                                     f"{flags:#x}, expected {VERSION}")
+        raise VhostUserProtocolError(
+            f"{what}: version {flags & FLAG_VERSION_MASK} in flags {flags:#x}, expected {VERSION}"
+        )
     if flags & ~KNOWN_FLAGS:
         raise VhostUserProtocolError(f"{what}: unknown flag bits in {flags:#x}")
     if bool(flags & FLAG_REPLY) != reply:
-        raise VhostUserProtocolError(f"{what}: flags {flags:#x} "
-                                     f"{'lack' if reply else 'carry'} the REPLY bit")
+        raise VhostUserProtocolError(
+            f"{what}: flags {flags:#x} {'lack' if reply else 'carry'} the REPLY bit"
+        )
 
 
 @dataclass(frozen=True)
@@ -495,8 +511,9 @@ class Expected:
     config_size: int = 0  # GET_CONFIG: the size asked for
 
     @classmethod
-    def for_request(cls, request: Request, payload: Payload | None = None,
-                    need_reply: bool = False) -> Expected | None:
+    def for_request(
+        cls, request: Request, payload: Payload | None = None, need_reply: bool = False
+    ) -> Expected | None:
         """What `request` (sent with `payload`) will be answered with, or None (no reply)."""
         own = REQUESTS[request].reply
         if own is None:
@@ -516,8 +533,9 @@ def decode_reply(frame: Frame, nfds: int, expected: Expected) -> Payload:
         raise VhostUserProtocolError(f"{what}: carries {nfds} file descriptors, expected none")
     payload = _unpack(expected.reply, frame.body, what)
     if isinstance(payload, Config) and payload.size not in (0, expected.config_size):
-        raise VhostUserProtocolError(f"{what}: {payload.size} config bytes, asked for "
-                                     f"{expected.config_size}")
+        raise VhostUserProtocolError(
+            f"{what}: {payload.size} config bytes, asked for {expected.config_size}"
+        )
     return payload
 
 

@@ -64,8 +64,7 @@ class _Pending:
 class VhostUserConnection:
     """Requests to one backend over a connected unix stream socket."""
 
-    def __init__(self, sock: socket.socket, name: str, *,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, sock: socket.socket, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         self.reply_ack = False  # set once REPLY_ACK is negotiated
@@ -77,13 +76,15 @@ class VhostUserConnection:
         self._pending: _Pending | None = None
         self._gone: str | None = None
         self._closing = False
-        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-vhost-user",
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"{name}-vhost-user", daemon=True
+        )
         self._reader.start()
 
     @classmethod
-    def connect(cls, path: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
-                wait: float = 0.0) -> VhostUserConnection:
+    def connect(
+        cls, path: str, name: str, *, timeout: float = DEFAULT_TIMEOUT, wait: float = 0.0
+    ) -> VhostUserConnection:
         """Connect to the backend listening on `path`, retrying for up to `wait` s while the
         socket does not exist yet or refuses (a backend that is still starting)."""
         deadline = time.monotonic() + wait
@@ -95,13 +96,15 @@ class VhostUserConnection:
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 if time.monotonic() >= deadline:
-                    raise VhostUserGoneError(f"cannot connect to the vhost-user backend at "
-                                             f"{path}: {exc}") from exc
+                    raise VhostUserGoneError(
+                        f"cannot connect to the vhost-user backend at {path}: {exc}"
+                    ) from exc
                 time.sleep(0.02)
             except OSError as exc:
                 sock.close()
-                raise VhostUserGoneError(f"cannot connect to the vhost-user backend at "
-                                         f"{path}: {exc}") from exc
+                raise VhostUserGoneError(
+                    f"cannot connect to the vhost-user backend at {path}: {exc}"
+                ) from exc
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -113,8 +116,14 @@ class VhostUserConnection:
         return self._gone
 
     # -- requests ------------------------------------------------------------------------------
-    def call(self, request: Request, payload: Payload | None = None,
-             fds: Sequence[int] = (), *, timeout: float | None = None) -> Payload | None:
+    def call(
+        self,
+        request: Request,
+        payload: Payload | None = None,
+        fds: Sequence[int] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Payload | None:
         """Send one request; return its reply payload (None for a request without one).
 
         With REPLY_ACK negotiated, a request without its own reply waits for the ack."""
@@ -125,8 +134,9 @@ class VhostUserConnection:
             pending = _Pending(expected) if expected is not None else None
             with self._state_lock:
                 if self._gone is not None:
-                    raise VhostUserGoneError(f"vhost-user backend {self.name} is gone: "
-                                             f"{self._gone}")
+                    raise VhostUserGoneError(
+                        f"vhost-user backend {self.name} is gone: {self._gone}"
+                    )
                 self._pending = pending
             self._send(data, fds, request)
             if pending is None:
@@ -134,32 +144,36 @@ class VhostUserConnection:
             return self._wait(pending, request, timeout)
 
     def _send(self, data: bytes, fds: Sequence[int], request: Request) -> None:
-        ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                     if fds else [])
+        ancillary = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
         try:
             sent = self._sock.sendmsg([data], ancillary)
             if sent < len(data):
                 self._sock.sendall(data[sent:])
         except OSError as exc:
             self._mark_gone(f"sending {request.name} failed: {exc}")
-            raise VhostUserGoneError(f"vhost-user backend {self.name} is gone: "
-                                     f"{self._gone}") from exc
+            raise VhostUserGoneError(
+                f"vhost-user backend {self.name} is gone: {self._gone}"
+            ) from exc
         self.messages_sent += 1
 
     def _wait(self, pending: _Pending, request: Request, timeout: float | None) -> Payload:
         wait = self.timeout if timeout is None else timeout
         if not pending.done.wait(wait):
             self._mark_gone(f"no reply to {request.name} in {wait} s")
-            raise VhostUserTimeoutError(f"vhost-user backend {self.name} did not answer "
-                                        f"{request.name} in {wait} s")
+            raise VhostUserTimeoutError(
+                f"vhost-user backend {self.name} did not answer {request.name} in {wait} s"
+            )
         if pending.reply is None:
             raise VhostUserGoneError(f"vhost-user backend {self.name} is gone: {self._gone}")
         reply = pending.reply
         if pending.expected.reply is codec.U64 and codec.REQUESTS[request].reply is None:
             assert isinstance(reply, codec.U64)
             if reply.value != 0:
-                raise VhostUserCommandError(f"vhost-user backend {self.name} refused "
-                                            f"{request.name}: ack {reply.value:#x}")
+                raise VhostUserCommandError(
+                    f"vhost-user backend {self.name} refused {request.name}: ack {reply.value:#x}"
+                )
         return reply
 
     # -- teardown ------------------------------------------------------------------------------
@@ -182,8 +196,10 @@ class VhostUserConnection:
                 data, nfds = self._recv()
                 if not data:
                     if reader.pending:
-                        reason = f"the backend closed the connection mid-message " \
-                                 f"({reader.pending} bytes buffered)"
+                        reason = (
+                            f"the backend closed the connection mid-message "
+                            f"({reader.pending} bytes buffered)"
+                        )
                     break
                 reader.feed(data)
                 while (frame := reader.next_frame()) is not None:
@@ -191,7 +207,8 @@ class VhostUserConnection:
                     nfds = 0
                 if nfds:
                     raise codec.VhostUserProtocolError(
-                        f"{nfds} file descriptors arrived with a partial message")
+                        f"{nfds} file descriptors arrived with a partial message"
+                    )
         except codec.VhostUserProtocolError as exc:
             reason = f"protocol error: {exc}"
         except OSError as exc:
@@ -206,7 +223,7 @@ class VhostUserConnection:
         for level, kind, raw in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
-                fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+                fds.frombytes(raw[: len(raw) - len(raw) % fds.itemsize])
                 for fd in fds:  # no reply ptmig reads carries fds: never keep them
                     os.close(fd)
                 nfds += len(fds)
@@ -218,7 +235,8 @@ class VhostUserConnection:
         if pending is None:
             raise codec.VhostUserProtocolError(
                 f"unsolicited message {frame.request} (flags {frame.flags:#x}, "
-                f"{len(frame.body)} bytes) while no request was outstanding")
+                f"{len(frame.body)} bytes) while no request was outstanding"
+            )
         # a reply that does not decode leaves the request pending: _mark_gone wakes it
         reply = codec.decode_reply(frame, nfds, pending.expected)
         with self._state_lock:

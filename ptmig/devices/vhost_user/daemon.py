@@ -45,22 +45,35 @@ def command_line(program: str, image: Path, socket_path: Path, *, readonly: bool
     ro = "on" if readonly else "off"
     return [
         program,
-        "--blockdev", f"driver=file,node-name=file0,filename={img},read-only={ro}",
-        "--blockdev", f"driver=raw,node-name=disk0,file=file0,read-only={ro}",
-        "--export", f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"
-                    f"addr.path={sock},writable={'off' if readonly else 'on'}",
+        "--blockdev",
+        f"driver=file,node-name=file0,filename={img},read-only={ro}",
+        "--blockdev",
+        f"driver=raw,node-name=disk0,file=file0,read-only={ro}",
+        "--export",
+        f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"
+        f"addr.path={sock},writable={'off' if readonly else 'on'}",
     ]
 
 
 class StorageDaemon:
     """One running qemu-storage-daemon exporting one image."""
 
-    def __init__(self, name: str, image: Path, size: int | None, socket_path: Path, *,
-                 program: str = PROGRAM, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        image: Path,
+        size: int | None,
+        socket_path: Path,
+        *,
+        program: str = PROGRAM,
+        readonly: bool = False,
+    ) -> None:
         found = find_program(program)
         if found is None:
-            raise StorageDaemonError(f"{program} is not installed (Debian package "
-                                     f"qemu-system-common): cannot back disk {name}")
+            raise StorageDaemonError(
+                f"{program} is not installed (Debian package "
+                f"qemu-system-common): cannot back disk {name}"
+            )
         fd, _capacity = open_image(BlkConfig(str(image), size, readonly))  # create if missing
         os.close(fd)
         self.name = name
@@ -72,12 +85,14 @@ class StorageDaemon:
         try:
             self._proc = subprocess.Popen(
                 command_line(found, image, socket_path, readonly=readonly),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                process_group=0)  # Ctrl-C is the VMM's to handle
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                process_group=0,
+            )  # Ctrl-C is the VMM's to handle
         except OSError as exc:
             raise StorageDaemonError(f"cannot start {program} for disk {name}: {exc}") from exc
-        threading.Thread(target=self._stderr_pump, name=f"{name}-qsd-stderr",
-                         daemon=True).start()
+        threading.Thread(target=self._stderr_pump, name=f"{name}-qsd-stderr", daemon=True).start()
         threading.Thread(target=self._waiter, name=f"{name}-qsd-waiter", daemon=True).start()
 
     @property

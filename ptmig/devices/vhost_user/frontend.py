@@ -74,9 +74,13 @@ CONFIG_BYTES: Final = 60
 #: in how ptmig reads the rings (no EVENT_IDX, no INDIRECT_DESC, no MQ).
 BLK_PASSTHROUGH_FEATURES: Final = c.feature_mask(1, 2, 6, 9, 10)  # SIZE_MAX SEG_MAX BLK_SIZE
 #                                                                    FLUSH TOPOLOGY
-WANTED_PROTOCOL: Final = (ProtocolFeature.MQ, ProtocolFeature.LOG_SHMFD,
-                          ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
-                          ProtocolFeature.CONFIGURE_MEM_SLOTS)
+WANTED_PROTOCOL: Final = (
+    ProtocolFeature.MQ,
+    ProtocolFeature.LOG_SHMFD,
+    ProtocolFeature.REPLY_ACK,
+    ProtocolFeature.CONFIG,
+    ProtocolFeature.CONFIGURE_MEM_SLOTS,
+)
 DRAIN_TIMEOUT: Final = 10.0
 
 
@@ -111,8 +115,14 @@ class VhostUserBlk:
 
     kind = "blk"
 
-    def __init__(self, name: str, index: int, conn: VhostUserConnection, memory: GuestMemory,
-                 daemon: StorageDaemon | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        conn: VhostUserConnection,
+        memory: GuestMemory,
+        daemon: StorageDaemon | None = None,
+    ) -> None:
         self.name, self.index = name, index
         self.mmio_base = ABI_MMIO_BASE_GPA + index * ABI_MMIO_STRIDE
         self.mmio_size = ABI_MMIO_STRIDE
@@ -137,8 +147,9 @@ class VhostUserBlk:
         except BaseException:
             self._close_fds()
             raise
-        self.regs = VirtioMmioRegisters(c.VIRTIO_ID_BLOCK, self.device_features, 1,
-                                        QUEUE_NUM_MAX, self.config)
+        self.regs = VirtioMmioRegisters(
+            c.VIRTIO_ID_BLOCK, self.device_features, 1, QUEUE_NUM_MAX, self.config
+        )
         self.regs.on_driver_ok = self._driver_ok
         self.regs.on_queue_ready = self._queue_ready
         self.regs.on_queue_disable = self._queue_disable
@@ -147,9 +158,18 @@ class VhostUserBlk:
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, name: str, index: int, memory: GuestMemory, *, socket_path: Path | None = None,
-             image: Path | None = None, size: int | None = None,
-             spawn: str | None = None, timeout: float = 10.0) -> VhostUserBlk:
+    def open(
+        cls,
+        name: str,
+        index: int,
+        memory: GuestMemory,
+        *,
+        socket_path: Path | None = None,
+        image: Path | None = None,
+        size: int | None = None,
+        spawn: str | None = None,
+        timeout: float = 10.0,
+    ) -> VhostUserBlk:
         """Connect to the backend at `socket_path`, or start `spawn` on `image` and connect."""
         daemon: StorageDaemon | None = None
         if spawn is not None:
@@ -159,8 +179,9 @@ class VhostUserBlk:
             socket_path = daemon.socket_path
         assert socket_path is not None
         try:
-            conn = VhostUserConnection.connect(str(socket_path), name, timeout=timeout,
-                                               wait=timeout if daemon is not None else 0.0)
+            conn = VhostUserConnection.connect(
+                str(socket_path), name, timeout=timeout, wait=timeout if daemon is not None else 0.0
+            )
         except VhostUserError as exc:
             reason = daemon.exit_reason() if daemon is not None else None
             if daemon is not None:
@@ -176,17 +197,23 @@ class VhostUserBlk:
 
     def _negotiate(self) -> None:
         features = self._u64(Request.GET_FEATURES)
-        for bit, why in ((c.VIRTIO_F_VERSION_1, "virtio 1.x"),
-                         (codec.F_PROTOCOL_FEATURES, "protocol features (config space)")):
+        for bit, why in (
+            (c.VIRTIO_F_VERSION_1, "virtio 1.x"),
+            (codec.F_PROTOCOL_FEATURES, "protocol features (config space)"),
+        ):
             if not _bit(features, bit):
-                raise DeviceCommandError(f"vhost-user backend {self.name} offers features "
-                                         f"{features:#x} without bit {bit} ({why})")
+                raise DeviceCommandError(
+                    f"vhost-user backend {self.name} offers features "
+                    f"{features:#x} without bit {bit} ({why})"
+                )
         offered = self._u64(Request.GET_PROTOCOL_FEATURES)
         wanted = sum(1 << f for f in WANTED_PROTOCOL)
         self.protocol_features = offered & wanted
         if not _bit(self.protocol_features, ProtocolFeature.CONFIG):
-            raise DeviceCommandError(f"vhost-user backend {self.name} does not offer the CONFIG "
-                                     f"protocol feature (offers {offered:#x})")
+            raise DeviceCommandError(
+                f"vhost-user backend {self.name} does not offer the CONFIG "
+                f"protocol feature (offers {offered:#x})"
+            )
         self._call(Request.SET_PROTOCOL_FEATURES, codec.U64(self.protocol_features))
         self._conn.reply_ack = _bit(self.protocol_features, ProtocolFeature.REPLY_ACK)
         if _bit(self.protocol_features, ProtocolFeature.MQ):
@@ -195,19 +222,20 @@ class VhostUserBlk:
                 raise DeviceCommandError(f"vhost-user backend {self.name} has {queues} queues")
         self._call(Request.SET_OWNER)
         self.backend_features = features
-        self.device_features = (features & BLK_PASSTHROUGH_FEATURES) | (
-            1 << c.VIRTIO_F_VERSION_1)
+        self.device_features = (features & BLK_PASSTHROUGH_FEATURES) | (1 << c.VIRTIO_F_VERSION_1)
         self._call(Request.SET_FEATURES, codec.U64(self._feature_word(0)))
         self.config = self._read_config()
         self._send_memory_table()
 
     def _read_config(self) -> bytearray:
-        reply = self._call(Request.GET_CONFIG, codec.Config(0, CONFIG_BYTES, 0,
-                                                            bytes(CONFIG_BYTES)))
+        reply = self._call(
+            Request.GET_CONFIG, codec.Config(0, CONFIG_BYTES, 0, bytes(CONFIG_BYTES))
+        )
         assert isinstance(reply, codec.Config)
         if reply.size == 0:
-            raise DeviceCommandError(f"vhost-user backend {self.name} refused GET_CONFIG of "
-                                     f"{CONFIG_BYTES} bytes")
+            raise DeviceCommandError(
+                f"vhost-user backend {self.name} refused GET_CONFIG of {CONFIG_BYTES} bytes"
+            )
         return bytearray(reply.data)
 
     def _regions(self) -> list[tuple[MemRegion, int]]:
@@ -220,13 +248,18 @@ class VhostUserBlk:
         if _bit(self.protocol_features, ProtocolFeature.CONFIGURE_MEM_SLOTS):
             slots = self._u64(Request.GET_MAX_MEM_SLOTS)
             if slots < len(regions):
-                raise DeviceCommandError(f"vhost-user backend {self.name} has {slots} memory "
-                                         f"slots, guest RAM needs {len(regions)}")
+                raise DeviceCommandError(
+                    f"vhost-user backend {self.name} has {slots} memory "
+                    f"slots, guest RAM needs {len(regions)}"
+                )
             for region, fd in regions:
                 self._call(Request.ADD_MEM_REG, codec.SingleRegion(region), (fd,))
         else:
-            self._call(Request.SET_MEM_TABLE, codec.MemTable(tuple(r for r, _ in regions)),
-                       tuple(fd for _, fd in regions))
+            self._call(
+                Request.SET_MEM_TABLE,
+                codec.MemTable(tuple(r for r, _ in regions)),
+                tuple(fd for _, fd in regions),
+            )
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -246,14 +279,16 @@ class VhostUserBlk:
             self._callbacks.append(callback)
 
     # -- messages ------------------------------------------------------------------------------
-    def _call(self, request: Request, payload: codec.Payload | None = None,
-              fds: tuple[int, ...] = ()) -> codec.Payload | None:
+    def _call(
+        self, request: Request, payload: codec.Payload | None = None, fds: tuple[int, ...] = ()
+    ) -> codec.Payload | None:
         try:
             return self._conn.call(request, payload, fds)
         except VhostUserError as exc:
             if not self._conn.alive:
-                raise DeviceGoneError(f"device {self.name} is gone: "
-                                      f"{self._gone or self._conn.gone_reason}") from exc
+                raise DeviceGoneError(
+                    f"device {self.name} is gone: {self._gone or self._conn.gone_reason}"
+                ) from exc
             raise DeviceCommandError(f"device {self.name}: {exc}") from exc
 
     def _u64(self, request: Request) -> int:
@@ -323,11 +358,13 @@ class VhostUserBlk:
     def _vring_addr(self, index: int, qs: QueueState) -> codec.VringAddr:
         n = qs.size
         return codec.VringAddr(
-            index, codec.VRING_F_LOG,
+            index,
+            codec.VRING_F_LOG,
             desc=self._translate(qs.desc_addr, c.DESC_SIZE * n),
             used=self._translate(qs.used_addr, 6 + c.USED_ELEM_SIZE * n),
             avail=self._translate(qs.avail_addr, 6 + 2 * n),
-            log=qs.used_addr)
+            log=qs.used_addr,
+        )
 
     def _start_queue(self, index: int, qs: QueueState, base: int) -> None:
         """Program and start ring `index` (the backend then takes avail entries from `base`)."""
@@ -352,8 +389,10 @@ class VhostUserBlk:
         reply = self._call(Request.GET_VRING_BASE, codec.VringState(index, 0))
         assert isinstance(reply, codec.VringState)
         if reply.index != index or reply.num > 0xFFFF:
-            raise DeviceCommandError(f"device {self.name}: GET_VRING_BASE({index}) answered "
-                                     f"index {reply.index} num {reply.num}")
+            raise DeviceCommandError(
+                f"device {self.name}: GET_VRING_BASE({index}) answered "
+                f"index {reply.index} num {reply.num}"
+            )
         self._bases[index] = reply.num
         self.counters["queue_stops"] += 1
         return reply.num
@@ -384,12 +423,18 @@ class VhostUserBlk:
             self._require_alive()
             in_flight = self._drain(time.monotonic() + DRAIN_TIMEOUT)
             if in_flight:
-                raise DeviceTimeoutError(f"device {self.name}: requests still in flight after "
-                                         f"{DRAIN_TIMEOUT} s: {in_flight}")
+                raise DeviceTimeoutError(
+                    f"device {self.name}: requests still in flight after "
+                    f"{DRAIN_TIMEOUT} s: {in_flight}"
+                )
             for i in list(self._started):
                 self._stop_queue(i)
-            return {"in_flight": 0, "queues": {str(i): {"next_avail": b, "next_used": b}
-                                               for i, b in self._bases.items()}}
+            return {
+                "in_flight": 0,
+                "queues": {
+                    str(i): {"next_avail": b, "next_used": b} for i, b in self._bases.items()
+                },
+            }
 
     def resume(self) -> None:
         with self._lock:
@@ -403,15 +448,18 @@ class VhostUserBlk:
         """Register file and ring positions; the rings must be stopped (`quiesce`)."""
         with self._lock:
             if self._started:
-                raise DeviceCommandError(f"device {self.name}: get_state needs the rings "
-                                         f"stopped (quiesce); running: {sorted(self._started)}")
+                raise DeviceCommandError(
+                    f"device {self.name}: get_state needs the rings "
+                    f"stopped (quiesce); running: {sorted(self._started)}"
+                )
             queues: dict[int, QueueState] = {}
             for i in range(self.regs.num_queues):
                 qs = self.regs.queue_state(i)
                 if qs is not None:
                     base = self._bases.get(i, 0)
-                    queues[i] = QueueState(qs.size, qs.desc_addr, qs.avail_addr, qs.used_addr,
-                                           base, base, True)
+                    queues[i] = QueueState(
+                        qs.size, qs.desc_addr, qs.avail_addr, qs.used_addr, base, base, True
+                    )
             return DeviceState(self.kind, self.regs.snapshot(), queues).to_json()
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -436,8 +484,10 @@ class VhostUserBlk:
             self.regs.reset()
 
     def iotlb_invalidate(self, iova_pfn: int | None = None, count: int = 1) -> int:
-        raise DeviceCommandError(f"device {self.name} is a vhost-user device: it has no IOTLB "
-                                 f"here, and shadowing it is not supported yet")
+        raise DeviceCommandError(
+            f"device {self.name} is a vhost-user device: it has no IOTLB "
+            f"here, and shadowing it is not supported yet"
+        )
 
     def announce(self) -> None:
         raise DeviceCommandError(f"a blk device ({self.name}) has nothing to announce")
@@ -452,17 +502,22 @@ class VhostUserBlk:
         """VHOST_F_LOG_ALL into a shared log memfd (SET_LOG_BASE)."""
         with self._lock:
             self._require_alive()
-            if not (_bit(self.protocol_features, ProtocolFeature.LOG_SHMFD)
-                    and _bit(self.backend_features, codec.F_LOG_ALL)):
-                raise DeviceCommandError(f"vhost-user backend {self.name} offers no dirty log "
-                                         f"(LOG_ALL and LOG_SHMFD needed)")
+            if not (
+                _bit(self.protocol_features, ProtocolFeature.LOG_SHMFD)
+                and _bit(self.backend_features, codec.F_LOG_ALL)
+            ):
+                raise DeviceCommandError(
+                    f"vhost-user backend {self.name} offers no dirty log "
+                    f"(LOG_ALL and LOG_SHMFD needed)"
+                )
             if not self._logs:
                 size = self._log_size()
                 self._logs = [_LogBuffer(size, f"{self.name}-vhost-log{i}") for i in (0, 1)]
                 self._set_log_base(self._logs[0])
             self._logging = True
-            self._call(Request.SET_FEATURES,
-                       codec.U64(self._feature_word(self.regs.driver_features)))
+            self._call(
+                Request.SET_FEATURES, codec.U64(self._feature_word(self.regs.driver_features))
+            )
 
     def _set_log_base(self, buf: _LogBuffer) -> None:
         self._call(Request.SET_LOG_BASE, codec.LogBase(buf.size, 0), (buf.fd,))
@@ -486,14 +541,21 @@ class VhostUserBlk:
         with self._lock:
             self._logging = False
             if self.alive:
-                self._call(Request.SET_FEATURES,
-                           codec.U64(self._feature_word(self.regs.driver_features)))
+                self._call(
+                    Request.SET_FEATURES, codec.U64(self._feature_word(self.regs.driver_features))
+                )
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "backend": "vhost-user", "pid": self.pid,
-                "messages": self._conn.messages_sent, "status": self.regs.status,
-                "broken": self.regs.needs_reset_reason, "logging": self._logging,
-                "running_queues": sorted(self._started)}
+        return {
+            **self.counters,
+            "backend": "vhost-user",
+            "pid": self.pid,
+            "messages": self._conn.messages_sent,
+            "status": self.regs.status,
+            "broken": self.regs.needs_reset_reason,
+            "logging": self._logging,
+            "running_queues": sorted(self._started),
+        }
 
     # -- death and teardown --------------------------------------------------------------------
     def _require_alive(self) -> None:
@@ -518,8 +580,9 @@ class VhostUserBlk:
             if not closing and regs is not None:
                 regs.needs_reset(f"vhost-user backend gone: {reason}")
         event = DeviceEvent(self.name, "gone", {"reason": reason, "expected": closing})
-        threading.Thread(target=self._dispatch, args=(callbacks, event), daemon=True,
-                         name=f"{self.name}-gone").start()
+        threading.Thread(
+            target=self._dispatch, args=(callbacks, event), daemon=True, name=f"{self.name}-gone"
+        ).start()
 
     @staticmethod
     def _dispatch(callbacks: list[Callable[[DeviceEvent], None]], event: DeviceEvent) -> None:
