@@ -207,3 +207,27 @@ def test_a_killed_backend_is_reported_gone_and_nothing_raises_in_the_vmm(
         with pytest.raises(DeviceGoneError, match="SIGKILL"):
             dev.quiesce()
         dev.mmio_write(c.REG_STATUS, 4, 0)  # a guest reset with the backend gone: no raise
+
+
+def test_a_guest_reset_with_a_request_in_flight_keeps_the_backend(
+    tmp_path: Path, mem: GuestMemory
+) -> None:
+    """GET_VRING_BASE does not wait for a request the daemon has taken; stopping the ring under
+    it would make the completion hit closed fds and the daemon drop us. The reset waits first."""
+    with _open(tmp_path, mem) as dev:
+        q = _queue(mem)
+        _bring_up(dev, q)
+        hdr = q.alloc(16, struct.pack("<IIQ", 0, 0, 0))
+        buf = q.alloc(8 << 20, align=4096)
+        status = q.alloc(1, b"\xff")
+        q.add_chain([Buffer(hdr, 16), Buffer(buf, 8 << 20, True), Buffer(status, 1, True)])
+        dev.kick(0)
+        dev.mmio_write(c.REG_STATUS, 4, 0)  # the driver resets the device at once
+        assert mem.read(status, 1) == b"\0", "the reset did not wait for the request"
+        time.sleep(0.2)
+        assert dev.alive, dev.gone_reason
+        q2 = DriverQueue(
+            _GuestView(mem), QSIZE, base=RING_GPA + 0x8000, data_start=DATA_GPA, data_end=MEM
+        )
+        _bring_up(dev, q2)
+        assert _request(dev, q2, 0, 0, 4096)[0] == 0

@@ -101,7 +101,7 @@ def test_daemon_writes_escape_kvms_dirty_log_but_not_the_vhost_log(tmp_path: Pat
 
 
 def _migrate_chain(
-    tmp_path: Path, tracking: str, hops: int
+    tmp_path: Path, tracking: str, hops: int, *, read_back: bool = True
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """kv under load, migrated `hops` times back to back (src -> d1 -> d2 ...), each with its
     own daemon on the shared image; returns each migration's final query-migrate and the load
@@ -135,6 +135,11 @@ def _migrate_chain(
                 assert info["status"] == "completed", info
                 assert dst.status() == "running"
                 src.stop()
+            if not read_back:  # a guest that lost its device's writes may never answer again
+                assert load.proc is not None
+                load.proc.kill()
+                load.proc.wait()
+                return infos, {}
             return infos, load.result()
         finally:
             for v in vmms:
@@ -150,9 +155,8 @@ def test_device_log_loses_nothing_over_back_to_back_migrations(tmp_path: Path) -
 
 
 def test_none_loses_the_daemons_writes_and_the_loss_is_detected(tmp_path: Path) -> None:
-    infos, result = _migrate_chain(tmp_path, "none", 1)
-    detected = infos[0]["x-verify"]["mismatched"] + result["lost"] + result["wrong"]
-    assert detected > 0, (infos[0]["x-verify"], result["output"])
+    infos, _ = _migrate_chain(tmp_path, "none", 1, read_back=False)
+    assert infos[0]["x-verify"]["mismatched"] > 0, infos[0]["x-verify"]
 
 
 def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Path) -> None:

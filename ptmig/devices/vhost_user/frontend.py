@@ -82,6 +82,7 @@ WANTED_PROTOCOL: Final = (
     ProtocolFeature.CONFIGURE_MEM_SLOTS,
 )
 DRAIN_TIMEOUT: Final = 10.0
+RESET_DRAIN_TIMEOUT: Final = 5.0
 
 
 def _bit(word: int, bit: int) -> bool:
@@ -333,6 +334,10 @@ class VhostUserBlk:
         self._guarded(self._stop_queue, index)
 
     def _reset(self) -> None:
+        # A request the backend still holds would complete after GET_VRING_BASE onto closed
+        # fds (qemu-storage-daemon then drops the connection): give it a bounded time first.
+        # The guest controls avail idx, hence the bound.
+        self._drain(time.monotonic() + RESET_DRAIN_TIMEOUT)
         for i in list(self._started):
             self._guarded(self._stop_queue, i)
         self._bases.clear()
