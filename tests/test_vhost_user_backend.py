@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ptmig.devices.handle import DeviceEvent, DeviceGoneError
-from ptmig.devices.vhost_user.daemon import find_program
+from ptmig.devices.vhost_user.daemon import StorageDaemon, find_program
 from ptmig.devices.vhost_user.frontend import VhostUserBlk
 from ptmig.devices.virtio import constants as c
 from ptmig.devices.virtio.testing import Buffer, DriverQueue
@@ -70,7 +70,17 @@ def _open(tmp_path: Path, mem: GuestMemory, name: str = "vd0") -> VhostUserBlk:
 
 
 def _bring_up(dev: VhostUserBlk, q: DriverQueue) -> None:
-    """What the guest's virtio-mmio driver writes."""
+    """What the guest's virtio-mmio driver writes, up to and including DRIVER_OK."""
+    _set_up_queue(dev, q)
+    dev.mmio_write(c.REG_STATUS, 4, ALL_STATUS)
+    assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DRIVER_OK
+
+
+ALL_STATUS = c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK | c.STATUS_DRIVER_OK
+
+
+def _set_up_queue(dev: VhostUserBlk, q: DriverQueue) -> None:
+    """Features (VERSION_1 and FLUSH) and queue 0, everything but DRIVER_OK."""
     w = dev.mmio_write
     w(c.REG_STATUS, 4, c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER)
     w(c.REG_DRIVER_FEATURES_SEL, 4, 1)
@@ -89,12 +99,6 @@ def _bring_up(dev: VhostUserBlk, q: DriverQueue) -> None:
         w(reg, 4, addr & 0xFFFFFFFF)
         w(reg + 4, 4, addr >> 32)
     w(c.REG_QUEUE_READY, 4, 1)
-    w(
-        c.REG_STATUS,
-        4,
-        c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK | c.STATUS_DRIVER_OK,
-    )
-    assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DRIVER_OK
 
 
 def _request(
@@ -231,3 +235,30 @@ def test_a_guest_reset_with_a_request_in_flight_keeps_the_backend(
         )
         _bring_up(dev, q2)
         assert _request(dev, q2, 0, 0, 4096)[0] == 0
+
+
+def test_a_backend_someone_else_runs_is_used_through_its_socket(
+    tmp_path: Path, mem: GuestMemory
+) -> None:
+    other = StorageDaemon("ext", tmp_path / "ext.img", IMAGE, tmp_path / "ext.sock")
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "ext.sock").exists():
+            assert time.monotonic() < deadline and other.exit_reason() is None
+            time.sleep(0.02)
+        with VhostUserBlk.open("vd", 0, mem, socket_path=tmp_path / "ext.sock") as dev:
+            assert dev.pid is None  # not ours to supervise
+            q = _queue(mem)
+            _bring_up(dev, q)
+            assert _request(dev, q, 1, 3, b"e" * 512)[0] == 0
+        assert other.exit_reason() is None  # closing our frontend leaves their daemon running
+    finally:
+        other.stop()
+    with open(tmp_path / "ext.img", "rb") as f:
+        f.seek(3 * 512)
+        assert f.read(512) == b"e" * 512
+
+
+def test_a_missing_backend_socket_is_a_clear_error(tmp_path: Path, mem: GuestMemory) -> None:
+    with pytest.raises(DeviceGoneError, match="cannot connect to the vhost-user backend at"):
+        VhostUserBlk.open("vd", 0, mem, socket_path=tmp_path / "nobody.sock")

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from test_vhost_user_backend import _bring_up, _GuestView
+from test_vhost_user_backend import ALL_STATUS, _bring_up, _GuestView, _set_up_queue
 
 from ptmig.devices.handle import DeviceCommandError, DeviceEvent, DeviceGoneError
 from ptmig.devices.vhost_user import codec
@@ -41,6 +41,17 @@ PROTOCOL = sum(
         ProtocolFeature.BACKEND_REQ,
     )
 )
+#: what starting a ring sends, in this order (CALL no later than KICK: a completion
+#: without a call fd makes qemu-storage-daemon 7.2 panic)
+QUEUE_START = [
+    "SET_FEATURES",
+    "SET_VRING_NUM",
+    "SET_VRING_BASE",
+    "SET_VRING_ADDR",
+    "SET_VRING_CALL",
+    "SET_VRING_KICK",
+    "SET_VRING_ENABLE",
+]
 CONFIG = (8192).to_bytes(8, "little").ljust(60, b"\0")
 
 #: how the scripted backend answers one request: a reply payload, None for the default, or
@@ -150,15 +161,7 @@ def test_negotiation_and_a_queue_start_send_the_specified_messages(mem: GuestMem
         q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
         del backend.requests[:]
         _bring_up(dev, q)
-        assert backend.names() == [
-            "SET_FEATURES",
-            "SET_VRING_NUM",
-            "SET_VRING_BASE",
-            "SET_VRING_ADDR",
-            "SET_VRING_CALL",
-            "SET_VRING_KICK",
-            "SET_VRING_ENABLE",
-        ]
+        assert backend.names() == QUEUE_START
         assert all(m.need_reply for m in backend.requests)  # REPLY_ACK: every one acked
         addr = backend.requests[3].payload
         assert addr == codec.VringAddr(
@@ -173,16 +176,7 @@ def test_negotiation_and_a_queue_start_send_the_specified_messages(mem: GuestMem
         # quiesce stops the ring with GET_VRING_BASE; resume restarts it from that base
         dev.quiesce()
         dev.resume()
-        assert backend.names()[7:] == [
-            "GET_VRING_BASE",
-            "SET_FEATURES",
-            "SET_VRING_NUM",
-            "SET_VRING_BASE",
-            "SET_VRING_ADDR",
-            "SET_VRING_CALL",
-            "SET_VRING_KICK",
-            "SET_VRING_ENABLE",
-        ]
+        assert backend.names()[7:] == ["GET_VRING_BASE", *QUEUE_START]
 
 
 @pytest.mark.parametrize(
@@ -235,9 +229,9 @@ def test_a_backend_that_misbehaves_at_queue_start_breaks_the_device_not_the_vmm(
         seen = threading.Event()
         dev.on_event(lambda ev: (events.append(ev), seen.set()))
         q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
-        w = dev.mmio_write
-        _bring_up_until_driver_ok(dev, q)
-        w(c.REG_STATUS, 4, 0xF)  # DRIVER_OK: the queue start fails inside this register write
+        _set_up_queue(dev, q)
+        # DRIVER_OK: the queue start fails inside this register write
+        dev.mmio_write(c.REG_STATUS, 4, ALL_STATUS)
         assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
         assert seen.wait(5) and events[0].name == "gone"
         assert "GET_FEATURES" in events[0].data["reason"]
@@ -251,26 +245,7 @@ def test_a_ring_outside_guest_ram_breaks_the_device_and_sends_nothing(mem: Guest
         q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
         q.used_addr = mem.size + 0x1000  # the driver points the used ring past RAM
         del backend.requests[:]
-        _bring_up_until_driver_ok(dev, q)
-        dev.mmio_write(c.REG_STATUS, 4, 0xF)
+        _set_up_queue(dev, q)
+        dev.mmio_write(c.REG_STATUS, 4, ALL_STATUS)
         assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
         assert "SET_VRING_ADDR" not in backend.names() and dev.alive
-
-
-def _bring_up_until_driver_ok(dev: VhostUserBlk, q: DriverQueue) -> None:
-    w = dev.mmio_write
-    w(c.REG_STATUS, 4, 3)
-    w(c.REG_DRIVER_FEATURES_SEL, 4, 1)
-    w(c.REG_DRIVER_FEATURES, 4, 1)
-    w(c.REG_DRIVER_FEATURES_SEL, 4, 0)
-    w(c.REG_DRIVER_FEATURES, 4, 0)
-    w(c.REG_STATUS, 4, 0xB)
-    w(c.REG_QUEUE_NUM, 4, q.size)
-    for reg, addr in (
-        (c.REG_QUEUE_DESC_LOW, q.desc_addr),
-        (c.REG_QUEUE_DRIVER_LOW, q.avail_addr),
-        (c.REG_QUEUE_DEVICE_LOW, q.used_addr),
-    ):
-        w(reg, 4, addr & 0xFFFFFFFF)
-        w(reg + 4, 4, addr >> 32)
-    w(c.REG_QUEUE_READY, 4, 1)

@@ -23,7 +23,7 @@ SET_BACKEND_REQ_FD) are decoded by `decode_backend_request`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import ClassVar, Final, Self
 
@@ -139,47 +139,37 @@ class Payload:
 
 
 @dataclass(frozen=True)
-class Empty(Payload):
-    FORMAT: ClassVar[struct.Struct] = struct.Struct("")
+class _Fixed(Payload):
+    """A payload of fixed size whose dataclass fields are FORMAT's fields, in order."""
 
     def pack(self) -> bytes:
-        return b""
+        return self.FORMAT.pack(*(getattr(self, f.name) for f in fields(self)))
 
     @classmethod
-    def unpack(cls, data: bytes, what: str) -> Empty:
-        cls._fixed(data, what)
-        return cls()
-
-
-@dataclass(frozen=True)
-class U64(Payload):
-    value: int
-    FORMAT: ClassVar[struct.Struct] = struct.Struct("<Q")
-
-    def pack(self) -> bytes:
-        return self.FORMAT.pack(self.value)
-
-    @classmethod
-    def unpack(cls, data: bytes, what: str) -> U64:
+    def unpack(cls, data: bytes, what: str) -> Self:
         return cls(*cls._fixed(data, what))
 
 
 @dataclass(frozen=True)
-class VringState(Payload):
+class Empty(_Fixed):
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("")
+
+
+@dataclass(frozen=True)
+class U64(_Fixed):
+    value: int
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class VringState(_Fixed):
     index: int
     num: int
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<II")
 
-    def pack(self) -> bytes:
-        return self.FORMAT.pack(self.index, self.num)
-
-    @classmethod
-    def unpack(cls, data: bytes, what: str) -> VringState:
-        return cls(*cls._fixed(data, what))
-
 
 @dataclass(frozen=True)
-class VringAddr(Payload):
+class VringAddr(_Fixed):
     """Ring addresses in the frontend's user address space; `log` is the used ring's GPA."""
 
     index: int
@@ -189,13 +179,6 @@ class VringAddr(Payload):
     avail: int
     log: int
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
-
-    def pack(self) -> bytes:
-        return self.FORMAT.pack(self.index, self.flags, self.desc, self.used, self.avail, self.log)
-
-    @classmethod
-    def unpack(cls, data: bytes, what: str) -> VringAddr:
-        return cls(*cls._fixed(data, what))
 
 
 @dataclass(frozen=True)
@@ -250,17 +233,10 @@ class SingleRegion(Payload):
 
 
 @dataclass(frozen=True)
-class LogBase(Payload):
+class LogBase(_Fixed):
     size: int
     offset: int
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQ")
-
-    def pack(self) -> bytes:
-        return self.FORMAT.pack(self.size, self.offset)
-
-    @classmethod
-    def unpack(cls, data: bytes, what: str) -> LogBase:
-        return cls(*cls._fixed(data, what))
 
 
 @dataclass(frozen=True)
@@ -289,7 +265,7 @@ class Config(Payload):
 
 
 @dataclass(frozen=True)
-class IotlbMsg(Payload):
+class IotlbMsg(_Fixed):
     iova: int
     size: int
     user_addr: int
@@ -297,27 +273,13 @@ class IotlbMsg(Payload):
     type: int
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQQBB6x")
 
-    def pack(self) -> bytes:
-        return self.FORMAT.pack(self.iova, self.size, self.user_addr, self.perm, self.type)
-
-    @classmethod
-    def unpack(cls, data: bytes, what: str) -> IotlbMsg:
-        return cls(*cls._fixed(data, what))
-
 
 @dataclass(frozen=True)
-class VringArea(Payload):
+class VringArea(_Fixed):
     u64: int
     size: int
     offset: int
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQQ")
-
-    def pack(self) -> bytes:
-        return self.FORMAT.pack(self.u64, self.size, self.offset)
-
-    @classmethod
-    def unpack(cls, data: bytes, what: str) -> VringArea:
-        return cls(*cls._fixed(data, what))
 
 
 # -- what each request carries ----------------------------------------------------------------

@@ -5,8 +5,8 @@ process, its stderr (forwarded to logging as ``ptmig.vhost.NAME``) and the watch
 when it exits on its own the `on_exit` callback gets a reason that names the exit code or signal,
 just as a device process's death is reported.
 
-Image locks: the vhost-user-blk export takes only *shared* locks on the image (see
-VHOST_USER_NOTES.md), so the source's and the destination's daemons can both open the shared
+Image locks: the vhost-user-blk export takes only *shared* locks on the image (measured on
+QEMU 7.2), so the source's and the destination's daemons can both open the shared
 image. Only the side that runs the guest writes it: the destination's frontend programs no ring
 before the migrated state arrives, so its daemon issues no I/O until the guest runs there.
 """

@@ -53,7 +53,13 @@ import numpy.typing as npt
 from ...layout import ABI_MMIO_BASE_GPA, ABI_MMIO_STRIDE
 from .. import eventfd
 from ..control import DeviceState
-from ..handle import DeviceCommandError, DeviceEvent, DeviceGoneError, DeviceTimeoutError
+from ..handle import (
+    DeviceCommandError,
+    DeviceEvent,
+    DeviceGoneError,
+    DeviceTimeoutError,
+    Liveness,
+)
 from ..virtio import constants as c
 from ..virtio.mmio import VirtioMmioRegisters
 from ..virtio.queue import QueueState
@@ -111,7 +117,7 @@ class _LogBuffer:
         os.close(self.fd)
 
 
-class VhostUserBlk:
+class VhostUserBlk(Liveness):
     """One vhost-user-blk device as the VMM holds it. Create with `open`."""
 
     kind = "blk"
@@ -266,14 +272,6 @@ class VhostUserBlk:
     @property
     def pid(self) -> int | None:
         return self._daemon.pid if self._daemon is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self._gone is None
-
-    @property
-    def gone_reason(self) -> str | None:
-        return self._gone
 
     def on_event(self, callback: Callable[[DeviceEvent], None]) -> None:
         with self._lock:
