@@ -18,7 +18,9 @@ Owns, for one `[[disk]] backend = "vhost-user"`:
   caught up with its avail idx, then stops the ring; `resume` restarts it from that base;
 * the backend's own dirty log (VHOST_F_LOG_ALL, SET_LOG_BASE with a shared memfd): harvested by
   swapping in a second log (SET_LOG_BASE again) and reading the one the backend has let go, so no
-  bit set concurrently is lost.
+  bit set concurrently is lost. This relies on the backend no longer writing a log once it has
+  answered the SET_LOG_BASE that replaces it (libvhost-user, hence qemu-storage-daemon, unmaps
+  the old log inside the handler, on the thread that also completes requests).
 
 It offers the interface of a device process's `DeviceHandle` (registers, quiesce/resume,
 get/set state, DMA log, `gone` events), so the machine, the migration strategies and QMP treat it
@@ -424,6 +426,10 @@ class VhostUserBlk(Liveness):
         what it took, then GET_VRING_BASE. Returns the queues' positions."""
         with self._lock:
             self._require_alive()
+            # A vCPU paused between publishing avail idx and its QueueNotify never kicks, and
+            # the backend does not poll: kick each ring (an extra kick is harmless).
+            for i in self._started:
+                self.kick(i)
             in_flight = self._drain(time.monotonic() + DRAIN_TIMEOUT)
             if in_flight:
                 raise DeviceTimeoutError(
