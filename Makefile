@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/ptmig demo --json demo-results/demo.json --report demo-results/report
 
 # System packages the tests use: chromium renders the HTML report in a headless browser;
-# iputils-ping is the real `ping` the TAP test sends to the kv guest.
+# iputils-ping is the real `ping` the TAP test sends to the kv guest; qemu-system-common ships
+# qemu-storage-daemon, the vhost-user-blk backend of the vhost-user disk tests.
 # Installed only when missing and when we are root on a Debian-like system; otherwise that
 # test skips and says why.
 test-deps:
@@ -39,6 +40,14 @@ test-deps:
 		echo "installing iputils-ping (for the TAP ping test)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 		    iputils-ping >/dev/null) || echo "iputils-ping could not be installed: that test skips"; \
+	fi
+
+	@if ! command -v qemu-storage-daemon >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing qemu-system-common (qemu-storage-daemon, for the vhost-user tests)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		    qemu-system-common >/dev/null) \
+		    || echo "qemu-system-common could not be installed: the vhost-user tests skip"; \
 	fi
 
 test: $(STAMP) test-deps

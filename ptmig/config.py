@@ -18,7 +18,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +58,8 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 ArgValue = str | int | bool
 DeviceKind = Literal["net", "disk"]
+DiskBackend = Literal["builtin", "vhost-user"]
+VHOST_USER_SPAWN = ("qemu-storage-daemon",)
 SwitchMode = Literal["auto", "none"]
 
 
@@ -121,12 +123,19 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class DiskConfig:
-    """One virtio-blk device backed by a raw image; ``path`` is absolute."""
+    """One virtio-blk device backed by a raw image; ``path`` is absolute.
+
+    ``backend`` is ``"builtin"`` (ptmig's own device process) or ``"vhost-user"``: then exactly
+    one of ``socket`` (a backend someone else runs, listening there) and ``spawn`` (the program
+    ptmig starts and supervises on the image: ``qemu-storage-daemon``) is set."""
 
     id: str
     path: Path
     size: int
     serial: str
+    backend: DiskBackend = "builtin"
+    socket: Path | None = None
+    spawn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -444,7 +453,7 @@ class _Parser:
 
     def disk(self, doc: Mapping[str, Any], i: int) -> DiskConfig:
         at = f"disk[{i}]"
-        self.table(doc, at, ("id", "path", "size", "serial"))
+        self.table(doc, at, ("id", "path", "size", "serial", "backend", "socket", "spawn"))
         dev_id = self.device_id(doc, at)
         path_text = self.string(doc, "path", f"{at}.path")
         if not path_text:
@@ -459,7 +468,32 @@ class _Parser:
             raise self.fail(
                 f"{at}.serial", f"{serial!r} must be printable ASCII of at most {SERIAL_MAX} bytes"
             )
-        return DiskConfig(dev_id, self.path(path_text), size, serial)
+        backend = self.string(doc, "backend", f"{at}.backend", default="builtin")
+        if backend == "builtin":
+            for key in ("socket", "spawn"):
+                if key in doc:
+                    raise self.fail(f"{at}.{key}", 'is only meaningful with backend = "vhost-user"')
+            return DiskConfig(dev_id, self.path(path_text), size, serial)
+        if backend != "vhost-user":
+            raise self.fail(f"{at}.backend", f"{backend!r} is not allowed (allowed: builtin, "
+                            "vhost-user)")
+        return self.vhost_user_disk(doc, at, DiskConfig(dev_id, self.path(path_text), size,
+                                                        serial, "vhost-user"))
+
+    def vhost_user_disk(self, doc: Mapping[str, Any], at: str, disk: DiskConfig) -> DiskConfig:
+        if ("socket" in doc) == ("spawn" in doc):
+            raise self.fail(f"{at}.backend", 'a "vhost-user" disk needs exactly one of socket = '
+                            'PATH (a running backend) and spawn = "qemu-storage-daemon"')
+        if "socket" in doc:
+            sock = self.string(doc, "socket", f"{at}.socket")
+            if not sock:
+                raise self.fail(f"{at}.socket", "must not be empty")
+            return replace(disk, socket=self.path(sock))
+        spawn = self.string(doc, "spawn", f"{at}.spawn")
+        if spawn not in VHOST_USER_SPAWN:
+            raise self.fail(f"{at}.spawn", f"{spawn!r} is not allowed (allowed: "
+                            f"{', '.join(VHOST_USER_SPAWN)})")
+        return replace(disk, spawn=spawn)
 
     def device_id(self, doc: Mapping[str, Any], at: str) -> str:
         dev_id = self.string(doc, "id", f"{at}.id")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import DiskConfig, NetConfig, UdpBackend
 from ..iommu import IommuTable
 from .handle import DeviceEvent, DeviceHandle
+from .vhost_user.frontend import VhostUserBlk
 from .virtio.constants import REG_QUEUE_NOTIFY
 
 if TYPE_CHECKING:
@@ -35,11 +36,16 @@ class AttachedDevice:
     index: int
     config: NetConfig | DiskConfig
     iommu: IommuTable
-    handle: DeviceHandle
+    handle: DeviceHandle | VhostUserBlk
     direct_doorbells: bool = True
     #: While shadowed, register writes go through this first; it returns True when it consumed
     #: the write (a trapped doorbell) so the device never sees it directly.
     mmio_hook: Callable[[int, int, int], bool] | None = None
+
+    @property
+    def shadowable(self) -> bool:
+        """Whether the shadow engine can take this device over (not yet a vhost-user one)."""
+        return isinstance(self.handle, DeviceHandle)
 
     @property
     def mmio_base(self) -> int:
@@ -91,10 +97,11 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
                 cfg.path.parent.mkdir(parents=True, exist_ok=True)
             iommu = IommuTable.create(vm.memory.npages)
             iommu.map_identity(vm.memory.npages, writable=True)
-            handle = DeviceHandle.spawn(
-                KIND[slot.kind], slot.index, device_process_config(cfg), vm.memory.fd,
-                vm.memory.size, iommu, machine.shadow_pool.fd, name=slot.id,
-            )
+            try:
+                handle = _open_handle(machine, slot.id, slot.kind, slot.index, cfg, iommu)
+            except Exception:
+                iommu.close()
+                raise
             dev = AttachedDevice(slot.id, slot.kind, slot.index, cfg, iommu, handle)
             handle.on_event(_forward_events(machine, dev))
             bind_doorbells(machine, dev)
@@ -106,6 +113,18 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
             dev.close()
         raise
     return out
+
+
+def _open_handle(machine: Machine, name: str, kind: str, index: int,
+                 cfg: NetConfig | DiskConfig, iommu: IommuTable) -> DeviceHandle | VhostUserBlk:
+    """The device's process, or for a vhost-user disk the frontend of its backend (the
+    memory table it sends plays the IOMMU's role; `iommu` maps the same guest RAM)."""
+    mem = machine.vm.memory
+    if isinstance(cfg, DiskConfig) and cfg.backend == "vhost-user":
+        return VhostUserBlk.open(name, index, mem, socket_path=cfg.socket, image=cfg.path,
+                                 size=cfg.size, spawn=cfg.spawn)
+    return DeviceHandle.spawn(KIND[kind], index, device_process_config(cfg), mem.fd, mem.size,
+                              iommu, machine.shadow_pool.fd, name=name)
 
 
 def _forward_events(machine: Machine, dev: AttachedDevice) -> Callable[[DeviceEvent], None]:

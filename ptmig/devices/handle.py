@@ -90,6 +90,21 @@ class DeviceEvent:
 EventCallback = Callable[[DeviceEvent], None]
 
 
+class Liveness:
+    """`alive` and `gone_reason` of something that can die under the VMM: a device process, a
+    vhost-user backend or its connection. Subclasses set `_gone` to the reason, once."""
+
+    _gone: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._gone is None
+
+    @property
+    def gone_reason(self) -> str | None:
+        return self._gone
+
+
 class _Slot:
     __slots__ = ("done", "response", "gone")
 
@@ -99,7 +114,7 @@ class _Slot:
         self.gone: str | None = None
 
 
-class DeviceHandle:
+class DeviceHandle(Liveness):
     """A running device process as the VMM sees it. Create with `spawn`."""
 
     def __init__(self, name: str, kind: str, index: int, proc: subprocess.Popen[bytes],
@@ -176,14 +191,6 @@ class DeviceHandle:
     @property
     def pid(self) -> int:
         return self._proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._gone is None
-
-    @property
-    def gone_reason(self) -> str | None:
-        return self._gone
 
     def on_event(self, callback: EventCallback) -> None:
         """Call `callback(DeviceEvent)` for every device event and for ``gone``."""

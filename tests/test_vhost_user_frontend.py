@@ -1,0 +1,251 @@
+"""The vhost-user-blk frontend against a scripted backend in this process: what it negotiates,
+the messages a queue start sends, and how a backend that misbehaves at each step is reported
+(a start error, or a `gone` device with DEVICE_NEEDS_RESET) while nothing raises into the VMM's
+register path. No KVM, no qemu-storage-daemon."""
+
+from __future__ import annotations
+
+import array
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from test_vhost_user_backend import ALL_STATUS, _bring_up, _GuestView, _set_up_queue
+
+from ptmig.devices.handle import DeviceCommandError, DeviceEvent, DeviceGoneError
+from ptmig.devices.vhost_user import codec
+from ptmig.devices.vhost_user.codec import ProtocolFeature, Request
+from ptmig.devices.vhost_user.connection import VhostUserConnection
+from ptmig.devices.vhost_user.frontend import VhostUserBlk
+from ptmig.devices.virtio import constants as c
+from ptmig.devices.virtio.testing import DriverQueue
+from ptmig.memory import GuestMemory
+
+pytestmark = pytest.mark.timeout(30)
+
+FEATURES = (
+    1 << c.VIRTIO_F_VERSION_1
+    | 1 << codec.F_PROTOCOL_FEATURES
+    | 1 << codec.F_LOG_ALL
+    | 1 << 9
+    | 1 << c.VIRTIO_F_EVENT_IDX
+)
+PROTOCOL = sum(
+    1 << f
+    for f in (
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.CONFIG,
+        ProtocolFeature.LOG_SHMFD,
+        ProtocolFeature.MQ,
+        ProtocolFeature.BACKEND_REQ,
+    )
+)
+#: what starting a ring sends, in this order (CALL no later than KICK: a completion
+#: without a call fd makes qemu-storage-daemon 7.2 panic)
+QUEUE_START = [
+    "SET_FEATURES",
+    "SET_VRING_NUM",
+    "SET_VRING_BASE",
+    "SET_VRING_ADDR",
+    "SET_VRING_CALL",
+    "SET_VRING_KICK",
+    "SET_VRING_ENABLE",
+]
+CONFIG = (8192).to_bytes(8, "little").ljust(60, b"\0")
+
+#: how the scripted backend answers one request: a reply payload, None for the default, or
+#: raw bytes sent instead of any reply
+Hook = Callable[[codec.Message], "codec.Payload | bytes | None"]
+
+
+class ScriptedBackend:
+    """A vhost-user-blk backend that answers like qemu-storage-daemon, except where a hook says
+    otherwise; records every request it got."""
+
+    def __init__(self, sock: socket.socket, hook: Hook | None = None) -> None:
+        self.sock, self.hook = sock, hook
+        self.requests: list[codec.Message] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        reader = codec.FrameReader()
+        while True:
+            data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(8 * 4))
+            if not data:
+                return
+            fds: list[int] = []
+            for _level, _kind, raw in anc:
+                got = array.array("i")
+                got.frombytes(raw[: len(raw) - len(raw) % 4])
+                fds.extend(got)
+            reader.feed(data)
+            while (frame := reader.next_frame()) is not None:
+                msg = codec.decode_request(frame, tuple(fds))
+                fds = []
+                self.requests.append(msg)
+                if not self._answer(msg):
+                    self.sock.close()
+                    return
+
+    def _answer(self, msg: codec.Message) -> bool:
+        custom = self.hook(msg) if self.hook is not None else None
+        if isinstance(custom, bytes):
+            if custom:
+                self.sock.sendall(custom)
+            return bool(custom)
+        reply = custom if custom is not None else self._default(msg)
+        if reply is not None:
+            self.sock.sendall(
+                codec.encode_reply(msg.request, reply, need_reply_echo=msg.need_reply)
+            )
+        return True
+
+    def _default(self, msg: codec.Message) -> codec.Payload | None:
+        req = Request(msg.request)
+        if req == Request.GET_FEATURES:
+            return codec.U64(FEATURES)
+        if req == Request.GET_PROTOCOL_FEATURES:
+            return codec.U64(PROTOCOL)
+        if req in (Request.GET_QUEUE_NUM, Request.GET_MAX_MEM_SLOTS):
+            return codec.U64(1)
+        if req == Request.GET_CONFIG:
+            assert isinstance(msg.payload, codec.Config)
+            return codec.Config(0, msg.payload.size, 0, CONFIG[: msg.payload.size])
+        if req == Request.GET_VRING_BASE:
+            assert isinstance(msg.payload, codec.VringState)
+            return codec.VringState(msg.payload.index, 0)
+        if req == Request.SET_LOG_BASE:
+            assert isinstance(msg.payload, codec.LogBase)
+            return codec.U64(msg.payload.size)
+        return codec.U64(0) if msg.need_reply else None
+
+    def names(self) -> list[str]:
+        return [Request(m.request).name for m in self.requests]
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = GuestMemory(4 << 20)
+    yield m
+    m.close()
+
+
+def _frontend(mem: GuestMemory, hook: Hook | None = None) -> tuple[VhostUserBlk, ScriptedBackend]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    backend = ScriptedBackend(b, hook)
+    return VhostUserBlk("vd", 0, VhostUserConnection(a, "vd", timeout=5.0), mem), backend
+
+
+def test_negotiation_and_a_queue_start_send_the_specified_messages(mem: GuestMemory) -> None:
+    dev, backend = _frontend(mem)
+    with dev:
+        # MQ but not BACKEND_REQ (ptmig has no backend channel); EVENT_IDX is not passed on
+        assert dev.protocol_features == PROTOCOL & ~(1 << ProtocolFeature.BACKEND_REQ)
+        assert dev.device_features == 1 << c.VIRTIO_F_VERSION_1 | 1 << 9
+        assert bytes(dev.config) == CONFIG
+        assert backend.names() == [
+            "GET_FEATURES",
+            "GET_PROTOCOL_FEATURES",
+            "SET_PROTOCOL_FEATURES",
+            "GET_QUEUE_NUM",
+            "SET_OWNER",
+            "SET_FEATURES",
+            "GET_CONFIG",
+            "SET_MEM_TABLE",
+        ]
+        table = backend.requests[-1]
+        assert isinstance(table.payload, codec.MemTable) and len(table.fds) == 1
+        assert table.payload.regions == (codec.MemRegion(0, mem.size, mem.host_address, 0),)
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        del backend.requests[:]
+        _bring_up(dev, q)
+        assert backend.names() == QUEUE_START
+        assert all(m.need_reply for m in backend.requests)  # REPLY_ACK: every one acked
+        addr = backend.requests[3].payload
+        assert addr == codec.VringAddr(
+            0,
+            codec.VRING_F_LOG,
+            mem.host_address + q.desc_addr,
+            mem.host_address + q.used_addr,
+            mem.host_address + q.avail_addr,
+            q.used_addr,
+        )
+        assert [len(m.fds) for m in backend.requests[4:6]] == [1, 1]
+        # quiesce stops the ring with GET_VRING_BASE; resume restarts it from that base
+        dev.quiesce()
+        dev.resume()
+        assert backend.names()[7:] == ["GET_VRING_BASE", *QUEUE_START]
+
+
+@pytest.mark.parametrize(
+    ("hook", "fragment"),
+    [
+        (
+            lambda m: (
+                codec.U64(1 << c.VIRTIO_F_VERSION_1) if m.request == Request.GET_FEATURES else None
+            ),
+            "without bit 30",
+        ),
+        (
+            lambda m: codec.U64(0) if m.request == Request.GET_PROTOCOL_FEATURES else None,
+            "CONFIG protocol feature",
+        ),
+        (
+            lambda m: codec.Config(0, 0, 0, b"") if m.request == Request.GET_CONFIG else None,
+            "refused GET_CONFIG",
+        ),
+        (lambda m: codec.U64(5) if m.request == Request.SET_OWNER else None, "ack 0x5"),
+        (lambda m: b"" if m.request == Request.SET_MEM_TABLE else None, "closed the connection"),
+        (
+            lambda m: (
+                codec.HEADER.pack(m.request, 0x5, 1 << 20)
+                if m.request == Request.GET_FEATURES
+                else None
+            ),
+            "more than 4096",
+        ),
+    ],
+)
+def test_a_backend_that_misbehaves_while_starting_is_refused_with_the_reason(
+    mem: GuestMemory, hook: Hook, fragment: str
+) -> None:
+    with pytest.raises((DeviceCommandError, DeviceGoneError), match=fragment):
+        _frontend(mem, hook)
+
+
+def test_a_backend_that_misbehaves_at_queue_start_breaks_the_device_not_the_vmm(
+    mem: GuestMemory,
+) -> None:
+    def hook(m: codec.Message) -> codec.Payload | bytes | None:
+        if m.request == Request.SET_VRING_ADDR:  # a reply with the wrong request code
+            return codec.encode_reply(Request.GET_FEATURES, codec.U64(0))
+        return None
+
+    dev, _backend = _frontend(mem, hook)
+    with dev:
+        events: list[DeviceEvent] = []
+        seen = threading.Event()
+        dev.on_event(lambda ev: (events.append(ev), seen.set()))
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        _set_up_queue(dev, q)
+        # DRIVER_OK: the queue start fails inside this register write
+        dev.mmio_write(c.REG_STATUS, 4, ALL_STATUS)
+        assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+        assert seen.wait(5) and events[0].name == "gone"
+        assert "GET_FEATURES" in events[0].data["reason"]
+        with pytest.raises(DeviceGoneError):
+            dev.dma_log_start()
+
+
+def test_a_ring_outside_guest_ram_breaks_the_device_and_sends_nothing(mem: GuestMemory) -> None:
+    dev, backend = _frontend(mem)
+    with dev:
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        q.used_addr = mem.size + 0x1000  # the driver points the used ring past RAM
+        del backend.requests[:]
+        _set_up_queue(dev, q)
+        dev.mmio_write(c.REG_STATUS, 4, ALL_STATUS)
+        assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+        assert "SET_VRING_ADDR" not in backend.names() and dev.alive

@@ -1,0 +1,228 @@
+"""A vhost-user disk (qemu-storage-daemon as the backend, ptmig as the frontend) on real KVM.
+
+The kv guest keeps its write-ahead log on the vhost-user disk; its unmodified virtio-blk driver
+talks to the register file in the VMM, its QueueNotify reaches the daemon through KVM_IOEVENTFD
+and the daemon's call eventfd wakes it. Shown: the passthrough property on third-party code (pages
+the daemon wrote are absent from KVM's dirty log and present in the daemon's own vhost log);
+`device-log` loses nothing over back-to-back migrations under load, verified page by page; `none`
+loses the daemon's writes and the loss is detected; a killed daemon is reported over QMP while
+the VMM stays up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_vhost_user_backend import _bring_up, _GuestView, _request
+from vmmrig import Load, Vmm, free_port, switch
+
+from ptmig import bitmap
+from ptmig.config import load_config
+from ptmig.devices.vhost_user.daemon import find_program
+from ptmig.devices.vhost_user.frontend import VhostUserBlk
+from ptmig.devices.virtio.testing import DriverQueue
+from ptmig.machine import Machine
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        find_program() is None,
+        reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
+        "make test installs it as root)",
+    ),
+]
+
+PAGE = 4096
+MARKER = b"VHOST-USER-PASSTHROUGH-MARKER-"
+ROUND0_BANDWIDTH = 64 << 10
+ROUND0_DOWNTIME_LIMIT_MS = 10_000
+
+
+def vhost_kv_config(tmp: Path, switch_port: int) -> Path:
+    path = tmp / "kv-vhost.toml"
+    path.write_text(
+        '[vm]\nmemory = "128M"\nvcpus = 1\n\n'
+        '[workload]\nname = "kv"\nargs = { port = 7000 }\n\n'
+        '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
+        f'backend = "udp:127.0.0.1:{switch_port}"\nswitch = "none"\n\n'
+        f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "16M"\n'
+        'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
+    )
+    return path
+
+
+def test_daemon_writes_escape_kvms_dirty_log_but_not_the_vhost_log(tmp_path: Path) -> None:
+    """A VM built (guest RAM in a KVM memory slot with dirty logging) whose vCPUs do not run:
+    the test is the driver, and every byte it writes goes through the VMM's marking path. The
+    daemon's READ lands in a buffer nobody else wrote: the harvested dirty set (KVM's log and
+    the VMM's bitmap) lacks its pages, the daemon's own log has them."""
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(
+        '[vm]\nmemory = "128M"\nvcpus = 1\n\n[workload]\nname = "hello"\n\n'
+        f'[[disk]]\nid = "disk0"\npath = "{tmp_path / "d.img"}"\nsize = "16M"\n'
+        'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
+    )
+    machine = Machine(load_config(cfg))
+    try:
+        machine.boot()
+        disk = next(d for d in machine.devices if d.kind == "disk")
+        assert isinstance(disk.handle, VhostUserBlk)
+        mem = machine.vm.memory
+        q = DriverQueue(
+            _GuestView(mem), 64, base=96 << 20, data_start=100 << 20, data_end=128 << 20
+        )
+        _bring_up(disk.handle, q)
+        payload = (MARKER * (8192 // len(MARKER) + 1))[:8192]
+        assert _request(disk.handle, q, 1, 0, payload)[0] == 0
+        mem.write(100 << 20, bytes(4 << 20))  # the driver's copy of the marker is gone
+        machine.vm.dirty.harvest()
+        disk.handle.dma_log_start()
+        status, data = _request(disk.handle, q, 0, 0, len(payload))
+        assert status == 0 and data == payload
+        dirty = bitmap.to_bool(machine.vm.dirty.harvest(), mem.npages)
+        vhost_log = np.unpackbits(disk.handle.dma_log_harvest(), bitorder="little")
+        pages = {m // PAGE for m in _find_all(mem.read(100 << 20, 28 << 20), MARKER)}
+        pages = {p + ((100 << 20) // PAGE) for p in pages}
+        assert pages, "the daemon's data never reached guest RAM"
+        for page in sorted(pages):
+            assert vhost_log[page], f"page {page:#x} (daemon-written) not in the vhost log"
+            assert not dirty[page], f"page {page:#x} (daemon-written) is in the dirty set"
+        assert vhost_log[q.used_addr // PAGE] and disk.handle.alive
+    finally:
+        machine.close()
+
+
+def _migrate_chain(
+    tmp_path: Path, tracking: str, hops: int, *, read_back: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """kv under load, migrated `hops` times back to back (src -> d1 -> d2 ...), each with its
+    own daemon on the shared image; returns each migration's final query-migrate and the load
+    client's result."""
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = vhost_kv_config(tmp_path, sw)
+    infos: list[dict[str, Any]] = []
+    with switch(sw):
+        vmms = [Vmm(tmp_path, "src", cfg)]
+        try:
+            vmms[0].wait_running()
+            load = Load(cfg, 4.0 + 3.0 * hops, tmp_path / "load.json").start()
+            time.sleep(1.0)
+            for hop in range(hops):
+                port = free_port()
+                dst = Vmm(tmp_path, f"dst{hop}", cfg, incoming_port=port)
+                vmms.append(dst)
+                dst.wait_incoming()
+                src = vmms[-2]
+                src.migrate(
+                    port,
+                    tracking=tracking,
+                    verify=True,
+                    max_bandwidth=ROUND0_BANDWIDTH,
+                    downtime_limit=ROUND0_DOWNTIME_LIMIT_MS,
+                )
+                time.sleep(1.5)  # round 0 crawls while the daemon keeps writing guest RAM
+                src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
+                info = src.wait_migration()
+                infos.append(info)
+                assert info["status"] == "completed", info
+                assert dst.status() == "running"
+                src.stop()
+            if not read_back:  # a guest that lost its device's writes may never answer again
+                assert load.proc is not None
+                load.proc.kill()
+                load.proc.wait()
+                return infos, {}
+            return infos, load.result()
+        finally:
+            for v in vmms:
+                v.stop()
+
+
+def test_device_log_loses_nothing_over_back_to_back_migrations(tmp_path: Path) -> None:
+    infos, result = _migrate_chain(tmp_path, "device-log", 3)
+    for info in infos:
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+    assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+    assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+
+
+def test_none_loses_the_daemons_writes_and_the_loss_is_detected(tmp_path: Path) -> None:
+    infos, _ = _migrate_chain(tmp_path, "none", 1, read_back=False)
+    assert infos[0]["x-verify"]["mismatched"] > 0, infos[0]["x-verify"]
+
+
+def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Path) -> None:
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = vhost_kv_config(tmp_path, sw)
+    with switch(sw):
+        vmm = Vmm(tmp_path, "src", cfg)
+        try:
+            vmm.wait_running()
+            pids = _daemon_pids(vmm.proc.pid)
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+            event = vmm.qmp.pull_event(wait=10.0)
+            while event is not None and event["event"] != "X_DEVICE_EVENT":
+                event = vmm.qmp.pull_event(wait=10.0)
+            assert event is not None, "no X_DEVICE_EVENT after the daemon was killed"
+            assert event["data"]["device"] == "disk0" and event["data"]["event"] == "gone"
+            assert "SIGKILL" in event["data"]["data"]["reason"]
+            assert vmm.status() == "running"  # the VMM is up and answers
+            assert vmm.proc.poll() is None
+        finally:
+            vmm.stop()
+
+
+def _find_all(data: bytes, needle: bytes) -> list[int]:
+    out, at = [], data.find(needle)
+    while at >= 0:
+        out.append(at)
+        at = data.find(needle, at + PAGE - at % PAGE)  # one hit per page is enough
+    return out
+
+
+def _daemon_pids(parent: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and comm.startswith("qemu-storage"):
+            out.append(int(entry))
+    return out
+
+
+def test_shadow_on_a_vhost_user_disk_is_refused_and_the_source_keeps_running(
+    tmp_path: Path,
+) -> None:
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = vhost_kv_config(tmp_path, sw)
+    with switch(sw):
+        src = Vmm(tmp_path, "src", cfg)
+        port = free_port()
+        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+        try:
+            src.wait_running()
+            dst.wait_incoming()
+            src.migrate(port, tracking="shadow", verify=True)
+            info = src.wait_migration()
+            assert info["status"] == "failed", info
+            assert "vhost-user" in info["error-desc"] and "disk0" in info["error-desc"], info
+            assert src.status() == "running"
+        finally:
+            src.stop()
+            dst.stop()
