@@ -45,7 +45,7 @@ static int blkbench_setup(const struct boot_info *bi, const struct cmdline *c)
                bi->nr_devices);
         return EXIT_FAILED;
     }
-    heap_init(bi->heap_start, bi->mem_size);
+    heap_init_boot(bi);
     if (virtio_blk_init(&bb.blk, disk->mmio_gpa))
         return EXIT_FAILED;
     if (bb.size / VIRTIO_BLK_SECTOR > bb.blk.capacity) {

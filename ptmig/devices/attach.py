@@ -90,7 +90,7 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
             if isinstance(cfg, DiskConfig):
                 cfg.path.parent.mkdir(parents=True, exist_ok=True)
             iommu = IommuTable.create(vm.memory.npages)
-            iommu.map_identity(vm.memory.npages, writable=True)
+            iommu.map_identity_ranges(vm.memory.page_ranges(), writable=True)
             handle = DeviceHandle.spawn(
                 KIND[slot.kind], slot.index, device_process_config(cfg), vm.memory.fd,
                 vm.memory.size, iommu, machine.shadow_pool.fd, name=slot.id,

@@ -11,7 +11,7 @@ remain are per batch or per run (a scatter list needs one buffer per run anyway)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -180,11 +180,13 @@ def data_pages(runs: np.ndarray) -> int:
     return int(runs["npages"][runs["kind"] == RunKind.DATA].sum(dtype=np.uint64))
 
 
-def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE) -> int:
+def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE, *,
+                  holes: Sequence[tuple[int, int]] = ()) -> int:
     """Check a run list from the peer; return its payload size in bytes.
 
     Rejects (RemoteProtocolError): no runs, too many runs, empty runs, unknown kinds, runs
-    reaching outside guest RAM, runs not sorted or overlapping, payload over the batch cap.
+    reaching outside guest RAM or into one of its `holes` ((first_page, npages) ranges that
+    are not RAM), runs not sorted or overlapping, payload over the batch cap.
     """
     n = runs.size
     if n == 0:
@@ -209,6 +211,14 @@ def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE
             f"outside guest RAM of {guest_pages} pages"
         )
     ends = starts + counts  # no overflow: both are ≤ guest_pages now
+    for first, n in holes:
+        bad = np.flatnonzero((starts < np.uint64(first + n)) & (ends > np.uint64(first)))
+        if bad.size:
+            i = bad[0]
+            raise RemoteProtocolError(
+                f"run {i} covers pages {starts[i]}..{ends[i] - 1}, which reach into the "
+                f"non-RAM pages {first}..{first + n - 1} (the MMIO gap)"
+            )
     bad = np.flatnonzero(starts[1:] < ends[:-1])
     if bad.size:
         i = bad[0]

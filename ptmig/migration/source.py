@@ -469,7 +469,7 @@ class SourceMigration:
         params = self.params
         bw = policy.BandwidthEstimator()
         auto = policy.AutoConverge() if self.caps.auto_converge else None
-        dirty = bitmap.full(npages)
+        dirty = vm.memory.ram_bitmap()  # round 0: every page of RAM, none of the MMIO gap
         best_remaining: int | None = None
         stalled = 0
         rnd = 0
