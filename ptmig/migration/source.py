@@ -191,7 +191,7 @@ class SourceMigration:
         m = self.m
         vm = m.vm
         self.info.start = time.monotonic()
-        self.info.ram.total = vm.memory.size
+        self.info.ram.total = vm.memory.ram  # RAM bytes, not the span with the MMIO gap
         was_running = vm.state == RunState.RUNNING
         began = False
         switched = False

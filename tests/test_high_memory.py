@@ -1,0 +1,293 @@
+"""Guest RAM above 4 GiB: the layout's regions, the page tables and boot information that
+describe them, the checks that keep every access out of the MMIO gap, and — on real KVM — a
+guest that writes on both sides of the gap and is harvested and migrated page-exactly."""
+
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ptmig import bitmap, boot, layout
+from ptmig.dirty import KvmDirtyLog
+from ptmig.iommu import DmaFault, DmaView, IommuTable
+from ptmig.layout import (
+    ABI_HIGH_RAM_GPA,
+    ABI_LOW_RAM_MAX,
+    ABI_PML4_GPA,
+    ABI_WORKLOAD_STATS_GPA,
+    PAGE_SIZE,
+    RamRegion,
+)
+from ptmig.memory import GuestMemory, GuestMemoryError, check_host_memory
+from ptmig.migration.events import RemoteProtocolError, make_runs
+from ptmig.migration.pages import validate_runs
+
+GIB = 1 << 30
+MIB = 1 << 20
+HIGH_PAGE = ABI_HIGH_RAM_GPA // PAGE_SIZE
+LOW_PAGES = ABI_LOW_RAM_MAX // PAGE_SIZE
+
+
+# --- layout ------------------------------------------------------------------------------------
+
+def test_small_guests_have_one_region_from_zero() -> None:
+    assert layout.ram_regions(64 * MIB) == (RamRegion(0, 64 * MIB),)
+    assert layout.ram_regions(3 * GIB) == (RamRegion(0, 3 * GIB),)
+    assert layout.ram_top(3 * GIB) == 3 * GIB
+
+
+def test_larger_guests_continue_at_4_gib() -> None:
+    regions = layout.ram_regions(8 * GIB)
+    assert regions == (RamRegion(0, 3 * GIB), RamRegion(4 * GIB, 5 * GIB))
+    assert layout.ram_top(8 * GIB) == 9 * GIB
+    assert sum(r.size for r in regions) == 8 * GIB
+    assert layout.ram_regions(3 * GIB + 2 * MIB)[1] == RamRegion(4 * GIB, 2 * MIB)
+
+
+@given(st.integers(8, layout.MAX_MEMORY >> 21))
+def test_regions_hold_all_ram_and_never_touch_the_mmio_windows(units: int) -> None:
+    memory = units << 21
+    regions = layout.ram_regions(memory)
+    assert sum(r.size for r in regions) == memory
+    for r in regions:
+        assert r.end <= layout.ABI_MMIO_BASE_GPA or r.gpa >= ABI_HIGH_RAM_GPA
+        assert r.first_page % 64 == 0  # the dirty log of each slot is whole bitmap words
+    assert layout.ram_top(memory) <= layout.RAM_TOP_MAX
+
+
+def test_boot_info_lists_the_regions() -> None:
+    page = layout.pack_boot_info(1, 8 * GIB, 1000, "hello", [])
+    magic, version, _, mem_size, _, _, _, nr_ram = struct.unpack_from("<QIIQQQII", page)
+    assert magic == layout.BOOT_INFO_MAGIC and version == layout.BOOT_INFO_VERSION == 2
+    assert mem_size == 3 * GIB and nr_ram == 2
+    off = layout.BOOT_INFO_REGIONS_OFFSET
+    assert off == 1200  # struct boot_info.ram in guest/abi.h
+    assert struct.unpack_from("<4Q", page, off) == (0, 3 * GIB, 4 * GIB, 5 * GIB)
+
+
+def _translate(mem: GuestMemory, va: int) -> int | None:
+    """Walk the VMM-built page tables as the CPU would (4-level, 2 MiB leaves)."""
+    pml4e = mem.read_u64(ABI_PML4_GPA + ((va >> 39) & 511) * 8)
+    if not pml4e & 1:
+        return None
+    pdpte = mem.read_u64((pml4e & ~0xFFF) + ((va >> 30) & 511) * 8)
+    if not pdpte & 1:
+        return None
+    pde = mem.read_u64((pdpte & ~0xFFF & ((1 << 52) - 1)) + ((va >> 21) & 511) * 8)
+    if not pde & 1 or not pde & boot.PTE_PS or not pde & boot.PTE_US:
+        return None
+    return (pde & ~((1 << 21) - 1) & ((1 << 52) - 1)) | (va & ((1 << 21) - 1))
+
+
+def test_page_tables_map_ram_above_4_gib_identity() -> None:
+    mem = GuestMemory(6 * GIB)
+    try:
+        boot.write_page_tables(mem)
+        for va in (0x600000, ABI_LOW_RAM_MAX - 8, layout.ABI_MMIO_BASE_GPA, ABI_HIGH_RAM_GPA,
+                   ABI_HIGH_RAM_GPA + 0x12345678, mem.size - 8):
+            assert _translate(mem, va) == va, hex(va)
+        assert _translate(mem, mem.size) is None  # nothing past the end of RAM
+    finally:
+        mem.close()
+
+
+# --- guest memory: the gap is not RAM ------------------------------------------------------------
+
+def test_guest_memory_refuses_the_gap_and_allocates_none_of_it() -> None:
+    mem = GuestMemory(5 * GIB)
+    try:
+        assert mem.size == 6 * GIB and mem.ram == 5 * GIB
+        mem.write(ABI_HIGH_RAM_GPA + 4096, b"above 4G")
+        assert mem.read(ABI_HIGH_RAM_GPA + 4096, 8) == b"above 4G"
+        for gpa, n in ((ABI_LOW_RAM_MAX, 1), (ABI_LOW_RAM_MAX - 4, 8), (ABI_HIGH_RAM_GPA - 1, 2),
+                       (mem.size, 1)):
+            with pytest.raises(GuestMemoryError, match="outside guest RAM"):
+                mem.write(gpa, bytes(n))
+        assert mem.holes() == [(LOW_PAGES, HIGH_PAGE - LOW_PAGES)]
+        ram = bitmap.to_bool(mem.ram_bitmap(), mem.npages)
+        assert ram.sum() == 5 * GIB // PAGE_SIZE
+        assert not ram[LOW_PAGES:HIGH_PAGE].any() and ram[HIGH_PAGE:].all()
+        alloc = mem.allocated()
+        assert alloc[HIGH_PAGE + 1] and alloc.sum() == 1 and not alloc[LOW_PAGES:HIGH_PAGE].any()
+    finally:
+        mem.close()
+
+
+def test_host_memory_limit_is_refused_with_the_numbers() -> None:
+    check_host_memory(8 * GIB, available=9 * GIB)
+    with pytest.raises(GuestMemoryError, match=r"8192 MiB is more than the host has available "
+                                               r"\(4096 MiB MemAvailable\)"):
+        check_host_memory(8 * GIB, available=4 * GIB)
+
+
+def test_a_peer_cannot_send_pages_into_the_gap() -> None:
+    mem_pages = layout.ram_top(5 * GIB) // PAGE_SIZE
+    holes = [(LOW_PAGES, HIGH_PAGE - LOW_PAGES)]
+    ok = make_runs([LOW_PAGES - 2, HIGH_PAGE], [2, 3])
+    assert validate_runs(ok, mem_pages, holes=holes) == 5 * PAGE_SIZE
+    for start, n in ((LOW_PAGES - 1, 2), (LOW_PAGES + 7, 1), (HIGH_PAGE - 1, 1)):
+        bad = make_runs([start], [n])
+        with pytest.raises(RemoteProtocolError, match="MMIO gap"):
+            validate_runs(bad, mem_pages, holes=holes)
+
+
+def test_device_dma_above_4_gib_is_served_and_the_gap_faults() -> None:
+    mem = GuestMemory(5 * GIB)
+    table = IommuTable.create(mem.npages)
+    try:
+        table.map_identity_ranges(mem.page_ranges())
+        dma = DmaView(table, mem.mmap)
+        dma.write(ABI_HIGH_RAM_GPA + 0x1000, b"rx frame")
+        assert mem.read(ABI_HIGH_RAM_GPA + 0x1000, 8) == b"rx frame"
+        # a buffer straddling the top of low RAM reaches into the gap: refused, nothing written
+        with pytest.raises(DmaFault, match="not mapped"):
+            dma.write(ABI_LOW_RAM_MAX - 4, b"12345678")
+        assert mem.read(ABI_LOW_RAM_MAX - 4, 4) == bytes(4)
+        assert not mem.allocated()[LOW_PAGES:HIGH_PAGE].any()
+        dma.close()
+    finally:
+        table.close()
+        mem.close()
+
+
+@given(st.integers(0, 700), st.integers(0, 300))
+def test_set_range_sets_exactly_the_range(first: int, count: int) -> None:
+    bm = bitmap.empty(1024)
+    bitmap.set_range(bm, first, count)
+    want = np.zeros(1024, dtype=bool)
+    want[first:first + count] = True
+    assert (bitmap.to_bool(bm, 1024) == want).all()
+
+
+class _TwoSlotVm:
+    """A VM fd's dirty-log calls over two memslots, recording what the harvest clears."""
+
+    def __init__(self, logs: dict[int, np.ndarray]) -> None:
+        self.logs = logs
+        self.cleared: list[tuple[int, int]] = []
+
+    def check_extension(self, cap: int) -> int:
+        return 1
+
+    def enable_cap(self, cap: int, arg: int) -> None:
+        pass
+
+    def get_dirty_log(self, slot: int, addr: int) -> None:
+        src = self.logs[slot]
+        (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint64 * src.size).from_address(addr)))[:] \
+            = src
+
+    def clear_dirty_log(self, slot: int, first: int, n: int, addr: int) -> None:
+        self.cleared.append((slot, n))
+
+
+def test_the_harvest_places_each_slot_log_at_its_gpa() -> None:
+    low_pages, high_pages = LOW_PAGES, 2 * GIB // PAGE_SIZE
+    span = HIGH_PAGE + high_pages
+    logs = {0: bitmap.from_pages([0, 5, low_pages - 1], low_pages),
+            1: bitmap.from_pages([0, 77, high_pages - 1], high_pages)}
+    fake = _TwoSlotVm(logs)
+    log = KvmDirtyLog(fake, [(0, 0, low_pages), (1, HIGH_PAGE, high_pages)], span)  # type: ignore[arg-type]
+    got = bitmap.pages(log.harvest(), span).tolist()
+    assert got == [0, 5, low_pages - 1, HIGH_PAGE, HIGH_PAGE + 77, span - 1]
+    assert fake.cleared == [(0, low_pages), (1, high_pages)]
+
+
+# --- on real KVM ---------------------------------------------------------------------------------
+
+# A working set that starts 16 MiB below the top of low RAM and continues from 4 GiB up.
+ACROSS_THE_GAP = ABI_LOW_RAM_MAX - 16 * MIB
+_DIRTY_REPORT = struct.Struct("<6Q")  # magic, bitmap_gpa, bitmap_bytes, ws_gpa, ws_pages, pass
+
+
+@pytest.mark.kvm
+@pytest.mark.bigmem(6)
+def test_guest_writes_both_regions_and_the_harvest_has_every_page(firmware) -> None:
+    from ptmig.vm import Vm, VmSpec
+
+    vm = Vm(VmSpec(memory=5 * GIB, vcpus=1, cmdline=f"dirty at={ACROSS_THE_GAP:#x} ws=64M"))
+    try:
+        vm.boot(firmware.data, firmware.entry, firmware.entry_ap)
+        vm.dirty.reset()
+        vm.start()
+        deadline = time.monotonic() + 30
+        while vm.vcpu_stats()[0].workload[0] < 1:  # one whole pass over the working set
+            assert time.monotonic() < deadline, list(vm.console.lines)[-5:]
+            time.sleep(0.05)
+        vm.pause()
+        magic, bm_gpa, bm_bytes, ws_gpa, ws_pages, _ = _DIRTY_REPORT.unpack(
+            vm.memory.read(ABI_WORKLOAD_STATS_GPA, _DIRTY_REPORT.size))
+        assert magic == 0x3150525954524944 and ws_gpa == ACROSS_THE_GAP
+        assert bm_bytes == vm.memory.npages // 8
+        truth = bitmap.to_bool(np.frombuffer(vm.memory.read(bm_gpa, bm_bytes), np.uint64),
+                               vm.memory.npages)
+        written = np.flatnonzero(truth)
+        low = ACROSS_THE_GAP // PAGE_SIZE
+        expect = np.r_[low:LOW_PAGES, HIGH_PAGE:HIGH_PAGE + ws_pages - (LOW_PAGES - low)]
+        assert np.array_equal(written, expect)
+        harvested = bitmap.to_bool(vm.dirty.harvest(), vm.memory.npages)
+        assert not np.flatnonzero(truth & ~harvested).size, "written pages not harvested"
+        assert not harvested[LOW_PAGES:HIGH_PAGE].any()
+        # the guest's stores landed where the VMM reads them: value = pass + page index
+        top = vm.memory.read_u64(HIGH_PAGE * PAGE_SIZE + (ws_pages - (LOW_PAGES - low) - 1)
+                                 * PAGE_SIZE)
+        assert 0 <= top - (ws_pages - 1) < vm.vcpu_stats()[0].workload[0]
+    finally:
+        vm.close()
+
+
+def _migrate_across_the_gap(tmp_path: Path, memory: str) -> dict:
+    from vmmrig import Vmm, dirty_config, free_port
+
+    config = dirty_config(tmp_path, memory=memory, vcpus=1, ws="64M",
+                          extra=f'at = "{ACROSS_THE_GAP:#x}"')
+    port = free_port()
+    src = Vmm(tmp_path, "src", config)
+    dst = Vmm(tmp_path, "dst", config, incoming_port=port)
+    try:
+        src.wait_ready()
+        dst.wait_incoming(timeout=120)
+        deadline = time.monotonic() + 30
+        while src.cmd("x-query-guest-stats")["vcpus"][0]["workload"][0] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        src.migrate(port, tracking="none", verify=True)
+        info = src.wait_migration(timeout=240)
+        assert info["status"] == "completed", info
+        # the guest runs on at the destination: a whole further pass over both regions
+        passes = dst.cmd("x-query-guest-stats")["vcpus"][0]["workload"][0]
+        deadline = time.monotonic() + 30
+        while dst.cmd("x-query-guest-stats")["vcpus"][0]["workload"][0] < passes + 2:
+            assert time.monotonic() < deadline, "the guest does not run at the destination"
+            time.sleep(0.05)
+        return info
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@pytest.mark.kvm
+@pytest.mark.bigmem(11)
+@pytest.mark.timeout(300)
+def test_5_gib_guest_writing_both_regions_migrates_verified(tmp_path: Path) -> None:
+    info = _migrate_across_the_gap(tmp_path, "5G")
+    assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+    assert info["x-verify"]["pages"] == layout.ram_top(5 * GIB) // PAGE_SIZE
+    # round 0 covers every RAM page and none of the gap's
+    assert info["x-rounds"][0]["pages"] == 5 * GIB // PAGE_SIZE
+    assert info["ram"]["total"] == 5 * GIB
+
+
+@pytest.mark.kvm
+@pytest.mark.bigmem(17)
+@pytest.mark.timeout(600)
+def test_8_gib_guest_writing_both_regions_migrates_verified(tmp_path: Path) -> None:
+    info = _migrate_across_the_gap(tmp_path, "8G")
+    assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+    assert info["x-rounds"][0]["pages"] == 8 * GIB // PAGE_SIZE
