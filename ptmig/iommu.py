@@ -140,6 +140,11 @@ class IommuTable:
         self._entries: npt.NDArray[np.uint64] = np.frombuffer(
             mm, dtype="<u8", count=iova_pages, offset=HEADER_SIZE)
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the table's memfd: the header and one entry per IOVA page."""
+        return HEADER_SIZE + 8 * self.iova_pages
+
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def create(cls, iova_pages: int) -> IommuTable:

@@ -175,6 +175,11 @@ class GuestMemory:
             else:
                 bitmap.set_range(words, first, last - first + 1)
 
+    @property
+    def vmm_dirty_bytes(self) -> int:
+        """Size of the VMM's dirty bitmap (for the memory report)."""
+        return int(self._vmm_dirty.nbytes)
+
     def merge_vmm_dirty(self, other: bitmap.Bitmap) -> None:
         """Add another writer's dirty pages to the VMM bitmap."""
         with self._dirty_lock:

@@ -13,7 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shadowrig import FakeAttached, GuestStores, device_state
+
 from ptmig import bitmap, boot, layout
+from ptmig.devices.virtio.queue import SplitQueue
+from ptmig.devices.virtio.testing import Buffer, DriverQueue
 from ptmig.dirty import KvmDirtyLog
 from ptmig.iommu import DmaFault, DmaView, IommuTable
 from ptmig.layout import (
@@ -291,3 +295,113 @@ def test_8_gib_guest_writing_both_regions_migrates_verified(tmp_path: Path) -> N
     info = _migrate_across_the_gap(tmp_path, "8G")
     assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
     assert info["x-rounds"][0]["pages"] == 8 * GIB // PAGE_SIZE
+
+
+# --- device DMA into buffers above 4 GiB: direct, and under shadowing (Python and native) -----
+
+def _rx_rig(mem: GuestMemory) -> tuple[IommuTable, DriverQueue, int]:
+    iommu = IommuTable.create(mem.npages)
+    iommu.map_identity_ranges(mem.page_ranges())
+    drv = DriverQueue(GuestStores(mem), 16, base=0x10000,
+                      data_start=ABI_HIGH_RAM_GPA + 0x200000)
+    rx = drv.alloc(2 * PAGE_SIZE, fill=b"G" * 2 * PAGE_SIZE, align=PAGE_SIZE)
+    assert rx >= ABI_HIGH_RAM_GPA
+    return iommu, drv, rx
+
+
+def test_an_rx_buffer_above_4_gib_is_served_directly() -> None:
+    mem = GuestMemory(5 * GIB)
+    iommu, drv, rx = _rx_rig(mem)
+    dma = DmaView(iommu, mem.mmap, name="dev0")
+    try:
+        head = drv.add_chain([Buffer(rx, 2 * PAGE_SIZE, writable=True)])
+        dq = SplitQueue(drv.state(), dma)
+        chain = dq.pop()
+        assert chain is not None and chain.descriptors[0].addr == rx
+        dma.write(rx, b"D" * (PAGE_SIZE + 10))
+        dq.push_used(head, PAGE_SIZE + 10)
+        assert drv.take_used() == [(head, PAGE_SIZE + 10)]
+        assert mem.read(rx, PAGE_SIZE + 11) == b"D" * (PAGE_SIZE + 10) + b"G"
+    finally:
+        dma.close()
+        iommu.close()
+        mem.close()
+
+
+def test_an_rx_buffer_above_4_gib_is_served_under_shadowing() -> None:
+    from ptmig.shadow.device import ShadowedDevice
+    from ptmig.shadow.pool import ShadowPool
+
+    mem = GuestMemory(5 * GIB)
+    iommu, drv, rx = _rx_rig(mem)
+    pool = ShadowPool(256)
+    sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem)  # the native data plane
+    dma = DmaView(iommu, mem.mmap, pool=pool.mmap, name="dev0")
+    try:
+        head = drv.add_chain([Buffer(rx, 2 * PAGE_SIZE, writable=True)])
+        sd.build(device_state(drv))
+        assert sd.submit(0), sd.broken
+        sd.flush_mappings()
+        dma.invalidate_iotlb()
+        sd.map.invalidated()
+        # the device writes a shadow page in the pool, not guest RAM, until completion
+        shadowed = iommu.lookup(rx // PAGE_SIZE)
+        assert shadowed is not None and shadowed.target != 0
+        dq = SplitQueue(drv.state(), dma)
+        chain = dq.pop()
+        assert chain is not None and chain.head == head
+        sd.dataplane.take_dirty()
+        dma.write(rx, b"D" * (PAGE_SIZE + 10))
+        assert mem.read(rx, 1) == b"G"
+        dq.push_used(head, PAGE_SIZE + 10)
+        assert sd.complete() == 1
+        assert mem.read(rx, 2 * PAGE_SIZE) == b"D" * (PAGE_SIZE + 10) + b"G" * (PAGE_SIZE - 10)
+        assert drv.take_used() == [(head, PAGE_SIZE + 10)]
+        dirty = bitmap.pages(sd.dataplane.take_dirty(), mem.npages)
+        assert {rx // PAGE_SIZE, rx // PAGE_SIZE + 1} <= set(dirty.tolist())
+    finally:
+        sd.close()
+        dma.close()
+        iommu.close()
+        pool.close()
+        mem.close()
+
+
+@pytest.mark.kvm
+@pytest.mark.bigmem(9)
+@pytest.mark.timeout(300)
+def test_kv_guest_of_4_gib_under_load_migrates_with_shadow_losing_nothing(tmp_path: Path) -> None:
+    """The guest's heap takes RAM above 4 GiB first: its virtqueues, RX buffers and block
+    buffers live there, so the devices DMA above 4 GiB directly, then under shadowing."""
+    import socket
+
+    from vmmrig import Load, Vmm, free_port, kv_config, switch
+
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = kv_config(tmp_path, sw, memory="4G")
+    with switch(sw):
+        port = free_port()
+        src = Vmm(tmp_path, "src", cfg)
+        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+        try:
+            src.wait_running()
+            dst.wait_incoming(timeout=120)
+            load = Load(cfg, 5.0, tmp_path / "load.json").start()
+            time.sleep(1.0)
+            report = src.cmd("x-query-memory")
+            low, high = report["guest-ram"]["regions"]
+            assert (low["gpa"], high["gpa"]) == (0, ABI_HIGH_RAM_GPA)
+            assert high["resident"] > 0, "nothing of the guest lives above 4 GiB"
+            assert report["vmm"]["total"] > 0 and len(report["vmm"]["devices"]) == 2
+            src.migrate(port, tracking="shadow", verify=True, downtime_limit=100)
+            info = src.wait_migration(timeout=120)
+            result = load.result()
+            assert info["status"] == "completed", info
+            assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+            assert info["x-shadow"]["requests-forwarded"] > 0, info["x-shadow"]
+            assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+            assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+            assert dst.status() == "running"
+        finally:
+            src.stop()
+            dst.stop()

@@ -41,7 +41,7 @@ static void *range_alloc(struct heap_range *r, size_t size, size_t align)
 
 void *heap_alloc(size_t size, size_t align)
 {
-    for (unsigned i = 0; i < nr_ranges; i++) {
+    for (unsigned i = nr_ranges; i-- > 0;) { /* RAM above 4 GiB first, where there is some */
         void *p = range_alloc(&ranges[i], size, align);
         if (p)
             return p;

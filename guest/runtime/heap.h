@@ -1,7 +1,8 @@
 /*
  * heap.h - a bump allocator over guest RAM: from boot_info.heap_start to mem_size, then every
  * further RAM region (boot_info.ram[], e.g. RAM from 4 GiB up).  An allocation comes from the
- * first region with room for it.  Memory is never freed (drivers and workloads allocate once
+ * highest region with room for it, so on a guest with RAM above 4 GiB the drivers' rings and
+ * DMA buffers live there (devices must handle 64-bit addresses, as the virtio spec requires).  Memory is never freed (drivers and workloads allocate once
  * at start).  Returned memory is zeroed.
  */
 #ifndef PTMIG_RUNTIME_HEAP_H
