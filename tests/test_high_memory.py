@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from shadowrig import FakeAttached, GuestStores, device_state
 
 from ptmig import bitmap, boot, layout
