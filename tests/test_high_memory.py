@@ -404,3 +404,15 @@ def test_kv_guest_of_4_gib_under_load_migrates_with_shadow_losing_nothing(tmp_pa
         finally:
             src.stop()
             dst.stop()
+
+
+@given(st.lists(st.integers(0, 2000), max_size=300), st.integers(1, 2100))
+def test_set_runs_agree_with_the_bit_by_bit_runs(pages_set: list[int], npages: int) -> None:
+    from ptmig.migration.pages import bits_to_runs, set_runs
+
+    bm = bitmap.from_pages(pages_set, 2048 + 64)
+    want_s, want_c = bits_to_runs(bitmap.to_bits(bm, npages))
+    got_s, got_c = set_runs(bm, npages)
+    assert got_s.tolist() == want_s.tolist() and got_c.tolist() == want_c.tolist()
+    assert set_runs(bm.view(np.uint8)[:-3], None)[0].size == bits_to_runs(
+        bitmap.to_bits(bm.view(np.uint8)[:-3]))[0].size
