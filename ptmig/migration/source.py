@@ -482,7 +482,9 @@ class SourceMigration:
             took = time.monotonic() - t0
             rate = bw.update(nbytes, took)
             self.info.ram.mbps = rate * 8 / 1e6
+            t1 = time.monotonic()
             dirty = self._harvest()
+            harvest_ms = (time.monotonic() - t1) * 1000
             remaining_pages = pages.count_dirty(dirty, npages)
             remaining = remaining_pages * PAGE_SIZE
             self.info.ram.remaining = remaining
@@ -490,7 +492,8 @@ class SourceMigration:
             self.info.ram.pages_per_round.append(count)
             self.info.expected_downtime_ms = int(policy.expected_downtime(remaining, rate) * 1000)
             self.info.rounds.append({"round": rnd, "pages": count, "seconds": round(took, 4),
-                                     "remaining-pages": remaining_pages})
+                                     "remaining-pages": remaining_pages,
+                                     "harvest-ms": round(harvest_ms, 3)})
             log.info("round %d: %d pages in %.3fs (%.0f MB/s), %d dirty after", rnd, count, took,
                      rate / 1e6, remaining_pages)
             rnd += 1
