@@ -423,7 +423,9 @@ class SourceMigration:
         if count <= SPARSE_PAGES:
             # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
             allocated = None
-            batches = iter([pages.pages_to_runs(dirty_pages(dirty, npages))] if count else [])
+            # (cut to the batch size: up to SPARSE_PAGES pages exceed one frame's payload cap)
+            batches = iter(pages.split_by_data(pages.pages_to_runs(dirty_pages(dirty, npages)),
+                                               BATCH_PAGES) if count else [])
         else:
             if allocated is None:
                 allocated = mem.allocated()  # holes are zero pages we need not even read
