@@ -468,3 +468,19 @@ def test_a_final_round_larger_than_one_frame_is_sent_in_several(tmp_path: Path) 
     finally:
         src.stop()
         dst.stop()
+
+
+def test_scale_loaded_rows_compare_4_gib_with_1_gib() -> None:
+    from ptmig.bench.scale import loaded_results
+    from ptmig.bench.strategies import CellRun
+
+    def cell(memory: str, downtime: float, lost: float = 0) -> CellRun:
+        return CellRun("shadow", memory, "completed", downtime_ms=downtime, lost=lost,
+                       mismatched=0)
+
+    rows = {r.name: r for r in loaded_results({"1G": [cell("1G", 100)],
+                                               "4G": [cell("4G", 120, lost=2)]})}
+    assert rows["kv.shadow.downtime 4G/1G"].value == pytest.approx(1.2)
+    assert rows["kv.shadow.downtime 4G/1G"].ok
+    assert rows["kv-1G.shadow.lost+mismatched"].ok
+    assert rows["kv-4G.shadow.lost+mismatched"].ok is False

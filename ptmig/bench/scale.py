@@ -15,9 +15,13 @@ the `migration` section. Reported per size:
   measures it after the migration (VMM and device processes' private memory, IOMMU tables,
   shadow pool), in MiB and as a percentage of guest RAM.
 
+Then the kv guest under load (`ptmig demo`, as one cell of the `strategies` section) at 1 and
+4 GiB with `shadow`: downtime, lost values and mismatched pages (one run each in `--quick`).
+
 Goals (issue 18): total time per GiB at most 1.2x the 1 GiB one at every larger size (linear
 in RAM); idle downtime <= 5 ms at the largest size; harvest <= 5 ms at the largest size; VMM
-memory besides guest RAM <= 2 % of guest RAM at every size of 1 GiB and more.
+memory besides guest RAM <= 2 % of guest RAM at every size of 1 GiB and more; loaded downtime
+at 4 GiB at most 1.3x the 1 GiB one; nothing lost, no page mismatched.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ GOAL_LINEAR = Goal("<=", 1.2, "x")
 GOAL_IDLE_DOWNTIME = Goal("<=", 5, "ms")
 GOAL_HARVEST = Goal("<=", 5, "ms")
 GOAL_VMM_MEMORY = Goal("<=", 2, "%")
+GOAL_LOADED_DOWNTIME_RATIO = Goal("<=", 1.3, "x")
+GOAL_NOTHING_LOST = Goal("<=", 0)
+LOADED_SIZES = ("1G", "4G")
 START_TIMEOUT_S = 120.0  # the destination prefaults all its RAM before it listens
 
 
@@ -77,7 +84,36 @@ def run(config: BenchConfig) -> list[Result]:
         tmp = Path(d)
         for size in sizes:
             samples[size] = [scale_migration(tmp, size) for _ in range(config.runs)]
-    return results(samples)
+        out = results(samples)
+        out += loaded_results(loaded_cells(tmp, 1 if config.quick else config.runs))
+    return out
+
+
+def loaded_cells(tmp: Path, runs: int) -> dict[str, list[Any]]:
+    """The kv guest under load migrated with `shadow`, at each of LOADED_SIZES."""
+    from .strategies import StrategyBenchParams, demo_cell
+
+    p = StrategyBenchParams(memories=LOADED_SIZES, strategies=("shadow",), runs=runs,
+                            warmup_s=3.0, after_s=3.0)
+    return {m: [demo_cell("shadow", m, p, tmp / f"kv-{m}-{i}") for i in range(runs)]
+            for m in LOADED_SIZES}
+
+
+def loaded_results(cells: dict[str, list[Any]]) -> list[Result]:
+    out: list[Result] = []
+    for m, cs in cells.items():
+        extra = {"errors": [c.error for c in cs if c.error]}
+        out += [
+            measured(SECTION, f"kv-{m}.shadow.downtime", [c.downtime_ms for c in cs], "ms",
+                     extra=extra),
+            measured(SECTION, f"kv-{m}.shadow.lost+mismatched",
+                     [c.lost + c.mismatched for c in cs], "", GOAL_NOTHING_LOST, extra=extra),
+        ]
+    small, big = (cells[m] for m in LOADED_SIZES)
+    out.append(measured(SECTION, f"kv.shadow.downtime {LOADED_SIZES[1]}/{LOADED_SIZES[0]}",
+                        [b.downtime_ms / s.downtime_ms for s, b in zip(small, big, strict=False)
+                         if s.downtime_ms > 0], "x", GOAL_LOADED_DOWNTIME_RATIO))
+    return out
 
 
 def label(size: int) -> str:
