@@ -321,7 +321,11 @@ class SourceMigration:
         if not self.data_channels:
             return self._send_stream_round(ch, conn, rnd, dirty, throttle=throttle)
         sent = transport.send_event(ch, conn, RoundStart(rnd, 0))
-        allocated = self.m.vm.memory.allocated()  # holes: zero pages we need not even read
+        # holes: zero pages we need not even read (found once for all channels; a round few
+        # enough to be listed sparsely never needs them: no whole-RAM scan for it)
+        mem = self.m.vm.memory
+        allocated = (mem.allocated() if pages.count_dirty(dirty, mem.npages) > SPARSE_PAGES
+                     else None)
         counts = [0] * len(self.data_channels)
         self._round_stop.clear()
         self._round_error = None
