@@ -67,6 +67,7 @@ class GuestMemory:
             raise GuestMemoryError(f"guest memory size {ram:#x} is not a positive page multiple")
         self.ram = ram
         self.regions: tuple[RamRegion, ...] = ram_regions(ram)
+        self._low_end = self.regions[0].end
         size = self.regions[-1].end
         self.size = size
         self.npages = size >> PAGE_SHIFT
@@ -83,6 +84,8 @@ class GuestMemory:
     # --- address arithmetic -------------------------------------------------------------
 
     def check(self, gpa: int, length: int) -> None:
+        if 0 <= gpa and 0 <= length and gpa + length <= self._low_end:
+            return  # the common case: RAM below the MMIO windows
         if length < 0 or gpa < 0 or not any(r.gpa <= gpa and gpa + length <= r.end
                                              for r in self.regions):
             raise GuestMemoryError(
