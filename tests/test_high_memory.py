@@ -484,3 +484,22 @@ def test_scale_loaded_rows_compare_4_gib_with_1_gib() -> None:
     assert rows["kv.shadow.downtime 4G/1G"].ok
     assert rows["kv-1G.shadow.lost+mismatched"].ok
     assert rows["kv-4G.shadow.lost+mismatched"].ok is False
+
+
+def test_ptmig_run_refuses_more_memory_than_the_host_has(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ptmig.memory import host_available_memory
+
+    available = host_available_memory()
+    assert available is not None
+    want = min(layout.MAX_MEMORY, (available + 4 * GIB) >> 21 << 21)
+    if want <= available:
+        pytest.skip(f"this host has {available >> 30} GiB available, more than ptmig can map")
+    cfg = tmp_path / "big.toml"
+    cfg.write_text(f'[vm]\nmemory = "{want >> 20}M"\nvcpus = 1\n\n[workload]\nname = "hello"\n')
+    proc = subprocess.run([sys.executable, "-m", "ptmig.cli", "run", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"guest memory of {want >> 20} MiB is more than the host has available" in proc.stderr
