@@ -29,6 +29,10 @@
 #define ABI_MMIO_STRIDE 0x1000
 #define ABI_MAX_VCPUS 16
 #define ABI_MAX_DEVICES 8
+#define ABI_MAX_RAM_REGIONS 4
+#define ABI_LOW_RAM_MAX 0xC0000000
+#define ABI_HIGH_RAM_GPA 0x100000000
+#define ABI_PD_HIGH_GPA 0x104000
 
 /* ---- ports ---------------------------------------------------------------------------- */
 #define ABI_PORT_CONSOLE 0x3f8
@@ -51,7 +55,7 @@
 /* ---- versions and sizes derived from the structures below ------------------------------- */
 #define FW_HEADER_VERSION 1
 #define FW_HEADER_SIZE 48
-#define BOOT_INFO_VERSION 1
+#define BOOT_INFO_VERSION 2
 #define BOOT_INFO_CMDLINE_SIZE 1024
 #define ABI_WORKLOAD_AREA_SIZE 2048
 #define ABI_PAGE_SIZE 4096
@@ -82,18 +86,29 @@ struct boot_device {
     uint32_t virtio_device_id; /* 1 = net, 2 = block, as in the virtio spec */
 };
 
-/* struct boot_info - the boot-info page at ABI_BOOT_INFO_GPA, written by the VMM. */
+/* One region of guest RAM (boot_info.ram[i]): GPAs [gpa, gpa + size). */
+struct ram_region {
+    uint64_t gpa;
+    uint64_t size;
+};
+
+/*
+ * struct boot_info - the boot-info page at ABI_BOOT_INFO_GPA, written by the VMM.  RAM is
+ * ram[0] = [0, mem_size) (at most ABI_LOW_RAM_MAX, below the MMIO windows) and, for a guest
+ * with more RAM, ram[1] from ABI_HIGH_RAM_GPA up; the page tables map all of it.
+ */
 struct boot_info {
     uint64_t magic;      /* BOOT_INFO_MAGIC */
     uint32_t version;    /* BOOT_INFO_VERSION */
     uint32_t nr_vcpus;   /* number of vCPUs started, 1..ABI_MAX_VCPUS */
-    uint64_t mem_size;   /* bytes of RAM from GPA 0 */
+    uint64_t mem_size;   /* bytes of RAM from GPA 0 (the size of ram[0]) */
     uint64_t tsc_khz;    /* TSC frequency in kHz (0 if unknown; the guest then assumes 1 GHz) */
     uint64_t heap_start; /* first GPA the workload may use (ABI_HEAP_START_GPA) */
     uint32_t nr_devices; /* valid entries in devices[], 0..ABI_MAX_DEVICES */
-    uint32_t reserved;   /* 0 */
+    uint32_t nr_ram;     /* valid entries in ram[], 1..ABI_MAX_RAM_REGIONS, ascending GPAs */
     struct boot_device devices[ABI_MAX_DEVICES];
     char cmdline[BOOT_INFO_CMDLINE_SIZE]; /* "workload key=value ...", NUL-terminated */
+    struct ram_region ram[ABI_MAX_RAM_REGIONS];
 };
 
 /*
@@ -124,13 +139,15 @@ struct vcpu_stats {
 
 /*
  * struct dirty_report - the dirty workload's ground truth, at ABI_WORKLOAD_STATS_GPA.
- * bitmap: 1 bit per 4 KiB page of guest RAM (bit n of byte n/8 is page n), set for every
- * page the workload wrote.  magic is written last, once the other fields are valid.
+ * bitmap: 1 bit per 4 KiB page of guest-physical memory up to the end of RAM (bit n of byte
+ * n/8 is page n; the MMIO gap's bits stay clear), set for every page the workload wrote.  The
+ * working set is ws_pages pages of RAM from ws_gpa, continuing at the next RAM region where
+ * one ends.  magic is written last, once the other fields are valid.
  */
 struct dirty_report {
     uint64_t magic;        /* DIRTY_REPORT_MAGIC */
     uint64_t bitmap_gpa;   /* GPA of the ground-truth bitmap (boot_info.heap_start) */
-    uint64_t bitmap_bytes; /* its size in bytes (mem_size / 4096 / 8, rounded up to 8) */
+    uint64_t bitmap_bytes; /* its size in bytes (end of RAM / 4096 / 8, rounded up to 8) */
     uint64_t ws_gpa;       /* GPA of the working set (page aligned, after the bitmap) */
     uint64_t ws_pages;     /* pages in the working set */
     uint64_t pass;         /* passes completed by vCPU 0 */
@@ -184,7 +201,8 @@ _Static_assert(sizeof(struct fw_header) == FW_HEADER_SIZE, "fw_header size");
 _Static_assert(sizeof(struct boot_device) == 16, "boot_device size");
 _Static_assert(__builtin_offsetof(struct boot_info, devices) == 48, "boot_info.devices");
 _Static_assert(__builtin_offsetof(struct boot_info, cmdline) == 176, "boot_info.cmdline");
-_Static_assert(sizeof(struct boot_info) == 1200, "boot_info size");
+_Static_assert(__builtin_offsetof(struct boot_info, ram) == 1200, "boot_info.ram");
+_Static_assert(sizeof(struct boot_info) == 1200 + 16 * ABI_MAX_RAM_REGIONS, "boot_info size");
 _Static_assert(sizeof(struct hc_mailbox) == ABI_MAILBOX_SIZE, "hc_mailbox size");
 _Static_assert(__builtin_offsetof(struct hc_mailbox, ret) == 56, "hc_mailbox.ret");
 _Static_assert(sizeof(struct vcpu_stats) == ABI_STATS_SLOT_SIZE, "vcpu_stats size");

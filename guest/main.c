@@ -67,6 +67,22 @@ static int check_boot_info(const struct boot_info *bi)
                ABI_MAX_DEVICES);
         return -1;
     }
+    if (bi->nr_ram == 0 || bi->nr_ram > ABI_MAX_RAM_REGIONS || bi->ram[0].gpa != 0 ||
+        bi->ram[0].size != bi->mem_size) {
+        printf("ptmig guest: boot_info nr_ram %u (expected 1..%u) or ram[0] [0x%lx, +0x%lx) is "
+               "not [0, mem_size 0x%lx)\n", bi->nr_ram, ABI_MAX_RAM_REGIONS,
+               (unsigned long)bi->ram[0].gpa, (unsigned long)bi->ram[0].size,
+               (unsigned long)bi->mem_size);
+        return -1;
+    }
+    for (unsigned i = 1; i < bi->nr_ram; i++) {
+        if (bi->ram[i].gpa < bi->ram[i - 1].gpa + bi->ram[i - 1].size ||
+            bi->ram[i].gpa + bi->ram[i].size < bi->ram[i].gpa) {
+            printf("ptmig guest: boot_info ram[%u] [0x%lx, +0x%lx) overlaps or wraps\n", i,
+                   (unsigned long)bi->ram[i].gpa, (unsigned long)bi->ram[i].size);
+            return -1;
+        }
+    }
     if (bi->heap_start < ABI_HEAP_START_GPA || bi->heap_start > bi->mem_size) {
         printf("ptmig guest: boot_info heap_start 0x%lx outside [0x%x, mem_size 0x%lx]\n",
                (unsigned long)bi->heap_start, ABI_HEAP_START_GPA, (unsigned long)bi->mem_size);

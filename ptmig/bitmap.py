@@ -72,10 +72,16 @@ def set_range(bm: Bitmap, first: int, count: int) -> None:
     """Set bits [first, first+count)."""
     if count <= 0:
         return
-    u8 = bm.view(np.uint8)
-    flags = np.unpackbits(u8, bitorder="little")
-    flags[first : first + count] = 1
-    u8[:] = np.packbits(flags, bitorder="little")
+    end = first + count
+    lo, hi = first >> 6, (end - 1) >> 6
+    head = np.uint64((0xFFFF_FFFF_FFFF_FFFF << (first & 63)) & 0xFFFF_FFFF_FFFF_FFFF)
+    tail = np.uint64(0xFFFF_FFFF_FFFF_FFFF >> (63 - ((end - 1) & 63)))
+    if lo == hi:
+        bm[lo] |= head & tail
+        return
+    bm[lo] |= head
+    bm[lo + 1 : hi] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    bm[hi] |= tail
 
 
 def count(bm: Bitmap) -> int:

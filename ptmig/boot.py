@@ -16,9 +16,12 @@ from .layout import (
     ABI_GDT_GPA,
     ABI_PD_COUNT,
     ABI_PD_GPA,
+    ABI_PD_HIGH_GPA,
     ABI_PDPT_GPA,
     ABI_PML4_GPA,
     ABI_TSS_GPA,
+    PAGE_SIZE,
+    RAM_TOP_MAX,
     SEL_TSS,
     SEL_USER_CODE,
     SEL_USER_DATA,
@@ -70,17 +73,29 @@ def _tss_descriptor(base: int, limit: int) -> tuple[int, int]:
 
 
 def write_page_tables(mem: GuestMemory) -> None:
-    """Identity-map the low 4 GiB with 2 MiB user-accessible pages."""
+    """Identity-map the low 4 GiB and all RAM above it with 2 MiB user-accessible pages.
+
+    PDPT entry i points to the page directory of GiB i: the first four at ABI_PD_GPA, the
+    others (RAM from 4 GiB up) at ABI_PD_HIGH_GPA + (i - 4) pages."""
+    gib = max(ABI_PD_COUNT, -(-mem.size >> 30))
+    if gib > RAM_TOP_MAX >> 30:
+        raise ValueError(f"guest RAM ends at {mem.size:#x}, past the {RAM_TOP_MAX:#x} the "
+                         "page tables can map")
     mem.write_u64(ABI_PML4_GPA, ABI_PDPT_GPA | PTE_P | PTE_RW | PTE_US)
-    pdpt = b"".join(
-        struct.pack("<Q", (ABI_PD_GPA + i * 0x1000) | PTE_P | PTE_RW | PTE_US)
-        for i in range(ABI_PD_COUNT)
-    )
+    pdpt = b"".join(struct.pack("<Q", _pd_gpa(i) | PTE_P | PTE_RW | PTE_US) for i in range(gib))
     mem.write(ABI_PDPT_GPA, pdpt)
     flags = PTE_P | PTE_RW | PTE_US | PTE_PS
-    n = 512 * ABI_PD_COUNT
-    pds = struct.pack(f"<{n}Q", *((i << 21) | flags for i in range(n)))
-    mem.write(ABI_PD_GPA, pds)
+    for first, count in ((0, ABI_PD_COUNT), (ABI_PD_COUNT, gib - ABI_PD_COUNT)):
+        if count:
+            n = 512 * count
+            pds = struct.pack(f"<{n}Q", *(((first * 512 + i) << 21) | flags for i in range(n)))
+            mem.write(_pd_gpa(first), pds)
+
+
+def _pd_gpa(gib: int) -> int:
+    if gib < ABI_PD_COUNT:
+        return ABI_PD_GPA + gib * PAGE_SIZE
+    return ABI_PD_HIGH_GPA + (gib - ABI_PD_COUNT) * PAGE_SIZE
 
 
 def write_gdt(mem: GuestMemory) -> None:
@@ -95,7 +110,7 @@ def write_gdt(mem: GuestMemory) -> None:
 def write_boot_info(
     mem: GuestMemory, nr_vcpus: int, tsc_khz: int, cmdline: str, devices: list[BootDevice]
 ) -> None:
-    mem.write(ABI_BOOT_INFO_GPA, pack_boot_info(nr_vcpus, mem.size, tsc_khz, cmdline, devices))
+    mem.write(ABI_BOOT_INFO_GPA, pack_boot_info(nr_vcpus, mem.ram, tsc_khz, cmdline, devices))
 
 
 def _segment(selector: int, *, code: bool, dpl: int) -> s.KvmSegment:

@@ -99,6 +99,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     from .firmware import FirmwareBuildError
     from .kvm import KvmUnavailable
     from .machine import Machine
+    from .vm import VmError
 
     try:
         cfg = load_config(config)
@@ -109,7 +110,7 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     try:
         machine = Machine(cfg, console=console, qmp_path=qmp_path, psk_file=psk_file,
                           insecure=insecure)
-    except KvmUnavailable as e:
+    except (KvmUnavailable, VmError) as e:
         raise click.ClickException(str(e)) from None
     def on_sigterm(signum: int, frame: object) -> None:
         if machine.vm.state.value in ("prelaunch", "inmigrate"):

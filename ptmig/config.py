@@ -37,7 +37,7 @@ MMIO_BASE = ABI_MMIO_BASE_GPA
 MMIO_STRIDE = ABI_MMIO_STRIDE
 MIB = 1 << 20
 MEMORY_MIN = MIN_MEMORY
-MEMORY_MAX = MAX_MEMORY  # RAM must stay below the MMIO windows
+MEMORY_MAX = MAX_MEMORY  # what the firmware's page tables can map (the host may give less)
 MEMORY_ALIGN = 2 * MIB  # guest page tables map RAM with 2 MiB pages
 VCPUS_MAX = ABI_MAX_VCPUS  # the statistics page has one slot per vCPU
 DEVICES_MAX = ABI_MAX_DEVICES
@@ -360,7 +360,9 @@ class _Parser:
         if not MEMORY_MIN <= memory <= MEMORY_MAX or memory % MEMORY_ALIGN:
             raise self.fail(
                 "vm.memory",
-                f"{memory} bytes is not allowed (allowed: 16M..3G in multiples of 2M)",
+                f"{memory} bytes is not allowed (allowed: {MEMORY_MIN >> 20}M.."
+                f"{MEMORY_MAX >> 30}G in multiples of 2M, and at most what the host has "
+                "available when the VM starts)",
             )
         vcpus = self.integer(vm, "vcpus", "vm.vcpus", 1, VCPUS_MAX)
         net = tuple(self.net(n, i) for i, n in enumerate(self.array_of_tables(doc, "net")))

@@ -1,9 +1,10 @@
 """The dirty set, one definition: KVM's log (vCPU writes) ∪ the VMM's bitmap (its own writes)
 ∪ whatever the active device-DMA strategy contributes (see `ptmig.migration.strategies`).
 
-`KvmDirtyLog` harvests KVM's log for the RAM memslot. With KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
-the harvest is GET_DIRTY_LOG followed by CLEAR_DIRTY_LOG of exactly the pages reported, so a page
-written between the two calls is never lost; without it, GET_DIRTY_LOG clears as it reads.
+`KvmDirtyLog` harvests KVM's logs of the RAM memslots (one per region). With
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 the harvest is GET_DIRTY_LOG followed by CLEAR_DIRTY_LOG of
+exactly the pages reported, so a page written between the two calls is never lost; without it,
+GET_DIRTY_LOG clears as it reads.
 """
 
 from __future__ import annotations
@@ -20,11 +21,21 @@ from .memory import GuestMemory
 
 
 class KvmDirtyLog:
-    def __init__(self, vm: VmFd, slot: int, npages: int) -> None:
+    """KVM's dirty logs of the RAM memslots, harvested into one page bitmap of the GPA span.
+
+    `slots` are (slot, first_page, npages); each region starts on a 64-page boundary (the
+    layout's regions start at 0 and 4 GiB and are 2 MiB multiples), so a slot's log is a run
+    of whole words of the span bitmap and is copied in, never shifted."""
+
+    def __init__(self, vm: VmFd, slots: list[tuple[int, int, int]], span_pages: int) -> None:
         self.vm = vm
-        self.slot = slot
-        self.npages = npages
-        self.buffer = bitmap.empty(npages)
+        self.npages = span_pages
+        for slot, first, _ in slots:
+            if first % 64:
+                raise ValueError(f"memslot {slot} starts at page {first:#x}, not on a "
+                                 "64-page boundary")
+        self.slots = slots
+        self.buffers = [bitmap.empty(n) for _, _, n in slots]
         self.manual_protect = False
         if vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
@@ -32,14 +43,16 @@ class KvmDirtyLog:
         self._lock = threading.Lock()
 
     def harvest(self) -> bitmap.Bitmap:
-        """Pages vCPUs wrote since the last harvest (a fresh array)."""
+        """Pages vCPUs wrote since the last harvest (a fresh array over the span)."""
+        out = bitmap.empty(self.npages)
         with self._lock:
-            buf = self.buffer
-            addr = buf.ctypes.data
-            self.vm.get_dirty_log(self.slot, addr)
-            if self.manual_protect and buf.any():
-                self.vm.clear_dirty_log(self.slot, 0, self.npages, addr)
-            return buf.copy()
+            for (slot, first, npages), buf in zip(self.slots, self.buffers, strict=True):
+                addr = buf.ctypes.data
+                self.vm.get_dirty_log(slot, addr)
+                if self.manual_protect and buf.any():
+                    self.vm.clear_dirty_log(slot, 0, npages, addr)
+                out[first >> 6 : (first >> 6) + buf.size] = buf
+        return out
 
 
 DirtySource = Callable[[], bitmap.Bitmap]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -139,6 +140,11 @@ class IommuTable:
         self._entries: npt.NDArray[np.uint64] = np.frombuffer(
             mm, dtype="<u8", count=iova_pages, offset=HEADER_SIZE)
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the table's memfd: the header and one entry per IOVA page."""
+        return HEADER_SIZE + 8 * self.iova_pages
+
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def create(cls, iova_pages: int) -> IommuTable:
@@ -233,6 +239,13 @@ class IommuTable:
     def map_identity(self, guest_pages: int, writable: bool = True) -> None:
         """Map IOVA == GPA for guest pages [0, guest_pages), readable, writable if asked."""
         self.map(0, guest_pages, TARGET_RAM, 0, read=True, write=writable)
+
+    def map_identity_ranges(self, ranges: Iterable[tuple[int, int]],
+                            writable: bool = True) -> None:
+        """Map IOVA == GPA for each (first_page, npages) range of guest RAM (the RAM regions:
+        the gaps between them stay unmapped, so a DMA there faults)."""
+        for first, count in ranges:
+            self.map(first, count, TARGET_RAM, first, read=True, write=writable)
 
     def unmap(self, iova_pfn: int, count: int = 1) -> None:
         """Invalidate IOVA pages [iova_pfn, +count); the device's IOTLB must then be flushed."""

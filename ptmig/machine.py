@@ -163,6 +163,7 @@ class Machine:
         qmp.register("x-shadow-start", self._qmp_shadow_start)
         qmp.register("x-shadow-stop", self._qmp_shadow_stop)
         qmp.register("x-query-shadow", self._qmp_query_shadow)
+        qmp.register("x-query-memory", self._qmp_query_memory)
 
     def _qmp_query_status(self) -> dict[str, Any]:
         return query_status_reply(RunStatus(self.vm.state.value))
@@ -250,6 +251,11 @@ class Machine:
     def _qmp_query_shadow(self) -> dict[str, Any]:
         active = self.shadow is not None and self.shadow.active
         return {"active": active, **(self.shadow.stats() if active else {})}
+
+    def _qmp_query_memory(self) -> dict[str, Any]:
+        from .memstats import memory_report
+
+        return memory_report(self)
 
     def _qmp_guest_stats(self) -> dict[str, Any]:
         stats = self.vm.vcpu_stats()

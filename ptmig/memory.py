@@ -1,4 +1,9 @@
-"""Guest RAM: one memfd, mapped MAP_SHARED, registered with KVM as a dirty-logged memslot.
+"""Guest RAM: one memfd, mapped MAP_SHARED, registered with KVM as dirty-logged memslots.
+
+RAM may be split in regions (`layout.ram_regions`: below the MMIO windows, and from 4 GiB up).
+The memfd and the mapping span GPA 0 up to the end of the last region, so a GPA is its offset
+in the memfd for every process that maps it; the gap between regions is a hole of the memfd
+that is never allocated, never registered with KVM, and refused by every access check.
 
 `GuestMemory` owns the mapping and the VMM's own dirty bitmap. There is exactly one way for
 the VMM to write guest RAM — `write` (and the typed helpers built on it) — and it marks the pages
@@ -21,19 +26,49 @@ import numpy as np
 import numpy.typing as npt
 
 from . import bitmap
-from .layout import PAGE_SHIFT, PAGE_SIZE
+from .layout import PAGE_SHIFT, PAGE_SIZE, RamRegion, ram_regions
 
 
 class GuestMemoryError(ValueError):
     """An access outside guest RAM."""
 
 
-class GuestMemory:
-    """Guest RAM at GPA 0 .. size, backed by a shareable memfd."""
+def host_available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """The host's MemAvailable in bytes (None where the kernel does not report it)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
-    def __init__(self, size: int, *, name: str = "ptmig-guest-ram", fd: int | None = None) -> None:
-        if size <= 0 or size % PAGE_SIZE:
-            raise GuestMemoryError(f"guest memory size {size:#x} is not a positive page multiple")
+
+def check_host_memory(ram: int, available: int | None = None) -> None:
+    """Refuse guest RAM larger than what the host can give now (MemAvailable): such a guest
+    would be killed, or would push the host into swap, once it touched its memory."""
+    if available is None:
+        available = host_available_memory()
+    if available is not None and ram > available:
+        raise GuestMemoryError(
+            f"guest memory of {ram >> 20} MiB is more than the host has available "
+            f"({available >> 20} MiB MemAvailable)")
+
+
+class GuestMemory:
+    """`ram` bytes of guest RAM laid out in `regions`, backed by a shareable memfd.
+
+    `size` and `npages` describe the whole span from GPA 0 to the end of RAM (the holes
+    between regions included): the extent of the mapping, of page bitmaps and digest arrays."""
+
+    def __init__(self, ram: int, *, name: str = "ptmig-guest-ram", fd: int | None = None) -> None:
+        if ram <= 0 or ram % PAGE_SIZE:
+            raise GuestMemoryError(f"guest memory size {ram:#x} is not a positive page multiple")
+        self.ram = ram
+        self.regions: tuple[RamRegion, ...] = ram_regions(ram)
+        self._low_end = self.regions[0].end
+        size = self.regions[-1].end
         self.size = size
         self.npages = size >> PAGE_SHIFT
         if fd is None:
@@ -49,10 +84,42 @@ class GuestMemory:
     # --- address arithmetic -------------------------------------------------------------
 
     def check(self, gpa: int, length: int) -> None:
-        if length < 0 or gpa < 0 or gpa + length > self.size:
+        if 0 <= gpa and 0 <= length and gpa + length <= self._low_end:
+            return  # the common case: RAM below the MMIO windows
+        if length < 0 or gpa < 0 or not any(r.gpa <= gpa and gpa + length <= r.end
+                                             for r in self.regions):
             raise GuestMemoryError(
-                f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM [0, {self.size:#x})"
+                f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM "
+                f"{self.describe_regions()}"
             )
+
+    def describe_regions(self) -> str:
+        return " ".join(f"[{r.gpa:#x}, {r.end:#x})" for r in self.regions)
+
+    def is_ram(self, first_page: int, npages: int) -> bool:
+        """Whether pages [first_page, +npages) all lie in one RAM region."""
+        return npages >= 0 and any(r.first_page <= first_page and
+                                   first_page + npages <= r.first_page + r.npages
+                                   for r in self.regions)
+
+    def page_ranges(self) -> list[tuple[int, int]]:
+        """(first_page, npages) of each RAM region."""
+        return [(r.first_page, r.npages) for r in self.regions]
+
+    def holes(self) -> list[tuple[int, int]]:
+        """(first_page, npages) of each gap between RAM regions (below the span's end)."""
+        out = []
+        for a, b in zip(self.regions, self.regions[1:], strict=False):
+            if b.first_page > a.first_page + a.npages:
+                out.append((a.first_page + a.npages, b.first_page - a.first_page - a.npages))
+        return out
+
+    def ram_bitmap(self) -> bitmap.Bitmap:
+        """A page bitmap of the span with every RAM page set (the holes clear)."""
+        out = bitmap.empty(self.npages)
+        for r in self.regions:
+            bitmap.set_range(out, r.first_page, r.npages)
+        return out
 
     @property
     def host_address(self) -> int:
@@ -111,6 +178,11 @@ class GuestMemory:
             else:
                 bitmap.set_range(words, first, last - first + 1)
 
+    @property
+    def vmm_dirty_bytes(self) -> int:
+        """Size of the VMM's dirty bitmap (for the memory report)."""
+        return int(self._vmm_dirty.nbytes)
+
     def merge_vmm_dirty(self, other: bitmap.Bitmap) -> None:
         """Add another writer's dirty pages to the VMM bitmap."""
         with self._dirty_lock:
@@ -168,9 +240,11 @@ class GuestMemory:
 
         Returns True when the mapping is populated; False when only the allocation was possible
         (older kernel: receiving then faults each page in, as without prefaulting)."""
-        os.posix_fallocate(self.fd, 0, self.size)
+        for r in self.regions:  # never the holes between regions
+            os.posix_fallocate(self.fd, r.gpa, r.size)
         try:
-            self.mmap.madvise(_MADV_POPULATE_WRITE)
+            for r in self.regions:
+                self.mmap.madvise(_MADV_POPULATE_WRITE, r.gpa, r.size)
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.ENOSYS):
                 return False

@@ -2,7 +2,8 @@
 
 Used to hand a guest to a fresh VM in another process (and by the tests that prove such a
 restore continues the guest exactly). Format: magic, version, memory size, vCPU count, then each
-vCPU state (length-prefixed, itself checksummed), then RAM.
+vCPU state (length-prefixed, itself checksummed), then RAM, region after region (the MMIO gap
+between them is not stored).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def save_snapshot(vm: Vm, path: Path) -> None:
     """Write a paused VM's state to `path`."""
     states = vm.save_vcpus()
     with open(path, "wb") as f:
-        f.write(_HEAD.pack(MAGIC, vm.memory.size, len(states)))
+        f.write(_HEAD.pack(MAGIC, vm.memory.ram, len(states)))
         for st in states:
             blob = st.to_bytes()
             f.write(struct.pack("<I", len(blob)) + blob)
-        f.write(vm.memory.view)
+        for r in vm.memory.regions:  # RAM only, region after region: never the MMIO gap
+            f.write(vm.memory.view[r.gpa : r.end])
 
 
 def load_snapshot(vm: Vm, path: Path) -> None:
@@ -41,10 +43,10 @@ def load_snapshot(vm: Vm, path: Path) -> None:
         magic, mem_size, nvcpus = _HEAD.unpack(head)
         if magic != MAGIC:
             raise SnapshotError(f"{path}: not a ptmig snapshot")
-        if mem_size != vm.memory.size or nvcpus != len(vm.vcpus):
+        if mem_size != vm.memory.ram or nvcpus != len(vm.vcpus):
             raise SnapshotError(
                 f"{path}: snapshot is {mem_size >> 20} MiB / {nvcpus} vCPUs, VM is "
-                f"{vm.memory.size >> 20} MiB / {len(vm.vcpus)} vCPUs"
+                f"{vm.memory.ram >> 20} MiB / {len(vm.vcpus)} vCPUs"
             )
         states = []
         for _ in range(nvcpus):
@@ -52,7 +54,7 @@ def load_snapshot(vm: Vm, path: Path) -> None:
             if n > MAX_STATE_BYTES:
                 raise SnapshotError(f"{path}: vCPU state of {n} bytes")
             states.append(VcpuState.from_bytes(f.read(n)))
-        got = f.readinto(vm.memory.view)
+        got = sum(f.readinto(vm.memory.view[r.gpa : r.end]) for r in vm.memory.regions)
         if got != mem_size:
             raise SnapshotError(f"{path}: RAM is {got} bytes, expected {mem_size}")
     vm.restore_vcpus(states)

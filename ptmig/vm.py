@@ -42,13 +42,12 @@ from .layout import (
     mailbox_gpa,
     stats_gpa,
 )
-from .memory import GuestMemory, GuestMemoryError
+from .memory import GuestMemory, GuestMemoryError, check_host_memory
 from .vcpu import RunControl, Vcpu, install_kick_handler
 from .vcpu_state import VcpuState, saveable_msrs
 
 log = logging.getLogger(__name__)
 
-RAM_SLOT = 0
 _MAILBOX = struct.Struct("<8Q")  # nr, args[6], ret
 
 
@@ -113,6 +112,10 @@ class Vm:
                 f"memory {spec.memory:#x} must be a multiple of 2 MiB in "
                 f"[{MIN_MEMORY >> 20} MiB, {MAX_MEMORY >> 20} MiB]"
             )
+        try:
+            check_host_memory(spec.memory)
+        except ValueError as e:
+            raise VmError(str(e)) from None
         if not 1 <= spec.vcpus <= ABI_MAX_VCPUS:
             raise VmError(f"vcpus={spec.vcpus} must be in [1, {ABI_MAX_VCPUS}]")
         install_kick_handler()
@@ -121,10 +124,12 @@ class Vm:
         self.kvm.require_capabilities()
         self.vmfd = self.kvm.create_vm()
         self.memory = GuestMemory(spec.memory, name=f"{spec.name}-ram")
-        self.vmfd.set_user_memory_region(
-            RAM_SLOT, 0, spec.memory, self.memory.host_address, KVM_MEM_LOG_DIRTY_PAGES
-        )
-        self.dirty = DirtyTracker(KvmDirtyLog(self.vmfd, RAM_SLOT, self.memory.npages),
+        slots = []
+        for slot, r in enumerate(self.memory.regions):  # one memslot and dirty log per region
+            self.vmfd.set_user_memory_region(
+                slot, r.gpa, r.size, self.memory.host_address + r.gpa, KVM_MEM_LOG_DIRTY_PAGES)
+            slots.append((slot, r.first_page, r.npages))
+        self.dirty = DirtyTracker(KvmDirtyLog(self.vmfd, slots, self.memory.npages),
                                   self.memory)
         self.console = ConsoleSink(console)
         self.control = RunControl()

@@ -20,11 +20,21 @@ def _kvm_problem() -> str | None:
     return None
 
 
+def _available_gib() -> float:
+    from ptmig.memory import host_available_memory
+
+    return (host_available_memory() or 0) / (1 << 30)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     problem = _kvm_problem()
     for item in items:
         if problem and "kvm" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=f"needs KVM: {problem}"))
+        big = item.get_closest_marker("bigmem")
+        if big is not None and (have := _available_gib()) < big.args[0]:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {big.args[0]} GiB of host memory, {have:.1f} GiB available"))
         if "root" in item.keywords and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason="needs root (CAP_NET_ADMIN, namespaces)"))
 

@@ -294,9 +294,10 @@ def test_abi_struct_layout_matches_the_vmm(tmp_path: Path) -> None:
     prog.write_text(
         '#include <stddef.h>\n#include <stdio.h>\n#include "abi.h"\n'
         "int main(void) {\n"
-        '  printf("%zu %zu %zu %zu %zu %zu %zu %zu %zu\\n",\n'
+        '  printf("%zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\\n",\n'
         "    sizeof(struct fw_header), sizeof(struct boot_info),\n"
         "    offsetof(struct boot_info, devices), offsetof(struct boot_info, cmdline),\n"
+        "    offsetof(struct boot_info, ram),\n"
         "    sizeof(struct hc_mailbox), offsetof(struct hc_mailbox, ret),\n"
         "    sizeof(struct vcpu_stats), offsetof(struct vcpu_stats, w),\n"
         "    sizeof(struct dirty_report));\n"
@@ -306,10 +307,11 @@ def test_abi_struct_layout_matches_the_vmm(tmp_path: Path) -> None:
     subprocess.run([find_compiler(), "-I", str(GUEST_DIR), str(prog), "-o", str(exe)], check=True)
     values = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True,
                                              check=True).stdout.split()]
-    fw, bi, bi_dev, bi_cmd, mb, mb_ret, st, st_w, dr = values
+    fw, bi, bi_dev, bi_cmd, bi_ram, mb, mb_ret, st, st_w, dr = values
     assert fw == FW_HEADER_SIZE
     assert bi_cmd == layout.BOOT_INFO_CMDLINE_OFFSET and bi_dev == 48
-    assert bi == layout.BOOT_INFO_CMDLINE_OFFSET + layout.CMDLINE_MAX
+    assert bi_ram == layout.BOOT_INFO_REGIONS_OFFSET
+    assert bi == layout.BOOT_INFO_REGIONS_OFFSET + 16 * layout.ABI_MAX_RAM_REGIONS
     assert (mb, mb_ret) == (layout.ABI_MAILBOX_SIZE, 7 * 8)
     assert (st, st_w) == (layout.ABI_STATS_SLOT_SIZE, 6 * 8)
     assert dr == 6 * 8

@@ -44,10 +44,13 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT))
 
 
-def dirty_config(tmp: Path, *, memory: str = "128M", vcpus: int = 2, ws: str = "32M") -> Path:
+def dirty_config(tmp: Path, *, memory: str = "128M", vcpus: int = 2, ws: str = "32M",
+                 extra: str = "") -> Path:
+    """`extra`: more workload arguments, as TOML inline-table entries (`at = "0x..."`)."""
     path = tmp / "dirty.toml"
+    more = f", {extra}" if extra else ""
     path.write_text(f'[vm]\nmemory = "{memory}"\nvcpus = {vcpus}\n\n'
-                    f'[workload]\nname = "dirty"\nargs = {{ ws = "{ws}" }}\n')
+                    f'[workload]\nname = "dirty"\nargs = {{ ws = "{ws}"{more} }}\n')
     return path
 
 

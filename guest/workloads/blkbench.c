@@ -36,7 +36,7 @@ static int blkbench_setup(const struct boot_info *bi, const struct cmdline *c)
                "of req\n", (unsigned long)bb.req, (unsigned long)bb.size);
         return EXIT_BAD_ARGS;
     }
-    heap_init(bi->heap_start, bi->mem_size);
+    heap_init_boot(bi);
     if (virtio_blk_open_first(&bb.blk, bi, "blkbench"))
         return EXIT_FAILED;
     if (bb.size / VIRTIO_BLK_SECTOR > bb.blk.capacity) {

@@ -1,7 +1,10 @@
 /*
- * dirty.c - the dirty-page workload: `dirty ws=SIZE rate=MIB_PER_S seconds=N`.
+ * dirty.c - the dirty-page workload: `dirty ws=SIZE at=GPA rate=MIB_PER_S seconds=N`.
  *
- * Every vCPU dirties its own share of a working set of ws bytes (default 64M), one 8-byte
+ * The working set is ws bytes (default 64M) of RAM from GPA at (default: the first page after
+ * the ground-truth bitmap), continuing in the next RAM region where one ends (so `at` below
+ * the MMIO windows and a large ws cover RAM on both sides of 4 GiB).
+ * Every vCPU dirties its own share of the working set, one 8-byte
  * store per page per pass (value = pass + page index, so every pass changes every page), at
  * rate MiB/s in total (0: as fast as possible), for seconds seconds (0: until the VM is
  * stopped). Pacing busy-waits on the TSC; with halt=1 a vCPU that is ahead of its schedule by
@@ -32,24 +35,84 @@
 #define CATCH_UP_LIMIT_MS 10 /* after a longer stall, pacing restarts instead of bursting */
 #define HALT_MIN_US 200      /* halt=1: shorter waits spin (a halt costs a VM exit) */
 
-static const char *const dirty_keys[] = {"ws", "rate", "seconds", "halt", NULL};
+static const char *const dirty_keys[] = {"ws", "at", "rate", "seconds", "halt", NULL};
+
+/* The working set as up to one piece per RAM region: pages [first, first + pages) of the set
+ * are at GPA gpa onwards. */
+struct ws_piece {
+    uint64_t first, pages, gpa;
+};
 
 static struct {
     uint64_t *bitmap;
     uint64_t ws_gpa;
     uint64_t ws_pages;
+    struct ws_piece piece[ABI_MAX_RAM_REGIONS];
+    unsigned nr_pieces;
     uint64_t rate_mib;
     uint64_t seconds;
     uint64_t halt;
     unsigned nr_vcpus;
 } cfg;
 
+/* RAM pages from GPA `at` to the end of RAM (0 if `at` is not in RAM). */
+static uint64_t ram_pages_from(const struct boot_info *bi, uint64_t at)
+{
+    uint64_t pages = 0;
+    for (unsigned i = 0; i < bi->nr_ram; i++) {
+        uint64_t start = bi->ram[i].gpa, end = start + bi->ram[i].size;
+        if (at >= end)
+            continue;
+        if (at > start)
+            start = at;
+        else if (pages == 0)
+            return 0; /* `at` falls in a gap between regions */
+        pages += (end - start) >> PAGE_SHIFT;
+    }
+    return pages;
+}
+
+/* Lay the working set's pages over RAM from `at`, region after region. */
+static void place_ws(const struct boot_info *bi, uint64_t at, uint64_t pages)
+{
+    uint64_t done = 0;
+    cfg.nr_pieces = 0;
+    for (unsigned i = 0; i < bi->nr_ram && done < pages; i++) {
+        uint64_t start = bi->ram[i].gpa, end = start + bi->ram[i].size;
+        if (at >= end)
+            continue;
+        if (at > start)
+            start = at;
+        uint64_t n = (end - start) >> PAGE_SHIFT;
+        if (n > pages - done)
+            n = pages - done;
+        cfg.piece[cfg.nr_pieces++] = (struct ws_piece){done, n, start};
+        done += n;
+    }
+}
+
+static inline uint64_t ws_page_gpa(uint64_t page)
+{
+    unsigned i = 0;
+    while (i + 1 < cfg.nr_pieces && page >= cfg.piece[i + 1].first)
+        i++;
+    return cfg.piece[i].gpa + ((page - cfg.piece[i].first) << PAGE_SHIFT);
+}
+
 static int dirty_setup(const struct boot_info *bi, const struct cmdline *c)
 {
-    uint64_t ws;
+    uint64_t ws, at;
     const char *bad = NULL;
+    const struct ram_region *last = &bi->ram[bi->nr_ram - 1];
+    uint64_t ram_pages = (last->gpa + last->size) >> PAGE_SHIFT; /* the span, gaps included */
+    uint64_t bitmap_bytes = ((ram_pages + 63) / 64) * 8;
+    uint64_t first_free = (bi->heap_start + bitmap_bytes + ABI_PAGE_SIZE - 1) &
+                          ~(uint64_t)(ABI_PAGE_SIZE - 1);
     if (cmdline_get_u64(c, "ws", DEFAULT_WS, &ws))
         bad = "ws";
+    else if (cmdline_get_u64(c, "at", first_free, &at) || at % ABI_PAGE_SIZE ||
+             at < first_free || ram_pages_from(bi, at) == 0)
+        bad = "at";
     else if (cmdline_get_u64(c, "rate", 0, &cfg.rate_mib))
         bad = "rate";
     else if (cmdline_get_u64(c, "seconds", 0, &cfg.seconds))
@@ -57,19 +120,17 @@ static int dirty_setup(const struct boot_info *bi, const struct cmdline *c)
     else if (cmdline_get_u64(c, "halt", 0, &cfg.halt) || cfg.halt > 1)
         bad = "halt";
     if (bad) {
-        printf("dirty: %s=%s is not valid; usage: %s\n", bad, cmdline_get(c, bad),
-               workload_dirty.usage);
+        printf("dirty: %s=%s is not valid (at: a page-aligned RAM GPA from 0x%lx); usage: %s\n",
+               bad, cmdline_get(c, bad), (unsigned long)first_free, workload_dirty.usage);
         return EXIT_BAD_ARGS;
     }
-    uint64_t ram_pages = bi->mem_size >> PAGE_SHIFT;
-    uint64_t bitmap_bytes = ((ram_pages + 63) / 64) * 8;
-    uint64_t ws_gpa = (bi->heap_start + bitmap_bytes + ABI_PAGE_SIZE - 1) & ~(uint64_t)(ABI_PAGE_SIZE - 1);
-    uint64_t avail = bi->mem_size > ws_gpa ? bi->mem_size - ws_gpa : 0;
+    uint64_t avail = ram_pages_from(bi, at) << PAGE_SHIFT;
     if (ws > avail) {
         if (cmdline_get(c, "ws")) {
-            printf("dirty: ws=%lu bytes does not fit: %lu bytes free after the bitmap "
+            printf("dirty: ws=%lu bytes does not fit: %lu bytes of RAM from 0x%lx "
                    "(mem_size %lu)\n",
-                   (unsigned long)ws, (unsigned long)avail, (unsigned long)bi->mem_size);
+                   (unsigned long)ws, (unsigned long)avail, (unsigned long)at,
+                   (unsigned long)bi->mem_size);
             return EXIT_BAD_ARGS;
         }
         ws = avail; /* the default shrinks to fit a small VM */
@@ -80,19 +141,21 @@ static int dirty_setup(const struct boot_info *bi, const struct cmdline *c)
         return EXIT_BAD_ARGS;
     }
     cfg.bitmap = (uint64_t *)(uintptr_t)bi->heap_start;
-    cfg.ws_gpa = ws_gpa;
+    cfg.ws_gpa = at;
+    place_ws(bi, at, cfg.ws_pages);
     cfg.nr_vcpus = bi->nr_vcpus;
     memset(cfg.bitmap, 0, bitmap_bytes);
 
     volatile struct dirty_report *r = workload_area();
     r->bitmap_gpa = bi->heap_start;
     r->bitmap_bytes = bitmap_bytes;
-    r->ws_gpa = ws_gpa;
+    r->ws_gpa = at;
     r->ws_pages = cfg.ws_pages;
     r->pass = 0;
     __atomic_store_n(&r->magic, DIRTY_REPORT_MAGIC, __ATOMIC_RELEASE);
-    printf("dirty: %u vCPUs, ws %lu pages at 0x%lx, rate %lu MiB/s%s, seconds %lu%s\n",
-           cfg.nr_vcpus, (unsigned long)cfg.ws_pages, (unsigned long)ws_gpa,
+    printf("dirty: %u vCPUs, ws %lu pages at 0x%lx in %u region(s), rate %lu MiB/s%s, "
+           "seconds %lu%s\n",
+           cfg.nr_vcpus, (unsigned long)cfg.ws_pages, (unsigned long)at, cfg.nr_pieces,
            (unsigned long)cfg.rate_mib, cfg.rate_mib ? "" : " (unlimited)",
            (unsigned long)cfg.seconds, cfg.seconds ? "" : " (until stopped)");
     return EXIT_OK;
@@ -198,7 +261,7 @@ static int dirty_run(unsigned cpu, const struct boot_info *bi)
                 while (now < deadline)
                     now = gap_tick(&m);
             }
-            uint64_t gpa = cfg.ws_gpa + (page << PAGE_SHIFT);
+            uint64_t gpa = ws_page_gpa(page);
             *(volatile uint64_t *)(uintptr_t)gpa = pass + page;
             mark_page(gpa);
             pages++;
@@ -220,7 +283,7 @@ done:
 
 const struct workload workload_dirty = {
     .name = "dirty",
-    .usage = "dirty ws=SIZE rate=MIB_PER_S seconds=N halt=0|1",
+    .usage = "dirty ws=SIZE at=GPA rate=MIB_PER_S seconds=N halt=0|1",
     .keys = dirty_keys,
     .setup = dirty_setup,
     .run = dirty_run,

@@ -188,7 +188,7 @@ static int kv_setup(const struct boot_info *bi, const struct cmdline *c)
                bi->nr_devices, net ? "" : ", no net", disk ? "" : ", no disk");
         return EXIT_FAILED;
     }
-    heap_init(bi->heap_start, bi->mem_size);
+    heap_init_boot(bi); /* all of RAM: the table may land above 4 GiB */
     if (virtio_net_init(&kv.nic, net->mmio_gpa) || virtio_blk_init(&kv.blk, disk->mmio_gpa))
         return EXIT_FAILED;
 

@@ -37,6 +37,7 @@ SECTIONS: dict[str, str] = {
     "devices": "ptmig.bench.devices:run",
     "migration": "ptmig.bench.migration:run",
     "strategies": "ptmig.bench.strategies:run",
+    "scale": "ptmig.bench.scale:run",
 }
 
 

@@ -96,7 +96,7 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
             if isinstance(cfg, DiskConfig):
                 cfg.path.parent.mkdir(parents=True, exist_ok=True)
             iommu = IommuTable.create(vm.memory.npages)
-            iommu.map_identity(vm.memory.npages, writable=True)
+            iommu.map_identity_ranges(vm.memory.page_ranges(), writable=True)
             try:
                 handle = _open_handle(machine, slot.id, slot.kind, slot.index, cfg, iommu)
             except Exception:

@@ -158,7 +158,7 @@ class MigrationControl:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     def _qmp_fill_ram(self, gpa: int, size: int, seed: int = 1) -> None:
-        """Benchmark/test hook: fill guest RAM [gpa, gpa+size) with pseudo-random bytes through
+        """Benchmark/test hook: fill guest RAM in [gpa, gpa+size) with pseudo-random bytes through
         the VMM's own (dirty-marking) write path, so a migration has real data to carry. It
         overwrites whatever the guest keeps there: only for a workload that leaves it unused."""
         if self.busy():
@@ -169,5 +169,7 @@ class MigrationControl:
                            f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
                            f"non-empty and inside guest RAM [0, {mem.size:#x})")
         rng = np.random.default_rng(seed)
-        for pos in range(gpa, gpa + size, FILL_CHUNK):
-            mem.write(pos, rng.bytes(min(FILL_CHUNK, gpa + size - pos)))
+        for r in mem.regions:  # RAM only: the MMIO gap between regions is skipped
+            start, end = max(gpa, r.gpa), min(gpa + size, r.end)
+            for pos in range(start, end, FILL_CHUNK):
+                mem.write(pos, rng.bytes(min(FILL_CHUNK, end - pos)))

@@ -450,8 +450,10 @@ class Incoming:
             self._main.interrupt_receive()
 
     def _connection(self, *, data_channel: bool = False) -> Connection:
-        return Connection(Role.DESTINATION, guest_pages=self.m.vm.memory.npages,
-                          zero_filler=self._punch_zero_runs, data_channel=data_channel)
+        mem = self.m.vm.memory
+        return Connection(Role.DESTINATION, guest_pages=mem.npages,
+                          zero_filler=self._punch_zero_runs, data_channel=data_channel,
+                          ram_holes=mem.holes())
 
     def _splicer(self, ch: transport.Channel) -> SpliceReceiver | None:
         """A splice receiver where it beats `recv_into` (guest RAM not mapped, plain TCP)."""

@@ -11,7 +11,7 @@ remain are per batch or per run (a scatter list needs one buffer per run anyway)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -34,7 +34,59 @@ def count_dirty(bitmap: np.ndarray, npages: int | None = None) -> int:
     """Number of set bits (dirty pages) in a bitmap."""
     if npages is None:
         return _bitmap.count(bitmap)
-    return int(bitmap_to_bits(bitmap, npages).sum(dtype=np.int64))
+    # Whole words are counted with popcount (O(words), not one byte per page); only the last
+    # word's bits past `npages` need masking.
+    words = _as_words(bitmap)
+    full, tail = divmod(npages, 64)
+    n = _bitmap.count(words[:full])
+    if tail and full < words.size:
+        n += bin(int(words[full]) & ((1 << tail) - 1)).count("1")
+    return n
+
+
+def _as_words(bitmap: np.ndarray) -> np.ndarray:
+    """The bitmap as uint64 words (uint8 bytes are zero-padded to a whole word)."""
+    raw = np.ascontiguousarray(bitmap)
+    if raw.dtype == np.uint64:
+        return raw
+    u8 = raw.view(np.uint8)
+    if u8.size % 8:
+        u8 = np.concatenate([u8, np.zeros(8 - u8.size % 8, dtype=np.uint8)])
+    return u8.view(np.uint64)
+
+
+def set_runs(bitmap: np.ndarray, npages: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, counts) of the runs of set bits, ascending, in O(non-zero words): only the words
+    holding a set bit are expanded to bits, and a run continues from one of them into the next
+    only where the two words are adjacent in the bitmap. Bits at or past `npages` are ignored."""
+    words = _as_words(bitmap)
+    if npages is not None:
+        words = words[: -(-npages // 64)]
+    idx = np.flatnonzero(words)
+    vals = words[idx]
+    if npages is not None and idx.size and npages % 64 and idx[-1] == npages // 64:
+        vals[-1] &= np.uint64((1 << (npages % 64)) - 1)
+        if not vals[-1]:
+            idx, vals = idx[:-1], vals[:-1]
+    if idx.size == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    bits = np.unpackbits(vals.view(np.uint8), bitorder="little").reshape(-1, 64).astype(bool)
+    adjacent = np.zeros(idx.size + 1, dtype=bool)  # word k follows word k-1 directly
+    adjacent[1:-1] = idx[1:] == idx[:-1] + 1
+    prev = np.empty_like(bits)
+    prev[:, 1:] = bits[:, :-1]
+    prev[0, 0] = False
+    prev[1:, 0] = bits[:-1, 63] & adjacent[1:-1]
+    nxt = np.empty_like(bits)
+    nxt[:, :-1] = bits[:, 1:]
+    nxt[-1, 63] = False
+    nxt[:-1, 63] = bits[1:, 0] & adjacent[1:-1]
+    base = idx.astype(np.int64) * 64
+    first = np.flatnonzero((bits & ~prev).ravel())
+    last = np.flatnonzero((bits & ~nxt).ravel())
+    starts = base[first // 64] + first % 64
+    ends = base[last // 64] + last % 64 + 1
+    return starts.astype(np.uint64), ends - starts
 
 
 def bits_to_runs(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +104,7 @@ def bitmap_to_runs(
         raise ValueError(
             f"max_pages_per_batch must be 1..{MAX_RUNS_PER_BATCH}, not {max_pages_per_batch}"
         )
-    starts, counts = bits_to_runs(bitmap_to_bits(bitmap, npages))
+    starts, counts = set_runs(bitmap, npages)
     if starts.size == 0:
         return
     seq_end = np.cumsum(counts)
@@ -180,11 +232,13 @@ def data_pages(runs: np.ndarray) -> int:
     return int(runs["npages"][runs["kind"] == RunKind.DATA].sum(dtype=np.uint64))
 
 
-def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE) -> int:
+def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE, *,
+                  holes: Sequence[tuple[int, int]] = ()) -> int:
     """Check a run list from the peer; return its payload size in bytes.
 
     Rejects (RemoteProtocolError): no runs, too many runs, empty runs, unknown kinds, runs
-    reaching outside guest RAM, runs not sorted or overlapping, payload over the batch cap.
+    reaching outside guest RAM or into one of its `holes` ((first_page, npages) ranges that
+    are not RAM), runs not sorted or overlapping, payload over the batch cap.
     """
     n = runs.size
     if n == 0:
@@ -209,6 +263,14 @@ def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE
             f"outside guest RAM of {guest_pages} pages"
         )
     ends = starts + counts  # no overflow: both are ≤ guest_pages now
+    for first, n in holes:
+        bad = np.flatnonzero((starts < np.uint64(first + n)) & (ends > np.uint64(first)))
+        if bad.size:
+            i = bad[0]
+            raise RemoteProtocolError(
+                f"run {i} covers pages {starts[i]}..{ends[i] - 1}, which reach into the "
+                f"non-RAM pages {first}..{first + n - 1} (the MMIO gap)"
+            )
     bad = np.flatnonzero(starts[1:] < ends[:-1])
     if bad.size:
         i = bad[0]

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import enum
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,10 +307,13 @@ class Connection:
 
     def __init__(self, role: Role, *, guest_pages: int, page_size: int = pages.PAGE_SIZE,
                  zero_filler: Callable[[memoryview, np.ndarray], None] | None = None,
-                 data_channel: bool = False) -> None:
+                 data_channel: bool = False,
+                 ram_holes: Sequence[tuple[int, int]] = ()) -> None:
         """`zero_filler(guest_mem, runs)` replaces the default zeroing of ZERO runs (the
         destination VMM punches holes in its guest memfd instead of writing zeros).
-        `data_channel`: this stream only carries rounds (see the module docstring)."""
+        `data_channel`: this stream only carries rounds (see the module docstring).
+        `ram_holes`: (first_page, npages) ranges below `guest_pages` that are not RAM (the
+        MMIO gap below 4 GiB); no run may touch them."""
         if guest_pages <= 0:
             raise ValueError(f"guest_pages must be positive, not {guest_pages}")
         if page_size <= 0 or page_size % 8:
@@ -321,6 +324,7 @@ class Connection:
         self._zero_filler = zero_filler or (lambda mem, runs: pages.zero_fill(mem, runs,
                                                                                page_size))
         self.guest_pages = guest_pages
+        self.ram_holes = tuple(ram_holes)
         self.page_size = page_size
         self.state = State.START
         self._buf = bytearray()
@@ -436,7 +440,8 @@ class Connection:
     def _local_runs(self, runs: np.ndarray) -> np.ndarray:
         runs = np.ascontiguousarray(runs, dtype=RUN_DTYPE)
         try:
-            pages.validate_runs(runs, self.guest_pages, self.page_size)
+            pages.validate_runs(runs, self.guest_pages, self.page_size,
+                                         holes=self.ram_holes)
         except RemoteProtocolError as e:
             raise LocalProtocolError(f"refusing to send bad runs: {e}") from None
         return runs
@@ -536,7 +541,8 @@ class Connection:
             )
         if header.type is FrameType.PAGE_RUNS:
             runs, crc = frames.decode_page_runs(metadata)
-            nbytes = pages.validate_runs(runs, self.guest_pages, self.page_size)
+            nbytes = pages.validate_runs(runs, self.guest_pages, self.page_size,
+                                         holes=self.ram_holes)
             event: Event = PageRunsHeader(runs, nbytes)
             self._apply(self.role.peer, event, RemoteProtocolError)
             has_crc = bool(header.flags & frames.FLAG_PAYLOAD_CRC)

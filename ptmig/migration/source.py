@@ -210,7 +210,7 @@ class SourceMigration:
         m = self.m
         vm = m.vm
         self.info.start = time.monotonic()
-        self.info.ram.total = vm.memory.size
+        self.info.ram.total = vm.memory.ram  # RAM bytes, not the span with the MMIO gap
         self._was_running = vm.state == RunState.RUNNING
         self._note_owner()
         switched = False
@@ -398,7 +398,11 @@ class SourceMigration:
         if not self.data_channels:
             return self._send_stream_round(ch, conn, rnd, dirty, throttle=throttle)
         sent = transport.send_event(ch, conn, RoundStart(rnd, 0))
-        allocated = self.m.vm.memory.allocated()  # holes: zero pages we need not even read
+        # holes: zero pages we need not even read (found once for all channels; a round few
+        # enough to be listed sparsely never needs them: no whole-RAM scan for it)
+        mem = self.m.vm.memory
+        allocated = (mem.allocated() if pages.count_dirty(dirty, mem.npages) > SPARSE_PAGES
+                     else None)
         counts = [0] * len(self.data_channels)
         self._round_stop.clear()
         self._round_error = None
@@ -500,7 +504,9 @@ class SourceMigration:
         if count <= SPARSE_PAGES:
             # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
             allocated = None
-            batches = iter([pages.pages_to_runs(dirty_pages(dirty, npages))] if count else [])
+            # (cut to the batch size: up to SPARSE_PAGES pages exceed one frame's payload cap)
+            batches = iter(pages.split_by_data(pages.pages_to_runs(dirty_pages(dirty, npages)),
+                                               BATCH_PAGES) if count else [])
         else:
             if allocated is None:
                 allocated = mem.allocated()  # holes are zero pages we need not even read
@@ -546,7 +552,7 @@ class SourceMigration:
         params = self.params
         bw = policy.BandwidthEstimator()
         auto = policy.AutoConverge() if self.caps.auto_converge else None
-        dirty = bitmap.full(npages)
+        dirty = vm.memory.ram_bitmap()  # round 0: every page of RAM, none of the MMIO gap
         best_remaining: int | None = None
         stalled = 0
         rnd = 0
@@ -559,7 +565,9 @@ class SourceMigration:
             took = time.monotonic() - t0
             rate = bw.update(nbytes, took)
             self.info.ram.mbps = rate * 8 / 1e6
+            t1 = time.monotonic()
             dirty = self._harvest()
+            harvest_ms = (time.monotonic() - t1) * 1000
             remaining_pages = pages.count_dirty(dirty, npages)
             remaining = remaining_pages * PAGE_SIZE
             self.info.ram.remaining = remaining
@@ -568,7 +576,8 @@ class SourceMigration:
             self.info.expected_downtime_ms = int(policy.expected_downtime(remaining, rate) * 1000)
             self.info.rounds.append({"round": rnd, "pages": count, "seconds": round(took, 4),
                                      "remaining-pages": remaining_pages,
-                                     "channels": len(self.data_channels)})
+                                     "channels": len(self.data_channels),
+                                     "harvest-ms": round(harvest_ms, 3)})
             log.info("round %d: %d pages in %.3fs (%.0f MB/s), %d dirty after", rnd, count, took,
                      rate / 1e6, remaining_pages)
             rnd += 1

@@ -218,7 +218,7 @@ class ShadowEngine:
                             p = positions[q["index"]]
                             q["next_avail"], q["next_used"] = p.next_avail, p.next_used
                     sd.release()
-                    dev.iommu.map_identity(vm.memory.npages, writable=True)
+                    dev.iommu.map_identity_ranges(vm.memory.page_ranges(), writable=True)
                     dev.handle.iotlb_invalidate()
                     sd.map.invalidated()
                     dev.handle.set_state(state)

@@ -109,8 +109,9 @@ class ShadowMap:
     def acquire(self, gpfn: int, *, copy: bool) -> int:
         """Reference the device buffer of guest page `gpfn`, creating it if needed; `copy`
         fills a new or reused buffer with the guest page (the rings at entry)."""
-        if not 0 <= gpfn < self.memory.npages:
-            raise ShadowError(f"guest page {gpfn} is outside guest RAM")
+        if not self.memory.is_ram(gpfn, 1):
+            raise ShadowError(f"guest page {gpfn} is outside guest RAM "
+                              f"{self.memory.describe_regions()}")
         pfn = int(self.slot[gpfn])
         c = self.counters
         if pfn < 0:

@@ -1,0 +1,210 @@
+"""The scale benchmark (section `scale`): how migration cost grows with guest RAM.
+
+Per guest size (256 MiB, 1, 2, 4 GiB; 8 GiB in the full bench only), `config.runs` times: two
+`ptmig run` processes with an idle guest (the `dirty` workload on one page, halting between
+stores, as in the `migration` section), whose RAM above `FILL_FROM` -- on both sides of the
+MMIO gap for guests over 3 GiB -- is first filled with random bytes by the VMM, so every page
+carries real data. It is migrated over loopback with `x-verify` and the same data channels as
+the `migration` section. Reported per size:
+
+- total time, downtime, throughput (`ram.transferred` / `total-time`), verify time (the
+  digest comparison after the switchover, which costs no downtime);
+- harvest time per pre-copy round (the dirty-log harvest of every RAM memslot, `harvest-ms`
+  in `x-rounds`);
+- the VMM's own memory besides guest RAM, source and destination, as `x-query-memory`
+  measures it after the migration (VMM and device processes' private memory, IOMMU tables,
+  shadow pool), in MiB and as a percentage of guest RAM.
+
+Then the kv guest under load (`ptmig demo`, as one cell of the `strategies` section) at 1 and
+4 GiB with `shadow`: downtime, lost values and mismatched pages (one run each in `--quick`).
+
+Goals (issue 18): total time per GiB at most 1.2x the 1 GiB one at every larger size (linear
+in RAM); idle downtime <= 5 ms at the largest size; harvest <= 5 ms at the largest size; VMM
+memory besides guest RAM <= 2 % of guest RAM at every size of 1 GiB and more; loaded downtime
+at 4 GiB at most 1.3x the 1 GiB one; nothing lost, no page mismatched.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .harness import BenchConfig, BenchError, Goal, Result, measured
+from .migration import (
+    DATA_CHANNELS,
+    FILL_FROM,
+    _cmd,
+    _ptmig,
+    _ptmig_config,
+    _qmp,
+    _stop,
+    _wait_migration,
+    _wait_status,
+    free_port,
+)
+
+SECTION = "scale"
+MiB = 1 << 20
+GiB = 1 << 30
+QUICK_SIZES = (256 * MiB, 1 * GiB, 2 * GiB, 4 * GiB)
+FULL_SIZES = (*QUICK_SIZES, 8 * GiB)
+
+GOAL_LINEAR = Goal("<=", 1.2, "x")
+GOAL_IDLE_DOWNTIME = Goal("<=", 5, "ms")
+GOAL_HARVEST = Goal("<=", 5, "ms")
+GOAL_VMM_MEMORY = Goal("<=", 2, "%")
+GOAL_LOADED_DOWNTIME_RATIO = Goal("<=", 1.3, "x")
+GOAL_NOTHING_LOST = Goal("<=", 0)
+LOADED_SIZES = ("1G", "4G")
+START_TIMEOUT_S = 120.0  # the destination prefaults all its RAM before it listens
+
+
+@dataclass
+class ScaleSample:
+    memory: int
+    total_ms: float
+    downtime_ms: float
+    transferred: int
+    verify_ms: float
+    harvest_ms: list[float]
+    src_vmm: int
+    dst_vmm: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.transferred / (self.total_ms / 1000) / 1e9 if self.total_ms else 0.0
+
+
+def run(config: BenchConfig) -> list[Result]:
+    sizes = QUICK_SIZES if config.quick else FULL_SIZES
+    samples: dict[int, list[ScaleSample]] = {}
+    with tempfile.TemporaryDirectory(prefix="ptmig-bench-scale-") as d:
+        tmp = Path(d)
+        for size in sizes:
+            samples[size] = [scale_migration(tmp, size) for _ in range(config.runs)]
+        out = results(samples)
+        out += loaded_results(loaded_cells(tmp, 1 if config.quick else config.runs))
+    return out
+
+
+def loaded_cells(tmp: Path, runs: int) -> dict[str, list[Any]]:
+    """The kv guest under load migrated with `shadow`, at each of LOADED_SIZES."""
+    from .strategies import StrategyBenchParams, demo_cell
+
+    p = StrategyBenchParams(memories=LOADED_SIZES, strategies=("shadow",), runs=runs,
+                            warmup_s=3.0, after_s=3.0)
+    return {m: [demo_cell("shadow", m, p, tmp / f"kv-{m}-{i}") for i in range(runs)]
+            for m in LOADED_SIZES}
+
+
+def loaded_results(cells: dict[str, list[Any]]) -> list[Result]:
+    out: list[Result] = []
+    for m, cs in cells.items():
+        extra = {"errors": [c.error for c in cs if c.error]}
+        out += [
+            measured(SECTION, f"kv-{m}.shadow.downtime", [c.downtime_ms for c in cs], "ms",
+                     extra=extra),
+            measured(SECTION, f"kv-{m}.shadow.lost+mismatched",
+                     [c.lost + c.mismatched for c in cs], "", GOAL_NOTHING_LOST, extra=extra),
+        ]
+    small, big = (cells[m] for m in LOADED_SIZES)
+    out.append(measured(SECTION, f"kv.shadow.downtime {LOADED_SIZES[1]}/{LOADED_SIZES[0]}",
+                        [b.downtime_ms / s.downtime_ms for s, b in zip(small, big, strict=False)
+                         if s.downtime_ms > 0], "x", GOAL_LOADED_DOWNTIME_RATIO))
+    return out
+
+
+def label(size: int) -> str:
+    return f"{size // GiB}G" if size >= GiB else f"{size // MiB}M"
+
+
+def results(samples: dict[int, list[ScaleSample]]) -> list[Result]:
+    """The per-size rows and the goal rows, from the samples of every size."""
+    out: list[Result] = []
+    for size, ss in samples.items():
+        name = label(size)
+        extra: dict[str, Any] = {"memory_mib": size // MiB}
+        out += [
+            measured(SECTION, f"{name}.total", [s.total_ms for s in ss], "ms", extra=extra),
+            measured(SECTION, f"{name}.downtime", [s.downtime_ms for s in ss], "ms",
+                     extra=extra),
+            measured(SECTION, f"{name}.throughput", [s.gb_per_s for s in ss], "GB/s",
+                     extra=extra),
+            measured(SECTION, f"{name}.harvest", [max(s.harvest_ms, default=0.0) for s in ss],
+                     "ms", extra={**extra, "statistic": "slowest round of each run"}),
+            measured(SECTION, f"{name}.verify", [s.verify_ms for s in ss], "ms", extra=extra),
+            measured(SECTION, f"{name}.src-vmm-memory", [s.src_vmm / MiB for s in ss], "MiB",
+                     extra=extra),
+            measured(SECTION, f"{name}.dst-vmm-memory", [s.dst_vmm / MiB for s in ss], "MiB",
+                     extra=extra),
+            measured(SECTION, f"{name}.vmm-memory/ram",
+                     [100 * max(s.src_vmm, s.dst_vmm) / size for s in ss], "%",
+                     GOAL_VMM_MEMORY if size >= GiB else None, extra=extra),
+        ]
+    out += _goal_rows(samples)
+    return out
+
+
+def _goal_rows(samples: dict[int, list[ScaleSample]]) -> list[Result]:
+    sizes = sorted(samples)
+    largest = sizes[-1]
+    out: list[Result] = []
+    if GiB in samples:
+        # total time per GiB, relative to the 1 GiB guest's, per run (back-to-back sizes share
+        # the machine's mood less than runs of one size do, so each run pairs index-wise)
+        base = [s.total_ms / (s.memory / GiB) for s in samples[GiB]]
+        for size in (s for s in sizes if s > GiB):
+            rel = [s.total_ms / (s.memory / GiB) / b
+                   for s, b in zip(samples[size], base, strict=False)]
+            out.append(measured(SECTION, f"{label(size)}.total-per-GiB/1G", rel, "x",
+                                GOAL_LINEAR))
+    big = samples[largest]
+    out.append(measured(SECTION, f"{label(largest)}.idle-downtime",
+                        [s.downtime_ms for s in big], "ms", GOAL_IDLE_DOWNTIME))
+    out.append(measured(SECTION, f"{label(largest)}.harvest-per-round",
+                        [h for s in big for h in s.harvest_ms] or [float("nan")], "ms",
+                        GOAL_HARVEST, extra={"statistic": "median over every round"}))
+    return out
+
+
+def scale_migration(tmp: Path, memory: int) -> ScaleSample:
+    """One verified migration of an idle guest of `memory` bytes, its RAM filled first."""
+    config = _ptmig_config(tmp, memory)
+    port = free_port()
+    src = _ptmig(tmp, "src", config)
+    dst = _ptmig(tmp, "dst", config, "--incoming", f"tcp:127.0.0.1:{port}")
+    qs = qd = None
+    try:
+        qs = _qmp(tmp / "src.qmp", src, START_TIMEOUT_S)
+        qd = _qmp(tmp / "dst.qmp", dst, START_TIMEOUT_S)
+        _wait_status(qs, ("running",), START_TIMEOUT_S)
+        _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": span(memory) - FILL_FROM})
+        _cmd(qs, "migrate-set-parameters", {"x-dma-tracking": "none", "max-bandwidth": 0,
+                                            "x-data-channels": DATA_CHANNELS})
+        _cmd(qs, "migrate-set-capabilities",
+             {"capabilities": [{"capability": "x-verify", "state": True}]})
+        _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = _wait_migration(qs, 60 + 30 * memory / GiB)
+        _wait_status(qd, ("running",), 30)
+        verify = info.get("x-verify", {})
+        if verify.get("mismatched") != 0:
+            raise BenchError(f"verified migration of {label(memory)} failed: {verify}")
+        src_mem = _cmd(qs, "x-query-memory")["vmm"]["total"]
+        dst_mem = _cmd(qd, "x-query-memory")["vmm"]["total"]
+        harvest = [float(r["harvest-ms"]) for r in info.get("x-rounds", [])
+                   if "harvest-ms" in r]
+        return ScaleSample(memory, float(info["total-time"]), float(info["downtime"]),
+                           int(info["ram"]["transferred"]), float(verify.get("time-ms", 0.0)),
+                           harvest, int(src_mem), int(dst_mem))
+    finally:
+        _stop(src, qs)
+        _stop(dst, qd)
+
+
+def span(memory: int) -> int:
+    """The guest-physical span of `memory` bytes of RAM (the MMIO gap included)."""
+    from ..layout import ram_top
+
+    return ram_top(memory)
