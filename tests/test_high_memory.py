@@ -490,6 +490,7 @@ def test_ptmig_run_refuses_more_memory_than_the_host_has(tmp_path: Path) -> None
     import subprocess
     import sys
 
+    from ptmig.cliconv import VMM_FAILED
     from ptmig.memory import host_available_memory
 
     available = host_available_memory()
@@ -501,5 +502,5 @@ def test_ptmig_run_refuses_more_memory_than_the_host_has(tmp_path: Path) -> None
     cfg.write_text(f'[vm]\nmemory = "{want >> 20}M"\nvcpus = 1\n\n[workload]\nname = "hello"\n')
     proc = subprocess.run([sys.executable, "-m", "ptmig.cli", "run", str(cfg)],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == VMM_FAILED, proc.stderr  # ptmig run's own failure, not the guest's
     assert f"guest memory of {want >> 20} MiB is more than the host has available" in proc.stderr

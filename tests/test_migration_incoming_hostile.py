@@ -53,6 +53,9 @@ class FakeMemory:
     def punch_zero(self, start: int, n: int) -> None:
         self.view[start * 4096 : (start + n) * 4096] = bytes(n * 4096)
 
+    def holes(self) -> list[tuple[int, int]]:
+        return []  # one region from GPA 0: no gap below 4 GiB
+
 
 class FakeVm:
     def __init__(self) -> None:
