@@ -305,7 +305,11 @@ def test_core_section_quick_smoke(tmp_path: Path) -> None:
         assert r["section"] == "core"
         assert (r["ok"] is None) == (r["goal"] is None), name
         assert len(r["runs"]) >= config.runs, f"{name}: {r}"
-        if name == "exit.pio.vmm_path":  # a difference of two noisy numbers: any sign
+        if name in ("exit.pio", "exit.mmio", "exit.pio.vmm_path"):
+            # differences of two timings (with and without the exits; the tiny run does few):
+            # one preempted baseline makes a run negative, so only the count is checked
+            # (the bench raises if the VM did not take every exit it measures)
+            assert all(math.isfinite(x) for x in r["runs"]), f"{name}: {r}"
             continue
         assert r["value"] is not None and r["value"] > 0, f"{name}: {r}"
         assert all(x > 0 for x in r["runs"]), f"{name}: {r}"
