@@ -89,9 +89,10 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     """Run a VM until the guest exits or `quit`.
 
     Runs the VM described by CONFIG (or, with --incoming, receives it from a migration). Exit
-    status: the guest's own exit code (0 after `quit` or a completed outgoing migration);
-    125 when ptmig run itself failed: bad options, a bad config, no KVM, the firmware or a
-    device process, a failed incoming migration.
+    status: the guest's own exit code (0 after `quit`, also once the guest has migrated away;
+    128 when a vCPU stopped on an internal error, e.g. a guest fault); 125 when ptmig run
+    itself failed: bad options, a bad config, no KVM, the firmware or a device process, a
+    failed incoming migration.
     """
     from .config import ConfigError, load_config
     from .devices.handle import DeviceError

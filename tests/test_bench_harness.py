@@ -305,6 +305,12 @@ def test_core_section_quick_smoke(tmp_path: Path) -> None:
         assert r["section"] == "core"
         assert (r["ok"] is None) == (r["goal"] is None), name
         assert len(r["runs"]) >= config.runs, f"{name}: {r}"
+        if name in ("exit.pio", "exit.mmio"):
+            # differences of two timings (with and without the exits; the tiny run does few):
+            # one preempted baseline makes a run negative, so only the count is checked
+            # (the bench raises if the VM did not take every exit it measures)
+            assert all(math.isfinite(x) for x in r["runs"]), f"{name}: {r}"
+            continue
         assert r["value"] is not None and r["value"] > 0, f"{name}: {r}"
         assert all(x > 0 for x in r["runs"]), f"{name}: {r}"
     assert sum(by_name["harvest.64m.running"]["extra"]["dirty_pages"]) > 0

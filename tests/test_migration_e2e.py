@@ -23,7 +23,7 @@ def _pair(tmp_path: Path, config: Path, **kw: Any) -> tuple[Vmm, Vmm, int]:
     port = free_port()
     src = Vmm(tmp_path, "src", config)
     dst = Vmm(tmp_path, "dst", config, incoming_port=port, **kw)
-    src.wait_ready()
+    src.wait_running()  # its QMP socket comes up before the guest runs
     dst.wait_incoming()
     return src, dst, port
 

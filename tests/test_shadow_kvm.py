@@ -52,6 +52,14 @@ def _wait_for_requests(vm: Vm, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def _wait_for_served_requests(vmm: Vmm, n: int, timeout: float = 30.0) -> None:
+    """Until the kv guest has taken n requests (vCPU 0's workload counter 0)."""
+    deadline = time.monotonic() + timeout
+    while (got := vmm.cmd("x-query-guest-stats")["vcpus"][0]["workload"][0]) < n:
+        assert time.monotonic() < deadline, f"the guest took {got} requests, not {n}"
+        time.sleep(0.05)
+
+
 def _escaped_pages(tmp_path: Path, shadow: bool) -> tuple[np.ndarray, np.ndarray, Machine]:
     """Pages that changed in guest RAM while the kv guest served load, minus the harvested
     dirty set. Returns (changed, escaped, machine)."""
@@ -121,16 +129,15 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
     vmms = [Vmm(tmp_path, "vmm0", cfg)]
     load_json = tmp_path / "load.json"
     try:
-        vmms[0].wait_ready()
-        time.sleep(1.0)
+        vmms[0].wait_running()
         load = Load(cfg, 60, load_json, rate=300, window=None).start()
-        time.sleep(2.0)
+        _wait_for_served_requests(vmms[0], 100)
         results = []
         for i in range(20):
             port = free_port(kind=1)
             dst = Vmm(tmp_path, f"vmm{i + 1}", cfg, incoming_port=port)
             vmms.append(dst)
-            dst.wait_ready()
+            dst.wait_incoming()  # its listener is up (its QMP socket comes up before it)
             vmms[-2].migrate(port, tracking="shadow", verify=True, downtime_limit=100)
             st = vmms[-2].wait_migration(timeout=120)
             results.append(st)
@@ -167,10 +174,9 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
 def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
     cfg = kv_config(tmp_path, memory="64M")
     src = Vmm(tmp_path, "src", cfg)
-    src.wait_ready()
     port = free_port(kind=1)
     dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    dst.wait_ready()
+    dst.wait_incoming()  # its listener is up
     load_json = tmp_path / "load.json"
     try:
         src.wait_running()
@@ -184,7 +190,8 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
         while True:
             info = src.cmd("query-migrate")
             assert info["status"] in ("setup", "active"), info
-            if info["status"] == "active" and info["x-shadow"]["requests-forwarded"] > 0:
+            shadow = info.get("x-shadow") or {}  # absent until the strategy has begun
+            if info["status"] == "active" and shadow.get("requests-forwarded", 0) > 0:
                 break
             assert time.monotonic() < deadline, f"no request went through the shadow: {info}"
             time.sleep(0.05)

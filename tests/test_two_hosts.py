@@ -80,6 +80,13 @@ def wait_sock(path: Path, proc: subprocess.Popen, log: Path) -> None:
         time.sleep(0.05)
 
 
+def wait_status(monitor: Monitor, wanted: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := monitor.status()) != wanted:
+        assert time.monotonic() < deadline, f"{monitor.name}: still {status!r}, not {wanted!r}"
+        time.sleep(0.05)
+
+
 def test_migrate_between_two_hosts_under_load(hosts, tmp_path: Path) -> None:
     a, b, c, a_to_b = hosts
     cfg = tmp_path / "kv.toml"
@@ -118,15 +125,19 @@ size = "16M"
         procs.append(dst)
         wait_sock(src_sock, src, src_log)
         wait_sock(dst_sock, dst, dst_log)
-        time.sleep(1.5)
+        source, dest = Monitor(src_sock, "src"), Monitor(dst_sock, "dst")
+        monitors += [source, dest]
+        wait_status(source, "running")
+        wait_status(dest, "inmigrate")
         load_json = tmp_path / "load.json"
         load = in_ns(c, "-m", "ptmig.load", "--target", "10.0.0.2:7000", "--duration", "10",
                      "--rate", "200", "--json", str(load_json), stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, text=True)
         procs.append(load)
-        time.sleep(3)
-        source, dest = Monitor(src_sock, "src"), Monitor(dst_sock, "dst")
-        monitors += [source, dest]
+        deadline = time.monotonic() + 30  # the load is being served before we migrate
+        while source.cmd("x-query-guest-stats")["vcpus"][0]["workload"][0] < 200:
+            assert time.monotonic() < deadline and load.poll() is None, load.poll()
+            time.sleep(0.05)
         source.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow"})
         source.cmd("migrate-set-capabilities",
                    {"capabilities": [{"capability": "x-verify", "state": True}]})

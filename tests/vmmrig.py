@@ -255,12 +255,17 @@ def migration_key(tmp: Path) -> Path:
     return path if path.exists() else new_key_file(path)
 
 
-def iterations_increase(vmm: Monitor, wait: float = 0.3) -> bool:
-    """True if every vCPU's loop counter moves forward within `wait` seconds."""
-    a = vmm.iterations()
-    time.sleep(wait)
-    b = vmm.iterations()
-    return all(y > x for x, y in zip(a, b, strict=True))
+def iterations_increase(vmm: Monitor, timeout: float = 10.0) -> bool:
+    """True once every vCPU's loop counter has moved forward (checked every 50 ms); False if
+    one has not within `timeout` seconds, far longer than a running guest ever needs."""
+    first = vmm.iterations()
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(0.05)
+        if all(y > x for x, y in zip(first, vmm.iterations(), strict=True)):
+            return True
+        if time.monotonic() > deadline:
+            return False
 
 
 @contextmanager
