@@ -107,7 +107,7 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
     vmms = [Vmm(tmp_path, "vmm0", cfg)]
     load_json = tmp_path / "load.json"
     try:
-        vmms[0].wait_ready()
+        vmms[0].wait_running()
         time.sleep(1.0)
         load = Load(cfg, 60, load_json, rate=300, window=None).start()
         time.sleep(2.0)
@@ -116,7 +116,7 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
             port = free_port(kind=1)
             dst = Vmm(tmp_path, f"vmm{i + 1}", cfg, incoming_port=port)
             vmms.append(dst)
-            dst.wait_ready()
+            dst.wait_incoming()
             vmms[-2].migrate(port, tracking="shadow", verify=True, downtime_limit=100)
             st = vmms[-2].wait_migration(timeout=120)
             results.append(st)
@@ -153,10 +153,10 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
 def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
     cfg = kv_config(tmp_path, memory="64M")
     src = Vmm(tmp_path, "src", cfg)
-    src.wait_ready()
+    src.wait_running()
     port = free_port(kind=1)
     dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    dst.wait_ready()
+    dst.wait_incoming()
     load_json = tmp_path / "load.json"
     try:
         time.sleep(1.0)
