@@ -53,6 +53,11 @@ DATA = 0x8000  # data buffers from here to the end of RAM
 DISK = 64 * 1024  # 128 sectors
 SECTORS = DISK // c.BLK_SECTOR_SIZE
 POOL_PAGES = 48  # fewer than the data pages: idle buffers get reclaimed under pressure
+fuzz = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # --- the two worlds ------------------------------------------------------------------------
@@ -348,6 +353,9 @@ blk_request = st.builds(
 )
 
 
+blk_steps = st.lists(st.lists(blk_request, min_size=1, max_size=3), min_size=1, max_size=5)
+
+
 def post_blk(rig: Rig, req: BlkRequest, cursor: list[int]) -> None:
     rng = random.Random(req.seed)
     drv = rig.drivers[0]
@@ -364,12 +372,8 @@ def post_blk(rig: Rig, req: BlkRequest, cursor: list[int]) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(steps=st.lists(st.lists(blk_request, min_size=1, max_size=3), min_size=1, max_size=5))
+@fuzz
+@given(steps=blk_steps)
 def test_blk_through_shadow_mode_equals_direct_dma(
     workdir: str, path: str, steps: list[list[BlkRequest]]
 ) -> None:
@@ -456,11 +460,7 @@ def play_net(rig: Rig, op: NetOp, cursor: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@fuzz
 @given(ops=st.lists(net_op, min_size=1, max_size=8))
 def test_net_through_shadow_mode_equals_direct_dma(
     workdir: str, path: str, ops: list[NetOp]
@@ -551,11 +551,7 @@ def affected(drv: DriverQueue) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@fuzz
 @given(
     mode=st.sampled_from(HOSTILE),
     batch=st.lists(blk_request, min_size=1, max_size=3),
@@ -589,12 +585,8 @@ def test_a_hostile_device_is_contained(
 # --- the native data plane against its Python reference ------------------------------------
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(steps=st.lists(st.lists(blk_request, min_size=1, max_size=3), min_size=1, max_size=5))
+@fuzz
+@given(steps=blk_steps)
 def test_native_and_reference_data_paths_keep_the_same_books(
     workdir: str, steps: list[list[BlkRequest]]
 ) -> None:

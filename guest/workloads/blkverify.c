@@ -8,7 +8,8 @@
  *   2. reads bufs blocks into bufs separate buffers, and only then checks all of them (so a
  *      buffer a device wrote long ago is checked long after: a device write lost by a
  *      migration shows up as a stale buffer);
- *   3. checks three error completions, whose status byte sits after the data buffer:
+ *   3. between every 16 of those reads, checks three error completions, whose status byte
+ *      sits after the data buffer:
  *      an IN past the end of the disk (status IOERR, the data buffer untouched), a request of
  *      an unsupported type (status UNSUPP, buffer untouched), and a GET_ID into a 512-byte
  *      buffer (status OK, the id as read at setup, the other 492 bytes untouched).
@@ -35,6 +36,7 @@
 #define FILL 0x5a
 #define REWRITES 4
 #define MAX_PRINTS 16
+#define ERROR_EVERY 16 /* error completions checked between every 16 reads */
 
 enum { C_CHECKED, C_MISMATCH, C_ERR_CHECKED, C_ERR_WRONG, C_REWRITTEN, C_FAILED };
 
@@ -197,6 +199,8 @@ static void round_once(void)
             count(C_REWRITTEN);
     }
     for (uint64_t j = 0; j < bv.bufs; j++) {
+        if (j % ERROR_EVERY == 0)
+            check_errors();
         uint64_t b = next_random() % bv.blocks;
         bv.slot[j] = (uint32_t)b;
         if (virtio_blk_read(&bv.blk, b * SECTORS_PER_BLOCK, bv.buf + j * BLOCK,
@@ -208,7 +212,6 @@ static void round_once(void)
     for (uint64_t j = 0; j < bv.bufs; j++)
         if (bv.slot[j] != UINT32_MAX)
             check_block(j);
-    check_errors();
 }
 
 static int blkverify_run(unsigned cpu, const struct boot_info *bi)
