@@ -45,6 +45,15 @@ def _holder_pid(image: Path) -> int | None:
     return record.pid
 
 
+def _wait_holder(image: Path, pid: int) -> None:
+    """Until `pid` holds the image's lock and says so (a destination writes its owner record
+    just after its guest starts)."""
+    deadline = time.monotonic() + 10
+    while (holder := _holder_pid(image)) != pid:
+        assert time.monotonic() < deadline, f"the lock of {image} is held by {holder}, not {pid}"
+        time.sleep(0.01)
+
+
 def _wait_dropped(relay: TcpProxy) -> None:
     deadline = time.monotonic() + 30
     while relay.dropped == 0:
@@ -81,7 +90,7 @@ def test_lost_ack_then_timeout_leaves_the_source_paused_until_destination_wins(
         # The destination committed: it runs the guest, holds the disk, serves the load.
         dst.wait_running()
         _wait_dropped(relay)  # its acknowledgement was sent, and lost
-        assert _holder_pid(image) == dst.proc.pid
+        _wait_holder(image, dst.proc.pid)
         assert src.status() == "finish-migrate"
         with pytest.raises(RuntimeError, match="switchover is unresolved"):
             src.cmd("cont")
@@ -117,7 +126,7 @@ def test_migrate_cancel_while_waiting_for_the_ack_then_source_wins(tmp_path: Pat
         assert "migration cancelled" in info["error-desc"], info
         dst.wait_running()
         _wait_dropped(relay)
-        assert _holder_pid(image) == dst.proc.pid
+        _wait_holder(image, dst.proc.pid)
         # The source cannot take the guest back while the destination holds the disk.
         with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
             src.cmd("x-migrate-resolve", {"winner": "source"})
@@ -157,7 +166,7 @@ def test_cont_on_a_migrated_source_is_refused_and_force_cannot_take_the_disk(
         with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
             src.cmd("cont", {"x-force": True})
         assert src.status() == "postmigrate"
-        assert _holder_pid(image) == dst.proc.pid
+        _wait_holder(image, dst.proc.pid)
 
 
 def test_a_second_vmm_on_a_locked_image_fails_at_start(tmp_path: Path) -> None:
