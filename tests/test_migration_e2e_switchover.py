@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, kv_migration
+from vmmrig import Load, TcpProxy, Vmm, kv_config, kv_migration
 
 from ptmig.disklock import DiskLock, Holder, lock_holder, read_holder
 
@@ -191,29 +191,20 @@ def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
     test, on the destination's copy of the image), so it refuses the switchover explicitly
     and the source, which knows then that the guest is still its own, takes its lock back and
     resumes."""
-    cfg = kv_config(tmp_path)
     theirs = tmp_path / "kv-dst.img"
     theirs.write_bytes(b"\0" * (16 << 20))
-    dst_cfg = tmp_path / "kv-dst.toml"
-    dst_cfg.write_text(cfg.read_text().replace(str(tmp_path / "kv.img"), str(theirs)))
     squatter = DiskLock(theirs, Holder.this_process("squatter", None))
     squatter.acquire()
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", dst_cfg, incoming_port=port)
     try:
-        src.wait_running()
-        dst.wait_incoming()
-        src.migrate(port, verify=False)
-        info = src.wait_migration()
-        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
-        assert "refused the switchover: cannot take the disk locks" in info["error-desc"], info
-        assert "VM 'squatter'" in info["error-desc"], info
-        assert src.status() == "running"
-        assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
-        assert dst.proc.wait(timeout=30) != 0
-        assert "refused the switchover" in dst.output() and "Traceback" not in dst.output()
+        with kv_migration(tmp_path, dst_image=theirs) as (_, src, dst, port):
+            src.migrate(port, verify=False)
+            info = src.wait_migration()
+            assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+            assert "refused the switchover: cannot take the disk locks" in info["error-desc"]
+            assert "VM 'squatter'" in info["error-desc"], info
+            assert src.status() == "running"
+            assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
+            assert dst.proc.wait(timeout=30) != 0
+            assert "refused the switchover" in dst.output() and "Traceback" not in dst.output()
     finally:
         squatter.release()
-        src.stop()
-        dst.stop()
