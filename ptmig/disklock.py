@@ -20,6 +20,9 @@ close-on-exec, so device processes never inherit it.
 Naming the holder. F_OFD_GETLK reports pid -1 for an OFD lock, so the holder also writes a small
 record beside the image (`IMAGE.owner`, JSON: pid, host, VM name, QMP socket). It is only read
 when the lock is found taken, to say who took it; a stale record is never trusted on its own.
+Writing it costs a file write and a rename (about 1 ms on a local disk, more on NFS), so a
+migration's destination takes its locks inside the downtime and writes the records once the
+guest runs (`acquire(record=False)`, then `record()`).
 
 A migration's source and destination open the same image before the migration (shared storage):
 the destination opens it unlocked and takes the lock at its commit point; the source releases
@@ -135,8 +138,9 @@ class DiskLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
-        """Take the lock (nothing if held already); DiskLockError naming the holder if taken."""
+    def acquire(self, *, record: bool = True) -> None:
+        """Take the lock (nothing if held already); DiskLockError naming the holder if taken.
+        `record`: also write the owner record (else call `record()` later)."""
         if self._fd is not None:
             return
         try:
@@ -152,7 +156,8 @@ class DiskLock:
             raise DiskLockError(f"disk image {self.image} is in use: it is locked by "
                                 f"{describe_holder(self.image)}") from None
         self._fd = fd
-        self._write_record()
+        if record:
+            self.record()
 
     def release(self) -> None:
         """Drop the lock (nothing if not held). The record stays: only read under a lock."""
@@ -164,7 +169,10 @@ class DiskLock:
         finally:
             os.close(fd)
 
-    def _write_record(self) -> None:
+    def record(self) -> None:
+        """Write the owner record beside the image (nothing if the lock is not held)."""
+        if self._fd is None:
+            return
         path = owner_path(self.image)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}")
         try:
@@ -186,16 +194,21 @@ class DiskLocks:
         """Every lock is held (true for a VM without disks)."""
         return all(lock.held for lock in self.locks)
 
-    def acquire(self) -> None:
-        """All or none: DiskLockError (and nothing held) if one image is locked elsewhere."""
+    def acquire(self, *, record: bool = True) -> None:
+        """All or none: DiskLockError (and nothing held) if one image is locked elsewhere.
+        `record`: also write the owner records (else call `record()` later)."""
         taken = [lock for lock in self.locks if not lock.held]
         try:
             for lock in self.locks:
-                lock.acquire()
+                lock.acquire(record=record)
         except DiskLockError:
             for lock in taken:
                 lock.release()
             raise
+
+    def record(self) -> None:
+        for lock in self.locks:
+            lock.record()
 
     def release(self) -> None:
         for lock in self.locks:

@@ -109,3 +109,12 @@ def test_a_stale_or_missing_owner_record_is_not_trusted(image: Path) -> None:
 def test_an_image_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DiskLockError, match=r"cannot open disk image .*missing\.img to lock it"):
         DiskLock(tmp_path / "missing.img", Holder.this_process("vm", None)).acquire()
+
+
+def test_the_owner_record_can_wait_until_the_guest_runs(image: Path) -> None:
+    locks = DiskLocks([image], Holder(os.getpid(), "host-d", "late"))
+    locks.acquire(record=False)
+    assert read_holder(image) is None and lock_holder(image) is not None
+    locks.record()
+    assert read_holder(image) == Holder(os.getpid(), "host-d", "late")
+    locks.release()

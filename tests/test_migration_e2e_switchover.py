@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, kv_migration
+from vmmrig import Load, TcpProxy, Vmm, kv_config, kv_migration
 
 from ptmig.disklock import DiskLock, Holder, lock_holder, read_holder
 
@@ -43,6 +43,15 @@ def _holder_pid(image: Path) -> int | None:
     record = read_holder(image)
     assert record is not None
     return record.pid
+
+
+def _wait_holder(image: Path, pid: int) -> None:
+    """Until `pid` holds the image's lock and says so (a destination writes its owner record
+    just after its guest starts)."""
+    deadline = time.monotonic() + 10
+    while (holder := _holder_pid(image)) != pid:
+        assert time.monotonic() < deadline, f"the lock of {image} is held by {holder}, not {pid}"
+        time.sleep(0.01)
 
 
 def _wait_dropped(relay: TcpProxy) -> None:
@@ -81,7 +90,7 @@ def test_lost_ack_then_timeout_leaves_the_source_paused_until_destination_wins(
         # The destination committed: it runs the guest, holds the disk, serves the load.
         dst.wait_running()
         _wait_dropped(relay)  # its acknowledgement was sent, and lost
-        assert _holder_pid(image) == dst.proc.pid
+        _wait_holder(image, dst.proc.pid)
         assert src.status() == "finish-migrate"
         with pytest.raises(RuntimeError, match="switchover is unresolved"):
             src.cmd("cont")
@@ -117,7 +126,7 @@ def test_migrate_cancel_while_waiting_for_the_ack_then_source_wins(tmp_path: Pat
         assert "migration cancelled" in info["error-desc"], info
         dst.wait_running()
         _wait_dropped(relay)
-        assert _holder_pid(image) == dst.proc.pid
+        _wait_holder(image, dst.proc.pid)
         # The source cannot take the guest back while the destination holds the disk.
         with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
             src.cmd("x-migrate-resolve", {"winner": "source"})
@@ -157,7 +166,7 @@ def test_cont_on_a_migrated_source_is_refused_and_force_cannot_take_the_disk(
         with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
             src.cmd("cont", {"x-force": True})
         assert src.status() == "postmigrate"
-        assert _holder_pid(image) == dst.proc.pid
+        _wait_holder(image, dst.proc.pid)
 
 
 def test_a_second_vmm_on_a_locked_image_fails_at_start(tmp_path: Path) -> None:
@@ -182,29 +191,20 @@ def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
     test, on the destination's copy of the image), so it refuses the switchover explicitly
     and the source, which knows then that the guest is still its own, takes its lock back and
     resumes."""
-    cfg = kv_config(tmp_path)
     theirs = tmp_path / "kv-dst.img"
     theirs.write_bytes(b"\0" * (16 << 20))
-    dst_cfg = tmp_path / "kv-dst.toml"
-    dst_cfg.write_text(cfg.read_text().replace(str(tmp_path / "kv.img"), str(theirs)))
     squatter = DiskLock(theirs, Holder.this_process("squatter", None))
     squatter.acquire()
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", dst_cfg, incoming_port=port)
     try:
-        src.wait_running()
-        dst.wait_incoming()
-        src.migrate(port, verify=False)
-        info = src.wait_migration()
-        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
-        assert "refused the switchover: cannot take the disk locks" in info["error-desc"], info
-        assert "VM 'squatter'" in info["error-desc"], info
-        assert src.status() == "running"
-        assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
-        assert dst.proc.wait(timeout=30) != 0
-        assert "refused the switchover" in dst.output() and "Traceback" not in dst.output()
+        with kv_migration(tmp_path, dst_image=theirs) as (_, src, dst, port):
+            src.migrate(port, verify=False)
+            info = src.wait_migration()
+            assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+            assert "refused the switchover: cannot take the disk locks" in info["error-desc"]
+            assert "VM 'squatter'" in info["error-desc"], info
+            assert src.status() == "running"
+            assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
+            assert dst.proc.wait(timeout=30) != 0
+            assert "refused the switchover" in dst.output() and "Traceback" not in dst.output()
     finally:
         squatter.release()
-        src.stop()
-        dst.stop()

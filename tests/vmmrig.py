@@ -285,15 +285,20 @@ def switch(port: int) -> Iterator[None]:
 
 
 @contextmanager
-def kv_migration(tmp: Path) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
+def kv_migration(tmp: Path, *,
+                 dst_image: Path | None = None) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
     """A kv VM running on its own switch and a destination waiting for it on a free port:
-    (config, source, destination, port). Both VMMs are stopped at the end of the block."""
+    (config, source, destination, port). Both VMMs are stopped at the end of the block.
+    `dst_image`: the destination's disk image, if not the source's (shared) one."""
     sw = free_port(socket.SOCK_DGRAM)
-    cfg = kv_config(tmp, sw)
+    cfg = dst_cfg = kv_config(tmp, sw)
+    if dst_image is not None:
+        dst_cfg = tmp / "kv-dst.toml"
+        dst_cfg.write_text(cfg.read_text().replace(str(tmp / "kv.img"), str(dst_image)))
     with switch(sw):
         port = free_port()
         src = Vmm(tmp, "src", cfg)
-        dst = Vmm(tmp, "dst", cfg, incoming_port=port)
+        dst = Vmm(tmp, "dst", dst_cfg, incoming_port=port)
         try:
             src.wait_running()
             dst.wait_incoming()

@@ -620,7 +620,7 @@ class Incoming:
         """The commit point: take the disk locks, or refuse the switchover (the source then
         resumes, its locks back). Past this, the guest runs here."""
         try:
-            self.m.disk_locks.acquire()
+            self.m.disk_locks.acquire(record=False)  # the records wait for the guest to run
         except DiskLockError as e:
             reason = f"cannot take the disk locks: {e}"
             try:
@@ -663,6 +663,7 @@ class Incoming:
                       "anyway; the source stays paused until x-migrate-resolve", e)
         vm.start()
         self.started_at = time.monotonic()
+        self.m.disk_locks.record()
         self.m.announce_nics()
         self.m.after_incoming()
 
