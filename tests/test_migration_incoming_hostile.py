@@ -108,9 +108,15 @@ class FakeMachine:
 class Destination:
     """`Incoming.receive` in a thread, on a free port, under KEY."""
 
-    def __init__(self, machine: FakeMachine) -> None:
+    def __init__(self, machine: FakeMachine, timeout: float | None = None) -> None:
         self.m = machine
-        self.incoming = Incoming(machine, "tcp:127.0.0.1:0", psk=KEY, prefault=False)  # type: ignore[arg-type]
+        self.incoming = Incoming(
+            machine,  # type: ignore[arg-type]
+            "tcp:127.0.0.1:0",
+            psk=KEY,
+            prefault=False,
+            incoming_timeout=timeout,
+        )
         self.port = self.incoming.listener.port
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -401,3 +407,16 @@ def test_state_the_device_rejects_at_the_switchover_is_a_clean_refusal(
         assert message in d.incoming.rejected[-1]
     finally:
         d.stop()
+
+
+def test_the_destination_waits_for_a_valid_source_until_its_own_timeout() -> None:
+    d = Destination(FakeMachine(), timeout=3.0)
+    with socket.create_connection(("127.0.0.1", d.port)) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 8)  # not the key's handshake
+        d.thread.join(1.0)
+        assert d.thread.is_alive()  # refused, still waiting
+    d.thread.join(10)
+    assert not d.thread.is_alive()
+    assert isinstance(d.error, transport.TransportError), d.error
+    assert "no incoming migration within 3.0 s" in str(d.error)
+    assert len(d.incoming.rejected) == 1 and "PSK" in d.incoming.rejected[0]

@@ -630,7 +630,7 @@ class Listener:
         try:
             raw, addr = self.sock.accept()
         except TimeoutError as e:
-            raise TransportError(f"no incoming migration within {timeout} s") from e
+            raise TransportError(f"no incoming migration within {timeout:.1f} s") from e
         except OSError as e:
             raise TransportError(f"accepting a connection failed: {e}") from e
         peer = f"unix:{self.path}" if self.path is not None else f"{addr[0]}:{addr[1]}"
