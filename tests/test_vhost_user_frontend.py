@@ -249,3 +249,46 @@ def test_a_ring_outside_guest_ram_breaks_the_device_and_sends_nothing(mem: Guest
         dev.mmio_write(c.REG_STATUS, 4, ALL_STATUS)
         assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
         assert "SET_VRING_ADDR" not in backend.names() and dev.alive
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        None,
+        {"version": 1},
+        {"version": 1, "kind": "net", "mmio": {}, "queues": []},
+        {"version": 9, "kind": "blk", "mmio": {}, "queues": []},
+    ],
+)
+def test_a_hostile_migrated_state_is_refused_and_programs_nothing(
+    mem: GuestMemory, state: object
+) -> None:
+    dev, backend = _frontend(mem)
+    with dev:
+        del backend.requests[:]
+        with pytest.raises(DeviceCommandError, match="device vd: "):
+            dev.set_state(state)  # type: ignore[arg-type]
+        assert backend.requests == [] and dev.alive
+
+
+def test_state_round_trips_to_a_fresh_frontend_that_restarts_the_ring_at_the_base(
+    mem: GuestMemory,
+) -> None:
+    def base_seven(m: codec.Message) -> codec.Payload | bytes | None:
+        if m.request == Request.GET_VRING_BASE:
+            return codec.VringState(0, 7)
+        return None
+
+    src, _ = _frontend(mem, base_seven)
+    q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000, start_index=7)
+    with src:
+        _bring_up(src, q)
+        src.quiesce()
+        state = src.get_state()
+    dst, backend = _frontend(mem)
+    with dst:
+        del backend.requests[:]
+        dst.set_state(state)
+        assert backend.names() == QUEUE_START
+        assert backend.requests[2].payload == codec.VringState(0, 7)  # SET_VRING_BASE
+        assert dst.mmio_read(c.REG_STATUS, 4) == ALL_STATUS
