@@ -61,8 +61,10 @@ def resident_bytes(fd: int, start: int = 0, end: int | None = None) -> int:
 def guest_ram_report(mem: GuestMemory) -> dict[str, Any]:
     return {
         "size": mem.ram,
-        "regions": [{"gpa": r.gpa, "size": r.size,
-                     "resident": resident_bytes(mem.fd, r.gpa, r.end)} for r in mem.regions],
+        "regions": [
+            {"gpa": r.gpa, "size": r.size, "resident": resident_bytes(mem.fd, r.gpa, r.end)}
+            for r in mem.regions
+        ],
     }
 
 
@@ -77,8 +79,9 @@ def memory_report(machine: Machine) -> dict[str, Any]:
     pool = machine.shadow_pool
     pool_resident = resident_bytes(pool.fd)
     device_anon = {d.id: proc_status_kib(d.handle.pid, "RssAnon") or 0 for d in machine.devices}
-    devices = [{"id": d.id, "pid": d.handle.pid, "rss-anon": device_anon[d.id]}
-               for d in machine.devices]
+    devices = [
+        {"id": d.id, "pid": d.handle.pid, "rss-anon": device_anon[d.id]} for d in machine.devices
+    ]
     vmm_anon = proc_status_kib("self", "RssAnon") or 0
     measured = vmm_anon + sum(device_anon.values()) + iommu_resident + pool_resident
     return {

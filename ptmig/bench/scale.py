@@ -98,10 +98,13 @@ def loaded_cells(tmp: Path, runs: int) -> dict[str, list[Any]]:
     """The kv guest under load migrated with `shadow`, at each of LOADED_SIZES."""
     from .strategies import StrategyBenchParams, demo_cell
 
-    p = StrategyBenchParams(memories=LOADED_SIZES, strategies=("shadow",), runs=runs,
-                            warmup_s=3.0, after_s=3.0)
-    return {m: [demo_cell("shadow", m, p, tmp / f"kv-{m}-{i}") for i in range(runs)]
-            for m in LOADED_SIZES}
+    p = StrategyBenchParams(
+        memories=LOADED_SIZES, strategies=("shadow",), runs=runs, warmup_s=3.0, after_s=3.0
+    )
+    return {
+        m: [demo_cell("shadow", m, p, tmp / f"kv-{m}-{i}") for i in range(runs)]
+        for m in LOADED_SIZES
+    }
 
 
 def loaded_results(cells: dict[str, list[Any]]) -> list[Result]:
@@ -109,15 +112,32 @@ def loaded_results(cells: dict[str, list[Any]]) -> list[Result]:
     for m, cs in cells.items():
         extra = {"errors": [c.error for c in cs if c.error]}
         out += [
-            measured(SECTION, f"kv-{m}.shadow.downtime", [c.downtime_ms for c in cs], "ms",
-                     extra=extra),
-            measured(SECTION, f"kv-{m}.shadow.lost+mismatched",
-                     [c.lost + c.mismatched for c in cs], "", GOAL_NOTHING_LOST, extra=extra),
+            measured(
+                SECTION, f"kv-{m}.shadow.downtime", [c.downtime_ms for c in cs], "ms", extra=extra
+            ),
+            measured(
+                SECTION,
+                f"kv-{m}.shadow.lost+mismatched",
+                [c.lost + c.mismatched for c in cs],
+                "",
+                GOAL_NOTHING_LOST,
+                extra=extra,
+            ),
         ]
     small, big = (cells[m] for m in LOADED_SIZES)
-    out.append(measured(SECTION, f"kv.shadow.downtime {LOADED_SIZES[1]}/{LOADED_SIZES[0]}",
-                        [b.downtime_ms / s.downtime_ms for s, b in zip(small, big, strict=False)
-                         if s.downtime_ms > 0], "x", GOAL_LOADED_DOWNTIME_RATIO))
+    out.append(
+        measured(
+            SECTION,
+            f"kv.shadow.downtime {LOADED_SIZES[1]}/{LOADED_SIZES[0]}",
+            [
+                b.downtime_ms / s.downtime_ms
+                for s, b in zip(small, big, strict=False)
+                if s.downtime_ms > 0
+            ],
+            "x",
+            GOAL_LOADED_DOWNTIME_RATIO,
+        )
+    )
     return out
 
 
@@ -133,20 +153,30 @@ def results(samples: dict[int, list[ScaleSample]]) -> list[Result]:
         extra: dict[str, Any] = {"memory_mib": size // MiB}
         out += [
             measured(SECTION, f"{name}.total", [s.total_ms for s in ss], "ms", extra=extra),
-            measured(SECTION, f"{name}.downtime", [s.downtime_ms for s in ss], "ms",
-                     extra=extra),
-            measured(SECTION, f"{name}.throughput", [s.gb_per_s for s in ss], "GB/s",
-                     extra=extra),
-            measured(SECTION, f"{name}.harvest", [max(s.harvest_ms, default=0.0) for s in ss],
-                     "ms", extra={**extra, "statistic": "slowest round of each run"}),
+            measured(SECTION, f"{name}.downtime", [s.downtime_ms for s in ss], "ms", extra=extra),
+            measured(SECTION, f"{name}.throughput", [s.gb_per_s for s in ss], "GB/s", extra=extra),
+            measured(
+                SECTION,
+                f"{name}.harvest",
+                [max(s.harvest_ms, default=0.0) for s in ss],
+                "ms",
+                extra={**extra, "statistic": "slowest round of each run"},
+            ),
             measured(SECTION, f"{name}.verify", [s.verify_ms for s in ss], "ms", extra=extra),
-            measured(SECTION, f"{name}.src-vmm-memory", [s.src_vmm / MiB for s in ss], "MiB",
-                     extra=extra),
-            measured(SECTION, f"{name}.dst-vmm-memory", [s.dst_vmm / MiB for s in ss], "MiB",
-                     extra=extra),
-            measured(SECTION, f"{name}.vmm-memory/ram",
-                     [100 * max(s.src_vmm, s.dst_vmm) / size for s in ss], "%",
-                     GOAL_VMM_MEMORY if size >= GiB else None, extra=extra),
+            measured(
+                SECTION, f"{name}.src-vmm-memory", [s.src_vmm / MiB for s in ss], "MiB", extra=extra
+            ),
+            measured(
+                SECTION, f"{name}.dst-vmm-memory", [s.dst_vmm / MiB for s in ss], "MiB", extra=extra
+            ),
+            measured(
+                SECTION,
+                f"{name}.vmm-memory/ram",
+                [100 * max(s.src_vmm, s.dst_vmm) / size for s in ss],
+                "%",
+                GOAL_VMM_MEMORY if size >= GiB else None,
+                extra=extra,
+            ),
         ]
     out += _goal_rows(samples)
     return out
@@ -161,16 +191,30 @@ def _goal_rows(samples: dict[int, list[ScaleSample]]) -> list[Result]:
         # the machine's mood less than runs of one size do, so each run pairs index-wise)
         base = [s.total_ms / (s.memory / GiB) for s in samples[GiB]]
         for size in (s for s in sizes if s > GiB):
-            rel = [s.total_ms / (s.memory / GiB) / b
-                   for s, b in zip(samples[size], base, strict=False)]
-            out.append(measured(SECTION, f"{label(size)}.total-per-GiB/1G", rel, "x",
-                                GOAL_LINEAR))
+            rel = [
+                s.total_ms / (s.memory / GiB) / b for s, b in zip(samples[size], base, strict=False)
+            ]
+            out.append(measured(SECTION, f"{label(size)}.total-per-GiB/1G", rel, "x", GOAL_LINEAR))
     big = samples[largest]
-    out.append(measured(SECTION, f"{label(largest)}.idle-downtime",
-                        [s.downtime_ms for s in big], "ms", GOAL_IDLE_DOWNTIME))
-    out.append(measured(SECTION, f"{label(largest)}.harvest-per-round",
-                        [h for s in big for h in s.harvest_ms] or [float("nan")], "ms",
-                        GOAL_HARVEST, extra={"statistic": "median over every round"}))
+    out.append(
+        measured(
+            SECTION,
+            f"{label(largest)}.idle-downtime",
+            [s.downtime_ms for s in big],
+            "ms",
+            GOAL_IDLE_DOWNTIME,
+        )
+    )
+    out.append(
+        measured(
+            SECTION,
+            f"{label(largest)}.harvest-per-round",
+            [h for s in big for h in s.harvest_ms] or [float("nan")],
+            "ms",
+            GOAL_HARVEST,
+            extra={"statistic": "median over every round"},
+        )
+    )
     return out
 
 
@@ -186,10 +230,16 @@ def scale_migration(tmp: Path, memory: int, verify: bool = False) -> ScaleSample
         qd = _qmp(tmp / "dst.qmp", dst, START_TIMEOUT_S)
         _wait_status(qs, ("running",), START_TIMEOUT_S)
         _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": span(memory) - FILL_FROM})
-        _cmd(qs, "migrate-set-parameters", {"x-dma-tracking": "none", "max-bandwidth": 0,
-                                            "x-data-channels": DATA_CHANNELS})
-        _cmd(qs, "migrate-set-capabilities",
-             {"capabilities": [{"capability": "x-verify", "state": verify}]})
+        _cmd(
+            qs,
+            "migrate-set-parameters",
+            {"x-dma-tracking": "none", "max-bandwidth": 0, "x-data-channels": DATA_CHANNELS},
+        )
+        _cmd(
+            qs,
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-verify", "state": verify}]},
+        )
         _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = _wait_migration(qs, 60 + 30 * memory / GiB)
         _wait_status(qd, ("running",), 30)
@@ -198,11 +248,17 @@ def scale_migration(tmp: Path, memory: int, verify: bool = False) -> ScaleSample
             raise BenchError(f"verified migration of {label(memory)} failed: {checked}")
         src_mem = _cmd(qs, "x-query-memory")["vmm"]["total"]
         dst_mem = _cmd(qd, "x-query-memory")["vmm"]["total"]
-        harvest = [float(r["harvest-ms"]) for r in info.get("x-rounds", [])
-                   if "harvest-ms" in r]
-        return ScaleSample(memory, float(info["total-time"]), float(info["downtime"]),
-                           int(info["ram"]["transferred"]), float(checked.get("time-ms", 0.0)),
-                           harvest, int(src_mem), int(dst_mem))
+        harvest = [float(r["harvest-ms"]) for r in info.get("x-rounds", []) if "harvest-ms" in r]
+        return ScaleSample(
+            memory,
+            float(info["total-time"]),
+            float(info["downtime"]),
+            int(info["ram"]["transferred"]),
+            float(checked.get("time-ms", 0.0)),
+            harvest,
+            int(src_mem),
+            int(dst_mem),
+        )
     finally:
         _stop(src, qs)
         _stop(dst, qd)
