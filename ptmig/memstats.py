@@ -61,8 +61,10 @@ def resident_bytes(fd: int, start: int = 0, end: int | None = None) -> int:
 def guest_ram_report(mem: GuestMemory) -> dict[str, Any]:
     return {
         "size": mem.ram,
-        "regions": [{"gpa": r.gpa, "size": r.size,
-                     "resident": resident_bytes(mem.fd, r.gpa, r.end)} for r in mem.regions],
+        "regions": [
+            {"gpa": r.gpa, "size": r.size, "resident": resident_bytes(mem.fd, r.gpa, r.end)}
+            for r in mem.regions
+        ],
     }
 
 

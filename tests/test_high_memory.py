@@ -39,6 +39,7 @@ LOW_PAGES = ABI_LOW_RAM_MAX // PAGE_SIZE
 
 # --- layout ------------------------------------------------------------------------------------
 
+
 def test_small_guests_have_one_region_from_zero() -> None:
     assert layout.ram_regions(64 * MIB) == (RamRegion(0, 64 * MIB),)
     assert layout.ram_regions(3 * GIB) == (RamRegion(0, 3 * GIB),)
@@ -92,8 +93,14 @@ def test_page_tables_map_ram_above_4_gib_identity() -> None:
     mem = GuestMemory(6 * GIB)
     try:
         boot.write_page_tables(mem)
-        for va in (0x600000, ABI_LOW_RAM_MAX - 8, layout.ABI_MMIO_BASE_GPA, ABI_HIGH_RAM_GPA,
-                   ABI_HIGH_RAM_GPA + 0x12345678, mem.size - 8):
+        for va in (
+            0x600000,
+            ABI_LOW_RAM_MAX - 8,
+            layout.ABI_MMIO_BASE_GPA,
+            ABI_HIGH_RAM_GPA,
+            ABI_HIGH_RAM_GPA + 0x12345678,
+            mem.size - 8,
+        ):
             assert _translate(mem, va) == va, hex(va)
         assert _translate(mem, mem.size) is None  # nothing past the end of RAM
     finally:
@@ -102,14 +109,19 @@ def test_page_tables_map_ram_above_4_gib_identity() -> None:
 
 # --- guest memory: the gap is not RAM ------------------------------------------------------------
 
+
 def test_guest_memory_refuses_the_gap_and_allocates_none_of_it() -> None:
     mem = GuestMemory(5 * GIB)
     try:
         assert mem.size == 6 * GIB and mem.ram == 5 * GIB
         mem.write(ABI_HIGH_RAM_GPA + 4096, b"above 4G")
         assert mem.read(ABI_HIGH_RAM_GPA + 4096, 8) == b"above 4G"
-        for gpa, n in ((ABI_LOW_RAM_MAX, 1), (ABI_LOW_RAM_MAX - 4, 8), (ABI_HIGH_RAM_GPA - 1, 2),
-                       (mem.size, 1)):
+        for gpa, n in (
+            (ABI_LOW_RAM_MAX, 1),
+            (ABI_LOW_RAM_MAX - 4, 8),
+            (ABI_HIGH_RAM_GPA - 1, 2),
+            (mem.size, 1),
+        ):
             with pytest.raises(GuestMemoryError, match="outside guest RAM"):
                 mem.write(gpa, bytes(n))
         assert mem.holes() == [(LOW_PAGES, HIGH_PAGE - LOW_PAGES)]
@@ -124,8 +136,11 @@ def test_guest_memory_refuses_the_gap_and_allocates_none_of_it() -> None:
 
 def test_host_memory_limit_is_refused_with_the_numbers() -> None:
     check_host_memory(8 * GIB, available=9 * GIB)
-    with pytest.raises(GuestMemoryError, match=r"8192 MiB is more than the host has available "
-                                               r"\(4096 MiB MemAvailable\)"):
+    with pytest.raises(
+        GuestMemoryError,
+        match=r"8192 MiB is more than the host has available "
+        r"\(4096 MiB MemAvailable\)",
+    ):
         check_host_memory(8 * GIB, available=4 * GIB)
 
 
@@ -164,7 +179,7 @@ def test_set_range_sets_exactly_the_range(first: int, count: int) -> None:
     bm = bitmap.empty(1024)
     bitmap.set_range(bm, first, count)
     want = np.zeros(1024, dtype=bool)
-    want[first:first + count] = True
+    want[first : first + count] = True
     assert (bitmap.to_bool(bm, 1024) == want).all()
 
 
@@ -183,8 +198,9 @@ class _TwoSlotVm:
 
     def get_dirty_log(self, slot: int, addr: int) -> None:
         src = self.logs[slot]
-        (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint64 * src.size).from_address(addr)))[:] \
-            = src
+        (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint64 * src.size).from_address(addr)))[:] = (
+            src
+        )
 
     def clear_dirty_log(self, slot: int, first: int, n: int, addr: int) -> None:
         self.cleared.append((slot, n))
@@ -193,8 +209,10 @@ class _TwoSlotVm:
 def test_the_harvest_places_each_slot_log_at_its_gpa() -> None:
     low_pages, high_pages = LOW_PAGES, 2 * GIB // PAGE_SIZE
     span = HIGH_PAGE + high_pages
-    logs = {0: bitmap.from_pages([0, 5, low_pages - 1], low_pages),
-            1: bitmap.from_pages([0, 77, high_pages - 1], high_pages)}
+    logs = {
+        0: bitmap.from_pages([0, 5, low_pages - 1], low_pages),
+        1: bitmap.from_pages([0, 77, high_pages - 1], high_pages),
+    }
     fake = _TwoSlotVm(logs)
     log = KvmDirtyLog(fake, [(0, 0, low_pages), (1, HIGH_PAGE, high_pages)], span)  # type: ignore[arg-type]
     got = bitmap.pages(log.harvest(), span).tolist()
@@ -225,21 +243,24 @@ def test_guest_writes_both_regions_and_the_harvest_has_every_page(firmware) -> N
             time.sleep(0.05)
         vm.pause()
         magic, bm_gpa, bm_bytes, ws_gpa, ws_pages, _ = _DIRTY_REPORT.unpack(
-            vm.memory.read(ABI_WORKLOAD_STATS_GPA, _DIRTY_REPORT.size))
+            vm.memory.read(ABI_WORKLOAD_STATS_GPA, _DIRTY_REPORT.size)
+        )
         assert magic == 0x3150525954524944 and ws_gpa == ACROSS_THE_GAP
         assert bm_bytes == vm.memory.npages // 8
-        truth = bitmap.to_bool(np.frombuffer(vm.memory.read(bm_gpa, bm_bytes), np.uint64),
-                               vm.memory.npages)
+        truth = bitmap.to_bool(
+            np.frombuffer(vm.memory.read(bm_gpa, bm_bytes), np.uint64), vm.memory.npages
+        )
         written = np.flatnonzero(truth)
         low = ACROSS_THE_GAP // PAGE_SIZE
-        expect = np.r_[low:LOW_PAGES, HIGH_PAGE:HIGH_PAGE + ws_pages - (LOW_PAGES - low)]
+        expect = np.r_[low:LOW_PAGES, HIGH_PAGE : HIGH_PAGE + ws_pages - (LOW_PAGES - low)]
         assert np.array_equal(written, expect)
         harvested = bitmap.to_bool(vm.dirty.harvest(), vm.memory.npages)
         assert not np.flatnonzero(truth & ~harvested).size, "written pages not harvested"
         assert not harvested[LOW_PAGES:HIGH_PAGE].any()
         # the guest's stores landed where the VMM reads them: value = pass + page index
-        top = vm.memory.read_u64(HIGH_PAGE * PAGE_SIZE + (ws_pages - (LOW_PAGES - low) - 1)
-                                 * PAGE_SIZE)
+        top = vm.memory.read_u64(
+            HIGH_PAGE * PAGE_SIZE + (ws_pages - (LOW_PAGES - low) - 1) * PAGE_SIZE
+        )
         assert 0 <= top - (ws_pages - 1) < vm.vcpu_stats()[0].workload[0]
     finally:
         vm.close()
@@ -248,8 +269,9 @@ def test_guest_writes_both_regions_and_the_harvest_has_every_page(firmware) -> N
 def _migrate_across_the_gap(tmp_path: Path, memory: str) -> dict:
     from vmmrig import Vmm, dirty_config, free_port
 
-    config = dirty_config(tmp_path, memory=memory, vcpus=1, ws="64M",
-                          extra=f'at = "{ACROSS_THE_GAP:#x}"')
+    config = dirty_config(
+        tmp_path, memory=memory, vcpus=1, ws="64M", extra=f'at = "{ACROSS_THE_GAP:#x}"'
+    )
     port = free_port()
     src = Vmm(tmp_path, "src", config)
     dst = Vmm(tmp_path, "dst", config, incoming_port=port)
@@ -298,11 +320,11 @@ def test_8_gib_guest_writing_both_regions_migrates_verified(tmp_path: Path) -> N
 
 # --- device DMA into buffers above 4 GiB: direct, and under shadowing (Python and native) -----
 
+
 def _rx_rig(mem: GuestMemory) -> tuple[IommuTable, DriverQueue, int]:
     iommu = IommuTable.create(mem.npages)
     iommu.map_identity_ranges(mem.page_ranges())
-    drv = DriverQueue(GuestStores(mem), 16, base=0x10000,
-                      data_start=ABI_HIGH_RAM_GPA + 0x200000)
+    drv = DriverQueue(GuestStores(mem), 16, base=0x10000, data_start=ABI_HIGH_RAM_GPA + 0x200000)
     rx = drv.alloc(2 * PAGE_SIZE, fill=b"G" * 2 * PAGE_SIZE, align=PAGE_SIZE)
     assert rx >= ABI_HIGH_RAM_GPA
     return iommu, drv, rx
@@ -414,25 +436,34 @@ def test_set_runs_agree_with_the_bit_by_bit_runs(pages_set: list[int], npages: i
     want_s, want_c = bits_to_runs(bitmap.to_bits(bm, npages))
     got_s, got_c = set_runs(bm, npages)
     assert got_s.tolist() == want_s.tolist() and got_c.tolist() == want_c.tolist()
-    assert set_runs(bm.view(np.uint8)[:-3], None)[0].size == bits_to_runs(
-        bitmap.to_bits(bm.view(np.uint8)[:-3]))[0].size
+    assert (
+        set_runs(bm.view(np.uint8)[:-3], None)[0].size
+        == bits_to_runs(bitmap.to_bits(bm.view(np.uint8)[:-3]))[0].size
+    )
 
 
 # --- the scale bench's arithmetic ----------------------------------------------------------------
 
+
 def test_scale_results_judge_linearity_downtime_harvest_and_memory() -> None:
     from ptmig.bench.scale import ScaleSample, results
 
-    def sample(memory: int, total: float, downtime: float = 3.0, vmm: int = 10 * MIB
-               ) -> ScaleSample:
+    def sample(
+        memory: int, total: float, downtime: float = 3.0, vmm: int = 10 * MIB
+    ) -> ScaleSample:
         return ScaleSample(memory, total, downtime, memory, 100.0, [0.5, 1.5], vmm, vmm // 2)
 
-    rows = {r.name: r for r in results({
-        256 * MIB: [sample(256 * MIB, 500.0)],
-        GIB: [sample(GIB, 1000.0)],
-        2 * GIB: [sample(2 * GIB, 2000.0)],
-        4 * GIB: [sample(4 * GIB, 6000.0, downtime=9.0, vmm=200 * MIB)],
-    })}
+    rows = {
+        r.name: r
+        for r in results(
+            {
+                256 * MIB: [sample(256 * MIB, 500.0)],
+                GIB: [sample(GIB, 1000.0)],
+                2 * GIB: [sample(2 * GIB, 2000.0)],
+                4 * GIB: [sample(4 * GIB, 6000.0, downtime=9.0, vmm=200 * MIB)],
+            }
+        )
+    }
     assert rows["2G.total-per-GiB/1G"].value == 1.0 and rows["2G.total-per-GiB/1G"].ok
     assert rows["4G.total-per-GiB/1G"].value == 1.5 and rows["4G.total-per-GiB/1G"].ok is False
     assert rows["4G.idle-downtime"].ok is False and rows["4G.harvest-per-round"].ok
@@ -459,8 +490,9 @@ def test_a_final_round_larger_than_one_frame_is_sent_in_several(tmp_path: Path) 
         src.wait_ready()
         dst.wait_incoming()
         time.sleep(1.0)  # the working set is written once, so every page holds data
-        src.migrate(port, tracking="none", verify=True, downtime_limit=20_000,
-                    max_bandwidth=32 << 20)  # round 0 lasts seconds: all 100 MiB dirty again
+        src.migrate(
+            port, tracking="none", verify=True, downtime_limit=20_000, max_bandwidth=32 << 20
+        )  # round 0 lasts seconds: all 100 MiB dirty again
         info = src.wait_migration(timeout=120)
         assert info["status"] == "completed", info
         assert info["x-verify"]["mismatched"] == 0
@@ -475,11 +507,12 @@ def test_scale_loaded_rows_compare_4_gib_with_1_gib() -> None:
     from ptmig.bench.strategies import CellRun
 
     def cell(memory: str, downtime: float, lost: float = 0) -> CellRun:
-        return CellRun("shadow", memory, "completed", downtime_ms=downtime, lost=lost,
-                       mismatched=0)
+        return CellRun("shadow", memory, "completed", downtime_ms=downtime, lost=lost, mismatched=0)
 
-    rows = {r.name: r for r in loaded_results({"1G": [cell("1G", 100)],
-                                               "4G": [cell("4G", 120, lost=2)]})}
+    rows = {
+        r.name: r
+        for r in loaded_results({"1G": [cell("1G", 100)], "4G": [cell("4G", 120, lost=2)]})
+    }
     assert rows["kv.shadow.downtime 4G/1G"].value == pytest.approx(1.2)
     assert rows["kv.shadow.downtime 4G/1G"].ok
     assert rows["kv-1G.shadow.lost+mismatched"].ok

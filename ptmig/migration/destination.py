@@ -143,9 +143,9 @@ def prepare_guest_ram(machine: Machine, prefault: bool) -> bool:
     try:
         mapped = mem.prefault()
     except OSError as e:
-        log.warning("could not prefault %d bytes of guest RAM: %s", mem.size, e)
+        log.warning("could not prefault %d bytes of guest RAM: %s", mem.ram, e)
         return False
-    log.info("prefaulted %d MiB of guest RAM in %.0f ms%s", mem.size >> 20,
+    log.info("prefaulted %d MiB of guest RAM in %.0f ms%s", mem.ram >> 20,
              (time.monotonic() - t0) * 1000, "" if mapped else " (allocated, not mapped)")
     return mapped
 
