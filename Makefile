@@ -50,7 +50,7 @@ test-deps:
 		    || echo "qemu-system-common could not be installed: the vhost-user tests skip"; \
 	fi
 
-test: $(STAMP) test-deps
+test: $(STAMP) test-deps lint
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory sanitize
 

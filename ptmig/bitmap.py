@@ -93,8 +93,9 @@ def pages(bm: Bitmap, npages: int) -> npt.NDArray[np.int64]:
     return np.flatnonzero(to_bool(bm, npages))
 
 
-def bit_runs(bits: npt.NDArray[np.uint8] | npt.NDArray[np.bool_]
-             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def bit_runs(
+    bits: npt.NDArray[np.uint8] | npt.NDArray[np.bool_],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Runs of 1s in a 0/1 (or bool) array, one per page: (starts, lengths), via np.diff."""
     edges = np.diff(np.concatenate(([0], bits.astype(np.int8, copy=False), [0])))
     starts = np.flatnonzero(edges == 1)

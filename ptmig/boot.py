@@ -79,8 +79,9 @@ def write_page_tables(mem: GuestMemory) -> None:
     others (RAM from 4 GiB up) at ABI_PD_HIGH_GPA + (i - 4) pages."""
     gib = max(ABI_PD_COUNT, -(-mem.size >> 30))
     if gib > RAM_TOP_MAX >> 30:
-        raise ValueError(f"guest RAM ends at {mem.size:#x}, past the {RAM_TOP_MAX:#x} the "
-                         "page tables can map")
+        raise ValueError(
+            f"guest RAM ends at {mem.size:#x}, past the {RAM_TOP_MAX:#x} the page tables can map"
+        )
     mem.write_u64(ABI_PML4_GPA, ABI_PDPT_GPA | PTE_P | PTE_RW | PTE_US)
     pdpt = b"".join(struct.pack("<Q", _pd_gpa(i) | PTE_P | PTE_RW | PTE_US) for i in range(gib))
     mem.write(ABI_PDPT_GPA, pdpt)

@@ -35,8 +35,13 @@ class VmmCommand(click.Command):
     """`ptmig run` exits with the guest's code, so its own failures -- usage errors, a bad
     config, no KVM, a crash -- exit with VMM_FAILED (125), never a code the guest could give."""
 
-    def make_context(self, info_name: str | None, args: list[str],
-                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.ClickException as e:
@@ -72,20 +77,44 @@ def main(verbose: int) -> None:
 @main.command(cls=VmmCommand)
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--qmp", "qmp_spec", metavar="unix:PATH", help="QMP control socket.")
-@click.option("--console", "console_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the guest console to FILE instead of stdout.")
-@click.option("--incoming", metavar="tcp:HOST:PORT|unix:PATH",
-              help="Wait for an incoming migration instead of booting.")
-@click.option("--psk-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Pre-shared key the migration source must prove it knows.")
-@click.option("--insecure", is_flag=True,
-              help="Allow unauthenticated migrations (in and out), loopback included: anyone "
-                   "who reaches the port can feed or read the migration.")
-@click.option("--prefault/--no-prefault", default=True, show_default=True,
-              help="With --incoming: allocate and map all guest RAM before accepting "
-                   "(like QEMU's -mem-prealloc), so receiving pages never faults.")
-def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming: str | None,
-        psk_file: Path | None, insecure: bool, prefault: bool) -> None:
+@click.option(
+    "--console",
+    "console_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the guest console to FILE instead of stdout.",
+)
+@click.option(
+    "--incoming",
+    metavar="tcp:HOST:PORT|unix:PATH",
+    help="Wait for an incoming migration instead of booting.",
+)
+@click.option(
+    "--psk-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Pre-shared key the migration source must prove it knows.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow unauthenticated migrations (in and out), loopback included: anyone "
+    "who reaches the port can feed or read the migration.",
+)
+@click.option(
+    "--prefault/--no-prefault",
+    default=True,
+    show_default=True,
+    help="With --incoming: allocate and map all guest RAM before accepting "
+    "(like QEMU's -mem-prealloc), so receiving pages never faults.",
+)
+def run(
+    config: Path,
+    qmp_spec: str | None,
+    console_file: Path | None,
+    incoming: str | None,
+    psk_file: Path | None,
+    insecure: bool,
+    prefault: bool,
+) -> None:
     """Run a VM until the guest exits or `quit`.
 
     Runs the VM described by CONFIG (or, with --incoming, receives it from a migration). Exit
@@ -109,10 +138,12 @@ def run(config: Path, qmp_spec: str | None, console_file: Path | None, incoming:
     qmp_path = _unix_path(qmp_spec, "--qmp")
     console = open(console_file, "a", buffering=1) if console_file else sys.stdout
     try:
-        machine = Machine(cfg, console=console, qmp_path=qmp_path, psk_file=psk_file,
-                          insecure=insecure)
+        machine = Machine(
+            cfg, console=console, qmp_path=qmp_path, psk_file=psk_file, insecure=insecure
+        )
     except (KvmUnavailable, VmError) as e:
         raise click.ClickException(str(e)) from None
+
     def on_sigterm(signum: int, frame: object) -> None:
         if machine.vm.state.value in ("prelaunch", "inmigrate"):
             raise SystemExit(128 + signum)  # nothing runs yet: unwind (and clean up) at once
@@ -142,42 +173,101 @@ LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_
 
 
 @main.command()
-@click.argument("config", required=False,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="N",
-              help="Pace to N ops/s (default: as fast as the window allows).")
+@click.argument(
+    "config", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="N",
+    help="Pace to N ops/s (default: as fast as the window allows).",
+)
 @click.option("--max", "unpaced", is_flag=True, help="Unthrottled (the default).")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, metavar="SECONDS", help="Seconds of load.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds of load.",
+)
 @click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE", help=JSON_HELP)
-@click.option("--target", metavar="HOST:PORT",
-              help="The kv service through the host's network (TAP) instead of a switch.")
+@click.option(
+    "--target",
+    metavar="HOST:PORT",
+    help="The kv service through the host's network (TAP) instead of a switch.",
+)
 @click.option("--switch", metavar="udp:HOST:PORT", help="The switch (overrides the config).")
 @click.option("--guest-ip", help="Guest address (overrides the config).")
 @click.option("--client-ip", help="This client's address on the switch.")
 @click.option("--port", "kv_port", type=int, help="kv port (default: the config's, or 7000).")
 @click.option("--keys-prefix", help="Key prefix (default: random).")
-@click.option("--keys", type=int, default=LOAD_DEFAULTS["keys"], show_default=True,
-              help="Key space the PUTs cycle through; each key is checked against its latest "
-                   "acknowledged value.")
-@click.option("--window", type=int, default=LOAD_DEFAULTS["window"], show_default=True,
-              help="Outstanding requests.")
-@click.option("--value-size", type=int, default=LOAD_DEFAULTS["value_size"], show_default=True,
-              help="Value bytes.")
-@click.option("--reads", "read_ratio", type=click.FloatRange(0, 1), default=0.0,
-              show_default=True, help="Fraction of load ops that GET an acknowledged key.")
-@click.option("--verify/--no-verify", default=True,
-              help="Read every acknowledged key back at the end (default: verify).")
-@click.option("--ready-timeout", type=float, default=LOAD_DEFAULTS["ready_timeout_s"],
-              show_default=True, metavar="SECONDS",
-              help="Seconds to wait for the guest to answer ARP.")
-@click.option("--durable/--no-durable", default=True,
-              help="Set the durable flag on PUTs (default: durable).")
-def load(config: Path | None, rate: float | None, unpaced: bool, duration: float,
-         json_path: Path | None, target: str | None, switch: str | None, guest_ip: str | None,
-         client_ip: str | None, kv_port: int | None, keys_prefix: str | None, keys: int,
-         window: int, value_size: int, read_ratio: float, verify: bool, ready_timeout: float,
-         durable: bool) -> None:
+@click.option(
+    "--keys",
+    type=int,
+    default=LOAD_DEFAULTS["keys"],
+    show_default=True,
+    help="Key space the PUTs cycle through; each key is checked against its latest "
+    "acknowledged value.",
+)
+@click.option(
+    "--window",
+    type=int,
+    default=LOAD_DEFAULTS["window"],
+    show_default=True,
+    help="Outstanding requests.",
+)
+@click.option(
+    "--value-size",
+    type=int,
+    default=LOAD_DEFAULTS["value_size"],
+    show_default=True,
+    help="Value bytes.",
+)
+@click.option(
+    "--reads",
+    "read_ratio",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of load ops that GET an acknowledged key.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    help="Read every acknowledged key back at the end (default: verify).",
+)
+@click.option(
+    "--ready-timeout",
+    type=float,
+    default=LOAD_DEFAULTS["ready_timeout_s"],
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds to wait for the guest to answer ARP.",
+)
+@click.option(
+    "--durable/--no-durable", default=True, help="Set the durable flag on PUTs (default: durable)."
+)
+def load(
+    config: Path | None,
+    rate: float | None,
+    unpaced: bool,
+    duration: float,
+    json_path: Path | None,
+    target: str | None,
+    switch: str | None,
+    guest_ip: str | None,
+    client_ip: str | None,
+    kv_port: int | None,
+    keys_prefix: str | None,
+    keys: int,
+    window: int,
+    value_size: int,
+    read_ratio: float,
+    verify: bool,
+    ready_timeout: float,
+    durable: bool,
+) -> None:
     """Drive a kv guest; verify what it acknowledged.
 
     Drives the guest's kv service and reads every acknowledged value back. CONFIG is the VM's
@@ -189,23 +279,52 @@ def load(config: Path | None, rate: float | None, unpaced: bool, duration: float
 
     if rate is not None and unpaced:
         raise click.UsageError("--rate and --max exclude each other")
-    sys.exit(load_main(LoadOptions(
-        config=str(config) if config else None, target=target, switch=switch,
-        guest_ip=guest_ip, client_ip=client_ip, kv_port=kv_port, rate=rate,
-        duration_s=duration, window=window, keys_prefix=keys_prefix, keys=keys,
-        value_size=value_size, read_ratio=read_ratio, durable=durable, verify=verify,
-        ready_timeout_s=ready_timeout, json_path=str(json_path) if json_path else None)))
-
+    sys.exit(
+        load_main(
+            LoadOptions(
+                config=str(config) if config else None,
+                target=target,
+                switch=switch,
+                guest_ip=guest_ip,
+                client_ip=client_ip,
+                kv_port=kv_port,
+                rate=rate,
+                duration_s=duration,
+                window=window,
+                keys_prefix=keys_prefix,
+                keys=keys,
+                value_size=value_size,
+                read_ratio=read_ratio,
+                durable=durable,
+                verify=verify,
+                ready_timeout_s=ready_timeout,
+                json_path=str(json_path) if json_path else None,
+            )
+        )
+    )
 
 
 @main.command()
 @click.option("--listen", required=True, metavar="HOST:PORT", help="UDP address to serve on.")
-@click.option("--age", default=300.0, show_default=True, metavar="SECONDS",
-              help="Seconds before a MAC is forgotten.")
-@click.option("--native/--no-native", default=None,
-              help="Forward known unicast frames in native code (default: when it builds).")
-@click.option("--idle-exit", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="SECONDS", help="Exit after this long without a datagram (default: never).")
+@click.option(
+    "--age",
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds before a MAC is forgotten.",
+)
+@click.option(
+    "--native/--no-native",
+    default=None,
+    help="Forward known unicast frames in native code (default: when it builds).",
+)
+@click.option(
+    "--idle-exit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Exit after this long without a datagram (default: never).",
+)
 def switch(listen: str, age: float, native: bool | None, idle_exit: float | None) -> None:
     """A learning L2 switch over UDP datagrams.
 
@@ -218,26 +337,48 @@ def switch(listen: str, age: float, native: bool | None, idle_exit: float | None
 
 
 @main.command()
-@click.option("--qmp", "qmp_spec", required=True, metavar="unix:PATH",
-              help="The source VMM's QMP socket.")
+@click.option(
+    "--qmp", "qmp_spec", required=True, metavar="unix:PATH", help="The source VMM's QMP socket."
+)
 @click.argument("destination", metavar="tcp:HOST:PORT|unix:PATH")
-@click.option("--dma-tracking", type=click.Choice(["none", "all-dirty", "device-log", "shadow"]),
-              help="How device DMA writes are tracked (x-dma-tracking).")
-@click.option("--downtime-limit", type=click.IntRange(min=1), metavar="MS",
-              help="Maximum downtime in ms (QEMU's downtime-limit).")
-@click.option("--downtime-limit-ms", "downtime_limit_old", type=click.IntRange(min=1),
-              hidden=True)
-@click.option("--max-bandwidth", type=Bandwidth(),
-              help="Bandwidth in bytes/s, K/M/G suffixes (100M), 0 unlimited (max-bandwidth).")
+@click.option(
+    "--dma-tracking",
+    type=click.Choice(["none", "all-dirty", "device-log", "shadow"]),
+    help="How device DMA writes are tracked (x-dma-tracking).",
+)
+@click.option(
+    "--downtime-limit",
+    type=click.IntRange(min=1),
+    metavar="MS",
+    help="Maximum downtime in ms (QEMU's downtime-limit).",
+)
+@click.option("--downtime-limit-ms", "downtime_limit_old", type=click.IntRange(min=1), hidden=True)
+@click.option(
+    "--max-bandwidth",
+    type=Bandwidth(),
+    help="Bandwidth in bytes/s, K/M/G suffixes (100M), 0 unlimited (max-bandwidth).",
+)
 @click.option("--verify", is_flag=True, help="Compare every page of RAM after the switchover.")
 @click.option("--auto-converge", is_flag=True, help="Throttle the vCPUs if it does not converge.")
-@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE",
-              help="Write the final query-migrate reply to FILE (- for stdout; the tables then "
-                   "go to stderr).")
-def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
-            downtime_limit: int | None, downtime_limit_old: int | None,
-            max_bandwidth: int | None, verify: bool, auto_converge: bool,
-            json_path: Path | None) -> None:
+@click.option(
+    "--json",
+    "json_path",
+    type=JSON_TYPE,
+    metavar="FILE",
+    help="Write the final query-migrate reply to FILE (- for stdout; the tables then "
+    "go to stderr).",
+)
+def migrate(
+    qmp_spec: str,
+    destination: str,
+    dma_tracking: str | None,
+    downtime_limit: int | None,
+    downtime_limit_old: int | None,
+    max_bandwidth: int | None,
+    verify: bool,
+    auto_converge: bool,
+    json_path: Path | None,
+) -> None:
     """Live-migrate a VM to DESTINATION.
 
     Migrates the VM behind --qmp to DESTINATION (a `ptmig run --incoming`). Exit status:
@@ -253,10 +394,16 @@ def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
     if downtime_limit is not None and downtime_limit_old is not None:
         raise click.UsageError("--downtime-limit and --downtime-limit-ms are the same option")
     try:
-        opts = MigrateOptions(path, destination, dma_tracking,
-                              downtime_limit if downtime_limit is not None
-                              else downtime_limit_old, max_bandwidth, verify, auto_converge,
-                              json_path)
+        opts = MigrateOptions(
+            path,
+            destination,
+            dma_tracking,
+            downtime_limit if downtime_limit is not None else downtime_limit_old,
+            max_bandwidth,
+            verify,
+            auto_converge,
+            json_path,
+        )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     sys.exit(run_migrate(opts))
@@ -264,11 +411,17 @@ def migrate(qmp_spec: str, destination: str, dma_tracking: str | None,
 
 @main.command()
 @click.option("--quick", is_flag=True, help="A smaller version that fits a few minutes.")
-@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE",
-              help="Where to write the results (default bench-results/bench.json; - for "
-                   "stdout, the tables then go to stderr).")
-@click.option("--only", multiple=True, metavar="SECTION",
-              help="Run only these sections (repeatable).")
+@click.option(
+    "--json",
+    "json_path",
+    type=JSON_TYPE,
+    metavar="FILE",
+    help="Where to write the results (default bench-results/bench.json; - for "
+    "stdout, the tables then go to stderr).",
+)
+@click.option(
+    "--only", multiple=True, metavar="SECTION", help="Run only these sections (repeatable)."
+)
 def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
     """Run the benchmarks: tables and one JSON file.
 
@@ -286,38 +439,95 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--dma-tracking", type=click.Choice(["shadow", "none", "all-dirty", "device-log"]),
-              default="shadow", show_default=True,
-              help="How device DMA writes are tracked; `none` shows what goes wrong without.")
-@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE",
-              help="Write {migration, load, guest, demo} to FILE (- for stdout; the live view "
-                   "and summary then go to stderr).")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write an HTML report with plots to DIR.")
-@click.option("--bench-json", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("bench-results") / "bench.json", show_default=True,
-              help="Bench results to add to the report (strategy comparison), if present.")
+@click.option(
+    "--dma-tracking",
+    type=click.Choice(["shadow", "none", "all-dirty", "device-log"]),
+    default="shadow",
+    show_default=True,
+    help="How device DMA writes are tracked; `none` shows what goes wrong without.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=JSON_TYPE,
+    metavar="FILE",
+    help="Write {migration, load, guest, demo} to FILE (- for stdout; the live view "
+    "and summary then go to stderr).",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write an HTML report with plots to DIR.",
+)
+@click.option(
+    "--bench-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("bench-results") / "bench.json",
+    show_default=True,
+    help="Bench results to add to the report (strategy comparison), if present.",
+)
 @click.option("--quick", is_flag=True, help="256 MiB, a shorter load before and after.")
 @click.option("--memory", default=None, help="Guest RAM (default 1G, 256M with --quick).")
-@click.option("--warmup", type=float, default=None, metavar="SECONDS",
-              help="Seconds of load before migrating.")
-@click.option("--after", type=float, default=None, metavar="SECONDS",
-              help="Seconds of load after the switchover (default 4, 3 with --quick).")
-@click.option("--rate", type=float, default=None, metavar="OPS",
-              help="Offered kv load in ops/s (default: as fast as the client can).")
-@click.option("--max-bandwidth", type=Bandwidth(), default="100M", show_default=True,
-              help="Migration bandwidth in bytes/s, K/M/G suffixes, 0 unlimited "
-                   "(max-bandwidth).")
-@click.option("--downtime-limit", type=click.IntRange(min=1), default=300, show_default=True,
-              metavar="MS", help="Maximum downtime in ms (downtime-limit).")
+@click.option(
+    "--warmup",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Seconds of load before migrating.",
+)
+@click.option(
+    "--after",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Seconds of load after the switchover (default 4, 3 with --quick).",
+)
+@click.option(
+    "--rate",
+    type=float,
+    default=None,
+    metavar="OPS",
+    help="Offered kv load in ops/s (default: as fast as the client can).",
+)
+@click.option(
+    "--max-bandwidth",
+    type=Bandwidth(),
+    default="100M",
+    show_default=True,
+    help="Migration bandwidth in bytes/s, K/M/G suffixes, 0 unlimited (max-bandwidth).",
+)
+@click.option(
+    "--downtime-limit",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    metavar="MS",
+    help="Maximum downtime in ms (downtime-limit).",
+)
 @click.option("--tap", is_flag=True, help="Real Linux networking through TAP (needs root).")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep configs, disk image and logs here (default: a temporary directory).")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep configs, disk image and logs here (default: a temporary directory).",
+)
 @click.option("--no-live", is_flag=True, help="Plain progress lines instead of the live view.")
-def demo(dma_tracking: str, json_path: Path | None, report_dir: Path | None,
-         bench_json: Path, quick: bool, memory: str | None, warmup: float | None,
-         after: float | None, rate: float | None, max_bandwidth: int, downtime_limit: int,
-         tap: bool, run_dir: Path | None, no_live: bool) -> None:
+def demo(
+    dma_tracking: str,
+    json_path: Path | None,
+    report_dir: Path | None,
+    bench_json: Path,
+    quick: bool,
+    memory: str | None,
+    warmup: float | None,
+    after: float | None,
+    rate: float | None,
+    max_bandwidth: int,
+    downtime_limit: int,
+    tap: bool,
+    run_dir: Path | None,
+    no_live: bool,
+) -> None:
     """Migrate a kv VM under load; verify nothing is lost.
 
     Live-migrates a kv VM with passthrough NIC and disk while a client loads it; the load runs
@@ -333,13 +543,20 @@ def demo(dma_tracking: str, json_path: Path | None, report_dir: Path | None,
     base = DemoOptions.quick() if quick else DemoOptions()
     try:
         opts = DemoOptions(
-            memory=memory or base.memory, dma_tracking=dma_tracking,
+            memory=memory or base.memory,
+            dma_tracking=dma_tracking,
             warmup_s=warmup if warmup is not None else base.warmup_s,
-            after_s=after if after is not None else base.after_s, rate=rate,
-            max_bandwidth_mib=max_bandwidth / (1 << 20), downtime_limit_ms=downtime_limit,
+            after_s=after if after is not None else base.after_s,
+            rate=rate,
+            max_bandwidth_mib=max_bandwidth / (1 << 20),
+            downtime_limit_ms=downtime_limit,
             tap=tap,
-            json_path=json_path, report_dir=report_dir, bench_json=bench_json,
-            run_dir=run_dir, live=not no_live)
+            json_path=json_path,
+            report_dir=report_dir,
+            bench_json=bench_json,
+            run_dir=run_dir,
+            live=not no_live,
+        )
         opts.check()
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -68,12 +68,16 @@ def parse_bandwidth(text: str) -> int:
     """`--max-bandwidth`: bytes/s, `0` unlimited; `100M` is 100 MiB/s. ValueError says why."""
     m = _SIZE.fullmatch(text.strip())
     if m is None:
-        raise ValueError(f"max-bandwidth must be bytes/s with an optional K, M or G suffix "
-                         f"(like 100M), got {text!r}")
+        raise ValueError(
+            f"max-bandwidth must be bytes/s with an optional K, M or G suffix "
+            f"(like 100M), got {text!r}"
+        )
     value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if 0 < value < MIN_BANDWIDTH:
-        raise ValueError(f"max-bandwidth {text!r} is {value} bytes/s, less than a page a "
-                         f"second; the unit is bytes/s, so 100 MiB/s is 100M")
+        raise ValueError(
+            f"max-bandwidth {text!r} is {value} bytes/s, less than a page a "
+            f"second; the unit is bytes/s, so 100 MiB/s is 100M"
+        )
     return value
 
 
@@ -82,8 +86,7 @@ class Bandwidth(click.ParamType):
 
     name = "BYTES/S"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> int:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
         try:

@@ -477,15 +477,20 @@ class _Parser:
                     raise self.fail(f"{at}.{key}", 'is only meaningful with backend = "vhost-user"')
             return DiskConfig(dev_id, self.path(path_text), size, serial)
         if backend != "vhost-user":
-            raise self.fail(f"{at}.backend", f"{backend!r} is not allowed (allowed: builtin, "
-                            "vhost-user)")
-        return self.vhost_user_disk(doc, at, DiskConfig(dev_id, self.path(path_text), size,
-                                                        serial, "vhost-user"))
+            raise self.fail(
+                f"{at}.backend", f"{backend!r} is not allowed (allowed: builtin, vhost-user)"
+            )
+        return self.vhost_user_disk(
+            doc, at, DiskConfig(dev_id, self.path(path_text), size, serial, "vhost-user")
+        )
 
     def vhost_user_disk(self, doc: Mapping[str, Any], at: str, disk: DiskConfig) -> DiskConfig:
         if ("socket" in doc) == ("spawn" in doc):
-            raise self.fail(f"{at}.backend", 'a "vhost-user" disk needs exactly one of socket = '
-                            'PATH (a running backend) and spawn = "qemu-storage-daemon"')
+            raise self.fail(
+                f"{at}.backend",
+                'a "vhost-user" disk needs exactly one of socket = '
+                'PATH (a running backend) and spawn = "qemu-storage-daemon"',
+            )
         if "socket" in doc:
             sock = self.string(doc, "socket", f"{at}.socket")
             if not sock:
@@ -493,8 +498,9 @@ class _Parser:
             return replace(disk, socket=self.path(sock))
         spawn = self.string(doc, "spawn", f"{at}.spawn")
         if spawn not in VHOST_USER_SPAWN:
-            raise self.fail(f"{at}.spawn", f"{spawn!r} is not allowed (allowed: "
-                            f"{', '.join(VHOST_USER_SPAWN)})")
+            raise self.fail(
+                f"{at}.spawn", f"{spawn!r} is not allowed (allowed: {', '.join(VHOST_USER_SPAWN)})"
+            )
         return replace(disk, spawn=spawn)
 
     def device_id(self, doc: Mapping[str, Any], at: str) -> str:

@@ -32,8 +32,9 @@ class KvmDirtyLog:
         self.npages = span_pages
         for slot, first, _ in slots:
             if first % 64:
-                raise ValueError(f"memslot {slot} starts at page {first:#x}, not on a "
-                                 "64-page boundary")
+                raise ValueError(
+                    f"memslot {slot} starts at page {first:#x}, not on a 64-page boundary"
+                )
         self.slots = slots
         self.buffers = [bitmap.empty(n) for _, _, n in slots]
         self.manual_protect = False

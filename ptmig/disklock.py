@@ -89,8 +89,12 @@ def read_holder(image: Path) -> Holder | None:
     """The holder record beside `image`, None if there is none or it is not one."""
     try:
         doc = json.loads(owner_path(image).read_text())
-        return Holder(int(doc["pid"]), str(doc["host"]), str(doc["vm"]),
-                      None if doc.get("qmp") is None else str(doc["qmp"]))
+        return Holder(
+            int(doc["pid"]),
+            str(doc["host"]),
+            str(doc["vm"]),
+            None if doc.get("qmp") is None else str(doc["qmp"]),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -111,8 +115,7 @@ def describe_holder(image: Path) -> str:
     if record is None:
         return "another process (no owner record beside the image)"
     if record.host == socket.gethostname() and not _alive(record.pid):
-        return (f"another process (the owner record names {record.describe()}, which has "
-                "exited)")
+        return f"another process (the owner record names {record.describe()}, which has exited)"
     return record.describe()
 
 
@@ -153,8 +156,9 @@ class DiskLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise DiskLockError(f"cannot lock disk image {self.image}: {e}") from e
-            raise DiskLockError(f"disk image {self.image} is in use: it is locked by "
-                                f"{describe_holder(self.image)}") from None
+            raise DiskLockError(
+                f"disk image {self.image} is in use: it is locked by {describe_holder(self.image)}"
+            ) from None
         self._fd = fd
         if record:
             self.record()

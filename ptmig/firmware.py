@@ -145,9 +145,7 @@ def _is_host_only(path: Path) -> bool:
     return path.name.endswith("_host.c")
 
 
-def _digest(
-    source_dir: Path, files: Sequence[Path], flags: Sequence[str], identity: str
-) -> str:
+def _digest(source_dir: Path, files: Sequence[Path], flags: Sequence[str], identity: str) -> str:
     h = hashlib.sha256()
     h.update(b"ptmig-firmware-v1\0")
     h.update(identity.encode() + b"\0")
@@ -240,13 +238,11 @@ def parse_firmware_image(data: bytes) -> FirmwareImage:
         raise FirmwareImageError(
             f"firmware image is {len(data)} bytes, shorter than its {FW_HEADER_SIZE}-byte header"
         )
-    magic, version, header_size, load_gpa, entry, entry_ap, image_end = _FW_HEADER.unpack_from(
-        data
-    )
+    magic, version, header_size, load_gpa, entry, entry_ap, image_end = _FW_HEADER.unpack_from(data)
     if magic != FW_HEADER_MAGIC:
         raise FirmwareImageError(
             f"firmware header magic is {magic:#018x}, expected {FW_HEADER_MAGIC:#018x} "
-            f"(\"PTMIGFW1\"): not a ptmig firmware image"
+            f'("PTMIGFW1"): not a ptmig firmware image'
         )
     if version != FW_HEADER_VERSION:
         raise FirmwareImageError(
@@ -300,9 +296,15 @@ def load_firmware_image(path: Path) -> FirmwareImage:
 # ---- host helpers ---------------------------------------------------------------------------
 
 
-def build_host_program(name: str, source_dir: Path, sources: Sequence[str],
-                       flags: Sequence[str], *, headers: Sequence[str] = (),
-                       cache_dir: Path | None = None) -> Path:
+def build_host_program(
+    name: str,
+    source_dir: Path,
+    sources: Sequence[str],
+    flags: Sequence[str],
+    *,
+    headers: Sequence[str] = (),
+    cache_dir: Path | None = None,
+) -> Path:
     """Build (or find in the cache) a host program or shared library (`-shared` in `flags`)
     from C `sources` under `source_dir`; returns its path. Cached like the firmware: by the
     hash of the sources, `headers`, the flags and the compiler."""
@@ -323,8 +325,7 @@ def build_host_program(name: str, source_dir: Path, sources: Sequence[str],
     with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp_name:
         tmp = Path(tmp_name)
         out = tmp / name
-        cmd = [compiler, *flags, "-I", str(src), *(str(src / s) for s in sources),
-               "-o", str(out)]
+        cmd = [compiler, *flags, "-I", str(src), *(str(src / s) for s in sources), "-o", str(out)]
         _run(cmd, tmp, f"compiling {name}")
         _publish(out, final)
     return final
@@ -335,9 +336,14 @@ def build_host_storebw(cache_dir: Path | None = None, *, source_dir: Path | None
 
     Run it as `storebw_host SIZE PASSES`; it prints "storebw: <bytes> bytes in <ticks> ticks".
     """
-    return build_host_program("storebw_host", source_dir or GUEST_DIR, HOST_STOREBW_SOURCES,
-                              HOST_STOREBW_CFLAGS, headers=("storebw_loop.h",),
-                              cache_dir=cache_dir)
+    return build_host_program(
+        "storebw_host",
+        source_dir or GUEST_DIR,
+        HOST_STOREBW_SOURCES,
+        HOST_STOREBW_CFLAGS,
+        headers=("storebw_loop.h",),
+        cache_dir=cache_dir,
+    )
 
 
 # ---- abi.h ----------------------------------------------------------------------------------

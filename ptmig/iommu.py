@@ -100,8 +100,9 @@ class Mapping:
 def encode_entry(target: int, target_pfn: int, read: bool, write: bool) -> int:
     """The u64 table entry for a valid mapping (see the module docstring for the bits)."""
     if target not in TARGET_NAMES:
-        raise IommuError(f"IOMMU target must be {TARGET_RAM} (RAM) or {TARGET_POOL} (pool), "
-                         f"got {target}")
+        raise IommuError(
+            f"IOMMU target must be {TARGET_RAM} (RAM) or {TARGET_POOL} (pool), got {target}"
+        )
     if not 0 <= target_pfn <= MAX_TARGET_PFN:
         raise IommuError(f"target page frame {target_pfn:#x} is outside 0..{MAX_TARGET_PFN:#x}")
     entry = ENTRY_VALID | (target_pfn << PAGE_SHIFT)
@@ -136,9 +137,11 @@ class IommuTable:
         self.iova_pages = iova_pages
         self.owner = owner
         self._header: npt.NDArray[np.uint64] = np.frombuffer(
-            mm, dtype="<u8", count=HEADER_SIZE // 8)
+            mm, dtype="<u8", count=HEADER_SIZE // 8
+        )
         self._entries: npt.NDArray[np.uint64] = np.frombuffer(
-            mm, dtype="<u8", count=iova_pages, offset=HEADER_SIZE)
+            mm, dtype="<u8", count=iova_pages, offset=HEADER_SIZE
+        )
 
     @property
     def nbytes(self) -> int:
@@ -159,7 +162,8 @@ class IommuTable:
             os.close(fd)
             raise
         mm[: struct.calcsize(_HEADER_FORMAT)] = struct.pack(
-            _HEADER_FORMAT, TABLE_MAGIC, TABLE_VERSION, 0, iova_pages, 0)
+            _HEADER_FORMAT, TABLE_MAGIC, TABLE_VERSION, 0, iova_pages, 0
+        )
         return cls(fd, mm, iova_pages, owner=True)
 
     @classmethod
@@ -169,16 +173,20 @@ class IommuTable:
         size = HEADER_SIZE + iova_pages * 8
         actual = os.fstat(fd).st_size
         if actual != size:
-            raise IommuError(f"IOMMU table fd {fd} is {actual} bytes, expected {size} "
-                             f"for {iova_pages} IOVA pages")
+            raise IommuError(
+                f"IOMMU table fd {fd} is {actual} bytes, expected {size} "
+                f"for {iova_pages} IOVA pages"
+            )
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         magic, version, _, pages, _ = struct.unpack_from(_HEADER_FORMAT, mm, 0)
         if magic != TABLE_MAGIC or version != TABLE_VERSION or pages != iova_pages:
             mm.close()
-            raise IommuError(f"fd {fd} is not a version-{TABLE_VERSION} IOMMU table of "
-                             f"{iova_pages} pages (magic={magic:#x} version={version} "
-                             f"pages={pages})")
+            raise IommuError(
+                f"fd {fd} is not a version-{TABLE_VERSION} IOMMU table of "
+                f"{iova_pages} pages (magic={magic:#x} version={version} "
+                f"pages={pages})"
+            )
         return cls(fd, mm, iova_pages, owner=False)
 
     def close(self) -> None:
@@ -218,8 +226,15 @@ class IommuTable:
         return int(self._entries[iova_pfn])
 
     # -- owner operations --------------------------------------------------------------------
-    def map(self, iova_pfn: int, count: int, target: int, target_pfn: int,
-            read: bool = True, write: bool = True) -> None:
+    def map(
+        self,
+        iova_pfn: int,
+        count: int,
+        target: int,
+        target_pfn: int,
+        read: bool = True,
+        write: bool = True,
+    ) -> None:
         """Map IOVA pages [iova_pfn, +count) to target pages [target_pfn, +count).
 
         Overwrites whatever was there: a remap. The caller must then invalidate the device's
@@ -229,19 +244,19 @@ class IommuTable:
         if count == 0:
             return
         if target_pfn < 0 or target_pfn + count - 1 > MAX_TARGET_PFN:
-            raise IommuError(f"target pages {target_pfn:#x}+{count} are outside "
-                             f"0..{MAX_TARGET_PFN:#x}")
+            raise IommuError(
+                f"target pages {target_pfn:#x}+{count} are outside 0..{MAX_TARGET_PFN:#x}"
+            )
         flags = encode_entry(target, 0, read, write)
         pfns = np.arange(target_pfn, target_pfn + count, dtype=np.uint64)
-        self._writable()[iova_pfn:iova_pfn + count] = (pfns << np.uint64(PAGE_SHIFT)) | flags
+        self._writable()[iova_pfn : iova_pfn + count] = (pfns << np.uint64(PAGE_SHIFT)) | flags
         self._bump()
 
     def map_identity(self, guest_pages: int, writable: bool = True) -> None:
         """Map IOVA == GPA for guest pages [0, guest_pages), readable, writable if asked."""
         self.map(0, guest_pages, TARGET_RAM, 0, read=True, write=writable)
 
-    def map_identity_ranges(self, ranges: Iterable[tuple[int, int]],
-                            writable: bool = True) -> None:
+    def map_identity_ranges(self, ranges: Iterable[tuple[int, int]], writable: bool = True) -> None:
         """Map IOVA == GPA for each (first_page, npages) range of guest RAM (the RAM regions:
         the gaps between them stay unmapped, so a DMA there faults)."""
         for first, count in ranges:
@@ -252,7 +267,7 @@ class IommuTable:
         self._check_range(iova_pfn, count)
         if count == 0:
             return
-        self._writable()[iova_pfn:iova_pfn + count] = 0
+        self._writable()[iova_pfn : iova_pfn + count] = 0
         self._bump()
 
     def lookup(self, iova_pfn: int) -> Mapping | None:
@@ -266,14 +281,16 @@ class IommuTable:
         """
         e = self._entries
         want = ENTRY_VALID | ENTRY_WRITE
-        sel = ((e & np.uint64(want | ENTRY_TARGET_POOL)) == np.uint64(want))
+        sel = (e & np.uint64(want | ENTRY_TARGET_POOL)) == np.uint64(want)
         return np.unique(e[sel] >> np.uint64(PAGE_SHIFT))
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_range(self, iova_pfn: int, count: int) -> None:
         if count < 0 or iova_pfn < 0 or iova_pfn + count > self.iova_pages:
-            raise IommuError(f"IOVA pages {iova_pfn:#x}+{count} are outside the table's "
-                             f"{self.iova_pages:#x} pages")
+            raise IommuError(
+                f"IOVA pages {iova_pfn:#x}+{count} are outside the table's "
+                f"{self.iova_pages:#x} pages"
+            )
 
     def _writable(self) -> npt.NDArray[np.uint64]:
         if not self.owner or not self._entries.flags.writeable:
@@ -298,7 +315,6 @@ def _byte_view(buf: Any, what: str) -> memoryview:
     return mv
 
 
-
 # A planned piece of an access: (target, start byte, end byte) in the target's memory.
 _Piece = tuple[int, int, int]
 
@@ -315,9 +331,15 @@ class DmaView:
     Satisfies the virtqueue parser's `RingMemory` protocol (`read`, `write`).
     """
 
-    def __init__(self, table: IommuTable, guest_mem: Any, pool: Any = None,
-                 write_log: npt.NDArray[Any] | None = None, name: str = "device",
-                 iotlb_entries: int = DEFAULT_IOTLB_ENTRIES) -> None:
+    def __init__(
+        self,
+        table: IommuTable,
+        guest_mem: Any,
+        pool: Any = None,
+        write_log: npt.NDArray[Any] | None = None,
+        name: str = "device",
+        iotlb_entries: int = DEFAULT_IOTLB_ENTRIES,
+    ) -> None:
         self.table = table
         self.name = name
         self._targets: dict[int, memoryview] = {TARGET_RAM: _byte_view(guest_mem, "guest RAM")}
@@ -350,8 +372,9 @@ class DmaView:
             self._log = None
             return
         if not bitmap.flags.c_contiguous or bitmap.dtype.kind != "u":
-            raise ValueError(f"write log must be a contiguous unsigned numpy array, "
-                             f"got dtype={bitmap.dtype}")
+            raise ValueError(
+                f"write log must be a contiguous unsigned numpy array, got dtype={bitmap.dtype}"
+            )
         log = bitmap.reshape(-1).view(np.uint8)
         pages = -(-self.guest_size // PAGE_SIZE)
         if log.size * 8 < pages:
@@ -416,9 +439,13 @@ class DmaView:
             start = ((entry >> PAGE_SHIFT) << PAGE_SHIFT) | (pos & ENTRY_FLAGS_MASK)
             if mem is None or start + n > len(mem):
                 size = 0 if mem is None else len(mem)
-                raise self._fault(iova, length, write,
-                                  f"IOVA page {pfn:#x} maps to byte {start:#x} of the "
-                                  f"{TARGET_NAMES[target]}, which has {size:#x} bytes")
+                raise self._fault(
+                    iova,
+                    length,
+                    write,
+                    f"IOVA page {pfn:#x} maps to byte {start:#x} of the "
+                    f"{TARGET_NAMES[target]}, which has {size:#x} bytes",
+                )
             if pieces and pieces[-1][0] == target and pieces[-1][2] == start:
                 pieces[-1] = (target, pieces[-1][1], start + n)
             else:
@@ -452,7 +479,7 @@ class DmaView:
         pieces = self._plan(iova, len(out), write=False)
         pos = 0
         for target, start, end in pieces:
-            out[pos:pos + end - start] = self._targets[target][start:end]
+            out[pos : pos + end - start] = self._targets[target][start:end]
             pos += end - start
 
     def write(self, iova: int, data: Any) -> None:
@@ -461,7 +488,7 @@ class DmaView:
         pieces = self._plan(iova, len(src), write=True)
         pos = 0
         for target, start, end in pieces:
-            self._targets[target][start:end] = src[pos:pos + end - start]
+            self._targets[target][start:end] = src[pos : pos + end - start]
             pos += end - start
         self._log_pieces(pieces)
 
@@ -489,6 +516,14 @@ class DmaView:
 
 
 __all__ = [
-    "DmaFault", "DmaView", "IommuError", "IommuTable", "Mapping", "PAGE_SIZE", "TARGET_POOL",
-    "TARGET_RAM", "decode_entry", "encode_entry",
+    "DmaFault",
+    "DmaView",
+    "IommuError",
+    "IommuTable",
+    "Mapping",
+    "PAGE_SIZE",
+    "TARGET_POOL",
+    "TARGET_RAM",
+    "decode_entry",
+    "encode_entry",
 ]

@@ -96,8 +96,7 @@ def ram_regions(memory: int) -> tuple[RamRegion, ...]:
         raise ValueError(f"guest memory size {memory:#x} is not a positive page multiple")
     if memory <= ABI_LOW_RAM_MAX:
         return (RamRegion(0, memory),)
-    return (RamRegion(0, ABI_LOW_RAM_MAX),
-            RamRegion(ABI_HIGH_RAM_GPA, memory - ABI_LOW_RAM_MAX))
+    return (RamRegion(0, ABI_LOW_RAM_MAX), RamRegion(ABI_HIGH_RAM_GPA, memory - ABI_LOW_RAM_MAX))
 
 
 def ram_top(memory: int) -> int:
@@ -142,8 +141,16 @@ def pack_boot_info(
     regions = ram_regions(memory)
     out = bytearray(PAGE_SIZE)
     _BOOT_INFO_HEAD.pack_into(
-        out, 0, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, nr_vcpus, regions[0].size, tsc_khz,
-        ABI_HEAP_START_GPA, len(devices), len(regions),
+        out,
+        0,
+        BOOT_INFO_MAGIC,
+        BOOT_INFO_VERSION,
+        nr_vcpus,
+        regions[0].size,
+        tsc_khz,
+        ABI_HEAP_START_GPA,
+        len(devices),
+        len(regions),
     )
     off = _BOOT_INFO_HEAD.size
     for i in range(ABI_MAX_DEVICES):

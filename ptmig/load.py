@@ -107,19 +107,37 @@ class LoadResult:
     @classmethod
     def from_stats(cls, st: EngineStats) -> LoadResult:
         lat = np.frombuffer(st.latencies_ms, dtype=np.float64) if len(st.latencies_ms) else None
-        p50, p99, mx = (np.percentile(lat, [50, 99]).tolist() + [float(lat.max())]
-                        if lat is not None else (0.0, 0.0, 0.0))
+        p50, p99, mx = (
+            np.percentile(lat, [50, 99]).tolist() + [float(lat.max())]
+            if lat is not None
+            else (0.0, 0.0, 0.0)
+        )
         series = [[round(i * BUCKET_S, 1), n] for i, n in enumerate(st.series)]
         return cls(
-            ops=st.ops, ops_per_s=st.ops / st.load_elapsed_s if st.load_elapsed_s else 0.0,
-            p50_ms=float(p50), p99_ms=float(p99), max_ms=float(mx),
-            max_gap_ms=st.max_gap_s * 1000.0, max_gap_at_s=st.max_gap_at_s,
-            timeouts=st.timeouts, retransmits=st.retransmits, acked=st.puts_acked,
-            keys_written=st.keys_written, lost=st.lost, wrong=st.wrong, verified=st.verified,
-            unverified=st.unverified, unanswered=st.unanswered, errors=st.errors,
+            ops=st.ops,
+            ops_per_s=st.ops / st.load_elapsed_s if st.load_elapsed_s else 0.0,
+            p50_ms=float(p50),
+            p99_ms=float(p99),
+            max_ms=float(mx),
+            max_gap_ms=st.max_gap_s * 1000.0,
+            max_gap_at_s=st.max_gap_at_s,
+            timeouts=st.timeouts,
+            retransmits=st.retransmits,
+            acked=st.puts_acked,
+            keys_written=st.keys_written,
+            lost=st.lost,
+            wrong=st.wrong,
+            verified=st.verified,
+            unverified=st.unverified,
+            unanswered=st.unanswered,
+            errors=st.errors,
             stray_replies=st.stray_replies,
-            malformed_replies=st.malformed_replies, duration_s=st.load_elapsed_s,
-            verify_s=st.verify_elapsed_s, series=series, problems=list(st.problems))
+            malformed_replies=st.malformed_replies,
+            duration_s=st.load_elapsed_s,
+            verify_s=st.verify_elapsed_s,
+            series=series,
+            problems=list(st.problems),
+        )
 
 
 @dataclass(frozen=True)
@@ -175,18 +193,33 @@ def open_datapath(opts: LoadOptions) -> Datapath:
         return SocketDatapath(str(guest.ip), kv_port)
     mac = random_local_mac()
     link = open_backend(backend, mac=mac)
-    return EthernetHost(link, mac, _client_ip(guest, opts.client_ip),
-                        CLIENT_PORT + os.getpid() % 10000, guest.ip.packed, kv_port)
+    return EthernetHost(
+        link,
+        mac,
+        _client_ip(guest, opts.client_ip),
+        CLIENT_PORT + os.getpid() % 10000,
+        guest.ip.packed,
+        kv_port,
+    )
 
 
 def run_load(opts: LoadOptions) -> LoadResult:
     """Run the load, the drain and the read-back; write `opts.json_path` if set."""
     prefix = opts.keys_prefix or f"L{os.urandom(4).hex()}"
-    cfg = EngineConfig(window=opts.window, rate=opts.rate, duration_s=opts.duration_s,
-                       prefix=prefix.encode(), keys=opts.keys, value_size=opts.value_size,
-                       read_ratio=opts.read_ratio, durable=opts.durable, rto_s=opts.rto_s,
-                       verify=opts.verify, verify_stall_s=opts.verify_stall_s,
-                       ready_timeout_s=opts.ready_timeout_s)
+    cfg = EngineConfig(
+        window=opts.window,
+        rate=opts.rate,
+        duration_s=opts.duration_s,
+        prefix=prefix.encode(),
+        keys=opts.keys,
+        value_size=opts.value_size,
+        read_ratio=opts.read_ratio,
+        durable=opts.durable,
+        rto_s=opts.rto_s,
+        verify=opts.verify,
+        verify_stall_s=opts.verify_stall_s,
+        ready_timeout_s=opts.ready_timeout_s,
+    )
     cfg.check()
     datapath = open_datapath(opts)
     try:

@@ -34,12 +34,19 @@ SHADOW_POOL_PAGES = 8192  # 32 MiB of device buffers while shadowing
 
 
 class Machine:
-    def __init__(self, cfg: VmConfig, *, console: TextIO | None = None,
-                 qmp_path: str | None = None, psk_file: Path | None = None,
-                 insecure: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: VmConfig,
+        *,
+        console: TextIO | None = None,
+        qmp_path: str | None = None,
+        psk_file: Path | None = None,
+        insecure: bool = False,
+    ) -> None:
         self.cfg = cfg
-        self.vm = Vm(VmSpec(cfg.memory_bytes, cfg.vcpus, cfg.guest_cmdline(), cfg.name),
-                     console=console)
+        self.vm = Vm(
+            VmSpec(cfg.memory_bytes, cfg.vcpus, cfg.guest_cmdline(), cfg.name), console=console
+        )
         self.devices: list[AttachedDevice] = []
         self.shadow_pool = ShadowPool(SHADOW_POOL_PAGES, name=f"{cfg.name}-shadow-pool")
         self.switch_process: Any = None
@@ -47,8 +54,9 @@ class Machine:
         self.shadow: Any = None  # the ShadowEngine while a migration shadows DMA
         self.manual_shadow: Any = None  # the ShadowTracking that x-shadow-start began
         self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
-        self.disk_locks = DiskLocks((d.path for d in cfg.disk),
-                                    Holder.this_process(cfg.name, qmp_path))
+        self.disk_locks = DiskLocks(
+            (d.path for d in cfg.disk), Holder.this_process(cfg.name, qmp_path)
+        )
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()
         self._closing = False
@@ -117,8 +125,9 @@ class Machine:
         else:
             log.warning("device %s: %s %s", dev.id, ev.name, ev.data)
         if self.qmp is not None:
-            self.qmp.emit("X_DEVICE_EVENT", {"device": dev.id, "event": ev.name,
-                                             "data": _jsonable(ev.data)})
+            self.qmp.emit(
+                "X_DEVICE_EVENT", {"device": dev.id, "event": ev.name, "data": _jsonable(ev.data)}
+            )
 
     def close(self) -> None:
         self._closing = True
@@ -146,13 +155,20 @@ class Machine:
             return
         if new == RunState.RUNNING:
             self.qmp.emit("RESUME")
-        elif old == RunState.RUNNING and new in (RunState.PAUSED, RunState.FINISH_MIGRATE,
-                                                  RunState.POSTMIGRATE):
+        elif old == RunState.RUNNING and new in (
+            RunState.PAUSED,
+            RunState.FINISH_MIGRATE,
+            RunState.POSTMIGRATE,
+        ):
             self.qmp.emit("STOP")
         if new == RunState.SHUTDOWN:
-            self.qmp.emit("SHUTDOWN", {"guest": self.vm.exit_code is not None and
-                                       not self._quit.is_set(), "reason": "guest-shutdown"
-                                       if not self._quit.is_set() else "host-qmp-quit"})
+            self.qmp.emit(
+                "SHUTDOWN",
+                {
+                    "guest": self.vm.exit_code is not None and not self._quit.is_set(),
+                    "reason": "guest-shutdown" if not self._quit.is_set() else "host-qmp-quit",
+                },
+            )
 
     def _register_qmp(self, qmp: QmpServer) -> None:
         qmp.register("query-status", self._qmp_query_status)
@@ -177,8 +193,10 @@ class Machine:
             self._cont_after_migration(x_force)
             return
         if self.vm.state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
-            raise QmpError(ErrorClass.GENERIC_ERROR,
-                           f"the guest is in state '{self.vm.state.value}' and cannot continue")
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"the guest is in state '{self.vm.state.value}' and cannot continue",
+            )
         if self.vm.state == RunState.INMIGRATE:
             raise QmpError(ErrorClass.GENERIC_ERROR, "an incoming migration is in progress")
         if self.vm.state == RunState.PRELAUNCH:  # booting, or preparing to receive a guest
@@ -191,15 +209,24 @@ class Machine:
         the guest may run on the destination. `x-force` resumes it anyway, disks permitting."""
         state = self.vm.state.value
         if self.migration.busy():
-            raise QmpError(ErrorClass.GENERIC_ERROR, f"Guest is in state '{state}': a migration "
-                           "is switching over; use migrate_cancel, 'x-force' cannot help here")
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"Guest is in state '{state}': a migration "
+                "is switching over; use migrate_cancel, 'x-force' cannot help here",
+            )
         if not force:
-            what = ("the migration's switchover is unresolved (see query-migrate); end it with "
-                    "x-migrate-resolve" if self.migration.unresolved()
-                    else "the guest was migrated and may be running on the destination")
-            raise QmpError(ErrorClass.GENERIC_ERROR, f"Guest is in state '{state}': {what}. "
-                           "Resuming it here too would run it twice and corrupt its disks; "
-                           "'cont' with 'x-force': true does it anyway")
+            what = (
+                "the migration's switchover is unresolved (see query-migrate); end it with "
+                "x-migrate-resolve"
+                if self.migration.unresolved()
+                else "the guest was migrated and may be running on the destination"
+            )
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"Guest is in state '{state}': {what}. "
+                "Resuming it here too would run it twice and corrupt its disks; "
+                "'cont' with 'x-force': true does it anyway",
+            )
         if self.migration.unresolved():
             self.migration.resolve("source")
             return
@@ -228,11 +255,14 @@ class Machine:
         from .shadow.strategy import ShadowTracking
 
         if self.shadow is not None or self.migration.busy():
-            raise QmpError(ErrorClass.GENERIC_ERROR, "DMA is already shadowed (x-shadow-start "
-                           "or a migration)")
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR, "DMA is already shadowed (x-shadow-start or a migration)"
+            )
         if self.vm.state not in (RunState.RUNNING, RunState.PAUSED):
-            raise QmpError(ErrorClass.GENERIC_ERROR,
-                           f"cannot shadow DMA of a guest in state '{self.vm.state.value}'")
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"cannot shadow DMA of a guest in state '{self.vm.state.value}'",
+            )
         tracking = ShadowTracking()
         try:
             tracking.begin(self)
@@ -261,9 +291,14 @@ class Machine:
         stats = self.vm.vcpu_stats()
         return {
             "vcpus": [
-                {"cpu": s.cpu, "valid": s.valid, "iterations": s.iterations,
-                 "max-gap-us": s.max_gap_tsc * 1000 // max(1, self.vm.tsc_khz),
-                 "pages-written": s.pages_written, "workload": list(s.workload)}
+                {
+                    "cpu": s.cpu,
+                    "valid": s.valid,
+                    "iterations": s.iterations,
+                    "max-gap-us": s.max_gap_tsc * 1000 // max(1, self.vm.tsc_khz),
+                    "pages-written": s.pages_written,
+                    "workload": list(s.workload),
+                }
                 for s in stats
             ],
             "console-tail": list(self.vm.console.lines)[-20:],

@@ -53,7 +53,8 @@ def check_host_memory(ram: int, available: int | None = None) -> None:
     if available is not None and ram > available:
         raise GuestMemoryError(
             f"guest memory of {ram >> 20} MiB is more than the host has available "
-            f"({available >> 20} MiB MemAvailable)")
+            f"({available >> 20} MiB MemAvailable)"
+        )
 
 
 class GuestMemory:
@@ -86,8 +87,11 @@ class GuestMemory:
     def check(self, gpa: int, length: int) -> None:
         if 0 <= gpa and 0 <= length and gpa + length <= self._low_end:
             return  # the common case: RAM below the MMIO windows
-        if length < 0 or gpa < 0 or not any(r.gpa <= gpa and gpa + length <= r.end
-                                             for r in self.regions):
+        if (
+            length < 0
+            or gpa < 0
+            or not any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
+        ):
             raise GuestMemoryError(
                 f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM "
                 f"{self.describe_regions()}"
@@ -98,9 +102,10 @@ class GuestMemory:
 
     def is_ram(self, first_page: int, npages: int) -> bool:
         """Whether pages [first_page, +npages) all lie in one RAM region."""
-        return npages >= 0 and any(r.first_page <= first_page and
-                                   first_page + npages <= r.first_page + r.npages
-                                   for r in self.regions)
+        return npages >= 0 and any(
+            r.first_page <= first_page and first_page + npages <= r.first_page + r.npages
+            for r in self.regions
+        )
 
     def page_ranges(self) -> list[tuple[int, int]]:
         """(first_page, npages) of each RAM region."""
@@ -221,8 +226,15 @@ class GuestMemory:
 
         Only for a guest that is not running (the destination of a migration)."""
         self.check(first_page << PAGE_SHIFT, npages << PAGE_SHIFT)
-        if _libc.fallocate(self.fd, _FALLOC_PUNCH, ctypes.c_long(first_page << PAGE_SHIFT),
-                           ctypes.c_long(npages << PAGE_SHIFT)) != 0:
+        if (
+            _libc.fallocate(
+                self.fd,
+                _FALLOC_PUNCH,
+                ctypes.c_long(first_page << PAGE_SHIFT),
+                ctypes.c_long(npages << PAGE_SHIFT),
+            )
+            != 0
+        ):
             err = ctypes.get_errno()
             raise OSError(err, f"fallocate(PUNCH_HOLE) on guest RAM: {os.strerror(err)}")
 

@@ -79,10 +79,13 @@ def memory_report(machine: Machine) -> dict[str, Any]:
     pool = machine.shadow_pool
     pool_resident = resident_bytes(pool.fd)
     # A vhost-user backend someone else runs has no pid of ours to read.
-    device_anon = {d.id: (proc_status_kib(d.handle.pid, "RssAnon") or 0)
-                   if d.handle.pid is not None else 0 for d in machine.devices}
-    devices = [{"id": d.id, "pid": d.handle.pid, "rss-anon": device_anon[d.id]}
-               for d in machine.devices]
+    device_anon = {
+        d.id: (proc_status_kib(d.handle.pid, "RssAnon") or 0) if d.handle.pid is not None else 0
+        for d in machine.devices
+    }
+    devices = [
+        {"id": d.id, "pid": d.handle.pid, "rss-anon": device_anon[d.id]} for d in machine.devices
+    ]
     vmm_anon = proc_status_kib("self", "RssAnon") or 0
     measured = vmm_anon + sum(device_anon.values()) + iommu_resident + pool_resident
     return {

@@ -22,8 +22,17 @@ from pathlib import Path
 from .firmware import FirmwareBuildError, build_host_program
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
-CFLAGS: tuple[str, ...] = ("-std=gnu11", "-O2", "-fPIC", "-shared", "-pthread", "-Wall",
-                           "-Wextra", "-Werror", "-fvisibility=default")
+CFLAGS: tuple[str, ...] = (
+    "-std=gnu11",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-fvisibility=default",
+)
 
 SANITIZE_ENV = "PTMIG_NATIVE_SANITIZE"
 
@@ -38,8 +47,14 @@ def build_flags(sanitize: str | None = None) -> tuple[str, ...]:
     if not all(part.isidentifier() for part in sanitize.split(",")):
         raise NativeLibraryError(f"{SANITIZE_ENV}={sanitize!r} is not a list of sanitizer names")
     plain = tuple(f for f in CFLAGS if f != "-O2")
-    return (*plain, "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
-            "-fno-sanitize-recover=all")
+    return (
+        *plain,
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        f"-fsanitize={sanitize}",
+        "-fno-sanitize-recover=all",
+    )
 
 
 class NativeLibraryError(RuntimeError):
@@ -50,18 +65,30 @@ _loaded: dict[str, ctypes.CDLL] = {}
 _lock = threading.Lock()
 
 
-def build_library(sources: Sequence[str], headers: Sequence[str] = (), *,
-                  cache_dir: Path | None = None, source_dir: Path | None = None) -> Path:
+def build_library(
+    sources: Sequence[str],
+    headers: Sequence[str] = (),
+    *,
+    cache_dir: Path | None = None,
+    source_dir: Path | None = None,
+) -> Path:
     """Build (or find in the cache) `native/<sources>` as one shared library, named after the
     first source; returns its path."""
     name = Path(sources[0]).with_suffix(".so").name
     flags = build_flags(os.environ.get(SANITIZE_ENV))
-    return build_host_program(name, source_dir or NATIVE_DIR, tuple(sources), flags,
-                              headers=tuple(headers), cache_dir=cache_dir)
+    return build_host_program(
+        name,
+        source_dir or NATIVE_DIR,
+        tuple(sources),
+        flags,
+        headers=tuple(headers),
+        cache_dir=cache_dir,
+    )
 
 
-def load_library(sources: Sequence[str], signatures: Signatures,
-                 headers: Sequence[str] = ()) -> ctypes.CDLL:
+def load_library(
+    sources: Sequence[str], signatures: Signatures, headers: Sequence[str] = ()
+) -> ctypes.CDLL:
     """The library built from `native/<sources>`, with the argument and result types of its
     functions declared from `signatures` (name -> (restype, argtypes)); loaded once."""
     key = ",".join(sources)

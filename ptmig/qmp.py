@@ -269,7 +269,7 @@ _BAD = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff"
 _STRING_STOP = re.compile(rb'["\\' + _BAD + rb"]")
 # Inside a structure, outside strings: stop at anything that is not part of a number, a
 # keyword (true/false/null) or a separator — structural bytes and quotes, and garbage.
-_NESTED_STOP = re.compile(rb'[^ \t\r\n0-9:,.+\-eEtrufalsn]')
+_NESTED_STOP = re.compile(rb"[^ \t\r\n0-9:,.+\-eEtrufalsn]")
 _SCALAR_END = re.compile(rb'[\s{}\[\]"' + _BAD + rb"]")
 _RESYNC = re.compile(rb"[{\[\x00-\x08\x0a-\x1f\xfe\xff]")  # not '\t': QEMU skips it too
 _BAD_BYTES = frozenset(

@@ -115,8 +115,9 @@ class RunControl:
             self.throttle_pct = pct
             start = pct > 0 and self._throttle_thread is None
             if start:
-                self._throttle_thread = threading.Thread(target=self._throttle_loop,
-                                                         name="cpu-throttle", daemon=True)
+                self._throttle_thread = threading.Thread(
+                    target=self._throttle_loop, name="cpu-throttle", daemon=True
+                )
         if start and self._throttle_thread is not None:
             self._throttle_thread.start()
 
@@ -137,9 +138,7 @@ class RunControl:
     @property
     def paused(self) -> bool:
         with self.cond:
-            return self.pause_requested and self.parked == len(
-                [v for v in self.vcpus if v.alive]
-            )
+            return self.pause_requested and self.parked == len([v for v in self.vcpus if v.alive])
 
 
 class Vcpu:
@@ -183,8 +182,12 @@ class Vcpu:
     def _park_if_requested(self) -> bool:
         """Wait while paused. Returns False when the VM is stopping."""
         ctl = self.control
-        if (not ctl.pause_requested and not ctl.stopping and not self._pending_completion
-                and not self.fd.run_struct.immediate_exit):
+        if (
+            not ctl.pause_requested
+            and not ctl.stopping
+            and not self._pending_completion
+            and not self.fd.run_struct.immediate_exit
+        ):
             # Fast path, no lock: pause() sets immediate_exit under the lock before kicking, so
             # a stale read here costs one KVM_RUN that returns at once.
             return True

@@ -103,8 +103,11 @@ class VcpuState:
                 break
             idx, val = pairs[written]
             if not (_is_unused_paravirt_msr(idx, val)):
-                raise KvmError("SET_MSRS", 22,
-                               f"MSR {idx:#x}={val:#x} (entry {written} of {len(pairs)}) rejected")
+                raise KvmError(
+                    "SET_MSRS",
+                    22,
+                    f"MSR {idx:#x}={val:#x} (entry {written} of {len(pairs)}) rejected",
+                )
             pairs = pairs[written + 1 :]
         fd.set_blob(Ioctl.SET_VCPU_EVENTS, self.events)
 
@@ -112,8 +115,9 @@ class VcpuState:
 
     def to_bytes(self) -> bytes:
         body = bytearray()
-        body += struct.pack("<IIQQQ", STATE_VERSION, self.index, self.tsc, self.tsc_khz,
-                            self.saved_at_ns)
+        body += struct.pack(
+            "<IIQQQ", STATE_VERSION, self.index, self.tsc, self.tsc_khz, self.saved_at_ns
+        )
         for name in _FIELDS[:-1]:
             blob = getattr(self, name)
             body += struct.pack("<I", len(blob)) + blob
@@ -162,8 +166,7 @@ class VcpuState:
             msrs = tuple(_MSR.unpack_from(body, off + i * _MSR.size) for i in range(nmsrs))
         except struct.error as e:
             raise VcpuStateError(f"truncated vCPU state: {e}") from None
-        return cls(index=index, tsc=tsc, tsc_khz=tsc_khz, saved_at_ns=saved_at, msrs=msrs,
-                   **blobs)
+        return cls(index=index, tsc=tsc, tsc_khz=tsc_khz, saved_at_ns=saved_at, msrs=msrs, **blobs)
 
     @property
     def rip(self) -> int:

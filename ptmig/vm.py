@@ -105,8 +105,9 @@ class VmError(RuntimeError):
 class Vm:
     """One guest: create → (boot | restore) → start → ... → shutdown."""
 
-    def __init__(self, spec: VmSpec, *, console: TextIO | None = None,
-                 kvm: Kvm | None = None) -> None:
+    def __init__(
+        self, spec: VmSpec, *, console: TextIO | None = None, kvm: Kvm | None = None
+    ) -> None:
         if not MIN_MEMORY <= spec.memory <= MAX_MEMORY or spec.memory % (2 << 20):
             raise VmError(
                 f"memory {spec.memory:#x} must be a multiple of 2 MiB in "
@@ -127,10 +128,10 @@ class Vm:
         slots = []
         for slot, r in enumerate(self.memory.regions):  # one memslot and dirty log per region
             self.vmfd.set_user_memory_region(
-                slot, r.gpa, r.size, self.memory.host_address + r.gpa, KVM_MEM_LOG_DIRTY_PAGES)
+                slot, r.gpa, r.size, self.memory.host_address + r.gpa, KVM_MEM_LOG_DIRTY_PAGES
+            )
             slots.append((slot, r.first_page, r.npages))
-        self.dirty = DirtyTracker(KvmDirtyLog(self.vmfd, slots, self.memory.npages),
-                                  self.memory)
+        self.dirty = DirtyTracker(KvmDirtyLog(self.vmfd, slots, self.memory.npages), self.memory)
         self.console = ConsoleSink(console)
         self.control = RunControl()
         self.vcpus: list[Vcpu] = []
@@ -157,13 +158,15 @@ class Vm:
 
     # --- building the guest -------------------------------------------------------------
 
-    def boot(self, firmware: bytes, entry: int, entry_ap: int,
-             devices: list[BootDevice] | None = None) -> None:
+    def boot(
+        self, firmware: bytes, entry: int, entry_ap: int, devices: list[BootDevice] | None = None
+    ) -> None:
         """Lay out a fresh guest: page tables, GDT, boot info, firmware, vCPU registers."""
         boot.write_page_tables(self.memory)
         boot.write_gdt(self.memory)
-        boot.write_boot_info(self.memory, self.spec.vcpus, self.tsc_khz, self.spec.cmdline,
-                             devices or [])
+        boot.write_boot_info(
+            self.memory, self.spec.vcpus, self.tsc_khz, self.spec.cmdline, devices or []
+        )
         self.memory.write(ABI_FW_LOAD_GPA, firmware)
         for v in self.vcpus:
             v.fd.set_sregs(boot.initial_sregs(v.fd.get_sregs()))
@@ -264,8 +267,10 @@ class Vm:
     # --- statistics the guest keeps --------------------------------------------------------
 
     def vcpu_stats(self) -> list[VcpuStats]:
-        return [VcpuStats.unpack(i, self.memory.read(stats_gpa(i), ABI_STATS_SLOT_SIZE))
-                for i in range(self.spec.vcpus)]
+        return [
+            VcpuStats.unpack(i, self.memory.read(stats_gpa(i), ABI_STATS_SLOT_SIZE))
+            for i in range(self.spec.vcpus)
+        ]
 
     def workload_area(self, length: int = 2048) -> bytes:
         return self.memory.read(ABI_WORKLOAD_STATS_GPA, length)

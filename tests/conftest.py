@@ -33,8 +33,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"needs KVM: {problem}"))
         big = item.get_closest_marker("bigmem")
         if big is not None and (have := _available_gib()) < big.args[0]:
-            item.add_marker(pytest.mark.skip(
-                reason=f"needs {big.args[0]} GiB of host memory, {have:.1f} GiB available"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"needs {big.args[0]} GiB of host memory, {have:.1f} GiB available"
+                )
+            )
         if "root" in item.keywords and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason="needs root (CAP_NET_ADMIN, namespaces)"))
 

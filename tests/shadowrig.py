@@ -36,7 +36,18 @@ class FakeAttached:
 def device_state(drv: DriverQueue, next_avail: int = 0) -> dict[str, Any]:
     """What a quiesced device reports for the driver's one queue (`get_state`)."""
     st = drv.state(next_avail=next_avail, next_used=next_avail)
-    return {"mmio": {"status": 15}, "queues": [
-        {"index": 0, "size": st.size, "desc_addr": st.desc_addr, "avail_addr": st.avail_addr,
-         "used_addr": st.used_addr, "next_avail": next_avail, "next_used": next_avail,
-         "ready": True}]}
+    return {
+        "mmio": {"status": 15},
+        "queues": [
+            {
+                "index": 0,
+                "size": st.size,
+                "desc_addr": st.desc_addr,
+                "avail_addr": st.avail_addr,
+                "used_addr": st.used_addr,
+                "next_avail": next_avail,
+                "next_used": next_avail,
+                "ready": True,
+            }
+        ],
+    }

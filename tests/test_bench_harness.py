@@ -103,8 +103,16 @@ def test_measured_percentile_statistic() -> None:
 def test_result_json_shape() -> None:
     r = measured("core", "x", [1.0, 3.0, 2.0], "ms", Goal("<=", 5, "ms"), {"k": 1})
     assert r.to_json() == {
-        "section": "core", "name": "x", "value": 2.0, "unit": "ms", "goal": "≤ 5 ms",
-        "ok": True, "min": 1.0, "max": 3.0, "runs": [1.0, 3.0, 2.0], "extra": {"k": 1},
+        "section": "core",
+        "name": "x",
+        "value": 2.0,
+        "unit": "ms",
+        "goal": "≤ 5 ms",
+        "ok": True,
+        "min": 1.0,
+        "max": 3.0,
+        "runs": [1.0, 3.0, 2.0],
+        "extra": {"k": 1},
     }
 
 
@@ -164,11 +172,15 @@ def fake_sections(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     mod.good = good  # type: ignore[attr-defined]
     mod.broken = broken  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(bench, "SECTIONS", {
-        "good": f"{mod.__name__}:good",
-        "broken": f"{mod.__name__}:broken",
-        "missing": "ptmig_bench_no_such_module:run",
-    })
+    monkeypatch.setattr(
+        bench,
+        "SECTIONS",
+        {
+            "good": f"{mod.__name__}:good",
+            "broken": f"{mod.__name__}:broken",
+            "missing": "ptmig_bench_no_such_module:run",
+        },
+    )
     return mod
 
 
@@ -211,8 +223,9 @@ def test_unknown_section_name_returns_2_and_writes_nothing(fake_sections, tmp_pa
     assert not out.exists()
 
 
-def test_json_to_stdout_puts_the_tables_on_stderr(fake_sections, capsys, tmp_path,
-                                                  monkeypatch) -> None:
+def test_json_to_stdout_puts_the_tables_on_stderr(
+    fake_sections, capsys, tmp_path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert bench.main(quick=True, json_path=Path("-"), only=["good"]) == 0
     out = capsys.readouterr()
@@ -226,8 +239,7 @@ def test_run_bench_files_results_under_their_section() -> None:
     def section(config: BenchConfig) -> list[Result]:
         return [measured("wrong-name", "x", [1.0], "u")]
 
-    report = bench.run_bench(BenchConfig(runs=1), [("mine", section)],
-                             Console(quiet=True))
+    report = bench.run_bench(BenchConfig(runs=1), [("mine", section)], Console(quiet=True))
     assert isinstance(report, Report) and report.results[0].section == "mine"
 
 
@@ -278,10 +290,19 @@ def test_loop_guests_encode_their_iteration_count() -> None:
 # ---- KVM smoke run --------------------------------------------------------------------------
 
 CORE_RESULT_NAMES = {
-    "storebw.guest", "storebw.native", "storebw.ratio",
-    "exit.pio", "exit.mmio", "exit.pio.kvm_run_floor",
-    "harvest.64m.running", "harvest.64m.backlog", "harvest.64m.idle",
-    "pause.running", "pause.running.p99", "pause.halted", "pause.halted.p99",
+    "storebw.guest",
+    "storebw.native",
+    "storebw.ratio",
+    "exit.pio",
+    "exit.mmio",
+    "exit.pio.kvm_run_floor",
+    "harvest.64m.running",
+    "harvest.64m.backlog",
+    "harvest.64m.idle",
+    "pause.running",
+    "pause.running.p99",
+    "pause.halted",
+    "pause.halted.p99",
 }
 
 
@@ -293,8 +314,7 @@ def test_core_section_quick_smoke(tmp_path: Path) -> None:
         return core.run_core(config, core.CoreParams.tiny())
 
     config = BenchConfig.for_mode(quick=True)
-    report = bench.run_bench(config, [("core", tiny_core)],
-                             Console(quiet=True))
+    report = bench.run_bench(config, [("core", tiny_core)], Console(quiet=True))
     out = tmp_path / "bench.json"
     bench.write_json(report, out)
     doc = json.loads(out.read_text())
@@ -330,8 +350,10 @@ def test_the_progress_line_names_section_cell_run_and_elapsed_time() -> None:
     now[0] = 190.0
     p.step("shadow, 1G guest (cell 6/8)", 2, 3)
     now[0] = 225.0
-    assert p.text() == ("bench strategies (4/4) │ shadow, 1G guest (cell 6/8) │ run 2/3 │ "
-                        "2:05 in this section, 2:05 in all")
+    assert p.text() == (
+        "bench strategies (4/4) │ shadow, 1G guest (cell 6/8) │ run 2/3 │ "
+        "2:05 in this section, 2:05 in all"
+    )
     p.section("core", 1, 4)  # a new section starts with no cell and its own clock
     now[0] = 3925.0
     assert p.text() == "bench core (1/4) │ 1:01:40 in this section, 1:03:45 in all"
@@ -349,8 +371,9 @@ def test_sections_report_their_steps_to_the_running_bench() -> None:
         seen.append(progress._current.text())
         return [Result("s", "x", 1.0, "ms", None, None, [1.0])]
 
-    bench.run_bench(BenchConfig(runs=1), [("first", section), ("second", section)],
-                    Console(quiet=True))
+    bench.run_bench(
+        BenchConfig(runs=1), [("first", section), ("second", section)], Console(quiet=True)
+    )
     assert seen[0].startswith("bench first (1/2) │ cell a │ run 1/2 │ ")
     assert seen[1].startswith("bench second (2/2) │ cell a │ run 1/2 │ ")
     assert progress._current is None
@@ -359,8 +382,16 @@ def test_sections_report_their_steps_to_the_running_bench() -> None:
 def test_a_missing_comparison_says_why_in_the_table() -> None:
     from ptmig.bench.harness import section_table
 
-    skipped = Result("migration", "qemu", math.nan, "", None, None, [],
-                     {"skipped": "qemu-system-x86_64 is not installed"})
+    skipped = Result(
+        "migration",
+        "qemu",
+        math.nan,
+        "",
+        None,
+        None,
+        [],
+        {"skipped": "qemu-system-x86_64 is not installed"},
+    )
     console = Console(record=True, width=200)
     console.print(section_table("migration", [skipped]))
     assert "not measured: qemu-system-x86_64 is not installed" in console.export_text()

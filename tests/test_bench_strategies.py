@@ -34,56 +34,117 @@ from ptmig.report.bench import strategy_points
 MiB = 1 << 20
 
 
-def demo_doc(*, downtime: int = 120, mismatched: int = 0, lost: int = 0, wrong: int = 0,
-             verify_ms: float = 40.0) -> dict[str, Any]:
+def demo_doc(
+    *,
+    downtime: int = 120,
+    mismatched: int = 0,
+    lost: int = 0,
+    wrong: int = 0,
+    verify_ms: float = 40.0,
+) -> dict[str, Any]:
     """A demo document shaped like `run_demo`'s, with a load series of 100 ms buckets."""
-    series = [[round(i * 0.1, 1), 500 if i < 30 else (400 if i < 40 else 450)]
-              for i in range(80)]
+    series = [[round(i * 0.1, 1), 500 if i < 30 else (400 if i < 40 else 450)] for i in range(80)]
     return {
         "migration": {
-            "status": "completed", "total-time": 1000, "downtime": downtime,
+            "status": "completed",
+            "total-time": 1000,
+            "downtime": downtime,
             "ram": {"transferred": 64 * MiB, "dirty-sync-count": 3},
-            "x-rounds": [{"round": 0, "pages": 65536}, {"round": 1, "pages": 900},
-                         {"round": 2, "pages": 300, "stop-and-copy": True,
-                          "stop-at-ms": 880.0,
-                          "downtime-ms": {"pause": 1, "sync": 2, "send": 30, "ack": 80},
-                          "destination-ms": {"verify": verify_ms, "vcpus": 1, "devices": 5}}],
+            "x-rounds": [
+                {"round": 0, "pages": 65536},
+                {"round": 1, "pages": 900},
+                {
+                    "round": 2,
+                    "pages": 300,
+                    "stop-and-copy": True,
+                    "stop-at-ms": 880.0,
+                    "downtime-ms": {"pause": 1, "sync": 2, "send": 30, "ack": 80},
+                    "destination-ms": {"verify": verify_ms, "vcpus": 1, "devices": 5},
+                },
+            ],
             "x-verify": {"pages": 65536, "mismatched": mismatched, "first-mismatched": []},
         },
-        "load": {"acked": 1000, "lost": lost, "wrong": wrong, "unverified": 0,
-                 "max_gap_ms": 150.0, "series": series},
+        "load": {
+            "acked": 1000,
+            "lost": lost,
+            "wrong": wrong,
+            "unverified": 0,
+            "max_gap_ms": 150.0,
+            "series": series,
+        },
         "guest": {"vcpus": [{"max-gap-us": 140000}]},
         "demo": {
-            "phases": [{"name": "warm-up", "start_s": 0.0, "end_s": 3.0},
-                       {"name": "setup", "start_s": 3.0, "end_s": 3.02},
-                       {"name": "pre-copy", "start_s": 3.02, "end_s": 3.9},
-                       {"name": "stop-and-copy", "start_s": 3.9, "end_s": 4.02},
-                       {"name": "after", "start_s": 4.02, "end_s": 8.0}],
-            "outage": {"client-ms": 150.0, "guest-ms": 140.0, "client-switchover": {
-                "start_s": 3.89, "end_s": 4.04, "ms": 150.0, "contains-switchover": True}},
+            "phases": [
+                {"name": "warm-up", "start_s": 0.0, "end_s": 3.0},
+                {"name": "setup", "start_s": 3.0, "end_s": 3.02},
+                {"name": "pre-copy", "start_s": 3.02, "end_s": 3.9},
+                {"name": "stop-and-copy", "start_s": 3.9, "end_s": 4.02},
+                {"name": "after", "start_s": 4.02, "end_s": 8.0},
+            ],
+            "outage": {
+                "client-ms": 150.0,
+                "guest-ms": 140.0,
+                "client-switchover": {
+                    "start_s": 3.89,
+                    "end_s": 4.04,
+                    "ms": 150.0,
+                    "contains-switchover": True,
+                },
+            },
             "throughput": {"before": 5000.0, "pre-copy": 3500.0, "after": 4500.0},
-            "latency": {"before": {"n": 900, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0},
-                        "pre-copy": {"n": 300, "p50_ms": 1.5, "p99_ms": 5.0, "max_ms": 9.0},
-                        "after": {"n": 1800, "p50_ms": 1.1, "p99_ms": 2.5, "max_ms": 150.0}},
-            "cpu": {"source-s": 0.05, "source-s-per-gib": 0.8, "destination-s": 0.04,
-                    "destination-s-per-gib": 0.6},
+            "latency": {
+                "before": {"n": 900, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0},
+                "pre-copy": {"n": 300, "p50_ms": 1.5, "p99_ms": 5.0, "max_ms": 9.0},
+                "after": {"n": 1800, "p50_ms": 1.1, "p99_ms": 2.5, "max_ms": 150.0},
+            },
+            "cpu": {
+                "source-s": 0.05,
+                "source-s-per-gib": 0.8,
+                "destination-s": 0.04,
+                "destination-s-per-gib": 0.6,
+            },
             "problems": [],
         },
     }
 
 
-def cell(strategy: str, memory: str, downtime: float, *, correct: bool = True,
-         before: float = 5000.0, during: float = 4000.0, p99: tuple[float, float] = (2.0, 3.0),
-         cpu: float = 0.7) -> CellRun:
-    return CellRun(strategy, memory, status="completed", total_ms=1000.0,
-                   downtime_ms=downtime, bytes_sent=64.0 * MiB, rounds=3.0,
-                   client_gap_ms=downtime + 10, guest_pause_ms=downtime,
-                   ops_before=before, ops_precopy=during, ops_after=4800.0,
-                   mismatched=0.0 if correct else 12.0, lost=0.0 if correct else 3.0,
-                   wrong=0.0, unverified=0.0, acked=1000.0, covered=True,
-                   latency={"before": {"p50_ms": 1.0, "p99_ms": p99[0], "max_ms": 4.0},
-                            "precopy": {"p50_ms": 1.2, "p99_ms": p99[1], "max_ms": 9.0}},
-                   cpu_source=cpu, cpu_destination=cpu / 2)
+def cell(
+    strategy: str,
+    memory: str,
+    downtime: float,
+    *,
+    correct: bool = True,
+    before: float = 5000.0,
+    during: float = 4000.0,
+    p99: tuple[float, float] = (2.0, 3.0),
+    cpu: float = 0.7,
+) -> CellRun:
+    return CellRun(
+        strategy,
+        memory,
+        status="completed",
+        total_ms=1000.0,
+        downtime_ms=downtime,
+        bytes_sent=64.0 * MiB,
+        rounds=3.0,
+        client_gap_ms=downtime + 10,
+        guest_pause_ms=downtime,
+        ops_before=before,
+        ops_precopy=during,
+        ops_after=4800.0,
+        mismatched=0.0 if correct else 12.0,
+        lost=0.0 if correct else 3.0,
+        wrong=0.0,
+        unverified=0.0,
+        acked=1000.0,
+        covered=True,
+        latency={
+            "before": {"p50_ms": 1.0, "p99_ms": p99[0], "max_ms": 4.0},
+            "precopy": {"p50_ms": 1.2, "p99_ms": p99[1], "max_ms": 9.0},
+        },
+        cpu_source=cpu,
+        cpu_destination=cpu / 2,
+    )
 
 
 def by_name(results: list[Any]) -> dict[str, Any]:
@@ -150,23 +211,29 @@ def test_precopy_rate_uses_whole_buckets_and_falls_back_to_overlap() -> None:
 PARAMS = StrategyBenchParams(memories=("256M", "1G", "2G"), runs=2)
 
 
-def synthetic_cells(shadow_downtime: dict[str, float], alldirty_downtime: dict[str, float],
-                    devicelog_downtime: float = 100.0) -> list[CellRun]:
+def synthetic_cells(
+    shadow_downtime: dict[str, float],
+    alldirty_downtime: dict[str, float],
+    devicelog_downtime: float = 100.0,
+) -> list[CellRun]:
     out = []
     for _ in range(2):
         for m in PARAMS.memories:
-            out += [cell("none", m, 90.0, correct=False),
-                    cell("all-dirty", m, alldirty_downtime[m]),
-                    cell("device-log", m, devicelog_downtime),
-                    cell("shadow", m, shadow_downtime[m])]
+            out += [
+                cell("none", m, 90.0, correct=False),
+                cell("all-dirty", m, alldirty_downtime[m]),
+                cell("device-log", m, devicelog_downtime),
+                cell("shadow", m, shadow_downtime[m]),
+            ]
     return out
 
 
 def test_derived_results_meet_their_goals_when_shadow_behaves() -> None:
-    cells = synthetic_cells({"256M": 110, "1G": 120, "2G": 130},
-                            {"256M": 300, "1G": 1200, "2G": 2400})
+    cells = synthetic_cells(
+        {"256M": 110, "1G": 120, "2G": 130}, {"256M": 300, "1G": 1200, "2G": 2400}
+    )
     r = by_name(derived_results(cells, PARAMS))
-    assert list(r) == expected_result_names(PARAMS)[-len(r):]
+    assert list(r) == expected_result_names(PARAMS)[-len(r) :]
     assert r["strategy.shadow.correct"].value == 1.0 and r["strategy.shadow.correct"].ok
     assert r["strategy.shadow_vs_devicelog.downtime_ratio.1G"].value == pytest.approx(1.2)
     assert r["strategy.shadow.downtime_spread"].value == pytest.approx(130 / 110)
@@ -184,8 +251,10 @@ def test_derived_results_meet_their_goals_when_shadow_behaves() -> None:
 
 def test_latency_and_cpu_goals_are_missed_when_exceeded() -> None:
     p = StrategyBenchParams(memories=("256M",), strategies=("shadow",), runs=2)
-    cells = [cell("shadow", "256M", 100, p99=(2.0, 5.0), cpu=1.4),
-             cell("shadow", "256M", 100, p99=(2.0, 6.0), cpu=1.8)]
+    cells = [
+        cell("shadow", "256M", 100, p99=(2.0, 5.0), cpu=1.4),
+        cell("shadow", "256M", 100, p99=(2.0, 6.0), cpu=1.8),
+    ]
     r = by_name(derived_results(cells, p))
     assert r["strategy.shadow.p99_precopy_vs_before"].runs == [2.5, 3.0]
     assert r["strategy.shadow.p99_precopy_vs_before"].ok is False
@@ -195,8 +264,12 @@ def test_latency_and_cpu_goals_are_missed_when_exceeded() -> None:
 
 def test_shadow_slowdown_is_compared_with_device_logs_in_the_same_round() -> None:
     p = StrategyBenchParams(memories=("256M",), strategies=("device-log", "shadow"), runs=2)
-    cells = [cell("device-log", "256M", 100, during=4000), cell("shadow", "256M", 100, during=3000),
-             cell("device-log", "256M", 100, during=5000), cell("shadow", "256M", 100, during=2500)]
+    cells = [
+        cell("device-log", "256M", 100, during=4000),
+        cell("shadow", "256M", 100, during=3000),
+        cell("device-log", "256M", 100, during=5000),
+        cell("shadow", "256M", 100, during=2500),
+    ]
     r = by_name(derived_results(cells, p))
     assert r["strategy.shadow.during_vs_before"].runs == [0.6, 0.5]
     assert r["strategy.shadow.during_vs_before"].ok is False
@@ -204,8 +277,9 @@ def test_shadow_slowdown_is_compared_with_device_logs_in_the_same_round() -> Non
 
 
 def test_derived_results_miss_their_goals_when_shadow_does_not() -> None:
-    cells = synthetic_cells({"256M": 100, "1G": 250, "2G": 400},
-                            {"256M": 300, "1G": 320, "2G": 330})
+    cells = synthetic_cells(
+        {"256M": 100, "1G": 250, "2G": 400}, {"256M": 300, "1G": 320, "2G": 330}
+    )
     cells.append(cell("shadow", "1G", 120.0, correct=False, during=2000.0))
     r = by_name(derived_results(cells, PARAMS))
     assert r["strategy.shadow.correct"].value == 0.0 and r["strategy.shadow.correct"].ok is False
@@ -218,8 +292,7 @@ def test_derived_results_miss_their_goals_when_shadow_does_not() -> None:
 
 
 def test_none_losing_data_is_reported_but_has_no_goal() -> None:
-    cells = synthetic_cells({m: 100 for m in PARAMS.memories},
-                            {m: 100 for m in PARAMS.memories})
+    cells = synthetic_cells({m: 100 for m in PARAMS.memories}, {m: 100 for m in PARAMS.memories})
     r = by_name(cell_results(cells, PARAMS))
     none = r["strategy.none.256M.mismatched"]
     assert none.value == 12 and none.goal is None and none.ok is None
@@ -230,8 +303,11 @@ def test_none_losing_data_is_reported_but_has_no_goal() -> None:
 
 
 def test_cell_correctness_is_the_worst_run_not_the_median() -> None:
-    cells = [cell("shadow", "256M", 100), cell("shadow", "256M", 100),
-             cell("shadow", "256M", 100, correct=False)]
+    cells = [
+        cell("shadow", "256M", 100),
+        cell("shadow", "256M", 100),
+        cell("shadow", "256M", 100, correct=False),
+    ]
     p = StrategyBenchParams(memories=("256M",), strategies=("shadow",), runs=3)
     r = by_name(cell_results(cells, p))
     assert r["strategy.shadow.256M.mismatched"].value == 12
@@ -240,8 +316,9 @@ def test_cell_correctness_is_the_worst_run_not_the_median() -> None:
 
 
 def test_cell_results_feed_the_report_plot() -> None:
-    cells = synthetic_cells({"256M": 110, "1G": 120, "2G": 130},
-                            {"256M": 300, "1G": 1200, "2G": 2400})
+    cells = synthetic_cells(
+        {"256M": 110, "1G": 120, "2G": 130}, {"256M": 300, "1G": 1200, "2G": 2400}
+    )
     results = cell_results(cells, PARAMS)
     doc = {"results": [r.to_json() for r in results]}
     points = strategy_points(doc)
@@ -279,8 +356,10 @@ def test_params_reject_unknown_strategies_and_sizes() -> None:
 def test_the_offered_load_is_the_fraction_of_the_maximum() -> None:
     p, results = with_offered_load(StrategyBenchParams(load_fraction=0.5), 41_000.0)
     assert p.rate == 20_500 and "20,500 ops/s offered" in p.load_text()
-    assert [(r.name, r.value) for r in results] == [(MAX_RATE_RESULTS[0], 41_000.0),
-                                                    (MAX_RATE_RESULTS[1], 20_500.0)]
+    assert [(r.name, r.value) for r in results] == [
+        (MAX_RATE_RESULTS[0], 41_000.0),
+        (MAX_RATE_RESULTS[1], 20_500.0),
+    ]
 
 
 # ---- running, with a fake demo ---------------------------------------------------------------
@@ -327,19 +406,29 @@ def test_run_strategy_bench_prints_one_table_per_size(tmp_path: Path) -> None:
 def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) -> None:
     import ptmig.bench.strategies as mod
 
-    tiny = StrategyBenchParams(memories=("256M",), strategies=("none", "shadow"), runs=1,
-                               warmup_s=2.0, after_s=2.0, datapath_pairs=1, datapath_s=1.0)
+    tiny = StrategyBenchParams(
+        memories=("256M",),
+        strategies=("none", "shadow"),
+        runs=1,
+        warmup_s=2.0,
+        after_s=2.0,
+        datapath_pairs=1,
+        datapath_s=1.0,
+    )
     monkeypatch.setattr(mod.StrategyBenchParams, "for_config", classmethod(lambda cls, c: tiny))
-    report = run_bench(BenchConfig(quick=True, runs=1),
-                       [("strategies", load_section("strategies"))],
-                       Console(file=open(tmp_path / "out.txt", "w"), width=200))
+    report = run_bench(
+        BenchConfig(quick=True, runs=1),
+        [("strategies", load_section("strategies"))],
+        Console(file=open(tmp_path / "out.txt", "w"), width=200),
+    )
     path = tmp_path / "bench.json"
     write_json(report, path)
     doc = json.loads(path.read_text())
     assert doc["errors"] == []
     results = {r["name"]: r for r in doc["results"]}
-    assert list(results) == (list(MAX_RATE_RESULTS) + expected_result_names(tiny)
-                             + list(DATAPATH_RESULTS))
+    assert list(results) == (
+        list(MAX_RATE_RESULTS) + expected_result_names(tiny) + list(DATAPATH_RESULTS)
+    )
     assert results["strategy.shadow.datapath_vs_direct"]["value"] > 0
     assert all(r["section"] == "strategies" for r in results.values())
     for s in ("none", "shadow"):
@@ -353,15 +442,17 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
         assert results[f"strategy.{s}.256M.ops_before"]["value"] > 0
         assert results[f"strategy.{s}.256M.total"]["value"] >= downtime["value"]
         assert results[f"strategy.{s}.256M.mismatched"]["value"] is not None
-    assert results["strategy.shadow.correct"]["value"] == 1.0, \
-        results["strategy.shadow.correct"]["extra"]
+    assert results["strategy.shadow.correct"]["value"] == 1.0, results["strategy.shadow.correct"][
+        "extra"
+    ]
     assert results["strategy.shadow.during_vs_before"]["value"] > 0
     points = strategy_points(doc)
     assert set(points) == {"none", "shadow"}
 
 
-def test_demo_cell_turns_a_demo_that_cannot_run_into_a_failed_cell(tmp_path: Path,
-                                                                   monkeypatch: Any) -> None:
+def test_demo_cell_turns_a_demo_that_cannot_run_into_a_failed_cell(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
     import ptmig.demo
     from ptmig.bench.strategies import demo_cell
     from ptmig.demo import DemoOutcome

@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 from ptmig import bitmap
 
 
-@given(st.integers(1, 3000).flatmap(
-    lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1), max_size=200))))
+@given(
+    st.integers(1, 3000).flatmap(
+        lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1), max_size=200))
+    )
+)
 def test_pages_roundtrip_and_runs_cover_exactly(case) -> None:
     npages, pages = case
     bm = bitmap.from_pages(sorted(pages), npages)

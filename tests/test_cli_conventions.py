@@ -26,8 +26,9 @@ def cli(*args: str) -> Any:
 
 
 def python_m(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, **kw
+    )
 
 
 def test_python_m_ptmig_is_the_command() -> None:
@@ -40,13 +41,20 @@ def test_python_m_ptmig_is_the_command() -> None:
 def test_help_lists_every_command_on_one_untruncated_line_and_the_exit_statuses() -> None:
     r = cli("--help")
     assert r.exit_code == 0
-    lines = {line.split()[0]: line for line in r.stdout.splitlines()
-             if line.startswith("  ") and line.split() and line.split()[0] in COMMANDS}
+    lines = {
+        line.split()[0]: line
+        for line in r.stdout.splitlines()
+        if line.startswith("  ") and line.split() and line.split()[0] in COMMANDS
+    }
     assert sorted(lines) == sorted(COMMANDS)
     for name, line in lines.items():
         assert not line.rstrip().endswith("..."), f"{name}'s summary is cut: {line!r}"
-    for status in ("0    success", "2    usage error", "4    the migration completed",
-                   "125 when ptmig run itself failed"):
+    for status in (
+        "0    success",
+        "2    usage error",
+        "4    the migration completed",
+        "125 when ptmig run itself failed",
+    ):
         assert status in r.stdout
 
 
@@ -58,8 +66,14 @@ def test_a_usage_error_is_2_on_stderr(command: str) -> None:
 
 
 def test_statuses_are_distinct() -> None:
-    codes = [cliconv.OK, cliconv.FAILED, cliconv.USAGE, cliconv.CANNOT_RUN, cliconv.MISMATCH,
-             cliconv.VMM_FAILED]
+    codes = [
+        cliconv.OK,
+        cliconv.FAILED,
+        cliconv.USAGE,
+        cliconv.CANNOT_RUN,
+        cliconv.MISMATCH,
+        cliconv.VMM_FAILED,
+    ]
     assert len(set(codes)) == len(codes)
 
 
@@ -77,8 +91,7 @@ def test_ptmig_run_own_failures_are_125_never_a_guest_code(tmp_path: Path) -> No
 
 
 def test_migrate_without_a_vmm_json_to_stdout_and_error_to_stderr(tmp_path: Path) -> None:
-    r = cli("migrate", "--qmp", f"unix:{tmp_path / 'none.sock'}", "tcp:127.0.0.1:1",
-            "--json", "-")
+    r = cli("migrate", "--qmp", f"unix:{tmp_path / 'none.sock'}", "tcp:127.0.0.1:1", "--json", "-")
     assert r.exit_code == cliconv.CANNOT_RUN
     assert "cannot connect" in r.stderr and r.stdout == ""
 
@@ -99,22 +112,20 @@ def _captured_migrate(monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
 
 
 def test_migrate_options_use_qemu_names_and_units(monkeypatch: pytest.MonkeyPatch) -> None:
-    r, cmds = _captured_migrate(monkeypatch, "--downtime-limit", "30", "--max-bandwidth",
-                                "1G")
+    r, cmds = _captured_migrate(monkeypatch, "--downtime-limit", "30", "--max-bandwidth", "1G")
     assert r.exit_code == 0, r.output
-    assert cmds[0] == ("migrate-set-parameters",
-                       {"downtime-limit": 30, "max-bandwidth": 1 << 30})
+    assert cmds[0] == ("migrate-set-parameters", {"downtime-limit": 30, "max-bandwidth": 1 << 30})
     # the old spelling still works, hidden from --help
     r, cmds = _captured_migrate(monkeypatch, "--downtime-limit-ms", "40")
     assert r.exit_code == 0 and cmds[0][1] == {"downtime-limit": 40}
     assert "--downtime-limit-ms" not in cli("migrate", "--help").stdout
-    r, cmds = _captured_migrate(monkeypatch, "--downtime-limit", "1", "--downtime-limit-ms",
-                                "2")
+    r, cmds = _captured_migrate(monkeypatch, "--downtime-limit", "1", "--downtime-limit-ms", "2")
     assert r.exit_code == cliconv.USAGE and cmds is None
 
 
 def test_a_bandwidth_without_its_unit_is_refused_with_the_reason(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     r, cmds = _captured_migrate(monkeypatch, "--max-bandwidth", "100")
     assert r.exit_code == cliconv.USAGE and cmds is None
     assert "100 MiB/s is 100M" in r.stderr
@@ -122,9 +133,18 @@ def test_a_bandwidth_without_its_unit_is_refused_with_the_reason(
     assert r.exit_code == cliconv.USAGE and "100 MiB/s is 100M" in r.stderr
 
 
-@pytest.mark.parametrize("text, value", [("0", 0), ("4096", 4096), ("100M", 100 << 20),
-                                         ("1.5G", 3 << 29), ("64k", 64 << 10),
-                                         ("100MiB", 100 << 20), ("2 G", 2 << 30)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("0", 0),
+        ("4096", 4096),
+        ("100M", 100 << 20),
+        ("1.5G", 3 << 29),
+        ("64k", 64 << 10),
+        ("100MiB", 100 << 20),
+        ("2 G", 2 << 30),
+    ],
+)
 def test_bandwidth_values(text: str, value: int) -> None:
     assert parse_bandwidth(text) == value
 
@@ -140,8 +160,7 @@ def test_any_plain_byte_rate_reads_back(value: int) -> None:
     assert parse_bandwidth(str(value)) == value
 
 
-def test_write_json_to_a_file_or_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                        ) -> None:
+def test_write_json_to_a_file_or_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = {"a": [1, 2], "b": "é"}
     cliconv.write_json(doc, tmp_path / "sub" / "d.json")
     assert json.loads((tmp_path / "sub" / "d.json").read_text()) == doc

@@ -27,8 +27,9 @@ DEMO_DOC = Path(__file__).resolve().parent / "test_report_demo.json"
 
 
 def test_generated_config_is_a_valid_kv_vm_with_net_and_disk(tmp_path: Path) -> None:
-    cfg = parse_config(config_text("1G", "udp:127.0.0.1:9999", "kv.img"), "demo.toml",
-                       base_dir=tmp_path)
+    cfg = parse_config(
+        config_text("1G", "udp:127.0.0.1:9999", "kv.img"), "demo.toml", base_dir=tmp_path
+    )
     assert cfg.memory_bytes == 1 << 30 and cfg.vcpus == 1
     assert cfg.workload.name == "kv"
     assert str(cfg.net[0].backend) == "udp:127.0.0.1:9999"
@@ -52,13 +53,22 @@ INFO = {"status": "completed", "total-time": 1000, "setup-time": 100, "downtime"
 
 def test_the_pause_is_placed_where_the_source_says_it_began() -> None:
     # total-time also counts the verification after the switchover: the pause is not its end
-    info = dict(INFO, **{"total-time": 3000, "x-rounds": [
-        {"round": 0, "pages": 10}, {"round": 1, "pages": 3, "stop-and-copy": True,
-                                    "stop-at-ms": 700.0}]})
+    info = dict(
+        INFO,
+        **{
+            "total-time": 3000,
+            "x-rounds": [
+                {"round": 0, "pages": 10},
+                {"round": 1, "pages": 3, "stop-and-copy": True, "stop-at-ms": 700.0},
+            ],
+        },
+    )
     phases = {p.name: p for p in migration_phases(info, 4.0, 12.0)}
     assert phases["pre-copy"].end_s == pytest.approx(4.7)
     assert (phases["stop-and-copy"].start_s, phases["stop-and-copy"].end_s) == (
-        pytest.approx(4.7), pytest.approx(4.9))
+        pytest.approx(4.7),
+        pytest.approx(4.9),
+    )
     assert phases["after"].start_s == pytest.approx(4.9)
 
 
@@ -96,42 +106,60 @@ def test_latency_percentiles_per_phase() -> None:
     phases = migration_phases(INFO, 4.0, 9.0)
     # (completed at, latency): phases are warm-up < 4.0, setup < 4.1, pre-copy < 4.8,
     # stop-and-copy < 5.0, after
-    rows = np.array([[1.0, 1.0], [2.0, 3.0], [4.5, 10.0], [4.6, 30.0], [5.05, 300.0],
-                     [4.95, 99.0], [6.0, 2.0], [6.5, 4.0]])
+    rows = np.array(
+        [
+            [1.0, 1.0],
+            [2.0, 3.0],
+            [4.5, 10.0],
+            [4.6, 30.0],
+            [5.05, 300.0],
+            [4.95, 99.0],
+            [6.0, 2.0],
+            [6.5, 4.0],
+        ]
+    )
     lat = latency_by_phase(rows, phases)
     assert lat["before"]["n"] == 2 and lat["before"]["max_ms"] == 3.0
     # sent at 4.49, 4.57 and 4.75 (that one waited through the pause, but was sent in
     # pre-copy); the one sent at 4.851, inside the pause, counts nowhere
-    assert lat["pre-copy"] == {"n": 3, "p50_ms": 30.0, "p99_ms": pytest.approx(294.6),
-                               "max_ms": 300.0}
-    assert lat["after"] == {"n": 2, "p50_ms": 3.0, "p99_ms": pytest.approx(3.98),
-                            "max_ms": 4.0}
+    assert lat["pre-copy"] == {
+        "n": 3,
+        "p50_ms": 30.0,
+        "p99_ms": pytest.approx(294.6),
+        "max_ms": 300.0,
+    }
+    assert lat["after"] == {"n": 2, "p50_ms": 3.0, "p99_ms": pytest.approx(3.98), "max_ms": 4.0}
     assert "pre-copy" not in latency_by_phase(rows[:2], phases)
 
 
 STOP = Phase("stop-and-copy", 5.0, 5.1)
 
 
-@pytest.mark.parametrize("gaps, expected", [
-    ([[1.0, 50.0], [4.99, 130.0], [6.0, 400.0]], (4.99, 5.12)),  # the one at the pause
-    ([[4.95, 60.0], [5.02, 100.0]], (5.02, 5.12)),  # the larger overlap wins
-    ([[1.0, 500.0], [5.2, 30.0]], None),  # none overlaps: served right through it
-])
+@pytest.mark.parametrize(
+    "gaps, expected",
+    [
+        ([[1.0, 50.0], [4.99, 130.0], [6.0, 400.0]], (4.99, 5.12)),  # the one at the pause
+        ([[4.95, 60.0], [5.02, 100.0]], (5.02, 5.12)),  # the larger overlap wins
+        ([[1.0, 500.0], [5.2, 30.0]], None),  # none overlaps: served right through it
+    ],
+)
 def test_the_gap_at_the_switchover_is_found(gaps, expected) -> None:
     g = switchover_gap(gaps, STOP)
     assert (None if g is None else (g.start_s, pytest.approx(g.end_s))) == expected
 
 
-@pytest.mark.parametrize("start, end, ok", [
-    (4.99, 5.12, True),
-    (5.004, 5.12, True),  # replies queued before the pause went out during the first 5 ms
-    (5.02, 5.12, False),  # began well after the pause began: the client was served inside it
-    (4.99, 5.085, True),  # the guest ran during the last 20 ms, while the ack travelled
-    (4.99, 5.05, False),  # ended before the guest can have resumed
-])
+@pytest.mark.parametrize(
+    "start, end, ok",
+    [
+        (4.99, 5.12, True),
+        (5.004, 5.12, True),  # replies queued before the pause went out during the first 5 ms
+        (5.02, 5.12, False),  # began well after the pause began: the client was served inside it
+        (4.99, 5.085, True),  # the guest ran during the last 20 ms, while the ack travelled
+        (4.99, 5.05, False),  # ended before the guest can have resumed
+    ],
+)
 def test_the_gap_must_contain_the_pause(start: float, end: float, ok: bool) -> None:
-    assert gap_contains(Gap(start, end), STOP, early_s=0.005, late_s=0.02,
-                        slack_s=0.001) is ok
+    assert gap_contains(Gap(start, end), STOP, early_s=0.005, late_s=0.02, slack_s=0.001) is ok
 
 
 def doc() -> dict:
@@ -147,27 +175,42 @@ def test_a_clean_run_is_verified() -> None:
     assert lines[-1].startswith("VERIFIED")
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda d: d["migration"]["x-verify"].update(mismatched=3), "3 of 262144 pages differ"),
-    (lambda d: d["load"].update(lost=2), "2 acknowledged values lost"),
-    (lambda d: d["load"].update(wrong=1), "1 wrong"),
-    (lambda d: d["load"].update(unverified=5), "5 acknowledged values could not be read"),
-    (lambda d: d["load"].update(acked=0), "acknowledged no value"),
-    (lambda d: d["migration"].update(status="failed"), "'failed'"),
-    (lambda d: d["migration"].pop("x-verify"), "verification did not run"),
-    (lambda d: d["migration"].update({"x-verify": {"error": "ConnectionResetError: peer gone"}}),
-     "verification did not conclude"),
-    # the load did not span the switchover
-    (lambda d: d["demo"]["throughput"].update(after=None), "not served after the switchover"),
-    (lambda d: d["demo"]["throughput"].update({"pre-copy": 0.0}), "not served during pre-copy"),
-    (lambda d: d["demo"]["throughput"].update(before=None), "not served before the migration"),
-    (lambda d: d["demo"]["phases"][-1].update(end_s=d["demo"]["phases"][-1]["start_s"]),
-     "no 'after' phase"),
-    (lambda d: d["demo"]["outage"].update({"client-switchover": None}),
-     "its outage there was not measured"),
-    (lambda d: d["demo"]["outage"]["client-switchover"].update({"contains-switchover": False}),
-     "does not contain the guest's pause"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda d: d["migration"]["x-verify"].update(mismatched=3), "3 of 262144 pages differ"),
+        (lambda d: d["load"].update(lost=2), "2 acknowledged values lost"),
+        (lambda d: d["load"].update(wrong=1), "1 wrong"),
+        (lambda d: d["load"].update(unverified=5), "5 acknowledged values could not be read"),
+        (lambda d: d["load"].update(acked=0), "acknowledged no value"),
+        (lambda d: d["migration"].update(status="failed"), "'failed'"),
+        (lambda d: d["migration"].pop("x-verify"), "verification did not run"),
+        (
+            lambda d: d["migration"].update(
+                {"x-verify": {"error": "ConnectionResetError: peer gone"}}
+            ),
+            "verification did not conclude",
+        ),
+        # the load did not span the switchover
+        (lambda d: d["demo"]["throughput"].update(after=None), "not served after the switchover"),
+        (lambda d: d["demo"]["throughput"].update({"pre-copy": 0.0}), "not served during pre-copy"),
+        (lambda d: d["demo"]["throughput"].update(before=None), "not served before the migration"),
+        (
+            lambda d: d["demo"]["phases"][-1].update(end_s=d["demo"]["phases"][-1]["start_s"]),
+            "no 'after' phase",
+        ),
+        (
+            lambda d: d["demo"]["outage"].update({"client-switchover": None}),
+            "its outage there was not measured",
+        ),
+        (
+            lambda d: d["demo"]["outage"]["client-switchover"].update(
+                {"contains-switchover": False}
+            ),
+            "does not contain the guest's pause",
+        ),
+    ],
+)
 def test_any_loss_fails_the_verdict(change, expected: str) -> None:
     d = doc()
     change(d)
@@ -177,8 +220,10 @@ def test_any_loss_fails_the_verdict(change, expected: str) -> None:
     assert "NOT VERIFIED:" in summary_lines(d)
 
 
-STAT = ("4242 (python -m (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 {ut} {st} 0 0 20 0 3 0 "
-        "100 1000 100 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 {gt} 0 0 0")
+STAT = (
+    "4242 (python -m (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 {ut} {st} 0 0 20 0 3 0 "
+    "100 1000 100 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 {gt} 0 0 0"
+)
 
 
 def test_proc_stat_times_are_parsed_past_a_name_with_parentheses() -> None:
@@ -191,10 +236,10 @@ def test_proc_stat_times_are_parsed_past_a_name_with_parentheses() -> None:
 def test_migration_cpu_leaves_out_the_threads_that_ran_a_guest() -> None:
     # thread 1: main (no guest); 2: a vCPU on both samples; 3: a vCPU that first ran the
     # guest after the start (the destination's)
-    start = CpuSample(10.0, {1: StatTimes(4.0, 0.0), 2: StatTimes(5.0, 4.0),
-                             3: StatTimes(1.0, 0.0)})
-    end = CpuSample(20.0, {1: StatTimes(9.0, 0.0), 2: StatTimes(8.0, 7.0),
-                           3: StatTimes(3.0, 1.5)})
+    start = CpuSample(
+        10.0, {1: StatTimes(4.0, 0.0), 2: StatTimes(5.0, 4.0), 3: StatTimes(1.0, 0.0)}
+    )
+    end = CpuSample(20.0, {1: StatTimes(9.0, 0.0), 2: StatTimes(8.0, 7.0), 3: StatTimes(3.0, 1.5)})
     assert migration_cpu_s(start, end) == pytest.approx(10.0 - 3.0 - 2.0)
 
 
@@ -217,8 +262,11 @@ def test_the_migrations_origin_is_pinned_down_by_the_polls() -> None:
     assert run.started == pytest.approx(10.006) and run.slack_s == pytest.approx(0.002)
     run.bound_start(11.0, 11.001, 10)  # contradicts the others (a stale reply): ignored
     assert run.start_lo == pytest.approx(10.004)
-    run.info = {"status": "completed", "downtime": 30,
-                "x-rounds": [{"round": 3, "pages": 9, "stop-and-copy": True, "stop-at-ms": 900}]}
+    run.info = {
+        "status": "completed",
+        "downtime": 30,
+        "x-rounds": [{"round": 3, "pages": 9, "stop-and-copy": True, "stop-at-ms": 900}],
+    }
     assert run.resumed_at() == pytest.approx(10.006 + 0.93)
     run.info = {"status": "failed"}
     assert run.resumed_at() is None

@@ -23,10 +23,26 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_demo(tmp_path: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
     out_json = tmp_path / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "ptmig.cli", "demo", "--quick", "--no-live", "--json",
-         str(out_json), "--report", str(tmp_path / "report"), "--run-dir",
-         str(tmp_path / "run"), *args],
-        capture_output=True, text=True, timeout=200, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "ptmig.cli",
+            "demo",
+            "--quick",
+            "--no-live",
+            "--json",
+            str(out_json),
+            "--report",
+            str(tmp_path / "report"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert out_json.exists(), f"no JSON (status {proc.returncode}):\n{output}"
     return proc.returncode, output, json.loads(out_json.read_text())
@@ -53,8 +69,13 @@ def test_shadow_migrates_under_load_and_verifies(tmp_path: Path) -> None:
     tp = doc["demo"]["throughput"]
     assert tp["before"] and tp["pre-copy"] and tp["after"], tp
     assert doc["demo"]["outage"]["client-switchover"]["contains-switchover"]
-    for field in ("Migration status: completed", "downtime:", "lost: 0",
-                  "mismatched pages: 0 of 65536", "VERIFIED"):
+    for field in (
+        "Migration status: completed",
+        "downtime:",
+        "lost: 0",
+        "mismatched pages: 0 of 65536",
+        "VERIFIED",
+    ):
         assert field in output, field
     assert (tmp_path / "report" / "index.html").exists()
     assert (tmp_path / "report" / "timeline.png").exists()
@@ -62,11 +83,13 @@ def test_shadow_migrates_under_load_and_verifies(tmp_path: Path) -> None:
 
 
 def test_a_migration_longer_than_the_load_still_has_the_load_around_the_switchover(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """10 MiB/s for a 256 MiB guest: pre-copy alone outlasts the warm-up and after-switchover
     seconds together (the old fixed window), and the load still runs for 3 s past the resume."""
-    status, output, doc = run_demo(tmp_path, "--max-bandwidth", "10", "--rate", "4000",
-                                   "--after", "3")
+    status, output, doc = run_demo(
+        tmp_path, "--max-bandwidth", "10", "--rate", "4000", "--after", "3"
+    )
     assert status == 0, output
     demo = doc["demo"]
     phases = {p["name"]: p for p in demo["phases"]}
@@ -98,9 +121,22 @@ def test_terminating_the_demo_stops_every_child(tmp_path: Path) -> None:
     import time
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "ptmig.cli", "demo", "--quick", "--no-live",
-                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ptmig.cli",
+            "demo",
+            "--quick",
+            "--no-live",
+            "--run-dir",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     deadline = time.monotonic() + 60
     while not (run_dir / "load.log").exists() and time.monotonic() < deadline:
         time.sleep(0.1)  # the load client starts once both VMMs are up

@@ -39,15 +39,16 @@ def start(guest: Guest, tmp_path: Path, **cfg: object) -> tuple[DeviceHandle, Dr
     return h, dq
 
 
-def request(dq: DriverQueue, rtype: int, sector: int, data: bytes = b"",
-            read_len: int = 0, split: int = 1) -> tuple[int, list[Buffer]]:
+def request(
+    dq: DriverQueue, rtype: int, sector: int, data: bytes = b"", read_len: int = 0, split: int = 1
+) -> tuple[int, list[Buffer]]:
     """Build a request chain; data split across `split` descriptors. Returns (head, bufs)."""
     bufs = [Buffer(dq.alloc(16, hdr(rtype, sector)), 16)]
     payload_len = len(data) or read_len
     step = payload_len // split if payload_len else 0
     for i in range(split if payload_len else 0):
         n = step if i < split - 1 else payload_len - step * (split - 1)
-        chunk = data[i * step:i * step + n] if data else None
+        chunk = data[i * step : i * step + n] if data else None
         bufs.append(Buffer(dq.alloc(n, chunk), n, writable=not data))
     bufs.append(Buffer(dq.alloc(1, b"\xee"), 1, writable=True))
     return dq.add_chain(bufs), bufs
@@ -103,12 +104,11 @@ def test_flush_calls_fdatasync_and_data_persists(guest: Guest, tmp_path: Path) -
         os.close(fd)
 
 
-@pytest.mark.parametrize("sector,length", [(IMAGE_SIZE // 512, 512),
-                                           (IMAGE_SIZE // 512 - 1, 1024),
-                                           (2**63, 512),
-                                           (0, 100)])
-def test_bad_sector_range_is_ioerr(guest: Guest, tmp_path: Path, sector: int,
-                                   length: int) -> None:
+@pytest.mark.parametrize(
+    "sector,length",
+    [(IMAGE_SIZE // 512, 512), (IMAGE_SIZE // 512 - 1, 1024), (2**63, 512), (0, 100)],
+)
+def test_bad_sector_range_is_ioerr(guest: Guest, tmp_path: Path, sector: int, length: int) -> None:
     h, dq = start(guest, tmp_path)
     head, bufs = request(dq, c.VIRTIO_BLK_T_IN, sector, read_len=length)
     assert kick_and_wait(h, dq, 0) == [(head, 1)]
@@ -171,9 +171,13 @@ def test_iommu_fault_leaves_memory_untouched(guest: Guest, tmp_path: Path) -> No
     sentinel = b"\xab" * (2 * PAGE_SIZE)
     guest.mem.write(page, sentinel)
     status_addr = dq.alloc(1, b"\xee")
-    dq.add_chain([Buffer(dq.alloc(16, hdr(c.VIRTIO_BLK_T_IN, 0)), 16),
-                  Buffer(page + 2048, 4096, writable=True),
-                  Buffer(status_addr, 1, writable=True)])
+    dq.add_chain(
+        [
+            Buffer(dq.alloc(16, hdr(c.VIRTIO_BLK_T_IN, 0)), 16),
+            Buffer(page + 2048, 4096, writable=True),
+            Buffer(status_addr, 1, writable=True),
+        ]
+    )
     kick(h, 0)
     wait_for(lambda: any(e.name == "fault" for e in guest.events))
     fault = next(e for e in guest.events if e.name == "fault")
@@ -225,9 +229,13 @@ def test_dma_log_harvest_has_exactly_the_written_pages(guest: Guest, tmp_path: P
     h.dma_log_start()
     data_addr = 0x380000 + 100  # 3 pages touched by a 8192-byte read at an odd offset
     status_addr = 0x3A0000
-    dq.add_chain([Buffer(dq.alloc(16, hdr(c.VIRTIO_BLK_T_IN, 0)), 16),
-                  Buffer(data_addr, 8192, writable=True),
-                  Buffer(status_addr, 1, writable=True)])
+    dq.add_chain(
+        [
+            Buffer(dq.alloc(16, hdr(c.VIRTIO_BLK_T_IN, 0)), 16),
+            Buffer(data_addr, 8192, writable=True),
+            Buffer(status_addr, 1, writable=True),
+        ]
+    )
     kick_and_wait(h, dq, 0)
     bits = h.dma_log_harvest()
     pages = {i for i in range(len(bits) * 8) if bits[i // 8] >> (i % 8) & 1}
@@ -250,8 +258,9 @@ def test_remap_to_shadow_pool_redirects_device_writes(guest: Guest, tmp_path: Pa
     os.ftruncate(pool_fd, 16 * PAGE_SIZE)
     pool = mmap.mmap(pool_fd, 16 * PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
-        h = guest.spawn("blk", {"path": str(tmp_path / "disk.img"), "size": IMAGE_SIZE},
-                        pool_fd=pool_fd)
+        h = guest.spawn(
+            "blk", {"path": str(tmp_path / "disk.img"), "size": IMAGE_SIZE}, pool_fd=pool_fd
+        )
         dq = guest.queue(0)
         driver_init(h, {0: dq}, FEATURES)
         data = os.urandom(512)
@@ -261,11 +270,15 @@ def test_remap_to_shadow_pool_redirects_device_writes(guest: Guest, tmp_path: Pa
         h.dma_log_start()
         guest.iommu.map(page // PAGE_SIZE, 1, TARGET_POOL, 3)  # device buffer in pool page 3
         h.iotlb_invalidate()
-        dq.add_chain([Buffer(dq.alloc(16, hdr(c.VIRTIO_BLK_T_IN, 5)), 16),
-                      Buffer(page + 64, 512, writable=True),
-                      Buffer(dq.alloc(1), 1, writable=True)])
+        dq.add_chain(
+            [
+                Buffer(dq.alloc(16, hdr(c.VIRTIO_BLK_T_IN, 5)), 16),
+                Buffer(page + 64, 512, writable=True),
+                Buffer(dq.alloc(1), 1, writable=True),
+            ]
+        )
         kick_and_wait(h, dq, 0)
-        assert pool[3 * PAGE_SIZE + 64:3 * PAGE_SIZE + 576] == data
+        assert pool[3 * PAGE_SIZE + 64 : 3 * PAGE_SIZE + 576] == data
         assert guest.mem.read(page, PAGE_SIZE) == bytes(PAGE_SIZE)  # the vCPU buffer: untouched
         bits = h.dma_log_harvest()
         assert not bits[page // PAGE_SIZE // 8] >> (page // PAGE_SIZE % 8) & 1

@@ -37,7 +37,7 @@ def decode_all(data: bytes, chunk: int) -> list[object]:
     dec = FrameDecoder()
     out = []
     for i in range(0, len(data), chunk):
-        dec.feed(data[i:i + chunk])
+        dec.feed(data[i : i + chunk])
         while (m := dec.next_message()) is not None:
             out.append(m)
     return out
@@ -62,10 +62,18 @@ def test_oversized_lengths_rejected_before_buffering() -> None:
         FrameDecoder().feed(HEADER.pack(MAGIC, 2, MAX_PAYLOAD_BYTES + 1))
 
 
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"t":"req","id":1,"cmd":"format_disk",'
-                                  b'"args":{}}', b'{"t":"req","id":true,"cmd":"reset",'
-                                  b'"args":{}}', b'{"t":"event","name":"x","data":{}}',
-                                  b"\xff\xfe", b'{"t":"resp","id":1,"ok":1,"result":{}}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b"{}",
+        b'{"t":"req","id":1,"cmd":"format_disk","args":{}}',
+        b'{"t":"req","id":true,"cmd":"reset","args":{}}',
+        b'{"t":"event","name":"x","data":{}}',
+        b"\xff\xfe",
+        b'{"t":"resp","id":1,"ok":1,"result":{}}',
+    ],
+)
 def test_malformed_bodies_are_protocol_errors(body: bytes) -> None:
     dec = FrameDecoder()
     dec.feed(HEADER.pack(MAGIC, len(body), 0) + body)
@@ -86,8 +94,13 @@ def test_garbage_only_raises_protocol_errors(data: bytes) -> None:
 
 
 def sample_state() -> DeviceState:
-    mmio = MmioState(2, 1 << 32, driver_features=1 << 32, status=15,
-                     queues=[QueueRegisters(64, 0x1000, 0x2000, 0x3000, True)])
+    mmio = MmioState(
+        2,
+        1 << 32,
+        driver_features=1 << 32,
+        status=15,
+        queues=[QueueRegisters(64, 0x1000, 0x2000, 0x3000, True)],
+    )
     return DeviceState("blk", mmio, {0: QueueState(64, 0x1000, 0x2000, 0x3000, 5, 4)})
 
 
@@ -98,19 +111,22 @@ def test_device_state_round_trip() -> None:
     assert DeviceState.from_json(json.loads(json.dumps(state.to_json()))) == state
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda s: s.update(version=2),
-    lambda s: s.update(kind="gpu"),
-    lambda s: s["queues"][0].update(size=3),
-    lambda s: s["queues"][0].update(next_avail=70000),
-    lambda s: s["queues"][0].update(desc_addr=-16),
-    lambda s: s["queues"][0].update(index=5),
-    lambda s: s["queues"][0].update(ready="yes"),
-    lambda s: s["mmio"].update(status="15"),
-    lambda s: s["mmio"].update(extra=1),
-    lambda s: s["mmio"]["queues"][0].update(num=2**40),
-    lambda s: s["queues"].append(dict(s["queues"][0])),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.update(version=2),
+        lambda s: s.update(kind="gpu"),
+        lambda s: s["queues"][0].update(size=3),
+        lambda s: s["queues"][0].update(next_avail=70000),
+        lambda s: s["queues"][0].update(desc_addr=-16),
+        lambda s: s["queues"][0].update(index=5),
+        lambda s: s["queues"][0].update(ready="yes"),
+        lambda s: s["mmio"].update(status="15"),
+        lambda s: s["mmio"].update(extra=1),
+        lambda s: s["mmio"]["queues"][0].update(num=2**40),
+        lambda s: s["queues"].append(dict(s["queues"][0])),
+    ],
+)
 def test_device_state_rejects_invalid(mutate: object) -> None:
     raw = sample_state().to_json()
     mutate(raw)  # type: ignore[operator]

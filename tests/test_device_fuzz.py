@@ -46,8 +46,7 @@ def make_runtime(kind: str, image: str, mem: bytearray) -> tuple[DeviceRuntime, 
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for n in range(3):
             a.send(bytes(14 + 40 * n))
-        model = NetDevice(NetConfig(b"\x52\x54\0\0\0\1", "fd:-1"), dma,
-                          backend=_SockBackend(b, a))
+        model = NetDevice(NetConfig(b"\x52\x54\0\0\0\1", "fd:-1"), dma, backend=_SockBackend(b, a))
     ctl, peer = socket.socketpair()
     irq = eventfd.create()
     rt = DeviceRuntime(kind, kind, model, dma, ctl, {}, irq)
@@ -119,26 +118,41 @@ def setup_driver(rt: DeviceRuntime, nq: int, placement: str = "normal") -> None:
         mmio(rt, c.REG_QUEUE_DRIVER_LOW, avail)
         mmio(rt, c.REG_QUEUE_DEVICE_LOW, used)
         mmio(rt, c.REG_QUEUE_READY, 1)
-    mmio(rt, c.REG_STATUS, c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK
-         | c.STATUS_DRIVER_OK)
+    mmio(
+        rt,
+        c.REG_STATUS,
+        c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_FEATURES_OK | c.STATUS_DRIVER_OK,
+    )
 
 
-ADDRS = [0x1000, 0x2000, 0x3000, 0x8000, 0xFFF8, 16 * PAGE_SIZE + 100, 24 * PAGE_SIZE,
-         PAGES * PAGE_SIZE - 4]
+ADDRS = [
+    0x1000,
+    0x2000,
+    0x3000,
+    0x8000,
+    0xFFF8,
+    16 * PAGE_SIZE + 100,
+    24 * PAGE_SIZE,
+    PAGES * PAGE_SIZE - 4,
+]
 LENGTHS = [1, 12, 16, 100, 512, 1024, 4096]
-readable = st.tuples(st.sampled_from(ADDRS), st.sampled_from([16, 28, *LENGTHS]),
-                     st.just(False))
+readable = st.tuples(st.sampled_from(ADDRS), st.sampled_from([16, 28, *LENGTHS]), st.just(False))
 writable = st.tuples(st.sampled_from(ADDRS), st.sampled_from(LENGTHS), st.just(True))
 # readable buffers before writable ones, as a driver must; mutations break that sometimes
-chain = st.builds(lambda r, w: r + w, st.lists(readable, max_size=2),
-                  st.lists(writable, max_size=2)).filter(bool)
-mutation = st.tuples(st.integers(0, QSIZE - 1), st.integers(0, 3),
-                     st.integers(0, 2**64 - 1))
+chain = st.builds(
+    lambda r, w: r + w, st.lists(readable, max_size=2), st.lists(writable, max_size=2)
+).filter(bool)
+mutation = st.tuples(st.integers(0, QSIZE - 1), st.integers(0, 3), st.integers(0, 2**64 - 1))
 
 
-def lay_out(mem: bytearray, base: int, chains: list[list[tuple[int, int, bool]]],
-            mutations: list[tuple[int, int, int]], avail_idx: int | None,
-            avail: int | None = None) -> None:
+def lay_out(
+    mem: bytearray,
+    base: int,
+    chains: list[list[tuple[int, int, bool]]],
+    mutations: list[tuple[int, int, int]],
+    avail_idx: int | None,
+    avail: int | None = None,
+) -> None:
     """Write the chains as a well-formed driver would, then corrupt what `mutations` say.
     The descriptor table is at base + DESC, the avail ring at `avail` (base + AVAIL)."""
     table = [[0, 0, 0, 0] for _ in range(QSIZE)]
@@ -150,8 +164,7 @@ def lay_out(mem: bytearray, base: int, chains: list[list[tuple[int, int, bool]]]
         heads.append(n)
         for i, (addr, length, writable) in enumerate(ch):
             last = i == len(ch) - 1
-            flags = (0 if last else c.VIRTQ_DESC_F_NEXT) | (c.VIRTQ_DESC_F_WRITE if writable
-                                                            else 0)
+            flags = (0 if last else c.VIRTQ_DESC_F_NEXT) | (c.VIRTQ_DESC_F_WRITE if writable else 0)
             table[n] = [addr, length, flags, 0 if last else n + 1]
             n += 1
     for index, field, value in mutations:
@@ -159,8 +172,14 @@ def lay_out(mem: bytearray, base: int, chains: list[list[tuple[int, int, bool]]]
     for i, (addr, length, flags, nxt) in enumerate(table):
         struct.pack_into("<QIHH", mem, base + DESC + 16 * i, addr, length, flags, nxt)
     idx = len(heads) if avail_idx is None else avail_idx
-    struct.pack_into(f"<HH{QSIZE}H", mem, base + AVAIL if avail is None else avail, 0, idx,
-                     *(heads + [0] * (QSIZE - len(heads))))
+    struct.pack_into(
+        f"<HH{QSIZE}H",
+        mem,
+        base + AVAIL if avail is None else avail,
+        0,
+        idx,
+        *(heads + [0] * (QSIZE - len(heads))),
+    )
 
 
 def _close(rt: DeviceRuntime, fds: list[int]) -> None:
@@ -172,20 +191,27 @@ def _close(rt: DeviceRuntime, fds: list[int]) -> None:
     rt.dma.table.close()
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["blk", "net"]),
-       chains=st.lists(chain, min_size=1, max_size=4),
-       mutations=st.lists(mutation, max_size=2),
-       avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
-       blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)))
-def test_hostile_rings_never_escape(image: str, kind: str,
-                                    chains: list[list[tuple[int, int, bool]]],
-                                    mutations: list[tuple[int, int, int]],
-                                    avail_idx: int | None, blk_hdr: tuple[int, int]) -> None:
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from(["blk", "net"]),
+    chains=st.lists(chain, min_size=1, max_size=4),
+    mutations=st.lists(mutation, max_size=2),
+    avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
+    blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)),
+)
+def test_hostile_rings_never_escape(
+    image: str,
+    kind: str,
+    chains: list[list[tuple[int, int, bool]]],
+    mutations: list[tuple[int, int, int]],
+    avail_idx: int | None,
+    blk_hdr: tuple[int, int],
+) -> None:
     mem = bytearray(PAGES * PAGE_SIZE)
     protected = bytes(range(256)) * (16 * PAGE_SIZE // 256)
-    mem[16 * PAGE_SIZE:] = protected
+    mem[16 * PAGE_SIZE :] = protected
     rt, fds = make_runtime(kind, image, mem)
     try:
         setup_driver(rt, rt.model.num_queues)
@@ -197,7 +223,7 @@ def test_hostile_rings_never_escape(image: str, kind: str,
         rt.pending.update(range(rt.model.num_queues))
         for _ in range(4):
             rt.run_pending()
-        assert bytes(mem[16 * PAGE_SIZE:]) == protected
+        assert bytes(mem[16 * PAGE_SIZE :]) == protected
         assert rt.broken is None or rt.regs.status & c.STATUS_DEVICE_NEEDS_RESET
     finally:
         _close(rt, fds)
@@ -216,28 +242,46 @@ def _sent(rt: DeviceRuntime) -> list[bytes]:
 
 
 def _native(rt: DeviceRuntime, mem: bytearray, irq: int) -> NativePath:
-    common = {"guest": mem, "pool": None, "iommu": rt.dma.table.entries, "doorbells": {},
-              "irq_fd": irq}
+    common = {
+        "guest": mem,
+        "pool": None,
+        "iommu": rt.dma.table.entries,
+        "doorbells": {},
+        "irq_fd": irq,
+    }
     model = rt.model
     if isinstance(model, BlkDevice):
-        return BlkPath(image_fd=model.fd, capacity=model.capacity, readonly=model.cfg.readonly,
-                       serial=model.cfg.serial.encode(), **common)
+        return BlkPath(
+            image_fd=model.fd,
+            capacity=model.capacity,
+            readonly=model.cfg.readonly,
+            serial=model.cfg.serial.encode(),
+            **common,
+        )
     assert isinstance(model, NetDevice)
     return NetPath(backend=model.backend, **common)
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["blk", "net"]),
-       chains=st.lists(chain, min_size=1, max_size=4),
-       mutations=st.lists(mutation, max_size=2),
-       avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
-       blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)),
-       placement=st.sampled_from(PLACEMENTS))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from(["blk", "net"]),
+    chains=st.lists(chain, min_size=1, max_size=4),
+    mutations=st.lists(mutation, max_size=2),
+    avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
+    blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)),
+    placement=st.sampled_from(PLACEMENTS),
+)
 def test_native_paths_do_what_the_python_ones_do(
-        image: str, kind: str, chains: list[list[tuple[int, int, bool]]],
-        mutations: list[tuple[int, int, int]], avail_idx: int | None,
-        blk_hdr: tuple[int, int], placement: str) -> None:
+    image: str,
+    kind: str,
+    chains: list[list[tuple[int, int, bool]]],
+    mutations: list[tuple[int, int, int]],
+    avail_idx: int | None,
+    blk_hdr: tuple[int, int],
+    placement: str,
+) -> None:
     """The same hostile rings through both data paths of a device: the same guest memory
     afterwards (buffers, statuses, used rings), the same frames on the wire or bytes in the
     image, the same verdict (broken or not), and never a byte outside what the IOMMU lets the
@@ -245,7 +289,7 @@ def test_native_paths_do_what_the_python_ones_do(
     results = []
     for native in (False, True):
         mem = bytearray(PAGES * PAGE_SIZE)
-        mem[16 * PAGE_SIZE:] = bytes(range(256)) * (16 * PAGE_SIZE // 256)
+        mem[16 * PAGE_SIZE :] = bytes(range(256)) * (16 * PAGE_SIZE // 256)
         with open(image, "wb") as f:  # the same image contents for both runs
             f.truncate(64 * 1024)
         rt, fds = make_runtime(kind, image, mem)
@@ -256,7 +300,7 @@ def test_native_paths_do_what_the_python_ones_do(
             for q in range(nq):
                 lay_out(mem, q * 0x400, chains, mutations, avail_idx, rings(q, placement)[1])
             struct.pack_into("<IIQ", mem, 0x1000, blk_hdr[0], 0, blk_hdr[1])
-            protected = bytes(mem[16 * PAGE_SIZE:])  # the device may not write any of it
+            protected = bytes(mem[16 * PAGE_SIZE :])  # the device may not write any of it
             if native:
                 path = _native(rt, mem, fds[0])
                 with path.locked():
@@ -273,7 +317,7 @@ def test_native_paths_do_what_the_python_ones_do(
                 broken = rt.broken is not None
             with open(image, "rb") as f:
                 disk = f.read()
-            assert bytes(mem[16 * PAGE_SIZE:]) == protected
+            assert bytes(mem[16 * PAGE_SIZE :]) == protected
             results.append((bytes(mem), _sent(rt) if kind == "net" else [], disk, broken))
         finally:
             if path is not None:

@@ -44,11 +44,15 @@ def datapath(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def net(guest: Guest, datapath: str) -> Iterator[tuple[DeviceHandle, socket.socket,
-                                                       DriverQueue, DriverQueue]]:
+def net(
+    guest: Guest, datapath: str
+) -> Iterator[tuple[DeviceHandle, socket.socket, DriverQueue, DriverQueue]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    h = guest.spawn("net", {"mac": MAC, "backend": f"fd:{theirs.fileno()}",
-                            "datapath": datapath}, pass_fds=[theirs.fileno()])
+    h = guest.spawn(
+        "net",
+        {"mac": MAC, "backend": f"fd:{theirs.fileno()}", "datapath": datapath},
+        pass_fds=[theirs.fileno()],
+    )
     theirs.close()
     ours.settimeout(5.0)
     rxq, txq = guest.queue(0), guest.queue(1)
@@ -86,8 +90,13 @@ def test_tx_sends_frame_after_header(net: tuple, guest: Guest) -> None:
     h, sock, _, txq = net
     f = frame(200)
     hdr = bytes(12)
-    head = txq.add_chain([Buffer(txq.alloc(12, hdr), 12), Buffer(txq.alloc(50, f[:50]), 50),
-                          Buffer(txq.alloc(150, f[50:]), 150)])
+    head = txq.add_chain(
+        [
+            Buffer(txq.alloc(12, hdr), 12),
+            Buffer(txq.alloc(50, f[:50]), 50),
+            Buffer(txq.alloc(150, f[50:]), 150),
+        ]
+    )
     assert kick_and_wait(h, txq, 1) == [(head, 0)]
     assert sock.recv(65536) == f
     # header and frame in one descriptor work too
@@ -152,8 +161,7 @@ def test_udp_backend_round_trip(guest: Guest, datapath: str) -> None:
     switch.bind(("127.0.0.1", 0))
     switch.settimeout(5.0)
     port = switch.getsockname()[1]
-    h = guest.spawn("net", {"mac": MAC, "backend": f"udp:127.0.0.1:{port}",
-                            "datapath": datapath})
+    h = guest.spawn("net", {"mac": MAC, "backend": f"udp:127.0.0.1:{port}", "datapath": datapath})
     rxq, txq = guest.queue(0), guest.queue(1)
     driver_init(h, {0: rxq, 1: txq}, FEATURES)
     f = frame(120, tag=9)
@@ -191,8 +199,7 @@ def test_backend_hangup_is_link_down_not_a_busy_loop(net: tuple, guest: Guest) -
     h, sock, _, _ = net
     sock.close()
     wait_for(lambda: h.stats()["device"]["link_up"] == 0)
-    wait_for(lambda: any(e.name == "log" and "hung up" in e.data["message"]
-                         for e in guest.events))
+    wait_for(lambda: any(e.name == "log" and "hung up" in e.data["message"] for e in guest.events))
     time.sleep(0.3)  # let the one-off work of the hangup finish: what must be zero is the rest
     before = cpu_ticks(h.pid)
     time.sleep(0.5)

@@ -35,12 +35,12 @@ class MemfdMemory:
     def read(self, addr: int, length: int) -> bytes:
         if addr < 0 or addr + length > len(self.buf):
             raise DmaFault(self.name, addr, length, False, "outside guest RAM")
-        return bytes(self.buf[addr:addr + length])
+        return bytes(self.buf[addr : addr + length])
 
     def write(self, addr: int, data: bytes) -> None:
         if addr < 0 or addr + len(data) > len(self.buf):
             raise DmaFault(self.name, addr, len(data), True, "outside guest RAM")
-        self.buf[addr:addr + len(data)] = data
+        self.buf[addr : addr + len(data)] = data
 
     def close(self) -> None:
         self.buf.close()
@@ -58,8 +58,9 @@ class Guest:
     def spawn(self, kind: str, config: dict[str, Any], **kw: Any) -> DeviceHandle:
         if self.datapath is not None:
             config = {"datapath": self.datapath, **config}
-        h = DeviceHandle.spawn(kind, len(self.handles), config, self.mem.fd, GUEST_SIZE,
-                               self.iommu, **kw)
+        h = DeviceHandle.spawn(
+            kind, len(self.handles), config, self.mem.fd, GUEST_SIZE, self.iommu, **kw
+        )
         h.on_event(self.events.append)
         self.handles.append(h)
         return h
@@ -67,8 +68,9 @@ class Guest:
     def queue(self, slot: int, size: int = 64) -> DriverQueue:
         """A driver queue with its rings and data in its own 512 KiB region of guest RAM."""
         base = 0x100000 + slot * 0x80000
-        return DriverQueue(self.mem, size, base=base, data_start=base + 0x4000,
-                           data_end=base + 0x80000)  # type: ignore[arg-type]
+        return DriverQueue(
+            self.mem, size, base=base, data_start=base + 0x4000, data_end=base + 0x80000
+        )  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -98,9 +100,11 @@ def driver_init(h: DeviceHandle, queues: dict[int, DriverQueue], features: int) 
     for index, dq in queues.items():
         h.mmio_write(c.REG_QUEUE_SEL, 4, index)
         h.mmio_write(c.REG_QUEUE_NUM, 4, dq.size)
-        for reg, addr in ((c.REG_QUEUE_DESC_LOW, dq.desc_addr),
-                          (c.REG_QUEUE_DRIVER_LOW, dq.avail_addr),
-                          (c.REG_QUEUE_DEVICE_LOW, dq.used_addr)):
+        for reg, addr in (
+            (c.REG_QUEUE_DESC_LOW, dq.desc_addr),
+            (c.REG_QUEUE_DRIVER_LOW, dq.avail_addr),
+            (c.REG_QUEUE_DEVICE_LOW, dq.used_addr),
+        ):
             h.mmio_write(reg, 4, addr & 0xFFFFFFFF)
             h.mmio_write(reg + 4, 4, addr >> 32)
         h.mmio_write(c.REG_QUEUE_READY, 4, 1)
@@ -113,8 +117,9 @@ def kick(h: DeviceHandle, index: int) -> None:
     eventfd.signal(h.doorbell_eventfds[index])
 
 
-def kick_and_wait(h: DeviceHandle, dq: DriverQueue, index: int, count: int = 1,
-                  timeout: float = 5.0) -> list[tuple[int, int]]:
+def kick_and_wait(
+    h: DeviceHandle, dq: DriverQueue, index: int, count: int = 1, timeout: float = 5.0
+) -> list[tuple[int, int]]:
     """Ring the doorbell and collect `count` used elements (waiting on the interrupt)."""
     kick(h, index)
     used: list[tuple[int, int]] = []

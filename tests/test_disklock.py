@@ -31,8 +31,10 @@ def test_a_second_lock_fails_naming_the_holder(image: Path) -> None:
     first.acquire()
     with pytest.raises(DiskLockError) as err:
         second.acquire()
-    assert f"disk image {image} is in use: it is locked by ptmig pid {os.getpid()} on host " \
-           "host-a (VM 'vm-a', QMP /run/a.qmp)" == str(err.value)
+    assert (
+        f"disk image {image} is in use: it is locked by ptmig pid {os.getpid()} on host "
+        "host-a (VM 'vm-a', QMP /run/a.qmp)" == str(err.value)
+    )
     assert not second.held and first.held
     first.release()
     second.acquire()
@@ -75,14 +77,17 @@ def test_a_vm_without_disks_holds_all_its_locks() -> None:
 
 
 def test_the_kernel_drops_the_lock_of_a_killed_holder(image: Path) -> None:
-    code = ("import sys, time; from pathlib import Path; from ptmig.disklock import *; "
-            "DiskLock(Path(sys.argv[1]), Holder.this_process('child', None)).acquire(); "
-            "print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from pathlib import Path; from ptmig.disklock import *; "
+        "DiskLock(Path(sys.argv[1]), Holder.this_process('child', None)).acquire(); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code, str(image)], stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None and child.stdout.readline() == b"locked\n"
-        assert lock_holder(image) == (f"ptmig pid {child.pid} on host {os.uname().nodename} "
-                                      "(VM 'child')")
+        assert lock_holder(image) == (
+            f"ptmig pid {child.pid} on host {os.uname().nodename} (VM 'child')"
+        )
     finally:
         child.kill()
         child.wait()

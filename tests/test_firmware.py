@@ -106,10 +106,14 @@ def test_entry_points_are_the_start_symbols(built: Path) -> None:
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm (binutils) not installed: cannot read the ELF's symbols")
-    out = subprocess.run([nm, str(built.with_suffix(".elf"))], capture_output=True, text=True,
-                         check=True).stdout
-    symbols = {line.split()[2]: int(line.split()[0], 16) for line in out.splitlines()
-               if len(line.split()) == 3}
+    out = subprocess.run(
+        [nm, str(built.with_suffix(".elf"))], capture_output=True, text=True, check=True
+    ).stdout
+    symbols = {
+        line.split()[2]: int(line.split()[0], 16)
+        for line in out.splitlines()
+        if len(line.split()) == 3
+    }
     assert symbols["_start"] == img.entry
     assert symbols["_start_ap"] == img.entry_ap
     assert symbols["__image_end"] == img.image_end
@@ -283,8 +287,11 @@ def test_abi_header_agrees_with_layout() -> None:
     defined = read_abi_header()
     shared = [n for n in defined if hasattr(layout, n)]
     assert set(ABI_CONSTANTS) <= set(shared)
-    wrong = {n: (hex(defined[n]), hex(getattr(layout, n))) for n in shared
-             if defined[n] != getattr(layout, n)}
+    wrong = {
+        n: (hex(defined[n]), hex(getattr(layout, n)))
+        for n in shared
+        if defined[n] != getattr(layout, n)
+    }
     assert not wrong, f"guest/abi.h and ptmig/layout.py disagree: {wrong}"
 
 
@@ -305,8 +312,12 @@ def test_abi_struct_layout_matches_the_vmm(tmp_path: Path) -> None:
     )
     exe = tmp_path / "offsets"
     subprocess.run([find_compiler(), "-I", str(GUEST_DIR), str(prog), "-o", str(exe)], check=True)
-    values = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True,
-                                             check=True).stdout.split()]
+    values = [
+        int(v)
+        for v in subprocess.run(
+            [str(exe)], capture_output=True, text=True, check=True
+        ).stdout.split()
+    ]
     fw, bi, bi_dev, bi_cmd, bi_ram, mb, mb_ret, st, st_w, dr = values
     assert fw == FW_HEADER_SIZE
     assert bi_cmd == layout.BOOT_INFO_CMDLINE_OFFSET and bi_dev == 48

@@ -43,19 +43,38 @@ class KvGuest:
         self.host, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.devices: list[DeviceHandle] = []
         try:
-            self.devices.append(DeviceHandle.spawn(
-                "net", 0, {"mac": fr.mac_str(GUEST_MAC), "backend": f"fd:{dev.fileno()}"},
-                self.vm.memory.fd, MEMORY, self.iommu, pass_fds=[dev.fileno()]))
-            self.devices.append(DeviceHandle.spawn(
-                "blk", 1, {"path": str(disk), "size": DISK_SIZE, "serial": "kv-test"},
-                self.vm.memory.fd, MEMORY, self.iommu))
+            self.devices.append(
+                DeviceHandle.spawn(
+                    "net",
+                    0,
+                    {"mac": fr.mac_str(GUEST_MAC), "backend": f"fd:{dev.fileno()}"},
+                    self.vm.memory.fd,
+                    MEMORY,
+                    self.iommu,
+                    pass_fds=[dev.fileno()],
+                )
+            )
+            self.devices.append(
+                DeviceHandle.spawn(
+                    "blk",
+                    1,
+                    {"path": str(disk), "size": DISK_SIZE, "serial": "kv-test"},
+                    self.vm.memory.fd,
+                    MEMORY,
+                    self.iommu,
+                )
+            )
         finally:
             dev.close()
         for i, d in enumerate(self.devices):
             self.vm.attach_device(i, d)
             self.vm.wake_fds.append(d.irq_eventfd)
-        self.vm.boot(firmware.data, firmware.entry, firmware.entry_ap,
-                     [BootDevice(mmio_gpa(0), 0x1000, 1), BootDevice(mmio_gpa(1), 0x1000, 2)])
+        self.vm.boot(
+            firmware.data,
+            firmware.entry,
+            firmware.entry_ap,
+            [BootDevice(mmio_gpa(0), 0x1000, 1), BootDevice(mmio_gpa(1), 0x1000, 2)],
+        )
         self.req_id = 0
         self.closed = False
         self.vm.start()
@@ -64,8 +83,7 @@ class KvGuest:
         """Send one request without waiting; its req_id."""
         self.req_id += 1
         payload = kp.encode_request(kp.KvRequest(self.req_id, kp.Op(op), key, value, flags))
-        self.host.send(fr.udp_frame(HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000,
-                                    payload))
+        self.host.send(fr.udp_frame(HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000, payload))
         return self.req_id
 
     def replies(self, n: int) -> dict[int, kp.KvReply]:
@@ -86,13 +104,21 @@ class KvGuest:
         ready, _, _ = select.select([self.host], [], [], timeout)
         return self.host.recv(65536) if ready else None
 
-    def request(self, op: int, key: bytes = b"", value: bytes = b"", flags: int = 0,
-                raw: bytes | None = None) -> kp.KvReply | None:
+    def request(
+        self,
+        op: int,
+        key: bytes = b"",
+        value: bytes = b"",
+        flags: int = 0,
+        raw: bytes | None = None,
+    ) -> kp.KvReply | None:
         self.req_id += 1
-        payload = raw if raw is not None else kp.encode_request(
-            kp.KvRequest(self.req_id, kp.Op(op), key, value, flags))
-        self.host.send(fr.udp_frame(HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000,
-                                    payload))
+        payload = (
+            raw
+            if raw is not None
+            else kp.encode_request(kp.KvRequest(self.req_id, kp.Op(op), key, value, flags))
+        )
+        self.host.send(fr.udp_frame(HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000, payload))
         deadline = time.monotonic() + 5
         while (f := self.frame(max(0.0, deadline - time.monotonic()))) is not None:
             eth = fr.parse_ethernet(f)
@@ -154,7 +180,8 @@ def test_put_get_and_replay_across_restart(start, disk: Path) -> None:
     stats = g.request(kp.Op.STATS)
     assert stats is not None and stats.status == kp.Status.OK
     requests, puts, gets, log_bytes, entries, io_errors, bad, replayed = struct.unpack(
-        "<8Q", stats.value)
+        "<8Q", stats.value
+    )
     assert (requests, puts, gets, entries, io_errors, bad, replayed) == (6, 3, 2, 2, 0, 0, 0)
     assert log_bytes == (24 + 5 + 3) * 2 + 24 + 4 + 512
     rep = g.report()
@@ -257,8 +284,7 @@ def test_the_log_wraps_through_checkpoints_and_loses_nothing(start, disk: Path) 
     _check_all(g3, model)
 
 
-def test_live_data_larger_than_an_area_fills_the_log_and_loses_nothing(start,
-                                                                        disk: Path) -> None:
+def test_live_data_larger_than_an_area_fills_the_log_and_loses_nothing(start, disk: Path) -> None:
     """A 4 KiB log (two areas of 2 KiB) cannot hold more than a few 500-byte values: new keys
     then get IO_ERROR, every acknowledged value stays readable, also after a restart."""
     g = start(disk, "log=4K")
@@ -279,8 +305,7 @@ def test_live_data_larger_than_an_area_fills_the_log_and_loses_nothing(start,
     _check_all(g2, model)
 
 
-def test_a_log_that_does_not_fit_the_disk_is_refused(firmware: FirmwareImage,
-                                                     disk: Path) -> None:
+def test_a_log_that_does_not_fit_the_disk_is_refused(firmware: FirmwareImage, disk: Path) -> None:
     g = KvGuest(firmware, disk, f"log={2 * DISK_SIZE}")
     try:
         assert g.vm.wait(timeout=30) == 1, g.console()
@@ -289,16 +314,27 @@ def test_a_log_that_does_not_fit_the_disk_is_refused(firmware: FirmwareImage,
         g.close()
 
 
-@pytest.mark.parametrize("superblock, message", [
-    (struct.pack("<QIIQ", 0x31474F4C564B4D50, 1, 512, 512),
-     "log superblock version 1 sector size 512 start 512 is not supported"),
-    (struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, DISK_SIZE, 0, 1),
-     f"areas of {DISK_SIZE} bytes, active 0, first seq 1 do not fit a disk of {DISK_SIZE}"),
-    (struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, 8192, 2, 1),
-     "areas of 8192 bytes, active 2, first seq 1 do not fit"),
-], ids=["version-1", "areas-too-big", "no-such-area"])
+@pytest.mark.parametrize(
+    "superblock, message",
+    [
+        (
+            struct.pack("<QIIQ", 0x31474F4C564B4D50, 1, 512, 512),
+            "log superblock version 1 sector size 512 start 512 is not supported",
+        ),
+        (
+            struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, DISK_SIZE, 0, 1),
+            f"areas of {DISK_SIZE} bytes, active 0, first seq 1 do not fit a disk of {DISK_SIZE}",
+        ),
+        (
+            struct.pack("<QIIQQQQ", 0x31474F4C564B4D50, 2, 512, 512, 8192, 2, 1),
+            "areas of 8192 bytes, active 2, first seq 1 do not fit",
+        ),
+    ],
+    ids=["version-1", "areas-too-big", "no-such-area"],
+)
 def test_a_log_it_does_not_understand_is_refused_not_overwritten(
-        firmware: FirmwareImage, disk: Path, superblock: bytes, message: str) -> None:
+    firmware: FirmwareImage, disk: Path, superblock: bytes, message: str
+) -> None:
     image = superblock + bytes(DISK_SIZE - len(superblock))
     disk.write_bytes(image)
     g = KvGuest(firmware, disk)
@@ -338,8 +374,13 @@ def test_answers_ping_and_arp_and_ignores_foreign_datagrams(start, disk: Path) -
 
     g.host.send(fr.arp_request_frame(HOST_MAC, HOST_IP, GUEST_IP))
     arp = fr.parse_arp(fr.parse_ethernet(g.frame()).payload)
-    assert (arp.op, arp.sha, arp.spa, arp.tha, arp.tpa) == (2, GUEST_MAC, GUEST_IP, HOST_MAC,
-                                                            HOST_IP)
+    assert (arp.op, arp.sha, arp.spa, arp.tha, arp.tpa) == (
+        2,
+        GUEST_MAC,
+        GUEST_IP,
+        HOST_MAC,
+        HOST_IP,
+    )
     # not the kv magic: no reply at all
     g.host.send(fr.udp_frame(HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000, b"hello!" * 4))
     assert g.frame(0.5) is None

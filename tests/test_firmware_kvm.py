@@ -25,8 +25,14 @@ _DIRTY_REPORT = struct.Struct("<6Q")  # magic, bitmap_gpa, bitmap_bytes, ws_gpa,
 _STOREBW_REPORT = struct.Struct("<6Q")  # magic, size, passes, bytes, ticks, tsc_khz
 
 
-def run(firmware: FirmwareImage, cmdline: str, *, memory: int = 64 << 20, vcpus: int = 1,
-        timeout: float = 30) -> tuple[Vm, int | None]:
+def run(
+    firmware: FirmwareImage,
+    cmdline: str,
+    *,
+    memory: int = 64 << 20,
+    vcpus: int = 1,
+    timeout: float = 30,
+) -> tuple[Vm, int | None]:
     """Boot and run until the guest exits; the caller closes the VM."""
     vm = Vm(VmSpec(memory=memory, vcpus=vcpus, cmdline=cmdline))
     vm.boot(firmware.data, firmware.entry, firmware.entry_ap)
@@ -73,12 +79,13 @@ def test_dirty_paced_by_halting_leaves_the_cpu(firmware: FirmwareImage) -> None:
         ("dirty ws=lots", "dirty: ws=lots is not valid"),
         ("dirty halt=2", "dirty: halt=2 is not valid"),
         ("dirty ws=1G", "dirty: ws=1073741824 bytes does not fit"),
-        ("hello x", "bad command line: argument is not key=value at \"x\""),
+        ("hello x", 'bad command line: argument is not key=value at "x"'),
         ("storebw size=0", "storebw: size=0 must be in [8,"),
     ],
 )
-def test_bad_command_line_exits_2_with_a_reason(firmware: FirmwareImage, cmdline: str,
-                                                message: str) -> None:
+def test_bad_command_line_exits_2_with_a_reason(
+    firmware: FirmwareImage, cmdline: str, message: str
+) -> None:
     vm, rc = run(firmware, cmdline)
     try:
         assert rc == 2
@@ -105,7 +112,8 @@ def test_dirty_ground_truth_matches_memory(firmware: FirmwareImage) -> None:
     try:
         assert rc == 0, console(vm)
         magic, bitmap_gpa, bitmap_bytes, ws_gpa, ws_pages, passes = _DIRTY_REPORT.unpack(
-            vm.memory.read(ABI_WORKLOAD_STATS_GPA, _DIRTY_REPORT.size))
+            vm.memory.read(ABI_WORKLOAD_STATS_GPA, _DIRTY_REPORT.size)
+        )
         assert magic == ABI["DIRTY_REPORT_MAGIC"]
         assert bitmap_gpa == ABI_HEAP_START_GPA
         assert bitmap_bytes == memory // PAGE_SIZE // 8
@@ -114,8 +122,9 @@ def test_dirty_ground_truth_matches_memory(firmware: FirmwareImage) -> None:
         assert passes >= 1
 
         # The bitmap holds exactly the working-set pages.
-        bits = np.unpackbits(np.frombuffer(vm.memory.read(bitmap_gpa, bitmap_bytes), np.uint8),
-                             bitorder="little")
+        bits = np.unpackbits(
+            np.frombuffer(vm.memory.read(bitmap_gpa, bitmap_bytes), np.uint8), bitorder="little"
+        )
         first = ws_gpa // PAGE_SIZE
         assert np.flatnonzero(bits).tolist() == list(range(first, first + ws_pages))
 
@@ -128,8 +137,9 @@ def test_dirty_ground_truth_matches_memory(firmware: FirmwareImage) -> None:
             done = s.workload[0]
             assert share_len > 0 and s.pages_written == s.iterations
             total += s.pages_written
-            rel = words[share_first:share_first + share_len].astype(np.int64) - np.arange(
-                share_first, share_first + share_len)
+            rel = words[share_first : share_first + share_len].astype(np.int64) - np.arange(
+                share_first, share_first + share_len
+            )
             assert set(np.unique(rel).tolist()) <= {done - 1, done}, (s.cpu, done)
         assert sum(s.workload[2] for s in stats) == ws_pages
         assert f"dirty: {total} pages written" in console(vm)
@@ -171,7 +181,8 @@ def test_storebw_reports_bytes_and_ticks(firmware: FirmwareImage) -> None:
     try:
         assert rc == 0, console(vm)
         magic, size, passes, nbytes, ticks, tsc_khz = _STOREBW_REPORT.unpack(
-            vm.memory.read(ABI_WORKLOAD_STATS_GPA, _STOREBW_REPORT.size))
+            vm.memory.read(ABI_WORKLOAD_STATS_GPA, _STOREBW_REPORT.size)
+        )
         assert magic == ABI["STOREBW_REPORT_MAGIC"]
         assert (size, passes, nbytes) == (4 << 20, 3, 12 << 20)
         assert ticks > 0 and tsc_khz == vm.tsc_khz

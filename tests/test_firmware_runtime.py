@@ -41,21 +41,44 @@ class Cmdline(ctypes.Structure):
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     out = tmp_path_factory.mktemp("guestrt") / "libguestrt.so"
-    sources = [GUEST_DIR / "runtime" / "format.c", GUEST_DIR / "runtime" / "cmdline.c",
-               GUEST_DIR / "runtime" / "crc32.c", GUEST_DIR / "workloads" / "kv_table.c"]
+    sources = [
+        GUEST_DIR / "runtime" / "format.c",
+        GUEST_DIR / "runtime" / "cmdline.c",
+        GUEST_DIR / "runtime" / "crc32.c",
+        GUEST_DIR / "workloads" / "kv_table.c",
+    ]
     subprocess.run(
-        [find_compiler(), "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I", str(GUEST_DIR),
-         *map(str, sources), "-o", str(out)],
+        [
+            find_compiler(),
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            "-I",
+            str(GUEST_DIR),
+            *map(str, sources),
+            "-o",
+            str(out),
+        ],
         check=True,
     )
     lib = ctypes.CDLL(str(out))
     lib.fmt_snprintf.restype = ctypes.c_size_t
-    lib.cmdline_parse.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(Cmdline),
-                                  ctypes.POINTER(ctypes.c_char_p)]
+    lib.cmdline_parse.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(Cmdline),
+        ctypes.POINTER(ctypes.c_char_p),
+    ]
     lib.cmdline_get.restype = ctypes.c_char_p
     lib.cmdline_get.argtypes = [ctypes.POINTER(Cmdline), ctypes.c_char_p]
-    lib.cmdline_get_u64.argtypes = [ctypes.POINTER(Cmdline), ctypes.c_char_p, ctypes.c_uint64,
-                                    ctypes.POINTER(ctypes.c_uint64)]
+    lib.cmdline_get_u64.argtypes = [
+        ctypes.POINTER(Cmdline),
+        ctypes.c_char_p,
+        ctypes.c_uint64,
+        ctypes.POINTER(ctypes.c_uint64),
+    ]
     lib.parse_u64.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint64)]
     lib.parse_ipv4.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.cmdline_strerror.restype = ctypes.c_char_p
@@ -67,8 +90,13 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib.kv_table_get.restype = ctypes.c_void_p
     lib.kv_table_get.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     lib.kv_table_can_put.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-    lib.kv_table_put.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
-                                 ctypes.c_char_p, ctypes.c_size_t]
+    lib.kv_table_put.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
     return lib
 
 
@@ -99,8 +127,11 @@ def _libc_fmt(fmt: str, *args: object) -> bytes:
         ("%lx", (ctypes.c_ulong(0x31494247494D5450),), b"31494247494d5450"),
         ("%s and %c", (b"str", ctypes.c_int(ord("!"))), b"str and !"),
         ("%p", (ctypes.c_void_p(0x8000),), b"0x8000"),
-        ("%08lx|%-5d|%5s", (ctypes.c_ulong(0xABC), ctypes.c_int(7), b"ab"),
-         b"00000abc|7    |   ab"),
+        (
+            "%08lx|%-5d|%5s",
+            (ctypes.c_ulong(0xABC), ctypes.c_int(7), b"ab"),
+            b"00000abc|7    |   ab",
+        ),
         ("%lu MiB", (ctypes.c_ulong(18446744073709551615),), b"18446744073709551615 MiB"),
         ("%ld", (ctypes.c_long(-9223372036854775808),), b"-9223372036854775808"),
         ("%%", (), b"%"),
@@ -108,8 +139,9 @@ def _libc_fmt(fmt: str, *args: object) -> bytes:
         ("%q", (), b"%q"),
     ],
 )
-def test_format_examples(rt: ctypes.CDLL, fmt: str, args: tuple[object, ...],
-                         expected: bytes) -> None:
+def test_format_examples(
+    rt: ctypes.CDLL, fmt: str, args: tuple[object, ...], expected: bytes
+) -> None:
     out, n = _fmt(rt, fmt, *args)
     assert out == expected
     assert n == len(expected)
@@ -127,25 +159,39 @@ _precision = st.one_of(st.just(""), st.integers(0, 22).map(lambda p: f".{p}"))
 
 
 @settings(max_examples=400, deadline=None)
-@given(flags=_flags, width=_width, precision=_precision,
-       conv=st.sampled_from("diuxXo"), length=st.sampled_from(["", "l", "ll", "h", "hh"]),
-       value=st.integers(-(2**63), 2**64 - 1))
-def test_format_integers_match_libc(rt: ctypes.CDLL, flags: str, width: str, precision: str,
-                                    conv: str, length: str, value: int) -> None:
+@given(
+    flags=_flags,
+    width=_width,
+    precision=_precision,
+    conv=st.sampled_from("diuxXo"),
+    length=st.sampled_from(["", "l", "ll", "h", "hh"]),
+    value=st.integers(-(2**63), 2**64 - 1),
+)
+def test_format_integers_match_libc(
+    rt: ctypes.CDLL, flags: str, width: str, precision: str, conv: str, length: str, value: int
+) -> None:
     fmt = f"[%{flags}{width}{precision}{length}{conv}]"
     if length in ("l", "ll"):
-        arg: object = (ctypes.c_longlong(value) if conv in "di" and value < 2**63
-                       else ctypes.c_ulonglong(value % 2**64))
+        arg: object = (
+            ctypes.c_longlong(value)
+            if conv in "di" and value < 2**63
+            else ctypes.c_ulonglong(value % 2**64)
+        )
     else:
         arg = ctypes.c_int(((value + 2**31) % 2**32) - 2**31)
     assert _fmt(rt, fmt, arg)[0] == _libc_fmt(fmt, arg)
 
 
 @settings(max_examples=200, deadline=None)
-@given(flags=st.text(alphabet="-", max_size=1), width=_width, precision=_precision,
-       s=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30))
-def test_format_strings_match_libc(rt: ctypes.CDLL, flags: str, width: str, precision: str,
-                                   s: str) -> None:
+@given(
+    flags=st.text(alphabet="-", max_size=1),
+    width=_width,
+    precision=_precision,
+    s=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30),
+)
+def test_format_strings_match_libc(
+    rt: ctypes.CDLL, flags: str, width: str, precision: str, s: str
+) -> None:
     fmt = f"<%{flags}{width}{precision}s>"
     assert _fmt(rt, fmt, s.encode())[0] == _libc_fmt(fmt, s.encode())
 
@@ -155,9 +201,17 @@ def test_format_strings_match_libc(rt: ctypes.CDLL, flags: str, width: str, prec
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("0", 0), ("4096", 4096), ("64M", 64 << 20), ("2G", 2 << 30), ("4k", 4096),
-     ("0x10", 16), ("0x1M", 1 << 20), ("18446744073709551615", 2**64 - 1),
-     ("16777215G", 16777215 << 30)],
+    [
+        ("0", 0),
+        ("4096", 4096),
+        ("64M", 64 << 20),
+        ("2G", 2 << 30),
+        ("4k", 4096),
+        ("0x10", 16),
+        ("0x1M", 1 << 20),
+        ("18446744073709551615", 2**64 - 1),
+        ("16777215G", 16777215 << 30),
+    ],
 )
 def test_parse_u64_accepts(rt: ctypes.CDLL, text: str, value: int) -> None:
     out = ctypes.c_uint64()
@@ -191,8 +245,9 @@ def test_parse_ipv4_accepts(rt: ctypes.CDLL, text: str, value: int) -> None:
     assert out.value == value
 
 
-@pytest.mark.parametrize("text", ["10.0.0", "10.0.0.256", "1.2.3.4.5", "a.b.c.d", "1..2.3",
-                                  "1.2.3.4 ", "0001.2.3.4"])
+@pytest.mark.parametrize(
+    "text", ["10.0.0", "10.0.0.256", "1.2.3.4.5", "a.b.c.d", "1..2.3", "1.2.3.4 ", "0001.2.3.4"]
+)
 def test_parse_ipv4_rejects(rt: ctypes.CDLL, text: str) -> None:
     assert rt.parse_ipv4(text.encode(), ctypes.byref(ctypes.c_uint32())) == CMDLINE_BAD_ADDRESS
 
@@ -213,7 +268,10 @@ def test_cmdline_parses_workload_and_arguments(rt: ctypes.CDLL) -> None:
     assert rc == CMDLINE_OK
     assert c.workload == b"dirty"
     assert [(c.args[i].key, c.args[i].value) for i in range(c.nargs)] == [
-        (b"ws", b"64M"), (b"rate", b"100"), (b"seconds", b"0x10")]
+        (b"ws", b"64M"),
+        (b"rate", b"100"),
+        (b"seconds", b"0x10"),
+    ]
     out = ctypes.c_uint64()
     assert rt.cmdline_get_u64(ctypes.byref(c), b"ws", 1, ctypes.byref(out)) == CMDLINE_OK
     assert out.value == 64 << 20
@@ -261,8 +319,7 @@ def test_cmdline_check_keys(rt: ctypes.CDLL) -> None:
     assert rc == CMDLINE_OK
     allowed = (ctypes.c_char_p * 4)(b"ws", b"rate", b"seconds", None)
     bad = ctypes.c_char_p()
-    assert rt.cmdline_check_keys(ctypes.byref(c), allowed, ctypes.byref(bad)) == \
-        CMDLINE_UNKNOWN_KEY
+    assert rt.cmdline_check_keys(ctypes.byref(c), allowed, ctypes.byref(bad)) == CMDLINE_UNKNOWN_KEY
     assert bad.value == b"colour"
     rc, c, _ = _parse(rt, b"dirty ws=1 seconds=2")
     assert rt.cmdline_check_keys(ctypes.byref(c), allowed, ctypes.byref(bad)) == CMDLINE_OK
@@ -290,8 +347,12 @@ def test_crc32_matches_zlib(rt: ctypes.CDLL, data: bytes, split: int) -> None:
 
 
 class KvTable(ctypes.Structure):
-    _fields_ = [("slots", ctypes.c_void_p), ("capacity", ctypes.c_uint32),
-                ("count", ctypes.c_uint32), ("limit", ctypes.c_uint32)]
+    _fields_ = [
+        ("slots", ctypes.c_void_p),
+        ("capacity", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("limit", ctypes.c_uint32),
+    ]
 
 
 # struct kv_slot: hash u32, klen u16, vlen u16, used u32, key[128], value[512], pad[4]

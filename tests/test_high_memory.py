@@ -533,7 +533,11 @@ def test_ptmig_run_refuses_more_memory_than_the_host_has(tmp_path: Path) -> None
         pytest.skip(f"this host has {available >> 30} GiB available, more than ptmig can map")
     cfg = tmp_path / "big.toml"
     cfg.write_text(f'[vm]\nmemory = "{want >> 20}M"\nvcpus = 1\n\n[workload]\nname = "hello"\n')
-    proc = subprocess.run([sys.executable, "-m", "ptmig.cli", "run", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptmig.cli", "run", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == VMM_FAILED, proc.stderr  # ptmig run's own failure, not the guest's
     assert f"guest memory of {want >> 20} MiB is more than the host has available" in proc.stderr

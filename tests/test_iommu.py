@@ -56,7 +56,7 @@ def test_identity_map_read_write(table: IommuTable) -> None:
     table.map_identity(GUEST_PAGES)
     dev, ram, _ = make_view(table)
     dev.write(0x1234, b"passthrough")
-    assert ram[0x1234:0x1234 + 11] == b"passthrough"
+    assert ram[0x1234 : 0x1234 + 11] == b"passthrough"
     ram[0x5000:0x5004] = b"abcd"
     assert dev.read(0x5000, 4) == b"abcd"
     buf = bytearray(4)
@@ -73,7 +73,11 @@ def test_write_to_read_only_faults_and_leaves_memory(table: IommuTable) -> None:
     with pytest.raises(DmaFault, match="not writable") as info:
         dev.write(0x2000, b"x" * 10)
     assert (info.value.device, info.value.iova, info.value.length, info.value.write) == (
-        "testdev", 0x2000, 10, True)
+        "testdev",
+        0x2000,
+        10,
+        True,
+    )
     assert bytes(ram) == before
     assert dev.fault_count == 1 and dev.last_fault is info.value
     assert dev.read(0x2000, 10) == before[0x2000:0x200A]  # reads still allowed
@@ -118,7 +122,7 @@ def test_remap_to_pool_lands_in_pool(table: IommuTable) -> None:
     dev, ram, pool = make_view(table)
     before = bytes(ram)
     dev.write(5 * PAGE_SIZE + 100, b"device buffer")
-    assert pool[2 * PAGE_SIZE + 100:2 * PAGE_SIZE + 113] == b"device buffer"
+    assert pool[2 * PAGE_SIZE + 100 : 2 * PAGE_SIZE + 113] == b"device buffer"
     assert bytes(ram) == before
     assert dev.read(5 * PAGE_SIZE + 100, 13) == b"device buffer"
 
@@ -146,11 +150,12 @@ def test_segments_are_contiguous_target_runs(table: IommuTable) -> None:
     for seg, fill in zip(segs, b"ABC", strict=True):
         seg[:] = bytes([fill]) * len(seg)
     del segs
-    assert ram[3 * PAGE_SIZE + 100:5 * PAGE_SIZE] == b"A" * (2 * PAGE_SIZE - 100)
+    assert ram[3 * PAGE_SIZE + 100 : 5 * PAGE_SIZE] == b"A" * (2 * PAGE_SIZE - 100)
     assert pool[:PAGE_SIZE] == b"B" * PAGE_SIZE
-    assert ram[9 * PAGE_SIZE:10 * PAGE_SIZE - 100] == b"C" * (PAGE_SIZE - 100)
+    assert ram[9 * PAGE_SIZE : 10 * PAGE_SIZE - 100] == b"C" * (PAGE_SIZE - 100)
     assert dev.read(100, 4 * PAGE_SIZE - 200) == (
-        b"A" * (2 * PAGE_SIZE - 100) + b"B" * PAGE_SIZE + b"C" * (PAGE_SIZE - 100))
+        b"A" * (2 * PAGE_SIZE - 100) + b"B" * PAGE_SIZE + b"C" * (PAGE_SIZE - 100)
+    )
 
 
 def test_write_log_marks_exactly_written_guest_pages(table: IommuTable) -> None:
@@ -192,11 +197,11 @@ def test_iotlb_keeps_stale_translation_until_invalidated(table: IommuTable) -> N
     table.map(4, 1, TARGET_POOL, 1)
     assert table.generation == gen + 1
     dev.write(4 * PAGE_SIZE, b"stale!")  # the device may still use the cached entry
-    assert ram[4 * PAGE_SIZE:4 * PAGE_SIZE + 6] == b"stale!"
+    assert ram[4 * PAGE_SIZE : 4 * PAGE_SIZE + 6] == b"stale!"
     assert dev.invalidate_iotlb() == table.generation
     dev.write(4 * PAGE_SIZE, b"fresh!")
-    assert pool[PAGE_SIZE:PAGE_SIZE + 6] == b"fresh!"
-    assert ram[4 * PAGE_SIZE:4 * PAGE_SIZE + 6] == b"stale!"
+    assert pool[PAGE_SIZE : PAGE_SIZE + 6] == b"fresh!"
+    assert ram[4 * PAGE_SIZE : 4 * PAGE_SIZE + 6] == b"stale!"
 
 
 def test_unmap_needs_invalidate_and_new_maps_need_none(table: IommuTable) -> None:
@@ -266,9 +271,14 @@ def test_attach_from_another_process_sees_same_table(table: IommuTable) -> None:
         ram = mmap.mmap(ram_fd, GUEST_PAGES * PAGE_SIZE)
         out = subprocess.run(
             [sys.executable, "-c", _CHILD, str(table.fd), str(ram_fd), "32", str(GUEST_PAGES)],
-            pass_fds=(table.fd, ram_fd), capture_output=True, text=True, timeout=60, check=True)
+            pass_fds=(table.fd, ram_fd),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         assert out.stdout.split() == [str(table.generation), "7", "True", "DmaFault"]
-        assert ram[7 * PAGE_SIZE + 10:7 * PAGE_SIZE + 33] == b"from the device process"
+        assert ram[7 * PAGE_SIZE + 10 : 7 * PAGE_SIZE + 33] == b"from the device process"
         ram.close()
     finally:
         os.close(ram_fd)

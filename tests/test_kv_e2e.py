@@ -35,8 +35,9 @@ def _wait_ready(dp: Datapath, timeout: float = 30.0) -> None:
         dp.recv_batch()
 
 
-def _call(dp: Datapath, requests: list[kp.KvRequest], timeout: float = 20.0,
-          window: int = 32) -> dict[int, kp.KvReply]:
+def _call(
+    dp: Datapath, requests: list[kp.KvRequest], timeout: float = 20.0, window: int = 32
+) -> dict[int, kp.KvReply]:
     """Send every request (at most `window` outstanding, resending after 0.3 s of silence);
     return the replies by request id."""
     _wait_ready(dp)
@@ -75,8 +76,12 @@ LOAD_RATE = 20000  # ops/s: a 3 s run fits the table of a 512M guest and its 16M
 def _load(cfg: Path, prefix: bytes, seconds: float) -> LoadEngine:
     dp = open_datapath(LoadOptions(config=cfg))
     try:
-        engine = LoadEngine(dp, EngineConfig(window=64, duration_s=seconds, prefix=prefix,
-                                             value_size=VALUE_SIZE, rate=LOAD_RATE))
+        engine = LoadEngine(
+            dp,
+            EngineConfig(
+                window=64, duration_s=seconds, prefix=prefix, value_size=VALUE_SIZE, rate=LOAD_RATE
+            ),
+        )
         engine.run()
     finally:
         dp.close()
@@ -100,8 +105,7 @@ def test_kv_udp_load_loses_nothing_and_the_log_replays_after_restart(tmp_path: P
     try:
         vmm.wait_ready()
         acked = [engine.latest[slot] for slot in engine.acked]  # each key's latest PUT
-        reqs = [kp.KvRequest(i + 1, kp.Op.GET, engine.key_of(n))
-                for i, n in enumerate(acked)]
+        reqs = [kp.KvRequest(i + 1, kp.Op.GET, engine.key_of(n)) for i, n in enumerate(acked)]
         dp = open_datapath(LoadOptions(config=cfg))
         try:
             replies = _call(dp, reqs)
@@ -110,9 +114,12 @@ def test_kv_udp_load_loses_nothing_and_the_log_replays_after_restart(tmp_path: P
             dp.close()
     finally:
         vmm.stop()
-    bad = [n for i, n in enumerate(acked)
-           if replies[i + 1].status != kp.Status.OK
-           or replies[i + 1].value != make_value(engine.key_of(n), n, VALUE_SIZE)]
+    bad = [
+        n
+        for i, n in enumerate(acked)
+        if replies[i + 1].status != kp.Status.OK
+        or replies[i + 1].value != make_value(engine.key_of(n), n, VALUE_SIZE)
+    ]
     assert not bad, f"{len(bad)} acknowledged keys lost or wrong after the restart: {bad[:5]}"
     replayed = int.from_bytes(stats[len(reqs) + 1].value[56:64], "little")
     assert replayed >= len(acked)

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.kvm
 
 def send_burst(g: KvGuest, requests: list[kp.KvRequest]) -> None:
     for req in requests:
-        g.host.send(fr.udp_frame(HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000,
-                                 kp.encode_request(req)))
+        g.host.send(
+            fr.udp_frame(
+                HOST_MAC, GUEST_MAC, HOST_IP, GUEST_IP, 40000, 7000, kp.encode_request(req)
+            )
+        )
 
 
 def collect(g: KvGuest, count: int, timeout: float = 20.0) -> list[kp.KvReply]:
@@ -37,8 +40,9 @@ def collect(g: KvGuest, count: int, timeout: float = 20.0) -> list[kp.KvReply]:
 
 
 @pytest.mark.parametrize("flags", [0, kp.FLAG_DURABLE])
-def test_burst_is_answered_in_order_and_gets_see_earlier_puts(start, disk: Path,
-                                                             flags: int) -> None:
+def test_burst_is_answered_in_order_and_gets_see_earlier_puts(
+    start, disk: Path, flags: int
+) -> None:
     g = start(disk)
     # 3 keys overwritten in turn, a GET of a key after every PUT, a STATS at the end
     requests: list[kp.KvRequest] = []

@@ -44,8 +44,10 @@ def tap() -> Iterator[str]:
 
 def test_real_ping_reaches_the_kv_guest_over_tap(tmp_path: Path, tap: str) -> None:
     if shutil.which("ping") is None:
-        pytest.skip("`ping` is not installed (iputils-ping; `make test` installs it as root "
-                    "when the package registry is reachable)")
+        pytest.skip(
+            "`ping` is not installed (iputils-ping; `make test` installs it as root "
+            "when the package registry is reachable)"
+        )
     text = EXAMPLE.read_text()
     text = re.sub(r'backend = "tap:[^"]*"', f'backend = "tap:{tap}"', text)
     text = re.sub(r'path = "[^"]*"', f'path = "{tmp_path / "kv.img"}"', text)
@@ -59,8 +61,12 @@ def test_real_ping_reaches_the_kv_guest_over_tap(tmp_path: Path, tap: str) -> No
         while "kv: serving on" not in (console.read_text() if console.exists() else ""):
             assert time.monotonic() < deadline, "the kv guest never came up"
             time.sleep(0.05)
-        ping = subprocess.run(["ping", "-c", "3", "-W", "2", "-I", tap, "10.0.0.2"],
-                              capture_output=True, text=True, timeout=60)
+        ping = subprocess.run(
+            ["ping", "-c", "3", "-W", "2", "-I", tap, "10.0.0.2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         vmm.stop()
     assert ping.returncode == 0, ping.stdout + ping.stderr

@@ -69,9 +69,13 @@ class FakeKvGuest(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             now = time.monotonic()
-            if (self.move_after_outage and not self.moved and self.outage is not None
-                    and self.first_request is not None
-                    and now - self.first_request >= self.outage[1]):
+            if (
+                self.move_after_outage
+                and not self.moved
+                and self.outage is not None
+                and self.first_request is not None
+                and now - self.first_request >= self.outage[1]
+            ):
                 self._move()  # the old port is dead from now on, as the source VM is
             try:
                 data = self.sock.recv(65536)
@@ -117,15 +121,28 @@ class FakeKvGuest(threading.Thread):
         req = kvproto.decode_request(udp.payload)
         reply = self.execute(req)
         payload = kvproto.encode_reply(reply)
-        self.send(frames.udp_frame(GUEST_MAC, eth.src, self.ip, ip.src, udp.dst_port,
-                                   udp.src_port, payload, checksum=True))
+        self.send(
+            frames.udp_frame(
+                GUEST_MAC,
+                eth.src,
+                self.ip,
+                ip.src,
+                udp.dst_port,
+                udp.src_port,
+                payload,
+                checksum=True,
+            )
+        )
 
     def execute(self, req: kvproto.KvRequest) -> kvproto.KvReply:
         if req.op == kvproto.Op.PUT:
             if req.key in self.store:
                 self.overwrites += 1
-            if not (self.stale_every and req.key in self.store
-                    and self.overwrites % self.stale_every == 0):
+            if not (
+                self.stale_every
+                and req.key in self.store
+                and self.overwrites % self.stale_every == 0
+            ):
                 self.store[req.key] = req.value  # else: a lost update, acknowledged
             self.acked_puts += 1
             if self.forget_every and self.acked_puts % self.forget_every == 0:
@@ -166,16 +183,23 @@ def guest(switch: UdpSwitch) -> Iterator[FakeKvGuest]:
 
 def options(switch: UdpSwitch, tmp_path: Path, **kw: object) -> load.LoadOptions:
     host, port = switch.address
-    base: dict[str, object] = dict(switch=f"udp:{host}:{port}", guest_ip=f"{GUEST_IP}/24",
-                                   duration_s=1.0, rate=2000.0, rto_s=0.05,
-                                   verify_stall_s=5.0, ready_timeout_s=5.0,
-                                   json_path=tmp_path / "load.json")
+    base: dict[str, object] = dict(
+        switch=f"udp:{host}:{port}",
+        guest_ip=f"{GUEST_IP}/24",
+        duration_s=1.0,
+        rate=2000.0,
+        rto_s=0.05,
+        verify_stall_s=5.0,
+        ready_timeout_s=5.0,
+        json_path=tmp_path / "load.json",
+    )
     base.update(kw)
     return load.LoadOptions(**base)  # type: ignore[arg-type]
 
 
-def test_clean_run_verifies_every_acknowledged_put(switch: UdpSwitch, guest: FakeKvGuest,
-                                                   tmp_path: Path) -> None:
+def test_clean_run_verifies_every_acknowledged_put(
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     result = load.run_load(options(switch, tmp_path))
     assert result.exit_status == 0, load.summary(result)
     assert result.acked > 1000
@@ -184,8 +208,19 @@ def test_clean_run_verifies_every_acknowledged_put(switch: UdpSwitch, guest: Fak
     assert result.acked == len(guest.store)
     assert 1500 <= result.ops_per_s <= 2500  # paced to --rate 2000
     data = json.loads((tmp_path / "load.json").read_text())
-    for key in ("ops", "ops_per_s", "p50_ms", "p99_ms", "max_ms", "max_gap_ms", "timeouts",
-                "acked", "lost", "wrong", "series"):
+    for key in (
+        "ops",
+        "ops_per_s",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "max_gap_ms",
+        "timeouts",
+        "acked",
+        "lost",
+        "wrong",
+        "series",
+    ):
         assert key in data
     assert data["acked"] == result.acked
     assert sum(n for _, n in data["series"]) == data["ops"]
@@ -193,7 +228,8 @@ def test_clean_run_verifies_every_acknowledged_put(switch: UdpSwitch, guest: Fak
 
 
 def test_drops_are_retransmitted_and_puts_stay_idempotent(
-        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     guest.drop_rate = 0.2
     result = load.run_load(options(switch, tmp_path, rate=1000.0))
     assert result.exit_status == 0, load.summary(result)
@@ -202,7 +238,8 @@ def test_drops_are_retransmitted_and_puts_stay_idempotent(
 
 
 def test_bounded_key_space_is_cycled_and_the_latest_values_verified(
-        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     guest.drop_rate = 0.05  # retransmitted PUTs must never overwrite a newer value
     result = load.run_load(options(switch, tmp_path, keys=200, window=32, read_ratio=0.2))
     assert result.exit_status == 0, load.summary(result)
@@ -211,8 +248,9 @@ def test_bounded_key_space_is_cycled_and_the_latest_values_verified(
     assert result.retransmits > 0
 
 
-def test_a_stale_value_after_an_overwrite_is_wrong(switch: UdpSwitch, guest: FakeKvGuest,
-                                                   tmp_path: Path) -> None:
+def test_a_stale_value_after_an_overwrite_is_wrong(
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     guest.stale_every = 7  # acknowledged overwrites that never happened
     result = load.run_load(options(switch, tmp_path, keys=200, window=32))
     assert result.wrong > 0 and result.lost == 0
@@ -226,8 +264,9 @@ def test_key_space_must_exceed_the_window(switch: UdpSwitch, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("announce", [False, True], ids=["client-re-arps", "guest-announces"])
-def test_outage_is_measured_and_the_client_carries_on(switch: UdpSwitch, guest: FakeKvGuest,
-                                                      tmp_path: Path, announce: bool) -> None:
+def test_outage_is_measured_and_the_client_carries_on(
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path, announce: bool
+) -> None:
     guest.outage = (0.5, 2.0)  # 1.5 s of silence, then the guest comes back on another port
     guest.move_after_outage = True
     guest.announce_on_move = announce
@@ -242,8 +281,9 @@ def test_outage_is_measured_and_the_client_carries_on(switch: UdpSwitch, guest: 
     assert result.timeouts > 0
 
 
-def test_lost_values_are_detected_and_exit_non_zero(switch: UdpSwitch, guest: FakeKvGuest,
-                                                    tmp_path: Path) -> None:
+def test_lost_values_are_detected_and_exit_non_zero(
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     guest.forget_every = 97
     result = load.run_load(options(switch, tmp_path))
     assert result.lost == result.acked // 97 > 0
@@ -252,8 +292,9 @@ def test_lost_values_are_detected_and_exit_non_zero(switch: UdpSwitch, guest: Fa
     assert any(p.startswith("lost: ") for p in result.problems)
 
 
-def test_wrong_values_are_detected_and_exit_non_zero(switch: UdpSwitch, guest: FakeKvGuest,
-                                                     tmp_path: Path) -> None:
+def test_wrong_values_are_detected_and_exit_non_zero(
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     guest.corrupt_every = 50
     result = load.run_load(options(switch, tmp_path))
     # Every wrong value is one the guest corrupted; a reply lost on a busy host is not counted.
@@ -271,13 +312,24 @@ def cli_load(args: list[str]) -> int:
     return CliRunner().invoke(main, ["load", *args]).exit_code
 
 
-def test_main_exit_status_and_json(switch: UdpSwitch, guest: FakeKvGuest,
-                                   tmp_path: Path) -> None:
+def test_main_exit_status_and_json(switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
     guest.forget_every = 10
     host, port = switch.address
     out = tmp_path / "r.json"
-    status = cli_load(["--switch", f"udp:{host}:{port}", "--guest-ip", GUEST_IP,
-                        "--duration", "0.5", "--rate", "500", "--json", str(out)])
+    status = cli_load(
+        [
+            "--switch",
+            f"udp:{host}:{port}",
+            "--guest-ip",
+            GUEST_IP,
+            "--duration",
+            "0.5",
+            "--rate",
+            "500",
+            "--json",
+            str(out),
+        ]
+    )
     assert status == load.EXIT_LOST_OR_WRONG
     assert json.loads(out.read_text())["lost"] > 0
 
@@ -288,16 +340,31 @@ def test_json_to_stdout_with_the_summary_on_stderr(switch: UdpSwitch, guest: Fak
     from ptmig.cli import main
 
     host, port = switch.address
-    r = CliRunner().invoke(main, ["load", "--switch", f"udp:{host}:{port}", "--guest-ip",
-                                  GUEST_IP, "--duration", "0.3", "--rate", "300", "--json", "-"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "load",
+            "--switch",
+            f"udp:{host}:{port}",
+            "--guest-ip",
+            GUEST_IP,
+            "--duration",
+            "0.3",
+            "--rate",
+            "300",
+            "--json",
+            "-",
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)  # nothing but the document on stdout
     assert data["acked"] > 0 and data["exit_status"] == 0
     assert "acked PUTs" in r.stderr
 
 
-def test_guest_found_from_the_vm_config(switch: UdpSwitch, guest: FakeKvGuest,
-                                        tmp_path: Path) -> None:
+def test_guest_found_from_the_vm_config(
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     host, port = switch.address
     config = tmp_path / "vm.toml"
     config.write_text(f"""
@@ -323,8 +390,18 @@ backend = "udp:{host}:{port}"
 
 def test_unreachable_guest_is_an_error_not_a_pass(switch: UdpSwitch, tmp_path: Path) -> None:
     host, port = switch.address
-    status = cli_load(["--switch", f"udp:{host}:{port}", "--guest-ip", "10.0.0.9",
-                        "--duration", "0.2", "--ready-timeout", "0.5"])
+    status = cli_load(
+        [
+            "--switch",
+            f"udp:{host}:{port}",
+            "--guest-ip",
+            "10.0.0.9",
+            "--duration",
+            "0.2",
+            "--ready-timeout",
+            "0.5",
+        ]
+    )
     assert status == load.EXIT_UNPROVEN
 
 
@@ -365,18 +442,33 @@ def start_demo_load(switch: UdpSwitch, tmp_path: Path) -> tuple[subprocess.Popen
     """`python -m ptmig.demo.loadproc` against the fake guest, at most 60 s, 1000 ops/s."""
     host, port = switch.address
     config = tmp_path / "vm.toml"
-    config.write_text(f'[vm]\nmemory = "64M"\nvcpus = 1\n\n[workload]\nname = "kv"\n\n'
-                      f'[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "{GUEST_IP}/24"\n'
-                      f'backend = "udp:{host}:{port}"\n')
+    config.write_text(
+        f'[vm]\nmemory = "64M"\nvcpus = 1\n\n[workload]\nname = "kv"\n\n'
+        f'[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "{GUEST_IP}/24"\n'
+        f'backend = "udp:{host}:{port}"\n'
+    )
     out = tmp_path / "load.json"
-    proc = subprocess.Popen([sys.executable, "-m", "ptmig.demo.loadproc", str(config), "60",
-                             str(out), "--rate", "1000"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ptmig.demo.loadproc",
+            str(config),
+            "60",
+            str(out),
+            "--rate",
+            "1000",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return proc, out
 
 
 def test_the_demo_load_process_runs_until_told_and_records_its_gaps(
-        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     """`ptmig.demo.loadproc` loads until a `stop-at` line says when (not its 60 s limit), keeps
     the gap of an outage with its start, and records every request's completion and latency."""
     import numpy as np
@@ -405,7 +497,8 @@ def test_the_demo_load_process_runs_until_told_and_records_its_gaps(
 
 
 def test_the_demo_load_process_stops_when_the_demo_goes_away(
-        switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path) -> None:
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
     from ptmig.demo.loadproc import parse_control
 
     assert parse_control("stop-at 12.5\n") == 12.5

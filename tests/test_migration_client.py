@@ -18,24 +18,43 @@ from ptmig.migration.client import (
 
 
 def test_setup_commands_send_only_what_was_asked_then_migrate() -> None:
-    cmds = setup_commands(MigrateOptions("q.sock", "tcp:10.0.0.1:4444", dma_tracking="shadow",
-                                         downtime_limit_ms=20, max_bandwidth=0, verify=True))
-    assert cmds[0] == ("migrate-set-parameters", {"x-dma-tracking": "shadow",
-                                                  "downtime-limit": 20, "max-bandwidth": 0})
-    assert cmds[1] == ("migrate-set-capabilities", {"capabilities": [
-        {"capability": "x-verify", "state": True},
-        {"capability": "auto-converge", "state": False}]})
+    cmds = setup_commands(
+        MigrateOptions(
+            "q.sock",
+            "tcp:10.0.0.1:4444",
+            dma_tracking="shadow",
+            downtime_limit_ms=20,
+            max_bandwidth=0,
+            verify=True,
+        )
+    )
+    assert cmds[0] == (
+        "migrate-set-parameters",
+        {"x-dma-tracking": "shadow", "downtime-limit": 20, "max-bandwidth": 0},
+    )
+    assert cmds[1] == (
+        "migrate-set-capabilities",
+        {
+            "capabilities": [
+                {"capability": "x-verify", "state": True},
+                {"capability": "auto-converge", "state": False},
+            ]
+        },
+    )
     assert cmds[2] == ("migrate", {"uri": "tcp:10.0.0.1:4444"})
     plain = setup_commands(MigrateOptions("q.sock", "tcp:h:1"))
     assert [c for c, _ in plain] == ["migrate-set-capabilities", "migrate"]
 
 
-@pytest.mark.parametrize("kw, what", [
-    ({"uri": "udp:1.2.3.4:5"}, "tcp:HOST:PORT or unix:PATH"),
-    ({"dma_tracking": "magic"}, "magic"),
-    ({"downtime_limit_ms": 0}, "at least 1 ms"),
-    ({"max_bandwidth": -1}, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "kw, what",
+    [
+        ({"uri": "udp:1.2.3.4:5"}, "tcp:HOST:PORT or unix:PATH"),
+        ({"dma_tracking": "magic"}, "magic"),
+        ({"downtime_limit_ms": 0}, "at least 1 ms"),
+        ({"max_bandwidth": -1}, ">= 0"),
+    ],
+)
 def test_bad_options_say_what_is_wrong(kw: dict, what: str) -> None:
     args = {"qmp_path": "q.sock", "uri": "tcp:h:1", **kw}
     with pytest.raises(ValueError, match=what):
@@ -52,18 +71,35 @@ def test_exit_status() -> None:
 
 
 def test_progress_and_summary_rows() -> None:
-    info = {"status": "active", "total-time": 120, "expected-downtime": 7,
-            "ram": {"remaining": 3 << 20, "transferred": 10 << 20, "dirty-pages-rate": 256,
-                    "mbps": 800.0, "page-size": 4096, "dirty-sync-count": 2},
-            "x-rounds": [{"round": 0, "pages": 10}, {"round": 1, "pages": 3}]}
+    info = {
+        "status": "active",
+        "total-time": 120,
+        "expected-downtime": 7,
+        "ram": {
+            "remaining": 3 << 20,
+            "transferred": 10 << 20,
+            "dirty-pages-rate": 256,
+            "mbps": 800.0,
+            "page-size": 4096,
+            "dirty-sync-count": 2,
+        },
+        "x-rounds": [{"round": 0, "pages": 10}, {"round": 1, "pages": 3}],
+    }
     rows = dict(progress_rows(info))
     assert rows["round"] == "2" and rows["remaining"] == "3.0 MiB"
     assert rows["dirty rate"] == "1.0 MiB/s" and rows["throughput"] == "100.0 MB/s"
     assert rows["expected downtime"] == "7 ms"
-    done = dict(summary_rows({**info, "status": "completed", "downtime": 9,
-                              "x-verify": {"pages": 5, "mismatched": 2,
-                                           "first-mismatched": [1, 4]},
-                              "x-shadow": {"pages": 12}}))
+    done = dict(
+        summary_rows(
+            {
+                **info,
+                "status": "completed",
+                "downtime": 9,
+                "x-verify": {"pages": 5, "mismatched": 2, "first-mismatched": [1, 4]},
+                "x-shadow": {"pages": 12},
+            }
+        )
+    )
     assert done["downtime"] == "9 ms" and done["rounds"] == "2 (pages: 10, 3)"
     assert "2 of 5 pages DIFFER" in done["x-verify"] and done["x-shadow"] == "pages=12"
     assert progress_rows({"status": "setup"})[0] == ("status", "setup")

@@ -89,8 +89,13 @@ def test_migration_events_seen_by_a_qmp_client(tmp_path: Path) -> None:
     try:
         seen, info = asyncio.run(drive())
         assert info["status"] == "completed", info
-        assert seen == ["MIGRATION setup", "MIGRATION active", "STOP", "MIGRATION device",
-                        "MIGRATION completed"], seen
+        assert seen == [
+            "MIGRATION setup",
+            "MIGRATION active",
+            "STOP",
+            "MIGRATION device",
+            "MIGRATION completed",
+        ], seen
     finally:
         src.stop()
         dst.stop()

@@ -41,8 +41,9 @@ WATCHDOG_S = 30.0  # the destination's inactivity timeout (`transport.listen`'s 
 
 def _migrate(src: Vmm, port: int, *, max_bandwidth: int, downtime_limit: int = 50) -> None:
     src.cmd("migrate-set-parameters", {"multifd-channels": CHANNELS})
-    src.cmd("migrate-set-capabilities",
-            {"capabilities": [{"capability": "multifd", "state": True}]})
+    src.cmd(
+        "migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]}
+    )
     src.migrate(port, max_bandwidth=max_bandwidth, downtime_limit=downtime_limit)
 
 
@@ -93,8 +94,7 @@ def test_losing_the_destination_mid_round_fails_at_once(tmp_path: Path, how: str
     try:
         dst.wait_incoming()
         src.wait_running()
-        _migrate(src, port if how == "kill-destination" else proxy.port,
-                 max_bandwidth=256 << 10)
+        _migrate(src, port if how == "kill-destination" else proxy.port, max_bandwidth=256 << 10)
         _wait_active_with(src, 512 << 10)
         t0 = time.monotonic()
         if how == "kill-destination":
@@ -123,22 +123,24 @@ class FakeSource:
         self.pages = config.memory_bytes // 4096
         self.token = secrets.token_hex(16)
         self.main, self.conn = self._stream(
-            channel_capability(DATA_CHANNELS_CAPABILITY, CHANNELS, self.token), None)
+            channel_capability(DATA_CHANNELS_CAPABILITY, CHANNELS, self.token), None
+        )
 
-    def _stream(self, capability: str, index: int | None) -> tuple[transport.Channel,
-                                                                  Connection]:
+    def _stream(self, capability: str, index: int | None) -> tuple[transport.Channel, Connection]:
         """The main stream (index None) or data channel `index`, joined to its session."""
         join = None if index is None else (self.main.session, index)
-        ch = transport.connect("127.0.0.1", self.port, psk=self.psk, inactivity_timeout=20,
-                               join=join)
+        ch = transport.connect(
+            "127.0.0.1", self.port, psk=self.psk, inactivity_timeout=20, join=join
+        )
         conn = Connection(Role.SOURCE, guest_pages=self.pages, data_channel=index is not None)
         transport.send_event(ch, conn, hello(self.fingerprint, (capability,)))
         self.last_ack = transport.recv_event(ch, conn)
         assert isinstance(self.last_ack, HelloAck)
         return ch, conn
 
-    def data_channel(self, index: int, token: str | None = None) -> tuple[transport.Channel,
-                                                                         Connection]:
+    def data_channel(
+        self, index: int, token: str | None = None
+    ) -> tuple[transport.Channel, Connection]:
         cap = channel_capability(DATA_CHANNEL_CAPABILITY, index, token or self.token)
         return self._stream(cap, index)
 
@@ -149,15 +151,17 @@ class FakeSource:
         return ev.reason
 
 
-
-
-@pytest.mark.parametrize(("first", "second", "message"), [
-    pytest.param(0, "wrong-token", "data channel without this migration's token", id="token"),
-    pytest.param(0, 0, "data channel index 0 is not a free one of 2", id="duplicate"),
-    pytest.param(1, 7, "data channel index 7 is not a free one of 2", id="out-of-range"),
-])
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        pytest.param(0, "wrong-token", "data channel without this migration's token", id="token"),
+        pytest.param(0, 0, "data channel index 0 is not a free one of 2", id="duplicate"),
+        pytest.param(1, 7, "data channel index 7 is not a free one of 2", id="out-of-range"),
+    ],
+)
 def test_a_data_channel_that_is_not_the_migrations_is_refused(
-        tmp_path: Path, first: int, second: int | str, message: str) -> None:
+    tmp_path: Path, first: int, second: int | str, message: str
+) -> None:
     cfg = dirty_config(tmp_path, memory="64M", ws="8M")
     port = free_port()
     dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
@@ -198,4 +202,3 @@ def test_a_data_channel_failing_mid_round_is_reported_on_the_main_stream(tmp_pat
         assert_still_waiting(dst, "data channel 1 failed")
     finally:
         dst.stop()
-

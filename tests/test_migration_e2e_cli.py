@@ -16,8 +16,13 @@ pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 
 def _ptmig_migrate(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
-    return subprocess.run([sys.executable, "-m", "ptmig.cli", "migrate", *args],
-                          capture_output=True, text=True, timeout=90, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "ptmig.cli", "migrate", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
 
 
 def test_ptmig_migrate_completes_verified_and_writes_json(tmp_path: Path) -> None:
@@ -29,10 +34,20 @@ def test_ptmig_migrate_completes_verified_and_writes_json(tmp_path: Path) -> Non
         src.wait_running()
         dst.wait_incoming()
         out_json = tmp_path / "mig.json"
-        res = _ptmig_migrate("--qmp", f"unix:{src.qmp_path}", f"tcp:127.0.0.1:{port}",
-                             "--dma-tracking", "none", "--downtime-limit", "30",
-                             "--max-bandwidth", "1G", "--verify", "--json",
-                             str(out_json))
+        res = _ptmig_migrate(
+            "--qmp",
+            f"unix:{src.qmp_path}",
+            f"tcp:127.0.0.1:{port}",
+            "--dma-tracking",
+            "none",
+            "--downtime-limit",
+            "30",
+            "--max-bandwidth",
+            "1G",
+            "--verify",
+            "--json",
+            str(out_json),
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         info = json.loads(out_json.read_text())
         assert info["status"] == "completed"
@@ -57,8 +72,13 @@ def test_ptmig_migrate_to_nowhere_fails_and_the_guest_stays(tmp_path: Path) -> N
     src = Vmm(tmp_path, "src", cfg)
     try:
         src.wait_running()
-        res = _ptmig_migrate("--qmp", f"unix:{src.qmp_path}", f"tcp:127.0.0.1:{free_port()}",
-                             "--dma-tracking", "none")
+        res = _ptmig_migrate(
+            "--qmp",
+            f"unix:{src.qmp_path}",
+            f"tcp:127.0.0.1:{free_port()}",
+            "--dma-tracking",
+            "none",
+        )
         assert res.returncode == 1, res.stdout + res.stderr
         assert "failed" in res.stdout and "Traceback" not in res.stdout + res.stderr
         assert "the guest runs on the source" in res.stderr, res.stderr

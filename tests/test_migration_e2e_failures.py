@@ -131,12 +131,16 @@ def test_cut_link_under_kv_load_loses_no_acknowledged_value(tmp_path: Path) -> N
         assert_still_waiting(dst, "from 127.0.0.1", timeout=40)
 
 
-@pytest.mark.parametrize("garbage", [
-    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4, id="garbage"),
-    pytest.param(b"", id="silent"),
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4, id="garbage"),
+        pytest.param(b"", id="silent"),
+    ],
+)
 def test_a_peer_without_the_key_is_refused_and_the_destination_waits_on(
-        tmp_path: Path, garbage: bytes) -> None:
+    tmp_path: Path, garbage: bytes
+) -> None:
     """A local process without credentials can neither feed a waiting destination (garbage,
     silence: refused, logged, reported) nor keep it from taking the real migration after."""
     cfg = dirty_config(tmp_path, memory="64M", ws="8M")
@@ -157,8 +161,7 @@ def test_a_peer_without_the_key_is_refused_and_the_destination_waits_on(
         dst.stop()
 
 
-def test_a_source_cannot_be_made_to_send_ram_to_a_listener_without_the_key(
-        tmp_path: Path) -> None:
+def test_a_source_cannot_be_made_to_send_ram_to_a_listener_without_the_key(tmp_path: Path) -> None:
     """A local process that took the port first receives the handshake, not guest RAM: the
     source refuses to go on, and its guest keeps running."""
     cfg = dirty_config(tmp_path, memory="64M", ws="8M")
@@ -219,14 +222,18 @@ def test_wrong_pre_shared_key_is_refused_on_both_sides(tmp_path: Path) -> None:
         dst.stop()
 
 
-@pytest.mark.parametrize(("stream", "attack"), [
-    pytest.param(1, "flip", id="flip-a-page-payload-bit"),
-    pytest.param(1, "swap", id="swap-two-page-records"),
-    pytest.param(1, "replay", id="replay-a-page-record"),
-    pytest.param(0, "replay", id="replay-on-the-main-stream"),
-])
+@pytest.mark.parametrize(
+    ("stream", "attack"),
+    [
+        pytest.param(1, "flip", id="flip-a-page-payload-bit"),
+        pytest.param(1, "swap", id="swap-two-page-records"),
+        pytest.param(1, "replay", id="replay-a-page-record"),
+        pytest.param(0, "replay", id="replay-on-the-main-stream"),
+    ],
+)
 def test_an_on_path_attacker_under_psk_is_refused_and_the_source_resumes(
-        tmp_path: Path, stream: int, attack: str) -> None:
+    tmp_path: Path, stream: int, attack: str
+) -> None:
     cfg = dirty_config(tmp_path, memory="64M", ws="8M")
     port = free_port()
     src = Vmm(tmp_path, "src", cfg)

@@ -25,15 +25,21 @@ ROUND0_BANDWIDTH = 64 << 10
 ROUND0_DOWNTIME_LIMIT_MS = 10_000
 
 
-def _migrate_under_load(tmp_path: Path, tracking: str, max_bandwidth: int,
-                        downtime_limit: int = 50) -> tuple[dict[str, Any], dict[str, Any]]:
+def _migrate_under_load(
+    tmp_path: Path, tracking: str, max_bandwidth: int, downtime_limit: int = 50
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (the source's final query-migrate, the load client's result); after a completed
     migration, the result of a second, short load against the destination is under "after"."""
     with kv_migration(tmp_path) as (cfg, src, dst, port):
         load = Load(cfg, 5.0, tmp_path / "load.json").start()
         time.sleep(1.0)
-        src.migrate(port, tracking=tracking, verify=True, max_bandwidth=max_bandwidth,
-                    downtime_limit=downtime_limit)
+        src.migrate(
+            port,
+            tracking=tracking,
+            verify=True,
+            max_bandwidth=max_bandwidth,
+            downtime_limit=downtime_limit,
+        )
         if max_bandwidth:
             # Round 0 crawls while the devices keep writing guest RAM; then let it finish.
             time.sleep(1.5)
@@ -46,8 +52,9 @@ def _migrate_under_load(tmp_path: Path, tracking: str, max_bandwidth: int,
         if info["status"] == "completed" and tracking != "none":
             # a client that starts once the switchover is over can only reach the
             # destination (whose devices `none` may have left broken: not asked there)
-            result["after"] = Load(cfg, 1.0, tmp_path / "after.json", rate=200,
-                                   window=None).start().result()
+            result["after"] = (
+                Load(cfg, 1.0, tmp_path / "after.json", rate=200, window=None).start().result()
+            )
         return info, result
 
 
@@ -58,8 +65,9 @@ def _served_after_migration(result: dict[str, Any]) -> bool:
 
 
 def test_device_log_loses_nothing(tmp_path: Path) -> None:
-    info, result = _migrate_under_load(tmp_path, "device-log", ROUND0_BANDWIDTH,
-                                       ROUND0_DOWNTIME_LIMIT_MS)
+    info, result = _migrate_under_load(
+        tmp_path, "device-log", ROUND0_BANDWIDTH, ROUND0_DOWNTIME_LIMIT_MS
+    )
     assert info["status"] == "completed", info
     assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
     assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
@@ -80,8 +88,7 @@ def test_all_dirty_loses_nothing_and_reports_its_downtime(tmp_path: Path) -> Non
 
 
 def test_none_loses_device_writes_and_the_loss_is_detected(tmp_path: Path) -> None:
-    info, result = _migrate_under_load(tmp_path, "none", ROUND0_BANDWIDTH,
-                                       ROUND0_DOWNTIME_LIMIT_MS)
+    info, result = _migrate_under_load(tmp_path, "none", ROUND0_BANDWIDTH, ROUND0_DOWNTIME_LIMIT_MS)
     assert info["status"] == "completed", info
     detected = info["x-verify"]["mismatched"] + result["lost"] + result["wrong"]
     assert detected > 0, (info["x-verify"], result["output"])

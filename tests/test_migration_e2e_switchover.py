@@ -75,7 +75,8 @@ def _migrate_into_the_dark(src: Vmm, relay: TcpProxy, timeout_s: int) -> None:
 
 
 def test_lost_ack_then_timeout_leaves_the_source_paused_until_destination_wins(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = tmp_path / "kv.img"
     with kv_migration(tmp_path) as (cfg, src, dst, port):
         assert _holder_pid(image) == src.proc.pid  # the destination opened it unlocked
@@ -100,7 +101,8 @@ def test_lost_ack_then_timeout_leaves_the_source_paused_until_destination_wins(
         assert after["acked"] > 0 and after["lost"] == 0, after["output"]
         assert src.status() == "finish-migrate"  # still paused after all that
         assert {"event": "MIGRATION", "status": "x-unresolved"} in [
-            {"event": e["event"], "status": e.get("data", {}).get("status")} for e in src.events]
+            {"event": e["event"], "status": e.get("data", {}).get("status")} for e in src.events
+        ]
         src.cmd("x-migrate-resolve", {"winner": "destination"})
         info = src.cmd("query-migrate")
         assert info["status"] == "completed" and info["x-guest-owner"] == "destination"
@@ -152,7 +154,8 @@ def test_migrate_cancel_while_waiting_for_the_ack_then_source_wins(tmp_path: Pat
 
 
 def test_cont_on_a_migrated_source_is_refused_and_force_cannot_take_the_disk(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = tmp_path / "kv.img"
     with kv_migration(tmp_path) as (_, src, dst, port):
         src.migrate(port, verify=False)
@@ -177,8 +180,10 @@ def test_a_second_vmm_on_a_locked_image_fails_at_start(tmp_path: Path) -> None:
         second = Vmm(tmp_path, "second", cfg)
         assert second.proc.wait(timeout=60) != 0
         out = second.output()
-        assert f"disk image {tmp_path / 'kv.img'} is in use: it is locked by ptmig pid " \
-               f"{first.proc.pid}" in out, out
+        assert (
+            f"disk image {tmp_path / 'kv.img'} is in use: it is locked by ptmig pid "
+            f"{first.proc.pid}" in out
+        ), out
         assert "Traceback" not in out, out
         assert first.status() == "running"
     finally:
@@ -186,7 +191,8 @@ def test_a_second_vmm_on_a_locked_image_fails_at_start(tmp_path: Path) -> None:
 
 
 def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """The destination's commit point needs the disk locks; someone else holds them (here the
     test, on the destination's copy of the image), so it refuses the switchover explicitly
     and the source, which knows then that the guest is still its own, takes its lock back and

@@ -107,8 +107,18 @@ def test_the_source_cannot_send_an_abort_after_complete() -> None:
         conn.send(Abort("changed my mind"))
 
 
-_EVENTS = st.sampled_from([Complete(), SwitchoverAck(True), SwitchoverAck(False, "no"),
-                           Abort("no"), LinkLost("lost"), Resolve(S), Resolve(D), Commit()])
+_EVENTS = st.sampled_from(
+    [
+        Complete(),
+        SwitchoverAck(True),
+        SwitchoverAck(False, "no"),
+        Abort("no"),
+        LinkLost("lost"),
+        Resolve(S),
+        Resolve(D),
+        Commit(),
+    ]
+)
 
 
 @given(st.lists(_EVENTS, max_size=12))
@@ -127,8 +137,7 @@ def test_no_event_sequence_resumes_the_source_without_an_answer(events: list[obj
         if isinstance(ev, Complete):
             sent_complete = True
         if sent_complete and own.owner is Owner.SOURCE and before is not Owner.SOURCE:
-            assert isinstance(ev, Abort | Resolve) or (isinstance(ev, SwitchoverAck)
-                                                        and not ev.ok)
+            assert isinstance(ev, Abort | Resolve) or (isinstance(ev, SwitchoverAck) and not ev.ok)
         if before is Owner.DESTINATION:
             assert own.owner is Owner.DESTINATION
 
@@ -150,10 +159,13 @@ def test_every_transition_of_the_table_is_reachable_from_the_start() -> None:
     assert seen == keys
 
 
-@pytest.mark.parametrize(("complete_arrives", "destination_refuses", "answer_arrives"),
-                         list(itertools.product([False, True], repeat=3)))
-def test_the_guest_never_runs_on_both_sides(complete_arrives: bool, destination_refuses: bool,
-                                            answer_arrives: bool) -> None:
+@pytest.mark.parametrize(
+    ("complete_arrives", "destination_refuses", "answer_arrives"),
+    list(itertools.product([False, True], repeat=3)),
+)
+def test_the_guest_never_runs_on_both_sides(
+    complete_arrives: bool, destination_refuses: bool, answer_arrives: bool
+) -> None:
     """Both views, over every fate of Complete and of the destination's answer."""
     src, dst = GuestOwnership(S), GuestOwnership(D)
     src.handle(Complete())
@@ -178,8 +190,12 @@ def test_the_guest_never_runs_on_both_sides(complete_arrives: bool, destination_
 
 
 def test_query_migrate_reports_the_owner_and_the_unresolved_status() -> None:
-    info = MigrationInfo(status=Status.UNRESOLVED, start=1.0, guest_owner="unresolved",
-                         error="switchover unresolved (migration cancelled)")
+    info = MigrationInfo(
+        status=Status.UNRESOLVED,
+        start=1.0,
+        guest_owner="unresolved",
+        error="switchover unresolved (migration cancelled)",
+    )
     out = info.to_qmp()
     assert out["status"] == "x-unresolved" and out["x-guest-owner"] == "unresolved"
     assert out["error-desc"].startswith("switchover unresolved")

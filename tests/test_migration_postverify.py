@@ -70,8 +70,10 @@ def test_malformed_report_is_a_remote_error() -> None:
     src, dst, ram, _ = switched_over()
     d = digests_to_bytes(page_digests(ram))
     drain(dst, src.send(VerifyDigests(0, d)))
-    bogus = encode_frame(FrameType.VERIFY_REPORT, (10).to_bytes(8, "little")
-                         + (99).to_bytes(8, "little") + (0).to_bytes(4, "little"))
+    bogus = encode_frame(
+        FrameType.VERIFY_REPORT,
+        (10).to_bytes(8, "little") + (99).to_bytes(8, "little") + (0).to_bytes(4, "little"),
+    )
     src.receive_data(bogus)
     with pytest.raises(RemoteProtocolError, match="99 mismatched of 10"):
         src.next_event()

@@ -52,8 +52,10 @@ FP = {"memory": 64 * PAGE, "vcpus": 1}
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from(["zero", "first", "last", "full"]), min_size=1, max_size=80),
-       st.booleans())
+@given(
+    st.lists(st.sampled_from(["zero", "first", "last", "full"]), min_size=1, max_size=80),
+    st.booleans(),
+)
 def test_nonzero_pages_matches_a_full_scan(kinds: list[str], scattered: bool) -> None:
     """Pages whose first word is zero but which hold data further on are data, not zero."""
     ram = np.zeros(len(kinds) * PAGE, dtype=np.uint8)
@@ -69,8 +71,9 @@ def test_nonzero_pages_matches_a_full_scan(kinds: list[str], scattered: bool) ->
     counts = np.ones(starts.size, np.int64) if scattered else np.array([n])
     runs = make_runs(starts, counts, RunKind.DATA)
     rows = page_rows(ram)
-    expected = [kinds[p] != "zero" for p in starts.tolist()] if scattered else \
-        [k != "zero" for k in kinds]
+    expected = (
+        [kinds[p] != "zero" for p in starts.tolist()] if scattered else [k != "zero" for k in kinds]
+    )
     assert nonzero_pages(rows, runs).tolist() == expected
 
 
@@ -104,10 +107,15 @@ def test_prefault_allocates_every_page_and_keeps_the_contents() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 40), st.booleans(), st.integers(0, 3)), min_size=1,
-                max_size=30), st.integers(1, 50))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 40), st.booleans(), st.integers(0, 3)), min_size=1, max_size=30
+    ),
+    st.integers(1, 50),
+)
 def test_split_by_data_bounds_each_piece_and_keeps_every_page(
-        spec: list[tuple[int, bool, int]], limit: int) -> None:
+    spec: list[tuple[int, bool, int]], limit: int
+) -> None:
     starts, counts, kinds, page = [], [], [], 0
     for npages, is_data, gap in spec:
         starts.append(page + gap)
@@ -131,15 +139,18 @@ def test_split_by_data_bounds_each_piece_and_keeps_every_page(
 def test_channel_capability_round_trip_and_rejections() -> None:
     token = secrets.token_hex(16)
     cap = channel_capability(DATA_CHANNELS_CAPABILITY, 3, token)
-    assert parse_channel_capability(hello(FP, ("x-verify-after-switchover", cap)),
-                                     DATA_CHANNELS_CAPABILITY) == (3, token)
+    assert parse_channel_capability(
+        hello(FP, ("x-verify-after-switchover", cap)), DATA_CHANNELS_CAPABILITY
+    ) == (3, token)
     assert parse_channel_capability(hello(FP, ()), DATA_CHANNELS_CAPABILITY) is None
-    bad = [f"{DATA_CHANNELS_CAPABILITY}={MAX_DATA_CHANNELS + 1}:{token}",
-           f"{DATA_CHANNELS_CAPABILITY}=2:{token[:-1]}",
-           f"{DATA_CHANNELS_CAPABILITY}=2:{token.upper()}",
-           f"{DATA_CHANNELS_CAPABILITY}=-1:{token}",
-           f"{DATA_CHANNELS_CAPABILITY}=2",
-           f"{DATA_CHANNELS_CAPABILITY}=" + "9" * 500 + f":{token}"]
+    bad = [
+        f"{DATA_CHANNELS_CAPABILITY}={MAX_DATA_CHANNELS + 1}:{token}",
+        f"{DATA_CHANNELS_CAPABILITY}=2:{token[:-1]}",
+        f"{DATA_CHANNELS_CAPABILITY}=2:{token.upper()}",
+        f"{DATA_CHANNELS_CAPABILITY}=-1:{token}",
+        f"{DATA_CHANNELS_CAPABILITY}=2",
+        f"{DATA_CHANNELS_CAPABILITY}=" + "9" * 500 + f":{token}",
+    ]
     for c in bad:
         with pytest.raises(RemoteProtocolError, match="malformed"):
             parse_channel_capability(hello(FP, (c,)), DATA_CHANNELS_CAPABILITY)
@@ -162,8 +173,7 @@ def _channel_pair() -> tuple[Connection, Connection]:
     src = Connection(Role.SOURCE, guest_pages=64, data_channel=True)
     dst = Connection(Role.DESTINATION, guest_pages=64, data_channel=True)
     token = secrets.token_hex(16)
-    dst.receive_data(src.send(hello(FP, (channel_capability(DATA_CHANNEL_CAPABILITY, 0,
-                                                                    token),))))
+    dst.receive_data(src.send(hello(FP, (channel_capability(DATA_CHANNEL_CAPABILITY, 0, token),))))
     assert isinstance(dst.next_event(), Hello)
     src.receive_data(dst.send(HelloAck(True)))
     assert isinstance(src.next_event(), HelloAck)
@@ -184,8 +194,9 @@ def test_a_data_channel_carries_rounds_and_may_end_after_one() -> None:
     ram = np.zeros(64 * PAGE, dtype=np.uint8)
     ram[3 * PAGE : 5 * PAGE] = 9
     stream = src.send(RoundStart(0, 2))
-    stream += b"".join(bytes(b) for b in src.send_pages(make_runs([3], [2], RunKind.DATA),
-                                                         memoryview(ram)))
+    stream += b"".join(
+        bytes(b) for b in src.send_pages(make_runs([3], [2], RunKind.DATA), memoryview(ram))
+    )
     stream += src.send(RoundEnd(0))
     dst.receive_data(stream)
     dest = bytearray(64 * PAGE)

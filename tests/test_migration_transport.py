@@ -176,8 +176,10 @@ def test_streams_sharing_an_activity_clock_time_out_only_when_all_are_quiet() ->
     busy_for = 1.0
     with listen("127.0.0.1", 0, insecure=True, inactivity_timeout=0.3) as lst:
         activity = SharedActivity()
-        with (connect("127.0.0.1", lst.port, insecure=True) as _,
-              connect("127.0.0.1", lst.port, insecure=True) as busy_src):
+        with (
+            connect("127.0.0.1", lst.port, insecure=True) as _,
+            connect("127.0.0.1", lst.port, insecure=True) as busy_src,
+        ):
             quiet, busy = lst.accept(timeout=10), lst.accept(timeout=10)
             quiet.activity = busy.activity = activity
 

@@ -30,9 +30,15 @@ def test_parse_backend_specs() -> None:
     assert parse_backend_spec("udp:[::1]:7") == BackendSpec("udp", "::1", 7)
     assert str(parse_backend_spec("udp:[::1]:7")) == "udp:[::1]:7"
     assert parse_backend_spec("tap:tap0") == BackendSpec("tap", ifname="tap0")
-    for bad, why in (("udp:host", "HOST:PORT"), ("udp:h:0", "1..65535"), ("udp:h:x", "number"),
-                     ("tap:", "1..15"), ("tap:a/b", "forbidden"), ("tap:" + "x" * 16, "1..15"),
-                     ("eth:x", "udp:HOST:PORT or tap:IFNAME")):
+    for bad, why in (
+        ("udp:host", "HOST:PORT"),
+        ("udp:h:0", "1..65535"),
+        ("udp:h:x", "number"),
+        ("tap:", "1..15"),
+        ("tap:a/b", "forbidden"),
+        ("tap:" + "x" * 16, "1..15"),
+        ("eth:x", "udp:HOST:PORT or tap:IFNAME"),
+    ):
         with pytest.raises(ValueError, match=why):
             parse_backend_spec(bad)
 
@@ -74,8 +80,10 @@ def recv_wait(backend: UdpNetBackend, timeout: float = 2.0) -> bytes | None:
 
 def test_udp_backends_talk_through_the_switch(switch: UdpSwitch) -> None:
     host, port = switch.address
-    with open_backend(f"udp:{host}:{port}", mac=MAC_1) as b1, \
-            open_backend(f"udp:{host}:{port}", mac=MAC_2) as b2:
+    with (
+        open_backend(f"udp:{host}:{port}", mac=MAC_1) as b1,
+        open_backend(f"udp:{host}:{port}", mac=MAC_2) as b2,
+    ):
         assert isinstance(b1, UdpNetBackend) and isinstance(b2, UdpNetBackend)
         deadline = time.monotonic() + 2
         while len(switch.fdb.endpoints) < 2 and time.monotonic() < deadline:

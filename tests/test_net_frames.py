@@ -33,17 +33,36 @@ def test_checksum_matches_reference(data: bytes) -> None:
     assert f.internet_checksum(data) == ~total & 0xFFFF
 
 
-@given(macs, macs, st.integers(0x0600, 0xFFFF).filter(lambda t: t != 0x8100),
-       st.binary(max_size=200))
+@given(
+    macs, macs, st.integers(0x0600, 0xFFFF).filter(lambda t: t != 0x8100), st.binary(max_size=200)
+)
 def test_ethernet_round_trip(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> None:
     frame = f.EthernetFrame(dst, src, ethertype, payload)
     assert f.parse_ethernet(frame.to_bytes()) == frame
 
 
-@given(macs, macs, ips, ips, ports, ports, st.binary(max_size=1400), st.booleans(),
-       st.integers(0, 0xFFFF))
-def test_udp_frame_round_trip(smac: bytes, dmac: bytes, sip: bytes, dip: bytes, sport: int,
-                              dport: int, payload: bytes, csum: bool, ident: int) -> None:
+@given(
+    macs,
+    macs,
+    ips,
+    ips,
+    ports,
+    ports,
+    st.binary(max_size=1400),
+    st.booleans(),
+    st.integers(0, 0xFFFF),
+)
+def test_udp_frame_round_trip(
+    smac: bytes,
+    dmac: bytes,
+    sip: bytes,
+    dip: bytes,
+    sport: int,
+    dport: int,
+    payload: bytes,
+    csum: bool,
+    ident: int,
+) -> None:
     raw = f.udp_frame(smac, dmac, sip, dip, sport, dport, payload, checksum=csum, ident=ident)
     eth = f.parse_ethernet(raw + b"\x00" * 10)  # Ethernet padding past the IPv4 length is ok
     assert (eth.src, eth.dst, eth.ethertype) == (smac, dmac, f.ETH_P_IPV4)
@@ -56,8 +75,11 @@ def test_udp_frame_round_trip(smac: bytes, dmac: bytes, sip: bytes, dip: bytes, 
 
 @given(st.binary(max_size=80), st.integers(0, 28 * 8 - 1))
 def test_corrupted_udp_frame_is_rejected(payload: bytes, bit: int) -> None:
-    raw = bytearray(f.udp_frame(b"\x02" * 6, b"\x04" * 6, b"\x0a\x00\x00\x01",
-                                b"\x0a\x00\x00\x02", 1000, 7000, payload))
+    raw = bytearray(
+        f.udp_frame(
+            b"\x02" * 6, b"\x04" * 6, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1000, 7000, payload
+        )
+    )
     raw[14 + bit // 8] ^= 1 << (bit % 8)  # flip one bit of the IPv4 or UDP header
     assume(raw[40:42] != b"\x00\x00")  # a checksum flipped to 0 legitimately means "none"
     with pytest.raises(f.FrameError):
@@ -69,8 +91,13 @@ def test_corrupted_udp_frame_is_rejected(payload: bytes, bit: int) -> None:
 
 @given(st.binary(max_size=120))
 def test_parsers_never_fail_with_anything_but_frame_error(data: bytes) -> None:
-    for parse in (f.parse_ethernet, f.parse_arp, f.parse_ipv4, f.parse_icmp_echo,
-                  lambda d: f.parse_udp(d, b"\x00" * 4, b"\x00" * 4)):
+    for parse in (
+        f.parse_ethernet,
+        f.parse_arp,
+        f.parse_ipv4,
+        f.parse_icmp_echo,
+        lambda d: f.parse_udp(d, b"\x00" * 4, b"\x00" * 4),
+    ):
         try:
             parse(data)
         except f.FrameError:
@@ -124,8 +151,9 @@ def test_arp_request_reply_and_gratuitous() -> None:
         f.parse_arp(req.payload[:6] + b"\x00\x09" + req.payload[8:])
 
 
-@given(st.sampled_from([0, 8]), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
-       st.binary(max_size=100))
+@given(
+    st.sampled_from([0, 8]), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.binary(max_size=100)
+)
 def test_icmp_echo_round_trip(typ: int, ident: int, seq: int, payload: bytes) -> None:
     echo = f.IcmpEcho(typ, ident, seq, payload)
     raw = echo.to_bytes()
@@ -155,8 +183,13 @@ keys = st.binary(max_size=kv.MAX_KEY)
 values = st.binary(max_size=kv.MAX_VALUE)
 
 
-@given(st.integers(0, 0xFFFFFFFF), st.sampled_from(list(kv.Op)), keys, values,
-       st.sampled_from([0, kv.FLAG_DURABLE]))
+@given(
+    st.integers(0, 0xFFFFFFFF),
+    st.sampled_from(list(kv.Op)),
+    keys,
+    values,
+    st.sampled_from([0, kv.FLAG_DURABLE]),
+)
 def test_kv_request_round_trip(rid: int, op: kv.Op, key: bytes, value: bytes, flags: int) -> None:
     req = kv.KvRequest(rid, op, key, value, flags)
     raw = kv.encode_request(req)

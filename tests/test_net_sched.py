@@ -65,13 +65,16 @@ def test_a_switch_that_cannot_bind_leaves_the_policy_alone() -> None:
     assert in_thread(body) == (EXIT_ADDRESS_IN_USE, os.SCHED_OTHER)
 
 
-def test_net_device_runs_under_sched_batch_and_blk_device_does_not(guest: Guest,
-                                                                   tmp_path: Path) -> None:
+def test_net_device_runs_under_sched_batch_and_blk_device_does_not(
+    guest: Guest, tmp_path: Path
+) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        net = guest.spawn("net", {"mac": "52:54:00:12:34:56",
-                                  "backend": f"fd:{theirs.fileno()}"},
-                          pass_fds=[theirs.fileno()])
+        net = guest.spawn(
+            "net",
+            {"mac": "52:54:00:12:34:56", "backend": f"fd:{theirs.fileno()}"},
+            pass_fds=[theirs.fileno()],
+        )
     finally:
         theirs.close()
     blk = guest.spawn("blk", {"path": str(tmp_path / "d.img"), "size": 1 << 20})

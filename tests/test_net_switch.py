@@ -219,8 +219,10 @@ def test_switch_main_refuses_a_port_in_use(capsys: pytest.CaptureFixture[str]) -
 def test_ensure_switch_is_race_safe() -> None:
     port = _free_udp_port()
     results: list[subprocess.Popen[bytes] | None] = []
-    threads = [threading.Thread(target=lambda: results.append(ensure_switch("127.0.0.1", port)))
-               for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(ensure_switch("127.0.0.1", port)))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -245,8 +247,9 @@ def test_a_started_switch_ends_itself_once_nothing_is_heard() -> None:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as backend:
             for _ in range(10):  # a live backend: hellos every 0.3 s for 3 s
-                backend.sendto(switchproto.hello(bytes.fromhex("525400000001")),
-                               ("127.0.0.1", port))
+                backend.sendto(
+                    switchproto.hello(bytes.fromhex("525400000001")), ("127.0.0.1", port)
+                )
                 time.sleep(0.3)
                 assert proc.poll() is None
         assert proc.wait(15) == 0  # silence: it ends itself
@@ -290,8 +293,9 @@ def test_fast_path_forwards_known_unicast_and_counts_it(sw: UdpSwitch, native: b
         assert stats["handed_to_python"] == 4
 
 
-def test_a_moved_mac_goes_through_python_and_later_frames_follow_it(sw: UdpSwitch,
-                                                                    native: bool) -> None:
+def test_a_moved_mac_goes_through_python_and_later_frames_follow_it(
+    sw: UdpSwitch, native: bool
+) -> None:
     a, b, a_new = Port(sw), Port(sw), Port(sw)
     a.send(BROADCAST_MAC, MAC_A)
     b.send(BROADCAST_MAC, MAC_B)
@@ -335,11 +339,20 @@ def _scenario(native: bool) -> list[list[bytes]]:
         a, b, c, d = ports
         mac_d = bytes([2, 0, 0, 0, 0, 0xD])
         script = [
-            (a, BROADCAST_MAC, MAC_A), (b, MAC_A, MAC_B), (c, MAC_A, MAC_C),
-            (a, MAC_B, MAC_A), (a, MAC_C, MAC_A), (a, mac_d, MAC_A), (d, MAC_A, mac_d),
-            (b, bytes([2, 9, 9, 9, 9, 9]), MAC_B), (b, bytes([1, 0, 0x5E, 0, 0, 1]), MAC_B),
-            (a, MAC_A, bytes([2, 0, 0, 0, 1, 1])), (c, MAC_B, MAC_A),  # MAC_A moves to c
-            (b, MAC_A, MAC_B), (a, MAC_A, MAC_B), (b, MAC_A, MAC_B),  # ...and MAC_B to a
+            (a, BROADCAST_MAC, MAC_A),
+            (b, MAC_A, MAC_B),
+            (c, MAC_A, MAC_C),
+            (a, MAC_B, MAC_A),
+            (a, MAC_C, MAC_A),
+            (a, mac_d, MAC_A),
+            (d, MAC_A, mac_d),
+            (b, bytes([2, 9, 9, 9, 9, 9]), MAC_B),
+            (b, bytes([1, 0, 0x5E, 0, 0, 1]), MAC_B),
+            (a, MAC_A, bytes([2, 0, 0, 0, 1, 1])),
+            (c, MAC_B, MAC_A),  # MAC_A moves to c
+            (b, MAC_A, MAC_B),
+            (a, MAC_A, MAC_B),
+            (b, MAC_A, MAC_B),  # ...and MAC_B to a
             (d, MAC_B, bytes([1, 2, 3, 4, 5, 6])),  # a multicast source is never learned
         ]
         for i in range(3):
@@ -371,8 +384,9 @@ def test_a_fast_path_mac_is_aged_out_when_it_goes_quiet() -> None:
                 c.sock.sendto(switchproto.hello(None), sw.address)  # c stays alive, silent
                 time.sleep(0.01)
                 for sender, dst, src in ((a, MAC_B, MAC_A), (b, MAC_A, MAC_B)):
-                    sender.sock.sendto(EthernetFrame(dst, src, ETH_P_IPV4, b"x").to_bytes(),
-                                       sw.address)
+                    sender.sock.sendto(
+                        EthernetFrame(dst, src, ETH_P_IPV4, b"x").to_bytes(), sw.address
+                    )
                     sent += 1
                 time.sleep(0.04)
             assert MAC_A in sw.fdb.macs and MAC_B in sw.fdb.macs
@@ -382,8 +396,9 @@ def test_a_fast_path_mac_is_aged_out_when_it_goes_quiet() -> None:
                 port.received()
             quiet_since = time.monotonic()
             while MAC_A in sw.fdb.macs and time.monotonic() - quiet_since < 5:
-                b.sock.sendto(EthernetFrame(BROADCAST_MAC, MAC_B, ETH_P_IPV4, b"b").to_bytes(),
-                              sw.address)
+                b.sock.sendto(
+                    EthernetFrame(BROADCAST_MAC, MAC_B, ETH_P_IPV4, b"b").to_bytes(), sw.address
+                )
                 c.sock.sendto(switchproto.hello(None), sw.address)
                 time.sleep(0.05)
             assert MAC_A not in sw.fdb.macs and MAC_A not in sw.fast.cached  # type: ignore[union-attr]
@@ -430,14 +445,16 @@ def test_a_burst_of_thousands_loses_no_frame(native: bool) -> None:
         b.send(BROADCAST_MAC, MAC_B)
         a.received(), b.received()
         b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        frames = [EthernetFrame(MAC_B, MAC_A, ETH_P_IPV4, i.to_bytes(4, "big") * 16).to_bytes()
-                  for i in range(count)]
+        frames = [
+            EthernetFrame(MAC_B, MAC_A, ETH_P_IPV4, i.to_bytes(4, "big") * 16).to_bytes()
+            for i in range(count)
+        ]
         got: list[bytes] = []
         receiver = threading.Thread(target=lambda: got.extend(_drain(b.sock, count)))
         receiver.start()
         with serving(sw):
             for i in range(0, count, 500):
-                for frame in frames[i:i + 500]:
+                for frame in frames[i : i + 500]:
                     a.sock.sendto(frame, sw.address)
                 time.sleep(0.005)
             receiver.join(30)
@@ -468,8 +485,12 @@ def test_python_draining_late_stalls_the_loop_without_losing_frames() -> None:
         a, b = Port(sw), Port(sw)
         b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         body = bytes(60000)
-        frames = [EthernetFrame(BROADCAST_MAC, MAC_A, ETH_P_IPV4, body[:-4] + i.to_bytes(4, "big"))
-                  .to_bytes() for i in range(100)]  # 6 MB: more than the 4 MB queue
+        frames = [
+            EthernetFrame(
+                BROADCAST_MAC, MAC_A, ETH_P_IPV4, body[:-4] + i.to_bytes(4, "big")
+            ).to_bytes()
+            for i in range(100)
+        ]  # 6 MB: more than the 4 MB queue
         got: list[bytes] = []
         receiver = threading.Thread(target=lambda: got.extend(_drain(b.sock, len(frames))))
         receiver.start()
@@ -491,9 +512,21 @@ def test_malformed_and_short_datagrams_never_break_the_switch(sw: UdpSwitch) -> 
     a.send(BROADCAST_MAC, MAC_A)
     b.send(BROADCAST_MAC, MAC_B)
     a.received(), b.received()
-    junk = [b"", b"\x00", b"PTSW", b"PTSW\x01", b"PTSW\x01\x09", b"PTSW\x05\x01" + b"x" * 7,
-            bytes(13), bytes(14), b"\xff" * 14, MAC_B + MAC_A, MAC_C + MAC_C + b"\x08\x00",
-            bytes(range(256)) * 6, bytes(65507)]
+    junk = [
+        b"",
+        b"\x00",
+        b"PTSW",
+        b"PTSW\x01",
+        b"PTSW\x01\x09",
+        b"PTSW\x05\x01" + b"x" * 7,
+        bytes(13),
+        bytes(14),
+        b"\xff" * 14,
+        MAC_B + MAC_A,
+        MAC_C + MAC_C + b"\x08\x00",
+        bytes(range(256)) * 6,
+        bytes(65507),
+    ]
     for datagram in junk:
         a.sock.sendto(datagram, sw.address)
     sw.poll(1.0)
@@ -515,8 +548,7 @@ def test_ipv6_endpoints_take_the_fast_path() -> None:
             ports.append(sock)
         a, b = ports
         for sock, mac in ((a, MAC_A), (b, MAC_B)):
-            sock.sendto(EthernetFrame(BROADCAST_MAC, mac, ETH_P_IPV4, b"hi").to_bytes(),
-                        sw.address)
+            sock.sendto(EthernetFrame(BROADCAST_MAC, mac, ETH_P_IPV4, b"hi").to_bytes(), sw.address)
             sw.poll(1.0)
         a.recv(100)
         frame = EthernetFrame(MAC_B, MAC_A, ETH_P_IPV4, b"six").to_bytes()
@@ -530,8 +562,8 @@ def test_ipv6_endpoints_take_the_fast_path() -> None:
 
 
 def test_without_a_compiler_the_switch_forwards_in_python(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(nativelib, "_loaded", {})
     monkeypatch.setattr(nativelib, "NATIVE_DIR", tmp_path)  # no source: the build fails
     monkeypatch.setattr("ptmig.net.switch._fallback_logged", False)

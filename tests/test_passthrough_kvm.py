@@ -46,8 +46,9 @@ def test_device_writes_escape_the_dirty_log_but_not_the_dma_log(tmp_path: Path) 
             time.sleep(0.3)  # let the guest go idle, then start both logs from zero
             machine.vm.dirty.harvest()
             net.handle.dma_log_start()
-            puts = [kp.KvRequest(10 + i, kp.Op.PUT, b"k%d" % i, MARKER + b"-%d" % i)
-                    for i in range(8)]
+            puts = [
+                kp.KvRequest(10 + i, kp.Op.PUT, b"k%d" % i, MARKER + b"-%d" % i) for i in range(8)
+            ]
             replies = _call(dp, puts)
             assert all(r.status == kp.Status.OK for r in replies.values())
             dirty = bitmap.to_bool(machine.vm.dirty.harvest(), machine.vm.memory.npages)

@@ -357,14 +357,15 @@ def test_an_invalid_byte_mid_string_costs_one_error_and_the_next_command_is_answ
     """As QEMU's lexer recovers: the rest of the broken command (`op"}`) is skipped, not read
     as a string that would swallow the next command; one error, then the next reply."""
     raw.negotiate()
-    raw.send(b'{"execute": "st' + bad + b'op", "id": 5}{"execute": "query-status", '
-             b'"id": "next"}')
+    raw.send(b'{"execute": "st' + bad + b'op", "id": 5}{"execute": "query-status", "id": "next"}')
     assert f"invalid byte 0x{bad[0]:02x}" in raw.recv()["error"]["desc"]
     assert raw.recv()["id"] == "next"
     # A nested object after the bad byte is read as a text of its own (QEMU does the same):
     # errors for the pieces, and still the next command is answered.
-    raw.send(b'{"execute": "st' + bad + b'op", "arguments": {"a": [1]}}{"execute": '
-             b'"query-status", "id": "later"}')
+    raw.send(
+        b'{"execute": "st' + bad + b'op", "arguments": {"a": [1]}}{"execute": '
+        b'"query-status", "id": "later"}'
+    )
     replies = [raw.recv()]
     while replies[-1].get("id") != "later":
         assert "error" in replies[-1] and len(replies) < 5, replies

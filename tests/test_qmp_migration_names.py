@@ -13,8 +13,7 @@ pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
 
 
 def _set_multifd(vmm: Vmm, on: bool, channels: int | None = None) -> None:
-    vmm.cmd("migrate-set-capabilities",
-            {"capabilities": [{"capability": "multifd", "state": on}]})
+    vmm.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": on}]})
     if channels is not None:
         vmm.cmd("migrate-set-parameters", {"multifd-channels": channels})
 

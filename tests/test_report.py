@@ -22,21 +22,60 @@ DEMO_DOC = HERE / "test_report_demo.json"
 def bench_doc() -> dict:
     """A bench document in `ptmig bench`'s format with a strategy comparison."""
     results = []
-    for strategy, base_ms, per_gib_ms in (("shadow", 20, 2), ("all-dirty", 30, 400),
-                                           ("device-log", 18, 1)):
+    for strategy, base_ms, per_gib_ms in (
+        ("shadow", 20, 2),
+        ("all-dirty", 30, 400),
+        ("device-log", 18, 1),
+    ):
         for ram, gib in (("256M", 0.25), ("1G", 1.0), ("2G", 2.0)):
-            results.append({"section": "strategies", "name": f"strategy.{strategy}.{ram}.downtime",
-                            "value": base_ms + per_gib_ms * gib, "unit": "ms", "goal": None,
-                            "ok": None, "min": 1, "max": 2, "runs": [1, 2], "extra": {}})
-            results.append({"section": "strategies", "name": f"strategy.{strategy}.{ram}.bytes",
-                            "value": 10 + gib * (300 if strategy == "all-dirty" else 5),
-                            "unit": "MiB", "goal": None, "ok": None, "min": 1, "max": 2,
-                            "runs": [1, 2], "extra": {}})
-    results.append({"section": "core", "name": "exit.roundtrip", "value": 21.5, "unit": "µs",
-                    "goal": "≤ 30 µs", "ok": True, "min": 20, "max": 23, "runs": [20, 21.5, 23],
-                    "extra": {}})
-    return {"format": 1, "machine": {"cpu": "test cpu <x86>", "cores": 2},
-            "results": results, "errors": []}
+            results.append(
+                {
+                    "section": "strategies",
+                    "name": f"strategy.{strategy}.{ram}.downtime",
+                    "value": base_ms + per_gib_ms * gib,
+                    "unit": "ms",
+                    "goal": None,
+                    "ok": None,
+                    "min": 1,
+                    "max": 2,
+                    "runs": [1, 2],
+                    "extra": {},
+                }
+            )
+            results.append(
+                {
+                    "section": "strategies",
+                    "name": f"strategy.{strategy}.{ram}.bytes",
+                    "value": 10 + gib * (300 if strategy == "all-dirty" else 5),
+                    "unit": "MiB",
+                    "goal": None,
+                    "ok": None,
+                    "min": 1,
+                    "max": 2,
+                    "runs": [1, 2],
+                    "extra": {},
+                }
+            )
+    results.append(
+        {
+            "section": "core",
+            "name": "exit.roundtrip",
+            "value": 21.5,
+            "unit": "µs",
+            "goal": "≤ 30 µs",
+            "ok": True,
+            "min": 20,
+            "max": 23,
+            "runs": [20, 21.5, 23],
+            "extra": {},
+        }
+    )
+    return {
+        "format": 1,
+        "machine": {"cpu": "test cpu <x86>", "cores": 2},
+        "results": results,
+        "errors": [],
+    }
 
 
 def test_strategy_points_are_grouped_by_strategy_and_sorted_by_ram() -> None:
@@ -92,9 +131,21 @@ def test_report_needs_a_document(tmp_path: Path) -> None:
 def test_report_command_line(tmp_path: Path) -> None:
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(bench_doc()))
-    out = subprocess.run([sys.executable, "-m", "ptmig.report", str(tmp_path / "r"),
-                          "--demo", str(DEMO_DOC), "--bench", str(bench)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ptmig.report",
+            str(tmp_path / "r"),
+            "--demo",
+            str(DEMO_DOC),
+            "--bench",
+            str(bench),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r" / "index.html").exists()
     assert (tmp_path / "r" / "strategies.png").exists()
@@ -121,20 +172,31 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None,
-                    reason="no chromium on this host (`make test` installs it with apt-get)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="no chromium on this host (`make test` installs it with apt-get)"
+)
 def test_report_renders_every_plot_in_headless_chromium(tmp_path: Path) -> None:
     demo = json.loads(DEMO_DOC.read_text())
     page = write_report(tmp_path / "report", demo=demo, bench=bench_doc())
     # The page itself carries no script; a copy beside it reports what the browser loaded.
     probe = page.with_name("probe.html")
     probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
-    common = [_chromium() or "", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-              "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    out = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True,
-                         text=True, timeout=120)
+    common = [
+        _chromium() or "",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    out = subprocess.run(
+        [*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+    )
     m = re.search(r'<pre id="img-check">(.*?)</pre>', out.stdout, re.S)
     assert m, f"the browser did not run the check (status {out.returncode}):\n{out.stderr[-2000:]}"
     loaded = json.loads(m.group(1).replace("&quot;", '"'))
@@ -142,6 +204,9 @@ def test_report_renders_every_plot_in_headless_chromium(tmp_path: Path) -> None:
     for src, complete, width, height in loaded:
         assert complete and width > 0 and height > 0, (src, complete, width, height)
     shot = tmp_path / "page.png"
-    subprocess.run([*common, "--window-size=1100,2400", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [*common, "--window-size=1100,2400", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.exists() and shot.stat().st_size > 10_000

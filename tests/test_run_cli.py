@@ -34,8 +34,12 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) -> 
 def test_hello_exit_status_and_console_file(tmp_path: Path) -> None:
     console = tmp_path / "console.txt"
     hello = str(ROOT / "examples/hello.toml")
-    out = subprocess.run([sys.executable, "-m", "ptmig.cli", "run", hello, "--console",
-                          str(console)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ptmig.cli", "run", hello, "--console", str(console)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "hello from ptmig guest" in console.read_text()
 
@@ -43,8 +47,14 @@ def test_hello_exit_status_and_console_file(tmp_path: Path) -> None:
 @pytest.mark.kvm
 def test_stop_cont_quit_over_qmp_with_the_qemu_client(tmp_path: Path) -> None:
     sock = tmp_path / "qmp.sock"
-    proc = ptmig("run", str(ROOT / "examples/dirty.toml"), "--qmp", f"unix:{sock}",
-                 "--console", str(tmp_path / "console.txt"))
+    proc = ptmig(
+        "run",
+        str(ROOT / "examples/dirty.toml"),
+        "--qmp",
+        f"unix:{sock}",
+        "--console",
+        str(tmp_path / "console.txt"),
+    )
     try:
         wait_for_socket(sock, proc)
 
@@ -106,8 +116,14 @@ def next_reply(f) -> dict:
 @pytest.mark.kvm
 def test_malformed_qmp_input_keeps_the_vmm_running(tmp_path: Path) -> None:
     sock = tmp_path / "qmp.sock"
-    proc = ptmig("run", str(ROOT / "examples/dirty.toml"), "--qmp", f"unix:{sock}",
-                 "--console", str(tmp_path / "console.txt"))
+    proc = ptmig(
+        "run",
+        str(ROOT / "examples/dirty.toml"),
+        "--qmp",
+        f"unix:{sock}",
+        "--console",
+        str(tmp_path / "console.txt"),
+    )
     try:
         wait_for_socket(sock, proc)
         s = socket.socket(socket.AF_UNIX)
@@ -115,8 +131,12 @@ def test_malformed_qmp_input_keeps_the_vmm_running(tmp_path: Path) -> None:
         s.connect(str(sock))
         f = s.makefile("rwb")
         json.loads(f.readline())  # greeting (before any event)
-        for bad in (b"{not json\n", b"[1,2]\n", b'{"execute": 5}\n',
-                    b'{"execute": "qmp_capabilities", "arguments": {"bogus": 1}}\n'):
+        for bad in (
+            b"{not json\n",
+            b"[1,2]\n",
+            b'{"execute": 5}\n',
+            b'{"execute": "qmp_capabilities", "arguments": {"bogus": 1}}\n',
+        ):
             f.write(bad)
             f.flush()
             reply = next_reply(f)
@@ -147,8 +167,12 @@ def test_malformed_qmp_input_keeps_the_vmm_running(tmp_path: Path) -> None:
 def test_malformed_config_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[vm]\nmemory = "256M"\nvcpus = 2\nvcpu = 3\n[workload]\nname = "hello"\n')
-    out = subprocess.run([sys.executable, "-m", "ptmig.cli", "run", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "ptmig.cli", "run", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0
     assert "vcpu" in out.stderr and "bad.toml" in out.stderr
     assert "Traceback" not in out.stderr

@@ -72,8 +72,7 @@ def _escaped_pages(tmp_path: Path, shadow: bool) -> tuple[np.ndarray, np.ndarray
     results = []
 
     def load() -> None:
-        results.append(run_load(LoadOptions(config=cfg_path, duration_s=3, rate=300,
-                                            verify=False)))
+        results.append(run_load(LoadOptions(config=cfg_path, duration_s=3, rate=300, verify=False)))
         stop.set()
 
     t = threading.Thread(target=load)
@@ -239,13 +238,17 @@ def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path) -> Non
         m.close()
 
 
-@pytest.mark.parametrize("device,writes", [
-    ("disk0", [(c.REG_STATUS, 0)]),  # reset
-    ("net0", [(c.REG_DRIVER_FEATURES_SEL, 1), (c.REG_DRIVER_FEATURES, 1)]),  # renegotiation
-    ("net0", [(c.REG_QUEUE_SEL, 0), (c.REG_QUEUE_READY, 0)]),  # re-creating a queue
-])
+@pytest.mark.parametrize(
+    "device,writes",
+    [
+        ("disk0", [(c.REG_STATUS, 0)]),  # reset
+        ("net0", [(c.REG_DRIVER_FEATURES_SEL, 1), (c.REG_DRIVER_FEATURES, 1)]),  # renegotiation
+        ("net0", [(c.REG_QUEUE_SEL, 0), (c.REG_QUEUE_READY, 0)]),  # re-creating a queue
+    ],
+)
 def test_reconfiguring_a_shadowed_device_returns_to_direct_dma_first(
-        tmp_path: Path, device: str, writes: list[tuple[int, int]]) -> None:
+    tmp_path: Path, device: str, writes: list[tuple[int, int]]
+) -> None:
     """The driver resets, renegotiates or re-creates queues while its device is shadowed:
     every device goes back to direct DMA before the write reaches the device (no device
     buffer, no pool page, no trapped doorbell left), the write then takes effect, and the
@@ -328,8 +331,7 @@ def test_an_idle_guest_answers_after_shadow_mode_ends(tmp_path: Path) -> None:
             if n == 3:
                 break
             vmm.cmd("x-shadow-start")
-            shadowed = Load(cfg, 0.5, tmp_path / f"shadowed{n}.json", rate=500,
-                            window=None).start()
+            shadowed = Load(cfg, 0.5, tmp_path / f"shadowed{n}.json", rate=500, window=None).start()
             assert shadowed.wait(timeout=60) == 0
             time.sleep(0.3)  # the guest goes idle (halts) before the stop
             vmm.cmd("x-shadow-stop")

@@ -72,9 +72,12 @@ def make_rig(dataplane_for=None) -> Rig:
 # --- the device sees exactly the validated chains ------------------------------------------
 
 chains = st.lists(
-    st.lists(st.tuples(st.integers(1, 3 * PAGE_SIZE), st.booleans()), min_size=1, max_size=4)
-    .map(lambda bufs: sorted(bufs, key=lambda b: b[1])),  # readable before writable
-    min_size=1, max_size=QSIZE // 4)  # at most QSIZE descriptors in all
+    st.lists(st.tuples(st.integers(1, 3 * PAGE_SIZE), st.booleans()), min_size=1, max_size=4).map(
+        lambda bufs: sorted(bufs, key=lambda b: b[1])
+    ),  # readable before writable
+    min_size=1,
+    max_size=QSIZE // 4,
+)  # at most QSIZE descriptors in all
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -98,8 +101,9 @@ def test_device_pops_the_guest_chains_with_their_bytes(spec) -> None:
         for head, chain in zip(heads, expect, strict=True):
             got = dq.pop()
             assert got is not None and got.head == head
-            assert [(d.addr, d.length, d.writable) for d in got.descriptors] == \
-                [(b.addr, b.length, b.writable) for b in chain]
+            assert [(d.addr, d.length, d.writable) for d in got.descriptors] == [
+                (b.addr, b.length, b.writable) for b in chain
+            ]
             for d in got.readable:
                 assert rig.dma.read(d.addr, d.length) == rig.mem.read(d.addr, d.length)
         assert dq.pop() is None
@@ -131,10 +135,13 @@ def test_completion_copies_exactly_the_written_bytes_and_marks_them_dirty() -> N
 
 # --- hostile input never crashes and never escapes ------------------------------------------
 
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(table=st.binary(min_size=16 * QSIZE, max_size=16 * QSIZE),
-       avail=st.binary(min_size=2 * QSIZE, max_size=2 * QSIZE),
-       idx=st.integers(0, 0xFFFF))
+@given(
+    table=st.binary(min_size=16 * QSIZE, max_size=16 * QSIZE),
+    avail=st.binary(min_size=2 * QSIZE, max_size=2 * QSIZE),
+    idx=st.integers(0, 0xFFFF),
+)
 def test_hostile_guest_rings_are_refused_or_forwarded_never_a_crash(table, avail, idx) -> None:
     rig = make_rig()
     try:
@@ -156,9 +163,12 @@ def test_hostile_guest_rings_are_refused_or_forwarded_never_a_crash(table, avail
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(entries=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
-                        min_size=1, max_size=4),
-       used_idx=st.integers(0, 0xFFFF))
+@given(
+    entries=st.lists(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)), min_size=1, max_size=4
+    ),
+    used_idx=st.integers(0, 0xFFFF),
+)
 def test_a_broken_device_used_ring_is_contained(entries, used_idx) -> None:
     rig = make_rig()
     try:
@@ -179,6 +189,7 @@ def test_a_broken_device_used_ring_is_contained(entries, used_idx) -> None:
 
 
 # --- the thread: doorbell in, device kicked, completion synced, guest woken ------------------
+
 
 def _wait(fd: int, timeout: float = 5.0) -> bool:
     ready, _, _ = select.select([fd], [], [], timeout)
@@ -242,18 +253,26 @@ def test_the_data_plane_thread_services_doorbells_and_interrupts() -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(index=st.integers(0, 3),
-       addr=st.one_of(st.integers(0, MEM + PAGE_SIZE), st.integers(0, 2**64 - 1)),
-       length=st.one_of(st.integers(0, 3 * PAGE_SIZE), st.integers(0, 2**32 - 1)),
-       flags=st.integers(0, 0xFFFF), nxt=st.integers(0, 0xFFFF))
-def test_one_corrupted_descriptor_in_a_valid_ring_is_contained(index, addr, length, flags,
-                                                               nxt) -> None:
+@given(
+    index=st.integers(0, 3),
+    addr=st.one_of(st.integers(0, MEM + PAGE_SIZE), st.integers(0, 2**64 - 1)),
+    length=st.one_of(st.integers(0, 3 * PAGE_SIZE), st.integers(0, 2**32 - 1)),
+    flags=st.integers(0, 0xFFFF),
+    nxt=st.integers(0, 0xFFFF),
+)
+def test_one_corrupted_descriptor_in_a_valid_ring_is_contained(
+    index, addr, length, flags, nxt
+) -> None:
     rig = make_rig()
     try:
         dq = rig.enter()
         for _ in range(2):
-            rig.drv.add_chain([Buffer(rig.drv.alloc(100, fill=b"r" * 100), 100),
-                               Buffer(rig.drv.alloc(100), 100, writable=True)])
+            rig.drv.add_chain(
+                [
+                    Buffer(rig.drv.alloc(100, fill=b"r" * 100), 100),
+                    Buffer(rig.drv.alloc(100), 100, writable=True),
+                ]
+            )
         rig.drv.write_desc(index, addr, length, flags, nxt)
         rig.sd.submit(0)
         rig.sd.flush_mappings()

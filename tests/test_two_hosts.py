@@ -51,8 +51,10 @@ def hosts():
         sh("ip", "link", "add", f"ac{tag}", "type", "veth", "peer", "name", f"ca{tag}")
         sh("ip", "link", "set", f"ac{tag}", "netns", a)
         sh("ip", "link", "set", f"ca{tag}", "netns", c)
-        for ns, ports, addr in ((a, [f"ab{tag}", f"ac{tag}"], "192.168.50.1/24"),
-                                (b, [f"ba{tag}"], "192.168.50.2/24")):
+        for ns, ports, addr in (
+            (a, [f"ab{tag}", f"ac{tag}"], "192.168.50.1/24"),
+            (b, [f"ba{tag}"], "192.168.50.2/24"),
+        ):
             sh("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
             sh("ip", "-n", ns, "link", "set", "br0", "up")
             sh("ip", "-n", ns, "addr", "add", addr, "dev", "br0")
@@ -103,7 +105,7 @@ ip = "10.0.0.2/24"
 backend = "tap:ptmig0"
 [[disk]]
 id = "disk0"
-path = "{tmp_path / 'kv.img'}"
+path = "{tmp_path / "kv.img"}"
 size = "16M"
 """)
     psk = tmp_path / "psk"
@@ -114,14 +116,39 @@ size = "16M"
     try:
         src_sock, dst_sock = tmp_path / "src.qmp", tmp_path / "dst.qmp"
         src_log, dst_log = tmp_path / "src.log", tmp_path / "dst.log"
-        src = in_ns(a, "-m", "ptmig.cli", "run", str(cfg), "--qmp", f"unix:{src_sock}",
-                    "--psk-file", str(psk), "--console", str(tmp_path / "src.console"),
-                    stdout=open(src_log, "w"), stderr=subprocess.STDOUT)
+        src = in_ns(
+            a,
+            "-m",
+            "ptmig.cli",
+            "run",
+            str(cfg),
+            "--qmp",
+            f"unix:{src_sock}",
+            "--psk-file",
+            str(psk),
+            "--console",
+            str(tmp_path / "src.console"),
+            stdout=open(src_log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(src)
-        dst = in_ns(b, "-m", "ptmig.cli", "run", str(cfg), "--qmp", f"unix:{dst_sock}",
-                    "--psk-file", str(psk), "--incoming", f"tcp:192.168.50.2:{port}",
-                    "--console", str(tmp_path / "dst.console"),
-                    stdout=open(dst_log, "w"), stderr=subprocess.STDOUT)
+        dst = in_ns(
+            b,
+            "-m",
+            "ptmig.cli",
+            "run",
+            str(cfg),
+            "--qmp",
+            f"unix:{dst_sock}",
+            "--psk-file",
+            str(psk),
+            "--incoming",
+            f"tcp:192.168.50.2:{port}",
+            "--console",
+            str(tmp_path / "dst.console"),
+            stdout=open(dst_log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(dst)
         wait_sock(src_sock, src, src_log)
         wait_sock(dst_sock, dst, dst_log)
@@ -130,17 +157,32 @@ size = "16M"
         wait_status(source, "running")
         wait_status(dest, "inmigrate")
         load_json = tmp_path / "load.json"
-        load = in_ns(c, "-m", "ptmig.load", "--target", "10.0.0.2:7000", "--duration", "10",
-                     "--rate", "200", "--json", str(load_json), stdout=subprocess.PIPE,
-                     stderr=subprocess.STDOUT, text=True)
+        load = in_ns(
+            c,
+            "-m",
+            "ptmig.load",
+            "--target",
+            "10.0.0.2:7000",
+            "--duration",
+            "10",
+            "--rate",
+            "200",
+            "--json",
+            str(load_json),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         procs.append(load)
         deadline = time.monotonic() + 30  # the load is being served before we migrate
         while source.cmd("x-query-guest-stats")["vcpus"][0]["workload"][0] < 200:
             assert time.monotonic() < deadline and load.poll() is None, load.poll()
             time.sleep(0.05)
         source.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow"})
-        source.cmd("migrate-set-capabilities",
-                   {"capabilities": [{"capability": "x-verify", "state": True}]})
+        source.cmd(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-verify", "state": True}]},
+        )
         source.cmd("migrate", {"uri": f"tcp:192.168.50.2:{port}"})
         st = source.wait_migration(timeout=120)
         assert st["status"] == "completed", (st, dst_log.read_text()[-2000:])
@@ -151,9 +193,26 @@ size = "16M"
         summary = json.loads(load_json.read_text())
         assert summary["acked"] > 0 and summary["lost"] == 0 and summary["wrong"] == 0, out
         # The guest answers from host B at the same IP and MAC ...
-        after = subprocess.run(["ip", "netns", "exec", c, sys.executable, "-m", "ptmig.load",
-                                "--target", "10.0.0.2:7000", "--duration", "1", "--rate", "100"],
-                               capture_output=True, text=True, timeout=60)
+        after = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                c,
+                sys.executable,
+                "-m",
+                "ptmig.load",
+                "--target",
+                "10.0.0.2:7000",
+                "--duration",
+                "1",
+                "--rate",
+                "100",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert after.returncode == 0, after.stdout + after.stderr
         assert MAC in sh("ip", "-n", c, "neigh", "show", "10.0.0.2")
         # ... and host A's bridge now sends that MAC towards host B.
@@ -161,8 +220,11 @@ size = "16M"
         line = next((ln for ln in fdb.splitlines() if ln.startswith(MAC)), "")
         assert f"dev {a_to_b}" in line, fdb
         if shutil.which("ping"):
-            ping = subprocess.run(["ip", "netns", "exec", c, "ping", "-c", "3", "-W", "2",
-                                   "10.0.0.2"], capture_output=True, text=True)
+            ping = subprocess.run(
+                ["ip", "netns", "exec", c, "ping", "-c", "3", "-W", "2", "10.0.0.2"],
+                capture_output=True,
+                text=True,
+            )
             assert ping.returncode == 0, ping.stdout
     finally:
         for m in monitors:

@@ -42,12 +42,16 @@ def negotiate(regs: VirtioMmioRegisters, features: int = FEATURES) -> int:
     return regs.read(c.REG_STATUS, 4)
 
 
-def setup_queue(regs: VirtioMmioRegisters, index: int, num: int, desc: int, avail: int,
-                used: int) -> None:
+def setup_queue(
+    regs: VirtioMmioRegisters, index: int, num: int, desc: int, avail: int, used: int
+) -> None:
     regs.write(c.REG_QUEUE_SEL, 4, index)
     regs.write(c.REG_QUEUE_NUM, 4, num)
-    for reg, addr in ((c.REG_QUEUE_DESC_LOW, desc), (c.REG_QUEUE_DRIVER_LOW, avail),
-                      (c.REG_QUEUE_DEVICE_LOW, used)):
+    for reg, addr in (
+        (c.REG_QUEUE_DESC_LOW, desc),
+        (c.REG_QUEUE_DRIVER_LOW, avail),
+        (c.REG_QUEUE_DEVICE_LOW, used),
+    ):
         regs.write(reg, 4, addr & 0xFFFFFFFF)
         regs.write(reg + 4, 4, addr >> 32)
     regs.write(c.REG_QUEUE_READY, 4, 1)
@@ -90,10 +94,13 @@ def test_feature_negotiation_accepts_subset_with_version_1() -> None:
     assert regs.bad_writes == 1
 
 
-@pytest.mark.parametrize("features", [
-    c.feature_mask(c.VIRTIO_NET_F_MAC),  # no VERSION_1
-    FEATURES | c.feature_mask(c.VIRTIO_F_INDIRECT_DESC),  # not offered
-])
+@pytest.mark.parametrize(
+    "features",
+    [
+        c.feature_mask(c.VIRTIO_NET_F_MAC),  # no VERSION_1
+        FEATURES | c.feature_mask(c.VIRTIO_F_INDIRECT_DESC),  # not offered
+    ],
+)
 def test_features_ok_refused(features: int) -> None:
     regs, rec = net_device()
     assert not negotiate(regs, features) & c.STATUS_FEATURES_OK
@@ -105,8 +112,11 @@ def test_features_ok_refused(features: int) -> None:
 def test_queue_setup_builds_validated_state() -> None:
     regs, rec = net_device()
     bring_up(regs)
-    assert rec.events[0] == ("ready", 0, QueueState(256, 0x1_0000_0000, 0x1_0000_1000,
-                                                     0x1_0000_2000, 0, 0, True))
+    assert rec.events[0] == (
+        "ready",
+        0,
+        QueueState(256, 0x1_0000_0000, 0x1_0000_1000, 0x1_0000_2000, 0, 0, True),
+    )
     assert rec.events[1] == ("ready", 1, QueueState(128, 0x20000, 0x21000, 0x22000))
     assert rec.events[2] == ("driver_ok",)
     assert regs.read(c.REG_QUEUE_READY, 4) == 1 and regs.driver_ok
@@ -121,12 +131,15 @@ def test_queue_setup_builds_validated_state() -> None:
     assert rec.events[-1] == ("disable", 1) and regs.queue_state(1) is None
 
 
-@pytest.mark.parametrize(("num", "desc", "message"), [
-    (100, 0x1000, "not a power of 2"),
-    (512, 0x1000, "exceeds QueueNumMax 256"),
-    (0, 0x1000, "not a power of 2"),
-    (64, 0x1008, "not 16-byte aligned"),
-])
+@pytest.mark.parametrize(
+    ("num", "desc", "message"),
+    [
+        (100, 0x1000, "not a power of 2"),
+        (512, 0x1000, "exceeds QueueNumMax 256"),
+        (0, 0x1000, "not a power of 2"),
+        (64, 0x1008, "not 16-byte aligned"),
+    ],
+)
 def test_invalid_queue_needs_reset(num: int, desc: int, message: str) -> None:
     regs, rec = net_device()
     negotiate(regs)
@@ -195,9 +208,18 @@ def test_config_space() -> None:
     assert blk.read(c.REG_CONFIG + c.BLK_CONFIG_BLK_SIZE, 4) == 512
 
 
-@pytest.mark.parametrize(("offset", "size"), [
-    (0x002, 2), (0x000, 8), (0x048, 4), (0x0FE, 4), (0xFFF, 1), (-4, 4), (0x001, 4),
-])
+@pytest.mark.parametrize(
+    ("offset", "size"),
+    [
+        (0x002, 2),
+        (0x000, 8),
+        (0x048, 4),
+        (0x0FE, 4),
+        (0xFFF, 1),
+        (-4, 4),
+        (0x001, 4),
+    ],
+)
 def test_bad_accesses_are_ignored_and_counted(offset: int, size: int) -> None:
     regs, _ = net_device()
     before = regs.snapshot()
@@ -225,12 +247,15 @@ def test_snapshot_restore_round_trip() -> None:
     assert regs.queue_state(0) is not None and regs.queue_state(0).size == 256  # type: ignore
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda s: setattr(s, "device_id", 2), "does not fit"),
-    (lambda s: s.queues.pop(), "queues"),
-    (lambda s: setattr(s, "driver_features", 1 << 40), "does not offer"),
-    (lambda s: setattr(s.queues[0], "num", 3), "saved queue 0 is invalid"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: setattr(s, "device_id", 2), "does not fit"),
+        (lambda s: s.queues.pop(), "queues"),
+        (lambda s: setattr(s, "driver_features", 1 << 40), "does not offer"),
+        (lambda s: setattr(s.queues[0], "num", 3), "saved queue 0 is invalid"),
+    ],
+)
 def test_restore_rejects_bad_state(mutate: object, message: str) -> None:
     regs, _ = net_device()
     bring_up(regs)
@@ -252,7 +277,8 @@ access_st = st.tuples(
 @settings(max_examples=300, deadline=None)
 @given(accesses=st.lists(access_st, max_size=80))
 def test_random_guest_accesses_never_raise_and_keep_invariants(
-        accesses: list[tuple[bool, int, int, int]]) -> None:
+    accesses: list[tuple[bool, int, int, int]],
+) -> None:
     regs, rec = net_device()
     for is_write, offset, size, value in accesses:
         if is_write:

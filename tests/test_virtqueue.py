@@ -174,17 +174,23 @@ def test_head_out_of_range() -> None:
     ("descs", "message"),
     [
         ([(0x20000, 16, VIRTQ_DESC_F_NEXT, 70)], "descriptor 0 next=70 out of range"),
-        ([(0x20000, 16, VIRTQ_DESC_F_NEXT, 1), (0x20000, 16, VIRTQ_DESC_F_NEXT, 0)],
-         "longer than 8 descriptors"),
+        (
+            [(0x20000, 16, VIRTQ_DESC_F_NEXT, 1), (0x20000, 16, VIRTQ_DESC_F_NEXT, 0)],
+            "longer than 8 descriptors",
+        ),
         ([(0x20000, 16, VIRTQ_DESC_F_NEXT, 0)], "longer than 8 descriptors"),
         ([(0x20000, 0, 0, 0)], "descriptor 0 .* has length 0"),
-        ([(0x20000, 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1), (0x20000, 16, 0, 0)],
-         "descriptor 1 .* device-readable after a device-writable"),
+        (
+            [(0x20000, 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1), (0x20000, 16, 0, 0)],
+            "descriptor 1 .* device-readable after a device-writable",
+        ),
         ([(0x20000, 16, VIRTQ_DESC_F_INDIRECT, 0)], "INDIRECT"),
         ([(0x20000, 16, 0x10, 0)], r"flags=0x10 has reserved bits"),
         ([(2**64 - 8, 16, 0, 0)], "wraps the address space"),
-        ([(0x20000, 0xFFFFFFFF, VIRTQ_DESC_F_NEXT, 1), (0x20000, 0xFFFFFFFF, 0, 0)],
-         "describes more than"),
+        (
+            [(0x20000, 0xFFFFFFFF, VIRTQ_DESC_F_NEXT, 1), (0x20000, 0xFFFFFFFF, 0, 0)],
+            "describes more than",
+        ),
     ],
 )
 def test_bad_chains(descs: list[tuple[int, int, int, int]], message: str) -> None:
@@ -247,12 +253,18 @@ chain_st = st.tuples(
 
 
 @settings(max_examples=150, deadline=None)
-@given(size_log2=st.integers(0, 6), start=st.integers(0, 0xFFFF),
-       batches=st.lists(st.lists(chain_st, min_size=1, max_size=6), min_size=1, max_size=6),
-       data=st.data())
-def test_random_valid_rings_round_trip(size_log2: int, start: int,
-                                       batches: list[list[tuple[list[int], list[int]]]],
-                                       data: st.DataObject) -> None:
+@given(
+    size_log2=st.integers(0, 6),
+    start=st.integers(0, 0xFFFF),
+    batches=st.lists(st.lists(chain_st, min_size=1, max_size=6), min_size=1, max_size=6),
+    data=st.data(),
+)
+def test_random_valid_rings_round_trip(
+    size_log2: int,
+    start: int,
+    batches: list[list[tuple[list[int], list[int]]]],
+    data: st.DataObject,
+) -> None:
     size = 1 << size_log2
     mem = FlatMemory(MEM_SIZE)
     drv = DriverQueue(mem, size, start_index=start)
@@ -279,19 +291,29 @@ def test_random_valid_rings_round_trip(size_log2: int, start: int,
 
 # -- hypothesis: hostile rings -----------------------------------------------------------------
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(size_log2=st.integers(0, 8), garbage=st.binary(min_size=64, max_size=8192),
-       next_avail=st.integers(0, 0xFFFF),
-       ahead=st.one_of(st.integers(0, 300), st.integers(0, 0xFFFF)),
-       max_chain=st.one_of(st.none(), st.integers(1, 300)),
-       max_total=st.integers(1, 1 << 33), plausible=st.booleans())
-def test_hostile_rings_only_raise_queue_errors(size_log2: int, garbage: bytes, next_avail: int,
-                                               ahead: int, max_chain: int | None,
-                                               max_total: int, plausible: bool) -> None:
+@given(
+    size_log2=st.integers(0, 8),
+    garbage=st.binary(min_size=64, max_size=8192),
+    next_avail=st.integers(0, 0xFFFF),
+    ahead=st.one_of(st.integers(0, 300), st.integers(0, 0xFFFF)),
+    max_chain=st.one_of(st.none(), st.integers(1, 300)),
+    max_total=st.integers(1, 1 << 33),
+    plausible=st.booleans(),
+)
+def test_hostile_rings_only_raise_queue_errors(
+    size_log2: int,
+    garbage: bytes,
+    next_avail: int,
+    ahead: int,
+    max_chain: int | None,
+    max_total: int,
+    plausible: bool,
+) -> None:
     size = 1 << size_log2
     avail_idx = (next_avail + ahead) & 0xFFFF
     mem = FlatMemory(1 << 16)
     reps = -(-len(mem.buf) // len(garbage))
-    mem.buf[:] = (garbage * reps)[:len(mem.buf)]
+    mem.buf[:] = (garbage * reps)[: len(mem.buf)]
     drv = DriverQueue(mem, size, start_index=next_avail)
     drv.write_avail_idx(avail_idx)
     if plausible:  # garbage, but with heads/links mostly in range and modest lengths
@@ -300,7 +322,7 @@ def test_hostile_rings_only_raise_queue_errors(size_log2: int, garbage: bytes, n
             drv.write_desc(i, addr & 0xFFFF, length & 0x1FFF, flags & 0xF, nxt % (size + 1))
             head = struct.unpack_from("<H", mem.buf, drv.avail_addr + 4 + 2 * i)[0]
             drv.write_avail_entry(i, head % (size + 1))
-    mem.buf[drv.used_addr:drv.used_addr + 4] = garbage[:4].ljust(4, b"\0")
+    mem.buf[drv.used_addr : drv.used_addr + 4] = garbage[:4].ljust(4, b"\0")
     q = SplitQueue(drv.state(), mem, max_chain_len=max_chain, max_total_len=max_total)
     mem.writes.clear()
     popped = []
@@ -315,7 +337,7 @@ def test_hostile_rings_only_raise_queue_errors(size_log2: int, garbage: bytes, n
             break
         assert 1 <= len(chain.descriptors) <= min(size, max_chain or size)
         assert chain.total_readable + chain.total_writable <= max_total
-        assert all(not d.writable for d in chain.descriptors[:len(chain.readable)])
+        assert all(not d.writable for d in chain.descriptors[: len(chain.readable)])
         popped.append(chain)
     assert mem.writes == []  # parsing never writes guest memory
     for chain in popped:
@@ -325,10 +347,14 @@ def test_hostile_rings_only_raise_queue_errors(size_log2: int, garbage: bytes, n
 
 
 @settings(max_examples=200, deadline=None)
-@given(size=st.integers(-5, 70000), addrs=st.tuples(*[st.integers(-1, 2**64 + 1)] * 3),
-       idx=st.tuples(st.integers(-2, 70000), st.integers(-2, 70000)))
-def test_random_states_validate_or_raise(size: int, addrs: tuple[int, int, int],
-                                         idx: tuple[int, int]) -> None:
+@given(
+    size=st.integers(-5, 70000),
+    addrs=st.tuples(*[st.integers(-1, 2**64 + 1)] * 3),
+    idx=st.tuples(st.integers(-2, 70000), st.integers(-2, 70000)),
+)
+def test_random_states_validate_or_raise(
+    size: int, addrs: tuple[int, int, int], idx: tuple[int, int]
+) -> None:
     state = QueueState(size, *addrs, *idx)
     try:
         state.validate()
@@ -347,11 +373,20 @@ desc_st = st.tuples(
 
 
 @settings(max_examples=300, deadline=None)
-@given(size_log2=st.integers(0, 5), descs=st.lists(desc_st, min_size=32, max_size=32),
-       heads=st.lists(st.integers(0, 40), min_size=32, max_size=32),
-       ahead=st.integers(0, 40), max_total=st.integers(1, 1 << 33))
-def test_structured_hostile_descriptors(size_log2: int, descs: list[tuple[int, int, int, int]],
-                                        heads: list[int], ahead: int, max_total: int) -> None:
+@given(
+    size_log2=st.integers(0, 5),
+    descs=st.lists(desc_st, min_size=32, max_size=32),
+    heads=st.lists(st.integers(0, 40), min_size=32, max_size=32),
+    ahead=st.integers(0, 40),
+    max_total=st.integers(1, 1 << 33),
+)
+def test_structured_hostile_descriptors(
+    size_log2: int,
+    descs: list[tuple[int, int, int, int]],
+    heads: list[int],
+    ahead: int,
+    max_total: int,
+) -> None:
     """Plausible-looking descriptor tables: loops, bad links, bad flags, zero and huge lengths."""
     size = 1 << size_log2
     mem = FlatMemory(1 << 16)
@@ -411,8 +446,7 @@ def test_driver_side_helpers_feed_the_device_queue() -> None:
 
     mem, drv, q = setup(size=4, start=0xFFFF)
     state = drv.state()
-    assert ring_regions(state) == ((drv.desc_addr, 64), (drv.avail_addr, 14),
-                                   (drv.used_addr, 38))
+    assert ring_regions(state) == ((drv.desc_addr, 64), (drv.avail_addr, 14), (drv.used_addr, 38))
     drv.write_desc(2, 0x20000, 32, 0, 0)
     drv.write_desc(3, 0x20100, 8, VIRTQ_DESC_F_WRITE, 0)
     write_avail_entry(mem, state, 0xFFFF, 3)

@@ -167,7 +167,9 @@ def test_save_and_restore_in_a_new_process_continues_the_guest(firmware, tmp_pat
         vm.close()
     out = subprocess.run(
         [sys.executable, "-c", RESTORE_CHILD.format(memory=memory, vcpus=vcpus), str(snap)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     lines = {ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines() if ln}

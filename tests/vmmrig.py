@@ -44,13 +44,16 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT))
 
 
-def dirty_config(tmp: Path, *, memory: str = "128M", vcpus: int = 2, ws: str = "32M",
-                 extra: str = "") -> Path:
+def dirty_config(
+    tmp: Path, *, memory: str = "128M", vcpus: int = 2, ws: str = "32M", extra: str = ""
+) -> Path:
     """`extra`: more workload arguments, as TOML inline-table entries (`at = "0x..."`)."""
     path = tmp / "dirty.toml"
     more = f", {extra}" if extra else ""
-    path.write_text(f'[vm]\nmemory = "{memory}"\nvcpus = {vcpus}\n\n'
-                    f'[workload]\nname = "dirty"\nargs = {{ ws = "{ws}"{more} }}\n')
+    path.write_text(
+        f'[vm]\nmemory = "{memory}"\nvcpus = {vcpus}\n\n'
+        f'[workload]\nname = "dirty"\nargs = {{ ws = "{ws}"{more} }}\n'
+    )
     return path
 
 
@@ -69,7 +72,8 @@ def kv_config(tmp: Path, switch_port: int | None = None, *, memory: str = "128M"
         '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
         f'backend = "udp:127.0.0.1:{port}"\nswitch = "{mode}"\n\n'
         f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "16M"\n'
-        'serial = "ptmig-disk0"\n')
+        'serial = "ptmig-disk0"\n'
+    )
     return path
 
 
@@ -127,14 +131,28 @@ class Monitor:
     def iterations(self) -> list[int]:
         return [v["iterations"] for v in self.cmd("x-query-guest-stats")["vcpus"]]
 
-    def migrate(self, port: int, *, tracking: str = "none", verify: bool = True,
-                downtime_limit: int = 50, max_bandwidth: int = 0) -> None:
+    def migrate(
+        self,
+        port: int,
+        *,
+        tracking: str = "none",
+        verify: bool = True,
+        downtime_limit: int = 50,
+        max_bandwidth: int = 0,
+    ) -> None:
         """Start a migration to 127.0.0.1:port; `wait_migration()` waits for its end."""
-        self.cmd("migrate-set-parameters", {"x-dma-tracking": tracking,
-                                            "downtime-limit": downtime_limit,
-                                            "max-bandwidth": max_bandwidth})
-        self.cmd("migrate-set-capabilities",
-                 {"capabilities": [{"capability": "x-verify", "state": verify}]})
+        self.cmd(
+            "migrate-set-parameters",
+            {
+                "x-dma-tracking": tracking,
+                "downtime-limit": downtime_limit,
+                "max-bandwidth": max_bandwidth,
+            },
+        )
+        self.cmd(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-verify", "state": verify}]},
+        )
         self.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
 
     def wait_migration(self, timeout: float = 60.0) -> dict[str, Any]:
@@ -154,18 +172,36 @@ class Vmm(Monitor):
     guest's console to `tmp/<name>.console`. The constructor does not wait: VMMs started one
     after the other boot in parallel; `wait_ready()` (or the first command) waits for QMP."""
 
-    def __init__(self, tmp: Path, name: str, config: Path, *, incoming_port: int | None = None,
-                 psk_file: Path | None = None, insecure: bool = False,
-                 incoming: str | None = None, keyless: bool = False,
-                 extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        config: Path,
+        *,
+        incoming_port: int | None = None,
+        psk_file: Path | None = None,
+        insecure: bool = False,
+        incoming: str | None = None,
+        keyless: bool = False,
+        extra: Sequence[str] = (),
+    ) -> None:
         """Migrations are authenticated by default: without `psk_file` (or `insecure`) the VMM
         uses `tmp/migration.key`, one key shared by the VMMs of a test (`migration_key`).
         `incoming`: any migration URI to wait on; `keyless`: no credential option at all."""
         super().__init__(tmp / f"{name}.qmp", name)
         self.out_path = tmp / f"{name}.out"
         self.err_path = tmp / f"{name}.err"
-        args = [sys.executable, "-m", "ptmig.cli", "run", str(config),
-                "--qmp", f"unix:{self.qmp_path}", "--console", str(tmp / f"{name}.console")]
+        args = [
+            sys.executable,
+            "-m",
+            "ptmig.cli",
+            "run",
+            str(config),
+            "--qmp",
+            f"unix:{self.qmp_path}",
+            "--console",
+            str(tmp / f"{name}.console"),
+        ]
         if incoming_port is not None:
             args += ["--incoming", f"tcp:127.0.0.1:{incoming_port}"]
         if incoming is not None:
@@ -179,16 +215,16 @@ class Vmm(Monitor):
             self.proc = subprocess.Popen(args, stdout=out, stderr=err, env=_env(), cwd=tmp)
 
     def output(self) -> str:
-        return self.out_path.read_text(errors="replace") + self.err_path.read_text(
-            errors="replace")
+        return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until the QMP socket exists; RuntimeError (with the output) if the VMM exited."""
         deadline = time.monotonic() + timeout
         while not self.qmp_path.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early ({self.proc.returncode}):\n"
-                                   f"{self.output()}")
+                raise RuntimeError(
+                    f"{self.name} exited early ({self.proc.returncode}):\n{self.output()}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: no QMP socket after {timeout} s")
             time.sleep(0.05)
@@ -209,8 +245,9 @@ class Vmm(Monitor):
         deadline = time.monotonic() + timeout
         while (status := self.status()) != wanted:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: still {status!r}, not {wanted!r}, "
-                                   f"after {timeout} s")
+                raise RuntimeError(
+                    f"{self.name}: still {status!r}, not {wanted!r}, after {timeout} s"
+                )
             time.sleep(0.05)
 
     def stop(self) -> int | None:
@@ -271,8 +308,12 @@ def iterations_increase(vmm: Monitor, timeout: float = 10.0) -> bool:
 @contextmanager
 def switch(port: int) -> Iterator[None]:
     """A `ptmig switch` on 127.0.0.1:port for the duration of the block."""
-    proc = subprocess.Popen([sys.executable, "-m", "ptmig.net.switch", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptmig.net.switch", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
     try:
         deadline = time.monotonic() + 10
         while probe_switch("127.0.0.1", port, timeout=0.1, tries=1) is None:
@@ -285,8 +326,9 @@ def switch(port: int) -> Iterator[None]:
 
 
 @contextmanager
-def kv_migration(tmp: Path, *,
-                 dst_image: Path | None = None) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
+def kv_migration(
+    tmp: Path, *, dst_image: Path | None = None
+) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
     """A kv VM running on its own switch and a destination waiting for it on a free port:
     (config, source, destination, port). Both VMMs are stopped at the end of the block.
     `dst_image`: the destination's disk image, if not the source's (shared) one."""
@@ -325,14 +367,24 @@ class Load:
     output: str | None = field(default=None, init=False)
 
     def start(self) -> Load:
-        args = [sys.executable, "-m", "ptmig.cli", "load", str(self.config),
-                "--duration", str(self.duration), "--json", str(self.json_path)]
+        args = [
+            sys.executable,
+            "-m",
+            "ptmig.cli",
+            "load",
+            str(self.config),
+            "--duration",
+            str(self.duration),
+            "--json",
+            str(self.json_path),
+        ]
         if self.window is not None:
             args += ["--window", str(self.window)]
         if self.rate:
             args += ["--rate", str(self.rate)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=_env())
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env()
+        )
         return self
 
     def wait(self, timeout: float = 90.0) -> int:
@@ -385,8 +437,7 @@ class TcpProxy:
                 self.cut()
                 return
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True),
-                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket, replies: bool = False) -> None:
         try:

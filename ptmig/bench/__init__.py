@@ -92,8 +92,9 @@ def run_bench(
     return report
 
 
-def _run_section(console: Console, config: BenchConfig, name: str, fn: SectionFn,
-                 report: Report) -> None:
+def _run_section(
+    console: Console, config: BenchConfig, name: str, fn: SectionFn, report: Report
+) -> None:
     console.print(f"[bold]bench {name}[/bold] ({config.runs} runs per measurement)")
     try:
         results = fn(config)

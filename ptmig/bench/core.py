@@ -87,10 +87,20 @@ class CoreParams:
     def tiny(cls) -> CoreParams:
         """Small enough for a test: every benchmark runs, in a few seconds."""
         return cls(
-            storebw_memory=32 * MiB, storebw_size=4 * MiB, storebw_passes=2, exits=300,
-            harvest_memory=64 * MiB, harvest_ws=8 * MiB, harvests_per_run=2,
-            harvest_gap_s=0.01, harvest_backlog_s=0.05, pause_memory=32 * MiB,
-            pause_ws=4 * MiB, pause_cycles=6, pause_gap_s=0.005, guest_timeout_s=60.0,
+            storebw_memory=32 * MiB,
+            storebw_size=4 * MiB,
+            storebw_passes=2,
+            exits=300,
+            harvest_memory=64 * MiB,
+            harvest_ws=8 * MiB,
+            harvests_per_run=2,
+            harvest_gap_s=0.01,
+            harvest_backlog_s=0.05,
+            pause_memory=32 * MiB,
+            pause_ws=4 * MiB,
+            pause_cycles=6,
+            pause_gap_s=0.005,
+            guest_timeout_s=60.0,
         )
 
 
@@ -176,7 +186,10 @@ def _native_storebw(program: Path, p: CoreParams) -> tuple[int, int]:
     """(bytes, ticks) of one native run."""
     out = subprocess.run(
         [str(program), str(p.storebw_size), str(p.storebw_passes)],
-        capture_output=True, text=True, timeout=p.guest_timeout_s, check=False,
+        capture_output=True,
+        text=True,
+        timeout=p.guest_timeout_s,
+        check=False,
     )
     m = _HOST_STOREBW_LINE.search(out.stdout)
     if out.returncode != 0 or m is None:
@@ -211,13 +224,23 @@ def bench_storebw(
     # The host and the guest count the same TSC (no TSC scaling on these hosts), so the
     # guest-reported tsc_khz converts both.
     native_gbs = [gb_per_s(b, t, tsc_khz) for b, t in native_raw]
-    extra = {"size": p.storebw_size, "passes": p.storebw_passes, "tsc_khz": tsc_khz,
-             "guest_memory": p.storebw_memory}
+    extra = {
+        "size": p.storebw_size,
+        "passes": p.storebw_passes,
+        "tsc_khz": tsc_khz,
+        "guest_memory": p.storebw_memory,
+    }
     return [
         measured(SECTION, "storebw.guest", guest, "GB/s", extra=extra),
         measured(SECTION, "storebw.native", native_gbs, "GB/s", extra=extra),
-        measured(SECTION, "storebw.ratio", paired_ratios(guest, native_gbs), "guest/native",
-                 GOAL_STOREBW_RATIO, extra=extra),
+        measured(
+            SECTION,
+            "storebw.ratio",
+            paired_ratios(guest, native_gbs),
+            "guest/native",
+            GOAL_STOREBW_RATIO,
+            extra=extra,
+        ),
     ]
 
 
@@ -239,8 +262,9 @@ def _exit_loop(make: Callable[[int], bytes], iterations: int, p: CoreParams, wha
     return took
 
 
-def _per_exit_us(make: Callable[[int], bytes], run: int, p: CoreParams, what: str
-                 ) -> tuple[float, float]:
+def _per_exit_us(
+    make: Callable[[int], bytes], run: int, p: CoreParams, what: str
+) -> tuple[float, float]:
     """(µs per exit, baseline ms) of one run: N exits minus the 0-exit baseline."""
     if run % 2 == 0:
         base = _exit_loop(make, 0, p, what)
@@ -254,8 +278,7 @@ def _per_exit_us(make: Callable[[int], bytes], run: int, p: CoreParams, what: st
 def _kvm_run_floor_us(p: CoreParams) -> float:
     """µs per port-I/O exit of a bare KVM_RUN loop on this thread: no vCPU thread, no park
     check, no dispatch. What is left of `exit.pio` once the VMM's exit path is gone."""
-    vm = _boot(guests.port_io_loop(p.exits), ABI_FW_LOAD_GPA, ABI_FW_LOAD_GPA, 16 * MiB, 1,
-               "bench")
+    vm = _boot(guests.port_io_loop(p.exits), ABI_FW_LOAD_GPA, ABI_FW_LOAD_GPA, 16 * MiB, 1, "bench")
     try:
         fd = vm.vcpus[0].fd
         fd.run()  # the first exit: entry costs stay out of the timing
@@ -264,8 +287,9 @@ def _kvm_run_floor_us(p: CoreParams) -> float:
         while True:
             fd.run()
             if fd.run_struct.exit_reason != Exit.IO:
-                raise BenchError(f"KVM_RUN floor: unexpected exit reason "
-                                 f"{fd.run_struct.exit_reason}")
+                raise BenchError(
+                    f"KVM_RUN floor: unexpected exit reason {fd.run_struct.exit_reason}"
+                )
             if fd.run_struct.exit.io.port == ABI_PORT_HYPERCALL:
                 break
             exits += 1
@@ -295,12 +319,19 @@ def bench_exits(config: BenchConfig, p: CoreParams) -> list[Result]:
         mmio_base.append(base)
     extra = {"exits_per_run": p.exits}
     return [
-        measured(SECTION, "exit.pio", pio, "µs", GOAL_EXIT_US,
-                 {**extra, "baseline_ms_runs": pio_base}),
-        measured(SECTION, "exit.mmio", mmio, "µs", GOAL_EXIT_US,
-                 {**extra, "baseline_ms_runs": mmio_base}),
-        measured(SECTION, "exit.pio.kvm_run_floor", floor, "µs",
-                 extra={**extra, "what": "bare KVM_RUN loop on one thread, no VMM exit path"}),
+        measured(
+            SECTION, "exit.pio", pio, "µs", GOAL_EXIT_US, {**extra, "baseline_ms_runs": pio_base}
+        ),
+        measured(
+            SECTION, "exit.mmio", mmio, "µs", GOAL_EXIT_US, {**extra, "baseline_ms_runs": mmio_base}
+        ),
+        measured(
+            SECTION,
+            "exit.pio.kvm_run_floor",
+            floor,
+            "µs",
+            extra={**extra, "what": "bare KVM_RUN loop on one thread, no VMM exit path"},
+        ),
     ]
 
 
@@ -341,18 +372,39 @@ def bench_harvest(config: BenchConfig, p: CoreParams, fw: FirmwareImage) -> list
         idle, idle_pages = _timed_harvests(vm, count, p.harvest_gap_s)
     finally:
         vm.close()
-    common = {"guest_memory": p.harvest_memory, "ws": p.harvest_ws, "vcpus": 1,
-              "samples": count}
+    common = {"guest_memory": p.harvest_memory, "ws": p.harvest_ws, "vcpus": 1, "samples": count}
     gib = p.harvest_memory / GiB
     label = f"{gib:g}g" if gib >= 1 else f"{p.harvest_memory // MiB}m"
     return [
-        measured(SECTION, f"harvest.{label}.running", running, "ms", GOAL_HARVEST_MS,
-                 {**common, "gap_s": p.harvest_gap_s, "dirty_pages": running_pages}),
-        measured(SECTION, f"harvest.{label}.backlog", backlog, "ms", GOAL_HARVEST_MS,
-                 {**common, "samples": config.runs, "gap_s": p.harvest_backlog_s,
-                  "dirty_pages": backlog_pages}),
-        measured(SECTION, f"harvest.{label}.idle", idle, "ms", GOAL_HARVEST_MS,
-                 {**common, "dirty_pages": idle_pages}),
+        measured(
+            SECTION,
+            f"harvest.{label}.running",
+            running,
+            "ms",
+            GOAL_HARVEST_MS,
+            {**common, "gap_s": p.harvest_gap_s, "dirty_pages": running_pages},
+        ),
+        measured(
+            SECTION,
+            f"harvest.{label}.backlog",
+            backlog,
+            "ms",
+            GOAL_HARVEST_MS,
+            {
+                **common,
+                "samples": config.runs,
+                "gap_s": p.harvest_backlog_s,
+                "dirty_pages": backlog_pages,
+            },
+        ),
+        measured(
+            SECTION,
+            f"harvest.{label}.idle",
+            idle,
+            "ms",
+            GOAL_HARVEST_MS,
+            {**common, "dirty_pages": idle_pages},
+        ),
     ]
 
 

@@ -56,8 +56,7 @@ class DevicesParams:
 
     @classmethod
     def for_config(cls, config: BenchConfig) -> DevicesParams:
-        return cls(kv_seconds=2.0, blk_size=32 * MiB, idle_seconds=2.0) if config.quick \
-            else cls()
+        return cls(kv_seconds=2.0, blk_size=32 * MiB, idle_seconds=2.0) if config.quick else cls()
 
 
 def run(config: BenchConfig) -> list[Result]:
@@ -103,8 +102,9 @@ def client_alone_run(seconds: float, json_path: Path | None = None) -> LoadResul
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        return run_load(LoadOptions(target=f"127.0.0.1:{port}", duration_s=seconds,
-                                    json_path=json_path))
+        return run_load(
+            LoadOptions(target=f"127.0.0.1:{port}", duration_s=seconds, json_path=json_path)
+        )
     finally:
         server.kill()
         server.wait()
@@ -115,8 +115,16 @@ def bench_client_alone(config: BenchConfig, p: DevicesParams) -> list[Result]:
     bad = [r for r in runs if r.exit_status != 0]
     if bad:
         raise BenchError(f"the load client lost values against a trivial server: {bad[0]}")
-    return [measured(SECTION, "load.client_alone.ops", [r.ops_per_s for r in runs], "ops/s",
-                     GOAL_KV_OPS, {"seconds": p.kv_seconds})]
+    return [
+        measured(
+            SECTION,
+            "load.client_alone.ops",
+            [r.ops_per_s for r in runs],
+            "ops/s",
+            GOAL_KV_OPS,
+            {"seconds": p.kv_seconds},
+        )
+    ]
 
 
 # ---- a kv VMM in its own process --------------------------------------------------------------
@@ -142,21 +150,29 @@ class KvVmm:
             f'[vm]\nmemory = "{memory}"\nvcpus = 1\n[workload]\nname = "kv"\n'
             f'[[net]]\nid = "net0"\nmac = "52:54:00:b0:00:01"\nip = "10.0.0.2/24"\n'
             f'backend = "udp:127.0.0.1:{self.switch_port}"\nswitch = "auto"\n'
-            f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "256M"\n')
+            f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "256M"\n'
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ptmig.cli", "run", str(self.config), "--console",
-             str(self.console),
-             *(["--qmp", f"unix:{self.qmp_socket}"] if self.qmp_socket else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "ptmig.cli",
+                "run",
+                str(self.config),
+                "--console",
+                str(self.console),
+                *(["--qmp", f"unix:{self.qmp_socket}"] if self.qmp_socket else []),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        while "kv: serving on" not in (self.console.read_text() if self.console.exists()
-                                       else ""):
+        while "kv: serving on" not in (self.console.read_text() if self.console.exists() else ""):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode()[-1000:] if self.proc.stderr else ""
-                raise BenchError(f"kv VMM never started serving (exit {self.proc.poll()}): "
-                                 f"{err}")
+                raise BenchError(f"kv VMM never started serving (exit {self.proc.poll()}): {err}")
             time.sleep(0.05)
 
     def device_pids(self) -> list[int]:
@@ -209,43 +225,58 @@ class KvVmm:
 
 
 def _kv_run(p: DevicesParams, *, durable: bool, rate: float | None) -> LoadResult:
-    progress.step("kv " + ("durable" if durable else "unpaced" if rate is None
-                           else f"at {rate:,.0f} ops/s"))
+    progress.step(
+        "kv " + ("durable" if durable else "unpaced" if rate is None else f"at {rate:,.0f} ops/s")
+    )
     with KvVmm(p.kv_memory) as vmm:
-        result = run_load(LoadOptions(config=vmm.config, duration_s=p.kv_seconds,
-                                      durable=durable, rate=rate))
+        result = run_load(
+            LoadOptions(config=vmm.config, duration_s=p.kv_seconds, durable=durable, rate=rate)
+        )
     if result.lost or result.wrong or result.unverified or result.errors:
-        raise BenchError(f"kv run lost {result.lost}, wrong {result.wrong}, unverified "
-                         f"{result.unverified}, errors {result.errors}: {result.problems[:3]}")
+        raise BenchError(
+            f"kv run lost {result.lost}, wrong {result.wrong}, unverified "
+            f"{result.unverified}, errors {result.errors}: {result.problems[:3]}"
+        )
     return result
 
 
 def bench_kv(config: BenchConfig, p: DevicesParams) -> list[Result]:
     out: list[Result] = []
     fast = [_kv_run(p, durable=False, rate=None) for _ in range(config.runs)]
-    extra = {"seconds": p.kv_seconds, "window": LoadOptions().window, "durable": False,
-             "backend": "udp"}
-    out.append(measured(SECTION, "kv.max.ops", [r.ops_per_s for r in fast], "ops/s",
-                        GOAL_KV_OPS, extra))
+    extra = {
+        "seconds": p.kv_seconds,
+        "window": LoadOptions().window,
+        "durable": False,
+        "backend": "udp",
+    }
+    out.append(
+        measured(SECTION, "kv.max.ops", [r.ops_per_s for r in fast], "ops/s", GOAL_KV_OPS, extra)
+    )
     out.append(measured(SECTION, "kv.max.p50", [r.p50_ms for r in fast], "ms", extra=extra))
     out.append(measured(SECTION, "kv.max.p99", [r.p99_ms for r in fast], "ms", extra=extra))
     half = median([r.ops_per_s for r in fast]) / 2
     paced = [_kv_run(p, durable=False, rate=half) for _ in range(config.runs)]
     extra_half = dict(extra, rate=round(half))
-    out.append(measured(SECTION, "kv.half.ops", [r.ops_per_s for r in paced], "ops/s",
-                        extra=extra_half))
-    out.append(measured(SECTION, "kv.half.p50", [r.p50_ms for r in paced], "ms",
-                        extra=extra_half))
-    out.append(measured(SECTION, "kv.half.p99", [r.p99_ms for r in paced], "ms",
-                        GOAL_KV_P99_MS, extra_half))
+    out.append(
+        measured(SECTION, "kv.half.ops", [r.ops_per_s for r in paced], "ops/s", extra=extra_half)
+    )
+    out.append(measured(SECTION, "kv.half.p50", [r.p50_ms for r in paced], "ms", extra=extra_half))
+    out.append(
+        measured(
+            SECTION, "kv.half.p99", [r.p99_ms for r in paced], "ms", GOAL_KV_P99_MS, extra_half
+        )
+    )
     durable = [_kv_run(p, durable=True, rate=None) for _ in range(config.runs)]
     extra_d = dict(extra, durable=True)
-    out.append(measured(SECTION, "kv.durable.ops", [r.ops_per_s for r in durable], "ops/s",
-                        extra=extra_d))
-    out.append(measured(SECTION, "kv.durable.p50", [r.p50_ms for r in durable], "ms",
-                        extra=extra_d))
-    out.append(measured(SECTION, "kv.durable.p99", [r.p99_ms for r in durable], "ms",
-                        extra=extra_d))
+    out.append(
+        measured(SECTION, "kv.durable.ops", [r.ops_per_s for r in durable], "ops/s", extra=extra_d)
+    )
+    out.append(
+        measured(SECTION, "kv.durable.p50", [r.p50_ms for r in durable], "ms", extra=extra_d)
+    )
+    out.append(
+        measured(SECTION, "kv.durable.p99", [r.p99_ms for r in durable], "ms", extra=extra_d)
+    )
     return out
 
 
@@ -259,8 +290,9 @@ def _blkbench_once(fw: FirmwareImage, p: DevicesParams) -> float:
         vm = Vm(VmSpec(memory, 1, f"blkbench size={p.blk_size} req={p.blk_req}", "blkbench"))
         iommu = IommuTable.create(memory // 4096)
         iommu.map_identity(memory // 4096)
-        handle = DeviceHandle.spawn("blk", 0, {"path": f"{tmp}/disk.img", "size": p.blk_size},
-                                    vm.memory.fd, memory, iommu)
+        handle = DeviceHandle.spawn(
+            "blk", 0, {"path": f"{tmp}/disk.img", "size": p.blk_size}, vm.memory.fd, memory, iommu
+        )
         try:
             vm.attach_device(0, handle)
             vm.wake_fds.append(handle.irq_eventfd)
@@ -282,8 +314,11 @@ def _blkbench_once(fw: FirmwareImage, p: DevicesParams) -> float:
 def bench_blk(config: BenchConfig, p: DevicesParams, fw: FirmwareImage) -> list[Result]:
     progress.step("virtio-blk sequential write")
     runs = [_blkbench_once(fw, p) for _ in range(config.runs)]
-    return [measured(SECTION, "blk.seqwrite", runs, "MB/s",
-                     extra={"size": p.blk_size, "request": p.blk_req})]
+    return [
+        measured(
+            SECTION, "blk.seqwrite", runs, "MB/s", extra={"size": p.blk_size, "request": p.blk_req}
+        )
+    ]
 
 
 # ---- idle CPU --------------------------------------------------------------------------------
@@ -306,5 +341,13 @@ def bench_idle_cpu(config: BenchConfig, p: DevicesParams) -> list[Result]:
             time.sleep(p.idle_seconds)
             used = sum(_cpu_seconds(pid) for pid in pids) - before
             runs.append(100.0 * used / (time.monotonic() - t0))
-    return [measured(SECTION, "idle.cpu", runs, "%", GOAL_IDLE_CPU_PCT,
-                     {"seconds": p.idle_seconds, "what": "all device processes, % of a core"})]
+    return [
+        measured(
+            SECTION,
+            "idle.cpu",
+            runs,
+            "%",
+            GOAL_IDLE_CPU_PCT,
+            {"seconds": p.idle_seconds, "what": "all device processes, % of a core"},
+        )
+    ]

@@ -21,8 +21,10 @@ _MAX_ITERATIONS = 0xFFFF_FFFF
 # Tail shared by the loop guests: exit(0) through vCPU 0's hypercall mailbox.
 _EXIT_ZERO = (
     bytes.fromhex("48C704250890000000000000")  # mov qword [0x9008], 0   (args[0] = 0)
-    + b"\xba" + struct.pack("<I", ABI_PORT_HYPERCALL)  # mov edx, 0x500
-    + b"\xb8" + struct.pack("<I", HC_EXIT)  # mov eax, HC_EXIT
+    + b"\xba"
+    + struct.pack("<I", ABI_PORT_HYPERCALL)  # mov edx, 0x500
+    + b"\xb8"
+    + struct.pack("<I", HC_EXIT)  # mov eax, HC_EXIT
     + bytes.fromhex("EF")  # out dx, eax
     + bytes.fromhex("EBFE")  # jmp $
 )
@@ -42,8 +44,10 @@ def port_io_loop(iterations: int, port: int = UNUSED_PORT) -> bytes:
     if not 0 <= port <= 0xFFFF or port == ABI_PORT_HYPERCALL:
         raise ValueError(f"port {port:#x} must be a 16-bit port other than the hypercall port")
     return (
-        b"\xb9" + struct.pack("<I", iterations)  # mov ecx, iterations
-        + b"\xba" + struct.pack("<I", port)  # mov edx, port
+        b"\xb9"
+        + struct.pack("<I", iterations)  # mov ecx, iterations
+        + b"\xba"
+        + struct.pack("<I", port)  # mov edx, port
         + bytes.fromhex("31C0")  # xor eax, eax
         + bytes.fromhex("85C9")  # test ecx, ecx
         + bytes.fromhex("7405")  # jz done
@@ -63,8 +67,10 @@ def mmio_store_loop(iterations: int, gpa: int = UNBACKED_MMIO_GPA) -> bytes:
     if not ABI_MMIO_BASE_GPA <= gpa < ABI_MMIO_BASE_GPA + 8 * ABI_MMIO_STRIDE or gpa % 4:
         raise ValueError(f"gpa {gpa:#x} must be a 4-byte aligned address in the MMIO windows")
     return (
-        b"\xb9" + struct.pack("<I", iterations)  # mov ecx, iterations
-        + b"\xbe" + struct.pack("<I", gpa)  # mov esi, gpa   (zero-extends into rsi)
+        b"\xb9"
+        + struct.pack("<I", iterations)  # mov ecx, iterations
+        + b"\xbe"
+        + struct.pack("<I", gpa)  # mov esi, gpa   (zero-extends into rsi)
         + bytes.fromhex("31C0")  # xor eax, eax
         + bytes.fromhex("85C9")  # test ecx, ecx
         + bytes.fromhex("7406")  # jz done
@@ -81,8 +87,10 @@ def halt_forever() -> bytes:
         bytes.fromhex("4889FB")  # mov rbx, rdi        (vCPU index)
         + bytes.fromhex("48C1E308")  # shl rbx, 8     (256-byte mailboxes)
         + bytes.fromhex("48C7830890000000000000")  # mov qword [rbx+0x9008], 0  (no timeout)
-        + b"\xba" + struct.pack("<I", ABI_PORT_HYPERCALL)  # again: mov edx, 0x500
-        + b"\xb8" + struct.pack("<I", HC_HALT)  # mov eax, HC_HALT
+        + b"\xba"
+        + struct.pack("<I", ABI_PORT_HYPERCALL)  # again: mov edx, 0x500
+        + b"\xb8"
+        + struct.pack("<I", HC_HALT)  # mov eax, HC_HALT
         + bytes.fromhex("EF")  # out dx, eax
         + bytes.fromhex("EBF3")  # jmp again
     )

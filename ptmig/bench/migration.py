@@ -112,8 +112,9 @@ class Sample:
 
 
 def run(config: BenchConfig) -> list[Result]:
-    return (run_migration_bench(config, MigrationBenchParams.for_config(config))
-            + page_scan_results(config))
+    return run_migration_bench(config, MigrationBenchParams.for_config(config)) + page_scan_results(
+        config
+    )
 
 
 def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Result]:
@@ -144,31 +145,61 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
             remove_qemu_ram_files()
         progress.step("one verified ptmig migration")
         verified = ptmig_migration(tmp, p, verify=True, sealed=True).info.get("x-verify", {})
-    extra = {"memory_mib": p.memory // MiB, "filled_mib": (p.memory - FILL_FROM) // MiB,
-             "verify": verified}
+    extra = {
+        "memory_mib": p.memory // MiB,
+        "filled_mib": (p.memory - FILL_FROM) // MiB,
+        "verify": verified,
+    }
     tp = [s.gb_per_s for s in ptmig_s]
     out = [
         measured(SECTION, "ptmig.total", [s.total_ms for s in ptmig_s], "ms", extra=extra),
-        measured(SECTION, "ptmig.downtime", [s.downtime_ms for s in ptmig_s], "ms",
-                 GOAL_DOWNTIME_MS, extra=extra),
+        measured(
+            SECTION,
+            "ptmig.downtime",
+            [s.downtime_ms for s in ptmig_s],
+            "ms",
+            GOAL_DOWNTIME_MS,
+            extra=extra,
+        ),
         measured(SECTION, "ptmig.throughput", tp, "GB/s", extra=extra),
         measured(SECTION, "stream.throughput", stream, "GB/s"),
         measured(SECTION, "ptmig/stream", paired_ratios(tp, stream), "ratio", GOAL_STREAM_RATIO),
-        *[measured(SECTION, f"ptmig.cpu_per_gib.{side}",
-                   [s.cpu_per_gib(side) for s in ptmig_s], "s/GiB", GOAL_CPU_PER_GIB,
-                   {**extra, "what": f"{side} VMM process CPU (user + system, vCPU threads "
-                                     "left out) from migrate to completed, per GiB sent"})
-          for side in ("source", "destination")],
-        measured(SECTION, "ptmig.sealed.throughput", [s.gb_per_s for s in sealed_s], "GB/s",
-                 extra=extra),
-        measured(SECTION, "ptmig.sealed.downtime", [s.downtime_ms for s in sealed_s], "ms",
-                 extra=extra),
-        measured(SECTION, "ptmig.sealed/plain", paired_ratios(
-            [s.gb_per_s for s in sealed_s], tp), "ratio", GOAL_SEALED_RATIO),
+        *[
+            measured(
+                SECTION,
+                f"ptmig.cpu_per_gib.{side}",
+                [s.cpu_per_gib(side) for s in ptmig_s],
+                "s/GiB",
+                GOAL_CPU_PER_GIB,
+                {
+                    **extra,
+                    "what": f"{side} VMM process CPU (user + system, vCPU threads "
+                    "left out) from migrate to completed, per GiB sent",
+                },
+            )
+            for side in ("source", "destination")
+        ],
+        measured(
+            SECTION, "ptmig.sealed.throughput", [s.gb_per_s for s in sealed_s], "GB/s", extra=extra
+        ),
+        measured(
+            SECTION, "ptmig.sealed.downtime", [s.downtime_ms for s in sealed_s], "ms", extra=extra
+        ),
+        measured(
+            SECTION,
+            "ptmig.sealed/plain",
+            paired_ratios([s.gb_per_s for s in sealed_s], tp),
+            "ratio",
+            GOAL_SEALED_RATIO,
+        ),
     ]
     if qemu is None or qemu_error is not None or not qemu_s:
-        why = (f"{QEMU_BINARY} is not installed (`make bench` installs qemu-system-x86 on "
-               "Debian when run as root)" if qemu is None else qemu_error or "no QEMU run")
+        why = (
+            f"{QEMU_BINARY} is not installed (`make bench` installs qemu-system-x86 on "
+            "Debian when run as root)"
+            if qemu is None
+            else qemu_error or "no QEMU run"
+        )
         out.append(Result(SECTION, "qemu", float("nan"), "", None, None, [], {"skipped": why}))
         return out
     qx = {"accel": qemu_accel, "binary": qemu}
@@ -177,18 +208,33 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
         measured(SECTION, "qemu.total", [s.total_ms for s in qemu_s], "ms", extra=qx),
         measured(SECTION, "qemu.downtime", [s.downtime_ms for s in qemu_s], "ms", extra=qx),
         measured(SECTION, "qemu.throughput", qtp, "GB/s", extra=qx),
-        measured(SECTION, "ptmig/qemu.throughput", paired_ratios(tp, qtp), "ratio",
-                 GOAL_QEMU_THROUGHPUT_RATIO),
-        measured(SECTION, "ptmig/qemu.total", paired_ratios([s.total_ms for s in ptmig_s],
-                                                             [s.total_ms for s in qemu_s]),
-                 "ratio"),
-        measured(SECTION, "ptmig/qemu.downtime",
-                 paired_ratios([s.downtime_ms for s in ptmig_s],
-                               [max(s.downtime_ms, 1.0) for s in qemu_s]), "ratio",
-                 extra={"compares": "QEMU: paused guest, 1 stream, may switch mid-pass once the "
-                                    "rest fits its 300 ms downtime-limit; ptmig: running "
-                                    f"(halting) guest, 1 + {DATA_CHANNELS} streams, switches "
-                                    "only at a round's end"}),
+        measured(
+            SECTION,
+            "ptmig/qemu.throughput",
+            paired_ratios(tp, qtp),
+            "ratio",
+            GOAL_QEMU_THROUGHPUT_RATIO,
+        ),
+        measured(
+            SECTION,
+            "ptmig/qemu.total",
+            paired_ratios([s.total_ms for s in ptmig_s], [s.total_ms for s in qemu_s]),
+            "ratio",
+        ),
+        measured(
+            SECTION,
+            "ptmig/qemu.downtime",
+            paired_ratios(
+                [s.downtime_ms for s in ptmig_s], [max(s.downtime_ms, 1.0) for s in qemu_s]
+            ),
+            "ratio",
+            extra={
+                "compares": "QEMU: paused guest, 1 stream, may switch mid-pass once the "
+                "rest fits its 300 ms downtime-limit; ptmig: running "
+                f"(halting) guest, 1 + {DATA_CHANNELS} streams, switches "
+                "only at a round's end"
+            },
+        ),
     ]
     return out
 
@@ -210,8 +256,10 @@ def _qmp(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise BenchError(f"process {proc.pid} exited with status {proc.returncode} before "
-                             f"its QMP socket {path} appeared (log beside it)")
+            raise BenchError(
+                f"process {proc.pid} exited with status {proc.returncode} before "
+                f"its QMP socket {path} appeared (log beside it)"
+            )
         if path.exists():
             q = QEMUMonitorProtocol(str(path))
             try:
@@ -295,8 +343,10 @@ def fill_random(path: Path | str, offset: int, length: int, seed: int = 1) -> No
 
 def _ptmig_config(tmp: Path, memory: int) -> Path:
     path = tmp / "idle.toml"
-    path.write_text(f'[vm]\nname = "benchmig"\nmemory = "{memory // MiB}M"\nvcpus = 1\n\n'
-                    '[workload]\nname = "dirty"\nargs = { ws = "4K", rate = 1, halt = 1 }\n')
+    path.write_text(
+        f'[vm]\nname = "benchmig"\nmemory = "{memory // MiB}M"\nvcpus = 1\n\n'
+        '[workload]\nname = "dirty"\nargs = { ws = "4K", rate = 1, halt = 1 }\n'
+    )
     return path
 
 
@@ -308,13 +358,28 @@ def _ptmig(tmp: Path, name: str, config: Path, *extra: str) -> subprocess.Popen[
     if qmp.exists():
         qmp.unlink()
     with open(tmp / f"{name}.log", "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "ptmig.cli", "run", str(config),
-                                 "--qmp", f"unix:{qmp}", "--console", str(tmp / f"{name}.con"),
-                                 *extra], stdout=log, stderr=log, env=env)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ptmig.cli",
+                "run",
+                str(config),
+                "--qmp",
+                f"unix:{qmp}",
+                "--console",
+                str(tmp / f"{name}.con"),
+                *extra,
+            ],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
 
 
-def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False,
-                    sealed: bool = False) -> Sample:
+def ptmig_migration(
+    tmp: Path, p: MigrationBenchParams, verify: bool = False, sealed: bool = False
+) -> Sample:
     """One migration: plain (`--insecure`, like QEMU's tcp:) or sealed under a fresh PSK."""
     config = _ptmig_config(tmp, p.memory)
     port = free_port()
@@ -327,11 +392,21 @@ def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False,
         qd = _qmp(tmp / "dst.qmp", dst, p.start_timeout_s)
         _wait_status(qs, ("running",), p.start_timeout_s)
         _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
-        _cmd(qs, "migrate-set-parameters", {"x-dma-tracking": "none", "max-bandwidth": 0,
-                                            "multifd-channels": DATA_CHANNELS})
-        _cmd(qs, "migrate-set-capabilities",
-             {"capabilities": [{"capability": "x-verify", "state": verify},
-                               {"capability": "multifd", "state": True}]})
+        _cmd(
+            qs,
+            "migrate-set-parameters",
+            {"x-dma-tracking": "none", "max-bandwidth": 0, "multifd-channels": DATA_CHANNELS},
+        )
+        _cmd(
+            qs,
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "x-verify", "state": verify},
+                    {"capability": "multifd", "state": True},
+                ]
+            },
+        )
         before = (cpu.sample(src.pid), cpu.sample(dst.pid))
         _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = _wait_migration(qs, p.migration_timeout_s)
@@ -339,10 +414,18 @@ def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False,
         _wait_status(qd, ("running",), 10)
         if verify and info.get("x-verify", {}).get("mismatched"):
             raise BenchError(f"verified migration found differing pages: {info['x-verify']}")
-        used = [cpu.migration_cpu_s(a, b) if a is not None and b is not None else float("nan")
-                for a, b in zip(before, after, strict=True)]
-        return Sample(float(info["total-time"]), float(info["downtime"]),
-                      int(info["ram"]["transferred"]), info, used[0], used[1])
+        used = [
+            cpu.migration_cpu_s(a, b) if a is not None and b is not None else float("nan")
+            for a, b in zip(before, after, strict=True)
+        ]
+        return Sample(
+            float(info["total-time"]),
+            float(info["downtime"]),
+            int(info["ram"]["transferred"]),
+            info,
+            used[0],
+            used[1],
+        )
     finally:
         _stop(src, qs)
         _stop(dst, qd)
@@ -351,22 +434,36 @@ def ptmig_migration(tmp: Path, p: MigrationBenchParams, verify: bool = False,
 # ---- QEMU -----------------------------------------------------------------------------------
 
 
-def _qemu(binary: str, tmp: Path, name: str, mem_file: Path, memory: int, accel: str,
-          *extra: str) -> subprocess.Popen[bytes]:
+def _qemu(
+    binary: str, tmp: Path, name: str, mem_file: Path, memory: int, accel: str, *extra: str
+) -> subprocess.Popen[bytes]:
     qmp = tmp / f"{name}.qmp"
     if qmp.exists():
         qmp.unlink()
-    args = [binary, "-machine", f"q35,memory-backend=ram0,accel={accel}",
-            "-m", f"{memory // MiB}M", "-object",
-            f"memory-backend-file,id=ram0,size={memory // MiB}M,mem-path={mem_file},share=on",
-            "-nodefaults", "-nographic", "-vga", "none", "-S",
-            "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
+    args = [
+        binary,
+        "-machine",
+        f"q35,memory-backend=ram0,accel={accel}",
+        "-m",
+        f"{memory // MiB}M",
+        "-object",
+        f"memory-backend-file,id=ram0,size={memory // MiB}M,mem-path={mem_file},share=on",
+        "-nodefaults",
+        "-nographic",
+        "-vga",
+        "none",
+        "-S",
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
+        *extra,
+    ]
     with open(tmp / f"{name}.log", "wb") as log:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
 
-def qemu_migration(tmp: Path, binary: str, p: MigrationBenchParams,
-                   accel: str | None) -> tuple[Sample, str]:
+def qemu_migration(
+    tmp: Path, binary: str, p: MigrationBenchParams, accel: str | None
+) -> tuple[Sample, str]:
     """One QEMU migration; tries KVM first (then TCG) and remembers which one works."""
     ram_dir = SHM_DIR if SHM_DIR.is_dir() else tmp  # tmpfs, like ptmig's memfd
     src_mem = ram_dir / f"ptmig-bench-qemu-{os.getpid()}-src.ram"
@@ -374,15 +471,16 @@ def qemu_migration(tmp: Path, binary: str, p: MigrationBenchParams,
     if not src_mem.exists():
         fill_random(src_mem, 0, p.memory, seed=2)
     errors: list[str] = []
-    for acc in ([accel] if accel else ["kvm", "tcg"]):
+    for acc in [accel] if accel else ["kvm", "tcg"]:
         if dst_mem.exists():
             dst_mem.unlink()
         with open(dst_mem, "wb") as f:
             f.truncate(p.memory)
         port = free_port()
         src = _qemu(binary, tmp, "qsrc", src_mem, p.memory, acc)
-        dst = _qemu(binary, tmp, "qdst", dst_mem, p.memory, acc,
-                    "-incoming", f"tcp:127.0.0.1:{port}")
+        dst = _qemu(
+            binary, tmp, "qdst", dst_mem, p.memory, acc, "-incoming", f"tcp:127.0.0.1:{port}"
+        )
         qs = qd = None
         try:
             qs = _qmp(tmp / "qsrc.qmp", src, p.start_timeout_s)
@@ -390,8 +488,15 @@ def qemu_migration(tmp: Path, binary: str, p: MigrationBenchParams,
             _cmd(qs, "migrate-set-parameters", {"max-bandwidth": QEMU_MAX_BANDWIDTH})
             _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
             info = _wait_migration(qs, p.migration_timeout_s)
-            return (Sample(float(info["total-time"]), float(info.get("downtime", 0)),
-                           int(info["ram"]["transferred"]), info), acc)
+            return (
+                Sample(
+                    float(info["total-time"]),
+                    float(info.get("downtime", 0)),
+                    int(info["ram"]["transferred"]),
+                    info,
+                ),
+                acc,
+            )
         except BenchError as e:
             log = (tmp / "qsrc.log").read_text(errors="replace").strip()
             errors.append(f"accel={acc}: {e} {log[-300:]}")
@@ -437,7 +542,13 @@ def page_scan_results(config: BenchConfig) -> list[Result]:
     zero = [_zero_scan_gbs() for _ in range(config.runs)]
     digest = [_digest_gbs() for _ in range(config.runs)]
     return [
-        measured(SECTION, "pages.zero_scan", zero, "GB/s", GOAL_SCAN_GBS,
-                 {"ram_mib": 64, "nonzero": "every third page"}),
+        measured(
+            SECTION,
+            "pages.zero_scan",
+            zero,
+            "GB/s",
+            GOAL_SCAN_GBS,
+            {"ram_mib": 64, "nonzero": "every third page"},
+        ),
         measured(SECTION, "verify.digest", digest, "GB/s", GOAL_SCAN_GBS, {"ram_mib": 1024}),
     ]

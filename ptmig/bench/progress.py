@@ -39,8 +39,13 @@ class _State:
 
 
 class BenchProgress:
-    def __init__(self, console: Console, *, live: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        console: Console,
+        *,
+        live: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.console = console
         self.clock = clock
         self.started = clock()
@@ -68,8 +73,9 @@ class BenchProgress:
             if st.run is not None:
                 parts.append(f"run {st.run}/{st.runs}" if st.runs else f"run {st.run}")
             section_s = now - st.section_started if st.section else 0.0
-        parts.append(f"{_clock_text(section_s)} in this section, "
-                     f"{_clock_text(now - self.started)} in all")
+        parts.append(
+            f"{_clock_text(section_s)} in this section, {_clock_text(now - self.started)} in all"
+        )
         return " │ ".join(parts)
 
     def _render(self) -> Text:
@@ -79,9 +85,15 @@ class BenchProgress:
         global _current
         _current = self
         if self._use_live:
-            self._live = Live(self._render(), console=self.console, refresh_per_second=2,
-                              get_renderable=self._render, transient=True,
-                              redirect_stdout=True, redirect_stderr=True)
+            self._live = Live(
+                self._render(),
+                console=self.console,
+                refresh_per_second=2,
+                get_renderable=self._render,
+                transient=True,
+                redirect_stdout=True,
+                redirect_stderr=True,
+            )
             self._live.__enter__()
         return self
 

@@ -104,8 +104,9 @@ class StrategyBenchParams:
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in DMA_TRACKING]
         if bad or not self.strategies:
-            raise ValueError(f"strategies {self.strategies} must be a non-empty subset of "
-                             f"{DMA_TRACKING}")
+            raise ValueError(
+                f"strategies {self.strategies} must be a non-empty subset of {DMA_TRACKING}"
+            )
         if not self.memories:
             raise ValueError("at least one RAM size is needed, got none")
         for m in self.memories:
@@ -113,8 +114,9 @@ class StrategyBenchParams:
         if self.runs < 1:
             raise ValueError(f"runs={self.runs} must be at least 1")
         if self.warmup_s <= 0 or self.after_s <= 0:
-            raise ValueError(f"warm-up ({self.warmup_s} s) and after ({self.after_s} s) must "
-                             "both be positive")
+            raise ValueError(
+                f"warm-up ({self.warmup_s} s) and after ({self.after_s} s) must both be positive"
+            )
         if self.max_bandwidth_mib < 0:
             raise ValueError(f"max bandwidth must be >= 0 MiB/s, got {self.max_bandwidth_mib}")
         if not 0 < self.load_fraction <= 1:
@@ -123,8 +125,14 @@ class StrategyBenchParams:
     @classmethod
     def for_config(cls, config: BenchConfig) -> StrategyBenchParams:
         if config.quick:  # about 3 minutes: two sizes, one run each, a short load
-            return cls(memories=("256M", "1G"), runs=1, warmup_s=3.0, after_s=3.0,
-                       datapath_pairs=3, datapath_s=2.0)
+            return cls(
+                memories=("256M", "1G"),
+                runs=1,
+                warmup_s=3.0,
+                after_s=3.0,
+                datapath_pairs=3,
+                datapath_s=2.0,
+            )
         return cls(runs=min(config.runs, FULL_RUNS))
 
     def bandwidth_text(self) -> str:
@@ -179,9 +187,16 @@ class CellRun:
     def correct(self) -> bool:
         """Completed, every page verified equal, every acknowledged value read back, and the
         load spanned the switchover."""
-        return (self.error is None and self.status == "completed" and self.mismatched == 0
-                and self.lost == 0 and self.wrong == 0 and self.unverified == 0
-                and self.acked > 0 and self.covered)
+        return (
+            self.error is None
+            and self.status == "completed"
+            and self.mismatched == 0
+            and self.lost == 0
+            and self.wrong == 0
+            and self.unverified == 0
+            and self.acked > 0
+            and self.covered
+        )
 
     def lat(self, phase: str, stat: str) -> float:
         return _num((self.latency.get(phase) or {}).get(stat))
@@ -218,8 +233,11 @@ def cell_from_doc(strategy: str, memory: str, doc: Mapping[str, Any]) -> CellRun
     ver = mig.get("x-verify") if isinstance(mig.get("x-verify"), Mapping) else {}
     phases = {p.get("name"): p for p in demo.get("phases") or []}
     pre = phases.get("pre-copy")
-    during = (precopy_rate(load.get("series") or [], float(pre["start_s"]), float(pre["end_s"]))
-              if pre else math.nan)
+    during = (
+        precopy_rate(load.get("series") or [], float(pre["start_s"]), float(pre["end_s"]))
+        if pre
+        else math.nan
+    )
     stop = stop_round(mig)
     dest = stop.get("destination-ms") if isinstance(stop.get("destination-ms"), Mapping) else {}
     parts: dict[str, Any] = dict(stop.get("downtime-ms") or {})
@@ -233,23 +251,36 @@ def cell_from_doc(strategy: str, memory: str, doc: Mapping[str, Any]) -> CellRun
     lat = demo.get("latency") or {}
     cpu = demo.get("cpu") or {}
     return CellRun(
-        strategy=strategy, memory=memory, status=str(mig.get("status", "failed")),
-        total_ms=_num(mig.get("total-time")), downtime_ms=_num(mig.get("downtime")),
+        strategy=strategy,
+        memory=memory,
+        status=str(mig.get("status", "failed")),
+        total_ms=_num(mig.get("total-time")),
+        downtime_ms=_num(mig.get("downtime")),
         bytes_sent=_num(ram.get("transferred")),
-        rounds=float(len(rounds)) if isinstance(rounds, list) and rounds
+        rounds=float(len(rounds))
+        if isinstance(rounds, list) and rounds
         else _num(ram.get("dirty-sync-count")),
         client_gap_ms=_num(outage.get("client-ms")),
         guest_pause_ms=_num(outage.get("guest-ms")),
-        ops_before=_num(tp.get("before")), ops_precopy=during, ops_after=_num(tp.get("after")),
+        ops_before=_num(tp.get("before")),
+        ops_precopy=during,
+        ops_after=_num(tp.get("after")),
         mismatched=_num(ver.get("mismatched")) if ver else math.nan,
-        lost=_num(load.get("lost")), wrong=_num(load.get("wrong")),
-        unverified=_num(load.get("unverified")), acked=_num(load.get("acked")),
+        lost=_num(load.get("lost")),
+        wrong=_num(load.get("wrong")),
+        unverified=_num(load.get("unverified")),
+        acked=_num(load.get("acked")),
         covered=bool(demo) and not coverage_problems(demo),
-        latency={key: dict(lat[name]) for key, name in LATENCY_PHASES
-                 if isinstance(lat.get(name), Mapping)},
+        latency={
+            key: dict(lat[name])
+            for key, name in LATENCY_PHASES
+            if isinstance(lat.get(name), Mapping)
+        },
         cpu_source=_num(cpu.get("source-s-per-gib")),
         cpu_destination=_num(cpu.get("destination-s-per-gib")),
-        downtime_parts=parts, problems=problems)
+        downtime_parts=parts,
+        problems=problems,
+    )
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -265,8 +296,11 @@ CELL_METRICS: tuple[tuple[str, str, str, float, bool], ...] = (
     ("ops_before", "ops_before", "ops/s", 1.0, False),
     ("ops_precopy", "ops_precopy", "ops/s", 1.0, False),
     ("ops_after", "ops_after", "ops/s", 1.0, False),
-    *((f"{stat}_{phase}", f"lat:{phase}:{stat}_ms", "ms", 1.0, False)
-      for phase, _ in LATENCY_PHASES for stat in ("p50", "p99", "max")),
+    *(
+        (f"{stat}_{phase}", f"lat:{phase}:{stat}_ms", "ms", 1.0, False)
+        for phase, _ in LATENCY_PHASES
+        for stat in ("p50", "p99", "max")
+    ),
     ("cpu_source", "cpu_source", "s/GiB", 1.0, False),
     ("cpu_destination", "cpu_destination", "s/GiB", 1.0, False),
     ("mismatched", "mismatched", "pages", 1.0, True),
@@ -287,15 +321,28 @@ def cell_name(strategy: str, memory: str, metric: str) -> str:
     return f"strategy.{strategy}.{memory}.{metric}"
 
 
-def _summary(name: str, values: Sequence[float], unit: str, goal: Goal | None = None,
-             extra: dict[str, Any] | None = None, worst: bool = False) -> Result:
+def _summary(
+    name: str,
+    values: Sequence[float],
+    unit: str,
+    goal: Goal | None = None,
+    extra: dict[str, Any] | None = None,
+    worst: bool = False,
+) -> Result:
     """`measured()` over the finite values; NaN (no runs) when there are none."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
-        return Result(SECTION, name, math.nan, unit, str(goal) if goal else None,
-                      False if goal else None, [], dict(extra or {}))
-    return measured(SECTION, name, finite, unit, goal, extra,
-                    statistic=100 if worst else None)
+        return Result(
+            SECTION,
+            name,
+            math.nan,
+            unit,
+            str(goal) if goal else None,
+            False if goal else None,
+            [],
+            dict(extra or {}),
+        )
+    return measured(SECTION, name, finite, unit, goal, extra, statistic=100 if worst else None)
 
 
 def _cells(cells: Sequence[CellRun], strategy: str, memory: str) -> list[CellRun]:
@@ -309,9 +356,11 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
         for strategy in params.strategies:
             runs = _cells(cells, strategy, memory)
             extra: dict[str, Any] = {
-                "ram_bytes": parse_ram(memory), "strategy": strategy,
+                "ram_bytes": parse_ram(memory),
+                "strategy": strategy,
                 "expected_incorrect": strategy == "none",
-                "correct_runs": sum(c.correct for c in runs), "runs": len(runs),
+                "correct_runs": sum(c.correct for c in runs),
+                "runs": len(runs),
             }
             errors = [c.error for c in runs if c.error]
             if errors:
@@ -324,9 +373,16 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
                 cx = dict(extra)
                 if suffix == "downtime":
                     cx["downtime_parts"] = [c.downtime_parts for c in runs]
-                out.append(_summary(cell_name(strategy, memory, suffix),
-                                    [metric_of(c, attr) * scale for c in runs], unit, goal, cx,
-                                    worst))
+                out.append(
+                    _summary(
+                        cell_name(strategy, memory, suffix),
+                        [metric_of(c, attr) * scale for c in runs],
+                        unit,
+                        goal,
+                        cx,
+                        worst,
+                    )
+                )
     return out
 
 
@@ -338,8 +394,14 @@ def _median_of(cells: Sequence[CellRun], attr: str) -> float:
     return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
 
 
-def _ram_ratio(cells: Sequence[CellRun], strategy: str, memories: Sequence[str],
-               name: str, goal: Goal, how: str) -> Result:
+def _ram_ratio(
+    cells: Sequence[CellRun],
+    strategy: str,
+    memories: Sequence[str],
+    name: str,
+    goal: Goal,
+    how: str,
+) -> Result:
     """Median downtime at the largest RAM size over the smallest (`how`="growth") or the
     largest over the smallest median across all sizes (`how`="spread")."""
     med = {m: _median_of(_cells(cells, strategy, m), "downtime_ms") for m in memories}
@@ -352,8 +414,16 @@ def _ram_ratio(cells: Sequence[CellRun], strategy: str, memories: Sequence[str],
         extra["sizes"] = [by_size[0], by_size[-1]]
     else:
         value = max(vals) / max(min(vals), 1.0) if len(vals) == len(med) else math.nan
-    return Result(SECTION, name, value, "ratio", str(goal), goal.met_by(value),
-                  [value] if math.isfinite(value) else [], extra)
+    return Result(
+        SECTION,
+        name,
+        value,
+        "ratio",
+        str(goal),
+        goal.met_by(value),
+        [value] if math.isfinite(value) else [],
+        extra,
+    )
 
 
 def _slowdown(c: CellRun) -> float:
@@ -365,25 +435,35 @@ def _slowdown(c: CellRun) -> float:
 def _p99_growth(c: CellRun) -> float:
     """p99 latency during pre-copy ÷ before, in one run (NaN if unknown)."""
     before, pre = c.lat("before", "p99_ms"), c.lat("precopy", "p99_ms")
-    return pre / before if math.isfinite(pre) and math.isfinite(before) and before > 0 \
-        else math.nan
+    return pre / before if math.isfinite(pre) and math.isfinite(before) and before > 0 else math.nan
 
 
 def _cost_results(cells: Sequence[CellRun], strategy: str) -> dict[str, Result]:
     """What a migration costs a user of `strategy`, over every run and RAM size."""
     runs = [c for c in cells if c.strategy == strategy]
     what = {"offered_load": "half the client's maximum against a guest that is not migrating"}
-    out = {f"strategy.{strategy}.p99_precopy_vs_before": _summary(
-        f"strategy.{strategy}.p99_precopy_vs_before", [_p99_growth(c) for c in runs], "ratio",
-        GOAL_P99_PRECOPY_VS_BEFORE, dict(what, ratio="kv p99 latency during pre-copy ÷ before, "
-                                                     "per run"))}
+    out = {
+        f"strategy.{strategy}.p99_precopy_vs_before": _summary(
+            f"strategy.{strategy}.p99_precopy_vs_before",
+            [_p99_growth(c) for c in runs],
+            "ratio",
+            GOAL_P99_PRECOPY_VS_BEFORE,
+            dict(what, ratio="kv p99 latency during pre-copy ÷ before, per run"),
+        )
+    }
     for side in ("source", "destination"):
         name = f"strategy.{strategy}.cpu_per_gib.{side}"
-        out[name] = _summary(name, [getattr(c, f"cpu_{side}") for c in runs], "s/GiB",
-                             GOAL_CPU_PER_GIB,
-                             {"what": f"{side} VMM process CPU (user + system, vCPU threads "
-                                      "left out) from migrate to the end of the migration "
-                                      "(x-verify included), per GiB sent"})
+        out[name] = _summary(
+            name,
+            [getattr(c, f"cpu_{side}") for c in runs],
+            "s/GiB",
+            GOAL_CPU_PER_GIB,
+            {
+                "what": f"{side} VMM process CPU (user + system, vCPU threads "
+                "left out) from migrate to the end of the migration "
+                "(x-verify included), per GiB sent"
+            },
+        )
     return out
 
 
@@ -399,14 +479,23 @@ def _during_vs_devicelog(cells: Sequence[CellRun], params: StrategyBenchParams) 
             r = _slowdown(a) / _slowdown(b) if _slowdown(b) > 0 else math.nan
             if math.isfinite(r):
                 ratios.append(r)
-    return _summary("strategy.shadow_vs_devicelog.during_vs_before", ratios, "ratio", None,
-                    {"what": "(shadow ops/s pre-copy ÷ before) ÷ (device-log's), paired runs"})
+    return _summary(
+        "strategy.shadow_vs_devicelog.during_vs_before",
+        ratios,
+        "ratio",
+        None,
+        {"what": "(shadow ops/s pre-copy ÷ before) ÷ (device-log's), paired runs"},
+    )
 
 
 def expected_result_names(params: StrategyBenchParams) -> list[str]:
     """The names `run_strategy_bench` reports for these parameters, in order."""
-    names = [cell_name(s, m, suffix) for m in params.memories for s in params.strategies
-             for suffix, *_ in CELL_METRICS]
+    names = [
+        cell_name(s, m, suffix)
+        for m in params.memories
+        for s in params.strategies
+        for suffix, *_ in CELL_METRICS
+    ]
     return names + _derived_names(params)
 
 
@@ -424,9 +513,11 @@ def _derived_names(params: StrategyBenchParams) -> list[str]:
         if "all-dirty" in s:
             names.append("strategy.alldirty.downtime_growth")
     for strategy in params.strategies:
-        names += [f"strategy.{strategy}.p99_precopy_vs_before",
-                  f"strategy.{strategy}.cpu_per_gib.source",
-                  f"strategy.{strategy}.cpu_per_gib.destination"]
+        names += [
+            f"strategy.{strategy}.p99_precopy_vs_before",
+            f"strategy.{strategy}.cpu_per_gib.source",
+            f"strategy.{strategy}.cpu_per_gib.destination",
+        ]
     return names
 
 
@@ -437,41 +528,71 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
     if "shadow" in params.strategies:
         ok = [1.0 if c.correct else 0.0 for c in shadow]
         value = min(ok) if ok else math.nan  # every run, not the median one
-        bad = [f"{c.memory} run: {c.error or '; '.join(c.problems) or c.status}"
-               for c in shadow if not c.correct]
+        bad = [
+            f"{c.memory} run: {c.error or '; '.join(c.problems) or c.status}"
+            for c in shadow
+            if not c.correct
+        ]
         out["strategy.shadow.correct"] = Result(
-            SECTION, "strategy.shadow.correct", value, "all runs", str(GOAL_SHADOW_CORRECT),
-            GOAL_SHADOW_CORRECT.met_by(value), ok,
-            {"runs": len(ok), "correct_runs": int(sum(ok)), "incorrect": bad})
+            SECTION,
+            "strategy.shadow.correct",
+            value,
+            "all runs",
+            str(GOAL_SHADOW_CORRECT),
+            GOAL_SHADOW_CORRECT.met_by(value),
+            ok,
+            {"runs": len(ok), "correct_runs": int(sum(ok)), "incorrect": bad},
+        )
         out["strategy.shadow.during_vs_before"] = _summary(
-            "strategy.shadow.during_vs_before", [_slowdown(c) for c in shadow], "ratio",
-            GOAL_DURING_VS_BEFORE, {"during": "kv ops/s served in the pre-copy phase alone "
-                                              "(devices shadowed)",
-                                    "before": "kv ops/s before the migration (direct DMA)",
-                                    "offered": "the same fixed offered load in both"})
+            "strategy.shadow.during_vs_before",
+            [_slowdown(c) for c in shadow],
+            "ratio",
+            GOAL_DURING_VS_BEFORE,
+            {
+                "during": "kv ops/s served in the pre-copy phase alone (devices shadowed)",
+                "before": "kv ops/s before the migration (direct DMA)",
+                "offered": "the same fixed offered load in both",
+            },
+        )
     if "shadow" in params.strategies and "device-log" in params.strategies:
         for m in params.memories:
             sh = _cells(cells, "shadow", m)
             dl = _cells(cells, "device-log", m)
             n = min(len(sh), len(dl))  # run i of each ran back to back
             both = zip(sh[:n], dl[:n], strict=True)
-            pairs = [(a.downtime_ms, max(b.downtime_ms, 1.0)) for a, b in both
-                     if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)]
+            pairs = [
+                (a.downtime_ms, max(b.downtime_ms, 1.0))
+                for a, b in both
+                if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)
+            ]
             name = f"strategy.shadow_vs_devicelog.downtime_ratio.{m}"
-            out[name] = _summary(name, paired_ratios([a for a, _ in pairs],
-                                                     [b for _, b in pairs]),
-                                 "ratio", GOAL_SHADOW_VS_DEVICELOG,
-                                 {"ram_bytes": parse_ram(m), "paired_runs": len(pairs)})
+            out[name] = _summary(
+                name,
+                paired_ratios([a for a, _ in pairs], [b for _, b in pairs]),
+                "ratio",
+                GOAL_SHADOW_VS_DEVICELOG,
+                {"ram_bytes": parse_ram(m), "paired_runs": len(pairs)},
+            )
         out["strategy.shadow_vs_devicelog.during_vs_before"] = _during_vs_devicelog(cells, params)
     if len(params.memories) > 1:
         if "shadow" in params.strategies:
             out["strategy.shadow.downtime_spread"] = _ram_ratio(
-                cells, "shadow", params.memories, "strategy.shadow.downtime_spread",
-                GOAL_SHADOW_SPREAD, "spread")
+                cells,
+                "shadow",
+                params.memories,
+                "strategy.shadow.downtime_spread",
+                GOAL_SHADOW_SPREAD,
+                "spread",
+            )
         if "all-dirty" in params.strategies:
             out["strategy.alldirty.downtime_growth"] = _ram_ratio(
-                cells, "all-dirty", params.memories, "strategy.alldirty.downtime_growth",
-                GOAL_ALLDIRTY_GROWTH, "growth")
+                cells,
+                "all-dirty",
+                params.memories,
+                "strategy.alldirty.downtime_growth",
+                GOAL_ALLDIRTY_GROWTH,
+                "growth",
+            )
     for strategy in params.strategies:
         out.update(_cost_results(cells, strategy))
     return [out[n] for n in _derived_names(params)]
@@ -498,18 +619,24 @@ TABLE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("lost", "lost", 1.0),
     ("wrong", "wrong", 1.0),
 )
-TABLE_CAPTION = ("times in ms (c.out: the client's outage at the switchover; g.pause: the "
-                 "longest pause the guest saw), MiB sent, kv ops/s served before / during the "
-                 "pre-copy phase / after the switchover, p99 latency in ms in the same phases, "
-                 "VMM CPU s per GiB sent (vCPU threads left out), mismatched pages, lost and "
-                 "wrong values")
+TABLE_CAPTION = (
+    "times in ms (c.out: the client's outage at the switchover; g.pause: the "
+    "longest pause the guest saw), MiB sent, kv ops/s served before / during the "
+    "pre-copy phase / after the switchover, p99 latency in ms in the same phases, "
+    "VMM CPU s per GiB sent (vCPU threads left out), mismatched pages, lost and "
+    "wrong values"
+)
 
 
 def cell_table(cells: Sequence[CellRun], params: StrategyBenchParams, memory: str) -> Table:
     """One RAM size: a row per strategy (medians; correctness over all runs)."""
-    t = Table(title=f"strategies, {memory} guest ({params.load_text()}, "
-                    f"{params.bandwidth_text()}, x-verify on; medians)", title_justify="left",
-              caption=TABLE_CAPTION, caption_justify="left")
+    t = Table(
+        title=f"strategies, {memory} guest ({params.load_text()}, "
+        f"{params.bandwidth_text()}, x-verify on; medians)",
+        title_justify="left",
+        caption=TABLE_CAPTION,
+        caption_justify="left",
+    )
     t.add_column("strategy", no_wrap=True)
     for head, _, _ in TABLE_COLUMNS:
         t.add_column(head, justify="right")
@@ -521,8 +648,12 @@ def cell_table(cells: Sequence[CellRun], params: StrategyBenchParams, memory: st
         style = None
         if good < len(runs):
             style = "yellow" if strategy == "none" else "red"
-        t.add_row(strategy, *[_cell_text(_median_of(runs, attr) * scale)
-                              for _, attr, scale in TABLE_COLUMNS], verdict, style=style)
+        t.add_row(
+            strategy,
+            *[_cell_text(_median_of(runs, attr) * scale) for _, attr, scale in TABLE_COLUMNS],
+            verdict,
+            style=style,
+        )
     return t
 
 
@@ -546,9 +677,17 @@ def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    opts = DemoOptions(memory=memory, dma_tracking=strategy, warmup_s=p.warmup_s,
-                       after_s=p.after_s, rate=p.rate, max_bandwidth_mib=p.max_bandwidth_mib,
-                       downtime_limit_ms=p.downtime_limit_ms, run_dir=run_dir, live=False)
+    opts = DemoOptions(
+        memory=memory,
+        dma_tracking=strategy,
+        warmup_s=p.warmup_s,
+        after_s=p.after_s,
+        rate=p.rate,
+        max_bandwidth_mib=p.max_bandwidth_mib,
+        downtime_limit_ms=p.downtime_limit_ms,
+        run_dir=run_dir,
+        live=False,
+    )
     try:
         outcome = run_demo(opts, Console(file=buf, width=120, highlight=False))
     except Exception as e:  # e.g. the firmware does not build: this cell fails, not the section
@@ -561,8 +700,12 @@ def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path)
     return cell_from_doc(strategy, memory, outcome.doc)
 
 
-def run_cells(params: StrategyBenchParams, workdir: Path, runner: DemoRunner = demo_cell,
-              console: Console | None = None) -> list[CellRun]:
+def run_cells(
+    params: StrategyBenchParams,
+    workdir: Path,
+    runner: DemoRunner = demo_cell,
+    console: Console | None = None,
+) -> list[CellRun]:
     """Every cell, interleaved; a cell whose demo fails to run is retried once (except `none`,
     whose guest may legitimately break after losing device writes)."""
     cells: list[CellRun] = []
@@ -572,16 +715,22 @@ def run_cells(params: StrategyBenchParams, workdir: Path, runner: DemoRunner = d
             for strategy in params.strategies:
                 t0 = time.monotonic()
                 tag = f"{strategy}-{memory}-{i}"
-                progress.step(f"{strategy}, {memory} guest (cell {len(cells) + 1}/{total})",
-                              i + 1, params.runs)
+                progress.step(
+                    f"{strategy}, {memory} guest (cell {len(cells) + 1}/{total})",
+                    i + 1,
+                    params.runs,
+                )
                 cell = runner(strategy, memory, params, workdir / tag)
                 if cell.error is not None and strategy != "none":
                     cell = runner(strategy, memory, params, workdir / f"{tag}-retry")
                 cells.append(cell)
                 if console is not None:
-                    console.print(_progress_line(cell, len(cells), total,
-                                                 time.monotonic() - t0), highlight=False,
-                                  markup=False, soft_wrap=True)
+                    console.print(
+                        _progress_line(cell, len(cells), total, time.monotonic() - t0),
+                        highlight=False,
+                        markup=False,
+                        soft_wrap=True,
+                    )
     return cells
 
 
@@ -589,20 +738,28 @@ def _progress_line(c: CellRun, n: int, total: int, took_s: float) -> str:
     head = f"  [{n}/{total}] {c.strategy:<10} {c.memory:>5} ({took_s:4.0f} s): "
     if c.error is not None:
         return head + f"demo failed: {c.error.splitlines()[0] if c.error else ''}"
-    return head + (f"{c.status}, downtime {format_value(c.downtime_ms)} ms, "
-                   f"{format_value(c.bytes_sent / MiB)} MiB, mismatched "
-                   f"{format_value(c.mismatched)}, lost {format_value(c.lost)}, wrong "
-                   f"{format_value(c.wrong)}" + ("" if c.correct else "  NOT VERIFIED"))
+    return head + (
+        f"{c.status}, downtime {format_value(c.downtime_ms)} ms, "
+        f"{format_value(c.bytes_sent / MiB)} MiB, mismatched "
+        f"{format_value(c.mismatched)}, lost {format_value(c.lost)}, wrong "
+        f"{format_value(c.wrong)}" + ("" if c.correct else "  NOT VERIFIED")
+    )
 
 
-def run_strategy_bench(params: StrategyBenchParams, console: Console | None = None,
-                       runner: DemoRunner = demo_cell,
-                       workdir: Path | None = None) -> list[Result]:
+def run_strategy_bench(
+    params: StrategyBenchParams,
+    console: Console | None = None,
+    runner: DemoRunner = demo_cell,
+    workdir: Path | None = None,
+) -> list[Result]:
     console = console or _console()
-    console.print(f"  {len(params.strategies)} strategies × {', '.join(params.memories)} × "
-                  f"{params.runs} run(s), {params.load_text()}, {params.warmup_s:g} s before "
-                  f"each migration and {params.after_s:g} s after its switchover, "
-                  f"{params.bandwidth_text()}", highlight=False)
+    console.print(
+        f"  {len(params.strategies)} strategies × {', '.join(params.memories)} × "
+        f"{params.runs} run(s), {params.load_text()}, {params.warmup_s:g} s before "
+        f"each migration and {params.after_s:g} s after its switchover, "
+        f"{params.bandwidth_text()}",
+        highlight=False,
+    )
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ptmig-bench-strategies-") as d:
             cells = run_cells(params, Path(d), runner, console)
@@ -621,12 +778,16 @@ def _console() -> Console:
 # ---- the data path alone: shadowed vs direct DMA on one guest, no migration ---------------------
 
 
-DATAPATH_RESULTS = ("strategy.shadow.datapath.direct_ops", "strategy.shadow.datapath.shadow_ops",
-                    "strategy.shadow.datapath_vs_direct")
+DATAPATH_RESULTS = (
+    "strategy.shadow.datapath.direct_ops",
+    "strategy.shadow.datapath.shadow_ops",
+    "strategy.shadow.datapath_vs_direct",
+)
 
 
-def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
-                    console: Console | None = None) -> list[Result]:
+def shadow_datapath(
+    pairs: int, seconds: float, memory: str = "512M", console: Console | None = None
+) -> list[Result]:
     """kv ops/s (--max) with direct DMA, then with every device shadowed (`x-shadow-start`),
     alternating `pairs` times on the same guest: the cost of the shadow data path by itself,
     without migration traffic competing for the CPUs. Each pair's ratio is measured back to
@@ -653,18 +814,28 @@ def shadow_datapath(pairs: int, seconds: float, memory: str = "512M",
                 if r.lost or r.wrong:
                     raise BenchError(f"kv under {mode} DMA lost {r.lost}, wrong {r.wrong}")
                 into.append(r.ops_per_s)
-            console.print(f"  data path: direct {direct[-1]:.0f} ops/s, shadowed "
-                          f"{shadowed[-1]:.0f} ops/s", highlight=False)
-    extra = {"memory": memory, "seconds": seconds, "pairs": pairs,
-             "what": "kv --max ops/s, shadowed ÷ direct, same guest, back to back, "
-                     "no migration"}
+            console.print(
+                f"  data path: direct {direct[-1]:.0f} ops/s, shadowed {shadowed[-1]:.0f} ops/s",
+                highlight=False,
+            )
+    extra = {
+        "memory": memory,
+        "seconds": seconds,
+        "pairs": pairs,
+        "what": "kv --max ops/s, shadowed ÷ direct, same guest, back to back, no migration",
+    }
     direct_name, shadow_name, ratio_name = DATAPATH_RESULTS
     return [
         measured(SECTION, direct_name, direct, "ops/s", extra=extra),
         measured(SECTION, shadow_name, shadowed, "ops/s", extra=extra),
-        measured(SECTION, ratio_name,
-                 [s / d for s, d in zip(shadowed, direct, strict=True)], "ratio",
-                 GOAL_DURING_VS_BEFORE, extra),
+        measured(
+            SECTION,
+            ratio_name,
+            [s / d for s, d in zip(shadowed, direct, strict=True)],
+            "ratio",
+            GOAL_DURING_VS_BEFORE,
+            extra,
+        ),
     ]
 
 
@@ -682,27 +853,34 @@ def max_rate(seconds: float, memory: str = "512M") -> float:
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))
         r = run_load(LoadOptions(config=vmm.config, duration_s=seconds))
     if r.lost or r.wrong or not r.ops_per_s > 0:
-        raise BenchError(f"the maximum kv load could not be measured: {r.ops_per_s:.0f} ops/s, "
-                         f"lost {r.lost}, wrong {r.wrong}")
+        raise BenchError(
+            f"the maximum kv load could not be measured: {r.ops_per_s:.0f} ops/s, "
+            f"lost {r.lost}, wrong {r.wrong}"
+        )
     return r.ops_per_s
 
 
-def with_offered_load(params: StrategyBenchParams, maximum: float) -> tuple[StrategyBenchParams,
-                                                                            list[Result]]:
+def with_offered_load(
+    params: StrategyBenchParams, maximum: float
+) -> tuple[StrategyBenchParams, list[Result]]:
     """The parameters with `rate` set to `load_fraction` of `maximum`, and both as results."""
     offered = maximum * params.load_fraction
-    extra = {"what": "kv ops/s of the load client, unpaced, against one guest that is not "
-                     "migrating; the cells offer load_fraction of it", "load_fraction":
-             params.load_fraction}
+    extra = {
+        "what": "kv ops/s of the load client, unpaced, against one guest that is not "
+        "migrating; the cells offer load_fraction of it",
+        "load_fraction": params.load_fraction,
+    }
     max_name, offered_name = MAX_RATE_RESULTS
     return replace(params, rate=round(offered)), [
         Result(SECTION, max_name, maximum, "ops/s", None, None, [maximum], extra),
-        Result(SECTION, offered_name, offered, "ops/s", None, None, [offered], extra)]
+        Result(SECTION, offered_name, offered, "ops/s", None, None, [offered], extra),
+    ]
 
 
 def run(config: BenchConfig) -> list[Result]:
-    params, results = with_offered_load(StrategyBenchParams.for_config(config),
-                                        max_rate(3.0 if config.quick else 5.0))
+    params, results = with_offered_load(
+        StrategyBenchParams.for_config(config), max_rate(3.0 if config.quick else 5.0)
+    )
     results += run_strategy_bench(params)
     try:
         results += shadow_datapath(params.datapath_pairs, params.datapath_s)

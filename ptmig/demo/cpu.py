@@ -35,12 +35,14 @@ def parse_stat(text: str) -> StatTimes:
     """user + system and guest seconds of one `/proc/.../stat` line; the command name (in
     parentheses, may contain spaces and parentheses) is skipped by its last ')'."""
     close = text.rfind(")")
-    fields = text[close + 2:].split() if close >= 0 else []
+    fields = text[close + 2 :].split() if close >= 0 else []
     if len(fields) <= _GUEST_TIME:
-        raise ValueError(f"not a /proc stat line ({len(fields)} fields after the name): "
-                         f"{text[:80]!r}")
-    return StatTimes((int(fields[_UTIME]) + int(fields[_STIME])) * TICK_S,
-                     int(fields[_GUEST_TIME]) * TICK_S)
+        raise ValueError(
+            f"not a /proc stat line ({len(fields)} fields after the name): {text[:80]!r}"
+        )
+    return StatTimes(
+        (int(fields[_UTIME]) + int(fields[_STIME])) * TICK_S, int(fields[_GUEST_TIME]) * TICK_S
+    )
 
 
 def _read(path: str) -> StatTimes | None:

@@ -70,17 +70,25 @@ class LiveView:
             t = Table(title="ptmig demo", title_justify="left", show_edge=False)
             for col in ("elapsed", "phase", "round", "remaining", "sent", "kv ops/s"):
                 t.add_column(col, justify="right" if col != "phase" else "left")
-            t.add_row(f"{time.monotonic() - p.started:5.1f} s", p.phase,
-                      "–" if p.round is None else str(p.round),
-                      f"{_fmt(p.remaining_mib, '.1f')} MiB",
-                      f"{_fmt(p.transferred_mib, '.1f')} MiB",
-                      _fmt(p.ops_per_s, ',.0f'))
+            t.add_row(
+                f"{time.monotonic() - p.started:5.1f} s",
+                p.phase,
+                "–" if p.round is None else str(p.round),
+                f"{_fmt(p.remaining_mib, '.1f')} MiB",
+                f"{_fmt(p.transferred_mib, '.1f')} MiB",
+                _fmt(p.ops_per_s, ",.0f"),
+            )
         return t
 
     def __enter__(self) -> LiveView:
         if self._use_live:
-            self._live = Live(self.table(), console=self.console, refresh_per_second=8,
-                              get_renderable=self.table, transient=False)
+            self._live = Live(
+                self.table(),
+                console=self.console,
+                refresh_per_second=8,
+                get_renderable=self.table,
+                transient=False,
+            )
             self._live.__enter__()
         return self
 
@@ -94,9 +102,12 @@ class LiveView:
             with p.lock:
                 ops = _fmt(p.ops_per_s, ",.0f")
                 rem = _fmt(p.remaining_mib, ".1f")
-            self.console.print(f"[{time.monotonic() - p.started:5.1f} s] {p.phase} "
-                               f"(kv {ops} ops/s, {rem} MiB remaining)", highlight=False,
-                               soft_wrap=True)
+            self.console.print(
+                f"[{time.monotonic() - p.started:5.1f} s] {p.phase} "
+                f"(kv {ops} ops/s, {rem} MiB remaining)",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:

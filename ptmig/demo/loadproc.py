@@ -77,14 +77,24 @@ def _follow_control(engine: LoadEngine) -> None:
     engine.stop_at(time.monotonic())
 
 
-def run(config: str, duration_s: float, out: Path, target: str | None,
-        rate: float | None = None, ready_timeout_s: float = 30.0) -> int:
+def run(
+    config: str,
+    duration_s: float,
+    out: Path,
+    target: str | None,
+    rate: float | None = None,
+    ready_timeout_s: float = 30.0,
+) -> int:
     opts = LoadOptions(config=config, target=target, duration_s=duration_s, rate=rate)
     dp = open_datapath(opts)
     try:
         wait_ready(dp, ready_timeout_s)
-        engine = LoadEngine(dp, EngineConfig(duration_s=duration_s, rate=rate,
-                                             prefix=f"demo{int(time.time()) % 100000}".encode()))
+        engine = LoadEngine(
+            dp,
+            EngineConfig(
+                duration_s=duration_s, rate=rate, prefix=f"demo{int(time.time()) % 100000}".encode()
+            ),
+        )
         stop = threading.Event()
         reporter = threading.Thread(target=_report_progress, args=(engine, stop), daemon=True)
         threading.Thread(target=_follow_control, args=(engine,), daemon=True).start()
@@ -98,8 +108,12 @@ def run(config: str, duration_s: float, out: Path, target: str | None,
     finally:
         dp.close()
     result = LoadResult.from_stats(stats)
-    lat = np.column_stack([np.frombuffer(stats.completed_at, dtype=np.float64),
-                           np.frombuffer(stats.latencies_ms, dtype=np.float64)])
+    lat = np.column_stack(
+        [
+            np.frombuffer(stats.completed_at, dtype=np.float64),
+            np.frombuffer(stats.latencies_ms, dtype=np.float64),
+        ]
+    )
     np.save(latency_path(out), lat)
     gaps = sorted([round(start, 4), round(length * 1000.0, 3)] for length, start in stats.gaps)
     tmp = out.with_name(out.name + ".tmp")
@@ -115,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("duration", type=float)
     p.add_argument("out", type=Path)
     p.add_argument("--target", help="HOST:PORT of the kv service (TAP guests)")
-    p.add_argument("--rate", type=float, help="offered load in ops/s (default: as fast as "
-                   "the window allows)")
+    p.add_argument(
+        "--rate", type=float, help="offered load in ops/s (default: as fast as the window allows)"
+    )
     args = p.parse_args(argv)
     try:
         return run(args.config, args.duration, args.out, args.target, args.rate)

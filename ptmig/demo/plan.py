@@ -38,13 +38,16 @@ class DemoOptions:
 
     def check(self) -> None:
         if self.dma_tracking not in DMA_TRACKING:
-            raise ValueError(f"dma tracking must be one of {', '.join(DMA_TRACKING)}, "
-                             f"got {self.dma_tracking!r}")
+            raise ValueError(
+                f"dma tracking must be one of {', '.join(DMA_TRACKING)}, got {self.dma_tracking!r}"
+            )
         if self.warmup_s <= 0:
             raise ValueError(f"warm-up must be positive, got {self.warmup_s} s")
         if self.after_s < 1:
-            raise ValueError(f"the load after the switchover must last at least 1 s, to "
-                             f"measure it; got {self.after_s} s")
+            raise ValueError(
+                f"the load after the switchover must last at least 1 s, to "
+                f"measure it; got {self.after_s} s"
+            )
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"the offered load must be positive, got {self.rate} ops/s")
         if self.max_bandwidth_mib < 0:
@@ -96,8 +99,11 @@ class DemoPlan:
 
 def config_text(memory: str, backend: str, disk: str, *, switch_auto: bool = False) -> str:
     """The kv VM: 1 vCPU, a virtio-net on `backend`, a virtio-blk log on `disk`."""
-    switch = '\nswitch = "auto"' if switch_auto else ('\nswitch = "none"'
-                                                      if backend.startswith("udp:") else "")
+    switch = (
+        '\nswitch = "auto"'
+        if switch_auto
+        else ('\nswitch = "none"' if backend.startswith("udp:") else "")
+    )
     return (
         "# Written by `ptmig demo`: the kv VM that is migrated under load.\n"
         f'[vm]\nmemory = "{memory}"\nvcpus = 1\n\n'

@@ -31,15 +31,28 @@ def ptmig_command(*args: str) -> list[str]:
 
 
 class Child:
-    def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path,
-                 stdout_pipe: bool = False, stdin_pipe: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_path: Path,
+        *,
+        cwd: Path,
+        stdout_pipe: bool = False,
+        stdin_pipe: bool = False,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            args, cwd=cwd, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else self._log, stderr=self._log,
-            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            args,
+            cwd=cwd,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else self._log,
+            stderr=self._log,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self.qmp: QmpClient | None = None
 
     def alive(self) -> bool:
@@ -63,8 +76,10 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
     def died(self) -> DemoError:
-        return DemoError(f"{self.name} exited early with status {self.proc.returncode}; "
-                         f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+        return DemoError(
+            f"{self.name} exited early with status {self.proc.returncode}; "
+            f"its log ({self.log_path}) ends with:\n{self.log_tail()}"
+        )
 
     def connect_qmp(self, path: Path, timeout: float = 60.0) -> QmpClient:
         deadline = time.monotonic() + timeout
@@ -117,10 +132,17 @@ class Children:
         self.cwd = cwd
         self.children: list[Child] = []
 
-    def start(self, name: str, args: list[str], *, stdout_pipe: bool = False,
-              stdin_pipe: bool = False) -> Child:
-        child = Child(name, args, self.cwd / f"{name}.log", cwd=self.cwd,
-                      stdout_pipe=stdout_pipe, stdin_pipe=stdin_pipe)
+    def start(
+        self, name: str, args: list[str], *, stdout_pipe: bool = False, stdin_pipe: bool = False
+    ) -> Child:
+        child = Child(
+            name,
+            args,
+            self.cwd / f"{name}.log",
+            cwd=self.cwd,
+            stdout_pipe=stdout_pipe,
+            stdin_pipe=stdin_pipe,
+        )
         self.children.append(child)
         return child
 

@@ -50,8 +50,14 @@ POLL_S = 0.05
 MIGRATION_TIMEOUT_S = 120.0
 # The report's phase names (`ptmig.demo.timeline`) for the source's statuses, so that the
 # live view and the report show the same phases.
-PHASE_OF_STATUS = {"setup": "setup", "active": "pre-copy", "device": "stop-and-copy",
-                   "completed": "switched over", "failed": "failed", "cancelled": "cancelled"}
+PHASE_OF_STATUS = {
+    "setup": "setup",
+    "active": "pre-copy",
+    "device": "stop-and-copy",
+    "completed": "switched over",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
 LOAD_MARGIN_S = 60.0  # the load client's own limit beyond the longest demo, a safety net
 EXIT_INTERRUPTED = 130
 
@@ -146,22 +152,32 @@ class MigrationRun:
         """CLOCK_MONOTONIC when the guest resumed on the destination (None: not migrated)."""
         stop_at = stop_round(self.info).get("stop-at-ms")
         downtime = self.info.get("downtime")
-        if self.info.get("status") != "completed" or not isinstance(stop_at, (int, float)) \
-                or not isinstance(downtime, (int, float)):
+        if (
+            self.info.get("status") != "completed"
+            or not isinstance(stop_at, (int, float))
+            or not isinstance(downtime, (int, float))
+        ):
             return None
         return self.started + (float(stop_at) + float(downtime)) / 1000.0
 
 
-def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView,
-             cpu_watch: CpuWatch) -> MigrationRun:
+def _migrate(
+    src: QmpClient, opts: DemoOptions, port: int, view: LiveView, cpu_watch: CpuWatch
+) -> MigrationRun:
     """Start the migration and poll it to the end; `cpu_watch` gets a sample at the start, when
     the source has switched over (its run state `postmigrate`, before the verification that
     follows; seen by the next poll) and at the end."""
-    src.execute("migrate-set-parameters", {
-        "x-dma-tracking": opts.dma_tracking, "downtime-limit": opts.downtime_limit_ms,
-        "max-bandwidth": int(opts.max_bandwidth_mib * (1 << 20))})
-    src.execute("migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-verify", "state": True}]})
+    src.execute(
+        "migrate-set-parameters",
+        {
+            "x-dma-tracking": opts.dma_tracking,
+            "downtime-limit": opts.downtime_limit_ms,
+            "max-bandwidth": int(opts.max_bandwidth_mib * (1 << 20)),
+        },
+    )
+    src.execute(
+        "migrate-set-capabilities", {"capabilities": [{"capability": "x-verify", "state": True}]}
+    )
     cpu_watch.start, cpu_watch.start_at = cpu_watch.take(), time.monotonic()
     sent = time.monotonic()
     src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
@@ -182,8 +198,11 @@ def _migrate(src: QmpClient, opts: DemoOptions, port: int, view: LiveView,
             view.progress.set_phase(f"{PHASE_OF_STATUS.get(last, last)} (migration: {last})")
         view.progress.migration(info)
         view.update()
-        if last == "device" and cpu_watch.switched == (None, None) \
-                and src.execute("query-status")["status"] == "postmigrate":
+        if (
+            last == "device"
+            and cpu_watch.switched == (None, None)
+            and src.execute("query-status")["status"] == "postmigrate"
+        ):
             cpu_watch.switched, cpu_watch.switched_at = cpu_watch.take(), time.monotonic()
         if last in FINISHED:
             cpu_watch.end = cpu_watch.take()
@@ -237,12 +256,14 @@ class CpuWatch:
         itself), `-baseline-s` what the side spent in as long during the warm-up (not
         migrating), `-with-verify-s` to the end (the page verification after it included)."""
         gib = float(transferred) / (1 << 30) if isinstance(transferred, (int, float)) else 0.0
-        ram_gib = (float(ram_total) / (1 << 30) if isinstance(ram_total, (int, float))
-                   else 0.0)
-        out: dict[str, Any] = {"gib-transferred": round(gib, 4), "gib-ram": round(ram_gib, 4),
-                               "what": "VMM process CPU (user + system, vCPU threads left "
-                                       "out) from migrate to the switchover, and to the end "
-                                       "of the migration with the verification after it"}
+        ram_gib = float(ram_total) / (1 << 30) if isinstance(ram_total, (int, float)) else 0.0
+        out: dict[str, Any] = {
+            "gib-transferred": round(gib, 4),
+            "gib-ram": round(ram_gib, 4),
+            "what": "VMM process CPU (user + system, vCPU threads left "
+            "out) from migrate to the switchover, and to the end "
+            "of the migration with the verification after it",
+        }
         for i, side in enumerate(("source", "destination")):
             a, mid, b = self.start[i], self.switched[i], self.end[i]
             if a is None:
@@ -262,8 +283,13 @@ class CpuWatch:
         return out
 
 
-def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[str, Any],
-                       latency: dict[str, Any], slack_s: float) -> dict[str, Any] | None:
+def _switchover_outage(
+    phases: list[Phase],
+    gaps: list[list[float]],
+    info: dict[str, Any],
+    latency: dict[str, Any],
+    slack_s: float,
+) -> dict[str, Any] | None:
     """The client's gap at the switchover, and whether it contains the guest's pause.
 
     Replies the guest sent before its pause still reach the client after the pause began:
@@ -280,19 +306,28 @@ def _switchover_outage(phases: list[Phase], gaps: list[list[float]], info: dict[
     if gap is None:
         return {"contains-switchover": False, "slack-ms": round(slack_s * 1000, 2)}
     parts = stop_round(info).get("downtime-ms")
-    quiesce_s = (sum(float(parts.get(k, 0)) for k in ("pause", "sync")) / 1000.0
-                 if isinstance(parts, dict) else 0.0)
+    quiesce_s = (
+        sum(float(parts.get(k, 0)) for k in ("pause", "sync")) / 1000.0
+        if isinstance(parts, dict)
+        else 0.0
+    )
     in_flight_s = float((latency.get("pre-copy") or {}).get("p50_ms", 0.0)) / 1000.0
     early_s = quiesce_s + in_flight_s
     dest = stop_round(info).get("destination-ms")
-    restore_s = (sum(float(dest.get(k, 0)) for k in ("vcpus", "devices")) / 1000.0
-                 if isinstance(dest, dict) else 0.0)
+    restore_s = (
+        sum(float(dest.get(k, 0)) for k in ("vcpus", "devices")) / 1000.0
+        if isinstance(dest, dict)
+        else 0.0
+    )
     ack_s = float(parts.get("ack", 0)) / 1000.0 if isinstance(parts, dict) else 0.0
     late_s = max(0.0, ack_s - restore_s)
-    return {**gap.to_json(),
-            "contains-switchover": gap_contains(gap, stop, early_s, late_s, slack_s),
-            "early-ms": round(early_s * 1000, 2), "late-ms": round(late_s * 1000, 2),
-            "slack-ms": round(slack_s * 1000, 2)}
+    return {
+        **gap.to_json(),
+        "contains-switchover": gap_contains(gap, stop, early_s, late_s, slack_s),
+        "early-ms": round(early_s * 1000, 2),
+        "late-ms": round(late_s * 1000, 2),
+        "slack-ms": round(slack_s * 1000, 2),
+    }
 
 
 def _latency(path: Path, phases: list[Phase]) -> dict[str, Any]:
@@ -303,35 +338,53 @@ def _latency(path: Path, phases: list[Phase]) -> dict[str, Any]:
     return latency_by_phase(rows.reshape(-1, 2), phases)
 
 
-def _demo_section(opts: DemoOptions, t0: float, mig: MigrationRun, load_doc: dict[str, Any],
-                  lat_path: Path, guest: dict[str, Any] | None,
-                  guest_before: dict[str, Any] | None, cpu_watch: CpuWatch) -> dict[str, Any]:
+def _demo_section(
+    opts: DemoOptions,
+    t0: float,
+    mig: MigrationRun,
+    load_doc: dict[str, Any],
+    lat_path: Path,
+    guest: dict[str, Any] | None,
+    guest_before: dict[str, Any] | None,
+    cpu_watch: CpuWatch,
+) -> dict[str, Any]:
     info, load = mig.info, load_doc["result"]
     load_end = float(load.get("duration_s") or 0.0)
     phases = migration_phases(info, mig.started - t0, load_end)
     latency = _latency(lat_path, phases)
-    outage = _switchover_outage(phases, load_doc.get("gaps") or [], info, latency,
-                                mig.slack_s + 0.002)
+    outage = _switchover_outage(
+        phases, load_doc.get("gaps") or [], info, latency, mig.slack_s + 0.002
+    )
     return {
-        "options": {"memory": opts.memory, "dma-tracking": opts.dma_tracking,
-                    "warmup-s": opts.warmup_s, "after-s": opts.after_s, "rate": opts.rate,
-                    "max-bandwidth-mib": opts.max_bandwidth_mib,
-                    "downtime-limit-ms": opts.downtime_limit_ms,
-                    "network": "tap" if opts.tap else "udp"},
+        "options": {
+            "memory": opts.memory,
+            "dma-tracking": opts.dma_tracking,
+            "warmup-s": opts.warmup_s,
+            "after-s": opts.after_s,
+            "rate": opts.rate,
+            "max-bandwidth-mib": opts.max_bandwidth_mib,
+            "downtime-limit-ms": opts.downtime_limit_ms,
+            "network": "tap" if opts.tap else "udp",
+        },
         "migration-start-s": round(mig.started - t0, 4),
         "phases": [p.to_json() for p in phases],
-        "status-events": [{"status": e["status"], "t_s": round(e["t"] - t0, 4)}
-                          for e in mig.events],
-        "outage": {"client-ms": outage.get("ms") if outage else None,
-                   "client-switchover": outage,
-                   "client-longest-ms": load.get("max_gap_ms"),
-                   "client-longest-at-s": load.get("max_gap_at_s"),
-                   "guest-ms": _max_gap_ms(guest), "guest-before-ms": _max_gap_ms(guest_before),
-                   "downtime-ms": info.get("downtime")},
+        "status-events": [
+            {"status": e["status"], "t_s": round(e["t"] - t0, 4)} for e in mig.events
+        ],
+        "outage": {
+            "client-ms": outage.get("ms") if outage else None,
+            "client-switchover": outage,
+            "client-longest-ms": load.get("max_gap_ms"),
+            "client-longest-at-s": load.get("max_gap_at_s"),
+            "guest-ms": _max_gap_ms(guest),
+            "guest-before-ms": _max_gap_ms(guest_before),
+            "downtime-ms": info.get("downtime"),
+        },
         "throughput": throughput(load.get("series") or [], phases, load_end),
         "latency": latency,
-        "cpu": cpu_watch.to_json((info.get("ram") or {}).get("transferred"),
-                                 (info.get("ram") or {}).get("total")),
+        "cpu": cpu_watch.to_json(
+            (info.get("ram") or {}).get("transferred"), (info.get("ram") or {}).get("total")
+        ),
     }
 
 
@@ -361,14 +414,34 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         view.progress.set_phase("starting source and destination VMMs")
         view.update()
         key = str(new_key_file(plan.path("migration.key")))  # the two VMMs' own key
-        src = kids.start("vmm-src", ptmig_command("run", str(src_cfg), "--qmp",
-                                                   f"unix:{plan.qmp_src}", "--console",
-                                                   str(plan.path("src.console")),
-                                                   "--psk-file", key))
-        dst = kids.start("vmm-dst", ptmig_command(
-            "run", str(dst_cfg), "--qmp", f"unix:{plan.qmp_dst}", "--console",
-            str(plan.path("dst.console")), "--incoming", f"tcp:127.0.0.1:{plan.migration_port}",
-            "--psk-file", key))
+        src = kids.start(
+            "vmm-src",
+            ptmig_command(
+                "run",
+                str(src_cfg),
+                "--qmp",
+                f"unix:{plan.qmp_src}",
+                "--console",
+                str(plan.path("src.console")),
+                "--psk-file",
+                key,
+            ),
+        )
+        dst = kids.start(
+            "vmm-dst",
+            ptmig_command(
+                "run",
+                str(dst_cfg),
+                "--qmp",
+                f"unix:{plan.qmp_dst}",
+                "--console",
+                str(plan.path("dst.console")),
+                "--incoming",
+                f"tcp:127.0.0.1:{plan.migration_port}",
+                "--psk-file",
+                key,
+            ),
+        )
         src_qmp = src.connect_qmp(plan.qmp_src)
         dst_qmp = dst.connect_qmp(plan.qmp_dst)
         _wait_status(src_qmp, src, "running")
@@ -384,13 +457,13 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
             load_args += ["--target", tapnet.guest_target]
         if opts.rate is not None:
             load_args += ["--rate", str(opts.rate)]
-        loader = kids.start("load", [sys.executable, *load_args], stdout_pipe=True,
-                            stdin_pipe=True)
+        loader = kids.start("load", [sys.executable, *load_args], stdout_pipe=True, stdin_pipe=True)
         assert loader.proc.stdout is not None
         LineReader(loader.proc.stdout, watch.on_line)
         if not watch.started.wait(45.0) or watch.t0 is None:
-            raise DemoError(f"the load client never reached the guest: {watch.error or ''}\n"
-                            f"{loader.log_tail()}")
+            raise DemoError(
+                f"the load client never reached the guest: {watch.error or ''}\n{loader.log_tail()}"
+            )
         t0 = watch.t0
         cpu_watch = CpuWatch(src.proc.pid, dst.proc.pid)
         cpu_watch.warm, cpu_watch.warm_at = cpu_watch.take(), time.monotonic()
@@ -404,23 +477,35 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         # migration failed, after it ended with the guest still on the source).
         stop_at = (resumed if resumed is not None else time.monotonic()) + opts.after_s
         loader.tell(f"stop-at {stop_at:.4f}")
-        view.progress.set_phase("after: kv load on the "
-                                + ("destination, past the switchover" if resumed is not None
-                                   else "source, the migration having ended"))
+        view.progress.set_phase(
+            "after: kv load on the "
+            + (
+                "destination, past the switchover"
+                if resumed is not None
+                else "source, the migration having ended"
+            )
+        )
         while loader.alive():
             if time.monotonic() > stop_at:
                 view.progress.set_phase("reading back every acknowledged value")
             view.update()
             time.sleep(POLL_S)
         if not load_out.exists():
-            raise DemoError(f"the load client wrote no result (status "
-                            f"{loader.proc.returncode}):\n{loader.log_tail()}")
+            raise DemoError(
+                f"the load client wrote no result (status "
+                f"{loader.proc.returncode}):\n{loader.log_tail()}"
+            )
         load_doc = json.loads(load_out.read_text())
         runner = dst_qmp if info["status"] == "completed" else src_qmp
         guest = runner.execute("x-query-guest-stats")
-        return {"migration": info, "load": load_doc["result"], "guest": guest,
-                "demo": _demo_section(opts, t0, mig, load_doc, latency_path(load_out), guest,
-                                      guest_before, cpu_watch)}
+        return {
+            "migration": info,
+            "load": load_doc["result"],
+            "guest": guest,
+            "demo": _demo_section(
+                opts, t0, mig, load_doc, latency_path(load_out), guest, guest_before, cpu_watch
+            ),
+        }
     finally:
         kids.stop_all()
         if tapnet is not None:
@@ -436,8 +521,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
     opts.check()
     console = console or Console(highlight=False)
     own_dir = opts.run_dir is None
-    run_dir = Path(tempfile.mkdtemp(prefix="ptmig-demo-")) if opts.run_dir is None \
-        else opts.run_dir.resolve()  # the children run inside it: relative paths would break
+    run_dir = (
+        Path(tempfile.mkdtemp(prefix="ptmig-demo-"))
+        if opts.run_dir is None
+        else opts.run_dir.resolve()
+    )  # the children run inside it: relative paths would break
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = DemoPlan(opts, run_dir, switch_port=0, migration_port=free_port())
     old_term = _terminate_as_interrupt()
@@ -462,8 +550,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
     doc["demo"]["problems"] = v.problems
     console.print()
     for line in summary_lines(doc):
-        style = "bold green" if line.startswith("VERIFIED") else (
-            "bold red" if line.startswith("NOT VERIFIED") else None)
+        style = (
+            "bold green"
+            if line.startswith("VERIFIED")
+            else ("bold red" if line.startswith("NOT VERIFIED") else None)
+        )
         console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
     if opts.json_path is not None:
         write_json(doc, opts.json_path)

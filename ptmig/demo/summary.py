@@ -34,8 +34,11 @@ def coverage_problems(demo: Mapping[str, Any]) -> list[str]:
     tp = demo.get("throughput") or {}
     phases = {p.get("name"): p for p in demo.get("phases") or [] if isinstance(p, Mapping)}
     problems: list[str] = []
-    for key, when in (("before", "before the migration"), ("pre-copy", "during pre-copy"),
-                      ("after", "after the switchover")):
+    for key, when in (
+        ("before", "before the migration"),
+        ("pre-copy", "during pre-copy"),
+        ("after", "after the switchover"),
+    ):
         rate = tp.get(key)
         if not isinstance(rate, (int, float)) or rate <= 0:
             problems.append(f"the client was not served {when} (kv ops/s {key}: {rate})")
@@ -45,12 +48,16 @@ def coverage_problems(demo: Mapping[str, Any]) -> list[str]:
     gap = (demo.get("outage") or {}).get("client-switchover")
     stop = phases.get("stop-and-copy")
     if not isinstance(gap, Mapping) or "ms" not in gap:
-        problems.append("no gap in the client's replies overlaps the switchover "
-                        f"({_window(stop)}): its outage there was not measured")
+        problems.append(
+            "no gap in the client's replies overlaps the switchover "
+            f"({_window(stop)}): its outage there was not measured"
+        )
     elif not gap.get("contains-switchover"):
-        problems.append(f"the client's outage at the switchover ({gap.get('start_s')} s to "
-                        f"{gap.get('end_s')} s) does not contain the guest's pause "
-                        f"({_window(stop)})")
+        problems.append(
+            f"the client's outage at the switchover ({gap.get('start_s')} s to "
+            f"{gap.get('end_s')} s) does not contain the guest's pause "
+            f"({_window(stop)})"
+        )
     return problems
 
 
@@ -65,22 +72,28 @@ def verdict(doc: Mapping[str, Any]) -> Verdict:
     problems: list[str] = []
     status = mig.get("status")
     if status != "completed":
-        problems.append(f"migration status is {status!r}, not 'completed'"
-                        + (f": {mig['error-desc']}" if mig.get("error-desc") else ""))
+        problems.append(
+            f"migration status is {status!r}, not 'completed'"
+            + (f": {mig['error-desc']}" if mig.get("error-desc") else "")
+        )
     ver = mig.get("x-verify")
     if not isinstance(ver, Mapping):
         problems.append("no x-verify result: page-by-page verification did not run")
     elif "mismatched" not in ver:
         problems.append(f"page-by-page verification did not conclude: {ver.get('error', ver)}")
     elif ver.get("mismatched", 0):
-        problems.append(f"{ver['mismatched']} of {ver.get('pages')} pages differ between "
-                        f"source and destination (first: {ver.get('first-mismatched')})")
+        problems.append(
+            f"{ver['mismatched']} of {ver.get('pages')} pages differ between "
+            f"source and destination (first: {ver.get('first-mismatched')})"
+        )
     if not load:
         problems.append("the load client produced no result")
     else:
         if load.get("lost") or load.get("wrong"):
-            problems.append(f"{load.get('lost')} acknowledged values lost and "
-                            f"{load.get('wrong')} wrong after the migration")
+            problems.append(
+                f"{load.get('lost')} acknowledged values lost and "
+                f"{load.get('wrong')} wrong after the migration"
+            )
         if load.get("unverified"):
             problems.append(f"{load['unverified']} acknowledged values could not be read back")
         if not load.get("acked"):
@@ -127,13 +140,16 @@ def migration_lines(mig: Mapping[str, Any]) -> list[str]:
         lines.append(f"x-rounds (pages sent; * = stop-and-copy): {' '.join(parts)}")
     ver = mig.get("x-verify")
     if isinstance(ver, Mapping):
-        lines.append(f"x-verify: {ver.get('pages')} pages compared, "
-                     f"{ver.get('mismatched')} mismatched")
+        lines.append(
+            f"x-verify: {ver.get('pages')} pages compared, {ver.get('mismatched')} mismatched"
+        )
     sh = mig.get("x-shadow")
     if isinstance(sh, Mapping):
-        lines.append(f"x-shadow: {sh.get('requests-forwarded', 0)} DMA work requests "
-                     f"intercepted, {sh.get('completions-synced', 0)} completions copied back, "
-                     f"{sh.get('shadowed-pages-peak', 0)} device-buffer pages at peak")
+        lines.append(
+            f"x-shadow: {sh.get('requests-forwarded', 0)} DMA work requests "
+            f"intercepted, {sh.get('completions-synced', 0)} completions copied back, "
+            f"{sh.get('shadowed-pages-peak', 0)} device-buffer pages at peak"
+        )
     return lines
 
 
@@ -148,40 +164,58 @@ def _rate(v: Any) -> str:
 def _lat(v: Any) -> str:
     if not isinstance(v, Mapping):
         return "n/a"
-    return (f"p50 {float(v['p50_ms']):.2f} / p99 {float(v['p99_ms']):.2f} / "
-            f"max {float(v['max_ms']):.1f} ms")
+    return (
+        f"p50 {float(v['p50_ms']):.2f} / p99 {float(v['p99_ms']):.2f} / "
+        f"max {float(v['max_ms']):.1f} ms"
+    )
 
 
 def _outage_line(outage: Mapping[str, Any]) -> str:
     gap = outage.get("client-switchover")
-    longest = (f"; longest gap anywhere {_ms(outage.get('client-longest-ms'))} at "
-               f"t={float(outage.get('client-longest-at-s') or 0):.2f} s")
+    longest = (
+        f"; longest gap anywhere {_ms(outage.get('client-longest-ms'))} at "
+        f"t={float(outage.get('client-longest-at-s') or 0):.2f} s"
+    )
     if not isinstance(gap, Mapping) or "ms" not in gap:
         return "outage seen by the client at the switchover: not measured" + longest
     where = "contains" if gap.get("contains-switchover") else "does NOT contain"
-    return (f"outage seen by the client at the switchover: {_ms(gap['ms'])} "
-            f"(t={float(gap['start_s']):.3f}..{float(gap['end_s']):.3f} s, {where} the "
-            f"guest's pause)" + longest)
+    return (
+        f"outage seen by the client at the switchover: {_ms(gap['ms'])} "
+        f"(t={float(gap['start_s']):.3f}..{float(gap['end_s']):.3f} s, {where} the "
+        f"guest's pause)" + longest
+    )
 
 
 def _cpu_line(c: Mapping[str, Any]) -> str | None:
     if not any(k in c for k in ("source-s", "destination-s", "source-with-verify-s")):
         return None
+
     def side(name: str) -> str:
         if f"{name}-s" not in c:
             return f"{name} n/a (the switchover was not seen between two polls)"
         per = c.get(f"{name}-s-per-gib")
         base = c.get(f"{name}-baseline-s")
-        return (f"{name} {float(c.get(f'{name}-s', 0)):.2f} s"
-                + (f" ({float(per):.2f} s/GiB)" if isinstance(per, (int, float)) else "")
-                + (f" [{float(base):.2f} s at its warm-up rate]"
-                   if isinstance(base, (int, float)) else ""))
-    verify = ", ".join(f"{name} {float(c[f'{name}-with-verify-s']):.2f} s"
-                       for name in ("source", "destination") if f"{name}-with-verify-s" in c)
-    return (f"VMM CPU from migrate to the switchover (vCPU threads left out): "
-            f"{side('source')}, {side('destination')}, for "
-            f"{float(c.get('gib-transferred', 0)):.3f} GiB sent"
-            + (f"; with the verification after it: {verify}" if verify else ""))
+        return (
+            f"{name} {float(c.get(f'{name}-s', 0)):.2f} s"
+            + (f" ({float(per):.2f} s/GiB)" if isinstance(per, (int, float)) else "")
+            + (
+                f" [{float(base):.2f} s at its warm-up rate]"
+                if isinstance(base, (int, float))
+                else ""
+            )
+        )
+
+    verify = ", ".join(
+        f"{name} {float(c[f'{name}-with-verify-s']):.2f} s"
+        for name in ("source", "destination")
+        if f"{name}-with-verify-s" in c
+    )
+    return (
+        f"VMM CPU from migrate to the switchover (vCPU threads left out): "
+        f"{side('source')}, {side('destination')}, for "
+        f"{float(c.get('gib-transferred', 0)):.3f} GiB sent"
+        + (f"; with the verification after it: {verify}" if verify else "")
+    )
 
 
 def load_lines(doc: Mapping[str, Any]) -> list[str]:
@@ -211,18 +245,18 @@ def load_lines(doc: Mapping[str, Any]) -> list[str]:
 
 WHY = {
     "shadow": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log cannot "
-              "see them. While migrating, ptmig gave each device a copy of its DMA buffers and "
-              "copied every completion back itself, so every device write was marked dirty and "
-              "re-sent.",
+    "see them. While migrating, ptmig gave each device a copy of its DMA buffers and "
+    "copied every completion back itself, so every device write was marked dirty and "
+    "re-sent.",
     "none": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log cannot "
-            "see them. Nothing tracked those writes, so pages they changed after being sent "
-            "reached the destination stale (in ptmig's runs: the NIC's receive buffers and the "
-            "used rings of its receive and transmit queues): this is what passthrough "
-            "migration gets wrong.",
+    "see them. Nothing tracked those writes, so pages they changed after being sent "
+    "reached the destination stale (in ptmig's runs: the NIC's receive buffers and the "
+    "used rings of its receive and transmit queues): this is what passthrough "
+    "migration gets wrong.",
     "all-dirty": "Every device-writable page was treated as dirty in every round (QEMU's "
-                 "fallback): correct, but the whole mapped RAM is re-sent at stop-and-copy.",
+    "fallback): correct, but the whole mapped RAM is re-sent at stop-and-copy.",
     "device-log": "The devices logged their own DMA writes (hardware dirty tracking): correct, "
-                  "but it needs devices or an IOMMU that can do it.",
+    "but it needs devices or an IOMMU that can do it.",
 }
 
 

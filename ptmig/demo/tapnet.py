@@ -38,8 +38,10 @@ class TapNetwork:
     @classmethod
     def create(cls) -> TapNetwork:
         if os.geteuid() != 0:
-            raise DemoError("--tap needs root (it creates a bridge and two TAP interfaces); "
-                            "without it the demo uses the unprivileged UDP network")
+            raise DemoError(
+                "--tap needs root (it creates a bridge and two TAP interfaces); "
+                "without it the demo uses the unprivileged UDP network"
+            )
         if shutil.which("ip") is None:
             raise DemoError("--tap needs the `ip` command (iproute2)")
         tag = os.urandom(3).hex()

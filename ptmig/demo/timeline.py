@@ -33,19 +33,22 @@ class Phase:
         return max(0.0, self.end_s - self.start_s)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "start_s": round(self.start_s, 4),
-                "end_s": round(self.end_s, 4)}
+        return {"name": self.name, "start_s": round(self.start_s, 4), "end_s": round(self.end_s, 4)}
 
 
 def stop_round(info: Mapping[str, Any]) -> Mapping[str, Any]:
     """The stop-and-copy entry of `x-rounds` ({} when there is none)."""
     rounds = info.get("x-rounds")
-    return next((r for r in rounds if isinstance(r, Mapping) and r.get("stop-and-copy")),
-                {}) if isinstance(rounds, list) else {}
+    return (
+        next((r for r in rounds if isinstance(r, Mapping) and r.get("stop-and-copy")), {})
+        if isinstance(rounds, list)
+        else {}
+    )
 
 
-def migration_phases(info: Mapping[str, Any], migration_start_s: float,
-                     load_end_s: float) -> list[Phase]:
+def migration_phases(
+    info: Mapping[str, Any], migration_start_s: float, load_end_s: float
+) -> list[Phase]:
     """Phases from the final `query-migrate` object of the source.
 
     The guest is paused from the stop-and-copy round's `stop-at-ms` (after the migration
@@ -57,8 +60,10 @@ def migration_phases(info: Mapping[str, Any], migration_start_s: float,
     total = float(info.get("total-time", 0)) / 1000.0
     setup = min(float(info.get("setup-time", 0)) / 1000.0, total)
     end = migration_start_s + total
-    phases = [Phase("warm-up", 0.0, migration_start_s),
-              Phase("setup", migration_start_s, migration_start_s + setup)]
+    phases = [
+        Phase("warm-up", 0.0, migration_start_s),
+        Phase("setup", migration_start_s, migration_start_s + setup),
+    ]
     downtime = info.get("downtime")
     if info.get("status") == "completed" and isinstance(downtime, (int, float)):
         stop_at = stop_round(info).get("stop-at-ms")
@@ -67,8 +72,10 @@ def migration_phases(info: Mapping[str, Any], migration_start_s: float,
         else:
             paused = end - min(float(downtime) / 1000.0, total - setup)
         resumed = paused + float(downtime) / 1000.0
-        phases += [Phase("pre-copy", migration_start_s + setup, paused),
-                   Phase("stop-and-copy", paused, resumed)]
+        phases += [
+            Phase("pre-copy", migration_start_s + setup, paused),
+            Phase("stop-and-copy", paused, resumed),
+        ]
         end = resumed
     else:
         phases.append(Phase("pre-copy", migration_start_s + setup, end))
@@ -95,8 +102,9 @@ def rate_between(series: Sequence[Sequence[float]], start_s: float, end_s: float
     return ops / (buckets * BUCKET_S) if buckets else None
 
 
-def throughput(series: Sequence[Sequence[float]], phases: Sequence[Phase],
-               load_end_s: float) -> dict[str, float | None]:
+def throughput(
+    series: Sequence[Sequence[float]], phases: Sequence[Phase], load_end_s: float
+) -> dict[str, float | None]:
     """kv ops/s before the migration, during pre-copy alone (setup and the stop-and-copy
     left out), and after the switchover."""
     by = {p.name: p for p in phases}
@@ -131,8 +139,11 @@ def latency_by_phase(rows: np.ndarray, phases: Sequence[Phase]) -> dict[str, dic
         if len(inside):
             p50, p99 = np.percentile(inside, [50, 99]).tolist()
             out["before" if name == "warm-up" else name] = {
-                "n": int(len(inside)), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
-                "max_ms": round(float(inside.max()), 3)}
+                "n": int(len(inside)),
+                "p50_ms": round(p50, 3),
+                "p99_ms": round(p99, 3),
+                "max_ms": round(float(inside.max()), 3),
+            }
     return out
 
 
@@ -148,8 +159,11 @@ class Gap:
         return (self.end_s - self.start_s) * 1000.0
 
     def to_json(self) -> dict[str, float]:
-        return {"start_s": round(self.start_s, 4), "end_s": round(self.end_s, 4),
-                "ms": round(self.ms, 3)}
+        return {
+            "start_s": round(self.start_s, 4),
+            "end_s": round(self.end_s, 4),
+            "ms": round(self.ms, 3),
+        }
 
 
 def switchover_gap(gaps: Sequence[Sequence[float]], stop: Phase) -> Gap | None:
@@ -165,13 +179,14 @@ def switchover_gap(gaps: Sequence[Sequence[float]], stop: Phase) -> Gap | None:
     return best
 
 
-def gap_contains(gap: Gap, stop: Phase, early_s: float, late_s: float,
-                 slack_s: float) -> bool:
+def gap_contains(gap: Gap, stop: Phase, early_s: float, late_s: float, slack_s: float) -> bool:
     """Does the client's gap contain the switchover? It must begin no later than `early_s`
     after the pause began (replies sent before the pause still arrive for a while: the
     devices' queues, the switch, the client) and last until the guest resumed, which is at
     most `late_s` before the end of the downtime (the source counts until the destination's
     acknowledgement arrives; the destination resumes the guest as it sends it). `slack_s` is
     how well the two time axes' origins are known."""
-    return (gap.start_s <= stop.start_s + early_s + slack_s
-            and gap.end_s >= stop.end_s - late_s - slack_s)
+    return (
+        gap.start_s <= stop.start_s + early_s + slack_s
+        and gap.end_s >= stop.end_s - late_s - slack_s
+    )

@@ -88,8 +88,11 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
     try:
         for slot in machine.cfg.devices:
             cfg = slot.config
-            if isinstance(cfg, NetConfig) and isinstance(cfg.backend, UdpBackend) \
-                    and cfg.switch == "auto":
+            if (
+                isinstance(cfg, NetConfig)
+                and isinstance(cfg.backend, UdpBackend)
+                and cfg.switch == "auto"
+            ):
                 proc = ensure_switch(cfg.backend.host, cfg.backend.port)
                 if proc is not None:
                     machine.switch_process = proc
@@ -115,16 +118,31 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
     return out
 
 
-def _open_handle(machine: Machine, name: str, kind: str, index: int,
-                 cfg: NetConfig | DiskConfig, iommu: IommuTable) -> DeviceHandle | VhostUserBlk:
+def _open_handle(
+    machine: Machine,
+    name: str,
+    kind: str,
+    index: int,
+    cfg: NetConfig | DiskConfig,
+    iommu: IommuTable,
+) -> DeviceHandle | VhostUserBlk:
     """The device's process, or for a vhost-user disk the frontend of its backend (the
     memory table it sends plays the IOMMU's role; `iommu` maps the same guest RAM)."""
     mem = machine.vm.memory
     if isinstance(cfg, DiskConfig) and cfg.backend == "vhost-user":
-        return VhostUserBlk.open(name, index, mem, socket_path=cfg.socket, image=cfg.path,
-                                 size=cfg.size, spawn=cfg.spawn)
-    return DeviceHandle.spawn(KIND[kind], index, device_process_config(cfg), mem.fd, mem.size,
-                              iommu, machine.shadow_pool.fd, name=name)
+        return VhostUserBlk.open(
+            name, index, mem, socket_path=cfg.socket, image=cfg.path, size=cfg.size, spawn=cfg.spawn
+        )
+    return DeviceHandle.spawn(
+        KIND[kind],
+        index,
+        device_process_config(cfg),
+        mem.fd,
+        mem.size,
+        iommu,
+        machine.shadow_pool.fd,
+        name=name,
+    )
 
 
 def _forward_events(machine: Machine, dev: AttachedDevice) -> Callable[[DeviceEvent], None]:

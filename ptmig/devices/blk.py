@@ -76,15 +76,16 @@ class BlkConfig:
         path, size = raw.get("path"), raw.get("size")
         if not isinstance(path, str) or not path:
             raise ValueError(f"virtio-blk config 'path' must be a non-empty string, got {path!r}")
-        if size is not None and (not isinstance(size, int) or size <= 0
-                                 or size % BLK_SECTOR_SIZE):
-            raise ValueError(f"virtio-blk 'size' must be a positive multiple of "
-                             f"{BLK_SECTOR_SIZE}, got {size!r}")
+        if size is not None and (not isinstance(size, int) or size <= 0 or size % BLK_SECTOR_SIZE):
+            raise ValueError(
+                f"virtio-blk 'size' must be a positive multiple of {BLK_SECTOR_SIZE}, got {size!r}"
+            )
         serial = raw.get("serial")
         serial = "ptmig-blk" if serial is None else serial
         if not isinstance(serial, str) or len(serial.encode()) > VIRTIO_BLK_ID_BYTES:
-            raise ValueError(f"virtio-blk 'serial' must be at most {VIRTIO_BLK_ID_BYTES} "
-                             f"bytes, got {serial!r}")
+            raise ValueError(
+                f"virtio-blk 'serial' must be at most {VIRTIO_BLK_ID_BYTES} bytes, got {serial!r}"
+            )
         datapath = check_datapath(raw.get("datapath", "native"), "virtio-blk")
         return cls(path, size, bool(raw.get("readonly", False)), serial, datapath)
 
@@ -129,14 +130,20 @@ class BlkDevice:
         self.cfg = cfg
         self.dma = dma
         self.fd, self.capacity = open_image(cfg)
-        bits = [VIRTIO_F_VERSION_1, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX,
-                VIRTIO_BLK_F_SIZE_MAX]
+        bits = [VIRTIO_F_VERSION_1, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX]
         if cfg.readonly:
             bits.append(VIRTIO_BLK_F_RO)
         self.device_features = feature_mask(*bits)
         self.counters: dict[str, int] = {
-            "reads": 0, "writes": 0, "flushes": 0, "get_ids": 0, "unsupported": 0,
-            "ioerrs": 0, "bytes_read": 0, "bytes_written": 0}
+            "reads": 0,
+            "writes": 0,
+            "flushes": 0,
+            "get_ids": 0,
+            "unsupported": 0,
+            "ioerrs": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+        }
 
     def config_space(self) -> bytearray:
         return blk_config(self.capacity // BLK_SECTOR_SIZE, size_max=SIZE_MAX, seg_max=SEG_MAX)
@@ -180,14 +187,16 @@ class BlkDevice:
         """Run one request; return used.len (bytes written into guest memory)."""
         readable, writable = chain.readable, chain.writable
         if chain.total_readable < BLK_REQ_HDR_SIZE:
-            raise QueueError(f"virtio-blk request header needs {BLK_REQ_HDR_SIZE} readable "
-                             f"bytes, chain {chain.head} has {chain.total_readable}",
-                             head=chain.head)
+            raise QueueError(
+                f"virtio-blk request header needs {BLK_REQ_HDR_SIZE} readable "
+                f"bytes, chain {chain.head} has {chain.total_readable}",
+                head=chain.head,
+            )
         if chain.total_writable < 1:
-            raise QueueError(f"virtio-blk request {chain.head} has no writable status byte",
-                             head=chain.head)
-        header = b"".join(self.dma.read(a, n)
-                          for a, n in byte_range(readable, 0, BLK_REQ_HDR_SIZE))
+            raise QueueError(
+                f"virtio-blk request {chain.head} has no writable status byte", head=chain.head
+            )
+        header = b"".join(self.dma.read(a, n) for a, n in byte_range(readable, 0, BLK_REQ_HDR_SIZE))
         rtype, _, sector = _HDR.unpack(header)
         status_addr, _ = byte_range(writable, chain.total_writable - 1, 1)[0]
         self.dma.check(status_addr, 1, write=True)
@@ -204,12 +213,12 @@ class BlkDevice:
                     self.counters["reads"] += 1
                     self.counters["bytes_read"] += in_len
         elif rtype == VIRTIO_BLK_T_OUT:
-            status = VIRTIO_BLK_S_IOERR if self.cfg.readonly else self._check_range(sector,
-                                                                                    out_len)
+            status = VIRTIO_BLK_S_IOERR if self.cfg.readonly else self._check_range(sector, out_len)
             if status == VIRTIO_BLK_S_OK:
                 pieces = byte_range(readable, BLK_REQ_HDR_SIZE, out_len)
-                status = self._io(self._segments(pieces, write=False),
-                                  sector * BLK_SECTOR_SIZE, write=True)
+                status = self._io(
+                    self._segments(pieces, write=False), sector * BLK_SECTOR_SIZE, write=True
+                )
                 if status == VIRTIO_BLK_S_OK:
                     self.counters["writes"] += 1
                     self.counters["bytes_written"] += out_len
@@ -219,7 +228,7 @@ class BlkDevice:
             ident = self.cfg.serial.encode().ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:in_len]
             pos = 0
             for addr, n in byte_range(writable, 0, len(ident)):
-                self.dma.write(addr, ident[pos:pos + n])
+                self.dma.write(addr, ident[pos : pos + n])
                 pos += n
             written = len(ident)
             status = VIRTIO_BLK_S_OK
@@ -249,8 +258,11 @@ class BlkDevice:
         try:
             while segs:
                 batch = segs[:_IOV_MAX]
-                n = os.pwritev(self.fd, batch, offset) if write else os.preadv(self.fd, batch,
-                                                                               offset)
+                n = (
+                    os.pwritev(self.fd, batch, offset)
+                    if write
+                    else os.preadv(self.fd, batch, offset)
+                )
                 if n <= 0:
                     return VIRTIO_BLK_S_IOERR
                 offset += n

@@ -248,16 +248,17 @@ class DeviceState:
         """Parse untrusted state: every field type-checked, every queue validated."""
         obj = _obj(raw, "device state", {"version", "kind", "mmio", "queues"})
         if obj.get("version") != STATE_VERSION:
-            raise ValueError(f"device state version {obj.get('version')!r} is not "
-                             f"{STATE_VERSION}")
+            raise ValueError(f"device state version {obj.get('version')!r} is not {STATE_VERSION}")
         kind = obj.get("kind")
         if kind not in ("net", "blk"):
             raise ValueError(f"device state kind {kind!r} is not 'net' or 'blk'")
         mmio = _mmio_state(obj.get("mmio"))
         qlist = obj.get("queues")
         if not isinstance(qlist, list) or len(qlist) > len(mmio.queues):
-            raise ValueError(f"device state 'queues' must be a list of at most "
-                             f"{len(mmio.queues)} queues, got {qlist!r:.200}")
+            raise ValueError(
+                f"device state 'queues' must be a list of at most "
+                f"{len(mmio.queues)} queues, got {qlist!r:.200}"
+            )
         queues: dict[int, QueueState] = {}
         for q in qlist:
             qo = _obj(q, "queue state", {f.name for f in fields(QueueState)} | {"index"})
@@ -269,9 +270,13 @@ class DeviceState:
                 raise ValueError(f"queue {index} 'ready' must be a bool, got {ready!r}")
             try:
                 queues[index] = QueueState(
-                    _int(qo, "size", 0xFFFF), _int(qo, "desc_addr", _U64),
-                    _int(qo, "avail_addr", _U64), _int(qo, "used_addr", _U64),
-                    _int(qo, "next_avail", 0xFFFF), _int(qo, "next_used", 0xFFFF), ready,
+                    _int(qo, "size", 0xFFFF),
+                    _int(qo, "desc_addr", _U64),
+                    _int(qo, "avail_addr", _U64),
+                    _int(qo, "used_addr", _U64),
+                    _int(qo, "next_avail", 0xFFFF),
+                    _int(qo, "next_used", 0xFFFF),
+                    ready,
                 ).validate()
             except QueueError as exc:
                 raise ValueError(f"queue {index} state is invalid: {exc}") from None
@@ -312,8 +317,14 @@ def _mmio_state(raw: Any) -> MmioState:
         ready = qo.get("ready", False)
         if not isinstance(ready, bool):
             raise ValueError(f"queue register 'ready' must be a bool, got {ready!r:.60}")
-        queues.append(QueueRegisters(_int(qo, "num", 0xFFFFFFFF), _int(qo, "desc", _U64),
-                                     _int(qo, "driver", _U64), _int(qo, "device", _U64),
-                                     ready))
+        queues.append(
+            QueueRegisters(
+                _int(qo, "num", 0xFFFFFFFF),
+                _int(qo, "desc", _U64),
+                _int(qo, "driver", _U64),
+                _int(qo, "device", _U64),
+                ready,
+            )
+        )
     ints = {n: _int(obj, n, _U64) for n in names - {"needs_reset_reason", "queues"}}
     return MmioState(**ints, needs_reset_reason=reason, queues=queues)

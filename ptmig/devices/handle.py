@@ -117,9 +117,17 @@ class _Slot:
 class DeviceHandle(Liveness):
     """A running device process as the VMM sees it. Create with `spawn`."""
 
-    def __init__(self, name: str, kind: str, index: int, proc: subprocess.Popen[bytes],
-                 sock: socket.socket, doorbells: dict[int, int], irq_fd: int,
-                 timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        index: int,
+        proc: subprocess.Popen[bytes],
+        sock: socket.socket,
+        doorbells: dict[int, int],
+        irq_fd: int,
+        timeout: float,
+    ) -> None:
         self.name, self.kind, self.index = name, kind, index
         self.mmio_base = ABI_MMIO_BASE_GPA + index * ABI_MMIO_STRIDE
         self.mmio_size = ABI_MMIO_STRIDE
@@ -139,16 +147,30 @@ class DeviceHandle(Liveness):
         self._gone: str | None = None
         self._closing = False
         self._child_log = logging.getLogger(f"ptmig.device.{name}")
-        for target, tname in ((self._reader, "reader"), (self._dispatcher, "events"),
-                              (self._waiter, "waiter"), (self._stderr_pump, "stderr")):
+        for target, tname in (
+            (self._reader, "reader"),
+            (self._dispatcher, "events"),
+            (self._waiter, "waiter"),
+            (self._stderr_pump, "stderr"),
+        ):
             threading.Thread(target=target, name=f"{name}-{tname}", daemon=True).start()
 
     # -- creation ----------------------------------------------------------------------------
     @classmethod
-    def spawn(cls, kind: str, index: int, config: dict[str, Any], guest_memfd: int,
-              guest_size: int, iommu: IommuTable, pool_fd: int | None = None, *,
-              name: str | None = None, pass_fds: Sequence[int] = (),
-              timeout: float = DEFAULT_TIMEOUT) -> DeviceHandle:
+    def spawn(
+        cls,
+        kind: str,
+        index: int,
+        config: dict[str, Any],
+        guest_memfd: int,
+        guest_size: int,
+        iommu: IommuTable,
+        pool_fd: int | None = None,
+        *,
+        name: str | None = None,
+        pass_fds: Sequence[int] = (),
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> DeviceHandle:
         """Start the device process for device `index` and wait until it is ready.
 
         `config` is the device's JSON config (blk: path, size, readonly, serial; net: mac,
@@ -161,18 +183,32 @@ class DeviceHandle(Liveness):
         doorbells = {q: eventfd.create() for q in range(NUM_QUEUES[kind])}
         irq_fd = eventfd.create()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = LaunchSpec(name=name, kind=kind, config=config, guest_fd=guest_memfd,
-                          guest_size=guest_size, iommu_fd=iommu.fd, iova_pages=iommu.iova_pages,
-                          control_fd=child.fileno(), irq_fd=irq_fd, doorbell_fds=doorbells,
-                          pool_fd=pool_fd, extra_fds=list(pass_fds))
+        spec = LaunchSpec(
+            name=name,
+            kind=kind,
+            config=config,
+            guest_fd=guest_memfd,
+            guest_size=guest_size,
+            iommu_fd=iommu.fd,
+            iova_pages=iommu.iova_pages,
+            control_fd=child.fileno(),
+            irq_fd=irq_fd,
+            doorbell_fds=doorbells,
+            pool_fd=pool_fd,
+            extra_fds=list(pass_fds),
+        )
         fds = [guest_memfd, iommu.fd, child.fileno(), irq_fd, *doorbells.values(), *pass_fds]
         if pool_fd is not None:
             fds.append(pool_fd)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "ptmig.devices.process", spec.to_json()],
-                pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, process_group=0)  # Ctrl-C is the VMM's to handle
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                process_group=0,
+            )  # Ctrl-C is the VMM's to handle
         except OSError as exc:
             parent.close()
             child.close()
@@ -198,8 +234,9 @@ class DeviceHandle(Liveness):
             self._callbacks.append(callback)
 
     # -- requests ----------------------------------------------------------------------------
-    def request(self, cmd: str, args: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Response:
+    def request(
+        self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Response:
         """Send one command and wait for its response (raises on error, death or timeout)."""
         slot = _Slot()
         with self._lock:
@@ -326,10 +363,10 @@ class DeviceHandle(Liveness):
             slot.done.set()
         self._ready.set()
         if not self._closing:
-            logging.getLogger("ptmig.devices").warning("device %s is gone: %s", self.name,
-                                                       reason)
-        self._events.put(DeviceEvent(self.name, "gone", {"reason": reason,
-                                                         "expected": self._closing}))
+            logging.getLogger("ptmig.devices").warning("device %s is gone: %s", self.name, reason)
+        self._events.put(
+            DeviceEvent(self.name, "gone", {"reason": reason, "expected": self._closing})
+        )
 
     def _exit_reason(self) -> str:
         try:
@@ -381,8 +418,7 @@ class DeviceHandle(Liveness):
                 try:
                     cb(event)
                 except Exception:
-                    log.exception("device %s: event callback failed on %s", self.name,
-                                  event.name)
+                    log.exception("device %s: event callback failed on %s", self.name, event.name)
 
     def _waiter(self) -> None:
         self._proc.wait()
@@ -399,4 +435,3 @@ class DeviceHandle(Liveness):
                 self._child_log.log(level, "%s", text)
             elif line:
                 self._child_log.warning("%s", line)
-

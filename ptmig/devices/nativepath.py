@@ -45,9 +45,20 @@ Q_READY, Q_SIZE, Q_DESC, Q_AVAIL, Q_USED, Q_NEXT_AVAIL, Q_NEXT_USED = range(7)
 QSTRIDE: Final = 7
 MAX_QUEUES: Final = 2
 # ... then the flags and the counters every device keeps, then the device's own counters.
-(S_ENABLED, S_LOG_ON, S_BROKEN, S_FAULT_QUEUE, S_FAULT_IOVA, S_FAULT_DMA, S_ISR, C_REQUESTS,
- C_INTERRUPTS, C_DOORBELLS, C_DMA_FAULTS, C_DEVICE) = range(MAX_QUEUES * QSTRIDE,
-                                                          MAX_QUEUES * QSTRIDE + 12)
+(
+    S_ENABLED,
+    S_LOG_ON,
+    S_BROKEN,
+    S_FAULT_QUEUE,
+    S_FAULT_IOVA,
+    S_FAULT_DMA,
+    S_ISR,
+    C_REQUESTS,
+    C_INTERRUPTS,
+    C_DOORBELLS,
+    C_DMA_FAULTS,
+    C_DEVICE,
+) = range(MAX_QUEUES * QSTRIDE, MAX_QUEUES * QSTRIDE + 12)
 
 _P, _U64, _U32, _INT = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
 _COMMON: dict[str, tuple[object, list[object]]] = {
@@ -89,12 +100,13 @@ class NativePath:
     """One device's native data path thread and the state it shares with Python."""
 
     SOURCE: ClassVar[str]
-    PREFIX: ClassVar[str]                 # of the device's own functions: np_ / bp_
-    COUNTERS: ClassVar[tuple[str, ...]]   # the device's counters, from C_DEVICE on
-    NEW_ARGS: ClassVar[list[object]]      # np_new / bp_new arguments after _MEMORY
+    PREFIX: ClassVar[str]  # of the device's own functions: np_ / bp_
+    COUNTERS: ClassVar[tuple[str, ...]]  # the device's counters, from C_DEVICE on
+    NEW_ARGS: ClassVar[list[object]]  # np_new / bp_new arguments after _MEMORY
 
-    def __init__(self, *, guest: Any, pool: Any | None, iommu: npt.NDArray[np.uint64],
-                 num_queues: int) -> None:
+    def __init__(
+        self, *, guest: Any, pool: Any | None, iommu: npt.NDArray[np.uint64], num_queues: int
+    ) -> None:
         self.lib = self.library()
         self.num_queues = num_queues
         self.shared = np.zeros(C_DEVICE + len(self.COUNTERS), dtype=np.int64)
@@ -110,10 +122,20 @@ class NativePath:
         if pool is not None:
             pool_addr, self._pool_ref = _address(pool)
         new = getattr(self.lib, f"{self.PREFIX}new")
-        self.handle: int = new(guest_addr, len(guest), pool_addr or None,
-                               len(pool) if pool is not None else 0, int(iommu.ctypes.data),
-                               iommu.size, int(self.shared.ctypes.data),
-                               ctypes.addressof(self._error), *self._device_args()) or 0
+        self.handle: int = (
+            new(
+                guest_addr,
+                len(guest),
+                pool_addr or None,
+                len(pool) if pool is not None else 0,
+                int(iommu.ctypes.data),
+                iommu.size,
+                int(self.shared.ctypes.data),
+                ctypes.addressof(self._error),
+                *self._device_args(),
+            )
+            or 0
+        )
         if not self.handle:
             self._close_fds()
             raise OSError(f"could not set up native/{self.SOURCE} (out of memory or fds)")
@@ -123,10 +145,13 @@ class NativePath:
         """The loaded library (built on first use); raises NativeLibraryError."""
         own: dict[str, tuple[object, list[object]]] = {
             f"{cls.PREFIX}new": (_P, _MEMORY + cls.NEW_ARGS),
-            f"{cls.PREFIX}start": (_INT, [_P]), f"{cls.PREFIX}free": (None, [_P]),
-            f"{cls.PREFIX}shared_len": (_INT, [])}
-        lib = load_library((cls.SOURCE, "virtq.c"), {**_COMMON, **own, **cls.extra_functions()},
-                           HEADERS)
+            f"{cls.PREFIX}start": (_INT, [_P]),
+            f"{cls.PREFIX}free": (None, [_P]),
+            f"{cls.PREFIX}shared_len": (_INT, []),
+        }
+        lib = load_library(
+            (cls.SOURCE, "virtq.c"), {**_COMMON, **own, **cls.extra_functions()}, HEADERS
+        )
         cls.check_layout(lib)
         return lib
 
@@ -135,11 +160,11 @@ class NativePath:
         """The shared array as the library was compiled must be the one described here: a
         mismatch would have each side read the other's counters as flags."""
         ours = (QSTRIDE, MAX_QUEUES, S_ENABLED, C_DEVICE, C_DEVICE + len(cls.COUNTERS))
-        theirs = (*(lib.vq_layout(i) for i in range(4)),
-                  getattr(lib, f"{cls.PREFIX}shared_len")())
+        theirs = (*(lib.vq_layout(i) for i in range(4)), getattr(lib, f"{cls.PREFIX}shared_len")())
         if ours != theirs:
-            raise NativeLibraryError(f"native/{cls.SOURCE}: shared layout {theirs} does not "
-                                     f"match nativepath.py's {ours}")
+            raise NativeLibraryError(
+                f"native/{cls.SOURCE}: shared layout {theirs} does not match nativepath.py's {ours}"
+            )
 
     @classmethod
     def extra_functions(cls) -> dict[str, tuple[object, list[object]]]:
@@ -179,8 +204,9 @@ class NativePath:
         s[S_ISR] = 0
         return bits
 
-    def push(self, queues: dict[int, SplitQueue], *, enabled: bool,
-             log: npt.NDArray[np.uint8] | None) -> None:
+    def push(
+        self, queues: dict[int, SplitQueue], *, enabled: bool, log: npt.NDArray[np.uint8] | None
+    ) -> None:
         """Hand the queues, the run flag and the DMA write log to the thread and wake it."""
         s = self.shared
         for index in range(self.num_queues):
@@ -190,8 +216,15 @@ class NativePath:
                 s[base + Q_READY] = 0
                 continue
             st = queue.state()
-            s[base:base + QSTRIDE] = (1, st.size, st.desc_addr, st.avail_addr, st.used_addr,
-                                      st.next_avail, st.next_used)
+            s[base : base + QSTRIDE] = (
+                1,
+                st.size,
+                st.desc_addr,
+                st.avail_addr,
+                st.used_addr,
+                st.next_avail,
+                st.next_used,
+            )
         s[S_ENABLED] = int(enabled)
         if log is not self._log:
             self._log = log
@@ -212,8 +245,12 @@ class NativePath:
             return None
         s[S_BROKEN] = 2  # reported; still broken until the device is reset
         iova = int(s[S_FAULT_IOVA])
-        return Fault(int(s[S_FAULT_QUEUE]), self._error.value.decode(errors="replace"),
-                     None if iova < 0 else iova, bool(s[S_FAULT_DMA]))
+        return Fault(
+            int(s[S_FAULT_QUEUE]),
+            self._error.value.decode(errors="replace"),
+            None if iova < 0 else iova,
+            bool(s[S_FAULT_DMA]),
+        )
 
     def reset(self) -> None:
         """The device was reset: no fault any more (the thread runs again once enabled)."""
@@ -227,8 +264,9 @@ class NativePath:
 
     def device_counters(self) -> dict[str, int]:
         """The device's own counters, as the thread counted them (and `bytes` moved)."""
-        counts = {name: int(v) for name, v in zip(self.COUNTERS, self.shared[C_DEVICE:],
-                                                  strict=True)}
+        counts = {
+            name: int(v) for name, v in zip(self.COUNTERS, self.shared[C_DEVICE:], strict=True)
+        }
         counts["bytes"] = self._bytes(counts)
         return counts
 
@@ -238,8 +276,11 @@ class NativePath:
     def runtime_counters(self) -> dict[str, int]:
         """requests / interrupts / doorbells, as the thread counted them."""
         s = self.shared
-        return {"requests": int(s[C_REQUESTS]), "interrupts": int(s[C_INTERRUPTS]),
-                "doorbells": int(s[C_DOORBELLS])}
+        return {
+            "requests": int(s[C_REQUESTS]),
+            "interrupts": int(s[C_INTERRUPTS]),
+            "doorbells": int(s[C_DOORBELLS]),
+        }
 
     def close(self) -> None:
         """Stop the thread and free everything (idempotent)."""
@@ -259,7 +300,7 @@ class NativePath:
 class LinkRules:
     """What a net backend fd carries: the frame sizes it takes and what an empty read means."""
 
-    rx_min: int = 1        # shorter datagrams are not frames (the switch's control messages)
+    rx_min: int = 1  # shorter datagrams are not frames (the switch's control messages)
     tx_min: int = 1
     tx_max: int = 65535
     eof_on_empty: bool = True  # an empty read is the peer hanging up (not an empty datagram)
@@ -284,13 +325,31 @@ class NetPath(NativePath):
 
     SOURCE = "netpath.c"
     PREFIX = "np_"
-    COUNTERS = ("link_down", "tx_frames", "tx_bytes", "tx_dropped", "rx_frames", "rx_bytes",
-                "rx_dropped_no_buffer", "rx_dropped_too_big", "rx_control", "rx_backlog")
+    COUNTERS = (
+        "link_down",
+        "tx_frames",
+        "tx_bytes",
+        "tx_dropped",
+        "rx_frames",
+        "rx_bytes",
+        "rx_dropped_no_buffer",
+        "rx_dropped_too_big",
+        "rx_control",
+        "rx_backlog",
+    )
     # rx doorbell, tx doorbell, irq, event, wake, backend, eof_on_empty, rx_min, tx_min, tx_max
     NEW_ARGS = [_INT, _INT, _INT, _INT, _INT, _INT, _INT, _U32, _U32, _U32]
 
-    def __init__(self, *, guest: Any, pool: Any | None, iommu: npt.NDArray[np.uint64],
-                 backend: Any, doorbells: dict[int, int], irq_fd: int) -> None:
+    def __init__(
+        self,
+        *,
+        guest: Any,
+        pool: Any | None,
+        iommu: npt.NDArray[np.uint64],
+        backend: Any,
+        doorbells: dict[int, int],
+        irq_fd: int,
+    ) -> None:
         self._rules = LinkRules.of(backend)
         os.set_blocking(backend.fileno(), False)
         self._backend_fd, self._doorbells, self._irq_fd = backend.fileno(), doorbells, irq_fd
@@ -299,9 +358,18 @@ class NetPath(NativePath):
 
     def _device_args(self) -> tuple[Any, ...]:
         r = self._rules
-        return (self._doorbells.get(0, -1), self._doorbells.get(1, -1), self._irq_fd,
-                self.event_fd, self.wake_fd, self._backend_fd, int(r.eof_on_empty), r.rx_min,
-                r.tx_min, r.tx_max)
+        return (
+            self._doorbells.get(0, -1),
+            self._doorbells.get(1, -1),
+            self._irq_fd,
+            self.event_fd,
+            self.wake_fd,
+            self._backend_fd,
+            int(r.eof_on_empty),
+            r.rx_min,
+            r.tx_min,
+            r.tx_max,
+        )
 
     @classmethod
     def extra_functions(cls) -> dict[str, tuple[object, list[object]]]:
@@ -330,19 +398,41 @@ class BlkPath(NativePath):
 
     SOURCE = "blkpath.c"
     PREFIX = "bp_"
-    COUNTERS = ("reads", "writes", "flushes", "get_ids", "unsupported", "ioerrs", "bytes_read",
-                "bytes_written")
+    COUNTERS = (
+        "reads",
+        "writes",
+        "flushes",
+        "get_ids",
+        "unsupported",
+        "ioerrs",
+        "bytes_read",
+        "bytes_written",
+    )
     # doorbell, irq, event, wake, image fd, capacity, readonly, serial (20 bytes)
     NEW_ARGS = [_INT, _INT, _INT, _INT, _INT, _U64, _INT, ctypes.c_char_p]
 
-    def __init__(self, *, guest: Any, pool: Any | None, iommu: npt.NDArray[np.uint64],
-                 image_fd: int, capacity: int, readonly: bool, serial: bytes,
-                 doorbells: dict[int, int], irq_fd: int) -> None:
+    def __init__(
+        self,
+        *,
+        guest: Any,
+        pool: Any | None,
+        iommu: npt.NDArray[np.uint64],
+        image_fd: int,
+        capacity: int,
+        readonly: bool,
+        serial: bytes,
+        doorbells: dict[int, int],
+        irq_fd: int,
+    ) -> None:
         from ptmig.devices.virtio.constants import VIRTIO_BLK_ID_BYTES
 
         self._doorbell, self._irq_fd = doorbells.get(0, -1), irq_fd
-        self._image = (image_fd, capacity, int(readonly),
-                       serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:VIRTIO_BLK_ID_BYTES])
+        self._image = (
+            image_fd,
+            capacity,
+            int(readonly),
+            serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:VIRTIO_BLK_ID_BYTES],
+        )
         super().__init__(guest=guest, pool=pool, iommu=iommu, num_queues=1)
 
     def _device_args(self) -> tuple[Any, ...]:

@@ -109,14 +109,18 @@ class FdBackend:
             if self._sock.type not in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
                 kind = self._sock.type
                 self._sock.detach()
-                raise ValueError(f"backend fd {fd} is a {kind!r} socket; it must be "
-                                 f"datagram or seqpacket (one frame per message)")
+                raise ValueError(
+                    f"backend fd {fd} is a {kind!r} socket; it must be "
+                    f"datagram or seqpacket (one frame per message)"
+                )
             self._sock.setblocking(False)
         elif stat.S_ISCHR(mode):
             os.set_blocking(fd, False)
         else:
-            raise ValueError(f"backend fd {fd} is neither a socket nor a TAP character "
-                             f"device (st_mode={mode:#o})")
+            raise ValueError(
+                f"backend fd {fd} is neither a socket nor a TAP character "
+                f"device (st_mode={mode:#o})"
+            )
 
     def fileno(self) -> int:
         return self._fd
@@ -179,8 +183,14 @@ class NetDevice:
         self.device_features = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC)
         self.backlog: collections.deque[bytes] = collections.deque()
         self.counters: dict[str, int] = {
-            "tx_frames": 0, "tx_bytes": 0, "tx_dropped": 0, "rx_frames": 0, "rx_bytes": 0,
-            "rx_dropped_no_buffer": 0, "rx_dropped_too_big": 0}
+            "tx_frames": 0,
+            "tx_bytes": 0,
+            "tx_dropped": 0,
+            "rx_frames": 0,
+            "rx_bytes": 0,
+            "rx_dropped_no_buffer": 0,
+            "rx_dropped_too_big": 0,
+        }
 
     def config_space(self) -> bytearray:
         return net_config(self.cfg.mac)
@@ -222,8 +232,12 @@ class NetDevice:
 
     def stats(self) -> dict[str, int]:
         c = self.counters
-        return dict(c, rx_backlog=len(self.backlog), bytes=c["tx_bytes"] + c["rx_bytes"],
-                    link_up=int(not getattr(self.backend, "closed", False)))
+        return dict(
+            c,
+            rx_backlog=len(self.backlog),
+            bytes=c["tx_bytes"] + c["rx_bytes"],
+            link_up=int(not getattr(self.backend, "closed", False)),
+        )
 
     def close(self) -> None:
         self.backend.close()
@@ -255,9 +269,11 @@ class NetDevice:
             readable = descs if len(descs) == 1 and not descs[0].writable else chain.readable
             total = readable[0].length if len(readable) == 1 else sum(d.length for d in readable)
             if total < NET_HDR_SIZE:
-                raise QueueError(f"virtio-net TX chain {chain.head} has {total} readable "
-                                 f"bytes, less than the {NET_HDR_SIZE}-byte header",
-                                 head=chain.head)
+                raise QueueError(
+                    f"virtio-net TX chain {chain.head} has {total} readable "
+                    f"bytes, less than the {NET_HDR_SIZE}-byte header",
+                    head=chain.head,
+                )
             if total - NET_HDR_SIZE > MAX_FRAME:
                 counters["tx_dropped"] += 1
                 done.append((chain.head, 0))
@@ -266,8 +282,9 @@ class NetDevice:
                 d = readable[0]
                 frame = read(d.addr + NET_HDR_SIZE, d.length - NET_HDR_SIZE)
             else:
-                frame = b"".join(read(a, n) for a, n in
-                                 byte_range(readable, NET_HDR_SIZE, total - NET_HDR_SIZE))
+                frame = b"".join(
+                    read(a, n) for a, n in byte_range(readable, NET_HDR_SIZE, total - NET_HDR_SIZE)
+                )
             done.append((chain.head, 0))
             if not frame:
                 counters["tx_dropped"] += 1
@@ -318,7 +335,7 @@ class NetDevice:
                     pieces.append((d.addr, pos, n))
                     pos += n
                 for addr, off, n in pieces:
-                    dma.write(addr, packet[off:off + n])
+                    dma.write(addr, packet[off : off + n])
             done.append((chain.head, len(packet)))
             counters["rx_frames"] += 1
             counters["rx_bytes"] += len(frame)

@@ -153,15 +153,27 @@ class CommandError(Exception):
 class DeviceRuntime:
     """The device's event loop, register file, queues and control-channel server."""
 
-    def __init__(self, name: str, kind: str, model: DeviceModel, dma: DmaView,
-                 control: socket.socket, doorbells: dict[int, int], irq_fd: int,
-                 native: NativePath | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        model: DeviceModel,
+        dma: DmaView,
+        control: socket.socket,
+        doorbells: dict[int, int],
+        irq_fd: int,
+        native: NativePath | None = None,
+    ) -> None:
         self.name, self.kind, self.model, self.dma = name, kind, model, dma
         self.native = native  # when set, its thread runs the data path (see nativepath)
         self.control, self.doorbells, self.irq_fd = control, doorbells, irq_fd
-        self.regs = VirtioMmioRegisters(model.device_id, model.device_features,
-                                        model.num_queues, model.queue_num_max,
-                                        model.config_space())
+        self.regs = VirtioMmioRegisters(
+            model.device_id,
+            model.device_features,
+            model.num_queues,
+            model.queue_num_max,
+            model.config_space(),
+        )
         self.regs.on_queue_ready = self._queue_ready
         self.regs.on_queue_disable = lambda i: self._drop_queue(i)
         self.regs.on_notify = self._kick
@@ -174,8 +186,13 @@ class DeviceRuntime:
         self.broken: str | None = None
         self.running = True
         self.log_bitmap: np.ndarray[Any, np.dtype[np.uint8]] | None = None
-        self.counters = {"requests": 0, "faults": 0, "interrupts": 0, "doorbells": 0,
-                         "control_requests": 0}
+        self.counters = {
+            "requests": 0,
+            "faults": 0,
+            "interrupts": 0,
+            "doorbells": 0,
+            "control_requests": 0,
+        }
         self._decoder = FrameDecoder()
         self._sel = selectors.DefaultSelector()
         self._tick_interval: float | None = getattr(model, "tick_interval", None)
@@ -248,8 +265,18 @@ class DeviceRuntime:
         self.pending.clear()
         log.warning("%s: queue %d: %s; device needs reset", self.name, index, reason)
         self.regs.needs_reset(f"queue {index}: {reason}")
-        self.send(Event("fault", {"device": self.name, "queue": index, "reason": reason,
-                                  "iova": iova, "error": error}))
+        self.send(
+            Event(
+                "fault",
+                {
+                    "device": self.name,
+                    "queue": index,
+                    "reason": reason,
+                    "iova": iova,
+                    "error": error,
+                },
+            )
+        )
         self.send(Event("needs_reset", {"device": self.name, "reason": reason}))
 
     # -- the event loop ----------------------------------------------------------------------
@@ -262,9 +289,18 @@ class DeviceRuntime:
                 self._sel.register(fd, selectors.EVENT_READ, ("doorbell", index))
             for fd in self.model.extra_fds():
                 self._sel.register(fd, selectors.EVENT_READ, ("model", fd))
-        self.send(Event("ready", {"device": self.name, "kind": self.kind, "pid": os.getpid(),
-                                  "device_id": self.model.device_id,
-                                  "num_queues": self.model.num_queues}))
+        self.send(
+            Event(
+                "ready",
+                {
+                    "device": self.name,
+                    "kind": self.kind,
+                    "pid": os.getpid(),
+                    "device_id": self.model.device_id,
+                    "num_queues": self.model.num_queues,
+                },
+            )
+        )
         if self.native is not None:
             self.native.start()
         while self.running:
@@ -323,8 +359,7 @@ class DeviceRuntime:
             self._decoder.feed(data)
             while self.running and (msg := self._decoder.next_message()) is not None:
                 if not isinstance(msg, Request):
-                    raise ControlProtocolError(f"device got a {type(msg).__name__}, not a "
-                                               f"request")
+                    raise ControlProtocolError(f"device got a {type(msg).__name__}, not a request")
                 with self._native_section():
                     response = self.handle(msg)
                 self.send(response)
@@ -357,8 +392,9 @@ class DeviceRuntime:
             if fault is not None and self.broken is None:
                 if fault.dma:
                     self.dma.fault_count += 1
-                self._report_fault(fault.queue, fault.reason, fault.iova,
-                                   "DmaFault" if fault.dma else "QueueError")
+                self._report_fault(
+                    fault.queue, fault.reason, fault.iova, "DmaFault" if fault.dma else "QueueError"
+                )
             for notice in self.native.notices():
                 log.warning("%s: %s", self.name, notice)
 
@@ -405,8 +441,9 @@ class DeviceRuntime:
         return {"generation": generation}, b""
 
     def cmd_get_state(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        state = DeviceState(self.kind, self.regs.snapshot(),
-                            {i: q.state() for i, q in self.queues.items()})
+        state = DeviceState(
+            self.kind, self.regs.snapshot(), {i: q.state() for i, q in self.queues.items()}
+        )
         return {"state": state.to_json()}, b""
 
     def cmd_set_state(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -422,9 +459,12 @@ class DeviceRuntime:
                 raise CommandError(f"queue {i} is ready in the registers but has no state")
             expected = regs.queue_state()
             if (saved.size, saved.desc_addr, saved.avail_addr, saved.used_addr) != (
-                    expected.size, expected.desc_addr, expected.avail_addr, expected.used_addr):
-                raise CommandError(f"queue {i} state {saved} disagrees with its registers "
-                                   f"{regs}")
+                expected.size,
+                expected.desc_addr,
+                expected.avail_addr,
+                expected.used_addr,
+            ):
+                raise CommandError(f"queue {i} state {saved} disagrees with its registers {regs}")
             queues[i] = SplitQueue(saved, self.dma)
         self.regs.restore(state.mmio)  # validates; raises ValueError before anything changes
         self.queues = queues  # (a net RX backlog is kept: those frames are still on the link)
@@ -457,13 +497,19 @@ class DeviceRuntime:
             model = self.native.device_counters()
             for key, value in self.native.runtime_counters().items():
                 counters[key] = counters.get(key, 0) + value
-        return {**counters, "bytes": model.get("bytes", 0),
-                "datapath": "native" if self.native is not None else "python",
-                "dma_faults": self.dma.fault_count, "iotlb_hits": self.dma.iotlb_hits,
-                "iotlb_misses": self.dma.iotlb_misses, "quiesced": self.quiesced,
-                "broken": self.broken, "status": self.regs.status,
-                "bad_register_accesses": self.regs.bad_reads + self.regs.bad_writes,
-                "device": model}, b""
+        return {
+            **counters,
+            "bytes": model.get("bytes", 0),
+            "datapath": "native" if self.native is not None else "python",
+            "dma_faults": self.dma.fault_count,
+            "iotlb_hits": self.dma.iotlb_hits,
+            "iotlb_misses": self.dma.iotlb_misses,
+            "quiesced": self.quiesced,
+            "broken": self.broken,
+            "status": self.regs.status,
+            "bad_register_accesses": self.regs.bad_reads + self.regs.bad_writes,
+            "device": model,
+        }, b""
 
     def cmd_announce(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         announce = getattr(self.model, "announce", None)
@@ -477,8 +523,10 @@ class DeviceRuntime:
         return {}, b""
 
     def _queue_json(self) -> dict[str, dict[str, int]]:
-        return {str(i): {"next_avail": q.next_avail, "next_used": q.next_used}
-                for i, q in self.queues.items()}
+        return {
+            str(i): {"next_avail": q.next_avail, "next_used": q.next_used}
+            for i, q in self.queues.items()
+        }
 
 
 class ControlLogHandler(logging.Handler):
@@ -494,9 +542,16 @@ class ControlLogHandler(logging.Handler):
             return  # a failing send logs a warning itself: never recurse
         self._busy = True
         try:
-            self.runtime.send(Event("log", {"device": self.runtime.name,
-                                            "level": record.levelname,
-                                            "message": record.getMessage()}))
+            self.runtime.send(
+                Event(
+                    "log",
+                    {
+                        "device": self.runtime.name,
+                        "level": record.levelname,
+                        "message": record.getMessage(),
+                    },
+                )
+            )
         finally:
             self._busy = False
 
@@ -510,8 +565,7 @@ def _arg(args: dict[str, Any], key: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
     if len(argv) != 1:
         print("usage: python -m ptmig.devices.process LAUNCH_SPEC_JSON", file=sys.stderr)
         return 2
@@ -520,26 +574,33 @@ def main(argv: list[str] | None = None) -> int:
         use_batch_scheduling()
     control = socket.socket(fileno=spec.control_fd)
     try:
-        guest = mmap.mmap(spec.guest_fd, spec.guest_size, mmap.MAP_SHARED,
-                          mmap.PROT_READ | mmap.PROT_WRITE)
+        guest = mmap.mmap(
+            spec.guest_fd, spec.guest_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         pool = None
         if spec.pool_fd is not None:
-            pool = mmap.mmap(spec.pool_fd, os.fstat(spec.pool_fd).st_size, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
+            pool = mmap.mmap(
+                spec.pool_fd,
+                os.fstat(spec.pool_fd).st_size,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+            )
         table = IommuTable.attach(spec.iommu_fd, spec.iova_pages)
         dma = DmaView(table, guest, pool, name=spec.name)
         model = build_model(spec.kind, spec.config, dma)
     except Exception as exc:  # report any startup failure to the VMM, then exit
         log.error("%s: cannot start: %s", spec.name, exc)
         try:
-            control.sendall(encode(Event("startup_failed", {"device": spec.name,
-                                                            "reason": str(exc)})))
+            control.sendall(
+                encode(Event("startup_failed", {"device": spec.name, "reason": str(exc)}))
+            )
         except OSError:
             pass
         return 1
     native = native_path(spec, model, guest, pool, table)
-    runtime = DeviceRuntime(spec.name, spec.kind, model, dma, control, spec.doorbell_fds,
-                            spec.irq_fd, native)
+    runtime = DeviceRuntime(
+        spec.name, spec.kind, model, dma, control, spec.doorbell_fds, spec.irq_fd, native
+    )
     logging.getLogger().addHandler(ControlLogHandler(runtime))
     try:
         runtime.run()
@@ -550,8 +611,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def native_path(spec: LaunchSpec, model: DeviceModel, guest: mmap.mmap, pool: mmap.mmap | None,
-                table: IommuTable) -> NativePath | None:
+def native_path(
+    spec: LaunchSpec,
+    model: DeviceModel,
+    guest: mmap.mmap,
+    pool: mmap.mmap | None,
+    table: IommuTable,
+) -> NativePath | None:
     """The native data path of a device whose config asks for it (the default), or None: then
     the model's Python data path runs (saying why once, if the native one was asked for)."""
     from ptmig.devices.blk import BlkDevice
@@ -562,13 +628,26 @@ def native_path(spec: LaunchSpec, model: DeviceModel, guest: mmap.mmap, pool: mm
     iommu = table.entries
     try:
         if isinstance(model, NetDevice):
-            return NetPath(guest=guest, pool=pool, iommu=iommu, backend=model.backend,
-                           doorbells=spec.doorbell_fds, irq_fd=spec.irq_fd)
+            return NetPath(
+                guest=guest,
+                pool=pool,
+                iommu=iommu,
+                backend=model.backend,
+                doorbells=spec.doorbell_fds,
+                irq_fd=spec.irq_fd,
+            )
         if isinstance(model, BlkDevice):
-            return BlkPath(guest=guest, pool=pool, iommu=iommu, image_fd=model.fd,
-                           capacity=model.capacity, readonly=model.cfg.readonly,
-                           serial=model.cfg.serial.encode(), doorbells=spec.doorbell_fds,
-                           irq_fd=spec.irq_fd)
+            return BlkPath(
+                guest=guest,
+                pool=pool,
+                iommu=iommu,
+                image_fd=model.fd,
+                capacity=model.capacity,
+                readonly=model.cfg.readonly,
+                serial=model.cfg.serial.encode(),
+                doorbells=spec.doorbell_fds,
+                irq_fd=spec.irq_fd,
+            )
     except (NativeLibraryError, OSError) as exc:
         log.info("%s: native data path unavailable (%s); using the Python one", spec.name, exc)
     return None

@@ -66,8 +66,11 @@ class Kvm:
         return _ioctl(self.fd, Ioctl.CHECK_EXTENSION, int(cap))
 
     def require_capabilities(self) -> None:
-        missing = [f"{cap.name} ({why})" for cap, why in REQUIRED_CAPS.items()
-                   if self.check_extension(cap) <= 0]
+        missing = [
+            f"{cap.name} ({why})"
+            for cap, why in REQUIRED_CAPS.items()
+            if self.check_extension(cap) <= 0
+        ]
         if missing:
             raise KvmUnavailable("KVM lacks capabilities ptmig needs: " + ", ".join(missing))
 
@@ -141,13 +144,20 @@ class VmFd:
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap_addr: int) -> None:
         _ioctl(
-            self.fd, Ioctl.CLEAR_DIRTY_LOG,
+            self.fd,
+            Ioctl.CLEAR_DIRTY_LOG,
             s.KvmClearDirtyLog(slot, num_pages, first_page, bitmap_addr),
         )
 
     def ioeventfd(
-        self, fd: int, addr: int, length: int, datamatch: int | None = None,
-        *, pio: bool = False, deassign: bool = False,
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        datamatch: int | None = None,
+        *,
+        pio: bool = False,
+        deassign: bool = False,
     ) -> None:
         from .ioctls import (
             KVM_IOEVENTFD_FLAG_DATAMATCH,
@@ -186,8 +196,9 @@ class VcpuFd:
         self.vm = vm
         self.index = index
         self.fd = fd
-        self._map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = mmap.mmap(
+            fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self.run_struct = s.KvmRun.from_buffer(self._map)
         self.run_map = self._map
 

@@ -58,8 +58,9 @@ class MigrateOptions:
         if not self.uri.startswith(("tcp:", "unix:")):
             raise ValueError(f"destination must be tcp:HOST:PORT or unix:PATH, got {self.uri!r}")
         if self.dma_tracking is not None and self.dma_tracking not in DMA_TRACKING:
-            raise ValueError(f"dma tracking must be one of {', '.join(DMA_TRACKING)}, "
-                             f"got {self.dma_tracking!r}")
+            raise ValueError(
+                f"dma tracking must be one of {', '.join(DMA_TRACKING)}, got {self.dma_tracking!r}"
+            )
         if self.downtime_limit_ms is not None and self.downtime_limit_ms < 1:
             raise ValueError(f"downtime limit must be at least 1 ms, got {self.downtime_limit_ms}")
         if self.max_bandwidth is not None and self.max_bandwidth < 0:
@@ -80,8 +81,10 @@ def setup_commands(opts: MigrateOptions) -> list[tuple[str, dict[str, Any]]]:
         params["downtime-limit"] = opts.downtime_limit_ms
     if opts.max_bandwidth is not None:
         params["max-bandwidth"] = opts.max_bandwidth
-    caps = [{"capability": "x-verify", "state": opts.verify},
-            {"capability": "auto-converge", "state": opts.auto_converge}]
+    caps = [
+        {"capability": "x-verify", "state": opts.verify},
+        {"capability": "auto-converge", "state": opts.auto_converge},
+    ]
     cmds: list[tuple[str, dict[str, Any]]] = []
     if params:
         cmds.append(("migrate-set-parameters", params))
@@ -125,8 +128,10 @@ def progress_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("transferred", _mib(ram.get("transferred"))),
         ("dirty rate", f"{rate * page / MiB:,.1f} MiB/s" if isinstance(rate, int) else "-"),
         ("throughput", f"{ram['mbps'] / 8:,.1f} MB/s" if "mbps" in ram else "-"),
-        ("expected downtime", f"{info['expected-downtime']} ms"
-         if "expected-downtime" in info else "-"),
+        (
+            "expected downtime",
+            f"{info['expected-downtime']} ms" if "expected-downtime" in info else "-",
+        ),
         ("elapsed", f"{info['total-time']} ms" if "total-time" in info else "-"),
     ]
     if info.get("cpu-throttle-percentage"):
@@ -160,9 +165,12 @@ def summary_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     verify = info.get("x-verify")
     if isinstance(verify, dict):
         bad = verify.get("mismatched", 0)
-        text = (f"{verify.get('pages')} pages, all identical" if not bad else
-                f"{bad} of {verify.get('pages')} pages DIFFER "
-                f"(first {verify.get('first-mismatched')})")
+        text = (
+            f"{verify.get('pages')} pages, all identical"
+            if not bad
+            else f"{bad} of {verify.get('pages')} pages DIFFER "
+            f"(first {verify.get('first-mismatched')})"
+        )
         rows.append(("x-verify", text))
     shadow = info.get("x-shadow")
     if isinstance(shadow, dict):
@@ -191,8 +199,9 @@ async def _execute(qmp: Any, cmd: str, args: dict[str, Any] | None = None) -> An
         raise MigrateClientError(f"{cmd} {json.dumps(args or {})} refused: {e}") from None
 
 
-async def drive(opts: MigrateOptions,
-                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+async def drive(
+    opts: MigrateOptions, on_progress: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Start the migration and poll it to the end; returns the final `query-migrate` reply."""
     from qemu.qmp import QMPClient, QMPError
 
@@ -200,13 +209,15 @@ async def drive(opts: MigrateOptions,
     try:
         await qmp.connect(opts.qmp_path)
     except (QMPError, OSError) as e:
-        raise MigrateClientError(f"cannot connect to the VMM's QMP socket {opts.qmp_path}: {e}") \
-            from None
+        raise MigrateClientError(
+            f"cannot connect to the VMM's QMP socket {opts.qmp_path}: {e}"
+        ) from None
     try:
         info = await _execute(qmp, "query-migrate")
         if info.get("status") in ("setup", "active", "device", "cancelling"):
-            raise MigrateClientError(f"a migration is already in progress "
-                                     f"(status {info['status']!r})")
+            raise MigrateClientError(
+                f"a migration is already in progress (status {info['status']!r})"
+            )
         for cmd, args in setup_commands(opts):
             await _execute(qmp, cmd, args)
         loop = asyncio.get_running_loop()
@@ -233,14 +244,12 @@ async def drive(opts: MigrateOptions,
             pass  # the VMM may already be gone
 
 
-def run(opts: MigrateOptions, console: Console | None = None,
-        errors: Console | None = None) -> int:
+def run(opts: MigrateOptions, console: Console | None = None, errors: Console | None = None) -> int:
     """`ptmig migrate`: live progress, summary table, optional JSON; returns the exit status.
     Errors go to `errors` (stderr); with `--json -` the tables go there too."""
     errors = errors or Console(stderr=True, soft_wrap=True)
     console = console or (errors if json_to_stdout(opts.json_path) else Console())
-    live_view = Live(Text("connecting ..."), console=console, refresh_per_second=10,
-                     transient=True)
+    live_view = Live(Text("connecting ..."), console=console, refresh_per_second=10, transient=True)
 
     def show(info: dict[str, Any]) -> None:
         live_view.update(Group(_table(f"migrating to {opts.uri}", progress_rows(info))))
@@ -259,9 +268,11 @@ def run(opts: MigrateOptions, console: Console | None = None,
         write_json(info, opts.json_path)
     status = exit_status(info)
     if status == EXIT_FAILED:
-        errors.print(f"[red]migration {info.get('status')}: "
-                     f"{info.get('error-desc', 'no reason given')}; the guest runs on the "
-                     "source[/red]")
+        errors.print(
+            f"[red]migration {info.get('status')}: "
+            f"{info.get('error-desc', 'no reason given')}; the guest runs on the "
+            "source[/red]"
+        )
     elif status == EXIT_UNRESOLVED:
         errors.print(f"[red]migration unresolved: {info.get('error-desc')}[/red]")
     elif status == EXIT_MISMATCH:

@@ -32,8 +32,9 @@ FILL_CHUNK = 16 << 20
 
 
 class MigrationControl:
-    def __init__(self, machine: Machine, *, psk_file: Path | None = None,
-                 insecure: bool = False) -> None:
+    def __init__(
+        self, machine: Machine, *, psk_file: Path | None = None, insecure: bool = False
+    ) -> None:
         self.m = machine
         self.params = MigrationParams()
         self.caps = MigrationCapabilities()
@@ -42,8 +43,11 @@ class MigrationControl:
         cfg = machine.cfg.migration
         psk_path = psk_file or cfg.psk_file
         self.psk = psk_path.read_bytes().strip() if psk_path else None
-        self.tls = (transport.TlsConfig(str(cfg.tls_cert), str(cfg.tls_key), str(cfg.tls_ca))
-                    if cfg.tls else None)
+        self.tls = (
+            transport.TlsConfig(str(cfg.tls_cert), str(cfg.tls_key), str(cfg.tls_ca))
+            if cfg.tls
+            else None
+        )
         self._lock = threading.Lock()
 
     # --- the operations (also used directly by tests and the demo) ---------------------------
@@ -53,15 +57,26 @@ class MigrationControl:
             if self.current is not None and not self.current.info.status.finished:
                 raise QmpError(ErrorClass.GENERIC_ERROR, "a migration is already in progress")
             if getattr(self.m, "manual_shadow", None) is not None:
-                raise QmpError(ErrorClass.GENERIC_ERROR,
-                               "DMA is shadowed by x-shadow-start: x-shadow-stop first")
+                raise QmpError(
+                    ErrorClass.GENERIC_ERROR,
+                    "DMA is shadowed by x-shadow-start: x-shadow-stop first",
+                )
             if self.m.vm.state not in (RunState.RUNNING, RunState.PAUSED):
-                raise QmpError(ErrorClass.GENERIC_ERROR,
-                               f"cannot migrate a guest in state '{self.m.vm.state.value}'")
+                raise QmpError(
+                    ErrorClass.GENERIC_ERROR,
+                    f"cannot migrate a guest in state '{self.m.vm.state.value}'",
+                )
             try:
-                mig = SourceMigration(self.m, uri, self.params_snapshot(), self.caps_snapshot(),
-                                      psk=self.psk, tls=self.tls, insecure=self.insecure,
-                                      on_status=self._on_status)
+                mig = SourceMigration(
+                    self.m,
+                    uri,
+                    self.params_snapshot(),
+                    self.caps_snapshot(),
+                    psk=self.psk,
+                    tls=self.tls,
+                    insecure=self.insecure,
+                    on_status=self._on_status,
+                )
             except ValueError as e:
                 raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
             self.current = mig
@@ -86,20 +101,27 @@ class MigrationControl:
     # --- QMP ---------------------------------------------------------------------------------
 
     def register(self, qmp: QmpServer) -> None:
-        qmp.register("migrate", self._qmp_migrate,
-                     args_schema={"uri": str, "*detach": bool, "*resume": bool})
+        qmp.register(
+            "migrate", self._qmp_migrate, args_schema={"uri": str, "*detach": bool, "*resume": bool}
+        )
         qmp.register("migrate_cancel", self._qmp_cancel)
         qmp.register("query-migrate", self._qmp_query)
-        qmp.register("migrate-set-parameters", self._qmp_set_parameters,
-                     args_schema=PARAMS_SCHEMA)
+        qmp.register("migrate-set-parameters", self._qmp_set_parameters, args_schema=PARAMS_SCHEMA)
         qmp.register("query-migrate-parameters", lambda: self.params.to_qmp())
-        qmp.register("migrate-set-capabilities", self._qmp_set_capabilities,
-                     args_schema={"capabilities": list})
+        qmp.register(
+            "migrate-set-capabilities",
+            self._qmp_set_capabilities,
+            args_schema={"capabilities": list},
+        )
         qmp.register("query-migrate-capabilities", lambda: self.caps.to_qmp())
-        qmp.register("x-migrate-resolve", self.resolve,
-                     args_schema={"winner": ("source", "destination")})
-        qmp.register("x-debug-fill-ram", self._qmp_fill_ram,
-                     args_schema={"gpa": int, "size": int, "*seed": int})
+        qmp.register(
+            "x-migrate-resolve", self.resolve, args_schema={"winner": ("source", "destination")}
+        )
+        qmp.register(
+            "x-debug-fill-ram",
+            self._qmp_fill_ram,
+            args_schema={"gpa": int, "size": int, "*seed": int},
+        )
 
     def _qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
         if resume:
@@ -137,8 +159,9 @@ class MigrationControl:
 
     def _qmp_set_parameters(self, **kw: Any) -> None:
         if self.busy() and "x_dma_tracking" in kw:
-            raise QmpError(ErrorClass.GENERIC_ERROR,
-                           "x-dma-tracking cannot change while a migration runs")
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR, "x-dma-tracking cannot change while a migration runs"
+            )
         try:
             self.params.set(**kw)
         except ValueError as e:
@@ -150,8 +173,9 @@ class MigrationControl:
 
     def _qmp_set_capabilities(self, capabilities: list[Any]) -> None:
         if self.busy():
-            raise QmpError(ErrorClass.GENERIC_ERROR,
-                           "capabilities cannot change while a migration runs")
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR, "capabilities cannot change while a migration runs"
+            )
         try:
             self.caps.set(capabilities)
         except (ValueError, AttributeError) as e:
@@ -165,9 +189,11 @@ class MigrationControl:
             raise QmpError(ErrorClass.GENERIC_ERROR, "cannot fill guest RAM while migrating")
         mem = self.m.vm.memory
         if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or gpa + size > mem.size:
-            raise QmpError(ErrorClass.GENERIC_ERROR,
-                           f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
-                           f"non-empty and inside guest RAM [0, {mem.size:#x})")
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
+                f"non-empty and inside guest RAM [0, {mem.size:#x})",
+            )
         rng = np.random.default_rng(seed)
         for r in mem.regions:  # RAM only: the MMIO gap between regions is skipped
             start, end = max(gpa, r.gpa), min(gpa + size, r.end)

@@ -125,8 +125,9 @@ def program_devices(machine: Machine, devices: list[dict[str, Any]]) -> None:
             else:
                 dev.handle.set_state(entry["state"])
         except (DeviceError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise IncomingError(f"device {dev.id} rejected the migrated state: "
-                                f"{type(e).__name__}: {e}") from e
+            raise IncomingError(
+                f"device {dev.id} rejected the migrated state: {type(e).__name__}: {e}"
+            ) from e
 
 
 def prepare_guest_ram(machine: Machine, prefault: bool) -> bool:
@@ -145,8 +146,12 @@ def prepare_guest_ram(machine: Machine, prefault: bool) -> bool:
     except OSError as e:
         log.warning("could not prefault %d bytes of guest RAM: %s", mem.ram, e)
         return False
-    log.info("prefaulted %d MiB of guest RAM in %.0f ms%s", mem.ram >> 20,
-             (time.monotonic() - t0) * 1000, "" if mapped else " (allocated, not mapped)")
+    log.info(
+        "prefaulted %d MiB of guest RAM in %.0f ms%s",
+        mem.ram >> 20,
+        (time.monotonic() - t0) * 1000,
+        "" if mapped else " (allocated, not mapped)",
+    )
     return mapped
 
 
@@ -181,8 +186,9 @@ class SpliceReceiver:
             k = self._from_socket(min(self.pipe_bytes, total - done), total, done)
             moved = 0
             while moved < k:
-                moved += os.splice(self.rfd, self.mem_fd, k - moved,
-                                   offset_dst=offset + done + moved)
+                moved += os.splice(
+                    self.rfd, self.mem_fd, k - moved, offset_dst=offset + done + moved
+                )
             done += k
             self.ch.note_received(k)
 
@@ -196,10 +202,12 @@ class SpliceReceiver:
             except OSError as e:
                 raise transport.TransportError(
                     f"receiving {total} bytes (got {done}): connection to {self.ch.peer} "
-                    f"failed: {e}") from e
+                    f"failed: {e}"
+                ) from e
             if k == 0:
                 raise transport.TransportError(
-                    f"peer {self.ch.peer} closed the connection after {done} of {total} bytes")
+                    f"peer {self.ch.peer} closed the connection after {done} of {total} bytes"
+                )
             return k
 
     def _wait_readable(self, total: int, done: int) -> None:
@@ -213,7 +221,8 @@ class SpliceReceiver:
             wait = self.ch.patience()
         raise transport.TransportError(
             f"receiving {total} bytes (got {done}): no progress from {self.ch.peer} "
-            f"for {self.ch.inactivity_timeout} s (peer unresponsive)")
+            f"for {self.ch.inactivity_timeout} s (peer unresponsive)"
+        )
 
     def close(self) -> None:
         os.close(self.rfd)
@@ -224,15 +233,21 @@ class DataChannelReceiver:
     """One data channel of an incoming migration: a thread that receives its rounds straight
     into guest memory and reports, under `cond`, the last round it completed."""
 
-    def __init__(self, incoming: Incoming, index: int, ch: transport.Channel, conn: Connection,
-                 splicer: SpliceReceiver | None, cond: threading.Condition) -> None:
+    def __init__(
+        self,
+        incoming: Incoming,
+        index: int,
+        ch: transport.Channel,
+        conn: Connection,
+        splicer: SpliceReceiver | None,
+        cond: threading.Condition,
+    ) -> None:
         self.incoming, self.index, self.ch, self.conn = incoming, index, ch, conn
         self.splicer, self.cond = splicer, cond
         self.rounds_done = -1
         self.closed = False
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"incoming-data-{index}",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"incoming-data-{index}", daemon=True)
 
     def _run(self) -> None:
         try:
@@ -261,8 +276,10 @@ class DataChannelReceiver:
         if self.error is not None:
             return f"data channel {self.index} failed: {self.error}"
         if self.closed and self.rounds_done < rnd:
-            return (f"data channel {self.index} ended after round {self.rounds_done}, "
-                    f"before round {rnd}")
+            return (
+                f"data channel {self.index} ended after round {self.rounds_done}, "
+                f"before round {rnd}"
+            )
         return None
 
     def close(self) -> None:
@@ -273,9 +290,17 @@ class DataChannelReceiver:
 
 
 class Incoming:
-    def __init__(self, machine: Machine, uri: str, *, psk: bytes | None = None,
-                 tls: transport.TlsConfig | None = None, insecure: bool = False,
-                 prefault: bool = True, incoming_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        uri: str,
+        *,
+        psk: bytes | None = None,
+        tls: transport.TlsConfig | None = None,
+        insecure: bool = False,
+        prefault: bool = True,
+        incoming_timeout: float | None = None,
+    ) -> None:
         """`prefault`: allocate and map all guest RAM before accepting (`prepare_guest_ram`).
         `incoming_timeout`: seconds to wait for a valid source (None: no limit)."""
         self.m = machine
@@ -316,10 +341,12 @@ class Incoming:
         for v in vm.vcpus:
             if v.thread.ident is None:
                 v.start()
-        log.info("waiting for an incoming migration on %s (port %d)", self.address,
-                 self.listener.port)
-        deadline = (None if self.incoming_timeout is None
-                    else time.monotonic() + self.incoming_timeout)
+        log.info(
+            "waiting for an incoming migration on %s (port %d)", self.address, self.listener.port
+        )
+        deadline = (
+            None if self.incoming_timeout is None else time.monotonic() + self.incoming_timeout
+        )
         try:
             while True:
                 ch = self._accept_source(deadline)
@@ -334,8 +361,9 @@ class Incoming:
         finally:
             self.listener.close()
 
-    def _accept_source(self, deadline: float | None,
-                       what: str = "incoming migration") -> transport.Channel:
+    def _accept_source(
+        self, deadline: float | None, what: str = "incoming migration"
+    ) -> transport.Channel:
         """The next connection that authenticates; failed ones are reported and skipped."""
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -385,8 +413,9 @@ class Incoming:
             if splicer is not None:
                 splicer.close()
 
-    def _converse(self, ch: transport.Channel, conn: Connection,
-                  splicer: SpliceReceiver | None) -> None:
+    def _converse(
+        self, ch: transport.Channel, conn: Connection, splicer: SpliceReceiver | None
+    ) -> None:
         """The main stream's conversation, from the Hello to the switchover (and verify)."""
         m = self.m
         vm = m.vm
@@ -435,7 +464,7 @@ class Incoming:
         than "connection closed". Nothing is sent where the protocol allows no Abort (refused,
         aborted, switched over) or the stream itself failed."""
         try:
-            transport.send_event(ch, conn, Abort(reason[:MAX_REASON // 4]))
+            transport.send_event(ch, conn, Abort(reason[: MAX_REASON // 4]))
         except (ProtocolError, transport.TransportError):
             pass
 
@@ -451,9 +480,13 @@ class Incoming:
 
     def _connection(self, *, data_channel: bool = False) -> Connection:
         mem = self.m.vm.memory
-        return Connection(Role.DESTINATION, guest_pages=mem.npages,
-                          zero_filler=self._punch_zero_runs, data_channel=data_channel,
-                          ram_holes=mem.holes())
+        return Connection(
+            Role.DESTINATION,
+            guest_pages=mem.npages,
+            zero_filler=self._punch_zero_runs,
+            data_channel=data_channel,
+            ram_holes=mem.holes(),
+        )
 
     def _splicer(self, ch: transport.Channel) -> SpliceReceiver | None:
         """A splice receiver where it beats `recv_into` (guest RAM not mapped, plain TCP)."""
@@ -480,14 +513,20 @@ class Incoming:
                 ch.close()
                 raise
             ch.activity = self.activity
-            slots[index] = DataChannelReceiver(self, index, ch, conn, self._splicer(ch),
-                                               self._data_cond)
+            slots[index] = DataChannelReceiver(
+                self, index, ch, conn, self._splicer(ch), self._data_cond
+            )
         self.data_channels = [d for d in slots if d is not None]
         for d in self.data_channels:
             d.thread.start()
 
-    def _data_channel_hello(self, ch: transport.Channel, conn: Connection, token: str,
-                            slots: list[DataChannelReceiver | None]) -> int:
+    def _data_channel_hello(
+        self,
+        ch: transport.Channel,
+        conn: Connection,
+        token: str,
+        slots: list[DataChannelReceiver | None],
+    ) -> int:
         """Check a data channel's Hello and acknowledge it; returns its channel index."""
         ev = self._recv_event(ch, conn, None)
         if not isinstance(ev, Hello):
@@ -497,10 +536,16 @@ class Incoming:
         main = self._main
         if got is None or not hmac.compare_digest(got[1], token):
             ack = HelloAck(False, "data channel without this migration's token")
-        elif main is not None and main.session is not None and (
-                ch.session != main.session or ch.stream != got[0] + 1):
-            ack = HelloAck(False, f"data channel {got[0]} did not join this migration's "
-                                  f"PSK session as that channel (stream {ch.stream})")
+        elif (
+            main is not None
+            and main.session is not None
+            and (ch.session != main.session or ch.stream != got[0] + 1)
+        ):
+            ack = HelloAck(
+                False,
+                f"data channel {got[0]} did not join this migration's "
+                f"PSK session as that channel (stream {ch.stream})",
+            )
         elif got[0] >= len(slots) or slots[got[0]] is not None:
             ack = HelloAck(False, f"data channel index {got[0]} is not a free one of {len(slots)}")
         transport.send_event(ch, conn, ack)
@@ -531,8 +576,10 @@ class Incoming:
             if d.error is not None:
                 raise IncomingError(f"data channel {d.index} failed: {d.error}")
             if d.rounds_done != last_round:
-                raise IncomingError(f"data channel {d.index} ended after round {d.rounds_done}, "
-                                    f"not after the last pre-copy round {last_round}")
+                raise IncomingError(
+                    f"data channel {d.index} ended after round {d.rounds_done}, "
+                    f"not after the last pre-copy round {last_round}"
+                )
 
     def _pages_arrived(self, runs: np.ndarray) -> None:
         """Bookkeeping of one received batch (main stream or a data channel's thread)."""
@@ -542,8 +589,9 @@ class Incoming:
         if self.digests is not None:
             self._digest_runs(runs)  # distinct pages per stream: no lock needed
 
-    def _recv_event(self, ch: transport.Channel, conn: Connection,
-                    splicer: SpliceReceiver | None) -> Any:
+    def _recv_event(
+        self, ch: transport.Channel, conn: Connection, splicer: SpliceReceiver | None
+    ) -> Any:
         """`transport.recv_event`, with page payloads received straight into guest memory
         (`recv_into` its mapping, or spliced into its memfd). Reads of frame headers are kept
         small, so that little payload takes the detour through the protocol's buffer."""
@@ -566,8 +614,7 @@ class Incoming:
                         conn.payload_received(target.nbytes)
             return ev
 
-    def _gather(self, ch: transport.Channel, conn: Connection,
-                targets: list[memoryview]) -> None:
+    def _gather(self, ch: transport.Channel, conn: Connection, targets: list[memoryview]) -> None:
         """Many small runs (scattered pages, as in a stop-and-copy round): one receive of the
         whole payload into a scratch buffer, then one copy per run, instead of a receive call
         per run -- on the downtime's clock, system calls are what costs."""
@@ -592,8 +639,9 @@ class Incoming:
         pages = expand_runs(runs[~zero])  # all the batch's pages in one pass, not one per run
         self.digests[pages] = page_digests_at(self.m.vm.memory.view, pages)
 
-    def _verify_after_switchover(self, ch: transport.Channel, conn: Connection,
-                                 splicer: SpliceReceiver | None) -> None:
+    def _verify_after_switchover(
+        self, ch: transport.Channel, conn: Connection, splicer: SpliceReceiver | None
+    ) -> None:
         """The guest already runs: compare the source's digests of its RAM at the stop with
         ours of the RAM we resumed, and report. A failure here loses only the check."""
         assert self.digests is not None
@@ -606,13 +654,25 @@ class Incoming:
                 parts.append(digests_from_bytes(ev.digests))
             source = np.concatenate(parts)
             res = compare_digests(source, self.digests)
-            self.verify = {"pages": res.pages, "mismatched": res.mismatched,
-                           "first-mismatched": [int(p) for p in res.first_mismatched]}
+            self.verify = {
+                "pages": res.pages,
+                "mismatched": res.mismatched,
+                "first-mismatched": [int(p) for p in res.first_mismatched],
+            }
             if res.mismatched:
-                log.error("verification: %d of %d pages differ (first %s)", res.mismatched,
-                          res.pages, self.verify["first-mismatched"])
-            transport.send_event(ch, conn, VerifyReport(
-                res.pages, res.mismatched, tuple(int(p) for p in res.first_mismatched)))
+                log.error(
+                    "verification: %d of %d pages differ (first %s)",
+                    res.mismatched,
+                    res.pages,
+                    self.verify["first-mismatched"],
+                )
+            transport.send_event(
+                ch,
+                conn,
+                VerifyReport(
+                    res.pages, res.mismatched, tuple(int(p) for p in res.first_mismatched)
+                ),
+            )
         except Exception as e:
             log.error("verification after the switchover failed: %s", e)
 
@@ -624,7 +684,7 @@ class Incoming:
         except DiskLockError as e:
             reason = f"cannot take the disk locks: {e}"
             try:
-                transport.send_event(ch, conn, SwitchoverAck(False, reason[:MAX_REASON // 4]))
+                transport.send_event(ch, conn, SwitchoverAck(False, reason[: MAX_REASON // 4]))
             except (ProtocolError, transport.TransportError):
                 pass
             raise IncomingError(f"refused the switchover: {reason}") from None
@@ -636,8 +696,13 @@ class Incoming:
         for start, n in zip(sel["start"].tolist(), sel["npages"].tolist(), strict=True):
             self.m.vm.memory.punch_zero(start, n)
 
-    def _switchover(self, ch: transport.Channel, conn: Connection, vcpus: list[VcpuState],
-                    devices: list[dict[str, Any]]) -> None:
+    def _switchover(
+        self,
+        ch: transport.Channel,
+        conn: Connection,
+        vcpus: list[VcpuState],
+        devices: list[dict[str, Any]],
+    ) -> None:
         vm = self.m.vm
         report: dict[str, Any] = {}
         t1 = time.monotonic()
@@ -653,14 +718,19 @@ class Incoming:
         t3 = time.monotonic()
         # What the destination spent between the source's Complete and its ack (part of the
         # downtime the source reports): vCPU restore, device programming.
-        report["x-switchover-ms"] = {"vcpus": round((t2 - t1) * 1000, 2),
-                                     "devices": round((t3 - t2) * 1000, 2)}
+        report["x-switchover-ms"] = {
+            "vcpus": round((t2 - t1) * 1000, 2),
+            "devices": round((t3 - t2) * 1000, 2),
+        }
         self._commit(ch, conn)
         try:
             transport.send_event(ch, conn, SwitchoverAck(True, json.dumps(report)))
         except (ProtocolError, transport.TransportError) as e:
-            log.error("the switchover acknowledgement was not sent (%s): the guest runs here "
-                      "anyway; the source stays paused until x-migrate-resolve", e)
+            log.error(
+                "the switchover acknowledgement was not sent (%s): the guest runs here "
+                "anyway; the source stays paused until x-migrate-resolve",
+                e,
+            )
         vm.start()
         self.started_at = time.monotonic()
         self.m.disk_locks.record()
@@ -675,8 +745,9 @@ def run_incoming(machine: Machine, uri: str, *, prefault: bool = True) -> int:
     `Incoming`'s (on by default: the destination has nothing else to do while it waits)."""
     ctl = machine.migration
     try:
-        incoming = Incoming(machine, uri, psk=ctl.psk, tls=ctl.tls, insecure=ctl.insecure,
-                            prefault=prefault)
+        incoming = Incoming(
+            machine, uri, psk=ctl.psk, tls=ctl.tls, insecure=ctl.insecure, prefault=prefault
+        )
     except (transport.TransportError, ValueError) as e:
         print(f"ptmig: cannot accept an incoming migration: {e}", file=sys.stderr, flush=True)
         return VMM_FAILED

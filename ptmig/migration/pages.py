@@ -179,7 +179,9 @@ def pages_to_runs(page_numbers: np.ndarray) -> np.ndarray:
 
 
 def split_zero_runs(
-    mem: memoryview | bytearray | np.ndarray, runs: np.ndarray, page_size: int = PAGE_SIZE,
+    mem: memoryview | bytearray | np.ndarray,
+    runs: np.ndarray,
+    page_size: int = PAGE_SIZE,
     allocated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Re-split `runs` into DATA and ZERO runs according to the current memory contents.
@@ -232,8 +234,13 @@ def data_pages(runs: np.ndarray) -> int:
     return int(runs["npages"][runs["kind"] == RunKind.DATA].sum(dtype=np.uint64))
 
 
-def validate_runs(runs: np.ndarray, guest_pages: int, page_size: int = PAGE_SIZE, *,
-                  holes: Sequence[tuple[int, int]] = ()) -> int:
+def validate_runs(
+    runs: np.ndarray,
+    guest_pages: int,
+    page_size: int = PAGE_SIZE,
+    *,
+    holes: Sequence[tuple[int, int]] = (),
+) -> int:
     """Check a run list from the peer; return its payload size in bytes.
 
     Rejects (RemoteProtocolError): no runs, too many runs, empty runs, unknown kinds, runs

@@ -68,13 +68,13 @@ class MigrationParams:
             v = kw["x_dma_tracking"]
             if v not in DMA_TRACKING:
                 raise ValueError(
-                    f"x-dma-tracking must be one of {', '.join(DMA_TRACKING)}, got {v!r}")
+                    f"x-dma-tracking must be one of {', '.join(DMA_TRACKING)}, got {v!r}"
+                )
             self.x_dma_tracking = v
         if "multifd_channels" in kw:
             v = kw["multifd_channels"]
             if not 1 <= v <= MAX_DATA_CHANNELS:
-                raise ValueError(
-                    f"multifd-channels must be in [1, {MAX_DATA_CHANNELS}], got {v}")
+                raise ValueError(f"multifd-channels must be in [1, {MAX_DATA_CHANNELS}], got {v}")
             self.multifd_channels = v
         if "x_timeout" in kw:
             v = kw["x_timeout"]
@@ -184,10 +184,16 @@ class MigrationInfo:
         else:
             out["expected-downtime"] = self.expected_downtime_ms
         out["ram"] = {
-            "transferred": r.transferred, "remaining": r.remaining, "total": r.total,
-            "duplicate": r.duplicate, "normal": r.normal, "normal-bytes": r.normal_bytes,
-            "dirty-pages-rate": r.dirty_pages_rate, "mbps": round(r.mbps, 3),
-            "dirty-sync-count": r.dirty_sync_count, "page-size": 4096,
+            "transferred": r.transferred,
+            "remaining": r.remaining,
+            "total": r.total,
+            "duplicate": r.duplicate,
+            "normal": r.normal,
+            "normal-bytes": r.normal_bytes,
+            "dirty-pages-rate": r.dirty_pages_rate,
+            "mbps": round(r.mbps, 3),
+            "dirty-sync-count": r.dirty_sync_count,
+            "page-size": 4096,
         }
         if self.throttle_pct:
             out["cpu-throttle-percentage"] = self.throttle_pct

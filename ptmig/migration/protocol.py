@@ -117,8 +117,9 @@ FINAL_STATES = frozenset(
 # The source may close after the switchover, or verify first: the peer's EOF is fine here.
 CLOSABLE_STATES = FINAL_STATES | {State.SWITCHED_OVER}
 # A data channel carries rounds only, and ends after one of them.
-DATA_CHANNEL_EVENTS = frozenset({"Hello", "HelloAck", "HelloRefused", "RoundStart", "PageRuns",
-                                 "RoundEnd", "Abort"})
+DATA_CHANNEL_EVENTS = frozenset(
+    {"Hello", "HelloAck", "HelloRefused", "RoundStart", "PageRuns", "RoundEnd", "Abort"}
+)
 DATA_CHANNEL_CLOSABLE = CLOSABLE_STATES | {State.PRECOPY}
 MAX_DATA_CHANNELS = 16
 STRIPE_PAGES = 4096  # 16 MiB: the unit of guest RAM that always travels on the same data channel
@@ -233,7 +234,8 @@ class GuestOwnership:
         if nxt is None:
             raise LocalProtocolError(
                 f"{self.role.value}: {type(event).__name__} is not possible while the guest's "
-                f"owner is {self.owner.value}")
+                f"owner is {self.owner.value}"
+            )
         self.owner = nxt
         self.reason = _ownership_reason(event)
         return nxt
@@ -305,10 +307,16 @@ class _Payload:
 class Connection:
     """One end of a migration stream; see the module docstring."""
 
-    def __init__(self, role: Role, *, guest_pages: int, page_size: int = pages.PAGE_SIZE,
-                 zero_filler: Callable[[memoryview, np.ndarray], None] | None = None,
-                 data_channel: bool = False,
-                 ram_holes: Sequence[tuple[int, int]] = ()) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        guest_pages: int,
+        page_size: int = pages.PAGE_SIZE,
+        zero_filler: Callable[[memoryview, np.ndarray], None] | None = None,
+        data_channel: bool = False,
+        ram_holes: Sequence[tuple[int, int]] = (),
+    ) -> None:
         """`zero_filler(guest_mem, runs)` replaces the default zeroing of ZERO runs (the
         destination VMM punches holes in its guest memfd instead of writing zeros).
         `data_channel`: this stream only carries rounds (see the module docstring).
@@ -321,8 +329,7 @@ class Connection:
         self.role = role
         self.data_channel = data_channel
         self._closable = DATA_CHANNEL_CLOSABLE if data_channel else CLOSABLE_STATES
-        self._zero_filler = zero_filler or (lambda mem, runs: pages.zero_fill(mem, runs,
-                                                                               page_size))
+        self._zero_filler = zero_filler or (lambda mem, runs: pages.zero_fill(mem, runs, page_size))
         self.guest_pages = guest_pages
         self.ram_holes = tuple(ram_holes)
         self.page_size = page_size
@@ -440,8 +447,7 @@ class Connection:
     def _local_runs(self, runs: np.ndarray) -> np.ndarray:
         runs = np.ascontiguousarray(runs, dtype=RUN_DTYPE)
         try:
-            pages.validate_runs(runs, self.guest_pages, self.page_size,
-                                         holes=self.ram_holes)
+            pages.validate_runs(runs, self.guest_pages, self.page_size, holes=self.ram_holes)
         except RemoteProtocolError as e:
             raise LocalProtocolError(f"refusing to send bad runs: {e}") from None
         return runs
@@ -541,8 +547,9 @@ class Connection:
             )
         if header.type is FrameType.PAGE_RUNS:
             runs, crc = frames.decode_page_runs(metadata)
-            nbytes = pages.validate_runs(runs, self.guest_pages, self.page_size,
-                                         holes=self.ram_holes)
+            nbytes = pages.validate_runs(
+                runs, self.guest_pages, self.page_size, holes=self.ram_holes
+            )
             event: Event = PageRunsHeader(runs, nbytes)
             self._apply(self.role.peer, event, RemoteProtocolError)
             has_crc = bool(header.flags & frames.FLAG_PAYLOAD_CRC)
@@ -672,12 +679,19 @@ def parse_channel_capability(hello: Hello, name: str) -> tuple[int, str] | None:
     if not found:
         return None
     number, sep, token = found[0][len(name) + 1 :].partition(":")
-    if (len(found) > 1 or not sep or not number.isdigit() or len(number) > 2
-            or int(number) > MAX_DATA_CHANNELS or len(token) != 32
-            or any(ch not in "0123456789abcdef" for ch in token)):
+    if (
+        len(found) > 1
+        or not sep
+        or not number.isdigit()
+        or len(number) > 2
+        or int(number) > MAX_DATA_CHANNELS
+        or len(token) != 32
+        or any(ch not in "0123456789abcdef" for ch in token)
+    ):
         raise RemoteProtocolError(
             f"malformed {name} capability {found[0][:80]!r}: expected {name}=NUMBER:TOKEN with "
-            f"NUMBER ≤ {MAX_DATA_CHANNELS} and a 32-hex-digit TOKEN, once")
+            f"NUMBER ≤ {MAX_DATA_CHANNELS} and a 32-hex-digit TOKEN, once"
+        )
     return int(number), token
 
 

@@ -144,10 +144,18 @@ class DataChannel:
 
 
 class SourceMigration:
-    def __init__(self, machine: Machine, uri: str, params: MigrationParams,
-                 caps: MigrationCapabilities, *, psk: bytes | None = None,
-                 tls: transport.TlsConfig | None = None, insecure: bool = False,
-                 on_status: Callable[[Status], None] | None = None) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        uri: str,
+        params: MigrationParams,
+        caps: MigrationCapabilities,
+        *,
+        psk: bytes | None = None,
+        tls: transport.TlsConfig | None = None,
+        insecure: bool = False,
+        on_status: Callable[[Status], None] | None = None,
+    ) -> None:
         self.m = machine
         self.address = parse_uri(uri)
         self.params = params
@@ -215,8 +223,9 @@ class SourceMigration:
         self._note_owner()
         switched = False
         try:
-            ch = transport.connect_to(self.address, tls=self.tls, psk=self.psk,
-                                      insecure=self.insecure)
+            ch = transport.connect_to(
+                self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
+            )
             self.channel = ch
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
             caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
@@ -263,7 +272,8 @@ class SourceMigration:
             self.info.error = (
                 f"switchover unresolved ({why}): the destination may be running the guest, so "
                 "it stays paused here; once you know which side runs it, name it with "
-                "x-migrate-resolve (winner 'source' or 'destination')")
+                "x-migrate-resolve (winner 'source' or 'destination')"
+            )
             log.error("migration: %s", self.info.error)
             self._set_status(Status.UNRESOLVED)
             return
@@ -282,9 +292,11 @@ class SourceMigration:
         disk locks back (DiskLockError names their holder, and nothing changes)."""
         with self._resolve_lock:
             if self.ownership.owner is not Owner.UNRESOLVED:
-                raise ValueError(f"the migration has no unresolved switchover (status "
-                                 f"'{self.info.status.value}', guest owner "
-                                 f"'{self.ownership.owner.value}')")
+                raise ValueError(
+                    f"the migration has no unresolved switchover (status "
+                    f"'{self.info.status.value}', guest owner "
+                    f"'{self.ownership.owner.value}')"
+                )
             if winner is Role.SOURCE:
                 self.m.disk_locks.acquire()
             self.ownership.handle(Resolve(winner))
@@ -316,10 +328,14 @@ class SourceMigration:
             self._check()
             main = self.channel
             join = (main.session, index) if main is not None and main.session else None
-            ch = transport.connect_to(self.address, tls=self.tls, psk=self.psk,
-                                      insecure=self.insecure, join=join)
-            self.data_channels.append(DataChannel(ch, Connection(
-                Role.SOURCE, guest_pages=npages, data_channel=True), mask))
+            ch = transport.connect_to(
+                self.address, tls=self.tls, psk=self.psk, insecure=self.insecure, join=join
+            )
+            self.data_channels.append(
+                DataChannel(
+                    ch, Connection(Role.SOURCE, guest_pages=npages, data_channel=True), mask
+                )
+            )
             cap = channel_capability(DATA_CHANNEL_CAPABILITY, index, token)
             self._handshake(ch, self.data_channels[-1].conn, (cap,))
 
@@ -391,8 +407,15 @@ class SourceMigration:
         self.info.ram.dirty_sync_count += 1
         return dirty
 
-    def _send_round(self, ch: transport.Channel, conn: Connection, rnd: int,
-                    dirty: bitmap.Bitmap, *, throttle: bool) -> int:
+    def _send_round(
+        self,
+        ch: transport.Channel,
+        conn: Connection,
+        rnd: int,
+        dirty: bitmap.Bitmap,
+        *,
+        throttle: bool,
+    ) -> int:
         """Send one round's dirty pages on the main stream, or on the data channels (the main
         stream then carries the round with 0 pages); returns bytes sent."""
         if not self.data_channels:
@@ -401,8 +424,7 @@ class SourceMigration:
         # holes: zero pages we need not even read (found once for all channels; a round few
         # enough to be listed sparsely never needs them: no whole-RAM scan for it)
         mem = self.m.vm.memory
-        allocated = (mem.allocated() if pages.count_dirty(dirty, mem.npages) > SPARSE_PAGES
-                     else None)
+        allocated = mem.allocated() if pages.count_dirty(dirty, mem.npages) > SPARSE_PAGES else None
         counts = [0] * len(self.data_channels)
         self._round_stop.clear()
         self._round_error = None
@@ -410,13 +432,15 @@ class SourceMigration:
         def send(i: int, d: DataChannel) -> None:
             try:
                 counts[i] = self._send_stream_round(
-                    d.channel, d.conn, rnd, dirty & d.mask, throttle=throttle,
-                    allocated=allocated)
+                    d.channel, d.conn, rnd, dirty & d.mask, throttle=throttle, allocated=allocated
+                )
             except BaseException as e:  # re-raised below, in the migration thread
                 self._stop_round(e)
 
-        threads = [threading.Thread(target=send, args=(i, d), name=f"migration-data-{i}")
-                   for i, d in enumerate(self.data_channels)]
+        threads = [
+            threading.Thread(target=send, args=(i, d), name=f"migration-data-{i}")
+            for i, d in enumerate(self.data_channels)
+        ]
         for t in threads:
             t.start()
         try:
@@ -433,8 +457,9 @@ class SourceMigration:
             raise self._round_error
         return sent + sum(counts) + transport.send_event(ch, conn, RoundEnd(rnd))
 
-    def _watch_round(self, ch: transport.Channel, conn: Connection, rnd: int,
-                     threads: list[threading.Thread]) -> None:
+    def _watch_round(
+        self, ch: transport.Channel, conn: Connection, rnd: int, threads: list[threading.Thread]
+    ) -> None:
         """While the senders run: cancel, timeout, or the destination giving up on the main
         stream (it carries nothing else now) ends the round at once. Waking every
         WATCH_INTERVAL_S costs nothing; the senders' completion ends the wait immediately."""
@@ -449,7 +474,8 @@ class SourceMigration:
             if not data:
                 raise transport.TransportError(
                     f"the migration stream to {ch.peer} ended during round {rnd}: the "
-                    "destination gave up or is gone")
+                    "destination gave up or is gone"
+                )
             conn.receive_data(data)
             ev = conn.next_event()  # anything but an Abort is a RemoteProtocolError here
             if isinstance(ev, Abort):
@@ -457,8 +483,7 @@ class SourceMigration:
             if ev is not NEED_DATA:
                 raise RuntimeError(f"unexpected {type(ev).__name__} from the destination")
 
-    def _destination_abort(self, ch: transport.Channel,
-                           conn: Connection) -> RuntimeError | None:
+    def _destination_abort(self, ch: transport.Channel, conn: Connection) -> RuntimeError | None:
         """After a stream broke: the destination's Abort, if it sent one, says why. It follows
         closely the reset it causes on our data channels, so wait for it a moment."""
         deadline = time.monotonic() + ABORT_GRACE_S
@@ -493,9 +518,16 @@ class SourceMigration:
             for d in self.data_channels:
                 d.channel.abort()
 
-    def _send_stream_round(self, ch: transport.Channel, conn: Connection, rnd: int,
-                           dirty: bitmap.Bitmap, *, throttle: bool,
-                           allocated: np.ndarray | None = None) -> int:
+    def _send_stream_round(
+        self,
+        ch: transport.Channel,
+        conn: Connection,
+        rnd: int,
+        dirty: bitmap.Bitmap,
+        *,
+        throttle: bool,
+        allocated: np.ndarray | None = None,
+    ) -> int:
         """Send one round's dirty pages on one stream; returns bytes sent."""
         mem = self.m.vm.memory
         npages = mem.npages
@@ -505,8 +537,11 @@ class SourceMigration:
             # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
             allocated = None
             # (cut to the batch size: up to SPARSE_PAGES pages exceed one frame's payload cap)
-            batches = iter(pages.split_by_data(pages.pages_to_runs(dirty_pages(dirty, npages)),
-                                               BATCH_PAGES) if count else [])
+            batches = iter(
+                pages.split_by_data(pages.pages_to_runs(dirty_pages(dirty, npages)), BATCH_PAGES)
+                if count
+                else []
+            )
         else:
             if allocated is None:
                 allocated = mem.allocated()  # holes are zero pages we need not even read
@@ -574,12 +609,24 @@ class SourceMigration:
             self.info.ram.dirty_pages_rate = int(remaining_pages / took) if took > 0 else 0
             self.info.ram.pages_per_round.append(count)
             self.info.expected_downtime_ms = int(policy.expected_downtime(remaining, rate) * 1000)
-            self.info.rounds.append({"round": rnd, "pages": count, "seconds": round(took, 4),
-                                     "remaining-pages": remaining_pages,
-                                     "channels": len(self.data_channels),
-                                     "harvest-ms": round(harvest_ms, 3)})
-            log.info("round %d: %d pages in %.3fs (%.0f MB/s), %d dirty after", rnd, count, took,
-                     rate / 1e6, remaining_pages)
+            self.info.rounds.append(
+                {
+                    "round": rnd,
+                    "pages": count,
+                    "seconds": round(took, 4),
+                    "remaining-pages": remaining_pages,
+                    "channels": len(self.data_channels),
+                    "harvest-ms": round(harvest_ms, 3),
+                }
+            )
+            log.info(
+                "round %d: %d pages in %.3fs (%.0f MB/s), %d dirty after",
+                rnd,
+                count,
+                took,
+                rate / 1e6,
+                remaining_pages,
+            )
             rnd += 1
             # downtime-limit and max-bandwidth apply at once when changed mid-migration (QEMU's
             # behaviour): `MigrationControl` updates `self.params`.
@@ -593,13 +640,15 @@ class SourceMigration:
             else:
                 stalled += 1
             if auto is not None:
-                pct = auto.update(policy.RoundStats(
-                    dirty_bytes=remaining, transferred_bytes=nbytes, seconds=took))
+                pct = auto.update(
+                    policy.RoundStats(dirty_bytes=remaining, transferred_bytes=nbytes, seconds=took)
+                )
                 if pct != self.info.throttle_pct:
                     self.info.throttle_pct = pct
                     vm.set_throttle(pct)
-            if stalled >= params.x_max_stalled_rounds and (auto is None or
-                                                           self.info.throttle_pct >= 99):
+            if stalled >= params.x_max_stalled_rounds and (
+                auto is None or self.info.throttle_pct >= 99
+            ):
                 # The dirty set no longer shrinks (e.g. all-dirty resends every mapped page):
                 # stop iterating and pay for it in downtime, as QEMU eventually must.
                 self.info.forced_switchover = True
@@ -607,8 +656,9 @@ class SourceMigration:
                 self._close_data_channels()
                 return dirty
 
-    def _stop_and_copy(self, ch: transport.Channel, conn: Connection,
-                       pending: bitmap.Bitmap) -> bool:
+    def _stop_and_copy(
+        self, ch: transport.Channel, conn: Connection, pending: bitmap.Bitmap
+    ) -> bool:
         m = self.m
         vm = m.vm
         self._check()
@@ -631,8 +681,12 @@ class SourceMigration:
         rnd = len(self.info.rounds)
         final_pages = pages.count_dirty(dirty, vm.memory.npages)
         self._send_round(ch, conn, rnd, dirty, throttle=False)
-        stop_round: dict[str, Any] = {"round": rnd, "pages": final_pages, "stop-and-copy": True,
-                                      "stop-at-ms": round((t0 - self.info.start) * 1000, 1)}
+        stop_round: dict[str, Any] = {
+            "round": rnd,
+            "pages": final_pages,
+            "stop-and-copy": True,
+            "stop-at-ms": round((t0 - self.info.start) * 1000, 1),
+        }
         self.info.rounds.append(stop_round)
         self.info.ram.pages_per_round.append(final_pages)
         transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
@@ -663,8 +717,7 @@ class SourceMigration:
             self.info.verify = self._verify_after_switchover(ch, conn)
         return True
 
-    def _switchover_reply(self, ch: transport.Channel,
-                          conn: Connection) -> SwitchoverAck | Abort:
+    def _switchover_reply(self, ch: transport.Channel, conn: Connection) -> SwitchoverAck | Abort:
         """The destination's answer to Complete, within x-switchover-timeout; a cancel, the
         timeout or a broken stream raise (and leave the switchover unresolved)."""
         limit = self.params.x_switchover_timeout_s
@@ -676,19 +729,24 @@ class SourceMigration:
             if ev is not NEED_DATA:
                 raise RuntimeError(f"expected a switchover acknowledgement, got {ev!r}")
             if self._cancel.is_set():
-                raise MigrationCancelled("migration cancelled while waiting for the "
-                                         "destination's switchover acknowledgement")
+                raise MigrationCancelled(
+                    "migration cancelled while waiting for the "
+                    "destination's switchover acknowledgement"
+                )
             data = ch.recv_nowait()
             if data is not None:
                 if not data:
                     raise transport.TransportError(
-                        f"{ch.peer} closed the stream before acknowledging the switchover")
+                        f"{ch.peer} closed the stream before acknowledging the switchover"
+                    )
                 conn.receive_data(data)
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no switchover acknowledgement from {ch.peer} within "
-                                   f"{limit:.0f} s (x-switchover-timeout)")
+                raise TimeoutError(
+                    f"no switchover acknowledgement from {ch.peer} within "
+                    f"{limit:.0f} s (x-switchover-timeout)"
+                )
             select.select([ch.sock], [], [], min(left, REPLY_POLL_S))
 
     def _verify_after_switchover(self, ch: transport.Channel, conn: Connection) -> dict[str, Any]:
@@ -711,9 +769,12 @@ class SourceMigration:
             return {"error": f"{type(e).__name__}: {e}"}
         if not isinstance(report, VerifyReport):
             return {"error": f"expected a verification report, got {type(report).__name__}"}
-        return {"pages": report.pages, "mismatched": report.mismatched,
-                "first-mismatched": list(report.first_mismatched),
-                "time-ms": round((time.monotonic() - t0) * 1000, 1)}
+        return {
+            "pages": report.pages,
+            "mismatched": report.mismatched,
+            "first-mismatched": list(report.first_mismatched),
+            "time-ms": round((time.monotonic() - t0) * 1000, 1),
+        }
 
 
 def _ack_field(reason: str, key: str) -> Any:

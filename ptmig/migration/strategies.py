@@ -68,8 +68,10 @@ class _QuiesceAtStop:
         return None
 
     def device_states(self, m: Machine) -> list[dict[str, Any]]:
-        return [{"id": d.id, "kind": d.kind, "source": "device", "state": d.handle.get_state()}
-                for d in m.devices]
+        return [
+            {"id": d.id, "kind": d.kind, "source": "device", "state": d.handle.get_state()}
+            for d in m.devices
+        ]
 
     def abort(self, m: Machine) -> None:
         for dev in m.devices:
@@ -144,7 +146,9 @@ def make_strategy(name: str) -> DmaTracking:
 
         return ShadowTracking()
     table: dict[str, type[_QuiesceAtStop]] = {
-        "none": NoTracking, "all-dirty": AllDirty, "device-log": DeviceLog,
+        "none": NoTracking,
+        "all-dirty": AllDirty,
+        "device-log": DeviceLog,
     }
     if name not in table:
         raise ValueError(f"unknown x-dma-tracking strategy {name!r}")
@@ -163,13 +167,17 @@ def decode_device_states(blob: bytes, expected_ids: list[str]) -> list[dict[str,
     own state is validated again by the device when it is programmed."""
     if len(blob) > MAX_DEVICE_STATE_BYTES:
         raise DeviceStateError(
-            f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}")
+            f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}"
+        )
     try:
         doc = load_json(bytes(blob), "device state")
     except RemoteProtocolError as e:
         raise DeviceStateError(str(e)) from None
-    if (not isinstance(doc, dict) or doc.get("version") != 1
-            or not isinstance(doc.get("devices"), list)):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("version") != 1
+        or not isinstance(doc.get("devices"), list)
+    ):
         raise DeviceStateError("device state lacks version 1 and a device list")
     devices = doc["devices"]
     ids = [d.get("id") if isinstance(d, dict) else None for d in devices]

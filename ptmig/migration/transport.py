@@ -113,7 +113,8 @@ def check_private_directory(path: str) -> None:
             f"refusing unix:{path}: its directory {directory!r} has mode "
             f"{st.st_mode & 0o777:#o} and owner uid {st.st_uid}; a migration socket must be in "
             f"a directory only its owner (uid {os.getuid()}) can enter (chmod 700), or be "
-            "authenticated otherwise (--psk-file, TLS) or explicitly --insecure")
+            "authenticated otherwise (--psk-file, TLS) or explicitly --insecure"
+        )
 
 
 def _require_secure(
@@ -351,8 +352,9 @@ class SealedChannel(Channel):
     plaintext fits the caller's buffer is opened straight into it (guest memory), anything else
     through a buffer of one record. One thread sends and one receives at a time."""
 
-    def __init__(self, sock: socket.socket, inactivity_timeout: float, peer: str,
-                 keys: seal.StreamKeys) -> None:
+    def __init__(
+        self, sock: socket.socket, inactivity_timeout: float, peer: str, keys: seal.StreamKeys
+    ) -> None:
         super().__init__(sock, inactivity_timeout, peer)
         self.keys = keys
         self.session = keys.session
@@ -434,8 +436,9 @@ class SealedChannel(Channel):
                     return False
                 if n == 0:
                     if self._hdr_got:
-                        raise TransportError(f"peer {self.peer} closed the connection inside a "
-                                             "sealed record header")
+                        raise TransportError(
+                            f"peer {self.peer} closed the connection inside a sealed record header"
+                        )
                     self._eof = True
                     return True
                 self._hdr_got += n
@@ -451,7 +454,8 @@ class SealedChannel(Channel):
                 if n == 0:
                     raise TransportError(
                         f"peer {self.peer} closed the connection inside a sealed record "
-                        f"({self._body_got} of {self._body_need} bytes)")
+                        f"({self._body_got} of {self._body_need} bytes)"
+                    )
                 self._body_got += n
         return True
 
@@ -510,7 +514,8 @@ class SealedChannel(Channel):
                 continue
             if self._eof or (self._next_record(wait=True) and self._eof):
                 raise TransportError(
-                    f"peer {self.peer} closed the connection after {pos} of {total} bytes")
+                    f"peer {self.peer} closed the connection after {pos} of {total} bytes"
+                )
             n = self._record_plaintext
             if n <= total - pos:  # straight into the caller's buffer
                 self._open_into(mv[pos : pos + n])
@@ -534,9 +539,11 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def _psk_handshake(sock: socket.socket, run: Callable[..., seal.StreamKeys],
-                   *args: Any) -> seal.StreamKeys:
+def _psk_handshake(
+    sock: socket.socket, run: Callable[..., seal.StreamKeys], *args: Any
+) -> seal.StreamKeys:
     """Run one side of the PSK handshake on `sock` (see `seal`); failures → AuthenticationError."""
+
     def send(data: bytes) -> None:
         try:
             sock.sendall(data)
@@ -569,16 +576,24 @@ def _client_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def _secure_stream(sock: socket.socket, peer: str, server: bool, tls_ctx: ssl.SSLContext | None,
-                   psk: bytes | None, handshake: Callable[[socket.socket], seal.StreamKeys],
-                   inactivity_timeout: float, server_hostname: str | None = None) -> Channel:
+def _secure_stream(
+    sock: socket.socket,
+    peer: str,
+    server: bool,
+    tls_ctx: ssl.SSLContext | None,
+    psk: bytes | None,
+    handshake: Callable[[socket.socket], seal.StreamKeys],
+    inactivity_timeout: float,
+    server_hostname: str | None = None,
+) -> Channel:
     """TLS (if configured), then the PSK handshake (if a key is given) on a connected socket;
     the Channel it returns is sealed under the PSK unless TLS already protects it."""
     try:
         if tls_ctx is not None:
             try:
-                sock = tls_ctx.wrap_socket(sock, server_side=server,
-                                           server_hostname=None if server else server_hostname)
+                sock = tls_ctx.wrap_socket(
+                    sock, server_side=server, server_hostname=None if server else server_hostname
+                )
             except (ssl.SSLError, OSError) as e:
                 raise AuthenticationError(f"TLS handshake with {peer} failed: {e}") from e
         keys = handshake(sock) if psk is not None else None
@@ -637,11 +652,13 @@ class Listener:
         _tune(raw, self.handshake_timeout)  # a silent peer holds the listener this long at most
         if self.path is not None:
             self._check_peer_uid(raw, peer)
+
         def handshake(sock: socket.socket) -> seal.StreamKeys:
             return _psk_handshake(sock, seal.server_handshake, self._psk, self.sessions)
 
-        ch = _secure_stream(raw, peer, True, self._ctx, self._psk, handshake,
-                            self.inactivity_timeout)
+        ch = _secure_stream(
+            raw, peer, True, self._ctx, self._psk, handshake, self.inactivity_timeout
+        )
         ch.sock.settimeout(self.inactivity_timeout)
         return ch
 
@@ -650,8 +667,9 @@ class Listener:
         pid, uid, _ = struct.unpack("3i", cred)
         if uid != os.getuid():
             raw.close()
-            raise AuthenticationError(f"{peer}: connection from uid {uid} (pid {pid}), not ours "
-                                      f"({os.getuid()})")
+            raise AuthenticationError(
+                f"{peer}: connection from uid {uid} (pid {pid}), not ours ({os.getuid()})"
+            )
 
     def close(self) -> None:
         self.sock.close()
@@ -691,8 +709,14 @@ def listen(
     return Listener(sock, tls, psk, inactivity_timeout)
 
 
-def listen_unix(path: str, tls: TlsConfig | None = None, psk: bytes | None = None,
-                insecure: bool = False, *, inactivity_timeout: float = 30.0) -> Listener:
+def listen_unix(
+    path: str,
+    tls: TlsConfig | None = None,
+    psk: bytes | None = None,
+    insecure: bool = False,
+    *,
+    inactivity_timeout: float = 30.0,
+) -> Listener:
     """Listen on a unix socket. Without other credentials its directory must be private
     (`check_private_directory`); a stale socket at `path` is replaced."""
     if tls is None and psk is None and not insecure:
@@ -711,13 +735,19 @@ def listen_unix(path: str, tls: TlsConfig | None = None, psk: bytes | None = Non
     return Listener(sock, tls, psk, inactivity_timeout, path=path)
 
 
-def listen_at(address: Address, tls: TlsConfig | None = None, psk: bytes | None = None,
-              insecure: bool = False, *, inactivity_timeout: float = 30.0) -> Listener:
+def listen_at(
+    address: Address,
+    tls: TlsConfig | None = None,
+    psk: bytes | None = None,
+    insecure: bool = False,
+    *,
+    inactivity_timeout: float = 30.0,
+) -> Listener:
     if address.path is not None:
-        return listen_unix(address.path, tls, psk, insecure,
-                           inactivity_timeout=inactivity_timeout)
-    return listen(address.host, address.port, tls, psk, insecure,
-                  inactivity_timeout=inactivity_timeout)
+        return listen_unix(address.path, tls, psk, insecure, inactivity_timeout=inactivity_timeout)
+    return listen(
+        address.host, address.port, tls, psk, insecure, inactivity_timeout=inactivity_timeout
+    )
 
 
 def connect(
@@ -733,14 +763,27 @@ def connect(
 ) -> Channel:
     """Connect to a destination and authenticate both ends. `join=(session, index)`: under a
     PSK, open data channel `index` of the migration whose main stream has `session`."""
-    return connect_to(Address(host=host, port=port), tls, psk, insecure, timeout=timeout,
-                      inactivity_timeout=inactivity_timeout, join=join)
+    return connect_to(
+        Address(host=host, port=port),
+        tls,
+        psk,
+        insecure,
+        timeout=timeout,
+        inactivity_timeout=inactivity_timeout,
+        join=join,
+    )
 
 
-def connect_to(address: Address, tls: TlsConfig | None = None, psk: bytes | None = None,
-               insecure: bool = False, *, timeout: float = 10.0,
-               inactivity_timeout: float = 30.0,
-               join: tuple[seal.Session, int] | None = None) -> Channel:
+def connect_to(
+    address: Address,
+    tls: TlsConfig | None = None,
+    psk: bytes | None = None,
+    insecure: bool = False,
+    *,
+    timeout: float = 10.0,
+    inactivity_timeout: float = 30.0,
+    join: tuple[seal.Session, int] | None = None,
+) -> Channel:
     """`connect` to a tcp: or unix: address."""
     peer = str(address)
     if address.path is not None:
@@ -768,8 +811,9 @@ def connect_to(address: Address, tls: TlsConfig | None = None, psk: bytes | None
     def handshake(sock: socket.socket) -> seal.StreamKeys:
         return _psk_handshake(sock, seal.client_handshake, psk, join)
 
-    return _secure_stream(raw, peer, False, ctx, psk, handshake, inactivity_timeout,
-                          server_hostname=hostname)
+    return _secure_stream(
+        raw, peer, False, ctx, psk, handshake, inactivity_timeout, server_hostname=hostname
+    )
 
 
 # ---- glue between a Channel and a protocol Connection --------------------------------------

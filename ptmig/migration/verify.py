@@ -38,8 +38,12 @@ _KEYS: dict[int, np.ndarray] = {}
 
 
 def page_digests(
-    mem: Any, page_size: int = PAGE_SIZE, first_page: int = 0, npages: int | None = None,
-    *, allocated: np.ndarray | None = None,
+    mem: Any,
+    page_size: int = PAGE_SIZE,
+    first_page: int = 0,
+    npages: int | None = None,
+    *,
+    allocated: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint64 digest of each page of `mem` (bytes-like or numpy), pages [first, first+npages).
 
@@ -53,8 +57,9 @@ def page_digests(
         raise ValueError(
             f"pages {first_page}..{end - 1} are outside the {rows.shape[0]} pages of memory"
         )
-    return _digest(rows, end - first_page, lambda p, k, _buf: rows[first_page + p :
-                                                                   first_page + p + k])
+    return _digest(
+        rows, end - first_page, lambda p, k, _buf: rows[first_page + p : first_page + p + k]
+    )
 
 
 def page_digests_at(mem: Any, pages: np.ndarray, page_size: int = PAGE_SIZE) -> np.ndarray:
@@ -65,8 +70,7 @@ def page_digests_at(mem: Any, pages: np.ndarray, page_size: int = PAGE_SIZE) -> 
     idx = np.asarray(pages, dtype=np.int64)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
         raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
-    return _digest(rows, idx.size,
-                   lambda p, k, buf: np.take(rows, idx[p : p + k], axis=0, out=buf))
+    return _digest(rows, idx.size, lambda p, k, buf: np.take(rows, idx[p : p + k], axis=0, out=buf))
 
 
 def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
@@ -103,10 +107,14 @@ def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
 def _digests_sparse(mem: Any, page_size: int, allocated: np.ndarray) -> np.ndarray:
     rows = page_rows(mem, page_size)
     if allocated.shape != (rows.shape[0],):
-        raise ValueError(f"allocated mask has shape {allocated.shape}, "
-                         f"memory has {rows.shape[0]} pages")
-    zero = ZERO_PAGE_DIGEST if page_size == PAGE_SIZE else page_digests(
-        np.zeros(page_size, dtype=np.uint8), page_size)[0]
+        raise ValueError(
+            f"allocated mask has shape {allocated.shape}, memory has {rows.shape[0]} pages"
+        )
+    zero = (
+        ZERO_PAGE_DIGEST
+        if page_size == PAGE_SIZE
+        else page_digests(np.zeros(page_size, dtype=np.uint8), page_size)[0]
+    )
     out = np.full(rows.shape[0], zero, dtype=np.uint64)
     idx = np.flatnonzero(allocated)
     if idx.size:

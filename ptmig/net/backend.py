@@ -141,8 +141,9 @@ class NetBackend(ABC):
 class UdpNetBackend(NetBackend):
     """Frames carried in UDP datagrams to and from the learning switch at HOST:PORT."""
 
-    def __init__(self, spec: BackendSpec, mac: bytes | None = None,
-                 hello_interval: float = HELLO_INTERVAL_S) -> None:
+    def __init__(
+        self, spec: BackendSpec, mac: bytes | None = None, hello_interval: float = HELLO_INTERVAL_S
+    ) -> None:
         super().__init__(spec, mac)
         try:
             infos = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_DGRAM)
@@ -182,8 +183,13 @@ class UdpNetBackend(NetBackend):
             self.counters.peer_unreachable += 1
             return False
         except OSError as exc:
-            if exc.errno in (errno.ENOBUFS, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                             errno.ENETDOWN, errno.EMSGSIZE):
+            if exc.errno in (
+                errno.ENOBUFS,
+                errno.EHOSTUNREACH,
+                errno.ENETUNREACH,
+                errno.ENETDOWN,
+                errno.EMSGSIZE,
+            ):
                 return False
             raise
 

@@ -109,8 +109,9 @@ class ForwardingDatabase:
         return entry[0]
 
     def flood_targets(self, source: Endpoint, now: float) -> list[Endpoint]:
-        return [ep for ep, seen in self.endpoints.items()
-                if ep != source and now - seen <= self.age_s]
+        return [
+            ep for ep, seen in self.endpoints.items() if ep != source and now - seen <= self.age_s
+        ]
 
     def forward(self, source: Endpoint, frame: bytes, now: float) -> list[Endpoint]:
         """Learn from an Ethernet frame received from `source`; return where it must go."""
@@ -145,8 +146,11 @@ class ForwardingDatabase:
             del self.endpoints[ep]
         self.counters.aged_endpoints += len(dead)
         dead_set = set(dead)
-        stale = [mac for mac, (ep, seen) in self.macs.items()
-                 if ep in dead_set or now - seen > self.age_s]
+        stale = [
+            mac
+            for mac, (ep, seen) in self.macs.items()
+            if ep in dead_set or now - seen > self.age_s
+        ]
         for mac in stale:
             self.mirror.drop(mac)
             del self.macs[mac]

@@ -172,8 +172,12 @@ class ArpPacket:
     def to_bytes(self) -> bytes:
         if self.op not in (ARP_REQUEST, ARP_REPLY, RARP_REQUEST, 4):
             raise FrameError(f"ARP op must be 1..4, got {self.op}")
-        for what, value, n in (("sha", self.sha, 6), ("spa", self.spa, 4),
-                               ("tha", self.tha, 6), ("tpa", self.tpa, 4)):
+        for what, value, n in (
+            ("sha", self.sha, 6),
+            ("spa", self.spa, 4),
+            ("tha", self.tha, 6),
+            ("tpa", self.tpa, 4),
+        ):
             _check_len(f"ARP {what}", value, n)
         return _ARP.pack(1, ETH_P_IPV4, 6, 4, self.op, self.sha, self.spa, self.tha, self.tpa)
 
@@ -191,8 +195,8 @@ def parse_arp(data: bytes | bytearray | memoryview) -> ArpPacket:
     htype, ptype, hlen, plen, op, sha, spa, tha, tpa = _ARP.unpack_from(raw)
     if (htype, ptype, hlen, plen) != (1, ETH_P_IPV4, 6, 4):
         raise FrameError(
-            f"ARP is not IPv4 over Ethernet: htype={htype} ptype={ptype:#x} "
-            f"hlen={hlen} plen={plen}")
+            f"ARP is not IPv4 over Ethernet: htype={htype} ptype={ptype:#x} hlen={hlen} plen={plen}"
+        )
     if op not in (ARP_REQUEST, ARP_REPLY, RARP_REQUEST, 4):
         raise FrameError(f"ARP op must be 1..4, got {op}")
     return ArpPacket(op, sha, spa, tha, tpa)
@@ -244,10 +248,15 @@ class Ipv4Packet:
         _check_len("IPv4 source", self.src, 4)
         _check_len("IPv4 destination", self.dst, 4)
         if len(self.options) % 4 or len(self.options) > 40:
-            raise FrameError(f"IPv4 options must be a multiple of 4, <= 40 bytes: "
-                             f"{len(self.options)}")
-        for what, value, hi in (("proto", self.proto, 0xFF), ("ttl", self.ttl, 0xFF),
-                                ("tos", self.tos, 0xFF), ("ident", self.ident, 0xFFFF)):
+            raise FrameError(
+                f"IPv4 options must be a multiple of 4, <= 40 bytes: {len(self.options)}"
+            )
+        for what, value, hi in (
+            ("proto", self.proto, 0xFF),
+            ("ttl", self.ttl, 0xFF),
+            ("tos", self.tos, 0xFF),
+            ("ident", self.ident, 0xFFFF),
+        ):
             if not 0 <= value <= hi:
                 raise FrameError(f"IPv4 {what} out of range 0..{hi}: {value}")
         hlen = IPV4_HEADER_LEN + len(self.options)
@@ -255,8 +264,20 @@ class Ipv4Packet:
         if total > 0xFFFF:
             raise FrameError(f"IPv4 packet too long: {total} bytes")
         flags = _IP_FLAG_DF if self.dont_fragment else 0
-        header = bytearray(_IPV4.pack(0x40 | (hlen // 4), self.tos, total, self.ident, flags,
-                                      self.ttl, self.proto, 0, self.src, self.dst))
+        header = bytearray(
+            _IPV4.pack(
+                0x40 | (hlen // 4),
+                self.tos,
+                total,
+                self.ident,
+                flags,
+                self.ttl,
+                self.proto,
+                0,
+                self.src,
+                self.dst,
+            )
+        )
         header += self.options
         struct.pack_into("!H", header, 10, internet_checksum(header))
         return bytes(header) + bytes(self.payload)
@@ -274,14 +295,25 @@ def parse_ipv4(data: bytes | bytearray | memoryview) -> Ipv4Packet:
     if hlen < IPV4_HEADER_LEN:
         raise FrameError(f"IPv4 header length {hlen} below 20")
     if total < hlen or total > len(raw):
-        raise FrameError(f"IPv4 total length {total} inconsistent with header {hlen} "
-                         f"and {len(raw)} bytes received")
+        raise FrameError(
+            f"IPv4 total length {total} inconsistent with header {hlen} "
+            f"and {len(raw)} bytes received"
+        )
     if internet_checksum(raw[:hlen]) != 0:
         raise FrameError(f"IPv4 header checksum {_csum:#06x} is wrong")
     if flags_off & (_IP_FLAG_MF | _IP_OFFSET_MASK):
         raise FrameError(f"IPv4 fragments are not supported (flags/offset {flags_off:#06x})")
-    return Ipv4Packet(src, dst, proto, raw[hlen:total], ttl, ident, tos,
-                      bool(flags_off & _IP_FLAG_DF), raw[IPV4_HEADER_LEN:hlen])
+    return Ipv4Packet(
+        src,
+        dst,
+        proto,
+        raw[hlen:total],
+        ttl,
+        ident,
+        tos,
+        bool(flags_off & _IP_FLAG_DF),
+        raw[IPV4_HEADER_LEN:hlen],
+    )
 
 
 # --------------------------------------------------------------------------- UDP
@@ -322,8 +354,18 @@ def parse_udp(data: bytes | bytearray | memoryview, src_ip: bytes, dst_ip: bytes
     return UdpDatagram(sport, dport, seg[UDP_HEADER_LEN:])
 
 
-def udp_frame(src_mac: bytes, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, src_port: int,
-              dst_port: int, payload: bytes, *, checksum: bool = True, ident: int = 0) -> bytes:
+def udp_frame(
+    src_mac: bytes,
+    dst_mac: bytes,
+    src_ip: bytes,
+    dst_ip: bytes,
+    src_port: int,
+    dst_port: int,
+    payload: bytes,
+    *,
+    checksum: bool = True,
+    ident: int = 0,
+) -> bytes:
     """A whole Ethernet/IPv4/UDP frame."""
     udp = UdpDatagram(src_port, dst_port, payload).to_bytes(src_ip, dst_ip, checksum=checksum)
     ip = Ipv4Packet(src_ip, dst_ip, IPPROTO_UDP, udp, ident=ident).to_bytes()
@@ -368,4 +410,4 @@ def parse_icmp_echo(data: bytes | bytearray | memoryview) -> IcmpEcho:
         raise FrameError(f"ICMP echo code must be 0, got {code}")
     if internet_checksum(raw) != 0:
         raise FrameError(f"ICMP checksum {_csum:#06x} is wrong")
-    return IcmpEcho(typ, ident, seq, raw[_ICMP_ECHO.size:])
+    return IcmpEcho(typ, ident, seq, raw[_ICMP_ECHO.size :])

@@ -104,8 +104,17 @@ class SocketDatapath:
 class EthernetHost:
     """MAC `mac`, IPv4 `ip`, UDP port `port` on `backend`, talking to peer_ip:peer_port."""
 
-    def __init__(self, backend: NetBackend, mac: bytes, ip: bytes, port: int,
-                 peer_ip: bytes, peer_port: int, *, udp_checksum: bool = False) -> None:
+    def __init__(
+        self,
+        backend: NetBackend,
+        mac: bytes,
+        ip: bytes,
+        port: int,
+        peer_ip: bytes,
+        peer_port: int,
+        *,
+        udp_checksum: bool = False,
+    ) -> None:
         self.backend = backend
         self.mac, self.ip, self.port = mac, ip, port
         self.peer_ip, self.peer_port = peer_ip, peer_port
@@ -123,8 +132,21 @@ class EthernetHost:
         assert self.peer_mac is not None
         udp_len = 8 + payload_len
         total = 20 + udp_len
-        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64,
-                                   IPPROTO_UDP, 0, self.ip, self.peer_ip))
+        ip = bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                0,
+                total,
+                0,
+                0x4000,
+                64,
+                IPPROTO_UDP,
+                0,
+                self.ip,
+                self.peer_ip,
+            )
+        )
         struct.pack_into("!H", ip, 10, internet_checksum(ip))
         udp = struct.pack("!HHHH", self.port, self.peer_port, udp_len, 0)
         return self.peer_mac + self.mac + _ETH_IPV4 + bytes(ip) + udp
@@ -179,24 +201,29 @@ class EthernetHost:
         ihl = (frame[14] & 0x0F) * 4
         total = int.from_bytes(frame[16:18], "big")
         end = 14 + total
-        if (frame[14] >> 4 != 4 or ihl < 20 or total < ihl + 8 or end > len(frame)
-                or frame[20:22] not in (b"\x40\x00", b"\x00\x00")
-                or internet_checksum(frame[14:14 + ihl]) != 0):
+        if (
+            frame[14] >> 4 != 4
+            or ihl < 20
+            or total < ihl + 8
+            or end > len(frame)
+            or frame[20:22] not in (b"\x40\x00", b"\x00\x00")
+            or internet_checksum(frame[14 : 14 + ihl]) != 0
+        ):
             self.rx_bad += 1
             return None
         u = 14 + ihl
-        if int.from_bytes(frame[u + 2:u + 4], "big") != my_port:
+        if int.from_bytes(frame[u + 2 : u + 4], "big") != my_port:
             return None
-        udp_len = int.from_bytes(frame[u + 4:u + 6], "big")
+        udp_len = int.from_bytes(frame[u + 4 : u + 6], "big")
         if udp_len < 8 or u + udp_len > end:
             self.rx_bad += 1
             return None
-        if frame[u + 6:u + 8] != b"\x00\x00":
+        if frame[u + 6 : u + 8] != b"\x00\x00":
             pseudo = frame[26:34] + struct.pack("!BBH", 0, IPPROTO_UDP, udp_len)
-            if internet_checksum(pseudo + frame[u:u + udp_len]) != 0:
+            if internet_checksum(pseudo + frame[u : u + udp_len]) != 0:
                 self.rx_bad += 1
                 return None
-        return frame[u + 8:u + udp_len]
+        return frame[u + 8 : u + udp_len]
 
     def _arp(self, frame: bytes) -> None:
         try:

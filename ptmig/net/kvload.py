@@ -61,7 +61,7 @@ def make_value(key: bytes, n: int, size: int) -> bytes:
     head = b"%s|%d|" % (key, n)
     fill = max(0, size - len(head) - 8)
     off = n % 61
-    body = head + _FILLER[off:off + fill]
+    body = head + _FILLER[off : off + fill]
     return body + b"%08x" % zlib.crc32(body)
 
 
@@ -90,8 +90,10 @@ class EngineConfig:
         if not 1 <= self.window <= 65536:
             raise ValueError(f"window must be 1..65536, got {self.window}")
         if not self.window < self.keys <= 1 << 32:
-            raise ValueError(f"key space must be larger than the window ({self.window}) "
-                             f"and at most 2**32, got {self.keys}")
+            raise ValueError(
+                f"key space must be larger than the window ({self.window}) "
+                f"and at most 2**32, got {self.keys}"
+            )
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"rate must be positive, got {self.rate}")
         if self.duration_s <= 0:
@@ -100,8 +102,10 @@ class EngineConfig:
             raise ValueError(f"key prefix is {len(self.prefix)} bytes, max {MAX_KEY - 24}")
         needed = len(make_value(make_key(self.prefix, 10**12), 10**12, 0))
         if not needed <= self.value_size <= MAX_VALUE:
-            raise ValueError(f"value size must be {needed}..{MAX_VALUE} for prefix "
-                             f"{self.prefix!r}, got {self.value_size}")
+            raise ValueError(
+                f"value size must be {needed}..{MAX_VALUE} for prefix "
+                f"{self.prefix!r}, got {self.value_size}"
+            )
         if not 0.0 <= self.read_ratio < 1.0:
             raise ValueError(f"read ratio must be in [0, 1), got {self.read_ratio}")
 
@@ -136,8 +140,9 @@ class EngineStats:
 class _Pending:
     __slots__ = ("first", "deadline", "rto", "payload", "op", "n", "phase")
 
-    def __init__(self, first: float, rto: float, payload: bytes, op: int, n: int,
-                 phase: int) -> None:
+    def __init__(
+        self, first: float, rto: float, payload: bytes, op: int, n: int, phase: int
+    ) -> None:
         self.first = first
         self.deadline = first + rto
         self.rto = rto
@@ -155,8 +160,9 @@ class NotReadyError(TimeoutError):
 
 
 class LoadEngine:
-    def __init__(self, datapath: Datapath, config: EngineConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, datapath: Datapath, config: EngineConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         config.check()
         self.dp = datapath
         self.cfg = config
@@ -215,8 +221,13 @@ class LoadEngine:
         self._busy.add(n % self.cfg.keys)
         if op == OP_PUT:
             value = make_value(key, n, self.cfg.value_size)
-            payload = REQUEST_HEADER.pack(REQUEST_MAGIC, rid, OP_PUT, self._flags, len(key),
-                                          len(value), 0) + key + value
+            payload = (
+                REQUEST_HEADER.pack(
+                    REQUEST_MAGIC, rid, OP_PUT, self._flags, len(key), len(value), 0
+                )
+                + key
+                + value
+            )
         else:
             payload = REQUEST_HEADER.pack(REQUEST_MAGIC, rid, OP_GET, 0, len(key), 0, 0) + key
         self.pending[rid] = _Pending(now, self.cfg.rto_s, payload, op, n, phase)
@@ -392,8 +403,11 @@ class LoadEngine:
                     next_send = now - 0.1  # after a stall, catch up by at most 100 ms
                 sent = 0
                 while len(pending) < window and (not interval or next_send <= now) and sent < 64:
-                    get = (self._pick_get() if read_ratio and self.acked
-                           and rand() < read_ratio else None)
+                    get = (
+                        self._pick_get()
+                        if read_ratio and self.acked and rand() < read_ratio
+                        else None
+                    )
                     if get is not None:
                         self._send_new(OP_GET, get, now, LOAD)
                     else:

@@ -77,15 +77,21 @@ def encode_request(req: KvRequest) -> bytes:
         raise KvProtocolError(f"value is {len(req.value)} bytes, max {MAX_VALUE}")
     if not 0 <= req.flags <= 0xFF or req.flags & ~KNOWN_FLAGS:
         raise KvProtocolError(f"unknown request flags {req.flags:#x}")
-    return (REQUEST_HEADER.pack(REQUEST_MAGIC, req.req_id, int(req.op), req.flags,
-                                len(req.key), len(req.value), 0) + req.key + req.value)
+    return (
+        REQUEST_HEADER.pack(
+            REQUEST_MAGIC, req.req_id, int(req.op), req.flags, len(req.key), len(req.value), 0
+        )
+        + req.key
+        + req.value
+    )
 
 
 def decode_request(data: bytes | bytearray | memoryview) -> KvRequest:
     raw = bytes(data)
     if len(raw) < REQUEST_HEADER.size:
-        raise KvProtocolError(f"request shorter than its {REQUEST_HEADER.size}-byte header: "
-                              f"{len(raw)} bytes")
+        raise KvProtocolError(
+            f"request shorter than its {REQUEST_HEADER.size}-byte header: {len(raw)} bytes"
+        )
     magic, req_id, op, flags, klen, vlen, reserved = REQUEST_HEADER.unpack_from(raw)
     if magic != REQUEST_MAGIC:
         raise KvProtocolError(f"request magic {magic:#010x}, expected {REQUEST_MAGIC:#010x}")
@@ -105,22 +111,25 @@ def decode_request(data: bytes | bytearray | memoryview) -> KvRequest:
     if len(raw) != expected:
         raise KvProtocolError(f"request is {len(raw)} bytes, header says {expected}")
     key_end = REQUEST_HEADER.size + klen
-    return KvRequest(req_id, op_enum, raw[REQUEST_HEADER.size:key_end], raw[key_end:], flags)
+    return KvRequest(req_id, op_enum, raw[REQUEST_HEADER.size : key_end], raw[key_end:], flags)
 
 
 def encode_reply(reply: KvReply) -> bytes:
     _check_u32("req_id", reply.req_id)
     if len(reply.value) > MAX_VALUE:
         raise KvProtocolError(f"reply value is {len(reply.value)} bytes, max {MAX_VALUE}")
-    return REPLY_HEADER.pack(REPLY_MAGIC, reply.req_id, int(reply.status), 0,
-                             len(reply.value)) + reply.value
+    return (
+        REPLY_HEADER.pack(REPLY_MAGIC, reply.req_id, int(reply.status), 0, len(reply.value))
+        + reply.value
+    )
 
 
 def decode_reply(data: bytes | bytearray | memoryview) -> KvReply:
     raw = bytes(data)
     if len(raw) < REPLY_HEADER.size:
-        raise KvProtocolError(f"reply shorter than its {REPLY_HEADER.size}-byte header: "
-                              f"{len(raw)} bytes")
+        raise KvProtocolError(
+            f"reply shorter than its {REPLY_HEADER.size}-byte header: {len(raw)} bytes"
+        )
     magic, req_id, status, reserved, vlen = REPLY_HEADER.unpack_from(raw)
     if magic != REPLY_MAGIC:
         raise KvProtocolError(f"reply magic {magic:#010x}, expected {REPLY_MAGIC:#010x}")
@@ -133,6 +142,5 @@ def decode_reply(data: bytes | bytearray | memoryview) -> KvReply:
     if vlen > MAX_VALUE:
         raise KvProtocolError(f"reply vlen {vlen} exceeds {MAX_VALUE}")
     if len(raw) != REPLY_HEADER.size + vlen:
-        raise KvProtocolError(f"reply is {len(raw)} bytes, header says "
-                              f"{REPLY_HEADER.size + vlen}")
-    return KvReply(req_id, status_enum, raw[REPLY_HEADER.size:])
+        raise KvProtocolError(f"reply is {len(raw)} bytes, header says {REPLY_HEADER.size + vlen}")
+    return KvReply(req_id, status_enum, raw[REPLY_HEADER.size :])

@@ -58,9 +58,15 @@ class UdpSwitch:
     `native`: True requires the native fast path, False never uses it, None (the default) uses
     it when it can be built and otherwise logs once and forwards everything in Python."""
 
-    def __init__(self, host: str, port: int, *, age_s: float = DEFAULT_AGE_S,
-                 clock: Callable[[], float] = time.monotonic,
-                 native: bool | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        age_s: float = DEFAULT_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+        native: bool | None = None,
+    ) -> None:
         self.fdb = ForwardingDatabase(age_s)
         self.clock = clock
         self.frames_in = 0
@@ -79,8 +85,11 @@ class UdpSwitch:
         except OSError as exc:
             self.sock.close()
             if exc.errno == errno.EADDRINUSE:
-                raise SwitchError(exc.errno, f"switch: {host}:{port} is already in use "
-                                  "(another switch is probably running there)") from exc
+                raise SwitchError(
+                    exc.errno,
+                    f"switch: {host}:{port} is already in use "
+                    "(another switch is probably running there)",
+                ) from exc
             raise SwitchError(exc.errno, f"switch: cannot bind {host}:{port}: {exc}") from exc
         self.sock.setblocking(False)
         try:
@@ -120,12 +129,19 @@ class UdpSwitch:
         fast_in, fast_out = fast.get("forwarded", 0), fast.get("sent", 0)
         fdb = self.fdb.counters.as_dict()
         fdb["unicast"] += fast_in
-        return {"frames_in": self.frames_in + fast_in, "frames_out": self.frames_out + fast_out,
-                "malformed": self.malformed, "controls": self.controls,
-                "send_errors": self.send_errors + fast.get("send_errors", 0),
-                "endpoints": len(self.fdb.endpoints), "macs": len(self.fdb.macs), **fdb,
-                "fast_forwarded": fast_in, "handed_to_python": fast.get("handed", 0),
-                "fast_stalls": fast.get("stalls", 0)}
+        return {
+            "frames_in": self.frames_in + fast_in,
+            "frames_out": self.frames_out + fast_out,
+            "malformed": self.malformed,
+            "controls": self.controls,
+            "send_errors": self.send_errors + fast.get("send_errors", 0),
+            "endpoints": len(self.fdb.endpoints),
+            "macs": len(self.fdb.macs),
+            **fdb,
+            "fast_forwarded": fast_in,
+            "handed_to_python": fast.get("handed", 0),
+            "fast_stalls": fast.get("stalls", 0),
+        }
 
     def _sendto(self, data: bytes, addr: Any) -> None:
         try:
@@ -205,8 +221,9 @@ class UdpSwitch:
         while True:
             self._sync_if_due()
             left = deadline - time.monotonic()
-            status = self.fast.wait(min(max(left, 0.0), self._sync_every), progress=progress,
-                                    seen=self._passes_seen)
+            status = self.fast.wait(
+                min(max(left, 0.0), self._sync_every), progress=progress, seen=self._passes_seen
+            )
             if status == SLOW_READY:
                 self._handle_slow()
                 if not progress:
@@ -249,8 +266,9 @@ class UdpSwitch:
                 self.fast.drop(mac)
         self.fast.renew(horizon)
 
-    def serve(self, stop: threading.Event | None = None, *,
-              idle_exit_s: float | None = None) -> None:
+    def serve(
+        self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None
+    ) -> None:
         """Switch until `stop` is set, or (with `idle_exit_s`) until that long has passed
         without a datagram reaching Python: hellos and every control message do, so a switch
         with a live backend behind it never counts as idle."""
@@ -274,8 +292,14 @@ class UdpSwitch:
         self.sock.close()
 
 
-def run_switch(host: str, port: int, *, age_s: float = DEFAULT_AGE_S,
-               native: bool | None = None, idle_exit_s: float | None = None) -> None:
+def run_switch(
+    host: str,
+    port: int,
+    *,
+    age_s: float = DEFAULT_AGE_S,
+    native: bool | None = None,
+    idle_exit_s: float | None = None,
+) -> None:
     """Bind HOST:PORT and switch frames until interrupted (or idle for `idle_exit_s`). Raises
     SwitchError on bind.
     The process runs under SCHED_BATCH (`ptmig.net.sched`): it takes bursts whole. The fast
@@ -284,19 +308,31 @@ def run_switch(host: str, port: int, *, age_s: float = DEFAULT_AGE_S,
     use_batch_scheduling()  # only once it is the switch: a failed bind changes nothing
     path = "native fast path" if switch.fast is not None else "Python only"
     idle = f", ends after {idle_exit_s:g} s without traffic" if idle_exit_s is not None else ""
-    print(f"ptmig switch: listening on {host}:{port} (pid {os.getpid()}, age {age_s:g} s, "
-          f"{path}{idle})", file=sys.stderr, flush=True)
+    print(
+        f"ptmig switch: listening on {host}:{port} (pid {os.getpid()}, age {age_s:g} s, "
+        f"{path}{idle})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         switch.serve(idle_exit_s=idle_exit_s)
     finally:
         switch.close()
     if idle_exit_s is not None:
-        print(f"ptmig switch: nothing heard for {idle_exit_s:g} s; exiting", file=sys.stderr,
-              flush=True)
+        print(
+            f"ptmig switch: nothing heard for {idle_exit_s:g} s; exiting",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def switch_main(listen: str, *, age_s: float = DEFAULT_AGE_S, native: bool | None = None,
-                idle_exit_s: float | None = None) -> int:
+def switch_main(
+    listen: str,
+    *,
+    age_s: float = DEFAULT_AGE_S,
+    native: bool | None = None,
+    idle_exit_s: float | None = None,
+) -> int:
     """CLI entry: `listen` is HOST:PORT. Returns the process exit status."""
     try:
         host, port = parse_host_port(listen, what="--listen")
@@ -317,8 +353,9 @@ def _probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def _request(host: str, port: int, msg: Msg, want: Msg, timeout: float,
-             tries: int) -> switchproto.Control | None:
+def _request(
+    host: str, port: int, msg: Msg, want: Msg, timeout: float, tries: int
+) -> switchproto.Control | None:
     infos = socket.getaddrinfo(_probe_host(host), port, type=socket.SOCK_DGRAM)
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -360,9 +397,14 @@ def query_stats(host: str, port: int, *, timeout: float = 0.5) -> dict[str, int]
     return switchproto.stats_from_reply(reply)
 
 
-def ensure_switch(host: str, port: int, *, start_timeout: float = 5.0,
-                  age_s: float = DEFAULT_AGE_S,
-                  idle_exit_s: float = AUTO_IDLE_EXIT_S) -> subprocess.Popen[bytes] | None:
+def ensure_switch(
+    host: str,
+    port: int,
+    *,
+    start_timeout: float = 5.0,
+    age_s: float = DEFAULT_AGE_S,
+    idle_exit_s: float = AUTO_IDLE_EXIT_S,
+) -> subprocess.Popen[bytes] | None:
     """Make sure a switch listens on host:port. Returns the process started here, or None
     when one was already running. Race-safe: if two callers start one at once, the second
     fails to bind and exits, and the caller whose process lost gets None. The switch started
@@ -375,10 +417,22 @@ def ensure_switch(host: str, port: int, *, start_timeout: float = 5.0,
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ptmig.net.switch", f"{host}:{port}", "--age", str(age_s),
-         "--idle-exit", str(idle_exit_s)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "ptmig.net.switch",
+            f"{host}:{port}",
+            "--age",
+            str(age_s),
+            "--idle-exit",
+            str(idle_exit_s),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
         pid = probe_switch(host, port, timeout=0.1, tries=1)
@@ -389,28 +443,48 @@ def ensure_switch(host: str, port: int, *, start_timeout: float = 5.0,
             return None
         if proc.poll() is not None and proc.returncode != EXIT_ADDRESS_IN_USE:
             log.seek(0)
-            raise SwitchError(f"switch on {host}:{port} exited with status {proc.returncode}: "
-                              f"{log.read().decode(errors='replace').strip()}")
+            raise SwitchError(
+                f"switch on {host}:{port} exited with status {proc.returncode}: "
+                f"{log.read().decode(errors='replace').strip()}"
+            )
     proc.kill()
     proc.wait()
     log.seek(0)
     detail = log.read().decode(errors="replace").strip()
-    raise SwitchError(f"switch on {host}:{port} did not answer within {start_timeout} s "
-                      f"(exit status {proc.returncode}){': ' + detail if detail else ''}")
+    raise SwitchError(
+        f"switch on {host}:{port} did not answer within {start_timeout} s "
+        f"(exit status {proc.returncode}){': ' + detail if detail else ''}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ptmig.net.switch",
-                                     description="learning L2 switch over UDP")
+    parser = argparse.ArgumentParser(
+        prog="python -m ptmig.net.switch", description="learning L2 switch over UDP"
+    )
     parser.add_argument("listen", help="HOST:PORT to bind")
-    parser.add_argument("--age", type=float, default=DEFAULT_AGE_S,
-                        help="seconds before an unheard MAC or endpoint is forgotten")
-    parser.add_argument("--idle-exit", type=float, default=None, metavar="S",
-                        help="exit after S seconds without a datagram (default: never)")
-    parser.add_argument("--no-native", action="store_true",
-                        help="forward every frame in Python (no native fast path)")
-    parser.add_argument("--stats", action="store_true",
-                        help="print the counters of the switch running at HOST:PORT and exit")
+    parser.add_argument(
+        "--age",
+        type=float,
+        default=DEFAULT_AGE_S,
+        help="seconds before an unheard MAC or endpoint is forgotten",
+    )
+    parser.add_argument(
+        "--idle-exit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="exit after S seconds without a datagram (default: never)",
+    )
+    parser.add_argument(
+        "--no-native",
+        action="store_true",
+        help="forward every frame in Python (no native fast path)",
+    )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print the counters of the switch running at HOST:PORT and exit",
+    )
     args = parser.parse_args(argv)
     if args.stats:
         host, port = parse_host_port(args.listen, what="switch address")
@@ -425,8 +499,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.idle_exit is not None and args.idle_exit <= 0:
         print("ptmig switch: --idle-exit must be positive", file=sys.stderr)
         return 2
-    return switch_main(args.listen, age_s=args.age, native=False if args.no_native else None,
-                       idle_exit_s=args.idle_exit)
+    return switch_main(
+        args.listen,
+        age_s=args.age,
+        native=False if args.no_native else None,
+        idle_exit_s=args.idle_exit,
+    )
 
 
 if __name__ == "__main__":

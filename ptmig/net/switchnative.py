@@ -80,8 +80,9 @@ def endpoint_fields(endpoint: Endpoint) -> tuple[int, int, bytes, int, int] | No
         return None
 
 
-def endpoint_from_fields(family: int, port: int, address: bytes, flowinfo: int,
-                         scope_id: int) -> Endpoint:
+def endpoint_from_fields(
+    family: int, port: int, address: bytes, flowinfo: int, scope_id: int
+) -> Endpoint:
     """The address tuple recvfrom() would have returned for this source."""
     if family == socket.AF_INET:
         return socket.inet_ntop(socket.AF_INET, address[:4]), port
@@ -116,8 +117,9 @@ class FastPath:
     def start(self) -> None:
         """Start the loop's thread if it is not running yet."""
         if self.thread is None and self.handle:
-            self.thread = threading.Thread(target=self.lib.sp_run, args=(self.handle,),
-                                           name="switch-fast-path", daemon=True)
+            self.thread = threading.Thread(
+                target=self.lib.sp_run, args=(self.handle,), name="switch-fast-path", daemon=True
+            )
             self.thread.start()
 
     # ---- the slow queue (the serving thread only) --------------------------------------------
@@ -138,9 +140,9 @@ class FastPath:
         pos = 0
         while pos < n:
             (length,) = _LENGTH.unpack_from(view, pos)
-            source = bytes(view[pos + _LENGTH.size:pos + SLOW_HEADER.size])
+            source = bytes(view[pos + _LENGTH.size : pos + SLOW_HEADER.size])
             pos += SLOW_HEADER.size
-            out.append((bytes(view[pos:pos + length]), self._address(source)))
+            out.append((bytes(view[pos : pos + length]), self._address(source)))
             pos += length
         return out
 
@@ -178,7 +180,7 @@ class FastPath:
         while self.handle:
             n = self.lib.sp_take_heard(self.handle, self._heard_buf, HEARD_BATCH)
             raw = self._heard_buf.raw
-            out.extend(raw[i * 6:i * 6 + 6] for i in range(n))
+            out.extend(raw[i * 6 : i * 6 + 6] for i in range(n))
             if n < HEARD_BATCH:
                 break
         return out
@@ -192,10 +194,15 @@ class FastPath:
         if self.handle:
             self.lib.sp_counters(self.handle, int(self._counters.ctypes.data))
         c = self._counters
-        return {"forwarded": int(c[C_FORWARDED]), "sent": int(c[C_SENT]),
-                "send_errors": int(c[C_SEND_ERRORS]), "handed": int(c[C_HANDED]),
-                "recv_errors": int(c[C_RECV_ERRORS]), "passes": int(c[C_BATCHES]),
-                "stalls": int(c[C_STALLS])}
+        return {
+            "forwarded": int(c[C_FORWARDED]),
+            "sent": int(c[C_SENT]),
+            "send_errors": int(c[C_SEND_ERRORS]),
+            "handed": int(c[C_HANDED]),
+            "recv_errors": int(c[C_RECV_ERRORS]),
+            "passes": int(c[C_BATCHES]),
+            "stalls": int(c[C_STALLS]),
+        }
 
     def close(self) -> None:
         """Stop the loop and free it. Call after the serving thread stopped calling `wait`."""

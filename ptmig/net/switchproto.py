@@ -64,8 +64,9 @@ def is_control(datagram: bytes | bytearray | memoryview) -> bool:
 def encode(msg: Msg, payload: bytes = b"") -> bytes:
     data = _HEADER.pack(MAGIC, int(msg), VERSION) + payload
     if len(data) > MAX_CONTROL_LEN and msg != Msg.STATS_REPLY:
-        raise ControlError(f"control message {msg.name} is {len(data)} bytes, "
-                           f"max {MAX_CONTROL_LEN}")
+        raise ControlError(
+            f"control message {msg.name} is {len(data)} bytes, max {MAX_CONTROL_LEN}"
+        )
     return data
 
 
@@ -82,7 +83,7 @@ def decode(datagram: bytes | bytearray | memoryview) -> Control:
         msg = Msg(typ)
     except ValueError:
         raise ControlError(f"unknown control message type {typ}") from None
-    payload = raw[_HEADER.size:]
+    payload = raw[_HEADER.size :]
     if msg == Msg.HELLO and len(payload) not in (0, 6):
         raise ControlError(f"HELLO payload must be empty or a 6-byte MAC, got {len(payload)}")
     if msg == Msg.PROBE_REPLY and len(payload) != 4:

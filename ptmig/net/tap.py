@@ -31,8 +31,10 @@ _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name + ifr_flags, 40 bytes in
 
 def _needs_admin(ifname: str, action: str, exc: OSError) -> NetBackendError:
     return NetBackendError(
-        exc.errno, f"tap:{ifname}: {action} needs CAP_NET_ADMIN (run as root, or create the "
-        f"interface beforehand with `ip tuntap add {ifname} mode tap user $USER`): {exc}")
+        exc.errno,
+        f"tap:{ifname}: {action} needs CAP_NET_ADMIN (run as root, or create the "
+        f"interface beforehand with `ip tuntap add {ifname} mode tap user $USER`): {exc}",
+    )
 
 
 def bring_up(ifname: str) -> None:
@@ -46,8 +48,9 @@ def bring_up(ifname: str) -> None:
         except PermissionError as exc:
             raise _needs_admin(ifname, "bringing the interface up", exc) from exc
         except OSError as exc:
-            raise NetBackendError(exc.errno,
-                                  f"tap:{ifname}: cannot bring the interface up: {exc}") from exc
+            raise NetBackendError(
+                exc.errno, f"tap:{ifname}: cannot bring the interface up: {exc}"
+            ) from exc
 
 
 class TapNetBackend(NetBackend):
@@ -59,25 +62,34 @@ class TapNetBackend(NetBackend):
         try:
             fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError as exc:
-            raise NetBackendError(exc.errno, f"tap:{self.ifname}: {TUN_DEVICE} does not exist "
-                                  "(load the tun kernel module)") from exc
+            raise NetBackendError(
+                exc.errno,
+                f"tap:{self.ifname}: {TUN_DEVICE} does not exist (load the tun kernel module)",
+            ) from exc
         except PermissionError as exc:
             raise _needs_admin(self.ifname, f"opening {TUN_DEVICE}", exc) from exc
         try:
             try:
                 fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(self.ifname.encode(), IFF_TAP | IFF_NO_PI))
             except PermissionError as exc:
-                raise _needs_admin(self.ifname, "creating/attaching the TAP interface",
-                                   exc) from exc
+                raise _needs_admin(
+                    self.ifname, "creating/attaching the TAP interface", exc
+                ) from exc
             except OSError as exc:
                 if exc.errno == errno.EBUSY:
-                    raise NetBackendError(exc.errno, f"tap:{self.ifname}: the interface is "
-                                          "already attached to another process") from exc
+                    raise NetBackendError(
+                        exc.errno,
+                        f"tap:{self.ifname}: the interface is already attached to another process",
+                    ) from exc
                 if exc.errno == errno.EINVAL:
-                    raise NetBackendError(exc.errno, f"tap:{self.ifname}: exists but is not a "
-                                          "TAP interface (or has other flags)") from exc
-                raise NetBackendError(exc.errno,
-                                      f"tap:{self.ifname}: TUNSETIFF failed: {exc}") from exc
+                    raise NetBackendError(
+                        exc.errno,
+                        f"tap:{self.ifname}: exists but is not a "
+                        "TAP interface (or has other flags)",
+                    ) from exc
+                raise NetBackendError(
+                    exc.errno, f"tap:{self.ifname}: TUNSETIFF failed: {exc}"
+                ) from exc
             bring_up(self.ifname)
         except BaseException:
             os.close(fd)

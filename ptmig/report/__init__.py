@@ -29,8 +29,11 @@ def _demo_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
     v = verdict(doc)
     mig, load, demo = doc.get("migration") or {}, doc.get("load") or {}, doc.get("demo") or {}
     if v.ok:
-        s.para("VERIFIED: the guest was live-migrated while serving the kv load; every "
-               "acknowledged value was read back and every page matched.", "ok")
+        s.para(
+            "VERIFIED: the guest was live-migrated while serving the kv load; every "
+            "acknowledged value was read back and every page matched.",
+            "ok",
+        )
     else:
         s.para("NOT VERIFIED: " + "; ".join(v.problems), "bad")
     outage = demo.get("outage") or {}
@@ -42,43 +45,69 @@ def _demo_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
     def num(x: Any, spec: str = ".0f") -> str:
         return format(float(x), spec) if isinstance(x, (int, float)) else "n/a"
 
-    s.table(["measure", "value"], [
-        ("DMA tracking", mig.get("x-dma-tracking", "n/a")),
-        ("guest RAM", f"{num((mig.get('ram') or {}).get('total', 0) / (1 << 20))} MiB"),
-        ("total migration time", f"{num(mig.get('total-time'))} ms"),
-        ("downtime (VMM)", f"{num(mig.get('downtime'))} ms"),
-        ("outage seen by the client at the switchover", f"{num(outage.get('client-ms'))} ms"),
-        ("longest gap between the client's replies", f"{num(outage.get('client-longest-ms'))} ms"),
-        ("outage seen by the guest", f"{num(outage.get('guest-ms'))} ms"),
-        ("kv ops/s before / during pre-copy / after the switchover",
-         f"{num(tp.get('before'))} / {num(tp.get('pre-copy'))} / {num(tp.get('after'))}"),
-        *[(f"kv latency {name} (p50 / p99 / max)",
-           f"{num(lat[key].get('p50_ms'), '.2f')} / {num(lat[key].get('p99_ms'), '.2f')} / "
-           f"{num(lat[key].get('max_ms'), '.1f')} ms")
-          for key, name in (("before", "before"), ("pre-copy", "during pre-copy"),
-                            ("after", "after the switchover")) if isinstance(lat.get(key), dict)],
-        ("VMM CPU, migrate to switchover (source / destination)",
-         f"{num(cpu.get('source-s-per-gib'), '.2f')} / "
-         f"{num(cpu.get('destination-s-per-gib'), '.2f')} s per GiB sent"),
-        ("acknowledged values lost / wrong", f"{load.get('lost', 'n/a')} / "
-                                             f"{load.get('wrong', 'n/a')}"),
-        ("mismatched pages", f"{ver.get('mismatched', 'n/a')} of {ver.get('pages', 'n/a')}"),
-    ], numeric=(1,))
+    s.table(
+        ["measure", "value"],
+        [
+            ("DMA tracking", mig.get("x-dma-tracking", "n/a")),
+            ("guest RAM", f"{num((mig.get('ram') or {}).get('total', 0) / (1 << 20))} MiB"),
+            ("total migration time", f"{num(mig.get('total-time'))} ms"),
+            ("downtime (VMM)", f"{num(mig.get('downtime'))} ms"),
+            ("outage seen by the client at the switchover", f"{num(outage.get('client-ms'))} ms"),
+            (
+                "longest gap between the client's replies",
+                f"{num(outage.get('client-longest-ms'))} ms",
+            ),
+            ("outage seen by the guest", f"{num(outage.get('guest-ms'))} ms"),
+            (
+                "kv ops/s before / during pre-copy / after the switchover",
+                f"{num(tp.get('before'))} / {num(tp.get('pre-copy'))} / {num(tp.get('after'))}",
+            ),
+            *[
+                (
+                    f"kv latency {name} (p50 / p99 / max)",
+                    f"{num(lat[key].get('p50_ms'), '.2f')} / {num(lat[key].get('p99_ms'), '.2f')} / "
+                    f"{num(lat[key].get('max_ms'), '.1f')} ms",
+                )
+                for key, name in (
+                    ("before", "before"),
+                    ("pre-copy", "during pre-copy"),
+                    ("after", "after the switchover"),
+                )
+                if isinstance(lat.get(key), dict)
+            ],
+            (
+                "VMM CPU, migrate to switchover (source / destination)",
+                f"{num(cpu.get('source-s-per-gib'), '.2f')} / "
+                f"{num(cpu.get('destination-s-per-gib'), '.2f')} s per GiB sent",
+            ),
+            (
+                "acknowledged values lost / wrong",
+                f"{load.get('lost', 'n/a')} / {load.get('wrong', 'n/a')}",
+            ),
+            ("mismatched pages", f"{ver.get('mismatched', 'n/a')} of {ver.get('pages', 'n/a')}"),
+        ],
+        numeric=(1,),
+    )
     phases = phases_from_json(demo.get("phases") or [])
     series = load.get("series") or []
     if series and phases:
-        plot_timeline(series, phases, out_dir / "timeline.png",
-                      downtime_ms=mig.get("downtime"))
-        s.figure("timeline.png", "kv ops/s over time with the migration phases",
-                 "Client-observed kv operations per second (100 ms buckets). Shaded: warm-up, "
-                 "setup, pre-copy, stop-and-copy (the guest is paused: the downtime), and the "
-                 "time after the switchover, when the destination serves the load.")
+        plot_timeline(series, phases, out_dir / "timeline.png", downtime_ms=mig.get("downtime"))
+        s.figure(
+            "timeline.png",
+            "kv ops/s over time with the migration phases",
+            "Client-observed kv operations per second (100 ms buckets). Shaded: warm-up, "
+            "setup, pre-copy, stop-and-copy (the guest is paused: the downtime), and the "
+            "time after the switchover, when the destination serves the load.",
+        )
     rounds = mig.get("x-rounds") or []
     if rounds:
         plot_rounds(rounds, out_dir / "rounds.png")
-        s.figure("rounds.png", "pages per pre-copy round",
-                 "Pages sent in each pre-copy round (the last one, red, while the guest is "
-                 "paused) and the dirty pages left when each round ended.")
+        s.figure(
+            "rounds.png",
+            "pages per pre-copy round",
+            "Pages sent in each pre-copy round (the last one, red, while the guest is "
+            "paused) and the dirty pages left when each round ended.",
+        )
     s.pre(summary_lines(doc))
     return s
 
@@ -99,16 +128,29 @@ def _bench_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
     points = strategy_points(doc)
     if points:
         plot_strategies(points, out_dir / "strategies.png")
-        s.figure("strategies.png", "downtime and bytes sent versus RAM size per strategy",
-                 "Each DMA-tracking strategy migrating guests of growing RAM under device DMA: "
-                 "all-dirty re-sends every writable-mapped page at stop-and-copy, so its "
-                 "downtime grows with RAM; shadow and device-log only send what changed.")
+        s.figure(
+            "strategies.png",
+            "downtime and bytes sent versus RAM size per strategy",
+            "Each DMA-tracking strategy migrating guests of growing RAM under device DMA: "
+            "all-dirty re-sends every writable-mapped page at stop-and-copy, so its "
+            "downtime grows with RAM; shadow and device-log only send what changed.",
+        )
     else:
-        s.para("No strategy comparison in this bench run (results named "
-               "strategy.<name>.<ram>.downtime / .bytes).")
-    rows = [(r.get("section"), r.get("name"), _fmt(r.get("value")), r.get("unit", ""),
-             r.get("goal") or "", {True: "yes", False: "NO", None: ""}[r.get("ok")])
-            for r in result_rows(doc)]
+        s.para(
+            "No strategy comparison in this bench run (results named "
+            "strategy.<name>.<ram>.downtime / .bytes)."
+        )
+    rows = [
+        (
+            r.get("section"),
+            r.get("name"),
+            _fmt(r.get("value")),
+            r.get("unit", ""),
+            r.get("goal") or "",
+            {True: "yes", False: "NO", None: ""}[r.get("ok")],
+        )
+        for r in result_rows(doc)
+    ]
     if rows:
         s.table(["section", "name", "median", "unit", "goal", "met"], rows, numeric=(2,))
     errors = doc.get("errors") or []
@@ -117,8 +159,9 @@ def _bench_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
     return s
 
 
-def write_report(out_dir: Path, *, demo: Mapping[str, Any] | None = None,
-                 bench: Mapping[str, Any] | None = None) -> Path:
+def write_report(
+    out_dir: Path, *, demo: Mapping[str, Any] | None = None, bench: Mapping[str, Any] | None = None
+) -> Path:
     if demo is None and bench is None:
         raise ValueError("a report needs a demo document, a bench document, or both")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +171,14 @@ def write_report(out_dir: Path, *, demo: Mapping[str, Any] | None = None,
     if bench is not None:
         sections.append(_bench_section(bench, out_dir))
     page = out_dir / PAGE
-    page.write_text(render_page(
-        "ptmig evaluation report",
-        "Live migration of a KVM guest whose NIC and disk DMA straight into its memory.",
-        sections), encoding="utf-8")
+    page.write_text(
+        render_page(
+            "ptmig evaluation report",
+            "Live migration of a KVM guest whose NIC and disk DMA straight into its memory.",
+            sections,
+        ),
+        encoding="utf-8",
+    )
     return page
 
 

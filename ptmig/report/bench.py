@@ -43,8 +43,9 @@ def parse_ram(text: str) -> int:
             return int(float(t[:-1]) * _SUFFIX[t[-1]])
         return int(float(t) * (1 << 20))
     except ValueError:
-        raise BenchDocError(f"RAM size {text!r} is not like '256M', '1G' or a number of MiB")\
-            from None
+        raise BenchDocError(
+            f"RAM size {text!r} is not like '256M', '1G' or a number of MiB"
+        ) from None
 
 
 def results_of(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -63,21 +64,26 @@ def strategy_points(doc: Mapping[str, Any]) -> dict[str, list[StrategyPoint]]:
             continue
         _, strategy, ram_text, what = parts
         extra = r.get("extra") or {}
-        ram = int(extra["ram_bytes"]) if isinstance(extra.get("ram_bytes"), int) \
+        ram = (
+            int(extra["ram_bytes"])
+            if isinstance(extra.get("ram_bytes"), int)
             else parse_ram(ram_text)
+        )
         value = r.get("value")
         v = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
         if what == "bytes" and v is not None:
             unit = str(r.get("unit", "B"))
             if unit not in UNIT_BYTES:
-                raise BenchDocError(f"{r.get('name')}: unit {unit!r} is not one of "
-                                    f"{', '.join(UNIT_BYTES)}")
+                raise BenchDocError(
+                    f"{r.get('name')}: unit {unit!r} is not one of {', '.join(UNIT_BYTES)}"
+                )
             v *= UNIT_BYTES[unit]
         cells.setdefault((strategy, ram), {})[what] = v
     out: dict[str, list[StrategyPoint]] = {}
     for (strategy, ram), vals in sorted(cells.items()):
         out.setdefault(strategy, []).append(
-            StrategyPoint(strategy, ram, vals.get("downtime"), vals.get("bytes")))
+            StrategyPoint(strategy, ram, vals.get("downtime"), vals.get("bytes"))
+        )
     return out
 
 

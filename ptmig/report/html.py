@@ -43,20 +43,25 @@ class Section:
         self.parts.append("<pre>" + esc("\n".join(lines)) + "</pre>")
 
     def figure(self, src: str, alt: str, caption: str) -> None:
-        self.parts.append(f'<figure><img src="{esc(src)}" alt="{esc(alt)}">'
-                          f"<figcaption>{esc(caption)}</figcaption></figure>")
+        self.parts.append(
+            f'<figure><img src="{esc(src)}" alt="{esc(alt)}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
+        )
 
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]],
-              numeric: Sequence[int] = ()) -> None:
+    def table(
+        self, header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()
+    ) -> None:
         head = "".join(f"<th>{esc(h)}</th>" for h in header)
         body = []
         for row in rows:
             cells = "".join(
                 f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>"
-                for i, c in enumerate(row))
+                for i, c in enumerate(row)
+            )
             body.append(f"<tr>{cells}</tr>")
-        self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>"
-                          + "".join(body) + "</tbody></table>")
+        self.parts.append(
+            f"<table><thead><tr>{head}</tr></thead><tbody>" + "".join(body) + "</tbody></table>"
+        )
 
     def render(self) -> str:
         return f"<section><h2>{esc(self.title)}</h2>\n" + "\n".join(self.parts) + "</section>"
@@ -64,7 +69,7 @@ class Section:
 
 def render_page(title: str, intro: str, sections: Sequence[Section]) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{esc(title)}</h1><p>{esc(intro)}</p>\n"
         + "\n".join(s.render() for s in sections)

@@ -22,19 +22,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..demo.timeline import BUCKET_S, Phase  # noqa: E402
 from .bench import StrategyPoint  # noqa: E402
 
-PHASE_COLOURS = {"warm-up": "#f2f2f2", "setup": "#ffe9a8", "pre-copy": "#cfe3ff",
-                 "stop-and-copy": "#ff9d9d", "after": "#e3f5dc"}
+PHASE_COLOURS = {
+    "warm-up": "#f2f2f2",
+    "setup": "#ffe9a8",
+    "pre-copy": "#cfe3ff",
+    "stop-and-copy": "#ff9d9d",
+    "after": "#e3f5dc",
+}
 DPI = 110
 
 
-def plot_timeline(series: Sequence[Sequence[float]], phases: Sequence[Phase], path: Path,
-                  *, title: str = "kv operations per second, as the client saw them",
-                  downtime_ms: float | None = None) -> Path:
+def plot_timeline(
+    series: Sequence[Sequence[float]],
+    phases: Sequence[Phase],
+    path: Path,
+    *,
+    title: str = "kv operations per second, as the client saw them",
+    downtime_ms: float | None = None,
+) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=DPI)
     for p in phases:
         if p.seconds > 0:
-            ax.axvspan(p.start_s, p.end_s, color=PHASE_COLOURS.get(p.name, "#eeeeee"),
-                       alpha=0.9 if p.name == "stop-and-copy" else 0.6, lw=0, label=p.name)
+            ax.axvspan(
+                p.start_s,
+                p.end_s,
+                color=PHASE_COLOURS.get(p.name, "#eeeeee"),
+                alpha=0.9 if p.name == "stop-and-copy" else 0.6,
+                lw=0,
+                label=p.name,
+            )
     t = [row[0] + BUCKET_S / 2 for row in series]
     rate = [row[1] / BUCKET_S for row in series]
     ax.plot(t, rate, color="#1f4e9c", lw=1.2, label="ops/s (100 ms buckets)")
@@ -42,14 +58,20 @@ def plot_timeline(series: Sequence[Sequence[float]], phases: Sequence[Phase], pa
     if stop is not None:
         ax.axvline(stop.start_s, color="#c00000", lw=0.8, ls="--")
         label = f"downtime {downtime_ms:.0f} ms" if downtime_ms is not None else "downtime"
-        ax.annotate(label, xy=(stop.end_s, 1), xycoords=("data", "axes fraction"),
-                    xytext=(6, -14), textcoords="offset points", color="#c00000", fontsize=8)
+        ax.annotate(
+            label,
+            xy=(stop.end_s, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(6, -14),
+            textcoords="offset points",
+            color="#c00000",
+            fontsize=8,
+        )
     ax.set_xlabel("seconds since the load started")
     ax.set_ylabel("ops/s")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=6,
-              frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=6, frameon=False)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -64,11 +86,20 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], path: Path) -> Path:
     sent = [int(r.get("pages", 0)) for r in rounds]
     colours = ["#ff9d9d" if r.get("stop-and-copy") else "#6d9eeb" for r in rounds]
     ax.bar(idx, sent, color=colours, label="pages sent (red: stop-and-copy)")
-    remaining = [(i, int(r["remaining-pages"])) for i, r in zip(idx, rounds, strict=True)
-                 if "remaining-pages" in r]
+    remaining = [
+        (i, int(r["remaining-pages"]))
+        for i, r in zip(idx, rounds, strict=True)
+        if "remaining-pages" in r
+    ]
     if remaining:
-        ax.plot([i for i, _ in remaining], [n for _, n in remaining], "o-", color="#333333",
-                lw=1, label="pages remaining after the round")
+        ax.plot(
+            [i for i, _ in remaining],
+            [n for _, n in remaining],
+            "o-",
+            color="#333333",
+            lw=1,
+            label="pages remaining after the round",
+        )
     ax.set_yscale("symlog", linthresh=10)
     ax.set_xticks(idx)
     ax.set_xlabel("pre-copy round")
@@ -87,8 +118,11 @@ def plot_strategies(points: Mapping[str, Sequence[StrategyPoint]], path: Path) -
     for name, pts in points.items():
         ram = [p.ram_bytes / (1 << 30) for p in pts]
         d = [(r, p.downtime_ms) for r, p in zip(ram, pts, strict=True) if p.downtime_ms is not None]
-        b = [(r, p.bytes_sent / (1 << 20)) for r, p in zip(ram, pts, strict=True)
-             if p.bytes_sent is not None]
+        b = [
+            (r, p.bytes_sent / (1 << 20))
+            for r, p in zip(ram, pts, strict=True)
+            if p.bytes_sent is not None
+        ]
         if d:
             a1.plot([x for x, _ in d], [y for _, y in d], "o-", label=name)
         if b:

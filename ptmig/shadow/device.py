@@ -90,8 +90,15 @@ class ShadowQueue:
 
     def snapshot(self) -> QueueState:
         s = self.state
-        return QueueState(s.size, s.desc_addr, s.avail_addr, s.used_addr,
-                          self.first_inflight(), self.next_used, True)
+        return QueueState(
+            s.size,
+            s.desc_addr,
+            s.avail_addr,
+            s.used_addr,
+            self.first_inflight(),
+            self.next_used,
+            True,
+        )
 
 
 class ShadowStats:
@@ -121,9 +128,15 @@ class ShadowedDevice:
     `ReferenceDataplane` (the Python reference of the same per-request work) may stand in for
     the native one: the differential tests run both."""
 
-    def __init__(self, dev: AttachedDevice, pool: ShadowPool, memory: GuestMemory,
-                 dataplane: Dataplane | ReferenceDataplane | None = None, *,
-                 irq_fd: int = -1) -> None:
+    def __init__(
+        self,
+        dev: AttachedDevice,
+        pool: ShadowPool,
+        memory: GuestMemory,
+        dataplane: Dataplane | ReferenceDataplane | None = None,
+        *,
+        irq_fd: int = -1,
+    ) -> None:
         self.dev = dev
         self.memory = memory
         self._own_dataplane = dataplane is None
@@ -158,8 +171,12 @@ class ShadowedDevice:
 
     # --- building the device buffers -------------------------------------------------------
 
-    def build(self, device_state: dict[str, Any], doorbells: dict[int, int] | None = None,
-              kicks: dict[int, int] | None = None) -> None:
+    def build(
+        self,
+        device_state: dict[str, Any],
+        doorbells: dict[int, int] | None = None,
+        kicks: dict[int, int] | None = None,
+    ) -> None:
         """After the device quiesced: shadow its rings, point its IOMMU domain at the device
         buffers only. `device_state` is the device's own report of its queue positions;
         `doorbells` and `kicks` are, per queue, the VMM's trapping eventfd and the device's
@@ -170,8 +187,15 @@ class ShadowedDevice:
             for q in device_state["queues"]:
                 if not q.get("ready", True):
                     continue
-                st = QueueState(q["size"], q["desc_addr"], q["avail_addr"], q["used_addr"],
-                                q["next_avail"], q["next_used"], True).validate()
+                st = QueueState(
+                    q["size"],
+                    q["desc_addr"],
+                    q["avail_addr"],
+                    q["used_addr"],
+                    q["next_avail"],
+                    q["next_used"],
+                    True,
+                ).validate()
                 for addr, length in ring_regions(st):
                     for gpfn in range(addr >> PAGE_SHIFT, (addr + length - 1 >> PAGE_SHIFT) + 1):
                         self.map.acquire(gpfn, copy=True)
@@ -180,9 +204,16 @@ class ShadowedDevice:
                 write_avail_idx(self.dev_buf, st, st.next_avail)
                 self.dev_buf.write(st.avail_addr, b"\0\0")  # see below: always interrupt us
                 native = self.native.add_queue(
-                    q["index"], st.size, st.desc_addr, st.avail_addr, st.used_addr,
-                    st.next_avail, st.next_used,
-                    (doorbells or {}).get(q["index"], -1), (kicks or {}).get(q["index"], -1))
+                    q["index"],
+                    st.size,
+                    st.desc_addr,
+                    st.avail_addr,
+                    st.used_addr,
+                    st.next_avail,
+                    st.next_used,
+                    (doorbells or {}).get(q["index"], -1),
+                    (kicks or {}).get(q["index"], -1),
+                )
                 self.queues[q["index"]] = ShadowQueue(q["index"], st, native)
         # The guest's VIRTQ_AVAIL_F_NO_INTERRUPT is never copied to the shadow avail ring: the
         # device must always interrupt the VMM, which then decides what the guest sees.
@@ -227,8 +258,15 @@ class ShadowedDevice:
         sq = self.queues[qi]
         st = sq.state
         try:
-            view = QueueState(st.size, st.desc_addr, st.avail_addr, st.used_addr,
-                              sq.next_avail, sq.next_used, True)
+            view = QueueState(
+                st.size,
+                st.desc_addr,
+                st.avail_addr,
+                st.used_addr,
+                sq.next_avail,
+                sq.next_used,
+                True,
+            )
             heads = read_avail_entries(self.vcpu_buf, view, avail_pending(self.vcpu_buf, view))
             held: list[int] = []
             try:
@@ -291,8 +329,9 @@ class ShadowedDevice:
             for _, head in sq.native.inflight():
                 for addr, length, writable in sq.native.recorded_chain(head):
                     if writable:
-                        pages.update(range(addr >> PAGE_SHIFT,
-                                           ((addr + length - 1) >> PAGE_SHIFT) + 1))
+                        pages.update(
+                            range(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1)
+                        )
         return sorted(pages)
 
     def fail(self, reason: str) -> None:
@@ -308,14 +347,23 @@ class ShadowedDevice:
         return {
             "mmio": self.mmio,
             "queues": [
-                {**_queue_json(sq.snapshot()), "index": sq.index,
-                 "inflight": [{"avail_index": a, "head": h} for a, h in sq.native.inflight()]}
+                {
+                    **_queue_json(sq.snapshot()),
+                    "index": sq.index,
+                    "inflight": [{"avail_index": a, "head": h} for a, h in sq.native.inflight()],
+                }
                 for sq in self.queues.values()
             ],
         }
 
 
 def _queue_json(st: QueueState) -> dict[str, Any]:
-    return {"size": st.size, "desc_addr": st.desc_addr, "avail_addr": st.avail_addr,
-            "used_addr": st.used_addr, "next_avail": st.next_avail, "next_used": st.next_used,
-            "ready": True}
+    return {
+        "size": st.size,
+        "desc_addr": st.desc_addr,
+        "avail_addr": st.avail_addr,
+        "used_addr": st.used_addr,
+        "next_avail": st.next_avail,
+        "next_used": st.next_used,
+        "ready": True,
+    }

@@ -63,14 +63,16 @@ class ShadowEngine:
 
     def enter(self) -> None:
         vm = self.m.vm
-        dp = Dataplane(vm.memory, self.m.shadow_pool, guest_wake_fd=vm.guest_wake_fd,
-                       idle_limit=IDLE_MAX)
+        dp = Dataplane(
+            vm.memory, self.m.shadow_pool, guest_wake_fd=vm.guest_wake_fd, idle_limit=IDLE_MAX
+        )
         self.dataplane = dp
         vm.dirty.add_source(dp.take_dirty)
         with self._lock:
             for dev in self.m.devices:
-                sd = ShadowedDevice(dev, self.m.shadow_pool, vm.memory, dp,
-                                    irq_fd=dev.handle.irq_eventfd)
+                sd = ShadowedDevice(
+                    dev, self.m.shadow_pool, vm.memory, dp, irq_fd=dev.handle.irq_eventfd
+                )
                 self.devices[dev.id] = sd
                 self._trap(sd)
                 dev.handle.quiesce()
@@ -127,8 +129,10 @@ class ShadowEngine:
         # device goes back to direct DMA *before* the write reaches this one (completions
         # synced, identity map restored, pool pages returned), and the migration fails.
         with sd.dataplane.locked():
-            sd.fail(f"the driver reconfigured the device while shadowed (register {offset:#x} "
-                    f"<- {value:#x}); every device went back to direct DMA")
+            sd.fail(
+                f"the driver reconfigured the device while shadowed (register {offset:#x} "
+                f"<- {value:#x}); every device went back to direct DMA"
+            )
         self.leave()
         return False
 
@@ -275,14 +279,16 @@ class ShadowEngine:
             "pool-pages-in-use": self.m.shadow_pool.in_use,
         }
         total["devices"] = {
-            name: {"shadowed-pages": sd.map.active_count,
-                   "requests-forwarded": sd.stats.requests_forwarded,
-                   "completions-synced": sd.stats.completions_synced,
-                   "bytes-to-device": sd.stats.bytes_to_device,
-                   "bytes-to-guest": sd.stats.bytes_to_guest,
-                   "inflight": sum(q.native.inflight_count for q in sd.queues.values()),
-                   "stalls": sd.stats.stalls,
-                   "broken": sd.broken}
+            name: {
+                "shadowed-pages": sd.map.active_count,
+                "requests-forwarded": sd.stats.requests_forwarded,
+                "completions-synced": sd.stats.completions_synced,
+                "bytes-to-device": sd.stats.bytes_to_device,
+                "bytes-to-guest": sd.stats.bytes_to_guest,
+                "inflight": sum(q.native.inflight_count for q in sd.queues.values()),
+                "stalls": sd.stats.stalls,
+                "broken": sd.broken,
+            }
             for name, sd in per.items()
         }
         return total
@@ -310,4 +316,3 @@ def _drain(fd: int) -> None:
         os.eventfd_read(fd)
     except (BlockingIOError, OSError):
         pass
-

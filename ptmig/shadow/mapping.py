@@ -59,9 +59,14 @@ class ShadowMap:
     `invalidate` flushes the device's IOTLB (synchronously); it is used when the pool runs out
     and idle buffers must be reclaimed on the spot."""
 
-    def __init__(self, pool: ShadowPool, iommu: IommuTable, memory: GuestMemory,
-                 table: PageTable,
-                 invalidate: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        pool: ShadowPool,
+        iommu: IommuTable,
+        memory: GuestMemory,
+        table: PageTable,
+        invalidate: Callable[[], None] | None = None,
+    ) -> None:
         self.pool = pool
         self.iommu = iommu
         self.memory = memory
@@ -110,8 +115,9 @@ class ShadowMap:
         """Reference the device buffer of guest page `gpfn`, creating it if needed; `copy`
         fills a new or reused buffer with the guest page (the rings at entry)."""
         if not self.memory.is_ram(gpfn, 1):
-            raise ShadowError(f"guest page {gpfn} is outside guest RAM "
-                              f"{self.memory.describe_regions()}")
+            raise ShadowError(
+                f"guest page {gpfn} is outside guest RAM {self.memory.describe_regions()}"
+            )
         pfn = int(self.slot[gpfn])
         c = self.counters
         if pfn < 0:

@@ -40,8 +40,16 @@ Q_COUNT = 4
 # The private record of forwarded descriptors, one per descriptor index (struct rec in
 # dataplane.c): the descriptor as forwarded (flags: WRITE | NEXT), the head of the in-flight
 # chain it belongs to (-1: none), and at a head the chain's device-writable bytes.
-REC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2"),
-                      ("owner", "<i4"), ("wlen", "<u4")])
+REC_DTYPE = np.dtype(
+    [
+        ("addr", "<u8"),
+        ("len", "<u4"),
+        ("flags", "<u2"),
+        ("next", "<u2"),
+        ("owner", "<i4"),
+        ("wlen", "<u4"),
+    ]
+)
 ERROR_LEN = 256
 SOURCE = "dataplane.c"
 
@@ -85,8 +93,10 @@ def check_layout(lib: ctypes.CDLL) -> None:
     ours = (REC_DTYPE.itemsize, int(fields["owner"][1]), int(fields["wlen"][1]))
     theirs = tuple(int(lib.dp_rec_layout(i)) for i in range(3))
     if theirs != ours:
-        raise DataplaneError(f"native/{SOURCE}: record layout (size, owner, wlen) {theirs} "
-                             f"does not match ptmig's {ours}; rebuild the library")
+        raise DataplaneError(
+            f"native/{SOURCE}: record layout (size, owner, wlen) {theirs} "
+            f"does not match ptmig's {ours}; rebuild the library"
+        )
 
 
 def _addr(a: npt.NDArray[np.generic]) -> int:
@@ -159,20 +169,46 @@ class DataplaneDevice:
         self.stats = np.zeros(ST_COUNT, dtype=np.uint64)
         self._error = ctypes.create_string_buffer(ERROR_LEN)
         self.queues: dict[int, DataplaneQueue] = {}
-        handle = dp.lib.dp_dev_add(dp.handle, _addr(self.slot), _addr(self.refs),
-                                   _addr(self.stamp), _addr(self.stats),
-                                   ctypes.addressof(self._error), irq_fd)
+        handle = dp.lib.dp_dev_add(
+            dp.handle,
+            _addr(self.slot),
+            _addr(self.refs),
+            _addr(self.stamp),
+            _addr(self.stats),
+            ctypes.addressof(self._error),
+            irq_fd,
+        )
         if not handle:
             raise DataplaneError("the data plane cannot take another device")
         self.handle: int = handle
 
-    def add_queue(self, index: int, size: int, desc: int, avail: int, used: int, next_avail: int,
-                  next_used: int, doorbell_fd: int = -1, kick_fd: int = -1) -> DataplaneQueue:
+    def add_queue(
+        self,
+        index: int,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        next_avail: int,
+        next_used: int,
+        doorbell_fd: int = -1,
+        kick_fd: int = -1,
+    ) -> DataplaneQueue:
         q = DataplaneQueue(index, size)
         q.pos[Q_NEXT_AVAIL], q.pos[Q_NEXT_USED] = next_avail, next_used
-        err = self.dp.lib.dp_queue_add(self.handle, index, size, desc, avail, used,
-                                       _addr(q.pos), _addr(q.head_avail), _addr(q.rec),
-                                       doorbell_fd, kick_fd)
+        err = self.dp.lib.dp_queue_add(
+            self.handle,
+            index,
+            size,
+            desc,
+            avail,
+            used,
+            _addr(q.pos),
+            _addr(q.head_avail),
+            _addr(q.rec),
+            doorbell_fd,
+            kick_fd,
+        )
         if err:
             raise DataplaneError(f"queue {index}: {os.strerror(-err)}")
         self.queues[index] = q
@@ -203,17 +239,29 @@ class Dataplane:
     `slow_fd` is signalled when Python must act: a queue stalled on an unshadowed page, a device
     broke, or too many idle device buffers piled up."""
 
-    def __init__(self, memory: GuestMemory, pool: ShadowPool, *, guest_wake_fd: int = -1,
-                 idle_limit: int = 1024) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        pool: ShadowPool,
+        *,
+        guest_wake_fd: int = -1,
+        idle_limit: int = 1024,
+    ) -> None:
         self.lib = library()
         self.memory = memory
         self.dirty = bitmap.empty(memory.npages)
         self.slow_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._pool_base = ctypes.c_char.from_buffer(pool.mmap)
-        handle = self.lib.dp_engine_new(memory.host_address, memory.size,
-                                        ctypes.addressof(self._pool_base), pool.pages,
-                                        _addr(self.dirty), guest_wake_fd, self.slow_fd,
-                                        idle_limit)
+        handle = self.lib.dp_engine_new(
+            memory.host_address,
+            memory.size,
+            ctypes.addressof(self._pool_base),
+            pool.pages,
+            _addr(self.dirty),
+            guest_wake_fd,
+            self.slow_fd,
+            idle_limit,
+        )
         if not handle:
             os.close(self.slow_fd)
             raise DataplaneError("could not create the data plane (out of memory or fds)")

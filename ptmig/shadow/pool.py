@@ -26,8 +26,7 @@ class ShadowPool:
         self.size = pages * PAGE_SIZE
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
-        self.mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self.mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._free = list(range(pages - 1, -1, -1))
         self._lock = threading.Lock()
         self.high_water = 0

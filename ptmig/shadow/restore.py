@@ -37,8 +37,15 @@ def restore_shadowed_device(machine: Machine, dev: AttachedDevice, entry: dict[s
         if not reqs:
             continue
         try:
-            st = QueueState(q["size"], q["desc_addr"], q["avail_addr"], q["used_addr"],
-                            q["next_avail"], q["next_used"], True).validate()
+            st = QueueState(
+                q["size"],
+                q["desc_addr"],
+                q["avail_addr"],
+                q["used_addr"],
+                q["next_avail"],
+                q["next_used"],
+                True,
+            ).validate()
             heads = read_avail_entries(ring, st, len(reqs))
         except (QueueError, KeyError, TypeError, ValueError) as e:
             raise ShadowRestoreError(f"device {dev.id}: {e}") from None
@@ -47,5 +54,6 @@ def restore_shadowed_device(machine: Machine, dev: AttachedDevice, entry: dict[s
             if req.get("avail_index") != want or req.get("head") != head:
                 raise ShadowRestoreError(
                     f"device {dev.id} queue {q['index']}: in-flight request {n} is "
-                    f"{req!r}, the guest's ring has head {head} at avail index {want}")
+                    f"{req!r}, the guest's ring has head {head} at avail index {want}"
+                )
     dev.handle.set_state(state)

@@ -26,8 +26,10 @@ class ShadowTracking:
     def begin(self, m: Machine) -> None:
         unsupported = [d.id for d in m.devices if not d.shadowable]
         if unsupported:
-            raise ValueError(f"shadow DMA tracking does not support vhost-user devices yet "
-                             f"({', '.join(unsupported)}): use device-log or all-dirty")
+            raise ValueError(
+                f"shadow DMA tracking does not support vhost-user devices yet "
+                f"({', '.join(unsupported)}): use device-log or all-dirty"
+            )
         self.engine = ShadowEngine(m)
         m.shadow = self.engine
         self.engine.enter()
@@ -48,11 +50,22 @@ class ShadowTracking:
         for dev in m.devices:
             sd = self.engine.devices[dev.id]
             log = sd.interception_log()
-            out.append({"id": dev.id, "kind": dev.kind, "source": "shadow",
-                        "state": {"version": 1, "kind": dev.handle.kind, "mmio": log["mmio"],
-                                  "queues": [{k: v for k, v in q.items() if k != "inflight"}
-                                             for q in log["queues"]]},
-                        "inflight": {str(q["index"]): q["inflight"] for q in log["queues"]}})
+            out.append(
+                {
+                    "id": dev.id,
+                    "kind": dev.kind,
+                    "source": "shadow",
+                    "state": {
+                        "version": 1,
+                        "kind": dev.handle.kind,
+                        "mmio": log["mmio"],
+                        "queues": [
+                            {k: v for k, v in q.items() if k != "inflight"} for q in log["queues"]
+                        ],
+                    },
+                    "inflight": {str(q["index"]): q["inflight"] for q in log["queues"]},
+                }
+            )
         return out
 
     def abort(self, m: Machine) -> None:

@@ -14,6 +14,15 @@ from ptmig.devices.virtio.queue import (
 )
 
 __all__ = [
-    "Descriptor", "DescriptorChain", "MmioState", "QueueError", "QueueRegisters", "QueueState",
-    "RingMemory", "SplitQueue", "VirtioMmioRegisters", "read_avail_entries", "walk_chain",
+    "Descriptor",
+    "DescriptorChain",
+    "MmioState",
+    "QueueError",
+    "QueueRegisters",
+    "QueueState",
+    "RingMemory",
+    "SplitQueue",
+    "VirtioMmioRegisters",
+    "read_avail_entries",
+    "walk_chain",
 ]

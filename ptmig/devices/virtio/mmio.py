@@ -27,8 +27,13 @@ from ptmig.devices.virtio import constants as c
 from ptmig.devices.virtio.queue import QueueError, QueueState
 
 VENDOR_ID = 0x4D544D50  # "PMTM" little-endian: ptmig's vendor id
-_DRIVER_STATUS_BITS = (c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER | c.STATUS_DRIVER_OK
-                       | c.STATUS_FEATURES_OK | c.STATUS_FAILED)
+_DRIVER_STATUS_BITS = (
+    c.STATUS_ACKNOWLEDGE
+    | c.STATUS_DRIVER
+    | c.STATUS_DRIVER_OK
+    | c.STATUS_FEATURES_OK
+    | c.STATUS_FAILED
+)
 
 
 class ConfigSpace(Protocol):
@@ -73,17 +78,29 @@ class MmioState:
 class VirtioMmioRegisters:
     """One device's virtio-mmio v2 register window (offsets relative to its base)."""
 
-    def __init__(self, device_id: int, device_features: int, num_queues: int,
-                 queue_num_max: int | Sequence[int], config: ConfigSpace, *,
-                 vendor_id: int = VENDOR_ID) -> None:
+    def __init__(
+        self,
+        device_id: int,
+        device_features: int,
+        num_queues: int,
+        queue_num_max: int | Sequence[int],
+        config: ConfigSpace,
+        *,
+        vendor_id: int = VENDOR_ID,
+    ) -> None:
         if not device_features >> c.VIRTIO_F_VERSION_1 & 1:
-            raise ValueError(f"a virtio-mmio v2 device must offer VIRTIO_F_VERSION_1; "
-                             f"features={device_features:#x}")
-        maxes = ([queue_num_max] * num_queues if isinstance(queue_num_max, int)
-                 else list(queue_num_max))
+            raise ValueError(
+                f"a virtio-mmio v2 device must offer VIRTIO_F_VERSION_1; "
+                f"features={device_features:#x}"
+            )
+        maxes = (
+            [queue_num_max] * num_queues if isinstance(queue_num_max, int) else list(queue_num_max)
+        )
         if len(maxes) != num_queues or not all(0 < m <= c.VIRTQ_MAX_SIZE for m in maxes):
-            raise ValueError(f"queue_num_max {queue_num_max!r} must give {num_queues} sizes "
-                             f"in 1..{c.VIRTQ_MAX_SIZE}")
+            raise ValueError(
+                f"queue_num_max {queue_num_max!r} must give {num_queues} sizes "
+                f"in 1..{c.VIRTQ_MAX_SIZE}"
+            )
         self.device_id = device_id
         self.device_features = device_features
         self.vendor_id = vendor_id
@@ -104,8 +121,11 @@ class VirtioMmioRegisters:
         self._state = self._initial_state()
 
     def _initial_state(self) -> MmioState:
-        return MmioState(self.device_id, self.device_features,
-                         queues=[QueueRegisters(num=m) for m in self.queue_num_max])
+        return MmioState(
+            self.device_id,
+            self.device_features,
+            queues=[QueueRegisters(num=m) for m in self.queue_num_max],
+        )
 
     # -- state the device model reads ------------------------------------------------------
     @property
@@ -141,7 +161,8 @@ class VirtioMmioRegisters:
 
     def feature_negotiated(self, bit: int) -> bool:
         return bool(self._state.driver_features >> bit & 1) and bool(
-            self._state.status & c.STATUS_FEATURES_OK)
+            self._state.status & c.STATUS_FEATURES_OK
+        )
 
     # -- device-side actions -----------------------------------------------------------------
     def note_interrupt(self, bits: int) -> None:
@@ -184,15 +205,18 @@ class VirtioMmioRegisters:
     def restore(self, state: MmioState) -> None:
         """Load register state saved by `snapshot` (validated; hooks are not called)."""
         if state.device_id != self.device_id or state.device_features != self.device_features:
-            raise ValueError(f"state of device id {state.device_id} features "
-                             f"{state.device_features:#x} does not fit device id "
-                             f"{self.device_id} features {self.device_features:#x}")
+            raise ValueError(
+                f"state of device id {state.device_id} features "
+                f"{state.device_features:#x} does not fit device id "
+                f"{self.device_id} features {self.device_features:#x}"
+            )
         if len(state.queues) != self.num_queues:
-            raise ValueError(f"state has {len(state.queues)} queues, device has "
-                             f"{self.num_queues}")
+            raise ValueError(f"state has {len(state.queues)} queues, device has {self.num_queues}")
         if state.driver_features & ~self.device_features:
-            raise ValueError(f"driver features {state.driver_features:#x} include bits the "
-                             f"device does not offer ({self.device_features:#x})")
+            raise ValueError(
+                f"driver features {state.driver_features:#x} include bits the "
+                f"device does not offer ({self.device_features:#x})"
+            )
         for i, q in enumerate(state.queues):
             if q.ready:
                 try:
@@ -269,8 +293,11 @@ class VirtioMmioRegisters:
             self._bad_write(c.REG_DRIVER_FEATURES, 4, "features written outside negotiation")
             return
         if s.driver_features_sel >= 2:
-            self._bad_write(c.REG_DRIVER_FEATURES, 4,
-                            f"driver features word {s.driver_features_sel} does not exist")
+            self._bad_write(
+                c.REG_DRIVER_FEATURES,
+                4,
+                f"driver features word {s.driver_features_sel} does not exist",
+            )
             return
         shift = 32 * s.driver_features_sel
         s.driver_features = (s.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
@@ -292,8 +319,7 @@ class VirtioMmioRegisters:
         else:
             attr, high = _QUEUE_REGS[offset]
             old = getattr(q, attr)
-            new = ((old & 0xFFFFFFFF) | (value << 32)) if high else (
-                (old & ~0xFFFFFFFF) | value)
+            new = ((old & 0xFFFFFFFF) | (value << 32)) if high else ((old & ~0xFFFFFFFF) | value)
             setattr(q, attr, new)
 
     def _write_queue_ready(self, index: int, q: QueueRegisters, value: int) -> None:
@@ -318,8 +344,7 @@ class VirtioMmioRegisters:
 
     def _check_queue(self, index: int, q: QueueRegisters) -> QueueState:
         if q.num > self.queue_num_max[index]:
-            raise QueueError(f"queue size {q.num} exceeds QueueNumMax "
-                             f"{self.queue_num_max[index]}")
+            raise QueueError(f"queue size {q.num} exceeds QueueNumMax {self.queue_num_max[index]}")
         return q.queue_state().validate()
 
     def _notify(self, value: int) -> None:
@@ -358,11 +383,14 @@ class VirtioMmioRegisters:
     def _config_read(self, offset: int, size: int) -> int:
         if size not in (1, 2, 4, 8) or offset + size > len(self.config):
             return self._bad_read(c.REG_CONFIG + offset, size, "outside the config space")
-        return int.from_bytes(bytes(self.config[offset:offset + size]), "little")
+        return int.from_bytes(bytes(self.config[offset : offset + size]), "little")
 
     def _config_write(self, offset: int, size: int, value: int) -> None:
-        if (size not in (1, 2, 4, 8) or offset + size > len(self.config)
-                or self.on_config_write is None):
+        if (
+            size not in (1, 2, 4, 8)
+            or offset + size > len(self.config)
+            or self.on_config_write is None
+        ):
             self._bad_write(c.REG_CONFIG + offset, size, "config space is not writable there")
             return
         self.on_config_write(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))

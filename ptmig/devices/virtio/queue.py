@@ -54,8 +54,7 @@ _U16 = struct.Struct("<H")
 class QueueError(Exception):
     """The guest broke the virtqueue rules; the device must be marked DEVICE_NEEDS_RESET."""
 
-    def __init__(self, reason: str, *, head: int | None = None,
-                 index: int | None = None) -> None:
+    def __init__(self, reason: str, *, head: int | None = None, index: int | None = None) -> None:
         self.reason = reason
         self.head = head
         self.index = index
@@ -103,13 +102,16 @@ class QueueState:
         size = self.size
         if not isinstance(size, int) or not 0 < size <= VIRTQ_MAX_SIZE or size & (size - 1):
             raise QueueError(f"queue size {size!r} is not a power of 2 in 1..{VIRTQ_MAX_SIZE}")
-        areas = (("descriptor table", self.desc_addr, DESC_ALIGN, desc_table_size(size)),
-                 ("avail ring", self.avail_addr, AVAIL_ALIGN, avail_ring_size(size)),
-                 ("used ring", self.used_addr, USED_ALIGN, used_ring_size(size)))
+        areas = (
+            ("descriptor table", self.desc_addr, DESC_ALIGN, desc_table_size(size)),
+            ("avail ring", self.avail_addr, AVAIL_ALIGN, avail_ring_size(size)),
+            ("used ring", self.used_addr, USED_ALIGN, used_ring_size(size)),
+        )
         for name, addr, align, length in areas:
             if not isinstance(addr, int) or addr < 0 or addr + length > _ADDR_LIMIT:
-                raise QueueError(f"{name} address {addr!r} (+{length} bytes) is outside "
-                                 f"the 64-bit address space")
+                raise QueueError(
+                    f"{name} address {addr!r} (+{length} bytes) is outside the 64-bit address space"
+                )
             if addr % align:
                 raise QueueError(f"{name} address {addr:#x} is not {align}-byte aligned")
         for name, idx in (("next_avail", self.next_avail), ("next_used", self.next_used)):
@@ -173,8 +175,10 @@ def avail_pending(mem: RingMemory, state: QueueState) -> int:
     idx = read_avail_idx(mem, state)
     pending = (idx - state.next_avail) & 0xFFFF
     if pending > state.size:
-        raise QueueError(f"avail idx {idx} is {pending} entries ahead of next_avail "
-                         f"{state.next_avail}, more than the queue size {state.size}")
+        raise QueueError(
+            f"avail idx {idx} is {pending} entries ahead of next_avail "
+            f"{state.next_avail}, more than the queue size {state.size}"
+        )
     return pending
 
 
@@ -195,8 +199,11 @@ def read_avail_entries(mem: RingMemory, state: QueueState, count: int) -> list[i
     for n, head in enumerate(heads):
         if head >= size:
             pos = (state.next_avail + n) & 0xFFFF
-            raise QueueError(f"avail ring entry {pos % size} (avail index {pos}) has head "
-                             f"{head}, out of range for queue size {size}", head=head)
+            raise QueueError(
+                f"avail ring entry {pos % size} (avail index {pos}) has head "
+                f"{head}, out of range for queue size {size}",
+                head=head,
+            )
     return heads
 
 
@@ -206,9 +213,15 @@ def read_descriptor(mem: RingMemory, desc_addr: int, index: int) -> tuple[int, i
     return int(addr), int(length), int(flags), int(nxt)
 
 
-def walk_chain(mem: RingMemory, table: QueueState | int, size: int | None, head: int, *,
-               max_chain_len: int | None = None,
-               max_total_len: int = DEFAULT_MAX_TOTAL_LEN) -> DescriptorChain:
+def walk_chain(
+    mem: RingMemory,
+    table: QueueState | int,
+    size: int | None,
+    head: int,
+    *,
+    max_chain_len: int | None = None,
+    max_total_len: int = DEFAULT_MAX_TOTAL_LEN,
+) -> DescriptorChain:
     """Walk and validate the chain starting at descriptor `head`.
 
     `table` is a QueueState or the descriptor table address (then `size` is required).
@@ -235,36 +248,60 @@ def walk_chain(mem: RingMemory, table: QueueState | int, size: int | None, head:
     index = head
     while True:
         if len(descs) >= limit:
-            raise QueueError(f"chain at head {head} is longer than {limit} descriptors "
-                             f"(a loop in the next links?)", head=head, index=index)
+            raise QueueError(
+                f"chain at head {head} is longer than {limit} descriptors "
+                f"(a loop in the next links?)",
+                head=head,
+                index=index,
+            )
         addr, length, flags, nxt = read_descriptor(mem, desc_addr, index)
         if flags & ~VIRTQ_DESC_KNOWN_FLAGS:
-            raise QueueError(f"{_where(index, head)} flags={flags:#x} has reserved bits set",
-                             head=head, index=index)
+            raise QueueError(
+                f"{_where(index, head)} flags={flags:#x} has reserved bits set",
+                head=head,
+                index=index,
+            )
         if flags & VIRTQ_DESC_F_INDIRECT:
-            raise QueueError(f"{_where(index, head)} is INDIRECT but VIRTIO_F_INDIRECT_DESC "
-                             f"was not negotiated", head=head, index=index)
+            raise QueueError(
+                f"{_where(index, head)} is INDIRECT but VIRTIO_F_INDIRECT_DESC was not negotiated",
+                head=head,
+                index=index,
+            )
         if length == 0:
             raise QueueError(f"{_where(index, head)} has length 0", head=head, index=index)
         if addr + length > _ADDR_LIMIT:
-            raise QueueError(f"{_where(index, head)} buffer {addr:#x}+{length} wraps the "
-                             f"address space", head=head, index=index)
+            raise QueueError(
+                f"{_where(index, head)} buffer {addr:#x}+{length} wraps the address space",
+                head=head,
+                index=index,
+            )
         total += length
         if total > max_total_len:
-            raise QueueError(f"chain at head {head} describes more than {max_total_len} bytes "
-                             f"(at {_where(index, head)})", head=head, index=index)
+            raise QueueError(
+                f"chain at head {head} describes more than {max_total_len} bytes "
+                f"(at {_where(index, head)})",
+                head=head,
+                index=index,
+            )
         writable = bool(flags & VIRTQ_DESC_F_WRITE)
         if seen_writable and not writable:
-            raise QueueError(f"{_where(index, head)} is device-readable after a "
-                             f"device-writable descriptor", head=head, index=index)
+            raise QueueError(
+                f"{_where(index, head)} is device-readable after a device-writable descriptor",
+                head=head,
+                index=index,
+            )
         seen_writable |= writable
         descs.append(Descriptor(addr, length, writable))
         indices.append(index)
         if not flags & VIRTQ_DESC_F_NEXT:
             return DescriptorChain(head, tuple(descs), tuple(indices))
         if nxt >= size:
-            raise QueueError(f"descriptor {index} next={nxt} out of range for queue size "
-                             f"{size} (chain head {head})", head=head, index=index)
+            raise QueueError(
+                f"descriptor {index} next={nxt} out of range for queue size "
+                f"{size} (chain head {head})",
+                head=head,
+                index=index,
+            )
         index = nxt
 
 
@@ -293,8 +330,9 @@ def read_used_idx(mem: RingMemory, state: QueueState) -> int:
     return int(_U16.unpack(_read(mem, state.used_addr + 2, 2))[0])
 
 
-def read_used_entries(mem: RingMemory, state: QueueState, start: int,
-                      count: int) -> list[tuple[int, int]]:
+def read_used_entries(
+    mem: RingMemory, state: QueueState, start: int, count: int
+) -> list[tuple[int, int]]:
     """(id, len) of used elements at used indices start, start+1, ... (ids validated)."""
     size = state.size
     if not 0 <= count <= size:
@@ -303,16 +341,20 @@ def read_used_entries(mem: RingMemory, state: QueueState, start: int,
     for n in range(count):
         slot = ((start + n) & 0xFFFF) % size
         head, length = _USED_ELEM.unpack(
-            _read(mem, state.used_addr + 4 + USED_ELEM_SIZE * slot, USED_ELEM_SIZE))
+            _read(mem, state.used_addr + 4 + USED_ELEM_SIZE * slot, USED_ELEM_SIZE)
+        )
         if head >= size:
-            raise QueueError(f"used ring slot {slot} has id {head}, out of range for queue "
-                             f"size {size}", head=head)
+            raise QueueError(
+                f"used ring slot {slot} has id {head}, out of range for queue size {size}",
+                head=head,
+            )
         out.append((int(head), int(length)))
     return out
 
 
-def write_used_elem(mem: RingMemory, state: QueueState, used_index: int, head: int,
-                    written_len: int) -> None:
+def write_used_elem(
+    mem: RingMemory, state: QueueState, used_index: int, head: int, written_len: int
+) -> None:
     """Write used element {head, written_len} at used index `used_index` (idx not touched)."""
     if not 0 <= head < state.size:
         raise QueueError(f"used element id {head} out of range for queue size {state.size}")
@@ -327,12 +369,13 @@ def write_used_idx(mem: RingMemory, state: QueueState, idx: int) -> None:
     mem.write(state.used_addr + 2, _U16.pack(idx & 0xFFFF))
 
 
-
 def ring_regions(state: QueueState) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(address, length) of the descriptor table, the avail ring and the used ring."""
-    return ((state.desc_addr, desc_table_size(state.size)),
-            (state.avail_addr, avail_ring_size(state.size)),
-            (state.used_addr, used_ring_size(state.size)))
+    return (
+        (state.desc_addr, desc_table_size(state.size)),
+        (state.avail_addr, avail_ring_size(state.size)),
+        (state.used_addr, used_ring_size(state.size)),
+    )
 
 
 # -- the driver's side of the avail ring (the shadow engine drives the device's copy) ---------
@@ -352,8 +395,9 @@ def write_avail_idx(mem: RingMemory, state: QueueState, idx: int) -> None:
 def _read(mem: RingMemory, addr: int, length: int) -> bytes:
     data = mem.read(addr, length)
     if len(data) != length:  # a misbehaving accessor must not desynchronise the parser
-        raise QueueError(f"ring memory returned {len(data)} bytes for a {length}-byte read "
-                         f"at {addr:#x}")
+        raise QueueError(
+            f"ring memory returned {len(data)} bytes for a {length}-byte read at {addr:#x}"
+        )
     return data
 
 
@@ -368,8 +412,13 @@ class SplitQueue:
     seen are read (and validated) in one go and handed out one per `pop()`.
     """
 
-    def __init__(self, state: QueueState, mem: RingMemory, max_chain_len: int | None = None,
-                 max_total_len: int = DEFAULT_MAX_TOTAL_LEN) -> None:
+    def __init__(
+        self,
+        state: QueueState,
+        mem: RingMemory,
+        max_chain_len: int | None = None,
+        max_total_len: int = DEFAULT_MAX_TOTAL_LEN,
+    ) -> None:
         self.mem = mem
         self.max_chain_len = max_chain_len
         self.max_total_len = max_total_len
@@ -428,14 +477,26 @@ class SplitQueue:
             if not heads:
                 self._next_avail = (self._next_avail + 1) & 0xFFFF
                 head = read_avail_entries(self.mem, state, 1)[0]
-                return walk_chain(self.mem, state, None, head, max_chain_len=self.max_chain_len,
-                                  max_total_len=self.max_total_len)
+                return walk_chain(
+                    self.mem,
+                    state,
+                    None,
+                    head,
+                    max_chain_len=self.max_chain_len,
+                    max_total_len=self.max_total_len,
+                )
             heads.reverse()  # popped from the end
             self._heads = heads
         self._next_avail = (self._next_avail + 1) & 0xFFFF
         head = heads.pop()
-        return walk_chain(self.mem, self._geometry, None, head,
-                          max_chain_len=self.max_chain_len, max_total_len=self.max_total_len)
+        return walk_chain(
+            self.mem,
+            self._geometry,
+            None,
+            head,
+            max_chain_len=self.max_chain_len,
+            max_total_len=self.max_total_len,
+        )
 
     def push_used(self, head: int, written_len: int) -> None:
         """Return a chain to the driver: the used element first, then the used idx."""
@@ -447,8 +508,9 @@ class SplitQueue:
             return
         geometry = self._geometry
         if len(entries) > geometry.size:
-            raise QueueError(f"{len(entries)} used elements at once exceed queue size "
-                             f"{geometry.size}")
+            raise QueueError(
+                f"{len(entries)} used elements at once exceed queue size {geometry.size}"
+            )
         idx = self._next_used
         for n, (head, written_len) in enumerate(entries):
             write_used_elem(self.mem, geometry, idx + n, head, written_len)

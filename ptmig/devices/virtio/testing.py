@@ -43,17 +43,22 @@ class FlatMemory:
     def _offset(self, addr: int, length: int, write: bool) -> int:
         off = addr - self.base
         if length < 0 or off < 0 or off + length > len(self.buf):
-            raise DmaFault(self.name, addr, length, write,
-                           f"outside [{self.base:#x}, {self.base + len(self.buf):#x})")
+            raise DmaFault(
+                self.name,
+                addr,
+                length,
+                write,
+                f"outside [{self.base:#x}, {self.base + len(self.buf):#x})",
+            )
         return off
 
     def read(self, addr: int, length: int) -> bytes:
         off = self._offset(addr, length, False)
-        return bytes(self.buf[off:off + length])
+        return bytes(self.buf[off : off + length])
 
     def write(self, addr: int, data: bytes) -> None:
         off = self._offset(addr, len(data), True)
-        self.buf[off:off + len(data)] = data
+        self.buf[off : off + len(data)] = data
         self.writes.append((addr, len(data)))
 
 
@@ -87,9 +92,15 @@ class DriverQueue:
     aligned); data buffers come from a bump allocator over [data_start, data_end).
     """
 
-    def __init__(self, mem: DriverMemory, size: int, base: int | None = None,
-                 data_start: int | None = None, data_end: int | None = None,
-                 start_index: int = 0) -> None:
+    def __init__(
+        self,
+        mem: DriverMemory,
+        size: int,
+        base: int | None = None,
+        data_start: int | None = None,
+        data_end: int | None = None,
+        start_index: int = 0,
+    ) -> None:
         self.mem = mem
         self.size = size
         base = mem.base if base is None else base
@@ -110,16 +121,24 @@ class DriverQueue:
     # -- layout ------------------------------------------------------------------------------
     def state(self, next_avail: int | None = None, next_used: int | None = None) -> QueueState:
         """The QueueState of a device that has caught up with this driver (by default)."""
-        return QueueState(self.size, self.desc_addr, self.avail_addr, self.used_addr,
-                          self.start_index if next_avail is None else next_avail,
-                          self.start_index if next_used is None else next_used, True)
+        return QueueState(
+            self.size,
+            self.desc_addr,
+            self.avail_addr,
+            self.used_addr,
+            self.start_index if next_avail is None else next_avail,
+            self.start_index if next_used is None else next_used,
+            True,
+        )
 
     def alloc(self, length: int, fill: bytes | None = None, align: int = 16) -> int:
         """Allocate a data buffer (optionally filled) and return its address."""
         addr = _align(self._data_next, align)
         if addr + length > self._data_end:
-            raise MemoryError(f"driver data area exhausted: need {length} bytes at {addr:#x}, "
-                              f"end {self._data_end:#x}")
+            raise MemoryError(
+                f"driver data area exhausted: need {length} bytes at {addr:#x}, "
+                f"end {self._data_end:#x}"
+            )
         self._data_next = addr + length
         if fill is not None:
             self.mem.write(addr, bytes(fill).ljust(length, b"\0")[:length])
@@ -127,8 +146,9 @@ class DriverQueue:
 
     # -- raw writes, for building hostile rings ----------------------------------------------
     def write_desc(self, index: int, addr: int, length: int, flags: int, nxt: int) -> None:
-        self.mem.write(self.desc_addr + DESC_SIZE * index,
-                       struct.pack("<QIHH", addr, length, flags, nxt))
+        self.mem.write(
+            self.desc_addr + DESC_SIZE * index, struct.pack("<QIHH", addr, length, flags, nxt)
+        )
 
     def write_avail_entry(self, slot: int, head: int) -> None:
         self.mem.write(self.avail_addr + 4 + 2 * slot, struct.pack("<H", head))
@@ -149,8 +169,7 @@ class DriverQueue:
         indices = [self._free.pop(0) for _ in buffers]
         for n, (index, buf) in enumerate(zip(indices, buffers, strict=True)):
             last = n == len(buffers) - 1
-            flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if buf.writable
-                                                          else 0)
+            flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if buf.writable else 0)
             self.write_desc(index, buf.addr, buf.length, flags, 0 if last else indices[n + 1])
         head = indices[0]
         self._chains[head] = indices
@@ -181,7 +200,8 @@ class DriverQueue:
         while self.last_used != idx:
             slot = self.last_used % self.size
             head, length = struct.unpack(
-                "<II", self.mem.read(self.used_addr + 4 + USED_ELEM_SIZE * slot, 8))
+                "<II", self.mem.read(self.used_addr + 4 + USED_ELEM_SIZE * slot, 8)
+            )
             out.append((head, length))
             self._free.extend(self._chains.pop(head, []))
             self.last_used = (self.last_used + 1) & 0xFFFF
@@ -192,7 +212,8 @@ class DriverQueue:
         out = []
         for index in self._chains[head]:
             addr, length, flags, _ = struct.unpack(
-                "<QIHH", self.mem.read(self.desc_addr + DESC_SIZE * index, DESC_SIZE))
+                "<QIHH", self.mem.read(self.desc_addr + DESC_SIZE * index, DESC_SIZE)
+            )
             out.append(Buffer(addr, length, bool(flags & VIRTQ_DESC_F_WRITE)))
         return out
 
