@@ -65,7 +65,8 @@ def _demo_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
             *[
                 (
                     f"kv latency {name} (p50 / p99 / max)",
-                    f"{num(lat[key].get('p50_ms'), '.2f')} / {num(lat[key].get('p99_ms'), '.2f')} / "
+                    f"{num(lat[key].get('p50_ms'), '.2f')} / "
+                    f"{num(lat[key].get('p99_ms'), '.2f')} / "
                     f"{num(lat[key].get('max_ms'), '.1f')} ms",
                 )
                 for key, name in (
