@@ -488,13 +488,13 @@ class TamperProxy(TcpProxy):
         self.tampered = threading.Event()
         super().__init__(target)
 
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        if a.getpeername()[1] == self.target:  # destination → source: untouched
-            return super()._pump(a, b)
+    def _pump(self, a: socket.socket, b: socket.socket, replies: bool = False) -> None:
+        if replies:  # destination → source: untouched
+            return super()._pump(a, b, replies)
         with self._lock:
             index, self.connections = self.connections, self.connections + 1
         if index != self.stream:
-            return super()._pump(a, b)
+            return super()._pump(a, b, replies)
         try:
             self._tamper(a, b, self.HANDSHAKE.get(index, self.JOIN_HANDSHAKE))
         except OSError:
