@@ -12,8 +12,11 @@ every backend: the Python and native request paths of `ptmig.devices.blk` today,
 vhost-user daemon (the VMM still locks the image it hands the daemon; the vhost-user spec has the
 back-end stop its rings when the front-end's socket closes).
 
-The lock. `fcntl(F_OFD_SETLK)` with a write lock over the whole file: it belongs to the open file
-description (not the process), conflicts between two descriptions in one process too, works on
+The lock. `fcntl(F_OFD_SETLK)` with a write lock on one byte at offset 2**62 (`LOCK_BYTE`), far
+past any image's data and apart from the bytes QEMU's image locking takes (100-299): a
+qemu-storage-daemon serving the image as a vhost-user backend takes QEMU's own shared locks there,
+and the two kinds must not refuse each other. Every ptmig takes the same byte. The lock belongs
+to the open file description (not the process), conflicts between two descriptions in one process too, works on
 local files and NFS, and is dropped by the kernel when the VMM dies, however it dies. The fd is
 close-on-exec, so device processes never inherit it.
 
@@ -51,6 +54,7 @@ _FLOCK = struct.Struct("hhqqi4x")
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 OWNER_SUFFIX = ".owner"
+LOCK_BYTE = 1 << 62  # the one byte ptmig locks (QEMU's image locks live at bytes 100-299)
 
 
 class DiskLockError(RuntimeError):
@@ -76,8 +80,8 @@ class Holder:
 
 
 def _flock(fd: int, cmd: int, ltype: int) -> int:
-    """One OFD lock command over the whole file; returns the lock type the kernel reports."""
-    raw = fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, 0, 0, 0))
+    """One OFD lock command on `LOCK_BYTE`; returns the lock type the kernel reports."""
+    raw = fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, LOCK_BYTE, 1, 0))
     return int(_FLOCK.unpack(raw)[0])
 
 
