@@ -16,8 +16,8 @@ The lock. `fcntl(F_OFD_SETLK)` with a write lock on one byte at offset 2**62 (`L
 past any image's data and apart from the bytes QEMU's image locking takes (100-299): a
 qemu-storage-daemon serving the image as a vhost-user backend takes QEMU's own shared locks there,
 and the two kinds must not refuse each other. Every ptmig takes the same byte. The lock belongs
-to the open file description (not the process), conflicts between two descriptions in one process too, works on
-local files and NFS, and is dropped by the kernel when the VMM dies, however it dies. The fd is
+to the open file description (not the process), conflicts between two descriptions in one
+process too, works on local files and NFS, and is dropped by the kernel when the VMM dies, however it dies. The fd is
 close-on-exec, so device processes never inherit it.
 
 Naming the holder. F_OFD_GETLK reports pid -1 for an OFD lock, so the holder also writes a small

@@ -88,7 +88,7 @@ def test_a_migration_longer_than_the_load_still_has_the_load_around_the_switchov
     """10 MiB/s for a 256 MiB guest: pre-copy alone outlasts the warm-up and after-switchover
     seconds together (the old fixed window), and the load still runs for 3 s past the resume."""
     status, output, doc = run_demo(
-        tmp_path, "--max-bandwidth", "10", "--rate", "4000", "--after", "3"
+        tmp_path, "--max-bandwidth", "10M", "--rate", "4000", "--after", "3"
     )
     assert status == 0, output
     demo = doc["demo"]
