@@ -17,7 +17,8 @@ past any image's data and apart from the bytes QEMU's image locking takes (100-2
 qemu-storage-daemon serving the image as a vhost-user backend takes QEMU's own shared locks there,
 and the two kinds must not refuse each other. Every ptmig takes the same byte. The lock belongs
 to the open file description (not the process), conflicts between two descriptions in one
-process too, works on local files and NFS, and is dropped by the kernel when the VMM dies, however it dies. The fd is
+process too, works on local files and NFS, and is dropped by the kernel when the VMM dies,
+however it dies. The fd is
 close-on-exec, so device processes never inherit it.
 
 Naming the holder. F_OFD_GETLK reports pid -1 for an OFD lock, so the holder also writes a small

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Load, TcpProxy, Vmm, kv_config, kv_migration
+from vmmrig import Load, TcpProxy, Vmm, assert_still_waiting, kv_config, kv_migration
 
 from ptmig.disklock import DiskLock, Holder, lock_holder, read_holder
 
@@ -210,7 +210,7 @@ def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
             assert "VM 'squatter'" in info["error-desc"], info
             assert src.status() == "running"
             assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
-            assert dst.proc.wait(timeout=30) != 0
-            assert "refused the switchover" in dst.output() and "Traceback" not in dst.output()
+            # the destination never ran the guest: it refused, and waits for a valid source
+            assert_still_waiting(dst, "cannot take the disk locks")
     finally:
         squatter.release()
