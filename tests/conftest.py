@@ -61,7 +61,8 @@ os.environ["PTMIG_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 
 
 def _switch_pids_of_this_session() -> set[int]:
-    """Running `ptmig.net.switch` processes started under this session (a VMM started with
+    """Running `ptmig.net.switch` processes (and vhost-user `qemu-storage-daemon`s, which
+    outlive a VMM that was killed) started under this session (a VMM started with
     switch = "auto" starts one detached, on purpose: it outlives the VMM, other VMs may share
     it; it ends itself a minute after the last datagram, but a test session should not leave
     them behind)."""
@@ -70,7 +71,7 @@ def _switch_pids_of_this_session() -> set[int]:
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
-                if b"ptmig.net.switch" not in cmdline:
+                if b"ptmig.net.switch" not in cmdline and b"qemu-storage-daemon" not in cmdline:
                     continue
                 environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
@@ -82,7 +83,7 @@ def _switch_pids_of_this_session() -> set[int]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _end_the_switches_tests_started():
-    """Switches the tests' VMMs started end with the session instead of idling forever."""
+    """Switches and storage daemons the tests' VMMs started end with the session."""
     yield
     import signal
 
