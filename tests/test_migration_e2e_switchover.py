@@ -198,7 +198,8 @@ def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
     and the source, which knows then that the guest is still its own, takes its lock back and
     resumes."""
     theirs = tmp_path / "kv-dst.img"
-    theirs.write_bytes(b"\0" * (16 << 20))
+    with theirs.open("wb") as f:
+        f.truncate(64 << 20)  # the size kv_config gives the disk
     squatter = DiskLock(theirs, Holder.this_process("squatter", None))
     squatter.acquire()
     try:

@@ -106,7 +106,7 @@ backend = "tap:ptmig0"
 [[disk]]
 id = "disk0"
 path = "{tmp_path / "kv.img"}"
-size = "16M"
+size = "64M"
 """)
     psk = tmp_path / "psk"
     psk.write_text("a secret both hosts were given\n")

@@ -53,7 +53,7 @@ def vhost_kv_config(tmp: Path, switch_port: int) -> Path:
         '[workload]\nname = "kv"\nargs = { port = 7000 }\n\n'
         '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
         f'backend = "udp:127.0.0.1:{switch_port}"\nswitch = "none"\n\n'
-        f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "16M"\n'
+        f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "64M"\n'
         'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
     )
     return path

@@ -71,7 +71,9 @@ def kv_config(tmp: Path, switch_port: int | None = None, *, memory: str = "128M"
         '[workload]\nname = "kv"\nargs = { port = 7000 }\n\n'
         '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
         f'backend = "udp:127.0.0.1:{port}"\nswitch = "{mode}"\n\n'
-        f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "16M"\n'
+        # 64M: the log is two areas, and a checkpoint of the load's 65,536 keys (about 8 MiB)
+        # must fit one of them, or PUTs are refused once every key has been written
+        f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "64M"\n'
         'serial = "ptmig-disk0"\n'
     )
     return path
