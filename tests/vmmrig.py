@@ -71,8 +71,8 @@ def kv_config(tmp: Path, switch_port: int | None = None, *, memory: str = "128M"
         '[workload]\nname = "kv"\nargs = { port = 7000 }\n\n'
         '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
         f'backend = "udp:127.0.0.1:{port}"\nswitch = "{mode}"\n\n'
-        # 64M: the log is two areas, and a checkpoint of the load's 65,536 keys (about 8 MiB)
-        # must fit one of them, or PUTs are refused once every key has been written
+        # 64M: the log is two areas, and a checkpoint of every key the table can hold must fit
+        # one of them
         f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "64M"\n'
         'serial = "ptmig-disk0"\n'
     )
@@ -358,13 +358,17 @@ class Load:
     parsed JSON (with the output under "output").
 
     `window` bounds the requests in flight (None: `ptmig load`'s own default); `rate` paces
-    the requests (None: as fast as the window allows)."""
+    the requests (None: as fast as the window allows). `keys` is the key space the client
+    cycles: 16,384 by default here, well inside the kv table of the tests' small guests (a
+    128 MiB guest has room for 57,344 keys; a fast host cycles more than that in a few
+    seconds, and the guest then refuses new keys, as it should)."""
 
     config: Path
     duration: float
     json_path: Path
     rate: float | None = None
     window: int | None = 16
+    keys: int = 16384
     proc: subprocess.Popen[bytes] | None = None
     output: str | None = field(default=None, init=False)
 
@@ -379,6 +383,8 @@ class Load:
             str(self.duration),
             "--json",
             str(self.json_path),
+            "--keys",
+            str(self.keys),
         ]
         if self.window is not None:
             args += ["--window", str(self.window)]
