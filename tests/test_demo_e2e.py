@@ -44,8 +44,19 @@ def run_demo(tmp_path: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
         cwd=tmp_path,
     )
     output = proc.stdout + proc.stderr
+    if proc.returncode != 0:  # a failing run carries its processes' logs into the report
+        output += run_dir_logs(tmp_path / "run")
     assert out_json.exists(), f"no JSON (status {proc.returncode}):\n{output}"
     return proc.returncode, output, json.loads(out_json.read_text())
+
+
+def run_dir_logs(run_dir: Path, lines: int = 25) -> str:
+    """The last lines of every log and console the demo's processes wrote."""
+    parts = []
+    for path in sorted(run_dir.glob("*.log")) + sorted(run_dir.glob("*.console")):
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"\n--- {path.name} (last {len(tail)} lines) ---\n" + "\n".join(tail))
+    return "".join(parts)
 
 
 def no_children_left(run_dir: Path) -> bool:
