@@ -589,3 +589,17 @@ def test_without_a_compiler_the_switch_forwards_in_python(
     finally:
         for s in switches:
             s.close()
+
+
+def test_the_database_reports_each_mac_learned_or_moved_once() -> None:
+    """The switch logs these events: a learn, a move, nothing for a repeat or a hello."""
+    from ptmig.net.fdb import ForwardingDatabase
+
+    seen: list[tuple[bytes, object, object]] = []
+    fdb = ForwardingDatabase(10.0, on_change=lambda mac, old, new: seen.append((mac, old, new)))
+    fdb.learn(MAC_A, "p1", 0.0)
+    fdb.learn(MAC_A, "p1", 1.0)  # a repeat
+    fdb.learn(MAC_A, "p2", 2.0, move=False)  # a hello elsewhere never moves a MAC
+    fdb.learn(MAC_A, "p2", 3.0)  # a frame from elsewhere does
+    fdb.learn(MAC_A, "p1", 20.0)  # after aging: learned anew, not moved
+    assert seen == [(MAC_A, None, "p1"), (MAC_A, "p1", "p2"), (MAC_A, None, "p1")]

@@ -15,7 +15,7 @@ holds an entry the table does not; MACs it reports heard count as heard.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -68,10 +68,19 @@ class FdbCounters:
 class ForwardingDatabase:
     """MAC → endpoint table plus the set of live endpoints, both aged after `age_s`."""
 
-    def __init__(self, age_s: float = DEFAULT_AGE_S, *, mirror: Mirror | None = None) -> None:
+    def __init__(
+        self,
+        age_s: float = DEFAULT_AGE_S,
+        *,
+        mirror: Mirror | None = None,
+        on_change: Callable[[bytes, Endpoint | None, Endpoint], None] | None = None,
+    ) -> None:
         if age_s <= 0:
             raise ValueError(f"age must be positive, got {age_s}")
         self.age_s = age_s
+        # told (mac, old endpoint or None, new endpoint) when a MAC is learned or moves: rare
+        # events an operator wants in the switch's log
+        self.on_change = on_change
         self.mirror: Mirror = mirror if mirror is not None else NoMirror()
         self.endpoints: dict[Endpoint, float] = {}  # endpoint -> last heard
         self.macs: dict[bytes, tuple[Endpoint, float]] = {}  # mac -> (endpoint, last seen)
@@ -92,10 +101,13 @@ class ForwardingDatabase:
             if not move:
                 return
             self.counters.moved += 1
+        old = None if entry is None or now - entry[1] > self.age_s else entry[0]
         if entry is not None and entry[0] != endpoint:
             self.mirror.drop(mac)  # before the move: the copy must not run ahead of the table
         self.macs[mac] = (endpoint, now)
         self.mirror.put(mac, endpoint)
+        if self.on_change is not None and old != endpoint:
+            self.on_change(mac, old, endpoint)
 
     def lookup(self, mac: bytes, now: float) -> Endpoint | None:
         entry = self.macs.get(mac)

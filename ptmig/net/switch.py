@@ -305,6 +305,7 @@ def run_switch(
     The process runs under SCHED_BATCH (`ptmig.net.sched`): it takes bursts whole. The fast
     path's thread starts in `serve`, so it inherits the policy."""
     switch = UdpSwitch(host, port, age_s=age_s, native=native)
+    switch.fdb.on_change = _log_mac_change
     use_batch_scheduling()  # only once it is the switch: a failed bind changes nothing
     path = "native fast path" if switch.fast is not None else "Python only"
     idle = f", ends after {idle_exit_s:g} s without traffic" if idle_exit_s is not None else ""
@@ -324,6 +325,12 @@ def run_switch(
             file=sys.stderr,
             flush=True,
         )
+
+
+def _log_mac_change(mac: bytes, old: Any, new: Any) -> None:
+    """One stderr line per MAC learned or moved: where the switch sends a VM's frames."""
+    what = f"moved from {old}" if old is not None else "learned"
+    print(f"ptmig switch: {mac.hex(':')} {what} -> {new}", file=sys.stderr, flush=True)
 
 
 def switch_main(
