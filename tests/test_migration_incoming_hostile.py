@@ -418,5 +418,36 @@ def test_the_destination_waits_for_a_valid_source_until_its_own_timeout() -> Non
     d.thread.join(10)
     assert not d.thread.is_alive()
     assert isinstance(d.error, transport.TransportError), d.error
-    assert "no incoming migration within 3.0 s" in str(d.error)
+    assert "no valid incoming migration within 3.0 s (1 refused)" in str(d.error)
     assert len(d.incoming.rejected) == 1 and "PSK" in d.incoming.rejected[0]
+
+
+def test_a_failure_of_its_own_before_the_commit_reaches_the_source_in_an_abort() -> None:
+    """Not a refusal but a failure of the destination's own (here its vCPU restore breaks after
+    Complete): it has not committed, so it says so, and a source in doubt may resume."""
+    m = FakeMachine()
+
+    def broken_restore(states: list[Any]) -> None:
+        raise RuntimeError("injected: the vCPU restore broke")
+
+    m.vm.restore_vcpus = broken_restore  # type: ignore[method-assign]
+    d = Destination(m)
+    ch = transport.connect("127.0.0.1", d.port, psk=KEY, inactivity_timeout=10)
+    replies: list[bytes] = []
+    try:
+        ch.sendall(
+            frames.MAGIC
+            + TO_DEVICE_STATES
+            + device_states({"state": {"queues": []}})
+            + frames.encode_event(Complete())
+        )
+        while data := ch.recv():
+            replies.append(data)
+    finally:
+        ch.close()
+    d.thread.join(10)
+    assert isinstance(d.error, RuntimeError), d.error  # not swallowed: the VMM exits 125
+    reason = abort_reason(replies)
+    assert "the destination failed: RuntimeError: injected" in reason, reason
+    assert "did not commit and will not run the guest" in reason, reason
+    assert d.incoming.ownership.owner.value == "source"

@@ -6,9 +6,11 @@ peer are validated by the protocol before they become addresses), then the vCPU 
 state. Its commit point (`protocol.GuestOwnership`) comes when everything is loaded and it has
 taken the disk locks (`ptmig.disklock`; it opened the images unlocked, the source held them):
 from then on it runs the guest whatever happens to the link, and its SwitchoverAck only reports
-the commit. Any error before it ends the incoming migration with a clear message, sent to the
-source in an Abort (or a refused SwitchoverAck) where the main stream still works, and the
-source resumes.
+the commit. Any error before it -- a refusal, a failure of its own, even a SIGTERM -- ends the
+incoming migration with a clear message, sent to the source in an Abort (or a refused
+SwitchoverAck) where the main stream still works, and the source resumes, even from its doubt
+after Complete. Only a destination that dies without a word (SIGKILL, a crash, a lost link)
+leaves a source in doubt unresolved.
 
 With data channels the streams of one migration share one watchdog (`transport.SharedActivity`):
 the main stream is silent while a round's pages flow on the data channels, so only a migration
@@ -91,6 +93,18 @@ class IncomingError(RuntimeError):
 ATTEMPT_FAILURES = (IncomingError, ProtocolError, transport.TransportError, ValueError)
 # Failures whose text is sent to the source in an Abort (the peer's own or our refusal).
 REFUSALS = (IncomingError, RemoteProtocolError, ValueError)
+
+
+def failure_before_commit(e: BaseException) -> str:
+    """The Abort reason for a failure of this side's own (not a refusal) before its commit.
+    Sending it is always safe there: this side knows it has not committed and, as it gives
+    up, never will, so a source already in doubt may resume (without it, the source could
+    only see the stream end and would have to stay unresolved)."""
+    if isinstance(e, SystemExit | KeyboardInterrupt):
+        what = "the destination VMM is stopping (terminated or interrupted)"
+    else:
+        what = f"the destination failed: {type(e).__name__}: {e}"
+    return f"{what}; it did not commit and will not run the guest"
 
 
 def unpack_vcpu_states(blob: bytes, nvcpus: int) -> list[VcpuState]:
@@ -349,7 +363,7 @@ class Incoming:
         )
         try:
             while True:
-                ch = self._accept_source(deadline)
+                ch = self._accept_source(deadline, f"{self.incoming_timeout} s")
                 try:
                     self._attempt(ch)
                     return
@@ -362,17 +376,22 @@ class Incoming:
             self.listener.close()
 
     def _accept_source(
-        self, deadline: float | None, what: str = "incoming migration"
+        self, deadline: float | None, allowed: str, what: str = "incoming migration"
     ) -> transport.Channel:
-        """The next connection that authenticates; failed ones are reported and skipped."""
+        """The next connection that authenticates; failed ones are reported and skipped.
+        `allowed` names the limit `deadline` stands for, for the error."""
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise transport.TransportError(f"no valid {what} within the time allowed")
+                refused = f" ({len(self.rejected)} refused)" if self.rejected else ""
+                raise transport.TransportError(f"no valid {what} within {allowed}{refused}")
             try:
                 return self.listener.accept(timeout=left)
             except transport.AuthenticationError as e:
                 self._rejected("a connection", str(e))
+            except transport.TransportError:
+                if deadline is None or time.monotonic() < deadline:
+                    raise  # the time is up: the check above says so, with the whole story
 
     def _rejected(self, peer: str, reason: str) -> None:
         """A peer's attempt failed: log it, tell the management layer, keep waiting."""
@@ -399,8 +418,10 @@ class Incoming:
         splicer = self._splicer(ch)
         try:
             self._converse(ch, conn, splicer)
-        except Exception as e:
+        except BaseException as e:
             why = self._failure or (str(e) if isinstance(e, REFUSALS) else None)
+            if why is None and not self.ownership.runs_here:
+                why = failure_before_commit(e)
             if why is not None:
                 self._abort_to_source(ch, conn, why)
             if self._failure is not None and not isinstance(e, IncomingError):
@@ -505,7 +526,7 @@ class Incoming:
         slots: list[DataChannelReceiver | None] = [None] * n
         deadline = time.monotonic() + DATA_CHANNEL_ACCEPT_S
         for _ in range(n):
-            ch = self._accept_source(deadline, "data channel")
+            ch = self._accept_source(deadline, f"{DATA_CHANNEL_ACCEPT_S} s", "data channel")
             try:
                 conn = self._connection(data_channel=True)
                 index = self._data_channel_hello(ch, conn, token, slots)
@@ -738,15 +759,28 @@ class Incoming:
         self.m.after_incoming()
 
 
-def run_incoming(machine: Machine, uri: str, *, prefault: bool = True) -> int:
+def run_incoming(
+    machine: Machine,
+    uri: str,
+    *,
+    prefault: bool = True,
+    incoming_timeout: float | None = None,
+) -> int:
     """`ptmig run --incoming`: receive the guest, then run it until it exits or `quit`.
 
-    Credentials (pre-shared key, TLS) are the machine's migration settings; `prefault` is
-    `Incoming`'s (on by default: the destination has nothing else to do while it waits)."""
+    Credentials (pre-shared key, TLS) are the machine's migration settings; `prefault` and
+    `incoming_timeout` are `Incoming`'s (prefault on by default: the destination has nothing
+    else to do while it waits; no timeout by default, as QEMU's -incoming)."""
     ctl = machine.migration
     try:
         incoming = Incoming(
-            machine, uri, psk=ctl.psk, tls=ctl.tls, insecure=ctl.insecure, prefault=prefault
+            machine,
+            uri,
+            psk=ctl.psk,
+            tls=ctl.tls,
+            insecure=ctl.insecure,
+            prefault=prefault,
+            incoming_timeout=incoming_timeout,
         )
     except (transport.TransportError, ValueError) as e:
         print(f"ptmig: cannot accept an incoming migration: {e}", file=sys.stderr, flush=True)
