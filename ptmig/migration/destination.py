@@ -60,7 +60,7 @@ from .events import (
     VerifyReport,
 )
 from .frames import MAX_REASON
-from .pages import expand_runs
+from .pages import expand_runs, pages_to_runs
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -335,6 +335,9 @@ class Incoming:
         self._failure: str | None = None  # the first data channel failure
         self._scratch = threading.local()  # `_gather`'s receive buffer, per thread
         self.ownership = GuestOwnership(Role.DESTINATION)
+        # Per page: may hold data (see `_punch_zero_runs`); None: unknown, every zero run is
+        # punched. Kept across attempts: a failed attempt's pages stay marked.
+        self._maybe_data: np.ndarray | None = None
 
     def receive(self) -> None:
         """Wait for a source and run its migration to the switchover; the guest runs on return.
@@ -346,6 +349,9 @@ class Incoming:
         covers every page), so nothing of a failed one survives into the guest."""
         m = self.m
         vm = m.vm
+        # Pages with data before any arrives (anything allocated now); the rest read as zero,
+        # also once prefaulted.
+        self._maybe_data = vm.memory.allocated()
         # 'inmigrate' once RAM is ready: a management layer waiting for it then knows the
         # prefaulting is over (it would otherwise compete with whatever runs next).
         self._mapped = prepare_guest_ram(m, self.prefault)
@@ -712,10 +718,27 @@ class Incoming:
         self.ownership.handle(Commit())
 
     def _punch_zero_runs(self, mem: memoryview, runs: np.ndarray) -> None:
-        """ZERO runs become holes in the guest memfd: nothing is written or allocated."""
-        sel = runs[runs["kind"] == RunKind.ZERO]
+        """ZERO runs become holes in the guest memfd: nothing is written or allocated.
+
+        Only pages that may hold data are punched (`_maybe_data`): the others -- holes, or
+        prefaulted and not written since -- read as zero already, and punching a prefaulted
+        page would only free it for the guest to fault back in (the whole of RAM, page by page,
+        in a first round full of zero pages). A DATA run marks its pages here, before any of
+        its payload lands, so a payload cut short (a failed attempt) leaves them marked."""
+        zero = runs["kind"] == RunKind.ZERO
+        sel = runs[zero]
+        maybe = self._maybe_data
+        if maybe is not None:
+            maybe[expand_runs(runs[~zero])] = True
+            if not sel.size:
+                return
+            zpages = expand_runs(sel)
+            zpages = zpages[maybe[zpages]]
+            sel = pages_to_runs(zpages)
         for start, n in zip(sel["start"].tolist(), sel["npages"].tolist(), strict=True):
             self.m.vm.memory.punch_zero(start, n)
+            if maybe is not None:
+                maybe[start : start + n] = False
 
     def _switchover(
         self,

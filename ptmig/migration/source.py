@@ -528,14 +528,15 @@ class SourceMigration:
         throttle: bool,
         allocated: np.ndarray | None = None,
     ) -> int:
-        """Send one round's dirty pages on one stream; returns bytes sent."""
+        """Send one round's dirty pages on one stream; returns bytes sent. `allocated`: the
+        holes map the caller already made for the whole round (data channels), used as given:
+        one channel's share of a large round may be small, but its holes are not fewer."""
         mem = self.m.vm.memory
         npages = mem.npages
         count = pages.count_dirty(dirty, npages)
         sent = transport.send_event(ch, conn, RoundStart(rnd, count))
         if count <= SPARSE_PAGES:
             # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
-            allocated = None
             # (cut to the batch size: up to SPARSE_PAGES pages exceed one frame's payload cap)
             batches = iter(
                 pages.split_by_data(pages.pages_to_runs(dirty_pages(dirty, npages)), BATCH_PAGES)
