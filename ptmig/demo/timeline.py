@@ -4,7 +4,8 @@ t = 0 is the start of the load. The migration starts at `migration_start_s` (whe
 `migrate`); its phases follow from the source's final `query-migrate`: `setup-time` ends setup,
 the stop-and-copy round of `x-rounds` says when the guest was paused (`stop-at-ms`) and
 `downtime` how long (stop-and-copy and switchover), and the destination runs it from then on.
-`total-time` also counts the page verification after the switchover. Throughput before /
+`total-time` ends at the switchover, as QEMU's (a page verification after it reports its own
+time). Throughput before /
 during pre-copy / after comes from the client's 100 ms buckets, latency percentiles per phase
 from its per-request record, and the client's outage at the switchover from its list of gaps
 between successful replies. Pure functions over plain values, so the report can redraw them

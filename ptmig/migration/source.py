@@ -245,7 +245,8 @@ class SourceMigration:
         except Exception as e:
             self._failed(e)
         else:
-            self.info.end = time.monotonic()
+            if self.info.end is None:
+                self.info.end = time.monotonic()
             if switched:
                 self.strategy.complete(m)
                 self.info.shadow = self.strategy.stats()
@@ -706,7 +707,11 @@ class SourceMigration:
             raise RuntimeError(f"destination aborted: {reply.reason}")
         if not reply.ok:
             raise RuntimeError(f"destination refused the switchover: {reply.reason}")
-        self.info.downtime_ms = int((time.monotonic() - self.stopped_at) * 1000)
+        acked = time.monotonic()
+        self.info.downtime_ms = int((acked - self.stopped_at) * 1000)
+        # The migration is complete here, as QEMU's total-time counts it: the verification
+        # that may follow reports its own time (x-verify's time-ms).
+        self.info.end = acked
         phases["ack"] = time.monotonic() - t0 - sum(phases.values())
         # Where the downtime went: vCPU pause, device quiesce + final harvest + state save,
         # sending the last pages and state (+ digests), waiting for the destination's ack.
