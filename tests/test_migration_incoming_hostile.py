@@ -493,3 +493,30 @@ def test_zero_runs_punch_only_the_pages_that_may_hold_data_across_attempts() -> 
     finally:
         d.stop()
         mem.close()
+
+
+def test_a_batch_of_many_runs_lands_page_for_page() -> None:
+    """A batch of scattered runs larger than a header's read (received whole, then scattered
+    into guest RAM): every page holds its own bytes, the run the header's read cut included."""
+    m = FakeMachine()
+    mem = GuestMemory(1024 * 4096)  # room for a batch of several header reads
+    m.vm.memory = mem  # type: ignore[assignment]
+    d = Destination(m)
+    try:
+        counts = [1, 37, 2, 50, 3, 64, 1, 40, 9, 30]  # 237 pages: ~15 reads of 64 KiB
+        starts = [10 + 100 * i for i in range(len(counts))]
+        npages = sum(counts)
+        payload = b"".join(i.to_bytes(2, "little") * 2048 for i in range(npages))
+        round0 = VALID_HELLO + frames.encode_event(RoundStart(0, npages))
+        batch = page_runs(starts, counts, RunKind.DATA, payload)
+        d.attempt(frames.MAGIC + round0 + batch + frames.encode_event(Abort("test")))
+        i = 0
+        for start, n in zip(starts, counts, strict=True):
+            for page in range(start, start + n):
+                got = bytes(mem.view[page * 4096 : (page + 1) * 4096])
+                assert got == i.to_bytes(2, "little") * 2048, page
+                i += 1
+        assert not any(mem.view[: 10 * 4096]) and not any(mem.view[11 * 4096 : 110 * 4096])
+    finally:
+        d.stop()
+        mem.close()

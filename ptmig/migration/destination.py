@@ -60,7 +60,7 @@ from .events import (
     VerifyReport,
 )
 from .frames import MAX_REASON
-from .pages import expand_runs, pages_to_runs
+from .pages import PAGE_SIZE, expand_runs, pages_to_runs
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -634,27 +634,49 @@ class Incoming:
             if isinstance(ev, PageRunsHeader):
                 targets = conn.payload_targets(self.m.vm.memory.view)
                 if splicer is None and len(targets) >= GATHER_MIN_RUNS:
-                    self._gather(ch, conn, targets)
+                    self._gather(ch, conn, targets, ev.runs)
                 else:
                     for target in targets:
                         fill(target)
                         conn.payload_received(target.nbytes)
             return ev
 
-    def _gather(self, ch: transport.Channel, conn: Connection, targets: list[memoryview]) -> None:
+    def _gather(
+        self,
+        ch: transport.Channel,
+        conn: Connection,
+        targets: list[memoryview],
+        runs: np.ndarray,
+    ) -> None:
         """Many small runs (scattered pages, as in a stop-and-copy round): one receive of the
-        whole payload into a scratch buffer, then one copy per run, instead of a receive call
-        per run -- on the downtime's clock, system calls are what costs."""
+        whole payload into a scratch buffer, then one scatter into guest RAM, instead of a
+        receive call per run -- on the downtime's clock, system calls are what costs.
+
+        `targets` are the slices of the batch's DATA runs (`runs`) still to be filled: the
+        first may be the tail of a run whose head was already buffered, the others are the
+        last runs whole; those are scattered page by page by numpy (one Python-level copy per
+        run cost more than the copies themselves: ~2.4 µs per 4 KiB page)."""
         total = sum(t.nbytes for t in targets)
         buf = getattr(self._scratch, "buf", None)  # one per receiving thread (data channels)
         if buf is None or len(buf) < total:
             buf = self._scratch.buf = bytearray(total)
         with memoryview(buf) as scratch:
             ch.recv_into_exact(scratch[:total])
-            pos = 0
-            for t in targets:
-                t[:] = scratch[pos : pos + t.nbytes]
-                pos += t.nbytes
+            head = targets[0].nbytes
+            targets[0][:] = scratch[:head]
+        data = runs[runs["kind"] == RunKind.DATA]
+        pages = expand_runs(data[data.size - (len(targets) - 1) :]) if len(targets) > 1 else None
+        if pages is not None and pages.size * PAGE_SIZE == total - head:
+            src = np.frombuffer(buf, np.uint8, count=total - head, offset=head)
+            ram = np.frombuffer(self.m.vm.memory.view, np.uint8).reshape(-1, PAGE_SIZE)
+            ram[pages] = src.reshape(-1, PAGE_SIZE)
+            del src  # (the scratch buffer may be replaced by a larger one next time)
+        else:
+            with memoryview(buf) as scratch:
+                pos = head
+                for t in targets[1:]:
+                    t[:] = scratch[pos : pos + t.nbytes]
+                    pos += t.nbytes
         conn.payload_received(total)
 
     def _digest_runs(self, runs: np.ndarray) -> None:
