@@ -23,6 +23,7 @@ from vmmrig import (
     free_port,
     iterations_increase,
     migration_key,
+    migration_pair,
 )
 
 from ptmig.config import load_config
@@ -220,18 +221,10 @@ def test_data_channels_never_read_the_sources_untouched_ram(tmp_path: Path) -> N
     share of the round is small enough to be listed sparsely: the source never reads a page the
     guest never touched, which would allocate it (a shmem hole read through the mapping)."""
     cfg = dirty_config(tmp_path, memory="256M", ws="8M")  # 2 × 32,768 pages: sparse shares
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    try:
-        src.wait_running()
-        dst.wait_incoming()
+    with migration_pair(tmp_path, cfg) as (src, _, port):
         assert iterations_increase(src)  # the working set is touched
         before = _guest_ram_rss(src.proc.pid)
         assert 0 < before < 64 << 20, before
         _migrate(src, port, max_bandwidth=0)
         assert src.wait_migration()["status"] == "completed"
         assert _guest_ram_rss(src.proc.pid) < before + (64 << 20)  # not the whole 256 MiB
-    finally:
-        src.stop()
-        dst.stop()

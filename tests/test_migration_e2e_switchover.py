@@ -33,6 +33,7 @@ from vmmrig import (
     assert_still_waiting,
     kv_config,
     kv_migration,
+    recv_exact,
 )
 
 from ptmig.disklock import DiskLock, Holder, lock_holder, read_holder
@@ -244,25 +245,15 @@ class CompleteHolder(TamperProxy):
         super().__init__(target, stream=0, attack="hold")
 
     def _tamper(self, a: socket.socket, b: socket.socket, handshake: int) -> None:
-        b.sendall(_recv_exact(a, handshake - 1))  # the proof; the verdict follows the server's
-        b.sendall(_recv_exact(a, 1))
+        b.sendall(recv_exact(a, handshake - 1))  # the proof; the verdict follows the server's
+        b.sendall(recv_exact(a, 1))
         while True:
-            head = _recv_exact(a, 4)
-            record = head + _recv_exact(a, int.from_bytes(head, "little"))
+            head = recv_exact(a, 4)
+            record = head + recv_exact(a, int.from_bytes(head, "little"))
             if len(record) == self.COMPLETE_RECORD:
                 self.held.set()
                 return
             b.sendall(record)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise OSError("closed")
-        buf += chunk
-    return bytes(buf)
 
 
 def test_a_destination_stopped_before_its_commit_tells_the_doubting_source_which_resumes(
