@@ -106,6 +106,14 @@ def main(verbose: int) -> None:
     help="With --incoming: allocate and map all guest RAM before accepting "
     "(like QEMU's -mem-prealloc), so receiving pages never faults.",
 )
+@click.option(
+    "--incoming-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="With --incoming: stop waiting for a source SECONDS after start-up and exit 125 "
+    "(refused attempts count against it; a migration under way is not cut short). "
+    "Default: wait for ever.",
+)
 def run(
     config: Path,
     qmp_spec: str | None,
@@ -114,6 +122,7 @@ def run(
     psk_file: Path | None,
     insecure: bool,
     prefault: bool,
+    incoming_timeout: float | None,
 ) -> None:
     """Run a VM until the guest exits or `quit`.
 
@@ -135,6 +144,8 @@ def run(
         cfg = load_config(config)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    if incoming_timeout is not None and incoming is None:
+        raise click.UsageError("--incoming-timeout needs --incoming")
     qmp_path = _unix_path(qmp_spec, "--qmp")
     console = open(console_file, "a", buffering=1) if console_file else sys.stdout
     try:
@@ -155,7 +166,9 @@ def run(
         if incoming is not None:
             from .migration.destination import run_incoming
 
-            code = run_incoming(machine, incoming, prefault=prefault)
+            code = run_incoming(
+                machine, incoming, prefault=prefault, incoming_timeout=incoming_timeout
+            )
         else:
             try:
                 machine.boot()

@@ -395,3 +395,20 @@ def test_a_missing_comparison_says_why_in_the_table() -> None:
     console = Console(record=True, width=200)
     console.print(section_table("migration", [skipped]))
     assert "not measured: qemu-system-x86_64 is not installed" in console.export_text()
+
+
+def test_cpu_rows_per_gib_sent_for_plain_and_sealed_runs() -> None:
+    from ptmig.bench.migration import GOAL_CPU_PER_GIB, Sample, cpu_results
+
+    gib = 1 << 30
+    runs = [
+        Sample(500.0, 3.0, 2 * gib, {}, cpu_source_s=0.6, cpu_destination_s=0.4),
+        Sample(500.0, 3.0, 2 * gib, {}, cpu_source_s=1.0, cpu_destination_s=0.8),
+    ]
+    plain = {r.name: r for r in cpu_results("ptmig", runs, {}, GOAL_CPU_PER_GIB)}
+    sealed = {r.name: r for r in cpu_results("ptmig.sealed", runs, {"memory_mib": 1})}
+    assert plain["ptmig.cpu_per_gib.source"].runs == [0.3, 0.5]
+    assert plain["ptmig.cpu_per_gib.destination"].value == pytest.approx(0.3)
+    assert plain["ptmig.cpu_per_gib.source"].ok is True
+    assert sealed["ptmig.sealed.cpu_per_gib.source"].goal is None  # context, not a goal
+    assert sealed["ptmig.sealed.cpu_per_gib.source"].extra["memory_mib"] == 1

@@ -88,6 +88,11 @@ def test_ptmig_run_own_failures_are_125_never_a_guest_code(tmp_path: Path) -> No
     r = python_m("ptmig", "run", str(bad))
     assert r.returncode == cliconv.VMM_FAILED and r.stdout == "", r
     assert "memory" in r.stderr and "Traceback" not in r.stderr, r
+    hello = str(Path(__file__).resolve().parent.parent / "examples/hello.toml")
+    r = python_m("ptmig", "run", hello, "--incoming-timeout", "5")
+    assert r.returncode == cliconv.VMM_FAILED and "needs --incoming" in r.stderr, r
+    r = python_m("ptmig", "run", hello, "--incoming", "tcp:127.0.0.1:0", "--incoming-timeout", "0")
+    assert r.returncode == cliconv.VMM_FAILED and "--incoming-timeout" in r.stderr, r
 
 
 def test_migrate_without_a_vmm_json_to_stdout_and_error_to_stderr(tmp_path: Path) -> None:

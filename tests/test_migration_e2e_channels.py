@@ -23,6 +23,7 @@ from vmmrig import (
     free_port,
     iterations_increase,
     migration_key,
+    migration_pair,
 )
 
 from ptmig.config import load_config
@@ -202,3 +203,28 @@ def test_a_data_channel_failing_mid_round_is_reported_on_the_main_stream(tmp_pat
         assert_still_waiting(dst, "data channel 1 failed")
     finally:
         dst.stop()
+
+
+def _guest_ram_rss(pid: int) -> int:
+    """Bytes of the guest RAM mapping (the memfd) resident in process `pid`'s page tables."""
+    rss, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and not line.endswith(":"):  # a mapping's header
+            inside = "/memfd:" in line and "-ram" in line  # vm.py names it <vm>-ram
+        elif inside and line.startswith("Rss:"):
+            rss += int(line.split()[1]) * 1024
+    return rss
+
+
+def test_data_channels_never_read_the_sources_untouched_ram(tmp_path: Path) -> None:
+    """A round's holes map is made once and every data channel uses it, also when a channel's
+    share of the round is small enough to be listed sparsely: the source never reads a page the
+    guest never touched, which would allocate it (a shmem hole read through the mapping)."""
+    cfg = dirty_config(tmp_path, memory="256M", ws="8M")  # 2 × 32,768 pages: sparse shares
+    with migration_pair(tmp_path, cfg) as (src, _, port):
+        assert iterations_increase(src)  # the working set is touched
+        before = _guest_ram_rss(src.proc.pid)
+        assert 0 < before < 64 << 20, before
+        _migrate(src, port, max_bandwidth=0)
+        assert src.wait_migration()["status"] == "completed"
+        assert _guest_ram_rss(src.proc.pid) < before + (64 << 20)  # not the whole 256 MiB

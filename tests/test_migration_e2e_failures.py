@@ -256,3 +256,22 @@ def test_an_on_path_attacker_under_psk_is_refused_and_the_source_resumes(
         relay.cut()
         src.stop()
         dst.stop()
+
+
+def test_incoming_timeout_ends_a_destination_no_valid_source_reached(tmp_path: Path) -> None:
+    """`ptmig run --incoming-timeout`: a refused attempt does not extend the wait; once the
+    time is up the destination exits 125, saying why, without a traceback."""
+    cfg = dirty_config(tmp_path, memory="64M", ws="8M")
+    port = free_port()
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port, extra=["--incoming-timeout", "10"])
+    try:
+        dst.wait_incoming()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"not a migration, " * 8)  # more than a handshake: refused at once
+            assert_still_waiting(dst, "PSK")
+        assert dst.proc.wait(timeout=60) == 125
+        out = dst.output()
+        assert "no valid incoming migration within 10.0 s (1 refused)" in out, out
+        assert "Traceback" not in out, out
+    finally:
+        dst.stop()

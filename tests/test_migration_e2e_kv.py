@@ -82,6 +82,11 @@ def test_all_dirty_loses_nothing_and_reports_its_downtime(tmp_path: Path) -> Non
     assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
     assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
     assert isinstance(info["downtime"], int) and 0 < info["downtime"] <= info["total-time"]
+    # total-time ends at the switchover, as QEMU's: pause + downtime (ms, each rounded down),
+    # whatever the verification after it took (it reports its own time)
+    stop = next(r for r in info["x-rounds"] if r.get("stop-and-copy"))
+    assert abs(info["total-time"] - (stop["stop-at-ms"] + info["downtime"])) <= 2, info
+    assert info["x-verify"]["time-ms"] > 0
     # Every writable-mapped page is resent in every round: the dirty set never shrinks.
     rounds = info["x-rounds"]
     assert len(rounds) >= 3 and rounds[1]["pages"] == rounds[0]["pages"], rounds

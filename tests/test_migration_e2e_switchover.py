@@ -7,6 +7,9 @@ the guest. The source stays paused in `x-unresolved` until the operator's `x-mig
 names the winner, and the disk image has one writer throughout: its OFD lock (whose holder the
 owner record names) and its checksum, which only the side running the guest changes.
 
+A destination that gives up before its commit (here: SIGTERM while the source, past Complete,
+is in doubt) says so in an Abort, and the source resumes at once instead of staying unresolved.
+
 Also here: `cont` on a migrated source is refused (and `x-force` cannot take the disk from a
 running destination), and a second `ptmig run` on a locked image fails at start.
 """
@@ -14,12 +17,24 @@ running destination), and a second `ptmig run` on a locked image fails at start.
 from __future__ import annotations
 
 import hashlib
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Load, TcpProxy, Vmm, assert_still_waiting, kv_config, kv_migration
+from vmmrig import (
+    Load,
+    TamperProxy,
+    TcpProxy,
+    Vmm,
+    assert_still_waiting,
+    kv_config,
+    kv_migration,
+    recv_exact,
+)
 
 from ptmig.disklock import DiskLock, Holder, lock_holder, read_holder
 
@@ -215,3 +230,49 @@ def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
             assert_still_waiting(dst, "cannot take the disk locks")
     finally:
         squatter.release()
+
+
+class CompleteHolder(TamperProxy):
+    """A relay that forwards the source's main stream (sealed) up to its Complete and holds
+    that record back: the source is then in doubt while the destination has not received
+    Complete, so it has not committed. Complete is the main stream's only empty frame: its
+    record is the 4-byte length, the 12-byte frame header and the 16-byte tag."""
+
+    COMPLETE_RECORD = 4 + 12 + 16
+
+    def __init__(self, target: int) -> None:
+        self.held = threading.Event()
+        super().__init__(target, stream=0, attack="hold")
+
+    def _tamper(self, a: socket.socket, b: socket.socket, handshake: int) -> None:
+        b.sendall(recv_exact(a, handshake - 1))  # the proof; the verdict follows the server's
+        b.sendall(recv_exact(a, 1))
+        while True:
+            head = recv_exact(a, 4)
+            record = head + recv_exact(a, int.from_bytes(head, "little"))
+            if len(record) == self.COMPLETE_RECORD:
+                self.held.set()
+                return
+            b.sendall(record)
+
+
+def test_a_destination_stopped_before_its_commit_tells_the_doubting_source_which_resumes(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "kv.img"
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        relay = CompleteHolder(port)
+        src.cmd("migrate-set-parameters", {"x-switchover-timeout": 120})
+        src.migrate(relay.port, verify=False)
+        assert relay.held.wait(60), f"Complete never reached the relay: {src.cmd('query-migrate')}"
+        _wait_migrate(src, lambda i: i.get("x-guest-owner") == "in-doubt", "in doubt")
+        dst.proc.send_signal(signal.SIGTERM)  # it waits for Complete: it has not committed
+        assert dst.proc.wait(timeout=30) == 128 + signal.SIGTERM, dst.output()
+        info = _wait_migrate(src, lambda i: i["status"] in ("failed", "x-unresolved"), "ended")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "destination VMM is stopping" in info["error-desc"], info
+        assert "did not commit" in info["error-desc"], info
+        assert src.status() == "running"
+        assert _holder_pid(image) == src.proc.pid  # it took its disk lock back
+        result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
+        assert result["acked"] > 0 and result["lost"] == 0, result["output"]

@@ -14,11 +14,13 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptmig.devices.handle import DeviceCommandError
+from ptmig.memory import GuestMemory
 from ptmig.migration import (
     NEED_DATA,
     Abort,
@@ -34,7 +36,7 @@ from ptmig.migration import (
     transport,
 )
 from ptmig.migration.destination import Incoming
-from ptmig.migration.events import RemoteProtocolError
+from ptmig.migration.events import RemoteProtocolError, RunKind, make_runs
 from ptmig.migration.frames import FrameType
 from ptmig.migration.protocol import ConnectionClosed
 from ptmig.vm import RunState
@@ -55,6 +57,9 @@ class FakeMemory:
 
     def holes(self) -> list[tuple[int, int]]:
         return []  # one region from GPA 0: no gap below 4 GiB
+
+    def allocated(self) -> np.ndarray:
+        return np.ones(PAGES, dtype=bool)  # a bytearray: every page may hold data
 
 
 class FakeVm:
@@ -108,13 +113,15 @@ class FakeMachine:
 class Destination:
     """`Incoming.receive` in a thread, on a free port, under KEY."""
 
-    def __init__(self, machine: FakeMachine, timeout: float | None = None) -> None:
+    def __init__(
+        self, machine: FakeMachine, timeout: float | None = None, prefault: bool = False
+    ) -> None:
         self.m = machine
         self.incoming = Incoming(
             machine,  # type: ignore[arg-type]
             "tcp:127.0.0.1:0",
             psk=KEY,
-            prefault=False,
+            prefault=prefault,
             incoming_timeout=timeout,
         )
         self.port = self.incoming.listener.port
@@ -418,5 +425,98 @@ def test_the_destination_waits_for_a_valid_source_until_its_own_timeout() -> Non
     d.thread.join(10)
     assert not d.thread.is_alive()
     assert isinstance(d.error, transport.TransportError), d.error
-    assert "no incoming migration within 3.0 s" in str(d.error)
+    assert "no valid incoming migration within 3.0 s (1 refused)" in str(d.error)
     assert len(d.incoming.rejected) == 1 and "PSK" in d.incoming.rejected[0]
+
+
+def test_a_failure_of_its_own_before_the_commit_reaches_the_source_in_an_abort() -> None:
+    """Not a refusal but a failure of the destination's own (here its vCPU restore breaks after
+    Complete): it has not committed, so it says so, and a source in doubt may resume."""
+    m = FakeMachine()
+
+    def broken_restore(states: list[Any]) -> None:
+        raise RuntimeError("injected: the vCPU restore broke")
+
+    m.vm.restore_vcpus = broken_restore  # type: ignore[method-assign]
+    d = Destination(m)
+    ch = transport.connect("127.0.0.1", d.port, psk=KEY, inactivity_timeout=10)
+    replies: list[bytes] = []
+    try:
+        ch.sendall(
+            frames.MAGIC
+            + TO_DEVICE_STATES
+            + device_states({"state": {"queues": []}})
+            + frames.encode_event(Complete())
+        )
+        while data := ch.recv():
+            replies.append(data)
+    finally:
+        ch.close()
+    d.thread.join(10)
+    assert isinstance(d.error, RuntimeError), d.error  # not swallowed: the VMM exits 125
+    reason = abort_reason(replies)
+    assert "the destination failed: RuntimeError: injected" in reason, reason
+    assert "did not commit and will not run the guest" in reason, reason
+    assert d.incoming.ownership.owner.value == "source"
+
+
+def page_runs(starts: list[int], counts: list[int], kind: RunKind, payload: bytes = b"") -> bytes:
+    runs = make_runs(np.array(starts), np.array(counts), kind)
+    return frames.encode_page_runs(runs, None) + payload
+
+
+def test_zero_runs_punch_only_the_pages_that_may_hold_data_across_attempts() -> None:
+    """Prefaulted pages that were never written are zero already: a zero run leaves them in
+    place (punching would free them for the guest to fault back in). A page that a DATA run
+    wrote -- here in an attempt that fails after it -- is punched back to zero by the next
+    attempt's zero run."""
+    m = FakeMachine()
+    mem = GuestMemory(PAGES * 4096)
+    m.vm.memory = mem  # type: ignore[assignment]
+    d = Destination(m, prefault=True)
+    try:
+        deadline = time.monotonic() + 20
+        while m.vm.state is not RunState.INMIGRATE:  # RAM prepared
+            assert time.monotonic() < deadline, "the destination never got ready"
+            time.sleep(0.005)
+        assert mem.allocated().all()  # prefaulted: every page allocated, all zero
+        round0 = VALID_HELLO + frames.encode_event(RoundStart(0, PAGES))
+        written = page_runs([3], [2], RunKind.DATA, b"\xab" * 8192)
+        d.attempt(frames.MAGIC + round0 + written + frames.encode_event(Abort("test")))
+        assert bytes(mem.view[3 * 4096 : 5 * 4096]) == b"\xab" * 8192
+        zero_all = page_runs([0], [PAGES], RunKind.ZERO)
+        d.attempt(frames.MAGIC + round0 + zero_all + frames.encode_event(Abort("test")))
+        allocated = mem.allocated()  # (before reading: reading a hole allocates it)
+        assert not allocated[3:5].any()  # punched: holes again
+        assert allocated[:3].all() and allocated[5:].all()  # never written: left in place
+        assert not any(mem.view)  # the failed attempt's pages are zero again
+    finally:
+        d.stop()
+        mem.close()
+
+
+def test_a_batch_of_many_runs_lands_page_for_page() -> None:
+    """A batch of scattered runs larger than a header's read (received whole, then scattered
+    into guest RAM): every page holds its own bytes, the run the header's read cut included."""
+    m = FakeMachine()
+    mem = GuestMemory(1024 * 4096)  # room for a batch of several header reads
+    m.vm.memory = mem  # type: ignore[assignment]
+    d = Destination(m)
+    try:
+        counts = [1, 37, 2, 50, 3, 64, 1, 40, 9, 30]  # 237 pages: ~15 reads of 64 KiB
+        starts = [10 + 100 * i for i in range(len(counts))]
+        npages = sum(counts)
+        payload = b"".join(i.to_bytes(2, "little") * 2048 for i in range(npages))
+        round0 = VALID_HELLO + frames.encode_event(RoundStart(0, npages))
+        batch = page_runs(starts, counts, RunKind.DATA, payload)
+        d.attempt(frames.MAGIC + round0 + batch + frames.encode_event(Abort("test")))
+        i = 0
+        for start, n in zip(starts, counts, strict=True):
+            for page in range(start, start + n):
+                got = bytes(mem.view[page * 4096 : (page + 1) * 4096])
+                assert got == i.to_bytes(2, "little") * 2048, page
+                i += 1
+        assert not any(mem.view[: 10 * 4096]) and not any(mem.view[11 * 4096 : 110 * 4096])
+    finally:
+        d.stop()
+        mem.close()

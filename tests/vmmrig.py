@@ -328,6 +328,22 @@ def switch(port: int) -> Iterator[None]:
 
 
 @contextmanager
+def migration_pair(tmp: Path, config: Path) -> Iterator[tuple[Vmm, Vmm, int]]:
+    """A running source and a destination waiting for it on a free port: (source,
+    destination, port). Both VMMs are stopped at the end of the block."""
+    port = free_port()
+    src = Vmm(tmp, "src", config)
+    dst = Vmm(tmp, "dst", config, incoming_port=port)
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        yield src, dst, port
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@contextmanager
 def kv_migration(
     tmp: Path, *, dst_image: Path | None = None
 ) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
@@ -481,6 +497,17 @@ class TcpProxy:
                     pass
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from `sock` (OSError if it closes first)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise OSError("closed")
+        buf += chunk
+    return bytes(buf)
+
+
 class TamperProxy(TcpProxy):
     """An on-path attacker between a source and a destination under a PSK: it forwards every
     connection, and on connection number `stream` (0: the main stream, i + 1: data channel i)
@@ -510,13 +537,7 @@ class TamperProxy(TcpProxy):
 
     def _tamper(self, a: socket.socket, b: socket.socket, handshake: int) -> None:
         def exact(n: int) -> bytes:
-            buf = bytearray()
-            while len(buf) < n:
-                chunk = a.recv(n - len(buf))
-                if not chunk:
-                    raise OSError("closed")
-                buf += chunk
-            return bytes(buf)
+            return recv_exact(a, n)
 
         b.sendall(exact(handshake - 1))  # the proof; the verdict follows the server's
         b.sendall(exact(1))

@@ -10,8 +10,10 @@ that is not migrating, measured once at the start of the section (`max_rate()`).
 document `cell_from_doc()` takes: total time, downtime (and where it went), bytes sent, rounds,
 the client's outage at the switchover, the guest's longest pause, kv ops/s served before /
 during pre-copy (the pre-copy phase alone) / after the switchover, latency p50 / p99 / max in
-each of those phases, the VMM processes' CPU seconds per GiB sent (vCPU threads left out),
-mismatched pages, lost and wrong values, and whether the load spanned the switchover.
+each of those phases (a request still in flight when the guest paused is the client's outage,
+not pre-copy's: `timeline.latency_by_phase`), the VMM processes' CPU seconds per GiB sent
+(vCPU threads left out), mismatched pages, lost and wrong values, and whether the load
+spanned the switchover.
 
 `none` is expected to lose device writes: its rows are marked, never counted as an error.
 

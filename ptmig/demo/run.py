@@ -190,7 +190,9 @@ def _migrate(
         asked = time.monotonic()
         info: dict[str, Any] = src.execute("query-migrate")
         now = time.monotonic()
-        if info["status"] not in FINISHED:  # a finished migration's total-time stands still
+        # total-time stands still from the switchover on (when `downtime` appears), though
+        # the status says "completed" only after the verification that may follow it
+        if info["status"] not in FINISHED and "downtime" not in info:
             run.bound_start(asked, now, info.get("total-time"))
         if info["status"] != last:
             last = info["status"]

@@ -4,7 +4,8 @@ t = 0 is the start of the load. The migration starts at `migration_start_s` (whe
 `migrate`); its phases follow from the source's final `query-migrate`: `setup-time` ends setup,
 the stop-and-copy round of `x-rounds` says when the guest was paused (`stop-at-ms`) and
 `downtime` how long (stop-and-copy and switchover), and the destination runs it from then on.
-`total-time` also counts the page verification after the switchover. Throughput before /
+`total-time` ends at the switchover, as QEMU's (a page verification after it reports its own
+time). Throughput before /
 during pre-copy / after comes from the client's 100 ms buckets, latency percentiles per phase
 from its per-request record, and the client's outage at the switchover from its list of gaps
 between successful replies. Pure functions over plain values, so the report can redraw them
@@ -122,12 +123,20 @@ def throughput(
 PERCENTILE_PHASES = ("warm-up", "pre-copy", "after")
 
 
+# Phases whose requests must also be answered inside them: one still waiting when the next
+# step began (setup; the guest's pause) measures that step, not this phase.
+ANSWERED_INSIDE = ("warm-up", "pre-copy")
+
+
 def latency_by_phase(rows: np.ndarray, phases: Sequence[Phase]) -> dict[str, dict[str, float]]:
-    """Latency p50 / p99 / max (ms) of the requests sent in each of warm-up ("before"),
-    pre-copy and after; `rows` is (completed at s, latency ms) per request, so a request was
-    sent at completion - latency. Requests sent during setup or the stop-and-copy are left out
-    (the latter wait for the switchover: that is the client's outage, reported apart), and so
-    is a phase in which no request was sent."""
+    """Latency p50 / p99 / max (ms) of the requests of warm-up ("before"), pre-copy and
+    after; `rows` is (completed at s, latency ms) per request, so a request was sent at
+    completion - latency. A request belongs to the phase it was sent in, and for warm-up and
+    pre-copy only if it was also answered before the phase ended: the requests in flight when
+    the guest paused wait for the switchover (with a window of requests in flight, more than
+    1 % of a short pre-copy's), which is the client's outage, reported apart; they are
+    counted in pre-copy's `waited_for_switchover`. Requests sent during setup or the
+    stop-and-copy are left out, and so is a phase in which no request was sent."""
     by = {p.name: p for p in phases}
     out: dict[str, dict[str, float]] = {}
     for name in PERCENTILE_PHASES:
@@ -135,7 +144,9 @@ def latency_by_phase(rows: np.ndarray, phases: Sequence[Phase]) -> dict[str, dic
         if p is None or not len(rows):
             continue
         sent = rows[:, 0] - rows[:, 1] / 1000.0
-        inside = rows[(sent >= p.start_s) & (sent < p.end_s), 1]
+        in_phase = (sent >= p.start_s) & (sent < p.end_s)
+        answered = rows[:, 0] <= p.end_s if name in ANSWERED_INSIDE else in_phase
+        inside = rows[in_phase & answered, 1]
         if len(inside):
             p50, p99 = np.percentile(inside, [50, 99]).tolist()
             out["before" if name == "warm-up" else name] = {
@@ -144,6 +155,8 @@ def latency_by_phase(rows: np.ndarray, phases: Sequence[Phase]) -> dict[str, dic
                 "p99_ms": round(p99, 3),
                 "max_ms": round(float(inside.max()), 3),
             }
+            if name == "pre-copy":
+                out[name]["waited_for_switchover"] = int((in_phase & ~answered).sum())
     return out
 
 

@@ -245,7 +245,8 @@ class SourceMigration:
         except Exception as e:
             self._failed(e)
         else:
-            self.info.end = time.monotonic()
+            if self.info.end is None:
+                self.info.end = time.monotonic()
             if switched:
                 self.strategy.complete(m)
                 self.info.shadow = self.strategy.stats()
@@ -528,14 +529,15 @@ class SourceMigration:
         throttle: bool,
         allocated: np.ndarray | None = None,
     ) -> int:
-        """Send one round's dirty pages on one stream; returns bytes sent."""
+        """Send one round's dirty pages on one stream; returns bytes sent. `allocated`: the
+        holes map the caller already made for the whole round (data channels), used as given:
+        one channel's share of a large round may be small, but its holes are not fewer."""
         mem = self.m.vm.memory
         npages = mem.npages
         count = pages.count_dirty(dirty, npages)
         sent = transport.send_event(ch, conn, RoundStart(rnd, count))
         if count <= SPARSE_PAGES:
             # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
-            allocated = None
             # (cut to the batch size: up to SPARSE_PAGES pages exceed one frame's payload cap)
             batches = iter(
                 pages.split_by_data(pages.pages_to_runs(dirty_pages(dirty, npages)), BATCH_PAGES)
@@ -705,7 +707,11 @@ class SourceMigration:
             raise RuntimeError(f"destination aborted: {reply.reason}")
         if not reply.ok:
             raise RuntimeError(f"destination refused the switchover: {reply.reason}")
-        self.info.downtime_ms = int((time.monotonic() - self.stopped_at) * 1000)
+        acked = time.monotonic()
+        self.info.downtime_ms = int((acked - self.stopped_at) * 1000)
+        # The migration is complete here, as QEMU's total-time counts it: the verification
+        # that may follow reports its own time (x-verify's time-ms).
+        self.info.end = acked
         phases["ack"] = time.monotonic() - t0 - sum(phases.values())
         # Where the downtime went: vCPU pause, device quiesce + final harvest + state save,
         # sending the last pages and state (+ digests), waiting for the destination's ack.
