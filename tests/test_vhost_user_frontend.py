@@ -17,10 +17,12 @@ from ptmig.devices.handle import DeviceCommandError, DeviceEvent, DeviceGoneErro
 from ptmig.devices.vhost_user import codec
 from ptmig.devices.vhost_user.codec import ProtocolFeature, Request
 from ptmig.devices.vhost_user.connection import VhostUserConnection
-from ptmig.devices.vhost_user.frontend import VhostUserBlk
+from ptmig.devices.vhost_user.frontend import BackendView, VhostUserBlk
 from ptmig.devices.virtio import constants as c
 from ptmig.devices.virtio.testing import DriverQueue
+from ptmig.layout import PAGE_SIZE
 from ptmig.memory import GuestMemory
+from ptmig.shadow.pool import ShadowPool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -292,3 +294,47 @@ def test_state_round_trips_to_a_fresh_frontend_that_restarts_the_ring_at_the_bas
         assert backend.names() == QUEUE_START
         assert backend.requests[2].payload == codec.VringState(0, 7)  # SET_VRING_BASE
         assert dst.mmio_read(c.REG_STATUS, 4) == ALL_STATUS
+
+
+def test_a_backend_view_replaces_guest_ram_in_two_tables_with_the_rings_moved_unkicked(
+    mem: GuestMemory,
+) -> None:
+    """Shadowing's memory swap, message by message: [guest RAM, view above it], the ring moved
+    into the view without a kick, [view at GPA 0]; the restart then kicks it there. Leaving is
+    the same with guest RAM. With the ring running the swap is refused and sends nothing."""
+    pool = ShadowPool(4, views=1, view_pages=mem.npages)
+    offset = pool.view_base(0) * PAGE_SIZE
+    view = BackendView(pool.fd, offset, mem.size, pool.address + offset, pool.mmap)
+    dev, backend = _frontend(mem)
+    with dev:
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        _bring_up(dev, q)
+        del backend.requests[:]
+        with pytest.raises(DeviceCommandError, match="rings stopped"):
+            dev.set_backend_view(view)
+        assert backend.requests == []
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(view)
+        moved = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR"]
+        assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
+        guest = codec.MemRegion(0, mem.size, mem.host_address, 0)
+        both, _n, _b, addr, final = (m.payload for m in backend.requests)
+        assert both == codec.MemTable(
+            (guest, codec.MemRegion(mem.size, mem.size, view.user_addr, offset))
+        )
+        assert final == codec.MemTable((codec.MemRegion(0, mem.size, view.user_addr, offset),))
+        assert isinstance(addr, codec.VringAddr) and addr.desc == view.user_addr + q.desc_addr
+        assert [len(m.fds) for m in backend.requests] == [2, 0, 0, 0, 1]
+        del backend.requests[:]
+        dev.resume()
+        assert backend.names() == QUEUE_START
+        assert backend.requests[3].payload == addr
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(None)
+        assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
+        assert backend.requests[-1].payload == codec.MemTable((guest,))
+        assert backend.requests[3].payload.desc == mem.host_address + q.desc_addr  # type: ignore[union-attr]
+        assert dev.alive
+    pool.close()

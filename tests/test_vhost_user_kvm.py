@@ -4,9 +4,11 @@ The kv guest keeps its write-ahead log on the vhost-user disk; its unmodified vi
 talks to the register file in the VMM, its QueueNotify reaches the daemon through KVM_IOEVENTFD
 and the daemon's call eventfd wakes it. Shown: the passthrough property on third-party code (pages
 the daemon wrote are absent from KVM's dirty log and present in the daemon's own vhost log);
-`device-log` loses nothing over back-to-back migrations under load, verified page by page; `none`
-loses the daemon's writes and the loss is detected; a killed daemon is reported over QMP while
-the VMM stays up.
+`device-log` and `shadow` lose nothing over back-to-back migrations under load, verified page by
+page; `none` loses the daemon's writes and the loss is detected; a killed daemon is reported over
+QMP while the VMM stays up. While shadowed the daemon maps the shadow pool and not guest RAM
+(read from its /proc maps); a cancel gives it guest RAM back; a daemon killed while shadowed
+fails the migration and the source runs on.
 """
 
 from __future__ import annotations
@@ -206,7 +208,82 @@ def _daemon_pids(parent: int) -> list[int]:
     return out
 
 
-def test_shadow_on_a_vhost_user_disk_is_refused_and_the_source_keeps_running(
+def _memfds(pid: int) -> set[str]:
+    """The names of the memfds process `pid` maps (guest RAM, the shadow pool)."""
+    out = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "/memfd:" in line:
+                out.add(line.split("/memfd:", 1)[1].split(" (deleted)")[0].strip())
+    return out
+
+
+def _daemon_maps(vmm: Vmm) -> set[str]:
+    pids = _daemon_pids(vmm.proc.pid)
+    assert len(pids) == 1, pids
+    return _memfds(pids[0])
+
+
+def _wait_forwarded(vmm: Vmm, timeout: float = 60.0) -> dict[str, Any]:
+    """query-migrate once the shadow data plane has forwarded a request of the guest's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = vmm.cmd("query-migrate")
+        if (info.get("x-shadow") or {}).get("requests-forwarded", 0) > 0:
+            return info
+        assert info["status"] in ("setup", "active"), info
+        assert time.monotonic() < deadline, f"nothing forwarded after {timeout} s: {info}"
+        time.sleep(0.02)
+
+
+def test_shadow_loses_nothing_over_back_to_back_migrations(tmp_path: Path) -> None:
+    """The daemon sees only the shadow pool while shadowed; the VMM's data plane forwards the
+    guest's requests and copies completions back: three migrations under load, every page
+    verified, every acknowledged PUT read back from the last destination."""
+    infos, result = _migrate_chain(tmp_path, "shadow", 3)
+    for info in infos:
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert info["x-shadow"]["requests-forwarded"] > 0, info["x-shadow"]
+        assert info["x-shadow"]["completions-synced"] > 0, info["x-shadow"]
+    assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+    assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+
+
+def test_shadow_cancelled_gives_the_daemon_guest_ram_back(tmp_path: Path) -> None:
+    """While shadowed the daemon maps the shadow pool and not guest RAM; a cancel puts guest
+    RAM back (the pool unmapped), the guest keeps running on direct DMA and loses nothing."""
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = vhost_kv_config(tmp_path, sw)
+    with switch(sw):
+        src = Vmm(tmp_path, "src", cfg)
+        port = free_port()
+        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+        try:
+            src.wait_running()
+            dst.wait_incoming()
+            direct = _daemon_maps(src)
+            assert any(n.endswith("-ram") for n in direct), direct
+            load = Load(cfg, 6.0, tmp_path / "load.json").start()
+            src.migrate(port, tracking="shadow", verify=True, max_bandwidth=ROUND0_BANDWIDTH)
+            _wait_forwarded(src)
+            shadowed = _daemon_maps(src)
+            assert any(n.endswith("-shadow-pool") for n in shadowed), shadowed
+            assert not any(n.endswith("-ram") for n in shadowed), shadowed
+            src.cmd("migrate_cancel")
+            assert src.wait_migration()["status"] == "cancelled"
+            assert src.status() == "running"
+            after = _daemon_maps(src)
+            assert any(n.endswith("-ram") for n in after), after
+            assert not any(n.endswith("-shadow-pool") for n in after), after
+            result = load.result()
+            assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+            assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+        finally:
+            src.stop()
+            dst.stop()
+
+
+def test_a_daemon_killed_while_shadowed_fails_the_migration_and_the_source_runs(
     tmp_path: Path,
 ) -> None:
     sw = free_port(socket.SOCK_DGRAM)
@@ -218,11 +295,19 @@ def test_shadow_on_a_vhost_user_disk_is_refused_and_the_source_keeps_running(
         try:
             src.wait_running()
             dst.wait_incoming()
-            src.migrate(port, tracking="shadow", verify=True)
+            load = Load(cfg, 4.0, tmp_path / "load.json").start()
+            src.migrate(port, tracking="shadow", verify=True, max_bandwidth=ROUND0_BANDWIDTH)
+            _wait_forwarded(src)
+            pids = _daemon_pids(src.proc.pid)
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
             info = src.wait_migration()
             assert info["status"] == "failed", info
-            assert "vhost-user" in info["error-desc"] and "disk0" in info["error-desc"], info
-            assert src.status() == "running"
+            assert "disk0" in info["error-desc"] and "gone" in info["error-desc"], info
+            assert src.status() == "running" and src.proc.poll() is None
+            assert load.proc is not None
+            load.proc.kill()  # the guest's disk is gone: its requests are never answered
+            load.proc.wait()
         finally:
             src.stop()
             dst.stop()
