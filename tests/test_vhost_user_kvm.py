@@ -311,3 +311,33 @@ def test_a_daemon_killed_while_shadowed_fails_the_migration_and_the_source_runs(
         finally:
             src.stop()
             dst.stop()
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (exited, or a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_spawned_daemon_does_not_outlive_a_sigkilled_vmm(tmp_path: Path) -> None:
+    """SIGKILL leaves the VMM no time to stop its daemon: the kernel's parent-death signal
+    must end it (within a bounded time: it is delivered at the VMM's exit)."""
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg = vhost_kv_config(tmp_path, sw)
+    with switch(sw):
+        vmm = Vmm(tmp_path, "src", cfg)
+        try:
+            vmm.wait_running()
+            pids = _daemon_pids(vmm.proc.pid)
+            assert len(pids) == 1, pids
+            vmm.proc.kill()
+            vmm.proc.wait()
+            deadline = time.monotonic() + 30.0
+            while not _gone(pids[0]):
+                assert time.monotonic() < deadline, f"daemon {pids[0]} outlived its VMM by 30 s"
+                time.sleep(0.05)
+        finally:
+            vmm.stop()
