@@ -70,6 +70,7 @@ from ..virtio import constants as c
 from ..virtio.mmio import VirtioMmioRegisters
 from ..virtio.queue import QueueState
 from . import codec
+from .backend_channel import BackendChannel
 from .codec import MemRegion, ProtocolFeature, Request
 from .connection import VhostUserConnection, VhostUserError
 from .daemon import StorageDaemon
@@ -87,6 +88,7 @@ CONFIG_BYTES: Final = 60
 BLK_PASSTHROUGH_FEATURES: Final = c.feature_mask(1, 2, 6, 9, 10)  # SIZE_MAX SEG_MAX BLK_SIZE
 #                                                                    FLUSH TOPOLOGY
 WANTED_PROTOCOL: Final = (
+    ProtocolFeature.BACKEND_REQ,
     ProtocolFeature.MQ,
     ProtocolFeature.LOG_SHMFD,
     ProtocolFeature.REPLY_ACK,
@@ -171,6 +173,7 @@ class VhostUserBlk(Liveness):
         self._rings: dict[int, QueueState] = {}  # every ring the backend was given addresses of
         self._view: BackendView | None = None  # shadowing: the backend sees this, not guest RAM
         self._logs: list[_LogBuffer] = []
+        self._backend_channel: BackendChannel | None = None
         self._logging = False
         self.counters = {"queue_starts": 0, "queue_stops": 0, "log_harvests": 0, "table_swaps": 0}
         conn.on_gone = self._backend_gone
@@ -179,6 +182,8 @@ class VhostUserBlk(Liveness):
         try:
             self._negotiate()
         except BaseException:
+            if self._backend_channel is not None:
+                self._backend_channel.close()
             self._close_fds()
             raise
         self.regs = VirtioMmioRegisters(
@@ -189,6 +194,7 @@ class VhostUserBlk(Liveness):
         self.regs.on_queue_disable = self._queue_disable
         self.regs.on_reset = self._reset
         self.regs.on_notify = self.kick
+        self.regs.on_interrupt = self._interrupt
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
@@ -254,12 +260,45 @@ class VhostUserBlk(Liveness):
             queues = self._u64(Request.GET_QUEUE_NUM)
             if queues < 1:
                 raise DeviceCommandError(f"vhost-user backend {self.name} has {queues} queues")
+        if _bit(self.protocol_features, ProtocolFeature.BACKEND_REQ):
+            self._open_backend_channel()
         self._call(Request.SET_OWNER)
         self.backend_features = features
         self.device_features = (features & BLK_PASSTHROUGH_FEATURES) | (1 << c.VIRTIO_F_VERSION_1)
         self._call(Request.SET_FEATURES, codec.U64(self._feature_word(0)))
         self.config = self._read_config()
         self._send_memory_table()
+
+    def _open_backend_channel(self) -> None:
+        channel = BackendChannel.pair(
+            self.name,
+            on_config_change=self._config_changed,
+            on_broken=self._backend_gone,
+            reply_ack=self._conn.reply_ack,
+        )
+        self._backend_channel = channel
+        self._call(Request.SET_BACKEND_REQ_FD, None, (channel.backend_fd,))
+        channel.start()
+
+    def _config_changed(self) -> bool:
+        """The backend says its config space changed (backend channel): read it again and
+        tell the guest (new generation, config-change interrupt). False if that failed."""
+        try:
+            fresh = self._read_config()
+        except (DeviceCommandError, DeviceGoneError) as exc:
+            log.warning("device %s: re-reading the changed config failed: %s", self.name, exc)
+            return False
+        with self._lock:
+            self.config[:] = fresh
+            regs: VirtioMmioRegisters | None = getattr(self, "regs", None)  # None: negotiating
+            if regs is not None:
+                regs.config_changed()
+        return True
+
+    def _interrupt(self, _status: int) -> None:
+        """An interrupt the register file raised itself (config change, needs reset): the
+        same MSI as the backend's completions."""
+        eventfd.signal(self.irq_eventfd)
 
     def _read_config(self) -> bytearray:
         reply = self._call(
@@ -682,6 +721,8 @@ class VhostUserBlk(Liveness):
                 return
             self._closing = True
         self._conn.close()
+        if self._backend_channel is not None:
+            self._backend_channel.close()
         if self._daemon is not None:
             self._daemon.stop(timeout)
             try:
