@@ -341,3 +341,18 @@ def test_a_spawned_daemon_does_not_outlive_a_sigkilled_vmm(tmp_path: Path) -> No
                 time.sleep(0.05)
         finally:
             vmm.stop()
+
+
+def test_the_demo_on_a_vhost_user_disk_migrates_under_load_and_verifies(tmp_path: Path) -> None:
+    """`ptmig demo --disk vhost-user`: the main job with the kv log on a spawned
+    qemu-storage-daemon, shadowed, exits 0 with nothing lost and every page matching."""
+    from test_demo_e2e import no_children_left, run_demo
+
+    status, output, doc = run_demo(tmp_path, "--disk", "vhost-user")
+    assert status == 0, output
+    assert doc["demo"]["options"]["disk"] == "vhost-user"
+    mig, load = doc["migration"], doc["load"]
+    assert mig["status"] == "completed" and mig["x-dma-tracking"] == "shadow"
+    assert mig["x-verify"]["mismatched"] == 0 and mig["x-shadow"]["requests-forwarded"] > 0
+    assert load["acked"] > 0 and load["lost"] == 0 and load["wrong"] == 0
+    assert no_children_left(tmp_path / "run")
