@@ -17,6 +17,8 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,9 @@ def test_none_loses_the_daemons_writes_and_the_loss_is_detected(tmp_path: Path) 
     assert infos[0]["x-verify"]["mismatched"] > 0, infos[0]["x-verify"]
 
 
-def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Path) -> None:
+@contextmanager
+def _running_vmm(tmp_path: Path) -> Iterator[tuple[Vmm, int]]:
+    """The kv guest running on a vhost-user disk: (its VMM, the daemon's pid)."""
     sw = free_port(socket.SOCK_DGRAM)
     cfg = vhost_kv_config(tmp_path, sw)
     with switch(sw):
@@ -170,17 +174,22 @@ def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Pat
             vmm.wait_running()
             pids = _daemon_pids(vmm.proc.pid)
             assert len(pids) == 1, pids
-            os.kill(pids[0], signal.SIGKILL)
-            event = vmm.qmp.pull_event(wait=10.0)
-            while event is not None and event["event"] != "X_DEVICE_EVENT":
-                event = vmm.qmp.pull_event(wait=10.0)
-            assert event is not None, "no X_DEVICE_EVENT after the daemon was killed"
-            assert event["data"]["device"] == "disk0" and event["data"]["event"] == "gone"
-            assert "SIGKILL" in event["data"]["data"]["reason"]
-            assert vmm.status() == "running"  # the VMM is up and answers
-            assert vmm.proc.poll() is None
+            yield vmm, pids[0]
         finally:
             vmm.stop()
+
+
+def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Path) -> None:
+    with _running_vmm(tmp_path) as (vmm, daemon):
+        os.kill(daemon, signal.SIGKILL)
+        event = vmm.qmp.pull_event(wait=10.0)
+        while event is not None and event["event"] != "X_DEVICE_EVENT":
+            event = vmm.qmp.pull_event(wait=10.0)
+        assert event is not None, "no X_DEVICE_EVENT after the daemon was killed"
+        assert event["data"]["device"] == "disk0" and event["data"]["event"] == "gone"
+        assert "SIGKILL" in event["data"]["data"]["reason"]
+        assert vmm.status() == "running"  # the VMM is up and answers
+        assert vmm.proc.poll() is None
 
 
 def _find_all(data: bytes, needle: bytes) -> list[int]:
@@ -249,9 +258,11 @@ def test_shadow_loses_nothing_over_back_to_back_migrations(tmp_path: Path) -> No
     assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
 
 
-def test_shadow_cancelled_gives_the_daemon_guest_ram_back(tmp_path: Path) -> None:
-    """While shadowed the daemon maps the shadow pool and not guest RAM; a cancel puts guest
-    RAM back (the pool unmapped), the guest keeps running on direct DMA and loses nothing."""
+@contextmanager
+def _shadowed_source(tmp_path: Path, load_s: float) -> Iterator[tuple[Vmm, Load, set[str]]]:
+    """kv under load on a vhost-user disk, migrating with `shadow` (slowly, so it stays in
+    pre-copy), once the data plane has forwarded a request of the guest's: (the source, the
+    load, the memfds the daemon mapped before the migration)."""
     sw = free_port(socket.SOCK_DGRAM)
     cfg = vhost_kv_config(tmp_path, sw)
     with switch(sw):
@@ -261,56 +272,49 @@ def test_shadow_cancelled_gives_the_daemon_guest_ram_back(tmp_path: Path) -> Non
         try:
             src.wait_running()
             dst.wait_incoming()
-            direct = _daemon_maps(src)
-            assert any(n.endswith("-ram") for n in direct), direct
-            load = Load(cfg, 6.0, tmp_path / "load.json").start()
+            before = _daemon_maps(src)
+            load = Load(cfg, load_s, tmp_path / "load.json").start()
             src.migrate(port, tracking="shadow", verify=True, max_bandwidth=ROUND0_BANDWIDTH)
             _wait_forwarded(src)
-            shadowed = _daemon_maps(src)
-            assert any(n.endswith("-shadow-pool") for n in shadowed), shadowed
-            assert not any(n.endswith("-ram") for n in shadowed), shadowed
-            src.cmd("migrate_cancel")
-            assert src.wait_migration()["status"] == "cancelled"
-            assert src.status() == "running"
-            after = _daemon_maps(src)
-            assert any(n.endswith("-ram") for n in after), after
-            assert not any(n.endswith("-shadow-pool") for n in after), after
-            result = load.result()
-            assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
-            assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+            yield src, load, before
         finally:
             src.stop()
             dst.stop()
+
+
+def test_shadow_cancelled_gives_the_daemon_guest_ram_back(tmp_path: Path) -> None:
+    """While shadowed the daemon maps the shadow pool and not guest RAM; a cancel puts guest
+    RAM back (the pool unmapped), the guest keeps running on direct DMA and loses nothing."""
+    with _shadowed_source(tmp_path, 6.0) as (src, load, direct):
+        assert any(n.endswith("-ram") for n in direct), direct
+        shadowed = _daemon_maps(src)
+        assert any(n.endswith("-shadow-pool") for n in shadowed), shadowed
+        assert not any(n.endswith("-ram") for n in shadowed), shadowed
+        src.cmd("migrate_cancel")
+        assert src.wait_migration()["status"] == "cancelled"
+        assert src.status() == "running"
+        after = _daemon_maps(src)
+        assert any(n.endswith("-ram") for n in after), after
+        assert not any(n.endswith("-shadow-pool") for n in after), after
+        result = load.result()
+        assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+        assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
 
 
 def test_a_daemon_killed_while_shadowed_fails_the_migration_and_the_source_runs(
     tmp_path: Path,
 ) -> None:
-    sw = free_port(socket.SOCK_DGRAM)
-    cfg = vhost_kv_config(tmp_path, sw)
-    with switch(sw):
-        src = Vmm(tmp_path, "src", cfg)
-        port = free_port()
-        dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-        try:
-            src.wait_running()
-            dst.wait_incoming()
-            load = Load(cfg, 4.0, tmp_path / "load.json").start()
-            src.migrate(port, tracking="shadow", verify=True, max_bandwidth=ROUND0_BANDWIDTH)
-            _wait_forwarded(src)
-            pids = _daemon_pids(src.proc.pid)
-            assert len(pids) == 1, pids
-            os.kill(pids[0], signal.SIGKILL)
-            info = src.wait_migration()
-            assert info["status"] == "failed", info
-            assert "disk0" in info["error-desc"] and "gone" in info["error-desc"], info
-            assert src.status() == "running" and src.proc.poll() is None
-            assert load.proc is not None
-            load.proc.kill()  # the guest's disk is gone: its requests are never answered
-            load.proc.wait()
-        finally:
-            src.stop()
-            dst.stop()
+    with _shadowed_source(tmp_path, 4.0) as (src, load, _):
+        pids = _daemon_pids(src.proc.pid)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        info = src.wait_migration()
+        assert info["status"] == "failed", info
+        assert "disk0" in info["error-desc"] and "gone" in info["error-desc"], info
+        assert src.status() == "running" and src.proc.poll() is None
+        assert load.proc is not None
+        load.proc.kill()  # the guest's disk is gone: its requests are never answered
+        load.proc.wait()
 
 
 def _gone(pid: int) -> bool:
@@ -325,22 +329,13 @@ def _gone(pid: int) -> bool:
 def test_a_spawned_daemon_does_not_outlive_a_sigkilled_vmm(tmp_path: Path) -> None:
     """SIGKILL leaves the VMM no time to stop its daemon: the kernel's parent-death signal
     must end it (within a bounded time: it is delivered at the VMM's exit)."""
-    sw = free_port(socket.SOCK_DGRAM)
-    cfg = vhost_kv_config(tmp_path, sw)
-    with switch(sw):
-        vmm = Vmm(tmp_path, "src", cfg)
-        try:
-            vmm.wait_running()
-            pids = _daemon_pids(vmm.proc.pid)
-            assert len(pids) == 1, pids
-            vmm.proc.kill()
-            vmm.proc.wait()
-            deadline = time.monotonic() + 30.0
-            while not _gone(pids[0]):
-                assert time.monotonic() < deadline, f"daemon {pids[0]} outlived its VMM by 30 s"
-                time.sleep(0.05)
-        finally:
-            vmm.stop()
+    with _running_vmm(tmp_path) as (vmm, daemon):
+        vmm.proc.kill()
+        vmm.proc.wait()
+        deadline = time.monotonic() + 30.0
+        while not _gone(daemon):
+            assert time.monotonic() < deadline, f"daemon {daemon} outlived its VMM by 30 s"
+            time.sleep(0.05)
 
 
 def test_the_demo_on_a_vhost_user_disk_migrates_under_load_and_verifies(tmp_path: Path) -> None:
