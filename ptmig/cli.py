@@ -520,6 +520,15 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 )
 @click.option("--tap", is_flag=True, help="Real Linux networking through TAP (needs root).")
 @click.option(
+    "--disk",
+    "disk",
+    type=click.Choice(["builtin", "vhost-user"]),
+    default="builtin",
+    show_default=True,
+    help="The kv log's disk: ptmig's own device, or a qemu-storage-daemon it spawns as a "
+    "vhost-user backend.",
+)
+@click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep configs, disk image and logs here (default: a temporary directory).",
@@ -538,6 +547,7 @@ def demo(
     max_bandwidth: int,
     downtime_limit: int,
     tap: bool,
+    disk: str,
     run_dir: Path | None,
     no_live: bool,
 ) -> None:
@@ -564,6 +574,7 @@ def demo(
             max_bandwidth_mib=max_bandwidth / (1 << 20),
             downtime_limit_ms=downtime_limit,
             tap=tap,
+            disk=disk,
             json_path=json_path,
             report_dir=report_dir,
             bench_json=bench_json,

@@ -48,7 +48,12 @@ class Machine:
             VmSpec(cfg.memory_bytes, cfg.vcpus, cfg.guest_cmdline(), cfg.name), console=console
         )
         self.devices: list[AttachedDevice] = []
-        self.shadow_pool = ShadowPool(SHADOW_POOL_PAGES, name=f"{cfg.name}-shadow-pool")
+        self.shadow_pool = ShadowPool(
+            SHADOW_POOL_PAGES,
+            name=f"{cfg.name}-shadow-pool",
+            views=sum(1 for d in cfg.disk if d.backend == "vhost-user"),
+            view_pages=self.vm.memory.npages,
+        )
         self.switch_process: Any = None
         self.incoming: Any = None
         self.shadow: Any = None  # the ShadowEngine while a migration shadows DMA

@@ -20,6 +20,7 @@ from ptmig.bench.strategies import (
     CellRun,
     StrategyBenchParams,
     cell_from_doc,
+    cell_label,
     cell_results,
     cell_table,
     derived_results,
@@ -27,6 +28,7 @@ from ptmig.bench.strategies import (
     precopy_rate,
     run_cells,
     run_strategy_bench,
+    split_label,
     with_offered_load,
 )
 from ptmig.report.bench import strategy_points
@@ -396,6 +398,56 @@ def test_run_strategy_bench_prints_one_table_per_size(tmp_path: Path) -> None:
     assert [r.name for r in results] == expected_result_names(p)
     table = cell_table([cell("shadow", "1G", 100)], p, "1G")
     assert table.row_count == len(p.strategies)
+
+
+def test_vhost_user_cells_run_beside_the_builtin_ones_with_their_own_goals(
+    tmp_path: Path,
+) -> None:
+    """The vhost-user rows are their own cells (the demo asked for that disk), in every
+    table, and their goals are computed from their rows alone: the builtin shadow rows are
+    all wrong here, the vhost-user ones all right."""
+    asked: list[tuple[str, str]] = []
+
+    def runner(label: str, memory: str, p: StrategyBenchParams, d: Path) -> CellRun:
+        asked.append(split_label(label))
+        strategy, disk = split_label(label)
+        downtime = 150.0 if strategy == "shadow" else 100.0
+        correct = (strategy != "none") and (disk == "vhost-user" or strategy != "shadow")
+        return cell(label, memory, downtime, correct=correct)
+
+    p = StrategyBenchParams(
+        memories=("256M", "1G"),
+        strategies=("device-log", "shadow"),
+        runs=1,
+        vhost_user=("none", "device-log", "shadow"),
+    )
+    assert p.labels == (
+        "device-log",
+        "shadow",
+        "vhost-user-none",
+        "vhost-user-device-log",
+        "vhost-user-shadow",
+    )
+    console = Console(record=True, width=250)
+    results = {r.name: r for r in run_strategy_bench(p, console, runner, tmp_path)}
+    assert list(results) == expected_result_names(p)
+    assert ("shadow", "vhost-user") in asked and ("shadow", "builtin") in asked
+    assert "vhost-user-shadow" in console.export_text()
+    assert results["strategy.shadow.correct"].value == 0.0
+    assert results["strategy.vhost-user.shadow.correct"].value == 1.0
+    assert results["strategy.vhost-user.none.incorrect"].value == 1.0
+    ratio = results["strategy.vhost-user.shadow_vs_devicelog.downtime_ratio.1G"]
+    assert ratio.value == pytest.approx(1.5) and ratio.ok
+    cells = results["strategy.vhost-user-none.256M.lost"]
+    assert cells.goal is None and cells.extra["disk"] == "vhost-user"  # expected to lose
+
+
+@pytest.mark.parametrize("strategy", ["none", "all-dirty", "device-log", "shadow"])
+def test_a_cell_label_names_its_strategy_and_disk(strategy: str) -> None:
+    assert split_label(cell_label(strategy, "builtin")) == (strategy, "builtin")
+    assert split_label(cell_label(strategy, "vhost-user")) == (strategy, "vhost-user")
+    with pytest.raises(ValueError, match="vhost-user strategies"):
+        StrategyBenchParams(vhost_user=("magic",))
 
 
 # ---- on real KVM -----------------------------------------------------------------------------

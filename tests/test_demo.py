@@ -37,7 +37,28 @@ def test_generated_config_is_a_valid_kv_vm_with_net_and_disk(tmp_path: Path) -> 
     assert cfg.disk[0].path == tmp_path / "kv.img"
 
 
+def test_the_vhost_user_demo_disk_is_a_spawned_qemu_storage_daemon(tmp_path: Path) -> None:
+    text = config_text("1G", "udp:127.0.0.1:9999", "kv.img", disk_backend="vhost-user")
+    disk = parse_config(text, "demo.toml", base_dir=tmp_path).disk[0]
+    assert disk.backend == "vhost-user" and disk.spawn == "qemu-storage-daemon"
+    assert disk.path == tmp_path / "kv.img"
+
+
+def test_a_vhost_user_demo_without_qemu_storage_daemon_says_why_and_starts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ptmig.demo import run
+    from ptmig.devices.vhost_user import daemon
+
+    monkeypatch.setattr(daemon, "find_program", lambda name=daemon.PROGRAM: None)
+    with pytest.raises(run.DemoError, match="qemu-storage-daemon, which is not installed"):
+        run._check_disk_backend(DemoOptions.quick(disk="vhost-user", run_dir=tmp_path))
+    run._check_disk_backend(DemoOptions.quick(run_dir=tmp_path))  # the builtin disk needs none
+
+
 def test_options_are_checked_with_the_offending_value() -> None:
+    with pytest.raises(ValueError, match="'nvme'"):
+        DemoOptions(disk="nvme").check()
     with pytest.raises(ValueError, match="'bogus'"):
         DemoOptions(dma_tracking="bogus").check()
     with pytest.raises(ValueError, match="got 0.5 s"):

@@ -197,3 +197,33 @@ def test_interception_log_names_inflight_requests_in_order(rig) -> None:
     assert [r["head"] for r in q["inflight"]] == heads
     assert [r["avail_index"] for r in q["inflight"]] == [0, 1, 2]
     assert q["next_avail"] == 0 and q["next_used"] == 0
+
+
+def test_a_view_places_each_device_buffer_at_its_guest_page_and_drops_it_when_freed() -> None:
+    """A device that sees the pool through a memory table (vhost-user): guest page g's device
+    buffer is view page g, the shared pages are not touched, and a reclaimed view page is given
+    back (it reads as zeros: nothing of the guest's stays reachable there)."""
+    mem = GuestMemory(MEM)
+    iommu = IommuTable.create(mem.npages)
+    pool = ShadowPool(8, views=2, view_pages=mem.npages)
+    try:
+        assert pool.pages == 8 + 2 * mem.npages and pool.view_base(1) == 8 + mem.npages
+        with pytest.raises(ValueError, match="view 2 out of range"):
+            pool.view_base(2)
+        sd = ShadowedDevice(FakeAttached("vd", iommu), pool, mem, view_base=pool.view_base(1))
+        gpfn = DATA // PAGE_SIZE + 3
+        mem.mmap[gpfn * PAGE_SIZE : gpfn * PAGE_SIZE + 5] = b"GUEST"
+        with sd.dataplane.locked():
+            pfn = sd.map.acquire(gpfn, copy=True)
+        assert pfn == pool.view_base(1) + gpfn and pool.in_use == 0
+        assert pool.read(pfn, 0, 5) == b"GUEST"
+        with sd.dataplane.locked():
+            sd.map.release(gpfn)
+            assert sd.map.reclaim(keep=0) == 1
+            sd.map.invalidated()
+        assert pool.read(pfn, 0, 5) == bytes(5) and pool.in_use == 0
+        sd.close()
+    finally:
+        pool.close()
+        iommu.close()
+        mem.close()

@@ -6,6 +6,7 @@ register path. No KVM, no qemu-storage-daemon."""
 from __future__ import annotations
 
 import array
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -13,14 +14,17 @@ from collections.abc import Callable, Iterator
 import pytest
 from test_vhost_user_backend import ALL_STATUS, _bring_up, _GuestView, _set_up_queue
 
+from ptmig.devices import eventfd
 from ptmig.devices.handle import DeviceCommandError, DeviceEvent, DeviceGoneError
 from ptmig.devices.vhost_user import codec
 from ptmig.devices.vhost_user.codec import ProtocolFeature, Request
 from ptmig.devices.vhost_user.connection import VhostUserConnection
-from ptmig.devices.vhost_user.frontend import VhostUserBlk
+from ptmig.devices.vhost_user.frontend import BackendView, VhostUserBlk
 from ptmig.devices.virtio import constants as c
 from ptmig.devices.virtio.testing import DriverQueue
+from ptmig.layout import PAGE_SIZE
 from ptmig.memory import GuestMemory
+from ptmig.shadow.pool import ShadowPool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -141,8 +145,9 @@ def _frontend(mem: GuestMemory, hook: Hook | None = None) -> tuple[VhostUserBlk,
 def test_negotiation_and_a_queue_start_send_the_specified_messages(mem: GuestMemory) -> None:
     dev, backend = _frontend(mem)
     with dev:
-        # MQ but not BACKEND_REQ (ptmig has no backend channel); EVENT_IDX is not passed on
-        assert dev.protocol_features == PROTOCOL & ~(1 << ProtocolFeature.BACKEND_REQ)
+        # BACKEND_REQ: the backend channel goes over with SET_BACKEND_REQ_FD; EVENT_IDX is not
+        # passed on
+        assert dev.protocol_features == PROTOCOL
         assert dev.device_features == 1 << c.VIRTIO_F_VERSION_1 | 1 << 9
         assert bytes(dev.config) == CONFIG
         assert backend.names() == [
@@ -150,11 +155,13 @@ def test_negotiation_and_a_queue_start_send_the_specified_messages(mem: GuestMem
             "GET_PROTOCOL_FEATURES",
             "SET_PROTOCOL_FEATURES",
             "GET_QUEUE_NUM",
+            "SET_BACKEND_REQ_FD",
             "SET_OWNER",
             "SET_FEATURES",
             "GET_CONFIG",
             "SET_MEM_TABLE",
         ]
+        assert len(backend.requests[4].fds) == 1
         table = backend.requests[-1]
         assert isinstance(table.payload, codec.MemTable) and len(table.fds) == 1
         assert table.payload.regions == (codec.MemRegion(0, mem.size, mem.host_address, 0),)
@@ -292,3 +299,138 @@ def test_state_round_trips_to_a_fresh_frontend_that_restarts_the_ring_at_the_bas
         assert backend.names() == QUEUE_START
         assert backend.requests[2].payload == codec.VringState(0, 7)  # SET_VRING_BASE
         assert dst.mmio_read(c.REG_STATUS, 4) == ALL_STATUS
+
+
+def test_a_backend_view_replaces_guest_ram_in_two_tables_with_the_rings_moved_unkicked(
+    mem: GuestMemory,
+) -> None:
+    """Shadowing's memory swap, message by message: [guest RAM, view above it], the ring moved
+    into the view without a kick, [view at GPA 0]; the restart then kicks it there. Leaving is
+    the same with guest RAM. With the ring running the swap is refused and sends nothing."""
+    pool = ShadowPool(4, views=1, view_pages=mem.npages)
+    offset = pool.view_base(0) * PAGE_SIZE
+    view = BackendView(pool.fd, offset, mem.size, pool.address + offset, pool.mmap)
+    dev, backend = _frontend(mem)
+    with dev:
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        _bring_up(dev, q)
+        del backend.requests[:]
+        with pytest.raises(DeviceCommandError, match="rings stopped"):
+            dev.set_backend_view(view)
+        assert backend.requests == []
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(view)
+        moved = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR"]
+        assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
+        guest = codec.MemRegion(0, mem.size, mem.host_address, 0)
+        both, _n, _b, addr, final = (m.payload for m in backend.requests)
+        assert both == codec.MemTable(
+            (guest, codec.MemRegion(mem.size, mem.size, view.user_addr, offset))
+        )
+        assert final == codec.MemTable((codec.MemRegion(0, mem.size, view.user_addr, offset),))
+        assert isinstance(addr, codec.VringAddr) and addr.desc == view.user_addr + q.desc_addr
+        assert [len(m.fds) for m in backend.requests] == [2, 0, 0, 0, 1]
+        del backend.requests[:]
+        dev.resume()
+        assert backend.names() == QUEUE_START
+        assert backend.requests[3].payload == addr
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(None)
+        assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
+        assert backend.requests[-1].payload == codec.MemTable((guest,))
+        assert backend.requests[3].payload.desc == mem.host_address + q.desc_addr  # type: ignore[union-attr]
+        assert dev.alive
+    pool.close()
+
+
+class _BackendSide:
+    """The backend's end of the backend channel, taken from SET_BACKEND_REQ_FD; the config the
+    scripted backend reports (the test changes it)."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.config = bytearray(CONFIG)
+
+    def hook(self, m: codec.Message) -> codec.Payload | bytes | None:
+        if m.request == Request.SET_BACKEND_REQ_FD:
+            self.sock = socket.socket(fileno=os.dup(m.fds[0]))
+        if m.request == Request.GET_CONFIG:
+            assert isinstance(m.payload, codec.Config)
+            return codec.Config(0, m.payload.size, 0, bytes(self.config[: m.payload.size]))
+        return None
+
+    def send(self, request: int, flags: int, body: bytes = b"") -> None:
+        assert self.sock is not None
+        self.sock.sendall(codec.HEADER.pack(request, flags, len(body)) + body)
+
+    def reply(self) -> tuple[int, int, int]:
+        """(request, flags, u64) of the frontend's next reply."""
+        assert self.sock is not None
+        self.sock.settimeout(5.0)
+        data = b""
+        while len(data) < codec.HEADER.size + 8:
+            chunk = self.sock.recv(64)
+            assert chunk, "the frontend closed the backend channel"
+            data += chunk
+        request, flags, size = codec.HEADER.unpack_from(data)
+        assert size == 8
+        return request, flags, int.from_bytes(data[12:20], "little")
+
+
+NEED_REPLY = codec.VERSION | codec.FLAG_NEED_REPLY
+REPLY = codec.VERSION | codec.FLAG_REPLY
+
+
+def test_a_backend_config_change_is_read_again_acked_and_raised_to_the_guest(
+    mem: GuestMemory,
+) -> None:
+    side = _BackendSide()
+    dev, backend = _frontend(mem, side.hook)
+    with dev:
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        _bring_up(dev, q)
+        generation = dev.mmio_read(c.REG_CONFIG_GENERATION, 4)
+        eventfd.drain(dev.irq_eventfd)
+        side.config[0:8] = (16384).to_bytes(8, "little")  # the image grew
+        del backend.requests[:]
+        side.send(codec.BackendRequest.CONFIG_CHANGE_MSG, NEED_REPLY)
+        assert side.reply() == (codec.BackendRequest.CONFIG_CHANGE_MSG, REPLY, 0)
+        assert backend.names() == ["GET_CONFIG"]  # read again before the ack
+        assert dev.mmio_read(c.REG_CONFIG, 4) == 16384
+        assert dev.mmio_read(c.REG_CONFIG_GENERATION, 4) == generation + 1
+        assert dev.mmio_read(c.REG_INTERRUPT_STATUS, 4) & c.INTERRUPT_CONFIG_CHANGE
+        assert dev.wait_interrupt(5.0), "the guest was not interrupted"
+        assert dev.alive
+
+
+def test_backend_requests_ptmig_did_not_negotiate_are_refused_and_the_channel_stays_up(
+    mem: GuestMemory,
+) -> None:
+    side = _BackendSide()
+    dev, _backend = _frontend(mem, side.hook)
+    with dev:
+        iotlb = codec.IotlbMsg(0, 0, 0, 0, 0).pack()
+        side.send(codec.BackendRequest.IOTLB_MSG, NEED_REPLY, iotlb)
+        assert side.reply() == (codec.BackendRequest.IOTLB_MSG, REPLY, 1)
+        side.send(77, NEED_REPLY, b"\0" * 16)  # a request code this frontend does not know
+        assert side.reply() == (77, REPLY, 1)
+        side.send(77, codec.VERSION)  # no reply asked for: none comes ...
+        side.send(codec.BackendRequest.CONFIG_CHANGE_MSG, NEED_REPLY)
+        # ... so the next reply is the config change's
+        assert side.reply() == (codec.BackendRequest.CONFIG_CHANGE_MSG, REPLY, 0)
+        assert dev.alive
+
+
+def test_a_malformed_backend_request_breaks_the_device_not_the_vmm(mem: GuestMemory) -> None:
+    side = _BackendSide()
+    dev, _backend = _frontend(mem, side.hook)
+    with dev:
+        events: list[DeviceEvent] = []
+        seen = threading.Event()
+        dev.on_event(lambda ev: (events.append(ev), seen.set()))
+        side.send(codec.BackendRequest.CONFIG_CHANGE_MSG, NEED_REPLY, b"\0" * 8)  # no payload
+        assert seen.wait(5) and events[0].name == "gone"
+        assert "backend channel" in events[0].data["reason"], events[0].data
+        assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET

@@ -4,9 +4,11 @@ The kv guest keeps its write-ahead log on the vhost-user disk; its unmodified vi
 talks to the register file in the VMM, its QueueNotify reaches the daemon through KVM_IOEVENTFD
 and the daemon's call eventfd wakes it. Shown: the passthrough property on third-party code (pages
 the daemon wrote are absent from KVM's dirty log and present in the daemon's own vhost log);
-`device-log` loses nothing over back-to-back migrations under load, verified page by page; `none`
-loses the daemon's writes and the loss is detected; a killed daemon is reported over QMP while
-the VMM stays up.
+`device-log` and `shadow` lose nothing over back-to-back migrations under load, verified page by
+page; `none` loses the daemon's writes and the loss is detected; a killed daemon is reported over
+QMP while the VMM stays up. While shadowed the daemon maps the shadow pool and not guest RAM
+(read from its /proc maps); a cancel gives it guest RAM back; a daemon killed while shadowed
+fails the migration and the source runs on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +163,9 @@ def test_none_loses_the_daemons_writes_and_the_loss_is_detected(tmp_path: Path) 
     assert infos[0]["x-verify"]["mismatched"] > 0, infos[0]["x-verify"]
 
 
-def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Path) -> None:
+@contextmanager
+def _running_vmm(tmp_path: Path) -> Iterator[tuple[Vmm, int]]:
+    """The kv guest running on a vhost-user disk: (its VMM, the daemon's pid)."""
     sw = free_port(socket.SOCK_DGRAM)
     cfg = vhost_kv_config(tmp_path, sw)
     with switch(sw):
@@ -168,17 +174,22 @@ def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Pat
             vmm.wait_running()
             pids = _daemon_pids(vmm.proc.pid)
             assert len(pids) == 1, pids
-            os.kill(pids[0], signal.SIGKILL)
-            event = vmm.qmp.pull_event(wait=10.0)
-            while event is not None and event["event"] != "X_DEVICE_EVENT":
-                event = vmm.qmp.pull_event(wait=10.0)
-            assert event is not None, "no X_DEVICE_EVENT after the daemon was killed"
-            assert event["data"]["device"] == "disk0" and event["data"]["event"] == "gone"
-            assert "SIGKILL" in event["data"]["data"]["reason"]
-            assert vmm.status() == "running"  # the VMM is up and answers
-            assert vmm.proc.poll() is None
+            yield vmm, pids[0]
         finally:
             vmm.stop()
+
+
+def test_a_killed_daemon_is_reported_over_qmp_and_the_vmm_stays_up(tmp_path: Path) -> None:
+    with _running_vmm(tmp_path) as (vmm, daemon):
+        os.kill(daemon, signal.SIGKILL)
+        event = vmm.qmp.pull_event(wait=10.0)
+        while event is not None and event["event"] != "X_DEVICE_EVENT":
+            event = vmm.qmp.pull_event(wait=10.0)
+        assert event is not None, "no X_DEVICE_EVENT after the daemon was killed"
+        assert event["data"]["device"] == "disk0" and event["data"]["event"] == "gone"
+        assert "SIGKILL" in event["data"]["data"]["reason"]
+        assert vmm.status() == "running"  # the VMM is up and answers
+        assert vmm.proc.poll() is None
 
 
 def _find_all(data: bytes, needle: bytes) -> list[int]:
@@ -206,9 +217,52 @@ def _daemon_pids(parent: int) -> list[int]:
     return out
 
 
-def test_shadow_on_a_vhost_user_disk_is_refused_and_the_source_keeps_running(
-    tmp_path: Path,
-) -> None:
+def _memfds(pid: int) -> set[str]:
+    """The names of the memfds process `pid` maps (guest RAM, the shadow pool)."""
+    out = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "/memfd:" in line:
+                out.add(line.split("/memfd:", 1)[1].split(" (deleted)")[0].strip())
+    return out
+
+
+def _daemon_maps(vmm: Vmm) -> set[str]:
+    pids = _daemon_pids(vmm.proc.pid)
+    assert len(pids) == 1, pids
+    return _memfds(pids[0])
+
+
+def _wait_forwarded(vmm: Vmm, timeout: float = 60.0) -> dict[str, Any]:
+    """query-migrate once the shadow data plane has forwarded a request of the guest's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = vmm.cmd("query-migrate")
+        if (info.get("x-shadow") or {}).get("requests-forwarded", 0) > 0:
+            return info
+        assert info["status"] in ("setup", "active"), info
+        assert time.monotonic() < deadline, f"nothing forwarded after {timeout} s: {info}"
+        time.sleep(0.02)
+
+
+def test_shadow_loses_nothing_over_back_to_back_migrations(tmp_path: Path) -> None:
+    """The daemon sees only the shadow pool while shadowed; the VMM's data plane forwards the
+    guest's requests and copies completions back: three migrations under load, every page
+    verified, every acknowledged PUT read back from the last destination."""
+    infos, result = _migrate_chain(tmp_path, "shadow", 3)
+    for info in infos:
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert info["x-shadow"]["requests-forwarded"] > 0, info["x-shadow"]
+        assert info["x-shadow"]["completions-synced"] > 0, info["x-shadow"]
+    assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+    assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+
+
+@contextmanager
+def _shadowed_source(tmp_path: Path, load_s: float) -> Iterator[tuple[Vmm, Load, set[str]]]:
+    """kv under load on a vhost-user disk, migrating with `shadow` (slowly, so it stays in
+    pre-copy), once the data plane has forwarded a request of the guest's: (the source, the
+    load, the memfds the daemon mapped before the migration)."""
     sw = free_port(socket.SOCK_DGRAM)
     cfg = vhost_kv_config(tmp_path, sw)
     with switch(sw):
@@ -218,11 +272,82 @@ def test_shadow_on_a_vhost_user_disk_is_refused_and_the_source_keeps_running(
         try:
             src.wait_running()
             dst.wait_incoming()
-            src.migrate(port, tracking="shadow", verify=True)
-            info = src.wait_migration()
-            assert info["status"] == "failed", info
-            assert "vhost-user" in info["error-desc"] and "disk0" in info["error-desc"], info
-            assert src.status() == "running"
+            before = _daemon_maps(src)
+            load = Load(cfg, load_s, tmp_path / "load.json").start()
+            src.migrate(port, tracking="shadow", verify=True, max_bandwidth=ROUND0_BANDWIDTH)
+            _wait_forwarded(src)
+            yield src, load, before
         finally:
             src.stop()
             dst.stop()
+
+
+def test_shadow_cancelled_gives_the_daemon_guest_ram_back(tmp_path: Path) -> None:
+    """While shadowed the daemon maps the shadow pool and not guest RAM; a cancel puts guest
+    RAM back (the pool unmapped), the guest keeps running on direct DMA and loses nothing."""
+    with _shadowed_source(tmp_path, 6.0) as (src, load, direct):
+        assert any(n.endswith("-ram") for n in direct), direct
+        shadowed = _daemon_maps(src)
+        assert any(n.endswith("-shadow-pool") for n in shadowed), shadowed
+        assert not any(n.endswith("-ram") for n in shadowed), shadowed
+        src.cmd("migrate_cancel")
+        assert src.wait_migration()["status"] == "cancelled"
+        assert src.status() == "running"
+        after = _daemon_maps(src)
+        assert any(n.endswith("-ram") for n in after), after
+        assert not any(n.endswith("-shadow-pool") for n in after), after
+        result = load.result()
+        assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+        assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+
+
+def test_a_daemon_killed_while_shadowed_fails_the_migration_and_the_source_runs(
+    tmp_path: Path,
+) -> None:
+    with _shadowed_source(tmp_path, 4.0) as (src, load, _):
+        pids = _daemon_pids(src.proc.pid)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        info = src.wait_migration()
+        assert info["status"] == "failed", info
+        assert "disk0" in info["error-desc"] and "gone" in info["error-desc"], info
+        assert src.status() == "running" and src.proc.poll() is None
+        assert load.proc is not None
+        load.proc.kill()  # the guest's disk is gone: its requests are never answered
+        load.proc.wait()
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (exited, or a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_spawned_daemon_does_not_outlive_a_sigkilled_vmm(tmp_path: Path) -> None:
+    """SIGKILL leaves the VMM no time to stop its daemon: the kernel's parent-death signal
+    must end it (within a bounded time: it is delivered at the VMM's exit)."""
+    with _running_vmm(tmp_path) as (vmm, daemon):
+        vmm.proc.kill()
+        vmm.proc.wait()
+        deadline = time.monotonic() + 30.0
+        while not _gone(daemon):
+            assert time.monotonic() < deadline, f"daemon {daemon} outlived its VMM by 30 s"
+            time.sleep(0.05)
+
+
+def test_the_demo_on_a_vhost_user_disk_migrates_under_load_and_verifies(tmp_path: Path) -> None:
+    """`ptmig demo --disk vhost-user`: the main job with the kv log on a spawned
+    qemu-storage-daemon, shadowed, exits 0 with nothing lost and every page matching."""
+    from test_demo_e2e import no_children_left, run_demo
+
+    status, output, doc = run_demo(tmp_path, "--disk", "vhost-user")
+    assert status == 0, output
+    assert doc["demo"]["options"]["disk"] == "vhost-user"
+    mig, load = doc["migration"], doc["load"]
+    assert mig["status"] == "completed" and mig["x-dma-tracking"] == "shadow"
+    assert mig["x-verify"]["mismatched"] == 0 and mig["x-shadow"]["requests-forwarded"] > 0
+    assert load["acked"] > 0 and load["lost"] == 0 and load["wrong"] == 0
+    assert no_children_left(tmp_path / "run")

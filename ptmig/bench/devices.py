@@ -8,6 +8,9 @@
   half the unthrottled rate, for the latency goal. Every run must lose nothing (the client
   reads every acknowledged key back).
 - `blk.seqwrite`: the `blkbench` guest writing its disk sequentially in 64 KiB requests, MB/s.
+- On a vhost-user disk (a qemu-storage-daemon the VMM spawns; run only where it is installed),
+  alternating with the builtin runs: `kv.vhost_user.max.*` and `blk.seqwrite.vhost_user`, and
+  the paired ratios `kv.vhost_user_vs_builtin.ops` and `blk.vhost_user_vs_builtin`.
 - `idle.cpu`: CPU the device processes burn while the kv guest is idle (% of one core, read
   from /proc/PID/stat over a few seconds): a passthrough device must sleep when idle.
 - `load.client_alone.ops`: the load client against a trivial kv server (another process,
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..devices.handle import DeviceHandle
+from ..devices.vhost_user.daemon import PROGRAM, find_program
+from ..devices.vhost_user.frontend import VhostUserBlk
 from ..firmware import FirmwareImage, build_firmware, load_firmware_image
 from ..iommu import IommuTable
 from ..layout import BootDevice, mmio_gpa
@@ -36,7 +41,7 @@ from ..load import LoadOptions, LoadResult, run_load
 from ..net.switch import probe_switch
 from ..vm import Vm, VmSpec
 from . import progress
-from .harness import BenchConfig, BenchError, Goal, Result, measured, median
+from .harness import BenchConfig, BenchError, Goal, Result, measured, median, paired_ratios
 
 SECTION = "devices"
 MiB = 1 << 20
@@ -139,7 +144,9 @@ def _free_udp_port() -> int:
 class KvVmm:
     """`ptmig run` of a kv guest on a fresh disk and its own switch port; a context manager."""
 
-    def __init__(self, memory: str, *, qmp: bool = False) -> None:
+    def __init__(self, memory: str, *, qmp: bool = False, disk: str = "builtin") -> None:
+        """`disk`: the kv log on ptmig's own device, or ("vhost-user") on a qemu-storage-daemon
+        the VMM spawns."""
         self._tmp = tempfile.TemporaryDirectory(prefix="ptmig-bench-kv-")
         tmp = Path(self._tmp.name)
         self.qmp_socket = tmp / "qmp.sock" if qmp else None
@@ -151,6 +158,11 @@ class KvVmm:
             f'[[net]]\nid = "net0"\nmac = "52:54:00:b0:00:01"\nip = "10.0.0.2/24"\n'
             f'backend = "udp:127.0.0.1:{self.switch_port}"\nswitch = "auto"\n'
             f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "256M"\n'
+            + (
+                'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
+                if disk != "builtin"
+                else ""
+            )
         )
         self.proc = subprocess.Popen(
             [
@@ -224,11 +236,20 @@ class KvVmm:
                 pass
 
 
-def _kv_run(p: DevicesParams, *, durable: bool, rate: float | None) -> LoadResult:
+def _disks() -> list[str]:
+    """The disks the device rows run on: ptmig's own, and vhost-user where it is installed."""
+    return ["builtin"] + (["vhost-user"] if find_program() is not None else [])
+
+
+def _kv_run(
+    p: DevicesParams, *, durable: bool, rate: float | None, disk: str = "builtin"
+) -> LoadResult:
     progress.step(
-        "kv " + ("durable" if durable else "unpaced" if rate is None else f"at {rate:,.0f} ops/s")
+        "kv "
+        + ("durable" if durable else "unpaced" if rate is None else f"at {rate:,.0f} ops/s")
+        + ("" if disk == "builtin" else f" ({disk} disk)")
     )
-    with KvVmm(p.kv_memory) as vmm:
+    with KvVmm(p.kv_memory, disk=disk) as vmm:
         result = run_load(
             LoadOptions(config=vmm.config, duration_s=p.kv_seconds, durable=durable, rate=rate)
         )
@@ -242,7 +263,12 @@ def _kv_run(p: DevicesParams, *, durable: bool, rate: float | None) -> LoadResul
 
 def bench_kv(config: BenchConfig, p: DevicesParams) -> list[Result]:
     out: list[Result] = []
-    fast = [_kv_run(p, durable=False, rate=None) for _ in range(config.runs)]
+    disks = _disks()
+    by_disk: dict[str, list[LoadResult]] = {d: [] for d in disks}
+    for _ in range(config.runs):  # alternating: a noisy neighbour hits both disks alike
+        for disk in disks:
+            by_disk[disk].append(_kv_run(p, durable=False, rate=None, disk=disk))
+    fast = by_disk["builtin"]
     extra = {
         "seconds": p.kv_seconds,
         "window": LoadOptions().window,
@@ -254,6 +280,8 @@ def bench_kv(config: BenchConfig, p: DevicesParams) -> list[Result]:
     )
     out.append(measured(SECTION, "kv.max.p50", [r.p50_ms for r in fast], "ms", extra=extra))
     out.append(measured(SECTION, "kv.max.p99", [r.p99_ms for r in fast], "ms", extra=extra))
+    if "vhost-user" in by_disk:
+        out += _kv_vhost_user(by_disk["vhost-user"], fast, dict(extra, disk="vhost-user"))
     half = median([r.ops_per_s for r in fast]) / 2
     paced = [_kv_run(p, durable=False, rate=half) for _ in range(config.runs)]
     extra_half = dict(extra, rate=round(half))
@@ -280,19 +308,55 @@ def bench_kv(config: BenchConfig, p: DevicesParams) -> list[Result]:
     return out
 
 
+def _kv_vhost_user(
+    runs: list[LoadResult], builtin: list[LoadResult], extra: dict[str, object]
+) -> list[Result]:
+    """kv --max with the log on qemu-storage-daemon, and its ops/s over the builtin disk's
+    (run i of each back to back)."""
+    ops = [r.ops_per_s for r in runs]
+    return [
+        measured(SECTION, "kv.vhost_user.max.ops", ops, "ops/s", extra=extra),
+        measured(SECTION, "kv.vhost_user.max.p50", [r.p50_ms for r in runs], "ms", extra=extra),
+        measured(SECTION, "kv.vhost_user.max.p99", [r.p99_ms for r in runs], "ms", extra=extra),
+        measured(
+            SECTION,
+            "kv.vhost_user_vs_builtin.ops",
+            paired_ratios(ops, [r.ops_per_s for r in builtin]),
+            "ratio",
+            extra=dict(extra, what="kv --max ops/s, vhost-user disk ÷ builtin, paired runs"),
+        ),
+    ]
+
+
 # ---- virtio-blk sequential write ------------------------------------------------------------
 
 
-def _blkbench_once(fw: FirmwareImage, p: DevicesParams) -> float:
+def _blk_device(
+    disk: str, tmp: str, p: DevicesParams, vm: Vm, iommu: IommuTable
+) -> DeviceHandle | VhostUserBlk:
+    """The benchmarked disk: ptmig's own device process, or a spawned qemu-storage-daemon."""
+    if disk == "vhost-user":
+        return VhostUserBlk.open(
+            "disk0", 0, vm.memory, image=Path(tmp) / "disk.img", size=p.blk_size, spawn=PROGRAM
+        )
+    return DeviceHandle.spawn(
+        "blk",
+        0,
+        {"path": f"{tmp}/disk.img", "size": p.blk_size},
+        vm.memory.fd,
+        vm.memory.size,
+        iommu,
+    )
+
+
+def _blkbench_once(fw: FirmwareImage, p: DevicesParams, disk: str = "builtin") -> float:
     """MB/s of one `blkbench` run on a fresh image."""
     memory = 64 * MiB
     with tempfile.TemporaryDirectory(prefix="ptmig-bench-blk-") as tmp:
         vm = Vm(VmSpec(memory, 1, f"blkbench size={p.blk_size} req={p.blk_req}", "blkbench"))
         iommu = IommuTable.create(memory // 4096)
         iommu.map_identity(memory // 4096)
-        handle = DeviceHandle.spawn(
-            "blk", 0, {"path": f"{tmp}/disk.img", "size": p.blk_size}, vm.memory.fd, memory, iommu
-        )
+        handle = _blk_device(disk, tmp, p, vm, iommu)
         try:
             vm.attach_device(0, handle)
             vm.wake_fds.append(handle.irq_eventfd)
@@ -313,12 +377,26 @@ def _blkbench_once(fw: FirmwareImage, p: DevicesParams) -> float:
 
 def bench_blk(config: BenchConfig, p: DevicesParams, fw: FirmwareImage) -> list[Result]:
     progress.step("virtio-blk sequential write")
-    runs = [_blkbench_once(fw, p) for _ in range(config.runs)]
-    return [
-        measured(
-            SECTION, "blk.seqwrite", runs, "MB/s", extra={"size": p.blk_size, "request": p.blk_req}
-        )
-    ]
+    disks = _disks()
+    runs: dict[str, list[float]] = {d: [] for d in disks}
+    for _ in range(config.runs):  # alternating, as the kv runs
+        for disk in disks:
+            runs[disk].append(_blkbench_once(fw, p, disk))
+    extra = {"size": p.blk_size, "request": p.blk_req}
+    out = [measured(SECTION, "blk.seqwrite", runs["builtin"], "MB/s", extra=extra)]
+    if "vhost-user" in runs:
+        vextra = dict(extra, disk="vhost-user")
+        out += [
+            measured(SECTION, "blk.seqwrite.vhost_user", runs["vhost-user"], "MB/s", extra=vextra),
+            measured(
+                SECTION,
+                "blk.vhost_user_vs_builtin",
+                paired_ratios(runs["vhost-user"], runs["builtin"]),
+                "ratio",
+                extra=vextra,
+            ),
+        ]
+    return out
 
 
 # ---- idle CPU --------------------------------------------------------------------------------

@@ -50,6 +50,18 @@ adds one thing to the downtime: the destination hashes the stop-and-copy round's
 arrive (about 3 µs a page on a 2-core host, so 20-30 ms for a 7,000-page final round); the
 source hashes its RAM after the switchover, which costs no downtime.
 
+On a vhost-user disk (the kv log on a qemu-storage-daemon that ptmig spawns, a device nobody
+here wrote), the same cells for `none`, `device-log` (the daemon's own dirty log) and `shadow`
+(its memory table swapped to the shadow pool), named `vhost-user-<strategy>` in place of
+`<strategy>`, and their goals:
+
+    strategy.vhost-user.shadow.correct                   every run verified
+    strategy.vhost-user.shadow_vs_devicelog.downtime_ratio.<ram>   ≤ 1.5
+    strategy.vhost-user.none.incorrect                   every `none` run lost something (1.0)
+    strategy.vhost-user.shadow.datapath_vs_direct        the data path alone, as above, ≥ 0.7
+
+They run when qemu-storage-daemon is installed (`for_config`); else the section says why.
+
 Cells run interleaved (run i of every strategy and size before run i+1), so a noisy neighbour
 hits every strategy alike and the shadow / device-log ratio is paired within one round.
 """
@@ -76,6 +88,8 @@ from .harness import BenchConfig, BenchError, Goal, Result, format_value, measur
 SECTION = "strategies"
 MiB = 1 << 20
 BUCKET_S = 0.1  # the load client's series resolution (ptmig.demo.timeline)
+VHOST_USER = "vhost-user"
+VHOST_USER_STRATEGIES = ("none", "device-log", "shadow")
 FULL_RUNS = 3  # per cell in the full mode: 4 strategies × 3 sizes × 3 runs ≈ 20 minutes
 
 GOAL_SHADOW_CORRECT = Goal(">=", 1.0)
@@ -102,12 +116,17 @@ class StrategyBenchParams:
     downtime_limit_ms: int = 300
     datapath_pairs: int = 5  # direct/shadowed load pairs of `shadow_datapath()`
     datapath_s: float = 4.0  # seconds of load in each
+    vhost_user: tuple[str, ...] = ()  # strategies also run with the disk on vhost-user
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in DMA_TRACKING]
         if bad or not self.strategies:
             raise ValueError(
                 f"strategies {self.strategies} must be a non-empty subset of {DMA_TRACKING}"
+            )
+        if any(s not in DMA_TRACKING for s in self.vhost_user):
+            raise ValueError(
+                f"vhost-user strategies {self.vhost_user} must be a subset of {DMA_TRACKING}"
             )
         if not self.memories:
             raise ValueError("at least one RAM size is needed, got none")
@@ -124,8 +143,16 @@ class StrategyBenchParams:
         if not 0 < self.load_fraction <= 1:
             raise ValueError(f"load fraction must be in (0, 1], got {self.load_fraction}")
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every cell row: the strategies on ptmig's disk, then those on a vhost-user disk."""
+        return self.strategies + tuple(cell_label(s, VHOST_USER) for s in self.vhost_user)
+
     @classmethod
     def for_config(cls, config: BenchConfig) -> StrategyBenchParams:
+        from ..devices.vhost_user.daemon import find_program
+
+        vhost = VHOST_USER_STRATEGIES if find_program() is not None else ()
         if config.quick:  # about 3 minutes: two sizes, one run each, a short load
             return cls(
                 memories=("256M", "1G"),
@@ -134,8 +161,9 @@ class StrategyBenchParams:
                 after_s=3.0,
                 datapath_pairs=3,
                 datapath_s=2.0,
+                vhost_user=vhost,
             )
-        return cls(runs=min(config.runs, FULL_RUNS))
+        return cls(runs=min(config.runs, FULL_RUNS), vhost_user=vhost)
 
     def bandwidth_text(self) -> str:
         if self.max_bandwidth_mib:
@@ -146,6 +174,21 @@ class StrategyBenchParams:
         if self.rate is None:
             return "kv load unpaced"
         return f"kv load {self.rate:,.0f} ops/s offered"
+
+
+def cell_label(strategy: str, disk: str) -> str:
+    """A cell row's name: the strategy, prefixed with the disk when it is not ptmig's own."""
+    return strategy if disk == "builtin" else f"{disk}-{strategy}"
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """(strategy, disk) of a cell row's name."""
+    prefix = f"{VHOST_USER}-"
+    return (label[len(prefix) :], VHOST_USER) if label.startswith(prefix) else (label, "builtin")
+
+
+def _expected_incorrect(label: str) -> bool:
+    return split_label(label)[0] == "none"
 
 
 # ---- one cell ---------------------------------------------------------------------------------
@@ -355,12 +398,13 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
     """Every metric of every (strategy, RAM size) cell, median over its runs."""
     out: list[Result] = []
     for memory in params.memories:
-        for strategy in params.strategies:
+        for strategy in params.labels:
             runs = _cells(cells, strategy, memory)
             extra: dict[str, Any] = {
                 "ram_bytes": parse_ram(memory),
-                "strategy": strategy,
-                "expected_incorrect": strategy == "none",
+                "strategy": split_label(strategy)[0],
+                "disk": split_label(strategy)[1],
+                "expected_incorrect": _expected_incorrect(strategy),
                 "correct_runs": sum(c.correct for c in runs),
                 "runs": len(runs),
             }
@@ -371,7 +415,7 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
             if problems:
                 extra["problems"] = problems
             for suffix, attr, unit, scale, worst in CELL_METRICS:
-                goal = GOAL_ZERO if worst and strategy != "none" else None
+                goal = GOAL_ZERO if worst and not _expected_incorrect(strategy) else None
                 cx = dict(extra)
                 if suffix == "downtime":
                     cx["downtime_parts"] = [c.downtime_parts for c in runs]
@@ -495,7 +539,7 @@ def expected_result_names(params: StrategyBenchParams) -> list[str]:
     names = [
         cell_name(s, m, suffix)
         for m in params.memories
-        for s in params.strategies
+        for s in params.labels
         for suffix, *_ in CELL_METRICS
     ]
     return names + _derived_names(params)
@@ -520,6 +564,20 @@ def _derived_names(params: StrategyBenchParams) -> list[str]:
             f"strategy.{strategy}.cpu_per_gib.source",
             f"strategy.{strategy}.cpu_per_gib.destination",
         ]
+    return names + _vhost_user_names(params)
+
+
+def _vhost_user_names(params: StrategyBenchParams) -> list[str]:
+    v = set(params.vhost_user)
+    names: list[str] = []
+    if "shadow" in v:
+        names.append(f"strategy.{VHOST_USER}.shadow.correct")
+    if {"shadow", "device-log"} <= v:
+        names += [
+            f"strategy.{VHOST_USER}.shadow_vs_devicelog.downtime_ratio.{m}" for m in params.memories
+        ]
+    if "none" in v:
+        names.append(f"strategy.{VHOST_USER}.none.incorrect")
     return names
 
 
@@ -528,23 +586,7 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
     out: dict[str, Result] = {}
     shadow = [c for c in cells if c.strategy == "shadow"]
     if "shadow" in params.strategies:
-        ok = [1.0 if c.correct else 0.0 for c in shadow]
-        value = min(ok) if ok else math.nan  # every run, not the median one
-        bad = [
-            f"{c.memory} run: {c.error or '; '.join(c.problems) or c.status}"
-            for c in shadow
-            if not c.correct
-        ]
-        out["strategy.shadow.correct"] = Result(
-            SECTION,
-            "strategy.shadow.correct",
-            value,
-            "all runs",
-            str(GOAL_SHADOW_CORRECT),
-            GOAL_SHADOW_CORRECT.met_by(value),
-            ok,
-            {"runs": len(ok), "correct_runs": int(sum(ok)), "incorrect": bad},
-        )
+        out["strategy.shadow.correct"] = _every_run(shadow, "strategy.shadow.correct", True)
         out["strategy.shadow.during_vs_before"] = _summary(
             "strategy.shadow.during_vs_before",
             [_slowdown(c) for c in shadow],
@@ -558,23 +600,8 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
         )
     if "shadow" in params.strategies and "device-log" in params.strategies:
         for m in params.memories:
-            sh = _cells(cells, "shadow", m)
-            dl = _cells(cells, "device-log", m)
-            n = min(len(sh), len(dl))  # run i of each ran back to back
-            both = zip(sh[:n], dl[:n], strict=True)
-            pairs = [
-                (a.downtime_ms, max(b.downtime_ms, 1.0))
-                for a, b in both
-                if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)
-            ]
             name = f"strategy.shadow_vs_devicelog.downtime_ratio.{m}"
-            out[name] = _summary(
-                name,
-                paired_ratios([a for a, _ in pairs], [b for _, b in pairs]),
-                "ratio",
-                GOAL_SHADOW_VS_DEVICELOG,
-                {"ram_bytes": parse_ram(m), "paired_runs": len(pairs)},
-            )
+            out[name] = _downtime_ratio(cells, "shadow", "device-log", m, name)
         out["strategy.shadow_vs_devicelog.during_vs_before"] = _during_vs_devicelog(cells, params)
     if len(params.memories) > 1:
         if "shadow" in params.strategies:
@@ -597,7 +624,72 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
             )
     for strategy in params.strategies:
         out.update(_cost_results(cells, strategy))
+    out.update(_vhost_user_results(cells, params))
     return [out[n] for n in _derived_names(params)]
+
+
+def _vhost_user_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> dict[str, Result]:
+    """The goals of the cells on a vhost-user disk (see `_vhost_user_names`)."""
+    out: dict[str, Result] = {}
+    label = {s: cell_label(s, VHOST_USER) for s in params.vhost_user}
+    if "shadow" in label:
+        name = f"strategy.{VHOST_USER}.shadow.correct"
+        out[name] = _every_run([c for c in cells if c.strategy == label["shadow"]], name, True)
+    if "shadow" in label and "device-log" in label:
+        for m in params.memories:
+            name = f"strategy.{VHOST_USER}.shadow_vs_devicelog.downtime_ratio.{m}"
+            out[name] = _downtime_ratio(cells, label["shadow"], label["device-log"], m, name)
+    if "none" in label:
+        name = f"strategy.{VHOST_USER}.none.incorrect"
+        out[name] = _every_run([c for c in cells if c.strategy == label["none"]], name, False)
+    return out
+
+
+def _every_run(runs: Sequence[CellRun], name: str, correct: bool) -> Result:
+    """1.0 when every run is correct (`correct`), or every run is not (a strategy that must
+    lose something); the worst run decides, never the median one."""
+    ok = [1.0 if c.correct == correct else 0.0 for c in runs]
+    value = min(ok) if ok else math.nan
+    bad = [
+        f"{c.memory} run: {c.error or '; '.join(c.problems) or c.status}"
+        for c in runs
+        if c.correct != correct
+    ]
+    return Result(
+        SECTION,
+        name,
+        value,
+        "all runs",
+        str(GOAL_SHADOW_CORRECT),
+        GOAL_SHADOW_CORRECT.met_by(value),
+        ok,
+        {
+            "runs": len(ok),
+            "correct_runs": sum(c.correct for c in runs),
+            "incorrect" if correct else "verified_anyway": bad,
+        },
+    )
+
+
+def _downtime_ratio(
+    cells: Sequence[CellRun], shadow: str, devlog: str, memory: str, name: str
+) -> Result:
+    """Median over paired runs (run i of each ran back to back) of shadow's downtime ÷
+    device-log's, at one RAM size."""
+    sh, dl = _cells(cells, shadow, memory), _cells(cells, devlog, memory)
+    n = min(len(sh), len(dl))
+    pairs = [
+        (a.downtime_ms, max(b.downtime_ms, 1.0))
+        for a, b in zip(sh[:n], dl[:n], strict=True)
+        if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)
+    ]
+    return _summary(
+        name,
+        paired_ratios([a for a, _ in pairs], [b for _, b in pairs]),
+        "ratio",
+        GOAL_SHADOW_VS_DEVICELOG,
+        {"ram_bytes": parse_ram(memory), "paired_runs": len(pairs)},
+    )
 
 
 # ---- tables -----------------------------------------------------------------------------------
@@ -643,13 +735,14 @@ def cell_table(cells: Sequence[CellRun], params: StrategyBenchParams, memory: st
     for head, _, _ in TABLE_COLUMNS:
         t.add_column(head, justify="right")
     t.add_column("correct", no_wrap=True)
-    for strategy in params.strategies:
+    for strategy in params.labels:
         runs = _cells(cells, strategy, memory)
         good = sum(c.correct for c in runs)
-        verdict = f"{good}/{len(runs)}" + (" (expected ✗)" if strategy == "none" else "")
+        expected_bad = _expected_incorrect(strategy)
+        verdict = f"{good}/{len(runs)}" + (" (expected ✗)" if expected_bad else "")
         style = None
         if good < len(runs):
-            style = "yellow" if strategy == "none" else "red"
+            style = "yellow" if expected_bad else "red"
         t.add_row(
             strategy,
             *[_cell_text(_median_of(runs, attr) * scale) for _, attr, scale in TABLE_COLUMNS],
@@ -679,9 +772,11 @@ def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
+    tracking, disk = split_label(strategy)
     opts = DemoOptions(
         memory=memory,
-        dma_tracking=strategy,
+        dma_tracking=tracking,
+        disk=disk,
         warmup_s=p.warmup_s,
         after_s=p.after_s,
         rate=p.rate,
@@ -711,10 +806,10 @@ def run_cells(
     """Every cell, interleaved; a cell whose demo fails to run is retried once (except `none`,
     whose guest may legitimately break after losing device writes)."""
     cells: list[CellRun] = []
-    total = len(params.memories) * len(params.strategies) * params.runs
+    total = len(params.memories) * len(params.labels) * params.runs
     for i in range(params.runs):
         for memory in params.memories:
-            for strategy in params.strategies:
+            for strategy in params.labels:
                 t0 = time.monotonic()
                 tag = f"{strategy}-{memory}-{i}"
                 progress.step(
@@ -723,7 +818,7 @@ def run_cells(
                     params.runs,
                 )
                 cell = runner(strategy, memory, params, workdir / tag)
-                if cell.error is not None and strategy != "none":
+                if cell.error is not None and not _expected_incorrect(strategy):
                     cell = runner(strategy, memory, params, workdir / f"{tag}-retry")
                 cells.append(cell)
                 if console is not None:
@@ -737,7 +832,7 @@ def run_cells(
 
 
 def _progress_line(c: CellRun, n: int, total: int, took_s: float) -> str:
-    head = f"  [{n}/{total}] {c.strategy:<10} {c.memory:>5} ({took_s:4.0f} s): "
+    head = f"  [{n}/{total}] {c.strategy:<21} {c.memory:>5} ({took_s:4.0f} s): "
     if c.error is not None:
         return head + f"demo failed: {c.error.splitlines()[0] if c.error else ''}"
     return head + (
@@ -756,7 +851,7 @@ def run_strategy_bench(
 ) -> list[Result]:
     console = console or _console()
     console.print(
-        f"  {len(params.strategies)} strategies × {', '.join(params.memories)} × "
+        f"  {len(params.labels)} strategies × {', '.join(params.memories)} × "
         f"{params.runs} run(s), {params.load_text()}, {params.warmup_s:g} s before "
         f"each migration and {params.after_s:g} s after its switchover, "
         f"{params.bandwidth_text()}",
@@ -780,20 +875,30 @@ def _console() -> Console:
 # ---- the data path alone: shadowed vs direct DMA on one guest, no migration ---------------------
 
 
-DATAPATH_RESULTS = (
-    "strategy.shadow.datapath.direct_ops",
-    "strategy.shadow.datapath.shadow_ops",
-    "strategy.shadow.datapath_vs_direct",
-)
+def datapath_names(disk: str = "builtin") -> tuple[str, str, str]:
+    """The data path's result names with the kv log on `disk`."""
+    base = "strategy.shadow" if disk == "builtin" else f"strategy.{disk}.shadow"
+    return (
+        f"{base}.datapath.direct_ops",
+        f"{base}.datapath.shadow_ops",
+        f"{base}.datapath_vs_direct",
+    )
+
+
+DATAPATH_RESULTS = datapath_names()
 
 
 def shadow_datapath(
-    pairs: int, seconds: float, memory: str = "512M", console: Console | None = None
+    pairs: int,
+    seconds: float,
+    memory: str = "512M",
+    console: Console | None = None,
+    disk: str = "builtin",
 ) -> list[Result]:
     """kv ops/s (--max) with direct DMA, then with every device shadowed (`x-shadow-start`),
     alternating `pairs` times on the same guest: the cost of the shadow data path by itself,
     without migration traffic competing for the CPUs. Each pair's ratio is measured back to
-    back; the result is their median."""
+    back; the result is their median. `disk`: the kv log's disk (`KvVmm`)."""
     from ..demo.qmpclient import QmpClient
     from ..load import LoadOptions, run_load
     from .devices import KvVmm
@@ -801,10 +906,10 @@ def shadow_datapath(
     console = console or _console()
     direct: list[float] = []
     shadowed: list[float] = []
-    with KvVmm(memory, qmp=True) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
+    with KvVmm(memory, qmp=True, disk=disk) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))  # warm up
         for k in range(pairs):
-            progress.step("data path: direct, then shadowed DMA", k + 1, pairs)
+            progress.step(f"data path ({disk} disk): direct, then shadowed DMA", k + 1, pairs)
             for mode, into in (("direct", direct), ("shadow", shadowed)):
                 if mode == "shadow":
                     qmp.execute("x-shadow-start")
@@ -817,16 +922,18 @@ def shadow_datapath(
                     raise BenchError(f"kv under {mode} DMA lost {r.lost}, wrong {r.wrong}")
                 into.append(r.ops_per_s)
             console.print(
-                f"  data path: direct {direct[-1]:.0f} ops/s, shadowed {shadowed[-1]:.0f} ops/s",
+                f"  data path ({disk} disk): direct {direct[-1]:.0f} ops/s, "
+                f"shadowed {shadowed[-1]:.0f} ops/s",
                 highlight=False,
             )
     extra = {
         "memory": memory,
+        "disk": disk,
         "seconds": seconds,
         "pairs": pairs,
         "what": "kv --max ops/s, shadowed ÷ direct, same guest, back to back, no migration",
     }
-    direct_name, shadow_name, ratio_name = DATAPATH_RESULTS
+    direct_name, shadow_name, ratio_name = datapath_names(disk)
     return [
         measured(SECTION, direct_name, direct, "ops/s", extra=extra),
         measured(SECTION, shadow_name, shadowed, "ops/s", extra=extra),
@@ -883,9 +990,17 @@ def run(config: BenchConfig) -> list[Result]:
     params, results = with_offered_load(
         StrategyBenchParams.for_config(config), max_rate(3.0 if config.quick else 5.0)
     )
+    if not params.vhost_user:
+        _console().print(
+            "  no vhost-user cells: qemu-storage-daemon is not installed (Debian "
+            "qemu-system-common)",
+            highlight=False,
+        )
     results += run_strategy_bench(params)
+    disks = ["builtin"] + ([VHOST_USER] if "shadow" in params.vhost_user else [])
     try:
-        results += shadow_datapath(params.datapath_pairs, params.datapath_s)
+        for disk in disks:
+            results += shadow_datapath(params.datapath_pairs, params.datapath_s, disk=disk)
     except Exception as e:  # keep the strategy cells: they took minutes
         raise BenchError(f"the data path measurement failed: {e}", partial=results) from e
     return results

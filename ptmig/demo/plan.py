@@ -18,6 +18,9 @@ GUEST_IP = "10.0.0.2/24"
 GUEST_MAC = "52:54:00:12:34:56"
 KV_PORT = 7000
 DISK_SIZE = "64M"
+#: `--disk`: ptmig's own virtio-blk device process, or a qemu-storage-daemon it spawns as the
+#: disk's vhost-user backend
+DISK_BACKENDS = ("builtin", "vhost-user")
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,16 @@ class DemoOptions:
     bench_json: Path | None = None
     run_dir: Path | None = None  # default: a fresh temporary directory, removed afterwards
     live: bool = True  # rich live view when stdout is a terminal
+    disk: str = "builtin"  # one of DISK_BACKENDS
 
     def check(self) -> None:
         if self.dma_tracking not in DMA_TRACKING:
             raise ValueError(
                 f"dma tracking must be one of {', '.join(DMA_TRACKING)}, got {self.dma_tracking!r}"
+            )
+        if self.disk not in DISK_BACKENDS:
+            raise ValueError(
+                f"disk backend must be one of {', '.join(DISK_BACKENDS)}, got {self.disk!r}"
             )
         if self.warmup_s <= 0:
             raise ValueError(f"warm-up must be positive, got {self.warmup_s} s")
@@ -97,8 +105,21 @@ class DemoPlan:
         return self.path("dst.qmp")
 
 
-def config_text(memory: str, backend: str, disk: str, *, switch_auto: bool = False) -> str:
-    """The kv VM: 1 vCPU, a virtio-net on `backend`, a virtio-blk log on `disk`."""
+def config_text(
+    memory: str,
+    backend: str,
+    disk: str,
+    *,
+    switch_auto: bool = False,
+    disk_backend: str = "builtin",
+) -> str:
+    """The kv VM: 1 vCPU, a virtio-net on `backend`, a virtio-blk log on `disk` (served by
+    ptmig's own device, or by a spawned qemu-storage-daemon with `disk_backend` vhost-user)."""
+    disk_lines = (
+        'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
+        if disk_backend == "vhost-user"
+        else 'serial = "ptmig-disk0"\n'
+    )
     switch = (
         '\nswitch = "auto"'
         if switch_auto
@@ -110,22 +131,22 @@ def config_text(memory: str, backend: str, disk: str, *, switch_auto: bool = Fal
         f'[workload]\nname = "kv"\nargs = {{ port = {KV_PORT} }}\n\n'
         f'[[net]]\nid = "net0"\nmac = "{GUEST_MAC}"\nip = "{GUEST_IP}"\n'
         f'backend = "{backend}"{switch}\n\n'
-        f'[[disk]]\nid = "disk0"\npath = "{disk}"\nsize = "{DISK_SIZE}"\n'
-        'serial = "ptmig-disk0"\n'
+        f'[[disk]]\nid = "disk0"\npath = "{disk}"\nsize = "{DISK_SIZE}"\n{disk_lines}'
     )
 
 
 def write_configs(plan: DemoPlan) -> tuple[Path, Path]:
     """The source's and the destination's config (the same file unless TAP needs two)."""
-    disk = "kv.img"
+    disk, opts = "kv.img", plan.opts
     if plan.tap_names is None:
         cfg = plan.path("kv.toml")
-        cfg.write_text(config_text(plan.opts.memory, f"udp:127.0.0.1:{plan.switch_port}", disk))
+        net = f"udp:127.0.0.1:{plan.switch_port}"
+        cfg.write_text(config_text(opts.memory, net, disk, disk_backend=opts.disk))
         plan.files["config"] = cfg
         return cfg, cfg
     src = plan.path("kv-src.toml")
     dst = plan.path("kv-dst.toml")
-    src.write_text(config_text(plan.opts.memory, f"tap:{plan.tap_names[0]}", disk))
-    dst.write_text(config_text(plan.opts.memory, f"tap:{plan.tap_names[1]}", disk))
+    for path, tap in ((src, plan.tap_names[0]), (dst, plan.tap_names[1])):
+        path.write_text(config_text(opts.memory, f"tap:{tap}", disk, disk_backend=opts.disk))
     plan.files["config"] = src
     return src, dst

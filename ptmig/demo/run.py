@@ -367,6 +367,7 @@ def _demo_section(
             "max-bandwidth-mib": opts.max_bandwidth_mib,
             "downtime-limit-ms": opts.downtime_limit_ms,
             "network": "tap" if opts.tap else "udp",
+            "disk": opts.disk,
         },
         "migration-start-s": round(mig.started - t0, 4),
         "phases": [p.to_json() for p in phases],
@@ -402,6 +403,7 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
     opts = plan.opts
     from ..firmware import build_firmware
 
+    _check_disk_backend(opts)
     view.progress.set_phase("building the guest firmware")
     view.update()
     build_firmware()
@@ -516,6 +518,17 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
 
 def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _check_disk_backend(opts: DemoOptions) -> None:
+    """`--disk vhost-user` needs qemu-storage-daemon on this host: say so before anything runs."""
+    from ..devices.vhost_user.daemon import PROGRAM, find_program
+
+    if opts.disk == "vhost-user" and find_program() is None:
+        raise DemoError(
+            f"--disk vhost-user needs {PROGRAM}, which is not installed (Debian package "
+            f"qemu-system-common; make test installs it as root)"
+        )
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:

@@ -38,14 +38,13 @@ class AttachedDevice:
     iommu: IommuTable
     handle: DeviceHandle | VhostUserBlk
     direct_doorbells: bool = True
+    #: A vhost-user device's view of the shadow pool (`ShadowPool.view_base`): its backend
+    #: translates addresses by the memory table alone, so shadowing maps it a view of device
+    #: buffers laid out like guest RAM. None for a device process (its IOMMU domain remaps).
+    view: int | None = None
     #: While shadowed, register writes go through this first; it returns True when it consumed
     #: the write (a trapped doorbell) so the device never sees it directly.
     mmio_hook: Callable[[int, int, int], bool] | None = None
-
-    @property
-    def shadowable(self) -> bool:
-        """Whether the shadow engine can take this device over (not yet a vhost-user one)."""
-        return isinstance(self.handle, DeviceHandle)
 
     @property
     def mmio_base(self) -> int:
@@ -85,6 +84,7 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
 
     vm = machine.vm
     out: list[AttachedDevice] = []
+    views = 0
     try:
         for slot in machine.cfg.devices:
             cfg = slot.config
@@ -106,6 +106,8 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
                 iommu.close()
                 raise
             dev = AttachedDevice(slot.id, slot.kind, slot.index, cfg, iommu, handle)
+            if isinstance(handle, VhostUserBlk):
+                dev.view, views = views, views + 1
             handle.on_event(_forward_events(machine, dev))
             bind_doorbells(machine, dev)
             vm.attach_device(slot.index, dev)

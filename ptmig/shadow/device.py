@@ -136,13 +136,16 @@ class ShadowedDevice:
         dataplane: Dataplane | ReferenceDataplane | None = None,
         *,
         irq_fd: int = -1,
+        view_base: int | None = None,
     ) -> None:
         self.dev = dev
         self.memory = memory
         self._own_dataplane = dataplane is None
         self.dataplane = dataplane if dataplane is not None else Dataplane(memory, pool)
         self.native: DataplaneDevice | ReferenceDevice = self.dataplane.add_device(irq_fd)
-        self.map = ShadowMap(pool, dev.iommu, memory, self.native, invalidate=self._invalidate)
+        self.map = ShadowMap(
+            pool, dev.iommu, memory, self.native, invalidate=self._invalidate, view_base=view_base
+        )
         self.vcpu_buf = VcpuBufferView(memory)
         self.dev_buf = DeviceBufferView(self.map)
         self.queues: dict[int, ShadowQueue] = {}

@@ -18,6 +18,13 @@ sync every completion, restore the identity map, invalidate, set the device's qu
 to match the guest's rings (so requests that were forwarded but not completed are redone from
 the guest's own ring), restore direct doorbells and interrupts, resume. Outside shadow mode
 nothing here runs: zero steady-state overhead.
+
+A vhost-user device has no IOMMU and no exact quiesce of its own: its backend may take avail
+entries without a kick and completes requests it took after GET_VRING_BASE. Entering and leaving
+therefore run with the vCPUs paused for it (a few ms: the rings drain, nothing new is posted),
+and the IOMMU remap is its memory table: after the shadow rings are built, the backend is given
+the device's view of the pool (`ShadowPool.view_base`) in place of guest RAM; leaving gives it
+guest RAM back before its rings restart on the guest's.
 """
 
 from __future__ import annotations
@@ -27,15 +34,20 @@ import os
 import select
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..devices.attach import bind_doorbells
+from ..devices.attach import AttachedDevice, bind_doorbells
+from ..devices.handle import DeviceEvent
+from ..devices.vhost_user.frontend import BackendView, VhostUserBlk
 from ..devices.virtio.constants import (
     REG_CONFIG,
     REG_INTERRUPT_ACK,
     REG_QUEUE_NOTIFY,
     REG_STATUS,
 )
+from ..layout import PAGE_SIZE
 from .device import ShadowedDevice
 from .mapping import IDLE_MAX
 from .native import Dataplane
@@ -70,30 +82,85 @@ class ShadowEngine:
         vm.dirty.add_source(dp.take_dirty)
         with self._lock:
             for dev in self.m.devices:
+                view = self._backend_view(dev)
                 sd = ShadowedDevice(
-                    dev, self.m.shadow_pool, vm.memory, dp, irq_fd=dev.handle.irq_eventfd
+                    dev,
+                    self.m.shadow_pool,
+                    vm.memory,
+                    dp,
+                    irq_fd=dev.handle.irq_eventfd,
+                    view_base=None if dev.view is None else self.m.shadow_pool.view_base(dev.view),
                 )
                 self.devices[dev.id] = sd
-                self._trap(sd)
-                dev.handle.quiesce()
-                kicks = dict(dev.handle.doorbell_eventfds)
-                sd.build(dev.handle.get_state(), sd.vmm_doorbells, kicks)
-                for qi in list(sd.queues):
-                    sd.submit(qi)
-                dev.handle.iotlb_invalidate()
-                sd.map.invalidated()
-                sd.stats.iotlb_invalidations += 1
-                for gpfn in sd.inflight_writable_pages():
-                    vm.memory.mark_dirty(gpfn << 12, 4096)
-                dev.handle.resume()
-                for qi in sd.queues:
-                    dev.handle.kick(qi)
+                if isinstance(dev.handle, VhostUserBlk):  # its events come on a thread of their own
+                    dev.handle.on_event(self._watch(sd))
+                with self._vcpus_paused(view is not None):
+                    self._enter_device(sd, view)
             self.active = True
             self.entered_at = time.monotonic()
         dp.start()
         self._thread = threading.Thread(target=self._loop, name="shadow-engine", daemon=True)
         self._thread.start()
         self._check_broken()
+
+    def _enter_device(self, sd: ShadowedDevice, view: BackendView | None) -> None:
+        dev, vm = sd.dev, self.m.vm
+        self._trap(sd)
+        dev.handle.quiesce()
+        kicks = dict(dev.handle.doorbell_eventfds)
+        sd.build(dev.handle.get_state(), sd.vmm_doorbells, kicks)
+        for qi in list(sd.queues):
+            sd.submit(qi)
+        dev.handle.iotlb_invalidate()
+        sd.map.invalidated()
+        sd.stats.iotlb_invalidations += 1
+        for gpfn in sd.inflight_writable_pages():
+            vm.memory.mark_dirty(gpfn << 12, 4096)
+        if view is not None:
+            assert isinstance(dev.handle, VhostUserBlk)
+            dev.handle.set_backend_view(view)
+        dev.handle.resume()
+        for qi in sd.queues:
+            dev.handle.kick(qi)
+
+    def _backend_view(self, dev: AttachedDevice) -> BackendView | None:
+        """What a vhost-user device's backend sees while shadowed: its view of the pool."""
+        if dev.view is None:
+            return None
+        pool = self.m.shadow_pool
+        offset = pool.view_base(dev.view) * PAGE_SIZE
+        return BackendView(
+            pool.fd, offset, pool.view_pages * PAGE_SIZE, pool.address + offset, pool.mmap
+        )
+
+    @contextmanager
+    def _vcpus_paused(self, needed: bool) -> Iterator[None]:
+        """Keep the guest from posting requests while a vhost-user device's rings are moved
+        (its backend may take entries without a kick). A no-op if the vCPUs are paused."""
+        control = self.m.vm.control
+        pause = needed and not control.pause_requested
+        if pause:
+            control.pause()
+        try:
+            yield
+        finally:
+            if pause:
+                control.resume()
+
+    def _watch(self, sd: ShadowedDevice) -> Any:
+        """A device that dies while shadowed breaks shadowing (the migration fails at once)."""
+
+        def on_event(ev: DeviceEvent) -> None:
+            if ev.name != "gone" or ev.data.get("expected"):
+                return
+            with self._lock:
+                dp = self.dataplane
+                if not self.active or self.devices.get(sd.dev.id) is not sd or dp is None:
+                    return
+                with dp.locked():
+                    sd.fail(f"the device is gone: {ev.data.get('reason')}")
+
+        return on_event
 
     def _trap(self, sd: ShadowedDevice) -> None:
         dev = sd.dev
@@ -203,7 +270,6 @@ class ShadowEngine:
         """Back to direct DMA (after a cancelled or failed migration, or at once when the
         driver reconfigures a device). Idempotent."""
         self._stop_thread()
-        vm = self.m.vm
         with self._lock:
             if not self.active:
                 return
@@ -211,27 +277,34 @@ class ShadowEngine:
                 dev = sd.dev
                 if not dev.handle.alive:
                     continue
-                try:
-                    dev.handle.quiesce()
-                    sd.complete()
-                    vm.wake_guest()
-                    state = dev.handle.get_state()
-                    positions = {sq.index: sq.snapshot() for sq in sd.queues.values()}
-                    for q in state["queues"]:
-                        if q["index"] in positions:
-                            p = positions[q["index"]]
-                            q["next_avail"], q["next_used"] = p.next_avail, p.next_used
-                    sd.release()
-                    dev.iommu.map_identity_ranges(vm.memory.page_ranges(), writable=True)
-                    dev.handle.iotlb_invalidate()
-                    sd.map.invalidated()
-                    dev.handle.set_state(state)
-                finally:
-                    self._untrap(sd)
-                dev.handle.resume()
-                for qi in sd.queues:  # look at the guest's rings now: no doorbell may come
-                    dev.handle.kick(qi)
+                with self._vcpus_paused(dev.view is not None):
+                    self._leave_device(sd)
             self.active = False
+
+    def _leave_device(self, sd: ShadowedDevice) -> None:
+        dev, vm = sd.dev, self.m.vm
+        try:
+            dev.handle.quiesce()
+            sd.complete()
+            vm.wake_guest()
+            state = dev.handle.get_state()
+            positions = {sq.index: sq.snapshot() for sq in sd.queues.values()}
+            for q in state["queues"]:
+                if q["index"] in positions:
+                    p = positions[q["index"]]
+                    q["next_avail"], q["next_used"] = p.next_avail, p.next_used
+            if isinstance(dev.handle, VhostUserBlk) and dev.handle.backend_view is not None:
+                dev.handle.set_backend_view(None)  # guest RAM again before the rings restart
+            sd.release()
+            dev.iommu.map_identity_ranges(vm.memory.page_ranges(), writable=True)
+            dev.handle.iotlb_invalidate()
+            sd.map.invalidated()
+            dev.handle.set_state(state)
+        finally:
+            self._untrap(sd)
+        dev.handle.resume()
+        for qi in sd.queues:  # look at the guest's rings now: no doorbell may come
+            dev.handle.kick(qi)
 
     def finish(self) -> None:
         """The destination runs the guest: this side stops servicing (devices stay quiesced)."""

@@ -57,7 +57,9 @@ class ShadowMap:
     """GPA page → device-buffer page for one device's IOMMU domain.
 
     `invalidate` flushes the device's IOTLB (synchronously); it is used when the pool runs out
-    and idle buffers must be reclaimed on the spot."""
+    and idle buffers must be reclaimed on the spot. `view_base`, for a device that sees the
+    pool through a memory table (see `pool.py`), is the pool page of its view's page 0: guest
+    page g's device buffer is then always view page g."""
 
     def __init__(
         self,
@@ -66,8 +68,10 @@ class ShadowMap:
         memory: GuestMemory,
         table: PageTable,
         invalidate: Callable[[], None] | None = None,
+        view_base: int | None = None,
     ) -> None:
         self.pool = pool
+        self.view_base = view_base
         self.iommu = iommu
         self.memory = memory
         self.invalidate = invalidate
@@ -121,7 +125,7 @@ class ShadowMap:
         pfn = int(self.slot[gpfn])
         c = self.counters
         if pfn < 0:
-            pfn = self._alloc()
+            pfn = self._alloc() if self.view_base is None else self.view_base + gpfn
             self.slot[gpfn] = pfn
             self.stamp[gpfn] = 0  # never used: taking it is not a reuse
             self.iommu.map(gpfn, 1, TARGET_POOL, pfn, read=True, write=True)

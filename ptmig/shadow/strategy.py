@@ -24,12 +24,6 @@ class ShadowTracking:
         self._final_stats: dict[str, Any] | None = None
 
     def begin(self, m: Machine) -> None:
-        unsupported = [d.id for d in m.devices if not d.shadowable]
-        if unsupported:
-            raise ValueError(
-                f"shadow DMA tracking does not support vhost-user devices yet "
-                f"({', '.join(unsupported)}): use device-log or all-dirty"
-            )
         self.engine = ShadowEngine(m)
         m.shadow = self.engine
         self.engine.enter()

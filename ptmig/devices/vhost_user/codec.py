@@ -464,6 +464,12 @@ def _check_flags(flags: int, what: str, *, reply: bool) -> None:
         )
 
 
+def check_request_flags(flags: int, what: str) -> None:
+    """Refuse a request's flags (version, unknown bits, REPLY set) without decoding it (a
+    backend request whose code this frontend does not know is still answered)."""
+    _check_flags(flags, what, reply=False)
+
+
 @dataclass(frozen=True)
 class Expected:
     """The reply the outstanding request waits for: its own reply type, or a u64 ack."""

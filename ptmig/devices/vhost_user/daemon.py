@@ -5,6 +5,11 @@ process, its stderr (forwarded to logging as ``ptmig.vhost.NAME``) and the watch
 when it exits on its own the `on_exit` callback gets a reason that names the exit code or signal,
 just as a device process's death is reported.
 
+A daemon never outlives its VMM: it is started under `setpriv --pdeathsig KILL` (util-linux), so
+the kernel kills it when the VMM dies, even by SIGKILL. The parent-death signal belongs to the
+thread that forked, so every daemon is forked by one thread that lives as long as the process
+(`_Spawner`), never by the short-lived thread that happened to open the disk.
+
 Image locks: the vhost-user-blk export takes only *shared* locks on the image (measured on
 QEMU 7.2), so the source's and the destination's daemons can both open the shared
 image. Only the side that runs the guest writes it: the destination's frontend programs no ring
@@ -15,16 +20,21 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from ..blk import BlkConfig, open_image
 
 PROGRAM = "qemu-storage-daemon"
+#: runs the daemon with a parent-death signal (util-linux, in every Debian install)
+PDEATHSIG_WRAPPER = "setpriv"
 
 
 class StorageDaemonError(Exception):
@@ -55,6 +65,48 @@ def command_line(program: str, image: Path, socket_path: Path, *, readonly: bool
     ]
 
 
+def guarded_command(argv: list[str]) -> list[str]:
+    """`argv` under a wrapper that makes the kernel SIGKILL it when its parent thread dies."""
+    wrapper = shutil.which(PDEATHSIG_WRAPPER)
+    if wrapper is None:
+        raise StorageDaemonError(
+            f"{PDEATHSIG_WRAPPER} (util-linux) is not installed: a daemon started without it "
+            f"would outlive a killed VMM"
+        )
+    return [wrapper, "--pdeathsig", "KILL", "--", *argv]
+
+
+class _Spawner:
+    """The one thread that forks the daemons (their parent-death signal is tied to it), started
+    at first use and alive until the process exits."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[dict[str, Any], Future[subprocess.Popen[bytes]]]]
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def popen(self, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="qsd-spawner", daemon=True)
+                self._thread.start()
+        done: Future[subprocess.Popen[bytes]] = Future()
+        self._jobs.put((kwargs, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            kwargs, done = self._jobs.get()
+            try:
+                done.set_result(subprocess.Popen(**kwargs))
+            except BaseException as exc:  # handed to the caller, who raises it
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
+
+
 class StorageDaemon:
     """One running qemu-storage-daemon exporting one image."""
 
@@ -83,8 +135,8 @@ class StorageDaemon:
         self._log = logging.getLogger(f"ptmig.vhost.{name}")
         socket_path.unlink(missing_ok=True)
         try:
-            self._proc = subprocess.Popen(
-                command_line(found, image, socket_path, readonly=readonly),
+            self._proc = _spawner.popen(
+                args=guarded_command(command_line(found, image, socket_path, readonly=readonly)),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

@@ -27,14 +27,17 @@ get/set state, DMA log, `gone` events), so the machine, the migration strategies
 like any other device. A backend that closes its socket, exits or breaks the protocol is reported
 as a ``gone`` device event and the device is marked DEVICE_NEEDS_RESET; the VMM stays up.
 
-Shadowing (later step; how the design allows it): the memory table is built by `_regions` and
-the ring addresses by `_vring_addr`, both from one `_translate` of a GPA to a (region, user
-address). Shadowing replaces them: stop the rings exactly (`quiesce`), add the shadow pool as a
-second region (ADD_MEM_REG, or SET_MEM_TABLE([guest, pool])), re-program each ring on shadow rings
-in the pool with NUM/BASE/ADDR/KICK/CALL (fresh kick and call eventfds the shadow engine owns),
-then remove the guest region (SET_MEM_TABLE([pool]); REM_MEM_REG of the ring region crashes
-qemu-storage-daemon 7.2). Leaving is the reverse. The register file and the doorbell binding stay
-here; the shadow engine only needs `kick`/`irq` fds it owns and the two table steps.
+Shadowing (`set_backend_view`): the shadow engine stops the rings exactly (`quiesce`, vCPUs paused)
+and hands over a `BackendView`, pool memory laid out like guest RAM (guest page g's device buffer
+at view page g), holding shadow rings it built at the guest's ring addresses. The memory table
+then becomes that view at GPA 0 and nothing of guest RAM: the backend reaches device buffers
+only, at the addresses the guest's descriptors carry. The swap takes two SET_MEM_TABLEs, since
+qemu-storage-daemon 7.2 remaps every ring it was ever given on each table (a table that misses
+one makes it panic) and crashes at the next kick after a REM_MEM_REG of the ring region: first
+[old at GPA 0, new above it], then every ring moved to its address in the new region (NUM, BASE,
+ADDR; no kick, so no request runs under the mixed table), then [new at GPA 0]. `resume` then
+restarts the rings (CALL, KICK) on the fds the engine's data plane waits on and rings. Leaving
+is the same with `None`: back to guest RAM.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -66,6 +70,7 @@ from ..virtio import constants as c
 from ..virtio.mmio import VirtioMmioRegisters
 from ..virtio.queue import QueueState
 from . import codec
+from .backend_channel import BackendChannel
 from .codec import MemRegion, ProtocolFeature, Request
 from .connection import VhostUserConnection, VhostUserError
 from .daemon import StorageDaemon
@@ -83,6 +88,7 @@ CONFIG_BYTES: Final = 60
 BLK_PASSTHROUGH_FEATURES: Final = c.feature_mask(1, 2, 6, 9, 10)  # SIZE_MAX SEG_MAX BLK_SIZE
 #                                                                    FLUSH TOPOLOGY
 WANTED_PROTOCOL: Final = (
+    ProtocolFeature.BACKEND_REQ,
     ProtocolFeature.MQ,
     ProtocolFeature.LOG_SHMFD,
     ProtocolFeature.REPLY_ACK,
@@ -95,6 +101,25 @@ RESET_DRAIN_TIMEOUT: Final = 5.0
 
 def _bit(word: int, bit: int) -> bool:
     return bool(word >> bit & 1)
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """Memory a backend may see in place of guest RAM: `size` bytes of `fd` from `offset`,
+    laid out like guest RAM (GPA g at byte `offset` + g), mapped in this process as `mapping`
+    (the whole of `fd`, at user address `user_addr` - `offset`)."""
+
+    fd: int
+    offset: int
+    size: int
+    user_addr: int
+    mapping: mmap.mmap
+
+    def read_u16(self, gpa: int) -> int:
+        if not 0 <= gpa <= self.size - 2:
+            raise ValueError(f"GPA {gpa:#x} is outside the DMA view of {self.size:#x} bytes")
+        at = self.offset + gpa
+        return int.from_bytes(self.mapping[at : at + 2], "little")
 
 
 class _LogBuffer:
@@ -145,15 +170,20 @@ class VhostUserBlk(Liveness):
         self._closing = False
         self._started: dict[int, QueueState] = {}
         self._bases: dict[int, int] = {}  # stopped queues: where the backend stopped
+        self._rings: dict[int, QueueState] = {}  # every ring the backend was given addresses of
+        self._view: BackendView | None = None  # shadowing: the backend sees this, not guest RAM
         self._logs: list[_LogBuffer] = []
+        self._backend_channel: BackendChannel | None = None
         self._logging = False
-        self.counters = {"queue_starts": 0, "queue_stops": 0, "log_harvests": 0}
+        self.counters = {"queue_starts": 0, "queue_stops": 0, "log_harvests": 0, "table_swaps": 0}
         conn.on_gone = self._backend_gone
         if daemon is not None:
             daemon.on_exit = self._backend_gone
         try:
             self._negotiate()
         except BaseException:
+            if self._backend_channel is not None:
+                self._backend_channel.close()
             self._close_fds()
             raise
         self.regs = VirtioMmioRegisters(
@@ -164,6 +194,7 @@ class VhostUserBlk(Liveness):
         self.regs.on_queue_disable = self._queue_disable
         self.regs.on_reset = self._reset
         self.regs.on_notify = self.kick
+        self.regs.on_interrupt = self._interrupt
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
@@ -229,12 +260,45 @@ class VhostUserBlk(Liveness):
             queues = self._u64(Request.GET_QUEUE_NUM)
             if queues < 1:
                 raise DeviceCommandError(f"vhost-user backend {self.name} has {queues} queues")
+        if _bit(self.protocol_features, ProtocolFeature.BACKEND_REQ):
+            self._open_backend_channel()
         self._call(Request.SET_OWNER)
         self.backend_features = features
         self.device_features = (features & BLK_PASSTHROUGH_FEATURES) | (1 << c.VIRTIO_F_VERSION_1)
         self._call(Request.SET_FEATURES, codec.U64(self._feature_word(0)))
         self.config = self._read_config()
         self._send_memory_table()
+
+    def _open_backend_channel(self) -> None:
+        channel = BackendChannel.pair(
+            self.name,
+            on_config_change=self._config_changed,
+            on_broken=self._backend_gone,
+            reply_ack=self._conn.reply_ack,
+        )
+        self._backend_channel = channel
+        self._call(Request.SET_BACKEND_REQ_FD, None, (channel.backend_fd,))
+        channel.start()
+
+    def _config_changed(self) -> bool:
+        """The backend says its config space changed (backend channel): read it again and
+        tell the guest (new generation, config-change interrupt). False if that failed."""
+        try:
+            fresh = self._read_config()
+        except (DeviceCommandError, DeviceGoneError) as exc:
+            log.warning("device %s: re-reading the changed config failed: %s", self.name, exc)
+            return False
+        with self._lock:
+            self.config[:] = fresh
+            regs: VirtioMmioRegisters | None = getattr(self, "regs", None)  # None: negotiating
+            if regs is not None:
+                regs.config_changed()
+        return True
+
+    def _interrupt(self, _status: int) -> None:
+        """An interrupt the register file raised itself (config change, needs reset): the
+        same MSI as the backend's completions."""
+        eventfd.signal(self.irq_eventfd)
 
     def _read_config(self) -> bytearray:
         reply = self._call(
@@ -248,9 +312,20 @@ class VhostUserBlk(Liveness):
         return bytearray(reply.data)
 
     def _regions(self) -> list[tuple[MemRegion, int]]:
-        """The memory table: guest RAM, one region of the guest memfd (region, fd)."""
+        """The memory table (region, fd): guest RAM, one region of the guest memfd; while
+        shadowed, the DMA view in its place."""
+        view = self._view
+        if view is not None:
+            return [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
         mem = self._memory
         return [(MemRegion(0, mem.size, mem.host_address, 0), mem.fd)]
+
+    def _set_mem_table(self, regions: list[tuple[MemRegion, int]]) -> None:
+        self._call(
+            Request.SET_MEM_TABLE,
+            codec.MemTable(tuple(r for r, _ in regions)),
+            tuple(fd for _, fd in regions),
+        )
 
     def _send_memory_table(self) -> None:
         regions = self._regions()
@@ -264,11 +339,7 @@ class VhostUserBlk(Liveness):
             for region, fd in regions:
                 self._call(Request.ADD_MEM_REG, codec.SingleRegion(region), (fd,))
         else:
-            self._call(
-                Request.SET_MEM_TABLE,
-                codec.MemTable(tuple(r for r, _ in regions)),
-                tuple(fd for _, fd in regions),
-            )
+            self._set_mem_table(regions)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -371,13 +442,19 @@ class VhostUserBlk(Liveness):
             log=qs.used_addr,
         )
 
-    def _start_queue(self, index: int, qs: QueueState, base: int) -> None:
-        """Program and start ring `index` (the backend then takes avail entries from `base`)."""
+    def _place_ring(self, index: int, qs: QueueState, base: int) -> None:
+        """Give the backend ring `index`'s size, base and addresses (in the current table)."""
         addr = self._vring_addr(index, qs)  # validates before anything is sent
-        self._call(Request.SET_FEATURES, codec.U64(self._feature_word(self.regs.driver_features)))
         self._call(Request.SET_VRING_NUM, codec.VringState(index, qs.size))
         self._call(Request.SET_VRING_BASE, codec.VringState(index, base))
         self._call(Request.SET_VRING_ADDR, addr)
+        self._rings[index] = qs
+
+    def _start_queue(self, index: int, qs: QueueState, base: int) -> None:
+        """Program and start ring `index` (the backend then takes avail entries from `base`)."""
+        self._vring_addr(index, qs)  # validates before anything is sent
+        self._call(Request.SET_FEATURES, codec.U64(self._feature_word(self.regs.driver_features)))
+        self._place_ring(index, qs, base)
         # CALL before KICK: a completion without a call fd makes qemu-storage-daemon panic
         self._call(Request.SET_VRING_CALL, codec.U64(index), (self.irq_eventfd,))
         self._call(Request.SET_VRING_KICK, codec.U64(index), (self.doorbell_eventfds[index],))
@@ -403,8 +480,44 @@ class VhostUserBlk(Liveness):
         return reply.num
 
     def _ring_indices(self, qs: QueueState) -> tuple[int, int]:
-        """(avail idx, used idx) as they are in guest RAM now."""
-        return self._memory.read_u16(qs.avail_addr + 2), self._memory.read_u16(qs.used_addr + 2)
+        """(avail idx, used idx) as they are now in the rings the backend reads: guest RAM, or
+        the shadow rings of the DMA view."""
+        mem: BackendView | GuestMemory = self._view if self._view is not None else self._memory
+        return mem.read_u16(qs.avail_addr + 2), mem.read_u16(qs.used_addr + 2)
+
+    # -- shadowing: what the backend's memory table maps ---------------------------------------
+    @property
+    def backend_view(self) -> BackendView | None:
+        return self._view
+
+    def set_backend_view(self, view: BackendView | None) -> None:
+        """Make the backend see `view` instead of guest RAM (None: guest RAM again). The rings
+        must be stopped (`quiesce`); `resume` restarts them in the new memory. A view must be
+        laid out like guest RAM (its rings where the guest's are) and span as much of it."""
+        with self._lock:
+            self._require_alive()
+            if self._started:
+                raise DeviceCommandError(
+                    f"device {self.name}: the memory table changes only with the rings "
+                    f"stopped (quiesce); running: {sorted(self._started)}"
+                )
+            if view is not None and view.size < self._memory.size:
+                raise DeviceCommandError(
+                    f"device {self.name}: a DMA view of {view.size:#x} bytes cannot stand in "
+                    f"for guest RAM of {self._memory.size:#x}"
+                )
+            old = self._regions()[0]
+            self._view = view
+            new = self._regions()[0]
+            above = MemRegion(old[0].size, new[0].size, new[0].user_addr, new[0].mmap_offset)
+            # 1: both (the rings' current addresses stay covered), the new one above the old
+            self._set_mem_table([old, (above, new[1])])
+            # 2: every ring the backend holds moves to its place in the new memory, unkicked
+            for i, qs in sorted(self._rings.items()):
+                self._place_ring(i, qs, self._bases.get(i, 0))
+            # 3: only the new memory, at the guest's addresses
+            self._set_mem_table([new])
+            self.counters["table_swaps"] += 1
 
     def _drain(self, deadline: float) -> dict[int, int]:
         """Wait until every running ring's used idx has caught up with its avail idx; return
@@ -493,10 +606,10 @@ class VhostUserBlk(Liveness):
             self.regs.reset()
 
     def iotlb_invalidate(self, iova_pfn: int | None = None, count: int = 1) -> int:
-        raise DeviceCommandError(
-            f"device {self.name} is a vhost-user device: it has no IOTLB "
-            f"here, and shadowing it is not supported yet"
-        )
+        """Nothing to flush: the backend's only translation is the memory table, which maps
+        guest RAM or the whole DMA view (a device buffer is reachable once its bytes are
+        written there, and a dropped one holds nothing of the guest's)."""
+        return 0
 
     def announce(self) -> None:
         raise DeviceCommandError(f"a blk device ({self.name}) has nothing to announce")
@@ -564,6 +677,7 @@ class VhostUserBlk(Liveness):
             "broken": self.regs.needs_reset_reason,
             "logging": self._logging,
             "running_queues": sorted(self._started),
+            "shadowed": self._view is not None,
         }
 
     # -- death and teardown --------------------------------------------------------------------
@@ -607,6 +721,8 @@ class VhostUserBlk(Liveness):
                 return
             self._closing = True
         self._conn.close()
+        if self._backend_channel is not None:
+            self._backend_channel.close()
         if self._daemon is not None:
             self._daemon.stop(timeout)
             try:
