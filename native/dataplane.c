@@ -91,6 +91,7 @@ enum {
 	ST_PEAK,     /* highest ST_ACTIVE */
 	ST_STALLS,   /* requests that waited for Python to map a page */
 	ST_CLOCK,    /* LRU clock: ticks each time a page becomes idle */
+	ST_MARKED,   /* intercept: guest page pieces marked dirty for a device's direct writes */
 	ST_COUNT
 };
 
@@ -137,13 +138,20 @@ struct dp_dev {
 	uint64_t *stats;  /* ST_* */
 	char *error;      /* [ERROR_LEN]: why shadowing stopped, "" while healthy */
 	int irq_fd;       /* the device's interrupt eventfd */
+	int intercept;    /* data buffers stay in guest RAM: only the rings are shadowed */
 	int nqueues;
 	struct dp_queue queues[MAX_QUEUES];
+};
+
+struct dp_region {
+	uint64_t start, end; /* guest-physical [start, end) */
 };
 
 struct dp_engine {
 	uint8_t *guest;
 	uint64_t guest_size;
+	const struct dp_region *regions; /* guest RAM, ascending; the gaps between are not RAM */
+	int nregions;
 	uint64_t npages;
 	uint8_t *pool;
 	uint64_t pool_pages;
@@ -174,12 +182,16 @@ static void dev_fail(struct dp_dev *d, const char *fmt, ...)
 	fd_signal(d->eng->slow_fd);
 }
 
-/* Guest RAM [gpa, gpa+len), or NULL if any of it is outside. */
+/* Guest RAM [gpa, gpa+len), or NULL unless all of it lies in one RAM region (the gaps
+ * between regions -- the MMIO window below 4 GiB -- are not RAM, though the mapping spans them). */
 static uint8_t *guest_ptr(struct dp_engine *e, uint64_t gpa, uint64_t len)
 {
-	if (gpa > e->guest_size || len > e->guest_size - gpa)
-		return NULL;
-	return e->guest + gpa;
+	for (int i = 0; i < e->nregions; i++) {
+		const struct dp_region *r = &e->regions[i];
+		if (gpa >= r->start && gpa <= r->end && len <= r->end - gpa)
+			return r->end <= e->guest_size ? e->guest + gpa : NULL;
+	}
+	return NULL;
 }
 
 static void mark_dirty(struct dp_engine *e, uint64_t gpa, uint64_t len)
@@ -220,6 +232,30 @@ static int devbuf_copy(struct dp_dev *d, uint64_t iova, uint8_t *mem, uint64_t l
 		len -= n;
 	}
 	return 0;
+}
+
+/* Copy guest bytes [gpa, +len) into the device buffers of their pages.  Shadow mode: every page
+ * has one (-1 otherwise).  Intercept: a page without one is left alone -- the device reaches it
+ * in guest RAM (identity) -- and only pieces on a ring page are copied.  Returns bytes copied. */
+static int64_t copy_in(struct dp_dev *d, uint64_t gpa, uint64_t len)
+{
+	struct dp_engine *e = d->eng;
+	int64_t copied = 0;
+	while (len) {
+		uint64_t n = PAGE_SIZE - (gpa & (PAGE_SIZE - 1));
+		if (n > len)
+			n = len;
+		uint8_t *p = devbuf_ptr(d, gpa);
+		if (p) {
+			memcpy(p, e->guest + gpa, n);
+			copied += (int64_t)n;
+		} else if (!d->intercept) {
+			return -1;
+		}
+		gpa += n;
+		len -= n;
+	}
+	return copied;
 }
 
 static int devbuf_u16(struct dp_dev *d, uint64_t iova, uint16_t *out)
@@ -357,10 +393,10 @@ static int chain_is_shadowed(struct dp_dev *d, const struct desc *c, int n)
 static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avail_index)
 {
 	struct dp_dev *d = q->dev;
-	struct dp_engine *e = d->eng;
 	const struct desc *c = q->scratch;
 	uint64_t wlen = 0;
-	chain_pages(d, c, n, page_get);
+	if (!d->intercept)
+		chain_pages(d, c, n, page_get);
 	for (int i = 0; i < n; i++) {
 		uint8_t raw[16];
 		int last = i == n - 1;
@@ -374,12 +410,13 @@ static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avai
 			goto unmapped;
 		/* Readable bytes for the device; writable ones as the guest's buffer holds them, so
 		 * that copying the whole area back leaves unwritten bytes as they were. */
-		if (devbuf_copy(d, c[i].addr, e->guest + c[i].addr, c[i].len, 1) < 0)
+		int64_t copied = copy_in(d, c[i].addr, c[i].len);
+		if (copied < 0)
 			goto unmapped;
 		if (c[i].flags & DESC_F_WRITE)
 			wlen += c[i].len;
 		else
-			d->stats[ST_BYTES_TO_DEVICE] += c[i].len;
+			d->stats[ST_BYTES_TO_DEVICE] += (uint64_t)copied;
 		q->rec[c[i].index] = (struct rec){c[i].addr, c[i].len, flags, next, (int32_t)head, 0};
 	}
 	q->rec[head].wlen = (uint32_t)wlen; /* <= MAX_CHAIN_BYTES */
@@ -393,7 +430,8 @@ static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avai
 unmapped:
 	for (int i = 0; i < n; i++)
 		q->rec[c[i].index].owner = -1;
-	chain_pages(d, c, n, page_put);
+	if (!d->intercept)
+		chain_pages(d, c, n, page_put);
 	dev_fail(d, "queue %d: the shadow ring is not in device buffers", q->qindex);
 	return -1;
 }
@@ -444,7 +482,7 @@ static int forward_queue(struct dp_queue *q)
 		int n = walk_guest_chain(q, head);
 		if (n < 0)
 			return -1;
-		if (!chain_is_shadowed(d, q->scratch, n)) {
+		if (!d->intercept && !chain_is_shadowed(d, q->scratch, n)) {
 			q->pos[Q_STALLED] = 1;
 			d->stats[ST_STALLS]++;
 			fd_signal(e->slow_fd);
@@ -486,7 +524,9 @@ static int recorded_chain(struct dp_queue *q, uint32_t head)
 }
 
 /* Copy a writable descriptor's device buffer back into guest RAM, only the page pieces whose
- * bytes differ; each piece copied marks its page dirty.  Returns bytes copied, or -1. */
+ * bytes differ; each piece copied marks its page dirty.  Intercept: a piece with no device
+ * buffer was the device's to write in guest RAM directly, so its page is marked dirty whole,
+ * whatever used.len says.  Returns bytes copied, or -1. */
 static int64_t sync_back(struct dp_dev *d, uint64_t gpa, uint64_t len)
 {
 	struct dp_engine *e = d->eng;
@@ -496,9 +536,12 @@ static int64_t sync_back(struct dp_dev *d, uint64_t gpa, uint64_t len)
 		if (n > len)
 			n = len;
 		uint8_t *src = devbuf_ptr(d, gpa);
-		if (!src)
+		if (!src && !d->intercept)
 			return -1;
-		if (memcmp(e->guest + gpa, src, n)) {
+		if (!src) {
+			mark_dirty(e, gpa, n);
+			d->stats[ST_MARKED]++;
+		} else if (memcmp(e->guest + gpa, src, n)) {
 			memcpy(e->guest + gpa, src, n);
 			mark_dirty(e, gpa, n);
 			copied += (int64_t)n;
@@ -546,7 +589,8 @@ static int complete_one(struct dp_queue *q, uint16_t at, uint32_t head, uint32_t
 	uint32_t out[2] = {head, len};
 	memcpy(g, out, 8);
 	mark_dirty(e, elem_gpa, 8);
-	chain_pages(d, q->scratch, n, page_put);
+	if (!d->intercept)
+		chain_pages(d, q->scratch, n, page_put);
 	for (int k = 0; k < n; k++)
 		q->rec[q->scratch[k].index].owner = -1;
 	q->head_avail[head] = -1;
@@ -696,15 +740,20 @@ static void *run(void *arg)
 
 /* ---- the interface (ptmig/shadow/native.py) --------------------------------------------- */
 
-struct dp_engine *dp_engine_new(uint8_t *guest, uint64_t guest_size, uint8_t *pool,
+struct dp_engine *dp_engine_new(uint8_t *guest, uint64_t guest_size,
+				const struct dp_region *regions, int nregions, uint8_t *pool,
 				uint64_t pool_pages, uint64_t *dirty, int guest_wake_fd, int slow_fd,
 				uint32_t idle_limit)
 {
+	if (nregions <= 0)
+		return NULL;
 	struct dp_engine *e = calloc(1, sizeof(*e));
 	if (!e)
 		return NULL;
 	e->guest = guest;
 	e->guest_size = guest_size;
+	e->regions = regions;
+	e->nregions = nregions;
 	e->npages = guest_size >> PAGE_SHIFT;
 	e->pool = pool;
 	e->pool_pages = pool_pages;
@@ -731,7 +780,7 @@ fail:
 }
 
 struct dp_dev *dp_dev_add(struct dp_engine *e, int32_t *slot, int32_t *refs, uint32_t *stamp,
-			  uint64_t *stats, char *error, int irq_fd)
+			  uint64_t *stats, char *error, int irq_fd, int intercept)
 {
 	if (e->ndevs >= MAX_DEVICES)
 		return NULL;
@@ -739,7 +788,7 @@ struct dp_dev *dp_dev_add(struct dp_engine *e, int32_t *slot, int32_t *refs, uin
 	if (!d)
 		return NULL;
 	*d = (struct dp_dev){.eng = e, .slot = slot, .refs = refs, .stamp = stamp, .stats = stats,
-			     .error = error, .irq_fd = irq_fd};
+			     .error = error, .irq_fd = irq_fd, .intercept = intercept != 0};
 	if (irq_fd >= 0) {
 		struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(d, TAG_DEV)};
 		if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, irq_fd, &ev) < 0) {
