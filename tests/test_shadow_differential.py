@@ -165,6 +165,7 @@ class Rig:
         self.direct = self._world(direct_mem, workdir, "direct", None)
         self.shadow = self._world(shadow_mem, workdir, "shadow", self.pool)
         dp = ReferenceDataplane(shadow_mem, self.pool) if path == "reference" else None
+        self.reference = dp
         self.sd = ShadowedDevice(
             Attached(kind, self.shadow.iommu, IotlbHandle(self.shadow.dma)),
             self.pool,
@@ -211,10 +212,13 @@ class Rig:
 
     def close(self) -> None:
         self.sd.close()
+        if self.reference is not None:
+            self.reference.close()
         for w in (self.direct, self.shadow):
             w.model.close()
             w.dma.close()
             w.iommu.close()
+            w.mem.close()  # (its memfd: a module of examples would run out of fds)
         self.pool.close()
 
     # --- one step ------------------------------------------------------------------------

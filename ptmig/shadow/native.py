@@ -81,7 +81,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 def library() -> ctypes.CDLL:
     """The loaded data plane (built on first use). ctypes releases the GIL around each call."""
     try:
-        lib = load_library((SOURCE,), _SIGNATURES, ("worker.h",))
+        lib = load_library((SOURCE, "virtq.c"), _SIGNATURES, ("chain.h", "virtq.h", "worker.h"))
     except NativeLibraryError as e:
         raise DataplaneError(f"the shadow data plane is unavailable: {e}") from e
     check_layout(lib)
