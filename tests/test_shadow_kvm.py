@@ -206,7 +206,8 @@ def _back_to_back(tmp_path: Path, tracking: str, n: int) -> list[dict]:
             v.kill()
 
 
-def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path, tracking: str) -> None:
     cfg = kv_config(tmp_path, memory="64M")
     src = Vmm(tmp_path, "src", cfg)
     port = free_port(kind=1)
@@ -219,7 +220,7 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
         # 4 KiB/s, one page a second: round 0 (tens of non-zero pages at the least) lasts far
         # longer than it takes the load's requests to go through the shadow rings; cancel as
         # soon as they do
-        src.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow", "max-bandwidth": 4096})
+        src.cmd("migrate-set-parameters", {"x-dma-tracking": tracking, "max-bandwidth": 4096})
         src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         deadline = time.monotonic() + 30
         while True:
@@ -246,11 +247,12 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
         dst.kill()
 
 
-def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path, tracking: str) -> None:
     m, cfg_path = _boot(tmp_path)
     vm = m.vm
     try:
-        strategy = ShadowTracking()
+        strategy = make_tracking(tracking)
         strategy.begin(m)
         assert strategy.engine is not None
         net = strategy.engine.devices["net0"]

@@ -20,6 +20,7 @@ from ptmig.memory import GuestMemory
 from ptmig.shadow.device import ShadowedDevice
 from ptmig.shadow.pool import ShadowPool
 from ptmig.shadow.reference import ReferenceDataplane
+from ptmig.shadow.strategy import make_tracking
 
 MEM = 4 << 20
 RING_BASE = 0x10000
@@ -197,3 +198,27 @@ def test_interception_log_names_inflight_requests_in_order(rig) -> None:
     assert [r["head"] for r in q["inflight"]] == heads
     assert [r["avail_index"] for r in q["inflight"]] == [0, 1, 2]
     assert q["next_avail"] == 0 and q["next_used"] == 0
+
+
+def test_the_software_strategies_are_made_by_name_and_unknown_ones_refused() -> None:
+    from ptmig.migration.strategies import make_strategy
+
+    assert make_strategy("intercept").name == "intercept"
+    assert make_strategy("shadow").name == "shadow"
+    with pytest.raises(ValueError, match="'copy' is not a software DMA tracking strategy"):
+        make_tracking("copy")
+
+
+@pytest.mark.parametrize("name", ["shadow", "intercept"])
+def test_a_vhost_user_device_is_refused_before_anything_is_shadowed(name: str) -> None:
+    """The vhost-user backend's memory table covers guest RAM, but its rings are not yet
+    moved into the pool: both software strategies refuse such a device up front, naming it,
+    and the machine is left untouched (no engine)."""
+    from types import SimpleNamespace
+
+    machine = SimpleNamespace(devices=[SimpleNamespace(id="vhost0", shadowable=False)])
+    machine.shadow = None
+    tracking = make_tracking(name)
+    with pytest.raises(ValueError, match=f"{name} DMA tracking does not support .*vhost0"):
+        tracking.begin(machine)  # type: ignore[arg-type]
+    assert machine.shadow is None and tracking.engine is None
