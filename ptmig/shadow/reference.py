@@ -13,6 +13,12 @@ the device's page table and counters):
             differ, each marked dirty), write the element with the device's len, then the used
             idx.
 
+A device added with `intercept` follows the intercept rules of the native one: only pages
+with a device buffer (the rings') are copied, a chain never stalls, no page references are
+taken, and a completion marks every page piece of the writable buffers that has no device
+buffer dirty (the device wrote it in guest RAM) instead of copying it back. Guest addresses
+must lie in one RAM region (`GuestMemory.check`), never in the gap between regions.
+
 It has no thread: `ShadowedDevice.submit` and `complete` drive it. Slow and plain on purpose --
 every step is written out so that a reader can check the native code against it, and the
 differential tests run both on identical inputs and compare guest memory byte for byte.
