@@ -7,10 +7,12 @@
  * pool page, the IOMMU, IOTLB invalidations, entering and leaving -- in Python.  This file does
  * only the part that runs for every request, without the interpreter:
  *
- *   forward:  read the guest's avail ring, walk and validate each chain (the same rules as
- *             ptmig/devices/virtio/queue.py: bounded length, no loops, known flags, no INDIRECT,
- *             non-zero lengths, readable before writable, inside guest RAM, no descriptor of
- *             a request still in flight), keep a private record of it, re-encode it into the
+ *   forward:  read the guest's avail ring, walk and validate each chain (the walker the
+ *             device paths use, virtq.c / chain.h, reading descriptors by guest-physical
+ *             address: bounded length, no loops, known flags, no INDIRECT, non-zero lengths,
+ *             readable before writable; and here: inside one RAM region -- never the gap
+ *             between regions --, no descriptor of a request still in flight), keep a
+ *             private record of it, re-encode it into the
  *             shadow table, copy every byte of the chain into the device buffers (readable
  *             bytes for the device, writable ones so the device starts from what the guest's
  *             buffer holds), publish the head, kick the device.
@@ -34,6 +36,16 @@
  * a len larger than the writable area, more completions than requests -- marks the device
  * broken, and guest memory outside the request's own buffers and its used element is never
  * written.
+ *
+ * Intercept mode (a device added with `intercept`, x-dma-tracking intercept): only the rings
+ * have device buffers; the data buffers stay mapped to guest RAM and the device DMAs into them
+ * directly.  Forwarding is the same but copies nothing except pieces of buffers that lie on a
+ * ring page (those have a device buffer, and are handled as in shadow mode), and never stalls;
+ * a completion copies nothing back and instead marks every page of every device-writable
+ * buffer of the request dirty -- the whole writable area, for the same used.len reason as
+ * above -- before the used element and idx are published to the guest.  No page references
+ * are taken for data pages (they have no device buffer).  The switchover's extra step (mark
+ * the writable pages of requests still in flight) is Python's (ptmig/shadow/engine.py).
  *
  * A request touching a guest page that has no device buffer yet stops its queue ("stalled"):
  * the thread signals `slow_fd`, Python maps the pages (and flushes the device's IOTLB), then
@@ -61,6 +73,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "chain.h"
 #include "worker.h"
 
 #define PAGE_SHIFT 12
@@ -68,9 +81,6 @@
 
 #define DESC_F_NEXT 1u
 #define DESC_F_WRITE 2u
-#define DESC_F_INDIRECT 4u
-#define DESC_F_KNOWN (DESC_F_NEXT | DESC_F_WRITE | DESC_F_INDIRECT)
-#define MAX_CHAIN_BYTES (64ull << 20) /* queue.py DEFAULT_MAX_TOTAL_LEN */
 
 #define MAX_DEVICES 16
 #define MAX_QUEUES 8
@@ -91,18 +101,12 @@ enum {
 	ST_PEAK,     /* highest ST_ACTIVE */
 	ST_STALLS,   /* requests that waited for Python to map a page */
 	ST_CLOCK,    /* LRU clock: ticks each time a page becomes idle */
+	ST_MARKED,   /* intercept: guest page pieces marked dirty for a device's direct writes */
 	ST_COUNT
 };
 
 /* Per-queue positions (a Python-owned int64 array). */
 enum { Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT, Q_COUNT };
-
-struct desc {
-	uint64_t addr;
-	uint32_t len;
-	uint16_t flags; /* DESC_F_WRITE only: re-encoded links are our own */
-	uint16_t index;
-};
 
 /* The private record of one forwarded descriptor (a Python-owned array indexed like the
  * descriptor table; layout mirrored in ptmig/shadow/native.py REC_DTYPE, checked at load). */
@@ -123,7 +127,8 @@ struct dp_queue {
 	int64_t *pos;          /* Q_* */
 	int32_t *head_avail;   /* [size]: avail index of the in-flight request with this head, or -1 */
 	struct rec *rec;       /* [size]: every in-flight chain as forwarded (never device memory) */
-	struct desc *scratch;  /* [size]: one chain being forwarded */
+	struct vq_desc *scratch;  /* [size]: one chain being forwarded or completed */
+	uint16_t *scratch_index;  /* [size]: the descriptor index of each (links are our own) */
 	int doorbell_fd;       /* the VMM's eventfd bound to the guest's QueueNotify */
 	int kick_fd;           /* the device's doorbell */
 	int pending;           /* a doorbell arrived: look at the avail ring */
@@ -137,13 +142,20 @@ struct dp_dev {
 	uint64_t *stats;  /* ST_* */
 	char *error;      /* [ERROR_LEN]: why shadowing stopped, "" while healthy */
 	int irq_fd;       /* the device's interrupt eventfd */
+	int intercept;    /* data buffers stay in guest RAM: only the rings are shadowed */
 	int nqueues;
 	struct dp_queue queues[MAX_QUEUES];
+};
+
+struct dp_region {
+	uint64_t start, end; /* guest-physical [start, end) */
 };
 
 struct dp_engine {
 	uint8_t *guest;
 	uint64_t guest_size;
+	const struct dp_region *regions; /* guest RAM, ascending; the gaps between are not RAM */
+	int nregions;
 	uint64_t npages;
 	uint8_t *pool;
 	uint64_t pool_pages;
@@ -174,12 +186,16 @@ static void dev_fail(struct dp_dev *d, const char *fmt, ...)
 	fd_signal(d->eng->slow_fd);
 }
 
-/* Guest RAM [gpa, gpa+len), or NULL if any of it is outside. */
+/* Guest RAM [gpa, gpa+len), or NULL unless all of it lies in one RAM region (the gaps
+ * between regions -- the MMIO window below 4 GiB -- are not RAM, though the mapping spans them). */
 static uint8_t *guest_ptr(struct dp_engine *e, uint64_t gpa, uint64_t len)
 {
-	if (gpa > e->guest_size || len > e->guest_size - gpa)
-		return NULL;
-	return e->guest + gpa;
+	for (int i = 0; i < e->nregions; i++) {
+		const struct dp_region *r = &e->regions[i];
+		if (gpa >= r->start && gpa <= r->end && len <= r->end - gpa)
+			return r->end <= e->guest_size ? e->guest + gpa : NULL;
+	}
+	return NULL;
 }
 
 static void mark_dirty(struct dp_engine *e, uint64_t gpa, uint64_t len)
@@ -222,6 +238,30 @@ static int devbuf_copy(struct dp_dev *d, uint64_t iova, uint8_t *mem, uint64_t l
 	return 0;
 }
 
+/* Copy guest bytes [gpa, +len) into the device buffers of their pages.  Shadow mode: every page
+ * has one (-1 otherwise).  Intercept: a page without one is left alone -- the device reaches it
+ * in guest RAM (identity) -- and only pieces on a ring page are copied.  Returns bytes copied. */
+static int64_t copy_in(struct dp_dev *d, uint64_t gpa, uint64_t len)
+{
+	struct dp_engine *e = d->eng;
+	int64_t copied = 0;
+	while (len) {
+		uint64_t n = PAGE_SIZE - (gpa & (PAGE_SIZE - 1));
+		if (n > len)
+			n = len;
+		uint8_t *p = devbuf_ptr(d, gpa);
+		if (p) {
+			memcpy(p, e->guest + gpa, n);
+			copied += (int64_t)n;
+		} else if (!d->intercept) {
+			return -1;
+		}
+		gpa += n;
+		len -= n;
+	}
+	return copied;
+}
+
 static int devbuf_u16(struct dp_dev *d, uint64_t iova, uint16_t *out)
 {
 	return devbuf_copy(d, iova, (uint8_t *)out, 2, 0);
@@ -252,7 +292,7 @@ static void page_put(struct dp_dev *d, uint64_t pfn)
 }
 
 /* Apply `fn` to every guest page the descriptors touch. */
-static void chain_pages(struct dp_dev *d, const struct desc *c, int n,
+static void chain_pages(struct dp_dev *d, const struct vq_desc *c, int n,
 			void (*fn)(struct dp_dev *, uint64_t))
 {
 	for (int i = 0; i < n; i++)
@@ -263,86 +303,60 @@ static void chain_pages(struct dp_dev *d, const struct desc *c, int n,
 
 /* ---- forwarding ------------------------------------------------------------------------- */
 
+/* The guest's chain at `head`, read by guest-physical address (the shared walker, chain.h,
+ * applies the common rules): every descriptor and buffer inside one RAM region, and no
+ * descriptor of a request still in flight. */
+static int gpa_read_desc(void *ctx, uint32_t index, uint8_t raw[16])
+{
+	struct dp_queue *q = ctx;
+	uint64_t gpa = q->desc_addr + 16ull * index;
+	uint8_t *p = guest_ptr(q->dev->eng, gpa, 16);
+	if (!p) {
+		dev_fail(q->dev, "queue %d: descriptor %u at %#llx is outside guest RAM", q->qindex,
+			 index, (unsigned long long)gpa);
+		return -1;
+	}
+	memcpy(raw, p, 16);
+	return 0;
+}
+
+static int gpa_accept(void *ctx, uint16_t head, uint32_t n, uint32_t index,
+		      const struct vq_desc *d)
+{
+	struct dp_queue *q = ctx;
+	if (!guest_ptr(q->dev->eng, d->addr, d->len)) {
+		dev_fail(q->dev, "queue %d: descriptor %u (chain head %u) buffer %#llx+%u is outside "
+			 "guest RAM", q->qindex, index, head, (unsigned long long)d->addr, d->len);
+		return -1;
+	}
+	if (q->rec[index].owner >= 0) {
+		dev_fail(q->dev, "queue %d: descriptor %u (chain head %u) belongs to the request at "
+			 "head %d, still in flight", q->qindex, index, head, q->rec[index].owner);
+		return -1;
+	}
+	q->scratch_index[n] = (uint16_t)index;
+	return 0;
+}
+
+static int gpa_walk_fail(void *ctx, const char *fmt, va_list ap)
+{
+	struct dp_queue *q = ctx;
+	char why[ERROR_LEN];
+	vsnprintf(why, sizeof(why), fmt, ap);
+	dev_fail(q->dev, "queue %d: %s", q->qindex, why);
+	return -1;
+}
+
 /* Walk and validate the guest's chain at `head` into q->scratch. Returns its length, or -1
  * (device marked broken). */
 static int walk_guest_chain(struct dp_queue *q, uint32_t head)
 {
-	struct dp_dev *d = q->dev;
-	struct dp_engine *e = d->eng;
-	uint64_t total = 0;
-	int seen_writable = 0;
-	uint32_t index = head;
-	for (uint32_t n = 0;; n++) {
-		if (n >= q->size) {
-			dev_fail(d, "queue %d: chain at head %u is longer than %u descriptors (a loop "
-				 "in the next links?)", q->qindex, head, q->size);
-			return -1;
-		}
-		uint8_t *raw = guest_ptr(e, q->desc_addr + 16ull * index, 16);
-		if (!raw) {
-			dev_fail(d, "queue %d: descriptor %u at %#llx is outside guest RAM", q->qindex,
-				 index, (unsigned long long)(q->desc_addr + 16ull * index));
-			return -1;
-		}
-		uint64_t addr;
-		uint32_t len;
-		uint16_t flags, next;
-		memcpy(&addr, raw, 8);
-		memcpy(&len, raw + 8, 4);
-		memcpy(&flags, raw + 12, 2);
-		memcpy(&next, raw + 14, 2);
-		if (flags & ~DESC_F_KNOWN) {
-			dev_fail(d, "queue %d: descriptor %u (chain head %u) flags=%#x has reserved "
-				 "bits set", q->qindex, index, head, flags);
-			return -1;
-		}
-		if (flags & DESC_F_INDIRECT) {
-			dev_fail(d, "queue %d: descriptor %u (chain head %u) is INDIRECT but "
-				 "VIRTIO_F_INDIRECT_DESC was not negotiated", q->qindex, index, head);
-			return -1;
-		}
-		if (len == 0) {
-			dev_fail(d, "queue %d: descriptor %u (chain head %u) has length 0",
-				 q->qindex, index, head);
-			return -1;
-		}
-		if (!guest_ptr(e, addr, len)) {
-			dev_fail(d, "queue %d: descriptor %u (chain head %u) buffer %#llx+%u is outside "
-				 "guest RAM", q->qindex, index, head, (unsigned long long)addr, len);
-			return -1;
-		}
-		total += len;
-		if (total > MAX_CHAIN_BYTES) {
-			dev_fail(d, "queue %d: chain at head %u describes more than %llu bytes",
-				 q->qindex, head, (unsigned long long)MAX_CHAIN_BYTES);
-			return -1;
-		}
-		if (q->rec[index].owner >= 0) {
-			dev_fail(d, "queue %d: descriptor %u (chain head %u) belongs to the request at "
-				 "head %d, still in flight", q->qindex, index, head, q->rec[index].owner);
-			return -1;
-		}
-		int writable = (flags & DESC_F_WRITE) != 0;
-		if (seen_writable && !writable) {
-			dev_fail(d, "queue %d: descriptor %u (chain head %u) is device-readable after a "
-				 "device-writable descriptor", q->qindex, index, head);
-			return -1;
-		}
-		seen_writable |= writable;
-		q->scratch[n] = (struct desc){addr, len, (uint16_t)(flags & DESC_F_WRITE),
-					      (uint16_t)index};
-		if (!(flags & DESC_F_NEXT))
-			return (int)n + 1;
-		if (next >= q->size) {
-			dev_fail(d, "queue %d: descriptor %u next=%u out of range for queue size %u "
-				 "(chain head %u)", q->qindex, index, next, q->size, head);
-			return -1;
-		}
-		index = next;
-	}
+	struct chain_walker w = {.ctx = q, .size = q->size, .read_desc = gpa_read_desc,
+				 .accept = gpa_accept, .fail = gpa_walk_fail};
+	return vq_walk_chain(&w, (uint16_t)head, q->scratch);
 }
 
-static int chain_is_shadowed(struct dp_dev *d, const struct desc *c, int n)
+static int chain_is_shadowed(struct dp_dev *d, const struct vq_desc *c, int n)
 {
 	for (int i = 0; i < n; i++)
 		for (uint64_t p = c[i].addr >> PAGE_SHIFT;
@@ -357,30 +371,32 @@ static int chain_is_shadowed(struct dp_dev *d, const struct desc *c, int n)
 static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avail_index)
 {
 	struct dp_dev *d = q->dev;
-	struct dp_engine *e = d->eng;
-	const struct desc *c = q->scratch;
+	const struct vq_desc *c = q->scratch;
+	const uint16_t *ix = q->scratch_index;
 	uint64_t wlen = 0;
-	chain_pages(d, c, n, page_get);
+	if (!d->intercept)
+		chain_pages(d, c, n, page_get);
 	for (int i = 0; i < n; i++) {
 		uint8_t raw[16];
 		int last = i == n - 1;
-		uint16_t flags = (uint16_t)((last ? 0 : DESC_F_NEXT) | c[i].flags);
-		uint16_t next = last ? 0 : c[i + 1].index;
+		uint16_t flags = (uint16_t)((last ? 0 : DESC_F_NEXT) | (c[i].writable ? DESC_F_WRITE : 0));
+		uint16_t next = last ? 0 : ix[i + 1];
 		memcpy(raw, &c[i].addr, 8);
 		memcpy(raw + 8, &c[i].len, 4);
 		memcpy(raw + 12, &flags, 2);
 		memcpy(raw + 14, &next, 2);
-		if (devbuf_copy(d, q->desc_addr + 16ull * c[i].index, raw, 16, 1) < 0)
+		if (devbuf_copy(d, q->desc_addr + 16ull * ix[i], raw, 16, 1) < 0)
 			goto unmapped;
 		/* Readable bytes for the device; writable ones as the guest's buffer holds them, so
 		 * that copying the whole area back leaves unwritten bytes as they were. */
-		if (devbuf_copy(d, c[i].addr, e->guest + c[i].addr, c[i].len, 1) < 0)
+		int64_t copied = copy_in(d, c[i].addr, c[i].len);
+		if (copied < 0)
 			goto unmapped;
-		if (c[i].flags & DESC_F_WRITE)
+		if (c[i].writable)
 			wlen += c[i].len;
 		else
-			d->stats[ST_BYTES_TO_DEVICE] += c[i].len;
-		q->rec[c[i].index] = (struct rec){c[i].addr, c[i].len, flags, next, (int32_t)head, 0};
+			d->stats[ST_BYTES_TO_DEVICE] += (uint64_t)copied;
+		q->rec[ix[i]] = (struct rec){c[i].addr, c[i].len, flags, next, (int32_t)head, 0};
 	}
 	q->rec[head].wlen = (uint32_t)wlen; /* <= MAX_CHAIN_BYTES */
 	uint16_t h = (uint16_t)head;
@@ -392,8 +408,9 @@ static int forward_chain(struct dp_queue *q, uint32_t head, int n, uint16_t avai
 	return 0;
 unmapped:
 	for (int i = 0; i < n; i++)
-		q->rec[c[i].index].owner = -1;
-	chain_pages(d, c, n, page_put);
+		q->rec[ix[i]].owner = -1;
+	if (!d->intercept)
+		chain_pages(d, c, n, page_put);
 	dev_fail(d, "queue %d: the shadow ring is not in device buffers", q->qindex);
 	return -1;
 }
@@ -444,7 +461,7 @@ static int forward_queue(struct dp_queue *q)
 		int n = walk_guest_chain(q, head);
 		if (n < 0)
 			return -1;
-		if (!chain_is_shadowed(d, q->scratch, n)) {
+		if (!d->intercept && !chain_is_shadowed(d, q->scratch, n)) {
 			q->pos[Q_STALLED] = 1;
 			d->stats[ST_STALLS]++;
 			fd_signal(e->slow_fd);
@@ -476,8 +493,8 @@ static int recorded_chain(struct dp_queue *q, uint32_t head)
 	uint32_t index = head;
 	for (uint32_t n = 0; n < q->size; n++) {
 		const struct rec *r = &q->rec[index];
-		q->scratch[n] = (struct desc){r->addr, r->len, (uint16_t)(r->flags & DESC_F_WRITE),
-					      (uint16_t)index};
+		q->scratch[n] = (struct vq_desc){r->addr, r->len, (r->flags & DESC_F_WRITE) != 0};
+		q->scratch_index[n] = (uint16_t)index;
 		if (!(r->flags & DESC_F_NEXT) || r->next >= q->size)
 			return (int)n + 1;
 		index = r->next;
@@ -486,7 +503,9 @@ static int recorded_chain(struct dp_queue *q, uint32_t head)
 }
 
 /* Copy a writable descriptor's device buffer back into guest RAM, only the page pieces whose
- * bytes differ; each piece copied marks its page dirty.  Returns bytes copied, or -1. */
+ * bytes differ; each piece copied marks its page dirty.  Intercept: a piece with no device
+ * buffer was the device's to write in guest RAM directly, so its page is marked dirty whole,
+ * whatever used.len says.  Returns bytes copied, or -1. */
 static int64_t sync_back(struct dp_dev *d, uint64_t gpa, uint64_t len)
 {
 	struct dp_engine *e = d->eng;
@@ -496,9 +515,12 @@ static int64_t sync_back(struct dp_dev *d, uint64_t gpa, uint64_t len)
 		if (n > len)
 			n = len;
 		uint8_t *src = devbuf_ptr(d, gpa);
-		if (!src)
+		if (!src && !d->intercept)
 			return -1;
-		if (memcmp(e->guest + gpa, src, n)) {
+		if (!src) {
+			mark_dirty(e, gpa, n);
+			d->stats[ST_MARKED]++;
+		} else if (memcmp(e->guest + gpa, src, n)) {
 			memcpy(e->guest + gpa, src, n);
 			mark_dirty(e, gpa, n);
 			copied += (int64_t)n;
@@ -534,7 +556,7 @@ static int complete_one(struct dp_queue *q, uint16_t at, uint32_t head, uint32_t
 	}
 	int n = recorded_chain(q, head);
 	for (int k = 0; k < n; k++) {
-		if (!(q->scratch[k].flags & DESC_F_WRITE))
+		if (!q->scratch[k].writable)
 			continue;
 		int64_t m = sync_back(d, q->scratch[k].addr, q->scratch[k].len);
 		if (m < 0) {
@@ -546,9 +568,10 @@ static int complete_one(struct dp_queue *q, uint16_t at, uint32_t head, uint32_t
 	uint32_t out[2] = {head, len};
 	memcpy(g, out, 8);
 	mark_dirty(e, elem_gpa, 8);
-	chain_pages(d, q->scratch, n, page_put);
+	if (!d->intercept)
+		chain_pages(d, q->scratch, n, page_put);
 	for (int k = 0; k < n; k++)
-		q->rec[q->scratch[k].index].owner = -1;
+		q->rec[q->scratch_index[k]].owner = -1;
 	q->head_avail[head] = -1;
 	q->pos[Q_INFLIGHT]--;
 	return 0;
@@ -696,15 +719,20 @@ static void *run(void *arg)
 
 /* ---- the interface (ptmig/shadow/native.py) --------------------------------------------- */
 
-struct dp_engine *dp_engine_new(uint8_t *guest, uint64_t guest_size, uint8_t *pool,
+struct dp_engine *dp_engine_new(uint8_t *guest, uint64_t guest_size,
+				const struct dp_region *regions, int nregions, uint8_t *pool,
 				uint64_t pool_pages, uint64_t *dirty, int guest_wake_fd, int slow_fd,
 				uint32_t idle_limit)
 {
+	if (nregions <= 0)
+		return NULL;
 	struct dp_engine *e = calloc(1, sizeof(*e));
 	if (!e)
 		return NULL;
 	e->guest = guest;
 	e->guest_size = guest_size;
+	e->regions = regions;
+	e->nregions = nregions;
 	e->npages = guest_size >> PAGE_SHIFT;
 	e->pool = pool;
 	e->pool_pages = pool_pages;
@@ -731,7 +759,7 @@ fail:
 }
 
 struct dp_dev *dp_dev_add(struct dp_engine *e, int32_t *slot, int32_t *refs, uint32_t *stamp,
-			  uint64_t *stats, char *error, int irq_fd)
+			  uint64_t *stats, char *error, int irq_fd, int intercept)
 {
 	if (e->ndevs >= MAX_DEVICES)
 		return NULL;
@@ -739,7 +767,7 @@ struct dp_dev *dp_dev_add(struct dp_engine *e, int32_t *slot, int32_t *refs, uin
 	if (!d)
 		return NULL;
 	*d = (struct dp_dev){.eng = e, .slot = slot, .refs = refs, .stamp = stamp, .stats = stats,
-			     .error = error, .irq_fd = irq_fd};
+			     .error = error, .irq_fd = irq_fd, .intercept = intercept != 0};
 	if (irq_fd >= 0) {
 		struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(d, TAG_DEV)};
 		if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, irq_fd, &ev) < 0) {
@@ -762,14 +790,19 @@ int dp_queue_add(struct dp_dev *d, int qindex, uint32_t size, uint64_t desc_addr
 			       .avail_addr = avail_addr, .used_addr = used_addr, .pos = pos,
 			       .head_avail = head_avail, .rec = rec, .doorbell_fd = doorbell_fd,
 			       .kick_fd = kick_fd};
-	q->scratch = calloc(size, sizeof(struct desc));
-	if (!q->scratch)
+	q->scratch = calloc(size, sizeof(struct vq_desc));
+	q->scratch_index = calloc(size, sizeof(uint16_t));
+	if (!q->scratch || !q->scratch_index) {
+		free(q->scratch);
+		free(q->scratch_index);
 		return -ENOMEM;
+	}
 	if (doorbell_fd >= 0) {
 		struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(q, TAG_QUEUE)};
 		if (epoll_ctl(d->eng->epfd, EPOLL_CTL_ADD, doorbell_fd, &ev) < 0) {
 			int err = -errno;
 			free(q->scratch);
+			free(q->scratch_index);
 			return err;
 		}
 	}
@@ -847,8 +880,10 @@ void dp_engine_free(struct dp_engine *e)
 		return;
 	dp_stop(e);
 	for (int i = 0; i < e->ndevs; i++) {
-		for (int k = 0; k < e->devs[i]->nqueues; k++)
+		for (int k = 0; k < e->devs[i]->nqueues; k++) {
 			free(e->devs[i]->queues[k].scratch);
+			free(e->devs[i]->queues[k].scratch_index);
+		}
 		free(e->devs[i]);
 	}
 	close(e->wake_fd);

@@ -27,11 +27,17 @@
 /* Stop the device: the guest broke a rule.  The first reason is kept; Python reports it. */
 int vq_fail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, ...)
 {
+	va_list ap;
+	va_start(ap, fmt);
+	vq_vfail(e, q, iova, dma, fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+int vq_vfail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, va_list ap)
+{
 	if (!e->s[S_BROKEN]) {
-		va_list ap;
-		va_start(ap, fmt);
 		vsnprintf(e->error, VQ_ERROR_LEN, fmt, ap);
-		va_end(ap);
 		e->s[S_BROKEN] = 1;
 		e->s[S_FAULT_QUEUE] = q;
 		e->s[S_FAULT_IOVA] = iova;
@@ -177,19 +183,30 @@ int vq_pop(struct vq_engine *e, int q, uint16_t *head)
 	return 0;
 }
 
-/* Walk and validate the chain at `head` into c[] (room for the queue size); its length. */
-int vq_walk(struct vq_engine *e, int q, uint16_t head, struct vq_desc *c)
+static int walk_fail(const struct chain_walker *w, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static int walk_fail(const struct chain_walker *w, const char *fmt, ...)
 {
-	uint32_t size = (uint32_t)VQ(e, q, Q_SIZE);
-	uint64_t table = (uint64_t)VQ(e, q, Q_DESC), total = 0;
-	int n = 0, seen_writable = 0;
+	va_list ap;
+	va_start(ap, fmt);
+	w->fail(w->ctx, fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+int vq_walk_chain(const struct chain_walker *w, uint16_t head, struct vq_desc *c)
+{
+	uint64_t total = 0;
+	uint32_t n = 0;
+	int seen_writable = 0;
 	uint32_t index = head;
 	for (;;) {
-		if ((uint32_t)n >= size)
-			return vq_fail(e, q, -1, 0, "chain at head %u is longer than %u descriptors "
-				       "(a loop in the next links?)", head, size);
+		if (n >= w->size)
+			return walk_fail(w, "chain at head %u is longer than %u descriptors (a loop in "
+					 "the next links?)", head, w->size);
 		uint8_t raw[16];
-		if (vq_dma(e, q, table + 16ull * index, raw, 16, 0))
+		if (w->read_desc(w->ctx, index, raw))
 			return -1;
 		uint64_t addr;
 		uint32_t len;
@@ -199,35 +216,64 @@ int vq_walk(struct vq_engine *e, int q, uint16_t head, struct vq_desc *c)
 		memcpy(&flags, raw + 12, 2);
 		memcpy(&nxt, raw + 14, 2);
 		if (flags & ~DESC_F_KNOWN)
-			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) flags=%#x has "
-				       "reserved bits set", index, head, flags);
+			return walk_fail(w, "descriptor %u (chain head %u) flags=%#x has reserved bits "
+					 "set", index, head, flags);
 		if (flags & DESC_F_INDIRECT)
-			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) is INDIRECT but "
-				       "VIRTIO_F_INDIRECT_DESC was not negotiated", index, head);
+			return walk_fail(w, "descriptor %u (chain head %u) is INDIRECT but "
+					 "VIRTIO_F_INDIRECT_DESC was not negotiated", index, head);
 		if (len == 0)
-			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) has length 0",
-				       index, head);
+			return walk_fail(w, "descriptor %u (chain head %u) has length 0", index, head);
 		if (addr > (uint64_t)0 - len) /* ends past 2^64 (ending exactly there is fine) */
-			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) buffer %#llx+%u "
-				       "wraps the address space", index, head,
-				       (unsigned long long)addr, len);
+			return walk_fail(w, "descriptor %u (chain head %u) buffer %#llx+%u wraps the "
+					 "address space", index, head, (unsigned long long)addr, len);
 		total += len;
 		if (total > MAX_CHAIN_BYTES)
-			return vq_fail(e, q, -1, 0, "chain at head %u describes more than %llu bytes",
-				       head, (unsigned long long)MAX_CHAIN_BYTES);
+			return walk_fail(w, "chain at head %u describes more than %llu bytes", head,
+					 (unsigned long long)MAX_CHAIN_BYTES);
 		int writable = !!(flags & DESC_F_WRITE);
 		if (seen_writable && !writable)
-			return vq_fail(e, q, -1, 0, "descriptor %u (chain head %u) is device-readable "
-				       "after a device-writable descriptor", index, head);
+			return walk_fail(w, "descriptor %u (chain head %u) is device-readable after a "
+					 "device-writable descriptor", index, head);
 		seen_writable |= writable;
-		c[n++] = (struct vq_desc){addr, len, writable};
+		c[n] = (struct vq_desc){addr, len, writable};
+		if (w->accept && w->accept(w->ctx, head, n, index, &c[n]))
+			return -1;
+		n++;
 		if (!(flags & DESC_F_NEXT))
-			return n;
-		if (nxt >= size)
-			return vq_fail(e, q, -1, 0, "descriptor %u next=%u out of range for queue size "
-				       "%u (chain head %u)", index, nxt, size, head);
+			return (int)n;
+		if (nxt >= w->size)
+			return walk_fail(w, "descriptor %u next=%u out of range for queue size %u "
+					 "(chain head %u)", index, nxt, w->size, head);
 		index = nxt;
 	}
+}
+
+/* The device side: descriptors read through the IOMMU (a fault fails the device there). */
+struct iova_walk {
+	struct vq_engine *e;
+	int q;
+	uint64_t table;
+};
+
+static int iova_read_desc(void *ctx, uint32_t index, uint8_t raw[16])
+{
+	struct iova_walk *w = ctx;
+	return vq_dma(w->e, w->q, w->table + 16ull * index, raw, 16, 0);
+}
+
+static int iova_walk_fail(void *ctx, const char *fmt, va_list ap)
+{
+	struct iova_walk *w = ctx;
+	return vq_vfail(w->e, w->q, -1, 0, fmt, ap);
+}
+
+/* Walk and validate the chain at `head` into c[] (room for the queue size); its length. */
+int vq_walk(struct vq_engine *e, int q, uint16_t head, struct vq_desc *c)
+{
+	struct iova_walk ctx = {e, q, (uint64_t)VQ(e, q, Q_DESC)};
+	struct chain_walker w = {.ctx = &ctx, .size = (uint32_t)VQ(e, q, Q_SIZE),
+				 .read_desc = iova_read_desc, .fail = iova_walk_fail};
+	return vq_walk_chain(&w, head, c);
 }
 
 /* A chain this pass finished (at most VQ_PASS_LIMIT per pass); vq_service_queues returns it. */

@@ -22,6 +22,7 @@
 #include <pthread.h>
 #include <stdint.h>
 
+#include "chain.h"
 #include "worker.h"
 
 #define VQ_PAGE_SHIFT 12
@@ -50,11 +51,6 @@ enum {
 	C_DEVICE       /* the device's own counters start here */
 };
 
-struct vq_desc {
-	uint64_t addr;
-	uint32_t len;
-	int writable;
-};
 
 struct vq_used {
 	uint16_t head;
@@ -104,6 +100,8 @@ void vq_stop(struct vq_engine *e);
 
 int vq_fail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, ...)
 	__attribute__((format(printf, 5, 6)));
+int vq_vfail(struct vq_engine *e, int q, int64_t iova, int dma, const char *fmt, va_list ap)
+	__attribute__((format(printf, 5, 0)));
 
 int vq_dma_check(struct vq_engine *e, int q, uint64_t iova, uint64_t len, int write);
 int vq_dma(struct vq_engine *e, int q, uint64_t iova, void *buf, uint64_t len, int write);

@@ -356,7 +356,7 @@ def switch(listen: str, age: float, native: bool | None, idle_exit: float | None
 @click.argument("destination", metavar="tcp:HOST:PORT|unix:PATH")
 @click.option(
     "--dma-tracking",
-    type=click.Choice(["none", "all-dirty", "device-log", "shadow"]),
+    type=click.Choice(["none", "all-dirty", "device-log", "shadow", "intercept"]),
     help="How device DMA writes are tracked (x-dma-tracking).",
 )
 @click.option(
@@ -454,7 +454,7 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 @main.command()
 @click.option(
     "--dma-tracking",
-    type=click.Choice(["shadow", "none", "all-dirty", "device-log"]),
+    type=click.Choice(["shadow", "intercept", "none", "all-dirty", "device-log"]),
     default="shadow",
     show_default=True,
     help="How device DMA writes are tracked; `none` shows what goes wrong without.",

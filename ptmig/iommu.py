@@ -419,6 +419,8 @@ class DmaView:
         """Translate and check every page of the access; merge contiguous target runs."""
         if iova < 0 or length < 0:
             raise self._fault(iova, length, write, "negative address or length")
+        if length == 0:  # touches no page, wherever it points (as native/virtq.c's vq_dma)
+            return []
         limit = self.table.iova_limit
         if iova + length > limit:
             raise self._fault(iova, length, write, f"access runs past the IOVA limit {limit:#x}")

@@ -181,7 +181,11 @@ class Machine:
         qmp.register("cont", self._qmp_cont, args_schema={"*x-force": bool})
         qmp.register("quit", self._qmp_quit)
         qmp.register("x-query-guest-stats", self._qmp_guest_stats)
-        qmp.register("x-shadow-start", self._qmp_shadow_start)
+        qmp.register(
+            "x-shadow-start",
+            self._qmp_shadow_start,
+            args_schema={"*x-dma-tracking": ("shadow", "intercept")},
+        )
         qmp.register("x-shadow-stop", self._qmp_shadow_stop)
         qmp.register("x-query-shadow", self._qmp_query_shadow)
         qmp.register("x-query-memory", self._qmp_query_memory)
@@ -256,8 +260,8 @@ class Machine:
     # Shadow mode without a migration: to measure the data path's cost against direct DMA
     # on the same guest, or to debug it. A migration cannot start while it is on.
 
-    def _qmp_shadow_start(self) -> None:
-        from .shadow.strategy import ShadowTracking
+    def _qmp_shadow_start(self, x_dma_tracking: str = "shadow") -> None:
+        from .shadow.strategy import make_tracking
 
         if self.shadow is not None or self.migration.busy():
             raise QmpError(
@@ -268,7 +272,7 @@ class Machine:
                 ErrorClass.GENERIC_ERROR,
                 f"cannot shadow DMA of a guest in state '{self.vm.state.value}'",
             )
-        tracking = ShadowTracking()
+        tracking = make_tracking(x_dma_tracking)
         try:
             tracking.begin(self)
         except Exception as e:

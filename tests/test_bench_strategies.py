@@ -18,11 +18,13 @@ from ptmig.bench.strategies import (
     DATAPATH_RESULTS,
     MAX_RATE_RESULTS,
     CellRun,
+    DatapathRun,
     StrategyBenchParams,
     cell_from_doc,
     cell_label,
     cell_results,
     cell_table,
+    datapath_results,
     derived_results,
     expected_result_names,
     precopy_rate,
@@ -217,6 +219,7 @@ def synthetic_cells(
     shadow_downtime: dict[str, float],
     alldirty_downtime: dict[str, float],
     devicelog_downtime: float = 100.0,
+    intercept_downtime: float = 110.0,
 ) -> list[CellRun]:
     out = []
     for _ in range(2):
@@ -226,6 +229,7 @@ def synthetic_cells(
                 cell("all-dirty", m, alldirty_downtime[m]),
                 cell("device-log", m, devicelog_downtime),
                 cell("shadow", m, shadow_downtime[m]),
+                cell("intercept", m, intercept_downtime),
             ]
     return out
 
@@ -249,6 +253,48 @@ def test_derived_results_meet_their_goals_when_shadow_behaves() -> None:
     assert r["strategy.all-dirty.cpu_per_gib.source"].value == pytest.approx(0.7)
     assert r["strategy.all-dirty.cpu_per_gib.destination"].value == pytest.approx(0.35)
     assert all(x.ok for x in r.values() if x.goal is not None)
+
+
+def test_intercept_downtime_is_held_to_1_2_times_device_logs() -> None:
+    ok = by_name(
+        derived_results(
+            synthetic_cells(
+                {"256M": 110, "1G": 120, "2G": 130}, {"256M": 300, "1G": 1200, "2G": 2400}
+            ),
+            PARAMS,
+        )
+    )
+    assert ok["strategy.intercept.correct"].ok
+    assert ok["strategy.intercept_vs_devicelog.downtime_ratio.1G"].value == pytest.approx(1.1)
+    assert ok["strategy.intercept_vs_devicelog.downtime_ratio.1G"].ok
+    slow = synthetic_cells(
+        {"256M": 110, "1G": 120, "2G": 130},
+        {"256M": 300, "1G": 1200, "2G": 2400},
+        intercept_downtime=125.0,
+    )
+    r = by_name(derived_results(slow, PARAMS))
+    assert r["strategy.intercept_vs_devicelog.downtime_ratio.2G"].value == pytest.approx(1.25)
+    assert r["strategy.intercept_vs_devicelog.downtime_ratio.2G"].ok is False
+    assert r["strategy.shadow_vs_devicelog.downtime_ratio.1G"].ok  # shadow's goal stays 1.5
+
+
+def test_datapath_results_pair_each_mode_with_direct_in_the_same_round() -> None:
+    runs = {
+        "direct": [DatapathRun(10000, 50), DatapathRun(8000, 60), DatapathRun(9000, 55)],
+        "shadow": [DatapathRun(7000, 80), DatapathRun(6400, 90), DatapathRun(6300, 85)],
+        "intercept": [DatapathRun(9800, 52), DatapathRun(7200, 63), DatapathRun(8910, 58)],
+    }
+    r = by_name(datapath_results(runs, {"pairs": 3}))
+    assert list(r) == list(DATAPATH_RESULTS)
+    assert r["strategy.shadow.datapath_vs_direct"].runs == pytest.approx([0.7, 0.8, 0.7])
+    assert r["strategy.shadow.datapath_vs_direct"].ok
+    assert r["strategy.intercept.datapath_vs_direct"].runs == pytest.approx([0.98, 0.9, 0.99])
+    assert r["strategy.intercept.datapath_vs_direct"].value == pytest.approx(0.98)
+    assert r["strategy.intercept.datapath_vs_direct"].ok  # the median pair meets 0.95
+    assert r["strategy.datapath.cpu_us_per_request.shadow"].value == 85
+    runs["intercept"][0] = DatapathRun(9000, 52)
+    runs["intercept"][2] = DatapathRun(8000, 52)
+    assert by_name(datapath_results(runs, {}))["strategy.intercept.datapath_vs_direct"].ok is False
 
 
 def test_latency_and_cpu_goals_are_missed_when_exceeded() -> None:
@@ -324,7 +370,7 @@ def test_cell_results_feed_the_report_plot() -> None:
     results = cell_results(cells, PARAMS)
     doc = {"results": [r.to_json() for r in results]}
     points = strategy_points(doc)
-    assert set(points) == {"none", "all-dirty", "device-log", "shadow"}
+    assert set(points) == {"none", "all-dirty", "device-log", "shadow", "intercept"}
     ad = points["all-dirty"]
     assert [p.ram_bytes for p in ad] == [256 * MiB, 1 << 30, 2 << 30]
     assert [p.downtime_ms for p in ad] == [300, 1200, 2400]

@@ -388,6 +388,51 @@ def test_an_rx_buffer_above_4_gib_is_served_under_shadowing() -> None:
         mem.close()
 
 
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+@pytest.mark.parametrize("path", ["native", "reference"])
+@pytest.mark.parametrize(
+    "where", [ABI_LOW_RAM_MAX + 0x1000, ABI_LOW_RAM_MAX - 8, ABI_HIGH_RAM_GPA - PAGE_SIZE]
+)
+def test_a_descriptor_into_the_mmio_gap_is_refused_by_the_data_plane(
+    path: str, tracking: str, where: int
+) -> None:
+    """A hostile ring pointing into the gap between the RAM regions (or straddling its edge):
+    the data plane itself refuses it like any address outside RAM -- it neither stalls for
+    Python nor (intercept) hands it to the device -- and nothing in the gap is allocated,
+    marked dirty or given a device buffer."""
+    from ptmig.shadow.device import ShadowedDevice
+    from ptmig.shadow.pool import ShadowPool
+    from ptmig.shadow.reference import ReferenceDataplane
+
+    mem = GuestMemory(5 * GIB)
+    iommu, drv, rx = _rx_rig(mem)
+    pool = ShadowPool(64)
+    dp = ReferenceDataplane(mem, pool) if path == "reference" else None
+    sd = ShadowedDevice(
+        FakeAttached("dev0", iommu), pool, mem, dp, intercept=tracking == "intercept"
+    )
+    try:
+        sd.build(device_state(drv))
+        drv.add_chain([Buffer(rx, 64, writable=False), Buffer(where, 16, writable=True)])
+        ring_pages = pool.in_use
+        with sd.dataplane.locked():
+            assert sd.native.forward(0) == -1
+        assert sd.broken is not None and "outside guest RAM" in sd.broken, sd.broken
+        assert sd.queues[0].next_avail == 0 and sd.stats.requests_forwarded == 0
+        assert pool.in_use == ring_pages
+        gap = slice(LOW_PAGES, HIGH_PAGE)
+        assert not mem.allocated()[gap].any()
+        assert not bitmap.to_bool(sd.dataplane.take_dirty(), mem.npages)[gap].any()
+        assert not (sd.map.slot[gap] >= 0).any()
+    finally:
+        sd.close()
+        if dp is not None:
+            dp.close()
+        iommu.close()
+        pool.close()
+        mem.close()
+
+
 @pytest.mark.kvm
 @pytest.mark.bigmem(9)
 @pytest.mark.timeout(300)

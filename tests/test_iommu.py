@@ -95,6 +95,16 @@ def test_unmapped_faults(table: IommuTable) -> None:
     assert dev.fault_count == 3
 
 
+def test_a_zero_length_access_touches_nothing_and_never_faults(table: IommuTable) -> None:
+    """As the native paths (vq_dma): an empty access reads or writes no page, so neither an
+    unmapped page nor one past the IOVA limit is a fault (the differential fuzz found the two
+    paths disagreeing here)."""
+    dev, _, _ = make_view(table)
+    assert dev.read(table.iova_limit + 1, 0) == b""
+    dev.write(0x5000, b"")
+    assert dev.fault_count == 0
+
+
 def test_straddling_into_unmapped_page_writes_nothing(table: IommuTable) -> None:
     table.map(0, 4, TARGET_RAM, 0)
     table.unmap(2)

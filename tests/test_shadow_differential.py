@@ -1,12 +1,14 @@
-"""Shadow mode against direct DMA, byte for byte, on both data paths (no KVM).
+"""Shadow and intercept modes against direct DMA, byte for byte, on both data paths (no KVM).
 
 Two worlds get identical guest RAM, identical devices (the real `BlkDevice` / `NetDevice`) and
 identical backing images. In the *direct* world the device DMAs into guest RAM through an
 identity IOMMU map; in the *shadow* world the same requests go through `ShadowedDevice` (the
-native data plane or the Python reference) and the device only ever sees device buffers. A
-generated mix of requests is played in both, and after every step the whole guest RAM (buffers,
-rings, used elements) and the disk image must be equal, and every guest page the shadow data
-plane changed must be in its dirty bitmap.
+native data plane or the Python reference): in `shadow` mode the device only ever sees device
+buffers, in `intercept` mode only its rings are device buffers and it DMAs into the guest's
+data buffers directly. A generated mix of requests is played in both, and after every step the
+whole guest RAM (buffers, rings, used elements) and the disk image must be equal, and every
+guest page that changed during the step (by the data plane or, under intercept, by the device)
+must be in the data plane's dirty bitmap.
 
 The hostile variant lets the device scribble on its shadow descriptor table and avail ring,
 complete heads that are not in flight, complete one twice, or claim a used.len larger than the
@@ -18,6 +20,7 @@ The number of examples is modest by default; `make fuzz` (PTMIG_FUZZ_EXAMPLES) r
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import struct
@@ -46,6 +49,7 @@ from ptmig.shadow.reference import ReferenceDataplane
 
 EXAMPLES = int(os.environ.get("PTMIG_FUZZ_EXAMPLES", "30"))
 PATHS = ["native", "reference"]
+MODES = ["shadow", "intercept"]
 MEM = 96 * PAGE_SIZE
 QSIZE = 64
 RINGS = 0x1000  # queue q's rings at RINGS + q * 0x1000
@@ -141,7 +145,14 @@ class World:
 class Rig:
     """A direct world and a shadow world, a mirrored driver per queue."""
 
-    def __init__(self, kind: str, path: str, workdir: str, pool_pages: int = POOL_PAGES) -> None:
+    def __init__(
+        self,
+        kind: str,
+        path: str,
+        workdir: str,
+        pool_pages: int = POOL_PAGES,
+        mode: str = "shadow",
+    ) -> None:
         self.kind = kind
         self.pool = ShadowPool(pool_pages)
         direct_mem, shadow_mem = GuestMemory(MEM), GuestMemory(MEM)
@@ -154,11 +165,13 @@ class Rig:
         self.direct = self._world(direct_mem, workdir, "direct", None)
         self.shadow = self._world(shadow_mem, workdir, "shadow", self.pool)
         dp = ReferenceDataplane(shadow_mem, self.pool) if path == "reference" else None
+        self.reference = dp
         self.sd = ShadowedDevice(
             Attached(kind, self.shadow.iommu, IotlbHandle(self.shadow.dma)),
             self.pool,
             shadow_mem,
             dp,
+            intercept=mode == "intercept",
         )
         self.sd.build(
             {
@@ -199,10 +212,13 @@ class Rig:
 
     def close(self) -> None:
         self.sd.close()
+        if self.reference is not None:
+            self.reference.close()
         for w in (self.direct, self.shadow):
             w.model.close()
             w.dma.close()
             w.iommu.close()
+            w.mem.close()  # (its memfd: a module of examples would run out of fds)
         self.pool.close()
 
     # --- one step ------------------------------------------------------------------------
@@ -210,9 +226,11 @@ class Rig:
     def step(self, queues: list[int], hostile: Hostile | None = None) -> tuple[bytes, bytes]:
         """The device services `queues` in both worlds; in the shadow world the VMM forwards
         first and syncs after (a hostile device acts around its run). Returns the shadow
-        guest RAM before and after the sync."""
+        guest RAM before the step (after the driver's own stores) and after the sync."""
         for q in queues:
             self.direct.run(q)
+        before = bytes(self.shadow.mem.mmap)
+        self.sd.dataplane.take_dirty()  # start clean: the driver's stores are not DMA
         for q in queues:
             self.sd.submit(q)
         if hostile is not None:
@@ -221,8 +239,6 @@ class Rig:
             self.shadow.run(q)
         if hostile is not None:
             hostile.after_run(self)
-        before = bytes(self.shadow.mem.mmap)
-        self.sd.dataplane.take_dirty()  # forwarding writes no guest page; start clean
         self.sd.complete()
         return before, bytes(self.shadow.mem.mmap)
 
@@ -371,13 +387,14 @@ def post_blk(rig: Rig, req: BlkRequest, cursor: list[int]) -> None:
     drv.add_chain(bufs)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("path", PATHS)
 @fuzz
 @given(steps=blk_steps)
 def test_blk_through_shadow_mode_equals_direct_dma(
-    workdir: str, path: str, steps: list[list[BlkRequest]]
+    workdir: str, path: str, mode: str, steps: list[list[BlkRequest]]
 ) -> None:
-    rig = Rig("blk", path, workdir)
+    rig = Rig("blk", path, workdir, mode=mode)
     try:
         for batch in steps:
             cursor = [DATA]
@@ -392,8 +409,8 @@ def test_blk_through_shadow_mode_equals_direct_dma(
 def test_blk_error_completions_leave_the_status_byte_at_the_end(workdir: str) -> None:
     """The issue's two cases, on both paths: an IN past the end (status IOERR, data bytes
     untouched) and a GET_ID into a 512-byte buffer (id, then status at byte 512)."""
-    for path in PATHS:
-        rig = Rig("blk", path, workdir)
+    for path, mode in itertools.product(PATHS, MODES):
+        rig = Rig("blk", path, workdir, mode=mode)
         try:
             drv = rig.drivers[0]
             past = struct.pack(c.BLK_REQ_HDR_FORMAT, c.VIRTIO_BLK_T_IN, 0, SECTORS)
@@ -459,13 +476,14 @@ def play_net(rig: Rig, op: NetOp, cursor: list[int]) -> list[int]:
     return [c.NET_QUEUE_TX]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("path", PATHS)
 @fuzz
 @given(ops=st.lists(net_op, min_size=1, max_size=8))
 def test_net_through_shadow_mode_equals_direct_dma(
-    workdir: str, path: str, ops: list[NetOp]
+    workdir: str, path: str, mode: str, ops: list[NetOp]
 ) -> None:
-    rig = Rig("net", path, workdir, pool_pages=MEM // PAGE_SIZE)
+    rig = Rig("net", path, workdir, pool_pages=MEM // PAGE_SIZE, mode=mode)
     cursor = [DATA]  # RX buffers stay posted across steps: never reuse their bytes
     try:
         for op in ops:
@@ -539,6 +557,10 @@ class Hostile:
 
 
 HOSTILE = ["scribble_desc", "scribble_avail", "wrong_id", "double", "long_len", "too_many"]
+# Under intercept the device reaches guest RAM through the identity map: a device that follows
+# descriptors it scribbled itself writes where it likes (what intercept trusts it not to do,
+# see test_intercept_trusts_the_device_with_guest_ram); the completion checks still hold.
+HOSTILE_COMPLETIONS = ["wrong_id", "double", "long_len", "too_many"]
 
 
 def affected(drv: DriverQueue) -> list[tuple[int, int]]:
@@ -550,17 +572,19 @@ def affected(drv: DriverQueue) -> list[tuple[int, int]]:
     return out
 
 
+@pytest.mark.parametrize("tracking", MODES)
 @pytest.mark.parametrize("path", PATHS)
 @fuzz
 @given(
-    mode=st.sampled_from(HOSTILE),
+    data=st.data(),
     batch=st.lists(blk_request, min_size=1, max_size=3),
     seed=st.integers(0, 2**32),
 )
 def test_a_hostile_device_is_contained(
-    workdir: str, path: str, mode: str, batch: list[BlkRequest], seed: int
+    workdir: str, path: str, tracking: str, data: st.DataObject, batch: list[BlkRequest], seed: int
 ) -> None:
-    rig = Rig("blk", path, workdir)
+    mode = data.draw(st.sampled_from(HOSTILE if tracking == "shadow" else HOSTILE_COMPLETIONS))
+    rig = Rig("blk", path, workdir, mode=tracking)
     try:
         cursor = [DATA]
         for req in batch:
@@ -582,17 +606,83 @@ def test_a_hostile_device_is_contained(
         rig.close()
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_intercept_trusts_the_device_with_guest_ram(workdir: str, path: str) -> None:
+    """The difference in trust, shown: a device writing a guest page no request gave it is
+    stopped by `shadow` (the page is not mapped for the device) and reaches guest RAM under
+    `intercept` (identity map), where no completion marks it dirty -- the exposure the
+    intercept docstring names (a device writing outside the buffers it was given)."""
+    stray = DATA + 40 * PAGE_SIZE
+    for mode in MODES:
+        rig = Rig("blk", path, workdir, mode=mode)
+        try:
+            cursor = [DATA]
+            post_blk(
+                rig,
+                BlkRequest(c.VIRTIO_BLK_T_IN, 0, 512, Piece((), (0,)), Piece((), (0,)), False, 1),
+                cursor,
+            )
+            rig.sd.submit(0)
+            rig.sd.dataplane.take_dirty()
+            if mode == "shadow":
+                with pytest.raises(DmaFault):
+                    rig.shadow.dma.write(stray, b"stray")
+            else:
+                rig.shadow.dma.write(stray, b"stray")
+            rig.shadow.run(0)
+            assert rig.sd.complete() == 1
+            escaped = rig.shadow.mem.read(stray, 5) == b"stray"
+            dirty = bitmap.pages(rig.sd.dataplane.take_dirty(), MEM // PAGE_SIZE).tolist()
+            assert escaped == (mode == "intercept")
+            assert stray // PAGE_SIZE not in dirty
+            rig.release()
+        finally:
+            rig.close()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_intercept_marks_every_writable_page_whatever_used_len_says(
+    workdir: str, path: str
+) -> None:
+    """used.len is a lower bound (virtio 1.x, 2.7.8): a device reporting 1 byte may have
+    written the whole buffer, so a completion marks every page of every writable buffer --
+    and nothing is copied (the device wrote guest RAM itself)."""
+    rig = Rig("net", path, workdir, mode="intercept")
+    try:
+        rx = rig.drivers[c.NET_QUEUE_RX]
+        buf = rx.alloc(3 * PAGE_SIZE, b"G" * 3 * PAGE_SIZE, align=PAGE_SIZE)
+        head = rx.add_chain([Buffer(buf, 3 * PAGE_SIZE, True)])
+        rig.sd.submit(c.NET_QUEUE_RX)
+        rig.sd.dataplane.take_dirty()
+        dq = rig.shadow.queues[c.NET_QUEUE_RX]
+        chain = dq.pop()
+        assert chain is not None and chain.head == head
+        rig.shadow.dma.write(buf + 2 * PAGE_SIZE + 100, b"late")  # past the len it reports
+        dq.push_used(head, 1)
+        assert rig.sd.complete() == 1
+        assert rig.shadow.mem.read(buf + 2 * PAGE_SIZE + 100, 4) == b"late"
+        used = rig.shadow.mem.read(rx.used_addr + 2, 10)  # (the driver reads the direct world)
+        assert struct.unpack("<HII", used) == (1, head, 1)
+        dirty = set(bitmap.pages(rig.sd.dataplane.take_dirty(), MEM // PAGE_SIZE).tolist())
+        assert {buf // PAGE_SIZE + k for k in range(3)} <= dirty
+        assert rig.sd.stats.bytes_to_guest == 0 and rig.sd.stats.pages_marked == 3
+        rig.release()
+    finally:
+        rig.close()
+
+
 # --- the native data plane against its Python reference ------------------------------------
 
 
+@pytest.mark.parametrize("mode", MODES)
 @fuzz
 @given(steps=blk_steps)
 def test_native_and_reference_data_paths_keep_the_same_books(
-    workdir: str, steps: list[list[BlkRequest]]
+    workdir: str, mode: str, steps: list[list[BlkRequest]]
 ) -> None:
     """Beyond the same guest RAM: after every step both data paths hold the same page table,
     reference counts, LRU stamps, counters, positions, private records and dirty pages."""
-    rigs = [Rig("blk", path, workdir) for path in PATHS]
+    rigs = [Rig("blk", path, workdir, mode=mode) for path in PATHS]
     try:
         for batch in steps:
             for rig in rigs:

@@ -17,7 +17,7 @@ from ptmig.devices.virtio import constants as c
 from ptmig.layout import ABI_WORKLOAD_STATS_GPA, PAGE_SIZE
 from ptmig.load import LoadOptions, run_load
 from ptmig.machine import Machine
-from ptmig.shadow.strategy import ShadowTracking
+from ptmig.shadow.strategy import ShadowTracking, make_tracking
 from ptmig.vm import Vm
 
 pytestmark = pytest.mark.kvm
@@ -60,12 +60,16 @@ def _wait_for_served_requests(vmm: Vmm, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _escaped_pages(tmp_path: Path, shadow: bool) -> tuple[np.ndarray, np.ndarray, Machine]:
+def _escaped_pages(
+    tmp_path: Path, tracking: str | None
+) -> tuple[np.ndarray, np.ndarray, Machine, ShadowTracking]:
     """Pages that changed in guest RAM while the kv guest served load, minus the harvested
-    dirty set. Returns (changed, escaped, machine)."""
+    dirty set, with `tracking` ("shadow", "intercept") or direct DMA (None). Returns
+    (changed, escaped, machine, strategy)."""
     m, cfg_path = _boot(tmp_path)
     vm = m.vm
-    strategy = ShadowTracking()
+    shadow = tracking is not None
+    strategy = make_tracking(tracking or "shadow")
     if shadow:
         strategy.begin(m)
     stop = threading.Event()
@@ -102,11 +106,11 @@ def _escaped_pages(tmp_path: Path, shadow: bool) -> tuple[np.ndarray, np.ndarray
             d.handle.resume()
     vm.resume()
     t.join()
-    return changed, escaped, m
+    return changed, escaped, m, strategy
 
 
 def test_every_page_changed_during_shadowing_is_in_the_dirty_set(tmp_path: Path) -> None:
-    changed, escaped, m = _escaped_pages(tmp_path, shadow=True)
+    changed, escaped, m, _ = _escaped_pages(tmp_path, "shadow")
     try:
         assert changed.size > 0
         assert escaped.size == 0, f"pages changed behind the dirty log: {escaped[:16]}"
@@ -114,9 +118,30 @@ def test_every_page_changed_during_shadowing_is_in_the_dirty_set(tmp_path: Path)
         m.close()
 
 
+def test_every_page_changed_during_intercept_is_in_the_dirty_set(tmp_path: Path) -> None:
+    """The same RAM snapshot check with only the rings shadowed: the NIC and the disk write
+    guest RAM themselves, and the completions' marks cover every page they changed. (The kv
+    firmware keeps small buffers -- the disk's status bytes among them -- on its ring pages:
+    those are copied, as under shadow.)"""
+    changed, escaped, m, strategy = _escaped_pages(tmp_path, "intercept")
+    try:
+        assert changed.size > 0
+        assert escaped.size == 0, f"pages changed behind the dirty log: {escaped[:16]}"
+        stats = strategy.stats()
+        assert stats is not None and stats["dma-tracking"] == "intercept"
+        assert stats["pages-marked"] > 0, stats  # some device wrote guest RAM directly
+        for name, dev in stats["devices"].items():  # the NIC and the disk, both under load
+            # each completion's writable bytes were marked (in guest RAM) or copied (on a
+            # ring page: the kv firmware keeps its disk status bytes there)
+            assert dev["completions-synced"] > 0, (name, dev)
+            assert dev["pages-marked"] + dev["bytes-to-guest"] > 0, (name, dev)
+    finally:
+        m.close()
+
+
 def test_without_shadowing_device_writes_escape_the_dirty_set(tmp_path: Path) -> None:
     # The negative control: the same check fails in direct mode, so the test above can fail.
-    changed, escaped, m = _escaped_pages(tmp_path, shadow=False)
+    changed, escaped, m, _ = _escaped_pages(tmp_path, None)
     try:
         assert escaped.size > 0, "device DMA should be invisible to KVM's log in direct mode"
     finally:
@@ -124,6 +149,24 @@ def test_without_shadowing_device_writes_escape_the_dirty_set(tmp_path: Path) ->
 
 
 def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
+    results = _back_to_back(tmp_path, "shadow", 20)
+    forwarded = sum(r["x-shadow"]["requests-forwarded"] for r in results)
+    synced = sum(r["x-shadow"]["completions-synced"] for r in results)
+    assert forwarded > 0 and synced > 0, "the load never went through the shadow rings"
+
+
+def test_ten_intercept_migrations_under_load_lose_nothing(tmp_path: Path) -> None:
+    results = _back_to_back(tmp_path, "intercept", 10)
+    assert all(r["x-shadow"]["dma-tracking"] == "intercept" for r in results)
+    assert sum(r["x-shadow"]["requests-forwarded"] for r in results) > 0
+    assert sum(r["x-shadow"]["pages-marked"] for r in results) > 0
+
+
+def _back_to_back(tmp_path: Path, tracking: str, n: int) -> list[dict]:
+    """`n` migrations of the kv guest under `ptmig load`, each to a fresh VMM, with
+    `tracking` and x-verify: every one completes with 0 mismatched pages, the load loses and
+    gets wrong nothing, and a fresh boot replays every acknowledged PUT. Returns each
+    migration's final query-migrate."""
     cfg = kv_config(tmp_path, memory="64M")
     vmms = [Vmm(tmp_path, "vmm0", cfg)]
     load_json = tmp_path / "load.json"
@@ -132,21 +175,18 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
         load = Load(cfg, 60, load_json, rate=300, window=None).start()
         _wait_for_served_requests(vmms[0], 100)
         results = []
-        for i in range(20):
+        for i in range(n):
             port = free_port(kind=1)
             dst = Vmm(tmp_path, f"vmm{i + 1}", cfg, incoming_port=port)
             vmms.append(dst)
             dst.wait_incoming()  # its listener is up (its QMP socket comes up before it)
-            vmms[-2].migrate(port, tracking="shadow", verify=True, downtime_limit=100)
+            vmms[-2].migrate(port, tracking=tracking, verify=True, downtime_limit=100)
             st = vmms[-2].wait_migration(timeout=120)
             results.append(st)
             assert st["status"] == "completed", st.get("error-desc")
             assert st["x-verify"]["mismatched"] == 0, st["x-verify"]
             assert dst.status() == "running"
             vmms[-2].stop()
-        forwarded = sum(r["x-shadow"]["requests-forwarded"] for r in results)
-        synced = sum(r["x-shadow"]["completions-synced"] for r in results)
-        assert forwarded > 0 and synced > 0, "the load never went through the shadow rings"
         summary = load.result(timeout=120)
         assert summary["acked"] > 0, summary["output"]
         assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
@@ -165,12 +205,14 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
         assert "replayed" in console, console
         replayed = int(console.split("replayed")[1].split()[0])
         assert replayed >= summary["acked"], console
+        return results
     finally:
         for v in vmms:
             v.kill()
 
 
-def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path, tracking: str) -> None:
     cfg = kv_config(tmp_path, memory="64M")
     src = Vmm(tmp_path, "src", cfg)
     port = free_port(kind=1)
@@ -183,7 +225,7 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
         # 4 KiB/s, one page a second: round 0 (tens of non-zero pages at the least) lasts far
         # longer than it takes the load's requests to go through the shadow rings; cancel as
         # soon as they do
-        src.cmd("migrate-set-parameters", {"x-dma-tracking": "shadow", "max-bandwidth": 4096})
+        src.cmd("migrate-set-parameters", {"x-dma-tracking": tracking, "max-bandwidth": 4096})
         src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         deadline = time.monotonic() + 30
         while True:
@@ -210,11 +252,12 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path) -> None:
         dst.kill()
 
 
-def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path, tracking: str) -> None:
     m, cfg_path = _boot(tmp_path)
     vm = m.vm
     try:
-        strategy = ShadowTracking()
+        strategy = make_tracking(tracking)
         strategy.begin(m)
         assert strategy.engine is not None
         net = strategy.engine.devices["net0"]
@@ -285,7 +328,8 @@ def test_reconfiguring_a_shadowed_device_returns_to_direct_dma_first(
         m.close()
 
 
-def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path, tracking: str) -> None:
     """x-shadow-start / x-shadow-stop: the data path alone, under load, loses nothing; a
     migration is refused while it is on."""
     cfg = kv_config(tmp_path, memory="64M")
@@ -295,7 +339,7 @@ def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
         out = tmp_path / "load.json"
         load = Load(cfg, 4, out, rate=2000, window=None).start()
         time.sleep(1)
-        vmm.cmd("x-shadow-start")
+        vmm.cmd("x-shadow-start", {"x-dma-tracking": tracking})
         with pytest.raises(Exception, match="already shadowed"):
             vmm.cmd("x-shadow-start")
         with pytest.raises(Exception, match="x-shadow-stop first"):
@@ -304,9 +348,10 @@ def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path) -> None:
         while (live := vmm.cmd("x-query-shadow"))["requests-forwarded"] == 0:
             assert live["active"] and time.monotonic() < deadline, live
             time.sleep(0.05)
-        assert live["active"]
+        assert live["active"] and live["dma-tracking"] == tracking
         stats = vmm.cmd("x-shadow-stop")
         assert stats["completions-synced"] > 0
+        assert (stats["pages-marked"] > 0) == (tracking == "intercept"), stats
         assert vmm.cmd("x-query-shadow") == {"active": False}
         with pytest.raises(Exception, match="not shadowed"):
             vmm.cmd("x-shadow-stop")

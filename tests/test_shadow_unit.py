@@ -20,6 +20,7 @@ from ptmig.memory import GuestMemory
 from ptmig.shadow.device import ShadowedDevice
 from ptmig.shadow.pool import ShadowPool
 from ptmig.shadow.reference import ReferenceDataplane
+from ptmig.shadow.strategy import make_tracking
 
 MEM = 4 << 20
 RING_BASE = 0x10000
@@ -227,3 +228,27 @@ def test_a_view_places_each_device_buffer_at_its_guest_page_and_drops_it_when_fr
         pool.close()
         iommu.close()
         mem.close()
+
+
+def test_the_software_strategies_are_made_by_name_and_unknown_ones_refused() -> None:
+    from ptmig.migration.strategies import make_strategy
+
+    assert make_strategy("intercept").name == "intercept"
+    assert make_strategy("shadow").name == "shadow"
+    with pytest.raises(ValueError, match="'copy' is not a software DMA tracking strategy"):
+        make_tracking("copy")
+
+
+def test_intercept_refuses_a_vhost_user_device_before_anything_is_shadowed() -> None:
+    """Shadow serves a vhost-user disk through a view of the pool; intercept would need the
+    backend to see guest RAM and the pool's rings at once, which is not built: it refuses such
+    a device up front, naming it, and the machine is left untouched (no engine)."""
+    from types import SimpleNamespace
+
+    name = "intercept"
+    machine = SimpleNamespace(devices=[SimpleNamespace(id="vhost0", view=0)])
+    machine.shadow = None
+    tracking = make_tracking(name)
+    with pytest.raises(ValueError, match=f"{name} DMA tracking does not support .*vhost0"):
+        tracking.begin(machine)  # type: ignore[arg-type]
+    assert machine.shadow is None and tracking.engine is None

@@ -80,6 +80,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..demo.cpu import CpuSample
 from ..migration.params import DMA_TRACKING
 from ..report.bench import parse_ram
 from . import progress
@@ -94,6 +95,8 @@ FULL_RUNS = 3  # per cell in the full mode: 4 strategies × 3 sizes × 3 runs �
 
 GOAL_SHADOW_CORRECT = Goal(">=", 1.0)
 GOAL_SHADOW_VS_DEVICELOG = Goal("<=", 1.5)
+GOAL_INTERCEPT_VS_DEVICELOG = Goal("<=", 1.2)
+GOAL_INTERCEPT_VS_DIRECT = Goal(">=", 0.95)
 GOAL_SHADOW_SPREAD = Goal("<=", 1.5)
 GOAL_ALLDIRTY_GROWTH = Goal(">=", 2.0)
 GOAL_DURING_VS_BEFORE = Goal(">=", 0.7)
@@ -553,6 +556,10 @@ def _derived_names(params: StrategyBenchParams) -> list[str]:
     if {"shadow", "device-log"} <= s:
         names += [f"strategy.shadow_vs_devicelog.downtime_ratio.{m}" for m in params.memories]
         names.append("strategy.shadow_vs_devicelog.during_vs_before")
+    if "intercept" in s:
+        names.append("strategy.intercept.correct")
+    if {"intercept", "device-log"} <= s:
+        names += [f"strategy.intercept_vs_devicelog.downtime_ratio.{m}" for m in params.memories]
     if len(params.memories) > 1:
         if "shadow" in s:
             names.append("strategy.shadow.downtime_spread")
@@ -581,12 +588,62 @@ def _vhost_user_names(params: StrategyBenchParams) -> list[str]:
     return names
 
 
+def _correct(cells: Sequence[CellRun], strategy: str) -> Result:
+    """Whether every run of `strategy` verified (and spanned the switchover): the worst run."""
+    runs = [c for c in cells if c.strategy == strategy]
+    ok = [1.0 if c.correct else 0.0 for c in runs]
+    value = min(ok) if ok else math.nan  # every run, not the median one
+    bad = [
+        f"{c.memory} run: {c.error or '; '.join(c.problems) or c.status}"
+        for c in runs
+        if not c.correct
+    ]
+    name = f"strategy.{strategy}.correct"
+    return Result(
+        SECTION,
+        name,
+        value,
+        "all runs",
+        str(GOAL_SHADOW_CORRECT),
+        GOAL_SHADOW_CORRECT.met_by(value),
+        ok,
+        {"runs": len(ok), "correct_runs": int(sum(ok)), "incorrect": bad},
+    )
+
+
+def _downtime_vs_devicelog(cells: Sequence[CellRun], strategy: str, m: str, name: str) -> Result:
+    """`strategy`'s downtime ÷ device-log's at RAM size `m`, paired run by run (run i of each
+    ran back to back)."""
+    sw = _cells(cells, strategy, m)
+    dl = _cells(cells, "device-log", m)
+    n = min(len(sw), len(dl))
+    pairs = [
+        (a.downtime_ms, max(b.downtime_ms, 1.0))
+        for a, b in zip(sw[:n], dl[:n], strict=True)
+        if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)
+    ]
+    goal = GOAL_INTERCEPT_VS_DEVICELOG if strategy == "intercept" else GOAL_SHADOW_VS_DEVICELOG
+    return _summary(
+        name,
+        paired_ratios([a for a, _ in pairs], [b for _, b in pairs]),
+        "ratio",
+        goal,
+        {"ram_bytes": parse_ram(m), "paired_runs": len(pairs)},
+    )
+
+
 def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[Result]:
     """The issue's goals, computed from the cells (pure: no KVM, no processes)."""
     out: dict[str, Result] = {}
     shadow = [c for c in cells if c.strategy == "shadow"]
+    for software in ("shadow", "intercept"):
+        if software in params.strategies:
+            out[f"strategy.{software}.correct"] = _correct(cells, software)
+        if software in params.strategies and "device-log" in params.strategies:
+            for m in params.memories:
+                name = f"strategy.{software}_vs_devicelog.downtime_ratio.{m}"
+                out[name] = _downtime_vs_devicelog(cells, software, m, name)
     if "shadow" in params.strategies:
-        out["strategy.shadow.correct"] = _every_run(shadow, "strategy.shadow.correct", True)
         out["strategy.shadow.during_vs_before"] = _summary(
             "strategy.shadow.during_vs_before",
             [_slowdown(c) for c in shadow],
@@ -599,9 +656,6 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
             },
         )
     if "shadow" in params.strategies and "device-log" in params.strategies:
-        for m in params.memories:
-            name = f"strategy.shadow_vs_devicelog.downtime_ratio.{m}"
-            out[name] = _downtime_ratio(cells, "shadow", "device-log", m, name)
         out["strategy.shadow_vs_devicelog.during_vs_before"] = _during_vs_devicelog(cells, params)
     if len(params.memories) > 1:
         if "shadow" in params.strategies:
@@ -876,7 +930,7 @@ def _console() -> Console:
 
 
 def datapath_names(disk: str = "builtin") -> tuple[str, str, str]:
-    """The data path's result names with the kv log on `disk`."""
+    """The shadow data path's result names with the kv log on `disk`."""
     base = "strategy.shadow" if disk == "builtin" else f"strategy.{disk}.shadow"
     return (
         f"{base}.datapath.direct_ops",
@@ -885,7 +939,62 @@ def datapath_names(disk: str = "builtin") -> tuple[str, str, str]:
     )
 
 
-DATAPATH_RESULTS = datapath_names()
+DATAPATH_MODES = ("direct", "shadow", "intercept")
+DATAPATH_RESULTS = (
+    "strategy.shadow.datapath.direct_ops",
+    "strategy.shadow.datapath.shadow_ops",
+    "strategy.shadow.datapath_vs_direct",
+    "strategy.intercept.datapath.intercept_ops",
+    "strategy.intercept.datapath_vs_direct",
+    "strategy.datapath.cpu_us_per_request.direct",
+    "strategy.datapath.cpu_us_per_request.shadow",
+    "strategy.datapath.cpu_us_per_request.intercept",
+)
+
+
+@dataclass
+class DatapathRun:
+    """One load on one guest in one DMA mode: kv ops/s, and host CPU per request (the VMM
+    without its vCPU threads, plus the device processes)."""
+
+    ops_per_s: float
+    cpu_us_per_request: float
+
+
+def _host_cpu_s(vmm_pid: int, device_pids: Sequence[int]) -> CpuSample:
+    """A CPU sample of the VMM with the device processes' time added to its total."""
+    from ..demo.cpu import sample
+
+    s = sample(vmm_pid)
+    if s is None:
+        raise BenchError(f"the kv VMM (pid {vmm_pid}) is gone")
+    for pid in device_pids:
+        d = sample(pid)
+        if d is not None:
+            s.total_s += d.total_s
+    return s
+
+
+def datapath_load(vmm: Any, qmp: Any, mode: str, seconds: float) -> DatapathRun:
+    """kv --max load for `seconds` with the devices in `mode` (direct, or shadow / intercept
+    through x-shadow-start); lost or wrong values are an error."""
+    from ..demo.cpu import migration_cpu_s
+    from ..load import LoadOptions, run_load
+
+    pids = vmm.device_pids()
+    if mode != "direct":
+        qmp.execute("x-shadow-start", {"x-dma-tracking": mode})
+    try:
+        start = _host_cpu_s(vmm.proc.pid, pids)
+        r = run_load(LoadOptions(config=vmm.config, duration_s=seconds))
+        end = _host_cpu_s(vmm.proc.pid, pids)
+    finally:
+        if mode != "direct":
+            qmp.execute("x-shadow-stop")
+    if r.lost or r.wrong:
+        raise BenchError(f"kv under {mode} DMA lost {r.lost}, wrong {r.wrong}")
+    requests = max(1.0, r.ops_per_s * seconds)
+    return DatapathRun(r.ops_per_s, migration_cpu_s(start, end) / requests * 1e6)
 
 
 def shadow_datapath(
@@ -895,56 +1004,99 @@ def shadow_datapath(
     console: Console | None = None,
     disk: str = "builtin",
 ) -> list[Result]:
-    """kv ops/s (--max) with direct DMA, then with every device shadowed (`x-shadow-start`),
-    alternating `pairs` times on the same guest: the cost of the shadow data path by itself,
-    without migration traffic competing for the CPUs. Each pair's ratio is measured back to
-    back; the result is their median. `disk`: the kv log's disk (`KvVmm`)."""
+    """kv ops/s (--max) and host CPU per request with direct DMA, then with every device
+    shadowed, then intercepted (`x-shadow-start`), in turn `pairs` times on the same guest: the
+    cost of each software data path by itself, without migration traffic competing for the
+    CPUs. Each round's ratios are measured back to back; the results are their medians.
+    `disk`: the kv log's disk (`KvVmm`); on a vhost-user disk only direct and shadow (intercept
+    refuses vhost-user devices)."""
     from ..demo.qmpclient import QmpClient
     from ..load import LoadOptions, run_load
     from .devices import KvVmm
 
     console = console or _console()
-    direct: list[float] = []
-    shadowed: list[float] = []
+    modes = DATAPATH_MODES if disk == "builtin" else ("direct", "shadow")
+    runs: dict[str, list[DatapathRun]] = {mode: [] for mode in modes}
     with KvVmm(memory, qmp=True, disk=disk) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))  # warm up
         for k in range(pairs):
-            progress.step(f"data path ({disk} disk): direct, then shadowed DMA", k + 1, pairs)
-            for mode, into in (("direct", direct), ("shadow", shadowed)):
-                if mode == "shadow":
-                    qmp.execute("x-shadow-start")
-                try:
-                    r = run_load(LoadOptions(config=vmm.config, duration_s=seconds))
-                finally:
-                    if mode == "shadow":
-                        qmp.execute("x-shadow-stop")
-                if r.lost or r.wrong:
-                    raise BenchError(f"kv under {mode} DMA lost {r.lost}, wrong {r.wrong}")
-                into.append(r.ops_per_s)
+            progress.step(f"data path ({disk} disk): {', '.join(modes)}", k + 1, pairs)
+            for mode in modes:
+                runs[mode].append(datapath_load(vmm, qmp, mode, seconds))
             console.print(
-                f"  data path ({disk} disk): direct {direct[-1]:.0f} ops/s, "
-                f"shadowed {shadowed[-1]:.0f} ops/s",
+                f"  data path ({disk} disk): "
+                + ", ".join(
+                    f"{mode} {runs[mode][-1].ops_per_s:.0f} ops/s "
+                    f"{runs[mode][-1].cpu_us_per_request:.0f} µs CPU/req"
+                    for mode in modes
+                ),
                 highlight=False,
             )
-    extra = {
-        "memory": memory,
-        "disk": disk,
-        "seconds": seconds,
-        "pairs": pairs,
-        "what": "kv --max ops/s, shadowed ÷ direct, same guest, back to back, no migration",
-    }
+    extra = {"memory": memory, "disk": disk, "seconds": seconds, "pairs": pairs}
+    if disk != "builtin":
+        return disk_datapath_results(runs, extra, disk)
+    return datapath_results(runs, extra)
+
+
+def disk_datapath_results(
+    runs: Mapping[str, Sequence[DatapathRun]], extra: dict[str, Any], disk: str
+) -> list[Result]:
+    """Direct and shadowed kv ops/s with the kv log on `disk`, and their paired ratio (pure)."""
+    direct = [r.ops_per_s for r in runs["direct"]]
+    shadowed = [r.ops_per_s for r in runs["shadow"]]
+    what = {**extra, "what": "kv --max ops/s, shadowed ÷ direct, same guest, back to back"}
     direct_name, shadow_name, ratio_name = datapath_names(disk)
     return [
-        measured(SECTION, direct_name, direct, "ops/s", extra=extra),
-        measured(SECTION, shadow_name, shadowed, "ops/s", extra=extra),
+        measured(SECTION, direct_name, direct, "ops/s", extra=what),
+        measured(SECTION, shadow_name, shadowed, "ops/s", extra=what),
         measured(
             SECTION,
             ratio_name,
-            [s / d for s, d in zip(shadowed, direct, strict=True)],
+            paired_ratios(shadowed, direct),
             "ratio",
             GOAL_DURING_VS_BEFORE,
-            extra,
+            what,
         ),
+    ]
+
+
+def datapath_results(
+    runs: Mapping[str, Sequence[DatapathRun]], extra: dict[str, Any]
+) -> list[Result]:
+    """The data path's results from its runs per mode (pure)."""
+    ops = {mode: [r.ops_per_s for r in runs[mode]] for mode in DATAPATH_MODES}
+    what = {**extra, "what": "kv --max ops/s, same guest, back to back, no migration"}
+    cpu_what = {
+        **extra,
+        "what": "host CPU µs per kv request: the VMM without its vCPU threads, plus the "
+        "device processes",
+    }
+
+    def ratio(name: str, mode: str, goal: Goal) -> Result:
+        return measured(
+            SECTION,
+            name,
+            paired_ratios(ops[mode], ops["direct"]),
+            "ratio",
+            goal,
+            {**what, "what": f"kv --max ops/s, {mode} ÷ direct, paired rounds, no migration"},
+        )
+
+    (direct_ops, shadow_ops, shadow_ratio, intercept_ops, intercept_ratio, *cpu_names) = (
+        DATAPATH_RESULTS
+    )
+    return [
+        measured(SECTION, direct_ops, ops["direct"], "ops/s", extra=what),
+        measured(SECTION, shadow_ops, ops["shadow"], "ops/s", extra=what),
+        ratio(shadow_ratio, "shadow", GOAL_DURING_VS_BEFORE),
+        measured(SECTION, intercept_ops, ops["intercept"], "ops/s", extra=what),
+        ratio(intercept_ratio, "intercept", GOAL_INTERCEPT_VS_DIRECT),
+        *[
+            measured(
+                SECTION, name, [r.cpu_us_per_request for r in runs[mode]], "µs", extra=cpu_what
+            )
+            for name, mode in zip(cpu_names, DATAPATH_MODES, strict=True)
+        ],
     ]
 
 

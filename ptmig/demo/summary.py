@@ -248,6 +248,10 @@ WHY = {
     "see them. While migrating, ptmig gave each device a copy of its DMA buffers and "
     "copied every completion back itself, so every device write was marked dirty and "
     "re-sent.",
+    "intercept": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log "
+    "cannot see them. While migrating, ptmig shadowed only their rings: it saw every request "
+    "and every completion before the guest did and marked every page a completed request "
+    "let the device write dirty, so those pages were re-sent; no data was copied.",
     "none": "The NIC and the disk DMA straight into guest RAM, where KVM's dirty log cannot "
     "see them. Nothing tracked those writes, so pages they changed after being sent "
     "reached the destination stale (in ptmig's runs: the NIC's receive buffers and the "

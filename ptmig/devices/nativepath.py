@@ -38,7 +38,7 @@ from ptmig.nativelib import NativeLibraryError, load_library
 
 ERROR_LEN: Final = 256
 DATAPATHS: Final = ("native", "python")  # a device config's `datapath`; native by default
-HEADERS: Final = ("virtq.h", "worker.h")
+HEADERS: Final = ("chain.h", "virtq.h", "worker.h")
 
 # The shared int64 array (virtq.h): per queue fields at q * QSTRIDE, for up to MAX_QUEUES ...
 Q_READY, Q_SIZE, Q_DESC, Q_AVAIL, Q_USED, Q_NEXT_AVAIL, Q_NEXT_USED = range(7)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .protocol import MAX_DATA_CHANNELS
 
-DMA_TRACKING = ("none", "all-dirty", "device-log", "shadow")
+DMA_TRACKING = ("none", "all-dirty", "device-log", "shadow", "intercept")
 
 
 class Status(Enum):

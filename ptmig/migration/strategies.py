@@ -13,8 +13,10 @@ those writes some other way. The engine asks the active strategy at four points:
 
 `none` adds nothing (and loses device writes: kept to show the corruption), `all-dirty` adds
 every page the IOMMU maps writable (QEMU's "perpetually dirty" fallback), `device-log` harvests
-the device's own DMA write log (hardware dirty tracking), and `shadow` (see `ptmig.shadow`)
-adds nothing because device writes reach guest RAM only through the VMM's marking write path.
+the device's own DMA write log (hardware dirty tracking), `shadow` (see `ptmig.shadow`)
+adds nothing because device writes reach guest RAM only through the VMM's marking write path,
+and `intercept` (`ptmig.shadow.strategy`) shadows only the rings and marks the writable pages
+of every completed request dirty.
 """
 
 from __future__ import annotations
@@ -141,10 +143,10 @@ class DeviceLog(_QuiesceAtStop):
 
 
 def make_strategy(name: str) -> DmaTracking:
-    if name == "shadow":
-        from ..shadow.strategy import ShadowTracking
+    if name in ("shadow", "intercept"):
+        from ..shadow.strategy import make_tracking
 
-        return ShadowTracking()
+        return make_tracking(name)
     table: dict[str, type[_QuiesceAtStop]] = {
         "none": NoTracking,
         "all-dirty": AllDirty,

@@ -51,6 +51,7 @@ from .native import (
     ST_DOORBELLS,
     ST_FORWARDED,
     ST_INTERRUPTS,
+    ST_MARKED,
     ST_STALLS,
     Dataplane,
     DataplaneDevice,
@@ -118,6 +119,7 @@ class ShadowStats:
     doorbells = property(lambda self: self._get(ST_DOORBELLS))
     interrupts = property(lambda self: self._get(ST_INTERRUPTS))
     stalls = property(lambda self: self._get(ST_STALLS))
+    pages_marked = property(lambda self: self._get(ST_MARKED))
 
 
 class ShadowedDevice:
@@ -126,7 +128,8 @@ class ShadowedDevice:
     `dataplane` is the VM's (the shadow engine runs its thread); without one the device gets a
     private data plane, driven only by `submit` and `complete` (tests, tools). A
     `ReferenceDataplane` (the Python reference of the same per-request work) may stand in for
-    the native one: the differential tests run both."""
+    the native one: the differential tests run both. `intercept`: only the rings get device
+    buffers; the data buffers stay mapped to guest RAM (x-dma-tracking intercept)."""
 
     def __init__(
         self,
@@ -137,12 +140,16 @@ class ShadowedDevice:
         *,
         irq_fd: int = -1,
         view_base: int | None = None,
+        intercept: bool = False,
     ) -> None:
         self.dev = dev
         self.memory = memory
+        self.intercept = intercept
         self._own_dataplane = dataplane is None
         self.dataplane = dataplane if dataplane is not None else Dataplane(memory, pool)
-        self.native: DataplaneDevice | ReferenceDevice = self.dataplane.add_device(irq_fd)
+        self.native: DataplaneDevice | ReferenceDevice = self.dataplane.add_device(
+            irq_fd, intercept=intercept
+        )
         self.map = ShadowMap(
             pool, dev.iommu, memory, self.native, invalidate=self._invalidate, view_base=view_base
         )
@@ -153,6 +160,7 @@ class ShadowedDevice:
         self._broken: str | None = None
         self.mmio: dict[str, Any] | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
+        self.inflight_pages_marked = 0  # intercept: in-flight writable pages at the switchover
 
     @property
     def broken(self) -> str | None:
@@ -185,7 +193,8 @@ class ShadowedDevice:
         `doorbells` and `kicks` are, per queue, the VMM's trapping eventfd and the device's
         doorbell, which the data plane thread waits on and rings."""
         self.mmio = device_state["mmio"]
-        self.map.iommu.unmap(0, self.map.iommu.iova_pages)
+        if not self.intercept:  # intercept keeps the identity map; the ring pages are remapped
+            self.map.iommu.unmap(0, self.map.iommu.iova_pages)
         with self.dataplane.locked():
             for q in device_state["queues"]:
                 if not q.get("ready", True):
@@ -336,6 +345,12 @@ class ShadowedDevice:
                             range(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1)
                         )
         return sorted(pages)
+
+    @property
+    def pages_marked(self) -> int:
+        """Intercept: dirty marks for the device's direct writes (page pieces of completed
+        requests, and the pages of requests in flight at the switchover)."""
+        return self.stats.pages_marked + self.inflight_pages_marked
 
     def fail(self, reason: str) -> None:
         """Stop shadowing this device (the migration then fails). Needs the data plane lock."""

@@ -61,8 +61,12 @@ POLL_S = 0.05  # safety net: look for stalled queues even without a call for hel
 
 
 class ShadowEngine:
-    def __init__(self, machine: Machine) -> None:
+    """`intercept`: shadow only the rings (x-dma-tracking intercept); data buffers stay in guest
+    RAM and each completion marks the pages of its device-writable buffers dirty."""
+
+    def __init__(self, machine: Machine, *, intercept: bool = False) -> None:
         self.m = machine
+        self.intercept = intercept
         self.devices: dict[str, ShadowedDevice] = {}
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -90,6 +94,7 @@ class ShadowEngine:
                     dp,
                     irq_fd=dev.handle.irq_eventfd,
                     view_base=None if dev.view is None else self.m.shadow_pool.view_base(dev.view),
+                    intercept=self.intercept,
                 )
                 self.devices[dev.id] = sd
                 if isinstance(dev.handle, VhostUserBlk):  # its events come on a thread of their own
@@ -262,9 +267,21 @@ class ShadowEngine:
             for sd in self.devices.values():
                 sd.dev.handle.quiesce()
                 sd.complete()
+                if self.intercept:
+                    self._mark_inflight(sd)
         if self.devices:
             self.m.vm.wake_guest()
         self._check_broken()
+
+    def _mark_inflight(self, sd: ShadowedDevice) -> None:
+        """Intercept at the switchover: the device may already have written the buffers of a
+        request it has not completed (a partly received frame), straight into guest RAM, so
+        every device-writable page of every request still in flight is dirty."""
+        memory = self.m.vm.memory
+        pages = sd.inflight_writable_pages()
+        for gpfn in pages:
+            memory.mark_dirty(gpfn << 12, 4096)
+        sd.inflight_pages_marked += len(pages)
 
     def leave(self) -> None:
         """Back to direct DMA (after a cancelled or failed migration, or at once when the
@@ -350,6 +367,8 @@ class ShadowEngine:
             "iotlb-invalidations": sum(sd.stats.iotlb_invalidations for sd in per.values()),
             "stalls": sum(sd.stats.stalls for sd in per.values()),
             "pool-pages-in-use": self.m.shadow_pool.in_use,
+            "dma-tracking": "intercept" if self.intercept else "shadow",
+            "pages-marked": sum(sd.pages_marked for sd in per.values()),
         }
         total["devices"] = {
             name: {
@@ -360,6 +379,7 @@ class ShadowEngine:
                 "bytes-to-guest": sd.stats.bytes_to_guest,
                 "inflight": sum(q.native.inflight_count for q in sd.queues.values()),
                 "stalls": sd.stats.stalls,
+                "pages-marked": sd.pages_marked,
                 "broken": sd.broken,
             }
             for name, sd in per.items()

@@ -33,7 +33,8 @@ from .pool import ShadowPool
 ST_FORWARDED, ST_COMPLETED, ST_BYTES_TO_DEVICE, ST_BYTES_TO_GUEST = 0, 1, 2, 3
 ST_DOORBELLS, ST_INTERRUPTS, ST_ACTIVE, ST_IDLE, ST_REUSED, ST_PEAK, ST_STALLS = range(4, 11)
 ST_CLOCK = 11
-ST_COUNT = 12
+ST_MARKED = 12  # intercept: page pieces marked dirty for the device's direct writes
+ST_COUNT = 13
 # Positions per queue (enum Q_* in dataplane.c).
 Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT = range(4)
 Q_COUNT = 4
@@ -61,9 +62,9 @@ class DataplaneError(RuntimeError):
 _P = ctypes.c_void_p
 _U64, _I32, _U32, _INT = ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_int
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
-    "dp_engine_new": (_P, [_P, _U64, _P, _U64, _P, _INT, _INT, _U32]),
+    "dp_engine_new": (_P, [_P, _U64, _P, _INT, _P, _U64, _P, _INT, _INT, _U32]),
     "dp_engine_free": (None, [_P]),
-    "dp_dev_add": (_P, [_P, _P, _P, _P, _P, _P, _INT]),
+    "dp_dev_add": (_P, [_P, _P, _P, _P, _P, _P, _INT, _INT]),
     "dp_queue_add": (_INT, [_P, _INT, _U32, _U64, _U64, _U64, _P, _P, _P, _INT, _INT]),
     "dp_rec_layout": (_INT, [_INT]),
     "dp_forward": (_INT, [_P, _INT]),
@@ -80,7 +81,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 def library() -> ctypes.CDLL:
     """The loaded data plane (built on first use). ctypes releases the GIL around each call."""
     try:
-        lib = load_library((SOURCE,), _SIGNATURES, ("worker.h",))
+        lib = load_library((SOURCE, "virtq.c"), _SIGNATURES, ("chain.h", "virtq.h", "worker.h"))
     except NativeLibraryError as e:
         raise DataplaneError(f"the shadow data plane is unavailable: {e}") from e
     check_layout(lib)
@@ -101,6 +102,12 @@ def check_layout(lib: ctypes.CDLL) -> None:
 
 def _addr(a: npt.NDArray[np.generic]) -> int:
     return int(a.ctypes.data)
+
+
+def ram_region_array(memory: GuestMemory) -> npt.NDArray[np.uint64]:
+    """The RAM regions as (start, end) GPA pairs (struct dp_region): the data plane refuses any
+    guest address outside them, the gaps between regions included."""
+    return np.array([v for r in memory.regions for v in (r.gpa, r.end)], dtype=np.uint64)
 
 
 class DataplaneQueue:
@@ -161,8 +168,9 @@ class DataplaneQueue:
 class DataplaneDevice:
     """One device's page table, counters and error text (shared arrays)."""
 
-    def __init__(self, dp: Dataplane, npages: int, irq_fd: int) -> None:
+    def __init__(self, dp: Dataplane, npages: int, irq_fd: int, intercept: bool) -> None:
         self.dp = dp
+        self.intercept = intercept
         self.slot = np.full(npages, -1, dtype=np.int32)
         self.refs = np.zeros(npages, dtype=np.int32)
         self.stamp = np.zeros(npages, dtype=np.uint32)
@@ -177,6 +185,7 @@ class DataplaneDevice:
             _addr(self.stats),
             ctypes.addressof(self._error),
             irq_fd,
+            int(intercept),
         )
         if not handle:
             raise DataplaneError("the data plane cannot take another device")
@@ -252,9 +261,12 @@ class Dataplane:
         self.dirty = bitmap.empty(memory.npages)
         self.slow_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._pool_base = ctypes.c_char.from_buffer(pool.mmap)
+        self._regions = ram_region_array(memory)
         handle = self.lib.dp_engine_new(
             memory.host_address,
             memory.size,
+            _addr(self._regions),
+            len(self._regions) // 2,
             ctypes.addressof(self._pool_base),
             pool.pages,
             _addr(self.dirty),
@@ -269,8 +281,10 @@ class Dataplane:
         self.devices: list[DataplaneDevice] = []
         self.running = False
 
-    def add_device(self, irq_fd: int = -1) -> DataplaneDevice:
-        dev = DataplaneDevice(self, self.memory.npages, irq_fd)
+    def add_device(self, irq_fd: int = -1, *, intercept: bool = False) -> DataplaneDevice:
+        """A device to shadow; `intercept`: only its rings (its data buffers stay in guest RAM,
+        and a completion marks their pages dirty instead of copying them back)."""
+        dev = DataplaneDevice(self, self.memory.npages, irq_fd, intercept)
         self.devices.append(dev)
         return dev
 

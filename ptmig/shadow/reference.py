@@ -13,6 +13,12 @@ the device's page table and counters):
             differ, each marked dirty), write the element with the device's len, then the used
             idx.
 
+A device added with `intercept` follows the intercept rules of the native one: only pages
+with a device buffer (the rings') are copied, a chain never stalls, no page references are
+taken, and a completion marks every page piece of the writable buffers that has no device
+buffer dirty (the device wrote it in guest RAM) instead of copying it back. Guest addresses
+must lie in one RAM region (`GuestMemory.check`), never in the gap between regions.
+
 It has no thread: `ShadowedDevice.submit` and `complete` drive it. Slow and plain on purpose --
 every step is written out so that a reader can check the native code against it, and the
 differential tests run both on identical inputs and compare guest memory byte for byte.
@@ -35,7 +41,7 @@ from ..devices.virtio.constants import (
     VIRTQ_DESC_KNOWN_FLAGS,
 )
 from ..layout import PAGE_SHIFT, PAGE_SIZE
-from ..memory import GuestMemory
+from ..memory import GuestMemory, GuestMemoryError
 from .native import (
     ERROR_LEN,
     Q_INFLIGHT,
@@ -50,6 +56,7 @@ from .native import (
     ST_COUNT,
     ST_FORWARDED,
     ST_IDLE,
+    ST_MARKED,
     ST_PEAK,
     ST_REUSED,
     ST_STALLS,
@@ -78,8 +85,9 @@ class _Ring:
 class ReferenceDevice:
     """One device's page table, counters and queues, with the per-request work in Python."""
 
-    def __init__(self, dp: ReferenceDataplane, npages: int) -> None:
+    def __init__(self, dp: ReferenceDataplane, npages: int, intercept: bool = False) -> None:
         self.dp = dp
+        self.intercept = intercept
         self.slot = np.full(npages, -1, dtype=np.int32)
         self.refs = np.zeros(npages, dtype=np.int32)
         self.stamp = np.zeros(npages, dtype=np.uint32)
@@ -120,21 +128,31 @@ class ReferenceDevice:
     # --- memory -----------------------------------------------------------------------------
 
     def _guest(self, gpa: int, length: int, what: str) -> memoryview:
-        if gpa < 0 or length > self.dp.memory.size - gpa:
-            raise Broken(f"{what} {gpa:#x}+{length} is outside guest RAM")
+        """Guest RAM [gpa, +length), which must lie in one RAM region (never a gap)."""
+        try:
+            self.dp.memory.check(gpa, length)
+        except GuestMemoryError:
+            raise Broken(f"{what} {gpa:#x}+{length} is outside guest RAM") from None
         return self.dp.guest[gpa : gpa + length]
 
     def _devbuf(self, iova: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(pool byte offset, offset in the data, n) pieces of device buffer [iova, +length)."""
+        for off, start, n in self._pieces(iova, length):
+            if off < 0:
+                raise Broken(f"IOVA {iova + start:#x} has no device buffer")
+            yield off, start, n
+
+    def _pieces(self, iova: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(pool byte offset or -1 where the page has no device buffer, offset in the data, n)
+        page pieces of [iova, +length)."""
         done = 0
         while done < length:
             addr = iova + done
             gpfn = addr >> PAGE_SHIFT
             n = min(PAGE_SIZE - (addr & (PAGE_SIZE - 1)), length - done)
             pfn = int(self.slot[gpfn]) if 0 <= gpfn < self.slot.size else -1
-            if pfn < 0 or pfn >= self.dp.pool.pages:
-                raise Broken(f"IOVA {addr:#x} has no device buffer")
-            yield (pfn << PAGE_SHIFT) + (addr & (PAGE_SIZE - 1)), done, n
+            ok = 0 <= pfn < self.dp.pool.pages
+            yield ((pfn << PAGE_SHIFT) + (addr & (PAGE_SIZE - 1)) if ok else -1), done, n
             done += n
 
     def _devbuf_write(self, iova: int, data: bytes | memoryview) -> None:
@@ -211,7 +229,7 @@ class ReferenceDevice:
             if q.head_avail[head] >= 0:
                 raise Broken(f"head {head} made available again while still in flight")
             chain = self._walk(q, ring, head)
-            if any(self.slot[p] < 0 for p in self._pages(chain)):
+            if not self.intercept and any(self.slot[p] < 0 for p in self._pages(chain)):
                 q.pos[Q_STALLED] = 1
                 self.stats[ST_STALLS] += 1
                 break
@@ -277,25 +295,38 @@ class ReferenceDevice:
         chain: list[tuple[int, int, int, bool]],
         avail_index: int,
     ) -> None:
-        for p in self._pages(chain):
-            self._get(p)
+        if not self.intercept:
+            for p in self._pages(chain):
+                self._get(p)
         wlen = 0
         for i, (index, addr, length, writable) in enumerate(chain):
             last = i == len(chain) - 1
             flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if writable else 0)
             nxt = 0 if last else chain[i + 1][0]
             self._devbuf_write(ring.desc + 16 * index, _DESC.pack(addr, length, flags, nxt))
-            self._devbuf_write(addr, self.dp.guest[addr : addr + length])
+            copied = self._copy_in(addr, length)
             if writable:
                 wlen += length
             else:
-                self.stats[ST_BYTES_TO_DEVICE] += length
+                self.stats[ST_BYTES_TO_DEVICE] += copied
             q.rec[index] = (addr, length, flags, nxt, head, 0)
         q.rec[head]["wlen"] = wlen
         self._devbuf_write(ring.avail + 4 + 2 * (avail_index % ring.size), _U16.pack(head))
         q.head_avail[head] = avail_index
         q.pos[Q_INFLIGHT] += 1
         self.stats[ST_FORWARDED] += 1
+
+    def _copy_in(self, gpa: int, length: int) -> int:
+        """Guest bytes [gpa, +length) into the device buffers of their pages; bytes copied.
+        Intercept: a page with no device buffer is the device's in guest RAM (nothing to copy)."""
+        pool, guest = self.dp.pool.mmap, self.dp.guest
+        pieces = self._pieces(gpa, length) if self.intercept else self._devbuf(gpa, length)
+        copied = 0
+        for off, start, n in pieces:
+            if off >= 0:
+                pool[off : off + n] = guest[gpa + start : gpa + start + n]
+                copied += n
+        return copied
 
     # --- completion -------------------------------------------------------------------------
 
@@ -361,21 +392,29 @@ class ReferenceDevice:
                 self.stats[ST_BYTES_TO_GUEST] += self._sync_back(addr, n)
         elem[:] = _ELEM.pack(head, length)
         self._mark(elem_gpa, 8)
-        for addr, n, _ in chain:
-            for p in range(addr >> PAGE_SHIFT, ((addr + n - 1) >> PAGE_SHIFT) + 1):
-                self._put(p)
+        if not self.intercept:
+            for addr, n, _ in chain:
+                for p in range(addr >> PAGE_SHIFT, ((addr + n - 1) >> PAGE_SHIFT) + 1):
+                    self._put(p)
         owners = q.rec["owner"]
         owners[owners == head] = -1
         q.head_avail[head] = -1
         q.pos[Q_INFLIGHT] -= 1
 
     def _sync_back(self, gpa: int, length: int) -> int:
-        """Copy device buffer [gpa, +length) into guest RAM where it differs; bytes copied."""
+        """Copy device buffer [gpa, +length) into guest RAM where it differs; bytes copied.
+        Intercept: a piece with no device buffer was written by the device in guest RAM, so
+        its page is marked dirty (the whole writable area, whatever used.len says)."""
         pool, guest = self.dp.pool.mmap, self.dp.guest
         copied = 0
-        for off, start, n in self._devbuf(gpa, length):
-            src = pool[off : off + n]
+        pieces = self._pieces(gpa, length) if self.intercept else self._devbuf(gpa, length)
+        for off, start, n in pieces:
             at = gpa + start
+            if off < 0:
+                self._mark(at, n)
+                self.stats[ST_MARKED] += 1
+                continue
+            src = pool[off : off + n]
             if guest[at : at + n] != src:
                 guest[at : at + n] = src
                 self._mark(at, n)
@@ -398,8 +437,8 @@ class ReferenceDataplane:
         self.dirty = bitmap.empty(memory.npages)
         self.devices: list[ReferenceDevice] = []
 
-    def add_device(self, irq_fd: int = -1) -> ReferenceDevice:
-        dev = ReferenceDevice(self, self.memory.npages)
+    def add_device(self, irq_fd: int = -1, *, intercept: bool = False) -> ReferenceDevice:
+        dev = ReferenceDevice(self, self.memory.npages, intercept)
         self.devices.append(dev)
         return dev
 

@@ -1,8 +1,38 @@
-"""`x-dma-tracking = shadow`: the seed's technique as the migration engine sees it.
+"""`x-dma-tracking = shadow` and `intercept`: the two software answers as the migration engine
+sees them.
 
-Nothing is added to the dirty set: while shadowing, device writes reach guest RAM only as VMM
-writes, which the VMM's own bitmap records. The device state sent to the destination is the
-interception log, not a readout of device internals.
+`shadow` (the seed's technique) adds nothing to the dirty set: device writes reach guest RAM
+only as VMM writes (copies from the device buffers), which the VMM's own bitmap records.
+
+`intercept` shadows only the rings and leaves every data buffer where the guest put it: the
+device DMAs into guest RAM directly, and the data plane marks dirty every page of a request's
+device-writable buffers when the request completes -- before the guest sees the used element,
+and for the whole writable area, never by used.len (virtio 1.x, 2.7.8: used.len is a lower
+bound of what the device wrote, and a driver may not rely on anything past it). Why nothing
+escapes:
+
+  * the device can only learn of a buffer from the shadow rings, which the VMM fills: every
+    buffer it may write is in a request the VMM recorded (its private record, never device
+    memory);
+  * a write the device made before completing is either marked at completion (the page is then
+    sent again, after its last change) or, for a request still in flight at the switchover,
+    marked by `stop_and_copy` after the device was quiesced: stop forwarding, quiesce, sync
+    every completion, mark the writable pages of every request left in flight, then the final
+    harvest;
+  * after quiescing nothing is written any more (ptmig's devices finish or park every request
+    before `quiesce` returns, and they are never resumed on this side once the destination
+    runs).
+
+Where it could escape on real hardware: a device that keeps writing after it was told to stop
+(a quiesce that is not a DMA barrier, posted writes still in the fabric), a device that writes
+outside the buffers of the request it completes (firmware bugs; the identity IOMMU map lets
+it reach any guest page, where `shadow` maps only device buffers), and a write to a buffer of
+a request the device completed and the guest has not yet reposted. `shadow` trusts the device
+with nothing but the device buffers; `intercept` trusts it to write only the writable buffers
+of the requests it was given, and to stop when quiesced.
+
+The device state sent to the destination is the interception log either way, not a readout of
+device internals.
 """
 
 from __future__ import annotations
@@ -18,13 +48,21 @@ if TYPE_CHECKING:
 
 class ShadowTracking:
     name = "shadow"
+    intercept = False  # shadow only the rings (see InterceptTracking)
 
     def __init__(self) -> None:
         self.engine: ShadowEngine | None = None
         self._final_stats: dict[str, Any] | None = None
 
     def begin(self, m: Machine) -> None:
-        self.engine = ShadowEngine(m)
+        if self.intercept:
+            unsupported = [d.id for d in m.devices if getattr(d, "view", None) is not None]
+            if unsupported:
+                raise ValueError(
+                    f"{self.name} DMA tracking does not support vhost-user devices yet "
+                    f"({', '.join(unsupported)}): use shadow, device-log or all-dirty"
+                )
+        self.engine = ShadowEngine(m, intercept=self.intercept)
         m.shadow = self.engine
         self.engine.enter()
 
@@ -80,3 +118,22 @@ class ShadowTracking:
         if self.engine is not None and self.engine.active:
             return self.engine.stats()
         return self._final_stats
+
+
+class InterceptTracking(ShadowTracking):
+    """`x-dma-tracking = intercept`: the rings shadowed, the data buffers left in guest RAM, and
+    each completion's device-writable pages marked dirty (see the module docstring)."""
+
+    name = "intercept"
+    intercept = True
+
+
+def make_tracking(name: str) -> ShadowTracking:
+    """The software strategy called `name` ("shadow" or "intercept")."""
+    table: dict[str, type[ShadowTracking]] = {
+        "shadow": ShadowTracking,
+        "intercept": InterceptTracking,
+    }
+    if name not in table:
+        raise ValueError(f"{name!r} is not a software DMA tracking strategy (shadow, intercept)")
+    return table[name]()
