@@ -588,8 +588,7 @@ class SourceMigration:
         bw = policy.BandwidthEstimator()
         auto = policy.AutoConverge() if self.caps.auto_converge else None
         dirty = vm.memory.ram_bitmap()  # round 0: every page of RAM, none of the MMIO gap
-        best_remaining: int | None = None
-        stalled = 0
+        stalls = policy.StallCounter()
         rnd = 0
         while True:
             self._check()
@@ -634,11 +633,7 @@ class SourceMigration:
                 self._drain(ch)
                 self._close_data_channels()  # the stop-and-copy round uses the main stream
                 return dirty
-            if best_remaining is None or remaining < best_remaining * 0.95:
-                best_remaining = remaining
-                stalled = 0
-            else:
-                stalled += 1
+            stalled = stalls.update(remaining)
             if auto is not None:
                 pct = auto.update(
                     policy.RoundStats(dirty_bytes=remaining, transferred_bytes=nbytes, seconds=took)
