@@ -48,7 +48,7 @@ struct uffd_stats {
 	uint64_t zero_served; /* faults the thread served itself (known zero pages) */
 	uint64_t installed;   /* pages made present by uffd_install / zero serving */
 	uint64_t eexist;      /* installs that found the page already there */
-	uint64_t missing;     /* pages neither PRESENT nor installed yet */
+	uint64_t missing;     /* pages only the source has (MISSING or REQUESTED) */
 	uint64_t blocktime_us; /* sum of remote fault latencies */
 	uint64_t samples;     /* latencies recorded (see uffd_latencies) */
 };
@@ -89,8 +89,9 @@ static void mark_present(struct uffd_server *s, uint64_t pfn, uint64_t n)
 	for (uint64_t p = pfn; p < pfn + n; p++) {
 		if (s->state[p] == PRESENT)
 			continue;
+		if (s->state[p] != ZERO)
+			s->st.missing--;
 		s->state[p] = PRESENT;
-		s->st.missing--;
 		s->st.installed++;
 		if (s->fault_ns[p]) {
 			uint64_t us = (t - s->fault_ns[p]) / 1000;
@@ -210,7 +211,7 @@ struct uffd_server *uffd_open(uint64_t base, uint64_t npages, const uint8_t *sta
 			goto fail;
 		}
 		s->state[p] = state[p];
-		s->st.missing += state[p] != PRESENT;
+		s->st.missing += state[p] == MISSING;
 	}
 	s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	s->request_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

@@ -46,6 +46,7 @@ from .events import (
     Hello,
     HelloAck,
     PageRunsHeader,
+    PostcopyStart,
     ProtocolError,
     RemoteProtocolError,
     Role,
@@ -59,6 +60,7 @@ from .events import (
 )
 from .frames import MAX_REASON
 from .pages import expand_runs
+from .postcopy import PostcopyError, PostcopyReceiver, refuse_devices
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -71,7 +73,13 @@ from .protocol import (
 )
 from .source import VERIFY_CAPABILITY
 from .strategies import decode_device_states
-from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests_at
+from .verify import (
+    ZERO_PAGE_DIGEST,
+    compare_digests,
+    digests_from_bytes,
+    page_digests,
+    page_digests_at,
+)
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -321,6 +329,8 @@ class Incoming:
         self._failure: str | None = None  # the first data channel failure
         self._scratch = threading.local()  # `_gather`'s receive buffer, per thread
         self.ownership = GuestOwnership(Role.DESTINATION)
+        self.postcopy_start: PostcopyStart | None = None
+        self.postcopy: PostcopyReceiver | None = None  # once a post-copy switchover began
 
     def receive(self) -> None:
         """Wait for a source and run its migration to the switchover; the guest runs on return.
@@ -389,6 +399,7 @@ class Incoming:
         self.activity = transport.SharedActivity()
         self._main = None
         self._failure = None
+        self.postcopy_start = None
 
     def _attempt(self, ch: transport.Channel) -> None:
         """One source's migration on its main stream `ch`, to the switchover."""
@@ -444,11 +455,19 @@ class Incoming:
                 vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
             elif isinstance(ev, DeviceStates):
                 devices = decode_device_states(ev.blob, [d.id for d in m.devices])
+            elif isinstance(ev, PostcopyStart):
+                self.postcopy_start = ev
             elif isinstance(ev, Complete):
                 if vcpus is None or devices is None:
                     raise IncomingError("Complete arrived before the vCPU and device state")
-                self._finish_data_channels(rnd - 1)
+                # (a plain switchover's last round, the stop-and-copy one, is on this stream;
+                # a post-copy switchover has none)
+                self._finish_data_channels(rnd if self.postcopy_start is not None else rnd - 1)
+                if self.postcopy_start is not None:
+                    self._arm_postcopy(self.postcopy_start)
                 self._switchover(ch, conn, vcpus, devices)
+                if self.postcopy is not None and not self._run_postcopy(ch, conn):
+                    return  # paused: the source keeps the pages we lack
                 if self.digests is not None:
                     self._verify_after_switchover(ch, conn, splicer)
                 return
@@ -458,6 +477,51 @@ class Incoming:
                 raise IncomingError("the source closed the connection before completing")
             else:
                 raise IncomingError(f"unexpected event {type(ev).__name__}")
+
+    def _arm_postcopy(self, start: PostcopyStart) -> None:
+        """Before the vCPUs run: the pages the source still has become missing, and guest RAM
+        is served by the fault server (see `postcopy`)."""
+        try:
+            refuse_devices([d.id for d in self.m.devices])
+        except PostcopyError as e:
+            raise IncomingError(str(e)) from None
+        mem = self.m.vm.memory
+        self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
+        self.postcopy.arm(start, mem.allocated(), mem.punch_zero)
+
+    def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
+        """The guest runs: receive the pending pages until the last one. A broken link pauses
+        the guest here (False); nothing missing is ever zero-filled."""
+        pc = self.postcopy
+        assert pc is not None
+        pc.start_fetcher(ch, conn)
+        try:
+            pc.receive(ch, conn, self._postcopy_pages)
+        except (transport.TransportError, ProtocolError, PostcopyError, OSError) as e:
+            why = f"{type(e).__name__}: {e}"
+            self.m.vm.pause()
+            pc.paused(why)
+            log.error(
+                "post-copy: the link to the source broke (%s); the guest is paused here with "
+                "%d pages missing, the source keeps them",
+                why,
+                pc.report.stats.missing if pc.report.stats else -1,
+            )
+            return False
+        pc.finish()
+        log.info("post-copy: completed, %d pages installed", pc.report.pending_pages)
+        return True
+
+    def _postcopy_pages(self, first: int, npages: int, data: bytes) -> None:
+        with self._data_cond:
+            self.pages_received += npages
+        if self.digests is not None:
+            if data:
+                self.digests[first : first + npages] = page_digests(
+                    np.frombuffer(data, dtype=np.uint8)
+                )
+            else:
+                self.digests[first : first + npages] = ZERO_PAGE_DIGEST
 
     def _abort_to_source(self, ch: transport.Channel, conn: Connection, reason: str) -> None:
         """Best effort: tell the source why this side gives up, so that its error says more

@@ -207,7 +207,8 @@ class FaultServer:
 
     @property
     def missing(self) -> int:
-        """Pages not present yet; post-copy is over when this is 0."""
+        """Pages only the source has (known zero pages do not count); post-copy is over when
+        this is 0."""
         return self.stats().missing
 
     def latencies_us(self) -> npt.NDArray[np.uint32]:
