@@ -488,6 +488,7 @@ class Incoming:
         mem = self.m.vm.memory
         self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
         self.postcopy.arm(start, mem.allocated(), mem.punch_zero)
+        mem.presence = self.postcopy.presence
 
     def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
         """The guest runs: receive the pending pages until the last one. A broken link pauses
@@ -508,6 +509,7 @@ class Incoming:
                 pc.report.stats.missing if pc.report.stats else -1,
             )
             return False
+        self.m.vm.memory.presence = None
         pc.finish()
         log.info("post-copy: completed, %d pages installed", pc.report.pending_pages)
         return True

@@ -53,6 +53,7 @@ import numpy.typing as npt
 
 from .. import bitmap
 from ..layout import PAGE_SIZE
+from ..memory import GuestMemoryError
 from . import transport
 from .events import (
     NEED_DATA,
@@ -316,6 +317,20 @@ class PostcopyReceiver:
         self.report.status = "postcopy-active"
         self.report.pending_pages = int(pending.sum())
         return pending
+
+    def presence(self, gpa: int, length: int) -> None:
+        """`GuestMemory.presence`: the VMM's own access (a QMP query, an exit handler) waits
+        for its pages with the GIL released, so it never blocks the fetcher; once the link is
+        broken it fails at once instead of waiting for pages that cannot come."""
+        server = self.server
+        if server is None or length <= 0 or gpa < 0 or gpa + length > self.npages * PAGE_SIZE:
+            return  # over, or out of range (the bounds check says why)
+        wait = INSTALL_WAIT_S if self.report.status == "postcopy-active" else 0.0
+        if not server.ensure(gpa, length, wait):
+            raise GuestMemoryError(
+                f"guest access [{gpa:#x}, +{length:#x}): a page is still on the source and "
+                f"post-copy is {self.report.status}"
+            )
 
     def start_fetcher(self, ch: transport.Channel, conn: Connection) -> None:
         self.report.started_at = time.monotonic()

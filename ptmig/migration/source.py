@@ -227,6 +227,8 @@ class SourceMigration:
         self._note_owner()
         switched = False
         try:
+            if self.caps.postcopy_ram:
+                postcopy.refuse_devices([d.id for d in m.devices])
             ch = transport.connect_to(
                 self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
             )
@@ -234,7 +236,6 @@ class SourceMigration:
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
             caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
             if self.caps.postcopy_ram:
-                postcopy.refuse_devices([d.id for d in m.devices])
                 caps += (postcopy.POSTCOPY_CAPABILITY,)
             nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
             if nchannels:
