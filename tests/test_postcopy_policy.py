@@ -115,3 +115,27 @@ def test_stall_counter_examples() -> None:
         c.update(-5)
     with pytest.raises(ValueError, match="progress must be in"):
         StallCounter(progress=0)
+
+
+def test_ptmig_migrate_postcopy_sends_the_capability_and_the_round_limit() -> None:
+    from ptmig.migration.client import (
+        EXIT_UNRESOLVED,
+        MigrateOptions,
+        exit_status,
+        setup_commands,
+    )
+
+    cmds = dict(
+        setup_commands(MigrateOptions("q.sock", "tcp:h:1", postcopy=True, postcopy_after_rounds=1))
+    )
+    assert cmds["migrate-set-parameters"] == {"x-postcopy-after-rounds": 1}
+    assert {"capability": "postcopy-ram", "state": True} in cmds["migrate-set-capabilities"][
+        "capabilities"
+    ]
+    plain = dict(setup_commands(MigrateOptions("q.sock", "tcp:h:1")))
+    assert all(
+        c["capability"] != "postcopy-ram" for c in plain["migrate-set-capabilities"]["capabilities"]
+    )
+    with pytest.raises(ValueError, match="needs --postcopy"):
+        MigrateOptions("q.sock", "tcp:h:1", postcopy_after_rounds=2)
+    assert exit_status({"status": "postcopy-paused"}) == EXIT_UNRESOLVED
