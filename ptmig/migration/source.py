@@ -213,7 +213,11 @@ class SourceMigration:
             raise MigrationCancelled("migration cancelled")
         if self._round_stop.is_set():
             raise RoundStopped("the round was stopped")
-        if self.info.start and time.monotonic() - self.info.start > self.params.x_timeout_s:
+        if (
+            self.info.start
+            and self.info.status is not Status.POSTCOPY_ACTIVE  # the guest runs there now
+            and time.monotonic() - self.info.start > self.params.x_timeout_s
+        ):
             raise TimeoutError(f"migration did not complete within {self.params.x_timeout_s:.0f} s")
 
     # --- the migration ------------------------------------------------------------------------
