@@ -4,8 +4,8 @@ migrated three ways on the same link caps, in the same run.
 The guest: 1 GiB, `dirty` with a 32 MiB working set written as fast as one vCPU can (far more
 than the link carries), its other RAM above `FILL_FROM` filled with random bytes
 (`x-debug-fill-ram`) so every page has data to carry; `downtime-limit` 20 ms, so no pre-copy
-round ever fits it (32 MiB would need 1.6 GB/s). Per run and per link cap (`max-bandwidth` 100 MiB/s, and
-unlimited over loopback), back to back:
+round ever fits it (32 MiB would need 1.6 GB/s). Per run and per link cap (`max-bandwidth`
+100 MiB/s, and unlimited over loopback), back to back:
 - **precopy**: plain pre-copy; it cannot converge, so it ends in the forced switchover after
   `x-max-stalled-rounds` rounds without progress (the working set moves in the downtime);
 - **autoconverge**: pre-copy with QEMU's auto-converge throttle;
