@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -215,3 +216,108 @@ def test_every_page_reads_right_whatever_its_state_and_the_order(
         # (the fetcher has returned from its last install: the counters are final)
         assert sorted(seen) == [p for p, k in enumerate(kinds) if k is PageState.MISSING]
         assert server.missing == 0
+
+
+def test_a_postcopy_session_over_a_socket_serves_every_page_once_while_readers_fault() -> None:
+    """Source and destination engines back to back over a socketpair (no KVM): reader threads
+    touch the destination's pages in random order while the source pushes the rest; every
+    page reads what the source had, and every pending page crosses once."""
+    import socket
+
+    from ptmig.memory import GuestMemory
+    from ptmig.migration import Complete, Connection, HelloAck, Role, SwitchoverAck, hello
+    from ptmig.migration.events import DeviceStates, PostcopyStart, VcpuStates
+    from ptmig.migration.postcopy import PostcopyReceiver, PostcopySender, pending_bytes
+    from ptmig.migration.transport import Channel
+
+    npages = 256
+    src = np.zeros(npages * PAGE_SIZE, dtype=np.uint8)
+    allocated = np.ones(npages, dtype=bool)
+    for p in range(npages):
+        if p % 7 == 3:
+            allocated[p] = False  # a hole on the source: travels as a zero page
+        else:
+            src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] = p % 251 + 1
+    pending = np.zeros(npages, dtype=bool)
+    pending[16:] = True
+    dst = GuestMemory(npages * PAGE_SIZE)
+    for p in range(16):  # what pre-copy delivered
+        dst.write(p * PAGE_SIZE, bytes(src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]))
+
+    s_conn = Connection(Role.SOURCE, guest_pages=npages)
+    d_conn = Connection(Role.DESTINATION, guest_pages=npages)
+
+    def deliver(frm: Connection, to: Connection, ev: object) -> object:
+        to.receive_data(frm.send(ev))  # type: ignore[arg-type]
+        return to.next_event()
+
+    deliver(s_conn, d_conn, hello({"m": 1}))
+    deliver(d_conn, s_conn, HelloAck(True, ""))
+    deliver(s_conn, d_conn, VcpuStates(b"v"))
+    deliver(s_conn, d_conn, DeviceStates(b"d"))
+    bits = np.packbits(pending, bitorder="little")
+    words = np.zeros(-(-npages // 64), dtype=np.uint64)
+    words.view(np.uint8)[: len(bits)] = bits
+    start = deliver(s_conn, d_conn, PostcopyStart(pending_bytes(words)))
+    assert isinstance(start, PostcopyStart)
+    receiver = PostcopyReceiver(dst.view, dst.host_address, npages)
+    receiver.arm(start, dst.allocated(), dst.punch_zero)
+    deliver(s_conn, d_conn, Complete())
+    deliver(d_conn, s_conn, SwitchoverAck(True, ""))
+
+    a, b = socket.socketpair()
+    s_ch, d_ch = Channel(a, WAIT_S, "dst"), Channel(b, WAIT_S, "src")
+    sender = PostcopySender(
+        s_ch,
+        s_conn,
+        memoryview(src),
+        pending,
+        allocated,
+        check=lambda: None,
+        rate_limit=lambda n: None,
+    )
+    sent = threading.Thread(target=sender.run, name="test-sender")
+    rng = np.random.default_rng(5)
+    got: dict[int, bytes] = {}
+    order = rng.permutation(npages)
+
+    def read() -> None:
+        buf = ctypes.create_string_buffer(PAGE_SIZE)
+        for p in order:
+            ctypes.memmove(buf, dst.host_address + int(p) * PAGE_SIZE, PAGE_SIZE)
+            got[int(p)] = buf.raw
+
+    reader = threading.Thread(target=read, name="test-reader")
+    receiver.start_fetcher(d_ch, d_conn)
+    reader.start()
+    # the source starts once the reader waits on a page: its request is then queued first
+    deadline = time.monotonic() + WAIT_S
+    while receiver.server is not None and receiver.server.stats().requests == 0:
+        assert time.monotonic() < deadline, "the reader never faulted"
+        time.sleep(0.005)
+    sent.start()
+    dst.presence = receiver.presence
+    vmm_read: list[bytes] = []  # the VMM's own access (a QMP query), GIL held around it
+    vmm = threading.Thread(target=lambda: vmm_read.append(dst.read(200 * PAGE_SIZE, 8)))
+    vmm.start()
+    receiver.receive(d_ch, d_conn, lambda first, n, data: None)
+    vmm.join(WAIT_S)
+    assert vmm_read == [bytes([200 % 251 + 1]) * 8]
+    reader.join(WAIT_S)
+    sent.join(WAIT_S)
+    dst.presence = None
+    receiver.finish()
+    for p in range(npages):
+        assert got[p] == bytes(src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]), p
+    assert sender.order.left == 0
+    assert sender.requests > 0  # the reader's first page was asked for
+    report = receiver.report.to_qmp()
+    assert report["status"] == "completed" and report["missing"] == 0 and report["eexist"] == 0
+    data_pages = int((pending & allocated).sum())
+    # each pending page at most once (a hole inside a run of data pages travels as data):
+    # payload plus at most one 24-byte header per frame
+    assert data_pages * PAGE_SIZE <= sender.bytes_sent
+    assert sender.bytes_sent <= int(pending.sum()) * PAGE_SIZE + 24 * npages
+    a.close()
+    b.close()
+    dst.close()

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
-from .migration import _cmd, _ptmig, _qmp, _stop, _wait_status, free_port
+from .harness import BenchConfig, Goal, Result, measured, paired_ratios
+from .migration import _cmd, _ptmig, _qmp, _stop, _wait_migration, _wait_status, free_port
 
 SECTION = "postcopy"
 MiB = 1 << 20
@@ -39,7 +39,6 @@ WORKING_SET_MIB = 32
 DOWNTIME_LIMIT_MS = 20
 CAPS = {"100MiBps": 100 * MiB, "unlimited": 0}
 MODES = ("precopy", "autoconverge", "postcopy")
-FINISHED = ("completed", "failed", "cancelled", "x-unresolved", "postcopy-paused")
 
 GOAL_BYTES_PER_RAM = Goal("<=", 1.05)
 GOAL_TOTAL_PER_IDEAL = Goal("<=", 1.2)
@@ -193,7 +192,7 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
         time.sleep(p.baseline_s)  # the guest's own rate, just before
         t1, i1 = time.monotonic(), _iterations(qs)
         _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        info = _wait_finished(qs, p.migration_timeout_s)
+        info = _wait_migration(qs, p.migration_timeout_s)
         _wait_status(qd, ("running",), 10)
         t2, i2 = time.monotonic(), _iterations(qd)  # counters carry over to the destination
         before = (i1 - i0) / (t1 - t0)
@@ -212,16 +211,3 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
     finally:
         _stop(src, qs)
         _stop(dst, qd)
-
-
-def _wait_finished(q: Any, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info: dict[str, Any] = _cmd(q, "query-migrate")
-        if info.get("status") in FINISHED:
-            if info["status"] != "completed":
-                raise BenchError(f"migration {info['status']}: {info.get('error-desc')}")
-            return info
-        if time.monotonic() > deadline:
-            raise BenchError(f"migration still {info.get('status')!r} after {timeout} s")
-        time.sleep(0.02)

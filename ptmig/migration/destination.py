@@ -61,6 +61,7 @@ from .events import (
 from .frames import MAX_REASON
 from .pages import expand_runs
 from .postcopy import PostcopyError, PostcopyReceiver, refuse_devices
+from .uffd import FaultServerError
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -400,6 +401,10 @@ class Incoming:
         self._main = None
         self._failure = None
         self.postcopy_start = None
+        if self.postcopy is not None:  # armed, but the guest never ran here
+            self.m.vm.memory.presence = None
+            self.postcopy.finish()
+            self.postcopy = None
 
     def _attempt(self, ch: transport.Channel) -> None:
         """One source's migration on its main stream `ch`, to the switchover."""
@@ -487,7 +492,10 @@ class Incoming:
             raise IncomingError(str(e)) from None
         mem = self.m.vm.memory
         self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
-        self.postcopy.arm(start, mem.allocated(), mem.punch_zero)
+        try:
+            self.postcopy.arm(start, mem.allocated(), mem.punch_zero)
+        except (FaultServerError, OSError) as e:  # refused: the source resumes the guest
+            raise IncomingError(f"cannot start post-copy here: {e}") from None
         mem.presence = self.postcopy.presence
 
     def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
