@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .harness import BenchConfig, Goal, Result, measured, paired_ratios
+from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
 from .migration import _cmd, _ptmig, _qmp, _stop, _wait_migration, _wait_status, free_port
 
 SECTION = "postcopy"
@@ -194,6 +194,7 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
         _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = _wait_migration(qs, p.migration_timeout_s)
         _wait_status(qd, ("running",), 10)
+        report = _postcopy_done(qd, p.migration_timeout_s) if mode == "postcopy" else {}
         t2, i2 = time.monotonic(), _iterations(qd)  # counters carry over to the destination
         before = (i1 - i0) / (t1 - t0)
         during = (i2 - i1) / (t2 - t1)
@@ -204,10 +205,23 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
             during / before if before > 0 else float("nan"),
         )
         if mode == "postcopy":
-            lat = _cmd(qd, "x-query-postcopy").get("fault-latency-us", {})
+            lat = report.get("fault-latency-us", {})
             sample.fault_p50_us = float(lat.get("p50", float("nan")))
             sample.fault_p99_us = float(lat.get("p99", float("nan")))
         return sample
     finally:
         _stop(src, qs)
         _stop(dst, qd)
+
+
+def _postcopy_done(q: Any, timeout: float) -> dict[str, Any]:
+    """The destination's post-copy report once its last page is installed (the source's
+    `completed` comes when it has sent the last one)."""
+    deadline = time.monotonic() + timeout
+    while (report := _cmd(q, "x-query-postcopy")).get("status") == "postcopy-active":
+        if time.monotonic() > deadline:
+            raise BenchError(f"post-copy still active on the destination after {timeout} s")
+        time.sleep(0.01)
+    if report.get("status") != "completed":
+        raise BenchError(f"post-copy on the destination: {report}")
+    return dict(report)

@@ -60,8 +60,7 @@ from .events import (
 )
 from .frames import MAX_REASON
 from .pages import expand_runs
-from .postcopy import PostcopyError, PostcopyReceiver, refuse_devices
-from .uffd import FaultServerError
+from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver, refuse_devices
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -74,6 +73,7 @@ from .protocol import (
 )
 from .source import VERIFY_CAPABILITY
 from .strategies import decode_device_states
+from .uffd import FaultServerError
 from .verify import (
     ZERO_PAGE_DIGEST,
     compare_digests,
@@ -332,6 +332,9 @@ class Incoming:
         self.ownership = GuestOwnership(Role.DESTINATION)
         self.postcopy_start: PostcopyStart | None = None
         self.postcopy: PostcopyReceiver | None = None  # once a post-copy switchover began
+        # With post-copy offered: which pages arrived as zero pages (holes in the memfd), so
+        # that arming knows them without scanning the memfd inside the downtime.
+        self.zero_received: np.ndarray | None = None
 
     def receive(self) -> None:
         """Wait for a source and run its migration to the switchover; the guest runs on return.
@@ -401,6 +404,7 @@ class Incoming:
         self._main = None
         self._failure = None
         self.postcopy_start = None
+        self.zero_received = None
         if self.postcopy is not None:  # armed, but the guest never ran here
             self.m.vm.memory.presence = None
             self.postcopy.finish()
@@ -445,6 +449,8 @@ class Incoming:
                 transport.send_event(ch, conn, ack)
                 if not ack.accepted:
                     raise IncomingError(f"refused the migration: {ack.reason}")
+                if POSTCOPY_CAPABILITY in ev.capabilities:
+                    self.zero_received = np.zeros(vm.memory.npages, dtype=bool)
                 if VERIFY_CAPABILITY in ev.capabilities:
                     self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
                 self._accept_data_channels(ev)
@@ -468,9 +474,11 @@ class Incoming:
                 # (a plain switchover's last round, the stop-and-copy one, is on this stream;
                 # a post-copy switchover has none)
                 self._finish_data_channels(rnd if self.postcopy_start is not None else rnd - 1)
+                armed_s = time.monotonic()
                 if self.postcopy_start is not None:
                     self._arm_postcopy(self.postcopy_start)
-                self._switchover(ch, conn, vcpus, devices)
+                armed_s = time.monotonic() - armed_s
+                self._switchover(ch, conn, vcpus, devices, armed_s if self.postcopy else None)
                 if self.postcopy is not None and not self._run_postcopy(ch, conn):
                     return  # paused: the source keeps the pages we lack
                 if self.digests is not None:
@@ -493,7 +501,8 @@ class Incoming:
         mem = self.m.vm.memory
         self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
         try:
-            self.postcopy.arm(start, mem.allocated(), mem.punch_zero)
+            allocated = ~self.zero_received if self.zero_received is not None else mem.allocated()
+            self.postcopy.arm(start, allocated, mem.punch_zero)
         except (FaultServerError, OSError) as e:  # refused: the source resumes the guest
             raise IncomingError(f"cannot start post-copy here: {e}") from None
         mem.presence = self.postcopy.presence
@@ -662,6 +671,10 @@ class Incoming:
             self.pages_received += n
         if self.digests is not None:
             self._digest_runs(runs)  # distinct pages per stream: no lock needed
+        if self.zero_received is not None:  # (distinct pages per stream here too)
+            zero = runs["kind"] == RunKind.ZERO
+            self.zero_received[expand_runs(runs[zero])] = True
+            self.zero_received[expand_runs(runs[~zero])] = False
 
     def _recv_event(
         self, ch: transport.Channel, conn: Connection, splicer: SpliceReceiver | None
@@ -776,6 +789,7 @@ class Incoming:
         conn: Connection,
         vcpus: list[VcpuState],
         devices: list[dict[str, Any]],
+        postcopy_arm_s: float | None = None,
     ) -> None:
         vm = self.m.vm
         report: dict[str, Any] = {}
@@ -796,6 +810,8 @@ class Incoming:
             "vcpus": round((t2 - t1) * 1000, 2),
             "devices": round((t3 - t2) * 1000, 2),
         }
+        if postcopy_arm_s is not None:  # pending pages punched, guest RAM registered
+            report["x-switchover-ms"]["postcopy-arm"] = round(postcopy_arm_s * 1000, 2)
         self._commit(ch, conn)
         try:
             transport.send_event(ch, conn, SwitchoverAck(True, json.dumps(report)))

@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 import logging
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -72,6 +73,11 @@ log = logging.getLogger(__name__)
 #: Hello capability: the source may switch over to post-copy.
 POSTCOPY_CAPABILITY = "postcopy-ram"
 REQUEST_POLL_S = 0.05  # how often the fetcher looks at its stop flag
+# The background push keeps at most this much unacknowledged in the socket, so that a requested
+# page queues behind little data (its latency is the backlog / the link's rate).
+BACKLOG_BYTES = 512 << 10
+BACKLOG_POLL_S = 0.0005
+RECEIVE_QUEUE_BYTES = 256 << 10
 INSTALL_WAIT_S = 60.0
 
 
@@ -100,14 +106,15 @@ def pending_pages(blob: bytes, npages: int) -> npt.NDArray[np.bool_]:
     return bits[:npages]
 
 
-def page_ranges(pfns: npt.NDArray[np.uint64], max_pages: int) -> list[tuple[int, int]]:
-    """Sorted page numbers as (first, npages) ranges of consecutive pages, each ≤ max_pages."""
+def page_ranges(pfns: npt.NDArray[Any], max_pages: int) -> list[tuple[int, int]]:
+    """Page numbers as (first, npages) ranges of consecutive pages, each ≤ max_pages."""
+    p = np.unique(np.asarray(pfns, dtype=np.int64))
     out: list[tuple[int, int]] = []
-    for p in sorted(int(x) for x in pfns):
-        if out and out[-1][0] + out[-1][1] == p and out[-1][1] < max_pages:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((p, 1))
+    if not len(p):
+        return out
+    for run in np.split(p, np.flatnonzero(np.diff(p) != 1) + 1):
+        first, n = int(run[0]), len(run)
+        out += [(first + k, min(max_pages, n - k)) for k in range(0, n, max_pages)]
     return out
 
 
@@ -201,11 +208,21 @@ class PostcopySender:
             nxt = self.order.next_range()
             if nxt is None:
                 break
-            first, npages, _ = nxt
+            first, npages, requested = nxt
+            if not requested:
+                self._wait_backlog()
             # the link's cap holds for requested pages too (QEMU's max-postcopy-bandwidth is
             # one limit for both): a request only jumps the queue
             self.rate_limit(self._send(first, npages))
         self.bytes_sent += transport.send_event(self.ch, self.conn, PostcopyEnd())
+
+    def _wait_backlog(self) -> None:
+        """Before a background frame: until the socket's backlog is short, or a request came
+        (it then goes first: `next_range` serves requests before the walk)."""
+        while self.ch.unacknowledged() > BACKLOG_BYTES and not self.order.requests:
+            self.check()
+            select.select([self.ch.sock], [], [], BACKLOG_POLL_S)
+            self._take_requests()
 
     def _send(self, first: int, npages: int) -> int:
         if not self.allocated[first : first + npages].any():
@@ -334,6 +351,13 @@ class PostcopyReceiver:
 
     def start_fetcher(self, ch: transport.Channel, conn: Connection) -> None:
         self.report.started_at = time.monotonic()
+        # A short receive queue: a requested page then waits behind little background data
+        # when this side installs slower than the link delivers (the source's send queue is
+        # kept short by BACKLOG_BYTES).
+        try:
+            ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_QUEUE_BYTES)
+        except OSError as e:
+            log.warning("post-copy: cannot shorten the receive queue: %s", e)
         self._fetcher = threading.Thread(
             target=self._fetch, args=(ch, conn), name="postcopy-fetcher", daemon=True
         )
