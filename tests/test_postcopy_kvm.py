@@ -101,12 +101,17 @@ def test_a_link_cut_during_postcopy_pauses_the_guest_on_both_sides(tmp_path: Pat
     link = TcpProxy(port)
     try:
         assert iterations_increase(src)
-        # 8 MiB/s: post-copy of the 16 MiB working set lasts about 2 s, time to cut it
-        _start_postcopy_migration(src, link.port, bandwidth=8 * MiB, after_rounds=1)
+        # 8 MiB/s: post-copy of the 16 MiB working set lasts about 2 s, time to cut it. No
+        # automatic switch: migrate-start-postcopy asks for it during round 0.
+        _start_postcopy_migration(src, link.port, bandwidth=8 * MiB, stalled_rounds=0)
+        _wait_status(src, ("active",))
+        src.cmd("migrate-start-postcopy")
         _wait_status(src, ("postcopy-active",))
         link.cut()
         info = _wait_status(src, ("postcopy-paused",))
         assert "pages were not sent" in info["error-desc"], info
+        assert info["x-postcopy"]["trigger"] == "requested"
+        assert info["x-postcopy"]["unsent-pages"] > 0
         assert src.status() == "finish-migrate"  # paused, not given up
         deadline = time.monotonic() + 60
         while (report := dst.cmd("x-query-postcopy"))["status"] != "postcopy-paused":
@@ -134,6 +139,8 @@ def test_postcopy_is_refused_for_a_vm_with_devices_and_the_guest_keeps_running(
     src = Vmm(tmp_path, "src", kv_config(tmp_path))
     try:
         src.wait_running()
+        with pytest.raises(RuntimeError, match="there is no migration to switch to post-copy"):
+            src.cmd("migrate-start-postcopy")
         _start_postcopy_migration(src, free_port(), bandwidth=0)
         info = src.wait_migration()
         assert info["status"] == "failed"

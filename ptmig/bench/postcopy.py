@@ -67,6 +67,7 @@ class Sample:
     guest_kept: float  # guest progress rate during the migration / its rate before
     fault_p50_us: float = float("nan")
     fault_p99_us: float = float("nan")
+    went_postcopy: bool = False  # the postcopy mode switched (a loaded host may converge first)
 
 
 def run(config: BenchConfig) -> list[Result]:
@@ -83,7 +84,7 @@ def run(config: BenchConfig) -> list[Result]:
 
 def results(samples: dict[tuple[str, str], list[Sample]], p: PostcopyBenchParams) -> list[Result]:
     out: list[Result] = []
-    extra = {
+    extra: dict[str, Any] = {
         "memory_mib": p.memory // MiB,
         "working_set_mib": WORKING_SET_MIB,
         "downtime_limit_ms": DOWNTIME_LIMIT_MS,
@@ -91,9 +92,10 @@ def results(samples: dict[tuple[str, str], list[Sample]], p: PostcopyBenchParams
     for (mode, cap), runs in samples.items():
         post = mode == "postcopy"
         name = f"{mode}.{cap}"
+        ex = {**extra, "switched_to_postcopy": [s.went_postcopy for s in runs]} if post else extra
         rate = CAPS[cap]
         out += [
-            measured(SECTION, f"{name}.total", [s.total_ms for s in runs], "ms", extra=extra),
+            measured(SECTION, f"{name}.total", [s.total_ms for s in runs], "ms", extra=ex),
             measured(
                 SECTION,
                 f"{name}.downtime",
@@ -203,6 +205,7 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
             float(info["downtime"]),
             int(info["ram"]["transferred"]),
             during / before if before > 0 else float("nan"),
+            went_postcopy="x-postcopy" in info,
         )
         if mode == "postcopy":
             lat = report.get("fault-latency-us", {})
@@ -222,6 +225,6 @@ def _postcopy_done(q: Any, timeout: float) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise BenchError(f"post-copy still active on the destination after {timeout} s")
         time.sleep(0.01)
-    if report.get("status") != "completed":
+    if report and report.get("status") != "completed":
         raise BenchError(f"post-copy on the destination: {report}")
-    return dict(report)
+    return dict(report)  # {}: no post-copy (a pre-copy round fitted the downtime after all)
