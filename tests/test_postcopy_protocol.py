@@ -158,3 +158,32 @@ def test_send_order_sends_every_pending_page_once_and_requests_first(
 
 def _span(r: tuple[int, int]) -> tuple[int, int]:
     return r[0], r[0] + r[1]
+
+
+def test_a_postcopy_start_the_hello_did_not_offer_is_refused() -> None:
+    """A source (with the key) that switches to post-copy without offering it in its Hello:
+    the destination refuses before anything is armed, says why, and waits on."""
+    import json
+
+    from test_migration_incoming_hostile import (
+        TO_DEVICE_STATES,
+        Destination,
+        FakeMachine,
+        abort_reason,
+    )
+
+    d = Destination(FakeMachine())
+    try:
+        body = json.dumps({"version": 1, "devices": [{"id": "d0", "state": {}}]}).encode()
+        stream = (
+            frames.MAGIC
+            + TO_DEVICE_STATES
+            + frames.encode_event(DeviceStates(body))
+            + frames.encode_event(PostcopyStart(bytes(8)))
+        )
+        replies = d.attempt(stream)
+        assert "did not offer postcopy-ram" in abort_reason(replies)
+        assert "did not offer postcopy-ram" in d.incoming.rejected[-1]
+        assert d.incoming.postcopy is None
+    finally:
+        d.stop()

@@ -467,6 +467,11 @@ class Incoming:
             elif isinstance(ev, DeviceStates):
                 devices = decode_device_states(ev.blob, [d.id for d in m.devices])
             elif isinstance(ev, PostcopyStart):
+                if self.zero_received is None:  # set at a Hello that offered post-copy
+                    raise IncomingError(
+                        f"PostcopyStart from a source whose Hello did not offer "
+                        f"{POSTCOPY_CAPABILITY}"
+                    )
                 self.postcopy_start = ev
             elif isinstance(ev, Complete):
                 if vcpus is None or devices is None:
