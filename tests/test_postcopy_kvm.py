@@ -120,9 +120,13 @@ def test_a_link_cut_during_postcopy_pauses_the_guest_on_both_sides(tmp_path: Pat
             time.sleep(0.05)
         assert report["missing"] > 0  # what the source still holds
         assert dst.status() == "paused"
-        frozen = dst.iterations()
-        time.sleep(0.3)
-        assert dst.iterations() == frozen
+        try:
+            frozen = dst.iterations()
+        except RuntimeError as e:  # its stats page may be one the source still holds
+            assert "a page is still on the source and post-copy is postcopy-paused" in str(e)
+        else:
+            time.sleep(0.3)
+            assert dst.iterations() == frozen
         assert src.proc.poll() is None and dst.proc.poll() is None
         # a new migration of the split guest is refused
         with pytest.raises(Exception, match="finish-migrate"):
