@@ -85,7 +85,8 @@ lint: $(STAMP)
 # $(SAN_DIR); the target fails if any report was written, even by a device process.
 SAN_DIR   := build/sanitize
 SAN_TESTS := tests/test_device_fuzz.py tests/test_shadow_native.py tests/test_device_net.py \
-             tests/test_device_blk.py tests/test_net_switch.py tests/test_shadow_differential.py
+             tests/test_device_blk.py tests/test_net_switch.py tests/test_shadow_differential.py \
+             tests/test_postcopy_uffd.py
 sanitize: $(STAMP)
 	@rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
 	PTMIG_NATIVE_SANITIZE=address,undefined PYTHONMALLOC=malloc \

@@ -374,6 +374,18 @@ def switch(listen: str, age: float, native: bool | None, idle_exit: float | None
 @click.option("--verify", is_flag=True, help="Compare every page of RAM after the switchover.")
 @click.option("--auto-converge", is_flag=True, help="Throttle the vCPUs if it does not converge.")
 @click.option(
+    "--postcopy",
+    is_flag=True,
+    help="Allow post-copy (postcopy-ram): switch over early once pre-copy stops converging "
+    "and fetch the remaining pages on demand.",
+)
+@click.option(
+    "--postcopy-after-rounds",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --postcopy: switch to post-copy after N pre-copy rounds at the latest.",
+)
+@click.option(
     "--json",
     "json_path",
     type=JSON_TYPE,
@@ -390,6 +402,8 @@ def migrate(
     max_bandwidth: int | None,
     verify: bool,
     auto_converge: bool,
+    postcopy: bool,
+    postcopy_after_rounds: int | None,
     json_path: Path | None,
 ) -> None:
     """Live-migrate a VM to DESTINATION.
@@ -397,7 +411,8 @@ def migrate(
     Migrates the VM behind --qmp to DESTINATION (a `ptmig run --incoming`). Exit status:
     0 completed; 1 failed or cancelled (the guest runs on the source); 2 usage error; 3 the
     VMM refused or was unreachable; 4 completed but verification found differing pages; 5 the
-    switchover is unresolved (the guest is paused on the source: see x-migrate-resolve).
+    switchover is unresolved (the guest is paused on the source: see x-migrate-resolve), or
+    post-copy was interrupted (postcopy-paused: the guest is paused on both sides).
     """
     from .migration.client import MigrateOptions
     from .migration.client import run as run_migrate
@@ -416,6 +431,8 @@ def migrate(
             verify,
             auto_converge,
             json_path,
+            postcopy=postcopy,
+            postcopy_after_rounds=postcopy_after_rounds,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

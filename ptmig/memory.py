@@ -21,6 +21,7 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -78,6 +79,9 @@ class GuestMemory:
         self.fd = fd
         self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.mmap)
+        # Post-copy on a destination: makes sure the pages of an access are here (fetching
+        # them with the GIL released) or raises GuestMemoryError; see `migration.postcopy`.
+        self.presence: Callable[[int, int], None] | None = None
         self.array: npt.NDArray[np.uint8] = np.frombuffer(self.mmap, dtype=np.uint8)
         self._vmm_dirty = bitmap.empty(self.npages)
         self._dirty_lock = threading.Lock()
@@ -85,6 +89,8 @@ class GuestMemory:
     # --- address arithmetic -------------------------------------------------------------
 
     def check(self, gpa: int, length: int) -> None:
+        if self.presence is not None:
+            self.presence(gpa, length)
         if 0 <= gpa and 0 <= length and gpa + length <= self._low_end:
             return  # the common case: RAM below the MMIO windows
         if (

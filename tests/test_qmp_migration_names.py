@@ -24,7 +24,12 @@ def test_names_and_replies_before_any_migration(tmp_path: Path) -> None:
         vmm.wait_running()
         assert vmm.cmd("query-migrate") == {}
         caps = {c["capability"]: c["state"] for c in vmm.cmd("query-migrate-capabilities")}
-        assert caps == {"auto-converge": False, "multifd": True, "x-verify": False}
+        assert caps == {
+            "auto-converge": False,
+            "multifd": True,
+            "x-verify": False,
+            "postcopy-ram": False,
+        }
         assert vmm.cmd("query-migrate-parameters")["multifd-channels"] == 2
         vmm.cmd("migrate-set-parameters", {"multifd-channels": 5})
         assert vmm.cmd("query-migrate-parameters")["multifd-channels"] == 5

@@ -36,6 +36,7 @@ SECTIONS: dict[str, str] = {
     "core": "ptmig.bench.core:run",
     "devices": "ptmig.bench.devices:run",
     "migration": "ptmig.bench.migration:run",
+    "postcopy": "ptmig.bench.postcopy:run",
     "strategies": "ptmig.bench.strategies:run",
     "scale": "ptmig.bench.scale:run",
 }

@@ -80,7 +80,7 @@ GOAL_CPU_PER_GIB = Goal("<=", 1.0, "s/GiB")
 DATA_CHANNELS = 2  # best of 0, 2, 4 measured on a 2-core host
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" (QEMU's default is 128 MiB/s)
-FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
+FINISHED = ("completed", "failed", "cancelled", "x-unresolved", "postcopy-paused")
 SHM_DIR = Path("/dev/shm")
 
 

@@ -33,7 +33,7 @@ EXIT_MISMATCH = MISMATCH  # completed, but verification found pages that differ
 EXIT_ERROR = CANNOT_RUN  # could not talk to the VMM, or it refused a command
 EXIT_UNRESOLVED = UNRESOLVED  # the switchover's answer was lost: x-migrate-resolve decides
 
-FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
+FINISHED = ("completed", "failed", "cancelled", "x-unresolved", "postcopy-paused")
 MiB = 1 << 20
 
 
@@ -51,6 +51,8 @@ class MigrateOptions:
     verify: bool = False
     auto_converge: bool = False
     json_path: Path | None = None
+    postcopy: bool = False  # postcopy-ram: switch to post-copy when the policy says so
+    postcopy_after_rounds: int | None = None  # x-postcopy-after-rounds
     poll_interval_s: float = 0.05
     timeout_s: float | None = None  # give up waiting (the migration is cancelled) after this
 
@@ -65,6 +67,13 @@ class MigrateOptions:
             raise ValueError(f"downtime limit must be at least 1 ms, got {self.downtime_limit_ms}")
         if self.max_bandwidth is not None and self.max_bandwidth < 0:
             raise ValueError(f"max bandwidth must be >= 0 bytes/s, got {self.max_bandwidth}")
+        if self.postcopy_after_rounds is not None and (
+            not self.postcopy or self.postcopy_after_rounds < 1
+        ):
+            raise ValueError(
+                f"post-copy after {self.postcopy_after_rounds} rounds needs --postcopy and "
+                "at least 1 round"
+            )
         if self.poll_interval_s <= 0:
             raise ValueError(f"poll interval must be positive, got {self.poll_interval_s}")
 
@@ -81,10 +90,14 @@ def setup_commands(opts: MigrateOptions) -> list[tuple[str, dict[str, Any]]]:
         params["downtime-limit"] = opts.downtime_limit_ms
     if opts.max_bandwidth is not None:
         params["max-bandwidth"] = opts.max_bandwidth
+    if opts.postcopy_after_rounds is not None:
+        params["x-postcopy-after-rounds"] = opts.postcopy_after_rounds
     caps = [
         {"capability": "x-verify", "state": opts.verify},
         {"capability": "auto-converge", "state": opts.auto_converge},
     ]
+    if opts.postcopy:  # only when asked: a QEMU source without it is driven as before
+        caps.append({"capability": "postcopy-ram", "state": True})
     cmds: list[tuple[str, dict[str, Any]]] = []
     if params:
         cmds.append(("migrate-set-parameters", params))
@@ -95,8 +108,8 @@ def setup_commands(opts: MigrateOptions) -> list[tuple[str, dict[str, Any]]]:
 
 def exit_status(info: dict[str, Any]) -> int:
     """What the final `query-migrate` reply means for the caller's exit status."""
-    if info.get("status") == "x-unresolved":
-        return EXIT_UNRESOLVED
+    if info.get("status") in ("x-unresolved", "postcopy-paused"):
+        return EXIT_UNRESOLVED  # the guest is paused: an operator decides what happens
     if info.get("status") != "completed":
         return EXIT_FAILED
     verify = info.get("x-verify")

@@ -105,6 +105,8 @@ class MigrationControl:
             "migrate", self._qmp_migrate, args_schema={"uri": str, "*detach": bool, "*resume": bool}
         )
         qmp.register("migrate_cancel", self._qmp_cancel)
+        qmp.register("migrate-start-postcopy", self._qmp_start_postcopy)
+        qmp.register("x-query-postcopy", self._qmp_query_postcopy)
         qmp.register("query-migrate", self._qmp_query)
         qmp.register("migrate-set-parameters", self._qmp_set_parameters, args_schema=PARAMS_SCHEMA)
         qmp.register("query-migrate-parameters", lambda: self.params.to_qmp())
@@ -134,6 +136,24 @@ class MigrationControl:
         if mig is not None and not mig.info.status.finished:
             mig.info.shadow = mig.strategy.stats()  # live counters while shadowing
         return self.info().to_qmp()
+
+    def _qmp_start_postcopy(self) -> None:
+        """QEMU's `migrate-start-postcopy`: switch to post-copy at the next round end."""
+        mig = self.current
+        if mig is None or mig.info.status.finished:
+            raise QmpError(ErrorClass.GENERIC_ERROR, "there is no migration to switch to post-copy")
+        if not mig.caps.postcopy_ram:
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                "the migration was started without the postcopy-ram capability",
+            )
+        mig.postcopy_requested.set()
+
+    def _qmp_query_postcopy(self) -> dict[str, Any]:
+        """The destination's post-copy (status, pages, requests, fault latency); {} if none."""
+        incoming = getattr(self.m, "incoming", None)
+        pc = getattr(incoming, "postcopy", None)
+        return pc.live_report() if pc is not None else {}
 
     def _qmp_cancel(self) -> None:
         if self.current is not None:

@@ -48,6 +48,7 @@ from .events import (
     Hello,
     HelloAck,
     PageRunsHeader,
+    PostcopyStart,
     ProtocolError,
     RemoteProtocolError,
     Role,
@@ -61,6 +62,7 @@ from .events import (
 )
 from .frames import MAX_REASON
 from .pages import PAGE_SIZE, expand_runs, pages_to_runs
+from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver, refuse_devices
 from .protocol import (
     DATA_CHANNEL_CAPABILITY,
     DATA_CHANNELS_CAPABILITY,
@@ -73,7 +75,14 @@ from .protocol import (
 )
 from .source import VERIFY_CAPABILITY
 from .strategies import decode_device_states
-from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests_at
+from .uffd import FaultServerError
+from .verify import (
+    ZERO_PAGE_DIGEST,
+    compare_digests,
+    digests_from_bytes,
+    page_digests,
+    page_digests_at,
+)
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -338,6 +347,11 @@ class Incoming:
         # Per page: may hold data (see `_punch_zero_runs`); None: unknown, every zero run is
         # punched. Kept across attempts: a failed attempt's pages stay marked.
         self._maybe_data: np.ndarray | None = None
+        self.postcopy_start: PostcopyStart | None = None
+        self.postcopy: PostcopyReceiver | None = None  # once a post-copy switchover began
+        # With post-copy offered: which pages arrived as zero pages (holes in the memfd), so
+        # that arming knows them without scanning the memfd inside the downtime.
+        self.zero_received: np.ndarray | None = None
 
     def receive(self) -> None:
         """Wait for a source and run its migration to the switchover; the guest runs on return.
@@ -414,6 +428,12 @@ class Incoming:
         self.activity = transport.SharedActivity()
         self._main = None
         self._failure = None
+        self.postcopy_start = None
+        self.zero_received = None
+        if self.postcopy is not None:  # armed, but the guest never ran here
+            self.m.vm.memory.presence = None
+            self.postcopy.finish()
+            self.postcopy = None
 
     def _attempt(self, ch: transport.Channel) -> None:
         """One source's migration on its main stream `ch`, to the switchover."""
@@ -456,6 +476,8 @@ class Incoming:
                 transport.send_event(ch, conn, ack)
                 if not ack.accepted:
                     raise IncomingError(f"refused the migration: {ack.reason}")
+                if POSTCOPY_CAPABILITY in ev.capabilities:
+                    self.zero_received = np.zeros(vm.memory.npages, dtype=bool)
                 if VERIFY_CAPABILITY in ev.capabilities:
                     self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
                 self._accept_data_channels(ev)
@@ -471,11 +493,26 @@ class Incoming:
                 vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
             elif isinstance(ev, DeviceStates):
                 devices = decode_device_states(ev.blob, [d.id for d in m.devices])
+            elif isinstance(ev, PostcopyStart):
+                if self.zero_received is None:  # set at a Hello that offered post-copy
+                    raise IncomingError(
+                        f"PostcopyStart from a source whose Hello did not offer "
+                        f"{POSTCOPY_CAPABILITY}"
+                    )
+                self.postcopy_start = ev
             elif isinstance(ev, Complete):
                 if vcpus is None or devices is None:
                     raise IncomingError("Complete arrived before the vCPU and device state")
-                self._finish_data_channels(rnd - 1)
-                self._switchover(ch, conn, vcpus, devices)
+                # (a plain switchover's last round, the stop-and-copy one, is on this stream;
+                # a post-copy switchover has none)
+                self._finish_data_channels(rnd if self.postcopy_start is not None else rnd - 1)
+                armed_s = time.monotonic()
+                if self.postcopy_start is not None:
+                    self._arm_postcopy(self.postcopy_start)
+                armed_s = time.monotonic() - armed_s
+                self._switchover(ch, conn, vcpus, devices, armed_s if self.postcopy else None)
+                if self.postcopy is not None and not self._run_postcopy(ch, conn):
+                    return  # paused: the source keeps the pages we lack
                 if self.digests is not None:
                     self._verify_after_switchover(ch, conn, splicer)
                 return
@@ -485,6 +522,57 @@ class Incoming:
                 raise IncomingError("the source closed the connection before completing")
             else:
                 raise IncomingError(f"unexpected event {type(ev).__name__}")
+
+    def _arm_postcopy(self, start: PostcopyStart) -> None:
+        """Before the vCPUs run: the pages the source still has become missing, and guest RAM
+        is served by the fault server (see `postcopy`)."""
+        try:
+            refuse_devices([d.id for d in self.m.devices])
+        except PostcopyError as e:
+            raise IncomingError(str(e)) from None
+        mem = self.m.vm.memory
+        self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
+        try:
+            allocated = ~self.zero_received if self.zero_received is not None else mem.allocated()
+            self.postcopy.arm(start, allocated, mem.punch_zero)
+        except (FaultServerError, OSError) as e:  # refused: the source resumes the guest
+            raise IncomingError(f"cannot start post-copy here: {e}") from None
+        mem.presence = self.postcopy.presence
+
+    def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
+        """The guest runs: receive the pending pages until the last one. A broken link pauses
+        the guest here (False); nothing missing is ever zero-filled."""
+        pc = self.postcopy
+        assert pc is not None
+        pc.start_fetcher(ch, conn)
+        try:
+            pc.receive(ch, conn, self._postcopy_pages)
+        except (transport.TransportError, ProtocolError, PostcopyError, OSError) as e:
+            why = f"{type(e).__name__}: {e}"
+            self.m.vm.pause()
+            pc.paused(why)
+            log.error(
+                "post-copy: the link to the source broke (%s); the guest is paused here with "
+                "%d pages missing, the source keeps them",
+                why,
+                pc.report.stats.missing if pc.report.stats else -1,
+            )
+            return False
+        self.m.vm.memory.presence = None
+        pc.finish()
+        log.info("post-copy: completed, %d pages installed", pc.report.pending_pages)
+        return True
+
+    def _postcopy_pages(self, first: int, npages: int, data: bytes) -> None:
+        with self._data_cond:
+            self.pages_received += npages
+        if self.digests is not None:
+            if data:
+                self.digests[first : first + npages] = page_digests(
+                    np.frombuffer(data, dtype=np.uint8)
+                )
+            else:
+                self.digests[first : first + npages] = ZERO_PAGE_DIGEST
 
     def _abort_to_source(self, ch: transport.Channel, conn: Connection, reason: str) -> None:
         """Best effort: tell the source why this side gives up, so that its error says more
@@ -615,6 +703,10 @@ class Incoming:
             self.pages_received += n
         if self.digests is not None:
             self._digest_runs(runs)  # distinct pages per stream: no lock needed
+        if self.zero_received is not None:  # (distinct pages per stream here too)
+            zero = runs["kind"] == RunKind.ZERO
+            self.zero_received[expand_runs(runs[zero])] = True
+            self.zero_received[expand_runs(runs[~zero])] = False
 
     def _recv_event(
         self, ch: transport.Channel, conn: Connection, splicer: SpliceReceiver | None
@@ -768,6 +860,7 @@ class Incoming:
         conn: Connection,
         vcpus: list[VcpuState],
         devices: list[dict[str, Any]],
+        postcopy_arm_s: float | None = None,
     ) -> None:
         vm = self.m.vm
         report: dict[str, Any] = {}
@@ -788,6 +881,8 @@ class Incoming:
             "vcpus": round((t2 - t1) * 1000, 2),
             "devices": round((t3 - t2) * 1000, 2),
         }
+        if postcopy_arm_s is not None:  # pending pages punched, guest RAM registered
+            report["x-switchover-ms"]["postcopy-arm"] = round(postcopy_arm_s * 1000, 2)
         self._commit(ch, conn)
         try:
             transport.send_event(ch, conn, SwitchoverAck(True, json.dumps(report)))

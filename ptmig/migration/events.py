@@ -218,6 +218,39 @@ class VerifyReport:
     first_mismatched: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class PostcopyStart:
+    """Source, with the guest stopped, before Complete: the switchover is a post-copy one.
+    `pending` is the bitmap (little-endian uint64 words, one bit per guest page) of the pages
+    whose content the destination does not have: it makes them missing, and they arrive later
+    as PostcopyPages, in the background or on request."""
+
+    pending: bytes
+
+
+@dataclass(frozen=True)
+class PostcopyPages:
+    """Source, during post-copy: `npages` pages from `first_page`; `data` holds them, or is
+    empty for zero pages."""
+
+    first_page: int
+    npages: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """Destination, during post-copy (the return path): send these pages first."""
+
+    first_page: int
+    npages: int
+
+
+@dataclass(frozen=True)
+class PostcopyEnd:
+    """Source: every pending page has been sent; post-copy is over."""
+
+
 Event = (
     Hello
     | HelloAck
@@ -232,4 +265,8 @@ Event = (
     | SwitchoverAck
     | VerifyReport
     | Abort
+    | PostcopyStart
+    | PostcopyPages
+    | PageRequest
+    | PostcopyEnd
 )

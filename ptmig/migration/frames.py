@@ -22,6 +22,10 @@ Metadata layouts (all little-endian):
     COMPLETE        (empty)
     SWITCHOVER_ACK  <B ok> + UTF-8 reason
     ABORT           UTF-8 reason
+    POSTCOPY_START  the pending-page bitmap (uint64 words)
+    POSTCOPY_PAGES  <Q first_page, I npages> + the pages' bytes (none: zero pages)
+    PAGE_REQUEST    <Q first_page, I npages>
+    POSTCOPY_END    (empty)
 
 Everything the peer sends is checked against the caps below before a byte more is buffered.
 This module parses; `pages.validate_runs` and `protocol` check the numbers against guest RAM.
@@ -47,6 +51,10 @@ from ptmig.migration.events import (
     Event,
     Hello,
     HelloAck,
+    PageRequest,
+    PostcopyEnd,
+    PostcopyPages,
+    PostcopyStart,
     RemoteProtocolError,
     RoundEnd,
     RoundStart,
@@ -70,6 +78,8 @@ MAX_REASON: Final = 4 * KiB
 MAX_HELLO: Final = 64 * KiB
 MAX_RUNS_PER_BATCH: Final = (1 * MiB) // RUN_DTYPE.itemsize  # 65536
 MAX_DIGESTS_PER_FRAME: Final = 1 << 20  # 8 MiB of digests (4 GiB of RAM)
+MAX_PENDING_BITMAP: Final = 2 * MiB  # one bit per page: 64 GiB of RAM
+MAX_POSTCOPY_PAGES: Final = 64  # pages per POSTCOPY_PAGES frame (256 KiB)
 
 HEADER: Final = struct.Struct("<BBHII")
 HEADER_SIZE: Final = HEADER.size
@@ -77,6 +87,7 @@ _RUNS_PREFIX: Final = struct.Struct("<II")
 _ROUND_START: Final = struct.Struct("<QQ")
 _U64: Final = struct.Struct("<Q")
 _U32: Final = struct.Struct("<I")
+_PAGE_RANGE: Final = struct.Struct("<QI")
 
 _VERIFY_REPORT: Final = struct.Struct("<QQI")
 MAX_REPORTED_PAGES: Final = 16
@@ -101,6 +112,10 @@ class FrameType(enum.IntEnum):
     SWITCHOVER_ACK = 10
     ABORT = 11
     VERIFY_REPORT = 12
+    POSTCOPY_START = 13
+    POSTCOPY_PAGES = 14
+    PAGE_REQUEST = 15
+    POSTCOPY_END = 16
 
 
 # (minimum, maximum) metadata length per frame type.
@@ -117,6 +132,10 @@ METADATA_LIMITS: Final[dict[FrameType, tuple[int, int]]] = {
     FrameType.SWITCHOVER_ACK: (1, 1 + MAX_REASON),
     FrameType.VERIFY_REPORT: (_VERIFY_REPORT.size, _VERIFY_REPORT.size + 8 * MAX_REPORTED_PAGES),
     FrameType.ABORT: (0, MAX_REASON),
+    FrameType.POSTCOPY_START: (8, MAX_PENDING_BITMAP),
+    FrameType.POSTCOPY_PAGES: (_PAGE_RANGE.size, _PAGE_RANGE.size + MAX_POSTCOPY_PAGES * 4 * KiB),
+    FrameType.PAGE_REQUEST: (_PAGE_RANGE.size, _PAGE_RANGE.size),
+    FrameType.POSTCOPY_END: (0, 0),
 }
 
 
@@ -237,6 +256,14 @@ def encode_event(event: Event) -> bytes:
             )
         case Abort(reason):
             return encode_frame(FrameType.ABORT, _encode_text(reason, "abort reason"))
+        case PostcopyStart(pending):
+            return encode_frame(FrameType.POSTCOPY_START, bytes(pending))
+        case PostcopyPages(first, npages, data):
+            return encode_frame(FrameType.POSTCOPY_PAGES, _PAGE_RANGE.pack(first, npages) + data)
+        case PageRequest(first, npages):
+            return encode_frame(FrameType.PAGE_REQUEST, _PAGE_RANGE.pack(first, npages))
+        case PostcopyEnd():
+            return encode_frame(FrameType.POSTCOPY_END, b"")
         case VerifyReport(npages, mismatched, first):
             first = tuple(first)[:MAX_REPORTED_PAGES]
             return encode_frame(
@@ -307,6 +334,29 @@ def decode_event(ftype: FrameType, metadata: bytes) -> Event:
             return Complete()
         case FrameType.ABORT:
             return Abort(_decode_text(metadata, "ABORT reason"))
+        case FrameType.POSTCOPY_START:
+            if len(metadata) % 8:
+                raise RemoteProtocolError(
+                    f"POSTCOPY_START: a bitmap of {len(metadata)} bytes is not whole uint64 words"
+                )
+            return PostcopyStart(metadata)
+        case FrameType.POSTCOPY_PAGES | FrameType.PAGE_REQUEST:
+            first, npages = _PAGE_RANGE.unpack_from(metadata)
+            if not 1 <= npages <= MAX_POSTCOPY_PAGES:
+                raise RemoteProtocolError(
+                    f"{ftype.name}: {npages} pages, allowed 1..{MAX_POSTCOPY_PAGES}"
+                )
+            if ftype is FrameType.PAGE_REQUEST:
+                return PageRequest(first, npages)
+            data = metadata[_PAGE_RANGE.size :]
+            if len(data) not in (0, npages * 4 * KiB):
+                raise RemoteProtocolError(
+                    f"POSTCOPY_PAGES: {len(data)} bytes for {npages} pages (need "
+                    f"{npages * 4 * KiB}, or none for zero pages)"
+                )
+            return PostcopyPages(first, npages, data)
+        case FrameType.POSTCOPY_END:
+            return PostcopyEnd()
         case FrameType.VERIFY_REPORT:
             npages, mismatched, n = _VERIFY_REPORT.unpack_from(metadata)
             if n > MAX_REPORTED_PAGES or len(metadata) != _VERIFY_REPORT.size + 8 * n:

@@ -30,11 +30,21 @@ class Status(Enum):
     # The destination may have started the guest and its answer was lost: the source stays
     # paused until `x-migrate-resolve` names the winner (see protocol.GuestOwnership).
     UNRESOLVED = "x-unresolved"
+    # Post-copy: the destination runs the guest while the source sends the rest; paused when
+    # the link broke meanwhile (the source keeps the pages not sent; see `postcopy`).
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
 
     @property
     def finished(self) -> bool:
         """The migration thread is done (an unresolved one waits for the operator, not it)."""
-        return self in (Status.CANCELLED, Status.COMPLETED, Status.FAILED, Status.UNRESOLVED)
+        return self in (
+            Status.CANCELLED,
+            Status.COMPLETED,
+            Status.FAILED,
+            Status.UNRESOLVED,
+            Status.POSTCOPY_PAUSED,
+        )
 
 
 @dataclass
@@ -51,6 +61,10 @@ class MigrationParams:
     # How long the source waits for the destination's answer to Complete; past it the switchover
     # is unresolved (the source may not resume: the destination may have committed).
     x_switchover_timeout_s: float = 30.0
+    # With `postcopy-ram`: switch to post-copy once this many pre-copy rounds are done (0:
+    # never by count), or once this many rounds in a row made no progress (0: never).
+    x_postcopy_after_rounds: int = 0
+    x_postcopy_stalled_rounds: int = 2
 
     def set(self, **kw: Any) -> None:
         """Apply `migrate-set-parameters` arguments (already type-checked by the QMP schema)."""
@@ -86,6 +100,12 @@ class MigrationParams:
             if not 1 <= v <= 3600:
                 raise ValueError(f"x-switchover-timeout must be in [1, 3600] s, got {v}")
             self.x_switchover_timeout_s = float(v)
+        for name in ("x_postcopy_after_rounds", "x_postcopy_stalled_rounds"):
+            if name in kw:
+                v = kw[name]
+                if not 0 <= v <= 1000:
+                    raise ValueError(f"{name.replace('_', '-')} must be in [0, 1000], got {v}")
+                setattr(self, name, v)
 
     def to_qmp(self) -> dict[str, Any]:
         return {
@@ -95,6 +115,8 @@ class MigrationParams:
             "x-timeout": int(self.x_timeout_s),
             "multifd-channels": self.multifd_channels,
             "x-switchover-timeout": int(self.x_switchover_timeout_s),
+            "x-postcopy-after-rounds": self.x_postcopy_after_rounds,
+            "x-postcopy-stalled-rounds": self.x_postcopy_stalled_rounds,
         }
 
 
@@ -105,6 +127,8 @@ PARAMS_SCHEMA = {
     "*x-timeout": int,
     "*multifd-channels": int,
     "*x-switchover-timeout": int,
+    "*x-postcopy-after-rounds": int,
+    "*x-postcopy-stalled-rounds": int,
 }
 
 
@@ -115,8 +139,9 @@ class MigrationCapabilities:
     # (QEMU's default is off), because two streams are what keeps a small host's link busy.
     multifd: bool = True
     x_verify: bool = False
+    postcopy_ram: bool = False  # QEMU's: the source may switch to post-copy (see `postcopy`)
 
-    NAMES = ("auto-converge", "multifd", "x-verify")
+    NAMES = ("auto-converge", "multifd", "x-verify", "postcopy-ram")
 
     def data_channels(self, params: MigrationParams) -> int:
         """Parallel streams a migration opens besides the main one (0: multifd is off)."""
@@ -148,6 +173,7 @@ class RamStats:
     mbps: float = 0.0
     dirty_sync_count: int = 0
     pages_per_round: list[int] = field(default_factory=list)
+    postcopy_requests: int = 0  # page requests the destination sent during post-copy
 
 
 @dataclass
@@ -167,6 +193,7 @@ class MigrationInfo:
     forced_switchover: bool = False
     guest_owner: str | None = None  # the source's protocol.Owner, once it migrates
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    postcopy: dict[str, Any] | None = None  # why and how post-copy ran
 
     def total_time_ms(self) -> int:
         end = self.end if self.end is not None else time.monotonic()
@@ -195,6 +222,9 @@ class MigrationInfo:
             "dirty-sync-count": r.dirty_sync_count,
             "page-size": 4096,
         }
+        if self.postcopy is not None:
+            out["ram"]["postcopy-requests"] = r.postcopy_requests
+            out["x-postcopy"] = self.postcopy
         if self.throttle_pct:
             out["cpu-throttle-percentage"] = self.throttle_pct
         if self.error:

@@ -10,6 +10,7 @@ second** throughout (the `_bps` suffix), times in seconds.
   raised when the guest dirtied more than half of what was sent in a round, twice.
 - `TokenBucket`: a max-bandwidth limiter.
 - `TimeoutPolicy` / `decide`: when to give up and what to do then.
+- `StallCounter` / `PostcopyPolicy` / `postcopy_trigger`: when to leave pre-copy for post-copy.
 """
 
 from __future__ import annotations
@@ -200,3 +201,80 @@ def decide(
             return Decision.SWITCHOVER
         return Decision.CANCEL
     return Decision.CONTINUE
+
+
+@dataclass
+class StallCounter:
+    """Counts pre-copy rounds that made no progress: a round stalls unless its remaining dirty
+    set is below `progress` × the smallest remaining set seen so far (the source's rule for
+    "pre-copy stopped converging"). A round that makes progress resets the count."""
+
+    progress: float = 0.95
+    best_bytes: int | None = None
+    stalled: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.progress <= 1:
+            raise ValueError(f"progress must be in (0, 1], not {self.progress}")
+
+    def update(self, remaining_bytes: int) -> int:
+        """Feed one round's remaining bytes; returns how many rounds in a row stalled."""
+        if remaining_bytes < 0:
+            raise ValueError(f"remaining_bytes must be >= 0, not {remaining_bytes}")
+        if self.best_bytes is None or remaining_bytes < self.best_bytes * self.progress:
+            self.best_bytes = remaining_bytes
+            self.stalled = 0
+        else:
+            self.stalled += 1
+        return self.stalled
+
+
+class PostcopyTrigger(enum.Enum):
+    REQUESTED = "requested"  # migrate-start-postcopy
+    ROUNDS = "rounds"  # the configured number of pre-copy rounds is done
+    STALLED = "stalled"  # pre-copy stopped converging
+
+
+@dataclass(frozen=True)
+class PostcopyPolicy:
+    """When the source leaves pre-copy for post-copy on its own (`postcopy-ram` on).
+
+    `after_rounds`: once that many pre-copy rounds are complete (0: never by count).
+    `stalled_rounds`: once that many rounds in a row made no progress (`StallCounter`; 0:
+    never). `migrate-start-postcopy` starts it at the next round end in any case."""
+
+    after_rounds: int = 0
+    stalled_rounds: int = 2
+
+    def __post_init__(self) -> None:
+        if self.after_rounds < 0 or self.stalled_rounds < 0:
+            raise ValueError(
+                f"after_rounds ({self.after_rounds}) and stalled_rounds "
+                f"({self.stalled_rounds}) must be >= 0"
+            )
+
+
+def postcopy_trigger(
+    *,
+    policy: PostcopyPolicy,
+    requested: bool,
+    rounds_done: int,
+    stalled: int,
+    fits_downtime: bool,
+) -> PostcopyTrigger | None:
+    """At a round end: why the source should switch to post-copy now, or None to go on.
+
+    A pre-copy that fits the downtime limit (`fits_downtime`, from `should_switchover`) always
+    wins: a plain switchover moves the whole guest at once, while post-copy leaves it split
+    between the hosts (and at the link's mercy) until the last page has arrived."""
+    if rounds_done < 0 or stalled < 0:
+        raise ValueError(f"rounds_done ({rounds_done}) and stalled ({stalled}) must be >= 0")
+    if fits_downtime:
+        return None
+    if requested:
+        return PostcopyTrigger.REQUESTED
+    if policy.after_rounds and rounds_done >= policy.after_rounds:
+        return PostcopyTrigger.ROUNDS
+    if policy.stalled_rounds and stalled >= policy.stalled_rounds:
+        return PostcopyTrigger.STALLED
+    return None

@@ -13,6 +13,11 @@ Conversation (see `events` for who sends what):
     PRECOPY --S VcpuStates--> VCPU_SENT --S DeviceStates--> DEVICES_SENT
     DEVICES_SENT --S VerifyDigests*--> VERIFYING --S Complete--> COMPLETE_SENT  (or skip verify)
     COMPLETE_SENT --D SwitchoverAck(ok)--> SWITCHED_OVER   (not ok → SWITCHOVER_REFUSED)
+    post-copy (capability `postcopy-ram`; see `postcopy`):
+    DEVICES_SENT --S PostcopyStart--> POSTCOPY_ARMED --S Complete--> POSTCOPY_COMPLETE_SENT
+    POSTCOPY_COMPLETE_SENT --D SwitchoverAck(ok)--> POSTCOPY
+    POSTCOPY --S PostcopyPages* | D PageRequest*--> POSTCOPY --S PostcopyEnd--> SWITCHED_OVER
+    (a PageRequest that crossed PostcopyEnd is allowed, and ignored, until the end)
     any non-final state --S|D Abort--> ABORTED
 
 Who runs the guest (`GuestOwnership`, table `OWNERSHIP`). The conversation above says what may
@@ -78,8 +83,11 @@ from ptmig.migration.events import (
     Hello,
     HelloAck,
     LocalProtocolError,
+    PageRequest,
     PageRuns,
     PageRunsHeader,
+    PostcopyPages,
+    PostcopyStart,
     ProtocolError,
     RemoteProtocolError,
     Role,
@@ -109,6 +117,9 @@ class State(enum.Enum):
     REFUSED = "refused"
     ABORTED = "aborted"
     ERROR = "error"
+    POSTCOPY_ARMED = "postcopy-armed"
+    POSTCOPY_COMPLETE_SENT = "postcopy-complete-sent"
+    POSTCOPY = "postcopy"
 
 
 FINAL_STATES = frozenset(
@@ -126,7 +137,7 @@ STRIPE_PAGES = 4096  # 16 MiB: the unit of guest RAM that always travels on the 
 DATA_CHANNELS_CAPABILITY = "x-data-channels"  # main Hello: "x-data-channels=N:TOKEN"
 DATA_CHANNEL_CAPABILITY = "x-data-channel"  # a data channel's Hello: "x-data-channel=I:TOKEN"
 # After the switchover the destination runs the guest: nothing can be aborted any more.
-_NO_ABORT = FINAL_STATES | {State.SWITCHED_OVER, State.POST_VERIFY}
+_NO_ABORT = FINAL_STATES | {State.SWITCHED_OVER, State.POST_VERIFY, State.POSTCOPY}
 
 S, D = Role.SOURCE, Role.DESTINATION
 TRANSITIONS: dict[tuple[Role, State, str], State] = {
@@ -149,6 +160,16 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (S, State.SWITCHED_OVER, "VerifyDigests"): State.POST_VERIFY,
     (S, State.POST_VERIFY, "VerifyDigests"): State.POST_VERIFY,
     (D, State.POST_VERIFY, "VerifyReport"): State.VERIFIED,
+    # Post-copy: the guest runs on the destination before all of its pages are there.
+    (S, State.DEVICES_SENT, "PostcopyStart"): State.POSTCOPY_ARMED,
+    (S, State.POSTCOPY_ARMED, "Complete"): State.POSTCOPY_COMPLETE_SENT,
+    (D, State.POSTCOPY_COMPLETE_SENT, "SwitchoverAck"): State.POSTCOPY,
+    (D, State.POSTCOPY_COMPLETE_SENT, "SwitchoverRefused"): State.SWITCHOVER_REFUSED,
+    (S, State.POSTCOPY, "PostcopyPages"): State.POSTCOPY,
+    (D, State.POSTCOPY, "PageRequest"): State.POSTCOPY,
+    (S, State.POSTCOPY, "PostcopyEnd"): State.SWITCHED_OVER,
+    (D, State.SWITCHED_OVER, "PageRequest"): State.SWITCHED_OVER,
+    (D, State.POST_VERIFY, "PageRequest"): State.POST_VERIFY,
 }
 for _state in State:
     if _state not in _NO_ABORT:
@@ -157,6 +178,7 @@ for _state in State:
 # Once Complete is sent the destination may commit at any moment: an Abort from the source
 # could arrive after that and take nothing back (see GuestOwnership).
 del TRANSITIONS[(S, State.COMPLETE_SENT, "Abort")]
+del TRANSITIONS[(S, State.POSTCOPY_COMPLETE_SENT, "Abort")]
 
 
 class Owner(enum.Enum):
@@ -390,6 +412,13 @@ class Connection:
                         f"range starting at {self._digest_next} inside {self.guest_pages} pages"
                     )
                 self._digest_next = start + n
+            case PostcopyStart(pending):
+                if len(pending) != 8 * ((self.guest_pages + 63) // 64):
+                    raise err(
+                        f"PostcopyStart bitmap of {len(pending)} bytes for {self.guest_pages} pages"
+                    )
+            case PostcopyPages(first, npages) | PageRequest(first, npages):
+                self._check_page_range(first, npages, tag, err)
             case VerifyReport():
                 if self._digest_next != self.guest_pages:
                     raise err(
@@ -403,6 +432,17 @@ class Connection:
                         f"guest has {self.guest_pages}"
                     )
         self.state = nxt
+
+    def _check_page_range(
+        self, first: int, npages: int, what: str, err: type[ProtocolError]
+    ) -> None:
+        """A post-copy page range: inside guest RAM, outside its holes."""
+        end = first + npages
+        if npages <= 0 or end > self.guest_pages:
+            raise err(f"{what} for pages [{first}, {end}) outside {self.guest_pages} pages")
+        for hole_first, hole_pages in self.ram_holes:
+            if first < hole_first + hole_pages and hole_first < end:
+                raise err(f"{what} for pages [{first}, {end}) touches a hole of guest RAM")
 
     # ---- sending ----------------------------------------------------------------------------
 

@@ -42,13 +42,14 @@ from .. import bitmap
 from ..disklock import DiskLockError
 from ..layout import PAGE_SIZE
 from ..vm import RunState
-from . import pages, policy, transport
+from . import pages, policy, postcopy, transport
 from .events import (
     NEED_DATA,
     Abort,
     Complete,
     DeviceStates,
     HelloAck,
+    PostcopyStart,
     ProtocolError,
     Role,
     RoundEnd,
@@ -178,6 +179,9 @@ class SourceMigration:
         self._was_running = False
         self._began = False  # the strategy began: devices must be put back on a resume
         self._resolve_lock = threading.Lock()  # `resolve` (QMP thread) against `_run`'s end
+        self.postcopy_requested = threading.Event()  # migrate-start-postcopy
+        self._postcopy = False  # the switchover is a post-copy one
+        self._sender: postcopy.PostcopySender | None = None
 
     # --- control ----------------------------------------------------------------------------
 
@@ -209,7 +213,11 @@ class SourceMigration:
             raise MigrationCancelled("migration cancelled")
         if self._round_stop.is_set():
             raise RoundStopped("the round was stopped")
-        if self.info.start and time.monotonic() - self.info.start > self.params.x_timeout_s:
+        if (
+            self.info.start
+            and self.info.status is not Status.POSTCOPY_ACTIVE  # the guest runs there now
+            and time.monotonic() - self.info.start > self.params.x_timeout_s
+        ):
             raise TimeoutError(f"migration did not complete within {self.params.x_timeout_s:.0f} s")
 
     # --- the migration ------------------------------------------------------------------------
@@ -223,12 +231,16 @@ class SourceMigration:
         self._note_owner()
         switched = False
         try:
+            if self.caps.postcopy_ram:
+                postcopy.refuse_devices([d.id for d in m.devices])
             ch = transport.connect_to(
                 self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
             )
             self.channel = ch
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
             caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
+            if self.caps.postcopy_ram:
+                caps += (postcopy.POSTCOPY_CAPABILITY,)
             nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
             if nchannels:
                 caps += (channel_capability(DATA_CHANNELS_CAPABILITY, nchannels, token),)
@@ -260,6 +272,9 @@ class SourceMigration:
         """The migration failed: resume here if the guest is still ours, else stay unresolved."""
         cancelled = isinstance(e, MigrationCancelled) or self._cancel.is_set()
         why = "migration cancelled" if cancelled else f"{type(e).__name__}: {e}"
+        if self._postcopy and self.ownership.owner is Owner.DESTINATION:
+            self._postcopy_paused(why)
+            return
         if self.ownership.owner is Owner.DESTINATION:  # after the ack: the guest left anyway
             log.exception("migration: after the switchover")
             self.info.error = why
@@ -590,8 +605,7 @@ class SourceMigration:
         bw = policy.BandwidthEstimator()
         auto = policy.AutoConverge() if self.caps.auto_converge else None
         dirty = vm.memory.ram_bitmap()  # round 0: every page of RAM, none of the MMIO gap
-        best_remaining: int | None = None
-        stalled = 0
+        stalls = policy.StallCounter()
         rnd = 0
         while True:
             self._check()
@@ -636,11 +650,11 @@ class SourceMigration:
                 self._drain(ch)
                 self._close_data_channels()  # the stop-and-copy round uses the main stream
                 return dirty
-            if best_remaining is None or remaining < best_remaining * 0.95:
-                best_remaining = remaining
-                stalled = 0
-            else:
-                stalled += 1
+            stalled = stalls.update(remaining)
+            if self._switch_to_postcopy(rnd, stalled):
+                self._drain(ch)
+                self._close_data_channels()
+                return dirty
             if auto is not None:
                 pct = auto.update(
                     policy.RoundStats(dirty_bytes=remaining, transferred_bytes=nbytes, seconds=took)
@@ -682,7 +696,8 @@ class SourceMigration:
         phases["sync"] = time.monotonic() - t0 - sum(phases.values())
         rnd = len(self.info.rounds)
         final_pages = pages.count_dirty(dirty, vm.memory.npages)
-        self._send_round(ch, conn, rnd, dirty, throttle=False)
+        if not self._postcopy:
+            self._send_round(ch, conn, rnd, dirty, throttle=False)
         stop_round: dict[str, Any] = {
             "round": rnd,
             "pages": final_pages,
@@ -693,6 +708,9 @@ class SourceMigration:
         self.info.ram.pages_per_round.append(final_pages)
         transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
         transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
+        if self._postcopy:
+            dirty &= vm.memory.ram_bitmap()
+            transport.send_event(ch, conn, PostcopyStart(postcopy.pending_bytes(dirty)))
         # The vCPUs are stopped and the devices quiesced: the disks may change hands. From
         # the first byte of Complete on, the destination may commit (GuestOwnership).
         m.disk_locks.release()
@@ -718,10 +736,82 @@ class SourceMigration:
         stop_round["downtime-ms"] = {k: round(v * 1000, 2) for k, v in phases.items()}
         self.info.ram.remaining = 0
         stop_round["destination-ms"] = _ack_field(reply.reason, "x-switchover-ms")
+        if self._postcopy:
+            self._run_postcopy(ch, conn, dirty)
         vm._set_state(RunState.POSTMIGRATE)
         if self.caps.x_verify:
             self.info.verify = self._verify_after_switchover(ch, conn)
         return True
+
+    # --- post-copy (see `postcopy`) -----------------------------------------------------------
+
+    def _switch_to_postcopy(self, rounds_done: int, stalled: int) -> bool:
+        """At a round end that did not fit the downtime: should the switchover be post-copy?"""
+        if not self.caps.postcopy_ram:
+            return False
+        trigger = policy.postcopy_trigger(
+            policy=policy.PostcopyPolicy(
+                after_rounds=self.params.x_postcopy_after_rounds,
+                stalled_rounds=self.params.x_postcopy_stalled_rounds,
+            ),
+            requested=self.postcopy_requested.is_set(),
+            rounds_done=rounds_done,
+            stalled=stalled,
+            fits_downtime=False,
+        )
+        if trigger is None:
+            return False
+        self._postcopy = True
+        self.info.postcopy = {"trigger": trigger.value, "after-rounds": rounds_done}
+        log.info("switching to post-copy after %d rounds (%s)", rounds_done, trigger.value)
+        return True
+
+    def _run_postcopy(
+        self, ch: transport.Channel, conn: Connection, pending: bitmap.Bitmap
+    ) -> None:
+        """The destination runs the guest: send it every pending page, its requests first."""
+        mem = self.m.vm.memory
+        sender = postcopy.PostcopySender(
+            ch,
+            conn,
+            mem.view,
+            postcopy.pending_pages(postcopy.pending_bytes(pending), mem.npages),
+            mem.allocated(),
+            check=self._check_cancel,
+            rate_limit=self._rate_limit,
+        )
+        self._sender = sender
+        assert self.info.postcopy is not None
+        self.info.postcopy["pending-pages"] = sender.order.left
+        self._set_status(Status.POSTCOPY_ACTIVE)
+        t0 = time.monotonic()
+        try:
+            sender.run()
+        finally:
+            self.info.ram.postcopy_requests = sender.requests
+            self.info.ram.transferred += sender.bytes_sent
+            self.info.postcopy["requested-pages"] = sender.requested_pages
+            self.info.postcopy["unsent-pages"] = sender.order.left
+            self.info.postcopy["time-ms"] = round((time.monotonic() - t0) * 1000, 1)
+        self.info.ram.remaining = 0
+
+    def _check_cancel(self) -> None:
+        """During post-copy only a cancel stops the sender (no timeout: the guest runs there)."""
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled during post-copy")
+
+    def _postcopy_paused(self, why: str) -> None:
+        """The link broke (or the migration was cancelled) during post-copy: the destination
+        runs the guest with pages only we have. Keep them all, stay paused, say so."""
+        left = self._sender.order.left if self._sender is not None else -1
+        self.info.end = time.monotonic()
+        self.info.error = (
+            f"post-copy interrupted ({why}): {left} pages were not sent; the guest is paused on "
+            "both sides and this side keeps all of its RAM (recovery is not supported: the "
+            "guest is lost if either process ends)"
+        )
+        log.error("migration: %s", self.info.error)
+        self._set_status(Status.POSTCOPY_PAUSED)
 
     def _switchover_reply(self, ch: transport.Channel, conn: Connection) -> SwitchoverAck | Abort:
         """The destination's answer to Complete, within x-switchover-timeout; a cancel, the
@@ -769,7 +859,7 @@ class SourceMigration:
             for start in range(0, len(digests), DIGESTS_PER_FRAME):
                 chunk = digests[start : start + DIGESTS_PER_FRAME]
                 transport.send_event(ch, conn, VerifyDigests(start, digests_to_bytes(chunk)))
-            report = transport.recv_event(ch, conn)
+            report = postcopy.drop_stray_requests(ch, conn)
         except Exception as e:  # the guest runs on the destination: only the check is lost
             log.error("verification after the switchover failed: %s", e)
             return {"error": f"{type(e).__name__}: {e}"}

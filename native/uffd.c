@@ -1,0 +1,397 @@
+/*
+ * uffd.c - the destination's post-copy fault server: guest RAM registered with userfaultfd
+ * (MISSING mode), one native thread reading the faults, and the installs (UFFDIO_COPY).
+ *
+ * Every page of the range is in one of four states:
+ *   MISSING    not here yet; the first fault queues a request for it (once)
+ *   REQUESTED  queued or asked for; the fault waits for the install
+ *   ZERO       known to be a zero page (the source sent it as a hole): the fault thread
+ *              installs it itself with UFFDIO_ZEROPAGE, nothing is requested
+ *   PRESENT    installed (or received before the range was registered)
+ *
+ * Why this cannot deadlock on the GIL: the fault thread is a pthread that never calls into
+ * Python, so it reads faults, serves ZERO pages and queues requests while any Python thread
+ * holds the GIL, even one blocked on a missing page.  Installs (`uffd_install`) and waits
+ * (`uffd_wait_present`) are ctypes calls, which release the GIL for their whole duration.
+ * The one Python part of the loop is the fetcher that reads the request queue and receives
+ * the pages: it needs the GIL, so VMM code must never touch a MISSING page with the GIL
+ * held; it asks for the range with `uffd_wait_present` first (GIL released meanwhile).
+ * vCPUs fault inside KVM_RUN, which runs with the GIL released.
+ *
+ * A COPY that finds the page already there (EEXIST: another install won the race) counts as
+ * installed and wakes the range, since a failed COPY wakes no one.  A fault on a PRESENT page
+ * (its install finished between the fault and our read of it) is answered with UFFDIO_WAKE.
+ * Latency of a remote fault: from the fault thread reading it to the install that served it.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+
+#include "worker.h"
+
+#define PAGE 4096ULL
+#define MSGS 64
+
+enum { MISSING = 0, REQUESTED = 1, ZERO = 2, PRESENT = 3 };
+
+struct uffd_stats {
+	uint64_t faults;      /* fault events read */
+	uint64_t requests;    /* pages queued for the fetcher */
+	uint64_t zero_served; /* faults the thread served itself (known zero pages) */
+	uint64_t installed;   /* pages made present by uffd_install / zero serving */
+	uint64_t eexist;      /* installs that found the page already there */
+	uint64_t missing;     /* pages only the source has (MISSING or REQUESTED) */
+	uint64_t blocktime_us; /* sum of remote fault latencies */
+	uint64_t samples;     /* latencies recorded (see uffd_latencies) */
+};
+
+struct uffd_server {
+	int uffd, wake_fd, request_fd;
+	uint64_t base, npages;
+	uint8_t *state;
+	uint64_t *fault_ns; /* when the first fault on a page was read; 0: none pending */
+	uint64_t *queue;    /* requests not yet taken, a ring */
+	uint64_t qhead, qlen;
+	uint32_t *lat_us;
+	uint64_t lat_cap;
+	struct uffd_stats st;
+	pthread_mutex_t lock;
+	pthread_cond_t present;
+	struct worker worker;
+	int error; /* the fault thread's fatal errno, 0 while it works */
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static int wake_range(struct uffd_server *s, uint64_t pfn, uint64_t n)
+{
+	struct uffdio_range r = { .start = s->base + pfn * PAGE, .len = n * PAGE };
+	return ioctl(s->uffd, UFFDIO_WAKE, &r) ? -errno : 0;
+}
+
+/* Under the lock: pages [pfn, pfn+n) became present; record the faults they served. */
+static void mark_present(struct uffd_server *s, uint64_t pfn, uint64_t n)
+{
+	uint64_t t = now_ns();
+	for (uint64_t p = pfn; p < pfn + n; p++) {
+		if (s->state[p] == PRESENT)
+			continue;
+		if (s->state[p] != ZERO)
+			s->st.missing--;
+		s->state[p] = PRESENT;
+		s->st.installed++;
+		if (s->fault_ns[p]) {
+			uint64_t us = (t - s->fault_ns[p]) / 1000;
+			s->st.blocktime_us += us;
+			if (s->st.samples < s->lat_cap)
+				s->lat_us[s->st.samples] = (uint32_t)(us > UINT32_MAX ? UINT32_MAX : us);
+			s->st.samples++;
+			s->fault_ns[p] = 0;
+		}
+	}
+	pthread_cond_broadcast(&s->present);
+}
+
+/* Under the lock: queue `pfn` for the fetcher unless it is asked for already. */
+static int request_page(struct uffd_server *s, uint64_t pfn)
+{
+	if (s->state[pfn] != MISSING)
+		return 0;
+	s->state[pfn] = REQUESTED;
+	s->queue[(s->qhead + s->qlen) % s->npages] = pfn;
+	s->qlen++;
+	s->st.requests++;
+	return 1;
+}
+
+static void serve_zero(struct uffd_server *s, uint64_t pfn)
+{
+	struct uffdio_zeropage z = { .range = { .start = s->base + pfn * PAGE, .len = PAGE } };
+	if (ioctl(s->uffd, UFFDIO_ZEROPAGE, &z) && errno == EEXIST)
+		wake_range(s, pfn, 1);
+	pthread_mutex_lock(&s->lock);
+	s->st.zero_served += s->state[pfn] != PRESENT; /* once, whoever served it */
+	mark_present(s, pfn, 1);
+	pthread_mutex_unlock(&s->lock);
+}
+
+static void handle_fault(struct uffd_server *s, uint64_t addr)
+{
+	if (addr < s->base || addr >= s->base + s->npages * PAGE)
+		return; /* not ours: cannot happen for a registered range */
+	uint64_t pfn = (addr - s->base) / PAGE;
+	int queued = 0, st;
+	pthread_mutex_lock(&s->lock);
+	s->st.faults++;
+	if (!s->fault_ns[pfn] && s->state[pfn] != PRESENT)
+		s->fault_ns[pfn] = now_ns();
+	st = s->state[pfn];
+	if (st == MISSING)
+		queued = request_page(s, pfn);
+	pthread_mutex_unlock(&s->lock);
+	if (st == PRESENT)
+		wake_range(s, pfn, 1);
+	else if (st == ZERO)
+		serve_zero(s, pfn);
+	if (queued)
+		fd_signal(s->request_fd);
+}
+
+static void *fault_thread(void *arg)
+{
+	struct uffd_server *s = arg;
+	struct uffd_msg msgs[MSGS];
+	for (;;) {
+		struct pollfd fds[2] = { { .fd = s->uffd, .events = POLLIN },
+					 { .fd = s->wake_fd, .events = POLLIN } };
+		if (poll(fds, 2, -1) < 0 && errno != EINTR) {
+			s->error = errno;
+			return NULL;
+		}
+		pthread_mutex_lock(&s->lock);
+		int stop = s->worker.stop;
+		pthread_mutex_unlock(&s->lock);
+		if (stop)
+			return NULL;
+		ssize_t r = read(s->uffd, msgs, sizeof(msgs));
+		if (r < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			s->error = errno;
+			return NULL;
+		}
+		for (ssize_t i = 0; i < r / (ssize_t)sizeof(msgs[0]); i++)
+			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+				handle_fault(s, msgs[i].arg.pagefault.address & ~(PAGE - 1));
+	}
+}
+
+void uffd_close(struct uffd_server *s);
+
+/* Register [base, base + npages pages) and take the initial state of every page (`state`,
+ * one byte per page: MISSING, ZERO or PRESENT).  NULL with *err = errno on failure. */
+struct uffd_server *uffd_open(uint64_t base, uint64_t npages, const uint8_t *state,
+			      uint64_t latency_samples, int *err)
+{
+	struct uffd_server *s = calloc(1, sizeof(*s));
+	if (!s) {
+		*err = ENOMEM;
+		return NULL;
+	}
+	s->uffd = s->wake_fd = s->request_fd = -1;
+	s->base = base;
+	s->npages = npages;
+	pthread_mutex_init(&s->lock, NULL);
+	pthread_cond_init(&s->present, NULL);
+	s->state = malloc(npages);
+	s->fault_ns = calloc(npages, sizeof(uint64_t));
+	s->queue = calloc(npages, sizeof(uint64_t));
+	s->lat_cap = latency_samples;
+	s->lat_us = calloc(latency_samples ? latency_samples : 1, sizeof(uint32_t));
+	if (!s->state || !s->fault_ns || !s->queue || !s->lat_us) {
+		*err = ENOMEM;
+		goto fail;
+	}
+	for (uint64_t p = 0; p < npages; p++) {
+		if (state[p] != MISSING && state[p] != ZERO && state[p] != PRESENT) {
+			*err = EINVAL;
+			goto fail;
+		}
+		s->state[p] = state[p];
+		s->st.missing += state[p] == MISSING;
+	}
+	s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	s->request_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	/* not UFFD_USER_MODE_ONLY: KVM's own accesses to guest RAM must fault too */
+	s->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (s->wake_fd < 0 || s->request_fd < 0 || s->uffd < 0) {
+		*err = errno;
+		goto fail;
+	}
+	struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+	struct uffdio_register reg = { .range = { .start = base, .len = npages * PAGE },
+				       .mode = UFFDIO_REGISTER_MODE_MISSING };
+	if (ioctl(s->uffd, UFFDIO_API, &api) || ioctl(s->uffd, UFFDIO_REGISTER, &reg)) {
+		*err = errno;
+		goto fail;
+	}
+	int e = worker_start(&s->worker, fault_thread, s, "ptmig-uffd");
+	if (e) {
+		*err = -e;
+		goto fail;
+	}
+	return s;
+fail:
+	uffd_close(s);
+	return NULL;
+}
+
+/* Install `n` pages at `pfn` from `data` (UFFDIO_COPY, which wakes their waiters).  0 or
+ * -errno; pages already there count as installed (their waiters are woken). */
+int uffd_install(struct uffd_server *s, uint64_t pfn, uint64_t n, const void *data)
+{
+	if (pfn > s->npages || n > s->npages - pfn)
+		return -ERANGE;
+	uint64_t done = 0;
+	while (done < n) {
+		struct uffdio_copy c = { .dst = s->base + (pfn + done) * PAGE,
+					 .src = (uint64_t)(uintptr_t)data + done * PAGE,
+					 .len = (n - done) * PAGE };
+		if (ioctl(s->uffd, UFFDIO_COPY, &c) == 0) {
+			done = n;
+			break;
+		}
+		if (errno == EEXIST) {
+			/* nothing was copied: the range's first page is there already (an
+			 * earlier install); wake its waiters and go on after it */
+			pthread_mutex_lock(&s->lock);
+			s->st.eexist++;
+			pthread_mutex_unlock(&s->lock);
+			wake_range(s, pfn + done, 1);
+			done++;
+			continue;
+		}
+		if (errno == EAGAIN && c.copy > 0) {
+			done += (uint64_t)c.copy / PAGE;
+			continue;
+		}
+		return -errno;
+	}
+	pthread_mutex_lock(&s->lock);
+	mark_present(s, pfn, n);
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
+/* Take up to `max` queued requests into `out`; returns how many. */
+uint64_t uffd_take_requests(struct uffd_server *s, uint64_t *out, uint64_t max)
+{
+	fd_drain(s->request_fd);
+	pthread_mutex_lock(&s->lock);
+	uint64_t n = 0;
+	while (n < max && s->qlen) {
+		out[n++] = s->queue[s->qhead];
+		s->qhead = (s->qhead + 1) % s->npages;
+		s->qlen--;
+	}
+	if (s->qlen)
+		fd_signal(s->request_fd);
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}
+
+/* The VMM's own access: request what is missing of [pfn, pfn+n), serve known zero pages, and
+ * wait until all are present.  1 when they are, 0 after `timeout_ms`, -ERANGE. */
+int uffd_wait_present(struct uffd_server *s, uint64_t pfn, uint64_t n, int64_t timeout_ms)
+{
+	if (pfn > s->npages || n > s->npages - pfn)
+		return -ERANGE;
+	int queued = 0;
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t p = pfn; p < pfn + n; p++)
+		queued |= request_page(s, p);
+	pthread_mutex_unlock(&s->lock);
+	if (queued)
+		fd_signal(s->request_fd);
+	for (uint64_t p = pfn; p < pfn + n; p++) {
+		pthread_mutex_lock(&s->lock);
+		int st = s->state[p];
+		pthread_mutex_unlock(&s->lock);
+		if (st == ZERO)
+			serve_zero(s, p);
+	}
+	struct timespec deadline;
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += timeout_ms / 1000;
+	deadline.tv_nsec += (timeout_ms % 1000) * 1000000;
+	if (deadline.tv_nsec >= 1000000000) {
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000;
+	}
+	pthread_mutex_lock(&s->lock);
+	uint64_t p = pfn;
+	int ok = 1;
+	while (p < pfn + n) {
+		if (s->state[p] == PRESENT) {
+			p++;
+			continue;
+		}
+		if (pthread_cond_timedwait(&s->present, &s->lock, &deadline) == ETIMEDOUT) {
+			ok = 0;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return ok;
+}
+
+/* Copy the page states (one byte each) into `out`. */
+void uffd_states(struct uffd_server *s, uint8_t *out)
+{
+	pthread_mutex_lock(&s->lock);
+	memcpy(out, s->state, s->npages);
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* The counters; returns the fault thread's fatal errno (0 while it works). */
+int uffd_get_stats(struct uffd_server *s, struct uffd_stats *out)
+{
+	pthread_mutex_lock(&s->lock);
+	*out = s->st;
+	pthread_mutex_unlock(&s->lock);
+	return s->error;
+}
+
+/* Copy up to `max` recorded remote fault latencies (us), oldest first; returns how many. */
+uint64_t uffd_latencies(struct uffd_server *s, uint32_t *out, uint64_t max)
+{
+	pthread_mutex_lock(&s->lock);
+	uint64_t n = s->st.samples < s->lat_cap ? s->st.samples : s->lat_cap;
+	if (n > max)
+		n = max;
+	memcpy(out, s->lat_us, n * sizeof(uint32_t));
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}
+
+int uffd_request_fd(struct uffd_server *s)
+{
+	return s->request_fd;
+}
+
+/* Stop the thread, unregister the range (a later access allocates as usual), free. */
+void uffd_close(struct uffd_server *s)
+{
+	if (!s)
+		return;
+	worker_stop(&s->worker, &s->lock, s->wake_fd);
+	if (s->uffd >= 0) {
+		struct uffdio_range r = { .start = s->base, .len = s->npages * PAGE };
+		ioctl(s->uffd, UFFDIO_UNREGISTER, &r);
+		close(s->uffd);
+	}
+	if (s->wake_fd >= 0)
+		close(s->wake_fd);
+	if (s->request_fd >= 0)
+		close(s->request_fd);
+	pthread_mutex_destroy(&s->lock);
+	pthread_cond_destroy(&s->present);
+	free(s->state);
+	free(s->fault_ns);
+	free(s->queue);
+	free(s->lat_us);
+	free(s);
+}

@@ -1,0 +1,230 @@
+"""The post-copy benchmark (section `postcopy`): one guest that dirties faster than the link,
+migrated three ways on the same link caps, in the same run.
+
+The guest: 1 GiB, `dirty` with a 32 MiB working set written as fast as one vCPU can (far more
+than the link carries), its other RAM above `FILL_FROM` filled with random bytes
+(`x-debug-fill-ram`) so every page has data to carry; `downtime-limit` 20 ms, so no pre-copy
+round ever fits it (32 MiB would need 1.6 GB/s). Per run and per link cap (`max-bandwidth`
+100 MiB/s, and unlimited over loopback), back to back:
+- **precopy**: plain pre-copy; it cannot converge, so it ends in the forced switchover after
+  `x-max-stalled-rounds` rounds without progress (the working set moves in the downtime);
+- **autoconverge**: pre-copy with QEMU's auto-converge throttle;
+- **postcopy**: `postcopy-ram`, switching after the first pre-copy round
+  (`x-postcopy-after-rounds` 1), the rest fetched on demand.
+Reported per mode and cap: total time and downtime (`query-migrate`), bytes sent
+(`ram.transferred`) and their ratio to guest RAM, the guest's throughput during the migration
+as a fraction of its own rate just before it (loop iterations from the `migrate` command until
+the guest runs on the destination with every page there, so the window contains the
+switchover), and for post-copy the destination's remote fault latency p50/p99 in µs (from the
+fault being read to the page installed, `x-query-postcopy`). `postcopy/autoconverge.guest` is
+the ratio of the two guest throughputs, per run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import progress
+from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
+from .migration import _cmd, _ptmig, _qmp, _stop, _wait_migration, _wait_status, free_port
+
+SECTION = "postcopy"
+MiB = 1 << 20
+FILL_FROM = 48 * MiB  # firmware, the workload's bitmap and its 32 MiB working set live below
+WORKING_SET_MIB = 32
+DOWNTIME_LIMIT_MS = 20
+CAPS = {"100MiBps": 100 * MiB, "unlimited": 0}
+MODES = ("precopy", "autoconverge", "postcopy")
+
+GOAL_BYTES_PER_RAM = Goal("<=", 1.05)
+GOAL_TOTAL_PER_IDEAL = Goal("<=", 1.2)
+GOAL_DOWNTIME_MS = Goal("<=", 20, "ms")
+GOAL_FAULT_P99_US = Goal("<=", 2000, "us")
+GOAL_GUEST_VS_AUTOCONVERGE = Goal(">=", 1.0)
+
+
+@dataclass(frozen=True)
+class PostcopyBenchParams:
+    memory: int = 1024 * MiB
+    start_timeout_s: float = 60.0
+    migration_timeout_s: float = 300.0
+    baseline_s: float = 1.0  # how long the guest's own rate is measured before migrating
+
+    @classmethod
+    def for_config(cls, config: BenchConfig) -> PostcopyBenchParams:
+        return cls()  # quick only runs fewer times: a smaller guest would miss the bytes goal
+
+
+@dataclass
+class Sample:
+    total_ms: float
+    downtime_ms: float
+    transferred: int
+    guest_kept: float  # guest progress rate during the migration / its rate before
+    fault_p50_us: float = float("nan")
+    fault_p99_us: float = float("nan")
+    went_postcopy: bool = False  # the postcopy mode switched (a loaded host may converge first)
+
+
+def run(config: BenchConfig) -> list[Result]:
+    p = PostcopyBenchParams.for_config(config)
+    samples: dict[tuple[str, str], list[Sample]] = {(m, c): [] for m in MODES for c in CAPS}
+    with tempfile.TemporaryDirectory(prefix="ptmig-bench-postcopy-") as d:
+        for i in range(config.runs):
+            for cap, rate in CAPS.items():
+                for mode in MODES:
+                    progress.step(f"{mode} at {cap}", i + 1, config.runs)
+                    samples[(mode, cap)].append(migrate_once(Path(d), p, mode, rate))
+    return results(samples, p)
+
+
+def results(samples: dict[tuple[str, str], list[Sample]], p: PostcopyBenchParams) -> list[Result]:
+    out: list[Result] = []
+    extra: dict[str, Any] = {
+        "memory_mib": p.memory // MiB,
+        "working_set_mib": WORKING_SET_MIB,
+        "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+    }
+    for (mode, cap), runs in samples.items():
+        post = mode == "postcopy"
+        name = f"{mode}.{cap}"
+        ex = {**extra, "switched_to_postcopy": [s.went_postcopy for s in runs]} if post else extra
+        rate = CAPS[cap]
+        out += [
+            measured(SECTION, f"{name}.total", [s.total_ms for s in runs], "ms", extra=ex),
+            measured(
+                SECTION,
+                f"{name}.downtime",
+                [s.downtime_ms for s in runs],
+                "ms",
+                GOAL_DOWNTIME_MS if post else None,
+            ),
+            measured(
+                SECTION,
+                f"{name}.bytes/ram",
+                [s.transferred / p.memory for s in runs],
+                "ratio",
+                GOAL_BYTES_PER_RAM if post else None,
+            ),
+            measured(SECTION, f"{name}.guest", [s.guest_kept for s in runs], "ratio"),
+        ]
+        if rate:
+            ideal_ms = p.memory / rate * 1000
+            out.append(
+                measured(
+                    SECTION,
+                    f"{name}.total/ideal",
+                    [s.total_ms / ideal_ms for s in runs],
+                    "ratio",
+                    GOAL_TOTAL_PER_IDEAL if post else None,
+                    {"ideal": "guest RAM / max-bandwidth"},
+                )
+            )
+        if post:
+            out += [
+                measured(SECTION, f"{name}.fault_p50", [s.fault_p50_us for s in runs], "us"),
+                measured(
+                    SECTION,
+                    f"{name}.fault_p99",
+                    [s.fault_p99_us for s in runs],
+                    "us",
+                    GOAL_FAULT_P99_US if cap == "unlimited" else None,
+                ),
+            ]
+    for cap in CAPS:
+        out.append(
+            measured(
+                SECTION,
+                f"postcopy/autoconverge.{cap}.guest",
+                paired_ratios(
+                    [s.guest_kept for s in samples[("postcopy", cap)]],
+                    [s.guest_kept for s in samples[("autoconverge", cap)]],
+                ),
+                "ratio",
+                GOAL_GUEST_VS_AUTOCONVERGE,
+            )
+        )
+    return out
+
+
+def _config(tmp: Path, memory: int) -> Path:
+    path = tmp / "postcopy.toml"
+    path.write_text(
+        f'[vm]\nname = "benchpostcopy"\nmemory = "{memory // MiB}M"\nvcpus = 1\n\n'
+        f'[workload]\nname = "dirty"\nargs = {{ ws = "{WORKING_SET_MIB}M" }}\n'
+    )
+    return path
+
+
+def _iterations(q: Any) -> int:
+    return sum(int(v["iterations"]) for v in _cmd(q, "x-query-guest-stats")["vcpus"])
+
+
+def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sample:
+    """One migration of the dirty guest in `mode` at `rate` bytes/s (0: unlimited)."""
+    config = _config(tmp, p.memory)
+    port = free_port()
+    src = _ptmig(tmp, "src", config, "--insecure")
+    dst = _ptmig(tmp, "dst", config, "--insecure", "--incoming", f"tcp:127.0.0.1:{port}")
+    qs = qd = None
+    try:
+        qs = _qmp(tmp / "src.qmp", src, p.start_timeout_s)
+        qd = _qmp(tmp / "dst.qmp", dst, p.start_timeout_s)
+        _wait_status(qs, ("running",), p.start_timeout_s)
+        _wait_status(qd, ("inmigrate",), p.start_timeout_s)
+        _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
+        params: dict[str, Any] = {
+            "x-dma-tracking": "none",
+            "max-bandwidth": rate,
+            "downtime-limit": DOWNTIME_LIMIT_MS,
+        }
+        if mode == "postcopy":
+            params["x-postcopy-after-rounds"] = 1
+        _cmd(qs, "migrate-set-parameters", params)
+        caps = [
+            {"capability": "auto-converge", "state": mode == "autoconverge"},
+            {"capability": "postcopy-ram", "state": mode == "postcopy"},
+        ]
+        _cmd(qs, "migrate-set-capabilities", {"capabilities": caps})
+        t0, i0 = time.monotonic(), _iterations(qs)
+        time.sleep(p.baseline_s)  # the guest's own rate, just before
+        t1, i1 = time.monotonic(), _iterations(qs)
+        _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = _wait_migration(qs, p.migration_timeout_s)
+        _wait_status(qd, ("running",), 10)
+        report = _postcopy_done(qd, p.migration_timeout_s) if mode == "postcopy" else {}
+        t2, i2 = time.monotonic(), _iterations(qd)  # counters carry over to the destination
+        before = (i1 - i0) / (t1 - t0)
+        during = (i2 - i1) / (t2 - t1)
+        sample = Sample(
+            float(info["total-time"]),
+            float(info["downtime"]),
+            int(info["ram"]["transferred"]),
+            during / before if before > 0 else float("nan"),
+            went_postcopy="x-postcopy" in info,
+        )
+        if mode == "postcopy":
+            lat = report.get("fault-latency-us", {})
+            sample.fault_p50_us = float(lat.get("p50", float("nan")))
+            sample.fault_p99_us = float(lat.get("p99", float("nan")))
+        return sample
+    finally:
+        _stop(src, qs)
+        _stop(dst, qd)
+
+
+def _postcopy_done(q: Any, timeout: float) -> dict[str, Any]:
+    """The destination's post-copy report once its last page is installed (the source's
+    `completed` comes when it has sent the last one)."""
+    deadline = time.monotonic() + timeout
+    while (report := _cmd(q, "x-query-postcopy")).get("status") == "postcopy-active":
+        if time.monotonic() > deadline:
+            raise BenchError(f"post-copy still active on the destination after {timeout} s")
+        time.sleep(0.01)
+    if report and report.get("status") != "completed":
+        raise BenchError(f"post-copy on the destination: {report}")
+    return dict(report)  # {}: no post-copy (a pre-copy round fitted the downtime after all)

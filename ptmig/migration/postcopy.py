@@ -1,0 +1,447 @@
+"""Post-copy: the guest runs on the destination before all of its pages are there.
+
+The source switches over early (`policy.postcopy_trigger`: on `migrate-start-postcopy`, after
+N pre-copy rounds, or once pre-copy stopped converging). With the vCPUs stopped it sends the
+vCPU and device state and `PostcopyStart`, the bitmap of the pages the destination lacks (those
+dirtied since they were last sent), then Complete, as in a plain switchover. The destination
+makes those pages missing (punches them out of its memfd), registers guest RAM with userfaultfd
+(`uffd.FaultServer`) before its vCPUs run, acknowledges, and resumes the guest. Then:
+
+- `PostcopySender` (source) pushes every pending page once, in page order, as PostcopyPages
+  frames of at most 64 pages; a `PageRequest` from the destination goes first, and the
+  background push continues right after the requested pages (the guest's next accesses are
+  likely near its last fault). Zero pages travel as empty frames. `max-bandwidth` caps all of
+  it (a request jumps the queue, not the link). The end is `PostcopyEnd`.
+- `PostcopyReceiver` (destination) installs each frame with UFFDIO_COPY (or ZEROPAGE) and
+  keeps the verification digests of what it installed; its fetcher thread turns the fault
+  server's requests into PageRequest frames on the same stream (the return path).
+
+Each page crosses the link once: a requested page that is already on its way is sent again
+only if the request arrives before the source reached it (the source sends each page once).
+
+Failure semantics (what the user meets when the link breaks during post-copy). The guest's
+state is split: the source holds the pages not yet sent, the destination the vCPUs and the
+rest. Neither side may run the guest alone, and nothing is dropped:
+- the source stays paused with its whole RAM (status `postcopy-paused`, error-desc says why);
+- the destination pauses its vCPUs (a vCPU waiting on a missing page is kicked out of its
+  wait; `query-status` says `paused`) and keeps its fault server and pages
+  (`x-query-postcopy` says `postcopy-paused`).
+Recovery (QEMU's `migrate-recover` / `migrate` with `resume: true`) is not built: the guest
+stays paused on both sides, and is lost only when one of the two processes is ended. The
+destination never runs a guest with a page missing and unreachable, and never zero-fills one.
+
+Passthrough devices: the destination's device processes map guest RAM themselves, outside the
+userfaultfd registration; a device touching a missing page would allocate a zero page the real
+one can no longer replace. Until the devices fetch their pages through the fault server before
+forwarding a request, post-copy refuses a VM with devices (`refuse_devices`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import bitmap
+from ..layout import PAGE_SIZE
+from ..memory import GuestMemoryError
+from . import transport
+from .events import (
+    NEED_DATA,
+    Abort,
+    PageRequest,
+    PostcopyEnd,
+    PostcopyPages,
+    PostcopyStart,
+)
+from .frames import MAX_POSTCOPY_PAGES
+from .protocol import Connection, ConnectionClosed
+from .uffd import FaultServer, FaultStats, initial_states
+
+log = logging.getLogger(__name__)
+
+#: Hello capability: the source may switch over to post-copy.
+POSTCOPY_CAPABILITY = "postcopy-ram"
+REQUEST_POLL_S = 0.05  # how often the fetcher looks at its stop flag
+# The background push keeps at most this much unacknowledged in the socket, so that a requested
+# page queues behind little data (its latency is the backlog / the link's rate).
+BACKLOG_BYTES = 512 << 10
+BACKLOG_POLL_S = 0.0005
+RECEIVE_QUEUE_BYTES = 256 << 10
+INSTALL_WAIT_S = 60.0
+
+
+class PostcopyError(RuntimeError):
+    """Post-copy cannot start, or cannot go on."""
+
+
+def refuse_devices(device_ids: list[str]) -> None:
+    """Post-copy needs every process that touches guest RAM to fault through the VMM."""
+    if device_ids:
+        raise PostcopyError(
+            "postcopy-ram: the VM has devices (" + ", ".join(device_ids) + "); their processes "
+            "map guest RAM outside the destination's userfaultfd, so a device touching a page "
+            "not yet arrived would read and keep a zero page. Migrate it with pre-copy."
+        )
+
+
+def pending_bytes(pending: bitmap.Bitmap) -> bytes:
+    return np.ascontiguousarray(pending, dtype=np.uint64).tobytes()
+
+
+def pending_pages(blob: bytes, npages: int) -> npt.NDArray[np.bool_]:
+    """PostcopyStart's bitmap as one bool per page (bits past `npages` ignored)."""
+    words = np.frombuffer(blob, dtype="<u8")
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
+    return bits[:npages]
+
+
+def page_ranges(pfns: npt.NDArray[Any], max_pages: int) -> list[tuple[int, int]]:
+    """Page numbers as (first, npages) ranges of consecutive pages, each ≤ max_pages."""
+    p = np.unique(np.asarray(pfns, dtype=np.int64))
+    out: list[tuple[int, int]] = []
+    if not len(p):
+        return out
+    for run in np.split(p, np.flatnonzero(np.diff(p) != 1) + 1):
+        first, n = int(run[0]), len(run)
+        out += [(first + k, min(max_pages, n - k)) for k in range(0, n, max_pages)]
+    return out
+
+
+@dataclass
+class SendOrder:
+    """Which pending pages the source sends next: requested ones first, then the background
+    walk in page order from the last request on (wrapping around). Pure bookkeeping."""
+
+    pending: list[int]  # ascending page numbers still to send
+    cursor: int = 0  # index into `pending` of the background walk
+    requests: deque[tuple[int, int]] = field(default_factory=deque)
+    sent: set[int] = field(default_factory=set)
+
+    def request(self, first: int, npages: int) -> None:
+        self.requests.append((first, npages))
+
+    @property
+    def left(self) -> int:
+        return len(self.pending) - len(self.sent)
+
+    def next_range(self) -> tuple[int, int, bool] | None:
+        """(first, npages, requested) of the next frame to send, or None when all is sent."""
+        while self.requests:
+            first, npages = self.requests.popleft()
+            got = self._run_from(first, first + npages)
+            if got is not None:
+                self.cursor = bisect.bisect_left(self.pending, got[0] + got[1])
+                return (*got, True)
+        if self.left == 0:
+            return None
+        for _ in range(2):  # from the cursor to the end, then from the start
+            while self.cursor < len(self.pending):
+                p = self.pending[self.cursor]
+                if p not in self.sent:
+                    got = self._run_from(p, p + MAX_POSTCOPY_PAGES)
+                    assert got is not None
+                    return (*got, False)
+                self.cursor += 1
+            self.cursor = 0
+        return None
+
+    def _run_from(self, first: int, end: int) -> tuple[int, int] | None:
+        """The first run of consecutive unsent pending pages in [first, end), marked sent."""
+        i = bisect.bisect_left(self.pending, first)
+        while i < len(self.pending) and self.pending[i] < end and self.pending[i] in self.sent:
+            i += 1
+        if i >= len(self.pending) or self.pending[i] >= end:
+            return None
+        start = self.pending[i]
+        n = 0
+        while (
+            i < len(self.pending)
+            and self.pending[i] == start + n
+            and self.pending[i] < end
+            and n < MAX_POSTCOPY_PAGES
+            and self.pending[i] not in self.sent
+        ):
+            self.sent.add(self.pending[i])
+            i += 1
+            n += 1
+        return start, n
+
+
+class PostcopySender:
+    """The source's side of post-copy, after the destination acknowledged the switchover."""
+
+    def __init__(
+        self,
+        ch: transport.Channel,
+        conn: Connection,
+        view: memoryview,
+        pending: npt.NDArray[np.bool_],
+        allocated: npt.NDArray[np.bool_],
+        *,
+        check: Callable[[], None],
+        rate_limit: Callable[[int], None],
+    ) -> None:
+        self.ch, self.conn, self.view = ch, conn, view
+        self.order = SendOrder([int(p) for p in np.flatnonzero(pending)])
+        self.allocated = allocated
+        self.check, self.rate_limit = check, rate_limit
+        self.requests = 0  # PageRequest frames received (query-migrate's postcopy-requests)
+        self.requested_pages = 0
+        self.bytes_sent = 0
+
+    def run(self) -> None:
+        """Send every pending page, requested ones first; then PostcopyEnd."""
+        while True:
+            self.check()
+            self._take_requests()
+            nxt = self.order.next_range()
+            if nxt is None:
+                break
+            first, npages, requested = nxt
+            if not requested:
+                self._wait_backlog()
+            # the link's cap holds for requested pages too (QEMU's max-postcopy-bandwidth is
+            # one limit for both): a request only jumps the queue
+            self.rate_limit(self._send(first, npages))
+        self.bytes_sent += transport.send_event(self.ch, self.conn, PostcopyEnd())
+
+    def _wait_backlog(self) -> None:
+        """Before a background frame: until the socket's backlog is short, or a request came
+        (it then goes first: `next_range` serves requests before the walk)."""
+        while self.ch.unacknowledged() > BACKLOG_BYTES and not self.order.requests:
+            self.check()
+            select.select([self.ch.sock], [], [], BACKLOG_POLL_S)
+            self._take_requests()
+
+    def _send(self, first: int, npages: int) -> int:
+        if not self.allocated[first : first + npages].any():
+            ev = PostcopyPages(first, npages)  # holes: zero pages, no data
+        else:
+            data = bytes(self.view[first * PAGE_SIZE : (first + npages) * PAGE_SIZE])
+            ev = PostcopyPages(first, npages, data)
+        n = transport.send_event(self.ch, self.conn, ev)
+        self.bytes_sent += n
+        return n
+
+    def _take_requests(self) -> None:
+        """Every PageRequest already here (never waits)."""
+        while True:
+            ev = self.conn.next_event()
+            if ev is NEED_DATA:
+                data = self.ch.recv_nowait()
+                if data is None:
+                    return
+                if not data:
+                    raise transport.TransportError(
+                        f"{self.ch.peer} closed the stream during post-copy "
+                        f"({self.order.left} pages not sent)"
+                    )
+                self.conn.receive_data(data)
+                continue
+            if isinstance(ev, PageRequest):
+                self.requests += 1
+                self.requested_pages += ev.npages
+                self.order.request(ev.first_page, ev.npages)
+            elif isinstance(ev, Abort):
+                raise PostcopyError(f"destination gave up during post-copy: {ev.reason}")
+            else:
+                raise PostcopyError(f"unexpected {type(ev).__name__} during post-copy")
+
+
+def drop_stray_requests(ch: transport.Channel, conn: Connection) -> Any:
+    """The next event after post-copy, past any PageRequest that crossed PostcopyEnd."""
+    while True:
+        ev = transport.recv_event(ch, conn)
+        if not isinstance(ev, PageRequest):
+            return ev
+
+
+@dataclass
+class PostcopyReport:
+    """The destination's post-copy, for `x-query-postcopy` and the bench."""
+
+    status: str = "none"  # postcopy-active, completed, postcopy-paused
+    pending_pages: int = 0
+    error: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    stats: FaultStats | None = None
+    latencies_us: npt.NDArray[np.uint32] | None = None
+
+    def to_qmp(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "pending-pages": self.pending_pages}
+        if self.error:
+            out["error-desc"] = self.error
+        if self.started_at is not None:
+            end = self.ended_at if self.ended_at is not None else time.monotonic()
+            out["time-ms"] = round((end - self.started_at) * 1000, 1)
+        s = self.stats
+        if s is not None:
+            out["postcopy-requests"] = s.requests
+            out["faults"] = s.faults
+            out["zero-served"] = s.zero_served
+            out["eexist"] = s.eexist
+            out["missing"] = s.missing
+            out["postcopy-blocktime"] = s.blocktime_us // 1000  # ms, as QEMU's
+        lat = self.latencies_us
+        if lat is not None and len(lat):
+            out["fault-latency-us"] = {
+                "samples": len(lat),
+                "p50": float(np.percentile(lat, 50)),
+                "p99": float(np.percentile(lat, 99)),
+                "max": int(lat.max()),
+            }
+        return out
+
+
+class PostcopyReceiver:
+    """The destination's side: guest RAM under the fault server from before the guest runs
+    (`arm`), then the pages installed as they come (`run`)."""
+
+    def __init__(self, view: memoryview, host_address: int, npages: int) -> None:
+        self.view, self.base, self.npages = view, host_address, npages
+        self.server: FaultServer | None = None
+        self.report = PostcopyReport()
+        self._send_lock = threading.Lock()  # the connection is shared with the fetcher
+        self._stop = threading.Event()
+        self._fetcher: threading.Thread | None = None
+        self._fetch_error: BaseException | None = None
+
+    def arm(
+        self,
+        start: PostcopyStart,
+        allocated: npt.NDArray[np.bool_],
+        punch: Callable[[int, int], None],
+    ) -> npt.NDArray[np.bool_]:
+        """Make the pending pages missing and register guest RAM; returns the pending pages.
+        Before the vCPUs run: a page they touch from now on is either here or fetched."""
+        pending = pending_pages(start.pending, self.npages)
+        for first, n in page_ranges(np.flatnonzero(pending).astype(np.uint64), 1 << 30):
+            punch(first, n)
+        allocated = allocated & ~pending
+        self.server = FaultServer(self.base, initial_states(~pending, allocated))
+        self.report.status = "postcopy-active"
+        self.report.pending_pages = int(pending.sum())
+        return pending
+
+    def presence(self, gpa: int, length: int) -> None:
+        """`GuestMemory.presence`: the VMM's own access (a QMP query, an exit handler) waits
+        for its pages with the GIL released, so it never blocks the fetcher; once the link is
+        broken it fails at once instead of waiting for pages that cannot come."""
+        server = self.server
+        if server is None or length <= 0 or gpa < 0 or gpa + length > self.npages * PAGE_SIZE:
+            return  # over, or out of range (the bounds check says why)
+        wait = INSTALL_WAIT_S if self.report.status == "postcopy-active" else 0.0
+        if not server.ensure(gpa, length, wait):
+            raise GuestMemoryError(
+                f"guest access [{gpa:#x}, +{length:#x}): a page is still on the source and "
+                f"post-copy is {self.report.status}"
+            )
+
+    def start_fetcher(self, ch: transport.Channel, conn: Connection) -> None:
+        self.report.started_at = time.monotonic()
+        # A short receive queue: a requested page then waits behind little background data
+        # when this side installs slower than the link delivers (the source's send queue is
+        # kept short by BACKLOG_BYTES).
+        try:
+            ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_QUEUE_BYTES)
+        except OSError as e:
+            log.warning("post-copy: cannot shorten the receive queue: %s", e)
+        self._fetcher = threading.Thread(
+            target=self._fetch, args=(ch, conn), name="postcopy-fetcher", daemon=True
+        )
+        self._fetcher.start()
+
+    def _fetch(self, ch: transport.Channel, conn: Connection) -> None:
+        """Requests from the fault server → PageRequest frames (the return path)."""
+        server = self.server
+        assert server is not None
+        try:
+            while not self._stop.is_set():
+                if not select.select([server.request_fd], [], [], REQUEST_POLL_S)[0]:
+                    continue
+                for first, n in page_ranges(server.take_requests(), MAX_POSTCOPY_PAGES):
+                    with self._send_lock:
+                        transport.send_event(ch, conn, PageRequest(first, n))
+        except BaseException as e:  # the receiver sees the broken stream too; keep the cause
+            self._fetch_error = e
+
+    def receive(
+        self,
+        ch: transport.Channel,
+        conn: Connection,
+        on_pages: Callable[[int, int, bytes], None],
+    ) -> None:
+        """Install pages until PostcopyEnd; raises if the stream breaks first."""
+        server = self.server
+        assert server is not None
+        while True:
+            ev = self._next(ch, conn)
+            if isinstance(ev, PostcopyPages):
+                if ev.data:
+                    server.install(ev.first_page, ev.data)
+                else:
+                    server.install(ev.first_page, bytes(ev.npages * PAGE_SIZE))
+                on_pages(ev.first_page, ev.npages, ev.data)
+            elif isinstance(ev, PostcopyEnd):
+                break
+            elif isinstance(ev, ConnectionClosed):
+                raise transport.TransportError("the source closed the stream during post-copy")
+            else:
+                raise PostcopyError(f"unexpected {type(ev).__name__} during post-copy")
+        if server.missing:
+            raise PostcopyError(f"PostcopyEnd with {server.missing} pages still missing")
+
+    def _next(self, ch: transport.Channel, conn: Connection) -> Any:
+        while True:
+            with self._send_lock:
+                ev = conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            data = ch.recv()
+            with self._send_lock:
+                conn.receive_data(data)
+
+    def finish(self) -> None:
+        """Every page is here: stop fetching, unregister guest RAM, keep the numbers."""
+        self._stop_fetcher()
+        self._snapshot()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.report.status = "completed"
+        self.report.ended_at = time.monotonic()
+
+    def paused(self, why: str) -> None:
+        """The link broke: pages stay missing; the fault server stays (no zero-fill)."""
+        self._stop_fetcher()
+        self._snapshot()
+        self.report.status = "postcopy-paused"
+        self.report.error = why
+        self.report.ended_at = time.monotonic()
+
+    def _stop_fetcher(self) -> None:
+        self._stop.set()
+        if self._fetcher is not None:
+            self._fetcher.join(INSTALL_WAIT_S)
+
+    def _snapshot(self) -> None:
+        if self.server is not None:
+            self.report.stats = self.server.stats()
+            self.report.latencies_us = self.server.latencies_us()
+
+    def live_report(self) -> dict[str, Any]:
+        if self.server is not None and self.report.status == "postcopy-active":
+            self.report.stats = self.server.stats()
+        return self.report.to_qmp()

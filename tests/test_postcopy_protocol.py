@@ -1,0 +1,189 @@
+"""Post-copy on the wire and in the source's send order: pure, no sockets, no KVM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ptmig.migration import (
+    NEED_DATA,
+    Complete,
+    Connection,
+    DeviceStates,
+    HelloAck,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Role,
+    RoundEnd,
+    RoundStart,
+    State,
+    SwitchoverAck,
+    VcpuStates,
+    frames,
+    hello,
+)
+from ptmig.migration.events import PageRequest, PostcopyEnd, PostcopyPages, PostcopyStart
+from ptmig.migration.postcopy import SendOrder, page_ranges, pending_bytes, pending_pages
+
+PAGES = 128
+PS = 4096
+
+
+def deliver(frm: Connection, to: Connection, event: object) -> object:
+    to.receive_data(frm.send(event))  # type: ignore[arg-type]
+    ev = to.next_event()
+    assert ev is not NEED_DATA
+    return ev
+
+
+def postcopy_pair(holes: tuple[tuple[int, int], ...] = ()) -> tuple[Connection, Connection]:
+    """Two connections walked to the post-copy state."""
+    s = Connection(Role.SOURCE, guest_pages=PAGES, ram_holes=holes)
+    d = Connection(Role.DESTINATION, guest_pages=PAGES, ram_holes=holes)
+    deliver(s, d, hello({"m": 1}))
+    deliver(d, s, HelloAck(True, ""))
+    deliver(s, d, RoundStart(0, 0))
+    deliver(s, d, RoundEnd(0))
+    deliver(s, d, VcpuStates(b"v"))
+    deliver(s, d, DeviceStates(b"d"))
+    pending = np.zeros(2, dtype=np.uint64)
+    pending[0] = 0b1011
+    got = deliver(s, d, PostcopyStart(pending_bytes(pending)))
+    assert isinstance(got, PostcopyStart)
+    assert np.flatnonzero(pending_pages(got.pending, PAGES)).tolist() == [0, 1, 3]
+    assert s.state is State.POSTCOPY_ARMED
+    deliver(s, d, Complete())
+    deliver(d, s, SwitchoverAck(True, ""))
+    assert s.state is d.state is State.POSTCOPY
+    return s, d
+
+
+def test_a_postcopy_conversation_both_ways_then_the_end() -> None:
+    s, d = postcopy_pair()
+    assert deliver(d, s, PageRequest(3, 1)) == PageRequest(3, 1)
+    page = bytes([7]) * PS
+    assert deliver(s, d, PostcopyPages(3, 1, page)) == PostcopyPages(3, 1, page)
+    assert deliver(s, d, PostcopyPages(0, 2)) == PostcopyPages(0, 2)  # zero pages
+    deliver(s, d, PostcopyEnd())
+    assert s.state is d.state is State.SWITCHED_OVER
+    # a request that crossed PostcopyEnd is allowed (and ignored by the source)
+    assert deliver(d, s, PageRequest(1, 1)) == PageRequest(1, 1)
+
+
+def test_postcopy_frames_out_of_place_or_out_of_range_are_refused() -> None:
+    s, d = postcopy_pair(holes=((100, 10),))
+    with pytest.raises(LocalProtocolError, match="may not send PageRequest"):
+        s.send(PageRequest(0, 1))  # the source does not ask
+    with pytest.raises(LocalProtocolError, match=r"pages \[127, 129\) outside 128 pages"):
+        s.send(PostcopyPages(127, 2, bytes(2 * PS)))
+    # a hostile source: pages in the MMIO hole
+    raw = frames.encode_event(PostcopyPages(105, 1, bytes(PS)))
+    d.receive_data(raw)
+    with pytest.raises(RemoteProtocolError, match="touches a hole of guest RAM"):
+        d.next_event()
+
+
+@pytest.mark.parametrize(
+    ("meta", "error"),
+    [
+        ((3).to_bytes(8, "little") + (0).to_bytes(4, "little"), "0 pages, allowed 1..64"),
+        ((3).to_bytes(8, "little") + (65).to_bytes(4, "little"), "65 pages, allowed 1..64"),
+        ((3).to_bytes(8, "little") + (2).to_bytes(4, "little") + b"x" * 100, "100 bytes for 2"),
+    ],
+)
+def test_a_hostile_postcopy_pages_frame_is_refused(meta: bytes, error: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=error):
+        frames.decode_event(frames.FrameType.POSTCOPY_PAGES, meta)
+
+
+def test_a_pending_bitmap_of_the_wrong_size_is_refused() -> None:
+    s = Connection(Role.SOURCE, guest_pages=PAGES)
+    d = Connection(Role.DESTINATION, guest_pages=PAGES)
+    deliver(s, d, hello({"m": 1}))
+    deliver(d, s, HelloAck(True, ""))
+    deliver(s, d, VcpuStates(b"v"))
+    deliver(s, d, DeviceStates(b"d"))
+    d.receive_data(frames.encode_event(PostcopyStart(bytes(8))))
+    with pytest.raises(RemoteProtocolError, match="bitmap of 8 bytes for 128 pages"):
+        d.next_event()
+    with pytest.raises(RemoteProtocolError, match="not whole uint64 words"):
+        frames.decode_event(frames.FrameType.POSTCOPY_START, bytes(12))
+
+
+def test_page_ranges_merge_consecutive_pages_up_to_the_limit() -> None:
+    pfns = np.array([9, 1, 2, 3, 7, 8], dtype=np.uint64)
+    assert page_ranges(pfns, 2) == [(1, 2), (3, 1), (7, 2), (9, 1)]
+    assert page_ranges(pfns, 64) == [(1, 3), (7, 3)]
+
+
+@given(
+    st.sets(st.integers(min_value=0, max_value=511), min_size=1, max_size=200),
+    st.lists(st.tuples(st.integers(0, 511), st.integers(1, 64)), max_size=20),
+    st.integers(min_value=0, max_value=40),
+)
+def test_send_order_sends_every_pending_page_once_and_requests_first(
+    pending: set[int], requests: list[tuple[int, int]], ask_after: int
+) -> None:
+    order = SendOrder(sorted(pending))
+    sent: list[int] = []
+    frames_sent = 0
+    while (nxt := order.next_range()) is not None:
+        first, n, requested = nxt
+        assert 1 <= n <= 64
+        run = list(range(first, first + n))
+        assert all(p in pending for p in run)
+        if requested:
+            # a requested frame carries pages of the request that had not gone yet
+            assert any(r[0] <= first < r[0] + r[1] for r in requests)
+        sent += run
+        frames_sent += 1
+        if frames_sent == ask_after:
+            for r in requests:
+                order.request(*r)
+            # the next frame serves the first request that still has unsent pages
+            still = [
+                r for r in requests if any(p in pending and p not in sent for p in range(*_span(r)))
+            ]
+            nxt2 = order.next_range()
+            if still:
+                assert nxt2 is not None and nxt2[2]
+                assert still[0][0] <= nxt2[0] < still[0][0] + still[0][1]
+            if nxt2 is not None:
+                sent += list(range(nxt2[0], nxt2[0] + nxt2[1]))
+    assert sorted(sent) == sorted(pending)  # each once, none missing
+    assert order.left == 0
+
+
+def _span(r: tuple[int, int]) -> tuple[int, int]:
+    return r[0], r[0] + r[1]
+
+
+def test_a_postcopy_start_the_hello_did_not_offer_is_refused() -> None:
+    """A source (with the key) that switches to post-copy without offering it in its Hello:
+    the destination refuses before anything is armed, says why, and waits on."""
+    import json
+
+    from test_migration_incoming_hostile import (
+        TO_DEVICE_STATES,
+        Destination,
+        FakeMachine,
+        abort_reason,
+    )
+
+    d = Destination(FakeMachine())
+    try:
+        body = json.dumps({"version": 1, "devices": [{"id": "d0", "state": {}}]}).encode()
+        stream = (
+            frames.MAGIC
+            + TO_DEVICE_STATES
+            + frames.encode_event(DeviceStates(body))
+            + frames.encode_event(PostcopyStart(bytes(8)))
+        )
+        replies = d.attempt(stream)
+        assert "did not offer postcopy-ram" in abort_reason(replies)
+        assert "did not offer postcopy-ram" in d.incoming.rejected[-1]
+        assert d.incoming.postcopy is None
+    finally:
+        d.stop()

@@ -1,0 +1,323 @@
+"""The post-copy fault server on a plain memfd mapping (no KVM needed): faults on missing pages
+become requests, installs wake the faulting thread, known zero pages and present pages are
+served without the fetcher, and the server never needs the GIL."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ptmig.layout import PAGE_SIZE
+from ptmig.migration.uffd import (
+    FaultServer,
+    FaultServerError,
+    PageState,
+    initial_states,
+)
+
+WAIT_S = 30.0  # generous: a loaded 2-core host may take a while to schedule the threads
+
+
+def _uffd_unavailable() -> str | None:
+    mm = mmap.mmap(-1, PAGE_SIZE)
+    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    try:
+        FaultServer(base, np.zeros(1, dtype=np.uint8)).close()
+    except FaultServerError as e:
+        return str(e)
+    return None
+
+
+_WHY = _uffd_unavailable()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"userfaultfd unavailable: {_WHY}")
+
+
+def pattern(pfn: int) -> bytes:
+    return bytes([pfn % 251 + 1]) * PAGE_SIZE
+
+
+class Ram:
+    """A memfd of `npages` mapped shared, as guest RAM is."""
+
+    def __init__(self, npages: int) -> None:
+        self.fd = os.memfd_create("uffd-test", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, npages * PAGE_SIZE)
+        self.mm = mmap.mmap(self.fd, npages * PAGE_SIZE, mmap.MAP_SHARED)
+        self.base = np.frombuffer(self.mm, dtype=np.uint8).ctypes.data
+
+    def put(self, pfn: int) -> None:
+        os.pwrite(self.fd, pattern(pfn), pfn * PAGE_SIZE)
+
+    def read_released(self, pfn: int) -> bytes:
+        """Read one page through the mapping with the GIL released (as KVM_RUN runs)."""
+        buf = ctypes.create_string_buffer(PAGE_SIZE)
+        ctypes.memmove(buf, self.base + pfn * PAGE_SIZE, PAGE_SIZE)
+        return buf.raw
+
+
+@contextmanager
+def fetcher(server: FaultServer, seen: list[int]) -> Iterator[None]:
+    """Stands in for the source: serves every request with the page's pattern."""
+    stop = threading.Event()
+
+    def run() -> None:
+        poller = select.poll()
+        poller.register(server.request_fd, select.POLLIN)
+        while not stop.is_set():
+            if not poller.poll(50):
+                continue
+            for pfn in server.take_requests():
+                seen.append(int(pfn))
+                server.install(int(pfn), pattern(int(pfn)))
+
+    t = threading.Thread(target=run, name="test-fetcher")
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(WAIT_S)
+
+
+def test_a_fault_on_a_missing_page_is_requested_once_and_installed() -> None:
+    ram = Ram(8)
+    states = np.full(8, PageState.MISSING, dtype=np.uint8)
+    with FaultServer(ram.base, states) as server:
+        got: list[bytes] = []
+        readers = [
+            threading.Thread(target=lambda: got.append(ram.read_released(5))) for _ in range(2)
+        ]
+        for r in readers:
+            r.start()
+        assert select.select([server.request_fd], [], [], WAIT_S)[0], "no request came"
+        requested = list(server.take_requests())
+        # both readers wait on the page; it is asked for once
+        assert requested == [5]
+        assert all(r.is_alive() for r in readers)
+        server.install(5, pattern(5))
+        for r in readers:
+            r.join(WAIT_S)
+        assert got == [pattern(5), pattern(5)]
+        stats = server.stats()
+        assert stats.requests == 1
+        assert stats.samples == 1 and len(server.latencies_us()) == 1
+        assert stats.missing == 7
+        assert server.states()[5] == PageState.PRESENT
+
+
+def test_vmm_wait_present_fetches_what_is_missing_and_times_out_without_a_fetcher() -> None:
+    ram = Ram(16)
+    ram.put(3)
+    present = np.zeros(16, dtype=bool)
+    present[3] = True
+    received = present.copy()
+    received[4] = True  # sent as a zero page: a hole on this side
+    with FaultServer(ram.base, initial_states(received, present)) as server:
+        assert not server.wait_present(6, 2, timeout_s=0.2)  # nobody fetches
+        seen: list[int] = []
+        with fetcher(server, seen):
+            assert server.ensure(3 * PAGE_SIZE + 100, 4 * PAGE_SIZE, timeout_s=WAIT_S)
+        # page 3 was here, page 4 is a known zero page, 5..7 came from the "source"
+        assert sorted(seen) == [5, 6, 7]
+        assert ram.mm[3 * PAGE_SIZE : 8 * PAGE_SIZE] == (
+            pattern(3) + bytes(PAGE_SIZE) + pattern(5) + pattern(6) + pattern(7)
+        )
+        assert server.stats().zero_served == 1
+        with pytest.raises(ValueError, match=r"pages \[15, 17\) are outside guest RAM"):
+            server.wait_present(15, 2, 1.0)
+
+
+def test_an_install_never_overwrites_a_present_page() -> None:
+    ram = Ram(4)
+    ram.put(1)
+    states = np.array([0, PageState.PRESENT, 0, 0], dtype=np.uint8)
+    with FaultServer(ram.base, states) as server:
+        server.install(0, bytes([9]) * (3 * PAGE_SIZE))  # pages 0-2, page 1 already here
+        assert ram.mm[:PAGE_SIZE] == bytes([9]) * PAGE_SIZE
+        assert ram.mm[PAGE_SIZE : 2 * PAGE_SIZE] == pattern(1)
+        assert ram.mm[2 * PAGE_SIZE : 3 * PAGE_SIZE] == bytes([9]) * PAGE_SIZE
+        stats = server.stats()
+        assert stats.eexist == 1 and stats.missing == 1
+        server.install(3, pattern(3))
+        assert server.missing == 0
+        with pytest.raises(ValueError, match="not whole pages"):
+            server.install(3, b"x")
+    with pytest.raises(ValueError, match="MISSING, ZERO or PRESENT"):
+        FaultServer(ram.base, np.array([PageState.REQUESTED], dtype=np.uint8))
+
+
+def test_the_fault_thread_serves_zero_pages_while_python_holds_the_gil() -> None:
+    """mmap slicing holds the GIL while it touches the page: a fault server that needed
+    Python would hang this child (bounded by the subprocess timeout)."""
+    child = textwrap.dedent(
+        """
+        import mmap, os, sys
+        import numpy as np
+        from ptmig.migration.uffd import FaultServer, PageState
+        fd = os.memfd_create("gil", 0)
+        os.ftruncate(fd, 4 * 4096)
+        mm = mmap.mmap(fd, 4 * 4096, mmap.MAP_SHARED)
+        os.pwrite(fd, b"\\x07" * 4096, 0)
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        states = np.array([PageState.PRESENT] + [PageState.ZERO] * 3, dtype=np.uint8)
+        with FaultServer(base, states) as s:
+            data = mm[:]  # GIL held across all four pages
+            # (the faulting read may resume before the thread has counted the page)
+            assert s.wait_present(0, 4, timeout_s=60)
+            st = s.stats()
+        ok = data == b"\\x07" * 4096 + bytes(3 * 4096)
+        print(ok, st.zero_served, st.requests, st.missing)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "3", "0", "0"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.sampled_from([PageState.MISSING, PageState.ZERO, PageState.PRESENT]),
+        min_size=1,
+        max_size=24,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_every_page_reads_right_whatever_its_state_and_the_order(
+    kinds: list[PageState], rnd: object
+) -> None:
+    npages = len(kinds)
+    ram = Ram(npages)
+    for pfn, kind in enumerate(kinds):
+        if kind is PageState.PRESENT:
+            ram.put(pfn)
+    order = list(range(npages))
+    rnd.shuffle(order)  # type: ignore[attr-defined]
+    seen: list[int] = []
+    with FaultServer(ram.base, np.array(kinds, dtype=np.uint8)) as server:
+        with fetcher(server, seen):
+            for pfn in order:
+                want = bytes(PAGE_SIZE) if kinds[pfn] is PageState.ZERO else pattern(pfn)
+                assert ram.read_released(pfn) == want
+        # (the fetcher has returned from its last install: the counters are final)
+        assert sorted(seen) == [p for p, k in enumerate(kinds) if k is PageState.MISSING]
+        assert server.missing == 0
+
+
+def test_a_postcopy_session_over_a_socket_serves_every_page_once_while_readers_fault() -> None:
+    """Source and destination engines back to back over a socketpair (no KVM): reader threads
+    touch the destination's pages in random order while the source pushes the rest; every
+    page reads what the source had, and every pending page crosses once."""
+    import socket
+
+    from ptmig.memory import GuestMemory
+    from ptmig.migration import Complete, Connection, HelloAck, Role, SwitchoverAck, hello
+    from ptmig.migration.events import DeviceStates, PostcopyStart, VcpuStates
+    from ptmig.migration.postcopy import PostcopyReceiver, PostcopySender, pending_bytes
+    from ptmig.migration.transport import Channel
+
+    npages = 256
+    src = np.zeros(npages * PAGE_SIZE, dtype=np.uint8)
+    allocated = np.ones(npages, dtype=bool)
+    for p in range(npages):
+        if p % 7 == 3:
+            allocated[p] = False  # a hole on the source: travels as a zero page
+        else:
+            src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] = p % 251 + 1
+    pending = np.zeros(npages, dtype=bool)
+    pending[16:] = True
+    dst = GuestMemory(npages * PAGE_SIZE)
+    for p in range(16):  # what pre-copy delivered
+        dst.write(p * PAGE_SIZE, bytes(src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]))
+
+    s_conn = Connection(Role.SOURCE, guest_pages=npages)
+    d_conn = Connection(Role.DESTINATION, guest_pages=npages)
+
+    def deliver(frm: Connection, to: Connection, ev: object) -> object:
+        to.receive_data(frm.send(ev))  # type: ignore[arg-type]
+        return to.next_event()
+
+    deliver(s_conn, d_conn, hello({"m": 1}))
+    deliver(d_conn, s_conn, HelloAck(True, ""))
+    deliver(s_conn, d_conn, VcpuStates(b"v"))
+    deliver(s_conn, d_conn, DeviceStates(b"d"))
+    bits = np.packbits(pending, bitorder="little")
+    words = np.zeros(-(-npages // 64), dtype=np.uint64)
+    words.view(np.uint8)[: len(bits)] = bits
+    start = deliver(s_conn, d_conn, PostcopyStart(pending_bytes(words)))
+    assert isinstance(start, PostcopyStart)
+    receiver = PostcopyReceiver(dst.view, dst.host_address, npages)
+    receiver.arm(start, dst.allocated(), dst.punch_zero)
+    deliver(s_conn, d_conn, Complete())
+    deliver(d_conn, s_conn, SwitchoverAck(True, ""))
+
+    a, b = socket.socketpair()
+    s_ch, d_ch = Channel(a, WAIT_S, "dst"), Channel(b, WAIT_S, "src")
+    sender = PostcopySender(
+        s_ch,
+        s_conn,
+        memoryview(src),
+        pending,
+        allocated,
+        check=lambda: None,
+        rate_limit=lambda n: None,
+    )
+    sent = threading.Thread(target=sender.run, name="test-sender")
+    rng = np.random.default_rng(5)
+    got: dict[int, bytes] = {}
+    order = rng.permutation(npages)
+
+    def read() -> None:
+        buf = ctypes.create_string_buffer(PAGE_SIZE)
+        for p in order:
+            ctypes.memmove(buf, dst.host_address + int(p) * PAGE_SIZE, PAGE_SIZE)
+            got[int(p)] = buf.raw
+
+    reader = threading.Thread(target=read, name="test-reader")
+    receiver.start_fetcher(d_ch, d_conn)
+    reader.start()
+    # the source starts once the reader waits on a page: its request is then queued first
+    deadline = time.monotonic() + WAIT_S
+    while receiver.server is not None and receiver.server.stats().requests == 0:
+        assert time.monotonic() < deadline, "the reader never faulted"
+        time.sleep(0.005)
+    sent.start()
+    dst.presence = receiver.presence
+    vmm_read: list[bytes] = []  # the VMM's own access (a QMP query), GIL held around it
+    vmm = threading.Thread(target=lambda: vmm_read.append(dst.read(200 * PAGE_SIZE, 8)))
+    vmm.start()
+    receiver.receive(d_ch, d_conn, lambda first, n, data: None)
+    vmm.join(WAIT_S)
+    assert vmm_read == [bytes([200 % 251 + 1]) * 8]
+    reader.join(WAIT_S)
+    sent.join(WAIT_S)
+    dst.presence = None
+    receiver.finish()
+    for p in range(npages):
+        assert got[p] == bytes(src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]), p
+    assert sender.order.left == 0
+    assert sender.requests > 0  # the reader's first page was asked for
+    report = receiver.report.to_qmp()
+    assert report["status"] == "completed" and report["missing"] == 0 and report["eexist"] == 0
+    data_pages = int((pending & allocated).sum())
+    # each pending page at most once (a hole inside a run of data pages travels as data):
+    # payload plus at most one 24-byte header per frame
+    assert data_pages * PAGE_SIZE <= sender.bytes_sent
+    assert sender.bytes_sent <= int(pending.sum()) * PAGE_SIZE + 24 * npages
+    a.close()
+    b.close()
+    dst.close()
