@@ -386,8 +386,8 @@ def migrate(
     VMM refused or was unreachable; 4 completed but verification found differing pages; 5 the
     switchover is unresolved (the guest is paused on the source: see x-migrate-resolve).
     """
-    from .migration.client import MigrateOptions
-    from .migration.client import run as run_migrate
+    from .migrate import MigrateOptions
+    from .migrate import run as run_migrate
 
     path = _unix_path(qmp_spec, "--qmp")
     assert path is not None

@@ -19,7 +19,8 @@ from .disklock import DiskLockError, DiskLocks, Holder
 from .firmware import build_firmware, load_firmware_image
 from .layout import ABI_MMIO_STRIDE, BootDevice
 from .migration.control import MigrationControl
-from .qmp import ErrorClass, QmpError, QmpServer, RunStatus, query_status_reply
+from .qmp.server import QmpServer
+from .qmp.session import ErrorClass, QmpError, RunStatus, query_status_reply
 from .shadow.pool import ShadowPool
 from .vm import RunState, Vm, VmSpec
 
@@ -252,7 +253,7 @@ class Machine:
     # on the same guest, or to debug it. A migration cannot start while it is on.
 
     def _qmp_shadow_start(self) -> None:
-        from .shadow.strategy import ShadowTracking
+        from .shadow.tracking import ShadowTracking
 
         if self.shadow is not None or self.migration.busy():
             raise QmpError(

@@ -18,10 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import PtmigError
 from .qmpclient import QmpClient
 
 
-class DemoError(RuntimeError):
+class DemoError(PtmigError, RuntimeError):
     """The demo could not set up or run (as opposed to a migration that did not verify)."""
 
 

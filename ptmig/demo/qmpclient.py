@@ -12,8 +12,10 @@ import socket
 import time
 from typing import Any
 
+from ..errors import PtmigError
 
-class QmpClientError(RuntimeError):
+
+class QmpClientError(PtmigError, RuntimeError):
     """A QMP command failed, or the socket closed or sent something that is not QMP."""
 
 

@@ -37,6 +37,8 @@ from typing import Any
 from ptmig.devices.virtio.mmio import MmioState, QueueRegisters
 from ptmig.devices.virtio.queue import QueueError, QueueState
 
+from ..errors import PtmigError
+
 MAGIC = b"PTDC"
 HEADER = struct.Struct("<4sII")
 MAX_JSON_BYTES = 1 << 20
@@ -64,7 +66,7 @@ COMMANDS = frozenset(
 EVENTS = frozenset({"ready", "startup_failed", "fault", "needs_reset", "log"})
 
 
-class ControlProtocolError(Exception):
+class ControlProtocolError(PtmigError):
     """The peer sent something that is not a valid control frame; drop the connection."""
 
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..disklock import DiskLockError
 from ..layout import PAGE_SIZE
-from ..qmp import ErrorClass, QmpError, QmpServer
+from ..qmp.server import QmpServer
+from ..qmp.session import ErrorClass, QmpError
 from ..vm import RunState
 from . import transport
 from .events import Role

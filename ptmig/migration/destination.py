@@ -35,6 +35,7 @@ import numpy as np
 from ..cliconv import VMM_FAILED
 from ..devices.handle import DeviceError
 from ..disklock import DiskLockError
+from ..errors import PtmigError
 from ..vcpu_state import MAX_STATE_BYTES, VcpuState
 from ..vm import RunState
 from . import transport
@@ -60,8 +61,8 @@ from .events import (
 from .frames import MAX_REASON
 from .pages import expand_runs
 from .protocol import (
-    DATA_CHANNEL_CAPABILITY,
-    DATA_CHANNELS_CAPABILITY,
+    DATA_CHANNEL_JOIN_CAPABILITY,
+    DATA_CHANNELS_OFFER_CAPABILITY,
     Commit,
     Connection,
     ConnectionClosed,
@@ -70,7 +71,7 @@ from .protocol import (
     parse_channel_capability,
 )
 from .source import VERIFY_CAPABILITY
-from .strategies import decode_device_states
+from .tracking import decode_device_states
 from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests_at
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ GATHER_MIN_RUNS = 8  # a page batch in at least this many runs is received whole
 DATA_CHANNEL_ACCEPT_S = 10.0  # the source connects its data channels right after the HelloAck
 
 
-class IncomingError(RuntimeError):
+class IncomingError(PtmigError, RuntimeError):
     pass
 
 
@@ -498,7 +499,7 @@ class Incoming:
     def _accept_data_channels(self, hello: Hello) -> None:
         """Accept the data channels the source's Hello announced, each authenticated by the
         transport and naming this migration's token and a free channel index in its Hello."""
-        request = parse_channel_capability(hello, DATA_CHANNELS_CAPABILITY)
+        request = parse_channel_capability(hello, DATA_CHANNELS_OFFER_CAPABILITY)
         if request is None:
             return
         n, token = request
@@ -531,7 +532,7 @@ class Incoming:
         ev = self._recv_event(ch, conn, None)
         if not isinstance(ev, Hello):
             raise IncomingError(f"a data channel began with {type(ev).__name__}, not Hello")
-        got = parse_channel_capability(ev, DATA_CHANNEL_CAPABILITY)
+        got = parse_channel_capability(ev, DATA_CHANNEL_JOIN_CAPABILITY)
         ack = check_hello(ev, self.m.cfg.compat_fingerprint())
         main = self._main
         if got is None or not hmac.compare_digest(got[1], token):

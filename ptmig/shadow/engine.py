@@ -37,7 +37,7 @@ from ..devices.virtio.constants import (
     REG_STATUS,
 )
 from .device import ShadowedDevice
-from .mapping import IDLE_MAX
+from .mapping import IDLE_MAX, ShadowError
 from .native import Dataplane
 
 if TYPE_CHECKING:
@@ -307,8 +307,9 @@ class ShadowEngine:
         self._stop_r = self._stop_w = -1
 
 
-class ShadowFailed(RuntimeError):
-    """Shadowing could not be kept up; the migration fails and the source resumes."""
+class ShadowFailed(ShadowError, RuntimeError):
+    """The engine's verdict: shadowing could not be kept up (a device's `ShadowError`, or the
+    shadow mode ended early), so the migration fails and the source resumes."""
 
 
 def _drain(fd: int) -> None:

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from .. import bitmap
 from ..devices.virtio.constants import VIRTQ_DESC_F_NEXT as DESC_F_NEXT
 from ..devices.virtio.constants import VIRTQ_DESC_F_WRITE as DESC_F_WRITE
+from ..errors import PtmigError
 from ..memory import GuestMemory
 from ..nativelib import NativeLibraryError, load_library
 from .pool import ShadowPool
@@ -54,7 +55,7 @@ ERROR_LEN = 256
 SOURCE = "dataplane.c"
 
 
-class DataplaneError(RuntimeError):
+class DataplaneError(PtmigError, RuntimeError):
     """The native data plane could not be built, loaded or set up."""
 
 

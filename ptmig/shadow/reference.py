@@ -34,6 +34,7 @@ from ..devices.virtio.constants import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_DESC_KNOWN_FLAGS,
 )
+from ..errors import PtmigError
 from ..layout import PAGE_SHIFT, PAGE_SIZE
 from ..memory import GuestMemory
 from .native import (
@@ -64,7 +65,7 @@ _U16 = struct.Struct("<H")
 _ELEM = struct.Struct("<II")
 
 
-class Broken(Exception):
+class Broken(PtmigError):
     """The device can no longer be shadowed (the text says why)."""
 
 

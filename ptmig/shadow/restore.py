@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..devices.virtio.queue import QueueError, QueueState, read_avail_entries
+from ..errors import PtmigError
 from .mapping import VcpuBufferView
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 
-class ShadowRestoreError(ValueError):
+class ShadowRestoreError(PtmigError, ValueError):
     pass
 
 

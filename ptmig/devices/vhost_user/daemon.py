@@ -22,12 +22,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ...errors import PtmigError
 from ..blk import BlkConfig, open_image
 
 PROGRAM = "qemu-storage-daemon"
 
 
-class StorageDaemonError(Exception):
+class StorageDaemonError(PtmigError):
     """The daemon could not be started."""
 
 

@@ -1,5 +1,5 @@
-"""Device-DMA tracking strategies: what each adds to the dirty set, and how devices are
-handled at the edges of a migration.
+"""Device-DMA tracking (`x-dma-tracking`): what each strategy adds to the dirty set, and how
+devices are handled at the edges of a migration.
 
 A passthrough device writes guest RAM behind KVM's back, so a migration has to learn about
 those writes some other way. The engine asks the active strategy at four points:
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .. import bitmap
+from ..errors import PtmigError
 from .events import RemoteProtocolError
 from .frames import load_json
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 MAX_DEVICE_STATE_BYTES = 4 << 20
 
 
-class DeviceStateError(ValueError):
+class DeviceStateError(PtmigError, ValueError):
     pass
 
 
@@ -142,7 +143,7 @@ class DeviceLog(_QuiesceAtStop):
 
 def make_strategy(name: str) -> DmaTracking:
     if name == "shadow":
-        from ..shadow.strategy import ShadowTracking
+        from ..shadow.tracking import ShadowTracking
 
         return ShadowTracking()
     table: dict[str, type[_QuiesceAtStop]] = {
