@@ -28,7 +28,7 @@ import struct
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from ..disklock import DiskLockError
 from ..errors import PtmigError
 from ..vcpu_state import MAX_STATE_BYTES, VcpuState
 from ..vm import RunState
+from ..vmparts import MigratingVm
 from . import transport
 from .events import (
     NEED_DATA,
@@ -63,6 +64,7 @@ from .pages import expand_runs
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
+    VERIFY_CAPABILITY,
     Commit,
     Connection,
     ConnectionClosed,
@@ -70,12 +72,11 @@ from .protocol import (
     check_hello,
     parse_channel_capability,
 )
-from .source import VERIFY_CAPABILITY
 from .tracking import decode_device_states
 from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests_at
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..layout import BootDevice
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def unpack_vcpu_states(blob: bytes, nvcpus: int) -> list[VcpuState]:
     return sorted(states, key=lambda s: s.index)
 
 
-def program_devices(machine: Machine, devices: list[dict[str, Any]]) -> None:
+def program_devices(machine: MigratingVm, devices: list[dict[str, Any]]) -> None:
     """Program this host's fresh devices from the transferred state. The state is the peer's:
     whatever a device or the shadow restore finds wrong with it (a rejected command, a field of
     the wrong type) refuses the migration, naming the device."""
@@ -131,7 +132,7 @@ def program_devices(machine: Machine, devices: list[dict[str, Any]]) -> None:
             ) from e
 
 
-def prepare_guest_ram(machine: Machine, prefault: bool) -> bool:
+def prepare_guest_ram(machine: MigratingVm, prefault: bool) -> bool:
     """Take page allocation off the migration's clock; True if guest RAM is now mapped.
 
     The destination waits for the source anyway, and must hold the whole guest once it arrives,
@@ -293,7 +294,7 @@ class DataChannelReceiver:
 class Incoming:
     def __init__(
         self,
-        machine: Machine,
+        machine: MigratingVm,
         uri: str,
         *,
         psk: bytes | None = None,
@@ -739,7 +740,30 @@ class Incoming:
         self.m.after_incoming()
 
 
-def run_incoming(machine: Machine, uri: str, *, prefault: bool = True) -> int:
+class MigrationSettings(Protocol):
+    """The credentials an incoming migration is accepted with (`MigrationControl`'s)."""
+
+    @property
+    def psk(self) -> bytes | None: ...
+    @property
+    def tls(self) -> transport.TlsConfig | None: ...
+    @property
+    def insecure(self) -> bool: ...
+
+
+class IncomingHost(MigratingVm, Protocol):
+    """What `ptmig run --incoming` needs besides: the devices booted, the migration settings,
+    and the run loop once the guest runs here."""
+
+    incoming: Incoming | None
+
+    @property
+    def migration(self) -> MigrationSettings: ...
+    def boot_devices(self) -> list[BootDevice]: ...
+    def wait(self) -> int: ...
+
+
+def run_incoming(machine: IncomingHost, uri: str, *, prefault: bool = True) -> int:
     """`ptmig run --incoming`: receive the guest, then run it until it exits or `quit`.
 
     Credentials (pre-shared key, TLS) are the machine's migration settings; `prefault` is

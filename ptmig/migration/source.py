@@ -59,6 +59,7 @@ from .params import MigrationCapabilities, MigrationInfo, MigrationParams, Statu
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
+    VERIFY_CAPABILITY,
     Connection,
     GuestOwnership,
     LinkLost,
@@ -71,7 +72,7 @@ from .tracking import DmaTracking, encode_device_states, make_strategy
 from .verify import digests_to_bytes, page_digests
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import MigratingVm
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,6 @@ def dirty_pages(dirty: bitmap.Bitmap, npages: int) -> np.ndarray:
     return pfns[pfns < npages]
 
 
-#: Hello capability: the source will send digests after the switchover and wait for a report.
-VERIFY_CAPABILITY = "x-verify-after-switchover"
-
-
 class MigrationCancelled(PtmigError):
     pass
 
@@ -120,7 +117,7 @@ def pack_vcpu_states(blobs: list[bytes]) -> bytes:
 class SourceMigration:
     def __init__(
         self,
-        machine: Machine,
+        machine: MigratingVm,
         uri: str,
         params: MigrationParams,
         caps: MigrationCapabilities,

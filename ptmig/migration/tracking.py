@@ -30,7 +30,7 @@ from .events import RemoteProtocolError
 from .frames import load_json
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import Guest, ShadowHost
 
 MAX_DEVICE_STATE_BYTES = 4 << 20
 
@@ -40,14 +40,17 @@ class DeviceStateError(PtmigError, ValueError):
 
 
 class DmaTracking(Protocol):
+    """A strategy, as the migration engine drives it. `m` offers the shadow pool too: the
+    shadow strategy needs it, the baselines read only the VM and its devices (`Guest`)."""
+
     name: str
 
-    def begin(self, m: Machine) -> None: ...
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None: ...
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None: ...
-    def device_states(self, m: Machine) -> list[dict[str, Any]]: ...
-    def abort(self, m: Machine) -> None: ...
-    def complete(self, m: Machine) -> None: ...
+    def begin(self, m: ShadowHost) -> None: ...
+    def round_dirty(self, m: ShadowHost) -> bitmap.Bitmap | None: ...
+    def stop_and_copy(self, m: ShadowHost) -> bitmap.Bitmap | None: ...
+    def device_states(self, m: ShadowHost) -> list[dict[str, Any]]: ...
+    def abort(self, m: ShadowHost) -> None: ...
+    def complete(self, m: ShadowHost) -> None: ...
     def stats(self) -> dict[str, Any] | None: ...
 
 
@@ -57,29 +60,29 @@ class _QuiesceAtStop:
 
     name = "none"
 
-    def begin(self, m: Machine) -> None:
+    def begin(self, m: Guest) -> None:
         pass
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return None
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
         for dev in m.devices:
             dev.handle.quiesce()
         return None
 
-    def device_states(self, m: Machine) -> list[dict[str, Any]]:
+    def device_states(self, m: Guest) -> list[dict[str, Any]]:
         return [
             {"id": d.id, "kind": d.kind, "source": "device", "state": d.handle.get_state()}
             for d in m.devices
         ]
 
-    def abort(self, m: Machine) -> None:
+    def abort(self, m: Guest) -> None:
         for dev in m.devices:
             if dev.handle.alive:
                 dev.handle.resume()
 
-    def complete(self, m: Machine) -> None:
+    def complete(self, m: Guest) -> None:
         pass
 
     def stats(self) -> dict[str, Any] | None:
@@ -93,7 +96,7 @@ class NoTracking(_QuiesceAtStop):
 class AllDirty(_QuiesceAtStop):
     name = "all-dirty"
 
-    def _writable(self, m: Machine) -> bitmap.Bitmap:
+    def _writable(self, m: Guest) -> bitmap.Bitmap:
         out = bitmap.empty(m.vm.memory.npages)
         flags = np.zeros(m.vm.memory.npages, dtype=bool)
         for dev in m.devices:
@@ -102,10 +105,10 @@ class AllDirty(_QuiesceAtStop):
         out[:] = bitmap.from_bool(flags)
         return out
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return self._writable(m)
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
         super().stop_and_copy(m)
         return self._writable(m)
 
@@ -113,11 +116,11 @@ class AllDirty(_QuiesceAtStop):
 class DeviceLog(_QuiesceAtStop):
     name = "device-log"
 
-    def begin(self, m: Machine) -> None:
+    def begin(self, m: Guest) -> None:
         for dev in m.devices:
             dev.handle.dma_log_start()
 
-    def _harvest(self, m: Machine) -> bitmap.Bitmap:
+    def _harvest(self, m: Guest) -> bitmap.Bitmap:
         out = bitmap.empty(m.vm.memory.npages)
         for dev in m.devices:
             log_bytes = np.asarray(dev.handle.dma_log_harvest(), dtype=np.uint8)
@@ -127,14 +130,14 @@ class DeviceLog(_QuiesceAtStop):
             np.bitwise_or(out, words.view(np.uint64), out=out)
         return out
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return self._harvest(m)
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
         super().stop_and_copy(m)
         return self._harvest(m)
 
-    def abort(self, m: Machine) -> None:
+    def abort(self, m: Guest) -> None:
         for dev in m.devices:
             if dev.handle.alive:
                 dev.handle.dma_log_stop()

@@ -41,7 +41,7 @@ from .mapping import IDLE_MAX, ShadowError
 from .native import Dataplane
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import ShadowHost
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ POLL_S = 0.05  # safety net: look for stalled queues even without a call for hel
 
 
 class ShadowEngine:
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: ShadowHost) -> None:
         self.m = machine
         self.devices: dict[str, ShadowedDevice] = {}
         self._lock = threading.Lock()
@@ -99,7 +99,7 @@ class ShadowEngine:
         dev = sd.dev
         vm = self.m.vm
         dev.mmio_hook = lambda off, size, value: self._on_mmio_write(sd, off, size, value)
-        bind_doorbells(self.m, dev, deassign=True)
+        bind_doorbells(self.m.vm, dev, deassign=True)
         sd.vmm_doorbells = {}
         addr = dev.mmio_base + REG_QUEUE_NOTIFY
         for q in dev.handle.doorbell_eventfds:
@@ -249,7 +249,7 @@ class ShadowEngine:
             finally:
                 os.close(fd)
         sd.vmm_doorbells = {}
-        bind_doorbells(self.m, dev)
+        bind_doorbells(self.m.vm, dev)
         dev.mmio_hook = None
         irq = dev.handle.irq_eventfd
         if irq not in vm.wake_fds:

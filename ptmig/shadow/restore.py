@@ -18,14 +18,14 @@ from .mapping import VcpuBufferView
 
 if TYPE_CHECKING:
     from ..devices.attach import AttachedDevice
-    from ..machine import Machine
+    from ..vmparts import Guest
 
 
 class ShadowRestoreError(PtmigError, ValueError):
     pass
 
 
-def restore_shadowed_device(machine: Machine, dev: AttachedDevice, entry: dict[str, Any]) -> None:
+def restore_shadowed_device(machine: Guest, dev: AttachedDevice, entry: dict[str, Any]) -> None:
     state = entry["state"]
     inflight = entry.get("inflight", {})
     if not isinstance(inflight, dict):

@@ -13,7 +13,7 @@ from .. import bitmap
 from .engine import ShadowEngine
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import ShadowHost
 
 
 class ShadowTracking:
@@ -23,7 +23,7 @@ class ShadowTracking:
         self.engine: ShadowEngine | None = None
         self._final_stats: dict[str, Any] | None = None
 
-    def begin(self, m: Machine) -> None:
+    def begin(self, m: ShadowHost) -> None:
         unsupported = [d.id for d in m.devices if not d.shadowable]
         if unsupported:
             raise ValueError(
@@ -31,20 +31,19 @@ class ShadowTracking:
                 f"({', '.join(unsupported)}): use device-log or all-dirty"
             )
         self.engine = ShadowEngine(m)
-        m.shadow = self.engine
         self.engine.enter()
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: ShadowHost) -> bitmap.Bitmap | None:
         assert self.engine is not None
         self.engine.check()
         return None
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: ShadowHost) -> bitmap.Bitmap | None:
         assert self.engine is not None
         self.engine.stop_and_sync()
         return None
 
-    def device_states(self, m: Machine) -> list[dict[str, Any]]:
+    def device_states(self, m: ShadowHost) -> list[dict[str, Any]]:
         assert self.engine is not None
         out = []
         for dev in m.devices:
@@ -68,16 +67,16 @@ class ShadowTracking:
             )
         return out
 
-    def abort(self, m: Machine) -> None:
+    def abort(self, m: ShadowHost) -> None:
         if self.engine is not None:
             self._final_stats = self.engine.stats()
             try:
                 self.engine.leave()
             finally:
                 self.engine.close()
-                m.shadow = None
+                self.engine = None
 
-    def complete(self, m: Machine) -> None:
+    def complete(self, m: ShadowHost) -> None:
         if self.engine is not None:
             self._final_stats = self.engine.stats()
             self.engine.finish()
