@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import select
-import struct
 import sys
 import threading
 import time
@@ -36,7 +35,8 @@ from ..cliconv import VMM_FAILED
 from ..devices.handle import DeviceError
 from ..disklock import DiskLockError
 from ..errors import PtmigError
-from ..vcpu_state import MAX_STATE_BYTES, VcpuState
+from ..guest_state import DeviceSnapshot, unpack_devices, unpack_vcpus
+from ..vcpu_state import VcpuState
 from ..vm import RunState
 from ..vmparts import MigratingVm
 from . import transport
@@ -72,7 +72,6 @@ from .protocol import (
     check_hello,
     parse_channel_capability,
 )
-from .tracking import decode_device_states
 from .verify import ZERO_PAGE_DIGEST, compare_digests, digests_from_bytes, page_digests_at
 
 if TYPE_CHECKING:
@@ -95,38 +94,20 @@ ATTEMPT_FAILURES = (IncomingError, ProtocolError, transport.TransportError, Valu
 REFUSALS = (IncomingError, RemoteProtocolError, ValueError)
 
 
-def unpack_vcpu_states(blob: bytes, nvcpus: int) -> list[VcpuState]:
-    states: list[VcpuState] = []
-    off = 0
-    while off < len(blob):
-        if off + 4 > len(blob):
-            raise IncomingError("truncated vCPU state list")
-        (n,) = struct.unpack_from("<I", blob, off)
-        off += 4
-        if n > MAX_STATE_BYTES or off + n > len(blob):
-            raise IncomingError(f"vCPU state of {n} bytes does not fit the list")
-        states.append(VcpuState.from_bytes(blob[off : off + n]))
-        off += n
-    if len(states) != nvcpus:
-        raise IncomingError(f"{len(states)} vCPU states for a VM with {nvcpus} vCPUs")
-    if sorted(s.index for s in states) != list(range(nvcpus)):
-        raise IncomingError(f"vCPU states for indices {[s.index for s in states]}")
-    return sorted(states, key=lambda s: s.index)
-
-
-def program_devices(machine: MigratingVm, devices: list[dict[str, Any]]) -> None:
-    """Program this host's fresh devices from the transferred state. The state is the peer's:
-    whatever a device or the shadow restore finds wrong with it (a rejected command, a field of
-    the wrong type) refuses the migration, naming the device."""
-    for dev, entry in zip(machine.devices, devices, strict=True):
+def program_devices(machine: MigratingVm, devices: list[DeviceSnapshot]) -> None:
+    """Program this host's fresh devices from the transferred state (checked for shape when it
+    was unpacked). Whatever a device or the shadow restore still finds wrong with it (a
+    rejected command, a ring that does not match the in-flight list) refuses the migration,
+    naming the device."""
+    for dev, snap in zip(machine.devices, devices, strict=True):
         try:
-            if entry.get("source") == "shadow":
+            if snap.source == "shadow":
                 from ..shadow.restore import restore_shadowed_device
 
-                restore_shadowed_device(machine, dev, entry)
+                restore_shadowed_device(machine, dev, snap)
             else:
-                dev.handle.set_state(entry["state"])
-        except (DeviceError, KeyError, TypeError, ValueError, AttributeError) as e:
+                dev.handle.set_state(snap.state.to_json())
+        except (DeviceError, ValueError) as e:
             raise IncomingError(
                 f"device {dev.id} rejected the migrated state: {type(e).__name__}: {e}"
             ) from e
@@ -422,7 +403,7 @@ class Incoming:
         m = self.m
         vm = m.vm
         vcpus: list[VcpuState] | None = None
-        devices: list[dict[str, Any]] | None = None
+        devices: list[DeviceSnapshot] | None = None
         rnd = -1
         while True:
             ev = self._recv_event(ch, conn, splicer)
@@ -443,9 +424,9 @@ class Incoming:
             elif isinstance(ev, RoundEnd):
                 pass
             elif isinstance(ev, VcpuStates):
-                vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
+                vcpus = unpack_vcpus(ev.blob, len(vm.vcpus))
             elif isinstance(ev, DeviceStates):
-                devices = decode_device_states(ev.blob, [d.id for d in m.devices])
+                devices = unpack_devices(ev.blob, [d.id for d in m.devices])
             elif isinstance(ev, Complete):
                 if vcpus is None or devices is None:
                     raise IncomingError("Complete arrived before the vCPU and device state")
@@ -703,7 +684,7 @@ class Incoming:
         ch: transport.Channel,
         conn: Connection,
         vcpus: list[VcpuState],
-        devices: list[dict[str, Any]],
+        devices: list[DeviceSnapshot],
     ) -> None:
         vm = self.m.vm
         report: dict[str, Any] = {}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import secrets
 import select
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import numpy as np
 from .. import bitmap
 from ..disklock import DiskLockError
 from ..errors import PtmigError
+from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
 from ..vm import RunState
 from . import pages, policy, transport
@@ -68,7 +68,7 @@ from .protocol import (
     channel_capability,
     hello,
 )
-from .tracking import DmaTracking, encode_device_states, make_strategy
+from .tracking import DmaTracking, make_strategy
 from .verify import digests_to_bytes, page_digests
 
 if TYPE_CHECKING:
@@ -108,10 +108,6 @@ def parse_uri(uri: str) -> transport.Address:
     if address.path is None and address.port == 0:
         raise ValueError(f"migration URI must name a port (tcp:HOST:PORT), got {uri!r}")
     return address
-
-
-def pack_vcpu_states(blobs: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
 
 
 class SourceMigration:
@@ -576,8 +572,8 @@ class SourceMigration:
         }
         self.info.rounds.append(stop_round)
         self.info.ram.pages_per_round.append(final_pages)
-        transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
-        transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
+        transport.send_event(ch, conn, VcpuStates(pack_vcpus(vcpus)))
+        transport.send_event(ch, conn, DeviceStates(pack_devices(devices)))
         # The vCPUs are stopped and the devices quiesced: the disks may change hands. From
         # the first byte of Complete on, the destination may commit (GuestOwnership).
         m.disk_locks.release()

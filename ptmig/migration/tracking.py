@@ -19,24 +19,16 @@ adds nothing because device writes reach guest RAM only through the VMM's markin
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .. import bitmap
-from ..errors import PtmigError
-from .events import RemoteProtocolError
-from .frames import load_json
+from ..devices.control import DeviceState
+from ..guest_state import DeviceSnapshot
 
 if TYPE_CHECKING:
     from ..vmparts import Guest, ShadowHost
-
-MAX_DEVICE_STATE_BYTES = 4 << 20
-
-
-class DeviceStateError(PtmigError, ValueError):
-    pass
 
 
 class DmaTracking(Protocol):
@@ -48,7 +40,7 @@ class DmaTracking(Protocol):
     def begin(self, m: ShadowHost) -> None: ...
     def round_dirty(self, m: ShadowHost) -> bitmap.Bitmap | None: ...
     def stop_and_copy(self, m: ShadowHost) -> bitmap.Bitmap | None: ...
-    def device_states(self, m: ShadowHost) -> list[dict[str, Any]]: ...
+    def device_states(self, m: ShadowHost) -> list[DeviceSnapshot]: ...
     def abort(self, m: ShadowHost) -> None: ...
     def complete(self, m: ShadowHost) -> None: ...
     def stats(self) -> dict[str, Any] | None: ...
@@ -71,9 +63,9 @@ class _QuiesceAtStop:
             dev.handle.quiesce()
         return None
 
-    def device_states(self, m: Guest) -> list[dict[str, Any]]:
+    def device_states(self, m: Guest) -> list[DeviceSnapshot]:
         return [
-            {"id": d.id, "kind": d.kind, "source": "device", "state": d.handle.get_state()}
+            DeviceSnapshot(d.id, d.kind, "device", DeviceState.from_json(d.handle.get_state()))
             for d in m.devices
         ]
 
@@ -157,39 +149,3 @@ def make_strategy(name: str) -> DmaTracking:
     if name not in table:
         raise ValueError(f"unknown x-dma-tracking strategy {name!r}")
     return table[name]()
-
-
-# --- the device-state blob that crosses the wire ------------------------------------------
-
-
-def encode_device_states(states: list[dict[str, Any]]) -> bytes:
-    return json.dumps({"version": 1, "devices": states}, separators=(",", ":")).encode()
-
-
-def decode_device_states(blob: bytes, expected_ids: list[str]) -> list[dict[str, Any]]:
-    """Parse the peer's device states; untrusted: shape and ids are checked here, each device's
-    own state is validated again by the device when it is programmed."""
-    if len(blob) > MAX_DEVICE_STATE_BYTES:
-        raise DeviceStateError(
-            f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}"
-        )
-    try:
-        doc = load_json(bytes(blob), "device state")
-    except RemoteProtocolError as e:
-        raise DeviceStateError(str(e)) from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("version") != 1
-        or not isinstance(doc.get("devices"), list)
-    ):
-        raise DeviceStateError("device state lacks version 1 and a device list")
-    devices = doc["devices"]
-    ids = [d.get("id") if isinstance(d, dict) else None for d in devices]
-    if ids != expected_ids:
-        raise DeviceStateError(f"device state is for devices {ids}, this VM has {expected_ids}")
-    for d in devices:
-        if not isinstance(d.get("state"), dict):
-            raise DeviceStateError(f"device {d.get('id')}: state is not an object")
-        if "inflight" in d and not isinstance(d["inflight"], dict):
-            raise DeviceStateError(f"device {d.get('id')}: in-flight list is not an object")
-    return devices

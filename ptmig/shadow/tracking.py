@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import bitmap
+from ..devices.control import DeviceState
+from ..guest_state import DeviceSnapshot, InflightRequest
 from .engine import ShadowEngine
 
 if TYPE_CHECKING:
@@ -43,28 +45,20 @@ class ShadowTracking:
         self.engine.stop_and_sync()
         return None
 
-    def device_states(self, m: ShadowHost) -> list[dict[str, Any]]:
+    def device_states(self, m: ShadowHost) -> list[DeviceSnapshot]:
         assert self.engine is not None
         out = []
         for dev in m.devices:
-            sd = self.engine.devices[dev.id]
-            log = sd.interception_log()
-            out.append(
-                {
-                    "id": dev.id,
-                    "kind": dev.kind,
-                    "source": "shadow",
-                    "state": {
-                        "version": 1,
-                        "kind": dev.handle.kind,
-                        "mmio": log["mmio"],
-                        "queues": [
-                            {k: v for k, v in q.items() if k != "inflight"} for q in log["queues"]
-                        ],
-                    },
-                    "inflight": {str(q["index"]): q["inflight"] for q in log["queues"]},
-                }
+            log = self.engine.devices[dev.id].interception_log()
+            queues = [{k: v for k, v in q.items() if k != "inflight"} for q in log["queues"]]
+            state = DeviceState.from_json(
+                {"version": 1, "kind": dev.handle.kind, "mmio": log["mmio"], "queues": queues}
             )
+            inflight = {
+                q["index"]: tuple(InflightRequest(**r) for r in q["inflight"])
+                for q in log["queues"]
+            }
+            out.append(DeviceSnapshot(dev.id, dev.kind, "shadow", state, inflight))
         return out
 
     def abort(self, m: ShadowHost) -> None:
