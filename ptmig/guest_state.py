@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .devices.control import DeviceState
+from .devices.control import DeviceState, expect_int, expect_object
 from .errors import PtmigError
 from .migration.events import RemoteProtocolError
 from .migration.frames import load_json
@@ -129,21 +129,17 @@ def _inflight(raw: Any, state: DeviceState, where: str) -> dict[int, tuple[Infli
 
 
 def _object(raw: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise StateWireError(f"{where} must be an object, got {type(raw).__name__}")
-    unknown = set(raw) - allowed
-    if unknown:
-        raise StateWireError(f"{where} has unknown keys {sorted(unknown)!r:.120}")
-    return raw
+    try:
+        return expect_object(raw, where, allowed)
+    except ValueError as e:
+        raise StateWireError(str(e)) from None
 
 
 def _int(obj: dict[str, Any], key: str, maximum: int, where: str) -> int:
-    value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
-        raise StateWireError(
-            f"{where}: {key!r} must be an integer in 0..{maximum}, got {value!r:.60}"
-        )
-    return value
+    try:
+        return expect_int(obj, key, maximum)
+    except ValueError as e:
+        raise StateWireError(f"{where}: {e}") from None
 
 
 # --- the device-state document --------------------------------------------------------------

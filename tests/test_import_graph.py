@@ -86,15 +86,26 @@ def cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
     return None
 
 
-def test_the_graph_sees_function_local_imports(tmp_path: Path) -> None:
+def package(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A throw-away `ptmig` package of `files` (path -> source), each directory a package."""
     pkg = tmp_path / "ptmig"
-    (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "machine.py").write_text("from .sub import a\n")
-    (pkg / "sub" / "__init__.py").write_text("")
-    (pkg / "sub" / "a.py").write_text("def f():\n    from ..machine import Machine\n")
-    graph = import_graph(pkg)
-    assert cycle_through(graph, "ptmig.machine") == [
+    for name, text in {"__init__.py": "", **files}.items():
+        path = pkg / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "__init__.py").touch()
+        path.write_text(text)
+    return pkg
+
+
+def test_the_graph_sees_function_local_imports(tmp_path: Path) -> None:
+    pkg = package(
+        tmp_path,
+        {
+            "machine.py": "from .sub import a\n",
+            "sub/a.py": "def f():\n    from ..machine import Machine\n",
+        },
+    )
+    assert cycle_through(import_graph(pkg), "ptmig.machine") == [
         "ptmig.machine",
         "ptmig.sub.a",
         "ptmig.machine",
@@ -102,13 +113,8 @@ def test_the_graph_sees_function_local_imports(tmp_path: Path) -> None:
 
 
 def test_type_checking_imports_count(tmp_path: Path) -> None:
-    pkg = tmp_path / "ptmig"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "machine.py").write_text("from . import a\n")
-    (pkg / "a.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .machine import Machine\n"
-    )
+    guarded = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .machine import M\n"
+    pkg = package(tmp_path, {"machine.py": "from . import a\n", "a.py": guarded})
     assert cycle_through(import_graph(pkg), "ptmig.machine") == [
         "ptmig.machine",
         "ptmig.a",
@@ -117,12 +123,14 @@ def test_type_checking_imports_count(tmp_path: Path) -> None:
 
 
 def test_a_graph_without_a_way_back_has_no_cycle(tmp_path: Path) -> None:
-    pkg = tmp_path / "ptmig"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "machine.py").write_text("from . import a\nfrom .a import b\n")
-    (pkg / "a.py").write_text("import ptmig.c\n")
-    (pkg / "c.py").write_text("")
+    pkg = package(
+        tmp_path,
+        {
+            "machine.py": "from . import a\nfrom .a import b\n",
+            "a.py": "import ptmig.c\n",
+            "c.py": "",
+        },
+    )
     assert cycle_through(import_graph(pkg), "ptmig.machine") is None
 
 

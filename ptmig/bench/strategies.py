@@ -792,14 +792,15 @@ def shadow_datapath(
     alternating `pairs` times on the same guest: the cost of the shadow data path by itself,
     without migration traffic competing for the CPUs. Each pair's ratio is measured back to
     back; the result is their median."""
-    from ..demo.qmpclient import QmpClient
     from ..load import LoadOptions, run_load
+    from ..vmmproc import QmpMonitor
     from .devices import KvVmm
 
     console = console or _console()
     direct: list[float] = []
     shadowed: list[float] = []
-    with KvVmm(memory, qmp=True) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
+    with KvVmm(memory, qmp=True) as vmm, QmpMonitor(vmm.qmp_path(), "kv vmm") as qmp:
+        qmp.connect(vmm.proc)
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))  # warm up
         for k in range(pairs):
             progress.step("data path: direct, then shadowed DMA", k + 1, pairs)
