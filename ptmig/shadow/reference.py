@@ -48,7 +48,6 @@ from .native import (
     ST_BYTES_TO_GUEST,
     ST_CLOCK,
     ST_COMPLETED,
-    ST_COUNT,
     ST_FORWARDED,
     ST_IDLE,
     ST_PEAK,
@@ -56,6 +55,7 @@ from .native import (
     ST_STALLS,
     DataplaneError,
     DataplaneQueue,
+    device_tables,
 )
 from .pool import ShadowPool
 
@@ -81,10 +81,7 @@ class ReferenceDevice:
 
     def __init__(self, dp: ReferenceDataplane, npages: int) -> None:
         self.dp = dp
-        self.slot = np.full(npages, -1, dtype=np.int32)
-        self.refs = np.zeros(npages, dtype=np.int32)
-        self.stamp = np.zeros(npages, dtype=np.uint32)
-        self.stats = np.zeros(ST_COUNT, dtype=np.uint64)
+        self.slot, self.refs, self.stamp, self.stats = device_tables(npages)
         self.queues: dict[int, DataplaneQueue] = {}
         self._rings: dict[int, _Ring] = {}
         self._error: str | None = None
