@@ -75,6 +75,10 @@ class Monitor(QmpMonitor):
     collected in `events`."""
 
     @property
+    def qmp_path(self) -> Path:
+        return self.path
+
+    @property
     def qmp(self) -> Any:
         """The underlying `qemu.qmp` legacy client (for `pull_event`)."""
         if not self.connected:
