@@ -55,17 +55,13 @@ class _QuiesceAtStop:
     def begin(self, m: Guest) -> None:
         pass
 
-    def _device_dirty(self, m: Guest) -> bitmap.Bitmap | None:
-        """What the strategy adds to the dirty set at a harvest: nothing, here."""
-        return None
-
     def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
-        return self._device_dirty(m)
+        return None
 
     def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
         for dev in m.devices:
             dev.handle.quiesce()
-        return self._device_dirty(m)
+        return None
 
     def device_states(self, m: Guest) -> list[DeviceSnapshot]:
         return [
@@ -92,7 +88,7 @@ class NoTracking(_QuiesceAtStop):
 class AllDirty(_QuiesceAtStop):
     name = "all-dirty"
 
-    def _device_dirty(self, m: Guest) -> bitmap.Bitmap:
+    def _writable(self, m: Guest) -> bitmap.Bitmap:
         out = bitmap.empty(m.vm.memory.npages)
         flags = np.zeros(m.vm.memory.npages, dtype=bool)
         for dev in m.devices:
@@ -100,6 +96,13 @@ class AllDirty(_QuiesceAtStop):
             flags[pfns[pfns < flags.size]] = True
         out[:] = bitmap.from_bool(flags)
         return out
+
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
+        return self._writable(m)
+
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
+        super().stop_and_copy(m)
+        return self._writable(m)
 
 
 class DeviceLog(_QuiesceAtStop):
@@ -109,7 +112,7 @@ class DeviceLog(_QuiesceAtStop):
         for dev in m.devices:
             dev.handle.dma_log_start()
 
-    def _device_dirty(self, m: Guest) -> bitmap.Bitmap:
+    def _harvest(self, m: Guest) -> bitmap.Bitmap:
         out = bitmap.empty(m.vm.memory.npages)
         for dev in m.devices:
             log_bytes = np.asarray(dev.handle.dma_log_harvest(), dtype=np.uint8)
@@ -118,6 +121,13 @@ class DeviceLog(_QuiesceAtStop):
             words[:n] = log_bytes[:n]
             np.bitwise_or(out, words.view(np.uint64), out=out)
         return out
+
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
+        return self._harvest(m)
+
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
+        super().stop_and_copy(m)
+        return self._harvest(m)
 
     def abort(self, m: Guest) -> None:
         for dev in m.devices:
