@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import click
 
 from . import __version__
 from .cliconv import EXIT_STATUS_TEXT, VMM_FAILED, Bandwidth, json_to_stdout
+from .migration.params import DMA_TRACKING
 
 JSON_HELP = "Write the result as JSON to FILE (- for stdout; the summary then goes to stderr)."
 
@@ -63,6 +65,47 @@ class VmmCommand(click.Command):
 
 
 JSON_TYPE = click.Path(dir_okay=False, allow_dash=True, path_type=Path)
+
+
+def migration_options(
+    *, tracking: str | None, downtime_ms: int | None, bandwidth: str | None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The migration parameters `migrate` and `demo` both take, under QEMU's names
+    (x-dma-tracking, downtime-limit, max-bandwidth); each command gives its defaults (None:
+    leave the VMM's own)."""
+    options = [
+        click.option(
+            "--dma-tracking",
+            type=click.Choice(DMA_TRACKING),
+            default=tracking,
+            show_default=tracking is not None,
+            help="How device DMA writes are tracked (x-dma-tracking); `none` shows what goes "
+            "wrong without.",
+        ),
+        click.option(
+            "--downtime-limit",
+            type=click.IntRange(min=1),
+            default=downtime_ms,
+            show_default=downtime_ms is not None,
+            metavar="MS",
+            help="Maximum downtime in ms (QEMU's downtime-limit).",
+        ),
+        click.option(
+            "--max-bandwidth",
+            type=Bandwidth(),
+            default=bandwidth,
+            show_default=bandwidth is not None,
+            help="Migration bandwidth in bytes/s, K/M/G suffixes (100M), 0 unlimited "
+            "(max-bandwidth).",
+        ),
+    ]
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
 @click.group(epilog=EXIT_STATUS_TEXT)
@@ -354,23 +397,8 @@ def switch(listen: str, age: float, native: bool | None, idle_exit: float | None
     "--qmp", "qmp_spec", required=True, metavar="unix:PATH", help="The source VMM's QMP socket."
 )
 @click.argument("destination", metavar="tcp:HOST:PORT|unix:PATH")
-@click.option(
-    "--dma-tracking",
-    type=click.Choice(["none", "all-dirty", "device-log", "shadow", "intercept"]),
-    help="How device DMA writes are tracked (x-dma-tracking).",
-)
-@click.option(
-    "--downtime-limit",
-    type=click.IntRange(min=1),
-    metavar="MS",
-    help="Maximum downtime in ms (QEMU's downtime-limit).",
-)
+@migration_options(tracking=None, downtime_ms=None, bandwidth=None)
 @click.option("--downtime-limit-ms", "downtime_limit_old", type=click.IntRange(min=1), hidden=True)
-@click.option(
-    "--max-bandwidth",
-    type=Bandwidth(),
-    help="Bandwidth in bytes/s, K/M/G suffixes (100M), 0 unlimited (max-bandwidth).",
-)
 @click.option("--verify", is_flag=True, help="Compare every page of RAM after the switchover.")
 @click.option("--auto-converge", is_flag=True, help="Throttle the vCPUs if it does not converge.")
 @click.option(
@@ -414,8 +442,8 @@ def migrate(
     switchover is unresolved (the guest is paused on the source: see x-migrate-resolve), or
     post-copy was interrupted (postcopy-paused: the guest is paused on both sides).
     """
-    from .migration.client import MigrateOptions
-    from .migration.client import run as run_migrate
+    from .migrate import MigrateOptions
+    from .migrate import run as run_migrate
 
     path = _unix_path(qmp_spec, "--qmp")
     assert path is not None
@@ -469,13 +497,7 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option(
-    "--dma-tracking",
-    type=click.Choice(["shadow", "intercept", "none", "all-dirty", "device-log"]),
-    default="shadow",
-    show_default=True,
-    help="How device DMA writes are tracked; `none` shows what goes wrong without.",
-)
+@migration_options(tracking="shadow", downtime_ms=300, bandwidth="100M")
 @click.option(
     "--json",
     "json_path",
@@ -519,21 +541,6 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
     default=None,
     metavar="OPS",
     help="Offered kv load in ops/s (default: as fast as the client can).",
-)
-@click.option(
-    "--max-bandwidth",
-    type=Bandwidth(),
-    default="100M",
-    show_default=True,
-    help="Migration bandwidth in bytes/s, K/M/G suffixes, 0 unlimited (max-bandwidth).",
-)
-@click.option(
-    "--downtime-limit",
-    type=click.IntRange(min=1),
-    default=300,
-    show_default=True,
-    metavar="MS",
-    help="Maximum downtime in ms (downtime-limit).",
 )
 @click.option("--tap", is_flag=True, help="Real Linux networking through TAP (needs root).")
 @click.option(

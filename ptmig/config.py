@@ -32,6 +32,8 @@ from ptmig.layout import (
     MIN_MEMORY,
 )
 
+from .errors import PtmigError
+
 # Guest ABI numbers (docs/GUEST_ABI.md) come from ptmig.layout; the rest are config rules.
 MMIO_BASE = ABI_MMIO_BASE_GPA
 MMIO_STRIDE = ABI_MMIO_STRIDE
@@ -63,7 +65,7 @@ VHOST_USER_SPAWN = ("qemu-storage-daemon",)
 SwitchMode = Literal["auto", "none"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PtmigError, ValueError):
     """A config file is unreadable or a value in it is not allowed.
 
     ``source`` is the file (or ``"<string>"``), ``key`` the key path such as ``net[0].mac``

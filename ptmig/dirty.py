@@ -1,5 +1,5 @@
 """The dirty set, one definition: KVM's log (vCPU writes) ∪ the VMM's bitmap (its own writes)
-∪ whatever the active device-DMA strategy contributes (see `ptmig.migration.strategies`).
+∪ whatever the active device-DMA strategy contributes (see `ptmig.migration.tracking`).
 
 `KvmDirtyLog` harvests KVM's logs of the RAM memslots (one per region). With
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 the harvest is GET_DIRTY_LOG followed by CLEAR_DIRTY_LOG of

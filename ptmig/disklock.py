@@ -48,6 +48,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import PtmigError
+
 log = logging.getLogger(__name__)
 
 # struct flock on Linux (64-bit off_t): l_type, l_whence, l_start, l_len, l_pid, padding.
@@ -58,7 +60,7 @@ OWNER_SUFFIX = ".owner"
 LOCK_BYTE = 1 << 62  # the one byte ptmig locks (QEMU's image locks live at bytes 100-299)
 
 
-class DiskLockError(RuntimeError):
+class DiskLockError(PtmigError, RuntimeError):
     """A disk image is locked by another process (the text names it where it can)."""
 
 

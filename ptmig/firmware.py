@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PtmigError
 from .layout import ABI_FW_LOAD_GPA, ABI_FW_MAX_SIZE, FW_HEADER_MAGIC
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
@@ -73,11 +74,11 @@ HOST_STOREBW_SOURCES = ("storebw_loop.c", "storebw_host.c")
 FIRMWARE_BIN_PREFIX = "firmware-"
 
 
-class FirmwareBuildError(RuntimeError):
+class FirmwareBuildError(PtmigError, RuntimeError):
     """The firmware (or a host helper) could not be built."""
 
 
-class FirmwareImageError(ValueError):
+class FirmwareImageError(PtmigError, ValueError):
     """A firmware image is malformed: its header does not describe a loadable image."""
 
 

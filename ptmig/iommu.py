@@ -45,6 +45,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from .errors import PtmigError
+
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
 
@@ -69,11 +71,11 @@ MAX_IOVA_PAGES: Final = 1 << 28  # 1 TiB of IOVA space: a 2 GiB table, far beyon
 DEFAULT_IOTLB_ENTRIES: Final = 1024
 
 
-class IommuError(ValueError):
+class IommuError(PtmigError, ValueError):
     """The owner asked for an impossible table operation (out of range, bad target...)."""
 
 
-class DmaFault(Exception):
+class DmaFault(PtmigError):
     """A device DMA the IOMMU refused. No byte of the access was read or written."""
 
     def __init__(self, device: str, iova: int, length: int, write: bool, reason: str) -> None:

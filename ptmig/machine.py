@@ -10,6 +10,7 @@ may run here: from boot on, or from an incoming migration's commit point.
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -19,13 +20,17 @@ from .disklock import DiskLockError, DiskLocks, Holder
 from .firmware import build_firmware, load_firmware_image
 from .layout import ABI_MMIO_STRIDE, BootDevice
 from .migration.control import MigrationControl
-from .qmp import ErrorClass, QmpError, QmpServer, RunStatus, query_status_reply
+from .qmp.server import QmpServer
+from .qmp.session import ErrorClass, QmpError, RunStatus, query_status_reply
 from .shadow.pool import ShadowPool
+from .shadow.tracking import ShadowTracking, make_tracking
 from .vm import RunState, Vm, VmSpec
 
 if TYPE_CHECKING:
     from .devices.attach import AttachedDevice
     from .devices.handle import DeviceEvent
+    from .migration.destination import Incoming
+    from .shadow.engine import ShadowEngine
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,9 @@ class Machine:
             views=sum(1 for d in cfg.disk if d.backend == "vhost-user"),
             view_pages=self.vm.memory.npages,
         )
-        self.switch_process: Any = None
-        self.incoming: Any = None
-        self.shadow: Any = None  # the ShadowEngine while a migration shadows DMA
-        self.manual_shadow: Any = None  # the ShadowTracking that x-shadow-start began
+        self.switch_process: subprocess.Popen[bytes] | None = None  # started for our NICs
+        self.incoming: Incoming | None = None  # the migration this VMM receives its guest by
+        self.manual_shadow: ShadowTracking | None = None  # what x-shadow-start began
         self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
         self.disk_locks = DiskLocks(
             (d.path for d in cfg.disk), Holder.this_process(cfg.name, qmp_path)
@@ -76,7 +80,7 @@ class Machine:
     def boot_devices(self) -> list[BootDevice]:
         from .devices.attach import attach_devices
 
-        self.devices = attach_devices(self)
+        self.devices, self.switch_process = attach_devices(self)
         return [BootDevice(d.mmio_base, ABI_MMIO_STRIDE, VIRTIO_ID[d.kind]) for d in self.devices]
 
     def boot(self) -> None:
@@ -104,6 +108,18 @@ class Machine:
             if self._quit.is_set():
                 self.vm.shutdown(0, "quit")
                 return 0
+
+    @property
+    def shadow(self) -> ShadowEngine | None:
+        """The engine shadowing device DMA now (x-shadow-start's or the migration's), if any."""
+        for tracking in (self.manual_shadow, self.migration.tracking()):
+            if isinstance(tracking, ShadowTracking) and tracking.engine is not None:
+                return tracking.engine
+        return None
+
+    def shadowed_by_hand(self) -> bool:
+        """x-shadow-start is in effect (a migration cannot start then)."""
+        return self.manual_shadow is not None
 
     def migrated_away(self) -> None:
         """The destination runs the guest now; this VMM has nothing left to do but exit."""
@@ -136,12 +152,12 @@ class Machine:
 
     def close(self) -> None:
         self._closing = True
-        if self.shadow is not None:  # its data plane thread touches guest RAM: stop it first
+        engine = self.shadow
+        if engine is not None:  # its data plane thread touches guest RAM: stop it first
             try:
-                self.shadow.close()
+                engine.close()
             except Exception:
                 log.exception("stopping the shadow engine")
-            self.shadow = None
         self.vm.close()
         for d in self.devices:
             try:
@@ -261,8 +277,6 @@ class Machine:
     # on the same guest, or to debug it. A migration cannot start while it is on.
 
     def _qmp_shadow_start(self, x_dma_tracking: str = "shadow") -> None:
-        from .shadow.strategy import make_tracking
-
         if self.shadow is not None or self.migration.busy():
             raise QmpError(
                 ErrorClass.GENERIC_ERROR, "DMA is already shadowed (x-shadow-start or a migration)"
@@ -288,8 +302,9 @@ class Machine:
         return tracking.stats() or {}
 
     def _qmp_query_shadow(self) -> dict[str, Any]:
-        active = self.shadow is not None and self.shadow.active
-        return {"active": active, **(self.shadow.stats() if active else {})}
+        engine = self.shadow
+        active = engine is not None and engine.active
+        return {"active": active, **(engine.stats() if engine is not None and active else {})}
 
     def _qmp_query_memory(self) -> dict[str, Any]:
         from .memstats import memory_report

@@ -27,10 +27,11 @@ import numpy as np
 import numpy.typing as npt
 
 from . import bitmap
+from .errors import PtmigError
 from .layout import PAGE_SHIFT, PAGE_SIZE, RamRegion, ram_regions
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(PtmigError, ValueError):
     """An access outside guest RAM."""
 
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from .layout import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from .machine import Machine
     from .memory import GuestMemory
+    from .vmparts import ShadowHost
 
 
 def proc_status_kib(pid: int | str, field: str) -> int | None:
@@ -68,7 +68,7 @@ def guest_ram_report(mem: GuestMemory) -> dict[str, Any]:
     }
 
 
-def memory_report(machine: Machine) -> dict[str, Any]:
+def memory_report(machine: ShadowHost) -> dict[str, Any]:
     """`x-query-memory`: guest RAM, and the VMM's own memory measured and accounted."""
     vm = machine.vm
     mem = vm.memory

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import PtmigError
 from .firmware import FirmwareBuildError, build_host_program
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
@@ -57,7 +58,7 @@ def build_flags(sanitize: str | None = None) -> tuple[str, ...]:
     )
 
 
-class NativeLibraryError(RuntimeError):
+class NativeLibraryError(PtmigError, RuntimeError):
     """A native library could not be built or loaded."""
 
 

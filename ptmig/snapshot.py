@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from .errors import PtmigError
 from .vcpu_state import MAX_STATE_BYTES, VcpuState
 from .vm import Vm
 
@@ -18,7 +19,7 @@ MAGIC = b"PTSNAP01"
 _HEAD = struct.Struct("<8sQI")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(PtmigError, ValueError):
     pass
 
 

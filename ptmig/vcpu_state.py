@@ -16,6 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
+from .errors import PtmigError
 from .kvm import Ioctl, KvmError, VcpuFd
 from .kvm import structs as s
 
@@ -38,7 +39,7 @@ _MSR = struct.Struct("<IQ")
 _CPUID = ctypes.sizeof(s.KvmCpuidEntry2)
 
 
-class VcpuStateError(ValueError):
+class VcpuStateError(PtmigError, ValueError):
     """A saved vCPU state that cannot be loaded (corrupt, wrong version, wrong sizes)."""
 
 

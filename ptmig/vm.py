@@ -20,6 +20,7 @@ from typing import Any, Protocol, TextIO
 
 from . import boot
 from .dirty import DirtyTracker, KvmDirtyLog
+from .errors import PtmigError
 from .kvm import Kvm
 from .kvm.ioctls import KVM_MEM_LOG_DIRTY_PAGES
 from .layout import (
@@ -98,7 +99,7 @@ class ConsoleSink:
             self.lines.extend(done)
 
 
-class VmError(RuntimeError):
+class VmError(PtmigError, RuntimeError):
     pass
 
 

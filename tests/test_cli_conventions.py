@@ -108,7 +108,7 @@ def test_bench_rejects_an_unknown_section_as_a_usage_error() -> None:
 
 
 def _captured_migrate(monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
-    import ptmig.migration.client as client
+    import ptmig.migrate as client
 
     seen: list[Any] = []
     monkeypatch.setattr(client, "run", lambda opts: seen.append(opts) or 0)

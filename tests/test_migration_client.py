@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ptmig.migration.client import (
+from ptmig.migrate import (
     EXIT_FAILED,
     EXIT_MISMATCH,
     EXIT_OK,

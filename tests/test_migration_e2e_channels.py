@@ -29,8 +29,8 @@ from vmmrig import (
 from ptmig.config import load_config
 from ptmig.migration import Abort, Connection, HelloAck, Role, RoundStart, hello, transport
 from ptmig.migration.protocol import (
-    DATA_CHANNEL_CAPABILITY,
-    DATA_CHANNELS_CAPABILITY,
+    DATA_CHANNEL_JOIN_CAPABILITY,
+    DATA_CHANNELS_OFFER_CAPABILITY,
     channel_capability,
 )
 
@@ -124,7 +124,7 @@ class FakeSource:
         self.pages = config.memory_bytes // 4096
         self.token = secrets.token_hex(16)
         self.main, self.conn = self._stream(
-            channel_capability(DATA_CHANNELS_CAPABILITY, CHANNELS, self.token), None
+            channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, CHANNELS, self.token), None
         )
 
     def _stream(self, capability: str, index: int | None) -> tuple[transport.Channel, Connection]:
@@ -142,7 +142,7 @@ class FakeSource:
     def data_channel(
         self, index: int, token: str | None = None
     ) -> tuple[transport.Channel, Connection]:
-        cap = channel_capability(DATA_CHANNEL_CAPABILITY, index, token or self.token)
+        cap = channel_capability(DATA_CHANNEL_JOIN_CAPABILITY, index, token or self.token)
         return self._stream(cap, index)
 
     def abort_reason(self) -> str:

@@ -19,7 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ptmig.devices.control import DeviceState
 from ptmig.devices.handle import DeviceCommandError
+from ptmig.devices.virtio.mmio import MmioState, QueueRegisters
+from ptmig.devices.virtio.queue import QueueState
 from ptmig.memory import GuestMemory
 from ptmig.migration import (
     NEED_DATA,
@@ -330,20 +333,44 @@ def abort_reason(replies: list[bytes]) -> str:
     return " ".join(reasons)
 
 
+def blk_state(**queue: Any) -> dict[str, Any]:
+    """A well-formed state of a blk device with one queue (`queue` overrides its fields)."""
+    mmio = MmioState(device_id=2, device_features=1, queues=[QueueRegisters(num=8, ready=True)])
+    state = DeviceState("blk", mmio, {0: QueueState(8, 0x1000, 0x2000, 0x3000, 3, 3)}).to_json()
+    state["queues"][0].update(queue)
+    return state
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         pytest.param(b"[" * 100_000, "nests 100000 levels deep", id="deeply-nested"),
         pytest.param(
-            json.dumps({"version": 1, "devices": [{"id": "d0", "state": 3}]}).encode(),
-            "state is not an object",
+            json.dumps(
+                {
+                    "version": 1,
+                    "devices": [{"id": "d0", "kind": "disk", "source": "device", "state": 3}],
+                }
+            ).encode(),
+            "device d0: device state must be an object, got int",
             id="state-of-the-wrong-type",
         ),
         pytest.param(
             json.dumps(
-                {"version": 1, "devices": [{"id": "d0", "state": {}, "inflight": ["x"]}]}
+                {
+                    "version": 1,
+                    "devices": [
+                        {
+                            "id": "d0",
+                            "kind": "disk",
+                            "source": "shadow",
+                            "state": blk_state(),
+                            "inflight": ["x"],
+                        }
+                    ],
+                }
             ).encode(),
-            "in-flight list is not an object",
+            "device d0: 'inflight' must be an object, got list",
             id="shadow-entry-of-the-wrong-type",
         ),
     ],
@@ -386,19 +413,37 @@ def device_states(entry: dict[str, Any]) -> bytes:
     [
         pytest.param(
             True,
-            {"state": {"queues": []}},
+            {"kind": "disk", "source": "device", "state": blk_state()},
             "device d0 rejected the migrated state: DeviceCommandError",
             id="device-refuses",
         ),
         pytest.param(
             False,
+            {"kind": "disk", "source": "device", "state": {"queues": []}},
+            "device d0: device state version None is not 1",
+            id="state-shape",
+        ),
+        pytest.param(
+            False,
             {
-                "state": {"queues": [{"index": 0, "size": "8"}]},
+                "kind": "disk",
+                "state": blk_state(size="8"),
                 "source": "shadow",
                 "inflight": {"0": [{"head": 0}]},
             },
-            "device d0 rejected the migrated state: TypeError",
+            "device d0: 'size' must be an integer",
             id="shadow-entry-types",
+        ),
+        pytest.param(
+            False,
+            {
+                "kind": "disk",
+                "state": blk_state(),
+                "source": "shadow",
+                "inflight": {"0": [{"head": 0}]},
+            },
+            "device d0 queue 0 in-flight request 0: 'avail_index' must be an integer",
+            id="shadow-inflight-types",
         ),
     ],
 )
@@ -445,7 +490,7 @@ def test_a_failure_of_its_own_before_the_commit_reaches_the_source_in_an_abort()
         ch.sendall(
             frames.MAGIC
             + TO_DEVICE_STATES
-            + device_states({"state": {"queues": []}})
+            + device_states({"kind": "disk", "source": "device", "state": blk_state()})
             + frames.encode_event(Complete())
         )
         while data := ch.recv():

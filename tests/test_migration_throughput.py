@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ptmig import bitmap
 from ptmig.memory import GuestMemory
+from ptmig.migration.channels import stripe_masks
 from ptmig.migration.events import (
     Hello,
     HelloAck,
@@ -31,8 +32,8 @@ from ptmig.migration.pages import (
     split_zero_runs,
 )
 from ptmig.migration.protocol import (
-    DATA_CHANNEL_CAPABILITY,
-    DATA_CHANNELS_CAPABILITY,
+    DATA_CHANNEL_JOIN_CAPABILITY,
+    DATA_CHANNELS_OFFER_CAPABILITY,
     MAX_DATA_CHANNELS,
     NEED_DATA,
     STRIPE_PAGES,
@@ -42,7 +43,6 @@ from ptmig.migration.protocol import (
     hello,
     parse_channel_capability,
 )
-from ptmig.migration.source import stripe_masks
 
 PAGE = 4096
 FP = {"memory": 64 * PAGE, "vcpus": 1}
@@ -138,25 +138,25 @@ def test_split_by_data_bounds_each_piece_and_keeps_every_page(
 
 def test_channel_capability_round_trip_and_rejections() -> None:
     token = secrets.token_hex(16)
-    cap = channel_capability(DATA_CHANNELS_CAPABILITY, 3, token)
+    cap = channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, 3, token)
     assert parse_channel_capability(
-        hello(FP, ("x-verify-after-switchover", cap)), DATA_CHANNELS_CAPABILITY
+        hello(FP, ("x-verify-after-switchover", cap)), DATA_CHANNELS_OFFER_CAPABILITY
     ) == (3, token)
-    assert parse_channel_capability(hello(FP, ()), DATA_CHANNELS_CAPABILITY) is None
+    assert parse_channel_capability(hello(FP, ()), DATA_CHANNELS_OFFER_CAPABILITY) is None
     bad = [
-        f"{DATA_CHANNELS_CAPABILITY}={MAX_DATA_CHANNELS + 1}:{token}",
-        f"{DATA_CHANNELS_CAPABILITY}=2:{token[:-1]}",
-        f"{DATA_CHANNELS_CAPABILITY}=2:{token.upper()}",
-        f"{DATA_CHANNELS_CAPABILITY}=-1:{token}",
-        f"{DATA_CHANNELS_CAPABILITY}=2",
-        f"{DATA_CHANNELS_CAPABILITY}=" + "9" * 500 + f":{token}",
+        f"{DATA_CHANNELS_OFFER_CAPABILITY}={MAX_DATA_CHANNELS + 1}:{token}",
+        f"{DATA_CHANNELS_OFFER_CAPABILITY}=2:{token[:-1]}",
+        f"{DATA_CHANNELS_OFFER_CAPABILITY}=2:{token.upper()}",
+        f"{DATA_CHANNELS_OFFER_CAPABILITY}=-1:{token}",
+        f"{DATA_CHANNELS_OFFER_CAPABILITY}=2",
+        f"{DATA_CHANNELS_OFFER_CAPABILITY}=" + "9" * 500 + f":{token}",
     ]
     for c in bad:
         with pytest.raises(RemoteProtocolError, match="malformed"):
-            parse_channel_capability(hello(FP, (c,)), DATA_CHANNELS_CAPABILITY)
-    twice = (cap, channel_capability(DATA_CHANNELS_CAPABILITY, 2, token))
+            parse_channel_capability(hello(FP, (c,)), DATA_CHANNELS_OFFER_CAPABILITY)
+    twice = (cap, channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, 2, token))
     with pytest.raises(RemoteProtocolError, match="once"):
-        parse_channel_capability(hello(FP, twice), DATA_CHANNELS_CAPABILITY)
+        parse_channel_capability(hello(FP, twice), DATA_CHANNELS_OFFER_CAPABILITY)
 
 
 @pytest.mark.parametrize("nchannels", [1, 2, 3, 5])
@@ -173,7 +173,9 @@ def _channel_pair() -> tuple[Connection, Connection]:
     src = Connection(Role.SOURCE, guest_pages=64, data_channel=True)
     dst = Connection(Role.DESTINATION, guest_pages=64, data_channel=True)
     token = secrets.token_hex(16)
-    dst.receive_data(src.send(hello(FP, (channel_capability(DATA_CHANNEL_CAPABILITY, 0, token),))))
+    dst.receive_data(
+        src.send(hello(FP, (channel_capability(DATA_CHANNEL_JOIN_CAPABILITY, 0, token),)))
+    )
     assert isinstance(dst.next_event(), Hello)
     src.receive_data(dst.send(HelloAck(True)))
     assert isinstance(src.next_event(), HelloAck)

@@ -118,7 +118,7 @@ def test_stall_counter_examples() -> None:
 
 
 def test_ptmig_migrate_postcopy_sends_the_capability_and_the_round_limit() -> None:
-    from ptmig.migration.client import (
+    from ptmig.migrate import (
         EXIT_UNRESOLVED,
         MigrateOptions,
         exit_status,

@@ -170,11 +170,13 @@ def test_a_postcopy_start_the_hello_did_not_offer_is_refused() -> None:
         Destination,
         FakeMachine,
         abort_reason,
+        blk_state,
     )
 
     d = Destination(FakeMachine())
     try:
-        body = json.dumps({"version": 1, "devices": [{"id": "d0", "state": {}}]}).encode()
+        entry = {"id": "d0", "kind": "disk", "source": "device", "state": blk_state()}
+        body = json.dumps({"version": 1, "devices": [entry]}).encode()
         stream = (
             frames.MAGIC
             + TO_DEVICE_STATES

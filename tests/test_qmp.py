@@ -21,17 +21,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
-from ptmig.qmp import (
+from ptmig.qmp.server import QmpServer
+from ptmig.qmp.session import (
     ErrorClass,
-    InputError,
-    JsonSplitter,
     QmpError,
-    QmpServer,
     RunStatus,
     check_arguments,
     query_status_reply,
     version_info,
 )
+from ptmig.qmp.stream import InputError, JsonSplitter
 
 pytestmark = pytest.mark.timeout(60)
 

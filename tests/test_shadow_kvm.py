@@ -17,7 +17,7 @@ from ptmig.devices.virtio import constants as c
 from ptmig.layout import ABI_WORKLOAD_STATS_GPA, PAGE_SIZE
 from ptmig.load import LoadOptions, run_load
 from ptmig.machine import Machine
-from ptmig.shadow.strategy import ShadowTracking, make_tracking
+from ptmig.shadow.tracking import ShadowTracking, make_tracking
 from ptmig.vm import Vm
 
 pytestmark = pytest.mark.kvm

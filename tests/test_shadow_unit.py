@@ -20,7 +20,7 @@ from ptmig.memory import GuestMemory
 from ptmig.shadow.device import ShadowedDevice
 from ptmig.shadow.pool import ShadowPool
 from ptmig.shadow.reference import ReferenceDataplane
-from ptmig.shadow.strategy import make_tracking
+from ptmig.shadow.tracking import make_tracking
 
 MEM = 4 << 20
 RING_BASE = 0x10000
@@ -231,7 +231,7 @@ def test_a_view_places_each_device_buffer_at_its_guest_page_and_drops_it_when_fr
 
 
 def test_the_software_strategies_are_made_by_name_and_unknown_ones_refused() -> None:
-    from ptmig.migration.strategies import make_strategy
+    from ptmig.migration.tracking import make_strategy
 
     assert make_strategy("intercept").name == "intercept"
     assert make_strategy("shadow").name == "shadow"

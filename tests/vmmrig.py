@@ -8,7 +8,6 @@ module holds no tests.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -23,20 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from ptmig.migration.seal import new_key_file
 from ptmig.net.switch import probe_switch
+from ptmig.vmmproc import QmpMonitor, VmmError, free_port, run_command, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
-FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that is free now: TCP (migrations) or SOCK_DGRAM (switches)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -79,56 +69,34 @@ def kv_config(tmp: Path, switch_port: int | None = None, *, memory: str = "128M"
     return path
 
 
-def _ensure_event_loop() -> None:
-    """The legacy QMP client runs on the thread's default event loop, which a test's own
-    `asyncio.run()` closes and unsets: give it a fresh one then."""
-    try:
-        asyncio.get_event_loop()
-    except RuntimeError:
-        asyncio.set_event_loop(asyncio.new_event_loop())
-
-
-class Monitor:
+class Monitor(QmpMonitor):
     """The QMP socket of a VMM, whoever started it. One connection, opened at the first
     command and kept (as a management tool would); events that arrive with the replies are
     collected in `events`."""
 
-    def __init__(self, qmp_path: Path, name: str) -> None:
-        self.qmp_path = qmp_path
-        self.name = name
-        self._qmp: QEMUMonitorProtocol | None = None
-        self.events: list[dict[str, Any]] = []
+    @property
+    def qmp_path(self) -> Path:
+        return self.path
 
     @property
-    def qmp(self) -> QEMUMonitorProtocol:
-        if self._qmp is None:
-            self._qmp = self._connect()
+    def qmp(self) -> Any:
+        """The underlying `qemu.qmp` legacy client (for `pull_event`)."""
+        if not self.connected:
+            self._connect()
         return self._qmp
 
-    def _connect(self) -> QEMUMonitorProtocol:
-        _ensure_event_loop()
-        q = QEMUMonitorProtocol(str(self.qmp_path))
-        q.connect()
-        return q
+    def _connect(self) -> None:
+        self.connect()
 
-    def close(self) -> None:
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except Exception:
-                pass
-            self._qmp = None
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if not self.connected:
+            self._connect()
+        return super().execute(command, arguments)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        """Run a QMP command; its `return` value, or RuntimeError with QMP's error text."""
-        reply = self.qmp.cmd(name, args)
-        self.events.extend(self.qmp.get_events(wait=False))
-        if "error" in reply:
-            raise RuntimeError(f"{self.name} {name}: {reply['error'].get('desc')}")
-        return reply["return"]
-
-    def status(self) -> str:
-        return str(self.cmd("query-status")["status"])
+        """Run a QMP command; its `return` value, or a RuntimeError (VmmError) with QMP's
+        error text."""
+        return self.execute(name, args)
 
     def iterations(self) -> list[int]:
         return [v["iterations"] for v in self.cmd("x-query-guest-stats")["vcpus"]]
@@ -157,17 +125,6 @@ class Monitor:
         )
         self.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
 
-    def wait_migration(self, timeout: float = 60.0) -> dict[str, Any]:
-        """The final `query-migrate` of the migration in flight (completed, failed, cancelled)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info: dict[str, Any] = self.cmd("query-migrate")
-            if info["status"] in FINISHED:
-                return info
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"migration still '{info['status']}' after {timeout} s")
-            time.sleep(0.02)
-
 
 class Vmm(Monitor):
     """One `ptmig run` process with a QMP socket; stdout/stderr go to files in `tmp`, the
@@ -193,17 +150,7 @@ class Vmm(Monitor):
         super().__init__(tmp / f"{name}.qmp", name)
         self.out_path = tmp / f"{name}.out"
         self.err_path = tmp / f"{name}.err"
-        args = [
-            sys.executable,
-            "-m",
-            "ptmig.cli",
-            "run",
-            str(config),
-            "--qmp",
-            f"unix:{self.qmp_path}",
-            "--console",
-            str(tmp / f"{name}.console"),
-        ]
+        args = run_command(config, self.qmp_path, tmp / f"{name}.console")
         if incoming_port is not None:
             args += ["--incoming", f"tcp:127.0.0.1:{incoming_port}"]
         if incoming is not None:
@@ -220,52 +167,28 @@ class Vmm(Monitor):
         return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until the QMP socket exists; RuntimeError (with the output) if the VMM exited."""
-        deadline = time.monotonic() + timeout
-        while not self.qmp_path.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited early ({self.proc.returncode}):\n{self.output()}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: no QMP socket after {timeout} s")
-            time.sleep(0.05)
+        """Until QMP answers; RuntimeError (with the output) if the VMM exited."""
+        try:
+            self.connect(self.proc, timeout)
+        except VmmError as e:
+            raise VmmError(f"{e}:\n{self.output()}") from None
 
-    def _connect(self) -> QEMUMonitorProtocol:
+    def _connect(self) -> None:
         self.wait_ready()
-        return super()._connect()
 
     def wait_running(self, timeout: float = 60.0) -> None:
         """Until the guest runs (devices spawned, firmware loaded)."""
-        self._wait_status("running", timeout)
+        self.wait_status("running", timeout)
 
     def wait_incoming(self, timeout: float = 60.0) -> None:
         """Until a `--incoming` VMM listens (its QMP socket comes up before its listener)."""
-        self._wait_status("inmigrate", timeout)
-
-    def _wait_status(self, wanted: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while (status := self.status()) != wanted:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name}: still {status!r}, not {wanted!r}, after {timeout} s"
-                )
-            time.sleep(0.05)
+        self.wait_status("inmigrate", timeout)
 
     def stop(self) -> int | None:
         """Quit (politely, then by force); returns the exit status."""
-        if self.proc.poll() is None:
-            try:
-                self.cmd("quit")
-            except Exception:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, lambda: self.cmd("quit"), grace_s=15)
         self.close()
-        return self.proc.returncode
+        return code
 
     def kill(self) -> None:
         """SIGKILL, no goodbye: for clean-ups that must not wait on a guest."""

@@ -40,6 +40,7 @@ from ..layout import BootDevice, mmio_gpa
 from ..load import LoadOptions, LoadResult, run_load
 from ..net.switch import probe_switch
 from ..vm import Vm, VmSpec
+from ..vmmproc import free_port, ptmig_command
 from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, measured, median, paired_ratios
 
@@ -135,12 +136,6 @@ def bench_client_alone(config: BenchConfig, p: DevicesParams) -> list[Result]:
 # ---- a kv VMM in its own process --------------------------------------------------------------
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class KvVmm:
     """`ptmig run` of a kv guest on a fresh disk and its own switch port; a context manager."""
 
@@ -150,7 +145,7 @@ class KvVmm:
         self._tmp = tempfile.TemporaryDirectory(prefix="ptmig-bench-kv-")
         tmp = Path(self._tmp.name)
         self.qmp_socket = tmp / "qmp.sock" if qmp else None
-        self.switch_port = _free_udp_port()
+        self.switch_port = free_port(socket.SOCK_DGRAM)
         self.config = tmp / "kv.toml"
         self.console = tmp / "console.txt"
         self.config.write_text(
@@ -165,19 +160,21 @@ class KvVmm:
             )
         )
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ptmig.cli",
+            ptmig_command(
                 "run",
                 str(self.config),
                 "--console",
                 str(self.console),
                 *(["--qmp", f"unix:{self.qmp_socket}"] if self.qmp_socket else []),
-            ],
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+
+    def qmp_path(self) -> Path:
+        if self.qmp_socket is None:
+            raise BenchError("this kv VMM was started without a QMP socket")
+        return self.qmp_socket
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -26,13 +26,15 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import PtmigError
+
 DEFAULT_RUNS = 5
 QUICK_RUNS = 3
 DEFAULT_JSON_PATH = Path("bench-results") / "bench.json"
 JSON_FORMAT_VERSION = 1
 
 
-class BenchError(RuntimeError):
+class BenchError(PtmigError, RuntimeError):
     """A benchmark could not produce a measurement (as opposed to missing its goal).
     `partial`: what the section had measured before it failed (kept in the report)."""
 

@@ -46,13 +46,9 @@ arrived is what was sent.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -64,6 +60,7 @@ import numpy as np
 from ..demo import cpu
 from ..migration.seal import new_key_file
 from ..migration.transport import measure_loopback_stream
+from ..vmmproc import QmpMonitor, VmmError, free_port, run_command, stop_process
 from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
 
@@ -80,7 +77,6 @@ GOAL_CPU_PER_GIB = Goal("<=", 1.0, "s/GiB")
 DATA_CHANNELS = 2  # best of 0, 2, 4 measured on a 2-core host
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" (QEMU's default is 128 MiB/s)
-FINISHED = ("completed", "failed", "cancelled", "x-unresolved", "postcopy-paused")
 SHM_DIR = Path("/dev/shm")
 
 
@@ -255,82 +251,25 @@ def run_migration_bench(config: BenchConfig, p: MigrationBenchParams) -> list[Re
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _connect(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> QmpMonitor:
+    """A connected QMP client once the socket exists (the process's log lies beside it)."""
+    monitor = QmpMonitor(path, path.stem)
+    monitor.connect(proc, timeout)
+    return monitor
 
 
-def _qmp(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> Any:
-    """A connected synchronous QMP client (qemu.qmp's), once the socket exists."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # a refused early connect is retried
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(
-                f"process {proc.pid} exited with status {proc.returncode} before "
-                f"its QMP socket {path} appeared (log beside it)"
-            )
-        if path.exists():
-            q = QEMUMonitorProtocol(str(path))
-            try:
-                q.connect()
-                return q
-            except Exception:
-                q.close()
-        if time.monotonic() > deadline:
-            raise BenchError(f"no QMP socket at {path} after {timeout} s")
-        time.sleep(0.05)
+def _completed(q: QmpMonitor, timeout: float) -> dict[str, Any]:
+    """The final `query-migrate` of a migration that must complete."""
+    info = q.wait_migration(timeout, poll_s=0.01)
+    if info["status"] != "completed":
+        raise BenchError(f"migration {info['status']}: {info.get('error-desc')}")
+    return info
 
 
-def _cmd(q: Any, name: str, args: dict[str, Any] | None = None) -> Any:
-    reply = q.cmd(name, args)
-    if "error" in reply:
-        raise BenchError(f"QMP {name} failed: {reply['error'].get('desc')}")
-    return reply["return"]
-
-
-def _wait_status(q: Any, wanted: tuple[str, ...], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = str(_cmd(q, "query-status")["status"])
-        if st in wanted:
-            return st
-        if time.monotonic() > deadline:
-            raise BenchError(f"guest still {st!r} after {timeout} s (wanted {wanted})")
-        time.sleep(0.05)
-
-
-def _wait_migration(q: Any, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info: dict[str, Any] = _cmd(q, "query-migrate")
-        if info.get("status") in FINISHED:
-            if info["status"] != "completed":
-                raise BenchError(f"migration {info['status']}: {info.get('error-desc')}")
-            return info
-        if time.monotonic() > deadline:
-            raise BenchError(f"migration still {info.get('status')!r} after {timeout} s")
-        time.sleep(0.01)
-
-
-def _stop(proc: subprocess.Popen[bytes], q: Any | None) -> None:
+def _stop(proc: subprocess.Popen[bytes], q: QmpMonitor | None) -> None:
+    stop_process(proc, (lambda: q.execute("quit")) if q is not None else None)
     if q is not None:
-        try:
-            q.cmd("quit")
-        except Exception:
-            pass
-        try:
-            q.close()
-        except Exception:
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        q.close()
 
 
 def fill_random(path: Path | str, offset: int, length: int, seed: int = 1) -> None:
@@ -372,18 +311,7 @@ def _ptmig(tmp: Path, name: str, config: Path, *extra: str) -> subprocess.Popen[
         qmp.unlink()
     with open(tmp / f"{name}.log", "wb") as log:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ptmig.cli",
-                "run",
-                str(config),
-                "--qmp",
-                f"unix:{qmp}",
-                "--console",
-                str(tmp / f"{name}.con"),
-                *extra,
-            ],
+            run_command(config, qmp, tmp / f"{name}.con", *extra),
             stdout=log,
             stderr=log,
             env=env,
@@ -401,17 +329,15 @@ def ptmig_migration(
     dst = _ptmig(tmp, "dst", config, "--incoming", f"tcp:127.0.0.1:{port}", *auth)
     qs = qd = None
     try:
-        qs = _qmp(tmp / "src.qmp", src, p.start_timeout_s)
-        qd = _qmp(tmp / "dst.qmp", dst, p.start_timeout_s)
-        _wait_status(qs, ("running",), p.start_timeout_s)
-        _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
-        _cmd(
-            qs,
+        qs = _connect(tmp / "src.qmp", src, p.start_timeout_s)
+        qd = _connect(tmp / "dst.qmp", dst, p.start_timeout_s)
+        qs.wait_status("running", p.start_timeout_s)
+        qs.execute("x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
+        qs.execute(
             "migrate-set-parameters",
             {"x-dma-tracking": "none", "max-bandwidth": 0, "multifd-channels": DATA_CHANNELS},
         )
-        _cmd(
-            qs,
+        qs.execute(
             "migrate-set-capabilities",
             {
                 "capabilities": [
@@ -421,10 +347,10 @@ def ptmig_migration(
             },
         )
         before = (cpu.sample(src.pid), cpu.sample(dst.pid))
-        _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        info = _wait_migration(qs, p.migration_timeout_s)
+        qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = _completed(qs, p.migration_timeout_s)
         after = (cpu.sample(src.pid), cpu.sample(dst.pid))
-        _wait_status(qd, ("running",), 10)
+        qd.wait_status("running", 10)
         if verify and info.get("x-verify", {}).get("mismatched"):
             raise BenchError(f"verified migration found differing pages: {info['x-verify']}")
         used = [
@@ -496,11 +422,11 @@ def qemu_migration(
         )
         qs = qd = None
         try:
-            qs = _qmp(tmp / "qsrc.qmp", src, p.start_timeout_s)
-            qd = _qmp(tmp / "qdst.qmp", dst, p.start_timeout_s)
-            _cmd(qs, "migrate-set-parameters", {"max-bandwidth": QEMU_MAX_BANDWIDTH})
-            _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-            info = _wait_migration(qs, p.migration_timeout_s)
+            qs = _connect(tmp / "qsrc.qmp", src, p.start_timeout_s)
+            qd = _connect(tmp / "qdst.qmp", dst, p.start_timeout_s)
+            qs.execute("migrate-set-parameters", {"max-bandwidth": QEMU_MAX_BANDWIDTH})
+            qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            info = _completed(qs, p.migration_timeout_s)
             return (
                 Sample(
                     float(info["total-time"]),
@@ -510,7 +436,7 @@ def qemu_migration(
                 ),
                 acc,
             )
-        except BenchError as e:
+        except (BenchError, VmmError) as e:
             log = (tmp / "qsrc.log").read_text(errors="replace").strip()
             errors.append(f"accel={acc}: {e} {log[-300:]}")
         finally:

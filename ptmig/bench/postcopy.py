@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..vmmproc import QmpMonitor, free_port
 from . import progress
 from .harness import BenchConfig, BenchError, Goal, Result, measured, paired_ratios
-from .migration import _cmd, _ptmig, _qmp, _stop, _wait_migration, _wait_status, free_port
+from .migration import _completed, _connect, _ptmig, _stop
 
 SECTION = "postcopy"
 MiB = 1 << 20
@@ -160,8 +161,8 @@ def _config(tmp: Path, memory: int) -> Path:
     return path
 
 
-def _iterations(q: Any) -> int:
-    return sum(int(v["iterations"]) for v in _cmd(q, "x-query-guest-stats")["vcpus"])
+def _iterations(q: QmpMonitor) -> int:
+    return sum(int(v["iterations"]) for v in q.execute("x-query-guest-stats")["vcpus"])
 
 
 def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sample:
@@ -172,11 +173,11 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
     dst = _ptmig(tmp, "dst", config, "--insecure", "--incoming", f"tcp:127.0.0.1:{port}")
     qs = qd = None
     try:
-        qs = _qmp(tmp / "src.qmp", src, p.start_timeout_s)
-        qd = _qmp(tmp / "dst.qmp", dst, p.start_timeout_s)
-        _wait_status(qs, ("running",), p.start_timeout_s)
-        _wait_status(qd, ("inmigrate",), p.start_timeout_s)
-        _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
+        qs = _connect(tmp / "src.qmp", src, p.start_timeout_s)
+        qd = _connect(tmp / "dst.qmp", dst, p.start_timeout_s)
+        qs.wait_status("running", p.start_timeout_s)
+        qd.wait_status("inmigrate", p.start_timeout_s)
+        qs.execute("x-debug-fill-ram", {"gpa": FILL_FROM, "size": p.memory - FILL_FROM})
         params: dict[str, Any] = {
             "x-dma-tracking": "none",
             "max-bandwidth": rate,
@@ -184,18 +185,18 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
         }
         if mode == "postcopy":
             params["x-postcopy-after-rounds"] = 1
-        _cmd(qs, "migrate-set-parameters", params)
+        qs.execute("migrate-set-parameters", params)
         caps = [
             {"capability": "auto-converge", "state": mode == "autoconverge"},
             {"capability": "postcopy-ram", "state": mode == "postcopy"},
         ]
-        _cmd(qs, "migrate-set-capabilities", {"capabilities": caps})
+        qs.execute("migrate-set-capabilities", {"capabilities": caps})
         t0, i0 = time.monotonic(), _iterations(qs)
         time.sleep(p.baseline_s)  # the guest's own rate, just before
         t1, i1 = time.monotonic(), _iterations(qs)
-        _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        info = _wait_migration(qs, p.migration_timeout_s)
-        _wait_status(qd, ("running",), 10)
+        qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = _completed(qs, p.migration_timeout_s)
+        qd.wait_status("running", 10)
         report = _postcopy_done(qd, p.migration_timeout_s) if mode == "postcopy" else {}
         t2, i2 = time.monotonic(), _iterations(qd)  # counters carry over to the destination
         before = (i1 - i0) / (t1 - t0)
@@ -217,11 +218,11 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
         _stop(dst, qd)
 
 
-def _postcopy_done(q: Any, timeout: float) -> dict[str, Any]:
+def _postcopy_done(q: QmpMonitor, timeout: float) -> dict[str, Any]:
     """The destination's post-copy report once its last page is installed (the source's
     `completed` comes when it has sent the last one)."""
     deadline = time.monotonic() + timeout
-    while (report := _cmd(q, "x-query-postcopy")).get("status") == "postcopy-active":
+    while (report := q.execute("x-query-postcopy")).get("status") == "postcopy-active":
         if time.monotonic() > deadline:
             raise BenchError(f"post-copy still active on the destination after {timeout} s")
         time.sleep(0.01)

@@ -33,18 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..vmmproc import free_port
 from .harness import BenchConfig, BenchError, Goal, Result, measured
 from .migration import (
     DATA_CHANNELS,
     FILL_FROM,
-    _cmd,
+    _completed,
+    _connect,
     _ptmig,
     _ptmig_config,
-    _qmp,
     _stop,
-    _wait_migration,
-    _wait_status,
-    free_port,
 )
 
 SECTION = "scale"
@@ -226,28 +224,26 @@ def scale_migration(tmp: Path, memory: int, verify: bool = False) -> ScaleSample
     dst = _ptmig(tmp, "dst", config, "--incoming", f"tcp:127.0.0.1:{port}")
     qs = qd = None
     try:
-        qs = _qmp(tmp / "src.qmp", src, START_TIMEOUT_S)
-        qd = _qmp(tmp / "dst.qmp", dst, START_TIMEOUT_S)
-        _wait_status(qs, ("running",), START_TIMEOUT_S)
-        _cmd(qs, "x-debug-fill-ram", {"gpa": FILL_FROM, "size": span(memory) - FILL_FROM})
-        _cmd(
-            qs,
+        qs = _connect(tmp / "src.qmp", src, START_TIMEOUT_S)
+        qd = _connect(tmp / "dst.qmp", dst, START_TIMEOUT_S)
+        qs.wait_status("running", START_TIMEOUT_S)
+        qs.execute("x-debug-fill-ram", {"gpa": FILL_FROM, "size": span(memory) - FILL_FROM})
+        qs.execute(
             "migrate-set-parameters",
             {"x-dma-tracking": "none", "max-bandwidth": 0, "x-data-channels": DATA_CHANNELS},
         )
-        _cmd(
-            qs,
+        qs.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-verify", "state": verify}]},
         )
-        _cmd(qs, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        info = _wait_migration(qs, 60 + 30 * memory / GiB)
-        _wait_status(qd, ("running",), 30)
+        qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = _completed(qs, 60 + 30 * memory / GiB)
+        qd.wait_status("running", 30)
         checked = info.get("x-verify", {})
         if verify and checked.get("mismatched") != 0:
             raise BenchError(f"verified migration of {label(memory)} failed: {checked}")
-        src_mem = _cmd(qs, "x-query-memory")["vmm"]["total"]
-        dst_mem = _cmd(qd, "x-query-memory")["vmm"]["total"]
+        src_mem = qs.execute("x-query-memory")["vmm"]["total"]
+        dst_mem = qd.execute("x-query-memory")["vmm"]["total"]
         harvest = [float(r["harvest-ms"]) for r in info.get("x-rounds", []) if "harvest-ms" in r]
         return ScaleSample(
             memory,

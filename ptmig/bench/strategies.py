@@ -1010,14 +1010,15 @@ def shadow_datapath(
     CPUs. Each round's ratios are measured back to back; the results are their medians.
     `disk`: the kv log's disk (`KvVmm`); on a vhost-user disk only direct and shadow (intercept
     refuses vhost-user devices)."""
-    from ..demo.qmpclient import QmpClient
     from ..load import LoadOptions, run_load
+    from ..vmmproc import QmpMonitor
     from .devices import KvVmm
 
     console = console or _console()
     modes = DATAPATH_MODES if disk == "builtin" else ("direct", "shadow")
     runs: dict[str, list[DatapathRun]] = {mode: [] for mode in modes}
-    with KvVmm(memory, qmp=True, disk=disk) as vmm, QmpClient(str(vmm.qmp_socket)) as qmp:
+    with KvVmm(memory, qmp=True, disk=disk) as vmm, QmpMonitor(vmm.qmp_path(), "kv vmm") as qmp:
+        qmp.connect(vmm.proc)
         run_load(LoadOptions(config=vmm.config, duration_s=1.0, verify=False))  # warm up
         for k in range(pairs):
             progress.step(f"data path ({disk} disk): {', '.join(modes)}", k + 1, pairs)

@@ -5,7 +5,7 @@ virtio-net and virtio-blk, a load client that checks every acknowledged value, a
 migration with page-by-page verification; then a summary that says whether anything was lost.
 
 - `plan`: options, ports, the generated VM config
-- `procs`, `qmpclient`, `tapnet`: child processes, QMP, the optional TAP network
+- `procs`, `tapnet`: child processes, the optional TAP network (QMP: `ptmig.vmmproc`)
 - `loadproc`: the load client's own process
 - `run`: the orchestration (`run_demo`)
 - `timeline`, `summary`: pure functions over the demo document (phases, throughput, verdict)

@@ -3,12 +3,11 @@
 `DemoOptions` is what the command line asks for; `DemoPlan` adds the free ports and the run
 directory, and writes the VM config that both VMMs load (the same file on both sides: the disk
 image is "shared storage", as on two hosts with a shared datastore). Pure apart from
-`free_port` and `write_configs`.
+`write_configs`.
 """
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,13 +69,6 @@ class DemoOptions:
         base: dict[str, object] = {"memory": "256M", "warmup_s": 2.0, "after_s": 3.0}
         base.update(kw)
         return cls(**base)  # type: ignore[arg-type]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that nobody uses right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def latency_path(load_json: Path) -> Path:

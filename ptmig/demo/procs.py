@@ -2,7 +2,8 @@
 
 Each child runs in a session of its own (so a Ctrl-C meant for the demo reaches the demo, which
 then stops its children in order) and is stopped with its whole process group, device
-processes included: first politely (`quit` over QMP for a VMM), then SIGTERM, then SIGKILL.
+processes included: first politely (`quit` over QMP for a VMM), then SIGTERM, then SIGKILL
+(`ptmig.vmmproc.stop_process`; the QMP client is `ptmig.vmmproc.QmpMonitor`).
 `Children` is a context manager; leaving it, by return, exception or Ctrl-C, stops them all.
 """
 
@@ -11,23 +12,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .qmpclient import QmpClient
+from ..errors import PtmigError
+from ..vmmproc import QmpMonitor, VmmError, stop_process
 
 
-class DemoError(RuntimeError):
+class DemoError(PtmigError, RuntimeError):
     """The demo could not set up or run (as opposed to a migration that did not verify)."""
-
-
-def ptmig_command(*args: str) -> list[str]:
-    """`python -m ptmig.cli ...` with this interpreter, so it works from any virtualenv."""
-    return [sys.executable, "-m", "ptmig.cli", *args]
 
 
 class Child:
@@ -53,7 +48,7 @@ class Child:
             start_new_session=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
-        self.qmp: QmpClient | None = None
+        self.qmp: QmpMonitor | None = None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -81,41 +76,26 @@ class Child:
             f"its log ({self.log_path}) ends with:\n{self.log_tail()}"
         )
 
-    def connect_qmp(self, path: Path, timeout: float = 60.0) -> QmpClient:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if not self.alive():
-                raise self.died()
-            if time.monotonic() > deadline:
-                raise DemoError(f"{self.name}: no QMP socket at {path} after {timeout} s")
-            time.sleep(0.05)
-        self.qmp = QmpClient(str(path))
-        return self.qmp
+    def connect_qmp(self, path: Path, timeout: float = 60.0) -> QmpMonitor:
+        monitor = QmpMonitor(path, self.name)
+        try:
+            monitor.connect(self.proc, timeout)
+        except VmmError as e:
+            raise (self.died() if not self.alive() else DemoError(str(e))) from None
+        self.qmp = monitor
+        return monitor
 
     def stop(self, grace_s: float = 5.0) -> None:
-        if self.qmp is not None:
-            if self.alive():
-                try:
-                    self.qmp.execute("quit")
-                except Exception:
-                    pass
-            self.qmp.close()
-            self.qmp = None
-        if self.alive() and self.name.startswith("vmm"):
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
+        qmp, self.qmp = self.qmp, None
         # The group: the child and whatever it spawned (device processes) that is still there.
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_process(
+            self.proc,
+            (lambda: qmp.execute("quit")) if qmp is not None else None,
+            grace_s=grace_s,
+            group=True,
+        )
+        if qmp is not None:
+            qmp.close()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 try:

@@ -28,11 +28,11 @@ from rich.console import Console
 
 from ..cliconv import json_to_stdout, write_json
 from ..migration.seal import new_key_file
+from ..vmmproc import FINISHED, QmpMonitor, VmmError, free_port, ptmig_command, run_command
 from . import cpu
 from .live import LiveView
-from .plan import DemoOptions, DemoPlan, free_port, latency_path, write_configs
-from .procs import Child, Children, DemoError, LineReader, ptmig_command
-from .qmpclient import QmpClient
+from .plan import DemoOptions, DemoPlan, latency_path, write_configs
+from .procs import Child, Children, DemoError, LineReader
 from .summary import EXIT_DEMO_FAILED, summary_lines, verdict
 from .tapnet import TapNetwork
 from .timeline import (
@@ -45,7 +45,6 @@ from .timeline import (
     throughput,
 )
 
-FINISHED = ("completed", "failed", "cancelled", "x-unresolved")
 POLL_S = 0.05
 MIGRATION_TIMEOUT_S = 120.0
 # The report's phase names (`ptmig.demo.timeline`) for the source's statuses, so that the
@@ -105,16 +104,13 @@ def _start_switch(kids: Children, tries: int = 5) -> tuple[Child, int]:
     raise DemoError(f"could not start a UDP switch on 127.0.0.1 after {tries} tries")
 
 
-def _wait_status(qmp: QmpClient, child: Child, status: str, timeout: float = 60.0) -> None:
+def _wait_status(qmp: QmpMonitor, child: Child, status: str, timeout: float = 60.0) -> None:
     """Until `query-status` says `status` ("running": the guest runs; "inmigrate": the
     destination has prepared its RAM and accepts the migration)."""
-    deadline = time.monotonic() + timeout
-    while qmp.execute("query-status")["status"] != status:
-        if not child.alive():
-            raise child.died()
-        if time.monotonic() > deadline:
-            raise DemoError(f"{child.name}: not '{status}' after {timeout} s")
-        time.sleep(0.05)
+    try:
+        qmp.wait_status(status, timeout, child.proc)
+    except VmmError as e:
+        raise (child.died() if not child.alive() else DemoError(str(e))) from None
 
 
 @dataclass
@@ -162,7 +158,7 @@ class MigrationRun:
 
 
 def _migrate(
-    src: QmpClient, opts: DemoOptions, port: int, view: LiveView, cpu_watch: CpuWatch
+    src: QmpMonitor, opts: DemoOptions, port: int, view: LiveView, cpu_watch: CpuWatch
 ) -> MigrationRun:
     """Start the migration and poll it to the end; `cpu_watch` gets a sample at the start, when
     the source has switched over (its run state `postmigrate`, before the verification that
@@ -420,26 +416,14 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         key = str(new_key_file(plan.path("migration.key")))  # the two VMMs' own key
         src = kids.start(
             "vmm-src",
-            ptmig_command(
-                "run",
-                str(src_cfg),
-                "--qmp",
-                f"unix:{plan.qmp_src}",
-                "--console",
-                str(plan.path("src.console")),
-                "--psk-file",
-                key,
-            ),
+            run_command(src_cfg, plan.qmp_src, plan.path("src.console"), "--psk-file", key),
         )
         dst = kids.start(
             "vmm-dst",
-            ptmig_command(
-                "run",
-                str(dst_cfg),
-                "--qmp",
-                f"unix:{plan.qmp_dst}",
-                "--console",
-                str(plan.path("dst.console")),
+            run_command(
+                dst_cfg,
+                plan.qmp_dst,
+                plan.path("dst.console"),
                 "--incoming",
                 f"tcp:127.0.0.1:{plan.migration_port}",
                 "--psk-file",

@@ -9,9 +9,10 @@ a halted vCPU, and its register window routed to the control channel.
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import DiskConfig, NetConfig, UdpBackend
 from ..iommu import IommuTable
@@ -20,7 +21,9 @@ from .vhost_user.frontend import VhostUserBlk
 from .virtio.constants import REG_QUEUE_NOTIFY
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..config import VmConfig
+    from ..shadow.pool import ShadowPool
+    from ..vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +74,36 @@ def device_process_config(cfg: NetConfig | DiskConfig) -> dict[str, Any]:
     return {"path": str(cfg.path), "size": cfg.size, "serial": cfg.serial}
 
 
-def bind_doorbells(machine: Machine, dev: AttachedDevice, *, deassign: bool = False) -> None:
+def bind_doorbells(vm: Vm, dev: AttachedDevice, *, deassign: bool = False) -> None:
     """(Un)bind the device's doorbell eventfds to its QueueNotify register."""
     addr = dev.mmio_base + REG_QUEUE_NOTIFY
     for queue, fd in dev.handle.doorbell_eventfds.items():
-        machine.vm.vmfd.ioeventfd(fd, addr, 4, datamatch=queue, deassign=deassign)
+        vm.vmfd.ioeventfd(fd, addr, 4, datamatch=queue, deassign=deassign)
     dev.direct_doorbells = not deassign
 
 
-def attach_devices(machine: Machine) -> list[AttachedDevice]:
+class DeviceHost(Protocol):
+    """What attaching the configured devices needs from the VMM: the config, the VM (memory,
+    KVM fds), the shadow pool every device process maps, and where device events go."""
+
+    cfg: VmConfig
+    vm: Vm
+    shadow_pool: ShadowPool
+
+    def device_event(self, dev: AttachedDevice, ev: DeviceEvent) -> None: ...
+
+
+def attach_devices(
+    machine: DeviceHost,
+) -> tuple[list[AttachedDevice], subprocess.Popen[bytes] | None]:
+    """The configured devices, attached; and the network switch process started for them, if
+    one had to be (the caller owns both)."""
     from ..net.switch import ensure_switch
 
     vm = machine.vm
     out: list[AttachedDevice] = []
     views = 0
+    switch_process: subprocess.Popen[bytes] | None = None
     try:
         for slot in machine.cfg.devices:
             cfg = slot.config
@@ -95,7 +114,7 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
             ):
                 proc = ensure_switch(cfg.backend.host, cfg.backend.port)
                 if proc is not None:
-                    machine.switch_process = proc
+                    switch_process = proc
             if isinstance(cfg, DiskConfig):
                 cfg.path.parent.mkdir(parents=True, exist_ok=True)
             iommu = IommuTable.create(vm.memory.npages)
@@ -109,7 +128,7 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
             if isinstance(handle, VhostUserBlk):
                 dev.view, views = views, views + 1
             handle.on_event(_forward_events(machine, dev))
-            bind_doorbells(machine, dev)
+            bind_doorbells(vm, dev)
             vm.attach_device(slot.index, dev)
             vm.wake_fds.append(handle.irq_eventfd)
             out.append(dev)
@@ -117,11 +136,11 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
         for dev in out:
             dev.close()
         raise
-    return out
+    return out, switch_process
 
 
 def _open_handle(
-    machine: Machine,
+    machine: DeviceHost,
     name: str,
     kind: str,
     index: int,
@@ -147,7 +166,7 @@ def _open_handle(
     )
 
 
-def _forward_events(machine: Machine, dev: AttachedDevice) -> Callable[[DeviceEvent], None]:
+def _forward_events(machine: DeviceHost, dev: AttachedDevice) -> Callable[[DeviceEvent], None]:
     def forward(ev: DeviceEvent) -> None:
         machine.device_event(dev, ev)
 

@@ -37,6 +37,8 @@ from typing import Any
 from ptmig.devices.virtio.mmio import MmioState, QueueRegisters
 from ptmig.devices.virtio.queue import QueueError, QueueState
 
+from ..errors import PtmigError
+
 MAGIC = b"PTDC"
 HEADER = struct.Struct("<4sII")
 MAX_JSON_BYTES = 1 << 20
@@ -64,7 +66,7 @@ COMMANDS = frozenset(
 EVENTS = frozenset({"ready", "startup_failed", "fault", "needs_reset", "log"})
 
 
-class ControlProtocolError(Exception):
+class ControlProtocolError(PtmigError):
     """The peer sent something that is not a valid control frame; drop the connection."""
 
 
@@ -246,7 +248,7 @@ class DeviceState:
     @classmethod
     def from_json(cls, raw: Any) -> DeviceState:
         """Parse untrusted state: every field type-checked, every queue validated."""
-        obj = _obj(raw, "device state", {"version", "kind", "mmio", "queues"})
+        obj = expect_object(raw, "device state", {"version", "kind", "mmio", "queues"})
         if obj.get("version") != STATE_VERSION:
             raise ValueError(f"device state version {obj.get('version')!r} is not {STATE_VERSION}")
         kind = obj.get("kind")
@@ -261,8 +263,8 @@ class DeviceState:
             )
         queues: dict[int, QueueState] = {}
         for q in qlist:
-            qo = _obj(q, "queue state", {f.name for f in fields(QueueState)} | {"index"})
-            index = _int(qo, "index", len(mmio.queues) - 1)
+            qo = expect_object(q, "queue state", {f.name for f in fields(QueueState)} | {"index"})
+            index = expect_int(qo, "index", len(mmio.queues) - 1)
             if index in queues:
                 raise ValueError(f"queue {index} appears twice in the device state")
             ready = qo.get("ready", True)
@@ -270,12 +272,12 @@ class DeviceState:
                 raise ValueError(f"queue {index} 'ready' must be a bool, got {ready!r}")
             try:
                 queues[index] = QueueState(
-                    _int(qo, "size", 0xFFFF),
-                    _int(qo, "desc_addr", _U64),
-                    _int(qo, "avail_addr", _U64),
-                    _int(qo, "used_addr", _U64),
-                    _int(qo, "next_avail", 0xFFFF),
-                    _int(qo, "next_used", 0xFFFF),
+                    expect_int(qo, "size", 0xFFFF),
+                    expect_int(qo, "desc_addr", _U64),
+                    expect_int(qo, "avail_addr", _U64),
+                    expect_int(qo, "used_addr", _U64),
+                    expect_int(qo, "next_avail", 0xFFFF),
+                    expect_int(qo, "next_used", 0xFFFF),
                     ready,
                 ).validate()
             except QueueError as exc:
@@ -283,7 +285,7 @@ class DeviceState:
         return cls(kind, mmio, queues)
 
 
-def _obj(raw: Any, what: str, allowed: set[str]) -> dict[str, Any]:
+def expect_object(raw: Any, what: str, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{what} must be an object, got {type(raw).__name__}")
     unknown = set(raw) - allowed
@@ -292,7 +294,7 @@ def _obj(raw: Any, what: str, allowed: set[str]) -> dict[str, Any]:
     return raw
 
 
-def _int(obj: dict[str, Any], key: str, maximum: int) -> int:
+def expect_int(obj: dict[str, Any], key: str, maximum: int) -> int:
     value = obj.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
         raise ValueError(f"{key!r} must be an integer in 0..{maximum:#x}, got {value!r:.60}")
@@ -301,7 +303,7 @@ def _int(obj: dict[str, Any], key: str, maximum: int) -> int:
 
 def _mmio_state(raw: Any) -> MmioState:
     names = {f.name for f in fields(MmioState)}
-    obj = _obj(raw, "register state", names)
+    obj = expect_object(raw, "register state", names)
     missing = names - set(obj)
     if missing:
         raise ValueError(f"register state lacks {sorted(missing)}")
@@ -313,18 +315,18 @@ def _mmio_state(raw: Any) -> MmioState:
         raise ValueError("register state 'queues' must be a list of at most 64 queues")
     queues = []
     for q in qraw:
-        qo = _obj(q, "queue registers", {f.name for f in fields(QueueRegisters)})
+        qo = expect_object(q, "queue registers", {f.name for f in fields(QueueRegisters)})
         ready = qo.get("ready", False)
         if not isinstance(ready, bool):
             raise ValueError(f"queue register 'ready' must be a bool, got {ready!r:.60}")
         queues.append(
             QueueRegisters(
-                _int(qo, "num", 0xFFFFFFFF),
-                _int(qo, "desc", _U64),
-                _int(qo, "driver", _U64),
-                _int(qo, "device", _U64),
+                expect_int(qo, "num", 0xFFFFFFFF),
+                expect_int(qo, "desc", _U64),
+                expect_int(qo, "driver", _U64),
+                expect_int(qo, "device", _U64),
                 ready,
             )
         )
-    ints = {n: _int(obj, n, _U64) for n in names - {"needs_reset_reason", "queues"}}
+    ints = {n: expect_int(obj, n, _U64) for n in names - {"needs_reset_reason", "queues"}}
     return MmioState(**ints, needs_reset_reason=reason, queues=queues)

@@ -53,11 +53,13 @@ from ptmig.devices.process import LaunchSpec
 from ptmig.iommu import IommuTable
 from ptmig.layout import ABI_MMIO_BASE_GPA, ABI_MMIO_STRIDE
 
+from ..errors import PtmigError
+
 NUM_QUEUES: Final = {"net": 2, "blk": 1}
 DEFAULT_TIMEOUT: Final = 10.0
 
 
-class DeviceError(Exception):
+class DeviceError(PtmigError):
     """Base of everything a DeviceHandle raises."""
 
 

@@ -71,6 +71,8 @@ from ptmig.iommu import PAGE_SIZE, DmaFault, DmaView, IommuTable
 from ptmig.nativelib import NativeLibraryError
 from ptmig.net.sched import use_batch_scheduling
 
+from ..errors import PtmigError
+
 log = logging.getLogger("ptmig.devices.process")
 
 BATCH: Final = 64  # chains per queue per pass, so control messages are never starved
@@ -146,7 +148,7 @@ def build_model(kind: str, config: dict[str, Any], dma: DmaView) -> DeviceModel:
     raise ValueError(f"device kind must be one of {KINDS}, got {kind!r}")
 
 
-class CommandError(Exception):
+class CommandError(PtmigError):
     """A control command that cannot be carried out (bad arguments, wrong state)."""
 
 

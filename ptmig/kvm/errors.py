@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import os
 
+from ..errors import PtmigError
 
-class KvmError(OSError):
+
+class KvmError(PtmigError, OSError):
     """A KVM ioctl failed; carries the errno and the name of the ioctl."""
 
     def __init__(self, ioctl_name: str, err: int, detail: str = "") -> None:
@@ -21,5 +23,5 @@ class KvmError(OSError):
         return self.args[1]
 
 
-class KvmUnavailable(RuntimeError):
+class KvmUnavailable(PtmigError, RuntimeError):
     """/dev/kvm is absent, not accessible, or lacks a capability ptmig needs."""

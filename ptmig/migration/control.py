@@ -18,22 +18,24 @@ import numpy as np
 
 from ..disklock import DiskLockError
 from ..layout import PAGE_SIZE
-from ..qmp import ErrorClass, QmpError, QmpServer
+from ..qmp.server import QmpServer
+from ..qmp.session import ErrorClass, QmpError
 from ..vm import RunState
 from . import transport
 from .events import Role
 from .params import PARAMS_SCHEMA, MigrationCapabilities, MigrationInfo, MigrationParams, Status
 from .source import SourceMigration
+from .tracking import DmaTracking
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import MigratingVm
 
 FILL_CHUNK = 16 << 20
 
 
 class MigrationControl:
     def __init__(
-        self, machine: Machine, *, psk_file: Path | None = None, insecure: bool = False
+        self, machine: MigratingVm, *, psk_file: Path | None = None, insecure: bool = False
     ) -> None:
         self.m = machine
         self.params = MigrationParams()
@@ -56,7 +58,7 @@ class MigrationControl:
         with self._lock:
             if self.current is not None and not self.current.info.status.finished:
                 raise QmpError(ErrorClass.GENERIC_ERROR, "a migration is already in progress")
-            if getattr(self.m, "manual_shadow", None) is not None:
+            if self.m.shadowed_by_hand():
                 raise QmpError(
                     ErrorClass.GENERIC_ERROR,
                     "DMA is shadowed by x-shadow-start: x-shadow-stop first",
@@ -88,6 +90,10 @@ class MigrationControl:
 
     def caps_snapshot(self) -> MigrationCapabilities:
         return dataclasses.replace(self.caps)
+
+    def tracking(self) -> DmaTracking | None:
+        """The latest outgoing migration's DMA tracking (its shadow engine, for one)."""
+        return self.current.strategy if self.current is not None else None
 
     def info(self) -> MigrationInfo:
         return self.current.info if self.current is not None else MigrationInfo()

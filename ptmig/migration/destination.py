@@ -26,19 +26,21 @@ import json
 import logging
 import os
 import select
-import struct
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..cliconv import VMM_FAILED
 from ..devices.handle import DeviceError
 from ..disklock import DiskLockError
-from ..vcpu_state import MAX_STATE_BYTES, VcpuState
+from ..errors import PtmigError
+from ..guest_state import DeviceSnapshot, unpack_devices, unpack_vcpus
+from ..vcpu_state import VcpuState
 from ..vm import RunState
+from ..vmparts import MigratingVm
 from . import transport
 from .events import (
     NEED_DATA,
@@ -64,8 +66,9 @@ from .frames import MAX_REASON
 from .pages import PAGE_SIZE, expand_runs, pages_to_runs
 from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver, refuse_devices
 from .protocol import (
-    DATA_CHANNEL_CAPABILITY,
-    DATA_CHANNELS_CAPABILITY,
+    DATA_CHANNEL_JOIN_CAPABILITY,
+    DATA_CHANNELS_OFFER_CAPABILITY,
+    VERIFY_CAPABILITY,
     Commit,
     Connection,
     ConnectionClosed,
@@ -73,8 +76,6 @@ from .protocol import (
     check_hello,
     parse_channel_capability,
 )
-from .source import VERIFY_CAPABILITY
-from .strategies import decode_device_states
 from .uffd import FaultServerError
 from .verify import (
     ZERO_PAGE_DIGEST,
@@ -85,7 +86,7 @@ from .verify import (
 )
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..layout import BootDevice
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ GATHER_MIN_RUNS = 8  # a page batch in at least this many runs is received whole
 DATA_CHANNEL_ACCEPT_S = 10.0  # the source connects its data channels right after the HelloAck
 
 
-class IncomingError(RuntimeError):
+class IncomingError(PtmigError, RuntimeError):
     pass
 
 
@@ -116,44 +117,26 @@ def failure_before_commit(e: BaseException) -> str:
     return f"{what}; it did not commit and will not run the guest"
 
 
-def unpack_vcpu_states(blob: bytes, nvcpus: int) -> list[VcpuState]:
-    states: list[VcpuState] = []
-    off = 0
-    while off < len(blob):
-        if off + 4 > len(blob):
-            raise IncomingError("truncated vCPU state list")
-        (n,) = struct.unpack_from("<I", blob, off)
-        off += 4
-        if n > MAX_STATE_BYTES or off + n > len(blob):
-            raise IncomingError(f"vCPU state of {n} bytes does not fit the list")
-        states.append(VcpuState.from_bytes(blob[off : off + n]))
-        off += n
-    if len(states) != nvcpus:
-        raise IncomingError(f"{len(states)} vCPU states for a VM with {nvcpus} vCPUs")
-    if sorted(s.index for s in states) != list(range(nvcpus)):
-        raise IncomingError(f"vCPU states for indices {[s.index for s in states]}")
-    return sorted(states, key=lambda s: s.index)
-
-
-def program_devices(machine: Machine, devices: list[dict[str, Any]]) -> None:
-    """Program this host's fresh devices from the transferred state. The state is the peer's:
-    whatever a device or the shadow restore finds wrong with it (a rejected command, a field of
-    the wrong type) refuses the migration, naming the device."""
-    for dev, entry in zip(machine.devices, devices, strict=True):
+def program_devices(machine: MigratingVm, devices: list[DeviceSnapshot]) -> None:
+    """Program this host's fresh devices from the transferred state (checked for shape when it
+    was unpacked). Whatever a device or the shadow restore still finds wrong with it (a
+    rejected command, a ring that does not match the in-flight list) refuses the migration,
+    naming the device."""
+    for dev, snap in zip(machine.devices, devices, strict=True):
         try:
-            if entry.get("source") == "shadow":
+            if snap.source == "shadow":
                 from ..shadow.restore import restore_shadowed_device
 
-                restore_shadowed_device(machine, dev, entry)
+                restore_shadowed_device(machine, dev, snap)
             else:
-                dev.handle.set_state(entry["state"])
-        except (DeviceError, KeyError, TypeError, ValueError, AttributeError) as e:
+                dev.handle.set_state(snap.state.to_json())
+        except (DeviceError, ValueError) as e:
             raise IncomingError(
                 f"device {dev.id} rejected the migrated state: {type(e).__name__}: {e}"
             ) from e
 
 
-def prepare_guest_ram(machine: Machine, prefault: bool) -> bool:
+def prepare_guest_ram(machine: MigratingVm, prefault: bool) -> bool:
     """Take page allocation off the migration's clock; True if guest RAM is now mapped.
 
     The destination waits for the source anyway, and must hold the whole guest once it arrives,
@@ -315,7 +298,7 @@ class DataChannelReceiver:
 class Incoming:
     def __init__(
         self,
-        machine: Machine,
+        machine: MigratingVm,
         uri: str,
         *,
         psk: bytes | None = None,
@@ -467,7 +450,7 @@ class Incoming:
         m = self.m
         vm = m.vm
         vcpus: list[VcpuState] | None = None
-        devices: list[dict[str, Any]] | None = None
+        devices: list[DeviceSnapshot] | None = None
         rnd = -1
         while True:
             ev = self._recv_event(ch, conn, splicer)
@@ -490,9 +473,9 @@ class Incoming:
             elif isinstance(ev, RoundEnd):
                 pass
             elif isinstance(ev, VcpuStates):
-                vcpus = unpack_vcpu_states(ev.blob, len(vm.vcpus))
+                vcpus = unpack_vcpus(ev.blob, len(vm.vcpus))
             elif isinstance(ev, DeviceStates):
-                devices = decode_device_states(ev.blob, [d.id for d in m.devices])
+                devices = unpack_devices(ev.blob, [d.id for d in m.devices])
             elif isinstance(ev, PostcopyStart):
                 if self.zero_received is None:  # set at a Hello that offered post-copy
                     raise IncomingError(
@@ -613,7 +596,7 @@ class Incoming:
     def _accept_data_channels(self, hello: Hello) -> None:
         """Accept the data channels the source's Hello announced, each authenticated by the
         transport and naming this migration's token and a free channel index in its Hello."""
-        request = parse_channel_capability(hello, DATA_CHANNELS_CAPABILITY)
+        request = parse_channel_capability(hello, DATA_CHANNELS_OFFER_CAPABILITY)
         if request is None:
             return
         n, token = request
@@ -646,7 +629,7 @@ class Incoming:
         ev = self._recv_event(ch, conn, None)
         if not isinstance(ev, Hello):
             raise IncomingError(f"a data channel began with {type(ev).__name__}, not Hello")
-        got = parse_channel_capability(ev, DATA_CHANNEL_CAPABILITY)
+        got = parse_channel_capability(ev, DATA_CHANNEL_JOIN_CAPABILITY)
         ack = check_hello(ev, self.m.cfg.compat_fingerprint())
         main = self._main
         if got is None or not hmac.compare_digest(got[1], token):
@@ -859,7 +842,7 @@ class Incoming:
         ch: transport.Channel,
         conn: Connection,
         vcpus: list[VcpuState],
-        devices: list[dict[str, Any]],
+        devices: list[DeviceSnapshot],
         postcopy_arm_s: float | None = None,
     ) -> None:
         vm = self.m.vm
@@ -899,8 +882,31 @@ class Incoming:
         self.m.after_incoming()
 
 
+class MigrationSettings(Protocol):
+    """The credentials an incoming migration is accepted with (`MigrationControl`'s)."""
+
+    @property
+    def psk(self) -> bytes | None: ...
+    @property
+    def tls(self) -> transport.TlsConfig | None: ...
+    @property
+    def insecure(self) -> bool: ...
+
+
+class IncomingHost(MigratingVm, Protocol):
+    """What `ptmig run --incoming` needs besides: the devices booted, the migration settings,
+    and the run loop once the guest runs here."""
+
+    incoming: Incoming | None
+
+    @property
+    def migration(self) -> MigrationSettings: ...
+    def boot_devices(self) -> list[BootDevice]: ...
+    def wait(self) -> int: ...
+
+
 def run_incoming(
-    machine: Machine,
+    machine: IncomingHost,
     uri: str,
     *,
     prefault: bool = True,

@@ -20,8 +20,10 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..errors import PtmigError
 
-class ProtocolError(Exception):
+
+class ProtocolError(PtmigError):
     """The migration stream broke the protocol."""
 
 

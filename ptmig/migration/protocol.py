@@ -134,8 +134,10 @@ DATA_CHANNEL_EVENTS = frozenset(
 DATA_CHANNEL_CLOSABLE = CLOSABLE_STATES | {State.PRECOPY}
 MAX_DATA_CHANNELS = 16
 STRIPE_PAGES = 4096  # 16 MiB: the unit of guest RAM that always travels on the same data channel
-DATA_CHANNELS_CAPABILITY = "x-data-channels"  # main Hello: "x-data-channels=N:TOKEN"
-DATA_CHANNEL_CAPABILITY = "x-data-channel"  # a data channel's Hello: "x-data-channel=I:TOKEN"
+DATA_CHANNELS_OFFER_CAPABILITY = "x-data-channels"  # main Hello: "x-data-channels=N:TOKEN"
+#: Hello capability: the source will send digests after the switchover and wait for a report.
+VERIFY_CAPABILITY = "x-verify-after-switchover"
+DATA_CHANNEL_JOIN_CAPABILITY = "x-data-channel"  # a data channel's Hello: "x-data-channel=I:TOKEN"
 # After the switchover the destination runs the guest: nothing can be aborted any more.
 _NO_ABORT = FINAL_STATES | {State.SWITCHED_OVER, State.POST_VERIFY, State.POSTCOPY}
 
@@ -736,8 +738,9 @@ def parse_channel_capability(hello: Hello, name: str) -> tuple[int, str] | None:
 
 
 __all__ = [
-    "DATA_CHANNELS_CAPABILITY",
-    "DATA_CHANNEL_CAPABILITY",
+    "VERIFY_CAPABILITY",
+    "DATA_CHANNELS_OFFER_CAPABILITY",
+    "DATA_CHANNEL_JOIN_CAPABILITY",
     "FINAL_STATES",
     "MAX_DATA_CHANNELS",
     "OWNERSHIP",

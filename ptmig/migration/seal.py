@@ -54,6 +54,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..errors import PtmigError
+
 GREETING: Final = b"PTMIG-PSK2"
 NONCE: Final = 32
 MAC: Final = 32
@@ -68,7 +70,7 @@ CLIENT_TO_SERVER: Final = 0
 SERVER_TO_CLIENT: Final = 1
 
 
-class SealError(Exception):
+class SealError(PtmigError):
     """Authentication of the peer or of a record failed; the text says which and why."""
 
 

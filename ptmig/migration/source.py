@@ -16,13 +16,9 @@ quiesced, and taken back before the guest ever resumes here.
 
 Pre-copy rounds go over `multifd-channels` parallel streams while the `multifd` capability is
 on (see `protocol`): one sender thread per channel, each sending its stripes of the round's
-dirty set. Several streams keep both ends
-busy on a few cores (the copies happen in the kernel, outside the GIL) where one stream
-alternates between a full socket on one side and an empty one on the other. Meanwhile the
-migration thread watches the main stream, which carries nothing else during such a round: the
-destination's Abort, its end of stream or a reset there, like a failed sender, stops the round
-at once (`_watch_round`), so a destination that gives up or disappears never leaves the source
-waiting on a sender asleep in the rate limit.
+dirty set (`channels`). Several streams keep both ends busy on a few cores (the copies happen
+in the kernel, outside the GIL) where one stream alternates between a full socket on one side
+and an empty one on the other.
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ from __future__ import annotations
 import logging
 import secrets
 import select
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -40,9 +35,12 @@ import numpy as np
 
 from .. import bitmap
 from ..disklock import DiskLockError
+from ..errors import PtmigError
+from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
 from ..vm import RunState
 from . import pages, policy, postcopy, transport
+from .channels import ChannelRound, DataChannel, stripe_masks
 from .events import (
     NEED_DATA,
     Abort,
@@ -50,7 +48,6 @@ from .events import (
     DeviceStates,
     HelloAck,
     PostcopyStart,
-    ProtocolError,
     Role,
     RoundEnd,
     RoundStart,
@@ -61,9 +58,9 @@ from .events import (
 )
 from .params import MigrationCapabilities, MigrationInfo, MigrationParams, Status
 from .protocol import (
-    DATA_CHANNEL_CAPABILITY,
-    DATA_CHANNELS_CAPABILITY,
-    STRIPE_PAGES,
+    DATA_CHANNEL_JOIN_CAPABILITY,
+    DATA_CHANNELS_OFFER_CAPABILITY,
+    VERIFY_CAPABILITY,
     Connection,
     GuestOwnership,
     LinkLost,
@@ -72,11 +69,11 @@ from .protocol import (
     channel_capability,
     hello,
 )
-from .strategies import DmaTracking, encode_device_states, make_strategy
+from .tracking import DmaTracking, make_strategy
 from .verify import digests_to_bytes, page_digests
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import MigratingVm
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +82,6 @@ DIGESTS_PER_FRAME = 65536
 PACE_S = 0.25  # under max-bandwidth, a send carries about this much time's worth of payload
 DRAIN_MAX_S = 2.0  # at most this long waiting for the destination before the stop
 DRAIN_SLACK = 64 << 10  # bytes still in flight that are not worth waiting for
-WATCH_INTERVAL_S = 0.02  # how often a data-channel round looks at the main stream
-ABORT_GRACE_S = 0.25  # for the destination's reason to follow a broken data channel
-SENDER_EXIT_S = 10.0  # a stopped sender leaves within one rate-limit step or aborted send
 REPLY_POLL_S = 0.05  # how often the wait for the switchover's answer looks for a cancel
 
 
@@ -105,16 +99,8 @@ def dirty_pages(dirty: bitmap.Bitmap, npages: int) -> np.ndarray:
     return pfns[pfns < npages]
 
 
-#: Hello capability: the source will send digests after the switchover and wait for a report.
-VERIFY_CAPABILITY = "x-verify-after-switchover"
-
-
-class MigrationCancelled(Exception):
+class MigrationCancelled(PtmigError):
     pass
-
-
-class RoundStopped(Exception):
-    """A data-channel round was stopped: another sender or the destination failed first."""
 
 
 def parse_uri(uri: str) -> transport.Address:
@@ -125,29 +111,10 @@ def parse_uri(uri: str) -> transport.Address:
     return address
 
 
-def pack_vcpu_states(blobs: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
-
-
-def stripe_masks(npages: int, nchannels: int) -> list[bitmap.Bitmap]:
-    """One bitmap per data channel selecting its pages: page p belongs to channel
-    (p // STRIPE_PAGES) % nchannels, so a page always travels on the same stream."""
-    words = np.arange(bitmap.words_for(npages)) // (STRIPE_PAGES // 64) % nchannels
-    ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-    return [np.where(words == k, ones, np.uint64(0)) for k in range(nchannels)]
-
-
-class DataChannel:
-    """One extra authenticated stream of pre-copy pages, with its own protocol state."""
-
-    def __init__(self, channel: transport.Channel, conn: Connection, mask: bitmap.Bitmap) -> None:
-        self.channel, self.conn, self.mask = channel, conn, mask
-
-
 class SourceMigration:
     def __init__(
         self,
-        machine: Machine,
+        machine: MigratingVm,
         uri: str,
         params: MigrationParams,
         caps: MigrationCapabilities,
@@ -173,8 +140,7 @@ class SourceMigration:
         self._bucket_rate = 0
         self.data_channels: list[DataChannel] = []
         self._lock = threading.Lock()  # sender threads share the counters and the rate limit
-        self._round_stop = threading.Event()  # the current data-channel round failed
-        self._round_error: BaseException | None = None  # why (the first failure)
+        self._round: ChannelRound | None = None  # the current data-channel round
         self.ownership = GuestOwnership(Role.SOURCE)
         self._was_running = False
         self._began = False  # the strategy began: devices must be put back on a resume
@@ -211,8 +177,8 @@ class SourceMigration:
     def _check(self) -> None:
         if self._cancel.is_set():
             raise MigrationCancelled("migration cancelled")
-        if self._round_stop.is_set():
-            raise RoundStopped("the round was stopped")
+        if self._round is not None:
+            self._round.check()
         if (
             self.info.start
             and self.info.status is not Status.POSTCOPY_ACTIVE  # the guest runs there now
@@ -243,7 +209,7 @@ class SourceMigration:
                 caps += (postcopy.POSTCOPY_CAPABILITY,)
             nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
             if nchannels:
-                caps += (channel_capability(DATA_CHANNELS_CAPABILITY, nchannels, token),)
+                caps += (channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, nchannels, token),)
             self._handshake(ch, conn, caps)
             self._open_data_channels(nchannels, token)
             self._check()
@@ -352,7 +318,7 @@ class SourceMigration:
                     ch, Connection(Role.SOURCE, guest_pages=npages, data_channel=True), mask
                 )
             )
-            cap = channel_capability(DATA_CHANNEL_CAPABILITY, index, token)
+            cap = channel_capability(DATA_CHANNEL_JOIN_CAPABILITY, index, token)
             self._handshake(ch, self.data_channels[-1].conn, (cap,))
 
     def _drain(self, ch: transport.Channel) -> None:
@@ -441,98 +407,15 @@ class SourceMigration:
         # enough to be listed sparsely never needs them: no whole-RAM scan for it)
         mem = self.m.vm.memory
         allocated = mem.allocated() if pages.count_dirty(dirty, mem.npages) > SPARSE_PAGES else None
-        counts = [0] * len(self.data_channels)
-        self._round_stop.clear()
-        self._round_error = None
+        self._round = ChannelRound(self.data_channels)
 
-        def send(i: int, d: DataChannel) -> None:
-            try:
-                counts[i] = self._send_stream_round(
-                    d.channel, d.conn, rnd, dirty & d.mask, throttle=throttle, allocated=allocated
-                )
-            except BaseException as e:  # re-raised below, in the migration thread
-                self._stop_round(e)
+        def send(d: DataChannel) -> int:
+            return self._send_stream_round(
+                d.channel, d.conn, rnd, dirty & d.mask, throttle=throttle, allocated=allocated
+            )
 
-        threads = [
-            threading.Thread(target=send, args=(i, d), name=f"migration-data-{i}")
-            for i, d in enumerate(self.data_channels)
-        ]
-        for t in threads:
-            t.start()
-        try:
-            self._watch_round(ch, conn, rnd, threads)
-        except BaseException as e:
-            self._stop_round(e)
-        for t in threads:
-            t.join(SENDER_EXIT_S)
-            if t.is_alive():
-                log.error("%s did not stop within %.0f s", t.name, SENDER_EXIT_S)
-        if self._round_error is not None:
-            if isinstance(self._round_error, transport.TransportError):
-                raise self._destination_abort(ch, conn) or self._round_error
-            raise self._round_error
-        return sent + sum(counts) + transport.send_event(ch, conn, RoundEnd(rnd))
-
-    def _watch_round(
-        self, ch: transport.Channel, conn: Connection, rnd: int, threads: list[threading.Thread]
-    ) -> None:
-        """While the senders run: cancel, timeout, or the destination giving up on the main
-        stream (it carries nothing else now) ends the round at once. Waking every
-        WATCH_INTERVAL_S costs nothing; the senders' completion ends the wait immediately."""
-        while alive := [t for t in threads if t.is_alive()]:
-            if self._round_stop.is_set():
-                return
-            alive[0].join(WATCH_INTERVAL_S)
-            self._check()
-            data = ch.recv_nowait()
-            if data is None:
-                continue
-            if not data:
-                raise transport.TransportError(
-                    f"the migration stream to {ch.peer} ended during round {rnd}: the "
-                    "destination gave up or is gone"
-                )
-            conn.receive_data(data)
-            ev = conn.next_event()  # anything but an Abort is a RemoteProtocolError here
-            if isinstance(ev, Abort):
-                raise RuntimeError(f"destination aborted: {ev.reason}")
-            if ev is not NEED_DATA:
-                raise RuntimeError(f"unexpected {type(ev).__name__} from the destination")
-
-    def _destination_abort(self, ch: transport.Channel, conn: Connection) -> RuntimeError | None:
-        """After a stream broke: the destination's Abort, if it sent one, says why. It follows
-        closely the reset it causes on our data channels, so wait for it a moment."""
-        deadline = time.monotonic() + ABORT_GRACE_S
-        while time.monotonic() < deadline:
-            try:
-                data = ch.recv_nowait()
-                if data is None:
-                    time.sleep(0.01)
-                    continue
-                if not data:
-                    return None
-                conn.receive_data(data)
-                ev = conn.next_event()
-            except (transport.TransportError, ProtocolError):
-                return None
-            if isinstance(ev, Abort):
-                return RuntimeError(f"destination aborted: {ev.reason}")
-            if ev is not NEED_DATA:
-                return None
-        return None
-
-    def _stop_round(self, error: BaseException) -> None:
-        """End a data-channel round after a failure; the first one is the round's error. Every
-        sender stops: one asleep in the rate limit within a step (`_check`), one blocked in a
-        send because its stream is aborted (the migration fails; the guest stays here)."""
-        with self._lock:
-            if self._round_error is None and not isinstance(error, RoundStopped):
-                self._round_error = error
-            first = not self._round_stop.is_set()
-            self._round_stop.set()
-        if first:
-            for d in self.data_channels:
-                d.channel.abort()
+        sent += self._round.run(ch, conn, rnd, send, self._check)
+        return sent + transport.send_event(ch, conn, RoundEnd(rnd))
 
     def _send_stream_round(
         self,
@@ -706,8 +589,8 @@ class SourceMigration:
         }
         self.info.rounds.append(stop_round)
         self.info.ram.pages_per_round.append(final_pages)
-        transport.send_event(ch, conn, VcpuStates(pack_vcpu_states([s.to_bytes() for s in vcpus])))
-        transport.send_event(ch, conn, DeviceStates(encode_device_states(devices)))
+        transport.send_event(ch, conn, VcpuStates(pack_vcpus(vcpus)))
+        transport.send_event(ch, conn, DeviceStates(pack_devices(devices)))
         if self._postcopy:
             dirty &= vm.memory.ram_bitmap()
             transport.send_event(ch, conn, PostcopyStart(postcopy.pending_bytes(dirty)))

@@ -38,6 +38,8 @@ from ptmig.migration import seal
 from ptmig.migration.events import NEED_DATA, Event, PageRunsHeader
 from ptmig.migration.protocol import Connection, ConnectionClosed
 
+from ..errors import PtmigError
+
 try:
     IOV_MAX = min(int(os.sysconf("SC_IOV_MAX")), 1024)
 except (ValueError, OSError):  # pragma: no cover - every Linux has it
@@ -48,7 +50,7 @@ KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
 
 
-class TransportError(Exception):
+class TransportError(PtmigError):
     """The connection failed: closed, reset, timed out, or refused."""
 
 

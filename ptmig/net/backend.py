@@ -21,12 +21,14 @@ from typing import Literal
 from ptmig.net import switchproto
 from ptmig.net.frames import ETH_HEADER_LEN, rarp_announce_frame
 
+from ..errors import PtmigError
+
 MAX_FRAME = 65507  # the largest UDP payload over IPv4
 HELLO_INTERVAL_S = 5.0
 SOCKET_BUFFER = 4 << 20
 
 
-class NetBackendError(OSError):
+class NetBackendError(PtmigError, OSError):
     """A backend that cannot be opened or used, with the reason and the spec."""
 
 

@@ -13,6 +13,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from ..errors import PtmigError
+
 ETH_P_IPV4 = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_RARP = 0x8035
@@ -42,7 +44,7 @@ _IP_FLAG_MF = 0x2000
 _IP_OFFSET_MASK = 0x1FFF
 
 
-class FrameError(ValueError):
+class FrameError(PtmigError, ValueError):
     """A frame or packet that cannot be parsed or built as asked."""
 
 

@@ -41,6 +41,8 @@ from ptmig.net.kvproto import (
     REQUEST_MAGIC,
 )
 
+from ..errors import PtmigError
+
 OP_PUT, OP_GET = 1, 2
 ST_OK, ST_NOT_FOUND = 0, 1
 BUCKET_S = 0.1
@@ -155,7 +157,7 @@ class _Pending:
 LOAD, DRAIN, VERIFY, DONE = 0, 1, 2, 3
 
 
-class NotReadyError(TimeoutError):
+class NotReadyError(PtmigError, TimeoutError):
     """The data path never became ready (the peer never answered ARP)."""
 
 

@@ -17,6 +17,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from ..errors import PtmigError
+
 REQUEST_MAGIC = 0x3151564B
 REPLY_MAGIC = 0x3152564B
 DEFAULT_PORT = 7000
@@ -44,7 +46,7 @@ class Status(IntEnum):
     IO_ERROR = 3
 
 
-class KvProtocolError(ValueError):
+class KvProtocolError(PtmigError, ValueError):
     """A kv message that is malformed or cannot be encoded."""
 
 

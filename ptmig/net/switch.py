@@ -37,6 +37,8 @@ from ptmig.net.sched import use_batch_scheduling
 from ptmig.net.switchnative import DRAINED, SLOW_READY, FastPath, FastPathUnavailable
 from ptmig.net.switchproto import Msg
 
+from ..errors import PtmigError
+
 EXPIRE_EVERY_S = 1.0
 EXIT_ADDRESS_IN_USE = 3
 # A switch that `ptmig run` starts for a VM (switch = "auto") ends itself after this long
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 _fallback_logged = False
 
 
-class SwitchError(OSError):
+class SwitchError(PtmigError, OSError):
     """The switch cannot bind, or cannot be started or reached."""
 
 

@@ -19,6 +19,7 @@ import threading
 
 import numpy as np
 
+from ..errors import PtmigError
 from ..nativelib import NativeLibraryError, load_library
 from .fdb import Endpoint
 
@@ -35,7 +36,7 @@ HEARD_BATCH = 256
 TIMEOUT, SLOW_READY, DRAINED = 0, 1, 2
 
 
-class FastPathUnavailable(RuntimeError):
+class FastPathUnavailable(PtmigError, RuntimeError):
     """The native fast path could not be built, loaded or set up."""
 
 

@@ -29,6 +29,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from ..errors import PtmigError
+
 MAGIC = b"PTSW"
 VERSION = 1
 MAX_CONTROL_LEN = 13  # strictly shorter than an Ethernet header
@@ -44,7 +46,7 @@ class Msg(IntEnum):
     STATS_REPLY = 6
 
 
-class ControlError(ValueError):
+class ControlError(PtmigError, ValueError):
     """A datagram that claims to be a switch control message but is malformed."""
 
 

@@ -49,11 +49,11 @@ from ..devices.virtio.constants import (
 )
 from ..layout import PAGE_SIZE
 from .device import ShadowedDevice
-from .mapping import IDLE_MAX
+from .mapping import IDLE_MAX, ShadowError
 from .native import Dataplane
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import ShadowHost
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ShadowEngine:
     """`intercept`: shadow only the rings (x-dma-tracking intercept); data buffers stay in guest
     RAM and each completion marks the pages of its device-writable buffers dirty."""
 
-    def __init__(self, machine: Machine, *, intercept: bool = False) -> None:
+    def __init__(self, machine: ShadowHost, *, intercept: bool = False) -> None:
         self.m = machine
         self.intercept = intercept
         self.devices: dict[str, ShadowedDevice] = {}
@@ -171,7 +171,7 @@ class ShadowEngine:
         dev = sd.dev
         vm = self.m.vm
         dev.mmio_hook = lambda off, size, value: self._on_mmio_write(sd, off, size, value)
-        bind_doorbells(self.m, dev, deassign=True)
+        bind_doorbells(self.m.vm, dev, deassign=True)
         sd.vmm_doorbells = {}
         addr = dev.mmio_base + REG_QUEUE_NOTIFY
         for q in dev.handle.doorbell_eventfds:
@@ -339,7 +339,7 @@ class ShadowEngine:
             finally:
                 os.close(fd)
         sd.vmm_doorbells = {}
-        bind_doorbells(self.m, dev)
+        bind_doorbells(self.m.vm, dev)
         dev.mmio_hook = None
         irq = dev.handle.irq_eventfd
         if irq not in vm.wake_fds:
@@ -400,8 +400,9 @@ class ShadowEngine:
         self._stop_r = self._stop_w = -1
 
 
-class ShadowFailed(RuntimeError):
-    """Shadowing could not be kept up; the migration fails and the source resumes."""
+class ShadowFailed(ShadowError, RuntimeError):
+    """The engine's verdict: shadowing could not be kept up (a device's `ShadowError`, or the
+    shadow mode ended early), so the migration fails and the source resumes."""
 
 
 def _drain(fd: int) -> None:

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from ..devices.virtio.queue import QueueError
+from ..errors import PtmigError
 from ..iommu import TARGET_POOL, IommuTable
 from ..layout import PAGE_SHIFT, PAGE_SIZE
 from ..memory import GuestMemory, GuestMemoryError
@@ -36,8 +37,10 @@ from .native import ST_ACTIVE, ST_CLOCK, ST_IDLE, ST_PEAK, ST_REUSED
 from .pool import PoolExhausted, ShadowPool
 
 
-class ShadowError(Exception):
-    """Shadowing cannot continue for this device (hostile ring, pool exhausted, device fault)."""
+class ShadowError(PtmigError):
+    """Shadowing cannot continue for this device (hostile ring, pool exhausted, device fault).
+
+    The base of the shadow package's errors; the engine turns a device's into `ShadowFailed`."""
 
 
 IDLE_MAX = 1024  # unreferenced device buffers kept mapped for reuse

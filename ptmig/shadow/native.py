@@ -25,6 +25,7 @@ import numpy.typing as npt
 from .. import bitmap
 from ..devices.virtio.constants import VIRTQ_DESC_F_NEXT as DESC_F_NEXT
 from ..devices.virtio.constants import VIRTQ_DESC_F_WRITE as DESC_F_WRITE
+from ..errors import PtmigError
 from ..memory import GuestMemory
 from ..nativelib import NativeLibraryError, load_library
 from .pool import ShadowPool
@@ -55,7 +56,7 @@ ERROR_LEN = 256
 SOURCE = "dataplane.c"
 
 
-class DataplaneError(RuntimeError):
+class DataplaneError(PtmigError, RuntimeError):
     """The native data plane could not be built, loaded or set up."""
 
 
@@ -165,16 +166,24 @@ class DataplaneQueue:
         self.pos[Q_INFLIGHT] = 0
 
 
+def device_tables(npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A device's shared arrays, fresh: its page table (the pool slot of each guest page, -1
+    unmapped), the slots' reference counts, their reuse stamps, and its counters."""
+    return (
+        np.full(npages, -1, dtype=np.int32),
+        np.zeros(npages, dtype=np.int32),
+        np.zeros(npages, dtype=np.uint32),
+        np.zeros(ST_COUNT, dtype=np.uint64),
+    )
+
+
 class DataplaneDevice:
     """One device's page table, counters and error text (shared arrays)."""
 
     def __init__(self, dp: Dataplane, npages: int, irq_fd: int, intercept: bool) -> None:
         self.dp = dp
         self.intercept = intercept
-        self.slot = np.full(npages, -1, dtype=np.int32)
-        self.refs = np.zeros(npages, dtype=np.int32)
-        self.stamp = np.zeros(npages, dtype=np.uint32)
-        self.stats = np.zeros(ST_COUNT, dtype=np.uint64)
+        self.slot, self.refs, self.stamp, self.stats = device_tables(npages)
         self._error = ctypes.create_string_buffer(ERROR_LEN)
         self.queues: dict[int, DataplaneQueue] = {}
         handle = dp.lib.dp_dev_add(

@@ -18,10 +18,11 @@ import mmap
 import os
 import threading
 
+from ..errors import PtmigError
 from ..layout import PAGE_SIZE
 
 
-class PoolExhausted(RuntimeError):
+class PoolExhausted(PtmigError, RuntimeError):
     pass
 
 

@@ -40,6 +40,7 @@ from ..devices.virtio.constants import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_DESC_KNOWN_FLAGS,
 )
+from ..errors import PtmigError
 from ..layout import PAGE_SHIFT, PAGE_SIZE
 from ..memory import GuestMemory, GuestMemoryError
 from .native import (
@@ -53,7 +54,6 @@ from .native import (
     ST_BYTES_TO_GUEST,
     ST_CLOCK,
     ST_COMPLETED,
-    ST_COUNT,
     ST_FORWARDED,
     ST_IDLE,
     ST_MARKED,
@@ -62,6 +62,7 @@ from .native import (
     ST_STALLS,
     DataplaneError,
     DataplaneQueue,
+    device_tables,
 )
 from .pool import ShadowPool
 
@@ -71,7 +72,7 @@ _U16 = struct.Struct("<H")
 _ELEM = struct.Struct("<II")
 
 
-class Broken(Exception):
+class Broken(PtmigError):
     """The device can no longer be shadowed (the text says why)."""
 
 
@@ -88,10 +89,7 @@ class ReferenceDevice:
     def __init__(self, dp: ReferenceDataplane, npages: int, intercept: bool = False) -> None:
         self.dp = dp
         self.intercept = intercept
-        self.slot = np.full(npages, -1, dtype=np.int32)
-        self.refs = np.zeros(npages, dtype=np.int32)
-        self.stamp = np.zeros(npages, dtype=np.uint32)
-        self.stats = np.zeros(ST_COUNT, dtype=np.uint64)
+        self.slot, self.refs, self.stamp, self.stats = device_tables(npages)
         self.queues: dict[int, DataplaneQueue] = {}
         self._rings: dict[int, _Ring] = {}
         self._error: str | None = None

@@ -10,50 +10,40 @@ received, that the log describes it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..devices.virtio.queue import QueueError, QueueState, read_avail_entries
+from ..devices.virtio.queue import QueueError, read_avail_entries
+from ..errors import PtmigError
 from .mapping import VcpuBufferView
 
 if TYPE_CHECKING:
     from ..devices.attach import AttachedDevice
-    from ..machine import Machine
+    from ..guest_state import DeviceSnapshot
+    from ..vmparts import Guest
 
 
-class ShadowRestoreError(ValueError):
-    pass
+class ShadowRestoreError(PtmigError, ValueError):
+    """The snapshot's in-flight requests do not describe the guest's ring as received."""
 
 
-def restore_shadowed_device(machine: Machine, dev: AttachedDevice, entry: dict[str, Any]) -> None:
-    state = entry["state"]
-    inflight = entry.get("inflight", {})
-    if not isinstance(inflight, dict):
-        raise ShadowRestoreError(f"device {dev.id}: in-flight list is not an object")
+def restore_shadowed_device(machine: Guest, dev: AttachedDevice, snap: DeviceSnapshot) -> None:
+    """Program `dev` from a shadowed device's snapshot, after checking each queue's in-flight
+    requests against the guest's own avail ring (just received): the device will execute them
+    again from there."""
     ring = VcpuBufferView(machine.vm.memory)
-    for q in state.get("queues", []):
-        reqs = inflight.get(str(q.get("index")), [])
-        if not isinstance(reqs, list) or len(reqs) > q.get("size", 0):
-            raise ShadowRestoreError(f"device {dev.id} queue {q.get('index')}: bad in-flight list")
+    for index, reqs in sorted(snap.inflight.items()):
         if not reqs:
             continue
+        st = snap.state.queues[index]
         try:
-            st = QueueState(
-                q["size"],
-                q["desc_addr"],
-                q["avail_addr"],
-                q["used_addr"],
-                q["next_avail"],
-                q["next_used"],
-                True,
-            ).validate()
             heads = read_avail_entries(ring, st, len(reqs))
-        except (QueueError, KeyError, TypeError, ValueError) as e:
+        except QueueError as e:
             raise ShadowRestoreError(f"device {dev.id}: {e}") from None
         for n, (req, head) in enumerate(zip(reqs, heads, strict=True)):
             want = (st.next_avail + n) & 0xFFFF
-            if req.get("avail_index") != want or req.get("head") != head:
+            if req.avail_index != want or req.head != head:
                 raise ShadowRestoreError(
-                    f"device {dev.id} queue {q['index']}: in-flight request {n} is "
-                    f"{req!r}, the guest's ring has head {head} at avail index {want}"
+                    f"device {dev.id} queue {index}: in-flight request {n} is {req}, the "
+                    f"guest's ring has head {head} at avail index {want}"
                 )
-    dev.handle.set_state(state)
+    dev.handle.set_state(snap.state.to_json())

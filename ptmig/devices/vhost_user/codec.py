@@ -27,6 +27,8 @@ from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import ClassVar, Final, Self
 
+from ...errors import PtmigError
+
 HEADER: Final = struct.Struct("<III")
 VERSION: Final = 0x1
 FLAG_VERSION_MASK: Final = 0x3
@@ -110,7 +112,7 @@ class BackendRequest(IntEnum):
     VRING_HOST_NOTIFIER_MSG = 3
 
 
-class VhostUserProtocolError(Exception):
+class VhostUserProtocolError(PtmigError):
     """A message that breaks the vhost-user protocol (from the backend: it misbehaves)."""
 
 

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from ...errors import PtmigError
 from ..handle import Liveness
 from . import codec
 from .codec import Expected, Payload, Request
@@ -37,7 +38,7 @@ _RECV_BYTES = 8192
 _CMSG_SPACE = socket.CMSG_SPACE(codec.MAX_FDS * array.array("i").itemsize)
 
 
-class VhostUserError(Exception):
+class VhostUserError(PtmigError):
     """Base of what a vhost-user connection raises."""
 
 

@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from ...errors import PtmigError
 from ..blk import BlkConfig, open_image
 
 PROGRAM = "qemu-storage-daemon"
@@ -37,7 +38,7 @@ PROGRAM = "qemu-storage-daemon"
 PDEATHSIG_WRAPPER = "setpriv"
 
 
-class StorageDaemonError(Exception):
+class StorageDaemonError(PtmigError):
     """The daemon could not be started."""
 
 

@@ -23,7 +23,7 @@ Owns, for one `[[disk]] backend = "vhost-user"`:
   the old log inside the handler, on the thread that also completes requests).
 
 It offers the interface of a device process's `DeviceHandle` (registers, quiesce/resume,
-get/set state, DMA log, `gone` events), so the machine, the migration strategies and QMP treat it
+get/set state, DMA log, `gone` events), so the machine, the DMA-tracking strategies and QMP treat it
 like any other device. A backend that closes its socket, exits or breaks the protocol is reported
 as a ``gone`` device event and the device is marked DEVICE_NEEDS_RESET; the VMM stays up.
 

@@ -43,6 +43,8 @@ from ptmig.devices.virtio.constants import (
 )
 from ptmig.iommu import DmaFault
 
+from ...errors import PtmigError
+
 #: Default cap on the bytes one chain may describe (readable + writable).
 DEFAULT_MAX_TOTAL_LEN: Final = 64 << 20
 _ADDR_LIMIT: Final = 1 << 64
@@ -51,7 +53,7 @@ _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
 
 
-class QueueError(Exception):
+class QueueError(PtmigError):
     """The guest broke the virtqueue rules; the device must be marked DEVICE_NEEDS_RESET."""
 
     def __init__(self, reason: str, *, head: int | None = None, index: int | None = None) -> None:

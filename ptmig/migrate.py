@@ -24,8 +24,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ..cliconv import CANNOT_RUN, FAILED, MISMATCH, OK, UNRESOLVED, json_to_stdout, write_json
-from .params import DMA_TRACKING
+from .cliconv import CANNOT_RUN, FAILED, MISMATCH, OK, UNRESOLVED, json_to_stdout, write_json
+from .errors import PtmigError
+from .migration.params import DMA_TRACKING
 
 EXIT_OK = OK
 EXIT_FAILED = FAILED  # failed or cancelled: the guest still runs on the source
@@ -37,7 +38,7 @@ FINISHED = ("completed", "failed", "cancelled", "x-unresolved", "postcopy-paused
 MiB = 1 << 20
 
 
-class MigrateClientError(RuntimeError):
+class MigrateClientError(PtmigError, RuntimeError):
     """The VMM could not be reached or refused a command; the message says which and why."""
 
 

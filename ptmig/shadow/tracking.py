@@ -40,10 +40,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import bitmap
+from ..devices.control import DeviceState
+from ..guest_state import DeviceSnapshot, InflightRequest
 from .engine import ShadowEngine
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..vmparts import ShadowHost
 
 
 class ShadowTracking:
@@ -54,62 +56,53 @@ class ShadowTracking:
         self.engine: ShadowEngine | None = None
         self._final_stats: dict[str, Any] | None = None
 
-    def begin(self, m: Machine) -> None:
+    def begin(self, m: ShadowHost) -> None:
         if self.intercept:
-            unsupported = [d.id for d in m.devices if getattr(d, "view", None) is not None]
+            unsupported = [d.id for d in m.devices if d.view is not None]
             if unsupported:
                 raise ValueError(
                     f"{self.name} DMA tracking does not support vhost-user devices yet "
                     f"({', '.join(unsupported)}): use shadow, device-log or all-dirty"
                 )
         self.engine = ShadowEngine(m, intercept=self.intercept)
-        m.shadow = self.engine
         self.engine.enter()
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: ShadowHost) -> bitmap.Bitmap | None:
         assert self.engine is not None
         self.engine.check()
         return None
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: ShadowHost) -> bitmap.Bitmap | None:
         assert self.engine is not None
         self.engine.stop_and_sync()
         return None
 
-    def device_states(self, m: Machine) -> list[dict[str, Any]]:
+    def device_states(self, m: ShadowHost) -> list[DeviceSnapshot]:
         assert self.engine is not None
         out = []
         for dev in m.devices:
-            sd = self.engine.devices[dev.id]
-            log = sd.interception_log()
-            out.append(
-                {
-                    "id": dev.id,
-                    "kind": dev.kind,
-                    "source": "shadow",
-                    "state": {
-                        "version": 1,
-                        "kind": dev.handle.kind,
-                        "mmio": log["mmio"],
-                        "queues": [
-                            {k: v for k, v in q.items() if k != "inflight"} for q in log["queues"]
-                        ],
-                    },
-                    "inflight": {str(q["index"]): q["inflight"] for q in log["queues"]},
-                }
+            log = self.engine.devices[dev.id].interception_log()
+            queues = [{k: v for k, v in q.items() if k != "inflight"} for q in log["queues"]]
+            state = DeviceState.from_json(
+                {"version": 1, "kind": dev.handle.kind, "mmio": log["mmio"], "queues": queues}
             )
+            inflight = {
+                q["index"]: tuple(InflightRequest(**r) for r in q["inflight"])
+                for q in log["queues"]
+            }
+            out.append(DeviceSnapshot(dev.id, dev.kind, "shadow", state, inflight))
         return out
 
-    def abort(self, m: Machine) -> None:
+    def abort(self, m: ShadowHost) -> None:
         if self.engine is not None:
             self._final_stats = self.engine.stats()
             try:
                 self.engine.leave()
             finally:
                 self.engine.close()
-                m.shadow = None
+                self.engine = None
 
-    def complete(self, m: Machine) -> None:
+    def complete(self, m: ShadowHost) -> None:
         if self.engine is not None:
             self._final_stats = self.engine.stats()
             self.engine.finish()

@@ -1,5 +1,5 @@
-"""Device-DMA tracking strategies: what each adds to the dirty set, and how devices are
-handled at the edges of a migration.
+"""Device-DMA tracking (`x-dma-tracking`): what each strategy adds to the dirty set, and how
+devices are handled at the edges of a migration.
 
 A passthrough device writes guest RAM behind KVM's back, so a migration has to learn about
 those writes some other way. The engine asks the active strategy at four points:
@@ -15,40 +15,36 @@ those writes some other way. The engine asks the active strategy at four points:
 every page the IOMMU maps writable (QEMU's "perpetually dirty" fallback), `device-log` harvests
 the device's own DMA write log (hardware dirty tracking), `shadow` (see `ptmig.shadow`)
 adds nothing because device writes reach guest RAM only through the VMM's marking write path,
-and `intercept` (`ptmig.shadow.strategy`) shadows only the rings and marks the writable pages
+and `intercept` (`ptmig.shadow.tracking`) shadows only the rings and marks the writable pages
 of every completed request dirty.
 """
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .. import bitmap
-from .events import RemoteProtocolError
-from .frames import load_json
+from ..devices.control import DeviceState
+from ..guest_state import DeviceSnapshot
 
 if TYPE_CHECKING:
-    from ..machine import Machine
-
-MAX_DEVICE_STATE_BYTES = 4 << 20
-
-
-class DeviceStateError(ValueError):
-    pass
+    from ..vmparts import Guest, ShadowHost
 
 
 class DmaTracking(Protocol):
+    """A strategy, as the migration engine drives it. `m` offers the shadow pool too: the
+    software strategies need it, the baselines read only the VM and its devices (`Guest`)."""
+
     name: str
 
-    def begin(self, m: Machine) -> None: ...
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None: ...
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None: ...
-    def device_states(self, m: Machine) -> list[dict[str, Any]]: ...
-    def abort(self, m: Machine) -> None: ...
-    def complete(self, m: Machine) -> None: ...
+    def begin(self, m: ShadowHost) -> None: ...
+    def round_dirty(self, m: ShadowHost) -> bitmap.Bitmap | None: ...
+    def stop_and_copy(self, m: ShadowHost) -> bitmap.Bitmap | None: ...
+    def device_states(self, m: ShadowHost) -> list[DeviceSnapshot]: ...
+    def abort(self, m: ShadowHost) -> None: ...
+    def complete(self, m: ShadowHost) -> None: ...
     def stats(self) -> dict[str, Any] | None: ...
 
 
@@ -58,29 +54,29 @@ class _QuiesceAtStop:
 
     name = "none"
 
-    def begin(self, m: Machine) -> None:
+    def begin(self, m: Guest) -> None:
         pass
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return None
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
         for dev in m.devices:
             dev.handle.quiesce()
         return None
 
-    def device_states(self, m: Machine) -> list[dict[str, Any]]:
+    def device_states(self, m: Guest) -> list[DeviceSnapshot]:
         return [
-            {"id": d.id, "kind": d.kind, "source": "device", "state": d.handle.get_state()}
+            DeviceSnapshot(d.id, d.kind, "device", DeviceState.from_json(d.handle.get_state()))
             for d in m.devices
         ]
 
-    def abort(self, m: Machine) -> None:
+    def abort(self, m: Guest) -> None:
         for dev in m.devices:
             if dev.handle.alive:
                 dev.handle.resume()
 
-    def complete(self, m: Machine) -> None:
+    def complete(self, m: Guest) -> None:
         pass
 
     def stats(self) -> dict[str, Any] | None:
@@ -94,7 +90,7 @@ class NoTracking(_QuiesceAtStop):
 class AllDirty(_QuiesceAtStop):
     name = "all-dirty"
 
-    def _writable(self, m: Machine) -> bitmap.Bitmap:
+    def _writable(self, m: Guest) -> bitmap.Bitmap:
         out = bitmap.empty(m.vm.memory.npages)
         flags = np.zeros(m.vm.memory.npages, dtype=bool)
         for dev in m.devices:
@@ -103,10 +99,10 @@ class AllDirty(_QuiesceAtStop):
         out[:] = bitmap.from_bool(flags)
         return out
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return self._writable(m)
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
         super().stop_and_copy(m)
         return self._writable(m)
 
@@ -114,11 +110,11 @@ class AllDirty(_QuiesceAtStop):
 class DeviceLog(_QuiesceAtStop):
     name = "device-log"
 
-    def begin(self, m: Machine) -> None:
+    def begin(self, m: Guest) -> None:
         for dev in m.devices:
             dev.handle.dma_log_start()
 
-    def _harvest(self, m: Machine) -> bitmap.Bitmap:
+    def _harvest(self, m: Guest) -> bitmap.Bitmap:
         out = bitmap.empty(m.vm.memory.npages)
         for dev in m.devices:
             log_bytes = np.asarray(dev.handle.dma_log_harvest(), dtype=np.uint8)
@@ -128,14 +124,14 @@ class DeviceLog(_QuiesceAtStop):
             np.bitwise_or(out, words.view(np.uint64), out=out)
         return out
 
-    def round_dirty(self, m: Machine) -> bitmap.Bitmap | None:
+    def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return self._harvest(m)
 
-    def stop_and_copy(self, m: Machine) -> bitmap.Bitmap | None:
+    def stop_and_copy(self, m: Guest) -> bitmap.Bitmap | None:
         super().stop_and_copy(m)
         return self._harvest(m)
 
-    def abort(self, m: Machine) -> None:
+    def abort(self, m: Guest) -> None:
         for dev in m.devices:
             if dev.handle.alive:
                 dev.handle.dma_log_stop()
@@ -144,7 +140,7 @@ class DeviceLog(_QuiesceAtStop):
 
 def make_strategy(name: str) -> DmaTracking:
     if name in ("shadow", "intercept"):
-        from ..shadow.strategy import make_tracking
+        from ..shadow.tracking import make_tracking
 
         return make_tracking(name)
     table: dict[str, type[_QuiesceAtStop]] = {
@@ -155,39 +151,3 @@ def make_strategy(name: str) -> DmaTracking:
     if name not in table:
         raise ValueError(f"unknown x-dma-tracking strategy {name!r}")
     return table[name]()
-
-
-# --- the device-state blob that crosses the wire ------------------------------------------
-
-
-def encode_device_states(states: list[dict[str, Any]]) -> bytes:
-    return json.dumps({"version": 1, "devices": states}, separators=(",", ":")).encode()
-
-
-def decode_device_states(blob: bytes, expected_ids: list[str]) -> list[dict[str, Any]]:
-    """Parse the peer's device states; untrusted: shape and ids are checked here, each device's
-    own state is validated again by the device when it is programmed."""
-    if len(blob) > MAX_DEVICE_STATE_BYTES:
-        raise DeviceStateError(
-            f"device state of {len(blob)} bytes exceeds {MAX_DEVICE_STATE_BYTES}"
-        )
-    try:
-        doc = load_json(bytes(blob), "device state")
-    except RemoteProtocolError as e:
-        raise DeviceStateError(str(e)) from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("version") != 1
-        or not isinstance(doc.get("devices"), list)
-    ):
-        raise DeviceStateError("device state lacks version 1 and a device list")
-    devices = doc["devices"]
-    ids = [d.get("id") if isinstance(d, dict) else None for d in devices]
-    if ids != expected_ids:
-        raise DeviceStateError(f"device state is for devices {ids}, this VM has {expected_ids}")
-    for d in devices:
-        if not isinstance(d.get("state"), dict):
-            raise DeviceStateError(f"device {d.get('id')}: state is not an object")
-        if "inflight" in d and not isinstance(d["inflight"], dict):
-            raise DeviceStateError(f"device {d.get('id')}: in-flight list is not an object")
-    return devices
