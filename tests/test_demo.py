@@ -293,3 +293,24 @@ def test_the_migrations_origin_is_pinned_down_by_the_polls() -> None:
     assert run.resumed_at() == pytest.approx(10.006 + 0.93)
     run.info = {"status": "failed"}
     assert run.resumed_at() is None
+
+
+def test_the_switchover_outage_may_begin_a_pre_copy_p99_round_trip_after_the_pause() -> None:
+    """Replies the guest sent before its pause reach a descheduled client late: a gap that
+    begins past the median round trip but inside quiesce + the p99 one still contains the
+    switchover; one that begins later than that does not (the guest cannot have served)."""
+    from ptmig.demo.run import _switchover_outage
+    from ptmig.demo.timeline import Phase
+
+    stop = Phase("stop-and-copy", 10.0, 10.1)
+    info = {"x-rounds": [{"stop-and-copy": True, "downtime-ms": {"pause": 1, "sync": 1}}]}
+    latency = {"pre-copy": {"n": 100, "p50_ms": 2.0, "p99_ms": 20.0, "max_ms": 30.0}}
+
+    def contains(gap_start: float) -> bool:
+        out = _switchover_outage([stop], [[gap_start, 200.0]], info, latency, 0.0)
+        assert out is not None
+        return bool(out["contains-switchover"])
+
+    assert contains(10.011)  # 11 ms late: past p50 + quiesce, inside p99 + quiesce
+    assert contains(10.0215)
+    assert not contains(10.023)

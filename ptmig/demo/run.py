@@ -292,8 +292,9 @@ def _switchover_outage(
 
     Replies the guest sent before its pause still reach the client after the pause began:
     the devices deliver what they had queued until they are quiesced (pause + sync of the
-    downtime's parts), and the switch and the client take about a median round trip of the
-    pre-copy phase to pass a reply on (longer on a busy host). The gap may begin that late.
+    downtime's parts), and the switch and the client take up to a round trip of the pre-copy
+    phase to pass a reply on: its p99, not its median, since a client descheduled for a few
+    milliseconds on a busy host reads the last replies that late. The gap may begin that late.
     At the other end the downtime runs until the source has the destination's
     acknowledgement; the destination resumed the guest as it sent it, after restoring vCPUs
     and devices, so the guest may have run for the ack's wait less that restore."""
@@ -309,7 +310,7 @@ def _switchover_outage(
         if isinstance(parts, dict)
         else 0.0
     )
-    in_flight_s = float((latency.get("pre-copy") or {}).get("p50_ms", 0.0)) / 1000.0
+    in_flight_s = float((latency.get("pre-copy") or {}).get("p99_ms", 0.0)) / 1000.0
     early_s = quiesce_s + in_flight_s
     dest = stop_round(info).get("destination-ms")
     restore_s = (
