@@ -591,45 +591,13 @@ def _vhost_user_names(params: StrategyBenchParams) -> list[str]:
 def _correct(cells: Sequence[CellRun], strategy: str) -> Result:
     """Whether every run of `strategy` verified (and spanned the switchover): the worst run."""
     runs = [c for c in cells if c.strategy == strategy]
-    ok = [1.0 if c.correct else 0.0 for c in runs]
-    value = min(ok) if ok else math.nan  # every run, not the median one
-    bad = [
-        f"{c.memory} run: {c.error or '; '.join(c.problems) or c.status}"
-        for c in runs
-        if not c.correct
-    ]
-    name = f"strategy.{strategy}.correct"
-    return Result(
-        SECTION,
-        name,
-        value,
-        "all runs",
-        str(GOAL_SHADOW_CORRECT),
-        GOAL_SHADOW_CORRECT.met_by(value),
-        ok,
-        {"runs": len(ok), "correct_runs": int(sum(ok)), "incorrect": bad},
-    )
+    return _every_run(runs, f"strategy.{strategy}.correct", True)
 
 
 def _downtime_vs_devicelog(cells: Sequence[CellRun], strategy: str, m: str, name: str) -> Result:
-    """`strategy`'s downtime ÷ device-log's at RAM size `m`, paired run by run (run i of each
-    ran back to back)."""
-    sw = _cells(cells, strategy, m)
-    dl = _cells(cells, "device-log", m)
-    n = min(len(sw), len(dl))
-    pairs = [
-        (a.downtime_ms, max(b.downtime_ms, 1.0))
-        for a, b in zip(sw[:n], dl[:n], strict=True)
-        if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)
-    ]
+    """`strategy`'s downtime ÷ device-log's at RAM size `m`, paired run by run."""
     goal = GOAL_INTERCEPT_VS_DEVICELOG if strategy == "intercept" else GOAL_SHADOW_VS_DEVICELOG
-    return _summary(
-        name,
-        paired_ratios([a for a, _ in pairs], [b for _, b in pairs]),
-        "ratio",
-        goal,
-        {"ram_bytes": parse_ram(m), "paired_runs": len(pairs)},
-    )
+    return _downtime_ratio(cells, strategy, "device-log", m, name, goal)
 
 
 def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[Result]:
@@ -726,7 +694,12 @@ def _every_run(runs: Sequence[CellRun], name: str, correct: bool) -> Result:
 
 
 def _downtime_ratio(
-    cells: Sequence[CellRun], shadow: str, devlog: str, memory: str, name: str
+    cells: Sequence[CellRun],
+    shadow: str,
+    devlog: str,
+    memory: str,
+    name: str,
+    goal: Goal = GOAL_SHADOW_VS_DEVICELOG,
 ) -> Result:
     """Median over paired runs (run i of each ran back to back) of shadow's downtime ÷
     device-log's, at one RAM size."""
@@ -741,7 +714,7 @@ def _downtime_ratio(
         name,
         paired_ratios([a for a, _ in pairs], [b for _, b in pairs]),
         "ratio",
-        GOAL_SHADOW_VS_DEVICELOG,
+        goal,
         {"ram_bytes": parse_ram(memory), "paired_runs": len(pairs)},
     )
 
