@@ -199,11 +199,17 @@ def run(
         raise click.ClickException(str(e)) from None
 
     def on_sigterm(signum: int, frame: object) -> None:
-        if machine.vm.state.value in ("prelaunch", "inmigrate"):
+        if machine.vm.state.value in ("prelaunch", "inmigrate") and not _stop_waits(signum):
             raise SystemExit(128 + signum)  # nothing runs yet: unwind (and clean up) at once
         machine.request_quit()
 
+    def _stop_waits(signum: int) -> bool:
+        """An incoming migration has begun its commit point: the guest starts, then stops."""
+        return machine.incoming is not None and machine.incoming.defer_stop(signum)
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    if incoming is not None:  # Ctrl-C on a destination: the same care about its commit point
+        signal.signal(signal.SIGINT, on_sigterm)
     try:
         machine.start_qmp()
         if incoming is not None:

@@ -9,6 +9,10 @@ owner record names) and its checksum, which only the side running the guest chan
 
 A destination that gives up before its commit (here: SIGTERM while the source, past Complete,
 is in doubt) says so in an Abort, and the source resumes at once instead of staying unresolved.
+A SIGTERM injected exactly at the commit point (the destination held there by
+`PTMIG_TEST_HOLD`): just before it, the same Abort; just after it (acknowledged, not started),
+the destination starts the guest and then stops like any running VM, and the source, handed
+over, never resumes.
 
 Also here: `cont` on a migrated source is refused (and `x-force` cannot take the disk from a
 running destination), and a second `ptmig run` on a locked image fails at start.
@@ -274,5 +278,85 @@ def test_a_destination_stopped_before_its_commit_tells_the_doubting_source_which
         assert "did not commit" in info["error-desc"], info
         assert src.status() == "running"
         assert _holder_pid(image) == src.proc.pid  # it took its disk lock back
+        result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
+        assert result["acked"] > 0 and result["lost"] == 0, result["output"]
+
+
+def _hold(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, point: str) -> Path:
+    """Make the destination (started after this) wait at `point` of its switchover until the
+    returned file is removed (`PTMIG_TEST_HOLD`, see migration.destination)."""
+    hold = tmp_path / f"hold-{point}"
+    monkeypatch.setenv("PTMIG_TEST_HOLD", f"{point}:{hold}")
+    return hold
+
+
+def _wait_exists(path: Path, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.01)
+
+
+def _wait_output(vmm: Vmm, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (out := vmm.output()):
+        assert time.monotonic() < deadline, f"{vmm.name} never said {text!r}:\n{out}"
+        time.sleep(0.01)
+
+
+def test_a_destination_stopped_after_its_commit_starts_the_guest_then_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM between the destination's commit (acknowledged: the source has handed over)
+    and its vm.start: the stop waits, the guest starts there, then stops as a running VM
+    does (exit 0). The source never takes it back: it ran in exactly one place."""
+    image = tmp_path / "kv.img"
+    hold = _hold(monkeypatch, tmp_path, "after-commit")
+    with kv_migration(tmp_path) as (_, src, dst, port):
+        src.migrate(port, verify=False)
+        _wait_exists(hold, "the destination's commit")
+        info = src.wait_migration()  # the acknowledgement left before the hold
+        assert info["status"] == "completed" and info["x-guest-owner"] == "destination", info
+        assert dst.status() == "inmigrate"  # committed, not started yet
+        # The commit took the disk lock (its owner record waits for the start: it still names
+        # the source, which released the lock before Complete).
+        assert lock_holder(image) is not None
+        dst.proc.send_signal(signal.SIGTERM)
+        _wait_output(dst, "stop requested (signal 15) during the switchover")
+        assert dst.proc.poll() is None  # the request waits for the start
+        hold.unlink()
+        assert dst.proc.wait(timeout=60) == 0, dst.output()
+        out = dst.output()
+        assert "the guest runs here (the switchover had committed); now stopping it" in out, out
+        assert "Traceback" not in out, out
+        assert src.status() == "postmigrate"
+        with pytest.raises(RuntimeError, match="Guest is in state 'postmigrate'"):
+            src.cmd("cont")
+        assert (
+            _holder_pid(image) is None
+        )  # the stopped destination let go; the source never took it
+
+
+def test_a_destination_stopped_after_complete_before_its_commit_lets_the_source_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM after the destination received Complete and loaded the state, but before its
+    commit began: it refuses the switchover (Abort: it did not commit) and exits; the source,
+    in doubt until then, resumes with its disk lock back."""
+    image = tmp_path / "kv.img"
+    hold = _hold(monkeypatch, tmp_path, "before-commit")
+    with kv_migration(tmp_path) as (cfg, src, dst, port):
+        src.cmd("migrate-set-parameters", {"x-switchover-timeout": 120})
+        src.migrate(port, verify=False)
+        _wait_exists(hold, "the destination's arrival at its commit point")
+        assert src.cmd("query-migrate")["x-guest-owner"] == "in-doubt"
+        assert _holder_pid(image) is None  # the source let go, the destination took nothing
+        dst.proc.send_signal(signal.SIGTERM)
+        assert dst.proc.wait(timeout=30) == 128 + signal.SIGTERM, dst.output()
+        info = _wait_migrate(src, lambda i: i["status"] in ("failed", "x-unresolved"), "ended")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "did not commit" in info["error-desc"], info
+        assert src.status() == "running"
+        assert _holder_pid(image) == src.proc.pid
         result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
         assert result["acked"] > 0 and result["lost"] == 0, result["output"]

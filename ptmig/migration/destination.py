@@ -12,6 +12,20 @@ SwitchoverAck) where the main stream still works, and the source resumes, even f
 after Complete. Only a destination that dies without a word (SIGKILL, a crash, a lost link)
 leaves a source in doubt unresolved.
 
+A stop request (SIGTERM, SIGINT) follows the same line (`Incoming.defer_stop`): before the
+commit point begins, the incoming migration ends at once and the Abort tells the source to
+resume; from the moment the commit begins (the disk locks are being taken) the request waits:
+the switchover finishes, the guest starts here, and then it stops as any running VM stops when
+told to (`quit`). Should the commit fail after all (a disk lock held elsewhere), the deferred
+request ends the VMM as soon as the refusal is sent. So a stop request never leaves the guest
+running nowhere, and never leaves it running twice.
+
+`PTMIG_TEST_HOLD` (tests only) holds the destination at one point of the switchover:
+`before-commit:PATH` (state loaded, commit not begun) or `after-commit:PATH` (committed and
+acknowledged, the guest not started yet). The destination creates PATH when it gets there and
+goes on once PATH is removed (or after HOLD_MAX_S), so a test can inject a signal exactly in
+that window.
+
 With data channels the streams of one migration share one watchdog (`transport.SharedActivity`):
 the main stream is silent while a round's pages flow on the data channels, so only a migration
 without progress on any stream for the inactivity timeout is given up. A data channel that fails
@@ -93,6 +107,8 @@ log = logging.getLogger(__name__)
 RECV_CHUNK = 64 << 10  # bytes per plain read: frame headers, metadata, small frames
 GATHER_MIN_RUNS = 8  # a page batch in at least this many runs is received whole, then scattered
 DATA_CHANNEL_ACCEPT_S = 10.0  # the source connects its data channels right after the HelloAck
+HOLD_ENV = "PTMIG_TEST_HOLD"  # see the module docstring
+HOLD_MAX_S = 120.0
 
 
 class IncomingError(PtmigError, RuntimeError):
@@ -115,6 +131,20 @@ def failure_before_commit(e: BaseException) -> str:
     else:
         what = f"the destination failed: {type(e).__name__}: {e}"
     return f"{what}; it did not commit and will not run the guest"
+
+
+def hold_for_test(point: str) -> None:
+    """Wait at `point` of the switchover if `PTMIG_TEST_HOLD` asks for it (module docstring)."""
+    spec = os.environ.get(HOLD_ENV, "")
+    where, _, path = spec.partition(":")
+    if where != point or not path:
+        return
+    log.warning("%s: holding the switchover %s until %s is removed", HOLD_ENV, point, path)
+    with open(path, "w"):
+        pass
+    deadline = time.monotonic() + HOLD_MAX_S
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def program_devices(machine: MigratingVm, devices: list[DeviceSnapshot]) -> None:
@@ -335,6 +365,24 @@ class Incoming:
         # With post-copy offered: which pages arrived as zero pages (holes in the memfd), so
         # that arming knows them without scanning the memfd inside the downtime.
         self.zero_received: np.ndarray | None = None
+        self._committing = False  # the commit point has begun: a stop request must wait
+        self.deferred_stop: int | None = None  # the signal of a stop request that waits
+
+    def defer_stop(self, signum: int) -> bool:
+        """A stop request (signal `signum`) arrived while the guest is on its way here: False
+        if the caller may unwind at once (nothing committed: the source is told to resume),
+        True if it must wait because the commit point has begun. Called from the signal
+        handler, in the thread that runs `receive`, between two of its bytecodes, so
+        `_committing` cannot change under it."""
+        if not self._committing:
+            return False
+        self.deferred_stop = signum
+        log.warning(
+            "stop requested (signal %d) during the switchover, after the commit point began: "
+            "the guest starts here as committed, then stops like any running VM",
+            signum,
+        )
+        return True
 
     def receive(self) -> None:
         """Wait for a source and run its migration to the switchover; the guest runs on return.
@@ -374,6 +422,8 @@ class Incoming:
                     if vm.state is not RunState.INMIGRATE:
                         raise  # the guest ran here: this migration is over either way
                     self._rejected(ch.peer, f"{type(e).__name__}: {e}")
+                    if self.deferred_stop is not None:  # the commit failed: stop now
+                        raise SystemExit(128 + self.deferred_stop) from e
                     self._reset_attempt()
         finally:
             self.listener.close()
@@ -802,10 +852,14 @@ class Incoming:
 
     def _commit(self, ch: transport.Channel, conn: Connection) -> None:
         """The commit point: take the disk locks, or refuse the switchover (the source then
-        resumes, its locks back). Past this, the guest runs here."""
+        resumes, its locks back). Past this, the guest runs here. From its first line on, a
+        stop request waits (`defer_stop`)."""
+        hold_for_test("before-commit")
+        self._committing = True
         try:
             self.m.disk_locks.acquire(record=False)  # the records wait for the guest to run
         except DiskLockError as e:
+            self._committing = False
             reason = f"cannot take the disk locks: {e}"
             try:
                 transport.send_event(ch, conn, SwitchoverAck(False, reason[: MAX_REASON // 4]))
@@ -875,8 +929,16 @@ class Incoming:
                 "anyway; the source stays paused until x-migrate-resolve",
                 e,
             )
+        hold_for_test("after-commit")
         vm.start()
         self.started_at = time.monotonic()
+        self._committing = False  # the guest runs: a stop request stops it (vm state RUNNING)
+        if self.deferred_stop is not None:
+            log.warning(
+                "the guest runs here (the switchover had committed); now stopping it as "
+                "requested by signal %d",
+                self.deferred_stop,
+            )
         self.m.disk_locks.record()
         self.m.announce_nics()
         self.m.after_incoming()

@@ -40,6 +40,12 @@ UNRESOLVED keeps the source paused (query-migrate says "x-unresolved" with the r
 operator, who can look at the destination, names the winner (`x-migrate-resolve`). The source
 sends no Abort after Complete: it could not know whether it arrived before the commit.
 
+A stop request to the destination (SIGTERM, SIGINT) obeys the same commit point. Before the
+commit begins it is a failure of the destination's own: it sends Abort ("did not commit") and
+exits, and the source resumes. Once the commit has begun it waits: the destination finishes the
+switchover, starts the guest, and then stops it as it would stop any running VM. The guest
+never runs on both sides, and a stop never strands it between them.
+
 Zero-copy pages. Source: `send_pages(runs, guest_mem)` returns [header bytes, memoryview per
 DATA run] for `sendmsg`. Destination: `next_event()` yields `PageRunsHeader(runs, nbytes)` with
 runs already validated against guest RAM; the caller then calls `payload_targets(guest_mem)`,
