@@ -152,6 +152,8 @@ class Machine:
 
     def close(self) -> None:
         self._closing = True
+        if self.incoming is not None:  # its listener may still answer fate queries
+            self.incoming.close()
         engine = self.shadow
         if engine is not None:  # its data plane thread touches guest RAM: stop it first
             try:

@@ -360,3 +360,60 @@ def test_a_destination_stopped_after_complete_before_its_commit_lets_the_source_
         assert _holder_pid(image) == src.proc.pid
         result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
         assert result["acked"] > 0 and result["lost"] == 0, result["output"]
+
+
+def test_an_unresolved_source_asks_the_destination_which_committed_and_completes(
+    tmp_path: Path,
+) -> None:
+    """The acknowledgement is lost, the source goes unresolved; once the link is back, its
+    fate query over a new connection gets the destination's authenticated "committed", and
+    the source completes (postmigrate) without an operator."""
+    image = tmp_path / "kv.img"
+    with kv_migration(tmp_path) as (_, src, dst, port):
+        relay = TcpProxy(port)
+        _migrate_into_the_dark(src, relay, timeout_s=2)
+        info = _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
+        dst.wait_running()
+        _wait_dropped(relay)
+        assert src.status() == "finish-migrate"  # its fate queries go dark as well
+        relay.replies_dark.clear()  # the link is back
+        info = _wait_migrate(src, lambda i: i["status"] != "x-unresolved", "resolved")
+        assert info["status"] == "completed" and info["x-guest-owner"] == "destination", info
+        assert "the destination's answer to a fate query (committed)" in info["error-desc"]
+        assert src.status() == "postmigrate"
+        _wait_holder(image, dst.proc.pid)
+        assert dst.status() == "running"
+
+
+def test_an_unresolved_source_asks_the_destination_which_did_not_commit_and_resumes(
+    tmp_path: Path,
+) -> None:
+    """The destination refuses the switchover (it cannot lock its disk) but the refusal is
+    lost: the source goes unresolved. Its fate query reaches the destination, which waits for
+    a source again, and gets "not-committed": the source resumes. The destination keeps
+    waiting (a fate query is no failed attempt)."""
+    theirs = tmp_path / "kv-dst.img"
+    with theirs.open("wb") as f:
+        f.truncate(64 << 20)  # the size kv_config gives the disk
+    squatter = DiskLock(theirs, Holder.this_process("squatter", None))
+    squatter.acquire()
+    try:
+        with kv_migration(tmp_path, dst_image=theirs) as (cfg, src, dst, port):
+            relay = TcpProxy(port)
+            _migrate_into_the_dark(src, relay, timeout_s=2)
+            _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
+            assert_still_waiting(dst, "cannot take the disk locks")
+            relay.replies_dark.clear()
+            info = _wait_migrate(src, lambda i: i["status"] != "x-unresolved", "resolved")
+            assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+            assert "fate query (not-committed)" in info["error-desc"], info
+            assert src.status() == "running"
+            assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
+            with pytest.raises(RuntimeError, match="no unresolved switchover"):
+                src.cmd("x-migrate-resolve")  # nothing left to ask about
+            assert dst.status() == "inmigrate"
+            assert "answered a fate query for migration" in dst.output()
+            result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
+            assert result["acked"] > 0 and result["lost"] == 0, result["output"]
+    finally:
+        squatter.release()

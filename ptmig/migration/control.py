@@ -3,7 +3,8 @@
 `MigrationControl` belongs to a `Machine`; it holds the parameters and capabilities
 (`migrate-set-parameters`, `migrate-set-capabilities`), starts and cancels the outgoing
 migration (`migrate`, `migrate_cancel`), and answers `query-migrate` with QEMU's field names.
-`x-migrate-resolve` ends a switchover left unresolved (see `protocol.GuestOwnership`).
+`x-migrate-resolve` ends a switchover left unresolved (see `protocol.GuestOwnership`): with the
+winner an operator names, or by asking the destination (`fate`).
 `x-debug-fill-ram` is a benchmark hook that puts random bytes into guest RAM.
 """
 
@@ -23,6 +24,7 @@ from ..qmp.session import ErrorClass, QmpError
 from ..vm import RunState
 from . import transport
 from .events import Role
+from .fate import Fate, FateError
 from .params import PARAMS_SCHEMA, MigrationCapabilities, MigrationInfo, MigrationParams, Status
 from .source import SourceMigration
 from .tracking import DmaTracking
@@ -123,7 +125,7 @@ class MigrationControl:
         )
         qmp.register("query-migrate-capabilities", lambda: self.caps.to_qmp())
         qmp.register(
-            "x-migrate-resolve", self.resolve, args_schema={"winner": ("source", "destination")}
+            "x-migrate-resolve", self.resolve, args_schema={"*winner": ("source", "destination")}
         )
         qmp.register(
             "x-debug-fill-ram",
@@ -169,14 +171,23 @@ class MigrationControl:
         """The last migration's switchover is unresolved: the guest is paused here."""
         return self.current is not None and self.current.info.status == Status.UNRESOLVED
 
-    def resolve(self, winner: str) -> None:
+    def resolve(self, winner: str | None = None) -> None:
         """End an unresolved switchover: `winner` ('source' or 'destination') keeps the guest.
-        Only an operator who knows which side runs it may say so."""
-        if self.current is None:
+        Only an operator who knows which side runs it may say so. Without a winner, ask the
+        destination over a new connection (`fate`); an error if it cannot say."""
+        mig = self.current
+        if mig is None:
             raise QmpError(ErrorClass.GENERIC_ERROR, "there is no migration to resolve")
         try:
-            self.current.resolve(Role(winner))
-        except (ValueError, DiskLockError) as e:
+            if winner is not None:
+                mig.resolve(Role(winner))
+            elif mig.ask_fate() is Fate.UNKNOWN:
+                raise QmpError(
+                    ErrorClass.GENERIC_ERROR,
+                    f"the destination does not know migration {mig.migration_id} (restarted?): "
+                    "name the winner",
+                )
+        except (ValueError, DiskLockError, FateError, transport.TransportError) as e:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     def busy(self) -> bool:

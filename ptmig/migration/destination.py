@@ -76,6 +76,13 @@ from .events import (
     VerifyDigests,
     VerifyReport,
 )
+from .fate import (
+    FATE_CAPABILITY,
+    MIGRATION_ID_CAPABILITY,
+    Fates,
+    FateServer,
+    capability_id,
+)
 from .frames import MAX_REASON
 from .pages import PAGE_SIZE, expand_runs, pages_to_runs
 from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver, refuse_devices
@@ -366,6 +373,9 @@ class Incoming:
         # that arming knows them without scanning the memfd inside the downtime.
         self.zero_received: np.ndarray | None = None
         self._committing = False  # the commit point has begun: a stop request must wait
+        self.fates = Fates()  # every migration id this process saw, and the one it committed
+        self.migration_id: str | None = None  # the current attempt's (its Hello's)
+        self.fate_server: FateServer | None = None  # once the guest runs here
         self.deferred_stop: int | None = None  # the signal of a stop request that waits
 
     def defer_stop(self, signum: int) -> bool:
@@ -416,17 +426,26 @@ class Incoming:
             while True:
                 ch = self._accept_source(deadline, f"{self.incoming_timeout} s")
                 try:
-                    self._attempt(ch)
-                    return
+                    if self._attempt(ch):
+                        break
                 except ATTEMPT_FAILURES as e:
                     if vm.state is not RunState.INMIGRATE:
                         raise  # the guest ran here: this migration is over either way
                     self._rejected(ch.peer, f"{type(e).__name__}: {e}")
                     if self.deferred_stop is not None:  # the commit failed: stop now
                         raise SystemExit(128 + self.deferred_stop) from e
-                    self._reset_attempt()
-        finally:
+                self._reset_attempt()
+        except BaseException:
             self.listener.close()
+            raise
+        # The guest runs here: the listener answers fate queries from now on (see `fate`).
+        self.fate_server = FateServer(self.listener, self.fates)
+
+    def close(self) -> None:
+        """Stop answering fate queries and release the listener."""
+        if self.fate_server is not None:
+            self.fate_server.close()
+        self.listener.close()
 
     def _accept_source(
         self, deadline: float | None, allowed: str, what: str = "incoming migration"
@@ -454,6 +473,7 @@ class Incoming:
         self.rejected.append(reason)
 
     def _reset_attempt(self) -> None:
+        self.migration_id = None  # (`Fates` remembers it: its attempt ended uncommitted)
         self.listener.sessions.clear()  # no data channel may join a refused attempt's session
         self.data_channels = []
         self.digests = None
@@ -468,15 +488,16 @@ class Incoming:
             self.postcopy.finish()
             self.postcopy = None
 
-    def _attempt(self, ch: transport.Channel) -> None:
-        """One source's migration on its main stream `ch`, to the switchover."""
+    def _attempt(self, ch: transport.Channel) -> bool:
+        """One source's migration on its main stream `ch`, to the switchover: True once the
+        guest runs here, False if the connection only asked a migration's fate."""
         ch.activity = self.activity
         self.activity.touch()  # the watchdog starts with the migration, not with the wait for it
         self._main = ch
         conn = self._connection()
         splicer = self._splicer(ch)
         try:
-            self._converse(ch, conn, splicer)
+            return self._converse(ch, conn, splicer)
         except BaseException as e:
             why = self._failure or (str(e) if isinstance(e, REFUSALS) else None)
             if why is None and not self.ownership.runs_here:
@@ -495,8 +516,9 @@ class Incoming:
 
     def _converse(
         self, ch: transport.Channel, conn: Connection, splicer: SpliceReceiver | None
-    ) -> None:
-        """The main stream's conversation, from the Hello to the switchover (and verify)."""
+    ) -> bool:
+        """The main stream's conversation, from the Hello to the switchover (and verify):
+        True once the guest runs here, False after answering a fate query."""
         m = self.m
         vm = m.vm
         vcpus: list[VcpuState] | None = None
@@ -505,7 +527,11 @@ class Incoming:
         while True:
             ev = self._recv_event(ch, conn, splicer)
             if isinstance(ev, Hello):
-                ack = check_hello(ev, m.cfg.compat_fingerprint())
+                asked = capability_id(ev, FATE_CAPABILITY)
+                if asked is not None:
+                    transport.send_event(ch, conn, self.fates.answer(asked))
+                    return False
+                ack = self._check_hello(ev)
                 transport.send_event(ch, conn, ack)
                 if not ack.accepted:
                     raise IncomingError(f"refused the migration: {ack.reason}")
@@ -545,16 +571,31 @@ class Incoming:
                 armed_s = time.monotonic() - armed_s
                 self._switchover(ch, conn, vcpus, devices, armed_s if self.postcopy else None)
                 if self.postcopy is not None and not self._run_postcopy(ch, conn):
-                    return  # paused: the source keeps the pages we lack
+                    return True  # paused: the source keeps the pages we lack
                 if self.digests is not None:
                     self._verify_after_switchover(ch, conn, splicer)
-                return
+                return True
             elif isinstance(ev, Abort):
                 raise IncomingError(f"the source aborted the migration: {ev.reason}")
             elif isinstance(ev, ConnectionClosed):
                 raise IncomingError("the source closed the connection before completing")
             else:
                 raise IncomingError(f"unexpected event {type(ev).__name__}")
+
+    def _check_hello(self, h: Hello) -> HelloAck:
+        """A migration's Hello: the same VM, a protocol we speak, and a migration id not seen
+        before (its fate may have been answered already)."""
+        ack = check_hello(h, self.m.cfg.compat_fingerprint())
+        if not ack.accepted:
+            return ack
+        self.migration_id = capability_id(h, MIGRATION_ID_CAPABILITY)
+        if self.migration_id is not None:
+            try:
+                self.fates.begin(self.migration_id)
+            except ValueError as e:
+                self.migration_id = None
+                return HelloAck(False, str(e))
+        return ack
 
     def _arm_postcopy(self, start: PostcopyStart) -> None:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
@@ -867,6 +908,7 @@ class Incoming:
                 pass
             raise IncomingError(f"refused the switchover: {reason}") from None
         self.ownership.handle(Commit())
+        self.fates.commit(self.migration_id)
 
     def _punch_zero_runs(self, mem: memoryview, runs: np.ndarray) -> None:
         """ZERO runs become holes in the guest memfd: nothing is written or allocated.

@@ -36,9 +36,12 @@ sends Complete it is in doubt and must not resume on its own:
     UNRESOLVED --Resolve(source)--> SOURCE
     UNRESOLVED --Resolve(destination)--> DESTINATION
 
-UNRESOLVED keeps the source paused (query-migrate says "x-unresolved" with the reason) until an
-operator, who can look at the destination, names the winner (`x-migrate-resolve`). The source
-sends no Abort after Complete: it could not know whether it arrived before the commit.
+UNRESOLVED keeps the source paused (query-migrate says "x-unresolved" with the reason) until it
+knows the winner: the destination's authenticated, definite answer to a fate query over a new
+connection (`fate`: committed → destination, not committed → source; the source asks by itself
+for a while, and again on `x-migrate-resolve` without a winner), or an operator, who can look at
+the destination, naming it (`x-migrate-resolve` with a winner). The source sends no Abort after
+Complete: it could not know whether it arrived before the commit.
 
 A stop request to the destination (SIGTERM, SIGINT) obeys the same commit point. Before the
 commit begins it is a failure of the destination's own: it sends Abort ("did not commit") and
@@ -212,9 +215,11 @@ class LinkLost:
 
 @dataclass(frozen=True)
 class Resolve:
-    """Source, local: an operator (`x-migrate-resolve`) named the side that keeps the guest."""
+    """Source, local: someone who knows named the side that keeps the guest: the operator
+    (`x-migrate-resolve`), or the destination's authenticated answer to a fate query (`fate`)."""
 
     winner: Role
+    by: str = "the operator"
 
 
 OwnershipEvent = Complete | SwitchoverAck | Abort | Commit | LinkLost | Resolve
@@ -277,8 +282,8 @@ def _ownership_reason(event: OwnershipEvent) -> str:
             return reason
         case SwitchoverAck(ok, reason) if not ok:
             return reason
-        case Resolve(winner):
-            return f"resolved by the operator: the guest belongs to the {winner.value}"
+        case Resolve(winner, by):
+            return f"resolved by {by}: the guest belongs to the {winner.value}"
     return ""
 
 

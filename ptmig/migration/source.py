@@ -10,7 +10,9 @@ The switchover has one commit point, the destination's (see `protocol.GuestOwner
 Complete is sent this side is in doubt: a refusal or an Abort from the destination lets it resume,
 its acknowledgement ends the migration, and anything else (a broken stream, no answer within
 `x-switchover-timeout`, `migrate_cancel`) leaves the switchover unresolved: the guest stays
-paused here until `x-migrate-resolve` names the side that keeps it (`resolve`). The disk locks
+paused here until it knows the side that keeps it: it asks the destination over a new
+connection (`ask_fate`, see `fate`) for up to FATE_ASK_FOR_S, and `x-migrate-resolve` asks
+again or names the side (`resolve`). The disk locks
 (`ptmig.disklock`) are released just before Complete, with the vCPUs stopped and the devices
 quiesced, and taken back before the guest ever resumes here.
 
@@ -39,7 +41,7 @@ from ..errors import PtmigError
 from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
 from ..vm import RunState
-from . import pages, policy, postcopy, transport
+from . import fate, pages, policy, postcopy, transport
 from .channels import ChannelRound, DataChannel, stripe_masks
 from .events import (
     NEED_DATA,
@@ -83,6 +85,8 @@ PACE_S = 0.25  # under max-bandwidth, a send carries about this much time's wort
 DRAIN_MAX_S = 2.0  # at most this long waiting for the destination before the stop
 DRAIN_SLACK = 64 << 10  # bytes still in flight that are not worth waiting for
 REPLY_POLL_S = 0.05  # how often the wait for the switchover's answer looks for a cancel
+FATE_ASK_FOR_S = 60.0  # an unresolved source asks the destination for its fate this long
+FATE_RETRY_S = 1.0  # between two fate queries the destination could not answer
 
 
 # A dirty set this small is listed from its non-zero bitmap words and its pages are read
@@ -148,6 +152,7 @@ class SourceMigration:
         self.postcopy_requested = threading.Event()  # migrate-start-postcopy
         self._postcopy = False  # the switchover is a post-copy one
         self._sender: postcopy.PostcopySender | None = None
+        self.migration_id = fate.new_migration_id()  # its Hello's, for a fate query
 
     # --- control ----------------------------------------------------------------------------
 
@@ -204,7 +209,9 @@ class SourceMigration:
             )
             self.channel = ch
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
-            caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
+            caps: tuple[str, ...] = (f"{fate.MIGRATION_ID_CAPABILITY}={self.migration_id}",)
+            if self.caps.x_verify:
+                caps += (VERIFY_CAPABILITY,)
             if self.caps.postcopy_ram:
                 caps += (postcopy.POSTCOPY_CAPABILITY,)
             nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
@@ -258,6 +265,7 @@ class SourceMigration:
             )
             log.error("migration: %s", self.info.error)
             self._set_status(Status.UNRESOLVED)
+            self._ask_until_resolved()
             return
         self.info.error = why
         if not cancelled:
@@ -269,19 +277,68 @@ class SourceMigration:
     def _note_owner(self) -> None:
         self.info.guest_owner = self.ownership.owner.value
 
-    def resolve(self, winner: Role) -> None:
-        """`x-migrate-resolve`: end an unresolved switchover. The source wins only with its
-        disk locks back (DiskLockError names their holder, and nothing changes)."""
+    def _ask_until_resolved(self) -> None:
+        """Unresolved: ask the destination for this migration's fate until it gives a
+        definite answer, says it cannot (unknown, or an answer not to be relied on), or
+        FATE_ASK_FOR_S pass; an unreachable or busy destination is asked again."""
+        deadline = time.monotonic() + FATE_ASK_FOR_S
+        note = ""
+        while self.ownership.owner is Owner.UNRESOLVED and time.monotonic() < deadline:
+            try:
+                answer = self.ask_fate()
+            except transport.TransportError as e:
+                note = f"the destination could not be asked: {e}"
+            except (fate.FateError, DiskLockError, ValueError) as e:
+                note = str(e)
+                break
+            else:
+                if answer is not fate.Fate.UNKNOWN:
+                    return
+                note = f"the destination does not know migration {self.migration_id}"
+                break
+            time.sleep(FATE_RETRY_S)
+        with self._resolve_lock:
+            if self.ownership.owner is Owner.UNRESOLVED:
+                self.info.error = f"{self.info.error}; asked for its fate: {note}"
+                log.warning("migration: switchover still unresolved: %s", note)
+
+    def ask_fate(self) -> fate.Fate:
+        """Ask the destination, over a new connection, what became of this migration, and
+        resolve on a definite answer (unknown changes nothing). TransportError: it could not
+        be asked; FateError: its answer cannot be relied on; ValueError: nothing to resolve."""
+        if self.ownership.owner is not Owner.UNRESOLVED:
+            raise ValueError(self._not_unresolved())
+        answer = fate.ask(
+            self.address,
+            self.migration_id,
+            self.m.cfg.compat_fingerprint(),
+            tls=self.tls,
+            psk=self.psk,
+            insecure=self.insecure,
+        )
+        log.info("migration %s: the destination answers %s", self.migration_id, answer.value)
+        if answer is fate.Fate.UNKNOWN:
+            return answer
+        winner = Role.DESTINATION if answer is fate.Fate.COMMITTED else Role.SOURCE
+        self.resolve(winner, by=f"the destination's answer to a fate query ({answer.value})")
+        return answer
+
+    def _not_unresolved(self) -> str:
+        return (
+            f"the migration has no unresolved switchover (status "
+            f"'{self.info.status.value}', guest owner '{self.ownership.owner.value}')"
+        )
+
+    def resolve(self, winner: Role, by: str = "the operator") -> None:
+        """End an unresolved switchover: `winner` keeps the guest, as `by` says. The source
+        wins only with its disk locks back (DiskLockError names their holder, and nothing
+        changes)."""
         with self._resolve_lock:
             if self.ownership.owner is not Owner.UNRESOLVED:
-                raise ValueError(
-                    f"the migration has no unresolved switchover (status "
-                    f"'{self.info.status.value}', guest owner "
-                    f"'{self.ownership.owner.value}')"
-                )
+                raise ValueError(self._not_unresolved())
             if winner is Role.SOURCE:
                 self.m.disk_locks.acquire()
-            self.ownership.handle(Resolve(winner))
+            self.ownership.handle(Resolve(winner, by))
             self._note_owner()
             self.info.error = f"{self.ownership.reason}; was: {self.info.error}"
             log.warning("migration: %s", self.ownership.reason)
