@@ -30,7 +30,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +189,7 @@ class Channel:
         self.session: seal.Session | None = None  # the PSK session (SealedChannel only)
         self.stream = 0  # this stream's index in its session (0: main, i + 1: data channel i)
         self.sealed = False
+        self._scratch = bytearray()  # `recv`'s buffer, grown to the largest read asked for
 
     def unacknowledged(self) -> int:
         """Bytes sent that the peer's TCP has not acknowledged yet (SIOCOUTQ); 0 if unknown.
@@ -233,78 +234,107 @@ class Channel:
             )
         return TransportError(f"{doing}: connection to {self.peer} failed: {e}")
 
+    # ---- the one send loop and the one receive loop, plain or sealed -----------------------
+
     def send_buffers(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
-        """Send all buffers in order (sendmsg scatter lists of ≤ IOV_MAX; sendall under TLS)."""
+        """Send all buffers in order (sendmsg scatter lists of ≤ IOV_MAX; sendall under TLS),
+        through `_outgoing` (sealing, on a sealed channel); returns the caller's byte count."""
         views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
         total = sum(v.nbytes for v in views)
         try:
-            if self.is_tls:
-                for v in views:
-                    self.sock.sendall(v)
-            else:
-                i = 0
-                while i < len(views):
-                    n = self.sock.sendmsg(views[i : i + IOV_MAX])
-                    while n:  # drop what went out; keep the tail of a partly sent buffer
-                        if n >= views[i].nbytes:
-                            n -= views[i].nbytes
-                            i += 1
-                        else:
-                            views[i] = views[i][n:]
-                            n = 0
+            for batch in self._outgoing(views):
+                self._send_all(batch)
         except (OSError, ssl.SSLError) as e:
             raise self._fail(e, f"sending {total} bytes") from e
-        self.bytes_sent += total
         return total
+
+    def _outgoing(self, views: list[memoryview]) -> Iterable[list[memoryview]]:
+        """The pluggable step between the caller's buffers and the wire: the batches to send,
+        in order (each is sent before the next is asked for). Plain: the buffers as they are."""
+        return (views,)
+
+    def _send_all(self, views: list[memoryview]) -> None:
+        """Every byte of `views` onto the socket, in order (OSError / SSLError on failure)."""
+        if self.is_tls:
+            for v in views:
+                self.sock.sendall(v)
+                self.bytes_sent += v.nbytes
+            return
+        i = 0
+        while i < len(views):
+            n = self.sock.sendmsg(views[i : i + IOV_MAX])
+            self.bytes_sent += n
+            while n:  # drop what went out; keep the tail of a partly sent buffer
+                if n >= views[i].nbytes:
+                    n -= views[i].nbytes
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self.send_buffers([data])
 
+    def _read(self, out: memoryview, wait: bool) -> int | None:
+        """One read of raw bytes from the socket into `out`, the only place a Channel reads it:
+        the count (0 at the peer's end), or None if `wait` is False and nothing is there. A
+        wait that times out is extended while another stream of the migration makes
+        progress (`patience`)."""
+        if not wait:
+            self.sock.settimeout(0)
+        try:
+            while True:
+                try:
+                    n = self.sock.recv_into(out)
+                    break
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    if wait:
+                        raise
+                    return None
+                except (OSError, ssl.SSLError) as e:
+                    if not wait or not self._wait_longer(e):
+                        raise self._fail(e, "receiving") from e
+        finally:
+            if not wait:
+                self.sock.settimeout(self.inactivity_timeout)
+        self.note_received(n)
+        return n
+
+    def _fill(self, out: memoryview, wait: bool) -> int | None:
+        """The pluggable step between the wire and the caller: up to `out.nbytes` bytes of
+        the stream into `out`, as `_read` counts them. Plain: the socket's bytes."""
+        return self._read(out, wait)
+
+    def _recv_bytes(self, max_bytes: int, wait: bool) -> bytes | None:
+        if len(self._scratch) < max_bytes:
+            self._scratch = bytearray(max_bytes)
+        with memoryview(self._scratch) as scratch:
+            n = self._fill(scratch[:max_bytes], wait)
+            return None if n is None else bytes(scratch[:n])
+
     def recv(self, max_bytes: int = 1 << 20) -> bytes:
         """Up to max_bytes; b"" when the peer closed its end cleanly."""
-        while True:
-            try:
-                data = self.sock.recv(max_bytes)
-                break
-            except (OSError, ssl.SSLError) as e:
-                if not self._wait_longer(e):
-                    raise self._fail(e, "receiving") from e
-        self.note_received(len(data))
+        data = self._recv_bytes(max_bytes, True)
+        assert data is not None  # a waiting read returns bytes or the end
         return data
 
     def recv_nowait(self, max_bytes: int = 1 << 16) -> bytes | None:
         """What the peer has sent so far, without waiting: None if nothing (b"" once it closed).
         For watching a stream this side otherwise only sends on; not while another thread
         uses the stream."""
-        self.sock.settimeout(0)
-        try:
-            data = self.sock.recv(max_bytes)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            return None
-        except (OSError, ssl.SSLError) as e:
-            raise self._fail(e, "receiving") from e
-        finally:
-            self.sock.settimeout(self.inactivity_timeout)
-        self.note_received(len(data))
-        return data
+        return self._recv_bytes(max_bytes, False)
 
     def recv_into_exact(self, view: memoryview | bytearray) -> None:
         """Fill `view` completely (e.g. a slice of guest memory), or raise TransportError."""
         mv = memoryview(view).cast("B")
         pos, total = 0, mv.nbytes
         while pos < total:
-            try:
-                n = self.sock.recv_into(mv[pos:], total - pos)
-            except (OSError, ssl.SSLError) as e:
-                if self._wait_longer(e):
-                    continue
-                raise self._fail(e, f"receiving {total} bytes (got {pos})") from e
-            if n == 0:
+            n = self._fill(mv[pos:], True)
+            if not n:
                 raise TransportError(
                     f"peer {self.peer} closed the connection after {pos} of {total} bytes"
                 )
             pos += n
-            self.note_received(n)
 
     def abort(self) -> None:
         """Unblock every send and receive in progress on this stream, from any thread, and
@@ -346,7 +376,8 @@ _COALESCE = 64 << 10  # buffers smaller than this are gathered into one record
 
 
 class SealedChannel(Channel):
-    """A Channel whose bytes travel in AES-GCM records (`seal`): same interface, sealed.
+    """A Channel whose bytes travel in AES-GCM records (`seal`): the same loops, with sealing
+    plugged in as the step between the caller's bytes and the wire (`_outgoing`, `_fill`).
 
     Sending: buffers of at least `_COALESCE` bytes (page runs) are sealed straight from where
     they are (guest memory), in records of up to `seal.MAX_RECORD`; smaller ones are gathered
@@ -375,57 +406,52 @@ class SealedChannel(Channel):
 
     # ---- sending --------------------------------------------------------------------------
 
-    def send_buffers(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
-        views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
-        total = sum(v.nbytes for v in views)
+    def _outgoing(self, views: list[memoryview]) -> Iterator[list[memoryview]]:
+        """One sealed record per batch (in `_out`, reused: each is sent before the next)."""
         staged = 0
         for v in views:
             if v.nbytes >= _COALESCE:
                 if staged:
-                    self._seal_send(memoryview(self._stage)[:staged])
+                    yield self._sealed(memoryview(self._stage)[:staged])
                     staged = 0
                 for pos in range(0, v.nbytes, seal.MAX_RECORD):
-                    self._seal_send(v[pos : pos + seal.MAX_RECORD])
+                    yield self._sealed(v[pos : pos + seal.MAX_RECORD])
                 continue
             if staged + v.nbytes > seal.MAX_RECORD:
-                self._seal_send(memoryview(self._stage)[:staged])
+                yield self._sealed(memoryview(self._stage)[:staged])
                 staged = 0
             self._stage[staged : staged + v.nbytes] = v
             staged += v.nbytes
         if staged:
-            self._seal_send(memoryview(self._stage)[:staged])
-        return total
+            yield self._sealed(memoryview(self._stage)[:staged])
 
-    def _seal_send(self, plaintext: memoryview) -> None:
+    def _sealed(self, plaintext: memoryview) -> list[memoryview]:
         n = seal.RECORD_HEADER.size + plaintext.nbytes + seal.TAG
-        with memoryview(self._out) as out:
-            self.keys.send.seal_into(plaintext, out[:n])
-            Channel.send_buffers(self, [out[:n]])
+        out = memoryview(self._out)[:n]
+        self.keys.send.seal_into(plaintext, out)
+        return [out]
 
     # ---- receiving ------------------------------------------------------------------------
 
-    def _raw_into(self, view: memoryview, wait: bool) -> int | None:
-        """One read of raw bytes into `view`: the count (0 at the peer's end), None if
-        `wait` is False and nothing is there."""
-        if not wait:
-            self.sock.settimeout(0)
-        try:
-            while True:
-                try:
-                    n = self.sock.recv_into(view)
-                    break
-                except (BlockingIOError, ssl.SSLWantReadError):
-                    if wait:
-                        raise
-                    return None
-                except (OSError, ssl.SSLError) as e:
-                    if not wait or not self._wait_longer(e):
-                        raise self._fail(e, "receiving a sealed record") from e
-        finally:
-            if not wait:
-                self.sock.settimeout(self.inactivity_timeout)
-        self.note_received(n)
-        return n
+    def _fill(self, out: memoryview, wait: bool) -> int | None:
+        """Opened bytes into `out`: what is left of the last record, else the next record,
+        straight into `out` if it fits. 0 at the peer's end between records."""
+        while not self._plain:
+            if self._eof:
+                return 0
+            if not self._next_record(wait):
+                return None
+            if self._eof:
+                return 0
+            n = self._record_plaintext
+            if n and n <= out.nbytes:  # straight into the caller's buffer
+                self._open_into(out[:n])
+                return n
+            self._buffer_record()  # (an empty record opens to nothing: on to the next)
+        k = min(len(self._plain), out.nbytes)
+        out[:k] = self._plain[:k]
+        self._plain = self._plain[k:]
+        return k
 
     def _next_record(self, wait: bool) -> bool:
         """Receive the rest of the next record (not opened yet); False if `wait` is False and
@@ -433,7 +459,7 @@ class SealedChannel(Channel):
         size = seal.RECORD_HEADER.size
         with memoryview(self._hdr) as hdr, memoryview(self._body) as body:
             while self._hdr_got < size:
-                n = self._raw_into(hdr[self._hdr_got :], wait)
+                n = self._read(hdr[self._hdr_got :], wait)
                 if n is None:
                     return False
                 if n == 0:
@@ -450,7 +476,7 @@ class SealedChannel(Channel):
                 except seal.SealError as e:
                     raise IntegrityError(f"from {self.peer}: {e}") from None
             while self._body_got < self._body_need:
-                n = self._raw_into(body[self._body_got : self._body_need], wait)
+                n = self._read(body[self._body_got : self._body_need], wait)
                 if n is None:
                     return False
                 if n == 0:
@@ -481,49 +507,6 @@ class SealedChannel(Channel):
         n = self._record_plaintext
         self._open_into(memoryview(self._plain_buf)[:n])
         self._plain = memoryview(self._plain_buf)[:n]
-
-    def _take(self, max_bytes: int) -> bytes:
-        data = bytes(self._plain[:max_bytes])
-        self._plain = self._plain[len(data) :]
-        return data
-
-    def recv(self, max_bytes: int = 1 << 20) -> bytes:
-        while not self._plain:
-            if self._eof or (self._next_record(wait=True) and self._eof):
-                return b""
-            self._buffer_record()
-        return self._take(max_bytes)
-
-    def recv_nowait(self, max_bytes: int = 1 << 16) -> bytes | None:
-        while not self._plain:
-            if self._eof:
-                return b""
-            if not self._next_record(wait=False):
-                return None
-            if not self._eof:
-                self._buffer_record()
-        return self._take(max_bytes)
-
-    def recv_into_exact(self, view: memoryview | bytearray) -> None:
-        mv = memoryview(view).cast("B")
-        pos, total = 0, mv.nbytes
-        while pos < total:
-            if self._plain:
-                k = min(len(self._plain), total - pos)
-                mv[pos : pos + k] = self._plain[:k]
-                self._plain = self._plain[k:]
-                pos += k
-                continue
-            if self._eof or (self._next_record(wait=True) and self._eof):
-                raise TransportError(
-                    f"peer {self.peer} closed the connection after {pos} of {total} bytes"
-                )
-            n = self._record_plaintext
-            if n <= total - pos:  # straight into the caller's buffer
-                self._open_into(mv[pos : pos + n])
-                pos += n
-            else:
-                self._buffer_record()
 
 
 def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
