@@ -25,6 +25,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -216,22 +218,30 @@ def test_a_destination_that_cannot_lock_the_disk_refuses_and_the_source_resumes(
     test, on the destination's copy of the image), so it refuses the switchover explicitly
     and the source, which knows then that the guest is still its own, takes its lock back and
     resumes."""
+    with squatted_destination(tmp_path) as (_, src, dst, port):
+        src.migrate(port, verify=False)
+        info = src.wait_migration()
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "refused the switchover: cannot take the disk locks" in info["error-desc"]
+        assert "VM 'squatter'" in info["error-desc"], info
+        assert src.status() == "running"
+        assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
+        # the destination never ran the guest: it refused, and waits for a valid source
+        assert_still_waiting(dst, "cannot take the disk locks")
+
+
+@contextmanager
+def squatted_destination(tmp_path: Path) -> Iterator[tuple[Path, Vmm, Vmm, int]]:
+    """`kv_migration` whose destination has an image of its own, locked by the test: its
+    commit point cannot take the disk lock."""
     theirs = tmp_path / "kv-dst.img"
     with theirs.open("wb") as f:
         f.truncate(64 << 20)  # the size kv_config gives the disk
     squatter = DiskLock(theirs, Holder.this_process("squatter", None))
     squatter.acquire()
     try:
-        with kv_migration(tmp_path, dst_image=theirs) as (_, src, dst, port):
-            src.migrate(port, verify=False)
-            info = src.wait_migration()
-            assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
-            assert "refused the switchover: cannot take the disk locks" in info["error-desc"]
-            assert "VM 'squatter'" in info["error-desc"], info
-            assert src.status() == "running"
-            assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
-            # the destination never ran the guest: it refused, and waits for a valid source
-            assert_still_waiting(dst, "cannot take the disk locks")
+        with kv_migration(tmp_path, dst_image=theirs) as vmms:
+            yield vmms
     finally:
         squatter.release()
 
@@ -392,28 +402,20 @@ def test_an_unresolved_source_asks_the_destination_which_did_not_commit_and_resu
     lost: the source goes unresolved. Its fate query reaches the destination, which waits for
     a source again, and gets "not-committed": the source resumes. The destination keeps
     waiting (a fate query is no failed attempt)."""
-    theirs = tmp_path / "kv-dst.img"
-    with theirs.open("wb") as f:
-        f.truncate(64 << 20)  # the size kv_config gives the disk
-    squatter = DiskLock(theirs, Holder.this_process("squatter", None))
-    squatter.acquire()
-    try:
-        with kv_migration(tmp_path, dst_image=theirs) as (cfg, src, dst, port):
-            relay = TcpProxy(port)
-            _migrate_into_the_dark(src, relay, timeout_s=2)
-            _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
-            assert_still_waiting(dst, "cannot take the disk locks")
-            relay.replies_dark.clear()
-            info = _wait_migrate(src, lambda i: i["status"] != "x-unresolved", "resolved")
-            assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
-            assert "fate query (not-committed)" in info["error-desc"], info
-            assert src.status() == "running"
-            assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
-            with pytest.raises(RuntimeError, match="no unresolved switchover"):
-                src.cmd("x-migrate-resolve")  # nothing left to ask about
-            assert dst.status() == "inmigrate"
-            assert "answered a fate query for migration" in dst.output()
-            result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
-            assert result["acked"] > 0 and result["lost"] == 0, result["output"]
-    finally:
-        squatter.release()
+    with squatted_destination(tmp_path) as (cfg, src, dst, port):
+        relay = TcpProxy(port)
+        _migrate_into_the_dark(src, relay, timeout_s=2)
+        _wait_migrate(src, lambda i: i["status"] == "x-unresolved", "unresolved")
+        assert_still_waiting(dst, "cannot take the disk locks")
+        relay.replies_dark.clear()
+        info = _wait_migrate(src, lambda i: i["status"] != "x-unresolved", "resolved")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "fate query (not-committed)" in info["error-desc"], info
+        assert src.status() == "running"
+        assert _holder_pid(tmp_path / "kv.img") == src.proc.pid
+        with pytest.raises(RuntimeError, match="no unresolved switchover"):
+            src.cmd("x-migrate-resolve")  # nothing left to ask about
+        assert dst.status() == "inmigrate"
+        assert "answered a fate query for migration" in dst.output()
+        result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
+        assert result["acked"] > 0 and result["lost"] == 0, result["output"]
