@@ -49,6 +49,8 @@ from .native import (
     ST_BYTES_TO_GUEST,
     ST_COMPLETED,
     ST_DOORBELLS,
+    ST_FETCH_WAITS,
+    ST_FETCHED,
     ST_FORWARDED,
     ST_INTERRUPTS,
     ST_MARKED,
@@ -120,6 +122,8 @@ class ShadowStats:
     interrupts = property(lambda self: self._get(ST_INTERRUPTS))
     stalls = property(lambda self: self._get(ST_STALLS))
     pages_marked = property(lambda self: self._get(ST_MARKED))
+    pages_fetched = property(lambda self: self._get(ST_FETCHED))
+    fetch_waits = property(lambda self: self._get(ST_FETCH_WAITS))
 
 
 class ShadowedDevice:
