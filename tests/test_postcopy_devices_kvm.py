@@ -1,0 +1,197 @@
+"""Post-copy of the kv guest with its NIC and disk, on real KVM: two `ptmig run` processes.
+
+The destination's devices are programmed quiesced, shadowed once pages can be fetched, and go
+back to direct DMA when the last page is in; the data plane fetches the pages of a request
+that are still on the source before it forwards it (`x-query-shadow`'s `pages-fetched`). A
+link cut during post-copy pauses the guest on both sides with the devices still shadowed, and
+`cont` on the paused destination is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config
+
+pytestmark = [pytest.mark.kvm, pytest.mark.timeout(240)]
+
+MiB = 1 << 20
+
+
+def _served(vmm: Vmm) -> int:
+    return int(vmm.cmd("x-query-guest-stats")["vcpus"][0]["workload"][0])
+
+
+def _wait_served(vmm: Vmm, n: int, timeout: float = 60.0) -> None:
+    """Until the kv guest has taken n requests (vCPU 0's workload counter 0)."""
+    deadline = time.monotonic() + timeout
+    while (got := _served(vmm)) < n:
+        assert time.monotonic() < deadline, f"the guest took {got} requests, not {n}"
+        time.sleep(0.05)
+
+
+def _postcopy(src: Vmm, port: int, *, bandwidth: int, after_rounds: int) -> None:
+    src.cmd(
+        "migrate-set-parameters",
+        {
+            "x-dma-tracking": "shadow",
+            "downtime-limit": 50,
+            "max-bandwidth": bandwidth,
+            "x-postcopy-after-rounds": after_rounds,
+            "x-postcopy-stalled-rounds": 0 if after_rounds == 0 else 2,
+        },
+    )
+    src.cmd(
+        "migrate-set-capabilities",
+        {
+            "capabilities": [
+                {"capability": "x-verify", "state": True},
+                {"capability": "postcopy-ram", "state": True},
+            ]
+        },
+    )
+    src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+
+
+def _wait_status(vmm: Vmm, wanted: tuple[str, ...], timeout: float = 150.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = vmm.cmd("query-migrate")
+        if info.get("status") in wanted:
+            return info
+        assert info.get("status") not in ("failed", "cancelled"), info
+        assert time.monotonic() < deadline, f"still {info.get('status')!r}: {info}"
+        time.sleep(0.02)
+
+
+def test_kv_with_nic_and_disk_under_load_completes_in_postcopy_losing_nothing(
+    tmp_path: Path,
+) -> None:
+    cfg = kv_config(tmp_path, memory="64M")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    load: Load | None = None
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        load = Load(cfg, 25, tmp_path / "load.json", rate=300, window=None).start()
+        _wait_served(src, 100)
+        # round 0 carries the 64 MiB; after round 1 the switch is post-copy, whatever the
+        # load dirtied since (its NIC's RX buffers, rings, disk buffers) still on the source
+        _postcopy(src, port, bandwidth=32 * MiB, after_rounds=1)
+        info = _wait_status(src, ("completed",))
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert info["x-postcopy"]["trigger"] == "rounds", info["x-postcopy"]
+        assert info["x-postcopy"]["unsent-pages"] == 0
+        assert dst.status() == "running"
+        report = dst.cmd("x-query-postcopy")
+        assert report["status"] == "completed", report
+        assert report["missing"] == 0 and report["eexist"] == 0, report
+        # the destination's devices were shadowed through post-copy, and are direct again
+        shadow = dst.cmd("x-query-shadow")
+        assert shadow["active"] is False, shadow
+        last = shadow["x-postcopy"]
+        assert last["requests-forwarded"] > 0 and last["completions-synced"] > 0, last
+        assert all(d["broken"] is None for d in last["devices"].values()), last
+        # the guest keeps serving on direct DMA after post-copy
+        served = _served(dst)
+        _wait_served(dst, served + 50)
+        summary = load.result(timeout=120)
+        assert summary["acked"] > 0, summary["output"]
+        assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
+    finally:
+        if load is not None and load.proc is not None and load.proc.poll() is None:
+            load.proc.kill()
+        src.stop()
+        dst.stop()
+
+
+def test_device_requests_on_pages_not_yet_sent_are_fetched_before_forwarding(
+    tmp_path: Path,
+) -> None:
+    """Switch during round 0 against a slow link: most of RAM is still on the source when the
+    devices are shadowed, so the RX buffers the guest posted (and the rings) are pages the
+    data plane must fetch before it forwards the request -- and the guest still gets every
+    reply right."""
+    cfg = kv_config(tmp_path, memory="64M")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    load: Load | None = None
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        load = Load(cfg, 25, tmp_path / "load.json", rate=200, window=None).start()
+        _wait_served(src, 100)
+        _postcopy(src, port, bandwidth=16 * MiB, after_rounds=0)
+        _wait_status(src, ("active",))
+        src.cmd("migrate-start-postcopy")
+        info = _wait_status(src, ("completed",))
+        assert info["x-postcopy"]["trigger"] == "requested", info["x-postcopy"]
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert info["ram"]["postcopy-requests"] > 0
+        last = dst.cmd("x-query-shadow")["x-postcopy"]
+        assert last["pages-fetched"] > 0, last  # the device path asked for its pages
+        assert last["fetch-waits"] > 0, last
+        assert last["requests-forwarded"] > 0, last
+        summary = load.result(timeout=120)
+        assert summary["acked"] > 0, summary["output"]
+        assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
+    finally:
+        if load is not None and load.proc is not None and load.proc.poll() is None:
+            load.proc.kill()
+        src.stop()
+        dst.stop()
+
+
+def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The same documented outcome as without devices: the source keeps the pages it had not
+    sent (postcopy-paused), the destination pauses its vCPUs and keeps its fault server, and
+    its devices stay shadowed, broken by nothing. `cont` there is refused."""
+    cfg = kv_config(tmp_path, memory="64M")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    link = TcpProxy(port)
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        _wait_served(src, 0)
+        # 4 MiB/s: post-copy of the 64 MiB lasts many seconds, time to cut it
+        _postcopy(src, link.port, bandwidth=4 * MiB, after_rounds=0)
+        _wait_status(src, ("active",))
+        src.cmd("migrate-start-postcopy")
+        _wait_status(src, ("postcopy-active",))
+        deadline = time.monotonic() + 60
+        while not dst.cmd("x-query-shadow")["active"]:  # the devices are shadowed
+            assert time.monotonic() < deadline, dst.cmd("x-query-postcopy")
+            time.sleep(0.05)
+        link.cut()
+        info = _wait_status(src, ("postcopy-paused",))
+        assert "pages were not sent" in info["error-desc"], info
+        assert info["x-postcopy"]["unsent-pages"] > 0
+        assert src.status() == "finish-migrate"
+        deadline = time.monotonic() + 60
+        while (report := dst.cmd("x-query-postcopy"))["status"] != "postcopy-paused":
+            assert report["status"] == "postcopy-active", report
+            assert time.monotonic() < deadline, report
+            time.sleep(0.05)
+        assert report["missing"] > 0 and report["eexist"] == 0, report
+        assert dst.status() == "paused"
+        shadow = dst.cmd("x-query-shadow")
+        assert shadow["active"] is True, shadow
+        assert all(d["broken"] is None for d in shadow["devices"].values()), shadow
+        with pytest.raises(RuntimeError, match="postcopy-paused.*still on the source"):
+            dst.cmd("cont")
+        assert dst.status() == "paused"
+        assert src.proc.poll() is None and dst.proc.poll() is None
+    finally:
+        link.cut()
+        src.kill()
+        dst.kill()
