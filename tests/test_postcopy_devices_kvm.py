@@ -38,7 +38,7 @@ def _postcopy(src: Vmm, port: int, *, bandwidth: int, after_rounds: int) -> None
         "migrate-set-parameters",
         {
             "x-dma-tracking": "shadow",
-            "downtime-limit": 50,
+            "downtime-limit": 1,  # never fits: the switch is post-copy, however light the load
             "max-bandwidth": bandwidth,
             "x-postcopy-after-rounds": after_rounds,
             "x-postcopy-stalled-rounds": 0 if after_rounds == 0 else 2,
@@ -113,10 +113,11 @@ def test_kv_with_nic_and_disk_under_load_completes_in_postcopy_losing_nothing(
 def test_device_requests_on_pages_not_yet_sent_are_fetched_before_forwarding(
     tmp_path: Path,
 ) -> None:
-    """Switch during round 0 against a slow link: most of RAM is still on the source when the
-    devices are shadowed, so the RX buffers the guest posted (and the rings) are pages the
-    data plane must fetch before it forwards the request -- and the guest still gets every
-    reply right."""
+    """Switch at the end of round 0 against a slow link (256 KiB/s): the kv guest's RX buffers
+    that took frames while round 0 crawled are pages the source still holds, the background
+    push needs seconds to reach them, and the guest does not touch a posted RX buffer before
+    the device fills it. So the data plane must fetch them itself before it forwards the RX
+    requests it re-forwards at entry -- and the guest still gets every reply right."""
     cfg = kv_config(tmp_path, memory="64M")
     port = free_port()
     src = Vmm(tmp_path, "src", cfg)
@@ -125,9 +126,9 @@ def test_device_requests_on_pages_not_yet_sent_are_fetched_before_forwarding(
     try:
         src.wait_running()
         dst.wait_incoming()
-        load = Load(cfg, 25, tmp_path / "load.json", rate=200, window=None).start()
+        load = Load(cfg, 45, tmp_path / "load.json", rate=200, window=None).start()
         _wait_served(src, 100)
-        _postcopy(src, port, bandwidth=16 * MiB, after_rounds=0)
+        _postcopy(src, port, bandwidth=256 << 10, after_rounds=0)
         _wait_status(src, ("active",))
         src.cmd("migrate-start-postcopy")
         info = _wait_status(src, ("completed",))
@@ -159,12 +160,15 @@ def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refus
     src = Vmm(tmp_path, "src", cfg)
     dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
     link = TcpProxy(port)
+    load: Load | None = None
     try:
         src.wait_running()
         dst.wait_incoming()
-        _wait_served(src, 0)
-        # 4 MiB/s: post-copy of the 64 MiB lasts many seconds, time to cut it
-        _postcopy(src, link.port, bandwidth=4 * MiB, after_rounds=0)
+        load = Load(cfg, 30, tmp_path / "load.json", rate=200, window=None).start()
+        _wait_served(src, 100)
+        # 256 KiB/s: what the load dirtied while round 0 crawled takes seconds to push, time
+        # to cut the link with the devices shadowed
+        _postcopy(src, link.port, bandwidth=256 << 10, after_rounds=0)
         _wait_status(src, ("active",))
         src.cmd("migrate-start-postcopy")
         _wait_status(src, ("postcopy-active",))
@@ -192,6 +196,8 @@ def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refus
         assert dst.status() == "paused"
         assert src.proc.poll() is None and dst.proc.poll() is None
     finally:
+        if load is not None and load.proc is not None and load.proc.poll() is None:
+            load.proc.kill()
         link.cut()
         src.kill()
         dst.kill()
