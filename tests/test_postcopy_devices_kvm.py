@@ -9,12 +9,16 @@ link cut during post-copy pauses the guest on both sides with the devices still 
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config
+from test_vhost_user_kvm import vhost_kv_config
+from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, switch
+
+from ptmig.devices.vhost_user.daemon import find_program
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(240)]
 
@@ -201,3 +205,23 @@ def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refus
         link.cut()
         src.kill()
         dst.kill()
+
+
+@pytest.mark.skipif(find_program() is None, reason="qemu-storage-daemon is not installed")
+def test_postcopy_is_refused_for_a_vm_with_a_vhost_user_disk_and_the_guest_keeps_running(
+    tmp_path: Path,
+) -> None:
+    sw = free_port(socket.SOCK_DGRAM)
+    with switch(sw):
+        src = Vmm(tmp_path, "src", vhost_kv_config(tmp_path, sw))
+        try:
+            src.wait_running()
+            with pytest.raises(RuntimeError, match="there is no migration to switch to post-copy"):
+                src.cmd("migrate-start-postcopy")
+            _postcopy(src, free_port(), bandwidth=0, after_rounds=0)
+            info = src.wait_migration()
+            assert info["status"] == "failed"
+            assert "postcopy-ram: the VM has vhost-user devices (disk0)" in info["error-desc"]
+            assert src.status() == "running"
+        finally:
+            src.stop()
