@@ -14,11 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from test_shadow_kvm import _boot
 from test_vhost_user_kvm import vhost_kv_config
 from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, switch
 
 from ptmig.devices.vhost_user.daemon import find_program
+from ptmig.devices.virtio import constants as c
+from ptmig.layout import PAGE_SIZE
+from ptmig.migration.uffd import FaultServer, initial_states
+from ptmig.shadow.engine import ShadowEngine
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(240)]
 
@@ -225,3 +231,39 @@ def test_postcopy_is_refused_for_a_vm_with_a_vhost_user_disk_and_the_guest_keeps
             assert src.status() == "running"
         finally:
             src.stop()
+
+
+def test_a_device_reset_during_postcopy_is_held_shadowed_until_every_page_is_here(
+    tmp_path: Path,
+) -> None:
+    """The driver resets its disk while the destination's devices are shadowed for post-copy:
+    unlike on a source (back to direct DMA at once), the device stays behind its IOMMU domain
+    of device buffers, quiesced, because direct DMA could touch a page still on the source;
+    the reset reaches it, the NIC is unaffected, and both leave shadow mode at the end. (Guest
+    RAM is under a fault server with every page present: the engine runs as on a post-copy
+    destination.)"""
+    m, _ = _boot(tmp_path)
+    mem = m.vm.memory
+    received = np.ones(mem.npages, dtype=bool)
+    server = FaultServer(mem.host_address, initial_states(received, mem.allocated()))
+    engine = ShadowEngine(m, fetch=server.native_fetch())
+    try:
+        engine.enter()
+        disk = engine.devices["disk0"]
+        disk.dev.mmio_write(c.REG_STATUS, 4, 0)  # as the vCPU's MMIO exit would
+        assert engine.active
+        assert disk.broken is not None and "during post-copy" in disk.broken, disk.broken
+        assert disk.dev.mmio_hook is not None, "still trapped"
+        assert disk.dev.iommu.lookup(0x1000 // PAGE_SIZE) is None, "guest RAM unreachable"
+        assert disk.dev.handle.mmio_read(c.REG_STATUS, 4) == 0, "the reset reached the device"
+        assert engine.devices["net0"].broken is None
+        engine.leave()  # every page is here
+        assert not engine.active
+        for dev in m.devices:
+            assert dev.mmio_hook is None and dev.handle.alive
+            assert dev.iommu.lookup(0x1000 // PAGE_SIZE) is not None, "identity map back"
+        assert m.vm.state.value == "running"
+    finally:
+        engine.close()
+        server.close()
+        m.close()

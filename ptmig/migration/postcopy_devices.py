@@ -22,6 +22,11 @@ A shadowed device's in-flight requests (its snapshot from a shadowing source) ar
 against the guest's avail ring in step 2, once its pages can be fetched; a mismatch keeps that
 migration's devices quiesced (they never touch guest RAM) and is reported in `error`.
 
+A driver that resets or reconfigures a device meanwhile does not send it back to direct DMA
+(as it would on a source): that device is quiesced behind its IOMMU domain of device buffers
+until every page is here, then leaves shadow mode on the rings the driver set up by then
+(`ShadowEngine._hold_reconfigured`).
+
 If the link breaks during post-copy the devices stay shadowed and the guest paused: nothing
 is forwarded that needs a page the source still holds (the data plane waits, bounded, and
 retries), and nothing is zero-filled.

@@ -165,6 +165,9 @@ class ShadowedDevice:
         self.mmio: dict[str, Any] | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
         self.inflight_pages_marked = 0  # intercept: in-flight writable pages at the switchover
+        # post-copy destination: the driver reconfigured the device while pages were missing;
+        # held quiesced and shadowed, its rings are the driver's new ones when it leaves
+        self.reconfigured = False
 
     @property
     def broken(self) -> str | None:

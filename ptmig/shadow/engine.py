@@ -214,6 +214,9 @@ class ShadowEngine:
         # device buffers describe. Rebuilding them under a live driver is not attempted: every
         # device goes back to direct DMA *before* the write reaches this one (completions
         # synced, identity map restored, pool pages returned), and the migration fails.
+        if self.fetch is not None:
+            self._hold_reconfigured(sd, offset, value)
+            return False
         with sd.dataplane.locked():
             sd.fail(
                 f"the driver reconfigured the device while shadowed (register {offset:#x} "
@@ -221,6 +224,19 @@ class ShadowEngine:
             )
         self.leave()
         return False
+
+    def _hold_reconfigured(self, sd: ShadowedDevice, offset: int, value: int) -> None:
+        """The same on a post-copy destination, where direct DMA could touch a page still on
+        the source: this device stops being serviced and is quiesced before the write reaches
+        it (its IOMMU domain still reaches device buffers only); it leaves shadow mode with the
+        others once every page is here, on the rings the driver has set up by then."""
+        with sd.dataplane.locked():
+            sd.fail(
+                f"the driver reconfigured the device during post-copy (register {offset:#x} "
+                f"<- {value:#x}); it stays quiesced until every page has arrived"
+            )
+        sd.dev.handle.quiesce()
+        sd.reconfigured = True
 
     # --- the service thread -------------------------------------------------------------------
 
@@ -320,7 +336,7 @@ class ShadowEngine:
             vm.wake_guest()
             state = dev.handle.get_state()
             positions = {sq.index: sq.snapshot() for sq in sd.queues.values()}
-            for q in state["queues"]:
+            for q in state["queues"] if not sd.reconfigured else []:  # (the driver's own)
                 if q["index"] in positions:
                     p = positions[q["index"]]
                     q["next_avail"], q["next_used"] = p.next_avail, p.next_used
