@@ -1,19 +1,15 @@
 """The shadow data plane on a post-copy destination, without KVM: guest RAM under the fault
 server, a request whose buffers are still "on the source" (missing pages), and a stand-in
-source that serves page requests. The data plane must fetch every page of a request before it
-copies it into device buffers, never fail a request whose pages are merely late, and the
-device must see the source's bytes (never a zero page)."""
+source that serves page requests (each page's `pattern`). The data plane must fetch every
+page of a request before it copies it into device buffers, never fail a request whose pages
+are merely late, and the device must see the source's bytes (never a zero page)."""
 
 from __future__ import annotations
-
-import select
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from shadowrig import FakeAttached, GuestStores, device_state
+from test_postcopy_uffd import fetcher, pattern
 
 from ptmig.devices.virtio.queue import SplitQueue
 from ptmig.devices.virtio.testing import Buffer, DriverQueue
@@ -45,33 +41,6 @@ def _uffd_unavailable() -> str | None:
 
 _WHY = _uffd_unavailable()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"userfaultfd unavailable: {_WHY}")
-
-
-def on_source(pfn: int) -> bytes:
-    """What the source holds in page `pfn` (never all zero)."""
-    return bytes([pfn % 251 + 1]) * PAGE_SIZE
-
-
-@contextmanager
-def source(server: FaultServer, served: list[int]) -> Iterator[None]:
-    """Stands in for the source and the fetcher: every page requested is installed."""
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            if not select.select([server.request_fd], [], [], 0.05)[0]:
-                continue
-            for pfn in server.take_requests():
-                served.append(int(pfn))
-                server.install(int(pfn), on_source(int(pfn)))
-
-    t = threading.Thread(target=run, name="test-source")
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(WAIT_S)
 
 
 class Destination:
@@ -132,7 +101,7 @@ def test_a_request_on_pages_not_yet_sent_is_forwarded_with_the_sources_bytes() -
     dst = Destination(request_pages=3, wait_ms=int(WAIT_S * 1000))
     served: list[int] = []
     try:
-        with source(dst.server, served):
+        with fetcher(dst.server, served):
             dst.enter()
             assert dst.sd.submit(0), dst.sd.broken
         assert sorted(served) == dst.missing  # each asked for once, by the data plane
@@ -142,15 +111,15 @@ def test_a_request_on_pages_not_yet_sent_is_forwarded_with_the_sources_bytes() -
         chain = dq.pop()
         assert chain is not None and chain.head == dst.head
         (readable,) = chain.readable
-        want = b"".join(on_source(p) for p in dst.missing[:-1])
+        want = b"".join(pattern(p) for p in dst.missing[:-1])
         assert dst.dma.read(readable.addr, readable.length) == want
         # the device starts from the guest's (the source's) bytes of its writable buffer too
-        assert dst.dma.read(dst.rx, PAGE_SIZE) == on_source(dst.rx >> PAGE_SHIFT)
+        assert dst.dma.read(dst.rx, PAGE_SIZE) == pattern(dst.rx >> PAGE_SHIFT)
         # its reply reaches the guest page, which is present by now
         dst.dma.write(dst.rx, b"R" * 100)
         dq.push_used(dst.head, 100)
         assert dst.sd.complete() == 1
-        assert dst.mem.read(dst.rx, PAGE_SIZE) == b"R" * 100 + on_source(dst.rx >> 12)[100:]
+        assert dst.mem.read(dst.rx, PAGE_SIZE) == b"R" * 100 + pattern(dst.rx >> 12)[100:]
         assert dst.drv.take_used() == [(dst.head, 100)]
         stats = dst.server.stats()
         assert stats.missing == 0 and stats.eexist == 0, stats
@@ -169,12 +138,12 @@ def test_a_request_whose_pages_are_late_waits_and_is_not_failed() -> None:
         assert dst.sd.stats.requests_forwarded == 0
         assert dst.device_sees().pop() is None
         assert dst.server.stats().requests == len(dst.missing)  # asked for all the same
-        with source(dst.server, served):
+        with fetcher(dst.server, served):
             assert dst.sd.submit(0), dst.sd.broken
         assert sorted(served) == dst.missing
         chain = dst.device_sees().pop()
         assert chain is not None and chain.head == dst.head
-        assert dst.dma.read(dst.out, PAGE_SIZE) == on_source(dst.out >> PAGE_SHIFT)
+        assert dst.dma.read(dst.out, PAGE_SIZE) == pattern(dst.out >> PAGE_SHIFT)
     finally:
         dst.close()
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from test_postcopy_kvm import _start_postcopy_migration, _wait_status
 from test_shadow_kvm import _boot
 from test_vhost_user_kvm import vhost_kv_config
 from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, switch
@@ -44,42 +46,26 @@ def _wait_served(vmm: Vmm, n: int, timeout: float = 60.0) -> None:
 
 
 def _postcopy(src: Vmm, port: int, *, bandwidth: int, after_rounds: int) -> None:
-    src.cmd(
-        "migrate-set-parameters",
-        {
-            "x-dma-tracking": "shadow",
-            "downtime-limit": 1,  # never fits: the switch is post-copy, however light the load
-            "max-bandwidth": bandwidth,
-            "x-postcopy-after-rounds": after_rounds,
-            "x-postcopy-stalled-rounds": 0 if after_rounds == 0 else 2,
-        },
+    """Post-copy with the devices shadowed on the source, x-verify, and a downtime limit no
+    round fits: the switch is post-copy, however light the load."""
+    _start_postcopy_migration(
+        src,
+        port,
+        bandwidth=bandwidth,
+        after_rounds=after_rounds,
+        stalled_rounds=0 if after_rounds == 0 else 2,
+        tracking="shadow",
+        downtime_limit=1,
     )
-    src.cmd(
-        "migrate-set-capabilities",
-        {
-            "capabilities": [
-                {"capability": "x-verify", "state": True},
-                {"capability": "postcopy-ram", "state": True},
-            ]
-        },
-    )
-    src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
 
 
-def _wait_status(vmm: Vmm, wanted: tuple[str, ...], timeout: float = 150.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info: dict[str, Any] = vmm.cmd("query-migrate")
-        if info.get("status") in wanted:
-            return info
-        assert info.get("status") not in ("failed", "cancelled"), info
-        assert time.monotonic() < deadline, f"still {info.get('status')!r}: {info}"
-        time.sleep(0.02)
-
-
-def test_kv_with_nic_and_disk_under_load_completes_in_postcopy_losing_nothing(
-    tmp_path: Path,
-) -> None:
+@contextmanager
+def _kv_under_load(
+    tmp_path: Path, seconds: float, *, rate: float = 200, kill: bool = False
+) -> Iterator[tuple[Vmm, Vmm, int, Load]]:
+    """The kv guest (NIC and disk) running under `ptmig load` and a destination waiting for
+    it: (source, destination, its port, the load). Both VMMs are stopped at the end of the
+    block (`kill`: killed, for a guest split between them)."""
     cfg = kv_config(tmp_path, memory="64M")
     port = free_port()
     src = Vmm(tmp_path, "src", cfg)
@@ -88,8 +74,29 @@ def test_kv_with_nic_and_disk_under_load_completes_in_postcopy_losing_nothing(
     try:
         src.wait_running()
         dst.wait_incoming()
-        load = Load(cfg, 25, tmp_path / "load.json", rate=300, window=None).start()
+        load = Load(cfg, seconds, tmp_path / "load.json", rate=rate, window=None).start()
         _wait_served(src, 100)
+        yield src, dst, port, load
+    finally:
+        if load is not None and load.proc is not None and load.proc.poll() is None:
+            load.proc.kill()
+        for vmm in (src, dst):
+            if kill:
+                vmm.kill()
+            else:
+                vmm.stop()
+
+
+def _no_loss(load: Load) -> None:
+    summary = load.result(timeout=120)
+    assert summary["acked"] > 0, summary["output"]
+    assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
+
+
+def test_kv_with_nic_and_disk_under_load_completes_in_postcopy_losing_nothing(
+    tmp_path: Path,
+) -> None:
+    with _kv_under_load(tmp_path, 25, rate=300) as (src, dst, port, load):
         # round 0 carries the 64 MiB; after round 1 the switch is post-copy, whatever the
         # load dirtied since (its NIC's RX buffers, rings, disk buffers) still on the source
         _postcopy(src, port, bandwidth=32 * MiB, after_rounds=1)
@@ -108,16 +115,8 @@ def test_kv_with_nic_and_disk_under_load_completes_in_postcopy_losing_nothing(
         assert last["requests-forwarded"] > 0 and last["completions-synced"] > 0, last
         assert all(d["broken"] is None for d in last["devices"].values()), last
         # the guest keeps serving on direct DMA after post-copy
-        served = _served(dst)
-        _wait_served(dst, served + 50)
-        summary = load.result(timeout=120)
-        assert summary["acked"] > 0, summary["output"]
-        assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
-    finally:
-        if load is not None and load.proc is not None and load.proc.poll() is None:
-            load.proc.kill()
-        src.stop()
-        dst.stop()
+        _wait_served(dst, _served(dst) + 50)
+        _no_loss(load)
 
 
 def test_device_requests_on_pages_not_yet_sent_are_fetched_before_forwarding(
@@ -128,16 +127,7 @@ def test_device_requests_on_pages_not_yet_sent_are_fetched_before_forwarding(
     push needs seconds to reach them, and the guest does not touch a posted RX buffer before
     the device fills it. So the data plane must fetch them itself before it forwards the RX
     requests it re-forwards at entry -- and the guest still gets every reply right."""
-    cfg = kv_config(tmp_path, memory="64M")
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    load: Load | None = None
-    try:
-        src.wait_running()
-        dst.wait_incoming()
-        load = Load(cfg, 45, tmp_path / "load.json", rate=200, window=None).start()
-        _wait_served(src, 100)
+    with _kv_under_load(tmp_path, 45) as (src, dst, port, load):
         _postcopy(src, port, bandwidth=256 << 10, after_rounds=0)
         _wait_status(src, ("active",))
         src.cmd("migrate-start-postcopy")
@@ -149,14 +139,7 @@ def test_device_requests_on_pages_not_yet_sent_are_fetched_before_forwarding(
         assert last["pages-fetched"] > 0, last  # the device path asked for its pages
         assert last["fetch-waits"] > 0, last
         assert last["requests-forwarded"] > 0, last
-        summary = load.result(timeout=120)
-        assert summary["acked"] > 0, summary["output"]
-        assert summary["lost"] == 0 and summary["wrong"] == 0, summary["output"]
-    finally:
-        if load is not None and load.proc is not None and load.proc.poll() is None:
-            load.proc.kill()
-        src.stop()
-        dst.stop()
+        _no_loss(load)
 
 
 def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refused(
@@ -165,28 +148,21 @@ def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refus
     """The same documented outcome as without devices: the source keeps the pages it had not
     sent (postcopy-paused), the destination pauses its vCPUs and keeps its fault server, and
     its devices stay shadowed, broken by nothing. `cont` there is refused."""
-    cfg = kv_config(tmp_path, memory="64M")
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    link = TcpProxy(port)
-    load: Load | None = None
-    try:
-        src.wait_running()
-        dst.wait_incoming()
-        load = Load(cfg, 30, tmp_path / "load.json", rate=200, window=None).start()
-        _wait_served(src, 100)
-        # 256 KiB/s: what the load dirtied while round 0 crawled takes seconds to push, time
-        # to cut the link with the devices shadowed
-        _postcopy(src, link.port, bandwidth=256 << 10, after_rounds=0)
-        _wait_status(src, ("active",))
-        src.cmd("migrate-start-postcopy")
-        _wait_status(src, ("postcopy-active",))
-        deadline = time.monotonic() + 60
-        while not dst.cmd("x-query-shadow")["active"]:  # the devices are shadowed
-            assert time.monotonic() < deadline, dst.cmd("x-query-postcopy")
-            time.sleep(0.05)
-        link.cut()
+    with _kv_under_load(tmp_path, 30, kill=True) as (src, dst, port, _load):
+        link = TcpProxy(port)
+        try:
+            # 256 KiB/s: what the load dirtied while round 0 crawled takes seconds to push,
+            # time to cut the link with the devices shadowed
+            _postcopy(src, link.port, bandwidth=256 << 10, after_rounds=0)
+            _wait_status(src, ("active",))
+            src.cmd("migrate-start-postcopy")
+            _wait_status(src, ("postcopy-active",))
+            deadline = time.monotonic() + 60
+            while not dst.cmd("x-query-shadow")["active"]:  # the devices are shadowed
+                assert time.monotonic() < deadline, dst.cmd("x-query-postcopy")
+                time.sleep(0.05)
+        finally:
+            link.cut()
         info = _wait_status(src, ("postcopy-paused",))
         assert "pages were not sent" in info["error-desc"], info
         assert info["x-postcopy"]["unsent-pages"] > 0
@@ -205,12 +181,6 @@ def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refus
             dst.cmd("cont")
         assert dst.status() == "paused"
         assert src.proc.poll() is None and dst.proc.poll() is None
-    finally:
-        if load is not None and load.proc is not None and load.proc.poll() is None:
-            load.proc.kill()
-        link.cut()
-        src.kill()
-        dst.kill()
 
 
 @pytest.mark.skipif(find_program() is None, reason="qemu-storage-daemon is not installed")

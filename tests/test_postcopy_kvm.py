@@ -31,13 +31,20 @@ def _pair(tmp_path: Path, config: Path) -> tuple[Vmm, Vmm, int]:
 
 
 def _start_postcopy_migration(
-    src: Vmm, port: int, *, bandwidth: int, after_rounds: int = 0, stalled_rounds: int = 2
+    src: Vmm,
+    port: int,
+    *,
+    bandwidth: int,
+    after_rounds: int = 0,
+    stalled_rounds: int = 2,
+    tracking: str = "none",
+    downtime_limit: int = 50,
 ) -> None:
     src.cmd(
         "migrate-set-parameters",
         {
-            "x-dma-tracking": "none",
-            "downtime-limit": 50,
+            "x-dma-tracking": tracking,
+            "downtime-limit": downtime_limit,
             "max-bandwidth": bandwidth,
             "x-postcopy-after-rounds": after_rounds,
             "x-postcopy-stalled-rounds": stalled_rounds,
