@@ -156,8 +156,10 @@ class PostcopyDevices:
         log.info("post-copy: the devices use direct DMA again")
 
     def stats(self) -> dict[str, Any] | None:
+        """The shadow engine's counters once it has entered (while it enters, it may be
+        waiting for ring pages: not waited for here), or its last ones after it left."""
         engine = self.engine
-        if engine is not None:
+        if engine is not None and engine.active:
             return engine.stats()
         return self.final_stats
 
