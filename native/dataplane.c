@@ -56,6 +56,20 @@
  * One mutex guards everything: the thread holds it while it works, Python takes it through
  * dp_lock() before it reads or changes any of it.
  *
+ * On a post-copy destination (a `present` function set with dp_set_presence: the fault
+ * server's uffd_fetch) guest RAM may still lack pages that only the source has.  Before this
+ * thread reads a queue's rings, and before it copies a request's buffers into device buffers,
+ * it asks for every page of them and waits until they are all present (ST_FETCHED counts the
+ * pages that were not): a missing page is requested from the source like a vCPU fault, with
+ * priority over the background push.  Completions only write pages made present at
+ * forwarding (a page never goes missing again).  The wait is bounded; a queue whose pages did
+ * not come in time is left as it is (nothing forwarded, nothing failed) and retried on the
+ * next pass.  Why this cannot deadlock: the thread never holds the GIL, and the pages come
+ * from the fault server's own native thread, the fetcher and the page receiver, none of
+ * which takes this lock; Python code waiting for this lock does so in a ctypes call, with the
+ * GIL released.  (Touching a missing page without asking would still be served -- this
+ * thread's fault blocks in the fault server like a vCPU's -- but one page at a time.)
+ *
  * The guest is an adversary: every value read from its memory is checked before use, and a
  * violation marks the device broken (reason in `error`) -- it never touches memory outside
  * guest RAM and the device buffers.
@@ -102,6 +116,8 @@ enum {
 	ST_STALLS,   /* requests that waited for Python to map a page */
 	ST_CLOCK,    /* LRU clock: ticks each time a page becomes idle */
 	ST_MARKED,   /* intercept: guest page pieces marked dirty for a device's direct writes */
+	ST_FETCHED,  /* post-copy: guest pages this device's requests or rings found missing */
+	ST_FETCH_WAITS, /* post-copy: waits for such pages (one per ring or request) */
 	ST_COUNT
 };
 
@@ -132,6 +148,7 @@ struct dp_queue {
 	int doorbell_fd;       /* the VMM's eventfd bound to the guest's QueueNotify */
 	int kick_fd;           /* the device's doorbell */
 	int pending;           /* a doorbell arrived: look at the avail ring */
+	int fetching;          /* post-copy: waiting for guest pages, retried on the next pass */
 };
 
 struct dp_dev {
@@ -151,6 +168,11 @@ struct dp_region {
 	uint64_t start, end; /* guest-physical [start, end) */
 };
 
+/* The post-copy fault server's fetch (uffd.c uffd_fetch): make guest pages [pfn, +n) present;
+ * how many were not, or -errno (-ETIMEDOUT: not within timeout_ms). */
+typedef int64_t (*dp_present_fn)(void *ctx, uint64_t pfn, uint64_t n, int64_t timeout_ms);
+/* (timeout_ms < 0: only ask for the missing pages, and return how many there were) */
+
 struct dp_engine {
 	uint8_t *guest;
 	uint64_t guest_size;
@@ -165,6 +187,9 @@ struct dp_engine {
 	int wake_fd;      /* tells the thread: retry stalled queues, or stop */
 	int epfd;
 	uint32_t idle_limit;
+	dp_present_fn present; /* NULL: every page of guest RAM is here */
+	void *present_ctx;
+	int64_t present_timeout_ms;
 	struct worker worker;
 	pthread_mutex_t lock;
 	int ndevs;
@@ -265,6 +290,58 @@ static int64_t copy_in(struct dp_dev *d, uint64_t gpa, uint64_t len)
 static int devbuf_u16(struct dp_dev *d, uint64_t iova, uint16_t *out)
 {
 	return devbuf_copy(d, iova, (uint8_t *)out, 2, 0);
+}
+
+/* Post-copy: one range of guest bytes [gpa, +len) through the fault server.  `timeout_ms` < 0
+ * only asks for its missing pages and returns how many there were; otherwise waits for all of
+ * them (-ETIMEDOUT if they did not come in time).  A range the server refuses (cannot happen
+ * for one checked against guest RAM) breaks the device: never loop on it. */
+static int64_t fetch_range(struct dp_dev *d, uint64_t gpa, uint64_t len, int64_t timeout_ms)
+{
+	struct dp_engine *e = d->eng;
+	if (len == 0)
+		return 0;
+	uint64_t first = gpa >> PAGE_SHIFT, last = (gpa + len - 1) >> PAGE_SHIFT;
+	int64_t r = e->present(e->present_ctx, first, last - first + 1, timeout_ms);
+	if (r < 0 && r != -ETIMEDOUT)
+		dev_fail(d, "guest pages %llu..%llu cannot be fetched: %s", (unsigned long long)first,
+			 (unsigned long long)last, strerror((int)-r));
+	return r;
+}
+
+/* Post-copy: make the `n` ranges present before the thread touches them -- all asked for at
+ * once, then waited for.  1 when they are (or no fault server is set), 0 if they did not
+ * come in time (retry later) or cannot come (the device is then broken). */
+static int fetch_ranges(struct dp_dev *d, const struct vq_desc *c, int n)
+{
+	if (!d->eng->present)
+		return 1;
+	int64_t absent = 0;
+	for (int i = 0; i < n; i++) {
+		int64_t r = fetch_range(d, c[i].addr, c[i].len, -1);
+		if (r < 0)
+			return 0;
+		absent += r;
+	}
+	if (absent == 0)
+		return 1;
+	for (int i = 0; i < n; i++)
+		if (fetch_range(d, c[i].addr, c[i].len, d->eng->present_timeout_ms) < 0)
+			return 0;
+	d->stats[ST_FETCHED] += (uint64_t)absent;
+	d->stats[ST_FETCH_WAITS]++;
+	return 1;
+}
+
+/* The queue's three rings present (post-copy); 0 if not yet. */
+static int fetch_rings(struct dp_queue *q)
+{
+	const struct vq_desc rings[3] = {
+		{.addr = q->desc_addr, .len = 16u * q->size},
+		{.addr = q->avail_addr, .len = 6u + 2u * q->size},
+		{.addr = q->used_addr, .len = 6u + 8u * q->size},
+	};
+	return fetch_ranges(q->dev, rings, 3);
 }
 
 /* ---- page references -------------------------------------------------------------------- */
@@ -425,6 +502,11 @@ static int forward_queue(struct dp_queue *q)
 		return -1;
 	if (q->pos[Q_STALLED])
 		return 0;
+	q->fetching = 0;
+	if (!fetch_rings(q)) {
+		q->fetching = 1;
+		return 0;
+	}
 	uint8_t *idxp = guest_ptr(e, q->avail_addr + 2, 2);
 	if (!idxp) {
 		dev_fail(d, "queue %d: avail ring %#llx is outside guest RAM", q->qindex,
@@ -461,6 +543,10 @@ static int forward_queue(struct dp_queue *q)
 		int n = walk_guest_chain(q, head);
 		if (n < 0)
 			return -1;
+		if (!fetch_ranges(d, q->scratch, n)) {
+			q->fetching = 1;
+			break;
+		}
 		if (!d->intercept && !chain_is_shadowed(d, q->scratch, n)) {
 			q->pos[Q_STALLED] = 1;
 			d->stats[ST_STALLS]++;
@@ -596,6 +682,8 @@ static int complete_queue(struct dp_queue *q)
 			 count, q->qindex, (long long)q->pos[Q_INFLIGHT]);
 		return -1;
 	}
+	if (!fetch_rings(q))
+		return 0; /* (forwarding fetched them already; a guard) */
 	uint64_t used_ring = q->used_addr + 4;
 	for (uint32_t i = 0; i < count; i++) {
 		uint16_t at = (uint16_t)(next_used + i);
@@ -659,7 +747,8 @@ static void service(struct dp_engine *e, int poll_all)
 				continue;
 			if (forward_queue(q) > 0)
 				fd_signal(q->kick_fd);
-			q->pending = q->pos[Q_STALLED] != 0; /* retried when Python pokes */
+			/* retried when Python pokes, or on the next pass while pages are fetched */
+			q->pending = q->pos[Q_STALLED] != 0 || q->fetching;
 		}
 		int r = complete_dev(d);
 		if (r > 0)
@@ -859,6 +948,15 @@ void dp_lock(struct dp_engine *e)
 void dp_unlock(struct dp_engine *e)
 {
 	pthread_mutex_unlock(&e->lock);
+}
+
+/* Post-copy: fetch guest pages through `fn` (uffd_fetch, `ctx` its server) before touching
+ * them, waiting at most `timeout_ms` per range; NULL: every page is here.  Caller holds the lock. */
+void dp_set_presence(struct dp_engine *e, void *fn, void *ctx, int64_t timeout_ms)
+{
+	e->present = (dp_present_fn)fn;
+	e->present_ctx = ctx;
+	e->present_timeout_ms = timeout_ms;
 }
 
 /* Retry stalled queues (after Python shadowed their pages). */

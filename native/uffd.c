@@ -338,6 +338,31 @@ int uffd_wait_present(struct uffd_server *s, uint64_t pfn, uint64_t n, int64_t t
 	return ok;
 }
 
+/* The shadow data plane's access (native/dataplane.c, before it touches a device request's
+ * pages on a post-copy destination): uffd_wait_present, returning how many of the pages were
+ * still on the source when asked (0..n) once all are present, -ETIMEDOUT after
+ * `timeout_ms`, or -ERANGE.  `timeout_ms` < 0: only ask for the missing ones (and serve
+ * known zero pages), and return how many there were without waiting.  Its signature is the
+ * data plane's dp_present_fn. */
+int64_t uffd_fetch(struct uffd_server *s, uint64_t pfn, uint64_t n, int64_t timeout_ms)
+{
+	if (pfn > s->npages || n > s->npages - pfn)
+		return -ERANGE;
+	int64_t absent = 0, here = 0;
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t p = pfn; p < pfn + n; p++) {
+		absent += s->state[p] == MISSING || s->state[p] == REQUESTED;
+		here += s->state[p] == PRESENT;
+	}
+	pthread_mutex_unlock(&s->lock);
+	if ((uint64_t)here == n)
+		return 0;
+	int r = uffd_wait_present(s, pfn, n, timeout_ms < 0 ? 0 : timeout_ms);
+	if (timeout_ms < 0)
+		return r < 0 ? r : absent;
+	return r == 1 ? absent : r == 0 ? -ETIMEDOUT : r;
+}
+
 /* Copy the page states (one byte each) into `out`. */
 void uffd_states(struct uffd_server *s, uint8_t *out)
 {

@@ -115,7 +115,8 @@ class Machine:
         for tracking in (self.manual_shadow, self.migration.tracking()):
             if isinstance(tracking, ShadowTracking) and tracking.engine is not None:
                 return tracking.engine
-        return None
+        devices = self.incoming.postcopy_devices if self.incoming is not None else None
+        return devices.engine if devices is not None else None  # a post-copy destination's
 
     def shadowed_by_hand(self) -> bool:
         """x-shadow-start is in effect (a migration cannot start then)."""
@@ -226,10 +227,25 @@ class Machine:
             )
         if self.vm.state == RunState.INMIGRATE:
             raise QmpError(ErrorClass.GENERIC_ERROR, "an incoming migration is in progress")
+        self._refuse_cont_in_postcopy()
         if self.vm.state == RunState.PRELAUNCH:  # booting, or preparing to receive a guest
             raise QmpError(ErrorClass.GENERIC_ERROR, "the guest has not started yet")
         if self.vm.state != RunState.RUNNING:
             self.vm.resume()
+
+    def _refuse_cont_in_postcopy(self) -> None:
+        """A post-copy destination paused because its link broke: pages of the guest are only
+        on the source, so its vCPUs cannot run here (they would wait for them for ever)."""
+        pc = self.incoming.postcopy if self.incoming is not None else None
+        if pc is None or pc.report.status != "postcopy-paused":
+            return
+        missing = pc.report.stats.missing if pc.report.stats is not None else "some"
+        raise QmpError(
+            ErrorClass.GENERIC_ERROR,
+            f"Guest is in state '{self.vm.state.value}' with post-copy paused "
+            f"(postcopy-paused: {pc.report.error}): {missing} of its pages are still on the "
+            "source, so it cannot run here; see x-query-postcopy",
+        )
 
     def _cont_after_migration(self, force: bool) -> None:
         """`cont` on a source that migrated (or is switching over, or unresolved): refused, as
@@ -306,7 +322,12 @@ class Machine:
     def _qmp_query_shadow(self) -> dict[str, Any]:
         engine = self.shadow
         active = engine is not None and engine.active
-        return {"active": active, **(engine.stats() if engine is not None and active else {})}
+        if engine is not None and active:
+            return {"active": True, **engine.stats()}
+        devices = self.incoming.postcopy_devices if self.incoming is not None else None
+        last = devices.stats() if devices is not None else None
+        # a post-copy destination's devices were shadowed until every page arrived
+        return {"active": False, **({"x-postcopy": last} if last else {})}
 
     def _qmp_query_memory(self) -> dict[str, Any]:
         from .memstats import memory_report

@@ -85,7 +85,8 @@ from .fate import (
 )
 from .frames import MAX_REASON
 from .pages import PAGE_SIZE, expand_runs, pages_to_runs
-from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver, refuse_devices
+from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver
+from .postcopy_devices import PostcopyDevices, refuse_unsupported
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
@@ -171,6 +172,15 @@ def program_devices(machine: MigratingVm, devices: list[DeviceSnapshot]) -> None
             raise IncomingError(
                 f"device {dev.id} rejected the migrated state: {type(e).__name__}: {e}"
             ) from e
+
+
+def program_postcopy_devices(pd: PostcopyDevices, devices: list[DeviceSnapshot]) -> None:
+    """`program_devices` for a post-copy switchover: each device quiesced first (it must not
+    touch guest RAM before it is shadowed; see `postcopy_devices`)."""
+    try:
+        pd.program(devices)
+    except (DeviceError, ValueError) as e:
+        raise IncomingError(f"a device rejected the migrated state: {type(e).__name__}: {e}") from e
 
 
 def prepare_guest_ram(machine: MigratingVm, prefault: bool) -> bool:
@@ -369,6 +379,7 @@ class Incoming:
         self._maybe_data: np.ndarray | None = None
         self.postcopy_start: PostcopyStart | None = None
         self.postcopy: PostcopyReceiver | None = None  # once a post-copy switchover began
+        self.postcopy_devices: PostcopyDevices | None = None  # its devices, if the VM has any
         # With post-copy offered: which pages arrived as zero pages (holes in the memfd), so
         # that arming knows them without scanning the memfd inside the downtime.
         self.zero_received: np.ndarray | None = None
@@ -483,6 +494,9 @@ class Incoming:
         self._failure = None
         self.postcopy_start = None
         self.zero_received = None
+        if self.postcopy_devices is not None:  # programmed (quiesced), the guest never ran
+            self.postcopy_devices.reset()
+            self.postcopy_devices = None
         if self.postcopy is not None:  # armed, but the guest never ran here
             self.m.vm.memory.presence = None
             self.postcopy.finish()
@@ -601,9 +615,11 @@ class Incoming:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
         is served by the fault server (see `postcopy`)."""
         try:
-            refuse_devices([d.id for d in self.m.devices])
+            refuse_unsupported(self.m)
         except PostcopyError as e:
             raise IncomingError(str(e)) from None
+        if self.m.devices:
+            self.postcopy_devices = PostcopyDevices(self.m)
         mem = self.m.vm.memory
         self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
         try:
@@ -617,8 +633,10 @@ class Incoming:
         """The guest runs: receive the pending pages until the last one. A broken link pauses
         the guest here (False); nothing missing is ever zero-filled."""
         pc = self.postcopy
-        assert pc is not None
+        assert pc is not None and pc.server is not None
         pc.start_fetcher(ch, conn)
+        if self.postcopy_devices is not None:
+            self.postcopy_devices.start(pc.server)
         try:
             pc.receive(ch, conn, self._postcopy_pages)
         except (transport.TransportError, ProtocolError, PostcopyError, OSError) as e:
@@ -632,6 +650,8 @@ class Incoming:
                 pc.report.stats.missing if pc.report.stats else -1,
             )
             return False
+        if self.postcopy_devices is not None:  # before the fault server goes
+            self.postcopy_devices.finish()
         self.m.vm.memory.presence = None
         pc.finish()
         log.info("post-copy: completed, %d pages installed", pc.report.pending_pages)
@@ -949,7 +969,10 @@ class Incoming:
         except OSError as e:
             raise IncomingError(f"KVM rejected the migrated vCPU state: {e}") from e
         t2 = time.monotonic()
-        program_devices(self.m, devices)
+        if self.postcopy_devices is not None:
+            program_postcopy_devices(self.postcopy_devices, devices)
+        else:
+            program_devices(self.m, devices)
         # Everything but the final "go" happens before the acknowledgement, so that the source's
         # downtime (its vCPUs stopping → this ack) ends just before our vCPUs enter the guest:
         # the vCPU threads exist and are parked (see `receive`), `start` below releases them.

@@ -32,8 +32,11 @@ destination never runs a guest with a page missing and unreachable, and never ze
 
 Passthrough devices: the destination's device processes map guest RAM themselves, outside the
 userfaultfd registration; a device touching a missing page would allocate a zero page the real
-one can no longer replace. Until the devices fetch their pages through the fault server before
-forwarding a request, post-copy refuses a VM with devices (`refuse_devices`).
+one can no longer replace. So they never touch guest RAM during post-copy: programmed
+quiesced at the switchover, then shadowed, with the data plane fetching every page of a
+request (and of the rings) through the fault server before it copies it into device buffers,
+and back to direct DMA once every page is here (`postcopy_devices`). vhost-user devices are
+refused (`postcopy_devices.refuse_unsupported` says why).
 """
 
 from __future__ import annotations
@@ -83,16 +86,6 @@ INSTALL_WAIT_S = 60.0
 
 class PostcopyError(RuntimeError):
     """Post-copy cannot start, or cannot go on."""
-
-
-def refuse_devices(device_ids: list[str]) -> None:
-    """Post-copy needs every process that touches guest RAM to fault through the VMM."""
-    if device_ids:
-        raise PostcopyError(
-            "postcopy-ram: the VM has devices (" + ", ".join(device_ids) + "); their processes "
-            "map guest RAM outside the destination's userfaultfd, so a device touching a page "
-            "not yet arrived would read and keep a zero page. Migrate it with pre-copy."
-        )
 
 
 def pending_bytes(pending: bitmap.Bitmap) -> bytes:

@@ -59,6 +59,7 @@ from .events import (
     VerifyReport,
 )
 from .params import MigrationCapabilities, MigrationInfo, MigrationParams, Status
+from .postcopy_devices import refuse_unsupported
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
@@ -203,7 +204,7 @@ class SourceMigration:
         switched = False
         try:
             if self.caps.postcopy_ram:
-                postcopy.refuse_devices([d.id for d in m.devices])
+                refuse_unsupported(m)
             ch = transport.connect_to(
                 self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
             )

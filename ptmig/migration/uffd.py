@@ -87,6 +87,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "uffd_install": (_INT, [_P, _U64, _U64, _P]),
     "uffd_take_requests": (_U64, [_P, _P, _U64]),
     "uffd_wait_present": (_INT, [_P, _U64, _U64, ctypes.c_int64]),
+    "uffd_fetch": (ctypes.c_int64, [_P, _U64, _U64, ctypes.c_int64]),
     "uffd_states": (None, [_P, _P]),
     "uffd_get_stats": (_INT, [_P, ctypes.POINTER(_Stats)]),
     "uffd_latencies": (_U64, [_P, _P, _U64]),
@@ -192,6 +193,14 @@ class FaultServer:
         first = gpa >> PAGE_SHIFT
         last = (gpa + max(length, 1) - 1) >> PAGE_SHIFT
         return self.wait_present(first, last - first + 1, timeout_s)
+
+    def native_fetch(self) -> tuple[int, int]:
+        """(address of `uffd_fetch`, this server) for native code that must make pages present
+        before it touches them (the shadow data plane: `Dataplane.fetch_pages_with`). Valid
+        until `close`: the caller stops using it first."""
+        fn = ctypes.cast(self._lib.uffd_fetch, ctypes.c_void_p).value
+        assert fn is not None
+        return int(fn), self._handle()
 
     def states(self) -> npt.NDArray[np.uint8]:
         out = np.empty(self.npages, dtype=np.uint8)

@@ -49,6 +49,8 @@ from .native import (
     ST_BYTES_TO_GUEST,
     ST_COMPLETED,
     ST_DOORBELLS,
+    ST_FETCH_WAITS,
+    ST_FETCHED,
     ST_FORWARDED,
     ST_INTERRUPTS,
     ST_MARKED,
@@ -120,6 +122,8 @@ class ShadowStats:
     interrupts = property(lambda self: self._get(ST_INTERRUPTS))
     stalls = property(lambda self: self._get(ST_STALLS))
     pages_marked = property(lambda self: self._get(ST_MARKED))
+    pages_fetched = property(lambda self: self._get(ST_FETCHED))
+    fetch_waits = property(lambda self: self._get(ST_FETCH_WAITS))
 
 
 class ShadowedDevice:
@@ -161,6 +165,9 @@ class ShadowedDevice:
         self.mmio: dict[str, Any] | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
         self.inflight_pages_marked = 0  # intercept: in-flight writable pages at the switchover
+        # post-copy destination: the driver reconfigured the device while pages were missing;
+        # held quiesced and shadowed, its rings are the driver's new ones when it leaves
+        self.reconfigured = False
 
     @property
     def broken(self) -> str | None:

@@ -58,15 +58,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05  # safety net: look for stalled queues even without a call for help
+# Post-copy: how long the data plane waits for a request's pages before it retries on its next
+# pass (holding its lock meanwhile; a broken link must not hold it for long).
+FETCH_WAIT_MS = 1000
 
 
 class ShadowEngine:
     """`intercept`: shadow only the rings (x-dma-tracking intercept); data buffers stay in guest
     RAM and each completion marks the pages of its device-writable buffers dirty."""
 
-    def __init__(self, machine: ShadowHost, *, intercept: bool = False) -> None:
+    def __init__(
+        self,
+        machine: ShadowHost,
+        *,
+        intercept: bool = False,
+        fetch: tuple[int, int] | None = None,
+    ) -> None:
         self.m = machine
         self.intercept = intercept
+        # post-copy destination: the fault server's native fetch (`FaultServer.native_fetch`),
+        # through which the data plane makes every page it touches present first
+        self.fetch = fetch
         self.devices: dict[str, ShadowedDevice] = {}
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -83,6 +95,8 @@ class ShadowEngine:
             vm.memory, self.m.shadow_pool, guest_wake_fd=vm.guest_wake_fd, idle_limit=IDLE_MAX
         )
         self.dataplane = dp
+        if self.fetch is not None:
+            dp.fetch_pages_with(self.fetch, FETCH_WAIT_MS)
         vm.dirty.add_source(dp.take_dirty)
         with self._lock:
             for dev in self.m.devices:
@@ -200,6 +214,9 @@ class ShadowEngine:
         # device buffers describe. Rebuilding them under a live driver is not attempted: every
         # device goes back to direct DMA *before* the write reaches this one (completions
         # synced, identity map restored, pool pages returned), and the migration fails.
+        if self.fetch is not None:
+            self._hold_reconfigured(sd, offset, value)
+            return False
         with sd.dataplane.locked():
             sd.fail(
                 f"the driver reconfigured the device while shadowed (register {offset:#x} "
@@ -207,6 +224,19 @@ class ShadowEngine:
             )
         self.leave()
         return False
+
+    def _hold_reconfigured(self, sd: ShadowedDevice, offset: int, value: int) -> None:
+        """The same on a post-copy destination, where direct DMA could touch a page still on
+        the source: this device stops being serviced and is quiesced before the write reaches
+        it (its IOMMU domain still reaches device buffers only); it leaves shadow mode with the
+        others once every page is here, on the rings the driver has set up by then."""
+        with sd.dataplane.locked():
+            sd.fail(
+                f"the driver reconfigured the device during post-copy (register {offset:#x} "
+                f"<- {value:#x}); it stays quiesced until every page has arrived"
+            )
+        sd.dev.handle.quiesce()
+        sd.reconfigured = True
 
     # --- the service thread -------------------------------------------------------------------
 
@@ -306,7 +336,7 @@ class ShadowEngine:
             vm.wake_guest()
             state = dev.handle.get_state()
             positions = {sq.index: sq.snapshot() for sq in sd.queues.values()}
-            for q in state["queues"]:
+            for q in state["queues"] if not sd.reconfigured else []:  # (the driver's own)
                 if q["index"] in positions:
                     p = positions[q["index"]]
                     q["next_avail"], q["next_used"] = p.next_avail, p.next_used
@@ -369,6 +399,8 @@ class ShadowEngine:
             "pool-pages-in-use": self.m.shadow_pool.in_use,
             "dma-tracking": "intercept" if self.intercept else "shadow",
             "pages-marked": sum(sd.pages_marked for sd in per.values()),
+            "pages-fetched": sum(sd.stats.pages_fetched for sd in per.values()),
+            "fetch-waits": sum(sd.stats.fetch_waits for sd in per.values()),
         }
         total["devices"] = {
             name: {
@@ -380,6 +412,7 @@ class ShadowEngine:
                 "inflight": sum(q.native.inflight_count for q in sd.queues.values()),
                 "stalls": sd.stats.stalls,
                 "pages-marked": sd.pages_marked,
+                "pages-fetched": sd.stats.pages_fetched,
                 "broken": sd.broken,
             }
             for name, sd in per.items()

@@ -35,7 +35,9 @@ ST_FORWARDED, ST_COMPLETED, ST_BYTES_TO_DEVICE, ST_BYTES_TO_GUEST = 0, 1, 2, 3
 ST_DOORBELLS, ST_INTERRUPTS, ST_ACTIVE, ST_IDLE, ST_REUSED, ST_PEAK, ST_STALLS = range(4, 11)
 ST_CLOCK = 11
 ST_MARKED = 12  # intercept: page pieces marked dirty for the device's direct writes
-ST_COUNT = 13
+ST_FETCHED = 13  # post-copy: guest pages the device's requests or rings found missing
+ST_FETCH_WAITS = 14  # post-copy: waits for such pages
+ST_COUNT = 15
 # Positions per queue (enum Q_* in dataplane.c).
 Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT = range(4)
 Q_COUNT = 4
@@ -74,6 +76,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "dp_lock": (None, [_P]),
     "dp_unlock": (None, [_P]),
     "dp_poke": (None, [_P]),
+    "dp_set_presence": (None, [_P, _P, _P, ctypes.c_int64]),
     "dp_start": (_INT, [_P]),
     "dp_stop": (None, [_P]),
 }
@@ -326,6 +329,14 @@ class Dataplane:
     def poke(self) -> None:
         """Make the thread look at every queue again (after stalled pages were shadowed)."""
         self.lib.dp_poke(self.handle)
+
+    def fetch_pages_with(self, fetch: tuple[int, int] | None, timeout_ms: int = 0) -> None:
+        """Post-copy: before the thread touches a guest page, it makes it present through
+        `fetch` -- (address of the fault server's native `uffd_fetch`, its server) -- waiting at
+        most `timeout_ms` per range; None: every page of guest RAM is here."""
+        fn, ctx = fetch if fetch is not None else (None, None)
+        with self.locked():
+            self.lib.dp_set_presence(self.handle, fn, ctx, timeout_ms)
 
     def close(self) -> None:
         if self.handle:

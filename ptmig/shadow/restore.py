@@ -30,6 +30,13 @@ def restore_shadowed_device(machine: Guest, dev: AttachedDevice, snap: DeviceSna
     """Program `dev` from a shadowed device's snapshot, after checking each queue's in-flight
     requests against the guest's own avail ring (just received): the device will execute them
     again from there."""
+    check_inflight(machine, dev, snap)
+    dev.handle.set_state(snap.state.to_json())
+
+
+def check_inflight(machine: Guest, dev: AttachedDevice, snap: DeviceSnapshot) -> None:
+    """ShadowRestoreError unless each queue's in-flight requests are the guest's avail entries
+    from the queue's next_avail on (on a post-copy destination, once its pages can come)."""
     ring = VcpuBufferView(machine.vm.memory)
     for index, reqs in sorted(snap.inflight.items()):
         if not reqs:
@@ -46,4 +53,3 @@ def restore_shadowed_device(machine: Guest, dev: AttachedDevice, snap: DeviceSna
                     f"device {dev.id} queue {index}: in-flight request {n} is {req}, the "
                     f"guest's ring has head {head} at avail index {want}"
                 )
-    dev.handle.set_state(snap.state.to_json())

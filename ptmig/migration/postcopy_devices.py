@@ -1,0 +1,172 @@
+"""The destination's devices during post-copy: shadowed until every page of guest RAM is here.
+
+A device process maps guest RAM itself, outside the destination's userfaultfd registration: a
+device touching a page still on the source would allocate a zero page there, which the real
+page could then no longer replace (see `uffd`). So on a post-copy destination no device ever
+touches guest RAM until every page has arrived:
+
+1. At the switchover (before the acknowledgement) each device is quiesced *before* it is
+   programmed with the migrated state: it knows its rings but processes nothing.
+2. Once the guest runs and pages can be fetched (the fetcher and the page receiver are up),
+   a thread of this module enters shadow mode (`ShadowEngine` with the fault server's native
+   fetch): the device's IOMMU domain points at device buffers only, and the data plane makes
+   every page of a queue's rings and of a request's buffers present -- fetched from the source
+   with priority, like a vCPU fault -- before it copies them into device buffers. Completions
+   are copied back into guest pages that are present by then. The rings the shadow engine
+   itself reads in Python go through `GuestMemory.presence` (waits with the GIL released).
+   Requests the guest made available meanwhile are forwarded by the entry, in order.
+3. Once every page has arrived, the devices leave shadow mode (direct DMA again), and only
+   then does the destination report `completed` (and unregister guest RAM).
+
+A shadowed device's in-flight requests (its snapshot from a shadowing source) are checked
+against the guest's avail ring in step 2, once its pages can be fetched; a mismatch keeps that
+migration's devices quiesced (they never touch guest RAM) and is reported in `error`.
+
+A driver that resets or reconfigures a device meanwhile does not send it back to direct DMA
+(as it would on a source): that device is quiesced behind its IOMMU domain of device buffers
+until every page is here, then leaves shadow mode on the rings the driver set up by then
+(`ShadowEngine._hold_reconfigured`).
+
+If the link breaks during post-copy the devices stay shadowed and the guest paused: nothing
+is forwarded that needs a page the source still holds (the data plane waits, bounded, and
+retries), and nothing is zero-filled.
+
+vhost-user devices are refused (`refuse_unsupported`): their frontend starts the backend's
+rings on guest RAM as it is programmed (`VhostUserBlk.set_state`), and the backend may take
+avail entries without a kick; shadowing them here would need a set_state that keeps the rings
+stopped until the backend has the pool view as its memory table.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..devices.handle import DeviceError
+from ..errors import PtmigError
+from ..shadow.engine import ShadowEngine
+from ..shadow.restore import check_inflight
+from .postcopy import PostcopyError
+
+if TYPE_CHECKING:
+    from ..guest_state import DeviceSnapshot
+    from ..vmparts import MigratingVm
+    from .uffd import FaultServer
+
+log = logging.getLogger(__name__)
+
+ENTER_WAIT_S = 60.0  # leaving waits this long for an entry still fetching its ring pages
+
+
+def refuse_unsupported(machine: MigratingVm) -> None:
+    """Post-copy takes ptmig's own devices (shadowed on the destination); not vhost-user ones."""
+    vhost = [d.id for d in machine.devices if d.view is not None]
+    if vhost:
+        raise PostcopyError(
+            "postcopy-ram: the VM has vhost-user devices (" + ", ".join(vhost) + "); their "
+            "backend runs the rings on guest RAM from the moment they are programmed, before "
+            "the destination could shadow them, and would read pages not yet arrived as zero. "
+            "Migrate it with pre-copy."
+        )
+
+
+class PostcopyDevices:
+    """The destination's devices from the post-copy switchover until every page is here."""
+
+    def __init__(self, machine: MigratingVm) -> None:
+        self.m = machine
+        self.engine: ShadowEngine | None = None
+        self.error: str | None = None
+        self._snapshots: list[DeviceSnapshot] = []
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._left = False
+        self.final_stats: dict[str, Any] | None = None
+
+    def program(self, snapshots: list[DeviceSnapshot]) -> None:
+        """At the switchover: every device quiesced, then given the migrated state (it then
+        knows its rings and touches nothing). DeviceError/ValueError: refused, as in a plain
+        switchover (the source resumes)."""
+        for dev in self.m.devices:
+            dev.handle.quiesce()
+        for dev, snap in zip(self.m.devices, snapshots, strict=True):
+            dev.handle.set_state(snap.state.to_json())
+        self._snapshots = snapshots
+
+    def reset(self) -> None:
+        """The attempt failed before the guest ran here: the devices forget the migrated state
+        (reset, then no longer quiesced), as fresh ones for the next attempt."""
+        for dev in self.m.devices:
+            if dev.handle.alive:
+                dev.handle.reset()
+                dev.handle.resume()
+
+    def start(self, server: FaultServer) -> None:
+        """The guest runs and pages can be fetched: enter shadow mode on a thread (its ring
+        reads may wait for pages, which the caller's thread receives)."""
+        self._thread = threading.Thread(
+            target=self._enter, args=(server,), name="postcopy-devices", daemon=True
+        )
+        self._thread.start()
+
+    def _enter(self, server: FaultServer) -> None:
+        if not self.m.devices:
+            return
+        try:
+            for dev, snap in zip(self.m.devices, self._snapshots, strict=True):
+                if snap.source == "shadow":
+                    check_inflight(self.m, dev, snap)
+            engine = ShadowEngine(self.m, fetch=server.native_fetch())
+            with self._lock:
+                if self._left:
+                    return
+                self.engine = engine
+                engine.enter()
+            log.info("post-copy: %d devices shadowed until every page is here", len(self.devices))
+        except (PtmigError, DeviceError, OSError, ValueError) as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.error(
+                "post-copy: the devices could not be shadowed (%s); they stay quiesced until "
+                "every page is here",
+                self.error,
+            )
+
+    @property
+    def devices(self) -> list[str]:
+        return [d.id for d in self.m.devices]
+
+    def finish(self) -> None:
+        """Every page is here: back to direct DMA (before the fault server goes away). Devices
+        whose entry failed are resumed as they were programmed (nothing is missing now)."""
+        if self._thread is not None:
+            self._thread.join(ENTER_WAIT_S)
+        with self._lock:
+            self._left = True
+            engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.leave()
+            finally:
+                self.final_stats = engine.stats()
+                engine.close()
+        for dev in self.m.devices:  # (a device left shadow mode resumed already: harmless)
+            if dev.handle.alive:
+                dev.handle.resume()
+        log.info("post-copy: the devices use direct DMA again")
+
+    def stats(self) -> dict[str, Any] | None:
+        """The shadow engine's counters once it has entered (while it enters, it may be
+        waiting for ring pages: not waited for here), or its last ones after it left."""
+        engine = self.engine
+        if engine is not None and engine.active:
+            return engine.stats()
+        return self.final_stats
+
+    def close(self) -> None:
+        """The VMM stops: stop the data plane before guest RAM goes away."""
+        with self._lock:
+            self._left = True
+            engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
