@@ -383,6 +383,7 @@ class ShadowEngine:
                 "inflight": sum(q.native.inflight_count for q in sd.queues.values()),
                 "stalls": sd.stats.stalls,
                 "pages-marked": sd.pages_marked,
+                "switchover-pages-marked": sd.inflight_pages_marked,
                 "broken": sd.broken,
             }
             for name, sd in per.items()
