@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from shadowrig import FakeAttached, GuestStores, device_state
 
 from ptmig import bitmap
@@ -17,7 +19,7 @@ from ptmig.devices.virtio.testing import Buffer, DriverQueue
 from ptmig.iommu import DmaFault, DmaView, IommuTable
 from ptmig.layout import PAGE_SIZE
 from ptmig.memory import GuestMemory
-from ptmig.shadow.device import ShadowedDevice
+from ptmig.shadow.device import ShadowedDevice, quiesced_positions, requests_taken
 from ptmig.shadow.pool import ShadowPool
 from ptmig.shadow.reference import ReferenceDataplane
 from ptmig.shadow.tracking import make_tracking
@@ -252,3 +254,54 @@ def test_intercept_refuses_a_vhost_user_device_before_anything_is_shadowed() -> 
     with pytest.raises(ValueError, match=f"{name} DMA tracking does not support .*vhost0"):
         tracking.begin(machine)  # type: ignore[arg-type]
     assert machine.shadow is None and tracking.engine is None
+
+
+def test_switchover_marks_only_the_inflight_requests_the_device_took(rig) -> None:
+    """Intercept's switchover: a request the device never took off the shadow ring (a posted
+    receive buffer) cannot have been written; one it took may have been, even uncompleted."""
+    mem, iommu, pool, drv, sd, dma = rig
+    bufs = [drv.alloc(PAGE_SIZE, align=PAGE_SIZE) for _ in range(3)]
+    for b in bufs:
+        drv.add_chain([Buffer(b, PAGE_SIZE, writable=True)])
+    dq = enter(sd, drv, dma)
+    assert dq.pop() is not None  # the device takes the first request and completes nothing
+    pages = [b // PAGE_SIZE for b in bufs]
+    assert sd.inflight_writable_pages() == pages  # no report: every request in flight
+    assert sd.inflight_writable_pages({0: dq.state().next_avail}) == pages[:1]
+    assert sd.inflight_writable_pages({0: 0}) == []
+    assert sd.inflight_writable_pages({0: 7}) == pages  # past what was forwarded: not believed
+    assert sd.inflight_writable_pages({}) == pages  # the queue not reported
+
+
+@given(
+    first=st.integers(0, 0xFFFF),
+    count=st.integers(0, 64),
+    took=st.integers(0, 0x1FFFF),
+)
+def test_requests_taken_is_the_oldest_part_or_everything(first: int, count: int, took: int) -> None:
+    inflight = [((first + k) & 0xFFFF, k) for k in range(count)]
+    forwarded = (first + count) & 0xFFFF
+    device_next = (first + took) & 0xFFFF
+    got = requests_taken(inflight, forwarded, device_next)
+    if took % 0x10000 <= count:
+        assert got == inflight[: took % 0x10000]
+    else:
+        assert got == inflight  # a position the VMM never published up to
+    assert requests_taken(inflight, forwarded, None) == inflight
+
+
+def test_quiesce_positions_are_read_only_from_the_expected_shape() -> None:
+    assert quiesced_positions({"in_flight": 0, "queues": {"0": {"next_avail": 70000}}}) == {
+        0: 70000 & 0xFFFF
+    }
+    assert quiesced_positions({"queues": {"1": {"next_avail": 3, "next_used": 3}}}) == {1: 3}
+    for bad in (
+        None,
+        {},
+        {"queues": []},
+        {"queues": {"x": {"next_avail": 1}}},
+        {"queues": {"0": {"next_avail": "1"}}},
+        {"queues": {"0": {"next_avail": True}}},
+        {"queues": {"0": 5}},
+    ):
+        assert quiesced_positions(bad) is None, bad

@@ -145,6 +145,14 @@ void virtio_ack_interrupt(struct virtio_dev *d)
         virtio_write32(d, VIRTIO_MMIO_INTERRUPT_ACK, pending);
 }
 
+int virtio_take_config_change(struct virtio_dev *d)
+{
+    if (!(virtio_read32(d, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG))
+        return 0;
+    virtio_write32(d, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
+    return 1;
+}
+
 int virtio_needs_reset(const struct virtio_dev *d)
 {
     return (virtio_read32(d, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_NEEDS_RESET) != 0;

@@ -25,6 +25,7 @@
 #define VIRTIO_MMIO_QUEUE_NOTIFY 0x050
 #define VIRTIO_MMIO_INTERRUPT_STATUS 0x060
 #define VIRTIO_MMIO_INTERRUPT_ACK 0x064
+#define VIRTIO_MMIO_INT_CONFIG 2u /* InterruptStatus: the config space changed */
 #define VIRTIO_MMIO_STATUS 0x070
 #define VIRTIO_MMIO_QUEUE_DESC_LOW 0x080
 #define VIRTIO_MMIO_QUEUE_DESC_HIGH 0x084
@@ -128,6 +129,10 @@ void virtio_driver_ok(struct virtio_dev *d);
 
 /* Acknowledge whatever interrupt status is pending (after a wake-up). */
 void virtio_ack_interrupt(struct virtio_dev *d);
+
+/* 1 if the device raised a config-change interrupt (which this acknowledges, and only it),
+ * else 0: the driver then reads the config space again. */
+int virtio_take_config_change(struct virtio_dev *d);
 
 /* Is the device asking to be reset (DEVICE_NEEDS_RESET)? */
 int virtio_needs_reset(const struct virtio_dev *d);

@@ -35,6 +35,14 @@ int virtio_blk_init(struct virtio_blk *b, uint64_t base)
     return 0;
 }
 
+int virtio_blk_config_changed(struct virtio_blk *b)
+{
+    if (!virtio_take_config_change(&b->dev))
+        return 0;
+    b->capacity = virtio_config64(&b->dev, 0);
+    return 1;
+}
+
 int virtio_blk_open_first(struct virtio_blk *b, const struct boot_info *bi, const char *who)
 {
     for (uint32_t i = 0; i < bi->nr_devices; i++)

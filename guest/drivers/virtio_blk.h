@@ -42,6 +42,11 @@ struct virtio_blk {
 
 int virtio_blk_init(struct virtio_blk *b, uint64_t base);
 
+/* 1 if the device said its config space changed (a resized disk): the capacity is read
+ * again; else 0.  One MMIO read when nothing changed, so call it now and then, not per
+ * request. */
+int virtio_blk_config_changed(struct virtio_blk *b);
+
 /* Initialise the first virtio-blk device boot_info lists (the heap must be set up); -1 if
  * there is none (said on the console, after `who`) or it fails. */
 int virtio_blk_open_first(struct virtio_blk *b, const struct boot_info *bi, const char *who);

@@ -17,7 +17,11 @@
  * Counters in vCPU 0's stats slot (read by x-query-guest-stats): iterations = rounds, and
  *   w[0] blocks checked, w[1] blocks that did not match, w[2] error completions checked,
  *   w[3] error completions that were wrong, w[4] blocks rewritten, w[5] requests that failed
- *   (a read or write whose status was not OK, or that never completed).
+ *   (a read or write whose status was not OK, or that never completed), w[6] the disk's
+ *   capacity in sectors as the guest last read it, w[7] config changes the device announced.
+ * Each round begins by asking the device whether its config changed (a resized disk): the new
+ * capacity is read then, said on the console, and the next "read past the end" probe aims at
+ * the new end, so a guest that missed a resize reports WRONG completions.
  * The first few mismatches are printed ("blkverify: MISMATCH ...").
  */
 #include <stdint.h>
@@ -39,7 +43,8 @@
 #define MAX_PRINTS 16
 #define ERROR_EVERY 16 /* error completions checked between every 16 reads */
 
-enum { C_CHECKED, C_MISMATCH, C_ERR_CHECKED, C_ERR_WRONG, C_REWRITTEN, C_FAILED };
+enum { C_CHECKED, C_MISMATCH, C_ERR_CHECKED, C_ERR_WRONG, C_REWRITTEN, C_FAILED, C_CAPACITY,
+       C_CONFIG_CHANGES };
 
 static const char *const blkverify_keys[] = {"blocks", "bufs", NULL};
 
@@ -132,6 +137,7 @@ static int blkverify_setup(const struct boot_info *bi, const struct cmdline *c)
             return EXIT_FAILED;
         }
     }
+    stats_slot(0)->w[C_CAPACITY] = bv.blk.capacity;
     printf("blkverify: %lu blocks written, %lu read buffers, id '%s'\n",
            (unsigned long)bv.blocks, (unsigned long)bv.bufs, bv.id);
     return EXIT_OK;
@@ -195,8 +201,19 @@ static void check_errors(void)
     check_error("GET_ID into 512 bytes", st, VIRTIO_BLK_S_OK, id_ok);
 }
 
+static void check_config(void)
+{
+    if (!virtio_blk_config_changed(&bv.blk))
+        return;
+    count(C_CONFIG_CHANGES);
+    stats_slot(0)->w[C_CAPACITY] = bv.blk.capacity;
+    printf("blkverify: config changed, capacity now %lu sectors\n",
+           (unsigned long)bv.blk.capacity);
+}
+
 static void round_once(void)
 {
+    check_config();
     for (int k = 0; k < REWRITES; k++) {
         uint64_t b = next_random() % bv.blocks;
         bv.gen[b]++;

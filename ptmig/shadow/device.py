@@ -29,6 +29,7 @@ so avail and used indices mean the same thing on both rings.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -340,12 +341,20 @@ class ShadowedDevice:
 
     # --- state -------------------------------------------------------------------------------
 
-    def inflight_writable_pages(self) -> list[int]:
+    def inflight_writable_pages(self, taken: Mapping[int, int] | None = None) -> list[int]:
         """Guest pages the device may write for a request in flight (from the VMM's record of
-        the forwarded chains, never from the shadow rings the device can write)."""
+        the forwarded chains, never from the shadow rings the device can write).
+
+        `taken`: per queue, the avail index the quiesced device reports it will read next
+        (its quiesce reply). A request published at or after it was never taken off the shadow
+        ring, so the device cannot have written its buffers: it is left out. Without a report,
+        or with one outside the forwarded range, every request in flight counts."""
         pages: set[int] = set()
-        for sq in self.queues.values():
-            for _, head in sq.native.inflight():
+        for qi, sq in self.queues.items():
+            reqs = sq.native.inflight()
+            if taken is not None:
+                reqs = requests_taken(reqs, sq.next_avail, taken.get(qi))
+            for _, head in reqs:
                 for addr, length, writable in sq.native.recorded_chain(head):
                     if writable:
                         pages.update(
@@ -380,6 +389,37 @@ class ShadowedDevice:
                 for sq in self.queues.values()
             ],
         }
+
+
+def requests_taken(
+    inflight: list[tuple[int, int]], forwarded: int, device_next: int | None
+) -> list[tuple[int, int]]:
+    """The in-flight (avail index, head) requests, oldest first, that a device whose next avail
+    index is `device_next` has taken off the ring; `forwarded` is the next index the VMM would
+    publish. A position outside [oldest in flight, forwarded] (16-bit ring arithmetic) is not
+    believed: every request counts then, as it does with no position at all."""
+    if device_next is None or not inflight:
+        return inflight
+    first = inflight[0][0]
+    took = (device_next - first) & 0xFFFF
+    if took > (forwarded - first) & 0xFFFF:
+        return inflight
+    return [r for r in inflight if (r[0] - first) & 0xFFFF < took]
+
+
+def quiesced_positions(reply: Mapping[str, Any] | None) -> dict[int, int] | None:
+    """Per queue, the next avail index a device's quiesce reply reports (None if it reports
+    none, or not in the shape `{"queues": {"0": {"next_avail": N}, ...}}`)."""
+    queues = reply.get("queues") if isinstance(reply, Mapping) else None
+    if not isinstance(queues, Mapping):
+        return None
+    out: dict[int, int] = {}
+    for key, pos in queues.items():
+        nxt = pos.get("next_avail") if isinstance(pos, Mapping) else None
+        if not (isinstance(key, str) and key.isdigit()) or type(nxt) is not int:
+            return None
+        out[int(key)] = nxt & 0xFFFF
+    return out
 
 
 def _queue_json(st: QueueState) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from ..devices.virtio.constants import (
     REG_STATUS,
 )
 from ..layout import PAGE_SIZE
-from .device import ShadowedDevice
+from .device import ShadowedDevice, quiesced_positions
 from .mapping import IDLE_MAX, ShadowError
 from .native import Dataplane
 
@@ -295,20 +295,23 @@ class ShadowEngine:
                 self._check_broken()
                 raise ShadowFailed("shadow mode ended before the switchover")
             for sd in self.devices.values():
-                sd.dev.handle.quiesce()
+                reply = sd.dev.handle.quiesce()
                 sd.complete()
                 if self.intercept:
-                    self._mark_inflight(sd)
+                    self._mark_inflight(sd, quiesced_positions(reply))
         if self.devices:
             self.m.vm.wake_guest()
         self._check_broken()
 
-    def _mark_inflight(self, sd: ShadowedDevice) -> None:
+    def _mark_inflight(self, sd: ShadowedDevice, taken: dict[int, int] | None) -> None:
         """Intercept at the switchover: the device may already have written the buffers of a
-        request it has not completed (a partly received frame), straight into guest RAM, so
-        every device-writable page of every request still in flight is dirty."""
+        request it took but has not completed (a partly received frame), straight into guest
+        RAM, so every device-writable page of such a request is dirty. A request the device
+        never took off the shadow ring (its quiesce reply says where it stopped reading: a
+        posted receive buffer no frame has reached) cannot have been written, and the
+        destination's device executes it afresh: its pages are not added to the downtime."""
         memory = self.m.vm.memory
-        pages = sd.inflight_writable_pages()
+        pages = sd.inflight_writable_pages(taken)
         for gpfn in pages:
             memory.mark_dirty(gpfn << 12, 4096)
         sd.inflight_pages_marked += len(pages)
@@ -413,6 +416,7 @@ class ShadowEngine:
                 "stalls": sd.stats.stalls,
                 "pages-marked": sd.pages_marked,
                 "pages-fetched": sd.stats.pages_fetched,
+                "switchover-pages-marked": sd.inflight_pages_marked,
                 "broken": sd.broken,
             }
             for name, sd in per.items()

@@ -17,8 +17,11 @@ escapes:
   * a write the device made before completing is either marked at completion (the page is then
     sent again, after its last change) or, for a request still in flight at the switchover,
     marked by `stop_and_copy` after the device was quiesced: stop forwarding, quiesce, sync
-    every completion, mark the writable pages of every request left in flight, then the final
-    harvest;
+    every completion, mark the writable pages of every request left in flight that the device
+    had taken off the shadow ring, then the final harvest. A request it never took (its
+    quiesce reply says which avail index it would read next: typically the posted receive
+    buffers no frame reached yet) cannot have been written and is executed afresh by the
+    destination's device, so its pages stay out of the downtime's round;
   * after quiescing nothing is written any more (ptmig's devices finish or park every request
     before `quiesce` returns, and they are never resumed on this side once the destination
     runs).
@@ -27,9 +30,11 @@ Where it could escape on real hardware: a device that keeps writing after it was
 (a quiesce that is not a DMA barrier, posted writes still in the fabric), a device that writes
 outside the buffers of the request it completes (firmware bugs; the identity IOMMU map lets
 it reach any guest page, where `shadow` maps only device buffers), and a write to a buffer of
-a request the device completed and the guest has not yet reposted. `shadow` trusts the device
-with nothing but the device buffers; `intercept` trusts it to write only the writable buffers
-of the requests it was given, and to stop when quiesced.
+a request the device completed and the guest has not yet reposted, and a device that reports
+a ring position behind the requests it really took (a prefetching device must count what it
+prefetched, as vhost's GET_VRING_BASE does). `shadow` trusts the device with nothing but the
+device buffers; `intercept` trusts it to write only the writable buffers of the requests it
+was given, to stop when quiesced, and to say truly where it stopped reading.
 
 The device state sent to the destination is the interception log either way, not a readout of
 device internals.
