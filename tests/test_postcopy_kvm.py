@@ -4,7 +4,7 @@ A guest that dirties its working set faster than the capped link carries it neve
 pre-copy; with `postcopy-ram` the source switches over once pre-copy stalls, the destination
 runs the guest while it fetches the missing pages, and `x-verify` compares every installed page
 with the source's frozen RAM. A link cut during post-copy leaves the guest paused on both sides
-(no recovery yet), and a VM with devices is refused before anything moves.
+(recovery: test_postcopy_recover_kvm), and a VM with devices is refused before anything moves.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_a_guest_precopy_cannot_finish_completes_with_postcopy_verified(tmp_path
 
 
 def test_a_link_cut_during_postcopy_pauses_the_guest_on_both_sides(tmp_path: Path) -> None:
-    """The documented outcome without recovery: the source keeps every page it had not sent
+    """The documented outcome until a recovery: the source keeps every page it had not sent
     and stays paused (postcopy-paused), the destination pauses its vCPUs and keeps the fault
     server; neither runs the guest."""
     src, dst, port = _pair(tmp_path, dirty_config(tmp_path, memory="32M", ws="16M"))

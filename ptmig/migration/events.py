@@ -253,6 +253,15 @@ class PostcopyEnd:
     """Source: every pending page has been sent; post-copy is over."""
 
 
+@dataclass(frozen=True)
+class PostcopyReceived:
+    """Destination, on a resumed post-copy connection (see `recovery`): the bitmap
+    (little-endian uint64 words, one bit per guest page) of the pages it holds; the source
+    sends every other RAM page."""
+
+    received: bytes
+
+
 Event = (
     Hello
     | HelloAck
@@ -271,4 +280,5 @@ Event = (
     | PostcopyPages
     | PageRequest
     | PostcopyEnd
+    | PostcopyReceived
 )

@@ -26,9 +26,10 @@ rest. Neither side may run the guest alone, and nothing is dropped:
 - the destination pauses its vCPUs (a vCPU waiting on a missing page is kicked out of its
   wait; `query-status` says `paused`) and keeps its fault server and pages
   (`x-query-postcopy` says `postcopy-paused`).
-Recovery (QEMU's `migrate-recover` / `migrate` with `resume: true`) is not built: the guest
-stays paused on both sides, and is lost only when one of the two processes is ended. The
-destination never runs a guest with a page missing and unreachable, and never zero-fills one.
+`recovery` takes it up again (QEMU's `migrate-pause`, `migrate-recover`, `migrate` with
+`resume: true`): until then the guest stays paused on both sides, and is lost only when one of
+the two processes is ended. The destination never runs a guest with a page missing and
+unreachable, and never zero-fills one.
 
 Passthrough devices: the destination's device processes map guest RAM themselves, outside the
 userfaultfd registration; a device touching a missing page would allocate a zero page the real
@@ -350,7 +351,8 @@ class PostcopyReceiver:
             )
 
     def start_fetcher(self, ch: transport.Channel, conn: Connection) -> None:
-        self.report.started_at = time.monotonic()
+        if self.report.started_at is None:  # a resumed link keeps the post-copy's start
+            self.report.started_at = time.monotonic()
         # A short receive queue: a requested page then waits behind little background data
         # when this side installs slower than the link delivers (the source's send queue is
         # kept short by BACKLOG_BYTES).
@@ -435,6 +437,21 @@ class PostcopyReceiver:
         self._stop.set()
         if self._fetcher is not None:
             self._fetcher.join(INSTALL_WAIT_S)
+            self._fetcher = None
+        self._stop.clear()
+
+    def resumed(
+        self, ch: transport.Channel, conn: Connection, awaited: npt.NDArray[np.uint64]
+    ) -> None:
+        """A resumed link (see `recovery`): ask again for the `awaited` pages (whose requests
+        or answers the broken link may have lost), then fetch on as before."""
+        for first, n in page_ranges(awaited, MAX_POSTCOPY_PAGES):
+            with self._send_lock:
+                transport.send_event(ch, conn, PageRequest(first, n))
+        self.report.status = "postcopy-active"
+        self.report.error = None
+        self.report.ended_at = None
+        self.start_fetcher(ch, conn)
 
     def _snapshot(self) -> None:
         if self.server is not None:

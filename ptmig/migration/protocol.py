@@ -18,6 +18,9 @@ Conversation (see `events` for who sends what):
     POSTCOPY_COMPLETE_SENT --D SwitchoverAck(ok)--> POSTCOPY
     POSTCOPY --S PostcopyPages* | D PageRequest*--> POSTCOPY --S PostcopyEnd--> SWITCHED_OVER
     (a PageRequest that crossed PostcopyEnd is allowed, and ignored, until the end)
+    a resumed post-copy (`Connection(resume=True)`, a new stream; see `recovery`):
+    RESUME_START --S Hello--> RESUME_HELLO_SENT --D HelloAck(accepted)--> RESUME_ACKED
+    RESUME_ACKED --D PostcopyReceived--> POSTCOPY                    (refused → REFUSED)
     any non-final state --S|D Abort--> ABORTED
 
 Who runs the guest (`GuestOwnership`, table `OWNERSHIP`). The conversation above says what may
@@ -87,6 +90,7 @@ from ptmig.migration.events import (
     PageRuns,
     PageRunsHeader,
     PostcopyPages,
+    PostcopyReceived,
     PostcopyStart,
     ProtocolError,
     RemoteProtocolError,
@@ -120,6 +124,9 @@ class State(enum.Enum):
     POSTCOPY_ARMED = "postcopy-armed"
     POSTCOPY_COMPLETE_SENT = "postcopy-complete-sent"
     POSTCOPY = "postcopy"
+    RESUME_START = "resume-start"
+    RESUME_HELLO_SENT = "resume-hello-sent"
+    RESUME_ACKED = "resume-acked"
 
 
 FINAL_STATES = frozenset(
@@ -172,6 +179,11 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (S, State.POSTCOPY, "PostcopyEnd"): State.SWITCHED_OVER,
     (D, State.SWITCHED_OVER, "PageRequest"): State.SWITCHED_OVER,
     (D, State.POST_VERIFY, "PageRequest"): State.POST_VERIFY,
+    # A resumed post-copy: the destination's received bitmap says what the source resends.
+    (S, State.RESUME_START, "Hello"): State.RESUME_HELLO_SENT,
+    (D, State.RESUME_HELLO_SENT, "HelloAck"): State.RESUME_ACKED,
+    (D, State.RESUME_HELLO_SENT, "HelloRefused"): State.REFUSED,
+    (D, State.RESUME_ACKED, "PostcopyReceived"): State.POSTCOPY,
 }
 for _state in State:
     if _state not in _NO_ABORT:
@@ -340,12 +352,14 @@ class Connection:
         zero_filler: Callable[[memoryview, np.ndarray], None] | None = None,
         data_channel: bool = False,
         ram_holes: Sequence[tuple[int, int]] = (),
+        resume: bool = False,
     ) -> None:
         """`zero_filler(guest_mem, runs)` replaces the default zeroing of ZERO runs (the
         destination VMM punches holes in its guest memfd instead of writing zeros).
         `data_channel`: this stream only carries rounds (see the module docstring).
         `ram_holes`: (first_page, npages) ranges below `guest_pages` that are not RAM (the
-        MMIO gap below 4 GiB); no run may touch them."""
+        MMIO gap below 4 GiB); no run may touch them.
+        `resume`: a resumed post-copy's stream (see the module docstring and `recovery`)."""
         if guest_pages <= 0:
             raise ValueError(f"guest_pages must be positive, not {guest_pages}")
         if page_size <= 0 or page_size % 8:
@@ -357,7 +371,7 @@ class Connection:
         self.guest_pages = guest_pages
         self.ram_holes = tuple(ram_holes)
         self.page_size = page_size
-        self.state = State.START
+        self.state = State.RESUME_START if resume else State.START
         self._buf = bytearray()
         self._preamble_sent = False
         self._preamble_received = False
@@ -414,11 +428,9 @@ class Connection:
                         f"range starting at {self._digest_next} inside {self.guest_pages} pages"
                     )
                 self._digest_next = start + n
-            case PostcopyStart(pending):
-                if len(pending) != 8 * ((self.guest_pages + 63) // 64):
-                    raise err(
-                        f"PostcopyStart bitmap of {len(pending)} bytes for {self.guest_pages} pages"
-                    )
+            case PostcopyStart(bits) | PostcopyReceived(bits):
+                if len(bits) != 8 * ((self.guest_pages + 63) // 64):
+                    raise err(f"{tag} bitmap of {len(bits)} bytes for {self.guest_pages} pages")
             case PostcopyPages(first, npages) | PageRequest(first, npages):
                 self._check_page_range(first, npages, tag, err)
             case VerifyReport():

@@ -39,7 +39,7 @@ from ..errors import PtmigError
 from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
 from ..vm import RunState
-from . import pages, policy, postcopy, transport
+from . import pages, policy, postcopy, recovery, transport
 from .channels import ChannelRound, DataChannel, stripe_masks
 from .events import (
     NEED_DATA,
@@ -47,6 +47,7 @@ from .events import (
     Complete,
     DeviceStates,
     HelloAck,
+    PostcopyReceived,
     PostcopyStart,
     Role,
     RoundEnd,
@@ -148,6 +149,11 @@ class SourceMigration:
         self.postcopy_requested = threading.Event()  # migrate-start-postcopy
         self._postcopy = False  # the switchover is a post-copy one
         self._sender: postcopy.PostcopySender | None = None
+        # Post-copy recovery (see `recovery`): the secret a resume proves this migration with,
+        # this side's phase, and whether the last link loss was a migrate-pause.
+        self._session = secrets.token_hex(16)
+        self.recovery = recovery.Recovery()
+        self._pause_asked = False
 
     # --- control ----------------------------------------------------------------------------
 
@@ -206,7 +212,10 @@ class SourceMigration:
             conn = Connection(Role.SOURCE, guest_pages=vm.memory.npages)
             caps: tuple[str, ...] = (VERIFY_CAPABILITY,) if self.caps.x_verify else ()
             if self.caps.postcopy_ram:
-                caps += (postcopy.POSTCOPY_CAPABILITY,)
+                caps += (
+                    postcopy.POSTCOPY_CAPABILITY,
+                    recovery.session_capability(self._session),
+                )
             nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
             if nchannels:
                 caps += (channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, nchannels, token),)
@@ -226,13 +235,16 @@ class SourceMigration:
             if self.info.end is None:
                 self.info.end = time.monotonic()
             if switched:
-                self.strategy.complete(m)
-                self.info.shadow = self.strategy.stats()
-                self._set_status(Status.COMPLETED)
+                self._completed()
         finally:
             self._close_data_channels()
             if self.channel is not None:
                 self.channel.close()
+
+    def _completed(self) -> None:
+        self.strategy.complete(self.m)
+        self.info.shadow = self.strategy.stats()
+        self._set_status(Status.COMPLETED)
 
     def _failed(self, e: Exception) -> None:
         """The migration failed: resume here if the guest is still ours, else stay unresolved."""
@@ -620,11 +632,17 @@ class SourceMigration:
         self.info.ram.remaining = 0
         stop_round["destination-ms"] = _ack_field(reply.reason, "x-switchover-ms")
         if self._postcopy:
-            self._run_postcopy(ch, conn, dirty)
-        vm._set_state(RunState.POSTMIGRATE)
+            self._run_postcopy(
+                ch, conn, postcopy.pending_pages(postcopy.pending_bytes(dirty), vm.memory.npages)
+            )
+        self._hand_over(ch, conn)
+        return True
+
+    def _hand_over(self, ch: transport.Channel, conn: Connection) -> None:
+        """The destination has every page: this side never runs the guest again."""
+        self.m.vm._set_state(RunState.POSTMIGRATE)
         if self.caps.x_verify:
             self.info.verify = self._verify_after_switchover(ch, conn)
-        return True
 
     # --- post-copy (see `postcopy`) -----------------------------------------------------------
 
@@ -650,32 +668,35 @@ class SourceMigration:
         return True
 
     def _run_postcopy(
-        self, ch: transport.Channel, conn: Connection, pending: bitmap.Bitmap
+        self, ch: transport.Channel, conn: Connection, pending: np.ndarray, key: str = "pending"
     ) -> None:
-        """The destination runs the guest: send it every pending page, its requests first."""
+        """The destination runs the guest: send it every `pending` page (one bool per page),
+        its requests first. `key`: the pages' field in x-postcopy ("pending", "resent")."""
         mem = self.m.vm.memory
         sender = postcopy.PostcopySender(
             ch,
             conn,
             mem.view,
-            postcopy.pending_pages(postcopy.pending_bytes(pending), mem.npages),
+            pending,
             mem.allocated(),
             check=self._check_cancel,
             rate_limit=self._rate_limit,
         )
         self._sender = sender
-        assert self.info.postcopy is not None
-        self.info.postcopy["pending-pages"] = sender.order.left
+        pc = self.info.postcopy
+        assert pc is not None
+        pc[f"{key}-pages"] = sender.order.left
         self._set_status(Status.POSTCOPY_ACTIVE)
         t0 = time.monotonic()
         try:
             sender.run()
-        finally:
-            self.info.ram.postcopy_requests = sender.requests
+        finally:  # a resumed post-copy adds to the first one's counters
+            self.info.ram.postcopy_requests += sender.requests
             self.info.ram.transferred += sender.bytes_sent
-            self.info.postcopy["requested-pages"] = sender.requested_pages
-            self.info.postcopy["unsent-pages"] = sender.order.left
-            self.info.postcopy["time-ms"] = round((time.monotonic() - t0) * 1000, 1)
+            pc["requested-pages"] = pc.get("requested-pages", 0) + sender.requested_pages
+            pc["unsent-pages"] = sender.order.left
+            pc["time-ms"] = round(pc.get("time-ms", 0) + (time.monotonic() - t0) * 1000, 1)
+        self.recovery.handle(recovery.Step.DONE)
         self.info.ram.remaining = 0
 
     def _check_cancel(self) -> None:
@@ -686,15 +707,82 @@ class SourceMigration:
     def _postcopy_paused(self, why: str) -> None:
         """The link broke (or the migration was cancelled) during post-copy: the destination
         runs the guest with pages only we have. Keep them all, stay paused, say so."""
+        if self._pause_asked:
+            why = f"migrate-pause ({why})"
+        step = recovery.Step.PAUSE if self._pause_asked else recovery.Step.LINK_LOST
+        self._pause_asked = False
+        if self.recovery.allowed(step):
+            self.recovery.handle(step)
         left = self._sender.order.left if self._sender is not None else -1
         self.info.end = time.monotonic()
         self.info.error = (
             f"post-copy interrupted ({why}): {left} pages were not sent; the guest is paused on "
-            "both sides and this side keeps all of its RAM (recovery is not supported: the "
-            "guest is lost if either process ends)"
+            "both sides and this side keeps all of its RAM: recover with migrate-recover on the "
+            "destination, then migrate with resume true here (the guest is lost only if "
+            "either process ends)"
         )
         log.error("migration: %s", self.info.error)
         self._set_status(Status.POSTCOPY_PAUSED)
+
+    # --- post-copy recovery (see `recovery`) --------------------------------------------------
+
+    def pause(self) -> None:
+        """`migrate-pause`: break the post-copy link on purpose (both sides pause)."""
+        if not self._postcopy or not self.recovery.allowed(recovery.Step.PAUSE):
+            raise recovery.RecoveryError(
+                f"migrate-pause: the migration is {self.info.status.value}, not in post-copy"
+            )
+        self._pause_asked = True
+        if self.channel is not None:
+            self.channel.abort()
+
+    def resume(self, uri: str) -> None:
+        """`migrate` with `resume: true`: reconnect to the destination (which listens after
+        `migrate-recover`), with the first connection's credentials, and send what it lacks."""
+        if self.info.status is not Status.POSTCOPY_PAUSED:
+            raise recovery.RecoveryError(
+                f"migrate resume: the migration is {self.info.status.value}, not postcopy-paused"
+            )
+        address = parse_uri(uri)
+        self.recovery.handle(recovery.Step.RECOVER)
+        self.address = address
+        self._set_status(Status.POSTCOPY_RECOVER)
+        self._thread = threading.Thread(
+            target=self._run_resume, name="migration-resume", daemon=True
+        )
+        self._thread.start()
+
+    def _run_resume(self) -> None:
+        mem = self.m.vm.memory
+        try:
+            ch = transport.connect_to(
+                self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
+            )
+            self.channel = ch
+            conn = Connection(Role.SOURCE, guest_pages=mem.npages, resume=True)
+            caps = (recovery.session_capability(self._session),)
+            transport.send_event(ch, conn, hello(self.m.cfg.compat_fingerprint(), caps))
+            ack = transport.recv_event(ch, conn)
+            if not isinstance(ack, HelloAck) or not ack.accepted:
+                reason = ack.reason if isinstance(ack, HelloAck) else "it closed the stream"
+                raise recovery.RecoveryError(f"the destination refused the resume: {reason}")
+            got = transport.recv_event(ch, conn)
+            if not isinstance(got, PostcopyReceived):
+                raise recovery.RecoveryError(f"expected the received bitmap, got {got}")
+            received = recovery.parse_received_bitmap(got.received, mem.npages)
+            ram = postcopy.pending_pages(postcopy.pending_bytes(mem.ram_bitmap()), mem.npages)
+            self.recovery.handle(recovery.Step.RESUMED)
+            self.info.error = None
+            self._run_postcopy(ch, conn, recovery.pages_to_resend(received, ram), "resent")
+            self._hand_over(ch, conn)
+        except Exception as e:
+            self._failed(e)
+        else:
+            self.info.end = time.monotonic()
+            self._completed()
+        finally:
+            if self.channel is not None:
+                self.channel.close()
 
     def _switchover_reply(self, ch: transport.Channel, conn: Connection) -> SwitchoverAck | Abort:
         """The destination's answer to Complete, within x-switchover-timeout; a cancel, the
