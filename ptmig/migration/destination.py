@@ -660,6 +660,8 @@ class Incoming:
         transport.send_event(ch, conn, ack)
         if not ack.accepted:
             raise RecoveryError(f"refused a post-copy resume: {ack.reason}")
+        if self._pause_asked:  # migrate-pause while this source was being accepted
+            raise RecoveryError("migrate-pause during the resume handshake")
         pc = self.postcopy
         assert pc is not None and pc.server is not None
         states = pc.server.states()

@@ -746,6 +746,7 @@ class SourceMigration:
         address = parse_uri(uri)
         self.recovery.handle(recovery.Step.RECOVER)
         self.address = address
+        self.channel = None  # the broken one is closed; migrate-pause aborts the new one
         self._set_status(Status.POSTCOPY_RECOVER)
         self._thread = threading.Thread(
             target=self._run_resume, name="migration-resume", daemon=True
@@ -759,6 +760,8 @@ class SourceMigration:
                 self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
             )
             self.channel = ch
+            if self._pause_asked:  # migrate-pause while connecting
+                raise recovery.RecoveryError("migrate-pause during the reconnection")
             conn = Connection(Role.SOURCE, guest_pages=mem.npages, resume=True)
             caps = (recovery.session_capability(self._session),)
             transport.send_event(ch, conn, hello(self.m.cfg.compat_fingerprint(), caps))
