@@ -50,6 +50,8 @@ from .events import (
     Hello,
     HelloAck,
     PageRunsHeader,
+    PostcopyDiscard,
+    PostcopyDiscarded,
     PostcopyReceived,
     PostcopyStart,
     ProtocolError,
@@ -65,7 +67,14 @@ from .events import (
 )
 from .frames import MAX_REASON
 from .pages import PAGE_SIZE, expand_runs, pages_to_runs
-from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver, refuse_devices
+from .postcopy import (
+    POSTCOPY_CAPABILITY,
+    PostcopyError,
+    PostcopyReceiver,
+    pending_pages,
+    punch_pages,
+    refuse_devices,
+)
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
@@ -345,6 +354,7 @@ class Incoming:
         # With post-copy offered: which pages arrived as zero pages (holes in the memfd), so
         # that arming knows them without scanning the memfd inside the downtime.
         self.zero_received: np.ndarray | None = None
+        self.discarded: np.ndarray | None = None  # pages PostcopyDiscard made missing
         # Post-copy recovery (see `recovery`): the source's session token, this side's phase,
         # the stream post-copy pages arrive on (migrate-pause breaks it), the recovery listener.
         self.session: str | None = None
@@ -435,6 +445,7 @@ class Incoming:
         self._failure = None
         self.postcopy_start = None
         self.zero_received = None
+        self.discarded = None
         if self.postcopy is not None:  # armed, but the guest never ran here
             self.m.vm.memory.presence = None
             self.postcopy.finish()
@@ -506,6 +517,8 @@ class Incoming:
                         f"{POSTCOPY_CAPABILITY}"
                     )
                 self.postcopy_start = ev
+            elif isinstance(ev, PostcopyDiscard):
+                self._discard_early(ch, conn, ev, rnd)
             elif isinstance(ev, Complete):
                 if vcpus is None or devices is None:
                     raise IncomingError("Complete arrived before the vCPU and device state")
@@ -529,6 +542,22 @@ class Incoming:
             else:
                 raise IncomingError(f"unexpected event {type(ev).__name__}")
 
+    def _discard_early(
+        self, ch: transport.Channel, conn: Connection, ev: PostcopyDiscard, rnd: int
+    ) -> None:
+        """The source will switch to post-copy: make the pages it names missing now, while its
+        guest still runs (outside the downtime), once no page of the last round can land."""
+        if self.zero_received is None:  # set at a Hello that offered post-copy
+            raise IncomingError(
+                f"PostcopyDiscard from a source whose Hello did not offer {POSTCOPY_CAPABILITY}"
+            )
+        self._finish_data_channels(rnd)
+        mem = self.m.vm.memory
+        discarded = pending_pages(ev.pending, mem.npages)
+        punch_pages(discarded, mem.punch_zero)
+        self.discarded = discarded
+        transport.send_event(ch, conn, PostcopyDiscarded())
+
     def _arm_postcopy(self, start: PostcopyStart) -> None:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
         is served by the fault server (see `postcopy`)."""
@@ -540,8 +569,12 @@ class Incoming:
         self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
         try:
             allocated = ~self.zero_received if self.zero_received is not None else mem.allocated()
-            self.postcopy.arm(start, allocated, mem.punch_zero)
-        except (FaultServerError, OSError) as e:  # refused: the source resumes the guest
+            self.postcopy.arm(start, allocated, mem.punch_zero, self.discarded)
+        except (
+            FaultServerError,
+            PostcopyError,
+            OSError,
+        ) as e:  # refused: the source resumes the guest
             raise IncomingError(f"cannot start post-copy here: {e}") from None
         mem.presence = self.postcopy.presence
 

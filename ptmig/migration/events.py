@@ -254,6 +254,20 @@ class PostcopyEnd:
 
 
 @dataclass(frozen=True)
+class PostcopyDiscard:
+    """Source, at the pre-copy round end where it decided to switch to post-copy, before it
+    stops the vCPUs: these pages (bitmap as PostcopyStart's) will be pending, make them
+    missing now, outside the downtime. No round follows; PostcopyStart will name them again."""
+
+    pending: bytes
+
+
+@dataclass(frozen=True)
+class PostcopyDiscarded:
+    """Destination: the PostcopyDiscard pages are missing here; the source may stop."""
+
+
+@dataclass(frozen=True)
 class PostcopyReceived:
     """Destination, on a resumed post-copy connection (see `recovery`): the bitmap
     (little-endian uint64 words, one bit per guest page) of the pages it holds; the source
@@ -281,4 +295,6 @@ Event = (
     | PageRequest
     | PostcopyEnd
     | PostcopyReceived
+    | PostcopyDiscard
+    | PostcopyDiscarded
 )

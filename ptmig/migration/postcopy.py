@@ -107,6 +107,15 @@ def pending_pages(blob: bytes, npages: int) -> npt.NDArray[np.bool_]:
     return bits[:npages]
 
 
+def punch_pages(mask: npt.NDArray[np.bool_], punch: Callable[[int, int], None]) -> None:
+    """Make the pages set in `mask` holes: one `punch(first, npages)` per run of them."""
+    edges = np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    for first, end in zip(
+        np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True
+    ):
+        punch(first, end - first)
+
+
 def page_ranges(pfns: npt.NDArray[Any], max_pages: int) -> list[tuple[int, int]]:
     """Page numbers as (first, npages) ranges of consecutive pages, each ≤ max_pages."""
     p = np.unique(np.asarray(pfns, dtype=np.int64))
@@ -324,12 +333,21 @@ class PostcopyReceiver:
         start: PostcopyStart,
         allocated: npt.NDArray[np.bool_],
         punch: Callable[[int, int], None],
+        discarded: npt.NDArray[np.bool_] | None = None,
     ) -> npt.NDArray[np.bool_]:
         """Make the pending pages missing and register guest RAM; returns the pending pages.
-        Before the vCPUs run: a page they touch from now on is either here or fetched."""
+        Before the vCPUs run: a page they touch from now on is either here or fetched.
+        `discarded`: pages made missing already (PostcopyDiscard), all of them pending."""
         pending = pending_pages(start.pending, self.npages)
-        for first, n in page_ranges(np.flatnonzero(pending).astype(np.uint64), 1 << 30):
-            punch(first, n)
+        if discarded is None:
+            punch_pages(pending, punch)
+        else:
+            if (discarded & ~pending).any():
+                raise PostcopyError(
+                    f"PostcopyStart leaves out page {int(np.flatnonzero(discarded & ~pending)[0])}"
+                    ", which PostcopyDiscard made missing: it would never arrive"
+                )
+            punch_pages(pending & ~discarded, punch)
         allocated = allocated & ~pending
         self.server = FaultServer(self.base, initial_states(~pending, allocated))
         self.report.status = "postcopy-active"

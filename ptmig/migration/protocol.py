@@ -17,6 +17,11 @@ Conversation (see `events` for who sends what):
     DEVICES_SENT --S PostcopyStart--> POSTCOPY_ARMED --S Complete--> POSTCOPY_COMPLETE_SENT
     POSTCOPY_COMPLETE_SENT --D SwitchoverAck(ok)--> POSTCOPY
     POSTCOPY --S PostcopyPages* | D PageRequest*--> POSTCOPY --S PostcopyEnd--> SWITCHED_OVER
+    (optionally, at the round end where the source decides to switch, before it stops:
+    PRECOPY --S PostcopyDiscard--> DISCARD_SENT --D PostcopyDiscarded--> DISCARDED
+    DISCARDED --S VcpuStates--> POSTCOPY_VCPU_SENT --S DeviceStates--> POSTCOPY_DEVICES_SENT
+    POSTCOPY_DEVICES_SENT --S PostcopyStart--> POSTCOPY_ARMED: no round and no plain
+    switchover after a discard, whose pages the destination no longer has)
     (a PageRequest that crossed PostcopyEnd is allowed, and ignored, until the end)
     a resumed post-copy (`Connection(resume=True)`, a new stream; see `recovery`):
     RESUME_START --S Hello--> RESUME_HELLO_SENT --D HelloAck(accepted)--> RESUME_ACKED
@@ -89,6 +94,7 @@ from ptmig.migration.events import (
     PageRequest,
     PageRuns,
     PageRunsHeader,
+    PostcopyDiscard,
     PostcopyPages,
     PostcopyReceived,
     PostcopyStart,
@@ -125,6 +131,10 @@ class State(enum.Enum):
     POSTCOPY_COMPLETE_SENT = "postcopy-complete-sent"
     POSTCOPY = "postcopy"
     RESUME_START = "resume-start"
+    DISCARD_SENT = "discard-sent"
+    DISCARDED = "discarded"
+    POSTCOPY_VCPU_SENT = "postcopy-vcpu-sent"
+    POSTCOPY_DEVICES_SENT = "postcopy-devices-sent"
     RESUME_HELLO_SENT = "resume-hello-sent"
     RESUME_ACKED = "resume-acked"
 
@@ -171,6 +181,11 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (D, State.POST_VERIFY, "VerifyReport"): State.VERIFIED,
     # Post-copy: the guest runs on the destination before all of its pages are there.
     (S, State.DEVICES_SENT, "PostcopyStart"): State.POSTCOPY_ARMED,
+    (S, State.PRECOPY, "PostcopyDiscard"): State.DISCARD_SENT,
+    (D, State.DISCARD_SENT, "PostcopyDiscarded"): State.DISCARDED,
+    (S, State.DISCARDED, "VcpuStates"): State.POSTCOPY_VCPU_SENT,
+    (S, State.POSTCOPY_VCPU_SENT, "DeviceStates"): State.POSTCOPY_DEVICES_SENT,
+    (S, State.POSTCOPY_DEVICES_SENT, "PostcopyStart"): State.POSTCOPY_ARMED,
     (S, State.POSTCOPY_ARMED, "Complete"): State.POSTCOPY_COMPLETE_SENT,
     (D, State.POSTCOPY_COMPLETE_SENT, "SwitchoverAck"): State.POSTCOPY,
     (D, State.POSTCOPY_COMPLETE_SENT, "SwitchoverRefused"): State.SWITCHOVER_REFUSED,
@@ -428,7 +443,7 @@ class Connection:
                         f"range starting at {self._digest_next} inside {self.guest_pages} pages"
                     )
                 self._digest_next = start + n
-            case PostcopyStart(bits) | PostcopyReceived(bits):
+            case PostcopyStart(bits) | PostcopyReceived(bits) | PostcopyDiscard(bits):
                 if len(bits) != 8 * ((self.guest_pages + 63) // 64):
                     raise err(f"{tag} bitmap of {len(bits)} bytes for {self.guest_pages} pages")
             case PostcopyPages(first, npages) | PageRequest(first, npages):

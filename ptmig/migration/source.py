@@ -47,6 +47,8 @@ from .events import (
     Complete,
     DeviceStates,
     HelloAck,
+    PostcopyDiscard,
+    PostcopyDiscarded,
     PostcopyReceived,
     PostcopyStart,
     Role,
@@ -549,6 +551,7 @@ class SourceMigration:
             if self._switch_to_postcopy(rnd, stalled):
                 self._drain(ch)
                 self._close_data_channels()
+                self._discard_early(ch, conn, dirty)
                 return dirty
             if auto is not None:
                 pct = auto.update(
@@ -666,6 +669,21 @@ class SourceMigration:
         self.info.postcopy = {"trigger": trigger.value, "after-rounds": rounds_done}
         log.info("switching to post-copy after %d rounds (%s)", rounds_done, trigger.value)
         return True
+
+    def _discard_early(
+        self, ch: transport.Channel, conn: Connection, pending: bitmap.Bitmap
+    ) -> None:
+        """Before the stop: the destination makes the pages dirty now missing while the guest
+        still runs here, so that its arming in the downtime only punches what the last moments
+        dirtied (the final PostcopyStart names these pages again)."""
+        t0 = time.monotonic()
+        pending = pending & self.m.vm.memory.ram_bitmap()
+        transport.send_event(ch, conn, PostcopyDiscard(postcopy.pending_bytes(pending)))
+        reply = self._reply(ch, conn, (PostcopyDiscarded, Abort), "discard acknowledgement")
+        if isinstance(reply, Abort):
+            raise RuntimeError(f"destination aborted: {reply.reason}")
+        assert self.info.postcopy is not None
+        self.info.postcopy["discard-ms"] = round((time.monotonic() - t0) * 1000, 2)
 
     def _run_postcopy(
         self, ch: transport.Channel, conn: Connection, pending: np.ndarray, key: str = "pending"
@@ -790,32 +808,37 @@ class SourceMigration:
     def _switchover_reply(self, ch: transport.Channel, conn: Connection) -> SwitchoverAck | Abort:
         """The destination's answer to Complete, within x-switchover-timeout; a cancel, the
         timeout or a broken stream raise (and leave the switchover unresolved)."""
+        ev = self._reply(ch, conn, (SwitchoverAck, Abort), "switchover acknowledgement")
+        assert isinstance(ev, SwitchoverAck | Abort)
+        return ev
+
+    def _reply(
+        self, ch: transport.Channel, conn: Connection, kinds: tuple[type, ...], what: str
+    ) -> Any:
+        """The destination's next event, one of `kinds`, within x-switchover-timeout,
+        watching for a cancel meanwhile."""
         limit = self.params.x_switchover_timeout_s
         deadline = time.monotonic() + limit
         while True:
             ev = conn.next_event()
-            if isinstance(ev, SwitchoverAck | Abort):
+            if isinstance(ev, kinds):
                 return ev
             if ev is not NEED_DATA:
-                raise RuntimeError(f"expected a switchover acknowledgement, got {ev!r}")
+                raise RuntimeError(f"expected a {what}, got {ev!r}")
             if self._cancel.is_set():
                 raise MigrationCancelled(
-                    "migration cancelled while waiting for the "
-                    "destination's switchover acknowledgement"
+                    f"migration cancelled while waiting for the destination's {what}"
                 )
             data = ch.recv_nowait()
             if data is not None:
                 if not data:
-                    raise transport.TransportError(
-                        f"{ch.peer} closed the stream before acknowledging the switchover"
-                    )
+                    raise transport.TransportError(f"{ch.peer} closed the stream before its {what}")
                 conn.receive_data(data)
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(
-                    f"no switchover acknowledgement from {ch.peer} within "
-                    f"{limit:.0f} s (x-switchover-timeout)"
+                    f"no {what} from {ch.peer} within {limit:.0f} s (x-switchover-timeout)"
                 )
             select.select([ch.sock], [], [], min(left, REPLY_POLL_S))
 
