@@ -67,7 +67,7 @@ from .events import (
 )
 from .frames import MAX_POSTCOPY_PAGES
 from .protocol import Connection, ConnectionClosed
-from .uffd import FaultServer, FaultStats, initial_states
+from .uffd import FaultServer, FaultServerError, FaultStats, initial_states
 
 log = logging.getLogger(__name__)
 
@@ -437,9 +437,9 @@ class PostcopyReceiver:
         """Every page is here: stop fetching, unregister guest RAM, keep the numbers."""
         self._stop_fetcher()
         self._snapshot()
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        server, self.server = self.server, None  # a QMP query in flight sees it gone first
+        if server is not None:
+            server.close()
         self.report.status = "completed"
         self.report.ended_at = time.monotonic()
 
@@ -477,6 +477,11 @@ class PostcopyReceiver:
             self.report.latencies_us = self.server.latencies_us()
 
     def live_report(self) -> dict[str, Any]:
-        if self.server is not None and self.report.status == "postcopy-active":
-            self.report.stats = self.server.stats()
+        server = self.server
+        if server is not None and self.report.status == "postcopy-active":
+            try:
+                self.report.stats = server.stats()
+            except FaultServerError:
+                if self.server is not None:
+                    raise  # the fault thread failed (closed meanwhile: `finish` kept the numbers)
         return self.report.to_qmp()
