@@ -79,6 +79,9 @@ def _completed_and_verified(src: Vmm, dst: Vmm) -> dict[str, Any]:
     assert src.status() == "postmigrate"
     report = _dst_postcopy(dst, "completed")
     assert report["missing"] == 0, report
+    # the pending pages were made missing before the stop; the guest moved after it
+    assert info["x-postcopy"]["discard-ms"] >= 0, info["x-postcopy"]
+    assert info["x-postcopy"]["stopped-at-s"] <= report["guest-started-at-s"]
     assert dst.status() == "running"
     assert iterations_increase(dst)  # the faults blocked during the pause were served
     return info

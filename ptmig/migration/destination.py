@@ -530,6 +530,8 @@ class Incoming:
                     self._arm_postcopy(self.postcopy_start)
                 armed_s = time.monotonic() - armed_s
                 self._switchover(ch, conn, vcpus, devices, armed_s if self.postcopy else None)
+                if self.postcopy is not None:
+                    self.postcopy.report.guest_started_at = self.started_at
                 if self.postcopy is not None and not self._run_postcopy(ch, conn):
                     return  # paused: the source keeps the pages we lack
                 if self.digests is not None:

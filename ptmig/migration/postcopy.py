@@ -288,9 +288,12 @@ class PostcopyReport:
     ended_at: float | None = None
     stats: FaultStats | None = None
     latencies_us: npt.NDArray[np.uint32] | None = None
+    guest_started_at: float | None = None  # time.monotonic() when the vCPUs started here
 
     def to_qmp(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, "pending-pages": self.pending_pages}
+        if self.guest_started_at is not None:
+            out["guest-started-at-s"] = round(self.guest_started_at, 6)
         if self.error:
             out["error-desc"] = self.error
         if self.started_at is not None:
