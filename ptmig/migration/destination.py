@@ -583,9 +583,7 @@ class Incoming:
     def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
         """The guest runs: receive the pending pages until the last one. A broken link pauses
         the guest here (False); nothing missing is ever zero-filled."""
-        pc = self.postcopy
-        assert pc is not None
-        pc.start_fetcher(ch, conn)
+        assert self.postcopy is not None  # its fetcher runs since the switchover
         return self._receive_postcopy(ch, conn)
 
     def _receive_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
@@ -1035,6 +1033,8 @@ class Incoming:
                 "anyway; the source stays paused until x-migrate-resolve",
                 e,
             )
+        if self.postcopy is not None:  # the first faults' requests must not wait for the rest
+            self.postcopy.start_fetcher(ch, conn)
         vm.start()
         self.started_at = time.monotonic()
         self.m.disk_locks.record()

@@ -149,7 +149,10 @@ class SendOrder:
         """(first, npages, requested) of the next frame to send, or None when all is sent."""
         while self.requests:
             first, npages = self.requests.popleft()
-            got = self._run_from(first, first + npages)
+            # a whole frame from the first unsent requested page: the pages after it are
+            # the guest's likely next faults, and the frame costs no more bytes
+            start = self._first_unsent(first, first + npages)
+            got = None if start is None else self._run_from(start, start + MAX_POSTCOPY_PAGES)
             if got is not None:
                 self.cursor = bisect.bisect_left(self.pending, got[0] + got[1])
                 return (*got, True)
@@ -166,14 +169,21 @@ class SendOrder:
             self.cursor = 0
         return None
 
-    def _run_from(self, first: int, end: int) -> tuple[int, int] | None:
-        """The first run of consecutive unsent pending pages in [first, end), marked sent."""
+    def _first_unsent(self, first: int, end: int) -> int | None:
+        """The first unsent pending page in [first, end), or None."""
         i = bisect.bisect_left(self.pending, first)
         while i < len(self.pending) and self.pending[i] < end and self.pending[i] in self.sent:
             i += 1
         if i >= len(self.pending) or self.pending[i] >= end:
             return None
-        start = self.pending[i]
+        return self.pending[i]
+
+    def _run_from(self, first: int, end: int) -> tuple[int, int] | None:
+        """The first run of consecutive unsent pending pages in [first, end), marked sent."""
+        start = self._first_unsent(first, end)
+        if start is None:
+            return None
+        i = bisect.bisect_left(self.pending, start)
         n = 0
         while (
             i < len(self.pending)
@@ -197,14 +207,16 @@ class PostcopySender:
         conn: Connection,
         view: memoryview,
         pending: npt.NDArray[np.bool_],
-        allocated: npt.NDArray[np.bool_],
+        has_data: Callable[[int, int], bool],
         *,
         check: Callable[[], None],
         rate_limit: Callable[[int], None],
     ) -> None:
         self.ch, self.conn, self.view = ch, conn, view
         self.order = SendOrder([int(p) for p in np.flatnonzero(pending)])
-        self.allocated = allocated
+        # whether a range holds data, asked per frame (a scan of all RAM's allocation at
+        # the start would delay the first requested pages by as long)
+        self.has_data = has_data
         self.check, self.rate_limit = check, rate_limit
         self.requests = 0  # PageRequest frames received (query-migrate's postcopy-requests)
         self.requested_pages = 0
@@ -235,7 +247,7 @@ class PostcopySender:
             self._take_requests()
 
     def _send(self, first: int, npages: int) -> int:
-        if not self.allocated[first : first + npages].any():
+        if not self.has_data(first, npages):
             ev = PostcopyPages(first, npages)  # holes: zero pages, no data
         else:
             data = bytes(self.view[first * PAGE_SIZE : (first + npages) * PAGE_SIZE])

@@ -701,7 +701,7 @@ class SourceMigration:
             conn,
             mem.view,
             pending,
-            mem.allocated(),
+            mem.has_data,
             check=self._check_cancel,
             rate_limit=self._rate_limit,
         )
