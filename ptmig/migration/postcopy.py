@@ -1,17 +1,21 @@
 """Post-copy: the guest runs on the destination before all of its pages are there.
 
 The source switches over early (`policy.postcopy_trigger`: on `migrate-start-postcopy`, after
-N pre-copy rounds, or once pre-copy stopped converging). With the vCPUs stopped it sends the
-vCPU and device state and `PostcopyStart`, the bitmap of the pages the destination lacks (those
-dirtied since they were last sent), then Complete, as in a plain switchover. The destination
-makes those pages missing (punches them out of its memfd), registers guest RAM with userfaultfd
-(`uffd.FaultServer`) before its vCPUs run, acknowledges, and resumes the guest. Then:
+N pre-copy rounds, or once pre-copy stopped converging). At that round end, with the guest
+still running, it sends `PostcopyDiscard`, the pages dirty so far; the destination punches them
+out of its memfd and acknowledges (that work stays out of the downtime). With the vCPUs stopped
+the source then sends the vCPU and device state and `PostcopyStart`, the bitmap of the pages
+the destination lacks (those dirtied since they were last sent: the discarded ones and what
+the last moments dirtied), then Complete, as in a plain switchover. The destination punches
+the pages not discarded yet, registers guest RAM with userfaultfd (`uffd.FaultServer`) before
+its vCPUs run, starts its fetcher, acknowledges, and resumes the guest. Then:
 
 - `PostcopySender` (source) pushes every pending page once, in page order, as PostcopyPages
-  frames of at most 64 pages; a `PageRequest` from the destination goes first, and the
-  background push continues right after the requested pages (the guest's next accesses are
-  likely near its last fault). Zero pages travel as empty frames. `max-bandwidth` caps all of
-  it (a request jumps the queue, not the link). The end is `PostcopyEnd`.
+  frames of at most 64 pages; a `PageRequest` from the destination goes first, in a whole
+  frame from the requested page on, and the background push continues right after it (the
+  guest's next accesses are likely near its last fault). Zero pages travel as empty frames.
+  `max-bandwidth` caps all of it (a request jumps the queue, not the link). The end is
+  `PostcopyEnd`.
 - `PostcopyReceiver` (destination) installs each frame with UFFDIO_COPY (or ZEROPAGE) and
   keeps the verification digests of what it installed; its fetcher thread turns the fault
   server's requests into PageRequest frames on the same stream (the return path).
