@@ -572,11 +572,8 @@ class Incoming:
         try:
             allocated = ~self.zero_received if self.zero_received is not None else mem.allocated()
             self.postcopy.arm(start, allocated, mem.punch_zero, self.discarded)
-        except (
-            FaultServerError,
-            PostcopyError,
-            OSError,
-        ) as e:  # refused: the source resumes the guest
+        except (FaultServerError, PostcopyError, OSError) as e:
+            # refused: the source resumes the guest
             raise IncomingError(f"cannot start post-copy here: {e}") from None
         mem.presence = self.postcopy.presence
 
@@ -608,10 +605,11 @@ class Incoming:
         fault server; `recover_postcopy` can take it up again."""
         pc = self.postcopy
         assert pc is not None
+        step = Step.PAUSE if self._pause_asked else Step.LINK_LOST
         if self._pause_asked:
             why = f"migrate-pause ({why})"
         self._pause_asked = False
-        self.recovery.handle(Step.PAUSE if why.startswith("migrate-pause") else Step.LINK_LOST)
+        self.recovery.handle(step)
         if self.m.vm.state is RunState.RUNNING:
             self.m.vm.pause()
         pc.paused(why)
