@@ -31,8 +31,9 @@ def _pair(tmp_path: Path, config: Path) -> tuple[Vmm, Vmm, int]:
 
 
 def _start_postcopy_migration(
-    src: Vmm, port: int, *, bandwidth: int, after_rounds: int = 0, stalled_rounds: int = 2
+    src: Vmm, port: int | str, *, bandwidth: int, after_rounds: int = 0, stalled_rounds: int = 2
 ) -> None:
+    """To 127.0.0.1:`port`, or to the URI `port` names."""
     src.cmd(
         "migrate-set-parameters",
         {
@@ -52,7 +53,7 @@ def _start_postcopy_migration(
             ]
         },
     )
-    src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    src.cmd("migrate", {"uri": port if isinstance(port, str) else f"tcp:127.0.0.1:{port}"})
 
 
 def _wait_status(src: Vmm, wanted: tuple[str, ...], timeout: float = 120.0) -> dict[str, Any]:

@@ -58,17 +58,16 @@ def _both_paused(src: Vmm, dst: Vmm) -> dict[str, Any]:
     return info
 
 
-def _recover(src: Vmm, dst: Vmm, *, via: TcpProxy | None = None) -> int:
-    """migrate-recover on a fresh port, then the source's resume (through `via`, if given)."""
+def _recover(src: Vmm, dst: Vmm, *, via: TcpProxy | None = None, uri: str = "") -> None:
+    """migrate-recover on a fresh port (or `uri`), then the source's resume (through `via`,
+    if given)."""
     port = free_port()
-    dst.cmd("migrate-recover", {"uri": f"tcp:127.0.0.1:{port}"})
+    dst.cmd("migrate-recover", {"uri": uri or f"tcp:127.0.0.1:{port}"})
     assert dst.cmd("x-query-postcopy")["status"] == "postcopy-recover"
-    target = port
     if via is not None:
         via.target = port
-        target = via.port
-    src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{target}", "resume": True})
-    return port
+        port = via.port
+    src.cmd("migrate", {"uri": uri or f"tcp:127.0.0.1:{port}", "resume": True})
 
 
 def _completed_and_verified(src: Vmm, dst: Vmm) -> dict[str, Any]:
@@ -164,5 +163,37 @@ def test_migrate_pause_on_the_source_and_strangers_cannot_resume(tmp_path: Path)
         _completed_and_verified(src, dst)
     finally:
         link.cut()
+        src.kill()
+        dst.kill()
+
+
+def test_recovery_over_a_unix_socket_authenticated_as_the_first_connection(
+    tmp_path: Path,
+) -> None:
+    """Keyless VMMs migrate over a unix socket in a private directory (the directory is the
+    credential); the resume listens and connects the same way."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    cfg = dirty_config(tmp_path, memory="32M", ws="16M")
+    src = Vmm(tmp_path, "src", cfg, keyless=True)
+    dst = Vmm(tmp_path, "dst", cfg, incoming=f"unix:{private}/first", keyless=True)
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        assert iterations_increase(src)
+        _start_postcopy_migration(src, f"unix:{private}/first", bandwidth=8 * MiB, stalled_rounds=0)
+        _wait_status(src, ("active",))
+        src.cmd("migrate-start-postcopy")
+        _wait_status(src, ("postcopy-active",))
+        src.cmd("migrate-pause")
+        _both_paused(src, dst)
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)
+        with pytest.raises(RuntimeError, match="has mode 0o777"):  # refused to listen there
+            dst.cmd("migrate-recover", {"uri": f"unix:{shared}/sock"})
+        _recover(src, dst, uri=f"unix:{private}/resume")
+        _completed_and_verified(src, dst)
+    finally:
         src.kill()
         dst.kill()
