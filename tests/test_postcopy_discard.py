@@ -135,3 +135,26 @@ def test_punching_covers_exactly_the_marked_pages_one_call_per_run(marks: list[b
     assert (covered == mask).all()
     # runs are maximal: no two calls touch
     assert all(a + n < b for (a, n), (b, _) in zip(calls, calls[1:], strict=False))
+
+
+def test_a_discard_the_hello_did_not_offer_is_refused_before_anything_is_punched() -> None:
+    """A source (with the key) that sends PostcopyDiscard without offering post-copy: the
+    destination refuses it, punches nothing, says why, and waits on."""
+    from test_migration_incoming_hostile import VALID_HELLO, Destination, FakeMachine, abort_reason
+
+    d = Destination(FakeMachine())
+    try:
+        stream = (
+            frames.MAGIC
+            + VALID_HELLO
+            + frames.encode_event(RoundStart(0, 0))
+            + frames.encode_event(RoundEnd(0))
+            + frames.encode_event(PostcopyDiscard(bytes(8)))
+        )
+        replies = d.attempt(stream)
+        assert "PostcopyDiscard from a source whose Hello did not offer postcopy-ram" in (
+            abort_reason(replies)
+        )
+        assert d.incoming.discarded is None
+    finally:
+        d.stop()
