@@ -26,7 +26,13 @@ from ptmig.migration import (
     hello,
 )
 from ptmig.migration.events import PostcopyDiscard, PostcopyDiscarded, PostcopyStart
-from ptmig.migration.postcopy import PostcopyError, PostcopyReceiver, pending_bytes, punch_pages
+from ptmig.migration.postcopy import (
+    PostcopyError,
+    PostcopyReceiver,
+    page_ranges,
+    pending_bytes,
+    punch_pages,
+)
 
 PAGES = 128
 
@@ -158,3 +164,15 @@ def test_a_discard_the_hello_did_not_offer_is_refused_before_anything_is_punched
         assert d.incoming.discarded is None
     finally:
         d.stop()
+
+
+@given(st.lists(st.integers(0, 400), max_size=200), st.integers(1, 70))
+def test_page_ranges_cover_each_page_once_in_order_within_the_limit(
+    pfns: list[int], limit: int
+) -> None:
+    """The fetcher's requests: unsorted, with repeats, become sorted ranges of at most
+    `limit` pages covering each page once."""
+    got = page_ranges(np.array(pfns, dtype=np.uint64), limit)
+    covered = [p for first, n in got for p in range(first, first + n)]
+    assert covered == sorted(set(pfns))
+    assert all(1 <= n <= limit for _, n in got)
