@@ -1031,10 +1031,12 @@ class Incoming:
                 "anyway; the source stays paused until x-migrate-resolve",
                 e,
             )
-        if self.postcopy is not None:  # the first faults' requests must not wait for the rest
-            self.postcopy.start_fetcher(ch, conn)
         vm.start()
         self.started_at = time.monotonic()
+        # right after the vCPUs (a thread start before them would lengthen the outage), and
+        # before the rest: the first faults' requests must not wait for it
+        if self.postcopy is not None:
+            self.postcopy.start_fetcher(ch, conn)
         self.m.disk_locks.record()
         self.m.announce_nics()
         self.m.after_incoming()
