@@ -228,6 +228,18 @@ class GuestMemory:
             pos = hole
         return out
 
+    def has_data(self, first_page: int, npages: int) -> bool:
+        """Whether any of the pages is allocated in the memfd (one lseek(SEEK_DATA); a page
+        is never read). For a range checked at a time: `allocated` maps all of RAM."""
+        self.check(first_page << PAGE_SHIFT, npages << PAGE_SHIFT)
+        try:
+            data = os.lseek(self.fd, first_page << PAGE_SHIFT, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return False  # only holes from here to the end
+            raise
+        return data < (first_page + npages) << PAGE_SHIFT
+
     def punch_zero(self, first_page: int, npages: int) -> None:
         """Make pages read as zero by returning them to the memfd (no write, no allocation).
 

@@ -4,7 +4,7 @@ A guest that dirties its working set faster than the capped link carries it neve
 pre-copy; with `postcopy-ram` the source switches over once pre-copy stalls, the destination
 runs the guest while it fetches the missing pages, and `x-verify` compares every installed page
 with the source's frozen RAM. A link cut during post-copy leaves the guest paused on both sides
-(no recovery yet). VMs with devices: `test_postcopy_devices_kvm`.
+(recovery: test_postcopy_recover_kvm). VMs with devices: `test_postcopy_devices_kvm`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _pair(tmp_path: Path, config: Path) -> tuple[Vmm, Vmm, int]:
 
 def _start_postcopy_migration(
     src: Vmm,
-    port: int,
+    port: int | str,
     *,
     bandwidth: int,
     after_rounds: int = 0,
@@ -40,6 +40,7 @@ def _start_postcopy_migration(
     tracking: str = "none",
     downtime_limit: int = 50,
 ) -> None:
+    """To 127.0.0.1:`port`, or to the URI `port` names."""
     src.cmd(
         "migrate-set-parameters",
         {
@@ -59,7 +60,7 @@ def _start_postcopy_migration(
             ]
         },
     )
-    src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    src.cmd("migrate", {"uri": port if isinstance(port, str) else f"tcp:127.0.0.1:{port}"})
 
 
 def _wait_status(src: Vmm, wanted: tuple[str, ...], timeout: float = 120.0) -> dict[str, Any]:
@@ -101,7 +102,7 @@ def test_a_guest_precopy_cannot_finish_completes_with_postcopy_verified(tmp_path
 
 
 def test_a_link_cut_during_postcopy_pauses_the_guest_on_both_sides(tmp_path: Path) -> None:
-    """The documented outcome without recovery: the source keeps every page it had not sent
+    """The documented outcome until a recovery: the source keeps every page it had not sent
     and stays paused (postcopy-paused), the destination pauses its vCPUs and keeps the fault
     server; neither runs the guest."""
     src, dst, port = _pair(tmp_path, dirty_config(tmp_path, memory="32M", ws="16M"))

@@ -272,7 +272,7 @@ def test_a_postcopy_session_over_a_socket_serves_every_page_once_while_readers_f
         s_conn,
         memoryview(src),
         pending,
-        allocated,
+        lambda first, n: bool(allocated[first : first + n].any()),
         check=lambda: None,
         rate_limit=lambda n: None,
     )
@@ -321,3 +321,34 @@ def test_a_postcopy_session_over_a_socket_serves_every_page_once_while_readers_f
     a.close()
     b.close()
     dst.close()
+
+
+def test_queries_racing_close_get_the_numbers_or_a_closed_server() -> None:
+    """A QMP thread asking for the counters while the receiver closes the server (the end of
+    post-copy) never reads a freed server: it gets the numbers, or 'closed'."""
+    ram = Ram(64)
+    for _ in range(30):
+        server = FaultServer(ram.base, np.full(64, PageState.PRESENT, dtype=np.uint8))
+        errors: list[str] = []
+        started = threading.Event()
+
+        def query(
+            s: FaultServer = server, out: list[str] = errors, up: threading.Event = started
+        ) -> None:
+            while True:
+                try:
+                    assert s.stats().missing == 0
+                    s.states()
+                    s.latencies_us()
+                except FaultServerError as e:
+                    out.append(str(e))
+                    return
+                finally:
+                    up.set()
+
+        t = threading.Thread(target=query)
+        t.start()
+        assert started.wait(WAIT_S)
+        server.close()
+        t.join(WAIT_S)
+        assert errors == ["the fault server is closed"]

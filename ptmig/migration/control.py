@@ -5,6 +5,8 @@
 migration (`migrate`, `migrate_cancel`), and answers `query-migrate` with QEMU's field names.
 `x-migrate-resolve` ends a switchover left unresolved (see `protocol.GuestOwnership`): with the
 winner an operator names, or by asking the destination (`fate`).
+`migrate-pause`, `migrate-recover` and `migrate`'s `resume` recover a broken post-copy (see
+`recovery`).
 `x-debug-fill-ram` is a benchmark hook that puts random bytes into guest RAM.
 """
 
@@ -26,6 +28,7 @@ from . import transport
 from .events import Role
 from .fate import Fate, FateError
 from .params import PARAMS_SCHEMA, MigrationCapabilities, MigrationInfo, MigrationParams, Status
+from .recovery import RecoveryError
 from .source import SourceMigration
 from .tracking import DmaTracking
 
@@ -115,6 +118,8 @@ class MigrationControl:
         qmp.register("migrate_cancel", self._qmp_cancel)
         qmp.register("migrate-start-postcopy", self._qmp_start_postcopy)
         qmp.register("x-query-postcopy", self._qmp_query_postcopy)
+        qmp.register("migrate-pause", self._qmp_pause)
+        qmp.register("migrate-recover", self._qmp_recover, args_schema={"uri": str})
         qmp.register("query-migrate", self._qmp_query)
         qmp.register("migrate-set-parameters", self._qmp_set_parameters, args_schema=PARAMS_SCHEMA)
         qmp.register("query-migrate-parameters", lambda: self.params.to_qmp())
@@ -135,8 +140,48 @@ class MigrationControl:
 
     def _qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
         if resume:
-            raise QmpError(ErrorClass.GENERIC_ERROR, "postcopy resume is not supported")
-        self.migrate(uri)
+            self.resume(uri)
+        else:
+            self.migrate(uri)
+
+    def resume(self, uri: str) -> None:
+        """`migrate` with `resume: true`: reconnect a post-copy paused on this source."""
+        mig = self.current
+        if mig is None:
+            raise QmpError(ErrorClass.GENERIC_ERROR, "migrate resume: there is no migration")
+        try:
+            mig.resume(uri)
+        except (RecoveryError, ValueError) as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+
+    def _qmp_pause(self) -> None:
+        """QEMU's `migrate-pause`: break a post-copy link on purpose, on either side."""
+        mig = self.current
+        incoming = getattr(self.m, "incoming", None)
+        try:
+            if mig is not None and mig.info.status in (
+                Status.POSTCOPY_ACTIVE,
+                Status.POSTCOPY_RECOVER,
+            ):
+                mig.pause()
+            elif incoming is not None and incoming.postcopy is not None:
+                incoming.pause_postcopy()
+            else:
+                raise RecoveryError("migrate-pause: there is no post-copy migration")
+        except RecoveryError as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+
+    def _qmp_recover(self, uri: str) -> None:
+        """QEMU's `migrate-recover`: the paused destination listens for the source's resume."""
+        incoming = getattr(self.m, "incoming", None)
+        if incoming is None or incoming.postcopy is None:
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR, "migrate-recover: there is no incoming post-copy"
+            )
+        try:
+            incoming.recover_postcopy(uri)
+        except (RecoveryError, transport.TransportError, ValueError) as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     def _qmp_query(self) -> dict[str, Any]:
         """QEMU's reply: `{}` before any migration, then the latest one's status and counters."""

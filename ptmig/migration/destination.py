@@ -64,6 +64,9 @@ from .events import (
     Hello,
     HelloAck,
     PageRunsHeader,
+    PostcopyDiscard,
+    PostcopyDiscarded,
+    PostcopyReceived,
     PostcopyStart,
     ProtocolError,
     RemoteProtocolError,
@@ -85,7 +88,13 @@ from .fate import (
 )
 from .frames import MAX_REASON
 from .pages import PAGE_SIZE, expand_runs, pages_to_runs
-from .postcopy import POSTCOPY_CAPABILITY, PostcopyError, PostcopyReceiver
+from .postcopy import (
+    POSTCOPY_CAPABILITY,
+    PostcopyError,
+    PostcopyReceiver,
+    pending_pages,
+    punch_pages,
+)
 from .postcopy_devices import PostcopyDevices, refuse_unsupported
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
@@ -97,6 +106,14 @@ from .protocol import (
     GuestOwnership,
     check_hello,
     parse_channel_capability,
+)
+from .recovery import (
+    Recovery,
+    RecoveryError,
+    Step,
+    received_bitmap,
+    requested_pages,
+    session_token,
 )
 from .uffd import FaultServerError
 from .verify import (
@@ -391,6 +408,7 @@ class Incoming:
         self.incoming_timeout = incoming_timeout
         self.address = transport.parse_address(uri)  # port 0: any free port
         self.listener = transport.listen_at(self.address, tls=tls, psk=psk, insecure=insecure)
+        self._credentials = (tls, psk, insecure)  # a post-copy recovery listens with the same
         self.rejected: list[str] = []  # why each failed attempt was refused, in order
         self.verify: dict[str, Any] | None = None
         self.digests: np.ndarray | None = None  # per page, as received (x-verify)
@@ -418,6 +436,14 @@ class Incoming:
         self.migration_id: str | None = None  # the current attempt's (its Hello's)
         self.fate_server: FateServer | None = None  # once the guest runs here
         self.deferred_stop: int | None = None  # the signal of a stop request that waits
+        self.discarded: np.ndarray | None = None  # pages PostcopyDiscard made missing
+        # Post-copy recovery (see `recovery`): the source's session token, this side's phase,
+        # the stream post-copy pages arrive on (migrate-pause breaks it), the recovery listener.
+        self.session: str | None = None
+        self.recovery = Recovery()
+        self._postcopy_ch: transport.Channel | None = None
+        self._recover_listener: transport.Listener | None = None
+        self._pause_asked = False
 
     def defer_stop(self, signum: int) -> bool:
         """A stop request (signal `signum`) arrived while the guest is on its way here: False
@@ -489,17 +515,22 @@ class Incoming:
         self.listener.close()
 
     def _accept_source(
-        self, deadline: float | None, allowed: str, what: str = "incoming migration"
+        self,
+        deadline: float | None,
+        allowed: str,
+        what: str = "incoming migration",
+        listener: transport.Listener | None = None,
     ) -> transport.Channel:
-        """The next connection that authenticates; failed ones are reported and skipped.
-        `allowed` names the limit `deadline` stands for, for the error."""
+        """The next connection that authenticates (on `listener`, by default the incoming
+        one); failed ones are reported and skipped. `allowed` names the limit `deadline`
+        stands for, for the error."""
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 refused = f" ({len(self.rejected)} refused)" if self.rejected else ""
                 raise transport.TransportError(f"no valid {what} within {allowed}{refused}")
             try:
-                return self.listener.accept(timeout=left)
+                return (listener or self.listener).accept(timeout=left)
             except transport.AuthenticationError as e:
                 self._rejected("a connection", str(e))
             except transport.TransportError:
@@ -527,6 +558,7 @@ class Incoming:
         if self.postcopy_devices is not None:  # programmed (quiesced), the guest never ran
             self.postcopy_devices.reset()
             self.postcopy_devices = None
+        self.discarded = None
         if self.postcopy is not None:  # armed, but the guest never ran here
             self.m.vm.memory.presence = None
             self.postcopy.finish()
@@ -581,6 +613,7 @@ class Incoming:
                     raise IncomingError(f"refused the migration: {ack.reason}")
                 if POSTCOPY_CAPABILITY in ev.capabilities:
                     self.zero_received = np.zeros(vm.memory.npages, dtype=bool)
+                    self.session = session_token(ev)
                 if VERIFY_CAPABILITY in ev.capabilities:
                     self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
                 self._accept_data_channels(ev)
@@ -603,6 +636,8 @@ class Incoming:
                         f"{POSTCOPY_CAPABILITY}"
                     )
                 self.postcopy_start = ev
+            elif isinstance(ev, PostcopyDiscard):
+                self._discard_early(ch, conn, ev, rnd)
             elif isinstance(ev, Complete):
                 if vcpus is None or devices is None:
                     raise IncomingError("Complete arrived before the vCPU and device state")
@@ -614,6 +649,8 @@ class Incoming:
                     self._arm_postcopy(self.postcopy_start)
                 armed_s = time.monotonic() - armed_s
                 self._switchover(ch, conn, vcpus, devices, armed_s if self.postcopy else None)
+                if self.postcopy is not None:
+                    self.postcopy.report.guest_started_at = self.started_at
                 if self.postcopy is not None and not self._run_postcopy(ch, conn):
                     return True  # paused: the source keeps the pages we lack
                 if self.digests is not None:
@@ -641,6 +678,22 @@ class Incoming:
                 return HelloAck(False, str(e))
         return ack
 
+    def _discard_early(
+        self, ch: transport.Channel, conn: Connection, ev: PostcopyDiscard, rnd: int
+    ) -> None:
+        """The source will switch to post-copy: make the pages it names missing now, while its
+        guest still runs (outside the downtime), once no page of the last round can land."""
+        if self.zero_received is None:  # set at a Hello that offered post-copy
+            raise IncomingError(
+                f"PostcopyDiscard from a source whose Hello did not offer {POSTCOPY_CAPABILITY}"
+            )
+        self._finish_data_channels(rnd)
+        mem = self.m.vm.memory
+        discarded = pending_pages(ev.pending, mem.npages)
+        punch_pages(discarded, mem.punch_zero)
+        self.discarded = discarded
+        transport.send_event(ch, conn, PostcopyDiscarded())
+
     def _arm_postcopy(self, start: PostcopyStart) -> None:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
         is served by the fault server (see `postcopy`)."""
@@ -654,38 +707,141 @@ class Incoming:
         self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
         try:
             allocated = ~self.zero_received if self.zero_received is not None else mem.allocated()
-            self.postcopy.arm(start, allocated, mem.punch_zero)
-        except (FaultServerError, OSError) as e:  # refused: the source resumes the guest
+            self.postcopy.arm(start, allocated, mem.punch_zero, self.discarded)
+        except (FaultServerError, PostcopyError, OSError) as e:
+            # refused: the source resumes the guest
             raise IncomingError(f"cannot start post-copy here: {e}") from None
         mem.presence = self.postcopy.presence
 
     def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
         """The guest runs: receive the pending pages until the last one. A broken link pauses
         the guest here (False); nothing missing is ever zero-filled."""
-        pc = self.postcopy
-        assert pc is not None and pc.server is not None
-        pc.start_fetcher(ch, conn)
+        assert self.postcopy is not None and self.postcopy.server is not None
+        # its fetcher runs since the switchover; the devices' data plane fetches through it
         if self.postcopy_devices is not None:
-            self.postcopy_devices.start(pc.server)
+            self.postcopy_devices.start(self.postcopy.server)
+        return self._receive_postcopy(ch, conn)
+
+    def _receive_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
+        pc = self.postcopy
+        assert pc is not None
+        self._postcopy_ch = ch
         try:
             pc.receive(ch, conn, self._postcopy_pages)
         except (transport.TransportError, ProtocolError, PostcopyError, OSError) as e:
-            why = f"{type(e).__name__}: {e}"
-            self.m.vm.pause()
-            pc.paused(why)
-            log.error(
-                "post-copy: the link to the source broke (%s); the guest is paused here with "
-                "%d pages missing, the source keeps them",
-                why,
-                pc.report.stats.missing if pc.report.stats else -1,
-            )
+            self._postcopy_lost(f"{type(e).__name__}: {e}")
             return False
+        finally:
+            self._postcopy_ch = None
         if self.postcopy_devices is not None:  # before the fault server goes
             self.postcopy_devices.finish()
+        self.recovery.handle(Step.DONE)
         self.m.vm.memory.presence = None
         pc.finish()
         log.info("post-copy: completed, %d pages installed", pc.report.pending_pages)
         return True
+
+    def _postcopy_lost(self, why: str) -> None:
+        """The link broke (or migrate-pause broke it): pause the guest, keep every page and the
+        fault server; `recover_postcopy` can take it up again."""
+        pc = self.postcopy
+        assert pc is not None
+        step = Step.PAUSE if self._pause_asked else Step.LINK_LOST
+        if self._pause_asked:
+            why = f"migrate-pause ({why})"
+        self._pause_asked = False
+        self.recovery.handle(step)
+        if self.m.vm.state is RunState.RUNNING:
+            self.m.vm.pause()
+        pc.paused(why)
+        log.error(
+            "post-copy: the link to the source broke (%s); the guest is paused here with "
+            "%d pages missing, the source keeps them (recover with migrate-recover)",
+            why,
+            pc.report.stats.missing if pc.report.stats else -1,
+        )
+
+    # --- post-copy recovery (see `recovery`) --------------------------------------------------
+
+    def pause_postcopy(self) -> None:
+        """`migrate-pause`: break the post-copy link (or stop listening for a resume)."""
+        if self.postcopy is None or not self.recovery.allowed(Step.PAUSE):
+            raise RecoveryError(f"migrate-pause: post-copy is {self.recovery.phase.value}")
+        self._pause_asked = True
+        if self._postcopy_ch is not None:
+            self._postcopy_ch.abort()
+        if self._recover_listener is not None:
+            self._recover_listener.close()
+
+    def recover_postcopy(self, uri: str) -> int:
+        """`migrate-recover`: listen on `uri` (same credentials as the first connection) for
+        the source's `migrate resume:true`; returns the port. The resume runs in a thread."""
+        if self.postcopy is None or not self.recovery.allowed(Step.RECOVER):
+            raise RecoveryError(f"migrate-recover: post-copy is {self.recovery.phase.value}")
+        tls, psk, insecure = self._credentials
+        listener = transport.listen_at(
+            transport.parse_address(uri), tls=tls, psk=psk, insecure=insecure
+        )
+        self.recovery.handle(Step.RECOVER)
+        self.postcopy.report.status = self.recovery.phase.value
+        self._recover_listener = listener
+        threading.Thread(
+            target=self._recover, args=(listener,), name="postcopy-recover", daemon=True
+        ).start()
+        return listener.port
+
+    def _recover(self, listener: transport.Listener) -> None:
+        """Accept the source's resume (strangers are refused and reported), exchange the
+        received bitmap, resume the guest, receive the rest; a failure pauses again."""
+        try:
+            while True:
+                ch = self._accept_source(None, "no limit", "post-copy resume", listener)
+                conn = Connection(
+                    Role.DESTINATION, guest_pages=self.m.vm.memory.npages, resume=True
+                )
+                try:
+                    self._resume_handshake(ch, conn)
+                    break
+                except (RecoveryError, ProtocolError, transport.TransportError, OSError) as e:
+                    self._rejected(ch.peer, f"{type(e).__name__}: {e}")  # listen on
+                    ch.close()
+        except (transport.TransportError, ProtocolError, OSError) as e:
+            self._recover_listener = None
+            listener.close()
+            self._postcopy_lost(f"{type(e).__name__}: {e}")
+            return
+        self._recover_listener = None
+        listener.close()
+        try:
+            if self._receive_postcopy(ch, conn) and self.digests is not None:
+                self._verify_after_switchover(ch, conn, None)
+        finally:
+            ch.close()
+
+    def _resume_handshake(self, ch: transport.Channel, conn: Connection) -> None:
+        """Hello (this migration's session token) -> HelloAck -> our received bitmap."""
+        ev = transport.recv_event(ch, conn)
+        if not isinstance(ev, Hello):
+            raise RecoveryError(f"a resume must start with a Hello, got {type(ev).__name__}")
+        ack = check_hello(ev, self.m.cfg.compat_fingerprint())
+        token = session_token(ev) if ack.accepted else None
+        if ack.accepted and (
+            self.session is None or token is None or not hmac.compare_digest(token, self.session)
+        ):
+            ack = HelloAck(False, "this is not the source of the paused post-copy migration")
+        transport.send_event(ch, conn, ack)
+        if not ack.accepted:
+            raise RecoveryError(f"refused a post-copy resume: {ack.reason}")
+        if self._pause_asked:  # migrate-pause while this source was being accepted
+            raise RecoveryError("migrate-pause during the resume handshake")
+        pc = self.postcopy
+        assert pc is not None and pc.server is not None
+        states = pc.server.states()
+        transport.send_event(ch, conn, PostcopyReceived(received_bitmap(states)))
+        pc.resumed(ch, conn, requested_pages(states))
+        self.recovery.handle(Step.RESUMED)
+        self.m.vm.resume()
+        log.info("post-copy: resumed with %s", ch.peer)
 
     def _postcopy_pages(self, first: int, npages: int, data: bytes) -> None:
         with self._data_cond:
@@ -1034,6 +1190,10 @@ class Incoming:
                 "requested by signal %d",
                 self.deferred_stop,
             )
+        # right after the vCPUs (a thread start before them would lengthen the outage), and
+        # before the rest: the first faults' requests must not wait for it
+        if self.postcopy is not None:
+            self.postcopy.start_fetcher(ch, conn)
         self.m.disk_locks.record()
         self.m.announce_nics()
         self.m.after_incoming()

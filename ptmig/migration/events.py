@@ -253,6 +253,29 @@ class PostcopyEnd:
     """Source: every pending page has been sent; post-copy is over."""
 
 
+@dataclass(frozen=True)
+class PostcopyDiscard:
+    """Source, at the pre-copy round end where it decided to switch to post-copy, before it
+    stops the vCPUs: these pages (bitmap as PostcopyStart's) will be pending, make them
+    missing now, outside the downtime. No round follows; PostcopyStart will name them again."""
+
+    pending: bytes
+
+
+@dataclass(frozen=True)
+class PostcopyDiscarded:
+    """Destination: the PostcopyDiscard pages are missing here; the source may stop."""
+
+
+@dataclass(frozen=True)
+class PostcopyReceived:
+    """Destination, on a resumed post-copy connection (see `recovery`): the bitmap
+    (little-endian uint64 words, one bit per guest page) of the pages it holds; the source
+    sends every other RAM page."""
+
+    received: bytes
+
+
 Event = (
     Hello
     | HelloAck
@@ -271,4 +294,7 @@ Event = (
     | PostcopyPages
     | PageRequest
     | PostcopyEnd
+    | PostcopyReceived
+    | PostcopyDiscard
+    | PostcopyDiscarded
 )

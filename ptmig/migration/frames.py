@@ -26,6 +26,9 @@ Metadata layouts (all little-endian):
     POSTCOPY_PAGES  <Q first_page, I npages> + the pages' bytes (none: zero pages)
     PAGE_REQUEST    <Q first_page, I npages>
     POSTCOPY_END    (empty)
+    POSTCOPY_RECEIVED  the destination's received-page bitmap (uint64 words), on a resume
+    POSTCOPY_DISCARD   the pages post-copy will fetch (uint64 words), before the stop
+    POSTCOPY_DISCARDED (empty)
 
 Everything the peer sends is checked against the caps below before a byte more is buffered.
 This module parses; `pages.validate_runs` and `protocol` check the numbers against guest RAM.
@@ -52,8 +55,11 @@ from ptmig.migration.events import (
     Hello,
     HelloAck,
     PageRequest,
+    PostcopyDiscard,
+    PostcopyDiscarded,
     PostcopyEnd,
     PostcopyPages,
+    PostcopyReceived,
     PostcopyStart,
     RemoteProtocolError,
     RoundEnd,
@@ -116,6 +122,9 @@ class FrameType(enum.IntEnum):
     POSTCOPY_PAGES = 14
     PAGE_REQUEST = 15
     POSTCOPY_END = 16
+    POSTCOPY_RECEIVED = 17
+    POSTCOPY_DISCARD = 18
+    POSTCOPY_DISCARDED = 19
 
 
 # (minimum, maximum) metadata length per frame type.
@@ -136,6 +145,9 @@ METADATA_LIMITS: Final[dict[FrameType, tuple[int, int]]] = {
     FrameType.POSTCOPY_PAGES: (_PAGE_RANGE.size, _PAGE_RANGE.size + MAX_POSTCOPY_PAGES * 4 * KiB),
     FrameType.PAGE_REQUEST: (_PAGE_RANGE.size, _PAGE_RANGE.size),
     FrameType.POSTCOPY_END: (0, 0),
+    FrameType.POSTCOPY_RECEIVED: (8, MAX_PENDING_BITMAP),
+    FrameType.POSTCOPY_DISCARD: (8, MAX_PENDING_BITMAP),
+    FrameType.POSTCOPY_DISCARDED: (0, 0),
 }
 
 
@@ -264,6 +276,12 @@ def encode_event(event: Event) -> bytes:
             return encode_frame(FrameType.PAGE_REQUEST, _PAGE_RANGE.pack(first, npages))
         case PostcopyEnd():
             return encode_frame(FrameType.POSTCOPY_END, b"")
+        case PostcopyReceived(received):
+            return encode_frame(FrameType.POSTCOPY_RECEIVED, bytes(received))
+        case PostcopyDiscard(pending):
+            return encode_frame(FrameType.POSTCOPY_DISCARD, bytes(pending))
+        case PostcopyDiscarded():
+            return encode_frame(FrameType.POSTCOPY_DISCARDED, b"")
         case VerifyReport(npages, mismatched, first):
             first = tuple(first)[:MAX_REPORTED_PAGES]
             return encode_frame(
@@ -334,12 +352,18 @@ def decode_event(ftype: FrameType, metadata: bytes) -> Event:
             return Complete()
         case FrameType.ABORT:
             return Abort(_decode_text(metadata, "ABORT reason"))
-        case FrameType.POSTCOPY_START:
+        case FrameType.POSTCOPY_START | FrameType.POSTCOPY_RECEIVED | FrameType.POSTCOPY_DISCARD:
             if len(metadata) % 8:
                 raise RemoteProtocolError(
-                    f"POSTCOPY_START: a bitmap of {len(metadata)} bytes is not whole uint64 words"
+                    f"{ftype.name}: a bitmap of {len(metadata)} bytes is not whole uint64 words"
                 )
+            if ftype is FrameType.POSTCOPY_RECEIVED:
+                return PostcopyReceived(metadata)
+            if ftype is FrameType.POSTCOPY_DISCARD:
+                return PostcopyDiscard(metadata)
             return PostcopyStart(metadata)
+        case FrameType.POSTCOPY_DISCARDED:
+            return PostcopyDiscarded()
         case FrameType.POSTCOPY_PAGES | FrameType.PAGE_REQUEST:
             first, npages = _PAGE_RANGE.unpack_from(metadata)
             if not 1 <= npages <= MAX_POSTCOPY_PAGES:

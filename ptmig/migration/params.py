@@ -34,6 +34,7 @@ class Status(Enum):
     # the link broke meanwhile (the source keeps the pages not sent; see `postcopy`).
     POSTCOPY_ACTIVE = "postcopy-active"
     POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"  # reconnecting (see `recovery`)
 
     @property
     def finished(self) -> bool:

@@ -1,17 +1,21 @@
 """Post-copy: the guest runs on the destination before all of its pages are there.
 
 The source switches over early (`policy.postcopy_trigger`: on `migrate-start-postcopy`, after
-N pre-copy rounds, or once pre-copy stopped converging). With the vCPUs stopped it sends the
-vCPU and device state and `PostcopyStart`, the bitmap of the pages the destination lacks (those
-dirtied since they were last sent), then Complete, as in a plain switchover. The destination
-makes those pages missing (punches them out of its memfd), registers guest RAM with userfaultfd
-(`uffd.FaultServer`) before its vCPUs run, acknowledges, and resumes the guest. Then:
+N pre-copy rounds, or once pre-copy stopped converging). At that round end, with the guest
+still running, it sends `PostcopyDiscard`, the pages dirty so far; the destination punches them
+out of its memfd and acknowledges (that work stays out of the downtime). With the vCPUs stopped
+the source then sends the vCPU and device state and `PostcopyStart`, the bitmap of the pages
+the destination lacks (those dirtied since they were last sent: the discarded ones and what
+the last moments dirtied), then Complete, as in a plain switchover. The destination punches
+the pages not discarded yet, registers guest RAM with userfaultfd (`uffd.FaultServer`) before
+its vCPUs run, starts its fetcher, acknowledges, and resumes the guest. Then:
 
 - `PostcopySender` (source) pushes every pending page once, in page order, as PostcopyPages
-  frames of at most 64 pages; a `PageRequest` from the destination goes first, and the
-  background push continues right after the requested pages (the guest's next accesses are
-  likely near its last fault). Zero pages travel as empty frames. `max-bandwidth` caps all of
-  it (a request jumps the queue, not the link). The end is `PostcopyEnd`.
+  frames of at most 64 pages; a `PageRequest` from the destination goes first, in a whole
+  frame from the requested page on, and the background push continues right after it (the
+  guest's next accesses are likely near its last fault). Zero pages travel as empty frames.
+  `max-bandwidth` caps all of it (a request jumps the queue, not the link). The end is
+  `PostcopyEnd`.
 - `PostcopyReceiver` (destination) installs each frame with UFFDIO_COPY (or ZEROPAGE) and
   keeps the verification digests of what it installed; its fetcher thread turns the fault
   server's requests into PageRequest frames on the same stream (the return path).
@@ -26,9 +30,10 @@ rest. Neither side may run the guest alone, and nothing is dropped:
 - the destination pauses its vCPUs (a vCPU waiting on a missing page is kicked out of its
   wait; `query-status` says `paused`) and keeps its fault server and pages
   (`x-query-postcopy` says `postcopy-paused`).
-Recovery (QEMU's `migrate-recover` / `migrate` with `resume: true`) is not built: the guest
-stays paused on both sides, and is lost only when one of the two processes is ended. The
-destination never runs a guest with a page missing and unreachable, and never zero-fills one.
+`recovery` takes it up again (QEMU's `migrate-pause`, `migrate-recover`, `migrate` with
+`resume: true`): until then the guest stays paused on both sides, and is lost only when one of
+the two processes is ended. The destination never runs a guest with a page missing and
+unreachable, and never zero-fills one.
 
 Passthrough devices: the destination's device processes map guest RAM themselves, outside the
 userfaultfd registration; a device touching a missing page would allocate a zero page the real
@@ -69,7 +74,7 @@ from .events import (
 )
 from .frames import MAX_POSTCOPY_PAGES
 from .protocol import Connection, ConnectionClosed
-from .uffd import FaultServer, FaultStats, initial_states
+from .uffd import FaultServer, FaultServerError, FaultStats, initial_states
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +104,28 @@ def pending_pages(blob: bytes, npages: int) -> npt.NDArray[np.bool_]:
     return bits[:npages]
 
 
+def punch_pages(mask: npt.NDArray[np.bool_], punch: Callable[[int, int], None]) -> None:
+    """Make the pages set in `mask` holes: one `punch(first, npages)` per run of them."""
+    edges = np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    for first, end in zip(
+        np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True
+    ):
+        punch(first, end - first)
+
+
 def page_ranges(pfns: npt.NDArray[Any], max_pages: int) -> list[tuple[int, int]]:
-    """Page numbers as (first, npages) ranges of consecutive pages, each ≤ max_pages."""
-    p = np.unique(np.asarray(pfns, dtype=np.int64))
+    """Page numbers as (first, npages) ranges of consecutive pages, each ≤ max_pages.
+    (Without np.unique, whose first call costs tens of ms: the fetcher's first request.)"""
+    p = np.sort(np.asarray(pfns, dtype=np.int64))
     out: list[tuple[int, int]] = []
     if not len(p):
         return out
-    for run in np.split(p, np.flatnonzero(np.diff(p) != 1) + 1):
-        first, n = int(run[0]), len(run)
+    keep = np.ones(len(p), dtype=bool)
+    keep[1:] = np.diff(p) != 0
+    p = p[keep]
+    breaks = (np.flatnonzero(np.diff(p) != 1) + 1).tolist()
+    for a, b in zip([0, *breaks], [*breaks, len(p)], strict=True):
+        first, n = int(p[a]), b - a
         out += [(first + k, min(max_pages, n - k)) for k in range(0, n, max_pages)]
     return out
 
@@ -132,7 +151,10 @@ class SendOrder:
         """(first, npages, requested) of the next frame to send, or None when all is sent."""
         while self.requests:
             first, npages = self.requests.popleft()
-            got = self._run_from(first, first + npages)
+            # a whole frame from the first unsent requested page: the pages after it are
+            # the guest's likely next faults, and the frame costs no more bytes
+            start = self._first_unsent(first, first + npages)
+            got = None if start is None else self._run_from(start, start + MAX_POSTCOPY_PAGES)
             if got is not None:
                 self.cursor = bisect.bisect_left(self.pending, got[0] + got[1])
                 return (*got, True)
@@ -149,14 +171,21 @@ class SendOrder:
             self.cursor = 0
         return None
 
-    def _run_from(self, first: int, end: int) -> tuple[int, int] | None:
-        """The first run of consecutive unsent pending pages in [first, end), marked sent."""
+    def _first_unsent(self, first: int, end: int) -> int | None:
+        """The first unsent pending page in [first, end), or None."""
         i = bisect.bisect_left(self.pending, first)
         while i < len(self.pending) and self.pending[i] < end and self.pending[i] in self.sent:
             i += 1
         if i >= len(self.pending) or self.pending[i] >= end:
             return None
-        start = self.pending[i]
+        return self.pending[i]
+
+    def _run_from(self, first: int, end: int) -> tuple[int, int] | None:
+        """The first run of consecutive unsent pending pages in [first, end), marked sent."""
+        start = self._first_unsent(first, end)
+        if start is None:
+            return None
+        i = bisect.bisect_left(self.pending, start)
         n = 0
         while (
             i < len(self.pending)
@@ -180,14 +209,16 @@ class PostcopySender:
         conn: Connection,
         view: memoryview,
         pending: npt.NDArray[np.bool_],
-        allocated: npt.NDArray[np.bool_],
+        has_data: Callable[[int, int], bool],
         *,
         check: Callable[[], None],
         rate_limit: Callable[[int], None],
     ) -> None:
         self.ch, self.conn, self.view = ch, conn, view
         self.order = SendOrder([int(p) for p in np.flatnonzero(pending)])
-        self.allocated = allocated
+        # whether a range holds data, asked per frame (a scan of all RAM's allocation at
+        # the start would delay the first requested pages by as long)
+        self.has_data = has_data
         self.check, self.rate_limit = check, rate_limit
         self.requests = 0  # PageRequest frames received (query-migrate's postcopy-requests)
         self.requested_pages = 0
@@ -218,7 +249,7 @@ class PostcopySender:
             self._take_requests()
 
     def _send(self, first: int, npages: int) -> int:
-        if not self.allocated[first : first + npages].any():
+        if not self.has_data(first, npages):
             ev = PostcopyPages(first, npages)  # holes: zero pages, no data
         else:
             data = bytes(self.view[first * PAGE_SIZE : (first + npages) * PAGE_SIZE])
@@ -271,9 +302,12 @@ class PostcopyReport:
     ended_at: float | None = None
     stats: FaultStats | None = None
     latencies_us: npt.NDArray[np.uint32] | None = None
+    guest_started_at: float | None = None  # time.monotonic() when the vCPUs started here
 
     def to_qmp(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, "pending-pages": self.pending_pages}
+        if self.guest_started_at is not None:
+            out["guest-started-at-s"] = round(self.guest_started_at, 6)
         if self.error:
             out["error-desc"] = self.error
         if self.started_at is not None:
@@ -316,12 +350,21 @@ class PostcopyReceiver:
         start: PostcopyStart,
         allocated: npt.NDArray[np.bool_],
         punch: Callable[[int, int], None],
+        discarded: npt.NDArray[np.bool_] | None = None,
     ) -> npt.NDArray[np.bool_]:
         """Make the pending pages missing and register guest RAM; returns the pending pages.
-        Before the vCPUs run: a page they touch from now on is either here or fetched."""
+        Before the vCPUs run: a page they touch from now on is either here or fetched.
+        `discarded`: pages made missing already (PostcopyDiscard), all of them pending."""
         pending = pending_pages(start.pending, self.npages)
-        for first, n in page_ranges(np.flatnonzero(pending).astype(np.uint64), 1 << 30):
-            punch(first, n)
+        if discarded is None:
+            punch_pages(pending, punch)
+        else:
+            if (discarded & ~pending).any():
+                raise PostcopyError(
+                    f"PostcopyStart leaves out page {int(np.flatnonzero(discarded & ~pending)[0])}"
+                    ", which PostcopyDiscard made missing: it would never arrive"
+                )
+            punch_pages(pending & ~discarded, punch)
         allocated = allocated & ~pending
         self.server = FaultServer(self.base, initial_states(~pending, allocated))
         self.report.status = "postcopy-active"
@@ -343,7 +386,8 @@ class PostcopyReceiver:
             )
 
     def start_fetcher(self, ch: transport.Channel, conn: Connection) -> None:
-        self.report.started_at = time.monotonic()
+        if self.report.started_at is None:  # a resumed link keeps the post-copy's start
+            self.report.started_at = time.monotonic()
         # A short receive queue: a requested page then waits behind little background data
         # when this side installs slower than the link delivers (the source's send queue is
         # kept short by BACKLOG_BYTES).
@@ -410,9 +454,9 @@ class PostcopyReceiver:
         """Every page is here: stop fetching, unregister guest RAM, keep the numbers."""
         self._stop_fetcher()
         self._snapshot()
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        server, self.server = self.server, None  # a QMP query in flight sees it gone first
+        if server is not None:
+            server.close()
         self.report.status = "completed"
         self.report.ended_at = time.monotonic()
 
@@ -428,6 +472,21 @@ class PostcopyReceiver:
         self._stop.set()
         if self._fetcher is not None:
             self._fetcher.join(INSTALL_WAIT_S)
+            self._fetcher = None
+        self._stop.clear()
+
+    def resumed(
+        self, ch: transport.Channel, conn: Connection, awaited: npt.NDArray[np.uint64]
+    ) -> None:
+        """A resumed link (see `recovery`): ask again for the `awaited` pages (whose requests
+        or answers the broken link may have lost), then fetch on as before."""
+        for first, n in page_ranges(awaited, MAX_POSTCOPY_PAGES):
+            with self._send_lock:
+                transport.send_event(ch, conn, PageRequest(first, n))
+        self.report.status = "postcopy-active"
+        self.report.error = None
+        self.report.ended_at = None
+        self.start_fetcher(ch, conn)
 
     def _snapshot(self) -> None:
         if self.server is not None:
@@ -435,6 +494,11 @@ class PostcopyReceiver:
             self.report.latencies_us = self.server.latencies_us()
 
     def live_report(self) -> dict[str, Any]:
-        if self.server is not None and self.report.status == "postcopy-active":
-            self.report.stats = self.server.stats()
+        server = self.server
+        if server is not None and self.report.status == "postcopy-active":
+            try:
+                self.report.stats = server.stats()
+            except FaultServerError:
+                if self.server is not None:
+                    raise  # the fault thread failed (closed meanwhile: `finish` kept the numbers)
         return self.report.to_qmp()

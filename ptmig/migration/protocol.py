@@ -17,7 +17,15 @@ Conversation (see `events` for who sends what):
     DEVICES_SENT --S PostcopyStart--> POSTCOPY_ARMED --S Complete--> POSTCOPY_COMPLETE_SENT
     POSTCOPY_COMPLETE_SENT --D SwitchoverAck(ok)--> POSTCOPY
     POSTCOPY --S PostcopyPages* | D PageRequest*--> POSTCOPY --S PostcopyEnd--> SWITCHED_OVER
+    (optionally, at the round end where the source decides to switch, before it stops:
+    PRECOPY --S PostcopyDiscard--> DISCARD_SENT --D PostcopyDiscarded--> DISCARDED
+    DISCARDED --S VcpuStates--> POSTCOPY_VCPU_SENT --S DeviceStates--> POSTCOPY_DEVICES_SENT
+    POSTCOPY_DEVICES_SENT --S PostcopyStart--> POSTCOPY_ARMED: no round and no plain
+    switchover after a discard, whose pages the destination no longer has)
     (a PageRequest that crossed PostcopyEnd is allowed, and ignored, until the end)
+    a resumed post-copy (`Connection(resume=True)`, a new stream; see `recovery`):
+    RESUME_START --S Hello--> RESUME_HELLO_SENT --D HelloAck(accepted)--> RESUME_ACKED
+    RESUME_ACKED --D PostcopyReceived--> POSTCOPY                    (refused → REFUSED)
     any non-final state --S|D Abort--> ABORTED
 
 Who runs the guest (`GuestOwnership`, table `OWNERSHIP`). The conversation above says what may
@@ -95,7 +103,9 @@ from ptmig.migration.events import (
     PageRequest,
     PageRuns,
     PageRunsHeader,
+    PostcopyDiscard,
     PostcopyPages,
+    PostcopyReceived,
     PostcopyStart,
     ProtocolError,
     RemoteProtocolError,
@@ -129,6 +139,13 @@ class State(enum.Enum):
     POSTCOPY_ARMED = "postcopy-armed"
     POSTCOPY_COMPLETE_SENT = "postcopy-complete-sent"
     POSTCOPY = "postcopy"
+    RESUME_START = "resume-start"
+    DISCARD_SENT = "discard-sent"
+    DISCARDED = "discarded"
+    POSTCOPY_VCPU_SENT = "postcopy-vcpu-sent"
+    POSTCOPY_DEVICES_SENT = "postcopy-devices-sent"
+    RESUME_HELLO_SENT = "resume-hello-sent"
+    RESUME_ACKED = "resume-acked"
 
 
 FINAL_STATES = frozenset(
@@ -173,6 +190,11 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (D, State.POST_VERIFY, "VerifyReport"): State.VERIFIED,
     # Post-copy: the guest runs on the destination before all of its pages are there.
     (S, State.DEVICES_SENT, "PostcopyStart"): State.POSTCOPY_ARMED,
+    (S, State.PRECOPY, "PostcopyDiscard"): State.DISCARD_SENT,
+    (D, State.DISCARD_SENT, "PostcopyDiscarded"): State.DISCARDED,
+    (S, State.DISCARDED, "VcpuStates"): State.POSTCOPY_VCPU_SENT,
+    (S, State.POSTCOPY_VCPU_SENT, "DeviceStates"): State.POSTCOPY_DEVICES_SENT,
+    (S, State.POSTCOPY_DEVICES_SENT, "PostcopyStart"): State.POSTCOPY_ARMED,
     (S, State.POSTCOPY_ARMED, "Complete"): State.POSTCOPY_COMPLETE_SENT,
     (D, State.POSTCOPY_COMPLETE_SENT, "SwitchoverAck"): State.POSTCOPY,
     (D, State.POSTCOPY_COMPLETE_SENT, "SwitchoverRefused"): State.SWITCHOVER_REFUSED,
@@ -181,6 +203,11 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (S, State.POSTCOPY, "PostcopyEnd"): State.SWITCHED_OVER,
     (D, State.SWITCHED_OVER, "PageRequest"): State.SWITCHED_OVER,
     (D, State.POST_VERIFY, "PageRequest"): State.POST_VERIFY,
+    # A resumed post-copy: the destination's received bitmap says what the source resends.
+    (S, State.RESUME_START, "Hello"): State.RESUME_HELLO_SENT,
+    (D, State.RESUME_HELLO_SENT, "HelloAck"): State.RESUME_ACKED,
+    (D, State.RESUME_HELLO_SENT, "HelloRefused"): State.REFUSED,
+    (D, State.RESUME_ACKED, "PostcopyReceived"): State.POSTCOPY,
 }
 for _state in State:
     if _state not in _NO_ABORT:
@@ -351,12 +378,14 @@ class Connection:
         zero_filler: Callable[[memoryview, np.ndarray], None] | None = None,
         data_channel: bool = False,
         ram_holes: Sequence[tuple[int, int]] = (),
+        resume: bool = False,
     ) -> None:
         """`zero_filler(guest_mem, runs)` replaces the default zeroing of ZERO runs (the
         destination VMM punches holes in its guest memfd instead of writing zeros).
         `data_channel`: this stream only carries rounds (see the module docstring).
         `ram_holes`: (first_page, npages) ranges below `guest_pages` that are not RAM (the
-        MMIO gap below 4 GiB); no run may touch them."""
+        MMIO gap below 4 GiB); no run may touch them.
+        `resume`: a resumed post-copy's stream (see the module docstring and `recovery`)."""
         if guest_pages <= 0:
             raise ValueError(f"guest_pages must be positive, not {guest_pages}")
         if page_size <= 0 or page_size % 8:
@@ -368,7 +397,7 @@ class Connection:
         self.guest_pages = guest_pages
         self.ram_holes = tuple(ram_holes)
         self.page_size = page_size
-        self.state = State.START
+        self.state = State.RESUME_START if resume else State.START
         self._buf = bytearray()
         self._preamble_sent = False
         self._preamble_received = False
@@ -425,11 +454,9 @@ class Connection:
                         f"range starting at {self._digest_next} inside {self.guest_pages} pages"
                     )
                 self._digest_next = start + n
-            case PostcopyStart(pending):
-                if len(pending) != 8 * ((self.guest_pages + 63) // 64):
-                    raise err(
-                        f"PostcopyStart bitmap of {len(pending)} bytes for {self.guest_pages} pages"
-                    )
+            case PostcopyStart(bits) | PostcopyReceived(bits) | PostcopyDiscard(bits):
+                if len(bits) != 8 * ((self.guest_pages + 63) // 64):
+                    raise err(f"{tag} bitmap of {len(bits)} bytes for {self.guest_pages} pages")
             case PostcopyPages(first, npages) | PageRequest(first, npages):
                 self._check_page_range(first, npages, tag, err)
             case VerifyReport():

@@ -41,7 +41,7 @@ from ..errors import PtmigError
 from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
 from ..vm import RunState
-from . import fate, pages, policy, postcopy, transport
+from . import fate, pages, policy, postcopy, recovery, transport
 from .channels import ChannelRound, DataChannel, stripe_masks
 from .events import (
     NEED_DATA,
@@ -49,6 +49,9 @@ from .events import (
     Complete,
     DeviceStates,
     HelloAck,
+    PostcopyDiscard,
+    PostcopyDiscarded,
+    PostcopyReceived,
     PostcopyStart,
     Role,
     RoundEnd,
@@ -154,6 +157,11 @@ class SourceMigration:
         self._postcopy = False  # the switchover is a post-copy one
         self._sender: postcopy.PostcopySender | None = None
         self.migration_id = fate.new_migration_id()  # its Hello's, for a fate query
+        # Post-copy recovery (see `recovery`): the secret a resume proves this migration with,
+        # this side's phase, and whether the last link loss was a migrate-pause.
+        self._session = secrets.token_hex(16)
+        self.recovery = recovery.Recovery()
+        self._pause_asked = False
 
     # --- control ----------------------------------------------------------------------------
 
@@ -214,7 +222,10 @@ class SourceMigration:
             if self.caps.x_verify:
                 caps += (VERIFY_CAPABILITY,)
             if self.caps.postcopy_ram:
-                caps += (postcopy.POSTCOPY_CAPABILITY,)
+                caps += (
+                    postcopy.POSTCOPY_CAPABILITY,
+                    recovery.session_capability(self._session),
+                )
             nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
             if nchannels:
                 caps += (channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, nchannels, token),)
@@ -234,13 +245,16 @@ class SourceMigration:
             if self.info.end is None:
                 self.info.end = time.monotonic()
             if switched:
-                self.strategy.complete(m)
-                self.info.shadow = self.strategy.stats()
-                self._set_status(Status.COMPLETED)
+                self._completed()
         finally:
             self._close_data_channels()
             if self.channel is not None:
                 self.channel.close()
+
+    def _completed(self) -> None:
+        self.strategy.complete(self.m)
+        self.info.shadow = self.strategy.stats()
+        self._set_status(Status.COMPLETED)
 
     def _failed(self, e: Exception) -> None:
         """The migration failed: resume here if the guest is still ours, else stay unresolved."""
@@ -595,6 +609,7 @@ class SourceMigration:
             if self._switch_to_postcopy(rnd, stalled):
                 self._drain(ch)
                 self._close_data_channels()
+                self._discard_early(ch, conn, dirty)
                 return dirty
             if auto is not None:
                 pct = auto.update(
@@ -668,6 +683,11 @@ class SourceMigration:
             raise RuntimeError(f"destination refused the switchover: {reply.reason}")
         acked = time.monotonic()
         self.info.downtime_ms = int((acked - self.stopped_at) * 1000)
+        if self._postcopy and self.info.postcopy is not None:
+            # the host's CLOCK_MONOTONIC, which the destination's guest start on the same host
+            # is stamped with too: the bench checks the downtime window holds the switchover
+            self.info.postcopy["stopped-at-s"] = round(t0, 6)
+            self.info.postcopy["acked-at-s"] = round(acked, 6)
         # The migration is complete here, as QEMU's total-time counts it: the verification
         # that may follow reports its own time (x-verify's time-ms).
         self.info.end = acked
@@ -678,11 +698,17 @@ class SourceMigration:
         self.info.ram.remaining = 0
         stop_round["destination-ms"] = _ack_field(reply.reason, "x-switchover-ms")
         if self._postcopy:
-            self._run_postcopy(ch, conn, dirty)
-        vm._set_state(RunState.POSTMIGRATE)
+            self._run_postcopy(
+                ch, conn, postcopy.pending_pages(postcopy.pending_bytes(dirty), vm.memory.npages)
+            )
+        self._hand_over(ch, conn)
+        return True
+
+    def _hand_over(self, ch: transport.Channel, conn: Connection) -> None:
+        """The destination has every page: this side never runs the guest again."""
+        self.m.vm._set_state(RunState.POSTMIGRATE)
         if self.caps.x_verify:
             self.info.verify = self._verify_after_switchover(ch, conn)
-        return True
 
     # --- post-copy (see `postcopy`) -----------------------------------------------------------
 
@@ -707,33 +733,51 @@ class SourceMigration:
         log.info("switching to post-copy after %d rounds (%s)", rounds_done, trigger.value)
         return True
 
-    def _run_postcopy(
+    def _discard_early(
         self, ch: transport.Channel, conn: Connection, pending: bitmap.Bitmap
     ) -> None:
-        """The destination runs the guest: send it every pending page, its requests first."""
+        """Before the stop: the destination makes the pages dirty now missing while the guest
+        still runs here, so that its arming in the downtime only punches what the last moments
+        dirtied (the final PostcopyStart names these pages again)."""
+        t0 = time.monotonic()
+        pending = pending & self.m.vm.memory.ram_bitmap()
+        transport.send_event(ch, conn, PostcopyDiscard(postcopy.pending_bytes(pending)))
+        reply = self._reply(ch, conn, (PostcopyDiscarded, Abort), "discard acknowledgement")
+        if isinstance(reply, Abort):
+            raise RuntimeError(f"destination aborted: {reply.reason}")
+        assert self.info.postcopy is not None
+        self.info.postcopy["discard-ms"] = round((time.monotonic() - t0) * 1000, 2)
+
+    def _run_postcopy(
+        self, ch: transport.Channel, conn: Connection, pending: np.ndarray, key: str = "pending"
+    ) -> None:
+        """The destination runs the guest: send it every `pending` page (one bool per page),
+        its requests first. `key`: the pages' field in x-postcopy ("pending", "resent")."""
         mem = self.m.vm.memory
         sender = postcopy.PostcopySender(
             ch,
             conn,
             mem.view,
-            postcopy.pending_pages(postcopy.pending_bytes(pending), mem.npages),
-            mem.allocated(),
+            pending,
+            mem.has_data,
             check=self._check_cancel,
             rate_limit=self._rate_limit,
         )
         self._sender = sender
-        assert self.info.postcopy is not None
-        self.info.postcopy["pending-pages"] = sender.order.left
+        pc = self.info.postcopy
+        assert pc is not None
+        pc[f"{key}-pages"] = sender.order.left
         self._set_status(Status.POSTCOPY_ACTIVE)
         t0 = time.monotonic()
         try:
             sender.run()
-        finally:
-            self.info.ram.postcopy_requests = sender.requests
+        finally:  # a resumed post-copy adds to the first one's counters
+            self.info.ram.postcopy_requests += sender.requests
             self.info.ram.transferred += sender.bytes_sent
-            self.info.postcopy["requested-pages"] = sender.requested_pages
-            self.info.postcopy["unsent-pages"] = sender.order.left
-            self.info.postcopy["time-ms"] = round((time.monotonic() - t0) * 1000, 1)
+            pc["requested-pages"] = pc.get("requested-pages", 0) + sender.requested_pages
+            pc["unsent-pages"] = sender.order.left
+            pc["time-ms"] = round(pc.get("time-ms", 0) + (time.monotonic() - t0) * 1000, 1)
+        self.recovery.handle(recovery.Step.DONE)
         self.info.ram.remaining = 0
 
     def _check_cancel(self) -> None:
@@ -744,45 +788,120 @@ class SourceMigration:
     def _postcopy_paused(self, why: str) -> None:
         """The link broke (or the migration was cancelled) during post-copy: the destination
         runs the guest with pages only we have. Keep them all, stay paused, say so."""
+        if self._pause_asked:
+            why = f"migrate-pause ({why})"
+        step = recovery.Step.PAUSE if self._pause_asked else recovery.Step.LINK_LOST
+        self._pause_asked = False
+        if self.recovery.allowed(step):
+            self.recovery.handle(step)
         left = self._sender.order.left if self._sender is not None else -1
         self.info.end = time.monotonic()
         self.info.error = (
             f"post-copy interrupted ({why}): {left} pages were not sent; the guest is paused on "
-            "both sides and this side keeps all of its RAM (recovery is not supported: the "
-            "guest is lost if either process ends)"
+            "both sides and this side keeps all of its RAM: recover with migrate-recover on the "
+            "destination, then migrate with resume true here (the guest is lost only if "
+            "either process ends)"
         )
         log.error("migration: %s", self.info.error)
         self._set_status(Status.POSTCOPY_PAUSED)
 
+    # --- post-copy recovery (see `recovery`) --------------------------------------------------
+
+    def pause(self) -> None:
+        """`migrate-pause`: break the post-copy link on purpose (both sides pause)."""
+        if not self._postcopy or not self.recovery.allowed(recovery.Step.PAUSE):
+            raise recovery.RecoveryError(
+                f"migrate-pause: the migration is {self.info.status.value}, not in post-copy"
+            )
+        self._pause_asked = True
+        if self.channel is not None:
+            self.channel.abort()
+
+    def resume(self, uri: str) -> None:
+        """`migrate` with `resume: true`: reconnect to the destination (which listens after
+        `migrate-recover`), with the first connection's credentials, and send what it lacks."""
+        if self.info.status is not Status.POSTCOPY_PAUSED:
+            raise recovery.RecoveryError(
+                f"migrate resume: the migration is {self.info.status.value}, not postcopy-paused"
+            )
+        address = parse_uri(uri)
+        self.recovery.handle(recovery.Step.RECOVER)
+        self.address = address
+        self.channel = None  # the broken one is closed; migrate-pause aborts the new one
+        self._set_status(Status.POSTCOPY_RECOVER)
+        self._thread = threading.Thread(
+            target=self._run_resume, name="migration-resume", daemon=True
+        )
+        self._thread.start()
+
+    def _run_resume(self) -> None:
+        mem = self.m.vm.memory
+        try:
+            ch = transport.connect_to(
+                self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
+            )
+            self.channel = ch
+            if self._pause_asked:  # migrate-pause while connecting
+                raise recovery.RecoveryError("migrate-pause during the reconnection")
+            conn = Connection(Role.SOURCE, guest_pages=mem.npages, resume=True)
+            caps = (recovery.session_capability(self._session),)
+            transport.send_event(ch, conn, hello(self.m.cfg.compat_fingerprint(), caps))
+            ack = transport.recv_event(ch, conn)
+            if not isinstance(ack, HelloAck) or not ack.accepted:
+                reason = ack.reason if isinstance(ack, HelloAck) else "it closed the stream"
+                raise recovery.RecoveryError(f"the destination refused the resume: {reason}")
+            got = transport.recv_event(ch, conn)
+            if not isinstance(got, PostcopyReceived):
+                raise recovery.RecoveryError(f"expected the received bitmap, got {got}")
+            received = recovery.parse_received_bitmap(got.received, mem.npages)
+            ram = postcopy.pending_pages(postcopy.pending_bytes(mem.ram_bitmap()), mem.npages)
+            self.recovery.handle(recovery.Step.RESUMED)
+            self.info.error = None
+            self._run_postcopy(ch, conn, recovery.pages_to_resend(received, ram), "resent")
+            self._hand_over(ch, conn)
+        except Exception as e:
+            self._failed(e)
+        else:
+            self.info.end = time.monotonic()
+            self._completed()
+        finally:
+            if self.channel is not None:
+                self.channel.close()
+
     def _switchover_reply(self, ch: transport.Channel, conn: Connection) -> SwitchoverAck | Abort:
         """The destination's answer to Complete, within x-switchover-timeout; a cancel, the
         timeout or a broken stream raise (and leave the switchover unresolved)."""
+        ev = self._reply(ch, conn, (SwitchoverAck, Abort), "switchover acknowledgement")
+        assert isinstance(ev, SwitchoverAck | Abort)
+        return ev
+
+    def _reply(
+        self, ch: transport.Channel, conn: Connection, kinds: tuple[type, ...], what: str
+    ) -> Any:
+        """The destination's next event, one of `kinds`, within x-switchover-timeout,
+        watching for a cancel meanwhile."""
         limit = self.params.x_switchover_timeout_s
         deadline = time.monotonic() + limit
         while True:
             ev = conn.next_event()
-            if isinstance(ev, SwitchoverAck | Abort):
+            if isinstance(ev, kinds):
                 return ev
             if ev is not NEED_DATA:
-                raise RuntimeError(f"expected a switchover acknowledgement, got {ev!r}")
+                raise RuntimeError(f"expected a {what}, got {ev!r}")
             if self._cancel.is_set():
                 raise MigrationCancelled(
-                    "migration cancelled while waiting for the "
-                    "destination's switchover acknowledgement"
+                    f"migration cancelled while waiting for the destination's {what}"
                 )
             data = ch.recv_nowait()
             if data is not None:
                 if not data:
-                    raise transport.TransportError(
-                        f"{ch.peer} closed the stream before acknowledging the switchover"
-                    )
+                    raise transport.TransportError(f"{ch.peer} closed the stream before its {what}")
                 conn.receive_data(data)
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(
-                    f"no switchover acknowledgement from {ch.peer} within "
-                    f"{limit:.0f} s (x-switchover-timeout)"
+                    f"no {what} from {ch.peer} within {limit:.0f} s (x-switchover-timeout)"
                 )
             select.select([ch.sock], [], [], min(left, REPLY_POLL_S))
 

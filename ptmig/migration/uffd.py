@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -146,6 +147,9 @@ class FaultServer:
                 f"{os.strerror(code)}{hint}"
             )
         self._h: int | None = handle
+        # `close` frees the native state: the short queries (a QMP thread's stats while the
+        # receiver finishes) hold this lock so they never run on a freed server
+        self._close_lock = threading.Lock()
 
     def _handle(self) -> int:
         if self._h is None:
@@ -166,7 +170,8 @@ class FaultServer:
     def take_requests(self, max_pages: int = 4096) -> npt.NDArray[np.uint64]:
         """The queued page numbers (each once, oldest first), at most `max_pages`."""
         out = np.empty(max_pages, dtype=np.uint64)
-        n = int(self._lib.uffd_take_requests(self._handle(), out.ctypes.data, max_pages))
+        with self._close_lock:
+            n = int(self._lib.uffd_take_requests(self._handle(), out.ctypes.data, max_pages))
         return out[:n]
 
     def install(self, pfn: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
@@ -204,12 +209,14 @@ class FaultServer:
 
     def states(self) -> npt.NDArray[np.uint8]:
         out = np.empty(self.npages, dtype=np.uint8)
-        self._lib.uffd_states(self._handle(), out.ctypes.data)
+        with self._close_lock:
+            self._lib.uffd_states(self._handle(), out.ctypes.data)
         return out
 
     def stats(self) -> FaultStats:
         raw = _Stats()
-        error = self._lib.uffd_get_stats(self._handle(), ctypes.byref(raw))
+        with self._close_lock:
+            error = self._lib.uffd_get_stats(self._handle(), ctypes.byref(raw))
         if error:
             raise FaultServerError(f"the fault thread stopped: {os.strerror(error)}")
         return FaultStats(**{name: int(getattr(raw, name)) for name in _STAT_NAMES})
@@ -223,14 +230,16 @@ class FaultServer:
     def latencies_us(self) -> npt.NDArray[np.uint32]:
         """Each remote fault's wait in µs (from its read to its install), oldest first."""
         out = np.empty(LATENCY_SAMPLES, dtype=np.uint32)
-        n = int(self._lib.uffd_latencies(self._handle(), out.ctypes.data, LATENCY_SAMPLES))
+        with self._close_lock:
+            n = int(self._lib.uffd_latencies(self._handle(), out.ctypes.data, LATENCY_SAMPLES))
         return out[:n].copy()
 
     def close(self) -> None:
         """Stop the fault thread and unregister the range (later accesses fault as usual)."""
-        if self._h is not None:
-            self._lib.uffd_close(self._h)
-            self._h = None
+        with self._close_lock:
+            handle, self._h = self._h, None
+            if handle is not None:
+                self._lib.uffd_close(handle)
 
     def __enter__(self) -> FaultServer:
         return self

@@ -1,0 +1,178 @@
+"""The early discard that keeps punching out of post-copy's downtime: on the wire, and the
+destination's arming with pages already made missing. Pure: no sockets, no KVM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ptmig.migration import (
+    NEED_DATA,
+    Complete,
+    Connection,
+    DeviceStates,
+    HelloAck,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Role,
+    RoundEnd,
+    RoundStart,
+    State,
+    SwitchoverAck,
+    VcpuStates,
+    frames,
+    hello,
+)
+from ptmig.migration.events import PostcopyDiscard, PostcopyDiscarded, PostcopyStart
+from ptmig.migration.postcopy import (
+    PostcopyError,
+    PostcopyReceiver,
+    page_ranges,
+    pending_bytes,
+    punch_pages,
+)
+
+PAGES = 128
+
+
+def deliver(frm: Connection, to: Connection, event: object) -> object:
+    to.receive_data(frm.send(event))  # type: ignore[arg-type]
+    ev = to.next_event()
+    assert ev is not NEED_DATA
+    return ev
+
+
+def bitmap_of(pages: list[int]) -> bytes:
+    words = np.zeros((PAGES + 63) // 64, dtype=np.uint64)
+    for p in pages:
+        words[p // 64] |= np.uint64(1 << (p % 64))
+    return pending_bytes(words)
+
+
+def discarded_pair() -> tuple[Connection, Connection]:
+    s = Connection(Role.SOURCE, guest_pages=PAGES)
+    d = Connection(Role.DESTINATION, guest_pages=PAGES)
+    deliver(s, d, hello({"m": 1}))
+    deliver(d, s, HelloAck(True, ""))
+    deliver(s, d, RoundStart(0, 0))
+    deliver(s, d, RoundEnd(0))
+    got = deliver(s, d, PostcopyDiscard(bitmap_of([3, 4, 5])))
+    assert got == PostcopyDiscard(bitmap_of([3, 4, 5]))
+    assert s.state is d.state is State.DISCARD_SENT
+    deliver(d, s, PostcopyDiscarded())
+    assert s.state is d.state is State.DISCARDED
+    return s, d
+
+
+def test_a_discard_then_the_postcopy_switchover() -> None:
+    s, d = discarded_pair()
+    deliver(s, d, VcpuStates(b"v"))
+    deliver(s, d, DeviceStates(b"d"))
+    deliver(s, d, PostcopyStart(bitmap_of([3, 4, 5, 9])))  # a superset: dirtied since
+    deliver(s, d, Complete())
+    deliver(d, s, SwitchoverAck(True, ""))
+    assert s.state is d.state is State.POSTCOPY
+
+
+def test_no_round_and_no_plain_switchover_after_a_discard() -> None:
+    """The destination no longer has the discarded pages: a round (which would not resend
+    them all) or a switchover without post-copy would run the guest without them."""
+    s, d = discarded_pair()
+    with pytest.raises(LocalProtocolError, match="may not send RoundStart in state discarded"):
+        s.send(RoundStart(1, 0))
+    deliver(s, d, VcpuStates(b"v"))
+    deliver(s, d, DeviceStates(b"d"))
+    with pytest.raises(LocalProtocolError, match="Complete in state postcopy-devices-sent"):
+        s.send(Complete())
+    d.receive_data(frames.encode_event(Complete()))  # the same from a hostile source
+    with pytest.raises(RemoteProtocolError, match="Complete in state postcopy-devices-sent"):
+        d.next_event()
+
+
+def test_the_source_waits_for_the_discard_acknowledgement_before_the_state() -> None:
+    s = Connection(Role.SOURCE, guest_pages=PAGES)
+    d = Connection(Role.DESTINATION, guest_pages=PAGES)
+    deliver(s, d, hello({"m": 1}))
+    deliver(d, s, HelloAck(True, ""))
+    deliver(s, d, PostcopyDiscard(bitmap_of([1])))
+    with pytest.raises(LocalProtocolError, match="VcpuStates in state discard-sent"):
+        s.send(VcpuStates(b"v"))
+    with pytest.raises(LocalProtocolError, match="may not send PostcopyDiscarded"):
+        s.send(PostcopyDiscarded())  # only the destination acknowledges
+
+
+def test_a_discard_bitmap_of_the_wrong_size_is_refused() -> None:
+    s = Connection(Role.SOURCE, guest_pages=PAGES)
+    d = Connection(Role.DESTINATION, guest_pages=PAGES)
+    deliver(s, d, hello({"m": 1}))
+    deliver(d, s, HelloAck(True, ""))
+    d.receive_data(frames.encode_event(PostcopyDiscard(bytes(8))))
+    with pytest.raises(RemoteProtocolError, match="PostcopyDiscard bitmap of 8 bytes for 128"):
+        d.next_event()
+
+
+def test_arming_refuses_a_discarded_page_the_final_bitmap_leaves_out() -> None:
+    """It would never arrive: refused before anything is armed (the source resumes)."""
+    receiver = PostcopyReceiver(memoryview(bytearray(PAGES * 4096)), 0, PAGES)
+    discarded = np.zeros(PAGES, dtype=bool)
+    discarded[[3, 70]] = True
+    punched: list[tuple[int, int]] = []
+    with pytest.raises(PostcopyError, match="leaves out page 70, which PostcopyDiscard made"):
+        receiver.arm(
+            PostcopyStart(bitmap_of([3])),
+            np.ones(PAGES, dtype=bool),
+            lambda first, n: punched.append((first, n)),
+            discarded,
+        )
+    assert punched == [] and receiver.server is None
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=300))
+def test_punching_covers_exactly_the_marked_pages_one_call_per_run(marks: list[bool]) -> None:
+    mask = np.array(marks, dtype=bool)
+    calls: list[tuple[int, int]] = []
+    punch_pages(mask, lambda first, n: calls.append((first, n)))
+    covered = np.zeros(len(mask), dtype=bool)
+    for first, n in calls:
+        assert n > 0 and not covered[first : first + n].any()
+        covered[first : first + n] = True
+    assert (covered == mask).all()
+    # runs are maximal: no two calls touch
+    assert all(a + n < b for (a, n), (b, _) in zip(calls, calls[1:], strict=False))
+
+
+def test_a_discard_the_hello_did_not_offer_is_refused_before_anything_is_punched() -> None:
+    """A source (with the key) that sends PostcopyDiscard without offering post-copy: the
+    destination refuses it, punches nothing, says why, and waits on."""
+    from test_migration_incoming_hostile import VALID_HELLO, Destination, FakeMachine, abort_reason
+
+    d = Destination(FakeMachine())
+    try:
+        stream = (
+            frames.MAGIC
+            + VALID_HELLO
+            + frames.encode_event(RoundStart(0, 0))
+            + frames.encode_event(RoundEnd(0))
+            + frames.encode_event(PostcopyDiscard(bytes(8)))
+        )
+        replies = d.attempt(stream)
+        assert "PostcopyDiscard from a source whose Hello did not offer postcopy-ram" in (
+            abort_reason(replies)
+        )
+        assert d.incoming.discarded is None
+    finally:
+        d.stop()
+
+
+@given(st.lists(st.integers(0, 400), max_size=200), st.integers(1, 70))
+def test_page_ranges_cover_each_page_once_in_order_within_the_limit(
+    pfns: list[int], limit: int
+) -> None:
+    """The fetcher's requests: unsorted, with repeats, become sorted ranges of at most
+    `limit` pages covering each page once."""
+    got = page_ranges(np.array(pfns, dtype=np.uint64), limit)
+    covered = [p for first, n in got for p in range(first, first + n)]
+    assert covered == sorted(set(pfns))
+    assert all(1 <= n <= limit for _, n in got)

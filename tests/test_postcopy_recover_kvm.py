@@ -1,0 +1,199 @@
+"""Post-copy recovery end to end on real KVM: two `ptmig run` processes, driven over QMP.
+
+The link breaks during post-copy (a relay cut, or `migrate-pause` on either side), both sides
+pause, `migrate-recover` makes the destination listen, `migrate` with `resume: true` reconnects
+the source, and the guest continues on the destination with every page verified. A second break
+during the resumed post-copy pauses both sides again, and they recover again. A peer that is
+not the paused migration's source (wrong key, or the right key without the session token) is
+refused while the destination keeps listening.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_postcopy_kvm import _pair, _start_postcopy_migration, _wait_status
+from vmmrig import TcpProxy, Vmm, dirty_config, free_port, iterations_increase, migration_key
+
+from ptmig.config import load_config
+from ptmig.migration import transport
+from ptmig.migration.events import HelloAck, Role
+from ptmig.migration.protocol import Connection, hello
+from ptmig.migration.recovery import session_capability
+
+pytestmark = [pytest.mark.kvm, pytest.mark.timeout(240)]
+
+MiB = 1 << 20
+
+
+def _postcopy_through(tmp_path: Path) -> tuple[Vmm, Vmm, int, TcpProxy]:
+    """A 16 MiB working set in post-copy at 8 MiB/s through a relay (about 2 s to carry)."""
+    src, dst, port = _pair(tmp_path, dirty_config(tmp_path, memory="32M", ws="16M"))
+    link = TcpProxy(port)
+    assert iterations_increase(src)
+    _start_postcopy_migration(src, link.port, bandwidth=8 * MiB, stalled_rounds=0)
+    _wait_status(src, ("active",))
+    src.cmd("migrate-start-postcopy")
+    _wait_status(src, ("postcopy-active",))
+    return src, dst, port, link
+
+
+def _dst_postcopy(dst: Vmm, wanted: str, timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (report := dst.cmd("x-query-postcopy"))["status"] != wanted:
+        assert time.monotonic() < deadline, report
+        time.sleep(0.05)
+    return report
+
+
+def _both_paused(src: Vmm, dst: Vmm) -> dict[str, Any]:
+    info = _wait_status(src, ("postcopy-paused",))
+    assert src.status() == "finish-migrate"
+    report = _dst_postcopy(dst, "postcopy-paused")
+    assert report["missing"] > 0, report
+    assert dst.status() == "paused"
+    return info
+
+
+def _recover(src: Vmm, dst: Vmm, *, via: TcpProxy | None = None, uri: str = "") -> None:
+    """migrate-recover on a fresh port (or `uri`), then the source's resume (through `via`,
+    if given)."""
+    port = free_port()
+    dst.cmd("migrate-recover", {"uri": uri or f"tcp:127.0.0.1:{port}"})
+    assert dst.cmd("x-query-postcopy")["status"] == "postcopy-recover"
+    if via is not None:
+        via.target = port
+        port = via.port
+    src.cmd("migrate", {"uri": uri or f"tcp:127.0.0.1:{port}", "resume": True})
+
+
+def _completed_and_verified(src: Vmm, dst: Vmm) -> dict[str, Any]:
+    info = _wait_status(src, ("completed",), timeout=120)
+    assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+    assert info["x-verify"]["pages"] == 32 * 256
+    assert info["x-postcopy"]["unsent-pages"] == 0, info["x-postcopy"]
+    assert src.status() == "postmigrate"
+    report = _dst_postcopy(dst, "completed")
+    assert report["missing"] == 0, report
+    # the pending pages were made missing before the stop; the guest moved after it
+    assert info["x-postcopy"]["discard-ms"] >= 0, info["x-postcopy"]
+    assert info["x-postcopy"]["stopped-at-s"] <= report["guest-started-at-s"]
+    assert dst.status() == "running"
+    assert iterations_increase(dst)  # the faults blocked during the pause were served
+    return info
+
+
+def test_a_link_cut_during_postcopy_is_recovered_and_verified(tmp_path: Path) -> None:
+    src, dst, _, link = _postcopy_through(tmp_path)
+    try:
+        link.cut()
+        info = _both_paused(src, dst)
+        unsent = info["x-postcopy"]["unsent-pages"]
+        assert unsent > 0
+        with pytest.raises(RuntimeError, match="post-copy is postcopy-paused"):
+            dst.cmd("migrate-pause")  # already paused: nothing to break
+        _recover(src, dst)
+        info = _completed_and_verified(src, dst)
+        # the destination's bitmap decided what was resent: at least what was not sent
+        assert info["x-postcopy"]["resent-pages"] >= unsent, info["x-postcopy"]
+    finally:
+        link.cut()
+        src.kill()
+        dst.kill()
+
+
+def test_migrate_pause_on_the_destination_then_a_second_break_then_recovery(
+    tmp_path: Path,
+) -> None:
+    src, dst, _, link = _postcopy_through(tmp_path)
+    try:
+        dst.cmd("migrate-pause")
+        info = _both_paused(src, dst)
+        assert "post-copy interrupted" in info["error-desc"], info
+        assert "migrate-pause" in dst.cmd("x-query-postcopy")["error-desc"]
+        # the resumed link fails after 256 KiB: a second break during recovery
+        relay = TcpProxy(0, cut_after=256 << 10)
+        _recover(src, dst, via=relay)
+        _both_paused(src, dst)
+        assert relay.cut_done.is_set()
+        _recover(src, dst)
+        _completed_and_verified(src, dst)
+    finally:
+        link.cut()
+        src.kill()
+        dst.kill()
+
+
+def test_migrate_pause_on_the_source_and_strangers_cannot_resume(tmp_path: Path) -> None:
+    src, dst, _, link = _postcopy_through(tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match="postcopy-active"):
+            dst.cmd("migrate-recover", {"uri": f"tcp:127.0.0.1:{free_port()}"})
+        with pytest.raises(RuntimeError, match="not postcopy-paused"):
+            src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{free_port()}", "resume": True})
+        src.cmd("migrate-pause")
+        info = _both_paused(src, dst)
+        assert "migrate-pause" in info["error-desc"], info
+        port = free_port()
+        dst.cmd("migrate-recover", {"uri": f"tcp:127.0.0.1:{port}"})
+        address = transport.Address(host="127.0.0.1", port=port)
+        # another key: the transport refuses it, the destination listens on
+        other_key = tmp_path / "other"
+        other_key.mkdir(mode=0o700)
+        with pytest.raises(transport.TransportError):
+            transport.connect_to(address, psk=migration_key(other_key).read_bytes().strip())
+        # the right key, but not this migration's session token: refused by the destination
+        ch = transport.connect_to(address, psk=migration_key(tmp_path).read_bytes().strip())
+        try:
+            conn = Connection(Role.SOURCE, guest_pages=32 * 256, resume=True)
+            fingerprint = load_config(tmp_path / "dirty.toml").compat_fingerprint()
+            caps = (session_capability("0" * 32),)
+            transport.send_event(ch, conn, hello(fingerprint, caps))
+            ack = transport.recv_event(ch, conn)
+        finally:
+            ch.close()
+        assert isinstance(ack, HelloAck) and not ack.accepted, ack
+        assert "not the source of the paused post-copy" in ack.reason
+        assert dst.cmd("x-query-postcopy")["status"] == "postcopy-recover"
+        assert dst.status() == "paused"
+        src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}", "resume": True})
+        _completed_and_verified(src, dst)
+    finally:
+        link.cut()
+        src.kill()
+        dst.kill()
+
+
+def test_recovery_over_a_unix_socket_authenticated_as_the_first_connection(
+    tmp_path: Path,
+) -> None:
+    """Keyless VMMs migrate over a unix socket in a private directory (the directory is the
+    credential); the resume listens and connects the same way."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    cfg = dirty_config(tmp_path, memory="32M", ws="16M")
+    src = Vmm(tmp_path, "src", cfg, keyless=True)
+    dst = Vmm(tmp_path, "dst", cfg, incoming=f"unix:{private}/first", keyless=True)
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        assert iterations_increase(src)
+        _start_postcopy_migration(src, f"unix:{private}/first", bandwidth=8 * MiB, stalled_rounds=0)
+        _wait_status(src, ("active",))
+        src.cmd("migrate-start-postcopy")
+        _wait_status(src, ("postcopy-active",))
+        src.cmd("migrate-pause")
+        _both_paused(src, dst)
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)
+        with pytest.raises(RuntimeError, match="has mode 0o777"):  # refused to listen there
+            dst.cmd("migrate-recover", {"uri": f"unix:{shared}/sock"})
+        _recover(src, dst, uri=f"unix:{private}/resume")
+        _completed_and_verified(src, dst)
+    finally:
+        src.kill()
+        dst.kill()
