@@ -230,7 +230,7 @@ def scale_migration(tmp: Path, memory: int, verify: bool = False) -> ScaleSample
         qs.execute("x-debug-fill-ram", {"gpa": FILL_FROM, "size": span(memory) - FILL_FROM})
         qs.execute(
             "migrate-set-parameters",
-            {"x-dma-tracking": "none", "max-bandwidth": 0, "x-data-channels": DATA_CHANNELS},
+            {"x-dma-tracking": "none", "max-bandwidth": 0, "multifd-channels": DATA_CHANNELS},
         )
         qs.execute(
             "migrate-set-capabilities",
