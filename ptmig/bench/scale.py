@@ -58,6 +58,7 @@ GOAL_VMM_MEMORY = Goal("<=", 2, "%")
 GOAL_LOADED_DOWNTIME_RATIO = Goal("<=", 1.3, "x")
 GOAL_NOTHING_LOST = Goal("<=", 0)
 LOADED_SIZES = ("1G", "4G")
+HEADROOM = 3 * GiB  # left to the rest of the host beside the two guests of a scale run
 START_TIMEOUT_S = 120.0  # the destination prefaults all its RAM before it listens
 
 
@@ -80,16 +81,51 @@ class ScaleSample:
 def run(config: BenchConfig) -> list[Result]:
     sizes = QUICK_SIZES if config.quick else FULL_SIZES
     samples: dict[int, list[ScaleSample]] = {}
+    skipped: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="ptmig-bench-scale-") as d:
         tmp = Path(d)
         for size in sizes:
+            short = memory_shortfall(size, available_memory())
+            if short is not None:  # two such guests would push the host into the OOM killer
+                skipped.append(
+                    Result(
+                        SECTION, label(size), float("nan"), "", None, None, [], {"skipped": short}
+                    )
+                )
+                continue
             samples[size] = [scale_migration(tmp, size) for _ in range(config.runs)]
             verified = scale_migration(tmp, size, verify=True)
             for s in samples[size]:
                 s.verify_ms = verified.verify_ms
-        out = results(samples)
+        out = results(samples) + skipped
         out += loaded_results(loaded_cells(tmp, 1 if config.quick else config.runs))
     return out
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 if unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_shortfall(size: int, available: int) -> str | None:
+    """Why a source and a destination of `size` do not fit in `available` bytes, or None.
+
+    Both hold all of guest RAM (the source filled, the destination prefaulted), and the rest
+    of the host keeps running: HEADROOM is left for it."""
+    need = 2 * size + HEADROOM
+    if available >= need:
+        return None
+    return (
+        f"two {label(size)} guests need {need / GiB:.1f} GiB free with the headroom, "
+        f"the host has {available / GiB:.1f} GiB available"
+    )
 
 
 def loaded_cells(tmp: Path, runs: int) -> dict[str, list[Any]]:
@@ -182,6 +218,8 @@ def results(samples: dict[int, list[ScaleSample]]) -> list[Result]:
 
 def _goal_rows(samples: dict[int, list[ScaleSample]]) -> list[Result]:
     sizes = sorted(samples)
+    if not sizes:
+        return []
     largest = sizes[-1]
     out: list[Result] = []
     if GiB in samples:
