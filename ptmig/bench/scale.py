@@ -20,6 +20,10 @@ acknowledgement, i.e. the downtime) and must find no differing page. Reported pe
 Then the kv guest under load (`ptmig demo`, as one cell of the `strategies` section) at 1 and
 4 GiB with `shadow`: downtime, lost values and mismatched pages (one run each in `--quick`).
 
+A size whose source and destination would not fit the host's available memory with `HEADROOM`
+to spare is skipped with a result that says so (the OOM killer would otherwise end one of them,
+or something else on the host).
+
 Goals (issue 18): total time per GiB at most 1.2x the 1 GiB one at every larger size (linear
 in RAM); idle downtime <= 5 ms at the largest size; harvest <= 5 ms at the largest size; VMM
 memory besides guest RAM <= 2 % of guest RAM at every size of 1 GiB and more; loaded downtime
