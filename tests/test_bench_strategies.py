@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,10 @@ def demo_doc(
             "cpu": {
                 "source-s": 0.05,
                 "source-s-per-gib": 0.8,
+                "source-s-per-ram-gib": 0.2,
                 "destination-s": 0.04,
                 "destination-s-per-gib": 0.6,
+                "destination-s-per-ram-gib": 0.15,
             },
             "problems": [],
         },
@@ -167,7 +170,8 @@ def test_cell_from_doc_reads_every_column() -> None:
     assert c.ops_precopy == pytest.approx(4000.0)
     assert (c.lost, c.wrong, c.mismatched) == (1, 2, 0)  # each on its own
     assert c.lat("precopy", "p99_ms") == 5.0 and c.lat("after", "max_ms") == 150.0
-    assert (c.cpu_source, c.cpu_destination) == (0.8, 0.6)
+    assert (c.cpu_source, c.cpu_destination) == (0.2, 0.15)  # per GiB of guest RAM
+    assert (c.cpu_source_sent, c.cpu_destination_sent) == (0.8, 0.6)
     assert c.downtime_parts["ack"] == 80 and c.downtime_parts["destination"]["verify"] == 40.0
     assert not c.correct  # values were lost
     assert cell_from_doc("shadow", "256M", demo_doc()).correct
@@ -308,6 +312,18 @@ def test_latency_and_cpu_goals_are_missed_when_exceeded() -> None:
     assert r["strategy.shadow.p99_precopy_vs_before"].ok is False
     assert r["strategy.shadow.cpu_per_gib.source"].ok is False
     assert r["strategy.shadow.cpu_per_gib.destination"].ok is True  # 0.7, 0.9
+
+
+def test_the_cpu_goal_is_per_gib_of_ram_and_per_gib_sent_is_context() -> None:
+    # A mostly-zero guest: cheap per GiB of RAM, dear per GiB sent. Only the first has a goal.
+    p = StrategyBenchParams(memories=("1G",), strategies=("shadow",), runs=1)
+    c = replace(cell("shadow", "1G", 100), cpu_source=0.4, cpu_source_sent=4.0)
+    r = by_name(derived_results([c], p))
+    assert r["strategy.shadow.cpu_per_gib.source"].value == pytest.approx(0.4)
+    assert r["strategy.shadow.cpu_per_gib.source"].ok is True
+    assert r["strategy.shadow.cpu_per_gib_sent.source"].value == pytest.approx(4.0)
+    assert r["strategy.shadow.cpu_per_gib_sent.source"].goal is None
+    assert "guest RAM" in r["strategy.shadow.cpu_per_gib.source"].extra["what"]
 
 
 def test_shadow_slowdown_is_compared_with_device_logs_in_the_same_round() -> None:

@@ -586,3 +586,12 @@ def test_ptmig_run_refuses_more_memory_than_the_host_has(tmp_path: Path) -> None
     )
     assert proc.returncode == VMM_FAILED, proc.stderr  # ptmig run's own failure, not the guest's
     assert f"guest memory of {want >> 20} MiB is more than the host has available" in proc.stderr
+
+
+def test_a_scale_size_that_does_not_fit_the_host_is_skipped_with_the_numbers() -> None:
+    from ptmig.bench.scale import HEADROOM, GiB, memory_shortfall
+
+    assert memory_shortfall(8 * GiB, 16 * GiB + HEADROOM) is None
+    why = memory_shortfall(8 * GiB, 16 * GiB + HEADROOM - 1)
+    assert why is not None and "8G" in why and "available" in why
+    assert "19.0 GiB free" in why  # 2 x 8 GiB + 3 GiB of headroom

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
-from ptmig.qmp.server import QmpServer
+from ptmig.qmp.server import MAX_OUTPUT_BACKLOG, QmpServer
 from ptmig.qmp.session import (
     ErrorClass,
     QmpError,
@@ -513,6 +513,45 @@ def test_commands_of_one_client_are_answered_in_order(server: QmpServer) -> None
     gate.set()
     assert c.recv() == {"return": "gate", "id": 1}
     assert c.recv()["id"] == 2
+    c.close()
+
+
+def test_a_client_that_stops_reading_is_dropped_and_others_are_served(
+    server: QmpServer,
+) -> None:
+    # Replies of 1 MiB to a client that never reads: once more than the backlog cap (plus what
+    # the kernel's socket buffer holds) is unsent, the server drops that client only.
+    reply_size = 1 << 20
+    server.register("big", lambda: "x" * reply_size)
+    hog, other = Raw(server.path), Raw(server.path)
+    hog.negotiate()
+    other.negotiate()
+    n = 2 * MAX_OUTPUT_BACKLOG // reply_size
+    hog.send("".join(json.dumps({"execute": "big", "id": i}) for i in range(n)))
+    assert other.execute("query-status", id="o")["id"] == "o"
+    replies = 0
+    with pytest.raises((EOFError, ConnectionResetError)):
+        while True:
+            assert hog.recv() == {"return": "x" * reply_size, "id": replies}
+            replies += 1
+    assert replies < n
+    assert other.execute("query-status", id="o2")["id"] == "o2"
+    hog.close()
+    other.close()
+
+
+def test_clients_that_come_and_go_leave_the_server_serving(
+    server: QmpServer,
+) -> None:
+    for i in range(50):
+        c = Raw(server.path)
+        if i % 2:
+            c.negotiate()
+            c.send(json.dumps({"execute": "query-status"}))  # left unread: closed with a reply
+        c.close()
+    c = Raw(server.path)
+    c.negotiate()
+    assert c.execute("query-status", id="last")["id"] == "last"
     c.close()
 
 

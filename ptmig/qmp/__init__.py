@@ -12,7 +12,7 @@ Layers, pure first:
 - ``stream``: ``JsonSplitter`` cuts the unframed input stream into JSON texts (no I/O).
 - ``session``: ``check_arguments`` and ``QmpSession`` turn one text into either a ready reply
   or a ``Call`` to run (no I/O).
-- ``server``: ``QmpServer`` is the I/O shell: an asyncio loop in its own thread (the VMM's vCPU
+- ``server``: ``QmpServer`` is the I/O shell: a selector loop in its own thread (the VMM's vCPU
   threads block in KVM_RUN) accepts clients; handlers run in a worker pool so a slow command
   does not stall other clients; each client's commands are answered in the order it sent them.
 
