@@ -22,8 +22,6 @@ from . import __version__
 from .cliconv import EXIT_STATUS_TEXT, VMM_FAILED, Bandwidth, json_to_stdout
 from .migration.params import DMA_TRACKING
 
-JSON_HELP = "Write the result as JSON to FILE (- for stdout; the summary then goes to stderr)."
-
 
 def _unix_path(spec: str | None, what: str) -> str | None:
     if spec is None:
@@ -65,6 +63,18 @@ class VmmCommand(click.Command):
 
 
 JSON_TYPE = click.Path(dir_okay=False, allow_dash=True, path_type=Path)
+
+
+def json_option(what: str, human: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--json FILE` (into the command's `json_path`): write `what` to FILE, or to stdout with
+    `-`, in which case `human` (the command's human-readable output) goes to stderr."""
+    return click.option(
+        "--json",
+        "json_path",
+        type=JSON_TYPE,
+        metavar="FILE",
+        help=f"Write {what} to FILE (- for stdout, sending {human} to stderr).",
+    )
 
 
 def migration_options(
@@ -234,6 +244,12 @@ def run(
 LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_s": 30.0}
 
 
+def _load_int(name: str, text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An integer option of `ptmig load` whose default is the load client's own."""
+    flag = "--" + name.replace("_", "-")
+    return click.option(flag, type=int, default=LOAD_DEFAULTS[name], show_default=True, help=text)
+
+
 @main.command()
 @click.argument(
     "config", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -253,7 +269,7 @@ LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_
     metavar="SECONDS",
     help="Seconds of load.",
 )
-@click.option("--json", "json_path", type=JSON_TYPE, metavar="FILE", help=JSON_HELP)
+@json_option("the result as JSON", "the summary")
 @click.option(
     "--target",
     metavar="HOST:PORT",
@@ -264,28 +280,12 @@ LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_
 @click.option("--client-ip", help="This client's address on the switch.")
 @click.option("--port", "kv_port", type=int, help="kv port (default: the config's, or 7000).")
 @click.option("--keys-prefix", help="Key prefix (default: random).")
-@click.option(
-    "--keys",
-    type=int,
-    default=LOAD_DEFAULTS["keys"],
-    show_default=True,
-    help="Key space the PUTs cycle through; each key is checked against its latest "
-    "acknowledged value.",
+@_load_int(
+    "keys",
+    "Key space the PUTs cycle through; each key is checked against its latest acknowledged value.",
 )
-@click.option(
-    "--window",
-    type=int,
-    default=LOAD_DEFAULTS["window"],
-    show_default=True,
-    help="Outstanding requests.",
-)
-@click.option(
-    "--value-size",
-    type=int,
-    default=LOAD_DEFAULTS["value_size"],
-    show_default=True,
-    help="Value bytes.",
-)
+@_load_int("window", "Outstanding requests.")
+@_load_int("value_size", "Value bytes.")
 @click.option(
     "--reads",
     "read_ratio",
@@ -419,14 +419,7 @@ def switch(listen: str, age: float, native: bool | None, idle_exit: float | None
     metavar="N",
     help="With --postcopy: switch to post-copy after N pre-copy rounds at the latest.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=JSON_TYPE,
-    metavar="FILE",
-    help="Write the final query-migrate reply to FILE (- for stdout; the tables then "
-    "go to stderr).",
-)
+@json_option("the final query-migrate reply", "the tables")
 def migrate(
     qmp_spec: str,
     destination: str,
@@ -475,14 +468,7 @@ def migrate(
 
 @main.command()
 @click.option("--quick", is_flag=True, help="A smaller version that fits a few minutes.")
-@click.option(
-    "--json",
-    "json_path",
-    type=JSON_TYPE,
-    metavar="FILE",
-    help="Where to write the results (default bench-results/bench.json; - for "
-    "stdout, the tables then go to stderr).",
-)
+@json_option("the results (default bench-results/bench.json)", "the tables")
 @click.option(
     "--only", multiple=True, metavar="SECTION", help="Run only these sections (repeatable)."
 )
@@ -504,14 +490,7 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
 
 @main.command()
 @migration_options(tracking="shadow", downtime_ms=300, bandwidth="100M")
-@click.option(
-    "--json",
-    "json_path",
-    type=JSON_TYPE,
-    metavar="FILE",
-    help="Write {migration, load, guest, demo} to FILE (- for stdout; the live view "
-    "and summary then go to stderr).",
-)
+@json_option("{migration, load, guest, demo}", "the live view and summary")
 @click.option(
     "--report",
     "report_dir",

@@ -4,8 +4,9 @@ stand-in for an attached device, and the device state a quiesced device would re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from ptmig.devices.control import DeviceState
+from ptmig.devices.virtio.mmio import MmioState
 from ptmig.devices.virtio.testing import DriverQueue
 from ptmig.iommu import IommuTable
 from ptmig.memory import GuestMemory
@@ -33,21 +34,10 @@ class FakeAttached:
     handle: object = None
 
 
-def device_state(drv: DriverQueue, next_avail: int = 0) -> dict[str, Any]:
-    """What a quiesced device reports for the driver's one queue (`get_state`)."""
-    st = drv.state(next_avail=next_avail, next_used=next_avail)
-    return {
-        "mmio": {"status": 15},
-        "queues": [
-            {
-                "index": 0,
-                "size": st.size,
-                "desc_addr": st.desc_addr,
-                "avail_addr": st.avail_addr,
-                "used_addr": st.used_addr,
-                "next_avail": next_avail,
-                "next_used": next_avail,
-                "ready": True,
-            }
-        ],
+def device_state(*drivers: DriverQueue, next_avail: int = 0) -> DeviceState:
+    """What a quiesced device reports for the drivers' queues (`get_state`), queue k being the
+    k-th driver's: its registers (driver OK) and each ring caught up to `next_avail`."""
+    queues = {
+        k: drv.state(next_avail=next_avail, next_used=next_avail) for k, drv in enumerate(drivers)
     }
+    return DeviceState("net", MmioState(device_id=1, device_features=1 << 32, status=15), queues)

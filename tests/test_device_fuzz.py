@@ -144,6 +144,16 @@ chain = st.builds(
 ).filter(bool)
 mutation = st.tuples(st.integers(0, QSIZE - 1), st.integers(0, 3), st.integers(0, 2**64 - 1))
 
+# A device's hostile ring: the kind, the guest's chains, stores that corrupt them, a forged
+# avail index (now and then), and a block request header.
+HOSTILE_RING = dict(
+    kind=st.sampled_from(["blk", "net"]),
+    chains=st.lists(chain, min_size=1, max_size=4),
+    mutations=st.lists(mutation, max_size=2),
+    avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
+    blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)),
+)
+
 
 def lay_out(
     mem: bytearray,
@@ -194,13 +204,7 @@ def _close(rt: DeviceRuntime, fds: list[int]) -> None:
 @settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(
-    kind=st.sampled_from(["blk", "net"]),
-    chains=st.lists(chain, min_size=1, max_size=4),
-    mutations=st.lists(mutation, max_size=2),
-    avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
-    blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)),
-)
+@given(**HOSTILE_RING)
 def test_hostile_rings_never_escape(
     image: str,
     kind: str,
@@ -265,14 +269,7 @@ def _native(rt: DeviceRuntime, mem: bytearray, irq: int) -> NativePath:
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(
-    kind=st.sampled_from(["blk", "net"]),
-    chains=st.lists(chain, min_size=1, max_size=4),
-    mutations=st.lists(mutation, max_size=2),
-    avail_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
-    blk_hdr=st.tuples(st.sampled_from([0, 1, 4, 8, 99]), st.integers(0, 300)),
-    placement=st.sampled_from(PLACEMENTS),
-)
+@given(**HOSTILE_RING, placement=st.sampled_from(PLACEMENTS))
 def test_native_paths_do_what_the_python_ones_do(
     image: str,
     kind: str,

@@ -64,12 +64,7 @@ def test_a_round_longer_than_the_watchdog_completes_over_data_channels(tmp_path:
     30 s watchdog: the main stream carries nothing all that time, the data channels carry the
     pages, paced."""
     cfg = dirty_config(tmp_path, memory="64M", vcpus=1, ws="4M")
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    try:
-        dst.wait_incoming()
-        src.wait_running()
+    with migration_pair(tmp_path, cfg) as (src, dst, port):
         # The switchover follows round 0: whatever is left goes in the stop-and-copy.
         _migrate(src, port, max_bandwidth=80 << 10, downtime_limit=600_000)
         info = src.wait_migration(timeout=120)
@@ -78,9 +73,6 @@ def test_a_round_longer_than_the_watchdog_completes_over_data_channels(tmp_path:
         assert info["x-rounds"][0]["seconds"] > WATCHDOG_S, info["x-rounds"]
         assert dst.status() == "running"
         assert iterations_increase(dst)
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @pytest.mark.parametrize("how", ["kill-destination", "cut-link"])

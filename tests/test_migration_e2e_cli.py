@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vmmrig import ROOT, Vmm, dirty_config, free_port, iterations_increase
+from vmmrig import ROOT, Vmm, dirty_config, free_port, iterations_increase, migration_pair
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 
@@ -27,12 +27,7 @@ def _ptmig_migrate(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ptmig_migrate_completes_verified_and_writes_json(tmp_path: Path) -> None:
     cfg = dirty_config(tmp_path, memory="64M", ws="8M")
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    try:
-        src.wait_running()
-        dst.wait_incoming()
+    with migration_pair(tmp_path, cfg) as (src, dst, port):
         out_json = tmp_path / "mig.json"
         res = _ptmig_migrate(
             "--qmp",
@@ -62,9 +57,6 @@ def test_ptmig_migrate_completes_verified_and_writes_json(tmp_path: Path) -> Non
         again = _ptmig_migrate("--qmp", f"unix:{src.qmp_path}", f"tcp:127.0.0.1:{port}")
         assert again.returncode == 3, again.stdout + again.stderr
         assert "postmigrate" in again.stderr, again.stdout + again.stderr
-    finally:
-        src.stop()
-        dst.stop()
 
 
 def test_ptmig_migrate_to_nowhere_fails_and_the_guest_stays(tmp_path: Path) -> None:

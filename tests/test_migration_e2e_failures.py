@@ -26,6 +26,7 @@ from vmmrig import (
     free_port,
     iterations_increase,
     kv_migration,
+    migration_pair,
 )
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
@@ -63,31 +64,18 @@ def _assert_source_recovered(src: Vmm, info: dict, status: str) -> None:
 
 def test_killing_the_destination_mid_migration_leaves_the_source_running(tmp_path: Path) -> None:
     cfg = dirty_config(tmp_path, ws="48M")
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    try:
-        dst.wait_incoming()
-        src.wait_running()
+    with migration_pair(tmp_path, cfg) as (src, dst, port):
         src.migrate(port, max_bandwidth=SLOW)
         _wait_transferred(src, 8 << 20)
         dst.proc.kill()
         info = src.wait_migration()
         _assert_source_recovered(src, info, "failed")
         assert info["error-desc"]
-    finally:
-        src.stop()
-        dst.stop()
 
 
 def test_migrate_cancel_resumes_the_source_and_allows_a_new_migration(tmp_path: Path) -> None:
     cfg = dirty_config(tmp_path, ws="48M")
-    port = free_port()
-    src = Vmm(tmp_path, "src", cfg)
-    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
-    try:
-        dst.wait_incoming()
-        src.wait_running()
+    with migration_pair(tmp_path, cfg) as (src, dst, port):
         src.migrate(port, max_bandwidth=SLOW)
         _wait_transferred(src, 4 << 20)
         src.cmd("migrate_cancel")
@@ -108,9 +96,6 @@ def test_migrate_cancel_resumes_the_source_and_allows_a_new_migration(tmp_path: 
             assert iterations_increase(dst2)
         finally:
             dst2.stop()
-    finally:
-        src.stop()
-        dst.stop()
 
 
 def test_cut_link_under_kv_load_loses_no_acknowledged_value(tmp_path: Path) -> None:

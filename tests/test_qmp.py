@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
@@ -696,6 +696,8 @@ def test_splitter_pieces() -> None:
     out = s.feed(b'{"a": 1\x1f{"b": 2}')
     assert isinstance(out[0], InputError) and not out[0].fatal
     assert out[1:] == [b'{"b": 2}']
+    out = s.feed(b'{"a": "x\ny"}\n{"b": 2}')  # a raw line end in a string is an error
+    assert isinstance(out[0], InputError) and out[1:] == [b'{"b": 2}']
     out = s.feed(b"[" + b"1," * 40)
     assert len(out) == 1 and isinstance(out[0], InputError) and out[0].fatal
 
@@ -739,6 +741,11 @@ def test_splitter_recovers_every_object_whatever_the_chunking(
     junk=st.binary(min_size=1, max_size=30),
     bad=st.sampled_from([b"\x00", b"\x01", b"\x1b", b"\xfe", b"\xff"]),
 )
+# A line end in the junk resyncs and its quote opens a string: the next line end, a control
+# byte inside that string, ends it (plain or escaped), as in QEMU's lexer.
+@example(junk=b'\r"', bad=b"\x00")
+@example(junk=b'\r"\\', bad=b"\x00")
+@example(junk=b'\x1f"\t', bad=b"\xff")
 def test_splitter_reads_the_next_command_after_a_bad_byte_in_a_string(
     junk: bytes, bad: bytes
 ) -> None:

@@ -19,6 +19,21 @@ HERE = Path(__file__).resolve().parent
 DEMO_DOC = HERE / "test_report_demo.json"
 
 
+def _strategy_row(name: str, value: float, unit: str) -> dict:
+    return {
+        "section": "strategies",
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "goal": None,
+        "ok": None,
+        "min": 1,
+        "max": 2,
+        "runs": [1, 2],
+        "extra": {},
+    }
+
+
 def bench_doc() -> dict:
     """A bench document in `ptmig bench`'s format with a strategy comparison."""
     results = []
@@ -28,34 +43,10 @@ def bench_doc() -> dict:
         ("device-log", 18, 1),
     ):
         for ram, gib in (("256M", 0.25), ("1G", 1.0), ("2G", 2.0)):
-            results.append(
-                {
-                    "section": "strategies",
-                    "name": f"strategy.{strategy}.{ram}.downtime",
-                    "value": base_ms + per_gib_ms * gib,
-                    "unit": "ms",
-                    "goal": None,
-                    "ok": None,
-                    "min": 1,
-                    "max": 2,
-                    "runs": [1, 2],
-                    "extra": {},
-                }
-            )
-            results.append(
-                {
-                    "section": "strategies",
-                    "name": f"strategy.{strategy}.{ram}.bytes",
-                    "value": 10 + gib * (300 if strategy == "all-dirty" else 5),
-                    "unit": "MiB",
-                    "goal": None,
-                    "ok": None,
-                    "min": 1,
-                    "max": 2,
-                    "runs": [1, 2],
-                    "extra": {},
-                }
-            )
+            name = f"strategy.{strategy}.{ram}"
+            results.append(_strategy_row(f"{name}.downtime", base_ms + per_gib_ms * gib, "ms"))
+            sent = 10 + gib * (300 if strategy == "all-dirty" else 5)
+            results.append(_strategy_row(f"{name}.bytes", sent, "MiB"))
     results.append(
         {
             "section": "core",

@@ -30,6 +30,27 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) -> 
         time.sleep(0.05)
 
 
+def run_dirty(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`ptmig run` of the dirty example with its QMP socket (up when this returns) and its
+    console in `tmp_path`: (the process, the socket's path)."""
+    sock = tmp_path / "qmp.sock"
+    proc = ptmig(
+        "run",
+        str(ROOT / "examples/dirty.toml"),
+        "--qmp",
+        f"unix:{sock}",
+        "--console",
+        str(tmp_path / "console.txt"),
+    )
+    try:
+        wait_for_socket(sock, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, sock
+
+
 @pytest.mark.kvm
 def test_hello_exit_status_and_console_file(tmp_path: Path) -> None:
     console = tmp_path / "console.txt"
@@ -46,17 +67,8 @@ def test_hello_exit_status_and_console_file(tmp_path: Path) -> None:
 
 @pytest.mark.kvm
 def test_stop_cont_quit_over_qmp_with_the_qemu_client(tmp_path: Path) -> None:
-    sock = tmp_path / "qmp.sock"
-    proc = ptmig(
-        "run",
-        str(ROOT / "examples/dirty.toml"),
-        "--qmp",
-        f"unix:{sock}",
-        "--console",
-        str(tmp_path / "console.txt"),
-    )
+    proc, sock = run_dirty(tmp_path)
     try:
-        wait_for_socket(sock, proc)
 
         async def drive() -> list[str]:
             qmp = QMPClient("test")
@@ -115,17 +127,8 @@ def next_reply(f) -> dict:
 
 @pytest.mark.kvm
 def test_malformed_qmp_input_keeps_the_vmm_running(tmp_path: Path) -> None:
-    sock = tmp_path / "qmp.sock"
-    proc = ptmig(
-        "run",
-        str(ROOT / "examples/dirty.toml"),
-        "--qmp",
-        f"unix:{sock}",
-        "--console",
-        str(tmp_path / "console.txt"),
-    )
+    proc, sock = run_dirty(tmp_path)
     try:
-        wait_for_socket(sock, proc)
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(30)  # a missing reply fails the test instead of hanging it
         s.connect(str(sock))

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shadowrig import device_state
 
 from ptmig import bitmap
 from ptmig.devices.blk import BlkConfig, BlkDevice
@@ -173,24 +174,7 @@ class Rig:
             dp,
             intercept=mode == "intercept",
         )
-        self.sd.build(
-            {
-                "mmio": {"status": 15},
-                "queues": [
-                    {
-                        "index": q,
-                        "size": QSIZE,
-                        "desc_addr": d.desc_addr,
-                        "avail_addr": d.avail_addr,
-                        "used_addr": d.used_addr,
-                        "next_avail": 0,
-                        "next_used": 0,
-                        "ready": True,
-                    }
-                    for q, d in enumerate(self.drivers)
-                ],
-            }
-        )
+        self.sd.build(device_state(*self.drivers))
         self.sd.flush_mappings()
         self.shadow.dma.invalidate_iotlb()
         for q, d in enumerate(self.drivers):

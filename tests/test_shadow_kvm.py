@@ -222,6 +222,9 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path, tracking:
     try:
         src.wait_running()
         load = Load(cfg, 8, load_json, rate=300, window=None).start()
+        # the guest serves before shadowing begins: its driver has configured the NIC, so the
+        # shadow is built over live rings rather than over queues still being set up
+        _wait_for_served_requests(src, 20)
         # 4 KiB/s, one page a second: round 0 (tens of non-zero pages at the least) lasts far
         # longer than it takes the load's requests to go through the shadow rings; cancel as
         # soon as they do

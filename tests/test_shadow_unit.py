@@ -195,11 +195,11 @@ def test_interception_log_names_inflight_requests_in_order(rig) -> None:
     mem, iommu, pool, drv, sd, dma = rig
     heads = [drv.add_chain([Buffer(drv.alloc(64), 64, writable=True)]) for _ in range(3)]
     enter(sd, drv, dma)
-    log = sd.interception_log()
-    q = log["queues"][0]
-    assert [r["head"] for r in q["inflight"]] == heads
-    assert [r["avail_index"] for r in q["inflight"]] == [0, 1, 2]
-    assert q["next_avail"] == 0 and q["next_used"] == 0
+    state, inflight = sd.interception_log()
+    assert [r.head for r in inflight[0]] == heads
+    assert [r.avail_index for r in inflight[0]] == [0, 1, 2]
+    q = state.queues[0]
+    assert q.next_avail == 0 and q.next_used == 0 and q.ready
 
 
 def test_a_view_places_each_device_buffer_at_its_guest_page_and_drops_it_when_freed() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 from test_vhost_user_backend import _bring_up, _GuestView, _request
-from vmmrig import Load, Vmm, free_port, switch
+from vmmrig import Load, Vmm, free_port, kv_config, switch
 
 from ptmig import bitmap
 from ptmig.config import load_config
@@ -48,19 +48,6 @@ PAGE = 4096
 MARKER = b"VHOST-USER-PASSTHROUGH-MARKER-"
 ROUND0_BANDWIDTH = 64 << 10
 ROUND0_DOWNTIME_LIMIT_MS = 10_000
-
-
-def vhost_kv_config(tmp: Path, switch_port: int) -> Path:
-    path = tmp / "kv-vhost.toml"
-    path.write_text(
-        '[vm]\nmemory = "128M"\nvcpus = 1\n\n'
-        '[workload]\nname = "kv"\nargs = { port = 7000 }\n\n'
-        '[[net]]\nid = "net0"\nmac = "52:54:00:12:34:56"\nip = "10.0.0.2/24"\n'
-        f'backend = "udp:127.0.0.1:{switch_port}"\nswitch = "none"\n\n'
-        f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "64M"\n'
-        'backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n'
-    )
-    return path
 
 
 def test_daemon_writes_escape_kvms_dirty_log_but_not_the_vhost_log(tmp_path: Path) -> None:
@@ -111,7 +98,7 @@ def _migrate_chain(
     own daemon on the shared image; returns each migration's final query-migrate and the load
     client's result."""
     sw = free_port(socket.SOCK_DGRAM)
-    cfg = vhost_kv_config(tmp_path, sw)
+    cfg = kv_config(tmp_path, sw, vhost_user=True)
     infos: list[dict[str, Any]] = []
     with switch(sw):
         vmms = [Vmm(tmp_path, "src", cfg)]
@@ -167,7 +154,7 @@ def test_none_loses_the_daemons_writes_and_the_loss_is_detected(tmp_path: Path) 
 def _running_vmm(tmp_path: Path) -> Iterator[tuple[Vmm, int]]:
     """The kv guest running on a vhost-user disk: (its VMM, the daemon's pid)."""
     sw = free_port(socket.SOCK_DGRAM)
-    cfg = vhost_kv_config(tmp_path, sw)
+    cfg = kv_config(tmp_path, sw, vhost_user=True)
     with switch(sw):
         vmm = Vmm(tmp_path, "src", cfg)
         try:
@@ -264,7 +251,7 @@ def _shadowed_source(tmp_path: Path, load_s: float) -> Iterator[tuple[Vmm, Load,
     pre-copy), once the data plane has forwarded a request of the guest's: (the source, the
     load, the memfds the daemon mapped before the migration)."""
     sw = free_port(socket.SOCK_DGRAM)
-    cfg = vhost_kv_config(tmp_path, sw)
+    cfg = kv_config(tmp_path, sw, vhost_user=True)
     with switch(sw):
         src = Vmm(tmp_path, "src", cfg)
         port = free_port()

@@ -47,12 +47,14 @@ def dirty_config(
     return path
 
 
-def kv_config(tmp: Path, switch_port: int | None = None, *, memory: str = "128M") -> Path:
+def kv_config(
+    tmp: Path, switch_port: int | None = None, *, memory: str = "128M", vhost_user: bool = False
+) -> Path:
     """A kv VM on its own switch port and disk image, so tests never share state.
 
     Without `switch_port` the VM gets a free port and its VMM starts the switch there itself
     (`switch = "auto"`); with one, the test runs the switch (see `switch()`) and decides when
-    it ends."""
+    it ends. `vhost_user`: the disk is served by a qemu-storage-daemon the VMM spawns."""
     mode = "none" if switch_port is not None else "auto"
     port = switch_port if switch_port is not None else free_port(socket.SOCK_DGRAM)
     path = tmp / "kv.toml"
@@ -65,6 +67,7 @@ def kv_config(tmp: Path, switch_port: int | None = None, *, memory: str = "128M"
         # one of them
         f'[[disk]]\nid = "disk0"\npath = "{tmp / "kv.img"}"\nsize = "64M"\n'
         'serial = "ptmig-disk0"\n'
+        + ('backend = "vhost-user"\nspawn = "qemu-storage-daemon"\n' if vhost_user else "")
     )
     return path
 
@@ -251,12 +254,15 @@ def switch(port: int) -> Iterator[None]:
 
 
 @contextmanager
-def migration_pair(tmp: Path, config: Path) -> Iterator[tuple[Vmm, Vmm, int]]:
+def migration_pair(
+    tmp: Path, config: Path, dst_config: Path | None = None
+) -> Iterator[tuple[Vmm, Vmm, int]]:
     """A running source and a destination waiting for it on a free port: (source,
-    destination, port). Both VMMs are stopped at the end of the block."""
+    destination, port). Both VMMs are stopped at the end of the block. `dst_config`: the
+    destination's config, if not the source's."""
     port = free_port()
     src = Vmm(tmp, "src", config)
-    dst = Vmm(tmp, "dst", config, incoming_port=port)
+    dst = Vmm(tmp, "dst", dst_config or config, incoming_port=port)
     try:
         src.wait_running()
         dst.wait_incoming()
@@ -278,17 +284,8 @@ def kv_migration(
     if dst_image is not None:
         dst_cfg = tmp / "kv-dst.toml"
         dst_cfg.write_text(cfg.read_text().replace(str(tmp / "kv.img"), str(dst_image)))
-    with switch(sw):
-        port = free_port()
-        src = Vmm(tmp, "src", cfg)
-        dst = Vmm(tmp, "dst", dst_cfg, incoming_port=port)
-        try:
-            src.wait_running()
-            dst.wait_incoming()
-            yield cfg, src, dst, port
-        finally:
-            src.stop()
-            dst.stop()
+    with switch(sw), migration_pair(tmp, cfg, dst_cfg) as (src, dst, port):
+        yield cfg, src, dst, port
 
 
 @dataclass

@@ -34,7 +34,11 @@ def parse_json(message: bytes) -> Any:
 # Bytes that are never valid in JSON text: QEMU treats them as lexical errors that reset its
 # parser, and the spec tells clients to send one to get the parser back into a known state.
 _BAD = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff"
-_STRING_STOP = re.compile(rb'["\\' + _BAD + rb"]")
+# Inside a string (and right after its backslash) every control byte is an error, tab and
+# line ends too: JSON strings carry them escaped only, and QEMU's lexer accepts 0x20-0xFD
+# there. So a line end always closes a broken string, wherever a quote in garbage opened it.
+_STRING_BAD = rb"\x00-\x1f\xfe\xff"
+_STRING_STOP = re.compile(rb'["\\' + _STRING_BAD + rb"]")
 # Inside a structure, outside strings: stop at anything that is not part of a number, a
 # keyword (true/false/null) or a separator — structural bytes and quotes, and garbage.
 _NESTED_STOP = re.compile(rb"[^ \t\r\n0-9:,.+\-eEtrufalsn]")
@@ -58,16 +62,17 @@ class JsonSplitter:
     """Cuts a byte stream into top-level JSON texts, the way QEMU's JSON streamer does.
 
     QMP input has no framing: clients (``qemu.qmp`` among them) send JSON objects back to back
-    with no newline. A text ends when its outermost brace or bracket closes (strings and
-    escapes are tracked so braces inside strings do not count); a top-level scalar ends at the
-    next whitespace or structural character. A control byte, 0xFE or 0xFF anywhere (inside a
-    string too), or a byte that cannot appear in JSON outside a string (``{not json``), reports
-    one error and discards the partial text; then, as QEMU's lexer recovers, input is skipped
-    up to a point where a new command can start: '{', '[', a line end or another control byte
-    (QEMU also stops at '}', ']', ':' and ','; here those are skipped too, as at the top level
-    they could only produce more errors, each an extra reply that would put a client that
-    pairs replies with commands out of step). So the rest of a broken command (``op"}``) is
-    never read as the start of a string that swallows the next command, which is answered.
+    with no newline. A text ends when its outermost brace or bracket closes (strings and escapes
+    are tracked so braces inside strings do not count); a top-level scalar ends at the next
+    whitespace or structural character. A control byte, 0xFE or 0xFF anywhere (inside a string,
+    where tab and line ends count too, escaped or not), or a byte that cannot appear in JSON
+    outside a string (``{not json``), reports one error and discards the partial text; then, as
+    QEMU's lexer recovers, input is skipped up to a point where a new command can start: '{',
+    '[', a line end or another control byte (QEMU also stops at '}', ']', ':' and ','; here
+    those are skipped too, as at the top level they could only produce more errors, each an
+    extra reply that would put a client that pairs replies with commands out of step). So the
+    rest of a broken command (``op"}``) is never read as the start of a string that swallows the
+    next command, which is answered.
     A text longer than ``max_size`` is fatal.
     Texts are returned unparsed; :func:`parse_json` decides whether they are valid.
     """
@@ -148,6 +153,10 @@ class JsonSplitter:
                     if j + 1 >= n:
                         i = j
                         break
+                    if buf[j + 1] < 0x20 or buf[j + 1] >= 0xFE:
+                        bad(j + 1)
+                        i = j + 2
+                        continue
                     i = j + 2
                 elif buf[j] == 0x22:
                     self._in_string, i = False, j + 1

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from ..devices.control import DeviceState
 from ..devices.virtio.queue import (
     QueueError,
     QueueState,
@@ -42,6 +43,7 @@ from ..devices.virtio.queue import (
     walk_chain,
     write_avail_idx,
 )
+from ..guest_state import InflightRequest
 from ..layout import PAGE_SHIFT
 from .mapping import IDLE_MAX, DeviceBufferView, ShadowError, ShadowMap, VcpuBufferView
 from .native import (
@@ -64,6 +66,7 @@ from .reference import ReferenceDataplane, ReferenceDevice
 
 if TYPE_CHECKING:
     from ..devices.attach import AttachedDevice
+    from ..devices.virtio.mmio import MmioState
     from ..memory import GuestMemory
     from .pool import ShadowPool
 
@@ -163,7 +166,8 @@ class ShadowedDevice:
         self.queues: dict[int, ShadowQueue] = {}
         self.stats = ShadowStats(self.native.stats)
         self._broken: str | None = None
-        self.mmio: dict[str, Any] | None = None  # the register file as the VMM knows it
+        self.kind = ""  # the device model ("net" or "blk"), from the state it was built from
+        self.mmio: MmioState | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
         self.inflight_pages_marked = 0  # intercept: in-flight writable pages at the switchover
         # post-copy destination: the driver reconfigured the device while pages were missing;
@@ -192,30 +196,22 @@ class ShadowedDevice:
 
     def build(
         self,
-        device_state: dict[str, Any],
+        state: DeviceState,
         doorbells: dict[int, int] | None = None,
         kicks: dict[int, int] | None = None,
     ) -> None:
         """After the device quiesced: shadow its rings, point its IOMMU domain at the device
-        buffers only. `device_state` is the device's own report of its queue positions;
+        buffers only. `state` is the device's own report of its registers and queue positions;
         `doorbells` and `kicks` are, per queue, the VMM's trapping eventfd and the device's
         doorbell, which the data plane thread waits on and rings."""
-        self.mmio = device_state["mmio"]
+        self.kind, self.mmio = state.kind, state.mmio
         if not self.intercept:  # intercept keeps the identity map; the ring pages are remapped
             self.map.iommu.unmap(0, self.map.iommu.iova_pages)
         with self.dataplane.locked():
-            for q in device_state["queues"]:
-                if not q.get("ready", True):
+            for index, queue in sorted(state.queues.items()):
+                if not queue.ready:
                     continue
-                st = QueueState(
-                    q["size"],
-                    q["desc_addr"],
-                    q["avail_addr"],
-                    q["used_addr"],
-                    q["next_avail"],
-                    q["next_used"],
-                    True,
-                ).validate()
+                st = queue.validate()
                 for addr, length in ring_regions(st):
                     for gpfn in range(addr >> PAGE_SHIFT, (addr + length - 1 >> PAGE_SHIFT) + 1):
                         self.map.acquire(gpfn, copy=True)
@@ -224,17 +220,12 @@ class ShadowedDevice:
                 write_avail_idx(self.dev_buf, st, st.next_avail)
                 self.dev_buf.write(st.avail_addr, b"\0\0")  # see below: always interrupt us
                 native = self.native.add_queue(
-                    q["index"],
-                    st.size,
-                    st.desc_addr,
-                    st.avail_addr,
-                    st.used_addr,
-                    st.next_avail,
-                    st.next_used,
-                    (doorbells or {}).get(q["index"], -1),
-                    (kicks or {}).get(q["index"], -1),
+                    index,
+                    st,
+                    (doorbells or {}).get(index, -1),
+                    (kicks or {}).get(index, -1),
                 )
-                self.queues[q["index"]] = ShadowQueue(q["index"], st, native)
+                self.queues[index] = ShadowQueue(index, st, native)
         # The guest's VIRTQ_AVAIL_F_NO_INTERRUPT is never copied to the shadow avail ring: the
         # device must always interrupt the VMM, which then decides what the guest sees.
 
@@ -375,20 +366,17 @@ class ShadowedDevice:
             self.native.fail(reason)
             log.error("shadowing %s stopped: %s", self.dev.id, reason)
 
-    def interception_log(self) -> dict[str, Any]:
-        """What the destination needs, from what the VMM itself saw: registers, ring
-        addresses, and the ordered list of requests that were forwarded but not completed."""
-        return {
-            "mmio": self.mmio,
-            "queues": [
-                {
-                    **_queue_json(sq.snapshot()),
-                    "index": sq.index,
-                    "inflight": [{"avail_index": a, "head": h} for a, h in sq.native.inflight()],
-                }
-                for sq in self.queues.values()
-            ],
+    def interception_log(self) -> tuple[DeviceState, dict[int, tuple[InflightRequest, ...]]]:
+        """What the destination needs, from what the VMM itself saw: registers and ring
+        positions, and per queue the ordered requests that were forwarded but not completed."""
+        if self.mmio is None:
+            raise ShadowError(f"device {self.dev.id} was never built: no interception log")
+        queues = {sq.index: replace(sq.snapshot(), ready=True) for sq in self.queues.values()}
+        inflight = {
+            sq.index: tuple(InflightRequest(a, h) for a, h in sq.native.inflight())
+            for sq in self.queues.values()
         }
+        return DeviceState(self.kind, self.mmio, queues), inflight
 
 
 def requests_taken(
@@ -420,15 +408,3 @@ def quiesced_positions(reply: Mapping[str, Any] | None) -> dict[int, int] | None
             return None
         out[int(key)] = nxt & 0xFFFF
     return out
-
-
-def _queue_json(st: QueueState) -> dict[str, Any]:
-    return {
-        "size": st.size,
-        "desc_addr": st.desc_addr,
-        "avail_addr": st.avail_addr,
-        "used_addr": st.used_addr,
-        "next_avail": st.next_avail,
-        "next_used": st.next_used,
-        "ready": True,
-    }

@@ -36,9 +36,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..devices.attach import AttachedDevice, bind_doorbells
+from ..devices.control import DeviceState
 from ..devices.handle import DeviceEvent
 from ..devices.vhost_user.frontend import BackendView, VhostUserBlk
 from ..devices.virtio.constants import (
@@ -127,7 +129,7 @@ class ShadowEngine:
         self._trap(sd)
         dev.handle.quiesce()
         kicks = dict(dev.handle.doorbell_eventfds)
-        sd.build(dev.handle.get_state(), sd.vmm_doorbells, kicks)
+        sd.build(DeviceState.from_json(dev.handle.get_state()), sd.vmm_doorbells, kicks)
         for qi in list(sd.queues):
             sd.submit(qi)
         dev.handle.iotlb_invalidate()
@@ -206,7 +208,7 @@ class ShadowEngine:
                 os.eventfd_write(fd, 1)
             return True
         if offset == REG_STATUS and value != 0 and sd.mmio is not None:
-            sd.mmio["status"] = value
+            sd.mmio = replace(sd.mmio, status=value)
             return False
         if offset == REG_INTERRUPT_ACK or offset >= REG_CONFIG:
             return False
@@ -337,19 +339,16 @@ class ShadowEngine:
             dev.handle.quiesce()
             sd.complete()
             vm.wake_guest()
-            state = dev.handle.get_state()
-            positions = {sq.index: sq.snapshot() for sq in sd.queues.values()}
-            for q in state["queues"] if not sd.reconfigured else []:  # (the driver's own)
-                if q["index"] in positions:
-                    p = positions[q["index"]]
-                    q["next_avail"], q["next_used"] = p.next_avail, p.next_used
+            state = DeviceState.from_json(dev.handle.get_state())
+            if not sd.reconfigured:  # (else the rings are the driver's own, positions and all)
+                state = _with_positions(state, sd)
             if isinstance(dev.handle, VhostUserBlk) and dev.handle.backend_view is not None:
                 dev.handle.set_backend_view(None)  # guest RAM again before the rings restart
             sd.release()
             dev.iommu.map_identity_ranges(vm.memory.page_ranges(), writable=True)
             dev.handle.iotlb_invalidate()
             sd.map.invalidated()
-            dev.handle.set_state(state)
+            dev.handle.set_state(state.to_json())
         finally:
             self._untrap(sd)
         dev.handle.resume()
@@ -447,3 +446,16 @@ def _drain(fd: int) -> None:
         os.eventfd_read(fd)
     except (BlockingIOError, OSError):
         pass
+
+
+def _with_positions(state: DeviceState, sd: ShadowedDevice) -> DeviceState:
+    """The device's state with each shadowed queue's positions as the guest sees them (where
+    the device must resume reading the avail ring, the used index the guest was shown)."""
+    queues = dict(state.queues)
+    for sq in sd.queues.values():
+        if sq.index in queues:
+            p = sq.snapshot()
+            queues[sq.index] = replace(
+                queues[sq.index], next_avail=p.next_avail, next_used=p.next_used
+            )
+    return replace(state, queues=queues)

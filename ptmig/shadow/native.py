@@ -25,6 +25,7 @@ import numpy.typing as npt
 from .. import bitmap
 from ..devices.virtio.constants import VIRTQ_DESC_F_NEXT as DESC_F_NEXT
 from ..devices.virtio.constants import VIRTQ_DESC_F_WRITE as DESC_F_WRITE
+from ..devices.virtio.queue import QueueState
 from ..errors import PtmigError
 from ..memory import GuestMemory
 from ..nativelib import NativeLibraryError, load_library
@@ -118,10 +119,11 @@ class DataplaneQueue:
     """One queue as the data plane sees it: positions, in-flight heads and the private record
     of every forwarded chain (shared arrays, never device-reachable)."""
 
-    def __init__(self, index: int, size: int) -> None:
+    def __init__(self, index: int, st: QueueState) -> None:
         self.index = index
-        self.size = size
+        self.size = size = st.size
         self.pos = np.zeros(Q_COUNT, dtype=np.int64)
+        self.pos[Q_NEXT_AVAIL], self.pos[Q_NEXT_USED] = st.next_avail, st.next_used
         self.head_avail = np.full(size, -1, dtype=np.int32)
         self.rec = np.zeros(size, dtype=REC_DTYPE)
         self.rec["owner"] = -1
@@ -204,26 +206,18 @@ class DataplaneDevice:
         self.handle: int = handle
 
     def add_queue(
-        self,
-        index: int,
-        size: int,
-        desc: int,
-        avail: int,
-        used: int,
-        next_avail: int,
-        next_used: int,
-        doorbell_fd: int = -1,
-        kick_fd: int = -1,
+        self, index: int, st: QueueState, doorbell_fd: int = -1, kick_fd: int = -1
     ) -> DataplaneQueue:
-        q = DataplaneQueue(index, size)
-        q.pos[Q_NEXT_AVAIL], q.pos[Q_NEXT_USED] = next_avail, next_used
+        """Queue `index` with the guest's ring addresses and positions `st`; the data plane
+        thread waits on `doorbell_fd` and rings `kick_fd` (-1: none)."""
+        q = DataplaneQueue(index, st)
         err = self.dp.lib.dp_queue_add(
             self.handle,
             index,
-            size,
-            desc,
-            avail,
-            used,
+            st.size,
+            st.desc_addr,
+            st.avail_addr,
+            st.used_addr,
             _addr(q.pos),
             _addr(q.head_avail),
             _addr(q.rec),

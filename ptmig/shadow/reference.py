@@ -40,6 +40,7 @@ from ..devices.virtio.constants import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_DESC_KNOWN_FLAGS,
 )
+from ..devices.virtio.queue import QueueState
 from ..errors import PtmigError
 from ..layout import PAGE_SHIFT, PAGE_SIZE
 from ..memory import GuestMemory, GuestMemoryError
@@ -76,13 +77,6 @@ class Broken(PtmigError):
     """The device can no longer be shadowed (the text says why)."""
 
 
-class _Ring:
-    """A queue's ring addresses."""
-
-    def __init__(self, size: int, desc: int, avail: int, used: int) -> None:
-        self.size, self.desc, self.avail, self.used = size, desc, avail, used
-
-
 class ReferenceDevice:
     """One device's page table, counters and queues, with the per-request work in Python."""
 
@@ -91,28 +85,18 @@ class ReferenceDevice:
         self.intercept = intercept
         self.slot, self.refs, self.stamp, self.stats = device_tables(npages)
         self.queues: dict[int, DataplaneQueue] = {}
-        self._rings: dict[int, _Ring] = {}
+        self._rings: dict[int, QueueState] = {}  # each queue's ring addresses
         self._error: str | None = None
 
     def add_queue(
-        self,
-        index: int,
-        size: int,
-        desc: int,
-        avail: int,
-        used: int,
-        next_avail: int,
-        next_used: int,
-        doorbell_fd: int = -1,
-        kick_fd: int = -1,
+        self, index: int, st: QueueState, doorbell_fd: int = -1, kick_fd: int = -1
     ) -> DataplaneQueue:
         """As `DataplaneDevice.add_queue` (the fds are unused: there is no thread)."""
-        if size == 0 or size & (size - 1) or size > 32768:
-            raise DataplaneError(f"queue {index}: {errno.errorcode[errno.EINVAL]} (size {size})")
-        q = DataplaneQueue(index, size)
-        q.pos[Q_NEXT_AVAIL], q.pos[Q_NEXT_USED] = next_avail, next_used
+        if st.size == 0 or st.size & (st.size - 1) or st.size > 32768:
+            raise DataplaneError(f"queue {index}: {errno.errorcode[errno.EINVAL]} (size {st.size})")
+        q = DataplaneQueue(index, st)
         self.queues[index] = q
-        self._rings[index] = _Ring(size, desc, avail, used)
+        self._rings[index] = st
         return q
 
     @property
@@ -206,8 +190,8 @@ class ReferenceDevice:
             self.fail(f"queue {index}: {e}")
             return -1
 
-    def _forward_queue(self, q: DataplaneQueue, ring: _Ring) -> int:
-        (avail_idx,) = _U16.unpack(self._guest(ring.avail + 2, 2, "avail ring"))
+    def _forward_queue(self, q: DataplaneQueue, ring: QueueState) -> int:
+        (avail_idx,) = _U16.unpack(self._guest(ring.avail_addr + 2, 2, "avail ring"))
         nxt = q.next_avail
         pending = (avail_idx - nxt) & 0xFFFF
         if pending > ring.size:
@@ -218,7 +202,7 @@ class ReferenceDevice:
         done = 0
         for _ in range(pending):
             (head,) = _U16.unpack(
-                self._guest(ring.avail + 4 + 2 * (nxt % ring.size), 2, "avail ring entry")
+                self._guest(ring.avail_addr + 4 + 2 * (nxt % ring.size), 2, "avail ring entry")
             )
             if head >= ring.size:
                 raise Broken(
@@ -235,13 +219,15 @@ class ReferenceDevice:
             done += 1
             nxt = (nxt + 1) & 0xFFFF
         if done:
-            if (ring.avail + 2) & (PAGE_SIZE - 1) > PAGE_SIZE - 2:
+            if (ring.avail_addr + 2) & (PAGE_SIZE - 1) > PAGE_SIZE - 2:
                 raise Broken("the shadow avail ring is not in device buffers")
-            self._devbuf_write(ring.avail + 2, _U16.pack(nxt))
+            self._devbuf_write(ring.avail_addr + 2, _U16.pack(nxt))
             q.pos[Q_NEXT_AVAIL] = nxt
         return done
 
-    def _walk(self, q: DataplaneQueue, ring: _Ring, head: int) -> list[tuple[int, int, int, bool]]:
+    def _walk(
+        self, q: DataplaneQueue, ring: QueueState, head: int
+    ) -> list[tuple[int, int, int, bool]]:
         """The guest's chain at `head`, validated: (index, addr, len, writable) per
         descriptor."""
         out: list[tuple[int, int, int, bool]] = []
@@ -255,7 +241,7 @@ class ReferenceDevice:
                     "(a loop in the next links?)"
                 )
             addr, length, flags, nxt = _DESC.unpack(
-                self._guest(ring.desc + 16 * index, 16, f"descriptor {index}")
+                self._guest(ring.desc_addr + 16 * index, 16, f"descriptor {index}")
             )
             where = f"descriptor {index} (chain head {head})"
             if flags & ~VIRTQ_DESC_KNOWN_FLAGS:
@@ -288,7 +274,7 @@ class ReferenceDevice:
     def _forward_chain(
         self,
         q: DataplaneQueue,
-        ring: _Ring,
+        ring: QueueState,
         head: int,
         chain: list[tuple[int, int, int, bool]],
         avail_index: int,
@@ -301,7 +287,7 @@ class ReferenceDevice:
             last = i == len(chain) - 1
             flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if writable else 0)
             nxt = 0 if last else chain[i + 1][0]
-            self._devbuf_write(ring.desc + 16 * index, _DESC.pack(addr, length, flags, nxt))
+            self._devbuf_write(ring.desc_addr + 16 * index, _DESC.pack(addr, length, flags, nxt))
             copied = self._copy_in(addr, length)
             if writable:
                 wlen += length
@@ -309,7 +295,7 @@ class ReferenceDevice:
                 self.stats[ST_BYTES_TO_DEVICE] += copied
             q.rec[index] = (addr, length, flags, nxt, head, 0)
         q.rec[head]["wlen"] = wlen
-        self._devbuf_write(ring.avail + 4 + 2 * (avail_index % ring.size), _U16.pack(head))
+        self._devbuf_write(ring.avail_addr + 4 + 2 * (avail_index % ring.size), _U16.pack(head))
         q.head_avail[head] = avail_index
         q.pos[Q_INFLIGHT] += 1
         self.stats[ST_FORWARDED] += 1
@@ -341,9 +327,9 @@ class ReferenceDevice:
                 return -1
         return done
 
-    def _complete_queue(self, q: DataplaneQueue, ring: _Ring) -> int:
+    def _complete_queue(self, q: DataplaneQueue, ring: QueueState) -> int:
         try:
-            (used_idx,) = _U16.unpack(self._devbuf_read(ring.used + 2, 2))
+            (used_idx,) = _U16.unpack(self._devbuf_read(ring.used_addr + 2, 2))
         except Broken:
             raise Broken(
                 f"queue {q.index}: the shadow used ring is not in device buffers"
@@ -359,17 +345,19 @@ class ReferenceDevice:
             )
         for i in range(count):
             at = (nxt + i) & 0xFFFF
-            head, length = _ELEM.unpack(self._devbuf_read(ring.used + 4 + 8 * (at % ring.size), 8))
+            head, length = _ELEM.unpack(
+                self._devbuf_read(ring.used_addr + 4 + 8 * (at % ring.size), 8)
+            )
             self._complete_one(q, ring, at, head, length)
         nxt = (nxt + count) & 0xFFFF
-        self._guest(ring.used + 2, 2, "used ring")[:] = _U16.pack(nxt)
-        self._mark(ring.used + 2, 2)
+        self._guest(ring.used_addr + 2, 2, "used ring")[:] = _U16.pack(nxt)
+        self._mark(ring.used_addr + 2, 2)
         q.pos[Q_NEXT_USED] = nxt
         self.stats[ST_COMPLETED] += count
         return count
 
     def _complete_one(
-        self, q: DataplaneQueue, ring: _Ring, at: int, head: int, length: int
+        self, q: DataplaneQueue, ring: QueueState, at: int, head: int, length: int
     ) -> None:
         if head >= ring.size or q.head_avail[head] < 0:
             raise Broken(
@@ -382,7 +370,7 @@ class ReferenceDevice:
                 f"device reports used.len {length} for head {head} on queue "
                 f"{q.index}, which has only {wlen} device-writable bytes"
             )
-        elem_gpa = ring.used + 4 + 8 * (at % ring.size)
+        elem_gpa = ring.used_addr + 4 + 8 * (at % ring.size)
         elem = self._guest(elem_gpa, 8, "used ring")
         chain = q.recorded_chain(head)
         for addr, n, writable in chain:

@@ -45,8 +45,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import bitmap
-from ..devices.control import DeviceState
-from ..guest_state import DeviceSnapshot, InflightRequest
+from ..guest_state import DeviceSnapshot
 from .engine import ShadowEngine
 
 if TYPE_CHECKING:
@@ -86,15 +85,7 @@ class ShadowTracking:
         assert self.engine is not None
         out = []
         for dev in m.devices:
-            log = self.engine.devices[dev.id].interception_log()
-            queues = [{k: v for k, v in q.items() if k != "inflight"} for q in log["queues"]]
-            state = DeviceState.from_json(
-                {"version": 1, "kind": dev.handle.kind, "mmio": log["mmio"], "queues": queues}
-            )
-            inflight = {
-                q["index"]: tuple(InflightRequest(**r) for r in q["inflight"])
-                for q in log["queues"]
-            }
+            state, inflight = self.engine.devices[dev.id].interception_log()
             out.append(DeviceSnapshot(dev.id, dev.kind, "shadow", state, inflight))
         return out
 
