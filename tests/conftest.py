@@ -8,8 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Property tests judge behaviour, not speed: a loaded CI host must not fail an example for
+# taking longer than hypothesis' default 200 ms deadline, or for generating slowly.
+settings.register_profile(
+    "ptmig", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("ptmig")
 
 
 def _kvm_problem() -> str | None:

@@ -189,21 +189,27 @@ def test_streams_sharing_an_activity_clock_time_out_only_when_all_are_quiet() ->
                     busy_src.sendall(b"x")
                     time.sleep(0.05)
 
+            progress: list[float] = []  # when the busy stream delivered bytes
+
             def drain() -> None:
                 try:
                     while busy.recv(100):
-                        pass
+                        progress.append(time.monotonic())
                 except TransportError:
                     pass
 
             threads = [threading.Thread(target=f, daemon=True) for f in (trickle, drain)]
-            t0 = time.monotonic()
             for t in threads:
                 t.start()
             with pytest.raises(TransportError, match="no progress .* for 0.3 s"):
                 quiet.recv_into_exact(bytearray(10))
-            waited = time.monotonic() - t0
-            assert busy_for + 0.25 < waited < busy_for + 1.5, waited
+            gave_up = time.monotonic()
+            # judged by events, not by the wall clock (a loaded host may stretch the trickle):
+            # the quiet stream outlived several of its sibling's deliveries, and gave up only
+            # one inactivity timeout after the last delivery before it
+            before = [t for t in progress if t <= gave_up]
+            assert len(before) >= 3, f"gave up after {len(before)} deliveries of its sibling"
+            assert gave_up - before[-1] >= 0.3 - 0.02, (gave_up, before[-1])
             for t in threads:
                 t.join(10)
             quiet.close()
