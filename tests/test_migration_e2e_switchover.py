@@ -90,7 +90,9 @@ def _migrate_into_the_dark(src: Vmm, relay: TcpProxy, timeout_s: int) -> None:
     """Start a migration through `relay` and darken its replies once it is active: the
     destination's SwitchoverAck will be lost."""
     src.cmd("migrate-set-parameters", {"x-switchover-timeout": timeout_s})
-    src.migrate(relay.port, tracking="device-log", verify=False)
+    # capped, so that the migration is still in its rounds when the poll sees it active (an
+    # uncapped 128 MiB guest can complete in the few ms between two polls on a fast host)
+    src.migrate(relay.port, tracking="device-log", verify=False, max_bandwidth=16 << 20)
     _wait_migrate(src, lambda i: i["status"] in ("active", "device"), "became active")
     relay.replies_dark.set()
 
