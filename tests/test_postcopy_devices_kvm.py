@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from test_postcopy_kvm import _start_postcopy_migration, _wait_status
 from test_shadow_kvm import _boot
-from test_vhost_user_kvm import vhost_kv_config
 from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, switch
 
 from ptmig.devices.vhost_user.daemon import find_program
@@ -189,7 +188,7 @@ def test_postcopy_is_refused_for_a_vm_with_a_vhost_user_disk_and_the_guest_keeps
 ) -> None:
     sw = free_port(socket.SOCK_DGRAM)
     with switch(sw):
-        src = Vmm(tmp_path, "src", vhost_kv_config(tmp_path, sw))
+        src = Vmm(tmp_path, "src", kv_config(tmp_path, sw, vhost_user=True))
         try:
             src.wait_running()
             with pytest.raises(RuntimeError, match="there is no migration to switch to post-copy"):
