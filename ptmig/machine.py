@@ -205,6 +205,7 @@ class Machine:
         qmp.register("x-shadow-stop", self._qmp_shadow_stop)
         qmp.register("x-query-shadow", self._qmp_query_shadow)
         qmp.register("x-query-memory", self._qmp_query_memory)
+        qmp.register("x-query-devices", self._qmp_query_devices)
 
     def _qmp_query_status(self) -> dict[str, Any]:
         return query_status_reply(RunStatus(self.vm.state.value))
@@ -305,6 +306,11 @@ class Machine:
         engine = self.shadow
         active = engine is not None and engine.active
         return {"active": active, **(engine.stats() if engine is not None and active else {})}
+
+    def _qmp_query_devices(self) -> dict[str, Any]:
+        from .devdiag import devices_report
+
+        return {"devices": devices_report(self.devices, self.vm.memory.read)}
 
     def _qmp_query_memory(self) -> dict[str, Any]:
         from .memstats import memory_report
