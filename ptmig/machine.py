@@ -208,6 +208,7 @@ class Machine:
         qmp.register("x-shadow-stop", self._qmp_shadow_stop)
         qmp.register("x-query-shadow", self._qmp_query_shadow)
         qmp.register("x-query-memory", self._qmp_query_memory)
+        qmp.register("x-query-devices", self._qmp_query_devices)
 
     def _qmp_query_status(self) -> dict[str, Any]:
         return query_status_reply(RunStatus(self.vm.state.value))
@@ -328,6 +329,11 @@ class Machine:
         last = devices.stats() if devices is not None else None
         # a post-copy destination's devices were shadowed until every page arrived
         return {"active": False, **({"x-postcopy": last} if last else {})}
+
+    def _qmp_query_devices(self) -> dict[str, Any]:
+        from .devdiag import devices_report
+
+        return {"devices": devices_report(self.devices, self.vm.memory.read)}
 
     def _qmp_query_memory(self) -> dict[str, Any]:
         from .memstats import memory_report

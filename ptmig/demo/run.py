@@ -459,6 +459,7 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
         _wait_loading(loader, view, t0 + opts.warmup_s)
 
         guest_before = src_qmp.execute("x-query-guest-stats")
+        devices_before = src_qmp.execute("x-query-devices")["devices"]
         mig = _migrate(src_qmp, opts, plan.migration_port, view, cpu_watch)
         info = mig.info
         resumed = mig.resumed_at()
@@ -491,6 +492,11 @@ def _drive(plan: DemoPlan, kids: Children, view: LiveView) -> dict[str, Any]:
             "migration": info,
             "load": load_doc["result"],
             "guest": guest,
+            # counters and ring positions: where a request stopped, if the load saw a stall
+            "devices": {
+                "before-migration": devices_before,
+                "end": runner.execute("x-query-devices")["devices"],
+            },
             "demo": _demo_section(
                 opts, t0, mig, load_doc, latency_path(load_out), guest, guest_before, cpu_watch
             ),

@@ -2,7 +2,8 @@
 
 The document is what `ptmig demo --json` writes: `{"migration": <final query-migrate of the
 source>, "load": <load client result>, "guest": <x-query-guest-stats of the destination>,
-"demo": <timeline, options, outages, throughput>}`. `verdict()` decides the exit status;
+"devices": <x-query-devices before the migration and at the end>, "demo": <timeline, options,
+outages, throughput>}`. `verdict()` decides the exit status;
 `summary_lines()` is the text: QEMU's `info migrate` layout first, then what the load saw.
 """
 

@@ -511,6 +511,7 @@ class DeviceRuntime:
             "status": self.regs.status,
             "bad_register_accesses": self.regs.bad_reads + self.regs.bad_writes,
             "device": model,
+            "queues": self._queue_positions(),
         }, b""
 
     def cmd_announce(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -523,6 +524,22 @@ class DeviceRuntime:
     def cmd_shutdown(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         self.running = False
         return {}, b""
+
+    def _queue_positions(self) -> dict[str, dict[str, int]]:
+        """Each ready queue's positions with the ring addresses the driver wrote (guest
+        addresses even while the device works on shadow rings): for a stall report."""
+        regs = self.regs.snapshot().queues
+        return {
+            str(i): {
+                "size": q.size,
+                "next_avail": q.next_avail,
+                "next_used": q.next_used,
+                "avail_addr": regs[i].driver,
+                "used_addr": regs[i].device,
+            }
+            for i, q in self.queues.items()
+            if i < len(regs)
+        }
 
     def _queue_json(self) -> dict[str, dict[str, int]]:
         return {
