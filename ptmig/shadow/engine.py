@@ -83,6 +83,9 @@ class ShadowEngine:
         self.fetch = fetch
         self.devices: dict[str, ShadowedDevice] = {}
         self._lock = threading.Lock()
+        # held by a vCPU thread from looking up a trapping doorbell to writing it, and by
+        # `_untrap` while it takes the doorbells away: no write reaches a closed (or reused) fd
+        self._doorbell_lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         self.dataplane: Dataplane | None = None
@@ -203,10 +206,11 @@ class ShadowEngine:
     def _on_mmio_write(self, sd: ShadowedDevice, offset: int, size: int, value: int) -> bool:
         """A register write trapped while shadowing. Returns True if it was consumed here."""
         if offset == REG_QUEUE_NOTIFY:
-            fd = sd.vmm_doorbells.get(value)
-            if fd is not None:
-                os.eventfd_write(fd, 1)
-            return True
+            with self._doorbell_lock:
+                fd = sd.vmm_doorbells.get(value)
+                if fd is not None:
+                    os.eventfd_write(fd, 1)
+            return True  # (none: untrapped meanwhile; leaving kicks every queue)
         if offset == REG_STATUS and value != 0 and sd.mmio is not None:
             sd.mmio = replace(sd.mmio, status=value)
             return False
@@ -365,12 +369,13 @@ class ShadowEngine:
         dev = sd.dev
         vm = self.m.vm
         addr = dev.mmio_base + REG_QUEUE_NOTIFY
-        for q, fd in sd.vmm_doorbells.items():
+        with self._doorbell_lock:
+            doorbells, sd.vmm_doorbells = sd.vmm_doorbells, {}
+        for q, fd in doorbells.items():
             try:
                 vm.vmfd.ioeventfd(fd, addr, 4, datamatch=q, deassign=True)
             finally:
                 os.close(fd)
-        sd.vmm_doorbells = {}
         bind_doorbells(self.m.vm, dev)
         dev.mmio_hook = None
         irq = dev.handle.irq_eventfd
