@@ -183,14 +183,20 @@ class Replayer:
         upstream = socket.create_connection(("127.0.0.1", self.target))
 
         def forward() -> None:
-            while data := client.recv(1 << 16):
-                upstream.sendall(data)
-            upstream.shutdown(socket.SHUT_WR)
+            try:
+                while data := client.recv(1 << 16):
+                    upstream.sendall(data)
+                upstream.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the destination hung up first: the relay's other half ends it
 
-        threading.Thread(target=forward, daemon=True).start()
+        forwarder = threading.Thread(target=forward, daemon=True)
+        forwarder.start()
         while data := upstream.recv(1 << 16):
             self.recorded += data
             client.sendall(data)
+        client.shutdown(socket.SHUT_RDWR)  # wakes the forwarder before anything is closed
+        forwarder.join(10)
         client.close()
         upstream.close()
         client, _ = self.listener.accept()
