@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmmrig import Vmm, free_port
-
-from ptmig.devices.vhost_user.daemon import find_program
+from vmmrig import Vmm, free_port, needs_storage_daemon
 
 pytestmark = pytest.mark.kvm
 
@@ -119,11 +117,7 @@ def test_without_tracking_the_lost_device_writes_are_found(tmp_path: Path) -> No
         vmm.kill()
 
 
-@pytest.mark.skipif(
-    find_program() is None,
-    reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
-    "make test installs it as root)",
-)
+@needs_storage_daemon
 @pytest.mark.parametrize("tracking", ["shadow", "device-log"])
 def test_a_vhost_user_disk_keeps_every_block_and_status_byte_the_guest_checks(
     tmp_path: Path, tracking: str

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 from test_postcopy_kvm import _start_postcopy_migration, _wait_status
 from test_shadow_kvm import _boot
-from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, switch
+from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, needs_storage_daemon, switch
 
-from ptmig.devices.vhost_user.daemon import find_program
 from ptmig.devices.virtio import constants as c
 from ptmig.layout import PAGE_SIZE
 from ptmig.migration.uffd import FaultServer, initial_states
@@ -182,7 +181,7 @@ def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refus
         assert src.proc.poll() is None and dst.proc.poll() is None
 
 
-@pytest.mark.skipif(find_program() is None, reason="qemu-storage-daemon is not installed")
+@needs_storage_daemon
 def test_postcopy_is_refused_for_a_vm_with_a_vhost_user_disk_and_the_guest_keeps_running(
     tmp_path: Path,
 ) -> None:

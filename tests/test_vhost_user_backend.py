@@ -19,20 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vmmrig import needs_storage_daemon
 
 from ptmig.devices.handle import DeviceEvent, DeviceGoneError
-from ptmig.devices.vhost_user.daemon import StorageDaemon, find_program
+from ptmig.devices.vhost_user.daemon import StorageDaemon
 from ptmig.devices.vhost_user.frontend import VhostUserBlk
 from ptmig.devices.virtio import constants as c
 from ptmig.devices.virtio.testing import Buffer, DriverQueue
 from ptmig.memory import GuestMemory
 
 pytestmark = [
-    pytest.mark.skipif(
-        find_program() is None,
-        reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
-        "make test installs it as root)",
-    ),
+    needs_storage_daemon,
     pytest.mark.timeout(60),
 ]
 

@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 import pytest
 from test_vhost_user_backend import _bring_up, _GuestView, _request
-from vmmrig import Load, Vmm, free_port, kv_config, switch
+from vmmrig import Load, Vmm, free_port, kv_config, needs_storage_daemon, switch
 
 from ptmig import bitmap
 from ptmig.config import load_config
-from ptmig.devices.vhost_user.daemon import find_program
 from ptmig.devices.vhost_user.frontend import VhostUserBlk
 from ptmig.devices.virtio.testing import DriverQueue
 from ptmig.machine import Machine
@@ -37,11 +36,7 @@ from ptmig.machine import Machine
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        find_program() is None,
-        reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
-        "make test installs it as root)",
-    ),
+    needs_storage_daemon,
 ]
 
 PAGE = 4096

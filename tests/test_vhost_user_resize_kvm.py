@@ -28,18 +28,14 @@ from pathlib import Path
 
 import pytest
 from test_blkverify_kvm import CHECKED, ERR_CHECKED, ERR_WRONG, FAILED, MISMATCH, wait_rounds
-from vmmrig import Monitor, Vmm
+from vmmrig import Monitor, Vmm, needs_storage_daemon
 
 from ptmig.devices.vhost_user.daemon import command_line, find_program
 
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        find_program() is None,
-        reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
-        "make test installs it as root)",
-    ),
+    needs_storage_daemon,
 ]
 
 #: the first QEMU whose vhost-user-blk export sends CONFIG_CHANGE_MSG on a resize

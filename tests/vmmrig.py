@@ -22,9 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from ptmig.devices.vhost_user.daemon import find_program
 from ptmig.migration.seal import new_key_file
 from ptmig.net.switch import probe_switch
 from ptmig.vmmproc import QmpMonitor, VmmError, free_port, run_command, stop_process
+
+#: skips a test that needs a real vhost-user backend where qemu-storage-daemon is missing
+needs_storage_daemon = pytest.mark.skipif(
+    find_program() is None,
+    reason="qemu-storage-daemon is not installed (Debian qemu-system-common; "
+    "make test installs it as root)",
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
