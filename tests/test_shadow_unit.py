@@ -7,6 +7,11 @@ remaps — exactly what a device process does.
 
 from __future__ import annotations
 
+import os
+import threading
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,12 +19,14 @@ from hypothesis import strategies as st
 from shadowrig import FakeAttached, GuestStores, device_state
 
 from ptmig import bitmap
+from ptmig.devices.virtio.constants import REG_QUEUE_NOTIFY
 from ptmig.devices.virtio.queue import SplitQueue
 from ptmig.devices.virtio.testing import Buffer, DriverQueue
 from ptmig.iommu import DmaFault, DmaView, IommuTable
 from ptmig.layout import PAGE_SIZE
 from ptmig.memory import GuestMemory
 from ptmig.shadow.device import ShadowedDevice, quiesced_positions, requests_taken
+from ptmig.shadow.engine import ShadowEngine
 from ptmig.shadow.pool import ShadowPool
 from ptmig.shadow.reference import ReferenceDataplane
 from ptmig.shadow.tracking import make_tracking
@@ -305,3 +312,43 @@ def test_quiesce_positions_are_read_only_from_the_expected_shape() -> None:
         {"queues": {"0": 5}},
     ):
         assert quiesced_positions(bad) is None, bad
+
+
+def test_a_doorbell_written_while_shadowing_is_left_never_reaches_a_closed_fd() -> None:
+    """A vCPU's QueueNotify write that exits to the VMM while shadowing is being left (queue
+    0's trapping eventfd already deassigned and closed, queue 1's not yet) must not be written
+    to queue 0's fd: a closed fd raises EBADF in the vCPU thread, a reused one gets the kick.
+    The fault is injected at exactly that point: the second deassign runs the vCPU's write."""
+    doorbells = {q: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for q in (0, 1)}
+    vcpu_write: list[Any] = []
+
+    class Vmfd:  # KVM's ioeventfd ioctl; the engine's doorbell hand-off is what is tested
+        def ioeventfd(
+            self, fd: int, addr: int, length: int, *, datamatch: int, deassign: bool = False
+        ) -> None:
+            if deassign and datamatch == 1:
+                t = threading.Thread(target=vcpu)
+                t.start()
+                t.join(10)
+
+    def vcpu() -> None:
+        try:
+            vcpu_write.append(engine._on_mmio_write(sd, REG_QUEUE_NOTIFY, 4, 0))
+        except OSError as e:
+            vcpu_write.append(e)
+
+    vm = SimpleNamespace(vmfd=Vmfd(), wake_fds=[], vcpus=[])
+    dev = SimpleNamespace(
+        mmio_base=0xD0000000,
+        handle=SimpleNamespace(doorbell_eventfds={}, irq_eventfd=-1),
+        mmio_hook=None,
+        direct_doorbells=False,
+    )
+    sd = SimpleNamespace(dev=dev, vmm_doorbells=dict(doorbells))
+    engine = ShadowEngine(SimpleNamespace(vm=vm))  # type: ignore[arg-type]
+    try:
+        engine._untrap(sd)  # type: ignore[arg-type]
+    finally:
+        engine.close()
+    assert vcpu_write == [True], vcpu_write  # consumed; leaving kicks every queue anyway
+    assert sd.vmm_doorbells == {} and dev.direct_doorbells
