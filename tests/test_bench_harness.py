@@ -3,6 +3,7 @@ crash handling (no KVM); and one quick smoke run of the `core` section on KVM.""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -195,7 +196,7 @@ def test_a_missed_goal_is_reported_not_an_error(fake_sections, tmp_path: Path) -
     out = tmp_path / "out" / "bench.json"
     assert bench.main(quick=True, json_path=out, only=["good"]) == 0
     doc = json.loads(out.read_text())
-    assert set(doc) == {"format", "machine", "results", "errors"}
+    assert set(doc) == {"format", "machine", "results", "errors", "sections", "duration_s"}
     assert set(doc["machine"]) == {"cpu_model", "cores", "kernel", "python", "date", "loadavg"}
     assert doc["errors"] == []
     by_name = {r["name"]: r for r in doc["results"]}
@@ -215,6 +216,28 @@ def test_a_crashing_section_makes_main_fail_but_the_others_still_run(
     errors = {e["section"]: e["error"] for e in doc["errors"]}
     assert errors["broken"] == "RuntimeError: device exploded"
     assert "ModuleNotFoundError" in errors["missing"]
+
+
+def test_each_section_s_duration_is_printed_and_written(
+    fake_sections, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a clock that advances 70 s per reading: each section spans one start and one end reading
+    ticks = iter(range(0, 10_000, 70))
+    monkeypatch.setattr(bench, "clock", lambda: float(next(ticks)))
+    out = tmp_path / "bench.json"
+    console = Console(file=io.StringIO(), width=200)
+    monkeypatch.setattr(bench, "Console", lambda *a, **k: console)
+    assert bench.main(quick=True, json_path=out, only=None) == 1
+    doc = json.loads(out.read_text())
+    assert doc["sections"] == [
+        {"section": "good", "duration_s": 70.0, "results": 2, "crashed": False},
+        {"section": "broken", "duration_s": 70.0, "results": 0, "crashed": True},
+        {"section": "missing", "duration_s": 70.0, "results": 0, "crashed": True},
+    ]
+    assert doc["duration_s"] == 210.0
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "bench good took 1 min 10 s" in text
+    assert "bench took 3 min 30 s: good 1 min 10 s, broken 1 min 10 s" in text
 
 
 def test_unknown_section_name_returns_2_and_writes_nothing(fake_sections, tmp_path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,12 +25,14 @@ from .harness import (
     Report,
     Result,
     SectionError,
+    SectionTime,
     machine_info,
     print_section,
 )
 from .progress import BenchProgress
 
 SectionFn = Callable[[BenchConfig], list[Result]]
+clock: Callable[[], float] = time.monotonic  # a section's duration (a test sets its own)
 
 # name -> "module:function", in the order sections run.
 SECTIONS: dict[str, str] = {
@@ -84,6 +87,13 @@ def run_bench(
         for number, (name, fn) in enumerate(sections, 1):
             status.section(name, number, len(sections))
             _run_section(console, config, name, fn, report)
+    if len(report.sections) > 1:
+        console.print(
+            "bench took "
+            + _minutes(report.duration_s)
+            + ": "
+            + ", ".join(f"{t.section} {_minutes(t.duration_s)}" for t in report.sections)
+        )
     missed = [r for r in report.results if r.ok is False]
     if missed:
         console.print(
@@ -97,21 +107,32 @@ def _run_section(
     console: Console, config: BenchConfig, name: str, fn: SectionFn, report: Report
 ) -> None:
     console.print(f"[bold]bench {name}[/bold] ({config.runs} runs per measurement)")
+    started = clock()
+    crashed = False
     try:
         results = fn(config)
     except Exception as e:
+        crashed = True
         errors = Console(stderr=True, soft_wrap=True, highlight=False)
         errors.print(f"[red]section {name} crashed:[/red]")
         errors.print(traceback.format_exc(), markup=False)
         report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
         results = list(getattr(e, "partial", []))
-        if not results:
-            return
+    took = SectionTime(name, clock() - started, len(results), crashed)
+    report.sections.append(took)
+    console.print(f"bench {name} took {_minutes(took.duration_s)}")
+    if not results:
+        return
     for r in results:
         if r.section != name:
             r.section = name
     report.results.extend(results)
     print_section(console, name, results)
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def write_json(report: Report, path: Path) -> None:

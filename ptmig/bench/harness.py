@@ -241,10 +241,34 @@ class SectionError:
 
 
 @dataclass
+class SectionTime:
+    """How long one section ran (wall clock, from its start to its table), so a full bench's
+    cost can be planned section by section."""
+
+    section: str
+    duration_s: float
+    results: int
+    crashed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "section": self.section,
+            "duration_s": round(self.duration_s, 1),
+            "results": self.results,
+            "crashed": self.crashed,
+        }
+
+
+@dataclass
 class Report:
     machine: dict[str, Any]
     results: list[Result] = field(default_factory=list)
     errors: list[SectionError] = field(default_factory=list)
+    sections: list[SectionTime] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return sum(t.duration_s for t in self.sections)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -252,6 +276,8 @@ class Report:
             "machine": self.machine,
             "results": [r.to_json() for r in self.results],
             "errors": [e.to_json() for e in self.errors],
+            "sections": [t.to_json() for t in self.sections],
+            "duration_s": round(self.duration_s, 1),
         }
 
 

@@ -1,7 +1,7 @@
 """Reading the strategy comparison out of a `ptmig bench` document (see `ptmig.bench`).
 
 The document is `{"format": 1, "machine": {...}, "results": [Result.to_json()...], "errors":
-[...]}`. The DMA-tracking strategy comparison reports, for each strategy and guest RAM size,
+[...], "sections": [{"section", "duration_s", "results", "crashed"}...], "duration_s"}`. The DMA-tracking strategy comparison reports, for each strategy and guest RAM size,
 two results named
 
     strategy.<strategy>.<ram>.downtime   unit "ms"
