@@ -34,6 +34,7 @@ from ptmig.bench.strategies import (
     split_label,
     with_offered_load,
 )
+from ptmig.migration.params import DMA_TRACKING
 from ptmig.report.bench import strategy_points
 
 MiB = 1 << 20
@@ -502,6 +503,44 @@ def test_vhost_user_cells_run_beside_the_builtin_ones_with_their_own_goals(
     assert ratio.value == pytest.approx(1.5) and ratio.ok
     cells = results["strategy.vhost-user-none.256M.lost"]
     assert cells.goal is None and cells.extra["disk"] == "vhost-user"  # expected to lose
+
+
+def test_vhost_user_cells_can_run_at_fewer_sizes_than_the_builtin_ones(tmp_path: Path) -> None:
+    """The full mode runs the vhost-user rows at one size: only those cells run, the other
+    sizes' tables and results have no vhost-user rows, and its ratio goal is at that size."""
+    asked: list[tuple[str, str]] = []
+
+    def runner(label: str, memory: str, p: StrategyBenchParams, d: Path) -> CellRun:
+        asked.append((label, memory))
+        return cell(label, memory, 100.0, correct=split_label(label)[0] != "none")
+
+    p = StrategyBenchParams(
+        memories=("256M", "1G", "2G"),
+        strategies=("device-log", "shadow"),
+        runs=2,
+        vhost_user=("device-log", "shadow"),
+        vhost_user_memories=("1G",),
+    )
+    assert p.cell_count == 2 * (3 * 2 + 2) == len(run_cells(p, tmp_path, runner))
+    assert {m for label, m in asked if label.startswith("vhost-user-")} == {"1G"}
+    console = Console(record=True, width=250)
+    results = {r.name: r for r in run_strategy_bench(p, console, runner, tmp_path)}
+    assert list(results) == expected_result_names(p)
+    assert "strategy.vhost-user-shadow.1G.downtime" in results
+    assert not any(n.startswith("strategy.vhost-user-shadow.256M") for n in results)
+    ratios = [n for n in results if n.startswith("strategy.vhost-user.shadow_vs_devicelog")]
+    assert ratios == ["strategy.vhost-user.shadow_vs_devicelog.downtime_ratio.1G"]
+    assert cell_table([], p, "256M").row_count == 2 and cell_table([], p, "1G").row_count == 4
+    with pytest.raises(ValueError, match="subset"):
+        StrategyBenchParams(memories=("256M",), vhost_user_memories=("1G",))
+
+
+def test_the_full_mode_runs_every_strategy_at_three_sizes_in_a_bounded_number_of_cells() -> None:
+    full = StrategyBenchParams.for_config(BenchConfig.for_mode(False))
+    assert full.strategies == DMA_TRACKING and full.memories == ("256M", "1G", "2G")
+    assert full.runs == 3
+    vhost = len(full.vhost_user)
+    assert full.cell_count == 3 * (5 * 3 + vhost)  # vhost-user rows at one size only
 
 
 @pytest.mark.parametrize("strategy", ["none", "all-dirty", "device-log", "shadow"])
