@@ -334,21 +334,30 @@ def test_reconfiguring_a_shadowed_device_returns_to_direct_dma_first(
 @pytest.mark.parametrize("tracking", ["shadow", "intercept"])
 def test_shadow_mode_without_a_migration_over_qmp(tmp_path: Path, tracking: str) -> None:
     """x-shadow-start / x-shadow-stop: the data path alone, under load, loses nothing; a
-    migration is refused while it is on."""
+    migration is refused while it is on.
+
+    Shadowing starts once the guest serves and before the load, so the load's requests go
+    through the shadow however slowly the client starts on a loaded host (a load started
+    first could end before the shadow began, and then nothing was synced); the stop waits
+    for a synced completion. The load runs on after the stop (direct DMA again) and reads
+    every value back. Starting to shadow under load is what every migration with `shadow`
+    or `intercept` does."""
     cfg = kv_config(tmp_path, memory="64M")
     vmm = Vmm(tmp_path, "vmm", cfg)
     try:
         vmm.wait_running()
-        out = tmp_path / "load.json"
-        load = Load(cfg, 4, out, rate=2000, window=None).start()
-        time.sleep(1)
+        # the guest serves (its drivers have configured the devices): shadowing may start
+        first = Load(cfg, 0.5, tmp_path / "first.json", rate=500, window=None).start()
+        assert first.wait(timeout=60) == 0, first.output
         vmm.cmd("x-shadow-start", {"x-dma-tracking": tracking})
         with pytest.raises(Exception, match="already shadowed"):
             vmm.cmd("x-shadow-start")
         with pytest.raises(Exception, match="x-shadow-stop first"):
             vmm.cmd("migrate", {"uri": f"tcp:127.0.0.1:{free_port(socket.SOCK_STREAM)}"})
-        deadline = time.monotonic() + 30  # until the load's requests go through the shadow
-        while (live := vmm.cmd("x-query-shadow"))["requests-forwarded"] == 0:
+        out = tmp_path / "load.json"
+        load = Load(cfg, 4, out, rate=2000, window=None).start()
+        deadline = time.monotonic() + 60  # until a request's completion is synced back
+        while (live := vmm.cmd("x-query-shadow"))["completions-synced"] == 0:
             assert live["active"] and time.monotonic() < deadline, live
             time.sleep(0.05)
         assert live["active"] and live["dma-tracking"] == tracking
