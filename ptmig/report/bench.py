@@ -1,8 +1,9 @@
 """Reading the strategy comparison out of a `ptmig bench` document (see `ptmig.bench`).
 
 The document is `{"format": 1, "machine": {...}, "results": [Result.to_json()...], "errors":
-[...], "sections": [{"section", "duration_s", "results", "crashed"}...], "duration_s"}`. The DMA-tracking strategy comparison reports, for each strategy and guest RAM size,
-two results named
+[...], "sections": [{"section", "duration_s", "results", "crashed"}...], "duration_s"}`. The
+DMA-tracking strategy comparison reports, for each strategy and guest RAM size, two results
+named
 
     strategy.<strategy>.<ram>.downtime   unit "ms"
     strategy.<strategy>.<ram>.bytes      unit "B", "KiB", "MiB" or "GiB" (bytes sent in all)
