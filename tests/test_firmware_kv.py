@@ -3,7 +3,9 @@ against the device processes, its ARP/IPv4/ICMP/UDP stack, and its write-ahead l
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import socket
 import struct
 import time
@@ -199,6 +201,43 @@ def test_put_get_and_replay_across_restart(start, disk: Path) -> None:
 
     g3 = start(disk)
     assert g3.report()[1:4] == (4, log_bytes + 24 + 5 + 1, 4)
+
+
+def _reply_to(g: KvGuest, req_id: int, timeout: float) -> kp.KvReply:
+    """The kv reply to `req_id` (other frames skipped), waiting up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (f := g.frame(max(0.0, deadline - time.monotonic()))) is not None:
+        eth = fr.parse_ethernet(f)
+        if eth.ethertype != 0x0800:
+            continue
+        ip = fr.parse_ipv4(eth.payload)
+        reply = kp.decode_reply(fr.parse_udp(ip.payload, ip.src, ip.dst).payload)
+        if reply.req_id == req_id:
+            return reply
+    raise AssertionError(f"no reply to request {req_id} in {timeout:.0f} s: {g.console()}")
+
+
+def test_a_disk_request_that_never_completes_is_given_up_with_a_message(start, disk) -> None:
+    """The disk stops answering (its device process is stopped): the PUT waiting for it gets
+    an error reply after the guest's 20 s give-up, the console says why, later PUTs fail at
+    once, and GETs are still served from the table."""
+    g = start(disk)
+    assert g.request(kp.Op.PUT, b"alpha", b"one") == kp.KvReply(1, kp.Status.OK)
+    blk = g.devices[1]
+    os.kill(blk.pid, signal.SIGSTOP)
+    try:
+        stuck = g.send(kp.Op.PUT, b"beta", b"two", flags=kp.FLAG_DURABLE)
+        # generous: the guest counts 20 s of its own waiting, which a loaded host stretches
+        assert _reply_to(g, stuck, timeout=180).status == kp.Status.IO_ERROR
+        assert "did not complete log request" in g.console(), g.console()
+        assert g.request(kp.Op.GET, b"alpha") == kp.KvReply(g.req_id, kp.Status.OK, b"one")
+        assert g.request(kp.Op.PUT, b"gamma", b"3").status == kp.Status.IO_ERROR
+        assert g.request(kp.Op.GET, b"beta").status == kp.Status.NOT_FOUND  # never acknowledged
+    finally:
+        os.kill(blk.pid, signal.SIGCONT)
+    # a completion arriving after the give-up is never read: the log stays stuck
+    assert g.request(kp.Op.PUT, b"delta", b"4").status == kp.Status.IO_ERROR
+    assert g.request(kp.Op.GET, b"alpha").value == b"one"
 
 
 def test_replay_stops_at_a_corrupt_record(start, disk: Path) -> None:

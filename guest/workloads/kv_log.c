@@ -28,6 +28,12 @@
 #define BATCH_BUF (SECTOR + KV_LOG_BATCH_BYTES + 2 * SECTOR)
 #define WAIT_SPIN_US 50
 #define WAIT_HALT_US 1000
+/* A disk request not done after this much waiting is given up (kv_log_poll).  The wait is
+ * counted poll by poll, each adding at most WAIT_POLL_MAX_US (the kv loop polls at least every
+ * 10 ms), so that time the guest did not run (a migration's pause, a post-copy fault, a
+ * paused VM) is not counted as the disk's. */
+#define WAIT_GIVE_UP_US (20u * 1000 * 1000)
+#define WAIT_POLL_MAX_US (20u * 1000)
 
 struct superblock {
     uint64_t magic;
@@ -308,6 +314,36 @@ static void batch_clear(struct kv_log_batch *b)
     b->nsectors = 0;
 }
 
+/* A request went to the disk: its wait starts. */
+static void start_waiting(struct kv_log *log)
+{
+    log->waited = 0;
+    log->last_poll = rdtsc();
+}
+
+/* One more poll found the request not done: has the disk had it too long? */
+static int waited_too_long(struct kv_log *log)
+{
+    uint64_t now = rdtsc(), pass = now - log->last_poll, pass_max = us_to_tsc(WAIT_POLL_MAX_US);
+    log->last_poll = now;
+    log->waited += pass < pass_max ? pass : pass_max;
+    return log->waited >= us_to_tsc(WAIT_GIVE_UP_US);
+}
+
+/* The disk never completed the request in flight: abandon it.  The log takes no more records
+ * (`stuck`: every later PUT is answered with an error), so the abandoned batch's buffer and
+ * descriptors are never reused, and a completion arriving later is never read. */
+static int give_up(struct kv_log *log)
+{
+    printf("kv: the disk did not complete log request %d (%s) within %u s: it is given up, "
+           "every PUT from now on fails; GETs are still served\n",
+           log->head, log->busy == KV_LOG_FLUSHING ? "flush" : "write",
+           WAIT_GIVE_UP_US / 1000000);
+    log->busy = 0;
+    log->stuck = 1;
+    return VIRTIO_BLK_S_IOERR;
+}
+
 int kv_log_submit(struct kv_log *log)
 {
     struct kv_log_batch *b = &log->batch[log->open];
@@ -315,6 +351,10 @@ int kv_log_submit(struct kv_log *log)
         return VIRTIO_BLK_S_IOERR; /* a caller bug: one batch in flight at a time */
     if (b->records == 0)
         return KV_LOG_NOTHING;
+    if (log->stuck) { /* staged before the log got stuck: the batch is dropped */
+        batch_clear(b);
+        return VIRTIO_BLK_S_IOERR;
+    }
     /* seq numbers and CRCs now that the batch's place in the log is known */
     uint8_t *rec = b->buf + SECTOR;
     for (uint32_t i = 0; i < b->records; i++) {
@@ -341,6 +381,7 @@ int kv_log_submit(struct kv_log *log)
     }
     log->busy = KV_LOG_WRITING;
     log->head = head;
+    start_waiting(log);
     return KV_LOG_SUBMITTED;
 }
 
@@ -365,8 +406,12 @@ int kv_log_poll(struct kv_log *log, int *status)
     if (!log->busy)
         return 0;
     int r = virtio_blk_poll(log->blk, &head, &st);
-    if (r == 0)
-        return 0;
+    if (r == 0) {
+        if (!waited_too_long(log))
+            return 0;
+        *status = give_up(log);
+        return 1;
+    }
     if (r < 0 || head != log->head)
         st = VIRTIO_BLK_S_IOERR; /* a completion we did not ask for: the device is broken */
     if (st == VIRTIO_BLK_S_OK && log->busy == KV_LOG_WRITING &&
@@ -374,6 +419,7 @@ int kv_log_poll(struct kv_log *log, int *status)
         log->head = virtio_blk_submit_flush(log->blk);
         if (log->head >= 0) {
             log->busy = KV_LOG_FLUSHING;
+            start_waiting(log);
             return 0;
         }
         st = VIRTIO_BLK_S_IOERR;
@@ -390,7 +436,7 @@ int kv_log_wait(struct kv_log *log)
     uint64_t start = rdtsc(), spin = us_to_tsc(WAIT_SPIN_US);
     int status = VIRTIO_BLK_S_OK;
     while (log->busy) {
-        if (kv_log_poll(log, &status))
+        if (kv_log_poll(log, &status)) /* done, failed, or given up */
             break;
         if (rdtsc() - start < spin)
             cpu_pause();

@@ -61,7 +61,8 @@ struct kv_log {
     uint64_t checkpoints;       /* written since open */
     uint64_t checkpoint_bytes;  /* their record bytes */
     int cannot_compact;         /* a checkpoint failed: the log stays full */
-    int stuck;                  /* a superblock write failed: no more appends */
+    int stuck;                  /* a superblock write failed or a request never completed
+                                 * (given up: kv_log_poll): no more appends */
     uint8_t *spare;    /* a sector: the tail kept while a checkpoint runs */
     uint64_t end;      /* byte offset just past the last record on disk */
     uint64_t next_seq; /* seq of the next record written */
@@ -71,6 +72,8 @@ struct kv_log {
     unsigned open;     /* batch[open] stages; batch[!open] is in flight when busy */
     int busy;          /* 0 idle, KV_LOG_WRITING or KV_LOG_FLUSHING */
     int head;          /* the blk request in flight */
+    uint64_t waited;   /* TSC ticks it has been waited for (capped per poll: kv_log.c) */
+    uint64_t last_poll;
     uint8_t *chunk;    /* replay read cache */
     uint64_t chunk_start, chunk_len;
 };
@@ -116,10 +119,13 @@ int kv_log_submit(struct kv_log *log);
 
 /* Advance the batch in flight.  Returns 1 when it is done, with *status VIRTIO_BLK_S_OK (the
  * log end moved past its records) or an error (nothing was appended, the log end did not
- * move); its records stay readable with kv_log_record() until the next submit.  0 otherwise. */
+ * move); its records stay readable with kv_log_record() until the next submit.  0 otherwise.
+ * A request the disk has not completed after 20 s of polling is given up: a console message,
+ * an error status, and the log is stuck (no more appends; kv_log.c give_up). */
 int kv_log_poll(struct kv_log *log, int *status);
 
-/* Wait (spin, then halt) until the batch in flight is done; its status, or OK when idle. */
+/* Wait (spin, then halt) until the batch in flight is done (or given up, as in kv_log_poll);
+ * its status, or OK when idle. */
 int kv_log_wait(struct kv_log *log);
 
 /* The record at rec_off of the batch in flight (done or not) or of the open batch. */
