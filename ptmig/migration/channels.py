@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import bitmap
 from ..errors import PtmigError
-from . import transport
+from . import background, transport
 from .events import NEED_DATA, Abort, ProtocolError
 from .protocol import STRIPE_PAGES, Connection
 
@@ -79,6 +79,7 @@ class ChannelRound:
 
         def sender(i: int, d: DataChannel) -> None:
             try:
+                background.lower_this_thread()  # pre-copy only: the thread ends with its round
                 counts[i] = send(d)
             except BaseException as e:  # re-raised below, in the migration thread
                 self.stop(e)

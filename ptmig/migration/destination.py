@@ -55,7 +55,7 @@ from ..guest_state import DeviceSnapshot, unpack_devices, unpack_vcpus
 from ..vcpu_state import VcpuState
 from ..vm import RunState
 from ..vmparts import MigratingVm
-from . import transport
+from . import background, transport
 from .events import (
     NEED_DATA,
     Abort,
@@ -350,6 +350,7 @@ class DataChannelReceiver:
         self.thread = threading.Thread(target=self._run, name=f"incoming-data-{index}", daemon=True)
 
     def _run(self) -> None:
+        background.lower_this_thread()  # data channels carry pre-copy rounds only
         try:
             while True:
                 ev = self.incoming._recv_event(self.ch, self.conn, self.splicer)

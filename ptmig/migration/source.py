@@ -41,7 +41,7 @@ from ..errors import PtmigError
 from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
 from ..vm import RunState
-from . import fate, pages, policy, postcopy, recovery, transport
+from . import background, fate, pages, policy, postcopy, recovery, transport
 from .channels import ChannelRound, DataChannel, stripe_masks
 from .events import (
     NEED_DATA,
@@ -237,7 +237,8 @@ class SourceMigration:
             vm.dirty.reset()
             self.info.setup_time_ms = int((time.monotonic() - self.info.start) * 1000)
             self._set_status(Status.ACTIVE)
-            pending = self._precopy(ch, conn)
+            with background.background():  # the stop-and-copy round runs as before
+                pending = self._precopy(ch, conn)
             switched = self._stop_and_copy(ch, conn, pending)
         except Exception as e:
             self._failed(e)
