@@ -198,6 +198,21 @@ def test_a_clean_run_is_verified() -> None:
     assert lines[-1].startswith("VERIFIED")
 
 
+def test_an_outage_that_misses_the_pause_says_by_which_bounds() -> None:
+    """The verdict's text carries the allowances the gap was judged with, so a failure on a
+    loaded host shows which end missed and by how much."""
+    d = doc()
+    d["demo"]["outage"]["client-switchover"].update(
+        {"contains-switchover": False, "early-ms": 12.5, "late-ms": 3.0, "slack-ms": 2.1}
+    )
+    problems = verdict(d).problems
+    assert any(
+        "may begin 12.5 ms after the pause began and end 3.0 ms before the downtime ended, "
+        "± 2.1 ms" in p
+        for p in problems
+    ), problems
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [

@@ -57,7 +57,9 @@ def coverage_problems(demo: Mapping[str, Any]) -> list[str]:
         problems.append(
             f"the client's outage at the switchover ({gap.get('start_s')} s to "
             f"{gap.get('end_s')} s) does not contain the guest's pause "
-            f"({_window(stop)})"
+            f"({_window(stop)}; the outage may begin {gap.get('early-ms')} ms after the pause "
+            f"began and end {gap.get('late-ms')} ms before the downtime ended, "
+            f"± {gap.get('slack-ms')} ms)"
         )
     return problems
 
