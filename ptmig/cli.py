@@ -191,6 +191,7 @@ def run(
     from .firmware import FirmwareBuildError
     from .kvm import KvmUnavailable
     from .machine import Machine
+    from .memstats import tune_malloc
     from .vm import VmError
 
     try:
@@ -200,6 +201,7 @@ def run(
     if incoming_timeout is not None and incoming is None:
         raise click.UsageError("--incoming-timeout needs --incoming")
     qmp_path = _unix_path(qmp_spec, "--qmp")
+    tune_malloc()  # before the VMM's threads start
     console = open(console_file, "a", buffering=1) if console_file else sys.stdout
     try:
         machine = Machine(

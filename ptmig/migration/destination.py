@@ -52,6 +52,7 @@ from ..devices.handle import DeviceError
 from ..disklock import DiskLockError
 from ..errors import PtmigError
 from ..guest_state import DeviceSnapshot, unpack_devices, unpack_vcpus
+from ..memstats import release_free_memory
 from ..vcpu_state import VcpuState
 from ..vm import RunState
 from ..vmparts import MigratingVm
@@ -1258,4 +1259,5 @@ def run_incoming(
         log.error("incoming migration failed: %s", e)
         print(f"ptmig: incoming migration failed: {e}", file=sys.stderr, flush=True)
         return VMM_FAILED
+    release_free_memory()  # the receive buffers are gone; the host gets their pages back
     return machine.wait()

@@ -49,11 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from ..errors import PtmigError
 
 GREETING: Final = b"PTMIG-PSK2"
@@ -74,7 +69,14 @@ class SealError(PtmigError):
     """Authentication of the peer or of a record failed; the text says which and why."""
 
 
+# `cryptography` is imported where a key is first derived or used, not with this module: a VMM
+# that never runs a PSK channel does not carry it (about 1.5 MiB of its private memory).
+
+
 def _hkdf(ikm: bytes, info: bytes, salt: bytes | None = None, length: int = 32) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
@@ -102,7 +104,11 @@ class Sealer:
     """One direction of one stream: seals or opens records in order."""
 
     def __init__(self, key: bytes, direction: int, stream: int) -> None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._aead = AESGCM(key)
+        self._invalid_tag = InvalidTag
         self._prefix = bytes([direction, stream, 0, 0])
         self.seq = 0
 
@@ -125,7 +131,7 @@ class Sealer:
         may hold unauthenticated bytes: the caller must discard the whole stream's work."""
         try:
             self._aead.decrypt_into(self._nonce(), body, header, out)
-        except InvalidTag:
+        except self._invalid_tag:
             raise SealError(
                 f"record {self.seq - 1} ({len(body)} bytes) failed authentication: it was "
                 "altered, replayed, reordered, dropped before, or belongs to another stream"

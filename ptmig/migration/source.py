@@ -40,6 +40,7 @@ from ..disklock import DiskLockError
 from ..errors import PtmigError
 from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
+from ..memstats import release_free_memory
 from ..vm import RunState
 from . import background, fate, pages, policy, postcopy, recovery, transport
 from .channels import ChannelRound, DataChannel, stripe_masks
@@ -251,6 +252,7 @@ class SourceMigration:
             self._close_data_channels()
             if self.channel is not None:
                 self.channel.close()
+            release_free_memory()  # the send buffers are gone; the host gets their pages back
 
     def _completed(self) -> None:
         self.strategy.complete(self.m)

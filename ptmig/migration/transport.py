@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-import ssl
 import stat
 import struct
 import termios
@@ -32,13 +31,21 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ptmig.migration import seal
 from ptmig.migration.events import NEED_DATA, Event, PageRunsHeader
 from ptmig.migration.protocol import Connection, ConnectionClosed
 
 from ..errors import PtmigError
+from ..lazyimport import lazy_module
+
+if TYPE_CHECKING:
+    import ssl
+else:
+    # loaded on first use (a TLS context, an SSL error to match): a VMM that never runs a TLS
+    # channel does not carry the ssl module (about 1.5 MiB of its private memory)
+    ssl = lazy_module("ssl")
 
 try:
     IOV_MAX = min(int(os.sysconf("SC_IOV_MAX")), 1024)
@@ -48,6 +55,11 @@ KEEPALIVE_IDLE_S = 10
 RECEIVE_BUFFER = 1 << 20  # bytes: the destination's socket receive buffer (see listen)
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
+
+
+def _is_tls(sock: socket.socket) -> bool:
+    """Whether `sock` is an SSLSocket, asked without loading ssl: its class comes from there."""
+    return any(cls.__module__ == "ssl" for cls in type(sock).__mro__)
 
 
 class TransportError(PtmigError):
@@ -181,7 +193,11 @@ class Channel:
         self.sock = sock
         self.inactivity_timeout = inactivity_timeout
         self.peer = peer
-        self.is_tls = isinstance(sock, ssl.SSLSocket)
+        self.is_tls = _is_tls(sock)
+        # what a non-blocking read raises when nothing is there (named without loading ssl)
+        self._would_block: tuple[type[OSError], ...] = (
+            (BlockingIOError, ssl.SSLWantReadError) if self.is_tls else (BlockingIOError,)
+        )
         self.bytes_sent = 0
         self.bytes_received = 0
         self.activity: SharedActivity | None = None
@@ -244,7 +260,7 @@ class Channel:
         try:
             for batch in self._outgoing(views):
                 self._send_all(batch)
-        except (OSError, ssl.SSLError) as e:
+        except OSError as e:  # ssl.SSLError is an OSError
             raise self._fail(e, f"sending {total} bytes") from e
         return total
 
@@ -287,11 +303,11 @@ class Channel:
                 try:
                     n = self.sock.recv_into(out)
                     break
-                except (BlockingIOError, ssl.SSLWantReadError):
+                except self._would_block:
                     if wait:
                         raise
                     return None
-                except (OSError, ssl.SSLError) as e:
+                except OSError as e:  # ssl.SSLError is an OSError
                     if not wait or not self._wait_longer(e):
                         raise self._fail(e, "receiving") from e
         finally:
@@ -361,7 +377,7 @@ class Channel:
             if self.is_tls:
                 self.sock = self.sock.unwrap()  # type: ignore[attr-defined]
             self.sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, ssl.SSLError, ValueError):
+        except (OSError, ValueError):
             pass
         self.sock.close()
 
@@ -519,7 +535,7 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
             buf += chunk
     except TimeoutError as e:
         raise AuthenticationError(f"timed out waiting for {what}") from e
-    except (OSError, ssl.SSLError) as e:
+    except OSError as e:  # ssl.SSLError is an OSError
         raise AuthenticationError(f"connection failed during {what}: {e}") from e
     return bytes(buf)
 
@@ -532,7 +548,7 @@ def _psk_handshake(
     def send(data: bytes) -> None:
         try:
             sock.sendall(data)
-        except (OSError, ssl.SSLError) as e:
+        except OSError as e:  # ssl.SSLError is an OSError
             raise AuthenticationError(f"connection failed during the PSK handshake: {e}") from e
 
     def recv(n: int, what: str) -> bytes:
@@ -579,7 +595,7 @@ def _secure_stream(
                 sock = tls_ctx.wrap_socket(
                     sock, server_side=server, server_hostname=None if server else server_hostname
                 )
-            except (ssl.SSLError, OSError) as e:
+            except OSError as e:  # ssl.SSLError is an OSError
                 raise AuthenticationError(f"TLS handshake with {peer} failed: {e}") from e
         keys = handshake(sock) if psk is not None else None
     except BaseException:
