@@ -345,6 +345,43 @@ def test_a_backend_view_replaces_guest_ram_in_two_tables_with_the_rings_moved_un
     pool.close()
 
 
+def test_a_view_beside_guest_ram_takes_one_table_in_and_one_out_and_only_the_rings_move(
+    mem: GuestMemory,
+) -> None:
+    """Intercept's memory table (`beside_ram`): guest RAM stays at GPA 0 (the backend writes
+    the data buffers there itself) and the view comes above it for the rings: one table
+    [guest RAM, view above] going in, the ring moved into the view unkicked, and no third
+    table; leaving moves the ring back to guest RAM first and only then drops the view, so the
+    ring's addresses are covered by every table the backend holds."""
+    pool = ShadowPool(4, views=1, view_pages=mem.npages)
+    offset = pool.view_base(0) * PAGE_SIZE
+    view = BackendView(pool.fd, offset, mem.size, pool.address + offset, pool.mmap, True)
+    dev, backend = _frontend(mem)
+    with dev:
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        _bring_up(dev, q)
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(view)
+        moved = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR"]
+        assert backend.names() == ["SET_MEM_TABLE", *moved]
+        guest = codec.MemRegion(0, mem.size, mem.host_address, 0)
+        beside = codec.MemRegion(mem.size, mem.size, view.user_addr, offset)
+        table, _n, _b, addr = (m.payload for m in backend.requests)
+        assert table == codec.MemTable((guest, beside))
+        assert isinstance(addr, codec.VringAddr) and addr.desc == view.user_addr + q.desc_addr
+        assert addr.used == view.user_addr + q.used_addr
+        dev.resume()
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(None)
+        assert backend.names() == [*moved, "SET_MEM_TABLE"]
+        assert backend.requests[2].payload.desc == mem.host_address + q.desc_addr  # type: ignore[union-attr]
+        assert backend.requests[-1].payload == codec.MemTable((guest,))
+        assert dev.alive and dev.backend_view is None
+    pool.close()
+
+
 class _BackendSide:
     """The backend's end of the backend channel, taken from SET_BACKEND_REQ_FD; the config the
     scripted backend reports (the test changes it)."""

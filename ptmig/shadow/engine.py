@@ -154,7 +154,12 @@ class ShadowEngine:
         pool = self.m.shadow_pool
         offset = pool.view_base(dev.view) * PAGE_SIZE
         return BackendView(
-            pool.fd, offset, pool.view_pages * PAGE_SIZE, pool.address + offset, pool.mmap
+            pool.fd,
+            offset,
+            pool.view_pages * PAGE_SIZE,
+            pool.address + offset,
+            pool.mmap,
+            beside_ram=self.intercept,  # intercept: only the rings move into the pool
         )
 
     @contextmanager

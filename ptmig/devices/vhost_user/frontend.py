@@ -107,19 +107,38 @@ def _bit(word: int, bit: int) -> bool:
 class BackendView:
     """Memory a backend may see in place of guest RAM: `size` bytes of `fd` from `offset`,
     laid out like guest RAM (GPA g at byte `offset` + g), mapped in this process as `mapping`
-    (the whole of `fd`, at user address `user_addr` - `offset`)."""
+    (the whole of `fd`, at user address `user_addr` - `offset`). `beside_ram`: the backend keeps
+    guest RAM at GPA 0 and gets the view above it, for the rings only (x-dma-tracking
+    intercept: the device writes the data buffers in guest RAM itself)."""
 
     fd: int
     offset: int
     size: int
     user_addr: int
     mapping: mmap.mmap
+    beside_ram: bool = False
 
     def read_u16(self, gpa: int) -> int:
         if not 0 <= gpa <= self.size - 2:
             raise ValueError(f"GPA {gpa:#x} is outside the DMA view of {self.size:#x} bytes")
         at = self.offset + gpa
         return int.from_bytes(self.mapping[at : at + 2], "little")
+
+
+def _covering(
+    before: list[tuple[MemRegion, int]], after: list[tuple[MemRegion, int]]
+) -> list[tuple[MemRegion, int]]:
+    """A memory table holding both `before` (at its addresses) and every region of `after` that
+    `before` lacks, placed above `before`'s highest GPA: the table a backend is given while its
+    rings move from one to the other (the user addresses of both stay covered)."""
+    mapped = {(r.user_addr, r.size, r.mmap_offset) for r, _ in before}
+    top = max(r.gpa + r.size for r, _ in before)
+    out = list(before)
+    for r, fd in after:
+        if (r.user_addr, r.size, r.mmap_offset) not in mapped:
+            out.append((MemRegion(top, r.size, r.user_addr, r.mmap_offset), fd))
+            top += r.size
+    return out
 
 
 class _LogBuffer:
@@ -313,12 +332,15 @@ class VhostUserBlk(Liveness):
 
     def _regions(self) -> list[tuple[MemRegion, int]]:
         """The memory table (region, fd): guest RAM, one region of the guest memfd; while
-        shadowed, the DMA view in its place."""
+        shadowed, the DMA view in its place, or above it (`BackendView.beside_ram`)."""
         view = self._view
-        if view is not None:
-            return [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
         mem = self._memory
-        return [(MemRegion(0, mem.size, mem.host_address, 0), mem.fd)]
+        ram = (MemRegion(0, mem.size, mem.host_address, 0), mem.fd)
+        if view is None:
+            return [ram]
+        if view.beside_ram:
+            return [ram, (MemRegion(mem.size, view.size, view.user_addr, view.offset), view.fd)]
+        return [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
 
     def _set_mem_table(self, regions: list[tuple[MemRegion, int]]) -> None:
         self._call(
@@ -424,9 +446,14 @@ class VhostUserBlk(Liveness):
 
     # -- rings ---------------------------------------------------------------------------------
     def _translate(self, gpa: int, length: int) -> int:
-        """The VMM's user address of guest bytes [gpa, gpa+length) (the backend's ring
-        addresses are frontend user addresses); raises ValueError outside guest RAM."""
-        for region, _fd in self._regions():
+        """The VMM's user address of the ring bytes at [gpa, gpa+length) (the backend's ring
+        addresses are frontend user addresses): in guest RAM, or while shadowed in the view,
+        where the shadow rings sit at the guest's ring addresses; raises ValueError outside."""
+        view = self._view
+        regions = self._regions()
+        if view is not None:
+            regions = [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
+        for region, _fd in regions:
             if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
                 return region.user_addr + (gpa - region.gpa)
         raise ValueError(f"ring at GPA {gpa:#x}+{length:#x} is outside guest RAM")
@@ -506,17 +533,19 @@ class VhostUserBlk(Liveness):
                     f"device {self.name}: a DMA view of {view.size:#x} bytes cannot stand in "
                     f"for guest RAM of {self._memory.size:#x}"
                 )
-            old = self._regions()[0]
+            before = self._regions()
             self._view = view
-            new = self._regions()[0]
-            above = MemRegion(old[0].size, new[0].size, new[0].user_addr, new[0].mmap_offset)
-            # 1: both (the rings' current addresses stay covered), the new one above the old
-            self._set_mem_table([old, (above, new[1])])
+            after = self._regions()
+            both = _covering(before, after)
+            # 1: both (the rings' current addresses stay covered), the new ones above the old
+            if both != before:
+                self._set_mem_table(both)
             # 2: every ring the backend holds moves to its place in the new memory, unkicked
             for i, qs in sorted(self._rings.items()):
                 self._place_ring(i, qs, self._bases.get(i, 0))
             # 3: only the new memory, at the guest's addresses
-            self._set_mem_table([new])
+            if after != both:
+                self._set_mem_table(after)
             self.counters["table_swaps"] += 1
 
     def _drain(self, deadline: float) -> dict[int, int]:
