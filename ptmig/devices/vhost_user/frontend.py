@@ -48,7 +48,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ...layout import ABI_MMIO_BASE_GPA, ABI_MMIO_STRIDE
+from ...layout import ABI_MMIO_BASE_GPA, ABI_MMIO_STRIDE, PAGE_SHIFT, PAGE_SIZE
 from .. import eventfd
 from ..control import DeviceState
 from ..handle import (
@@ -68,7 +68,7 @@ from ..handle import (
 )
 from ..virtio import constants as c
 from ..virtio.mmio import VirtioMmioRegisters
-from ..virtio.queue import QueueState
+from ..virtio.queue import QueueState, ring_regions
 from . import codec
 from .backend_channel import BackendChannel
 from .codec import MemRegion, ProtocolFeature, Request
@@ -108,8 +108,9 @@ class BackendView:
     """Memory a backend may see in place of guest RAM: `size` bytes of `fd` from `offset`,
     laid out like guest RAM (GPA g at byte `offset` + g), mapped in this process as `mapping`
     (the whole of `fd`, at user address `user_addr` - `offset`). `beside_ram`: the backend keeps
-    guest RAM at GPA 0 and gets the view above it, for the rings only (x-dma-tracking
-    intercept: the device writes the data buffers in guest RAM itself)."""
+    guest RAM and only the pages of its rings come from the view (x-dma-tracking intercept:
+    the device writes the data buffers in guest RAM itself, and a buffer the driver keeps on
+    a ring page is written in the ring's device buffer, as through an IOMMU)."""
 
     fd: int
     offset: int
@@ -138,6 +139,47 @@ def _covering(
         if (r.user_addr, r.size, r.mmap_offset) not in mapped:
             out.append((MemRegion(top, r.size, r.user_addr, r.mmap_offset), fd))
             top += r.size
+    return out
+
+
+def _ring_pages(rings: Iterable[QueueState]) -> list[tuple[int, int]]:
+    """The guest pages the rings occupy, as sorted, merged [first, end) page ranges."""
+    pages = sorted(
+        {
+            p
+            for qs in rings
+            for addr, length in ring_regions(qs)
+            for p in range(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1)
+        }
+    )
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out
+
+
+def _split_table(
+    mem: GuestMemory, view: BackendView, remapped: list[tuple[int, int]]
+) -> list[tuple[MemRegion, int]]:
+    """Guest RAM at its addresses, except the page ranges `remapped`, which come from `view`
+    at the same addresses: the memory table as an IOMMU that remaps only the ring pages."""
+    out: list[tuple[MemRegion, int]] = []
+    at = 0
+    for first, end in remapped:
+        start, stop = first * PAGE_SIZE, min(end * PAGE_SIZE, mem.size)
+        if start >= stop:
+            continue
+        if start > at:
+            out.append((MemRegion(at, start - at, mem.host_address + at, at), mem.fd))
+        out.append(
+            (MemRegion(start, stop - start, view.user_addr + start, view.offset + start), view.fd)
+        )
+        at = stop
+    if at < mem.size:
+        out.append((MemRegion(at, mem.size - at, mem.host_address + at, at), mem.fd))
     return out
 
 
@@ -339,8 +381,15 @@ class VhostUserBlk(Liveness):
         if view is None:
             return [ram]
         if view.beside_ram:
-            return [ram, (MemRegion(mem.size, view.size, view.user_addr, view.offset), view.fd)]
+            return _split_table(mem, view, _ring_pages(self._rings.values()))
         return [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
+
+    def _beside(self, view: BackendView) -> list[tuple[MemRegion, int]]:
+        """Guest RAM at GPA 0 and the whole of `view` above it: the table a backend holds while
+        its rings move between guest RAM and a `beside_ram` view."""
+        mem = self._memory
+        ram = (MemRegion(0, mem.size, mem.host_address, 0), mem.fd)
+        return [ram, (MemRegion(mem.size, view.size, view.user_addr, view.offset), view.fd)]
 
     def _set_mem_table(self, regions: list[tuple[MemRegion, int]]) -> None:
         self._call(
@@ -533,10 +582,17 @@ class VhostUserBlk(Liveness):
                     f"device {self.name}: a DMA view of {view.size:#x} bytes cannot stand in "
                     f"for guest RAM of {self._memory.size:#x}"
                 )
-            before = self._regions()
+            before, old_view = self._regions(), self._view
             self._view = view
             after = self._regions()
-            both = _covering(before, after)
+            if len(after) > codec.MAX_REGIONS:
+                self._view = old_view
+                raise DeviceCommandError(
+                    f"device {self.name}: its rings split guest RAM into {len(after)} memory "
+                    f"regions, a table holds at most {codec.MAX_REGIONS}"
+                )
+            beside = next((v for v in (view, old_view) if v is not None and v.beside_ram), None)
+            both = self._beside(beside) if beside is not None else _covering(before, after)
             # 1: both (the rings' current addresses stay covered), the new ones above the old
             if both != before:
                 self._set_mem_table(both)
