@@ -1021,8 +1021,8 @@ def shadow_datapath(
     shadowed, then intercepted (`x-shadow-start`), in turn `pairs` times on the same guest: the
     cost of each software data path by itself, without migration traffic competing for the
     CPUs. Each round's ratios are measured back to back; the results are their medians.
-    `disk`: the kv log's disk (`KvVmm`); on a vhost-user disk only direct and shadow (intercept
-    refuses vhost-user devices)."""
+    `disk`: the kv log's disk (`KvVmm`); on a vhost-user disk only direct and shadow (the
+    goal there is shadow's, issue 13's)."""
     from ..load import LoadOptions, run_load
     from ..vmmproc import QmpMonitor
     from .devices import KvVmm

@@ -37,7 +37,11 @@ one makes it panic) and crashes at the next kick after a REM_MEM_REG of the ring
 [old at GPA 0, new above it], then every ring moved to its address in the new region (NUM, BASE,
 ADDR; no kick, so no request runs under the mixed table), then [new at GPA 0]. `resume` then
 restarts the rings (CALL, KICK) on the fds the engine's data plane waits on and rings. Leaving
-is the same with `None`: back to guest RAM.
+is the same with `None`: back to guest RAM. For x-dma-tracking intercept the view is
+`beside_ram`: the final table is guest RAM split around the ring pages, which come from the
+view at the same addresses (the backend writes data buffers in guest RAM, and a buffer on a ring
+page in the ring's device buffer, as an IOMMU would); the transition table in both directions
+is [guest RAM, the whole view above it].
 """
 
 from __future__ import annotations
