@@ -250,7 +250,9 @@ def test_intercept_loses_nothing_over_back_to_back_migrations(tmp_path: Path) ->
         assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
         assert info["x-shadow"]["dma-tracking"] == "intercept", info["x-shadow"]
         assert info["x-shadow"]["requests-forwarded"] > 0, info["x-shadow"]
-        assert info["x-shadow"]["pages-marked"] > 0, info["x-shadow"]
+    # the daemon wrote guest RAM directly and the VMM marked it (a hop whose shadowing fell in
+    # a lull of the load may have seen no completion: counted over the chain)
+    assert sum(i["x-shadow"]["pages-marked"] for i in infos) > 0, [i["x-shadow"] for i in infos]
     assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
     assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
     # the disk's status bytes share a page with its rings: written in the ring's device
