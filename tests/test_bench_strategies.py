@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from ptmig.bench import load_section, run_bench, write_json
-from ptmig.bench.harness import BenchConfig
+from ptmig.bench.harness import BenchConfig, BenchError
 from ptmig.bench.strategies import (
     DATAPATH_RESULTS,
     MAX_RATE_RESULTS,
@@ -27,6 +27,7 @@ from ptmig.bench.strategies import (
     cell_table,
     datapath_results,
     derived_results,
+    disk_datapath_results,
     expected_result_names,
     precopy_rate,
     run_cells,
@@ -541,6 +542,61 @@ def test_the_full_mode_runs_every_strategy_at_three_sizes_in_a_bounded_number_of
     assert full.runs == 3
     vhost = len(full.vhost_user)
     assert full.cell_count == 3 * (5 * 3 + vhost)  # vhost-user rows at one size only
+
+
+def test_the_vhost_user_section_runs_only_its_own_cells(tmp_path: Path, monkeypatch: Any) -> None:
+    """`--only strategies-vhost-user`: the vhost-user cells at 256 MiB and 1 GiB, no builtin
+    cell and no builtin goal; `make bench` (no --only) leaves the section out, since
+    `strategies` has the same cells."""
+    import ptmig.bench as bench
+    import ptmig.devices.vhost_user.daemon as daemon
+
+    assert "strategies-vhost-user" not in bench.select_sections(None)
+    assert bench.select_sections(["strategies-vhost-user"]) == ["strategies-vhost-user"]
+    assert bench.load_section("strategies-vhost-user").__name__ == "run_vhost_user"
+    monkeypatch.setattr(daemon, "find_program", lambda: Path("/usr/bin/qemu-storage-daemon"))
+    p = StrategyBenchParams.vhost_user_only(BenchConfig.for_mode(False))
+    assert p.memories == ("256M", "1G") and p.strategies == ()
+    assert p.labels == ("vhost-user-none", "vhost-user-device-log", "vhost-user-shadow")
+    asked: list[tuple[str, str]] = []
+
+    def runner(label: str, memory: str, params: StrategyBenchParams, d: Path) -> CellRun:
+        asked.append(split_label(label))
+        return cell(label, memory, 120.0, correct=not label.endswith("none"))
+
+    results = {r.name: r for r in run_strategy_bench(replace(p, runs=1), None, runner, tmp_path)}
+    assert {disk for _, disk in asked} == {"vhost-user"} and len(asked) == 6
+    assert list(results) == expected_result_names(replace(p, runs=1))
+    assert not any(n.startswith("strategy.shadow") for n in results)
+    assert results["strategy.vhost-user.shadow_vs_devicelog.downtime_ratio.1G"].value == 1.0
+    assert results["strategy.vhost-user.none.incorrect"].value == 1.0
+
+
+def test_the_vhost_user_section_says_why_it_cannot_run(monkeypatch: Any) -> None:
+    import ptmig.devices.vhost_user.daemon as daemon
+
+    monkeypatch.setattr(daemon, "find_program", lambda: None)
+    with pytest.raises(BenchError, match="qemu-storage-daemon is not installed"):
+        StrategyBenchParams.vhost_user_only(BenchConfig.for_mode(True))
+    with pytest.raises(ValueError, match="at least one strategy"):
+        StrategyBenchParams(strategies=(), vhost_user=())
+
+
+def test_the_real_backends_data_path_is_held_to_0_8_of_direct() -> None:
+    """Issue 13's goal for shadow on the real backend is 0.8 of direct DMA, per paired round."""
+
+    def runs(ops: list[float]) -> list[DatapathRun]:
+        return [DatapathRun(o, 10.0) for o in ops]
+
+    def ratio(shadow: list[float]) -> Any:
+        got = disk_datapath_results(
+            {"direct": runs([1000.0] * 3), "shadow": runs(shadow)}, {}, "vhost-user"
+        )
+        return by_name(got)["strategy.vhost-user.shadow.datapath_vs_direct"]
+
+    assert ratio([790.0, 750.0, 900.0]).ok is False
+    met = ratio([810.0, 850.0, 700.0])
+    assert met.value == pytest.approx(0.81) and met.ok
 
 
 @pytest.mark.parametrize("strategy", ["none", "all-dirty", "device-log", "shadow"])

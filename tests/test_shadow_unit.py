@@ -248,21 +248,6 @@ def test_the_software_strategies_are_made_by_name_and_unknown_ones_refused() -> 
         make_tracking("copy")
 
 
-def test_intercept_refuses_a_vhost_user_device_before_anything_is_shadowed() -> None:
-    """Shadow serves a vhost-user disk through a view of the pool; intercept would need the
-    backend to see guest RAM and the pool's rings at once, which is not built: it refuses such
-    a device up front, naming it, and the machine is left untouched (no engine)."""
-    from types import SimpleNamespace
-
-    name = "intercept"
-    machine = SimpleNamespace(devices=[SimpleNamespace(id="vhost0", view=0)])
-    machine.shadow = None
-    tracking = make_tracking(name)
-    with pytest.raises(ValueError, match=f"{name} DMA tracking does not support .*vhost0"):
-        tracking.begin(machine)  # type: ignore[arg-type]
-    assert machine.shadow is None and tracking.engine is None
-
-
 def test_switchover_marks_only_the_inflight_requests_the_device_took(rig) -> None:
     """Intercept's switchover: a request the device never took off the shadow ring (a posted
     receive buffer) cannot have been written; one it took may have been, even uncompleted."""

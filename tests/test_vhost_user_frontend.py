@@ -345,6 +345,57 @@ def test_a_backend_view_replaces_guest_ram_in_two_tables_with_the_rings_moved_un
     pool.close()
 
 
+def test_a_view_beside_guest_ram_remaps_only_the_ring_pages(mem: GuestMemory) -> None:
+    """Intercept's memory table (`beside_ram`): guest RAM stays where it is (the backend
+    writes the data buffers there itself) except the ring pages, which come from the view at
+    the same addresses (a buffer the driver keeps on a ring page is written in its device
+    buffer, as through the IOMMU of ptmig's own devices). Going in: [guest RAM, the whole view
+    above], the ring moved into the view unkicked, then the split table; leaving: the
+    transition table again, the ring moved back, [guest RAM]. Every table covers the ring's
+    current addresses."""
+    pool = ShadowPool(4, views=1, view_pages=mem.npages)
+    offset = pool.view_base(0) * PAGE_SIZE
+    view = BackendView(pool.fd, offset, mem.size, pool.address + offset, pool.mmap, True)
+    dev, backend = _frontend(mem)
+    with dev:
+        q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+        _bring_up(dev, q)
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(view)
+        moved = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR"]
+        assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
+        guest = codec.MemRegion(0, mem.size, mem.host_address, 0)
+        beside = codec.MemRegion(mem.size, mem.size, view.user_addr, offset)
+        table, _n, _b, addr, final = (m.payload for m in backend.requests)
+        assert table == codec.MemTable((guest, beside))
+        assert isinstance(addr, codec.VringAddr) and addr.desc == view.user_addr + q.desc_addr
+        assert addr.used == view.user_addr + q.used_addr
+        ring_end = (q.used_addr + 6 + 8 * 64 + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        assert final == codec.MemTable(
+            (
+                codec.MemRegion(0, 0x10000, mem.host_address, 0),
+                codec.MemRegion(
+                    0x10000, ring_end - 0x10000, view.user_addr + 0x10000, offset + 0x10000
+                ),
+                codec.MemRegion(
+                    ring_end, mem.size - ring_end, mem.host_address + ring_end, ring_end
+                ),
+            )
+        )
+        assert [len(m.fds) for m in backend.requests] == [2, 0, 0, 0, 3]
+        dev.resume()
+        dev.quiesce()
+        del backend.requests[:]
+        dev.set_backend_view(None)
+        assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
+        assert backend.requests[0].payload == codec.MemTable((guest, beside))
+        assert backend.requests[3].payload.desc == mem.host_address + q.desc_addr  # type: ignore[union-attr]
+        assert backend.requests[-1].payload == codec.MemTable((guest,))
+        assert dev.alive and dev.backend_view is None
+    pool.close()
+
+
 class _BackendSide:
     """The backend's end of the backend channel, taken from SET_BACKEND_REQ_FD; the config the
     scripted backend reports (the test changes it)."""

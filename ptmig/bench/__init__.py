@@ -3,7 +3,8 @@
 A section is a module with a function `run(config: BenchConfig) -> list[Result]`. Adding one
 (devices, migration, strategies) means adding its module and one line to `SECTIONS`; nothing
 else changes. Modules are imported only when their section runs, so a section whose
-prerequisites are missing cannot break the others.
+prerequisites are missing cannot break the others. A section in `ON_REQUEST` runs only when
+`--only` names it: it measures a part of another section by itself.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ SECTIONS: dict[str, str] = {
     "migration": "ptmig.bench.migration:run",
     "postcopy": "ptmig.bench.postcopy:run",
     "strategies": "ptmig.bench.strategies:run",
+    "strategies-vhost-user": "ptmig.bench.strategies:run_vhost_user",
     "scale": "ptmig.bench.scale:run",
 }
+# the vhost-user cells of `strategies` alone (they are also in `strategies`)
+ON_REQUEST = frozenset({"strategies-vhost-user"})
 
 
 def load_section(name: str) -> SectionFn:
@@ -59,9 +63,10 @@ def load_section(name: str) -> SectionFn:
 
 
 def select_sections(only: Sequence[str] | None) -> list[str]:
-    """Section names to run: all of them, or those in `only` (in table order)."""
+    """Section names to run: all of them but those run on request, or those in `only` (in
+    table order)."""
     if not only:
-        return list(SECTIONS)
+        return [n for n in SECTIONS if n not in ON_REQUEST]
     unknown = [n for n in only if n not in SECTIONS]
     if unknown:
         raise KeyError(

@@ -24,7 +24,8 @@ entries without a kick and completes requests it took after GET_VRING_BASE. Ente
 therefore run with the vCPUs paused for it (a few ms: the rings drain, nothing new is posted),
 and the IOMMU remap is its memory table: after the shadow rings are built, the backend is given
 the device's view of the pool (`ShadowPool.view_base`) in place of guest RAM; leaving gives it
-guest RAM back before its rings restart on the guest's.
+guest RAM back before its rings restart on the guest's. Under `intercept` the backend keeps
+guest RAM and only its ring pages come from the view (`BackendView.beside_ram`).
 """
 
 from __future__ import annotations
@@ -154,7 +155,12 @@ class ShadowEngine:
         pool = self.m.shadow_pool
         offset = pool.view_base(dev.view) * PAGE_SIZE
         return BackendView(
-            pool.fd, offset, pool.view_pages * PAGE_SIZE, pool.address + offset, pool.mmap
+            pool.fd,
+            offset,
+            pool.view_pages * PAGE_SIZE,
+            pool.address + offset,
+            pool.mmap,
+            beside_ram=self.intercept,  # intercept: only the rings move into the pool
         )
 
     @contextmanager

@@ -61,13 +61,6 @@ class ShadowTracking:
         self._final_stats: dict[str, Any] | None = None
 
     def begin(self, m: ShadowHost) -> None:
-        if self.intercept:
-            unsupported = [d.id for d in m.devices if d.view is not None]
-            if unsupported:
-                raise ValueError(
-                    f"{self.name} DMA tracking does not support vhost-user devices yet "
-                    f"({', '.join(unsupported)}): use shadow, device-log or all-dirty"
-                )
         self.engine = ShadowEngine(m, intercept=self.intercept)
         self.engine.enter()
 

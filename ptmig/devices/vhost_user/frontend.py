@@ -37,7 +37,11 @@ one makes it panic) and crashes at the next kick after a REM_MEM_REG of the ring
 [old at GPA 0, new above it], then every ring moved to its address in the new region (NUM, BASE,
 ADDR; no kick, so no request runs under the mixed table), then [new at GPA 0]. `resume` then
 restarts the rings (CALL, KICK) on the fds the engine's data plane waits on and rings. Leaving
-is the same with `None`: back to guest RAM.
+is the same with `None`: back to guest RAM. For x-dma-tracking intercept the view is
+`beside_ram`: the final table is guest RAM split around the ring pages, which come from the
+view at the same addresses (the backend writes data buffers in guest RAM, and a buffer on a ring
+page in the ring's device buffer, as an IOMMU would); the transition table in both directions
+is [guest RAM, the whole view above it].
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -56,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ...layout import ABI_MMIO_BASE_GPA, ABI_MMIO_STRIDE
+from ...layout import ABI_MMIO_BASE_GPA, ABI_MMIO_STRIDE, PAGE_SHIFT, PAGE_SIZE
 from .. import eventfd
 from ..control import DeviceState
 from ..handle import (
@@ -68,7 +72,7 @@ from ..handle import (
 )
 from ..virtio import constants as c
 from ..virtio.mmio import VirtioMmioRegisters
-from ..virtio.queue import QueueState
+from ..virtio.queue import QueueState, ring_regions
 from . import codec
 from .backend_channel import BackendChannel
 from .codec import MemRegion, ProtocolFeature, Request
@@ -107,19 +111,80 @@ def _bit(word: int, bit: int) -> bool:
 class BackendView:
     """Memory a backend may see in place of guest RAM: `size` bytes of `fd` from `offset`,
     laid out like guest RAM (GPA g at byte `offset` + g), mapped in this process as `mapping`
-    (the whole of `fd`, at user address `user_addr` - `offset`)."""
+    (the whole of `fd`, at user address `user_addr` - `offset`). `beside_ram`: the backend keeps
+    guest RAM and only the pages of its rings come from the view (x-dma-tracking intercept:
+    the device writes the data buffers in guest RAM itself, and a buffer the driver keeps on
+    a ring page is written in the ring's device buffer, as through an IOMMU)."""
 
     fd: int
     offset: int
     size: int
     user_addr: int
     mapping: mmap.mmap
+    beside_ram: bool = False
 
     def read_u16(self, gpa: int) -> int:
         if not 0 <= gpa <= self.size - 2:
             raise ValueError(f"GPA {gpa:#x} is outside the DMA view of {self.size:#x} bytes")
         at = self.offset + gpa
         return int.from_bytes(self.mapping[at : at + 2], "little")
+
+
+def _covering(
+    before: list[tuple[MemRegion, int]], after: list[tuple[MemRegion, int]]
+) -> list[tuple[MemRegion, int]]:
+    """A memory table holding both `before` (at its addresses) and every region of `after` that
+    `before` lacks, placed above `before`'s highest GPA: the table a backend is given while its
+    rings move from one to the other (the user addresses of both stay covered)."""
+    mapped = {(r.user_addr, r.size, r.mmap_offset) for r, _ in before}
+    top = max(r.gpa + r.size for r, _ in before)
+    out = list(before)
+    for r, fd in after:
+        if (r.user_addr, r.size, r.mmap_offset) not in mapped:
+            out.append((MemRegion(top, r.size, r.user_addr, r.mmap_offset), fd))
+            top += r.size
+    return out
+
+
+def _ring_pages(rings: Iterable[QueueState]) -> list[tuple[int, int]]:
+    """The guest pages the rings occupy, as sorted, merged [first, end) page ranges."""
+    pages = sorted(
+        {
+            p
+            for qs in rings
+            for addr, length in ring_regions(qs)
+            for p in range(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1)
+        }
+    )
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out
+
+
+def _split_table(
+    mem: GuestMemory, view: BackendView, remapped: list[tuple[int, int]]
+) -> list[tuple[MemRegion, int]]:
+    """Guest RAM at its addresses, except the page ranges `remapped`, which come from `view`
+    at the same addresses: the memory table as an IOMMU that remaps only the ring pages."""
+    out: list[tuple[MemRegion, int]] = []
+    at = 0
+    for first, end in remapped:
+        start, stop = first * PAGE_SIZE, min(end * PAGE_SIZE, mem.size)
+        if start >= stop:
+            continue
+        if start > at:
+            out.append((MemRegion(at, start - at, mem.host_address + at, at), mem.fd))
+        out.append(
+            (MemRegion(start, stop - start, view.user_addr + start, view.offset + start), view.fd)
+        )
+        at = stop
+    if at < mem.size:
+        out.append((MemRegion(at, mem.size - at, mem.host_address + at, at), mem.fd))
+    return out
 
 
 class _LogBuffer:
@@ -313,12 +378,22 @@ class VhostUserBlk(Liveness):
 
     def _regions(self) -> list[tuple[MemRegion, int]]:
         """The memory table (region, fd): guest RAM, one region of the guest memfd; while
-        shadowed, the DMA view in its place."""
+        shadowed, the DMA view in its place, or above it (`BackendView.beside_ram`)."""
         view = self._view
-        if view is not None:
-            return [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
         mem = self._memory
-        return [(MemRegion(0, mem.size, mem.host_address, 0), mem.fd)]
+        ram = (MemRegion(0, mem.size, mem.host_address, 0), mem.fd)
+        if view is None:
+            return [ram]
+        if view.beside_ram:
+            return _split_table(mem, view, _ring_pages(self._rings.values()))
+        return [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
+
+    def _beside(self, view: BackendView) -> list[tuple[MemRegion, int]]:
+        """Guest RAM at GPA 0 and the whole of `view` above it: the table a backend holds while
+        its rings move between guest RAM and a `beside_ram` view."""
+        mem = self._memory
+        ram = (MemRegion(0, mem.size, mem.host_address, 0), mem.fd)
+        return [ram, (MemRegion(mem.size, view.size, view.user_addr, view.offset), view.fd)]
 
     def _set_mem_table(self, regions: list[tuple[MemRegion, int]]) -> None:
         self._call(
@@ -424,9 +499,14 @@ class VhostUserBlk(Liveness):
 
     # -- rings ---------------------------------------------------------------------------------
     def _translate(self, gpa: int, length: int) -> int:
-        """The VMM's user address of guest bytes [gpa, gpa+length) (the backend's ring
-        addresses are frontend user addresses); raises ValueError outside guest RAM."""
-        for region, _fd in self._regions():
+        """The VMM's user address of the ring bytes at [gpa, gpa+length) (the backend's ring
+        addresses are frontend user addresses): in guest RAM, or while shadowed in the view,
+        where the shadow rings sit at the guest's ring addresses; raises ValueError outside."""
+        view = self._view
+        regions = self._regions()
+        if view is not None:
+            regions = [(MemRegion(0, view.size, view.user_addr, view.offset), view.fd)]
+        for region, _fd in regions:
             if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
                 return region.user_addr + (gpa - region.gpa)
         raise ValueError(f"ring at GPA {gpa:#x}+{length:#x} is outside guest RAM")
@@ -506,17 +586,26 @@ class VhostUserBlk(Liveness):
                     f"device {self.name}: a DMA view of {view.size:#x} bytes cannot stand in "
                     f"for guest RAM of {self._memory.size:#x}"
                 )
-            old = self._regions()[0]
+            before, old_view = self._regions(), self._view
             self._view = view
-            new = self._regions()[0]
-            above = MemRegion(old[0].size, new[0].size, new[0].user_addr, new[0].mmap_offset)
-            # 1: both (the rings' current addresses stay covered), the new one above the old
-            self._set_mem_table([old, (above, new[1])])
+            after = self._regions()
+            if len(after) > codec.MAX_REGIONS:
+                self._view = old_view
+                raise DeviceCommandError(
+                    f"device {self.name}: its rings split guest RAM into {len(after)} memory "
+                    f"regions, a table holds at most {codec.MAX_REGIONS}"
+                )
+            beside = next((v for v in (view, old_view) if v is not None and v.beside_ram), None)
+            both = self._beside(beside) if beside is not None else _covering(before, after)
+            # 1: both (the rings' current addresses stay covered), the new ones above the old
+            if both != before:
+                self._set_mem_table(both)
             # 2: every ring the backend holds moves to its place in the new memory, unkicked
             for i, qs in sorted(self._rings.items()):
                 self._place_ring(i, qs, self._bases.get(i, 0))
             # 3: only the new memory, at the guest's addresses
-            self._set_mem_table([new])
+            if after != both:
+                self._set_mem_table(after)
             self.counters["table_swaps"] += 1
 
     def _drain(self, deadline: float) -> dict[int, int]:
