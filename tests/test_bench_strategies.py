@@ -557,7 +557,9 @@ def test_the_vhost_user_section_runs_only_its_own_cells(tmp_path: Path, monkeypa
     monkeypatch.setattr(daemon, "find_program", lambda: Path("/usr/bin/qemu-storage-daemon"))
     p = StrategyBenchParams.vhost_user_only(BenchConfig.for_mode(False))
     assert p.memories == ("256M", "1G") and p.strategies == ()
-    assert p.labels == ("vhost-user-none", "vhost-user-device-log", "vhost-user-shadow")
+    assert p.labels == tuple(
+        f"vhost-user-{s}" for s in ("none", "device-log", "shadow", "intercept")
+    )
     asked: list[tuple[str, str]] = []
 
     def runner(label: str, memory: str, params: StrategyBenchParams, d: Path) -> CellRun:
@@ -565,11 +567,14 @@ def test_the_vhost_user_section_runs_only_its_own_cells(tmp_path: Path, monkeypa
         return cell(label, memory, 120.0, correct=not label.endswith("none"))
 
     results = {r.name: r for r in run_strategy_bench(replace(p, runs=1), None, runner, tmp_path)}
-    assert {disk for _, disk in asked} == {"vhost-user"} and len(asked) == 6
+    assert {disk for _, disk in asked} == {"vhost-user"} and len(asked) == 2 * 4
     assert list(results) == expected_result_names(replace(p, runs=1))
     assert not any(n.startswith("strategy.shadow") for n in results)
     assert results["strategy.vhost-user.shadow_vs_devicelog.downtime_ratio.1G"].value == 1.0
     assert results["strategy.vhost-user.none.incorrect"].value == 1.0
+    intercept = results["strategy.vhost-user.intercept_vs_devicelog.downtime_ratio.1G"]
+    assert intercept.value == 1.0 and "1.2" in str(intercept.goal)  # issue 15's goal
+    assert results["strategy.vhost-user.intercept.correct"].value == 1.0
 
 
 def test_the_vhost_user_section_says_why_it_cannot_run(monkeypatch: Any) -> None:

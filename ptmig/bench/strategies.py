@@ -103,7 +103,7 @@ SECTION = "strategies"
 MiB = 1 << 20
 BUCKET_S = 0.1  # the load client's series resolution (ptmig.demo.timeline)
 VHOST_USER = "vhost-user"
-VHOST_USER_STRATEGIES = ("none", "device-log", "shadow")
+VHOST_USER_STRATEGIES = ("none", "device-log", "shadow", "intercept")
 VHOST_USER_MEMORIES = ("256M", "1G")
 NO_DAEMON = "qemu-storage-daemon is not installed (Debian qemu-system-common)"
 FULL_RUNS = 3  # per cell in the full mode (see `StrategyBenchParams.for_config` for the cost)
@@ -655,13 +655,14 @@ def _derived_names(params: StrategyBenchParams) -> list[str]:
 def _vhost_user_names(params: StrategyBenchParams) -> list[str]:
     v = set(params.vhost_user)
     names: list[str] = []
-    if "shadow" in v:
-        names.append(f"strategy.{VHOST_USER}.shadow.correct")
-    if {"shadow", "device-log"} <= v:
-        names += [
-            f"strategy.{VHOST_USER}.shadow_vs_devicelog.downtime_ratio.{m}"
-            for m in params.vhost_memories
-        ]
+    for software in ("shadow", "intercept"):
+        if software in v:
+            names.append(f"strategy.{VHOST_USER}.{software}.correct")
+        if {software, "device-log"} <= v:
+            names += [
+                f"strategy.{VHOST_USER}.{software}_vs_devicelog.downtime_ratio.{m}"
+                for m in params.vhost_memories
+            ]
     if "none" in v:
         names.append(f"strategy.{VHOST_USER}.none.incorrect")
     return names
@@ -733,13 +734,20 @@ def _vhost_user_results(cells: Sequence[CellRun], params: StrategyBenchParams) -
     """The goals of the cells on a vhost-user disk (see `_vhost_user_names`)."""
     out: dict[str, Result] = {}
     label = {s: cell_label(s, VHOST_USER) for s in params.vhost_user}
-    if "shadow" in label:
-        name = f"strategy.{VHOST_USER}.shadow.correct"
-        out[name] = _every_run([c for c in cells if c.strategy == label["shadow"]], name, True)
-    if "shadow" in label and "device-log" in label:
-        for m in params.vhost_memories:
-            name = f"strategy.{VHOST_USER}.shadow_vs_devicelog.downtime_ratio.{m}"
-            out[name] = _downtime_ratio(cells, label["shadow"], label["device-log"], m, name)
+    for software in ("shadow", "intercept"):
+        if software in label:
+            name = f"strategy.{VHOST_USER}.{software}.correct"
+            runs = [c for c in cells if c.strategy == label[software]]
+            out[name] = _every_run(runs, name, True)
+        if software in label and "device-log" in label:
+            goal = (
+                GOAL_INTERCEPT_VS_DEVICELOG if software == "intercept" else GOAL_SHADOW_VS_DEVICELOG
+            )
+            for m in params.vhost_memories:
+                name = f"strategy.{VHOST_USER}.{software}_vs_devicelog.downtime_ratio.{m}"
+                out[name] = _downtime_ratio(
+                    cells, label[software], label["device-log"], m, name, goal
+                )
     if "none" in label:
         name = f"strategy.{VHOST_USER}.none.incorrect"
         out[name] = _every_run([c for c in cells if c.strategy == label["none"]], name, False)
