@@ -3,6 +3,7 @@ full protocol session with pages received straight into guest memory."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from ptmig.migration import (
     VcpuStates,
     check_hello,
     hello,
+    seal,
 )
 from ptmig.migration.pages import bitmap_to_runs, split_zero_runs
 from ptmig.migration.transport import (
@@ -353,6 +355,45 @@ def test_tls_mutual_auth_works(pki: Path) -> None:
         t.join(10)
     assert out == {"result": b"a" * 50 + b"b" * 50}
     assert bytes(back) == b"b" * 50 + b"a" * 50
+
+
+def test_psk_inside_tls_data_channels_join_the_main_streams_session(pki: Path) -> None:
+    """PSK and TLS together: TLS protects the bytes (no second sealing), and the PSK session
+    still names the migration, so a data channel joins it with its proof and a guessed
+    session key is refused (before the fix the TLS channel carried no session: data
+    channels started sessions of their own and the destination could not tie them)."""
+    with listen("127.0.0.1", 0, tls=tls(pki, "server"), psk=KEY) as lst:
+        accepted: list[object] = []
+
+        def serve_three() -> None:
+            for _ in range(3):
+                try:
+                    accepted.append(lst.accept(timeout=10))
+                except AuthenticationError as e:
+                    accepted.append(e)
+
+        t = threading.Thread(target=serve_three, daemon=True)
+        t.start()
+        client = tls(pki, "client")
+        main = connect("127.0.0.1", lst.port, tls=client, psk=KEY)
+        assert main.is_tls and not main.sealed and main.session is not None
+        good = connect("127.0.0.1", lst.port, tls=client, psk=KEY, join=(main.session, 1))
+        forged = seal.Session(os.urandom(32), main.session.id)
+        with pytest.raises(AuthenticationError, match="server rejected our proof"):
+            connect("127.0.0.1", lst.port, tls=client, psk=KEY, join=(forged, 0))
+        t.join(10)
+        srv_main, srv_good, refused = accepted
+        assert isinstance(srv_main, Channel) and isinstance(srv_good, Channel)
+        assert srv_main.is_tls and not srv_good.sealed
+        assert srv_main.session == main.session and srv_main.stream == 0
+        assert srv_good.session == srv_main.session and srv_good.stream == 2
+        assert isinstance(refused, AuthenticationError)
+        good.send_buffers([b"p" * 4096])
+        got = bytearray(4096)
+        srv_good.recv_into_exact(got)
+        assert bytes(got) == b"p" * 4096
+        for ch in (main, good, srv_main, srv_good):
+            ch.close()  # type: ignore[union-attr]
 
 
 def test_tls_rejects_client_cert_from_another_ca(pki: Path) -> None:

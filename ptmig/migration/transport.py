@@ -186,7 +186,7 @@ class Channel:
         self.bytes_received = 0
         self.activity: SharedActivity | None = None
         self._waiting_longer = False  # the socket's timeout is shortened (see `_wait_longer`)
-        self.session: seal.Session | None = None  # the PSK session (SealedChannel only)
+        self.session: seal.Session | None = None  # the PSK session (under a PSK, TLS or not)
         self.stream = 0  # this stream's index in its session (0: main, i + 1: data channel i)
         self.sealed = False
         self._scratch = bytearray()  # `recv`'s buffer, grown to the largest read asked for
@@ -587,7 +587,10 @@ def _secure_stream(
         raise
     if keys is not None and tls_ctx is None:
         return SealedChannel(sock, inactivity_timeout, peer, keys)
-    return Channel(sock, inactivity_timeout, peer)
+    ch = Channel(sock, inactivity_timeout, peer)
+    if keys is not None:  # PSK inside TLS: TLS protects the bytes, the session binds streams
+        ch.session, ch.stream = keys.session, keys.stream
+    return ch
 
 
 class Listener:
