@@ -157,6 +157,7 @@ class SourceMigration:
         self._postcopy = False  # the switchover is a post-copy one
         self._sender: postcopy.PostcopySender | None = None
         self.migration_id = fate.new_migration_id()  # its Hello's, for a fate query
+        self.info.migration_id = self.migration_id
         # Post-copy recovery (see `recovery`): the secret a resume proves this migration with,
         # this side's phase, and whether the last link loss was a migrate-pause.
         self._session = secrets.token_hex(16)
