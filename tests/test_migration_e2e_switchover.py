@@ -37,8 +37,12 @@ from vmmrig import (
     TcpProxy,
     Vmm,
     assert_still_waiting,
+    dirty_config,
+    free_port,
+    iterations_increase,
     kv_config,
     kv_migration,
+    migration_pair,
     recv_exact,
 )
 
@@ -421,3 +425,94 @@ def test_an_unresolved_source_asks_the_destination_which_did_not_commit_and_resu
         assert "answered a fate query for migration" in dst.output()
         result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
         assert result["acked"] > 0 and result["lost"] == 0, result["output"]
+
+
+def _quit(vmm: Vmm) -> None:
+    """QMP `quit`; its reply may lose the race with the process's exit (as with QEMU)."""
+    try:
+        vmm.cmd("quit")
+    except Exception:  # noqa: BLE001 - the connection closed under the reply
+        pass
+
+
+def test_quit_on_a_waiting_destination_ends_it_at_once(tmp_path: Path) -> None:
+    """No source yet: `quit` ends the destination (exit 0, like QEMU's quit) instead of
+    leaving it waiting for a source it would then run the guest for."""
+    dst = Vmm(tmp_path, "dst", kv_config(tmp_path), incoming_port=free_port())
+    try:
+        dst.wait_incoming()
+        assert dst.cmd("query-migrate") == {}  # no source accepted yet
+        _quit(dst)
+        assert dst.proc.wait(timeout=30) == 0, dst.output()
+        assert "Traceback" not in dst.output()
+    finally:
+        dst.kill()
+
+
+def test_quit_on_a_destination_mid_round_aborts_and_the_source_keeps_running(
+    tmp_path: Path,
+) -> None:
+    """`quit` while pages flow (a round held back by the bandwidth cap, on a guest that
+    dirties 32 MiB): the destination tells the source it is stopping and exits 0; the
+    source's migration fails and its guest never stopped running."""
+    with migration_pair(tmp_path, dirty_config(tmp_path)) as (src, dst, port):
+        src.migrate(port, verify=False, max_bandwidth=1 << 20)
+        info = _wait_migrate(src, lambda i: i["ram"]["transferred"] > 256 << 10, "under way")
+        assert info["status"] == "active", info
+        mid = dst.cmd("query-migrate")
+        assert mid == {"status": "active", "x-migration-id": info["x-migration-id"]}, mid
+        _quit(dst)
+        assert dst.proc.wait(timeout=30) == 0, dst.output()
+        info = _wait_migrate(src, lambda i: i["status"] in ("failed", "x-unresolved"), "ended")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "destination VMM is stopping" in info["error-desc"], info
+        assert src.status() == "running" and iterations_increase(src)
+        assert "Traceback" not in dst.output()
+
+
+def test_quit_on_a_destination_before_its_commit_lets_the_source_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quit` with the state loaded but the commit not begun: the same Abort as a stop
+    request (it did not commit), the source, in doubt until then, resumes with its lock."""
+    image = tmp_path / "kv.img"
+    hold = _hold(monkeypatch, tmp_path, "before-commit")
+    with kv_migration(tmp_path) as (_, src, dst, port):
+        src.cmd("migrate-set-parameters", {"x-switchover-timeout": 120})
+        src.migrate(port, verify=False)
+        _wait_exists(hold, "the destination's arrival at its commit point")
+        info = src.cmd("query-migrate")
+        assert info["x-guest-owner"] == "in-doubt", info
+        assert dst.cmd("query-migrate")["x-migration-id"] == info["x-migration-id"]
+        _quit(dst)
+        assert dst.proc.wait(timeout=30) == 0, dst.output()
+        info = _wait_migrate(src, lambda i: i["status"] in ("failed", "x-unresolved"), "ended")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "did not commit" in info["error-desc"], info
+        assert src.status() == "running"
+        assert _holder_pid(image) == src.proc.pid
+
+
+def test_quit_on_a_destination_after_its_commit_starts_the_guest_then_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quit` between the commit (acknowledged) and the start: the stop waits, the guest
+    starts there, then stops (exit 0); the source has handed over and never resumes. Both
+    sides' `query-migrate` name the same migration id."""
+    hold = _hold(monkeypatch, tmp_path, "after-commit")
+    with kv_migration(tmp_path) as (_, src, dst, port):
+        src.migrate(port, verify=False)
+        _wait_exists(hold, "the destination's commit")
+        info = src.wait_migration()
+        assert info["status"] == "completed" and info["x-guest-owner"] == "destination", info
+        there = dst.cmd("query-migrate")
+        assert there == {"status": "completed", "x-migration-id": info["x-migration-id"]}
+        _quit(dst)
+        _wait_output(dst, "stop requested (signal 15) during the switchover")
+        assert dst.proc.poll() is None  # the request waits for the start
+        hold.unlink()
+        assert dst.proc.wait(timeout=60) == 0, dst.output()
+        out = dst.output()
+        assert "the guest runs here (the switchover had committed); now stopping it" in out, out
+        assert "Traceback" not in out, out
+        assert src.status() == "postmigrate"
