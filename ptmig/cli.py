@@ -452,7 +452,8 @@ def migrate(
     Migrates the VM behind --qmp to DESTINATION (a `ptmig run --incoming`). Exit status:
     0 completed; 1 failed or cancelled (the guest runs on the source); 2 usage error; 3 the
     VMM refused or was unreachable; 4 completed but verification found differing pages; 5 the
-    switchover is unresolved (the guest is paused on the source: see x-migrate-resolve), or
+    switchover is still unresolved once the source's own fate queries to the destination
+    ended (the guest is paused on the source: see x-migrate-resolve), or
     post-copy was interrupted (postcopy-paused: the guest is paused on both sides).
     """
     from .migrate import MigrateOptions
