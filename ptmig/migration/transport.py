@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import socket
 import ssl
 import stat
@@ -359,11 +360,29 @@ class Channel:
         """Orderly close: tell the peer we are done sending, then release the socket."""
         try:
             if self.is_tls:
-                self.sock = self.sock.unwrap()  # type: ignore[attr-defined]
+                self._tls_goodbye()
             self.sock.shutdown(socket.SHUT_RDWR)
         except (OSError, ssl.SSLError, ValueError):
             pass
         self.sock.close()
+
+    def _tls_goodbye(self) -> None:
+        """Send TLS's close_notify (waiting while the send buffer is full, up to the inactivity
+        timeout) without waiting for the peer's: a peer that only reads, like a destination's
+        data channel, sends its own when its migration attempt ends, and a blocking `unwrap`
+        would wait for it that long (the source's data channels stalled for 30 s so)."""
+        self.sock.settimeout(0)
+        deadline = time.monotonic() + self.inactivity_timeout
+        while True:
+            try:
+                self.sock.unwrap()  # type: ignore[attr-defined]
+                return
+            except ssl.SSLWantReadError:
+                return  # ours is sent; the peer's would come with its own close
+            except ssl.SSLWantWriteError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.sock], [], left)[1]:
+                    return
 
     def __enter__(self) -> Channel:
         return self
