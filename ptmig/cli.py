@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -210,18 +211,31 @@ def run(
     except (KvmUnavailable, VmError) as e:
         raise click.ClickException(str(e)) from None
 
+    quit_asked = threading.Event()  # the stop request is QMP's `quit`: exit 0, as QEMU
+
     def on_sigterm(signum: int, frame: object) -> None:
         if machine.vm.state.value in ("prelaunch", "inmigrate") and not _stop_waits(signum):
-            raise SystemExit(128 + signum)  # nothing runs yet: unwind (and clean up) at once
+            # nothing runs yet: unwind (and clean up) at once
+            raise SystemExit(0 if quit_asked.is_set() else 128 + signum)
         machine.request_quit()
 
     def _stop_waits(signum: int) -> bool:
         """An incoming migration has begun its commit point: the guest starts, then stops."""
         return machine.incoming is not None and machine.incoming.defer_stop(signum)
 
+    def quit_incoming() -> None:
+        """QMP `quit` on a destination whose guest does not run yet: the main thread, which
+        runs the incoming migration, gets the stop request SIGTERM would bring (before the
+        commit point the source is told and resumes; after it the guest starts, then stops)."""
+        if machine.vm.state.value in ("prelaunch", "inmigrate"):
+            quit_asked.set()
+            signal.pthread_kill(main_thread, signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, on_sigterm)
     if incoming is not None:  # Ctrl-C on a destination: the same care about its commit point
         signal.signal(signal.SIGINT, on_sigterm)
+        main_thread = threading.main_thread().ident or threading.get_ident()
+        machine.on_quit = quit_incoming
     try:
         machine.start_qmp()
         if incoming is not None:
@@ -440,7 +454,8 @@ def migrate(
     Migrates the VM behind --qmp to DESTINATION (a `ptmig run --incoming`). Exit status:
     0 completed; 1 failed or cancelled (the guest runs on the source); 2 usage error; 3 the
     VMM refused or was unreachable; 4 completed but verification found differing pages; 5 the
-    switchover is unresolved (the guest is paused on the source: see x-migrate-resolve), or
+    switchover is still unresolved once the source's own fate queries to the destination
+    ended (the guest is paused on the source: see x-migrate-resolve), or
     post-copy was interrupted (postcopy-paused: the guest is paused on both sides).
     """
     from .migrate import MigrateOptions

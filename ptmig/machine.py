@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -68,6 +69,9 @@ class Machine:
         )
         self.qmp: QmpServer | None = None
         self._quit = threading.Event()
+        # Called after `quit` is requested over QMP: a destination's way to stop the incoming
+        # migration its main thread runs as a stop request would (see `ptmig.cli.run`).
+        self.on_quit: Callable[[], None] | None = None
         self._closing = False
         self.vm.on_state_change(self._on_state_change)
         if qmp_path is not None:
@@ -287,6 +291,8 @@ class Machine:
 
     def _qmp_quit(self) -> None:
         self.request_quit()
+        if self.on_quit is not None:
+            self.on_quit()
 
     def request_quit(self) -> None:
         """Stop the guest and end `run`/`wait` (QMP `quit`, SIGTERM, SIGINT)."""

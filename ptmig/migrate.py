@@ -3,8 +3,11 @@
 Owns the client side of the migration QMP commands: `MigrateOptions` (what the CLI passes), the
 command sequence (`migrate-set-parameters`, `migrate-set-capabilities`, `migrate`, then polling
 `query-migrate`, with `migrate_cancel` on Ctrl-C), the live progress view and the final summary
-(rich), and the exit status. It talks to the source VMM with the `qemu.qmp` client, so it drives
-a QEMU source just as well (ptmig's `x-` parameters are then simply not sent).
+(rich), and the exit status. An unresolved switchover is not final while the source still asks
+the destination for the migration's fate (`x-fate-query`): the client waits for those queries,
+up to `RESOLVE_WAIT_S`, showing them, and reports the state they leave. It talks to the
+source VMM with the `qemu.qmp` client, so it drives a QEMU source just as well (ptmig's `x-`
+parameters are then simply not sent).
 
 The parts that decide something — which commands to send, what a `query-migrate` reply means,
 the progress and summary rows — are pure functions of dicts and are tested without sockets.
@@ -36,6 +39,9 @@ EXIT_UNRESOLVED = UNRESOLVED  # the switchover's answer was lost: x-migrate-reso
 
 FINISHED = ("completed", "failed", "cancelled", "x-unresolved", "postcopy-paused")
 MiB = 1 << 20
+# An unresolved source asks the destination for its fate by itself for up to 60 s
+# (`source.FATE_ASK_FOR_S`); the client waits this long for those queries to end.
+RESOLVE_WAIT_S = 90.0
 
 
 class MigrateClientError(PtmigError, RuntimeError):
@@ -56,6 +62,7 @@ class MigrateOptions:
     postcopy_after_rounds: int | None = None  # x-postcopy-after-rounds
     poll_interval_s: float = 0.05
     timeout_s: float | None = None  # give up waiting (the migration is cancelled) after this
+    resolve_wait_s: float = RESOLVE_WAIT_S  # for an unresolved source's own fate queries
 
     def __post_init__(self) -> None:
         if not self.uri.startswith(("tcp:", "unix:")):
@@ -77,6 +84,8 @@ class MigrateOptions:
             )
         if self.poll_interval_s <= 0:
             raise ValueError(f"poll interval must be positive, got {self.poll_interval_s}")
+        if self.resolve_wait_s < 0:
+            raise ValueError(f"resolve wait must be >= 0 s, got {self.resolve_wait_s}")
 
 
 # --- pure logic -----------------------------------------------------------------------------
@@ -105,6 +114,26 @@ def setup_commands(opts: MigrateOptions) -> list[tuple[str, dict[str, Any]]]:
     cmds.append(("migrate-set-capabilities", {"capabilities": caps}))
     cmds.append(("migrate", {"uri": opts.uri}))
     return cmds
+
+
+def asking_fate(info: dict[str, Any]) -> bool:
+    """The source is unresolved and still asks the destination for the migration's fate
+    (`x-fate-query`): its status may yet become completed or failed. A source that does not
+    report its queries (QEMU) is taken at its word."""
+    query = info.get("x-fate-query")
+    return (
+        info.get("status") == "x-unresolved"
+        and isinstance(query, dict)
+        and bool(query.get("asking"))
+    )
+
+
+def finished(info: dict[str, Any], waited_s: float, opts: MigrateOptions) -> bool:
+    """The final reply: a status that ends the migration, unless it is an unresolved one whose
+    source still asks the destination and has been waited for less than `resolve_wait_s`."""
+    if info.get("status") not in FINISHED:
+        return False
+    return not asking_fate(info) or waited_s >= opts.resolve_wait_s
 
 
 def exit_status(info: dict[str, Any]) -> int:
@@ -150,6 +179,16 @@ def progress_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if info.get("cpu-throttle-percentage"):
         rows.append(("cpu throttle", f"{info['cpu-throttle-percentage']} %"))
+    if asking_fate(info):
+        query = info["x-fate-query"]
+        last = f"; last: {query['last']}" if query.get("last") else ""
+        rows.append(
+            (
+                "unresolved",
+                f"the source asks the destination for the migration's fate "
+                f"({query.get('queries', 0)} queries{last})",
+            )
+        )
     return rows
 
 
@@ -237,12 +276,16 @@ async def drive(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + opts.timeout_s if opts.timeout_s else None
         cancelled = False
+        unresolved_at: float | None = None  # when the source was first seen unresolved
         try:
             while True:
                 info = await _execute(qmp, "query-migrate")
                 if on_progress is not None:
                     on_progress(info)
-                if info.get("status") in FINISHED:
+                if info.get("status") == "x-unresolved" and unresolved_at is None:
+                    unresolved_at = loop.time()
+                waited = 0.0 if unresolved_at is None else loop.time() - unresolved_at
+                if finished(info, waited, opts):
                     return dict(info)
                 if deadline is not None and loop.time() > deadline and not cancelled:
                     await _execute(qmp, "migrate_cancel")

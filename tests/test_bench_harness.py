@@ -435,3 +435,26 @@ def test_cpu_rows_per_gib_sent_for_plain_and_sealed_runs() -> None:
     assert plain["ptmig.cpu_per_gib.source"].ok is True
     assert sealed["ptmig.sealed.cpu_per_gib.source"].goal is None  # context, not a goal
     assert sealed["ptmig.sealed.cpu_per_gib.source"].extra["memory_mib"] == 1
+
+
+def test_sealed_rows_pair_each_sealed_run_with_the_plain_run_beside_it() -> None:
+    """`ptmig.sealed/plain` per pair of runs, and `.cpu_bound`: plain ÷ sealed CPU per GiB of
+    both VMMs together (what a host whose cores they saturate allows)."""
+    from ptmig.bench.migration import Sample, sealed_results
+
+    gib = 1 << 30
+    plain = [
+        Sample(500.0, 3.0, 1 * gib, {}, cpu_source_s=0.25, cpu_destination_s=0.25),
+        Sample(400.0, 3.0, 1 * gib, {}, cpu_source_s=0.3, cpu_destination_s=0.3),
+    ]
+    sealed = [
+        Sample(1000.0, 4.0, 1 * gib, {}, cpu_source_s=0.5, cpu_destination_s=0.5),
+        Sample(500.0, 4.0, 1 * gib, {}, cpu_source_s=0.4, cpu_destination_s=0.35),
+    ]
+    rows = {r.name: r for r in sealed_results(plain, sealed, {"memory_mib": 1024})}
+    assert rows["ptmig.sealed/plain"].runs == pytest.approx([0.5, 0.8])
+    assert rows["ptmig.sealed/plain"].ok is False  # median 0.65, goal >= 0.8
+    assert rows["ptmig.sealed/plain.cpu_bound"].runs == pytest.approx([0.5, 0.8])
+    assert rows["ptmig.sealed/plain.cpu_bound"].goal is None
+    assert rows["ptmig.sealed.cpu_per_gib.destination"].runs == pytest.approx([0.5, 0.35])
+    assert rows["ptmig.sealed.downtime"].value == pytest.approx(4.0)

@@ -10,7 +10,9 @@ from ptmig.migrate import (
     EXIT_OK,
     EXIT_UNRESOLVED,
     MigrateOptions,
+    asking_fate,
     exit_status,
+    finished,
     progress_rows,
     setup_commands,
     summary_rows,
@@ -103,3 +105,30 @@ def test_progress_and_summary_rows() -> None:
     assert done["downtime"] == "9 ms" and done["rounds"] == "2 (pages: 10, 3)"
     assert "2 of 5 pages DIFFER" in done["x-verify"] and done["x-shadow"] == "pages=12"
     assert progress_rows({"status": "setup"})[0] == ("status", "setup")
+
+
+def test_an_unresolved_source_that_still_asks_its_fate_is_not_final() -> None:
+    """x-unresolved while the source's own fate queries run is waited for (up to the
+    bound); once they ended, or from a source that does not report them, it is final."""
+    opts = MigrateOptions("/q", "tcp:h:1", resolve_wait_s=90)
+    asking = {
+        "status": "x-unresolved",
+        "x-fate-query": {
+            "asking": True,
+            "queries": 3,
+            "last": "the destination could not be asked",
+        },
+    }
+    assert asking_fate(asking)
+    assert not finished(asking, 0.0, opts) and not finished(asking, 89.9, opts)
+    assert finished(asking, 90.0, opts)  # the bound: report it unresolved
+    ended = {**asking, "x-fate-query": {"asking": False, "queries": 4, "last": "unknown"}}
+    assert finished(ended, 0.0, opts) and exit_status(ended) == EXIT_UNRESOLVED
+    assert finished({"status": "x-unresolved"}, 0.0, opts)  # QEMU: no queries of its own
+    assert finished({"status": "completed", "x-fate-query": {"asking": True}}, 0.0, opts)
+    assert not finished({"status": "active"}, 100.0, opts)
+    rows = dict(progress_rows(asking))
+    assert "asks the destination" in rows["unresolved"] and "3 queries" in rows["unresolved"]
+    assert "unresolved" not in dict(progress_rows(ended))
+    with pytest.raises(ValueError, match="resolve wait"):
+        MigrateOptions("/q", "tcp:h:1", resolve_wait_s=-1)

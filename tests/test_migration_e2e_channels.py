@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pkirig import make_pki
 from vmmrig import (
     TcpProxy,
     Vmm,
@@ -220,3 +221,26 @@ def test_data_channels_never_read_the_sources_untouched_ram(tmp_path: Path) -> N
         _migrate(src, port, max_bandwidth=0)
         assert src.wait_migration()["status"] == "completed"
         assert _guest_ram_rss(src.proc.pid) < before + (64 << 20)  # not the whole 256 MiB
+
+
+def test_data_channels_join_under_psk_and_tls_together(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Mutual TLS and a pre-shared key at once: TLS protects every stream, and the data
+    channels join the main stream's PSK session with its proof, so the destination ties them
+    to the migration and the pages they carry arrive verified."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    cfg = dirty_config(tmp_path, memory="64M", vcpus=1, ws="4M")
+    with cfg.open("a") as f:  # one certificate for both sides (valid for 127.0.0.1)
+        f.write(
+            f'\n[migration]\ntls_cert = "{pki / "server.pem"}"\n'
+            f'tls_key = "{pki / "server.key"}"\ntls_ca = "{pki / "ca.pem"}"\n'
+        )
+    with migration_pair(tmp_path, cfg) as (src, dst, port):
+        _migrate(src, port, max_bandwidth=0, downtime_limit=600_000)
+        info = src.wait_migration(timeout=120)
+        assert info["status"] == "completed", info
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert info["x-rounds"][0]["channels"] == CHANNELS, info["x-rounds"]
+        assert "rejected an incoming migration" not in dst.output(), dst.output()
+        assert iterations_increase(dst)

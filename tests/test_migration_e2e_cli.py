@@ -6,10 +6,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from vmmrig import ROOT, Vmm, dirty_config, free_port, iterations_increase, migration_pair
+from vmmrig import (
+    ROOT,
+    TcpProxy,
+    Vmm,
+    dirty_config,
+    free_port,
+    iterations_increase,
+    kv_migration,
+    migration_pair,
+)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 
@@ -85,3 +96,65 @@ def test_ptmig_migrate_without_a_vmm_is_a_clear_error(tmp_path: Path) -> None:
     assert res.returncode == 3
     assert "cannot connect" in res.stderr and "Traceback" not in res.stdout + res.stderr
     assert res.stdout == ""
+
+
+def _query_until(vmm: Vmm, check: Any, what: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not check(info := vmm.cmd("query-migrate")):
+        assert time.monotonic() < deadline, f"migration never {what}: {info}"
+        time.sleep(0.02)
+    return dict(info)
+
+
+def test_ptmig_migrate_waits_for_the_sources_own_fate_queries(tmp_path: Path) -> None:
+    """The switchover's acknowledgement is lost (a relay darkens the replies): the source goes
+    x-unresolved and asks the destination for the migration's fate by itself. `ptmig
+    migrate` does not report that at once: it shows the queries and waits; once the link is
+    back the answer (committed) completes the migration, and that is what it reports."""
+    with kv_migration(tmp_path) as (_, src, dst, port):
+        relay = TcpProxy(port)
+        src.cmd("migrate-set-parameters", {"x-switchover-timeout": 2})
+        out_json = tmp_path / "mig.json"
+        cli = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ptmig.cli",
+                "migrate",
+                "--qmp",
+                f"unix:{src.qmp_path}",
+                f"tcp:127.0.0.1:{relay.port}",
+                "--dma-tracking",
+                "device-log",
+                "--max-bandwidth",
+                "16M",  # still in its rounds when the poll below sees it active
+                "--json",
+                str(out_json),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120"),
+        )
+        try:
+            _query_until(src, lambda i: i.get("status") in ("active", "device"), "active")
+            relay.replies_dark.set()
+            _query_until(
+                src,
+                lambda i: i.get("x-fate-query", {}).get("queries", 0) >= 2,
+                "asked its fate twice",
+            )
+            assert cli.poll() is None, cli.communicate()  # a second later, still waiting
+            dst.wait_running()
+            relay.replies_dark.clear()  # the link is back: the next query is answered
+            stdout, stderr = cli.communicate(timeout=90)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.communicate()
+        assert cli.returncode == 0, stdout + stderr
+        info = json.loads(out_json.read_text())
+        assert info["status"] == "completed" and info["x-guest-owner"] == "destination", info
+        assert info["x-fate-query"]["last"] == "committed", info
+        assert "fate query (committed)" in info["error-desc"], info
+        assert src.status() == "postmigrate" and dst.status() == "running"

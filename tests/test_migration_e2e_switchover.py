@@ -37,8 +37,12 @@ from vmmrig import (
     TcpProxy,
     Vmm,
     assert_still_waiting,
+    dirty_config,
+    free_port,
+    iterations_increase,
     kv_config,
     kv_migration,
+    migration_pair,
     recv_exact,
 )
 
@@ -316,12 +320,30 @@ def _wait_output(vmm: Vmm, text: str, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
+def _quit(vmm: Vmm) -> None:
+    """QMP `quit`; its reply may lose the race with the process's exit (as with QEMU)."""
+    try:
+        vmm.cmd("quit")
+    except Exception:  # noqa: BLE001 - the connection closed under the reply
+        pass
+
+
+def _stop(vmm: Vmm, how: str) -> None:
+    """A stop request to a destination: "SIGTERM" or QMP "quit" (the same rules)."""
+    if how == "quit":
+        _quit(vmm)
+    else:
+        vmm.proc.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "quit"])
 def test_a_destination_stopped_after_its_commit_starts_the_guest_then_stops_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
 ) -> None:
-    """SIGTERM between the destination's commit (acknowledged: the source has handed over)
-    and its vm.start: the stop waits, the guest starts there, then stops as a running VM
-    does (exit 0). The source never takes it back: it ran in exactly one place."""
+    """SIGTERM (or QMP `quit`) between the destination's commit (acknowledged: the source has
+    handed over) and its vm.start: the stop waits, the guest starts there, then stops as a
+    running VM does (exit 0). The source never takes it back: it ran in exactly one place.
+    Both sides' `query-migrate` name the same migration id."""
     image = tmp_path / "kv.img"
     hold = _hold(monkeypatch, tmp_path, "after-commit")
     with kv_migration(tmp_path) as (_, src, dst, port):
@@ -330,10 +352,12 @@ def test_a_destination_stopped_after_its_commit_starts_the_guest_then_stops_it(
         info = src.wait_migration()  # the acknowledgement left before the hold
         assert info["status"] == "completed" and info["x-guest-owner"] == "destination", info
         assert dst.status() == "inmigrate"  # committed, not started yet
+        there = dst.cmd("query-migrate")
+        assert there == {"status": "completed", "x-migration-id": info["x-migration-id"]}
         # The commit took the disk lock (its owner record waits for the start: it still names
         # the source, which released the lock before Complete).
         assert lock_holder(image) is not None
-        dst.proc.send_signal(signal.SIGTERM)
+        _stop(dst, stop)
         _wait_output(dst, "stop requested (signal 15) during the switchover")
         assert dst.proc.poll() is None  # the request waits for the start
         hold.unlink()
@@ -349,22 +373,26 @@ def test_a_destination_stopped_after_its_commit_starts_the_guest_then_stops_it(
         )  # the stopped destination let go; the source never took it
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "quit"])
 def test_a_destination_stopped_after_complete_before_its_commit_lets_the_source_resume(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
 ) -> None:
-    """SIGTERM after the destination received Complete and loaded the state, but before its
-    commit began: it refuses the switchover (Abort: it did not commit) and exits; the source,
-    in doubt until then, resumes with its disk lock back."""
+    """SIGTERM (or QMP `quit`, exit 0 then) after the destination received Complete and
+    loaded the state, but before its commit began: it refuses the switchover (Abort: it did
+    not commit) and exits; the source, in doubt until then, resumes with its disk lock back."""
     image = tmp_path / "kv.img"
     hold = _hold(monkeypatch, tmp_path, "before-commit")
     with kv_migration(tmp_path) as (cfg, src, dst, port):
         src.cmd("migrate-set-parameters", {"x-switchover-timeout": 120})
         src.migrate(port, verify=False)
         _wait_exists(hold, "the destination's arrival at its commit point")
-        assert src.cmd("query-migrate")["x-guest-owner"] == "in-doubt"
+        info = src.cmd("query-migrate")
+        assert info["x-guest-owner"] == "in-doubt", info
+        assert dst.cmd("query-migrate")["x-migration-id"] == info["x-migration-id"]
         assert _holder_pid(image) is None  # the source let go, the destination took nothing
-        dst.proc.send_signal(signal.SIGTERM)
-        assert dst.proc.wait(timeout=30) == 128 + signal.SIGTERM, dst.output()
+        _stop(dst, stop)
+        exit_status = 0 if stop == "quit" else 128 + signal.SIGTERM
+        assert dst.proc.wait(timeout=30) == exit_status, dst.output()
         info = _wait_migrate(src, lambda i: i["status"] in ("failed", "x-unresolved"), "ended")
         assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
         assert "did not commit" in info["error-desc"], info
@@ -421,3 +449,38 @@ def test_an_unresolved_source_asks_the_destination_which_did_not_commit_and_resu
         assert "answered a fate query for migration" in dst.output()
         result = Load(cfg, 2.0, tmp_path / "load.json").start().result()
         assert result["acked"] > 0 and result["lost"] == 0, result["output"]
+
+
+def test_quit_on_a_waiting_destination_ends_it_at_once(tmp_path: Path) -> None:
+    """No source yet: `quit` ends the destination (exit 0, like QEMU's quit) instead of
+    leaving it waiting for a source it would then run the guest for."""
+    dst = Vmm(tmp_path, "dst", kv_config(tmp_path), incoming_port=free_port())
+    try:
+        dst.wait_incoming()
+        assert dst.cmd("query-migrate") == {}  # no source accepted yet
+        _quit(dst)
+        assert dst.proc.wait(timeout=30) == 0, dst.output()
+        assert "Traceback" not in dst.output()
+    finally:
+        dst.kill()
+
+
+def test_quit_on_a_destination_mid_round_aborts_and_the_source_keeps_running(
+    tmp_path: Path,
+) -> None:
+    """`quit` while pages flow (a round held back by the bandwidth cap, on a guest that
+    dirties 32 MiB): the destination tells the source it is stopping and exits 0; the
+    source's migration fails and its guest never stopped running."""
+    with migration_pair(tmp_path, dirty_config(tmp_path)) as (src, dst, port):
+        src.migrate(port, verify=False, max_bandwidth=1 << 20)
+        info = _wait_migrate(src, lambda i: i["ram"]["transferred"] > 256 << 10, "under way")
+        assert info["status"] == "active", info
+        mid = dst.cmd("query-migrate")
+        assert mid == {"status": "active", "x-migration-id": info["x-migration-id"]}, mid
+        _quit(dst)
+        assert dst.proc.wait(timeout=30) == 0, dst.output()
+        info = _wait_migrate(src, lambda i: i["status"] in ("failed", "x-unresolved"), "ended")
+        assert info["status"] == "failed" and info["x-guest-owner"] == "source", info
+        assert "destination VMM is stopping" in info["error-desc"], info
+        assert src.status() == "running" and iterations_increase(src)
+        assert "Traceback" not in dst.output()

@@ -3,9 +3,8 @@ full protocol session with pages received straight into guest memory."""
 
 from __future__ import annotations
 
-import shutil
+import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pkirig import make_pki
 
 from ptmig.migration import (
     Complete,
@@ -27,6 +27,7 @@ from ptmig.migration import (
     VcpuStates,
     check_hello,
     hello,
+    seal,
 )
 from ptmig.migration.pages import bitmap_to_runs, split_zero_runs
 from ptmig.migration.transport import (
@@ -264,78 +265,10 @@ def test_measure_loopback_stream_reports_a_rate() -> None:
 
 # ---- TLS ------------------------------------------------------------------------------------
 
-OPENSSL = shutil.which("openssl")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([OPENSSL or "openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.pem",
-        cwd=d,
-    )
-
-
-def _leaf(d: Path, name: str, ca: str) -> None:
-    (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        cwd=d,
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}.pem",
-        "-CAkey",
-        f"{ca}.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        f"{name}.ext",
-        "-out",
-        f"{name}.pem",
-        cwd=d,
-    )
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if OPENSSL is None:
-        pytest.skip("the openssl command line tool is not installed: cannot generate test certs")
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue-ca")
-    _leaf(d, "server", "ca")
-    _leaf(d, "client", "ca")
-    _leaf(d, "rogue", "rogue-ca")
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls(d: Path, name: str, ca: str = "ca", host: str | None = None) -> TlsConfig:
@@ -353,6 +286,77 @@ def test_tls_mutual_auth_works(pki: Path) -> None:
         t.join(10)
     assert out == {"result": b"a" * 50 + b"b" * 50}
     assert bytes(back) == b"b" * 50 + b"a" * 50
+
+
+def test_psk_inside_tls_data_channels_join_the_main_streams_session(pki: Path) -> None:
+    """PSK and TLS together: TLS protects the bytes (no second sealing), and the PSK session
+    still names the migration, so a data channel joins it with its proof and a guessed
+    session key is refused (before the fix the TLS channel carried no session: data
+    channels started sessions of their own and the destination could not tie them)."""
+    with listen("127.0.0.1", 0, tls=tls(pki, "server"), psk=KEY) as lst:
+        accepted: list[object] = []
+
+        def serve_three() -> None:
+            for _ in range(3):
+                try:
+                    accepted.append(lst.accept(timeout=10))
+                except AuthenticationError as e:
+                    accepted.append(e)
+
+        t = threading.Thread(target=serve_three, daemon=True)
+        t.start()
+        client = tls(pki, "client")
+        main = connect("127.0.0.1", lst.port, tls=client, psk=KEY)
+        assert main.is_tls and not main.sealed and main.session is not None
+        good = connect("127.0.0.1", lst.port, tls=client, psk=KEY, join=(main.session, 1))
+        forged = seal.Session(os.urandom(32), main.session.id)
+        with pytest.raises(AuthenticationError, match="server rejected our proof"):
+            connect("127.0.0.1", lst.port, tls=client, psk=KEY, join=(forged, 0))
+        t.join(10)
+        srv_main, srv_good, refused = accepted
+        assert isinstance(srv_main, Channel) and isinstance(srv_good, Channel)
+        assert srv_main.is_tls and not srv_good.sealed
+        assert srv_main.session == main.session and srv_main.stream == 0
+        assert srv_good.session == srv_main.session and srv_good.stream == 2
+        assert isinstance(refused, AuthenticationError)
+        good.send_buffers([b"p" * 4096])
+        got = bytearray(4096)
+        srv_good.recv_into_exact(got)
+        assert bytes(got) == b"p" * 4096
+        for ch in (main, good, srv_main, srv_good):
+            ch.close()  # type: ignore[union-attr]
+
+
+def test_tls_close_sends_its_goodbye_without_waiting_for_a_peer_that_only_reads(
+    pki: Path,
+) -> None:
+    """A TLS stream closed by the side that sent (a source's data channel after its round)
+    while the peer, which only reads, keeps its end open until its attempt ends: the peer
+    sees a clean end of stream, and the close does not wait for the peer's own goodbye
+    (before: up to the inactivity timeout, which stalled every TLS data channel)."""
+    eof, release = threading.Event(), threading.Event()
+
+    def read_to_the_end_then_hold(ch: Channel) -> int:
+        got = 0
+        while data := ch.recv(1 << 16):
+            got += len(data)
+        eof.set()
+        release.wait(60)
+        return got
+
+    with listen("127.0.0.1", 0, tls=tls(pki, "server")) as lst:
+        t, out = serve(lst, read_to_the_end_then_hold)
+        ch = connect("127.0.0.1", lst.port, tls=tls(pki, "client"), inactivity_timeout=120)
+        ch.send_buffers([b"d" * (4 << 20)])
+        closer = threading.Thread(target=ch.close, daemon=True)
+        closer.start()
+        closer.join(30)
+        closed = not closer.is_alive()
+        assert eof.wait(30), out
+        release.set()
+        t.join(10)
+    assert closed, "close() waited for the peer's close_notify"
+    assert out == {"result": 4 << 20}
 
 
 def test_tls_rejects_client_cert_from_another_ca(pki: Path) -> None:

@@ -186,9 +186,30 @@ class MigrationControl:
     def _qmp_query(self) -> dict[str, Any]:
         """QEMU's reply: `{}` before any migration, then the latest one's status and counters."""
         mig = self.current
-        if mig is not None and not mig.info.status.finished:
+        if mig is None:
+            return self._incoming_query()
+        if not mig.info.status.finished:
             mig.info.shadow = mig.strategy.stats()  # live counters while shadowing
-        return self.info().to_qmp()
+        return mig.info.to_qmp()
+
+    def _incoming_query(self) -> dict[str, Any]:
+        """On a destination: the attempt in progress (`active`) or the migration whose guest it
+        committed to run (`completed`, or its post-copy's status), with the migration id the
+        source's `query-migrate` shows; `{}` while no source has been accepted yet."""
+        incoming = getattr(self.m, "incoming", None)
+        if incoming is None:
+            return {}
+        committed, attempt = incoming.fates.committed, incoming.migration_id
+        if committed is not None and attempt in (None, committed):
+            pc = incoming.postcopy
+            status = pc.report.status if pc is not None else "none"
+            return {
+                "status": "completed" if status == "none" else status,
+                "x-migration-id": committed,
+            }
+        if attempt is not None:
+            return {"status": "active", "x-migration-id": attempt}
+        return {}
 
     def _qmp_start_postcopy(self) -> None:
         """QEMU's `migrate-start-postcopy`: switch to post-copy at the next round end."""

@@ -112,6 +112,12 @@ class Fates:
         with self._lock:
             self._committed = migration_id
 
+    @property
+    def committed(self) -> str | None:
+        """The migration id whose guest this process committed to run (None: none yet)."""
+        with self._lock:
+            return self._committed
+
     def fate(self, migration_id: str) -> Fate:
         with self._lock:
             if migration_id == self._committed:

@@ -193,6 +193,10 @@ class MigrationInfo:
     dma_tracking: str = "shadow"
     forced_switchover: bool = False
     guest_owner: str | None = None  # the source's protocol.Owner, once it migrates
+    migration_id: str | None = None  # its Hello's x-migration-id (what a fate query names)
+    # Unresolved: the source's own fate queries ("asking" while it still asks, "queries"
+    # made, "last" outcome); a management layer waits for "asking" to end
+    fate_query: dict[str, Any] | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     postcopy: dict[str, Any] | None = None  # why and how post-copy ran
 
@@ -233,6 +237,10 @@ class MigrationInfo:
         out["x-dma-tracking"] = self.dma_tracking
         if self.guest_owner is not None:
             out["x-guest-owner"] = self.guest_owner
+        if self.migration_id is not None:
+            out["x-migration-id"] = self.migration_id
+        if self.fate_query is not None:
+            out["x-fate-query"] = dict(self.fate_query)
         out["x-rounds"] = self.rounds
         if self.forced_switchover:
             out["x-forced-switchover"] = True

@@ -158,6 +158,7 @@ class SourceMigration:
         self._postcopy = False  # the switchover is a post-copy one
         self._sender: postcopy.PostcopySender | None = None
         self.migration_id = fate.new_migration_id()  # its Hello's, for a fate query
+        self.info.migration_id = self.migration_id
         # Post-copy recovery (see `recovery`): the secret a resume proves this migration with,
         # this side's phase, and whether the last link loss was a migrate-pause.
         self._session = secrets.token_hex(16)
@@ -282,8 +283,10 @@ class SourceMigration:
                 "x-migrate-resolve (winner 'source' or 'destination')"
             )
             log.error("migration: %s", self.info.error)
+            # (before the status: a poller that sees x-unresolved knows the queries follow)
+            query = self.info.fate_query = {"asking": True, "queries": 0, "last": ""}
             self._set_status(Status.UNRESOLVED)
-            self._ask_until_resolved()
+            self._ask_until_resolved(query)
             return
         self.info.error = why
         if not cancelled:
@@ -295,30 +298,36 @@ class SourceMigration:
     def _note_owner(self) -> None:
         self.info.guest_owner = self.ownership.owner.value
 
-    def _ask_until_resolved(self) -> None:
+    def _ask_until_resolved(self, query: dict[str, Any]) -> None:
         """Unresolved: ask the destination for this migration's fate until it gives a
         definite answer, says it cannot (unknown, or an answer not to be relied on), or
-        FATE_ASK_FOR_S pass; an unreachable or busy destination is asked again."""
+        FATE_ASK_FOR_S pass; an unreachable or busy destination is asked again. `query`
+        (query-migrate's x-fate-query) counts them and says when they end."""
         deadline = time.monotonic() + FATE_ASK_FOR_S
         note = ""
-        while self.ownership.owner is Owner.UNRESOLVED and time.monotonic() < deadline:
-            try:
-                answer = self.ask_fate()
-            except transport.TransportError as e:
-                note = f"the destination could not be asked: {e}"
-            except (fate.FateError, DiskLockError, ValueError) as e:
-                note = str(e)
-                break
-            else:
-                if answer is not fate.Fate.UNKNOWN:
-                    return
-                note = f"the destination does not know migration {self.migration_id}"
-                break
-            time.sleep(FATE_RETRY_S)
-        with self._resolve_lock:
-            if self.ownership.owner is Owner.UNRESOLVED:
-                self.info.error = f"{self.info.error}; asked for its fate: {note}"
-                log.warning("migration: switchover still unresolved: %s", note)
+        try:
+            while self.ownership.owner is Owner.UNRESOLVED and time.monotonic() < deadline:
+                query["queries"] += 1
+                try:
+                    answer = self.ask_fate()
+                except transport.TransportError as e:
+                    note = query["last"] = f"the destination could not be asked: {e}"
+                except (fate.FateError, DiskLockError, ValueError) as e:
+                    note = query["last"] = str(e)
+                    break
+                else:
+                    query["last"] = answer.value
+                    if answer is not fate.Fate.UNKNOWN:
+                        return
+                    note = f"the destination does not know migration {self.migration_id}"
+                    break
+                time.sleep(FATE_RETRY_S)
+            with self._resolve_lock:
+                if self.ownership.owner is Owner.UNRESOLVED:
+                    self.info.error = f"{self.info.error}; asked for its fate: {note}"
+                    log.warning("migration: switchover still unresolved: %s", note)
+        finally:
+            query["asking"] = False
 
     def ask_fate(self) -> fate.Fate:
         """Ask the destination, over a new connection, what became of this migration, and

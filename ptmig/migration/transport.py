@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import socket
 import stat
 import struct
@@ -202,7 +203,7 @@ class Channel:
         self.bytes_received = 0
         self.activity: SharedActivity | None = None
         self._waiting_longer = False  # the socket's timeout is shortened (see `_wait_longer`)
-        self.session: seal.Session | None = None  # the PSK session (SealedChannel only)
+        self.session: seal.Session | None = None  # the PSK session (under a PSK, TLS or not)
         self.stream = 0  # this stream's index in its session (0: main, i + 1: data channel i)
         self.sealed = False
         self._scratch = bytearray()  # `recv`'s buffer, grown to the largest read asked for
@@ -375,11 +376,29 @@ class Channel:
         """Orderly close: tell the peer we are done sending, then release the socket."""
         try:
             if self.is_tls:
-                self.sock = self.sock.unwrap()  # type: ignore[attr-defined]
+                self._tls_goodbye()
             self.sock.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass
         self.sock.close()
+
+    def _tls_goodbye(self) -> None:
+        """Send TLS's close_notify (waiting while the send buffer is full, up to the inactivity
+        timeout) without waiting for the peer's: a peer that only reads, like a destination's
+        data channel, sends its own when its migration attempt ends, and a blocking `unwrap`
+        would wait for it that long (the source's data channels stalled for 30 s so)."""
+        self.sock.settimeout(0)
+        deadline = time.monotonic() + self.inactivity_timeout
+        while True:
+            try:
+                self.sock.unwrap()  # type: ignore[attr-defined]
+                return
+            except ssl.SSLWantReadError:
+                return  # ours is sent; the peer's would come with its own close
+            except ssl.SSLWantWriteError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.sock], [], left)[1]:
+                    return
 
     def __enter__(self) -> Channel:
         return self
@@ -603,7 +622,10 @@ def _secure_stream(
         raise
     if keys is not None and tls_ctx is None:
         return SealedChannel(sock, inactivity_timeout, peer, keys)
-    return Channel(sock, inactivity_timeout, peer)
+    ch = Channel(sock, inactivity_timeout, peer)
+    if keys is not None:  # PSK inside TLS: TLS protects the bytes, the session binds streams
+        ch.session, ch.stream = keys.session, keys.stream
+    return ch
 
 
 class Listener:
