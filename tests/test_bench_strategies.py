@@ -693,3 +693,16 @@ def test_demo_cell_turns_a_demo_that_cannot_run_into_a_failed_cell(
     c = demo_cell("shadow", "256M", p, tmp_path / "ok")
     assert c.correct and c.downtime_ms == 120
     assert "VERIFIED" in (tmp_path / "ok" / "demo.out").read_text()
+
+
+def test_the_cell_count_line_names_only_the_disks_that_have_cells() -> None:
+    from ptmig.bench.strategies import cells_text
+
+    both = StrategyBenchParams(
+        memories=("256M", "1G"), strategies=("shadow",), runs=2, vhost_user=("shadow",)
+    )
+    assert cells_text(both) == (
+        "(1 strategies × 256M, 1G and 1 on a vhost-user disk × 256M, 1G) × 2 run(s)"
+    )
+    only_vhost = replace(both, strategies=())
+    assert cells_text(only_vhost) == "(1 on a vhost-user disk × 256M, 1G) × 2 run(s)"

@@ -957,6 +957,18 @@ def _progress_line(c: CellRun, n: int, total: int, took_s: float) -> str:
     )
 
 
+def cells_text(params: StrategyBenchParams) -> str:
+    """What the cells are: strategies × sizes on each disk, × runs."""
+    parts = []
+    if params.strategies:
+        parts.append(f"{len(params.strategies)} strategies × {', '.join(params.memories)}")
+    if params.vhost_user:
+        parts.append(
+            f"{len(params.vhost_user)} on a vhost-user disk × {', '.join(params.vhost_memories)}"
+        )
+    return f"({' and '.join(parts)}) × {params.runs} run(s)"
+
+
 def run_strategy_bench(
     params: StrategyBenchParams,
     console: Console | None = None,
@@ -965,14 +977,7 @@ def run_strategy_bench(
 ) -> list[Result]:
     console = console or _console()
     console.print(
-        f"  {len(params.strategies)} strategies × {', '.join(params.memories)}"
-        + (
-            f" and {len(params.vhost_user)} on a vhost-user disk × "
-            f"{', '.join(params.vhost_memories)}"
-            if params.vhost_user
-            else ""
-        )
-        + f" × {params.runs} run(s) = {params.cell_count} cells, {params.load_text()}, "
+        f"  {cells_text(params)} = {params.cell_count} cells, {params.load_text()}, "
         f"{params.warmup_s:g} s before each migration and {params.after_s:g} s after its "
         "switchover, "
         f"{params.bandwidth_text()}",
