@@ -716,10 +716,11 @@ class Incoming:
     def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
         """The guest runs: receive the pending pages until the last one. A broken link pauses
         the guest here (False); nothing missing is ever zero-filled."""
-        assert self.postcopy is not None and self.postcopy.server is not None
+        pc = self.postcopy
+        assert pc is not None and pc.server is not None
         # its fetcher runs since the switchover; the devices' data plane fetches through it
         if self.postcopy_devices is not None:
-            self.postcopy_devices.start(self.postcopy.server)
+            self.postcopy_devices.start(pc.server, lambda: pc.report.status == "postcopy-active")
         return self._receive_postcopy(ch, conn)
 
     def _receive_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
@@ -812,6 +813,9 @@ class Incoming:
             return
         self._recover_listener = None
         listener.close()
+        if self.postcopy_devices is not None and self.postcopy is not None:
+            assert self.postcopy.server is not None  # kept while paused
+            self.postcopy_devices.retry(self.postcopy.server)  # if the break stopped their entry
         try:
             if self._receive_postcopy(ch, conn) and self.digests is not None:
                 self._verify_after_switchover(ch, conn, None)
