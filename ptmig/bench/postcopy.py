@@ -122,6 +122,8 @@ class DeviceSample:
     faults: int = 0  # the destination's vCPU faults on missing pages
     requests: int = 0  # pages the destination asked for (faults, VMM and data plane)
     pages_fetched: int = 0  # of them, fetched by the shadow data plane before a request
+    ring_fetch_ms: float = float("nan")  # the devices' entry after the vCPUs started: ring pages
+    enter_ms: float = float("nan")  # then the shadow engine's entry
     lost: int = 0
     wrong: int = 0
     acked: int = 0
@@ -158,6 +160,20 @@ def device_results(runs: list[DeviceSample]) -> list[Result]:
         ),
         measured(SECTION, f"{name}.outage", [r.outage_ms for r in runs], "ms", GOAL_DOWNTIME_MS),
         *[measured(SECTION, f"{name}.{k}", v, "count") for k, v in counts.items()],
+        measured(
+            SECTION,
+            f"{name}.ring_fetch",
+            [r.ring_fetch_ms for r in runs],
+            "ms",
+            extra={"what": "the devices' ring pages made present, after the vCPUs started"},
+        ),
+        measured(
+            SECTION,
+            f"{name}.shadow_entry",
+            [r.enter_ms for r in runs],
+            "ms",
+            extra={"what": "entering shadow mode (what it would add to the downtime before)"},
+        ),
         *[
             measured(SECTION, f"{name}.{k}", v, unit, zero, statistic=100)  # every run: 0
             for k, v, unit in (
@@ -405,6 +421,9 @@ def _device_sample(
         mismatched=int((info.get("x-verify") or {}).get("mismatched", -1)),
         went_postcopy="x-postcopy" in info,
     )
+    timings = report.get("x-devices") or {}
+    sample.ring_fetch_ms = float(timings.get("ring-fetch-ms", float("nan")))
+    sample.enter_ms = float(timings.get("enter-ms", float("nan")))
     _switchover_window(sample, info.get("x-postcopy", {}), report)
     return sample
 
