@@ -95,7 +95,7 @@ from .postcopy import (
     pending_pages,
     punch_pages,
 )
-from .postcopy_devices import PostcopyDevices, refuse_unsupported
+from .postcopy_devices import PostcopyDevices
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
@@ -697,10 +697,6 @@ class Incoming:
     def _arm_postcopy(self, start: PostcopyStart) -> None:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
         is served by the fault server (see `postcopy`)."""
-        try:
-            refuse_unsupported(self.m)
-        except PostcopyError as e:
-            raise IncomingError(str(e)) from None
         if self.m.devices:
             self.postcopy_devices = PostcopyDevices(self.m)
         mem = self.m.vm.memory

@@ -40,8 +40,8 @@ userfaultfd registration; a device touching a missing page would allocate a zero
 one can no longer replace. So they never touch guest RAM during post-copy: programmed
 quiesced at the switchover, then shadowed, with the data plane fetching every page of a
 request (and of the rings) through the fault server before it copies it into device buffers,
-and back to direct DMA once every page is here (`postcopy_devices`). vhost-user devices are
-refused (`postcopy_devices.refuse_unsupported` says why).
+and back to direct DMA once every page is here (`postcopy_devices`); vhost-user devices too
+(their backend's rings start only once it sees the shadow pool).
 """
 
 from __future__ import annotations

@@ -43,10 +43,13 @@ retries), and nothing is zero-filled. A break while step 2 waits for ring pages 
 within `postcopy.PRESENCE_SLICE_S`: the devices stay quiesced ("waiting-for-link") and the
 resume (`retry`) starts step 2 again.
 
-vhost-user devices are refused (`refuse_unsupported`): their frontend starts the backend's
-rings on guest RAM as it is programmed (`VhostUserBlk.set_state`), and the backend may take
-avail entries without a kick; shadowing them here would need a set_state that keeps the rings
-stopped until the backend has the pool view as its memory table.
+vhost-user devices take the same path. Their backend may take avail entries without a kick, so
+the rings must not start on guest RAM: programmed quiesced (step 1), `VhostUserBlk.set_state`
+only records where each ring starts; the shadow engine's entry gives the backend its view of
+the shadow pool as memory table (`set_backend_view`) and only then starts the rings, so the
+backend reads and writes device buffers the data plane filled after fetching their pages. At
+step 3 the engine moves the backend back to guest RAM (the two-step SET_MEM_TABLE) and
+restarts the rings there.
 """
 
 from __future__ import annotations
@@ -62,7 +65,6 @@ from ..devices.virtio.queue import ring_regions
 from ..errors import PtmigError
 from ..shadow.engine import ShadowEngine
 from ..shadow.restore import check_inflight
-from .postcopy import PostcopyError
 
 if TYPE_CHECKING:
     from ..guest_state import DeviceSnapshot
@@ -72,18 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTER_WAIT_S = 60.0  # leaving waits this long for an entry still fetching its ring pages
-
-
-def refuse_unsupported(machine: MigratingVm) -> None:
-    """Post-copy takes ptmig's own devices (shadowed on the destination); not vhost-user ones."""
-    vhost = [d.id for d in machine.devices if d.view is not None]
-    if vhost:
-        raise PostcopyError(
-            "postcopy-ram: the VM has vhost-user devices (" + ", ".join(vhost) + "); their "
-            "backend runs the rings on guest RAM from the moment they are programmed, before "
-            "the destination could shadow them, and would read pages not yet arrived as zero. "
-            "Migrate it with pre-copy."
-        )
 
 
 class PostcopyDevices:
