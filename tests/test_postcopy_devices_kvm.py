@@ -16,6 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_blkverify_kvm import (
+    CHECKED,
+    ERR_WRONG,
+    FAILED,
+    MISMATCH,
+    blkverify_config,
+    counters,
+    wait_rounds,
+)
 from test_postcopy_kvm import _start_postcopy_migration, _wait_status
 from test_shadow_kvm import _boot
 from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, needs_storage_daemon
@@ -247,3 +256,35 @@ def test_a_device_reset_during_postcopy_is_held_shadowed_until_every_page_is_her
         engine.close()
         server.close()
         m.close()
+
+
+@needs_storage_daemon
+def test_blkverify_on_a_vhost_user_disk_keeps_every_check_in_postcopy(tmp_path: Path) -> None:
+    """The blkverify guest (reads its vhost-user disk all the time and checks every block and
+    error status byte against what it wrote) switched to post-copy after round 1: the guest's
+    checks all hold through the switchover and after, x-verify finds nothing, and the
+    destination's backend allocated no page before it arrived (eexist 0)."""
+    cfg = blkverify_config(tmp_path, "vhost-user")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        rounds = wait_rounds(src, 2)
+        assert rounds[CHECKED] > 0, rounds
+        _postcopy(src, port, bandwidth=32 * MiB, after_rounds=1)
+        info = _wait_status(src, ("completed",))
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert "x-postcopy" in info, info
+        report = dst.cmd("x-query-postcopy")
+        assert report["status"] == "completed" and report["eexist"] == 0, report
+        assert report["x-devices"]["state"] == "direct", report
+        done, before = counters(dst)
+        after = wait_rounds(dst, done + 2)  # whole rounds after post-copy, on guest RAM again
+        assert after[CHECKED] > before[CHECKED], (before, after)
+        for name, k in (("mismatched", MISMATCH), ("wrong status", ERR_WRONG), ("failed", FAILED)):
+            assert after[k] == 0, f"{name}: {after}"
+    finally:
+        src.stop()
+        dst.stop()
