@@ -6,6 +6,11 @@ are merely late, and the device must see the source's bytes (never a zero page).
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from shadowrig import FakeAttached, GuestStores, device_state
@@ -13,9 +18,13 @@ from test_postcopy_uffd import fetcher, pattern
 
 from ptmig.devices.virtio.queue import SplitQueue
 from ptmig.devices.virtio.testing import Buffer, DriverQueue
+from ptmig.guest_state import DeviceSnapshot, InflightRequest
 from ptmig.iommu import DmaView, IommuTable
 from ptmig.layout import PAGE_SHIFT, PAGE_SIZE
-from ptmig.memory import GuestMemory
+from ptmig.memory import GuestMemory, GuestMemoryError
+from ptmig.migration.events import PostcopyStart
+from ptmig.migration.postcopy import PostcopyReceiver, pending_bytes
+from ptmig.migration.postcopy_devices import PostcopyDevices
 from ptmig.migration.uffd import FaultServer, FaultServerError, PageState
 from ptmig.shadow.device import ShadowedDevice
 from ptmig.shadow.native import Dataplane
@@ -167,3 +176,153 @@ def test_without_a_fault_server_nothing_is_fetched() -> None:
         dp.close()
         pool.close()
         mem.close()
+
+
+# -- the devices' entry on a post-copy destination (`PostcopyDevices`) -------------------------
+
+
+class Receiver:
+    """A post-copy destination's guest RAM with the ring pages of one driver queue still on
+    the source (no fetcher: nothing arrives until the test installs it), served through
+    `PostcopyReceiver.presence` as the VMM's own accesses are."""
+
+    def __init__(self) -> None:
+        self.mem = GuestMemory(MEM)
+        self.drv = DriverQueue(GuestStores(self.mem), QSIZE, base=RING_BASE, data_start=DATA)
+        buf = self.drv.alloc(PAGE_SIZE, b"x" * PAGE_SIZE, align=PAGE_SIZE)
+        self.head = self.drv.add_chain([Buffer(buf, PAGE_SIZE, False)])
+        ring_end = DATA  # the rings lie in [RING_BASE, DATA)
+        self.ring_pages = list(range(RING_BASE >> PAGE_SHIFT, ring_end >> PAGE_SHIFT))
+        self.source = {p: self.mem.read(p << PAGE_SHIFT, PAGE_SIZE) for p in self.ring_pages}
+        pending = np.zeros(self.mem.npages, dtype=bool)
+        pending[self.ring_pages] = True
+        self.pc = PostcopyReceiver(self.mem.view, self.mem.host_address, self.mem.npages)
+        self.pc.arm(
+            PostcopyStart(_pending_words(pending)), self.mem.allocated(), self.mem.punch_zero
+        )
+        self.mem.presence = self.pc.presence
+
+    @property
+    def server(self) -> FaultServer:
+        assert self.pc.server is not None
+        return self.pc.server
+
+    def deliver_rings(self) -> None:
+        """What the source sends once the link is back."""
+        for p in self.ring_pages:
+            self.server.install(p, self.source[p])
+
+    def close(self) -> None:
+        self.mem.presence = None
+        self.pc.finish()
+        self.mem.close()
+
+
+def _pending_words(pending: np.ndarray) -> bytes:
+    bits = np.packbits(pending, bitorder="little")
+    words = np.zeros(-(-len(pending) // 64), dtype=np.uint64)
+    words.view(np.uint8)[: len(bits)] = bits
+    return pending_bytes(words)
+
+
+class StandInDevice:
+    """The device process's control surface, as `PostcopyDevices.program` drives it."""
+
+    alive = True
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def quiesce(self) -> None:
+        self.calls.append("quiesce")
+
+    def set_state(self, state: object) -> None:
+        self.calls.append("set_state")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+
+class Events:
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, object]]] = []
+
+    def emit(self, event: str, data: dict[str, object] | None = None) -> None:
+        self.got.append((event, dict(data or {})))
+
+
+def _machine(rx: Receiver, events: Events) -> SimpleNamespace:
+    dev = SimpleNamespace(id="net0", handle=StandInDevice(), view=None)
+    return SimpleNamespace(devices=[dev], vm=SimpleNamespace(memory=rx.mem), qmp=events)
+
+
+def _until(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_vmm_access_waiting_for_a_page_gives_up_soon_after_the_link_breaks() -> None:
+    """Before: it waited the whole INSTALL_WAIT_S (60 s) for a page that could not come."""
+    rx = Receiver()
+    failed: list[BaseException] = []
+
+    def access() -> None:
+        try:
+            rx.mem.read(RING_BASE, 16)
+        except GuestMemoryError as e:
+            failed.append(e)
+
+    try:
+        waiter = threading.Thread(target=access, name="test-vmm-access")
+        waiter.start()
+        _until(lambda: rx.server.stats().requests > 0, "the access never asked for its page")
+        rx.pc.paused("the link broke")
+        waiter.join(WAIT_S)
+        assert not waiter.is_alive(), "still waiting for a page the broken link cannot bring"
+        assert len(failed) == 1 and "post-copy is postcopy-paused" in str(failed[0])
+        assert rx.server.stats().missing == len(rx.ring_pages)  # nothing zero-filled
+    finally:
+        rx.close()
+
+
+def test_devices_whose_entry_the_link_break_stopped_are_shadowed_after_the_resume() -> None:
+    """The link breaks while the entry waits for ring pages: the thread ends at once, the
+    devices stay quiesced (x-devices says "waiting-for-link"), and the resume starts the
+    entry again. Here it then finds an in-flight request the guest's ring does not hold,
+    which QMP is told about (an event and x-devices), not only the log."""
+    rx = Receiver()
+    events = Events()
+    m = _machine(rx, events)
+    pd = PostcopyDevices(m)  # type: ignore[arg-type]
+    st = device_state(rx.drv)
+    wrong = InflightRequest(0, (rx.head + 1) % QSIZE)  # the ring has rx.head at index 0
+    pd.program([DeviceSnapshot("net0", "net", "shadow", st, {0: (wrong,)})])
+    assert m.devices[0].handle.calls == ["quiesce", "set_state"]
+    try:
+        pd.start(rx.server, lambda: rx.pc.report.status == "postcopy-active")
+        _until(lambda: rx.server.stats().requests > 0, "the entry never asked for the rings")
+        rx.pc.paused("the link broke")
+        assert pd._thread is not None
+        pd._thread.join(WAIT_S)
+        assert not pd._thread.is_alive(), "the entry still waits for the broken link"
+        assert pd.report() == {"devices": ["net0"], "state": "waiting-for-link"}
+        assert events.got == [] and pd.error is None
+        # the resume: the status is active again, the pages come, the entry starts over
+        rx.pc.report.status = "postcopy-active"
+        rx.deliver_rings()
+        pd.retry(rx.server)
+        _until(lambda: events.got != [], "the failed in-flight check was not reported")
+        ((name, data),) = events.got
+        assert name == "X_POSTCOPY_DEVICES_FAILED"
+        assert data["devices"] == ["net0"]
+        assert "in-flight request 0" in str(data["error"]), data
+        report = pd.report()
+        assert report["state"] == "quiesced" and report["error"] == data["error"], report
+        assert pd.engine is None  # never shadowed: the device touches no guest RAM
+        pd.finish()  # every page is here: resumed as programmed
+        assert m.devices[0].handle.calls[-1] == "resume"
+        assert pd.report()["state"] == "direct"
+    finally:
+        rx.close()

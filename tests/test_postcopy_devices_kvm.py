@@ -9,7 +9,6 @@ link cut during post-copy pauses the guest on both sides with the devices still 
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_blkverify_kvm import (
+    CHECKED,
+    ERR_WRONG,
+    FAILED,
+    MISMATCH,
+    blkverify_config,
+    counters,
+    wait_rounds,
+)
 from test_postcopy_kvm import _start_postcopy_migration, _wait_status
 from test_shadow_kvm import _boot
-from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, needs_storage_daemon, switch
+from vmmrig import Load, TcpProxy, Vmm, free_port, kv_config, needs_storage_daemon
 
 from ptmig.devices.virtio import constants as c
 from ptmig.layout import PAGE_SIZE
@@ -59,12 +67,18 @@ def _postcopy(src: Vmm, port: int, *, bandwidth: int, after_rounds: int) -> None
 
 @contextmanager
 def _kv_under_load(
-    tmp_path: Path, seconds: float, *, rate: float = 200, kill: bool = False
+    tmp_path: Path,
+    seconds: float,
+    *,
+    rate: float = 200,
+    kill: bool = False,
+    vhost_user: bool = False,
 ) -> Iterator[tuple[Vmm, Vmm, int, Load]]:
     """The kv guest (NIC and disk) running under `ptmig load` and a destination waiting for
     it: (source, destination, its port, the load). Both VMMs are stopped at the end of the
-    block (`kill`: killed, for a guest split between them)."""
-    cfg = kv_config(tmp_path, memory="64M")
+    block (`kill`: killed, for a guest split between them). `vhost_user`: the disk (the kv
+    log) on a qemu-storage-daemon each VMM spawns."""
+    cfg = kv_config(tmp_path, memory="64M", vhost_user=vhost_user)
     port = free_port()
     src = Vmm(tmp_path, "src", cfg)
     dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
@@ -182,23 +196,30 @@ def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refus
 
 
 @needs_storage_daemon
-def test_postcopy_is_refused_for_a_vm_with_a_vhost_user_disk_and_the_guest_keeps_running(
+def test_kv_with_its_log_on_a_vhost_user_disk_completes_in_postcopy_losing_nothing(
     tmp_path: Path,
 ) -> None:
-    sw = free_port(socket.SOCK_DGRAM)
-    with switch(sw):
-        src = Vmm(tmp_path, "src", kv_config(tmp_path, sw, vhost_user=True))
-        try:
-            src.wait_running()
-            with pytest.raises(RuntimeError, match="there is no migration to switch to post-copy"):
-                src.cmd("migrate-start-postcopy")
-            _postcopy(src, free_port(), bandwidth=0, after_rounds=0)
-            info = src.wait_migration()
-            assert info["status"] == "failed"
-            assert "postcopy-ram: the VM has vhost-user devices (disk0)" in info["error-desc"]
-            assert src.status() == "running"
-        finally:
-            src.stop()
+    """The kv log on a vhost-user disk (qemu-storage-daemon) and the NIC, under load, switched
+    to post-copy after round 1: the destination's backend starts its rings only once its
+    memory table is the shadow pool's view, so it never reads a page still on the source (a
+    zero page there would show as a wrong value or a mismatched page); at the end it is back
+    on guest RAM and keeps serving."""
+    with _kv_under_load(tmp_path, 25, rate=300, vhost_user=True) as (src, dst, port, load):
+        _postcopy(src, port, bandwidth=32 * MiB, after_rounds=1)
+        info = _wait_status(src, ("completed",))
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert info["x-postcopy"]["unsent-pages"] == 0
+        report = dst.cmd("x-query-postcopy")
+        assert report["status"] == "completed", report
+        assert report["missing"] == 0 and report["eexist"] == 0, report
+        assert report["x-devices"]["state"] == "direct", report
+        assert "error" not in report["x-devices"], report
+        last = dst.cmd("x-query-shadow")["x-postcopy"]
+        assert last["devices"]["disk0"]["broken"] is None, last
+        assert last["requests-forwarded"] > 0 and last["completions-synced"] > 0, last
+        # the backend serves on guest RAM again: the kv log keeps taking writes
+        _wait_served(dst, _served(dst) + 50)
+        _no_loss(load)
 
 
 def test_a_device_reset_during_postcopy_is_held_shadowed_until_every_page_is_here(
@@ -235,3 +256,35 @@ def test_a_device_reset_during_postcopy_is_held_shadowed_until_every_page_is_her
         engine.close()
         server.close()
         m.close()
+
+
+@needs_storage_daemon
+def test_blkverify_on_a_vhost_user_disk_keeps_every_check_in_postcopy(tmp_path: Path) -> None:
+    """The blkverify guest (reads its vhost-user disk all the time and checks every block and
+    error status byte against what it wrote) switched to post-copy after round 1: the guest's
+    checks all hold through the switchover and after, x-verify finds nothing, and the
+    destination's backend allocated no page before it arrived (eexist 0)."""
+    cfg = blkverify_config(tmp_path, "vhost-user")
+    port = free_port()
+    src = Vmm(tmp_path, "src", cfg)
+    dst = Vmm(tmp_path, "dst", cfg, incoming_port=port)
+    try:
+        src.wait_running()
+        dst.wait_incoming()
+        rounds = wait_rounds(src, 2)
+        assert rounds[CHECKED] > 0, rounds
+        _postcopy(src, port, bandwidth=32 * MiB, after_rounds=1)
+        info = _wait_status(src, ("completed",))
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert "x-postcopy" in info, info
+        report = dst.cmd("x-query-postcopy")
+        assert report["status"] == "completed" and report["eexist"] == 0, report
+        assert report["x-devices"]["state"] == "direct", report
+        done, before = counters(dst)
+        after = wait_rounds(dst, done + 2)  # whole rounds after post-copy, on guest RAM again
+        assert after[CHECKED] > before[CHECKED], (before, after)
+        for name, k in (("mismatched", MISMATCH), ("wrong status", ERR_WRONG), ("failed", FAILED)):
+            assert after[k] == 0, f"{name}: {after}"
+    finally:
+        src.stop()
+        dst.stop()

@@ -19,6 +19,14 @@ switchover), and for post-copy the destination's remote fault latency p50/p99 in
 fault being read to the page installed, `x-query-postcopy`). `postcopy/autoconverge.guest` is
 the ratio of the two guest throughputs, per run.
 
+A fourth row set, **devices** (`postcopy.devices.*`): the kv guest (256 MiB) with its NIC and
+disk shadowed (`x-dma-tracking` shadow), under a paced `ptmig load` (DEVICE_LOAD_RATE ops/s,
+verified) from before the migration until after it, switched to post-copy after pre-copy round
+1 at 100 MiB/s with `x-verify`: downtime and outage (checked to hold the switchover as below),
+the destination's vCPU faults and page requests, the pages its shadow data plane fetched
+itself before forwarding a request (`x-query-shadow` x-postcopy `pages-fetched`), and the
+load's lost / wrong values and `x-verify` mismatched pages (all three must be 0).
+
 The post-copy downtime is checked to contain the switchover, in the same run: the source
 stamps its vCPU stop and the destination's acknowledgement, the destination the start of its
 vCPUs, all on the host's CLOCK_MONOTONIC (both processes run on this host). `outage` is the
@@ -29,7 +37,9 @@ of the acknowledgement that ends the downtime figure.
 
 from __future__ import annotations
 
+import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +66,10 @@ GOAL_GUEST_VS_AUTOCONVERGE = Goal(">=", 1.0)
 # The destination starts its vCPUs right after sending its acknowledgement: a start later than
 # this past the source's receipt of it is a switchover the downtime figure did not hold.
 SPAN_SLACK_MS = 2.0
+DEVICE_MEMORY = "256M"
+DEVICE_LOAD_RATE = 300.0  # kv ops/s offered (verified) during the devices row's migration
+DEVICE_WARMUP_S = 2.0
+DEVICE_LOAD_S = 20.0  # long enough to span the migration at 100 MiB/s
 
 
 @dataclass(frozen=True)
@@ -86,13 +100,89 @@ class Sample:
 def run(config: BenchConfig) -> list[Result]:
     p = PostcopyBenchParams.for_config(config)
     samples: dict[tuple[str, str], list[Sample]] = {(m, c): [] for m in MODES for c in CAPS}
+    devices: list[DeviceSample] = []
     with tempfile.TemporaryDirectory(prefix="ptmig-bench-postcopy-") as d:
         for i in range(config.runs):
             for cap, rate in CAPS.items():
                 for mode in MODES:
                     progress.step(f"{mode} at {cap}", i + 1, config.runs)
                     samples[(mode, cap)].append(migrate_once(Path(d), p, mode, rate))
-    return results(samples, p)
+            progress.step("postcopy with devices", i + 1, config.runs)
+            devices.append(devices_once(Path(d), p))
+    return results(samples, p) + device_results(devices)
+
+
+@dataclass
+class DeviceSample:
+    """One post-copy migration of the kv guest with its devices shadowed, under load."""
+
+    downtime_ms: float
+    outage_ms: float = float("nan")
+    in_window: bool | None = None
+    faults: int = 0  # the destination's vCPU faults on missing pages
+    requests: int = 0  # pages the destination asked for (faults, VMM and data plane)
+    pages_fetched: int = 0  # of them, fetched by the shadow data plane before a request
+    ring_fetch_ms: float = float("nan")  # the devices' entry after the vCPUs started: ring pages
+    enter_ms: float = float("nan")  # then the shadow engine's entry
+    lost: int = 0
+    wrong: int = 0
+    acked: int = 0
+    mismatched: int = 0
+    went_postcopy: bool = False
+
+
+def device_results(runs: list[DeviceSample]) -> list[Result]:
+    """The `postcopy.devices.*` rows (pure)."""
+    if not runs:
+        return []
+    name = "postcopy.devices"
+    what = {
+        "guest": f"kv, {DEVICE_MEMORY}, NIC and disk shadowed",
+        "load_ops_per_s": DEVICE_LOAD_RATE,
+        "max_bandwidth": "100MiBps",
+        "switched_to_postcopy": [r.went_postcopy for r in runs],
+    }
+    counts = {
+        "faults": [float(r.faults) for r in runs],
+        "postcopy_requests": [float(r.requests) for r in runs],
+        "pages_fetched_by_dataplane": [float(r.pages_fetched) for r in runs],
+        "acked": [float(r.acked) for r in runs],
+    }
+    zero = Goal("<=", 0)
+    return [
+        measured(
+            SECTION,
+            f"{name}.downtime",
+            [r.downtime_ms for r in runs],
+            "ms",
+            GOAL_DOWNTIME_MS,
+            {**what, "switchover_in_window": [r.in_window for r in runs]},
+        ),
+        measured(SECTION, f"{name}.outage", [r.outage_ms for r in runs], "ms", GOAL_DOWNTIME_MS),
+        *[measured(SECTION, f"{name}.{k}", v, "count") for k, v in counts.items()],
+        measured(
+            SECTION,
+            f"{name}.ring_fetch",
+            [r.ring_fetch_ms for r in runs],
+            "ms",
+            extra={"what": "the devices' ring pages made present, after the vCPUs started"},
+        ),
+        measured(
+            SECTION,
+            f"{name}.shadow_entry",
+            [r.enter_ms for r in runs],
+            "ms",
+            extra={"what": "entering shadow mode (what it would add to the downtime before)"},
+        ),
+        *[
+            measured(SECTION, f"{name}.{k}", v, unit, zero, statistic=100)  # every run: 0
+            for k, v, unit in (
+                ("lost", [float(r.lost) for r in runs], "count"),
+                ("wrong", [float(r.wrong) for r in runs], "count"),
+                ("mismatched", [float(r.mismatched) for r in runs], "pages"),
+            )
+        ],
+    ]
 
 
 def results(samples: dict[tuple[str, str], list[Sample]], p: PostcopyBenchParams) -> list[Result]:
@@ -240,7 +330,107 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
         _stop(dst, qd)
 
 
-def _switchover_window(sample: Sample, source: dict[str, Any], dest: dict[str, Any]) -> None:
+def _kv_config(tmp: Path) -> Path:
+    path = tmp / "postcopy-kv.toml"
+    path.write_text(
+        f'[vm]\nname = "benchpostcopykv"\nmemory = "{DEVICE_MEMORY}"\nvcpus = 1\n'
+        '[workload]\nname = "kv"\n'
+        f'[[net]]\nid = "net0"\nmac = "52:54:00:b0:00:0c"\nip = "10.0.0.2/24"\n'
+        f'backend = "udp:127.0.0.1:{free_port(socket.SOCK_DGRAM)}"\nswitch = "auto"\n'
+        f'[[disk]]\nid = "disk0"\npath = "{tmp / "postcopy-kv.img"}"\nsize = "64M"\n'
+    )
+    return path
+
+
+def _wait_serving(console: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while "kv: serving on" not in (console.read_text() if console.exists() else ""):
+        if time.monotonic() > deadline:
+            raise BenchError(f"the kv guest did not serve within {timeout} s")
+        time.sleep(0.05)
+
+
+def devices_once(tmp: Path, p: PostcopyBenchParams) -> DeviceSample:
+    """The kv guest with its NIC and disk shadowed, under load, migrated in post-copy."""
+    from ..load import LoadOptions, LoadResult, run_load
+
+    config = _kv_config(tmp)
+    port = free_port()
+    src = _ptmig(tmp, "kvsrc", config, "--insecure")
+    dst = _ptmig(tmp, "kvdst", config, "--insecure", "--incoming", f"tcp:127.0.0.1:{port}")
+    qs = qd = None
+    loads: list[LoadResult | BaseException] = []
+    load = threading.Thread(target=lambda: None)
+    try:
+        qs = _connect(tmp / "kvsrc.qmp", src, p.start_timeout_s)
+        qd = _connect(tmp / "kvdst.qmp", dst, p.start_timeout_s)
+        qs.wait_status("running", p.start_timeout_s)
+        qd.wait_status("inmigrate", p.start_timeout_s)
+        _wait_serving(tmp / "kvsrc.con", p.start_timeout_s)
+        opts = LoadOptions(config=config, rate=DEVICE_LOAD_RATE, duration_s=DEVICE_LOAD_S)
+        load = threading.Thread(target=lambda: loads.append(_guarded(run_load, opts)))
+        load.start()
+        time.sleep(DEVICE_WARMUP_S)  # the load runs before the migration starts
+        qs.execute(
+            "migrate-set-parameters",
+            {
+                "x-dma-tracking": "shadow",
+                "max-bandwidth": 100 * MiB,
+                "downtime-limit": 1,  # no round fits: the switch is post-copy
+                "x-postcopy-after-rounds": 1,
+            },
+        )
+        caps = [{"capability": c, "state": True} for c in ("postcopy-ram", "x-verify")]
+        qs.execute("migrate-set-capabilities", {"capabilities": caps})
+        qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = _completed(qs, p.migration_timeout_s)
+        report = _postcopy_done(qd, p.migration_timeout_s)
+        shadow = qd.execute("x-query-shadow").get("x-postcopy") or {}
+        load.join(DEVICE_LOAD_S + p.migration_timeout_s)
+        return _device_sample(info, report, shadow, loads)
+    finally:
+        _stop(src, qs)
+        _stop(dst, qd)
+        load.join(p.migration_timeout_s)
+
+
+def _guarded(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as e:  # the load's failure is the sample's, reported with it
+        return e
+
+
+def _device_sample(
+    info: dict[str, Any],
+    report: dict[str, Any],
+    shadow: dict[str, Any],
+    loads: list[Any],
+) -> DeviceSample:
+    if not loads or isinstance(loads[0], BaseException):
+        raise BenchError(f"the kv load did not finish: {loads[0] if loads else 'still running'}")
+    res = loads[0]
+    sample = DeviceSample(
+        float(info["downtime"]),
+        faults=int(report.get("faults", 0)),
+        requests=int(report.get("postcopy-requests", 0)),
+        pages_fetched=int(shadow.get("pages-fetched", 0)),
+        lost=res.lost,
+        wrong=res.wrong,
+        acked=res.acked,
+        mismatched=int((info.get("x-verify") or {}).get("mismatched", -1)),
+        went_postcopy="x-postcopy" in info,
+    )
+    timings = report.get("x-devices") or {}
+    sample.ring_fetch_ms = float(timings.get("ring-fetch-ms", float("nan")))
+    sample.enter_ms = float(timings.get("enter-ms", float("nan")))
+    _switchover_window(sample, info.get("x-postcopy", {}), report)
+    return sample
+
+
+def _switchover_window(
+    sample: Sample | DeviceSample, source: dict[str, Any], dest: dict[str, Any]
+) -> None:
     """The outage and whether the downtime window holds the switchover (module docstring)."""
     stopped, acked = source.get("stopped-at-s"), source.get("acked-at-s")
     started = dest.get("guest-started-at-s")

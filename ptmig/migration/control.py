@@ -227,7 +227,10 @@ class MigrationControl:
         """The destination's post-copy (status, pages, requests, fault latency); {} if none."""
         incoming = getattr(self.m, "incoming", None)
         pc = getattr(incoming, "postcopy", None)
-        return pc.live_report() if pc is not None else {}
+        if pc is None:
+            return {}
+        devices = getattr(incoming, "postcopy_devices", None)  # shadowed, or why not
+        return {**pc.live_report(), **({"x-devices": devices.report()} if devices else {})}
 
     def _qmp_cancel(self) -> None:
         if self.current is not None:

@@ -96,7 +96,7 @@ from .postcopy import (
     pending_pages,
     punch_pages,
 )
-from .postcopy_devices import PostcopyDevices, refuse_unsupported
+from .postcopy_devices import PostcopyDevices
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
@@ -699,10 +699,6 @@ class Incoming:
     def _arm_postcopy(self, start: PostcopyStart) -> None:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
         is served by the fault server (see `postcopy`)."""
-        try:
-            refuse_unsupported(self.m)
-        except PostcopyError as e:
-            raise IncomingError(str(e)) from None
         if self.m.devices:
             self.postcopy_devices = PostcopyDevices(self.m)
         mem = self.m.vm.memory
@@ -718,10 +714,11 @@ class Incoming:
     def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
         """The guest runs: receive the pending pages until the last one. A broken link pauses
         the guest here (False); nothing missing is ever zero-filled."""
-        assert self.postcopy is not None and self.postcopy.server is not None
+        pc = self.postcopy
+        assert pc is not None and pc.server is not None
         # its fetcher runs since the switchover; the devices' data plane fetches through it
         if self.postcopy_devices is not None:
-            self.postcopy_devices.start(self.postcopy.server)
+            self.postcopy_devices.start(pc.server, lambda: pc.report.status == "postcopy-active")
         return self._receive_postcopy(ch, conn)
 
     def _receive_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
@@ -814,6 +811,9 @@ class Incoming:
             return
         self._recover_listener = None
         listener.close()
+        if self.postcopy_devices is not None and self.postcopy is not None:
+            assert self.postcopy.server is not None  # kept while paused
+            self.postcopy_devices.retry(self.postcopy.server)  # if the break stopped their entry
         try:
             if self._receive_postcopy(ch, conn) and self.digests is not None:
                 self._verify_after_switchover(ch, conn, None)

@@ -40,8 +40,8 @@ userfaultfd registration; a device touching a missing page would allocate a zero
 one can no longer replace. So they never touch guest RAM during post-copy: programmed
 quiesced at the switchover, then shadowed, with the data plane fetching every page of a
 request (and of the rings) through the fault server before it copies it into device buffers,
-and back to direct DMA once every page is here (`postcopy_devices`). vhost-user devices are
-refused (`postcopy_devices.refuse_unsupported` says why).
+and back to direct DMA once every page is here (`postcopy_devices`); vhost-user devices too
+(their backend's rings start only once it sees the shadow pool).
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ BACKLOG_BYTES = 512 << 10
 BACKLOG_POLL_S = 0.0005
 RECEIVE_QUEUE_BYTES = 256 << 10
 INSTALL_WAIT_S = 60.0
+PRESENCE_SLICE_S = 0.1  # a VMM access waiting for a page looks at the link this often
 
 
 class PostcopyError(RuntimeError):
@@ -378,12 +379,26 @@ class PostcopyReceiver:
         server = self.server
         if server is None or length <= 0 or gpa < 0 or gpa + length > self.npages * PAGE_SIZE:
             return  # over, or out of range (the bounds check says why)
-        wait = INSTALL_WAIT_S if self.report.status == "postcopy-active" else 0.0
-        if not server.ensure(gpa, length, wait):
-            raise GuestMemoryError(
-                f"guest access [{gpa:#x}, +{length:#x}): a page is still on the source and "
-                f"post-copy is {self.report.status}"
-            )
+        # in slices: a link that breaks meanwhile ends the wait within one slice
+        deadline = time.monotonic() + INSTALL_WAIT_S
+        while True:
+            active = self.report.status == "postcopy-active"
+            left = deadline - time.monotonic()
+            try:
+                if server.ensure(
+                    gpa, length, min(PRESENCE_SLICE_S, max(left, 0.0)) if active else 0.0
+                ):
+                    return
+            except FaultServerError:
+                if self.server is not None:
+                    raise
+            if self.server is None:
+                return  # finished meanwhile: every page is here
+            if not active or left <= 0:
+                raise GuestMemoryError(
+                    f"guest access [{gpa:#x}, +{length:#x}): a page is still on the source "
+                    f"and post-copy is {self.report.status}"
+                )
 
     def start_fetcher(self, ch: transport.Channel, conn: Connection) -> None:
         if self.report.started_at is None:  # a resumed link keeps the post-copy's start

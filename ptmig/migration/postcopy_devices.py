@@ -18,9 +18,19 @@ touches guest RAM until every page has arrived:
 3. Once every page has arrived, the devices leave shadow mode (direct DMA again), and only
    then does the destination report `completed` (and unregister guest RAM).
 
-A shadowed device's in-flight requests (its snapshot from a shadowing source) are checked
-against the guest's avail ring in step 2, once its pages can be fetched; a mismatch keeps that
-migration's devices quiesced (they never touch guest RAM) and is reported in `error`.
+Step 2 first makes the ring pages of every migrated queue present; that is where it may wait
+for the link. A shadowed device's in-flight requests (its snapshot from a shadowing source) are
+then checked against the guest's avail ring; a mismatch (or a device refusing to be shadowed)
+keeps that migration's devices quiesced until every page is here (they never touch guest RAM
+meanwhile), and is reported on QMP: the X_POSTCOPY_DEVICES_FAILED event and `x-devices` in
+x-query-postcopy (`report`), besides the log.
+
+Why step 2 runs after the vCPUs start, not in the downtime: the kv guest's NIC and disk take
+21-94 ms to enter shadow mode (median 36 ms over 5 runs of `ptmig bench --only postcopy`'s
+devices rows, `shadow_entry`; their ring pages another 3-8 ms), against a post-copy downtime
+of 12-15 ms without it and a 20 ms goal. Requests the guest makes meanwhile wait in its rings
+(the devices are quiesced) and are forwarded by the entry: delayed, not lost (`report` gives
+the timings, the bench records them per run).
 
 A driver that resets or reconfigures a device meanwhile does not send it back to direct DMA
 (as it would on a source): that device is quiesced behind its IOMMU domain of device buffers
@@ -29,25 +39,32 @@ until every page is here, then leaves shadow mode on the rings the driver set up
 
 If the link breaks during post-copy the devices stay shadowed and the guest paused: nothing
 is forwarded that needs a page the source still holds (the data plane waits, bounded, and
-retries), and nothing is zero-filled.
+retries), and nothing is zero-filled. A break while step 2 waits for ring pages ends that wait
+within `postcopy.PRESENCE_SLICE_S`: the devices stay quiesced ("waiting-for-link") and the
+resume (`retry`) starts step 2 again.
 
-vhost-user devices are refused (`refuse_unsupported`): their frontend starts the backend's
-rings on guest RAM as it is programmed (`VhostUserBlk.set_state`), and the backend may take
-avail entries without a kick; shadowing them here would need a set_state that keeps the rings
-stopped until the backend has the pool view as its memory table.
+vhost-user devices take the same path. Their backend may take avail entries without a kick, so
+the rings must not start on guest RAM: programmed quiesced (step 1), `VhostUserBlk.set_state`
+only records where each ring starts; the shadow engine's entry gives the backend its view of
+the shadow pool as memory table (`set_backend_view`) and only then starts the rings, so the
+backend reads and writes device buffers the data plane filled after fetching their pages. At
+step 3 the engine moves the backend back to guest RAM (the two-step SET_MEM_TABLE) and
+restarts the rings there.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..devices.handle import DeviceError
+from ..devices.virtio.queue import ring_regions
 from ..errors import PtmigError
 from ..shadow.engine import ShadowEngine
 from ..shadow.restore import check_inflight
-from .postcopy import PostcopyError
 
 if TYPE_CHECKING:
     from ..guest_state import DeviceSnapshot
@@ -57,18 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTER_WAIT_S = 60.0  # leaving waits this long for an entry still fetching its ring pages
-
-
-def refuse_unsupported(machine: MigratingVm) -> None:
-    """Post-copy takes ptmig's own devices (shadowed on the destination); not vhost-user ones."""
-    vhost = [d.id for d in machine.devices if d.view is not None]
-    if vhost:
-        raise PostcopyError(
-            "postcopy-ram: the VM has vhost-user devices (" + ", ".join(vhost) + "); their "
-            "backend runs the rings on guest RAM from the moment they are programmed, before "
-            "the destination could shadow them, and would read pages not yet arrived as zero. "
-            "Migrate it with pre-copy."
-        )
 
 
 class PostcopyDevices:
@@ -82,6 +87,12 @@ class PostcopyDevices:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._left = False
+        self._link_up: Callable[[], bool] = lambda: True
+        self.waiting_for_link = False
+        self._resumes = 0  # post-copy resumes so far (`retry`)
+        # how long the entry took once the guest ran: fetching the ring pages, then entering
+        # (what shadowing before the vCPUs start would add to the downtime)
+        self.timings: dict[str, float] = {}
         self.final_stats: dict[str, Any] | None = None
 
     def program(self, snapshots: list[DeviceSnapshot]) -> None:
@@ -102,35 +113,118 @@ class PostcopyDevices:
                 dev.handle.reset()
                 dev.handle.resume()
 
-    def start(self, server: FaultServer) -> None:
+    def start(self, server: FaultServer, link_up: Callable[[], bool]) -> None:
         """The guest runs and pages can be fetched: enter shadow mode on a thread (its ring
-        reads may wait for pages, which the caller's thread receives)."""
+        reads may wait for pages, which the caller's thread receives). `link_up`: whether
+        pages can come now (False once the link to the source broke)."""
+        self._link_up = link_up
         self._thread = threading.Thread(
-            target=self._enter, args=(server,), name="postcopy-devices", daemon=True
+            target=self._enter, args=(server, self._resumes), name="postcopy-devices", daemon=True
         )
         self._thread.start()
 
-    def _enter(self, server: FaultServer) -> None:
+    def retry(self, server: FaultServer) -> None:
+        """The link is back (a post-copy resume): enter shadow mode again if the broken link
+        stopped the entry while it waited for ring pages."""
+        with self._lock:
+            self._resumes += 1
+            if not self.waiting_for_link or self._left:
+                return  # (an entry still waiting sees the new resume count and starts over)
+            self.waiting_for_link = False
+        log.info("post-copy: the link is back, shadowing the devices")
+        self.start(server, self._link_up)
+
+    def _enter(self, server: FaultServer, resumes: int) -> None:
         if not self.m.devices:
             return
+        t0 = time.monotonic()
         try:
-            for dev, snap in zip(self.m.devices, self._snapshots, strict=True):
-                if snap.source == "shadow":
-                    check_inflight(self.m, dev, snap)
+            self._fetch_rings()
+        except (PtmigError, OSError) as e:
+            if self._link_up() and self._resumes == resumes:
+                self._failed(e)  # not the link: the pages did not come within the wait
+            elif self._wait_for_link(e, resumes):
+                self._enter(server, self._resumes)  # the link came back meanwhile
+            return
+        t1 = time.monotonic()
+        try:
+            self._check_inflight()
             engine = ShadowEngine(self.m, fetch=server.native_fetch())
             with self._lock:
                 if self._left:
                     return
                 self.engine = engine
                 engine.enter()
+            self.timings = {
+                "ring-fetch-ms": round((t1 - t0) * 1000, 3),
+                "enter-ms": round((time.monotonic() - t1) * 1000, 3),
+            }
             log.info("post-copy: %d devices shadowed until every page is here", len(self.devices))
         except (PtmigError, DeviceError, OSError, ValueError) as e:
-            self.error = f"{type(e).__name__}: {e}"
-            log.error(
-                "post-copy: the devices could not be shadowed (%s); they stay quiesced until "
-                "every page is here",
-                self.error,
+            self._failed(e)
+
+    def _fetch_rings(self) -> None:
+        """Make every ring page of the migrated queues present (the only wait for the link
+        before the devices are shadowed: the checks and the entry then read present pages)."""
+        presence = self.m.vm.memory.presence
+        if presence is None:
+            return
+        for snap in self._snapshots:
+            for q in snap.state.queues.values():
+                for addr, length in ring_regions(q):
+                    presence(addr, length)
+
+    def _check_inflight(self) -> None:
+        for dev, snap in zip(self.m.devices, self._snapshots, strict=True):
+            if snap.source == "shadow":
+                check_inflight(self.m, dev, snap)
+
+    def _wait_for_link(self, e: BaseException, resumes: int) -> bool:
+        """The link broke while the entry waited for ring pages: the devices stay quiesced
+        (nothing is lost: the guest is paused, its requests wait in the rings) and `retry`
+        enters shadow mode once the link is back. True: it is back already (try again now)."""
+        with self._lock:
+            if self._left:
+                return False
+            if self._resumes > resumes:
+                return True
+            self.waiting_for_link = True
+        log.warning(
+            "post-copy: the link broke before the devices were shadowed (%s); they stay "
+            "quiesced and are shadowed when the link is back",
+            e,
+        )
+        return False
+
+    def _failed(self, e: BaseException) -> None:
+        """The devices cannot be shadowed (an in-flight check failed, a device refused): they
+        stay quiesced until every page is here; QMP is told (X_POSTCOPY_DEVICES_FAILED and
+        x-query-postcopy's x-devices)."""
+        self.error = f"{type(e).__name__}: {e}"
+        log.error(
+            "post-copy: the devices could not be shadowed (%s); they stay quiesced until "
+            "every page is here",
+            self.error,
+        )
+        if self.m.qmp is not None:
+            self.m.qmp.emit(
+                "X_POSTCOPY_DEVICES_FAILED", {"devices": self.devices, "error": self.error}
             )
+
+    def report(self) -> dict[str, Any]:
+        """For x-query-postcopy: where the devices are (quiesced, shadowed, direct) and why."""
+        if self._left:
+            state = "direct"
+        elif self.engine is not None and self.engine.active:
+            state = "shadowed"
+        elif self.waiting_for_link:
+            state = "waiting-for-link"
+        else:
+            state = "quiesced"
+        out: dict[str, Any] = {"devices": self.devices, "state": state, **self.timings}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
     @property
     def devices(self) -> list[str]:

@@ -63,7 +63,6 @@ from .events import (
     VerifyReport,
 )
 from .params import MigrationCapabilities, MigrationInfo, MigrationParams, Status
-from .postcopy_devices import refuse_unsupported
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
@@ -213,8 +212,6 @@ class SourceMigration:
         self._note_owner()
         switched = False
         try:
-            if self.caps.postcopy_ram:
-                refuse_unsupported(m)
             ch = transport.connect_to(
                 self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
             )

@@ -235,6 +235,8 @@ class VhostUserBlk(Liveness):
         self._closing = False
         self._started: dict[int, QueueState] = {}
         self._bases: dict[int, int] = {}  # stopped queues: where the backend stopped
+        # quiesced: no ring starts until `resume` (`set_state` only records where they start)
+        self._quiesced = False
         self._rings: dict[int, QueueState] = {}  # every ring the backend was given addresses of
         self._view: BackendView | None = None  # shadowing: the backend sees this, not guest RAM
         self._logs: list[_LogBuffer] = []
@@ -640,6 +642,7 @@ class VhostUserBlk(Liveness):
                 )
             for i in list(self._started):
                 self._stop_queue(i)
+            self._quiesced = True
             return {
                 "in_flight": 0,
                 "queues": {
@@ -650,6 +653,7 @@ class VhostUserBlk(Liveness):
     def resume(self) -> None:
         with self._lock:
             self._require_alive()
+            self._quiesced = False
             for i in sorted(self._bases):
                 qs = self.regs.queue_state(i)
                 if qs is not None and self.regs.driver_ok:
@@ -676,7 +680,9 @@ class VhostUserBlk(Liveness):
     def set_state(self, state: dict[str, Any]) -> None:
         """Program this (fresh) device from `get_state` output of the other side (untrusted:
         validated by `DeviceState.from_json` and the register file), rings restarted from the
-        migrated bases (SET_VRING_BASE)."""
+        migrated bases (SET_VRING_BASE). A quiesced device starts them on `resume` instead: the
+        backend touches no ring before (a post-copy destination's rings may be pages still
+        on the source; `postcopy_devices`)."""
         with self._lock:
             self._require_alive()
             try:
@@ -687,7 +693,9 @@ class VhostUserBlk(Liveness):
             except ValueError as exc:
                 raise DeviceCommandError(f"device {self.name}: {exc}") from exc
             for i, qs in sorted(parsed.queues.items()):
-                if self.regs.queue_state(i) is not None and self.regs.driver_ok:
+                if self._quiesced:
+                    self._bases[i] = qs.next_avail
+                elif self.regs.queue_state(i) is not None and self.regs.driver_ok:
                     self._start_queue(i, qs, qs.next_avail)
 
     def reset(self) -> None:
