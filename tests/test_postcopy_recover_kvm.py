@@ -5,9 +5,8 @@ pause, `migrate-recover` makes the destination listen, `migrate` with `resume: t
 the source, and the guest continues on the destination with every page verified. A second break
 during the resumed post-copy pauses both sides again, and they recover again. A peer that is
 not the paused migration's source (wrong key, or the right key without the session token) is
-refused while the destination keeps listening. The same recovery over mutual TLS (the
-destination listens with the first connection's certificates) is expected to fail until
-migration over TLS works on KVM (see its xfail).
+refused while the destination keeps listening. The same recovery runs over mutual TLS (the
+destination listens with the first connection's certificates).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_migration_transport import OPENSSL, _ca, _leaf
+from pkirig import make_pki
 from test_postcopy_kvm import _pair, _start_postcopy_migration, _wait_status
 from vmmrig import TcpProxy, Vmm, dirty_config, free_port, iterations_increase, migration_key
 
@@ -202,28 +201,17 @@ def test_recovery_over_a_unix_socket_authenticated_as_the_first_connection(
         dst.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="migration over TLS stalls on KVM, in pre-copy too: the destination's receive sees "
-    "no progress for 30 s while the source is inside a 16 MiB send, then the source fails "
-    "with 'EOF occurred in violation of protocol' (with 1 or 4 data channels)",
-)
 def test_recovery_over_tls_with_the_first_connections_certificates(tmp_path: Path) -> None:
     """VMMs whose config names TLS certificates (no key file) migrate over mutual TLS; the
     destination listens for the resume with the same certificates, refuses a peer whose
     certificate another CA signed (and listens on), and the source resumes over TLS."""
-    if OPENSSL is None:
-        pytest.skip("the openssl command line tool is not installed: cannot generate test certs")
     pki = tmp_path / "pki"
     pki.mkdir()
-    for ca in ("ca", "rogue-ca"):
-        _ca(pki, ca)
-    _leaf(pki, "vmm", "ca")
-    _leaf(pki, "rogue", "rogue-ca")
+    make_pki(pki)  # both VMMs present `server`, which ca signed; `rogue` is rogue-ca's
     cfg = dirty_config(tmp_path, memory="32M", ws="16M")
     with cfg.open("a") as f:
         f.write(
-            f'\n[migration]\ntls_cert = "{pki / "vmm.pem"}"\ntls_key = "{pki / "vmm.key"}"\n'
+            f'\n[migration]\ntls_cert = "{pki / "server.pem"}"\ntls_key = "{pki / "server.key"}"\n'
             f'tls_ca = "{pki / "ca.pem"}"\n'
         )
     port = free_port()
