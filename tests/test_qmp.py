@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import threading
@@ -517,7 +518,7 @@ def test_commands_of_one_client_are_answered_in_order(server: QmpServer) -> None
 
 
 def test_a_client_that_stops_reading_is_dropped_and_others_are_served(
-    server: QmpServer,
+    server: QmpServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Replies of 1 MiB to a client that never reads: once more than the backlog cap (plus what
     # the kernel's socket buffer holds) is unsent, the server drops that client only.
@@ -527,8 +528,15 @@ def test_a_client_that_stops_reading_is_dropped_and_others_are_served(
     hog.negotiate()
     other.negotiate()
     n = 2 * MAX_OUTPUT_BACKLOG // reply_size
-    hog.send("".join(json.dumps({"execute": "big", "id": i}) for i in range(n)))
-    assert other.execute("query-status", id="o")["id"] == "o"
+    with caplog.at_level(logging.WARNING, logger="ptmig.qmp.server"):
+        hog.send("".join(json.dumps({"execute": "big", "id": i}) for i in range(n)))
+        assert other.execute("query-status", id="o")["id"] == "o"
+        # the hog reads nothing until the server has given up on it (reading while it sends
+        # would keep its backlog under the cap, and every reply would arrive)
+        deadline = time.monotonic() + 30
+        while not any("is not reading" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the server never dropped a client not reading"
+            time.sleep(0.01)
     replies = 0
     with pytest.raises((EOFError, ConnectionResetError)):
         while True:
