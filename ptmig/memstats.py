@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ ARENA_MAX = 2
 MMAP_THRESHOLD = 256 << 10
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:

@@ -301,15 +301,21 @@ def test_state_round_trips_to_a_fresh_frontend_that_restarts_the_ring_at_the_bas
         assert dst.mmio_read(c.REG_STATUS, 4) == ALL_STATUS
 
 
+def _pool_view(mem: GuestMemory, beside_ram: bool = False) -> tuple[ShadowPool, int, BackendView]:
+    """A shadow pool with one view as large as guest RAM, and the backend view of it."""
+    pool = ShadowPool(4, views=1, view_pages=mem.npages)
+    offset = pool.view_base(0) * PAGE_SIZE
+    args = (pool.fd, offset, mem.size, pool.address + offset, pool.mmap)
+    return pool, offset, BackendView(*args, True) if beside_ram else BackendView(*args)
+
+
 def test_a_backend_view_replaces_guest_ram_in_two_tables_with_the_rings_moved_unkicked(
     mem: GuestMemory,
 ) -> None:
     """Shadowing's memory swap, message by message: [guest RAM, view above it], the ring moved
     into the view without a kick, [view at GPA 0]; the restart then kicks it there. Leaving is
     the same with guest RAM. With the ring running the swap is refused and sends nothing."""
-    pool = ShadowPool(4, views=1, view_pages=mem.npages)
-    offset = pool.view_base(0) * PAGE_SIZE
-    view = BackendView(pool.fd, offset, mem.size, pool.address + offset, pool.mmap)
+    pool, offset, view = _pool_view(mem)
     dev, backend = _frontend(mem)
     with dev:
         q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
@@ -353,9 +359,7 @@ def test_a_view_beside_guest_ram_remaps_only_the_ring_pages(mem: GuestMemory) ->
     above], the ring moved into the view unkicked, then the split table; leaving: the
     transition table again, the ring moved back, [guest RAM]. Every table covers the ring's
     current addresses."""
-    pool = ShadowPool(4, views=1, view_pages=mem.npages)
-    offset = pool.view_base(0) * PAGE_SIZE
-    view = BackendView(pool.fd, offset, mem.size, pool.address + offset, pool.mmap, True)
+    pool, offset, view = _pool_view(mem, beside_ram=True)
     dev, backend = _frontend(mem)
     with dev:
         q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)

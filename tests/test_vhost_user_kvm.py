@@ -294,15 +294,21 @@ def test_shadow_cancelled_gives_the_daemon_guest_ram_back(tmp_path: Path) -> Non
         shadowed = _daemon_maps(src)
         assert any(n.endswith("-shadow-pool") for n in shadowed), shadowed
         assert not any(n.endswith("-ram") for n in shadowed), shadowed
-        src.cmd("migrate_cancel")
-        assert src.wait_migration()["status"] == "cancelled"
-        assert src.status() == "running"
-        after = _daemon_maps(src)
-        assert any(n.endswith("-ram") for n in after), after
-        assert not any(n.endswith("-shadow-pool") for n in after), after
-        result = load.result()
-        assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
-        assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+        _cancel_back_to_direct(src, load)
+
+
+def _cancel_back_to_direct(src: Vmm, load: Any) -> None:
+    """migrate_cancel: the source runs on, its daemon maps guest RAM and not the pool, and
+    the load lost nothing."""
+    src.cmd("migrate_cancel")
+    assert src.wait_migration()["status"] == "cancelled"
+    assert src.status() == "running"
+    after = _daemon_maps(src)
+    assert any(n.endswith("-ram") for n in after), after
+    assert not any(n.endswith("-shadow-pool") for n in after), after
+    result = load.result()
+    assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
+    assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
 
 
 def test_intercept_keeps_guest_ram_mapped_and_a_cancel_drops_the_pool(tmp_path: Path) -> None:
@@ -314,15 +320,7 @@ def test_intercept_keeps_guest_ram_mapped_and_a_cancel_drops_the_pool(tmp_path: 
         both = _daemon_maps(src)
         assert any(n.endswith("-shadow-pool") for n in both), both
         assert any(n.endswith("-ram") for n in both), both
-        src.cmd("migrate_cancel")
-        assert src.wait_migration()["status"] == "cancelled"
-        assert src.status() == "running"
-        after = _daemon_maps(src)
-        assert any(n.endswith("-ram") for n in after), after
-        assert not any(n.endswith("-shadow-pool") for n in after), after
-        result = load.result()
-        assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
-        assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
+        _cancel_back_to_direct(src, load)
 
 
 def test_a_daemon_killed_while_shadowed_fails_the_migration_and_the_source_runs(

@@ -14,6 +14,8 @@ import ssl
 import subprocess
 import sys
 
+import pytest
+
 from ptmig import memstats
 from ptmig.lazyimport import lazy_module
 from ptmig.migration import transport
@@ -124,3 +126,10 @@ def test_the_c_heap_policy_is_applied_and_trimming_returns_freed_pages() -> None
     before, after = map(int, out.stdout.split())
     assert before - after >= 20_000, (before, after)  # KiB: most of the 39 MiB went back
     assert memstats.ARENA_MAX >= 1
+
+
+def test_a_c_library_without_mallopt_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not glibc (musl has no malloc_trim): the policy says it did nothing, the trim is a no-op."""
+    monkeypatch.setattr(memstats, "_glibc", lambda: None)
+    assert memstats.tune_malloc() is False
+    memstats.release_free_memory()  # nothing to call: no error
