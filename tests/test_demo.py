@@ -16,6 +16,7 @@ from ptmig.demo.timeline import (
     Gap,
     Phase,
     gap_contains,
+    last_reply_sent_s,
     latency_by_phase,
     migration_phases,
     rate_between,
@@ -183,6 +184,62 @@ def test_the_gap_at_the_switchover_is_found(gaps, expected) -> None:
 )
 def test_the_gap_must_contain_the_pause(start: float, end: float, ok: bool) -> None:
     assert gap_contains(Gap(start, end), STOP, early_s=0.005, late_s=0.02, slack_s=0.001) is ok
+
+
+def test_the_reply_that_began_a_gap_is_found_with_its_send_time() -> None:
+    """Rows are (completed at s, latency ms): the gap beginning at 5.02 s began with the
+    replies completed then; the latest of their requests was sent at 5.02 - 0.030 s."""
+    rows = np.array([[4.90, 2.0], [5.02, 40.0], [5.02, 30.0], [5.2, 1.0]])
+    assert last_reply_sent_s(rows, Gap(5.02, 5.2)) == pytest.approx(4.99)
+    assert last_reply_sent_s(rows, Gap(5.05, 5.2)) is None  # no reply completed there
+    assert last_reply_sent_s(np.empty((0, 2)), Gap(5.02, 5.2)) is None
+
+
+@pytest.mark.parametrize(
+    "gap_start, sent, ok",
+    [
+        # a reply that arrived 40 ms into the pause, to a request sent before it: the guest
+        # stopped answering before the pause, the client was only slow to read
+        (5.04, 4.995, True),
+        (5.04, 5.0015, True),  # sent during the vCPUs' pause (quiesce 2 ms): still before it
+        # began early enough by the p99 allowance, but the guest answered a request sent
+        # well after it was paused: the gap does not contain the pause
+        (5.004, 5.003, False),
+    ],
+)
+def test_a_gap_begins_in_time_when_its_last_request_was_sent_before_the_pause(
+    gap_start: float, sent: float, ok: bool
+) -> None:
+    gap = Gap(gap_start, 5.12)
+    assert gap_contains(gap, STOP, 0.005, 0.02, 0.0, last_sent_s=sent, quiesce_s=0.002) is ok
+
+
+def test_the_switchover_outage_is_judged_by_the_last_requests_send_time() -> None:
+    """The failure seen on a loaded host: the client read the last replies sent before the
+    pause 50 ms late, far past the pre-copy p99; the record shows their requests were sent
+    before the pause, so the outage contains it (and the JSON says when they were sent)."""
+    from ptmig.demo.run import _switchover_outage
+
+    stop = Phase("stop-and-copy", 10.0, 10.25)
+    info = {"x-rounds": [{"stop-and-copy": True, "downtime-ms": {"pause": 1, "sync": 1}}]}
+    latency = {"pre-copy": {"n": 100, "p50_ms": 2.0, "p99_ms": 20.0, "max_ms": 30.0}}
+    gaps = [[10.05, 207.0]]
+    late = np.array([[9.9, 2.0], [10.05, 55.0], [10.257, 2.0]])  # sent at 9.995 s
+    out = _switchover_outage([stop], gaps, info, latency, 0.0, late)
+    assert out is not None and out["contains-switchover"], out
+    assert out["last-reply-sent_s"] == pytest.approx(9.995)
+    assert not _switchover_outage([stop], gaps, info, latency, 0.0)["contains-switchover"]
+    served = np.array([[9.9, 2.0], [10.05, 40.0], [10.257, 2.0]])  # sent at 10.010 s
+    out = _switchover_outage([stop], gaps, info, latency, 0.0, served)
+    assert out is not None and not out["contains-switchover"], out
+    problems = verdict(_with_outage(out)).problems
+    assert any("answered a request sent at 10.01 s" in p for p in problems), problems
+
+
+def _with_outage(outage: dict) -> dict:
+    d = doc()
+    d["demo"]["outage"]["client-switchover"] = outage
+    return d
 
 
 def doc() -> dict:

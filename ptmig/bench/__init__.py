@@ -111,7 +111,8 @@ def run_bench(
 def _run_section(
     console: Console, config: BenchConfig, name: str, fn: SectionFn, report: Report
 ) -> None:
-    console.print(f"[bold]bench {name}[/bold] ({config.runs} runs per measurement)")
+    # a section may run fewer (strategies: each cell is a whole demo) and says so itself
+    console.print(f"[bold]bench {name}[/bold] (up to {config.runs} runs per measurement)")
     started = clock()
     crashed = False
     try:

@@ -38,6 +38,7 @@ from .tapnet import TapNetwork
 from .timeline import (
     Phase,
     gap_contains,
+    last_reply_sent_s,
     latency_by_phase,
     migration_phases,
     stop_round,
@@ -287,6 +288,7 @@ def _switchover_outage(
     info: dict[str, Any],
     latency: dict[str, Any],
     slack_s: float,
+    rows: np.ndarray | None = None,
 ) -> dict[str, Any] | None:
     """The client's gap at the switchover, and whether it contains the guest's pause.
 
@@ -297,7 +299,11 @@ def _switchover_outage(
     milliseconds on a busy host reads the last replies that late. The gap may begin that late.
     At the other end the downtime runs until the source has the destination's
     acknowledgement; the destination resumed the guest as it sent it, after restoring vCPUs
-    and devices, so the guest may have run for the ack's wait less that restore."""
+    and devices, so the guest may have run for the ack's wait less that restore.
+
+    With the client's per-request record (`rows`: completed at s, latency ms) the beginning
+    is judged by when the request answered last before the gap was sent (before the guest
+    stopped, or the guest answered while paused); the p99 allowance is used only without it."""
     stop = next((p for p in phases if p.name == "stop-and-copy"), None)
     if stop is None:
         return None
@@ -320,21 +326,25 @@ def _switchover_outage(
     )
     ack_s = float(parts.get("ack", 0)) / 1000.0 if isinstance(parts, dict) else 0.0
     late_s = max(0.0, ack_s - restore_s)
+    sent_s = None if rows is None else last_reply_sent_s(rows, gap)
+    contains = gap_contains(gap, stop, early_s, late_s, slack_s, sent_s, quiesce_s)
     return {
         **gap.to_json(),
-        "contains-switchover": gap_contains(gap, stop, early_s, late_s, slack_s),
+        "contains-switchover": contains,
+        **({} if sent_s is None else {"last-reply-sent_s": round(sent_s, 4)}),
+        "quiesce-ms": round(quiesce_s * 1000, 2),
         "early-ms": round(early_s * 1000, 2),
         "late-ms": round(late_s * 1000, 2),
         "slack-ms": round(slack_s * 1000, 2),
     }
 
 
-def _latency(path: Path, phases: list[Phase]) -> dict[str, Any]:
+def _latency_rows(path: Path) -> np.ndarray | None:
+    """The load client's per-request record (completed at s, latency ms), if it wrote one."""
     try:
-        rows = np.load(path)
+        return np.load(path).reshape(-1, 2)
     except (OSError, ValueError):
-        return {}
-    return latency_by_phase(rows.reshape(-1, 2), phases)
+        return None
 
 
 def _demo_section(
@@ -350,9 +360,10 @@ def _demo_section(
     info, load = mig.info, load_doc["result"]
     load_end = float(load.get("duration_s") or 0.0)
     phases = migration_phases(info, mig.started - t0, load_end)
-    latency = _latency(lat_path, phases)
+    rows = _latency_rows(lat_path)
+    latency = {} if rows is None else latency_by_phase(rows, phases)
     outage = _switchover_outage(
-        phases, load_doc.get("gaps") or [], info, latency, mig.slack_s + 0.002
+        phases, load_doc.get("gaps") or [], info, latency, mig.slack_s + 0.002, rows
     )
     return {
         "options": {

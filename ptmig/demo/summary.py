@@ -54,12 +54,19 @@ def coverage_problems(demo: Mapping[str, Any]) -> list[str]:
             f"({_window(stop)}): its outage there was not measured"
         )
     elif not gap.get("contains-switchover"):
+        if "last-reply-sent_s" in gap:
+            begin = (
+                f"the reply that began it answered a request sent at "
+                f"{gap['last-reply-sent_s']} s, which must be no later than "
+                f"{gap.get('quiesce-ms')} ms after the pause began"
+            )
+        else:
+            begin = f"the outage may begin {gap.get('early-ms')} ms after the pause began"
         problems.append(
             f"the client's outage at the switchover ({gap.get('start_s')} s to "
             f"{gap.get('end_s')} s) does not contain the guest's pause "
-            f"({_window(stop)}; the outage may begin {gap.get('early-ms')} ms after the pause "
-            f"began and end {gap.get('late-ms')} ms before the downtime ended, "
-            f"± {gap.get('slack-ms')} ms)"
+            f"({_window(stop)}; {begin} and end {gap.get('late-ms')} ms before the downtime "
+            f"ended, ± {gap.get('slack-ms')} ms)"
         )
     return problems
 

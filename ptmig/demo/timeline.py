@@ -192,14 +192,44 @@ def switchover_gap(gaps: Sequence[Sequence[float]], stop: Phase) -> Gap | None:
     return best
 
 
-def gap_contains(gap: Gap, stop: Phase, early_s: float, late_s: float, slack_s: float) -> bool:
-    """Does the client's gap contain the switchover? It must begin no later than `early_s`
-    after the pause began (replies sent before the pause still arrive for a while: the
-    devices' queues, the switch, the client) and last until the guest resumed, which is at
-    most `late_s` before the end of the downtime (the source counts until the destination's
-    acknowledgement arrives; the destination resumes the guest as it sends it). `slack_s` is
-    how well the two time axes' origins are known."""
-    return (
-        gap.start_s <= stop.start_s + early_s + slack_s
-        and gap.end_s >= stop.end_s - late_s - slack_s
-    )
+def last_reply_sent_s(rows: np.ndarray, gap: Gap, tolerance_s: float = 0.0005) -> float | None:
+    """When the client sent the request whose reply began `gap` (the latest send among the
+    replies completed at its start, `rows` being (completed at s, latency ms) per request);
+    None when the record has no reply there. The guest answered that request after it was
+    sent, so it was running then: a gap whose first silence follows a request sent before
+    the pause began no later than the pause, however late the reply itself arrived."""
+    if not len(rows):
+        return None
+    done = rows[:, 0]
+    at_start = (done >= gap.start_s - tolerance_s) & (done <= gap.start_s + tolerance_s)
+    if not at_start.any():
+        return None
+    return float((done[at_start] - rows[at_start, 1] / 1000.0).max())
+
+
+def gap_contains(
+    gap: Gap,
+    stop: Phase,
+    early_s: float,
+    late_s: float,
+    slack_s: float,
+    last_sent_s: float | None = None,
+    quiesce_s: float = 0.0,
+) -> bool:
+    """Does the client's gap contain the switchover? It must begin before the guest stopped
+    answering and last until the guest resumed, which is at most `late_s` before the end of
+    the downtime (the source counts until the destination's acknowledgement arrives; the
+    destination resumes the guest as it sends it). `slack_s` is how well the two time axes'
+    origins are known.
+
+    The beginning: when the send time of the reply that began the gap is known
+    (`last_sent_s`), that request must have been sent before the guest stopped, i.e. no later
+    than `quiesce_s` (vCPU pause + device sync) after the stop-and-copy began: a later one
+    was answered by a guest that was supposed to be paused. Without it, the gap must begin
+    no later than `early_s` after the pause began (replies sent before the pause still
+    arrive for a while: the devices' queues, the switch, the client)."""
+    if last_sent_s is not None:
+        began = last_sent_s <= stop.start_s + quiesce_s + slack_s
+    else:
+        began = gap.start_s <= stop.start_s + early_s + slack_s
+    return began and gap.end_s >= stop.end_s - late_s - slack_s
