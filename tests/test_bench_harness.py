@@ -227,14 +227,18 @@ def test_each_section_s_duration_is_printed_and_written(
     out = tmp_path / "bench.json"
     console = Console(file=io.StringIO(), width=200)
     monkeypatch.setattr(bench, "Console", lambda *a, **k: console)
+    monkeypatch.setattr(bench, "load_average", lambda: [1.5, 1.0, 0.5])
     assert bench.main(quick=True, json_path=out, only=None) == 1
     doc = json.loads(out.read_text())
+    load = [1.5, 1.0, 0.5]  # the host's load when each section ended
     assert doc["sections"] == [
-        {"section": "good", "duration_s": 70.0, "results": 2, "crashed": False},
-        {"section": "broken", "duration_s": 70.0, "results": 0, "crashed": True},
-        {"section": "missing", "duration_s": 70.0, "results": 0, "crashed": True},
+        {"section": "good", "duration_s": 70.0, "results": 2, "crashed": False, "loadavg": load},
+        {"section": "broken", "duration_s": 70.0, "results": 0, "crashed": True, "loadavg": load},
+        {"section": "missing", "duration_s": 70.0, "results": 0, "crashed": True, "loadavg": load},
     ]
     assert doc["duration_s"] == 210.0
+    # the same run as Markdown tables beside the JSON
+    assert "| good | 1 min 10 s | 1.50 / 1.00 / 0.50 | 2 |" in out.with_suffix(".md").read_text()
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "bench good took 1 min 10 s" in text
     assert "bench took 3 min 30 s: good 1 min 10 s, broken 1 min 10 s" in text

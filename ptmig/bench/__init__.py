@@ -27,9 +27,12 @@ from .harness import (
     Result,
     SectionError,
     SectionTime,
+    load_average,
     machine_info,
+    minutes_text,
     print_section,
 )
+from .markdown import render as render_markdown
 from .progress import BenchProgress
 
 SectionFn = Callable[[BenchConfig], list[Result]]
@@ -95,9 +98,9 @@ def run_bench(
     if len(report.sections) > 1:
         console.print(
             "bench took "
-            + _minutes(report.duration_s)
+            + minutes_text(report.duration_s)
             + ": "
-            + ", ".join(f"{t.section} {_minutes(t.duration_s)}" for t in report.sections)
+            + ", ".join(f"{t.section} {minutes_text(t.duration_s)}" for t in report.sections)
         )
     missed = [r for r in report.results if r.ok is False]
     if missed:
@@ -124,9 +127,9 @@ def _run_section(
         errors.print(traceback.format_exc(), markup=False)
         report.errors.append(SectionError(name, f"{type(e).__name__}: {e}"))
         results = list(getattr(e, "partial", []))
-    took = SectionTime(name, clock() - started, len(results), crashed)
+    took = SectionTime(name, clock() - started, len(results), crashed, load_average())
     report.sections.append(took)
-    console.print(f"bench {name} took {_minutes(took.duration_s)}")
+    console.print(f"bench {name} took {minutes_text(took.duration_s)}")
     if not results:
         return
     for r in results:
@@ -134,11 +137,6 @@ def _run_section(
             r.section = name
     report.results.extend(results)
     print_section(console, name, results)
-
-
-def _minutes(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def write_json(report: Report, path: Path) -> None:
@@ -179,7 +177,9 @@ def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
         return FAILED if report.errors else OK
     path = json_path if json_path is not None else DEFAULT_JSON_PATH
     write_json(report, path)
-    console.print(f"results written to {path}")
+    md = path.with_suffix(".md")
+    md.write_text(render_markdown(report.to_json()))
+    console.print(f"results written to {path} (tables in Markdown: {md})")
     from ..report import write_report
 
     page = write_report(path.parent / "report", bench=report.to_json())

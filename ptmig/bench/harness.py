@@ -249,6 +249,7 @@ class SectionTime:
     duration_s: float
     results: int
     crashed: bool = False
+    loadavg: list[float] | None = None  # the host's load averages when the section ended
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -256,6 +257,7 @@ class SectionTime:
             "duration_s": round(self.duration_s, 1),
             "results": self.results,
             "crashed": self.crashed,
+            "loadavg": self.loadavg,
         }
 
 
@@ -279,6 +281,12 @@ class Report:
             "sections": [t.to_json() for t in self.sections],
             "duration_s": round(self.duration_s, 1),
         }
+
+
+def minutes_text(seconds: float) -> str:
+    """A duration as "3 min 05 s", or "42 s" under a minute."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def format_value(value: float) -> str:

@@ -1,0 +1,105 @@
+"""The bench's results as Markdown: one table per section, written beside the JSON.
+
+The README's result tables are this file's tables, pasted from one run, so regenerating them
+is `ptmig bench` and a copy, not a transcription. Everything here reads the JSON document
+(`Report.to_json()`), so a stored run can be rendered again (`python -m ptmig.bench.markdown
+bench.json`) after the table's layout changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .harness import format_value, minutes_text
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    """The whole run: what it ran on, each section's duration and load, then its results."""
+    lines = [_machine_line(doc.get("machine") or {}), ""]
+    sections = doc.get("sections") or []
+    if sections:
+        lines += ["| section | duration | load average at its end (1/5/15 min) | results |"]
+        lines += ["|---|---|---|---|"]
+        for t in sections:
+            crashed = " (crashed)" if t.get("crashed") else ""
+            lines.append(
+                f"| {t['section']}{crashed} | {minutes_text(float(t['duration_s']))} | "
+                f"{_load(t.get('loadavg'))} | {t['results']} |"
+            )
+        lines.append(f"\nTotal: {minutes_text(float(doc.get('duration_s') or 0.0))}.\n")
+    for section, results in _by_section(doc.get("results") or []):
+        lines += [f"#### `{section}`", "", *section_table(results), ""]
+    for err in doc.get("errors") or []:
+        lines.append(f"- section `{err['section']}` crashed: {err['error']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def section_table(results: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One Markdown table: name, median, min … max over its runs, unit, goal and verdict."""
+    out = ["| measurement | median | min … max | runs | unit | goal |", "|---|---|---|---|---|---|"]
+    for r in results:
+        out.append(
+            f"| `{r['name']}` | {_num(r.get('value'))} | {_num(r.get('min'))} … "
+            f"{_num(r.get('max'))} | {len(r.get('runs') or [])} | {r.get('unit', '')} | "
+            f"{_goal(r)} |"
+        )
+    return out
+
+
+def _by_section(results: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """Results grouped by section, in the order the sections ran."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(str(r["section"]), []).append(r)
+    return list(groups.items())
+
+
+def _goal(r: Mapping[str, Any]) -> str:
+    goal = r.get("goal")
+    if not goal:
+        return ""
+    ok = r.get("ok")
+    verdict = "not judged" if ok is None else "met" if ok else "missed"
+    return f"{goal} ({verdict})"
+
+
+def _num(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return format_value(float(v))
+
+
+def _load(loadavg: Any) -> str:
+    return "n/a" if not loadavg else " / ".join(f"{float(x):.2f}" for x in loadavg)
+
+
+def _machine_line(m: Mapping[str, Any]) -> str:
+    return (
+        f"Measured on {m.get('cpu_model', 'an unknown CPU')}, {m.get('cores', '?')} cores, "
+        f"Linux {m.get('kernel', '?')}, Python {m.get('python', '?')}, {m.get('date', '?')}; "
+        f"load average at the start {_load(m.get('loadavg'))}."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ptmig.bench.markdown BENCH_JSON`: print a stored run's tables."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ptmig.bench.markdown BENCH_JSON", file=sys.stderr)
+        return 2
+    try:
+        doc = json.loads(Path(args[0]).read_text())
+    except (OSError, ValueError) as e:
+        print(f"cannot read {args[0]}: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

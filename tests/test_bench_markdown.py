@@ -1,0 +1,63 @@
+"""The bench's Markdown tables: what the README's result tables are pasted from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ptmig.bench import markdown
+from ptmig.bench.harness import Report, Result, SectionError, SectionTime
+
+
+def report() -> dict:
+    r = Report(
+        machine={
+            "cpu_model": "Test CPU",
+            "cores": 2,
+            "kernel": "6.1",
+            "python": "3.11",
+            "date": "2026-12-04T00:00:00+00:00",
+            "loadavg": [0.5, 0.4, 0.3],
+        }
+    )
+    r.results += [
+        Result("core", "storebw.ratio", 0.95, "guest/native", "≥ 0.9", True, [0.9, 0.95, 1.0]),
+        Result("core", "exit.pio", 42.0, "µs", "≤ 30 µs", False, [41.0, 42.0, 47.0]),
+        Result("migration", "qemu.total", float("nan"), "ms", None, None, []),
+    ]
+    r.sections += [
+        SectionTime("core", 19.0, 2, loadavg=[2.0, 1.2, 1.24]),
+        SectionTime("migration", 125.4, 1),
+        SectionTime("scale", 3.0, 0, crashed=True),
+    ]
+    r.errors.append(SectionError("scale", "BenchError: no room for two 8 GiB VMs"))
+    return r.to_json()
+
+
+def test_each_section_gets_a_table_with_its_goals_judged() -> None:
+    text = markdown.render(report())
+    assert "Test CPU, 2 cores, Linux 6.1, Python 3.11" in text
+    assert "load average at the start 0.50 / 0.40 / 0.30" in text
+    assert "| `storebw.ratio` | 0.9500 | 0.9000 … 1.000 | 3 | guest/native | ≥ 0.9 (met) |" in text
+    assert "| `exit.pio` | 42.00 | 41.00 … 47.00 | 3 | µs | ≤ 30 µs (missed) |" in text
+    assert "| `qemu.total` | n/a | n/a … n/a | 0 | ms |  |" in text
+    assert text.index("#### `core`") < text.index("#### `migration`")
+
+
+def test_durations_loads_and_crashes_are_listed() -> None:
+    text = markdown.render(report())
+    assert "| core | 19 s | 2.00 / 1.20 / 1.24 | 2 |" in text
+    assert "| migration | 2 min 05 s | n/a | 1 |" in text
+    assert "| scale (crashed) | 3 s | n/a | 0 |" in text
+    assert "Total: 2 min 27 s." in text
+    assert "section `scale` crashed: BenchError: no room for two 8 GiB VMs" in text
+
+
+def test_a_stored_run_is_rendered_again(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report()))
+    assert markdown.main([str(path)]) == 0
+    assert "#### `core`" in capsys.readouterr().out
+    assert markdown.main([str(tmp_path / "missing.json")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    assert markdown.main([]) == 2
