@@ -7,3 +7,9 @@ hypervisor and is dirty-tracked. Outside migration the device DMAs directly.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# ptmig does no linear algebra: numpy's OpenBLAS needs no worker threads, which otherwise
+# start one per core in every ptmig process (and were seen spinning in the bench driver).
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
