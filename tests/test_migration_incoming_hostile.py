@@ -182,7 +182,9 @@ def frame(ftype: FrameType, metadata: bytes) -> bytes:
 
 
 def hello_frame(doc: Any) -> bytes:
-    return frame(FrameType.HELLO, frames._U32.pack(1) + json.dumps(doc).encode())
+    return frame(
+        FrameType.HELLO, frames._U32.pack(frames.PROTOCOL_VERSION) + json.dumps(doc).encode()
+    )
 
 
 VALID_HELLO = hello_frame({"fingerprint": FP, "capabilities": []})
@@ -386,7 +388,8 @@ def test_device_states_refused_with_the_reason_sent_to_the_source(
 
 def test_a_deeply_nested_hello_is_refused_with_a_reason(destination: Destination) -> None:
     replies = destination.attempt(
-        frames.MAGIC + frame(FrameType.HELLO, frames._U32.pack(1) + b"{" * 50_000)
+        frames.MAGIC
+        + frame(FrameType.HELLO, frames._U32.pack(frames.PROTOCOL_VERSION) + b"{" * 50_000)
     )
     assert "nests 50000 levels deep" in abort_reason(replies)
 

@@ -24,7 +24,13 @@ from ptmig.migration import (
     frames,
     hello,
 )
-from ptmig.migration.events import PageRequest, PostcopyEnd, PostcopyPages, PostcopyStart
+from ptmig.migration.events import (
+    PageRequest,
+    PostcopyDone,
+    PostcopyEnd,
+    PostcopyPages,
+    PostcopyStart,
+)
 from ptmig.migration.postcopy import SendOrder, page_ranges, pending_bytes, pending_pages
 
 PAGES = 128
@@ -67,9 +73,30 @@ def test_a_postcopy_conversation_both_ways_then_the_end() -> None:
     assert deliver(s, d, PostcopyPages(3, 1, page)) == PostcopyPages(3, 1, page)
     assert deliver(s, d, PostcopyPages(0, 2)) == PostcopyPages(0, 2)  # zero pages
     deliver(s, d, PostcopyEnd())
-    assert s.state is d.state is State.SWITCHED_OVER
+    assert s.state is d.state is State.POSTCOPY_ENDED
     # a request that crossed PostcopyEnd is allowed (and ignored by the source)
     assert deliver(d, s, PageRequest(1, 1)) == PageRequest(1, 1)
+    assert deliver(d, s, PostcopyDone()) == PostcopyDone()
+    assert s.state is d.state is State.SWITCHED_OVER
+
+
+def test_the_source_may_close_only_after_the_destination_confirmed_the_end() -> None:
+    """Until PostcopyDone the source must read on: the end of the stream there is an error
+    on both sides, and only the destination confirms."""
+    s, d = postcopy_pair()
+    deliver(s, d, PostcopyEnd())
+    with pytest.raises(LocalProtocolError, match="may not send PostcopyDone"):
+        s.send(PostcopyDone())
+    s.receive_data(b"")  # the destination went away before confirming
+    with pytest.raises(RemoteProtocolError):
+        s.next_event()
+    s2, d2 = postcopy_pair()
+    with pytest.raises(LocalProtocolError):
+        d2.send(PostcopyDone())  # not before PostcopyEnd
+    deliver(s2, d2, PostcopyEnd())
+    deliver(d2, s2, PostcopyDone())
+    s2.receive_data(b"")
+    assert s2.next_event() is not NEED_DATA  # the peer's end is fine now
 
 
 def test_postcopy_frames_out_of_place_or_out_of_range_are_refused() -> None:

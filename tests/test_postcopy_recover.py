@@ -23,6 +23,7 @@ from ptmig.migration import (
 from ptmig.migration.events import (
     Hello,
     PageRequest,
+    PostcopyDone,
     PostcopyEnd,
     PostcopyPages,
     PostcopyReceived,
@@ -192,6 +193,7 @@ def test_a_resumed_conversation_bitmap_pages_requests_then_the_end() -> None:
     assert deliver(s, d, PostcopyPages(5, 3, bytes(3 * PS))) == PostcopyPages(5, 3, bytes(3 * PS))
     deliver(s, d, PostcopyPages(129, 1))
     deliver(s, d, PostcopyEnd())
+    deliver(d, s, PostcopyDone())
     assert s.state is d.state is State.SWITCHED_OVER
 
 

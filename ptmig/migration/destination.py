@@ -67,6 +67,7 @@ from .events import (
     PageRunsHeader,
     PostcopyDiscard,
     PostcopyDiscarded,
+    PostcopyDone,
     PostcopyReceived,
     PostcopyStart,
     ProtocolError,
@@ -738,7 +739,17 @@ class Incoming:
         self.m.vm.memory.presence = None
         pc.finish()
         log.info("post-copy: completed, %d pages installed", pc.report.pending_pages)
+        self._confirm_postcopy_done(ch, conn)
         return True
+
+    def _confirm_postcopy_done(self, ch: transport.Channel, conn: Connection) -> None:
+        """Tell the source it may close (see `postcopy.await_done`). Every page is here, so a
+        link that breaks now costs nothing on this side: the source, which cannot tell, stays
+        postcopy-paused and never runs the guest again."""
+        try:
+            transport.send_event(ch, conn, PostcopyDone())
+        except (transport.TransportError, OSError) as e:
+            log.warning("post-copy: completed here, but the source was not told (%s)", e)
 
     def _postcopy_lost(self, why: str) -> None:
         """The link broke (or migrate-pause broke it): pause the guest, keep every page and the

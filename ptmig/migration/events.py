@@ -263,6 +263,13 @@ class PostcopyDiscard:
 
 
 @dataclass(frozen=True)
+class PostcopyDone:
+    """Destination: every page is installed here after PostcopyEnd; the source may close.
+    (Closing earlier, with page requests still unread, makes its kernel reset the connection
+    and drop what it had not yet delivered: the end of post-copy would be lost.)"""
+
+
+@dataclass(frozen=True)
 class PostcopyDiscarded:
     """Destination: the PostcopyDiscard pages are missing here; the source may stop."""
 
@@ -294,6 +301,7 @@ Event = (
     | PostcopyPages
     | PageRequest
     | PostcopyEnd
+    | PostcopyDone
     | PostcopyReceived
     | PostcopyDiscard
     | PostcopyDiscarded

@@ -57,6 +57,7 @@ from ptmig.migration.events import (
     PageRequest,
     PostcopyDiscard,
     PostcopyDiscarded,
+    PostcopyDone,
     PostcopyEnd,
     PostcopyPages,
     PostcopyReceived,
@@ -71,7 +72,7 @@ from ptmig.migration.events import (
 )
 
 MAGIC: Final = b"PTMIG\r\n\x1a"
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: PostcopyDone
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
@@ -125,6 +126,7 @@ class FrameType(enum.IntEnum):
     POSTCOPY_RECEIVED = 17
     POSTCOPY_DISCARD = 18
     POSTCOPY_DISCARDED = 19
+    POSTCOPY_DONE = 20
 
 
 # (minimum, maximum) metadata length per frame type.
@@ -148,6 +150,7 @@ METADATA_LIMITS: Final[dict[FrameType, tuple[int, int]]] = {
     FrameType.POSTCOPY_RECEIVED: (8, MAX_PENDING_BITMAP),
     FrameType.POSTCOPY_DISCARD: (8, MAX_PENDING_BITMAP),
     FrameType.POSTCOPY_DISCARDED: (0, 0),
+    FrameType.POSTCOPY_DONE: (0, 0),
 }
 
 
@@ -282,6 +285,8 @@ def encode_event(event: Event) -> bytes:
             return encode_frame(FrameType.POSTCOPY_DISCARD, bytes(pending))
         case PostcopyDiscarded():
             return encode_frame(FrameType.POSTCOPY_DISCARDED, b"")
+        case PostcopyDone():
+            return encode_frame(FrameType.POSTCOPY_DONE, b"")
         case VerifyReport(npages, mismatched, first):
             first = tuple(first)[:MAX_REPORTED_PAGES]
             return encode_frame(
@@ -364,6 +369,8 @@ def decode_event(ftype: FrameType, metadata: bytes) -> Event:
             return PostcopyStart(metadata)
         case FrameType.POSTCOPY_DISCARDED:
             return PostcopyDiscarded()
+        case FrameType.POSTCOPY_DONE:
+            return PostcopyDone()
         case FrameType.POSTCOPY_PAGES | FrameType.PAGE_REQUEST:
             first, npages = _PAGE_RANGE.unpack_from(metadata)
             if not 1 <= npages <= MAX_POSTCOPY_PAGES:

@@ -15,7 +15,9 @@ its vCPUs run, starts its fetcher, acknowledges, and resumes the guest. Then:
   frame from the requested page on, and the background push continues right after it (the
   guest's next accesses are likely near its last fault). Zero pages travel as empty frames.
   `max-bandwidth` caps all of it (a request jumps the queue, not the link). The end is
-  `PostcopyEnd`.
+  `PostcopyEnd`, and the source closes only after the destination's `PostcopyDone` (every
+  page installed): closing with requests unread would make its kernel reset the connection
+  and drop the last frames still in flight (`await_done`).
 - `PostcopyReceiver` (destination) installs each frame with UFFDIO_COPY (or ZEROPAGE) and
   keeps the verification digests of what it installed; its fetcher thread turns the fault
   server's requests into PageRequest frames on the same stream (the return path).
@@ -68,6 +70,7 @@ from .events import (
     NEED_DATA,
     Abort,
     PageRequest,
+    PostcopyDone,
     PostcopyEnd,
     PostcopyPages,
     PostcopyStart,
@@ -290,6 +293,20 @@ def drop_stray_requests(ch: transport.Channel, conn: Connection) -> Any:
         ev = transport.recv_event(ch, conn)
         if not isinstance(ev, PageRequest):
             return ev
+
+
+def await_done(ch: transport.Channel, conn: Connection) -> None:
+    """After PostcopyEnd, until the destination confirms that every page is installed.
+
+    The source must not close before: requests that crossed PostcopyEnd sit unread in its
+    socket, and closing a socket with unread data makes the kernel reset the connection and
+    drop whatever it had not delivered yet, the last pages and PostcopyEnd included. A link
+    that breaks first is a link lost during post-copy (TransportError): the destination may
+    miss pages, so the source keeps them for a recovery. (The stream's end before
+    PostcopyDone, or any other frame, is refused by the protocol: RemoteProtocolError.)"""
+    ev = drop_stray_requests(ch, conn)
+    if not isinstance(ev, PostcopyDone):
+        raise PostcopyError(f"unexpected {type(ev).__name__} at the end of post-copy")
 
 
 @dataclass

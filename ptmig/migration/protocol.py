@@ -16,7 +16,8 @@ Conversation (see `events` for who sends what):
     post-copy (capability `postcopy-ram`; see `postcopy`):
     DEVICES_SENT --S PostcopyStart--> POSTCOPY_ARMED --S Complete--> POSTCOPY_COMPLETE_SENT
     POSTCOPY_COMPLETE_SENT --D SwitchoverAck(ok)--> POSTCOPY
-    POSTCOPY --S PostcopyPages* | D PageRequest*--> POSTCOPY --S PostcopyEnd--> SWITCHED_OVER
+    POSTCOPY --S PostcopyPages* | D PageRequest*--> POSTCOPY --S PostcopyEnd--> POSTCOPY_ENDED
+    POSTCOPY_ENDED --D PostcopyDone--> SWITCHED_OVER   (the source may close only now)
     (optionally, at the round end where the source decides to switch, before it stops:
     PRECOPY --S PostcopyDiscard--> DISCARD_SENT --D PostcopyDiscarded--> DISCARDED
     DISCARDED --S VcpuStates--> POSTCOPY_VCPU_SENT --S DeviceStates--> POSTCOPY_DEVICES_SENT
@@ -139,6 +140,7 @@ class State(enum.Enum):
     POSTCOPY_ARMED = "postcopy-armed"
     POSTCOPY_COMPLETE_SENT = "postcopy-complete-sent"
     POSTCOPY = "postcopy"
+    POSTCOPY_ENDED = "postcopy-ended"
     RESUME_START = "resume-start"
     DISCARD_SENT = "discard-sent"
     DISCARDED = "discarded"
@@ -165,7 +167,12 @@ DATA_CHANNELS_OFFER_CAPABILITY = "x-data-channels"  # main Hello: "x-data-channe
 VERIFY_CAPABILITY = "x-verify-after-switchover"
 DATA_CHANNEL_JOIN_CAPABILITY = "x-data-channel"  # a data channel's Hello: "x-data-channel=I:TOKEN"
 # After the switchover the destination runs the guest: nothing can be aborted any more.
-_NO_ABORT = FINAL_STATES | {State.SWITCHED_OVER, State.POST_VERIFY, State.POSTCOPY}
+_NO_ABORT = FINAL_STATES | {
+    State.SWITCHED_OVER,
+    State.POST_VERIFY,
+    State.POSTCOPY,
+    State.POSTCOPY_ENDED,
+}
 
 S, D = Role.SOURCE, Role.DESTINATION
 TRANSITIONS: dict[tuple[Role, State, str], State] = {
@@ -200,7 +207,9 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (D, State.POSTCOPY_COMPLETE_SENT, "SwitchoverRefused"): State.SWITCHOVER_REFUSED,
     (S, State.POSTCOPY, "PostcopyPages"): State.POSTCOPY,
     (D, State.POSTCOPY, "PageRequest"): State.POSTCOPY,
-    (S, State.POSTCOPY, "PostcopyEnd"): State.SWITCHED_OVER,
+    (S, State.POSTCOPY, "PostcopyEnd"): State.POSTCOPY_ENDED,
+    (D, State.POSTCOPY_ENDED, "PageRequest"): State.POSTCOPY_ENDED,
+    (D, State.POSTCOPY_ENDED, "PostcopyDone"): State.SWITCHED_OVER,
     (D, State.SWITCHED_OVER, "PageRequest"): State.SWITCHED_OVER,
     (D, State.POST_VERIFY, "PageRequest"): State.POST_VERIFY,
     # A resumed post-copy: the destination's received bitmap says what the source resends.

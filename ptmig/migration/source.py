@@ -780,6 +780,7 @@ class SourceMigration:
         t0 = time.monotonic()
         try:
             sender.run()
+            postcopy.await_done(ch, conn)
         finally:  # a resumed post-copy adds to the first one's counters
             self.info.ram.postcopy_requests += sender.requests
             self.info.ram.transferred += sender.bytes_sent
