@@ -32,7 +32,6 @@ from .harness import (
     minutes_text,
     print_section,
 )
-from .markdown import render as render_markdown
 from .progress import BenchProgress
 
 SectionFn = Callable[[BenchConfig], list[Result]]
@@ -177,6 +176,8 @@ def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
         return FAILED if report.errors else OK
     path = json_path if json_path is not None else DEFAULT_JSON_PATH
     write_json(report, path)
+    from .markdown import render as render_markdown  # (`python -m` it alone, too)
+
     md = path.with_suffix(".md")
     md.write_text(render_markdown(report.to_json()))
     console.print(f"results written to {path} (tables in Markdown: {md})")
