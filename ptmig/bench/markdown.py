@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -33,7 +34,11 @@ def render(doc: Mapping[str, Any]) -> str:
             )
         lines.append(f"\nTotal: {minutes_text(float(doc.get('duration_s') or 0.0))}.\n")
     for section, results in _by_section(doc.get("results") or []):
-        lines += [f"#### `{section}`", "", *section_table(results), ""]
+        lines += [f"#### `{section}`", ""]
+        cells = strategy_cells(results)
+        if cells:
+            lines += ["Per cell (medians of its runs):", "", *cells, "", "Every result:", ""]
+        lines += [*section_table(results), ""]
     for err in doc.get("errors") or []:
         lines.append(f"- section `{err['section']}` crashed: {err['error']}")
     return "\n".join(lines).rstrip() + "\n"
@@ -49,6 +54,52 @@ def section_table(results: Iterable[Mapping[str, Any]]) -> list[str]:
             f"{_goal(r)} |"
         )
     return out
+
+
+# strategy cells: `strategy.<strategy>.<size>.<metric>`, shown one row per strategy and size
+_CELL = re.compile(r"^strategy\.(?P<strategy>[a-z-]+)\.(?P<size>\d+[MG])\.(?P<metric>[a-z0-9_]+)$")
+CELL_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("downtime (ms)", "downtime"),
+    ("MiB sent", "bytes"),
+    ("total (ms)", "total"),
+    ("rounds", "rounds"),
+    ("client outage (ms)", "client_gap"),
+    ("kv ops/s before / pre-copy / after", "ops_before ops_precopy ops_after"),
+    ("p99 ms before / pre-copy / after", "p99_before p99_precopy p99_after"),
+    ("VMM CPU s/GiB src / dst", "cpu_source cpu_destination"),
+    ("mismatched pages", "mismatched"),
+    ("lost", "lost"),
+    ("wrong", "wrong"),
+)
+
+
+def strategy_cells(results: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The strategies section's cells as one table (empty for any other section)."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in results:
+        m = _CELL.match(str(r["name"]))
+        if m:
+            cell = cells.setdefault((m["strategy"], m["size"]), {})
+            cell[m["metric"]] = r.get("value")
+    if not cells:
+        return []
+    out = [
+        "| RAM | strategy | " + " | ".join(title for title, _ in CELL_COLUMNS) + " |",
+        "|---" * (2 + len(CELL_COLUMNS)) + "|",
+    ]
+    for (strategy, size), cell in sorted(cells.items(), key=lambda kv: _size_key(kv[0])):
+        values = [
+            " / ".join(_num(cell.get(metric)) for metric in metrics.split())
+            for _, metrics in CELL_COLUMNS
+        ]
+        out.append(f"| {size} | `{strategy}` | " + " | ".join(values) + " |")
+    return out
+
+
+def _size_key(key: tuple[str, str]) -> tuple[int, str]:
+    strategy, size = key
+    mib = int(size[:-1]) * (1024 if size.endswith("G") else 1)
+    return mib, strategy
 
 
 def _by_section(results: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[Mapping[str, Any]]]]:
