@@ -15,7 +15,6 @@ solves. Every access is bounds-checked by GPA.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -29,6 +28,7 @@ import numpy.typing as npt
 from . import bitmap
 from .errors import PtmigError
 from .layout import PAGE_SHIFT, PAGE_SIZE, RamRegion, ram_regions
+from .memstats import libc
 
 
 class GuestMemoryError(PtmigError, ValueError):
@@ -136,8 +136,6 @@ class GuestMemory:
     @property
     def host_address(self) -> int:
         """The userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
-        import ctypes
-
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
 
     # --- reads --------------------------------------------------------------------------
@@ -246,7 +244,7 @@ class GuestMemory:
         Only for a guest that is not running (the destination of a migration)."""
         self.check(first_page << PAGE_SHIFT, npages << PAGE_SHIFT)
         if (
-            _libc.fallocate(
+            libc().fallocate(
                 self.fd,
                 _FALLOC_PUNCH,
                 ctypes.c_long(first_page << PAGE_SHIFT),
@@ -291,6 +289,5 @@ class GuestMemory:
             self.fd = -1
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
