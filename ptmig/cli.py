@@ -187,12 +187,10 @@ def run(
     failed incoming migration.
     """
     from .config import ConfigError, load_config
-    from .devices.handle import DeviceError
-    from .disklock import DiskLockError
-    from .firmware import FirmwareBuildError
+    from .errors import PtmigError
     from .kvm import KvmUnavailable
     from .machine import Machine
-    from .memstats import tune_malloc
+    from .memstats import release_free_memory, tune_malloc
     from .vm import VmError
 
     try:
@@ -247,8 +245,13 @@ def run(
         else:
             try:
                 machine.boot()
-            except (FirmwareBuildError, DeviceError, DiskLockError) as e:
+            # the firmware's build, a device process, a disk another VMM holds: ptmig's own
+            # errors, each saying what failed (DeviceError's module loads with the devices)
+            except PtmigError as e:
                 raise click.ClickException(str(e)) from None
+            # start-up's garbage (compiling the modules, building the firmware) goes back to
+            # the host before the guest runs for its lifetime
+            release_free_memory()
             code = machine.run()
     finally:
         machine.close()
