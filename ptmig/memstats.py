@@ -122,7 +122,7 @@ def memory_report(machine: ShadowHost) -> dict[str, Any]:
     vm = machine.vm
     mem = vm.memory
     kvm_log = vm.dirty.kvm_log
-    dirty_bitmaps = sum(b.nbytes for b in kvm_log.buffers) + mem.vmm_dirty_bytes
+    dirty_bitmaps = kvm_log.nbytes + mem.vmm_dirty_bytes
     iommu_tables = sum(d.iommu.nbytes for d in machine.devices)
     iommu_resident = sum(resident_bytes(d.iommu.fd) for d in machine.devices)
     pool = machine.shadow_pool

@@ -17,8 +17,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..errors import PtmigError
 from ..layout import PAGE_SIZE
 from ..qmp.server import QmpServer
@@ -303,6 +301,8 @@ class MigrationControl:
                 f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
                 f"non-empty and inside guest RAM [0, {mem.size:#x})",
             )
+        import numpy as np
+
         rng = np.random.default_rng(seed)
         for r in mem.regions:  # RAM only: the MMIO gap between regions is skipped
             start, end = max(gpa, r.gpa), min(gpa + size, r.end)
