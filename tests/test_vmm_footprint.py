@@ -4,7 +4,8 @@ A VMM's private memory counts against the guest (`memstats`, the scale bench's g
 modules a plain (`--insecure` or unix-socket) VMM never uses must not be loaded by the code a
 `ptmig run` imports: `cryptography` (PSK channels) and `ssl` (TLS channels) load on first use.
 Each role's modules load when the role starts: a VM that only runs carries neither the source
-nor the destination, post-copy, shadowing, vhost-user or the front ends; `migrate` loads the
+nor the destination, post-copy, shadowing, vhost-user, numpy or the front ends (click
+included: `ptmig run` hands its parsed options to `ptmig.runvm` by exec); `migrate` loads the
 source's, an incoming migration the destination's, `x-shadow-start` shadowing's.
 Each check runs in a fresh interpreter, so what another test imported does not hide an import.
 """
@@ -16,23 +17,18 @@ import socket
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from vmmrig import dirty_config, migration_pair
 
 from ptmig import memstats
 from ptmig.lazyimport import lazy_module
 from ptmig.migration import transport
+from ptmig.runvm import VmmOptions
 
-# what `ptmig run` imports to run a VM (`cli.run`'s imports)
-RUN_PATH = (
-    "ptmig.cli",
-    "ptmig.config",
-    "ptmig.errors",
-    "ptmig.kvm",
-    "ptmig.machine",
-    "ptmig.memstats",
-    "ptmig.vm",
-)
+# what the `ptmig run` process imports to run a VM, once its options are parsed (`runvm.run`)
+RUN_PATH = ("ptmig.runvm", "ptmig.config", "ptmig.machine", "ptmig.memstats")
 # what a migrating VMM (source or destination) imports before it knows which channel it uses
 MIGRATING_PATH = (
     *RUN_PATH,
@@ -55,7 +51,16 @@ MIGRATION_ROLES = (
 POSTCOPY_ROLE = ("ptmig.migration.postcopy", "ptmig.migration.postcopy_devices")
 SHADOW_ROLE = ("ptmig.shadow.engine", "ptmig.shadow.tracking", "ptmig.shadow.native")
 DEVICES_ROLE = ("ptmig.devices.attach", "ptmig.devices.handle", "ptmig.devices.vhost_user")
-FRONT_ENDS = ("ptmig.bench", "ptmig.report", "ptmig.demo", "ptmig.load", "rich", "matplotlib")
+FRONT_ENDS = (
+    "ptmig.cli",
+    "ptmig.bench",
+    "ptmig.report",
+    "ptmig.demo",
+    "ptmig.load",
+    "click",
+    "rich",
+    "matplotlib",
+)
 
 
 def _loaded_after(imports: tuple[str, ...], code: str = "") -> set[str]:
@@ -235,3 +240,49 @@ def test_a_c_library_without_mallopt_is_left_alone(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(memstats, "_glibc", lambda: None)
     assert memstats.tune_malloc() is False
     memstats.release_free_memory()  # nothing to call: no error
+
+
+def test_run_options_cross_the_exec_unchanged() -> None:
+    options = VmmOptions(
+        "/cfg/vm.toml",
+        qmp_path="/run/vm.qmp",
+        console_file="/run/vm.console",
+        incoming="tcp:127.0.0.1:4444",
+        psk_file="/cfg/key",
+        insecure=True,
+        prefault=False,
+        incoming_timeout=2.5,
+        log_level=10,
+    )
+    assert VmmOptions.from_json(options.to_json()) == options
+
+
+def test_the_vmm_entry_refuses_what_ptmig_run_did_not_pass() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ptmig.runvm", '{"config": "vm.toml", "memory": "1G"}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 125  # ptmig run's own failure, never a guest's code
+    assert "usage: python -m ptmig.runvm" in out.stderr and "memory" in out.stderr
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.kvm
+def test_a_running_vm_maps_numpy_only_once_it_migrates(tmp_path: Path) -> None:
+    """Seen from outside, in the processes' own mappings: `ptmig run` became the VMM by exec
+    (`ptmig.runvm`, no click), and a source whose guest only ran mapped no numpy (its C
+    extension is a file mapping) until `migrate` started dirty tracking."""
+    numpy_core = "_multiarray_umath"
+    config = dirty_config(tmp_path, memory="128M", vcpus=1, ws="1M")
+    with migration_pair(tmp_path, config) as (src, dst, port):
+        cmdline = Path(f"/proc/{src.proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"ptmig.runvm" in cmdline, cmdline
+        assert numpy_core not in _maps(src.proc.pid)
+        src.migrate(port, verify=False)
+        assert src.wait_migration(120)["status"] == "completed"
+        assert numpy_core in _maps(src.proc.pid)
