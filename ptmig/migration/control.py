@@ -251,14 +251,16 @@ class MigrationControl:
         try:
             if winner is not None:
                 mig.resolve(Role(winner))
-            elif mig.ask_fate() is Fate.UNKNOWN:
-                raise QmpError(
-                    ErrorClass.GENERIC_ERROR,
-                    f"the destination does not know migration {mig.migration_id} (restarted?): "
-                    "name the winner",
-                )
+                return
+            answer = mig.ask_fate()
         except (ValueError, PtmigError) as e:  # a disk lock, the fate query, its transport
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+        if answer is Fate.UNKNOWN:
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"the destination does not know migration {mig.migration_id} (restarted?): "
+                "name the winner",
+            )
 
     def busy(self) -> bool:
         """A migration is running (not yet completed, failed or cancelled)."""
