@@ -9,9 +9,7 @@ K/M/G suffixes). Heavy modules are imported inside the commands, not at start-up
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .cliconv import EXIT_STATUS_TEXT, VMM_FAILED, Bandwidth, json_to_stdout
+from .cliconv import EXIT_STATUS_TEXT, VMM_FAILED, json_to_stdout, parse_bandwidth
 from .migration.params import DMA_TRACKING
 
 
@@ -61,6 +59,20 @@ class VmmCommand(click.Command):
             traceback.print_exc()
             print("ptmig run: internal error (above); exit status 125", file=sys.stderr)
             sys.exit(VMM_FAILED)
+
+
+class Bandwidth(click.ParamType):
+    """A click type for `cliconv.parse_bandwidth`."""
+
+    name = "BYTES/S"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bandwidth(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 JSON_TYPE = click.Path(dir_okay=False, allow_dash=True, path_type=Path)
@@ -186,73 +198,23 @@ def run(
     itself failed: bad options, a bad config, no KVM, the firmware or a device process, a
     failed incoming migration.
     """
-    from .config import ConfigError, load_config
-    from .devices.handle import DeviceError
-    from .disklock import DiskLockError
-    from .firmware import FirmwareBuildError
-    from .kvm import KvmUnavailable
-    from .machine import Machine
-    from .memstats import tune_malloc
-    from .vm import VmError
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
     if incoming_timeout is not None and incoming is None:
         raise click.UsageError("--incoming-timeout needs --incoming")
-    qmp_path = _unix_path(qmp_spec, "--qmp")
-    tune_malloc()  # before the VMM's threads start
-    console = open(console_file, "a", buffering=1) if console_file else sys.stdout
-    try:
-        machine = Machine(
-            cfg, console=console, qmp_path=qmp_path, psk_file=psk_file, insecure=insecure
+    from .runvm import VmmOptions, exec_vmm
+
+    exec_vmm(  # the VMM runs without click (see `ptmig.runvm`)
+        VmmOptions(
+            config=str(config),
+            qmp_path=_unix_path(qmp_spec, "--qmp"),
+            console_file=str(console_file) if console_file else None,
+            incoming=incoming,
+            psk_file=str(psk_file) if psk_file else None,
+            insecure=insecure,
+            prefault=prefault,
+            incoming_timeout=incoming_timeout,
+            log_level=logging.getLogger().level,
         )
-    except (KvmUnavailable, VmError) as e:
-        raise click.ClickException(str(e)) from None
-
-    quit_asked = threading.Event()  # the stop request is QMP's `quit`: exit 0, as QEMU
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        if machine.vm.state.value in ("prelaunch", "inmigrate") and not _stop_waits(signum):
-            # nothing runs yet: unwind (and clean up) at once
-            raise SystemExit(0 if quit_asked.is_set() else 128 + signum)
-        machine.request_quit()
-
-    def _stop_waits(signum: int) -> bool:
-        """An incoming migration has begun its commit point: the guest starts, then stops."""
-        return machine.incoming is not None and machine.incoming.defer_stop(signum)
-
-    def quit_incoming() -> None:
-        """QMP `quit` on a destination whose guest does not run yet: the main thread, which
-        runs the incoming migration, gets the stop request SIGTERM would bring (before the
-        commit point the source is told and resumes; after it the guest starts, then stops)."""
-        if machine.vm.state.value in ("prelaunch", "inmigrate"):
-            quit_asked.set()
-            signal.pthread_kill(main_thread, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    if incoming is not None:  # Ctrl-C on a destination: the same care about its commit point
-        signal.signal(signal.SIGINT, on_sigterm)
-        main_thread = threading.main_thread().ident or threading.get_ident()
-        machine.on_quit = quit_incoming
-    try:
-        machine.start_qmp()
-        if incoming is not None:
-            from .migration.destination import run_incoming
-
-            code = run_incoming(
-                machine, incoming, prefault=prefault, incoming_timeout=incoming_timeout
-            )
-        else:
-            try:
-                machine.boot()
-            except (FirmwareBuildError, DeviceError, DiskLockError) as e:
-                raise click.ClickException(str(e)) from None
-            code = machine.run()
-    finally:
-        machine.close()
-    sys.exit(code)
+    )
 
 
 # `ptmig load`'s defaults are LoadOptions' (ptmig.load imports numpy: not at every start-up;

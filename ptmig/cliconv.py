@@ -3,7 +3,9 @@
 This module owns the table of exit statuses (shown by `ptmig --help` and the README), the
 one way a command writes its JSON document (to a file, or to stdout for `-`, in which case the
 command's human-readable output goes to stderr), and the parser of `--max-bandwidth` values
-(bytes per second as QEMU's `max-bandwidth`, with K/M/G suffixes in powers of 1024).
+(bytes per second as QEMU's `max-bandwidth`, with K/M/G suffixes in powers of 1024). It does
+not import click: the VMM (`ptmig.runvm`) uses its exit statuses without the command line's
+framework.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
-
-import click
 
 OK = 0
 FAILED = 1  # what the command checks did not hold
@@ -79,17 +79,3 @@ def parse_bandwidth(text: str) -> int:
             f"second; the unit is bytes/s, so 100 MiB/s is 100M"
         )
     return value
-
-
-class Bandwidth(click.ParamType):
-    """A click type for `parse_bandwidth`."""
-
-    name = "BYTES/S"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_bandwidth(str(value))
-        except ValueError as e:
-            self.fail(str(e), param, ctx)

@@ -5,19 +5,23 @@
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 the harvest is GET_DIRTY_LOG followed by CLEAR_DIRTY_LOG of
 exactly the pages reported, so a page written between the two calls is never lost; without it,
 GET_DIRTY_LOG clears as it reads.
+
+The bitmaps are numpy arrays (`bitmap`), allocated with the first harvest: numpy loads when
+dirty tracking begins (a migration), not with every VM.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from . import bitmap
 from .kvm import Cap, VmFd
 from .kvm.ioctls import KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 from .memory import GuestMemory
+
+if TYPE_CHECKING:
+    from .bitmap import Bitmap
 
 
 class KvmDirtyLog:
@@ -36,17 +40,26 @@ class KvmDirtyLog:
                     f"memslot {slot} starts at page {first:#x}, not on a 64-page boundary"
                 )
         self.slots = slots
-        self.buffers = [bitmap.empty(n) for _, _, n in slots]
+        self.buffers: list[Bitmap] = []  # one per slot, for GET_DIRTY_LOG to fill
         self.manual_protect = False
         if vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
             self.manual_protect = True
         self._lock = threading.Lock()
 
-    def harvest(self) -> bitmap.Bitmap:
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slots' log buffers (allocated or not yet: the memory report's)."""
+        return sum((n + 63) // 64 * 8 for _, _, n in self.slots)
+
+    def harvest(self) -> Bitmap:
         """Pages vCPUs wrote since the last harvest (a fresh array over the span)."""
+        from . import bitmap
+
         out = bitmap.empty(self.npages)
         with self._lock:
+            if not self.buffers:
+                self.buffers = [bitmap.empty(n) for _, _, n in self.slots]
             for (slot, first, npages), buf in zip(self.slots, self.buffers, strict=True):
                 addr = buf.ctypes.data
                 self.vm.get_dirty_log(slot, addr)
@@ -56,7 +69,7 @@ class KvmDirtyLog:
         return out
 
 
-DirtySource = Callable[[], bitmap.Bitmap]
+DirtySource = Callable[[], "Bitmap"]
 
 
 class DirtyTracker:
@@ -83,7 +96,9 @@ class DirtyTracker:
             self._sources.remove(take)
         self.memory.merge_vmm_dirty(take())
 
-    def harvest(self) -> bitmap.Bitmap:
+    def harvest(self) -> Bitmap:
+        import numpy as np
+
         out = self.kvm_log.harvest()
         np.bitwise_or(out, self.memory.take_vmm_dirty(), out=out)
         with self._lock:

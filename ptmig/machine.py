@@ -5,6 +5,10 @@ and attached) or into an empty destination waiting for an incoming migration, an
 QMP commands a management layer drives it with. Migration commands are added by
 `ptmig.migration.control`. The machine holds its disks' locks (`ptmig.disklock`) while its guest
 may run here: from boot on, or from an incoming migration's commit point.
+
+A role's modules load when the role starts, so a VM that only runs does not carry them: the
+source's with `migrate`, the destination's with `--incoming` (`ptmig.cli`), shadowing's with
+`x-shadow-start` or a migration that shadows, the devices' with a config that has devices.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from .migration.control import MigrationControl
 from .qmp.server import QmpServer
 from .qmp.session import ErrorClass, QmpError, RunStatus, query_status_reply
 from .shadow.pool import ShadowPool
-from .shadow.tracking import ShadowTracking, make_tracking
 from .vm import RunState, Vm, VmSpec
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from .devices.handle import DeviceEvent
     from .migration.destination import Incoming
     from .shadow.engine import ShadowEngine
+    from .shadow.tracking import ShadowTracking
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +121,7 @@ class Machine:
     def shadow(self) -> ShadowEngine | None:
         """The engine shadowing device DMA now (x-shadow-start's or the migration's), if any."""
         for tracking in (self.manual_shadow, self.migration.tracking()):
-            if isinstance(tracking, ShadowTracking) and tracking.engine is not None:
+            if tracking is not None and tracking.engine is not None:
                 return tracking.engine
         devices = self.incoming.postcopy_devices if self.incoming is not None else None
         return devices.engine if devices is not None else None  # a post-copy destination's
@@ -311,6 +315,9 @@ class Machine:
                 ErrorClass.GENERIC_ERROR,
                 f"cannot shadow DMA of a guest in state '{self.vm.state.value}'",
             )
+        # shadowing's modules (its engine, the data plane) load when it first starts
+        from .shadow.tracking import make_tracking
+
         tracking = make_tracking(x_dma_tracking)
         try:
             tracking.begin(self)

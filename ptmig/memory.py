@@ -10,25 +10,35 @@ the VMM to write guest RAM — `write` (and the typed helpers built on it) — a
 it touches in that bitmap, because KVM's dirty log only sees vCPU writes. Device processes map
 the same memfd (`fd`); their writes are invisible to both logs, which is the problem ptmig
 solves. Every access is bounds-checked by GPA.
+
+The VMM bitmap is marked without numpy (plain words in a bytearray, in `bitmap`'s layout):
+numpy loads with the first method that hands out an array (a harvest, a zero-page scan, a
+merge), i.e. once a migration or dirty tracking begins; a VM that only runs never loads it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import mmap
 import os
 import struct
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
-
-from . import bitmap
 from .errors import PtmigError
 from .layout import PAGE_SHIFT, PAGE_SIZE, RamRegion, ram_regions
+from .memstats import libc
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from .bitmap import Bitmap
+
+_ALL_BITS = (1 << 64) - 1
 
 
 class GuestMemoryError(PtmigError, ValueError):
@@ -83,9 +93,15 @@ class GuestMemory:
         # Post-copy on a destination: makes sure the pages of an access are here (fetching
         # them with the GIL released) or raises GuestMemoryError; see `migration.postcopy`.
         self.presence: Callable[[int, int], None] | None = None
-        self.array: npt.NDArray[np.uint8] = np.frombuffer(self.mmap, dtype=np.uint8)
-        self._vmm_dirty = bitmap.empty(self.npages)
+        self._vmm_dirty = DirtyWords(self.npages)
         self._dirty_lock = threading.Lock()
+
+    @functools.cached_property
+    def array(self) -> npt.NDArray[np.uint8]:
+        """Guest RAM as a numpy array (a view, no copy)."""
+        import numpy as np
+
+        return np.frombuffer(self.mmap, dtype=np.uint8)
 
     # --- address arithmetic -------------------------------------------------------------
 
@@ -126,8 +142,10 @@ class GuestMemory:
                 out.append((a.first_page + a.npages, b.first_page - a.first_page - a.npages))
         return out
 
-    def ram_bitmap(self) -> bitmap.Bitmap:
+    def ram_bitmap(self) -> Bitmap:
         """A page bitmap of the span with every RAM page set (the holes clear)."""
+        from . import bitmap
+
         out = bitmap.empty(self.npages)
         for r in self.regions:
             bitmap.set_range(out, r.first_page, r.npages)
@@ -136,8 +154,6 @@ class GuestMemory:
     @property
     def host_address(self) -> int:
         """The userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
-        import ctypes
-
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
 
     # --- reads --------------------------------------------------------------------------
@@ -183,29 +199,23 @@ class GuestMemory:
     def mark_dirty(self, gpa: int, length: int) -> None:
         first = gpa >> PAGE_SHIFT
         last = (gpa + length - 1) >> PAGE_SHIFT
-        words = self._vmm_dirty
         with self._dirty_lock:
-            if first == last:
-                words[first >> 6] |= np.uint64(1 << (first & 63))
-            else:
-                bitmap.set_range(words, first, last - first + 1)
+            self._vmm_dirty.set_range(first, last - first + 1)
 
     @property
     def vmm_dirty_bytes(self) -> int:
         """Size of the VMM's dirty bitmap (for the memory report)."""
-        return int(self._vmm_dirty.nbytes)
+        return len(self._vmm_dirty.buf)
 
-    def merge_vmm_dirty(self, other: bitmap.Bitmap) -> None:
+    def merge_vmm_dirty(self, other: Bitmap) -> None:
         """Add another writer's dirty pages to the VMM bitmap."""
         with self._dirty_lock:
-            np.bitwise_or(self._vmm_dirty, other, out=self._vmm_dirty)
+            self._vmm_dirty.merge(other)
 
-    def take_vmm_dirty(self) -> bitmap.Bitmap:
+    def take_vmm_dirty(self) -> Bitmap:
         """The VMM's dirty bitmap since the last call, and clear it."""
         with self._dirty_lock:
-            out = self._vmm_dirty.copy()
-            self._vmm_dirty[:] = 0
-        return out
+            return self._vmm_dirty.take()
 
     # --- holes: pages the memfd never allocated read as zero ---------------------------------
 
@@ -214,6 +224,8 @@ class GuestMemory:
 
         Found with lseek(SEEK_DATA/SEEK_HOLE), so an untouched page is never read (reading a
         shmem hole through a shared mapping would allocate it)."""
+        import numpy as np
+
         out = np.zeros(self.npages, dtype=bool)
         pos = 0
         while pos < self.size:
@@ -246,7 +258,7 @@ class GuestMemory:
         Only for a guest that is not running (the destination of a migration)."""
         self.check(first_page << PAGE_SHIFT, npages << PAGE_SHIFT)
         if (
-            _libc.fallocate(
+            libc().fallocate(
                 self.fd,
                 _FALLOC_PUNCH,
                 ctypes.c_long(first_page << PAGE_SHIFT),
@@ -283,7 +295,7 @@ class GuestMemory:
         return True
 
     def close(self) -> None:
-        self.array = np.empty(0, dtype=np.uint8)
+        self.__dict__.pop("array", None)  # its export of the mapping would keep it open
         self.view.release()
         self.mmap.close()
         if self.fd >= 0:
@@ -291,6 +303,45 @@ class GuestMemory:
             self.fd = -1
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+
+
+class DirtyWords:
+    """A page bitmap in `bitmap`'s layout (bit p % 64 of little-endian 64-bit word p // 64)
+    kept in a bytearray and marked with plain integer operations, so marking needs no numpy;
+    `take` and `merge` exchange numpy bitmaps (and load numpy: a harvest has begun)."""
+
+    def __init__(self, npages: int) -> None:
+        self.buf = bytearray((npages + 63) // 64 * 8)
+        self.words = memoryview(self.buf).cast("Q")
+
+    def set_range(self, first: int, count: int) -> None:
+        """Set bits [first, first+count)."""
+        if count <= 0:
+            return
+        end = first + count
+        lo, hi = first >> 6, (end - 1) >> 6
+        head = (_ALL_BITS << (first & 63)) & _ALL_BITS
+        tail = _ALL_BITS >> (63 - ((end - 1) & 63))
+        if lo == hi:
+            self.words[lo] |= head & tail
+            return
+        self.words[lo] |= head
+        self.buf[(lo + 1) * 8 : hi * 8] = b"\xff" * ((hi - lo - 1) * 8)
+        self.words[hi] |= tail
+
+    def take(self) -> Bitmap:
+        """The bits as a numpy bitmap, and clear them."""
+        import numpy as np
+
+        out = np.frombuffer(self.buf, dtype=np.uint64).copy()
+        self.buf[:] = bytes(len(self.buf))
+        return out
+
+    def merge(self, other: Bitmap) -> None:
+        """Set the bits `other` (a numpy bitmap of as many words) has set."""
+        import numpy as np
+
+        words = np.frombuffer(self.buf, dtype=np.uint64)
+        np.bitwise_or(words, other, out=words)

@@ -37,12 +37,15 @@ MMAP_THRESHOLD = 256 << 10
 
 
 @functools.cache
+def libc() -> ctypes.CDLL:
+    """The process's C library, one handle for every caller (errno kept for `ctypes.get_errno`)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name)
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    """The C library if it is glibc (it has the malloc tuning calls), else None."""
+    lib = libc()
+    return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
 
 
 def tune_malloc() -> bool:
@@ -55,20 +58,20 @@ def tune_malloc() -> bool:
     arenas, a fixed 256 KiB mmap threshold and trimming at the same size keep the VMM's
     private memory near what it holds. False where the C library is not glibc (nothing done).
     """
-    libc = _glibc()
-    if libc is None:
+    glibc = _glibc()
+    if glibc is None:
         return False
-    ok = libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
-    ok &= libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    ok &= libc.mallopt(_M_TRIM_THRESHOLD, MMAP_THRESHOLD)
+    ok = glibc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+    ok &= glibc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    ok &= glibc.mallopt(_M_TRIM_THRESHOLD, MMAP_THRESHOLD)
     return bool(ok)
 
 
 def release_free_memory() -> None:
     """Return the C heap's free pages to the host (after a migration ended, either side)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    glibc = _glibc()
+    if glibc is not None:
+        glibc.malloc_trim(0)
 
 
 def proc_status_kib(pid: int | str, field: str) -> int | None:
@@ -119,7 +122,7 @@ def memory_report(machine: ShadowHost) -> dict[str, Any]:
     vm = machine.vm
     mem = vm.memory
     kvm_log = vm.dirty.kvm_log
-    dirty_bitmaps = sum(b.nbytes for b in kvm_log.buffers) + mem.vmm_dirty_bytes
+    dirty_bitmaps = kvm_log.nbytes + mem.vmm_dirty_bytes
     iommu_tables = sum(d.iommu.nbytes for d in machine.devices)
     iommu_resident = sum(resident_bytes(d.iommu.fd) for d in machine.devices)
     pool = machine.shadow_pool

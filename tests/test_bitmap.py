@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ptmig import bitmap
+from ptmig.memory import DirtyWords
 
 
 @given(
@@ -34,3 +35,34 @@ def test_set_range_and_full_trim() -> None:
     bitmap.set_range(bm, 60, 10)
     assert bitmap.pages(bm, 100).tolist() == list(range(60, 70))
     assert bitmap.count(bitmap.full(100)) == 100
+
+
+@given(
+    st.integers(1, 1500).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(
+                st.integers(0, n - 1).flatmap(
+                    lambda f: st.tuples(st.just(f), st.integers(0, n - f))
+                ),
+                max_size=6,
+            ),
+            st.sets(st.integers(0, n - 1), max_size=50),
+        )
+    )
+)
+def test_the_vmm_bitmap_marks_what_bitmap_marks_without_numpy(case) -> None:
+    """`memory.DirtyWords` (marked with plain integers, so a VM that never migrates never loads
+    numpy) holds KVM's layout: its ranges and a merged bitmap come out as `bitmap` makes them,
+    and taking them clears it."""
+    npages, ranges, merged = case
+    words, expected = DirtyWords(npages), bitmap.empty(npages)
+    for first, count in ranges:
+        words.set_range(first, count)
+        bitmap.set_range(expected, first, count)
+    other = bitmap.from_pages(sorted(merged), npages)
+    words.merge(other)
+    taken = words.take()
+    assert taken.dtype == np.uint64
+    assert taken.tolist() == (expected | other).tolist()
+    assert not words.take().any()

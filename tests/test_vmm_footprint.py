@@ -3,6 +3,10 @@
 A VMM's private memory counts against the guest (`memstats`, the scale bench's goal). The
 modules a plain (`--insecure` or unix-socket) VMM never uses must not be loaded by the code a
 `ptmig run` imports: `cryptography` (PSK channels) and `ssl` (TLS channels) load on first use.
+Each role's modules load when the role starts: a VM that only runs carries neither the source
+nor the destination, post-copy, shadowing, vhost-user, numpy or the front ends (click
+included: `ptmig run` hands its parsed options to `ptmig.runvm` by exec); `migrate` loads the
+source's, an incoming migration the destination's, `x-shadow-start` shadowing's.
 Each check runs in a fresh interpreter, so what another test imported does not hide an import.
 """
 
@@ -13,21 +17,49 @@ import socket
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from vmmrig import dirty_config, migration_pair
 
 from ptmig import memstats
 from ptmig.lazyimport import lazy_module
 from ptmig.migration import transport
+from ptmig.runvm import VmmOptions
 
-# what `ptmig run` (source or destination) imports before it knows which channel it will use
-RUN_PATH = (
-    "ptmig.cli",
-    "ptmig.machine",
+# what the `ptmig run` process imports to run a VM, once its options are parsed (`runvm.run`)
+RUN_PATH = ("ptmig.runvm", "ptmig.config", "ptmig.machine", "ptmig.memstats")
+# what a migrating VMM (source or destination) imports before it knows which channel it uses
+MIGRATING_PATH = (
+    *RUN_PATH,
     "ptmig.migration.source",
     "ptmig.migration.destination",
     "ptmig.migration.transport",
     "ptmig.migration.channels",
+)
+# modules of the roles a VM that only runs does not have, and of the front ends
+SOURCE_ROLE = ("ptmig.migration.source", "ptmig.migration.channels", "ptmig.migration.policy")
+DESTINATION_ROLE = ("ptmig.migration.destination",)
+MIGRATION_ROLES = (
+    *SOURCE_ROLE,
+    *DESTINATION_ROLE,
+    "ptmig.migration.protocol",
+    "ptmig.migration.transport",
+    "ptmig.migration.fate",
+    "ptmig.migration.recovery",
+)
+POSTCOPY_ROLE = ("ptmig.migration.postcopy", "ptmig.migration.postcopy_devices")
+SHADOW_ROLE = ("ptmig.shadow.engine", "ptmig.shadow.tracking", "ptmig.shadow.native")
+DEVICES_ROLE = ("ptmig.devices.attach", "ptmig.devices.handle", "ptmig.devices.vhost_user")
+FRONT_ENDS = (
+    "ptmig.cli",
+    "ptmig.bench",
+    "ptmig.report",
+    "ptmig.demo",
+    "ptmig.load",
+    "click",
+    "rich",
+    "matplotlib",
 )
 
 
@@ -44,8 +76,83 @@ def _loaded_after(imports: tuple[str, ...], code: str = "") -> set[str]:
     return set(json.loads(out.stdout.splitlines()[-1]))
 
 
-def test_a_vmm_that_runs_no_sealed_or_tls_channel_loads_neither_cryptography_nor_ssl() -> None:
+def _of(loaded: set[str], packages: tuple[str, ...]) -> set[str]:
+    """The modules of `loaded` that are one of `packages` or inside one."""
+    return {m for m in loaded for p in packages if m == p or m.startswith(p + ".")}
+
+
+def test_a_vm_that_only_runs_loads_no_role_it_does_not_have() -> None:
     loaded = _loaded_after(RUN_PATH)
+    assert "ptmig.machine" in loaded and "ptmig.migration.control" in loaded  # QMP's commands
+    roles = MIGRATION_ROLES + POSTCOPY_ROLE + SHADOW_ROLE + DEVICES_ROLE + FRONT_ENDS
+    assert _of(loaded, roles) == set()
+    # numpy (the biggest import) comes with dirty tracking: a migration or shadowing
+    assert _of(loaded, ("numpy", "ptmig.bitmap")) == set()
+
+
+# A machine as far as `migrate` and `x-shadow-start` look before they start their role: a
+# guest that has shut down, so the command is refused once the role's modules are loaded.
+_STOPPED_MACHINE = """
+from types import SimpleNamespace
+from ptmig.vm import RunState
+vm = SimpleNamespace(state=RunState.SHUTDOWN)
+cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
+m = SimpleNamespace(cfg=cfg, vm=vm, shadowed_by_hand=lambda: False)
+"""
+
+
+def test_migrate_loads_the_source_and_only_it() -> None:
+    loaded = _loaded_after(
+        RUN_PATH,
+        _STOPPED_MACHINE + "from ptmig.migration.control import MigrationControl\n"
+        "from ptmig.qmp.session import QmpError\n"
+        "try:\n"
+        "    MigrationControl(m).migrate('tcp:127.0.0.1:1')\n"
+        "except QmpError as e:\n"
+        "    assert 'shutdown' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('a stopped guest was migrated')\n",
+    )
+    assert _of(loaded, SOURCE_ROLE) == set(SOURCE_ROLE)
+    assert "numpy" in loaded
+    assert _of(loaded, DESTINATION_ROLE + SHADOW_ROLE + DEVICES_ROLE + FRONT_ENDS) == set()
+
+
+def test_an_incoming_migration_loads_the_destination_without_the_source_or_shadowing() -> None:
+    loaded = _loaded_after((*RUN_PATH, "ptmig.migration.destination"))  # `run --incoming`
+    assert "ptmig.migration.postcopy" in loaded  # a destination may be switched to post-copy
+    # (its devices are shadowed only once a post-copy starts, and only if it has devices)
+    assert _of(loaded, SOURCE_ROLE + SHADOW_ROLE + FRONT_ENDS) == set()
+    assert "ptmig.migration.postcopy_devices" not in loaded
+
+
+def test_x_shadow_start_loads_shadowing() -> None:
+    loaded = _loaded_after(
+        RUN_PATH,
+        _STOPPED_MACHINE + "from ptmig.machine import Machine\n"
+        "from ptmig.qmp.session import QmpError\n"
+        "from ptmig.shadow.pool import ShadowPool\n"
+        "m.vm.state = RunState.RUNNING\n"
+        "m.shadow = None\n"
+        "m.migration = SimpleNamespace(busy=lambda: False)\n"
+        "m.devices = []\n"
+        "m.shadow_pool = ShadowPool(16, name='footprint-test')\n"
+        "try:\n"
+        "    Machine._qmp_shadow_start(m)\n"  # a guest without memory: entering fails
+        "except QmpError as e:\n"
+        "    assert 'entering shadow mode failed' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('a guest without memory was shadowed')\n",
+    )
+    assert _of(loaded, ("ptmig.shadow.engine", "ptmig.shadow.tracking")) == {
+        "ptmig.shadow.engine",
+        "ptmig.shadow.tracking",
+    }
+    assert _of(loaded, SOURCE_ROLE + DESTINATION_ROLE + FRONT_ENDS) == set()
+
+
+def test_a_vmm_that_runs_no_sealed_or_tls_channel_loads_neither_cryptography_nor_ssl() -> None:
+    loaded = _loaded_after(MIGRATING_PATH)
     assert not {m for m in loaded if m.split(".")[0] == "cryptography"}
     assert "_ssl" not in loaded  # `ssl` itself is the lazy placeholder until first use
 
@@ -133,3 +240,64 @@ def test_a_c_library_without_mallopt_is_left_alone(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(memstats, "_glibc", lambda: None)
     assert memstats.tune_malloc() is False
     memstats.release_free_memory()  # nothing to call: no error
+
+
+def test_run_options_cross_the_exec_unchanged() -> None:
+    options = VmmOptions(
+        "/cfg/vm.toml",
+        qmp_path="/run/vm.qmp",
+        console_file="/run/vm.console",
+        incoming="tcp:127.0.0.1:4444",
+        psk_file="/cfg/key",
+        insecure=True,
+        prefault=False,
+        incoming_timeout=2.5,
+        log_level=10,
+    )
+    assert VmmOptions.from_json(options.to_json()) == options
+
+
+def test_the_vmm_entry_refuses_what_ptmig_run_did_not_pass() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ptmig.runvm", '{"config": "vm.toml", "memory": "1G"}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 125  # ptmig run's own failure, never a guest's code
+    assert "usage: python -m ptmig.runvm" in out.stderr and "memory" in out.stderr
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.kvm
+def test_a_running_vm_maps_numpy_only_once_it_migrates(tmp_path: Path) -> None:
+    """Seen from outside, in the processes' own mappings: `ptmig run` became the VMM by exec
+    (`ptmig.runvm`, no click), and a source whose guest only ran mapped no numpy (its C
+    extension is a file mapping) until `migrate` started dirty tracking."""
+    numpy_core = "_multiarray_umath"
+    config = dirty_config(tmp_path, memory="128M", vcpus=1, ws="1M")
+    with migration_pair(tmp_path, config) as (src, dst, port):
+        cmdline = Path(f"/proc/{src.proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"ptmig.runvm" in cmdline, cmdline
+        assert numpy_core not in _maps(src.proc.pid)
+        src.migrate(port, verify=False)
+        assert src.wait_migration(120)["status"] == "completed"
+        assert numpy_core in _maps(src.proc.pid)
+
+
+def test_a_closed_channel_gives_back_its_receive_buffer() -> None:
+    """A finished migration's channels stay referenced (query-migrate reports on them): a
+    receive buffer kept past `close` was 3 MiB of a 1 GiB source's private memory."""
+    a, b = socket.socketpair()
+    channel = transport.Channel(a, 5.0, "peer")
+    try:
+        b.sendall(b"x" * 1000)
+        assert channel.recv(1 << 20) == b"x" * 1000
+        assert len(channel._scratch) == 1 << 20  # grown to the read asked for
+    finally:
+        channel.close()
+        b.close()
+    assert len(channel._scratch) == 0

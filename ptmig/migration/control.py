@@ -17,23 +17,17 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ..disklock import DiskLockError
+from ..errors import PtmigError
 from ..layout import PAGE_SIZE
 from ..qmp.server import QmpServer
 from ..qmp.session import ErrorClass, QmpError
 from ..vm import RunState
-from . import transport
-from .events import Role
-from .fate import Fate, FateError
 from .params import PARAMS_SCHEMA, MigrationCapabilities, MigrationInfo, MigrationParams, Status
-from .recovery import RecoveryError
-from .source import SourceMigration
-from .tracking import DmaTracking
 
 if TYPE_CHECKING:
     from ..vmparts import MigratingVm
+    from .source import SourceMigration
+    from .tracking import DmaTracking
 
 FILL_CHUNK = 16 << 20
 
@@ -50,16 +44,20 @@ class MigrationControl:
         cfg = machine.cfg.migration
         psk_path = psk_file or cfg.psk_file
         self.psk = psk_path.read_bytes().strip() if psk_path else None
-        self.tls = (
-            transport.TlsConfig(str(cfg.tls_cert), str(cfg.tls_key), str(cfg.tls_ca))
-            if cfg.tls
-            else None
-        )
+        self.tls = None
+        if cfg.tls:
+            from .transport import TlsConfig
+
+            self.tls = TlsConfig(str(cfg.tls_cert), str(cfg.tls_key), str(cfg.tls_ca))
         self._lock = threading.Lock()
 
     # --- the operations (also used directly by tests and the demo) ---------------------------
 
     def migrate(self, uri: str) -> SourceMigration:
+        # The source's modules load with its first migration: a VMM that never sends its
+        # guest away (or only receives one) does not carry them.
+        from .source import SourceMigration
+
         with self._lock:
             if self.current is not None and not self.current.info.status.finished:
                 raise QmpError(ErrorClass.GENERIC_ERROR, "a migration is already in progress")
@@ -151,24 +149,24 @@ class MigrationControl:
             raise QmpError(ErrorClass.GENERIC_ERROR, "migrate resume: there is no migration")
         try:
             mig.resume(uri)
-        except (RecoveryError, ValueError) as e:
+        except (PtmigError, ValueError) as e:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     def _qmp_pause(self) -> None:
         """QEMU's `migrate-pause`: break a post-copy link on purpose, on either side."""
         mig = self.current
         incoming = getattr(self.m, "incoming", None)
+        if mig is not None and mig.info.status in (Status.POSTCOPY_ACTIVE, Status.POSTCOPY_RECOVER):
+            pause = mig.pause
+        elif incoming is not None and incoming.postcopy is not None:
+            pause = incoming.pause_postcopy
+        else:
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR, "migrate-pause: there is no post-copy migration"
+            )
         try:
-            if mig is not None and mig.info.status in (
-                Status.POSTCOPY_ACTIVE,
-                Status.POSTCOPY_RECOVER,
-            ):
-                mig.pause()
-            elif incoming is not None and incoming.postcopy is not None:
-                incoming.pause_postcopy()
-            else:
-                raise RecoveryError("migrate-pause: there is no post-copy migration")
-        except RecoveryError as e:
+            pause()
+        except PtmigError as e:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     def _qmp_recover(self, uri: str) -> None:
@@ -180,7 +178,7 @@ class MigrationControl:
             )
         try:
             incoming.recover_postcopy(uri)
-        except (RecoveryError, transport.TransportError, ValueError) as e:
+        except (PtmigError, ValueError) as e:
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     def _qmp_query(self) -> dict[str, Any]:
@@ -247,17 +245,22 @@ class MigrationControl:
         mig = self.current
         if mig is None:
             raise QmpError(ErrorClass.GENERIC_ERROR, "there is no migration to resolve")
+        from .events import Role
+        from .fate import Fate
+
         try:
             if winner is not None:
                 mig.resolve(Role(winner))
-            elif mig.ask_fate() is Fate.UNKNOWN:
-                raise QmpError(
-                    ErrorClass.GENERIC_ERROR,
-                    f"the destination does not know migration {mig.migration_id} (restarted?): "
-                    "name the winner",
-                )
-        except (ValueError, DiskLockError, FateError, transport.TransportError) as e:
+                return
+            answer = mig.ask_fate()
+        except (ValueError, PtmigError) as e:  # a disk lock, the fate query, its transport
             raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
+        if answer is Fate.UNKNOWN:
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"the destination does not know migration {mig.migration_id} (restarted?): "
+                "name the winner",
+            )
 
     def busy(self) -> bool:
         """A migration is running (not yet completed, failed or cancelled)."""
@@ -300,6 +303,8 @@ class MigrationControl:
                 f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
                 f"non-empty and inside guest RAM [0, {mem.size:#x})",
             )
+        import numpy as np
+
         rng = np.random.default_rng(seed)
         for r in mem.regions:  # RAM only: the MMIO gap between regions is skipped
             start, end = max(gpa, r.gpa), min(gpa + size, r.end)

@@ -97,7 +97,6 @@ from .postcopy import (
     pending_pages,
     punch_pages,
 )
-from .postcopy_devices import PostcopyDevices
 from .protocol import (
     DATA_CHANNEL_JOIN_CAPABILITY,
     DATA_CHANNELS_OFFER_CAPABILITY,
@@ -129,6 +128,7 @@ from .verify import (
 if TYPE_CHECKING:
     from ..devices.attach import AttachedDevice
     from ..layout import BootDevice
+    from .postcopy_devices import PostcopyDevices
 
 log = logging.getLogger(__name__)
 
@@ -701,6 +701,9 @@ class Incoming:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
         is served by the fault server (see `postcopy`)."""
         if self.m.devices:
+            # shadowing's modules load here, with the first post-copy of a VM with devices
+            from .postcopy_devices import PostcopyDevices
+
             self.postcopy_devices = PostcopyDevices(self.m)
         mem = self.m.vm.memory
         self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)

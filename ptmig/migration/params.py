@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .protocol import MAX_DATA_CHANNELS
-
 DMA_TRACKING = ("none", "all-dirty", "device-log", "shadow", "intercept")
 
 
@@ -87,6 +85,9 @@ class MigrationParams:
                 )
             self.x_dma_tracking = v
         if "multifd_channels" in kw:
+            # the protocol's own cap (its module loads with the parameters of a migration)
+            from .protocol import MAX_DATA_CHANNELS
+
             v = kw["multifd_channels"]
             if not 1 <= v <= MAX_DATA_CHANNELS:
                 raise ValueError(f"multifd-channels must be in [1, {MAX_DATA_CHANNELS}], got {v}")

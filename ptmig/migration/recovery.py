@@ -43,6 +43,7 @@ import enum
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import PtmigError
 from .events import Hello
 from .protocol import channel_capability, parse_channel_capability
 from .uffd import PageState
@@ -51,7 +52,7 @@ from .uffd import PageState
 SESSION_CAPABILITY = "x-postcopy-session"
 
 
-class RecoveryError(RuntimeError):
+class RecoveryError(PtmigError, RuntimeError):
     """A recovery step that does not fit the migration's state, or a hostile resume."""
 
 

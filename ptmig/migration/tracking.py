@@ -30,6 +30,7 @@ from ..devices.control import DeviceState
 from ..guest_state import DeviceSnapshot
 
 if TYPE_CHECKING:
+    from ..shadow.engine import ShadowEngine
     from ..vmparts import Guest, ShadowHost
 
 
@@ -38,6 +39,7 @@ class DmaTracking(Protocol):
     software strategies need it, the baselines read only the VM and its devices (`Guest`)."""
 
     name: str
+    engine: ShadowEngine | None  # the software strategies' engine while they shadow
 
     def begin(self, m: ShadowHost) -> None: ...
     def round_dirty(self, m: ShadowHost) -> bitmap.Bitmap | None: ...
@@ -53,6 +55,7 @@ class _QuiesceAtStop:
     quiesced (in-flight DMA finishes) and their queue state is read through the admin interface."""
 
     name = "none"
+    engine: ShadowEngine | None = None  # nothing is shadowed
 
     def begin(self, m: Guest) -> None:
         pass

@@ -381,6 +381,9 @@ class Channel:
         except (OSError, ValueError):
             pass
         self.sock.close()
+        # The receive buffer goes with the stream: a finished migration's channels stay
+        # referenced (query-migrate's), and theirs held 3 MiB of a source's private memory.
+        self._scratch = bytearray()
 
     def _tls_goodbye(self) -> None:
         """Send TLS's close_notify (waiting while the send buffer is full, up to the inactivity
