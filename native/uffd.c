@@ -276,6 +276,27 @@ int uffd_install(struct uffd_server *s, uint64_t pfn, uint64_t n, const void *da
 	return 0;
 }
 
+/* Pages [pfn, pfn+n) are to come from the source after all (the server was opened before
+ * the source's last pages were known: the caller punches these out of the memfd right after,
+ * before anything can touch them).  PRESENT and ZERO pages become MISSING; MISSING and
+ * REQUESTED ones stay as they are.  Returns how many changed, or -ERANGE. */
+int64_t uffd_mark_missing(struct uffd_server *s, uint64_t pfn, uint64_t n)
+{
+	if (pfn > s->npages || n > s->npages - pfn)
+		return -ERANGE;
+	int64_t changed = 0;
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t p = pfn; p < pfn + n; p++) {
+		if (s->state[p] != PRESENT && s->state[p] != ZERO)
+			continue;
+		s->state[p] = MISSING;
+		s->st.missing++;
+		changed++;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return changed;
+}
+
 /* Take up to `max` queued requests into `out`; returns how many. */
 uint64_t uffd_take_requests(struct uffd_server *s, uint64_t *out, uint64_t max)
 {

@@ -62,6 +62,14 @@ class Ram:
     def put(self, pfn: int) -> None:
         os.pwrite(self.fd, pattern(pfn), pfn * PAGE_SIZE)
 
+    def punch(self, pfn: int, npages: int) -> None:
+        """Make pages holes, as the destination punches the pages post-copy will fetch."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        punch_hole_keep_size = 0x02 | 0x01
+        if libc.fallocate(self.fd, punch_hole_keep_size, pfn * PAGE_SIZE, npages * PAGE_SIZE):
+            raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
+
     def read_released(self, pfn: int) -> bytes:
         """Read one page through the mapping with the GIL released (as KVM_RUN runs)."""
         buf = ctypes.create_string_buffer(PAGE_SIZE)
@@ -352,3 +360,102 @@ def test_queries_racing_close_get_the_numbers_or_a_closed_server() -> None:
         server.close()
         t.join(WAIT_S)
         assert errors == ["the fault server is closed"]
+
+
+def test_marking_pages_missing_takes_present_and_zero_pages_back_and_leaves_requested_ones() -> (
+    None
+):
+    """A server opened before the source's last dirty pages were known: those pages become
+    missing (counted), a page asked for already stays asked for, and once punched a marked
+    page is fetched again rather than read as its old data."""
+    ram = Ram(8)
+    ram.put(0)
+    ram.put(3)
+    states = np.array([PageState.PRESENT, PageState.ZERO, PageState.MISSING, PageState.PRESENT])
+    states = np.concatenate([states, np.full(4, PageState.PRESENT)]).astype(np.uint8)
+    with FaultServer(ram.base, states) as server:
+        assert not server.wait_present(2, 1, timeout_s=0.0)  # page 2: requested, nobody serves
+        assert server.take_requests().tolist() == [2]
+        assert server.stats().missing == 1
+        assert server.mark_missing(0, 4) == 3  # 0 (present), 1 (zero), 3 (present)
+        assert list(server.states()[:4]) == [
+            PageState.MISSING,
+            PageState.MISSING,
+            PageState.REQUESTED,
+            PageState.MISSING,
+        ]
+        assert server.stats().missing == 4
+        assert server.mark_missing(0, 4) == 0  # twice is once
+        ram.punch(0, 4)
+        fresh = bytes([0xEE]) * PAGE_SIZE
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(ram.read_released(3)))
+        reader.start()
+        assert select.select([server.request_fd], [], [], WAIT_S)[0], "page 3 was not asked for"
+        assert server.take_requests().tolist() == [3]  # page 2 is not asked for twice
+        server.install(3, fresh)  # the source's newer copy, not the one it replaced
+        reader.join(WAIT_S)
+        assert got == [fresh]
+        with pytest.raises(ValueError, match=r"pages \[6, 9\) are outside guest RAM"):
+            server.mark_missing(6, 3)
+
+
+def test_a_server_opened_at_the_discard_fetches_what_the_last_moments_dirtied() -> None:
+    """The destination opens its fault server at PostcopyDiscard (out of the downtime): a VMM
+    access to a discarded page is refused at once until the switchover (no zero page read);
+    arming then makes the pages dirtied since missing too, and every pending page reads the
+    source's data; a discarded page the final bitmap leaves out is still refused."""
+    from ptmig.memory import GuestMemory, GuestMemoryError
+    from ptmig.migration.events import PostcopyStart
+    from ptmig.migration.postcopy import (
+        PostcopyError,
+        PostcopyReceiver,
+        pending_bytes,
+        punch_pages,
+    )
+
+    npages = 64
+    dst = GuestMemory(npages * PAGE_SIZE)
+    for p in range(npages):  # what pre-copy delivered
+        dst.write(p * PAGE_SIZE, b"old" + bytes(PAGE_SIZE - 3))
+    discarded = np.zeros(npages, dtype=bool)
+    discarded[10:20] = True
+    pending = discarded.copy()
+    pending[[30, 31, 40]] = True  # dirtied after the discard, before the vCPUs stopped
+
+    def start_of(mask: np.ndarray) -> PostcopyStart:
+        words = np.zeros(-(-npages // 64), dtype=np.uint64)
+        bits = np.packbits(mask, bitorder="little")
+        words.view(np.uint8)[: len(bits)] = bits
+        return PostcopyStart(pending_bytes(words))
+
+    refused = PostcopyReceiver(dst.view, dst.host_address, npages)
+    refused.open_early(discarded, dst.allocated())
+    with pytest.raises(PostcopyError, match="leaves out page 19, which PostcopyDiscard"):
+        refused.arm(start_of(discarded & (np.arange(npages) < 19)), dst.allocated(), dst.punch_zero)
+    refused.finish()
+
+    punch_pages(discarded, dst.punch_zero)
+    receiver = PostcopyReceiver(dst.view, dst.host_address, npages)
+    receiver.open_early(discarded, dst.allocated())
+    server = receiver.server
+    assert server is not None and server.stats().missing == 10
+    dst.presence = receiver.presence
+    with pytest.raises(GuestMemoryError, match="still on the source and post-copy is none"):
+        dst.read(12 * PAGE_SIZE, 8)
+    assert dst.read(30 * PAGE_SIZE, 3) == b"old"  # not dirtied yet: here
+    receiver.arm(start_of(pending), dst.allocated(), dst.punch_zero)
+    assert receiver.report.pending_pages == 13
+    assert server.stats().missing == 13
+    assert sorted(np.flatnonzero(server.states() < PageState.ZERO).tolist()) == sorted(
+        np.flatnonzero(pending).tolist()
+    )
+    seen: list[int] = []
+    with fetcher(server, seen):
+        for p in np.flatnonzero(pending).tolist():
+            assert dst.read(p * PAGE_SIZE, PAGE_SIZE) == pattern(p), p
+    assert 30 in seen and 40 in seen and 12 in seen  # fetched, not the old copy
+    assert dst.read(29 * PAGE_SIZE, 3) == b"old"
+    dst.presence = None
+    receiver.finish()
+    dst.close()

@@ -3,12 +3,13 @@
 The source switches over early (`policy.postcopy_trigger`: on `migrate-start-postcopy`, after
 N pre-copy rounds, or once pre-copy stopped converging). At that round end, with the guest
 still running, it sends `PostcopyDiscard`, the pages dirty so far; the destination punches them
-out of its memfd and acknowledges (that work stays out of the downtime). With the vCPUs stopped
+out of its memfd, registers guest RAM with userfaultfd (`uffd.FaultServer`, those pages
+missing) and acknowledges: that work stays out of the downtime. With the vCPUs stopped
 the source then sends the vCPU and device state and `PostcopyStart`, the bitmap of the pages
 the destination lacks (those dirtied since they were last sent: the discarded ones and what
-the last moments dirtied), then Complete, as in a plain switchover. The destination punches
-the pages not discarded yet, registers guest RAM with userfaultfd (`uffd.FaultServer`) before
-its vCPUs run, starts its fetcher, acknowledges, and resumes the guest. Then:
+the last moments dirtied), then Complete, as in a plain switchover. The destination marks the
+pages not discarded yet missing and punches them (`FaultServer.mark_missing`), acknowledges,
+resumes the guest and starts its fetcher. Then:
 
 - `PostcopySender` (source) pushes every pending page once, in page order, as PostcopyPages
   frames of at most 64 pages; a `PageRequest` from the destination goes first, in a whole
@@ -345,6 +346,20 @@ class PostcopyReceiver:
         self._stop = threading.Event()
         self._fetcher: threading.Thread | None = None
         self._fetch_error: BaseException | None = None
+        self._discarded: npt.NDArray[np.bool_] | None = None  # given to `open_early`
+
+    def open_early(
+        self, discarded: npt.NDArray[np.bool_], allocated: npt.NDArray[np.bool_]
+    ) -> None:
+        """At PostcopyDiscard, the guest still running on the source: register guest RAM with
+        the discarded pages (punched already) missing, so that the registration (1-5 ms for a
+        GiB) stays out of the downtime; `arm` then only marks what the last moments dirtied.
+        Nothing may touch a discarded page meanwhile (`presence` refuses it at once: no
+        fetcher runs before the switchover)."""
+        if self.server is not None:
+            raise PostcopyError("the fault server is open already")
+        self.server = FaultServer(self.base, initial_states(~discarded, allocated & ~discarded))
+        self._discarded = discarded
 
     def arm(
         self,
@@ -355,19 +370,29 @@ class PostcopyReceiver:
     ) -> npt.NDArray[np.bool_]:
         """Make the pending pages missing and register guest RAM; returns the pending pages.
         Before the vCPUs run: a page they touch from now on is either here or fetched.
-        `discarded`: pages made missing already (PostcopyDiscard), all of them pending."""
+        `discarded`: pages made missing already (PostcopyDiscard), all of them pending; after
+        `open_early` they are the ones it was given, and only the rest is marked and punched."""
         pending = pending_pages(start.pending, self.npages)
-        if discarded is None:
-            punch_pages(pending, punch)
+        if self.server is not None:
+            discarded = self._discarded
+        if discarded is not None and (discarded & ~pending).any():
+            raise PostcopyError(
+                f"PostcopyStart leaves out page {int(np.flatnonzero(discarded & ~pending)[0])}"
+                ", which PostcopyDiscard made missing: it would never arrive"
+            )
+        late = pending if discarded is None else pending & ~discarded
+        server = self.server
+        if server is None:
+            punch_pages(late, punch)
+            allocated = allocated & ~pending
+            self.server = FaultServer(self.base, initial_states(~pending, allocated))
         else:
-            if (discarded & ~pending).any():
-                raise PostcopyError(
-                    f"PostcopyStart leaves out page {int(np.flatnonzero(discarded & ~pending)[0])}"
-                    ", which PostcopyDiscard made missing: it would never arrive"
-                )
-            punch_pages(pending & ~discarded, punch)
-        allocated = allocated & ~pending
-        self.server = FaultServer(self.base, initial_states(~pending, allocated))
+
+            def mark_and_punch(first: int, n: int) -> None:
+                server.mark_missing(first, n)  # first: once punched, a hole must be missing
+                punch(first, n)
+
+            punch_pages(late, mark_and_punch)
         self.report.status = "postcopy-active"
         self.report.pending_pages = int(pending.sum())
         return pending

@@ -87,6 +87,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "uffd_open": (_P, [_U64, _U64, _P, _U64, ctypes.POINTER(_INT)]),
     "uffd_install": (_INT, [_P, _U64, _U64, _P]),
     "uffd_take_requests": (_U64, [_P, _P, _U64]),
+    "uffd_mark_missing": (ctypes.c_int64, [_P, _U64, _U64]),
     "uffd_wait_present": (_INT, [_P, _U64, _U64, ctypes.c_int64]),
     "uffd_fetch": (ctypes.c_int64, [_P, _U64, _U64, ctypes.c_int64]),
     "uffd_states": (None, [_P, _P]),
@@ -185,6 +186,15 @@ class FaultServer:
             raise FaultServerError(
                 f"UFFDIO_COPY of {len(buf) // PAGE_SIZE} pages at page {pfn}: {os.strerror(-rc)}"
             )
+
+    def mark_missing(self, pfn: int, npages: int) -> int:
+        """Pages [pfn, pfn + npages) are to come from the source after all (a server opened
+        before the source's last dirty pages were known). Present and known zero pages become
+        missing; returns how many did. The caller punches them out of the memfd right after,
+        before anything touches them (a page still in the memfd would fault no more)."""
+        self._check_range(pfn, npages)
+        with self._close_lock:
+            return int(self._lib.uffd_mark_missing(self._handle(), pfn, npages))
 
     def wait_present(self, pfn: int, npages: int, timeout_s: float) -> bool:
         """Request what is missing of the pages and wait (GIL released) until all are present;
