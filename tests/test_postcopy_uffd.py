@@ -8,6 +8,7 @@ import ctypes
 import mmap
 import os
 import select
+import socket
 import subprocess
 import sys
 import textwrap
@@ -459,3 +460,80 @@ def test_a_server_opened_at_the_discard_fetches_what_the_last_moments_dirtied() 
     dst.presence = None
     receiver.finish()
     dst.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(WAIT_S)
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"the stream ended after {len(out)} of {n} bytes"
+        out += chunk
+    return out
+
+
+def test_the_native_sender_writes_a_faults_request_as_the_frame_python_would() -> None:
+    """On a plain stream the fault server writes the requests itself: a vCPU-like reader's
+    fault arrives as the PageRequest frame `frames.encode_event` writes (same CRC), and a
+    range asked for at once goes out in consecutive runs of at most the frame limit, while
+    the GIL is held by this thread the whole time (no fetcher, no Python on the way)."""
+    from ptmig.migration import frames
+    from ptmig.migration.events import PageRequest
+
+    ram = Ram(256)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)  # as a Python socket with a timeout is
+    with FaultServer(ram.base, np.full(256, PageState.MISSING, dtype=np.uint8)) as server:
+        server.start_sender(ours.fileno(), 64)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(ram.read_released(200)), daemon=True)
+        reader.start()
+        assert _recv_exactly(peer, 24) == frames.encode_event(PageRequest(200, 1))
+        server.install(200, pattern(200))
+        reader.join(WAIT_S)
+        assert got == [pattern(200)]
+        assert not server.wait_present(10, 100, timeout_s=0.0)  # queued at once
+        want = frames.encode_event(PageRequest(10, 64)) + frames.encode_event(PageRequest(74, 36))
+        assert _recv_exactly(peer, len(want)) == want
+        assert server.sender_state() == (3, None)
+        server.stop_sender()
+        # stopped: requests queue for a fetcher again
+        assert not server.wait_present(250, 1, timeout_s=0.0)
+        assert select.select([server.request_fd], [], [], WAIT_S)[0]
+        assert server.take_requests().tolist() == [250]
+    ours.close()
+    peer.close()
+
+
+def test_a_broken_return_path_stops_the_native_sender_and_keeps_the_pages_requested() -> None:
+    """The source's end closes: the sender's write fails, it stops and says why, the page it
+    was asking for stays REQUESTED (a resumed link asks for those again), and a sender started
+    on a new stream sends what is asked from then on."""
+    from ptmig.migration import frames
+    from ptmig.migration.events import PageRequest
+
+    ram = Ram(16)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.close()
+    with FaultServer(ram.base, np.full(16, PageState.MISSING, dtype=np.uint8)) as server:
+        server.start_sender(ours.fileno(), 64)
+        assert not server.wait_present(7, 1, timeout_s=0.0)
+        deadline = time.monotonic() + WAIT_S
+        while (why := server.sender_state()[1]) is None:
+            assert time.monotonic() < deadline, "the sender never noticed the closed stream"
+            time.sleep(0.005)
+        assert why in (os.strerror(32), os.strerror(104))  # EPIPE, ECONNRESET
+        assert server.states()[7] == PageState.REQUESTED
+        with pytest.raises(FaultServerError, match="starting the request sender on fd -1"):
+            server.start_sender(-1, 64)
+        server.stop_sender()
+        ours.close()
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        server.start_sender(ours.fileno(), 64)
+        assert server.sender_state()[1] is None
+        assert not server.wait_present(9, 1, timeout_s=0.0)
+        assert _recv_exactly(peer, 24) == frames.encode_event(PageRequest(9, 1))
+    ours.close()
+    peer.close()

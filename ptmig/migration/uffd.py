@@ -94,6 +94,9 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "uffd_get_stats": (_INT, [_P, ctypes.POINTER(_Stats)]),
     "uffd_latencies": (_U64, [_P, _P, _U64]),
     "uffd_request_fd": (_INT, [_P]),
+    "uffd_start_sender": (_INT, [_P, _INT, _U64]),
+    "uffd_stop_sender": (None, [_P]),
+    "uffd_sender_error": (_INT, [_P, ctypes.POINTER(_U64)]),
     "uffd_close": (None, [_P]),
 }
 
@@ -195,6 +198,31 @@ class FaultServer:
         self._check_range(pfn, npages)
         with self._close_lock:
             return int(self._lib.uffd_mark_missing(self._handle(), pfn, npages))
+
+    def start_sender(self, fd: int, max_pages: int) -> None:
+        """Write the requests onto the socket `fd` (a plain stream: PageRequest frames of at
+        most `max_pages` pages) from a native thread, as soon as a fault queues them: no
+        fetcher, and no GIL, on the way. `stop_sender` before the socket is closed."""
+        with self._close_lock:
+            rc = self._lib.uffd_start_sender(self._handle(), fd, max_pages)
+        if rc < 0:
+            raise FaultServerError(
+                f"starting the request sender on fd {fd} ({max_pages} pages a frame): "
+                f"{os.strerror(-rc)}"
+            )
+
+    def stop_sender(self) -> None:
+        """Stop the request sender (if it runs): requests queue for a fetcher again."""
+        with self._close_lock:
+            if self._h is not None:
+                self._lib.uffd_stop_sender(self._h)
+
+    def sender_state(self) -> tuple[int, str | None]:
+        """(request frames the sender wrote, why it stopped writing: None while it works)."""
+        frames = _U64(0)
+        with self._close_lock:
+            error = self._lib.uffd_sender_error(self._handle(), ctypes.byref(frames))
+        return int(frames.value), (os.strerror(error) if error else None)
 
     def wait_present(self, pfn: int, npages: int, timeout_s: float) -> bool:
         """Request what is missing of the pages and wait (GIL released) until all are present;
