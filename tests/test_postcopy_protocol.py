@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -23,9 +29,16 @@ from ptmig.migration import (
     VcpuStates,
     frames,
     hello,
+    transport,
 )
 from ptmig.migration.events import PageRequest, PostcopyEnd, PostcopyPages, PostcopyStart
-from ptmig.migration.postcopy import SendOrder, page_ranges, pending_bytes, pending_pages
+from ptmig.migration.postcopy import (
+    PostcopySender,
+    SendOrder,
+    page_ranges,
+    pending_bytes,
+    pending_pages,
+)
 
 PAGES = 128
 PS = 4096
@@ -189,3 +202,111 @@ def test_a_postcopy_start_the_hello_did_not_offer_is_refused() -> None:
         assert d.incoming.postcopy is None
     finally:
         d.stop()
+
+
+class _Stopped(Exception):
+    pass
+
+
+class RunningSender:
+    """A source's PostcopySender in a thread over a socketpair, with `d_ch`/`d` the
+    destination's end; `stop()` ends it and returns what it raised (None: stopped)."""
+
+    def __init__(self, pace: Callable[[int], float]) -> None:
+        s, self.d = postcopy_pair()
+        self.a, self.b = socket.socketpair()
+        s_ch = transport.Channel(self.a, 30, "dst")
+        self.d_ch = transport.Channel(self.b, 30, "src")
+        self.ram = (np.arange(PAGES * PS) % 251).astype(np.uint8)
+        self._stop = threading.Event()
+        self.raised: BaseException | None = None
+        self.sender = PostcopySender(
+            s_ch,
+            s,
+            memoryview(self.ram),
+            np.ones(PAGES, dtype=bool),
+            lambda f, n: True,
+            check=self._check,
+            pace=pace,
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+
+    def _run(self) -> None:
+        try:
+            self.sender.run()
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            self.raised = e
+
+    def stop(self) -> BaseException | None:
+        self._stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        self.a.close()
+        self.b.close()
+        return self.raised
+
+
+def owing_after_one_frame(sent: list[int]) -> Callable[[int], float]:
+    """A `max-bandwidth` pace that lets one frame go and then owes for ever (`sent`: the
+    byte counts it was given)."""
+
+    def pace(nbytes: int) -> float:
+        sent.extend([nbytes] if nbytes else [])
+        return 1e6 if sent else 0.0
+
+    return pace
+
+
+def test_a_request_during_the_links_pacing_wait_goes_out_at_once() -> None:
+    """The background push waits for `max-bandwidth`'s cap (here it owes for ever after the
+    first frame); a PageRequest that arrives meanwhile wakes the sender and its pages go out
+    at once: the cap delays the background, a request jumps it."""
+    sent: list[int] = []
+    run = RunningSender(owing_after_one_frame(sent))
+    try:
+        first = transport.recv_event(run.d_ch, run.d)
+        assert isinstance(first, PostcopyPages) and (first.first_page, first.npages) == (0, 64)
+        run.d_ch.sendall(run.d.send(PageRequest(100, 1)))
+        reply = transport.recv_event(run.d_ch, run.d)
+        assert isinstance(reply, PostcopyPages)
+        # the frame from the requested page on (the pages after it are likely next)
+        assert (reply.first_page, reply.npages) == (100, 28)
+        assert reply.data == run.ram[100 * PS :].tobytes()
+    finally:
+        raised = run.stop()
+    assert raised is None
+    assert run.sender.requests == 1 and len(sent) == 2  # the request's bytes count too
+
+
+@pytest.mark.parametrize(
+    ("request_meta", "error"),
+    [
+        ((500).to_bytes(8, "little") + (1).to_bytes(4, "little"), r"pages \[500, 501\) outside"),
+        ((3).to_bytes(8, "little") + (65).to_bytes(4, "little"), "65 pages, allowed 1..64"),
+    ],
+)
+def test_a_malformed_page_request_ends_the_sender_with_the_reason(
+    request_meta: bytes, error: str
+) -> None:
+    """A destination that asks for pages outside guest RAM, or too many at once: the source's
+    sender stops with an error that says what was wrong (the source then keeps its pages
+    and pauses, as for a broken link); it never sends past guest RAM."""
+    run = RunningSender(owing_after_one_frame([]))
+    try:
+        transport.recv_event(run.d_ch, run.d)
+        run.d_ch.sendall(frames.encode_frame(frames.FrameType.PAGE_REQUEST, request_meta))
+        deadline = time.monotonic() + 30
+        while run.thread.is_alive():
+            assert time.monotonic() < deadline, "the sender took the malformed request"
+            time.sleep(0.005)
+    finally:
+        raised = run.stop()
+    assert isinstance(raised, RemoteProtocolError)
+    assert re.search(error, str(raised)), raised

@@ -283,7 +283,7 @@ def test_a_postcopy_session_over_a_socket_serves_every_page_once_while_readers_f
         pending,
         lambda first, n: bool(allocated[first : first + n].any()),
         check=lambda: None,
-        rate_limit=lambda n: None,
+        pace=lambda n: 0.0,
     )
     sent = threading.Thread(target=sender.run, name="test-sender")
     rng = np.random.default_rng(5)

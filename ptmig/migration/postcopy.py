@@ -89,6 +89,7 @@ REQUEST_POLL_S = 0.05  # how often the fetcher looks at its stop flag
 # page queues behind little data (its latency is the backlog / the link's rate).
 BACKLOG_BYTES = 512 << 10
 BACKLOG_POLL_S = 0.0005
+PACE_SLICE_S = 0.02  # a wait for the link's cap looks at a cancel and a new cap this often
 RECEIVE_QUEUE_BYTES = 256 << 10
 INSTALL_WAIT_S = 60.0
 PRESENCE_SLICE_S = 0.1  # a VMM access waiting for a page looks at the link this often
@@ -217,14 +218,16 @@ class PostcopySender:
         has_data: Callable[[int, int], bool],
         *,
         check: Callable[[], None],
-        rate_limit: Callable[[int], None],
+        pace: Callable[[int], float],
     ) -> None:
         self.ch, self.conn, self.view = ch, conn, view
         self.order = SendOrder([int(p) for p in np.flatnonzero(pending)])
         # whether a range holds data, asked per frame (a scan of all RAM's allocation at
         # the start would delay the first requested pages by as long)
         self.has_data = has_data
-        self.check, self.rate_limit = check, rate_limit
+        # `pace(n)`: n bytes sent under `max-bandwidth`; the seconds its cap still owes
+        # (0: none, or no cap). `pace(0)` asks without sending.
+        self.check, self.pace = check, pace
         self.requests = 0  # PageRequest frames received (query-migrate's postcopy-requests)
         self.requested_pages = 0
         self.bytes_sent = 0
@@ -234,23 +237,27 @@ class PostcopySender:
         while True:
             self.check()
             self._take_requests()
+            if self.order.left:
+                self._wait_for_link()
             nxt = self.order.next_range()
             if nxt is None:
                 break
-            first, npages, requested = nxt
-            if not requested:
-                self._wait_backlog()
             # the link's cap holds for requested pages too (QEMU's max-postcopy-bandwidth is
-            # one limit for both): a request only jumps the queue
-            self.rate_limit(self._send(first, npages))
+            # one limit for both): their bytes delay the background, a request only jumps
+            # the queue
+            self.pace(self._send(nxt[0], nxt[1]))
         self.bytes_sent += transport.send_event(self.ch, self.conn, PostcopyEnd())
 
-    def _wait_backlog(self) -> None:
-        """Before a background frame: until the socket's backlog is short, or a request came
-        (it then goes first: `next_range` serves requests before the walk)."""
-        while self.ch.unacknowledged() > BACKLOG_BYTES and not self.order.requests:
+    def _wait_for_link(self) -> None:
+        """Before a background frame: until the link's cap allows it and the socket's backlog
+        is short, or a request came; a request that arrives meanwhile wakes this at once and
+        goes first (`next_range` serves requests before the walk)."""
+        while not self.order.requests:
             self.check()
-            select.select([self.ch.sock], [], [], BACKLOG_POLL_S)
+            owed = self.pace(0)
+            if owed <= 0 and self.ch.unacknowledged() <= BACKLOG_BYTES:
+                return
+            select.select([self.ch.sock], [], [], min(owed, PACE_SLICE_S) or BACKLOG_POLL_S)
             self._take_requests()
 
     def _send(self, first: int, npages: int) -> int:
