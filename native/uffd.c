@@ -454,8 +454,10 @@ static void *sender_thread(void *arg)
 }
 
 /* Write the requests onto socket `fd` from a native thread from now on (instead of the
- * fetcher taking them): frames of at most `max_pages` pages.  0, -EBUSY if it runs already,
- * -EINVAL, or -errno. */
+ * fetcher taking them): frames of at most `max_pages` pages.  The thread writes on its own
+ * duplicate of `fd` (closed by uffd_stop_sender), so a caller that closes its socket first
+ * can never have requests written into whatever reuses the number.  0, -EBUSY if it runs
+ * already, -EINVAL, or -errno. */
 int uffd_start_sender(struct uffd_server *s, int fd, uint64_t max_pages)
 {
 	if (fd < 0 || max_pages == 0 || max_pages > UINT32_MAX)
@@ -468,16 +470,25 @@ int uffd_start_sender(struct uffd_server *s, int fd, uint64_t max_pages)
 			return -errno;
 	}
 	fd_drain(s->send_wake_fd);
-	s->send_fd = fd;
+	s->send_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	if (s->send_fd < 0)
+		return -errno;
 	s->send_max_pages = max_pages;
 	s->send_error = 0;
-	return worker_start(&s->sender, sender_thread, s, "ptmig-uffd-req");
+	int e = worker_start(&s->sender, sender_thread, s, "ptmig-uffd-req");
+	if (e) {
+		close(s->send_fd);
+		s->send_fd = -1;
+	}
+	return e;
 }
 
 /* Stop the sender (before its socket is closed); requests queue for a fetcher again. */
 void uffd_stop_sender(struct uffd_server *s)
 {
 	worker_stop(&s->sender, &s->lock, s->send_wake_fd);
+	if (s->send_fd >= 0)
+		close(s->send_fd);
 	s->send_fd = -1;
 	if (s->send_wake_fd >= 0)
 		fd_drain(s->send_wake_fd);

@@ -537,3 +537,30 @@ def test_a_broken_return_path_stops_the_native_sender_and_keeps_the_pages_reques
         assert _recv_exactly(peer, 24) == frames.encode_event(PageRequest(9, 1))
     ours.close()
     peer.close()
+
+
+def test_the_native_sender_writes_on_its_own_descriptor_not_on_a_reused_number() -> None:
+    """A caller that closes its socket before stopping the sender (an unexpected error path)
+    must not have request frames written into whatever opens next under the same number:
+    the sender writes on its own duplicate, which still reaches the source."""
+    from ptmig.migration import frames
+    from ptmig.migration.events import PageRequest
+
+    ram = Ram(16)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    number = ours.fileno()
+    with FaultServer(ram.base, np.full(16, PageState.MISSING, dtype=np.uint8)) as server:
+        server.start_sender(number, 64)
+        ours.close()
+        other, other_peer = socket.socketpair()  # likely under the freed number
+        try:
+            assert not server.wait_present(4, 1, timeout_s=0.0)
+            # it reaches the source although the caller's descriptor is closed
+            assert _recv_exactly(peer, 24) == frames.encode_event(PageRequest(4, 1))
+            assert not select.select([other_peer], [], [], 0)[0], "a frame went elsewhere"
+        finally:
+            server.stop_sender()
+            other.close()
+            other_peer.close()
+    peer.close()

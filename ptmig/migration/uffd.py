@@ -202,7 +202,8 @@ class FaultServer:
     def start_sender(self, fd: int, max_pages: int) -> None:
         """Write the requests onto the socket `fd` (a plain stream: PageRequest frames of at
         most `max_pages` pages) from a native thread, as soon as a fault queues them: no
-        fetcher, and no GIL, on the way. `stop_sender` before the socket is closed."""
+        fetcher, and no GIL, on the way. It writes on its own duplicate of `fd` until
+        `stop_sender` (so the stream stays open until then)."""
         with self._close_lock:
             rc = self._lib.uffd_start_sender(self._handle(), fd, max_pages)
         if rc < 0:
