@@ -6,13 +6,16 @@ native thread (`native/uffd.c`) that reads the faults. It owns the state of ever
 missing, requested, known zero, present — and answers faults on its own wherever it can: a
 known zero page is installed with UFFDIO_ZEROPAGE, a page already present is woken. Only a
 missing page needs the source: its number goes on the request queue (`take_requests`, with
-`request_fd` to poll), once, however many vCPUs wait on it; the fetcher asks the source for it
-on the return path and hands the data to `install` (UFFDIO_COPY, which wakes the waiters).
+`request_fd` to poll), once, however many vCPUs wait on it. On a plain stream a second native
+thread (`start_sender`) writes the queued requests onto the return path as PageRequest frames
+the moment they are queued; otherwise the fetcher (Python) takes them and asks the source.
+The receiver hands the data to `install` (UFFDIO_COPY, which wakes the waiters). A server
+opened before the source's last dirty pages are known takes them back with `mark_missing`.
 
-Why it cannot deadlock on the GIL: the fault thread never enters Python, and `install` and
+Why it cannot deadlock on the GIL: the native threads never enter Python, and `install` and
 `wait_present` are ctypes calls that release the GIL. vCPUs fault inside KVM_RUN, also with the
-GIL released. The fetcher is Python, so VMM code must never touch a missing page through the
-mapping with the GIL held (that thread would wait for a fetcher that waits for the GIL):
+GIL released. The receiver (and the fetcher) are Python, so VMM code must never touch a
+missing page through the mapping with the GIL held (that thread would wait for them):
 `ensure` first (it waits with the GIL released). `os.pread` on the memfd is no way around it:
 a missing page reads as zeros there, silently.
 
