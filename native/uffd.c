@@ -167,21 +167,36 @@ static void handle_fault(struct uffd_server *s, uint64_t addr)
 		fd_signal(s->request_fd);
 }
 
+/* A native thread's wait: until `fd` is ready for `events` or `wake_fd` (its stop) is
+ * readable.  1 if woken through wake_fd, 0 otherwise, -errno if poll failed. */
+static int wait_or_wake(int fd, short events, int wake_fd)
+{
+	struct pollfd fds[2] = { { .fd = fd, .events = events },
+				 { .fd = wake_fd, .events = POLLIN } };
+	if (poll(fds, 2, -1) < 0)
+		return errno == EINTR ? 0 : -errno;
+	return fds[1].revents != 0;
+}
+
+static int stopping(struct uffd_server *s, struct worker *w)
+{
+	pthread_mutex_lock(&s->lock);
+	int stop = w->stop;
+	pthread_mutex_unlock(&s->lock);
+	return stop;
+}
+
 static void *fault_thread(void *arg)
 {
 	struct uffd_server *s = arg;
 	struct uffd_msg msgs[MSGS];
 	for (;;) {
-		struct pollfd fds[2] = { { .fd = s->uffd, .events = POLLIN },
-					 { .fd = s->wake_fd, .events = POLLIN } };
-		if (poll(fds, 2, -1) < 0 && errno != EINTR) {
-			s->error = errno;
+		int w = wait_or_wake(s->uffd, POLLIN, s->wake_fd);
+		if (w < 0) {
+			s->error = -w;
 			return NULL;
 		}
-		pthread_mutex_lock(&s->lock);
-		int stop = s->worker.stop;
-		pthread_mutex_unlock(&s->lock);
-		if (stop)
+		if (stopping(s, &s->worker))
 			return NULL;
 		ssize_t r = read(s->uffd, msgs, sizeof(msgs));
 		if (r < 0) {
@@ -404,22 +419,11 @@ static int send_all(struct uffd_server *s, const uint8_t *buf, size_t len)
 			continue;
 		if (errno != EAGAIN && errno != EWOULDBLOCK)
 			return -errno;
-		struct pollfd fds[2] = { { .fd = s->send_fd, .events = POLLOUT },
-					 { .fd = s->send_wake_fd, .events = POLLIN } };
-		if (poll(fds, 2, -1) < 0 && errno != EINTR)
-			return -errno;
-		if (fds[1].revents)
-			return -ECANCELED;
+		int w = wait_or_wake(s->send_fd, POLLOUT, s->send_wake_fd);
+		if (w)
+			return w < 0 ? w : -ECANCELED;
 	}
 	return 0;
-}
-
-static int sender_stopping(struct uffd_server *s)
-{
-	pthread_mutex_lock(&s->lock);
-	int stop = s->sender.stop;
-	pthread_mutex_unlock(&s->lock);
-	return stop;
 }
 
 static void *sender_thread(void *arg)
@@ -428,13 +432,12 @@ static void *sender_thread(void *arg)
 	uint64_t pfns[SEND_BATCH];
 	uint8_t frames[SEND_BATCH * REQUEST_FRAME];
 	for (;;) {
-		struct pollfd fds[2] = { { .fd = s->request_fd, .events = POLLIN },
-					 { .fd = s->send_wake_fd, .events = POLLIN } };
-		if (poll(fds, 2, -1) < 0 && errno != EINTR) {
-			s->send_error = errno;
+		int w = wait_or_wake(s->request_fd, POLLIN, s->send_wake_fd);
+		if (w < 0) {
+			s->send_error = -w;
 			return NULL;
 		}
-		if (sender_stopping(s))
+		if (stopping(s, &s->sender))
 			return NULL;
 		uint64_t n = uffd_take_requests(s, pfns, SEND_BATCH);
 		if (!n)
