@@ -148,8 +148,8 @@ def test_send_order_sends_every_pending_page_once_and_requests_first(
         run = list(range(first, first + n))
         assert all(p in pending for p in run)
         if requested:
-            # a requested frame carries pages of the request that had not gone yet
-            assert any(r[0] <= first < r[0] + r[1] for r in requests)
+            # a requested frame carries only pages of a request that had not gone yet
+            assert any(r[0] <= first and first + n <= r[0] + r[1] for r in requests)
         sent += run
         frames_sent += 1
         if frames_sent == ask_after:
@@ -212,9 +212,9 @@ class RunningSender:
     """A source's PostcopySender in a thread over a socketpair, with `d_ch`/`d` the
     destination's end; `stop()` ends it and returns what it raised (None: stopped)."""
 
-    def __init__(self, pace: Callable[[int], float]) -> None:
+    def __init__(self, pace: Callable[[int], float], tcp: bool = False) -> None:
         s, self.d = postcopy_pair()
-        self.a, self.b = socket.socketpair()
+        self.a, self.b = tcp_pair() if tcp else socket.socketpair()
         s_ch = transport.Channel(self.a, 30, "dst")
         self.d_ch = transport.Channel(self.b, 30, "src")
         self.ram = (np.arange(PAGES * PS) % 251).astype(np.uint8)
@@ -245,12 +245,29 @@ class RunningSender:
             self.raised = e
 
     def stop(self) -> BaseException | None:
+        """Stop the sender: the destination's end is drained meanwhile, so a send blocked on
+        a full stream completes and the sender reaches its stop check."""
         self._stop.set()
-        self.thread.join(30)
+        self.b.settimeout(0.05)
+        deadline = time.monotonic() + 30
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self.b.recv(1 << 16)
+            except OSError:  # (a timeout: nothing queued)
+                pass
+        self.thread.join(1)
         assert not self.thread.is_alive()
         self.a.close()
         self.b.close()
         return self.raised
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair over loopback (the sender's TCP_NOTSENT_LOWAT path)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
 
 
 def owing_after_one_frame(sent: list[int]) -> Callable[[int], float]:
@@ -264,21 +281,22 @@ def owing_after_one_frame(sent: list[int]) -> Callable[[int], float]:
     return pace
 
 
-def test_a_request_during_the_links_pacing_wait_goes_out_at_once() -> None:
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_a_request_during_the_links_pacing_wait_goes_out_at_once(tcp: bool) -> None:
     """The background push waits for `max-bandwidth`'s cap (here it owes for ever after the
     first frame); a PageRequest that arrives meanwhile wakes the sender and its pages go out
     at once: the cap delays the background, a request jumps it."""
     sent: list[int] = []
-    run = RunningSender(owing_after_one_frame(sent))
+    run = RunningSender(owing_after_one_frame(sent), tcp)
     try:
         first = transport.recv_event(run.d_ch, run.d)
         assert isinstance(first, PostcopyPages) and (first.first_page, first.npages) == (0, 64)
         run.d_ch.sendall(run.d.send(PageRequest(100, 1)))
         reply = transport.recv_event(run.d_ch, run.d)
         assert isinstance(reply, PostcopyPages)
-        # the frame from the requested page on (the pages after it are likely next)
-        assert (reply.first_page, reply.npages) == (100, 28)
-        assert reply.data == run.ram[100 * PS :].tobytes()
+        # the requested page alone: nothing it does not need is ahead of its install
+        assert (reply.first_page, reply.npages) == (100, 1)
+        assert reply.data == run.ram[100 * PS : 101 * PS].tobytes()
     finally:
         raised = run.stop()
     assert raised is None
@@ -310,3 +328,32 @@ def test_a_malformed_page_request_ends_the_sender_with_the_reason(
         raised = run.stop()
     assert isinstance(raised, RemoteProtocolError)
     assert re.search(error, str(raised)), raised
+
+
+def test_on_tcp_the_push_waits_for_the_peers_window_and_a_request_still_goes_first() -> None:
+    """No cap, on TCP (the sender's TCP_NOTSENT_LOWAT wait): the background push stops while
+    the destination reads nothing, and a request sent meanwhile is answered, with its page
+    alone, as soon as the destination has read what was queued before it."""
+    run = RunningSender(lambda n: 0.0, tcp=True)
+    try:
+        run.b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        deadline = time.monotonic() + 30
+        # the push stalls: what it sent stops growing while nobody reads
+        last, still = -1, 0
+        while still < 20:
+            assert time.monotonic() < deadline, "the push never waited for the reader"
+            now = run.sender.bytes_sent
+            still = still + 1 if now == last else 0
+            last = now
+            time.sleep(0.01)
+        assert run.sender.order.left > 0  # it stopped before the end, not because it was done
+        run.d_ch.sendall(run.d.send(PageRequest(127, 1)))
+        while True:
+            ev = transport.recv_event(run.d_ch, run.d)
+            assert isinstance(ev, PostcopyPages), ev
+            if ev.first_page == 127:
+                break
+        assert ev.npages == 1 and ev.data == run.ram[127 * PS :].tobytes()
+    finally:
+        raised = run.stop()
+    assert raised is None

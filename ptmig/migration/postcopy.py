@@ -12,9 +12,10 @@ pages not discarded yet missing and punches them (`FaultServer.mark_missing`), a
 resumes the guest and starts its fetcher. Then:
 
 - `PostcopySender` (source) pushes every pending page once, in page order, as PostcopyPages
-  frames of at most 64 pages; a `PageRequest` from the destination goes first, in a whole
-  frame from the requested page on, and the background push continues right after it (the
-  guest's next accesses are likely near its last fault). Zero pages travel as empty frames.
+  frames of at most 64 pages; a `PageRequest` from the destination goes first, in a frame of
+  its own pages only (a bigger one would delay the fault by what the destination takes to
+  process the rest), and the background push continues right after it (the guest's next
+  accesses are likely near its last fault). Zero pages travel as empty frames.
   `max-bandwidth` caps all of it (a request jumps the queue, not the link). The end is
   `PostcopyEnd`.
 - `PostcopyReceiver` (destination) installs each frame with UFFDIO_COPY (or ZEROPAGE) and
@@ -89,6 +90,11 @@ REQUEST_POLL_S = 0.05  # how often the fetcher looks at its stop flag
 # page queues behind little data (its latency is the backlog / the link's rate).
 BACKLOG_BYTES = 512 << 10
 BACKLOG_POLL_S = 0.0005
+# On TCP: the socket counts as writable only while less than this is queued unsent (Linux's
+# TCP_NOTSENT_LOWAT), so the push waits for the peer's window without polling, and what a
+# requested page queues behind is the peer's receive queue plus this.
+NOTSENT_LOWAT_BYTES = 16 << 10
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 PACE_SLICE_S = 0.02  # a wait for the link's cap looks at a cancel and a new cap this often
 RECEIVE_QUEUE_BYTES = 256 << 10
 INSTALL_WAIT_S = 60.0
@@ -157,10 +163,11 @@ class SendOrder:
         """(first, npages, requested) of the next frame to send, or None when all is sent."""
         while self.requests:
             first, npages = self.requests.popleft()
-            # a whole frame from the first unsent requested page: the pages after it are
-            # the guest's likely next faults, and the frame costs no more bytes
-            start = self._first_unsent(first, first + npages)
-            got = None if start is None else self._run_from(start, start + MAX_POSTCOPY_PAGES)
+            # only the requested pages: the destination processes a frame whole before it
+            # installs any of it, so a larger frame would delay the fault by its size at the
+            # destination's pace; the walk goes on right after them (the guest's likely next
+            # faults, for one that moves forward)
+            got = self._run_from(first, first + npages)
             if got is not None:
                 self.cursor = bisect.bisect_left(self.pending, got[0] + got[1])
                 return (*got, True)
@@ -231,6 +238,7 @@ class PostcopySender:
         self.requests = 0  # PageRequest frames received (query-migrate's postcopy-requests)
         self.requested_pages = 0
         self.bytes_sent = 0
+        self._lowat = _notsent_lowat(ch.sock)
 
     def run(self) -> None:
         """Send every pending page, requested ones first; then PostcopyEnd."""
@@ -252,12 +260,19 @@ class PostcopySender:
         """Before a background frame: until the link's cap allows it and the socket's backlog
         is short, or a request came; a request that arrives meanwhile wakes this at once and
         goes first (`next_range` serves requests before the walk)."""
+        sock = self.ch.sock
         while not self.order.requests:
             self.check()
             owed = self.pace(0)
-            if owed <= 0 and self.ch.unacknowledged() <= BACKLOG_BYTES:
+            if owed > 0:
+                select.select([sock], [], [], min(owed, PACE_SLICE_S))
+            elif self._lowat:
+                if select.select([sock], [sock], [], PACE_SLICE_S)[1]:
+                    return
+            elif self.ch.unacknowledged() <= BACKLOG_BYTES:
                 return
-            select.select([self.ch.sock], [], [], min(owed, PACE_SLICE_S) or BACKLOG_POLL_S)
+            else:
+                select.select([sock], [], [], BACKLOG_POLL_S)
             self._take_requests()
 
     def _send(self, first: int, npages: int) -> int:
@@ -293,6 +308,18 @@ class PostcopySender:
                 raise PostcopyError(f"destination gave up during post-copy: {ev.reason}")
             else:
                 raise PostcopyError(f"unexpected {type(ev).__name__} during post-copy")
+
+
+def _notsent_lowat(sock: socket.socket) -> bool:
+    """Make a TCP socket writable only while little is queued unsent; False elsewhere (a unix
+    socket, a kernel without it): the push then polls the socket's backlog instead."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+    except OSError:
+        return False
+    return True
 
 
 def drop_stray_requests(ch: transport.Channel, conn: Connection) -> Any:
