@@ -357,3 +357,16 @@ def test_on_tcp_the_push_waits_for_the_peers_window_and_a_request_still_goes_fir
     finally:
         raised = run.stop()
     assert raised is None
+
+
+def test_a_request_brings_its_pages_only_or_a_whole_frame_where_asked() -> None:
+    """Plain and sealed streams: the requested pages alone, the walk right after them; TLS
+    (`reply_pages` 64): a whole frame from the first unsent requested page."""
+    alone = SendOrder(list(range(200)))
+    alone.request(100, 2)
+    assert alone.next_range() == (100, 2, True)
+    assert alone.next_range() == (102, 64, False)
+    whole = SendOrder(list(range(200)), reply_pages=64)
+    whole.request(100, 2)
+    assert whole.next_range() == (100, 64, True)
+    assert whole.next_range() == (164, 36, False)

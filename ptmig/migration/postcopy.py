@@ -148,6 +148,9 @@ class SendOrder:
     walk in page order from the last request on (wrapping around). Pure bookkeeping."""
 
     pending: list[int]  # ascending page numbers still to send
+    # a request's frame: only its pages (0), or a frame of up to this many from its first
+    # unsent page (the pages after it ride along)
+    reply_pages: int = 0
     cursor: int = 0  # index into `pending` of the background walk
     requests: deque[tuple[int, int]] = field(default_factory=deque)
     sent: set[int] = field(default_factory=set)
@@ -167,7 +170,11 @@ class SendOrder:
             # installs any of it, so a larger frame would delay the fault by its size at the
             # destination's pace; the walk goes on right after them (the guest's likely next
             # faults, for one that moves forward)
-            got = self._run_from(first, first + npages)
+            end = first + npages
+            if self.reply_pages:
+                start = self._first_unsent(first, end)
+                end = start + self.reply_pages if start is not None else end
+            got = self._run_from(first, end)
             if got is not None:
                 self.cursor = bisect.bisect_left(self.pending, got[0] + got[1])
                 return (*got, True)
@@ -228,7 +235,13 @@ class PostcopySender:
         pace: Callable[[int], float],
     ) -> None:
         self.ch, self.conn, self.view = ch, conn, view
-        self.order = SendOrder([int(p) for p in np.flatnonzero(pending)])
+        # Over TLS a request brings a whole frame: the destination's fetcher writes requests
+        # while its receiver reads the same TLS connection from another thread, which breaks
+        # the connection when requests come often (they do when each brings one page).
+        self.order = SendOrder(
+            [int(p) for p in np.flatnonzero(pending)],
+            reply_pages=MAX_POSTCOPY_PAGES if ch.is_tls else 0,
+        )
         # whether a range holds data, asked per frame (a scan of all RAM's allocation at
         # the start would delay the first requested pages by as long)
         self.has_data = has_data
