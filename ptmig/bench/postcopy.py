@@ -3,8 +3,8 @@ migrated three ways on the same link caps, in the same run.
 
 The guest: 1 GiB, `dirty` with a 32 MiB working set written as fast as one vCPU can (far more
 than the link carries) in a scattered page order (`scatter=1`: after a post-copy switchover it
-touches pages all over the working set, so it faults on many the source has not pushed yet,
-hundreds a run, not the handful a page-order sweep behind the push meets), its other RAM
+touches pages all over the working set, so it faults on many the source has not pushed yet:
+43-498 a run in six runs on a loaded host, not the 1-8 of a page-order sweep), its other RAM
 above `FILL_FROM` filled with random bytes (`x-debug-fill-ram`) so every page has data to
 carry; `downtime-limit` 20 ms, so no pre-copy round ever fits it (32 MiB would need
 1.6 GB/s). Per run and per link cap (`max-bandwidth` 100 MiB/s, and unlimited over
