@@ -13,10 +13,17 @@
  * Python, so it reads faults, serves ZERO pages and queues requests while any Python thread
  * holds the GIL, even one blocked on a missing page.  Installs (`uffd_install`) and waits
  * (`uffd_wait_present`) are ctypes calls, which release the GIL for their whole duration.
- * The one Python part of the loop is the fetcher that reads the request queue and receives
- * the pages: it needs the GIL, so VMM code must never touch a MISSING page with the GIL
- * held; it asks for the range with `uffd_wait_present` first (GIL released meanwhile).
- * vCPUs fault inside KVM_RUN, which runs with the GIL released.
+ * The Python part of the loop receives the pages (and, on an encrypted link, is the fetcher
+ * that reads the request queue): it needs the GIL, so VMM code must never touch a MISSING
+ * page with the GIL held; it asks for the range with `uffd_wait_present` first (GIL
+ * released meanwhile).  vCPUs fault inside KVM_RUN, which runs with the GIL released.
+ *
+ * The request sender (`uffd_start_sender`, on a plain socket): a second native thread that
+ * takes the queue as soon as the fault thread signals it and writes the PageRequest frames
+ * onto the return path itself, so a remote fault's request never waits for the GIL.  It
+ * only writes (the Python receiver owns the reading side).  A write that fails (the link
+ * broke) ends it with the errno kept (`uffd_sender_error`); the pages it had taken stay
+ * REQUESTED, and a resumed link asks for every REQUESTED page again.
  *
  * A COPY that finds the page already there (EEXIST: another install won the race) counts as
  * installed and wakes the range, since a failed COPY wakes no one.  A fault on a PRESENT page
@@ -32,6 +39,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 
@@ -39,6 +47,9 @@
 
 #define PAGE 4096ULL
 #define MSGS 64
+#define SEND_BATCH 512      /* requests the sender takes at a time */
+#define FRAME_PAGE_REQUEST 15 /* frames.FrameType.PAGE_REQUEST */
+#define REQUEST_FRAME 24    /* 8-byte header, crc32, <Q first_page, I npages> */
 
 enum { MISSING = 0, REQUESTED = 1, ZERO = 2, PRESENT = 3 };
 
@@ -67,6 +78,12 @@ struct uffd_server {
 	pthread_cond_t present;
 	struct worker worker;
 	int error; /* the fault thread's fatal errno, 0 while it works */
+	/* the request sender: its socket, how many pages a frame may ask for, its thread */
+	int send_fd, send_wake_fd;
+	uint64_t send_max_pages;
+	struct worker sender;
+	int send_error; /* the sender's fatal errno (0 while it works or never ran) */
+	uint64_t frames_sent;
 };
 
 static uint64_t now_ns(void)
@@ -150,21 +167,36 @@ static void handle_fault(struct uffd_server *s, uint64_t addr)
 		fd_signal(s->request_fd);
 }
 
+/* A native thread's wait: until `fd` is ready for `events` or `wake_fd` (its stop) is
+ * readable.  1 if woken through wake_fd, 0 otherwise, -errno if poll failed. */
+static int wait_or_wake(int fd, short events, int wake_fd)
+{
+	struct pollfd fds[2] = { { .fd = fd, .events = events },
+				 { .fd = wake_fd, .events = POLLIN } };
+	if (poll(fds, 2, -1) < 0)
+		return errno == EINTR ? 0 : -errno;
+	return fds[1].revents != 0;
+}
+
+static int stopping(struct uffd_server *s, struct worker *w)
+{
+	pthread_mutex_lock(&s->lock);
+	int stop = w->stop;
+	pthread_mutex_unlock(&s->lock);
+	return stop;
+}
+
 static void *fault_thread(void *arg)
 {
 	struct uffd_server *s = arg;
 	struct uffd_msg msgs[MSGS];
 	for (;;) {
-		struct pollfd fds[2] = { { .fd = s->uffd, .events = POLLIN },
-					 { .fd = s->wake_fd, .events = POLLIN } };
-		if (poll(fds, 2, -1) < 0 && errno != EINTR) {
-			s->error = errno;
+		int w = wait_or_wake(s->uffd, POLLIN, s->wake_fd);
+		if (w < 0) {
+			s->error = -w;
 			return NULL;
 		}
-		pthread_mutex_lock(&s->lock);
-		int stop = s->worker.stop;
-		pthread_mutex_unlock(&s->lock);
-		if (stop)
+		if (stopping(s, &s->worker))
 			return NULL;
 		ssize_t r = read(s->uffd, msgs, sizeof(msgs));
 		if (r < 0) {
@@ -191,7 +223,7 @@ struct uffd_server *uffd_open(uint64_t base, uint64_t npages, const uint8_t *sta
 		*err = ENOMEM;
 		return NULL;
 	}
-	s->uffd = s->wake_fd = s->request_fd = -1;
+	s->uffd = s->wake_fd = s->request_fd = s->send_fd = s->send_wake_fd = -1;
 	s->base = base;
 	s->npages = npages;
 	pthread_mutex_init(&s->lock, NULL);
@@ -276,6 +308,27 @@ int uffd_install(struct uffd_server *s, uint64_t pfn, uint64_t n, const void *da
 	return 0;
 }
 
+/* Pages [pfn, pfn+n) are to come from the source after all (the server was opened before
+ * the source's last pages were known: the caller punches these out of the memfd right after,
+ * before anything can touch them).  PRESENT and ZERO pages become MISSING; MISSING and
+ * REQUESTED ones stay as they are.  Returns how many changed, or -ERANGE. */
+int64_t uffd_mark_missing(struct uffd_server *s, uint64_t pfn, uint64_t n)
+{
+	if (pfn > s->npages || n > s->npages - pfn)
+		return -ERANGE;
+	int64_t changed = 0;
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t p = pfn; p < pfn + n; p++) {
+		if (s->state[p] != PRESENT && s->state[p] != ZERO)
+			continue;
+		s->state[p] = MISSING;
+		s->st.missing++;
+		changed++;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return changed;
+}
+
 /* Take up to `max` queued requests into `out`; returns how many. */
 uint64_t uffd_take_requests(struct uffd_server *s, uint64_t *out, uint64_t max)
 {
@@ -291,6 +344,167 @@ uint64_t uffd_take_requests(struct uffd_server *s, uint64_t *out, uint64_t max)
 		fd_signal(s->request_fd);
 	pthread_mutex_unlock(&s->lock);
 	return n;
+}
+
+/* zlib's CRC-32 (the frames' checksum), bit by bit: a request frame has 20 bytes to cover. */
+static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t n)
+{
+	crc = ~crc;
+	while (n--) {
+		crc ^= *p++;
+		for (int k = 0; k < 8; k++)
+			crc = (crc >> 1) ^ (0xEDB88320U & (0U - (crc & 1U)));
+	}
+	return ~crc;
+}
+
+static void put_le(uint8_t *p, uint64_t v, int bytes)
+{
+	for (int i = 0; i < bytes; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* One PageRequest frame for [first, first + n) into `out` (REQUEST_FRAME bytes), as
+ * frames.encode_event writes it. */
+static void encode_request(uint8_t *out, uint64_t first, uint32_t n)
+{
+	uint8_t *head = out, *meta = out + 12;
+	head[0] = FRAME_PAGE_REQUEST;
+	head[1] = 0;		       /* flags */
+	put_le(head + 2, 0, 2);	       /* reserved */
+	put_le(head + 4, 12, 4);       /* metadata length */
+	put_le(meta, first, 8);
+	put_le(meta + 8, n, 4);
+	put_le(out + 8, crc32_update(crc32_update(0, head, 8), meta, 12), 4);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* The taken page numbers as frames of consecutive pages (each at most `max_pages`); returns
+ * the bytes written into `out` (room for one frame per page). */
+static size_t encode_requests(uint64_t *pfns, uint64_t n, uint64_t max_pages, uint8_t *out)
+{
+	size_t len = 0;
+	qsort(pfns, n, sizeof(pfns[0]), cmp_u64);
+	for (uint64_t i = 0; i < n;) {
+		uint64_t first = pfns[i], run = 1;
+		while (i + run < n && run < max_pages && pfns[i + run] == first + run)
+			run++;
+		encode_request(out + len, first, (uint32_t)run);
+		len += REQUEST_FRAME;
+		i += run;
+		while (i < n && pfns[i] < first + run) /* a page taken twice cannot be, but */
+			i++;
+	}
+	return len;
+}
+
+/* Every byte onto the (non-blocking) socket; 0, -ECANCELED when asked to stop, or -errno. */
+static int send_all(struct uffd_server *s, const uint8_t *buf, size_t len)
+{
+	while (len) {
+		ssize_t n = send(s->send_fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n > 0) {
+			buf += n;
+			len -= (size_t)n;
+			continue;
+		}
+		if (n == 0)
+			return -EPIPE;
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN && errno != EWOULDBLOCK)
+			return -errno;
+		int w = wait_or_wake(s->send_fd, POLLOUT, s->send_wake_fd);
+		if (w)
+			return w < 0 ? w : -ECANCELED;
+	}
+	return 0;
+}
+
+static void *sender_thread(void *arg)
+{
+	struct uffd_server *s = arg;
+	uint64_t pfns[SEND_BATCH];
+	uint8_t frames[SEND_BATCH * REQUEST_FRAME];
+	for (;;) {
+		int w = wait_or_wake(s->request_fd, POLLIN, s->send_wake_fd);
+		if (w < 0) {
+			s->send_error = -w;
+			return NULL;
+		}
+		if (stopping(s, &s->sender))
+			return NULL;
+		uint64_t n = uffd_take_requests(s, pfns, SEND_BATCH);
+		if (!n)
+			continue;
+		size_t len = encode_requests(pfns, n, s->send_max_pages, frames);
+		int r = send_all(s, frames, len);
+		if (r == -ECANCELED)
+			return NULL;
+		if (r) {
+			s->send_error = -r; /* the pages stay REQUESTED: a resumed link asks again */
+			return NULL;
+		}
+		pthread_mutex_lock(&s->lock);
+		s->frames_sent += len / REQUEST_FRAME;
+		pthread_mutex_unlock(&s->lock);
+	}
+}
+
+/* Write the requests onto socket `fd` from a native thread from now on (instead of the
+ * fetcher taking them): frames of at most `max_pages` pages.  The thread writes on its own
+ * duplicate of `fd` (closed by uffd_stop_sender), so a caller that closes its socket first
+ * can never have requests written into whatever reuses the number.  0, -EBUSY if it runs
+ * already, -EINVAL, or -errno. */
+int uffd_start_sender(struct uffd_server *s, int fd, uint64_t max_pages)
+{
+	if (fd < 0 || max_pages == 0 || max_pages > UINT32_MAX)
+		return -EINVAL;
+	if (s->sender.running)
+		return -EBUSY;
+	if (s->send_wake_fd < 0) {
+		s->send_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		if (s->send_wake_fd < 0)
+			return -errno;
+	}
+	fd_drain(s->send_wake_fd);
+	s->send_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	if (s->send_fd < 0)
+		return -errno;
+	s->send_max_pages = max_pages;
+	s->send_error = 0;
+	int e = worker_start(&s->sender, sender_thread, s, "ptmig-uffd-req");
+	if (e) {
+		close(s->send_fd);
+		s->send_fd = -1;
+	}
+	return e;
+}
+
+/* Stop the sender (before its socket is closed); requests queue for a fetcher again. */
+void uffd_stop_sender(struct uffd_server *s)
+{
+	worker_stop(&s->sender, &s->lock, s->send_wake_fd);
+	if (s->send_fd >= 0)
+		close(s->send_fd);
+	s->send_fd = -1;
+	if (s->send_wake_fd >= 0)
+		fd_drain(s->send_wake_fd);
+}
+
+/* The sender's fatal errno (0 while it works, or if it never ran); `*frames`: the request
+ * frames it wrote so far. */
+int uffd_sender_error(struct uffd_server *s, uint64_t *frames)
+{
+	pthread_mutex_lock(&s->lock);
+	*frames = s->frames_sent;
+	pthread_mutex_unlock(&s->lock);
+	return s->send_error;
 }
 
 /* The VMM's own access: request what is missing of [pfn, pfn+n), serve known zero pages, and
@@ -402,6 +616,7 @@ void uffd_close(struct uffd_server *s)
 {
 	if (!s)
 		return;
+	uffd_stop_sender(s);
 	worker_stop(&s->worker, &s->lock, s->wake_fd);
 	if (s->uffd >= 0) {
 		struct uffdio_range r = { .start = s->base, .len = s->npages * PAGE };
@@ -412,6 +627,8 @@ void uffd_close(struct uffd_server *s)
 		close(s->wake_fd);
 	if (s->request_fd >= 0)
 		close(s->request_fd);
+	if (s->send_wake_fd >= 0)
+		close(s->send_wake_fd);
 	pthread_mutex_destroy(&s->lock);
 	pthread_cond_destroy(&s->present);
 	free(s->state);

@@ -108,6 +108,9 @@ class GuestMemory:
     def check(self, gpa: int, length: int) -> None:
         if self.presence is not None:
             self.presence(gpa, length)
+        self._check_bounds(gpa, length)
+
+    def _check_bounds(self, gpa: int, length: int) -> None:
         if 0 <= gpa and 0 <= length and gpa + length <= self._low_end:
             return  # the common case: RAM below the MMIO windows
         if (
@@ -255,8 +258,9 @@ class GuestMemory:
     def punch_zero(self, first_page: int, npages: int) -> None:
         """Make pages read as zero by returning them to the memfd (no write, no allocation).
 
-        Only for a guest that is not running (the destination of a migration)."""
-        self.check(first_page << PAGE_SHIFT, npages << PAGE_SHIFT)
+        Only for a guest that is not running (the destination of a migration). It reads
+        nothing, so post-copy's `presence` is not asked (the pages are being made missing)."""
+        self._check_bounds(first_page << PAGE_SHIFT, npages << PAGE_SHIFT)
         if (
             libc().fallocate(
                 self.fd,

@@ -176,3 +176,53 @@ def test_page_ranges_cover_each_page_once_in_order_within_the_limit(
     covered = [p for first, n in got for p in range(first, first + n)]
     assert covered == sorted(set(pfns))
     assert all(1 <= n <= limit for _, n in got)
+
+
+def test_a_source_lost_after_the_discard_leaves_guest_ram_unregistered() -> None:
+    """The destination registers guest RAM with its fault server at PostcopyDiscard (out of the
+    downtime). A source that disappears before the switchover: the attempt is refused and
+    the registration goes with it, so a discarded page reads as a hole again instead of
+    waiting forever for a fetcher that never comes."""
+    import ctypes
+    import threading
+    import time
+
+    from test_migration_incoming_hostile import FP, Destination, FakeMachine, hello_frame
+
+    from ptmig.memory import GuestMemory
+
+    m = FakeMachine()
+    mem = GuestMemory(PAGES * 4096)  # a memfd, as the fault server needs
+    mem.write(3 * 4096, b"x" * 4096)
+    m.vm.memory = mem  # type: ignore[assignment]
+    d = Destination(m)
+    try:
+        stream = (
+            frames.MAGIC
+            + hello_frame({"fingerprint": FP, "capabilities": ["postcopy-ram"]})
+            + frames.encode_event(RoundStart(0, 0))
+            + frames.encode_event(RoundEnd(0))
+            + frames.encode_event(PostcopyDiscard(bitmap_of([3, 4])))
+        )  # then the stream ends: the source is gone
+        replies = b"".join(d.attempt(stream))
+        assert frames.encode_event(PostcopyDiscarded()) in replies  # it was registered
+        assert "closed" in d.incoming.rejected[-1]
+        deadline = time.monotonic() + 30  # the attempt is reset right after its rejection
+        while d.incoming.postcopy_early is not None:
+            assert time.monotonic() < deadline, "the refused attempt kept its fault server"
+            time.sleep(0.005)
+        assert d.incoming.postcopy is None and mem.presence is None
+        got: list[bytes] = []
+
+        def touch() -> None:  # with the GIL released: a registered page would block here
+            buf = ctypes.create_string_buffer(4096)
+            ctypes.memmove(buf, mem.host_address + 3 * 4096, 4096)
+            got.append(buf.raw)
+
+        reader = threading.Thread(target=touch, daemon=True)
+        reader.start()
+        reader.join(30)
+        assert got == [bytes(4096)], "the discarded page is still registered"
+    finally:
+        d.stop()
+        mem.close()

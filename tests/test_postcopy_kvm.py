@@ -21,10 +21,10 @@ pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
 MiB = 1 << 20
 
 
-def _pair(tmp_path: Path, config: Path) -> tuple[Vmm, Vmm, int]:
+def _pair(tmp_path: Path, config: Path, *, insecure: bool = False) -> tuple[Vmm, Vmm, int]:
     port = free_port()
-    src = Vmm(tmp_path, "src", config)
-    dst = Vmm(tmp_path, "dst", config, incoming_port=port)
+    src = Vmm(tmp_path, "src", config, insecure=insecure)
+    dst = Vmm(tmp_path, "dst", config, incoming_port=port, insecure=insecure)
     src.wait_running()
     dst.wait_incoming()
     return src, dst, port
@@ -101,11 +101,43 @@ def test_a_guest_precopy_cannot_finish_completes_with_postcopy_verified(tmp_path
         dst.stop()
 
 
-def test_a_link_cut_during_postcopy_pauses_the_guest_on_both_sides(tmp_path: Path) -> None:
+def test_a_scattered_guest_over_a_plain_stream_has_its_requests_written_natively(
+    tmp_path: Path,
+) -> None:
+    """On a plain stream the destination's fault server writes the page requests itself: a
+    guest touching its working set in a scattered order after round 1 faults on many pages
+    the source has not pushed yet, every one is served, and x-verify finds nothing wrong."""
+    config = dirty_config(tmp_path, memory="64M", vcpus=1, ws="16M", extra='scatter = "1"')
+    src, dst, port = _pair(tmp_path, config, insecure=True)
+    try:
+        assert iterations_increase(src)
+        _start_postcopy_migration(src, port, bandwidth=16 * MiB, after_rounds=1)
+        info = _wait_status(src, ("completed",))
+        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+        assert info["x-postcopy"]["trigger"] == "rounds", info["x-postcopy"]
+        report = dst.cmd("x-query-postcopy")
+        assert report["status"] == "completed", report
+        assert report["request-path"] == "native", report
+        assert report["missing"] == 0 and report["eexist"] == 0, report
+        assert report["postcopy-requests"] > 0 and info["ram"]["postcopy-requests"] > 0
+        assert report["fault-latency-us"]["samples"] > 0, report
+        assert iterations_increase(dst)
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["sealed", "plain"])
+def test_a_link_cut_during_postcopy_pauses_the_guest_on_both_sides(
+    tmp_path: Path, insecure: bool
+) -> None:
     """The documented outcome until a recovery: the source keeps every page it had not sent
     and stays paused (postcopy-paused), the destination pauses its vCPUs and keeps the fault
-    server; neither runs the guest."""
-    src, dst, port = _pair(tmp_path, dirty_config(tmp_path, memory="32M", ws="16M"))
+    server; neither runs the guest. On a plain stream the cut also ends the destination's
+    native request sender (its requests stay asked for, for a resumed link)."""
+    src, dst, port = _pair(
+        tmp_path, dirty_config(tmp_path, memory="32M", ws="16M"), insecure=insecure
+    )
     link = TcpProxy(port)
     try:
         assert iterations_increase(src)

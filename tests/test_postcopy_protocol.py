@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -23,6 +29,7 @@ from ptmig.migration import (
     VcpuStates,
     frames,
     hello,
+    transport,
 )
 from ptmig.migration.events import (
     PageRequest,
@@ -31,7 +38,13 @@ from ptmig.migration.events import (
     PostcopyPages,
     PostcopyStart,
 )
-from ptmig.migration.postcopy import SendOrder, page_ranges, pending_bytes, pending_pages
+from ptmig.migration.postcopy import (
+    PostcopySender,
+    SendOrder,
+    page_ranges,
+    pending_bytes,
+    pending_pages,
+)
 
 PAGES = 128
 PS = 4096
@@ -162,8 +175,8 @@ def test_send_order_sends_every_pending_page_once_and_requests_first(
         run = list(range(first, first + n))
         assert all(p in pending for p in run)
         if requested:
-            # a requested frame carries pages of the request that had not gone yet
-            assert any(r[0] <= first < r[0] + r[1] for r in requests)
+            # a requested frame carries only pages of a request that had not gone yet
+            assert any(r[0] <= first and first + n <= r[0] + r[1] for r in requests)
         sent += run
         frames_sent += 1
         if frames_sent == ask_after:
@@ -216,3 +229,171 @@ def test_a_postcopy_start_the_hello_did_not_offer_is_refused() -> None:
         assert d.incoming.postcopy is None
     finally:
         d.stop()
+
+
+class _Stopped(Exception):
+    pass
+
+
+class RunningSender:
+    """A source's PostcopySender in a thread over a socketpair, with `d_ch`/`d` the
+    destination's end; `stop()` ends it and returns what it raised (None: stopped)."""
+
+    def __init__(self, pace: Callable[[int], float], tcp: bool = False) -> None:
+        s, self.d = postcopy_pair()
+        self.a, self.b = tcp_pair() if tcp else socket.socketpair()
+        s_ch = transport.Channel(self.a, 30, "dst")
+        self.d_ch = transport.Channel(self.b, 30, "src")
+        self.ram = (np.arange(PAGES * PS) % 251).astype(np.uint8)
+        self._stop = threading.Event()
+        self.raised: BaseException | None = None
+        self.sender = PostcopySender(
+            s_ch,
+            s,
+            memoryview(self.ram),
+            np.ones(PAGES, dtype=bool),
+            lambda f, n: True,
+            check=self._check,
+            pace=pace,
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+
+    def _run(self) -> None:
+        try:
+            self.sender.run()
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            self.raised = e
+
+    def stop(self) -> BaseException | None:
+        """Stop the sender: the destination's end is drained meanwhile, so a send blocked on
+        a full stream completes and the sender reaches its stop check."""
+        self._stop.set()
+        self.b.settimeout(0.05)
+        deadline = time.monotonic() + 30
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self.b.recv(1 << 16)
+            except OSError:  # (a timeout: nothing queued)
+                pass
+        self.thread.join(1)
+        assert not self.thread.is_alive()
+        self.a.close()
+        self.b.close()
+        return self.raised
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair over loopback (the sender's TCP_NOTSENT_LOWAT path)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def owing_after_one_frame(sent: list[int]) -> Callable[[int], float]:
+    """A `max-bandwidth` pace that lets one frame go and then owes for ever (`sent`: the
+    byte counts it was given)."""
+
+    def pace(nbytes: int) -> float:
+        sent.extend([nbytes] if nbytes else [])
+        return 1e6 if sent else 0.0
+
+    return pace
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_a_request_during_the_links_pacing_wait_goes_out_at_once(tcp: bool) -> None:
+    """The background push waits for `max-bandwidth`'s cap (here it owes for ever after the
+    first frame); a PageRequest that arrives meanwhile wakes the sender and its pages go out
+    at once: the cap delays the background, a request jumps it."""
+    sent: list[int] = []
+    run = RunningSender(owing_after_one_frame(sent), tcp)
+    try:
+        first = transport.recv_event(run.d_ch, run.d)
+        assert isinstance(first, PostcopyPages) and (first.first_page, first.npages) == (0, 64)
+        run.d_ch.sendall(run.d.send(PageRequest(100, 1)))
+        reply = transport.recv_event(run.d_ch, run.d)
+        assert isinstance(reply, PostcopyPages)
+        # the requested page alone: nothing it does not need is ahead of its install
+        assert (reply.first_page, reply.npages) == (100, 1)
+        assert reply.data == run.ram[100 * PS : 101 * PS].tobytes()
+    finally:
+        raised = run.stop()
+    assert raised is None
+    assert run.sender.requests == 1 and len(sent) == 2  # the request's bytes count too
+
+
+@pytest.mark.parametrize(
+    ("request_meta", "error"),
+    [
+        ((500).to_bytes(8, "little") + (1).to_bytes(4, "little"), r"pages \[500, 501\) outside"),
+        ((3).to_bytes(8, "little") + (65).to_bytes(4, "little"), "65 pages, allowed 1..64"),
+    ],
+)
+def test_a_malformed_page_request_ends_the_sender_with_the_reason(
+    request_meta: bytes, error: str
+) -> None:
+    """A destination that asks for pages outside guest RAM, or too many at once: the source's
+    sender stops with an error that says what was wrong (the source then keeps its pages
+    and pauses, as for a broken link); it never sends past guest RAM."""
+    run = RunningSender(owing_after_one_frame([]))
+    try:
+        transport.recv_event(run.d_ch, run.d)
+        run.d_ch.sendall(frames.encode_frame(frames.FrameType.PAGE_REQUEST, request_meta))
+        deadline = time.monotonic() + 30
+        while run.thread.is_alive():
+            assert time.monotonic() < deadline, "the sender took the malformed request"
+            time.sleep(0.005)
+    finally:
+        raised = run.stop()
+    assert isinstance(raised, RemoteProtocolError)
+    assert re.search(error, str(raised)), raised
+
+
+def test_on_tcp_the_push_waits_for_the_peers_window_and_a_request_still_goes_first() -> None:
+    """No cap, on TCP (the sender's TCP_NOTSENT_LOWAT wait): the background push stops while
+    the destination reads nothing, and a request sent meanwhile is answered, with its page
+    alone, as soon as the destination has read what was queued before it."""
+    run = RunningSender(lambda n: 0.0, tcp=True)
+    try:
+        run.b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        deadline = time.monotonic() + 30
+        # the push stalls: what it sent stops growing while nobody reads
+        last, still = -1, 0
+        while still < 20:
+            assert time.monotonic() < deadline, "the push never waited for the reader"
+            now = run.sender.bytes_sent
+            still = still + 1 if now == last else 0
+            last = now
+            time.sleep(0.01)
+        assert run.sender.order.left > 0  # it stopped before the end, not because it was done
+        run.d_ch.sendall(run.d.send(PageRequest(127, 1)))
+        while True:
+            ev = transport.recv_event(run.d_ch, run.d)
+            assert isinstance(ev, PostcopyPages), ev
+            if ev.first_page == 127:
+                break
+        assert ev.npages == 1 and ev.data == run.ram[127 * PS :].tobytes()
+    finally:
+        raised = run.stop()
+    assert raised is None
+
+
+def test_a_request_brings_its_pages_only_or_a_whole_frame_where_asked() -> None:
+    """Plain and sealed streams: the requested pages alone, the walk right after them; TLS
+    (`reply_pages` 64): a whole frame from the first unsent requested page."""
+    alone = SendOrder(list(range(200)))
+    alone.request(100, 2)
+    assert alone.next_range() == (100, 2, True)
+    assert alone.next_range() == (102, 64, False)
+    whole = SendOrder(list(range(200)), reply_pages=64)
+    whole.request(100, 2)
+    assert whole.next_range() == (100, 64, True)
+    assert whole.next_range() == (164, 36, False)

@@ -8,6 +8,7 @@ import ctypes
 import mmap
 import os
 import select
+import socket
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,14 @@ class Ram:
 
     def put(self, pfn: int) -> None:
         os.pwrite(self.fd, pattern(pfn), pfn * PAGE_SIZE)
+
+    def punch(self, pfn: int, npages: int) -> None:
+        """Make pages holes, as the destination punches the pages post-copy will fetch."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        punch_hole_keep_size = 0x02 | 0x01
+        if libc.fallocate(self.fd, punch_hole_keep_size, pfn * PAGE_SIZE, npages * PAGE_SIZE):
+            raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
 
     def read_released(self, pfn: int) -> bytes:
         """Read one page through the mapping with the GIL released (as KVM_RUN runs)."""
@@ -274,7 +283,7 @@ def test_a_postcopy_session_over_a_socket_serves_every_page_once_while_readers_f
         pending,
         lambda first, n: bool(allocated[first : first + n].any()),
         check=lambda: None,
-        rate_limit=lambda n: None,
+        pace=lambda n: 0.0,
     )
     sent = threading.Thread(target=sender.run, name="test-sender")
     rng = np.random.default_rng(5)
@@ -352,3 +361,206 @@ def test_queries_racing_close_get_the_numbers_or_a_closed_server() -> None:
         server.close()
         t.join(WAIT_S)
         assert errors == ["the fault server is closed"]
+
+
+def test_marking_pages_missing_takes_present_and_zero_pages_back_and_leaves_requested_ones() -> (
+    None
+):
+    """A server opened before the source's last dirty pages were known: those pages become
+    missing (counted), a page asked for already stays asked for, and once punched a marked
+    page is fetched again rather than read as its old data."""
+    ram = Ram(8)
+    ram.put(0)
+    ram.put(3)
+    states = np.array([PageState.PRESENT, PageState.ZERO, PageState.MISSING, PageState.PRESENT])
+    states = np.concatenate([states, np.full(4, PageState.PRESENT)]).astype(np.uint8)
+    with FaultServer(ram.base, states) as server:
+        assert not server.wait_present(2, 1, timeout_s=0.0)  # page 2: requested, nobody serves
+        assert server.take_requests().tolist() == [2]
+        assert server.stats().missing == 1
+        assert server.mark_missing(0, 4) == 3  # 0 (present), 1 (zero), 3 (present)
+        assert list(server.states()[:4]) == [
+            PageState.MISSING,
+            PageState.MISSING,
+            PageState.REQUESTED,
+            PageState.MISSING,
+        ]
+        assert server.stats().missing == 4
+        assert server.mark_missing(0, 4) == 0  # twice is once
+        ram.punch(0, 4)
+        fresh = bytes([0xEE]) * PAGE_SIZE
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(ram.read_released(3)))
+        reader.start()
+        assert select.select([server.request_fd], [], [], WAIT_S)[0], "page 3 was not asked for"
+        assert server.take_requests().tolist() == [3]  # page 2 is not asked for twice
+        server.install(3, fresh)  # the source's newer copy, not the one it replaced
+        reader.join(WAIT_S)
+        assert got == [fresh]
+        with pytest.raises(ValueError, match=r"pages \[6, 9\) are outside guest RAM"):
+            server.mark_missing(6, 3)
+
+
+def test_a_server_opened_at_the_discard_fetches_what_the_last_moments_dirtied() -> None:
+    """The destination opens its fault server at PostcopyDiscard (out of the downtime): a VMM
+    access to a discarded page is refused at once until the switchover (no zero page read);
+    arming then makes the pages dirtied since missing too, and every pending page reads the
+    source's data; a discarded page the final bitmap leaves out is still refused."""
+    from ptmig.memory import GuestMemory, GuestMemoryError
+    from ptmig.migration.events import PostcopyStart
+    from ptmig.migration.postcopy import (
+        PostcopyError,
+        PostcopyReceiver,
+        pending_bytes,
+        punch_pages,
+    )
+
+    npages = 64
+    dst = GuestMemory(npages * PAGE_SIZE)
+    for p in range(npages):  # what pre-copy delivered
+        dst.write(p * PAGE_SIZE, b"old" + bytes(PAGE_SIZE - 3))
+    discarded = np.zeros(npages, dtype=bool)
+    discarded[10:20] = True
+    pending = discarded.copy()
+    pending[[30, 31, 40]] = True  # dirtied after the discard, before the vCPUs stopped
+
+    def start_of(mask: np.ndarray) -> PostcopyStart:
+        words = np.zeros(-(-npages // 64), dtype=np.uint64)
+        bits = np.packbits(mask, bitorder="little")
+        words.view(np.uint8)[: len(bits)] = bits
+        return PostcopyStart(pending_bytes(words))
+
+    refused = PostcopyReceiver(dst.view, dst.host_address, npages)
+    refused.open_early(discarded, dst.allocated())
+    with pytest.raises(PostcopyError, match="leaves out page 19, which PostcopyDiscard"):
+        refused.arm(start_of(discarded & (np.arange(npages) < 19)), dst.allocated(), dst.punch_zero)
+    refused.finish()
+
+    punch_pages(discarded, dst.punch_zero)
+    receiver = PostcopyReceiver(dst.view, dst.host_address, npages)
+    receiver.open_early(discarded, dst.allocated())
+    server = receiver.server
+    assert server is not None and server.stats().missing == 10
+    dst.presence = receiver.presence
+    with pytest.raises(GuestMemoryError, match="still on the source and post-copy is none"):
+        dst.read(12 * PAGE_SIZE, 8)
+    assert dst.read(30 * PAGE_SIZE, 3) == b"old"  # not dirtied yet: here
+    receiver.arm(start_of(pending), dst.allocated(), dst.punch_zero)
+    assert receiver.report.pending_pages == 13
+    assert server.stats().missing == 13
+    assert sorted(np.flatnonzero(server.states() < PageState.ZERO).tolist()) == sorted(
+        np.flatnonzero(pending).tolist()
+    )
+    seen: list[int] = []
+    with fetcher(server, seen):
+        for p in np.flatnonzero(pending).tolist():
+            assert dst.read(p * PAGE_SIZE, PAGE_SIZE) == pattern(p), p
+    assert 30 in seen and 40 in seen and 12 in seen  # fetched, not the old copy
+    assert dst.read(29 * PAGE_SIZE, 3) == b"old"
+    dst.presence = None
+    receiver.finish()
+    dst.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(WAIT_S)
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"the stream ended after {len(out)} of {n} bytes"
+        out += chunk
+    return out
+
+
+def test_the_native_sender_writes_a_faults_request_as_the_frame_python_would() -> None:
+    """On a plain stream the fault server writes the requests itself: a vCPU-like reader's
+    fault arrives as the PageRequest frame `frames.encode_event` writes (same CRC), and a
+    range asked for at once goes out in consecutive runs of at most the frame limit, while
+    the GIL is held by this thread the whole time (no fetcher, no Python on the way)."""
+    from ptmig.migration import frames
+    from ptmig.migration.events import PageRequest
+
+    ram = Ram(256)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)  # as a Python socket with a timeout is
+    with FaultServer(ram.base, np.full(256, PageState.MISSING, dtype=np.uint8)) as server:
+        server.start_sender(ours.fileno(), 64)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(ram.read_released(200)), daemon=True)
+        reader.start()
+        assert _recv_exactly(peer, 24) == frames.encode_event(PageRequest(200, 1))
+        server.install(200, pattern(200))
+        reader.join(WAIT_S)
+        assert got == [pattern(200)]
+        assert not server.wait_present(10, 100, timeout_s=0.0)  # queued at once
+        want = frames.encode_event(PageRequest(10, 64)) + frames.encode_event(PageRequest(74, 36))
+        assert _recv_exactly(peer, len(want)) == want
+        assert server.sender_state() == (3, None)
+        server.stop_sender()
+        # stopped: requests queue for a fetcher again
+        assert not server.wait_present(250, 1, timeout_s=0.0)
+        assert select.select([server.request_fd], [], [], WAIT_S)[0]
+        assert server.take_requests().tolist() == [250]
+    ours.close()
+    peer.close()
+
+
+def test_a_broken_return_path_stops_the_native_sender_and_keeps_the_pages_requested() -> None:
+    """The source's end closes: the sender's write fails, it stops and says why, the page it
+    was asking for stays REQUESTED (a resumed link asks for those again), and a sender started
+    on a new stream sends what is asked from then on."""
+    from ptmig.migration import frames
+    from ptmig.migration.events import PageRequest
+
+    ram = Ram(16)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.close()
+    with FaultServer(ram.base, np.full(16, PageState.MISSING, dtype=np.uint8)) as server:
+        server.start_sender(ours.fileno(), 64)
+        assert not server.wait_present(7, 1, timeout_s=0.0)
+        deadline = time.monotonic() + WAIT_S
+        while (why := server.sender_state()[1]) is None:
+            assert time.monotonic() < deadline, "the sender never noticed the closed stream"
+            time.sleep(0.005)
+        assert why in (os.strerror(32), os.strerror(104))  # EPIPE, ECONNRESET
+        assert server.states()[7] == PageState.REQUESTED
+        with pytest.raises(FaultServerError, match="starting the request sender on fd -1"):
+            server.start_sender(-1, 64)
+        server.stop_sender()
+        ours.close()
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        server.start_sender(ours.fileno(), 64)
+        assert server.sender_state()[1] is None
+        assert not server.wait_present(9, 1, timeout_s=0.0)
+        assert _recv_exactly(peer, 24) == frames.encode_event(PageRequest(9, 1))
+    ours.close()
+    peer.close()
+
+
+def test_the_native_sender_writes_on_its_own_descriptor_not_on_a_reused_number() -> None:
+    """A caller that closes its socket before stopping the sender (an unexpected error path)
+    must not have request frames written into whatever opens next under the same number:
+    the sender writes on its own duplicate, which still reaches the source."""
+    from ptmig.migration import frames
+    from ptmig.migration.events import PageRequest
+
+    ram = Ram(16)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    number = ours.fileno()
+    with FaultServer(ram.base, np.full(16, PageState.MISSING, dtype=np.uint8)) as server:
+        server.start_sender(number, 64)
+        ours.close()
+        other, other_peer = socket.socketpair()  # likely under the freed number
+        try:
+            assert not server.wait_present(4, 1, timeout_s=0.0)
+            # it reaches the source although the caller's descriptor is closed
+            assert _recv_exactly(peer, 24) == frames.encode_event(PageRequest(4, 1))
+            assert not select.select([other_peer], [], [], 0)[0], "a frame went elsewhere"
+        finally:
+            server.stop_sender()
+            other.close()
+            other_peer.close()
+    peer.close()

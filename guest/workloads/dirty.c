@@ -5,7 +5,9 @@
  * the ground-truth bitmap), continuing in the next RAM region where one ends (so `at` below
  * the MMIO windows and a large ws cover RAM on both sides of 4 GiB).
  * Every vCPU dirties its own share of the working set, one 8-byte
- * store per page per pass (value = pass + page index, so every pass changes every page), at
+ * store per page per pass (value = pass + page index, so every pass changes every page), in
+ * page order, or with scatter=1 in a scattered order (each page once per pass: a
+ * full-period LCG over the next power of two, values past the share skipped), at
  * rate MiB/s in total (0: as fast as possible), for seconds seconds (0: until the VM is
  * stopped). Pacing busy-waits on the TSC; with halt=1 a vCPU that is ahead of its schedule by
  * more than HALT_MIN_US sleeps in the halt hypercall instead, so a slow writer leaves its CPU
@@ -35,7 +37,7 @@
 #define CATCH_UP_LIMIT_MS 10 /* after a longer stall, pacing restarts instead of bursting */
 #define HALT_MIN_US 200      /* halt=1: shorter waits spin (a halt costs a VM exit) */
 
-static const char *const dirty_keys[] = {"ws", "at", "rate", "seconds", "halt", NULL};
+static const char *const dirty_keys[] = {"ws", "at", "rate", "seconds", "halt", "scatter", NULL};
 
 /* The working set as up to one piece per RAM region: pages [first, first + pages) of the set
  * are at GPA gpa onwards. */
@@ -52,6 +54,7 @@ static struct {
     uint64_t rate_mib;
     uint64_t seconds;
     uint64_t halt;
+    uint64_t scatter;
     unsigned nr_vcpus;
 } cfg;
 
@@ -119,6 +122,8 @@ static int dirty_setup(const struct boot_info *bi, const struct cmdline *c)
         bad = "seconds";
     else if (cmdline_get_u64(c, "halt", 0, &cfg.halt) || cfg.halt > 1)
         bad = "halt";
+    else if (cmdline_get_u64(c, "scatter", 0, &cfg.scatter) || cfg.scatter > 1)
+        bad = "scatter";
     if (bad) {
         printf("dirty: %s=%s is not valid (at: a page-aligned RAM GPA from 0x%lx); usage: %s\n",
                bad, cmdline_get(c, bad), (unsigned long)first_free, workload_dirty.usage);
@@ -153,11 +158,12 @@ static int dirty_setup(const struct boot_info *bi, const struct cmdline *c)
     r->ws_pages = cfg.ws_pages;
     r->pass = 0;
     __atomic_store_n(&r->magic, DIRTY_REPORT_MAGIC, __ATOMIC_RELEASE);
-    printf("dirty: %u vCPUs, ws %lu pages at 0x%lx in %u region(s), rate %lu MiB/s%s, "
+    printf("dirty: %u vCPUs, ws %lu pages at 0x%lx in %u region(s)%s, rate %lu MiB/s%s, "
            "seconds %lu%s\n",
            cfg.nr_vcpus, (unsigned long)cfg.ws_pages, (unsigned long)at, cfg.nr_pieces,
-           (unsigned long)cfg.rate_mib, cfg.rate_mib ? "" : " (unlimited)",
-           (unsigned long)cfg.seconds, cfg.seconds ? "" : " (until stopped)");
+           cfg.scatter ? " scattered" : "", (unsigned long)cfg.rate_mib,
+           cfg.rate_mib ? "" : " (unlimited)", (unsigned long)cfg.seconds,
+           cfg.seconds ? "" : " (until stopped)");
     return EXIT_OK;
 }
 
@@ -207,6 +213,17 @@ static int dirty_summary(const struct boot_info *bi, uint64_t elapsed)
     return EXIT_OK;
 }
 
+/* The next page of a scattered pass over `n` pages: x walks 0..mask (mask + 1 a power of two
+ * >= n) in a full-period LCG order (multiplier 1 mod 4, odd increment); values >= n are
+ * skipped, so each of the n pages comes once per mask + 1 steps. */
+static inline uint64_t scatter_next(uint64_t *x, uint64_t mask, uint64_t n)
+{
+    do
+        *x = (*x * 5 + 0x9e3779b97f4a7c15ull) & mask;
+    while (*x >= n);
+    return *x;
+}
+
 static int dirty_run(unsigned cpu, const struct boot_info *bi)
 {
     uint64_t first = cfg.ws_pages * cpu / cfg.nr_vcpus;
@@ -231,6 +248,10 @@ static int dirty_run(unsigned cpu, const struct boot_info *bi)
                                                                              : cfg.seconds * hz)
                                : UINT64_MAX;
     uint64_t pages = 0, pass = 0;
+    uint64_t mask = 1, x = 0;
+    while (mask < last - first)
+        mask <<= 1;
+    mask--;
 
     if (first == last) { /* more vCPUs than pages: nothing to do but keep time */
         while (rdtsc() < end)
@@ -261,8 +282,9 @@ static int dirty_run(unsigned cpu, const struct boot_info *bi)
                 while (now < deadline)
                     now = gap_tick(&m);
             }
-            uint64_t gpa = ws_page_gpa(page);
-            *(volatile uint64_t *)(uintptr_t)gpa = pass + page;
+            uint64_t p = cfg.scatter ? first + scatter_next(&x, mask, last - first) : page;
+            uint64_t gpa = ws_page_gpa(p);
+            *(volatile uint64_t *)(uintptr_t)gpa = pass + p;
             mark_page(gpa);
             pages++;
             stats->iterations = pages;
@@ -283,7 +305,7 @@ done:
 
 const struct workload workload_dirty = {
     .name = "dirty",
-    .usage = "dirty ws=SIZE at=GPA rate=MIB_PER_S seconds=N halt=0|1",
+    .usage = "dirty ws=SIZE at=GPA rate=MIB_PER_S seconds=N halt=0|1 scatter=0|1",
     .keys = dirty_keys,
     .setup = dirty_setup,
     .run = dirty_run,

@@ -2,10 +2,13 @@
 migrated three ways on the same link caps, in the same run.
 
 The guest: 1 GiB, `dirty` with a 32 MiB working set written as fast as one vCPU can (far more
-than the link carries), its other RAM above `FILL_FROM` filled with random bytes
-(`x-debug-fill-ram`) so every page has data to carry; `downtime-limit` 20 ms, so no pre-copy
-round ever fits it (32 MiB would need 1.6 GB/s). Per run and per link cap (`max-bandwidth`
-100 MiB/s, and unlimited over loopback), back to back:
+than the link carries) in a scattered page order (`scatter=1`: after a post-copy switchover it
+touches pages all over the working set, so it faults on many the source has not pushed yet:
+43-498 a run in six runs on a loaded host, not the 1-8 of a page-order sweep), its other RAM
+above `FILL_FROM` filled with random bytes (`x-debug-fill-ram`) so every page has data to
+carry; `downtime-limit` 20 ms, so no pre-copy round ever fits it (32 MiB would need
+1.6 GB/s). Per run and per link cap (`max-bandwidth` 100 MiB/s, and unlimited over
+loopback), back to back:
 - **precopy**: plain pre-copy; it cannot converge, so it ends in the forced switchover after
   `x-max-stalled-rounds` rounds without progress (the working set moves in the downtime);
 - **autoconverge**: pre-copy with QEMU's auto-converge throttle;
@@ -15,8 +18,10 @@ Reported per mode and cap: total time and downtime (`query-migrate`), bytes sent
 (`ram.transferred`) and their ratio to guest RAM, the guest's throughput during the migration
 as a fraction of its own rate just before it (loop iterations from the `migrate` command until
 the guest runs on the destination with every page there, so the window contains the
-switchover), and for post-copy the destination's remote fault latency p50/p99 in µs (from the
-fault being read to the page installed, `x-query-postcopy`). `postcopy/autoconverge.guest` is
+switchover), and for post-copy the destination's remote fault latency p50/p99/max in µs with
+the number of remote faults it is taken over (from the fault being read to the page
+installed, `x-query-postcopy`; `fault_p99` says per run how many faults and who wrote the
+requests: the native sender on a plain stream). `postcopy/autoconverge.guest` is
 the ratio of the two guest throughputs, per run.
 
 A fourth row set, **devices** (`postcopy.devices.*`): the kv guest (256 MiB) with its NIC and
@@ -92,6 +97,9 @@ class Sample:
     guest_kept: float  # guest progress rate during the migration / its rate before
     fault_p50_us: float = float("nan")
     fault_p99_us: float = float("nan")
+    fault_max_us: float = float("nan")
+    faults: int = 0  # remote faults the latencies are taken over
+    request_path: str | None = None  # who wrote the page requests ("native", "fetcher")
     went_postcopy: bool = False  # the postcopy mode switched (a loaded host may converge first)
     outage_ms: float = float("nan")  # source stop -> guest started on the destination
     in_window: bool | None = None  # the switchover lies inside the downtime window
@@ -245,7 +253,13 @@ def results(samples: dict[tuple[str, str], list[Sample]], p: PostcopyBenchParams
                     [s.fault_p99_us for s in runs],
                     "us",
                     GOAL_FAULT_P99_US if cap == "unlimited" else None,
+                    {
+                        "faults": [s.faults for s in runs],
+                        "request_path": [s.request_path for s in runs],
+                    },
                 ),
+                measured(SECTION, f"{name}.fault_max", [s.fault_max_us for s in runs], "us"),
+                measured(SECTION, f"{name}.faults", [float(s.faults) for s in runs], "count"),
             ]
     for cap in CAPS:
         out.append(
@@ -267,7 +281,7 @@ def _config(tmp: Path, memory: int) -> Path:
     path = tmp / "postcopy.toml"
     path.write_text(
         f'[vm]\nname = "benchpostcopy"\nmemory = "{memory // MiB}M"\nvcpus = 1\n\n'
-        f'[workload]\nname = "dirty"\nargs = {{ ws = "{WORKING_SET_MIB}M" }}\n'
+        f'[workload]\nname = "dirty"\nargs = {{ ws = "{WORKING_SET_MIB}M", scatter = "1" }}\n'
     )
     return path
 
@@ -323,6 +337,9 @@ def migrate_once(tmp: Path, p: PostcopyBenchParams, mode: str, rate: int) -> Sam
             lat = report.get("fault-latency-us", {})
             sample.fault_p50_us = float(lat.get("p50", float("nan")))
             sample.fault_p99_us = float(lat.get("p99", float("nan")))
+            sample.fault_max_us = float(lat.get("max", float("nan")))
+            sample.faults = int(lat.get("samples", 0))
+            sample.request_path = report.get("request-path")
             _switchover_window(sample, info.get("x-postcopy", {}), report)
         return sample
     finally:

@@ -440,6 +440,9 @@ class Incoming:
         self.fate_server: FateServer | None = None  # once the guest runs here
         self.deferred_stop: int | None = None  # the signal of a stop request that waits
         self.discarded: np.ndarray | None = None  # pages PostcopyDiscard made missing
+        # Its fault server, opened at PostcopyDiscard (out of the downtime) and armed at the
+        # switchover, when it becomes `postcopy`.
+        self.postcopy_early: PostcopyReceiver | None = None
         # Post-copy recovery (see `recovery`): the source's session token, this side's phase,
         # the stream post-copy pages arrive on (migrate-pause breaks it), the recovery listener.
         self.session: str | None = None
@@ -562,10 +565,11 @@ class Incoming:
             self.postcopy_devices.reset()
             self.postcopy_devices = None
         self.discarded = None
-        if self.postcopy is not None:  # armed, but the guest never ran here
-            self.m.vm.memory.presence = None
-            self.postcopy.finish()
-            self.postcopy = None
+        for pc in (self.postcopy, self.postcopy_early):
+            if pc is not None:  # opened or armed, but the guest never ran here
+                self.m.vm.memory.presence = None
+                pc.finish()
+        self.postcopy = self.postcopy_early = None
 
     def _attempt(self, ch: transport.Channel) -> bool:
         """One source's migration on its main stream `ch`, to the switchover: True once the
@@ -695,7 +699,21 @@ class Incoming:
         discarded = pending_pages(ev.pending, mem.npages)
         punch_pages(discarded, mem.punch_zero)
         self.discarded = discarded
+        early = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
+        try:
+            early.open_early(discarded, self._allocated())
+        except (FaultServerError, PostcopyError, OSError) as e:
+            raise IncomingError(f"cannot start post-copy here: {e}") from None
+        self.postcopy_early = early
+        # a VMM access to a discarded page is refused from now on, not read as a zero page
+        mem.presence = early.presence
         transport.send_event(ch, conn, PostcopyDiscarded())
+
+    def _allocated(self) -> np.ndarray:
+        """The pages that hold data in the memfd (the others are holes: zero pages)."""
+        if self.zero_received is not None:  # known without scanning the memfd
+            return ~self.zero_received
+        return self.m.vm.memory.allocated()
 
     def _arm_postcopy(self, start: PostcopyStart) -> None:
         """Before the vCPUs run: the pages the source still has become missing, and guest RAM
@@ -706,14 +724,14 @@ class Incoming:
 
             self.postcopy_devices = PostcopyDevices(self.m)
         mem = self.m.vm.memory
-        self.postcopy = PostcopyReceiver(mem.view, mem.host_address, mem.npages)
+        pc = self.postcopy_early or PostcopyReceiver(mem.view, mem.host_address, mem.npages)
+        self.postcopy, self.postcopy_early = pc, None
         try:
-            allocated = ~self.zero_received if self.zero_received is not None else mem.allocated()
-            self.postcopy.arm(start, allocated, mem.punch_zero, self.discarded)
+            pc.arm(start, self._allocated(), mem.punch_zero, self.discarded)
         except (FaultServerError, PostcopyError, OSError) as e:
             # refused: the source resumes the guest
             raise IncomingError(f"cannot start post-copy here: {e}") from None
-        mem.presence = self.postcopy.presence
+        mem.presence = pc.presence
 
     def _run_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
         """The guest runs: receive the pending pages until the last one. A broken link pauses

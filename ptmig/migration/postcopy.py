@@ -3,24 +3,29 @@
 The source switches over early (`policy.postcopy_trigger`: on `migrate-start-postcopy`, after
 N pre-copy rounds, or once pre-copy stopped converging). At that round end, with the guest
 still running, it sends `PostcopyDiscard`, the pages dirty so far; the destination punches them
-out of its memfd and acknowledges (that work stays out of the downtime). With the vCPUs stopped
+out of its memfd, registers guest RAM with userfaultfd (`uffd.FaultServer`, those pages
+missing) and acknowledges: that work stays out of the downtime. With the vCPUs stopped
 the source then sends the vCPU and device state and `PostcopyStart`, the bitmap of the pages
 the destination lacks (those dirtied since they were last sent: the discarded ones and what
-the last moments dirtied), then Complete, as in a plain switchover. The destination punches
-the pages not discarded yet, registers guest RAM with userfaultfd (`uffd.FaultServer`) before
-its vCPUs run, starts its fetcher, acknowledges, and resumes the guest. Then:
+the last moments dirtied), then Complete, as in a plain switchover. The destination marks the
+pages not discarded yet missing and punches them (`FaultServer.mark_missing`), acknowledges,
+resumes the guest and starts its fetcher. Then:
 
 - `PostcopySender` (source) pushes every pending page once, in page order, as PostcopyPages
-  frames of at most 64 pages; a `PageRequest` from the destination goes first, in a whole
-  frame from the requested page on, and the background push continues right after it (the
-  guest's next accesses are likely near its last fault). Zero pages travel as empty frames.
+  frames of at most 64 pages; a `PageRequest` from the destination goes first, in a frame of
+  its own pages only (a bigger one would delay the fault by what the destination takes to
+  process the rest), and the background push continues right after it (the guest's next
+  accesses are likely near its last fault). Zero pages travel as empty frames.
   `max-bandwidth` caps all of it (a request jumps the queue, not the link). The end is
   `PostcopyEnd`, and the source closes only after the destination's `PostcopyDone` (every
   page installed): closing with requests unread would make its kernel reset the connection
   and drop the last frames still in flight (`await_done`).
 - `PostcopyReceiver` (destination) installs each frame with UFFDIO_COPY (or ZEROPAGE) and
-  keeps the verification digests of what it installed; its fetcher thread turns the fault
-  server's requests into PageRequest frames on the same stream (the return path).
+  keeps the verification digests of what it installed. The fault server's requests become
+  PageRequest frames on the same stream (the return path): on a plain stream its native
+  request sender writes them as soon as a fault queues them (no GIL on the way: a Python
+  thread waiting for it took up to 60 ms on a loaded host); on a TLS or sealed stream the
+  fetcher thread does.
 
 Each page crosses the link once: a requested page that is already on its way is sent again
 only if the request arrives before the source reached it (the source sends each page once).
@@ -88,6 +93,12 @@ REQUEST_POLL_S = 0.05  # how often the fetcher looks at its stop flag
 # page queues behind little data (its latency is the backlog / the link's rate).
 BACKLOG_BYTES = 512 << 10
 BACKLOG_POLL_S = 0.0005
+# On TCP: the socket counts as writable only while less than this is queued unsent (Linux's
+# TCP_NOTSENT_LOWAT), so the push waits for the peer's window without polling, and what a
+# requested page queues behind is the peer's receive queue plus this.
+NOTSENT_LOWAT_BYTES = 16 << 10
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+PACE_SLICE_S = 0.02  # a wait for the link's cap looks at a cancel and a new cap this often
 RECEIVE_QUEUE_BYTES = 256 << 10
 INSTALL_WAIT_S = 60.0
 PRESENCE_SLICE_S = 0.1  # a VMM access waiting for a page looks at the link this often
@@ -140,6 +151,9 @@ class SendOrder:
     walk in page order from the last request on (wrapping around). Pure bookkeeping."""
 
     pending: list[int]  # ascending page numbers still to send
+    # a request's frame: only its pages (0), or a frame of up to this many from its first
+    # unsent page (the pages after it ride along)
+    reply_pages: int = 0
     cursor: int = 0  # index into `pending` of the background walk
     requests: deque[tuple[int, int]] = field(default_factory=deque)
     sent: set[int] = field(default_factory=set)
@@ -155,10 +169,15 @@ class SendOrder:
         """(first, npages, requested) of the next frame to send, or None when all is sent."""
         while self.requests:
             first, npages = self.requests.popleft()
-            # a whole frame from the first unsent requested page: the pages after it are
-            # the guest's likely next faults, and the frame costs no more bytes
-            start = self._first_unsent(first, first + npages)
-            got = None if start is None else self._run_from(start, start + MAX_POSTCOPY_PAGES)
+            # only the requested pages: the destination processes a frame whole before it
+            # installs any of it, so a larger frame would delay the fault by its size at the
+            # destination's pace; the walk goes on right after them (the guest's likely next
+            # faults, for one that moves forward)
+            end = first + npages
+            if self.reply_pages:
+                start = self._first_unsent(first, end)
+                end = start + self.reply_pages if start is not None else end
+            got = self._run_from(first, end)
             if got is not None:
                 self.cursor = bisect.bisect_left(self.pending, got[0] + got[1])
                 return (*got, True)
@@ -216,40 +235,60 @@ class PostcopySender:
         has_data: Callable[[int, int], bool],
         *,
         check: Callable[[], None],
-        rate_limit: Callable[[int], None],
+        pace: Callable[[int], float],
     ) -> None:
         self.ch, self.conn, self.view = ch, conn, view
-        self.order = SendOrder([int(p) for p in np.flatnonzero(pending)])
+        # Over TLS a request brings a whole frame: the destination's fetcher writes requests
+        # while its receiver reads the same TLS connection from another thread, which breaks
+        # the connection when requests come often (they do when each brings one page).
+        self.order = SendOrder(
+            [int(p) for p in np.flatnonzero(pending)],
+            reply_pages=MAX_POSTCOPY_PAGES if ch.is_tls else 0,
+        )
         # whether a range holds data, asked per frame (a scan of all RAM's allocation at
         # the start would delay the first requested pages by as long)
         self.has_data = has_data
-        self.check, self.rate_limit = check, rate_limit
+        # `pace(n)`: n bytes sent under `max-bandwidth`; the seconds its cap still owes
+        # (0: none, or no cap). `pace(0)` asks without sending.
+        self.check, self.pace = check, pace
         self.requests = 0  # PageRequest frames received (query-migrate's postcopy-requests)
         self.requested_pages = 0
         self.bytes_sent = 0
+        self._lowat = _notsent_lowat(ch.sock)
 
     def run(self) -> None:
         """Send every pending page, requested ones first; then PostcopyEnd."""
         while True:
             self.check()
             self._take_requests()
+            if self.order.left:
+                self._wait_for_link()
             nxt = self.order.next_range()
             if nxt is None:
                 break
-            first, npages, requested = nxt
-            if not requested:
-                self._wait_backlog()
             # the link's cap holds for requested pages too (QEMU's max-postcopy-bandwidth is
-            # one limit for both): a request only jumps the queue
-            self.rate_limit(self._send(first, npages))
+            # one limit for both): their bytes delay the background, a request only jumps
+            # the queue
+            self.pace(self._send(nxt[0], nxt[1]))
         self.bytes_sent += transport.send_event(self.ch, self.conn, PostcopyEnd())
 
-    def _wait_backlog(self) -> None:
-        """Before a background frame: until the socket's backlog is short, or a request came
-        (it then goes first: `next_range` serves requests before the walk)."""
-        while self.ch.unacknowledged() > BACKLOG_BYTES and not self.order.requests:
+    def _wait_for_link(self) -> None:
+        """Before a background frame: until the link's cap allows it and the socket's backlog
+        is short, or a request came; a request that arrives meanwhile wakes this at once and
+        goes first (`next_range` serves requests before the walk)."""
+        sock = self.ch.sock
+        while not self.order.requests:
             self.check()
-            select.select([self.ch.sock], [], [], BACKLOG_POLL_S)
+            owed = self.pace(0)
+            if owed > 0:
+                select.select([sock], [], [], min(owed, PACE_SLICE_S))
+            elif self._lowat:
+                if select.select([sock], [sock], [], PACE_SLICE_S)[1]:
+                    return
+            elif self.ch.unacknowledged() <= BACKLOG_BYTES:
+                return
+            else:
+                select.select([sock], [], [], BACKLOG_POLL_S)
             self._take_requests()
 
     def _send(self, first: int, npages: int) -> int:
@@ -287,6 +326,18 @@ class PostcopySender:
                 raise PostcopyError(f"unexpected {type(ev).__name__} during post-copy")
 
 
+def _notsent_lowat(sock: socket.socket) -> bool:
+    """Make a TCP socket writable only while little is queued unsent; False elsewhere (a unix
+    socket, a kernel without it): the push then polls the socket's backlog instead."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+    except OSError:
+        return False
+    return True
+
+
 def drop_stray_requests(ch: transport.Channel, conn: Connection) -> Any:
     """The next event after post-copy, past any PageRequest that crossed PostcopyEnd."""
     while True:
@@ -321,6 +372,7 @@ class PostcopyReport:
     stats: FaultStats | None = None
     latencies_us: npt.NDArray[np.uint32] | None = None
     guest_started_at: float | None = None  # time.monotonic() when the vCPUs started here
+    request_path: str | None = None  # who writes the page requests: "native" or "fetcher"
 
     def to_qmp(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, "pending-pages": self.pending_pages}
@@ -328,6 +380,8 @@ class PostcopyReport:
             out["guest-started-at-s"] = round(self.guest_started_at, 6)
         if self.error:
             out["error-desc"] = self.error
+        if self.request_path is not None:
+            out["request-path"] = self.request_path
         if self.started_at is not None:
             end = self.ended_at if self.ended_at is not None else time.monotonic()
             out["time-ms"] = round((end - self.started_at) * 1000, 1)
@@ -362,6 +416,20 @@ class PostcopyReceiver:
         self._stop = threading.Event()
         self._fetcher: threading.Thread | None = None
         self._fetch_error: BaseException | None = None
+        self._discarded: npt.NDArray[np.bool_] | None = None  # given to `open_early`
+
+    def open_early(
+        self, discarded: npt.NDArray[np.bool_], allocated: npt.NDArray[np.bool_]
+    ) -> None:
+        """At PostcopyDiscard, the guest still running on the source: register guest RAM with
+        the discarded pages (punched already) missing, so that the registration (1-5 ms for a
+        GiB) stays out of the downtime; `arm` then only marks what the last moments dirtied.
+        Nothing may touch a discarded page meanwhile (`presence` refuses it at once: no
+        fetcher runs before the switchover)."""
+        if self.server is not None:
+            raise PostcopyError("the fault server is open already")
+        self.server = FaultServer(self.base, initial_states(~discarded, allocated & ~discarded))
+        self._discarded = discarded
 
     def arm(
         self,
@@ -372,19 +440,29 @@ class PostcopyReceiver:
     ) -> npt.NDArray[np.bool_]:
         """Make the pending pages missing and register guest RAM; returns the pending pages.
         Before the vCPUs run: a page they touch from now on is either here or fetched.
-        `discarded`: pages made missing already (PostcopyDiscard), all of them pending."""
+        `discarded`: pages made missing already (PostcopyDiscard), all of them pending; after
+        `open_early` they are the ones it was given, and only the rest is marked and punched."""
         pending = pending_pages(start.pending, self.npages)
-        if discarded is None:
-            punch_pages(pending, punch)
+        if self.server is not None:
+            discarded = self._discarded
+        if discarded is not None and (discarded & ~pending).any():
+            raise PostcopyError(
+                f"PostcopyStart leaves out page {int(np.flatnonzero(discarded & ~pending)[0])}"
+                ", which PostcopyDiscard made missing: it would never arrive"
+            )
+        late = pending if discarded is None else pending & ~discarded
+        server = self.server
+        if server is None:
+            punch_pages(late, punch)
+            allocated = allocated & ~pending
+            self.server = FaultServer(self.base, initial_states(~pending, allocated))
         else:
-            if (discarded & ~pending).any():
-                raise PostcopyError(
-                    f"PostcopyStart leaves out page {int(np.flatnonzero(discarded & ~pending)[0])}"
-                    ", which PostcopyDiscard made missing: it would never arrive"
-                )
-            punch_pages(pending & ~discarded, punch)
-        allocated = allocated & ~pending
-        self.server = FaultServer(self.base, initial_states(~pending, allocated))
+
+            def mark_and_punch(first: int, n: int) -> None:
+                server.mark_missing(first, n)  # first: once punched, a hole must be missing
+                punch(first, n)
+
+            punch_pages(late, mark_and_punch)
         self.report.status = "postcopy-active"
         self.report.pending_pages = int(pending.sum())
         return pending
@@ -427,10 +505,28 @@ class PostcopyReceiver:
             ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_QUEUE_BYTES)
         except OSError as e:
             log.warning("post-copy: cannot shorten the receive queue: %s", e)
+        if self._start_native_sender(ch):
+            return
+        self.report.request_path = "fetcher"
         self._fetcher = threading.Thread(
             target=self._fetch, args=(ch, conn), name="postcopy-fetcher", daemon=True
         )
         self._fetcher.start()
+
+    def _start_native_sender(self, ch: transport.Channel) -> bool:
+        """On a plain stream the fault server writes the requests onto it itself, so a remote
+        fault's request waits for no Python thread (an encrypted stream needs the fetcher:
+        its records are sealed in Python)."""
+        server = self.server
+        if server is None or ch.is_tls or ch.sealed:
+            return False
+        try:
+            server.start_sender(ch.sock.fileno(), MAX_POSTCOPY_PAGES)
+        except FaultServerError as e:
+            log.warning("post-copy: the fetcher sends the requests instead: %s", e)
+            return False
+        self.report.request_path = "native"
+        return True
 
     def _fetch(self, ch: transport.Channel, conn: Connection) -> None:
         """Requests from the fault server → PageRequest frames (the return path)."""
@@ -501,6 +597,8 @@ class PostcopyReceiver:
         self.report.ended_at = time.monotonic()
 
     def _stop_fetcher(self) -> None:
+        if self.server is not None:
+            self.server.stop_sender()  # before the stream can be closed
         self._stop.set()
         if self._fetcher is not None:
             self._fetcher.join(INSTALL_WAIT_S)

@@ -443,17 +443,23 @@ class SourceMigration:
         if self._was_running and vm.state in (RunState.FINISH_MIGRATE, RunState.PAUSED):
             vm.resume()
 
-    def _rate_limit(self, nbytes: int) -> None:
-        """Sleep as `max-bandwidth` asks, in short steps: a cancel or a new limit cuts it short."""
+    def _pace(self, nbytes: int) -> float:
+        """Take `nbytes` from `max-bandwidth`'s bucket: the seconds it owes before the next
+        send (0 without a limit). A new limit starts a new bucket."""
         rate = self.params.max_bandwidth
         if rate != self._bucket_rate:
             self._bucket_rate = rate
             self._bucket = policy.TokenBucket(rate) if rate else None
         bucket = self._bucket
         if bucket is None:
-            return
+            return 0.0
         with self._lock:
-            end = time.monotonic() + bucket.consume(nbytes)
+            return bucket.consume(nbytes)
+
+    def _rate_limit(self, nbytes: int) -> None:
+        """Sleep as `max-bandwidth` asks, in short steps: a cancel or a new limit cuts it short."""
+        rate = self.params.max_bandwidth
+        end = time.monotonic() + self._pace(nbytes)
         # Compared with this sleep's own rate: with several senders, another one may already
         # have switched `_bucket_rate` to the new limit.
         while (left := end - time.monotonic()) > 0:
@@ -770,7 +776,7 @@ class SourceMigration:
             pending,
             mem.has_data,
             check=self._check_cancel,
-            rate_limit=self._rate_limit,
+            pace=self._pace,
         )
         self._sender = sender
         pc = self.info.postcopy

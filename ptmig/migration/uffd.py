@@ -6,13 +6,16 @@ native thread (`native/uffd.c`) that reads the faults. It owns the state of ever
 missing, requested, known zero, present — and answers faults on its own wherever it can: a
 known zero page is installed with UFFDIO_ZEROPAGE, a page already present is woken. Only a
 missing page needs the source: its number goes on the request queue (`take_requests`, with
-`request_fd` to poll), once, however many vCPUs wait on it; the fetcher asks the source for it
-on the return path and hands the data to `install` (UFFDIO_COPY, which wakes the waiters).
+`request_fd` to poll), once, however many vCPUs wait on it. On a plain stream a second native
+thread (`start_sender`) writes the queued requests onto the return path as PageRequest frames
+the moment they are queued; otherwise the fetcher (Python) takes them and asks the source.
+The receiver hands the data to `install` (UFFDIO_COPY, which wakes the waiters). A server
+opened before the source's last dirty pages are known takes them back with `mark_missing`.
 
-Why it cannot deadlock on the GIL: the fault thread never enters Python, and `install` and
+Why it cannot deadlock on the GIL: the native threads never enter Python, and `install` and
 `wait_present` are ctypes calls that release the GIL. vCPUs fault inside KVM_RUN, also with the
-GIL released. The fetcher is Python, so VMM code must never touch a missing page through the
-mapping with the GIL held (that thread would wait for a fetcher that waits for the GIL):
+GIL released. The receiver (and the fetcher) are Python, so VMM code must never touch a
+missing page through the mapping with the GIL held (that thread would wait for them):
 `ensure` first (it waits with the GIL released). `os.pread` on the memfd is no way around it:
 a missing page reads as zeros there, silently.
 
@@ -87,12 +90,16 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "uffd_open": (_P, [_U64, _U64, _P, _U64, ctypes.POINTER(_INT)]),
     "uffd_install": (_INT, [_P, _U64, _U64, _P]),
     "uffd_take_requests": (_U64, [_P, _P, _U64]),
+    "uffd_mark_missing": (ctypes.c_int64, [_P, _U64, _U64]),
     "uffd_wait_present": (_INT, [_P, _U64, _U64, ctypes.c_int64]),
     "uffd_fetch": (ctypes.c_int64, [_P, _U64, _U64, ctypes.c_int64]),
     "uffd_states": (None, [_P, _P]),
     "uffd_get_stats": (_INT, [_P, ctypes.POINTER(_Stats)]),
     "uffd_latencies": (_U64, [_P, _P, _U64]),
     "uffd_request_fd": (_INT, [_P]),
+    "uffd_start_sender": (_INT, [_P, _INT, _U64]),
+    "uffd_stop_sender": (None, [_P]),
+    "uffd_sender_error": (_INT, [_P, ctypes.POINTER(_U64)]),
     "uffd_close": (None, [_P]),
 }
 
@@ -185,6 +192,41 @@ class FaultServer:
             raise FaultServerError(
                 f"UFFDIO_COPY of {len(buf) // PAGE_SIZE} pages at page {pfn}: {os.strerror(-rc)}"
             )
+
+    def mark_missing(self, pfn: int, npages: int) -> int:
+        """Pages [pfn, pfn + npages) are to come from the source after all (a server opened
+        before the source's last dirty pages were known). Present and known zero pages become
+        missing; returns how many did. The caller punches them out of the memfd right after,
+        before anything touches them (a page still in the memfd would fault no more)."""
+        self._check_range(pfn, npages)
+        with self._close_lock:
+            return int(self._lib.uffd_mark_missing(self._handle(), pfn, npages))
+
+    def start_sender(self, fd: int, max_pages: int) -> None:
+        """Write the requests onto the socket `fd` (a plain stream: PageRequest frames of at
+        most `max_pages` pages) from a native thread, as soon as a fault queues them: no
+        fetcher, and no GIL, on the way. It writes on its own duplicate of `fd` until
+        `stop_sender` (so the stream stays open until then)."""
+        with self._close_lock:
+            rc = self._lib.uffd_start_sender(self._handle(), fd, max_pages)
+        if rc < 0:
+            raise FaultServerError(
+                f"starting the request sender on fd {fd} ({max_pages} pages a frame): "
+                f"{os.strerror(-rc)}"
+            )
+
+    def stop_sender(self) -> None:
+        """Stop the request sender (if it runs): requests queue for a fetcher again."""
+        with self._close_lock:
+            if self._h is not None:
+                self._lib.uffd_stop_sender(self._h)
+
+    def sender_state(self) -> tuple[int, str | None]:
+        """(request frames the sender wrote, why it stopped writing: None while it works)."""
+        frames = _U64(0)
+        with self._close_lock:
+            error = self._lib.uffd_sender_error(self._handle(), ctypes.byref(frames))
+        return int(frames.value), (os.strerror(error) if error else None)
 
     def wait_present(self, pfn: int, npages: int, timeout_s: float) -> bool:
         """Request what is missing of the pages and wait (GIL released) until all are present;
