@@ -432,9 +432,11 @@ class SealedChannel(Channel):
         self._stage = bytearray(seal.MAX_RECORD)  # small buffers gathered into one record
         self._hdr = bytearray(seal.RECORD_HEADER.size)
         self._hdr_got = 0
-        self._body = bytearray(seal.MAX_RECORD + seal.TAG)
+        # a record's ciphertext and tag, then up to a header's worth of the next record (read
+        # with the body's last bytes when it is already here: one read fewer per record)
+        self._body = bytearray(seal.MAX_RECORD + seal.TAG + seal.RECORD_HEADER.size)
         self._body_need: int | None = None  # ciphertext bytes of the record being received
-        self._body_got = 0
+        self._body_got = 0  # (may exceed _body_need by the next record's first header bytes)
         self._plain_buf = bytearray(seal.MAX_RECORD)
         self._plain = memoryview(self._plain_buf)[:0]  # opened, not yet consumed
         self._eof = False
@@ -511,7 +513,7 @@ class SealedChannel(Channel):
                 except seal.SealError as e:
                     raise IntegrityError(f"from {self.peer}: {e}") from None
             while self._body_got < self._body_need:
-                n = self._read(body[self._body_got : self._body_need], wait)
+                n = self._read(body[self._body_got : self._body_need + size], wait)
                 if n is None:
                     return False
                 if n == 0:
@@ -529,14 +531,17 @@ class SealedChannel(Channel):
 
     def _open_into(self, out: memoryview) -> None:
         """Check and decrypt the received record into `out` (its plaintext size)."""
-        assert self._body_need is not None
-        try:
-            with memoryview(self._body) as body:
-                self.keys.recv.open_into(bytes(self._hdr), body[: self._body_need], out)
-        except seal.SealError as e:
-            raise IntegrityError(f"from {self.peer}: {e}") from None
-        finally:
-            self._hdr_got, self._body_need, self._body_got = 0, None, 0
+        need = self._body_need
+        assert need is not None
+        with memoryview(self._body) as body:
+            try:
+                self.keys.recv.open_into(bytes(self._hdr), body[:need], out)
+            except seal.SealError as e:
+                raise IntegrityError(f"from {self.peer}: {e}") from None
+            finally:  # the next record's header bytes read with this body become its start
+                carried = self._body_got - need
+                self._hdr[:carried] = body[need : need + carried]
+                self._hdr_got, self._body_need, self._body_got = carried, None, 0
 
     def _buffer_record(self) -> None:
         n = self._record_plaintext
