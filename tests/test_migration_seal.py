@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -112,6 +114,75 @@ def test_any_change_to_the_wire_yields_a_prefix_or_an_error(data: st.DataObject)
     except transport.TransportError:
         return
     assert plain.startswith(got) and (op == "truncate" or got == plain)
+
+
+class TrickleSocket:
+    """Stands in for a socket: hands out `wire` in reads of `sizes` bytes (cycled), so record
+    headers and bodies arrive split at every place a TCP stream may split them."""
+
+    def __init__(self, wire: bytes, sizes: list[int]) -> None:
+        self.wire, self.sizes, self.pos, self.reads = wire, sizes, 0, 0
+
+    def recv_into(self, buf: memoryview) -> int:
+        k = min(len(buf), self.sizes[self.reads % len(self.sizes)], len(self.wire) - self.pos)
+        buf[:k] = self.wire[self.pos : self.pos + k]
+        self.pos += k
+        self.reads += 1
+        return k
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+    sizes=st.lists(st.integers(1, 3100), min_size=1, max_size=5),
+    whole=st.booleans(),
+)
+def test_records_split_anywhere_by_the_stream_arrive_whole_and_in_order(
+    lengths: list[int], sizes: list[int], whole: bool
+) -> None:
+    """However the reads cut the wire (inside a header, right after one, across two records),
+    each message arrives as sent, read into a buffer of its size or in pieces."""
+    client, server = session_pair()
+    messages = [os.urandom(n) for n in lengths]
+    sock = TrickleSocket(b"".join(records(client, messages)), sizes)
+    ch = SealedChannel(sock, 5.0, "test", server)  # type: ignore[arg-type]
+    for m in messages:
+        if whole or not m:
+            got = bytearray(len(m))
+            ch.recv_into_exact(got)
+        else:
+            got = bytearray()
+            while len(got) < len(m):
+                got += ch.recv(min(len(m) - len(got), 700))
+        assert got == m
+    assert ch.recv(10) == b"" and sock.pos == len(sock.wire)
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_a_handshake_imports_its_cryptography_before_it_waits_for_the_peer(side: str) -> None:
+    """So the two VMMs' imports overlap (checked in a fresh interpreter: nothing loaded yet)."""
+    run = (
+        "server_handshake(send, recv, b'k' * 32, {})"
+        if side == "server"
+        else ("client_handshake(send, recv, b'k' * 32)")
+    )
+    script = (
+        "import sys\n"
+        "from ptmig.migration.seal import client_handshake, server_handshake\n"
+        "def send(data): pass\n"
+        "def recv(n, what):\n"
+        "    print('aead' if 'cryptography.hazmat.primitives.ciphers.aead' in sys.modules "
+        "else 'none')\n"
+        "    raise SystemExit(0)\n"
+        f"{run}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["aead"]
 
 
 def test_the_wire_carries_no_plaintext_and_both_ends_agree() -> None:
