@@ -408,36 +408,3 @@ def test_unacknowledged_counts_what_a_slow_receiver_has_not_taken() -> None:
         for a in accepted:
             a.close()
         listener.close()
-
-
-def test_a_data_channel_fixes_its_send_buffer_instead_of_letting_it_grow() -> None:
-    """A source data channel's TCP send buffer is `SEND_BUFFER` (the kernel reports twice what
-    was asked, and caps it at net.core.wmem_max), not the autotuned one (16 KiB at first here,
-    growing to 4 MiB); a unix: stream has no TCP buffer to tune and is left alone."""
-    from ptmig import bitmap
-    from ptmig.migration import transport
-    from ptmig.migration.channels import DataChannel
-    from ptmig.migration.protocol import Connection, Role
-
-    with open("/proc/sys/net/core/wmem_max") as f:
-        wmem_max = int(f.read())
-    listener = transport.listen("127.0.0.1", 0, insecure=True)
-    t, _ = serve(listener)
-    ch = transport.connect("127.0.0.1", listener.port, insecure=True)
-    try:
-        before = ch.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        DataChannel(
-            ch, Connection(Role.SOURCE, guest_pages=64, data_channel=True), bitmap.empty(64)
-        )
-        after = ch.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        assert after == 2 * min(transport.SEND_BUFFER, wmem_max) != before
-    finally:
-        ch.close()
-        t.join(10)
-        listener.close()
-    a, b = socket.socketpair()
-    with a, b:
-        unix = Channel(a, 5.0, "unix")
-        before = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        unix.bound_send_buffer()
-        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before

@@ -48,7 +48,6 @@ class DataChannel:
 
     def __init__(self, channel: transport.Channel, conn: Connection, mask: bitmap.Bitmap) -> None:
         self.channel, self.conn, self.mask = channel, conn, mask
-        channel.bound_send_buffer()  # bulk pages: keep what waits for the receiver in cache
 
 
 class ChannelRound:

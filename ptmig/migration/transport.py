@@ -54,7 +54,6 @@ except (ValueError, OSError):  # pragma: no cover - every Linux has it
     IOV_MAX = 1024
 KEEPALIVE_IDLE_S = 10
 RECEIVE_BUFFER = 1 << 20  # bytes: the destination's socket receive buffer (see listen)
-SEND_BUFFER = 256 << 10  # bytes: a source data channel's send buffer (see `bound_send_buffer`)
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
 
@@ -218,25 +217,6 @@ class Channel:
         except (OSError, ValueError):
             return 0
         return int(struct.unpack("i", raw)[0])
-
-    def bound_send_buffer(self, nbytes: int = SEND_BUFFER) -> None:
-        """Fix this stream's TCP send buffer at `nbytes` (the kernel doubles it for its own
-        bookkeeping) instead of letting it grow to `net.ipv4.tcp_wmem`'s maximum (4 MiB here).
-        For a stream that carries bulk pages: the bytes queued behind a receiver that is
-        busier than its sender stay few enough to still be in cache when it copies them. On
-        the 2-core loopback bench a sealed data channel pair spent 0.30 s (sender) and 0.34 s
-        (receiver) of CPU per GiB with the default, 0.23 and 0.23 with 256 KiB; a plain one
-        0.17 / 0.23 and 0.14 / 0.15. The window a receiver offers is bounded already
-        (`RECEIVE_BUFFER`); a link whose bandwidth × RTT exceeds this buffer would be capped by
-        it, so a long-haul migration wants it larger."""
-        if self.sock.family == socket.AF_UNIX:
-            return
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
-        except OSError as e:
-            raise TransportError(
-                f"setting the send buffer of the stream to {self.peer}: {e}"
-            ) from e
 
     def note_received(self, nbytes: int) -> None:
         """Count bytes received (also by a caller reading the socket itself, e.g. splice)."""
