@@ -61,3 +61,24 @@ def test_a_stored_run_is_rendered_again(tmp_path: Path, capsys) -> None:
     assert markdown.main([str(tmp_path / "missing.json")]) == 1
     assert "cannot read" in capsys.readouterr().err
     assert markdown.main([]) == 2
+
+
+def test_strategy_cells_are_one_row_per_strategy_and_size_in_size_order() -> None:
+    def cell(strategy: str, size: str, metric: str, value: float) -> dict:
+        return {"name": f"strategy.{strategy}.{size}.{metric}", "value": value}
+
+    results = [
+        cell("shadow", "1G", "downtime", 103.0),
+        cell("shadow", "256M", "downtime", 71.0),
+        cell("shadow", "256M", "ops_before", 17465.0),
+        cell("shadow", "256M", "ops_precopy", 17954.0),
+        {"name": "strategy.shadow.correct", "value": 1.0},  # a derived row: not a cell
+    ]
+    rows = markdown.strategy_cells(results)
+    assert rows[0].startswith("| RAM | strategy | downtime (ms) |")
+    assert [r.split(" | ")[:3] for r in rows[2:]] == [
+        ["| 256M", "`shadow`", "71.00"],
+        ["| 1G", "`shadow`", "103.0"],
+    ]
+    assert "17465 / 17954 / n/a" in rows[2]  # a metric the cell lacks reads n/a
+    assert markdown.strategy_cells([{"name": "storebw.ratio", "value": 1.0}]) == []
