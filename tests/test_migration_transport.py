@@ -3,11 +3,12 @@ full protocol session with pages received straight into guest memory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +358,111 @@ def test_tls_close_sends_its_goodbye_without_waiting_for_a_peer_that_only_reads(
         t.join(10)
     assert closed, "close() waited for the peer's close_notify"
     assert out == {"result": 4 << 20}
+
+
+class _OneThreadInside:
+    """Counts the moments two threads are inside one TLS connection at once (the swapped-in
+    class of a real SSLSocket: its calls still do what they did)."""
+
+    overlaps = 0
+    _inside: set[int] = set()
+    _guard = threading.Lock()
+
+    @classmethod
+    def watch(cls, sock: socket.socket) -> None:
+        import ssl
+
+        class Watched(ssl.SSLSocket):
+            def recv_into(self, *a: Any, **kw: Any) -> Any:
+                with cls._entered():
+                    return super().recv_into(*a, **kw)
+
+            def sendall(self, *a: Any, **kw: Any) -> Any:
+                with cls._entered():
+                    return super().sendall(*a, **kw)
+
+            def pending(self) -> int:
+                with cls._entered():
+                    return super().pending()
+
+        sock.__class__ = Watched
+
+    @classmethod
+    @contextlib.contextmanager
+    def _entered(cls) -> Iterator[None]:
+        me = threading.get_ident()
+        with cls._guard:
+            if cls._inside - {me}:
+                cls.overlaps += 1
+            cls._inside.add(me)
+        try:
+            yield
+        finally:
+            with cls._guard:
+                cls._inside.discard(me)
+
+
+def test_a_tls_stream_read_beside_a_sending_thread_is_never_used_by_both_at_once(
+    pki: Path,
+) -> None:
+    """The destination's post-copy over TLS: its receiver reads pages while its fetcher sends
+    requests on the same connection. OpenSSL's connection object is not thread-safe, so the
+    receiver waits for bytes outside the sender's lock and reads under it: no moment has both
+    threads inside the connection, and every byte of both directions arrives. (A plain `recv`
+    waits inside the connection: the sends land in that wait; CI lost a recovery over TLS.)"""
+    total, requests = 2 << 20, 300
+    lock = threading.Lock()
+    got_back: list[int] = []
+
+    with listen("127.0.0.1", 0, tls=tls(pki, "server")) as lst:
+
+        def source(ch: Channel) -> int:  # one thread: bursts, and the requests between them
+            n = 0
+            for _ in range(total // (64 << 10)):
+                ch.send_buffers([b"p" * (64 << 10)])
+                while data := ch.recv_nowait():
+                    n += len(data)
+                time.sleep(0.002)  # the receiver waits between bursts, as post-copy's does
+            while n < requests * 16 and (data := ch.recv(1 << 16)):
+                n += len(data)
+            got_back.append(n)
+            return n
+
+        t, _ = serve(lst, source)
+        dst = connect("127.0.0.1", lst.port, tls=tls(pki, "client"), inactivity_timeout=60)
+        _OneThreadInside.watch(dst.sock)
+
+        def fetcher() -> None:
+            for _ in range(requests):
+                with lock:
+                    dst.send_buffers([b"r" * 16])
+                time.sleep(0.0005)
+
+        f = threading.Thread(target=fetcher, daemon=True)
+        f.start()
+        received = 0
+        while received < total:
+            received += len(dst.recv_beside_sender(lock))
+        f.join(60)
+        t.join(60)
+        dst.close()
+    assert received == total and got_back == [requests * 16]
+    assert _OneThreadInside.overlaps == 0
+
+
+def test_a_tls_read_beside_a_sender_times_out_as_recv_does(pki: Path) -> None:
+    """No bytes within the inactivity timeout: the same TransportError as `recv`'s."""
+    with listen("127.0.0.1", 0, tls=tls(pki, "server")) as lst:
+        release = threading.Event()
+        t, _ = serve(lst, lambda ch: release.wait(30))
+        dst = connect("127.0.0.1", lst.port, tls=tls(pki, "client"), inactivity_timeout=0.3)
+        try:
+            with pytest.raises(TransportError, match="no progress .* for 0.3 s"):
+                dst.recv_beside_sender(threading.Lock())
+        finally:
+            release.set()
+            t.join(10)
+            dst.close()
 
 
 def test_tls_rejects_client_cert_from_another_ca(pki: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from pkirig import make_pki
+from test_migration_e2e_switchover import _hold, _wait_exists
 from test_postcopy_kvm import _pair, _start_postcopy_migration, _wait_status
 from vmmrig import TcpProxy, Vmm, dirty_config, free_port, iterations_increase, migration_key
 
@@ -247,5 +248,68 @@ def test_recovery_over_tls_with_the_first_connections_certificates(tmp_path: Pat
         src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{resume_port}", "resume": True})
         _completed_and_verified(src, dst)
     finally:
+        src.kill()
+        dst.kill()
+
+
+def test_a_migrate_pause_as_the_last_page_arrives_is_honoured_then_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """migrate-pause on the destination after its last page was installed and before post-copy
+    was declared done (held there): the pause is honoured, not accepted and ignored (CI once
+    saw the source complete after a pause it had been told was taken). Both sides pause, the
+    destination with nothing missing; the recovery finds nothing to resend and completes."""
+    hold = _hold(monkeypatch, tmp_path, "postcopy-end")
+    src, dst, _, link = _postcopy_through(tmp_path)
+    try:
+        _wait_exists(hold, "the last page")
+        dst.cmd("migrate-pause")
+        hold.unlink()
+        info = _wait_status(src, ("postcopy-paused",))
+        assert src.status() == "finish-migrate"
+        report = _dst_postcopy(dst, "postcopy-paused")
+        assert report["missing"] == 0, report
+        assert "migrate-pause" in report["error-desc"], report
+        assert dst.status() == "paused"
+        assert info["x-postcopy"]["unsent-pages"] == 0, info["x-postcopy"]
+        _recover(src, dst)
+        _wait_exists(hold, "the resumed post-copy's end")  # nothing was missing
+        hold.unlink()
+        _completed_and_verified(src, dst)
+    finally:
+        hold.unlink(missing_ok=True)
+        link.cut()
+        src.kill()
+        dst.kill()
+
+
+def test_a_source_never_told_that_postcopy_is_done_stays_paused_while_the_guest_runs_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link breaks after the destination installed every page and declared post-copy done,
+    before its PostcopyDone reached the source (held there, then cut). The destination runs
+    the guest, refuses migrate-pause and migrate-recover (nothing is missing); the source,
+    which cannot tell whether the pages arrived, stays postcopy-paused with its RAM and never
+    runs the guest again: exactly one side runs it."""
+    hold = _hold(monkeypatch, tmp_path, "postcopy-done")
+    src, dst, _, link = _postcopy_through(tmp_path)
+    try:
+        _wait_exists(hold, "the end of post-copy")
+        link.cut()
+        hold.unlink()
+        info = _wait_status(src, ("postcopy-paused",))
+        assert "post-copy interrupted" in info["error-desc"], info
+        report = _dst_postcopy(dst, "completed")
+        assert report["missing"] == 0, report
+        assert dst.status() == "running"
+        assert iterations_increase(dst)
+        for cmd, args in (("migrate-pause", None), ("migrate-recover", {"uri": "tcp:127.0.0.1:1"})):
+            with pytest.raises(RuntimeError, match="post-copy is completed"):
+                dst.cmd(cmd, args)
+        assert src.status() == "finish-migrate"
+        assert src.cmd("query-migrate")["status"] == "postcopy-paused"
+    finally:
+        hold.unlink(missing_ok=True)
+        link.cut()
         src.kill()
         dst.kill()

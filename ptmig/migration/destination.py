@@ -22,7 +22,9 @@ running nowhere, and never leaves it running twice.
 
 `PTMIG_TEST_HOLD` (tests only) holds the destination at one point of the switchover:
 `before-commit:PATH` (state loaded, commit not begun) or `after-commit:PATH` (committed and
-acknowledged, the guest not started yet). The destination creates PATH when it gets there and
+acknowledged, the guest not started yet); in post-copy, `postcopy-end:PATH` (every page
+installed, post-copy not declared done) or `postcopy-done:PATH` (done, the source not told yet).
+The destination creates PATH when it gets there and
 goes on once PATH is removed (or after HOLD_MAX_S), so a test can inject a signal exactly in
 that window.
 
@@ -450,6 +452,10 @@ class Incoming:
         self._postcopy_ch: transport.Channel | None = None
         self._recover_listener: transport.Listener | None = None
         self._pause_asked = False
+        # migrate-pause against the end of post-copy: a pause either breaks the stream the
+        # pages arrive on or is refused because every page is installed, never accepted and
+        # then ignored (taken around the pause and around the receiver's start and end)
+        self._pause_lock = threading.Lock()
 
     def defer_stop(self, signum: int) -> bool:
         """A stop request (signal `signum`) arrived while the guest is on its way here: False
@@ -746,9 +752,14 @@ class Incoming:
     def _receive_postcopy(self, ch: transport.Channel, conn: Connection) -> bool:
         pc = self.postcopy
         assert pc is not None
-        self._postcopy_ch = ch
+        with self._pause_lock:
+            self._postcopy_ch = ch
+            if self._pause_asked:  # asked between the switchover (or resume) and now
+                ch.abort()
         try:
             pc.receive(ch, conn, self._postcopy_pages)
+            hold_for_test("postcopy-end")
+            self._end_postcopy_unless_paused()
         except (transport.TransportError, ProtocolError, PostcopyError, OSError) as e:
             self._postcopy_lost(f"{type(e).__name__}: {e}")
             return False
@@ -756,12 +767,25 @@ class Incoming:
             self._postcopy_ch = None
         if self.postcopy_devices is not None:  # before the fault server goes
             self.postcopy_devices.finish()
-        self.recovery.handle(Step.DONE)
         self.m.vm.memory.presence = None
         pc.finish()
         log.info("post-copy: completed, %d pages installed", pc.report.pending_pages)
+        hold_for_test("postcopy-done")
         self._confirm_postcopy_done(ch, conn)
         return True
+
+    def _end_postcopy_unless_paused(self) -> None:
+        """Every page is installed: post-copy is done from here on (a later migrate-pause is
+        refused), unless a migrate-pause came first. That pause was accepted and broke the
+        stream, so the source cannot be told: it is honoured (raises), and a recovery then
+        finds nothing missing and ends post-copy at once."""
+        with self._pause_lock:
+            self._postcopy_ch = None
+            if self._pause_asked:
+                raise transport.TransportError(
+                    "every page was installed, but the stream was broken before the source was told"
+                )
+            self.recovery.handle(Step.DONE)
 
     def _confirm_postcopy_done(self, ch: transport.Channel, conn: Connection) -> None:
         """Tell the source it may close (see `postcopy.await_done`). Every page is here, so a
@@ -795,14 +819,16 @@ class Incoming:
     # --- post-copy recovery (see `recovery`) --------------------------------------------------
 
     def pause_postcopy(self) -> None:
-        """`migrate-pause`: break the post-copy link (or stop listening for a resume)."""
-        if self.postcopy is None or not self.recovery.allowed(Step.PAUSE):
-            raise RecoveryError(f"migrate-pause: post-copy is {self.recovery.phase.value}")
-        self._pause_asked = True
-        if self._postcopy_ch is not None:
-            self._postcopy_ch.abort()
-        if self._recover_listener is not None:
-            self._recover_listener.close()
+        """`migrate-pause`: break the post-copy link (or stop listening for a resume); refused
+        once every page is installed (`_end_postcopy_unless_paused`)."""
+        with self._pause_lock:
+            if self.postcopy is None or not self.recovery.allowed(Step.PAUSE):
+                raise RecoveryError(f"migrate-pause: post-copy is {self.recovery.phase.value}")
+            self._pause_asked = True
+            if self._postcopy_ch is not None:
+                self._postcopy_ch.abort()
+            if self._recover_listener is not None:
+                self._recover_listener.close()
 
     def recover_postcopy(self, uri: str) -> int:
         """`migrate-recover`: listen on `uri` (same credentials as the first connection) for

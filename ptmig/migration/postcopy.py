@@ -574,7 +574,7 @@ class PostcopyReceiver:
                 ev = conn.next_event()
             if ev is not NEED_DATA:
                 return ev
-            data = ch.recv()
+            data = ch.recv_beside_sender(self._send_lock)  # TLS: one thread in it at a time
             with self._send_lock:
                 conn.receive_data(data)
 

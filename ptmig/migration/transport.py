@@ -335,6 +335,37 @@ class Channel:
         assert data is not None  # a waiting read returns bytes or the end
         return data
 
+    def recv_beside_sender(
+        self, lock: threading.Lock | threading.RLock, max_bytes: int = 1 << 20
+    ) -> bytes:
+        """`recv` on a stream that another thread sends on, holding `lock` for each send.
+
+        A TLS connection must never be inside two threads at once: OpenSSL's connection
+        object is not thread-safe (a read may process a post-handshake message and write),
+        and Python's ssl module adds no lock. So the wait for bytes happens outside `lock`
+        (select, or what TLS already decrypted) and the read itself under it, without
+        waiting. The inactivity timeout and its extension (`patience`) apply as to `recv`.
+        A plain stream's two directions share no state: this is `recv`. (A sealed stream
+        keeps per-direction state, its socket is plain: `recv` too.)"""
+        if not self.is_tls:
+            return self.recv(max_bytes)
+        deadline = time.monotonic() + self.inactivity_timeout
+        while True:
+            with lock:
+                buffered = self.sock.pending()  # type: ignore[attr-defined]
+            if not buffered:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    if (left := self.patience()) > 0:  # another stream moved meanwhile
+                        deadline = time.monotonic() + left
+                        continue
+                    raise self._fail(TimeoutError(), "receiving")
+            with lock:
+                data = self._recv_bytes(max_bytes, False)
+            if data is not None:
+                return data
+            # readable, but not a whole TLS record yet (or only TLS's own messages)
+
     def recv_nowait(self, max_bytes: int = 1 << 16) -> bytes | None:
         """What the peer has sent so far, without waiting: None if nothing (b"" once it closed).
         For watching a stream this side otherwise only sends on; not while another thread
