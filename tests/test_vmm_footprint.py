@@ -366,7 +366,7 @@ def test_a_closed_sealed_channel_gives_back_its_record_buffers() -> None:
 
 
 def test_the_scale_bench_gives_its_vmms_ptmig_compiled_as_an_install_does() -> None:
-    """A VMM that compiles ptmig from source at start keeps 0.9-2.9 MiB more private memory
+    """A VMM that compiles ptmig from source at start keeps 0.35-0.7 MiB more private memory
     than one that loads bytecode (what an installed package has): after `compile_ptmig` each
     module a running or migrating VMM imports has bytecode its loader accepts (stamped with
     its source's mtime and size, or hash), whatever PYTHONDONTWRITEBYTECODE says."""
