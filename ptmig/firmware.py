@@ -18,7 +18,6 @@ needed: the C compiler (and the linker it drives) is the only build tool.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from .errors import PtmigError
 from .layout import ABI_FW_LOAD_GPA, ABI_FW_MAX_SIZE, FW_HEADER_MAGIC
+from .tokens import sha256
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 
@@ -147,7 +147,7 @@ def _is_host_only(path: Path) -> bool:
 
 
 def _digest(source_dir: Path, files: Sequence[Path], flags: Sequence[str], identity: str) -> str:
-    h = hashlib.sha256()
+    h = sha256()
     h.update(b"ptmig-firmware-v1\0")
     h.update(identity.encode() + b"\0")
     h.update("\0".join(flags).encode() + b"\0")

@@ -37,7 +37,6 @@ wakes the main stream's receive, so the failure is reported at once, not at the 
 from __future__ import annotations
 
 import fcntl
-import hmac
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from ..disklock import DiskLockError
 from ..errors import PtmigError
 from ..guest_state import DeviceSnapshot, unpack_devices, unpack_vcpus
 from ..memstats import release_free_memory
+from ..tokens import compare_digest
 from ..vcpu_state import VcpuState
 from ..vm import RunState
 from ..vmparts import MigratingVm
@@ -886,7 +886,7 @@ class Incoming:
         ack = check_hello(ev, self.m.cfg.compat_fingerprint())
         token = session_token(ev) if ack.accepted else None
         if ack.accepted and (
-            self.session is None or token is None or not hmac.compare_digest(token, self.session)
+            self.session is None or token is None or not compare_digest(token, self.session)
         ):
             ack = HelloAck(False, "this is not the source of the paused post-copy migration")
         transport.send_event(ch, conn, ack)
@@ -989,7 +989,7 @@ class Incoming:
         got = parse_channel_capability(ev, DATA_CHANNEL_JOIN_CAPABILITY)
         ack = check_hello(ev, self.m.cfg.compat_fingerprint())
         main = self._main
-        if got is None or not hmac.compare_digest(got[1], token):
+        if got is None or not compare_digest(got[1], token):
             ack = HelloAck(False, "data channel without this migration's token")
         elif (
             main is not None

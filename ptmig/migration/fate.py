@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import secrets
 import threading
 from typing import Any
 
 from ..errors import PtmigError
+from ..tokens import token_hex
 from . import transport
 from .events import Hello, HelloAck, ProtocolError, RemoteProtocolError, Role
 from .protocol import Connection, ConnectionClosed, hello
@@ -66,7 +66,7 @@ class Fate(enum.Enum):
 
 
 def new_migration_id() -> str:
-    return secrets.token_hex(ID_DIGITS // 2)
+    return token_hex(ID_DIGITS // 2)
 
 
 def _valid_id(value: str) -> bool:

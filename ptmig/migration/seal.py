@@ -39,10 +39,7 @@ truncated conversation, see `protocol.CLOSABLE_STATES`).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
-import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +47,7 @@ from pathlib import Path
 from typing import Final
 
 from ..errors import PtmigError
+from ..tokens import compare_digest, token_hex
 
 GREETING: Final = b"PTMIG-PSK2"
 NONCE: Final = 32
@@ -92,7 +90,12 @@ def _hkdf(ikm: bytes, info: bytes, salt: bytes | None = None, length: int = 32) 
 
 
 def _mac(key: bytes, label: bytes, transcript: bytes) -> bytes:
-    return hmac.new(key, label + transcript, hashlib.sha256).digest()
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.hmac import HMAC
+
+    mac = HMAC(key, hashes.SHA256())
+    mac.update(label + transcript)
+    return mac.finalize()
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ def new_key_file(path: Path) -> Path:
     only; for VMMs one program starts for itself (demo, bench, tests)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+        f.write(token_hex(32) + "\n")
     return path
 
 
@@ -200,7 +203,7 @@ def server_handshake(
 ) -> StreamKeys:
     """The listening side. `sessions`: the sessions this listener started, which data
     channels may join (a NEW handshake adds its session)."""
-    nonce_s = secrets.token_bytes(NONCE)
+    nonce_s = os.urandom(NONCE)
     send(GREETING + nonce_s)
     load_cryptography()  # while the client does the same
     head = recv(1 + NONCE, "the client's PSK handshake")
@@ -224,7 +227,7 @@ def server_handshake(
     else:
         raise SealError(f"PSK handshake kind {kind} is neither new (0) nor join (1)")
     proof = recv(MAC, "the client's PSK proof")
-    if not hmac.compare_digest(proof, _mac(key, b"client", transcript)):
+    if not compare_digest(proof, _mac(key, b"client", transcript)):
         send(b"\x00" + bytes(MAC))
         raise SealError(
             "PSK authentication failed: the client's proof does not match our key "
@@ -250,7 +253,7 @@ def client_handshake(
             f"expected a PSK challenge, got {hello[: len(GREETING)]!r}: the server "
             "is not using a pre-shared key (or speaks another version)"
         )
-    nonce_s, nonce_c = hello[len(GREETING) :], secrets.token_bytes(NONCE)
+    nonce_s, nonce_c = hello[len(GREETING) :], os.urandom(NONCE)
     if join is None:
         session = Session.start(psk, nonce_s, nonce_c)
         sent, key, stream = bytes([KIND_NEW]) + nonce_c, _hkdf(psk, b"ptmig psk auth"), 0
@@ -269,7 +272,7 @@ def client_handshake(
             "(the two sides have different pre-shared keys, or it does not know "
             "this migration)"
         )
-    if not hmac.compare_digest(verdict[1:], _mac(key, b"server", transcript)):
+    if not compare_digest(verdict[1:], _mac(key, b"server", transcript)):
         send(b"\x00")
         raise SealError("PSK authentication failed: the server's proof does not match our key")
     send(b"\x01")

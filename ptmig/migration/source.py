@@ -26,7 +26,6 @@ and an empty one on the other.
 from __future__ import annotations
 
 import logging
-import secrets
 import select
 import threading
 import time
@@ -41,6 +40,7 @@ from ..errors import PtmigError
 from ..guest_state import pack_devices, pack_vcpus
 from ..layout import PAGE_SIZE
 from ..memstats import release_free_memory
+from ..tokens import token_hex
 from ..vm import RunState
 from . import background, fate, pages, policy, postcopy, recovery, transport
 from .channels import ChannelRound, DataChannel, stripe_masks
@@ -160,7 +160,7 @@ class SourceMigration:
         self.info.migration_id = self.migration_id
         # Post-copy recovery (see `recovery`): the secret a resume proves this migration with,
         # this side's phase, and whether the last link loss was a migrate-pause.
-        self._session = secrets.token_hex(16)
+        self._session = token_hex(16)
         self.recovery = recovery.Recovery()
         self._pause_asked = False
 
@@ -225,7 +225,7 @@ class SourceMigration:
                     postcopy.POSTCOPY_CAPABILITY,
                     recovery.session_capability(self._session),
                 )
-            nchannels, token = self.caps.data_channels(self.params), secrets.token_hex(16)
+            nchannels, token = self.caps.data_channels(self.params), token_hex(16)
             if nchannels:
                 caps += (channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, nchannels, token),)
             self._handshake(ch, conn, caps)

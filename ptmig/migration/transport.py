@@ -475,6 +475,16 @@ class SealedChannel(Channel):
         self._plain = memoryview(self._plain_buf)[:0]  # opened, not yet consumed
         self._eof = False
 
+    def close(self) -> None:
+        """Close as a plain channel does, and give back the record buffers too (each about a
+        record, `seal.MAX_RECORD`: a finished migration's channels stay referenced)."""
+        super().close()
+        self._out = bytearray()
+        self._stage = bytearray()
+        self._body = bytearray()
+        self._plain_buf = bytearray()
+        self._plain = memoryview(self._plain_buf)
+
     # ---- sending --------------------------------------------------------------------------
 
     def _outgoing(self, views: list[memoryview]) -> Iterator[list[memoryview]]:
