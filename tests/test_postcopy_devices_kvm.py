@@ -135,23 +135,36 @@ def test_device_requests_on_pages_not_yet_sent_are_fetched_before_forwarding(
     tmp_path: Path,
 ) -> None:
     """Switch at the end of round 0 against a slow link (256 KiB/s): the kv guest's RX buffers
-    that took frames while round 0 crawled are pages the source still holds, the background
+    that took frames after round 0 passed them are pages the source still holds, the background
     push needs seconds to reach them, and the guest does not touch a posted RX buffer before
     the device fills it. So the data plane must fetch them itself before it forwards the RX
-    requests it re-forwards at entry -- and the guest still gets every reply right."""
-    with _kv_under_load(tmp_path, 45) as (src, dst, port, load):
-        _postcopy(src, port, bandwidth=256 << 10, after_rounds=0)
-        _wait_status(src, ("active",))
-        src.cmd("migrate-start-postcopy")
-        info = _wait_status(src, ("completed",))
-        assert info["x-postcopy"]["trigger"] == "requested", info["x-postcopy"]
-        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
-        assert info["ram"]["postcopy-requests"] > 0
-        last = dst.cmd("x-query-shadow")["x-postcopy"]
-        assert last["pages-fetched"] > 0, last  # the device path asked for its pages
-        assert last["fetch-waits"] > 0, last
-        assert last["requests-forwarded"] > 0, last
-        _no_loss(load)
+    requests it re-forwards at entry -- and the guest still gets every reply right.
+
+    How many posted RX buffers are still on the source depends on where round 0's pass was
+    when the last frames came (seen: 128, 5, and once 0 pages, when the pass reached the
+    buffers just before the round's end). So the scenario is run up to three times, each run
+    checked whole, until one has the device path fetch; a data plane that never fetches fails
+    every run (and a forward on a missing page would show as a wrong reply or page)."""
+    fetched: list[int] = []
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        run.mkdir()
+        with _kv_under_load(run, 45) as (src, dst, port, load):
+            _postcopy(src, port, bandwidth=256 << 10, after_rounds=0)
+            _wait_status(src, ("active",))
+            src.cmd("migrate-start-postcopy")
+            info = _wait_status(src, ("completed",))
+            assert info["x-postcopy"]["trigger"] == "requested", info["x-postcopy"]
+            assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
+            assert info["ram"]["postcopy-requests"] > 0
+            last = dst.cmd("x-query-shadow")["x-postcopy"]
+            assert last["requests-forwarded"] > 0, last
+            assert last["fetch-waits"] <= last["pages-fetched"], last
+            _no_loss(load)
+        fetched.append(last["pages-fetched"])
+        if last["pages-fetched"] > 0:  # the device path asked for its pages
+            break
+    assert fetched[-1] > 0, f"no run had a device request on a page not yet sent: {fetched}"
 
 
 def test_a_link_cut_in_postcopy_with_devices_pauses_both_sides_and_cont_is_refused(
