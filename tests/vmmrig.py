@@ -475,19 +475,21 @@ class TamperProxy(TcpProxy):
         while True:
             head = exact(4)
             record = head + exact(struct.unpack("<I", head)[0])
+            # the mark goes up before the bad bytes leave: a test reading it once the source
+            # has failed must not race the send's return
             if held is not None:  # swap: the next record first, then the held one
+                self.tampered.set()
                 b.sendall(record + held)
                 held = None
-                self.tampered.set()
             elif self.tampered.is_set() or len(record) < self.min_size:
                 b.sendall(record)
             elif self.attack == "flip":
                 bad = bytearray(record)
                 bad[len(bad) // 2] ^= 0x10
+                self.tampered.set()
                 b.sendall(bytes(bad))
-                self.tampered.set()
             elif self.attack == "replay":
-                b.sendall(record + record)
                 self.tampered.set()
+                b.sendall(record + record)
             else:
                 held = record
