@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from vmmrig import dirty_config, migration_pair
@@ -402,3 +403,51 @@ def test_the_scale_bench_says_how_its_vmms_had_ptmig_with_their_memory() -> None
     for name in ("1G.src-vmm-memory", "1G.dst-vmm-memory", "1G.vmm-memory/ram"):
         assert rows[name].extra["bytecode"] == "compiled at each VMM's start"
     assert "bytecode" not in rows["1G.total"].extra
+
+
+# A machine that runs with 8 MiB of guest RAM, for `x-debug-fill-ram`.
+_FILLABLE_MACHINE = """
+from types import SimpleNamespace
+from ptmig.memory import GuestMemory
+from ptmig.migration.control import MigrationControl
+from ptmig.vm import RunState
+cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
+vm = SimpleNamespace(state=RunState.RUNNING, memory=GuestMemory(8 << 20, name='fill-test'))
+control = MigrationControl(SimpleNamespace(cfg=cfg, vm=vm))
+"""
+
+
+def test_the_fill_hook_loads_neither_numpy_random_nor_openssl() -> None:
+    """`x-debug-fill-ram` runs in the benchmarks' sources before they migrate, so what it
+    imports is counted in the source's memory: numpy.random (with hashlib and libcrypto) kept
+    1.7 MiB of a 1 GiB source resident for nothing a VMM needs."""
+    loaded = _loaded_after(
+        RUN_PATH,
+        _FILLABLE_MACHINE + "control._qmp_fill_ram(1 << 20, 4 << 20)\n"
+        "assert any(vm.memory.read(1 << 20, 4096)), 'the fill wrote nothing'\n",
+    )
+    assert _of(loaded, ("numpy.random",)) == set()
+    assert {m for m in OPENSSL_DIGESTS if m in loaded} == set()
+
+
+def test_the_fill_hook_writes_one_seeds_bytes_wherever_the_fill_starts() -> None:
+    from ptmig.memory import GuestMemory
+    from ptmig.migration.control import MigrationControl, fill_bytes
+
+    mem = GuestMemory(8 << 20, name="fill-test")
+    cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
+    control = MigrationControl(SimpleNamespace(cfg=cfg, vm=SimpleNamespace(memory=mem)))  # type: ignore[arg-type]
+    try:
+        control._qmp_fill_ram(1 << 20, 6 << 20)
+        filled = mem.read(1 << 20, 6 << 20)
+        untouched = mem.read(0, 1 << 20) + mem.read(7 << 20, 1 << 20)
+    finally:
+        mem.close()
+    assert filled == bytes(fill_bytes(1, 1 << 20, 6 << 20))
+    # a fill that starts later puts the same bytes at the same addresses
+    assert bytes(fill_bytes(1, 5 << 20, 4096)) == filled[4 << 20 : (4 << 20) + 4096]
+    # nothing repeats from page to page or from seed to seed; the rest of RAM is untouched
+    pages = {filled[i : i + 4096] for i in range(0, len(filled), 4096)}
+    assert len(pages) == len(filled) // 4096
+    assert bytes(fill_bytes(2, 1 << 20, 4096)) != filled[:4096]
+    assert not any(untouched)
