@@ -310,7 +310,7 @@ class MigrationControl:
 
 
 def fill_bytes(seed: int, gpa: int, length: int) -> memoryview:
-    """The `length` pseudo-random bytes `x-debug-fill-ram` puts at `gpa` (both multiples of 8).
+    """The `length` pseudo-random bytes `x-debug-fill-ram` puts at `gpa` (a multiple of 8).
 
     Word `i` of guest RAM (at gpa 8*i) gets splitmix64's output for `seed` at position i+1, so
     what a fill of a seed leaves at an address does not depend on where the fill began. It
@@ -320,4 +320,4 @@ def fill_bytes(seed: int, gpa: int, length: int) -> memoryview:
     from .verify import splitmix_keys
 
     start = (seed + (gpa // 8) * 0x9E37_79B9_7F4A_7C15) % (1 << 64)
-    return memoryview(splitmix_keys(length // 8, start)).cast("B")
+    return splitmix_keys((length + 7) // 8, start).data.cast("B")[:length]
