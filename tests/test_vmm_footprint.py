@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from vmmrig import dirty_config, migration_pair
@@ -235,7 +236,38 @@ def test_the_c_heap_policy_is_applied_and_trimming_returns_freed_pages() -> None
     )
     before, after = map(int, out.stdout.split())
     assert before - after >= 20_000, (before, after)  # KiB: most of the 39 MiB went back
-    assert memstats.ARENA_MAX >= 1
+    assert memstats.ARENA_MAX == 1
+
+
+def test_threads_allocate_from_the_main_arena_under_the_c_heap_policy() -> None:
+    """One arena: the modules a migration loads in its QMP and migration threads (numpy's,
+    the source's) share the main heap with what the VMM loaded at start, instead of a second
+    arena's heap of their own (0.2 MiB more of a 1 GiB pair's private memory, each side).
+    glibc's malloc_info lists one <heap> per arena."""
+    script = (
+        "import ctypes, os, tempfile, threading\n"
+        "from ptmig import memstats\n"
+        "assert memstats.tune_malloc()\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.fopen.restype = ctypes.c_void_p\n"
+        "libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]\n"
+        "libc.fclose.argtypes = [ctypes.c_void_p]\n"
+        "def allocate():\n"  # small blocks, as unmarshalled code objects are
+        "    for _ in range(1000): libc.malloc(1000)\n"
+        "threads = [threading.Thread(target=allocate) for _ in range(4)]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n"
+        "path = os.path.join(tempfile.mkdtemp(), 'info.xml')\n"
+        "f = libc.fopen(path.encode(), b'w')\n"
+        "assert libc.malloc_info(0, f) == 0\n"
+        "libc.fclose(f)\n"
+        "print(open(path).read().count('<heap nr='))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert int(out.stdout.split()[-1]) == 1
 
 
 def test_a_c_library_without_mallopt_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -402,3 +434,52 @@ def test_the_scale_bench_says_how_its_vmms_had_ptmig_with_their_memory() -> None
     for name in ("1G.src-vmm-memory", "1G.dst-vmm-memory", "1G.vmm-memory/ram"):
         assert rows[name].extra["bytecode"] == "compiled at each VMM's start"
     assert "bytecode" not in rows["1G.total"].extra
+
+
+# A machine that runs with 8 MiB of guest RAM, for `x-debug-fill-ram`.
+_FILLABLE_MACHINE = """
+from types import SimpleNamespace
+from ptmig.memory import GuestMemory
+from ptmig.migration.control import MigrationControl
+from ptmig.vm import RunState
+cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
+vm = SimpleNamespace(state=RunState.RUNNING, memory=GuestMemory(8 << 20, name='fill-test'))
+control = MigrationControl(SimpleNamespace(cfg=cfg, vm=vm))
+"""
+
+
+def test_the_fill_hook_loads_neither_numpy_random_nor_openssl() -> None:
+    """`x-debug-fill-ram` runs in the benchmarks' sources before they migrate, so what it
+    imports is counted in the source's memory: numpy.random (with hashlib and libcrypto) kept
+    1.7 MiB of a 1 GiB source resident for nothing a VMM needs."""
+    loaded = _loaded_after(
+        RUN_PATH,
+        _FILLABLE_MACHINE + "control._qmp_fill_ram(1 << 20, 4 << 20)\n"
+        "assert any(vm.memory.read(1 << 20, 4096)), 'the fill wrote nothing'\n",
+    )
+    assert _of(loaded, ("numpy.random",)) == set()
+    assert {m for m in OPENSSL_DIGESTS if m in loaded} == set()
+
+
+def test_the_fill_hook_writes_one_seeds_bytes_wherever_the_fill_starts() -> None:
+    from ptmig.memory import GuestMemory
+    from ptmig.migration.control import MigrationControl, fill_bytes
+
+    mem = GuestMemory(8 << 20, name="fill-test")
+    cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
+    control = MigrationControl(SimpleNamespace(cfg=cfg, vm=SimpleNamespace(memory=mem)))  # type: ignore[arg-type]
+    try:
+        control._qmp_fill_ram(1 << 20, (6 << 20) - 3)  # not a whole page: every byte asked for
+        filled = mem.read(1 << 20, 6 << 20)
+        untouched = mem.read(0, 1 << 20) + mem.read(7 << 20, 1 << 20)
+    finally:
+        mem.close()
+    assert filled[:-3] == bytes(fill_bytes(1, 1 << 20, (6 << 20) - 3)) and filled[-3:] == bytes(3)
+    assert any(filled[-8:-3])
+    # a fill that starts later puts the same bytes at the same addresses
+    assert bytes(fill_bytes(1, 5 << 20, 4096)) == filled[4 << 20 : (4 << 20) + 4096]
+    # nothing repeats from page to page or from seed to seed; the rest of RAM is untouched
+    pages = {filled[i : i + 4096] for i in range(0, len(filled), 4096)}
+    assert len(pages) == len(filled) // 4096
+    assert bytes(fill_bytes(2, 1 << 20, 4096)) != filled[:4096]
+    assert not any(untouched)

@@ -303,10 +303,21 @@ class MigrationControl:
                 f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
                 f"non-empty and inside guest RAM [0, {mem.size:#x})",
             )
-        import numpy as np
-
-        rng = np.random.default_rng(seed)
         for r in mem.regions:  # RAM only: the MMIO gap between regions is skipped
             start, end = max(gpa, r.gpa), min(gpa + size, r.end)
             for pos in range(start, end, FILL_CHUNK):
-                mem.write(pos, rng.bytes(min(FILL_CHUNK, end - pos)))
+                mem.write(pos, fill_bytes(seed, pos, min(FILL_CHUNK, end - pos)))
+
+
+def fill_bytes(seed: int, gpa: int, length: int) -> memoryview:
+    """The `length` pseudo-random bytes `x-debug-fill-ram` puts at `gpa` (a multiple of 8).
+
+    Word `i` of guest RAM (at gpa 8*i) gets splitmix64's output for `seed` at position i+1, so
+    what a fill of a seed leaves at an address does not depend on where the fill began. It
+    uses numpy's core (which a migration loads anyway) and not `numpy.random`: that package,
+    with `hashlib` and OpenSSL's libcrypto it brings, kept 1.7 MiB of a source VMM's private
+    memory resident for its lifetime -- memory a VMM that never ran the hook does not hold."""
+    from .verify import splitmix_keys
+
+    start = (seed + (gpa // 8) * 0x9E37_79B9_7F4A_7C15) % (1 << 64)
+    return splitmix_keys((length + 7) // 8, start).data.cast("B")[:length]

@@ -25,7 +25,7 @@ _M3 = np.uint64(0x94D049BB133111EB)
 _CHUNK_PAGES = 64  # 256 KiB of RAM per step: the temporaries stay in L2
 
 
-def _splitmix_keys(n: int, seed: int = 0x5054_4D49_4721) -> np.ndarray:
+def splitmix_keys(n: int, seed: int = 0x5054_4D49_4721) -> np.ndarray:
     """n well-mixed 64-bit keys (splitmix64 of seed + i*golden), vectorised."""
     with np.errstate(over="ignore"):
         z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * _M1
@@ -79,7 +79,7 @@ def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
     words = rows.shape[1]
     keys = _KEYS.get(words)
     if keys is None:
-        keys = _KEYS[words] = _splitmix_keys(words)
+        keys = _KEYS[words] = splitmix_keys(words)
     out = np.empty(count, dtype=np.uint64)
     step = max(1, min(_CHUNK_PAGES, count))
     x = np.empty((step, words), dtype=np.uint64)  # sized to the work: one page is 2 x 4 KiB
