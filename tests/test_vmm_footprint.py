@@ -483,3 +483,26 @@ def test_the_fill_hook_writes_one_seeds_bytes_wherever_the_fill_starts() -> None
     assert len(pages) == len(filled) // 4096
     assert bytes(fill_bytes(2, 1 << 20, 4096)) != filled[:4096]
     assert not any(untouched)
+
+
+@pytest.mark.parametrize(
+    ("gpa", "size"),
+    [(100, 4096), (0, 0), (-4096, 8192), ((8 << 20) - 4096, 8192)],
+    ids=["unaligned-start", "empty", "negative-start", "past-the-end"],
+)
+def test_the_fill_hook_refuses_a_range_it_cannot_fill_and_writes_nothing(
+    gpa: int, size: int
+) -> None:
+    from ptmig.memory import GuestMemory
+    from ptmig.migration.control import MigrationControl
+    from ptmig.qmp.session import QmpError
+
+    mem = GuestMemory(8 << 20, name="fill-refused")
+    cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
+    control = MigrationControl(SimpleNamespace(cfg=cfg, vm=SimpleNamespace(memory=mem)))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(QmpError, match="must start on a page boundary"):
+            control._qmp_fill_ram(gpa, size)
+        assert not any(mem.read(0, 8 << 20))
+    finally:
+        mem.close()

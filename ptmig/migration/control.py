@@ -300,8 +300,8 @@ class MigrationControl:
         if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or gpa + size > mem.size:
             raise QmpError(
                 ErrorClass.GENERIC_ERROR,
-                f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must be page-aligned, "
-                f"non-empty and inside guest RAM [0, {mem.size:#x})",
+                f"x-debug-fill-ram [{gpa:#x}, +{size:#x}) must start on a page "
+                f"boundary, be non-empty and lie inside guest RAM [0, {mem.size:#x})",
             )
         for r in mem.regions:  # RAM only: the MMIO gap between regions is skipped
             start, end = max(gpa, r.gpa), min(gpa + size, r.end)
