@@ -8,6 +8,8 @@ import array
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -199,6 +201,13 @@ def _answer(peer: socket.socket, data: bytes, fds: tuple[int, ...] = ()) -> thre
     return t
 
 
+def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def _fds_naming(fd: int) -> int:
     """How many of this process's descriptors name what `fd` names (a pipe: "pipe:[inode]")."""
     target = os.readlink(f"/proc/self/fd/{fd}")
@@ -222,7 +231,9 @@ def test_a_reply_with_fds_ends_the_connection_and_the_fds_are_closed() -> None:
         # the received copies are closed: only our two ends still name the pipe (counted by
         # what they name, not in all: another test's thread may open or close a file meanwhile)
         assert _fds_naming(r) == 2
-        assert gone and "file descriptors" in gone[0]
+        # the reader thread wakes the caller before it runs on_gone: wait for the callback
+        _wait_for(lambda: bool(gone))
+        assert "file descriptors" in gone[0]
         with pytest.raises(VhostUserGoneError):
             conn.call(Request.GET_FEATURES)
     finally:
