@@ -148,13 +148,38 @@ int vq_dma(struct vq_engine *e, int q, uint64_t iova, void *buf, uint64_t len, i
 	return 0;
 }
 
+/* A ring index the driver may be writing while we read it (avail idx): one 16-bit load.  A
+ * copy through memcpy() may read its two bytes apart (glibc's 2-byte copy loads the last byte
+ * on its own), and a device thread preempted between them while the driver crossed a multiple
+ * of 256 read an index 165 entries past the driver's, took it for a hostile ring and broke the
+ * queue.  Rings are 2-byte aligned (virtio 1.x 2.7); an odd address gets the plain copy. */
 static int rd16(struct vq_engine *e, int q, uint64_t iova, uint16_t *v)
 {
+	const char *why = NULL;
+	uint8_t *p = (iova & 1) ? NULL : vq_translate(e, iova, 0, &why);
+	if (p) {
+		*v = __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+		return 0;
+	}
 	uint8_t b[2];
 	if (vq_dma(e, q, iova, b, 2, 0))
 		return -1;
 	*v = (uint16_t)(b[0] | b[1] << 8);
 	return 0;
+}
+
+/* A ring index the driver may be reading while we write it (used idx): one 16-bit store. */
+static int wr16(struct vq_engine *e, int q, uint64_t iova, uint16_t v)
+{
+	const char *why = NULL;
+	uint8_t *p = (iova & 1) ? NULL : vq_translate(e, iova, 1, &why);
+	if (p) {
+		__atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+		vq_log_written(e, p, 2);
+		return 0;
+	}
+	uint8_t b[2] = {(uint8_t)v, (uint8_t)(v >> 8)};
+	return vq_dma(e, q, iova, b, 2, 1);
 }
 
 /* ---- the split ring ------------------------------------------------------------------------- */
@@ -301,9 +326,8 @@ static int publish(struct vq_engine *e, int q)
 			return -1;
 	}
 	uint16_t idx = (uint16_t)(next + n);
-	uint8_t b[2] = {(uint8_t)idx, (uint8_t)(idx >> 8)};
 	__atomic_thread_fence(__ATOMIC_RELEASE); /* elements before the idx that covers them */
-	if (vq_dma(e, q, (uint64_t)VQ(e, q, Q_USED) + 2, b, 2, 1))
+	if (wr16(e, q, (uint64_t)VQ(e, q, Q_USED) + 2, idx))
 		return -1;
 	VQ(e, q, Q_NEXT_USED) = idx;
 	return n;

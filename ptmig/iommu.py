@@ -474,6 +474,8 @@ class DmaView:
         pieces = self._plan(iova, length, write=False)
         if len(pieces) == 1:
             target, start, end = pieces[0]
+            if length == 2 and not start & 1:  # a ring index: one 16-bit load, never torn
+                return int(self._targets[target][start:end].cast("H")[0]).to_bytes(2, "little")
             return bytes(self._targets[target][start:end])
         return b"".join(bytes(self._targets[t][s:e]) for t, s, e in pieces)
 

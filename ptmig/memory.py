@@ -163,6 +163,10 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         self.check(gpa, length)
+        if length == 2 and not gpa & 1:
+            # a ring index the guest may be changing: one 16-bit load (a 2-byte memcpy() may
+            # take its bytes at different moments; see native/virtq.c's rd16)
+            return int(self.view[gpa : gpa + 2].cast("H")[0]).to_bytes(2, "little")
         return self.mmap[gpa : gpa + length]
 
     def slice(self, gpa: int, length: int) -> memoryview:
