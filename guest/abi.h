@@ -186,6 +186,8 @@ struct kv_report {
     uint64_t log_first_seq;   /* seq of its first record (a checkpoint's, after one) */
     uint64_t checkpoints;     /* checkpoints written since start */
     uint64_t checkpoint_bytes; /* their record bytes */
+    uint64_t checkpoint_us;    /* their time, in us: the kv loop serves nothing meanwhile */
+    uint64_t checkpoint_max_us; /* the longest one's */
 };
 
 #define KV_REPLAY_END 0       /* an all-zero record header: the clean end of the log */
@@ -209,7 +211,7 @@ _Static_assert(sizeof(struct vcpu_stats) == ABI_STATS_SLOT_SIZE, "vcpu_stats siz
 _Static_assert(ABI_STATS_GPA + ABI_MAX_VCPUS * ABI_STATS_SLOT_SIZE == ABI_WORKLOAD_STATS_GPA,
                "workload area follows the stats slots");
 _Static_assert(sizeof(struct dirty_report) <= ABI_WORKLOAD_AREA_SIZE, "dirty_report size");
-_Static_assert(sizeof(struct kv_report) == 18 * 8, "kv_report size");
+_Static_assert(sizeof(struct kv_report) == 20 * 8, "kv_report size");
 
 #endif /* __ASSEMBLER__ */
 #endif /* PTMIG_ABI_H */

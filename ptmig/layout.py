@@ -48,6 +48,7 @@ HC_HEARTBEAT = 4
 BOOT_INFO_MAGIC = 0x31494247494D5450  # "PTMIGBI1"
 FW_HEADER_MAGIC = 0x31574647494D5450  # "PTMIGFW1"
 VCPU_STATS_MAGIC = 0x5354415453555043
+KV_REPORT_MAGIC = 0x31504552564B4D50  # "PMKVREP1": struct kv_report at ABI_WORKLOAD_STATS_GPA
 
 MIN_MEMORY = 16 << 20
 # The firmware's page tables map up to RAM_TOP_MAX: the low 4 GiB through the PDs at ABI_PD_GPA,
@@ -187,3 +188,43 @@ class VcpuStats:
     def unpack(cls, cpu: int, raw: bytes) -> VcpuStats:
         v = _VCPU_STATS.unpack_from(raw)
         return cls(cpu, v[0] == VCPU_STATS_MAGIC, v[1], v[2], v[3], v[4], v[5], tuple(v[6:]))
+
+
+_KV_REPORT = struct.Struct("<20Q")
+KV_REPORT_BYTES = _KV_REPORT.size
+
+
+@dataclass(frozen=True)
+class KvLogReport:
+    """The kv workload's log, from its report (`struct kv_report` in guest/abi.h): how much it
+    appended and the checkpoints that compacted it. A checkpoint is the guest's own pause: its
+    loop serves nothing while it rewrites the live keys into the other log area."""
+
+    entries: int
+    log_bytes: int
+    area_bytes: int
+    checkpoints: int
+    checkpoint_bytes: int
+    checkpoint_us: int
+    checkpoint_max_us: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KvLogReport | None:
+        """None unless the kv workload wrote its report there (its magic, after replay)."""
+        if len(raw) < _KV_REPORT.size:
+            return None
+        v = _KV_REPORT.unpack_from(raw)
+        if v[0] != KV_REPORT_MAGIC:
+            return None
+        return cls(v[10], v[9], v[13], v[16], v[17], v[18], v[19])
+
+    def to_json(self) -> dict[str, int | float]:
+        return {
+            "entries": self.entries,
+            "log-bytes": self.log_bytes,
+            "log-area-bytes": self.area_bytes,
+            "checkpoints": self.checkpoints,
+            "checkpoint-bytes": self.checkpoint_bytes,
+            "checkpoint-ms": round(self.checkpoint_us / 1000, 3),
+            "checkpoint-max-ms": round(self.checkpoint_max_us / 1000, 3),
+        }

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .config import VmConfig
 from .disklock import DiskLockError, DiskLocks, Holder
 from .firmware import build_firmware, load_firmware_image
-from .layout import ABI_MMIO_STRIDE, BootDevice
+from .layout import ABI_MMIO_STRIDE, KV_REPORT_BYTES, BootDevice, KvLogReport
 from .migration.control import MigrationControl
 from .qmp.server import QmpServer
 from .qmp.session import ErrorClass, QmpError, RunStatus, query_status_reply
@@ -368,7 +368,12 @@ class Machine:
                 for s in stats
             ],
             "console-tail": list(self.vm.console.lines)[-20:],
+            **({"kv": kv.to_json()} if (kv := self._kv_report()) is not None else {}),
         }
+
+    def _kv_report(self) -> KvLogReport | None:
+        """The kv workload's log report, if that is the guest's workload."""
+        return KvLogReport.unpack(self.vm.workload_area(KV_REPORT_BYTES))
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:

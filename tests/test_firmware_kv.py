@@ -30,7 +30,7 @@ HOST_MAC = fr.parse_mac("52:54:00:aa:bb:cc")
 GUEST_IP, HOST_IP = fr.ip_aton("10.0.0.2"), fr.ip_aton("10.0.0.1")
 MEMORY = 64 << 20
 DISK_SIZE = 1 << 20
-_KV_REPORT = struct.Struct("<18Q")
+_KV_REPORT = struct.Struct("<20Q")
 LOG_START = 512
 
 
@@ -266,6 +266,7 @@ def test_replay_stops_at_a_corrupt_record(start, disk: Path) -> None:
 # report fields (struct kv_report)
 REPLAY_RECORDS, REPLAY_STOP, IO_ERRORS = 1, 4, 11
 AREA_BYTES, ACTIVE, FIRST_SEQ, CHECKPOINTS = 13, 14, 15, 16
+CHECKPOINT_US, CHECKPOINT_MAX_US = 18, 19
 SMALL_LOG = 16 << 10  # two areas of 8 KiB
 
 
@@ -321,6 +322,36 @@ def test_the_log_wraps_through_checkpoints_and_loses_nothing(start, disk: Path) 
     g3 = start(disk)
     assert g3.report()[FIRST_SEQ] > first_seq
     _check_all(g3, model)
+
+
+def _flushes(g: KvGuest) -> int:
+    return int(g.devices[1].stats()["device"]["flushes"])
+
+
+def test_a_checkpoint_of_many_batches_flushes_once_before_its_superblock(start, disk) -> None:
+    """1,200 live keys are three batches of records: a checkpoint writes them with one FLUSH
+    after the last batch and one after the superblock (a FLUSH per batch kept the guest from
+    serving for 128 flushes at 65,536 keys), records its time, and loses nothing."""
+    g = start(disk, "log=512K")  # two 256 KiB areas; the live keys fill ~100 KiB of one
+    model: dict[bytes, bytes] = {}
+    before = _flushes(g)
+    for rnd in range(6):  # non-durable PUTs (no FLUSH of their own), 100 in flight at most
+        for burst in range(0, 1200, 100):
+            sent = {}
+            for k in range(burst, burst + 100):
+                key, value = b"key-%04d" % k, b"v%d-%d" % (rnd, k) * 6
+                sent[g.send(kp.Op.PUT, key, value)] = (key, value)
+            for req_id, reply in g.replies(len(sent)).items():
+                assert reply.status == kp.Status.OK, (reply, g.console())
+                model[sent[req_id][0]] = sent[req_id][1]
+    rep = g.report()
+    assert rep[CHECKPOINTS] >= 1, (rep, g.console())
+    assert _flushes(g) - before == 2 * rep[CHECKPOINTS]
+    assert 0 < rep[CHECKPOINT_MAX_US] <= rep[CHECKPOINT_US]
+    _check_all(g, model)
+    g.close()
+    g2 = start(disk)  # the checkpoint (and what followed it) replays
+    _check_all(g2, model)
 
 
 def test_live_data_larger_than_an_area_fills_the_log_and_loses_nothing(start, disk: Path) -> None:

@@ -41,6 +41,7 @@ SHARED = [
     "BOOT_INFO_MAGIC",
     "FW_HEADER_MAGIC",
     "VCPU_STATS_MAGIC",
+    "KV_REPORT_MAGIC",
 ]
 
 

@@ -136,6 +136,8 @@ static void report_log(void)
     rep->log_first_seq = kv.log.first_seq;
     rep->checkpoints = kv.log.checkpoints;
     rep->checkpoint_bytes = kv.log.checkpoint_bytes;
+    rep->checkpoint_us = kv.log.checkpoint_us;
+    rep->checkpoint_max_us = kv.log.checkpoint_max_us;
 }
 
 static const struct boot_device *find_device(const struct boot_info *bi, uint32_t id)

@@ -60,6 +60,8 @@ struct kv_log {
     uint64_t area_start, area_end; /* byte offsets of the active area */
     uint64_t checkpoints;       /* written since open */
     uint64_t checkpoint_bytes;  /* their record bytes */
+    uint64_t checkpoint_us;     /* their time (the guest serves nothing meanwhile) */
+    uint64_t checkpoint_max_us; /* the longest one's */
     int cannot_compact;         /* a checkpoint failed: the log stays full */
     int stuck;                  /* a superblock write failed or a request never completed
                                  * (given up: kv_log_poll): no more appends */
