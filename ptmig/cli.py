@@ -506,6 +506,14 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
     metavar="OPS",
     help="Offered kv load in ops/s (default: as fast as the client can).",
 )
+@click.option(
+    "--auto-converge/--no-auto-converge",
+    default=True,
+    show_default=True,
+    help="QEMU's auto-converge: throttle the vCPUs while pre-copy does not converge, so the "
+    "switchover fits --downtime-limit (without it, a guest that out-dirties the link ends in "
+    "a forced switchover over the limit).",
+)
 @click.option("--tap", is_flag=True, help="Real Linux networking through TAP (needs root).")
 @click.option(
     "--disk",
@@ -534,6 +542,7 @@ def demo(
     rate: float | None,
     max_bandwidth: int,
     downtime_limit: int,
+    auto_converge: bool,
     tap: bool,
     disk: str,
     run_dir: Path | None,
@@ -561,6 +570,7 @@ def demo(
             rate=rate,
             max_bandwidth_mib=max_bandwidth / (1 << 20),
             downtime_limit_ms=downtime_limit,
+            auto_converge=auto_converge,
             tap=tap,
             disk=disk,
             json_path=json_path,

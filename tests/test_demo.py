@@ -11,7 +11,13 @@ import pytest
 from ptmig.config import parse_config
 from ptmig.demo.cpu import TICK_S, CpuSample, StatTimes, migration_cpu_s, parse_stat, sample
 from ptmig.demo.plan import DemoOptions, config_text
-from ptmig.demo.summary import EXIT_NOT_VERIFIED, EXIT_VERIFIED, summary_lines, verdict
+from ptmig.demo.summary import (
+    EXIT_NOT_VERIFIED,
+    EXIT_VERIFIED,
+    load_lines,
+    summary_lines,
+    verdict,
+)
 from ptmig.demo.timeline import (
     Gap,
     Phase,
@@ -386,3 +392,34 @@ def test_the_switchover_outage_may_begin_a_pre_copy_p99_round_trip_after_the_pau
     assert contains(10.011)  # 11 ms late: past p50 + quiesce, inside p99 + quiesce
     assert contains(10.0215)
     assert not contains(10.023)
+
+
+def test_a_downtime_over_the_limit_is_said_with_its_cause() -> None:
+    """A forced switchover over the demo's downtime limit is printed first, with why and what
+    to try; a run within its limit prints no such line."""
+    d = doc()
+    limit = d["demo"]["options"]["downtime-limit-ms"]
+    d["migration"]["downtime"] = limit
+    assert not any("OVER" in line for line in load_lines(d))
+    d["migration"]["downtime"] = limit + 127
+    d["migration"]["x-forced-switchover"] = True
+    d["demo"]["options"]["auto-converge"] = False
+    lines = load_lines(d)
+    assert lines[0].startswith(f"downtime {limit + 127} ms is OVER the {limit} ms limit")
+    assert "forced the switchover" in lines[0] and "--auto-converge" in lines[0]
+    assert any(line.startswith("x-forced-switchover: yes") for line in summary_lines(d))
+    d["demo"]["options"]["auto-converge"] = True  # it was on: not suggested again
+    assert "--auto-converge" not in load_lines(d)[0]
+
+
+def test_the_guests_own_log_checkpoints_are_told_apart_from_the_migration() -> None:
+    """The kv guest's longest pause may be its own log checkpoint: the summary prints the
+    checkpoints right under the guest's outage line; none, no line."""
+    d = doc()
+    d["guest"]["kv"] = {"checkpoints": 0, "checkpoint-max-ms": 0.0}
+    assert not any("log checkpoint" in line for line in load_lines(d))
+    d["guest"]["kv"] = {"checkpoints": 2, "checkpoint-max-ms": 41.5}
+    lines = load_lines(d)
+    at = next(i for i, line in enumerate(lines) if line.startswith("outage seen by the guest"))
+    assert lines[at + 1].startswith("  of which the guest's own: 2 log checkpoint(s)")
+    assert "the longest 42 ms" in lines[at + 1]

@@ -896,6 +896,9 @@ def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path)
         rate=p.rate,
         max_bandwidth_mib=p.max_bandwidth_mib,
         downtime_limit_ms=p.downtime_limit_ms,
+        # the strategies are compared on the same paced load, unthrottled (all-dirty never
+        # converges: auto-converge would throttle its guest and lengthen its pre-copy)
+        auto_converge=False,
         run_dir=run_dir,
         live=False,
     )

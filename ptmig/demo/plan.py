@@ -31,6 +31,10 @@ class DemoOptions:
     rate: float | None = None  # offered kv load in ops/s; None: as fast as the client can
     max_bandwidth_mib: float = 100.0  # about a 1 GbE link; 0 = unlimited
     downtime_limit_ms: int = 300
+    # QEMU's auto-converge: on an idle host the unpaced client dirties memory faster than a
+    # 100 MiB/s link carries it, and without it pre-copy ends in a forced switchover over the
+    # downtime limit
+    auto_converge: bool = True
     tap: bool = False
     json_path: Path | None = None
     report_dir: Path | None = None

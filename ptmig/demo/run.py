@@ -172,8 +172,10 @@ def _migrate(
             "max-bandwidth": int(opts.max_bandwidth_mib * (1 << 20)),
         },
     )
+    caps = {"x-verify": True, "auto-converge": opts.auto_converge}
     src.execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "x-verify", "state": True}]}
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": c, "state": on} for c, on in caps.items()]},
     )
     cpu_watch.start, cpu_watch.start_at = cpu_watch.take(), time.monotonic()
     sent = time.monotonic()
@@ -374,6 +376,7 @@ def _demo_section(
             "rate": opts.rate,
             "max-bandwidth-mib": opts.max_bandwidth_mib,
             "downtime-limit-ms": opts.downtime_limit_ms,
+            "auto-converge": opts.auto_converge,
             "network": "tap" if opts.tap else "udp",
             "disk": opts.disk,
         },

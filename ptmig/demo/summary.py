@@ -141,9 +141,16 @@ def migration_lines(mig: Mapping[str, Any]) -> list[str]:
             f"dirty sync count: {ram.get('dirty-sync-count', 0)}",
             f"dirty pages rate: {ram.get('dirty-pages-rate', 0)} pages",
         ]
+    if mig.get("cpu-throttle-percentage"):
+        lines.append(f"cpu throttle percentage: {mig['cpu-throttle-percentage']}")
     if "error-desc" in mig:
         lines.append(f"error: {mig['error-desc']}")
     lines.append(f"x-dma-tracking: {mig.get('x-dma-tracking')}")
+    if mig.get("x-forced-switchover"):
+        lines.append(
+            "x-forced-switchover: yes (pre-copy stopped converging; the downtime was not "
+            "held to downtime-limit)"
+        )
     rounds = mig.get("x-rounds") or []
     if rounds:
         parts = [f"{r.get('pages')}" + ("*" if r.get("stop-and-copy") else "") for r in rounds]
@@ -249,8 +256,41 @@ def load_lines(doc: Mapping[str, Any]) -> list[str]:
         f"lost: {load.get('lost', 0)}, wrong: {load.get('wrong', 0)}",
         f"mismatched pages: {ver.get('mismatched', 'n/a')} of {ver.get('pages', 'n/a')}",
     ]
+    over = _over_limit_line(mig, demo)
+    if over:
+        lines.insert(0, over)
+    kv = (doc.get("guest") or {}).get("kv")
+    if isinstance(kv, Mapping) and kv.get("checkpoints"):
+        lines.insert(
+            3 if over else 2,
+            f"  of which the guest's own: {kv['checkpoints']} log checkpoint(s), the longest "
+            f"{_ms(kv.get('checkpoint-max-ms'))} (its kv loop serves nothing while it "
+            f"rewrites its live keys into the other log area; not the migration's doing)",
+        )
     cpu_line = _cpu_line(demo.get("cpu") or {})
     return lines + ([cpu_line] if cpu_line else [])
+
+
+def _over_limit_line(mig: Mapping[str, Any], demo: Mapping[str, Any]) -> str | None:
+    """Say so when the downtime exceeded the limit the demo asked for (a forced switchover)."""
+    limit = (demo.get("options") or {}).get("downtime-limit-ms")
+    down = mig.get("downtime")
+    if not isinstance(limit, (int, float)) or not isinstance(down, (int, float)):
+        return None
+    if down <= limit:
+        return None
+    why = (
+        "pre-copy stopped converging and the source forced the switchover"
+        if mig.get("x-forced-switchover")
+        else "the last round took longer than its estimate"
+    )
+    hint = "a paced --rate or a larger --max-bandwidth"
+    if not (demo.get("options") or {}).get("auto-converge"):
+        hint = "--auto-converge, " + hint
+    return (
+        f"downtime {down} ms is OVER the {limit} ms limit: {why} (the guest dirtied memory "
+        f"faster than the link carried it; try {hint})"
+    )
 
 
 WHY = {
