@@ -105,6 +105,8 @@ PACE_SLICE_S = 0.02  # a wait for the link's cap looks at a cancel and a new cap
 # kernel doubles this), the source's unsent bytes (NOTSENT_LOWAT_BYTES) and the rest of the
 # background frame being written. With 256 KiB and 64-page frames that was up to 512 KiB, 5 ms
 # at 100 MiB/s (fault p99 8.4 ms, median of 4 runs at load 3-4.6); with these, 128-192 KiB.
+# Halving both (32 KiB, 8 pages) was worse: one fault a run waited ~207 ms (a stalled window)
+# and the post-copy phase took twice as long (4 runs each, alternating, at 100 MiB/s).
 RECEIVE_QUEUE_BYTES = 64 << 10
 BACKGROUND_PAGES = 16  # pages per background frame (a request's frame may hold up to 64)
 INSTALL_WAIT_S = 60.0
