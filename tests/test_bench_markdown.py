@@ -82,3 +82,24 @@ def test_strategy_cells_are_one_row_per_strategy_and_size_in_size_order() -> Non
     ]
     assert "17465 / 17954 / n/a" in rows[2]  # a metric the cell lacks reads n/a
     assert markdown.strategy_cells([{"name": "storebw.ratio", "value": 1.0}]) == []
+
+
+def test_a_row_its_workload_could_not_measure_says_why_and_is_not_judged() -> None:
+    doc = report()
+    doc["results"].append(
+        Result(
+            "postcopy",
+            "postcopy.unlimited.fault_p99",
+            float("nan"),
+            "us",
+            "≤ 2000 us",
+            None,
+            [],
+            {"skipped": "0 remote faults in every run"},
+        ).to_json()
+    )
+    text = markdown.render(doc)
+    assert (
+        "| `postcopy.unlimited.fault_p99` | n/a | not measured: 0 remote faults in every run "
+        "| 0 | us | ≤ 2000 us (not judged) |"
+    ) in text

@@ -39,11 +39,13 @@ from ptmig.migration.events import (
     PostcopyStart,
 )
 from ptmig.migration.postcopy import (
+    BACKGROUND_PAGES,
     PostcopySender,
     SendOrder,
     page_ranges,
     pending_bytes,
     pending_pages,
+    shorten_receive_queue,
 )
 
 PAGES = 128
@@ -57,21 +59,23 @@ def deliver(frm: Connection, to: Connection, event: object) -> object:
     return ev
 
 
-def postcopy_pair(holes: tuple[tuple[int, int], ...] = ()) -> tuple[Connection, Connection]:
+def postcopy_pair(
+    holes: tuple[tuple[int, int], ...] = (), pages: int = PAGES
+) -> tuple[Connection, Connection]:
     """Two connections walked to the post-copy state."""
-    s = Connection(Role.SOURCE, guest_pages=PAGES, ram_holes=holes)
-    d = Connection(Role.DESTINATION, guest_pages=PAGES, ram_holes=holes)
+    s = Connection(Role.SOURCE, guest_pages=pages, ram_holes=holes)
+    d = Connection(Role.DESTINATION, guest_pages=pages, ram_holes=holes)
     deliver(s, d, hello({"m": 1}))
     deliver(d, s, HelloAck(True, ""))
     deliver(s, d, RoundStart(0, 0))
     deliver(s, d, RoundEnd(0))
     deliver(s, d, VcpuStates(b"v"))
     deliver(s, d, DeviceStates(b"d"))
-    pending = np.zeros(2, dtype=np.uint64)
+    pending = np.zeros((pages + 63) // 64, dtype=np.uint64)
     pending[0] = 0b1011
     got = deliver(s, d, PostcopyStart(pending_bytes(pending)))
     assert isinstance(got, PostcopyStart)
-    assert np.flatnonzero(pending_pages(got.pending, PAGES)).tolist() == [0, 1, 3]
+    assert np.flatnonzero(pending_pages(got.pending, pages)).tolist() == [0, 1, 3]
     assert s.state is State.POSTCOPY_ARMED
     deliver(s, d, Complete())
     deliver(d, s, SwitchoverAck(True, ""))
@@ -239,19 +243,19 @@ class RunningSender:
     """A source's PostcopySender in a thread over a socketpair, with `d_ch`/`d` the
     destination's end; `stop()` ends it and returns what it raised (None: stopped)."""
 
-    def __init__(self, pace: Callable[[int], float], tcp: bool = False) -> None:
-        s, self.d = postcopy_pair()
+    def __init__(self, pace: Callable[[int], float], tcp: bool = False, pages: int = PAGES) -> None:
+        s, self.d = postcopy_pair(pages=pages)
         self.a, self.b = tcp_pair() if tcp else socket.socketpair()
         s_ch = transport.Channel(self.a, 30, "dst")
         self.d_ch = transport.Channel(self.b, 30, "src")
-        self.ram = (np.arange(PAGES * PS) % 251).astype(np.uint8)
+        self.ram = (np.arange(pages * PS) % 251).astype(np.uint8)
         self._stop = threading.Event()
         self.raised: BaseException | None = None
         self.sender = PostcopySender(
             s_ch,
             s,
             memoryview(self.ram),
-            np.ones(PAGES, dtype=bool),
+            np.ones(pages, dtype=bool),
             lambda f, n: True,
             check=self._check,
             pace=pace,
@@ -317,7 +321,8 @@ def test_a_request_during_the_links_pacing_wait_goes_out_at_once(tcp: bool) -> N
     run = RunningSender(owing_after_one_frame(sent), tcp)
     try:
         first = transport.recv_event(run.d_ch, run.d)
-        assert isinstance(first, PostcopyPages) and (first.first_page, first.npages) == (0, 64)
+        assert isinstance(first, PostcopyPages)
+        assert (first.first_page, first.npages) == (0, BACKGROUND_PAGES)
         run.d_ch.sendall(run.d.send(PageRequest(100, 1)))
         reply = transport.recv_event(run.d_ch, run.d)
         assert isinstance(reply, PostcopyPages)
@@ -381,6 +386,41 @@ def test_on_tcp_the_push_waits_for_the_peers_window_and_a_request_still_goes_fir
             if ev.first_page == 127:
                 break
         assert ev.npages == 1 and ev.data == run.ram[127 * PS :].tobytes()
+    finally:
+        raised = run.stop()
+    assert raised is None
+
+
+def test_a_requested_page_waits_behind_at_most_256_kib_of_background_pages() -> None:
+    """No cap, on TCP, the destination reading nothing until the push stalls (its receive
+    queue as post-copy shortens it): a request then waits for every background byte already
+    queued between the two ends. A requested page must not wait behind more than 256 KiB
+    (2.5 ms at 100 MiB/s): 64-page background frames and a 256 KiB receive buffer queued
+    several hundred KiB ahead of it; 16-page frames and 64 KiB keep it well under."""
+    pages = 2048  # 8 MiB: far more than the stream can hold
+    run = RunningSender(lambda n: 0.0, tcp=True, pages=pages)
+    try:
+        shorten_receive_queue(run.b)
+        deadline = time.monotonic() + 30
+        last, still = -1, 0
+        while still < 20:  # the push stalls: what it sent stops growing while nobody reads
+            assert time.monotonic() < deadline, "the push never waited for the reader"
+            now = run.sender.bytes_sent
+            still = still + 1 if now == last else 0
+            last = now
+            time.sleep(0.01)
+        assert run.sender.order.left > 0
+        run.d_ch.sendall(run.d.send(PageRequest(pages - 1, 1)))
+        ahead = 0
+        while True:
+            ev = transport.recv_event(run.d_ch, run.d)
+            assert isinstance(ev, PostcopyPages), ev
+            if ev.first_page == pages - 1:
+                break
+            assert ev.npages <= BACKGROUND_PAGES
+            ahead += len(ev.data)
+        assert ev.npages == 1
+        assert ahead <= 256 << 10, f"{ahead >> 10} KiB ahead of the requested page"
     finally:
         raised = run.stop()
     assert raised is None

@@ -48,10 +48,11 @@ def section_table(results: Iterable[Mapping[str, Any]]) -> list[str]:
     """One Markdown table: name, median, min … max over its runs, unit, goal and verdict."""
     out = ["| measurement | median | min … max | runs | unit | goal |", "|---|---|---|---|---|---|"]
     for r in results:
+        why = (r.get("extra") or {}).get("skipped") if r.get("value") is None else None
+        spread = f"not measured: {why}" if why else f"{_num(r.get('min'))} … {_num(r.get('max'))}"
         out.append(
-            f"| `{r['name']}` | {_num(r.get('value'))} | {_num(r.get('min'))} … "
-            f"{_num(r.get('max'))} | {len(r.get('runs') or [])} | {r.get('unit', '')} | "
-            f"{_goal(r)} |"
+            f"| `{r['name']}` | {_num(r.get('value'))} | {spread} | "
+            f"{len(r.get('runs') or [])} | {r.get('unit', '')} | {_goal(r)} |"
         )
     return out
 

@@ -12,10 +12,12 @@ pages not discarded yet missing and punches them (`FaultServer.mark_missing`), a
 resumes the guest and starts its fetcher. Then:
 
 - `PostcopySender` (source) pushes every pending page once, in page order, as PostcopyPages
-  frames of at most 64 pages; a `PageRequest` from the destination goes first, in a frame of
-  its own pages only (a bigger one would delay the fault by what the destination takes to
-  process the rest), and the background push continues right after it (the guest's next
-  accesses are likely near its last fault). Zero pages travel as empty frames.
+  frames of at most 16 pages (`BACKGROUND_PAGES`: a frame is written whole, so a requested
+  page may queue behind the rest of one); a `PageRequest` from the destination goes first,
+  in a frame of its own pages only (a bigger one would delay the fault by what the
+  destination takes to process the rest), and the background push continues right after it
+  (the guest's next accesses are likely near its last fault). Zero pages travel as empty
+  frames.
   `max-bandwidth` caps all of it (a request jumps the queue, not the link). The end is
   `PostcopyEnd`, and the source closes only after the destination's `PostcopyDone` (every
   page installed): closing with requests unread would make its kernel reset the connection
@@ -99,7 +101,14 @@ BACKLOG_POLL_S = 0.0005
 NOTSENT_LOWAT_BYTES = 16 << 10
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 PACE_SLICE_S = 0.02  # a wait for the link's cap looks at a cancel and a new cap this often
-RECEIVE_QUEUE_BYTES = 256 << 10
+# What a requested page can queue behind on its way: the destination's receive queue (the
+# kernel doubles this), the source's unsent bytes (NOTSENT_LOWAT_BYTES) and the rest of the
+# background frame being written. With 256 KiB and 64-page frames that was up to 512 KiB, 5 ms
+# at 100 MiB/s (fault p99 8.4 ms, median of 4 runs at load 3-4.6); with these, 128-192 KiB.
+# Halving both (32 KiB, 8 pages) was worse: one fault a run waited ~207 ms (a stalled window)
+# and the post-copy phase took twice as long (4 runs each, alternating, at 100 MiB/s).
+RECEIVE_QUEUE_BYTES = 64 << 10
+BACKGROUND_PAGES = 16  # pages per background frame (a request's frame may hold up to 64)
 INSTALL_WAIT_S = 60.0
 PRESENCE_SLICE_S = 0.1  # a VMM access waiting for a page looks at the link this often
 
@@ -154,6 +163,7 @@ class SendOrder:
     # a request's frame: only its pages (0), or a frame of up to this many from its first
     # unsent page (the pages after it ride along)
     reply_pages: int = 0
+    background_pages: int = MAX_POSTCOPY_PAGES  # pages per frame of the background walk
     cursor: int = 0  # index into `pending` of the background walk
     requests: deque[tuple[int, int]] = field(default_factory=deque)
     sent: set[int] = field(default_factory=set)
@@ -187,7 +197,7 @@ class SendOrder:
             while self.cursor < len(self.pending):
                 p = self.pending[self.cursor]
                 if p not in self.sent:
-                    got = self._run_from(p, p + MAX_POSTCOPY_PAGES)
+                    got = self._run_from(p, p + self.background_pages)
                     assert got is not None
                     return (*got, False)
                 self.cursor += 1
@@ -244,6 +254,7 @@ class PostcopySender:
         self.order = SendOrder(
             [int(p) for p in np.flatnonzero(pending)],
             reply_pages=MAX_POSTCOPY_PAGES if ch.is_tls else 0,
+            background_pages=BACKGROUND_PAGES,
         )
         # whether a range holds data, asked per frame (a scan of all RAM's allocation at
         # the start would delay the first requested pages by as long)
@@ -324,6 +335,16 @@ class PostcopySender:
                 raise PostcopyError(f"destination gave up during post-copy: {ev.reason}")
             else:
                 raise PostcopyError(f"unexpected {type(ev).__name__} during post-copy")
+
+
+def shorten_receive_queue(sock: socket.socket) -> None:
+    """The destination's stream during post-copy: a short receive queue, so that a requested
+    page waits behind little background data when this side installs slower than the link
+    delivers (the source keeps its own queue short: TCP_NOTSENT_LOWAT, BACKLOG_BYTES)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_QUEUE_BYTES)
+    except OSError as e:
+        log.warning("post-copy: cannot shorten the receive queue: %s", e)
 
 
 def _notsent_lowat(sock: socket.socket) -> bool:
@@ -498,13 +519,7 @@ class PostcopyReceiver:
     def start_fetcher(self, ch: transport.Channel, conn: Connection) -> None:
         if self.report.started_at is None:  # a resumed link keeps the post-copy's start
             self.report.started_at = time.monotonic()
-        # A short receive queue: a requested page then waits behind little background data
-        # when this side installs slower than the link delivers (the source's send queue is
-        # kept short by BACKLOG_BYTES).
-        try:
-            ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_QUEUE_BYTES)
-        except OSError as e:
-            log.warning("post-copy: cannot shorten the receive queue: %s", e)
+        shorten_receive_queue(ch.sock)
         if self._start_native_sender(ch):
             return
         self.report.request_path = "fetcher"
