@@ -560,7 +560,7 @@ class Connection:
             slices = [payload] if payload else []
         self._apply(self.role, PageRuns(runs, b""), LocalProtocolError)
         head = self._out(frames.encode_page_runs(runs, crc))
-        self.bytes_sent += sum(len(s) for s in slices)
+        self.bytes_sent += pages.data_pages(runs) * self.page_size  # the slices' bytes
         return [head, *slices]
 
     # ---- receiving --------------------------------------------------------------------------
@@ -716,6 +716,10 @@ class Connection:
     def _advance(self, p: _Payload, n: int) -> None:
         assert p.targets is not None
         p.received += n
+        if p.received == p.total:  # the rest arrived at once (a batch received whole): no
+            p.index, p.offset = len(p.targets), 0  # walk over its runs, one per page if scattered
+            self._finish(p)
+            return
         left = n
         while left and p.index < len(p.targets):
             k = min(len(p.targets[p.index]) - p.offset, left)
