@@ -84,13 +84,39 @@ def set_range(bm: Bitmap, first: int, count: int) -> None:
     bm[hi] |= tail
 
 
-def count(bm: Bitmap) -> int:
-    return int(np.bitwise_count(np.ascontiguousarray(bm).view(np.uint8)).sum())
+def count(bm: Bitmap | npt.NDArray[np.uint8]) -> int:
+    """Number of set bits. Words are counted as words: a popcount per byte makes a temporary
+    of 8 bytes per word (at 8 GiB a 288 KiB array, a fresh mmap in the VMM) and sums 8 times
+    as many counts."""
+    arr = np.ascontiguousarray(bm)
+    if arr.dtype != np.uint64:
+        arr = arr.view(np.uint8)
+    return int(np.bitwise_count(arr).sum())
 
 
 def pages(bm: Bitmap, npages: int) -> npt.NDArray[np.int64]:
     """Page numbers of the set bits, ascending."""
     return np.flatnonzero(to_bool(bm, npages))
+
+
+def sparse_pages(bm: Bitmap, npages: int, limit: int) -> npt.NDArray[np.int64] | None:
+    """Page numbers of the set bits below `npages`, ascending, if there are at most `limit`
+    of them; else None. One pass over the words finds the non-zero ones; the rest is
+    O(non-zero words), so listing the few pages of a stop-and-copy round costs little more
+    than finding them, even in the bitmap of a large guest. (numpy finds the non-zero
+    entries of a bool mask several times faster than those of uint64 words.)"""
+    nz = bm[: words_for(npages)] != 0
+    if np.count_nonzero(nz) > limit:  # each non-zero word holds a page at least
+        return None
+    words = np.flatnonzero(nz)
+    vals = bm[words]
+    tail = npages % 64
+    if tail and words.size and words[-1] == npages // 64:
+        vals[-1] &= np.uint64((1 << tail) - 1)
+    if int(np.bitwise_count(vals).sum()) > limit:
+        return None
+    row, col = np.nonzero(np.unpackbits(vals.view(np.uint8), bitorder="little").reshape(-1, 64))
+    return words[row] * 64 + col
 
 
 def bit_runs(

@@ -29,7 +29,12 @@ class KvmDirtyLog:
 
     `slots` are (slot, first_page, npages); each region starts on a 64-page boundary (the
     layout's regions start at 0 and 4 GiB and are 2 MiB multiples), so a slot's log is a run
-    of whole words of the span bitmap and is copied in, never shifted."""
+    of whole words of the span bitmap.
+
+    GET_DIRTY_LOG writes each slot's log into its words of one span-sized scratch bitmap,
+    allocated with the first harvest and kept: a harvest allocates nothing and faults in no
+    page, which at 8 GiB (a 288 KiB bitmap, above the VMM's 256 KiB mmap threshold, see
+    `memstats.tune_malloc`) is most of its cost. The MMIO gap's words are never written."""
 
     def __init__(self, vm: VmFd, slots: list[tuple[int, int, int]], span_pages: int) -> None:
         self.vm = vm
@@ -40,7 +45,7 @@ class KvmDirtyLog:
                     f"memslot {slot} starts at page {first:#x}, not on a 64-page boundary"
                 )
         self.slots = slots
-        self.buffers: list[Bitmap] = []  # one per slot, for GET_DIRTY_LOG to fill
+        self.scratch: Bitmap | None = None  # the span's words, for GET_DIRTY_LOG to fill
         self.manual_protect = False
         if vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
@@ -49,24 +54,35 @@ class KvmDirtyLog:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the slots' log buffers (allocated or not yet: the memory report's)."""
-        return sum((n + 63) // 64 * 8 for _, _, n in self.slots)
+        """Bytes of the scratch bitmap (allocated or not yet: the memory report's)."""
+        return (self.npages + 63) // 64 * 8
 
     def harvest(self) -> Bitmap:
         """Pages vCPUs wrote since the last harvest (a fresh array over the span)."""
         from . import bitmap
 
         out = bitmap.empty(self.npages)
-        with self._lock:
-            if not self.buffers:
-                self.buffers = [bitmap.empty(n) for _, _, n in self.slots]
-            for (slot, first, npages), buf in zip(self.slots, self.buffers, strict=True):
-                addr = buf.ctypes.data
-                self.vm.get_dirty_log(slot, addr)
-                if self.manual_protect and buf.any():
-                    self.vm.clear_dirty_log(slot, 0, npages, addr)
-                out[first >> 6 : (first >> 6) + buf.size] = buf
+        self.harvest_into(out)
         return out
+
+    def harvest_into(self, out: Bitmap) -> None:
+        """Add the pages vCPUs wrote since the last harvest to `out` (a bitmap of the span)."""
+        import numpy as np
+
+        from . import bitmap
+
+        with self._lock:
+            if self.scratch is None:
+                self.scratch = bitmap.empty(self.npages)
+            scratch = self.scratch
+            for slot, first, npages in self.slots:
+                log = scratch[first >> 6 : (first >> 6) + bitmap.words_for(npages)]
+                addr = log.ctypes.data
+                self.vm.get_dirty_log(slot, addr)
+                # (max, not any: numpy's any on integers is several times slower)
+                if self.manual_protect and log.max():
+                    self.vm.clear_dirty_log(slot, 0, npages, addr)
+            np.bitwise_or(out, scratch, out=out)
 
 
 DirtySource = Callable[[], "Bitmap"]
@@ -97,15 +113,25 @@ class DirtyTracker:
         self.memory.merge_vmm_dirty(take())
 
     def harvest(self) -> Bitmap:
+        """Everything dirtied since the last harvest (a fresh array over the span)."""
+        from . import bitmap
+
+        out = bitmap.empty(self.kvm_log.npages)
+        self.harvest_into(out)
+        return out
+
+    def harvest_into(self, out: Bitmap) -> None:
+        """Add everything dirtied since the last harvest to `out`, a bitmap the caller keeps
+        (the stop-and-copy adds the last harvest to the pages still unsent, allocating
+        nothing on the downtime's clock)."""
         import numpy as np
 
-        out = self.kvm_log.harvest()
-        np.bitwise_or(out, self.memory.take_vmm_dirty(), out=out)
+        self.kvm_log.harvest_into(out)
+        self.memory.take_vmm_dirty_into(out)
         with self._lock:
             sources = list(self._sources)
         for take in sources:
             np.bitwise_or(out, take(), out=out)
-        return out
 
     def reset(self) -> None:
         """Forget everything dirtied so far (start of a migration's round 0)."""

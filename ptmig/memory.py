@@ -224,6 +224,11 @@ class GuestMemory:
         with self._dirty_lock:
             return self._vmm_dirty.take()
 
+    def take_vmm_dirty_into(self, out: Bitmap) -> None:
+        """Add the VMM's dirty pages since the last take to `out`, and clear them."""
+        with self._dirty_lock:
+            self._vmm_dirty.take_into(out)
+
     # --- holes: pages the memfd never allocated read as zero ---------------------------------
 
     def allocated(self) -> npt.NDArray[np.bool_]:
@@ -343,9 +348,19 @@ class DirtyWords:
         """The bits as a numpy bitmap, and clear them."""
         import numpy as np
 
-        out = np.frombuffer(self.buf, dtype=np.uint64).copy()
-        self.buf[:] = bytes(len(self.buf))
+        words = np.frombuffer(self.buf, dtype=np.uint64)
+        out = words.copy()
+        words.fill(0)
         return out
+
+    def take_into(self, out: Bitmap) -> None:
+        """Set the bits in `out` (a numpy bitmap of as many words), and clear them here: in
+        place, no array allocated (a copy of 8 GiB's bitmap is a fresh mmap to fault in)."""
+        import numpy as np
+
+        words = np.frombuffer(self.buf, dtype=np.uint64)
+        np.bitwise_or(out, words, out=out)
+        words.fill(0)
 
     def merge(self, other: Bitmap) -> None:
         """Set the bits `other` (a numpy bitmap of as many words) has set."""

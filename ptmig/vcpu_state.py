@@ -37,6 +37,7 @@ _FIXED_SIZES = {
 }
 _MSR = struct.Struct("<IQ")
 _CPUID = ctypes.sizeof(s.KvmCpuidEntry2)
+_U64 = (1 << 64) - 1
 
 
 class VcpuStateError(PtmigError, ValueError):
@@ -65,7 +66,7 @@ class VcpuState:
     def save(cls, fd: VcpuFd, msr_indices: list[int], tsc_khz: int) -> VcpuState:
         msrs = tuple(fd.get_msrs(msr_indices))
         tsc = next((v for i, v in msrs if i == MSR_IA32_TSC), 0)
-        cpuid = b"".join(bytes(e) for e in fd.get_cpuid())
+        cpuid = fd.get_cpuid_raw()
         return cls(
             index=fd.index,
             regs=fd.get_blob(Ioctl.GET_REGS, _FIXED_SIZES["regs"]),
@@ -83,10 +84,12 @@ class VcpuState:
         )
 
     def restore(self, fd: VcpuFd, *, advance_tsc: bool = True) -> None:
-        """Load this state into a fresh vCPU (Firecracker's order)."""
-        n = len(self.cpuid) // _CPUID
-        entries = [s.KvmCpuidEntry2.from_buffer_copy(self.cpuid, i * _CPUID) for i in range(n)]
-        fd.set_cpuid(entries)
+        """Load this state into a fresh vCPU (Firecracker's order). The CPUID is set unless
+        KVM already reports exactly these entries for the vCPU (a destination on a host like
+        the source's set the same ones when it created its vCPUs): setting them again would
+        change nothing and cost the switchover's downtime ~0.1 ms per vCPU."""
+        if fd.cpuid != self.cpuid:
+            fd.set_cpuid_raw(self.cpuid)
         fd.set_blob(Ioctl.SET_MP_STATE, self.mp_state)
         fd.set_blob(Ioctl.SET_REGS, self.regs)
         fd.set_blob(Ioctl.SET_SREGS, self.sregs)
@@ -96,7 +99,7 @@ class VcpuState:
         msrs = dict(self.msrs)
         if advance_tsc and self.tsc_khz:
             paused_ns = max(0, time.time_ns() - self.saved_at_ns)
-            msrs[MSR_IA32_TSC] = self.tsc + paused_ns * self.tsc_khz // 1_000_000
+            msrs[MSR_IA32_TSC] = (self.tsc + paused_ns * self.tsc_khz // 1_000_000) & _U64
         pairs = list(msrs.items())
         while pairs:
             written = fd.set_msrs(pairs)

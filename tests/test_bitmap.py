@@ -30,6 +30,13 @@ def test_kvm_word_layout() -> None:
     assert int(bm[0]) == (1 | 1 << 63) and int(bm[1]) == 1 and int(bm[2]) == 1 << 2
 
 
+def test_count_counts_words_and_bytes_alike() -> None:
+    bm = bitmap.from_pages([0, 63, 64, 130, 199], 200)
+    assert bitmap.count(bm) == 5
+    assert bitmap.count(bm.view(np.uint8)) == 5
+    assert bitmap.count(bitmap.full(64 * 1000 + 3)) == 64 * 1000 + 3
+
+
 def test_set_range_and_full_trim() -> None:
     bm = bitmap.empty(100)
     bitmap.set_range(bm, 60, 10)
@@ -65,4 +72,10 @@ def test_the_vmm_bitmap_marks_what_bitmap_marks_without_numpy(case) -> None:
     taken = words.take()
     assert taken.dtype == np.uint64
     assert taken.tolist() == (expected | other).tolist()
+    assert not words.take().any()
+    # taken into a bitmap kept elsewhere: added to what it holds, and cleared here
+    words.merge(other)
+    kept = bitmap.from_pages([npages - 1], npages)
+    words.take_into(kept)
+    assert kept.tolist() == (other | bitmap.from_pages([npages - 1], npages)).tolist()
     assert not words.take().any()

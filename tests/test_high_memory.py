@@ -220,6 +220,39 @@ def test_the_harvest_places_each_slot_log_at_its_gpa() -> None:
     assert fake.cleared == [(0, low_pages), (1, high_pages)]
 
 
+def test_the_final_harvest_adds_to_the_unsent_pages_and_each_harvest_has_only_its_own() -> None:
+    """The stop-and-copy's harvest goes into the bitmap of pages still unsent (KVM's logs of
+    both slots and the VMM's writes added, the pages already there kept); the slot logs reuse
+    one scratch bitmap, so a later harvest must hold only what its own logs report."""
+    from ptmig.dirty import DirtyTracker
+
+    high_pages = 2 * GIB // PAGE_SIZE
+    mem = GuestMemory(ABI_LOW_RAM_MAX + 2 * GIB)
+    try:
+        logs = {
+            0: bitmap.from_pages([5], LOW_PAGES),
+            1: bitmap.from_pages([77, high_pages - 1], high_pages),
+        }
+        slots = [(0, 0, LOW_PAGES), (1, HIGH_PAGE, high_pages)]
+        tracker = DirtyTracker(KvmDirtyLog(_TwoSlotVm(logs), slots, mem.npages), mem)  # type: ignore[arg-type]
+        mem.mark_dirty(ABI_HIGH_RAM_GPA + 9 * PAGE_SIZE, 1)
+        pending = bitmap.from_pages([1, HIGH_PAGE + 3], mem.npages)
+        tracker.harvest_into(pending)
+        assert bitmap.pages(pending, mem.npages).tolist() == [
+            1,
+            5,
+            HIGH_PAGE + 3,
+            HIGH_PAGE + 9,
+            HIGH_PAGE + 77,
+            mem.npages - 1,
+        ]
+        logs[0][:] = bitmap.from_pages([6], LOW_PAGES)
+        logs[1][:] = 0
+        assert bitmap.pages(tracker.harvest(), mem.npages).tolist() == [6]
+    finally:
+        mem.close()
+
+
 # --- on real KVM ---------------------------------------------------------------------------------
 
 # A working set that starts 16 MiB below the top of low RAM and continues from 4 GiB up.

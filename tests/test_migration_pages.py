@@ -159,6 +159,29 @@ def test_digests_of_scattered_pages_are_those_of_the_whole_ram(pages: list[int])
         page_digests_at(ram, np.array([200]))
 
 
+def _swapped(first: int, n: int, i: int, j: int) -> list[int]:
+    pages = list(range(first, first + n))
+    pages[i], pages[j] = pages[j], pages[i]
+    return pages
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [
+        list(range(200)),  # consecutive: whole chunks hashed in place
+        list(range(3, 200)),  # consecutive, chunks not aligned to the start
+        list(range(10, 60)) + list(range(100, 190)),  # two runs, one chunk spans both
+        _swapped(0, 64, 5, 6),  # a chunk from 0 to 63 that is not in order
+        _swapped(64, 128, 0, 127),  # first and last swapped: 127 .. 64
+        [7] * 64 + [8],  # repeats
+    ],
+)
+def test_digests_of_runs_hashed_in_place_are_those_of_the_whole_ram(pages: list[int]) -> None:
+    ram = random_pages(200, 5)
+    whole = page_digests(ram)
+    assert (page_digests_at(ram, np.array(pages, dtype=np.int64)) == whole[pages]).all()
+
+
 def test_zero_pages_and_equal_pages_have_equal_digests() -> None:
     ram = bytearray(4 * PS)
     ram[2 * PS : 3 * PS] = ram[3 * PS :] = b"\x01" * PS

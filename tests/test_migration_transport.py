@@ -260,6 +260,60 @@ def test_protocol_session_over_tcp_into_guest_memory() -> None:
     assert dst_ram == src_ram
 
 
+def _mixed_runs(pages: int) -> np.ndarray:
+    """One batch of every kind of run a sealed sender treats differently: long runs (sealed
+    from guest memory, one over a record), more one-page runs than a record holds (gathered in
+    several records), ZERO runs between them, and short and long runs alternating."""
+    from ptmig.migration.events import RunKind, make_runs
+
+    runs = [(0, 300, RunKind.DATA), (300, 2, RunKind.ZERO)]  # 300 pages: over a 1 MiB record
+    runs += [(p, 1, RunKind.DATA) for p in range(302, 302 + 2 * 300, 2)]  # 300 short runs
+    runs += [(902, 20, RunKind.DATA), (922, 3, RunKind.DATA)]  # long, then short ...
+    runs += [(930, 16, RunKind.DATA), (950, 15, RunKind.DATA), (970, 17, RunKind.ZERO)]
+    runs += [(1000, 24, RunKind.DATA)]  # ... and a long run last
+    assert runs[-1][0] + runs[-1][1] <= pages
+    start, n, kind = (np.array(x) for x in zip(*runs, strict=True))
+    return make_runs(start, n, kind.astype(np.int8))
+
+
+@pytest.mark.parametrize("psk", [KEY, None], ids=["sealed", "plain"])
+def test_a_batch_of_long_short_and_zero_runs_arrives_byte_exact(psk: bytes | None) -> None:
+    pages, ps = 1024, 4096
+    rng = np.random.default_rng(11)
+    src_ram = bytearray(rng.integers(1, 256, pages * ps, dtype=np.uint8).tobytes())
+    dst_ram = bytearray(b"\x55" * pages * ps)
+    runs = _mixed_runs(pages)
+    want = bytearray(dst_ram)
+    for start, n, kind in zip(runs["start"], runs["npages"], runs["kind"], strict=True):
+        a, b = int(start) * ps, (int(start) + int(n)) * ps
+        want[a:b] = src_ram[a:b] if kind == 0 else bytes(b - a)
+    fp = {"mem_size": pages * ps, "vcpus": 1}
+
+    def destination(ch: Channel) -> None:
+        conn = Connection(Role.DESTINATION, guest_pages=pages)
+        while True:
+            ev = recv_event(ch, conn, dst_ram)
+            if type(ev).__name__ == "Hello":
+                send_event(ch, conn, check_hello(ev, fp))  # type: ignore[arg-type]
+            if isinstance(ev, RoundEnd):
+                return
+
+    with listen("127.0.0.1", 0, psk=psk, insecure=psk is None) as lst:
+        t, out = serve(lst, destination)
+        with connect("127.0.0.1", lst.port, psk=psk, insecure=psk is None) as ch:
+            conn = Connection(Role.SOURCE, guest_pages=pages)
+            send_event(ch, conn, hello(fp))
+            assert recv_event(ch, conn).accepted  # type: ignore[union-attr]
+            send_event(ch, conn, RoundStart(0, int(runs["npages"].sum())))
+            sent = send_pages(ch, conn, runs, memoryview(src_ram))
+            send_event(ch, conn, RoundEnd(0))
+        t.join(10)
+    assert "error" not in out, out
+    data = int(runs["npages"][runs["kind"] == 0].sum())
+    assert sent > data * ps and conn.bytes_sent >= data * ps
+    assert dst_ram == want
+
+
 def test_measure_loopback_stream_reports_a_rate() -> None:
     assert measure_loopback_stream(64 << 20) > 10e6
 

@@ -176,3 +176,38 @@ def test_save_and_restore_in_a_new_process_continues_the_guest(firmware, tmp_pat
     assert [int(x) for x in lines["BEFORE"]] == saved
     assert all(int(a) > int(b) for a, b in zip(lines["AFTER"], lines["BEFORE"], strict=True))
     assert lines["STATE"][0] == "paused", out.stdout
+
+
+def test_msrs_are_written_and_read_back_and_a_read_stops_at_the_first_unknown_msr() -> None:
+    vm = Vm(VmSpec(memory=16 << 20, vcpus=1, cmdline="x"))
+    try:
+        fd = vm.vcpus[0].fd
+        sysenter = [(0x174, 0x10), (0x175, 0xFFFF_8000_0000_1000), (0x176, 0xFFFF_8000_0000_2000)]
+        assert fd.set_msrs(sysenter) == 3
+        assert fd.get_msrs([0x174, 0x175, 0x176]) == sysenter
+        # 0xC0000000 is no MSR: KVM reads the ones before it and stops there
+        assert fd.get_msrs([0x175, 0xC000_0000, 0x174]) == [sysenter[1]]
+    finally:
+        vm.close()
+
+
+def test_the_restore_sets_the_saved_cpuid_where_the_vcpu_has_another(firmware) -> None:
+    """The restore skips SET_CPUID2 only when KVM already reports the saved entries: a vCPU
+    created with other entries gets the saved ones."""
+    src = make_vm(firmware, "dirty ws=4K rate=1 halt=1")
+    dst = Vm(VmSpec(memory=64 << 20, vcpus=1, cmdline="x"))
+    try:
+        src.start()
+        time.sleep(0.2)
+        src.pause()
+        (state,) = src.save_vcpus()
+        fd = dst.vcpus[0].fd
+        assert fd.cpuid == state.cpuid  # created as the source was: nothing to set
+        leaf0 = state.cpuid[:40]  # leaf 0 (vendor, highest leaf) alone: another CPUID
+        fd.set_cpuid_raw(leaf0)
+        assert fd.get_cpuid_raw() == leaf0 and fd.cpuid == leaf0
+        dst.restore_vcpus([state])
+        assert fd.get_cpuid_raw() == state.cpuid and fd.cpuid == state.cpuid
+    finally:
+        src.close()
+        dst.close()

@@ -6,11 +6,13 @@ knows about guests, devices or migration.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import fcntl
 import mmap
 import os
+import struct
 from typing import Any
 
 from . import structs as s
@@ -18,6 +20,8 @@ from .errors import KvmError, KvmUnavailable
 from .ioctls import KVM_API_VERSION, Cap, Ioctl
 
 KVM_DEVICE = "/dev/kvm"
+CPUID_ENTRY_SIZE = ctypes.sizeof(s.KvmCpuidEntry2)
+_ARRAY_HEADER = struct.Struct("<II")  # kvm_msrs' nmsrs and kvm_cpuid2's nent, then a pad
 
 #: Capabilities the VMM cannot work without, with what they are needed for.
 REQUIRED_CAPS: dict[Cap, str] = {
@@ -201,6 +205,9 @@ class VcpuFd:
         )
         self.run_struct = s.KvmRun.from_buffer(self._map)
         self.run_map = self._map
+        # The vCPU's CPUID entries as KVM reports them after our last SET_CPUID2 (which KVM
+        # does not keep verbatim: it drops leaves and adjusts bits), None before the first.
+        self.cpuid: bytes | None = None
 
     def run(self) -> None:
         """KVM_RUN. Raises KvmError(EINTR) when interrupted by a signal or immediate_exit."""
@@ -226,35 +233,54 @@ class VcpuFd:
     def set_sregs(self, sregs: s.KvmSregs) -> None:
         self.set(Ioctl.SET_SREGS, sregs)
 
+    # The variable-length arguments (CPUID entries, MSR lists) are built and read as bytes in
+    # one call each, not field by field through ctypes: on the switchover's clock, a vCPU's
+    # CPUID and MSRs took ~0.2 ms of Python for ~0.03 ms in the kernel.
+
     def set_cpuid(self, entries: list[s.KvmCpuidEntry2]) -> None:
-        buf = s.array_with_header(s.KvmCpuid2, s.KvmCpuidEntry2, len(entries))()
-        buf.hdr.nent = len(entries)
-        for i, e in enumerate(entries):
-            buf.entries[i] = e
+        self.set_cpuid_raw(b"".join(bytes(e) for e in entries))
+
+    def set_cpuid_raw(self, entries: bytes) -> None:
+        """KVM_SET_CPUID2 of `struct kvm_cpuid_entry2`s as bytes; what KVM made of them is
+        read back into `cpuid`."""
+        if len(entries) % CPUID_ENTRY_SIZE:
+            raise ValueError(f"{len(entries)} bytes of CPUID entries: not whole entries")
+        buf = bytearray(_ARRAY_HEADER.pack(len(entries) // CPUID_ENTRY_SIZE, 0))
+        buf += entries
+        self.cpuid = None
         _ioctl(self.fd, Ioctl.SET_CPUID2, buf)
+        self.cpuid = self.get_cpuid_raw()
 
     def get_cpuid(self, max_entries: int = 256) -> list[s.KvmCpuidEntry2]:
-        buf = s.array_with_header(s.KvmCpuid2, s.KvmCpuidEntry2, max_entries)()
-        buf.hdr.nent = max_entries
+        raw = self.get_cpuid_raw(max_entries)
+        return [
+            s.KvmCpuidEntry2.from_buffer_copy(raw, off)
+            for off in range(0, len(raw), CPUID_ENTRY_SIZE)
+        ]
+
+    def get_cpuid_raw(self, max_entries: int = 256) -> bytes:
+        """KVM_GET_CPUID2: the vCPU's `struct kvm_cpuid_entry2`s as bytes."""
+        buf = bytearray(_ARRAY_HEADER.size + max_entries * CPUID_ENTRY_SIZE)
+        _ARRAY_HEADER.pack_into(buf, 0, max_entries, 0)
         _ioctl(self.fd, Ioctl.GET_CPUID2, buf)
-        return [buf.entries[i] for i in range(buf.hdr.nent)]
+        (nent,) = struct.unpack_from("<I", buf)
+        return bytes(buf[_ARRAY_HEADER.size : _ARRAY_HEADER.size + nent * CPUID_ENTRY_SIZE])
 
     def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
         """Read MSRs; returns the (index, value) pairs KVM could read, in order, stopping at the
         first one it could not (KVM's own semantics)."""
-        buf = s.array_with_header(s.KvmMsrs, s.KvmMsrEntry, len(indices))()
-        buf.hdr.nmsrs = len(indices)
-        for i, idx in enumerate(indices):
-            buf.entries[i].index = idx
+        # `struct kvm_msr_entry` is {u32 index; u32 reserved; u64 data}: two 64-bit words
+        entries = array.array("Q", bytes(16 * len(indices)))
+        entries[0::2] = array.array("Q", indices)
+        buf = bytearray(_ARRAY_HEADER.pack(len(indices), 0)) + entries.tobytes()
         n = _ioctl(self.fd, Ioctl.GET_MSRS, buf)
-        return [(buf.entries[i].index, buf.entries[i].data) for i in range(n)]
+        values = array.array("Q", buf[_ARRAY_HEADER.size : _ARRAY_HEADER.size + 16 * n])[1::2]
+        return list(zip(indices[:n], values, strict=True))
 
     def set_msrs(self, pairs: list[tuple[int, int]]) -> int:
-        buf = s.array_with_header(s.KvmMsrs, s.KvmMsrEntry, len(pairs))()
-        buf.hdr.nmsrs = len(pairs)
-        for i, (idx, val) in enumerate(pairs):
-            buf.entries[i].index = idx
-            buf.entries[i].data = val
+        """Write MSRs; returns how many KVM wrote (it stops at the first it refuses)."""
+        entries = array.array("Q", [word for pair in pairs for word in pair])
+        buf = bytearray(_ARRAY_HEADER.pack(len(pairs), 0)) + entries.tobytes()
         return _ioctl(self.fd, Ioctl.SET_MSRS, buf)
 
     def get_tsc_khz(self) -> int:
@@ -263,14 +289,11 @@ class VcpuFd:
     def get_blob(self, req: Ioctl, size: int) -> bytes:
         """An ioctl whose argument is an opaque buffer of `size` bytes (xsave, events, ...)."""
         buf = bytearray(size)
-        cbuf = (ctypes.c_uint8 * size).from_buffer(buf)
-        _ioctl(self.fd, req, cbuf)
+        _ioctl(self.fd, req, buf)
         return bytes(buf)
 
     def set_blob(self, req: Ioctl, data: bytes) -> None:
-        buf = bytearray(data)
-        cbuf = (ctypes.c_uint8 * len(buf)).from_buffer(buf)
-        _ioctl(self.fd, req, cbuf)
+        _ioctl(self.fd, req, bytearray(data))
 
     def close(self) -> None:
         if self.fd < 0:

@@ -1096,7 +1096,7 @@ class Incoming:
         first may be the tail of a run whose head was already buffered, the others are the
         last runs whole; those are scattered page by page by numpy (one Python-level copy per
         run cost more than the copies themselves: ~2.4 µs per 4 KiB page)."""
-        total = sum(t.nbytes for t in targets)
+        total = conn.payload_pending  # the targets' bytes
         buf = getattr(self._scratch, "buf", None)  # one per receiving thread (data channels)
         if buf is None or len(buf) < total:
             buf = self._scratch.buf = bytearray(total)

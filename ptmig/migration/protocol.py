@@ -113,6 +113,7 @@ from ptmig.migration.events import (
     Role,
     RoundEnd,
     RoundStart,
+    RunKind,
     SwitchoverAck,
     VerifyDigests,
     VerifyReport,
@@ -560,8 +561,24 @@ class Connection:
             slices = [payload] if payload else []
         self._apply(self.role, PageRuns(runs, b""), LocalProtocolError)
         head = self._out(frames.encode_page_runs(runs, crc))
-        self.bytes_sent += sum(len(s) for s in slices)
+        self.bytes_sent += pages.data_pages(runs) * self.page_size  # the slices' bytes
         return [head, *slices]
+
+    def send_pages_header(
+        self, runs: np.ndarray, guest_mem: memoryview
+    ) -> tuple[bytes, np.ndarray, memoryview]:
+        """A PAGE_RUNS frame's header alone, for a sender that copies the payload anyway (a
+        sealed channel) and gathers it itself: returns the header bytes, the frame's DATA runs
+        (checked) and `guest_mem` as the byte view their pages are in. The caller must send
+        exactly those runs' bytes, in run order, right after the header."""
+        self._check_can_send()
+        runs = self._local_runs(runs)
+        mem = _as_guest_view(guest_mem, self.guest_pages * self.page_size, LocalProtocolError)
+        self._apply(self.role, PageRuns(runs, b""), LocalProtocolError)
+        head = self._out(frames.encode_page_runs(runs, None))
+        data = runs[runs["kind"] == RunKind.DATA]
+        self.bytes_sent += int(data["npages"].sum(dtype=np.uint64)) * self.page_size
+        return head, data, mem
 
     # ---- receiving --------------------------------------------------------------------------
 
@@ -716,6 +733,10 @@ class Connection:
     def _advance(self, p: _Payload, n: int) -> None:
         assert p.targets is not None
         p.received += n
+        if p.received == p.total:  # the rest arrived at once (a batch received whole): no
+            p.index, p.offset = len(p.targets), 0  # walk over its runs, one per page if scattered
+            self._finish(p)
+            return
         left = n
         while left and p.index < len(p.targets):
             k = min(len(p.targets[p.index]) - p.offset, left)

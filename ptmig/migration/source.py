@@ -99,14 +99,6 @@ FATE_RETRY_S = 1.0  # between two fate queries the destination could not answer
 SPARSE_PAGES = 32768
 
 
-def dirty_pages(dirty: bitmap.Bitmap, npages: int) -> np.ndarray:
-    """Ascending page numbers of the set bits, touching only the bitmap's non-zero words."""
-    words = np.flatnonzero(dirty)
-    bits = np.unpackbits(dirty[words].view(np.uint8), bitorder="little").reshape(-1, 64)
-    pfns = (words[:, None].astype(np.int64) * 64 + np.arange(64, dtype=np.int64))[bits != 0]
-    return pfns[pfns < npages]
-
-
 class MigrationCancelled(PtmigError):
     pass
 
@@ -484,25 +476,26 @@ class SourceMigration:
         dirty: bitmap.Bitmap,
         *,
         throttle: bool,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Send one round's dirty pages on the main stream, or on the data channels (the main
-        stream then carries the round with 0 pages); returns bytes sent."""
+        stream then carries the round with 0 pages); returns bytes and pages sent."""
         if not self.data_channels:
             return self._send_stream_round(ch, conn, rnd, dirty, throttle=throttle)
         sent = transport.send_event(ch, conn, RoundStart(rnd, 0))
         # holes: zero pages we need not even read (found once for all channels; a round few
         # enough to be listed sparsely never needs them: no whole-RAM scan for it)
         mem = self.m.vm.memory
-        allocated = mem.allocated() if pages.count_dirty(dirty, mem.npages) > SPARSE_PAGES else None
+        count = pages.count_dirty(dirty, mem.npages)
+        allocated = mem.allocated() if count > SPARSE_PAGES else None
         self._round = ChannelRound(self.data_channels)
 
         def send(d: DataChannel) -> int:
             return self._send_stream_round(
                 d.channel, d.conn, rnd, dirty & d.mask, throttle=throttle, allocated=allocated
-            )
+            )[0]
 
         sent += self._round.run(ch, conn, rnd, send, self._check)
-        return sent + transport.send_event(ch, conn, RoundEnd(rnd))
+        return sent + transport.send_event(ch, conn, RoundEnd(rnd)), count
 
     def _send_stream_round(
         self,
@@ -513,21 +506,22 @@ class SourceMigration:
         *,
         throttle: bool,
         allocated: np.ndarray | None = None,
-    ) -> int:
-        """Send one round's dirty pages on one stream; returns bytes sent. `allocated`: the
-        holes map the caller already made for the whole round (data channels), used as given:
-        one channel's share of a large round may be small, but its holes are not fewer."""
+    ) -> tuple[int, int]:
+        """Send one round's dirty pages on one stream; returns bytes and pages sent.
+        `allocated`: the holes map the caller already made for the whole round (data
+        channels), used as given: one channel's share of a large round may be small, but its
+        holes are not fewer."""
         mem = self.m.vm.memory
         npages = mem.npages
-        count = pages.count_dirty(dirty, npages)
+        # A few pages (the usual stop-and-copy) are listed and counted in one pass over the
+        # bitmap, the only whole-bitmap pass on the downtime's clock.
+        listed = bitmap.sparse_pages(dirty, npages, SPARSE_PAGES)
+        count = listed.size if listed is not None else pages.count_dirty(dirty, npages)
         sent = transport.send_event(ch, conn, RoundStart(rnd, count))
-        if count <= SPARSE_PAGES:
-            # A few pages (the usual stop-and-copy): no whole-RAM passes on the downtime's clock.
+        if listed is not None:
             # (cut to the batch size: up to SPARSE_PAGES pages exceed one frame's payload cap)
             batches = iter(
-                pages.split_by_data(pages.pages_to_runs(dirty_pages(dirty, npages)), BATCH_PAGES)
-                if count
-                else []
+                pages.split_by_data(pages.pages_to_runs(listed), BATCH_PAGES) if count else []
             )
         else:
             if allocated is None:
@@ -543,7 +537,7 @@ class SourceMigration:
                 if throttle:
                     self._rate_limit(n)
         sent += transport.send_event(ch, conn, RoundEnd(rnd))
-        return sent
+        return sent, count
 
     def _paced(self, runs: np.ndarray, throttle: bool) -> list[np.ndarray]:
         """A batch as sent: whole, or under `max-bandwidth` in pieces of PACE_S worth of
@@ -582,7 +576,7 @@ class SourceMigration:
             count = pages.count_dirty(dirty, npages)
             self.info.ram.remaining = count * PAGE_SIZE
             t0 = time.monotonic()
-            nbytes = self._send_round(ch, conn, rnd, dirty, throttle=True)
+            nbytes, _ = self._send_round(ch, conn, rnd, dirty, throttle=True)
             took = time.monotonic() - t0
             rate = bw.update(nbytes, took)
             self.info.ram.mbps = rate * 8 / 1e6
@@ -657,8 +651,8 @@ class SourceMigration:
         vm.set_throttle(0)
         self._set_status(Status.DEVICE)
         extra = self.strategy.stop_and_copy(m)
-        dirty = vm.dirty.harvest()
-        np.bitwise_or(dirty, pending, out=dirty)
+        dirty = pending  # the last harvest goes where the pages not yet sent are: no new array
+        vm.dirty.harvest_into(dirty)
         if extra is not None:
             np.bitwise_or(dirty, extra, out=dirty)
         self.info.ram.dirty_sync_count += 1
@@ -666,9 +660,10 @@ class SourceMigration:
         devices = self.strategy.device_states(m)
         phases["sync"] = time.monotonic() - t0 - sum(phases.values())
         rnd = len(self.info.rounds)
-        final_pages = pages.count_dirty(dirty, vm.memory.npages)
-        if not self._postcopy:
-            self._send_round(ch, conn, rnd, dirty, throttle=False)
+        if self._postcopy:
+            final_pages = pages.count_dirty(dirty, vm.memory.npages)
+        else:
+            final_pages = self._send_round(ch, conn, rnd, dirty, throttle=False)[1]
         stop_round: dict[str, Any] = {
             "round": rnd,
             "pages": final_pages,

@@ -65,12 +65,23 @@ def page_digests(
 def page_digests_at(mem: Any, pages: np.ndarray, page_size: int = PAGE_SIZE) -> np.ndarray:
     """The digests of the pages numbered in `pages` (any order), like `page_digests` gives
     them: scattered pages (a later pre-copy round) are gathered a chunk at a time, so their
-    cost is the hashing, not one numpy call per page."""
+    cost is the hashing, not one numpy call per page; a chunk of consecutive pages (a long
+    run, as most of a first round's) is hashed where it lies, without the gather."""
     rows = page_rows(mem, page_size)
     idx = np.asarray(pages, dtype=np.int64)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
         raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
-    return _digest(rows, idx.size, lambda p, k, buf: np.take(rows, idx[p : p + k], axis=0, out=buf))
+
+    def chunk(p: int, k: int, buf: np.ndarray) -> np.ndarray:
+        sel = idx[p : p + k]
+        first = int(sel[0])
+        if int(sel[-1]) == first + k - 1 and (k == 1 or bool((np.diff(sel) == 1).all())):
+            return rows[first : first + k]  # consecutive pages (a run): read in place
+        # (the indices are checked above: "clip" spares numpy the bounds check, and with it
+        # the buffering of `out` that "raise" does)
+        return np.take(rows, sel, axis=0, out=buf, mode="clip")
+
+    return _digest(rows, idx.size, chunk)
 
 
 def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
