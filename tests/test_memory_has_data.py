@@ -38,3 +38,11 @@ def test_a_range_has_data_exactly_when_one_of_its_pages_was_written(
 def test_a_range_outside_guest_ram_is_refused(mem: GuestMemory) -> None:
     with pytest.raises(GuestMemoryError):
         mem.has_data(PAGES - 1, 2)
+
+
+@pytest.mark.parametrize("gpa", [0x4000, 0x4001, 0x4FFF])
+def test_two_byte_reads_are_the_bytes_there_aligned_or_not(mem: GuestMemory, gpa: int) -> None:
+    """`read` of 2 aligned bytes is one 16-bit load (ring indices); its bytes are the same."""
+    mem.write(gpa, b"\xcd\xab")
+    assert mem.read(gpa, 2) == b"\xcd\xab"
+    assert mem.read_u16(gpa) == 0xABCD
