@@ -628,3 +628,49 @@ def test_a_scale_size_that_does_not_fit_the_host_is_skipped_with_the_numbers() -
     why = memory_shortfall(8 * GiB, 16 * GiB + HEADROOM - 1)
     assert why is not None and "8G" in why and "available" in why
     assert "19.0 GiB free" in why  # 2 x 8 GiB + 3 GiB of headroom
+
+
+def test_scale_loaded_ratio_is_of_the_medians_with_forced_and_final_pages_rows() -> None:
+    from ptmig.bench.scale import loaded_results
+    from ptmig.bench.strategies import CellRun
+
+    def cell(memory: str, downtime: float, forced: bool = False) -> CellRun:
+        return CellRun(
+            "shadow",
+            memory,
+            "completed",
+            downtime_ms=downtime,
+            lost=0,
+            mismatched=0,
+            forced=forced,
+            downtime_parts={"final-pages": downtime * 10},
+        )
+
+    small = [cell("1G", d) for d in (100, 50, 200)]
+    big = [cell("4G", d, forced=d > 250) for d in (300, 60, 90)]
+    rows = {r.name: r for r in loaded_results({"1G": small, "4G": big}, 30000)}
+    ratio = rows["kv.shadow.downtime 4G/1G"]
+    assert ratio.value == pytest.approx(90 / 100)  # the medians' ratio, not the pairs' median
+    assert ratio.runs == pytest.approx([3.0, 1.2, 0.45])  # run i of each size, for the spread
+    assert ratio.ok
+    assert rows["kv-4G.shadow.forced"].runs == [1.0, 0.0, 0.0]
+    assert rows["kv-1G.shadow.final-pages"].value == 1000
+    assert "30000 ops/s" in rows["kv-1G.shadow.downtime"].extra["load"]
+
+
+def test_scale_loaded_cells_alternate_the_sizes_on_one_paced_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ptmig.bench import scale, strategies
+
+    calls: list[tuple[str, float | None, bool]] = []
+
+    def fake_cell(strategy: str, memory: str, p: strategies.StrategyBenchParams, run_dir: Path):
+        calls.append((memory, p.rate, p.auto_converge))
+        return strategies.CellRun(strategy, memory, "completed", downtime_ms=1.0)
+
+    monkeypatch.setattr(strategies, "demo_cell", fake_cell)
+    cells = scale.loaded_cells(tmp_path, 2, 12345)
+    assert [c[0] for c in calls] == ["1G", "4G", "1G", "4G"]
+    assert {c[1:] for c in calls} == {(12345, True)}
+    assert [len(v) for v in cells.values()] == [2, 2]

@@ -133,6 +133,9 @@ class StrategyBenchParams:
     rate: float | None = None  # offered ops/s (set from `max_rate()`); None: unpaced
     max_bandwidth_mib: float = 100.0  # about a 1 GbE link, the demo's default; 0 = unlimited
     downtime_limit_ms: int = 300
+    # off: the strategies are compared on the same paced load, unthrottled (all-dirty never
+    # converges: auto-converge would throttle its guest and lengthen its pre-copy)
+    auto_converge: bool = False
     datapath_pairs: int = 5  # direct/shadowed load pairs of `shadow_datapath()`
     datapath_s: float = 4.0  # seconds of load in each
     vhost_user: tuple[str, ...] = ()  # strategies also run with the disk on vhost-user
@@ -288,6 +291,8 @@ class CellRun:
     cpu_source_sent: float = math.nan  # the same per GiB sent
     cpu_destination_sent: float = math.nan
     downtime_parts: dict[str, Any] = field(default_factory=dict)
+    forced: bool = False  # the switchover was forced: pre-copy did not converge
+    throttle_pct: float = 0.0  # auto-converge's vCPU throttle at the end, 0 when off
     problems: list[str] = field(default_factory=list)
     error: str | None = None  # the demo could not run at all
 
@@ -393,6 +398,8 @@ def cell_from_doc(strategy: str, memory: str, doc: Mapping[str, Any]) -> CellRun
         cpu_source_sent=_num(cpu.get("source-s-per-gib")),
         cpu_destination_sent=_num(cpu.get("destination-s-per-gib")),
         downtime_parts=parts,
+        forced=bool(mig.get("x-forced-switchover")),
+        throttle_pct=_num(mig.get("cpu-throttle-percentage") or 0),
         problems=problems,
     )
 
@@ -896,9 +903,7 @@ def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path)
         rate=p.rate,
         max_bandwidth_mib=p.max_bandwidth_mib,
         downtime_limit_ms=p.downtime_limit_ms,
-        # the strategies are compared on the same paced load, unthrottled (all-dirty never
-        # converges: auto-converge would throttle its guest and lengthen its pre-copy)
-        auto_converge=False,
+        auto_converge=p.auto_converge,
         run_dir=run_dir,
         live=False,
     )
