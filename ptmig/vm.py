@@ -46,8 +46,8 @@ from .layout import (
 )
 from .memory import GuestMemory, GuestMemoryError, check_host_memory
 from .vcpu import RunControl, Vcpu, install_kick_handler
-from .vcpuloop import NativeLoopUnavailable, NativeRunLoop
 from .vcpu_state import VcpuState, saveable_msrs
+from .vcpuloop import NativeLoopUnavailable, NativeRunLoop
 
 log = logging.getLogger(__name__)
 
