@@ -72,3 +72,73 @@ def test_nothing_changes_when_the_priority_cannot_be_set(monkeypatch: pytest.Mon
     background.restore_this_thread(None)  # nothing to restore, no error
     with background.background():
         pass
+
+
+AUTOGROUP_SCRIPT = """
+import json, sys
+from ptmig.migration import background
+def nice():
+    return background._autogroup_nice(background.AUTOGROUP)
+before = nice()
+returned = background.lower_session()
+lowered = nice()
+background.restore_session(returned)
+print(json.dumps({"before": before, "returned": returned, "lowered": lowered, "after": nice()}))
+"""
+
+
+def _session_run(new_session: bool) -> dict[str, object]:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", AUTOGROUP_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=new_session,
+        check=True,
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+autogroups = pytest.mark.skipif(
+    not os.path.exists(background.AUTOGROUP), reason="the kernel has no scheduling autogroups"
+)
+
+
+@autogroups
+def test_a_session_leader_lowers_its_session_and_puts_it_back() -> None:
+    got = _session_run(new_session=True)
+    if got["returned"] is None:  # not allowed to put it back: it must not have been lowered
+        assert os.geteuid() != 0
+        assert got["lowered"] == got["before"]
+        return
+    assert got["returned"] == got["before"]
+    assert got["lowered"] == min(19, int(got["before"]) + background.MIGRATION_NICE)  # type: ignore[call-overload]
+    assert got["after"] == got["before"]
+
+
+@autogroups
+def test_a_process_in_someone_elses_session_leaves_it_alone() -> None:
+    # (a VMM started from a shell: its autogroup is the shell's whole session)
+    got = _session_run(new_session=False)
+    assert got["returned"] is None
+    assert got["lowered"] == got["before"]
+
+
+def test_without_autogroups_nothing_changes(tmp_path) -> None:
+    missing = str(tmp_path / "autogroup")
+    assert background.lower_session(path=missing) is None
+    background.restore_session(None, path=missing)
+
+
+def test_only_the_switchover_ends_the_destinations_lowered_session() -> None:
+    from ptmig.migration import destination
+    from ptmig.migration.events import RoundEnd, RoundStart, VcpuStates
+
+    assert destination._precopy_on_main(RoundStart(3, 0))  # pages on the data channels
+    assert destination._precopy_on_main(RoundEnd(3))
+    assert not destination._precopy_on_main(RoundStart(4, 120))  # the stop-and-copy round
+    assert not destination._precopy_on_main(VcpuStates(b""))

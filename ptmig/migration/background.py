@@ -64,6 +64,81 @@ def restore_this_thread(before: int | None) -> None:
         log.info("the migration thread stays at a lower priority (nice not restored: %s)", e)
 
 
+AUTOGROUP = "/proc/self/autogroup"
+CAP_SYS_NICE = 23
+
+
+def _autogroup_nice(path: str) -> int | None:
+    """The nice value of this process's autogroup ("/autogroup-N nice V"), None where the
+    kernel has none."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except OSError:
+        return None
+    if len(words) != 3 or words[1] != "nice":
+        return None
+    try:
+        return int(words[2])
+    except ValueError:
+        return None
+
+
+def _may_lower_nice_to(nice: int) -> bool:
+    """Whether this process may set a nice value as low as `nice` (CAP_SYS_NICE, or an
+    RLIMIT_NICE that reaches it)."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next((ln.split()[1] for ln in f if ln.startswith("CapEff:")), "0")
+        if int(caps, 16) >> CAP_SYS_NICE & 1:
+            return True
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    except (OSError, ValueError, AttributeError):
+        return False
+    return soft == resource.RLIM_INFINITY or 20 - nice <= soft
+
+
+def lower_session(by: int = MIGRATION_NICE, path: str = AUTOGROUP) -> int | None:
+    """Raise the nice value of this process's scheduling autogroup by `by`; its previous
+    value, or None when nothing changed.
+
+    With autogroups (Linux's default on desktops and here) the scheduler first shares the
+    CPU between sessions, then between the threads of each: a thread's nice value weighs
+    only against the threads of its own session. A destination VMM runs in a session of
+    its own (it is started with one), so its niced receivers still claim a whole session's
+    share against the source's guest, its devices, the switch and the client. Lowering the
+    session itself is what gives the guest's side the CPU.
+
+    Only where the group is this VMM's (it leads its session: not a user's shell session)
+    and the value can be put back (`restore_session`; lowering a nice value needs
+    CAP_SYS_NICE or RLIMIT_NICE), so a destination guest never runs in a lowered group."""
+    if by <= 0 or os.getsid(0) != os.getpid():
+        return None
+    before = _autogroup_nice(path)
+    if before is None or not _may_lower_nice_to(before):
+        return None
+    try:
+        with open(path, "w") as f:
+            f.write(str(min(19, before + by)))
+    except OSError as e:
+        log.debug("cannot lower the session's priority: %s", e)
+        return None
+    return before
+
+
+def restore_session(before: int | None, path: str = AUTOGROUP) -> None:
+    """Put the autogroup's nice value back to `before` (None: nothing to do)."""
+    if before is None:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(str(before))
+    except OSError as e:
+        log.warning("the session stays at a lower priority (nice not restored: %s)", e)
+
+
 @contextmanager
 def background() -> Iterator[None]:
     """The calling thread at the migration's lower priority inside the block."""
