@@ -333,13 +333,6 @@ class SpliceReceiver:
         os.close(self.wfd)
 
 
-def _precopy_on_main(ev: object) -> bool:
-    """Whether `ev`, on the main stream of a migration with data channels, belongs to
-    pre-copy: its rounds' starts (announcing 0 pages: theirs go on the data channels) and
-    ends. Anything else (pages, the vCPU state, post-copy) is the switchover's."""
-    return isinstance(ev, RoundEnd) or (isinstance(ev, RoundStart) and ev.dirty_pages == 0)
-
-
 class DataChannelReceiver:
     """One data channel of an incoming migration: a thread that receives its rounds straight
     into guest memory and reports, under `cond`, the last round it completed."""
@@ -428,8 +421,6 @@ class Incoming:
         self.pages_received = 0
         self.data_channels: list[DataChannelReceiver] = []
         self._data_cond = threading.Condition()
-        # this VMM's session nice value before pre-copy lowered it (`background.lower_session`)
-        self._session_nice: int | None = None
         self._mapped = False
         self.activity = transport.SharedActivity()  # one watchdog for all streams (see there)
         self._main: transport.Channel | None = None
@@ -606,17 +597,11 @@ class Incoming:
                 raise IncomingError(self._failure) from e  # the cause, not its echo on this stream
             raise
         finally:
-            self._end_background()
             for d in self.data_channels:
                 d.close()
             ch.close()
             if splicer is not None:
                 splicer.close()
-
-    def _end_background(self) -> None:
-        """This VMM's session back at its own priority (`background.lower_session`)."""
-        before, self._session_nice = self._session_nice, None
-        background.restore_session(before)
 
     def _converse(
         self, ch: transport.Channel, conn: Connection, splicer: SpliceReceiver | None
@@ -630,8 +615,6 @@ class Incoming:
         rnd = -1
         while True:
             ev = self._recv_event(ch, conn, splicer)
-            if self._session_nice is not None and not _precopy_on_main(ev):
-                self._end_background()  # the stop-and-copy round (or post-copy) has begun
             if isinstance(ev, Hello):
                 asked = capability_id(ev, FATE_CAPABILITY)
                 if asked is not None:
@@ -647,8 +630,6 @@ class Incoming:
                 if VERIFY_CAPABILITY in ev.capabilities:
                     self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
                 self._accept_data_channels(ev)
-                if self.data_channels:  # pre-copy is theirs: this VMM runs no guest yet
-                    self._session_nice = background.lower_session()
             elif isinstance(ev, PageRunsHeader):
                 self._pages_arrived(ev.runs)
             elif isinstance(ev, RoundStart):
