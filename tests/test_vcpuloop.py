@@ -107,3 +107,16 @@ def test_a_vcpu_halted_without_timeout_pauses_and_resumes() -> None:
         assert vm.error is None
     finally:
         vm.close()
+
+
+def test_without_the_native_loop_python_serves_the_halts() -> None:
+    # (where native/vcpuloop.c cannot be built the VM leaves `native` unset)
+    vm = Vm(VmSpec(memory=16 << 20, vcpus=1, cmdline="x"))
+    vm.boot(HALT_AND_COUNT, ENTRY, ENTRY)
+    vm.vcpus[0].native = None
+    vm.start()
+    try:
+        wait_until(lambda: vm.memory.read_u64(COUNTER_GPA) > 20, "the guest halts and counts")
+        assert vm.vcpus[0].counters.halts > 20
+    finally:
+        vm.close()
