@@ -86,19 +86,28 @@ class KvmDirtyLog:
 
 
 DirtySource = Callable[[], "Bitmap"]
+DirtyMarker = Callable[[], None]
 
 
 class DirtyTracker:
     """KVM log ∪ VMM bitmap ∪ other VMM writers' bitmaps for one guest memory.
 
     A writer that cannot share the VMM bitmap's lock (the native shadow data plane) keeps a
-    bitmap of its own and registers its take-and-clear function as a source while it runs."""
+    bitmap of its own and registers its take-and-clear function as a source while it runs.
+    A writer that only counts its writes (the native vCPU loop's halt replies) registers a
+    marker: called at every harvest before the VMM bitmap is taken, it marks there what was
+    written since its last call."""
 
     def __init__(self, kvm_log: KvmDirtyLog, memory: GuestMemory) -> None:
         self.kvm_log = kvm_log
         self.memory = memory
         self._sources: list[DirtySource] = []
+        self._markers: list[DirtyMarker] = []
         self._lock = threading.Lock()
+
+    def add_marker(self, mark: DirtyMarker) -> None:
+        with self._lock:
+            self._markers.append(mark)
 
     def add_source(self, take: DirtySource) -> None:
         with self._lock:
@@ -127,6 +136,10 @@ class DirtyTracker:
         import numpy as np
 
         self.kvm_log.harvest_into(out)
+        with self._lock:
+            markers = list(self._markers)
+        for mark in markers:
+            mark()
         self.memory.take_vmm_dirty_into(out)
         with self._lock:
             sources = list(self._sources)

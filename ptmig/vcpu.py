@@ -24,6 +24,7 @@ from typing import Protocol
 
 from .kvm import Exit, KvmError, VcpuFd
 from .kvm.ioctls import KVM_EXIT_IO_OUT
+from .vcpuloop import KICKED, NativeRunLoop
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class Vcpu:
         self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
         self.alive = True
         self._pending_completion = False
+        # Set by the VM where the native loop is available: halts are then served in C.
+        self.native: NativeRunLoop | None = None
 
     def start(self) -> None:
         self.thread.start()
@@ -221,7 +224,11 @@ class Vcpu:
             if not self._park_if_requested():
                 return
             try:
-                self.fd.run()
+                if self._run_native():
+                    # a halt ended by a kick: its OUT completes on the next KVM_RUN, after
+                    # the pause request and the wake sources have been looked at again
+                    self._pending_completion = True
+                    continue
             except KvmError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN):
                     self.counters.intr += 1
@@ -244,6 +251,23 @@ class Vcpu:
                 with self.control.cond:
                     self.control.pause_requested = True
                 return
+
+    def _run_native(self) -> bool:
+        """KVM_RUN, with the guest's halts served in C where the native loop is set up (GIL
+        released from one exit for Python to the next). True: a halt was ended by a kick
+        (nothing for `_loop` to dispatch); False: kvm_run holds an exit. Raises KvmError."""
+        native = self.native
+        rc = None if native is None else native.run()
+        if rc is None:
+            self.fd.run()
+            return False
+        assert native is not None
+        halts = native.take_halts()
+        if halts:
+            self.counters.halts += halts
+        if rc < 0:
+            raise KvmError("RUN", -rc)
+        return rc == KICKED
 
     def _throttle_sleep(self) -> None:
         """Auto-converge: give up a share of each throttle period (QEMU's cpu-throttle)."""

@@ -8,6 +8,7 @@ state, and the dirty set.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import struct
@@ -46,6 +47,7 @@ from .layout import (
 from .memory import GuestMemory, GuestMemoryError, check_host_memory
 from .vcpu import RunControl, Vcpu, install_kick_handler
 from .vcpu_state import VcpuState, saveable_msrs
+from .vcpuloop import NativeLoopUnavailable, NativeRunLoop
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,36 @@ class Vm:
         self._lock = threading.RLock()
         self.heartbeats = [0] * spec.vcpus
         self.unhandled_io = 0
+        self._setup_native_halts()
+
+    def _setup_native_halts(self) -> None:
+        """Serve the vCPUs' halts in C (`ptmig.vcpuloop`) where the loop can be built, and
+        mark the mailboxes it answers in dirty harvests; otherwise they stay in Python."""
+        try:
+            loops = [
+                NativeRunLoop(
+                    v.fd.fd,
+                    v.kick_fd,
+                    ctypes.addressof(v.fd.run_struct),
+                    self.memory.host_address + mailbox_gpa(v.index),
+                    ABI_PORT_HYPERCALL,
+                    HC_HALT,
+                    self.wake_fds,
+                )
+                for v in self.vcpus
+            ]
+        except NativeLoopUnavailable as e:
+            log.warning("vCPU halts are served in Python: %s", e)
+            return
+        for v, loop in zip(self.vcpus, loops, strict=True):
+            v.native = loop
+
+        def mark_replies() -> None:
+            for v, loop in zip(self.vcpus, loops, strict=True):
+                if loop.replies_since_last():
+                    self.memory.mark_dirty(mailbox_gpa(v.index), _MAILBOX.size)
+
+        self.dirty.add_marker(mark_replies)
 
     # --- building the guest -------------------------------------------------------------
 

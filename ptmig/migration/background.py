@@ -19,8 +19,18 @@ at load 4-9): kv p99 latency during pre-copy ÷ before went from 2.47 to 1.32 (s
 offered load; migration time and downtime did not change beyond the noise. A lowered thread
 that is preempted while it holds the GIL delays a vCPU exit the VMM handles in Python until it
 runs again; the measurement says the CPU handed to the guest's path (its device processes, the
-switch, the client) outweighs that. A shorter GIL switch interval during pre-copy (0.5 ms) was
-tried too and measured no better than none (p99 ratio 2.97 / 2.45 over 3 runs).
+switch, the client) outweighs that. The exit a loaded guest takes most, its halt, no longer
+needs the GIL at all (`ptmig.vcpuloop`). A shorter GIL switch interval during pre-copy (0.5 ms)
+was tried too and measured no better than none (p99 ratio 2.97 / 2.45 over 3 runs).
+
+Where the kernel groups tasks by session (autogroups, `/proc/sys/kernel/sched_autogroup_enabled`)
+a nice value weighs only against the threads of its own session. The VMMs, the switch and the
+client each run in a session of their own, so the destination's lowered receivers still take a
+whole session's share of the CPU from the source's guest; only the source's own threads are
+really below the guest. Lowering the destination's whole session during pre-copy (nice +10 on
+`/proc/self/autogroup`) was tried and reverted: on a host loaded by other work (load 7-9) the
+receivers starved and a 1 GiB migration took 27-32 s instead of 3-4 s (77 s once with
+`device-log`).
 """
 
 from __future__ import annotations
