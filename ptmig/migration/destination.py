@@ -123,6 +123,7 @@ from .verify import (
     ZERO_PAGE_DIGEST,
     compare_digests,
     digests_from_bytes,
+    native_library,
     page_digests,
     page_digests_at,
 )
@@ -629,6 +630,7 @@ class Incoming:
                     self.session = session_token(ev)
                 if VERIFY_CAPABILITY in ev.capabilities:
                     self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
+                    native_library()  # loaded (or built) now, not by the first batch's receiver
                 self._accept_data_channels(ev)
             elif isinstance(ev, PageRunsHeader):
                 self._pages_arrived(ev.runs)

@@ -1,0 +1,78 @@
+/*
+ * digest.c - the page digest of ptmig/migration/verify.py, one pass per page.
+ *
+ * verify.py defines the digest and keeps the numpy implementation as the reference: for the
+ * 64-bit words w[i] of a page, t = (w[i] ^ key[i]) * M1; t ^= t >> 31; the terms are summed
+ * mod 2^64 and the sum is finalised by h ^= h >> 33; h *= M2; h ^= h >> 29; h *= M3;
+ * h ^= h >> 32.  numpy makes five passes over each chunk of pages (xor, multiply, shift, xor,
+ * sum) with a temporary the size of the chunk; here each word is read once and the terms stay
+ * in registers.  The result is the same number: the stream and a peer running the reference
+ * see no difference.
+ *
+ * Pages are read through memcpy (the compiler turns it into plain loads): guest RAM is
+ * page-aligned, a test's buffer need not be.  The caller has checked the page numbers; they
+ * are checked again here, and a bad one fails the whole call (-1) before anything is read.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define M1 0x9E3779B97F4A7C15ULL
+#define M2 0xBF58476D1CE4E5B9ULL
+#define M3 0x94D049BB133111EBULL
+
+static uint64_t digest_one(const unsigned char *page, const uint64_t *keys, size_t words)
+{
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = 0;
+    for (; i + 4 <= words; i += 4) {
+        uint64_t w[4];
+        memcpy(w, page + i * 8, sizeof(w));
+        uint64_t t0 = (w[0] ^ keys[i]) * M1;
+        uint64_t t1 = (w[1] ^ keys[i + 1]) * M1;
+        uint64_t t2 = (w[2] ^ keys[i + 2]) * M1;
+        uint64_t t3 = (w[3] ^ keys[i + 3]) * M1;
+        s0 += t0 ^ (t0 >> 31);
+        s1 += t1 ^ (t1 >> 31);
+        s2 += t2 ^ (t2 >> 31);
+        s3 += t3 ^ (t3 >> 31);
+    }
+    for (; i < words; i++) {
+        uint64_t w;
+        memcpy(&w, page + i * 8, sizeof(w));
+        uint64_t t = (w ^ keys[i]) * M1;
+        s0 += t ^ (t >> 31);
+    }
+    uint64_t h = s0 + s1 + s2 + s3;
+    h ^= h >> 33;
+    h *= M2;
+    h ^= h >> 29;
+    h *= M3;
+    h ^= h >> 32;
+    return h;
+}
+
+/*
+ * The digests of `count` pages of `words` 64-bit words each, of the memory at `base`
+ * (`npages` pages), into out[0..count): page idx[j] when `idx` is given, else page first + j.
+ * Returns 0, or -1 (nothing written) when a page lies outside the memory.
+ */
+int page_digests(const unsigned char *base, uint64_t npages, uint64_t words,
+                 const uint64_t *keys, const int64_t *idx, uint64_t first, uint64_t count,
+                 uint64_t *out)
+{
+    size_t page_size = (size_t)words * 8;
+    if (idx == NULL) {
+        if (first > npages || count > npages - first)
+            return -1;
+        for (uint64_t j = 0; j < count; j++)
+            out[j] = digest_one(base + (size_t)(first + j) * page_size, keys, words);
+        return 0;
+    }
+    for (uint64_t j = 0; j < count; j++)
+        if (idx[j] < 0 || (uint64_t)idx[j] >= npages)
+            return -1;
+    for (uint64_t j = 0; j < count; j++)
+        out[j] = digest_one(base + (size_t)idx[j] * page_size, keys, words);
+    return 0;
+}

@@ -1,0 +1,98 @@
+"""The page digest in C (`native/digest.c`) against its definition, the numpy reference in
+`ptmig.migration.verify`: the same 64-bit digest for every page, so the verification stream
+and a peer hashing with the reference see no difference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ptmig.migration import verify
+from ptmig.migration.verify import ZERO_PAGE_DIGEST, page_digests, page_digests_at
+
+PS = 4096
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native_built() -> None:
+    """These tests are about the C code: it must build here (a compiler is a test dependency,
+    as for the other native code), not fall back to numpy unseen."""
+    assert verify.native_library() is not None
+
+
+def _ram(data: bytes, page_size: int, offset: int) -> np.ndarray:
+    """`data` cut to whole pages, placed `offset` bytes into a buffer (0: as aligned as numpy
+    makes it; else unaligned 64-bit words, as a test's buffer may have)."""
+    n = len(data) // page_size * page_size
+    buf = np.zeros(n + offset, dtype=np.uint8)
+    buf[offset:] = np.frombuffer(data[:n], dtype=np.uint8)
+    return buf[offset:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(min_size=8, max_size=6 * PS),
+    words=st.sampled_from([1, 3, 4, 5, 8, 13, PS // 8]),
+    offset=st.integers(0, 7),
+    picks=st.lists(st.integers(0, 10_000), max_size=40),
+)
+def test_native_digests_equal_the_reference_byte_for_byte(
+    data: bytes, words: int, offset: int, picks: list[int]
+) -> None:
+    page_size = 8 * words
+    if len(data) < page_size:
+        data = data * (page_size // len(data) + 1)
+    ram = _ram(data, page_size, offset)
+    npages = ram.size // page_size
+    ref = page_digests(ram, page_size, native=False)
+    got = page_digests(ram, page_size)
+    assert got.dtype == np.uint64 and got.tolist() == ref.tolist()
+    pages = np.array([p % npages for p in picks], dtype=np.int64)  # any order, repeats
+    at = page_digests_at(ram, pages, page_size)
+    assert at.tolist() == page_digests_at(ram, pages, page_size, native=False).tolist()
+    assert at.tolist() == ref[pages].tolist()
+    first = picks[0] % npages if picks else 0
+    part = page_digests(ram, page_size, first, npages - first)
+    assert part.tolist() == ref[first:].tolist()
+
+
+def test_pinned_digests_keep_the_stream_compatible() -> None:
+    """Digests that cross the wire (VerifyDigests) as numbers, pinned: a change to either
+    implementation that changes them breaks migrations to and from older peers."""
+    ram = np.zeros(3 * PS, dtype=np.uint8)
+    ram[PS : 2 * PS] = np.arange(PS) % 256
+    ram[2 * PS : 3 * PS] = 0xFF
+    want = [
+        int(ZERO_PAGE_DIGEST),
+        int(page_digests(ram, native=False)[1]),
+        int(page_digests(ram, native=False)[2]),
+    ]
+    assert page_digests(ram).tolist() == want
+    assert want == [0x39A7244F76F9F09C, 0xF9AB54992089B31B, 0xEB317A1D13025424]
+
+
+def test_the_c_code_refuses_a_page_outside_the_memory() -> None:
+    """Checked again below Python's own check: a page number past the memory (or negative)
+    fails the whole call before anything is read."""
+    rows = np.zeros((4, PS // 8), dtype=np.uint64)
+    for bad in ([0, 4], [-1], [3, 2, 1 << 40]):
+        with pytest.raises(ValueError, match="outside"):
+            verify._native_digests(rows, np.array(bad, dtype=np.int64), 0, len(bad))
+    with pytest.raises(ValueError, match="outside"):
+        verify._native_digests(rows, None, 3, 2)
+    with pytest.raises(ValueError, match="outside"):
+        page_digests_at(bytearray(4 * PS), np.array([4]))
+
+
+def test_without_the_c_code_the_reference_hashes_to_the_same_digests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(7)
+    ram = rng.integers(0, 256, size=5 * PS, dtype=np.uint8)
+    native = page_digests(ram)
+    monkeypatch.setattr(verify, "_native_lib", [None])  # as if it could not be built
+    assert verify._native_digests(verify.page_rows(ram), None, 0, 5) is None
+    assert page_digests(ram).tolist() == native.tolist()
+    assert page_digests_at(ram, np.array([4, 0])).tolist() == native[[4, 0]].tolist()
