@@ -37,14 +37,13 @@ at 4 GiB at most 1.3x the 1 GiB one; nothing lost, no page mismatched.
 
 from __future__ import annotations
 
-import compileall
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..vmmproc import free_port
-from .harness import BenchConfig, BenchError, Goal, Result, measured
+from .harness import BenchConfig, BenchError, Goal, Result, compile_ptmig, measured
 from .migration import (
     DATA_CHANNELS,
     FILL_FROM,
@@ -111,12 +110,6 @@ def run(config: BenchConfig) -> list[Result]:
         out = results(samples, bytecode) + skipped
         out += loaded_results(loaded_cells(tmp, 1 if config.quick else config.runs))
     return out
-
-
-def compile_ptmig() -> bool:
-    """Compile ptmig's modules to bytecode beside their sources (where an installed package
-    has it) unless it is there already; False if a module's could not be written."""
-    return bool(compileall.compile_dir(Path(__file__).resolve().parents[1], quiet=2))
 
 
 def available_memory() -> int:
