@@ -91,7 +91,7 @@ from .fate import (
     capability_id,
 )
 from .frames import MAX_REASON
-from .pages import PAGE_SIZE, expand_runs, pages_to_runs
+from .pages import PAGE_SIZE, expand_runs, native_library, pages_to_runs
 from .postcopy import (
     POSTCOPY_CAPABILITY,
     PostcopyError,
@@ -123,7 +123,6 @@ from .verify import (
     ZERO_PAGE_DIGEST,
     compare_digests,
     digests_from_bytes,
-    native_library,
     page_digests,
     page_digests_at,
 )

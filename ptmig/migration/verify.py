@@ -9,24 +9,19 @@ change their keys; pages swapped with each other show up at both page numbers. I
 corruption detector, not a cryptographic MAC.
 
 The numpy code here is the digest's definition (the reference): it works in chunks of pages
-that fit the cache, five passes over each. The same digest in C (`native/digest.c`, built at
-first use like the other native code) reads each word once, outside the GIL; it is what
-`page_digests` and `page_digests_at` use, with the numpy code where no compiler can build it
-(`native=False` asks for the reference).
+that fit the cache, five passes over each. The same digest in C (`native/pagescan.c`, built
+at first use like the other native code: `pages.native_library`) reads each word once,
+outside the GIL; it is what `page_digests` and `page_digests_at` use, with the numpy code
+where no compiler can build it (`native=False` asks for the reference).
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import threading
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ptmig.migration.pages import PAGE_SIZE, page_rows
-
-log = logging.getLogger(__name__)
+from ptmig.migration.pages import PAGE_SIZE, native_library, page_rows
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -51,29 +46,6 @@ def _keys(words: int) -> np.ndarray:
     if keys is None:
         keys = _KEYS[words] = splitmix_keys(words)
     return keys
-
-
-_P, _U64 = ctypes.c_void_p, ctypes.c_uint64
-_SIGNATURES: dict[str, tuple[object, list[object]]] = {
-    "page_digests": (ctypes.c_int, [_P, _U64, _U64, _P, _P, _U64, _U64, _P]),
-}
-_native_lib: list[ctypes.CDLL | None] = []  # [] until tried once; [None] if unavailable
-_native_lock = threading.Lock()
-
-
-def native_library() -> ctypes.CDLL | None:
-    """`native/digest.c`, built and loaded at the first call; None (once logged) if it cannot
-    be: the numpy reference hashes then, to the same digests."""
-    with _native_lock:
-        if not _native_lib:
-            from ptmig.nativelib import NativeLibraryError, load_library
-
-            try:
-                _native_lib.append(load_library(("digest.c",), _SIGNATURES))
-            except NativeLibraryError as e:
-                log.warning("page digests in numpy (slower): %s", e)
-                _native_lib.append(None)
-        return _native_lib[0]
 
 
 def _native_digests(

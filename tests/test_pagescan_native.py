@@ -1,6 +1,7 @@
-"""The page digest in C (`native/digest.c`) against its definition, the numpy reference in
-`ptmig.migration.verify`: the same 64-bit digest for every page, so the verification stream
-and a peer hashing with the reference see no difference."""
+"""The page scans in C (`native/pagescan.c`) against their numpy references: the page digest
+of `ptmig.migration.verify` (the same 64-bit digest for every page, so the verification stream
+and a peer hashing with the reference see no difference) and the zero-page scan of
+`ptmig.migration.pages` (the same pages sent as ZERO)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptmig.migration import verify
+from ptmig.migration import pages, verify
+from ptmig.migration.pages import nonzero_pages, page_rows, pages_to_runs, split_zero_runs
 from ptmig.migration.verify import ZERO_PAGE_DIGEST, page_digests, page_digests_at
 
 PS = 4096
@@ -19,7 +21,7 @@ PS = 4096
 def _native_built() -> None:
     """These tests are about the C code: it must build here (a compiler is a test dependency,
     as for the other native code), not fall back to numpy unseen."""
-    assert verify.native_library() is not None
+    assert pages.native_library() is not None
 
 
 def _ram(data: bytes, page_size: int, offset: int) -> np.ndarray:
@@ -92,7 +94,57 @@ def test_without_the_c_code_the_reference_hashes_to_the_same_digests(
     rng = np.random.default_rng(7)
     ram = rng.integers(0, 256, size=5 * PS, dtype=np.uint8)
     native = page_digests(ram)
-    monkeypatch.setattr(verify, "_native_lib", [None])  # as if it could not be built
+    monkeypatch.setattr(pages, "_native_lib", [None])  # as if it could not be built
     assert verify._native_digests(verify.page_rows(ram), None, 0, 5) is None
     assert page_digests(ram).tolist() == native.tolist()
     assert page_digests_at(ram, np.array([4, 0])).tolist() == native[[4, 0]].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    npages=st.integers(1, 12),
+    words=st.sampled_from([1, 3, 7, 8, 9, 16, 17, PS // 8]),
+    offset=st.integers(0, 7),
+    marks=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 1 << 16), st.integers(1, 255))),
+    picks=st.lists(st.integers(0, 10_000), max_size=30),
+)
+def test_native_zero_scan_equals_the_reference(
+    npages: int, words: int, offset: int, marks: list[tuple[int, int, int]], picks: list[int]
+) -> None:
+    """Pages zero but for one byte anywhere (its first, its last, any cache line), whole zero
+    pages, pages in any order and repeated: the C scan finds the same non-zero pages."""
+    page_size = 8 * words
+    ram = _ram(bytes(npages * page_size), page_size, offset)
+    for page, pos, value in marks:
+        ram[(page % npages) * page_size + pos % page_size] = value
+    rows = page_rows(ram, page_size)
+    chosen = np.array([p % npages for p in picks], dtype=np.int64)
+    runs = np.zeros(len(chosen), dtype=pages.RUN_DTYPE)
+    runs["start"], runs["npages"], runs["kind"] = chosen, 1, pages.RunKind.DATA
+    whole = pages_to_runs(np.arange(npages, dtype=np.int64))
+    for r in (runs, whole):
+        ref = nonzero_pages(rows, r, native=False)
+        assert nonzero_pages(rows, r).tolist() == ref.tolist()
+    expect = [any(ram[p * page_size : (p + 1) * page_size]) for p in range(npages)]
+    assert nonzero_pages(rows, whole).tolist() == expect
+
+
+def test_the_zero_scan_refuses_a_page_outside_the_memory() -> None:
+    rows = np.zeros((4, PS // 8), dtype=np.uint64)
+    runs = np.zeros(1, dtype=pages.RUN_DTYPE)
+    runs["start"], runs["npages"] = 4, 1
+    with pytest.raises(ValueError, match="outside"):
+        nonzero_pages(rows, runs)
+
+
+def test_without_the_c_code_the_zero_scan_splits_the_same_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(11)
+    ram = np.zeros(64 * PS, dtype=np.uint8)
+    for p in rng.choice(64, 20, replace=False):
+        ram[p * PS + int(rng.integers(PS))] = 1
+    whole = pages_to_runs(np.arange(64, dtype=np.int64))
+    native = split_zero_runs(ram, whole)
+    monkeypatch.setattr(pages, "_native_lib", [None])
+    assert split_zero_runs(ram, whole).tolist() == native.tolist()

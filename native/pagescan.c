@@ -1,6 +1,10 @@
 /*
- * digest.c - the page digest of ptmig/migration/verify.py, one pass per page.
+ * pagescan.c - the two passes over guest pages a migration makes besides copying them, in C:
+ * which pages are zero (ptmig/migration/pages.py `nonzero_pages`, the source's every batch) and
+ * the page digest of ptmig/migration/verify.py (x-verify, both ends).  The numpy code in those
+ * modules is the reference; these give the same answers, outside the GIL.
  *
+ * The digest, one pass per page:
  * verify.py defines the digest and keeps the numpy implementation as the reference: for the
  * 64-bit words w[i] of a page, t = (w[i] ^ key[i]) * M1; t ^= t >> 31; the terms are summed
  * mod 2^64 and the sum is finalised by h ^= h >> 33; h *= M2; h ^= h >> 29; h *= M3;
@@ -8,6 +12,10 @@
  * sum) with a temporary the size of the chunk; here each word is read once and the terms stay
  * in registers.  The result is the same number: the stream and a peer running the reference
  * see no difference.
+ *
+ * Zero pages: a page is read a cache line at a time until a non-zero byte shows (most pages
+ * that hold data: in their first line); only a zero page is read whole.  numpy first gathers
+ * the first word of each page, then scans the doubtful pages whole, through temporaries.
  *
  * Pages are read through memcpy (the compiler turns it into plain loads): guest RAM is
  * page-aligned, a test's buffer need not be.  The caller has checked the page numbers; they
@@ -74,5 +82,40 @@ int page_digests(const unsigned char *base, uint64_t npages, uint64_t words,
             return -1;
     for (uint64_t j = 0; j < count; j++)
         out[j] = digest_one(base + (size_t)idx[j] * page_size, keys, words);
+    return 0;
+}
+
+static int page_nonzero(const unsigned char *page, size_t words)
+{
+    size_t i = 0;
+    for (; i + 8 <= words; i += 8) {
+        uint64_t w[8];
+        memcpy(w, page + i * 8, sizeof(w));
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7])
+            return 1;
+    }
+    for (; i < words; i++) {
+        uint64_t w;
+        memcpy(&w, page + i * 8, sizeof(w));
+        if (w)
+            return 1;
+    }
+    return 0;
+}
+
+/*
+ * For each of the `count` pages idx[j] of the memory at `base` (`npages` pages of `words`
+ * 64-bit words), out[j] = 1 if it has a non-zero byte, else 0.  Returns 0, or -1 (nothing
+ * written) when a page lies outside the memory.
+ */
+int pages_nonzero(const unsigned char *base, uint64_t npages, uint64_t words,
+                  const int64_t *idx, uint64_t count, unsigned char *out)
+{
+    size_t page_size = (size_t)words * 8;
+    for (uint64_t j = 0; j < count; j++)
+        if (idx[j] < 0 || (uint64_t)idx[j] >= npages)
+            return -1;
+    for (uint64_t j = 0; j < count; j++)
+        out[j] = (unsigned char)page_nonzero(base + (size_t)idx[j] * page_size, words);
     return 0;
 }
