@@ -58,7 +58,8 @@ The downtime's breakdown (query-migrate's stop-and-copy round: pause, sync, send
 destination's share) is kept in `extra["downtime_parts"]` of each `.downtime` result. `x-verify`
 adds one thing to the downtime: the destination hashes the stop-and-copy round's pages as they
 arrive (in C, 0.4-0.6 µs a page on a 2-core host, so 3-4 ms for a 7,000-page final round;
-3 µs a page when the digest was numpy's); the source hashes its RAM after the switchover, which costs no downtime.
+3 µs a page when the digest was numpy's); the source hashes its RAM after the switchover,
+which costs no downtime.
 
 On a vhost-user disk (the kv log on a qemu-storage-daemon that ptmig spawns, a device nobody
 here wrote), the same cells for `none`, `device-log` (the daemon's own dirty log) and `shadow`
