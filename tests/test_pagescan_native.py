@@ -148,3 +148,45 @@ def test_without_the_c_code_the_zero_scan_splits_the_same_runs(
     native = split_zero_runs(ram, whole)
     monkeypatch.setattr(pages, "_native_lib", [None])
     assert split_zero_runs(ram, whole).tolist() == native.tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    npages=st.integers(1, 24),
+    picks=st.lists(st.integers(0, 10_000), min_size=0, max_size=24, unique=True),
+)
+def test_the_scatter_places_pages_and_digests_them_as_the_reference(
+    seed: int, npages: int, picks: list[int]
+) -> None:
+    """The destination's scatter of a gathered batch: the same RAM afterwards as numpy's copy,
+    and for each placed page the digest `page_digests_at` gives of it in RAM."""
+    rng = np.random.default_rng(seed)
+    chosen = np.array(sorted({p % npages for p in picks}), dtype=np.int64)
+    src = rng.integers(0, 256, size=chosen.size * PS, dtype=np.uint8)
+    before = rng.integers(0, 256, size=npages * PS, dtype=np.uint8)
+    ram, ref = before.copy(), before.copy()
+    got = verify.scatter_pages(ram, chosen, src)
+    want = verify.scatter_pages(ref, chosen, src, native=False)
+    assert ram.tobytes() == ref.tobytes()
+    assert got.tolist() == want.tolist() == page_digests_at(ram, chosen, native=False).tolist()
+    untouched = np.setdiff1d(np.arange(npages), chosen)
+    rows, old = ram.reshape(-1, PS), before.reshape(-1, PS)
+    assert (rows[untouched] == old[untouched]).all()
+
+
+def test_the_scatter_refuses_a_page_outside_the_memory_and_writes_nothing() -> None:
+    ram = np.zeros(4 * PS, dtype=np.uint8)
+    src = np.ones(2 * PS, dtype=np.uint8)
+    with pytest.raises(ValueError, match="outside"):
+        verify.scatter_pages(ram, np.array([1, 4]), src)
+    with pytest.raises(ValueError, match="2 pages to place at 1"):
+        verify.scatter_pages(ram, np.array([1]), src)
+    lib = pages.native_library()
+    assert lib is not None
+    idx = np.array([0, 7], dtype=np.int64)  # below Python's check: the C code's own
+    keys = verify._keys(PS // 8)
+    rc = lib.pages_scatter(
+        ram.ctypes.data, 4, PS // 8, keys.ctypes.data, src.ctypes.data, idx.ctypes.data, 2, None
+    )
+    assert rc == -1 and not ram.any()

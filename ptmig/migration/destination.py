@@ -125,6 +125,7 @@ from .verify import (
     digests_from_bytes,
     page_digests,
     page_digests_at,
+    scatter_pages,
 )
 
 if TYPE_CHECKING:
@@ -1109,8 +1110,14 @@ class Incoming:
         pages = expand_runs(data[data.size - (len(targets) - 1) :]) if len(targets) > 1 else None
         if pages is not None and pages.size * PAGE_SIZE == total - head:
             src = np.frombuffer(buf, np.uint8, count=total - head, offset=head)
-            ram = np.frombuffer(self.m.vm.memory.view, np.uint8).reshape(-1, PAGE_SIZE)
-            ram[pages] = src.reshape(-1, PAGE_SIZE)
+            if self.digests is not None:
+                # hashed as they are placed (their bytes in the cache): `_digest_runs` leaves
+                # out this batch's last `pages.size` pages
+                self.digests[pages] = scatter_pages(self.m.vm.memory.view, pages, src)
+                self._scratch.hashed = (runs, pages.size)
+            else:
+                ram = np.frombuffer(self.m.vm.memory.view, np.uint8).reshape(-1, PAGE_SIZE)
+                ram[pages] = src.reshape(-1, PAGE_SIZE)
             del src  # (the scratch buffer may be replaced by a larger one next time)
         else:
             with memoryview(buf) as scratch:
@@ -1127,6 +1134,11 @@ class Incoming:
         zero = runs["kind"] == RunKind.ZERO
         self.digests[expand_runs(runs[zero])] = ZERO_PAGE_DIGEST
         pages = expand_runs(runs[~zero])  # all the batch's pages in one pass, not one per run
+        hashed = getattr(self._scratch, "hashed", None)  # by `_gather`, for this very batch
+        if hashed is not None:
+            self._scratch.hashed = None
+            if hashed[0] is runs:
+                pages = pages[: pages.size - hashed[1]]
         self.digests[pages] = page_digests_at(self.m.vm.memory.view, pages)
 
     def _verify_after_switchover(

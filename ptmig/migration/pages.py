@@ -34,15 +34,16 @@ _P, _U64 = ctypes.c_void_p, ctypes.c_uint64
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pages_nonzero": (ctypes.c_int, [_P, _U64, _U64, _P, _U64, _P]),
     "page_digests": (ctypes.c_int, [_P, _U64, _U64, _P, _P, _U64, _U64, _P]),
+    "pages_scatter": (ctypes.c_int, [_P, _U64, _U64, _P, _P, _P, _U64, _P]),
 }
 _native_lib: list[ctypes.CDLL | None] = []  # [] until tried once; [None] if unavailable
 _native_lock = threading.Lock()
 
 
 def native_library() -> ctypes.CDLL | None:
-    """`native/pagescan.c` (zero pages here, digests in `verify`), built and loaded at the
-    first call; None (once logged) if it cannot be: the numpy references run then, to the
-    same results."""
+    """`native/pagescan.c` (zero pages here, digests and the scatter in `verify`), built and
+    loaded at the first call; None (once logged) if it cannot be: the numpy references run
+    then, to the same results."""
     with _native_lock:
         if not _native_lib:
             from ptmig.nativelib import NativeLibraryError, load_library

@@ -136,6 +136,39 @@ def page_digests_at(
     return _digest(rows, idx.size, chunk)
 
 
+def scatter_pages(mem: Any, pages: np.ndarray, src: Any, *, native: bool = True) -> np.ndarray:
+    """Copy the pages packed in `src` (page j of it) to the pages numbered in `pages` of `mem`
+    (writable), and return their digests, as `page_digests_at(mem, pages)` would give them
+    after the copy. In C each digest is taken from `src` as it is copied (its bytes in the
+    cache), not from `mem` afterwards; in numpy (`native=False`) the copy, then the digests."""
+    rows = page_rows(mem)
+    idx = np.ascontiguousarray(pages, dtype=np.int64)
+    src_rows = page_rows(src)
+    if src_rows.shape[0] != idx.size:
+        raise ValueError(f"{src_rows.shape[0]} pages to place at {idx.size} page numbers")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
+        raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+    lib = native_library() if native else None
+    if lib is not None and rows.flags.c_contiguous and src_rows.flags.c_contiguous:
+        out = np.empty(idx.size, dtype=np.uint64)
+        if idx.size:
+            rc = lib.pages_scatter(
+                rows.ctypes.data,
+                rows.shape[0],
+                rows.shape[1],
+                _keys(rows.shape[1]).ctypes.data,
+                src_rows.ctypes.data,
+                idx.ctypes.data,
+                idx.size,
+                out.ctypes.data,
+            )
+            if rc != 0:
+                raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+        return out
+    rows[idx] = src_rows
+    return page_digests_at(mem, idx, native=native)
+
+
 def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
     """Digests of `count` pages; `chunk(p, k, buf)` gives the rows of pages p..p+k-1 (a view,
     or gathered into `buf`)."""
