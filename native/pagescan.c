@@ -1,8 +1,9 @@
 /*
- * pagescan.c - the two passes over guest pages a migration makes besides copying them, in C:
- * which pages are zero (ptmig/migration/pages.py `nonzero_pages`, the source's every batch) and
- * the page digest of ptmig/migration/verify.py (x-verify, both ends).  The numpy code in those
- * modules is the reference; these give the same answers, outside the GIL.
+ * pagescan.c - the passes over guest pages a migration makes besides sending them, in C:
+ * which pages are zero (ptmig/migration/pages.py `nonzero_pages`, the source's every batch),
+ * the page digest of ptmig/migration/verify.py (x-verify, both ends), and the destination's
+ * scatter of a gathered batch into RAM with its digests (verify.py `scatter_pages`).  The
+ * numpy code in those modules is the reference; these give the same answers, outside the GIL.
  *
  * The digest, one pass per page:
  * verify.py defines the digest and keeps the numpy implementation as the reference: for the
