@@ -96,12 +96,14 @@ def run(options: VmmOptions) -> int:
     from .config import load_config
     from .machine import Machine
     from .memstats import release_free_memory, tune_malloc
+    from .threadnames import install as name_threads
 
     try:
         cfg = load_config(Path(options.config))
     except PtmigError as e:
         raise VmmFailed(str(e)) from None
     tune_malloc()  # before the VMM's threads start
+    name_threads()  # so per-thread tools (/proc/PID/task, perf, top -H) tell them apart
     console = open(options.console_file, "a", buffering=1) if options.console_file else sys.stdout
     psk_file = Path(options.psk_file) if options.psk_file else None
     try:

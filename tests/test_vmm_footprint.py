@@ -407,7 +407,7 @@ def test_the_scale_bench_gives_its_vmms_ptmig_compiled_as_an_install_does() -> N
     import os
     import struct
 
-    from ptmig.bench.scale import compile_ptmig
+    from ptmig.bench.harness import compile_ptmig
 
     assert compile_ptmig()
     for name in MIGRATING_PATH:

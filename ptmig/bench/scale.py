@@ -45,7 +45,6 @@ at 4 GiB at most 1.3x the 1 GiB one; nothing lost, no page mismatched.
 
 from __future__ import annotations
 
-import compileall
 import math
 import tempfile
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ..vmmproc import free_port
-from .harness import BenchConfig, BenchError, Goal, Result, measured, median
+from .harness import BenchConfig, BenchError, Goal, Result, compile_ptmig, measured, median
 from .migration import (
     DATA_CHANNELS,
     FILL_FROM,
@@ -131,12 +130,6 @@ def loaded_section(tmp: Path, config: BenchConfig) -> list[Result]:
     rate = round(max_rate(3.0 if config.quick else 5.0) * 0.5)
     runs = 1 if config.quick else max(config.runs, LOADED_RUNS)
     return loaded_results(loaded_cells(tmp, runs, rate), rate)
-
-
-def compile_ptmig() -> bool:
-    """Compile ptmig's modules to bytecode beside their sources (where an installed package
-    has it) unless it is there already; False if a module's could not be written."""
-    return bool(compileall.compile_dir(Path(__file__).resolve().parents[1], quiet=2))
 
 
 def available_memory() -> int:

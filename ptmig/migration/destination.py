@@ -91,7 +91,7 @@ from .fate import (
     capability_id,
 )
 from .frames import MAX_REASON
-from .pages import PAGE_SIZE, expand_runs, pages_to_runs
+from .pages import PAGE_SIZE, expand_runs, native_library, pages_to_runs
 from .postcopy import (
     POSTCOPY_CAPABILITY,
     PostcopyError,
@@ -125,6 +125,7 @@ from .verify import (
     digests_from_bytes,
     page_digests,
     page_digests_at,
+    scatter_pages,
 )
 
 if TYPE_CHECKING:
@@ -629,6 +630,7 @@ class Incoming:
                     self.session = session_token(ev)
                 if VERIFY_CAPABILITY in ev.capabilities:
                     self.digests = np.full(vm.memory.npages, ZERO_PAGE_DIGEST, np.uint64)
+                    native_library()  # loaded (or built) now, not by the first batch's receiver
                 self._accept_data_channels(ev)
             elif isinstance(ev, PageRunsHeader):
                 self._pages_arrived(ev.runs)
@@ -1108,8 +1110,14 @@ class Incoming:
         pages = expand_runs(data[data.size - (len(targets) - 1) :]) if len(targets) > 1 else None
         if pages is not None and pages.size * PAGE_SIZE == total - head:
             src = np.frombuffer(buf, np.uint8, count=total - head, offset=head)
-            ram = np.frombuffer(self.m.vm.memory.view, np.uint8).reshape(-1, PAGE_SIZE)
-            ram[pages] = src.reshape(-1, PAGE_SIZE)
+            if self.digests is not None:
+                # hashed as they are placed (their bytes in the cache): `_digest_runs` leaves
+                # out this batch's last `pages.size` pages
+                self.digests[pages] = scatter_pages(self.m.vm.memory.view, pages, src)
+                self._scratch.hashed = (runs, pages.size)
+            else:
+                ram = np.frombuffer(self.m.vm.memory.view, np.uint8).reshape(-1, PAGE_SIZE)
+                ram[pages] = src.reshape(-1, PAGE_SIZE)
             del src  # (the scratch buffer may be replaced by a larger one next time)
         else:
             with memoryview(buf) as scratch:
@@ -1126,6 +1134,11 @@ class Incoming:
         zero = runs["kind"] == RunKind.ZERO
         self.digests[expand_runs(runs[zero])] = ZERO_PAGE_DIGEST
         pages = expand_runs(runs[~zero])  # all the batch's pages in one pass, not one per run
+        hashed = getattr(self._scratch, "hashed", None)  # by `_gather`, for this very batch
+        if hashed is not None:
+            self._scratch.hashed = None
+            if hashed[0] is runs:
+                pages = pages[: pages.size - hashed[1]]
         self.digests[pages] = page_digests_at(self.m.vm.memory.view, pages)
 
     def _verify_after_switchover(

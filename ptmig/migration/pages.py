@@ -1,9 +1,11 @@
 """Page runs: dirty bitmap → run batches, zero-page detection, and run validation.
 
 A run is (start_page, npages, kind) in a `RUN_DTYPE` array. Nothing here loops over pages in
-Python: bitmaps are unpacked and diffed with numpy, zero pages are found with `.any(axis=1)` on a
-copy-free uint64 view of guest memory, and run lists are expanded with `np.repeat`. Loops that
-remain are per batch or per run (a scatter list needs one buffer per run anyway).
+Python: bitmaps are unpacked and diffed with numpy, zero pages are found in C
+(`native/pagescan.c`, built at first use; `native_library`) or, where it cannot be built, with
+`.any(axis=1)` on a copy-free uint64 view of guest memory (the reference), and run lists are
+expanded with `np.repeat`. Loops that remain are per batch or per run (a scatter list needs one
+buffer per run anyway).
 
 `validate_runs` is the one place where run numbers from the peer are checked against guest RAM;
 `data_slices` / `zero_fill` are the only places where checked runs become memory addresses.
@@ -11,6 +13,9 @@ remain are per batch or per run (a scatter list needs one buffer per run anyway)
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -22,6 +27,33 @@ from ptmig.migration.frames import MAX_BATCH_PAYLOAD, MAX_RUNS_PER_BATCH
 PAGE_SIZE = 4096
 DEFAULT_BATCH_PAGES = MAX_BATCH_PAYLOAD // PAGE_SIZE  # 16384 pages = 64 MiB
 _ZERO_SCAN_CHUNK = 1024  # pages per numpy call when scanning for zero pages (4 MiB)
+
+log = logging.getLogger(__name__)
+
+_P, _U64 = ctypes.c_void_p, ctypes.c_uint64
+_SIGNATURES: dict[str, tuple[object, list[object]]] = {
+    "pages_nonzero": (ctypes.c_int, [_P, _U64, _U64, _P, _U64, _P]),
+    "page_digests": (ctypes.c_int, [_P, _U64, _U64, _P, _P, _U64, _U64, _P]),
+    "pages_scatter": (ctypes.c_int, [_P, _U64, _U64, _P, _P, _P, _U64, _P]),
+}
+_native_lib: list[ctypes.CDLL | None] = []  # [] until tried once; [None] if unavailable
+_native_lock = threading.Lock()
+
+
+def native_library() -> ctypes.CDLL | None:
+    """`native/pagescan.c` (zero pages here, digests and the scatter in `verify`), built and
+    loaded at the first call; None (once logged) if it cannot be: the numpy references run
+    then, to the same results."""
+    with _native_lock:
+        if not _native_lib:
+            from ptmig.nativelib import NativeLibraryError, load_library
+
+            try:
+                _native_lib.append(load_library(("pagescan.c",), _SIGNATURES))
+            except NativeLibraryError as e:
+                log.warning("zero-page scan and page digests in numpy (slower): %s", e)
+                _native_lib.append(None)
+        return _native_lib[0]
 
 
 def bitmap_to_bits(bitmap: np.ndarray, npages: int | None = None) -> np.ndarray:
@@ -142,15 +174,31 @@ def page_rows(mem: memoryview | bytearray | np.ndarray, page_size: int = PAGE_SI
     return arr.view(np.uint64).reshape(-1, page_size // 8)
 
 
-def nonzero_pages(rows: np.ndarray, runs: np.ndarray) -> np.ndarray:
+def nonzero_pages(rows: np.ndarray, runs: np.ndarray, *, native: bool = True) -> np.ndarray:
     """bool per page of `runs` (run order): True where the page has a non-zero byte.
 
-    Most pages that hold data have a non-zero first word, and reading one word per page costs one
-    cache line instead of 64: only the pages whose first word is zero are scanned in full (on RAM
-    full of data, 1/64 of the bytes). A chunk where most first words are zero (zeroed RAM) is
-    scanned whole, in place if its pages are contiguous, rather than gathered page by page."""
+    In C (`native_library`), each page is read until its first non-zero cache line. In numpy
+    (`native=False`, the reference, or where the C code cannot be built): most pages that hold
+    data have a non-zero first word, and reading one word per page costs one cache line
+    instead of 64: only the pages whose first word is zero are scanned in full (on RAM full of
+    data, 1/64 of the bytes). A chunk where most first words are zero (zeroed RAM) is scanned
+    whole, in place if its pages are contiguous, rather than gathered page by page."""
     idx = expand_runs(runs)
     out = np.empty(idx.size, dtype=bool)
+    lib = native_library() if native and rows.flags.c_contiguous else None
+    if lib is not None and rows.dtype == np.uint64 and rows.ndim == 2:
+        if idx.size:
+            rc = lib.pages_nonzero(
+                rows.ctypes.data,
+                rows.shape[0],
+                rows.shape[1],
+                idx.ctypes.data,
+                idx.size,
+                out.ctypes.data,
+            )
+            if rc != 0:
+                raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+        return out
     for off in range(0, idx.size, _ZERO_SCAN_CHUNK):
         sel = idx[off : off + _ZERO_SCAN_CHUNK]
         part = out[off : off + sel.size]
@@ -336,6 +384,7 @@ __all__ = [
     "data_pages",
     "data_slices",
     "expand_runs",
+    "native_library",
     "nonzero_pages",
     "page_rows",
     "runs_to_bits",

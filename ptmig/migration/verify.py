@@ -8,7 +8,11 @@ flipped bit, or any change confined to one word, is always detected; words moved
 change their keys; pages swapped with each other show up at both page numbers. It is a
 corruption detector, not a cryptographic MAC.
 
-Work is done in chunks of pages that fit the cache; 1 GiB hashes in well under a second.
+The numpy code here is the digest's definition (the reference): it works in chunks of pages
+that fit the cache, five passes over each. The same digest in C (`native/pagescan.c`, built
+at first use like the other native code: `pages.native_library`) reads each word once,
+outside the GIL; it is what `page_digests` and `page_digests_at` use, with the numpy code
+where no compiler can build it (`native=False` asks for the reference).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ptmig.migration.pages import PAGE_SIZE, page_rows
+from ptmig.migration.pages import PAGE_SIZE, native_library, page_rows
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -37,6 +41,41 @@ def splitmix_keys(n: int, seed: int = 0x5054_4D49_4721) -> np.ndarray:
 _KEYS: dict[int, np.ndarray] = {}
 
 
+def _keys(words: int) -> np.ndarray:
+    keys = _KEYS.get(words)
+    if keys is None:
+        keys = _KEYS[words] = splitmix_keys(words)
+    return keys
+
+
+def _native_digests(
+    rows: np.ndarray, idx: np.ndarray | None, first: int, count: int
+) -> np.ndarray | None:
+    """The digests of `count` pages of `rows` (page idx[j], or first + j) in C; None where the
+    C code cannot take these rows (not built, or not one contiguous array)."""
+    if not rows.flags.c_contiguous or rows.dtype != np.uint64:
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    keys = _keys(rows.shape[1])
+    out = np.empty(count, dtype=np.uint64)
+    if count:
+        rc = lib.page_digests(
+            rows.ctypes.data,
+            rows.shape[0],
+            rows.shape[1],
+            keys.ctypes.data,
+            None if idx is None else idx.ctypes.data,
+            first,
+            count,
+            out.ctypes.data,
+        )
+        if rc != 0:
+            raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+    return out
+
+
 def page_digests(
     mem: Any,
     page_size: int = PAGE_SIZE,
@@ -44,33 +83,46 @@ def page_digests(
     npages: int | None = None,
     *,
     allocated: np.ndarray | None = None,
+    native: bool = True,
 ) -> np.ndarray:
     """uint64 digest of each page of `mem` (bytes-like or numpy), pages [first, first+npages).
 
     `allocated` (one bool per page of `mem`) marks pages that may hold data; the others are
-    known to be zero (holes in a memfd) and get the zero page's digest without being read."""
+    known to be zero (holes in a memfd) and get the zero page's digest without being read.
+    `native=False`: the numpy reference (the same digests)."""
     if allocated is not None:
-        return _digests_sparse(mem, page_size, allocated)
+        return _digests_sparse(mem, page_size, allocated, native)
     rows = page_rows(mem, page_size)
     end = rows.shape[0] if npages is None else first_page + npages
     if not 0 <= first_page <= end <= rows.shape[0]:
         raise ValueError(
             f"pages {first_page}..{end - 1} are outside the {rows.shape[0]} pages of memory"
         )
+    if native:
+        out = _native_digests(rows, None, first_page, end - first_page)
+        if out is not None:
+            return out
     return _digest(
         rows, end - first_page, lambda p, k, _buf: rows[first_page + p : first_page + p + k]
     )
 
 
-def page_digests_at(mem: Any, pages: np.ndarray, page_size: int = PAGE_SIZE) -> np.ndarray:
+def page_digests_at(
+    mem: Any, pages: np.ndarray, page_size: int = PAGE_SIZE, *, native: bool = True
+) -> np.ndarray:
     """The digests of the pages numbered in `pages` (any order), like `page_digests` gives
-    them: scattered pages (a later pre-copy round) are gathered a chunk at a time, so their
-    cost is the hashing, not one numpy call per page; a chunk of consecutive pages (a long
-    run, as most of a first round's) is hashed where it lies, without the gather."""
+    them. In C each page is hashed where it lies. In numpy (`native=False`, the reference):
+    scattered pages (a later pre-copy round) are gathered a chunk at a time, so their cost is
+    the hashing, not one numpy call per page; a chunk of consecutive pages (a long run, as
+    most of a first round's) is hashed where it lies, without the gather."""
     rows = page_rows(mem, page_size)
-    idx = np.asarray(pages, dtype=np.int64)
+    idx = np.ascontiguousarray(pages, dtype=np.int64)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
         raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+    if native:
+        out = _native_digests(rows, idx, 0, idx.size)
+        if out is not None:
+            return out
 
     def chunk(p: int, k: int, buf: np.ndarray) -> np.ndarray:
         sel = idx[p : p + k]
@@ -84,13 +136,44 @@ def page_digests_at(mem: Any, pages: np.ndarray, page_size: int = PAGE_SIZE) -> 
     return _digest(rows, idx.size, chunk)
 
 
+def scatter_pages(mem: Any, pages: np.ndarray, src: Any, *, native: bool = True) -> np.ndarray:
+    """Copy the pages packed in `src` (page j of it) to the pages numbered in `pages` of `mem`
+    (writable), and return their digests, as `page_digests_at(mem, pages)` would give them
+    after the copy. In C each digest is taken from `src` as it is copied (its bytes in the
+    cache), not from `mem` afterwards; in numpy (`native=False`) the copy, then the digests."""
+    rows = page_rows(mem)
+    idx = np.ascontiguousarray(pages, dtype=np.int64)
+    src_rows = page_rows(src)
+    if src_rows.shape[0] != idx.size:
+        raise ValueError(f"{src_rows.shape[0]} pages to place at {idx.size} page numbers")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
+        raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+    lib = native_library() if native else None
+    if lib is not None and rows.flags.c_contiguous and src_rows.flags.c_contiguous:
+        out = np.empty(idx.size, dtype=np.uint64)
+        if idx.size:
+            rc = lib.pages_scatter(
+                rows.ctypes.data,
+                rows.shape[0],
+                rows.shape[1],
+                _keys(rows.shape[1]).ctypes.data,
+                src_rows.ctypes.data,
+                idx.ctypes.data,
+                idx.size,
+                out.ctypes.data,
+            )
+            if rc != 0:
+                raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+        return out
+    rows[idx] = src_rows
+    return page_digests_at(mem, idx, native=native)
+
+
 def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
     """Digests of `count` pages; `chunk(p, k, buf)` gives the rows of pages p..p+k-1 (a view,
     or gathered into `buf`)."""
     words = rows.shape[1]
-    keys = _KEYS.get(words)
-    if keys is None:
-        keys = _KEYS[words] = splitmix_keys(words)
+    keys = _keys(words)
     out = np.empty(count, dtype=np.uint64)
     step = max(1, min(_CHUNK_PAGES, count))
     x = np.empty((step, words), dtype=np.uint64)  # sized to the work: one page is 2 x 4 KiB
@@ -115,7 +198,9 @@ def _digest(rows: np.ndarray, count: int, chunk: Any) -> np.ndarray:
     return out
 
 
-def _digests_sparse(mem: Any, page_size: int, allocated: np.ndarray) -> np.ndarray:
+def _digests_sparse(
+    mem: Any, page_size: int, allocated: np.ndarray, native: bool = True
+) -> np.ndarray:
     rows = page_rows(mem, page_size)
     if allocated.shape != (rows.shape[0],):
         raise ValueError(
@@ -124,17 +209,17 @@ def _digests_sparse(mem: Any, page_size: int, allocated: np.ndarray) -> np.ndarr
     zero = (
         ZERO_PAGE_DIGEST
         if page_size == PAGE_SIZE
-        else page_digests(np.zeros(page_size, dtype=np.uint8), page_size)[0]
+        else page_digests(np.zeros(page_size, dtype=np.uint8), page_size, native=False)[0]
     )
     out = np.full(rows.shape[0], zero, dtype=np.uint64)
     idx = np.flatnonzero(allocated)
     if idx.size:
-        out[idx] = page_digests_at(mem, idx, page_size)
+        out[idx] = page_digests_at(mem, idx, page_size, native=native)
     return out
 
 
 #: The digest of an all-zero page (every page of a hole in guest memory).
-ZERO_PAGE_DIGEST = page_digests(np.zeros(PAGE_SIZE, dtype=np.uint8))[0]
+ZERO_PAGE_DIGEST = page_digests(np.zeros(PAGE_SIZE, dtype=np.uint8), native=False)[0]
 
 
 class VerifyResult(NamedTuple):
