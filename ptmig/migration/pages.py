@@ -204,7 +204,10 @@ def nonzero_pages(rows: np.ndarray, runs: np.ndarray, *, native: bool = True) ->
         part = out[off : off + sel.size]
         first = int(sel[0])
         # Contiguous pages (the common case: long runs) are read in place, never gathered.
-        block = rows[first : first + sel.size] if int(sel[-1]) - first + 1 == sel.size else None
+        # (The span test alone would take pages out of order or repeated, e.g. 0, 2, 1, 3, for
+        # contiguous ones.)
+        contiguous = int(sel[-1]) - first + 1 == sel.size and bool(np.all(np.diff(sel) == 1))
+        block = rows[first : first + sel.size] if contiguous else None
         np.not_equal(rows[sel, 0] if block is None else block[:, 0], 0, out=part)
         doubtful = np.flatnonzero(~part)
         if doubtful.size * 4 > sel.size:
