@@ -36,6 +36,14 @@ HALT_ONCE = bytes.fromhex(
     "EBFE"  # jmp $
 )
 
+# the same with the largest timeout a guest can ask for (args[0] = 2**64 - 1 us)
+HALT_FOREVER = bytes.fromhex(
+    "48C7042538900000FFFFFFFF"  # mov qword [0x9038], -1  (ret: no reply yet)
+    "48C7042508900000FFFFFFFF"  # mov qword [0x9008], -1  (args[0]: 2**64 - 1 us)
+    "BA00050000B802000000EF"  # mov edx, 0x500; mov eax, HC_HALT; out dx, eax
+    "EBFE"  # jmp $
+)
+
 
 def start_vm(code: bytes) -> Vm:
     vm = Vm(VmSpec(memory=16 << 20, vcpus=1, cmdline="x"))
@@ -104,6 +112,25 @@ def test_a_vcpu_halted_without_timeout_pauses_and_resumes() -> None:
         vm.resume()
         vm.wake_guest()
         wait_until(lambda: vm.memory.read_u64(RET_GPA) == 0, "the halt's reply after resume")
+        assert vm.error is None
+    finally:
+        vm.close()
+
+
+def test_a_halt_with_the_largest_timeout_a_guest_can_give_waits_and_stays_controllable() -> None:
+    """Guest-controlled: any timeout is accepted; the halt waits (no reply, no VMM error), a
+    pause still ends it, and a device interrupt still wakes the guest."""
+    vm = start_vm(HALT_FOREVER)
+    try:
+        wait_until(lambda: vm.memory.read_u64(RET_GPA) == NO_REPLY, "the guest wrote its mailbox")
+        time.sleep(0.3)
+        assert vm.memory.read_u64(RET_GPA) == NO_REPLY  # still halted: not an error return
+        assert vm.error is None
+        vm.pause()
+        assert vm.control.paused
+        vm.resume()
+        vm.wake_guest()
+        wait_until(lambda: vm.memory.read_u64(RET_GPA) == 0, "the halt's reply after a wake")
         assert vm.error is None
     finally:
         vm.close()

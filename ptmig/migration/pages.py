@@ -174,6 +174,17 @@ def page_rows(mem: memoryview | bytearray | np.ndarray, page_size: int = PAGE_SI
     return arr.view(np.uint64).reshape(-1, page_size // 8)
 
 
+def outside_memory(rows: np.ndarray) -> ValueError:
+    """The error for page numbers beyond `rows` (a C scan's non-zero return, or a check)."""
+    return ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+
+
+def check_page_numbers(idx: np.ndarray, rows: np.ndarray) -> None:
+    """ValueError unless every page number in `idx` is a row of `rows`."""
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
+        raise outside_memory(rows)
+
+
 def nonzero_pages(rows: np.ndarray, runs: np.ndarray, *, native: bool = True) -> np.ndarray:
     """bool per page of `runs` (run order): True where the page has a non-zero byte.
 
@@ -197,7 +208,7 @@ def nonzero_pages(rows: np.ndarray, runs: np.ndarray, *, native: bool = True) ->
                 out.ctypes.data,
             )
             if rc != 0:
-                raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+                raise outside_memory(rows)
         return out
     for off in range(0, idx.size, _ZERO_SCAN_CHUNK):
         sel = idx[off : off + _ZERO_SCAN_CHUNK]
@@ -383,12 +394,14 @@ __all__ = [
     "bitmap_to_bits",
     "bitmap_to_runs",
     "bits_to_runs",
+    "check_page_numbers",
     "count_dirty",
     "data_pages",
     "data_slices",
     "expand_runs",
     "native_library",
     "nonzero_pages",
+    "outside_memory",
     "page_rows",
     "runs_to_bits",
     "split_zero_runs",

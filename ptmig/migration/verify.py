@@ -21,7 +21,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ptmig.migration.pages import PAGE_SIZE, native_library, page_rows
+from ptmig.migration.pages import (
+    PAGE_SIZE,
+    check_page_numbers,
+    native_library,
+    outside_memory,
+    page_rows,
+)
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -72,7 +78,7 @@ def _native_digests(
             out.ctypes.data,
         )
         if rc != 0:
-            raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+            raise outside_memory(rows)
     return out
 
 
@@ -117,8 +123,7 @@ def page_digests_at(
     most of a first round's) is hashed where it lies, without the gather."""
     rows = page_rows(mem, page_size)
     idx = np.ascontiguousarray(pages, dtype=np.int64)
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
-        raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+    check_page_numbers(idx, rows)
     if native:
         out = _native_digests(rows, idx, 0, idx.size)
         if out is not None:
@@ -146,8 +151,7 @@ def scatter_pages(mem: Any, pages: np.ndarray, src: Any, *, native: bool = True)
     src_rows = page_rows(src)
     if src_rows.shape[0] != idx.size:
         raise ValueError(f"{src_rows.shape[0]} pages to place at {idx.size} page numbers")
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
-        raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+    check_page_numbers(idx, rows)
     lib = native_library() if native else None
     if lib is not None and rows.flags.c_contiguous and src_rows.flags.c_contiguous:
         out = np.empty(idx.size, dtype=np.uint64)
@@ -163,7 +167,7 @@ def scatter_pages(mem: Any, pages: np.ndarray, src: Any, *, native: bool = True)
                 out.ctypes.data,
             )
             if rc != 0:
-                raise ValueError(f"pages outside the {rows.shape[0]} pages of memory")
+                raise outside_memory(rows)
         return out
     rows[idx] = src_rows
     return page_digests_at(mem, idx, native=native)
