@@ -967,7 +967,7 @@ void dp_poke(struct dp_engine *e)
 
 int dp_start(struct dp_engine *e)
 {
-	return worker_start(&e->worker, run, e, "shadow-dataplane");
+	return worker_start(&e->worker, run, e, "shadow-dplane");
 }
 
 void dp_stop(struct dp_engine *e) { worker_stop(&e->worker, &e->lock, e->wake_fd); }

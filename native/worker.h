@@ -46,7 +46,7 @@ static inline int worker_start(struct worker *w, void *(*fn)(void *), void *arg,
 	int err = pthread_create(&w->thread, NULL, fn, arg);
 	if (err)
 		return -err;
-	pthread_setname_np(w->thread, name);
+	pthread_setname_np(w->thread, name); /* ERANGE (and no name) past 15 bytes */
 	w->running = 1;
 	return 0;
 }

@@ -198,6 +198,17 @@ def _wait(fd: int, timeout: float = 5.0) -> bool:
     return bool(ready)
 
 
+def _thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass  # the thread ended
+    return names
+
+
 def test_the_data_plane_thread_services_doorbells_and_interrupts() -> None:
     wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -219,6 +230,8 @@ def test_the_data_plane_thread_services_doorbells_and_interrupts() -> None:
         sd.map.invalidated()
         dq = SplitQueue(rig.drv.state(), rig.dma)
         dp.start()
+        # the thread carries an OS name of its own (per-thread CPU tools tell it apart)
+        assert "shadow-dplane" in _thread_names(), _thread_names()
         # the first request needs a new device buffer: the thread stalls and asks for help
         head = rig.drv.add_chain([Buffer(rx, 32, writable=True)])
         os.eventfd_write(doorbell, 1)
@@ -243,6 +256,8 @@ def test_the_data_plane_thread_services_doorbells_and_interrupts() -> None:
         assert _wait(kick)
         assert dq.pop() is not None
         assert sd.stats.stalls == 1 and sd.map.reused == 1
+        # each doorbell and the interrupt woke the thread once (the wake-ups the engine reports)
+        assert (sd.stats.doorbells, sd.stats.interrupts) == (2, 1)
         dp.stop()
         sd.close()
     finally:

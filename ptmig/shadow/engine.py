@@ -405,6 +405,8 @@ class ShadowEngine:
             "shadowed-pages-peak": sum(sd.map.peak for sd in per.values()),
             "requests-forwarded": sum(sd.stats.requests_forwarded for sd in per.values()),
             "completions-synced": sum(sd.stats.completions_synced for sd in per.values()),
+            "doorbells-trapped": sum(sd.stats.doorbells for sd in per.values()),
+            "device-interrupts": sum(sd.stats.interrupts for sd in per.values()),
             "bytes-to-device": sum(sd.stats.bytes_to_device for sd in per.values()),
             "bytes-to-guest": sum(sd.stats.bytes_to_guest for sd in per.values()),
             "iotlb-invalidations": sum(sd.stats.iotlb_invalidations for sd in per.values()),
