@@ -176,7 +176,8 @@ def stop_process(
     """Stop a child: `quit()` (a VMM's QMP `quit`) and, if that was sent, up to `grace_s` for it
     to exit, then
     SIGTERM, then SIGKILL. With `group` the signals go to its process group (it was started
-    with `start_new_session`), so what it spawned goes too, even after it exited itself.
+    with `start_new_session` or `process_group=0`), so what it spawned goes too, even after it
+    exited itself.
     Returns the exit status."""
     if quit is not None and proc.poll() is None:
         try:

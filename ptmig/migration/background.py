@@ -5,73 +5,131 @@ zero scan, the data channels' senders) and the destination's data-channel receiv
 for the CPU with the threads that serve the guest: its vCPUs, the device processes, the switch.
 A request the guest is serving then waits behind a page copy, and the client sees it as
 latency. Pre-copy has no deadline of its own (the policy ends it when the remainder fits the
-downtime limit, however long it took), so its threads run at a higher nice value
-(`MIGRATION_NICE`): when a core is free they use it at full speed, when the guest needs it
-the guest wins. The stop-and-copy round, which the guest waits for, runs at the priority the
-thread had before (`restored` puts it back where the process may; an unprivileged process may
-not lower a nice value, and then the round keeps the lower priority, which is said in the log).
+downtime limit, however long it took), so its threads run below the guest's: SCHED_IDLE where
+the platform has it (a thread of that policy is preempted at once by any normal or batch task
+woken on its CPU, and weighs 3 against a normal thread's 1024), else a higher nice value
+(`MIGRATION_NICE`). When a core is free they use it at full speed, when the guest needs it the
+guest wins. The stop-and-copy round, which the guest waits for, runs at the priority the thread
+had before (`restored` puts it back). An unprivileged process may not leave SCHED_IDLE nor lower
+a nice value (RLIMIT_NICE); then SCHED_IDLE is not used (the round would stay idle) and the nice
+value that is used stays raised for the round, which is said in the log.
 
-Linux's `setpriority(PRIO_PROCESS, tid)` applies to one thread; elsewhere this is a no-op.
+Why not only nice: the frame path's processes run under SCHED_BATCH (`ptmig.net.sched`), and a
+woken batch task never preempts a running normal one, however high its nice value: it waits for
+the CPU's next tick (4 ms at HZ=250), at every hop of a request that finds a migration thread on
+its CPU. A SCHED_IDLE thread is the one exception the scheduler makes. Measured (shadow, 1 GiB,
+kv at 20,429 ops/s, 100 MiB/s, 3 alternating runs each on an idle 2-core host, all processes in
+one session): kv p99 during pre-copy 7.4 / 9.4 / 8.8 ms with nice +10, 3.8 / 5.9 / 5.9 ms with
+SCHED_IDLE (p99 before 1.9-3.5 ms in both); migration time and downtime unchanged, source CPU
+1.44-1.46 -> 1.48-1.73 s per GiB of RAM. Sending in smaller paced pieces (10 ms of the link
+instead of 250 ms) was measured too and not kept: it raised both sides' CPU (destination 0.8 ->
+1.1-1.3 s per GiB) without a clear latency gain.
 
-Measured (kv at half load, 1 GiB guest, 100 MiB/s, 6 interleaved runs each on a 2-core host
-at load 4-9): kv p99 latency during pre-copy ÷ before went from 2.47 to 1.32 (shadow) and from
-2.98 to 1.81 (device-log), kv ops/s served during pre-copy from 0.50-0.55 to 0.67-0.85 of the
-offered load; migration time and downtime did not change beyond the noise. A lowered thread
-that is preempted while it holds the GIL delays a vCPU exit the VMM handles in Python until it
-runs again; the measurement says the CPU handed to the guest's path (its device processes, the
-switch, the client) outweighs that. The exit a loaded guest takes most, its halt, no longer
-needs the GIL at all (`ptmig.vcpuloop`). A shorter GIL switch interval during pre-copy (0.5 ms)
-was tried too and measured no better than none (p99 ratio 2.97 / 2.45 over 3 runs).
+The cost of SCHED_IDLE is starvation when the guest's own threads keep every core busy: pre-copy
+then advances only as fast as the 3/1027 share allows, and auto-converge (which sees the
+transfer rate fall behind the dirty rate) throttles the guest until it does. The stop-and-copy
+round is never idle where the thread may come back.
 
-Where the kernel groups tasks by session (autogroups, `/proc/sys/kernel/sched_autogroup_enabled`)
-a nice value weighs only against the threads of its own session. The VMMs, the switch and the
-client each run in a session of their own, so the destination's lowered receivers still take a
-whole session's share of the CPU from the source's guest; only the source's own threads are
-really below the guest. Lowering the destination's whole session during pre-copy (nice +10 on
-`/proc/self/autogroup`) was tried and reverted: on a host loaded by other work (load 7-9) the
-receivers starved and a 1 GiB migration took 27-32 s instead of 3-4 s (77 s once with
-`device-log`).
-"""
+Linux's `setpriority(PRIO_PROCESS, tid)` and `sched_setscheduler(tid)` apply to one thread;
+elsewhere this is a no-op.
+
+Nice +10 against no lowering, measured earlier (kv at half load, 1 GiB guest, 100 MiB/s, 6
+interleaved runs each on a 2-core host at load 4-9): kv p99 latency during pre-copy ÷ before
+went from 2.47 to 1.32 (shadow) and from 2.98 to 1.81 (device-log), kv ops/s served during
+pre-copy from 0.50-0.55 to 0.67-0.85 of the offered load; migration time and downtime did not
+change beyond the noise. A lowered thread that is preempted while it holds the GIL delays a vCPU
+exit the VMM handles in Python until it runs again; the measurement says the CPU handed to the
+guest's path (its device processes, the switch, the client) outweighs that. The exit a loaded
+guest takes most, its halt, no longer needs the GIL at all (`ptmig.vcpuloop`). A shorter GIL
+switch interval during pre-copy (0.5 ms) was tried too and measured no better than none (p99
+ratio 2.97 / 2.45 over 3 runs).
+
+Where the kernel groups tasks by session (autogroups,
+`/proc/sys/kernel/sched_autogroup_enabled`) a nice value or SCHED_IDLE weighs only against the
+threads of its own session, and a woken task preempts an idle one at once only within it. The
+demo therefore starts its VMMs, switch and client in its own session (`ptmig.demo.procs`).
+Lowering the destination's whole session during pre-copy (nice +10 on `/proc/self/autogroup`)
+was tried and reverted: on a host loaded by other work (load 7-9) the receivers starved and a 1
+GiB migration took 27-32 s instead of 3-4 s (77 s once with `device-log`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-MIGRATION_NICE = 10  # CFS weight 110 against the guest threads' 1024 when they compete
+MIGRATION_NICE = 10  # CFS weight 110 against the guest threads' 1024 (where SCHED_IDLE is not used)
+
+
+@dataclass(frozen=True)
+class Priority:
+    """A thread's scheduling before it was lowered: policy and nice value."""
+
+    policy: int
+    nice: int
 
 
 def _tid() -> int:
     return threading.get_native_id()
 
 
-def lower_this_thread(by: int = MIGRATION_NICE) -> int | None:
-    """Raise the calling thread's nice value by `by`; its previous nice value, or None when
-    the platform cannot (nothing changed)."""
+def _may_leave_idle(nice: int) -> bool:
+    """Whether this process may switch a thread from SCHED_IDLE back to a normal policy at
+    nice value `nice`: the kernel allows it to root (CAP_SYS_NICE) and where RLIMIT_NICE covers
+    the nice value (`20 - nice <= limit`); otherwise a thread once idle stays idle."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or 20 - nice <= soft
+
+
+def lower_this_thread(by: int = MIGRATION_NICE) -> Priority | None:
+    """Lower the calling thread below the guest's threads: SCHED_IDLE where the platform has
+    it and the thread may come back from it, else its nice value raised by `by`. Returns what
+    it was (for `restore_this_thread`), or None when nothing changed."""
     if by <= 0 or not hasattr(os, "setpriority"):
         return None
+    tid = _tid()
     try:
-        before = os.getpriority(os.PRIO_PROCESS, _tid())
-        os.setpriority(os.PRIO_PROCESS, _tid(), min(19, before + by))
+        before = Priority(os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+    except (OSError, AttributeError) as e:
+        log.debug("cannot read the migration thread's priority: %s", e)
+        return None
+    idle = getattr(os, "SCHED_IDLE", None)
+    if idle is not None and before.policy != idle and _may_leave_idle(before.nice):
+        try:
+            os.sched_setscheduler(tid, idle, os.sched_param(0))
+            return before
+        except OSError as e:
+            log.debug("SCHED_IDLE refused for the migration thread (%s); nice instead", e)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before.nice + by))
     except OSError as e:
         log.debug("cannot lower the migration thread's priority: %s", e)
         return None
     return before
 
 
-def restore_this_thread(before: int | None) -> None:
-    """Put the calling thread's nice value back to `before` (None: nothing to do)."""
+def restore_this_thread(before: Priority | None) -> None:
+    """Put the calling thread's policy and nice value back to `before` (None: nothing to do)."""
     if before is None:
         return
+    tid = _tid()
     try:
-        os.setpriority(os.PRIO_PROCESS, _tid(), before)
+        if os.sched_getscheduler(tid) != before.policy:
+            os.sched_setscheduler(tid, before.policy, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, tid, before.nice)
     except OSError as e:
-        log.info("the migration thread stays at a lower priority (nice not restored: %s)", e)
+        log.info("the migration thread stays at a lower priority (not restored: %s)", e)
 
 
 @contextmanager
