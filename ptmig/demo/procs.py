@@ -13,8 +13,8 @@ guest, and a frame-path process woken on a CPU they hold would wait for the next
 SCHED_IDLE thread is preempted at once only by a task of its own group). One session puts the
 whole demo, source, destination, switch and client, in one group, where those priorities hold;
 on two hosts the destination would not compete at all. Measured (shadow, 1 GiB, 20,429 ops/s,
-3 alternating runs each, idle host): kv p99 during pre-copy 10.8-11.3 ms with sessions, 7.4-9.4
-with process groups, 3.8-5.9 with process groups and SCHED_IDLE migration threads.
+4 alternating runs each, idle host): kv p99 during pre-copy 10.3-11.3 ms with sessions, 7.4-9.4
+with process groups, 3.8-6.5 with process groups and SCHED_IDLE migration threads.
 `Children` is a context manager; leaving it, by return, exception or Ctrl-C, stops them all.
 """
 

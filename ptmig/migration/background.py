@@ -18,12 +18,12 @@ Why not only nice: the frame path's processes run under SCHED_BATCH (`ptmig.net.
 woken batch task never preempts a running normal one, however high its nice value: it waits for
 the CPU's next tick (4 ms at HZ=250), at every hop of a request that finds a migration thread on
 its CPU. A SCHED_IDLE thread is the one exception the scheduler makes. Measured (shadow, 1 GiB,
-kv at 20,429 ops/s, 100 MiB/s, 3 alternating runs each on an idle 2-core host, all processes in
-one session): kv p99 during pre-copy 7.4 / 9.4 / 8.8 ms with nice +10, 3.8 / 5.9 / 5.9 ms with
-SCHED_IDLE (p99 before 1.9-3.5 ms in both); migration time and downtime unchanged, source CPU
-1.44-1.46 -> 1.48-1.73 s per GiB of RAM. Sending in smaller paced pieces (10 ms of the link
-instead of 250 ms) was measured too and not kept: it raised both sides' CPU (destination 0.8 ->
-1.1-1.3 s per GiB) without a clear latency gain.
+kv at 20,429 ops/s, 100 MiB/s, 4 alternating runs each on an idle 2-core host, all processes in
+one session): kv p99 during pre-copy 7.4 / 9.4 / 8.8 / 9.4 ms with nice +10, 3.8 / 5.9 / 5.9 /
+6.5 ms with SCHED_IDLE (p99 before 1.9-4.5 ms in both); migration time and downtime unchanged,
+source CPU 1.42-1.46 -> 1.48-1.73 s per GiB of RAM. Sending in smaller paced pieces (10 ms of
+the link instead of 250 ms) was measured too and not kept: it raised both sides' CPU
+(destination 0.8 -> 1.1-1.3 s per GiB) without a clear latency gain.
 
 The cost of SCHED_IDLE is starvation when the guest's own threads keep every core busy: pre-copy
 then advances only as fast as the 3/1027 share allows, and auto-converge (which sees the
