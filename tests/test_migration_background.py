@@ -39,7 +39,7 @@ def _in_thread(fn) -> dict[str, object]:
 
 def _lowered(before: background.Priority) -> background.Priority:
     """What `lower_this_thread` should make of `before` on this host."""
-    if IDLE is not None and background._may_leave_idle(before.nice):
+    if IDLE is not None and background.idle_is_reversible():
         return background.Priority(IDLE, before.nice)
     return background.Priority(before.policy, min(19, before.nice + background.MIGRATION_NICE))
 
@@ -68,8 +68,8 @@ def test_the_block_lowers_only_the_calling_thread_and_restores_it() -> None:
 
 @pytest.mark.skipif(IDLE is None, reason="this platform has no SCHED_IDLE")
 def test_where_the_thread_may_come_back_it_is_idle_during_precopy_and_normal_after() -> None:
-    if not background._may_leave_idle(0):
-        pytest.skip("not permitted here to leave SCHED_IDLE (needs root or RLIMIT_NICE >= 20)")
+    if not background.idle_is_reversible():
+        pytest.skip("not permitted here to leave SCHED_IDLE (needs CAP_SYS_NICE or RLIMIT_NICE)")
 
     def body() -> dict[str, object]:
         before = _now()
@@ -85,7 +85,7 @@ def test_where_the_thread_may_come_back_it_is_idle_during_precopy_and_normal_aft
 def test_a_thread_that_could_not_come_back_from_idle_gets_a_nice_value_instead(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(background, "_may_leave_idle", lambda nice: False)
+    monkeypatch.setattr(background, "idle_is_reversible", lambda: False)
 
     def body() -> dict[str, object]:
         before = _now()
@@ -112,19 +112,38 @@ def test_a_data_channel_thread_stays_lowered_until_it_ends() -> None:
     assert got["now"] == _lowered(got["before"])  # type: ignore[arg-type]
 
 
-def test_rlimit_nice_decides_whether_idle_can_be_left(monkeypatch: pytest.MonkeyPatch) -> None:
-    import resource
+@pytest.mark.skipif(IDLE is None, reason="this platform has no SCHED_IDLE")
+def test_a_process_that_may_not_leave_idle_is_found_out_once_and_never_goes_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As in a container without CAP_SYS_NICE: entering SCHED_IDLE works, leaving it is
+    refused. The probe sees it, and lowering uses the nice value instead."""
+    real = os.sched_setscheduler
 
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (20, 20))
-    assert background._may_leave_idle(0)  # 20 - 0 <= 20
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (10, 10))
-    assert background._may_leave_idle(10)
-    assert not background._may_leave_idle(0)
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (0, 0))  # the usual default
-    assert not background._may_leave_idle(19)
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert background._may_leave_idle(0)
+    def no_way_back(tid: int, policy: int, param: os.sched_param) -> None:
+        if os.sched_getscheduler(tid) == IDLE and policy != IDLE:
+            raise PermissionError(1, "Operation not permitted")
+        real(tid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", no_way_back)
+    background.idle_is_reversible.cache_clear()
+    try:
+        assert background.idle_is_reversible() is False
+
+        def body() -> dict[str, object]:
+            before = _now()
+            with background.background():
+                inside = _now()
+            return {"before": before, "inside": inside}
+
+        got = _in_thread(body)
+        before = got["before"]
+        assert got["inside"] == background.Priority(
+            before.policy,  # type: ignore[attr-defined]
+            min(19, before.nice + background.MIGRATION_NICE),  # type: ignore[attr-defined]
+        )
+    finally:
+        background.idle_is_reversible.cache_clear()
 
 
 def test_nothing_changes_when_the_priority_cannot_be_set(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,17 +102,23 @@ def test_a_halt_reply_is_in_the_next_dirty_harvest() -> None:
         vm.close()
 
 
+def _pause_resume_and_wake(vm: Vm) -> None:
+    """Pause a halted guest (its kick ends the wait), resume it, wake it with an interrupt,
+    and see the halt's reply with no VMM error."""
+    vm.pause()
+    assert vm.control.paused
+    vm.resume()
+    vm.wake_guest()
+    wait_until(lambda: vm.memory.read_u64(RET_GPA) == 0, "the halt's reply after a wake")
+    assert vm.error is None
+
+
 def test_a_vcpu_halted_without_timeout_pauses_and_resumes() -> None:
     vm = start_vm(HALT_ONCE)
     try:
         wait_until(lambda: vm.memory.read_u64(RET_GPA) == NO_REPLY, "the guest wrote its mailbox")
         time.sleep(0.2)
-        vm.pause()  # the kick must end the wait in C, or this times out
-        assert vm.control.paused
-        vm.resume()
-        vm.wake_guest()
-        wait_until(lambda: vm.memory.read_u64(RET_GPA) == 0, "the halt's reply after resume")
-        assert vm.error is None
+        _pause_resume_and_wake(vm)  # the kick must end the wait in C, or this times out
     finally:
         vm.close()
 
@@ -126,12 +132,7 @@ def test_a_halt_with_the_largest_timeout_a_guest_can_give_waits_and_stays_contro
         time.sleep(0.3)
         assert vm.memory.read_u64(RET_GPA) == NO_REPLY  # still halted: not an error return
         assert vm.error is None
-        vm.pause()
-        assert vm.control.paused
-        vm.resume()
-        vm.wake_guest()
-        wait_until(lambda: vm.memory.read_u64(RET_GPA) == 0, "the halt's reply after a wake")
-        assert vm.error is None
+        _pause_resume_and_wake(vm)
     finally:
         vm.close()
 

@@ -10,8 +10,9 @@ the platform has it (a thread of that policy is preempted at once by any normal 
 woken on its CPU, and weighs 3 against a normal thread's 1024), else a higher nice value
 (`MIGRATION_NICE`). When a core is free they use it at full speed, when the guest needs it the
 guest wins. The stop-and-copy round, which the guest waits for, runs at the priority the thread
-had before (`restored` puts it back). An unprivileged process may not leave SCHED_IDLE nor lower
-a nice value (RLIMIT_NICE); then SCHED_IDLE is not used (the round would stay idle) and the nice
+had before (`restored` puts it back). A process without CAP_SYS_NICE (or an RLIMIT_NICE that
+covers it) may not leave SCHED_IDLE nor lower a nice value: `idle_is_reversible` tries it once,
+and where it fails SCHED_IDLE is not used (the round would stay idle) and the nice
 value that is used stays raised for the round, which is said in the log.
 
 Why not only nice: the frame path's processes run under SCHED_BATCH (`ptmig.net.sched`), and a
@@ -54,9 +55,9 @@ GiB migration took 27-32 s instead of 3-4 s (77 s once with `device-log`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import resource
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,17 +80,37 @@ def _tid() -> int:
     return threading.get_native_id()
 
 
-def _may_leave_idle(nice: int) -> bool:
-    """Whether this process may switch a thread from SCHED_IDLE back to a normal policy at
-    nice value `nice`: the kernel allows it to root (CAP_SYS_NICE) and where RLIMIT_NICE covers
-    the nice value (`20 - nice <= limit`); otherwise a thread once idle stays idle."""
-    if os.geteuid() == 0:
-        return True
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
-    except (AttributeError, OSError, ValueError):
+@functools.cache
+def idle_is_reversible() -> bool:
+    """Whether a thread of this process may switch from SCHED_IDLE back to its normal policy.
+    The kernel allows it with CAP_SYS_NICE or where RLIMIT_NICE covers the thread's nice value,
+    and a root process in a container often lacks the capability, so this is tried once, on a
+    throwaway thread, rather than guessed; a thread that could not come back would run the
+    stop-and-copy round idle."""
+    idle = getattr(os, "SCHED_IDLE", None)
+    if idle is None:
         return False
-    return soft == resource.RLIM_INFINITY or 20 - nice <= soft
+    result: list[bool] = []
+
+    def probe() -> None:
+        tid = _tid()
+        try:
+            policy = os.sched_getscheduler(tid)
+            os.sched_setscheduler(tid, idle, os.sched_param(0))
+        except OSError:
+            result.append(False)
+            return
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError:
+            result.append(False)  # (the thread ends here, idle)
+            return
+        result.append(True)
+
+    t = threading.Thread(target=probe, name="sched-idle-probe")
+    t.start()
+    t.join()
+    return bool(result and result[0])
 
 
 def lower_this_thread(by: int = MIGRATION_NICE) -> Priority | None:
@@ -105,7 +126,7 @@ def lower_this_thread(by: int = MIGRATION_NICE) -> Priority | None:
         log.debug("cannot read the migration thread's priority: %s", e)
         return None
     idle = getattr(os, "SCHED_IDLE", None)
-    if idle is not None and before.policy != idle and _may_leave_idle(before.nice):
+    if idle is not None and before.policy != idle and idle_is_reversible():
         try:
             os.sched_setscheduler(tid, idle, os.sched_param(0))
             return before
