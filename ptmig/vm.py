@@ -205,6 +205,10 @@ class Vm:
             v.fd.set_sregs(boot.initial_sregs(v.fd.get_sregs()))
             v.fd.set_regs(boot.initial_regs(v.index, entry if v.index == 0 else entry_ap))
 
+    def vcpu_thread_ids(self) -> list[int]:
+        """The OS thread ids of the started vCPU threads (their CPU is the guest's)."""
+        return [t for t in (v.thread.native_id for v in self.vcpus) if t is not None]
+
     def attach_device(self, index: int, device: MmioDevice) -> int:
         """Route the MMIO window of device `index` to `device`; returns the window's GPA."""
         self.devices[index] = device

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from ptmig.config import parse_config
-from ptmig.demo.cpu import TICK_S, CpuSample, StatTimes, migration_cpu_s, parse_stat, sample
 from ptmig.demo.plan import DemoOptions, config_text
 from ptmig.demo.summary import (
     EXIT_NOT_VERIFIED,
@@ -319,36 +318,6 @@ def test_any_loss_fails_the_verdict(change, expected: str) -> None:
     assert not v.ok and v.exit_status == EXIT_NOT_VERIFIED
     assert any(expected in p for p in v.problems), v.problems
     assert "NOT VERIFIED:" in summary_lines(d)
-
-
-STAT = (
-    "4242 (python -m (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 {ut} {st} 0 0 20 0 3 0 "
-    "100 1000 100 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 {gt} 0 0 0"
-)
-
-
-def test_proc_stat_times_are_parsed_past_a_name_with_parentheses() -> None:
-    t = parse_stat(STAT.format(ut=150, st=50, gt=120))
-    assert t.cpu_s == pytest.approx(200 * TICK_S) and t.guest_s == pytest.approx(120 * TICK_S)
-    with pytest.raises(ValueError, match="not a /proc stat line"):
-        parse_stat("12 (short) S 1 2")
-
-
-def test_migration_cpu_leaves_out_the_threads_that_ran_a_guest() -> None:
-    # thread 1: main (no guest); 2: a vCPU on both samples; 3: a vCPU that first ran the
-    # guest after the start (the destination's)
-    start = CpuSample(
-        10.0, {1: StatTimes(4.0, 0.0), 2: StatTimes(5.0, 4.0), 3: StatTimes(1.0, 0.0)}
-    )
-    end = CpuSample(20.0, {1: StatTimes(9.0, 0.0), 2: StatTimes(8.0, 7.0), 3: StatTimes(3.0, 1.5)})
-    assert migration_cpu_s(start, end) == pytest.approx(10.0 - 3.0 - 2.0)
-
-
-def test_this_process_can_be_sampled() -> None:
-    import os
-
-    s = sample(os.getpid())
-    assert s is not None and s.total_s >= 0 and os.getpid() in s.threads
 
 
 def test_the_migrations_origin_is_pinned_down_by_the_polls() -> None:

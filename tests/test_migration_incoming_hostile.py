@@ -77,6 +77,9 @@ class FakeVm:
     def restore_vcpus(self, states: list[Any]) -> None:
         pass
 
+    def vcpu_thread_ids(self) -> list[int]:
+        return []  # no vCPU threads: the whole process's CPU is the migration's
+
 
 class FakeHandle:
     def __init__(self, refuse: bool) -> None:

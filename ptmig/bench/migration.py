@@ -10,7 +10,7 @@ Per run, back to back:
   over `DATA_CHANNELS` parallel streams (QEMU's `multifd` capability, `multifd-channels`).
   Reported: total time, downtime, throughput = `ram.transferred` / `total-time`, and each VMM
   process's CPU seconds per GiB sent (user + system from `migrate` to `completed`, vCPU threads
-  left out; `ptmig.demo.cpu`). `total-time` runs from
+  left out; `ptmig.cputime`). `total-time` runs from
   the `migrate` command to the switchover, as QEMU's does; it does not include the
   destination's start-up, during which it prefaults its guest RAM (on by default, like QEMU's
   `-mem-prealloc`; about 0.5 s per GiB here, long over by the time the source filled its RAM).
@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from ..demo import cpu
+from .. import cputime
 from ..migration.seal import new_key_file
 from ..migration.transport import measure_loopback_stream
 from ..vmmproc import QmpMonitor, VmmError, free_port, run_command, stop_process
@@ -388,15 +388,15 @@ def ptmig_migration(
                 ]
             },
         )
-        before = (cpu.sample(src.pid), cpu.sample(dst.pid))
+        before = (cputime.sample(src.pid), cputime.sample(dst.pid))
         qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = _completed(qs, p.migration_timeout_s)
-        after = (cpu.sample(src.pid), cpu.sample(dst.pid))
+        after = (cputime.sample(src.pid), cputime.sample(dst.pid))
         qd.wait_status("running", 10)
         if verify and info.get("x-verify", {}).get("mismatched"):
             raise BenchError(f"verified migration found differing pages: {info['x-verify']}")
         used = [
-            cpu.migration_cpu_s(a, b) if a is not None and b is not None else float("nan")
+            cputime.migration_cpu_s(a, b) if a is not None and b is not None else float("nan")
             for a, b in zip(before, after, strict=True)
         ]
         return Sample(

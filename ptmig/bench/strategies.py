@@ -94,7 +94,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..demo.cpu import CpuSample
+from ..cputime import CpuSample
 from ..migration.params import DMA_TRACKING
 from ..report.bench import parse_ram
 from . import progress
@@ -1053,7 +1053,7 @@ class DatapathRun:
 
 def _host_cpu_s(vmm_pid: int, device_pids: Sequence[int]) -> CpuSample:
     """A CPU sample of the VMM with the device processes' time added to its total."""
-    from ..demo.cpu import sample
+    from ..cputime import sample
 
     s = sample(vmm_pid)
     if s is None:
@@ -1068,7 +1068,7 @@ def _host_cpu_s(vmm_pid: int, device_pids: Sequence[int]) -> CpuSample:
 def datapath_load(vmm: Any, qmp: Any, mode: str, seconds: float) -> DatapathRun:
     """kv --max load for `seconds` with the devices in `mode` (direct, or shadow / intercept
     through x-shadow-start); lost or wrong values are an error."""
-    from ..demo.cpu import migration_cpu_s
+    from ..cputime import migration_cpu_s
     from ..load import LoadOptions, run_load
 
     pids = vmm.device_pids()

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from .. import cputime
 from ..cliconv import json_to_stdout, write_json
 from ..migration.seal import new_key_file
 from ..vmmproc import FINISHED, QmpMonitor, VmmError, free_port, ptmig_command, run_command
-from . import cpu
 from .live import LiveView
 from .plan import DemoOptions, DemoPlan, latency_path, write_configs
 from .procs import Child, Children, DemoError, LineReader
@@ -222,7 +222,7 @@ def _max_gap_ms(stats: dict[str, Any] | None) -> float | None:
     return max(v.get("max-gap-us", 0) for v in stats["vcpus"]) / 1000.0
 
 
-Samples = tuple[cpu.CpuSample | None, cpu.CpuSample | None]  # (source, destination)
+Samples = tuple[cputime.CpuSample | None, cputime.CpuSample | None]  # (source, destination)
 
 
 @dataclass
@@ -241,23 +241,28 @@ class CpuWatch:
     end: Samples = (None, None)
 
     def take(self) -> Samples:
-        return cpu.sample(self.src_pid), cpu.sample(self.dst_pid)
+        return cputime.sample(self.src_pid), cputime.sample(self.dst_pid)
 
-    def _baseline(self, i: int) -> float | None:
-        """The side's CPU over the migration's time at its warm-up rate (the guest's I/O
-        through the VMM, its QMP, ...: what it spends without migrating)."""
+    def _baseline(self, i: int, migrating_s: float) -> float | None:
+        """The side's CPU over `migrating_s` at its warm-up rate (the guest's I/O through the
+        VMM, its QMP, ...: what it spends without migrating)."""
         a, b = self.warm[i], self.start[i]
-        if a is None or b is None or self.start_at <= self.warm_at:
+        if a is None or b is None or self.start_at <= self.warm_at or migrating_s <= 0:
             return None
-        rate = cpu.migration_cpu_s(a, b) / (self.start_at - self.warm_at)
-        return rate * (self.switched_at - self.start_at)
+        return cputime.migration_cpu_s(a, b) / (self.start_at - self.warm_at) * migrating_s
 
-    def to_json(self, transferred: Any, ram_total: Any = None) -> dict[str, Any]:
-        """Per side: `-s` / `-s-per-gib` from `migrate` to the switchover (the migration
-        itself), `-baseline-s` what the side spent in as long during the warm-up (not
-        migrating), `-with-verify-s` to the end (the page verification after it included)."""
+    def to_json(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Per side, from the final `query-migrate` `info`: `-s` / `-s-per-gib` from `migrate`
+        to the switchover (the migration itself: what the VMM metered itself, `x-cpu-s`, else
+        the samples around the poll that saw the switchover), `-baseline-s` what the side
+        spent in as long during the warm-up (not migrating), `-with-verify-s` to the end (the
+        page verification after it included)."""
+        ram = info.get("ram") or {}
+        transferred, ram_total = ram.get("transferred"), ram.get("total")
         gib = float(transferred) / (1 << 30) if isinstance(transferred, (int, float)) else 0.0
         ram_gib = float(ram_total) / (1 << 30) if isinstance(ram_total, (int, float)) else 0.0
+        metered = info.get("x-cpu-s") or {}
+        total_ms = info.get("total-time")
         out: dict[str, Any] = {
             "gib-transferred": round(gib, 4),
             "gib-ram": round(ram_gib, 4),
@@ -267,20 +272,27 @@ class CpuWatch:
         }
         for i, side in enumerate(("source", "destination")):
             a, mid, b = self.start[i], self.switched[i], self.end[i]
-            if a is None:
-                continue
-            if mid is not None:
-                used = cpu.migration_cpu_s(a, mid)
+            used: float | None = None
+            if isinstance(metered.get(side), (int, float)):
+                used, out[f"{side}-by"] = float(metered[side]), "vmm"
+            elif a is not None and mid is not None:
+                used, out[f"{side}-by"] = cputime.migration_cpu_s(a, mid), "poll"
+            if used is not None:
                 out[f"{side}-s"] = round(used, 3)
                 if gib > 0:
                     out[f"{side}-s-per-gib"] = round(used / gib, 3)
                 if ram_gib > 0:  # every page of RAM is examined at least once
                     out[f"{side}-s-per-ram-gib"] = round(used / ram_gib, 3)
-                base = self._baseline(i)
+                migrating_s = (
+                    float(total_ms) / 1000.0
+                    if isinstance(total_ms, (int, float))
+                    else self.switched_at - self.start_at
+                )
+                base = self._baseline(i, migrating_s)
                 if base is not None:
                     out[f"{side}-baseline-s"] = round(base, 3)
-            if b is not None:
-                out[f"{side}-with-verify-s"] = round(cpu.migration_cpu_s(a, b), 3)
+            if a is not None and b is not None:
+                out[f"{side}-with-verify-s"] = round(cputime.migration_cpu_s(a, b), 3)
         return out
 
 
@@ -396,9 +408,7 @@ def _demo_section(
         },
         "throughput": throughput(load.get("series") or [], phases, load_end),
         "latency": latency,
-        "cpu": cpu_watch.to_json(
-            (info.get("ram") or {}).get("transferred"), (info.get("ram") or {}).get("total")
-        ),
+        "cpu": cpu_watch.to_json(info),
     }
 
 

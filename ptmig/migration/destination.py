@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..cliconv import VMM_FAILED
+from ..cputime import MigrationMeter
 from ..devices.handle import DeviceError
 from ..disklock import DiskLockError
 from ..errors import PtmigError
@@ -438,6 +439,7 @@ class Incoming:
         # that arming knows them without scanning the memfd inside the downtime.
         self.zero_received: np.ndarray | None = None
         self._committing = False  # the commit point has begun: a stop request must wait
+        self.cpu = MigrationMeter(machine.vm.vcpu_thread_ids)  # Hello to the switchover's ack
         self.fates = Fates()  # every migration id this process saw, and the one it committed
         self.migration_id: str | None = None  # the current attempt's (its Hello's)
         self.fate_server: FateServer | None = None  # once the guest runs here
@@ -621,6 +623,7 @@ class Incoming:
                 if asked is not None:
                     transport.send_event(ch, conn, self.fates.answer(asked))
                     return False
+                self.cpu.start()
                 ack = self._check_hello(ev)
                 transport.send_event(ch, conn, ack)
                 if not ack.accepted:
@@ -1252,6 +1255,9 @@ class Incoming:
         }
         if postcopy_arm is not None:  # pending pages punched, guest RAM registered
             report["x-switchover-ms"]["postcopy-arm"] = postcopy_arm
+        used = self.cpu.stop()  # a clock read and a /proc read per vCPU: microseconds
+        if used is not None:
+            report["x-cpu-s"] = round(used, 4)
         self._commit(ch, conn)
         try:
             transport.send_event(ch, conn, SwitchoverAck(True, json.dumps(report)))

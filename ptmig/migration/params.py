@@ -200,6 +200,9 @@ class MigrationInfo:
     fate_query: dict[str, Any] | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     postcopy: dict[str, Any] | None = None  # why and how post-copy ran
+    # Each VMM's CPU seconds from the migration's start to the switchover, vCPU threads left
+    # out (`cputime.MigrationMeter`; the destination's from its ack, None if it sent none)
+    cpu_s: dict[str, float | None] | None = None
 
     def total_time_ms(self) -> int:
         end = self.end if self.end is not None else time.monotonic()
@@ -249,4 +252,6 @@ class MigrationInfo:
             out["x-verify"] = self.verify
         if self.shadow is not None:
             out["x-shadow"] = self.shadow
+        if self.cpu_s is not None:
+            out["x-cpu-s"] = {k: v for k, v in self.cpu_s.items() if v is not None}
         return out

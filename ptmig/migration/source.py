@@ -26,6 +26,7 @@ and an empty one on the other.
 from __future__ import annotations
 
 import logging
+import math
 import select
 import threading
 import time
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import bitmap
+from ..cputime import MigrationMeter
 from ..disklock import DiskLockError
 from ..errors import PtmigError
 from ..guest_state import pack_devices, pack_vcpus
@@ -155,6 +157,7 @@ class SourceMigration:
         self._session = token_hex(16)
         self.recovery = recovery.Recovery()
         self._pause_asked = False
+        self.cpu = MigrationMeter(self.m.vm.vcpu_thread_ids)  # this side's, to the switchover
 
     # --- control ----------------------------------------------------------------------------
 
@@ -199,6 +202,7 @@ class SourceMigration:
         m = self.m
         vm = m.vm
         self.info.start = time.monotonic()
+        self.cpu.start()
         self.info.ram.total = vm.memory.ram  # RAM bytes, not the span with the MMIO gap
         self._was_running = vm.state == RunState.RUNNING
         self._note_owner()
@@ -693,6 +697,10 @@ class SourceMigration:
             raise RuntimeError(f"destination refused the switchover: {reply.reason}")
         acked = time.monotonic()
         self.info.downtime_ms = int((acked - self.stopped_at) * 1000)
+        self.info.cpu_s = {
+            "source": self.cpu.stop(),
+            "destination": _seconds(_ack_field(reply.reason, "x-cpu-s")),
+        }
         if self._postcopy and self.info.postcopy is not None:
             # the host's CLOCK_MONOTONIC, which the destination's guest start on the same host
             # is stamped with too: the bench checks the downtime window holds the switchover
@@ -942,6 +950,13 @@ class SourceMigration:
             "first-mismatched": list(report.first_mismatched),
             "time-ms": round((time.monotonic() - t0) * 1000, 1),
         }
+
+
+def _seconds(value: Any) -> float | None:
+    """A duration the destination reported (peer data): a finite number >= 0, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 def _ack_field(reason: str, key: str) -> Any:

@@ -1,4 +1,4 @@
-"""CPU time a VMM process spent on a migration, from /proc (Linux).
+"""CPU time a VMM process spent on a migration (Linux).
 
 `sample(pid)` reads the process's user + system time (`/proc/PID/stat`, its live and ended
 threads together) and each live thread's (`/proc/PID/task/TID/stat`), with the time the thread
@@ -7,11 +7,19 @@ the guest's work (and its exits), not the migration's. `migration_cpu_s(start, e
 process's CPU between two samples less what its vCPU threads used in between: the sender or
 receiver, dirty-log harvest, hashing, the shadow data plane, QMP, and whatever else the VMM
 does meanwhile. Parsing is one pure function (`parse_stat`) so it is tested without /proc.
+
+Those samples are an observer's, taken when it polls. The switchover is a moment only the
+VMMs know: a small guest's verification after it can end before the next poll, and the
+"to the switchover" sample is then missed. So each VMM also meters itself (`MigrationMeter`):
+its process CPU clock less its vCPU threads', read at the migration's start and at the
+switchover, and reported in `query-migrate` (`x-cpu-s`).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
@@ -78,3 +86,45 @@ def migration_cpu_s(start: CpuSample, end: CpuSample) -> float:
             before = start.threads.get(tid)
             vcpu += t.cpu_s - (before.cpu_s if before is not None else 0.0)
     return max(0.0, end.total_s - start.total_s - vcpu)
+
+
+def _thread_cpu_s(tid: int) -> float:
+    """One thread of this process: its user + system seconds (0 if it has ended)."""
+    times = _read(f"/proc/self/task/{tid}/stat")
+    return times.cpu_s if times is not None else 0.0
+
+
+def migration_clock(vcpu_tids: Iterable[int]) -> float:
+    """This process's CPU seconds (every thread, ended ones included) less its vCPU threads'.
+
+    Cheap (one clock read and one small /proc read per vCPU): the destination takes it inside
+    the downtime. A vCPU thread that ended is no longer subtracted: its time stays counted.
+    """
+    total = time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID)
+    return total - sum(_thread_cpu_s(tid) for tid in vcpu_tids)
+
+
+class MigrationMeter:
+    """The CPU a migration costs this VMM, from `start()` to `stop()` (vCPU threads left out).
+
+    `vcpu_tids` is asked at each reading, so vCPU threads started in between are counted too.
+    """
+
+    def __init__(
+        self,
+        vcpu_tids: Callable[[], Iterable[int]],
+        clock: Callable[[Iterable[int]], float] = migration_clock,
+    ) -> None:
+        self._tids = vcpu_tids
+        self._clock = clock
+        self._start: float | None = None
+        self.used_s: float | None = None  # set by stop()
+
+    def start(self) -> None:
+        self._start, self.used_s = self._clock(self._tids()), None
+
+    def stop(self) -> float | None:
+        """The CPU seconds since `start()` (None if it was never started)."""
+        if self._start is not None:
+            self.used_s = max(0.0, self._clock(self._tids()) - self._start)
+        return self.used_s
