@@ -20,6 +20,7 @@ from ptmig.demo.summary import (
 from ptmig.demo.timeline import (
     Gap,
     Phase,
+    bridge_stale_replies,
     gap_contains,
     last_reply_sent_s,
     latency_by_phase,
@@ -239,6 +240,51 @@ def test_the_switchover_outage_is_judged_by_the_last_requests_send_time() -> Non
     assert out is not None and not out["contains-switchover"], out
     problems = verdict(_with_outage(out)).problems
     assert any("answered a request sent at 10.01 s" in p for p in problems), problems
+
+
+def test_a_stale_reply_inside_the_pause_does_not_end_the_outage() -> None:
+    """The failure seen at load 7 (a demo --quick beside two others): the last pre-pause
+    reply reached the client 23 ms into a 34 ms pause, so the client's silence was two gaps
+    and the one at the switchover ended before the guest could have resumed. The record shows
+    the reply answered a request sent before the pause: the outage runs on to the first reply
+    after it (and says how many stale replies it spans)."""
+    from ptmig.demo.run import _switchover_outage
+
+    stop = Phase("stop-and-copy", 10.0, 10.04)
+    info = {
+        "x-rounds": [
+            {
+                "stop-and-copy": True,
+                "downtime-ms": {"pause": 2, "sync": 3, "ack": 8},
+                "destination-ms": {"vcpus": 1, "devices": 1},
+            }
+        ]
+    }  # the guest can have resumed from 10.04 - (8 - 2) ms = 10.034 s on
+    latency = {"pre-copy": {"n": 100, "p50_ms": 2.0, "p99_ms": 20.0, "max_ms": 30.0}}
+    gaps = [[9.99, 33.0], [10.023, 15.0]]  # split by the stale reply at 10.023
+    rows = np.array([[9.99, 2.0], [10.023, 30.0], [10.038, 2.0], [10.05, 1.0]])
+    out = _switchover_outage([stop], gaps, info, latency, 0.0, rows)
+    assert out is not None and out["contains-switchover"], out
+    assert (out["start_s"], out["end_s"], out["stale-replies-inside"]) == (9.99, 10.038, 1)
+    assert "it spans 1 stale reply (to requests sent before the pause" in " ".join(
+        summary_lines(_with_outage(out))
+    )
+    # the reply inside the pause answers a request sent after the pause began (+ quiesce):
+    # the guest answered while paused; not bridged, and the verdict says so
+    fresh = np.array([[9.99, 2.0], [10.023, 10.0], [10.038, 2.0], [10.05, 1.0]])
+    out = _switchover_outage([stop], gaps, info, latency, 0.0, fresh)
+    assert out is not None and not out["contains-switchover"], out
+    assert out["end_s"] == 10.023 and "stale-replies-inside" not in out
+    assert not verdict(_with_outage(out)).ok
+
+
+def test_bridging_needs_a_reply_after_the_pause() -> None:
+    gap = Gap(9.99, 10.023)
+    only_stale = np.array([[9.99, 2.0], [10.023, 30.0]])  # the load ended inside the pause
+    assert bridge_stale_replies(only_stale, gap, 10.034, 10.005) == (gap, 0)
+    assert bridge_stale_replies(np.empty((0, 2)), gap, 10.034, 10.005) == (gap, 0)
+    ended_late = Gap(9.99, 10.036)  # already past the earliest resume: nothing to bridge
+    assert bridge_stale_replies(only_stale, ended_late, 10.034, 10.005) == (ended_late, 0)
 
 
 def _with_outage(outage: dict) -> dict:

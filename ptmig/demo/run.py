@@ -37,6 +37,7 @@ from .summary import EXIT_DEMO_FAILED, summary_lines, verdict
 from .tapnet import TapNetwork
 from .timeline import (
     Phase,
+    bridge_stale_replies,
     gap_contains,
     last_reply_sent_s,
     latency_by_phase,
@@ -317,7 +318,10 @@ def _switchover_outage(
 
     With the client's per-request record (`rows`: completed at s, latency ms) the beginning
     is judged by when the request answered last before the gap was sent (before the guest
-    stopped, or the guest answered while paused); the p99 allowance is used only without it."""
+    stopped, or the guest answered while paused); the p99 allowance is used only without it.
+    The record also tells a stale reply inside the pause (read late, to a request sent
+    before it) from service: the gap is carried over such replies to the first one after the
+    guest may have resumed (`bridge_stale_replies`)."""
     stop = next((p for p in phases if p.name == "stop-and-copy"), None)
     if stop is None:
         return None
@@ -341,11 +345,17 @@ def _switchover_outage(
     ack_s = float(parts.get("ack", 0)) / 1000.0 if isinstance(parts, dict) else 0.0
     late_s = max(0.0, ack_s - restore_s)
     sent_s = None if rows is None else last_reply_sent_s(rows, gap)
+    stale = 0
+    if rows is not None:
+        gap, stale = bridge_stale_replies(
+            rows, gap, stop.end_s - late_s - slack_s, stop.start_s + quiesce_s + slack_s
+        )
     contains = gap_contains(gap, stop, early_s, late_s, slack_s, sent_s, quiesce_s)
     return {
         **gap.to_json(),
         "contains-switchover": contains,
         **({} if sent_s is None else {"last-reply-sent_s": round(sent_s, 4)}),
+        **({"stale-replies-inside": stale} if stale else {}),
         "quiesce-ms": round(quiesce_s * 1000, 2),
         "early-ms": round(early_s * 1000, 2),
         "late-ms": round(late_s * 1000, 2),

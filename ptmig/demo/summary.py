@@ -196,10 +196,17 @@ def _outage_line(outage: Mapping[str, Any]) -> str:
     if not isinstance(gap, Mapping) or "ms" not in gap:
         return "outage seen by the client at the switchover: not measured" + longest
     where = "contains" if gap.get("contains-switchover") else "does NOT contain"
+    stale = gap.get("stale-replies-inside")
+    late = (
+        f"; it spans {stale} stale {'reply' if stale == 1 else 'replies'} (to requests sent "
+        "before the pause, read inside it)"
+        if stale
+        else ""
+    )
     return (
         f"outage seen by the client at the switchover: {_ms(gap['ms'])} "
         f"(t={float(gap['start_s']):.3f}..{float(gap['end_s']):.3f} s, {where} the "
-        f"guest's pause)" + longest
+        f"guest's pause{late})" + longest
     )
 
 

@@ -207,6 +207,31 @@ def last_reply_sent_s(rows: np.ndarray, gap: Gap, tolerance_s: float = 0.0005) -
     return float((done[at_start] - rows[at_start, 1] / 1000.0).max())
 
 
+def bridge_stale_replies(
+    rows: np.ndarray, gap: Gap, paused_until_s: float, sent_by_s: float
+) -> tuple[Gap, int]:
+    """The switchover's gap extended over replies that arrived while the guest was paused.
+
+    On a loaded host the client reads the last replies the guest sent before its pause so
+    late that one arrives inside the pause, splitting the client's silence in two. A reply
+    completed before `paused_until_s` (the earliest the destination can have resumed the guest)
+    to a request sent no later than `sent_by_s` (the pause's start + quiesce) is such a stale
+    reply: the outage runs on to the first reply completed after `paused_until_s`. Returns the
+    (possibly longer) gap and how many stale replies it spans; the gap unchanged (and 0) when
+    any reply inside the pause answers a later request: a guest that answered while it was
+    supposed to be paused is a fault to report, not to bridge. `rows`: (completed at s,
+    latency ms) per request."""
+    if not len(rows) or gap.end_s >= paused_until_s:
+        return gap, 0
+    done = rows[:, 0]
+    inside = (done >= gap.end_s) & (done < paused_until_s)
+    sent = done[inside] - rows[inside, 1] / 1000.0
+    later = done[done >= paused_until_s]
+    if not inside.any() or (sent > sent_by_s).any() or not later.size:
+        return gap, 0
+    return Gap(gap.start_s, float(later.min())), int(inside.sum())
+
+
 def gap_contains(
     gap: Gap,
     stop: Phase,
