@@ -164,6 +164,7 @@ def test_without_the_vmms_figures_the_demo_falls_back_to_its_polls_or_says_nothi
     # only the side the destination reported: the other falls back
     half = _watch(switched=True).to_json({**INFO, "x-cpu-s": {"source": 0.8}})
     assert (half["source-by"], half["destination-by"]) == ("vmm", "poll")
+    assert half["source-s"] == 0.8 and half["source-poll-s"] == pytest.approx(1.5)
 
 
 def test_nan_is_never_reported() -> None:

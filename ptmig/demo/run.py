@@ -274,10 +274,13 @@ class CpuWatch:
         for i, side in enumerate(("source", "destination")):
             a, mid, b = self.start[i], self.switched[i], self.end[i]
             used: float | None = None
+            polled = None if a is None or mid is None else cputime.migration_cpu_s(a, mid)
             if isinstance(metered.get(side), (int, float)):
                 used, out[f"{side}-by"] = float(metered[side]), "vmm"
-            elif a is not None and mid is not None:
-                used, out[f"{side}-by"] = cputime.migration_cpu_s(a, mid), "poll"
+                if polled is not None:  # the observer's figure, for comparison
+                    out[f"{side}-poll-s"] = round(polled, 3)
+            elif polled is not None:
+                used, out[f"{side}-by"] = polled, "poll"
             if used is not None:
                 out[f"{side}-s"] = round(used, 3)
                 if gib > 0:
