@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptmig.iommu import (
     PAGE_SIZE,
@@ -252,6 +254,49 @@ def test_writable_guest_pfns(table: IommuTable) -> None:
     table.map(6, 2, TARGET_POOL, 0)
     table.map(8, 1, TARGET_RAM, 10)  # aliases page 10 again
     assert table.writable_guest_pfns().tolist() == [10, 11]
+
+
+def test_mark_writable_guest_sets_the_writable_ram_pages_only(table: IommuTable) -> None:
+    table.map(0, 4, TARGET_RAM, 0, write=False)  # read-only: not marked
+    table.map(4, 2, TARGET_RAM, 10)
+    table.map(6, 2, TARGET_POOL, 0)  # the shadow pool, not guest RAM
+    table.map(8, 1, TARGET_RAM, 10)  # aliases page 10 again
+    table.map(9, 2, TARGET_RAM, 15)  # page 16 is past the flags' end: left out
+    table.map(12, 1, TARGET_RAM, 3)
+    table.unmap(12)  # unmapped again
+    flags = np.zeros(GUEST_PAGES, dtype=bool)
+    flags[1] = True  # marks add to what the flags already say
+    table.mark_writable_guest(flags)
+    assert np.flatnonzero(flags).tolist() == [1, 10, 11, 15]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 31),  # IOVA page
+            st.integers(1, 8),  # pages
+            st.sampled_from([TARGET_RAM, TARGET_POOL]),
+            st.integers(0, 40),  # target page
+            st.booleans(),  # writable
+        ),
+        max_size=12,
+    ),
+    st.integers(1, 48),
+)
+def test_mark_writable_guest_agrees_with_the_sorted_list(
+    maps: list[tuple[int, int, int, int, bool]], npages: int
+) -> None:
+    t = IommuTable.create(32)
+    try:
+        for iova, count, target, pfn, write in maps:
+            t.map(iova, min(count, 32 - iova), target, pfn, write=write)
+        flags = np.zeros(npages, dtype=bool)
+        t.mark_writable_guest(flags)
+        listed = t.writable_guest_pfns()
+        assert np.flatnonzero(flags).tolist() == listed[listed < npages].tolist()
+    finally:
+        t.close()
 
 
 _CHILD = textwrap.dedent("""

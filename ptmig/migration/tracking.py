@@ -94,13 +94,10 @@ class AllDirty(_QuiesceAtStop):
     name = "all-dirty"
 
     def _writable(self, m: Guest) -> bitmap.Bitmap:
-        out = bitmap.empty(m.vm.memory.npages)
         flags = np.zeros(m.vm.memory.npages, dtype=bool)
         for dev in m.devices:
-            pfns = dev.iommu.writable_guest_pfns()
-            flags[pfns[pfns < flags.size]] = True
-        out[:] = bitmap.from_bool(flags)
-        return out
+            dev.iommu.mark_writable_guest(flags)
+        return bitmap.from_bool(flags)
 
     def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return self._writable(m)
