@@ -361,3 +361,31 @@ def test_two_byte_reads_are_the_bytes_there_aligned_or_not(table: IommuTable, ad
     assert dev.read(addr, 2) == bytes(ram[addr : addr + 2])
     ram[addr : addr + 2] = b"\x34\x12"
     assert int.from_bytes(dev.read(addr, 2), "little") == 0x1234
+
+
+def test_all_dirty_round_set_is_every_page_a_device_may_write() -> None:
+    """The all-dirty strategy's pages for a round: the union over the devices of the guest
+    RAM pages their IOMMU tables let them write, as a bitmap of the guest's pages."""
+    from types import SimpleNamespace
+
+    from ptmig import bitmap
+    from ptmig.migration.tracking import AllDirty
+
+    net, disk = IommuTable.create(32), IommuTable.create(32)
+    try:
+        net.map(0, 3, TARGET_RAM, 4)  # pages 4-6
+        net.map(3, 1, TARGET_RAM, 20, write=False)
+        disk.map(0, 2, TARGET_RAM, 6)  # pages 6-7, 6 shared with the NIC
+        disk.map(2, 1, TARGET_POOL, 9)
+        disk.map(3, 2, TARGET_RAM, GUEST_PAGES - 1)  # the last page and one past the end
+        guest = SimpleNamespace(
+            vm=SimpleNamespace(memory=SimpleNamespace(npages=GUEST_PAGES)),
+            devices=[SimpleNamespace(iommu=net), SimpleNamespace(iommu=disk)],
+        )
+        got = AllDirty().round_dirty(guest)  # type: ignore[arg-type]
+        assert got is not None
+        want = bitmap.from_pages([4, 5, 6, 7, GUEST_PAGES - 1], GUEST_PAGES)
+        assert got.tolist() == want.tolist()
+    finally:
+        net.close()
+        disk.close()
