@@ -389,3 +389,40 @@ def test_all_dirty_round_set_is_every_page_a_device_may_write() -> None:
     finally:
         net.close()
         disk.close()
+
+
+def test_all_dirty_sees_every_change_to_the_tables_between_rounds() -> None:
+    """all-dirty reads a table again only after it changed (its generation moved): a page
+    mapped writable after a round is in the next round, one unmapped is not; an unchanged
+    table gives the same pages, and a caller changing its copy changes no later round."""
+    from types import SimpleNamespace
+
+    from ptmig.migration.tracking import AllDirty
+
+    net, disk = IommuTable.create(32), IommuTable.create(32)
+    try:
+        net.map(0, 2, TARGET_RAM, 4)  # pages 4-5
+        guest = SimpleNamespace(
+            vm=SimpleNamespace(memory=SimpleNamespace(npages=GUEST_PAGES)),
+            devices=[SimpleNamespace(iommu=net), SimpleNamespace(iommu=disk)],
+        )
+        strategy = AllDirty()
+
+        def pages() -> list[int]:
+            got = strategy.round_dirty(guest)  # type: ignore[arg-type]
+            assert got is not None
+            flags = np.unpackbits(got.view(np.uint8), bitorder="little")[:GUEST_PAGES]
+            got[:] = 0  # the caller's to change
+            return np.flatnonzero(flags).tolist()
+
+        assert pages() == [4, 5]
+        assert pages() == [4, 5]
+        disk.map(0, 1, TARGET_RAM, 9)
+        assert pages() == [4, 5, 9]
+        net.unmap(1)
+        assert pages() == [4, 9]
+        net.map(1, 1, TARGET_RAM, 5, write=False)  # mapped again, read-only
+        assert pages() == [4, 9]
+    finally:
+        net.close()
+        disk.close()
