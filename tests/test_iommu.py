@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptmig.iommu import (
     PAGE_SIZE,
@@ -254,6 +256,49 @@ def test_writable_guest_pfns(table: IommuTable) -> None:
     assert table.writable_guest_pfns().tolist() == [10, 11]
 
 
+def test_mark_writable_guest_sets_the_writable_ram_pages_only(table: IommuTable) -> None:
+    table.map(0, 4, TARGET_RAM, 0, write=False)  # read-only: not marked
+    table.map(4, 2, TARGET_RAM, 10)
+    table.map(6, 2, TARGET_POOL, 0)  # the shadow pool, not guest RAM
+    table.map(8, 1, TARGET_RAM, 10)  # aliases page 10 again
+    table.map(9, 2, TARGET_RAM, 15)  # page 16 is past the flags' end: left out
+    table.map(12, 1, TARGET_RAM, 3)
+    table.unmap(12)  # unmapped again
+    flags = np.zeros(GUEST_PAGES, dtype=bool)
+    flags[1] = True  # marks add to what the flags already say
+    table.mark_writable_guest(flags)
+    assert np.flatnonzero(flags).tolist() == [1, 10, 11, 15]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 31),  # IOVA page
+            st.integers(1, 8),  # pages
+            st.sampled_from([TARGET_RAM, TARGET_POOL]),
+            st.integers(0, 40),  # target page
+            st.booleans(),  # writable
+        ),
+        max_size=12,
+    ),
+    st.integers(1, 48),
+)
+def test_mark_writable_guest_agrees_with_the_sorted_list(
+    maps: list[tuple[int, int, int, int, bool]], npages: int
+) -> None:
+    t = IommuTable.create(32)
+    try:
+        for iova, count, target, pfn, write in maps:
+            t.map(iova, min(count, 32 - iova), target, pfn, write=write)
+        flags = np.zeros(npages, dtype=bool)
+        t.mark_writable_guest(flags)
+        listed = t.writable_guest_pfns()
+        assert np.flatnonzero(flags).tolist() == listed[listed < npages].tolist()
+    finally:
+        t.close()
+
+
 _CHILD = textwrap.dedent("""
     import mmap, sys
     from ptmig.iommu import DmaView, IommuTable, PAGE_SIZE
@@ -316,3 +361,68 @@ def test_two_byte_reads_are_the_bytes_there_aligned_or_not(table: IommuTable, ad
     assert dev.read(addr, 2) == bytes(ram[addr : addr + 2])
     ram[addr : addr + 2] = b"\x34\x12"
     assert int.from_bytes(dev.read(addr, 2), "little") == 0x1234
+
+
+def test_all_dirty_round_set_is_every_page_a_device_may_write() -> None:
+    """The all-dirty strategy's pages for a round: the union over the devices of the guest
+    RAM pages their IOMMU tables let them write, as a bitmap of the guest's pages."""
+    from types import SimpleNamespace
+
+    from ptmig import bitmap
+    from ptmig.migration.tracking import AllDirty
+
+    net, disk = IommuTable.create(32), IommuTable.create(32)
+    try:
+        net.map(0, 3, TARGET_RAM, 4)  # pages 4-6
+        net.map(3, 1, TARGET_RAM, 20, write=False)
+        disk.map(0, 2, TARGET_RAM, 6)  # pages 6-7, 6 shared with the NIC
+        disk.map(2, 1, TARGET_POOL, 9)
+        disk.map(3, 2, TARGET_RAM, GUEST_PAGES - 1)  # the last page and one past the end
+        guest = SimpleNamespace(
+            vm=SimpleNamespace(memory=SimpleNamespace(npages=GUEST_PAGES)),
+            devices=[SimpleNamespace(iommu=net), SimpleNamespace(iommu=disk)],
+        )
+        got = AllDirty().round_dirty(guest)  # type: ignore[arg-type]
+        assert got is not None
+        want = bitmap.from_pages([4, 5, 6, 7, GUEST_PAGES - 1], GUEST_PAGES)
+        assert got.tolist() == want.tolist()
+    finally:
+        net.close()
+        disk.close()
+
+
+def test_all_dirty_sees_every_change_to_the_tables_between_rounds() -> None:
+    """all-dirty reads a table again only after it changed (its generation moved): a page
+    mapped writable after a round is in the next round, one unmapped is not; an unchanged
+    table gives the same pages, and a caller changing its copy changes no later round."""
+    from types import SimpleNamespace
+
+    from ptmig.migration.tracking import AllDirty
+
+    net, disk = IommuTable.create(32), IommuTable.create(32)
+    try:
+        net.map(0, 2, TARGET_RAM, 4)  # pages 4-5
+        guest = SimpleNamespace(
+            vm=SimpleNamespace(memory=SimpleNamespace(npages=GUEST_PAGES)),
+            devices=[SimpleNamespace(iommu=net), SimpleNamespace(iommu=disk)],
+        )
+        strategy = AllDirty()
+
+        def pages() -> list[int]:
+            got = strategy.round_dirty(guest)  # type: ignore[arg-type]
+            assert got is not None
+            flags = np.unpackbits(got.view(np.uint8), bitorder="little")[:GUEST_PAGES]
+            got[:] = 0  # the caller's to change
+            return np.flatnonzero(flags).tolist()
+
+        assert pages() == [4, 5]
+        assert pages() == [4, 5]
+        disk.map(0, 1, TARGET_RAM, 9)
+        assert pages() == [4, 5, 9]
+        net.unmap(1)
+        assert pages() == [4, 9]
+        net.map(1, 1, TARGET_RAM, 5, write=False)  # mapped again, read-only
+        assert pages() == [4, 9]
+    finally:
+        net.close()
+        disk.close()

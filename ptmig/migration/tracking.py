@@ -93,14 +93,24 @@ class NoTracking(_QuiesceAtStop):
 class AllDirty(_QuiesceAtStop):
     name = "all-dirty"
 
+    def __init__(self) -> None:
+        # The last answer and the tables' generations it was read at: the tables rarely
+        # change during a migration, and every change bumps its table's generation.
+        self._seen: tuple[tuple[int, ...], bitmap.Bitmap] | None = None
+
     def _writable(self, m: Guest) -> bitmap.Bitmap:
-        out = bitmap.empty(m.vm.memory.npages)
-        flags = np.zeros(m.vm.memory.npages, dtype=bool)
+        npages = m.vm.memory.npages
+        # (the generations first: a change made while the entries are read bumps them after
+        # it, so the next round reads the entries again)
+        key = (npages, *(x for dev in m.devices for x in (id(dev.iommu), dev.iommu.generation)))
+        if self._seen is not None and self._seen[0] == key:
+            return self._seen[1].copy()
+        flags = np.zeros(npages, dtype=bool)
         for dev in m.devices:
-            pfns = dev.iommu.writable_guest_pfns()
-            flags[pfns[pfns < flags.size]] = True
-        out[:] = bitmap.from_bool(flags)
-        return out
+            dev.iommu.mark_writable_guest(flags)
+        out = bitmap.from_bool(flags)
+        self._seen = (key, out)
+        return out.copy()
 
     def round_dirty(self, m: Guest) -> bitmap.Bitmap | None:
         return self._writable(m)
