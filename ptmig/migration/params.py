@@ -184,6 +184,7 @@ class MigrationInfo:
     start: float = 0.0
     end: float | None = None
     setup_time_ms: int = 0
+    setup_parts_ms: dict[str, float] | None = None  # connect, handshake, dma-tracking
     downtime_ms: int | None = None
     expected_downtime_ms: int = 0
     throttle_pct: int = 0
@@ -215,6 +216,8 @@ class MigrationInfo:
         r = self.ram
         out["total-time"] = self.total_time_ms()
         out["setup-time"] = self.setup_time_ms
+        if self.setup_parts_ms is not None:
+            out["x-setup-ms"] = dict(self.setup_parts_ms)
         if self.downtime_ms is not None:
             out["downtime"] = self.downtime_ms
         else:

@@ -224,13 +224,26 @@ class SourceMigration:
             nchannels, token = self.caps.data_channels(self.params), token_hex(16)
             if nchannels:
                 caps += (channel_capability(DATA_CHANNELS_OFFER_CAPABILITY, nchannels, token),)
+            t_connected = time.monotonic()
             self._handshake(ch, conn, caps)
             self._open_data_channels(nchannels, token)
             self._check()
+            t_channels = time.monotonic()
             self.strategy.begin(m)
             self._began = True
             vm.dirty.reset()
-            self.info.setup_time_ms = int((time.monotonic() - self.info.start) * 1000)
+            t_began = time.monotonic()
+            self.info.setup_time_ms = int((t_began - self.info.start) * 1000)
+            # Where setup went; `dma-tracking` is the strategy's start (shadowing: each device
+            # quiesced while its rings move), which the guest's I/O waits for.
+            self.info.setup_parts_ms = {
+                k: round(v * 1000, 2)
+                for k, v in (
+                    ("connect", t_connected - self.info.start),
+                    ("handshake", t_channels - t_connected),
+                    ("dma-tracking", t_began - t_channels),
+                )
+            }
             self._set_status(Status.ACTIVE)
             with background.background():  # the stop-and-copy round runs as before
                 pending = self._precopy(ch, conn)
