@@ -118,6 +118,9 @@ enum {
 	ST_MARKED,   /* intercept: guest page pieces marked dirty for a device's direct writes */
 	ST_FETCHED,  /* post-copy: guest pages this device's requests or rings found missing */
 	ST_FETCH_WAITS, /* post-copy: waits for such pages (one per ring or request) */
+	ST_WAKEUPS,  /* passes of the thread this device's doorbells or interrupts started */
+	ST_KICKS,    /* doorbells rung on the device (eventfd writes) */
+	ST_GUEST_IRQS, /* guest interrupts raised for this device's completions */
 	ST_COUNT
 };
 
@@ -160,6 +163,7 @@ struct dp_dev {
 	char *error;      /* [ERROR_LEN]: why shadowing stopped, "" while healthy */
 	int irq_fd;       /* the device's interrupt eventfd */
 	int intercept;    /* data buffers stay in guest RAM: only the rings are shadowed */
+	int woken;        /* this pass of the thread was started by one of its fds */
 	int nqueues;
 	struct dp_queue queues[MAX_QUEUES];
 };
@@ -745,14 +749,18 @@ static void service(struct dp_engine *e, int poll_all)
 			struct dp_queue *q = &d->queues[k];
 			if (!q->pending && !poll_all)
 				continue;
-			if (forward_queue(q) > 0)
+			if (forward_queue(q) > 0 && q->kick_fd >= 0) {
 				fd_signal(q->kick_fd);
+				d->stats[ST_KICKS]++;
+			}
 			/* retried when Python pokes, or on the next pass while pages are fetched */
 			q->pending = q->pos[Q_STALLED] != 0 || q->fetching;
 		}
 		int r = complete_dev(d);
-		if (r > 0)
+		if (r > 0) {
 			synced += r;
+			d->stats[ST_GUEST_IRQS]++;
+		}
 	}
 	if (synced)
 		fd_signal(e->guest_wake_fd);
@@ -779,6 +787,8 @@ static void *run(void *arg)
 			break;
 		}
 		int poll_all = n <= 0;
+		for (int i = 0; i < e->ndevs; i++)
+			e->devs[i]->woken = 0;
 		for (int i = 0; i < n; i++) {
 			uint64_t t = ev[i].data.u64;
 			void *p = (void *)(uintptr_t)(t & ~3ull);
@@ -788,12 +798,18 @@ static void *run(void *arg)
 				fd_drain(q->doorbell_fd);
 				q->pending = 1;
 				q->dev->stats[ST_DOORBELLS]++;
+				q->dev->stats[ST_WAKEUPS] += !q->dev->woken;
+				q->dev->woken = 1;
 				break;
 			}
-			case TAG_DEV:
-				fd_drain(((struct dp_dev *)p)->irq_fd);
-				((struct dp_dev *)p)->stats[ST_INTERRUPTS]++;
+			case TAG_DEV: {
+				struct dp_dev *d = p;
+				fd_drain(d->irq_fd);
+				d->stats[ST_INTERRUPTS]++;
+				d->stats[ST_WAKEUPS] += !d->woken;
+				d->woken = 1;
 				break;
+			}
 			default:
 				fd_drain(e->wake_fd);
 				poll_all = 1; /* Python mapped pages for stalled queues */

@@ -55,9 +55,12 @@ from .native import (
     ST_FETCH_WAITS,
     ST_FETCHED,
     ST_FORWARDED,
+    ST_GUEST_IRQS,
     ST_INTERRUPTS,
+    ST_KICKS,
     ST_MARKED,
     ST_STALLS,
+    ST_WAKEUPS,
     Dataplane,
     DataplaneDevice,
     DataplaneQueue,
@@ -128,6 +131,9 @@ class ShadowStats:
     pages_marked = property(lambda self: self._get(ST_MARKED))
     pages_fetched = property(lambda self: self._get(ST_FETCHED))
     fetch_waits = property(lambda self: self._get(ST_FETCH_WAITS))
+    wakeups = property(lambda self: self._get(ST_WAKEUPS))
+    device_kicks = property(lambda self: self._get(ST_KICKS))
+    guest_interrupts = property(lambda self: self._get(ST_GUEST_IRQS))
 
 
 class ShadowedDevice:

@@ -38,7 +38,10 @@ ST_CLOCK = 11
 ST_MARKED = 12  # intercept: page pieces marked dirty for the device's direct writes
 ST_FETCHED = 13  # post-copy: guest pages the device's requests or rings found missing
 ST_FETCH_WAITS = 14  # post-copy: waits for such pages
-ST_COUNT = 15
+ST_WAKEUPS = 15  # passes of the thread the device's doorbells or interrupts started
+ST_KICKS = 16  # doorbells rung on the device
+ST_GUEST_IRQS = 17  # guest interrupts raised for the device's completions
+ST_COUNT = 18
 # Positions per queue (enum Q_* in dataplane.c).
 Q_NEXT_AVAIL, Q_NEXT_USED, Q_STALLED, Q_INFLIGHT = range(4)
 Q_COUNT = 4
