@@ -258,6 +258,10 @@ def test_the_data_plane_thread_services_doorbells_and_interrupts() -> None:
         assert sd.stats.stalls == 1 and sd.map.reused == 1
         # each doorbell and the interrupt woke the thread once (the wake-ups the engine reports)
         assert (sd.stats.doorbells, sd.stats.interrupts) == (2, 1)
+        assert sd.stats.wakeups == 3  # the poke after the stall is Python's, not the device's
+        # the device was kicked for each forwarded burst (not for the stalled doorbell) and the
+        # guest woken once, for the one completion
+        assert (sd.stats.device_kicks, sd.stats.guest_interrupts) == (2, 1)
         dp.stop()
         sd.close()
     finally:
