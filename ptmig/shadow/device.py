@@ -29,6 +29,7 @@ so avail and used indices mean the same thing on both rings.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -170,6 +171,7 @@ class ShadowedDevice:
         self.mmio: MmioState | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
         self.inflight_pages_marked = 0  # intercept: in-flight writable pages at the switchover
+        self.enter_ms = 0.0  # entering: how long the device was quiesced (quiesce to resume)
         # post-copy destination: the driver reconfigured the device while pages were missing;
         # held quiesced and shadowed, its rings are the driver's new ones when it leaves
         self.reconfigured = False
@@ -279,18 +281,8 @@ class ShadowedDevice:
                 True,
             )
             heads = read_avail_entries(self.vcpu_buf, view, avail_pending(self.vcpu_buf, view))
-            held: list[int] = []
-            try:
-                for n, head in enumerate(heads):
-                    try:
-                        held += self._acquire_chain(st, head)
-                    except (QueueError, ShadowError):
-                        if n == 0:
-                            raise  # the stalled request itself: the device cannot go on
-                        break  # a later one: the data plane will stall on it again
-            finally:
-                for gpfn in held:  # unreferenced again: the data plane takes them over
-                    self.map.release(gpfn, used=False)
+            held = self._acquire_chains(st, heads)
+            self.map.release_many(held)  # unreferenced again: the data plane takes them over
             self.flush_mappings()
         except (QueueError, ShadowError) as e:
             self.fail(f"queue {qi}: {e}")
@@ -298,20 +290,44 @@ class ShadowedDevice:
         sq.native.pos[Q_STALLED] = 0
         return True
 
-    def _acquire_chain(self, st: QueueState, head: int) -> list[int]:
-        chain = walk_chain(self.vcpu_buf, st, None, head)
-        got: list[int] = []
-        try:
+    def _acquire_chains(self, st: QueueState, heads: list[int]) -> list[int]:
+        """Reference the device buffer of every page of the chains at `heads`, in order, and
+        return the pages referenced (one entry per reference). A chain that fails (a hostile
+        ring, a page outside RAM, the pool exhausted) keeps none of its pages and ends the
+        burst; if it is the first, the error is raised (the device cannot go on).
+
+        The chains are walked first -- from one read of the descriptor table, with every check
+        of `walk_chain` -- and their pages then acquired in one pass (`acquire_many`): the same
+        buffers, references and errors as acquiring chain by chain, page by page."""
+        mem = DescriptorTableSnapshot.of(self.vcpu_buf, st)
+        pages: list[int] = []
+        ends: list[int] = []  # end of each walked chain's pages in `pages`
+        walk_error: QueueError | None = None
+        for head in heads:
+            try:
+                chain = walk_chain(mem, st, None, head)
+            except QueueError as e:
+                walk_error = e
+                break
             for d in chain.descriptors:
-                last = (d.addr + d.length - 1) >> PAGE_SHIFT
-                for gpfn in range(d.addr >> PAGE_SHIFT, last + 1):
-                    self.map.acquire(gpfn, copy=False)
-                    got.append(gpfn)
-        except ShadowError:
-            for gpfn in got:
+                pages.extend(
+                    range(d.addr >> PAGE_SHIFT, ((d.addr + d.length - 1) >> PAGE_SHIFT) + 1)
+                )
+            ends.append(len(pages))
+        try:
+            self.map.acquire_many(pages)
+        except ShadowError as e:
+            got: int = getattr(e, "acquired", 0)
+            n = bisect_right(ends, got)  # the chain the failing page belongs to
+            start = ends[n - 1] if n else 0
+            for gpfn in pages[start:got]:  # that chain's pages acquired so far
                 self.map.release(gpfn)
-            raise
-        return got
+            if n == 0:
+                raise
+            return pages[:start]
+        if walk_error is not None and not ends:
+            raise walk_error
+        return pages
 
     def reclaim_idle(self) -> None:
         """Unmap the oldest idle device buffers once there are more than IDLE_MAX."""
@@ -377,6 +393,35 @@ class ShadowedDevice:
             for sq in self.queues.values()
         }
         return DeviceState(self.kind, self.mmio, queues), inflight
+
+
+class DescriptorTableSnapshot:
+    """A `RingMemory` serving reads inside one queue's descriptor table from a copy read in
+    one go (the chains of a burst are walked from it); other reads go to `mem`."""
+
+    def __init__(self, mem: Any, base: int, data: bytes) -> None:
+        self.mem = mem
+        self.base = base
+        self.data = data
+
+    @classmethod
+    def of(cls, mem: Any, st: QueueState) -> Any:
+        """The snapshot of `st`'s table, or `mem` itself if the table cannot be read whole
+        (each descriptor read then fails or not as it would have)."""
+        try:
+            data = mem.read(st.desc_addr, 16 * st.size)
+        except QueueError:
+            return mem
+        return cls(mem, st.desc_addr, data)
+
+    def read(self, addr: int, length: int) -> bytes:
+        off = addr - self.base
+        if 0 <= off and off + length <= len(self.data):
+            return self.data[off : off + length]
+        return bytes(self.mem.read(addr, length))
+
+    def write(self, addr: int, data: bytes) -> None:
+        raise QueueError(f"the descriptor table copy is read-only ({addr:#x})")
 
 
 def requests_taken(
