@@ -133,6 +133,38 @@ def _state(sd: ShadowedDevice, iommu: IommuTable, pool: ShadowPool, flushes: lis
     pool_pages=4,
     warm=[20, 21],
 )
+@example(  # chains of several descriptors, readable then writable, sharing pages
+    table=[
+        (0x9F00, PAGE_SIZE, 1, 1),
+        (0x20000, 2 * PAGE_SIZE, 1 | 2, 2),
+        (0x9000, 16, 2, 0),
+        (0xA000, 16, 1, 4),
+        (0x9000, 3 * PAGE_SIZE, 0, 0),
+    ]
+    + [(0, 1, 0, 0)] * (SIZE - 5),
+    heads=[3, 0, 2, 0],
+    pool_pages=40,
+    warm=[10, 32],
+)
+@example(  # two chains of two descriptors: new buffers are made in chain order
+    table=[(0x9000, 16, 1, 1), (0xA000, 16, 0, 0), (0xB000, 16, 1, 3), (0xC000, 16, 0, 0)]
+    + [(0, 1, 0, 0)] * (SIZE - 4),
+    heads=[0, 2],
+    pool_pages=40,
+    warm=[],
+)
+@example(  # a readable descriptor after a writable one, in the third chain
+    table=[(0x9000, 16, 0, 0), (0xA000, 16, 3, 2), (0xB000, 16, 0, 0)] + [(0, 1, 0, 0)] * 13,
+    heads=[0, 0, 1],
+    pool_pages=40,
+    warm=[],
+)
+@example(  # more bytes than a chain may describe, over several descriptors
+    table=[(0x9000, 40 << 20, 1, 1), (0x9000, 40 << 20, 0, 0)] + [(0, 1, 0, 0)] * 14,
+    heads=[2, 0],
+    pool_pages=40,
+    warm=[],
+)
 @example(  # a loop in the second chain
     table=[(0x9000, 16, 0, 0), (0xA000, 16, 1, 2), (0xB000, 16, 1, 1)] + [(0, 1, 0, 0)] * 13,
     heads=[0, 1],

@@ -34,8 +34,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..devices.control import DeviceState
+from ..devices.virtio.constants import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_DESC_KNOWN_FLAGS,
+)
 from ..devices.virtio.queue import (
+    DEFAULT_MAX_TOTAL_LEN,
     QueueError,
     QueueState,
     avail_pending,
@@ -300,34 +309,44 @@ class ShadowedDevice:
         of `walk_chain` -- and their pages then acquired in one pass (`acquire_many`): the same
         buffers, references and errors as acquiring chain by chain, page by page."""
         mem = DescriptorTableSnapshot.of(self.vcpu_buf, st)
-        pages: list[int] = []
-        ends: list[int] = []  # end of each walked chain's pages in `pages`
         walk_error: QueueError | None = None
-        for head in heads:
-            try:
-                chain = walk_chain(mem, st, None, head)
-            except QueueError as e:
-                walk_error = e
-                break
-            for d in chain.descriptors:
-                pages.extend(
-                    range(d.addr >> PAGE_SHIFT, ((d.addr + d.length - 1) >> PAGE_SHIFT) + 1)
-                )
-            ends.append(len(pages))
+        if isinstance(mem, DescriptorTableSnapshot):
+            pages, ends, good = walk_chains(mem.data, st.size, heads)
+            if good < len(heads):  # the first bad chain: its error, from `walk_chain` itself
+                try:
+                    walk_chain(mem, st, None, heads[good])
+                except QueueError as e:
+                    walk_error = e
+                else:
+                    raise ShadowError(f"chain at head {heads[good]}: the two walks disagree")
+        else:
+            plist: list[int] = []
+            ends = []
+            for head in heads:
+                try:
+                    chain = walk_chain(mem, st, None, head)
+                except QueueError as e:
+                    walk_error = e
+                    break
+                for d in chain.descriptors:
+                    first, last = d.addr >> PAGE_SHIFT, (d.addr + d.length - 1) >> PAGE_SHIFT
+                    plist.extend(range(first, last + 1))
+                ends.append(len(plist))
+            pages = np.asarray(plist, dtype=np.int64)
         try:
             self.map.acquire_many(pages)
         except ShadowError as e:
             got: int = getattr(e, "acquired", 0)
             n = bisect_right(ends, got)  # the chain the failing page belongs to
             start = ends[n - 1] if n else 0
-            for gpfn in pages[start:got]:  # that chain's pages acquired so far
+            for gpfn in pages[start:got].tolist():  # that chain's pages acquired so far
                 self.map.release(gpfn)
             if n == 0:
                 raise
-            return pages[:start]
+            return pages[:start].tolist()
         if walk_error is not None and not ends:
             raise walk_error
-        return pages
+        return pages.tolist()
 
     def reclaim_idle(self) -> None:
         """Unmap the oldest idle device buffers once there are more than IDLE_MAX."""
@@ -393,6 +412,83 @@ class ShadowedDevice:
             for sq in self.queues.values()
         }
         return DeviceState(self.kind, self.mmio, queues), inflight
+
+
+_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+
+
+def walk_chains(table: bytes, size: int, heads: list[int]) -> tuple[np.ndarray, list[int], int]:
+    """`walk_chain` for each of `heads` in turn, all at once: a step of every chain per pass
+    over the descriptor table (`table`: its `size` descriptors), by the same checks. Returns
+    the pages of the chains that pass, in order (a page per descriptor page, descriptors in
+    chain order), where each chain's pages end, and how many chains pass before the first
+    that does not (its error is `walk_chain`'s to tell)."""
+    t = np.frombuffer(table, dtype=_DESC_DTYPE, count=size)
+    h = np.asarray(heads, dtype=np.int64)
+    n = h.size
+    bad = (h < 0) | (h >= size)
+    cur = np.where(bad, 0, h)
+    active = ~bad
+    seen_writable = np.zeros(n, dtype=bool)
+    total = np.zeros(n, dtype=np.int64)
+    recs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    step = 0
+    while True:
+        first_bad = int(np.argmax(bad)) if bad.any() else n
+        active[first_bad:] = False  # chains behind a bad one do not matter
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        if step >= size:  # longer than the queue: a loop in the next links
+            bad[idx] = True
+            continue
+        d = t[cur[idx]]
+        addr, length = d["addr"], d["len"].astype(np.uint64)
+        flags, nxt = d["flags"].astype(np.int64), d["next"].astype(np.int64)
+        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
+        more = (flags & VIRTQ_DESC_F_NEXT) != 0
+        tot = total[idx] + length.astype(np.int64)
+        err = (
+            ((flags & ~VIRTQ_DESC_KNOWN_FLAGS) != 0)
+            | ((flags & VIRTQ_DESC_F_INDIRECT) != 0)
+            | (length == 0)
+            | (addr > np.uint64(0) - length)  # addr + length > 2**64 (u64 arithmetic)
+            | (tot > DEFAULT_MAX_TOTAL_LEN)
+            | (seen_writable[idx] & ~writable)
+            | (more & (nxt >= size))
+        )
+        bad[idx[err]] = True
+        ok = ~err
+        with np.errstate(over="ignore"):
+            last = (addr + length - np.uint64(1)) >> np.uint64(PAGE_SHIFT)
+        recs.append(
+            (
+                idx[ok],
+                np.full(int(ok.sum()), step, dtype=np.int64),
+                (addr[ok] >> np.uint64(PAGE_SHIFT)).astype(np.int64),
+                last[ok].astype(np.int64),
+            )
+        )
+        total[idx] = tot
+        seen_writable[idx] |= writable
+        go = ok & more
+        cur[idx[go]] = nxt[go]
+        active[idx] = False
+        active[idx[go]] = True
+        step += 1
+    good = int(np.argmax(bad)) if bad.any() else n
+    if not recs or good == 0:
+        return np.zeros(0, dtype=np.int64), [], good
+    chain, steps, first, last = (np.concatenate(x) for x in zip(*recs, strict=True))
+    keep = chain < good
+    chain, steps, first, last = chain[keep], steps[keep], first[keep], last[keep]
+    order = np.lexsort((steps, chain))
+    chain, first, last = chain[order], first[order], last[order]
+    count = last - first + 1
+    starts = np.cumsum(count) - count
+    pages = np.repeat(first, count) + (np.arange(int(count.sum())) - np.repeat(starts, count))
+    ends = np.cumsum(np.bincount(chain, weights=count, minlength=good)).astype(np.int64)
+    return pages, ends.tolist(), good
 
 
 class DescriptorTableSnapshot:

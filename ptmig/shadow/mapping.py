@@ -143,7 +143,7 @@ class ShadowMap:
             self.pool.write(pfn, 0, self.memory.slice(gpfn << PAGE_SHIFT, PAGE_SIZE))
         return pfn
 
-    def acquire_many(self, gpfns: list[int]) -> int:
+    def acquire_many(self, gpfns: list[int] | np.ndarray) -> int:
         """`acquire(g, copy=False)` for each page of `gpfns` in order, with one pass over the
         table: the pages of a burst of requests. Returns how many were acquired; on a
         `ShadowError` (a page outside guest RAM, the pool exhausted) the pages before the
@@ -151,9 +151,9 @@ class ShadowMap:
         `acquired`. The result -- buffers, references, counters, IOMMU entries -- is the same
         as the per-page calls'; the pages run one by one only when the pool might run out (a
         reclaim must then see the references as they were at that page)."""
-        if not gpfns:
-            return 0
         pages = np.asarray(gpfns, dtype=np.int64)
+        if pages.size == 0:
+            return 0
         bad = self._first_outside_ram(pages)
         n = pages.size if bad is None else bad
         todo = pages[:n]
@@ -162,7 +162,7 @@ class ShadowMap:
         uniq, counts = uniq[order], counts[order]
         new = uniq[self.slot[uniq] < 0]
         if self.view_base is None and new.size > self.pool.free_pages:
-            return self._acquire_each(gpfns)
+            return self._acquire_each(pages.tolist())
         c = self.counters
         refs0 = self.refs[uniq]
         reused = int(
