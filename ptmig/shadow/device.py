@@ -253,13 +253,15 @@ class ShadowedDevice:
 
     # --- submission ---------------------------------------------------------------------------
 
-    def submit(self, qi: int) -> bool:
+    def submit(self, qi: int, *, flush: bool = True) -> bool:
         """Forward the guest's new requests on queue `qi`, shadowing pages as needed. Returns
-        True if any were forwarded (the caller then flushes mappings and kicks the device)."""
+        True if any were forwarded (the caller then flushes mappings and kicks the device).
+        `flush=False`: the device is quiesced and the caller invalidates its IOTLB before it
+        resumes (entering shadow mode), so new device buffers need no flush of their own."""
         with self.dataplane.locked():
-            return self.submit_locked(qi)
+            return self.submit_locked(qi, flush=flush)
 
-    def submit_locked(self, qi: int) -> bool:
+    def submit_locked(self, qi: int, *, flush: bool = True) -> bool:
         if self.broken is not None or qi not in self.queues:
             return False
         forwarded = 0
@@ -270,13 +272,14 @@ class ShadowedDevice:
             forwarded += n
             if not self.queues[qi].native.stalled:
                 return forwarded > 0
-            if not self.shadow_stalled(qi):
+            if not self.shadow_stalled(qi, flush=flush):
                 return False
 
-    def shadow_stalled(self, qi: int) -> bool:
+    def shadow_stalled(self, qi: int, *, flush: bool = True) -> bool:
         """Give device buffers to the pages of the request queue `qi` stalled on -- and of the
         requests behind it, so a burst costs one IOTLB flush -- then let the queue go on.
-        Returns False if the device broke (a hostile ring, the pool exhausted)."""
+        Returns False if the device broke (a hostile ring, the pool exhausted). `flush=False`
+        leaves the flush to the caller (see `submit`)."""
         sq = self.queues[qi]
         st = sq.state
         try:
@@ -292,7 +295,8 @@ class ShadowedDevice:
             heads = read_avail_entries(self.vcpu_buf, view, avail_pending(self.vcpu_buf, view))
             held = self._acquire_chains(st, heads)
             self.map.release_many(held)  # unreferenced again: the data plane takes them over
-            self.flush_mappings()
+            if flush:
+                self.flush_mappings()
         except (QueueError, ShadowError) as e:
             self.fail(f"queue {qi}: {e}")
             return False

@@ -135,8 +135,8 @@ class ShadowEngine:
         dev.handle.quiesce()
         kicks = dict(dev.handle.doorbell_eventfds)
         sd.build(DeviceState.from_json(dev.handle.get_state()), sd.vmm_doorbells, kicks)
-        for qi in list(sd.queues):
-            sd.submit(qi)
+        for qi in list(sd.queues):  # quiesced: the one invalidation below covers them
+            sd.submit(qi, flush=False)
         dev.handle.iotlb_invalidate()
         sd.map.invalidated()
         sd.stats.iotlb_invalidations += 1
