@@ -88,6 +88,13 @@ def _setup(pool_pages: int, table: list[tuple[int, int, int, int]], warm: list[i
     return sd, iommu, pool, flushes
 
 
+def _close(sd: ShadowedDevice, iommu: IommuTable, pool: ShadowPool) -> None:
+    sd.dataplane.close()
+    iommu.close()
+    pool.close()
+    sd.memory.close()
+
+
 def _state(sd: ShadowedDevice, iommu: IommuTable, pool: ShadowPool, flushes: list[int]):
     return (
         sd.map.slot.tolist(),
@@ -184,7 +191,7 @@ def test_batched_acquire_equals_page_by_page(table, heads, pool_pages, warm) -> 
         except (QueueError, ShadowError) as e:
             outcome = (type(e).__name__, str(e))
         results.append((outcome, _state(sd, iommu, pool, flushes)))
-        iommu.close()
+        _close(sd, iommu, pool)
     assert results[0] == results[1]
 
 
@@ -207,7 +214,7 @@ def test_releasing_a_burst_at_once_equals_one_page_at_a_time(table, heads) -> No
             for gpfn in held:
                 sd.map.release(gpfn, used=False)
         results.append(_state(sd, iommu, pool, flushes))
-        iommu.close()
+        _close(sd, iommu, pool)
     assert results[0] == results[1]
     assert not any(results[0][1]), "every reservation of the burst was dropped"
 
@@ -222,15 +229,14 @@ def test_releasing_more_than_was_acquired_is_refused() -> None:
     else:
         raise AssertionError("a page released twice after one acquire was accepted")
     assert sd.map.refs[DATA_PAGE] == 1  # nothing was dropped
-    iommu.close()
+    _close(sd, iommu, pool)
 
 
 def test_the_table_copy_serves_the_table_and_passes_other_reads_through() -> None:
     mem = GuestMemory(MEM)
     mem.write(DESC, bytes(range(256)) * (SIZE * 16 // 256))
     mem.write(AVAIL, b"\x07\x08")
-    sd, iommu, _, _ = _setup(8, [(0, 1, 0, 0)] * SIZE, [])
-    sd.memory = mem
+    sd, iommu, pool, _ = _setup(8, [(0, 1, 0, 0)] * SIZE, [])
     snap = DescriptorTableSnapshot.of(sd.vcpu_buf.__class__(mem), RING)
     assert isinstance(snap, DescriptorTableSnapshot)
     mem.write(DESC, b"\xff" * 16)  # a later guest store: the copy keeps what was read
@@ -238,7 +244,8 @@ def test_the_table_copy_serves_the_table_and_passes_other_reads_through() -> Non
     assert snap.read(AVAIL, 2) == b"\x07\x08"
     outside = QueueState(SIZE, MEM - 64, AVAIL, USED, 0, 0, True)  # runs past guest RAM
     assert DescriptorTableSnapshot.of(sd.vcpu_buf, outside) is sd.vcpu_buf
-    iommu.close()
+    mem.close()
+    _close(sd, iommu, pool)
 
 
 def test_iommu_map_pages_writes_the_entries_of_one_page_maps() -> None:
