@@ -254,6 +254,32 @@ class IommuTable:
         self._writable()[iova_pfn : iova_pfn + count] = (pfns << np.uint64(PAGE_SHIFT)) | flags
         self._bump()
 
+    def map_pages(
+        self,
+        iova_pfns: npt.NDArray[np.int64],
+        target: int,
+        target_pfns: npt.NDArray[np.int64],
+        read: bool = True,
+        write: bool = True,
+    ) -> None:
+        """Map each IOVA page `iova_pfns[i]` to target page `target_pfns[i]` (scattered pages
+        in one write; the same entries as one `map(iova, 1, target, pfn)` per page)."""
+        iova = np.asarray(iova_pfns, dtype=np.int64)
+        pfns = np.asarray(target_pfns, dtype=np.int64)
+        if iova.shape != pfns.shape or iova.ndim != 1:
+            raise IommuError(f"{iova.size} IOVA pages for {pfns.size} target pages")
+        if iova.size == 0:
+            return
+        if int(iova.min()) < 0 or int(iova.max()) >= self.iova_pages:
+            raise IommuError(f"IOVA pages outside the table's {self.iova_pages:#x} pages")
+        if int(pfns.min()) < 0 or int(pfns.max()) > MAX_TARGET_PFN:
+            raise IommuError(f"target pages outside 0..{MAX_TARGET_PFN:#x}")
+        flags = encode_entry(target, 0, read, write)
+        self._writable()[iova] = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(
+            flags
+        )
+        self._bump()
+
     def map_identity(self, guest_pages: int, writable: bool = True) -> None:
         """Map IOVA == GPA for guest pages [0, guest_pages), readable, writable if asked."""
         self.map(0, guest_pages, TARGET_RAM, 0, read=True, write=writable)

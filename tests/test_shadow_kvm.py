@@ -135,6 +135,7 @@ def test_every_page_changed_during_intercept_is_in_the_dirty_set(tmp_path: Path)
             # ring page: the kv firmware keeps its disk status bytes there)
             assert dev["completions-synced"] > 0, (name, dev)
             assert dev["pages-marked"] + dev["bytes-to-guest"] > 0, (name, dev)
+            assert dev["enter-ms"] > 0, (name, dev)  # the quiesced window at entry, measured
     finally:
         m.close()
 
@@ -153,6 +154,8 @@ def test_twenty_migrations_back_and_forth_lose_nothing(tmp_path: Path) -> None:
     forwarded = sum(r["x-shadow"]["requests-forwarded"] for r in results)
     synced = sum(r["x-shadow"]["completions-synced"] for r in results)
     assert forwarded > 0 and synced > 0, "the load never went through the shadow rings"
+    for r in results:  # every device's quiesced window at entry is reported
+        assert all(d["enter-ms"] > 0 for d in r["x-shadow"]["devices"].values()), r["x-shadow"]
 
 
 def test_ten_intercept_migrations_under_load_lose_nothing(tmp_path: Path) -> None:

@@ -337,3 +337,31 @@ def test_a_doorbell_written_while_shadowing_is_left_never_reaches_a_closed_fd() 
         engine.close()
     assert vcpu_write == [True], vcpu_write  # consumed; leaving kicks every queue anyway
     assert sd.vmm_doorbells == {} and dev.direct_doorbells
+
+
+def test_a_quiesced_device_gets_its_new_buffers_flushed_once_by_the_caller(rig) -> None:
+    # Entering shadow mode: the requests made available while the device was quiesced are
+    # forwarded without an IOTLB flush of their own (a round trip to the device each), since
+    # the engine invalidates once before the resume; later bursts flush as before.
+    mem, iommu, pool, drv, sd, dma = rig
+    flushes = []
+
+    class Handle:
+        def iotlb_invalidate(self) -> int:
+            flushes.append(1)
+            return dma.invalidate_iotlb()
+
+    sd.dev.handle = Handle()  # type: ignore[attr-defined]
+    sd.build(device_state(drv))
+    for k in range(3):
+        buf = drv.alloc(2 * PAGE_SIZE, align=PAGE_SIZE)
+        drv.add_chain([Buffer(buf, 2 * PAGE_SIZE, writable=k > 0)])
+    assert sd.submit(0, flush=False), sd.broken
+    assert not flushes and sd.map.dirty_mappings, "the caller flushes once, before the resume"
+    assert sd.stats.requests_forwarded == 3
+    sd.flush_mappings()
+    assert len(flushes) == 1 and not sd.map.dirty_mappings
+    buf = drv.alloc(PAGE_SIZE, align=PAGE_SIZE)
+    drv.add_chain([Buffer(buf, PAGE_SIZE, writable=True)])
+    assert sd.submit(0), sd.broken  # a running device: the new buffer is flushed at once
+    assert len(flushes) == 2 and not sd.map.dirty_mappings

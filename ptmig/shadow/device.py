@@ -29,12 +29,22 @@ so avail and used indices mean the same thing on both rings.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..devices.control import DeviceState
+from ..devices.virtio.constants import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_DESC_KNOWN_FLAGS,
+)
 from ..devices.virtio.queue import (
+    DEFAULT_MAX_TOTAL_LEN,
     QueueError,
     QueueState,
     avail_pending,
@@ -176,6 +186,7 @@ class ShadowedDevice:
         self.mmio: MmioState | None = None  # the register file as the VMM knows it
         self.vmm_doorbells: dict[int, int] = {}  # queue -> the VMM's trapping eventfd
         self.inflight_pages_marked = 0  # intercept: in-flight writable pages at the switchover
+        self.enter_ms = 0.0  # entering: how long the device was quiesced (quiesce to resume)
         # post-copy destination: the driver reconfigured the device while pages were missing;
         # held quiesced and shadowed, its rings are the driver's new ones when it leaves
         self.reconfigured = False
@@ -248,13 +259,15 @@ class ShadowedDevice:
 
     # --- submission ---------------------------------------------------------------------------
 
-    def submit(self, qi: int) -> bool:
+    def submit(self, qi: int, *, flush: bool = True) -> bool:
         """Forward the guest's new requests on queue `qi`, shadowing pages as needed. Returns
-        True if any were forwarded (the caller then flushes mappings and kicks the device)."""
+        True if any were forwarded (the caller then flushes mappings and kicks the device).
+        `flush=False`: the device is quiesced and the caller invalidates its IOTLB before it
+        resumes (entering shadow mode), so new device buffers need no flush of their own."""
         with self.dataplane.locked():
-            return self.submit_locked(qi)
+            return self.submit_locked(qi, flush=flush)
 
-    def submit_locked(self, qi: int) -> bool:
+    def submit_locked(self, qi: int, *, flush: bool = True) -> bool:
         if self.broken is not None or qi not in self.queues:
             return False
         forwarded = 0
@@ -265,13 +278,14 @@ class ShadowedDevice:
             forwarded += n
             if not self.queues[qi].native.stalled:
                 return forwarded > 0
-            if not self.shadow_stalled(qi):
+            if not self.shadow_stalled(qi, flush=flush):
                 return False
 
-    def shadow_stalled(self, qi: int) -> bool:
+    def shadow_stalled(self, qi: int, *, flush: bool = True) -> bool:
         """Give device buffers to the pages of the request queue `qi` stalled on -- and of the
         requests behind it, so a burst costs one IOTLB flush -- then let the queue go on.
-        Returns False if the device broke (a hostile ring, the pool exhausted)."""
+        Returns False if the device broke (a hostile ring, the pool exhausted). `flush=False`
+        leaves the flush to the caller (see `submit`)."""
         sq = self.queues[qi]
         st = sq.state
         try:
@@ -285,39 +299,64 @@ class ShadowedDevice:
                 True,
             )
             heads = read_avail_entries(self.vcpu_buf, view, avail_pending(self.vcpu_buf, view))
-            held: list[int] = []
-            try:
-                for n, head in enumerate(heads):
-                    try:
-                        held += self._acquire_chain(st, head)
-                    except (QueueError, ShadowError):
-                        if n == 0:
-                            raise  # the stalled request itself: the device cannot go on
-                        break  # a later one: the data plane will stall on it again
-            finally:
-                for gpfn in held:  # unreferenced again: the data plane takes them over
-                    self.map.release(gpfn, used=False)
-            self.flush_mappings()
+            held = self._acquire_chains(st, heads)
+            self.map.release_many(held)  # unreferenced again: the data plane takes them over
+            if flush:
+                self.flush_mappings()
         except (QueueError, ShadowError) as e:
             self.fail(f"queue {qi}: {e}")
             return False
         sq.native.pos[Q_STALLED] = 0
         return True
 
-    def _acquire_chain(self, st: QueueState, head: int) -> list[int]:
-        chain = walk_chain(self.vcpu_buf, st, None, head)
-        got: list[int] = []
+    def _acquire_chains(self, st: QueueState, heads: list[int]) -> list[int]:
+        """Reference the device buffer of every page of the chains at `heads`, in order, and
+        return the pages referenced (one entry per reference). A chain that fails (a hostile
+        ring, a page outside RAM, the pool exhausted) keeps none of its pages and ends the
+        burst; if it is the first, the error is raised (the device cannot go on).
+
+        The chains are walked first -- from one read of the descriptor table, with every check
+        of `walk_chain` -- and their pages then acquired in one pass (`acquire_many`): the same
+        buffers, references and errors as acquiring chain by chain, page by page."""
+        mem = DescriptorTableSnapshot.of(self.vcpu_buf, st)
+        walk_error: QueueError | None = None
+        if isinstance(mem, DescriptorTableSnapshot):
+            pages, ends, good = walk_chains(mem.data, st.size, heads)
+            if good < len(heads):  # the first bad chain: its error, from `walk_chain` itself
+                try:
+                    walk_chain(mem, st, None, heads[good])
+                except QueueError as e:
+                    walk_error = e
+                else:
+                    raise ShadowError(f"chain at head {heads[good]}: the two walks disagree")
+        else:
+            plist: list[int] = []
+            ends = []
+            for head in heads:
+                try:
+                    chain = walk_chain(mem, st, None, head)
+                except QueueError as e:
+                    walk_error = e
+                    break
+                for d in chain.descriptors:
+                    first, last = d.addr >> PAGE_SHIFT, (d.addr + d.length - 1) >> PAGE_SHIFT
+                    plist.extend(range(first, last + 1))
+                ends.append(len(plist))
+            pages = np.asarray(plist, dtype=np.int64)
         try:
-            for d in chain.descriptors:
-                last = (d.addr + d.length - 1) >> PAGE_SHIFT
-                for gpfn in range(d.addr >> PAGE_SHIFT, last + 1):
-                    self.map.acquire(gpfn, copy=False)
-                    got.append(gpfn)
-        except ShadowError:
-            for gpfn in got:
+            self.map.acquire_many(pages)
+        except ShadowError as e:
+            got: int = getattr(e, "acquired", 0)
+            n = bisect_right(ends, got)  # the chain the failing page belongs to
+            start = ends[n - 1] if n else 0
+            for gpfn in pages[start:got].tolist():  # that chain's pages acquired so far
                 self.map.release(gpfn)
-            raise
-        return got
+            if n == 0:
+                raise
+            return pages[:start].tolist()
+        if walk_error is not None and not ends:
+            raise walk_error
+        return pages.tolist()
 
     def reclaim_idle(self) -> None:
         """Unmap the oldest idle device buffers once there are more than IDLE_MAX."""
@@ -383,6 +422,112 @@ class ShadowedDevice:
             for sq in self.queues.values()
         }
         return DeviceState(self.kind, self.mmio, queues), inflight
+
+
+_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+
+
+def walk_chains(table: bytes, size: int, heads: list[int]) -> tuple[np.ndarray, list[int], int]:
+    """`walk_chain` for each of `heads` in turn, all at once: a step of every chain per pass
+    over the descriptor table (`table`: its `size` descriptors), by the same checks. Returns
+    the pages of the chains that pass, in order (a page per descriptor page, descriptors in
+    chain order), where each chain's pages end, and how many chains pass before the first
+    that does not (its error is `walk_chain`'s to tell)."""
+    t = np.frombuffer(table, dtype=_DESC_DTYPE, count=size)
+    h = np.asarray(heads, dtype=np.int64)
+    n = h.size
+    bad = (h < 0) | (h >= size)
+    cur = np.where(bad, 0, h)
+    active = ~bad
+    seen_writable = np.zeros(n, dtype=bool)
+    total = np.zeros(n, dtype=np.int64)
+    recs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    step = 0
+    while True:
+        first_bad = int(np.argmax(bad)) if bad.any() else n
+        active[first_bad:] = False  # chains behind a bad one do not matter
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        if step >= size:  # longer than the queue: a loop in the next links
+            bad[idx] = True
+            continue
+        d = t[cur[idx]]
+        addr, length = d["addr"], d["len"].astype(np.uint64)
+        flags, nxt = d["flags"].astype(np.int64), d["next"].astype(np.int64)
+        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
+        more = (flags & VIRTQ_DESC_F_NEXT) != 0
+        tot = total[idx] + length.astype(np.int64)
+        err = (
+            ((flags & ~VIRTQ_DESC_KNOWN_FLAGS) != 0)
+            | ((flags & VIRTQ_DESC_F_INDIRECT) != 0)
+            | (length == 0)
+            | (addr > np.uint64(0) - length)  # addr + length > 2**64 (u64 arithmetic)
+            | (tot > DEFAULT_MAX_TOTAL_LEN)
+            | (seen_writable[idx] & ~writable)
+            | (more & (nxt >= size))
+        )
+        bad[idx[err]] = True
+        ok = ~err
+        with np.errstate(over="ignore"):
+            last = (addr + length - np.uint64(1)) >> np.uint64(PAGE_SHIFT)
+        recs.append(
+            (
+                idx[ok],
+                np.full(int(ok.sum()), step, dtype=np.int64),
+                (addr[ok] >> np.uint64(PAGE_SHIFT)).astype(np.int64),
+                last[ok].astype(np.int64),
+            )
+        )
+        total[idx] = tot
+        seen_writable[idx] |= writable
+        go = ok & more
+        cur[idx[go]] = nxt[go]
+        active[idx] = False
+        active[idx[go]] = True
+        step += 1
+    good = int(np.argmax(bad)) if bad.any() else n
+    if not recs or good == 0:
+        return np.zeros(0, dtype=np.int64), [], good
+    chain, steps, first, last = (np.concatenate(x) for x in zip(*recs, strict=True))
+    keep = chain < good
+    chain, steps, first, last = chain[keep], steps[keep], first[keep], last[keep]
+    order = np.lexsort((steps, chain))
+    chain, first, last = chain[order], first[order], last[order]
+    count = last - first + 1
+    starts = np.cumsum(count) - count
+    pages = np.repeat(first, count) + (np.arange(int(count.sum())) - np.repeat(starts, count))
+    ends = np.cumsum(np.bincount(chain, weights=count, minlength=good)).astype(np.int64)
+    return pages, ends.tolist(), good
+
+
+class DescriptorTableSnapshot:
+    """A `RingMemory` serving reads inside one queue's descriptor table from a copy read in
+    one go (the chains of a burst are walked from it); other reads go to `mem`."""
+
+    def __init__(self, mem: Any, base: int, data: bytes) -> None:
+        self.mem = mem
+        self.base = base
+        self.data = data
+
+    @classmethod
+    def of(cls, mem: Any, st: QueueState) -> Any:
+        """The snapshot of `st`'s table, or `mem` itself if the table cannot be read whole
+        (each descriptor read then fails or not as it would have)."""
+        try:
+            data = mem.read(st.desc_addr, 16 * st.size)
+        except QueueError:
+            return mem
+        return cls(mem, st.desc_addr, data)
+
+    def read(self, addr: int, length: int) -> bytes:
+        off = addr - self.base
+        if 0 <= off and off + length <= len(self.data):
+            return self.data[off : off + length]
+        return bytes(self.mem.read(addr, length))
+
+    def write(self, addr: int, data: bytes) -> None:
+        raise QueueError(f"the descriptor table copy is read-only ({addr:#x})")
 
 
 def requests_taken(

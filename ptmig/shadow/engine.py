@@ -131,11 +131,12 @@ class ShadowEngine:
     def _enter_device(self, sd: ShadowedDevice, view: BackendView | None) -> None:
         dev, vm = sd.dev, self.m.vm
         self._trap(sd)
+        quiesced = time.monotonic()
         dev.handle.quiesce()
         kicks = dict(dev.handle.doorbell_eventfds)
         sd.build(DeviceState.from_json(dev.handle.get_state()), sd.vmm_doorbells, kicks)
-        for qi in list(sd.queues):
-            sd.submit(qi)
+        for qi in list(sd.queues):  # quiesced: the one invalidation below covers them
+            sd.submit(qi, flush=False)
         dev.handle.iotlb_invalidate()
         sd.map.invalidated()
         sd.stats.iotlb_invalidations += 1
@@ -143,6 +144,7 @@ class ShadowEngine:
             assert isinstance(dev.handle, VhostUserBlk)
             dev.handle.set_backend_view(view)
         dev.handle.resume()
+        sd.enter_ms = (time.monotonic() - quiesced) * 1000.0
         for qi in sd.queues:
             dev.handle.kick(qi)
         # What the device wrote straight into guest RAM for the requests it had in flight is
@@ -436,6 +438,7 @@ class ShadowEngine:
                 "pages-marked": sd.pages_marked,
                 "pages-fetched": sd.stats.pages_fetched,
                 "switchover-pages-marked": sd.inflight_pages_marked,
+                "enter-ms": round(sd.enter_ms, 3),
                 "broken": sd.broken,
             }
             for name, sd in per.items()

@@ -63,6 +63,11 @@ class ShadowPool:
             raise ValueError(f"shadow pool view {view} out of range [0, {self.views})")
         return self.shared_pages + view * self.view_pages
 
+    @property
+    def free_pages(self) -> int:
+        """Shared pages `alloc` can still hand out."""
+        return len(self._free)
+
     def alloc(self) -> int:
         """A free pool page number."""
         with self._lock:
