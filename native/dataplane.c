@@ -120,7 +120,8 @@ enum {
 	ST_FETCH_WAITS, /* post-copy: waits for such pages (one per ring or request) */
 	ST_WAKEUPS,  /* passes of the thread this device's doorbells or interrupts started */
 	ST_KICKS,    /* doorbells rung on the device (eventfd writes) */
-	ST_GUEST_IRQS, /* guest interrupts raised for this device's completions */
+	ST_GUEST_IRQS, /* passes that synced this device's completions (the guest's wake-up is
+			* one eventfd write per pass for every device together) */
 	ST_COUNT
 };
 

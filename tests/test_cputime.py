@@ -108,7 +108,8 @@ def test_the_clock_leaves_out_the_vcpu_threads() -> None:
 
 
 def test_a_destinations_reported_seconds_are_checked() -> None:
-    """The destination's `x-cpu-s` is peer data: only a finite number >= 0 is taken."""
+    """The destination's `x-cpu-s` is peer data: only a finite number >= 0 is taken, and no
+    reply can make the source's switchover raise (it has committed by then)."""
     assert _seconds(_ack_field('{"x-cpu-s": 0.25}', "x-cpu-s")) == 0.25
     assert _seconds(_ack_field('{"x-cpu-s": 3}', "x-cpu-s")) == 3.0
     for reason in (
@@ -118,6 +119,9 @@ def test_a_destinations_reported_seconds_are_checked() -> None:
         '{"x-cpu-s": NaN}',
         '{"x-cpu-s": 1e999}',
         '{"x-cpu-s": [1]}',
+        '{"x-cpu-s": 1' + "0" * 400 + "}",  # an integer too large for a float
+        '{"x-cpu-s": 1' + "0" * 5000 + "}",  # past Python's integer digit limit
+        '{"x-cpu-s": ' + "[" * 100_000 + "]" * 100_000 + "}",  # nesting past the recursion limit
         '{"other": 1}',
         "[1, 2]",
         "not json",

@@ -278,6 +278,22 @@ def test_a_stale_reply_inside_the_pause_does_not_end_the_outage() -> None:
     assert not verdict(_with_outage(out)).ok
 
 
+def test_the_reply_that_ended_a_rounded_gap_is_checked_too() -> None:
+    """The client records a gap's start to 0.1 ms, so its end can fall just after the reply
+    that ended it: that reply, sent after the pause began and answered inside it, must still
+    stop the bridging (found in review: it escaped the check)."""
+    rows = np.array(
+        [
+            [5.07826449, 8.26449],  # the last reply before the gap
+            [5.10000004, 1.00004],  # ended the gap: sent at 5.099, inside the pause
+            [5.1050, 25.0],  # stale: sent at 5.080
+            [5.1400, 1.0],
+        ]
+    )
+    gap = Gap(5.0783, 5.100036)  # as recorded: the end rounded past the reply at 5.10000004
+    assert bridge_stale_replies(rows, gap, 5.1189, 5.0989) == (gap, 0)
+
+
 def test_bridging_needs_a_reply_after_the_pause() -> None:
     gap = Gap(9.99, 10.023)
     only_stale = np.array([[9.99, 2.0], [10.023, 30.0]])  # the load ended inside the pause

@@ -208,7 +208,11 @@ def last_reply_sent_s(rows: np.ndarray, gap: Gap, tolerance_s: float = 0.0005) -
 
 
 def bridge_stale_replies(
-    rows: np.ndarray, gap: Gap, paused_until_s: float, sent_by_s: float
+    rows: np.ndarray,
+    gap: Gap,
+    paused_until_s: float,
+    sent_by_s: float,
+    tolerance_s: float = 0.0005,
 ) -> tuple[Gap, int]:
     """The switchover's gap extended over replies that arrived while the guest was paused.
 
@@ -220,11 +224,14 @@ def bridge_stale_replies(
     (possibly longer) gap and how many stale replies it spans; the gap unchanged (and 0) when
     any reply inside the pause answers a later request: a guest that answered while it was
     supposed to be paused is a fault to report, not to bridge. `rows`: (completed at s,
-    latency ms) per request."""
+    latency ms) per request; `tolerance_s` covers the rounding of the client's gap record, so
+    the reply that ended the gap is always among those checked. A reply to a retransmission
+    looks as old as the request's first sending (the client times from there): a guest that
+    answered a retransmission while paused would be taken for a stale reply."""
     if not len(rows) or gap.end_s >= paused_until_s:
         return gap, 0
     done = rows[:, 0]
-    inside = (done >= gap.end_s) & (done < paused_until_s)
+    inside = (done >= gap.end_s - tolerance_s) & (done < paused_until_s)
     sent = done[inside] - rows[inside, 1] / 1000.0
     later = done[done >= paused_until_s]
     if not inside.any() or (sent > sent_by_s).any() or not later.size:

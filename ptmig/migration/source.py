@@ -969,7 +969,11 @@ def _seconds(value: Any) -> float | None:
     """A duration the destination reported (peer data): a finite number >= 0, else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
+    try:
+        seconds = float(value)  # a JSON integer may be too large for a float
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _ack_field(reason: str, key: str) -> Any:
@@ -978,6 +982,6 @@ def _ack_field(reason: str, key: str) -> Any:
 
     try:
         doc = json.loads(reason) if reason else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, nesting
         return None
     return doc.get(key) if isinstance(doc, dict) else None
