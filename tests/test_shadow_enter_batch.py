@@ -258,3 +258,23 @@ def test_iommu_map_pages_writes_the_entries_of_one_page_maps() -> None:
     assert one.entries.tolist() == many.entries.tolist()
     one.close()
     many.close()
+
+
+def test_a_pool_emptied_by_another_map_after_the_check_loses_no_page(monkeypatch) -> None:
+    """The batch checks the pool's free pages, then allocates; another map of the same pool
+    may take pages in between (found in review). The batch then gives back what it took and
+    goes page by page: the error is the usual ShadowError with the pages before it acquired,
+    and no pool page is left allocated without a guest page that owns it."""
+    sd, iommu, pool, _ = _setup(4, [(0, 1, 0, 0)] * SIZE, [])
+    monkeypatch.setattr(ShadowPool, "free_pages", property(lambda self: 1 << 20))
+    pages = [DATA_PAGE + i for i in range(6)]
+    try:
+        sd.map.acquire_many(pages)
+    except ShadowError as e:
+        assert e.acquired == 4  # type: ignore[attr-defined]
+    else:
+        raise AssertionError("6 new pages were acquired from a pool of 4")
+    assert sd.map.refs[pages[:4]].tolist() == [1, 1, 1, 1]
+    assert (sd.map.slot[pages[4:]] < 0).all()
+    assert pool.in_use == 4 == int((sd.map.slot >= 0).sum())
+    _close(sd, iommu, pool)

@@ -170,7 +170,15 @@ class ShadowMap:
         )
         if new.size:
             if self.view_base is None:
-                pfns = np.asarray([self.pool.alloc() for _ in range(new.size)], dtype=np.int64)
+                taken: list[int] = []
+                try:
+                    for _ in range(new.size):
+                        taken.append(self.pool.alloc())
+                except PoolExhausted:  # another map of the pool took pages since the check
+                    for pfn in reversed(taken):
+                        self.pool.free(pfn)
+                    return self._acquire_each(pages.tolist())
+                pfns = np.asarray(taken, dtype=np.int64)
             else:
                 pfns = new + self.view_base
             self.slot[new] = pfns
