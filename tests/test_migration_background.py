@@ -153,8 +153,76 @@ def test_nothing_changes_when_the_priority_cannot_be_set(monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "setpriority", refuse)
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     before = _now()
-    assert background.lower_this_thread() is None
-    assert _now() == before
-    background.restore_this_thread(None)  # nothing to restore, no error
-    with background.background():
-        pass
+    try:
+        assert background.lower_this_thread() is None
+        assert _now() == before
+        background.restore_this_thread(None)  # nothing to restore, no error
+        with background.background():
+            pass
+    finally:
+        background.idle_is_reversible.cache_clear()  # what it learnt from the refusing kernel
+
+
+@pytest.mark.parametrize(
+    "before, now, expected",
+    [
+        (("R", 10), ("R", 10), True),  # runnable at both looks, not a tick of CPU
+        (("R", 10), ("R", 11), False),  # it ran
+        (("S", 10), ("R", 10), False),  # it slept (waiting for the socket, the pacing)
+        (("R", 10), ("S", 10), False),
+        (None, ("R", 10), False),  # the first look
+        (("R", 10), None, False),  # the thread ended
+    ],
+)
+def test_a_thread_is_starved_when_runnable_without_cpu(before, now, expected) -> None:
+    assert background.starved(before, now) is expected
+
+
+def test_a_starved_idle_thread_is_demoted_to_a_nice_value() -> None:
+    """Found when two migrations of spinning guests ran at once on a 2-core host: their
+    SCHED_IDLE senders got no CPU and both stood still for 60 s. With normal work busy on
+    every core, a lowered thread that wants the CPU is moved to the normal policy at nice
+    +MIGRATION_NICE by the watchdog; without it, it would stay idle (and starved)."""
+    background.idle_is_reversible.cache_clear()
+    if not background.idle_is_reversible():
+        pytest.skip("not permitted here to leave SCHED_IDLE (needs CAP_SYS_NICE or RLIMIT_NICE)")
+    import subprocess
+    import sys
+    import time
+
+    spin = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        state: dict[str, object] = {}
+        stop = threading.Event()
+
+        def worker() -> None:
+            tid = threading.get_native_id()
+            before = _now()
+            with background.background():
+                state["tid"] = tid
+                while not stop.is_set():  # wants the CPU the whole time
+                    sum(range(1000))
+                state["demoted"] = _now()
+            state["before"], state["after"] = before, _now()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        deadline = time.monotonic() + 30
+        while state.get("tid") not in background.GUARD.demoted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        t.join(60)
+        assert state.get("tid") in background.GUARD.demoted, "the starved thread stayed idle"
+        before = state["before"]
+        assert state["demoted"] == background.Priority(
+            before.policy,  # type: ignore[attr-defined]
+            min(19, before.nice + background.MIGRATION_NICE),  # type: ignore[attr-defined]
+        )
+        assert state["after"] == before  # and put back after the block
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()

@@ -26,10 +26,15 @@ source CPU 1.42-1.46 -> 1.48-1.73 s per GiB of RAM. Sending in smaller paced pie
 the link instead of 250 ms) was measured too and not kept: it raised both sides' CPU
 (destination 0.8 -> 1.1-1.3 s per GiB) without a clear latency gain.
 
-The cost of SCHED_IDLE is starvation when the guest's own threads keep every core busy: pre-copy
-then advances only as fast as the 3/1027 share allows, and auto-converge (which sees the
-transfer rate fall behind the dirty rate) throttles the guest until it does. The stop-and-copy
-round is never idle where the thread may come back.
+The cost of SCHED_IDLE is starvation when normal threads keep every core busy (a guest that
+never halts on one core and anything else on the other): pre-copy then advances only as fast
+as the 3/1027 share allows, and a migration without auto-converge need never end. So a
+watchdog (`StarvationGuard`, a normal thread that sleeps between looks) checks the idle threads
+every `STARVED_S`: one that was runnable at both looks without a tick of CPU in between is
+starved, and is moved to the normal policy at nice +`MIGRATION_NICE` for the rest of its block,
+where it gets its weighted share (found when two migrations of spinning guests ran on a 2-core
+host at once: both stood still for 60 s). The stop-and-copy round is never idle where the
+thread may come back.
 
 Linux's `setpriority(PRIO_PROCESS, tid)` and `sched_setscheduler(tid)` apply to one thread;
 elsewhere this is a no-op.
@@ -59,7 +64,8 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -78,6 +84,97 @@ class Priority:
 
 def _tid() -> int:
     return threading.get_native_id()
+
+
+STARVED_S = 0.5  # how long an idle thread may stay runnable without CPU before it is demoted
+
+
+def _task_stat(tid: int) -> tuple[str, int] | None:
+    """A thread of this process: its state letter and user + system ticks (None if gone)."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    if len(fields) < 13:
+        return None
+    return fields[0], int(fields[11]) + int(fields[12])
+
+
+def starved(before: tuple[str, int] | None, now: tuple[str, int] | None) -> bool:
+    """Runnable at both looks (`R`) and not one tick of CPU in between."""
+    return (
+        before is not None
+        and now is not None
+        and before[0] == now[0] == "R"
+        and now[1] == before[1]
+    )
+
+
+class StarvationGuard:
+    """Demotes the lowered threads that starve under SCHED_IDLE to the normal policy at a
+    raised nice value (see the module docstring). `watch` before a thread goes idle (the
+    watchdog thread, started there, inherits the caller's policy: it must not be idle itself),
+    `forget` when its block ends; the watchdog ends when it has nothing to watch."""
+
+    def __init__(
+        self,
+        period_s: float = STARVED_S,
+        stat: Callable[[int], tuple[str, int] | None] = _task_stat,
+    ) -> None:
+        self.period_s = period_s
+        self._stat = stat
+        self._lock = threading.Lock()
+        self._nice: dict[int, int] = {}  # tid -> the nice value it gets if demoted
+        self._last: dict[int, tuple[str, int] | None] = {}
+        self._thread: threading.Thread | None = None
+        self.demoted: list[int] = []
+
+    def watch(self, tid: int, nice: int) -> None:
+        with self._lock:
+            self._nice[tid] = nice
+            self._last[tid] = None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="precopy-guard", daemon=True)
+                self._thread.start()
+
+    def forget(self, tid: int) -> None:
+        with self._lock:
+            self._nice.pop(tid, None)
+            self._last.pop(tid, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            with self._lock:
+                if not self._nice:
+                    self._thread = None
+                    return
+                for tid, nice in list(self._nice.items()):
+                    now = self._stat(tid)
+                    if starved(self._last.get(tid), now):
+                        self._demote(tid, nice)
+                        del self._nice[tid], self._last[tid]
+                    else:
+                        self._last[tid] = now
+
+    def _demote(self, tid: int, nice: int) -> None:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError as e:
+            log.info("a starved pre-copy thread (%d) stays idle: %s", tid, e)
+            return
+        self.demoted.append(tid)
+        log.info(
+            "pre-copy thread %d starved under SCHED_IDLE (every core busy): nice %+d instead",
+            tid,
+            nice,
+        )
+
+
+GUARD = StarvationGuard()
 
 
 @functools.cache
@@ -127,10 +224,12 @@ def lower_this_thread(by: int = MIGRATION_NICE) -> Priority | None:
         return None
     idle = getattr(os, "SCHED_IDLE", None)
     if idle is not None and before.policy != idle and idle_is_reversible():
+        GUARD.watch(tid, min(19, before.nice + by))  # (its watchdog must not start idle)
         try:
             os.sched_setscheduler(tid, idle, os.sched_param(0))
             return before
         except OSError as e:
+            GUARD.forget(tid)
             log.debug("SCHED_IDLE refused for the migration thread (%s); nice instead", e)
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, before.nice + by))
@@ -145,6 +244,7 @@ def restore_this_thread(before: Priority | None) -> None:
     if before is None:
         return
     tid = _tid()
+    GUARD.forget(tid)
     try:
         if os.sched_getscheduler(tid) != before.policy:
             os.sched_setscheduler(tid, before.policy, os.sched_param(0))
