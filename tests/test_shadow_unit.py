@@ -118,16 +118,22 @@ def test_released_buffers_stay_idle_and_are_reused_without_an_iotlb_flush(rig) -
     assert not sd.map.dirty_mappings and sd.map.reused == 1
 
 
-def test_idle_buffers_are_reclaimed_when_the_pool_runs_out(rig) -> None:
-    mem, iommu, pool, drv, sd, dma = rig
-    flushes = []
+def _count_flushes(sd, dma) -> list[int]:
+    """Give the shadowed device a handle whose IOTLB invalidations are counted (one entry each)."""
+    flushes: list[int] = []
 
     class Handle:
         def iotlb_invalidate(self) -> int:
             flushes.append(1)
             return dma.invalidate_iotlb()
 
-    sd.dev.handle = Handle()  # type: ignore[attr-defined]
+    sd.dev.handle = Handle()
+    return flushes
+
+
+def test_idle_buffers_are_reclaimed_when_the_pool_runs_out(rig) -> None:
+    mem, iommu, pool, drv, sd, dma = rig
+    flushes = _count_flushes(sd, dma)
     dq = enter(sd, drv, dma)
     first = drv.alloc(40 * PAGE_SIZE, align=PAGE_SIZE)
     head = drv.add_chain([Buffer(first, 40 * PAGE_SIZE, writable=True)])
@@ -344,14 +350,7 @@ def test_a_quiesced_device_gets_its_new_buffers_flushed_once_by_the_caller(rig) 
     # forwarded without an IOTLB flush of their own (a round trip to the device each), since
     # the engine invalidates once before the resume; later bursts flush as before.
     mem, iommu, pool, drv, sd, dma = rig
-    flushes = []
-
-    class Handle:
-        def iotlb_invalidate(self) -> int:
-            flushes.append(1)
-            return dma.invalidate_iotlb()
-
-    sd.dev.handle = Handle()  # type: ignore[attr-defined]
+    flushes = _count_flushes(sd, dma)
     sd.build(device_state(drv))
     for k in range(3):
         buf = drv.alloc(2 * PAGE_SIZE, align=PAGE_SIZE)
