@@ -226,3 +226,65 @@ def test_a_starved_idle_thread_is_demoted_to_a_nice_value() -> None:
         for p in spin:
             p.kill()
             p.wait()
+
+
+# A machine as far as `migrate` looks before it starts: a guest that has shut down, so the
+# command is refused once the source's modules are loaded.
+_LOAD_UNDER_MIGRATE = """
+import json, os, sys, threading
+from types import SimpleNamespace
+from ptmig.migration import background
+from ptmig.migration.control import MigrationControl
+from ptmig.qmp.session import QmpError
+from ptmig.vm import RunState
+
+def priority():
+    tid = threading.get_native_id()
+    return [os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)]
+
+seen = {}
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ptmig.migration.source":
+            seen["loading"] = priority()
+        return None
+sys.meta_path.insert(0, Watch())
+before = priority()
+vm = SimpleNamespace(state=RunState.SHUTDOWN, vcpu_thread_ids=lambda: [])
+cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
+m = SimpleNamespace(cfg=cfg, vm=vm, shadowed_by_hand=lambda: False)
+try:
+    MigrationControl(m).migrate("tcp:127.0.0.1:1")
+except QmpError as e:
+    assert "shutdown" in str(e), e
+print(json.dumps({"before": before, "loading": seen.get("loading"), "after": priority(),
+                  "idle_ok": background.idle_is_reversible()}))
+"""
+
+
+def test_migrate_loads_the_source_modules_below_the_guest_and_comes_back() -> None:
+    """A VMM's first `migrate` loads the source's modules (numpy, the protocol, the transport:
+    ~0.15 s of CPU): at the migration's lower priority, on the thread that took the command,
+    which is back at its own priority when the command returns."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_MIGRATE],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    got = json.loads(out.stdout.splitlines()[-1])
+    before = background.Priority(*got["before"])
+    assert got["loading"] is not None, "ptmig.migration.source was already loaded"
+    if IDLE is not None and got["idle_ok"]:
+        expected = background.Priority(IDLE, before.nice)
+    else:
+        expected = background.Priority(
+            before.policy, min(19, before.nice + background.MIGRATION_NICE)
+        )
+    assert background.Priority(*got["loading"]) == expected
+    assert background.Priority(*got["after"]) == before

@@ -99,7 +99,7 @@ def test_a_vm_that_only_runs_loads_no_role_it_does_not_have() -> None:
 _STOPPED_MACHINE = """
 from types import SimpleNamespace
 from ptmig.vm import RunState
-vm = SimpleNamespace(state=RunState.SHUTDOWN)
+vm = SimpleNamespace(state=RunState.SHUTDOWN, vcpu_thread_ids=lambda: [])
 cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
 m = SimpleNamespace(cfg=cfg, vm=vm, shadowed_by_hand=lambda: False)
 """

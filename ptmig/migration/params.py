@@ -184,7 +184,7 @@ class MigrationInfo:
     start: float = 0.0
     end: float | None = None
     setup_time_ms: int = 0
-    setup_parts_ms: dict[str, float] | None = None  # connect, handshake, dma-tracking
+    setup_parts_ms: dict[str, float] | None = None  # load, connect, handshake, dma-tracking
     downtime_ms: int | None = None
     expected_downtime_ms: int = 0
     throttle_pct: int = 0
