@@ -11,11 +11,11 @@ woken on its CPU, and weighs 3 against a normal thread's 1024), else a higher ni
 (`MIGRATION_NICE`). When a core is free they use it at full speed, when the guest needs it the
 guest wins. The stop-and-copy round, which the guest waits for, runs at the priority the thread
 had before (`restored` puts it back). The source's setup up to the strategy's start is lowered
-too: the `migrate` command's loading of the source's modules (~0.15 s of CPU, once per VMM: numpy, the
-protocol, the transport), the connect and the handshakes; measured at normal priority, the
-module loading alone held kv requests 4-10 ms for ~100 ms (p50 0.8 -> 3-10 ms). The strategy's
-start is not lowered: shadowing quiesces each device while its rings move, and the guest's I/O
-on it waits for that. A process without CAP_SYS_NICE (or an RLIMIT_NICE that
+too: the `migrate` command's loading of the source's modules (~0.15 s of CPU, once per VMM:
+numpy, the protocol, the transport), the connect and the handshakes; measured at normal
+priority, the module loading alone held kv requests 4-10 ms for ~100 ms (p50 0.8 -> 3-10 ms).
+The strategy's start is not lowered: shadowing quiesces each device while its rings move, and
+the guest's I/O on it waits for that. A process without CAP_SYS_NICE (or an RLIMIT_NICE that
 covers it) may not leave SCHED_IDLE nor lower a nice value: `idle_is_reversible` tries it once,
 and where it fails SCHED_IDLE is not used (the round would stay idle) and the nice
 value that is used stays raised for the round, which is said in the log.
