@@ -247,8 +247,10 @@ class Watch:
     def find_spec(self, name, path=None, target=None):
         if name == "ptmig.migration.source":
             seen["loading"] = priority()
+            seen["on_caller"] = threading.get_ident() == caller
         return None
 sys.meta_path.insert(0, Watch())
+caller = threading.get_ident()
 before = priority()
 vm = SimpleNamespace(state=RunState.SHUTDOWN, vcpu_thread_ids=lambda: [])
 cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
@@ -258,14 +260,14 @@ try:
 except QmpError as e:
     assert "shutdown" in str(e), e
 print(json.dumps({"before": before, "loading": seen.get("loading"), "after": priority(),
-                  "idle_ok": background.idle_is_reversible()}))
+                  "on_caller": seen.get("on_caller"), "idle_ok": background.idle_is_reversible()}))
 """
 
 
 def test_migrate_loads_the_source_modules_below_the_guest_and_comes_back() -> None:
     """A VMM's first `migrate` loads the source's modules (numpy, the protocol, the transport:
-    ~0.15 s of CPU): at the migration's lower priority, on the thread that took the command,
-    which is back at its own priority when the command returns."""
+    ~0.15 s of CPU) at the migration's lower priority, on a thread of its own: the thread that
+    took the command keeps its priority."""
     import json
     import subprocess
     import sys
@@ -287,4 +289,37 @@ def test_migrate_loads_the_source_modules_below_the_guest_and_comes_back() -> No
             before.policy, min(19, before.nice + background.MIGRATION_NICE)
         )
     assert background.Priority(*got["loading"]) == expected
+    assert got["on_caller"] is False
     assert background.Priority(*got["after"]) == before
+
+
+def test_run_lowered_runs_lowered_on_its_own_thread_and_hands_back_result_or_error() -> None:
+    def body() -> dict[str, object]:
+        before = _now()
+        inside = background.run_lowered(_now)
+        with pytest.raises(ValueError, match="from the lowered thread"):
+            background.run_lowered(_raise)
+        return {"before": before, "inside": inside, "after": _now()}
+
+    got = _in_thread(body)
+    assert got["inside"] == _lowered(got["before"])  # type: ignore[arg-type]
+    assert got["after"] == got["before"]
+
+
+def _raise() -> None:
+    raise ValueError("from the lowered thread")
+
+
+def test_a_block_lowered_only_if_reversible_stays_where_it_could_not_come_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(background, "idle_is_reversible", lambda: False)
+
+    def body() -> dict[str, object]:
+        before = _now()
+        with background.background(only_if_reversible=True):
+            inside = _now()
+        return {"before": before, "inside": inside}
+
+    got = _in_thread(body)
+    assert got["inside"] == got["before"]

@@ -73,8 +73,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIGRATION_NICE = 10  # CFS weight 110 against the guest threads' 1024 (where SCHED_IDLE is not used)
 
@@ -259,10 +262,41 @@ def restore_this_thread(before: Priority | None) -> None:
 
 
 @contextmanager
-def background() -> Iterator[None]:
-    """The calling thread at the migration's lower priority inside the block."""
+def background(*, only_if_reversible: bool = False) -> Iterator[None]:
+    """The calling thread at the migration's lower priority inside the block.
+
+    `only_if_reversible`: lower it only where it is sure to come back (SCHED_IDLE may be left,
+    see `idle_is_reversible`); elsewhere the block runs at the thread's priority. For a block
+    followed by work the guest waits for on the same thread (a raised nice value that cannot
+    be lowered again would stay for that work)."""
+    if only_if_reversible and not idle_is_reversible():
+        yield
+        return
     before = lower_this_thread()
     try:
         yield
     finally:
         restore_this_thread(before)
+
+
+def run_lowered(fn: Callable[[], T]) -> T:
+    """`fn()` on a short-lived thread of its own at the migration's lower priority: its result,
+    or its exception raised here. The calling thread's priority is never touched, so it cannot
+    be left lowered where the process may not raise it again (and no thread it starts later
+    inherits a lowered one)."""
+    out: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with background():
+                out.append(fn())
+        except BaseException as e:  # handed to the caller
+            failed.append(e)
+
+    t = threading.Thread(target=run, name="migration-load")
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+    return out[0]

@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 FILL_CHUNK = 16 << 20
 
 
+def _source_migration_class() -> type[SourceMigration]:
+    from .source import SourceMigration
+
+    return SourceMigration
+
+
 class MigrationControl:
     def __init__(
         self, machine: MigratingVm, *, psk_file: Path | None = None, insecure: bool = False
@@ -66,9 +72,9 @@ class MigrationControl:
         # protocol, the transport: ~0.15 s of CPU, once per process) is the migration's own
         # work and has no deadline, so it runs below the guest's threads like pre-copy does
         # (measured: at normal priority it held kv requests 4-10 ms for ~100 ms before the
-        # migration's clock even started).
-        with background.background():
-            from .source import SourceMigration
+        # migration's clock even started), on a thread of its own: this one, QMP's, keeps its
+        # priority whatever the process may do.
+        SourceMigration = background.run_lowered(_source_migration_class)
 
         with self._lock:
             if self.current is not None and not self.current.info.status.finished:

@@ -220,8 +220,9 @@ class SourceMigration:
         try:
             # Connecting and the handshakes (the key schedule, the cipher's first use) have no
             # deadline either: below the guest, like loading the modules before them. The
-            # strategy's start is not: shadowing quiesces devices while their rings move.
-            with background.background():
+            # strategy's start is not: shadowing quiesces devices while their rings move (and
+            # where this thread might not come back, the block is not lowered at all).
+            with background.background(only_if_reversible=True):
                 ch = transport.connect_to(
                     self.address, tls=self.tls, psk=self.psk, insecure=self.insecure
                 )
