@@ -164,6 +164,7 @@ class SourceMigration:
         # The origin of total-time and setup-time, and this side's CPU meter (to the
         # switchover): both from the command, so the module loading before `_run` counts.
         self.accepted_at = time.monotonic() if accepted_at is None else accepted_at
+        self.info.start = self.accepted_at
         if meter is None:
             meter = MigrationMeter(self.m.vm.vcpu_thread_ids)
             meter.start()
@@ -211,7 +212,6 @@ class SourceMigration:
     def _run(self) -> None:
         m = self.m
         vm = m.vm
-        self.info.start = self.accepted_at
         t_run = time.monotonic()
         self.info.ram.total = vm.memory.ram  # RAM bytes, not the span with the MMIO gap
         self._was_running = vm.state == RunState.RUNNING
