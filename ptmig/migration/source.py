@@ -200,6 +200,12 @@ class SourceMigration:
             raise MigrationCancelled("migration cancelled")
         if self._round is not None:
             self._round.check()
+        engine = self.strategy.engine
+        if engine is not None and self._began and self.info.status is Status.ACTIVE:
+            # A shadowed device that broke (its process or backend gone, a hostile ring) ends
+            # the migration now, not when the round ends: under a low max-bandwidth one round
+            # can take minutes. (Called between sends and in the rate limit's steps.)
+            engine.check()
         if (
             self.info.start
             and self.info.status is not Status.POSTCOPY_ACTIVE  # the guest runs there now
