@@ -37,9 +37,12 @@ def _in_thread(fn) -> dict[str, object]:
     return out
 
 
-def _lowered(before: background.Priority) -> background.Priority:
-    """What `lower_this_thread` should make of `before` on this host."""
-    if IDLE is not None and background.idle_is_reversible():
+def _lowered(before: background.Priority, idle_ok: bool | None = None) -> background.Priority:
+    """What `lower_this_thread` should make of `before` on this host (`idle_ok`: whether the
+    process may leave SCHED_IDLE; by default, this one)."""
+    if idle_ok is None:
+        idle_ok = background.idle_is_reversible()
+    if IDLE is not None and idle_ok:
         return background.Priority(IDLE, before.nice)
     return background.Priority(before.policy, min(19, before.nice + background.MIGRATION_NICE))
 
@@ -282,13 +285,7 @@ def test_migrate_loads_the_source_modules_below_the_guest_and_comes_back() -> No
     got = json.loads(out.stdout.splitlines()[-1])
     before = background.Priority(*got["before"])
     assert got["loading"] is not None, "ptmig.migration.source was already loaded"
-    if IDLE is not None and got["idle_ok"]:
-        expected = background.Priority(IDLE, before.nice)
-    else:
-        expected = background.Priority(
-            before.policy, min(19, before.nice + background.MIGRATION_NICE)
-        )
-    assert background.Priority(*got["loading"]) == expected
+    assert background.Priority(*got["loading"]) == _lowered(before, got["idle_ok"])
     assert got["on_caller"] is False
     assert background.Priority(*got["after"]) == before
 
