@@ -1,10 +1,10 @@
 """`ptmig bench`: the section table, running sections, and writing the report.
 
 A section is a module with a function `run(config: BenchConfig) -> list[Result]`. Adding one
-(devices, migration, strategies) means adding its module and one line to `SECTIONS`; nothing
-else changes. Modules are imported only when their section runs, so a section whose
-prerequisites are missing cannot break the others. A section in `ON_REQUEST` runs only when
-`--only` names it: it measures a part of another section by itself.
+(devices, migration, strategies, bandwidth) means adding its module and one line to
+`SECTIONS`; nothing else changes. Modules are imported only when their section runs, so a
+section whose prerequisites are missing cannot break the others. A section in `ON_REQUEST`
+runs only when `--only` names it: it measures a part of another section by itself.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ SECTIONS: dict[str, str] = {
     "postcopy": "ptmig.bench.postcopy:run",
     "strategies": "ptmig.bench.strategies:run",
     "strategies-vhost-user": "ptmig.bench.strategies:run_vhost_user",
+    "bandwidth": "ptmig.bench.bandwidth:run",
     "scale": "ptmig.bench.scale:run",
 }
 # the vhost-user cells of `strategies` alone (they are also in `strategies`)

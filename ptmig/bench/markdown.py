@@ -35,7 +35,7 @@ def render(doc: Mapping[str, Any]) -> str:
         lines.append(f"\nTotal: {minutes_text(float(doc.get('duration_s') or 0.0))}.\n")
     for section, results in _by_section(doc.get("results") or []):
         lines += [f"#### `{section}`", ""]
-        cells = strategy_cells(results)
+        cells = strategy_cells(results) or bandwidth_cells(results)
         if cells:
             lines += ["Per cell (medians of its runs):", "", *cells, "", "Every result:", ""]
         lines += [*section_table(results), ""]
@@ -94,6 +94,48 @@ def strategy_cells(results: Iterable[Mapping[str, Any]]) -> list[str]:
             for _, metrics in CELL_COLUMNS
         ]
         out.append(f"| {size} | `{strategy}` | " + " | ".join(values) + " |")
+    return out
+
+
+# bandwidth cells: `bandwidth.<strategy>.<N>MiBps.<metric>`, one row per strategy and bandwidth
+_BW_CELL = re.compile(
+    r"^bandwidth\.(?P<strategy>[a-z-]+)\.(?P<bw>[0-9.]+)MiBps\.(?P<metric>[a-z0-9_]+)$"
+)
+BW_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("p50 ms before / pre-copy", "p50_before p50_precopy"),
+    ("p99 ms before / pre-copy", "p99_before p99_precopy"),
+    ("p99 pre-copy ÷ before", "p99_ratio"),
+    ("VMM CPU s/GiB src / dst", "cpu_source cpu_destination"),
+    ("MiB sent", "bytes"),
+    ("total (ms)", "total"),
+    ("rounds", "rounds"),
+    ("downtime (ms)", "downtime"),
+    ("correct", "correct"),
+)
+
+
+def bandwidth_cells(results: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The bandwidth section's cells as one table (empty for any other section)."""
+    cells: dict[tuple[str, float], dict[str, Any]] = {}
+    order: list[str] = []
+    for r in results:
+        m = _BW_CELL.match(str(r["name"]))
+        if m:
+            if m["strategy"] not in order:
+                order.append(m["strategy"])
+            cell = cells.setdefault((m["strategy"], float(m["bw"])), {})
+            cell[m["metric"]] = r.get("value")
+    if not cells:
+        return []
+    out = [
+        "| strategy | max-bandwidth MiB/s | " + " | ".join(t for t, _ in BW_COLUMNS) + " |",
+        "|---" * (2 + len(BW_COLUMNS)) + "|",
+    ]
+    for (strategy, bw), cell in sorted(
+        cells.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])
+    ):
+        values = [" / ".join(_num(cell.get(m)) for m in ms.split()) for _, ms in BW_COLUMNS]
+        out.append(f"| `{strategy}` | {bw:g} | " + " | ".join(values) + " |")
     return out
 
 

@@ -265,7 +265,7 @@ def split_label(label: str) -> tuple[str, str]:
     return (label[len(prefix) :], VHOST_USER) if label.startswith(prefix) else (label, "builtin")
 
 
-def _expected_incorrect(label: str) -> bool:
+def expected_incorrect(label: str) -> bool:
     return split_label(label)[0] == "none"
 
 
@@ -454,19 +454,20 @@ def cell_name(strategy: str, memory: str, metric: str) -> str:
     return f"strategy.{strategy}.{memory}.{metric}"
 
 
-def _summary(
+def summary(
     name: str,
     values: Sequence[float],
     unit: str,
     goal: Goal | None = None,
     extra: dict[str, Any] | None = None,
     worst: bool = False,
+    section: str = SECTION,
 ) -> Result:
     """`measured()` over the finite values; NaN (no runs) when there are none."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return Result(
-            SECTION,
+            section,
             name,
             math.nan,
             unit,
@@ -475,7 +476,7 @@ def _summary(
             [],
             dict(extra or {}),
         )
-    return measured(SECTION, name, finite, unit, goal, extra, statistic=100 if worst else None)
+    return measured(section, name, finite, unit, goal, extra, statistic=100 if worst else None)
 
 
 def _cells(cells: Sequence[CellRun], strategy: str, memory: str) -> list[CellRun]:
@@ -492,7 +493,7 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
                 "ram_bytes": parse_ram(memory),
                 "strategy": split_label(strategy)[0],
                 "disk": split_label(strategy)[1],
-                "expected_incorrect": _expected_incorrect(strategy),
+                "expected_incorrect": expected_incorrect(strategy),
                 "correct_runs": sum(c.correct for c in runs),
                 "runs": len(runs),
             }
@@ -503,12 +504,12 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
             if problems:
                 extra["problems"] = problems
             for suffix, attr, unit, scale, worst in CELL_METRICS:
-                goal = GOAL_ZERO if worst and not _expected_incorrect(strategy) else None
+                goal = GOAL_ZERO if worst and not expected_incorrect(strategy) else None
                 cx = dict(extra)
                 if suffix == "downtime":
                     cx["downtime_parts"] = [c.downtime_parts for c in runs]
                 out.append(
-                    _summary(
+                    summary(
                         cell_name(strategy, memory, suffix),
                         [metric_of(c, attr) * scale for c in runs],
                         unit,
@@ -520,7 +521,7 @@ def cell_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> list[
     return out
 
 
-def _median_of(cells: Sequence[CellRun], attr: str) -> float:
+def median_of(cells: Sequence[CellRun], attr: str) -> float:
     vals = sorted(v for v in (metric_of(c, attr) for c in cells) if math.isfinite(v))
     if not vals:
         return math.nan
@@ -538,7 +539,7 @@ def _ram_ratio(
 ) -> Result:
     """Median downtime at the largest RAM size over the smallest (`how`="growth") or the
     largest over the smallest median across all sizes (`how`="spread")."""
-    med = {m: _median_of(_cells(cells, strategy, m), "downtime_ms") for m in memories}
+    med = {m: median_of(_cells(cells, strategy, m), "downtime_ms") for m in memories}
     extra: dict[str, Any] = {"downtime_ms": med, "strategy": strategy}
     by_size = sorted(memories, key=parse_ram)
     vals = [v for v in med.values() if math.isfinite(v)]
@@ -566,7 +567,7 @@ def _slowdown(c: CellRun) -> float:
     return c.ops_precopy / c.ops_before if ok else math.nan
 
 
-def _p99_growth(c: CellRun) -> float:
+def p99_growth(c: CellRun) -> float:
     """p99 latency during pre-copy ÷ before, in one run (NaN if unknown)."""
     before, pre = c.lat("before", "p99_ms"), c.lat("precopy", "p99_ms")
     return pre / before if math.isfinite(pre) and math.isfinite(before) and before > 0 else math.nan
@@ -577,9 +578,9 @@ def _cost_results(cells: Sequence[CellRun], strategy: str) -> dict[str, Result]:
     runs = [c for c in cells if c.strategy == strategy]
     what = {"offered_load": "half the client's maximum against a guest that is not migrating"}
     out = {
-        f"strategy.{strategy}.p99_precopy_vs_before": _summary(
+        f"strategy.{strategy}.p99_precopy_vs_before": summary(
             f"strategy.{strategy}.p99_precopy_vs_before",
-            [_p99_growth(c) for c in runs],
+            [p99_growth(c) for c in runs],
             "ratio",
             GOAL_P99_PRECOPY_VS_BEFORE,
             dict(what, ratio="kv p99 latency during pre-copy ÷ before, per run"),
@@ -591,7 +592,7 @@ def _cost_results(cells: Sequence[CellRun], strategy: str) -> dict[str, Result]:
             "the switchover"
         )
         name = f"strategy.{strategy}.cpu_per_gib.{side}"
-        out[name] = _summary(
+        out[name] = summary(
             name,
             [getattr(c, f"cpu_{side}") for c in runs],
             "s/GiB",
@@ -599,7 +600,7 @@ def _cost_results(cells: Sequence[CellRun], strategy: str) -> dict[str, Result]:
             {"what": f"{cpu_what}, per GiB of guest RAM migrated"},
         )
         name = f"strategy.{strategy}.cpu_per_gib_sent.{side}"
-        out[name] = _summary(
+        out[name] = summary(
             name,
             [getattr(c, f"cpu_{side}_sent") for c in runs],
             "s/GiB",
@@ -621,7 +622,7 @@ def _during_vs_devicelog(cells: Sequence[CellRun], params: StrategyBenchParams) 
             r = _slowdown(a) / _slowdown(b) if _slowdown(b) > 0 else math.nan
             if math.isfinite(r):
                 ratios.append(r)
-    return _summary(
+    return summary(
         "strategy.shadow_vs_devicelog.during_vs_before",
         ratios,
         "ratio",
@@ -709,7 +710,7 @@ def derived_results(cells: Sequence[CellRun], params: StrategyBenchParams) -> li
                 name = f"strategy.{software}_vs_devicelog.downtime_ratio.{m}"
                 out[name] = _downtime_vs_devicelog(cells, software, m, name)
     if "shadow" in params.strategies:
-        out["strategy.shadow.during_vs_before"] = _summary(
+        out["strategy.shadow.during_vs_before"] = summary(
             "strategy.shadow.during_vs_before",
             [_slowdown(c) for c in shadow],
             "ratio",
@@ -814,7 +815,7 @@ def _downtime_ratio(
         for a, b in zip(sh[:n], dl[:n], strict=True)
         if math.isfinite(a.downtime_ms) and math.isfinite(b.downtime_ms)
     ]
-    return _summary(
+    return summary(
         name,
         paired_ratios([a for a, _ in pairs], [b for _, b in pairs]),
         "ratio",
@@ -869,21 +870,21 @@ def cell_table(cells: Sequence[CellRun], params: StrategyBenchParams, memory: st
     for strategy in params.labels_at(memory):
         runs = _cells(cells, strategy, memory)
         good = sum(c.correct for c in runs)
-        expected_bad = _expected_incorrect(strategy)
+        expected_bad = expected_incorrect(strategy)
         verdict = f"{good}/{len(runs)}" + (" (expected ✗)" if expected_bad else "")
         style = None
         if good < len(runs):
             style = "yellow" if expected_bad else "red"
         t.add_row(
             strategy,
-            *[_cell_text(_median_of(runs, attr) * scale) for _, attr, scale in TABLE_COLUMNS],
+            *[cell_text(median_of(runs, attr) * scale) for _, attr, scale in TABLE_COLUMNS],
             verdict,
             style=style,
         )
     return t
 
 
-def _cell_text(v: float) -> str:
+def cell_text(v: float) -> str:
     if not math.isfinite(v):
         return "–"
     if v == int(v) or abs(v) >= 100:
@@ -950,12 +951,12 @@ def run_cells(
                     params.runs,
                 )
                 cell = runner(strategy, memory, params, workdir / tag)
-                if cell.error is not None and not _expected_incorrect(strategy):
+                if cell.error is not None and not expected_incorrect(strategy):
                     cell = runner(strategy, memory, params, workdir / f"{tag}-retry")
                 cells.append(cell)
                 if console is not None:
                     console.print(
-                        _progress_line(cell, len(cells), total, time.monotonic() - t0),
+                        progress_line(cell, len(cells), total, time.monotonic() - t0),
                         highlight=False,
                         markup=False,
                         soft_wrap=True,
@@ -963,7 +964,7 @@ def run_cells(
     return cells
 
 
-def _progress_line(c: CellRun, n: int, total: int, took_s: float) -> str:
+def progress_line(c: CellRun, n: int, total: int, took_s: float) -> str:
     head = f"  [{n}/{total}] {c.strategy:<21} {c.memory:>5} ({took_s:4.0f} s): "
     if c.error is not None:
         return head + f"demo failed: {c.error.splitlines()[0] if c.error else ''}"
@@ -1191,7 +1192,7 @@ def datapath_results(
     ]
 
 
-MAX_RATE_RESULTS = ("strategy.load.max_ops", "strategy.load.offered_ops")
+MAX_RATE_RESULTS = ("strategy.load.max_ops", "strategy.load.offered_ops")  # (prefix "strategy")
 
 
 def max_rate(seconds: float, memory: str = "512M") -> float:
@@ -1213,16 +1214,17 @@ def max_rate(seconds: float, memory: str = "512M") -> float:
 
 
 def with_offered_load(
-    params: StrategyBenchParams, maximum: float
+    params: StrategyBenchParams, maximum: float, prefix: str = "strategy"
 ) -> tuple[StrategyBenchParams, list[Result]]:
-    """The parameters with `rate` set to `load_fraction` of `maximum`, and both as results."""
+    """The parameters with `rate` set to `load_fraction` of `maximum`, and both as results
+    (`<prefix>.load.max_ops` and `.offered_ops`: `MAX_RATE_RESULTS` for this section)."""
     offered = maximum * params.load_fraction
     extra = {
         "what": "kv ops/s of the load client, unpaced, against one guest that is not "
         "migrating; the cells offer load_fraction of it",
         "load_fraction": params.load_fraction,
     }
-    max_name, offered_name = MAX_RATE_RESULTS
+    max_name, offered_name = (f"{prefix}.load.max_ops", f"{prefix}.load.offered_ops")
     return replace(params, rate=round(offered)), [
         Result(SECTION, max_name, maximum, "ops/s", None, None, [maximum], extra),
         Result(SECTION, offered_name, offered, "ops/s", None, None, [offered], extra),
