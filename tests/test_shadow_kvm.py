@@ -13,6 +13,7 @@ from vmmrig import Load, Vmm, free_port, kv_config
 
 from ptmig import bitmap
 from ptmig.config import load_config
+from ptmig.devices.handle import DeviceCommandError
 from ptmig.devices.virtio import constants as c
 from ptmig.layout import ABI_WORKLOAD_STATS_GPA, PAGE_SIZE
 from ptmig.load import LoadOptions, run_load
@@ -256,6 +257,46 @@ def test_cancel_while_shadowing_returns_to_direct_mode(tmp_path: Path, tracking:
     finally:
         src.kill()
         dst.kill()
+
+
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+def test_a_device_that_cannot_enter_returns_every_device_to_direct_dma(
+    tmp_path: Path, tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk (entered second) refuses to report its state: the NIC, already shadowed and
+    served by the data plane, goes back to direct DMA with the disk, the entry fails (the
+    migration would), and the guest serves a checked load on both devices afterwards."""
+    m, cfg_path = _boot(tmp_path)
+    vm = m.vm
+    try:
+        net, disk = m.devices
+        assert (net.id, disk.id) == ("net0", "disk0")
+        real_get_state = disk.handle.get_state
+        calls = []
+
+        def refuse_once() -> object:
+            calls.append(1)
+            if len(calls) == 1:
+                raise DeviceCommandError("disk0: get_state refused (injected)")
+            return real_get_state()
+
+        monkeypatch.setattr(disk.handle, "get_state", refuse_once)
+        strategy = make_tracking(tracking)
+        with pytest.raises(DeviceCommandError, match="injected"):
+            strategy.begin(m)
+        engine = strategy.engine
+        assert engine is not None and not engine.active
+        assert len(calls) == 2  # the failed entry, then the disk's own leave
+        for dev in (net, disk):
+            assert dev.mmio_hook is None, f"{dev.id} still trapped"
+            assert dev.iommu.lookup(0x1000 // PAGE_SIZE) is not None, f"{dev.id}: identity map"
+            assert dev.handle.alive
+        assert vm.state.value == "running"
+        engine.close()
+        r = run_load(LoadOptions(config=cfg_path, duration_s=1.0, rate=300))
+        assert r.acked > 0 and r.lost == 0 and r.wrong == 0
+    finally:
+        m.close()
 
 
 @pytest.mark.parametrize("tracking", ["shadow", "intercept"])

@@ -194,16 +194,17 @@ class DataplaneDevice:
         self.slot, self.refs, self.stamp, self.stats = device_tables(npages)
         self._error = ctypes.create_string_buffer(ERROR_LEN)
         self.queues: dict[int, DataplaneQueue] = {}
-        handle = dp.lib.dp_dev_add(
-            dp.handle,
-            _addr(self.slot),
-            _addr(self.refs),
-            _addr(self.stamp),
-            _addr(self.stats),
-            ctypes.addressof(self._error),
-            irq_fd,
-            int(intercept),
-        )
+        with dp.locked():  # the thread may be running already (`ShadowEngine.enter`)
+            handle = dp.lib.dp_dev_add(
+                dp.handle,
+                _addr(self.slot),
+                _addr(self.refs),
+                _addr(self.stamp),
+                _addr(self.stats),
+                ctypes.addressof(self._error),
+                irq_fd,
+                int(intercept),
+            )
         if not handle:
             raise DataplaneError("the data plane cannot take another device")
         self.handle: int = handle
