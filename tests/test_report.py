@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ptmig.report import write_report
-from ptmig.report.bench import BenchDocError, parse_ram, strategy_points
+from ptmig.report.bench import BenchDocError, bandwidth_points, parse_ram, strategy_points
 
 HERE = Path(__file__).resolve().parent
 DEMO_DOC = HERE / "test_report_demo.json"
@@ -47,6 +47,13 @@ def bench_doc() -> dict:
             results.append(_strategy_row(f"{name}.downtime", base_ms + per_gib_ms * gib, "ms"))
             sent = 10 + gib * (300 if strategy == "all-dirty" else 5)
             results.append(_strategy_row(f"{name}.bytes", sent, "MiB"))
+    for strategy, ratio, cpu in (("none", 2.2, 0.8), ("shadow", 2.6, 1.5)):
+        for bw in (400, 100, 200):  # (not in order: the points are sorted)
+            name = f"bandwidth.{strategy}.{bw}MiBps"
+            results.append(_strategy_row(f"{name}.p99_ratio", ratio * (bw / 100) ** 0.2, "ratio"))
+            results.append(_strategy_row(f"{name}.cpu_source", cpu * 100 / bw, "s/GiB"))
+            results.append(_strategy_row(f"{name}.cpu_destination", 0.8 * 100 / bw, "s/GiB"))
+            results.append(_strategy_row(f"{name}.bytes", 900 * 100 / bw, "MiB"))
     results.append(
         {
             "section": "core",
@@ -78,6 +85,20 @@ def test_strategy_points_are_grouped_by_strategy_and_sorted_by_ram() -> None:
     assert ad[1].bytes_sent == 310 * (1 << 20)
 
 
+def test_bandwidth_points_are_grouped_by_strategy_and_sorted_by_bandwidth() -> None:
+    pts = bandwidth_points(bench_doc())
+    assert list(pts) == ["none", "shadow"]
+    sh = pts["shadow"]
+    assert [p.bandwidth_mib for p in sh] == [100.0, 200.0, 400.0]
+    assert sh[0].p99_ratio == pytest.approx(2.6) and sh[0].cpu_source == pytest.approx(1.5)
+    assert sh[2].cpu_destination == pytest.approx(0.2)
+    assert bandwidth_points({"results": []}) == {}
+    odd = {"results": [_strategy_row("bandwidth.none.12.5MiBps.p99_ratio", 1.5, "ratio")]}
+    assert bandwidth_points(odd)["none"][0].bandwidth_mib == 12.5
+    with pytest.raises(BenchDocError, match="'fastMiBps'"):
+        bandwidth_points({"results": [_strategy_row("bandwidth.none.fastMiBps.cpu_source", 1, "")]})
+
+
 def test_bench_doc_errors_say_what_was_wrong() -> None:
     with pytest.raises(BenchDocError, match="'results' list"):
         strategy_points({"format": 1})
@@ -95,7 +116,7 @@ def test_report_page_has_its_plots_and_escapes_values(tmp_path: Path) -> None:
     page = write_report(tmp_path, demo=demo, bench=bench_doc())
     text = page.read_text()
     imgs = re.findall(r'<img src="([^"]+)"', text)
-    assert imgs == ["timeline.png", "rounds.png", "strategies.png"]
+    assert imgs == ["timeline.png", "rounds.png", "strategies.png", "bandwidth.png"]
     for name in imgs:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test cpu &lt;x86&gt;" in text and "<x86>" not in text
@@ -191,7 +212,12 @@ def test_report_renders_every_plot_in_headless_chromium(tmp_path: Path) -> None:
     m = re.search(r'<pre id="img-check">(.*?)</pre>', out.stdout, re.S)
     assert m, f"the browser did not run the check (status {out.returncode}):\n{out.stderr[-2000:]}"
     loaded = json.loads(m.group(1).replace("&quot;", '"'))
-    assert [src for src, *_ in loaded] == ["timeline.png", "rounds.png", "strategies.png"]
+    assert [src for src, *_ in loaded] == [
+        "timeline.png",
+        "rounds.png",
+        "strategies.png",
+        "bandwidth.png",
+    ]
     for src, complete, width, height in loaded:
         assert complete and width > 0 and height > 0, (src, complete, width, height)
     shot = tmp_path / "page.png"

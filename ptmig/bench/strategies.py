@@ -43,10 +43,12 @@ and the derived results with the issue's goals (`derived_results()`, pure):
 Why the goal is per GiB of RAM, not of traffic: a migration's VMM work is mostly per page of
 RAM, whatever is sent: the first round reads every page (zero scan), the destination takes
 every page's state (a zero run punched or data written and hashed for x-verify), every round
-harvests every memslot's log. A kv guest of 1 GiB sends 0.1-0.2 GiB (the rest is zero pages)
-and costs each VMM 0.3-0.7 s (3-7 s per GiB sent, 0.3-0.7 s per GiB of RAM); a 1 GiB guest whose
-every page carries data (the `migration` section) costs 0.3-0.5 s per GiB, sent or of RAM
-alike. The cost follows RAM, so per GiB sent measures how empty the guest is, not the engine.
+harvests every memslot's log. Idle, a kv guest of 1 GiB holds ~0.25 GiB of data (the rest is
+zero pages); a 1 GiB guest whose every page carries data (the `migration` section) costs
+0.3-0.5 s per GiB, sent or of RAM alike, so per GiB sent would measure how empty the guest is.
+Under the half load, what is sent depends on `max-bandwidth` against the guest's dirty rate
+(~100 MiB/s of fresh pages at ~22,000 ops/s): at 100 MiB/s pre-copy resends for 12 rounds and
+sends ~0.9 GiB, at 200 MiB/s it sends ~0.3 GiB in 3 (the `bandwidth` section measures both).
 
 and, apart from any migration (`shadow_datapath()`): kv ops/s on one guest with direct DMA and
 with its devices shadowed (`x-shadow-start`), alternating, back to back:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..demo.summary import summary_lines, verdict
 from ..demo.timeline import phases_from_json
-from .bench import result_rows, strategy_points
+from .bench import bandwidth_points, result_rows, strategy_points
 from .html import Section, machine_rows, render_page
 
 PAGE = "index.html"
@@ -120,7 +120,7 @@ def _fmt(x: Any) -> str:
 
 
 def _bench_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
-    from .plots import plot_strategies
+    from .plots import plot_bandwidth, plot_strategies
 
     s = Section("Benchmarks (ptmig bench)")
     machine = doc.get("machine") or {}
@@ -140,6 +140,16 @@ def _bench_section(doc: Mapping[str, Any], out_dir: Path) -> Section:
         s.para(
             "No strategy comparison in this bench run (results named "
             "strategy.<name>.<ram>.downtime / .bytes)."
+        )
+    by_bandwidth = bandwidth_points(doc)
+    if by_bandwidth:
+        plot_bandwidth(by_bandwidth, out_dir / "bandwidth.png")
+        s.figure(
+            "bandwidth.png",
+            "latency and CPU cost versus max-bandwidth per strategy",
+            "The same migration at several max-bandwidth caps, at half the kv client's maximum "
+            "load: a higher cap moves more bytes a second beside the guest (its p99 during "
+            "pre-copy rises) but ends pre-copy sooner and resends less (CPU per GiB falls).",
         )
     rows = [
         (

@@ -11,6 +11,10 @@ named
 where <ram> is a size as in VM configs ("256M", "1G") or a number of MiB. The RAM size may
 also be given as `extra["ram_bytes"]`, which wins. Anything else in the document is ignored
 here (the report lists every result in its table anyway). Pure: no plotting, no files.
+
+The cost-by-bandwidth section (`ptmig.bench.bandwidth`) reports, per strategy and
+`max-bandwidth` N (MiB/s), `bandwidth.<strategy>.<N>MiBps.p99_ratio` (kv p99 during pre-copy
+÷ before) and `.cpu_source` / `.cpu_destination` (VMM CPU s per GiB of RAM): `bandwidth_points`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,18 @@ class StrategyPoint:
     ram_bytes: int
     downtime_ms: float | None = None
     bytes_sent: float | None = None
+
+
+@dataclass(frozen=True)
+class BandwidthPoint:
+    strategy: str
+    bandwidth_mib: float
+    p99_ratio: float | None = None
+    cpu_source: float | None = None
+    cpu_destination: float | None = None
+
+
+_BANDWIDTH_METRICS = ("p99_ratio", "cpu_source", "cpu_destination")
 
 
 def parse_ram(text: str) -> int:
@@ -86,6 +102,39 @@ def strategy_points(doc: Mapping[str, Any]) -> dict[str, list[StrategyPoint]]:
     for (strategy, ram), vals in sorted(cells.items()):
         out.setdefault(strategy, []).append(
             StrategyPoint(strategy, ram, vals.get("downtime"), vals.get("bytes"))
+        )
+    return out
+
+
+def bandwidth_points(doc: Mapping[str, Any]) -> dict[str, list[BandwidthPoint]]:
+    """Strategy name -> its points sorted by bandwidth (empty when the section did not run)."""
+    cells: dict[tuple[str, float], dict[str, float | None]] = {}
+    order: list[str] = []
+    for r in results_of(doc):
+        parts = str(r.get("name", "")).split(".")
+        # (a bandwidth such as 12.5 MiB/s has a dot of its own: the name then has 5 parts)
+        if len(parts) < 4 or parts[0] != "bandwidth" or parts[-1] not in _BANDWIDTH_METRICS:
+            continue
+        strategy, bw_text, what = parts[1], ".".join(parts[2:-1]), parts[-1]
+        try:
+            bw = float(bw_text.removesuffix("MiBps"))
+        except ValueError:
+            raise BenchDocError(f"{r.get('name')}: {bw_text!r} is not like '200MiBps'") from None
+        value = r.get("value")
+        v = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        if strategy not in order:
+            order.append(strategy)
+        cells.setdefault((strategy, bw), {})[what] = v
+    out: dict[str, list[BandwidthPoint]] = {s: [] for s in order}
+    for (strategy, bw), vals in sorted(cells.items(), key=lambda kv: kv[0][1]):
+        out[strategy].append(
+            BandwidthPoint(
+                strategy,
+                bw,
+                vals.get("p99_ratio"),
+                vals.get("cpu_source"),
+                vals.get("cpu_destination"),
+            )
         )
     return out
 

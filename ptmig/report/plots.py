@@ -5,6 +5,8 @@
 - `plot_rounds`: pages sent and pages remaining per pre-copy round.
 - `plot_strategies`: downtime and bytes sent versus RAM size, one line per DMA-tracking
   strategy (from `ptmig bench`).
+- `plot_bandwidth`: what a migration costs by `max-bandwidth`: the kv p99 during pre-copy ÷
+  before, and each VMM's CPU per GiB of RAM, one line per strategy, the goals dashed.
 Each function takes plain data and a path, writes the file and returns the path.
 """
 
@@ -20,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..demo.timeline import BUCKET_S, Phase  # noqa: E402
-from .bench import StrategyPoint  # noqa: E402
+from .bench import BandwidthPoint, StrategyPoint  # noqa: E402
 
 PHASE_COLOURS = {
     "warm-up": "#f2f2f2",
@@ -137,6 +139,51 @@ def plot_strategies(points: Mapping[str, Sequence[StrategyPoint]], path: Path) -
         ax.legend(fontsize=7)
         ax.set_ylim(bottom=0)
     fig.suptitle("DMA-tracking strategies versus RAM size", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bandwidth(
+    points: Mapping[str, Sequence[BandwidthPoint]],
+    path: Path,
+    p99_goal: float = 2.0,
+    cpu_goal: float = 1.0,
+) -> Path:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=DPI)
+    for name, pts in points.items():
+        lat = [(p.bandwidth_mib, p.p99_ratio) for p in pts if p.p99_ratio is not None]
+        if lat:
+            a1.plot([x for x, _ in lat], [y for _, y in lat], "o-", label=name)
+        src = [(p.bandwidth_mib, p.cpu_source) for p in pts if p.cpu_source is not None]
+        dst = [(p.bandwidth_mib, p.cpu_destination) for p in pts if p.cpu_destination is not None]
+        if src:
+            (line,) = a2.plot([x for x, _ in src], [y for _, y in src], "o-", label=f"{name} src")
+            if dst:
+                a2.plot(
+                    [x for x, _ in dst],
+                    [y for _, y in dst],
+                    "s:",
+                    color=line.get_color(),
+                    label=f"{name} dst",
+                )
+    a1.axhline(p99_goal, color="grey", linestyle="--", linewidth=1, label=f"goal {p99_goal:g}")
+    a2.axhline(cpu_goal, color="grey", linestyle="--", linewidth=1, label=f"goal {cpu_goal:g}")
+    a1.set_title("kv p99 during pre-copy ÷ before", fontsize=10)
+    a1.set_ylabel("ratio")
+    a2.set_title("VMM CPU per GiB of guest RAM", fontsize=10)
+    a2.set_ylabel("s/GiB")
+    ticks = sorted({p.bandwidth_mib for pts in points.values() for p in pts})
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("max-bandwidth (MiB/s)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_ylim(bottom=0)
+    fig.suptitle("what a migration costs by max-bandwidth", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
