@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,6 +208,41 @@ def _thread_names() -> list[str]:
         except OSError:
             pass  # the thread ended
     return names
+
+
+def _thread_id(name: str) -> int | None:
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == name:
+                    return int(tid)
+        except OSError:
+            pass  # the thread ended
+    return None
+
+
+def test_the_data_plane_thread_runs_under_sched_batch() -> None:
+    """Like the rest of the frame path (`ptmig.net.sched`): a burst the vCPU or a device posts
+    reaches it whole, without it preempting them at every request."""
+    rig = make_rig(lambda mem, pool: Dataplane(mem, pool))
+    dp = rig.sd.dataplane
+    assert isinstance(dp, Dataplane)
+    try:
+        dp.start()
+        deadline = time.monotonic() + 5
+        while (tid := _thread_id("shadow-dplane")) is None:
+            assert time.monotonic() < deadline, _thread_names()
+            time.sleep(0.01)
+        deadline = time.monotonic() + 5  # (the thread sets it first thing: wait for that)
+        while os.sched_getscheduler(tid) != os.SCHED_BATCH:
+            assert time.monotonic() < deadline, os.sched_getscheduler(tid)
+            time.sleep(0.01)
+        # the caller's own policy is untouched
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        dp.stop()
+    finally:
+        rig.close()
+        dp.close()
 
 
 def test_the_data_plane_thread_services_doorbells_and_interrupts() -> None:
