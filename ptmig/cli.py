@@ -451,7 +451,14 @@ def migrate(
 @click.option(
     "--only", multiple=True, metavar="SECTION", help="Run only these sections (repeatable)."
 )
-def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="N",
+    help="Offer N kv ops/s in the strategies and bandwidth cells (default: half the "
+    "measured maximum).",
+)
+def bench(quick: bool, json_path: Path | None, only: tuple[str, ...], rate: float | None) -> None:
     """Run the benchmarks: tables and one JSON file.
 
     Exit status: 0 every section ran (missed goals are in the tables and the JSON, not in the
@@ -464,7 +471,7 @@ def bench(quick: bool, json_path: Path | None, only: tuple[str, ...]) -> None:
         select_sections(list(only) or None)
     except KeyError as e:
         raise click.BadParameter(e.args[0], param_hint="--only") from None
-    sys.exit(bench_main(quick, json_path, list(only) or None))
+    sys.exit(bench_main(quick, json_path, list(only) or None, rate))
 
 
 @main.command()

@@ -192,6 +192,19 @@ def test_select_sections_keeps_table_order_and_rejects_unknown(fake_sections) ->
         bench.select_sections(["good", "nope"])
 
 
+def test_the_rate_reaches_every_section(fake_sections, tmp_path: Path) -> None:
+    seen: list[float | None] = []
+
+    def rate(config: BenchConfig) -> list[Result]:
+        seen.append(config.rate)
+        return []
+
+    fake_sections.good = rate
+    assert bench.main(quick=True, json_path=tmp_path / "a.json", only=["good"], rate=9_000) == 0
+    assert bench.main(quick=True, json_path=tmp_path / "b.json", only=["good"]) == 0
+    assert seen == [9_000, None]
+
+
 def test_a_missed_goal_is_reported_not_an_error(fake_sections, tmp_path: Path) -> None:
     out = tmp_path / "out" / "bench.json"
     assert bench.main(quick=True, json_path=out, only=["good"]) == 0

@@ -428,6 +428,26 @@ def test_the_offered_load_is_the_fraction_of_the_maximum() -> None:
     ]
 
 
+def test_a_fixed_rate_is_offered_as_given_and_nothing_is_measured(monkeypatch: Any) -> None:
+    import ptmig.bench.strategies as mod
+
+    measured: list[float] = []
+    monkeypatch.setattr(mod, "max_rate", lambda s, *a: measured.append(s) or 40_000.0)
+    p, results = mod.offered_load(BenchConfig(rate=18_000.0), StrategyBenchParams(), "bandwidth")
+    assert p.rate == 18_000.0 and measured == []
+    assert [(r.name, r.value) for r in results] == [("bandwidth.load.offered_ops", 18_000.0)]
+    # without --rate: half of what the client reaches now
+    p, results = mod.offered_load(BenchConfig(quick=True), StrategyBenchParams())
+    assert p.rate == 20_000 and measured == [3.0]
+    assert [r.name for r in results] == list(MAX_RATE_RESULTS)
+
+
+@pytest.mark.parametrize("rate", [0.0, -5.0, math.nan, math.inf])
+def test_a_bench_rate_must_be_a_positive_number(rate: float) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        BenchConfig(rate=rate)
+
+
 # ---- running, with a fake demo ---------------------------------------------------------------
 
 

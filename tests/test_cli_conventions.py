@@ -101,6 +101,12 @@ def test_migrate_without_a_vmm_json_to_stdout_and_error_to_stderr(tmp_path: Path
     assert "cannot connect" in r.stderr and r.stdout == ""
 
 
+def test_bench_rejects_a_rate_that_is_not_positive_as_a_usage_error() -> None:
+    r = cli("bench", "--rate", "0", "--only", "core")
+    assert r.exit_code == cliconv.USAGE
+    assert "--rate" in r.stderr and r.stdout == ""
+
+
 def test_bench_rejects_an_unknown_section_as_a_usage_error() -> None:
     r = cli("bench", "--only", "nope")
     assert r.exit_code == cliconv.USAGE

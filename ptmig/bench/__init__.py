@@ -155,7 +155,9 @@ def _lazy(name: str) -> SectionFn:
     return run
 
 
-def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
+def main(
+    quick: bool, json_path: Path | None, only: list[str] | None, rate: float | None = None
+) -> int:
     """Entry point of `ptmig bench`. Returns 0 unless a section crashed (1) or `only` is bad (2).
 
     Missed goals are reported in the table and the JSON, not in the exit status. With
@@ -170,7 +172,7 @@ def main(quick: bool, json_path: Path | None, only: list[str] | None) -> int:
     except KeyError as e:
         Console(stderr=True, soft_wrap=True).print(f"[red]{e.args[0]}[/red]")
         return USAGE
-    config = BenchConfig.for_mode(quick)
+    config = BenchConfig.for_mode(quick, rate)
     report = run_bench(config, [(n, _lazy(n)) for n in names], console)
     if to_stdout:
         write_conv_json(report.to_json(), "-", indent=2)

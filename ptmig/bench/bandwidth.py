@@ -60,13 +60,12 @@ from .strategies import (
     cell_text,
     demo_cell,
     expected_incorrect,
-    max_rate,
     median_of,
     metric_of,
+    offered_load,
     p99_growth,
     progress_line,
     summary,
-    with_offered_load,
 )
 
 SECTION = "bandwidth"
@@ -359,10 +358,9 @@ def run_bandwidth_bench(
 
 
 def run(config: BenchConfig) -> list[Result]:
-    """The section `bandwidth`: the offered load (half the client's maximum), then the cells."""
+    """The section `bandwidth`: the offered load (half the client's maximum, or `--rate`),
+    then the cells."""
     compile_ptmig()
     params = BandwidthBenchParams.for_config(config)
-    cells, load = with_offered_load(
-        params.cells, max_rate(3.0 if config.quick else 5.0), prefix=SECTION
-    )
+    cells, load = offered_load(config, params.cells, prefix=SECTION)
     return load + run_bandwidth_bench(replace(params, cells=cells))

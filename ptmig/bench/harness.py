@@ -46,18 +46,23 @@ class BenchError(PtmigError, RuntimeError):
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What every section is told: how many runs, and whether to use the quick sizes."""
+    """What every section is told: how many runs, whether to use the quick sizes, and the kv
+    ops/s the migrating cells offer (`rate`; None: half the client's maximum, measured at the
+    section's start)."""
 
     quick: bool = False
     runs: int = DEFAULT_RUNS
+    rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.runs < 1:
             raise ValueError(f"runs={self.runs} must be at least 1")
+        if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
+            raise ValueError(f"rate={self.rate} must be a positive number of ops/s")
 
     @classmethod
-    def for_mode(cls, quick: bool) -> BenchConfig:
-        return cls(quick=quick, runs=QUICK_RUNS if quick else DEFAULT_RUNS)
+    def for_mode(cls, quick: bool, rate: float | None = None) -> BenchConfig:
+        return cls(quick=quick, runs=QUICK_RUNS if quick else DEFAULT_RUNS, rate=rate)
 
 
 @dataclass(frozen=True)

@@ -1233,6 +1233,29 @@ def with_offered_load(
     ]
 
 
+def offered_load(
+    config: BenchConfig, params: StrategyBenchParams, prefix: str = "strategy"
+) -> tuple[StrategyBenchParams, list[Result]]:
+    """The cells' offered load: `config.rate` when the user fixed it (`ptmig bench --rate`:
+    runs on different days, or a host busy when the section starts, then offer the same load),
+    else `load_fraction` of the maximum measured now (`max_rate`)."""
+    if config.rate is None:
+        return with_offered_load(params, max_rate(3.0 if config.quick else 5.0), prefix)
+    extra = {"what": "kv ops/s the cells offer, fixed by `ptmig bench --rate`"}
+    return replace(params, rate=config.rate), [
+        Result(
+            SECTION,
+            f"{prefix}.load.offered_ops",
+            config.rate,
+            "ops/s",
+            None,
+            None,
+            [config.rate],
+            extra,
+        )
+    ]
+
+
 def run(config: BenchConfig) -> list[Result]:
     """The section `strategies`: every strategy on ptmig's disk, and on a vhost-user disk
     where qemu-storage-daemon is installed."""
@@ -1254,7 +1277,7 @@ def run_section(config: BenchConfig, params: StrategyBenchParams) -> list[Result
     include shadow. ptmig is compiled to bytecode first (`compile_ptmig`), as an installed
     package has it: the cells' CPU per GiB is the migration's, not the compiler's."""
     compile_ptmig()
-    params, results = with_offered_load(params, max_rate(3.0 if config.quick else 5.0))
+    params, results = offered_load(config, params)
     results += run_strategy_bench(params)
     disks = (["builtin"] if params.strategies else []) + (
         [VHOST_USER] if "shadow" in params.vhost_user else []
