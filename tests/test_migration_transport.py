@@ -382,6 +382,63 @@ def test_psk_inside_tls_data_channels_join_the_main_streams_session(pki: Path) -
             ch.close()  # type: ignore[union-attr]
 
 
+def _unread_bytes(sock: socket.socket) -> int:
+    import array
+    import fcntl
+    import termios
+
+    n = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, n)
+    return n[0]
+
+
+def test_a_tls_server_sends_no_session_tickets(pki: Path) -> None:
+    """A ticket the client never reads (a data channel only sends) would sit in its socket at
+    close and turn the close into a reset, dropping the end of the stream."""
+    done = threading.Event()
+
+    def read_one_then_hold(ch: Channel) -> int:
+        n = len(ch.recv(16))
+        done.wait(10)  # (its own close sends a close_notify: not before the check)
+        return n
+
+    with listen("127.0.0.1", 0, tls=tls(pki, "server")) as lst:
+        t, out = serve(lst, read_one_then_hold)
+        ch = connect("127.0.0.1", lst.port, tls=tls(pki, "client"))
+        ch.sendall(b"x")
+        time.sleep(0.3)  # whatever the server sent after the handshake is here by now
+        unread = _unread_bytes(ch.sock)
+        done.set()
+        t.join(10)
+        ch.close()
+    assert out == {"result": 1}
+    assert unread == 0
+
+
+def test_closing_with_unread_bytes_still_ends_the_stream_cleanly() -> None:
+    """The peer said something the closing side never read: the close discards it first, so
+    the peer gets the whole stream and a clean end, not a reset."""
+
+    def talk_then_read_all(ch: Channel) -> tuple[int, int]:
+        ch.sendall(b"unread" * 100)
+        time.sleep(0.3)  # the client has sent and closed by now
+        reset = ch.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # ECONNRESET: a reset
+        got = 0
+        while data := ch.recv(1 << 16):
+            got += len(data)
+        return got, reset
+
+    with listen("127.0.0.1", 0, insecure=True) as lst:
+        t, out = serve(lst, talk_then_read_all)
+        ch = connect("127.0.0.1", lst.port, insecure=True)
+        time.sleep(0.1)  # the peer's bytes arrive; nobody reads them
+        assert _unread_bytes(ch.sock) == 600
+        ch.send_buffers([b"d" * (1 << 20)])
+        ch.close()
+        t.join(10)
+    assert out == {"result": (1 << 20, 0)}, out
+
+
 def test_tls_close_sends_its_goodbye_without_waiting_for_a_peer_that_only_reads(
     pki: Path,
 ) -> None:

@@ -407,10 +407,15 @@ class Channel:
             pass
 
     def close(self) -> None:
-        """Orderly close: tell the peer we are done sending, then release the socket."""
+        """Orderly close: tell the peer we are done sending, then release the socket.
+
+        Bytes the peer sent that nobody read are discarded first: closing a TCP socket with
+        unread data makes the kernel send a reset instead of the end of the stream, and a
+        reset discards what of our stream is still in flight to the peer."""
         try:
             if self.is_tls:
                 self._tls_goodbye()
+            self._discard_unread()
             self.sock.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass
@@ -418,6 +423,20 @@ class Channel:
         # The receive buffer goes with the stream: a finished migration's channels stay
         # referenced (query-migrate's), and theirs held 3 MiB of a source's private memory.
         self._scratch = bytearray()
+
+    def _discard_unread(self, limit: int = 1 << 20) -> None:
+        """Read and drop what the socket holds now, at most `limit` bytes, without waiting (the
+        plain socket's recv: under TLS these are records after our goodbye, or tickets)."""
+        self.sock.settimeout(0)  # (with a timeout, Python's recv would wait out an EAGAIN)
+        left = limit
+        while left > 0:
+            try:
+                got = socket.socket.recv(self.sock, min(left, 1 << 16))
+            except OSError:  # (BlockingIOError: nothing more now)
+                return
+            if not got:
+                return
+            left -= len(got)
 
     def _tls_goodbye(self) -> None:
         """Send TLS's close_notify (waiting while the send buffer is full, up to the inactivity
@@ -688,6 +707,11 @@ def _server_context(tls: TlsConfig) -> ssl.SSLContext:
     ctx.load_cert_chain(tls.cert, tls.key)
     ctx.load_verify_locations(tls.ca)
     ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the client must present a CA-signed cert
+    # No TLS 1.3 session tickets: nothing resumes a session (every connection is a full mutual
+    # handshake), and a ticket the client never reads -- a source's data channel only sends --
+    # sits unread in its socket when it closes, which makes the kernel reset the connection
+    # instead of finishing it, dropping whatever of the stream the peer had not received yet.
+    ctx.num_tickets = 0
     return ctx
 
 
