@@ -65,6 +65,7 @@ from .strategies import (
     offered_load,
     p99_growth,
     progress_line,
+    run_cell,
     summary,
 )
 
@@ -171,9 +172,7 @@ def run_cells(
                     i + 1,
                     params.runs,
                 )
-                cell = runner(strategy, params.memory, at, workdir / tag)
-                if cell.error is not None and not expected_incorrect(strategy):
-                    cell = runner(strategy, params.memory, at, workdir / f"{tag}-retry")
+                cell = run_cell(runner, strategy, params.memory, at, workdir / tag)
                 cells.append(BandwidthCell(bw, cell))
                 if console is not None:
                     line = progress_line(cell, len(cells), total, time.monotonic() - t0)

@@ -932,6 +932,17 @@ def demo_cell(strategy: str, memory: str, p: StrategyBenchParams, run_dir: Path)
     return cell_from_doc(strategy, memory, outcome.doc)
 
 
+def run_cell(
+    runner: DemoRunner, strategy: str, memory: str, params: StrategyBenchParams, run_dir: Path
+) -> CellRun:
+    """One cell; a demo that fails to run is retried once (except `none`, whose guest may
+    legitimately break after losing device writes), in `run_dir`-retry."""
+    cell = runner(strategy, memory, params, run_dir)
+    if cell.error is not None and not expected_incorrect(strategy):
+        cell = runner(strategy, memory, params, run_dir.with_name(f"{run_dir.name}-retry"))
+    return cell
+
+
 def run_cells(
     params: StrategyBenchParams,
     workdir: Path,
@@ -952,9 +963,7 @@ def run_cells(
                     i + 1,
                     params.runs,
                 )
-                cell = runner(strategy, memory, params, workdir / tag)
-                if cell.error is not None and not expected_incorrect(strategy):
-                    cell = runner(strategy, memory, params, workdir / f"{tag}-retry")
+                cell = run_cell(runner, strategy, memory, params, workdir / tag)
                 cells.append(cell)
                 if console is not None:
                     console.print(
