@@ -117,10 +117,19 @@ def lock_holder(image: Path) -> str | None:
     return describe_holder(image)
 
 
-def describe_holder(image: Path) -> str:
+def describe_holder(image: Path, asker: Holder | None = None) -> str:
+    """Who holds the lock of `image`, by its owner record where that can be trusted. `asker`:
+    the holder that just failed to take the lock, so a record naming it is stale (it handed
+    the lock on, and the new holder has not written its record yet)."""
     record = read_holder(image)
     if record is None:
         return "another process (no owner record beside the image)"
+    if record == asker:
+        return (
+            f"another process (the owner record still names this VMM, {record.describe()}, "
+            "which handed the lock on; a migration's destination writes its record once its "
+            "guest runs)"
+        )
     if record.host == socket.gethostname() and not _alive(record.pid):
         return f"another process (the owner record names {record.describe()}, which has exited)"
     return record.describe()
@@ -164,7 +173,8 @@ class DiskLock:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise DiskLockError(f"cannot lock disk image {self.image}: {e}") from e
             raise DiskLockError(
-                f"disk image {self.image} is in use: it is locked by {describe_holder(self.image)}"
+                f"disk image {self.image} is in use: it is locked by "
+                f"{describe_holder(self.image, self.holder)}"
             ) from None
         self._fd = fd
         if record:

@@ -111,6 +111,25 @@ def test_a_stale_or_missing_owner_record_is_not_trusted(image: Path) -> None:
     holder.release()
 
 
+def test_a_record_naming_the_asker_itself_is_called_stale(image: Path) -> None:
+    """A migrated source that asks for its lock back before the destination wrote its record
+    finds its own record there: it must not name itself as the holder."""
+    me = Holder(os.getpid(), os.uname().nodename, "src", "/run/src.qmp")
+    source = DiskLock(image, me)
+    source.acquire()
+    source.release()  # handed on: the destination takes the lock without a record yet
+    destination = DiskLock(image, Holder(os.getpid(), os.uname().nodename, "dst"))
+    destination.acquire(record=False)
+    with pytest.raises(DiskLockError) as err:
+        DiskLock(image, me).acquire()
+    assert "the owner record still names this VMM" in str(err.value)
+    assert "which handed the lock on" in str(err.value)
+    destination.record()
+    with pytest.raises(DiskLockError, match="locked by ptmig pid .*VM 'dst'"):
+        DiskLock(image, me).acquire()
+    destination.release()
+
+
 def test_an_image_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DiskLockError, match=r"cannot open disk image .*missing\.img to lock it"):
         DiskLock(tmp_path / "missing.img", Holder.this_process("vm", None)).acquire()

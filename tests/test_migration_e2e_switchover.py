@@ -193,10 +193,11 @@ def test_cont_on_a_migrated_source_is_refused_and_force_cannot_take_the_disk(
             src.cmd("cont")
         assert "Guest is in state 'postmigrate'" in str(err.value)
         assert "run it twice" in str(err.value) and "'x-force': true" in str(err.value)
+        _wait_holder(image, dst.proc.pid)  # its record follows the completion by a moment
         with pytest.raises(RuntimeError, match=f"locked by ptmig pid {dst.proc.pid}"):
             src.cmd("cont", {"x-force": True})
         assert src.status() == "postmigrate"
-        _wait_holder(image, dst.proc.pid)
+        assert _holder_pid(image) == dst.proc.pid
 
 
 def test_a_second_vmm_on_a_locked_image_fails_at_start(tmp_path: Path) -> None:
