@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .config import VmConfig
+from .dirtyrate import DirtyRateError, DirtyRateMeter, Request
 from .disklock import DiskLockError, DiskLocks, Holder
 from .firmware import build_firmware, load_firmware_image
 from .layout import ABI_MMIO_STRIDE, KV_REPORT_BYTES, BootDevice, KvLogReport
@@ -67,6 +68,7 @@ class Machine:
         self.switch_process: subprocess.Popen[bytes] | None = None  # started for our NICs
         self.incoming: Incoming | None = None  # the migration this VMM receives its guest by
         self.manual_shadow: ShadowTracking | None = None  # what x-shadow-start began
+        self.dirty_rate = DirtyRateMeter(self.vm.memory, self.vm.dirty)  # calc-dirty-rate's
         self.migration = MigrationControl(self, psk_file=psk_file, insecure=insecure)
         self.disk_locks = DiskLocks(
             (d.path for d in cfg.disk), Holder.this_process(cfg.name, qmp_path)
@@ -129,6 +131,10 @@ class Machine:
     def shadowed_by_hand(self) -> bool:
         """x-shadow-start is in effect (a migration cannot start then)."""
         return self.manual_shadow is not None
+
+    def measuring_dirty_log(self) -> bool:
+        """calc-dirty-rate harvests the dirty log now (a migration cannot start)."""
+        return self.dirty_rate.holds_dirty_log()
 
     def migrated_away(self) -> None:
         """The destination runs the guest now; this VMM has nothing left to do but exit."""
@@ -217,6 +223,17 @@ class Machine:
         qmp.register("x-query-shadow", self._qmp_query_shadow)
         qmp.register("x-query-memory", self._qmp_query_memory)
         qmp.register("x-query-devices", self._qmp_query_devices)
+        qmp.register(
+            "calc-dirty-rate",
+            self._qmp_calc_dirty_rate,
+            args_schema={
+                "calc-time": int,
+                "*calc-time-unit": ("second", "millisecond"),
+                "*sample-pages": int,
+                "*mode": ("page-sampling", "dirty-ring", "dirty-bitmap"),
+            },
+        )
+        qmp.register("query-dirty-rate", lambda: self.dirty_rate.info())
 
     def _qmp_query_status(self) -> dict[str, Any]:
         return query_status_reply(RunStatus(self.vm.state.value))
@@ -301,6 +318,27 @@ class Machine:
     def request_quit(self) -> None:
         """Stop the guest and end `run`/`wait` (QMP `quit`, SIGTERM, SIGINT)."""
         self._quit.set()
+
+    def _qmp_calc_dirty_rate(
+        self,
+        calc_time: int,
+        calc_time_unit: str = "second",
+        sample_pages: int | None = None,
+        mode: str = "page-sampling",
+    ) -> None:
+        """QEMU's calc-dirty-rate (`ptmig.dirtyrate`); query-dirty-rate reads the result."""
+        try:
+            request = Request.parse(calc_time, calc_time_unit, mode, sample_pages)
+            if self.incoming is not None and self.vm.state == RunState.INMIGRATE:
+                raise DirtyRateError("an incoming migration is in progress: no guest runs here")
+            if mode == "dirty-bitmap" and self.migration.busy():
+                raise DirtyRateError(
+                    "a migration is tracking dirty pages: dirty-bitmap would take its pages "
+                    "(page-sampling can measure during a migration)"
+                )
+            self.dirty_rate.start(request)
+        except DirtyRateError as e:
+            raise QmpError(ErrorClass.GENERIC_ERROR, str(e)) from None
 
     # Shadow mode without a migration: to measure the data path's cost against direct DMA
     # on the same guest, or to debug it. A migration cannot start while it is on.

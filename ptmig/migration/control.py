@@ -89,6 +89,12 @@ class MigrationControl:
                     ErrorClass.GENERIC_ERROR,
                     f"cannot migrate a guest in state '{self.m.vm.state.value}'",
                 )
+            if self.m.measuring_dirty_log():
+                raise QmpError(
+                    ErrorClass.GENERIC_ERROR,
+                    "calc-dirty-rate (mode dirty-bitmap) is measuring with the dirty log: "
+                    "wait for query-dirty-rate to say 'measured'",
+                )
             try:
                 mig = SourceMigration(
                     self.m,
