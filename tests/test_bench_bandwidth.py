@@ -21,6 +21,9 @@ from ptmig.bench.bandwidth import (
     run_bandwidth_bench,
     run_cells,
 )
+from ptmig.bench.dirtylog import PHASES, LoadStats
+from ptmig.bench.dirtylog import result_names as floor_names
+from ptmig.bench.dirtylog import results as floor_results
 from ptmig.bench.harness import BenchConfig
 from ptmig.bench.markdown import render
 from ptmig.bench.strategies import CellRun, StrategyBenchParams
@@ -283,7 +286,11 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
         "bandwidth.load.max_ops",
         "bandwidth.load.offered_ops",
         *expected_result_names(tiny),
+        *floor_names(),
     ]
+    for name in floor_names():  # the floor: dirty tracking alone on a guest not migrating
+        assert got[name]["value"] > 0, got[name]
+    assert got["bandwidth.dirty_log.300ms.p99_ratio"]["goal"] is None
     for bw in ("100", "400"):
         name = f"bandwidth.shadow.{bw}MiBps"
         assert got[f"{name}.correct"]["value"] == 1.0, got[f"{name}.correct"]["extra"]
@@ -293,3 +300,25 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
         rounds = got[f"{name}.rounds"]["value"]
         assert 0 < got[f"{name}.bytes"]["value"] <= rounds * 256 * 1.02  # MiB
     assert got["bandwidth.shadow.both_goals"]["value"] in (0.0, 1.0, 2.0)
+
+
+def test_the_dirty_log_floor_is_each_pairs_own_ratio_without_a_goal() -> None:
+    def stats(p50: float, p99: float) -> LoadStats:
+        return LoadStats(p50, p99, 20_000.0, 0)
+
+    pairs = {
+        phase.name: [
+            (stats(1.0, 2.0), stats(2.0, 6.0)),  # p99 x3
+            (stats(1.0, 4.0), stats(1.5, 4.0)),  # x1
+            (stats(2.0, 3.0), stats(2.0, 6.0)),  # x2
+        ]
+        for phase in PHASES
+    }
+    rs = floor_results(pairs, [80.0, 90.0, 100.0], {"memory": "1G"})
+    assert [r.name for r in rs] == floor_names()
+    got = {r.name: r for r in rs}
+    assert got["bandwidth.dirty_log.300ms.p99_ratio"].value == 2.0  # median of 3, 1, 2
+    assert got["bandwidth.dirty_log.1000ms.p50_ratio"].value == 1.5  # median of 2, 1.5, 1
+    assert got["bandwidth.dirty_log.rate"].value == 90.0
+    assert all(r.goal is None for r in rs)
+    assert [p.mode for p in PHASES] == ["dirty-bitmap", "dirty-bitmap", "page-sampling"]

@@ -49,7 +49,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import progress
-from .harness import BenchConfig, Goal, Result, compile_ptmig
+from .dirtylog import run_dirty_log_floor
+from .harness import BenchConfig, BenchError, Goal, Result, compile_ptmig
 from .strategies import (
     GOAL_CPU_PER_GIB,
     GOAL_P99_PRECOPY_VS_BEFORE,
@@ -73,6 +74,8 @@ SECTION = "bandwidth"
 BANDWIDTHS_MIB = (100.0, 200.0, 400.0)
 STRATEGIES = ("none", "device-log", "shadow", "intercept")
 GOAL_BOTH = Goal(">=", 1.0)
+FLOOR_SECONDS = 4.0  # each load phase of the dirty-log floor (`ptmig.bench.dirtylog`)
+FLOOR_SECONDS_QUICK = 2.0
 
 # (result suffix, CellRun attribute or "lat:<phase>:<stat>", unit, scale, goal)
 METRICS: tuple[tuple[str, str, str, float, Goal | None], ...] = (
@@ -362,4 +365,12 @@ def run(config: BenchConfig) -> list[Result]:
     compile_ptmig()
     params = BandwidthBenchParams.for_config(config)
     cells, load = offered_load(config, params.cells, prefix=SECTION)
-    return load + run_bandwidth_bench(replace(params, cells=cells))
+    out = load + run_bandwidth_bench(replace(params, cells=cells))
+    if cells.rate is None:
+        raise BenchError("the cells have no offered load")
+    return out + run_dirty_log_floor(
+        params.memory,
+        cells.rate,
+        params.runs,
+        FLOOR_SECONDS_QUICK if config.quick else FLOOR_SECONDS,
+    )
