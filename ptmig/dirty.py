@@ -57,20 +57,6 @@ class KvmDirtyLog:
         """Bytes of the scratch bitmap (allocated or not yet: the memory report's)."""
         return (self.npages + 63) // 64 * 8
 
-    def peek_into(self, out: Bitmap) -> bool:
-        """Write into `out` (a bitmap of the span) the pages vCPUs wrote since their last
-        harvest, without clearing or protecting anything; False (and `out` untouched) without
-        manual protection, where reading the log would clear it. Each slot's words are
-        overwritten; the holes' words are not touched."""
-        from . import bitmap
-
-        if not self.manual_protect:
-            return False
-        for slot, first, npages in self.slots:
-            log = out[first >> 6 : (first >> 6) + bitmap.words_for(npages)]
-            self.vm.get_dirty_log(slot, log.ctypes.data)
-        return True
-
     def harvest(self) -> Bitmap:
         """Pages vCPUs wrote since the last harvest (a fresh array over the span)."""
         from . import bitmap

@@ -106,24 +106,3 @@ def test_migration_events_seen_by_a_qmp_client(tmp_path: Path) -> None:
     finally:
         src.stop()
         dst.stop()
-
-
-def test_pages_written_again_before_their_turn_wait_for_the_next_round(tmp_path: Path) -> None:
-    """The guest rewrites its 32 MiB working set all the time and the link carries 16 MiB/s:
-    round 1 is sent in 16 MiB chunks, and what the guest wrote again before its chunk's turn
-    is left to the next harvest (`ptmig.migration.redirty`); nothing is lost."""
-    src, dst, port = _pair(tmp_path, dirty_config(tmp_path, memory="128M", vcpus=1, ws="32M"))
-    try:
-        src.migrate(port, tracking="none", verify=True, downtime_limit=1000, max_bandwidth=16 << 20)
-        info = src.wait_migration(timeout=90)
-        assert info["status"] == "completed", info
-        assert info["x-verify"]["mismatched"] == 0, info["x-verify"]
-        rounds = info["x-rounds"]
-        assert rounds[0]["chunks"] >= 2, rounds  # 128 MiB at 16 MiB/s: 16 MiB chunks
-        # the first 16 MiB chunk goes at once; by the second's turn the guest rewrote it
-        assert rounds[1]["chunks"] == 1, rounds
-        assert 0 < rounds[1]["written-again-pages"] < rounds[1]["pages"], rounds
-        assert dst.status() == "running" and iterations_increase(dst)
-    finally:
-        src.stop()
-        dst.stop()

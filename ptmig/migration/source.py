@@ -77,7 +77,6 @@ from .protocol import (
     channel_capability,
     hello,
 )
-from .redirty import RoundChunks
 from .tracking import DmaTracking, make_strategy
 from .verify import digests_to_bytes, page_digests
 
@@ -89,9 +88,6 @@ log = logging.getLogger(__name__)
 BATCH_PAGES = 4096  # 16 MiB per PageRuns frame
 DIGESTS_PER_FRAME = 65536
 PACE_S = 0.25  # under max-bandwidth, a send carries about this much time's worth of payload
-CHUNK_S = 0.25  # a round's chunk (`redirty`): about this much time of max-bandwidth
-UNLIMITED_CHUNK_PAGES = 65536  # without max-bandwidth: 256 MiB
-MAX_CHUNKS = 64  # a round is at most about this many chunks
 DRAIN_MAX_S = 2.0  # at most this long waiting for the destination before the stop
 DRAIN_SLACK = 64 << 10  # bytes still in flight that are not worth waiting for
 REPLY_POLL_S = 0.05  # how often the wait for the switchover's answer looks for a cancel
@@ -151,7 +147,6 @@ class SourceMigration:
         self.data_channels: list[DataChannel] = []
         self._lock = threading.Lock()  # sender threads share the counters and the rate limit
         self._round: ChannelRound | None = None  # the current data-channel round
-        self._wire_round = 0  # the next protocol round: a pre-copy round may be several
         self.ownership = GuestOwnership(Role.SOURCE)
         self._was_running = False
         self._began = False  # the strategy began: devices must be put back on a resume
@@ -521,22 +516,17 @@ class SourceMigration:
         dirty: bitmap.Bitmap,
         *,
         throttle: bool,
-        allocated: np.ndarray | None = None,
     ) -> tuple[int, int]:
-        """Send one protocol round's dirty pages on the main stream, or on the data channels
-        (the main stream then carries the round with 0 pages); returns bytes and pages sent.
-        `allocated`: the holes map, if the caller made it for a larger round."""
+        """Send one round's dirty pages on the main stream, or on the data channels (the main
+        stream then carries the round with 0 pages); returns bytes and pages sent."""
         if not self.data_channels:
-            return self._send_stream_round(
-                ch, conn, rnd, dirty, throttle=throttle, allocated=allocated
-            )
+            return self._send_stream_round(ch, conn, rnd, dirty, throttle=throttle)
         sent = transport.send_event(ch, conn, RoundStart(rnd, 0))
         # holes: zero pages we need not even read (found once for all channels; a round few
         # enough to be listed sparsely never needs them: no whole-RAM scan for it)
         mem = self.m.vm.memory
         count = pages.count_dirty(dirty, mem.npages)
-        if allocated is None and count > SPARSE_PAGES:
-            allocated = mem.allocated()
+        allocated = mem.allocated() if count > SPARSE_PAGES else None
         self._round = ChannelRound(self.data_channels)
 
         def send(d: DataChannel) -> int:
@@ -589,34 +579,6 @@ class SourceMigration:
         sent += transport.send_event(ch, conn, RoundEnd(rnd))
         return sent, count
 
-    def _next_wire_round(self) -> int:
-        rnd, self._wire_round = self._wire_round, self._wire_round + 1
-        return rnd
-
-    def _send_precopy_round(
-        self, ch: transport.Channel, conn: Connection, rnd: int, dirty: bitmap.Bitmap
-    ) -> tuple[int, int, int]:
-        """Pre-copy round `rnd` in chunks, without the pages the guest wrote again before
-        their turn (`ptmig.migration.redirty`; round 0's harvest is the reset at the start).
-        Returns bytes sent, pages left out, protocol rounds used."""
-        vm = self.m.vm
-        npages = vm.memory.npages
-        rate = self.params.max_bandwidth
-        chunk = max(
-            BATCH_PAGES,
-            int(rate * CHUNK_S) // PAGE_SIZE if rate else UNLIMITED_CHUNK_PAGES,
-            npages // MAX_CHUNKS,  # round 0 of a large guest: mostly zero pages, few chunks
-        )
-        count = pages.count_dirty(dirty, npages)
-        allocated = vm.memory.allocated() if count > SPARSE_PAGES else None
-        chunks = RoundChunks(dirty, npages, chunk, vm.dirty.kvm_log.peek_into)
-        nbytes = used = 0
-        for part in chunks:
-            wire = self._next_wire_round()
-            nbytes += self._send_round(ch, conn, wire, part, throttle=True, allocated=allocated)[0]
-            used += 1
-        return nbytes, chunks.skipped, used
-
     def _paced(self, runs: np.ndarray, throttle: bool) -> list[np.ndarray]:
         """A batch as sent: whole, or under `max-bandwidth` in pieces of PACE_S worth of
         payload. The rate limit waits after each send for what it cost, so a whole 16 MiB batch
@@ -654,7 +616,7 @@ class SourceMigration:
             count = pages.count_dirty(dirty, npages)
             self.info.ram.remaining = count * PAGE_SIZE
             t0 = time.monotonic()
-            nbytes, skipped, chunks = self._send_precopy_round(ch, conn, rnd, dirty)
+            nbytes, _ = self._send_round(ch, conn, rnd, dirty, throttle=True)
             took = time.monotonic() - t0
             rate = bw.update(nbytes, took)
             self.info.ram.mbps = rate * 8 / 1e6
@@ -675,8 +637,6 @@ class SourceMigration:
                     "remaining-pages": remaining_pages,
                     "channels": len(self.data_channels),
                     "harvest-ms": round(harvest_ms, 3),
-                    "written-again-pages": skipped,
-                    "chunks": chunks,
                 }
             )
             log.info(
@@ -743,8 +703,7 @@ class SourceMigration:
         if self._postcopy:
             final_pages = pages.count_dirty(dirty, vm.memory.npages)
         else:
-            wire = self._next_wire_round()
-            final_pages = self._send_round(ch, conn, wire, dirty, throttle=False)[1]
+            final_pages = self._send_round(ch, conn, rnd, dirty, throttle=False)[1]
         stop_round: dict[str, Any] = {
             "round": rnd,
             "pages": final_pages,
