@@ -147,7 +147,7 @@ def test_dirty_bitmap_and_a_migration_exclude_each_other(tmp_path: Path) -> None
     """Both harvest the one dirty log: a migration started during a dirty-bitmap measurement
     would miss the pages the measurement takes, and the other way round."""
     with migration_pair(tmp_path, dirty_config(tmp_path)) as (src, dst, port):
-        src.cmd("calc-dirty-rate", {"calc-time": 3, "mode": "dirty-bitmap"})
+        src.cmd("calc-dirty-rate", {"calc-time": 5, "mode": "dirty-bitmap"})
         with pytest.raises(RuntimeError, match="calc-dirty-rate .* is measuring"):
             src.migrate(port)
         assert src.cmd("query-migrate").get("status") in (None, "none")

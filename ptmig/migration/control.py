@@ -74,6 +74,7 @@ class MigrationControl:
         # (measured: at normal priority it held kv requests 4-10 ms for ~100 ms before the
         # migration's clock even started), on a thread of its own: this one, QMP's, keeps its
         # priority whatever the process may do.
+        self._refuse_if_measuring()  # at once, not after the modules' load (below the guest)
         SourceMigration = background.run_lowered(_source_migration_class)
 
         with self._lock:
@@ -89,12 +90,7 @@ class MigrationControl:
                     ErrorClass.GENERIC_ERROR,
                     f"cannot migrate a guest in state '{self.m.vm.state.value}'",
                 )
-            if self.m.measuring_dirty_log():
-                raise QmpError(
-                    ErrorClass.GENERIC_ERROR,
-                    "calc-dirty-rate (mode dirty-bitmap) is measuring with the dirty log: "
-                    "wait for query-dirty-rate to say 'measured'",
-                )
+            self._refuse_if_measuring()
             try:
                 mig = SourceMigration(
                     self.m,
@@ -286,6 +282,14 @@ class MigrationControl:
                 ErrorClass.GENERIC_ERROR,
                 f"the destination does not know migration {mig.migration_id} (restarted?): "
                 "name the winner",
+            )
+
+    def _refuse_if_measuring(self) -> None:
+        if self.m.measuring_dirty_log():
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                "calc-dirty-rate (mode dirty-bitmap) is measuring with the dirty log: "
+                "wait for query-dirty-rate to say 'measured'",
             )
 
     def busy(self) -> bool:
