@@ -257,7 +257,9 @@ caller = threading.get_ident()
 before = priority()
 vm = SimpleNamespace(state=RunState.SHUTDOWN, vcpu_thread_ids=lambda: [])
 cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
-m = SimpleNamespace(cfg=cfg, vm=vm, shadowed_by_hand=lambda: False)
+m = SimpleNamespace(
+    cfg=cfg, vm=vm, shadowed_by_hand=lambda: False, measuring_dirty_log=lambda: False
+)
 try:
     MigrationControl(m).migrate("tcp:127.0.0.1:1")
 except QmpError as e:

@@ -101,7 +101,9 @@ from types import SimpleNamespace
 from ptmig.vm import RunState
 vm = SimpleNamespace(state=RunState.SHUTDOWN, vcpu_thread_ids=lambda: [])
 cfg = SimpleNamespace(migration=SimpleNamespace(psk_file=None, tls=False))
-m = SimpleNamespace(cfg=cfg, vm=vm, shadowed_by_hand=lambda: False)
+m = SimpleNamespace(
+    cfg=cfg, vm=vm, shadowed_by_hand=lambda: False, measuring_dirty_log=lambda: False
+)
 """
 
 
