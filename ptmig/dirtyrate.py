@@ -38,6 +38,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from .errors import PtmigError
+from .layout import PAGE_SIZE
 
 if TYPE_CHECKING:
     from .dirty import DirtyTracker
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
 MIN_CALC_MS = 100
 MAX_CALC_MS = 60_000
 MIN_SAMPLE_PAGES = 128
@@ -109,10 +109,9 @@ def sample_pages_of(memory: GuestMemory, per_gib: int, seed: int | None = None) 
     """`per_gib` random RAM pages per GiB (at least one), distinct, sorted: the pages sampled."""
     import numpy as np
 
-    ram = [p for first, n in memory.page_ranges() for p in (first, n)]
-    firsts, counts = np.array(ram[0::2], dtype=np.int64), np.array(ram[1::2], dtype=np.int64)
+    firsts, counts = np.array(memory.page_ranges(), dtype=np.int64).T
     total = int(counts.sum())
-    want = min(total, max(1, round(per_gib * total * PAGE / 2**30)))
+    want = min(total, max(1, round(per_gib * total * PAGE_SIZE / 2**30)))
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(total, size=want, replace=False))
     ends = np.cumsum(counts)
@@ -121,12 +120,12 @@ def sample_pages_of(memory: GuestMemory, per_gib: int, seed: int | None = None) 
 
 
 def checksums(memory: GuestMemory, pages: list[int]) -> list[int]:
-    return [zlib.crc32(memory.slice(p * PAGE, PAGE)) for p in pages]
+    return [zlib.crc32(memory.slice(p * PAGE_SIZE, PAGE_SIZE)) for p in pages]
 
 
 def rate_mib_s(dirty_pages: float, seconds: float) -> int:
     """MiB/s, rounded down as QEMU does (an int64 of "MB/s")."""
-    return int(dirty_pages * PAGE / 2**20 / seconds) if seconds > 0 else 0
+    return int(dirty_pages * PAGE_SIZE / 2**20 / seconds) if seconds > 0 else 0
 
 
 def sampled_rate(before: list[int], after: list[int], ram_pages: int, seconds: float) -> int:
@@ -210,7 +209,7 @@ class DirtyRateMeter:
         time.sleep(request.calc_ms / 1000)
         after = checksums(self.memory, pages)
         seconds = time.monotonic() - start
-        ram_pages = sum(n for _, n in self.memory.page_ranges())
+        ram_pages = self.memory.ram // PAGE_SIZE
         return sampled_rate(before, after, ram_pages, seconds), seconds
 
     def info(self) -> dict[str, Any]:

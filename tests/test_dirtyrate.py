@@ -93,6 +93,26 @@ def test_page_sampling_sees_any_writer_of_guest_ram() -> None:
     mem.close()
 
 
+def test_a_dirty_log_that_fails_ends_the_measurement_with_its_error() -> None:
+    """The harvest ioctl failing (injected at the tracker the meter reads): the measurement
+    ends as measured with the reason and no rate, and the next one can start."""
+
+    class BrokenLog:
+        def harvest(self) -> None:
+            raise OSError(14, "Bad address")
+
+    mem = GuestMemory(8 << 20)
+    meter = DirtyRateMeter(mem, BrokenLog())  # type: ignore[arg-type]
+    meter.start(Request.parse(100, "millisecond", "dirty-bitmap"))
+    assert meter.wait(10)
+    info = meter.info()
+    assert info["status"] == "measured" and "dirty-rate" not in info, info
+    assert "Bad address" in info["x-error"]
+    meter.start(Request.parse(100, "millisecond"))  # page-sampling: the log is not needed
+    assert meter.wait(10) and meter.info()["dirty-rate"] == 0
+    mem.close()
+
+
 def test_a_page_unchanged_reads_the_same() -> None:
     mem = GuestMemory(8 << 20)
     pages = sample_pages_of(mem, 4096, seed=3)
