@@ -6,6 +6,15 @@ KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 the harvest is GET_DIRTY_LOG followed by CLEAR
 exactly the pages reported, so a page written between the two calls is never lost; without it,
 GET_DIRTY_LOG clears as it reads.
 
+A migration defers the CLEAR (QEMU's clear bitmap does the same): its harvests only read the
+log, and each batch of pages is cleared (write-protected again, its bits reset) just before it
+is read for sending (`reprotect`). A page is thus re-armed right before its contents are
+taken, never after, so a write that lands later faults and is in the next harvest; a page
+written between the harvest and its batch costs no fault at all; and the guest's write faults
+are spread over the round at the sending rate instead of all following the harvest (on a host
+without PML, where every re-armed page costs a fault, that burst is what the guest's latency
+pays).
+
 The bitmaps are numpy arrays (`bitmap`), allocated with the first harvest: numpy loads when
 dirty tracking begins (a migration), not with every VM.
 """
@@ -21,6 +30,9 @@ from .kvm.ioctls import KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 from .memory import GuestMemory
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from .bitmap import Bitmap
 
 
@@ -46,6 +58,9 @@ class KvmDirtyLog:
                 )
         self.slots = slots
         self.scratch: Bitmap | None = None  # the span's words, for GET_DIRTY_LOG to fill
+        # Pages a harvest reported and left writable (protect=False): still set in KVM's
+        # log, to be cleared by `reprotect` before they are read. None: nothing deferred.
+        self.unprotected: Bitmap | None = None
         self.manual_protect = False
         if vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
@@ -57,16 +72,21 @@ class KvmDirtyLog:
         """Bytes of the scratch bitmap (allocated or not yet: the memory report's)."""
         return (self.npages + 63) // 64 * 8
 
-    def harvest(self) -> Bitmap:
+    def harvest(self, *, protect: bool = True) -> Bitmap:
         """Pages vCPUs wrote since the last harvest (a fresh array over the span)."""
         from . import bitmap
 
         out = bitmap.empty(self.npages)
-        self.harvest_into(out)
+        self.harvest_into(out, protect=protect)
         return out
 
-    def harvest_into(self, out: Bitmap) -> None:
-        """Add the pages vCPUs wrote since the last harvest to `out` (a bitmap of the span)."""
+    def harvest_into(self, out: Bitmap, *, protect: bool = True) -> None:
+        """Add the pages vCPUs wrote since the last harvest to `out` (a bitmap of the span).
+
+        protect=False reads the log and leaves the reported pages writable and set in it:
+        the caller must `reprotect` each page before it reads the page's contents. (Without
+        manual protect GET_DIRTY_LOG has already re-armed them; nothing is deferred.) The
+        next harvest reports every page not re-armed by then again."""
         import numpy as np
 
         from . import bitmap
@@ -80,9 +100,47 @@ class KvmDirtyLog:
                 addr = log.ctypes.data
                 self.vm.get_dirty_log(slot, addr)
                 # (max, not any: numpy's any on integers is several times slower)
-                if self.manual_protect and log.max():
+                if protect and self.manual_protect and log.max():
                     self.vm.clear_dirty_log(slot, 0, npages, addr)
+            # A deferred page not re-armed is still set in KVM's log: the scratch just read
+            # holds it again, so it is the whole of what is deferred now.
+            if protect or not self.manual_protect:
+                self.unprotected = None
+            elif self.unprotected is None:
+                self.unprotected = scratch.copy()
+            else:
+                np.copyto(self.unprotected, scratch)
             np.bitwise_or(out, scratch, out=out)
+
+    def reprotect(self, page_numbers: npt.NDArray[np.int64]) -> int:
+        """Re-arm dirty tracking of these pages (sorted page numbers of the span) before they
+        are read: those a deferred harvest left writable are cleared in KVM's log. Returns
+        how many were. Only the pages given, not their 64-page words: a page re-armed long
+        before its read costs the guest the faults deferring saves (and one re-armed after its
+        read would lose a write landing between the two)."""
+        from . import bitmap
+
+        if self.unprotected is None or page_numbers.size == 0:
+            return 0
+        lo = int(page_numbers[0]) & ~63
+        hi = min(self.npages, (int(page_numbers[-1]) + 64) & ~63)
+        wanted = bitmap.from_pages(page_numbers - lo, hi - lo)
+        with self._lock:
+            unprotected = self.unprotected
+            if unprotected is None:
+                return 0
+            words = unprotected[lo >> 6 : (lo >> 6) + bitmap.words_for(hi - lo)]
+            mask = wanted & words
+            if not mask.max():
+                return 0
+            words &= ~mask
+            for slot, first, npages in self.slots:
+                start, end = max(lo, first), min(hi, first + npages)
+                if start >= end:
+                    continue  # (the MMIO gap has no slot: its pages are never in the log)
+                addr = mask.ctypes.data + ((start - lo) >> 3)
+                self.vm.clear_dirty_log(slot, start - first, end - start, addr)
+            return bitmap.count(mask)
 
 
 DirtySource = Callable[[], "Bitmap"]
@@ -121,21 +179,22 @@ class DirtyTracker:
             self._sources.remove(take)
         self.memory.merge_vmm_dirty(take())
 
-    def harvest(self) -> Bitmap:
+    def harvest(self, *, protect: bool = True) -> Bitmap:
         """Everything dirtied since the last harvest (a fresh array over the span)."""
         from . import bitmap
 
         out = bitmap.empty(self.kvm_log.npages)
-        self.harvest_into(out)
+        self.harvest_into(out, protect=protect)
         return out
 
-    def harvest_into(self, out: Bitmap) -> None:
+    def harvest_into(self, out: Bitmap, *, protect: bool = True) -> None:
         """Add everything dirtied since the last harvest to `out`, a bitmap the caller keeps
         (the stop-and-copy adds the last harvest to the pages still unsent, allocating
-        nothing on the downtime's clock)."""
+        nothing on the downtime's clock). protect=False: see `KvmDirtyLog.harvest_into`;
+        the caller then calls `reprotect` before reading pages."""
         import numpy as np
 
-        self.kvm_log.harvest_into(out)
+        self.kvm_log.harvest_into(out, protect=protect)
         with self._lock:
             markers = list(self._markers)
         for mark in markers:
@@ -146,6 +205,11 @@ class DirtyTracker:
         for take in sources:
             np.bitwise_or(out, take(), out=out)
 
-    def reset(self) -> None:
+    def reprotect(self, page_numbers: npt.NDArray[np.int64]) -> int:
+        """Re-arm KVM's tracking of these pages before reading them (`KvmDirtyLog.reprotect`);
+        the VMM's and the devices' writers need nothing: their bitmaps are set on every write."""
+        return self.kvm_log.reprotect(page_numbers)
+
+    def reset(self, *, protect: bool = True) -> None:
         """Forget everything dirtied so far (start of a migration's round 0)."""
-        self.harvest()
+        self.harvest(protect=protect)

@@ -149,9 +149,12 @@ def test_a_dirtying_guest_measured_both_ways(tmp_path: Path) -> None:
         sampled = _measure(
             vmm, {"calc-time": 500, "calc-time-unit": "millisecond", "sample-pages": 4096}
         )
-        for info in (exact, sampled):
+        # The exact count is bounded by the working set (and the few pages the firmware writes
+        # besides); the sampled one is an estimate from 512 pages (4096 per GiB of 128 MiB) of
+        # which a quarter changed: its standard error is 7.7 %, so it is allowed 4 of them.
+        for info, over in ((exact, 1.1 * 33), (sampled, 1.31 * 32)):
             seconds = float(info["x-calc-ms"]) / 1000  # type: ignore[arg-type]
-            assert 0.5 * 32 / seconds <= int(info["dirty-rate"]) <= 1.1 * 33 / seconds, info  # type: ignore[call-overload]
+            assert 0.5 * 32 / seconds <= int(info["dirty-rate"]) <= over / seconds, info  # type: ignore[call-overload]
         assert exact["mode"] == "dirty-bitmap" and exact["sample-pages"] == 0
         assert sampled["mode"] == "page-sampling" and sampled["sample-pages"] == 4096
         with pytest.raises(RuntimeError, match="dirty-ring needs KVM's dirty ring"):

@@ -529,7 +529,9 @@ def test_scale_results_judge_linearity_downtime_harvest_and_memory() -> None:
     def sample(
         memory: int, total: float, downtime: float = 3.0, vmm: int = 10 * MIB
     ) -> ScaleSample:
-        return ScaleSample(memory, total, downtime, memory, 100.0, [0.5, 1.5], vmm, vmm // 2)
+        return ScaleSample(
+            memory, total, downtime, memory, 100.0, [0.5, 1.5], vmm, vmm // 2, [40.0, 2.0]
+        )
 
     rows = {
         r.name: r
@@ -546,6 +548,7 @@ def test_scale_results_judge_linearity_downtime_harvest_and_memory() -> None:
     assert rows["4G.total-per-GiB/1G"].value == 1.5 and rows["4G.total-per-GiB/1G"].ok is False
     assert rows["4G.idle-downtime"].ok is False and rows["4G.harvest-per-round"].ok
     assert rows["4G.harvest-per-round"].value == 1.0
+    assert rows["4G.rearm"].value == 40.0 and rows["4G.rearm"].ok is None  # no goal
     assert rows["1G.vmm-memory/ram"].value == pytest.approx(100 * 10 / 1024)
     assert rows["4G.vmm-memory/ram"].ok is False  # 200 MiB of 4 GiB is 4.9 %
     assert rows["256M.vmm-memory/ram"].ok is None  # no goal below 1 GiB

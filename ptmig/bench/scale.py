@@ -12,7 +12,8 @@ acknowledgement, i.e. the downtime) and must find no differing page. Reported pe
 - total time, downtime, throughput (`ram.transferred` / `total-time`), verify time (of the
   verified run: the digest comparison after the switchover);
 - harvest time per pre-copy round (the dirty-log harvest of every RAM memslot, `harvest-ms`
-  in `x-rounds`);
+  in `x-rounds`: a read of KVM's logs since pre-copy defers the re-arming), and the re-arming
+  per round (`rearm-ms`: the CLEAR_DIRTY_LOG calls of the round's batches, spread over it);
 - the VMM's own memory besides guest RAM, source and destination, as `x-query-memory`
   measures it after the migration (VMM and device processes' private memory, IOMMU tables,
   shadow pool), in MiB and as a percentage of guest RAM. ptmig's modules are compiled to
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ class ScaleSample:
     harvest_ms: list[float]
     src_vmm: int
     dst_vmm: int
+    rearm_ms: list[float] = field(default_factory=list)  # per pre-copy round, summed over it
 
     @property
     def gb_per_s(self) -> float:
@@ -271,6 +273,13 @@ def results(samples: dict[int, list[ScaleSample]], bytecode: str = "compiled") -
                 "ms",
                 extra={**extra, "statistic": "slowest round of each run"},
             ),
+            measured(
+                SECTION,
+                f"{name}.rearm",
+                [max(s.rearm_ms, default=0.0) for s in ss],
+                "ms",
+                extra={**extra, "statistic": "costliest round of each run, its batches summed"},
+            ),
             measured(SECTION, f"{name}.verify", [s.verify_ms for s in ss], "ms", extra=extra),
             measured(
                 SECTION, f"{name}.src-vmm-memory", [s.src_vmm / MiB for s in ss], "MiB", extra=held
@@ -358,7 +367,9 @@ def scale_migration(tmp: Path, memory: int, verify: bool = False) -> ScaleSample
             raise BenchError(f"verified migration of {label(memory)} failed: {checked}")
         src_mem = qs.execute("x-query-memory")["vmm"]["total"]
         dst_mem = qd.execute("x-query-memory")["vmm"]["total"]
-        harvest = [float(r["harvest-ms"]) for r in info.get("x-rounds", []) if "harvest-ms" in r]
+        rounds = info.get("x-rounds", [])
+        harvest = [float(r["harvest-ms"]) for r in rounds if "harvest-ms" in r]
+        rearm = [float(r["rearm-ms"]) for r in rounds if "rearm-ms" in r]
         return ScaleSample(
             memory,
             float(info["total-time"]),
@@ -368,6 +379,7 @@ def scale_migration(tmp: Path, memory: int, verify: bool = False) -> ScaleSample
             harvest,
             int(src_mem),
             int(dst_mem),
+            rearm,
         )
     finally:
         _stop(src, qs)

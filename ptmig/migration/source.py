@@ -146,6 +146,8 @@ class SourceMigration:
         self._bucket_rate = 0
         self.data_channels: list[DataChannel] = []
         self._lock = threading.Lock()  # sender threads share the counters and the rate limit
+        self._rearmed_pages = 0  # this round's pages re-armed in KVM's log before their read
+        self._rearm_s = 0.0
         self._round: ChannelRound | None = None  # the current data-channel round
         self.ownership = GuestOwnership(Role.SOURCE)
         self._was_running = False
@@ -252,7 +254,7 @@ class SourceMigration:
             t_channels = time.monotonic()
             self.strategy.begin(m)
             self._began = True
-            vm.dirty.reset()
+            vm.dirty.reset(protect=False)  # round 0 re-arms each batch as it sends it
             t_began = time.monotonic()
             self.info.setup_time_ms = int((t_began - self.info.start) * 1000)
             # Where setup went: `load` from the command to this thread (the modules' first
@@ -501,7 +503,9 @@ class SourceMigration:
             time.sleep(min(left, 0.02))
 
     def _harvest(self) -> bitmap.Bitmap:
-        dirty = self.m.vm.dirty.harvest()
+        """The next round's pages. KVM's log is only read: `_send_stream_round` re-arms each
+        batch right before reading it (`DirtyTracker.reprotect`)."""
+        dirty = self.m.vm.dirty.harvest(protect=False)
         extra = self.strategy.round_dirty(self.m)
         if extra is not None:
             np.bitwise_or(dirty, extra, out=dirty)
@@ -518,7 +522,9 @@ class SourceMigration:
         throttle: bool,
     ) -> tuple[int, int]:
         """Send one round's dirty pages on the main stream, or on the data channels (the main
-        stream then carries the round with 0 pages); returns bytes and pages sent."""
+        stream then carries the round with 0 pages); returns bytes and pages sent. A
+        throttled round is a pre-copy round: the guest runs, and each batch is re-armed in
+        KVM's log before it is read; the stop-and-copy's guest is stopped and needs none."""
         if not self.data_channels:
             return self._send_stream_round(ch, conn, rnd, dirty, throttle=throttle)
         sent = transport.send_event(ch, conn, RoundStart(rnd, 0))
@@ -569,6 +575,8 @@ class SourceMigration:
             batches = pages.bitmap_to_runs(dirty, BATCH_PAGES, npages)
         for runs in batches:
             self._check()
+            if throttle:
+                self._rearm(runs)
             runs = pages.split_zero_runs(mem.view, runs, allocated=allocated)
             for piece in self._paced(runs, throttle):
                 n = transport.send_pages(ch, conn, piece, mem.view)
@@ -578,6 +586,16 @@ class SourceMigration:
                     self._rate_limit(n)
         sent += transport.send_event(ch, conn, RoundEnd(rnd))
         return sent, count
+
+    def _rearm(self, runs: np.ndarray) -> None:
+        """Before a pre-copy batch is read: its pages' tracking re-armed, so a write from now
+        on is in the next harvest (the deferred half of `_harvest`)."""
+        t0 = time.monotonic()
+        n = self.m.vm.dirty.reprotect(pages.expand_runs(runs))
+        took = time.monotonic() - t0
+        with self._lock:
+            self._rearmed_pages += n
+            self._rearm_s += took
 
     def _paced(self, runs: np.ndarray, throttle: bool) -> list[np.ndarray]:
         """A batch as sent: whole, or under `max-bandwidth` in pieces of PACE_S worth of
@@ -616,6 +634,8 @@ class SourceMigration:
             count = pages.count_dirty(dirty, npages)
             self.info.ram.remaining = count * PAGE_SIZE
             t0 = time.monotonic()
+            with self._lock:
+                self._rearmed_pages, self._rearm_s = 0, 0.0
             nbytes, _ = self._send_round(ch, conn, rnd, dirty, throttle=True)
             took = time.monotonic() - t0
             rate = bw.update(nbytes, took)
@@ -637,6 +657,8 @@ class SourceMigration:
                     "remaining-pages": remaining_pages,
                     "channels": len(self.data_channels),
                     "harvest-ms": round(harvest_ms, 3),
+                    "rearmed-pages": self._rearmed_pages,
+                    "rearm-ms": round(self._rearm_s * 1000, 3),
                 }
             )
             log.info(
@@ -692,7 +714,9 @@ class SourceMigration:
         self._set_status(Status.DEVICE)
         extra = self.strategy.stop_and_copy(m)
         dirty = pending  # the last harvest goes where the pages not yet sent are: no new array
-        vm.dirty.harvest_into(dirty)
+        # Read only: with the guest stopped, re-arming would cost the downtime ioctls for
+        # nothing. Should it run here again, the next migration's reset reads these pages.
+        vm.dirty.harvest_into(dirty, protect=False)
         if extra is not None:
             np.bitwise_or(dirty, extra, out=dirty)
         self.info.ram.dirty_sync_count += 1
