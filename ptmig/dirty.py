@@ -69,8 +69,9 @@ class KvmDirtyLog:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the scratch bitmap (allocated or not yet: the memory report's)."""
-        return (self.npages + 63) // 64 * 8
+        """Bytes of the scratch bitmap and, with manual protect, of the deferred pages' one
+        (allocated or not yet: the memory report's)."""
+        return (self.npages + 63) // 64 * 8 * (2 if self.manual_protect else 1)
 
     def harvest(self, *, protect: bool = True) -> Bitmap:
         """Pages vCPUs wrote since the last harvest (a fresh array over the span)."""
