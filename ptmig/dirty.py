@@ -125,13 +125,14 @@ class KvmDirtyLog:
             return 0
         lo = int(page_numbers[0]) & ~63
         hi = min(self.npages, (int(page_numbers[-1]) + 64) & ~63)
-        wanted = bitmap.from_pages(page_numbers - lo, hi - lo)
         with self._lock:
             unprotected = self.unprotected
             if unprotected is None:
                 return 0
             words = unprotected[lo >> 6 : (lo >> 6) + bitmap.words_for(hi - lo)]
-            mask = wanted & words
+            if not words.max():
+                return 0  # (most batches of an idle guest's round 0: no page map to build)
+            mask = bitmap.from_pages(page_numbers - lo, hi - lo) & words
             if not mask.max():
                 return 0
             words &= ~mask
