@@ -288,7 +288,7 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
         *expected_result_names(tiny),
         *floor_names(),
     ]
-    for name in floor_names():  # the floor: dirty tracking alone on a guest not migrating
+    for name in floor_names():  # the floor: dirty or DMA tracking alone, no migration
         assert got[name]["value"] > 0, got[name]
     assert got["bandwidth.dirty_log.300ms.p99_ratio"]["goal"] is None
     for bw in ("100", "400"):
@@ -320,5 +320,15 @@ def test_the_dirty_log_floor_is_each_pairs_own_ratio_without_a_goal() -> None:
     assert got["bandwidth.dirty_log.300ms.p99_ratio"].value == 2.0  # median of 3, 1, 2
     assert got["bandwidth.dirty_log.1000ms.p50_ratio"].value == 1.5  # median of 2, 1.5, 1
     assert got["bandwidth.dirty_log.rate"].value == 90.0
+    # DMA tracking alone: its own names, the same paired ratios
+    assert got["bandwidth.dma_tracking.shadow.p99_ratio"].value == 2.0
+    assert got["bandwidth.dma_tracking.intercept.p50_ratio"].value == 1.5
+    assert "x-shadow-start" in got["bandwidth.dma_tracking.shadow.p99_ratio"].extra["what"]
     assert all(r.goal is None for r in rs)
-    assert [p.mode for p in PHASES] == ["dirty-bitmap", "dirty-bitmap", "page-sampling"]
+    assert [p.mode for p in PHASES] == [
+        "dirty-bitmap",
+        "dirty-bitmap",
+        "page-sampling",
+        "shadow",
+        "intercept",
+    ]

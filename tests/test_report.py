@@ -95,8 +95,13 @@ def test_bandwidth_points_are_grouped_by_strategy_and_sorted_by_bandwidth() -> N
     assert bandwidth_points({"results": []}) == {}
     odd = {"results": [_strategy_row("bandwidth.none.12.5MiBps.p99_ratio", 1.5, "ratio")]}
     assert bandwidth_points(odd)["none"][0].bandwidth_mib == 12.5
-    floor = {"results": [_strategy_row("bandwidth.dirty_log.300ms.p99_ratio", 2.1, "ratio")]}
-    assert bandwidth_points(floor) == {}  # the floor without a migration is not a strategy
+    floor = {
+        "results": [
+            _strategy_row("bandwidth.dirty_log.300ms.p99_ratio", 2.1, "ratio"),
+            _strategy_row("bandwidth.dma_tracking.shadow.p99_ratio", 1.8, "ratio"),
+        ]
+    }
+    assert bandwidth_points(floor) == {}  # the floors without a migration are no strategy
     with pytest.raises(BenchDocError, match="'fastMiBps'"):
         bandwidth_points({"results": [_strategy_row("bandwidth.none.fastMiBps.cpu_source", 1, "")]})
 

@@ -18,6 +18,13 @@ control:
 
 No goal: this is not a cost ptmig adds but the one it cannot remove without hardware help; a
 pre-copy's `p99_ratio` can be compared with it.
+
+The same way, the other half of what a tracking strategy's pre-copy costs the guest without a
+byte sent: its DMA tracking alone, `x-shadow-start` for the phase (shadowing entered at its
+start, as a migration enters it, and left at its end), no dirty log harvested:
+
+    bandwidth.dma_tracking.<shadow|intercept>.p99_ratio   kv p99 shadowed ÷ p99 just before
+    bandwidth.dma_tracking.<shadow|intercept>.p50_ratio
 """
 
 from __future__ import annotations
@@ -42,22 +49,30 @@ SECTION = "bandwidth"
 PERIODS_MS = (300, 1000)
 CONTROL_MS = 300
 PREFIX = f"{SECTION}.dirty_log"
+TRACKING_PREFIX = f"{SECTION}.dma_tracking"
+SHADOW_MODES = ("shadow", "intercept")  # x-shadow-start's x-dma-tracking
 KEYS_PREFIX = "floor"  # every phase rewrites the same keys: the guest's table does not grow
 WARMUP_S = 2.0
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One load phase: `mode` None (plain), "dirty-bitmap" or "page-sampling", every `period_ms`."""
+    """One load phase: `mode` None (plain), "dirty-bitmap" or "page-sampling" (calc-dirty-rate
+    every `period_ms`), or "shadow" / "intercept" (x-shadow-start for the phase)."""
 
     name: str
     mode: str | None = None
     period_ms: int = 0
 
+    @property
+    def prefix(self) -> str:
+        return TRACKING_PREFIX if self.mode in SHADOW_MODES else PREFIX
+
 
 PHASES: tuple[Phase, ...] = (
     *(Phase(f"{p}ms", "dirty-bitmap", p) for p in PERIODS_MS),
     Phase("sampling", "page-sampling", CONTROL_MS),
+    *(Phase(mode, mode) for mode in SHADOW_MODES),
 )
 
 
@@ -72,7 +87,7 @@ class LoadStats:
 def result_names() -> list[str]:
     names = []
     for phase in PHASES:
-        base = f"{PREFIX}.{phase.name}"
+        base = f"{phase.prefix}.{phase.name}"
         names += [f"{base}.p99_ratio", f"{base}.p50_ratio"]
     return [*names, f"{PREFIX}.rate"]
 
@@ -84,16 +99,18 @@ def results(
 ) -> list[Result]:
     """Per measured phase, the medians of each pair's own ratio (pure)."""
     out = []
+    phases = {p.name: p for p in PHASES}
     for name, runs in pairs.items():
-        what = {**extra, "what": f"kv latency with calc-dirty-rate {name} ÷ the phase before"}
+        phase = phases[name]
+        how = f"x-shadow-start {name}" if phase.mode in SHADOW_MODES else f"calc-dirty-rate {name}"
+        what = {**extra, "what": f"kv latency with {how} ÷ the phase before"}
         for stat in ("p99", "p50"):
             ratios = paired_ratios(
                 [getattr(m, f"{stat}_ms") for _, m in runs],
                 [getattr(b, f"{stat}_ms") for b, _ in runs],
             )
-            out.append(
-                measured(SECTION, f"{PREFIX}.{name}.{stat}_ratio", ratios, "ratio", None, what)
-            )
+            name_ = f"{phase.prefix}.{name}.{stat}_ratio"
+            out.append(measured(SECTION, name_, ratios, "ratio", None, what))
     what = {**extra, "what": "the guest's dirty rate, dirty-bitmap every 300 ms"}
     out.append(
         measured(SECTION, f"{PREFIX}.rate", list(rates) or [float("nan")], "MiB/s", None, what)
@@ -161,6 +178,12 @@ def run_phase(
 ) -> tuple[LoadStats, list[float]]:
     if phase.mode is None:
         return load(seconds), []
+    if phase.mode in SHADOW_MODES:
+        qmp.execute("x-shadow-start", {"x-dma-tracking": phase.mode})
+        try:
+            return load(seconds), []
+        finally:
+            qmp.execute("x-shadow-stop")
     with _Measuring(qmp, phase, seconds) as m:
         stats = load(seconds)
     if m.error is not None:
@@ -191,7 +214,7 @@ def run_pair(
         before, _ = run_phase(qmp, Phase("plain"), seconds, load)
         during, got = run_phase(qmp, phase, seconds, load)
     if before.lost or during.lost:
-        raise BenchError(f"kv lost values under calc-dirty-rate {phase.name}")
+        raise BenchError(f"kv lost values in the phase {phase.name}")
     return before, during, got
 
 
@@ -202,14 +225,14 @@ def run_dirty_log_floor(
     pairs: dict[str, list[tuple[LoadStats, LoadStats]]] = {m.name: [] for m in PHASES}
     rates: list[float] = []
     for k in range(repeats):
-        progress.step("dirty tracking alone, no migration", k + 1, repeats)
+        progress.step("dirty and DMA tracking alone, no migration", k + 1, repeats)
         for phase in PHASES:
             before, during, got = run_pair(memory, rate, seconds, phase)
             pairs[phase.name].append((before, during))
             if phase.period_ms == CONTROL_MS and phase.mode == "dirty-bitmap":
                 rates += got
             console.print(
-                f"  dirty tracking alone, {phase.name:>8}: kv p99 {before.p99_ms:.2f} -> "
+                f"  tracking alone, {phase.name:>9}: kv p99 {before.p99_ms:.2f} -> "
                 f"{during.p99_ms:.2f} ms, p50 {before.p50_ms:.2f} -> {during.p50_ms:.2f} ms"
                 + (f", {statistics.median(got):.0f} MiB/s dirtied" if got else ""),
                 highlight=False,

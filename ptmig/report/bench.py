@@ -115,7 +115,7 @@ def bandwidth_points(doc: Mapping[str, Any]) -> dict[str, list[BandwidthPoint]]:
         # (a bandwidth such as 12.5 MiB/s has a dot of its own: the name then has 5 parts)
         if len(parts) < 4 or parts[0] != "bandwidth" or parts[-1] not in _BANDWIDTH_METRICS:
             continue
-        if parts[1] == "dirty_log":  # the floor without a migration (`ptmig.bench.dirtylog`)
+        if parts[1] in ("dirty_log", "dma_tracking"):  # no migration (`ptmig.bench.dirtylog`)
             continue
         strategy, bw_text, what = parts[1], ".".join(parts[2:-1]), parts[-1]
         try:
