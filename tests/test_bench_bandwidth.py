@@ -24,7 +24,7 @@ from ptmig.bench.bandwidth import (
 from ptmig.bench.dirtylog import PHASES, LoadStats
 from ptmig.bench.dirtylog import result_names as floor_names
 from ptmig.bench.dirtylog import results as floor_results
-from ptmig.bench.harness import BenchConfig
+from ptmig.bench.harness import BenchConfig, BenchError
 from ptmig.bench.markdown import render
 from ptmig.bench.strategies import CellRun, StrategyBenchParams
 
@@ -303,14 +303,14 @@ def test_tiny_real_run_reports_every_result(tmp_path: Path, monkeypatch: Any) ->
 
 
 def test_the_dirty_log_floor_is_each_pairs_own_ratio_without_a_goal() -> None:
-    def stats(p50: float, p99: float) -> LoadStats:
-        return LoadStats(p50, p99, 20_000.0, 0)
+    def stats(p50: float, p99: float, commits: int = 4000) -> LoadStats:
+        return LoadStats(p50, p99, 20_000.0, 0, commits)
 
     pairs = {
         phase.name: [
-            (stats(1.0, 2.0), stats(2.0, 6.0)),  # p99 x3
-            (stats(1.0, 4.0), stats(1.5, 4.0)),  # x1
-            (stats(2.0, 3.0), stats(2.0, 6.0)),  # x2
+            (stats(1.0, 2.0), stats(2.0, 6.0, 2000)),  # p99 x3, commits x0.5
+            (stats(1.0, 4.0), stats(1.5, 4.0, 4000)),  # x1, x1
+            (stats(2.0, 3.0), stats(2.0, 6.0, 1000)),  # x2, x0.25
         ]
         for phase in PHASES
     }
@@ -324,11 +324,27 @@ def test_the_dirty_log_floor_is_each_pairs_own_ratio_without_a_goal() -> None:
     assert got["bandwidth.dma_tracking.shadow.p99_ratio"].value == 2.0
     assert got["bandwidth.dma_tracking.intercept.p50_ratio"].value == 1.5
     assert "x-shadow-start" in got["bandwidth.dma_tracking.shadow.p99_ratio"].extra["what"]
+    # both at once, under the tracking's names; and every phase's log commits, paired the same way
+    assert got["bandwidth.dma_tracking.shadow_300ms.p99_ratio"].value == 2.0
+    what = got["bandwidth.dma_tracking.intercept_300ms.p50_ratio"].extra["what"]
+    assert "x-shadow-start intercept and calc-dirty-rate dirty-bitmap every 300 ms" in what
+    assert got["bandwidth.dirty_log.300ms.commit_ratio"].value == 0.5  # median of 0.5, 1, 0.25
+    assert got["bandwidth.dma_tracking.shadow_300ms.commit_ratio"].runs == [0.5, 1.0, 0.25]
     assert all(r.goal is None for r in rs)
-    assert [p.mode for p in PHASES] == [
-        "dirty-bitmap",
-        "dirty-bitmap",
-        "page-sampling",
-        "shadow",
-        "intercept",
+    assert [(p.mode, p.tracking) for p in PHASES] == [
+        ("dirty-bitmap", None),
+        ("dirty-bitmap", None),
+        ("page-sampling", None),
+        (None, "shadow"),
+        (None, "intercept"),
+        ("dirty-bitmap", "shadow"),
+        ("dirty-bitmap", "intercept"),
     ]
+
+
+def test_a_phase_without_commits_before_it_is_an_error_not_a_ratio() -> None:
+    pairs = {
+        p.name: [(LoadStats(1.0, 2.0, 1.0, 0, 0), LoadStats(1.0, 2.0, 1.0, 0, 5))] for p in PHASES
+    }
+    with pytest.raises(BenchError, match="denominator is 0"):
+        floor_results(pairs, [1.0], {})
