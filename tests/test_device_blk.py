@@ -152,6 +152,36 @@ def test_hostile_ring_needs_reset_and_device_survives(guest: Guest, tmp_path: Pa
     assert status_of(guest, bufs) == c.VIRTIO_BLK_S_OK
 
 
+def test_the_vmm_marks_a_device_for_reset_and_a_driver_reset_brings_it_back(
+    guest: Guest, tmp_path: Path
+) -> None:
+    """What the shadow engine does to a device it could not take out of shadow mode: the
+    device stops at once (nothing more is taken from its rings), tells a running driver by a
+    configuration change interrupt, and works again after the driver's reset."""
+    h, dq = start(guest, tmp_path)
+    with pytest.raises(DeviceCommandError, match="reason"):
+        h.needs_reset("")
+    assert not h.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+    h.needs_reset("leaving shadow mode failed: injected")
+    assert h.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+    assert h.wait_interrupt(5.0)
+    assert h.mmio_read(c.REG_INTERRUPT_STATUS, 4) & c.INTERRUPT_CONFIG_CHANGE
+    wait_for(lambda: any(e.name == "needs_reset" for e in guest.events))
+    event = next(e for e in guest.events if e.name == "needs_reset")
+    assert event.data["reason"] == "leaving shadow mode failed: injected"
+    assert h.stats()["broken"] == "leaving shadow mode failed: injected"
+    head, bufs = request(dq, c.VIRTIO_BLK_T_OUT, 0, b"n" * 512)
+    kick(h, 0)
+    assert not h.wait_interrupt(0.3)
+    assert dq.used_idx() == 0 and status_of(guest, bufs) == 0xEE
+    dq2 = guest.queue(1)
+    driver_init(h, {0: dq2}, FEATURES)  # a reset, then a fresh driver
+    assert h.stats()["broken"] is None
+    head, bufs = request(dq2, c.VIRTIO_BLK_T_OUT, 0, b"y" * 512)
+    assert kick_and_wait(h, dq2, 0) == [(head, 1)]
+    assert status_of(guest, bufs) == c.VIRTIO_BLK_S_OK
+
+
 def test_avail_idx_far_ahead_is_a_fault(guest: Guest, tmp_path: Path) -> None:
     h, dq = start(guest, tmp_path)
     dq.write_avail_idx(1000)

@@ -299,6 +299,51 @@ def test_a_device_that_cannot_enter_returns_every_device_to_direct_dma(
         m.close()
 
 
+@pytest.mark.parametrize("step", ["get_state", "set_state"])
+@pytest.mark.parametrize("tracking", ["shadow", "intercept"])
+def test_a_device_that_cannot_leave_is_marked_for_reset_not_left_quiesced(
+    tmp_path: Path, tracking: str, step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leaving shadow mode (a cancelled or failed migration) fails for the disk, before its
+    identity map is back (`get_state`) or after it (`set_state`): the NIC (left first) is back
+    to direct DMA and carries requests; the disk is no longer trapped, is on the identity map,
+    and is DEVICE_NEEDS_RESET with the reason (its driver's reset is the way back) instead of
+    quiesced for ever; the leave raises the device's error, and the guest keeps running."""
+    m, cfg_path = _boot(tmp_path)
+    vm = m.vm
+    try:
+        net, disk = m.devices
+        assert (net.id, disk.id) == ("net0", "disk0")
+        strategy = make_tracking(tracking)
+        strategy.begin(m)
+        run_load(LoadOptions(config=cfg_path, duration_s=0.5, rate=200))  # through the shadow
+
+        def refuse(*args: object) -> None:
+            raise DeviceCommandError(f"disk0: {step} refused (injected)")
+
+        monkeypatch.setattr(disk.handle, step, refuse)
+        with pytest.raises(DeviceCommandError, match="injected"):
+            strategy.abort(m)
+        assert strategy.engine is None  # closed: nothing of shadow mode is left running
+        for dev in (net, disk):
+            assert dev.mmio_hook is None, f"{dev.id} still trapped"
+            assert dev.direct_doorbells, f"{dev.id}: doorbells not back on the device"
+            assert dev.iommu.lookup(0x1000 // PAGE_SIZE) is not None, f"{dev.id}: identity map"
+            assert dev.handle.alive
+        assert disk.handle.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+        assert "leaving shadow mode failed" in disk.handle.stats()["broken"]
+        assert "injected" in disk.handle.stats()["broken"]
+        assert not net.handle.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+        assert vm.state.value == "running"
+        # the NIC carries requests in direct mode (the guest takes them; it cannot commit its
+        # PUTs to a disk that waits for its reset, so they are not acknowledged)
+        taken = _kv_requests(vm)
+        run_load(LoadOptions(config=cfg_path, duration_s=0.5, rate=200, verify=False))
+        assert _kv_requests(vm) > taken
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("tracking", ["shadow", "intercept"])
 def test_hostile_ring_rewrite_while_shadowed_is_contained(tmp_path: Path, tracking: str) -> None:
     m, cfg_path = _boot(tmp_path)

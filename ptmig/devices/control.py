@@ -3,7 +3,7 @@
 This module owns the wire format of the unix stream socket that carries everything between the
 VMM and a device process except doorbells and interrupts (those are eventfds): register accesses
 the VMM forwards from ``KVM_EXIT_MMIO``, admin commands (reset, quiesce, IOTLB invalidate, state,
-DMA write log) and asynchronous events from the device (faults, needs-reset, log lines).
+needs-reset, DMA write log) and asynchronous events from the device (faults, needs-reset, log lines).
 
 Wire format, one frame per message (all integers little-endian)::
 
@@ -54,6 +54,7 @@ COMMANDS = frozenset(
         "iotlb_invalidate",
         "get_state",
         "set_state",
+        "needs_reset",
         "dma_log_start",
         "dma_log_stop",
         "dma_log_harvest",

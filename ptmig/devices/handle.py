@@ -295,6 +295,11 @@ class DeviceHandle(Liveness):
         """Program the device from `get_state` output (validated by the device)."""
         self.request("set_state", {"state": state})
 
+    def needs_reset(self, reason: str) -> None:
+        """Mark the device DEVICE_NEEDS_RESET (with a configuration change interrupt for a
+        running driver): it leaves its rings alone until the driver resets it."""
+        self.request("needs_reset", {"reason": reason})
+
     def dma_log_start(self) -> None:
         self.request("dma_log_start")
 

@@ -261,12 +261,17 @@ class DeviceRuntime:
         iova = exc.iova if isinstance(exc, DmaFault) else None
         self._report_fault(index, reason, iova, type(exc).__name__)
 
-    def _report_fault(self, index: int, reason: str, iova: int | None, error: str) -> None:
-        self.counters["faults"] += 1
+    def _break(self, reason: str, register_reason: str) -> None:
+        """Stop using the rings until the driver resets the device: DEVICE_NEEDS_RESET, and a
+        configuration change interrupt if the driver is running (virtio 1.x, 2.1.2)."""
         self.broken = reason
         self.pending.clear()
+        self.regs.needs_reset(register_reason)
+
+    def _report_fault(self, index: int, reason: str, iova: int | None, error: str) -> None:
+        self.counters["faults"] += 1
         log.warning("%s: queue %d: %s; device needs reset", self.name, index, reason)
-        self.regs.needs_reset(f"queue {index}: {reason}")
+        self._break(reason, f"queue {index}: {reason}")
         self.send(
             Event(
                 "fault",
@@ -472,6 +477,17 @@ class DeviceRuntime:
         self.queues = queues  # (a net RX backlog is kept: those frames are still on the link)
         self.broken = self.regs.needs_reset_reason
         self.pending = set(queues)
+        return {}, b""
+
+    def cmd_needs_reset(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """The VMM could not give the device a state it can run from (leaving shadow mode
+        failed half-way): the rings are not touched again until the driver resets it."""
+        reason = a.get("reason")
+        if not isinstance(reason, str) or not reason:
+            raise CommandError(f"argument 'reason' must be a non-empty string, got {reason!r}")
+        log.warning("%s: %s; device needs reset", self.name, reason)
+        self._break(reason, reason)
+        self.send(Event("needs_reset", {"device": self.name, "reason": reason}))
         return {}, b""
 
     def cmd_dma_log_start(self, a: dict[str, Any]) -> tuple[dict[str, Any], bytes]:

@@ -35,14 +35,14 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..devices.attach import AttachedDevice, bind_doorbells
 from ..devices.control import DeviceState
-from ..devices.handle import DeviceEvent
+from ..devices.handle import DeviceEvent, DeviceTimeoutError
 from ..devices.vhost_user.frontend import BackendView, VhostUserBlk
 from ..devices.virtio.constants import (
     REG_CONFIG,
@@ -382,25 +382,65 @@ class ShadowEngine:
 
     def _leave_device(self, sd: ShadowedDevice) -> None:
         dev, vm = sd.dev, self.m.vm
+        direct = False  # the identity map is back and the device's IOTLB flushed
         try:
-            dev.handle.quiesce()
-            sd.complete()
-            vm.wake_guest()
-            state = DeviceState.from_json(dev.handle.get_state())
-            if not sd.reconfigured:  # (else the rings are the driver's own, positions and all)
-                state = _with_positions(state, sd)
-            if isinstance(dev.handle, VhostUserBlk) and dev.handle.backend_view is not None:
-                dev.handle.set_backend_view(None)  # guest RAM again before the rings restart
-            sd.release()
-            dev.iommu.map_identity_ranges(vm.memory.page_ranges(), writable=True)
-            dev.handle.iotlb_invalidate()
-            sd.map.invalidated()
-            dev.handle.set_state(state.to_json())
+            try:
+                dev.handle.quiesce()
+                sd.complete()
+                vm.wake_guest()
+                state = DeviceState.from_json(dev.handle.get_state())
+                if not sd.reconfigured:  # (else the rings are the driver's own, positions and all)
+                    state = _with_positions(state, sd)
+                if isinstance(dev.handle, VhostUserBlk) and dev.handle.backend_view is not None:
+                    dev.handle.set_backend_view(None)  # guest RAM again before the rings restart
+                sd.release()
+                self._map_identity(sd)
+                direct = True
+                dev.handle.set_state(state.to_json())
+            except Exception as e:
+                self._leave_broken(sd, direct, e)
+                raise
         finally:
             self._untrap(sd)
         dev.handle.resume()
         for qi in sd.queues:  # look at the guest's rings now: no doorbell may come
             dev.handle.kick(qi)
+
+    def _map_identity(self, sd: ShadowedDevice) -> None:
+        dev = sd.dev
+        dev.iommu.map_identity_ranges(self.m.vm.memory.page_ranges(), writable=True)
+        dev.handle.iotlb_invalidate()
+        sd.map.invalidated()
+
+    def _leave_broken(self, sd: ShadowedDevice, direct: bool, error: Exception) -> None:
+        """Leaving failed half-way: the device's rings may still be the shadow rings, its
+        positions anywhere. It must not DMA from them, nor hang the guest in silence: back on
+        the identity map (the guest's own addresses again), DEVICE_NEEDS_RESET with a
+        configuration change interrupt (virtio 1.x, 2.1.2: the driver resets the device and
+        sets it up afresh), resumed so that its reset can bring it back. Each step is tried on
+        its own (none after one that timed out: the device answers nothing now); the caller
+        raises `error` whatever they do."""
+        dev = sd.dev
+        steps: list[tuple[str, Callable[[], object]]] = []
+        if not direct:
+            steps.append(("restore the identity map", lambda: self._map_identity(sd)))
+        steps += [
+            (
+                "mark it DEVICE_NEEDS_RESET",
+                lambda: dev.handle.needs_reset(f"leaving shadow mode failed: {error}"),
+            ),
+            ("resume it", dev.handle.resume),
+        ]
+        for what, step in steps:
+            if not dev.handle.alive:
+                return
+            try:
+                step()
+            except DeviceTimeoutError as e:
+                log.warning("%s: could not %s after a failed leave: %s", dev.id, what, e)
+                return
+            except Exception as e:
+                log.warning("%s: could not %s after a failed leave: %s", dev.id, what, e)
 
     def finish(self) -> None:
         """The destination runs the guest: this side stops servicing (devices stay quiesced)."""

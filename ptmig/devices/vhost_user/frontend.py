@@ -659,6 +659,13 @@ class VhostUserBlk(Liveness):
                 if qs is not None and self.regs.driver_ok:
                     self._start_queue(i, qs, self._bases[i])
 
+    def needs_reset(self, reason: str) -> None:
+        """Mark the device DEVICE_NEEDS_RESET (a configuration change interrupt for a running
+        driver): `resume` starts no ring until the driver resets it."""
+        with self._lock:
+            log.warning("device %s: %s; device needs reset", self.name, reason)
+            self.regs.needs_reset(reason)
+
     def get_state(self) -> dict[str, Any]:
         """Register file and ring positions; the rings must be stopped (`quiesce`)."""
         with self._lock:
