@@ -3,7 +3,8 @@
 This module owns the wire format of the unix stream socket that carries everything between the
 VMM and a device process except doorbells and interrupts (those are eventfds): register accesses
 the VMM forwards from ``KVM_EXIT_MMIO``, admin commands (reset, quiesce, IOTLB invalidate, state,
-needs-reset, DMA write log) and asynchronous events from the device (faults, needs-reset, log lines).
+needs-reset, DMA write log) and asynchronous events from the device (faults, needs-reset, log
+lines).
 
 Wire format, one frame per message (all integers little-endian)::
 

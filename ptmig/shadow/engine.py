@@ -16,8 +16,10 @@ Leaving (a cancelled or failed migration, or the driver resetting or reconfiguri
 while it is shadowed -- then at once, before the register write reaches the device): quiesce,
 sync every completion, restore the identity map, invalidate, set the device's queue positions
 to match the guest's rings (so requests that were forwarded but not completed are redone from
-the guest's own ring), restore direct doorbells and interrupts, resume. Outside shadow mode
-nothing here runs: zero steady-state overhead.
+the guest's own ring), restore direct doorbells and interrupts, resume. A device that fails
+half-way (its state refused, a lost reply) is not left quiesced: it goes back on the identity
+map and is marked DEVICE_NEEDS_RESET, which its driver answers with a reset (`_leave_broken`);
+the others leave as usual. Outside shadow mode nothing here runs: zero steady-state overhead.
 
 A vhost-user device has no IOMMU and no exact quiesce of its own: its backend may take avail
 entries without a kick and completes requests it took after GET_VRING_BASE. Entering and leaving
