@@ -472,8 +472,9 @@ class SourceMigration:
         if self._began:
             try:
                 self.strategy.abort(self.m)
-            except Exception:
+            except Exception as e:  # (a shadowed device that failed waits for its reset)
                 log.exception("restoring devices after a failed migration")
+                self.info.error = f"{self.info.error}; restoring the devices: {e}"
         if self._was_running and vm.state in (RunState.FINISH_MIGRATE, RunState.PAUSED):
             vm.resume()
 
