@@ -301,6 +301,31 @@ def test_state_round_trips_to_a_fresh_frontend_that_restarts_the_ring_at_the_bas
         assert dst.mmio_read(c.REG_STATUS, 4) == ALL_STATUS
 
 
+def test_marked_for_reset_the_rings_stay_stopped_until_the_driver_resets(
+    mem: GuestMemory,
+) -> None:
+    """What the shadow engine does to a vhost-user device it could not take out of shadow
+    mode: DEVICE_NEEDS_RESET with a configuration change interrupt, and `resume` starts no
+    ring; the driver's reset and a fresh set-up start it again."""
+    dev, backend = _frontend(mem)
+    q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
+    with dev:
+        _bring_up(dev, q)
+        dev.quiesce()
+        dev.needs_reset("leaving shadow mode failed: injected")
+        assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+        assert dev.wait_interrupt(1.0)
+        assert dev.mmio_read(c.REG_INTERRUPT_STATUS, 4) & c.INTERRUPT_CONFIG_CHANGE
+        del backend.requests[:]
+        dev.resume()
+        assert backend.names() == []  # no ring restarted
+        dev.mmio_write(c.REG_STATUS, 4, 0)  # the driver's reset
+        q2 = DriverQueue(_GuestView(mem), 64, base=0x40000, data_start=0x50000)
+        _bring_up(dev, q2)
+        assert dev.mmio_read(c.REG_STATUS, 4) == ALL_STATUS
+        assert "SET_VRING_KICK" in backend.names()
+
+
 def _pool_view(mem: GuestMemory, beside_ram: bool = False) -> tuple[ShadowPool, int, BackendView]:
     """A shadow pool with one view as large as guest RAM, and the backend view of it."""
     pool = ShadowPool(4, views=1, view_pages=mem.npages)
