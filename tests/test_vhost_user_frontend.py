@@ -305,13 +305,16 @@ def test_marked_for_reset_the_rings_stay_stopped_until_the_driver_resets(
     mem: GuestMemory,
 ) -> None:
     """What the shadow engine does to a vhost-user device it could not take out of shadow
-    mode: DEVICE_NEEDS_RESET with a configuration change interrupt, and `resume` starts no
-    ring; the driver's reset and a fresh set-up start it again."""
+    mode (here: before the backend had guest RAM back): DEVICE_NEEDS_RESET with a
+    configuration change interrupt, and `resume` starts no ring; the driver's reset gives the
+    backend guest RAM again, and a fresh set-up starts it there."""
+    pool, _offset, view = _pool_view(mem)
     dev, backend = _frontend(mem)
     q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
     with dev:
         _bring_up(dev, q)
         dev.quiesce()
+        dev.set_backend_view(view)  # shadowed, and left so
         dev.needs_reset("leaving shadow mode failed: injected")
         assert dev.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
         assert dev.wait_interrupt(1.0)
@@ -320,10 +323,15 @@ def test_marked_for_reset_the_rings_stay_stopped_until_the_driver_resets(
         dev.resume()
         assert backend.names() == []  # no ring restarted
         dev.mmio_write(c.REG_STATUS, 4, 0)  # the driver's reset
+        assert dev.backend_view is None
+        tables = [m.payload for m in backend.requests if m.request == Request.SET_MEM_TABLE]
+        guest = codec.MemRegion(0, mem.size, mem.host_address, 0)
+        assert tables and tables[-1] == codec.MemTable((guest,))
         q2 = DriverQueue(_GuestView(mem), 64, base=0x40000, data_start=0x50000)
         _bring_up(dev, q2)
         assert dev.mmio_read(c.REG_STATUS, 4) == ALL_STATUS
         assert "SET_VRING_KICK" in backend.names()
+    pool.close()
 
 
 def _pool_view(mem: GuestMemory, beside_ram: bool = False) -> tuple[ShadowPool, int, BackendView]:

@@ -489,6 +489,11 @@ class VhostUserBlk(Liveness):
         for i in list(self._started):
             self._guarded(self._stop_queue, i)
         self._bases.clear()
+        # A reset while shadowed is trapped and the device leaves shadow mode before it, so a
+        # view still here is one a failed leave could not take back: the driver's fresh rings
+        # must start on guest RAM.
+        if self._view is not None:
+            self._guarded(self.set_backend_view, None)
 
     def _guarded(self, fn: Callable[..., object], *args: Any) -> None:
         """Run a backend step for a guest register write: a failure breaks the device (the guest
