@@ -339,6 +339,7 @@ CORE_RESULT_NAMES = {
     "harvest.64m.running",
     "harvest.64m.backlog",
     "harvest.64m.idle",
+    "harvest.fault_us",
     "pause.running",
     "pause.running.p99",
     "pause.halted",
@@ -365,10 +366,11 @@ def test_core_section_quick_smoke(tmp_path: Path) -> None:
         assert r["section"] == "core"
         assert (r["ok"] is None) == (r["goal"] is None), name
         assert len(r["runs"]) >= config.runs, f"{name}: {r}"
-        if name in ("exit.pio", "exit.mmio"):
+        if name in ("exit.pio", "exit.mmio", "harvest.fault_us"):
             # differences of two timings (with and without the exits; the tiny run does few):
             # one preempted baseline makes a run negative, so only the count is checked
-            # (the bench raises if the VM did not take every exit it measures)
+            # (the bench raises if the VM did not take every exit it measures; the fault
+            # cost is a time lost beyond a timed baseline too, and raises if no fault came)
             assert all(math.isfinite(x) for x in r["runs"]), f"{name}: {r}"
             continue
         assert r["value"] is not None and r["value"] > 0, f"{name}: {r}"
@@ -376,6 +378,9 @@ def test_core_section_quick_smoke(tmp_path: Path) -> None:
     assert sum(by_name["harvest.64m.running"]["extra"]["dirty_pages"]) > 0
     assert by_name["harvest.64m.idle"]["extra"]["dirty_pages"] == [0] * (3 * 2)
     assert by_name["pause.halted"]["extra"]["halts"] >= 2
+    fault = by_name["harvest.fault_us"]["extra"]
+    assert all(f > 0 for f in fault["faults_per_s"])
+    assert all(r > 0 for r in fault["plain_pages_per_s"])
 
 
 # ---- the progress line ----------------------------------------------------------------------

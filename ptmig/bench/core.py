@@ -11,6 +11,17 @@
   difference came out negative in some runs.)
 - `harvest.*`: `Vm.dirty.harvest()` on a 1 GiB guest while the `dirty` workload runs (every
   20 ms, and after a 0.5 s backlog), and on the same guest paused (nothing dirty).
+- `harvest.fault_us`: what dirty logging costs the guest per page it writes after a re-arm
+  (the write fault that puts the page back in the log, and everything it brings: the exit, the
+  re-mapping, the harvest's TLB flushes). The `dirty` workload writes one word per page,
+  scattered over a working set, as fast as it can: first for a window with nothing re-armed
+  (its pages per second), then for a window with every page re-armed at the start and by a
+  harvest every 300 ms (pre-copy's pace). The second window's time beyond what its pages take
+  at the first window's speed, divided by the pages its harvests reported (each reported page
+  took exactly one fault), is the cost. A host with hardware dirty logging (Intel's PML) makes
+  it small; software write-protection under shadow paging, and nested virtualization, make it
+  large. Times `bandwidth.dirty_log.rate` (the kv guest's pages per second), it is the share of
+  a vCPU that a pre-copy's dirty log takes from that guest.
 - `pause.*`: what `Vm.pause()` returns (request → every vCPU out of the guest), median and p99,
   with vCPUs spinning in the `dirty` workload and with vCPUs halted in the HALT hypercall.
 """
@@ -71,6 +82,11 @@ class CoreParams:
     harvests_per_run: int = 4
     harvest_gap_s: float = 0.02
     harvest_backlog_s: float = 0.5
+    fault_memory: int = 256 * MiB
+    fault_ws: int = 64 * MiB  # TLB reach of the host's shadow tables: plain writes stay cheap
+    fault_window_s: float = 2.0
+    fault_period_s: float = 0.3
+    fault_settle_s: float = 0.5  # pages re-armed by the last window fault once more first
     pause_memory: int = 64 * MiB
     pause_ws: int = 16 * MiB
     pause_cycles: int = 30
@@ -96,6 +112,11 @@ class CoreParams:
             harvests_per_run=2,
             harvest_gap_s=0.01,
             harvest_backlog_s=0.05,
+            fault_memory=32 * MiB,
+            fault_ws=4 * MiB,
+            fault_window_s=0.3,
+            fault_period_s=0.1,
+            fault_settle_s=0.1,
             pause_memory=32 * MiB,
             pause_ws=4 * MiB,
             pause_cycles=6,
@@ -116,6 +137,7 @@ def run_core(config: BenchConfig, params: CoreParams) -> list[Result]:
     results += bench_storebw(config, params, firmware, host_storebw)
     results += bench_exits(config, params)
     results += bench_harvest(config, params, firmware)
+    results += bench_write_fault(config, params, firmware)
     results += bench_pause(config, params, firmware)
     return results
 
@@ -406,6 +428,59 @@ def bench_harvest(config: BenchConfig, p: CoreParams, fw: FirmwareImage) -> list
             {**common, "dirty_pages": idle_pages},
         ),
     ]
+
+
+def _written(vm: Vm) -> int:
+    return vm.vcpu_stats()[0].pages_written
+
+
+def _fault_window(vm: Vm, p: CoreParams) -> tuple[float, int, int]:
+    """One re-armed window: (seconds, pages written, pages reported = faults taken)."""
+    vm.dirty.harvest()  # re-arms every page written so far: the window starts armed
+    t0, w0, faults = time.perf_counter(), _written(vm), 0
+    while time.perf_counter() - t0 < p.fault_window_s:
+        time.sleep(p.fault_period_s)
+        faults += bitmap_popcount(vm.dirty.harvest())
+    return time.perf_counter() - t0, _written(vm) - w0, faults
+
+
+def bench_write_fault(config: BenchConfig, p: CoreParams, fw: FirmwareImage) -> list[Result]:
+    progress.step("dirty-log write fault")
+    workload = f"dirty ws={p.fault_ws} scatter=1"
+    vm = _boot_firmware(fw, p.fault_memory, 1, workload)
+    costs_us: list[float] = []
+    plain_rates: list[float] = []
+    fault_rates: list[float] = []
+    try:
+        vm.start()
+        _wait_for_magic(vm, DIRTY_REPORT_MAGIC, p.guest_timeout_s, "write fault (dirty workload)")
+        for _ in range(config.runs):
+            time.sleep(p.fault_settle_s)
+            t0, w0 = time.perf_counter(), _written(vm)
+            time.sleep(p.fault_window_s)
+            plain = (_written(vm) - w0) / (time.perf_counter() - t0)
+            took, written, faults = _fault_window(vm, p)
+            if plain <= 0 or faults == 0:
+                raise BenchError(
+                    f"write fault: the dirty guest wrote {plain:.0f} pages/s unarmed and its "
+                    f"harvests reported {faults} pages armed (state {vm.state.value}, "
+                    f"error {vm.error})"
+                )
+            costs_us.append((took - written / plain) / faults * 1e6)
+            plain_rates.append(plain)
+            fault_rates.append(faults / took)
+    finally:
+        vm.close()
+    extra = {
+        "guest_memory": p.fault_memory,
+        "workload": workload,
+        "window_s": p.fault_window_s,
+        "period_ms": p.fault_period_s * 1e3,
+        "plain_pages_per_s": plain_rates,
+        "faults_per_s": fault_rates,
+        "what": "guest time lost per page written after a re-arm of KVM's dirty log",
+    }
+    return [measured(SECTION, "harvest.fault_us", costs_us, "µs", extra=extra)]
 
 
 # ---- pause latency --------------------------------------------------------------------------
