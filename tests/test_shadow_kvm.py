@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vmmrig import Load, Vmm, free_port, kv_config
+from vmmrig import Load, Vmm, free_port, kv_config, migration_key, switch
 
 from ptmig import bitmap
 from ptmig.config import load_config
@@ -342,6 +342,63 @@ def test_a_device_that_cannot_leave_is_marked_for_reset_not_left_quiesced(
         assert _kv_requests(vm) > taken
     finally:
         m.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_migration_whose_devices_cannot_leave_shadow_mode_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end through a real migration: shadowed pre-copy to a destination VMM, which is
+    killed; the source's recovery cannot bring the disk out of shadow mode (get_state refused).
+    query-migrate says both what failed the migration and that restoring the devices failed
+    (not only the log); the guest runs on the source alone, the disk waits for its driver's
+    reset (DEVICE_NEEDS_RESET), the NIC carries requests in direct mode."""
+    sw = free_port(socket.SOCK_DGRAM)
+    cfg_path = kv_config(tmp_path, sw, memory="64M")
+    with switch(sw):
+        m = Machine(load_config(cfg_path), psk_file=migration_key(tmp_path))
+        port = free_port()
+        dst = Vmm(tmp_path, "dst", cfg_path, incoming_port=port)
+        try:
+            m.boot()
+            m.vm.start()
+            run_load(LoadOptions(config=cfg_path, duration_s=0.5, rate=200, verify=False))
+            dst.wait_incoming()
+            net, disk = m.devices
+            m.migration.params.x_dma_tracking = "shadow"
+            m.migration.params.max_bandwidth = 64 << 10  # the kv pages (~1 MiB): ~16 s
+            mig = m.migration.migrate(f"tcp:127.0.0.1:{port}")
+            deadline = time.monotonic() + 30
+            while not (mig.strategy.engine is not None and mig.info.ram.transferred > 64 << 10):
+                assert not mig.info.status.finished, mig.info.to_qmp()
+                assert time.monotonic() < deadline, mig.info.to_qmp()
+                time.sleep(0.02)
+            assert disk.mmio_hook is not None  # shadowed: its doorbells are the VMM's
+
+            def refuse(*args: object) -> None:
+                raise DeviceCommandError("disk0: get_state refused (injected)")
+
+            monkeypatch.setattr(disk.handle, "get_state", refuse)
+            dst.kill()
+            mig.join(30)
+            info = m.migration._qmp_query()
+            assert info["status"] == "failed", info
+            error = info["error-desc"]
+            assert "; restoring the devices: " in error and "injected" in error, error
+            assert error.index("; restoring the devices") > 0  # the migration's own error first
+            assert m.vm.state.value == "running"
+            for dev in (net, disk):
+                assert dev.mmio_hook is None and dev.direct_doorbells, dev.id
+            assert disk.handle.mmio_read(c.REG_STATUS, 4) & c.STATUS_DEVICE_NEEDS_RESET
+            assert "injected" in disk.handle.stats()["broken"]
+            # the NIC carries requests in direct mode (the guest takes them; its PUTs wait for
+            # the disk's reset, so they are not acknowledged and the load drains for a while)
+            taken = _kv_requests(m.vm)
+            run_load(LoadOptions(config=cfg_path, duration_s=0.5, rate=200, verify=False))
+            assert _kv_requests(m.vm) > taken
+        finally:
+            dst.kill()
+            m.close()
 
 
 @pytest.mark.parametrize("tracking", ["shadow", "intercept"])
