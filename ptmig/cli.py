@@ -219,7 +219,13 @@ def run(
 
 # `ptmig load`'s defaults are LoadOptions' (ptmig.load imports numpy: not at every start-up;
 # tests/test_load_client.py checks the two agree).
-LOAD_DEFAULTS = {"keys": 65536, "window": 128, "value_size": 64, "ready_timeout_s": 30.0}
+LOAD_DEFAULTS = {
+    "keys": 65536,
+    "window": 128,
+    "value_size": 64,
+    "ready_timeout_s": 30.0,
+    "drain_timeout_s": 30.0,
+}
 
 
 def _load_int(name: str, text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -267,7 +273,7 @@ def _load_int(name: str, text: str) -> Callable[[Callable[..., Any]], Callable[.
 @click.option(
     "--reads",
     "read_ratio",
-    type=click.FloatRange(0, 1),
+    type=click.FloatRange(0, 1, max_open=True),  # (some PUTs: the GETs read acknowledged keys)
     default=0.0,
     show_default=True,
     help="Fraction of load ops that GET an acknowledged key.",
@@ -284,6 +290,14 @@ def _load_int(name: str, text: str) -> Callable[[Callable[..., Any]], Callable[.
     show_default=True,
     metavar="SECONDS",
     help="Seconds to wait for the guest to answer ARP.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=LOAD_DEFAULTS["drain_timeout_s"],
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds to wait, after the load, for replies still outstanding.",
 )
 @click.option(
     "--durable/--no-durable", default=True, help="Set the durable flag on PUTs (default: durable)."
@@ -306,6 +320,7 @@ def load(
     read_ratio: float,
     verify: bool,
     ready_timeout: float,
+    drain_timeout: float,
     durable: bool,
 ) -> None:
     """Drive a kv guest; verify what it acknowledged.
@@ -338,6 +353,7 @@ def load(
                 durable=durable,
                 verify=verify,
                 ready_timeout_s=ready_timeout,
+                drain_timeout_s=drain_timeout,
                 json_path=str(json_path) if json_path else None,
             )
         )

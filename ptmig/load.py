@@ -62,6 +62,7 @@ class LoadOptions:
     verify: bool = True
     verify_stall_s: float = 30.0
     ready_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0  # after the load: how long outstanding requests may take
     json_path: str | Path | None = None
 
 
@@ -219,6 +220,7 @@ def run_load(opts: LoadOptions) -> LoadResult:
         verify=opts.verify,
         verify_stall_s=opts.verify_stall_s,
         ready_timeout_s=opts.ready_timeout_s,
+        drain_timeout_s=opts.drain_timeout_s,
     )
     cfg.check()
     datapath = open_datapath(opts)

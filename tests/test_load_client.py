@@ -281,6 +281,21 @@ def test_outage_is_measured_and_the_client_carries_on(
     assert result.timeouts > 0
 
 
+def test_the_drain_gives_up_after_its_timeout(
+    switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
+) -> None:
+    """A guest that stops answering for good (a disk that cannot commit its PUTs, say): the
+    client waits `drain_timeout_s` for what is outstanding, not its 30 s default, and counts
+    what it gave up on as unanswered."""
+    guest.outage = (0.3, 3600.0)
+    t0 = time.monotonic()
+    result = load.run_load(
+        options(switch, tmp_path, duration_s=0.6, drain_timeout_s=0.5, verify=False)
+    )
+    assert time.monotonic() - t0 < 10  # (the default drain alone is 30 s)
+    assert result.acked > 0 and result.unanswered > 0, load.summary(result)
+
+
 def test_lost_values_are_detected_and_exit_non_zero(
     switch: UdpSwitch, guest: FakeKvGuest, tmp_path: Path
 ) -> None:
@@ -434,8 +449,11 @@ def test_the_command_line_rejects_bad_options_with_a_clear_error() -> None:
 
     r = CliRunner().invoke(main, ["load", "--rate", "5", "--max"])
     assert r.exit_code == 2 and "exclude each other" in r.output
-    r = CliRunner().invoke(main, ["load", "--reads", "1.5"])
-    assert r.exit_code == 2 and "--reads" in r.output
+    for reads in ("1.5", "1"):  # (a load of GETs alone has no acknowledged key to read)
+        r = CliRunner().invoke(main, ["load", "--reads", reads])
+        assert r.exit_code == 2 and "--reads" in r.output, r.output
+    r = CliRunner().invoke(main, ["load", "--drain-timeout", "0"])
+    assert r.exit_code == 2 and "--drain-timeout" in r.output, r.output
 
 
 def start_demo_load(switch: UdpSwitch, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:

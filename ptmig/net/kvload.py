@@ -100,6 +100,8 @@ class EngineConfig:
             raise ValueError(f"rate must be positive, got {self.rate}")
         if self.duration_s <= 0:
             raise ValueError(f"duration must be positive, got {self.duration_s}")
+        if self.drain_timeout_s <= 0:
+            raise ValueError(f"drain timeout must be positive, got {self.drain_timeout_s}")
         if len(self.prefix) > MAX_KEY - 24:
             raise ValueError(f"key prefix is {len(self.prefix)} bytes, max {MAX_KEY - 24}")
         needed = len(make_value(make_key(self.prefix, 10**12), 10**12, 0))
