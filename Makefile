@@ -78,7 +78,7 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ptmig tests
 	$(VENV)/bin/ruff format --check ptmig tests
-	$(VENV)/bin/mypy ptmig
+	$(VENV)/bin/mypy ptmig tests
 
 # The native libraries built with -fsanitize=address,undefined (ptmig/nativelib.py), loaded into
 # an uninstrumented Python: the ASan runtime is preloaded, every finding is fatal and written to

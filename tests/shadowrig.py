@@ -4,12 +4,16 @@ stand-in for an attached device, and the device state a quiesced device would re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from ptmig.devices.control import DeviceState
 from ptmig.devices.virtio.mmio import MmioState
 from ptmig.devices.virtio.testing import DriverQueue
 from ptmig.iommu import IommuTable
 from ptmig.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from ptmig.devices.attach import AttachedDevice
 
 
 class GuestStores:
@@ -32,6 +36,12 @@ class FakeAttached:
     id: str
     iommu: IommuTable
     handle: object = None
+
+
+def attached(dev_id: str, iommu: IommuTable, handle: object = None) -> AttachedDevice:
+    """A `FakeAttached` as what `ShadowedDevice` takes: it has only the parts the shadow code
+    reads without a device process (its id, IOMMU table and handle)."""
+    return cast("AttachedDevice", FakeAttached(dev_id, iommu, handle))
 
 
 def device_state(*drivers: DriverQueue, next_avail: int = 0) -> DeviceState:

@@ -432,7 +432,12 @@ def test_a_fixed_rate_is_offered_as_given_and_nothing_is_measured(monkeypatch: A
     import ptmig.bench.strategies as mod
 
     measured: list[float] = []
-    monkeypatch.setattr(mod, "max_rate", lambda s, *a: measured.append(s) or 40_000.0)
+
+    def max_rate(s: float, *a: object) -> float:
+        measured.append(s)
+        return 40_000.0
+
+    monkeypatch.setattr(mod, "max_rate", max_rate)
     p, results = mod.offered_load(BenchConfig(rate=18_000.0), StrategyBenchParams(), "bandwidth")
     assert p.rate == 18_000.0 and measured == []
     assert [(r.name, r.value) for r in results] == [("bandwidth.load.offered_ops", 18_000.0)]

@@ -117,7 +117,12 @@ def _captured_migrate(monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
     import ptmig.migrate as client
 
     seen: list[Any] = []
-    monkeypatch.setattr(client, "run", lambda opts: seen.append(opts) or 0)
+
+    def run(opts: Any) -> int:
+        seen.append(opts)
+        return 0
+
+    monkeypatch.setattr(client, "run", run)
     r = cli("migrate", "--qmp", "unix:/x.sock", "tcp:127.0.0.1:1", *args)
     return r, (client.setup_commands(seen[0]) if seen else None)
 

@@ -17,6 +17,7 @@ from ptmig.devices.control import (
     DeviceState,
     Event,
     FrameDecoder,
+    Message,
     Request,
     Response,
     encode,
@@ -24,7 +25,7 @@ from ptmig.devices.control import (
 from ptmig.devices.virtio.mmio import MmioState, QueueRegisters
 from ptmig.devices.virtio.queue import QueueState
 
-MESSAGES = [
+MESSAGES: list[Message] = [
     Request(1, "mmio_read", {"offset": 0x70, "size": 4}),
     Response(1, True, {"value": 15}),
     Response(2, False, error="quiesce: nope"),
@@ -33,9 +34,9 @@ MESSAGES = [
 ]
 
 
-def decode_all(data: bytes, chunk: int) -> list[object]:
+def decode_all(data: bytes, chunk: int) -> list[Message]:
     dec = FrameDecoder()
-    out = []
+    out: list[Message] = []
     for i in range(0, len(data), chunk):
         dec.feed(data[i : i + chunk])
         while (m := dec.next_message()) is not None:

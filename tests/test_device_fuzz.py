@@ -246,24 +246,24 @@ def _sent(rt: DeviceRuntime) -> list[bytes]:
 
 
 def _native(rt: DeviceRuntime, mem: bytearray, irq: int) -> NativePath:
-    common = {
-        "guest": mem,
-        "pool": None,
-        "iommu": rt.dma.table.entries,
-        "doorbells": {},
-        "irq_fd": irq,
-    }
+    iommu = rt.dma.table.entries
     model = rt.model
     if isinstance(model, BlkDevice):
         return BlkPath(
+            guest=mem,
+            pool=None,
+            iommu=iommu,
+            doorbells={},
+            irq_fd=irq,
             image_fd=model.fd,
             capacity=model.capacity,
             readonly=model.cfg.readonly,
             serial=model.cfg.serial.encode(),
-            **common,
         )
     assert isinstance(model, NetDevice)
-    return NetPath(backend=model.backend, **common)
+    return NetPath(
+        guest=mem, pool=None, iommu=iommu, doorbells={}, irq_fd=irq, backend=model.backend
+    )
 
 
 @settings(

@@ -4,6 +4,7 @@ guest that writes on both sides of the gap and is harvested and migrated page-ex
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from shadowrig import FakeAttached, GuestStores, device_state
+from shadowrig import GuestStores, attached, device_state
 
 from ptmig import bitmap, boot, layout
 from ptmig.devices.virtio.queue import SplitQueue
@@ -198,9 +199,7 @@ class _TwoSlotVm:
 
     def get_dirty_log(self, slot: int, addr: int) -> None:
         src = self.logs[slot]
-        (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint64 * src.size).from_address(addr)))[:] = (
-            src
-        )
+        np.ctypeslib.as_array((ctypes.c_uint64 * src.size).from_address(addr))[:] = src
 
     def clear_dirty_log(self, slot: int, first: int, n: int, addr: int) -> None:
         self.cleared.append((slot, n))
@@ -389,7 +388,7 @@ def test_an_rx_buffer_above_4_gib_is_served_under_shadowing() -> None:
     mem = GuestMemory(5 * GIB)
     iommu, drv, rx = _rx_rig(mem)
     pool = ShadowPool(256)
-    sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem)  # the native data plane
+    sd = ShadowedDevice(attached("dev0", iommu), pool, mem)  # the native data plane
     dma = DmaView(iommu, mem.mmap, pool=pool.mmap, name="dev0")
     try:
         head = drv.add_chain([Buffer(rx, 2 * PAGE_SIZE, writable=True)])
@@ -441,9 +440,7 @@ def test_a_descriptor_into_the_mmio_gap_is_refused_by_the_data_plane(
     iommu, drv, rx = _rx_rig(mem)
     pool = ShadowPool(64)
     dp = ReferenceDataplane(mem, pool) if path == "reference" else None
-    sd = ShadowedDevice(
-        FakeAttached("dev0", iommu), pool, mem, dp, intercept=tracking == "intercept"
-    )
+    sd = ShadowedDevice(attached("dev0", iommu), pool, mem, dp, intercept=tracking == "intercept")
     try:
         sd.build(device_state(drv))
         drv.add_chain([Buffer(rx, 64, writable=False), Buffer(where, 16, writable=True)])

@@ -158,10 +158,12 @@ def test_killed_device_is_reported_and_the_vmm_stays_responsive(tmp_path: Path) 
                     os.kill(_device_pid(vmm, "disk0"), signal.SIGKILL)
                     while True:
                         ev = await asyncio.wait_for(client.events.get(), 20)
-                        if ev["event"] == "X_DEVICE_EVENT" and ev["data"]["event"] == "gone":
+                        data = ev["data"] if ev["event"] == "X_DEVICE_EVENT" else None
+                        if isinstance(data, dict) and data["event"] == "gone":
                             break
                     status = await client.execute("query-status")
-                    return dict(ev["data"]), dict(status)
+                    assert isinstance(status, dict), status
+                    return dict(data), dict(status)
                 finally:
                     await client.disconnect()
 

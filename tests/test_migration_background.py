@@ -11,7 +11,7 @@ import pytest
 
 from ptmig.migration import background
 
-IDLE = getattr(os, "SCHED_IDLE", None)
+IDLE = os.SCHED_IDLE  # (Linux: ptmig runs on KVM)
 
 
 def _now() -> background.Priority:
@@ -81,7 +81,9 @@ def test_where_the_thread_may_come_back_it_is_idle_during_precopy_and_normal_aft
         return {"before": before, "inside": inside, "after": _now()}
 
     got = _in_thread(body)
-    assert got["inside"] == background.Priority(IDLE, got["before"].nice)  # type: ignore[attr-defined]
+    before = got["before"]
+    assert isinstance(before, background.Priority), got
+    assert got["inside"] == background.Priority(IDLE, before.nice)
     assert got["after"] == got["before"]
 
 

@@ -77,8 +77,10 @@ def test_migration_events_seen_by_a_qmp_client(tmp_path: Path) -> None:
         async def listen() -> None:
             async for ev in qmp.events:
                 if ev["event"] == "MIGRATION":
-                    seen.append(f"MIGRATION {ev['data']['status']}")
-                    if ev["data"]["status"] in ("completed", "failed", "cancelled"):
+                    data = ev["data"]
+                    assert isinstance(data, dict), ev
+                    seen.append(f"MIGRATION {data['status']}")
+                    if data["status"] in ("completed", "failed", "cancelled"):
                         finished.set()
                 elif ev["event"] in ("STOP", "RESUME"):
                     seen.append(ev["event"])

@@ -122,14 +122,18 @@ class FakeSource:
 
     def _stream(self, capability: str, index: int | None) -> tuple[transport.Channel, Connection]:
         """The main stream (index None) or data channel `index`, joined to its session."""
-        join = None if index is None else (self.main.session, index)
+        join = None
+        if index is not None:
+            assert self.main.session is not None  # (the main stream's handshake made it)
+            join = (self.main.session, index)
         ch = transport.connect(
             "127.0.0.1", self.port, psk=self.psk, inactivity_timeout=20, join=join
         )
         conn = Connection(Role.SOURCE, guest_pages=self.pages, data_channel=index is not None)
         transport.send_event(ch, conn, hello(self.fingerprint, (capability,)))
-        self.last_ack = transport.recv_event(ch, conn)
-        assert isinstance(self.last_ack, HelloAck)
+        ack = transport.recv_event(ch, conn)
+        assert isinstance(ack, HelloAck), ack
+        self.last_ack = ack
         return ch, conn
 
     def data_channel(

@@ -183,7 +183,7 @@ def _channel_pair() -> tuple[Connection, Connection]:
 
 
 def _events(conn: Connection) -> list[object]:
-    out = []
+    out: list[object] = []
     while (ev := conn.next_event()) is not NEED_DATA:
         out.append(ev)
         if isinstance(ev, ConnectionClosed):
@@ -197,7 +197,7 @@ def test_a_data_channel_carries_rounds_and_may_end_after_one() -> None:
     ram[3 * PAGE : 5 * PAGE] = 9
     stream = src.send(RoundStart(0, 2))
     stream += b"".join(
-        bytes(b) for b in src.send_pages(make_runs([3], [2], RunKind.DATA), memoryview(ram))
+        bytes(b) for b in src.send_pages(make_runs([3], [2], RunKind.DATA), ram.data)
     )
     stream += src.send(RoundEnd(0))
     dst.receive_data(stream)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from shadowrig import FakeAttached, GuestStores, device_state
+from shadowrig import GuestStores, attached, device_state
 from test_postcopy_uffd import fetcher, pattern
 
 from ptmig.devices.virtio.queue import SplitQueue
@@ -79,7 +79,7 @@ class Destination:
         self.mem.presence = lambda gpa, n: self._present(gpa, n)
         self.dp = Dataplane(self.mem, self.pool)
         self.dp.fetch_pages_with(self.server.native_fetch(), wait_ms)
-        self.sd = ShadowedDevice(FakeAttached("dev0", self.iommu), self.pool, self.mem, self.dp)
+        self.sd = ShadowedDevice(attached("dev0", self.iommu), self.pool, self.mem, self.dp)
         self.dma = DmaView(self.iommu, self.mem.mmap, pool=self.pool.mmap, name="dev0")
 
     def _present(self, gpa: int, length: int) -> None:
@@ -167,7 +167,7 @@ def test_without_a_fault_server_nothing_is_fetched() -> None:
         iommu.map_identity(mem.npages)
         drv = DriverQueue(GuestStores(mem), QSIZE, base=RING_BASE, data_start=DATA)
         drv.add_chain([Buffer(drv.alloc(PAGE_SIZE, b"x" * PAGE_SIZE), PAGE_SIZE, False)])
-        sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem, dp)
+        sd = ShadowedDevice(attached("dev0", iommu), pool, mem, dp)
         sd.build(device_state(drv))
         assert sd.submit(0), sd.broken
         assert sd.stats.pages_fetched == 0 and sd.stats.fetch_waits == 0

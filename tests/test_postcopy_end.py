@@ -59,7 +59,12 @@ def test_requests_that_crossed_the_end_are_read_and_the_source_waits_for_done() 
     ch, s, peer, d = ended_pair()
     peer.sendall(d.send(PageRequest(3, 1)) + d.send(PageRequest(9, 2)))
     done = threading.Event()
-    waiter = threading.Thread(target=lambda: (await_done(ch, s), done.set()))
+
+    def wait() -> None:
+        await_done(ch, s)
+        done.set()
+
+    waiter = threading.Thread(target=wait)
     waiter.start()
     assert not done.wait(0.2)  # the requests alone do not end it
     peer.sendall(d.send(PostcopyDone()))

@@ -254,7 +254,7 @@ class RunningSender:
         self.sender = PostcopySender(
             s_ch,
             s,
-            memoryview(self.ram),
+            self.ram.data,
             np.ones(pages, dtype=bool),
             lambda f, n: True,
             check=self._check,

@@ -279,7 +279,7 @@ def test_a_postcopy_session_over_a_socket_serves_every_page_once_while_readers_f
     sender = PostcopySender(
         s_ch,
         s_conn,
-        memoryview(src),
+        src.data,
         pending,
         lambda first, n: bool(allocated[first : first + n].any()),
         check=lambda: None,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
@@ -73,8 +74,14 @@ def test_stop_cont_quit_over_qmp_with_the_qemu_client(tmp_path: Path) -> None:
         async def drive() -> list[str]:
             qmp = QMPClient("test")
             await qmp.connect(str(sock))
+
+            async def query(command: str) -> dict[str, Any]:
+                reply = await qmp.execute(command)
+                assert isinstance(reply, dict), reply
+                return reply
+
             for _ in range(200):  # the socket is up before the guest starts running
-                if (await qmp.execute("query-status"))["status"] == "running":
+                if (await query("query-status"))["status"] == "running":
                     break
                 await asyncio.sleep(0.05)
             events: list[str] = []
@@ -82,21 +89,21 @@ def test_stop_cont_quit_over_qmp_with_the_qemu_client(tmp_path: Path) -> None:
 
             async def listen() -> None:
                 async for ev in qmp.events:
-                    events.append(ev["event"])
+                    events.append(str(ev["event"]))
 
             listener_task = asyncio.create_task(listen())
-            st = await qmp.execute("query-status")
+            st = await query("query-status")
             assert st["status"] == "running" and st["running"] is True
             await qmp.execute("stop")
-            st = await qmp.execute("query-status")
+            st = await query("query-status")
             assert st == {"status": "paused", "running": False, "singlestep": False}
-            s1 = await qmp.execute("x-query-guest-stats")
+            s1 = await query("x-query-guest-stats")
             await asyncio.sleep(0.2)
-            s2 = await qmp.execute("x-query-guest-stats")
+            s2 = await query("x-query-guest-stats")
             assert s1["vcpus"][0]["iterations"] == s2["vcpus"][0]["iterations"]
             await qmp.execute("cont")
             await asyncio.sleep(0.3)
-            s3 = await qmp.execute("x-query-guest-stats")
+            s3 = await query("x-query-guest-stats")
             assert s3["vcpus"][0]["iterations"] > s2["vcpus"][0]["iterations"]
             with pytest.raises(Exception, match="not been found"):
                 await qmp.execute("no-such-command")

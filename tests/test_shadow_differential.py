@@ -28,6 +28,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pytest
@@ -45,6 +46,9 @@ from ptmig.iommu import DmaFault, DmaView, IommuTable
 from ptmig.layout import PAGE_SIZE
 from ptmig.memory import GuestMemory
 from ptmig.shadow.device import ShadowedDevice
+
+if TYPE_CHECKING:
+    from ptmig.devices.attach import AttachedDevice
 from ptmig.shadow.pool import ShadowPool
 from ptmig.shadow.reference import ReferenceDataplane
 
@@ -167,8 +171,9 @@ class Rig:
         self.shadow = self._world(shadow_mem, workdir, "shadow", self.pool)
         dp = ReferenceDataplane(shadow_mem, self.pool) if path == "reference" else None
         self.reference = dp
+        device = Attached(kind, self.shadow.iommu, IotlbHandle(self.shadow.dma))
         self.sd = ShadowedDevice(
-            Attached(kind, self.shadow.iommu, IotlbHandle(self.shadow.dma)),
+            cast("AttachedDevice", device),  # (the parts the shadow code reads, no process)
             self.pool,
             shadow_mem,
             dp,

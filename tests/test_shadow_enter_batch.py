@@ -12,7 +12,7 @@ import struct
 import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from shadowrig import FakeAttached
+from shadowrig import attached
 
 from ptmig.devices.virtio.queue import QueueError, QueueState, walk_chain
 from ptmig.iommu import IommuTable
@@ -78,7 +78,7 @@ def _setup(pool_pages: int, table: list[tuple[int, int, int, int]], warm: list[i
     mem.write(DESC, blob)
     iommu = IommuTable.create(mem.npages)
     pool = ShadowPool(pool_pages)
-    sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem, ReferenceDataplane(mem, pool))
+    sd = ShadowedDevice(attached("dev0", iommu), pool, mem, ReferenceDataplane(mem, pool))
     flushes: list[int] = []
     sd.map.invalidate = lambda: flushes.append(1)
     for gpfn in warm:  # buffers made and used before: idle (stamped, reclaimable)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shadowrig import FakeAttached, GuestStores, device_state
+from shadowrig import GuestStores, attached, device_state
 
 from ptmig import bitmap
 from ptmig.devices.virtio.queue import SplitQueue
@@ -65,7 +65,7 @@ def make_rig(dataplane_for=None) -> Rig:
     pool = ShadowPool(256)
     drv = DriverQueue(GuestStores(mem), QSIZE, base=RING_BASE, data_start=DATA)
     dp = dataplane_for(mem, pool) if dataplane_for else None
-    sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem, dp)
+    sd = ShadowedDevice(attached("dev0", iommu), pool, mem, dp)
     dma = DmaView(iommu, mem.mmap, pool=pool.mmap, name="dev0")
     return Rig(mem, iommu, pool, drv, sd, dma)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from shadowrig import FakeAttached, GuestStores, device_state
+from shadowrig import GuestStores, attached, device_state
 
 from ptmig import bitmap
 from ptmig.devices.virtio.constants import REG_QUEUE_NOTIFY
@@ -45,7 +45,7 @@ def rig(request):
     pool = ShadowPool(64)
     drv = DriverQueue(GuestStores(mem), 16, base=RING_BASE, data_start=DATA)
     dp = ReferenceDataplane(mem, pool) if request.param == "reference" else None
-    sd = ShadowedDevice(FakeAttached("dev0", iommu), pool, mem, dp)
+    sd = ShadowedDevice(attached("dev0", iommu), pool, mem, dp)
     dma = DmaView(iommu, mem.mmap, pool=pool.mmap, name="dev0")
     yield mem, iommu, pool, drv, sd, dma
     dma.close()
@@ -226,7 +226,7 @@ def test_a_view_places_each_device_buffer_at_its_guest_page_and_drops_it_when_fr
         assert pool.pages == 8 + 2 * mem.npages and pool.view_base(1) == 8 + mem.npages
         with pytest.raises(ValueError, match="view 2 out of range"):
             pool.view_base(2)
-        sd = ShadowedDevice(FakeAttached("vd", iommu), pool, mem, view_base=pool.view_base(1))
+        sd = ShadowedDevice(attached("vd", iommu), pool, mem, view_base=pool.view_base(1))
         gpfn = DATA // PAGE_SIZE + 3
         mem.mmap[gpfn * PAGE_SIZE : gpfn * PAGE_SIZE + 5] = b"GUEST"
         with sd.dataplane.locked():
@@ -293,6 +293,7 @@ def test_quiesce_positions_are_read_only_from_the_expected_shape() -> None:
         0: 70000 & 0xFFFF
     }
     assert quiesced_positions({"queues": {"1": {"next_avail": 3, "next_used": 3}}}) == {1: 3}
+    bad: dict[str, Any] | None
     for bad in (
         None,
         {},
@@ -324,7 +325,7 @@ def test_a_doorbell_written_while_shadowing_is_left_never_reaches_a_closed_fd() 
 
     def vcpu() -> None:
         try:
-            vcpu_write.append(engine._on_mmio_write(sd, REG_QUEUE_NOTIFY, 4, 0))
+            vcpu_write.append(engine._on_mmio_write(sd, REG_QUEUE_NOTIFY, 4, 0))  # type: ignore[arg-type]
         except OSError as e:
             vcpu_write.append(e)
 

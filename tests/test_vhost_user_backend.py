@@ -194,7 +194,12 @@ def test_a_killed_backend_is_reported_gone_and_nothing_raises_in_the_vmm(
     with _open(tmp_path, mem) as dev:
         events: list[DeviceEvent] = []
         seen = threading.Event()
-        dev.on_event(lambda ev: (events.append(ev), seen.set()))
+
+        def record(ev: DeviceEvent) -> None:
+            events.append(ev)
+            seen.set()
+
+        dev.on_event(record)
         q = _queue(mem)
         _bring_up(dev, q)
         assert dev.pid is not None

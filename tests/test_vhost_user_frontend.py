@@ -234,7 +234,12 @@ def test_a_backend_that_misbehaves_at_queue_start_breaks_the_device_not_the_vmm(
     with dev:
         events: list[DeviceEvent] = []
         seen = threading.Event()
-        dev.on_event(lambda ev: (events.append(ev), seen.set()))
+
+        def record(ev: DeviceEvent) -> None:
+            events.append(ev)
+            seen.set()
+
+        dev.on_event(record)
         q = DriverQueue(_GuestView(mem), 64, base=0x10000, data_start=0x20000)
         _set_up_queue(dev, q)
         # DRIVER_OK: the queue start fails inside this register write
@@ -379,7 +384,9 @@ def test_a_backend_view_replaces_guest_ram_in_two_tables_with_the_rings_moved_un
         dev.set_backend_view(None)
         assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
         assert backend.requests[-1].payload == codec.MemTable((guest,))
-        assert backend.requests[3].payload.desc == mem.host_address + q.desc_addr  # type: ignore[union-attr]
+        addr = backend.requests[3].payload
+        assert isinstance(addr, codec.VringAddr), addr
+        assert addr.desc == mem.host_address + q.desc_addr
         assert dev.alive
     pool.close()
 
@@ -427,7 +434,9 @@ def test_a_view_beside_guest_ram_remaps_only_the_ring_pages(mem: GuestMemory) ->
         dev.set_backend_view(None)
         assert backend.names() == ["SET_MEM_TABLE", *moved, "SET_MEM_TABLE"]
         assert backend.requests[0].payload == codec.MemTable((guest, beside))
-        assert backend.requests[3].payload.desc == mem.host_address + q.desc_addr  # type: ignore[union-attr]
+        addr = backend.requests[3].payload
+        assert isinstance(addr, codec.VringAddr), addr
+        assert addr.desc == mem.host_address + q.desc_addr
         assert backend.requests[-1].payload == codec.MemTable((guest,))
         assert dev.alive and dev.backend_view is None
     pool.close()
@@ -517,7 +526,12 @@ def test_a_malformed_backend_request_breaks_the_device_not_the_vmm(mem: GuestMem
     with dev:
         events: list[DeviceEvent] = []
         seen = threading.Event()
-        dev.on_event(lambda ev: (events.append(ev), seen.set()))
+
+        def record(ev: DeviceEvent) -> None:
+            events.append(ev)
+            seen.set()
+
+        dev.on_event(record)
         side.send(codec.BackendRequest.CONFIG_CHANGE_MSG, NEED_REPLY, b"\0" * 8)  # no payload
         assert seen.wait(5) and events[0].name == "gone"
         assert "backend channel" in events[0].data["reason"], events[0].data

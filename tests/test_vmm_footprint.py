@@ -370,8 +370,9 @@ def test_tokens_match_what_the_standard_library_gives() -> None:
     token = tokens.token_hex(16)
     assert len(token) == 32 and int(token, 16) >= 0
     assert tokens.token_hex(16) != token
-    for a, b in ((b"same", b"same"), (b"same", b"sama"), (b"short", b"longer"), ("x", "x")):
+    for a, b in ((b"same", b"same"), (b"same", b"sama"), (b"short", b"longer")):
         assert tokens.compare_digest(a, b) == hmac.compare_digest(a, b)
+    assert tokens.compare_digest("x", "x") == hmac.compare_digest("x", "x")
 
 
 def test_a_closed_sealed_channel_gives_back_its_record_buffers() -> None:

@@ -325,7 +325,7 @@ class NetPath(NativePath):
 
     SOURCE = "netpath.c"
     PREFIX = "np_"
-    COUNTERS = (
+    COUNTERS: ClassVar[tuple[str, ...]] = (
         "link_down",
         "tx_frames",
         "tx_bytes",
@@ -398,7 +398,7 @@ class BlkPath(NativePath):
 
     SOURCE = "blkpath.c"
     PREFIX = "bp_"
-    COUNTERS = (
+    COUNTERS: ClassVar[tuple[str, ...]] = (
         "reads",
         "writes",
         "flushes",
