@@ -383,6 +383,24 @@ def test_core_section_quick_smoke(tmp_path: Path) -> None:
     assert all(r > 0 for r in fault["plain_pages_per_s"])
 
 
+@pytest.mark.kvm
+def test_a_dirty_log_that_reports_no_fault_is_an_error_not_a_cost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fault cost divides by the pages the harvests reported: a dirty log that reports
+    none (tracking broken, or a guest that stopped writing) must fail the measurement with the
+    reason, not divide by zero or report a cost of nothing. The real dirty guest runs; only the
+    count of what its harvests reported is zeroed."""
+    from ptmig.bench import core
+    from ptmig.firmware import build_firmware, load_firmware_image
+
+    monkeypatch.setattr(core, "bitmap_popcount", lambda bm: 0)
+    fw = load_firmware_image(build_firmware())
+    config = BenchConfig.for_mode(quick=True)
+    with pytest.raises(BenchError, match="harvests reported 0 pages armed"):
+        core.bench_write_fault(config, core.CoreParams.tiny(), fw)
+
+
 # ---- the progress line ----------------------------------------------------------------------
 
 
